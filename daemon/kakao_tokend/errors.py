@@ -1,0 +1,146 @@
+"""The exception tree, classified by what the caller must do.
+
+Our exception hierarchy::
+
+    KakaoTokendError                 base of everything we raise on purpose
+    ├── ConfigError                  the configuration is wrong; `details` lists (key path, problem)
+    ├── StoreError                   token files could not be used
+    │   ├── StoreLocked              another process holds the account's lock
+    │   ├── StateCorrupt             unreadable state file; moved aside, never overwritten
+    │   ├── StateMissing             no state yet: run `kakao-tokend login` (or `import`)
+    │   └── StoreWriteError          a write failed (disk full, read-only fs); keep tokens in memory
+    └── KakaoError                   Kakao answered with an error, or did not answer
+        ├── KakaoUnavailable         try again later (KOE003, KOE237, 5xx, timeouts, bad bodies)
+        ├── ReloginRequired          a person must log in again (KOE322, KOE320, -401 after refresh)
+        ├── KakaoConfigError         the app/client configuration is wrong (KOE010, KOE101, KOE303,
+        │                            -401 "ip mismatched", ...): retrying will not help
+        └── KakaoRequestRejected     this one request was refused (missing consent -402, message
+                                     quota, bad template): the account itself is fine
+
+Messages never contain a token; use :func:`kakao_tokend.tokens.fingerprint` to name one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class KakaoTokendError(Exception):
+    """Base class for every error kakao-tokend raises on purpose."""
+
+    #: A short hint telling the user how to fix the problem, shown after the message.
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class ConfigError(KakaoTokendError):
+    """The configuration is invalid; ``details`` holds every (key path, problem) found."""
+
+    def __init__(self, message: str, details: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.details: list[tuple[str, str]] = list(details)
+
+    def __str__(self) -> str:
+        if not self.details:
+            return self.message
+        lines = [self.message]
+        lines += [f"  {key}: {problem}" if key else f"  {problem}" for key, problem in self.details]
+        return "\n".join(lines)
+
+
+class StoreError(KakaoTokendError):
+    """A token or state file could not be read, written or locked."""
+
+
+class StoreLocked(StoreError):
+    """Another process holds the lock of this account (or of the whole state directory)."""
+
+
+class StateCorrupt(StoreError):
+    """The state file could not be parsed; it was moved to ``quarantined`` and left intact."""
+
+    def __init__(self, message: str, *, path: Path, quarantined: Path | None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.quarantined = quarantined
+
+
+class StateMissing(StoreError):
+    """There is no state for this account yet."""
+
+
+class StoreWriteError(StoreError):
+    """Writing a file failed (disk full, read-only file system, permissions)."""
+
+
+class KakaoError(KakaoTokendError):
+    """Kakao refused a request, or could not be reached.
+
+    ``code`` is Kakao's own code when there is one ("KOE322", "-401"), ``status`` the HTTP
+    status (None when no response arrived) and ``endpoint`` the path that was called.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.endpoint = endpoint
+        self.status = status
+        self.code = code
+
+    @property
+    def label(self) -> str:
+        """Return a short class label for logs and metrics, e.g. ``KOE322`` or ``timeout``."""
+        return self.code or (f"http{self.status}" if self.status else type(self).__name__)
+
+
+class KakaoUnavailable(KakaoError):
+    """Transient: try again later with backoff.
+
+    ``ambiguous`` is True when the request may have reached Kakao and been processed even
+    though no usable answer came back (a timeout after sending, a reset, a 5xx, a truncated
+    body). For a refresh that matters: Kakao may have rotated the refresh token.
+    ``retry_after`` carries a server-suggested delay in seconds when one was given.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        status: int | None = None,
+        code: str | None = None,
+        ambiguous: bool = False,
+        retry_after: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, endpoint=endpoint, status=status, code=code, hint=hint)
+        self.ambiguous = ambiguous
+        self.retry_after = retry_after
+
+
+class ReloginRequired(KakaoError):
+    """Permanent for this token set: a person must run ``kakao-tokend login`` again."""
+
+
+class KakaoConfigError(KakaoError):
+    """Permanent until the configuration (REST API key, client secret, redirect URI) is fixed."""
+
+
+class KakaoRequestRejected(KakaoError):
+    """This request was refused (consent missing, message quota, bad input); the tokens are fine."""

@@ -1,0 +1,115 @@
+"""AccountState: everything kakao-tokend remembers about one account besides the files' paths."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from .tokens import TokenSet, format_time, parse_time
+
+STATE_VERSION = 1
+MAX_ROTATIONS_KEPT = 50
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """One refresh-token rotation: when it happened and the new token's fingerprint."""
+
+    at: datetime
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """An account's token set plus bookkeeping; written whole to the private state file."""
+
+    account: str
+    tokens: TokenSet
+    #: Bumped on every change of the token set; published so readers can spot new tokens.
+    generation: int = 1
+    refreshed_at: datetime | None = None
+    rotations: tuple[Rotation, ...] = ()
+    #: Set when a person must log in again; the reason is shown by `status` and alerts.
+    relogin_reason: str | None = None
+    #: Kakao user id, learned from /v2/user/me or access_token_info.
+    user_id: int | None = None
+    #: Free-form per-feature data (alert bookkeeping, ...), kept across restarts.
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_tokens(
+        self, tokens: TokenSet, *, refreshed_at: datetime, rotated: bool
+    ) -> AccountState:
+        """Return the state after a successful refresh or login: new generation, reason cleared."""
+        rotations = self.rotations
+        if rotated:
+            rotations = (*rotations, Rotation(refreshed_at, tokens.refresh_fingerprint))
+            rotations = rotations[-MAX_ROTATIONS_KEPT:]
+        return replace(
+            self,
+            tokens=tokens,
+            generation=self.generation + 1,
+            refreshed_at=refreshed_at,
+            rotations=rotations,
+            relogin_reason=None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise for the private state file (contains secrets)."""
+        return {
+            "version": STATE_VERSION,
+            "account": self.account,
+            "generation": self.generation,
+            "refreshed_at": format_time(self.refreshed_at) if self.refreshed_at else None,
+            "relogin_reason": self.relogin_reason,
+            "user_id": self.user_id,
+            "rotations": [
+                {"at": format_time(r.at), "fingerprint": r.fingerprint} for r in self.rotations
+            ],
+            "tokens": self.tokens.to_dict(),
+            "extras": dict(self.extras),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AccountState:
+        """Rebuild from :meth:`to_dict` output; raise ValueError with a readable reason."""
+        if not isinstance(data, Mapping):
+            raise ValueError("state is not a JSON object")
+        version = data.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"unsupported state version {version!r} (expected {STATE_VERSION})")
+        account = data.get("account")
+        if not isinstance(account, str) or not account:
+            raise ValueError("'account' is missing")
+        generation = data.get("generation", 1)
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+            raise ValueError("'generation' must be a non-negative integer")
+        rotations_raw = data.get("rotations") or []
+        if not isinstance(rotations_raw, list):
+            raise ValueError("'rotations' must be a list")
+        rotations = []
+        for item in rotations_raw:
+            if not isinstance(item, Mapping) or not isinstance(item.get("fingerprint"), str):
+                raise ValueError("a rotation entry is malformed")
+            rotations.append(Rotation(parse_time(item["at"]), item["fingerprint"]))
+        refreshed = data.get("refreshed_at")
+        reason = data.get("relogin_reason")
+        user_id = data.get("user_id")
+        extras = data.get("extras") or {}
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError("'relogin_reason' must be a string")
+        if user_id is not None and (isinstance(user_id, bool) or not isinstance(user_id, int)):
+            raise ValueError("'user_id' must be an integer")
+        if not isinstance(extras, Mapping):
+            raise ValueError("'extras' must be an object")
+        return cls(
+            account=account,
+            tokens=TokenSet.from_dict(data.get("tokens")),  # type: ignore[arg-type]
+            generation=generation,
+            refreshed_at=parse_time(refreshed) if refreshed else None,
+            rotations=tuple(rotations),
+            relogin_reason=reason,
+            user_id=user_id,
+            extras=dict(extras),
+        )

@@ -1,0 +1,325 @@
+"""Token set value object, Kakao response parsing/merging, and the pure timing rules.
+
+Everything here is pure: time comes in as arguments (see :data:`Clock`), so the rules can be
+tested without a scheduler, and a 6-second token behaves like a 6-hour one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+Clock = Callable[[], datetime]
+"""Returns the current time as an aware UTC datetime."""
+
+# Fields of Kakao's token response that we interpret; everything else is kept verbatim.
+_KNOWN_FIELDS = frozenset(
+    {
+        "access_token",
+        "token_type",
+        "expires_in",
+        "refresh_token",
+        "refresh_token_expires_in",
+        "scope",
+        "id_token",
+    }
+)
+
+
+def utcnow() -> datetime:
+    """Return the current wall-clock time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def fingerprint(token: str | None) -> str:
+    """Return a short, non-reversible name for a token, safe for logs (``sha256:1a2b3c4d``)."""
+    if not token:
+        return "none"
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def format_time(moment: datetime) -> str:
+    """Format an aware datetime as RFC 3339 UTC with a ``Z`` suffix, to the second."""
+    return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime; raise ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected an RFC 3339 timestamp string, got {type(text).__name__}")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def format_duration(seconds: float) -> str:
+    """Render a duration compactly for humans: ``41d``, ``4h12m``, ``3m05s``, ``-12s``."""
+    sign = "-" if seconds < 0 else ""
+    total = int(abs(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days >= 2:
+        text = f"{days}d"
+    elif days:
+        text = f"{days}d{hours}h"
+    elif hours:
+        text = f"{hours}h{minutes:02d}m"
+    elif minutes:
+        text = f"{minutes}m{secs:02d}s"
+    else:
+        text = f"{secs}s"
+    return sign + text
+
+
+class TokenResponseError(ValueError):
+    """Kakao's token response lacks a field we need or has one of the wrong type."""
+
+
+def _positive_int(body: Mapping[str, Any], name: str) -> int:
+    value = body.get(name)
+    # bool is an int subclass; "true" is never a lifetime.
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise TokenResponseError(f"token response field {name!r} must be a positive number")
+    return int(value)
+
+
+def _token_string(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise TokenResponseError(f"token response field {name!r} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """One account's tokens with absolute expiries; secrets are hidden from ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    access_expires_at: datetime
+    refresh_expires_at: datetime
+    #: When the request that produced the current access token was sent.
+    access_issued_at: datetime
+    #: When the current refresh token was issued (None if unknown, e.g. after `import`).
+    refresh_issued_at: datetime | None = None
+    #: True when the refresh expiry is a guess (imported from a file with durations only).
+    refresh_expiry_estimated: bool = False
+    token_type: str = "bearer"
+    scope: str | None = None
+    id_token: str | None = field(default=None, repr=False)
+    #: Response fields we do not interpret, kept verbatim.
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("access_expires_at", "refresh_expires_at", "access_issued_at"):
+            value = getattr(self, name)
+            if value.tzinfo is None:
+                raise ValueError(f"{name} must be timezone-aware")
+
+    @property
+    def access_fingerprint(self) -> str:
+        """Return the log-safe fingerprint of the access token."""
+        return fingerprint(self.access_token)
+
+    @property
+    def refresh_fingerprint(self) -> str:
+        """Return the log-safe fingerprint of the refresh token."""
+        return fingerprint(self.refresh_token)
+
+    @property
+    def access_lifetime(self) -> timedelta:
+        """Return the access token's full lifetime (expiry minus issue time)."""
+        return self.access_expires_at - self.access_issued_at
+
+    def access_remaining(self, now: datetime) -> timedelta:
+        """Return how long the access token stays valid after ``now`` (negative if expired)."""
+        return self.access_expires_at - now
+
+    def refresh_remaining(self, now: datetime) -> timedelta:
+        """Return how long the refresh token stays valid after ``now`` (negative if expired)."""
+        return self.refresh_expires_at - now
+
+    @classmethod
+    def from_token_response(cls, body: Mapping[str, Any], *, requested_at: datetime) -> TokenSet:
+        """Build a token set from an ``authorization_code`` grant response.
+
+        Expiries count from ``requested_at`` (when the request was sent), never from when the
+        answer arrived, so a slow answer can only make us refresh early, not late.
+        """
+        if not isinstance(body, Mapping):
+            raise TokenResponseError("token response is not a JSON object")
+        access_token = _token_string(body, "access_token")
+        refresh_token = _token_string(body, "refresh_token")
+        expires_in = _positive_int(body, "expires_in")
+        refresh_expires_in = _positive_int(body, "refresh_token_expires_in")
+        return cls(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            access_expires_at=requested_at + timedelta(seconds=expires_in),
+            refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
+            access_issued_at=requested_at,
+            refresh_issued_at=requested_at,
+            token_type=str(body.get("token_type") or "bearer"),
+            scope=body["scope"] if isinstance(body.get("scope"), str) else None,
+            id_token=body["id_token"] if isinstance(body.get("id_token"), str) else None,
+            extra={k: v for k, v in body.items() if k not in _KNOWN_FIELDS},
+        )
+
+    def merge_refresh(
+        self, body: Mapping[str, Any], *, requested_at: datetime
+    ) -> tuple[TokenSet, bool]:
+        """Apply a ``refresh_token`` grant response by Kakao's rules; return (new set, rotated).
+
+        A new access token comes every time. ``refresh_token`` (with its expiry) arrives only on
+        rotation; otherwise the old refresh token and its old expiry stay. ``scope`` and
+        ``id_token`` are kept when the response leaves them out.
+        """
+        if not isinstance(body, Mapping):
+            raise TokenResponseError("token response is not a JSON object")
+        access_token = _token_string(body, "access_token")
+        expires_in = _positive_int(body, "expires_in")
+        changes: dict[str, Any] = {
+            "access_token": access_token,
+            "access_expires_at": requested_at + timedelta(seconds=expires_in),
+            "access_issued_at": requested_at,
+            "token_type": str(body.get("token_type") or self.token_type),
+            "extra": {**self.extra, **{k: v for k, v in body.items() if k not in _KNOWN_FIELDS}},
+        }
+        if isinstance(body.get("scope"), str):
+            changes["scope"] = body["scope"]
+        if isinstance(body.get("id_token"), str):
+            changes["id_token"] = body["id_token"]
+        rotated = body.get("refresh_token") is not None
+        if rotated:
+            new_refresh = _token_string(body, "refresh_token")
+            refresh_expires_in = _positive_int(body, "refresh_token_expires_in")
+            changes.update(
+                refresh_token=new_refresh,
+                refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
+                refresh_issued_at=requested_at,
+                refresh_expiry_estimated=False,
+            )
+            rotated = new_refresh != self.refresh_token
+        return replace(self, **changes), rotated
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise everything (secrets included) for the private state file."""
+        return {
+            "token_type": self.token_type,
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+            "access_expires_at": format_time(self.access_expires_at),
+            "refresh_expires_at": format_time(self.refresh_expires_at),
+            "access_issued_at": format_time(self.access_issued_at),
+            "refresh_issued_at": (
+                format_time(self.refresh_issued_at) if self.refresh_issued_at else None
+            ),
+            "refresh_expiry_estimated": self.refresh_expiry_estimated,
+            "scope": self.scope,
+            "id_token": self.id_token,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenSet:
+        """Rebuild a token set written by :meth:`to_dict`; raise ValueError when malformed."""
+        if not isinstance(data, Mapping):
+            raise ValueError("tokens must be a JSON object")
+        try:
+            refresh_issued = data.get("refresh_issued_at")
+            extra = data.get("extra") or {}
+            if not isinstance(extra, Mapping):
+                raise ValueError("'extra' must be an object")
+            for name in ("access_token", "refresh_token"):
+                if not isinstance(data.get(name), str) or not data[name]:
+                    raise ValueError(f"{name!r} is missing or not a string")
+            for name in ("scope", "id_token"):
+                if data.get(name) is not None and not isinstance(data[name], str):
+                    raise ValueError(f"{name!r} must be a string")
+            return cls(
+                access_token=data["access_token"],
+                refresh_token=data["refresh_token"],
+                access_expires_at=parse_time(data["access_expires_at"]),
+                refresh_expires_at=parse_time(data["refresh_expires_at"]),
+                access_issued_at=parse_time(data["access_issued_at"]),
+                refresh_issued_at=parse_time(refresh_issued) if refresh_issued else None,
+                refresh_expiry_estimated=bool(data.get("refresh_expiry_estimated", False)),
+                token_type=str(data.get("token_type") or "bearer"),
+                scope=data.get("scope"),
+                id_token=data.get("id_token"),
+                extra=dict(extra),
+            )
+        except KeyError as exc:
+            raise ValueError(f"field {exc.args[0]!r} is missing") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing rules. All are relative to the access token's lifetime, so tests with second-long
+# tokens exercise exactly the code paths a six-hour token does.
+
+
+def refresh_due_at(
+    tokens: TokenSet, *, share: float = 0.75, jitter: float = 0.05, rng: random.Random | None = None
+) -> datetime:
+    """Return when to refresh: ``share`` of the access lifetime after issue, ± ``jitter``.
+
+    The result always lies strictly inside the lifetime (between 5 % and 95 % of it), whatever
+    the settings, so a refresh is never planned at or after expiry.
+    """
+    rng = rng or random.Random()
+    lifetime = tokens.access_lifetime.total_seconds()
+    fraction = share + rng.uniform(-jitter, jitter)
+    fraction = min(max(fraction, 0.05), 0.95)
+    return tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
+
+
+def is_due(tokens: TokenSet, now: datetime, *, share: float = 0.75, jitter: float = 0.05) -> bool:
+    """Return True when the access token is past the earliest point of its refresh window.
+
+    Uses the low edge of the jitter band, so a check after a suspend or clock jump never waits
+    for a lucky draw.
+    """
+    lifetime = tokens.access_lifetime.total_seconds()
+    fraction = min(max(share - jitter, 0.05), 0.95)
+    return now >= tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    now: datetime,
+    expires_at: datetime,
+    lifetime: timedelta,
+    initial: float = 10.0,
+    cap: float = 300.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Return seconds to wait before retry number ``attempt`` (1-based) after a transient failure.
+
+    Exponential with full jitter between half and all of the step. The first step is
+    ``initial`` seconds, scaled down for short lifetimes (never more than 1/200 of the
+    lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms). Never
+    waits past ``expires_at``: a retry is still attempted shortly before expiry.
+    """
+    rng = rng or random.Random()
+    life = max(lifetime.total_seconds(), 1e-3)
+    base = min(initial, life / 200.0)
+    top = min(cap, life / 12.0) if life < cap * 12 else cap
+    step = min(top, base * (2 ** max(attempt - 1, 0)))
+    delay = rng.uniform(step / 2, step)
+    remaining = (expires_at - now).total_seconds()
+    if remaining > 0:
+        # Leave the last retry a little room before the token dies.
+        delay = min(delay, max(remaining * 0.9, 0.0))
+    return max(delay, 0.0)
+
+
+def in_rotation_window(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:
+    """Return True when Kakao should rotate the refresh token at the next refresh."""
+    return tokens.refresh_remaining(now) < window
