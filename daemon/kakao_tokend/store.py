@@ -1,0 +1,557 @@
+"""Token files: the private state file, the published token file and the per-account lock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import grp
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError
+from .state import AccountState
+from .tokens import format_time, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Every temporary file we create starts with this, so stale ones can be found and removed.
+#: Consumers watching the directory with inotify should ignore names starting with ".".
+TEMP_PREFIX = ".kakao-tokend."
+TEMP_SUFFIX = ".tmp"
+#: A temporary file older than this is left over from a crash (a write takes milliseconds).
+STALE_TEMP_AGE = 60.0
+STATE_FILE_MODE = 0o600
+LOCK_FILE_MODE = 0o600
+DIR_MODE = 0o750
+_LOCK_POLL = 0.05
+
+# errno -> what to do about it, appended to StoreWriteError messages.
+_WRITE_HINTS = {
+    errno.ENOSPC: "free some disk space; the tokens are kept in memory until a write succeeds",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or raise the quota",
+    errno.EROFS: "the file system is read-only; remount it read-write or choose another path",
+    errno.EACCES: "check that this user may write to the directory",
+    errno.EPERM: "check the directory's owner and permissions",
+    errno.EFBIG: "the file size limit (ulimit -f / LimitFSIZE=) is too small",
+}
+
+
+class AccountFiles(Protocol):
+    """What the store needs to know about an account; config.AccountConfig satisfies it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state_file(self) -> Path: ...
+    @property
+    def lock_file(self) -> Path: ...
+    @property
+    def token_file(self) -> Path: ...
+    @property
+    def token_file_mode(self) -> int: ...
+    @property
+    def token_file_group(self) -> str | int | None: ...
+    @property
+    def include_refresh_token(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    """Explicit file settings for one account, for callers without an AccountConfig."""
+
+    name: str
+    state_file: Path
+    lock_file: Path
+    token_file: Path
+    token_file_mode: int = 0o640
+    token_file_group: str | int | None = None
+    include_refresh_token: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-level file helpers
+
+
+def _write_error(path: Path, exc: OSError, action: str = "write") -> StoreWriteError:
+    reason = exc.strerror or str(exc)
+    return StoreWriteError(
+        f"cannot {action} {path}: {reason}", hint=_WRITE_HINTS.get(exc.errno or 0)
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename/unlink in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems cannot fsync a directory; nothing more we can do there.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: Path, mode: int = DIR_MODE) -> None:
+    """Create ``directory`` and every missing parent with ``mode`` (umask may only narrow it).
+
+    ``Path.mkdir(parents=True)`` would create the parents with the default 0777 instead.
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for item in reversed(missing):
+        with suppress(FileExistsError):
+            item.mkdir(mode=mode)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
+
+    The temporary file lives in the same directory (rename is atomic only within one file
+    system), is created with its final mode (fchmod defeats the umask) and group before any
+    data is written, is fsynced before the rename, and the directory is fsynced after it.
+    On any failure the temporary file is removed, the old file is left as it was and
+    :class:`StoreWriteError` says what went wrong. ``path`` itself is replaced, not followed:
+    callers that want to write through a symlink resolve it first.
+    """
+    path = Path(path)
+    directory = path.parent
+    try:
+        make_dirs(directory)
+    except OSError as exc:
+        raise _write_error(directory, exc, "create directory") from None
+    tmp: Path | None = None
+    fd = -1
+    try:
+        for _ in range(10):
+            candidate = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            try:
+                fd = os.open(candidate, flags, mode)
+            except FileExistsError:
+                continue
+            tmp = candidate
+            break
+        else:  # pragma: no cover - ten random-name collisions in a row
+            raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path))
+        os.fchmod(fd, mode)
+        if group is not None:
+            try:
+                os.fchown(fd, -1, group)
+            except PermissionError:
+                raise StoreWriteError(
+                    f"cannot give {path} to group {group}: operation not permitted",
+                    hint="run as root or as a member of that group, or unset the token file group",
+                ) from None
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            with suppress(OSError):
+                os.unlink(tmp)
+
+
+def remove_stale_temp_files(directory: Path, *, max_age: float = STALE_TEMP_AGE) -> list[Path]:
+    """Delete our temporary files older than ``max_age`` seconds (left by a crash); list them.
+
+    Only regular files named ``.kakao-tokend.*.tmp`` are touched; a missing or unreadable
+    directory is not an error.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - max_age
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX)):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if entry.is_file(follow_symlinks=False) and info.st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as exc:
+            log.debug("could not remove stale temporary file %s: %s", entry.path, exc)
+    if removed:
+        log.info("removed %d stale temporary file(s) in %s", len(removed), directory)
+    return removed
+
+
+def resolve_group(group: str | int | None) -> int | None:
+    """Return the gid for a group name or number; raise StoreError if the name is unknown."""
+    if group is None or isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StoreError(
+            f"group {group!r} does not exist",
+            hint="create it (groupadd) or change the token file group in the configuration",
+        ) from None
+
+
+def _resolve_link(path: Path) -> Path:
+    # Deliberate: if the configured file is a symlink (e.g. an admin points it into a tmpfs or
+    # another service's directory), we write through to its target rather than replacing the
+    # link with a regular file. Resolved on every write, so re-pointing the link takes effect.
+    return Path(os.path.realpath(path))
+
+
+_LONG_QUOTED = re.compile(r"'[^']{20,}'|\"[^\"]{20,}\"")
+
+
+def _safe_reason(exc: BaseException) -> str:
+    """Describe a parse failure without echoing long values (which could be tokens)."""
+    text = str(exc) or type(exc).__name__
+    return _LONG_QUOTED.sub("'…'", text)[:200]
+
+
+def _corrupt_stamp(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class AccountStore:
+    """One account's files: private state (0600), published token file, and lock.
+
+    This is the only module that opens these files; everything else goes through it.
+
+    The lock is reentrant within one AccountStore object (nested ``with store.lock()`` does not
+    deadlock); two objects, or two processes, exclude each other (flock on separate open file
+    descriptions). It is not meant to be shared between threads.
+    """
+
+    def __init__(self, account: AccountFiles) -> None:
+        self.account = account
+        self.name = account.name
+        self.state_path = Path(account.state_file)
+        self.token_path = Path(account.token_file)
+        self.lock_path = Path(account.lock_file)
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+        self._cleaned = False
+        self._gid: int | None = None
+        self._gid_resolved = False
+
+    @classmethod
+    def from_paths(
+        cls,
+        name: str,
+        *,
+        state_file: Path,
+        lock_file: Path | None = None,
+        token_file: Path | None = None,
+        token_file_mode: int = 0o640,
+        token_file_group: str | int | None = None,
+        include_refresh_token: bool = False,
+    ) -> AccountStore:
+        """Build a store from explicit paths; lock/token files default next to the state file."""
+        state_file = Path(state_file)
+        return cls(
+            StorePaths(
+                name=name,
+                state_file=state_file,
+                lock_file=Path(lock_file or state_file.with_name(f"{name}.lock")),
+                token_file=Path(token_file or state_file.with_name(f"{name}.token.json")),
+                token_file_mode=token_file_mode,
+                token_file_group=token_file_group,
+                include_refresh_token=include_refresh_token,
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
+
+    # -- locking -------------------------------------------------------------------------------
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the account lock."""
+        return self._lock_depth > 0
+
+    def try_lock(self) -> bool:
+        """Take the account lock without waiting; True on success (or if already ours)."""
+        if self._lock_depth > 0:
+            self._lock_depth += 1
+            return True
+        try:
+            make_dirs(self.lock_path.parent)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open lock file {self.lock_path}: {exc.strerror or exc}",
+                hint="check that this user may write to the state directory",
+            ) from None
+        try:
+            # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        self._lock_depth = 1
+        if not self._cleaned:
+            # Holding the lock, no writer of this account is mid-write.
+            self._cleaned = True
+            for directory in {self.state_path.parent, _resolve_link(self.token_path).parent}:
+                remove_stale_temp_files(directory)
+        return True
+
+    def unlock(self) -> None:
+        """Release one level of the lock; the flock is dropped when the outermost level ends."""
+        if self._lock_depth == 0:
+            raise RuntimeError(f"unlock() of account {self.name!r} without a matching lock")
+        self._lock_depth -= 1
+        if self._lock_depth:
+            return
+        fd, self._lock_fd = self._lock_fd, None
+        assert fd is not None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)  # so nobody later reports our pid as the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def lock_holder(self) -> int | None:
+        """Return the pid written into the lock file by its holder, if any."""
+        try:
+            text = self.lock_path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    @contextmanager
+    def lock(self, timeout: float = 10.0) -> Iterator[None]:
+        """Hold the account lock for the block; wait up to ``timeout`` s, then StoreLocked."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while not self.try_lock():
+            if time.monotonic() >= deadline:
+                raise self._locked_error()
+            time.sleep(_LOCK_POLL)
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    def _locked_error(self) -> StoreLocked:
+        pid = self.lock_holder()
+        who = f"pid {pid}" if pid is not None else "pid unknown"
+        return StoreLocked(
+            f"account {self.name!r} is busy: {self.lock_path} is held by another "
+            f"kakao-tokend process ({who})",
+            hint="stop that process (systemctl stop kakao-tokend) or wait for it to finish",
+        )
+
+    # -- private state -------------------------------------------------------------------------
+
+    def load(self) -> AccountState | None:
+        """Return the saved state, or None when there is none.
+
+        A file that cannot be parsed is never overwritten: it is moved to
+        ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
+        """
+        for _ in range(3):
+            path = _resolve_link(self.state_path)
+            try:
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+                    inode = os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                raise StoreError(
+                    f"cannot read {self.state_path}: permission denied",
+                    hint="run kakao-tokend as the user that owns the state directory",
+                ) from None
+            except OSError as exc:
+                raise StoreError(f"cannot read {self.state_path}: {exc.strerror or exc}") from None
+            try:
+                state = AccountState.from_dict(json.loads(raw.decode("utf-8")))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
+                reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
+                kept = self._quarantine(path, inode)
+                if kept is None:
+                    continue  # replaced by another writer meanwhile: read the new file
+                log.error("state file %s is damaged (%s); kept as %s", path, reason, kept)
+                error = StateCorrupt(
+                    f"state file {self.state_path} of account {self.name!r} is damaged "
+                    f"({reason}); it was moved to {kept} and left untouched",
+                    path=self.state_path,
+                    quarantined=kept,
+                )
+                error.hint = (
+                    f"restore a backup to {self.state_path}, or log in again with "
+                    f"`kakao-tokend login --account {self.name}`"
+                )
+                raise error from None
+            if state.account != self.name:
+                log.warning(
+                    "state file %s was written for account %r; using it for account %r",
+                    self.state_path,
+                    state.account,
+                    self.name,
+                )
+                state = replace(state, account=self.name)
+            return state
+        raise StoreError(f"state file {self.state_path} keeps changing while being read")
+
+    def _quarantine(self, path: Path, inode: int) -> Path | None:
+        """Move the damaged file aside without clobbering earlier copies; None if it changed."""
+        base = f"{path.name}.corrupt-{_corrupt_stamp(utcnow())}"
+        for index in range(1000):
+            target = path.with_name(base if index == 0 else f"{base}-{index}")
+            try:
+                os.link(path, target)  # fails if target exists: never clobbers
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise StoreError(
+                    f"state file {path} is damaged and could not be moved aside: "
+                    f"{exc.strerror or exc}",
+                    hint=f"move it away by hand, then run `kakao-tokend login --account "
+                    f"{self.name}`",
+                ) from None
+            if os.stat(target).st_ino != inode:
+                # Another writer replaced the file after we read it: that one is not ours.
+                os.unlink(target)
+                return None
+            os.unlink(path)
+            with suppress(OSError):
+                _fsync_dir(path.parent)
+            return target
+        raise StoreError(f"too many corrupt copies of {path}; clean them up")
+
+    def save(self, state: AccountState) -> None:
+        """Write the state file atomically with mode 0600 (it holds the refresh token)."""
+        data = json.dumps(state.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n"
+        atomic_write(_resolve_link(self.state_path), data, mode=STATE_FILE_MODE)
+
+    def state_signature(self) -> tuple[int, int, int] | None:
+        """Return (inode, mtime_ns, size) of the state file (None if absent) to spot changes."""
+        try:
+            info = os.stat(self.state_path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
+        return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    # -- published token file ------------------------------------------------------------------
+
+    def published_document(self, state: AccountState, *, now: datetime) -> dict[str, Any]:
+        """Return the published JSON: Kakao's field names plus absolute times and metadata."""
+        tokens = state.tokens
+        document: dict[str, Any] = {
+            "access_token": tokens.access_token,
+            "token_type": tokens.token_type,
+            "expires_in": max(int(tokens.access_remaining(now).total_seconds()), 0),
+            "refresh_token_expires_in": max(int(tokens.refresh_remaining(now).total_seconds()), 0),
+            "scope": tokens.scope,
+            "expires_at": format_time(tokens.access_expires_at),
+            "refresh_token_expires_at": format_time(tokens.refresh_expires_at),
+            "refresh_token_expires_estimated": tokens.refresh_expiry_estimated,
+            "refreshed_at": format_time(state.refreshed_at) if state.refreshed_at else None,
+            "generation": state.generation,
+            "account": self.name,
+        }
+        if self.account.include_refresh_token:
+            document["refresh_token"] = tokens.refresh_token
+        return document
+
+    def _group_id(self) -> int | None:
+        if not self._gid_resolved:
+            self._gid = resolve_group(self.account.token_file_group)
+            self._gid_resolved = True
+        return self._gid
+
+    def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
+        """Write the token file for other programs, atomically, with the configured mode/group."""
+        document = self.published_document(state, now=now or utcnow())
+        data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+        atomic_write(
+            _resolve_link(self.token_path),
+            data,
+            mode=self.account.token_file_mode,
+            group=self._group_id(),
+        )
+
+    def read_published(self) -> dict[str, Any] | None:
+        """Return the published token document, or None when there is no token file."""
+        try:
+            raw = self.token_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.token_path}: {exc.strerror or exc}") from None
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            raise StoreError(
+                f"token file {self.token_path} is damaged ({_safe_reason(exc)})",
+                hint="it is rewritten at the next refresh; `kakao-tokend refresh` forces one",
+            ) from None
+        if not isinstance(document, dict):
+            raise StoreError(f"token file {self.token_path} is not a JSON object")
+        return document
+
+    def remove(self) -> None:
+        """Delete the state and token files (logout); missing files are fine.
+
+        For a symlinked path the target is deleted (the token must be gone), the link stays.
+        """
+        for configured in (self.state_path, self.token_path):
+            path = _resolve_link(configured)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise _write_error(path, exc, "remove") from None
+            with suppress(OSError):
+                _fsync_dir(path.parent)
