@@ -1,0 +1,130 @@
+"""File locations: explicit setting > systemd $STATE_DIRECTORY & co > platformdirs user dirs."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import platformdirs
+
+from .errors import ConfigError
+
+APP_NAME = "kakao-tokend"
+#: Environment variable naming the config file; wins over every search location.
+CONFIG_ENV = "KAKAO_TOKEND_CONFIG"
+CONFIG_FILE_NAME = "config.toml"
+#: The system-wide location. Not platformdirs' site_config_dir(), which is /etc/xdg/<app>.
+SYSTEM_CONFIG_FILE = Path("/etc/kakao-tokend/config.toml")
+
+
+def systemd_dir(environ: Mapping[str, str], variable: str) -> Path | None:
+    """Return the first path of a systemd directory variable such as ``$STATE_DIRECTORY``.
+
+    systemd joins several paths with ':' when a unit lists several directories
+    (``StateDirectory=a b``); the first one is ours. Empty or relative values are ignored.
+    """
+    for part in environ.get(variable, "").split(":"):
+        if part and Path(part).is_absolute():
+            return Path(part)
+    return None
+
+
+def _platform_dir(
+    function: Callable[..., str], *, what: str, setting: str, systemd_setting: str
+) -> Path:
+    """Call a platformdirs user_*_dir function, turning its failures into a ConfigError."""
+    hint = (
+        f"set {setting} in the config file, or run under systemd with {systemd_setting}= "
+        "so that the directory comes from the environment"
+    )
+    try:
+        # user_runtime_dir() warns when it falls back to /tmp; that fallback is fine for an
+        # interactive run, and a warning here would escape as noise (or an error in tests).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = function(APP_NAME)
+    except (RuntimeError, OSError, KeyError) as exc:
+        # Under DynamicUser= there is no HOME and possibly no passwd entry: platformdirs raises.
+        raise ConfigError(
+            f"cannot determine the {what} directory: {exc}",
+            details=[(setting, f"cannot determine a default ({exc}); {hint}")],
+        ) from exc
+    path = Path(raw)
+    # With HOME unset under DynamicUser= (nss-systemd present) platformdirs answers
+    # /.local/state/<app>, which is on the read-only root: useless, so say so now.
+    if not path.is_absolute() or str(path).startswith("/."):
+        raise ConfigError(
+            f"cannot determine the {what} directory: platformdirs answered {path}",
+            details=[(setting, f"the default {path} is not usable (is HOME set?); {hint}")],
+        )
+    return path
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """Return where account state lives when ``paths.state_dir`` is not set.
+
+    ``$STATE_DIRECTORY`` (systemd ``StateDirectory=``) first, else platformdirs'
+    ``user_state_dir("kakao-tokend")``. Raises ConfigError if neither works.
+    """
+    found = systemd_dir(environ, "STATE_DIRECTORY")
+    if found is not None:
+        return found
+    return _platform_dir(
+        platformdirs.user_state_dir,
+        what="state",
+        setting="paths.state_dir",
+        systemd_setting="StateDirectory",
+    )
+
+
+def default_runtime_dir(environ: Mapping[str, str]) -> Path:
+    """Return where runtime files (socket, pid) live when ``paths.runtime_dir`` is not set.
+
+    ``$RUNTIME_DIRECTORY`` (systemd ``RuntimeDirectory=``) first, else platformdirs'
+    ``user_runtime_dir("kakao-tokend")``. Raises ConfigError if neither works.
+    """
+    found = systemd_dir(environ, "RUNTIME_DIRECTORY")
+    if found is not None:
+        return found
+    return _platform_dir(
+        platformdirs.user_runtime_dir,
+        what="runtime",
+        setting="paths.runtime_dir",
+        systemd_setting="RuntimeDirectory",
+    )
+
+
+def user_config_file() -> Path | None:
+    """Return platformdirs' ``user_config_dir()/config.toml``, or None when there is no home."""
+    try:
+        raw = platformdirs.user_config_dir(APP_NAME)
+    except (RuntimeError, OSError, KeyError):
+        return None
+    path = Path(raw)
+    if not path.is_absolute() or str(path).startswith("/."):
+        return None
+    return path / CONFIG_FILE_NAME
+
+
+def config_search_path(environ: Mapping[str, str], explicit: Path | None = None) -> list[Path]:
+    """Return the config file candidates, most specific first.
+
+    Order: ``explicit`` (``--config``) → ``$KAKAO_TOKEND_CONFIG`` →
+    ``$CONFIGURATION_DIRECTORY/config.toml`` → ``/etc/kakao-tokend/config.toml`` →
+    ``user_config_dir("kakao-tokend")/config.toml`` (omitted when there is no usable home).
+    """
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(explicit)
+    if environ.get(CONFIG_ENV):
+        candidates.append(Path(environ[CONFIG_ENV]))
+    configuration = systemd_dir(environ, "CONFIGURATION_DIRECTORY")
+    if configuration is not None:
+        candidates.append(configuration / CONFIG_FILE_NAME)
+    candidates.append(SYSTEM_CONFIG_FILE)
+    # platformdirs may fail under systemd (no HOME); the candidate is then simply left out.
+    user_file = user_config_file()
+    if user_file is not None:
+        candidates.append(user_file)
+    return candidates
