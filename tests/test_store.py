@@ -1,0 +1,636 @@
+"""Tests for the token files: atomic writes, modes, locking, damaged state and write failures."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from kakao_tokend.errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import (
+    TEMP_PREFIX,
+    AccountStore,
+    atomic_write,
+    remove_stale_temp_files,
+)
+from kakao_tokend.tokens import TokenSet
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+ACCESS = "access-token-value-0123456789abcdef0123456789abcdef"
+REFRESH = "refresh-token-value-0123456789abcdef0123456789abcdef"
+IS_ROOT = os.geteuid() == 0
+
+
+def make_state(account: str = "default", *, generation: int = 3) -> AccountState:
+    tokens = TokenSet(
+        access_token=ACCESS,
+        refresh_token=REFRESH,
+        access_expires_at=NOW + timedelta(hours=6),
+        refresh_expires_at=NOW + timedelta(days=60),
+        access_issued_at=NOW,
+        refresh_issued_at=NOW - timedelta(days=1),
+        scope="profile_nickname talk_message",
+    )
+    return AccountState(
+        account=account, tokens=tokens, generation=generation, refreshed_at=NOW, user_id=42
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AccountStore:
+    return AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
+
+
+@pytest.fixture
+def umask() -> Iterator[None]:
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory that an unprivileged subprocess (nobody) can enter, unlike pytest's tmp."""
+    directory = Path(tempfile.mkdtemp(prefix="kakao-store-test-"))
+    directory.chmod(0o755)
+    yield directory
+    subprocess.run(["rm", "-rf", str(directory)], check=True)
+
+
+def run_python(code: str, *, as_nobody: bool = False, timeout: float = 30) -> str:
+    """Run ``code`` in a fresh interpreter (optionally dropped to nobody); return its stdout.
+
+    The privilege drop happens inside the child after our package is imported, because nobody
+    may not be able to read the interpreter's installation.
+    """
+    prelude = "import kakao_tokend.store, kakao_tokend.errors, os\n"
+    if as_nobody and IS_ROOT:
+        prelude += "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+# -- round trip and published document ---------------------------------------------------------
+
+
+def test_load_without_file_returns_none(store: AccountStore) -> None:
+    """No state file yet means None (not an error), and no signature."""
+    assert store.load() is None
+    assert store.state_signature() is None
+    assert store.read_published() is None
+
+
+def test_save_load_round_trip(store: AccountStore) -> None:
+    """What save() writes, load() returns unchanged, and parent directories are created."""
+    state = make_state()
+    store.save(state)
+    assert store.load() == state
+
+
+def test_published_document_keeps_kakao_field_names(store: AccountStore) -> None:
+    """The token file uses Kakao's names, remaining seconds at write time and RFC 3339 times."""
+    now = NOW + timedelta(hours=1)
+    store.publish(make_state(), now=now)
+    with open(store.token_path) as handle:
+        document = json.load(handle)
+    assert document == {
+        "access_token": ACCESS,
+        "token_type": "bearer",
+        "expires_in": 5 * 3600,
+        "refresh_token_expires_in": 60 * 86400 - 3600,
+        "scope": "profile_nickname talk_message",
+        "expires_at": "2026-03-01T18:00:00Z",
+        "refresh_token_expires_at": "2026-04-30T12:00:00Z",
+        "refresh_token_expires_estimated": False,
+        "refreshed_at": "2026-03-01T12:00:00Z",
+        "generation": 3,
+        "account": "default",
+    }
+    assert store.read_published() == document
+
+
+def test_published_expiry_never_negative(store: AccountStore) -> None:
+    """An expired token is published with expires_in 0, not a negative number."""
+    document = store.published_document(make_state(), now=NOW + timedelta(days=90))
+    assert document["expires_in"] == 0
+    assert document["refresh_token_expires_in"] == 0
+
+
+def test_refresh_token_published_only_when_opted_in(tmp_path: Path) -> None:
+    """refresh_token is left out of the token file unless include_refresh_token is set."""
+    plain = AccountStore.from_paths("a", state_file=tmp_path / "a.state.json")
+    opted = AccountStore.from_paths(
+        "b", state_file=tmp_path / "b.state.json", include_refresh_token=True
+    )
+    plain.publish(make_state("a"), now=NOW)
+    opted.publish(make_state("b"), now=NOW)
+    assert "refresh_token" not in json.loads(plain.token_path.read_text())
+    assert REFRESH not in plain.token_path.read_text()
+    assert json.loads(opted.token_path.read_text())["refresh_token"] == REFRESH
+
+
+def test_state_of_other_account_is_adopted(store: AccountStore) -> None:
+    """A state file written for another account name (renamed account) loads as this account."""
+    store.save(make_state("old-name"))
+    loaded = store.load()
+    assert loaded is not None
+    assert loaded.account == "default"
+    assert loaded.tokens.refresh_token == REFRESH
+
+
+def test_state_signature_changes_on_write(store: AccountStore) -> None:
+    """Each save changes the (inode, mtime, size) signature, so outside writers are noticed."""
+    store.save(make_state(generation=1))
+    first = store.state_signature()
+    store.save(make_state(generation=2))
+    second = store.state_signature()
+    assert first is not None and second is not None
+    assert first != second
+
+
+def test_remove_deletes_state_and_token_files(store: AccountStore) -> None:
+    """remove() deletes both files and is harmless when they are already gone."""
+    store.save(make_state())
+    store.publish(make_state(), now=NOW)
+    store.remove()
+    assert not store.state_path.exists()
+    assert not store.token_path.exists()
+    store.remove()
+
+
+def test_repr_shows_no_token(store: AccountStore) -> None:
+    """The store's repr names the account and path only."""
+    store.save(make_state())
+    assert ACCESS not in repr(store) and REFRESH not in repr(store)
+
+
+# -- modes, groups, directories, symlinks -----------------------------------------------------
+
+
+@pytest.mark.usefixtures("umask")
+@pytest.mark.parametrize("mask", [0o000, 0o077])
+@pytest.mark.parametrize("token_mode", [0o640, 0o600, 0o644])
+def test_modes_independent_of_umask(tmp_path: Path, mask: int, token_mode: int) -> None:
+    """State is 0600 and the token file has its configured mode whatever the umask is."""
+    os.umask(mask)
+    store = AccountStore.from_paths(
+        "default", state_file=tmp_path / "default.state.json", token_file_mode=token_mode
+    )
+    for _ in range(2):  # creation and replacement
+        store.save(make_state())
+        store.publish(make_state(), now=NOW)
+        assert store.state_path.stat().st_mode & 0o7777 == 0o600
+        assert store.token_path.stat().st_mode & 0o7777 == token_mode
+
+
+@pytest.mark.usefixtures("umask")
+def test_missing_directories_created_0750(tmp_path: Path) -> None:
+    """Missing parent directories (all levels) are created with 0750, even under umask 000."""
+    os.umask(0)
+    store = AccountStore.from_paths("default", state_file=tmp_path / "a" / "b" / "s.json")
+    store.save(make_state())
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o750
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="changing a file's group to any group needs root")
+@pytest.mark.parametrize("group", ["daemon", "nogroup", 1])
+def test_token_file_group_applied(tmp_path: Path, group: str | int) -> None:
+    """The token file gets the configured group (by name or gid); the owner is unchanged."""
+    store = AccountStore.from_paths(
+        "default", state_file=tmp_path / "s.json", token_file_group=group
+    )
+    store.publish(make_state(), now=NOW)
+    info = store.token_path.stat()
+    expected = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+    assert info.st_gid == expected
+    assert info.st_uid == os.geteuid()
+    assert info.st_mode & 0o7777 == 0o640
+
+
+def test_unknown_group_is_a_clear_error(store: AccountStore, tmp_path: Path) -> None:
+    """A group name that does not exist fails with a message naming it, and writes nothing."""
+    bad = AccountStore.from_paths(
+        "default", state_file=tmp_path / "s.json", token_file_group="no-such-group-xyz"
+    )
+    with pytest.raises(StoreError, match="group 'no-such-group-xyz' does not exist"):
+        bad.publish(make_state(), now=NOW)
+    assert not bad.token_path.exists()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run a subprocess as nobody")
+def test_group_change_not_permitted(shared_dir: Path) -> None:
+    """A group the process may not use gives StoreWriteError and leaves no file behind."""
+    shared_dir.chmod(0o777)
+    out = run_python(
+        f"""
+        from pathlib import Path
+        from kakao_tokend.store import atomic_write
+        from kakao_tokend.errors import StoreWriteError
+        try:
+            atomic_write(Path({str(shared_dir / "t.json")!r}), b"{{}}", mode=0o640, group=0)
+        except StoreWriteError as exc:
+            print(exc)
+        """,
+        as_nobody=True,
+    )
+    assert "cannot give" in out and "not permitted" in out
+    assert list(shared_dir.iterdir()) == []
+
+
+def test_symlinked_token_file_written_through(tmp_path: Path) -> None:
+    """A symlinked token path stays a symlink; the content goes to its (new) target."""
+    target_dir = tmp_path / "elsewhere"
+    link = tmp_path / "default.token.json"
+    link.symlink_to(target_dir / "token.json")  # dangling until the first publish
+    store = AccountStore.from_paths("default", state_file=tmp_path / "s.json", token_file=link)
+    store.publish(make_state(), now=NOW)
+    store.publish(make_state(generation=4), now=NOW)
+    assert link.is_symlink()
+    assert json.loads((target_dir / "token.json").read_text())["generation"] == 4
+    assert store.read_published() is not None
+    store.remove()
+    assert link.is_symlink() and not (target_dir / "token.json").exists()
+
+
+def test_stale_temp_files_removed(tmp_path: Path) -> None:
+    """Only our own temp files older than the limit are removed; others are left alone."""
+    old = tmp_path / f"{TEMP_PREFIX}default.state.json.aaaa.tmp"
+    fresh = tmp_path / f"{TEMP_PREFIX}default.state.json.bbbb.tmp"
+    foreign = tmp_path / ".other.tmp"
+    for path in (old, fresh, foreign):
+        path.write_bytes(b"{")
+    past = time.time() - 120
+    os.utime(old, (past, past))
+    os.utime(foreign, (past, past))
+    assert remove_stale_temp_files(tmp_path) == [old]
+    assert fresh.exists() and foreign.exists() and not old.exists()
+
+
+def test_first_lock_cleans_stale_temp_files(store: AccountStore) -> None:
+    """Taking the lock the first time removes crash leftovers in the state directory."""
+    store.save(make_state())
+    stale = store.state_path.parent / f"{TEMP_PREFIX}default.state.json.cccc.tmp"
+    stale.write_bytes(b"")
+    past = time.time() - 120
+    os.utime(stale, (past, past))
+    with store.lock(timeout=0):
+        pass
+    assert not stale.exists()
+
+
+# -- locking -----------------------------------------------------------------------------------
+
+HOLDER = """
+import sys
+from pathlib import Path
+from kakao_tokend.store import AccountStore
+store = AccountStore.from_paths("default", state_file=Path(sys.argv[1]))
+with store.lock(timeout=0):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def lock_holder(store: AccountStore) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(store.state_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def test_lock_refuses_second_process(
+    store: AccountStore, lock_holder: subprocess.Popen[str]
+) -> None:
+    """While another process holds the lock, we time out with StoreLocked naming its pid."""
+    start = time.monotonic()
+    with pytest.raises(StoreLocked, match=rf"\(pid {lock_holder.pid}\)"), store.lock(timeout=0.3):
+        pass
+    assert time.monotonic() - start >= 0.3
+    assert store.try_lock() is False
+    assert not store.locked
+
+
+def test_lock_released_by_other_process_can_be_taken(
+    store: AccountStore, lock_holder: subprocess.Popen[str]
+) -> None:
+    """Once the holder ends, lock() waits for and gets the lock within its timeout."""
+    assert lock_holder.stdin is not None
+    lock_holder.stdin.close()  # the holder leaves its with-block and exits
+    with store.lock(timeout=10):
+        assert store.lock_holder() == os.getpid()
+    assert not store.locked
+    assert store.lock_holder() is None
+
+
+def test_lock_is_reentrant_within_one_store(store: AccountStore) -> None:
+    """Nested lock() on one store does not deadlock; the flock lasts until the outer exit."""
+    other = AccountStore.from_paths("default", state_file=store.state_path)
+    with store.lock(timeout=0):
+        with store.lock(timeout=0):
+            assert store.try_lock()
+            store.unlock()
+        assert other.try_lock() is False  # still held after the inner block
+    assert other.try_lock() is True
+    other.unlock()
+
+
+def test_lock_excludes_second_store_object_in_same_process(store: AccountStore) -> None:
+    """Two store objects (two open file descriptions) exclude each other, like two processes."""
+    other = AccountStore.from_paths("default", state_file=store.state_path)
+    assert store.try_lock()
+    with pytest.raises(StoreLocked, match=rf"pid {os.getpid()}"), other.lock(timeout=0):
+        pass
+    store.unlock()
+
+
+def test_unlock_without_lock_is_a_bug(store: AccountStore) -> None:
+    """unlock() without a matching lock raises instead of silently unbalancing the depth."""
+    with pytest.raises(RuntimeError):
+        store.unlock()
+
+
+def test_lock_is_not_on_the_data_file(store: AccountStore) -> None:
+    """Saving under the lock (which replaces the state file) does not affect the lock file."""
+    with store.lock(timeout=0):
+        store.save(make_state())
+        other = AccountStore.from_paths("default", state_file=store.state_path)
+        assert other.try_lock() is False
+    assert store.lock_path != store.state_path
+
+
+# -- damaged state -----------------------------------------------------------------------------
+
+VALID = json.dumps(make_state().to_dict()).encode()
+CORRUPTIONS = {
+    "empty": b"",
+    "whitespace": b"  \n",
+    "truncated": VALID[: len(VALID) // 2],
+    "bad json": b"{not json",
+    "list": b"[]",
+    "wrong shape": b'{"version": 1, "account": "default"}',
+    "wrong version": b'{"version": 99}',
+    "invalid utf-8": b"\xff\xfe\x00garbage",
+    "zeros": b"\x00" * 64,
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_damaged_state_is_kept_aside(store: AccountStore, kind: str) -> None:
+    """A damaged state file is moved to .corrupt-<stamp> with its bytes and never overwritten."""
+    store.save(make_state())  # creates the directory
+    store.state_path.write_bytes(CORRUPTIONS[kind])
+    with pytest.raises(StateCorrupt) as info:
+        store.load()
+    kept = info.value.quarantined
+    assert kept is not None
+    assert kept.read_bytes() == CORRUPTIONS[kind]
+    assert kept.name.startswith("default.state.json.corrupt-")
+    assert not store.state_path.exists()
+    message = str(info.value)
+    assert str(kept) in message
+    assert "kakao-tokend login --account default" in message
+    assert store.load() is None  # the damaged file no longer blocks a fresh login
+
+
+def test_second_corruption_does_not_clobber_first_copy(store: AccountStore) -> None:
+    """Two damaged files in the same second end up in two different, intact copies."""
+    store.save(make_state())
+    store.state_path.write_bytes(b"first")
+    with pytest.raises(StateCorrupt) as first:
+        store.load()
+    store.state_path.write_bytes(b"second")
+    with pytest.raises(StateCorrupt) as second:
+        store.load()
+    assert first.value.quarantined != second.value.quarantined
+    assert first.value.quarantined is not None and second.value.quarantined is not None
+    assert first.value.quarantined.read_bytes() == b"first"
+    assert second.value.quarantined.read_bytes() == b"second"
+
+
+def test_corrupt_message_never_contains_a_token(store: AccountStore) -> None:
+    """A damaged field holding a token-like value is not echoed into the error message."""
+    data = make_state().to_dict()
+    data["tokens"]["access_expires_at"] = ACCESS  # unparsable as a time
+    store.save(make_state())
+    store.state_path.write_text(json.dumps(data))
+    with pytest.raises(StateCorrupt) as info:
+        store.load()
+    assert ACCESS not in str(info.value)
+
+
+def test_unreadable_state_is_store_error(shared_dir: Path) -> None:
+    """Permission denied on the state file is a StoreError with a hint, not 'corrupt'."""
+    path = shared_dir / "default.state.json"
+    path.write_bytes(VALID)
+    path.chmod(0o000)
+    out = run_python(
+        f"""
+        from pathlib import Path
+        from kakao_tokend.store import AccountStore
+        from kakao_tokend.errors import StoreError, StateCorrupt
+        store = AccountStore.from_paths("default", state_file=Path({str(path)!r}))
+        try:
+            store.load()
+        except StateCorrupt:
+            print("corrupt")
+        except StoreError as exc:
+            print(exc)
+        """,
+        as_nobody=True,
+    )
+    assert "permission denied" in out and "run kakao-tokend as the user" in out
+    path.chmod(0o600)
+    assert path.read_bytes() == VALID
+
+
+# -- write failures ----------------------------------------------------------------------------
+
+
+def test_write_failure_keeps_previous_file(store: AccountStore) -> None:
+    """A file-size limit (EFBIG, like a full disk) raises StoreWriteError; old file intact."""
+    store.save(make_state(generation=1))
+    before = store.state_path.read_bytes()
+    out = run_python(
+        f"""
+        import resource, signal
+        from pathlib import Path
+        from kakao_tokend.store import atomic_write
+        from kakao_tokend.errors import StoreWriteError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+        try:
+            atomic_write(Path({str(store.state_path)!r}), b"x" * 5000, mode=0o600)
+        except StoreWriteError as exc:
+            print(exc)
+        """
+    )
+    assert f"cannot write {store.state_path}: File too large" in out
+    assert store.state_path.read_bytes() == before
+    assert leftovers(store.state_path.parent) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run a subprocess as nobody")
+def test_write_to_unwritable_directory(shared_dir: Path) -> None:
+    """A directory we may not write to gives a readable StoreWriteError, nothing created."""
+    out = run_python(
+        f"""
+        from pathlib import Path
+        from kakao_tokend.store import atomic_write
+        from kakao_tokend.errors import StoreWriteError
+        try:
+            atomic_write(Path({str(shared_dir / "t.json")!r}), b"{{}}", mode=0o600)
+        except StoreWriteError as exc:
+            print(exc)
+        """,
+        as_nobody=True,
+    )
+    assert f"cannot write {shared_dir / 't.json'}: Permission denied" in out
+    assert list(shared_dir.iterdir()) == []
+
+
+def test_write_error_on_directory_target(tmp_path: Path) -> None:
+    """Replacing a directory with a file fails cleanly and removes the temp file."""
+    (tmp_path / "t.json").mkdir()
+    with pytest.raises(StoreWriteError, match="cannot write"):
+        atomic_write(tmp_path / "t.json", b"{}", mode=0o600)
+    assert leftovers(tmp_path) == []
+
+
+# -- concurrency and crashes -------------------------------------------------------------------
+
+READER = """
+import json, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+failures = reads = 0
+generations = set()
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        failures += 1
+        continue
+    reads += 1
+    try:
+        doc = json.loads(raw)
+        assert len(doc["padding"]) == doc["size"]
+        generations.add(doc["generation"])
+    except Exception:
+        failures += 1
+print(json.dumps({"failures": failures, "reads": reads, "generations": len(generations)}))
+"""
+
+
+def payload(generation: int, size: int) -> bytes:
+    return json.dumps({"generation": generation, "size": size, "padding": "p" * size}).encode()
+
+
+def test_concurrent_readers_never_see_partial_file(tmp_path: Path) -> None:
+    """4 reader processes in a tight loop never read a partial file while we rewrite it."""
+    path = tmp_path / "token.json"
+    atomic_write(path, payload(0, 10), mode=0o640)
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", READER, str(path), "1.5"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    rng = random.Random(7)
+    generation = 0
+    while any(proc.poll() is None for proc in readers):
+        generation += 1
+        atomic_write(path, payload(generation, rng.choice([1, 500, 20_000, 200_000])), mode=0o640)
+    results = [json.loads(proc.communicate()[0]) for proc in readers]
+    assert generation >= 100
+    for result in results:
+        assert result["failures"] == 0
+        assert result["reads"] > 0
+        assert result["generations"] >= 3
+    assert leftovers(tmp_path) == []
+
+
+WRITER = """
+import hashlib, json, sys
+from pathlib import Path
+from kakao_tokend.store import atomic_write
+path = Path(sys.argv[1])
+generation = int(json.loads(path.read_bytes())["generation"])
+print("ready", flush=True)
+while True:
+    generation += 1
+    body = "x" * (100_000 + generation % 7 * 10_000)
+    doc = {"generation": generation, "body": body, "sha": hashlib.sha256(body.encode()).hexdigest()}
+    atomic_write(path, json.dumps(doc).encode(), mode=0o600)
+"""
+
+
+def test_kill_9_during_writes_leaves_old_or_new_file(tmp_path: Path) -> None:
+    """A writer killed with SIGKILL at random moments always leaves one complete version."""
+    import hashlib
+
+    path = tmp_path / "default.state.json"
+    body = "start"
+    path.write_text(
+        json.dumps({"generation": 0, "body": body, "sha": hashlib.sha256(b"start").hexdigest()})
+    )
+    rng = random.Random(11)
+    last = 0
+    for _ in range(20):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        doc = json.loads(path.read_bytes())
+        assert hashlib.sha256(doc["body"].encode()).hexdigest() == doc["sha"]
+        assert doc["generation"] >= last
+        last = doc["generation"]
+    assert last > 0
+    # Crash leftovers are recognised as ours and cleaned up once they are old enough.
+    for name in leftovers(tmp_path):
+        past = time.time() - 120
+        os.utime(tmp_path / name, (past, past))
+    remove_stale_temp_files(tmp_path)
+    assert leftovers(tmp_path) == []
