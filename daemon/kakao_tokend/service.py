@@ -1,0 +1,386 @@
+"""The daemon's lifecycle on one screen: build_app() wires everything, run() drives it.
+
+The aiohttp Application owns the lifecycle. Its cleanup contexts start, in dependency order,
+the instance lock, the HTTP session, the stores and account managers, alerts, the scheduler and
+the systemd notifications, and stop them in reverse. `run` adds the local API socket, signals
+(SIGTERM/SIGINT stop, SIGHUP reloads) and turns startup failures into exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from . import systemd
+from .config import AccountConfig, Config, load_config
+from .errors import ConfigError, KakaoTokendError, StoreLocked
+from .kakao import KakaoClient, create_session
+from .refresher import AccountManager, EventListener, Health
+from .scheduler import RefreshScheduler
+from .store import AccountStore, make_dirs, remove_stale_temp_files
+from .tokens import Clock, utcnow
+
+log = logging.getLogger(__name__)
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+#: How long a stop waits for an in-flight refresh to finish and be persisted.
+STOP_GRACE = 20.0
+INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
+
+
+@dataclass
+class Daemon:
+    """Everything the running service holds: config, session, managers and scheduler."""
+
+    config: Config
+    config_path: Path | None = None
+    clock: Clock = utcnow
+    session: aiohttp.ClientSession | None = None
+    managers: dict[str, AccountManager] = field(default_factory=dict)
+    scheduler: RefreshScheduler | None = None
+    #: `run --account NAME` keeps only that account, across reloads too.
+    only_account: str | None = None
+    #: Extra listeners every account manager gets (the demo prints rotations through this).
+    listeners: list[EventListener] = field(default_factory=list)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _lock_fd: int | None = None
+
+    # ---------------------------------------------------------------- instance lock
+
+    def acquire_instance_lock(self) -> None:
+        """Make this the only `run` on this state directory, or raise StoreLocked."""
+        make_dirs(self.config.state_dir)
+        path = self.config.state_dir / INSTANCE_LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+            os.close(fd)
+            raise StoreLocked(
+                f"another kakao-tokend is already running on {self.config.state_dir}{holder}",
+                hint="stop it first (systemctl stop kakao-tokend), or point --config at another"
+                " state directory",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release_instance_lock(self) -> None:
+        """Release the instance lock (the kernel would do it at exit anyway)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---------------------------------------------------------------- accounts
+
+    def make_manager(self, account: AccountConfig) -> AccountManager:
+        """Create the store, client and manager for one account and load its state."""
+        assert self.session is not None
+        store = AccountStore(account)
+        for directory in {account.state_file.parent, account.token_file.parent}:
+            make_dirs(directory)
+            remove_stale_temp_files(directory)
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(self.session, account.app, clock=self.clock),
+            policy=self.config.refresh,
+            clock=self.clock,
+        )
+        manager.listeners.extend(self.listeners)
+        manager.load()
+        if manager.state is not None and manager.status.health is Health.OK:
+            # Publish what we have at once: the token file may be missing or stale.
+            manager._publish(manager.state)
+        return manager
+
+    def open_accounts(self) -> None:
+        """Create a manager per configured account."""
+        for account in self.config.accounts.values():
+            self.managers[account.name] = self.make_manager(account)
+        for manager in self.managers.values():
+            log.info("account %s", manager.summary())
+
+    def summary(self) -> str:
+        """Return the one-line STATUS text, e.g. ``default: access 4h12m, refresh 41d``."""
+        now = self.clock()
+        return "; ".join(m.summary(now) for m in self.managers.values()) or "no accounts"
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration; keep every token in memory; return (ok, message)."""
+        async with self.reload_lock:
+            systemd.reloading("reloading configuration")
+            try:
+                new = load_config(self.config_path)
+                if self.only_account is not None:
+                    if self.only_account not in new.accounts:
+                        raise ConfigError(
+                            f"account {self.only_account!r} is no longer in the configuration"
+                        )
+                    new = only_account(new, self.only_account)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the previous configuration:\n%s", exc)
+                systemd.ready(self.summary())
+                return False, str(exc)
+            assert self.scheduler is not None
+            old_accounts = self.config.accounts
+            self.config = new
+            self.scheduler.set_heartbeat(new.refresh.heartbeat)
+            added, removed, changed = [], [], []
+            for name in list(self.managers):
+                if name not in new.accounts:
+                    manager = self.scheduler.remove(name)
+                    self.managers.pop(name)
+                    if manager is not None:
+                        await manager.wait_idle(STOP_GRACE)
+                        manager.flush()
+                    removed.append(name)
+            for name, account in new.accounts.items():
+                manager = self.managers.get(name)
+                if manager is None or (
+                    old_accounts[name].state_file != account.state_file
+                    or old_accounts[name].lock_file != account.lock_file
+                ):
+                    if manager is not None:
+                        self.scheduler.remove(name)
+                        await manager.wait_idle(STOP_GRACE)
+                        manager.flush()
+                    manager = self.make_manager(account)
+                    self.managers[name] = manager
+                    self.scheduler.add(manager)
+                    self.scheduler.run_soon(manager, "start")
+                    added.append(name)
+                    continue
+                if old_accounts[name] != account:
+                    changed.append(name)
+                assert self.session is not None
+                await manager.wait_idle(STOP_GRACE)
+                manager.account = account
+                manager.store = AccountStore(account)
+                manager.client = KakaoClient(self.session, account.app, clock=self.clock)
+                manager.policy = new.refresh
+                manager.clear_config_error()
+                self.scheduler.plan(manager)
+                if manager.state is not None and not manager.status.write_pending:
+                    manager._publish(manager.state)
+            message = (
+                f"configuration reloaded: {len(new.accounts)} account(s)"
+                f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
+                f"; changed {', '.join(changed) or '-'}"
+            )
+            log.info("%s", message)
+            systemd.ready(self.summary())
+            return True, message
+
+
+DAEMON = web.AppKey("daemon", Daemon)
+
+
+async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    daemon.acquire_instance_lock()
+    yield
+    daemon.release_instance_lock()
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    daemon.session = create_session()
+    yield
+    await daemon.session.close()
+
+
+async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    daemon.open_accounts()
+    yield
+    # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
+    # and be persisted, then make one last try to write a state the disk refused.
+    results = await asyncio.gather(*(m.wait_idle(STOP_GRACE) for m in daemon.managers.values()))
+    if not all(results):
+        log.error("a refresh was still running after %ss; stopping anyway", STOP_GRACE)
+    for manager in daemon.managers.values():
+        if not manager.flush():
+            log.critical(
+                "account %s: the newest tokens could NOT be saved (%s); they are lost with this"
+                " process",
+                manager.name,
+                manager.status.write_error,
+            )
+
+
+async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Placeholder for the alerts capability (conditions, channels); the log is the only channel.
+    yield
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    scheduler = RefreshScheduler(heartbeat=daemon.config.refresh.heartbeat)
+    daemon.scheduler = scheduler
+    scheduler.start()
+    for manager in daemon.managers.values():
+        scheduler.add(manager)
+        scheduler.run_soon(manager, "start")
+    yield
+    scheduler.shutdown()
+    await scheduler.drain(STOP_GRACE)
+
+
+async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    assert daemon.scheduler is not None
+    watchdog = asyncio.create_task(systemd.watchdog_loop(daemon.scheduler.is_healthy))
+    status_task = asyncio.create_task(_status_loop(daemon))
+    yield
+    systemd.stopping("stopping: finishing in-flight refreshes")
+    for task in (watchdog, status_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _status_loop(daemon: Daemon) -> None:
+    """Keep systemd's STATUS= line current (once a minute is plenty for a human)."""
+    while True:
+        await asyncio.sleep(min(60.0, daemon.config.refresh.heartbeat))
+        systemd.status(daemon.summary())
+
+
+def build_app(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    clock: Clock = utcnow,
+    only_account_name: str | None = None,
+    listeners: list[EventListener] | None = None,
+) -> web.Application:
+    """Build the daemon's Application with its cleanup contexts in dependency order."""
+    app = web.Application(client_max_size=64 * 1024)
+    app[DAEMON] = Daemon(
+        config=config,
+        config_path=config_path,
+        clock=clock,
+        only_account=only_account_name,
+        listeners=list(listeners or []),
+    )
+    app.cleanup_ctx.extend(
+        [_instance_lock_ctx, _session_ctx, _accounts_ctx, _alerts_ctx, _scheduler_ctx, _systemd_ctx]
+    )
+    from .api import add_routes
+
+    add_routes(app)
+    return app
+
+
+def api_socket_path(config: Config) -> Path:
+    """Return where the local API's Unix socket lives."""
+    return config.runtime_dir / "api.sock"
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: Path | None,
+    stop: asyncio.Event | None = None,
+    only_account_name: str | None = None,
+    listeners: list[EventListener] | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or ``stop``); return the exit code."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    app = build_app(
+        config, config_path=config_path, only_account_name=only_account_name, listeners=listeners
+    )
+    daemon = app[DAEMON]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+    try:
+        await runner.setup()
+    except StoreLocked as exc:
+        log.error("%s", exc)
+        return EX_TEMPFAIL
+    except KakaoTokendError as exc:
+        log.error("cannot start: %s", exc)
+        await runner.cleanup()
+        return EX_CONFIG if isinstance(exc, ConfigError) else EX_FAILURE
+    socket_path = api_socket_path(daemon.config)
+    try:
+        make_dirs(socket_path.parent)
+        site = web.UnixSite(runner, str(socket_path))
+        await site.start()
+        os.chmod(socket_path, 0o660)
+        log.info("local API listening on %s", socket_path)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s; the local API is off", socket_path, exc)
+
+    def on_reload() -> None:
+        task = loop.create_task(daemon.reload())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    systemd.ready(daemon.summary())
+    log.info(
+        "kakao-tokend running: %d account(s), heartbeat %ss, state in %s",
+        len(daemon.managers),
+        daemon.config.refresh.heartbeat,
+        daemon.config.state_dir,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        with contextlib.suppress(OSError):
+            socket_path.unlink()
+    log.info("stopped")
+    return EX_OK
+
+
+_background: set[asyncio.Task[tuple[bool, str]]] = set()
+
+
+def run(config_path: Path | None, *, account: str | None = None) -> int:
+    """`kakao-tokend run`: load the config, set up logging, serve until stopped."""
+    # A file-size limit (LimitFSIZE=, ulimit -f) must fail a write with EFBIG, not kill us.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        systemd.setup_logging("info")
+        log.error("%s", exc)
+        return EX_CONFIG
+    systemd.setup_logging(config.log_level)
+    if account is not None:
+        if account not in config.accounts:
+            log.error("no account named %r in the configuration", account)
+            return EX_CONFIG
+        config = only_account(config, account)
+    return asyncio.run(serve(config, config_path=config_path, only_account_name=account))
+
+
+def only_account(config: Config, account: str) -> Config:
+    """Return ``config`` narrowed to one account."""
+    return replace(config, accounts={account: config.accounts[account]}, default_account=account)
