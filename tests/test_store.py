@@ -182,6 +182,28 @@ def test_remove_deletes_state_and_token_files(store: AccountStore) -> None:
     store.remove()
 
 
+def test_accepts_account_config(tmp_path: Path) -> None:
+    """AccountStore takes config.AccountConfig directly and honours its publish settings."""
+    from kakao_tokend.config import AccountConfig, KakaoApp
+
+    account = AccountConfig(
+        name="work",
+        app=KakaoApp(rest_api_key="key", client_secret=None),
+        state_file=tmp_path / "work.state.json",
+        lock_file=tmp_path / "work.lock",
+        token_file=tmp_path / "pub" / "work.json",
+        token_file_mode=0o600,
+        include_refresh_token=True,
+    )
+    store = AccountStore(account)
+    with store.lock(timeout=0):
+        store.save(make_state("work"))
+        store.publish(make_state("work"), now=NOW)
+    assert store.lock_path == tmp_path / "work.lock"
+    assert (tmp_path / "pub" / "work.json").stat().st_mode & 0o777 == 0o600
+    assert json.loads((tmp_path / "pub" / "work.json").read_text())["refresh_token"] == REFRESH
+
+
 def test_repr_shows_no_token(store: AccountStore) -> None:
     """The store's repr names the account and path only."""
     store.save(make_state())
@@ -523,6 +545,25 @@ def test_write_to_unwritable_directory(shared_dir: Path) -> None:
     )
     assert f"cannot write {shared_dir / 't.json'}: Permission denied" in out
     assert list(shared_dir.iterdir()) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to run a subprocess as nobody")
+def test_directory_creation_failure_is_store_write_error(shared_dir: Path) -> None:
+    """A parent directory that cannot be created gives StoreWriteError naming it."""
+    out = run_python(
+        f"""
+        from pathlib import Path
+        from kakao_tokend.store import AccountStore
+        from kakao_tokend.errors import StoreWriteError
+        state_file = Path({str(shared_dir)!r}) / "a" / "s.json"
+        try:
+            AccountStore.from_paths("default", state_file=state_file).try_lock()
+        except StoreWriteError as exc:
+            print(exc)
+        """,
+        as_nobody=True,
+    )
+    assert f"cannot create directory {shared_dir / 'a'}: Permission denied" in out
 
 
 def test_write_error_on_directory_target(tmp_path: Path) -> None:

@@ -106,17 +106,22 @@ def make_dirs(directory: Path, mode: int = DIR_MODE) -> None:
     """Create ``directory`` and every missing parent with ``mode`` (umask may only narrow it).
 
     ``Path.mkdir(parents=True)`` would create the parents with the default 0777 instead.
+    Raises :class:`StoreWriteError` naming the directory that could not be created.
     """
     missing: list[Path] = []
-    current = directory
+    current = Path(directory)
     while not current.exists():
         missing.append(current)
         if current.parent == current:
             break
         current = current.parent
     for item in reversed(missing):
-        with suppress(FileExistsError):
+        try:
             item.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _write_error(item, exc, "create directory") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -138,10 +143,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None
     """
     path = Path(path)
     directory = path.parent
-    try:
-        make_dirs(directory)
-    except OSError as exc:
-        raise _write_error(directory, exc, "create directory") from None
+    make_dirs(directory)
     tmp: Path | None = None
     fd = -1
     try:
