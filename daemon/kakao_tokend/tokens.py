@@ -16,6 +16,10 @@ from typing import Any
 Clock = Callable[[], datetime]
 """Returns the current time as an aware UTC datetime."""
 
+#: Longest lifetime we accept from Kakao (10 years); larger values are garbage and would
+#: overflow datetime arithmetic. Real ones are 6 h (access) and 60 d (refresh).
+MAX_LIFETIME = 10 * 366 * 86400
+
 # Fields of Kakao's token response that we interpret; everything else is kept verbatim.
 _KNOWN_FIELDS = frozenset(
     {
@@ -44,6 +48,9 @@ def fingerprint(token: str | None) -> str:
 
 def format_time(moment: datetime) -> str:
     """Format an aware datetime as RFC 3339 UTC with a ``Z`` suffix, to the second."""
+    if moment.tzinfo is None:
+        # A naive time would silently be read as local time; refuse it instead.
+        raise ValueError("cannot format a datetime without a time zone")
     return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
@@ -54,7 +61,10 @@ def parse_time(text: str) -> datetime:
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 has no UTC equivalent
+        raise ValueError(f"timestamp {text!r} is out of range") from None
 
 
 def format_duration(seconds: float) -> str:
@@ -81,11 +91,20 @@ class TokenResponseError(ValueError):
     """Kakao's token response lacks a field we need or has one of the wrong type."""
 
 
-def _positive_int(body: Mapping[str, Any], name: str) -> int:
+def _lifetime(body: Mapping[str, Any], name: str) -> int:
     value = body.get(name)
-    # bool is an int subclass; "true" is never a lifetime.
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise TokenResponseError(f"token response field {name!r} must be a positive number")
+    # bool is an int subclass; "true" is never a lifetime. NaN/inf/huge values would crash
+    # datetime arithmetic (NaN fails both comparisons), and 0.5 s rounds to a zero lifetime.
+    # Compare before any float conversion: json.loads gives ints of any size.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 1 <= value <= MAX_LIFETIME
+    ):
+        raise TokenResponseError(
+            f"token response field {name!r} must be a number of seconds"
+            f" between 1 and {MAX_LIFETIME}"
+        )
     return int(value)
 
 
@@ -94,6 +113,21 @@ def _token_string(body: Mapping[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value or any(c.isspace() for c in value):
         raise TokenResponseError(f"token response field {name!r} must be a non-empty string")
     return value
+
+
+def _token_type(body: Mapping[str, Any], default: str) -> str:
+    value = body.get("token_type")
+    return value if isinstance(value, str) and value else default
+
+
+def _time_field(data: Mapping[str, Any], name: str) -> datetime:
+    if name not in data:
+        raise ValueError(f"field {name!r} is missing")
+    try:
+        return parse_time(data[name])
+    except ValueError:
+        # Do not echo the value: a mixed-up file could hold a token here.
+        raise ValueError(f"field {name!r} is not an RFC 3339 timestamp with a zone") from None
 
 
 @dataclass(frozen=True)
@@ -156,8 +190,8 @@ class TokenSet:
             raise TokenResponseError("token response is not a JSON object")
         access_token = _token_string(body, "access_token")
         refresh_token = _token_string(body, "refresh_token")
-        expires_in = _positive_int(body, "expires_in")
-        refresh_expires_in = _positive_int(body, "refresh_token_expires_in")
+        expires_in = _lifetime(body, "expires_in")
+        refresh_expires_in = _lifetime(body, "refresh_token_expires_in")
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
@@ -165,7 +199,7 @@ class TokenSet:
             refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
             access_issued_at=requested_at,
             refresh_issued_at=requested_at,
-            token_type=str(body.get("token_type") or "bearer"),
+            token_type=_token_type(body, "bearer"),
             scope=body["scope"] if isinstance(body.get("scope"), str) else None,
             id_token=body["id_token"] if isinstance(body.get("id_token"), str) else None,
             extra={k: v for k, v in body.items() if k not in _KNOWN_FIELDS},
@@ -178,34 +212,43 @@ class TokenSet:
 
         A new access token comes every time. ``refresh_token`` (with its expiry) arrives only on
         rotation; otherwise the old refresh token and its old expiry stay. ``scope`` and
-        ``id_token`` are kept when the response leaves them out.
+        ``id_token`` are kept when the response leaves them out. The current refresh token
+        echoed back is not a rotation. A new refresh token without a usable expiry is still
+        taken (the old one may be dead), keeping the old expiry marked as estimated.
         """
         if not isinstance(body, Mapping):
             raise TokenResponseError("token response is not a JSON object")
         access_token = _token_string(body, "access_token")
-        expires_in = _positive_int(body, "expires_in")
+        expires_in = _lifetime(body, "expires_in")
         changes: dict[str, Any] = {
             "access_token": access_token,
             "access_expires_at": requested_at + timedelta(seconds=expires_in),
             "access_issued_at": requested_at,
-            "token_type": str(body.get("token_type") or self.token_type),
+            "token_type": _token_type(body, self.token_type),
             "extra": {**self.extra, **{k: v for k, v in body.items() if k not in _KNOWN_FIELDS}},
         }
         if isinstance(body.get("scope"), str):
             changes["scope"] = body["scope"]
         if isinstance(body.get("id_token"), str):
             changes["id_token"] = body["id_token"]
-        rotated = body.get("refresh_token") is not None
-        if rotated:
+        rotated = False
+        if body.get("refresh_token") is not None:
             new_refresh = _token_string(body, "refresh_token")
-            refresh_expires_in = _positive_int(body, "refresh_token_expires_in")
-            changes.update(
-                refresh_token=new_refresh,
-                refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
-                refresh_issued_at=requested_at,
-                refresh_expiry_estimated=False,
-            )
             rotated = new_refresh != self.refresh_token
+            changes["refresh_token"] = new_refresh
+            if rotated:
+                changes["refresh_issued_at"] = requested_at
+            try:
+                refresh_expires_in = _lifetime(body, "refresh_token_expires_in")
+            except TokenResponseError:
+                # The old refresh token may already be dead, so a new one must never be
+                # dropped over a bad expiry. Keep the old expiry as a conservative guess: a
+                # rotation only ever extends the life, so alerts can come early, never late.
+                if rotated:
+                    changes["refresh_expiry_estimated"] = True
+            else:
+                changes["refresh_expires_at"] = requested_at + timedelta(seconds=refresh_expires_in)
+                changes["refresh_expiry_estimated"] = False
         return replace(self, **changes), rotated
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,32 +274,39 @@ class TokenSet:
         """Rebuild a token set written by :meth:`to_dict`; raise ValueError when malformed."""
         if not isinstance(data, Mapping):
             raise ValueError("tokens must be a JSON object")
-        try:
-            refresh_issued = data.get("refresh_issued_at")
-            extra = data.get("extra") or {}
-            if not isinstance(extra, Mapping):
-                raise ValueError("'extra' must be an object")
-            for name in ("access_token", "refresh_token"):
-                if not isinstance(data.get(name), str) or not data[name]:
-                    raise ValueError(f"{name!r} is missing or not a string")
-            for name in ("scope", "id_token"):
-                if data.get(name) is not None and not isinstance(data[name], str):
-                    raise ValueError(f"{name!r} must be a string")
-            return cls(
-                access_token=data["access_token"],
-                refresh_token=data["refresh_token"],
-                access_expires_at=parse_time(data["access_expires_at"]),
-                refresh_expires_at=parse_time(data["refresh_expires_at"]),
-                access_issued_at=parse_time(data["access_issued_at"]),
-                refresh_issued_at=parse_time(refresh_issued) if refresh_issued else None,
-                refresh_expiry_estimated=bool(data.get("refresh_expiry_estimated", False)),
-                token_type=str(data.get("token_type") or "bearer"),
-                scope=data.get("scope"),
-                id_token=data.get("id_token"),
-                extra=dict(extra),
-            )
-        except KeyError as exc:
-            raise ValueError(f"field {exc.args[0]!r} is missing") from None
+        extra = data.get("extra")
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, Mapping):
+            raise ValueError("field 'extra' must be an object")
+        for name in ("access_token", "refresh_token"):
+            if name not in data:
+                raise ValueError(f"field {name!r} is missing")
+            if not isinstance(data[name], str) or not data[name]:
+                raise ValueError(f"field {name!r} must be a non-empty string")
+        for name in ("scope", "id_token", "token_type"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ValueError(f"field {name!r} must be a string")
+        estimated = data.get("refresh_expiry_estimated", False)
+        if not isinstance(estimated, bool):
+            raise ValueError("field 'refresh_expiry_estimated' must be true or false")
+        return cls(
+            access_token=data["access_token"],
+            refresh_token=data["refresh_token"],
+            access_expires_at=_time_field(data, "access_expires_at"),
+            refresh_expires_at=_time_field(data, "refresh_expires_at"),
+            access_issued_at=_time_field(data, "access_issued_at"),
+            refresh_issued_at=(
+                None
+                if data.get("refresh_issued_at") is None
+                else _time_field(data, "refresh_issued_at")
+            ),
+            refresh_expiry_estimated=estimated,
+            token_type=data.get("token_type") or "bearer",
+            scope=data.get("scope"),
+            id_token=data.get("id_token"),
+            extra=dict(extra),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +361,8 @@ def backoff_delay(
     life = max(lifetime.total_seconds(), 1e-3)
     base = min(initial, life / 200.0)
     top = min(cap, life / 12.0) if life < cap * 12 else cap
-    step = min(top, base * (2 ** max(attempt - 1, 0)))
+    # Clamp the exponent: after ~1000 attempts (days of outage) 2**n overflows a float.
+    step = min(top, base * (2.0 ** min(max(attempt - 1, 0), 64)))
     delay = rng.uniform(step / 2, step)
     remaining = (expires_at - now).total_seconds()
     if remaining > 0:

@@ -1,0 +1,912 @@
+"""Tests for kakao_tokend.tokens: Kakao response parsing/merging, time helpers, timing rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kakao_tokend.tokens import (
+    TokenResponseError,
+    TokenSet,
+    backoff_delay,
+    fingerprint,
+    format_duration,
+    format_time,
+    in_rotation_window,
+    is_due,
+    parse_time,
+    refresh_due_at,
+)
+
+T0 = datetime(2026, 11, 26, 3, 0, 0, tzinfo=UTC)
+# Distinctive strings: if one of these shows up in a message or repr, a secret leaked.
+AT = "AT-distinctive-access-Zq9xK2mWv8LrT4nB7cYd1eHf3gJk5pQs"
+RT = "RT-distinctive-refresh-Pw6uV0aXs2dFg4hJk8lZx1cVb3nMq5wE"
+AT2 = "AT-distinctive-second-access-Nn4Bb7Vv1Cc8Xx2Zz5Ll9Kk3Jj6"
+RT2 = "RT-distinctive-rotated-refresh-Hh2Gg5Ff8Dd1Ss4Aa7Qq0Ww3Ee"
+ID_TOKEN = "eyJ-distinctive-id-token.payload.signature"
+SECRETS = (AT, RT, AT2, RT2, ID_TOKEN)
+
+SIX_HOURS = 21599
+SIXTY_DAYS = 5183999
+
+
+def code_response(**changes: Any) -> dict[str, Any]:
+    """Return a real-shaped Kakao authorization_code grant response, with ``changes`` applied."""
+    body: dict[str, Any] = {
+        "token_type": "bearer",
+        "access_token": AT,
+        "expires_in": SIX_HOURS,
+        "refresh_token": RT,
+        "refresh_token_expires_in": SIXTY_DAYS,
+        "scope": "talk_message openid",
+        "id_token": ID_TOKEN,
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
+_DROP: Any = object()
+
+
+def initial_tokens() -> TokenSet:
+    """Return the token set produced by a real-shaped login response at ``T0``."""
+    return TokenSet.from_token_response(code_response(), requested_at=T0)
+
+
+def assert_no_secret(text: str) -> None:
+    """Fail if ``text`` contains any of the test's token strings."""
+    for secret in SECRETS:
+        assert secret not in text, f"a token value leaked into: {text!r}"
+
+
+class TestFromTokenResponse:
+    def test_real_kakao_response_gives_absolute_expiries_from_request_time(self) -> None:
+        """A 21599/5183999 response yields expiries counted from requested_at, not arrival."""
+        tokens = initial_tokens()
+        assert tokens.access_token == AT
+        assert tokens.refresh_token == RT
+        assert tokens.access_issued_at == T0
+        assert tokens.refresh_issued_at == T0
+        assert tokens.access_expires_at == T0 + timedelta(seconds=SIX_HOURS)
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=SIXTY_DAYS)
+        assert tokens.access_lifetime == timedelta(seconds=SIX_HOURS)
+        assert tokens.token_type == "bearer"
+        assert tokens.scope == "talk_message openid"
+        assert tokens.id_token == ID_TOKEN
+        assert tokens.refresh_expiry_estimated is False
+        assert tokens.extra == {}
+
+    def test_remaining_helpers_count_from_now(self) -> None:
+        """access_remaining/refresh_remaining are expiry minus now, negative once expired."""
+        tokens = initial_tokens()
+        later = T0 + timedelta(hours=7)
+        assert tokens.access_remaining(T0) == timedelta(seconds=SIX_HOURS)
+        assert tokens.access_remaining(later) < timedelta(0)
+        assert tokens.refresh_remaining(later) == timedelta(seconds=SIXTY_DAYS - 7 * 3600)
+
+    def test_unknown_fields_are_kept_in_extra(self) -> None:
+        """Fields we do not interpret survive verbatim in ``extra``; known ones do not."""
+        tokens = TokenSet.from_token_response(
+            code_response(new_field={"a": [1, 2]}, other="x"), requested_at=T0
+        )
+        assert tokens.extra == {"new_field": {"a": [1, 2]}, "other": "x"}
+
+    def test_optional_fields_default_when_absent(self) -> None:
+        """Without token_type/scope/id_token the set says bearer and None, not a crash."""
+        body = code_response(token_type=_DROP, scope=_DROP, id_token=_DROP)
+        tokens = TokenSet.from_token_response(body, requested_at=T0)
+        assert (tokens.token_type, tokens.scope, tokens.id_token) == ("bearer", None, None)
+
+    def test_non_string_token_type_falls_back_to_bearer(self) -> None:
+        """A token_type that is not a string is ignored rather than stringified."""
+        tokens = TokenSet.from_token_response(code_response(token_type=["x"]), requested_at=T0)
+        assert tokens.token_type == "bearer"
+
+    def test_float_lifetimes_are_accepted_as_seconds(self) -> None:
+        """A lifetime sent as a JSON float (21599.0) is read as whole seconds."""
+        tokens = TokenSet.from_token_response(code_response(expires_in=21599.0), requested_at=T0)
+        assert tokens.access_lifetime == timedelta(seconds=SIX_HOURS)
+
+    @pytest.mark.parametrize(
+        ("changes", "field"),
+        [
+            ({"access_token": _DROP}, "access_token"),
+            ({"access_token": ""}, "access_token"),
+            ({"access_token": 12345}, "access_token"),
+            ({"access_token": "two words"}, "access_token"),
+            ({"refresh_token": _DROP}, "refresh_token"),
+            ({"refresh_token": 12345}, "refresh_token"),
+            ({"refresh_token": [RT]}, "refresh_token"),
+            ({"expires_in": _DROP}, "expires_in"),
+            ({"expires_in": "21599"}, "expires_in"),
+            ({"expires_in": True}, "expires_in"),
+            ({"expires_in": -1}, "expires_in"),
+            ({"expires_in": 0}, "expires_in"),
+            ({"expires_in": 0.5}, "expires_in"),
+            ({"expires_in": None}, "expires_in"),
+            ({"expires_in": float("nan")}, "expires_in"),
+            ({"expires_in": float("inf")}, "expires_in"),
+            ({"expires_in": 1e300}, "expires_in"),
+            ({"expires_in": 10**30}, "expires_in"),
+            ({"expires_in": 10**400}, "expires_in"),
+            ({"expires_in": -float("inf")}, "expires_in"),
+            ({"refresh_token_expires_in": _DROP}, "refresh_token_expires_in"),
+            ({"refresh_token_expires_in": "5183999"}, "refresh_token_expires_in"),
+            ({"refresh_token_expires_in": False}, "refresh_token_expires_in"),
+        ],
+    )
+    def test_malformed_response_names_the_field_and_hides_tokens(
+        self, changes: dict[str, Any], field: str
+    ) -> None:
+        """Each malformed field raises TokenResponseError naming it, with no token in the text."""
+        with pytest.raises(TokenResponseError) as info:
+            TokenSet.from_token_response(code_response(**changes), requested_at=T0)
+        message = str(info.value)
+        assert repr(field) in message
+        assert_no_secret(message)
+
+    @pytest.mark.parametrize("body", [None, [AT, RT], AT, 21599, True])
+    def test_body_that_is_not_an_object_is_rejected(self, body: Any) -> None:
+        """A non-object body (list, string, null, number) raises TokenResponseError, no echo."""
+        with pytest.raises(TokenResponseError, match="not a JSON object") as info:
+            TokenSet.from_token_response(body, requested_at=T0)
+        assert_no_secret(str(info.value))
+
+    def test_token_response_error_is_a_value_error(self) -> None:
+        """Callers catching ValueError also catch TokenResponseError."""
+        assert issubclass(TokenResponseError, ValueError)
+
+
+class TestMergeRefresh:
+    def test_without_rotation_keeps_refresh_token_its_expiry_scope_and_id_token(self) -> None:
+        """No refresh_token in the answer: old RT, its OLD expiry, scope and id_token stay."""
+        old = initial_tokens()
+        requested = T0 + timedelta(hours=4, minutes=30)
+        new, rotated = old.merge_refresh(
+            {"token_type": "bearer", "access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+        )
+        assert rotated is False
+        assert new.access_token == AT2
+        assert new.access_issued_at == requested
+        assert new.access_expires_at == requested + timedelta(seconds=SIX_HOURS)
+        assert new.refresh_token == RT
+        assert new.refresh_expires_at == old.refresh_expires_at
+        assert new.refresh_issued_at == old.refresh_issued_at
+        assert new.scope == old.scope
+        assert new.id_token == ID_TOKEN
+
+    def test_refresh_token_expiry_without_refresh_token_is_ignored(self) -> None:
+        """A stray refresh_token_expires_in without refresh_token does not move the RT expiry."""
+        old = initial_tokens()
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token_expires_in": 10},
+            requested_at=T0 + timedelta(hours=5),
+        )
+        assert rotated is False
+        assert new.refresh_token == RT
+        assert new.refresh_expires_at == old.refresh_expires_at
+
+    def test_null_refresh_token_means_no_rotation(self) -> None:
+        """``"refresh_token": null`` is treated like an absent field, keeping the old RT."""
+        old = initial_tokens()
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": None},
+            requested_at=T0 + timedelta(hours=5),
+        )
+        assert (new.refresh_token, rotated) == (RT, False)
+
+    def test_rotation_replaces_refresh_token_and_its_expiry(self) -> None:
+        """A new refresh_token replaces both RT and expiry, and the merge reports rotated."""
+        old = initial_tokens()
+        requested = T0 + timedelta(days=31)
+        new, rotated = old.merge_refresh(
+            {
+                "access_token": AT2,
+                "expires_in": SIX_HOURS,
+                "refresh_token": RT2,
+                "refresh_token_expires_in": SIXTY_DAYS,
+            },
+            requested_at=requested,
+        )
+        assert rotated is True
+        assert new.refresh_token == RT2
+        assert new.refresh_expires_at == requested + timedelta(seconds=SIXTY_DAYS)
+        assert new.refresh_issued_at == requested
+        assert new.refresh_expiry_estimated is False
+        assert new.scope == old.scope and new.id_token == ID_TOKEN
+
+    def test_rotation_clears_an_estimated_expiry(self) -> None:
+        """After an import (estimated RT expiry), a real rotation makes the expiry exact."""
+        old = initial_tokens()
+        old = TokenSet.from_dict({**old.to_dict(), "refresh_expiry_estimated": True})
+        new, _ = old.merge_refresh(
+            {
+                "access_token": AT2,
+                "expires_in": SIX_HOURS,
+                "refresh_token": RT2,
+                "refresh_token_expires_in": SIXTY_DAYS,
+            },
+            requested_at=T0,
+        )
+        assert new.refresh_expiry_estimated is False
+
+    def test_same_refresh_token_string_is_not_a_rotation(self) -> None:
+        """Kakao echoing the current RT is not a rotation: rotated False, RT and issue time kept."""
+        old = initial_tokens()
+        requested = T0 + timedelta(days=40)
+        new, rotated = old.merge_refresh(
+            {
+                "access_token": AT2,
+                "expires_in": SIX_HOURS,
+                "refresh_token": RT,
+                "refresh_token_expires_in": 100,
+            },
+            requested_at=requested,
+        )
+        assert rotated is False
+        assert new.refresh_token == RT
+        assert new.refresh_issued_at == old.refresh_issued_at
+        # The server's word on the remaining life of this very token is still the truth.
+        assert new.refresh_expires_at == requested + timedelta(seconds=100)
+
+    def test_rotated_token_without_usable_expiry_is_kept_with_estimated_expiry(self) -> None:
+        """A new RT whose expiry is missing/bad is still kept (the old RT is dead), estimated."""
+        old = initial_tokens()
+        for bad in (_DROP, "5183999", 0):
+            body = {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": RT2}
+            if bad is not _DROP:
+                body["refresh_token_expires_in"] = bad
+            new, rotated = old.merge_refresh(body, requested_at=T0 + timedelta(days=31))
+            assert rotated is True
+            assert new.refresh_token == RT2
+            assert new.refresh_expiry_estimated is True
+            # Conservative: never later than what we knew, so alerts can only come early.
+            assert new.refresh_expires_at == old.refresh_expires_at
+
+    def test_scope_and_id_token_replaced_when_present(self) -> None:
+        """A refresh answer that does carry scope/id_token replaces the old values."""
+        old = initial_tokens()
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": 7199, "scope": "profile", "id_token": "idt2"},
+            requested_at=T0,
+        )
+        assert (new.scope, new.id_token) == ("profile", "idt2")
+        assert new.access_lifetime == timedelta(seconds=7199)
+
+    def test_unknown_fields_merge_into_extra(self) -> None:
+        """New unknown fields are added to extra and older unknown fields are kept."""
+        old = TokenSet.from_token_response(code_response(first=1), requested_at=T0)
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS, "second": 2}, requested_at=T0
+        )
+        assert new.extra == {"first": 1, "second": 2}
+
+    def test_merge_does_not_modify_the_original(self) -> None:
+        """merge_refresh returns a new set; the old one still holds the old access token."""
+        old = initial_tokens()
+        old.merge_refresh({"access_token": AT2, "expires_in": SIX_HOURS}, requested_at=T0)
+        assert old.access_token == AT
+
+    @pytest.mark.parametrize(
+        ("body", "field"),
+        [
+            ({"expires_in": SIX_HOURS}, "access_token"),
+            ({"access_token": AT2}, "expires_in"),
+            ({"access_token": AT2, "expires_in": "21599"}, "expires_in"),
+            ({"access_token": AT2, "expires_in": True}, "expires_in"),
+            ({"access_token": AT2, "expires_in": -5}, "expires_in"),
+            ({"access_token": AT2, "expires_in": 0}, "expires_in"),
+            ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": 42}, "refresh_token"),
+            ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": ""}, "refresh_token"),
+            ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": {}}, "refresh_token"),
+        ],
+    )
+    def test_malformed_refresh_response_names_the_field_and_hides_tokens(
+        self, body: dict[str, Any], field: str
+    ) -> None:
+        """A malformed refresh answer raises TokenResponseError naming the field, no secrets."""
+        with pytest.raises(TokenResponseError) as info:
+            initial_tokens().merge_refresh(body, requested_at=T0)
+        assert repr(field) in str(info.value)
+        assert_no_secret(str(info.value))
+
+    @pytest.mark.parametrize("body", [None, [], "text", 3])
+    def test_refresh_body_not_an_object_is_rejected(self, body: Any) -> None:
+        """A refresh answer that is not an object raises TokenResponseError."""
+        with pytest.raises(TokenResponseError, match="not a JSON object"):
+            initial_tokens().merge_refresh(body, requested_at=T0)
+
+
+class TestSecretsHidden:
+    def test_repr_and_str_never_contain_tokens(self) -> None:
+        """repr()/str() of a TokenSet show expiries but no access/refresh/id token."""
+        tokens = TokenSet.from_token_response(code_response(secretish=AT2), requested_at=T0)
+        for text in (repr(tokens), str(tokens), f"{tokens}", f"{tokens!r}"):
+            assert_no_secret(text)
+            assert "access_expires_at" in text
+
+    def test_fingerprint_properties_name_the_tokens(self) -> None:
+        """access_fingerprint/refresh_fingerprint are the fingerprints of the two tokens."""
+        tokens = initial_tokens()
+        assert tokens.access_fingerprint == fingerprint(AT)
+        assert tokens.refresh_fingerprint == fingerprint(RT)
+        assert tokens.access_fingerprint != tokens.refresh_fingerprint
+
+
+class TestFingerprint:
+    def test_stable_short_and_distinct(self) -> None:
+        """Same token → same short name; different tokens → different names; no token text."""
+        assert fingerprint(AT) == fingerprint(AT)
+        assert fingerprint(AT) != fingerprint(RT)
+        assert fingerprint(AT).startswith("sha256:")
+        assert len(fingerprint(AT)) <= 16
+        assert AT not in fingerprint(AT)
+        # Pinned so a change of algorithm (which would break log correlation) is noticed.
+        assert fingerprint("abc") == "sha256:ba7816bf"
+
+    @pytest.mark.parametrize("token", ["", None])
+    def test_empty_is_none(self, token: str | None) -> None:
+        """An empty or missing token is named ``none``."""
+        assert fingerprint(token) == "none"
+
+    @settings(deadline=None, max_examples=200)
+    @given(st.text(min_size=1), st.text(min_size=1))
+    def test_fingerprint_is_deterministic_and_fixed_length(self, a: str, b: str) -> None:
+        """Any non-empty token gets a 15-character name; equal tokens get equal names."""
+        assert len(fingerprint(a)) == len("sha256:") + 8
+        assert (fingerprint(a) == fingerprint(b)) or a != b
+
+
+class TestTimeText:
+    def test_format_time_is_utc_with_z_to_the_second(self) -> None:
+        """format_time converts to UTC, drops microseconds and ends in Z."""
+        seoul = timezone(timedelta(hours=9))
+        moment = datetime(2026, 11, 26, 12, 0, 5, 999_999, tzinfo=seoul)
+        assert format_time(moment) == "2026-11-26T03:00:05Z"
+
+    def test_format_time_rejects_naive(self) -> None:
+        """A naive datetime is refused instead of silently read as local time."""
+        with pytest.raises(ValueError, match="time zone"):
+            format_time(datetime(2026, 11, 26, 3, 0, 0))
+
+    def test_round_trip(self) -> None:
+        """parse_time(format_time(t)) == t for whole-second aware times."""
+        assert parse_time(format_time(T0)) == T0
+        assert format_time(parse_time("2026-11-26T03:00:00Z")) == "2026-11-26T03:00:00Z"
+
+    def test_parse_time_accepts_offsets_and_returns_utc(self) -> None:
+        """An offset timestamp is converted to UTC."""
+        moment = parse_time("2026-11-26T12:00:00+09:00")
+        assert moment == T0
+        assert moment.utcoffset() == timedelta(0)
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "2026-11-26T03:00:00",  # naive
+            "2026-11-26",  # date only, naive
+            "yesterday",
+            "",
+            "0001-01-01T00:00:00+05:00",  # overflows when converted to UTC
+            "9999-12-31T23:59:59-05:00",
+        ],
+    )
+    def test_parse_time_rejects_with_value_error(self, text: str) -> None:
+        """Naive, unparsable or out-of-range timestamps raise ValueError."""
+        with pytest.raises(ValueError):
+            parse_time(text)
+
+    @pytest.mark.parametrize("value", [None, 0, 1.5, [], {}])
+    def test_parse_time_rejects_non_strings(self, value: Any) -> None:
+        """Non-string input raises ValueError, not TypeError/AttributeError."""
+        with pytest.raises(ValueError, match="string"):
+            parse_time(value)
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        st.datetimes(
+            min_value=datetime(1900, 1, 1),
+            max_value=datetime(9000, 1, 1),
+            timezones=st.just(UTC),
+        )
+    )
+    def test_round_trip_property(self, moment: datetime) -> None:
+        """Any aware time survives format/parse up to its whole second."""
+        assert parse_time(format_time(moment)) == moment.replace(microsecond=0)
+
+    @settings(deadline=None, max_examples=200)
+    @given(st.text(max_size=40))
+    def test_parse_time_raises_only_value_error(self, text: str) -> None:
+        """Arbitrary text either parses to an aware UTC time or raises ValueError."""
+        try:
+            moment = parse_time(text)
+        except ValueError:
+            return
+        assert moment.utcoffset() == timedelta(0)
+
+    @pytest.mark.parametrize(
+        ("seconds", "text"),
+        [
+            (0, "0s"),
+            (12, "12s"),
+            (12.9, "12s"),
+            (-12, "-12s"),
+            (185, "3m05s"),
+            (3600, "1h00m"),
+            (4 * 3600 + 12 * 60 + 7, "4h12m"),
+            (21599, "5h59m"),
+            (86400, "1d0h"),
+            (86400 + 3 * 3600, "1d3h"),
+            (2 * 86400, "2d"),
+            (SIXTY_DAYS, "59d"),
+            (41 * 86400 + 5000, "41d"),
+            (-3 * 86400, "-3d"),
+        ],
+    )
+    def test_format_duration_samples(self, seconds: float, text: str) -> None:
+        """format_duration renders compact human durations."""
+        assert format_duration(seconds) == text
+
+
+class TestTokenSetDict:
+    def test_round_trip(self) -> None:
+        """from_dict(to_dict(t)) == t for a set with every optional field set."""
+        tokens = TokenSet.from_token_response(code_response(extra_field=[1]), requested_at=T0)
+        assert TokenSet.from_dict(tokens.to_dict()) == tokens
+
+    def test_round_trip_through_json(self) -> None:
+        """to_dict output is plain JSON and survives json.dumps/loads."""
+        tokens = initial_tokens()
+        assert TokenSet.from_dict(json.loads(json.dumps(tokens.to_dict()))) == tokens
+
+    def test_round_trip_with_unknowns(self) -> None:
+        """Unknown RT issue time, estimated expiry and absent scope/id_token survive."""
+        tokens = TokenSet(
+            access_token=AT,
+            refresh_token=RT,
+            access_expires_at=T0 + timedelta(hours=6),
+            refresh_expires_at=T0 + timedelta(days=20),
+            access_issued_at=T0,
+            refresh_expiry_estimated=True,
+        )
+        data = tokens.to_dict()
+        assert data["refresh_issued_at"] is None
+        assert TokenSet.from_dict(data) == tokens
+
+    def test_naive_datetimes_are_refused_by_the_constructor(self) -> None:
+        """A TokenSet cannot be built with naive times."""
+        with pytest.raises(ValueError, match="timezone-aware"):
+            TokenSet(
+                access_token=AT,
+                refresh_token=RT,
+                access_expires_at=datetime(2026, 1, 1),
+                refresh_expires_at=T0,
+                access_issued_at=T0,
+            )
+
+    @pytest.mark.parametrize(
+        "changes",
+        [
+            {"access_token": None},
+            {"access_token": ""},
+            {"access_token": 5},
+            {"refresh_token": None},
+            {"refresh_token": ["x"]},
+            {"access_expires_at": None},
+            {"access_expires_at": "soon"},
+            {"access_expires_at": "2026-11-26T03:00:00"},
+            {"access_expires_at": 1764126000},
+            {"refresh_expires_at": "0001-01-01T00:00:00+05:00"},
+            {"access_issued_at": {}},
+            {"refresh_issued_at": "never"},
+            {"refresh_issued_at": 7},
+            {"refresh_expiry_estimated": "false"},
+            {"scope": 5},
+            {"id_token": ["x"]},
+            {"token_type": 5},
+            {"extra": []},
+            {"extra": "x"},
+        ],
+    )
+    def test_from_dict_rejects_malformed_with_value_error(self, changes: dict[str, Any]) -> None:
+        """Every malformed field raises ValueError (not KeyError/TypeError), without tokens."""
+        data = {**initial_tokens().to_dict(), **changes}
+        with pytest.raises(ValueError) as info:
+            TokenSet.from_dict(data)
+        assert type(info.value) is ValueError
+        assert_no_secret(str(info.value))
+
+    @pytest.mark.parametrize(
+        "missing",
+        ["access_token", "refresh_token", "access_expires_at", "refresh_expires_at",
+         "access_issued_at"],
+    )  # fmt: skip
+    def test_from_dict_names_a_missing_field(self, missing: str) -> None:
+        """A missing required field raises ValueError naming it."""
+        data = initial_tokens().to_dict()
+        del data[missing]
+        with pytest.raises(ValueError, match=missing):
+            TokenSet.from_dict(data)
+
+    @pytest.mark.parametrize("data", [None, [], "tokens", 1])
+    def test_from_dict_rejects_non_objects(self, data: Any) -> None:
+        """A non-object raises ValueError."""
+        with pytest.raises(ValueError, match="JSON object"):
+            TokenSet.from_dict(data)
+
+    def test_timestamp_error_names_field_not_value(self) -> None:
+        """A bad timestamp names the field and does not echo its text (it could be a token)."""
+        data = {**initial_tokens().to_dict(), "access_expires_at": AT}
+        with pytest.raises(ValueError, match="access_expires_at") as info:
+            TokenSet.from_dict(data)
+        assert_no_secret(str(info.value))
+
+
+class TestTimingExamples:
+    def test_refresh_due_at_without_jitter_is_exactly_the_share(self) -> None:
+        """With jitter 0 a 6-hour token is due at 75 % of its life (4.5 h)."""
+        tokens = initial_tokens()
+        due = refresh_due_at(tokens, share=0.75, jitter=0.0)
+        assert due == T0 + timedelta(seconds=SIX_HOURS * 0.75)
+
+    def test_refresh_due_at_is_clamped_inside_the_lifetime(self) -> None:
+        """Absurd shares are clamped to 5 %..95 % of the life, never at/after expiry."""
+        tokens = initial_tokens()
+        assert refresh_due_at(tokens, share=1.5, jitter=0) == T0 + timedelta(
+            seconds=SIX_HOURS * 0.95
+        )
+        assert refresh_due_at(tokens, share=-1, jitter=0) == T0 + timedelta(
+            seconds=SIX_HOURS * 0.05
+        )
+
+    def test_refresh_due_at_uses_the_given_rng(self) -> None:
+        """The same seeded rng gives the same plan (reproducible schedules in tests)."""
+        tokens = initial_tokens()
+        a = refresh_due_at(tokens, rng=random.Random(7))
+        b = refresh_due_at(tokens, rng=random.Random(7))
+        assert a == b
+
+    def test_is_due_uses_low_edge_of_jitter_band(self) -> None:
+        """is_due flips at (share - jitter) of the lifetime, so a check never waits on luck."""
+        tokens = initial_tokens()
+        edge = T0 + timedelta(seconds=SIX_HOURS * 0.70)
+        assert not is_due(tokens, edge - timedelta(seconds=1), share=0.75, jitter=0.05)
+        assert is_due(tokens, edge, share=0.75, jitter=0.05)
+        assert is_due(tokens, T0 + timedelta(days=3))
+
+    def test_backoff_for_six_second_token_is_tiny(self) -> None:
+        """A 6-second token retries within 30 ms first, scaling like a 6-hour one."""
+        delay = backoff_delay(
+            1, now=T0, expires_at=T0 + timedelta(seconds=6), lifetime=timedelta(seconds=6)
+        )
+        assert 0.015 <= delay <= 0.03
+
+    def test_backoff_past_expiry_still_backs_off(self) -> None:
+        """After expiry the delay is the normal backoff step, not zero (no hot loop)."""
+        delay = backoff_delay(
+            3,
+            now=T0 + timedelta(hours=7),
+            expires_at=T0 + timedelta(hours=6),
+            lifetime=timedelta(hours=6),
+            rng=random.Random(1),
+        )
+        assert 20 <= delay <= 40
+
+    def test_backoff_survives_thousands_of_attempts(self) -> None:
+        """A days-long outage (attempt 5000) gives the cap, not an OverflowError."""
+        delay = backoff_delay(
+            5000,
+            now=T0 + timedelta(days=3),
+            expires_at=T0 + timedelta(hours=6),
+            lifetime=timedelta(hours=6),
+        )
+        assert 150 <= delay <= 300
+
+    def test_in_rotation_window(self) -> None:
+        """The window opens when less than `window` of refresh life remains."""
+        tokens = initial_tokens()
+        window = timedelta(days=30)
+        opens = tokens.refresh_expires_at - window
+        assert not in_rotation_window(tokens, opens - timedelta(seconds=1), window=window)
+        assert in_rotation_window(tokens, opens + timedelta(seconds=1), window=window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property tests.
+
+lifetimes = st.integers(min_value=1_000_000, max_value=12 * 3600 * 1_000_000).map(
+    lambda us: timedelta(microseconds=us)
+)
+shares = st.floats(min_value=0.5, max_value=0.9)
+jitters = st.floats(min_value=0.0, max_value=0.1)
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def tokens_with_lifetime(lifetime: timedelta, issued: datetime = T0) -> TokenSet:
+    """Return a token set issued at ``issued`` whose access token lives ``lifetime``."""
+    return TokenSet(
+        access_token=AT,
+        refresh_token=RT,
+        access_expires_at=issued + lifetime,
+        refresh_expires_at=issued + timedelta(days=60),
+        access_issued_at=issued,
+        refresh_issued_at=issued,
+    )
+
+
+class _TopRandom(random.Random):
+    """An rng whose uniform() always returns the top of the range (the backoff's bound)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class _BottomRandom(random.Random):
+    """An rng whose uniform() always returns the bottom of the range."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+FAR = T0 + timedelta(days=365)
+
+
+class TestTimingProperties:
+    @settings(deadline=None, max_examples=200)
+    @given(lifetimes, shares, jitters, seeds)
+    def test_refresh_due_at_lies_strictly_inside_lifetime_and_band(
+        self, lifetime: timedelta, share: float, jitter: float, seed: int
+    ) -> None:
+        """Due time is after issue, before expiry, and within share ± jitter of the life."""
+        tokens = tokens_with_lifetime(lifetime)
+        due = refresh_due_at(tokens, share=share, jitter=jitter, rng=random.Random(seed))
+        assert tokens.access_issued_at < due < tokens.access_expires_at
+        fraction = (due - T0) / lifetime
+        slack = 2e-6  # timedelta rounds to whole microseconds; lifetime >= 1 s
+        assert share - jitter - slack <= fraction <= share + jitter + slack
+
+    @settings(deadline=None, max_examples=200)
+    @given(lifetimes, shares, jitters)
+    def test_is_due_false_after_issue_true_at_expiry(
+        self, lifetime: timedelta, share: float, jitter: float
+    ) -> None:
+        """Not due right after issue; always due at and after expiry."""
+        tokens = tokens_with_lifetime(lifetime)
+        assert not is_due(tokens, T0, share=share, jitter=jitter)
+        assert not is_due(tokens, T0 + lifetime * 0.01, share=share, jitter=jitter)
+        assert is_due(tokens, tokens.access_expires_at, share=share, jitter=jitter)
+        assert is_due(tokens, tokens.access_expires_at + lifetime, share=share, jitter=jitter)
+
+    @settings(deadline=None, max_examples=200)
+    @given(lifetimes, shares, jitters, seeds)
+    def test_is_due_at_every_planned_refresh_time(
+        self, lifetime: timedelta, share: float, jitter: float, seed: int
+    ) -> None:
+        """When the planned refresh time comes, is_due agrees (the tick never skips it)."""
+        tokens = tokens_with_lifetime(lifetime)
+        due = refresh_due_at(tokens, share=share, jitter=jitter, rng=random.Random(seed))
+        assert is_due(tokens, due + timedelta(microseconds=2), share=share, jitter=jitter)
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        attempt=st.integers(min_value=1, max_value=5000),
+        lifetime=lifetimes,
+        elapsed=st.floats(min_value=0.0, max_value=2.0),
+        initial=st.floats(min_value=0.01, max_value=60.0),
+        cap=st.floats(min_value=1.0, max_value=3600.0),
+        seed=seeds,
+    )
+    def test_backoff_bounds(
+        self,
+        attempt: int,
+        lifetime: timedelta,
+        elapsed: float,
+        initial: float,
+        cap: float,
+        seed: int,
+    ) -> None:
+        """Delay is ≥ 0, ≤ cap, and (while time is left) never reaches past expiry."""
+        now = T0 + lifetime * elapsed
+        expires_at = T0 + lifetime
+        delay = backoff_delay(
+            attempt,
+            now=now,
+            expires_at=expires_at,
+            lifetime=lifetime,
+            initial=initial,
+            cap=cap,
+            rng=random.Random(seed),
+        )
+        assert math.isfinite(delay)
+        assert 0.0 <= delay <= cap
+        remaining = (expires_at - now).total_seconds()
+        if remaining > 0:
+            assert delay <= remaining
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        attempt=st.integers(min_value=1, max_value=60),
+        lifetime=lifetimes,
+        initial=st.floats(min_value=0.01, max_value=60.0),
+        cap=st.floats(min_value=1.0, max_value=3600.0),
+    )
+    def test_backoff_upper_bound_grows_until_the_cap(
+        self, attempt: int, lifetime: timedelta, initial: float, cap: float
+    ) -> None:
+        """The delay's upper bound never shrinks with more attempts and doubles until a ceiling."""
+
+        def bound(n: int, rng: random.Random | None = None) -> float:
+            return backoff_delay(
+                n,
+                now=T0,
+                expires_at=FAR,
+                lifetime=lifetime,
+                initial=initial,
+                cap=cap,
+                rng=rng or _TopRandom(),
+            )
+
+        here, there, ceiling = bound(attempt), bound(attempt + 1), bound(10_000)
+        assert here <= there <= ceiling <= cap
+        if there == here:
+            assert here == ceiling  # it only stops growing once it has reached the ceiling
+        else:
+            assert there == pytest.approx(min(2 * here, ceiling))
+        # Full jitter between half and all of the step.
+        assert bound(attempt, _BottomRandom()) == pytest.approx(here / 2)
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        seed=seeds,
+        seconds=st.sampled_from([21599, 21600]),
+        elapsed=st.floats(min_value=0.0, max_value=0.99),
+    )
+    def test_six_hour_token_first_retry_is_5_to_10_seconds(
+        self, seed: int, seconds: int, elapsed: float
+    ) -> None:
+        """With default settings a 6-hour token's first retry waits 5-10 s (before expiry)."""
+        lifetime = timedelta(seconds=seconds)
+        now = T0 + lifetime * elapsed
+        assume((T0 + lifetime - now).total_seconds() > 12)
+        delay = backoff_delay(
+            1, now=now, expires_at=T0 + lifetime, lifetime=lifetime, rng=random.Random(seed)
+        )
+        assert 5.0 <= delay <= 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: arbitrary input raises only our documented errors.
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.just(10**400)
+    | st.floats()  # includes nan/inf, which Python's json module accepts
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+token_strings = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=20
+)
+lifetime_values = st.integers(min_value=-5, max_value=10**9) | json_scalars
+response_keys = st.sampled_from(
+    [
+        "access_token",
+        "token_type",
+        "expires_in",
+        "refresh_token",
+        "refresh_token_expires_in",
+        "scope",
+        "id_token",
+        "other",
+    ]
+)
+arbitrary_bodies = json_values | st.dictionaries(response_keys, json_values, max_size=8)
+near_valid_bodies = st.fixed_dictionaries(
+    {"access_token": token_strings | json_scalars, "expires_in": lifetime_values},
+    optional={
+        "refresh_token": token_strings | st.just(RT) | json_scalars,
+        "refresh_token_expires_in": lifetime_values,
+        "scope": json_scalars,
+        "id_token": json_scalars,
+        "token_type": json_scalars,
+        "unknown": json_values,
+    },
+)
+
+
+def check_merge(body: Any) -> None:
+    """Merge ``body`` into a known set and check the outcome against Kakao's rules."""
+    old = initial_tokens()
+    requested = T0 + timedelta(days=40)
+    try:
+        new, rotated = old.merge_refresh(body, requested_at=requested)
+    except TokenResponseError as exc:
+        assert_no_secret(str(exc))
+        return
+    assert isinstance(new, TokenSet)
+    assert isinstance(body, dict)
+    assert new.access_token == body["access_token"]
+    assert new.access_issued_at == requested
+    assert new.access_expires_at > requested
+    offered = body.get("refresh_token")
+    valid_offer = (
+        isinstance(offered, str) and offered != "" and not any(c.isspace() for c in offered)
+    )
+    if valid_offer:
+        assert new.refresh_token == offered
+    else:
+        # No new usable refresh token: the old one and its old expiry are kept.
+        assert new.refresh_token == RT
+        assert new.refresh_expires_at == old.refresh_expires_at
+    assert rotated is (new.refresh_token != RT)
+    assert isinstance(new.token_type, str)
+    assert new.scope is None or isinstance(new.scope, str)
+    # Whatever came in, the result serialises and reloads.
+    assert TokenSet.from_dict(json.loads(json.dumps(new.to_dict()))).refresh_token == (
+        new.refresh_token
+    )
+
+
+class TestRobustness:
+    @settings(deadline=None, max_examples=200)
+    @given(arbitrary_bodies)
+    def test_merge_refresh_arbitrary_json(self, body: Any) -> None:
+        """Any JSON body → a valid merged set or TokenResponseError; the RT is never lost."""
+        check_merge(body)
+
+    @settings(deadline=None, max_examples=200)
+    @given(near_valid_bodies)
+    def test_merge_refresh_near_valid(self, body: dict[str, Any]) -> None:
+        """Almost-valid bodies merge by the rules or raise TokenResponseError, nothing else."""
+        check_merge(body)
+
+    @settings(deadline=None, max_examples=200)
+    @given(arbitrary_bodies | near_valid_bodies)
+    def test_from_token_response_arbitrary_json(self, body: Any) -> None:
+        """Any login body → a TokenSet with positive lifetimes, or TokenResponseError."""
+        try:
+            tokens = TokenSet.from_token_response(body, requested_at=T0)
+        except TokenResponseError:
+            return
+        assert tokens.access_expires_at > T0 and tokens.refresh_expires_at > T0
+
+    @settings(deadline=None, max_examples=200)
+    @given(json_values)
+    def test_from_dict_arbitrary_json_raises_only_value_error(self, data: Any) -> None:
+        """TokenSet.from_dict on any JSON value raises ValueError or returns a TokenSet."""
+        try:
+            tokens = TokenSet.from_dict(data)
+        except ValueError:
+            return
+        assert isinstance(tokens, TokenSet)
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        st.sampled_from(sorted(initial_tokens().to_dict())) | st.text(max_size=6),
+        json_values,
+    )
+    def test_from_dict_with_one_field_replaced(self, key: str, value: Any) -> None:
+        """Replacing any one field of a valid dict gives ValueError or a valid TokenSet."""
+        data = {**initial_tokens().to_dict(), key: value}
+        try:
+            tokens = TokenSet.from_dict(data)
+        except ValueError:
+            return
+        assert TokenSet.from_dict(tokens.to_dict()) == tokens
