@@ -244,6 +244,7 @@ def test_shipped_units_pass_check_units() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok   verify   system/kakao-tokend.service" in result.stdout
     assert "ok   security system/kakao-tokend.service" in result.stdout
+    assert "ok   security system/kakao-tokend@.service" in result.stdout
     assert "ok   verify   user/kakao-tokend.service" in result.stdout
     assert "ok   sysusers kakao-tokend.sysusers.conf" in result.stdout
 
@@ -278,3 +279,62 @@ def test_check_units_skips_cleanly_without_systemd_analyze(tmp_path: Path) -> No
     )
     assert result.returncode == 0
     assert "skipped: systemd-analyze not available" in result.stdout
+
+
+def unit_settings(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) for every assignment, in order; repeated keys are kept."""
+    section = ""
+    out = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key, value))
+    return out
+
+
+def test_system_unit_has_the_operational_contract() -> None:
+    """The settings the daemon relies on: notify + watchdog, no restart on 78, static user, 0027."""
+    settings = unit_settings(REPO / "systemd" / "kakao-tokend.service")
+    service = {key: value for section, key, value in settings if section == "Service"}
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30s",
+        "Restart": "on-failure",
+        "RestartPreventExitStatus": "78",
+        "User": "kakao-tokend",
+        "Group": "kakao-tokend",
+        "StateDirectoryMode": "0750",
+        "UMask": "0027",
+        "SyslogIdentifier": "kakao-tokend",
+        "ExecStart": "/opt/kakao-tokend/bin/kakao-tokend run",
+    }
+    assert {k: service.get(k) for k in expected} == expected
+    assert "DynamicUser" not in service
+    credentials = [v for s, k, v in settings if k == "LoadCredential"]
+    assert [c.split(":")[0] for c in credentials] == ["rest_api_key", "client_secret"]
+
+
+def test_template_unit_differs_from_the_system_unit_only_per_instance() -> None:
+    """kakao-tokend@.service keeps the same sandbox; only the instance-specific lines differ."""
+    main = unit_settings(REPO / "systemd" / "kakao-tokend.service")
+    template = unit_settings(REPO / "systemd" / "kakao-tokend@.service")
+    per_instance = {
+        "Description",
+        "ExecStart",
+        "ExecReload",
+        "SyslogIdentifier",
+        "RuntimeDirectory",
+    }
+    assert [s for s in main if s[1] not in per_instance] == [
+        s for s in template if s[1] not in per_instance
+    ]
+    assert ("Service", "ExecStart", "/opt/kakao-tokend/bin/kakao-tokend run --account %i") in (
+        template
+    )
+    assert ("Service", "RuntimeDirectory", "kakao-tokend/%i") in template
