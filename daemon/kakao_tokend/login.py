@@ -1,0 +1,368 @@
+"""The interactive first login: PKCE authorize URL, loopback redirect server, code exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import parse_qs, urlsplit
+
+from aiohttp import web
+
+from .config import AccountConfig
+from .errors import KakaoError, KakaoTokendError, StateCorrupt
+from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
+from .state import AccountState
+from .store import AccountStore
+from .tokens import Clock, TokenSet, utcnow
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+Notify = Callable[[str], None]
+
+
+class LoginFailed(KakaoTokendError):
+    """The login did not produce tokens (cancelled, state mismatch, timeout, bad redirect)."""
+
+
+class LoginCancelled(LoginFailed):
+    """The user pressed Cancel on Kakao's consent page (error=access_denied)."""
+
+
+class LoginStateMismatch(LoginFailed):
+    """The redirect's ``state`` is not the one we sent: a stale tab or a forged request."""
+
+
+@dataclass(frozen=True)
+class RedirectTarget:
+    """Where Kakao sends the browser back to, split into what the loopback server needs."""
+
+    uri: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def is_loopback(self) -> bool:
+        """Return True when we can serve the redirect ourselves on this machine."""
+        return self.scheme == "http" and self.host in LOOPBACK_HOSTS
+
+    @classmethod
+    def parse(cls, uri: str) -> RedirectTarget:
+        """Split a redirect URI; raise LoginFailed when it is not an absolute http(s) URL."""
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LoginFailed(
+                f"redirect URI {uri!r} is not an absolute http(s) URL",
+                hint="set kakao.redirect_uri, e.g. http://127.0.0.1:8765/callback",
+            )
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise LoginFailed(f"redirect URI {uri!r} has an invalid port") from None
+        return cls(uri, parts.scheme, parts.hostname, port, parts.path or "/")
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """What a successful login produced, for the CLI to report."""
+
+    state: AccountState
+    user_id: int | None
+    #: Why /v2/user/me could not be called (None when it succeeded).
+    user_me_problem: str | None
+    #: "browser" when the loopback server received the redirect, "pasted" for stdin.
+    via: str
+
+
+def parse_pasted(text: str) -> dict[str, str]:
+    """Turn a pasted redirect URL (or a bare authorization code) into query parameters."""
+    text = text.strip()
+    if not text:
+        return {}
+    if "?" in text or "://" in text or "=" in text:
+        query = urlsplit(text).query if "?" in text else text
+        parsed = parse_qs(query, keep_blank_values=True)
+        return {key: values[-1] for key, values in parsed.items()}
+    return {"code": text}
+
+
+def _page(title: str, message: str, *, ok: bool) -> web.Response:
+    colour = "#1a7f37" if ok else "#b42318"
+    body = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>kakao-tokend: {html.escape(title)}</title></head>"
+        "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'>"
+        f"<h1 style='color:{colour}'>{html.escape(title)}</h1>"
+        f"<p>{html.escape(message)}</p></body></html>"
+    )
+    return web.Response(text=body, content_type="text/html", status=200 if ok else 400)
+
+
+class LoginFlow:
+    """One login attempt: the PKCE pair, the state, and whichever redirect arrives first."""
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        *,
+        scopes: Sequence[str] = (),
+        clock: Clock = utcnow,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        self.account = account
+        self.scopes = tuple(scopes) or account.app.scopes
+        self.clock = clock
+        self.lock_timeout = lock_timeout
+        self.redirect = RedirectTarget.parse(account.app.redirect_uri)
+        self.code_verifier, self.code_challenge = new_pkce_pair()
+        self.state = new_state()
+        self._done: asyncio.Future[LoginResult] | None = None
+        self._busy = asyncio.Lock()
+        self._client: KakaoClient | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def authorize_url(self, client: KakaoClient) -> str:
+        """Return the Kakao authorize URL for this attempt."""
+        return client.authorize_url(
+            state=self.state,
+            code_challenge=self.code_challenge,
+            redirect_uri=self.redirect.uri,
+            scopes=list(self.scopes) or None,
+        )
+
+    async def complete(self, params: Mapping[str, str], *, via: str) -> LoginResult:
+        """Check one redirect's parameters, exchange the code and persist the tokens.
+
+        The first redirect that settles the attempt wins; later ones get LoginFailed. The
+        outcome (result or error) is also handed to whoever waits in :meth:`run`.
+        """
+        async with self._busy:
+            assert self._done is not None and self._client is not None
+            if self._done.done():
+                raise LoginFailed("this login attempt is already finished")
+            try:
+                result = await self._complete(self._client, params, via=via)
+            except KakaoTokendError as exc:
+                self._done.set_exception(exc)
+                raise
+            self._done.set_result(result)
+            return result
+
+    async def _complete(
+        self, client: KakaoClient, params: Mapping[str, str], *, via: str
+    ) -> LoginResult:
+        error = params.get("error")
+        if error:
+            if error == "access_denied":
+                raise LoginCancelled(
+                    "login was cancelled on Kakao's consent page",
+                    hint="run `kakao-tokend login` again and press Agree",
+                )
+            description = params.get("error_description") or "no description"
+            raise LoginFailed(
+                f"Kakao refused the login: {error} ({description})",
+                hint="check the app's Kakao Login settings and the requested scopes",
+            )
+        code = params.get("code")
+        if not code:
+            raise LoginFailed(
+                "the redirect carries no authorization code",
+                hint="paste the whole address the browser was sent to, including ?code=...",
+            )
+        # A pasted bare code carries no state; anything that went through a browser must.
+        if (via == "browser" or "state" in params) and params.get("state") != self.state:
+            raise LoginStateMismatch(
+                "the login answer does not belong to this login attempt (state mismatch)",
+                hint="close old Kakao login tabs and run `kakao-tokend login` again",
+            )
+        tokens = await client.exchange_code(
+            code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
+        )
+        user_id: int | None = None
+        problem: str | None = None
+        # Kakao unlinks users who never call a personal-info API within 24 h of their first
+        # login (kakao-api.md §8), so call /v2/user/me once now.
+        try:
+            me = await client.user_me(tokens.access_token)
+            raw_id = me.get("id")
+            user_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+        except KakaoError as exc:
+            problem = str(exc)
+            log.warning("could not call /v2/user/me after login: %s", exc)
+        state = await asyncio.to_thread(self._persist, tokens, user_id)
+        return LoginResult(state=state, user_id=user_id, user_me_problem=problem, via=via)
+
+    def _persist(self, tokens: TokenSet, user_id: int | None) -> AccountState:
+        store = AccountStore(self.account)
+        now = self.clock()
+        with store.lock(timeout=self.lock_timeout):
+            try:
+                old = store.load()
+            except StateCorrupt:
+                old = None  # moved aside by the store; a fresh login replaces it
+            state = AccountState(
+                account=self.account.name,
+                tokens=tokens,
+                generation=(old.generation + 1) if old else 1,
+                refreshed_at=now,
+                user_id=user_id,
+            )
+            store.save(state)
+            store.publish(state, now=now)
+        return state
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        params = {key: request.query[key] for key in request.query}
+        if not params:
+            return _page(
+                "Waiting for Kakao",
+                "This address is where Kakao sends you after login. "
+                "Open the login URL printed by kakao-tokend instead.",
+                ok=False,
+            )
+        try:
+            await self.complete(params, via="browser")
+        except LoginCancelled:
+            return _page(
+                "Login cancelled",
+                "You cancelled the Kakao login, so no tokens were stored. "
+                "Run `kakao-tokend login` again and press Agree to continue.",
+                ok=False,
+            )
+        except KakaoTokendError as exc:
+            return _page(
+                "Login failed",
+                f"{exc}. Nothing was stored; see the terminal running kakao-tokend.",
+                ok=False,
+            )
+        return _page(
+            "Login succeeded — you can close this window",
+            f"kakao-tokend stored the tokens for account '{self.account.name}'.",
+            ok=True,
+        )
+
+    async def run(
+        self,
+        *,
+        notify: Notify,
+        open_browser: Callable[[str], object] | None = None,
+        stdin: TextIO | None = None,
+        timeout: float = 300.0,
+    ) -> LoginResult:
+        """Show the URL, wait for the redirect (browser or pasted line), return the result.
+
+        ``notify`` receives human-readable lines (the CLI prints them). ``stdin``, when given,
+        is read line by line on a daemon thread; the first non-empty line counts as a pasted
+        redirect URL or bare code.
+        """
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        runner: web.AppRunner | None = None
+        async with create_session() as session:
+            self._client = KakaoClient(session, self.account.app, clock=self.clock)
+            url = self.authorize_url(self._client)
+            try:
+                if self.redirect.is_loopback:
+                    runner = await self._start_server()
+                elif stdin is None:
+                    raise LoginFailed(
+                        f"redirect URI {self.redirect.uri} is not a local http address, "
+                        "so kakao-tokend cannot receive the redirect itself",
+                        hint="use --no-browser and paste the address, or set kakao.redirect_uri "
+                        "to http://127.0.0.1:8765/callback (and register it at Kakao)",
+                    )
+                notify("Open this URL in a browser and log in with Kakao:")
+                notify("")
+                notify(f"  {url}")
+                notify("")
+                if open_browser is not None:
+                    open_browser(url)
+                if runner is not None:
+                    notify(f"Waiting for Kakao to redirect the browser to {self.redirect.uri} ...")
+                if stdin is not None:
+                    if runner is not None:
+                        port = self.redirect.port
+                        notify(
+                            "On a remote server, either forward the port first "
+                            f"(ssh -L {port}:127.0.0.1:{port} server) and open the URL locally,"
+                        )
+                        notify(
+                            "or paste here the address your browser ended up on "
+                            "(or just its code) and press Enter:"
+                        )
+                    else:
+                        notify(
+                            "After logging in, copy the address your browser ended up on "
+                            "(or just its code=... value), paste it here and press Enter:"
+                        )
+                    self._read_stdin(stdin, loop)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(self._done), timeout)
+                except TimeoutError:
+                    raise LoginFailed(
+                        f"no login answer arrived within {int(timeout)} s",
+                        hint="run `kakao-tokend login` again (use --timeout for more time)",
+                    ) from None
+            finally:
+                if runner is not None:
+                    await runner.cleanup()
+                if not self._done.done():
+                    self._done.cancel()
+                self._client = None
+
+    async def _start_server(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get(self.redirect.path, self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host = self.redirect.host.strip("[]")
+        try:
+            await web.TCPSite(runner, host, self.redirect.port, shutdown_timeout=1).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise LoginFailed(
+                f"cannot listen on {self.redirect.host}:{self.redirect.port} for the login "
+                f"redirect: {exc.strerror or exc}",
+                hint="is another `kakao-tokend login` running? otherwise change "
+                "kakao.redirect_uri (and register the new one at Kakao)",
+            ) from None
+        return runner
+
+    def _read_stdin(self, stdin: TextIO, loop: asyncio.AbstractEventLoop) -> None:
+        def deliver(line: str) -> None:
+            if self._done is None or self._done.done():
+                return
+            task = loop.create_task(self._complete_pasted(line))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+        def reader() -> None:
+            # A daemon thread: a blocked readline must not keep the process alive.
+            while True:
+                try:
+                    line = stdin.readline()
+                except (OSError, ValueError):
+                    return
+                if not line:
+                    return
+                if line.strip():
+                    try:
+                        loop.call_soon_threadsafe(deliver, line)
+                    except RuntimeError:
+                        return  # the loop is closed: the login is over
+                    return
+
+        threading.Thread(target=reader, name="login-stdin", daemon=True).start()
+
+    async def _complete_pasted(self, line: str) -> None:
+        with contextlib.suppress(KakaoTokendError):  # already handed to the waiter in run()
+            await self.complete(parse_pasted(line), via="pasted")
