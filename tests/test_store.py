@@ -528,6 +528,79 @@ def test_write_failure_keeps_previous_file(store: AccountStore) -> None:
     assert leftovers(store.state_path.parent) == []
 
 
+FULL_DISK = """
+import json, os, subprocess, sys
+from pathlib import Path
+from kakao_tokend.store import AccountStore
+from kakao_tokend.errors import StoreWriteError
+from kakao_tokend.state import AccountState
+root, kind, state_json = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(root)], check=True)
+store = AccountStore.from_paths("default", state_file=root / "default.state.json")
+state = AccountState.from_dict(json.loads(state_json))
+store.save(state)
+before = store.state_path.read_bytes()
+if kind == "full":
+    fd = os.open(root / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        os.close(fd)
+    state = AccountState.from_dict({**state.to_dict(), "extras": {"big": "y" * 8192}})
+else:
+    subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+try:
+    store.save(state)
+    message = None
+except StoreWriteError as exc:
+    message = str(exc)
+after = store.state_path.read_bytes()
+names = sorted(p.name for p in root.iterdir())
+print(json.dumps({"message": message, "intact": before == after, "names": names}))
+"""
+
+
+def _can_mount_privately() -> bool:
+    if not IS_ROOT:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_privately(), reason="needs a private mount namespace")
+@pytest.mark.parametrize(
+    ("kind", "reason"), [("full", "No space left on device"), ("ro", "Read-only file system")]
+)
+def test_full_or_read_only_file_system(tmp_path: Path, kind: str, reason: str) -> None:
+    """On a full or read-only tmpfs, save() raises a readable StoreWriteError, old file intact."""
+    (tmp_path / "fs").mkdir()
+    result = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            sys.executable,
+            "-c",
+            FULL_DISK,
+            str(tmp_path / "fs"),
+            kind,
+            json.dumps(make_state().to_dict()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    path = tmp_path / "fs" / "default.state.json"
+    assert outcome["message"].startswith(f"cannot write {path}: {reason}")
+    assert outcome["intact"]
+    assert not any(name.startswith(TEMP_PREFIX) for name in outcome["names"])
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run a subprocess as nobody")
 def test_write_to_unwritable_directory(shared_dir: Path) -> None:
     """A directory we may not write to gives a readable StoreWriteError, nothing created."""
