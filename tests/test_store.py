@@ -564,10 +564,11 @@ print(json.dumps({"message": message, "intact": before == after, "names": names}
 def _can_mount_privately() -> bool:
     if not IS_ROOT:
         return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-        capture_output=True,
-    )
+    with tempfile.TemporaryDirectory() as directory:
+        probe = subprocess.run(
+            ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", directory],
+            capture_output=True,
+        )
     return probe.returncode == 0
 
 
