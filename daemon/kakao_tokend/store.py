@@ -513,7 +513,14 @@ class AccountStore:
         return self._gid
 
     def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
-        """Write the token file for other programs, atomically, with the configured mode/group."""
+        """Write the token file for other programs, atomically, with the configured mode/group.
+
+        Consumer contract: every publish replaces the file (new inode) via rename, so a reader
+        sees the old or the new document, never a partial one. An inotify watch on the *file*
+        stays on the old inode and sees no new content; watch the *directory* for
+        ``IN_MOVED_TO`` of the file's name, ignore names starting with ``.``, and re-open the
+        file on each event.
+        """
         document = self.published_document(state, now=now or utcnow())
         data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
         atomic_write(
