@@ -329,12 +329,15 @@ def test_template_unit_differs_from_the_system_unit_only_per_instance() -> None:
         "ExecStart",
         "ExecReload",
         "SyslogIdentifier",
+        "StateDirectory",
         "RuntimeDirectory",
     }
     assert [s for s in main if s[1] not in per_instance] == [
         s for s in template if s[1] not in per_instance
     ]
-    assert ("Service", "ExecStart", "/opt/kakao-tokend/bin/kakao-tokend run --account %i") in (
+    assert ("Service", "ExecStart", "/opt/kakao-tokend/bin/kakao-tokend --account %i run") in (
         template
     )
+    # `run` holds an instance lock per state directory, so instances cannot share one
+    assert ("Service", "StateDirectory", "kakao-tokend/%i") in template
     assert ("Service", "RuntimeDirectory", "kakao-tokend/%i") in template
