@@ -1,0 +1,847 @@
+"""KakaoClient: the only code that talks HTTP to Kakao; maps every failure onto errors.py.
+
+The client is a thin facade over one shared :class:`aiohttp.ClientSession`. Every request gets
+an explicit :class:`aiohttp.ClientTimeout`, the body is always read *before* the outcome is
+classified (Kakao's ``error_code`` decides whether a failure is permanent), and nothing that
+leaves this module is an aiohttp exception.
+
+Failure classification (first matching row wins; U = KakaoUnavailable, amb = ambiguous)::
+
+    where        condition                                          raised as
+    -----------  -------------------------------------------------  ----------------------------
+    transport    connection refused, DNS failure, connect timeout   U(amb=False)
+    transport    TLS/certificate failure                            U(amb=False)
+    transport    invalid URL                                        KakaoConfigError
+    transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
+    any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
+    kauth token  KOE322, KOE320                                     ReloginRequired
+    kauth        KOE010 (client secret), KOE101 (REST API key),     KakaoConfigError (+ hint)
+                 KOE303/KOE006 (redirect URI), KOE001/002/004/005/
+                 007/008/009, KOE201/202, KOE319 (bug)
+    kauth        KOE003 (temporary), KOE237 (rate limit,            U(amb only for 5xx)
+                 retry_after >= 60 s)
+    kauth        no known code, error == invalid_client             KakaoConfigError
+    kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
+    kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
+    kapi         -401 otherwise (token unknown or expired)          AccessTokenRejected, a
+                                                                    ReloginRequired: refresh
+                                                                    once, then it really is one
+    kapi         -101 (not linked), -103 (dormant)                  ReloginRequired
+    kapi         -3 -5 -9 -11 -12 -903                              KakaoConfigError
+    kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx)
+    kapi         -402 (consent), -501, -530..-536 (quotas),         KakaoRequestRejected
+                 -2 -4 -6 -8 -201 -406
+    memo send    any other 400                                      KakaoRequestRejected
+    any          HTTP 5xx without a better code                     U(amb=True)
+    any          HTTP 429 (Retry-After honoured)                    U(amb=False)
+    any          error answer whose body is not JSON                U(amb=True)
+    any          any other error (unknown code)                     U(amb=False), raw code in
+                                                                    the message
+
+``ambiguous`` means the request may have been processed by Kakao (for a refresh: the refresh
+token may have rotated). Messages never contain a token, the client secret, the authorization
+code or the PKCE verifier; Kakao's ``error_description`` is only quoted after those are
+redacted, and never for KOE320 (whose description echoes the code).
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+from urllib.parse import urlencode
+
+import aiohttp
+from yarl import URL
+
+from . import __version__
+from .config import KakaoApp
+from .errors import (
+    KakaoConfigError,
+    KakaoError,
+    KakaoRequestRejected,
+    KakaoUnavailable,
+    ReloginRequired,
+)
+from .tokens import Clock, TokenResponseError, TokenSet, fingerprint, utcnow
+
+__all__ = [
+    "AccessTokenInfo",
+    "AccessTokenRejected",
+    "KakaoClient",
+    "create_session",
+    "new_pkce_pair",
+    "new_state",
+]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"kakao-tokend/{__version__}"
+
+TOKEN_PATH = "/oauth/token"
+AUTHORIZE_PATH = "/oauth/authorize"
+TOKEN_INFO_PATH = "/v1/user/access_token_info"
+USER_ME_PATH = "/v2/user/me"
+LOGOUT_PATH = "/v1/user/logout"
+UNLINK_PATH = "/v1/user/unlink"
+MEMO_PATH = "/v2/api/talk/memo/default/send"
+
+#: Kakao's limit for the text of a text template.
+MEMO_TEXT_LIMIT = 200
+#: Minimum back-off after KOE237 (token issuance rate limit; windows are 10 and 60 minutes).
+RATE_LIMIT_RETRY_AFTER = 60.0
+#: Longest piece of Kakao's own error text we quote.
+_QUOTE_LIMIT = 160
+
+LOGIN_HINT = "run `kakao-tokend login` to authorise again"
+
+
+class AccessTokenRejected(ReloginRequired):
+    """kapi answered -401 for an unknown or expired access token.
+
+    Callers holding a refresh token should refresh once and retry; if the fresh access token
+    is rejected too, treat it as the :class:`ReloginRequired` it derives from.
+    """
+
+
+def new_pkce_pair() -> tuple[str, str]:
+    """Return a fresh PKCE (code_verifier, S256 code_challenge) pair (RFC 7636)."""
+    verifier = secrets.token_urlsafe(64)  # 86 characters from the unreserved set
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return verifier, challenge
+
+
+def new_state() -> str:
+    """Return a fresh, unguessable OAuth ``state`` value."""
+    return secrets.token_urlsafe(24)
+
+
+def create_session() -> aiohttp.ClientSession:
+    """Create the process-wide HTTP session; call inside a running event loop.
+
+    The connector uses the threaded (getaddrinfo) resolver on purpose, even if aiodns happens
+    to be installed, so /etc/hosts and systemd-resolved are honoured and no c-ares cache can
+    serve stale addresses. There is no session-level ``raise_for_status``: the body decides.
+    """
+    connector = aiohttp.TCPConnector(
+        resolver=aiohttp.ThreadedResolver(),
+        limit=10,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": USER_AGENT},
+        timeout=aiohttp.ClientTimeout(total=30, connect=10),
+        raise_for_status=False,
+    )
+
+
+@dataclass(frozen=True)
+class AccessTokenInfo:
+    """What ``/v1/user/access_token_info`` says about an access token."""
+
+    user_id: int
+    #: Seconds the access token remains valid, counted from the answer.
+    expires_in: int
+    app_id: int | None
+
+
+# --- classification tables ----------------------------------------------------------------
+
+_KOE_RELOGIN: dict[str, str] = {
+    "KOE320": "the authorization code is unknown, already used or expired",
+    "KOE322": "the refresh token is expired, revoked or was replaced by a rotation",
+}
+
+_REDIRECT_HINT = (
+    "the redirect URI must exactly match one registered for the REST API key in the Kakao "
+    "developer console (App > Platform keys > REST API key > Redirect URI), and the same value "
+    "must be used for authorize and token requests"
+)
+
+_KOE_CONFIG: dict[str, tuple[str, str | None]] = {
+    "KOE001": ("malformed authorization request", None),
+    "KOE002": ("wrong authorization URL or parameters", None),
+    "KOE004": (
+        "Kakao Login is not enabled for this app",
+        "turn Kakao Login on in the Kakao developer console",
+    ),
+    "KOE005": (
+        "the app is in test mode and this user is not a team member",
+        "add the user as a team member or publish the app",
+    ),
+    "KOE006": ("the redirect URI is not registered", _REDIRECT_HINT),
+    "KOE007": ("the logout redirect URI is not registered", None),
+    "KOE008": ("the app key is not a REST API key", "use the app's REST API key as rest_api_key"),
+    "KOE009": (
+        "the platform settings do not match this client",
+        "check the platform settings of the app in the Kakao developer console",
+    ),
+    "KOE010": (
+        "the client secret is missing or wrong",
+        "check client_secret, and whether Client Secret is ON or OFF for the REST API key in the "
+        "Kakao developer console (a regenerated secret must be copied again)",
+    ),
+    "KOE101": (
+        "the REST API key (client_id) is unknown",
+        "check rest_api_key: it must be the app's REST API key from the Kakao developer console",
+    ),
+    "KOE201": ("unsupported response_type", "this is a bug in kakao-tokend; please report it"),
+    "KOE202": (
+        "implicit grant is not supported",
+        "this is a bug in kakao-tokend; please report it",
+    ),
+    "KOE303": ("the redirect URI differs from the one used to authorise", _REDIRECT_HINT),
+    "KOE319": (
+        "the refresh request carried no refresh token",
+        "this is a bug in kakao-tokend; please report it",
+    ),
+}
+
+_KOE_UNAVAILABLE: dict[str, str] = {
+    "KOE003": "temporary Kakao authorization server error",
+    "KOE237": "token issuance rate limit exceeded",
+}
+
+_KAPI_RELOGIN: dict[int, tuple[str, str]] = {
+    -101: ("the user is not linked to this app (unlinked)", LOGIN_HINT),
+    -103: (
+        "the Kakao account is dormant or no longer exists",
+        "the user must reactivate the Kakao account, then run `kakao-tokend login`",
+    ),
+}
+
+_KAPI_CONFIG: dict[int, str] = {
+    -3: "a required feature or setting is not enabled for this app",
+    -5: "the app has no permission for this API",
+    -9: "this API has been discontinued",
+    -11: "the paid-API spending limit has been reached",
+    -12: "the app or its developer is sanctioned",
+    -903: "the app key belongs to an unregistered developer",
+}
+
+_KAPI_UNAVAILABLE: dict[int, str] = {
+    -1: "temporary Kakao internal error",
+    -7: "Kakao service maintenance or internal problem",
+    -10: "API call quota exceeded",
+    -603: "Kakao internal timeout",
+    -9798: "Kakao service maintenance",
+}
+
+_CONSENT_HINT = (
+    "log in again granting the Kakao Talk message consent: "
+    "`kakao-tokend login --scope talk_message`"
+)
+
+_KAPI_REJECTED: dict[int, tuple[str, str | None]] = {
+    -2: ("bad or missing request parameter", None),
+    -4: ("the Kakao account is restricted from this action", None),
+    -6: ("the action is not allowed", None),
+    -8: ("invalid request header", None),
+    -201: ("unknown user property key", None),
+    -402: ("the user has not consented to this API", _CONSENT_HINT),
+    -406: ("the app does not allow users under 14", None),
+    -501: ("the user is not a Kakao Talk user", None),
+    -530: ("the recipient refuses messages", None),
+    -531: ("monthly message quota exceeded", None),
+    -532: ("daily sender message quota exceeded", None),
+    -533: ("daily recipient message quota exceeded", None),
+    -534: ("message quota exceeded", None),
+    -535: ("message quota exceeded", None),
+    -536: ("daily sender/recipient message quota exceeded", None),
+}
+
+_CONFIG_401_MARKERS = ("mismatched", "deactivated")
+
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b(code|token|access_token|refresh_token|client_secret|secret|code_verifier|verifier)"
+    r"(\s*[=:]\s*)\S+"
+)
+
+
+def _redact(text: str, secrets_: Sequence[str]) -> str:
+    """Remove every sent secret and ``name=value`` secret from Kakao's text; shorten it."""
+    for secret in secrets_:
+        if secret:
+            text = text.replace(secret, fingerprint(secret))
+    text = _SECRET_ASSIGNMENT.sub(r"\1\2<redacted>", text)
+    text = " ".join(text.split())
+    if len(text) > _QUOTE_LIMIT:
+        text = text[: _QUOTE_LIMIT - 1] + "…"
+    return text
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Parse a Retry-After header (delta-seconds or HTTP date) into seconds, or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _as_int(value: Any) -> int | None:
+    """Return ``value`` as an int if it is an int or an integral string, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class _Response:
+    """A fully read HTTP answer."""
+
+    status: int
+    content_type: str
+    body: bytes
+    headers: Mapping[str, str]
+
+    def json_object(self) -> dict[str, Any] | None:
+        """Return the body as a JSON object, or None if it is not one."""
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def describe_body(self) -> str:
+        """Describe a body we could not use, without quoting it."""
+        kind = self.content_type or "no content type"
+        return f"{kind}, {len(self.body)} bytes"
+
+
+class KakaoClient:
+    """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, app: KakaoApp, *, clock: Clock = utcnow
+    ) -> None:
+        self._session = session
+        self._app = app
+        self._clock = clock
+
+    @property
+    def app(self) -> KakaoApp:
+        """Return the app configuration this client uses."""
+        return self._app
+
+    # --- kauth ------------------------------------------------------------------------------
+
+    def authorize_url(
+        self,
+        *,
+        state: str,
+        code_challenge: str,
+        redirect_uri: str | None = None,
+        scopes: Sequence[str] | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        """Return the URL a person opens to log in and consent (authorization code + PKCE).
+
+        ``scopes`` defaults to the app's configured scopes; ``None`` or empty sends no
+        ``scope`` parameter (Kakao then asks for the consent items set in the console).
+        """
+        params: dict[str, str] = {
+            "client_id": self._app.rest_api_key,
+            "redirect_uri": redirect_uri or self._app.redirect_uri,
+            "response_type": "code",
+            "state": state,
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+        }
+        wanted = self._app.scopes if scopes is None else scopes
+        if wanted:
+            params["scope"] = ",".join(wanted)
+        if prompt:
+            params["prompt"] = prompt
+        return f"{self._base(self._app.auth_url)}{AUTHORIZE_PATH}?{urlencode(params)}"
+
+    async def exchange_code(
+        self, *, code: str, code_verifier: str, redirect_uri: str | None = None
+    ) -> TokenSet:
+        """Exchange an authorization code for a token set (expiries count from the send time)."""
+        form = {
+            "grant_type": "authorization_code",
+            "client_id": self._app.rest_api_key,
+            "redirect_uri": redirect_uri or self._app.redirect_uri,
+            "code": code,
+            "code_verifier": code_verifier,
+        }
+        if self._app.client_secret:
+            form["client_secret"] = self._app.client_secret
+        requested_at = self._clock()
+        body = await self._token_request(form, secrets_=(code, code_verifier))
+        try:
+            return TokenSet.from_token_response(body, requested_at=requested_at)
+        except TokenResponseError as exc:
+            raise self._bad_token_body(exc) from None
+
+    async def refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
+        """Refresh the access token; return (merged token set, whether the refresh rotated)."""
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": self._app.rest_api_key,
+            "refresh_token": tokens.refresh_token,
+        }
+        if self._app.client_secret:
+            form["client_secret"] = self._app.client_secret
+        requested_at = self._clock()
+        body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
+        try:
+            return tokens.merge_refresh(body, requested_at=requested_at)
+        except TokenResponseError as exc:
+            raise self._bad_token_body(exc) from None
+
+    # --- kapi -------------------------------------------------------------------------------
+
+    async def access_token_info(self, access_token: str) -> AccessTokenInfo:
+        """Ask Kakao whether an access token is valid and for how long."""
+        body = await self._kapi("GET", TOKEN_INFO_PATH, access_token)
+        user_id = _as_int(body.get("id"))
+        expires_in = _as_int(body.get("expires_in"))
+        if user_id is None or expires_in is None:
+            raise self._missing_fields(TOKEN_INFO_PATH, "id, expires_in")
+        return AccessTokenInfo(
+            user_id=user_id, expires_in=expires_in, app_id=_as_int(body.get("app_id"))
+        )
+
+    async def user_me(self, access_token: str) -> dict[str, Any]:
+        """Return the user's ``/v2/user/me`` document (at least ``id``)."""
+        body = await self._kapi("GET", USER_ME_PATH, access_token)
+        if _as_int(body.get("id")) is None:
+            raise self._missing_fields(USER_ME_PATH, "id")
+        return body
+
+    async def logout(self, access_token: str) -> int:
+        """Expire this token set at Kakao; return the user id."""
+        return await self._id_call(LOGOUT_PATH, access_token)
+
+    async def unlink(self, access_token: str) -> int:
+        """Unlink the user from the app (revokes every token); return the user id."""
+        return await self._id_call(UNLINK_PATH, access_token)
+
+    async def send_to_me(
+        self, access_token: str, text: str, *, link_url: str | None = None
+    ) -> None:
+        """Send a text message to the user's own Kakao Talk chat ("send to me")."""
+        if len(text) > MEMO_TEXT_LIMIT:
+            text = text[: MEMO_TEXT_LIMIT - 1] + "…"
+        link: dict[str, str] = {}
+        if link_url:
+            link = {"web_url": link_url, "mobile_web_url": link_url}
+        template = {"object_type": "text", "text": text, "link": link}
+        form = {"template_object": json.dumps(template, ensure_ascii=False)}
+        body = await self._kapi("POST", MEMO_PATH, access_token, data=form)
+        result = _as_int(body.get("result_code"))
+        if result not in (None, 0):
+            raise KakaoRequestRejected(
+                f"Kakao did not deliver the message ({MEMO_PATH} result_code {result})",
+                endpoint=MEMO_PATH,
+                status=200,
+                code=str(result),
+            )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _base(url: str) -> str:
+        return url.rstrip("/")
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        total = self._app.timeout
+        return aiohttp.ClientTimeout(
+            total=total, connect=min(self._app.connect_timeout, total), sock_read=total
+        )
+
+    async def _id_call(self, path: str, access_token: str) -> int:
+        body = await self._kapi("POST", path, access_token)
+        user_id = _as_int(body.get("id"))
+        if user_id is None:
+            raise self._missing_fields(path, "id")
+        return user_id
+
+    async def _send(
+        self,
+        method: str,
+        base: str,
+        path: str,
+        *,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> _Response:
+        """Send one request and read the whole answer; map transport failures."""
+        url = URL(self._base(base) + path)
+        started = time.monotonic()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=self._timeout(),
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                answer = _Response(
+                    status=resp.status,
+                    content_type=resp.content_type if resp.content_type else "",
+                    body=body,
+                    headers={k: v for k, v in resp.headers.items()},
+                )
+        except (aiohttp.ClientError, OSError) as exc:  # OSError includes builtin TimeoutError
+            elapsed = time.monotonic() - started
+            log.debug("%s %s failed after %.3fs: %s", method, path, elapsed, type(exc).__name__)
+            raise self._transport_error(exc, path, elapsed) from None
+        log.debug("%s %s -> %d in %.3fs", method, path, answer.status, time.monotonic() - started)
+        return answer
+
+    def _transport_error(self, exc: BaseException, path: str, elapsed: float) -> KakaoError:
+        """Map an aiohttp/OS exception to our error types (never quoting the URL's query)."""
+        name = type(exc).__name__
+        if isinstance(exc, aiohttp.InvalidURL):
+            return KakaoConfigError(
+                f"invalid Kakao URL for {path}",
+                endpoint=path,
+                hint="check auth_url / api_url in the configuration",
+            )
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return KakaoUnavailable(
+                f"could not connect to Kakao for {path} within {self._app.connect_timeout:g}s",
+                endpoint=path,
+                code="connect-timeout",
+                ambiguous=False,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            return KakaoUnavailable(
+                f"could not resolve Kakao's host name for {path} ({name})",
+                endpoint=path,
+                code="dns",
+                ambiguous=False,
+                hint="check DNS and network connectivity",
+            )
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return KakaoUnavailable(
+                f"TLS handshake with Kakao failed for {path} ({name})",
+                endpoint=path,
+                code="tls",
+                ambiguous=False,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            reason = exc.os_error.strerror or type(exc.os_error).__name__
+            return KakaoUnavailable(
+                f"could not connect to Kakao for {path}: {reason}",
+                endpoint=path,
+                code="connect",
+                ambiguous=False,
+            )
+        if isinstance(exc, TimeoutError):  # total or sock_read timeout: the request was out
+            return KakaoUnavailable(
+                f"Kakao did not answer {path} within {elapsed:.1f}s",
+                endpoint=path,
+                code="timeout",
+                ambiguous=True,
+            )
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return KakaoUnavailable(
+                f"Kakao's answer to {path} was cut off ({name})",
+                endpoint=path,
+                code="truncated",
+                ambiguous=True,
+            )
+        return KakaoUnavailable(
+            f"connection to Kakao lost during {path} ({name})",
+            endpoint=path,
+            code="disconnected",
+            ambiguous=True,
+        )
+
+    async def _token_request(
+        self, form: Mapping[str, str], *, secrets_: Sequence[str]
+    ) -> dict[str, Any]:
+        """POST to the token endpoint; return the JSON object of a 200 answer."""
+        answer = await self._send("POST", self._app.auth_url, TOKEN_PATH, data=form)
+        body = answer.json_object()
+        if answer.status == 200:
+            if body is None:
+                raise self._bad_body(TOKEN_PATH, answer)
+            return body
+        self._raise_kauth_error(answer, body, secrets_=secrets_)
+
+    async def _kapi(
+        self,
+        method: str,
+        path: str,
+        access_token: str,
+        *,
+        data: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Call a kapi endpoint with a bearer token; return the JSON object of a 200 answer."""
+        answer = await self._send(
+            method,
+            self._app.api_url,
+            path,
+            data=data,
+            headers={"Authorization": f"Bearer {access_token}"},
+        )
+        body = answer.json_object()
+        if answer.status == 200:
+            if body is None:
+                raise self._bad_body(path, answer)
+            return body
+        self._raise_kapi_error(path, answer, body, secrets_=(access_token,))
+
+    # --- error construction -----------------------------------------------------------------
+
+    def _secrets(self, extra: Sequence[str]) -> tuple[str, ...]:
+        return (*extra, self._app.client_secret or "", self._app.rest_api_key)
+
+    @staticmethod
+    def _bad_body(path: str, answer: _Response) -> KakaoUnavailable:
+        return KakaoUnavailable(
+            f"Kakao answered {path} with HTTP {answer.status} but an unusable body "
+            f"({answer.describe_body()})",
+            endpoint=path,
+            status=answer.status,
+            code="bad-body",
+            ambiguous=True,
+        )
+
+    @staticmethod
+    def _missing_fields(path: str, fields: str) -> KakaoUnavailable:
+        return KakaoUnavailable(
+            f"Kakao's answer to {path} lacks expected fields ({fields})",
+            endpoint=path,
+            status=200,
+            code="bad-body",
+            ambiguous=True,
+        )
+
+    @staticmethod
+    def _bad_token_body(exc: TokenResponseError) -> KakaoUnavailable:
+        return KakaoUnavailable(
+            f"Kakao's token response is unusable: {exc}",
+            endpoint=TOKEN_PATH,
+            status=200,
+            code="bad-body",
+            ambiguous=True,
+        )
+
+    def _status_fallback(
+        self, path: str, answer: _Response, what: str, code: str | None
+    ) -> KakaoError:
+        """Classify an error answer that no known code explains, by its HTTP status."""
+        status = answer.status
+        if status >= 500:
+            return KakaoUnavailable(
+                f"Kakao server error on {path}: HTTP {status}{what}",
+                endpoint=path,
+                status=status,
+                code=code,
+                ambiguous=True,
+            )
+        if status == 429:
+            return KakaoUnavailable(
+                f"Kakao rate-limited {path}: HTTP 429{what}",
+                endpoint=path,
+                status=status,
+                code=code,
+                retry_after=_parse_retry_after(answer.headers.get("Retry-After")),
+            )
+        return KakaoUnavailable(
+            f"unexpected Kakao error on {path}: HTTP {status}{what}",
+            endpoint=path,
+            status=status,
+            code=code,
+            ambiguous=False,
+        )
+
+    def _raise_kauth_error(
+        self, answer: _Response, body: dict[str, Any] | None, *, secrets_: Sequence[str]
+    ) -> NoReturn:
+        path = TOKEN_PATH
+        status = answer.status
+        if body is None:
+            if status < 500 and status != 429:
+                raise KakaoUnavailable(
+                    f"Kakao answered {path} with HTTP {status} and a non-JSON body "
+                    f"({answer.describe_body()})",
+                    endpoint=path,
+                    status=status,
+                    code="bad-body",
+                    ambiguous=True,
+                )
+            raise self._status_fallback(path, answer, f" ({answer.describe_body()})", None)
+        code = body.get("error_code") if isinstance(body.get("error_code"), str) else None
+        error = body.get("error") if isinstance(body.get("error"), str) else None
+        raw_description = body.get("error_description")
+        description = ""
+        if isinstance(raw_description, str) and raw_description and code not in _KOE_RELOGIN:
+            # KOE320's description echoes the authorization code; ours says it better anyway.
+            description = _redact(raw_description, self._secrets(secrets_))
+        quoted = f': "{description}"' if description else ""
+        label = code or error or f"http{status}"
+
+        if code in _KOE_RELOGIN:
+            raise ReloginRequired(
+                f"Kakao refused the token request ({code}): {_KOE_RELOGIN[code]}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint=LOGIN_HINT,
+            )
+        if code in _KOE_CONFIG:
+            meaning, hint = _KOE_CONFIG[code]
+            raise KakaoConfigError(
+                f"Kakao refused the token request ({code}): {meaning}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint=hint,
+            )
+        if code in _KOE_UNAVAILABLE:
+            retry_after = _parse_retry_after(answer.headers.get("Retry-After"))
+            if code == "KOE237":
+                retry_after = max(retry_after or 0.0, RATE_LIMIT_RETRY_AFTER)
+            raise KakaoUnavailable(
+                f"Kakao could not issue tokens now ({code}): {_KOE_UNAVAILABLE[code]}",
+                endpoint=path,
+                status=status,
+                code=code,
+                ambiguous=status >= 500,
+                retry_after=retry_after,
+            )
+        if status >= 500 or status == 429:
+            raise self._status_fallback(path, answer, f" ({label}){quoted}", code)
+        if error == "invalid_client":
+            raise KakaoConfigError(
+                f"Kakao rejected the client credentials ({label}){quoted}",
+                endpoint=path,
+                status=status,
+                code=code or error,
+                hint=_KOE_CONFIG["KOE010"][1],
+            )
+        if error == "invalid_grant":
+            raise ReloginRequired(
+                f"Kakao refused the grant ({label}){quoted}",
+                endpoint=path,
+                status=status,
+                code=code or error,
+                hint=LOGIN_HINT,
+            )
+        raise self._status_fallback(path, answer, f" ({label}){quoted}", code or error)
+
+    def _raise_kapi_error(
+        self,
+        path: str,
+        answer: _Response,
+        body: dict[str, Any] | None,
+        *,
+        secrets_: Sequence[str],
+    ) -> NoReturn:
+        status = answer.status
+        if body is None:
+            if status < 500 and status != 429:
+                raise KakaoUnavailable(
+                    f"Kakao answered {path} with HTTP {status} and a non-JSON body "
+                    f"({answer.describe_body()})",
+                    endpoint=path,
+                    status=status,
+                    code="bad-body",
+                    ambiguous=True,
+                )
+            raise self._status_fallback(path, answer, f" ({answer.describe_body()})", None)
+        number = _as_int(body.get("code"))
+        raw_msg = body.get("msg")
+        msg = _redact(raw_msg, self._secrets(secrets_)) if isinstance(raw_msg, str) else ""
+        quoted = f': "{msg}"' if msg else ""
+        code = str(number) if number is not None else None
+
+        if number == -401:
+            lowered = msg.lower()
+            if any(marker in lowered for marker in _CONFIG_401_MARKERS):
+                raise KakaoConfigError(
+                    f"Kakao rejected the app for {path} (-401){quoted}",
+                    endpoint=path,
+                    status=status,
+                    code=code,
+                    hint="check the app key, allowed IPs and platform settings in the Kakao "
+                    "developer console; refreshing tokens will not help",
+                )
+            raise AccessTokenRejected(
+                f"Kakao rejected the access token for {path} (-401){quoted}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint="refresh the access token once; if that fails too, " + LOGIN_HINT,
+            )
+        if number in _KAPI_RELOGIN:
+            meaning, hint = _KAPI_RELOGIN[number]
+            raise ReloginRequired(
+                f"Kakao refused {path} ({number}): {meaning}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint=hint,
+            )
+        if number in _KAPI_CONFIG:
+            raise KakaoConfigError(
+                f"Kakao refused {path} ({number}): {_KAPI_CONFIG[number]}{quoted}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint="check the app's settings in the Kakao developer console",
+            )
+        if number in _KAPI_UNAVAILABLE:
+            raise KakaoUnavailable(
+                f"Kakao could not serve {path} now ({number}): {_KAPI_UNAVAILABLE[number]}",
+                endpoint=path,
+                status=status,
+                code=code,
+                ambiguous=status >= 500,
+                retry_after=_parse_retry_after(answer.headers.get("Retry-After")),
+            )
+        if number in _KAPI_REJECTED:
+            reason, advice = _KAPI_REJECTED[number]
+            raise KakaoRequestRejected(
+                f"Kakao refused {path} ({number}): {reason}{quoted}",
+                endpoint=path,
+                status=status,
+                code=code,
+                hint=advice,
+            )
+        if status >= 500 or status == 429:
+            raise self._status_fallback(path, answer, f" ({code or 'no code'}){quoted}", code)
+        if path == MEMO_PATH and status == 400:
+            raise KakaoRequestRejected(
+                f"Kakao refused the message ({code or 'no code'}){quoted}",
+                endpoint=path,
+                status=status,
+                code=code,
+            )
+        raise self._status_fallback(path, answer, f" ({code or 'no code'}){quoted}", code)
