@@ -169,8 +169,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None
                 ) from None
         _write_all(fd, data)
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        closing, fd = fd, -1
+        os.close(closing)  # may report a deferred write error (NFS)
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(directory)
@@ -459,11 +459,18 @@ class AccountStore:
                     hint=f"move it away by hand, then run `kakao-tokend login --account "
                     f"{self.name}`",
                 ) from None
-            if os.stat(target).st_ino != inode:
-                # Another writer replaced the file after we read it: that one is not ours.
-                os.unlink(target)
-                return None
-            os.unlink(path)
+            try:
+                if os.stat(target).st_ino != inode:
+                    # Another writer replaced the file after we read it: that one is not ours.
+                    os.unlink(target)
+                    return None
+                os.unlink(path)
+            except OSError as exc:
+                raise StoreError(
+                    f"state file {path} is damaged; a copy is in {target} but the original "
+                    f"could not be removed: {exc.strerror or exc}",
+                    hint=f"remove it by hand, then run `kakao-tokend login --account {self.name}`",
+                ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)
             return target
