@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -681,3 +682,44 @@ async def test_running_emulator_custom_settings() -> None:
     async with aiohttp.ClientSession() as session:
         with pytest.raises(aiohttp.ClientConnectionError):
             await session.get(url + "/_emulator/stats")
+
+
+async def test_account_flags_over_control_api(kakao: Kakao) -> None:
+    """Dormant and sanctioned flags set over HTTP turn kapi answers into -103 and -4."""
+    token = kakao.emu.issue_tokens()["access_token"]
+    path = f"/_emulator/users/{DEFAULT_USER_ID}/flags"
+    await kakao.control("POST", path, {"dormant": True})
+    assert (await kakao.api("/v2/user/me", token))[1]["code"] == -103
+    await kakao.control("POST", path, {"dormant": False, "sanctioned": True})
+    status, body, _ = await kakao.api("/v2/user/me", token)
+    assert (status, body["code"]) == (403, -4)
+    status, users = await kakao.control("POST", "/_emulator/users", {"name": "dave"})
+    assert status == 201 and users["name"] == "dave" and not users["linked"]
+
+
+async def test_serve_emulator_process() -> None:
+    """serve_emulator runs in its own process, announces its URL, serves, and exits on SIGTERM."""
+    code = (
+        "import sys; from kakao_tokend.emulator import serve_emulator; "
+        "serve_emulator('127.0.0.1', 0, announce=lambda line: print(line, flush=True))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", banner)
+        assert match, banner
+        assert "client_id=emulator-rest-key" in banner
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(match.group(1) + "/_emulator/stats") as resp,
+        ):
+            assert resp.status == 200
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
