@@ -470,6 +470,12 @@ class _Checker:
             account = self.account(name, prefix, table, kakao, publish, state_dir)
             if account is not None:
                 accounts[name] = account
+        if not account_tables:
+            # No usable account to check them through: still report bad global values.
+            self.kakao_app(
+                _overlay(kakao, "kakao", {}, ""), missing_prefix="kakao", require_key=False
+            )
+            self.publish_settings(_overlay(publish, "publish", {}, ""))
         self.check_distinct_files()
 
         default_account = self.default_account(raw, list(account_tables))
@@ -541,7 +547,11 @@ class _Checker:
                 f"must be smaller than refresh.refresh_at "
                 f"({policy.refresh_at:.0%}), got {policy.jitter:.0%}",
             )
-        if not bad & {"jitter", "refresh_at"} and policy.refresh_at + policy.jitter >= 1:
+        if (
+            not bad & {"jitter", "refresh_at"}
+            and policy.refresh_at <= 0.95
+            and policy.refresh_at + policy.jitter >= 1
+        ):
             self.problem(
                 "refresh.jitter",
                 "refresh.refresh_at + refresh.jitter must stay "
@@ -615,13 +625,8 @@ class _Checker:
             _overlay(kakao, "kakao", own_kakao, f"{prefix}.kakao"),
             missing_prefix=f"{prefix}.kakao" if prefix else "kakao",
         )
-        settings = _overlay(publish, "publish", own_publish, f"{prefix}.publish")
-        mode = self.mode(*settings["mode"]) if "mode" in settings else 0o640
-        group = self.group(*settings["group"]) if "group" in settings else None
-        include = (
-            self.boolean(*settings["include_refresh_token"])
-            if "include_refresh_token" in settings
-            else False
+        mode, group, include = self.publish_settings(
+            _overlay(publish, "publish", own_publish, f"{prefix}.publish")
         )
         files: dict[str, Path | None] = {}
         for kind, suffix in _FILE_KINDS:
@@ -647,6 +652,18 @@ class _Checker:
             token_file_group=group,
             include_refresh_token=include,
         )
+
+    def publish_settings(
+        self, settings: Mapping[str, _Setting]
+    ) -> tuple[int | None, str | None, bool | None]:
+        mode = self.mode(*settings["mode"]) if "mode" in settings else 0o640
+        group = self.group(*settings["group"]) if "group" in settings else None
+        include = (
+            self.boolean(*settings["include_refresh_token"])
+            if "include_refresh_token" in settings
+            else False
+        )
+        return mode, group, include
 
     def check_distinct_files(self) -> None:
         """Two accounts (or two roles) sharing a file would overwrite each other's tokens."""
@@ -679,10 +696,10 @@ class _Checker:
     # -- [kakao] ------------------------------------------------------------------------------
 
     def kakao_app(
-        self, settings: Mapping[str, _Setting], *, missing_prefix: str
+        self, settings: Mapping[str, _Setting], *, missing_prefix: str, require_key: bool = True
     ) -> KakaoApp | None:
         key, key_source = self.secret(
-            settings, "rest_api_key", missing_prefix=missing_prefix, required=True
+            settings, "rest_api_key", missing_prefix=missing_prefix, required=require_key
         )
         secret, secret_source = self.secret(
             settings, "client_secret", missing_prefix=missing_prefix, required=False
@@ -735,7 +752,8 @@ class _Checker:
         self, settings: Mapping[str, _Setting], name: str, *, missing_prefix: str, required: bool
     ) -> tuple[str | None, str | None]:
         """Resolve one secret from exactly one of X, X_file, X_env, X_credential."""
-        given = [(name + s, settings[name + s]) for s in _SECRET_SUFFIXES if name + s in settings]
+        sources = {name + suffix for suffix in _SECRET_SUFFIXES}
+        given = [(key, setting) for key, setting in settings.items() if key in sources]
         if len(given) > 1:
             keys = " and ".join(key for key, _ in given)
             self.problem(given[1][1][1], f"{keys} are both set; give only one source for {name}")
