@@ -77,39 +77,67 @@ class AccountState:
         if not isinstance(data, Mapping):
             raise ValueError("state is not a JSON object")
         version = data.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(f"unsupported state version {version!r} (expected {STATE_VERSION})")
+        # bool is an int subclass and 1.0 == 1: both would slip past a plain comparison.
+        if type(version) is not int or version != STATE_VERSION:
+            shown = repr(version) if type(version) is int else type(version).__name__
+            raise ValueError(f"unsupported state version {shown} (expected {STATE_VERSION})")
         account = data.get("account")
         if not isinstance(account, str) or not account:
-            raise ValueError("'account' is missing")
+            raise ValueError("'account' is missing or not a non-empty string")
         generation = data.get("generation", 1)
         if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
             raise ValueError("'generation' must be a non-negative integer")
-        rotations_raw = data.get("rotations") or []
+        rotations_raw = data.get("rotations")
+        if rotations_raw is None:
+            rotations_raw = []
         if not isinstance(rotations_raw, list):
             raise ValueError("'rotations' must be a list")
         rotations = []
-        for item in rotations_raw:
+        for index, item in enumerate(rotations_raw):
             if not isinstance(item, Mapping) or not isinstance(item.get("fingerprint"), str):
-                raise ValueError("a rotation entry is malformed")
-            rotations.append(Rotation(parse_time(item["at"]), item["fingerprint"]))
-        refreshed = data.get("refreshed_at")
+                raise ValueError(f"rotation entry {index} is malformed (needs at, fingerprint)")
+            rotations.append(
+                Rotation(_time(item, "at", f"rotation entry {index}"), item["fingerprint"])
+            )
         reason = data.get("relogin_reason")
         user_id = data.get("user_id")
-        extras = data.get("extras") or {}
+        extras = data.get("extras")
+        if extras is None:
+            extras = {}
         if reason is not None and not isinstance(reason, str):
             raise ValueError("'relogin_reason' must be a string")
         if user_id is not None and (isinstance(user_id, bool) or not isinstance(user_id, int)):
             raise ValueError("'user_id' must be an integer")
         if not isinstance(extras, Mapping):
             raise ValueError("'extras' must be an object")
+        refreshed_at = (
+            None if data.get("refreshed_at") is None else _time(data, "refreshed_at", "state")
+        )
+        tokens_raw = data.get("tokens")
+        if not isinstance(tokens_raw, Mapping):
+            raise ValueError("'tokens' is missing or not an object")
+        try:
+            tokens = TokenSet.from_dict(tokens_raw)
+        except ValueError as exc:
+            raise ValueError(f"in 'tokens': {exc}") from None
         return cls(
             account=account,
-            tokens=TokenSet.from_dict(data.get("tokens")),  # type: ignore[arg-type]
+            tokens=tokens,
             generation=generation,
-            refreshed_at=parse_time(refreshed) if refreshed else None,
+            refreshed_at=refreshed_at,
             rotations=tuple(rotations),
             relogin_reason=reason,
             user_id=user_id,
             extras=dict(extras),
         )
+
+
+def _time(data: Mapping[str, Any], name: str, where: str) -> datetime:
+    value = data.get(name)
+    try:
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return parse_time(value)
+    except ValueError:
+        # Do not echo the value: a mixed-up file could hold a token here.
+        raise ValueError(f"{where}: {name!r} is not an RFC 3339 timestamp with a zone") from None
