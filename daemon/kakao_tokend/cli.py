@@ -617,6 +617,7 @@ async def _managed_refresh(
     config: Config,
     *,
     min_valid: float | None,
+    lock_timeout: float = 5.0,
 ) -> tuple[AccountState, bool, bool]:
     """Refresh one account through the daemon's AccountManager; return (state, refreshed, rotated).
 
@@ -629,7 +630,7 @@ async def _managed_refresh(
     from .store import AccountStore
 
     store = AccountStore(account)
-    with store.lock(timeout=5.0):
+    with store.lock(timeout=lock_timeout):
         async with create_session() as session:
             manager = AccountManager(
                 account,
@@ -690,8 +691,17 @@ async def _managed_refresh(
     return after, True, rotated
 
 
+LOCK_TIMEOUT_OPTION = click.option(
+    "--lock-timeout",
+    type=DURATION,
+    default="5s",
+    help="How long to wait for another kakao-tokend process holding the account lock.",
+)
+
+
 @main.command()
-def refresh() -> None:
+@LOCK_TIMEOUT_OPTION
+def refresh(lock_timeout: float) -> None:
     """Refresh the access token now (under the account lock), then publish it.
 
     The new state is saved before the token file is published. Refuses with exit 75 when
@@ -704,7 +714,9 @@ def refresh() -> None:
     """
     settings = _settings()
     account = settings.account_config()
-    state, _, rotated = _run_async(_managed_refresh(account, settings.config(), min_valid=None))
+    state, _, rotated = _run_async(
+        _managed_refresh(account, settings.config(), min_valid=None, lock_timeout=lock_timeout)
+    )
     now = utcnow()
     tokens = state.tokens
     click.echo(
@@ -725,7 +737,8 @@ def refresh() -> None:
     default="60s",
     help="Refresh first when the access token has less than this left.",
 )
-def token(min_valid: float) -> None:
+@LOCK_TIMEOUT_OPTION
+def token(min_valid: float, lock_timeout: float) -> None:
     """Print the current access token (only the token) for use in scripts.
 
     Refreshes first (under the account lock) when the token expires within --min-valid.
@@ -737,7 +750,9 @@ def token(min_valid: float) -> None:
     """
     settings = _settings()
     account = settings.account_config()
-    state, _, _ = _run_async(_managed_refresh(account, settings.config(), min_valid=min_valid))
+    state, _, _ = _run_async(
+        _managed_refresh(account, settings.config(), min_valid=min_valid, lock_timeout=lock_timeout)
+    )
     if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
         raise KakaoUnavailable(f"account '{account.name}': the access token is expired")
     click.echo(state.tokens.access_token)

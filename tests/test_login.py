@@ -1,0 +1,281 @@
+"""The login flow end to end: a real `kakao-tokend login` process against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import pytest
+
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.login import parse_pasted
+
+
+def free_port() -> int:
+    """Return a currently free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:
+    """Write a config pointing at the emulator with its own redirect URI (registered there)."""
+    redirect_uri = f"http://127.0.0.1:{redirect_port}/callback"
+    emulator.settings.redirect_uris.append(redirect_uri)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[paths]
+state_dir = "{tmp_path / "state"}"
+runtime_dir = "{tmp_path / "run"}"
+
+[kakao]
+rest_api_key = "{emulator.settings.client_id}"
+client_secret = "{emulator.settings.client_secret}"
+auth_url = "{emulator.url}"
+api_url = "{emulator.url}"
+redirect_uri = "{redirect_uri}"
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class LoginProcess:
+    """A running `kakao-tokend login --no-browser` and the URL it printed."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    seen: list[str]
+
+    async def finish(self, timeout: float = 20) -> tuple[int, str, str]:
+        """Wait for the exit; return (code, stdout, all of stderr)."""
+        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        code = self.proc.returncode
+        assert code is not None
+        return code, out.decode(), "".join(self.seen) + err.decode()
+
+
+@pytest.fixture
+async def start_login(
+    tmp_path: Path, emulator: KakaoEmulator
+) -> AsyncIterator[Callable[..., Awaitable[LoginProcess]]]:
+    """Start login processes against the emulator; kill leftovers at the end."""
+    config = write_config(tmp_path, emulator, redirect_port=free_port())
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*extra: str) -> LoginProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kakao_tokend",
+            "--config",
+            str(config),
+            "login",
+            "--no-browser",
+            "--timeout",
+            "30s",
+            *extra,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        procs.append(proc)
+        assert proc.stderr is not None
+        seen: list[str] = []
+        async with asyncio.timeout(20):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                seen.append(line)
+                if not line:
+                    raise AssertionError("login exited early: " + "".join(seen))
+                if "paste here" in line:
+                    break
+        urls = [s.strip() for s in seen if s.strip().startswith("http")]
+        assert urls, "".join(seen)
+        return LoginProcess(proc, urls[0], seen)
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def follow_authorize(url: str) -> str:
+    """GET the authorize URL like a browser would, and return the redirect's Location."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, allow_redirects=False) as response,
+    ):
+        assert response.status == 302, await response.text()
+        return response.headers["Location"]
+
+
+async def get_page(url: str) -> tuple[int, str]:
+    """GET a page (the CLI's loopback callback) and return (status, body)."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+def with_query(url: str, **changes: str) -> str:
+    """Return ``url`` with some query parameters replaced."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query.update(changes)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def mode(path: Path) -> int:
+    """Return a file's permission bits."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class TestBrowserCallback:
+    """The loopback server receives Kakao's redirect."""
+
+    async def test_login_writes_private_state_and_calls_user_me(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """A login stores 0600 state + published token file and calls /v2/user/me once."""
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        status, page = await get_page(location)
+        code, out, err = await login.finish()
+        assert status == 200
+        assert "Login succeeded — you can close this window" in page
+        assert code == 0, err
+        assert "Login succeeded for account 'default'" in out
+        assert "refresh token expires" in out
+        state_file = tmp_path / "state" / "default.state.json"
+        token_file = tmp_path / "state" / "default.token.json"
+        assert mode(state_file) == 0o600
+        assert mode(token_file) == 0o640
+        published = json.loads(token_file.read_text())
+        assert published["generation"] == 1
+        assert published["access_token"] not in out + err  # printed only by `token`
+        assert emulator.stats.requests["user_me"] == 1
+        assert json.loads(state_file.read_text())["user_id"] == 1234567890
+
+    async def test_second_login_continues_the_generation(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """A fresh login replaces the previous tokens and continues their generation count."""
+        for _ in range(2):
+            login = await start_login()
+            await get_page(await follow_authorize(login.url))
+            code, _, err = await login.finish()
+            assert code == 0, err
+        state = json.loads((tmp_path / "state" / "default.state.json").read_text())
+        assert state["generation"] == 2
+
+    async def test_state_mismatch_is_refused(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """A redirect whose state was tampered with gets an error page and a non-zero exit."""
+        login = await start_login()
+        location = with_query(await follow_authorize(login.url), state="forged")
+        status, page = await get_page(location)
+        code, _, err = await login.finish()
+        assert status == 400
+        assert "Login failed" in page and "state mismatch" in page
+        assert code != 0
+        assert "state mismatch" in err and "Traceback" not in err
+        assert not (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_pkce_failure_is_reported(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """A code bound to another PKCE challenge is refused at the exchange: clear error."""
+        login = await start_login()
+        # The emulator records this challenge; our verifier no longer matches it.
+        tampered = with_query(login.url, code_challenge="A" * 43)
+        status, page = await get_page(await follow_authorize(tampered))
+        code, _, err = await login.finish()
+        assert status == 400 and "Login failed" in page
+        assert code not in (0, 70)
+        assert err.count("error:") == 1 and "Traceback" not in err
+        assert not (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_cancel_says_cancelled(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], emulator: KakaoEmulator
+    ) -> None:
+        """Pressing Cancel (error=access_denied) shows a 'cancelled' page and exits non-zero."""
+        emulator.deny_next_authorize()
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        assert "error=access_denied" in location
+        status, page = await get_page(location)
+        code, _, err = await login.finish()
+        assert status == 400 and "Login cancelled" in page
+        assert code == 1
+        assert "cancelled" in err and "Traceback" not in err
+
+
+class TestPasted:
+    """On a headless server the user pastes the redirect address (or the code) on stdin."""
+
+    async def test_pasted_redirect_url(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """A pasted redirect URL completes the login without the loopback callback."""
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        assert login.proc.stdin is not None
+        login.proc.stdin.write(location.encode() + b"\n")
+        await login.proc.stdin.drain()
+        code, out, err = await login.finish()
+        assert code == 0, err
+        assert "Login succeeded" in out
+        assert (tmp_path / "state" / "default.token.json").exists()
+
+    async def test_pasted_bare_code(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """A pasted bare code (no state to check) is exchanged too."""
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        bare = parse_qs(urlsplit(location).query)["code"][0]
+        assert login.proc.stdin is not None
+        login.proc.stdin.write(f"  {bare}  \n".encode())
+        await login.proc.stdin.drain()
+        code, _, err = await login.finish()
+        assert code == 0, err
+        assert (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_prints_ssh_forward_hint(
+        self, start_login: Callable[..., Awaitable[LoginProcess]]
+    ) -> None:
+        """--no-browser tells the user how to forward the callback port over ssh."""
+        login = await start_login()
+        assert any("ssh -L" in line and "127.0.0.1" in line for line in login.seen)
+
+
+class TestParsePasted:
+    """Pasted text to query parameters."""
+
+    def test_variants(self) -> None:
+        """URL, bare query string and bare code are all understood; blanks give nothing."""
+        assert parse_pasted("http://127.0.0.1:8765/callback?code=abc&state=xyz\n") == {
+            "code": "abc",
+            "state": "xyz",
+        }
+        assert parse_pasted("code=abc&state=xyz") == {"code": "abc", "state": "xyz"}
+        assert parse_pasted("  abc123 ") == {"code": "abc123"}
+        assert parse_pasted("   ") == {}
