@@ -320,36 +320,26 @@ class TestFlows:
         assert tokens.access_issued_at == fixed
         assert tokens.access_expires_at == fixed + timedelta(seconds=21599)
 
-    async def test_user_agent_and_debug_log_without_query_or_tokens(
-        self, emu: KakaoEmulator, caplog: pytest.LogCaptureFixture
+    async def test_debug_log_has_path_and_status_but_no_query_or_tokens(
+        self, emu: KakaoEmulator, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
     ) -> None:
-        """Requests carry User-Agent kakao-tokend/<version>; DEBUG logs path+status, no secrets."""
-        seen: list[str] = []
-
-        async def on_start(
-            _s: aiohttp.ClientSession, _c: Any, params: aiohttp.TraceRequestStartParams
-        ) -> None:
-            seen.append(params.headers.get("User-Agent", ""))
-
-        s = create_session()
-        trace = aiohttp.TraceConfig()
-        trace.on_request_start.append(on_start)
-        trace.freeze()
-        s._trace_configs.append(trace)
-        try:
-            client = KakaoClient(s, app_for(emu.url))
-            tokens = tokens_from(emu.issue_tokens())
-            with caplog.at_level(logging.DEBUG, logger="kakao_tokend.kakao"):
-                await client.refresh(tokens)
-                await client.access_token_info(tokens.access_token)
-        finally:
-            await s.close()
-        assert seen and all(ua == f"kakao-tokend/{__version__}" for ua in seen)
+        """DEBUG logs one line per request (method, path, status, time) and never a token."""
+        client = KakaoClient(session, app_for(emu.url))
+        tokens = tokens_from(emu.issue_tokens())
+        with caplog.at_level(logging.DEBUG, logger="kakao_tokend.kakao"):
+            new, _ = await client.refresh(tokens)
+            await client.access_token_info(new.access_token)
+            emu.inject("token", "reset")
+            with pytest.raises(KakaoUnavailable):
+                await client.refresh(new)
         lines = [r.getMessage() for r in caplog.records if r.name == "kakao_tokend.kakao"]
-        assert any(line.startswith("POST /oauth/token -> 200 in ") for line in lines)
-        assert any(line.startswith("GET /v1/user/access_token_info -> 200") for line in lines)
+        assert len(lines) == 3
+        assert lines[0].startswith("POST /oauth/token -> 200 in ")
+        assert lines[1].startswith("GET /v1/user/access_token_info -> 200 in ")
+        assert lines[2].startswith("POST /oauth/token failed after ")
         for line in lines:
-            assert tokens.access_token not in line and tokens.refresh_token not in line
+            for secret in (tokens.access_token, tokens.refresh_token, new.access_token):
+                assert secret not in line
             assert "?" not in line
 
 
@@ -703,6 +693,7 @@ class Scripted:
         self.content_type = "application/json"
         self.headers: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.user_agents: list[str] = []
 
     def answer(
         self,
@@ -719,6 +710,7 @@ class Scripted:
 
     async def handle(self, request: web.Request) -> web.Response:
         form = await request.post()
+        self.user_agents.append(request.headers.get("User-Agent", ""))
         self.requests.append((request.method, request.path, {k: str(v) for k, v in form.items()}))
         return web.Response(
             status=self.status,
@@ -936,6 +928,18 @@ class TestScriptedAnswers:
             await client.refresh(tokens)
         Secrets([tokens.refresh_token, "zzz"]).assert_absent(caught_other.value)
         assert "KOE888" in str(caught_other.value)
+
+    async def test_user_agent_names_the_daemon(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
+    ) -> None:
+        """Every request from create_session() carries User-Agent kakao-tokend/<version>."""
+        script, url = scripted
+        script.answer(200, {"id": 7})
+        client = KakaoClient(session, app_for(url))
+        assert await client.logout("tok") == 7
+        assert await client.unlink("tok") == 7
+        assert script.user_agents == [f"kakao-tokend/{__version__}"] * 2
+        assert [r[1] for r in script.requests] == ["/v1/user/logout", "/v1/user/unlink"]
 
     async def test_token_form_fields(
         self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
