@@ -426,6 +426,13 @@ class TestSecrets:
         app = load_config(path, environ=env).account().app
         assert (app.client_secret, app.client_secret_source) == (SECRET, "inline")
 
+    def test_inline_secret_of_wrong_type_is_not_echoed(self, env: dict[str, str]) -> None:
+        """rest_api_key = 12345 (unquoted) is refused without repeating the number."""
+        found = problems_of("[kakao]\nrest_api_key = 1234567890\n", env)
+        assert found == {
+            "kakao.rest_api_key": "expected the rest_api_key as a string (value not shown)"
+        }
+
 
 class TestUrls:
     def test_bad_url(self, env: dict[str, str]) -> None:

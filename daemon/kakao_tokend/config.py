@@ -774,9 +774,11 @@ class _Checker:
             return None, None
         key, (value, key_path) = given[0]
         if key == name:
-            text = self.string(value, key_path, what=f"the {name} as a string")
-            if text is None:
+            if not isinstance(value, str):
+                # Never echo it: a mistyped secret is still a secret.
+                self.problem(key_path, f"expected the {name} as a string (value not shown)")
                 return None, None
+            text = value
             if name == "client_secret" and self.source is not None:
                 mode = _file_mode(self.source)
                 if mode is not None and mode & 0o077:
