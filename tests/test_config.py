@@ -676,6 +676,36 @@ class TestFinding:
         path = write_config(MINIMAL)
         assert find_config_file(None, {"CONFIGURATION_DIRECTORY": str(path.parent)}) == path
 
+    def test_no_file_anywhere(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """Without any config file the error lists where it looked and what is missing."""
+        import platformdirs
+
+        monkeypatch.setattr(platformdirs, "user_config_dir", lambda app: str(tmp_path / app))
+        environ = {"STATE_DIRECTORY": "/s", "RUNTIME_DIRECTORY": "/r"}
+        if find_config_file(None, environ) is not None:
+            pytest.skip("this machine has a system-wide kakao-tokend config")
+        with pytest.raises(ConfigError) as caught:
+            load_config(environ=environ)
+        assert str(caught.value).startswith("no config file found (looked in: ")
+        assert str(tmp_path / "kakao-tokend" / "config.toml") in str(caught.value)
+        assert [key for key, _ in caught.value.details] == ["kakao.rest_api_key"]
+
+    def test_no_file_but_systemd_credentials(
+        self, monkeypatch: pytest.MonkeyPatch, write_secret: WriteSecret, tmp_path: Path
+    ) -> None:
+        """A unit with LoadCredential=rest_api_key:... runs with no config file at all."""
+        import platformdirs
+
+        monkeypatch.setattr(platformdirs, "user_config_dir", lambda app: str(tmp_path / app))
+        creds = tmp_path / "credentials"
+        write_secret("rest_api_key", KEY, mode=0o400, where=creds)
+        environ = {"STATE_DIRECTORY": "/s", "RUNTIME_DIRECTORY": "/r"}
+        if find_config_file(None, environ) is not None:
+            pytest.skip("this machine has a system-wide kakao-tokend config")
+        config = load_config(environ={**environ, "CREDENTIALS_DIRECTORY": str(creds)})
+        assert config.source is None
+        assert config.account().app.rest_api_key == KEY
+
 
 EXAMPLE_ENV = {
     "KAKAO_REST_API_KEY": KEY,

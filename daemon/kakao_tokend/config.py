@@ -235,11 +235,16 @@ def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None =
     env: Mapping[str, str] = os.environ if environ is None else environ
     source = find_config_file(path, env)
     if source is None:
-        looked = ", ".join(str(p) for p in paths.config_search_path(env))
-        raise ConfigError(
-            f"no config file found (looked in: {looked}); copy config.example.toml to one of "
-            f"these places or pass --config FILE"
-        )
+        # A systemd unit can run without any file: LoadCredential=rest_api_key:... is enough.
+        try:
+            return _build("", source=None, environ=env, extra=[])
+        except ConfigError as exc:
+            looked = ", ".join(str(p) for p in paths.config_search_path(env))
+            raise ConfigError(
+                f"no config file found (looked in: {looked}); copy config.example.toml to one "
+                f"of these places or pass --config FILE. Without a file:",
+                details=exc.details,
+            ) from None
     try:
         data = source.read_bytes()
     except FileNotFoundError:
