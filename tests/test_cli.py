@@ -1,0 +1,440 @@
+"""The command line: exit codes, one-line errors, and each command against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner, Result
+
+from kakao_tokend.cli import main
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import TokenSet
+
+COMMANDS = [
+    "check-config",
+    "login",
+    "import",
+    "status",
+    "token",
+    "refresh",
+    "logout",
+    "emulator",
+    "run",
+    "demo",
+]
+
+
+def write_config(tmp_path: Path, emulator_url: str = "http://127.0.0.1:9", extra: str = "") -> Path:
+    """Write a valid config (pointing at ``emulator_url``) into tmp_path."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[paths]
+state_dir = "{tmp_path / "state"}"
+runtime_dir = "{tmp_path / "run"}"
+
+[kakao]
+rest_api_key = "emulator-rest-key"
+client_secret = "emulator-client-secret"
+auth_url = "{emulator_url}"
+api_url = "{emulator_url}"
+{extra}
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+def invoke(config: Path | None, *args: str) -> Result:
+    """Run the CLI in-process and return the result (stdout and stderr kept apart)."""
+    prefix = ["--config", str(config)] if config else []
+    return CliRunner().invoke(main, [*prefix, *args])
+
+
+async def ainvoke(config: Path, *args: str) -> Result:
+    """Run the CLI on a worker thread so the emulator keeps serving on this loop."""
+    return await asyncio.to_thread(invoke, config, *args)
+
+
+def store_for(config: Path) -> AccountStore:
+    """Return the default account's store for ``config``."""
+    return AccountStore(load_config(config).accounts["default"])
+
+
+def save_state(config: Path, body: dict[str, Any], **changes: Any) -> AccountState:
+    """Store a token response as the account's state (what `login` would have written)."""
+    now = datetime.now(UTC)
+    tokens = TokenSet.from_token_response(body, requested_at=now)
+    token_changes = {k: v for k, v in changes.items() if k in TokenSet.__dataclass_fields__}
+    tokens = replace(tokens, **token_changes)
+    state = AccountState(
+        account="default",
+        tokens=tokens,
+        refreshed_at=now,
+        relogin_reason=changes.get("relogin_reason"),
+    )
+    store = store_for(config)
+    store.save(state)
+    store.publish(state, now=now)
+    return state
+
+
+OFFLINE_BODY = {
+    "access_token": "offline-access-token",
+    "refresh_token": "offline-refresh-token",
+    "expires_in": 21599,
+    "refresh_token_expires_in": 5183999,
+    "token_type": "bearer",
+}
+
+
+def save_offline(
+    config: Path, *, refresh_left: float, access_left: float = 3600, **kw: Any
+) -> None:
+    """Save a state whose expiries are ``*_left`` seconds from now."""
+    now = datetime.now(UTC)
+    save_state(
+        config,
+        OFFLINE_BODY,
+        access_expires_at=now + timedelta(seconds=access_left),
+        refresh_expires_at=now + timedelta(seconds=refresh_left),
+        **kw,
+    )
+
+
+class TestBasics:
+    """Help, version and usage errors."""
+
+    @pytest.mark.parametrize("command", COMMANDS)
+    def test_help_has_example(self, command: str) -> None:
+        """Every command's --help shows an Example block."""
+        result = invoke(None, command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Example:" in result.stdout
+
+    def test_group_help_has_example(self) -> None:
+        """The top-level help shows an example too, and the env var of --config."""
+        result = invoke(None, "--help")
+        assert "Example:" in result.stdout
+        assert "KAKAO_TOKEND_CONFIG" in result.stdout
+
+    def test_version_names_python_and_platform(self) -> None:
+        """--version prints our version, the Python version and the platform."""
+        result = invoke(None, "--version")
+        assert result.exit_code == 0
+        assert result.stdout.startswith("kakao-tokend ")
+        assert "Python" in result.stdout or "CPython" in result.stdout
+        assert sys.platform.capitalize()[:3] in result.stdout or "Linux" in result.stdout
+
+    def test_usage_error_is_64(self, tmp_path: Path) -> None:
+        """Unknown options and bad durations are usage errors with EX_USAGE (64)."""
+        config = write_config(tmp_path)
+        assert invoke(config, "status", "--bogus").exit_code == 64
+        assert invoke(config, "token", "--min-valid", "soon").exit_code == 64
+        assert invoke(config, "--bogus").exit_code == 64
+        result = invoke(config, "--account", "nope", "status")
+        assert result.exit_code == 64
+        assert "configured accounts: default" in result.stderr
+
+    def test_no_traceback_for_user_mistakes(self, tmp_path: Path) -> None:
+        """Bad invocations give one readable error line and a specific code, never a traceback."""
+        config = write_config(tmp_path)
+        cases: list[tuple[list[str], int]] = [
+            (["--config", str(tmp_path / "missing.toml"), "status"], 78),
+            (["--config", str(config), "token"], 77),
+            (["--config", str(config), "refresh"], 77),
+            (["--config", str(config), "import", str(tmp_path / "nope.json")], 65),
+            (["--config", str(config), "--account", "x", "token"], 64),
+            (["--config", str(config), "login", "--timeout", "forever"], 64),
+        ]
+        for args, code in cases:
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == code, (args, result.output)
+            assert "Traceback" not in result.output, args
+            assert result.exception is None or isinstance(result.exception, SystemExit), args
+
+    def test_internal_error_is_70_with_hint(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An unexpected exception is one 'internal error' line (exit 70); --debug shows it."""
+        config = write_config(tmp_path)
+
+        def boom(self: AccountStore) -> None:
+            raise RuntimeError("disk gremlin")
+
+        monkeypatch.setattr(AccountStore, "load", boom)
+        result = invoke(config, "status")
+        assert result.exit_code == 70
+        assert "internal error: RuntimeError: disk gremlin" in result.stderr
+        assert "--debug" in result.stderr
+        assert "Traceback" not in result.output
+        debug = invoke(config, "--debug", "status")
+        assert debug.exit_code == 70
+        assert "Traceback" in debug.stderr
+
+
+class TestCheckConfig:
+    """check-config: 0 with a summary, 78 with every problem."""
+
+    def test_valid(self, tmp_path: Path) -> None:
+        """A valid config prints the accounts and state dir and exits 0."""
+        config = write_config(tmp_path)
+        result = invoke(config, "check-config")
+        assert result.exit_code == 0, result.output
+        assert "config OK" in result.stdout
+        assert "1 account(s): default" in result.stdout
+        assert str(tmp_path / "state") in result.stdout
+
+    def test_every_problem_listed(self, tmp_path: Path) -> None:
+        """A config with two mistakes exits 78 and names both, without a traceback."""
+        config = write_config(tmp_path, extra='timeout = "soon"\nbogus_key = 1\n')
+        result = invoke(config, "check-config")
+        assert result.exit_code == 78
+        assert "timeout" in result.stderr
+        assert "bogus_key" in result.stderr
+        assert "Traceback" not in result.output
+
+    def test_env_var_selects_config(self, tmp_path: Path) -> None:
+        """KAKAO_TOKEND_CONFIG works like --config."""
+        config = write_config(tmp_path)
+        result = CliRunner().invoke(
+            main, ["check-config"], env={"KAKAO_TOKEND_CONFIG": str(config)}
+        )
+        assert result.exit_code == 0, result.output
+
+
+class TestStatus:
+    """status: text and JSON, exit 0 ok / 1 warning / 2 critical."""
+
+    def test_no_state_is_critical(self, tmp_path: Path) -> None:
+        """No tokens at all is critical and says to log in."""
+        config = write_config(tmp_path)
+        result = invoke(config, "status")
+        assert result.exit_code == 2
+        assert "kakao-tokend login" in result.stdout
+
+    @pytest.mark.parametrize(
+        ("refresh_days", "access_left", "code", "level"),
+        [
+            (40, 3600, 0, "ok"),
+            (10, 3600, 1, "warning"),
+            (40, -10, 1, "warning"),
+            (2, 3600, 2, "critical"),
+            (-1, 3600, 2, "critical"),
+        ],
+    )
+    def test_levels(
+        self, tmp_path: Path, refresh_days: float, access_left: float, code: int, level: str
+    ) -> None:
+        """Refresh-token life and access-token expiry decide the level and exit code."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=refresh_days * 86400, access_left=access_left)
+        text = invoke(config, "status")
+        assert text.exit_code == code, text.output
+        assert level.upper() in text.stdout
+        data = invoke(config, "status", "--json")
+        assert data.exit_code == code
+        document = json.loads(data.stdout)
+        assert document["level"] == level
+        account = document["accounts"][0]
+        assert account["account"] == "default"
+        assert "access_token" not in data.stdout.replace("access_token_", "")
+        assert "offline-access-token" not in data.stdout + text.stdout
+
+    def test_relogin_reason_is_critical(self, tmp_path: Path) -> None:
+        """A recorded re-login reason makes the account critical and is shown."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=40 * 86400, relogin_reason="KOE322 refresh token dead")
+        result = invoke(config, "status", "--json")
+        assert result.exit_code == 2
+        assert json.loads(result.stdout)["accounts"][0]["relogin_reason"].startswith("KOE322")
+
+    def test_thresholds_are_options(self, tmp_path: Path) -> None:
+        """--warn/--crit move the thresholds."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=10 * 86400)
+        assert invoke(config, "status", "--warn", "5d").exit_code == 0
+        assert invoke(config, "status", "--crit", "11d").exit_code == 2
+
+
+class TestTokenRefreshLogout:
+    """Commands that talk to Kakao (the emulator)."""
+
+    async def test_token_prints_only_the_token(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """`token` prints exactly the access token and a newline when it is fresh enough."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        result = await ainvoke(config, "token")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == body["access_token"] + "\n"
+        assert emulator.stats.refreshes_ok == 0
+
+    async def test_token_refreshes_when_close_to_expiry(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """With less than --min-valid left, `token` refreshes first and prints the new token."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        result = await ainvoke(config, "token", "--min-valid", "7h")
+        assert result.exit_code == 0, result.output
+        new_token = result.stdout.strip()
+        assert new_token != body["access_token"]
+        assert emulator.stats.refreshes_ok == 1
+        state = store_for(config).load()
+        assert state is not None and state.tokens.access_token == new_token
+        assert state.generation == 2
+
+    async def test_refresh_rotates_in_window(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """Inside the rotation window `refresh` stores the new refresh token and says ROTATED."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        emulator.advance_clock(31 * 86400)  # < 30 days left on the refresh token
+        result = await ainvoke(config, "refresh")
+        assert result.exit_code == 0, result.output
+        assert "ROTATED" in result.stdout
+        assert emulator.stats.rotations == 1
+        state = store_for(config).load()
+        assert state is not None
+        assert state.tokens.refresh_token != body["refresh_token"]
+        assert len(state.rotations) == 1
+        published = store_for(config).read_published()
+        assert published is not None and published["generation"] == state.generation
+        status = json.loads((await ainvoke(config, "status", "--json")).stdout)
+        assert status["accounts"][0]["rotations"] == 1
+
+    async def test_refresh_without_rotation(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """Outside the window the refresh token stays and the output says unchanged."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        result = await ainvoke(config, "refresh")
+        assert result.exit_code == 0, result.output
+        assert "unchanged" in result.stdout
+        state = store_for(config).load()
+        assert state is not None and state.tokens.refresh_token == body["refresh_token"]
+
+    async def test_dead_refresh_token_is_77(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """A refresh token Kakao rejects (unlinked user) exits 77 and records the reason."""
+        config = write_config(tmp_path, emulator.url)
+        save_state(config, emulator.issue_tokens())
+        emulator.unlink_user(1234567890)
+        result = await ainvoke(config, "refresh")
+        assert result.exit_code == 77, result.output
+        assert "login" in result.stderr
+        status = await ainvoke(config, "status")
+        assert status.exit_code == 2
+        token = await ainvoke(config, "token")
+        assert token.exit_code == 77 and token.stdout == ""
+
+    async def test_kakao_down_is_69(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """A 5xx from Kakao is EX_UNAVAILABLE (69) and keeps the old state."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        emulator.inject("token", "http503")
+        result = await ainvoke(config, "refresh")
+        assert result.exit_code == 69, result.output
+        state = store_for(config).load()
+        assert state is not None and state.tokens.access_token == body["access_token"]
+
+    async def test_lock_busy_is_75(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """When another process holds the account lock, refresh gives up with 75."""
+        config = write_config(tmp_path, emulator.url)
+        save_state(config, emulator.issue_tokens())
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sys, fcntl, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)",
+            str(store_for(config).lock_path),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None
+            assert (await holder.stdout.readline()).strip() == b"locked"
+            result = await ainvoke(config, "refresh", "--lock-timeout", "0.3s")
+        finally:
+            holder.kill()
+            await holder.communicate()
+        assert result.exit_code == 75, result.output
+        assert "busy" in result.stderr
+        assert emulator.stats.refreshes_ok == 0
+
+    async def test_logout_removes_files(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
+        """logout calls Kakao's logout and deletes the state and token files."""
+        config = write_config(tmp_path, emulator.url)
+        save_state(config, emulator.issue_tokens())
+        store = store_for(config)
+        result = await ainvoke(config, "logout")
+        assert result.exit_code == 0, result.output
+        assert "logged out at Kakao" in result.stdout
+        assert emulator.stats.requests["logout"] == 1
+        assert not store.state_path.exists() and not store.token_path.exists()
+
+    async def test_logout_keep_files_and_kakao_failure(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """--keep-files keeps the files; a failed Kakao logout is reported, not fatal."""
+        config = write_config(tmp_path, emulator.url)
+        save_state(config, emulator.issue_tokens())
+        store = store_for(config)
+        emulator.inject("logout", "http503")
+        result = await ainvoke(config, "logout", "--keep-files")
+        assert result.exit_code == 0, result.output
+        assert "could not log out at Kakao" in result.stderr
+        assert store.state_path.exists()
+
+
+class TestEmulatorCommand:
+    """`kakao-tokend emulator` runs the emulator in the foreground."""
+
+    async def test_serves_until_interrupted(self, tmp_path: Path) -> None:
+        """The command prints its URL and answers the control API on the chosen port."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kakao_tokend",
+            "emulator",
+            "--port",
+            str(port),
+            "--access-lifetime",
+            "60s",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 15)
+            assert f"127.0.0.1:{port}" in line.decode()
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/_emulator/stats") as response,
+            ):
+                assert response.status == 200
+        finally:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
+        assert proc.returncode in (0, -15)
