@@ -355,6 +355,24 @@ class TestTokenRefreshLogout:
         state = store_for(config).load()
         assert state is not None and state.tokens.access_token == body["access_token"]
 
+    async def test_token_falls_back_while_kakao_is_down(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """If the refresh fails but the current token still works, `token` prints it (warning);
+        once the token is expired the failure is EX_UNAVAILABLE (69) and stdout stays empty."""
+        config = write_config(tmp_path, emulator.url)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        emulator.inject("token", "http503", count=2)
+        still_valid = await ainvoke(config, "token", "--min-valid", "7h")
+        assert still_valid.exit_code == 0, still_valid.output
+        assert still_valid.stdout == body["access_token"] + "\n"
+        assert "could not refresh" in still_valid.stderr
+        save_state(config, body, access_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        expired = await ainvoke(config, "token")
+        assert expired.exit_code == 69, expired.output
+        assert expired.stdout == ""
+
     async def test_lock_busy_is_75(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
         """When another process holds the account lock, refresh gives up with 75."""
         config = write_config(tmp_path, emulator.url)

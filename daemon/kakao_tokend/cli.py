@@ -369,11 +369,13 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     opener: Callable[[str], object] | None = None
     if not no_browser and _display_available():
         opener = webbrowser.open
+    # Without a browser here the user finishes elsewhere and may paste the redirect address.
+    paste = no_browser or opener is None
     result = _run_async(
         flow.run(
             notify=notify,
             open_browser=opener,
-            stdin=sys.stdin if no_browser else None,
+            stdin=sys.stdin if paste else None,
             timeout=timeout,
         )
     )
@@ -748,11 +750,26 @@ def token(min_valid: float, lock_timeout: float) -> None:
       curl -H "Authorization: Bearer $(kakao-tokend token)" https://kapi.kakao.com/v2/user/me
       kakao-tokend token --min-valid 10m
     """
+    from .store import AccountStore
+
     settings = _settings()
     account = settings.account_config()
-    state, _, _ = _run_async(
-        _managed_refresh(account, settings.config(), min_valid=min_valid, lock_timeout=lock_timeout)
-    )
+    try:
+        state, _, _ = _run_async(
+            _managed_refresh(
+                account, settings.config(), min_valid=min_valid, lock_timeout=lock_timeout
+            )
+        )
+    except (KakaoUnavailable, StoreLocked) as exc:
+        # Kakao is down or the daemon is mid-refresh: a token that still works beats none.
+        fallback = AccountStore(account).load()
+        if fallback is None or fallback.tokens.access_remaining(utcnow()).total_seconds() <= 0:
+            raise
+        left = format_duration(fallback.tokens.access_remaining(utcnow()).total_seconds())
+        click.echo(
+            f"warning: could not refresh ({exc}); using the current token ({left} left)", err=True
+        )
+        state = fallback
     if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
         raise KakaoUnavailable(f"account '{account.name}': the access token is expired")
     click.echo(state.tokens.access_token)
