@@ -723,3 +723,24 @@ async def test_serve_emulator_process() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_token_inspection_helpers(kakao: Kakao) -> None:
+    """access_token_valid / refresh_token_status / issued_tokens follow expiry and rotation."""
+    emu = kakao.emu
+    emu.settings.access_lifetime = 2
+    tokens = emu.issue_tokens(refresh_remaining=100)
+    assert emu.access_token_valid(tokens["access_token"])
+    assert emu.refresh_token_status(tokens["refresh_token"]) == "live"
+    _, body = await kakao.refresh(tokens["refresh_token"])
+    assert emu.refresh_token_status(tokens["refresh_token"]) == "retired"
+    emu.advance_clock(3)
+    assert not emu.access_token_valid(tokens["access_token"])
+    emu.revoke_user_tokens(DEFAULT_USER_ID)
+    assert emu.refresh_token_status(body["refresh_token"]) == "unknown"
+    assert set(emu.issued_tokens()) == {
+        tokens["access_token"],
+        tokens["refresh_token"],
+        body["access_token"],
+        body["refresh_token"],
+    }

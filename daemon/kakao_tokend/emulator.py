@@ -336,6 +336,7 @@ class KakaoEmulator:
         self._pending: dict[str, _PendingConsent] = {}
         self._faults: list[_Fault] = []
         self._inbox: list[dict[str, Any]] = []
+        self._issued: list[str] = []  # every token ever issued, for leak scans in tests
         self._access_times: dict[int, deque[float]] = {}
         self._refresh_times: dict[int, deque[float]] = {}
         self._next_consent: Literal["agree", "deny"] | None = None
@@ -522,6 +523,26 @@ class KakaoEmulator:
             return fault
         return None
 
+    # ------------------------------------------------------------------ token inspection
+
+    def access_token_valid(self, token: str) -> bool:
+        """Return whether kapi would accept this access token right now."""
+        record = self._access.get(token)
+        return record is not None and record.expires_at > self.now()
+
+    def refresh_token_status(self, token: str) -> Literal["live", "retired", "expired", "unknown"]:
+        """Say what the token endpoint thinks of a refresh token (unknown = revoked or never)."""
+        record = self._refresh.get(token)
+        if record is None:
+            return "unknown"
+        if record.retired_at is not None:
+            return "retired"
+        return "live" if record.expires_at > self.now() else "expired"
+
+    def issued_tokens(self) -> list[str]:
+        """Return every access and refresh token ever issued, revoked ones included."""
+        return list(self._issued)
+
     # ------------------------------------------------------------------ inbox
 
     def inbox(self, user_id: int | None = None) -> list[dict[str, Any]]:
@@ -550,6 +571,7 @@ class KakaoEmulator:
 
     def _new_access(self, user_id: int, grant_id: str, scopes: tuple[str, ...]) -> str:
         token = _new_token()
+        self._issued.append(token)
         now = self.now()
         self._access[token] = _AccessToken(
             user_id, grant_id, now + self.settings.access_lifetime, scopes
@@ -569,6 +591,7 @@ class KakaoEmulator:
         lifetime: float | None = None,
     ) -> str:
         token = _new_token()
+        self._issued.append(token)
         now = self.now()
         life = self.settings.refresh_lifetime if lifetime is None else lifetime
         self._refresh[token] = _RefreshToken(
