@@ -142,16 +142,17 @@ def _fail(message: str) -> None:
 
 def _setup_logging(debug: bool) -> None:
     """Quiet logging for one-shot commands: results are printed; --debug shows everything."""
-    from .logs import RedactingFilter
+    from .logs import _HANDLER_MARK, RedactingFilter
 
     root = logging.getLogger()
     for old in list(root.handlers):
-        if getattr(old, "_kakao_tokend_cli", False):
+        if getattr(old, _HANDLER_MARK, False):
             root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
-    handler._kakao_tokend_cli = True  # type: ignore[attr-defined]
+    # The same mark as logs.setup_logging, so `run` replaces this handler instead of doubling it.
+    setattr(handler, _HANDLER_MARK, True)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.CRITICAL + 10)
 

@@ -1,0 +1,238 @@
+"""Test helpers that run the real `kakao-tokend run` process against the in-test emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session, new_pkce_pair, new_state
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import AccountStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(
+    directory: Path,
+    emulator: KakaoEmulator,
+    *,
+    accounts: Iterable[str] = ("default",),
+    heartbeat: str = "0.2s",
+    retry_initial: str = "0.2s",
+    retry_max: str = "1s",
+    rotation_window: float | None = None,
+    extra: str = "",
+    timeout: str = "2s",
+) -> Path:
+    """Write a config pointing at ``emulator`` with test-friendly timings; return its path."""
+    names = list(accounts)
+    window = rotation_window if rotation_window is not None else emulator.settings.rotation_window
+    lines = [
+        'log_level = "debug"',
+        "[paths]",
+        f'state_dir = "{directory / "state"}"',
+        f'runtime_dir = "{directory / "run"}"',
+        "[kakao]",
+        f'rest_api_key = "{emulator.settings.client_id}"',
+        f'client_secret_file = "{directory / "client_secret"}"',
+        f'auth_url = "{emulator.url}"',
+        f'api_url = "{emulator.url}"',
+        f'redirect_uri = "{emulator.settings.redirect_uris[0]}"',
+        f'timeout = "{timeout}"',
+        'connect_timeout = "1s"',
+        "[refresh]",
+        f'heartbeat = "{heartbeat}"',
+        f'retry_initial = "{retry_initial}"',
+        f'retry_max = "{retry_max}"',
+        f'rotation_window = "{window}s"',
+    ]
+    if names != ["default"]:
+        lines.insert(0, f'default_account = "{names[0]}"')
+        for name in names:
+            lines.append(f"[accounts.{name}]")
+    secret = directory / "client_secret"
+    secret.write_text(str(emulator.settings.client_secret))
+    secret.chmod(0o600)
+    path = directory / "config.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+async def login(
+    emulator: KakaoEmulator, config_path: Path, account: str = "default"
+) -> AccountState:
+    """Log ``account`` in against the emulator (auto consent) and write its files like `login`."""
+    config = load_config(config_path)
+    settings = config.accounts[account]
+    session = create_session()
+    try:
+        client = KakaoClient(session, settings.app)
+        verifier, challenge = new_pkce_pair()
+        state_param = new_state()
+        url = client.authorize_url(state=state_param, code_challenge=challenge)
+        async with session.get(url, allow_redirects=False) as response:
+            location = response.headers["Location"]
+        code = parse_qs(urlsplit(location).query)["code"][0]
+        tokens = await client.exchange_code(code=code, code_verifier=verifier)
+        me = await client.user_me(tokens.access_token)
+    finally:
+        await session.close()
+    store = AccountStore(settings)
+    with store.lock():
+        previous = store.load()
+        state = AccountState(
+            account=account,
+            tokens=tokens,
+            refreshed_at=tokens.access_issued_at,
+            user_id=me["id"],
+            generation=(previous.generation + 1) if previous else 1,
+        )
+        store.save(state)
+        store.publish(state)
+    return state
+
+
+def access_token_valid(emulator: KakaoEmulator, token: str) -> bool:
+    """Ask the emulator whether it would accept ``token`` right now."""
+    return emulator.access_token_valid(token)
+
+
+def issued_tokens(emulator: KakaoEmulator) -> list[str]:
+    """Every access and refresh token the emulator ever issued (to scan logs for leaks)."""
+    return list(emulator.issued_tokens())
+
+
+@dataclass
+class DaemonProcess:
+    """A running `kakao-tokend run` child process and the files it works on."""
+
+    proc: asyncio.subprocess.Process
+    config_path: Path
+    log_path: Path
+    state_dir: Path
+    runtime_dir: Path
+    _log_offset: int = field(default=0)
+
+    @property
+    def pid(self) -> int:
+        """Return the child's pid."""
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        """Return everything the daemon wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def state(self, account: str = "default") -> dict[str, Any]:
+        """Return the account's private state file as JSON."""
+        return json.loads((self.state_dir / f"{account}.state.json").read_text())
+
+    def published(self, account: str = "default") -> dict[str, Any]:
+        """Return the account's published token file as JSON."""
+        return json.loads((self.state_dir / f"{account}.token.json").read_text())
+
+    async def api(self, method: str, path: str) -> tuple[int, Any]:
+        """Call the daemon's local API on its Unix socket."""
+        connector = aiohttp.UnixConnector(path=str(self.runtime_dir / "api.sock"))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.request(method, f"http://localhost{path}") as response,
+        ):
+            return response.status, await response.json(content_type=None)
+
+    def send(self, signum: int) -> None:
+        """Send a signal to the daemon."""
+        os.kill(self.proc.pid, signum)
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Stop the daemon with ``signum`` and return its exit code."""
+        if self.proc.returncode is None:
+            self.send(signum)
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[], bool],
+        *,
+        timeout: float = 10.0,
+        what: str = "condition",
+        interval: float = 0.05,
+    ) -> None:
+        """Poll ``predicate`` (keeping the test's event loop, and so the emulator, running)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if predicate():
+                    return
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            if self.proc.returncode is not None:
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) while waiting for {what}:\n"
+                    + self.log_text()[-4000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n" + self.log_text()[-4000:])
+            await asyncio.sleep(interval)
+
+    async def wait_log(self, text: str, *, timeout: float = 10.0, count: int = 1) -> None:
+        """Wait until ``text`` appears ``count`` times in the daemon's log."""
+        await self.wait_for(
+            lambda: self.log_text().count(text) >= count, timeout=timeout, what=repr(text)
+        )
+
+
+def daemon_command(config_path: Path, *args: str) -> list[str]:
+    """Return the command line that runs the real CLI on ``config_path``."""
+    return [sys.executable, "-m", "kakao_tokend", "--config", str(config_path), "run", *args]
+
+
+async def start_daemon(
+    config_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    args: Iterable[str] = (),
+) -> DaemonProcess:
+    """Start `kakao-tokend run` and wait until it logs that it is running."""
+    config = load_config(config_path)
+    log_path = config_path.parent / f"daemon-{time.monotonic_ns()}.log"
+    log_file = log_path.open("wb")
+    child_env = {**os.environ, **(env or {})}
+    child_env.pop("NOTIFY_SOCKET", None) if env is None or "NOTIFY_SOCKET" not in env else None
+    proc = await asyncio.create_subprocess_exec(
+        *daemon_command(config_path, *args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=log_file,
+        env=child_env,
+        cwd=str(config_path.parent),
+    )
+    log_file.close()
+    daemon = DaemonProcess(proc, config_path, log_path, config.state_dir, config.runtime_dir)
+    if wait_ready:
+        await daemon.wait_log("kakao-tokend running", timeout=20)
+    return daemon
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll an async ``check`` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,473 @@
+"""End-to-end tests of the real `kakao-tokend run` process against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemonproc import (
+    access_token_valid,
+    issued_tokens,
+    login,
+    start_daemon,
+    write_config,
+)
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.tokens import parse_time
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
+    emulator.settings.access_lifetime = access
+    emulator.settings.refresh_lifetime = refresh
+    emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
+
+
+async def test_hundreds_of_refreshes_never_publish_an_expired_token(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Four accounts with 2-second tokens refresh hundreds of times; no read sees a dead token."""
+    _short_tokens(emulator, access=2, refresh=30)
+    emulator.settings.rotation_window = 12
+    names = ["a", "b", "c", "d"]
+    config = write_config(tmp_path, emulator, accounts=names, rotation_window=12)
+    for name in names:
+        await login(emulator, config, name)
+    daemon = await start_daemon(config)
+    reads = 0
+    bad: list[str] = []
+    deadline = time.monotonic() + 80
+    try:
+        while time.monotonic() < deadline and emulator.stats.refreshes_ok < 200:
+            for name in names:
+                document = daemon.published(name)
+                reads += 1
+                if not access_token_valid(emulator, document["access_token"]):
+                    bad.append(f"{name} generation {document['generation']}")
+            await asyncio.sleep(0.05)
+    finally:
+        assert await daemon.stop() == 0
+    assert emulator.stats.refreshes_ok >= 200, daemon.log_text()[-3000:]
+    assert emulator.stats.rotations >= 4
+    assert bad == []
+    assert reads > 1000
+    # Kakao killed every rotated-out refresh token; the daemon never presented one again.
+    assert emulator.stats.retired_refresh_presented == 0
+    assert emulator.stats.errors.get("KOE237", 0) == 0
+    log = daemon.log_text()
+    assert not [t for t in issued_tokens(emulator) if t in log]
+
+
+async def test_rotation_is_persisted_and_the_old_refresh_token_never_used_again(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Each rotated refresh token is on disk at once, and the dead one is never presented."""
+    _short_tokens(emulator, access=2, refresh=8)
+    emulator.settings.rotation_window = 4
+    config = write_config(tmp_path, emulator, rotation_window=4)
+    first = await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: len(daemon.state()["rotations"]) >= 2, timeout=30, what="two rotations"
+        )
+        state = daemon.state()
+        current = state["tokens"]["refresh_token"]
+        assert current != first.tokens.refresh_token
+        # The emulator's view: the state file holds the one refresh token that still works.
+        assert emulator.refresh_token_status(current) == "live"
+        assert emulator.refresh_token_status(first.tokens.refresh_token) == "retired"
+        assert emulator.stats.retired_refresh_presented == 0
+        assert "rotated=yes" in daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["http500", "http502_html", "http503", "koe003", "reset", "truncated", "non_json", "timeout"],
+)
+async def test_transient_faults_are_retried_until_the_token_is_fresh_again(
+    emulator: KakaoEmulator, tmp_path: Path, kind: str
+) -> None:
+    """A transient failure of the token endpoint is retried with backoff and then succeeds."""
+    _short_tokens(emulator, access=3)
+    config = write_config(tmp_path, emulator, timeout="1s")
+    await login(emulator, config)
+    emulator.inject("token", kind, count=2, delay=1.5)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: daemon.state()["generation"] >= 3, timeout=20, what="a refresh after faults"
+        )
+        assert emulator.stats.faults_fired[kind] == 2
+        log = daemon.log_text()
+        assert "refresh failed" in log
+        assert "next try" in log
+        assert access_token_valid(emulator, daemon.published()["access_token"])
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_rate_limit_is_backed_off_not_hammered(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """KOE237 is a pause request: the daemon waits and then refreshes, without a storm."""
+    _short_tokens(emulator, access=3)
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    emulator.inject("token", "koe237", count=1)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 3, timeout=20, what="refresh")
+        assert emulator.stats.faults_fired["koe237"] == 1
+        assert "KOE237" in daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_unlinked_user_is_marked_for_relogin_and_not_retried(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """KOE322 stops the refreshes, names the fix command, and no retry storm follows."""
+    _short_tokens(emulator, access=2)
+    config = write_config(tmp_path, emulator, accounts=["main", "other"])
+    main = await login(emulator, config, "main")
+    await login(emulator, config, "other")
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state("main")["generation"] >= 2, what="first refresh")
+        # Revoke only main's tokens (the emulator's logout of that token set).
+        emulator.revoke_user_tokens(main.user_id or 0)
+        await daemon.wait_log("needs a new login", timeout=10)
+        attempts_after_mark = emulator.stats.requests["token"]
+        await asyncio.sleep(3)
+        log = daemon.log_text()
+        assert "kakao-tokend login --account main" in log
+        assert daemon.state("main")["relogin_reason"]
+        status, body = await daemon.api("GET", "/healthz")
+        assert status == 503 and "main" in body["problems"]
+        # A KOE322 account is left alone; the "other" account (same user here) also dies, so
+        # count only that nothing hammers Kakao: at most one more refusal per account.
+        assert emulator.stats.requests["token"] - attempts_after_mark <= 2
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_one_accounts_trouble_never_stops_another(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """An account with a dead refresh token does not keep the healthy one from refreshing."""
+    _short_tokens(emulator, access=2)
+    second_user = emulator.add_user(2222, name="second")
+    config = write_config(tmp_path, emulator, accounts=["good", "bad"])
+    await login(emulator, config, "good")
+    await login(emulator, config, "bad")
+    # Break "bad" on disk: a refresh token Kakao never issued.
+    state_file = tmp_path / "state" / "bad.state.json"
+    data = json.loads(state_file.read_text())
+    data["tokens"]["refresh_token"] = "not-a-real-refresh-token"
+    state_file.write_text(json.dumps(data))
+    del second_user
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("needs a new login", timeout=10)
+        generation = daemon.state("good")["generation"]
+        await daemon.wait_for(
+            lambda: daemon.state("good")["generation"] >= generation + 2,
+            timeout=10,
+            what="the good account to keep refreshing",
+        )
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_lost_rotation_response_marks_relogin_with_one_critical_line(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Kakao rotated but the answer was lost: one critical line, relogin, no retry storm."""
+    _short_tokens(emulator, access=3, refresh=20)
+    emulator.settings.rotation_window = 19.5  # every refresh now rotates
+    config = write_config(tmp_path, emulator, rotation_window=19.5)
+    await login(emulator, config)
+    emulator.inject("token", "lost_response", count=1)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("refresh response was lost", timeout=15)
+        await asyncio.sleep(2)
+        log = daemon.log_text()
+        assert log.count("refresh response was lost") == 1
+        assert "CRITICAL" in log
+        # One lost rotation, then exactly one KOE322 that proved it; nothing after that.
+        assert emulator.stats.errors["KOE322"] == 1
+        assert daemon.state()["relogin_reason"].startswith("refresh response lost")
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_restart_with_an_overdue_token_refreshes_at_once(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A token past its refresh point when the daemon starts is refreshed immediately."""
+    _short_tokens(emulator, access=4)
+    config = write_config(tmp_path, emulator, heartbeat="30s")
+    await login(emulator, config)
+    await asyncio.sleep(3.2)  # past 75 % of the 4-second life
+    started = time.monotonic()
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, timeout=5, what="refresh")
+        assert time.monotonic() - started < 5
+        assert "overdue" in daemon.log_text() or "refreshed default" in daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_resume_after_sigstop_refreshes_within_one_heartbeat(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A process frozen past the token's life refreshes within a heartbeat of waking up."""
+    _short_tokens(emulator, access=2)
+    config = write_config(tmp_path, emulator, heartbeat="0.5s")
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        daemon.send(signal.SIGSTOP)
+        await asyncio.sleep(3)  # longer than the whole access lifetime
+        expired = daemon.published()
+        assert not access_token_valid(emulator, expired["access_token"])
+        generation = expired["generation"]
+        daemon.send(signal.SIGCONT)
+        resumed = time.monotonic()
+        await daemon.wait_for(
+            lambda: daemon.published()["generation"] > generation, timeout=5, what="refresh"
+        )
+        assert time.monotonic() - resumed < 1.5
+        assert access_token_valid(emulator, daemon.published()["access_token"])
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_sighup_adds_an_account_without_refetching_tokens(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGHUP re-reads the config: a new account is served, the old one keeps its tokens."""
+    _short_tokens(emulator, access=3600)
+    config = write_config(tmp_path, emulator, accounts=["one"])
+    await login(emulator, config, "one")
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("access token verified")
+        before = daemon.state("one")
+        requests_before = emulator.stats.requests["token"]
+        write_config(tmp_path, emulator, accounts=["one", "two"])
+        await login(emulator, config, "two")
+        daemon.send(signal.SIGHUP)
+        await daemon.wait_log("configuration reloaded")
+        status, body = await daemon.api("GET", "/v1/status")
+        assert status == 200
+        assert [a["account"] for a in body["accounts"]] == ["one", "two"]
+        assert daemon.state("one")["generation"] == before["generation"]
+        # The login of "two" made one token request; the reload made none.
+        assert emulator.stats.requests["token"] == requests_before + 1
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_sigterm_during_a_refresh_lets_it_finish_and_persist(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGTERM while Kakao is answering slowly: the answer is saved, then the process exits 0."""
+    _short_tokens(emulator, access=3)
+    config = write_config(tmp_path, emulator, timeout="5s")
+    await login(emulator, config)
+    emulator.inject("token", "slow", count=1, delay=1.5)
+    daemon = await start_daemon(config)
+    await daemon.wait_for(
+        lambda: emulator.stats.faults_fired["slow"] == 1, timeout=10, what="refresh in flight"
+    )
+    code = await daemon.stop(signal.SIGTERM)
+    assert code == 0
+    state = daemon.state()
+    assert state["generation"] == 2
+    assert access_token_valid(emulator, state["tokens"]["access_token"])
+
+
+async def test_a_second_instance_is_refused(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Two `run` processes on one state directory: the second exits with a clear message."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        second = await start_daemon(config, wait_ready=False)
+        code = await asyncio.wait_for(second.proc.wait(), 20)
+        assert code == 75
+        assert "already running" in second.log_text()
+        assert f"pid {daemon.pid}" in second.log_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+@pytest.fixture
+def tiny_state_fs(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 256 KiB tmpfs where the state directory goes, so a test can fill it up."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs", str(state_dir)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield state_dir
+    finally:
+        subprocess.run(["umount", "-l", str(state_dir)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the file system under ``directory`` until a write fails with ENOSPC."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """With the disk full, a rotated token lives on in memory and is written once there is room."""
+    _short_tokens(emulator, access=2, refresh=3600)
+    emulator.settings.rotation_window = 3000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=3000)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        filler = _fill(tiny_state_fs)
+        await daemon.wait_log("cannot save the new tokens", timeout=10)
+        stuck_generation = daemon.state()["generation"]
+        await asyncio.sleep(3)  # more refreshes (and rotations) happen while the disk is full
+        status, body = await daemon.api("GET", "/v1/accounts/default/token")
+        assert status == 200
+        assert body["generation"] > stuck_generation + 1  # served from memory
+        assert emulator.access_token_valid(body["access_token"])
+        status, health = await daemon.api("GET", "/v1/status")
+        assert health["accounts"][0]["write_pending"] is True
+        filler.unlink()
+        await daemon.wait_log("state saved again", timeout=10)
+        state = daemon.state()
+        assert state["generation"] > stuck_generation
+        # The refresh token on disk is the one Kakao still accepts: nothing was lost.
+        assert emulator.refresh_token_status(state["tokens"]["refresh_token"]) == "live"
+        assert emulator.stats.retired_refresh_presented == 0
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_sd_notify_messages_reach_the_notify_socket(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """READY, STATUS, WATCHDOG, RELOADING and STOPPING arrive on a fake NOTIFY_SOCKET."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.setblocking(False)
+    messages: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+    daemon = await start_daemon(config, env=env)
+    try:
+        await daemon.wait_for(
+            lambda: drain() or any("WATCHDOG=1" in m for m in messages), what="watchdog ping"
+        )
+        daemon.send(signal.SIGHUP)
+        await daemon.wait_for(
+            lambda: drain() or any("RELOADING=1" in m for m in messages), what="reloading"
+        )
+    finally:
+        assert await daemon.stop() == 0
+        drain()
+        sock.close()
+    text = "\n".join(messages)
+    assert "READY=1" in text
+    assert "STATUS=default: access" in text
+    assert "MONOTONIC_USEC=" in text
+    assert "STOPPING=1" in text
+    assert text.index("READY=1") < text.index("STOPPING=1")
+
+
+async def test_journald_priority_prefixes_when_stderr_is_the_journal(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With JOURNAL_STREAM naming stderr, every line carries a <N> priority prefix."""
+    _short_tokens(emulator, access=2)
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    emulator.inject("token", "http500", count=1)
+    # JOURNAL_STREAM names the device and inode of the stream systemd connected to stderr.
+    log_path = tmp_path / "journal.log"
+    log_path.touch()
+    stat = os.stat(log_path)
+    with log_path.open("ab") as stream:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kakao_tokend",
+            "--config",
+            str(config),
+            "run",
+            stdout=stream,
+            stderr=stream,
+            env={**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"},
+        )
+    await asyncio.sleep(0)
+    deadline = time.monotonic() + 15
+    while "refreshed default" not in log_path.read_text() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 15) == 0
+    lines = [line for line in log_path.read_text().splitlines() if line]
+    assert lines
+    assert all(line[:1] == "<" and line[2] == ">" for line in lines), lines[:5]
+    assert any(line.startswith("<4>") and "refresh failed" in line for line in lines)
+    assert any(line.startswith("<6>") and "refreshed default" in line for line in lines)
+    assert not any(parse_time_prefix(line) for line in lines)
+
+
+def parse_time_prefix(line: str) -> bool:
+    """Return True when a log line starts with a timestamp (journald adds its own)."""
+    try:
+        parse_time(line[3:22].replace(" ", "T") + "Z")
+    except ValueError:
+        return False
+    return True
