@@ -250,9 +250,9 @@ class TestUnknownKeys:
         assert found == {"paths.zzz": "unknown key; allowed here: state_dir, runtime_dir"}
 
     def test_future_sections_say_not_yet(self, env: dict[str, str]) -> None:
-        """[alerts] and [api] belong to later versions and are refused with that reason."""
-        found = problems_of(MINIMAL + "[alerts]\n", env)
-        assert "not supported by this version" in found["alerts"]
+        """[api] belongs to a later version and is refused with that reason."""
+        found = problems_of(MINIMAL + "[api]\n", env)
+        assert "not supported by this version" in found["api"]
 
 
 class TestValues:

@@ -23,7 +23,9 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_ACCOUNT",
     "LOG_LEVELS",
+    "SEVERITIES",
     "AccountConfig",
+    "AlertsConfig",
     "Config",
     "KakaoApp",
     "RefreshPolicy",
@@ -38,7 +40,9 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEFAULT_ACCOUNT: Final = "default"
 ACCOUNT_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 #: Sections later versions will add; named specially so the message says "not yet".
-_FUTURE_SECTIONS: Final = frozenset({"alerts", "api"})
+_FUTURE_SECTIONS: Final = frozenset({"api"})
+#: Alert severities, least urgent first (alerts.py maps them onto log levels).
+SEVERITIES: Final = ("info", "warning", "critical")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +88,31 @@ class RefreshPolicy:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """When to alert and through which channels (the log is always one); see [alerts]."""
+
+    #: Remaining refresh-token life at which to alert, longest first; each fires once.
+    thresholds: tuple[float, ...] = (14 * 86400.0, 7 * 86400.0, 3 * 86400.0, 86400.0)
+    #: Expiry alerts with less than this left are critical (warning before).
+    critical_below: float = 3 * 86400.0
+    #: A critical alert that is still active is sent again after this long.
+    repeat: float = 86400.0
+    #: Alert when refreshing has failed for longer than this share of the access lifetime.
+    failing_after: float = 0.10
+    #: KakaoTalk "send to me": True, False, or None = when the token has talk_message.
+    kakaotalk: bool | None = None
+    kakaotalk_min_severity: str = "info"
+    #: May hold a secret (Slack/Discord URLs do): never shown in repr or logs.
+    webhook_url: str | None = field(default=None, repr=False)
+    webhook_timeout: float = 10.0
+    webhook_retries: int = 3
+    webhook_min_severity: str = "info"
+    command: tuple[str, ...] = ()
+    command_timeout: float = 30.0
+    command_min_severity: str = "info"
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     """One Kakao user account: its app and its files."""
 
@@ -95,6 +124,8 @@ class AccountConfig:
     token_file_mode: int = 0o640
     token_file_group: str | None = None
     include_refresh_token: bool = False
+    #: [alerts] with this account's [accounts.NAME.alerts] overrides applied.
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,8 @@ class Config:
     refresh: RefreshPolicy
     accounts: Mapping[str, AccountConfig]
     default_account: str
+    #: The global [alerts] section (each account's effective settings are in its .alerts).
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def account(self, name: str | None = None) -> AccountConfig:
         """Return the named account (the default one for None); ConfigError if unknown."""
@@ -360,6 +393,21 @@ _REFRESH_KEYS: Final = (
 )
 _PUBLISH_KEYS: Final = ("mode", "group", "include_refresh_token")
 _ACCOUNT_KEYS: Final = ("token_file", "state_file", "lock_file", "kakao", "publish")
+_ALERTS_KEYS: Final = (
+    "thresholds",
+    "critical_below",
+    "repeat",
+    "failing_after",
+    "kakaotalk",
+    "kakaotalk_min_severity",
+    "webhook_url",
+    "webhook_timeout",
+    "webhook_retries",
+    "webhook_min_severity",
+    "command",
+    "command_timeout",
+    "command_min_severity",
+)
 _FILE_KINDS: Final = (
     ("state_file", ".state.json"),
     ("lock_file", ".lock"),
@@ -456,7 +504,7 @@ class _Checker:
     # -- the whole file -----------------------------------------------------------------------
 
     def config(self, raw: Mapping[str, Any]) -> Config | None:
-        self.known_keys(raw, _TOP_KEYS, "")
+        self.known_keys(raw, (*_TOP_KEYS, "alerts"), "")
         log_level = self.log_level(raw.get("log_level", "info"))
         paths_table = self.table(raw, "paths", "")
         self.known_keys(paths_table, _PATHS_KEYS, "paths")
@@ -465,6 +513,9 @@ class _Checker:
         publish = self.table(raw, "publish", "")
         self.known_keys(publish, _PUBLISH_KEYS, "publish")
         refresh = self.refresh_policy(self.table(raw, "refresh", ""))
+        alerts_table = self.table(raw, "alerts", "")
+        self.known_keys(alerts_table, _ALERTS_KEYS, "alerts")
+        alerts = self.alerts(_overlay(alerts_table, "alerts", {}, ""))
 
         state_dir = self.directory(paths_table, "state_dir", paths.default_state_dir)
         runtime_dir = self.directory(paths_table, "runtime_dir", paths.default_runtime_dir)
@@ -472,7 +523,7 @@ class _Checker:
         account_tables = self.account_tables(raw)
         accounts: dict[str, AccountConfig] = {}
         for name, (prefix, table) in account_tables.items():
-            account = self.account(name, prefix, table, kakao, publish, state_dir)
+            account = self.account(name, prefix, table, kakao, publish, state_dir, alerts_table)
             if account is not None:
                 accounts[name] = account
         if not account_tables:
@@ -490,6 +541,7 @@ class _Checker:
             or runtime_dir is None
             or default_account is None
             or not accounts
+            or alerts is None
         ):
             return None
         return Config(
@@ -500,6 +552,7 @@ class _Checker:
             refresh=refresh,
             accounts=MappingProxyType(accounts),
             default_account=default_account,
+            alerts=alerts,
         )
 
     def log_level(self, value: Any) -> str:
@@ -608,7 +661,7 @@ class _Checker:
             if not isinstance(table, dict):
                 self.problem(prefix, f"expected a table [{prefix}], got {_describe(table)}")
                 continue
-            self.known_keys(table, _ACCOUNT_KEYS, prefix)
+            self.known_keys(table, (*_ACCOUNT_KEYS, "alerts"), prefix)
             result[name] = (prefix, table)
         return result
 
@@ -620,12 +673,19 @@ class _Checker:
         kakao: Mapping[str, Any],
         publish: Mapping[str, Any],
         state_dir: Path | None,
+        alerts: Mapping[str, Any] | None = None,
     ) -> AccountConfig | None:
         own_kakao = self.table(table, "kakao", prefix) if prefix else {}
         own_publish = self.table(table, "publish", prefix) if prefix else {}
+        own_alerts = self.table(table, "alerts", prefix) if prefix else {}
         if prefix:
             self.known_keys(own_kakao, _KAKAO_KEYS, f"{prefix}.kakao")
             self.known_keys(own_publish, _PUBLISH_KEYS, f"{prefix}.publish")
+            self.known_keys(own_alerts, _ALERTS_KEYS, f"{prefix}.alerts")
+        # A mistake in the global [alerts] shows up per account too; _build drops duplicates.
+        account_alerts = self.alerts(
+            _overlay(alerts or {}, "alerts", own_alerts, f"{prefix}.alerts")
+        )
         app = self.kakao_app(
             _overlay(kakao, "kakao", own_kakao, f"{prefix}.kakao"),
             missing_prefix=f"{prefix}.kakao" if prefix else "kakao",
@@ -642,7 +702,7 @@ class _Checker:
             file = files[kind]
             if file is not None:
                 self.files.append((f"{prefix or 'accounts.' + name}.{kind}", file, kind in table))
-        if app is None or mode is None or include is None:
+        if app is None or mode is None or include is None or account_alerts is None:
             return None
         state_file, lock_file, token_file = (files[kind] for kind, _ in _FILE_KINDS)
         if state_file is None or lock_file is None or token_file is None:
@@ -656,6 +716,7 @@ class _Checker:
             token_file_mode=mode,
             token_file_group=group,
             include_refresh_token=include,
+            alerts=account_alerts,
         )
 
     def publish_settings(
@@ -955,6 +1016,105 @@ class _Checker:
                 return None
             result.append(item)
         return tuple(dict.fromkeys(result))
+
+    # -- [alerts] -----------------------------------------------------------------------------
+
+    def alerts(self, settings: Mapping[str, _Setting]) -> AlertsConfig | None:
+        base = AlertsConfig()
+        values: dict[str, Any] = {}
+        bad = False
+        for name, (value, key) in settings.items():
+            parsed: Any = None
+            if name == "thresholds":
+                parsed = self.thresholds(value, key)
+            elif name in ("critical_below", "repeat", "webhook_timeout", "command_timeout"):
+                parsed = self.duration(value, key)
+                if parsed is not None and parsed <= 0:
+                    self.problem(key, 'must be more than 0s, e.g. "1d" or "10s"')
+                    parsed = None
+            elif name == "failing_after":
+                parsed = self.share(value, key)
+            elif name == "kakaotalk":
+                if value == "auto":
+                    values[name] = None
+                    continue
+                if not isinstance(value, bool):
+                    self.problem(key, f'expected true, false or "auto", got {_describe(value)}')
+                else:
+                    parsed = value
+            elif name.endswith("_min_severity"):
+                if isinstance(value, str) and value.lower() in SEVERITIES:
+                    parsed = value.lower()
+                else:
+                    self.problem(
+                        key, f"expected one of {', '.join(SEVERITIES)}, got {_describe(value)}"
+                    )
+            elif name == "webhook_url":
+                parsed = self.webhook_url(value, key)
+            elif name == "webhook_retries":
+                if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20:
+                    parsed = value
+                else:
+                    self.problem(key, f"expected a number of retries 0..20, got {_describe(value)}")
+            elif name == "command":
+                parsed = self.command(value, key)
+            else:
+                continue  # unknown keys were reported by known_keys
+            if parsed is None:
+                bad = True
+            else:
+                values[name] = parsed
+        if bad:
+            return None
+        return AlertsConfig(**{**base.__dict__, **values})
+
+    def thresholds(self, value: Any, key: str) -> tuple[float, ...] | None:
+        if not isinstance(value, list):
+            self.problem(
+                key, f'expected a list like ["14d", "7d", "3d", "1d"], got {_describe(value)}'
+            )
+            return None
+        result: list[float] = []
+        for index, item in enumerate(value):
+            seconds = self.duration(item, f"{key}[{index}]")
+            if seconds is None:
+                return None
+            if seconds <= 0:
+                self.problem(
+                    f"{key}[{index}]", "must be more than 0s (expiry itself always alerts)"
+                )
+                return None
+            result.append(seconds)
+        return tuple(sorted(set(result), reverse=True))
+
+    def webhook_url(self, value: Any, key: str) -> str | None:
+        example = "https://hooks.example.com/T000/B000/XXXX"
+        if not isinstance(value, str) or not value.strip():
+            self.problem(key, f"expected a URL like {example}, got {_describe(value)}")
+            return None
+        try:
+            parts = urlsplit(value.strip())
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            # The URL may carry a secret path: name the problem, not the value.
+            self.problem(key, f"expected an http(s) URL with a host, like {example}")
+            return None
+        return value.strip()
+
+    def command(self, value: Any, key: str) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            self.problem(
+                key,
+                'expected a list of strings like ["/usr/local/bin/notify", "--urgent"]'
+                f" (run without a shell), got {_describe(value)}",
+            )
+            return None
+        if value and not os.path.isabs(value[0]):
+            self.problem(f"{key}[0]", f'must be an absolute path like "/usr/local/bin/{value[0]}"')
+            return None
+        return tuple(value)
 
     # -- [publish] ----------------------------------------------------------------------------
 
