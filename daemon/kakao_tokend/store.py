@@ -265,6 +265,8 @@ class AccountStore:
         self.state_path = Path(account.state_file)
         self.token_path = Path(account.token_file)
         self.lock_path = Path(account.lock_file)
+        #: Alert bookkeeping (what was sent when; no secrets), next to the state file.
+        self.alerts_path = self.state_path.with_name(f"{self.name}.alerts.json")
         self._lock_fd: int | None = None
         self._lock_depth = 0
         self._cleaned = False
@@ -555,6 +557,32 @@ class AccountStore:
         if not isinstance(document, dict):
             raise StoreError(f"token file {self.token_path} is not a JSON object")
         return document
+
+    # -- alert bookkeeping ---------------------------------------------------------------------
+
+    def load_alerts(self) -> dict[str, Any] | None:
+        """Return the saved alert bookkeeping, or None when there is none or it is unreadable.
+
+        It only prevents repeats, so a damaged file is logged and treated as empty.
+        """
+        try:
+            raw = self.alerts_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read %s: %s", self.alerts_path, exc.strerror or exc)
+            return None
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            log.warning("ignoring damaged %s (%s)", self.alerts_path, _safe_reason(exc))
+            return None
+        return document if isinstance(document, dict) else None
+
+    def save_alerts(self, document: dict[str, Any]) -> None:
+        """Write the alert bookkeeping atomically (0600); raises StoreWriteError."""
+        data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+        atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
     def remove(self) -> None:
         """Delete the state and token files (logout); missing files are fine.
