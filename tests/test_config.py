@@ -249,10 +249,10 @@ class TestUnknownKeys:
         found = problems_of(MINIMAL + "[paths]\nzzz = 1\n", env)
         assert found == {"paths.zzz": "unknown key; allowed here: state_dir, runtime_dir"}
 
-    def test_future_sections_say_not_yet(self, env: dict[str, str]) -> None:
-        """[api] belongs to a later version and is refused with that reason."""
-        found = problems_of(MINIMAL + "[api]\n", env)
-        assert "not supported by this version" in found["api"]
+    def test_api_section_typo_is_named(self, env: dict[str, str]) -> None:
+        """[api] is accepted, and a mistyped key in it is named with a suggestion."""
+        found = problems_of(MINIMAL + '[api]\nsocket_mod = "0660"\n', env)
+        assert "socket_mode" in found["api.socket_mod"]
 
 
 class TestValues:
@@ -739,5 +739,6 @@ class TestExample:
             *config_module._REFRESH_KEYS,
             *config_module._PUBLISH_KEYS,
             *config_module._ACCOUNT_KEYS,
-        } - {"paths", "kakao", "refresh", "publish", "accounts"}
+            *config_module._API_KEYS,
+        } - {"paths", "kakao", "refresh", "publish", "accounts", "api"}
         assert accepted - documented == set()

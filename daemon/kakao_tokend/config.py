@@ -11,7 +11,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -26,6 +26,7 @@ __all__ = [
     "SEVERITIES",
     "AccountConfig",
     "AlertsConfig",
+    "ApiSettings",
     "Config",
     "KakaoApp",
     "RefreshPolicy",
@@ -40,7 +41,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEFAULT_ACCOUNT: Final = "default"
 ACCOUNT_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 #: Sections later versions will add; named specially so the message says "not yet".
-_FUTURE_SECTIONS: Final = frozenset({"api"})
+_FUTURE_SECTIONS: Final[frozenset[str]] = frozenset()
 #: Alert severities, least urgent first (alerts.py maps them onto log levels).
 SEVERITIES: Final = ("info", "warning", "critical")
 
@@ -124,8 +125,33 @@ class AccountConfig:
     token_file_mode: int = 0o640
     token_file_group: str | None = None
     include_refresh_token: bool = False
+    #: Commands (argv, no shell) run after each refresh that changed the token.
+    hooks: tuple[tuple[str, ...], ...] = ()
+    hook_timeout: float = 30.0
+    #: Extra sinks: a file with only the access token; a KAKAO_ACCESS_TOKEN=... env file.
+    access_token_file: Path | None = None
+    env_file: Path | None = None
     #: [alerts] with this account's [accounts.NAME.alerts] overrides applied.
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The local API: a Unix socket (always) and an optional TCP listener with a bearer token."""
+
+    #: None means <runtime_dir>/api.sock.
+    socket: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    #: (host, port) when the TCP listener is on.
+    tcp: tuple[str, int] | None = None
+    bearer_token: str | None = field(default=None, repr=False)
+    allow_non_loopback: bool = False
+    #: Largest request body accepted (413 beyond); proxied bodies up to proxy_retry_body are
+    #: buffered so the request can be retried after a -401.
+    max_body: int = 16 * 1024 * 1024
+    proxy_retry_body: int = 1024 * 1024
+    request_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,7 @@ class Config:
     refresh: RefreshPolicy
     accounts: Mapping[str, AccountConfig]
     default_account: str
+    api: ApiSettings = field(default_factory=ApiSettings)
     #: The global [alerts] section (each account's effective settings are in its .alerts).
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
@@ -369,6 +396,7 @@ _TOP_KEYS: Final = (
     "refresh",
     "publish",
     "accounts",
+    "api",
 )
 _PATHS_KEYS: Final = ("state_dir", "runtime_dir")
 _SECRETS: Final = ("rest_api_key", "client_secret")
@@ -392,7 +420,28 @@ _REFRESH_KEYS: Final = (
     "verify_on_start",
 )
 _PUBLISH_KEYS: Final = ("mode", "group", "include_refresh_token")
-_ACCOUNT_KEYS: Final = ("token_file", "state_file", "lock_file", "kakao", "publish")
+_ACCOUNT_KEYS: Final = (
+    "token_file",
+    "state_file",
+    "lock_file",
+    "kakao",
+    "publish",
+    "hooks",
+    "hook_timeout",
+    "access_token_file",
+    "env_file",
+)
+_API_KEYS: Final = (
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "tcp",
+    "bearer_token_file",
+    "allow_non_loopback",
+    "max_body",
+    "proxy_retry_body",
+    "request_timeout",
+)
 _ALERTS_KEYS: Final = (
     "thresholds",
     "critical_below",
@@ -504,6 +553,7 @@ class _Checker:
     # -- the whole file -----------------------------------------------------------------------
 
     def config(self, raw: Mapping[str, Any]) -> Config | None:
+        api = self.api_settings(raw)
         self.known_keys(raw, (*_TOP_KEYS, "alerts"), "")
         log_level = self.log_level(raw.get("log_level", "info"))
         paths_table = self.table(raw, "paths", "")
@@ -552,6 +602,7 @@ class _Checker:
             refresh=refresh,
             accounts=MappingProxyType(accounts),
             default_account=default_account,
+            api=api,
             alerts=alerts,
         )
 
@@ -704,6 +755,9 @@ class _Checker:
                 self.files.append((f"{prefix or 'accounts.' + name}.{kind}", file, kind in table))
         if app is None or mode is None or include is None or account_alerts is None:
             return None
+        extras = self.account_extras(prefix or f"accounts.{name}", table)
+        if extras is None:
+            return None
         state_file, lock_file, token_file = (files[kind] for kind, _ in _FILE_KINDS)
         if state_file is None or lock_file is None or token_file is None:
             return None
@@ -716,8 +770,160 @@ class _Checker:
             token_file_mode=mode,
             token_file_group=group,
             include_refresh_token=include,
+            **extras,
             alerts=account_alerts,
         )
+
+    def account_extras(self, prefix: str, table: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Hooks and extra sinks of one account (keys of [accounts.NAME])."""
+        values: dict[str, Any] = {}
+        if "hooks" in table:
+            values["hooks"] = self.hooks(table["hooks"], f"{prefix}.hooks")
+        if "hook_timeout" in table:
+            values["hook_timeout"] = self.duration(table["hook_timeout"], f"{prefix}.hook_timeout")
+        for kind in ("access_token_file", "env_file"):
+            if kind in table:
+                values[kind] = self.path(table[kind], f"{prefix}.{kind}")
+                if values[kind] is not None:
+                    self.files.append((f"{prefix}.{kind}", values[kind], True))
+        if any(value is None for value in values.values()):
+            return None
+        return values
+
+    def hooks(self, value: Any, key: str) -> tuple[tuple[str, ...], ...] | None:
+        example = 'e.g. hooks = [["/usr/local/bin/reload-bot", "--quiet"]]'
+        if not isinstance(value, list):
+            self.problem(key, f"expected a list of commands, {example}; got {_describe(value)}")
+            return None
+        result: list[tuple[str, ...]] = []
+        for index, command in enumerate(value):
+            if (
+                not isinstance(command, list)
+                or not command
+                or not all(isinstance(arg, str) and arg for arg in command)
+            ):
+                self.problem(
+                    f"{key}[{index}]",
+                    f"expected a command as a non-empty list of strings (no shell), {example}",
+                )
+                return None
+            if not Path(command[0]).is_absolute():
+                self.problem(
+                    f"{key}[{index}]",
+                    "the program must be an absolute path (hooks run without a shell or PATH"
+                    f" lookup), got {_describe(command[0])}",
+                )
+                return None
+            result.append(tuple(command))
+        return tuple(result)
+
+    # -- [api] --------------------------------------------------------------------------------
+
+    def api_settings(self, raw: Mapping[str, Any]) -> ApiSettings:
+        table = self.table(raw, "api", "")
+        self.known_keys(table, _API_KEYS, "api")
+        base = ApiSettings()
+        values: dict[str, Any] = {}
+        if "socket" in table:
+            values["socket"] = self.path(table["socket"], "api.socket")
+        if "socket_mode" in table:
+            values["socket_mode"] = self.socket_mode(table["socket_mode"])
+        if "socket_group" in table:
+            values["socket_group"] = self.group(table["socket_group"], "api.socket_group")
+        if "allow_non_loopback" in table:
+            values["allow_non_loopback"] = self.boolean(
+                table["allow_non_loopback"], "api.allow_non_loopback"
+            )
+        for key in ("max_body", "proxy_retry_body"):
+            if key in table:
+                values[key] = self.size(table[key], f"api.{key}")
+        if "request_timeout" in table:
+            values["request_timeout"] = self.duration(
+                table["request_timeout"], "api.request_timeout"
+            )
+        if "tcp" in table:
+            values["tcp"] = self.tcp_address(
+                table["tcp"], allow_non_loopback=values.get("allow_non_loopback") is True
+            )
+            if values["tcp"] is not None and "bearer_token_file" not in table:
+                self.problem(
+                    "api.bearer_token_file",
+                    "required when api.tcp is set: a file (mode 600) holding a long random"
+                    " token, e.g. `openssl rand -hex 32 > FILE; chmod 600 FILE`",
+                )
+                values["tcp"] = None
+        if "bearer_token_file" in table:
+            values["bearer_token"] = self.bearer_token(table["bearer_token_file"])
+        if any(value is None for value in values.values()):
+            return base
+        settings = replace(base, **values)
+        if settings.proxy_retry_body > settings.max_body:
+            self.problem("api.proxy_retry_body", "must not be larger than api.max_body")
+        return settings
+
+    def bearer_token(self, value: Any) -> str | None:
+        key = "api.bearer_token_file"
+        file = self.path(value, key)
+        if file is None:
+            return None
+        trusted = self.credentials_dir is not None and file.is_relative_to(self.credentials_dir)
+        token = self.read_secret(file, key, "bearer token", trusted=trusted)
+        if token is not None and len(token) < 16:
+            self.problem(
+                key, f"{file} holds fewer than 16 characters; use e.g. `openssl rand -hex 32`"
+            )
+            return None
+        return token
+
+    def socket_mode(self, value: Any) -> int | None:
+        key = "api.socket_mode"
+        if not isinstance(value, str) or not re.fullmatch(r"(0o)?[0-7]{3,4}", value.strip()):
+            self.problem(
+                key, f'expected an octal mode as a string like "0660", got {_describe(value)}'
+            )
+            return None
+        mode = int(value.strip().removeprefix("0o"), 8)
+        if mode & 0o7007 or mode & 0o600 != 0o600:
+            self.problem(
+                key,
+                'whoever can connect can get tokens: use "0600" (owner only) or "0660" with'
+                f' api.socket_group, never access for others; got "{value}"',
+            )
+            return None
+        return mode
+
+    def size(self, value: Any, key: str) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        match = (
+            re.fullmatch(r"(\d+)\s*([kKmM]?)(i?[bB])?", value.strip())
+            if isinstance(value, str)
+            else None
+        )
+        if match is None or int(match.group(1)) <= 0:
+            self.problem(
+                key, f'expected a size in bytes like 65536, "64k" or "16M", got {_describe(value)}'
+            )
+            return None
+        return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
+
+    def tcp_address(self, value: Any, *, allow_non_loopback: bool) -> tuple[str, int] | None:
+        text = value.strip() if isinstance(value, str) else ""
+        host, _, port_text = text.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            self.problem(
+                "api.tcp", f'expected "HOST:PORT" like "127.0.0.1:8766", got {_describe(value)}'
+            )
+            return None
+        if not _is_loopback(host) and not allow_non_loopback:
+            self.problem(
+                "api.tcp",
+                f"{host} is not a loopback address, so other machines could ask for tokens;"
+                " use 127.0.0.1, or set api.allow_non_loopback = true if you really mean it",
+            )
+            return None
+        return host, int(port_text)
 
     def publish_settings(
         self, settings: Mapping[str, _Setting]
