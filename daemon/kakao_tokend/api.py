@@ -1,24 +1,59 @@
-"""Local HTTP API on the daemon's Unix socket: health, status, reload, refresh, token.
+"""Local HTTP API: health, status, token, refresh, reload, metrics, and the proxy to Kakao.
 
 Handlers only translate HTTP to the daemon's managers and back; errors are JSON objects with
-an ``error`` field that says what went wrong.
+an ``error`` field that says what went wrong. The Unix socket is guarded by its file mode and
+group; the optional TCP listener requires the configured bearer token (except /healthz).
+Nothing here ever logs a token or a query string.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
 
 from . import __version__
 from .config import parse_duration
+from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager, Health
+from .service import DAEMON, Daemon
 from .tokens import format_time
 
+log = logging.getLogger(__name__)
 
-def _daemon(request: web.Request) -> Any:
-    from .service import DAEMON
+METRICS = web.AppKey("metrics", Metrics)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: RFC 9110 7.6.1 hop-by-hop headers, plus what the proxy sets itself.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+#: Request headers never forwarded to Kakao.
+DROP_REQUEST = HOP_BY_HOP | {"host", "authorization", "x-kakao-account", "content-length"}
+#: Response headers never passed back to the client (aiohttp sets its own).
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "server", "date"}
+CHUNK = 64 * 1024
+
+
+def _daemon(request: web.Request) -> Daemon:
     return request.app[DAEMON]
 
 
@@ -26,17 +61,34 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def _manager(request: web.Request) -> AccountManager:
-    daemon = _daemon(request)
-    name = request.match_info["name"]
+def _lookup(daemon: Daemon, name: str) -> AccountManager:
     if name == "default":
         name = daemon.config.default_account
     manager = daemon.managers.get(name)
     if manager is None:
-        raise web.HTTPNotFound(
-            text=f'{{"error": "no account named {name!r}"}}', content_type="application/json"
-        )
+        known = ", ".join(daemon.managers) or "none"
+        raise _json_error(web.HTTPNotFound, f"no account named {name!r} (accounts: {known})")
     return manager
+
+
+def _manager(request: web.Request) -> AccountManager:
+    return _lookup(_daemon(request), request.match_info["name"])
+
+
+def _json_error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
+    return cls(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> Any:
+    """Wait for ``awaitable`` at most api.request_timeout (refreshes go on when it expires)."""
+    timeout = _daemon(request).config.api.request_timeout
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise _json_error(
+            web.HTTPGatewayTimeout,
+            f"no answer within {timeout:g}s (api.request_timeout); Kakao may be slow",
+        ) from None
 
 
 def is_serving(manager: AccountManager) -> bool:
@@ -86,12 +138,14 @@ async def refresh(request: web.Request) -> web.Response:
     if manager.state is None:
         return _error(409, f"account {manager.name} has no tokens; run kakao-tokend login")
     before = manager.state.generation
-    await manager.refresh(force=True, reason="API request")
+    before_refresh = manager.state.tokens.refresh_fingerprint
+    await _within_timeout(request, manager.refresh(force=True, reason="API request"))
     daemon = _daemon(request)
     if daemon.scheduler is not None:
         daemon.scheduler.plan(manager)
     body = manager.describe()
     body["refreshed"] = manager.state is not None and manager.state.generation != before
+    body["rotated"] = body["refreshed"] and body.get("refresh_fingerprint") != before_refresh
     return web.json_response(body, status=200 if body["refreshed"] else 502)
 
 
@@ -110,7 +164,8 @@ async def token(request: web.Request) -> web.Response:
         return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
-        await manager.refresh(force=True, reason=f"token requested with min_valid={min_valid}")
+        reason = f"token requested with min_valid={min_valid:g}s"
+        await _within_timeout(request, manager.refresh(force=True, reason=reason))
         daemon = _daemon(request)
         if daemon.scheduler is not None:
             daemon.scheduler.plan(manager)
@@ -137,10 +192,235 @@ async def token(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition, computed now from the managers."""
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+def _target(manager: AccountManager, request: web.Request) -> URL:
+    """Map /kapi/<rest> onto the account's api_url; refuse anything that leaves that host."""
+    base = URL(manager.account.app.api_url)
+    raw = request.raw_path[len("/kapi") :]
+    path, _, query = raw.partition("?")
+    if not path.startswith("/") or any(part in ("..", ".") for part in path.split("/")):
+        raise _json_error(web.HTTPBadRequest, "the path after /kapi must be a plain API path")
+    target = URL(str(base).rstrip("/") + path + (f"?{query}" if query else ""), encoded=True)
+    if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
+        raise _json_error(web.HTTPBadRequest, "the proxy only talks to the configured api_url")
+    return target
+
+
+def _forward_headers(request: web.Request, token: str) -> dict[str, str]:
+    listed = {
+        name.strip().lower()
+        for value in request.headers.getall(hdrs.CONNECTION, [])
+        for name in value.split(",")
+    }
+    headers = {
+        name: value
+        for name, value in request.headers.items()
+        if name.lower() not in DROP_REQUEST and name.lower() not in listed
+    }
+    headers["Authorization"] = f"Bearer {token}"
+    if request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers
+
+
+async def _read_upto(request: web.Request, limit: int) -> tuple[bytes, bool]:
+    """Read at most ``limit`` bytes of the body; return (data, whole body read)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(min(CHUNK, limit + 1 - size))
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
+
+
+async def _rest_of_body(request: web.Request, head: bytes, max_body: int) -> AsyncIterator[bytes]:
+    size = len(head)
+    yield head
+    async for chunk in request.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if size > max_body:
+            raise _BodyTooLarge
+        yield chunk
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _is_token_rejected(status: int, body: bytes) -> bool:
+    if status != 401:
+        return False
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("code") == -401
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Forward /kapi/<path> to Kakao with the account's token; refresh and retry once on -401.
+
+    The account comes from the X-Kakao-Account header, else the default account. Request
+    bodies up to api.proxy_retry_body are buffered, so a -401 can be retried; larger bodies
+    are streamed (up to api.max_body) and a -401 is passed back as it came.
+    """
+    daemon = _daemon(request)
+    settings = daemon.config.api
+    manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
+    target = _target(manager, request)
+    if manager.state is None:
+        raise _json_error(
+            web.HTTPConflict, f"account {manager.name} has no tokens; run kakao-tokend login"
+        )
+    if request.content_length is not None and request.content_length > settings.max_body:
+        raise _json_error(
+            web.HTTPRequestEntityTooLarge,
+            f"request body larger than api.max_body ({settings.max_body} bytes)",
+        )
+    session = daemon.session
+    assert session is not None
+    body: bytes | None = None
+    head = b""
+    whole = True
+    if request.body_exists:
+        head, whole = await _read_upto(request, settings.proxy_retry_body)
+        if whole:
+            body = head
+    timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
+    retried = False
+    while True:
+        token = manager.state.tokens.access_token if manager.state else ""
+        data: Any = body if whole else _rest_of_body(request, head, settings.max_body)
+        try:
+            upstream = await session.request(
+                request.method,
+                target,
+                headers=_forward_headers(request, token),
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                auto_decompress=False,
+            )
+        except _BodyTooLarge:
+            raise _json_error(
+                web.HTTPRequestEntityTooLarge,
+                f"request body larger than api.max_body ({settings.max_body} bytes)",
+            ) from None
+        except TimeoutError:
+            raise _json_error(
+                web.HTTPGatewayTimeout,
+                f"Kakao did not answer within {settings.request_timeout:g}s",
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise _json_error(
+                web.HTTPBadGateway, f"cannot reach {target.host}: {type(exc).__name__}"
+            ) from None
+        try:
+            if upstream.status == 401 and whole and not retried:
+                answer = await upstream.read()
+                if _is_token_rejected(upstream.status, answer):
+                    retried = True
+                    upstream.release()
+                    if manager.state is None or manager.state.tokens.access_token == token:
+                        await _within_timeout(
+                            request,
+                            manager.refresh(force=True, reason="Kakao rejected the token (-401)"),
+                        )
+                    if manager.state is not None and manager.state.tokens.access_token != token:
+                        log.info("proxy: %s got -401; retrying with a new token", manager.name)
+                        continue
+                return web.Response(
+                    status=upstream.status, body=answer, headers=_back_headers(upstream)
+                )
+            response = web.StreamResponse(status=upstream.status, headers=_back_headers(upstream))
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            upstream.release()
+
+
+def _back_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    listed = {
+        name.strip().lower()
+        for value in upstream.headers.getall(hdrs.CONNECTION, [])
+        for name in value.split(",")
+    }
+    return {
+        name: value
+        for name, value in upstream.headers.items()
+        if name.lower() not in DROP_RESPONSE and name.lower() not in listed
+    }
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+def _is_tcp(request: web.Request) -> bool:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return isinstance(sockname, tuple)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer auth on TCP (not /healthz), body size limit, JSON errors, a path-only debug log."""
+    daemon = _daemon(request)
+    settings = daemon.config.api
+    log.debug("api %s %s", request.method, request.path)
+    if _is_tcp(request) and request.path != "/healthz":
+        expected = settings.bearer_token
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if (
+            expected is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(given.strip().encode(), expected.encode())
+        ):
+            return web.json_response(
+                {"error": "missing or wrong bearer token (see api.bearer_token_file)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="kakao-tokend"'},
+            )
+    if (
+        request.content_length is not None
+        and request.content_length > settings.max_body
+        and not request.path.startswith("/kapi/")
+    ):
+        return _error(413, f"request body larger than api.max_body ({settings.max_body} bytes)")
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json":
+            raise
+        return _error(exc.status, exc.reason)
+
+
 def add_routes(app: web.Application) -> None:
-    """Register the API routes on the daemon's Application."""
+    """Register the API routes, the guard middleware and the metrics registry on the app."""
+    app.middlewares.append(guard)
+    daemon = app[DAEMON]
+    metrics_state = Metrics(daemon)
+    app[METRICS] = metrics_state
+    daemon.listeners.append(metrics_state.collector.on_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/accounts/{name}/refresh", refresh)
     app.router.add_get("/v1/accounts/{name}/token", token)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/kapi/{path:.*}", proxy)

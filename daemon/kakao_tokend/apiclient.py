@@ -1,0 +1,78 @@
+"""The CLI's client for the daemon's local API on its Unix socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .errors import KakaoTokendError
+
+
+class DaemonNotRunning(Exception):
+    """Nothing accepts connections on the socket: the caller falls back to the files."""
+
+
+class DaemonApiError(KakaoTokendError):
+    """The daemon answered, but not with what was asked for (its JSON ``error`` is the message)."""
+
+    def __init__(self, status: int, message: str, body: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+def socket_path(config: Config) -> Path:
+    """Return the API socket path for ``config`` (the same rule as the daemon's)."""
+    return config.api.socket or config.runtime_dir / "api.sock"
+
+
+def daemon_running(path: Path) -> bool:
+    """Return True when something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+async def call(
+    path: Path,
+    method: str,
+    url_path: str,
+    *,
+    params: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> tuple[int, dict[str, Any]]:
+    """Send one request over the Unix socket; return (status, JSON body).
+
+    Raises DaemonNotRunning when the connection cannot be opened (nothing was sent, so the
+    caller can safely do the work itself), DaemonApiError when the answer is not JSON.
+    """
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
+        try:
+            async with session.request(
+                method, f"http://kakao-tokend{url_path}", params=params
+            ) as response:
+                text = await response.text()
+                status = response.status
+        except aiohttp.ClientConnectorError as exc:
+            raise DaemonNotRunning(str(path)) from exc
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise DaemonApiError(status, f"the daemon answered HTTP {status} without JSON", {})
+    return status, body

@@ -1,0 +1,188 @@
+"""After-refresh hooks (commands, no shell, one at a time per account) and extra token sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .errors import StoreError
+from .refresher import AccountEvent, AccountManager, Health
+from .store import atomic_write, resolve_group
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+log = logging.getLogger(__name__)
+
+#: How long a killed hook may take to disappear before we stop waiting for it.
+KILL_WAIT = 5.0
+
+
+def sink_documents(token: str) -> tuple[bytes, bytes]:
+    """Return the bare access-token file and the env file contents for ``token``."""
+    return token.encode(), f"KAKAO_ACCESS_TOKEN={token}\n".encode()
+
+
+def write_sinks(manager: AccountManager) -> None:
+    """Write the account's extra sinks (bare token file, env file) atomically; log failures."""
+    account = manager.account
+    state = manager.state
+    if state is None or (account.access_token_file is None and account.env_file is None):
+        return
+    bare, env = sink_documents(state.tokens.access_token)
+    try:
+        group = resolve_group(account.token_file_group)
+    except StoreError as exc:
+        log.error("account %s: cannot write the extra token files: %s", manager.name, exc)
+        return
+    for path, data in ((account.access_token_file, bare), (account.env_file, env)):
+        if path is None:
+            continue
+        try:
+            atomic_write(path, data, mode=account.token_file_mode, group=group)
+        except StoreError as exc:
+            log.error("account %s: cannot write %s: %s", manager.name, path, exc)
+
+
+class HookRunner:
+    """Turns ``refreshed`` events into sink writes and hook runs; one instance per daemon.
+
+    Hooks of one account run one after another: a change that arrives while a hook runs is
+    coalesced into one more run for the newest generation. A run happens only when the
+    generation grew past the last one hooks were run (or started) for.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._seen: dict[str, int] = {}
+        self._pending: dict[str, int] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._procs: set[asyncio.subprocess.Process] = set()
+        self.runs = 0
+
+    def baseline(self) -> None:
+        """Remember every account's current generation; no hook runs for tokens we started with."""
+        for manager in self.daemon.managers.values():
+            if manager.state is not None:
+                self._seen.setdefault(manager.name, manager.state.generation)
+
+    def on_event(self, event: AccountEvent) -> None:
+        """Manager listener: quick and non-blocking (sinks inline, hooks in a task)."""
+        if event.kind != "refreshed":
+            return
+        manager = self.daemon.managers.get(event.account)
+        if manager is None or manager.state is None:
+            return
+        write_sinks(manager)
+        generation = int(event.data.get("generation", manager.state.generation))
+        if generation <= self._seen.get(event.account, 0):
+            return
+        self._seen[event.account] = generation
+        if not manager.account.hooks:
+            return
+        self._pending[event.account] = generation
+        worker = self._workers.get(event.account)
+        if worker is None or worker.done():
+            self._workers[event.account] = asyncio.create_task(self._work(event.account))
+
+    async def _work(self, name: str) -> None:
+        while name in self._pending:
+            generation = self._pending.pop(name)
+            manager = self.daemon.managers.get(name)
+            if manager is None:
+                return
+            for command in manager.account.hooks:
+                await self.run_hook(manager, command, generation)
+
+    async def run_hook(self, manager: AccountManager, command: tuple[str, ...], gen: int) -> None:
+        """Run one hook command with a timeout; never raises."""
+        account = manager.account
+        env = {
+            **os.environ,
+            "KAKAO_TOKEND_ACCOUNT": account.name,
+            "KAKAO_TOKEND_TOKEN_FILE": str(account.token_file),
+            "KAKAO_TOKEND_GENERATION": str(gen),
+        }
+        program = Path(command[0]).name
+        self.runs += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        except OSError as exc:
+            log.error("account %s: hook %s could not start: %s", account.name, program, exc)
+            return
+        self._procs.add(proc)
+        try:
+            code = await asyncio.wait_for(proc.wait(), account.hook_timeout)
+        except TimeoutError:
+            log.error(
+                "account %s: hook %s still running after %ss; killed it",
+                account.name,
+                program,
+                account.hook_timeout,
+            )
+            await self._kill(proc)
+            return
+        finally:
+            self._procs.discard(proc)
+        if code == 0:
+            log.info("account %s: hook %s done (generation %d)", account.name, program, gen)
+        else:
+            log.warning("account %s: hook %s exited with %s", account.name, program, code)
+
+    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), KILL_WAIT)
+
+    async def close(self) -> None:
+        """Stop: kill running hooks and wait for the workers."""
+        self._pending.clear()
+        for proc in list(self._procs):
+            await self._kill(proc)
+        for worker in self._workers.values():
+            worker.cancel()
+        for worker in self._workers.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def idle(self) -> None:
+        """Wait until no hook is queued or running (for tests and orderly shutdowns)."""
+        while any(not worker.done() for worker in self._workers.values()):
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+
+HOOKS = web.AppKey("hooks", HookRunner)
+
+
+async def _hooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    runner = app[HOOKS]
+    runner.baseline()
+    for manager in runner.daemon.managers.values():
+        if manager.status.health is Health.OK:
+            write_sinks(manager)
+    yield
+    await runner.close()
+
+
+def install(app: web.Application, daemon: Daemon) -> HookRunner:
+    """Attach a HookRunner to the daemon's managers (via daemon.listeners) and the app's lifecycle.
+
+    Call before the app starts: every manager made later (at start and on reload) gets the
+    listener. The cleanup context goes last, so it starts after the accounts are loaded.
+    """
+    runner = HookRunner(daemon)
+    app[HOOKS] = runner
+    daemon.listeners.append(runner.on_event)
+    app.cleanup_ctx.append(_hooks_ctx)
+    return runner

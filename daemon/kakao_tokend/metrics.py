@@ -1,0 +1,149 @@
+"""Prometheus metrics computed at scrape time from the account managers (a per-app registry)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .refresher import AccountEvent, Health
+
+if TYPE_CHECKING:
+    from .service import Daemon
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Events that are refresh failures, with the data key naming their class.
+_FAILURE_EVENTS = frozenset({"retrying", "relogin", "config"})
+
+
+class DaemonCollector(Collector):
+    """Reads every number from the daemon when scraped; only failure classes are counted here.
+
+    The managers count attempts, successes, failures and rotations themselves; failures by
+    class come from the managers' events (``retrying``, ``relogin``, ``config``).
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.failures: Counter[tuple[str, str]] = Counter()
+
+    def on_event(self, event: AccountEvent) -> None:
+        """Manager listener: count a failure under its class."""
+        if event.kind in _FAILURE_EVENTS:
+            label = str(event.data.get("error_class") or event.kind)
+            self.failures[(event.account, label)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from the current state."""
+        daemon = self.daemon
+        now = daemon.clock()
+        access = GaugeMetricFamily(
+            "kakao_tokend_access_token_expires_in_seconds",
+            "Seconds until the access token expires (negative: expired).",
+            labels=["account"],
+        )
+        refresh = GaugeMetricFamily(
+            "kakao_tokend_refresh_token_expires_in_seconds",
+            "Seconds until the refresh token expires (negative: expired).",
+            labels=["account"],
+        )
+        last_success = GaugeMetricFamily(
+            "kakao_tokend_last_refresh_success_timestamp_seconds",
+            "Unix time of the last successful refresh (0: none since the daemon started).",
+            labels=["account"],
+        )
+        generation = GaugeMetricFamily(
+            "kakao_tokend_token_generation",
+            "Generation of the current token set (grows by one per refresh or login).",
+            labels=["account"],
+        )
+        healthy = GaugeMetricFamily(
+            "kakao_tokend_account_health",
+            "1 for the account's current health state, 0 for the others.",
+            labels=["account", "state"],
+        )
+        attempts = CounterMetricFamily(
+            "kakao_tokend_refresh_attempts",
+            "Refresh calls to Kakao since the daemon started.",
+            labels=["account"],
+        )
+        successes = CounterMetricFamily(
+            "kakao_tokend_refresh_successes",
+            "Successful refreshes since the daemon started.",
+            labels=["account"],
+        )
+        failures = CounterMetricFamily(
+            "kakao_tokend_refresh_failures",
+            "Failed refreshes since the daemon started, by error class.",
+            labels=["account", "class"],
+        )
+        rotations = CounterMetricFamily(
+            "kakao_tokend_refresh_token_rotations",
+            "Refresh-token rotations seen since the daemon started.",
+            labels=["account"],
+        )
+        for name, manager in daemon.managers.items():
+            state = manager.state
+            counters = manager.status.counters
+            if state is not None:
+                tokens = state.tokens
+                access.add_metric([name], tokens.access_remaining(now).total_seconds())
+                refresh.add_metric([name], tokens.refresh_remaining(now).total_seconds())
+                generation.add_metric([name], state.generation)
+            success_at = manager.status.last_success_at
+            last_success.add_metric([name], success_at.timestamp() if success_at else 0.0)
+            for health in Health:
+                healthy.add_metric(
+                    [name, health.value], 1.0 if manager.status.health is health else 0.0
+                )
+            attempts.add_metric([name], counters.get("attempts", 0))
+            successes.add_metric([name], counters.get("successes", 0))
+            rotations.add_metric([name], counters.get("rotations", 0))
+        for (name, label), count in sorted(self.failures.items()):
+            if name in daemon.managers:
+                failures.add_metric([name, label], count)
+        yield from (access, refresh, last_success, generation, healthy)
+        yield from (attempts, successes, failures, rotations)
+        alerts = self._alerts()
+        if alerts is not None:
+            yield alerts
+
+    def _alerts(self) -> GaugeMetricFamily | None:
+        """Active alerts by severity, when the daemon has an alerts manager with ``active()``."""
+        manager: Any = getattr(self.daemon, "alerts", None)
+        active = getattr(manager, "active", None)
+        if not callable(active):
+            return None
+        family = GaugeMetricFamily(
+            "kakao_tokend_active_alerts",
+            "Alerts currently active, by severity.",
+            labels=["severity"],
+        )
+        try:
+            counts = Counter(str(getattr(alert, "severity", "unknown")) for alert in active())
+        except Exception:  # alerts are another module's business; never break a scrape
+            log.exception("cannot read the active alerts for /metrics")
+            return None
+        for severity in dict.fromkeys(("info", "warning", "critical", *sorted(counts))):
+            family.add_metric([severity], counts.get(severity, 0))
+        return family
+
+
+class Metrics:
+    """The per-application registry and its collector."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = DaemonCollector(daemon)
+        self.registry.register(self.collector)
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition."""
+        return generate_latest(self.registry)
