@@ -22,12 +22,13 @@ import aiohttp
 from aiohttp import web
 
 from . import systemd
+from .alerts import AlertCenter
 from .config import AccountConfig, Config, load_config
-from .errors import ConfigError, KakaoTokendError, StoreLocked
+from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked
 from .kakao import KakaoClient, create_session
 from .refresher import AccountManager, EventListener, Health
 from .scheduler import RefreshScheduler
-from .store import AccountStore, make_dirs, remove_stale_temp_files
+from .store import AccountStore, make_dirs, remove_stale_temp_files, resolve_group
 from .tokens import Clock, utcnow
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Daemon:
     #: Extra listeners every account manager gets (the demo prints rotations through this).
     listeners: list[EventListener] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Alert conditions and channels (set up by _alerts_ctx).
+    alerts: AlertCenter | None = None
     _lock_fd: int | None = None
 
     # ---------------------------------------------------------------- instance lock
@@ -105,6 +108,8 @@ class Daemon:
         )
         manager.listeners.extend(self.listeners)
         manager.load()
+        if self.alerts is not None:
+            self.alerts.attach(manager)
         if manager.state is not None and manager.status.health is Health.OK:
             # Publish what we have at once: the token file may be missing or stale.
             manager._publish(manager.state)
@@ -152,6 +157,8 @@ class Daemon:
                     if manager is not None:
                         await manager.wait_idle(STOP_GRACE)
                         manager.flush()
+                    if self.alerts is not None:
+                        await self.alerts.detach(name)
                     removed.append(name)
             for name, account in new.accounts.items():
                 manager = self.managers.get(name)
@@ -178,6 +185,8 @@ class Daemon:
                 manager.client = KakaoClient(self.session, account.app, clock=self.clock)
                 manager.policy = new.refresh
                 manager.clear_config_error()
+                if self.alerts is not None:
+                    self.alerts.reconfigure(name)
                 self.scheduler.plan(manager)
                 if manager.state is not None and not manager.status.write_pending:
                     manager._publish(manager.state)
@@ -228,8 +237,20 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
-    # Placeholder for the alerts capability (conditions, channels); the log is the only channel.
+    daemon = app[DAEMON]
+    assert daemon.session is not None
+    center = AlertCenter(session=daemon.session, clock=daemon.clock)
+    daemon.alerts = center
+    for manager in daemon.managers.values():
+        center.attach(manager)
+    # First check after one heartbeat: the start-up refresh gets its chance first.
+    periodic = asyncio.create_task(center.run_periodic(lambda: daemon.config.refresh.heartbeat))
     yield
+    periodic.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await periodic
+    await center.close()
+    daemon.alerts = None
 
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -274,7 +295,7 @@ def build_app(
     listeners: list[EventListener] | None = None,
 ) -> web.Application:
     """Build the daemon's Application with its cleanup contexts in dependency order."""
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=config.api.max_body)
     app[DAEMON] = Daemon(
         config=config,
         config_path=config_path,
@@ -285,15 +306,17 @@ def build_app(
     app.cleanup_ctx.extend(
         [_instance_lock_ctx, _session_ctx, _accounts_ctx, _alerts_ctx, _scheduler_ctx, _systemd_ctx]
     )
+    from . import hooks
     from .api import add_routes
 
     add_routes(app)
+    hooks.install(app, app[DAEMON])
     return app
 
 
 def api_socket_path(config: Config) -> Path:
     """Return where the local API's Unix socket lives."""
-    return config.runtime_dir / "api.sock"
+    return config.api.socket or config.runtime_dir / "api.sock"
 
 
 async def serve(
@@ -326,10 +349,20 @@ async def serve(
         make_dirs(socket_path.parent)
         site = web.UnixSite(runner, str(socket_path))
         await site.start()
-        os.chmod(socket_path, 0o660)
-        log.info("local API listening on %s", socket_path)
-    except OSError as exc:
+        api = daemon.config.api
+        if api.socket_group is not None:
+            os.chown(socket_path, -1, resolve_group(api.socket_group) or -1)
+        os.chmod(socket_path, api.socket_mode)
+        log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
+    except (OSError, StoreError) as exc:
         log.error("cannot listen on %s: %s; the local API is off", socket_path, exc)
+    if daemon.config.api.tcp is not None:
+        host, port = daemon.config.api.tcp
+        try:
+            await web.TCPSite(runner, host, port).start()
+            log.info("local API listening on http://%s:%d (bearer token required)", host, port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
 
     def on_reload() -> None:
         task = loop.create_task(daemon.reload())
