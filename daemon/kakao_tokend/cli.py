@@ -449,6 +449,8 @@ class Assessment:
     problems: list[str]
     state: AccountState | None
     data: dict[str, Any]
+    #: Detail lines when the assessment came from the daemon (there is no AccountState then).
+    lines: list[str] | None = None
 
 
 _LEVEL_NAMES = {EXIT_OK: "ok", EXIT_WARNING: "warning", EXIT_CRITICAL: "critical"}
@@ -526,7 +528,7 @@ def _account_flag(name: str) -> str:
 
 def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
     level = _LEVEL_NAMES[item.level].upper()
-    lines = [f"{item.account}: {level}"]
+    lines = [f"{item.account}: {level}", *(item.lines or [])]
     state = item.state
     if state is not None:
         tokens = state.tokens
@@ -588,6 +590,15 @@ def status(as_json: bool, warn: float, crit: float) -> None:
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
     results: list[Assessment] = []
+    remote = _via_daemon(config, "GET", "/v1/status")
+    if remote is not None and remote[0] == 200:
+        described = {item["account"]: item for item in remote[1].get("accounts", [])}
+        results = [
+            assess_described(described[name], now, warn=warn, crit=crit)
+            for name in names
+            if name in described
+        ]
+        names = [name for name in names if name not in described]
     for name in names:
         store = AccountStore(config.accounts[name])
         load_error: str | None = None
@@ -602,6 +613,7 @@ def status(as_json: bool, warn: float, crit: float) -> None:
             "level": _LEVEL_NAMES[worst],
             "exit_code": worst,
             "checked_at": format_time(now),
+            "source": "daemon" if remote is not None and remote[0] == 200 else "files",
             "accounts": [item.data for item in results],
         }
         click.echo(json.dumps(document, indent=2))
@@ -717,6 +729,20 @@ def refresh(lock_timeout: float) -> None:
     """
     settings = _settings()
     account = settings.account_config()
+    remote = _via_daemon(settings.config(), "POST", f"/v1/accounts/{account.name}/refresh")
+    if remote is not None:
+        code, body = remote
+        if code != 200:
+            raise _daemon_failure(account.name, code, body)
+        click.echo(
+            f"refreshed {account.name} (by the daemon): access token expires"
+            f" {body['access_expires_at']} (in {format_duration(body['access_expires_in'])});"
+            f" refresh token {'ROTATED' if body.get('rotated') else 'unchanged'}, expires"
+            f" {body['refresh_expires_at']} (in {format_duration(body['refresh_expires_in'])}"
+            f"{', estimated' if body.get('refresh_expiry_estimated') else ''});"
+            f" generation {body['generation']}"
+        )
+        return
     state, _, rotated = _run_async(
         _managed_refresh(account, settings.config(), min_valid=None, lock_timeout=lock_timeout)
     )
@@ -755,6 +781,18 @@ def token(min_valid: float, lock_timeout: float) -> None:
 
     settings = _settings()
     account = settings.account_config()
+    remote = _via_daemon(
+        settings.config(),
+        "GET",
+        f"/v1/accounts/{account.name}/token",
+        params={"min_valid": f"{min_valid:g}"},
+    )
+    if remote is not None:
+        code, body = remote
+        if code != 200:
+            raise _daemon_failure(account.name, code, body)
+        click.echo(body["access_token"])
+        return
     try:
         state, _, _ = _run_async(
             _managed_refresh(
@@ -774,6 +812,154 @@ def token(min_valid: float, lock_timeout: float) -> None:
     if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
         raise KakaoUnavailable(f"account '{account.name}': the access token is expired")
     click.echo(state.tokens.access_token)
+
+
+def _via_daemon(
+    config: Config, method: str, path: str, *, params: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]] | None:
+    """Ask the running daemon over its socket; None when no daemon runs (use the files)."""
+    from .apiclient import DaemonNotRunning, call, daemon_running, socket_path
+
+    sock = socket_path(config)
+    if not daemon_running(sock):
+        return None
+    try:
+        return _run_async(call(sock, method, path, params=params))
+    except DaemonNotRunning:
+        return None
+
+
+def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendError:
+    """Turn a daemon's error answer into the error (and so the exit code) of the CLI."""
+    message = str(body.get("error") or body.get("last_error") or f"HTTP {code}")
+    health = body.get("health")
+    if code == 409:
+        return StateMissing(message, hint=f"run `kakao-tokend login{_account_flag(name)}`")
+    if health == "relogin":
+        return ReloginRequired(
+            f"Kakao refused the refresh: {message}",
+            hint=f"run `kakao-tokend login{_account_flag(name)}`",
+        )
+    if health == "config":
+        return KakaoConfigError(f"Kakao refused the refresh: {message}")
+    if code == 404 or code == 400:
+        return KakaoTokendError(f"the daemon refused the request: {message}")
+    return KakaoUnavailable(f"the daemon could not get a token for {name}: {message}")
+
+
+def assess_described(
+    item: dict[str, Any],
+    now: datetime,
+    *,
+    warn: float = WARN_REFRESH_LEFT,
+    crit: float = CRIT_REFRESH_LEFT,
+) -> Assessment:
+    """Grade one account from the daemon's /v1/status entry (same levels as ``assess``)."""
+    name = str(item["account"])
+    flag = _account_flag(name)
+    health = item.get("health", "ok")
+    data: dict[str, Any] = {"account": name, "health": health}
+    if "access_expires_in" not in item:
+        problem = f"no tokens: run `kakao-tokend login{flag}`"
+        data.update(level="critical", problems=[problem])
+        return Assessment(name, EXIT_CRITICAL, [problem], None, data, lines=[])
+    access_left = float(item["access_expires_in"])
+    refresh_left = float(item["refresh_expires_in"])
+    level = EXIT_OK
+    problems: list[str] = []
+    if item.get("relogin_reason"):
+        level = EXIT_CRITICAL
+        problems.append(f"re-login needed: {item['relogin_reason']}")
+    elif health == "relogin":
+        level = EXIT_CRITICAL
+        problems.append(
+            f"re-login needed: {item.get('last_error')}; run `kakao-tokend login{flag}`"
+        )
+    if health == "config":
+        level = EXIT_CRITICAL
+        problems.append(f"Kakao says the configuration is wrong: {item.get('last_error')}")
+    if refresh_left <= 0:
+        level = EXIT_CRITICAL
+        problems.append(f"refresh token expired; run `kakao-tokend login{flag}`")
+    elif refresh_left < crit:
+        level = EXIT_CRITICAL
+        problems.append(
+            f"refresh token expires in {format_duration(refresh_left)}; run"
+            f" `kakao-tokend login{flag}` soon"
+        )
+    elif refresh_left < warn:
+        level = max(level, EXIT_WARNING)
+        problems.append(f"refresh token expires in {format_duration(refresh_left)}")
+    if health == "retrying" and level < EXIT_CRITICAL:
+        level = max(level, EXIT_WARNING)
+        problems.append(
+            f"refresh failing ({item.get('last_error_class')}): {item.get('last_error')};"
+            f" next try {item.get('next_attempt_at')}"
+        )
+    if access_left <= 0 and level < EXIT_CRITICAL:
+        level = max(level, EXIT_WARNING)
+        problems.append("access token expired")
+    rotations = item.get("rotations") or []
+    data.update(
+        level=_LEVEL_NAMES[level],
+        problems=problems,
+        access_expires_at=item["access_expires_at"],
+        access_expires_in=int(access_left),
+        refresh_expires_at=item["refresh_expires_at"],
+        refresh_expires_in=int(refresh_left),
+        refresh_expiry_estimated=item.get("refresh_expiry_estimated"),
+        refreshed_at=item.get("refreshed_at"),
+        next_refresh_at=item.get("next_refresh_at"),
+        generation=item.get("generation"),
+        rotations=len(rotations),
+        last_rotation_at=rotations[-1]["at"] if rotations else None,
+        relogin_reason=item.get("relogin_reason"),
+        user_id=item.get("user_id"),
+        access_fingerprint=item.get("access_fingerprint"),
+        refresh_fingerprint=item.get("refresh_fingerprint"),
+    )
+    access_when = f"in {format_duration(access_left)}" if access_left > 0 else "EXPIRED"
+    estimated = ", estimated" if item.get("refresh_expiry_estimated") else ""
+    refresh_when = (
+        f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
+    )
+    lines = [
+        f"  access token:  expires {item['access_expires_at']} ({access_when})",
+        f"  refresh token: expires {item['refresh_expires_at']} ({refresh_when})",
+        f"  last refresh:  {item.get('refreshed_at') or 'never'}",
+        f"  next refresh:  {item.get('next_refresh_at') or '-'}",
+        f"  generation:    {item.get('generation')}",
+        f"  rotations:     {len(rotations)}"
+        + (f" (last {rotations[-1]['at']})" if rotations else ""),
+        f"  daemon:        running, health {health}",
+    ]
+    return Assessment(name, level, problems, None, data, lines=lines)
+
+
+@main.command()
+def reload() -> None:
+    """Make the running daemon re-read its configuration; return once it has (ExecReload).
+
+    Exit 0 when the new configuration is in effect, 1 when the daemon refused it (it keeps
+    the previous one; the reason is printed) or is not running.
+
+    \b
+    Example:
+      kakao-tokend reload
+    """
+    from .apiclient import call, daemon_running, socket_path
+
+    config = _settings().config()
+    sock = socket_path(config)
+    if not daemon_running(sock):
+        _fail(f"kakao-tokend is not running (nothing answers on {sock})")
+        click.get_current_context().exit(EXIT_FAILURE)
+    code, body = _run_async(call(sock, "POST", "/v1/reload"))
+    if code == 200 and body.get("ok"):
+        click.echo(str(body.get("message") or "reloaded"))
+        return
+    _fail(f"reload refused, the daemon keeps its previous configuration: {body.get('message')}")
+    click.get_current_context().exit(EXIT_FAILURE)
 
 
 # --------------------------------------------------------------------------- logout
