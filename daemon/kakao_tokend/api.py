@@ -121,7 +121,13 @@ async def status(request: web.Request) -> web.Response:
             "version": __version__,
             "now": format_time(now),
             "default_account": daemon.config.default_account,
-            "accounts": [m.describe(now) for m in daemon.managers.values()],
+            "accounts": [
+                {
+                    **m.describe(now),
+                    "alerts": daemon.alerts.active(m.name) if daemon.alerts is not None else [],
+                }
+                for m in daemon.managers.values()
+            ],
         }
     )
 

@@ -300,6 +300,16 @@ def check_config() -> None:
     click.echo(
         f"config OK{where}: {len(config.accounts)} account(s): {names}; state in {config.state_dir}"
     )
+    from .alerts import kakaotalk_only_for_critical
+
+    for account in config.accounts.values():
+        if kakaotalk_only_for_critical(account):
+            click.echo(
+                f"warning: account {account.name}: KakaoTalk is the only channel for critical"
+                " alerts, and it cannot deliver once the token is dead; add [alerts] webhook_url"
+                " or command",
+                err=True,
+            )
 
 
 # --------------------------------------------------------------------------- login
@@ -607,6 +617,9 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         except StoreError as exc:
             state, load_error = None, str(exc)
         results.append(assess(name, state, now, warn=warn, crit=crit, load_error=load_error))
+    for item in results:
+        # What the daemon alerted about and has not seen cleared yet (its bookkeeping file).
+        item.data["alerts"] = _active_alerts(config.accounts[item.account])
     worst = max(item.level for item in results)
     if as_json:
         document = {
@@ -621,6 +634,11 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         for item in results:
             for line in _assessment_lines(item, now):
                 click.echo(line)
+            for alert in item.data["alerts"]:
+                click.echo(
+                    f"  alert: {alert['severity']} {alert['condition']} since {alert['since']}:"
+                    f" {alert['message']}"
+                )
     click.get_current_context().exit(worst)
 
 
@@ -1015,6 +1033,72 @@ def logout(keep_files: bool) -> None:
 
 
 # --------------------------------------------------------------------------- daemon / tools
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def _active_alerts(account: AccountConfig) -> list[dict[str, Any]]:
+    from .alerts import active_alerts
+    from .store import AccountStore
+
+    return active_alerts((AccountStore(account).load_alerts() or {}).get("active") or {})
+
+
+@main.group()
+def alerts() -> None:
+    """Alert channels (KakaoTalk, webhook, command; configured in [alerts])."""
+
+
+@alerts.command("test")
+def alerts_test() -> None:
+    """Send a test alert through every configured channel; exit 0 if all worked, else 1.
+
+    Without --account every account's channels are tried. KakaoTalk uses the account's
+    stored access token as it is (no refresh).
+
+    \b
+    Example:
+      kakao-tokend alerts test
+      kakao-tokend --account shop alerts test
+    """
+    from .alerts import send_test
+    from .kakao import KakaoClient, create_session
+    from .store import AccountStore
+
+    settings = _settings()
+    config = settings.config()
+    names = [settings.account_name()] if settings.account else list(config.accounts)
+
+    async def go() -> list[tuple[str, list[tuple[str, str | None, bool]]]]:
+        session = create_session()
+        try:
+            results = []
+            for name in names:
+                account = config.accounts[name]
+                try:
+                    state = AccountStore(account).load()
+                except StoreError:
+                    state = None
+                client = KakaoClient(session, account.app)
+                results.append(
+                    (name, await send_test(account, session=session, state=state, client=client))
+                )
+            return results
+        finally:
+            await session.close()
+
+    failed = 0
+    for name, channels in _run_async(go()):
+        for channel, reason, skipped in channels:
+            if skipped:
+                click.echo(f"{name}: {channel}: skipped ({reason})")
+            elif reason is None:
+                click.echo(f"{name}: {channel}: ok")
+            else:
+                failed += 1
+                click.echo(f"{name}: {channel}: FAILED: {reason}")
+    click.get_current_context().exit(EXIT_FAILURE if failed else EXIT_OK)
 
 
 @main.command()

@@ -1,0 +1,962 @@
+"""Alerts: per-account conditions, once-only/repeat bookkeeping, and delivery to every channel.
+
+An :class:`AlertCenter` watches every :class:`~kakao_tokend.refresher.AccountManager` (through
+its event listeners and a cheap periodic check), decides which conditions are active, and
+sends each change once: to the log (always; the log level is the severity) and, in background
+tasks, to KakaoTalk "send to me", a webhook and a command. What was sent is saved next to the
+state file, so a restart sends nothing twice. No alert, log line or environment variable ever
+carries a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .config import AccountConfig, AlertsConfig
+from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
+from .kakao import KakaoClient
+from .refresher import AccountEvent, AccountManager, Health, login_command
+from .state import AccountState
+from .store import AccountStore
+from .tokens import Clock, format_duration, format_time, parse_time, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Kakao's limit for the text of a "send to me" message.
+KAKAOTALK_TEXT_LIMIT = 200
+#: Retries for KakaoTalk and the command (the webhook has its own setting).
+CHANNEL_RETRIES = 2
+#: First wait before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX.
+RETRY_DELAY = 2.0
+RETRY_DELAY_MAX = 60.0
+#: How long a stopping daemon waits for queued deliveries.
+CLOSE_GRACE = 3.0
+#: Environment passed on to the alert command (nothing else: the daemon's environment may
+#: hold the REST API key or client secret).
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME")
+BOOKKEEPING_VERSION = 1
+
+#: Conditions that only make sense while the account has tokens.
+_TOKEN_CONDITIONS = frozenset(
+    {"refresh_expiry", "refresh_failing", "access_expiring", "missed_rotation", "write_failed"}
+)
+
+
+class Severity(enum.IntEnum):
+    """How urgent an alert is; the value is the matching logging level."""
+
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    CRITICAL = logging.CRITICAL
+
+    @property
+    def label(self) -> str:
+        """Return "info", "warning" or "critical"."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        """Return the severity named ``text`` ("info", "warning", "critical")."""
+        return cls[text.upper()]
+
+
+AlertState = Literal["firing", "resolved"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Something that is wrong with an account right now."""
+
+    name: str
+    severity: Severity
+    message: str
+    action: str
+    #: For the expiry ladder: the threshold crossed (seconds; 0 = expired). More severe = lower.
+    stage: float | None = None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One notification about a condition: it started (again) or it cleared."""
+
+    account: str
+    condition: str
+    severity: Severity
+    state: AlertState
+    message: str
+    action: str
+    at: datetime
+    host: str = field(default_factory=socket.gethostname)
+    repeat: bool = False
+    test: bool = False
+
+    def text(self, limit: int | None = None) -> str:
+        """Return the one-paragraph human text, cut to ``limit`` characters if given.
+
+        The action (what to do) is kept whole when possible; the message is shortened first.
+        """
+        if self.state == "resolved":
+            head = f"RESOLVED kakao-tokend {self.account}@{self.host}: "
+        else:
+            again = " (repeat)" if self.repeat else ""
+            head = f"{self.severity.label.upper()}{again} kakao-tokend {self.account}@{self.host}: "
+        body = self.message.rstrip(".") + "."
+        tail = f" Fix: {self.action}" if self.action and self.state == "firing" else ""
+        text = head + body + tail
+        if limit is None or len(text) <= limit:
+            return text
+        room = limit - len(head) - len(tail)
+        if room >= 30:
+            return head + body[: room - 1] + "…" + tail
+        return text[: limit - 1] + "…"
+
+    def payload(self) -> dict[str, Any]:
+        """Return the webhook's JSON body: a plain ``text`` plus structured fields."""
+        return {
+            "text": self.text(),
+            "account": self.account,
+            "condition": self.condition,
+            "severity": self.severity.label,
+            "state": self.state,
+            "message": self.message,
+            "action": self.action,
+            "at": format_time(self.at),
+            "host": self.host,
+            "repeat": self.repeat,
+            "test": self.test,
+        }
+
+    def environ(self) -> dict[str, str]:
+        """Return the KAKAO_TOKEND_ALERT_* variables for the command."""
+        return {
+            "KAKAO_TOKEND_ALERT_ACCOUNT": self.account,
+            "KAKAO_TOKEND_ALERT_CONDITION": self.condition,
+            "KAKAO_TOKEND_ALERT_SEVERITY": self.severity.label,
+            "KAKAO_TOKEND_ALERT_STATE": self.state,
+            "KAKAO_TOKEND_ALERT_MESSAGE": self.message,
+            "KAKAO_TOKEND_ALERT_ACTION": self.action,
+            "KAKAO_TOKEND_ALERT_AT": format_time(self.at),
+            "KAKAO_TOKEND_ALERT_HOST": self.host,
+            "KAKAO_TOKEND_ALERT_TEXT": self.text(),
+        }
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def login_action(account: AccountConfig, host: str | None = None) -> str:
+    """Return what to run to log in again, with the ssh port-forward hint for remote servers."""
+    port = urlsplit(account.app.redirect_uri).port or 80
+    where = host or socket.gethostname()
+    return (
+        f"run `{login_command(account.name)}` (on a remote server forward the login redirect"
+        f" first: `ssh -L {port}:127.0.0.1:{port} {where}`)"
+    )
+
+
+def _seconds(delta: timedelta) -> float:
+    return delta.total_seconds()
+
+
+def current_conditions(
+    manager: AccountManager, settings: AlertsConfig, now: datetime, *, host: str | None = None
+) -> list[Condition]:
+    """Return every condition active for ``manager``'s account at ``now`` (pure; no I/O)."""
+    account = manager.account
+    status = manager.status
+    state = manager.state
+    relogin = login_action(account, host)
+    found: list[Condition] = []
+    if status.health is Health.RELOGIN:
+        label = status.last_error_class or "refused"
+        found.append(
+            Condition(
+                "relogin",
+                Severity.CRITICAL,
+                f"Kakao no longer accepts the tokens ({label}); a new login is needed",
+                relogin,
+            )
+        )
+    elif status.health is Health.CONFIG:
+        found.append(
+            Condition(
+                "config",
+                Severity.CRITICAL,
+                f"Kakao rejects the app configuration ({status.last_error_class or 'config'})",
+                "fix [kakao] in the config (details: `journalctl -u kakao-tokend`), then"
+                " `systemctl reload kakao-tokend`",
+            )
+        )
+    if state is None:
+        if status.health is Health.NO_STATE:
+            found.append(
+                Condition("no_tokens", Severity.WARNING, "no tokens (not logged in)", relogin)
+            )
+        return found
+    tokens = state.tokens
+    refresh_left = _seconds(tokens.refresh_remaining(now))
+    stages = [t for t in settings.thresholds if refresh_left < t]
+    if refresh_left <= 0 or stages:
+        stage = 0.0 if refresh_left <= 0 else min(stages)
+        critical = refresh_left <= 0 or stage <= settings.critical_below
+        message = (
+            "the refresh token has EXPIRED"
+            if refresh_left <= 0
+            else f"the refresh token expires in {format_duration(refresh_left)}"
+            f" ({format_time(tokens.refresh_expires_at)}) and was not renewed"
+        )
+        found.append(
+            Condition(
+                "refresh_expiry",
+                Severity.CRITICAL if critical else Severity.WARNING,
+                message,
+                relogin,
+                stage=stage,
+            )
+        )
+    lifetime = _seconds(tokens.access_lifetime)
+    access_left = _seconds(tokens.access_remaining(now))
+    if status.health is Health.RETRYING:
+        label = status.last_error_class or "error"
+        since = status.failing_since
+        failing_for = _seconds(now - since) if since else 0.0
+        network = "check that this host reaches Kakao; details: `journalctl -u kakao-tokend`"
+        policy = manager.policy
+        margin = max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
+        if access_left < margin:
+            found.append(
+                Condition(
+                    "access_expiring",
+                    Severity.CRITICAL,
+                    (
+                        f"the access token expires in {format_duration(access_left)}"
+                        if access_left > 0
+                        else "the access token has EXPIRED"
+                    )
+                    + f" and refreshing keeps failing ({label})",
+                    network,
+                )
+            )
+        elif since is not None and failing_for > settings.failing_after * lifetime:
+            found.append(
+                Condition(
+                    "refresh_failing",
+                    Severity.WARNING,
+                    f"refreshing has failed for {format_duration(failing_for)} ({label});"
+                    f" the access token is valid for {format_duration(access_left)} more",
+                    network,
+                )
+            )
+    if status.write_pending:
+        found.append(
+            Condition(
+                "write_failed",
+                Severity.CRITICAL,
+                f"cannot save the new tokens ({status.write_error or 'write error'})",
+                f"free disk space or fix permissions in {account.state_file.parent};"
+                " do not stop kakao-tokend until it is saved",
+            )
+        )
+    if status.missed_rotation:
+        found.append(
+            Condition(
+                "missed_rotation",
+                Severity.WARNING,
+                f"Kakao did not renew the refresh token although only"
+                f" {format_duration(refresh_left)} is left",
+                f"watch `kakao-tokend status`; if it is not renewed soon, {relogin}",
+            )
+        )
+    return found
+
+
+# --------------------------------------------------------------------------- channels
+
+
+class ChannelError(Exception):
+    """A delivery failed; ``retry`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class Channel(Protocol):
+    """Somewhere alerts go besides the log."""
+
+    name: str
+    min_severity: Severity
+    retries: int
+
+    def wants(self, alert: Alert) -> bool:
+        """Return True when this channel should carry ``alert``."""
+        ...
+
+    async def send(self, alert: Alert) -> None:
+        """Deliver ``alert`` or raise ChannelError."""
+        ...
+
+
+class KakaoTalkChannel:
+    """KakaoTalk "send to me" with the account's own access token."""
+
+    retries = CHANNEL_RETRIES
+
+    def __init__(
+        self,
+        account: str,
+        *,
+        mode: bool | None,
+        min_severity: Severity,
+        get_state: Callable[[], AccountState | None],
+        get_client: Callable[[], KakaoClient],
+        clock: Clock = utcnow,
+    ) -> None:
+        self.name = "kakaotalk"
+        self.account = account
+        self.mode = mode
+        self.min_severity = min_severity
+        self._get_state = get_state
+        self._get_client = get_client
+        self._clock = clock
+        self._said_no_consent = False
+
+    def enabled(self) -> bool:
+        """True when configured on, or on "auto" when the token has the talk_message consent."""
+        if self.mode is not None:
+            return self.mode
+        state = self._get_state()
+        return state is not None and "talk_message" in (state.tokens.scope or "").split()
+
+    def wants(self, alert: Alert) -> bool:
+        """Carry alerts of at least the minimum severity while the channel is enabled."""
+        return (alert.test or alert.severity >= self.min_severity) and self.enabled()
+
+    async def send(self, alert: Alert) -> None:
+        """Send the alert's text (at most 200 characters) to the user's own chat."""
+        state = self._get_state()
+        if state is None or state.tokens.access_expires_at <= self._clock():
+            raise ChannelError("no valid access token to send with", retry=False)
+        try:
+            await self._get_client().send_to_me(
+                state.tokens.access_token, alert.text(KAKAOTALK_TEXT_LIMIT)
+            )
+        except KakaoRequestRejected as exc:
+            if exc.code == "-402":
+                if not self._said_no_consent:
+                    self._said_no_consent = True
+                    log.warning(
+                        "account %s: KakaoTalk alerts cannot be delivered: the token lacks the"
+                        " talk_message consent (-402); run `%s --scope talk_message` or set"
+                        " [alerts] kakaotalk = false",
+                        self.account,
+                        login_command(self.account),
+                    )
+                raise ChannelError("talk_message consent missing (-402)", retry=False) from None
+            raise ChannelError(str(exc), retry=False) from None
+        except KakaoUnavailable as exc:
+            raise ChannelError(str(exc), retry=True) from None
+        except KakaoError as exc:
+            raise ChannelError(str(exc), retry=False) from None
+        self._said_no_consent = False
+
+
+class WebhookChannel:
+    """A JSON POST with a plain ``text`` field plus structured fields."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        session: aiohttp.ClientSession,
+        timeout: float,
+        retries: int,
+        min_severity: Severity,
+    ) -> None:
+        parts = urlsplit(url)
+        # The path of a webhook URL is often its secret: name only scheme and host.
+        self.name = f"webhook {parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self._url = url
+        self._session = session
+        self._timeout = timeout
+        self.retries = retries
+        self.min_severity = min_severity
+
+    def wants(self, alert: Alert) -> bool:
+        """Carry alerts of at least the minimum severity."""
+        return alert.test or alert.severity >= self.min_severity
+
+    async def send(self, alert: Alert) -> None:
+        """POST the alert; any 2xx answer is success."""
+        try:
+            async with self._session.post(
+                self._url,
+                json=alert.payload(),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                allow_redirects=False,
+            ) as response:
+                if not 200 <= response.status < 300:
+                    raise ChannelError(f"HTTP {response.status}", retry=True)
+        except TimeoutError:
+            raise ChannelError(f"no answer within {self._timeout:g}s", retry=True) from None
+        except aiohttp.ClientError as exc:
+            raise ChannelError(type(exc).__name__, retry=True) from None
+
+
+class CommandChannel:
+    """A command run without a shell, with the alert in KAKAO_TOKEND_ALERT_* variables."""
+
+    retries = CHANNEL_RETRIES
+
+    def __init__(self, argv: Iterable[str], *, timeout: float, min_severity: Severity) -> None:
+        self.argv = tuple(argv)
+        self.name = f"command {self.argv[0]}"
+        self._timeout = timeout
+        self.min_severity = min_severity
+
+    def wants(self, alert: Alert) -> bool:
+        """Carry alerts of at least the minimum severity."""
+        return alert.test or alert.severity >= self.min_severity
+
+    async def send(self, alert: Alert) -> None:
+        """Run the command; exit status 0 is success; killed after the timeout."""
+        env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
+        env.update(alert.environ())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ChannelError(f"cannot run it: {exc.strerror or exc}", retry=False) from None
+        try:
+            _, stderr = await asyncio.wait_for(proc.communicate(), self._timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+            raise ChannelError(f"killed after {self._timeout:g}s", retry=True) from None
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            raise
+        if proc.returncode != 0:
+            last = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
+            said = f": {last[0][:200]}" if last else ""
+            raise ChannelError(f"exit status {proc.returncode}{said}", retry=True)
+
+
+def build_channels(
+    account: AccountConfig,
+    settings: AlertsConfig,
+    *,
+    session: aiohttp.ClientSession,
+    get_state: Callable[[], AccountState | None],
+    get_client: Callable[[], KakaoClient],
+    clock: Clock = utcnow,
+) -> list[Channel]:
+    """Return the configured channels for one account (the log is not one of them)."""
+    channels: list[Channel] = []
+    if settings.kakaotalk is not False:
+        channels.append(
+            KakaoTalkChannel(
+                account.name,
+                mode=settings.kakaotalk,
+                min_severity=Severity.parse(settings.kakaotalk_min_severity),
+                get_state=get_state,
+                get_client=get_client,
+                clock=clock,
+            )
+        )
+    if settings.webhook_url:
+        channels.append(
+            WebhookChannel(
+                settings.webhook_url,
+                session=session,
+                timeout=settings.webhook_timeout,
+                retries=settings.webhook_retries,
+                min_severity=Severity.parse(settings.webhook_min_severity),
+            )
+        )
+    if settings.command:
+        channels.append(
+            CommandChannel(
+                settings.command,
+                timeout=settings.command_timeout,
+                min_severity=Severity.parse(settings.command_min_severity),
+            )
+        )
+    return channels
+
+
+def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
+    """True when KakaoTalk would be the only channel carrying critical alerts for ``account``.
+
+    It cannot deliver once the token is dead, which is exactly when critical alerts matter.
+    """
+    settings = account.alerts
+    kakaotalk = settings.kakaotalk is True or (
+        settings.kakaotalk is None and "talk_message" in account.app.scopes
+    )
+    return kakaotalk and not (settings.webhook_url or settings.command)
+
+
+def log_alert(alert: Alert) -> None:
+    """Write the alert to the log at the level of its severity (resolutions at INFO)."""
+    if alert.state == "resolved":
+        log.info(
+            "alert resolved: account %s: %s: %s", alert.account, alert.condition, alert.message
+        )
+        return
+    log.log(
+        int(alert.severity),
+        "ALERT %s%s: account %s: %s: %s; fix: %s",
+        alert.severity.label,
+        " (repeat)" if alert.repeat else "",
+        alert.account,
+        alert.condition,
+        alert.message,
+        alert.action,
+    )
+
+
+async def deliver_once(channel: Channel, alert: Alert) -> ChannelError | None:
+    """Try one delivery; return None on success, else what went wrong (never raises)."""
+    try:
+        await channel.send(alert)
+    except ChannelError as exc:
+        return exc
+    except Exception as exc:  # a channel bug must not take anything else down
+        log.error("alert channel %s crashed: %r", channel.name, exc)
+        return ChannelError(f"internal error: {type(exc).__name__}", retry=False)
+    return None
+
+
+# --------------------------------------------------------------------------- per account
+
+
+class AccountAlerts:
+    """One account's conditions, bookkeeping and delivery queues."""
+
+    def __init__(
+        self,
+        manager: AccountManager,
+        *,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        host: str,
+        retry_delay: float,
+    ) -> None:
+        self.manager = manager
+        self.session = session
+        self.clock = clock
+        self.host = host
+        self.retry_delay = retry_delay
+        self.store: AccountStore = manager.store
+        self.active: dict[str, dict[str, Any]] = {}
+        self.channels: list[Channel] = []
+        self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] = []
+        self._save_failed = False
+        self._load()
+        self.configure()
+
+    @property
+    def name(self) -> str:
+        """Return the account's name."""
+        return self.manager.name
+
+    @property
+    def settings(self) -> AlertsConfig:
+        """Return the account's effective [alerts] settings."""
+        return self.manager.account.alerts
+
+    def _load(self) -> None:
+        document = self.store.load_alerts() or {}
+        active = document.get("active")
+        if isinstance(active, dict):
+            self.active = {k: v for k, v in active.items() if isinstance(v, dict)}
+
+    def _save(self) -> None:
+        document = {
+            "version": BOOKKEEPING_VERSION,
+            "account": self.name,
+            "active": self.active,
+        }
+        try:
+            self.store.save_alerts(document)
+        except StoreError as exc:
+            if not self._save_failed:
+                log.error("account %s: cannot save alert bookkeeping: %s", self.name, exc)
+            self._save_failed = True
+        else:
+            self._save_failed = False
+
+    # ---------------------------------------------------------------- channels and workers
+
+    def configure(self) -> None:
+        """(Re)build the channels from the account's settings; start a worker per channel."""
+        self.stop_workers()
+        self.channels = build_channels(
+            self.manager.account,
+            self.settings,
+            session=self.session,
+            get_state=self._usable_state,
+            get_client=lambda: self.manager.client,
+            clock=self.clock,
+        )
+        for channel in self.channels:
+            queue: asyncio.Queue[Alert] = asyncio.Queue()
+            task = asyncio.create_task(self._worker(channel, queue))
+            self._queues.append((channel, queue, task))
+
+    def _usable_state(self) -> AccountState | None:
+        if self.manager.status.health in (Health.RELOGIN, Health.NO_STATE):
+            return None
+        return self.manager.state
+
+    def stop_workers(self) -> None:
+        """Cancel the delivery workers (queued alerts are dropped, and logged)."""
+        for channel, queue, task in self._queues:
+            task.cancel()
+            if not queue.empty():
+                log.warning(
+                    "account %s: %d alert(s) for %s not delivered",
+                    self.name,
+                    queue.qsize(),
+                    channel.name,
+                )
+        self._queues = []
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for queued deliveries, then stop the workers."""
+        waits = [asyncio.create_task(queue.join()) for _, queue, _ in self._queues]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        tasks = [task for _, _, task in self._queues]
+        self.stop_workers()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _worker(self, channel: Channel, queue: asyncio.Queue[Alert]) -> None:
+        while True:
+            alert = await queue.get()
+            try:
+                await self._deliver(channel, alert)
+            finally:
+                queue.task_done()
+
+    async def _deliver(self, channel: Channel, alert: Alert) -> None:
+        attempts = channel.retries + 1
+        for attempt in range(1, attempts + 1):
+            error = await deliver_once(channel, alert)
+            if error is None:
+                log.debug(
+                    "alert %s/%s (%s) sent via %s",
+                    alert.account,
+                    alert.condition,
+                    alert.state,
+                    channel.name,
+                )
+                return
+            final = attempt == attempts or not error.retry
+            log.warning(
+                "account %s: alert %s (%s) via %s failed (attempt %d/%d): %s%s",
+                alert.account,
+                alert.condition,
+                alert.state,
+                channel.name,
+                attempt,
+                attempts,
+                error,
+                "; giving up" if final else "; retrying",
+            )
+            if final:
+                return
+            await asyncio.sleep(min(RETRY_DELAY_MAX, self.retry_delay * 2 ** (attempt - 1)))
+
+    def dispatch(self, alert: Alert) -> None:
+        """Log the alert now and queue it for every channel that wants it."""
+        log_alert(alert)
+        for channel, queue, _ in self._queues:
+            if channel.wants(alert):
+                queue.put_nowait(alert)
+
+    # ---------------------------------------------------------------- deciding
+
+    def evaluate(self, now: datetime | None = None) -> list[Alert]:
+        """Compare the conditions now with what was sent; send and record the differences."""
+        now = now or self.clock()
+        current = {
+            c.name: c for c in current_conditions(self.manager, self.settings, now, host=self.host)
+        }
+        alerts: list[Alert] = []
+        changed = False
+        for name, condition in current.items():
+            record = self.active.get(name)
+            repeat = False
+            if record is not None:
+                stage = record.get("stage")
+                escalated = (
+                    condition.stage is not None
+                    and (not isinstance(stage, int | float) or condition.stage < stage)
+                ) or (Severity.parse(str(record.get("severity", "info"))) < condition.severity)
+                if not escalated:
+                    if condition.severity is not Severity.CRITICAL or not self._repeat_due(
+                        record, now
+                    ):
+                        continue
+                    repeat = True
+            alert = Alert(
+                self.name,
+                name,
+                condition.severity,
+                "firing",
+                condition.message,
+                condition.action,
+                now,
+                host=self.host,
+                repeat=repeat,
+            )
+            self.active[name] = {
+                "severity": condition.severity.label,
+                "stage": condition.stage,
+                "message": condition.message,
+                "action": condition.action,
+                "since": record.get("since") if record else format_time(now),
+                "last_sent_at": format_time(now),
+                "sent": int(record.get("sent", 0)) + 1 if record else 1,
+            }
+            alerts.append(alert)
+            changed = True
+        for name in [n for n in self.active if n not in current]:
+            record = self.active.pop(name)
+            changed = True
+            if self.manager.state is None and name in _TOKEN_CONDITIONS:
+                continue  # logged out: these ended with the tokens, nothing got fixed
+            severity = Severity.parse(str(record.get("severity", "info")))
+            alerts.append(
+                Alert(
+                    self.name,
+                    name,
+                    severity,
+                    "resolved",
+                    f"{name} cleared (was: {record.get('message', '')})",
+                    "",
+                    now,
+                    host=self.host,
+                )
+            )
+        if changed:
+            self._save()
+        for alert in alerts:
+            self.dispatch(alert)
+        return alerts
+
+    def _repeat_due(self, record: dict[str, Any], now: datetime) -> bool:
+        try:
+            last = parse_time(str(record.get("last_sent_at")))
+        except ValueError:
+            return True
+        return _seconds(now - last) >= self.settings.repeat
+
+    def describe_active(self) -> list[dict[str, Any]]:
+        """Return the active alerts as JSON-ready data."""
+        return active_alerts(self.active)
+
+
+def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn saved bookkeeping ("active" mapping) into a list for status output."""
+    result = []
+    for name, record in active.items():
+        if not isinstance(record, dict):
+            continue
+        result.append(
+            {
+                "condition": name,
+                "severity": record.get("severity"),
+                "message": record.get("message"),
+                "action": record.get("action"),
+                "since": record.get("since"),
+                "last_sent_at": record.get("last_sent_at"),
+            }
+        )
+    order = {"critical": 0, "warning": 1, "info": 2}
+    return sorted(result, key=lambda item: order.get(str(item["severity"]), 3))
+
+
+# --------------------------------------------------------------------------- the center
+
+
+class AlertCenter:
+    """Every account's alerts: attach managers, evaluate on events and periodically."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        clock: Clock = utcnow,
+        host: str | None = None,
+        retry_delay: float = RETRY_DELAY,
+    ) -> None:
+        self.session = session
+        self.clock = clock
+        self.host = host or socket.gethostname()
+        self.retry_delay = retry_delay
+        self.accounts: dict[str, AccountAlerts] = {}
+        self._listeners: dict[str, Callable[[AccountEvent], None]] = {}
+        self._pending: set[str] = set()
+
+    def attach(self, manager: AccountManager) -> AccountAlerts:
+        """Start watching ``manager`` (replacing an earlier manager of the same account)."""
+        old = self.accounts.pop(manager.name, None)
+        if old is not None:
+            self._unlisten(old)
+            old.stop_workers()
+        alerts = AccountAlerts(
+            manager,
+            session=self.session,
+            clock=self.clock,
+            host=self.host,
+            retry_delay=self.retry_delay,
+        )
+        self.accounts[manager.name] = alerts
+
+        def listener(event: AccountEvent) -> None:
+            self._schedule(event.account)
+
+        self._listeners[manager.name] = listener
+        manager.listeners.append(listener)
+        return alerts
+
+    def _unlisten(self, alerts: AccountAlerts) -> None:
+        listener = self._listeners.pop(alerts.name, None)
+        if listener is not None and listener in alerts.manager.listeners:
+            alerts.manager.listeners.remove(listener)
+
+    async def detach(self, name: str) -> None:
+        """Stop watching an account (removed by a reload); deliver what is queued first."""
+        alerts = self.accounts.pop(name, None)
+        if alerts is not None:
+            self._unlisten(alerts)
+            await alerts.drain(CLOSE_GRACE)
+
+    def reconfigure(self, name: str) -> None:
+        """Rebuild an account's channels after a reload changed its settings."""
+        alerts = self.accounts.get(name)
+        if alerts is not None:
+            alerts.store = alerts.manager.store
+            alerts.configure()
+
+    def _schedule(self, name: str) -> None:
+        """Evaluate soon, after the refresh step that emitted the event has finished."""
+        if name in self._pending:
+            return
+        self._pending.add(name)
+        asyncio.get_running_loop().call_soon(self._evaluate_scheduled, name)
+
+    def _evaluate_scheduled(self, name: str) -> None:
+        self._pending.discard(name)
+        self.evaluate(name)
+
+    def evaluate(self, name: str | None = None) -> list[Alert]:
+        """Evaluate one account (or all); never raises."""
+        sent: list[Alert] = []
+        for alerts in list(self.accounts.values()):
+            if name is not None and alerts.name != name:
+                continue
+            try:
+                sent.extend(alerts.evaluate(self.clock()))
+            except Exception:
+                log.exception("account %s: evaluating alerts failed", alerts.name)
+        return sent
+
+    async def run_periodic(self, interval: Callable[[], float]) -> None:
+        """Evaluate every account every ``interval()`` seconds (the refresh heartbeat)."""
+        while True:
+            await asyncio.sleep(interval())
+            self.evaluate()
+
+    def active(self, name: str) -> list[dict[str, Any]]:
+        """Return the active alerts of one account (empty if unknown)."""
+        alerts = self.accounts.get(name)
+        return alerts.describe_active() if alerts is not None else []
+
+    async def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Deliver what is queued (up to ``grace`` seconds), then stop every worker."""
+        await asyncio.gather(*(a.drain(grace) for a in self.accounts.values()))
+        for alerts in self.accounts.values():
+            self._unlisten(alerts)
+        self.accounts.clear()
+
+
+# --------------------------------------------------------------------------- `alerts test`
+
+
+def test_alert(account: str, *, host: str | None = None, now: datetime | None = None) -> Alert:
+    """Return the alert `kakao-tokend alerts test` sends."""
+    return Alert(
+        account,
+        "test",
+        Severity.INFO,
+        "firing",
+        "test alert: this channel works",
+        "nothing to do",
+        now or utcnow(),
+        host=host or socket.gethostname(),
+        test=True,
+    )
+
+
+async def send_test(
+    account: AccountConfig,
+    *,
+    session: aiohttp.ClientSession,
+    state: AccountState | None,
+    client: KakaoClient,
+) -> list[tuple[str, str | None, bool]]:
+    """Send a test alert through every channel of ``account``.
+
+    Returns (channel name, failure reason or None, skipped) per channel, the log first.
+    """
+    alert = test_alert(account.name)
+    log_alert(alert)
+    results: list[tuple[str, str | None, bool]] = [("log", None, False)]
+    channels = build_channels(
+        account, account.alerts, session=session, get_state=lambda: state, get_client=lambda: client
+    )
+    sends: list[Awaitable[ChannelError | None]] = []
+    used: list[Channel] = []
+    for channel in channels:
+        if isinstance(channel, KakaoTalkChannel) and not channel.enabled():
+            results.append(
+                (
+                    channel.name,
+                    'off: the token has no talk_message consent (kakaotalk = "auto")',
+                    True,
+                )
+            )
+            continue
+        used.append(channel)
+        sends.append(deliver_once(channel, alert))
+    for channel, error in zip(used, await asyncio.gather(*sends), strict=True):
+        results.append((channel.name, None if error is None else str(error), False))
+    return results
