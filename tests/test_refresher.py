@@ -1,0 +1,225 @@
+"""AccountManager and RefreshScheduler in-process, against the emulator on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+import time_machine
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+
+from daemonproc import login, write_config
+from kakao_tokend.config import AccountConfig, RefreshPolicy, load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountEvent, AccountManager, Health
+from kakao_tokend.scheduler import RefreshScheduler
+from kakao_tokend.store import AccountStore
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session per test, closed afterwards."""
+    http = create_session()
+    yield http
+    await http.close()
+
+
+async def make_manager(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    *,
+    policy: RefreshPolicy | None = None,
+    logged_in: bool = True,
+) -> AccountManager:
+    """Log the default account in and build its manager the way the daemon does."""
+    config_path = write_config(tmp_path, emulator)
+    if logged_in:
+        await login(emulator, config_path)
+    config = load_config(config_path)
+    account: AccountConfig = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=policy or config.refresh,
+    )
+    manager.load()
+    return manager
+
+
+async def test_concurrent_callers_share_one_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Ten simultaneous forced refreshes reach Kakao once and all see the same new state."""
+    manager = await make_manager(emulator, tmp_path, session)
+    before = emulator.stats.refreshes_ok
+    emulator.inject("token", "slow", count=1, delay=0.3)
+    results = await asyncio.gather(*(manager.refresh(force=True) for _ in range(10)))
+    assert emulator.stats.refreshes_ok == before + 1
+    assert len({r.generation for r in results if r is not None}) == 1
+    assert manager.store.load().generation == 2  # type: ignore[union-attr]
+
+
+async def test_a_cancelled_caller_does_not_interrupt_the_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Cancelling the task that asked for a refresh still lets the answer be persisted."""
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.inject("token", "slow", count=1, delay=0.4)
+    caller = asyncio.create_task(manager.refresh(force=True))
+    await asyncio.sleep(0.1)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await manager.wait_idle(5)
+    assert manager.store.load().generation == 2  # type: ignore[union-attr]
+
+
+async def test_tokens_written_by_login_are_adopted_not_overwritten(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A refresh re-reads the state under the lock and uses the newer refresh token on disk."""
+    manager = await make_manager(emulator, tmp_path, session)
+    stale_refresh = manager.state.tokens.refresh_token  # type: ignore[union-attr]
+    # Another process logs in again: a new token set lands on disk behind the manager's back.
+    fresh = await login(emulator, tmp_path / "config.toml")
+    await manager.refresh(force=True)
+    state = manager.store.load()
+    assert state is not None
+    assert state.generation == fresh.generation + 1
+    presented = [attempt.fingerprint for attempt in emulator.stats.refresh_log]
+    assert presented[-1] == fresh.tokens.refresh_fingerprint
+    assert state.tokens.refresh_token != stale_refresh
+
+
+async def test_relogin_needed_is_persisted_and_stops_planning(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """KOE322 marks the account, writes the reason to the state file and plans nothing more."""
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.revoke_user_tokens(manager.state.user_id or 0)  # type: ignore[union-attr]
+    events: list[AccountEvent] = []
+    manager.listeners.append(events.append)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.RELOGIN
+    assert manager.planned_refresh_at() is None
+    stored = manager.store.load()
+    assert stored is not None and stored.relogin_reason
+    assert "kakao-tokend login" in stored.relogin_reason
+    assert [e.kind for e in events] == ["relogin"]
+    requests = emulator.stats.requests["token"]
+    await manager.tick()
+    assert emulator.stats.requests["token"] == requests  # no hammering
+
+
+async def test_wrong_client_secret_is_a_config_error_until_reload(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """KOE010 stops refreshing (config); clear_config_error makes the next tick try again."""
+    manager = await make_manager(emulator, tmp_path, session)
+    secret = emulator.settings.client_secret
+    emulator.regenerate_client_secret()
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.CONFIG
+    assert manager.status.last_error_class == "KOE010"
+    assert manager.planned_refresh_at() is None
+    emulator.set_client_secret(secret)
+    manager.clear_config_error()
+    await manager.tick()
+    assert manager.status.health is Health.OK
+    assert manager.state is not None and manager.state.generation == 2
+
+
+async def test_transient_failures_back_off_and_never_wait_past_expiry(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Each 5xx schedules a later retry that still lies before the access token's expiry."""
+    emulator.settings.access_lifetime = 60
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.inject("token", "http500", count=3)
+    expires = manager.state.tokens.access_expires_at  # type: ignore[union-attr]
+    delays = []
+    for attempt in range(1, 4):
+        await manager.refresh(force=True)
+        assert manager.status.health is Health.RETRYING
+        assert manager.status.attempt == attempt
+        next_at = manager.status.next_attempt_at
+        assert next_at is not None and next_at < expires
+        delays.append((next_at - manager.status.last_attempt_at).total_seconds())  # type: ignore[operator]
+    assert delays[0] <= 60 / 200 + 0.01  # first step scaled to the 60 s lifetime
+    assert max(delays) <= 60 / 12 + 0.01
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK
+    assert manager.status.attempt == 0
+
+
+async def test_a_refresh_in_the_rotation_window_that_does_not_rotate_warns(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Our window says 'rotate now' but Kakao kept the old refresh token: a warning, once."""
+    emulator.settings.rotation_window = 1  # Kakao rotates late
+    policy = RefreshPolicy(rotation_window=emulator.settings.refresh_lifetime)
+    manager = await make_manager(emulator, tmp_path, session, policy=policy)
+    with caplog.at_level(logging.WARNING, logger="kakao_tokend.refresher"):
+        await manager.refresh(force=True)
+    assert manager.status.missed_rotation
+    assert "did not rotate" in caplog.text
+
+
+async def test_rotation_is_recorded_with_time_and_fingerprint(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotation lands in the state's rotation list and the new token is on disk at once."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 10
+    manager = await make_manager(emulator, tmp_path, session)
+    await manager.refresh(force=True)
+    state = manager.store.load()
+    assert state is not None
+    assert len(state.rotations) == 1
+    assert state.rotations[0].fingerprint == state.tokens.refresh_fingerprint
+    assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+    assert manager.status.counters["rotations"] == 1
+
+
+async def test_heartbeat_refreshes_after_a_wall_clock_jump(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A simulated suspend (+5 h wall clock, monotonic unchanged) is caught by one heartbeat.
+
+    APScheduler sleeps on the monotonic clock, so without the heartbeat the refresh planned
+    4.5 h ahead would still be hours away after the jump (pitfalls.md §1.4).
+    """
+    emulator.settings.access_lifetime = 21599
+    start = datetime.now(UTC)
+    with time_machine.travel(start, tick=True) as traveller:
+        manager = await make_manager(emulator, tmp_path, session)
+        manager.policy = replace(manager.policy, heartbeat=0.2)
+        scheduler = RefreshScheduler(heartbeat=0.2)
+        missed: list[object] = []
+        scheduler._scheduler.add_listener(missed.append, EVENT_JOB_MISSED | EVENT_JOB_ERROR)
+        scheduler.start()
+        scheduler.add(manager)
+        try:
+            await asyncio.sleep(0.5)
+            assert manager.state is not None and manager.state.generation == 1
+            traveller.shift(timedelta(hours=5))
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                if manager.state.generation == 2:
+                    break
+            assert manager.state.generation == 2
+            assert missed == []
+        finally:
+            scheduler.shutdown()
+            await asyncio.sleep(0)
