@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -116,23 +116,23 @@ class DaemonCollector(Collector):
             yield alerts
 
     def _alerts(self) -> GaugeMetricFamily | None:
-        """Active alerts by severity, when the daemon has an alerts manager with ``active()``."""
-        manager: Any = getattr(self.daemon, "alerts", None)
-        active = getattr(manager, "active", None)
-        if not callable(active):
+        """Active alerts by account and severity (when the daemon runs the alerts capability)."""
+        center = self.daemon.alerts
+        if center is None:
             return None
         family = GaugeMetricFamily(
             "kakao_tokend_active_alerts",
-            "Alerts currently active, by severity.",
-            labels=["severity"],
+            "Alerts currently active, by account and severity.",
+            labels=["account", "severity"],
         )
-        try:
-            counts = Counter(str(getattr(alert, "severity", "unknown")) for alert in active())
-        except Exception:  # alerts are another module's business; never break a scrape
-            log.exception("cannot read the active alerts for /metrics")
-            return None
-        for severity in dict.fromkeys(("info", "warning", "critical", *sorted(counts))):
-            family.add_metric([severity], counts.get(severity, 0))
+        for name in self.daemon.managers:
+            try:
+                counts = Counter(str(alert.get("severity")) for alert in center.active(name))
+            except Exception:  # alerts are another module's business; never break a scrape
+                log.exception("cannot read the active alerts of %s for /metrics", name)
+                continue
+            for severity in dict.fromkeys(("info", "warning", "critical", *sorted(counts))):
+                family.add_metric([name, severity], counts.get(severity, 0))
         return family
 
 

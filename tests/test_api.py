@@ -1,0 +1,351 @@
+"""The local API through real sockets: auth, socket mode, token endpoint, health, reload, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from daemonproc import issued_tokens, login, write_config
+from kakao_tokend.config import Config, load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.refresher import AccountEvent
+from kakao_tokend.service import api_socket_path, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Served:
+    """A daemon served in-process by service.serve() on real sockets."""
+
+    config: Config
+    config_path: Path
+    socket: Path
+    events: list[AccountEvent] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """A client session speaking to the Unix socket."""
+        connector = aiohttp.UnixConnector(path=str(self.socket))
+        async with aiohttp.ClientSession(
+            connector=connector, base_url="http://tokend"
+        ) as session:
+            yield session
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """GET over the Unix socket; return (status, JSON)."""
+        return await self.request("GET", path, **kwargs)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """Any request over the Unix socket; return (status, JSON)."""
+        async with self.client() as session, session.request(method, path, **kwargs) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def text(self, path: str, **kwargs: Any) -> tuple[int, str]:
+        """GET over the Unix socket; return (status, body text)."""
+        async with self.client() as session, session.get(path, **kwargs) as resp:
+            return resp.status, await resp.text()
+
+    def events_of(self, kind: str) -> list[AccountEvent]:
+        """Events of one kind seen so far."""
+        return [e for e in self.events if e.kind == kind]
+
+
+@asynccontextmanager
+async def serving(config_path: Path) -> AsyncIterator[Served]:
+    """Run service.serve() (the real Application, sockets and all) until the block ends."""
+    config = load_config(config_path)
+    served = Served(config, config_path, api_socket_path(config))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(config, config_path=config_path, stop=stop, listeners=[served.events.append])
+    )
+    for _ in range(400):
+        if task.done():
+            raise AssertionError(f"serve() ended early with {task.result()}")
+        if served.socket.exists():
+            break
+        await asyncio.sleep(0.025)
+    await asyncio.sleep(0.05)
+    try:
+        yield served
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+def config_with(
+    tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any
+) -> Path:
+    """write_config plus extra TOML (e.g. an [api] table)."""
+    return write_config(tmp_path, emulator, extra=extra, **kwargs)
+
+
+def bearer_file(tmp_path: Path, token: str = "s3cret-bearer-token-0123456789") -> Path:
+    """Write a mode-600 bearer token file."""
+    path = tmp_path / "api_token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def free_port() -> int:
+    """Return a free loopback TCP port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_socket_mode_is_as_configured(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """The Unix socket gets the configured mode (0600 here), and the default is 0660."""
+    config = config_with(tmp_path, emulator, '[api]\nsocket_mode = "0600"\n')
+    await login(emulator, config)
+    async with serving(config) as served:
+        assert stat.S_IMODE(served.socket.stat().st_mode) == 0o600
+        assert stat.S_ISSOCK(served.socket.stat().st_mode)
+    other = tmp_path / "other"
+    other.mkdir()
+    config = config_with(other, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        assert stat.S_IMODE(served.socket.stat().st_mode) == 0o660
+
+
+async def test_tcp_requires_the_bearer_token(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """On TCP a missing or wrong bearer gets 401 JSON; the right one works; /healthz is open."""
+    port = free_port()
+    token_file = bearer_file(tmp_path)
+    config = config_with(
+        tmp_path, emulator, f'[api]\ntcp = "127.0.0.1:{port}"\nbearer_token_file = "{token_file}"\n'
+    )
+    await login(emulator, config)
+    async with serving(config), aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-token-wrong-token-wrong"},
+            {"Authorization": "Basic s3cret-bearer-token-0123456789"},
+        ):
+            async with http.get("/v1/status", headers=headers) as resp:
+                assert resp.status == 401
+                assert "bearer" in (await resp.json())["error"]
+        good = {"Authorization": "Bearer s3cret-bearer-token-0123456789"}
+        async with http.get("/v1/status", headers=good) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["accounts"][0]["account"] == "default"
+        async with http.get("/v1/accounts/default/token", headers={}) as resp:
+            assert resp.status == 401
+        async with http.get("/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_min_valid_forces_one_refresh_for_many_callers(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A token older than min_valid allows is refreshed first; 20 concurrent callers cause one.
+
+    The emulator counts refreshes; every caller gets the same new token valid long enough.
+    """
+    emulator.settings.access_lifetime = 10
+    config = config_with(tmp_path, emulator)
+    config.write_text(config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n"))
+    first = await login(emulator, config)
+    async with serving(config) as served:
+        status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "5"})
+        assert status == 200 and body["access_token"] == first.tokens.access_token
+        await asyncio.sleep(1.2)  # now less than 9 s are left
+        before = emulator.stats.refreshes_ok
+        results = await asyncio.gather(
+            *(served.get("/v1/accounts/default/token", params={"min_valid": "9"}) for _ in range(20))
+        )
+        assert emulator.stats.refreshes_ok == before + 1
+        tokens = {body["access_token"] for _, body in results}
+        assert [status for status, _ in results] == [200] * 20
+        assert len(tokens) == 1 and first.tokens.access_token not in tokens
+        assert all(body["expires_in"] >= 9 for _, body in results)
+        assert emulator.access_token_valid(tokens.pop())
+        status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "1h"})
+        assert status == 400 and "lifetime" in body["error"]
+        status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "x"})
+        assert status == 400 and "duration" in body["error"]
+
+
+async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Unknown account → 404, unknown path → 404, too large body → 413, all JSON with error."""
+    config = config_with(tmp_path, emulator, '[api]\nmax_body = "1k"\nproxy_retry_body = "1k"\n')
+    await login(emulator, config)
+    async with serving(config) as served:
+        status, body = await served.get("/v1/accounts/nobody/token")
+        assert status == 404 and "nobody" in body["error"] and "default" in body["error"]
+        status, body = await served.get("/etc/passwd")
+        assert status == 404 and body["error"]
+        status, body = await served.request("POST", "/v1/reload", data=b"x" * 5000)
+        assert status == 413 and "max_body" in body["error"]
+        status, body = await served.request("DELETE", "/v1/status")
+        assert status == 405 and body["error"]
+
+
+async def test_healthz_turns_503_when_a_login_is_needed(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """/healthz is 200 with a valid token and 503, naming the account, once Kakao kills the grant."""
+    config = config_with(tmp_path, emulator)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        status, body = await served.get("/healthz")
+        assert (status, body) == (200, {"ok": True})
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502 and body["health"] == "relogin"
+        status, body = await served.get("/healthz")
+        assert status == 503
+        assert "kakao-tokend login" in body["problems"]["default"]
+
+
+async def test_reload_answers_after_applying(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """POST /v1/reload returns once the new account set is in effect; a bad config is refused."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        config.write_text(config.read_text() + "[accounts.default]\n[accounts.extra]\n")
+        status, body = await served.request("POST", "/v1/reload")
+        assert status == 200 and body["ok"] and "added extra" in body["message"]
+        status, body = await served.get("/v1/status")
+        assert [a["account"] for a in body["accounts"]] == ["default", "extra"]
+        config.write_text(config.read_text() + "bogus_key = 1\n")
+        status, body = await served.request("POST", "/v1/reload")
+        assert status == 400 and not body["ok"] and "bogus_key" in body["message"]
+
+
+async def test_logs_never_show_tokens_or_query_strings(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every request is logged (path only, at debug); no token or query string ever appears."""
+    caplog.set_level(logging.DEBUG)
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        await served.get("/v1/accounts/default/token", params={"min_valid": "60"})
+        await served.request("POST", "/v1/accounts/default/refresh")
+        await served.text("/metrics")
+    text = caplog.text
+    assert "api GET /v1/accounts/default/token" in text
+    assert "min_valid" not in text.split("api GET /v1/accounts/default/token")[1][:20]
+    assert not [t for t in issued_tokens(emulator) if t in text]
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """Run the real CLI in a child process (the test's loop keeps serving meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kakao_tokend",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_goes_through_the_daemon_when_it_runs(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """status/token/refresh ask the daemon (its log shows each request) instead of the files."""
+    caplog.set_level(logging.DEBUG, logger="kakao_tokend.api")
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        code, out, err = await run_cli(config, "status", "--json")
+        assert code == 0, err
+        assert json.loads(out)["source"] == "daemon"
+        assert "api GET /v1/status" in caplog.text
+
+        code, out, err = await run_cli(config, "refresh")
+        assert code == 0, err
+        assert "by the daemon" in out
+        assert "api POST /v1/accounts/default/refresh" in caplog.text
+
+        code, out, err = await run_cli(config, "token", "--min-valid", "10m")
+        assert code == 0, err
+        assert "api GET /v1/accounts/default/token" in caplog.text
+        _, body = await served.get("/v1/accounts/default/token")
+        assert out.strip() == body["access_token"]
+
+        code, out, err = await run_cli(config, "reload")
+        assert code == 0, err
+        assert "configuration reloaded" in out
+        config.write_text(config.read_text() + "bogus_key = 1\n")
+        code, out, err = await run_cli(config, "--account", "default", "reload")
+        assert code in (1, 78), (out, err)
+
+
+async def test_cli_falls_back_to_files_without_a_daemon(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With no daemon (a stale socket file even), status/token read the files; reload says so."""
+    config = config_with(tmp_path, emulator)
+    state = await login(emulator, config)
+    loaded = load_config(config)
+    socket_path = api_socket_path(loaded)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    import socket
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(socket_path))  # bound but never listening: connect is refused
+    try:
+        code, out, err = await run_cli(config, "status", "--json")
+        assert code == 0, err
+        assert json.loads(out)["source"] == "files"
+        code, out, err = await run_cli(config, "token")
+        assert code == 0, err
+        assert out.strip() == state.tokens.access_token
+        code, out, err = await run_cli(config, "reload")
+        assert code == 1 and "not running" in err
+    finally:
+        stale.close()
+
+
+async def test_reload_waits_for_the_reload(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """`kakao-tokend reload` returns only after the daemon applied the new configuration.
+
+    The reload has to wait for an in-flight refresh, which the emulator delays by 1.5 s; the
+    command's exit must come after that, with the new account already in /v1/status.
+    """
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "slow", delay=1.5)
+        refresh = asyncio.create_task(served.request("POST", "/v1/accounts/default/refresh"))
+        await asyncio.sleep(0.2)
+        config.write_text(config.read_text() + "[accounts.default]\n[accounts.second]\n")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        code, out, err = await run_cli(config, "reload")
+        assert code == 0, err
+        assert refresh.done() or loop.time() - started >= 1.0
+        status, body = await served.get("/v1/status")
+        assert [a["account"] for a in body["accounts"]] == ["default", "second"]
+        await refresh
