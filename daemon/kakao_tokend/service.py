@@ -67,7 +67,13 @@ class Daemon:
         """Make this the only `run` on this state directory, or raise StoreLocked."""
         make_dirs(self.config.state_dir)
         path = self.config.state_dir / INSTANCE_LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the instance lock {path}: {exc.strerror}",
+                hint="check that this user owns the state directory (paths.state_dir)",
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
