@@ -223,3 +223,60 @@ async def test_heartbeat_refreshes_after_a_wall_clock_jump(
         finally:
             scheduler.shutdown()
             await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    "kind", ["-1", "-7", "-10", "-10_429", "-603", "-9798", "http500", "reset"]
+)
+async def test_a_transient_kapi_error_at_start_keeps_the_account_serving(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, kind: str
+) -> None:
+    """access_token_info failing transiently at start is a warning, not a re-login or refresh."""
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.inject("access_token_info", kind, count=2)
+    requests = emulator.stats.requests["token"]
+    await manager.verify()
+    assert manager.status.health is Health.OK
+    assert emulator.stats.requests["token"] == requests
+    assert emulator.stats.faults_fired[kind] >= 1
+
+
+async def test_a_rejected_access_token_at_start_gets_one_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """-401 from access_token_info at start: refresh once; a working refresh token heals it."""
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.inject("access_token_info", "-401", count=1)
+    await manager.verify()
+    assert manager.status.health is Health.OK
+    assert manager.state is not None and manager.state.generation == 2
+
+
+async def test_a_revoked_token_is_found_at_start_not_at_expiry(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Tokens revoked while the daemon was down: verify at start ends in a re-login mark."""
+    manager = await make_manager(emulator, tmp_path, session)
+    emulator.unlink_user(manager.state.user_id or 0)  # type: ignore[union-attr]
+    await manager.verify()
+    assert manager.status.health is Health.RELOGIN
+    assert manager.status.last_error_class == "KOE322"
+
+
+async def test_an_unreachable_kakao_is_retried_without_ambiguity(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Connection refused is transient and not ambiguous: a later KOE322 is not 'lost'."""
+    manager = await make_manager(emulator, tmp_path, session)
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    dead_url = f"http://127.0.0.1:{port}"
+    manager.client = KakaoClient(
+        session, replace(manager.account.app, auth_url=dead_url, api_url=dead_url)
+    )
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.RETRYING
+    assert manager.status.last_error_class in {"connect", "connect-timeout"}
+    assert manager._last_failure_ambiguous is False
