@@ -249,7 +249,7 @@ def current_conditions(
                     network,
                 )
             )
-        elif since is not None and failing_for > settings.failing_after * lifetime:
+        if since is not None and failing_for > settings.failing_after * lifetime:
             found.append(
                 Condition(
                     "refresh_failing",
@@ -894,6 +894,20 @@ class AlertCenter:
         while True:
             await asyncio.sleep(interval())
             self.evaluate()
+
+    async def wait_delivered(self, timeout: float) -> bool:
+        """Wait until every queued alert was delivered or given up; False on timeout."""
+        joins = [
+            asyncio.create_task(queue.join())
+            for alerts in self.accounts.values()
+            for _, queue, _ in alerts._queues
+        ]
+        if not joins:
+            return True
+        _, pending = await asyncio.wait(joins, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        return not pending
 
     def active(self, name: str) -> list[dict[str, Any]]:
         """Return the active alerts of one account (empty if unknown)."""

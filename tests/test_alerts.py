@@ -1,0 +1,619 @@
+"""Alerts: each condition once on every channel; repeats, restarts, resolutions, bad channels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from daemonproc import login, start_daemon, write_config
+from kakao_tokend.alerts import KAKAOTALK_TEXT_LIMIT, Alert, AlertCenter, Severity
+from kakao_tokend.cli import main
+from kakao_tokend.config import config_from_toml_text, load_config
+from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
+from kakao_tokend.errors import ConfigError, StoreWriteError
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import utcnow
+
+# --------------------------------------------------------------------------- receivers
+
+
+@dataclass
+class Receiver:
+    """A loopback webhook receiver that records every JSON body it gets."""
+
+    posts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: int = 0
+    status: int = 200
+    delay: float = 0.0
+    url: str = ""
+
+    def conditions(self, state: str = "firing") -> list[str]:
+        """Return the conditions of the recorded alerts in ``state``, in order."""
+        return [p["condition"] for p in self.posts if p["state"] == state]
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[Receiver]:
+    """Run a webhook receiver on 127.0.0.1 (status and delay adjustable per test)."""
+    receiver = Receiver()
+
+    async def handle(request: web.Request) -> web.Response:
+        receiver.attempts += 1
+        body = await request.json()
+        if receiver.delay:
+            await asyncio.sleep(receiver.delay)
+        if receiver.status == 200:
+            receiver.posts.append(body)
+        return web.Response(status=receiver.status, text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook/secret-path", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    receiver.url = f"http://127.0.0.1:{port}/hook/secret-path"
+    yield receiver
+    await runner.cleanup()
+
+
+@dataclass
+class Command:
+    """A test alert command: appends its environment as one JSON line to ``out``."""
+
+    script: Path
+    out: Path
+
+    def calls(self) -> list[dict[str, str]]:
+        """Return the environment of every completed call."""
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines()]
+
+    def conditions(self, state: str = "firing") -> list[str]:
+        """Return the alert conditions the command saw in ``state``."""
+        return [
+            c["KAKAO_TOKEND_ALERT_CONDITION"]
+            for c in self.calls()
+            if c["KAKAO_TOKEND_ALERT_STATE"] == state
+        ]
+
+    def toml(self, *extra: str) -> str:
+        """Return the TOML value for ``command`` (optionally with extra args)."""
+        return json.dumps([str(self.script), str(self.out), *extra])
+
+
+@pytest.fixture
+def command(tmp_path: Path) -> Command:
+    """Write the test command script (argv: OUT [SLEEP_SECONDS])."""
+    script = tmp_path / "alert-command"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys, time\n"
+        "if len(sys.argv) > 2:\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+        "with open(sys.argv[1], 'a') as f:\n"
+        "    f.write(json.dumps(dict(os.environ)) + '\\n')\n"
+    )
+    script.chmod(0o755)
+    return Command(script, tmp_path / "command-calls.jsonl")
+
+
+def alerts_toml(webhook: Receiver | None, command: Command | None, **keys: str) -> str:
+    """Return an [alerts] section for the test config."""
+    lines = ["[alerts]", 'kakaotalk = "auto"']
+    if webhook is not None:
+        lines += [f'webhook_url = "{webhook.url}"', 'webhook_timeout = "1s"', "webhook_retries = 1"]
+    if command is not None:
+        lines += [f"command = {command.toml()}", 'command_timeout = "5s"']
+    lines += [f"{key} = {value}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- in-process harness
+
+
+class Harness:
+    """An AccountManager and AlertCenter for the default account, on a shiftable clock."""
+
+    def __init__(self, config_path: Path, emulator: KakaoEmulator) -> None:
+        self.config_path = config_path
+        self.emulator = emulator
+        self.offset = 0.0
+        self.session: aiohttp.ClientSession | None = None
+        self.manager: AccountManager | None = None
+        self.center: AlertCenter | None = None
+
+    def now(self) -> datetime:
+        """Return real time plus the test's offset (what the manager and center see)."""
+        return utcnow() + timedelta(seconds=self.offset)
+
+    async def start(self) -> None:
+        """Create the manager (loading the state from disk) and attach a fresh center."""
+        config = load_config(self.config_path)
+        account = config.account()
+        if self.session is None:
+            self.session = create_session()
+        self.manager = AccountManager(
+            account,
+            store=AccountStore(account),
+            client=KakaoClient(self.session, account.app, clock=self.now),
+            policy=config.refresh,
+            clock=self.now,
+        )
+        self.manager.load()
+        self.center = AlertCenter(
+            session=self.session, clock=self.now, host="box", retry_delay=0.05
+        )
+        self.center.attach(self.manager)
+
+    async def at(self, offset: float) -> list[Alert]:
+        """Evaluate with the clock at ``offset`` seconds and wait until delivery finished."""
+        self.offset = offset
+        assert self.center is not None
+        sent = self.center.evaluate()
+        assert await self.center.wait_delivered(10)
+        return sent
+
+    async def settle(self) -> None:
+        """Let scheduled evaluations run and their deliveries finish."""
+        assert self.center is not None
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert await self.center.wait_delivered(10)
+
+    async def restart(self) -> None:
+        """Stop the center (as at shutdown) and start a new manager and center."""
+        assert self.center is not None
+        await self.center.close()
+        await self.start()
+
+    async def close(self) -> None:
+        """Close the center and the HTTP session."""
+        if self.center is not None:
+            await self.center.close()
+        if self.session is not None:
+            await self.session.close()
+
+
+@pytest.fixture
+async def make_harness(tmp_path: Path, emulator: KakaoEmulator) -> AsyncIterator[Any]:
+    """Return an async factory: write a config with ``extra``, log in, start a Harness."""
+    made: list[Harness] = []
+
+    async def make(extra: str, **config: Any) -> Harness:
+        path = write_config(tmp_path, emulator, extra=extra, **config)
+        await login(emulator, path)
+        harness = Harness(path, emulator)
+        await harness.start()
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        await harness.close()
+
+
+def inbox_texts(emulator: KakaoEmulator) -> list[str]:
+    """Return the texts of every KakaoTalk "send to me" message delivered so far."""
+    return [str(m["text"]) for m in emulator.inbox(DEFAULT_USER_ID)]
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+async def test_expiry_ladder_fires_each_threshold_once_on_every_channel(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    command: Command,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each rung of the ladder, then "expired", reaches log, KakaoTalk, webhook and command once.
+
+    Rungs above critical_below are warnings, the rest critical; the log level matches.
+    """
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(
+        webhook, command, thresholds='["60s", "30s"]', critical_below='"30s"', repeat='"1h"'
+    )
+    harness = await make_harness(extra)
+    caplog.set_level(logging.INFO, logger="kakao_tokend.alerts")
+    assert await harness.at(0) == []
+    assert [a.severity for a in await harness.at(45)] == [Severity.WARNING]
+    assert await harness.at(50) == []
+    assert [a.severity for a in await harness.at(75)] == [Severity.CRITICAL]
+    assert await harness.at(80) == []
+    sent = await harness.at(101)
+    assert [(a.condition, a.message) for a in sent] == [
+        ("refresh_expiry", "the refresh token has EXPIRED")
+    ]
+    assert await harness.at(102) == []
+
+    assert webhook.conditions() == ["refresh_expiry"] * 3
+    assert [p["severity"] for p in webhook.posts] == ["warning", "critical", "critical"]
+    assert command.conditions() == ["refresh_expiry"] * 3
+    texts = inbox_texts(emulator)
+    assert len(texts) == 3
+    assert all(len(t) <= KAKAOTALK_TEXT_LIMIT and "kakao-tokend login" in t for t in texts)
+    levels = [r.levelno for r in caplog.records if "ALERT" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.CRITICAL, logging.CRITICAL]
+
+
+async def test_relogin_fires_once_and_a_new_login_resolves_it(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    command: Command,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """KOE322 after an unlink alerts once, with the login command and the ssh hint; KakaoTalk
+    cannot carry it (the token is dead), the others do. After `login` the daemon adopts the
+    new tokens and "resolved" reaches every channel once. No token appears anywhere.
+    """
+    caplog.set_level(logging.DEBUG)
+    harness = await make_harness(alerts_toml(webhook, command))
+    emulator.unlink_user(DEFAULT_USER_ID)
+    await harness.manager.refresh(force=True, reason="test")
+    assert harness.manager.status.health is Health.RELOGIN
+    await harness.settle()
+    assert await harness.at(1) == []
+    assert webhook.conditions() == ["relogin"]
+    assert command.conditions() == ["relogin"]
+    assert inbox_texts(emulator) == []
+    post = webhook.posts[0]
+    assert post["severity"] == "critical" and post["state"] == "firing"
+    assert "`kakao-tokend login`" in post["action"]
+    assert "ssh -L 8765:127.0.0.1:8765 box" in post["action"]
+    assert post["text"].startswith("CRITICAL kakao-tokend default@box: ")
+    env = command.calls()[0]
+    assert env["KAKAO_TOKEND_ALERT_SEVERITY"] == "critical"
+    assert env["KAKAO_TOKEND_ALERT_ACTION"] == post["action"]
+    assert "KAKAO_REST_API_KEY" not in env
+
+    await login(emulator, harness.config_path)
+    await harness.manager.tick()
+    assert harness.manager.status.health is Health.OK
+    await harness.at(2)
+    assert await harness.at(3) == []
+    assert webhook.conditions("resolved") == ["relogin"]
+    assert command.conditions("resolved") == ["relogin"]
+    assert [t.startswith("RESOLVED") for t in inbox_texts(emulator)] == [True]
+    assert harness.center.active("default") == []
+
+    everything = json.dumps(webhook.posts) + json.dumps(command.calls()) + caplog.text
+    everything += json.dumps(emulator.inbox())
+    everything += harness.manager.store.alerts_path.read_text()
+    assert not [t for t in emulator.issued_tokens() if t in everything]
+
+
+async def test_a_critical_alert_repeats_at_its_interval(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """An active critical condition is sent again every `repeat`, and not in between."""
+    harness = await make_harness(alerts_toml(webhook, None, repeat='"10s"'))
+    emulator.unlink_user(DEFAULT_USER_ID)
+    await harness.manager.refresh(force=True, reason="test")
+    await harness.settle()
+    assert webhook.conditions() == ["relogin"]
+    assert await harness.at(5) == []
+    assert [a.repeat for a in await harness.at(11)] == [True]
+    assert await harness.at(15) == []
+    assert len(await harness.at(22)) == 1
+    assert [p["repeat"] for p in webhook.posts] == [False, True, True]
+    assert "(repeat)" in webhook.posts[1]["text"]
+
+
+async def test_failing_refresh_then_expiring_access_token_then_recovery(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver, command: Command
+) -> None:
+    """Refresh failing longer than failing_after warns; an access token about to expire while
+    refreshing fails is critical; a successful refresh resolves both.
+    """
+    emulator.settings.access_lifetime = 20
+    harness = await make_harness(alerts_toml(webhook, command, failing_after='"10%"'))
+    emulator.inject("token", "http500", count=1000)
+    await harness.manager.refresh(force=True, reason="test")
+    assert harness.manager.status.health is Health.RETRYING
+    await harness.settle()
+    assert await harness.at(1) == []
+    assert [a.condition for a in await harness.at(3)] == ["refresh_failing"]
+    assert [a.condition for a in await harness.at(19)] == ["access_expiring"]
+    assert webhook.conditions() == ["refresh_failing", "access_expiring"]
+    assert command.conditions() == ["refresh_failing", "access_expiring"]
+    assert len(inbox_texts(emulator)) == 2
+
+    emulator.clear_faults()
+    harness.offset = 0
+    await harness.manager.refresh(force=True, reason="test")
+    await harness.settle()
+    assert sorted(webhook.conditions("resolved")) == ["access_expiring", "refresh_failing"]
+    assert sorted(command.conditions("resolved")) == ["access_expiring", "refresh_failing"]
+
+
+async def test_unsaved_state_and_missed_rotation(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    command: Command,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A state that cannot be written is critical; a refresh in the rotation window that did
+    not rotate warns; both are announced once on every channel and resolve when they clear.
+    """
+    # We expect a rotation at every refresh (window longer than the token's life); Kakao
+    # (the emulator) rotates only in its last month, so none comes.
+    harness = await make_harness(alerts_toml(webhook, command), rotation_window=90 * 86400.0)
+    manager = harness.manager
+    real_save = manager.store.save
+
+    def disk_full(state: Any) -> None:  # the OS edge: ENOSPC on the state file only
+        raise StoreWriteError(f"cannot write {manager.store.state_path}: No space left on device")
+
+    monkeypatch.setattr(manager.store, "save", disk_full)
+    await manager.refresh(force=True, reason="test")
+    assert manager.status.write_pending and manager.status.missed_rotation
+    await harness.settle()
+    assert await harness.at(0.5) == []
+    assert sorted(webhook.conditions()) == ["missed_rotation", "write_failed"]
+    assert sorted(command.conditions()) == ["missed_rotation", "write_failed"]
+    assert len(inbox_texts(emulator)) == 2
+    severities = {p["condition"]: p["severity"] for p in webhook.posts}
+    assert severities == {"write_failed": "critical", "missed_rotation": "warning"}
+
+    monkeypatch.setattr(manager.store, "save", real_save)
+    harness.offset = 5
+    await manager.tick()
+    assert not manager.status.write_pending
+    await harness.settle()
+    assert webhook.conditions("resolved") == ["write_failed"]
+    emulator.settings.rotation_window = 90 * 86400.0
+    await manager.refresh(force=True, reason="test")
+    await harness.settle()
+    assert webhook.conditions("resolved") == ["write_failed", "missed_rotation"]
+    assert command.conditions("resolved") == ["write_failed", "missed_rotation"]
+
+
+async def test_a_restart_sends_nothing_twice(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver, command: Command
+) -> None:
+    """Bookkeeping survives a restart: an alert already sent is not sent again (before its
+    repeat is due), and its resolution after the restart is still announced once.
+    """
+    harness = await make_harness(alerts_toml(webhook, command, repeat='"1h"'))
+    emulator.unlink_user(DEFAULT_USER_ID)
+    await harness.manager.refresh(force=True, reason="test")
+    await harness.settle()
+    assert webhook.conditions() == ["relogin"]
+
+    await harness.restart()
+    assert harness.manager.status.health is Health.RELOGIN
+    assert await harness.at(60) == []
+    await harness.restart()
+    assert await harness.at(120) == []
+    assert webhook.conditions() == ["relogin"]
+    assert command.conditions() == ["relogin"]
+    assert [a["condition"] for a in harness.center.active("default")] == ["relogin"]
+
+    await login(emulator, harness.config_path)
+    await harness.manager.tick()
+    await harness.at(121)
+    await harness.restart()
+    assert await harness.at(122) == []
+    assert webhook.conditions("resolved") == ["relogin"]
+    assert command.conditions("resolved") == ["relogin"]
+
+
+async def test_failing_channels_block_neither_the_others_nor_the_refresh(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    command: Command,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook answering 500 is retried then given up, a command that hangs is killed at
+    its timeout; KakaoTalk still delivers at once and a refresh is not delayed.
+    """
+    caplog.set_level(logging.WARNING, logger="kakao_tokend.alerts")
+    webhook.status = 500
+    extra = alerts_toml(webhook, None) + f"command = {command.toml('30')}\n"
+    extra += 'command_timeout = "0.5s"\n'
+    emulator.settings.refresh_lifetime = 100
+    harness = await make_harness(extra + 'thresholds = ["60s"]\n')
+    started = time.monotonic()
+    harness.offset = 45
+    sent = harness.center.evaluate()
+    assert [a.condition for a in sent] == ["refresh_expiry"]
+    before = harness.manager.state.generation
+    await asyncio.wait_for(harness.manager.refresh(force=True, reason="test"), 2)
+    assert harness.manager.state.generation == before + 1
+    for _ in range(100):
+        if inbox_texts(emulator):
+            break
+        await asyncio.sleep(0.02)
+    assert len(inbox_texts(emulator)) == 1
+    assert time.monotonic() - started < 2
+    assert await harness.center.wait_delivered(10)
+    # The refresh rotated the refresh token, so the expiry alert was also resolved: two alerts,
+    # each tried 1 + webhook_retries times on the webhook and 1 + 2 times on the command.
+    assert len(inbox_texts(emulator)) == 2
+    assert webhook.attempts == 4
+    assert command.calls() == []  # killed before it wrote anything
+    assert caplog.text.count("giving up") == 4
+    assert "secret-path" not in caplog.text
+    assert "killed after 0.5s" in caplog.text
+
+
+def test_alert_text_fits_kakaotalk_and_keeps_the_action() -> None:
+    """A long message is shortened so the text fits 200 characters and the fix stays whole."""
+    alert = Alert(
+        "shop",
+        "relogin",
+        Severity.CRITICAL,
+        "firing",
+        "x" * 500,
+        "run `kakao-tokend login --account shop`",
+        utcnow(),
+        host="server",
+    )
+    text = alert.text(KAKAOTALK_TEXT_LIMIT)
+    assert len(text) == KAKAOTALK_TEXT_LIMIT
+    assert text.endswith("Fix: run `kakao-tokend login --account shop`")
+    assert text.startswith("CRITICAL kakao-tokend shop@server: xxx")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """Run the real CLI as a process (the test's loop keeps serving the emulator)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kakao_tokend",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_alerts_test_reports_every_channel(
+    tmp_path: Path, emulator: KakaoEmulator, webhook: Receiver, command: Command
+) -> None:
+    """`alerts test` sends through log, KakaoTalk, webhook and command; exit 0 when all work,
+    1 with the failing channel named when one does not.
+    """
+    path = write_config(tmp_path, emulator, extra=alerts_toml(webhook, command))
+    await login(emulator, path)
+    code, out, _ = await run_cli(path, "alerts", "test")
+    assert code == 0, out
+    port = webhook.url.split(":")[2].split("/")[0]
+    assert out.splitlines() == [
+        "default: log: ok",
+        "default: kakaotalk: ok",
+        f"default: webhook http://127.0.0.1:{port}: ok",
+        f"default: command {command.script}: ok",
+    ]
+    assert webhook.posts[0]["test"] is True and webhook.posts[0]["condition"] == "test"
+    assert command.conditions() == ["test"]
+    assert len(inbox_texts(emulator)) == 1
+
+    webhook.status = 500
+    code, out, _ = await run_cli(path, "alerts", "test")
+    assert code == 1
+    assert f"default: webhook http://127.0.0.1:{port}: FAILED: HTTP 500" in out
+
+
+def test_check_config_warns_when_kakaotalk_alone_carries_critical_alerts(tmp_path: Path) -> None:
+    """KakaoTalk as the only critical channel gets a stderr warning (exit still 0); adding a
+    webhook silences it.
+    """
+    base = '[paths]\nstate_dir = "s"\nruntime_dir = "r"\n[kakao]\nrest_api_key = "k"\n'
+    config = tmp_path / "config.toml"
+    runner = CliRunner()
+    config.write_text(base + "[alerts]\nkakaotalk = true\n")
+    result = runner.invoke(main, ["--config", str(config), "check-config"])
+    assert result.exit_code == 0
+    assert "KakaoTalk is the only channel for critical alerts" in result.stderr
+    config.write_text(
+        base + '[alerts]\nkakaotalk = true\nwebhook_url = "https://hooks.example.com/x"\n'
+    )
+    result = runner.invoke(main, ["--config", str(config), "check-config"])
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_alerts_config_overrides_and_mistakes(tmp_path: Path) -> None:
+    """[accounts.NAME.alerts] overrides [alerts] key by key; bad values are all reported, and
+    the webhook URL (a secret) is never echoed.
+    """
+    base = '[paths]\nstate_dir = "/s"\nruntime_dir = "/r"\n[kakao]\nrest_api_key = "k"\n'
+    text = base + (
+        '[alerts]\nthresholds = ["1d", "10d"]\nrepeat = "6h"\n'
+        'webhook_url = "https://hooks.example.com/T/secret"\n'
+        "[accounts.a]\n[accounts.b]\n[accounts.b.alerts]\n"
+        'command = ["/bin/true"]\nkakaotalk = false\n'
+    )
+    config = config_from_toml_text(text, source=None, environ={})
+    a, b = config.accounts["a"].alerts, config.accounts["b"].alerts
+    assert a.thresholds == (864000.0, 86400.0) and a.repeat == 21600.0 and a.command == ()
+    assert b.command == ("/bin/true",) and b.kakaotalk is False
+    assert b.webhook_url == a.webhook_url and b.repeat == a.repeat
+    assert "secret" not in repr(a)
+
+    bad = base + (
+        '[alerts]\nthresholds = "14d"\nwebhook_url = "ftp://secret-host/x"\n'
+        'command = "notify"\nkakaotalk = "yes"\nwebhook_min_severity = "loud"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml_text(bad, source=None, environ={})
+    problems = dict(caught.value.details)
+    assert set(problems) == {
+        "alerts.thresholds",
+        "alerts.webhook_url",
+        "alerts.command",
+        "alerts.kakaotalk",
+        "alerts.webhook_min_severity",
+    }
+    assert "secret" not in str(caught.value) + repr(caught.value.details)
+
+
+# --------------------------------------------------------------------------- the real daemon
+
+
+async def test_daemon_process_alerts_once_lists_them_and_survives_restart(
+    tmp_path: Path, emulator: KakaoEmulator, webhook: Receiver, command: Command
+) -> None:
+    """Through `kakao-tokend run`: a dead token alerts once on the webhook and the command,
+    /v1/status and `status --json` list the active alert, a restart sends nothing again, and
+    the next `login` is announced as resolved once.
+    """
+    path = write_config(tmp_path, emulator, extra=alerts_toml(webhook, command))
+    await login(emulator, path)
+    daemon = await start_daemon(path)
+    try:
+        emulator.unlink_user(DEFAULT_USER_ID)
+        status, _ = await daemon.api("POST", "/v1/accounts/default/refresh")
+        assert status == 502
+        await daemon.wait_for(lambda: webhook.conditions() == ["relogin"], what="relogin alert")
+        await daemon.wait_for(lambda: command.conditions() == ["relogin"], what="command")
+        _, body = await daemon.api("GET", "/v1/status")
+        assert [a["condition"] for a in body["accounts"][0]["alerts"]] == ["relogin"]
+        code, out, _ = await run_cli(path, "status", "--json")
+        assert code == 2
+        assert [a["condition"] for a in json.loads(out)["accounts"][0]["alerts"]] == ["relogin"]
+        assert await daemon.stop() == 0
+
+        daemon = await start_daemon(path)
+        await asyncio.sleep(1.0)  # five heartbeats of 0.2s: plenty of chances to resend
+        assert webhook.conditions() == ["relogin"]
+        await login(emulator, path)
+        await daemon.wait_for(
+            lambda: webhook.conditions("resolved") == ["relogin"], what="resolved"
+        )
+        await daemon.wait_for(lambda: command.conditions("resolved") == ["relogin"], what="cmd")
+        await asyncio.sleep(0.6)
+        assert webhook.conditions() == ["relogin"]
+        assert webhook.conditions("resolved") == ["relogin"]
+    finally:
+        await daemon.stop()
