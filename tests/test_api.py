@@ -39,9 +39,7 @@ class Served:
     async def client(self) -> AsyncIterator[aiohttp.ClientSession]:
         """A client session speaking to the Unix socket."""
         connector = aiohttp.UnixConnector(path=str(self.socket))
-        async with aiohttp.ClientSession(
-            connector=connector, base_url="http://tokend"
-        ) as session:
+        async with aiohttp.ClientSession(connector=connector, base_url="http://tokend") as session:
             yield session
 
     async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
@@ -86,9 +84,7 @@ async def serving(config_path: Path) -> AsyncIterator[Served]:
         assert await asyncio.wait_for(task, 30) == 0
 
 
-def config_with(
-    tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any
-) -> Path:
+def config_with(tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any) -> Path:
     """write_config plus extra TOML (e.g. an [api] table)."""
     return write_config(tmp_path, emulator, extra=extra, **kwargs)
 
@@ -162,15 +158,17 @@ async def test_min_valid_forces_one_refresh_for_many_callers(
     """
     emulator.settings.access_lifetime = 10
     config = config_with(tmp_path, emulator)
-    config.write_text(config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n"))
+    text = config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n")
+    config.write_text(text)
     first = await login(emulator, config)
     async with serving(config) as served:
         status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "5"})
         assert status == 200 and body["access_token"] == first.tokens.access_token
         await asyncio.sleep(1.2)  # now less than 9 s are left
         before = emulator.stats.refreshes_ok
+        path = "/v1/accounts/default/token"
         results = await asyncio.gather(
-            *(served.get("/v1/accounts/default/token", params={"min_valid": "9"}) for _ in range(20))
+            *(served.get(path, params={"min_valid": "9"}) for _ in range(20))
         )
         assert emulator.stats.refreshes_ok == before + 1
         tokens = {body["access_token"] for _, body in results}
@@ -202,7 +200,7 @@ async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
 async def test_healthz_turns_503_when_a_login_is_needed(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
-    """/healthz is 200 with a valid token and 503, naming the account, once Kakao kills the grant."""
+    """/healthz is 200 with a valid token, and 503 naming the account once Kakao kills it."""
     config = config_with(tmp_path, emulator)
     state = await login(emulator, config)
     async with serving(config) as served:
@@ -343,9 +341,9 @@ async def test_reload_waits_for_the_reload(emulator: KakaoEmulator, tmp_path: Pa
         config.write_text(config.read_text() + "[accounts.default]\n[accounts.second]\n")
         loop = asyncio.get_running_loop()
         started = loop.time()
-        code, out, err = await run_cli(config, "reload")
+        code, _, err = await run_cli(config, "reload")
         assert code == 0, err
         assert refresh.done() or loop.time() - started >= 1.0
-        status, body = await served.get("/v1/status")
+        _, body = await served.get("/v1/status")
         assert [a["account"] for a in body["accounts"]] == ["default", "second"]
         await refresh

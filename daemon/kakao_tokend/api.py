@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import io
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -67,7 +69,7 @@ def _lookup(daemon: Daemon, name: str) -> AccountManager:
     manager = daemon.managers.get(name)
     if manager is None:
         known = ", ".join(daemon.managers) or "none"
-        raise _json_error(web.HTTPNotFound, f"no account named {name!r} (accounts: {known})")
+        raise _json_error(404, f"no account named {name!r} (accounts: {known})")
     return manager
 
 
@@ -75,8 +77,17 @@ def _manager(request: web.Request) -> AccountManager:
     return _lookup(_daemon(request), request.match_info["name"])
 
 
-def _json_error(cls: type[web.HTTPException], message: str) -> web.HTTPException:
-    return cls(text=json.dumps({"error": message}), content_type="application/json")
+class ApiError(Exception):
+    """An answer other than 2xx; the guard middleware turns it into JSON ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json_error(status: int, message: str) -> ApiError:
+    return ApiError(status, message)
 
 
 async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> Any:
@@ -86,7 +97,7 @@ async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> An
         return await asyncio.wait_for(awaitable, timeout)
     except TimeoutError:
         raise _json_error(
-            web.HTTPGatewayTimeout,
+            504,
             f"no answer within {timeout:g}s (api.request_timeout); Kakao may be slow",
         ) from None
 
@@ -212,11 +223,11 @@ def _target(manager: AccountManager, request: web.Request) -> URL:
     base = URL(manager.account.app.api_url)
     raw = request.raw_path[len("/kapi") :]
     path, _, query = raw.partition("?")
-    if not path.startswith("/") or any(part in ("..", ".") for part in path.split("/")):
-        raise _json_error(web.HTTPBadRequest, "the path after /kapi must be a plain API path")
+    if not path.startswith("/") or any(unquote(part) in ("..", ".") for part in path.split("/")):
+        raise _json_error(400, "the path after /kapi must be a plain API path")
     target = URL(str(base).rstrip("/") + path + (f"?{query}" if query else ""), encoded=True)
     if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
-        raise _json_error(web.HTTPBadRequest, "the proxy only talks to the configured api_url")
+        raise _json_error(400, "the proxy only talks to the configured api_url")
     return target
 
 
@@ -286,12 +297,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
     target = _target(manager, request)
     if manager.state is None:
-        raise _json_error(
-            web.HTTPConflict, f"account {manager.name} has no tokens; run kakao-tokend login"
-        )
+        raise _json_error(409, f"account {manager.name} has no tokens; run kakao-tokend login")
     if request.content_length is not None and request.content_length > settings.max_body:
         raise _json_error(
-            web.HTTPRequestEntityTooLarge,
+            413,
             f"request body larger than api.max_body ({settings.max_body} bytes)",
         )
     session = daemon.session
@@ -307,7 +316,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     retried = False
     while True:
         token = manager.state.tokens.access_token if manager.state else ""
-        data: Any = body if whole else _rest_of_body(request, head, settings.max_body)
+        data: Any = (
+            io.BytesIO(body)
+            if whole and body is not None
+            else None
+            if whole
+            else _rest_of_body(request, head, settings.max_body)
+        )
         try:
             upstream = await session.request(
                 request.method,
@@ -320,18 +335,16 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             )
         except _BodyTooLarge:
             raise _json_error(
-                web.HTTPRequestEntityTooLarge,
+                413,
                 f"request body larger than api.max_body ({settings.max_body} bytes)",
             ) from None
         except TimeoutError:
             raise _json_error(
-                web.HTTPGatewayTimeout,
+                504,
                 f"Kakao did not answer within {settings.request_timeout:g}s",
             ) from None
         except aiohttp.ClientError as exc:
-            raise _json_error(
-                web.HTTPBadGateway, f"cannot reach {target.host}: {type(exc).__name__}"
-            ) from None
+            raise _json_error(502, f"cannot reach {target.host}: {type(exc).__name__}") from None
         try:
             if upstream.status == 401 and whole and not retried:
                 answer = await upstream.read()
@@ -410,6 +423,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(413, f"request body larger than api.max_body ({settings.max_body} bytes)")
     try:
         return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, exc.message)
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise

@@ -1,0 +1,228 @@
+"""The /kapi proxy through real sockets: token injection, streaming, -401 retry, no open proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from kakao_tokend.emulator import KakaoEmulator
+from test_api import config_with, login, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A loopback upstream that records what it got and can send a large streamed answer."""
+    seen: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            digest.update(chunk)
+            size += len(chunk)
+        seen.append({"path": request.path_qs, "headers": dict(request.headers), "size": size})
+        if request.path == "/big":
+            count = int(request.query["n"])
+            response = web.StreamResponse(headers={"X-Upstream": "yes", "Connection": "close"})
+            response.content_length = count
+            await response.prepare(request)
+            block = bytes(range(256)) * 256
+            sent = 0
+            while sent < count:
+                part = block[: count - sent]
+                await response.write(part)
+                sent += len(part)
+            await response.write_eof()
+            return response
+        return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+def with_talk_scope(config: Path) -> None:
+    """Ask for talk_message at login so "send to me" works."""
+    config.write_text(
+        config.read_text().replace("[kakao]\n", '[kakao]\nscopes = ["talk_message"]\n')
+    )
+
+
+def pointing_api_at(config: Path, emulator: KakaoEmulator, url: str) -> None:
+    """Send API calls (not OAuth) to ``url``; skip the start-up verify that would go there too."""
+    text = config.read_text().replace(f'api_url = "{emulator.url}"', f'api_url = "{url}"')
+    config.write_text(text.replace("[refresh]\n", "[refresh]\nverify_on_start = false\n"))
+
+
+async def test_send_to_me_through_the_proxy(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """A caller with no token at all sends a KakaoTalk memo; the daemon adds the Authorization."""
+    config = config_with(tmp_path, emulator)
+    with_talk_scope(config)
+    state = await login(emulator, config)
+    template = {"object_type": "text", "text": "hello from curl", "link": {}}
+    async with serving(config) as served:
+        status, body = await served.request(
+            "POST",
+            "/kapi/v2/api/talk/memo/default/send",
+            data={"template_object": json.dumps(template)},
+        )
+        assert (status, body) == (200, {"result_code": 0})
+        status, me = await served.get("/kapi/v2/user/me")
+        assert status == 200 and me["id"] == state.user_id
+    assert [m["text"] for m in emulator.inbox()] == ["hello from curl"]
+
+
+async def test_retries_once_after_minus_401(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """When Kakao says -401 (token expired on its clock) the proxy refreshes once and retries."""
+    config = config_with(tmp_path, emulator)
+    first = await login(emulator, config)
+    async with serving(config) as served:
+        before = emulator.stats.refreshes_ok
+        emulator.advance_clock(emulator.settings.access_lifetime + 5)
+        assert not emulator.access_token_valid(first.tokens.access_token)
+        status, me = await served.get("/kapi/v2/user/me")
+        assert status == 200 and me["id"] == first.user_id
+        assert emulator.stats.refreshes_ok == before + 1
+        # The next call uses the new token directly: no further refresh.
+        status, _ = await served.get("/kapi/v2/user/me")
+        assert status == 200 and emulator.stats.refreshes_ok == before + 1
+
+
+async def test_minus_401_is_passed_back_when_the_refresh_cannot_help(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """If the refresh fails too (grant revoked), the caller gets Kakao's -401 once, not a loop."""
+    config = config_with(tmp_path, emulator)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        calls = emulator.stats.requests["user_me"]
+        status, body = await served.get("/kapi/v2/user/me")
+        assert status == 401 and body["code"] == -401
+        assert emulator.stats.requests["user_me"] == calls + 1
+
+
+async def test_streams_large_bodies_and_never_leaks_client_headers(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A 3 MiB upload and a 5 MiB download pass intact; the client's Authorization, the account
+    header and hop-by-hop headers never reach Kakao, the daemon's bearer token does."""
+    config = config_with(tmp_path, emulator, "[accounts.default]\n[accounts.other]\n")
+    async with echo_server() as (url, seen):
+        default = await login(emulator, config, "default")
+        other = await login(emulator, config, "other")
+        pointing_api_at(config, emulator, url)
+        payload = os.urandom(3 * 1024 * 1024)
+        async with serving(config) as served, served.client() as http:
+            headers = {
+                "Authorization": "Bearer client-secret-token",
+                "X-Kakao-Account": "other",
+                "Connection": "keep-alive, X-Private",
+                "X-Private": "hop",
+                "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+                "X-Custom": "kept",
+            }
+            upload = io.BytesIO(payload)
+            async with http.post("/kapi/v1/upload?x=1", data=upload, headers=headers) as resp:
+                assert resp.status == 200
+                answer = await resp.json()
+            assert answer == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+            got = {k.lower(): v for k, v in seen[-1]["headers"].items()}
+            assert seen[-1]["path"] == "/v1/upload?x=1"
+            assert got["authorization"] == f"Bearer {other.tokens.access_token}"
+            assert "x-kakao-account" not in got and "x-private" not in got
+            assert "proxy-authorization" not in got
+            assert got["x-custom"] == "kept"
+            async with http.get("/kapi/big", params={"n": str(5 * 1024 * 1024)}) as resp:
+                assert resp.status == 200 and resp.headers["X-Upstream"] == "yes"
+                received = 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    received += len(chunk)
+            assert received == 5 * 1024 * 1024
+            # No X-Kakao-Account: the default account's token.
+            assert seen[-1]["headers"]["Authorization"] == f"Bearer {default.tokens.access_token}"
+
+
+async def raw_request(socket_path: Path, request_line: str) -> tuple[int, bytes]:
+    """Send one hand-written HTTP/1.1 request (no client-side path normalisation)."""
+    reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    try:
+        writer.write(f"{request_line}\r\nHost: tokend\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_no_open_proxy(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Only /kapi/<path> on the configured api_url is reachable: no host, no dot-dot, no bypass."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        before = dict(emulator.stats.requests)
+        for line in (
+            "GET /kapi/v2/%2e%2e/%2E%2E/oauth/token HTTP/1.1",
+            "GET /kapi/./v2/user/me HTTP/1.1",
+        ):
+            status, body = await raw_request(served.socket, line)
+            assert status == 400, line
+            assert "path" in json.loads(body)["error"]
+        assert dict(emulator.stats.requests) == before
+        # Another host in the path or in absolute form is just a path on the configured server.
+        for line in (
+            "GET /kapi//127.0.0.2:1/v2/user/me HTTP/1.1",
+            "GET http://127.0.0.2:1/kapi/v2/user/me HTTP/1.1",
+        ):
+            status, _ = await raw_request(served.socket, line)
+            assert status in (200, 404), line
+        status, body = await served.get("/kapi/v2/user/me", headers={"X-Kakao-Account": "nope"})
+        assert status == 404 and "nope" in body["error"]
+        status, body = await served.get("/v2/user/me")
+        assert status == 404 and body["error"]
+
+
+async def test_proxy_body_limit(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """A proxied body over api.max_body gets 413 JSON before anything is sent to Kakao."""
+    config = config_with(tmp_path, emulator, '[api]\nmax_body = "64k"\nproxy_retry_body = "16k"\n')
+    await login(emulator, config)
+    async with serving(config) as served:
+        requests_before = sum(emulator.stats.requests.values())
+        status, body = await served.request(
+            "POST", "/kapi/v2/api/talk/memo/default/send", data=b"x" * 100_000
+        )
+        assert status == 413 and "max_body" in body["error"]
+        assert sum(emulator.stats.requests.values()) == requests_before
+
+
+async def test_unreachable_upstream_is_502(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """When Kakao cannot be reached the caller gets 502 with a reason, not a hang."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    pointing_api_at(config, emulator, "http://127.0.0.1:9")
+    async with serving(config) as served:
+        status, body = await served.get("/kapi/v2/user/me")
+        assert status == 502 and "127.0.0.1" in body["error"]
