@@ -1,0 +1,123 @@
+"""Change hooks and extra sinks in the running daemon: once per change, timeouts, no token."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kakao_tokend.emulator import KakaoEmulator
+from test_api import config_with, login, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+RECORDER = """
+import json, os, sys, time
+out = sys.argv[1]
+record = {k: v for k, v in os.environ.items() if k.startswith("KAKAO")}
+record["start"] = time.monotonic()
+time.sleep(float(sys.argv[2]))
+record["end"] = time.monotonic()
+with open(out, "a") as f:
+    f.write(json.dumps(record) + "\\n")
+"""
+
+
+def hook_config(tmp_path: Path, emulator: KakaoEmulator, *, sleep: float, timeout: str) -> Path:
+    """A config whose account runs the recorder hook and writes both extra sinks."""
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    out = tmp_path / "hook-runs.jsonl"
+    extra = (
+        "[accounts.default]\n"
+        f'hooks = [["{sys.executable}", "{script}", "{out}", "{sleep}"]]\n'
+        f'hook_timeout = "{timeout}"\n'
+        f'access_token_file = "{tmp_path / "sinks" / "token"}"\n'
+        f'env_file = "{tmp_path / "sinks" / "kakao.env"}"\n'
+    )
+    return config_with(tmp_path, emulator, extra)
+
+
+def runs(tmp_path: Path) -> list[dict[str, Any]]:
+    """The hook runs recorded so far."""
+    path = tmp_path / "hook-runs.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    """Poll a zero-argument callable until it returns true."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_hooks_run_once_per_change_and_sinks_follow(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Each refresh runs the hook once, serially, with account/file/generation but no token;
+    starting the daemon runs none; the sinks always hold the current token."""
+    config = hook_config(tmp_path, emulator, sleep=0.3, timeout="10s")
+    first = await login(emulator, config)
+    sinks = tmp_path / "sinks"
+    async with serving(config) as served:
+        await wait_until(lambda: (sinks / "token").exists())
+        assert (sinks / "token").read_text() == first.tokens.access_token
+        await asyncio.sleep(0.3)
+        assert runs(tmp_path) == []  # nothing changed since start
+        for _ in range(3):  # three changes while a hook is still running: coalesced, serial
+            status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+            assert status == 200
+        _, token = await served.get("/v1/accounts/default/token")
+        await wait_until(
+            lambda: (
+                runs(tmp_path)
+                and runs(tmp_path)[-1]["KAKAO_TOKEND_GENERATION"] == str(token["generation"])
+            )
+        )
+        await asyncio.sleep(0.5)
+        done = runs(tmp_path)
+        assert 1 <= len(done) <= 2  # one for the first change, one for the rest
+        generations = [int(r["KAKAO_TOKEND_GENERATION"]) for r in done]
+        assert generations == sorted(set(generations))
+        for earlier, later in itertools.pairwise(done):
+            assert later["start"] >= earlier["end"]
+        record = done[-1]
+        assert record["KAKAO_TOKEND_ACCOUNT"] == "default"
+        assert record["KAKAO_TOKEND_TOKEN_FILE"] == str(tmp_path / "state" / "default.token.json")
+        assert not any(token["access_token"] in str(v) for v in record.values())
+        assert (sinks / "token").read_text() == token["access_token"]
+        assert (sinks / "kakao.env").read_text() == f"KAKAO_ACCESS_TOKEN={token['access_token']}\n"
+        assert stat.S_IMODE((sinks / "token").stat().st_mode) == 0o640
+        assert stat.S_IMODE((sinks / "kakao.env").stat().st_mode) == 0o640
+        assert len(served.events_of("refreshed")) == 3
+
+
+async def test_a_hanging_hook_is_killed_at_its_timeout(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that outlives hook_timeout is killed (it never finishes) and logged; the daemon
+    keeps serving, and the next change runs the hook again."""
+    config = hook_config(tmp_path, emulator, sleep=30, timeout="0.5s")
+    await login(emulator, config)
+    async with serving(config) as served:
+        started = time.monotonic()
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 200
+        await wait_until(lambda: "killed it" in caplog.text)
+        assert time.monotonic() - started < 5
+        status, _ = await served.get("/healthz")
+        assert status == 200
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        await wait_until(lambda: caplog.text.count("killed it") == 2)
+    assert runs(tmp_path) == []  # killed before they could record anything
