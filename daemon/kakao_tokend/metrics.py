@@ -56,7 +56,7 @@ class DaemonCollector(Collector):
         )
         last_success = GaugeMetricFamily(
             "kakao_tokend_last_refresh_success_timestamp_seconds",
-            "Unix time of the last successful refresh (0: none since the daemon started).",
+            "Unix time of the last successful refresh or login (0: never).",
             labels=["account"],
         )
         generation = GaugeMetricFamily(

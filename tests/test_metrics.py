@@ -1,0 +1,96 @@
+"""/metrics through the real socket: parses as Prometheus text and matches the daemon's state."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kakao_tokend.emulator import KakaoEmulator
+from test_api import Served, config_with, login, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def scrape(served: Served) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Return {(sample name, sorted labels): value} from /metrics."""
+    status, text = await served.text("/metrics")
+    assert status == 200
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    """One sample's value."""
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def test_metrics_match_the_state(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Expiries, counters, generation, last success and health agree with /v1/status."""
+    config = config_with(tmp_path, emulator, "[accounts.a]\n[accounts.b]\n")
+    await login(emulator, config, "a")
+    await login(emulator, config, "b")
+    async with serving(config) as served:
+        for _ in range(2):
+            status, _ = await served.request("POST", "/v1/accounts/a/refresh")
+            assert status == 200
+        emulator.inject("token", "http503")
+        status, _ = await served.request("POST", "/v1/accounts/b/refresh")
+        assert status == 502
+        samples = await scrape(served)
+        _, body = await served.get("/v1/status")
+    accounts = {item["account"]: item for item in body["accounts"]}
+    for name in ("a", "b"):
+        item = accounts[name]
+        access = value(samples, "kakao_tokend_access_token_expires_in_seconds", account=name)
+        refresh = value(samples, "kakao_tokend_refresh_token_expires_in_seconds", account=name)
+        assert abs(access - item["access_expires_in"]) <= 2
+        assert abs(refresh - item["refresh_expires_in"]) <= 2
+        assert value(samples, "kakao_tokend_token_generation", account=name) == item["generation"]
+        counters = item["counters"]
+        for metric, key in (
+            ("kakao_tokend_refresh_attempts_total", "attempts"),
+            ("kakao_tokend_refresh_successes_total", "successes"),
+            ("kakao_tokend_refresh_token_rotations_total", "rotations"),
+        ):
+            assert value(samples, metric, account=name) == counters[key], (name, metric)
+    assert value(samples, "kakao_tokend_refresh_successes_total", account="a") == 2
+    assert (
+        value(
+            samples,
+            "kakao_tokend_refresh_failures_total",
+            account="b",
+            **{"class": accounts["b"]["last_error_class"]},
+        )
+        == 1
+    )
+    assert value(samples, "kakao_tokend_account_health", account="b", state="retrying") == 1
+    assert value(samples, "kakao_tokend_account_health", account="a", state="ok") == 1
+    assert value(samples, "kakao_tokend_last_refresh_success_timestamp_seconds", account="a") > 0
+    # b's last success is still its login: older than a's refreshes.
+    last_b = value(samples, "kakao_tokend_last_refresh_success_timestamp_seconds", account="b")
+    last_a = value(samples, "kakao_tokend_last_refresh_success_timestamp_seconds", account="a")
+    assert 0 < last_b <= last_a
+    assert value(samples, "kakao_tokend_active_alerts", account="a", severity="critical") == 0
+
+
+async def test_metrics_are_computed_at_scrape_time(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Two scrapes a second apart show the access token a second closer to expiry."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        first = value(
+            await scrape(served), "kakao_tokend_access_token_expires_in_seconds", account="default"
+        )
+        await asyncio.sleep(1.1)
+        second = value(
+            await scrape(served), "kakao_tokend_access_token_expires_in_seconds", account="default"
+        )
+    assert 0.9 <= first - second <= 3
