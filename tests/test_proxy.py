@@ -226,3 +226,24 @@ async def test_unreachable_upstream_is_502(emulator: KakaoEmulator, tmp_path: Pa
     async with serving(config) as served:
         status, body = await served.get("/kapi/v2/user/me")
         assert status == 502 and "127.0.0.1" in body["error"]
+
+
+async def test_chunked_body_over_the_limit_is_cut_off(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A chunked upload (no Content-Length) that grows past api.max_body is refused with 413."""
+    config = config_with(tmp_path, emulator, '[api]\nmax_body = "64k"\nproxy_retry_body = "16k"\n')
+    await login(emulator, config)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"y" * 10_000
+
+    path = "/kapi/v2/api/talk/memo/default/send"
+    async with (
+        serving(config) as served,
+        served.client() as http,
+        http.post(path, data=chunks()) as resp,
+    ):
+        assert resp.status == 413
+        assert "max_body" in (await resp.json())["error"]

@@ -261,12 +261,15 @@ async def _read_upto(request: web.Request, limit: int) -> tuple[bytes, bool]:
     return b"".join(parts), False
 
 
-async def _rest_of_body(request: web.Request, head: bytes, max_body: int) -> AsyncIterator[bytes]:
+async def _rest_of_body(
+    request: web.Request, head: bytes, max_body: int, overflow: list[bool]
+) -> AsyncIterator[bytes]:
     size = len(head)
     yield head
     async for chunk in request.content.iter_chunked(CHUNK):
         size += len(chunk)
         if size > max_body:
+            overflow.append(True)  # aiohttp wraps what the body raises into a ClientError
             raise _BodyTooLarge
         yield chunk
 
@@ -314,6 +317,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             body = head
     timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
     retried = False
+    overflow: list[bool] = []
     while True:
         token = manager.state.tokens.access_token if manager.state else ""
         data: Any = (
@@ -321,7 +325,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             if whole and body is not None
             else None
             if whole
-            else _rest_of_body(request, head, settings.max_body)
+            else _rest_of_body(request, head, settings.max_body, overflow)
         )
         try:
             upstream = await session.request(
@@ -344,6 +348,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 f"Kakao did not answer within {settings.request_timeout:g}s",
             ) from None
         except aiohttp.ClientError as exc:
+            if overflow:
+                raise _json_error(
+                    413, f"request body larger than api.max_body ({settings.max_body} bytes)"
+                ) from None
             raise _json_error(502, f"cannot reach {target.host}: {type(exc).__name__}") from None
         try:
             if upstream.status == 401 and whole and not retried:
