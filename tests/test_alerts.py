@@ -617,3 +617,29 @@ async def test_daemon_process_alerts_once_lists_them_and_survives_restart(
         assert webhook.conditions("resolved") == ["relogin"]
     finally:
         await daemon.stop()
+
+
+async def test_missing_talk_message_consent_is_logged_once(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With kakaotalk = true but the consent withdrawn, Kakao answers -402: the log says so
+    once (with the fix), KakaoTalk is not retried, and the webhook still gets every alert.
+    """
+    caplog.set_level(logging.WARNING, logger="kakao_tokend.alerts")
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(webhook, None, thresholds='["60s", "30s"]').replace(
+        'kakaotalk = "auto"', "kakaotalk = true"
+    )
+    harness = await make_harness(extra)
+    emulator.withdraw_scope(DEFAULT_USER_ID, "talk_message")
+    await harness.at(45)
+    await harness.at(75)
+    assert webhook.conditions() == ["refresh_expiry", "refresh_expiry"]
+    assert inbox_texts(emulator) == []
+    said = [r.getMessage() for r in caplog.records if "(-402)" in r.getMessage()]
+    assert len([m for m in said if "--scope talk_message" in m]) == 1
+    assert caplog.text.count("via kakaotalk failed (attempt 1/3)") == 2
+    assert "via kakaotalk failed (attempt 2/3)" not in caplog.text
