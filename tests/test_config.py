@@ -740,5 +740,6 @@ class TestExample:
             *config_module._PUBLISH_KEYS,
             *config_module._ACCOUNT_KEYS,
             *config_module._API_KEYS,
-        } - {"paths", "kakao", "refresh", "publish", "accounts", "api"}
+            *config_module._ALERTS_KEYS,
+        } - {"paths", "kakao", "refresh", "publish", "accounts", "api", "alerts"}
         assert accepted - documented == set()
