@@ -1,0 +1,909 @@
+"""Soak harness: the real daemon vs the emulator under faults, kills, pauses, jumps, a full disk.
+
+Run ``python bench/soak.py --minutes 5 --seed 1`` (add ``--lost-response`` to include the one fault
+that can legitimately cost a refresh token). The emulator runs inside this process; the daemon is
+a real ``python -m kakao_tokend --config X run`` child. Everything stays on 127.0.0.1 and every
+loop is bounded in time. The exit status is 1 when a count that must be 0 is not (see docs/soak.md).
+
+"Healthy" (the condition under which a read of an expired access token is a failure) means that the
+read started and ended outside every *disruption window*. A window opens when the harness starts a
+disruption and closes a grace period after the daemon can have recovered from it:
+
+* a fault armed on the emulator: from arming until the emulator has answered with it ``count``
+  times (plus the fault's delay), then ``retry_max`` + GRACE;
+* kill -9: from the kill until the restarted process logs that it is running, then GRACE;
+* SIGSTOP/SIGCONT: from the stop until the continue, then GRACE;
+* an emulator clock jump: the daemon cannot see Kakao's clock, so it learns of the jump only at
+  its next scheduled refresh: the window is refresh_at+jitter of the access lifetime + GRACE;
+* a full disk: for readers of the published *file* only (the file cannot be replaced while the
+  disk is full; the token endpoint must stay fresh from memory): from filling until the state
+  file is written again, then GRACE;
+* a lost refresh token that the harness accounted for (lost_response fault, or a kill -9 inside
+  KILL_WINDOW after Kakao rotated): from the rotation until the harness has logged in again.
+
+GRACE is 1 s. Outside these windows every read must return a token the emulator accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import FAULT_KINDS, EmulatorSettings, KakaoEmulator, running_emulator
+from kakao_tokend.kakao import KakaoClient, create_session, new_pkce_pair, new_state
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import fingerprint, parse_time, utcnow
+
+ACCESS_LIFETIME = 3.0
+REFRESH_LIFETIME = 30.0
+ROTATION_WINDOW = 20.0  # every refresh after the token's 10th second rotates it
+REFRESH_AT = 0.75
+JITTER = 0.05
+HEARTBEAT = 0.2
+RETRY_INITIAL = 0.2
+RETRY_MAX = 1.0
+DAEMON_TIMEOUT = 2.0
+GRACE = 1.0
+#: A kill -9 this soon after Kakao rotated may legitimately lose the rotated token (it was on
+#: the wire or not yet fsynced); the daemon writes it within milliseconds.
+KILL_WINDOW = 1.0
+JUMP_MAX = 6.0  # keep the refresh token's age (10 s + jumps + pauses) below its 30 s life
+JUMP_COOLDOWN = 25.0
+DISK_FULL_COOLDOWN = 45.0
+READERS_FILE = 2
+READERS_API = 2
+_KAPI_CODES = sorted(kind for kind in FAULT_KINDS if kind.startswith("-"))
+_TRANSPORT = sorted(FAULT_KINDS - {"lost_response", *_KAPI_CODES})
+# Every kind comes up once before any repeats; the kinds that matter most for an endpoint first
+# (kauth-style answers on the token endpoint, kapi error codes on access_token_info).
+TOKEN_FAULTS = (_TRANSPORT, _KAPI_CODES)
+KAPI_FAULTS = (_KAPI_CODES, _TRANSPORT)
+# "timeout" keeps the emulator's default 60 s delay: the delayed work then always meets a
+# refresh token the daemon has already rotated away (or that expired), so it cannot steal one.
+SLOW_DELAY = 1.0
+
+
+@dataclass
+class Window:
+    """A disruption: reads inside [start, end] (emulator time) are not held to freshness."""
+
+    start: float
+    end: float | None
+    reason: str
+    file_only: bool = False
+
+
+@dataclass
+class Loss:
+    """A refresh token the daemon had on disk that Kakao no longer accepts."""
+
+    fingerprint: str
+    status: str
+    cause: str  # "lost_response", "kill_during_rotation" or "UNEXPLAINED ..."
+    detected_at: float
+
+
+@dataclass
+class Report:
+    """Everything the harness counts."""
+
+    seed: int
+    minutes: float
+    lost_response_mode: bool
+    faults_injected: Counter[str] = field(default_factory=Counter)
+    restarts: int = 0
+    pauses: int = 0
+    clock_jumps: int = 0
+    clock_jumped_seconds: float = 0.0
+    disk_full_episodes: int = 0
+    disk_full_skipped: str | None = None
+    reads_file: int = 0
+    reads_api: int = 0
+    reads_healthy: int = 0
+    api_unavailable: int = 0
+    torn_reads: int = 0
+    torn_examples: list[str] = field(default_factory=list)
+    expired_healthy: int = 0
+    expired_healthy_examples: list[str] = field(default_factory=list)
+    expired_in_windows: int = 0
+    losses: list[Loss] = field(default_factory=list)
+    relogins: int = 0
+    koe237_real: int = 0
+    tokens_in_logs: int = 0
+    secret_in_logs: bool = False
+    refresh_cycles: int = 0
+    rotations: int = 0
+    retired_presented: int = 0
+    final_exit_code: int | None = None
+    final_refresh_status: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def unexplained_losses(self) -> int:
+        """Return the refresh tokens lost outside the accounted lost-response cases."""
+        return sum(1 for loss in self.losses if loss.cause.startswith("UNEXPLAINED"))
+
+    def failures(self) -> list[str]:
+        """Return every must-be-0 count that is not 0 (and other hard failures)."""
+        bad = list(self.problems)
+        checks = {
+            "torn or unparsable reads": self.torn_reads,
+            "reads of an expired token while healthy": self.expired_healthy,
+            "refresh tokens lost outside the lost-response case": self.unexplained_losses,
+            "KOE237 rate-limit answers": self.koe237_real,
+            "tokens found in the logs": self.tokens_in_logs + int(self.secret_in_logs),
+        }
+        bad += [f"{name}: {value}" for name, value in checks.items() if value]
+        if self.refresh_cycles == 0:
+            bad.append("no refresh happened at all")
+        if self.final_exit_code != 0:
+            bad.append(f"the daemon exited {self.final_exit_code} on the final SIGTERM")
+        if self.final_refresh_status != "live":
+            bad.append(f"the final state's refresh token is {self.final_refresh_status}")
+        return bad
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able view."""
+        return {
+            "seed": self.seed,
+            "minutes": self.minutes,
+            "lost_response_mode": self.lost_response_mode,
+            "refresh_cycles": self.refresh_cycles,
+            "rotations": self.rotations,
+            "faults_injected": dict(sorted(self.faults_injected.items())),
+            "faults_injected_total": sum(self.faults_injected.values()),
+            "restarts": self.restarts,
+            "pauses": self.pauses,
+            "clock_jumps": self.clock_jumps,
+            "clock_jumped_seconds": round(self.clock_jumped_seconds, 1),
+            "disk_full_episodes": self.disk_full_episodes,
+            "disk_full_skipped": self.disk_full_skipped,
+            "reads_file": self.reads_file,
+            "reads_api": self.reads_api,
+            "reads_while_healthy": self.reads_healthy,
+            "api_unavailable": self.api_unavailable,
+            "torn_reads": self.torn_reads,
+            "torn_examples": self.torn_examples[:5],
+            "expired_reads_while_healthy": self.expired_healthy,
+            "expired_healthy_examples": self.expired_healthy_examples[:5],
+            "expired_reads_inside_disruption_windows": self.expired_in_windows,
+            "losses": [loss.__dict__ for loss in self.losses],
+            "unexplained_losses": self.unexplained_losses,
+            "relogins": self.relogins,
+            "koe237_real": self.koe237_real,
+            "tokens_in_logs": self.tokens_in_logs,
+            "client_secret_in_logs": self.secret_in_logs,
+            "retired_refresh_presented": self.retired_presented,
+            "final_exit_code": self.final_exit_code,
+            "final_refresh_token": self.final_refresh_status,
+            "failures": self.failures(),
+        }
+
+    def table(self) -> str:
+        """Return the Markdown table of issue 7."""
+        faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults_injected.items()))
+        explained = Counter(loss.cause for loss in self.losses)
+        rows = [
+            ("refresh cycles", f"{self.refresh_cycles} ({self.rotations} rotations)", "reported"),
+            ("faults injected", f"{sum(self.faults_injected.values())} ({faults})", "reported"),
+            ("restarts (kill -9)", str(self.restarts), "reported"),
+            ("SIGSTOP/SIGCONT pauses", str(self.pauses), "reported"),
+            (
+                "emulator clock jumps",
+                f"{self.clock_jumps} ({self.clock_jumped_seconds:.1f} s in total)",
+                "reported",
+            ),
+            (
+                "disk-full episodes",
+                str(self.disk_full_episodes)
+                if self.disk_full_skipped is None
+                else f"skipped: {self.disk_full_skipped}",
+                "reported",
+            ),
+            (
+                "reads",
+                f"{self.reads_file + self.reads_api} ({self.reads_file} file, {self.reads_api} "
+                f"API; {self.reads_healthy} while healthy; {self.api_unavailable} API calls "
+                "refused or timed out while the daemon was down or stopped)",
+                "reported",
+            ),
+            ("torn or unparsable reads", str(self.torn_reads), "0"),
+            ("reads of an expired token while healthy", str(self.expired_healthy), "0"),
+            (
+                "reads of an expired token inside disruption windows",
+                str(self.expired_in_windows),
+                "reported",
+            ),
+            (
+                "refresh tokens lost, accounted (then re-login)",
+                f"{len(self.losses) - self.unexplained_losses} "
+                f"({', '.join(f'{k} {v}' for k, v in explained.items()) or 'none'}); "
+                f"{self.relogins} re-logins",
+                "reported",
+            ),
+            (
+                "refresh tokens lost outside the lost-response case",
+                str(self.unexplained_losses),
+                "0",
+            ),
+            ("KOE237 rate-limit answers (not injected)", str(self.koe237_real), "0"),
+            ("tokens found in the logs", str(self.tokens_in_logs), "0"),
+        ]
+        lines = ["| Count | Value | Must be |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        return "\n".join(lines)
+
+
+class Soak:
+    """One soak run: the emulator, the daemon child, readers and the disruption schedule."""
+
+    def __init__(self, emulator: KakaoEmulator, workdir: Path, args: argparse.Namespace) -> None:
+        self.emu = emulator
+        self.workdir = workdir
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.report = Report(args.seed, args.minutes, args.lost_response)
+        self.windows: list[Window] = []
+        self.state_dir = workdir / "state"
+        self.runtime_dir = workdir / "run"
+        self.config_path = workdir / "config.toml"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.logs: list[Path] = []
+        self.stopping = False
+        self.tmpfs = False
+        self.session: aiohttp.ClientSession | None = None
+        self.kapi_cycle: list[str] = []
+        self.token_cycle: list[str] = []
+        self.last_jump = -1e9
+        self.last_disk_full = -1e9
+        self.known_losses: set[str] = set()
+        self.t_start = 0.0
+        self.t0_mono = time.monotonic()
+
+    # ------------------------------------------------------------------ setup
+
+    def now(self) -> float:
+        """Return the harness timeline: the emulator's (virtual) clock."""
+        return self.emu.now()
+
+    def log(self, message: str) -> None:
+        """Print a progress line unless --quiet."""
+        if not self.args.quiet:
+            print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def mount_tmpfs(self) -> None:
+        """Put the state directory on a 256 KiB tmpfs so it can be filled (root only)."""
+        self.state_dir.mkdir(mode=0o750)
+        if self.args.no_disk_full:
+            self.report.disk_full_skipped = "disabled with --no-disk-full"
+            return
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs", str(self.state_dir)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            reason = done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
+            self.report.disk_full_skipped = f"cannot mount a tmpfs ({reason})"
+            return
+        self.tmpfs = True
+
+    def unmount(self) -> None:
+        """Undo :meth:`mount_tmpfs`."""
+        if self.tmpfs:
+            subprocess.run(["umount", "-l", str(self.state_dir)], check=False)
+            self.tmpfs = False
+
+    def write_config(self) -> None:
+        """Write the daemon's config: second-long timings against the emulator."""
+        secret = self.workdir / "client_secret"
+        secret.write_text(str(self.emu.settings.client_secret))
+        secret.chmod(0o600)
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    'log_level = "debug"',
+                    "[paths]",
+                    f'state_dir = "{self.state_dir}"',
+                    f'runtime_dir = "{self.runtime_dir}"',
+                    "[kakao]",
+                    f'rest_api_key = "{self.emu.settings.client_id}"',
+                    f'client_secret_file = "{secret}"',
+                    f'auth_url = "{self.emu.url}"',
+                    f'api_url = "{self.emu.url}"',
+                    f'redirect_uri = "{self.emu.settings.redirect_uris[0]}"',
+                    f'timeout = "{DAEMON_TIMEOUT}s"',
+                    'connect_timeout = "1s"',
+                    "[refresh]",
+                    f"refresh_at = {REFRESH_AT}",
+                    f"jitter = {JITTER}",
+                    f'heartbeat = "{HEARTBEAT}s"',
+                    f'retry_initial = "{RETRY_INITIAL}s"',
+                    f'retry_max = "{RETRY_MAX}s"',
+                    f'rotation_window = "{ROTATION_WINDOW}s"',
+                ]
+            )
+            + "\n"
+        )
+
+    async def login(self) -> None:
+        """Log in like `kakao-tokend login` (auto consent); the file lock is taken in a thread."""
+        config = load_config(self.config_path)
+        account = config.accounts["default"]
+        assert self.session is not None
+        client = KakaoClient(self.session, account.app)
+        verifier, challenge = new_pkce_pair()
+        url = client.authorize_url(state=new_state(), code_challenge=challenge)
+        async with self.session.get(url, allow_redirects=False) as response:
+            location = response.headers["Location"]
+        code = parse_qs(urlsplit(location).query)["code"][0]
+        tokens = await client.exchange_code(code=code, code_verifier=verifier)
+        me = await client.user_me(tokens.access_token)
+
+        def save() -> None:
+            store = AccountStore(account)
+            with store.lock(timeout=15):
+                try:
+                    previous = store.load()
+                except Exception:
+                    previous = None
+                state = AccountState(
+                    account="default",
+                    tokens=tokens,
+                    refreshed_at=tokens.access_issued_at,
+                    user_id=me["id"],
+                    generation=(previous.generation + 1) if previous else 1,
+                )
+                store.save(state)
+                store.publish(state)
+
+        await asyncio.to_thread(save)
+
+    # ------------------------------------------------------------------ the daemon child
+
+    async def start_daemon(self) -> None:
+        """Start `kakao-tokend run` and wait until it says it is running."""
+        log_path = self.workdir / f"daemon-{len(self.logs):03d}.log"
+        self.logs.append(log_path)
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        with log_path.open("wb") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kakao_tokend",
+                "--config",
+                str(self.config_path),
+                "run",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                cwd=str(self.workdir),
+            )
+        deadline = time.monotonic() + 30
+        while "kakao-tokend running" not in log_path.read_text(errors="replace"):
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"the daemon did not start (exit {self.proc.returncode}):\n{tail}"
+                )
+            await asyncio.sleep(0.05)
+
+    def state_doc(self) -> dict[str, Any] | None:
+        """Return the state file (private) as JSON, or None while it cannot be read."""
+        try:
+            data: dict[str, Any] = json.loads((self.state_dir / "default.state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    # ------------------------------------------------------------------ windows and readers
+
+    def open_window(
+        self, reason: str, *, file_only: bool = False, start: float | None = None
+    ) -> Window:
+        """Start a disruption window now (or at ``start``)."""
+        window = Window(self.now() if start is None else start, None, reason, file_only)
+        self.windows.append(window)
+        return window
+
+    def close_window(self, window: Window, extra: float = GRACE) -> None:
+        """End a disruption window ``extra`` seconds from now."""
+        window.end = self.now() + extra
+
+    def healthy(self, t0: float, t1: float, *, file_reader: bool) -> bool:
+        """Return True when no disruption window touches the read's span [t0, t1]."""
+        for window in self.windows:
+            if window.file_only and not file_reader:
+                continue
+            if window.start <= t1 and (window.end is None or window.end >= t0):
+                return False
+        return True
+
+    def judge(self, token: Any, t0: float, *, file_reader: bool, what: str) -> None:
+        """Count a read: valid token, or expired inside/outside a disruption window."""
+        if not isinstance(token, str) or not token:
+            self.report.torn_reads += 1
+            self.report.torn_examples.append(f"{what}: no access_token")
+            return
+        valid = self.emu.access_token_valid(token)
+        t1 = self.now()
+        healthy = self.healthy(t0, t1, file_reader=file_reader)
+        self.report.reads_healthy += healthy
+        if valid:
+            return
+        if healthy:
+            self.report.expired_healthy += 1
+            self.report.expired_healthy_examples.append(
+                f"{what} at +{t1 - self.t_start:.2f}s: token {fingerprint(token)} not accepted"
+            )
+        else:
+            self.report.expired_in_windows += 1
+
+    async def file_reader(self, deadline: float) -> None:
+        """Poll the published token file: every read must parse and (when healthy) be valid."""
+        path = self.state_dir / "default.token.json"
+        while time.monotonic() < deadline and not self.stopping:
+            t0 = self.now()
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raw = b""
+            self.report.reads_file += 1
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                self.report.torn_reads += 1
+                self.report.torn_examples.append(f"file: {len(raw)} bytes unparsable")
+            else:
+                self.judge(doc.get("access_token"), t0, file_reader=True, what="file")
+            await asyncio.sleep(0.03 + self.rng.random() * 0.04)
+
+    async def api_reader(self, deadline: float) -> None:
+        """Poll GET /v1/accounts/default/token on the daemon's Unix socket."""
+        socket_path = self.runtime_dir / "api.sock"
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        while time.monotonic() < deadline and not self.stopping:
+            t0 = self.now()
+            try:
+                connector = aiohttp.UnixConnector(path=str(socket_path))
+                async with (
+                    aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                    session.get("http://localhost/v1/accounts/default/token") as response,
+                ):
+                    status = response.status
+                    raw = await response.read()
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                self.report.api_unavailable += 1
+                await asyncio.sleep(0.1)
+                continue
+            self.report.reads_api += 1
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                self.report.torn_reads += 1
+                self.report.torn_examples.append(f"api: HTTP {status}, {len(raw)} bytes unparsable")
+            else:
+                if status == 200:
+                    self.judge(doc.get("access_token"), t0, file_reader=False, what="api")
+                elif self.healthy(t0, self.now(), file_reader=False):
+                    self.report.expired_healthy += 1
+                    self.report.expired_healthy_examples.append(f"api: HTTP {status} {doc}")
+            await asyncio.sleep(0.03 + self.rng.random() * 0.04)
+
+    # ------------------------------------------------------------------ losses
+
+    def classify_loss(self, refresh_token: str) -> str:
+        """Say why Kakao no longer accepts the refresh token the daemon has on disk."""
+        fp = fingerprint(refresh_token)
+        status = self.emu.refresh_token_status(refresh_token)
+        if status == "live":
+            return "live"
+        rotated_at = [
+            e.at
+            for e in self.emu.stats.refresh_log
+            if e.fingerprint == fp and e.outcome == "rotated"
+        ]
+        if status == "retired" and rotated_at:
+            at = rotated_at[-1]
+            for window in self.windows:
+                if window.reason == "fault token:lost_response" and (
+                    window.start <= at and (window.end is None or at <= window.end)
+                ):
+                    return "lost_response"
+                if window.reason == "kill -9" and 0 <= window.start - at <= KILL_WINDOW:
+                    return "kill_during_rotation"
+        return f"UNEXPLAINED (refresh token {status})"
+
+    def stored_refresh_token(self) -> str | None:
+        """Return the refresh token in the state file, or None."""
+        doc = self.state_doc()
+        token = doc.get("tokens", {}).get("refresh_token") if doc else None
+        return token if isinstance(token, str) else None
+
+    async def check_loss(self, *, when: str, settle: float = 1.0) -> None:
+        """If the state on disk holds a dead refresh token, account for it and log in again.
+
+        A running daemon writes a rotated token milliseconds after Kakao issued it; a dead token
+        that is still on disk ``settle`` seconds later is lost (0 when the daemon is dead).
+        """
+        token = self.stored_refresh_token()
+        if token is None or self.classify_loss(token) == "live":
+            return
+        if settle:
+            await asyncio.sleep(settle)
+            if self.stored_refresh_token() != token:
+                return
+        cause = self.classify_loss(token)
+        fp = fingerprint(token)
+        if fp not in self.known_losses:
+            self.known_losses.add(fp)
+            self.report.losses.append(
+                Loss(fp, self.emu.refresh_token_status(token), cause, self.now())
+            )
+            self.log(f"refresh token {fp} is dead ({cause}), found {when}; logging in again")
+        rotated = [
+            e.at
+            for e in self.emu.stats.refresh_log
+            if e.fingerprint == fp and e.outcome == "rotated"
+        ]
+        window = self.open_window(
+            f"lost refresh token ({cause})", start=rotated[-1] if rotated else None
+        )
+        await self.login()
+        self.report.relogins += 1
+        # The daemon adopts the new state at its next heartbeat; give it that long.
+        self.close_window(window, HEARTBEAT + GRACE)
+
+    # ------------------------------------------------------------------ disruptions
+
+    async def wait_fired(self, kind: str, before: int, count: int, timeout: float) -> bool:
+        """Wait until the emulator answered with fault ``kind`` ``count`` more times."""
+        deadline = time.monotonic() + timeout
+        while self.emu.stats.faults_fired[kind] < before + count:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def next_kind(self, cycle: list[str], groups: tuple[list[str], ...]) -> str:
+        """Draw fault kinds so that every kind comes up once before any repeats."""
+        if not cycle:
+            for group in reversed(groups):  # popped from the end: the first group comes first
+                shuffled = list(group)
+                self.rng.shuffle(shuffled)
+                cycle.extend(shuffled)
+        return cycle.pop()
+
+    async def token_fault(self, kind: str | None = None) -> None:
+        """Arm a fault on the token endpoint and keep its window open until it has fired."""
+        kind = kind or self.next_kind(self.token_cycle, TOKEN_FAULTS)
+        count = 1 if kind in ("timeout", "lost_response") else self.rng.randint(1, 3)
+        delay = SLOW_DELAY if kind == "slow" else None
+        if kind == "lost_response":
+            await self.wait_rotation_due()
+        before = self.emu.stats.faults_fired[kind]
+        window = self.open_window(f"fault token:{kind}")
+        self.emu.inject("token", kind, count=count, delay=delay)
+        self.report.faults_injected[f"token:{kind}"] += count
+        fired = await self.wait_fired(kind, before, count, timeout=20)
+        if not fired:
+            self.emu.clear_faults()
+            self.log(f"fault token:{kind} did not fire {count}x in 20 s; cleared")
+        if kind == "timeout":
+            # The daemon gives up after its timeout and retries; the emulator's late work comes
+            # 60 s later (see the module notes), by which time that token is long rotated.
+            await asyncio.sleep(DAEMON_TIMEOUT)
+        if kind == "lost_response":
+            await asyncio.sleep(2 * RETRY_MAX + DAEMON_TIMEOUT)
+            await self.check_loss(when="after lost_response")
+        self.close_window(window, RETRY_MAX + GRACE)
+
+    async def wait_rotation_due(self, timeout: float = 15.0) -> None:
+        """Wait until the daemon's next refresh will rotate (so a lost answer costs the token).
+
+        The daemon's own view of the refresh token's expiry is never earlier than Kakao's (the
+        emulator's clock only jumps forward), so "inside the window by the daemon's clock" means
+        Kakao rotates too.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.state_doc()
+            expires = doc.get("tokens", {}).get("refresh_expires_at") if doc else None
+            if isinstance(expires, str):
+                remaining = (parse_time(expires) - utcnow()).total_seconds()
+                if remaining < ROTATION_WINDOW - 0.5:
+                    return
+            await asyncio.sleep(0.1)
+
+    async def kill_restart(self) -> None:
+        """kill -9 at a random moment, check what is on disk, arm a kapi fault, restart."""
+        assert self.proc is not None
+        window = self.open_window("kill -9")
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        self.report.restarts += 1
+        await self.check_loss(when="right after kill -9", settle=0)
+        await asyncio.sleep(self.rng.random())
+        kapi_kind = self.next_kind(self.kapi_cycle, KAPI_FAULTS)
+        before = self.emu.stats.faults_fired[kapi_kind]
+        self.emu.inject(
+            "access_token_info",
+            kapi_kind,
+            count=1,
+            delay=SLOW_DELAY if kapi_kind == "slow" else None,
+        )
+        self.report.faults_injected[f"access_token_info:{kapi_kind}"] += 1
+        await self.start_daemon()
+        if not await self.wait_fired(kapi_kind, before, 1, timeout=5):
+            self.emu.clear_faults()
+        self.close_window(window)
+
+    async def pause(self) -> None:
+        """SIGSTOP for longer than the access lifetime, then SIGCONT."""
+        assert self.proc is not None
+        length = ACCESS_LIFETIME * (1.2 + 0.8 * self.rng.random())
+        window = self.open_window("SIGSTOP")
+        self.proc.send_signal(signal.SIGSTOP)
+        self.report.pauses += 1
+        try:
+            await asyncio.sleep(length)
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+        self.close_window(window)
+
+    async def clock_jump(self) -> None:
+        """Move Kakao's clock forward; the daemon only notices at its next refresh."""
+        seconds = 1.0 + (JUMP_MAX - 1.0) * self.rng.random()
+        window = self.open_window("clock jump")
+        self.emu.advance_clock(seconds)
+        self.report.clock_jumps += 1
+        self.report.clock_jumped_seconds += seconds
+        self.last_jump = time.monotonic()
+        self.close_window(window, ACCESS_LIFETIME * (REFRESH_AT + JITTER) + GRACE)
+
+    async def disk_full(self) -> None:
+        """Fill the state directory's tmpfs for a few seconds, then free it."""
+        self.last_disk_full = time.monotonic()
+        window = self.open_window("disk full", file_only=True)
+        filler = self.state_dir / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        finally:
+            os.close(fd)
+        self.report.disk_full_episodes += 1
+        await asyncio.sleep(3 + 3 * self.rng.random())
+        filler.unlink()
+        # Wait until the daemon has written its newest state (no kill may come before that).
+        deadline = time.monotonic() + 70
+        while time.monotonic() < deadline:
+            status = await self.daemon_status()
+            doc = self.state_doc()
+            if (
+                status is not None
+                and doc is not None
+                and not status.get("write_pending")
+                and doc.get("generation") == status.get("generation")
+            ):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            self.report.problems.append(
+                "the state was not written within 70 s after the disk-full episode"
+            )
+        self.close_window(window)
+
+    async def daemon_status(self) -> dict[str, Any] | None:
+        """Return the default account's /v1/status entry, or None."""
+        try:
+            connector = aiohttp.UnixConnector(path=str(self.runtime_dir / "api.sock"))
+            async with (
+                aiohttp.ClientSession(
+                    connector=connector, timeout=aiohttp.ClientTimeout(total=2)
+                ) as session,
+                session.get("http://localhost/v1/status") as response,
+            ):
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return None
+        accounts = body.get("accounts") if isinstance(body, dict) else None
+        return accounts[0] if accounts else None
+
+    async def next_disruption(self) -> None:
+        """Pick and run one disruption (seeded)."""
+        now = time.monotonic()
+        choices: list[tuple[str, float]] = [("token_fault", 45), ("kill", 15), ("pause", 12)]
+        if now - self.last_jump > JUMP_COOLDOWN:
+            choices.append(("jump", 10))
+        if (
+            self.tmpfs
+            and now - self.last_disk_full > DISK_FULL_COOLDOWN
+            and now - self.t0_mono > 15
+        ):
+            choices.append(("disk_full", 30 if self.report.disk_full_episodes == 0 else 8))
+        if self.args.lost_response:
+            choices.append(("lost_response", 6))
+        names = [c[0] for c in choices]
+        pick = self.rng.choices(names, weights=[c[1] for c in choices])[0]
+        self.log(f"disruption: {pick}")
+        if pick == "token_fault":
+            await self.token_fault()
+        elif pick == "kill":
+            await self.kill_restart()
+        elif pick == "pause":
+            await self.pause()
+        elif pick == "jump":
+            await self.clock_jump()
+        elif pick == "disk_full":
+            await self.disk_full()
+        else:
+            await self.token_fault("lost_response")
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> Report:
+        """Run the soak for --minutes and return the report."""
+        self.mount_tmpfs()
+        self.write_config()
+        self.session = create_session()
+        try:
+            await self.login()
+            await self.start_daemon()
+            self.t_start = self.now()
+            self.t0_mono = time.monotonic()
+            deadline = self.t0_mono + self.args.minutes * 60
+            readers = [
+                *(asyncio.create_task(self.file_reader(deadline)) for _ in range(READERS_FILE)),
+                *(asyncio.create_task(self.api_reader(deadline)) for _ in range(READERS_API)),
+            ]
+            try:
+                while time.monotonic() < deadline - 8:
+                    await asyncio.sleep(1 + 4 * self.rng.random())
+                    if time.monotonic() >= deadline - 8:
+                        break
+                    await self.next_disruption()
+                    await self.check_loss(when="between disruptions")
+                    if self.proc is not None and self.proc.returncode is not None:
+                        self.report.problems.append(
+                            f"the daemon exited by itself ({self.proc.returncode})"
+                        )
+                        await self.start_daemon()
+                # The last seconds are quiet: everything must be fresh again.
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            finally:
+                self.stopping = True
+                await asyncio.gather(*readers, return_exceptions=True)
+            await self.finish()
+        finally:
+            await self.shutdown()
+        return self.report
+
+    async def finish(self) -> None:
+        """Stop the daemon gracefully and collect the end-of-run counts."""
+        assert self.proc is not None
+        self.emu.clear_faults()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.report.final_exit_code = await asyncio.wait_for(self.proc.wait(), 20)
+        except TimeoutError:
+            self.proc.kill()
+            self.report.final_exit_code = await self.proc.wait()
+        doc = self.state_doc()
+        token = doc.get("tokens", {}).get("refresh_token") if doc else None
+        self.report.final_refresh_status = (
+            self.emu.refresh_token_status(token) if isinstance(token, str) else "missing"
+        )
+        stats = self.emu.stats
+        self.report.refresh_cycles = stats.refreshes_ok
+        self.report.rotations = stats.rotations
+        self.report.retired_presented = stats.retired_refresh_presented
+        self.report.koe237_real = stats.koe237 - stats.faults_fired["koe237"]
+        issued = self.emu.issued_tokens()
+        secret = str(self.emu.settings.client_secret)
+        for path in self.logs:
+            text = path.read_text(errors="replace")
+            self.report.tokens_in_logs += sum(1 for token in issued if token in text)
+            self.report.secret_in_logs |= secret in text
+
+    async def shutdown(self) -> None:
+        """Kill a leftover child, close the session, unmount."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            await self.proc.wait()
+        if self.session is not None:
+            await self.session.close()
+        self.unmount()
+
+
+async def soak(args: argparse.Namespace) -> Report:
+    """Run one soak with the emulator in this process."""
+    settings = EmulatorSettings(
+        access_lifetime=ACCESS_LIFETIME,
+        refresh_lifetime=REFRESH_LIFETIME,
+        rotation_window=ROTATION_WINDOW,
+        access_rate=(1_000_000, 600),
+        refresh_rate=(1_000_000, 3600),
+        seed=args.seed,
+    )
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kakao-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        async with running_emulator(settings) as emulator:
+            return await Soak(emulator, workdir, args).run()
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long to run (default 5)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed for the schedule")
+    parser.add_argument(
+        "--lost-response",
+        action="store_true",
+        help="also inject lost_response (Kakao rotates, the answer never arrives); each loss it "
+        "causes is accounted for and followed by a re-login",
+    )
+    parser.add_argument("--no-disk-full", action="store_true", help="skip the disk-full episode")
+    parser.add_argument("--json", type=Path, help="also write the counts as JSON to this file")
+    parser.add_argument("--workdir", help="use this directory (kept) instead of a temporary one")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0.25:
+        parser.error("--minutes must be more than 0.25 (the last 8 s are kept quiet)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the soak, print the table, exit 1 when a must-be-0 count is not 0."""
+    args = parse_args(argv)
+    report = asyncio.run(soak(args))
+    print(report.table())
+    failures = report.failures()
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if failures:
+        print("SOAK FAILED: " + "; ".join(failures))
+        for example in report.expired_healthy_examples[:5] + report.torn_examples[:5]:
+            print("  " + example)
+        return 1
+    print("soak passed: every must-be-0 count is 0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

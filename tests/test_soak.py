@@ -1,0 +1,113 @@
+"""A short soak (bench/soak.py) of the real daemon under random faults, kills, pauses and jumps."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from kakao_tokend.emulator import KakaoEmulator
+
+REPO = Path(__file__).resolve().parents[1]
+SOAK = REPO / "bench" / "soak.py"
+
+
+def load_soak() -> ModuleType:
+    """Import bench/soak.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("kakao_soak", SOAK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kakao_soak"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_disruption_windows_decide_what_counts_as_healthy(tmp_path: Path) -> None:
+    """A read is only held to freshness outside every window; disk-full spares API reads.
+
+    Guards the definition the soak's main number rests on: if windows leaked (too wide) the
+    soak would excuse stale reads, if they were ignored it would blame the daemon for kills.
+    """
+    soak = load_soak()
+    args = argparse.Namespace(seed=1, minutes=1.0, lost_response=False, quiet=True)
+    run = soak.Soak(KakaoEmulator(), tmp_path, args)
+    run.windows = [
+        soak.Window(100.0, 103.0, "kill -9"),
+        soak.Window(200.0, 205.0, "disk full", file_only=True),
+        soak.Window(300.0, None, "SIGSTOP"),
+    ]
+    assert run.healthy(98.0, 99.9, file_reader=True)
+    assert not run.healthy(99.0, 100.5, file_reader=True)  # the read overlaps the kill
+    assert not run.healthy(102.9, 103.5, file_reader=False)
+    assert run.healthy(103.1, 104.0, file_reader=False)
+    assert not run.healthy(201.0, 201.1, file_reader=True)
+    assert run.healthy(201.0, 201.1, file_reader=False)  # memory keeps the API fresh
+    assert not run.healthy(1000.0, 1000.1, file_reader=False)  # still stopped
+
+
+def test_a_nonzero_must_be_zero_count_fails_the_run() -> None:
+    """Every must-be-0 count, when not 0, is listed as a failure (so the exit status is 1)."""
+    soak = load_soak()
+    report = soak.Report(seed=1, minutes=1.0, lost_response_mode=True)
+    report.refresh_cycles = 10
+    report.final_exit_code = 0
+    report.final_refresh_status = "live"
+    assert report.failures() == []
+    report.losses.append(soak.Loss("fp1", "retired", "lost_response", 0.0))
+    assert report.failures() == []  # accounted for
+    report.losses.append(soak.Loss("fp2", "retired", "UNEXPLAINED (refresh token retired)", 0.0))
+    report.torn_reads = 1
+    report.expired_healthy = 2
+    report.koe237_real = 1
+    report.tokens_in_logs = 1
+    failures = "; ".join(report.failures())
+    for name in ("torn", "expired token while healthy", "lost outside", "KOE237", "in the logs"):
+        assert name in failures
+    assert "| torn or unparsable reads | 1 | 0 |" in report.table()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_minute_soak_keeps_every_must_be_zero_count_at_zero(tmp_path: Path) -> None:
+    """Two minutes of the real daemon under every fault kind, kill -9, SIGSTOP, clock jumps,
+    a full disk and lost responses: no torn read, no expired token while healthy, no refresh
+    token lost outside the lost-response case, no KOE237, no token in any log.
+    """
+    out = tmp_path / "soak.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SOAK),
+            "--minutes",
+            "2",
+            "--seed",
+            "7",
+            "--lost-response",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["failures"] == []
+    assert result["torn_reads"] == 0
+    assert result["expired_reads_while_healthy"] == 0
+    assert result["unexplained_losses"] == 0
+    assert result["koe237_real"] == 0
+    assert result["tokens_in_logs"] == 0
+    # The run really exercised the daemon.
+    assert result["refresh_cycles"] >= 20
+    assert result["reads_file"] + result["reads_api"] >= 2000
+    assert result["faults_injected_total"] >= 5
