@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import stat
 import sys
 import time
@@ -23,6 +24,8 @@ import json, os, sys, time
 out = sys.argv[1]
 record = {k: v for k, v in os.environ.items() if k.startswith("KAKAO")}
 record["start"] = time.monotonic()
+with open(out + ".pids", "a") as f:
+    f.write(f"{os.getpid()}\\n")
 time.sleep(float(sys.argv[2]))
 record["end"] = time.monotonic()
 with open(out, "a") as f:
@@ -104,20 +107,35 @@ async def test_hooks_run_once_per_change_and_sinks_follow(
 
 
 async def test_a_hanging_hook_is_killed_at_its_timeout(
-    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
-    """A hook that outlives hook_timeout is killed (it never finishes) and logged; the daemon
-    keeps serving, and the next change runs the hook again."""
+    """A hook that outlives hook_timeout is killed (its process is gone, it never finishes);
+    the daemon keeps serving, and the next change runs the hook again."""
     config = hook_config(tmp_path, emulator, sleep=30, timeout="0.5s")
+    pids_file = tmp_path / "hook-runs.jsonl.pids"
     await login(emulator, config)
+
+    def pids() -> list[int]:
+        return [int(line) for line in pids_file.read_text().split()] if pids_file.exists() else []
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie still answers kill(0); it counts as dead.
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
     async with serving(config) as served:
         started = time.monotonic()
         status, _ = await served.request("POST", "/v1/accounts/default/refresh")
         assert status == 200
-        await wait_until(lambda: "killed it" in caplog.text)
+        await wait_until(lambda: len(pids()) == 1)
+        await wait_until(lambda: not alive(pids()[0]))
         assert time.monotonic() - started < 5
         status, _ = await served.get("/healthz")
         assert status == 200
         status, _ = await served.request("POST", "/v1/accounts/default/refresh")
-        await wait_until(lambda: caplog.text.count("killed it") == 2)
+        await wait_until(lambda: len(pids()) == 2)
+        await wait_until(lambda: not alive(pids()[1]))
     assert runs(tmp_path) == []  # killed before they could record anything
