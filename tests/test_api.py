@@ -297,7 +297,43 @@ async def test_cli_goes_through_the_daemon_when_it_runs(
         assert "configuration reloaded" in out
         config.write_text(config.read_text() + "bogus_key = 1\n")
         code, out, err = await run_cli(config, "--account", "default", "reload")
-        assert code in (1, 78), (out, err)
+        assert code == 1, (out, err)
+        assert "bogus_key" in err and "previous configuration" in err
+
+
+async def test_reload_needs_no_secrets_in_the_cli(
+    emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reload` finds the socket without loading secrets: it works even where the CLI cannot
+    read the client secret (ExecReload= on systemd 252 cannot read credentials)."""
+    config = config_with(tmp_path, emulator)
+    text = config.read_text().replace(
+        f'client_secret_file = "{tmp_path / "client_secret"}"',
+        'client_secret_env = "H5_SECRET_ONLY_IN_DAEMON"',
+    )
+    config.write_text(text)
+    monkeypatch.setenv("H5_SECRET_ONLY_IN_DAEMON", str(emulator.settings.client_secret))
+    await login(emulator, config)
+    async with serving(config):
+        monkeypatch.delenv("H5_SECRET_ONLY_IN_DAEMON")
+        code, _, err = await run_cli(config, "status")
+        assert code == 78 and "H5_SECRET_ONLY_IN_DAEMON" in err  # the CLI cannot load it
+        monkeypatch.setenv("H5_SECRET_ONLY_IN_DAEMON", str(emulator.settings.client_secret))
+        env_without = {k: v for k, v in os.environ.items() if k != "H5_SECRET_ONLY_IN_DAEMON"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kakao_tokend",
+            "--config",
+            str(config),
+            "reload",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env_without,
+        )
+        out, err_bytes = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err_bytes.decode()
+        assert "configuration reloaded" in out.decode()
 
 
 async def test_cli_falls_back_to_files_without_a_daemon(

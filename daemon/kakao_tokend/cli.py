@@ -965,10 +965,11 @@ def reload() -> None:
     Example:
       kakao-tokend reload
     """
-    from .apiclient import call, daemon_running, socket_path
+    from .apiclient import call, daemon_running, socket_path_without_secrets
 
-    config = _settings().config()
-    sock = socket_path(config)
+    # No load_config here: the daemon re-reads (and checks) the configuration itself, and an
+    # ExecReload= process may not be able to read the credentials (systemd 252, #35227).
+    sock = socket_path_without_secrets(_settings().config_path)
     if not daemon_running(sock):
         _fail(f"kakao-tokend is not running (nothing answers on {sock})")
         click.get_current_context().exit(EXIT_FAILURE)
