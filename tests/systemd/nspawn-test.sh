@@ -10,6 +10,8 @@
 #   KT_NSPAWN_MIRROR  Debian mirror (default: the first bookworm mirror in /etc/apt, else deb.debian.org)
 #   PYTHON            python with pip used to build the wheel (default python3)
 #   KT_NSPAWN_KEEP=1  leave the work dir (console log, journal) behind for inspection
+#   KT_NSPAWN_HOLD=N  keep the booted container up N seconds after the checks (prints how to enter)
+#   KT_NSPAWN_DROPIN  extra [Service] lines for the unit (\n-separated), to prove a check can fail
 # Exit: 0 all checks passed; 1 a check failed; 77 the machine cannot run it (reason printed).
 #
 # Layers, each cached under a key that hashes what it is built from:
@@ -101,7 +103,12 @@ fi
 # ------------------------------------------------------------------ layer 2: venv + runtime deps
 t0=$SECONDS
 wheels="$work/dist"
-"$python" -m pip wheel --quiet --no-deps -w "$wheels" "$repo" >"$work/wheel.log" 2>&1 \
+# Build from a copy: setuptools leaves build/ and *.egg-info in the source tree.
+mkdir "$work/src"
+tar -C "$repo" --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
+    --exclude='*.egg-info' --exclude='.*_cache' --exclude=__pycache__ --exclude=.hypothesis \
+    -cf - . | tar -C "$work/src" -xf -
+"$python" -m pip wheel --quiet --no-deps -w "$wheels" "$work/src" >"$work/wheel.log" 2>&1 \
     || { cat "$work/wheel.log"; say "FAIL: cannot build the kakao-tokend wheel"; exit 1; }
 wheel=$(cd "$wheels" && ls kakao_tokend-*.whl)
 if [ ! -x "$layer/opt/kakao-tokend/bin/python" ]; then
@@ -160,7 +167,9 @@ install -m 0644 "$repo/systemd/kakao-tokend.service" "$root/etc/systemd/system/k
 # Test-only drop-in: a short watchdog so the watchdog check takes seconds, not half a minute.
 # Everything else is the shipped unit.
 install -d "$root/etc/systemd/system/kakao-tokend.service.d"
-printf '[Service]\nWatchdogSec=4s\n' >"$root/etc/systemd/system/kakao-tokend.service.d/test.conf"
+# KT_NSPAWN_DROPIN adds [Service] lines, e.g. "RestartPreventExitStatus=" to see a check fail.
+printf '[Service]\nWatchdogSec=4s\n%b\n' "${KT_NSPAWN_DROPIN:-}" \
+    >"$root/etc/systemd/system/kakao-tokend.service.d/test.conf"
 
 # Secrets only in the credstore (root:root 0600); the config names them by credential id.
 install -d -m 0700 "$root/etc/credstore"
@@ -261,22 +270,38 @@ at_least() { local n=$1; shift; [ "$(pattern="$1" count_lines "${@:2}")" -ge "$n
 # setup: the service user exists (systemd-sysusers ran at boot from the shipped sysusers.d file)
 if ! inside getent passwd kakao-tokend >/dev/null; then
     record sysusers FAIL "no user kakao-tokend after boot (sysusers.d file not applied)"
+else
+    record sysusers ok "user kakao-tokend created at boot: $(inside id kakao-tokend)"
 fi
 inside useradd --system --no-create-home --groups kakao-tokend consumer
 
-# setup: tokens, written with the unit's user, directories and credentials
-if ! inside systemd-run --quiet --wait --pipe --collect --unit kt-seed \
+# Operator commands run as the service would, the way docs/operations.md shows (`kt`): with
+# the unit's user, directories and credentials. As plain root the CLI cannot read the secrets,
+# which exist only as credentials.
+kt() {
+    inside systemd-run --quiet --wait --pipe --collect --service-type=exec \
         -p User=kakao-tokend -p Group=kakao-tokend -p UMask=0027 \
         -p StateDirectory=kakao-tokend -p StateDirectoryMode=0750 \
-        -p RuntimeDirectory=kakao-tokend -p RuntimeDirectoryMode=0750 \
         -p ConfigurationDirectory=kakao-tokend \
         -p LoadCredential=rest_api_key:/etc/credstore/kakao-tokend.rest_api_key \
         -p LoadCredential=client_secret:/etc/credstore/kakao-tokend.client_secret \
-        /opt/kakao-tokend/bin/python /usr/local/lib/kt-test/seed_tokens.py \
-        /etc/kakao-tokend/config.toml >"$work/seed.log" 2>&1; then
-    cat "$work/seed.log"
-    jctl -b -n 40 | sed 's/^/    /'
-    say "FAIL: could not seed tokens"
+        /opt/kakao-tokend/bin/kakao-tokend "$@"
+}
+
+# setup: migrate from a blog-script kakao_token.json with `kakao-tokend import` (operations guide)
+t0=$SECONDS
+if inside /opt/kakao-tokend/bin/python /usr/local/lib/kt-test/seed_tokens.py http://127.0.0.1:8790 \
+        /var/tmp/kakao_token.json >"$work/seed.log" 2>&1 \
+    && inside install -d -o kakao-tokend -g kakao-tokend -m 0750 /var/lib/kakao-tokend \
+    && inside install -o kakao-tokend -m 0600 /var/tmp/kakao_token.json \
+        /var/lib/kakao-tokend/kakao_token.json 2>>"$work/seed.log" \
+    && kt import /var/lib/kakao-tokend/kakao_token.json >>"$work/seed.log" 2>&1; then
+    inside rm -f /var/tmp/kakao_token.json /var/lib/kakao-tokend/kakao_token.json
+    record "import (kt wrapper)" ok "kakao_token.json adopted in $((SECONDS - t0)) s: $(tail -n1 "$work/seed.log" | cut -c1-70)"
+else
+    record "import (kt wrapper)" FAIL "$(tail -n 3 "$work/seed.log" | paste -sd'|' -)"
+    jctl -b -n 30 | sed 's/^/    /'
+    say "cannot continue without tokens"
     exit 1
 fi
 
@@ -304,6 +329,13 @@ if wait_until 30 at_least 2 "refreshed default"; then
     record refreshes ok "2 'refreshed default' lines within $((SECONDS - t0)) s"
 else
     record refreshes FAIL "$(pattern='refreshed default' count_lines) refresh lines after 30 s"
+fi
+
+# operator view: `kt status` exits 0 (ok) and names the account
+if out=$(kt status 2>&1) && grep -q "default" <<<"$out"; then
+    record "status (kt wrapper)" ok "exit 0: $(sed -n 1p <<<"$out" | cut -c1-70)"
+else
+    record "status (kt wrapper)" FAIL "$(paste -sd'|' - <<<"$out" | cut -c1-200)"
 fi
 
 # 3. credentials: they exist only in /etc/credstore, the emulator insists on both values
@@ -431,6 +463,10 @@ else
 fi
 
 # ------------------------------------------------------------------ summary
+if [ -n "${KT_NSPAWN_HOLD:-}" ]; then   # debugging: keep the container up for a while
+    say "holding the container ${KT_NSPAWN_HOLD}s: nsenter --target $leader --mount --uts --ipc --net --pid --root --wd bash"
+    sleep "$KT_NSPAWN_HOLD" || true
+fi
 if [ "$failures" -ne 0 ]; then
     inside journalctl --no-pager -b -u kakao-tokend.service -u kakao-emulator.service \
         >"$work/journal.txt" 2>&1 || true

@@ -1,80 +1,76 @@
-"""Seed an account's tokens inside the nspawn test container by logging in against the emulator."""
+"""Write a blog-script style kakao_token.json from the emulator, for the nspawn test's import."""
 
-# Runs INSIDE the container with the installed package (/opt/kakao-tokend/bin/python), under
-# `systemd-run` with the unit's user, StateDirectory and LoadCredential, so the files it writes
-# have exactly the owner and modes the service would give them. Same recipe as
-# tests/daemonproc.py `login()` (the emulator's consent=auto redirects at once).
+# Runs INSIDE the nspawn container with the installed venv's python. It does what the popular
+# "send myself a KakaoTalk message" scripts do once by hand: authorize, exchange the code, call
+# /v2/user/me, and save Kakao's raw token response (durations only) as kakao_token.json. The
+# test then adopts that file with `kakao-tokend import`, exactly as docs/operations.md tells an
+# operator migrating from such a script.
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
-from kakao_tokend.config import load_config
-from kakao_tokend.kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from kakao_tokend.state import AccountState
-from kakao_tokend.store import AccountStore
+CLIENT_ID = "emulator-rest-key"
+CLIENT_SECRET = "emulator-client-secret"
+REDIRECT_URI = "http://127.0.0.1:8765/callback"
 
 
-async def wait_for(url: str, timeout: float) -> None:
-    """Wait until ``url`` answers at all (the emulator unit has no readiness notification)."""
+async def wait_for(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+    """Wait until the emulator answers at all (its unit has no readiness notification)."""
     deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with session.get(f"{url}/_emulator/stats") as response:
+                await response.read()
+                return
+        except aiohttp.ClientError:
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"seed: the emulator at {url} did not answer in {timeout}s"
+                ) from None
+            await asyncio.sleep(0.2)
+
+
+async def fetch_tokens(url: str) -> dict[str, Any]:
+    """Return Kakao's raw token response for a fresh login (auto consent) at ``url``."""
     async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"{url}/_emulator/stats") as response:
-                    await response.read()
-                    return
-            except aiohttp.ClientError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(
-                        f"seed: the emulator at {url} did not answer in {timeout}s"
-                    ) from None
-                await asyncio.sleep(0.2)
-
-
-async def seed(config_path: Path, account: str) -> AccountState:
-    """Log ``account`` in (auth code + PKCE) and save + publish its state like `login` does."""
-    config = load_config(config_path)
-    settings = config.accounts[account]
-    await wait_for(settings.app.auth_url, 30.0)
-    session = create_session()
-    try:
-        client = KakaoClient(session, settings.app)
-        verifier, challenge = new_pkce_pair()
-        url = client.authorize_url(state=new_state(), code_challenge=challenge)
-        async with session.get(url, allow_redirects=False) as response:
+        await wait_for(session, url, 30.0)
+        query = {"client_id": CLIENT_ID, "redirect_uri": REDIRECT_URI, "response_type": "code"}
+        async with session.get(
+            f"{url}/oauth/authorize", params=query, allow_redirects=False
+        ) as response:
             location = response.headers["Location"]
         code = parse_qs(urlsplit(location).query)["code"][0]
-        tokens = await client.exchange_code(code=code, code_verifier=verifier)
-        me = await client.user_me(tokens.access_token)
-    finally:
-        await session.close()
-    store = AccountStore(settings)
-    with store.lock():
-        state = AccountState(
-            account=account,
-            tokens=tokens,
-            refreshed_at=tokens.access_issued_at,
-            user_id=me["id"],
-            generation=1,
-        )
-        store.save(state)
-        store.publish(state)
-    return state
+        form = {
+            "grant_type": "authorization_code",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "redirect_uri": REDIRECT_URI,
+            "code": code,
+        }
+        async with session.post(f"{url}/oauth/token", data=form) as response:
+            response.raise_for_status()
+            tokens: dict[str, Any] = await response.json()
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+        async with session.get(f"{url}/v2/user/me", headers=headers) as response:
+            response.raise_for_status()
+    return tokens
 
 
 def main(argv: list[str]) -> int:
-    """``seed_tokens.py CONFIG [ACCOUNT]``: print where the state went."""
-    config_path = Path(argv[1])
-    account = argv[2] if len(argv) > 2 else "default"
-    state = asyncio.run(seed(config_path, account))
-    print(f"seed: {account} logged in as user {state.user_id}, generation {state.generation}")
+    """``seed_tokens.py EMULATOR_URL OUT_FILE``: write the token response to OUT_FILE."""
+    url, out = argv[1], Path(argv[2])
+    tokens = asyncio.run(fetch_tokens(url))
+    out.write_text(json.dumps(tokens))
+    print(f"seed: wrote a kakao_token.json with {len(tokens)} fields to {out}")
     return 0
 
 
