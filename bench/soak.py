@@ -126,6 +126,7 @@ class Report:
     expired_healthy: int = 0
     expired_healthy_examples: list[str] = field(default_factory=list)
     expired_in_windows: int = 0
+    expired_by_window: Counter[str] = field(default_factory=Counter)
     losses: list[Loss] = field(default_factory=list)
     relogins: int = 0
     koe237_real: int = 0
@@ -187,6 +188,7 @@ class Report:
             "expired_reads_while_healthy": self.expired_healthy,
             "expired_healthy_examples": self.expired_healthy_examples[:5],
             "expired_reads_inside_disruption_windows": self.expired_in_windows,
+            "expired_reads_by_window": dict(sorted(self.expired_by_window.items())),
             "losses": [loss.__dict__ for loss in self.losses],
             "unexplained_losses": self.unexplained_losses,
             "relogins": self.relogins,
@@ -231,7 +233,9 @@ class Report:
             ("reads of an expired token while healthy", str(self.expired_healthy), "0"),
             (
                 "reads of an expired token inside disruption windows",
-                str(self.expired_in_windows),
+                f"{self.expired_in_windows} ("
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.expired_by_window.items()))
+                + ")",
                 "reported",
             ),
             (
@@ -431,14 +435,18 @@ class Soak:
         """End a disruption window ``extra`` seconds from now."""
         window.end = self.now() + extra
 
-    def healthy(self, t0: float, t1: float, *, file_reader: bool) -> bool:
-        """Return True when no disruption window touches the read's span [t0, t1]."""
+    def covering(self, t0: float, t1: float, *, file_reader: bool) -> Window | None:
+        """Return a disruption window touching the read's span [t0, t1], if any."""
         for window in self.windows:
             if window.file_only and not file_reader:
                 continue
             if window.start <= t1 and (window.end is None or window.end >= t0):
-                return False
-        return True
+                return window
+        return None
+
+    def healthy(self, t0: float, t1: float, *, file_reader: bool) -> bool:
+        """Return True when no disruption window touches the read's span [t0, t1]."""
+        return self.covering(t0, t1, file_reader=file_reader) is None
 
     def judge(self, token: Any, t0: float, *, file_reader: bool, what: str) -> None:
         """Count a read: valid token, or expired inside/outside a disruption window."""
@@ -448,17 +456,19 @@ class Soak:
             return
         valid = self.emu.access_token_valid(token)
         t1 = self.now()
-        healthy = self.healthy(t0, t1, file_reader=file_reader)
-        self.report.reads_healthy += healthy
+        window = self.covering(t0, t1, file_reader=file_reader)
+        self.report.reads_healthy += window is None
         if valid:
             return
-        if healthy:
+        if window is None:
             self.report.expired_healthy += 1
             self.report.expired_healthy_examples.append(
                 f"{what} at +{t1 - self.t_start:.2f}s: token {fingerprint(token)} not accepted"
             )
         else:
             self.report.expired_in_windows += 1
+            reason = window.reason.split(":")[0].split(" (")[0]
+            self.report.expired_by_window[f"{what} during {reason}"] += 1
 
     async def file_reader(self, deadline: float) -> None:
         """Poll the published token file: every read must parse and (when healthy) be valid."""
@@ -685,6 +695,8 @@ class Soak:
         self.report.clock_jumped_seconds += seconds
         self.last_jump = time.monotonic()
         self.close_window(window, ACCESS_LIFETIME * (REFRESH_AT + JITTER) + GRACE)
+        if self.args.control == "unaccounted-jumps":
+            self.windows.remove(window)  # negative control: the harness must now see failures
 
     async def disk_full(self) -> None:
         """Fill the state directory's tmpfs for a few seconds, then free it."""
@@ -754,6 +766,8 @@ class Soak:
             choices.append(("lost_response", 6))
         names = [c[0] for c in choices]
         pick = self.rng.choices(names, weights=[c[1] for c in choices])[0]
+        if self.args.control == "unaccounted-jumps":
+            pick = "jump"
         self.log(f"disruption: {pick}")
         if pick == "token_fault":
             await self.token_fault()
@@ -882,6 +896,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="use this directory (kept) instead of a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--control",
+        choices=["unaccounted-jumps"],
+        help="negative control: only clock jumps, without their disruption windows; the run "
+        "must then FAIL (proves the freshness check is not blind)",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0.25:
         parser.error("--minutes must be more than 0.25 (the last 8 s are kept quiet)")

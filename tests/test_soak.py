@@ -111,3 +111,41 @@ def test_two_minute_soak_keeps_every_must_be_zero_count_at_zero(tmp_path: Path) 
     assert result["refresh_cycles"] >= 20
     assert result["reads_file"] + result["reads_api"] >= 2000
     assert result["faults_injected_total"] >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_negative_control_the_soak_fails_when_stale_tokens_go_unexcused(tmp_path: Path) -> None:
+    """With clock jumps but no disruption windows for them, the soak must report failures.
+
+    Proves the freshness check is not blind: the daemon cannot see Kakao's clock jump, so its
+    published token is dead until the next refresh; a harness that still said "0" would be
+    measuring nothing.
+    """
+    out = tmp_path / "control.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SOAK),
+            "--minutes",
+            "0.6",
+            "--seed",
+            "2",
+            "--control",
+            "unaccounted-jumps",
+            "--no-disk-full",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+        cwd=REPO,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr[-4000:]
+    assert "SOAK FAILED" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["expired_reads_while_healthy"] > 0
+    assert result["clock_jumps"] >= 3
