@@ -743,3 +743,21 @@ class TestExample:
             *config_module._ALERTS_KEYS,
         } - {"paths", "kakao", "refresh", "publish", "accounts", "api", "alerts"}
         assert accepted - documented == set()
+
+
+def test_a_paths_only_load_reads_no_secret(tmp_path: Path) -> None:
+    """with_secrets=False never opens a secret: an unreadable or missing one is no problem."""
+    unreadable = tmp_path / "rest_api_key"
+    unreadable.write_text("key")
+    unreadable.chmod(0o644)  # refused by a full load
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(
+        f'[kakao]\nrest_api_key_file = "{unreadable}"\nclient_secret_env = "UNSET_SECRET_VAR"\n'
+        f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+    )
+    with pytest.raises(ConfigError):
+        load_config(config_file, environ={})
+    config = load_config(config_file, environ={}, with_secrets=False)
+    app = config.accounts["default"].app
+    assert app.rest_api_key == "" and app.client_secret is None
+    assert config.state_dir == tmp_path / "state"

@@ -105,18 +105,27 @@ class Settings:
     account: str | None
     debug: bool
     _config: Config | None = field(default=None, repr=False)
+    _paths_config: Config | None = field(default=None, repr=False)
 
-    def config(self) -> Config:
-        """Load (once) and return the configuration."""
-        if self._config is None:
-            from .config import load_config
+    def config(self, *, secrets: bool = True) -> Config:
+        """Load (once) and return the configuration.
 
+        ``secrets=False`` is enough for commands that need only paths (status, or talking to
+        the daemon's socket): it works for an operator who cannot read the credentials.
+        """
+        from .config import load_config
+
+        if self._config is None and secrets:
             self._config = load_config(self.config_path)
-        return self._config
+        if self._config is not None:
+            return self._config
+        if self._paths_config is None:
+            self._paths_config = load_config(self.config_path, with_secrets=False)
+        return self._paths_config
 
     def account_name(self) -> str:
         """Return the selected account: --account, else the config's default account."""
-        config = self.config()
+        config = self.config(secrets=False)
         name = self.account or config.default_account
         if name not in config.accounts:
             known = ", ".join(config.accounts)
@@ -596,7 +605,7 @@ def status(as_json: bool, warn: float, crit: float) -> None:
     from .store import AccountStore
 
     settings = _settings()
-    config = settings.config()
+    config = settings.config(secrets=False)  # status needs paths only, never a secret
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
     results: list[Assessment] = []
@@ -746,14 +755,14 @@ def refresh(lock_timeout: float) -> None:
       kakao-tokend --account bot refresh
     """
     settings = _settings()
-    account = settings.account_config()
-    remote = _via_daemon(settings.config(), "POST", f"/v1/accounts/{account.name}/refresh")
+    name = settings.account_name()
+    remote = _via_daemon(settings.config(secrets=False), "POST", f"/v1/accounts/{name}/refresh")
     if remote is not None:
         code, body = remote
         if code != 200:
-            raise _daemon_failure(account.name, code, body)
+            raise _daemon_failure(name, code, body)
         click.echo(
-            f"refreshed {account.name} (by the daemon): access token expires"
+            f"refreshed {name} (by the daemon): access token expires"
             f" {body['access_expires_at']} (in {format_duration(body['access_expires_in'])});"
             f" refresh token {'ROTATED' if body.get('rotated') else 'unchanged'}, expires"
             f" {body['refresh_expires_at']} (in {format_duration(body['refresh_expires_in'])}"
@@ -761,6 +770,7 @@ def refresh(lock_timeout: float) -> None:
             f" generation {body['generation']}"
         )
         return
+    account = settings.account_config()
     state, _, rotated = _run_async(
         _managed_refresh(account, settings.config(), min_valid=None, lock_timeout=lock_timeout)
     )
@@ -798,19 +808,20 @@ def token(min_valid: float, lock_timeout: float) -> None:
     from .store import AccountStore
 
     settings = _settings()
-    account = settings.account_config()
+    name = settings.account_name()
     remote = _via_daemon(
-        settings.config(),
+        settings.config(secrets=False),
         "GET",
-        f"/v1/accounts/{account.name}/token",
+        f"/v1/accounts/{name}/token",
         params={"min_valid": f"{min_valid:g}"},
     )
     if remote is not None:
         code, body = remote
         if code != 200:
-            raise _daemon_failure(account.name, code, body)
+            raise _daemon_failure(name, code, body)
         click.echo(body["access_token"])
         return
+    account = settings.account_config()
     try:
         state, _, _ = _run_async(
             _managed_refresh(

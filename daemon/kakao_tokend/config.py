@@ -287,17 +287,25 @@ def find_config_file(explicit: Path | None, environ: Mapping[str, str]) -> Path 
     return None
 
 
-def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    with_secrets: bool = True,
+) -> Config:
     """Find, read, parse, check and freeze the configuration.
 
     Raises ConfigError listing every problem found, each as (key path, problem with a hint).
+    ``with_secrets=False`` reads no secret at all (the REST API key comes back empty and the
+    client secret as None): commands that only need paths, such as ``status``, then work for an
+    operator who cannot read the credentials (systemd's LoadCredential= files are private).
     """
     env: Mapping[str, str] = os.environ if environ is None else environ
     source = find_config_file(path, env)
     if source is None:
         # A systemd unit can run without any file: LoadCredential=rest_api_key:... is enough.
         try:
-            return _build("", source=None, environ=env, extra=[])
+            return _build("", source=None, environ=env, extra=[], with_secrets=with_secrets)
         except ConfigError as exc:
             looked = ", ".join(str(p) for p in paths.config_search_path(env))
             raise ConfigError(
@@ -329,7 +337,7 @@ def load_config(path: Path | None = None, *, environ: Mapping[str, str] | None =
                 f"run: chmod 644 {source}",
             )
         )
-    return _build(text, source=source, environ=env, extra=extra)
+    return _build(text, source=source, environ=env, extra=extra, with_secrets=with_secrets)
 
 
 def config_from_toml_text(
@@ -341,14 +349,19 @@ def config_from_toml_text(
 
 
 def _build(
-    text: str, *, source: Path | None, environ: Mapping[str, str], extra: list[tuple[str, str]]
+    text: str,
+    *,
+    source: Path | None,
+    environ: Mapping[str, str],
+    extra: list[tuple[str, str]],
+    with_secrets: bool = True,
 ) -> Config:
     where = f"config file {source}" if source is not None else "configuration"
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where} is not valid TOML: {_toml_reason(exc)}") from None
-    checker = _Checker(source=source, environ=environ)
+    checker = _Checker(source=source, environ=environ, with_secrets=with_secrets)
     checker.problems.extend(extra)
     config = checker.config(raw)
     problems = list(dict.fromkeys(checker.problems))  # the same global mistake seen per account
@@ -468,8 +481,11 @@ _Setting = tuple[Any, str]
 
 
 class _Checker:
-    def __init__(self, *, source: Path | None, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, *, source: Path | None, environ: Mapping[str, str], with_secrets: bool = True
+    ) -> None:
         self.source = source
+        self.with_secrets = with_secrets
         self.environ = environ
         self.base_dir = source.parent if source is not None else Path.cwd()
         credentials = environ.get("CREDENTIALS_DIRECTORY", "")
@@ -1030,6 +1046,9 @@ class _Checker:
             keys = " and ".join(key for key, _ in given)
             self.problem(given[1][1][1], f"{keys} are both set; give only one source for {name}")
             return None, None
+        if not self.with_secrets:
+            # Paths-only load: never open a secret (it may be unreadable to this user).
+            return ("" if required else None), "not loaded"
         if not given:
             default = self.credentials_dir / name if self.credentials_dir else None
             if default is not None and default.is_file():
