@@ -467,7 +467,7 @@ class Soak:
             )
         else:
             self.report.expired_in_windows += 1
-            reason = window.reason.split(":")[0].split(" (")[0]
+            reason = window.reason.split(" (")[0]
             self.report.expired_by_window[f"{what} during {reason}"] += 1
 
     async def file_reader(self, deadline: float) -> None:
