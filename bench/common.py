@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import random
 import shutil
@@ -125,37 +126,52 @@ def seed_accounts(
     emulator: KakaoEmulator,
     config_path: Path,
     *,
-    stagger: float = 0.0,
-    rng: random.Random | None = None,
     first_user: int = FIRST_USER_ID,
+    spread: tuple[float, float] | None = None,
+    refresh_at: float = 0.75,
+    rng: random.Random | None = None,
 ) -> dict[str, int]:
     """Give every configured account fresh tokens and write its state and token files.
 
-    ``stagger`` > 0 back-dates each account's access token by a uniform random 0..stagger
-    seconds (the daemon then believes it expires earlier than the emulator does, which is safe)
-    so that refreshes spread out as in a long-running daemon. Returns account -> Kakao user id.
+    ``spread=(lead, span)`` plans each account's FIRST refresh (at ``refresh_at`` of its first
+    token's lifetime) at a uniform random moment in [now + lead, now + lead + span], as if the
+    daemon had been running for a while: the emulator issues that first token with the matching
+    (shorter) lifetime, and the recorded issue time is moved back by under a second to undo the
+    whole-second rounding of ``expires_in``. Later tokens get the emulator's normal lifetime.
+    Returns account -> Kakao user id.
     """
     rng = rng or random.Random(1)
     config = load_config(config_path)
     users: dict[str, int] = {}
-    for index, (name, account) in enumerate(config.accounts.items()):
-        user_id = first_user + index
-        now = utcnow()
-        tokens = TokenSet.from_token_response(emulator.issue_tokens(user_id), requested_at=now)
-        if stagger > 0:
-            shift = timedelta(seconds=rng.uniform(0.0, stagger))
-            tokens = replace(
-                tokens,
-                access_issued_at=tokens.access_issued_at - shift,
-                access_expires_at=tokens.access_expires_at - shift,
+    normal_lifetime = emulator.settings.access_lifetime
+    begin = time.time()
+    try:
+        for index, (name, account) in enumerate(config.accounts.items()):
+            user_id = first_user + index
+            shift = 0.0
+            if spread is not None:
+                due = begin + spread[0] + rng.uniform(0.0, spread[1])
+                lifetime = max(1, math.ceil((due - time.time()) / refresh_at))
+                emulator.settings.access_lifetime = lifetime
+                shift = max(0.0, time.time() + refresh_at * lifetime - due)
+            now = utcnow()
+            tokens = TokenSet.from_token_response(emulator.issue_tokens(user_id), requested_at=now)
+            if shift:
+                delta = timedelta(seconds=shift)
+                tokens = replace(
+                    tokens,
+                    access_issued_at=tokens.access_issued_at - delta,
+                    access_expires_at=tokens.access_expires_at - delta,
+                )
+            state = AccountState(
+                account=name, tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=user_id
             )
-        state = AccountState(
-            account=name, tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=user_id
-        )
-        store = AccountStore(account)
-        store.save(state)
-        store.publish(state)
-        users[name] = user_id
+            store = AccountStore(account)
+            store.save(state)
+            store.publish(state)
+            users[name] = user_id
+    finally:
+        emulator.settings.access_lifetime = normal_lifetime
     return users
 
 
@@ -283,7 +299,7 @@ async def seeded_daemon(
     accounts: int,
     heartbeat: str | None = None,
     first_user: int = FIRST_USER_ID,
-    stagger: float = 0.0,
+    spread: tuple[float, float] | None = None,
     extra: str = "",
     settle: bool = True,
 ) -> AsyncIterator[Process]:
@@ -297,7 +313,7 @@ async def seeded_daemon(
     config = write_config(
         sub, emulator, accounts=account_names(accounts), heartbeat=heartbeat, extra=extra
     )
-    seed_accounts(emulator, config, first_user=first_user, stagger=stagger)
+    seed_accounts(emulator, config, first_user=first_user, spread=spread)
     async with running_daemon(config) as daemon:
         if settle:
             await wait_log(daemon, "access token verified", count=accounts, timeout=300)
