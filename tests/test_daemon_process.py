@@ -471,3 +471,17 @@ def parse_time_prefix(line: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+async def test_a_damaged_token_file_is_rewritten_at_start(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A torn published file (e.g. written by hand) does not stop the start; it is republished."""
+    config = write_config(tmp_path, emulator)
+    state = await login(emulator, config)
+    (tmp_path / "state" / "default.token.json").write_text('{"access_tok')
+    daemon = await start_daemon(config)
+    try:
+        assert daemon.published()["access_token"] == state.tokens.access_token
+    finally:
+        assert await daemon.stop() == 0

@@ -280,3 +280,26 @@ async def test_an_unreachable_kakao_is_retried_without_ambiguity(
     assert manager.status.health is Health.RETRYING
     assert manager.status.last_error_class in {"connect", "connect-timeout"}
     assert manager._last_failure_ambiguous is False
+
+
+async def test_only_the_jittered_plan_triggers_a_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Between 70 % and the planned moment no heartbeat refreshes: the jitter stays spread."""
+    manager = await make_manager(emulator, tmp_path, session)
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    life = tokens.access_lifetime
+    manager._planned_refresh_at = tokens.access_issued_at + life * 0.79
+    assert not manager.needs_refresh(tokens.access_issued_at + life * 0.71)
+    assert not manager.needs_refresh(tokens.access_issued_at + life * 0.78)
+    assert manager.needs_refresh(tokens.access_issued_at + life * 0.79)
+
+
+async def test_a_clock_stepped_backwards_triggers_a_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A token 'issued in the future' means the wall clock went back: refresh, don't wait."""
+    manager = await make_manager(emulator, tmp_path, session)
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert not manager.needs_refresh(tokens.access_issued_at + timedelta(seconds=1))
+    assert manager.needs_refresh(tokens.access_issued_at - timedelta(hours=1))

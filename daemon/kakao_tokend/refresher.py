@@ -40,7 +40,6 @@ from .tokens import (
     format_duration,
     format_time,
     in_rotation_window,
-    is_due,
     refresh_due_at,
     utcnow,
 )
@@ -54,6 +53,8 @@ FILE_LOCK_POLL = 0.05
 # Retry schedule for a state file that could not be written (disk full, read-only fs).
 WRITE_RETRY_INITIAL = 1.0
 WRITE_RETRY_MAX = 60.0
+#: How far in the future a token's issue time may lie before we decide the clock went back.
+CLOCK_STEP_TOLERANCE = timedelta(seconds=2)
 
 
 class Health(enum.StrEnum):
@@ -238,18 +239,25 @@ class AccountManager:
         return min(moments) if moments else None
 
     def needs_refresh(self, now: datetime) -> bool:
-        """Return True when a refresh (or a due retry) should run now."""
+        """Return True when a refresh (or a due retry) should run now.
+
+        Only the planned (jittered) moment counts, so heartbeats never bunch accounts onto
+        their ticks. After a suspend or a forward clock jump the plan simply lies in the past.
+        A wall clock stepped backwards would push every absolute time away; a token issued
+        "in the future" betrays that (kubelet's rule), and then we refresh at once.
+        """
         planned = self.planned_refresh_at()
         if planned is None or self.state is None:
             return False
         if now >= planned:
             return True
-        # After a suspend or clock jump the plan may be stale; the policy decides too.
-        if self.status.health is Health.RETRYING:
-            return False
-        return is_due(
-            self.state.tokens, now, share=self.policy.refresh_at, jitter=self.policy.jitter
-        )
+        return self.state.tokens.access_issued_at - now > CLOCK_STEP_TOLERANCE
+
+    def set_policy(self, policy: RefreshPolicy) -> None:
+        """Apply a reloaded refresh policy; the next refresh is planned with it."""
+        if policy != self.policy:
+            self.policy = policy
+            self._planned_refresh_at = None
 
     # ------------------------------------------------------------------ the periodic check
 
@@ -500,6 +508,11 @@ class AccountManager:
         self._write_attempt = 0
         self._next_write_at = None
         return True
+
+    def publish(self) -> None:
+        """Write the token file from the state in memory (errors are logged, not raised)."""
+        if self.state is not None:
+            self._publish(self.state)
 
     def _publish(self, state: AccountState) -> None:
         try:

@@ -57,6 +57,7 @@ class Daemon:
     #: Extra listeners every account manager gets (the demo prints rotations through this).
     listeners: list[EventListener] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _prepared_dirs: set[Path] = field(default_factory=set)
     #: Alert conditions and channels (set up by _alerts_ctx).
     alerts: AlertCenter | None = None
     _lock_fd: int | None = None
@@ -103,8 +104,11 @@ class Daemon:
         assert self.session is not None
         store = AccountStore(account)
         for directory in {account.state_file.parent, account.token_file.parent}:
-            make_dirs(directory)
-            remove_stale_temp_files(directory)
+            if directory not in self._prepared_dirs:
+                # Once per directory: 1,000 accounts usually share one state directory.
+                make_dirs(directory)
+                remove_stale_temp_files(directory)
+                self._prepared_dirs.add(directory)
         manager = AccountManager(
             account,
             store=store,
@@ -117,8 +121,14 @@ class Daemon:
         if self.alerts is not None:
             self.alerts.attach(manager)
         if manager.state is not None and manager.status.health is Health.OK:
-            # Publish what we have at once: the token file may be missing or stale.
-            manager._publish(manager.state)
+            # Publish at once when the token file is missing or stale (another tool wrote the
+            # state); an up-to-date one is left alone, which keeps a large start cheap.
+            try:
+                published = store.read_published()
+            except StoreError:
+                published = None  # damaged or unreadable: rewrite it
+            if published is None or published.get("generation") != manager.state.generation:
+                manager.publish()
         return manager
 
     def open_accounts(self) -> None:
@@ -189,13 +199,13 @@ class Daemon:
                 manager.account = account
                 manager.store = AccountStore(account)
                 manager.client = KakaoClient(self.session, account.app, clock=self.clock)
-                manager.policy = new.refresh
+                manager.set_policy(new.refresh)
                 manager.clear_config_error()
                 if self.alerts is not None:
                     self.alerts.reconfigure(name)
                 self.scheduler.plan(manager)
                 if manager.state is not None and not manager.status.write_pending:
-                    manager._publish(manager.state)
+                    manager.publish()
             message = (
                 f"configuration reloaded: {len(new.accounts)} account(s)"
                 f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
