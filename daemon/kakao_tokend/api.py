@@ -102,6 +102,25 @@ async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> An
         ) from None
 
 
+def refresh_blocked(manager: AccountManager) -> str | None:
+    """Return why a consumer's request must not make Kakao refresh now, or None if it may.
+
+    A token request or a proxied -401 must not override the account's back-off (KOE237,
+    outages) nor present a refresh token Kakao already refused: every such request would
+    otherwise reach Kakao again. An explicit POST .../refresh still forces one.
+    """
+    status = manager.status
+    if status.health in (Health.RELOGIN, Health.CONFIG, Health.NO_STATE):
+        return status.last_error or status.health.value
+    if (
+        status.health is Health.RETRYING
+        and status.next_attempt_at is not None
+        and status.next_attempt_at > manager.clock()
+    ):
+        return status.last_error or status.health.value
+    return None
+
+
 def is_serving(manager: AccountManager) -> bool:
     """Return True when the account holds an access token that is valid right now."""
     state = manager.state
@@ -181,6 +200,13 @@ async def token(request: web.Request) -> web.Response:
         return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
+        blocked = refresh_blocked(manager)
+        if blocked is not None:
+            return _error(
+                503,
+                f"no token valid for {int(min_valid)}s is available for {manager.name}",
+                reason=blocked,
+            )
         reason = f"token requested with min_valid={min_valid:g}s"
         await _within_timeout(request, manager.refresh(force=True, reason=reason))
         daemon = _daemon(request)
@@ -359,7 +385,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 if _is_token_rejected(upstream.status, answer):
                     retried = True
                     upstream.release()
-                    if manager.state is None or manager.state.tokens.access_token == token:
+                    if (
+                        manager.state is None or manager.state.tokens.access_token == token
+                    ) and refresh_blocked(manager) is None:
                         await _within_timeout(
                             request,
                             manager.refresh(force=True, reason="Kakao rejected the token (-401)"),
