@@ -359,8 +359,10 @@ class AccountManager:
         async with self._lock:
             try:
                 await self._acquire_file_lock()
-            except StoreLocked as exc:
-                self._record_transient(str(exc), "lock_busy", ambiguous=False)
+            except StoreError as exc:  # busy, or the lock file is unusable (permissions, ...)
+                if self.state is not None:
+                    label = "lock_busy" if isinstance(exc, StoreLocked) else "lock_error"
+                    self._record_transient(str(exc), label, ambiguous=False)
                 return self.state
             try:
                 # Re-read under the lock: `login` or another tool may have written newer tokens.
