@@ -239,9 +239,12 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
     # and be persisted, then make one last try to write a state the disk refused.
-    results = await asyncio.gather(*(m.wait_idle(STOP_GRACE) for m in daemon.managers.values()))
+    # A refresh request may take up to its timeout; giving up earlier closes the session under
+    # it, and an answer Kakao already committed (a rotated refresh token) would be lost.
+    grace = max([STOP_GRACE, *(m.account.app.timeout + 1.0 for m in daemon.managers.values())])
+    results = await asyncio.gather(*(m.wait_idle(grace) for m in daemon.managers.values()))
     if not all(results):
-        log.error("a refresh was still running after %ss; stopping anyway", STOP_GRACE)
+        log.error("a refresh was still running after %ss; stopping anyway", grace)
     for manager in daemon.managers.values():
         if not manager.flush():
             log.critical(
