@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import time_machine
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
 from daemonproc import login, write_config
 from kakao_tokend.config import AccountConfig, RefreshPolicy, load_config
@@ -303,3 +303,33 @@ async def test_a_clock_stepped_backwards_triggers_a_refresh(
     tokens = manager.state.tokens  # type: ignore[union-attr]
     assert not manager.needs_refresh(tokens.access_issued_at + timedelta(seconds=1))
     assert manager.needs_refresh(tokens.access_issued_at - timedelta(hours=1))
+
+
+async def test_quick_retries_run_on_their_own_jobs_not_the_heartbeat(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A retry planned while the failing job still ran is not dropped by max_instances=1.
+
+    With a 60 s heartbeat, three quick 5xx retries must all run on their own one-shot jobs.
+    """
+    emulator.settings.access_lifetime = 4
+    manager = await make_manager(emulator, tmp_path, session)
+    # Retries due at once: each next job is planned for "now" while the failing one still runs.
+    manager.policy = replace(manager.policy, retry_initial=1e-6)
+    scheduler = RefreshScheduler(heartbeat=60)
+    skipped: list[object] = []
+    scheduler._scheduler.add_listener(skipped.append, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
+    scheduler.start()
+    try:
+        emulator.inject("token", "http500", count=3)
+        scheduler.add(manager)  # first refresh planned ~3 s after issue
+        for _ in range(120):
+            await asyncio.sleep(0.05)
+            if manager.state is not None and manager.state.generation == 2:
+                break
+        assert manager.state is not None and manager.state.generation == 2
+        assert emulator.stats.faults_fired["http500"] == 3
+        assert skipped == []
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)

@@ -590,6 +590,21 @@ class TestTimingExamples:
         )
         assert 0.015 <= delay <= 0.03
 
+    def test_backoff_does_not_speed_up_in_the_last_seconds(self) -> None:
+        """Retries just before expiry keep at least half a first step apart (no storm)."""
+        lifetime = timedelta(hours=6)
+        for left in (20.0, 8.0, 1.0, 0.1, 0.001):
+            delay = backoff_delay(
+                4,
+                now=T0 + lifetime - timedelta(seconds=left),
+                expires_at=T0 + lifetime,
+                lifetime=lifetime,
+                rng=random.Random(3),
+            )
+            assert delay >= 5.0, left
+            if left > 10:
+                assert delay <= left - 5.0
+
     def test_backoff_past_expiry_still_backs_off(self) -> None:
         """After expiry the delay is the normal backoff step, not zero (no hot loop)."""
         delay = backoff_delay(
@@ -714,7 +729,8 @@ class TestTimingProperties:
         cap: float,
         seed: int,
     ) -> None:
-        """Delay is ≥ 0, ≤ cap, and (while time is left) never reaches past expiry."""
+        """Delay is ≤ cap, never below half a first step (no storm before expiry), and, while
+        more than a first step is left, never reaches past expiry."""
         now = T0 + lifetime * elapsed
         expires_at = T0 + lifetime
         delay = backoff_delay(
@@ -728,8 +744,10 @@ class TestTimingProperties:
         )
         assert math.isfinite(delay)
         assert 0.0 <= delay <= cap
+        base = min(initial, lifetime.total_seconds() / 200)
+        assert delay >= min(base, cap) / 2 * (1 - 1e-9)
         remaining = (expires_at - now).total_seconds()
-        if remaining > 0:
+        if remaining > base:
             assert delay <= remaining
 
     @settings(deadline=None, max_examples=200)

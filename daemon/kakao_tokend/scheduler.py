@@ -165,8 +165,10 @@ class RefreshScheduler:
             return
         # The date job was removed from the store when it fired; plan the next one whatever
         # happens (pitfalls.md §1.3: a one-shot job that raises leaves nothing scheduled).
+        # The work runs in our own task so this job ends at once: a next job planned while it
+        # still ran would be due "now" and skipped by max_instances=1, then dropped.
         self._planned.pop(name, None)
-        await self._guarded(manager, "tick")
+        self.run_soon(manager)
 
     async def _beat(self) -> None:
         self.last_beat = time.monotonic()

@@ -354,12 +354,28 @@ async def serve(
     )
     daemon = app[DAEMON]
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+
+    def on_reload() -> None:
+        if daemon.scheduler is None:
+            log.warning("SIGHUP ignored: still starting")
+            return
+        task = loop.create_task(daemon.reload())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    # Installed before start-up: a stop that arrives while an overdue token is being
+    # refreshed at start must still be a clean stop that lets that refresh persist.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await runner.setup()
-    except StoreLocked as exc:
-        log.error("%s", exc)
-        return EX_TEMPFAIL
     except KakaoTokendError as exc:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if isinstance(exc, StoreLocked):
+            log.error("%s", exc)
+            return EX_TEMPFAIL
         log.error("cannot start: %s", exc)
         await runner.cleanup()
         return EX_CONFIG if isinstance(exc, ConfigError) else EX_FAILURE
@@ -383,14 +399,6 @@ async def serve(
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
 
-    def on_reload() -> None:
-        task = loop.create_task(daemon.reload())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
     systemd.ready(daemon.summary())
     log.info(
         "kakao-tokend running: %d account(s), heartbeat %ss, state in %s",

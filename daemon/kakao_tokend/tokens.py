@@ -354,8 +354,10 @@ def backoff_delay(
 
     Exponential with full jitter between half and all of the step. The first step is
     ``initial`` seconds, scaled down for short lifetimes (never more than 1/200 of the
-    lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms). Never
-    waits past ``expires_at``: a retry is still attempted shortly before expiry.
+    lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms). While more
+    than one first step is left, never waits past ``expires_at``: the last retry lands at least
+    half a step before expiry. With less left than that, the normal pace holds: retrying ever
+    faster in the last seconds (a Zeno-like storm) would only earn KOE237.
     """
     rng = rng or random.Random()
     life = max(lifetime.total_seconds(), 1e-3)
@@ -365,9 +367,8 @@ def backoff_delay(
     step = min(top, base * (2.0 ** min(max(attempt - 1, 0), 64)))
     delay = rng.uniform(step / 2, step)
     remaining = (expires_at - now).total_seconds()
-    if remaining > 0:
-        # Leave the last retry a little room before the token dies.
-        delay = min(delay, max(remaining * 0.9, 0.0))
+    if remaining > base:
+        delay = min(delay, remaining - base / 2)
     return max(delay, 0.0)
 
 
