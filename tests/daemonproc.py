@@ -137,11 +137,17 @@ class DaemonProcess:
 
     def state(self, account: str = "default") -> dict[str, Any]:
         """Return the account's private state file as JSON."""
-        return json.loads((self.state_dir / f"{account}.state.json").read_text())
+        document: dict[str, Any] = json.loads(
+            (self.state_dir / f"{account}.state.json").read_text()
+        )
+        return document
 
     def published(self, account: str = "default") -> dict[str, Any]:
         """Return the account's published token file as JSON."""
-        return json.loads((self.state_dir / f"{account}.token.json").read_text())
+        document: dict[str, Any] = json.loads(
+            (self.state_dir / f"{account}.token.json").read_text()
+        )
+        return document
 
     async def api(self, method: str, path: str) -> tuple[int, Any]:
         """Call the daemon's local API on its Unix socket."""
