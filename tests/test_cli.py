@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import socket
 import sys
 from dataclasses import replace
@@ -138,6 +139,27 @@ class TestBasics:
         assert result.stdout.startswith("kakao-tokend ")
         assert "Python" in result.stdout or "CPython" in result.stdout
         assert sys.platform.capitalize()[:3] in result.stdout or "Linux" in result.stdout
+        # The two checks above pass on any line that says "Python" and "Linux"; these pin the
+        # exact version and platform this interpreter runs on.
+        assert platform.python_version() in result.stdout
+        assert platform.system() in result.stdout
+
+    def test_bad_duration_names_the_value_once(self, tmp_path: Path) -> None:
+        """A bad duration is one usage line naming the option, the accepted forms and the value."""
+        config = write_config(tmp_path)
+        result = invoke(config, "token", "--min-valid", "soon")
+        assert result.exit_code == 64
+        error_lines = [line for line in result.stderr.splitlines() if "Error:" in line]
+        assert len(error_lines) == 1, result.stderr
+        assert "'--min-valid'" in error_lines[0]
+        assert '"90s"' in error_lines[0] and '"soon"' in error_lines[0]
+        assert error_lines[0].count("soon") == 1, error_lines[0]
+
+    def test_demo_help_says_what_zero_duration_does(self) -> None:
+        """`demo --duration 0` runs until Ctrl+C; the help says so instead of surprising users."""
+        result = invoke(None, "demo", "--help")
+        assert result.exit_code == 0
+        assert "0: until Ctrl+C" in result.stdout
 
     def test_usage_error_is_64(self, tmp_path: Path) -> None:
         """Unknown options and bad durations are usage errors with EX_USAGE (64)."""
@@ -420,6 +442,28 @@ class TestTokenRefreshLogout:
         assert "could not log out at Kakao" in result.stderr
         assert store.state_path.exists()
 
+    def test_logout_without_files_claims_no_removal(self, tmp_path: Path) -> None:
+        """logout of an account that never logged in does not claim to have removed files."""
+        config = write_config(tmp_path)
+        result = invoke(config, "logout")
+        assert result.exit_code == 0, result.output
+        assert "nothing to log out at Kakao" in result.stdout
+        assert "removed" not in result.stdout
+        assert "no files to remove for account 'default'" in result.stdout
+
+    async def test_logout_names_only_the_files_it_removed(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """When only the state file exists, logout names that file and not the token file."""
+        config = write_config(tmp_path, emulator.url)
+        save_state(config, emulator.issue_tokens())
+        store = store_for(config)
+        store.token_path.unlink()
+        result = await ainvoke(config, "logout")
+        assert result.exit_code == 0, result.output
+        assert f"removed {store.state_path}\n" in result.stdout
+        assert str(store.token_path) not in result.stdout
+
 
 class TestEmulatorCommand:
     """`kakao-tokend emulator` runs the emulator in the foreground."""
@@ -456,3 +500,10 @@ class TestEmulatorCommand:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 10)
         assert proc.returncode in (0, -15)
+
+    def test_port_out_of_range_is_a_usage_error(self) -> None:
+        """--port 99999 is one usage line with exit 64, not an 'internal error' (70)."""
+        result = invoke(None, "emulator", "--port", "99999")
+        assert result.exit_code == 64, result.output
+        assert "--port" in result.stderr and "99999" in result.stderr
+        assert "internal error" not in result.output

@@ -227,7 +227,8 @@ class Duration(click.ParamType[float]):
         try:
             return float(parse_duration(str(value)))
         except ValueError as exc:
-            self.fail(f"{value!r} is not a duration like 90s, 5m, 6h, 14d ({exc})", param, ctx)
+            # parse_duration's message already names the accepted forms and the bad value.
+            self.fail(str(exc), param, ctx)
 
 
 DURATION = Duration()
@@ -1039,9 +1040,13 @@ def logout(keep_files: bool) -> None:
     if keep_files:
         click.echo(f"kept {store.state_path} and {store.token_path}")
         return
+    existing = [path for path in (store.state_path, store.token_path) if path.exists()]
     with store.lock(timeout=5.0):
         store.remove()
-    click.echo(f"removed {store.state_path} and {store.token_path}")
+    if existing:
+        click.echo("removed " + " and ".join(str(path) for path in existing))
+    else:
+        click.echo(f"no files to remove for account '{account.name}'")
 
 
 # --------------------------------------------------------------------------- daemon / tools
@@ -1129,7 +1134,9 @@ def run() -> None:
 
 
 @main.command()
-@click.option("--duration", type=DURATION, default="60s", help="How long the demo runs.")
+@click.option(
+    "--duration", type=DURATION, default="60s", help="How long the demo runs (0: until Ctrl+C)."
+)
 def demo(duration: float) -> None:
     """Show the daemon at work against the built-in Kakao emulator (no Kakao account needed).
 
@@ -1144,7 +1151,7 @@ def demo(duration: float) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", help="Address to listen on.")
-@click.option("--port", type=int, default=8790, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8790, help="Port to listen on.")
 @click.option("--access-lifetime", type=DURATION, default="21599s", help="Access token lifetime.")
 @click.option(
     "--refresh-lifetime", type=DURATION, default="5183999s", help="Refresh token lifetime."
