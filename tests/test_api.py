@@ -383,10 +383,14 @@ async def test_reload_waits_for_the_reload(emulator: KakaoEmulator, tmp_path: Pa
         await asyncio.sleep(0.2)
         config.write_text(config.read_text() + "[accounts.default]\n[accounts.second]\n")
         loop = asyncio.get_running_loop()
+        assert not refresh.done(), "the delayed refresh must still be in flight"
         started = loop.time()
         code, _, err = await run_cli(config, "reload")
         assert code == 0, err
         assert refresh.done() or loop.time() - started >= 1.0
+        # The 'or' above also passes when the refresh ended early (e.g. failed fast); the
+        # refresh had ~1.3 s left when the command started, so a reload that waited took >= 1 s.
+        assert loop.time() - started >= 1.0
         _, body = await served.get("/v1/status")
         assert [a["account"] for a in body["accounts"]] == ["default", "second"]
         await refresh

@@ -231,6 +231,14 @@ async def test_restart_with_an_overdue_token_refreshes_at_once(
         await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, timeout=5, what="refresh")
         assert time.monotonic() - started < 5
         assert "overdue" in daemon.log_text() or "refreshed default" in daemon.log_text()
+        # The check above is vacuous ("overdue" is only a debug-level refresh reason, and
+        # generation >= 2 already implies "refreshed default"). What proves "at once" is the
+        # start-up path: an overdue token is refreshed directly, without first being verified
+        # (and then rejected) at Kakao.
+        log_text = daemon.log_text()
+        assert "refreshed default" in log_text
+        assert "access token verified" not in log_text
+        assert "rejected" not in log_text
     finally:
         assert await daemon.stop() == 0
 
