@@ -155,6 +155,19 @@ class TestBasics:
         assert '"90s"' in error_lines[0] and '"soon"' in error_lines[0]
         assert error_lines[0].count("soon") == 1, error_lines[0]
 
+    def test_global_option_after_the_command_says_where_it_goes(self, tmp_path: Path) -> None:
+        """`check-config --config FILE` (a common slip) is exit 64 with the corrected command."""
+        config = write_config(tmp_path)
+        result = invoke(None, "check-config", "--config", str(config))
+        assert result.exit_code == 64
+        assert "kakao-tokend --config ... check-config" in result.stderr
+        assert "Traceback" not in result.output
+        result = invoke(config, "alerts", "test", "--debug")
+        assert result.exit_code == 64
+        assert "kakao-tokend --debug alerts test" in result.stderr
+        # Any other unknown option keeps click's own message.
+        assert "No such option '--bogus'" in invoke(config, "status", "--bogus").stderr
+
     def test_demo_help_says_what_zero_duration_does(self) -> None:
         """`demo --duration 0` runs until Ctrl+C; the help says so instead of surprising users."""
         result = invoke(None, "demo", "--help")

@@ -166,6 +166,9 @@ def _setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.CRITICAL + 10)
 
 
+_GLOBAL_OPTIONS = frozenset({"--config", "--account", "--debug"})
+
+
 class TokendGroup(click.Group):
     """A click group that turns our errors into one stderr line and the right exit code."""
 
@@ -190,6 +193,19 @@ class TokendGroup(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:
             setattr(exc, "exit_code", EX_USAGE)  # noqa: B010 - instance override of a ClassVar
+            if isinstance(exc, click.NoSuchOption) and exc.option_name in _GLOBAL_OPTIONS:
+                # `kakao-tokend check-config --config FILE`: a common slip; say where it goes.
+                name = exc.option_name
+                where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+                command = where.partition(" ")[2] or "COMMAND"
+                value = "" if name == "--debug" else " ..."
+                better = click.UsageError(
+                    f"{name} is a global option and goes before the command:"
+                    f" kakao-tokend {name}{value} {command}",
+                    ctx=exc.ctx,
+                )
+                setattr(better, "exit_code", EX_USAGE)  # noqa: B010 - see above
+                raise better from None
             raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
