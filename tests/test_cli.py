@@ -168,6 +168,26 @@ class TestBasics:
         # Any other unknown option keeps click's own message.
         assert "No such option '--bogus'" in invoke(config, "status", "--bogus").stderr
 
+    def test_status_without_any_config_says_a_config_is_needed(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With no config file anywhere, status adds one stderr line: login needs a config."""
+        monkeypatch.delenv("KAKAO_TOKEND_CONFIG", raising=False)
+        monkeypatch.delenv("CONFIGURATION_DIRECTORY", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+        from kakao_tokend.config import find_config_file
+
+        if find_config_file(None, os.environ) is not None:
+            pytest.skip("this machine has a system-wide kakao-tokend config")
+        result = invoke(None, "status")
+        assert result.exit_code == 2, result.output
+        assert "no tokens" in result.stdout
+        notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+        assert len(notes) == 1, result.stderr
+        assert "no config file found" in notes[0] and "--config FILE" in notes[0]
+
     def test_demo_help_says_what_zero_duration_does(self) -> None:
         """`demo --duration 0` runs until Ctrl+C; the help says so instead of surprising users."""
         result = invoke(None, "demo", "--help")

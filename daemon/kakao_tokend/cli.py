@@ -647,6 +647,16 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         # What the daemon alerted about and has not seen cleared yet (its bookkeeping file).
         item.data["alerts"] = _active_alerts(config.accounts[item.account])
     worst = max(item.level for item in results)
+    if config.source is None and any(item.state is None and item.lines is None for item in results):
+        # "run `kakao-tokend login`" alone would fail next: there is no config to log in with.
+        from .paths import config_search_path
+
+        looked = ", ".join(str(p) for p in config_search_path(os.environ))
+        click.echo(
+            f"note: no config file found (looked in: {looked}); `kakao-tokend login` needs one:"
+            " copy config.example.toml there or pass --config FILE",
+            err=True,
+        )
     if as_json:
         document = {
             "level": _LEVEL_NAMES[worst],
