@@ -227,6 +227,19 @@ class TestBrowserCallback:
         assert code == 1
         assert "cancelled" in err and "Traceback" not in err
 
+    async def test_timeout_names_the_option_to_wait_longer(
+        self, start_login: Callable[..., Awaitable[LoginProcess]]
+    ) -> None:
+        """No redirect within --timeout: one error line with the exact command to wait longer."""
+        login = await start_login("--timeout", "1s")  # the last --timeout wins
+        code, _, err = await login.finish()
+        assert code == 1, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, err
+        assert "no login answer arrived within 1 s" in errors[0]
+        assert "`kakao-tokend login --timeout 10m`" in errors[0]
+        assert "Traceback" not in err
+
 
 class TestPasted:
     """On a headless server the user pastes the redirect address (or the code) on stdin."""

@@ -310,7 +310,7 @@ class LoginFlow:
                 except TimeoutError:
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
-                        hint="run `kakao-tokend login` again (use --timeout for more time)",
+                        hint="run `kakao-tokend login --timeout 10m` again for more time",
                     ) from None
             finally:
                 if runner is not None:
