@@ -517,21 +517,10 @@ def assess(
     refresh_left = tokens.refresh_remaining(now).total_seconds()
     level = EXIT_OK
     problems: list[str] = []
-    login_cmd = f"kakao-tokend login{_account_flag(name)}"
     if state.relogin_reason:
         level = EXIT_CRITICAL
         problems.append(f"re-login needed: {state.relogin_reason}")
-    if refresh_left <= 0:
-        level = EXIT_CRITICAL
-        problems.append(f"refresh token expired; run `{login_cmd}`")
-    elif refresh_left < crit:
-        level = EXIT_CRITICAL
-        problems.append(
-            f"refresh token expires in {format_duration(refresh_left)}; run `{login_cmd}` soon"
-        )
-    elif refresh_left < warn:
-        level = max(level, EXIT_WARNING)
-        problems.append(f"refresh token expires in {format_duration(refresh_left)}")
+    level = _grade_refresh_left(name, refresh_left, level, problems, warn=warn, crit=crit)
     if access_left <= 0 and level < EXIT_CRITICAL:
         level = max(level, EXIT_WARNING)
         problems.append(
@@ -556,6 +545,25 @@ def assess(
         refresh_fingerprint=tokens.refresh_fingerprint,
     )
     return Assessment(name, level, problems, state, data)
+
+
+def _grade_refresh_left(
+    name: str, refresh_left: float, level: int, problems: list[str], *, warn: float, crit: float
+) -> int:
+    """Apply the refresh-token ladder (expired / < crit / < warn); return the new level."""
+    login_cmd = f"kakao-tokend login{_account_flag(name)}"
+    if refresh_left <= 0:
+        problems.append(f"refresh token expired; run `{login_cmd}`")
+        return EXIT_CRITICAL
+    if refresh_left < crit:
+        problems.append(
+            f"refresh token expires in {format_duration(refresh_left)}; run `{login_cmd}` soon"
+        )
+        return EXIT_CRITICAL
+    if refresh_left < warn:
+        problems.append(f"refresh token expires in {format_duration(refresh_left)}")
+        return max(level, EXIT_WARNING)
+    return level
 
 
 def _account_flag(name: str) -> str:
@@ -934,18 +942,7 @@ def assess_described(
     if health == "config":
         level = EXIT_CRITICAL
         problems.append(f"Kakao says the configuration is wrong: {item.get('last_error')}")
-    if refresh_left <= 0:
-        level = EXIT_CRITICAL
-        problems.append(f"refresh token expired; run `kakao-tokend login{flag}`")
-    elif refresh_left < crit:
-        level = EXIT_CRITICAL
-        problems.append(
-            f"refresh token expires in {format_duration(refresh_left)}; run"
-            f" `kakao-tokend login{flag}` soon"
-        )
-    elif refresh_left < warn:
-        level = max(level, EXIT_WARNING)
-        problems.append(f"refresh token expires in {format_duration(refresh_left)}")
+    level = _grade_refresh_left(name, refresh_left, level, problems, warn=warn, crit=crit)
     if health == "retrying" and level < EXIT_CRITICAL:
         level = max(level, EXIT_WARNING)
         problems.append(
