@@ -331,11 +331,11 @@ async def test_a_second_instance_is_refused(emulator: KakaoEmulator, tmp_path: P
 
 @pytest.fixture
 def tiny_state_fs(tmp_path: Path) -> Iterator[Path]:
-    """Mount a 256 KiB tmpfs where the state directory goes, so a test can fill it up."""
+    """Mount a 512 KiB tmpfs where the state directory goes, so a test can fill it up."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs", str(state_dir)],
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(state_dir)],
         capture_output=True,
         check=False,
     )
@@ -347,9 +347,9 @@ def tiny_state_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(state_dir)], check=False)
 
 
-def _fill(directory: Path) -> Path:
+def _fill(directory: Path, name: str = "filler") -> Path:
     """Fill the file system under ``directory`` until a write fails with ENOSPC."""
-    filler = directory / "filler"
+    filler = directory / name
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         while True:
@@ -364,7 +364,8 @@ def _fill(directory: Path) -> Path:
 async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
     emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
 ) -> None:
-    """With the disk full, a rotated token lives on in memory and is written once there is room."""
+    """A full disk: the emergency reserve saves the first rotation at once; when even that is
+    used up, rotated tokens live on in memory and are written once there is room again."""
     _short_tokens(emulator, access=2, refresh=3600)
     emulator.settings.rotation_window = 3000  # every refresh rotates
     config = write_config(tmp_path, emulator, rotation_window=3000)
@@ -372,7 +373,19 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
     daemon = await start_daemon(config)
     try:
         await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        assert (tiny_state_fs / ".kakao-tokend.reserve").stat().st_size == 64 * 1024
         filler = _fill(tiny_state_fs)
+        # The first failing save gives up the emergency reserve and lands on disk at once.
+        await daemon.wait_log("gave up the emergency reserve", timeout=10)
+        assert not (tiny_state_fs / ".kakao-tokend.reserve").exists()
+        await daemon.wait_for(
+            lambda: (
+                emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"]) == "live"
+            ),
+            what="the rotated refresh token saved through the reserve",
+        )
+        # Whatever filled the disk goes on filling it: now nothing can be saved.
+        second_filler = _fill(tiny_state_fs, name="filler2")
         await daemon.wait_log("cannot save the new tokens", timeout=10)
         stuck_generation = daemon.state()["generation"]
         await asyncio.sleep(3)  # more refreshes (and rotations) happen while the disk is full
@@ -383,12 +396,17 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
         status, health = await daemon.api("GET", "/v1/status")
         assert health["accounts"][0]["write_pending"] is True
         filler.unlink()
+        second_filler.unlink()
         await daemon.wait_log("state saved again", timeout=10)
         state = daemon.state()
         assert state["generation"] > stuck_generation
         # The refresh token on disk is the one Kakao still accepts: nothing was lost.
         assert emulator.refresh_token_status(state["tokens"]["refresh_token"]) == "live"
         assert emulator.stats.retired_refresh_presented == 0
+        # With room again, the reserve is back for the next time.
+        await daemon.wait_for(
+            lambda: (tiny_state_fs / ".kakao-tokend.reserve").exists(), what="reserve restored"
+        )
     finally:
         assert await daemon.stop() == 0
 

@@ -749,3 +749,19 @@ def test_kill_9_during_writes_leaves_old_or_new_file(tmp_path: Path) -> None:
         os.utime(tmp_path / name, (past, past))
     remove_stale_temp_files(tmp_path)
     assert leftovers(tmp_path) == []
+
+
+def test_the_emergency_reserve_is_allocated_and_given_up_once(tmp_path: Path) -> None:
+    """ensure_reserve allocates real blocks (not a sparse file); release deletes it once."""
+    from kakao_tokend.store import RESERVE_NAME, RESERVE_SIZE, ensure_reserve, release_reserve
+
+    assert ensure_reserve(tmp_path)
+    reserve = tmp_path / RESERVE_NAME
+    info = reserve.stat()
+    assert info.st_size == RESERVE_SIZE
+    assert info.st_blocks * 512 >= RESERVE_SIZE
+    assert oct(info.st_mode & 0o777) == oct(0o600)
+    assert ensure_reserve(tmp_path)  # idempotent
+    assert release_reserve(tmp_path)
+    assert not reserve.exists()
+    assert not release_reserve(tmp_path)

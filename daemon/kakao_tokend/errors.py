@@ -81,6 +81,9 @@ class StateMissing(StoreError):
 class StoreWriteError(StoreError):
     """Writing a file failed (disk full, read-only file system, permissions)."""
 
+    #: The OS error number behind the failure (errno.ENOSPC ...), when there was one.
+    errno: int | None = None
+
 
 class KakaoError(KakaoTokendError):
     """Kakao refused a request, or could not be reached.

@@ -500,6 +500,7 @@ class AccountManager:
                 self._emit("write_failed", str(exc), {})
             return False
         self._disk_signature = self.store.state_signature()
+        self.store.restore_reserve()
         if self.status.write_pending:
             log.warning(
                 "account %s: state saved again after %d tries", self.name, self._write_attempt

@@ -28,7 +28,13 @@ from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked
 from .kakao import KakaoClient, create_session
 from .refresher import AccountManager, EventListener, Health
 from .scheduler import RefreshScheduler
-from .store import AccountStore, make_dirs, remove_stale_temp_files, resolve_group
+from .store import (
+    AccountStore,
+    ensure_reserve,
+    make_dirs,
+    remove_stale_temp_files,
+    resolve_group,
+)
 from .tokens import Clock, utcnow
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,7 @@ class Daemon:
                 # Once per directory: 1,000 accounts usually share one state directory.
                 make_dirs(directory)
                 remove_stale_temp_files(directory)
+                ensure_reserve(directory)
                 self._prepared_dirs.add(directory)
         manager = AccountManager(
             account,

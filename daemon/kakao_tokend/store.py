@@ -30,6 +30,9 @@ TEMP_PREFIX = ".kakao-tokend."
 TEMP_SUFFIX = ".tmp"
 #: A temporary file older than this is left over from a crash (a write takes milliseconds).
 STALE_TEMP_AGE = 60.0
+#: The emergency reserve: enough for many rewrites of a state file (about 2 KiB each).
+RESERVE_NAME = ".kakao-tokend.reserve"
+RESERVE_SIZE = 64 * 1024
 STATE_FILE_MODE = 0o600
 LOCK_FILE_MODE = 0o600
 DIR_MODE = 0o750
@@ -84,9 +87,51 @@ class StorePaths:
 
 def _write_error(path: Path, exc: OSError, action: str = "write") -> StoreWriteError:
     reason = exc.strerror or str(exc)
-    return StoreWriteError(
+    error = StoreWriteError(
         f"cannot {action} {path}: {reason}", hint=_WRITE_HINTS.get(exc.errno or 0)
     )
+    error.errno = exc.errno
+    return error
+
+
+def ensure_reserve(directory: Path) -> bool:
+    """Keep a small emergency reserve file in ``directory``; return True when it exists.
+
+    When the disk fills up, :meth:`AccountStore.save` gives the reserve up so that the one write
+    that matters most — a rotated refresh token — still lands (the classic reserved-blocks
+    trick). The space is really allocated (``posix_fallocate``), not a sparse file.
+    """
+    path = directory / RESERVE_NAME
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return True
+    except OSError:
+        return False
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_SIZE)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _write_all(fd, bytes(RESERVE_SIZE))  # a file system without fallocate
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(path)
+        return False
+    os.close(fd)
+    return True
+
+
+def release_reserve(directory: Path) -> bool:
+    """Delete the emergency reserve in ``directory``; return True when there was one."""
+    try:
+        os.unlink(directory / RESERVE_NAME)
+    except OSError:
+        return False
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -272,6 +317,8 @@ class AccountStore:
         self._cleaned = False
         self._gid: int | None = None
         self._gid_resolved = False
+        #: The directory whose emergency reserve a save gave up (to be re-created later).
+        self._reserve_released: Path | None = None
 
     @classmethod
     def from_paths(
@@ -481,7 +528,33 @@ class AccountStore:
     def save(self, state: AccountState) -> None:
         """Write the state file atomically with mode 0600 (it holds the refresh token)."""
         data = json.dumps(state.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n"
-        atomic_write(_resolve_link(self.state_path), data, mode=STATE_FILE_MODE)
+        target = _resolve_link(self.state_path)
+        try:
+            atomic_write(target, data, mode=STATE_FILE_MODE)
+        except StoreWriteError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not release_reserve(target.parent):
+                raise
+            log.warning(
+                "disk full while saving %s: gave up the emergency reserve to save it; free some"
+                " space soon",
+                target,
+            )
+            self._reserve_released = target.parent
+            atomic_write(target, data, mode=STATE_FILE_MODE)
+
+    def restore_reserve(self) -> bool:
+        """Re-create an emergency reserve given up earlier, once the disk has room again."""
+        directory = self._reserve_released
+        if directory is None:
+            return True
+        try:
+            info = os.statvfs(directory)
+        except OSError:
+            return False
+        if info.f_bavail * info.f_frsize < 2 * RESERVE_SIZE or not ensure_reserve(directory):
+            return False
+        self._reserve_released = None
+        return True
 
     def state_signature(self) -> tuple[int, int, int] | None:
         """Return (inode, mtime_ns, size) of the state file (None if absent) to spot changes."""
