@@ -21,6 +21,7 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountEvent, AccountManager, Health
 from kakao_tokend.scheduler import RefreshScheduler
 from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import format_time
 
 
 @pytest.fixture
@@ -333,3 +334,34 @@ async def test_quick_retries_run_on_their_own_jobs_not_the_heartbeat(
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)
+
+
+async def test_an_earlier_expiry_from_kakao_wins_at_start(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Kakao's clock is 50 minutes ahead of ours: verify plans by Kakao's expiry, not ours."""
+    emulator.settings.access_lifetime = 3600
+    manager = await make_manager(emulator, tmp_path, session)
+    ours = manager.state.tokens.access_expires_at  # type: ignore[union-attr]
+    assert not manager.needs_refresh(manager.clock())
+    emulator.advance_clock(50 * 60)
+    await manager.verify()
+    assert manager.state is not None
+    kakaos = manager.state.tokens.access_expires_at
+    assert timedelta(minutes=49) < ours - kakaos < timedelta(minutes=51)
+    assert manager.needs_refresh(manager.clock())  # 50 of 60 minutes gone: past 75 %
+    stored = manager.store.load()
+    assert stored is not None  # the file keeps whole seconds
+    assert abs(stored.tokens.access_expires_at - kakaos) < timedelta(seconds=1)
+    assert manager.store.read_published()["expires_at"] == format_time(kakaos)  # type: ignore[index]
+
+
+async def test_a_later_expiry_from_kakao_is_ignored(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Only an earlier expiry is believed: our own (earlier) plan is never pushed back."""
+    manager = await make_manager(emulator, tmp_path, session)
+    before = manager.state
+    await manager.verify()
+    assert manager.state is not None and before is not None
+    assert manager.state.tokens.access_expires_at == before.tokens.access_expires_at

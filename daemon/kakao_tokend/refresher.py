@@ -282,6 +282,7 @@ class AccountManager:
         state = self.state
         if state is None or self.status.health is not Health.OK:
             return
+        asked_at = self.clock()
         try:
             info = await self.client.access_token_info(state.tokens.access_token)
         except ReloginRequired as exc:
@@ -303,14 +304,49 @@ class AccountManager:
                 exc,
             )
             return
+        if self.state is not state:
+            return  # a refresh replaced the tokens meanwhile; nothing to correct
         if state.user_id != info.user_id:
-            self.state = replace(state, user_id=info.user_id)
+            state = self.state = replace(state, user_id=info.user_id)
         log.info(
             "account %s: access token verified (user %s, %s left)",
             self.name,
             info.user_id,
             format_duration(info.expires_in),
         )
+        self._trust_kakaos_expiry(state, asked_at + timedelta(seconds=info.expires_in))
+
+    def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
+        """Kakao says the access token dies sooner than we computed: believe Kakao.
+
+        Our expiry is our clock plus ``expires_in`` at issue; a stepped clock, a suspended host
+        or Kakao's own view can disagree. Refreshing late is the one thing that must not
+        happen, so an earlier expiry from access_token_info wins (a later one is ignored).
+        """
+        tokens = state.tokens
+        slack = max(2.0, tokens.access_lifetime.total_seconds() * 0.01)
+        if kakao_expiry >= tokens.access_expires_at - timedelta(seconds=slack):
+            return
+        log.warning(
+            "account %s: Kakao says the access token expires %s, %s earlier than computed"
+            " (clock skew?); planning by Kakao's time",
+            self.name,
+            format_time(kakao_expiry),
+            format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
+        )
+        corrected = replace(
+            state,
+            tokens=replace(
+                tokens,
+                access_expires_at=kakao_expiry,
+                # Keep the lifetime: the token was issued one lifetime before it expires.
+                access_issued_at=kakao_expiry - tokens.access_lifetime,
+            ),
+        )
+        self.state = corrected
+        self._planned_refresh_at = None
+        if self._persist(corrected):
+            self._publish(corrected)
 
     # ------------------------------------------------------------------ refreshing
 
