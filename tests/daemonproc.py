@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,55 @@ from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """Return a currently free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_login_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:
+    """Write a minimal login config for the emulator with its own redirect URI (registered)."""
+    redirect_uri = f"http://127.0.0.1:{redirect_port}/callback"
+    emulator.settings.redirect_uris.append(redirect_uri)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[paths]
+state_dir = "{tmp_path / "state"}"
+runtime_dir = "{tmp_path / "run"}"
+
+[kakao]
+rest_api_key = "{emulator.settings.client_id}"
+client_secret = "{emulator.settings.client_secret}"
+auth_url = "{emulator.url}"
+api_url = "{emulator.url}"
+redirect_uri = "{redirect_uri}"
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """Run the real CLI in a child process (the test's loop keeps serving meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kakao_tokend",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def write_config(

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from daemonproc import login, start_daemon, write_config
+from daemonproc import login, run_cli, start_daemon, write_config
 from kakao_tokend.alerts import KAKAOTALK_TEXT_LIMIT, Alert, AlertCenter, Severity
 from kakao_tokend.cli import main
 from kakao_tokend.config import config_from_toml_text, load_config
@@ -479,23 +479,6 @@ def test_alert_text_fits_kakaotalk_and_keeps_the_action() -> None:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
-    """Run the real CLI as a process (the test's loop keeps serving the emulator)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kakao_tokend",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_alerts_test_reports_every_channel(

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemonproc import issued_tokens, login, write_config
+from daemonproc import free_port, issued_tokens, login, run_cli, write_config
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.refresher import AccountEvent
@@ -95,16 +95,6 @@ def bearer_file(tmp_path: Path, token: str = "s3cret-bearer-token-0123456789") -
     path.write_text(token + "\n")
     path.chmod(0o600)
     return path
-
-
-def free_port() -> int:
-    """Return a free loopback TCP port."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_socket_mode_is_as_configured(emulator: KakaoEmulator, tmp_path: Path) -> None:
@@ -248,24 +238,6 @@ async def test_logs_never_show_tokens_or_query_strings(
 
 
 # --------------------------------------------------------------------------- the CLI
-
-
-async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
-    """Run the real CLI in a child process (the test's loop keeps serving meanwhile)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kakao_tokend",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_cli_goes_through_the_daemon_when_it_runs(

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,14 +44,6 @@ def chromium_path() -> str:
         if found:
             return found
     pytest.skip("chromium is not installed; run .ci/install-browser (apt-get install chromium)")
-
-
-def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class DevTools:
@@ -166,26 +158,11 @@ async def page_emulator() -> AsyncIterator[KakaoEmulator]:
 
 
 def write_config(tmp_path: Path, emulator: KakaoEmulator) -> tuple[Path, str]:
-    """Write a config for the emulator with a fresh loopback redirect URI; register it there."""
-    redirect_uri = f"http://127.0.0.1:{free_port()}/callback"
-    emulator.settings.redirect_uris.append(redirect_uri)
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[paths]
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[kakao]
-rest_api_key = "{emulator.settings.client_id}"
-client_secret = "{emulator.settings.client_secret}"
-auth_url = "{emulator.url}"
-api_url = "{emulator.url}"
-redirect_uri = "{redirect_uri}"
-"""
+    """Write a login config with a fresh loopback redirect URI; return it and the URI."""
+    port = free_port()
+    return write_login_config(tmp_path, emulator, redirect_port=port), (
+        f"http://127.0.0.1:{port}/callback"
     )
-    path.chmod(0o600)
-    return path, redirect_uri
 
 
 async def start_login(config: Path) -> tuple[asyncio.subprocess.Process, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import stat
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,39 +15,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import aiohttp
 import pytest
 
+from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.login import parse_pasted
-
-
-def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:
-    """Write a config pointing at the emulator with its own redirect URI (registered there)."""
-    redirect_uri = f"http://127.0.0.1:{redirect_port}/callback"
-    emulator.settings.redirect_uris.append(redirect_uri)
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[paths]
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[kakao]
-rest_api_key = "{emulator.settings.client_id}"
-client_secret = "{emulator.settings.client_secret}"
-auth_url = "{emulator.url}"
-api_url = "{emulator.url}"
-redirect_uri = "{redirect_uri}"
-"""
-    )
-    path.chmod(0o600)
-    return path
 
 
 @dataclass
@@ -72,7 +41,7 @@ async def start_login(
     tmp_path: Path, emulator: KakaoEmulator
 ) -> AsyncIterator[Callable[..., Awaitable[LoginProcess]]]:
     """Start login processes against the emulator; kill leftovers at the end."""
-    config = write_config(tmp_path, emulator, redirect_port=free_port())
+    config = write_login_config(tmp_path, emulator, redirect_port=free_port())
     procs: list[asyncio.subprocess.Process] = []
 
     async def start(*extra: str) -> LoginProcess:
