@@ -10,16 +10,16 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
 from kakao_tokend.config import load_config
+from kakao_tokend.demo import auto_login
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session, new_pkce_pair, new_state
+from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
 
@@ -129,27 +129,13 @@ async def login(
     settings = config.accounts[account]
     session = create_session()
     try:
-        client = KakaoClient(session, settings.app)
-        verifier, challenge = new_pkce_pair()
-        state_param = new_state()
-        url = client.authorize_url(state=state_param, code_challenge=challenge)
-        async with session.get(url, allow_redirects=False) as response:
-            location = response.headers["Location"]
-        code = parse_qs(urlsplit(location).query)["code"][0]
-        tokens = await client.exchange_code(code=code, code_verifier=verifier)
-        me = await client.user_me(tokens.access_token)
+        fresh = await auto_login(KakaoClient(session, settings.app), session, account)
     finally:
         await session.close()
     store = AccountStore(settings)
     with store.lock():
         previous = store.load()
-        state = AccountState(
-            account=account,
-            tokens=tokens,
-            refreshed_at=tokens.access_issued_at,
-            user_id=me["id"],
-            generation=(previous.generation + 1) if previous else 1,
-        )
+        state = replace(fresh, generation=(previous.generation + 1) if previous else 1)
         store.save(state)
         store.publish(state)
     return state

@@ -59,8 +59,13 @@ rotation_window = "{rotation_window}s"
 """
 
 
-async def _auto_login(client: KakaoClient, session: aiohttp.ClientSession) -> AccountState:
-    """Do the browser's part of the login against the emulator (which consents by itself)."""
+async def auto_login(
+    client: KakaoClient, session: aiohttp.ClientSession, account: str = "default"
+) -> AccountState:
+    """Do the browser's part of the login against the emulator (which consents by itself).
+
+    Also used by the tests and benchmarks that need a logged-in account quickly.
+    """
     verifier, challenge = new_pkce_pair()
     state = new_state()
     url = client.authorize_url(state=state, code_challenge=challenge)
@@ -72,7 +77,7 @@ async def _auto_login(client: KakaoClient, session: aiohttp.ClientSession) -> Ac
     tokens = await client.exchange_code(code=query["code"][0], code_verifier=verifier)
     me = await client.user_me(tokens.access_token)
     return AccountState(
-        account="default", tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=me["id"]
+        account=account, tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=me["id"]
     )
 
 
@@ -116,7 +121,7 @@ async def run_demo_async(duration: float | None, workdir: Path) -> int:
         account = config.accounts["default"]
         session = create_session()
         try:
-            state = await _auto_login(KakaoClient(session, account.app), session)
+            state = await auto_login(KakaoClient(session, account.app), session)
         finally:
             await session.close()
         store = AccountStore(account)
