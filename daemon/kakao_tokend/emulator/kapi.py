@@ -82,7 +82,11 @@ class Kapi:
         record = self._bearer(request)
         if isinstance(record, web.Response):
             return record
-        self.state.revoke_grant(record.grant_id)
+        state = self.state
+        for table in (state.access_tokens, state.refresh_tokens):
+            doomed = [t for t, rec in table.items() if rec.grant_id == record.grant_id]
+            for token in doomed:
+                del table[token]
         return web.json_response({"id": record.user_id})
 
     async def unlink(self, request: web.Request) -> web.StreamResponse:

@@ -271,7 +271,7 @@ class Kauth:
                     "state": oauth_state,
                 },
             )
-        user = state.user_for_hint(q.get("login_hint"))
+        user = self._user_for_hint(q.get("login_hint"))
         requested = split_scopes(q.get("scope"))
         prompts = split_scopes(q.get("prompt"))
         decision = state.next_consent
@@ -303,6 +303,18 @@ class Kauth:
             state.pending_consents[request_id] = pending
             return self._consent_page(request_id, user, requested)
         return self._approve(pending)
+
+    def _user_for_hint(self, hint: str | None) -> EmulatedUser:
+        # login_hint names a user or a numeric id; an unknown one is created, none = default.
+        state = self.state
+        if not hint:
+            return state.users[DEFAULT_USER_ID]
+        try:
+            return state.user(hint)
+        except KeyError:
+            if hint.isdigit():
+                return state.add_user(int(hint))
+            return state.add_user(name=hint)
 
     def _consent_page(
         self, request_id: str, user: EmulatedUser, requested: list[str]

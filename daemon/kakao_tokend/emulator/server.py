@@ -69,7 +69,7 @@ class KakaoEmulator(EmulatorState):
         if endpoint is None:
             return await handler(request)
         self.stats.requests[endpoint] += 1
-        self.auto_unlink_incomplete_signups()
+        self._auto_unlink_incomplete_signups()
         return await self._faults.handle(endpoint, request, handler)
 
     def make_app(self) -> web.Application:

@@ -235,7 +235,7 @@ class EmulatorState:
         if seconds < 0:
             raise ValueError(f"the emulator clock only moves forward, got {seconds} seconds")
         self._offset += seconds
-        self.auto_unlink_incomplete_signups()
+        self._auto_unlink_incomplete_signups()
 
     # ------------------------------------------------------------------ users
 
@@ -272,17 +272,6 @@ class EmulatorState:
                 return user
         raise KeyError(key)
 
-    def user_for_hint(self, hint: str | None) -> EmulatedUser:
-        """Return the user an authorize ``login_hint`` names, creating it if new (none: default)."""
-        if not hint:
-            return self.users[DEFAULT_USER_ID]
-        try:
-            return self.user(hint)
-        except KeyError:
-            if hint.isdigit():
-                return self.add_user(int(hint))
-            return self.add_user(name=hint)
-
     def revoke_user_tokens(self, user_id: int) -> int:
         """Drop every access and refresh token of a user (account-state change); return count."""
         doomed_a = [t for t, rec in self.access_tokens.items() if rec.user_id == user_id]
@@ -292,13 +281,6 @@ class EmulatorState:
         for token in doomed_r:
             del self.refresh_tokens[token]
         return len(doomed_a) + len(doomed_r)
-
-    def revoke_grant(self, grant_id: str) -> None:
-        """Drop the access and refresh tokens of one login (what the logout API does)."""
-        for table in (self.access_tokens, self.refresh_tokens):
-            doomed = [t for t, rec in table.items() if rec.grant_id == grant_id]
-            for token in doomed:
-                del table[token]
 
     def unlink_user(self, user_id: int) -> None:
         """Unlink the user from the app (as via "Connected services"): tokens and consent go."""
@@ -323,7 +305,7 @@ class EmulatorState:
             if rec.user_id == user_id:
                 rec.scopes = tuple(s for s in rec.scopes if s != scope)
 
-    def auto_unlink_incomplete_signups(self) -> None:
+    def _auto_unlink_incomplete_signups(self) -> None:
         """Unlink users who made no personal-info call in time (when that rule is switched on).
 
         Kakao unlinks, daily, users who did not call a personal-info API such as /v2/user/me
