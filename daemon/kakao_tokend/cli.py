@@ -634,7 +634,15 @@ def status(as_json: bool, warn: float, crit: float) -> None:
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
     results: list[Assessment] = []
-    remote = _via_daemon(config, "GET", "/v1/status")
+    where = _status_locations(config)
+    try:
+        remote = _via_daemon(config, "GET", "/v1/status")
+    except KakaoTokendError as exc:  # the socket refused this user: show what the files say
+        click.echo(f"note: {exc}; showing the files instead", err=True)
+        remote = None
+        where["socket_state"] = "permission denied"
+    else:
+        where["socket_state"] = "the daemon answered" if remote is not None else "no daemon"
     if remote is not None and remote[0] == 200:
         described = {item["account"]: item for item in remote[1].get("accounts", [])}
         results = [
@@ -671,10 +679,14 @@ def status(as_json: bool, warn: float, crit: float) -> None:
             "exit_code": worst,
             "checked_at": format_time(now),
             "source": "daemon" if remote is not None and remote[0] == 200 else "files",
+            **where,
             "accounts": [item.data for item in results],
         }
         click.echo(json.dumps(document, indent=2))
     else:
+        click.echo(f"config: {where['config'] or 'none (built-in defaults)'}")
+        click.echo(f"state:  {where['state_dir']}")
+        click.echo(f"socket: {where['socket']} ({where['socket_state']})")
         for item in results:
             for line in _assessment_lines(item, now):
                 click.echo(line)
@@ -684,6 +696,17 @@ def status(as_json: bool, warn: float, crit: float) -> None:
                     f" {alert['message']}"
                 )
     click.get_current_context().exit(worst)
+
+
+def _status_locations(config: Config) -> dict[str, Any]:
+    """Return the config file, state directory and socket that `status` uses (it prints them)."""
+    from .apiclient import socket_path
+
+    return {
+        "config": str(config.source) if config.source is not None else None,
+        "state_dir": str(config.state_dir),
+        "socket": str(socket_path(config)),
+    }
 
 
 # --------------------------------------------------------------------------- refresh / token
