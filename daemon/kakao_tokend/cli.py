@@ -56,6 +56,7 @@ from .tokens import format_duration, format_time, utcnow
 
 if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
+    from .importer import ImportResult
     from .state import AccountState
 
 EXIT_OK = 0
@@ -79,12 +80,14 @@ T = TypeVar("T")
 
 def exit_code_for(exc: KakaoTokendError) -> int:
     """Return the exit code for one of our errors (see the table in the module docstring)."""
-    from .importer import ImportFileError
+    from .importer import ImportFileError, ImportUnverified
 
     if isinstance(exc, ConfigError | KakaoConfigError):
         return EX_CONFIG
     if isinstance(exc, ImportFileError):
         return EX_DATAERR
+    if isinstance(exc, ImportUnverified):
+        return EX_UNAVAILABLE
     if isinstance(exc, StoreLocked):
         return EX_TEMPFAIL
     if isinstance(exc, ReloginRequired | StateMissing):
@@ -128,13 +131,47 @@ class Settings:
         config = self.config(secrets=False)
         name = self.account or config.default_account
         if name not in config.accounts:
-            known = ", ".join(config.accounts)
-            raise click.UsageError(f"unknown account {name!r}; configured accounts: {known}")
+            raise click.UsageError(_unknown_account(config, name))
         return name
 
     def account_config(self) -> AccountConfig:
         """Return the selected account's configuration."""
         return self.config().accounts[self.account_name()]
+
+
+def _unknown_account(config: Config, name: str) -> str:
+    """Say that ``name`` is not configured, and print the exact lines that would add it.
+
+    Printing beats editing the file for the user: a system config is root's and read-only for
+    the service user, a TOML rewrite would lose the comments, and the running daemon needs a
+    reload anyway. The first [accounts.NAME] table replaces the implicit "default" account,
+    so that one is named too when the file has no [accounts] yet.
+    """
+    import tomllib
+
+    from .config import ACCOUNT_NAME_RE
+
+    message = f"unknown account {name!r}; configured accounts: {', '.join(config.accounts)}"
+    if not ACCOUNT_NAME_RE.match(name):
+        return message + (
+            "; a new account's name must be 1-32 lowercase letters, digits, '_' or '-'"
+        )
+    explicit = False
+    if config.source is not None:
+        try:
+            explicit = "accounts" in tomllib.loads(config.source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            explicit = True  # it loaded a moment ago; do not guess a second table
+    lines = [] if explicit else ["[accounts.default]"]
+    lines.append(f"[accounts.{name}]")
+    where = str(config.source) if config.source is not None else "a config file (see --config)"
+    reload = "then run the command again (and `kakao-tokend reload` if the daemon runs)"
+    return (
+        f"{message}. To add it, append these lines to {where}, {reload}:\n\n"
+        + "\n".join(lines)
+        + "\n\n(An account of another Kakao app also needs its own"
+        f" [accounts.{name}.kakao] with rest_api_key_file or rest_api_key_credential.)"
+    )
 
 
 def _settings() -> Settings:
@@ -436,41 +473,94 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 @main.command("import")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--force", is_flag=True, help="Replace the account's existing tokens.")
-def import_(path: Path, force: bool) -> None:
-    """Adopt a kakao_token.json written by the popular blog scripts.
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not ask Kakao whether the tokens still work (offline use); the daemon's first "
+    "refresh will tell.",
+)
+def import_(path: Path, force: bool, no_verify: bool) -> None:
+    """Adopt a kakao_token.json written by the popular blog scripts, once Kakao confirms it.
 
-    The file holds Kakao's raw token response (durations only, maybe an extra app_key). The
-    access token's expiry is asked from Kakao (access_token_info); the refresh token's expiry
-    is estimated from the file's modification time and marked as estimated.
+    The file holds Kakao's raw token response (durations only, maybe an extra app_key).
+    Kakao is asked first: access_token_info while the access token may be valid, and one
+    refresh (under the account lock, its answer saved at once) when the access token is
+    dead, the file was rewritten by a refresh script, or the refresh token is near its
+    rotation. A dead refresh token is refused with exit 77 and the login command. The
+    refresh token's expiry is estimated from the file's age until the next rotation.
 
     \b
     Example:
       kakao-tokend import ~/my_squat/kakao_token.json
       kakao-tokend --account bot import ./kakao_token.json --force
+      kakao-tokend import kakao_token.json --no-verify     # offline: check later
     """
     from .importer import import_seed_file
     from .kakao import KakaoClient, create_session
 
     settings = _settings()
     account = settings.account_config()
+    config = settings.config()
 
     async def go() -> Any:
         async with create_session() as session:
             client = KakaoClient(session, account.app)
-            return await import_seed_file(path, account, client, force=force)
+            return await import_seed_file(
+                path,
+                account,
+                client,
+                force=force,
+                verify=not no_verify,
+                rotation_window=config.refresh.rotation_window,
+                login_hint=f"run `{_login_command(account.name)}` to get new tokens",
+            )
 
     result = _run_async(go())
-    click.echo(f"Imported {path} into account '{account.name}'.")
-    how = {
-        "access_token_info": "from Kakao's access_token_info",
-        "expired": "already expired at Kakao; the daemon refreshes it at once",
-        "unverified": "unverified; treated as expired",
-    }[result.access_source]
-    click.echo(f"  access token: {how}")
+    _report_import(path, account, result)
+
+
+def _login_command(name: str) -> str:
+    """Return the login command for account ``name`` (--account is a global option)."""
+    return "kakao-tokend login" if name == "default" else f"kakao-tokend --account {name} login"
+
+
+def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> None:
+    """Say what was imported, how Kakao confirmed it, and what the user must do next."""
+    checked = {
+        "access_token_info": "Kakao confirmed the access token (access_token_info)",
+        "refresh": "Kakao accepted the refresh token (one refresh"
+        + (", which ROTATED it)" if result.rotated else ")"),
+        "unverified": "NOT checked with Kakao (--no-verify): the daemon's first refresh will"
+        " tell whether the refresh token still works; watch `kakao-tokend status`",
+    }[result.verified_by]
+    click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
     for line in _describe_files(result.state, account):
         click.echo(line)
+    old_copy = (
+        "its copy of the refresh token is dead now (Kakao rotated it during the check)"
+        if result.rotated
+        else "two refreshers sharing one refresh token kill each other's at the next rotation"
+    )
+    click.echo("Next:")
+    click.echo(
+        "  1. stop the script that refreshed this file: it must never refresh again"
+        f" ({old_copy}); look in `crontab -l` (and root's: `sudo crontab -l`) and"
+        " `systemctl list-timers`"
+    )
+    click.echo(
+        f"  2. delete the old file, it holds a refresh token: rm {path}"
+        f"  (or at least keep it private: chmod 600 {path})"
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+    mode = result.file_mode
+    if mode & 0o044:
+        who = "every user on this machine" if mode & 0o004 else "the file's group"
+        click.echo(
+            f"warning: {path} is readable by {who} (mode {mode:04o}): they can read the"
+            f" refresh token in it; delete it now, or chmod 600 {path}",
+            err=True,
+        )
 
 
 # --------------------------------------------------------------------------- status
