@@ -114,12 +114,15 @@ async def call(
     url_path: str,
     *,
     params: dict[str, str] | None = None,
+    data: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     timeout: float = 120.0,
 ) -> tuple[int, dict[str, Any]]:
     """Send one request over the Unix socket; return (status, JSON body).
 
-    Raises DaemonNotRunning when the connection cannot be opened (nothing was sent, so the
-    caller can safely do the work itself), DaemonApiError when the answer is not JSON.
+    ``data`` is sent form-encoded (what the /kapi proxy passes on to Kakao). Raises
+    DaemonNotRunning when the connection cannot be opened (nothing was sent, so the caller can
+    safely do the work itself), DaemonApiError when the answer is not JSON.
     """
     connector = aiohttp.UnixConnector(path=str(path))
     async with aiohttp.ClientSession(
@@ -127,7 +130,11 @@ async def call(
     ) as session:
         try:
             async with session.request(
-                method, f"http://kakao-tokend{url_path}", params=params
+                method,
+                f"http://kakao-tokend{url_path}",
+                params=params,
+                data=dict(data) if data is not None else None,
+                headers=dict(headers) if headers is not None else None,
             ) as response:
                 text = await response.text()
                 status = response.status

@@ -1185,6 +1185,90 @@ def logout(keep_files: bool) -> None:
         click.echo(f"no files to remove for account '{account.name}'")
 
 
+# --------------------------------------------------------------------------- memo
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--link", "link", metavar="URL", help="Address the message (and its button) opens.")
+@click.option(
+    "--button-title",
+    metavar="TEXT",
+    help="Label of the message's button (default: Kakao's 자세히 보기); needs --link.",
+)
+@LOCK_TIMEOUT_OPTION
+def memo(text: str | None, link: str | None, button_title: str | None, lock_timeout: float) -> None:
+    """Send a KakaoTalk message to yourself ("send to me") with the account's fresh token.
+
+    TEXT (at most 200 characters) is the message; without it, or with "-", it is read from
+    stdin. The message goes through the running daemon's proxy; without a daemon it is sent
+    directly, after a refresh under the account lock when the token is about to expire.
+    Needs the talk_message consent (kakao-tokend login --scope talk_message).
+
+    \b
+    Example:
+      kakao-tokend memo "백업 완료"
+      df -h / | tail -n 1 | kakao-tokend memo
+      kakao-tokend memo "배포 끝" --link https://example.com/deploys --button-title "보기"
+    """
+    from .apiclient import DaemonNotRunning, daemon_running, socket_path
+    from .memo import link_problem, send_via_daemon, text_problem, text_template
+
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give the message as an argument, or pipe it in on stdin")
+        text = sys.stdin.read().rstrip("\n")
+    problem = text_problem(text)
+    if problem is None and link is not None:
+        problem = link_problem(link)
+    if problem is None and button_title is not None and link is None:
+        problem = "--button-title needs --link: the button opens that address"
+    if problem is not None:
+        raise click.UsageError(problem)
+    template = text_template(text, link=link, button_title=button_title)
+    settings = _settings()
+    name = settings.account_name()
+    config = settings.config(secrets=False)
+    sock = socket_path(config)
+    if daemon_running(sock):
+        try:
+            _run_async(send_via_daemon(sock, template, account=name))
+        except DaemonNotRunning:
+            pass  # it stopped in between; nothing was sent
+        else:
+            click.echo(
+                f"sent to the KakaoTalk chat with yourself of account '{name}' (by the daemon)"
+            )
+            return
+    account = settings.account_config()
+    _run_async(_send_memo_directly(account, settings.config(), template, lock_timeout))
+    click.echo(f"sent to the KakaoTalk chat with yourself of account '{name}'")
+
+
+async def _send_memo_directly(
+    account: AccountConfig, config: Config, template: dict[str, Any], lock_timeout: float
+) -> None:
+    """No daemon: refresh under the account lock if needed, send, and refresh once on -401."""
+    from .kakao import AccessTokenRejected, KakaoClient, create_session
+    from .memo import refusal, send_direct
+
+    state, _, _ = await _managed_refresh(account, config, min_valid=60.0, lock_timeout=lock_timeout)
+    async with create_session() as session:
+        client = KakaoClient(session, account.app)
+        try:
+            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            return
+        except AccessTokenRejected:
+            pass  # revoked or expired early: one forced refresh, then one more try
+        state, _, _ = await _managed_refresh(
+            account, config, min_valid=None, lock_timeout=lock_timeout
+        )
+        try:
+            await send_direct(client, state.tokens.access_token, template, account=account.name)
+        except AccessTokenRejected:
+            raise refusal(-401, "", account=account.name, status=401) from None
+
+
 # --------------------------------------------------------------------------- daemon / tools
 
 

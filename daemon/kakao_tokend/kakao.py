@@ -455,7 +455,10 @@ class KakaoClient:
         link: dict[str, str] = {}
         if link_url:
             link = {"web_url": link_url, "mobile_web_url": link_url}
-        template = {"object_type": "text", "text": text, "link": link}
+        await self.send_template(access_token, {"object_type": "text", "text": text, "link": link})
+
+    async def send_template(self, access_token: str, template: Mapping[str, Any]) -> None:
+        """Send a "send to me" message built from a Kakao message template object."""
         form = {"template_object": json.dumps(template, ensure_ascii=False)}
         body = await self._kapi("POST", MEMO_PATH, access_token, data=form)
         result = _as_int(body.get("result_code"))
