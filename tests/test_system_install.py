@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +46,17 @@ _SYSTEMD_VARS = (
     "NOTIFY_SOCKET",
 )
 
-#: Import every module first, then drop to nobody: the interpreter may live under /root.
-_AS_NOBODY = textwrap.dedent(
+#: Import every module first, then drop to an unprivileged uid (KT_TEST_UID, default nobody)
+#: whose group has the same number: the interpreter may live under /root.
+_AS_USER = textwrap.dedent(
     """
     import grp, importlib, os, pkgutil, pwd, sys
     import kakao_tokend
     for module in pkgutil.iter_modules(kakao_tokend.__path__):
         if module.name not in ("__main__",):
             importlib.import_module(f"kakao_tokend.{module.name}")
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    uid = int(os.environ.get("KT_TEST_UID", "65534"))
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
     sys.argv = ["kakao-tokend", *sys.argv[1:]]
     from kakao_tokend.cli import main
     main()
@@ -93,10 +96,11 @@ class Namespace:
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
-    async def cli(self, *args: str, as_nobody: bool = False) -> tuple[int, str, str]:
-        """Run `kakao-tokend ARGS` from a plain shell (no --config), as root or as nobody."""
-        if as_nobody:
-            return await self.run(sys.executable, "-c", _AS_NOBODY, *args)
+    async def cli(self, *args: str, uid: int | None = None) -> tuple[int, str, str]:
+        """Run `kakao-tokend ARGS` from a plain shell (no --config), as root or as ``uid``."""
+        if uid is not None:
+            env = {**self.shell_env(), "KT_TEST_UID": str(uid)}
+            return await self.run(sys.executable, "-c", _AS_USER, *args, env=env)
         return await self.run(sys.executable, "-m", "kakao_tokend", *args)
 
     async def install(self, source: Path, target: str, mode: str) -> None:
@@ -158,6 +162,10 @@ async def write_system_config(ns: Namespace, tmp_path: Path, emulator: KakaoEmul
             redirect_uri = "http://127.0.0.1:{free_port()}/callback"
             [refresh]
             heartbeat = "1s"
+            [publish]
+            group = "nogroup"
+            [api]
+            socket_group = "nogroup"
             """
         )
     )
@@ -189,30 +197,8 @@ async def test_shell_commands_use_the_system_directories_with_the_system_config(
     assert code == 0 and "default.state.json" in listing.split(), listing
     assert not (ns.home / ".local").exists()  # nothing went to the user's directories
 
-    daemon_env = {
-        **ns.shell_env(),
-        "STATE_DIRECTORY": "/var/lib/kakao-tokend",
-        "RUNTIME_DIRECTORY": "/run/kakao-tokend",
-        "CONFIGURATION_DIRECTORY": "/etc/kakao-tokend",
-    }
-    log_path = tmp_path / "daemon.log"
-    with log_path.open("wb") as log:
-        daemon = await asyncio.create_subprocess_exec(
-            *ns.command(sys.executable, "-m", "kakao_tokend", "run"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=daemon_env,
-        )
+    daemon = await start_system_daemon(ns, tmp_path)
     try:
-        for _ in range(200):
-            if "kakao-tokend running" in log_path.read_text():
-                break
-            assert daemon.returncode is None, log_path.read_text()
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("daemon did not start:\n" + log_path.read_text())
-
         code, out, err = await ns.cli("status")
         assert code == 0, out + err
         assert "config: /etc/kakao-tokend/config.toml" in out
@@ -227,15 +213,97 @@ async def test_shell_commands_use_the_system_directories_with_the_system_config(
         assert document["state_dir"] == "/var/lib/kakao-tokend"
 
         # A user outside the socket's group is told that, not that a secret is unreadable.
-        code, out, err = await ns.cli("token", as_nobody=True)
+        code, out, err = await ns.cli("token", uid=65533)
         assert code == 1, out + err
         assert out == ""
         assert "cannot connect to the daemon's socket /run/kakao-tokend/api.sock" in err
-        assert "permission denied for user nobody" in err
+        assert "permission denied for user 65533" in err
         assert "/run/kakao-tokend is root:root 0750" in err
         assert "rest_api_key" not in err
         assert len(err.strip().splitlines()) == 1, err
     finally:
-        if daemon.returncode is None:
-            daemon.terminate()
-        await asyncio.wait_for(daemon.wait(), 20)
+        await stop(daemon)
+
+
+async def test_check_config_says_what_makes_the_groups_work_and_it_does(
+    system_root: Namespace, tmp_path: Path, emulator: KakaoEmulator
+) -> None:
+    """Outside systemd, [publish] group and [api] socket_group need directories the group
+    may enter. check-config names the commands; after running exactly those, a member of
+    the group gets a token through the socket and reads the token file, and a non-member is
+    told which group to join.
+    """
+    ns = system_root
+    await write_system_config(ns, tmp_path, emulator)
+    code, out, err = await ns.cli("check-config")
+    assert code == 0, out + err
+    commands = [line.split("; run: ", 1)[1] for line in err.splitlines() if "; run: " in line]
+    assert commands == [
+        "install -d -m 0750 -g nogroup /var/lib/kakao-tokend",
+        "install -d -m 0750 -g nogroup /run/kakao-tokend",
+    ], err
+    for command in commands:
+        code, _, failure = await ns.run("sh", "-c", command)
+        assert code == 0, failure
+    code, out, err = await ns.cli("check-config")
+    assert code == 0 and "warning" not in err, err
+
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    code, out, err = await ns.cli("import", str(seed))
+    assert code == 0, out + err
+    daemon = await start_system_daemon(ns, tmp_path)
+    try:
+        code, token, err = await ns.cli("token", uid=65534)  # nobody, in group nogroup
+        assert code == 0, token + err
+        code, published, err = await ns.run(
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            "/var/lib/kakao-tokend/default.token.json",
+        )
+        assert code == 0, err
+        assert json.loads(published)["access_token"] == token.strip()
+
+        code, out, err = await ns.cli("token", uid=65533)  # in no group
+        assert code == 1, out + err
+        assert "/run/kakao-tokend is root:nogroup 0750" in err
+        assert "run: usermod -aG nogroup 65533" in err
+    finally:
+        await stop(daemon)
+
+
+async def start_system_daemon(ns: Namespace, tmp_path: Path) -> asyncio.subprocess.Process:
+    """Start `kakao-tokend run` with the system unit's variables, as systemd would."""
+    daemon_env = {
+        **ns.shell_env(),
+        "STATE_DIRECTORY": "/var/lib/kakao-tokend",
+        "RUNTIME_DIRECTORY": "/run/kakao-tokend",
+        "CONFIGURATION_DIRECTORY": "/etc/kakao-tokend",
+    }
+    log_path = tmp_path / f"daemon-{time.monotonic_ns()}.log"
+    with log_path.open("wb") as log:
+        daemon = await asyncio.create_subprocess_exec(
+            *ns.command(sys.executable, "-m", "kakao_tokend", "run"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=daemon_env,
+        )
+    for _ in range(200):
+        if "kakao-tokend running" in log_path.read_text():
+            return daemon
+        if daemon.returncode is not None:
+            break
+        await asyncio.sleep(0.1)
+    await stop(daemon)
+    raise AssertionError("daemon did not start:\n" + log_path.read_text())
+
+
+async def stop(daemon: asyncio.subprocess.Process) -> None:
+    """Stop the daemon (SIGTERM) and wait for it."""
+    if daemon.returncode is None:
+        daemon.terminate()
+    await asyncio.wait_for(daemon.wait(), 20)

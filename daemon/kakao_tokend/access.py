@@ -162,8 +162,8 @@ def _directory_fix(path: Path, info: os.stat_result, who: Identity, own: bool) -
     """Return the smallest command that lets ``who`` search ``path``."""
     if info.st_gid in who.gids and (who.uid is None or who.uid != info.st_uid):
         return f"chmod g+x {path}"
-    if who.kind == "user" and info.st_mode & stat.S_IXGRP and who.uid != info.st_uid:
-        # The group may pass: the user only has to join it (read at login).
+    if who.kind == "user" and info.st_mode & stat.S_IXGRP and info.st_gid != 0:
+        # The group may pass: the user only has to join it (read at login). Never root's group.
         return f"usermod -aG {_group(info.st_gid)} {who.name}  (then log in again)"
     if own:
         group = who.name if who.kind == "group" else _group(who.gid)
@@ -198,7 +198,8 @@ def find_blocker(
         except FileNotFoundError:
             if last:
                 return None  # the way to it is open; the file comes later
-            return Blocked(path, "does not exist", f"install -d -m 0750 {path}")
+            group = f" -g {who.name}" if who.kind == "group" else ""
+            return Blocked(path, "does not exist", f"install -d -m 0750{group} {path}")
         except OSError as exc:
             return Blocked(
                 path,
@@ -223,7 +224,7 @@ def find_blocker(
             verb = "connect (w)"
         if not _allowed(info, who, *bits):
             fix = None
-            if who.kind == "user" and info.st_mode & bits[1] and info.st_gid not in who.gids:
+            if who.kind == "user" and info.st_mode & bits[1] and info.st_gid not in (0, *who.gids):
                 fix = f"usermod -aG {_group(info.st_gid)} {who.name}  (then log in again)"
             return Blocked(
                 path, f"is {describe(info)}: no {verb} permission for {who.label}", fix, True

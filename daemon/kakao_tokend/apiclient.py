@@ -98,10 +98,13 @@ def permission_error(path: Path) -> DaemonUnreachable:
     who = current_identity()
     blocked = find_blocker(path, who, need="connect")
     where = f": {blocked.path} {blocked.reason}" if blocked is not None else ""
-    if blocked is not None and blocked.fix is not None:
-        hint = f"run: {blocked.fix}"
+    if blocked is not None and blocked.fix is not None and blocked.fix.startswith("usermod"):
+        hint = f"run: {blocked.fix}"  # a group may pass: join it
     else:
-        hint = "the daemon's [api] socket_group and socket_mode decide who may connect"
+        hint = (
+            "the daemon's [api] socket_group decides who may connect (with a runtime directory"
+            " that group may enter); ask its administrator to add you to that group"
+        )
     return DaemonUnreachable(
         f"cannot connect to the daemon's socket {path}: permission denied for {who.label}{where}",
         hint=hint,

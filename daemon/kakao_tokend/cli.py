@@ -363,6 +363,12 @@ def check_config() -> None:
     click.echo(
         f"config OK{where}: {len(config.accounts)} account(s): {names}; state in {config.state_dir}"
     )
+    from .doctor import check_group_access
+
+    for finding in check_group_access(config):  # outside systemd nobody prepares the dirs
+        if finding.level:
+            fix = f"; run: {finding.fix}" if finding.fix else ""
+            click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
     from .alerts import kakaotalk_only_for_critical
 
     for account in config.accounts.values():
@@ -1183,6 +1189,72 @@ def logout(keep_files: bool) -> None:
         click.echo("removed " + " and ".join(str(path) for path in existing))
     else:
         click.echo(f"no files to remove for account '{account.name}'")
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.option(
+    "--consumer",
+    metavar="USER|GROUP",
+    help="Also check that this user (or any member of this group) can read the token file and"
+    " reach the socket.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def doctor(consumer: str | None, as_json: bool) -> None:
+    """Run every check a person would, and print ✓/✗ with the exact fix for each ✗.
+
+    Checks the config and its secrets, the directories' owners and modes, each account's
+    state, the access token at Kakao (access_token_info), the clock against Kakao's, the API
+    socket for you, the token file for --consumer, and the systemd unit. Exit 0 when all is
+    well, 1 for a warning, 2 for a critical problem (like `status`). Changes nothing.
+
+    \b
+    Example:
+      kakao-tokend doctor
+      kakao-tokend doctor --consumer www-data
+      kt doctor --consumer kakao-tokend        # a system install, as the service
+    """
+    from .access import identity_for
+    from .doctor import run_checks
+
+    who = None
+    if consumer is not None:
+        try:
+            who = identity_for(consumer)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--consumer") from None
+
+    def grade(
+        name: str, state: AccountState | None, now: datetime, error: str | None
+    ) -> tuple[int, list[str]]:
+        graded = assess(name, state, now, load_error=error)
+        return graded.level, graded.problems
+
+    findings = _run_async(run_checks(_settings().config_path, grade, consumer=who))
+    worst = max((f.level for f in findings if not f.skipped), default=EXIT_OK)
+    if as_json:
+        document = {"exit_code": worst, "checks": [f.to_dict() for f in findings]}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        ok, bad, skip = _marks()
+        for finding in findings:
+            mark = skip if finding.skipped else (ok if finding.level == EXIT_OK else bad)
+            click.echo(f"{mark} {finding.name}: {finding.detail}")
+            if finding.fix and not finding.skipped and finding.level:
+                click.echo(f"    fix: {finding.fix}")
+    click.get_current_context().exit(worst)
+
+
+def _marks() -> tuple[str, str, str]:
+    """Return the ok / failed / skipped marks, in ASCII when stdout cannot show ✓ and ✗."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "✓✗–".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "OK  ", "FAIL", "--  "
+    return "✓", "✗", "–"
 
 
 # --------------------------------------------------------------------------- memo

@@ -470,6 +470,28 @@ class KakaoClient:
                 code=str(result),
             )
 
+    async def server_clock(self) -> tuple[datetime, datetime]:
+        """Return (Kakao's ``Date``, our clock halfway through the request), for a skew check.
+
+        An unauthenticated access_token_info call: Kakao answers -401, but every answer
+        carries a ``Date`` header (one-second resolution).
+        """
+        before = self._clock()
+        answer = await self._send("GET", self._app.api_url, TOKEN_INFO_PATH)
+        after = self._clock()
+        date = next((v for k, v in answer.headers.items() if k.lower() == "date"), "")
+        try:
+            kakao_time = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            raise KakaoUnavailable(
+                f"Kakao's answer to {TOKEN_INFO_PATH} has no usable Date header",
+                endpoint=TOKEN_INFO_PATH,
+                status=answer.status,
+            ) from None
+        if kakao_time.tzinfo is None:
+            kakao_time = kakao_time.replace(tzinfo=UTC)
+        return kakao_time, before + (after - before) / 2
+
     # --- plumbing ---------------------------------------------------------------------------
 
     @staticmethod
