@@ -731,9 +731,11 @@ def status(as_json: bool, warn: float, crit: float) -> None:
     now = utcnow()
     results: list[Assessment] = []
     where = _status_locations(config)
+    from .apiclient import DaemonUnreachable
+
     try:
         remote = _via_daemon(config, "GET", "/v1/status")
-    except KakaoTokendError as exc:  # the socket refused this user: show what the files say
+    except DaemonUnreachable as exc:  # the socket refused this user: show what the files say
         click.echo(f"note: {exc}; showing the files instead", err=True)
         remote = None
         where["socket_state"] = "permission denied"
