@@ -37,7 +37,7 @@ def lines(out: str) -> dict[str, str]:
     for line in out.splitlines():
         if line[:2] in ("✓ ", "✗ ", "– "):
             name, _, _ = line[2:].partition(": ")
-            if line[2:].count(": ") > 1 and name.startswith(("default", "socket for")):
+            if line[2:].count(": ") > 1 and name.startswith(("default", "bot", "socket for")):
                 name = ": ".join(line[2:].split(": ")[:2])
             found[name] = line
     return found
@@ -115,6 +115,15 @@ class TestProblems:
         code, out, _ = await run_cli(config, "doctor")
         assert code == 2
         assert fix_after(out, "default: state") == "`kakao-tokend login`"
+
+    async def test_fixes_for_another_account_put_the_account_first(
+        self, shared: Path, emulator: KakaoEmulator
+    ) -> None:
+        """--account is a global option: the printed command must be one that runs."""
+        config = write_config(shared, emulator, accounts=("bot",))
+        code, out, _ = await run_cli(config, "doctor")
+        assert code == 2
+        assert fix_after(out, "bot: state") == "`kakao-tokend --account bot login`"
 
     async def test_a_token_kakao_rejects_is_found_live(
         self, shared: Path, emulator: KakaoEmulator

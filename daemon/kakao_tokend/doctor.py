@@ -318,22 +318,24 @@ def check_accounts(
             detail = "no usable state"
         if problems:
             detail += ": " + "; ".join(problems)
-        fix = next((_command_in(p) for p in problems if _command_in(p)), None)
-        findings.append(Finding(f"{name}: state", level, detail, fix))
+        findings.append(Finding(f"{name}: state", level, detail, _state_fix(name, state, level)))
     return findings, states
+
+
+def _state_fix(name: str, state: AccountState | None, level: int) -> str | None:
+    """The command for a state that is not OK: log in, or refresh an expired access token."""
+    if level == OK:
+        return None
+    login = f"`kakao-tokend{_flag(name)} login`"
+    if level == CRITICAL or state is None:
+        return login
+    if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
+        return f"`kakao-tokend{_flag(name)} refresh`, and check that the daemon runs"
+    return f"{login} before the refresh token runs out (a running daemon rotates it by itself)"
 
 
 def _left(seconds: float) -> str:
     return f"expires in {format_duration(seconds)}" if seconds > 0 else "EXPIRED"
-
-
-def _command_in(text: str) -> str | None:
-    """Return the first `backquoted command` in ``text`` (status's problems carry one)."""
-    start = text.find("`")
-    end = text.find("`", start + 1)
-    if start < 0 or end < 0:
-        return None
-    return text[start : end + 1]
 
 
 async def check_live(config: Config, states: dict[str, AccountState]) -> list[Finding]:
