@@ -305,7 +305,7 @@ async def import_seed_file(
         )
         rotated = False
         if needs_refresh:
-            state, rotated = await _verify_by_refresh(seed, state, store, client, login_hint)
+            state, rotated = await _verify_by_refresh(seed, state, store, client, login_hint, clock)
             verified_by = "refresh"
         else:
             store.save(state)
@@ -334,6 +334,7 @@ async def _verify_by_refresh(
     store: AccountStore,
     client: KakaoClient,
     login_hint: str,
+    clock: Clock,
 ) -> tuple[AccountState, bool]:
     """Refresh once (the caller holds the account lock) and save the result durably first."""
     directory = store.state_path.parent
@@ -364,7 +365,7 @@ async def _verify_by_refresh(
                 f"KOE322, {login_hint}; or import without the check: --no-verify"
             )
         raise unverified from None
-    fresh = state.with_tokens(tokens, refreshed_at=utcnow(), rotated=rotated)
+    fresh = state.with_tokens(tokens, refreshed_at=clock(), rotated=rotated)
     fresh = replace(fresh, generation=state.generation)
     last: StoreWriteError | None = None
     for _ in range(3):
