@@ -35,6 +35,8 @@ COMMANDS = [
     "emulator",
     "run",
     "demo",
+    "doctor",
+    "memo",
 ]
 
 

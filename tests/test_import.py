@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
@@ -57,6 +58,36 @@ def seed_file(
     return path
 
 
+async def refresh_at_kakao(emulator: KakaoEmulator, refresh_token: str) -> dict[str, Any]:
+    """Refresh the way a blog script does (a plain POST), returning Kakao's raw answer."""
+    form = {
+        "grant_type": "refresh_token",
+        "client_id": emulator.settings.client_id,
+        "client_secret": str(emulator.settings.client_secret),
+        "refresh_token": refresh_token,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{emulator.url}/oauth/token", data=form) as response,
+    ):
+        answer: dict[str, Any] = await response.json()
+        assert response.status == 200, answer
+        return answer
+
+
+async def koe322_victim(emulator: KakaoEmulator) -> dict[str, Any]:
+    """The file of a blog-script user whose refresh token Kakao rotated out.
+
+    The script refreshed inside the last month, saved the new access token and app_key, and
+    dropped the rotated refresh token Kakao sent along: the old one is dead from then on.
+    """
+    body = emulator.issue_tokens(refresh_remaining=20 * 86400)
+    answer = await refresh_at_kakao(emulator, body["refresh_token"])
+    assert answer["refresh_token"] != body["refresh_token"]  # Kakao rotated it
+    assert emulator.refresh_token_status(body["refresh_token"]) == "retired"
+    return {**body, "access_token": answer["access_token"], "app_key": emulator.settings.client_id}
+
+
 def saved_state(tmp_path: Path) -> AccountState:
     """Read the account's private state file."""
     return AccountState.from_dict(
@@ -72,8 +103,7 @@ class TestAdopt:
         config = write_config(tmp_path, emulator)
         body = emulator.issue_tokens()
         emulator.advance_clock(1000)  # the access token has been in use for 1000 s
-        ten_days = 10 * 86400.0
-        path = seed_file(tmp_path, body, age=ten_days)
+        path = seed_file(tmp_path, body, age=1000)  # written right after the login
         before = datetime.now(UTC)
         result = await cli(config, "import", str(path))
         assert result.exit_code == 0, result.output
@@ -86,7 +116,7 @@ class TestAdopt:
         assert tokens.refresh_expiry_estimated is True
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         expected = mtime + timedelta(seconds=body["refresh_token_expires_in"])
-        assert abs((tokens.refresh_expires_at - expected).total_seconds()) <= 1
+        assert abs((tokens.refresh_expires_at - expected).total_seconds()) <= 2
         assert state.user_id == 1234567890
         published = json.loads((tmp_path / "state" / "default.token.json").read_text())
         assert published["refresh_token_expires_estimated"] is True
@@ -115,10 +145,10 @@ class TestAdopt:
         assert tokens.refresh_expires_at <= latest_allowed + timedelta(seconds=5)
         assert "app_key" in result.stderr  # warned that the file was rewritten by a script
 
-    async def test_dead_access_token_is_marked_expired(
+    async def test_rejected_access_token_is_replaced_by_one_refresh(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """-401 from access_token_info marks the access token expired now (refresh at once)."""
+        """-401 from access_token_info: one refresh checks the refresh token and is saved."""
         config = write_config(tmp_path, emulator)
         body = emulator.issue_tokens()
         emulator.inject("access_token_info", "-401")
@@ -126,10 +156,12 @@ class TestAdopt:
         result = await cli(config, "import", str(path))
         assert result.exit_code == 0, result.output
         tokens = saved_state(tmp_path).tokens
-        assert tokens.access_expires_at <= datetime.now(UTC)
+        assert tokens.refresh_token == body["refresh_token"]  # outside the window: no rotation
+        assert tokens.access_token != body["access_token"]
+        assert emulator.access_token_valid(tokens.access_token)
+        assert "Kakao accepted the refresh token (one refresh)" in result.stdout
         status = await cli(config, "status")
-        assert status.exit_code == 1  # warning: access token expired
-        assert "access token expired" in status.stdout
+        assert status.exit_code == 0, status.output
 
     async def test_refuses_to_overwrite_without_force(
         self, tmp_path: Path, emulator: KakaoEmulator
@@ -141,6 +173,7 @@ class TestAdopt:
         again = await cli(config, "import", str(path))
         assert again.exit_code == 1
         assert "--force" in again.stderr
+        assert "kakao-tokend --account NEW import FILE" in again.stderr
         forced = await cli(config, "import", str(path), "--force")
         assert forced.exit_code == 0, forced.output
         assert saved_state(tmp_path).generation == 2
@@ -215,3 +248,200 @@ class TestBadFiles:
         result = await cli(config, "import", str(path))
         assert result.exit_code == 77
         assert "kakao-tokend login" in result.stderr
+
+
+class TestVerification:
+    """Import asks Kakao before adopting a file; a dead token is refused with 77."""
+
+    async def test_rotated_out_refresh_token_is_refused_with_77(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """The KOE322 victim's file (dead refresh token) is refused, with the login command.
+
+        Before the check, this file was imported with exit 0 and "(in 59d) (estimated)".
+        """
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 77, result.output
+        assert "Kakao refused its refresh token (KOE322)" in result.stderr
+        assert "run `kakao-tokend login` to get new tokens" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stdout == ""
+        assert not (tmp_path / "state" / "default.state.json").exists()
+        assert not (tmp_path / "state" / "default.token.json").exists()
+
+    async def test_live_access_token_does_not_vouch_for_the_refresh_token(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A script-rewritten file whose access token still works is checked with a refresh.
+
+        The script saved the access token of the refresh that rotated its refresh token out,
+        so access_token_info says yes while the refresh token is dead.
+        """
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, await koe322_victim(emulator), age=60)
+        before = emulator.stats.requests["access_token_info"]
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 77, result.output
+        assert emulator.stats.requests["access_token_info"] == before + 1
+        assert "KOE322" in result.stderr
+        assert not (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_other_account_gets_the_account_flag_in_the_login_command(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """The login command in the refusal is one that runs: --account goes first."""
+        config = write_config(tmp_path, emulator)
+        with config.open("a") as handle:
+            handle.write("[accounts.bot]\n")
+        path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
+        result = await cli(config, "--account", "bot", "import", str(path))
+        assert result.exit_code == 77, result.output
+        assert "run `kakao-tokend --account bot login`" in result.stderr
+
+    async def test_a_rotation_during_the_check_is_saved(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """Inside the rotation window the check's refresh rotates; the new token is kept."""
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens(refresh_remaining=10 * 86400)
+        path = seed_file(tmp_path, body, age=60)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        state = saved_state(tmp_path)
+        assert state.tokens.refresh_token != body["refresh_token"]
+        assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+        assert emulator.refresh_token_status(body["refresh_token"]) == "retired"
+        assert len(state.rotations) == 1
+        assert state.tokens.refresh_expiry_estimated is False  # Kakao said how long it lives
+        published = json.loads((tmp_path / "state" / "default.token.json").read_text())
+        assert published["access_token"] == state.tokens.access_token
+        assert "ROTATED" in result.stdout
+        assert "its copy of the refresh token is dead now" in result.stdout
+
+    async def test_fresh_login_file_is_confirmed_without_a_refresh(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A file as login left it (live access token, far from rotation) costs one lookup."""
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens()
+        path = seed_file(tmp_path, body, age=600)
+        refreshes = emulator.stats.refreshes_ok
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        assert emulator.stats.refreshes_ok == refreshes
+        assert saved_state(tmp_path).tokens.access_token == body["access_token"]
+        assert "Kakao confirmed the access token (access_token_info)" in result.stdout
+
+    async def test_no_verify_asks_kakao_nothing(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """--no-verify imports offline: no request at all, and the output says it is unchecked."""
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
+        requests = sum(emulator.stats.requests.values())
+        result = await cli(config, "import", str(path), "--no-verify")
+        assert result.exit_code == 0, result.output
+        assert sum(emulator.stats.requests.values()) == requests
+        assert "NOT checked with Kakao (--no-verify)" in result.stdout
+        tokens = saved_state(tmp_path).tokens
+        assert tokens.access_expires_at <= datetime.now(UTC)  # the daemon refreshes at once
+
+    @pytest.mark.parametrize(("endpoint", "age"), [("access_token_info", 60), ("token", 86400)])
+    async def test_kakao_out_of_reach_refuses_with_69(
+        self, tmp_path: Path, emulator: KakaoEmulator, endpoint: str, age: float
+    ) -> None:
+        """When Kakao cannot answer, nothing is imported and --no-verify is offered (69)."""
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, emulator.issue_tokens(), age=age)
+        emulator.inject(endpoint, "http503", count=10)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 69, result.output
+        assert "--no-verify" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not (tmp_path / "state" / "default.state.json").exists()
+
+
+class TestAfterImport:
+    """What the user is told to do once the tokens are adopted."""
+
+    async def test_next_steps_name_the_old_refresher_and_the_file(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """Stop the old refresher (cron, timers) and delete or chmod 600 the old file."""
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, emulator.issue_tokens(), age=60)
+        path.chmod(0o600)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        assert "crontab -l" in result.stdout and "systemctl list-timers" in result.stdout
+        assert f"rm {path}" in result.stdout and f"chmod 600 {path}" in result.stdout
+        assert "readable by" not in result.stderr
+
+    @pytest.mark.parametrize(
+        ("mode", "who"), [(0o644, "every user on this machine"), (0o640, "the file's group")]
+    )
+    async def test_a_file_others_can_read_is_called_out(
+        self, tmp_path: Path, emulator: KakaoEmulator, mode: int, who: str
+    ) -> None:
+        """An old file readable by group or others gets a warning naming who can read it."""
+        config = write_config(tmp_path, emulator)
+        path = seed_file(tmp_path, emulator.issue_tokens(), age=60)
+        path.chmod(mode)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        assert f"{path} is readable by {who} (mode {mode:04o})" in result.stderr
+
+
+class TestNewAccount:
+    """`--account NEW import` for an account that is not configured yet."""
+
+    async def test_prints_the_exact_lines_that_make_it_work(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """The unknown account error lists the lines; appending them makes the import work.
+
+        The old hint ("or --account to import into another account") led to a bare
+        "unknown account 'old'".
+        """
+        config = write_config(tmp_path, emulator)
+        first = seed_file(tmp_path, emulator.issue_tokens(), age=60, name="first.json")
+        assert (await cli(config, "import", str(first))).exit_code == 0
+        other = emulator.issue_tokens(user_id=42)
+        second = seed_file(tmp_path, other, age=60, name="second.json")
+        refused = await cli(config, "--account", "old", "import", str(second))
+        assert refused.exit_code == 64
+        assert "unknown account 'old'" in refused.stderr
+        assert str(config) in refused.stderr
+        block = refused.stderr.split(":\n\n", 1)[1].split("\n\n", 1)[0]
+        assert block.splitlines() == ["[accounts.default]", "[accounts.old]"]
+        with config.open("a") as handle:
+            handle.write("\n" + block + "\n")
+        result = await cli(config, "--account", "old", "import", str(second))
+        assert result.exit_code == 0, result.output
+        old_state = json.loads((tmp_path / "state" / "old.state.json").read_text())
+        assert old_state["tokens"]["access_token"] == other["access_token"]
+        assert (await cli(config, "status")).exit_code == 0  # "default" kept its tokens
+
+    async def test_with_accounts_already_listed_only_the_new_table_is_printed(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A config that already has [accounts.*] tables needs just one more."""
+        config = write_config(tmp_path, emulator)
+        with config.open("a") as handle:
+            handle.write("[accounts.main]\n")
+        refused = await cli(config, "--account", "old", "status")
+        assert refused.exit_code == 64
+        block = refused.stderr.split(":\n\n", 1)[1].split("\n\n", 1)[0]
+        assert block.splitlines() == ["[accounts.old]"]
+
+    async def test_a_name_that_cannot_be_an_account_says_why(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """No lines for a name the config would reject; the naming rule instead."""
+        config = write_config(tmp_path, emulator)
+        refused = await cli(config, "--account", "Old Bot", "status")
+        assert refused.exit_code == 64
+        assert "lowercase letters" in refused.stderr
+        assert "[accounts." not in refused.stderr

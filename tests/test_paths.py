@@ -122,3 +122,85 @@ class TestConfigSearchPath:
         """When platformdirs cannot find a home the search path simply omits the user file."""
         monkeypatch.setattr(platformdirs, "user_config_dir", _platformdirs_fails)
         assert paths.config_search_path({}) == [Path("/etc/kakao-tokend/config.toml")]
+
+
+class TestSystemLayout:
+    """With the system config and no systemd variables, the system unit's directories win."""
+
+    def test_system_config_defaults_to_the_system_directories(
+        self, tmp_path: Path, no_platformdirs: None
+    ) -> None:
+        """A shell using /etc/kakao-tokend/config.toml looks where the service writes."""
+        layout = paths.SystemLayout.under(tmp_path)
+        layout.config_file.parent.mkdir(parents=True)
+        layout.config_file.write_text("")
+        source = layout.config_file
+        assert paths.default_state_dir({}, config_source=source, system=layout) == (
+            tmp_path / "var/lib/kakao-tokend"
+        )
+        assert paths.default_runtime_dir({}, config_source=source, system=layout) == (
+            tmp_path / "run/kakao-tokend"
+        )
+
+    def test_a_symlink_to_the_system_config_counts_as_the_system_config(
+        self, tmp_path: Path, no_platformdirs: None
+    ) -> None:
+        """`--config /some/link` pointing at the system file is the system config too."""
+        layout = paths.SystemLayout.under(tmp_path)
+        layout.config_file.parent.mkdir(parents=True)
+        layout.config_file.write_text("")
+        link = tmp_path / "link.toml"
+        link.symlink_to(layout.config_file)
+        assert paths.is_system_config(link, layout)
+        assert paths.default_state_dir({}, config_source=link, system=layout) == layout.state_dir
+
+    def test_systemd_variables_still_win(self, tmp_path: Path, no_platformdirs: None) -> None:
+        """Under the unit (or the `kt` helper) $STATE_DIRECTORY/$RUNTIME_DIRECTORY are used."""
+        layout = paths.SystemLayout.under(tmp_path)
+        environ = {"STATE_DIRECTORY": "/srv/state", "RUNTIME_DIRECTORY": "/srv/run"}
+        source = layout.config_file
+        assert paths.default_state_dir(environ, config_source=source, system=layout) == Path(
+            "/srv/state"
+        )
+        assert paths.default_runtime_dir(environ, config_source=source, system=layout) == Path(
+            "/srv/run"
+        )
+
+    def test_another_config_keeps_the_user_directories(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A personal config (not the system file) still uses platformdirs' user dirs."""
+        layout = paths.SystemLayout.under(tmp_path)
+        monkeypatch.setattr(platformdirs, "user_state_dir", lambda app: f"/home/u/.state/{app}")
+        own = tmp_path / "mine.toml"
+        own.write_text("")
+        assert paths.default_state_dir({}, config_source=own, system=layout) == Path(
+            "/home/u/.state/kakao-tokend"
+        )
+        assert paths.default_state_dir({}, config_source=None, system=layout) == Path(
+            "/home/u/.state/kakao-tokend"
+        )
+
+    def test_load_config_finds_the_system_file_and_its_directories(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The whole path from the search to the Config: no [paths], system config → /var/lib."""
+        from kakao_tokend.apiclient import socket_path, socket_path_without_secrets
+        from kakao_tokend.config import load_config
+
+        layout = paths.SystemLayout.under(tmp_path)
+        monkeypatch.setattr(paths, "SYSTEM", layout)
+        for name in ("user_state_dir", "user_runtime_dir"):
+            monkeypatch.setattr(platformdirs, name, _platformdirs_must_not_be_called)
+        monkeypatch.setattr(platformdirs, "user_config_dir", lambda app: str(tmp_path / "none"))
+        layout.config_file.parent.mkdir(parents=True)
+        layout.config_file.write_text('[kakao]\nrest_api_key_env = "KEY"\n')
+        layout.config_file.chmod(0o644)
+        config = load_config(environ={"KEY": "k"})
+        assert config.source == layout.config_file
+        assert config.state_dir == layout.state_dir
+        assert config.runtime_dir == layout.runtime_dir
+        assert config.accounts["default"].state_file == layout.state_dir / "default.state.json"
+        assert socket_path(config) == layout.runtime_dir / "api.sock"
+        # `reload` finds the socket without reading any secret, by the same rule.
+        assert socket_path_without_secrets(None, {}) == layout.runtime_dir / "api.sock"

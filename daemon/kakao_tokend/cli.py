@@ -56,6 +56,7 @@ from .tokens import format_duration, format_time, utcnow
 
 if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
+    from .importer import ImportResult
     from .state import AccountState
 
 EXIT_OK = 0
@@ -79,12 +80,14 @@ T = TypeVar("T")
 
 def exit_code_for(exc: KakaoTokendError) -> int:
     """Return the exit code for one of our errors (see the table in the module docstring)."""
-    from .importer import ImportFileError
+    from .importer import ImportFileError, ImportUnverified
 
     if isinstance(exc, ConfigError | KakaoConfigError):
         return EX_CONFIG
     if isinstance(exc, ImportFileError):
         return EX_DATAERR
+    if isinstance(exc, ImportUnverified):
+        return EX_UNAVAILABLE
     if isinstance(exc, StoreLocked):
         return EX_TEMPFAIL
     if isinstance(exc, ReloginRequired | StateMissing):
@@ -128,13 +131,47 @@ class Settings:
         config = self.config(secrets=False)
         name = self.account or config.default_account
         if name not in config.accounts:
-            known = ", ".join(config.accounts)
-            raise click.UsageError(f"unknown account {name!r}; configured accounts: {known}")
+            raise click.UsageError(_unknown_account(config, name))
         return name
 
     def account_config(self) -> AccountConfig:
         """Return the selected account's configuration."""
         return self.config().accounts[self.account_name()]
+
+
+def _unknown_account(config: Config, name: str) -> str:
+    """Say that ``name`` is not configured, and print the exact lines that would add it.
+
+    Printing beats editing the file for the user: a system config is root's and read-only for
+    the service user, a TOML rewrite would lose the comments, and the running daemon needs a
+    reload anyway. The first [accounts.NAME] table replaces the implicit "default" account,
+    so that one is named too when the file has no [accounts] yet.
+    """
+    import tomllib
+
+    from .config import ACCOUNT_NAME_RE
+
+    message = f"unknown account {name!r}; configured accounts: {', '.join(config.accounts)}"
+    if not ACCOUNT_NAME_RE.match(name):
+        return message + (
+            "; a new account's name must be 1-32 lowercase letters, digits, '_' or '-'"
+        )
+    explicit = False
+    if config.source is not None:
+        try:
+            explicit = "accounts" in tomllib.loads(config.source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            explicit = True  # it loaded a moment ago; do not guess a second table
+    lines = [] if explicit else ["[accounts.default]"]
+    lines.append(f"[accounts.{name}]")
+    where = str(config.source) if config.source is not None else "a config file (see --config)"
+    reload = "then run the command again (and `kakao-tokend reload` if the daemon runs)"
+    return (
+        f"{message}. To add it, append these lines to {where}, {reload}:\n\n"
+        + "\n".join(lines)
+        + "\n\n(An account of another Kakao app also needs its own"
+        f" [accounts.{name}.kakao] with rest_api_key_file or rest_api_key_credential.)"
+    )
 
 
 def _settings() -> Settings:
@@ -326,6 +363,12 @@ def check_config() -> None:
     click.echo(
         f"config OK{where}: {len(config.accounts)} account(s): {names}; state in {config.state_dir}"
     )
+    from .doctor import check_group_access
+
+    for finding in check_group_access(config):  # outside systemd nobody prepares the dirs
+        if finding.level:
+            fix = f"; run: {finding.fix}" if finding.fix else ""
+            click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
     from .alerts import kakaotalk_only_for_critical
 
     for account in config.accounts.values():
@@ -436,41 +479,94 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 @main.command("import")
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--force", is_flag=True, help="Replace the account's existing tokens.")
-def import_(path: Path, force: bool) -> None:
-    """Adopt a kakao_token.json written by the popular blog scripts.
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Do not ask Kakao whether the tokens still work (offline use); the daemon's first "
+    "refresh will tell.",
+)
+def import_(path: Path, force: bool, no_verify: bool) -> None:
+    """Adopt a kakao_token.json written by the popular blog scripts, once Kakao confirms it.
 
-    The file holds Kakao's raw token response (durations only, maybe an extra app_key). The
-    access token's expiry is asked from Kakao (access_token_info); the refresh token's expiry
-    is estimated from the file's modification time and marked as estimated.
+    The file holds Kakao's raw token response (durations only, maybe an extra app_key).
+    Kakao is asked first: access_token_info while the access token may be valid, and one
+    refresh (under the account lock, its answer saved at once) when the access token is
+    dead, the file was rewritten by a refresh script, or the refresh token is near its
+    rotation. A dead refresh token is refused with exit 77 and the login command. The
+    refresh token's expiry is estimated from the file's age until the next rotation.
 
     \b
     Example:
       kakao-tokend import ~/my_squat/kakao_token.json
       kakao-tokend --account bot import ./kakao_token.json --force
+      kakao-tokend import kakao_token.json --no-verify     # offline: check later
     """
     from .importer import import_seed_file
     from .kakao import KakaoClient, create_session
 
     settings = _settings()
     account = settings.account_config()
+    config = settings.config()
 
     async def go() -> Any:
         async with create_session() as session:
             client = KakaoClient(session, account.app)
-            return await import_seed_file(path, account, client, force=force)
+            return await import_seed_file(
+                path,
+                account,
+                client,
+                force=force,
+                verify=not no_verify,
+                rotation_window=config.refresh.rotation_window,
+                login_hint=f"run `{_login_command(account.name)}` to get new tokens",
+            )
 
     result = _run_async(go())
-    click.echo(f"Imported {path} into account '{account.name}'.")
-    how = {
-        "access_token_info": "from Kakao's access_token_info",
-        "expired": "already expired at Kakao; the daemon refreshes it at once",
-        "unverified": "unverified; treated as expired",
-    }[result.access_source]
-    click.echo(f"  access token: {how}")
+    _report_import(path, account, result)
+
+
+def _login_command(name: str) -> str:
+    """Return the login command for account ``name`` (--account is a global option)."""
+    return "kakao-tokend login" if name == "default" else f"kakao-tokend --account {name} login"
+
+
+def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> None:
+    """Say what was imported, how Kakao confirmed it, and what the user must do next."""
+    checked = {
+        "access_token_info": "Kakao confirmed the access token (access_token_info)",
+        "refresh": "Kakao accepted the refresh token (one refresh"
+        + (", which ROTATED it)" if result.rotated else ")"),
+        "unverified": "NOT checked with Kakao (--no-verify): the daemon's first refresh will"
+        " tell whether the refresh token still works; watch `kakao-tokend status`",
+    }[result.verified_by]
+    click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
     for line in _describe_files(result.state, account):
         click.echo(line)
+    old_copy = (
+        "its copy of the refresh token is dead now (Kakao rotated it during the check)"
+        if result.rotated
+        else "two refreshers sharing one refresh token kill each other's at the next rotation"
+    )
+    click.echo("Next:")
+    click.echo(
+        "  1. stop the script that refreshed this file: it must never refresh again"
+        f" ({old_copy}); look in `crontab -l` (and root's: `sudo crontab -l`) and"
+        " `systemctl list-timers`"
+    )
+    click.echo(
+        f"  2. delete the old file, it holds a refresh token: rm {path}"
+        f"  (or at least keep it private: chmod 600 {path})"
+    )
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
+    mode = result.file_mode
+    if mode & 0o044:
+        who = "every user on this machine" if mode & 0o004 else "the file's group"
+        click.echo(
+            f"warning: {path} is readable by {who} (mode {mode:04o}): they can read the"
+            f" refresh token in it; delete it now, or chmod 600 {path}",
+            err=True,
+        )
 
 
 # --------------------------------------------------------------------------- status
@@ -634,7 +730,17 @@ def status(as_json: bool, warn: float, crit: float) -> None:
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
     results: list[Assessment] = []
-    remote = _via_daemon(config, "GET", "/v1/status")
+    where = _status_locations(config)
+    from .apiclient import DaemonUnreachable
+
+    try:
+        remote = _via_daemon(config, "GET", "/v1/status")
+    except DaemonUnreachable as exc:  # the socket refused this user: show what the files say
+        click.echo(f"note: {exc}; showing the files instead", err=True)
+        remote = None
+        where["socket_state"] = "permission denied"
+    else:
+        where["socket_state"] = "the daemon answered" if remote is not None else "no daemon"
     if remote is not None and remote[0] == 200:
         described = {item["account"]: item for item in remote[1].get("accounts", [])}
         results = [
@@ -671,10 +777,14 @@ def status(as_json: bool, warn: float, crit: float) -> None:
             "exit_code": worst,
             "checked_at": format_time(now),
             "source": "daemon" if remote is not None and remote[0] == 200 else "files",
+            **where,
             "accounts": [item.data for item in results],
         }
         click.echo(json.dumps(document, indent=2))
     else:
+        click.echo(f"config: {where['config'] or 'none (built-in defaults)'}")
+        click.echo(f"state:  {where['state_dir']}")
+        click.echo(f"socket: {where['socket']} ({where['socket_state']})")
         for item in results:
             for line in _assessment_lines(item, now):
                 click.echo(line)
@@ -684,6 +794,17 @@ def status(as_json: bool, warn: float, crit: float) -> None:
                     f" {alert['message']}"
                 )
     click.get_current_context().exit(worst)
+
+
+def _status_locations(config: Config) -> dict[str, Any]:
+    """Return the config file, state directory and socket that `status` uses (it prints them)."""
+    from .apiclient import socket_path
+
+    return {
+        "config": str(config.source) if config.source is not None else None,
+        "state_dir": str(config.state_dir),
+        "socket": str(socket_path(config)),
+    }
 
 
 # --------------------------------------------------------------------------- refresh / token
@@ -1070,6 +1191,156 @@ def logout(keep_files: bool) -> None:
         click.echo("removed " + " and ".join(str(path) for path in existing))
     else:
         click.echo(f"no files to remove for account '{account.name}'")
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.option(
+    "--consumer",
+    metavar="USER|GROUP",
+    help="Also check that this user (or any member of this group) can read the token file and"
+    " reach the socket.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def doctor(consumer: str | None, as_json: bool) -> None:
+    """Run every check a person would, and print ✓/✗ with the exact fix for each ✗.
+
+    Checks the config and its secrets, the directories' owners and modes, each account's
+    state, the access token at Kakao (access_token_info), the clock against Kakao's, the API
+    socket for you, the token file for --consumer, and the systemd unit. Exit 0 when all is
+    well, 1 for a warning, 2 for a critical problem (like `status`). Changes nothing.
+
+    \b
+    Example:
+      kakao-tokend doctor
+      kakao-tokend doctor --consumer www-data
+      kt doctor --consumer kakao-tokend        # a system install, as the service
+    """
+    from .access import identity_for
+    from .doctor import run_checks
+
+    who = None
+    if consumer is not None:
+        try:
+            who = identity_for(consumer)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--consumer") from None
+
+    def grade(
+        name: str, state: AccountState | None, now: datetime, error: str | None
+    ) -> tuple[int, list[str]]:
+        graded = assess(name, state, now, load_error=error)
+        return graded.level, graded.problems
+
+    findings = _run_async(run_checks(_settings().config_path, grade, consumer=who))
+    worst = max((f.level for f in findings if not f.skipped), default=EXIT_OK)
+    if as_json:
+        document = {"exit_code": worst, "checks": [f.to_dict() for f in findings]}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        ok, bad, skip = _marks()
+        for finding in findings:
+            mark = skip if finding.skipped else (ok if finding.level == EXIT_OK else bad)
+            click.echo(f"{mark} {finding.name}: {finding.detail}")
+            if finding.fix and not finding.skipped and finding.level:
+                click.echo(f"    fix: {finding.fix}")
+    click.get_current_context().exit(worst)
+
+
+def _marks() -> tuple[str, str, str]:
+    """Return the ok / failed / skipped marks, in ASCII when stdout cannot show ✓ and ✗."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "✓✗–".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "OK  ", "FAIL", "--  "
+    return "✓", "✗", "–"
+
+
+# --------------------------------------------------------------------------- memo
+
+
+@main.command()
+@click.argument("text", required=False)
+@click.option("--link", "link", metavar="URL", help="Address the message (and its button) opens.")
+@click.option(
+    "--button-title",
+    metavar="TEXT",
+    help="Label of the message's button (default: Kakao's 자세히 보기); needs --link.",
+)
+@LOCK_TIMEOUT_OPTION
+def memo(text: str | None, link: str | None, button_title: str | None, lock_timeout: float) -> None:
+    """Send a KakaoTalk message to yourself ("send to me") with the account's fresh token.
+
+    TEXT (at most 200 characters) is the message; without it, or with "-", it is read from
+    stdin. The message goes through the running daemon's proxy; without a daemon it is sent
+    directly, after a refresh under the account lock when the token is about to expire.
+    Needs the talk_message consent (kakao-tokend login --scope talk_message).
+
+    \b
+    Example:
+      kakao-tokend memo "백업 완료"
+      df -h / | tail -n 1 | kakao-tokend memo
+      kakao-tokend memo "배포 끝" --link https://example.com/deploys --button-title "보기"
+    """
+    from .apiclient import DaemonNotRunning, daemon_running, socket_path
+    from .memo import link_problem, send_via_daemon, text_problem, text_template
+
+    if text is None or text == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give the message as an argument, or pipe it in on stdin")
+        text = sys.stdin.read().rstrip("\n")
+    problem = text_problem(text)
+    if problem is None and link is not None:
+        problem = link_problem(link)
+    if problem is None and button_title is not None and link is None:
+        problem = "--button-title needs --link: the button opens that address"
+    if problem is not None:
+        raise click.UsageError(problem)
+    template = text_template(text, link=link, button_title=button_title)
+    settings = _settings()
+    name = settings.account_name()
+    config = settings.config(secrets=False)
+    sock = socket_path(config)
+    if daemon_running(sock):
+        try:
+            _run_async(send_via_daemon(sock, template, account=name))
+        except DaemonNotRunning:
+            pass  # it stopped in between; nothing was sent
+        else:
+            click.echo(
+                f"sent to the KakaoTalk chat with yourself of account '{name}' (by the daemon)"
+            )
+            return
+    account = settings.account_config()
+    _run_async(_send_memo_directly(account, settings.config(), template, lock_timeout))
+    click.echo(f"sent to the KakaoTalk chat with yourself of account '{name}'")
+
+
+async def _send_memo_directly(
+    account: AccountConfig, config: Config, template: dict[str, Any], lock_timeout: float
+) -> None:
+    """No daemon: refresh under the account lock if needed, send, and refresh once on -401."""
+    from .kakao import AccessTokenRejected, KakaoClient, create_session
+    from .memo import refusal, send_direct
+
+    state, _, _ = await _managed_refresh(account, config, min_valid=60.0, lock_timeout=lock_timeout)
+    async with create_session() as session:
+        client = KakaoClient(session, account.app)
+        try:
+            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            return
+        except AccessTokenRejected:
+            pass  # revoked or expired early: one forced refresh, then one more try
+        state, _, _ = await _managed_refresh(
+            account, config, min_valid=None, lock_timeout=lock_timeout
+        )
+        try:
+            await send_direct(client, state.tokens.access_token, template, account=account.name)
+        except AccessTokenRejected:
+            raise refusal(-401, "", account=account.name, status=401) from None
 
 
 # --------------------------------------------------------------------------- daemon / tools

@@ -635,7 +635,8 @@ class _Checker:
         if key in table:
             return self.path(table[key], f"paths.{key}")
         try:
-            found: Path = default(self.environ)
+            # The config file in use decides between the system and the user directories.
+            found: Path = default(self.environ, config_source=self.source)
         except ConfigError as exc:
             self.problems.extend(exc.details or [(f"paths.{key}", exc.message)])
             return None

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from .config import AccountConfig
-from .errors import KakaoConfigError, KakaoError, KakaoTokendError, ReloginRequired, StateCorrupt
+from .errors import (
+    KakaoConfigError,
+    KakaoError,
+    KakaoRequestRejected,
+    KakaoTokendError,
+    KakaoUnavailable,
+    ReloginRequired,
+    StateCorrupt,
+    StoreWriteError,
+)
 from .kakao import AccessTokenRejected, KakaoClient
 from .state import AccountState
-from .store import AccountStore
-from .tokens import Clock, TokenSet, format_duration, format_time, utcnow
+from .store import AccountStore, ensure_reserve, make_dirs
+from .tokens import Clock, TokenSet, format_time, in_rotation_window, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +73,24 @@ class SeedFile:
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
+class ImportUnverified(KakaoTokendError):
+    """Kakao could not be asked whether the file's tokens still work (the CLI exits 69)."""
+
+
 @dataclass(frozen=True)
 class ImportResult:
-    """What an import produced and what was inferred, for the CLI to report."""
+    """What an import produced, how it was checked, and what the CLI should tell the user."""
 
     state: AccountState
-    #: How the access expiry was learned: "access_token_info", "expired" or "unverified".
-    access_source: str
+    #: How Kakao confirmed the tokens: "access_token_info" (the access token is live),
+    #: "refresh" (one refresh succeeded, so the refresh token is live) or "unverified"
+    #: (``verify=False``: nothing was asked).
+    verified_by: str
+    #: The verifying refresh rotated the refresh token: the file's copy is dead from now on.
+    rotated: bool = False
     warnings: tuple[str, ...] = ()
+    #: Permission bits of the imported file (it holds a refresh token).
+    file_mode: int = 0o600
 
 
 def _duration(data: Mapping[str, Any], name: str, default: int, path: Path) -> int:
@@ -142,58 +163,26 @@ def read_seed_file(path: Path) -> SeedFile:
     )
 
 
-async def infer_tokens(
-    seed: SeedFile, client: KakaoClient, *, now: datetime
-) -> tuple[TokenSet, str, int | None, list[str]]:
-    """Turn durations into absolute expiries; return (tokens, access source, user id, warnings).
+def estimate_tokens(
+    seed: SeedFile, *, now: datetime, access_expires: datetime | None = None
+) -> TokenSet:
+    """Turn the file's durations into absolute expiries (estimated where Kakao cannot tell).
 
-    The access expiry comes from ``access_token_info`` (remaining seconds) when Kakao answers;
-    a rejected token (-401) counts as expired now so the daemon refreshes at once. The refresh
-    token's real issue time is unknowable: it was issued no later than the file was written
+    ``access_expires`` comes from ``access_token_info`` when Kakao was asked; without it the
+    access token counts as expired now, so the daemon refreshes at its first chance. The
+    refresh token's issue time is unknowable: it was issued no later than the file was written
     and no later than the access token, so its expiry is estimated from the earlier of the two
     and never trusted to lie further away than the file's mtime allows.
     """
-    warnings: list[str] = []
     access_lifetime = timedelta(seconds=seed.expires_in)
-    user_id: int | None = None
-    try:
-        info = await client.access_token_info(seed.access_token)
-    except AccessTokenRejected:
-        access_expires = now
-        source = "expired"
-        warnings.append(
-            "Kakao no longer accepts the access token (-401); the daemon will refresh it at once"
-        )
-    except (KakaoConfigError, ReloginRequired):
-        raise  # wrong app, or the user is no longer linked: importing cannot help
-    except KakaoError as exc:
-        access_expires = now
-        source = "unverified"
-        warnings.append(
-            f"could not ask Kakao about the access token ({exc}); treating it as expired"
-        )
-    else:
-        user_id = info.user_id
-        access_expires = now + timedelta(seconds=max(info.expires_in, 0))
-        source = "access_token_info"
-    access_issued = access_expires - access_lifetime
+    access_expires_at = access_expires if access_expires is not None else now
+    access_issued = access_expires_at - access_lifetime
     refresh_issued_bound = min(seed.mtime, access_issued)
     refresh_expires = refresh_issued_bound + timedelta(seconds=seed.refresh_token_expires_in)
-    if seed.app_key is not None:
-        warnings.append(
-            "the file was rewritten by a refresh script (it holds app_key), so the refresh "
-            "token may be older than the file; its expiry is an upper bound"
-        )
-    if refresh_expires <= now:
-        raise ReloginRequired(
-            f"{seed.path}: the refresh token expired around {format_time(refresh_expires)} "
-            "(estimated from the file's age)",
-            hint="run `kakao-tokend login` to get new tokens",
-        )
-    tokens = TokenSet(
+    return TokenSet(
         access_token=seed.access_token,
         refresh_token=seed.refresh_token,
-        access_expires_at=access_expires,
+        access_expires_at=access_expires_at,
         refresh_expires_at=refresh_expires,
         access_issued_at=access_issued,
         refresh_issued_at=None,
@@ -202,7 +191,25 @@ async def infer_tokens(
         scope=seed.scope,
         extra=dict(seed.extra),
     )
-    return tokens, source, user_id, warnings
+
+
+def _check_not_expired(seed: SeedFile, *, now: datetime, hint: str) -> None:
+    """Refuse a file whose refresh token died of old age, without asking Kakao anything."""
+    # The refresh token was issued no later than the file was written: an upper bound.
+    latest = seed.mtime + timedelta(seconds=seed.refresh_token_expires_in)
+    if latest <= now:
+        raise ReloginRequired(
+            f"{seed.path}: the refresh token expired around {format_time(latest)} "
+            "(estimated from the file's age)",
+            hint=hint,
+        )
+
+
+def _unverified(exc: KakaoError, what: str) -> ImportUnverified:
+    return ImportUnverified(
+        f"could not ask Kakao whether {what} still works ({exc})",
+        hint="try again when Kakao is reachable, or import without the check: --no-verify",
+    )
 
 
 async def import_seed_file(
@@ -211,10 +218,24 @@ async def import_seed_file(
     client: KakaoClient,
     *,
     force: bool = False,
+    verify: bool = True,
+    rotation_window: float = 30 * 86400.0,
+    login_hint: str = "run `kakao-tokend login` to get new tokens",
     clock: Clock = utcnow,
     lock_timeout: float = 10.0,
 ) -> ImportResult:
-    """Adopt ``path`` as the account's token set: write the state, then publish the token file."""
+    """Adopt ``path`` as the account's token set once Kakao has confirmed that it still works.
+
+    The check (skipped with ``verify=False``): ``access_token_info`` when the access token may
+    still be valid. A live access token does not prove a live refresh token: a blog script
+    that drops rotated refresh tokens saves the access token of the very refresh that killed
+    its refresh token. So the refresh token is tested with one refresh, under the account
+    lock, whenever the access token is not live, the file was rewritten by a refresh script
+    (it holds ``app_key``), or the refresh token is inside the rotation window. Whatever that
+    refresh returns is saved before anything else (a rotated refresh token is the only one
+    that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
+    reach raises :class:`ImportUnverified`; nothing is written in either case.
+    """
     seed = read_seed_file(path)
     if seed.app_key is not None and seed.app_key != account.app.rest_api_key:
         raise ImportFileError(
@@ -226,10 +247,44 @@ async def import_seed_file(
     if not force and store.state_path.exists():
         raise StateExists(
             f"account '{account.name}' already has tokens in {store.state_path}",
-            hint="use --force to replace them, or --account to import into another account",
+            hint="use --force to replace them, or import into another account: "
+            "kakao-tokend --account NEW import FILE (it shows the config lines to add)",
         )
     now = clock()
-    tokens, source, user_id, warnings = await infer_tokens(seed, client, now=now)
+    _check_not_expired(seed, now=now, hint=login_hint)
+    warnings: list[str] = []
+    if seed.app_key is not None:
+        warnings.append(
+            "the file was rewritten by a refresh script (it holds app_key), so the refresh "
+            "token may be older than the file; its expiry is an upper bound"
+        )
+    tokens = estimate_tokens(seed, now=now)
+    user_id: int | None = None
+    verified_by = "unverified"
+    needs_refresh = verify
+    access_may_live = seed.mtime + timedelta(seconds=seed.expires_in) > now
+    if verify and access_may_live:
+        try:
+            info = await client.access_token_info(seed.access_token)
+        except (AccessTokenRejected, KakaoRequestRejected) as exc:
+            warnings.append(f"Kakao no longer accepts the access token ({exc.label})")
+        except KakaoConfigError:
+            raise  # the wrong app: importing cannot help, and the message says what to fix
+        except ReloginRequired as exc:  # the user is no longer linked (-101) or dormant (-103)
+            raise ReloginRequired(
+                f"{path}: {exc.message}", code=exc.code, hint=login_hint
+            ) from None
+        except KakaoError as exc:
+            raise _unverified(exc, "the access token") from None
+        else:
+            user_id = info.user_id
+            verified_by = "access_token_info"
+            tokens = estimate_tokens(
+                seed, now=now, access_expires=now + timedelta(seconds=max(info.expires_in, 0))
+            )
+            window = timedelta(seconds=rotation_window)
+            rewritten = seed.app_key is not None
+            needs_refresh = rewritten or in_rotation_window(tokens, now, window=window)
     with store.lock(timeout=lock_timeout):
         try:
             old = store.load()
@@ -248,15 +303,89 @@ async def import_seed_file(
             user_id=user_id,
             extras={"imported": {"at": format_time(now), "file_mtime": format_time(seed.mtime)}},
         )
-        store.save(state)
-        store.publish(state, now=now)
+        rotated = False
+        if needs_refresh:
+            state, rotated = await _verify_by_refresh(seed, state, store, client, login_hint, clock)
+            verified_by = "refresh"
+        else:
+            store.save(state)
+        store.publish(state, now=clock())
     log.info(
-        "imported %s for account %s: access %s (%s), refresh %s estimated %s left",
+        "imported %s for account %s: access %s, refresh %s (%s), checked by %s",
         path,
         account.name,
-        tokens.access_fingerprint,
-        source,
-        tokens.refresh_fingerprint,
-        format_duration(tokens.refresh_remaining(now).total_seconds()),
+        state.tokens.access_fingerprint,
+        state.tokens.refresh_fingerprint,
+        "rotated" if rotated else "estimated expiry",
+        verified_by,
     )
-    return ImportResult(state=state, access_source=source, warnings=tuple(warnings))
+    return ImportResult(
+        state=state,
+        verified_by=verified_by,
+        rotated=rotated,
+        warnings=tuple(warnings),
+        file_mode=_file_mode(path),
+    )
+
+
+async def _verify_by_refresh(
+    seed: SeedFile,
+    state: AccountState,
+    store: AccountStore,
+    client: KakaoClient,
+    login_hint: str,
+    clock: Clock,
+) -> tuple[AccountState, bool]:
+    """Refresh once (the caller holds the account lock) and save the result durably first."""
+    directory = store.state_path.parent
+    make_dirs(directory)
+    # Make room before Kakao can rotate: the reserve is what a save on a full disk gives up.
+    if not ensure_reserve(directory):
+        raise StoreWriteError(
+            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
+            "could not have been saved)",
+            hint="check the directory's owner, permissions and free space",
+        )
+    try:
+        tokens, rotated = await client.refresh(state.tokens)
+    except ReloginRequired as exc:
+        raise ReloginRequired(
+            f"{seed.path}: Kakao refused its refresh token ({exc.label}): the token in this "
+            "file is dead (expired, revoked, or replaced by a rotation its script did not save)",
+            code=exc.code,
+            hint=login_hint,
+        ) from None
+    except KakaoConfigError:
+        raise
+    except KakaoError as exc:
+        unverified = _unverified(exc, "the refresh token")
+        if isinstance(exc, KakaoUnavailable) and exc.ambiguous:
+            unverified.hint = (
+                "the refresh may have reached Kakao: try again, and if Kakao then answers "
+                f"KOE322, {login_hint}; or import without the check: --no-verify"
+            )
+        raise unverified from None
+    fresh = state.with_tokens(tokens, refreshed_at=clock(), rotated=rotated)
+    fresh = replace(fresh, generation=state.generation)
+    last: StoreWriteError | None = None
+    for _ in range(3):
+        try:
+            store.save(fresh)
+        except StoreWriteError as exc:
+            last = exc
+            await asyncio.sleep(0.5)
+        else:
+            return fresh, rotated
+    assert last is not None
+    raise StoreWriteError(
+        f"Kakao accepted the refresh token{' and rotated it' if rotated else ''}, but the new "
+        f"tokens could not be saved: {last}",
+        hint="free disk space / fix permissions, then run `kakao-tokend login`",
+    )
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o600

@@ -455,7 +455,10 @@ class KakaoClient:
         link: dict[str, str] = {}
         if link_url:
             link = {"web_url": link_url, "mobile_web_url": link_url}
-        template = {"object_type": "text", "text": text, "link": link}
+        await self.send_template(access_token, {"object_type": "text", "text": text, "link": link})
+
+    async def send_template(self, access_token: str, template: Mapping[str, Any]) -> None:
+        """Send a "send to me" message built from a Kakao message template object."""
         form = {"template_object": json.dumps(template, ensure_ascii=False)}
         body = await self._kapi("POST", MEMO_PATH, access_token, data=form)
         result = _as_int(body.get("result_code"))
@@ -466,6 +469,28 @@ class KakaoClient:
                 status=200,
                 code=str(result),
             )
+
+    async def server_clock(self) -> tuple[datetime, datetime]:
+        """Return (Kakao's ``Date``, our clock halfway through the request), for a skew check.
+
+        An unauthenticated access_token_info call: Kakao answers -401, but every answer
+        carries a ``Date`` header (one-second resolution).
+        """
+        before = self._clock()
+        answer = await self._send("GET", self._app.api_url, TOKEN_INFO_PATH)
+        after = self._clock()
+        date = next((v for k, v in answer.headers.items() if k.lower() == "date"), "")
+        try:
+            kakao_time = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            raise KakaoUnavailable(
+                f"Kakao's answer to {TOKEN_INFO_PATH} has no usable Date header",
+                endpoint=TOKEN_INFO_PATH,
+                status=answer.status,
+            ) from None
+        if kakao_time.tzinfo is None:
+            kakao_time = kakao_time.replace(tzinfo=UTC)
+        return kakao_time, before + (after - before) / 2
 
     # --- plumbing ---------------------------------------------------------------------------
 

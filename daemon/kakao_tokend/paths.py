@@ -1,9 +1,11 @@
-"""File locations: explicit setting > systemd $STATE_DIRECTORY & co > platformdirs user dirs."""
+"""File locations: explicit setting > systemd $STATE_DIRECTORY & co > system or user dirs."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -14,8 +16,45 @@ APP_NAME = "kakao-tokend"
 #: Environment variable naming the config file; wins over every search location.
 CONFIG_ENV = "KAKAO_TOKEND_CONFIG"
 CONFIG_FILE_NAME = "config.toml"
-#: The system-wide location. Not platformdirs' site_config_dir(), which is /etc/xdg/<app>.
-SYSTEM_CONFIG_FILE = Path("/etc/kakao-tokend/config.toml")
+
+
+@dataclass(frozen=True)
+class SystemLayout:
+    """Where a system-wide install keeps its files: the system unit's three directories.
+
+    ``ConfigurationDirectory=``, ``StateDirectory=`` and ``RuntimeDirectory=kakao-tokend`` of
+    systemd/kakao-tokend.service. Tests (and packagers) build one under another root.
+    """
+
+    config_file: Path
+    state_dir: Path
+    runtime_dir: Path
+
+    @classmethod
+    def under(cls, root: Path) -> SystemLayout:
+        """Return the same layout below ``root`` (``root``/etc/kakao-tokend/config.toml ...)."""
+        base = Path(root)
+        return cls(
+            config_file=base / "etc" / APP_NAME / CONFIG_FILE_NAME,
+            state_dir=base / "var" / "lib" / APP_NAME,
+            runtime_dir=base / "run" / APP_NAME,
+        )
+
+
+#: The real system layout. Not platformdirs' site_config_dir(), which is /etc/xdg/<app>.
+SYSTEM = SystemLayout.under(Path("/"))
+SYSTEM_CONFIG_FILE = SYSTEM.config_file
+
+
+def is_system_config(source: Path | None, system: SystemLayout | None = None) -> bool:
+    """Return True when ``source`` is the system config file (also through a symlink)."""
+    if source is None:
+        return False
+    wanted = (system or SYSTEM).config_file
+    try:
+        return os.path.samefile(source, wanted)
+    except OSError:  # one of them does not exist (or is unreadable): compare the names
+        return Path(os.path.abspath(source)) == Path(os.path.abspath(wanted))
 
 
 def systemd_dir(environ: Mapping[str, str], variable: str) -> Path | None:
@@ -61,15 +100,24 @@ def _platform_dir(
     return path
 
 
-def default_state_dir(environ: Mapping[str, str]) -> Path:
+def default_state_dir(
+    environ: Mapping[str, str],
+    *,
+    config_source: Path | None = None,
+    system: SystemLayout | None = None,
+) -> Path:
     """Return where account state lives when ``paths.state_dir`` is not set.
 
-    ``$STATE_DIRECTORY`` (systemd ``StateDirectory=``) first, else platformdirs'
-    ``user_state_dir("kakao-tokend")``. Raises ConfigError if neither works.
+    ``$STATE_DIRECTORY`` (systemd ``StateDirectory=``) first; else, when the config in use
+    is the system one, the system unit's ``/var/lib/kakao-tokend`` (so a shell finds what the
+    service writes); else platformdirs' ``user_state_dir("kakao-tokend")``. Raises ConfigError
+    if none works.
     """
     found = systemd_dir(environ, "STATE_DIRECTORY")
     if found is not None:
         return found
+    if is_system_config(config_source, system):
+        return (system or SYSTEM).state_dir
     return _platform_dir(
         platformdirs.user_state_dir,
         what="state",
@@ -78,15 +126,23 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     )
 
 
-def default_runtime_dir(environ: Mapping[str, str]) -> Path:
-    """Return where runtime files (socket, pid) live when ``paths.runtime_dir`` is not set.
+def default_runtime_dir(
+    environ: Mapping[str, str],
+    *,
+    config_source: Path | None = None,
+    system: SystemLayout | None = None,
+) -> Path:
+    """Return where runtime files (the socket) live when ``paths.runtime_dir`` is not set.
 
-    ``$RUNTIME_DIRECTORY`` (systemd ``RuntimeDirectory=``) first, else platformdirs'
-    ``user_runtime_dir("kakao-tokend")``. Raises ConfigError if neither works.
+    ``$RUNTIME_DIRECTORY`` (systemd ``RuntimeDirectory=``) first; else, with the system
+    config, the system unit's ``/run/kakao-tokend`` (where the service's socket is); else
+    platformdirs' ``user_runtime_dir("kakao-tokend")``. Raises ConfigError if none works.
     """
     found = systemd_dir(environ, "RUNTIME_DIRECTORY")
     if found is not None:
         return found
+    if is_system_config(config_source, system):
+        return (system or SYSTEM).runtime_dir
     return _platform_dir(
         platformdirs.user_runtime_dir,
         what="runtime",
@@ -107,7 +163,12 @@ def user_config_file() -> Path | None:
     return path / CONFIG_FILE_NAME
 
 
-def config_search_path(environ: Mapping[str, str], explicit: Path | None = None) -> list[Path]:
+def config_search_path(
+    environ: Mapping[str, str],
+    explicit: Path | None = None,
+    *,
+    system: SystemLayout | None = None,
+) -> list[Path]:
     """Return the config file candidates, most specific first.
 
     Order: ``explicit`` (``--config``) → ``$KAKAO_TOKEND_CONFIG`` →
@@ -122,7 +183,7 @@ def config_search_path(environ: Mapping[str, str], explicit: Path | None = None)
     configuration = systemd_dir(environ, "CONFIGURATION_DIRECTORY")
     if configuration is not None:
         candidates.append(configuration / CONFIG_FILE_NAME)
-    candidates.append(SYSTEM_CONFIG_FILE)
+    candidates.append((system or SYSTEM).config_file)
     # platformdirs may fail under systemd (no HOME); the candidate is then simply left out.
     user_file = user_config_file()
     if user_file is not None:

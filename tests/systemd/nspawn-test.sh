@@ -275,18 +275,17 @@ else
 fi
 inside useradd --system --no-create-home --groups kakao-tokend consumer
 
-# Operator commands run as the service would, the way docs/operations.md shows (`kt`): with
-# the unit's user, directories and credentials. As plain root the CLI cannot read the secrets,
-# which exist only as credentials.
-kt() {
-    inside systemd-run --quiet --wait --pipe --collect --service-type=exec \
-        -p User=kakao-tokend -p Group=kakao-tokend -p UMask=0027 \
-        -p StateDirectory=kakao-tokend -p StateDirectoryMode=0750 \
-        -p ConfigurationDirectory=kakao-tokend \
-        -p LoadCredential=rest_api_key:/etc/credstore/kakao-tokend.rest_api_key \
-        -p LoadCredential=client_secret:/etc/credstore/kakao-tokend.client_secret \
-        /opt/kakao-tokend/bin/kakao-tokend "$@"
-}
+# Operator commands run as the service would, with the unit's user, directories and
+# credentials (as plain root the CLI cannot read the secrets, which exist only as credentials):
+# the `kt` helper exactly as docs/operations.md prints it (the block after its kt-helper
+# marker), with --pipe for a script, and its systemd-run running inside the container.
+kt_source=$(sed -n '/<!-- kt-helper/,/^```$/p' "$repo/docs/operations.md" | sed -e '1,2d' -e '$d')
+case $kt_source in
+    "kt() {"*"systemd-run "*) ;;
+    *) say "docs/operations.md has no kt helper block after its kt-helper marker"; exit 1 ;;
+esac
+systemd-run() { inside systemd-run "$@"; }
+eval "${kt_source//--pty/--pipe}"
 
 # setup: migrate from a blog-script kakao_token.json with `kakao-tokend import` (operations guide)
 t0=$SECONDS
@@ -336,6 +335,32 @@ if out=$(kt status 2>&1) && grep -q "default" <<<"$out"; then
     record "status (kt wrapper)" ok "exit 0: $(sed -n 1p <<<"$out" | cut -c1-70)"
 else
     record "status (kt wrapper)" FAIL "$(paste -sd'|' - <<<"$out" | cut -c1-200)"
+fi
+
+# a system install from a shell: plain root (no kt) finds the service's state and socket
+# through /etc/kakao-tokend/config.toml; kt reaches the daemon too (its RuntimeDirectory=), and
+# leaves the daemon's socket in place when it exits (RuntimeDirectoryPreserve=yes)
+root_out=$(inside /opt/kakao-tokend/bin/kakao-tokend status 2>&1) || true
+kt_out=$(kt status --json 2>&1) || true
+if grep -q "socket: /run/kakao-tokend/api.sock (the daemon answered)" <<<"$root_out" \
+        && grep -q '"source": "daemon"' <<<"$kt_out" \
+        && inside test -S /run/kakao-tokend/api.sock; then
+    record "shell + kt reach daemon" ok "root shell and kt status answered by the daemon; socket kept"
+else
+    record "shell + kt reach daemon" FAIL "$(paste -sd'|' - <<<"$root_out$kt_out" | cut -c1-200)"
+fi
+# kt doctor: the documented health check passes on this install (the unit is there and active)
+if out=$(kt doctor --consumer consumer 2>&1); then
+    record "doctor (kt wrapper)" ok "exit 0, $(grep -c '^✓' <<<"$out") checks passed"
+else
+    record "doctor (kt wrapper)" FAIL "$(grep -A1 '^✗' <<<"$out" | paste -sd'|' - | cut -c1-200)"
+fi
+# memo through the daemon's proxy, as a member of the kakao-tokend group (no secrets needed)
+if out=$(inside setpriv --reuid=consumer --regid=consumer --init-groups \
+        /opt/kakao-tokend/bin/kakao-tokend memo "nspawn test" 2>&1) && grep -q "(by the daemon)" <<<"$out"; then
+    record "memo (consumer)" ok "$out"
+else
+    record "memo (consumer)" FAIL "$(paste -sd'|' - <<<"$out" | cut -c1-200)"
 fi
 
 # 3. credentials: they exist only in /etc/credstore, the emulator insists on both values

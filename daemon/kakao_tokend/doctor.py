@@ -1,0 +1,670 @@
+"""`kakao-tokend doctor`: every check a person would run by hand, each ✗ with its exact fix.
+
+The checks, in the order a person would go: the config and where its secrets come from; the
+directories' owners and modes; each account's state; a live ``access_token_info`` call; the
+clock against Kakao's ``Date`` header; the API socket for the calling user; the published
+token file (and socket) for a consumer user or group; the systemd unit. Each check returns
+:class:`Finding` objects graded like ``status``: 0 ok, 1 warning, 2 critical. The CLI prints
+them and exits with the worst grade. Nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import access, paths
+from .config import AccountConfig, Config, load_config
+from .errors import (
+    ConfigError,
+    KakaoConfigError,
+    KakaoError,
+    KakaoTokendError,
+    ReloginRequired,
+    StoreError,
+)
+from .kakao import AccessTokenRejected, KakaoClient, create_session
+from .state import AccountState
+from .store import STATE_FILE_MODE, AccountStore
+from .tokens import Clock, format_duration, utcnow
+
+__all__ = [
+    "CLOCK_SKEW_LIMIT",
+    "Finding",
+    "Grade",
+    "check_accounts",
+    "check_clock",
+    "check_config",
+    "check_consumer",
+    "check_directories",
+    "check_group_access",
+    "check_socket",
+    "check_unit",
+    "run_checks",
+]
+
+OK, WARNING, CRITICAL = 0, 1, 2
+#: Beyond this the clock is wrong enough to notice (Kakao's Date has 1 s resolution).
+CLOCK_SKEW_LIMIT = 10.0
+#: systemd's marker for "booted with systemd" (sd_booted(3)).
+SYSTEMD_MARKER = Path("/run/systemd/system")
+SYSTEM_UNIT_DIRS = (
+    Path("/etc/systemd/system"),
+    Path("/run/systemd/system"),
+    Path("/usr/local/lib/systemd/system"),
+    Path("/usr/lib/systemd/system"),
+    Path("/lib/systemd/system"),
+)
+UNIT_NAMES = ("kakao-tokend.service", "kakao-tokend@.service")
+
+#: Grades one account like `status`: (name, state or None, now, load error) → (level, problems).
+Grade = Callable[[str, AccountState | None, datetime, str | None], tuple[int, list[str]]]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report: what was checked, the grade, what was found, and the fix."""
+
+    name: str
+    level: int
+    detail: str
+    fix: str | None = None
+    #: Not applicable here (no systemd, no consumer named): shown, but never a failure.
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the finding for ``doctor --json``."""
+        state = "skipped" if self.skipped else ("ok" if self.level == OK else "failed")
+        return {
+            "check": self.name,
+            "result": state,
+            "level": ("ok", "warning", "critical")[self.level],
+            "detail": self.detail,
+            "fix": self.fix,
+        }
+
+
+def _mode(info: os.stat_result) -> int:
+    return stat.S_IMODE(info.st_mode)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def check_config(config_path: Path | None) -> tuple[list[Finding], Config | None]:
+    """Load the config with its secrets; fall back to the paths alone for the other checks."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        where = exc.message
+        detail = "; ".join(line.strip() for line in lines[1:]) or where
+        credentials = "CREDENTIALS_DIRECTORY" in str(exc)
+        fix = (
+            "run the checks the way the service runs, with its credentials: `kt doctor`"
+            " (the kt helper in docs/operations.md)"
+            if credentials
+            else f"edit {_config_name(config_path)}, then `kakao-tokend check-config`"
+        )
+        finding = Finding("config", CRITICAL, f"{where} {detail}".strip(), fix)
+        try:
+            partial = load_config(config_path, with_secrets=False)
+        except ConfigError:
+            return [finding], None
+        return [finding], partial
+    return [Finding("config", OK, _describe_config(config))], config
+
+
+def _config_name(config_path: Path | None) -> str:
+    if config_path is not None:
+        return str(config_path)
+    return "the config file"
+
+
+def _describe_config(config: Config) -> str:
+    if config.source is None:
+        where = "no config file (built-in defaults and the environment)"
+    else:
+        info = config.source.stat()
+        where = f"{config.source} ({_user_name(info.st_uid)}, {_mode(info):04o})"
+    sources = sorted(
+        {
+            part
+            for account in config.accounts.values()
+            for part in (
+                f"REST API key from {account.app.rest_api_key_source}",
+                f"client secret from {account.app.client_secret_source}"
+                if account.app.client_secret_source
+                else "no client secret",
+            )
+        }
+    )
+    names = ", ".join(config.accounts)
+    return f"{where} is valid: account(s) {names}; {'; '.join(sources)}"
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def expected_owner(config: Config) -> tuple[int, str]:
+    """Return the user the daemon runs as: the system unit's user for the system config."""
+    if paths.is_system_config(config.source):
+        try:
+            entry = pwd.getpwnam(paths.APP_NAME)
+        except KeyError:
+            pass
+        else:
+            return entry.pw_uid, entry.pw_name
+    uid = os.geteuid()
+    return uid, _user_name(uid)
+
+
+def check_directories(config: Config) -> list[Finding]:
+    """The state and runtime directories, and the account files: owners and modes."""
+    uid, user = expected_owner(config)
+    findings: list[Finding] = []
+    socket_dir = (config.api.socket or config.runtime_dir / "api.sock").parent
+    places = {config.state_dir: "state directory", socket_dir: "socket directory"}
+    for directory, label in places.items():
+        findings.append(_check_directory(directory, label, uid, user))
+    for account in config.accounts.values():
+        findings.extend(_check_account_files(account, uid, user))
+    return findings
+
+
+def _check_directory(directory: Path, label: str, uid: int, user: str) -> Finding:
+    try:
+        info = directory.stat()
+    except FileNotFoundError:
+        if label == "state directory":
+            return Finding(
+                label,
+                WARNING,
+                f"{directory} does not exist yet",
+                "`kakao-tokend login` (or `import`) creates it with the first tokens",
+            )
+        return Finding(label, OK, f"{directory} does not exist yet; the daemon creates it")
+    except OSError as exc:
+        return Finding(label, CRITICAL, f"cannot inspect {directory}: {exc.strerror}", None)
+    if not stat.S_ISDIR(info.st_mode):
+        return Finding(label, CRITICAL, f"{directory} is not a directory", f"rm {directory}")
+    shown = access.describe(info)
+    if _mode(info) & 0o022:
+        return Finding(
+            label,
+            CRITICAL,
+            f"{directory} is {shown}: others may replace the files in it",
+            f"chmod go-w {directory}",
+        )
+    if info.st_uid not in (0, uid):
+        return Finding(
+            label,
+            CRITICAL,
+            f"{directory} is {shown}, but the daemon runs as {user}",
+            f"chown {user} {directory}",
+        )
+    return Finding(label, OK, f"{directory} is {shown}")
+
+
+def _check_account_files(account: AccountConfig, uid: int, user: str) -> list[Finding]:
+    findings: list[Finding] = []
+    name = f"{account.name}: state file"
+    try:
+        info = account.state_file.stat()
+    except OSError:
+        info = None
+    if info is not None:
+        if _mode(info) & ~STATE_FILE_MODE & 0o777:
+            findings.append(
+                Finding(
+                    name,
+                    CRITICAL,
+                    f"{account.state_file} is {access.describe(info)}: it holds the refresh"
+                    " token and must be 0600",
+                    f"chmod 600 {account.state_file}",
+                )
+            )
+        elif info.st_uid not in (0, uid):
+            findings.append(
+                Finding(
+                    name,
+                    CRITICAL,
+                    f"{account.state_file} is {access.describe(info)}; the daemon runs as {user}",
+                    f"chown {user} {account.state_file}",
+                )
+            )
+        else:
+            findings.append(Finding(name, OK, f"{account.state_file} is {access.describe(info)}"))
+    name = f"{account.name}: token file"
+    try:
+        info = account.token_file.stat()
+    except OSError:
+        return findings
+    wanted_group = _gid(account.token_file_group)
+    wrong_mode = _mode(info) != account.token_file_mode
+    wrong_group = wanted_group is not None and info.st_gid != wanted_group
+    if wrong_mode or wrong_group:
+        want = f"{account.token_file_mode:04o}" + (
+            f" and group {account.token_file_group}" if wanted_group is not None else ""
+        )
+        findings.append(
+            Finding(
+                name,
+                WARNING,
+                f"{account.token_file} is {access.describe(info)}, the config says {want}",
+                f"`kakao-tokend{_flag(account.name)} refresh` rewrites it with the configured"
+                " mode and group",
+            )
+        )
+    else:
+        findings.append(Finding(name, OK, f"{account.token_file} is {access.describe(info)}"))
+    return findings
+
+
+def _gid(group: str | int | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return access.group_identity(str(group)).gid
+    except (KeyError, ValueError, OverflowError):
+        return None
+
+
+def _flag(name: str) -> str:
+    return "" if name == "default" else f" --account {name}"
+
+
+# --------------------------------------------------------------------------- state and Kakao
+
+
+def check_accounts(
+    config: Config, grade: Grade, *, now: datetime
+) -> tuple[list[Finding], dict[str, AccountState]]:
+    """Each account's state, graded like `status`; return the findings and the states."""
+    findings: list[Finding] = []
+    states: dict[str, AccountState] = {}
+    for name, account in config.accounts.items():
+        load_error: str | None = None
+        try:
+            state = AccountStore(account).load()
+        except StoreError as exc:
+            state, load_error = None, str(exc)
+        level, problems = grade(name, state, now, load_error)
+        if state is not None:
+            states[name] = state
+            tokens = state.tokens
+            estimated = ", estimated" if tokens.refresh_expiry_estimated else ""
+            detail = (
+                f"refresh token {_left(tokens.refresh_remaining(now).total_seconds())}"
+                f"{estimated}, access token {_left(tokens.access_remaining(now).total_seconds())}"
+                f", generation {state.generation}"
+            )
+        else:
+            detail = "no usable state"
+        if problems:
+            detail += ": " + "; ".join(problems)
+        findings.append(Finding(f"{name}: state", level, detail, _state_fix(name, state, level)))
+    return findings, states
+
+
+def _state_fix(name: str, state: AccountState | None, level: int) -> str | None:
+    """The command for a state that is not OK: log in, or refresh an expired access token."""
+    if level == OK:
+        return None
+    login = f"`kakao-tokend{_flag(name)} login`"
+    if level == CRITICAL or state is None:
+        return login
+    if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
+        return f"`kakao-tokend{_flag(name)} refresh`, and check that the daemon runs"
+    return f"{login} before the refresh token runs out (a running daemon rotates it by itself)"
+
+
+def _left(seconds: float) -> str:
+    return f"expires in {format_duration(seconds)}" if seconds > 0 else "EXPIRED"
+
+
+async def check_live(config: Config, states: dict[str, AccountState]) -> list[Finding]:
+    """Ask Kakao about each stored access token (``access_token_info``)."""
+    findings: list[Finding] = []
+    async with create_session() as session:
+        for name, state in states.items():
+            account = config.accounts[name]
+            client = KakaoClient(session, account.app)
+            label = f"{name}: Kakao"
+            try:
+                info = await client.access_token_info(state.tokens.access_token)
+            except AccessTokenRejected:
+                findings.append(
+                    Finding(
+                        label,
+                        WARNING,
+                        "Kakao no longer accepts the stored access token (-401)",
+                        f"`kakao-tokend{_flag(name)} refresh`",
+                    )
+                )
+            except ReloginRequired as exc:
+                findings.append(
+                    Finding(label, CRITICAL, str(exc), f"`kakao-tokend{_flag(name)} login`")
+                )
+            except KakaoConfigError as exc:
+                findings.append(Finding(label, CRITICAL, str(exc), exc.hint))
+            except KakaoError as exc:
+                findings.append(
+                    Finding(
+                        label,
+                        WARNING,
+                        f"Kakao could not be asked: {exc}",
+                        f"check that this machine reaches {account.app.api_url}",
+                    )
+                )
+            else:
+                findings.append(
+                    Finding(
+                        label,
+                        OK,
+                        f"access_token_info: user {info.user_id},"
+                        f" {format_duration(info.expires_in)} left",
+                    )
+                )
+    return findings
+
+
+async def check_clock(config: Config, *, clock: Clock = utcnow) -> Finding:
+    """Compare our clock with the ``Date`` header of Kakao's answer."""
+    account = next(iter(config.accounts.values()))
+    async with create_session() as session:
+        client = KakaoClient(session, account.app, clock=clock)
+        try:
+            kakao_time, ours = await client.server_clock()
+        except KakaoError as exc:
+            return Finding("clock", WARNING, f"could not read Kakao's clock: {exc}", None)
+    skew = (ours - kakao_time).total_seconds()
+    direction = "ahead of" if skew > 0 else "behind"
+    if abs(skew) <= CLOCK_SKEW_LIMIT:
+        return Finding("clock", OK, f"within {max(abs(skew), 1.0):.0f}s of Kakao's Date header")
+    return Finding(
+        "clock",
+        WARNING,
+        f"this machine's clock is {format_duration(abs(skew))} {direction} Kakao's"
+        " (its Date header); expiry times and the file-age estimates of `import` drift by as"
+        " much",
+        "turn on time synchronisation: `timedatectl set-ntp true` (or `chronyc makestep`"
+        " with chrony)",
+    )
+
+
+# --------------------------------------------------------------------------- access
+
+
+def check_socket(config: Config) -> Finding:
+    """Whether the calling user reaches the daemon over its socket."""
+    from .apiclient import daemon_running, socket_path
+
+    sock = socket_path(config)
+    try:
+        running = daemon_running(sock)
+    except KakaoTokendError as exc:
+        return Finding("socket", CRITICAL, exc.message, exc.hint)
+    if running:
+        return Finding("socket", OK, f"the daemon answers on {sock}")
+    return Finding(
+        "socket",
+        WARNING,
+        f"no daemon answers on {sock}: the tokens are not kept fresh",
+        "`systemctl enable --now kakao-tokend` (or run `kakao-tokend run`)",
+    )
+
+
+def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
+    """Whether ``who`` can read each published token file and connect to the socket."""
+    from .apiclient import socket_path
+
+    findings: list[Finding] = []
+    own = [config.state_dir, config.runtime_dir]
+    for account in config.accounts.values():
+        findings.append(
+            _consumer_finding(
+                f"{account.name}: token file for {who.label}",
+                account.token_file,
+                who,
+                "read",
+                own,
+                _publish_fix(account, who),
+            )
+        )
+    sock = socket_path(config)
+    socket_fix = (
+        f'set [api] socket_group = "{who.name if who.kind == "group" else "GROUP"}"'
+        ' (and socket_mode = "0660") in the config, then restart the daemon'
+    )
+    findings.append(
+        _consumer_finding(f"socket for {who.label}", sock, who, "connect", own, socket_fix)
+    )
+    return findings
+
+
+def _publish_fix(account: AccountConfig, who: access.Identity) -> str:
+    table = "[publish]" if account.name == "default" else f"[accounts.{account.name}.publish]"
+    if who.kind == "group":
+        return (
+            f'set {table} group = "{who.name}" and mode = "0640" in the config, then'
+            " `kakao-tokend reload`"
+        )
+    if account.token_file_group is not None:
+        return f"usermod -aG {account.token_file_group} {who.name}  (then log in again)"
+    return (
+        f'set {table} group = "GROUP" (a group of {who.name}) in the config, then'
+        " `kakao-tokend reload`"
+    )
+
+
+def _consumer_finding(
+    name: str,
+    target: Path,
+    who: access.Identity,
+    need: access.Need,
+    own: Iterable[Path],
+    target_fix: str,
+) -> Finding:
+    exists = target.exists()
+    verdict = access.probe(target, who, need=need) if exists else None
+    blocked = access.find_blocker(target, who, need=need, own_dirs=own)
+    if verdict is True or (verdict is None and blocked is None):
+        how = "checked as that user" if verdict is True else "by the permission bits"
+        what = "can read" if need == "read" else "can connect to"
+        if not exists:
+            return Finding(name, OK, f"the way to {target} is open (it does not exist yet)")
+        return Finding(name, OK, f"{who.label} {what} {target} ({how})")
+    if blocked is None:  # the kernel says no, the bits say yes: an ACL or a mount option
+        return Finding(
+            name,
+            CRITICAL,
+            f"{who.label} may not reach {target} (ACL or mount options; the bits allow it)",
+            f"check `getfacl` along {target}",
+        )
+    if blocked.reason == "does not exist":
+        return Finding(
+            name,
+            WARNING,
+            f"{blocked.path} does not exist yet: check again once there are tokens and the"
+            " daemon runs",
+            blocked.fix if who.kind == "group" else None,
+        )
+    fix = blocked.fix if blocked.fix is not None else target_fix
+    return Finding(name, CRITICAL, f"{blocked.path} {blocked.reason}", fix)
+
+
+def check_group_access(config: Config) -> list[Finding]:
+    """[publish] group and [api] socket_group: can members of the group reach the files?
+
+    Outside systemd nobody sets up the directories for the group; this says what to run.
+    """
+    findings: list[Finding] = []
+    own = [config.state_dir, config.runtime_dir]
+    for account in config.accounts.values():
+        if account.token_file_group is None:
+            continue
+        try:
+            who = access.group_identity(str(account.token_file_group))
+        except (KeyError, ValueError, OverflowError):
+            continue  # the config check already reports an unknown group
+        findings.append(
+            _group_way(f"{account.name}: [publish] group", account.token_file, who, "read", own)
+        )
+    if config.api.socket_group is not None:
+        from .apiclient import socket_path
+
+        try:
+            who = access.group_identity(str(config.api.socket_group))
+        except (KeyError, ValueError, OverflowError):
+            return findings
+        findings.append(_group_way("[api] socket_group", socket_path(config), who, "connect", own))
+    return findings
+
+
+def _group_way(
+    name: str, target: Path, who: access.Identity, need: access.Need, own: Sequence[Path]
+) -> Finding:
+    """Check the way to ``target`` for members of a group (the file itself may come later)."""
+    blocked = access.find_blocker(target, who, need=need, own_dirs=own)
+    if blocked is None:
+        verb = "read" if need == "read" else "connect to"
+        return Finding(name, OK, f"members of group {who.name} can {verb} {target}")
+    if blocked.reason == "does not exist":
+        return Finding(
+            name,
+            WARNING,
+            f"{blocked.path} does not exist; created later, group {who.name} could not enter it",
+            blocked.fix,
+        )
+    fix = blocked.fix
+    if fix is None:  # the file itself: the daemon writes it with the configured mode and group
+        fix = "check the mode and group settings for it in the config, then restart the daemon"
+    return Finding(
+        name,
+        WARNING,
+        f"group {who.name} cannot reach {target}: {blocked.path} {blocked.reason}",
+        fix,
+    )
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+Systemctl = Callable[[Sequence[str]], str | None]
+
+
+def _systemctl(args: Sequence[str]) -> str | None:
+    """Run ``systemctl ARGS``; return its stdout, or None when it cannot run."""
+    binary = shutil.which("systemctl")
+    if binary is None:
+        return None
+    try:
+        done = subprocess.run(
+            [binary, *args], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def check_unit(
+    config: Config,
+    *,
+    marker: Path = SYSTEMD_MARKER,
+    unit_dirs: Sequence[Path] | None = None,
+    systemctl: Systemctl = _systemctl,
+) -> Finding:
+    """When systemd runs this machine: is the unit installed, enabled and running?"""
+    if not marker.is_dir():
+        return Finding("systemd unit", OK, "no systemd on this machine; not checked", skipped=True)
+    system = paths.is_system_config(config.source) or os.geteuid() == 0
+    if unit_dirs is None:
+        unit_dirs = SYSTEM_UNIT_DIRS if system else _user_unit_dirs()
+    scope: list[str] = [] if system else ["--user"]
+    found = next(
+        (d / n for n in UNIT_NAMES for d in unit_dirs if (d / n).is_file()),
+        None,
+    )
+    if found is None:
+        where = unit_dirs[0]
+        fix = (
+            f"install -D -m 0644 systemd/{'' if system else 'user/'}kakao-tokend.service"
+            f" {where}/kakao-tokend.service && systemctl {' '.join(scope)} daemon-reload".replace(
+                "  ", " "
+            )
+        )
+        return Finding("systemd unit", WARNING, "kakao-tokend.service is not installed", fix)
+    if found.name == "kakao-tokend@.service":
+        return Finding("systemd unit", OK, f"the per-account template is installed: {found}")
+    state = systemctl([*scope, "is-active", "kakao-tokend.service"])
+    enabled = systemctl([*scope, "is-enabled", "kakao-tokend.service"])
+    if state is not None and state != "active":
+        start = " ".join(["systemctl", *scope, "enable", "--now", "kakao-tokend"])
+        return Finding(
+            "systemd unit",
+            WARNING,
+            f"{found} is installed but {state or 'not running'} ({enabled or 'unknown'})",
+            start,
+        )
+    return Finding("systemd unit", OK, f"{found} is installed ({state or '?'}, {enabled or '?'})")
+
+
+def _user_unit_dirs() -> list[Path]:
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [
+        home / "systemd" / "user",
+        Path("/etc/systemd/user"),
+        Path("/usr/lib/systemd/user"),
+    ]
+
+
+# --------------------------------------------------------------------------- all of them
+
+
+async def run_checks(
+    config_path: Path | None,
+    grade: Grade,
+    *,
+    consumer: access.Identity | None = None,
+    clock: Clock = utcnow,
+) -> list[Finding]:
+    """Run every check in order; later checks run on whatever the earlier ones could load."""
+    findings, config = check_config(config_path)
+    if config is None:
+        return findings
+    findings += check_directories(config)
+    account_findings, states = check_accounts(config, grade, now=clock())
+    findings += account_findings
+    findings += await check_live(config, states)
+    findings.append(await check_clock(config, clock=clock))
+    findings.append(check_socket(config))
+    findings += check_group_access(config)
+    if consumer is not None:
+        findings += check_consumer(config, consumer)
+    else:
+        findings.append(
+            Finding(
+                "consumer",
+                OK,
+                "not checked: name a program's user or group with --consumer USER|GROUP",
+                skipped=True,
+            )
+        )
+    findings.append(check_unit(config))
+    return findings
