@@ -216,6 +216,7 @@ class AccountManager:
         )
         self.status.write_pending = False
         self._adopt(state)
+        self._emit("adopted", f"{self.name}: adopted tokens", {"generation": state.generation})
         return True
 
     def planned_refresh_at(self) -> datetime | None:
