@@ -1208,13 +1208,15 @@ def emulator(
 ) -> None:
     """Run the Kakao emulator (kauth + kapi on one port) in the foreground.
 
-    Point a config at it with auth_url = api_url = the printed URL and
-    rest_api_key = "emulator-rest-key".
+    Prints a config for it: [kakao] pointing at it, the emulator's rotation window, and alert
+    thresholds scaled to its token lifetimes (so short tokens raise no false alarms). Add
+    [paths] and save it with mode 600 (it holds the emulator's client secret).
 
     \b
     Example:
       kakao-tokend emulator --port 8790 --access-lifetime 60s --rotation-window 59d
     """
+    from .demo import emulator_config
     from .emulator import EmulatorSettings, serve_emulator
 
     emu_settings = EmulatorSettings(
@@ -1224,8 +1226,15 @@ def emulator(
         consent="page" if consent == "page" else "auto",
         client_secret=client_secret or None,
     )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def announce(banner: str) -> None:
+        click.echo(banner)
+        click.echo("\nA config for it (add [paths] if you like; chmod 600, it holds a secret):\n")
+        click.echo(emulator_config(emu_settings, url), nl=False)
+
     try:
-        serve_emulator(host, port, emu_settings, announce=click.echo)
+        serve_emulator(host, port, emu_settings, announce=announce)
     except OSError as exc:
         raise KakaoTokendError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",
