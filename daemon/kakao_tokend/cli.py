@@ -52,7 +52,7 @@ from .errors import (
     StoreLocked,
     StoreWriteError,
 )
-from .tokens import format_duration, format_time, utcnow
+from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
 
 if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
@@ -354,9 +354,9 @@ def _describe_files(state: AccountState, account: AccountConfig) -> list[str]:
     return [
         f"  state file:  {account.state_file} (private, 0600)",
         f"  token file:  {account.token_file} (mode {account.token_file_mode:04o})",
-        f"  access token expires {format_time(tokens.access_expires_at)} "
+        f"  access token expires {format_local_time(tokens.access_expires_at)} "
         f"(in {format_duration(tokens.access_remaining(now).total_seconds())})",
-        f"  refresh token expires {format_time(tokens.refresh_expires_at)} "
+        f"  refresh token expires {format_local_time(tokens.refresh_expires_at)} "
         f"(in {format_duration(tokens.refresh_remaining(now).total_seconds())}){estimated}",
         f"  generation {state.generation}",
     ]
@@ -566,6 +566,16 @@ def _grade_refresh_left(
     return level
 
 
+def _local_time(text: object, missing: str = "-") -> str:
+    """Show a UTC time from JSON (the daemon's answers, alert bookkeeping) in local time."""
+    if not isinstance(text, str) or not text:
+        return missing
+    try:
+        return format_local_time(parse_time(text))
+    except ValueError:
+        return text
+
+
 def _account_flag(name: str) -> str:
     return "" if name == "default" else f" --account {name}"
 
@@ -583,15 +593,17 @@ def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
         refresh_when = (
             f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
         )
-        last = format_time(state.refreshed_at) if state.refreshed_at else "never"
+        last = format_local_time(state.refreshed_at) if state.refreshed_at else "never"
         rotation = (
-            f"{len(state.rotations)} (last {format_time(state.rotations[-1].at)})"
+            f"{len(state.rotations)} (last {format_local_time(state.rotations[-1].at)})"
             if state.rotations
             else "0"
         )
         lines += [
-            f"  access token:  expires {format_time(tokens.access_expires_at)} ({access_when})",
-            f"  refresh token: expires {format_time(tokens.refresh_expires_at)} ({refresh_when})",
+            f"  access token:  expires {format_local_time(tokens.access_expires_at)}"
+            f" ({access_when})",
+            f"  refresh token: expires {format_local_time(tokens.refresh_expires_at)}"
+            f" ({refresh_when})",
             f"  last refresh:  {last}",
             f"  generation:    {state.generation}",
             f"  rotations:     {rotation}",
@@ -680,7 +692,8 @@ def status(as_json: bool, warn: float, crit: float) -> None:
                 click.echo(line)
             for alert in item.data["alerts"]:
                 click.echo(
-                    f"  alert: {alert['severity']} {alert['condition']} since {alert['since']}:"
+                    f"  alert: {alert['severity']} {alert['condition']} since"
+                    f" {_local_time(alert['since'])}:"
                     f" {alert['message']}"
                 )
     click.get_current_context().exit(worst)
@@ -798,9 +811,11 @@ def refresh(lock_timeout: float) -> None:
             raise _daemon_failure(name, code, body)
         click.echo(
             f"refreshed {name} (by the daemon): access token expires"
-            f" {body['access_expires_at']} (in {format_duration(body['access_expires_in'])});"
+            f" {_local_time(body['access_expires_at'])}"
+            f" (in {format_duration(body['access_expires_in'])});"
             f" refresh token {'ROTATED' if body.get('rotated') else 'unchanged'}, expires"
-            f" {body['refresh_expires_at']} (in {format_duration(body['refresh_expires_in'])}"
+            f" {_local_time(body['refresh_expires_at'])}"
+            f" (in {format_duration(body['refresh_expires_in'])}"
             f"{', estimated' if body.get('refresh_expiry_estimated') else ''});"
             f" generation {body['generation']}"
         )
@@ -812,10 +827,11 @@ def refresh(lock_timeout: float) -> None:
     now = utcnow()
     tokens = state.tokens
     click.echo(
-        f"refreshed {account.name}: access token expires {format_time(tokens.access_expires_at)}"
+        f"refreshed {account.name}: access token expires"
+        f" {format_local_time(tokens.access_expires_at)}"
         f" (in {format_duration(tokens.access_remaining(now).total_seconds())}); "
         f"refresh token {'ROTATED' if rotated else 'unchanged'}, expires "
-        f"{format_time(tokens.refresh_expires_at)} "
+        f"{format_local_time(tokens.refresh_expires_at)} "
         f"(in {format_duration(tokens.refresh_remaining(now).total_seconds())}"
         f"{', estimated' if tokens.refresh_expiry_estimated else ''}); "
         f"generation {state.generation}"
@@ -947,7 +963,7 @@ def assess_described(
         level = max(level, EXIT_WARNING)
         problems.append(
             f"refresh failing ({item.get('last_error_class')}): {item.get('last_error')};"
-            f" next try {item.get('next_attempt_at')}"
+            f" next try {_local_time(item.get('next_attempt_at'))}"
         )
     if access_left <= 0 and level < EXIT_CRITICAL:
         level = max(level, EXIT_WARNING)
@@ -977,13 +993,13 @@ def assess_described(
         f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
     )
     lines = [
-        f"  access token:  expires {item['access_expires_at']} ({access_when})",
-        f"  refresh token: expires {item['refresh_expires_at']} ({refresh_when})",
-        f"  last refresh:  {item.get('refreshed_at') or 'never'}",
-        f"  next refresh:  {item.get('next_refresh_at') or '-'}",
+        f"  access token:  expires {_local_time(item['access_expires_at'])} ({access_when})",
+        f"  refresh token: expires {_local_time(item['refresh_expires_at'])} ({refresh_when})",
+        f"  last refresh:  {_local_time(item.get('refreshed_at'), 'never')}",
+        f"  next refresh:  {_local_time(item.get('next_refresh_at'))}",
         f"  generation:    {item.get('generation')}",
         f"  rotations:     {len(rotations)}"
-        + (f" (last {rotations[-1]['at']})" if rotations else ""),
+        + (f" (last {_local_time(rotations[-1]['at'])})" if rotations else ""),
         f"  daemon:        running, health {health}",
     ]
     return Assessment(name, level, problems, None, data, lines=lines)

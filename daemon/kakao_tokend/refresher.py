@@ -38,6 +38,7 @@ from .tokens import (
     TokenSet,
     backoff_delay,
     format_duration,
+    format_local_time,
     format_time,
     in_rotation_window,
     refresh_due_at,
@@ -332,7 +333,7 @@ class AccountManager:
             "account %s: Kakao says the access token expires %s, %s earlier than computed"
             " (clock skew?); planning by Kakao's time",
             self.name,
-            format_time(kakao_expiry),
+            format_local_time(kakao_expiry),
             format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
         )
         corrected = replace(
@@ -483,14 +484,14 @@ class AccountManager:
             " (in %s%s), rotated=%s, next refresh %s (in %s)",
             self.name,
             tokens.access_fingerprint,
-            format_time(tokens.access_expires_at),
+            format_local_time(tokens.access_expires_at),
             format_duration(tokens.access_remaining(now).total_seconds()),
             tokens.refresh_fingerprint,
-            format_time(tokens.refresh_expires_at),
+            format_local_time(tokens.refresh_expires_at),
             format_duration(tokens.refresh_remaining(now).total_seconds()),
             ", estimated" if tokens.refresh_expiry_estimated else "",
             "yes" if rotated else "no",
-            format_time(next_at) if next_at else "-",
+            format_local_time(next_at) if next_at else "-",
             format_duration((next_at - now).total_seconds()) if next_at else "-",
         )
         data = {"rotated": rotated, "generation": new_state.generation}
@@ -613,7 +614,7 @@ class AccountManager:
             label,
             message,
             status.attempt,
-            format_time(status.next_attempt_at),
+            format_local_time(status.next_attempt_at),
             format_duration(delay),
             (
                 f"expires in {format_duration(tokens.access_remaining(now).total_seconds())}"
