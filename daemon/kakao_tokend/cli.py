@@ -212,7 +212,7 @@ class TokendGroup(click.Group):
         except KakaoTokendError as exc:
             if debug:
                 traceback.print_exc(file=sys.stderr)
-            _fail(str(exc))
+            _fail(_with_login_fix(exc, ctx))
             ctx.exit(exit_code_for(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -225,6 +225,32 @@ class TokendGroup(click.Group):
                 f"internal error: {name}: {exc} (run with --debug for the traceback)", err=True
             )
             ctx.exit(EX_SOFTWARE)
+
+
+def _with_login_fix(exc: KakaoTokendError, ctx: click.Context) -> str:
+    """Return the error's text; for dead tokens with the account's login command, said once.
+
+    Kakao's client cannot name the account, so its ReloginRequired errors carry no command;
+    the CLI adds it here unless the message already says it.
+    """
+    text = str(exc)
+    if not isinstance(exc, ReloginRequired | StateMissing):
+        return text
+    settings = ctx.find_object(Settings)
+    account = settings.account if settings is not None else None
+    if account is None and settings is not None:
+        try:
+            account = settings.config(secrets=False).default_account
+        except KakaoTokendError:
+            account = None
+    return _said_once(text, account or "default")
+
+
+def _said_once(text: str, account: str) -> str:
+    """Return ``text`` ending with the login command for ``account``, unless it names one."""
+    if "kakao-tokend login" in text:
+        return text
+    return f"{text}; run `{_login_command(account)}`"
 
 
 class Duration(click.ParamType[float]):
@@ -509,7 +535,7 @@ def assess(
     """
     data: dict[str, Any] = {"account": name}
     if state is None:
-        problem = load_error or f"no tokens: run `kakao-tokend login{_account_flag(name)}`"
+        problem = load_error or f"no tokens: run `{_login_command(name)}`"
         data.update(level="critical", problems=[problem])
         return Assessment(name, EXIT_CRITICAL, [problem], None, data)
     tokens = state.tokens
@@ -551,7 +577,7 @@ def _grade_refresh_left(
     name: str, refresh_left: float, level: int, problems: list[str], *, warn: float, crit: float
 ) -> int:
     """Apply the refresh-token ladder (expired / < crit / < warn); return the new level."""
-    login_cmd = f"kakao-tokend login{_account_flag(name)}"
+    login_cmd = _login_command(name)
     if refresh_left <= 0:
         problems.append(f"refresh token expired; run `{login_cmd}`")
         return EXIT_CRITICAL
@@ -576,8 +602,11 @@ def _local_time(text: object, missing: str = "-") -> str:
         return text
 
 
-def _account_flag(name: str) -> str:
-    return "" if name == "default" else f" --account {name}"
+def _login_command(account: str) -> str:
+    """The exact login command for ``account`` (its one home is refresher.login_command)."""
+    from .refresher import login_command as command
+
+    return command(account)
 
 
 def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
@@ -608,8 +637,7 @@ def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
             f"  generation:    {state.generation}",
             f"  rotations:     {rotation}",
         ]
-        if state.relogin_reason:
-            lines.append(f"  relogin:       {state.relogin_reason}")
+    # A re-login reason is one of the problems: said once, with its fix.
     lines += [f"  ! {problem}" for problem in item.problems]
     return lines
 
@@ -739,7 +767,7 @@ async def _managed_refresh(
                     )
                 raise StateMissing(
                     f"account '{account.name}' has no tokens yet",
-                    hint=f"run `kakao-tokend login{_account_flag(account.name)}`",
+                    hint=f"run `{_login_command(account.name)}`",
                 )
             if before.relogin_reason:
                 raise ReloginRequired(
@@ -758,21 +786,21 @@ async def _managed_refresh(
                 await asyncio.sleep(0.5)
             else:
                 raise StoreWriteError(
-                    f"the new tokens of account '{account.name}' could not be saved: "
-                    f"{status.write_error}; they are lost when this command exits",
-                    hint="free disk space / fix permissions, then run `kakao-tokend login`",
+                    f"the new tokens of account '{account.name}' could not be saved"
+                    f" ({status.write_error}); they are lost when this command exits",
+                    hint="free disk space or fix permissions, then run"
+                    f" `{_login_command(account.name)}`",
                 )
     label = status.last_error_class or ""
     message = status.last_error or "refresh failed"
     if status.health is Health.RETRYING:
         if label == "lock_busy":
             raise StoreLocked(message)
-        raise KakaoUnavailable(f"refresh failed: {message}", hint="try again later")
+        # The message may carry its own hint already: add none, say "later" in the text.
+        raise KakaoUnavailable(f"refresh failed, try again later: {message}")
     if status.health is Health.RELOGIN:
-        raise ReloginRequired(
-            f"Kakao refused the refresh: {message}",
-            hint=f"run `kakao-tokend login{_account_flag(account.name)}`",
-        )
+        # The message ends with the login command (refresher); _with_login_fix checks.
+        raise ReloginRequired(f"account '{account.name}' needs a new login: {message}")
     if status.health is Health.CONFIG:
         raise KakaoConfigError(f"Kakao refused the refresh: {message}")
     if after is None:
@@ -914,12 +942,10 @@ def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendEr
     message = str(body.get("error") or body.get("last_error") or f"HTTP {code}")
     health = body.get("health")
     if code == 409:
-        return StateMissing(message, hint=f"run `kakao-tokend login{_account_flag(name)}`")
+        return StateMissing(message)  # the daemon's message already names the login command
     if health == "relogin":
-        return ReloginRequired(
-            f"Kakao refused the refresh: {message}",
-            hint=f"run `kakao-tokend login{_account_flag(name)}`",
-        )
+        # The daemon's message names the login command; _with_login_fix adds it if not.
+        return ReloginRequired(f"account '{name}' needs a new login: {message}")
     if health == "config":
         return KakaoConfigError(f"Kakao refused the refresh: {message}")
     if code == 404 or code == 400:
@@ -936,11 +962,10 @@ def assess_described(
 ) -> Assessment:
     """Grade one account from the daemon's /v1/status entry (same levels as ``assess``)."""
     name = str(item["account"])
-    flag = _account_flag(name)
     health = item.get("health", "ok")
     data: dict[str, Any] = {"account": name, "health": health}
     if "access_expires_in" not in item:
-        problem = f"no tokens: run `kakao-tokend login{flag}`"
+        problem = f"no tokens: run `{_login_command(name)}`"
         data.update(level="critical", problems=[problem])
         return Assessment(name, EXIT_CRITICAL, [problem], None, data, lines=[])
     access_left = float(item["access_expires_in"])
@@ -952,9 +977,7 @@ def assess_described(
         problems.append(f"re-login needed: {item['relogin_reason']}")
     elif health == "relogin":
         level = EXIT_CRITICAL
-        problems.append(
-            f"re-login needed: {item.get('last_error')}; run `kakao-tokend login{flag}`"
-        )
+        problems.append(_said_once(f"re-login needed: {item.get('last_error')}", name))
     if health == "config":
         level = EXIT_CRITICAL
         problems.append(f"Kakao says the configuration is wrong: {item.get('last_error')}")

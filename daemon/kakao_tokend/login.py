@@ -226,7 +226,7 @@ class LoginFlow:
             if error == "access_denied":
                 raise LoginCancelled(
                     "login was cancelled on Kakao's consent page",
-                    hint="run `kakao-tokend login` again and press Agree",
+                    hint=f"run `{login_command(self.account.name)}` again and press Agree",
                 )
             description = params.get("error_description") or "no description"
             raise LoginFailed(
@@ -243,7 +243,8 @@ class LoginFlow:
         if (via == "browser" or "state" in params) and params.get("state") != self.state:
             raise LoginStateMismatch(
                 "the login answer does not belong to this login attempt (state mismatch)",
-                hint="close old Kakao login tabs and run `kakao-tokend login` again",
+                hint=f"close old Kakao login tabs and run `{login_command(self.account.name)}`"
+                " again",
             )
         tokens = await client.exchange_code(
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
@@ -296,7 +297,7 @@ class LoginFlow:
             return _page(
                 "Login cancelled",
                 "You cancelled the Kakao login, so no tokens were stored. "
-                "Run `kakao-tokend login` again and press Agree to continue.",
+                f"Run `{login_command(self.account.name)}` again and press Agree to continue.",
                 ok=False,
             )
         except KakaoTokendError as exc:
@@ -379,7 +380,8 @@ class LoginFlow:
                 except TimeoutError:
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
-                        hint="run `kakao-tokend login --timeout 10m` again for more time",
+                        hint=f"run `{login_command(self.account.name)} --timeout 10m` again"
+                        " for more time",
                     ) from None
             finally:
                 explain.cancel()

@@ -523,7 +523,7 @@ class AccountManager:
         except StoreWriteError as exc:
             first = not self.status.write_pending
             self.status.write_pending = True
-            self.status.write_error = str(exc)
+            self.status.write_error = exc.message  # what failed; each report adds its fix once
             self._write_attempt += 1
             delay = min(WRITE_RETRY_MAX, WRITE_RETRY_INITIAL * 2 ** (self._write_attempt - 1))
             self._next_write_at = self.clock() + timedelta(seconds=delay)
@@ -648,6 +648,7 @@ class AccountManager:
             reason = (
                 "refresh response lost after rotation" if lost_response else str(exc)
             ) + f"; run `{login_command(self.name)}`"
+            status.last_error = reason  # what happened and its fix, said once (API, status)
             if not logged:
                 log.critical(
                     "account %s needs a new login: %s; stopped refreshing it — run `%s`",
