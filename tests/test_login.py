@@ -249,6 +249,117 @@ class TestPasted:
         assert any("ssh -L" in line and "127.0.0.1" in line for line in login.seen)
 
 
+class TestWaitingHelp:
+    """While `login` waits, it explains the failures that never reach it and checks pastes."""
+
+    async def test_a_mistyped_paste_is_rejected_locally_and_the_login_keeps_waiting(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+    ) -> None:
+        """`hello world`, an address without a code and the login URL itself are refused
+        with a hint, never sent to Kakao (no token request), and the real redirect address
+        pasted afterwards still completes the same login."""
+        login = await start_login()
+        stdin, stderr = login.proc.stdin, login.proc.stderr
+        assert stdin is not None and stderr is not None
+        for mistake, expected_hint in (
+            (b"hello world\n", "it contains spaces"),
+            (b"http://127.0.0.1:1/callback?foo=bar\n", "has no code="),
+            (login.url.encode() + b"\n", "that is the login URL itself"),
+            (b"short\n", "too short"),
+        ):
+            stdin.write(mistake)
+            await stdin.drain()
+            async with asyncio.timeout(10):
+                while True:
+                    line = (await stderr.readline()).decode()
+                    assert line, "".join(login.seen)
+                    login.seen.append(line)
+                    if "not a login answer" in line:
+                        break
+            assert expected_hint in line, line
+            assert "paste" in line.lower(), line  # the hint: what to paste instead
+            assert login.proc.returncode is None  # still waiting
+        assert emulator.stats.requests["token"] == 0  # nothing reached Kakao
+        location = await follow_authorize(login.url)
+        stdin.write(location.encode() + b"\n")
+        await stdin.drain()
+        code, out, err = await login.finish()
+        assert code == 0, err
+        assert "Login succeeded" in out
+        assert emulator.stats.requests["token"] == 1
+
+    async def test_a_paste_from_another_login_attempt_is_refused_before_kakao(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+    ) -> None:
+        """A redirect address whose state belongs to an older attempt is refused locally (its
+        code stays unused) and the login keeps waiting for the right one."""
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        stale = with_query(location, state="from-an-old-tab")
+        assert login.proc.stdin is not None and login.proc.stderr is not None
+        login.proc.stdin.write(stale.encode() + b"\n")
+        await login.proc.stdin.drain()
+        line = ""
+        async with asyncio.timeout(10):
+            while "not a login answer" not in line:
+                line = (await login.proc.stderr.readline()).decode()
+                assert line
+        assert "another login attempt" in line, line
+        assert emulator.stats.requests["token"] == 0
+        login.proc.stdin.write(location.encode() + b"\n")
+        await login.proc.stdin.drain()
+        code, _, err = await login.finish()
+        assert code == 0, err
+
+    async def test_while_waiting_login_explains_koe006(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """With a redirect URI Kakao does not know, the browser shows KOE006 and nothing ever
+        arrives: while waiting, `login` says what KOE006 means, names the exact URI to register
+        and where, before the final timeout error."""
+        config = write_login_config(tmp_path, emulator, redirect_port=free_port())
+        unregistered = emulator.settings.redirect_uris.pop()  # a typo at Kakao's side
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kakao_tokend",
+            "--config",
+            str(config),
+            "login",
+            "--no-browser",
+            "--timeout",
+            "4s",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert proc.stderr is not None
+        url = ""
+        async with asyncio.timeout(10):
+            while not url:
+                line = (await proc.stderr.readline()).decode()
+                assert line
+                url = line.strip() if line.strip().startswith("http") else ""
+        async with aiohttp.ClientSession() as session, session.get(url) as page:
+            assert "KOE006" in await page.text()  # what the person sees in the browser
+        _, err_bytes = await asyncio.wait_for(proc.communicate(), 20)
+        err = err_bytes.decode()
+        assert proc.returncode == 1, err
+        hint = next(line for line in err.splitlines() if "KOE006" in line)
+        assert unregistered in hint and "Redirect URI" in hint, hint
+        assert "kakao.redirect_uri" in hint, hint
+        lines = err.splitlines()
+        final = next(i for i, line in enumerate(lines) if line.startswith("error:"))
+        assert lines.index(hint) < final  # said while waiting, not after giving up
+        assert "KOE006" not in lines[final]  # and said once
+
+
 class TestParsePasted:
     """Pasted text to query parameters."""
 

@@ -23,7 +23,9 @@ from kakao_tokend.tokens import fingerprint
 ACCESS = "Xk3lP9qv0s8ZQe1Rr7tAaBbCcDdEeFfGgHhIiJjKk0000AAAAQ"
 REFRESH = "uR2mN8bT4yV6wX0zA1cD3eF5gH7jK9lQ1wE3rT5yU7iO9pAAAAR"
 PRIORITY_LINE = re.compile(r"^<[2-7]>")
-TERMINAL_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO |WARNING|ERROR|CRITICAL) ")
+TERMINAL_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ (DEBUG|INFO |WARNING|ERROR|CRITICAL) "
+)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -93,12 +95,14 @@ def test_journal_mode_prefixes_every_line_including_tracebacks(tmp_path: Path) -
 
 
 def test_terminal_mode_uses_readable_local_time_lines(tmp_path: Path) -> None:
-    """Not the journal (JOURNAL_STREAM inherited but not matching): 'YYYY-mm-dd HH:MM:SS LEVEL'."""
+    """Not the journal (JOURNAL_STREAM inherited but not matching): 'YYYY-mm-dd HH:MM:SS ZONE
+    LEVEL', the local time followed by the zone's name."""
     # A fixed-offset POSIX TZ (UTC+9, Korea), so "local time" is checkable without tzdata.
     out = run_child(LOGGING_SCRIPT, tmp_path / "stderr", journal=False, TZ="KST-9")
     lines = out.splitlines()
     assert not any(PRIORITY_LINE.match(line) for line in lines), out
     assert TERMINAL_LINE.match(lines[0])
+    assert lines[0][19:24] == " KST ", lines[0]
     assert lines[0].endswith(" WARNING token file is stale")
     assert any(line.endswith(" INFO  still running") for line in lines)
     assert "Traceback (most recent call last):" in lines

@@ -30,7 +30,7 @@ from .kakao import KakaoClient
 from .refresher import AccountEvent, AccountManager, Health, login_command
 from .state import AccountState
 from .store import AccountStore
-from .tokens import Clock, format_duration, format_time, parse_time, utcnow
+from .tokens import Clock, format_duration, format_local_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def current_conditions(
             "the refresh token has EXPIRED"
             if refresh_left <= 0
             else f"the refresh token expires in {format_duration(refresh_left)}"
-            f" ({format_time(tokens.refresh_expires_at)}) and was not renewed"
+            f" ({format_local_time(tokens.refresh_expires_at)}) and was not renewed"
         )
         found.append(
             Condition(

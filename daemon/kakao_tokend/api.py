@@ -24,7 +24,7 @@ from yarl import URL
 from . import __version__
 from .config import parse_duration
 from .metrics import CONTENT_TYPE, Metrics
-from .refresher import AccountManager, Health
+from .refresher import AccountManager, Health, login_command
 from .service import DAEMON, Daemon
 from .tokens import format_time
 
@@ -172,7 +172,9 @@ async def refresh(request: web.Request) -> web.Response:
     """Refresh one account now (shares an in-flight refresh) and report the result."""
     manager = _manager(request)
     if manager.state is None:
-        return _error(409, f"account {manager.name} has no tokens; run kakao-tokend login")
+        return _error(
+            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
+        )
     before = manager.state.generation
     before_refresh = manager.state.tokens.refresh_fingerprint
     await _within_timeout(request, manager.refresh(force=True, reason="API request"))
@@ -194,7 +196,9 @@ async def token(request: web.Request) -> web.Response:
         return _error(400, 'min_valid must be a duration such as "600", "90s" or "10m"')
     state = manager.state
     if state is None:
-        return _error(409, f"account {manager.name} has no tokens; run kakao-tokend login")
+        return _error(
+            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
+        )
     lifetime = state.tokens.access_lifetime.total_seconds()
     if min_valid >= lifetime * 0.95:
         return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
@@ -326,7 +330,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
     target = _target(manager, request)
     if manager.state is None:
-        raise _json_error(409, f"account {manager.name} has no tokens; run kakao-tokend login")
+        raise _json_error(
+            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
+        )
     if request.content_length is not None and request.content_length > settings.max_body:
         raise _json_error(
             413,

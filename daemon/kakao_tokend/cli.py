@@ -52,7 +52,7 @@ from .errors import (
     StoreLocked,
     StoreWriteError,
 )
-from .tokens import format_duration, format_time, utcnow
+from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
 
 if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
@@ -249,7 +249,7 @@ class TokendGroup(click.Group):
         except KakaoTokendError as exc:
             if debug:
                 traceback.print_exc(file=sys.stderr)
-            _fail(str(exc))
+            _fail(_with_login_fix(exc, ctx))
             ctx.exit(exit_code_for(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -262,6 +262,32 @@ class TokendGroup(click.Group):
                 f"internal error: {name}: {exc} (run with --debug for the traceback)", err=True
             )
             ctx.exit(EX_SOFTWARE)
+
+
+def _with_login_fix(exc: KakaoTokendError, ctx: click.Context) -> str:
+    """Return the error's text; for dead tokens with the account's login command, said once.
+
+    Kakao's client cannot name the account, so its ReloginRequired errors carry no command;
+    the CLI adds it here unless the message already says it.
+    """
+    text = str(exc)
+    if not isinstance(exc, ReloginRequired | StateMissing):
+        return text
+    settings = ctx.find_object(Settings)
+    account = settings.account if settings is not None else None
+    if account is None and settings is not None:
+        try:
+            account = settings.config(secrets=False).default_account
+        except KakaoTokendError:
+            account = None
+    return _said_once(text, account or "default")
+
+
+def _said_once(text: str, account: str) -> str:
+    """Return ``text`` ending with the login command for ``account``, unless it names one."""
+    if "kakao-tokend login" in text:
+        return text
+    return f"{text}; run `{_login_command(account)}`"
 
 
 class Duration(click.ParamType[float]):
@@ -397,9 +423,9 @@ def _describe_files(state: AccountState, account: AccountConfig) -> list[str]:
     return [
         f"  state file:  {account.state_file} (private, 0600)",
         f"  token file:  {account.token_file} (mode {account.token_file_mode:04o})",
-        f"  access token expires {format_time(tokens.access_expires_at)} "
+        f"  access token expires {format_local_time(tokens.access_expires_at)} "
         f"(in {format_duration(tokens.access_remaining(now).total_seconds())})",
-        f"  refresh token expires {format_time(tokens.refresh_expires_at)} "
+        f"  refresh token expires {format_local_time(tokens.refresh_expires_at)} "
         f"(in {format_duration(tokens.refresh_remaining(now).total_seconds())}){estimated}",
         f"  generation {state.generation}",
     ]
@@ -605,7 +631,7 @@ def assess(
     """
     data: dict[str, Any] = {"account": name}
     if state is None:
-        problem = load_error or f"no tokens: run `kakao-tokend login{_account_flag(name)}`"
+        problem = load_error or f"no tokens: run `{_login_command(name)}`"
         data.update(level="critical", problems=[problem])
         return Assessment(name, EXIT_CRITICAL, [problem], None, data)
     tokens = state.tokens
@@ -647,7 +673,7 @@ def _grade_refresh_left(
     name: str, refresh_left: float, level: int, problems: list[str], *, warn: float, crit: float
 ) -> int:
     """Apply the refresh-token ladder (expired / < crit / < warn); return the new level."""
-    login_cmd = f"kakao-tokend login{_account_flag(name)}"
+    login_cmd = _login_command(name)
     if refresh_left <= 0:
         problems.append(f"refresh token expired; run `{login_cmd}`")
         return EXIT_CRITICAL
@@ -662,8 +688,21 @@ def _grade_refresh_left(
     return level
 
 
-def _account_flag(name: str) -> str:
-    return "" if name == "default" else f" --account {name}"
+def _local_time(text: object, missing: str = "-") -> str:
+    """Show a UTC time from JSON (the daemon's answers, alert bookkeeping) in local time."""
+    if not isinstance(text, str) or not text:
+        return missing
+    try:
+        return format_local_time(parse_time(text))
+    except ValueError:
+        return text
+
+
+def _login_command(account: str) -> str:
+    """The exact login command for ``account`` (its one home is refresher.login_command)."""
+    from .refresher import login_command as command
+
+    return command(account)
 
 
 def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
@@ -679,21 +718,22 @@ def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
         refresh_when = (
             f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
         )
-        last = format_time(state.refreshed_at) if state.refreshed_at else "never"
+        last = format_local_time(state.refreshed_at) if state.refreshed_at else "never"
         rotation = (
-            f"{len(state.rotations)} (last {format_time(state.rotations[-1].at)})"
+            f"{len(state.rotations)} (last {format_local_time(state.rotations[-1].at)})"
             if state.rotations
             else "0"
         )
         lines += [
-            f"  access token:  expires {format_time(tokens.access_expires_at)} ({access_when})",
-            f"  refresh token: expires {format_time(tokens.refresh_expires_at)} ({refresh_when})",
+            f"  access token:  expires {format_local_time(tokens.access_expires_at)}"
+            f" ({access_when})",
+            f"  refresh token: expires {format_local_time(tokens.refresh_expires_at)}"
+            f" ({refresh_when})",
             f"  last refresh:  {last}",
             f"  generation:    {state.generation}",
             f"  rotations:     {rotation}",
         ]
-        if state.relogin_reason:
-            lines.append(f"  relogin:       {state.relogin_reason}")
+    # A re-login reason is one of the problems: said once, with its fix.
     lines += [f"  ! {problem}" for problem in item.problems]
     return lines
 
@@ -790,7 +830,8 @@ def status(as_json: bool, warn: float, crit: float) -> None:
                 click.echo(line)
             for alert in item.data["alerts"]:
                 click.echo(
-                    f"  alert: {alert['severity']} {alert['condition']} since {alert['since']}:"
+                    f"  alert: {alert['severity']} {alert['condition']} since"
+                    f" {_local_time(alert['since'])}:"
                     f" {alert['message']}"
                 )
     click.get_current_context().exit(worst)
@@ -847,7 +888,7 @@ async def _managed_refresh(
                     )
                 raise StateMissing(
                     f"account '{account.name}' has no tokens yet",
-                    hint=f"run `kakao-tokend login{_account_flag(account.name)}`",
+                    hint=f"run `{_login_command(account.name)}`",
                 )
             if before.relogin_reason:
                 raise ReloginRequired(
@@ -866,21 +907,21 @@ async def _managed_refresh(
                 await asyncio.sleep(0.5)
             else:
                 raise StoreWriteError(
-                    f"the new tokens of account '{account.name}' could not be saved: "
-                    f"{status.write_error}; they are lost when this command exits",
-                    hint="free disk space / fix permissions, then run `kakao-tokend login`",
+                    f"the new tokens of account '{account.name}' could not be saved"
+                    f" ({status.write_error}); they are lost when this command exits",
+                    hint="free disk space or fix permissions, then run"
+                    f" `{_login_command(account.name)}`",
                 )
     label = status.last_error_class or ""
     message = status.last_error or "refresh failed"
     if status.health is Health.RETRYING:
         if label == "lock_busy":
             raise StoreLocked(message)
-        raise KakaoUnavailable(f"refresh failed: {message}", hint="try again later")
+        # The message may carry its own hint already: add none, say "later" in the text.
+        raise KakaoUnavailable(f"refresh failed, try again later: {message}")
     if status.health is Health.RELOGIN:
-        raise ReloginRequired(
-            f"Kakao refused the refresh: {message}",
-            hint=f"run `kakao-tokend login{_account_flag(account.name)}`",
-        )
+        # The message ends with the login command (refresher); _with_login_fix checks.
+        raise ReloginRequired(f"account '{account.name}' needs a new login: {message}")
     if status.health is Health.CONFIG:
         raise KakaoConfigError(f"Kakao refused the refresh: {message}")
     if after is None:
@@ -919,9 +960,11 @@ def refresh(lock_timeout: float) -> None:
             raise _daemon_failure(name, code, body)
         click.echo(
             f"refreshed {name} (by the daemon): access token expires"
-            f" {body['access_expires_at']} (in {format_duration(body['access_expires_in'])});"
+            f" {_local_time(body['access_expires_at'])}"
+            f" (in {format_duration(body['access_expires_in'])});"
             f" refresh token {'ROTATED' if body.get('rotated') else 'unchanged'}, expires"
-            f" {body['refresh_expires_at']} (in {format_duration(body['refresh_expires_in'])}"
+            f" {_local_time(body['refresh_expires_at'])}"
+            f" (in {format_duration(body['refresh_expires_in'])}"
             f"{', estimated' if body.get('refresh_expiry_estimated') else ''});"
             f" generation {body['generation']}"
         )
@@ -933,10 +976,11 @@ def refresh(lock_timeout: float) -> None:
     now = utcnow()
     tokens = state.tokens
     click.echo(
-        f"refreshed {account.name}: access token expires {format_time(tokens.access_expires_at)}"
+        f"refreshed {account.name}: access token expires"
+        f" {format_local_time(tokens.access_expires_at)}"
         f" (in {format_duration(tokens.access_remaining(now).total_seconds())}); "
         f"refresh token {'ROTATED' if rotated else 'unchanged'}, expires "
-        f"{format_time(tokens.refresh_expires_at)} "
+        f"{format_local_time(tokens.refresh_expires_at)} "
         f"(in {format_duration(tokens.refresh_remaining(now).total_seconds())}"
         f"{', estimated' if tokens.refresh_expiry_estimated else ''}); "
         f"generation {state.generation}"
@@ -1019,12 +1063,10 @@ def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendEr
     message = str(body.get("error") or body.get("last_error") or f"HTTP {code}")
     health = body.get("health")
     if code == 409:
-        return StateMissing(message, hint=f"run `kakao-tokend login{_account_flag(name)}`")
+        return StateMissing(message)  # the daemon's message already names the login command
     if health == "relogin":
-        return ReloginRequired(
-            f"Kakao refused the refresh: {message}",
-            hint=f"run `kakao-tokend login{_account_flag(name)}`",
-        )
+        # The daemon's message names the login command; _with_login_fix adds it if not.
+        return ReloginRequired(f"account '{name}' needs a new login: {message}")
     if health == "config":
         return KakaoConfigError(f"Kakao refused the refresh: {message}")
     if code == 404 or code == 400:
@@ -1041,11 +1083,10 @@ def assess_described(
 ) -> Assessment:
     """Grade one account from the daemon's /v1/status entry (same levels as ``assess``)."""
     name = str(item["account"])
-    flag = _account_flag(name)
     health = item.get("health", "ok")
     data: dict[str, Any] = {"account": name, "health": health}
     if "access_expires_in" not in item:
-        problem = f"no tokens: run `kakao-tokend login{flag}`"
+        problem = f"no tokens: run `{_login_command(name)}`"
         data.update(level="critical", problems=[problem])
         return Assessment(name, EXIT_CRITICAL, [problem], None, data, lines=[])
     access_left = float(item["access_expires_in"])
@@ -1057,9 +1098,7 @@ def assess_described(
         problems.append(f"re-login needed: {item['relogin_reason']}")
     elif health == "relogin":
         level = EXIT_CRITICAL
-        problems.append(
-            f"re-login needed: {item.get('last_error')}; run `kakao-tokend login{flag}`"
-        )
+        problems.append(_said_once(f"re-login needed: {item.get('last_error')}", name))
     if health == "config":
         level = EXIT_CRITICAL
         problems.append(f"Kakao says the configuration is wrong: {item.get('last_error')}")
@@ -1068,7 +1107,7 @@ def assess_described(
         level = max(level, EXIT_WARNING)
         problems.append(
             f"refresh failing ({item.get('last_error_class')}): {item.get('last_error')};"
-            f" next try {item.get('next_attempt_at')}"
+            f" next try {_local_time(item.get('next_attempt_at'))}"
         )
     if access_left <= 0 and level < EXIT_CRITICAL:
         level = max(level, EXIT_WARNING)
@@ -1098,13 +1137,13 @@ def assess_described(
         f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
     )
     lines = [
-        f"  access token:  expires {item['access_expires_at']} ({access_when})",
-        f"  refresh token: expires {item['refresh_expires_at']} ({refresh_when})",
-        f"  last refresh:  {item.get('refreshed_at') or 'never'}",
-        f"  next refresh:  {item.get('next_refresh_at') or '-'}",
+        f"  access token:  expires {_local_time(item['access_expires_at'])} ({access_when})",
+        f"  refresh token: expires {_local_time(item['refresh_expires_at'])} ({refresh_when})",
+        f"  last refresh:  {_local_time(item.get('refreshed_at'), 'never')}",
+        f"  next refresh:  {_local_time(item.get('next_refresh_at'))}",
         f"  generation:    {item.get('generation')}",
         f"  rotations:     {len(rotations)}"
-        + (f" (last {rotations[-1]['at']})" if rotations else ""),
+        + (f" (last {_local_time(rotations[-1]['at'])})" if rotations else ""),
         f"  daemon:        running, health {health}",
     ]
     return Assessment(name, level, problems, None, data, lines=lines)
@@ -1479,13 +1518,15 @@ def emulator(
 ) -> None:
     """Run the Kakao emulator (kauth + kapi on one port) in the foreground.
 
-    Point a config at it with auth_url = api_url = the printed URL and
-    rest_api_key = "emulator-rest-key".
+    Prints a config for it: [kakao] pointing at it, the emulator's rotation window, and alert
+    thresholds scaled to its token lifetimes (so short tokens raise no false alarms). Add
+    [paths] and save it with mode 600 (it holds the emulator's client secret).
 
     \b
     Example:
       kakao-tokend emulator --port 8790 --access-lifetime 60s --rotation-window 59d
     """
+    from .demo import emulator_config
     from .emulator import EmulatorSettings, serve_emulator
 
     emu_settings = EmulatorSettings(
@@ -1495,8 +1536,15 @@ def emulator(
         consent="page" if consent == "page" else "auto",
         client_secret=client_secret or None,
     )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def announce(banner: str) -> None:
+        click.echo(banner)
+        click.echo("\nA config for it (add [paths] if you like; chmod 600, it holds a secret):\n")
+        click.echo(emulator_config(emu_settings, url), nl=False)
+
     try:
-        serve_emulator(host, port, emu_settings, announce=click.echo)
+        serve_emulator(host, port, emu_settings, announce=announce)
     except OSError as exc:
         raise KakaoTokendError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}",

@@ -30,6 +30,7 @@ __all__ = [
     "Config",
     "KakaoApp",
     "RefreshPolicy",
+    "TemplateConfig",
     "config_from_toml_text",
     "find_config_file",
     "load_config",
@@ -114,6 +115,21 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class TemplateConfig:
+    """One [[accounts.NAME.templates]] entry: a file the token is rendered into (templates.py)."""
+
+    source: Path
+    destination: Path
+    mode: int
+    group: str | None
+    #: Run (no shell) after the destination's content changed; empty for none.
+    command: tuple[str, ...] = ()
+    command_timeout: float = 30.0
+    #: The source's text as read when the configuration was loaded (and checked).
+    text: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     """One Kakao user account: its app and its files."""
 
@@ -131,6 +147,8 @@ class AccountConfig:
     #: Extra sinks: a file with only the access token; a KAKAO_ACCESS_TOKEN=... env file.
     access_token_file: Path | None = None
     env_file: Path | None = None
+    #: Files the token is rendered into, in the consumer's own format.
+    templates: tuple[TemplateConfig, ...] = ()
     #: [alerts] with this account's [accounts.NAME.alerts] overrides applied.
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
@@ -443,6 +461,15 @@ _ACCOUNT_KEYS: Final = (
     "hook_timeout",
     "access_token_file",
     "env_file",
+    "templates",
+)
+_TEMPLATE_KEYS: Final = (
+    "source",
+    "destination",
+    "mode",
+    "group",
+    "command",
+    "command_timeout",
 )
 _API_KEYS: Final = (
     "socket",
@@ -773,6 +800,11 @@ class _Checker:
         if app is None or mode is None or include is None or account_alerts is None:
             return None
         extras = self.account_extras(prefix or f"accounts.{name}", table)
+        if extras is not None and "templates" in table:
+            templates = self.templates(
+                table["templates"], f"{prefix}.templates", mode=mode, group=group, include=include
+            )
+            extras = None if templates is None else {**extras, "templates": templates}
         if extras is None:
             return None
         state_file, lock_file, token_file = (files[kind] for kind, _ in _FILE_KINDS)
@@ -833,6 +865,67 @@ class _Checker:
                 return None
             result.append(tuple(command))
         return tuple(result)
+
+    def templates(
+        self, value: Any, key: str, *, mode: int, group: str | None, include: bool
+    ) -> tuple[TemplateConfig, ...] | None:
+        """[[accounts.NAME.templates]]: read and check every source, so a bad one fails here."""
+        from .templates import TemplateProblem, compile_template, read_template_source
+
+        example = 'e.g. [[accounts.me.templates]] source = "bot.conf.tmpl", destination = "..."'
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            self.problem(key, f"expected a list of tables, {example}; got {_describe(value)}")
+            return None
+        result: list[TemplateConfig] = []
+        bad = False
+        for index, table in enumerate(value):
+            where = f"{key}[{index}]"
+            self.known_keys(table, _TEMPLATE_KEYS, where)
+            for required in ("source", "destination"):
+                if required not in table:
+                    self.problem(f"{where}.{required}", f"missing; {example}")
+            source = self.path(table["source"], f"{where}.source") if "source" in table else None
+            destination = (
+                self.path(table["destination"], f"{where}.destination")
+                if "destination" in table
+                else None
+            )
+            if destination is not None:
+                self.files.append((f"{where}.destination", destination, True))
+            values: dict[str, Any] = {"mode": mode, "group": group}
+            if "mode" in table:
+                values["mode"] = self.mode(table["mode"], f"{where}.mode")
+            if "group" in table:
+                values["group"] = self.group(table["group"], f"{where}.group")
+            if "command" in table:
+                values["command"] = self.command(table["command"], f"{where}.command")
+            if "command_timeout" in table:
+                timeout = self.duration(table["command_timeout"], f"{where}.command_timeout")
+                if timeout is not None and timeout <= 0:
+                    self.problem(f"{where}.command_timeout", 'must be more than 0s, e.g. "30s"')
+                    timeout = None
+                values["command_timeout"] = timeout
+            text: str | None = None
+            if source is not None:
+                try:
+                    text = read_template_source(source)
+                    compile_template(text, refresh_token_allowed=include)
+                except TemplateProblem as exc:
+                    self.problem(f"{where}.source", f"{source}: {exc}" if text else str(exc))
+                    text = None
+            if (
+                source is None
+                or destination is None
+                or text is None
+                or any(v is None for k, v in values.items() if k != "group")
+                or ("group" in table and values["group"] is None)
+            ):
+                bad = True
+                continue
+            result.append(
+                TemplateConfig(source=source, destination=destination, text=text, **values)
+            )
+        return None if bad else tuple(result)
 
     # -- [api] --------------------------------------------------------------------------------
 

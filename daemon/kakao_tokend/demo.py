@@ -12,28 +12,36 @@ import logging
 import signal
 import tempfile
 import time
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
-from .config import load_config
+from .alerts import Alert, current_conditions
+from .config import AccountConfig, AlertsConfig, RefreshPolicy, load_config
 from .emulator import EmulatorSettings, running_emulator
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from .refresher import AccountEvent
+from .refresher import AccountEvent, AccountManager, Health
 from .service import serve
 from .state import AccountState
 from .store import AccountStore
 from .systemd import setup_logging
-from .tokens import format_duration
+from .tokens import format_duration, utcnow
 
 log = logging.getLogger("kakao_tokend.demo")
 
 DEMO_ACCESS_LIFETIME = 8.0
 DEMO_REFRESH_LIFETIME = 40.0
 DEMO_ROTATION_WINDOW = 20.0
+#: The refresh-token lifetime Kakao hands out (60 days less a second): the yardstick the
+#: alert thresholds are scaled by.
+KAKAO_REFRESH_LIFETIME = 5183999.0
+#: A real alert shown on purpose: the last expiry threshold of a real 2-month refresh token.
+DEMONSTRATED_REFRESH_LEFT = 23 * 3600.0
 
-CONFIG_TEMPLATE = """\
+DEMO_CONFIG_HEAD = """\
 # Written by `kakao-tokend demo`: the emulator stands in for kauth/kapi.kakao.com.
 log_level = "info"
 
@@ -41,22 +49,82 @@ log_level = "info"
 state_dir = "{state_dir}"
 runtime_dir = "{runtime_dir}"
 
-[kakao]
-rest_api_key = "{client_id}"
-client_secret = "{client_secret}"
-auth_url = "{url}"
-api_url = "{url}"
-redirect_uri = "{redirect_uri}"
-scopes = ["talk_message"]
-timeout = "5s"
-connect_timeout = "2s"
-
-[refresh]
-heartbeat = "1s"
-retry_initial = "1s"
-retry_max = "2s"
-rotation_window = "{rotation_window}s"
 """
+
+
+def _seconds(value: float) -> str:
+    """A duration for the config in its largest whole unit ("30d", "6h") or to the millisecond."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f'"{int(value // size)}{unit}"'
+    return f'"{round(value, 3):g}s"'
+
+
+def scaled_alerts(settings: EmulatorSettings) -> AlertsConfig:
+    """Return [alerts] timings scaled from Kakao's lifetimes to the emulator's.
+
+    The refresh-token expiry thresholds (14d 7d 3d 1d of a 60-day token) shrink in proportion,
+    and any that a healthy daemon could still cross before its next refresh rotates the token
+    (the rotation window minus one access lifetime) is dropped: against the emulator, as
+    against Kakao, an expiry alert then always means that something is really wrong.
+    """
+    real = AlertsConfig()
+    scale = min(1.0, settings.refresh_lifetime / KAKAO_REFRESH_LIFETIME)
+    latest_healthy = settings.rotation_window - settings.access_lifetime
+    thresholds = tuple(t * scale for t in real.thresholds if t * scale < latest_healthy)
+    if not thresholds:  # a window shorter than one access lifetime: keep a last warning
+        thresholds = (real.thresholds[-1] * scale,)
+    return replace(
+        real,
+        thresholds=thresholds,
+        critical_below=real.critical_below * scale,
+        # No more often than once per access lifetime (Kakao's: 1 day against 6 hours).
+        repeat=max(real.repeat * scale, settings.access_lifetime),
+    )
+
+
+def emulator_config(settings: EmulatorSettings, url: str) -> str:
+    """Return the [kakao], [refresh] and [alerts] sections that fit the emulator at ``url``.
+
+    The rotation window is the emulator's (else every refresh near the end of a short refresh
+    token warns of a missed rotation) and the alert timings are scaled to its lifetimes
+    (else a 40-second refresh token raises a critical "expires in 38s" alert at once).
+    """
+    alerts = scaled_alerts(settings)
+    access = settings.access_lifetime
+    # Kakao's defaults, shrunk for second-long tokens (they stay as they are for real ones).
+    heartbeat = min(60.0, max(0.1, access / 8))
+    timeout, connect_timeout = min(30.0, max(1.0, access * 5 / 8)), min(10.0, max(0.5, access / 4))
+    retry_initial, retry_max = min(10.0, access / 8), min(300.0, access / 4)
+    secret = settings.client_secret
+    lines = [
+        "# kakao-tokend config for the Kakao emulator at " + url,
+        f"# (its tokens: access {format_duration(settings.access_lifetime)}, refresh"
+        f" {format_duration(settings.refresh_lifetime)}, rotated with less than"
+        f" {format_duration(settings.rotation_window)} left; alert timings scaled to match)",
+        "[kakao]",
+        f'rest_api_key = "{settings.client_id}"',
+        *([f'client_secret = "{secret}"'] if secret is not None else []),
+        f'auth_url = "{url}"',
+        f'api_url = "{url}"',
+        f'redirect_uri = "{settings.redirect_uris[0]}"',
+        'scopes = ["talk_message"]',
+        f"timeout = {_seconds(timeout)}",
+        f"connect_timeout = {_seconds(connect_timeout)}",
+        "",
+        "[refresh]",
+        f"rotation_window = {_seconds(settings.rotation_window)}",
+        f"heartbeat = {_seconds(heartbeat)}",
+        f"retry_initial = {_seconds(retry_initial)}",
+        f"retry_max = {_seconds(retry_max)}",
+        "",
+        "[alerts]",
+        "thresholds = [" + ", ".join(_seconds(t) for t in alerts.thresholds) + "]",
+        f"critical_below = {_seconds(alerts.critical_below)}",
+        f"repeat = {_seconds(alerts.repeat)}",
+        "# end of config",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 async def auto_login(
@@ -78,6 +146,35 @@ async def auto_login(
     me = await client.user_me(tokens.access_token)
     return AccountState(
         account=account, tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=me["id"]
+    )
+
+
+def demonstration_alert(account: AccountConfig, state: AccountState, client: KakaoClient) -> Alert:
+    """Return the alert a person would get a day before a real refresh token dies.
+
+    The real alert code words it (current_conditions with Kakao's real thresholds), for a
+    copy of the demo's token set whose refresh token has DEMONSTRATED_REFRESH_LEFT left.
+    """
+    now = utcnow()
+    doomed = replace(
+        state.tokens, refresh_expires_at=now + timedelta(seconds=DEMONSTRATED_REFRESH_LEFT)
+    )
+    manager = AccountManager(
+        account, store=AccountStore(account), client=client, policy=RefreshPolicy()
+    )
+    manager.state = replace(state, tokens=doomed)
+    manager.status.health = Health.OK
+    (condition,) = [
+        c for c in current_conditions(manager, AlertsConfig(), now) if c.name == "refresh_expiry"
+    ]
+    return Alert(
+        account.name,
+        condition.name,
+        condition.severity,
+        "firing",
+        condition.message,
+        condition.action,
+        now,
     )
 
 
@@ -107,21 +204,16 @@ async def run_demo_async(duration: float | None, workdir: Path) -> int:
         config_path.touch(mode=0o600)
         config_path.chmod(0o600)  # it holds the emulator's client secret inline
         config_path.write_text(
-            CONFIG_TEMPLATE.format(
-                state_dir=state_dir,
-                runtime_dir=workdir / "run",
-                client_id=settings.client_id,
-                client_secret=settings.client_secret,
-                url=emulator.url,
-                redirect_uri=settings.redirect_uris[0],
-                rotation_window=int(DEMO_ROTATION_WINDOW),
-            )
+            DEMO_CONFIG_HEAD.format(state_dir=state_dir, runtime_dir=workdir / "run")
+            + emulator_config(settings, emulator.url)
         )
         config = load_config(config_path)
         account = config.accounts["default"]
         session = create_session()
         try:
-            state = await auto_login(KakaoClient(session, account.app), session)
+            client = KakaoClient(session, account.app)
+            state = await auto_login(client, session)
+            demonstration = demonstration_alert(account, state, client)
         finally:
             await session.close()
         store = AccountStore(account)
@@ -137,6 +229,11 @@ async def run_demo_async(duration: float | None, workdir: Path) -> int:
             f" {format_duration(DEMO_REFRESH_LIFETIME)}; Kakao rotates the refresh token once"
             f" less than {format_duration(DEMO_ROTATION_WINDOW)} is left."
         )
+        print(
+            "  Nothing here needs you, so no alert will fire. This is what a real one looks like"
+            " (in the log, and on KakaoTalk, a webhook or a command if configured):"
+        )
+        print(f"  ⚑ [DEMONSTRATION — nothing is wrong] {demonstration.text()}")
         print("  logged in; the service now keeps the tokens fresh. Ctrl+C stops.\n")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -102,7 +102,9 @@ RATE_LIMIT_RETRY_AFTER = 60.0
 #: Longest piece of Kakao's own error text we quote.
 _QUOTE_LIMIT = 160
 
-LOGIN_HINT = "run `kakao-tokend login` to authorise again"
+# A ReloginRequired carries no "run `kakao-tokend login`" hint: this client does not know the
+# account, so the command is added once, with the right --account, by whoever reports the error
+# (refresher.login_command). Hints here only add what a login alone does not fix.
 
 
 class AccessTokenRejected(ReloginRequired):
@@ -213,11 +215,11 @@ _KOE_UNAVAILABLE: dict[str, str] = {
     "KOE237": "token issuance rate limit exceeded",
 }
 
-_KAPI_RELOGIN: dict[int, tuple[str, str]] = {
-    -101: ("the user is not linked to this app (unlinked)", LOGIN_HINT),
+_KAPI_RELOGIN: dict[int, tuple[str, str | None]] = {
+    -101: ("the user is not linked to this app (unlinked)", None),
     -103: (
         "the Kakao account is dormant or no longer exists",
-        "the user must reactivate the Kakao account, then run `kakao-tokend login`",
+        "the user must reactivate the Kakao account first",
     ),
 }
 
@@ -738,7 +740,6 @@ class KakaoClient:
                 endpoint=path,
                 status=status,
                 code=code,
-                hint=LOGIN_HINT,
             )
         if code in _KOE_CONFIG:
             meaning, hint = _KOE_CONFIG[code]
@@ -777,7 +778,6 @@ class KakaoClient:
                 endpoint=path,
                 status=status,
                 code=code or error,
-                hint=LOGIN_HINT,
             )
         raise self._status_fallback(path, answer, f" ({label}){quoted}", code or error)
 
@@ -823,7 +823,7 @@ class KakaoClient:
                 endpoint=path,
                 status=status,
                 code=code,
-                hint="refresh the access token once; if that fails too, " + LOGIN_HINT,
+                hint="refresh the access token once; if that fails too, log in again",
             )
         if number in _KAPI_RELOGIN:
             meaning, hint = _KAPI_RELOGIN[number]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import html
 import logging
+import string
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from aiohttp import web
 from .config import AccountConfig
 from .errors import KakaoError, KakaoTokendError, StateCorrupt
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
+from .refresher import login_command
 from .state import AccountState
 from .store import AccountStore
 from .tokens import Clock, TokenSet, utcnow
@@ -24,6 +26,8 @@ from .tokens import Clock, TokenSet, utcnow
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+#: When `login` explains KOE006 at the latest (a quarter of --timeout when that is shorter).
+KOE006_HELP_AFTER = 20.0
 
 Notify = Callable[[str], None]
 
@@ -95,6 +99,62 @@ def parse_pasted(text: str) -> dict[str, str]:
     return {"code": text}
 
 
+class PasteRejected(LoginFailed):
+    """A pasted line that cannot be a login answer; refused before anything reaches Kakao."""
+
+
+#: Shortest bare authorization code accepted: RFC 6749 §10.10 asks for at least 128 bits of
+#: entropy (22 URL-safe characters); Kakao's codes are far longer. Anything shorter is a typo.
+MIN_CODE_LENGTH = 16
+_CODE_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~+/=")
+
+
+def check_pasted(text: str, *, redirect_uri: str, state: str) -> dict[str, str]:
+    """Return the login answer in a pasted line, or raise PasteRejected saying what is wrong.
+
+    Only local checks: a code Kakao has not seen is never sent, because a failed exchange
+    ends the attempt (and a code that was sent can never be used again).
+    """
+    paste_hint = (
+        f"paste the whole address the browser ends up on after the login (it starts with"
+        f" {redirect_uri}?code=), or just its code, and press Enter"
+    )
+    text = text.strip()
+    params = parse_pasted(text)
+    if "?" in text or "://" in text or "=" in text:
+        if not params.get("code") and not params.get("error"):
+            if urlsplit(text).path.endswith("/oauth/authorize"):
+                raise PasteRejected(
+                    "that is the login URL itself",
+                    hint=f"open it in a browser, log in, then {paste_hint}",
+                )
+            raise PasteRejected("the address has no code= in it", hint=paste_hint)
+        if "state" in params and params["state"] != state:
+            raise PasteRejected(
+                "the address belongs to another login attempt (its state differs)",
+                hint=f"open the URL printed above, log in, then {paste_hint}",
+            )
+        return params
+    if any(character.isspace() for character in text):
+        raise PasteRejected("it contains spaces", hint=paste_hint)
+    if not set(text) <= _CODE_CHARACTERS:
+        raise PasteRejected("it has characters no authorization code has", hint=paste_hint)
+    if len(text) < MIN_CODE_LENGTH:
+        raise PasteRejected("it is too short for an authorization code", hint=paste_hint)
+    return params
+
+
+def koe006_help(redirect_uri: str, account: str) -> str:
+    """Explain the one login failure that never reaches us: Kakao's KOE006 error page."""
+    return (
+        f"Still waiting. If the browser shows a Kakao error page with KOE006, Kakao does not know"
+        f" the redirect URI {redirect_uri}: register exactly this address for the app (Kakao"
+        f" Developers > My Application > Kakao Login > Redirect URI; 카카오 로그인 > Redirect URI)"
+        f" or set kakao.redirect_uri to one that is registered, then run"
+        f" `{login_command(account)}` again."
+    )
+
+
 def _page(title: str, message: str, *, ok: bool) -> web.Response:
     colour = "#1a7f37" if ok else "#b42318"
     body = (
@@ -129,6 +189,7 @@ class LoginFlow:
         self._busy = asyncio.Lock()
         self._client: KakaoClient | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._notify: Notify = log.info
 
     def authorize_url(self, client: KakaoClient) -> str:
         """Return the Kakao authorize URL for this attempt."""
@@ -165,7 +226,7 @@ class LoginFlow:
             if error == "access_denied":
                 raise LoginCancelled(
                     "login was cancelled on Kakao's consent page",
-                    hint="run `kakao-tokend login` again and press Agree",
+                    hint=f"run `{login_command(self.account.name)}` again and press Agree",
                 )
             description = params.get("error_description") or "no description"
             raise LoginFailed(
@@ -182,7 +243,8 @@ class LoginFlow:
         if (via == "browser" or "state" in params) and params.get("state") != self.state:
             raise LoginStateMismatch(
                 "the login answer does not belong to this login attempt (state mismatch)",
-                hint="close old Kakao login tabs and run `kakao-tokend login` again",
+                hint=f"close old Kakao login tabs and run `{login_command(self.account.name)}`"
+                " again",
             )
         tokens = await client.exchange_code(
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
@@ -235,7 +297,7 @@ class LoginFlow:
             return _page(
                 "Login cancelled",
                 "You cancelled the Kakao login, so no tokens were stored. "
-                "Run `kakao-tokend login` again and press Agree to continue.",
+                f"Run `{login_command(self.account.name)}` again and press Agree to continue.",
                 ok=False,
             )
         except KakaoTokendError as exc:
@@ -266,7 +328,15 @@ class LoginFlow:
         """
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
+        self._notify = notify
         runner: web.AppRunner | None = None
+        # Kakao shows its KOE006 page in the browser and never redirects: say what it means
+        # once the answer is overdue for a person who clicked through.
+        explain = loop.call_later(
+            min(KOE006_HELP_AFTER, timeout / 4),
+            notify,
+            koe006_help(self.redirect.uri, self.account.name),
+        )
         async with create_session() as session:
             self._client = KakaoClient(session, self.account.app, clock=self.clock)
             url = self.authorize_url(self._client)
@@ -310,9 +380,11 @@ class LoginFlow:
                 except TimeoutError:
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
-                        hint="run `kakao-tokend login --timeout 10m` again for more time",
+                        hint=f"run `{login_command(self.account.name)} --timeout 10m` again"
+                        " for more time",
                     ) from None
             finally:
+                explain.cancel()
                 if runner is not None:
                     await runner.cleanup()
                 if not self._done.done():
@@ -338,16 +410,25 @@ class LoginFlow:
         return runner
 
     def _read_stdin(self, stdin: TextIO, loop: asyncio.AbstractEventLoop) -> None:
+        accepted = threading.Event()
+
         def deliver(line: str) -> None:
             if self._done is None or self._done.done():
                 return
-            task = loop.create_task(self._complete_pasted(line))
+            try:
+                params = check_pasted(line, redirect_uri=self.redirect.uri, state=self.state)
+            except PasteRejected as exc:
+                self._notify(f"That is not a login answer: {exc.message}; {exc.hint}.")
+                return
+            accepted.set()
+            task = loop.create_task(self._complete_pasted(params))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
         def reader() -> None:
-            # A daemon thread: a blocked readline must not keep the process alive.
-            while True:
+            # A daemon thread: a blocked readline must not keep the process alive. It reads
+            # until a line is accepted, so a mistyped paste can be followed by the right one.
+            while not accepted.is_set():
                 try:
                     line = stdin.readline()
                 except (OSError, ValueError):
@@ -359,10 +440,9 @@ class LoginFlow:
                         loop.call_soon_threadsafe(deliver, line)
                     except RuntimeError:
                         return  # the loop is closed: the login is over
-                    return
 
         threading.Thread(target=reader, name="login-stdin", daemon=True).start()
 
-    async def _complete_pasted(self, line: str) -> None:
+    async def _complete_pasted(self, params: Mapping[str, str]) -> None:
         with contextlib.suppress(KakaoTokendError):  # already handed to the waiter in run()
-            await self.complete(parse_pasted(line), via="pasted")
+            await self.complete(params, via="pasted")

@@ -36,7 +36,8 @@ LEVELS: Mapping[str, int] = {
 QUIET_LOGGERS = ("apscheduler", "aiohttp.access")
 
 TERMINAL_FORMAT = "%(asctime)s %(levelname)-5s %(message)s"
-TERMINAL_DATEFMT = "%Y-%m-%d %H:%M:%S"
+#: Local time with the zone's name (as tokens.format_local_time writes times in messages).
+TERMINAL_DATEFMT = "%Y-%m-%d %H:%M:%S %Z"
 
 _log = logging.getLogger("kakao_tokend")
 
@@ -189,7 +190,7 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
 
     ``level`` is one of :data:`LEVELS` (case-insensitive); ``stream`` defaults to ``sys.stderr``.
     When that stream is the journal, every line gets a ``<N>`` priority prefix and no timestamp;
-    otherwise lines look like ``2026-11-26 13:05:01 INFO  message`` in local time.
+    otherwise lines look like ``2026-11-26 13:05:01 KST INFO  message`` in local time.
     Also routes uncaught exceptions (main thread and other threads) through logging at CRITICAL,
     enables faulthandler, quiets APScheduler and aiohttp.access to WARNING, and installs a
     :class:`RedactingFilter` safety net.

@@ -38,6 +38,7 @@ from .tokens import (
     TokenSet,
     backoff_delay,
     format_duration,
+    format_local_time,
     format_time,
     in_rotation_window,
     refresh_due_at,
@@ -216,6 +217,7 @@ class AccountManager:
         )
         self.status.write_pending = False
         self._adopt(state)
+        self._emit("adopted", f"{self.name}: adopted tokens", {"generation": state.generation})
         return True
 
     def planned_refresh_at(self) -> datetime | None:
@@ -331,7 +333,7 @@ class AccountManager:
             "account %s: Kakao says the access token expires %s, %s earlier than computed"
             " (clock skew?); planning by Kakao's time",
             self.name,
-            format_time(kakao_expiry),
+            format_local_time(kakao_expiry),
             format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
         )
         corrected = replace(
@@ -482,14 +484,14 @@ class AccountManager:
             " (in %s%s), rotated=%s, next refresh %s (in %s)",
             self.name,
             tokens.access_fingerprint,
-            format_time(tokens.access_expires_at),
+            format_local_time(tokens.access_expires_at),
             format_duration(tokens.access_remaining(now).total_seconds()),
             tokens.refresh_fingerprint,
-            format_time(tokens.refresh_expires_at),
+            format_local_time(tokens.refresh_expires_at),
             format_duration(tokens.refresh_remaining(now).total_seconds()),
             ", estimated" if tokens.refresh_expiry_estimated else "",
             "yes" if rotated else "no",
-            format_time(next_at) if next_at else "-",
+            format_local_time(next_at) if next_at else "-",
             format_duration((next_at - now).total_seconds()) if next_at else "-",
         )
         data = {"rotated": rotated, "generation": new_state.generation}
@@ -521,7 +523,7 @@ class AccountManager:
         except StoreWriteError as exc:
             first = not self.status.write_pending
             self.status.write_pending = True
-            self.status.write_error = str(exc)
+            self.status.write_error = exc.message  # what failed; each report adds its fix once
             self._write_attempt += 1
             delay = min(WRITE_RETRY_MAX, WRITE_RETRY_INITIAL * 2 ** (self._write_attempt - 1))
             self._next_write_at = self.clock() + timedelta(seconds=delay)
@@ -612,7 +614,7 @@ class AccountManager:
             label,
             message,
             status.attempt,
-            format_time(status.next_attempt_at),
+            format_local_time(status.next_attempt_at),
             format_duration(delay),
             (
                 f"expires in {format_duration(tokens.access_remaining(now).total_seconds())}"
@@ -646,6 +648,7 @@ class AccountManager:
             reason = (
                 "refresh response lost after rotation" if lost_response else str(exc)
             ) + f"; run `{login_command(self.name)}`"
+            status.last_error = reason  # what happened and its fix, said once (API, status)
             if not logged:
                 log.critical(
                     "account %s needs a new login: %s; stopped refreshing it — run `%s`",

@@ -14,7 +14,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,6 +62,8 @@ class Daemon:
     only_account: str | None = None
     #: Extra listeners every account manager gets (the demo prints rotations through this).
     listeners: list[EventListener] = field(default_factory=list)
+    #: Called after every successful reload (templates re-render with the new configuration).
+    reload_listeners: list[Callable[[], None]] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _prepared_dirs: set[Path] = field(default_factory=set)
     #: Alert conditions and channels (set up by _alerts_ctx).
@@ -219,6 +221,8 @@ class Daemon:
                 f"; changed {', '.join(changed) or '-'}"
             )
             log.info("%s", message)
+            for listener in self.reload_listeners:
+                listener()
             systemd.ready(self.summary())
             return True, message
 
@@ -332,11 +336,12 @@ def build_app(
     app.cleanup_ctx.extend(
         [_instance_lock_ctx, _session_ctx, _accounts_ctx, _alerts_ctx, _scheduler_ctx, _systemd_ctx]
     )
-    from . import hooks
+    from . import hooks, templates
     from .api import add_routes
 
     add_routes(app)
     hooks.install(app, app[DAEMON])
+    templates.install(app, app[DAEMON])
     return app
 
 

@@ -54,6 +54,18 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def format_local_time(moment: datetime) -> str:
+    """Format an aware datetime for people: local wall-clock time and the zone's name.
+
+    ``2026-12-02 11:10:10 KST`` under TZ=Asia/Seoul; the zone follows $TZ or the system's
+    setting. Files and JSON use :func:`format_time` (UTC) instead.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("cannot format a datetime without a time zone")
+    local = moment.astimezone()
+    return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.strftime("%Z") or local.strftime("%z"))
+
+
 def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 timestamp into an aware UTC datetime; raise ValueError otherwise."""
     if not isinstance(text, str):

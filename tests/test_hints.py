@@ -1,0 +1,108 @@
+"""Each fix is said once: no line tells a person to run `kakao-tokend login` twice."""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+
+import pytest
+
+from daemonproc import login, run_cli, start_daemon, write_config
+from kakao_tokend.alerts import current_conditions
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.store import AccountStore, _write_error
+from kakao_tokend.tokens import utcnow
+
+pytestmark = pytest.mark.timeout(90)
+
+LOGIN = "kakao-tokend login"
+
+
+def check_lines(text: str, *, account: str) -> list[str]:
+    """Return the lines that name the login fix; assert each names it once, for ``account``."""
+    found = []
+    for line in text.splitlines():
+        count = line.count(LOGIN)
+        assert count <= 1, f"the fix is said {count} times: {line}"
+        assert ") (" not in line, f"two hints in a row: {line}"
+        if count:
+            assert f"{LOGIN} --account {account}" in line, f"wrong account in: {line}"
+            found.append(line)
+    return found
+
+
+async def test_a_dead_refresh_token_is_explained_with_one_fix_everywhere(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """After Kakao revokes the tokens (KOE322), the daemon's log, `status` (from the daemon
+    and from the files) and `refresh` (through the daemon and alone) each say what happened
+    and give the exact login command for the account exactly once per line."""
+    config = write_config(tmp_path, emulator, accounts=["bot"])
+    state = await login(emulator, config, "bot")
+    daemon = await start_daemon(config)
+    outputs: dict[str, str] = {}
+    try:
+        emulator.revoke_user_tokens(state.user_id or 0)
+        status, body = await daemon.api("POST", "/v1/accounts/bot/refresh")
+        assert status == 502 and body["health"] == "relogin", body
+        await daemon.wait_log("needs a new login")
+        for name, args in {
+            "status via the daemon": ("status",),
+            "refresh via the daemon": ("refresh",),
+        }.items():
+            code, out, err = await run_cli(config, "--account", "bot", *args)
+            assert code in (2, 77), (name, code, out, err)
+            outputs[name] = out + err
+    finally:
+        assert await daemon.stop() == 0
+    outputs["daemon log"] = daemon.log_text()
+    for name, args in {
+        "status from the files": ("status",),
+        "refresh from the files": ("refresh",),
+    }.items():
+        code, out, err = await run_cli(config, "--account", "bot", *args)
+        assert code in (2, 77), (name, code, out, err)
+        outputs[name] = out + err
+    for name, text in outputs.items():
+        said = check_lines(text, account="bot")
+        assert said, f"{name} never says how to fix it:\n{text}"
+    critical = [line for line in outputs["daemon log"].splitlines() if "needs a new login" in line]
+    assert critical and all("KOE322" in line for line in critical), critical
+    assert re.search(r"error: .*KOE322", outputs["refresh via the daemon"])
+
+
+async def test_a_state_that_cannot_be_saved_names_its_fix_once(
+    emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the disk is full, the write_failed alert says what failed and its fix once (the
+    store's own hint is not repeated inside the alert's message)."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    account = load_config(config).account()
+    store = AccountStore(account)
+    full = _write_error(store.state_path, OSError(errno.ENOSPC, "No space left on device"))
+
+    def disk_full(state: object) -> None:  # the OS edge: ENOSPC, exactly as the store reports it
+        raise full
+
+    async with create_session() as session:
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(session, account.app),
+            policy=load_config(config).refresh,
+        )
+        manager.load()
+        monkeypatch.setattr(store, "save", disk_full)
+        await manager.refresh(force=True, reason="test")
+    assert manager.status.write_pending
+    (condition,) = [
+        c for c in current_conditions(manager, account.alerts, utcnow()) if c.name == "write_failed"
+    ]
+    text = f"{condition.message}. Fix: {condition.action}"
+    assert "No space left on device" in text
+    assert text.count("free") == 1, text
