@@ -468,13 +468,13 @@ def test_alert_text_fits_kakaotalk_and_keeps_the_action() -> None:
         Severity.CRITICAL,
         "firing",
         "x" * 500,
-        "run `kakao-tokend login --account shop`",
+        "run `kakao-tokend --account shop login`",
         utcnow(),
         host="server",
     )
     text = alert.text(KAKAOTALK_TEXT_LIMIT)
     assert len(text) == KAKAOTALK_TEXT_LIMIT
-    assert text.endswith("Fix: run `kakao-tokend login --account shop`")
+    assert text.endswith("Fix: run `kakao-tokend --account shop login`")
     assert text.startswith("CRITICAL kakao-tokend shop@server: xxx")
 
 

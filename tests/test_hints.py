@@ -19,18 +19,18 @@ from kakao_tokend.tokens import utcnow
 
 pytestmark = pytest.mark.timeout(90)
 
-LOGIN = "kakao-tokend login"
+LOGIN = re.compile(r"kakao-tokend (?:--account \S+ )?login")
 
 
 def check_lines(text: str, *, account: str) -> list[str]:
     """Return the lines that name the login fix; assert each names it once, for ``account``."""
     found = []
     for line in text.splitlines():
-        count = line.count(LOGIN)
+        count = len(LOGIN.findall(line))
         assert count <= 1, f"the fix is said {count} times: {line}"
         assert ") (" not in line, f"two hints in a row: {line}"
         if count:
-            assert f"{LOGIN} --account {account}" in line, f"wrong account in: {line}"
+            assert f"kakao-tokend --account {account} login" in line, f"wrong account in: {line}"
             found.append(line)
     return found
 

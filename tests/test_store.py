@@ -447,7 +447,7 @@ def test_damaged_state_is_kept_aside(store: AccountStore, kind: str) -> None:
     assert not store.state_path.exists()
     message = str(info.value)
     assert str(kept) in message
-    assert "kakao-tokend login --account default" in message
+    assert "kakao-tokend --account default login" in message
     assert store.load() is None  # the damaged file no longer blocks a fresh login
 
 

@@ -285,9 +285,10 @@ def _with_login_fix(exc: KakaoTokendError, ctx: click.Context) -> str:
 
 def _said_once(text: str, account: str) -> str:
     """Return ``text`` ending with the login command for ``account``, unless it names one."""
-    if "kakao-tokend login" in text:
+    command = _login_command(account)
+    if command in text:
         return text
-    return f"{text}; run `{_login_command(account)}`"
+    return f"{text}; run `{command}`"
 
 
 class Duration(click.ParamType[float]):
@@ -549,11 +550,6 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
 
     result = _run_async(go())
     _report_import(path, account, result)
-
-
-def _login_command(name: str) -> str:
-    """Return the login command for account ``name`` (--account is a global option)."""
-    return "kakao-tokend login" if name == "default" else f"kakao-tokend --account {name} login"
 
 
 def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> None:

@@ -105,7 +105,10 @@ EventListener = Callable[[AccountEvent], None]
 
 def login_command(account: str) -> str:
     """Return the exact command that fixes a dead token set for ``account``."""
-    return "kakao-tokend login" + ("" if account == "default" else f" --account {account}")
+    # --account is a global option: it goes before the command (`login --account x` fails).
+    return (
+        "kakao-tokend login" if account == "default" else f"kakao-tokend --account {account} login"
+    )
 
 
 class AccountManager:

@@ -476,7 +476,7 @@ class AccountStore:
                 )
                 error.hint = (
                     f"restore a backup to {self.state_path}, or log in again with "
-                    f"`kakao-tokend login --account {self.name}`"
+                    f"`kakao-tokend --account {self.name} login`"
                 )
                 raise error from None
             if state.account != self.name:
@@ -505,8 +505,8 @@ class AccountStore:
                 raise StoreError(
                     f"state file {path} is damaged and could not be moved aside: "
                     f"{exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `kakao-tokend login --account "
-                    f"{self.name}`",
+                    hint=f"move it away by hand, then run `kakao-tokend --account "
+                    f"{self.name} login`",
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
@@ -518,7 +518,7 @@ class AccountStore:
                 raise StoreError(
                     f"state file {path} is damaged; a copy is in {target} but the original "
                     f"could not be removed: {exc.strerror or exc}",
-                    hint=f"remove it by hand, then run `kakao-tokend login --account {self.name}`",
+                    hint=f"remove it by hand, then run `kakao-tokend --account {self.name} login`",
                 ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)
