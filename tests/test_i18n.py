@@ -243,3 +243,22 @@ def test_a_catalog_text_with_wrong_placeholders_falls_back_to_english(
 
     monkeypatch.setattr(i18n, "translations", lambda language: Broken())
     assert N_("cleared: {what}", what="x").render("ko") == "cleared: x"
+
+
+def test_a_package_built_without_its_catalogs_sends_english_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the .mo is missing (a copy of the sources without the build step), Korean texts
+    fall back to English and one warning names the missing file and the fix.
+    """
+    monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
+    i18n.translations.cache_clear()
+    try:
+        assert N_("CRITICAL").render("ko") == "CRITICAL"
+        assert N_("WARNING").render("ko") == "WARNING"
+    finally:
+        i18n.translations.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert str(tmp_path / "ko" / "LC_MESSAGES" / "kakao_tokend.mo") in warnings[0]
+    assert "reinstall kakao-tokend with pip" in warnings[0]
