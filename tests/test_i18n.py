@@ -5,6 +5,7 @@ from __future__ import annotations
 import gettext
 import io
 import json
+import logging
 import shutil
 import string
 import subprocess
@@ -251,6 +252,7 @@ def test_a_package_built_without_its_catalogs_sends_english_and_says_why(
     """When the .mo is missing (a copy of the sources without the build step), Korean texts
     fall back to English and one warning names the missing file and the fix.
     """
+    caplog.set_level(logging.WARNING, logger="kakao_tokend.i18n")
     monkeypatch.setattr(i18n, "LOCALE_DIR", tmp_path)
     i18n.translations.cache_clear()
     try:
