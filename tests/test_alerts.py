@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,17 +19,37 @@ import aiohttp
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemonproc import login, run_cli, start_daemon, write_config
-from kakao_tokend.alerts import KAKAOTALK_TEXT_LIMIT, Alert, AlertCenter, Severity
+from kakao_tokend.alerts import (
+    KAKAOTALK_TEXT_LIMIT,
+    Alert,
+    AlertCenter,
+    Condition,
+    Severity,
+    current_conditions,
+    login_fix,
+    resolution_alert,
+)
 from kakao_tokend.cli import main
-from kakao_tokend.config import config_from_toml_text, load_config
+from kakao_tokend.config import (
+    ACCOUNT_NAME_RE,
+    AccountConfig,
+    AlertsConfig,
+    RefreshPolicy,
+    config_from_toml_text,
+    load_config,
+)
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.errors import ConfigError, StoreWriteError
+from kakao_tokend.i18n import LANGUAGES, N_, Language
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.refresher import AccountManager, Health, login_command
+from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
-from kakao_tokend.tokens import utcnow
+from kakao_tokend.tokens import TokenSet, utcnow
 
 # --------------------------------------------------------------------------- receivers
 
@@ -116,7 +138,8 @@ def command(tmp_path: Path) -> Command:
 
 
 def alerts_toml(webhook: Receiver | None, command: Command | None, **keys: str) -> str:
-    """Return an [alerts] section for the test config."""
+    """Return an [alerts] section for the test config (English, whatever the test's locale)."""
+    keys.setdefault("language", '"en"')
     lines = ["[alerts]", 'kakaotalk = "auto"']
     if webhook is not None:
         lines += [f'webhook_url = "{webhook.url}"', 'webhook_timeout = "1s"', "webhook_retries = 1"]
@@ -241,7 +264,7 @@ async def test_expiry_ladder_fires_each_threshold_once_on_every_channel(
     assert [a.severity for a in await harness.at(75)] == [Severity.CRITICAL]
     assert await harness.at(80) == []
     sent = await harness.at(101)
-    assert [(a.condition, a.message) for a in sent] == [
+    assert [(a.condition, str(a.message)) for a in sent] == [
         ("refresh_expiry", "the refresh token has EXPIRED")
     ]
     assert await harness.at(102) == []
@@ -334,7 +357,11 @@ async def test_failing_refresh_then_expiring_access_token_then_recovery(
     await harness.settle()
     assert await harness.at(1) == []
     assert [a.condition for a in await harness.at(3)] == ["refresh_failing"]
-    assert [a.condition for a in await harness.at(19)] == ["access_expiring"]
+    # 1.9 s before the access token's real expiry (inside the 2 s margin): measured from the
+    # token, not from the login, so that a slow, loaded machine still has a valid token to
+    # send the KakaoTalk alert with.
+    left = (harness.manager.state.tokens.access_expires_at - utcnow()).total_seconds()
+    assert [a.condition for a in await harness.at(left - 1.9)] == ["access_expiring"]
     assert webhook.conditions() == ["refresh_failing", "access_expiring"]
     assert command.conditions() == ["refresh_failing", "access_expiring"]
     assert len(inbox_texts(emulator)) == 2
@@ -460,22 +487,231 @@ async def test_failing_channels_block_neither_the_others_nor_the_refresh(
     assert "killed after 0.5s" in caplog.text
 
 
-def test_alert_text_fits_kakaotalk_and_keeps_the_action() -> None:
-    """A long message is shortened so the text fits 200 characters and the fix stays whole."""
-    alert = Alert(
-        "shop",
-        "relogin",
-        Severity.CRITICAL,
-        "firing",
-        "x" * 500,
-        "run `kakao-tokend --account shop login`",
-        utcnow(),
-        host="server",
+# --------------------------------------------------------------------------- the KakaoTalk memo
+
+
+@functools.cache
+def memo_account(name: str, state_dir: str = "/var/lib/kakao-tokend") -> AccountConfig:
+    """Return a real AccountConfig for ``name`` (parsed from TOML like any config)."""
+    text = (
+        f'[paths]\nstate_dir = "{state_dir}"\nruntime_dir = "/run/kt"\n'
+        f'[kakao]\nrest_api_key = "k"\n[accounts.{name}]\n'
     )
-    text = alert.text(KAKAOTALK_TEXT_LIMIT)
-    assert len(text) == KAKAOTALK_TEXT_LIMIT
-    assert text.endswith("Fix: run `kakao-tokend --account shop login`")
-    assert text.startswith("CRITICAL kakao-tokend shop@server: xxx")
+    return config_from_toml_text(text, source=None, environ={}).accounts[name]
+
+
+def memo_manager(
+    account: AccountConfig,
+    now: datetime,
+    *,
+    health: Health,
+    error_class: str | None = None,
+    access_left: float = 3600.0,
+    refresh_left: float = 30 * 86400.0,
+    failing_for: float | None = None,
+    write_error: str | None = None,
+    missed_rotation: bool = False,
+    has_state: bool = True,
+) -> AccountManager:
+    """Return a real AccountManager whose state and status are set to the given condition.
+
+    current_conditions() reads only the account, state, status and policy; the Kakao client
+    is never used, so none is given.
+    """
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=None,  # type: ignore[arg-type]
+        policy=RefreshPolicy(),
+        clock=lambda: now,
+    )
+    if has_state:
+        tokens = TokenSet(
+            access_token="a" * 40,
+            refresh_token="r" * 40,
+            access_expires_at=now + timedelta(seconds=access_left),
+            refresh_expires_at=now + timedelta(seconds=refresh_left),
+            access_issued_at=now + timedelta(seconds=access_left - 21599),
+        )
+        manager.state = AccountState(account.name, tokens)
+    status = manager.status
+    status.health = health
+    status.last_error_class = error_class
+    status.failing_since = now - timedelta(seconds=failing_for) if failing_for else None
+    status.write_pending = write_error is not None
+    status.write_error = write_error
+    status.missed_rotation = missed_rotation
+    return manager
+
+
+def firing(
+    account: AccountConfig,
+    condition: Condition,
+    host: str,
+    language: Language,
+    *,
+    repeat: bool = False,
+) -> Alert:
+    """Return the alert the AlertCenter would send for ``condition``."""
+    return Alert(
+        account.name,
+        condition.name,
+        condition.severity,
+        "firing",
+        condition.message,
+        condition.fix,
+        utcnow(),
+        host=host,
+        repeat=repeat,
+        brief=condition.brief,
+        hint=condition.hint,
+        language=language,
+    )
+
+
+def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() -> None:
+    """The reported cut ("…(on a remote se…"): with a long account and host name the memo
+    still ends its fix line with the complete login command, in English and in Korean; the
+    host is shortened instead.
+    """
+    account = memo_account("shop-notifications")
+    now = utcnow()
+    manager = memo_manager(account, now, health=Health.RELOGIN, error_class="KOE322")
+    host = "build-server-01.internal.example.com"
+    [condition] = current_conditions(manager, AlertsConfig(), now, host=host)
+    english = firing(account, condition, host, "en").memo()
+    assert len(english) <= KAKAOTALK_TEXT_LIMIT
+    assert english.splitlines()[:3] == [
+        "CRITICAL kakao-tokend shop-notifications@build-server-01.internal.example.com",
+        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Fix: run `kakao-tokend --account shop-notifications login`",
+    ]
+    korean = firing(account, condition, host, "ko", repeat=True).memo()
+    assert len(korean) <= KAKAOTALK_TEXT_LIMIT
+    assert korean.splitlines()[:3] == [
+        "긴급 (반복) kakao-tokend shop-notifications@build-server-01.internal.example.com",
+        "카카오가 토큰을 거부합니다(KOE322). 다시 로그인해야 합니다.",
+        "조치: `kakao-tokend --account shop-notifications login` 실행",
+    ]
+    # No room left for the ssh hint: the log has it.
+    assert "ssh -L" not in english + korean
+
+    # With short names the hint fits too.
+    account = memo_account("default")
+    manager = memo_manager(account, now, health=Health.RELOGIN, error_class="KOE322")
+    [condition] = current_conditions(manager, AlertsConfig(), now, host="box")
+    assert firing(account, condition, "box", "en").memo().splitlines() == [
+        "CRITICAL kakao-tokend default@box",
+        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Fix: run `kakao-tokend login`",
+        "on a remote server, log in through `ssh -L 8765:127.0.0.1:8765 box`.",
+    ]
+    assert firing(account, condition, "box", "ko").memo().splitlines()[-1] == (
+        "원격 서버라면 이렇게 접속해서 로그인하세요: `ssh -L 8765:127.0.0.1:8765 box`."
+    )
+
+
+#: Every condition current_conditions() can raise, as manager settings.
+MEMO_CASES: dict[str, dict[str, Any]] = {
+    "relogin": {"health": Health.RELOGIN},
+    "config": {"health": Health.CONFIG},
+    "no_tokens": {"health": Health.NO_STATE, "has_state": False},
+    "refresh_expiry": {"health": Health.OK, "refresh_left": 2 * 86400.0},
+    "refresh_expired": {"health": Health.OK, "refresh_left": -5.0},
+    "access_expiring": {"health": Health.RETRYING, "access_left": 30.0, "failing_for": 600.0},
+    "access_expired": {"health": Health.RETRYING, "access_left": -30.0, "failing_for": 600.0},
+    "refresh_failing": {"health": Health.RETRYING, "failing_for": 7200.0},
+    "write_failed": {"health": Health.OK, "write_error": "x"},
+    "missed_rotation": {"health": Health.OK, "missed_rotation": True},
+}
+
+host_names = st.text(
+    alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-."), min_size=1, max_size=253
+) | st.text(min_size=1, max_size=64)
+error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_busy"]) | st.text(
+    max_size=60
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    case=st.sampled_from(sorted(MEMO_CASES)),
+    name=st.from_regex(ACCOUNT_NAME_RE, fullmatch=True),
+    host=host_names,
+    language=st.sampled_from(LANGUAGES),
+    label=error_labels,
+    write_error=st.text(max_size=300),
+    state_dir=st.sampled_from(["/var/lib/kakao-tokend", "/home/" + "long-user-name/" * 20]),
+    left=st.floats(min_value=1, max_value=13 * 86400),
+    failing_for=st.floats(min_value=3600, max_value=400 * 86400),
+    repeat=st.booleans(),
+)
+def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
+    case: str,
+    name: str,
+    host: str,
+    language: Language,
+    label: str,
+    write_error: str,
+    state_dir: str,
+    left: float,
+    failing_for: float,
+    repeat: bool,
+) -> None:
+    """For any account name the config accepts, any host name, error label and duration, in
+    both languages: the memo is at most 200 characters and holds the condition line and the
+    fix line (with its exact command) whole; the resolution's memo holds what cleared.
+    """
+    account = memo_account(name, state_dir)
+    now = utcnow()
+    options = dict(MEMO_CASES[case])
+    if "refresh_left" in options and options["refresh_left"] > 0:
+        options["refresh_left"] = left
+    if "failing_for" in options:
+        options["failing_for"] = failing_for
+    if "write_error" in options:
+        options["write_error"] = write_error
+    manager = memo_manager(account, now, error_class=label, **options)
+    conditions = current_conditions(manager, AlertsConfig(), now, host=host)
+    assert conditions, case
+    for condition in conditions:
+        alert = firing(account, condition, host, language, repeat=repeat)
+        memo = alert.memo()
+        assert len(memo) <= KAKAOTALK_TEXT_LIMIT, memo
+        lines = memo.splitlines()
+        brief = (condition.brief or condition.message).render(language)
+        assert brief.rstrip(".") + "." in lines, (brief, memo)
+        fix = N_("Fix: {action}", action=condition.fix).render(language)
+        assert fix in lines, (fix, memo)
+        assert lines[0].startswith(alert.title(language) + " ")
+        assert name in lines[0]
+        if condition.fix == login_fix(name):
+            assert f"`{login_command(name)}`" in memo
+
+        record = {
+            "severity": condition.severity.label,
+            "message": str(condition.message),
+            "texts": {
+                "message": condition.message.to_json(),
+                "brief": (condition.brief or condition.message).to_json(),
+            },
+        }
+        resolved = resolution_alert(name, condition.name, record, now, host, language)
+        memo = resolved.memo()
+        assert len(memo) <= KAKAOTALK_TEXT_LIMIT, memo
+        assert brief.rstrip(".") in memo.splitlines()[1], memo
+
+
+def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:
+    """A resolution read from bookkeeping without saved texts (an older version's file) uses
+    the stored English message verbatim, cut so the memo still fits.
+    """
+    record = {"severity": "critical", "message": "y" * 400}
+    alert = resolution_alert("shop", "relogin", record, utcnow(), "h" * 64, "ko")
+    memo = alert.memo()
+    assert len(memo) <= KAKAOTALK_TEXT_LIMIT
+    assert memo.startswith("해결됨 ")
+    assert memo.splitlines()[1].startswith("해소됨: yyy") and memo.endswith("…")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -626,3 +862,121 @@ async def test_missing_talk_message_consent_is_logged_once(
     assert len([m for m in said if "--scope talk_message" in m]) == 1
     assert caplog.text.count("via kakaotalk failed (attempt 1/3)") == 2
     assert "via kakaotalk failed (attempt 2/3)" not in caplog.text
+
+
+# --------------------------------------------------------------------------- Korean
+
+
+async def test_korean_alerts_reach_every_channel_while_the_log_stays_english(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    webhook: Receiver,
+    command: Command,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With language = "ko" the KakaoTalk memo (with the configured link), the webhook and the
+    command get Korean texts; the journal line stays English. The resolution after the
+    rotation is Korean too.
+    """
+    caplog.set_level(logging.INFO, logger="kakao_tokend.alerts")
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(
+        webhook,
+        command,
+        thresholds='["60s"]',
+        language='"ko"',
+        kakaotalk_link='"https://status.example.com/kakao"',
+    )
+    harness = await make_harness(extra)
+    assert [a.condition for a in await harness.at(45)] == ["refresh_expiry"]
+
+    [memo] = inbox_texts(emulator)
+    lines = memo.splitlines()
+    assert lines[0] == "긴급 kakao-tokend default@box"  # below critical_below (3d)
+    assert lines[1].startswith("리프레시 토큰이 ") and "만료되는데" in lines[1]
+    assert lines[2] == "조치: `kakao-tokend login` 실행"
+    link = "https://status.example.com/kakao"
+    assert emulator.inbox()[0]["template"]["link"] == {"web_url": link, "mobile_web_url": link}
+    [post] = webhook.posts
+    assert post["language"] == "ko"
+    assert post["text"].startswith("긴급 kakao-tokend default@box: 리프레시 토큰이 ")
+    assert "조치: `kakao-tokend login` 실행 (원격 서버라면" in post["text"]
+    assert post["action"].startswith("`kakao-tokend login` 실행")
+    [env] = command.calls()
+    assert env["KAKAO_TOKEND_ALERT_MESSAGE"].startswith("리프레시 토큰이 ")
+    assert env["KAKAO_TOKEND_ALERT_LANGUAGE"] == "ko"
+    [line] = [r.getMessage() for r in caplog.records if "ALERT" in r.getMessage()]
+    assert "refresh_expiry: the refresh token expires in " in line
+    assert "fix: run `kakao-tokend login`" in line
+
+    await harness.manager.refresh(force=True, reason="test")  # rotates: resolved
+    await harness.settle()
+    assert webhook.conditions("resolved") == ["refresh_expiry"]
+    resolved = inbox_texts(emulator)[-1].splitlines()
+    assert resolved[0] == "해결됨 kakao-tokend default@box"
+    assert resolved[1].startswith("해소됨: 리프레시 토큰이 ")
+    assert webhook.posts[-1]["text"].startswith("해결됨 kakao-tokend default@box: refresh_expiry")
+
+
+async def run_cli_with_locale(config: Path, locale: str, *args: str) -> tuple[int, str]:
+    """Run the real CLI with LANG=``locale`` (LC_ALL and LC_MESSAGES unset)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANG")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kakao_tokend",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**env, "LANG": locale},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_without_a_configured_language_alerts_follow_the_locale(
+    tmp_path: Path, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """`alerts test` under LANG=ko_KR.UTF-8 sends Korean to KakaoTalk and the webhook; under
+    LANG=en_US.UTF-8 the same config sends English.
+    """
+    extra = alerts_toml(webhook, None).replace('language = "en"\n', "")
+    assert "language" not in extra
+    path = write_config(tmp_path, emulator, extra=extra)
+    await login(emulator, path)
+    code, out = await run_cli_with_locale(path, "ko_KR.UTF-8", "alerts", "test")
+    assert code == 0, out
+    assert webhook.posts[0]["text"].startswith("알림 kakao-tokend default@")
+    assert webhook.posts[0]["text"].endswith(
+        ": 테스트 알림: 이 채널은 정상입니다. 조치: 할 일 없음"
+    )
+    assert inbox_texts(emulator)[0].splitlines()[1:] == [
+        "테스트 알림: 이 채널은 정상입니다.",
+        "조치: 할 일 없음",
+    ]
+    code, out = await run_cli_with_locale(path, "en_US.UTF-8", "alerts", "test")
+    assert code == 0, out
+    assert webhook.posts[1]["text"].endswith(": test alert: this channel works. Fix: nothing to do")
+    assert webhook.posts[1]["language"] == "en"
+
+
+def test_alerts_language_and_link_are_checked(tmp_path: Path) -> None:
+    """language accepts "ko"/"en" (any case) and defaults to the locale (None);
+    kakaotalk_link must be an http(s) URL; mistakes are reported with their key.
+    """
+    base = '[paths]\nstate_dir = "/s"\nruntime_dir = "/r"\n[kakao]\nrest_api_key = "k"\n'
+    config = config_from_toml_text(base, source=None, environ={})
+    assert config.alerts.language is None and config.alerts.kakaotalk_link is None
+    text = base + '[alerts]\nlanguage = "KO"\nkakaotalk_link = "https://s.example.com/x"\n'
+    config = config_from_toml_text(text, source=None, environ={})
+    assert config.alerts.language == "ko"
+    assert config.alerts.kakaotalk_link == "https://s.example.com/x"
+    bad = base + '[alerts]\nlanguage = "jp"\nkakaotalk_link = "ftp://s.example.com"\n'
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml_text(bad, source=None, environ={})
+    problems = dict(caught.value.details)
+    assert set(problems) == {"alerts.language", "alerts.kakaotalk_link"}
+    assert '"ko" or "en"' in problems["alerts.language"]

@@ -1,13 +1,17 @@
-"""/metrics through the real socket: parses as Prometheus text and matches the daemon's state."""
+"""/metrics through the real socket: parses as Prometheus text, matches the daemon's state and
+passes promtool's lint."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
+from platform import python_version
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kakao_tokend import __version__
 from kakao_tokend.emulator import KakaoEmulator
 from test_api import Served, config_with, login, serving
 
@@ -94,3 +98,79 @@ async def test_metrics_are_computed_at_scrape_time(emulator: KakaoEmulator, tmp_
             await scrape(served), "kakao_tokend_access_token_expires_in_seconds", account="default"
         )
     assert 0.9 <= first - second <= 3
+
+
+async def test_refresh_durations_build_info_and_process_metrics(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Each refresh call lands in the duration histogram under its outcome: a slow Kakao
+    answer (0.6 s) above the 0.5 s bucket, a fast one below it, a 503 as a failure.
+    build_info names the version; the standard process and Python metrics are there.
+    """
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 200
+        emulator.inject("token", "slow", delay=0.6)
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 200
+        emulator.inject("token", "http503")
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502
+        samples = await scrape(served)
+    histogram = "kakao_tokend_refresh_duration_seconds"
+    ok = {"account": "default", "outcome": "success"}
+    failed = {"account": "default", "outcome": "failure"}
+    assert value(samples, f"{histogram}_count", **ok) == 2
+    assert value(samples, f"{histogram}_count", **failed) == 1
+    assert value(samples, f"{histogram}_bucket", le="0.5", **ok) == 1
+    assert value(samples, f"{histogram}_bucket", le="1.0", **ok) == 2
+    assert 0.6 <= value(samples, f"{histogram}_sum", **ok) < 2
+    assert value(samples, f"{histogram}_bucket", le="+Inf", **failed) == 1
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    build = value(samples, "kakao_tokend_build_info", version=__version__, python=python_version())
+    assert build == 1
+    names = {name for name, _ in samples}
+    for standard in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "python_info",
+        "python_gc_collections_total",
+    ):
+        assert standard in names, standard
+    memory = [v for (name, _), v in samples.items() if name == "process_resident_memory_bytes"]
+    assert memory[0] > 1_000_000
+
+
+async def test_a_real_scrape_passes_promtool_check_metrics(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`promtool check metrics` finds nothing to complain about in a real /metrics page with
+    two accounts, refreshes, a failure and the histogram (Debian's prometheus package ships
+    promtool; .ci/check-prometheus installs it).
+    """
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt install prometheus, or .ci/check-prometheus)")
+    config = config_with(tmp_path, emulator, "[accounts.a]\n[accounts.b]\n")
+    await login(emulator, config, "a")
+    await login(emulator, config, "b")
+    async with serving(config) as served:
+        await served.request("POST", "/v1/accounts/a/refresh")
+        emulator.inject("token", "http503")
+        await served.request("POST", "/v1/accounts/b/refresh")
+        status, text = await served.text("/metrics")
+    assert status == 200 and "kakao_tokend_refresh_duration_seconds_bucket" in text
+    proc = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    said, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
+    assert (proc.returncode, said.decode()) == (0, "")

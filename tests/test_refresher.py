@@ -115,7 +115,9 @@ async def test_relogin_needed_is_persisted_and_stops_planning(
     stored = manager.store.load()
     assert stored is not None and stored.relogin_reason
     assert "kakao-tokend login" in stored.relogin_reason
-    assert [e.kind for e in events] == ["relogin"]
+    # The refused call is timed (for /metrics' histogram), then the relogin is announced.
+    assert [e.kind for e in events] == ["refresh_call", "relogin"]
+    assert events[0].data["outcome"] == "failure"
     requests = emulator.stats.requests["token"]
     await manager.tick()
     assert emulator.stats.requests["token"] == requests  # no hammering

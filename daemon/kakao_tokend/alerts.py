@@ -6,6 +6,11 @@ sends each change once: to the log (always; the log level is the severity) and, 
 tasks, to KakaoTalk "send to me", a webhook and a command. What was sent is saved next to the
 state file, so a restart sends nothing twice. No alert, log line or environment variable ever
 carries a token.
+
+Alert texts are :mod:`~kakao_tokend.i18n` messages: the channels get them in the account's
+``[alerts] language`` (Korean or English), the log always in English (its lines are what the
+operator's guide and ``journalctl -g`` recipes quote). A KakaoTalk memo is composed to fit
+Kakao's 200 characters with the condition and the exact command whole (:meth:`Alert.memo`).
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ import aiohttp
 
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
+from .i18n import N_, Duration, Language, Message, resolve_language
 from .kakao import KakaoClient
-from .refresher import AccountEvent, AccountManager, Health, login_command
+from .refresher import AccountEvent, AccountManager, AccountStatus, Health, login_command
 from .state import AccountState
 from .store import AccountStore
-from .tokens import Clock, format_duration, format_local_time, format_time, parse_time, utcnow
+from .tokens import Clock, format_local_time, format_time, parse_time, utcnow
 
 log = logging.getLogger(__name__)
 
 #: Kakao's limit for the text of a "send to me" message.
 KAKAOTALK_TEXT_LIMIT = 200
+#: Error labels (``KOE322``, ``http503`` ...) are cut to this many characters in alert texts,
+#: so that a memo always has room for the condition and the command.
+REASON_LIMIT = 20
 #: Retries for KakaoTalk and the command (the webhook has its own setting).
 CHANNEL_RETRIES = 2
 #: First wait before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX.
@@ -66,103 +75,241 @@ class Severity(enum.IntEnum):
         """Return "info", "warning" or "critical"."""
         return self.name.lower()
 
+    @property
+    def title(self) -> Message:
+        """Return the word that opens an alert's text ("CRITICAL", "긴급" ...)."""
+        return _SEVERITY_TITLES[self]
+
     @classmethod
     def parse(cls, text: str) -> Severity:
         """Return the severity named ``text`` ("info", "warning", "critical")."""
         return cls[text.upper()]
 
 
+_SEVERITY_TITLES = {
+    Severity.INFO: N_("INFO"),
+    Severity.WARNING: N_("WARNING"),
+    Severity.CRITICAL: N_("CRITICAL"),
+}
+
 AlertState = Literal["firing", "resolved"]
+
+
+def full_action(fix: Message, hint: Message | None) -> Message:
+    """Return the whole fix: the fix itself, then the hint in parentheses."""
+    return fix if hint is None else N_("{fix} ({hint})", fix=fix, hint=hint)
 
 
 @dataclass(frozen=True)
 class Condition:
-    """Something that is wrong with an account right now."""
+    """Something that is wrong with an account right now, and what fixes it.
+
+    A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
+    both short, with the exact command in ``fix``. ``hint`` and the long ``message`` go where
+    there is room; the log, the webhook and the command always get everything.
+    """
 
     name: str
     severity: Severity
-    message: str
-    action: str
+    message: Message
+    fix: Message
     #: For the expiry ladder: the threshold crossed (seconds; 0 = expired). More severe = lower.
     stage: float | None = None
+    brief: Message | None = None
+    hint: Message | None = None
+
+    @property
+    def action(self) -> Message:
+        """Return the whole fix (``fix`` plus ``hint``)."""
+        return full_action(self.fix, self.hint)
 
 
 @dataclass(frozen=True)
 class Alert:
-    """One notification about a condition: it started (again) or it cleared."""
+    """One notification about a condition: it started (again) or it cleared.
+
+    ``fix`` is None for a resolution. Every text is rendered in ``language`` when sent.
+    """
 
     account: str
     condition: str
     severity: Severity
     state: AlertState
-    message: str
-    action: str
+    message: Message
+    fix: Message | None
     at: datetime
     host: str = field(default_factory=socket.gethostname)
     repeat: bool = False
     test: bool = False
+    brief: Message | None = None
+    hint: Message | None = None
+    language: Language = "en"
 
-    def text(self, limit: int | None = None) -> str:
-        """Return the one-paragraph human text, cut to ``limit`` characters if given.
+    @property
+    def action(self) -> Message | None:
+        """Return the whole fix (``fix`` plus ``hint``); None for a resolution."""
+        return None if self.fix is None else full_action(self.fix, self.hint)
 
-        The action (what to do) is kept whole when possible; the message is shortened first.
-        """
+    def title(self, language: Language) -> str:
+        """Return "CRITICAL", "CRITICAL (repeat)", "RESOLVED" ... in ``language``."""
         if self.state == "resolved":
-            head = f"RESOLVED kakao-tokend {self.account}@{self.host}: "
-        else:
-            again = " (repeat)" if self.repeat else ""
-            head = f"{self.severity.label.upper()}{again} kakao-tokend {self.account}@{self.host}: "
-        body = self.message.rstrip(".") + "."
-        tail = f" Fix: {self.action}" if self.action and self.state == "firing" else ""
-        text = head + body + tail
-        if limit is None or len(text) <= limit:
-            return text
-        room = limit - len(head) - len(tail)
-        if room >= 30:
-            return head + body[: room - 1] + "…" + tail
-        return text[: limit - 1] + "…"
+            return N_("RESOLVED").render(language)
+        if self.repeat:
+            return N_("{severity} (repeat)", severity=self.severity.title).render(language)
+        return self.severity.title.render(language)
+
+    def text(self) -> str:
+        """Return the whole text as one paragraph (webhook, command), in the alert's language."""
+        language = self.language
+        head = f"{self.title(language)} kakao-tokend {self.account}@{self.host}: "
+        body = _sentence(self.message.render(language))
+        action = self.action
+        if action is None or self.state != "firing":
+            return head + body
+        return head + body + " " + N_("Fix: {action}", action=action).render(language)
+
+    def memo(self, limit: int = KAKAOTALK_TEXT_LIMIT) -> str:
+        """Return the KakaoTalk text: at most ``limit`` characters, condition and fix whole.
+
+        Lines, from the last given up to the first: the condition in brief and the fix with
+        its exact command; the severity and account; the tool's name and the host (cut first);
+        the hint; a pointer to the log when something did not fit.
+        """
+        language = self.language
+        brief = _sentence((self.brief or self.message).render(language))
+        fix = ""
+        if self.state == "firing" and self.fix is not None:
+            fix = N_("Fix: {action}", action=self.fix).render(language)
+        required = [line for line in (brief, fix) if line]
+        room = limit - sum(len(line) + 1 for line in required)
+        title = self.title(language)
+        head = _memo_head(title, self.account, self.host, room)
+        if len(head) > room:  # only a text from outside the catalog can be this long
+            smallest = f"{title} {self.account}"
+            keep = limit - len(smallest) - len(fix) - 2
+            head, brief = smallest, brief[: max(0, keep - 1)] + "…"
+            required = [line for line in (brief, fix) if line]
+        lines = [head, *required]
+        used = sum(len(line) for line in lines) + len(lines) - 1
+        left_out = self.brief is not None and self.brief != self.message
+        if self.hint is not None and self.state == "firing":
+            hint = _sentence(self.hint.render(language))
+            if used + 1 + len(hint) <= limit:
+                lines.append(hint)
+                used += 1 + len(hint)
+            else:
+                left_out = True
+        if left_out and LOG_COMMAND not in "".join(lines):
+            more = N_("More in the log: `{command}`", command=LOG_COMMAND).render(language)
+            if used + 1 + len(more) <= limit:
+                lines.append(more)
+        return "\n".join(lines)[:limit]
 
     def payload(self) -> dict[str, Any]:
         """Return the webhook's JSON body: a plain ``text`` plus structured fields."""
+        action = self.action
         return {
             "text": self.text(),
             "account": self.account,
             "condition": self.condition,
             "severity": self.severity.label,
             "state": self.state,
-            "message": self.message,
-            "action": self.action,
+            "message": self.message.render(self.language),
+            "action": "" if action is None else action.render(self.language),
             "at": format_time(self.at),
             "host": self.host,
             "repeat": self.repeat,
             "test": self.test,
+            "language": self.language,
         }
 
     def environ(self) -> dict[str, str]:
         """Return the KAKAO_TOKEND_ALERT_* variables for the command."""
+        action = self.action
         return {
             "KAKAO_TOKEND_ALERT_ACCOUNT": self.account,
             "KAKAO_TOKEND_ALERT_CONDITION": self.condition,
             "KAKAO_TOKEND_ALERT_SEVERITY": self.severity.label,
             "KAKAO_TOKEND_ALERT_STATE": self.state,
-            "KAKAO_TOKEND_ALERT_MESSAGE": self.message,
-            "KAKAO_TOKEND_ALERT_ACTION": self.action,
+            "KAKAO_TOKEND_ALERT_MESSAGE": self.message.render(self.language),
+            "KAKAO_TOKEND_ALERT_ACTION": "" if action is None else action.render(self.language),
             "KAKAO_TOKEND_ALERT_AT": format_time(self.at),
             "KAKAO_TOKEND_ALERT_HOST": self.host,
             "KAKAO_TOKEND_ALERT_TEXT": self.text(),
+            "KAKAO_TOKEND_ALERT_LANGUAGE": self.language,
         }
+
+
+def _sentence(text: str) -> str:
+    """End ``text`` with exactly one full stop."""
+    return text.rstrip(".") + "."
+
+
+def _printable(text: str) -> str:
+    """Replace line breaks and other control characters, which would break a memo's lines."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _memo_head(title: str, account: str, host: str, room: int) -> str:
+    """Return the richest first line that fits ``room``: title, tool, account and host."""
+    host = _printable(host)
+    full = f"{title} kakao-tokend {account}@{host}"
+    if len(full) <= room:
+        return full
+    cut = f"{title} kakao-tokend {account}@"
+    if room - len(cut) >= 8:  # a recognisable start of the host name
+        return cut + host[: room - len(cut) - 1] + "…"
+    for head in (f"{title} kakao-tokend {account}", f"{title} {account}"):
+        if len(head) <= room:
+            return head
+    return f"{title} {account}"
 
 
 # --------------------------------------------------------------------------- conditions
 
 
-def login_action(account: AccountConfig, host: str | None = None) -> str:
-    """Return what to run to log in again, with the ssh port-forward hint for remote servers."""
+def _reason(label: str | None, default: str) -> str:
+    """Return an error label for a text, cut to REASON_LIMIT characters."""
+    text = _printable(label or default)
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 1] + "…"
+
+
+def login_fix(account: str) -> Message:
+    """Return the fix for dead tokens: the exact login command."""
+    return N_("run `{command}`", command=login_command(account))
+
+
+def login_hint(account: AccountConfig, host: str | None = None) -> Message:
+    """Return the ssh port-forward hint for logging in on a remote server."""
     port = urlsplit(account.app.redirect_uri).port or 80
-    where = host or socket.gethostname()
-    return (
-        f"run `{login_command(account.name)}` (on a remote server forward the login redirect"
-        f" first: `ssh -L {port}:127.0.0.1:{port} {where}`)"
+    return N_(
+        "on a remote server, log in through `ssh -L {port}:127.0.0.1:{port} {host}`",
+        port=port,
+        host=host or socket.gethostname(),
+    )
+
+
+def login_action(account: AccountConfig, host: str | None = None) -> str:
+    """Return what to run to log in again, with the ssh port-forward hint (in English)."""
+    return str(full_action(login_fix(account.name), login_hint(account, host)))
+
+
+#: Where the whole story is.
+LOG_COMMAND = "journalctl -u kakao-tokend"
+#: What to do while refreshing fails for a reason that is not ours to fix.
+NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
+
+
+def relogin_message(status: AccountStatus) -> Message:
+    """Return why a new login is needed, as the relogin alert says it.
+
+    Seam for the KOE322 causes (expired, rotated and lost, revoked or unlinked, unknown):
+    give each cause its own ``N_()`` text here (Korean in locale/ko/.../kakao_tokend.po; a
+    test fails for a text without it) and keep it short: it is the memo's condition line.
+    """
+    return N_(
+        "Kakao refuses the tokens ({reason}); a new login is needed",
+        reason=_reason(status.last_error_class, "refused"),
     )
 
 
@@ -177,16 +324,16 @@ def current_conditions(
     account = manager.account
     status = manager.status
     state = manager.state
-    relogin = login_action(account, host)
+    relogin_fix, relogin_hint = login_fix(account.name), login_hint(account, host)
     found: list[Condition] = []
     if status.health is Health.RELOGIN:
-        label = status.last_error_class or "refused"
         found.append(
             Condition(
                 "relogin",
                 Severity.CRITICAL,
-                f"Kakao no longer accepts the tokens ({label}); a new login is needed",
-                relogin,
+                relogin_message(status),
+                relogin_fix,
+                hint=relogin_hint,
             )
         )
     elif status.health is Health.CONFIG:
@@ -194,15 +341,25 @@ def current_conditions(
             Condition(
                 "config",
                 Severity.CRITICAL,
-                f"Kakao rejects the app configuration ({status.last_error_class or 'config'})",
-                "fix [kakao] in the config (details: `journalctl -u kakao-tokend`), then"
-                " `systemctl reload kakao-tokend`",
+                N_(
+                    "Kakao rejects the app configuration ({reason})",
+                    reason=_reason(status.last_error_class, "config"),
+                ),
+                # Secrets given as systemd credentials are read at start: restart, not reload.
+                N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
+                hint=N_("details: `{command}`", command=LOG_COMMAND),
             )
         )
     if state is None:
         if status.health is Health.NO_STATE:
             found.append(
-                Condition("no_tokens", Severity.WARNING, "no tokens (not logged in)", relogin)
+                Condition(
+                    "no_tokens",
+                    Severity.WARNING,
+                    N_("no tokens (not logged in)"),
+                    relogin_fix,
+                    hint=relogin_hint,
+                )
             )
         return found
     tokens = state.tokens
@@ -211,52 +368,75 @@ def current_conditions(
     if refresh_left <= 0 or stages:
         stage = 0.0 if refresh_left <= 0 else min(stages)
         critical = refresh_left <= 0 or stage <= settings.critical_below
-        message = (
-            "the refresh token has EXPIRED"
-            if refresh_left <= 0
-            else f"the refresh token expires in {format_duration(refresh_left)}"
-            f" ({format_local_time(tokens.refresh_expires_at)}) and was not renewed"
-        )
+        if refresh_left <= 0:
+            message, brief = N_("the refresh token has EXPIRED"), None
+        else:
+            left = Duration(refresh_left)
+            message = N_(
+                "the refresh token expires in {left} ({at}) and was not renewed",
+                left=left,
+                at=format_local_time(tokens.refresh_expires_at),
+            )
+            brief = N_("the refresh token expires in {left} and was not renewed", left=left)
         found.append(
             Condition(
                 "refresh_expiry",
                 Severity.CRITICAL if critical else Severity.WARNING,
                 message,
-                relogin,
+                relogin_fix,
                 stage=stage,
+                brief=brief,
+                hint=relogin_hint,
             )
         )
     lifetime = _seconds(tokens.access_lifetime)
     access_left = _seconds(tokens.access_remaining(now))
     if status.health is Health.RETRYING:
-        label = status.last_error_class or "error"
+        reason = _reason(status.last_error_class, "error")
         since = status.failing_since
         failing_for = _seconds(now - since) if since else 0.0
-        network = "check that this host reaches Kakao; details: `journalctl -u kakao-tokend`"
         policy = manager.policy
         margin = max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
         if access_left < margin:
-            found.append(
-                Condition(
-                    "access_expiring",
-                    Severity.CRITICAL,
-                    (
-                        f"the access token expires in {format_duration(access_left)}"
-                        if access_left > 0
-                        else "the access token has EXPIRED"
-                    )
-                    + f" and refreshing keeps failing ({label})",
-                    network,
+            if access_left > 0:
+                left = Duration(access_left)
+                message = N_(
+                    "the access token expires in {left} and refreshing keeps failing ({reason})",
+                    left=left,
+                    reason=reason,
                 )
+                brief = N_(
+                    "the access token expires in {left} and refreshing fails ({reason})",
+                    left=left,
+                    reason=reason,
+                )
+            else:
+                message = N_(
+                    "the access token has EXPIRED and refreshing keeps failing ({reason})",
+                    reason=reason,
+                )
+                brief = None
+            found.append(
+                Condition("access_expiring", Severity.CRITICAL, message, NETWORK_FIX, brief=brief)
             )
         if since is not None and failing_for > settings.failing_after * lifetime:
             found.append(
                 Condition(
                     "refresh_failing",
                     Severity.WARNING,
-                    f"refreshing has failed for {format_duration(failing_for)} ({label});"
-                    f" the access token is valid for {format_duration(access_left)} more",
-                    network,
+                    N_(
+                        "refreshing has failed for {duration} ({reason}); the access token is"
+                        " valid for {left} more",
+                        duration=Duration(failing_for),
+                        reason=reason,
+                        left=Duration(access_left),
+                    ),
+                    NETWORK_FIX,
+                    brief=N_(
+                        "refreshing has failed for {duration} ({reason})",
+                        duration=Duration(failing_for),
+                        reason=reason,
+                    ),
                 )
             )
     if status.write_pending:
@@ -264,9 +444,15 @@ def current_conditions(
             Condition(
                 "write_failed",
                 Severity.CRITICAL,
-                f"cannot save the new tokens ({status.write_error or 'write error'})",
-                f"free disk space or fix permissions in {account.state_file.parent};"
-                " do not stop kakao-tokend until it is saved",
+                N_(
+                    "cannot save the new tokens ({error})",
+                    error=status.write_error or "write error",
+                ),
+                N_(
+                    "free disk space or fix permissions; do not stop kakao-tokend until it is saved"
+                ),
+                brief=N_("cannot save the new tokens"),
+                hint=N_("state directory: {directory}", directory=str(account.state_file.parent)),
             )
         )
     if status.missed_rotation:
@@ -274,9 +460,15 @@ def current_conditions(
             Condition(
                 "missed_rotation",
                 Severity.WARNING,
-                f"Kakao did not renew the refresh token although only"
-                f" {format_duration(refresh_left)} is left",
-                f"watch `kakao-tokend status`; if it is not renewed soon, {relogin}",
+                N_(
+                    "Kakao did not renew the refresh token although only {left} is left",
+                    left=Duration(refresh_left),
+                ),
+                N_("watch `kakao-tokend status`"),
+                hint=N_(
+                    "if it is not renewed soon, run `{command}`",
+                    command=login_command(account.name),
+                ),
             )
         )
     return found
@@ -323,10 +515,12 @@ class KakaoTalkChannel:
         get_state: Callable[[], AccountState | None],
         get_client: Callable[[], KakaoClient],
         clock: Clock = utcnow,
+        link: str | None = None,
     ) -> None:
         self.name = "kakaotalk"
         self.account = account
         self.mode = mode
+        self.link = link
         self.min_severity = min_severity
         self._get_state = get_state
         self._get_client = get_client
@@ -345,13 +539,13 @@ class KakaoTalkChannel:
         return (alert.test or alert.severity >= self.min_severity) and self.enabled()
 
     async def send(self, alert: Alert) -> None:
-        """Send the alert's text (at most 200 characters) to the user's own chat."""
+        """Send the alert's memo (at most 200 characters) to the user's own chat."""
         state = self._get_state()
         if state is None or state.tokens.access_expires_at <= self._clock():
             raise ChannelError("no valid access token to send with", retry=False)
         try:
             await self._get_client().send_to_me(
-                state.tokens.access_token, alert.text(KAKAOTALK_TEXT_LIMIT)
+                state.tokens.access_token, alert.memo(KAKAOTALK_TEXT_LIMIT), link_url=self.link
             )
         except KakaoRequestRejected as exc:
             if exc.code == "-402":
@@ -482,6 +676,7 @@ def build_channels(
                 get_state=get_state,
                 get_client=get_client,
                 clock=clock,
+                link=settings.kakaotalk_link,
             )
         )
     if settings.webhook_url:
@@ -518,10 +713,13 @@ def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
 
 
 def log_alert(alert: Alert) -> None:
-    """Write the alert to the log at the level of its severity (resolutions at INFO)."""
+    """Write the alert to the log, in English, at its severity's level (resolutions at INFO)."""
     if alert.state == "resolved":
         log.info(
-            "alert resolved: account %s: %s: %s", alert.account, alert.condition, alert.message
+            "alert resolved: account %s: %s: %s",
+            alert.account,
+            alert.condition,
+            alert.message.render("en"),
         )
         return
     log.log(
@@ -531,8 +729,8 @@ def log_alert(alert: Alert) -> None:
         " (repeat)" if alert.repeat else "",
         alert.account,
         alert.condition,
-        alert.message,
-        alert.action,
+        alert.message.render("en"),
+        alert.action.render("en") if alert.action is not None else "",
     )
 
 
@@ -571,6 +769,7 @@ class AccountAlerts:
         self.store: AccountStore = manager.store
         self.active: dict[str, dict[str, Any]] = {}
         self.channels: list[Channel] = []
+        self.language: Language = "en"
         self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] = []
         self._save_failed = False
         self._load()
@@ -612,6 +811,7 @@ class AccountAlerts:
     def configure(self) -> None:
         """(Re)build the channels from the account's settings; start a worker per channel."""
         self.stop_workers()
+        self.language = resolve_language(self.settings.language)
         self.channels = build_channels(
             self.manager.account,
             self.settings,
@@ -731,16 +931,24 @@ class AccountAlerts:
                 condition.severity,
                 "firing",
                 condition.message,
-                condition.action,
+                condition.fix,
                 now,
                 host=self.host,
                 repeat=repeat,
+                brief=condition.brief,
+                hint=condition.hint,
+                language=self.language,
             )
             self.active[name] = {
                 "severity": condition.severity.label,
                 "stage": condition.stage,
-                "message": condition.message,
-                "action": condition.action,
+                # In English for `status`; "texts" lets the resolution speak any language.
+                "message": condition.message.render("en"),
+                "action": condition.action.render("en"),
+                "texts": {
+                    "message": condition.message.to_json(),
+                    "brief": (condition.brief or condition.message).to_json(),
+                },
                 "since": record.get("since") if record else format_time(now),
                 "last_sent_at": format_time(now),
                 "sent": int(record.get("sent", 0)) + 1 if record else 1,
@@ -752,19 +960,7 @@ class AccountAlerts:
             changed = True
             if self.manager.state is None and name in _TOKEN_CONDITIONS:
                 continue  # logged out: these ended with the tokens, nothing got fixed
-            severity = Severity.parse(str(record.get("severity", "info")))
-            alerts.append(
-                Alert(
-                    self.name,
-                    name,
-                    severity,
-                    "resolved",
-                    f"{name} cleared (was: {record.get('message', '')})",
-                    "",
-                    now,
-                    host=self.host,
-                )
-            )
+            alerts.append(resolution_alert(self.name, name, record, now, self.host, self.language))
         if changed:
             self._save()
         for alert in alerts:
@@ -781,6 +977,40 @@ class AccountAlerts:
     def describe_active(self) -> list[dict[str, Any]]:
         """Return the active alerts as JSON-ready data."""
         return active_alerts(self.active)
+
+
+def resolution_alert(
+    account: str,
+    condition: str,
+    record: dict[str, Any],
+    now: datetime,
+    host: str,
+    language: Language,
+) -> Alert:
+    """Return the alert saying ``condition`` (as saved in ``record``) has cleared."""
+    texts = record.get("texts")
+    texts = texts if isinstance(texts, dict) else {}
+    # Bookkeeping from before the texts were saved has only the English message.
+    was = Message.from_json(texts.get("message")) or Message.verbatim(
+        str(record.get("message", ""))
+    )
+    brief = Message.from_json(texts.get("brief")) or was
+    try:
+        severity = Severity.parse(str(record.get("severity", "info")))
+    except KeyError:
+        severity = Severity.INFO
+    return Alert(
+        account,
+        condition,
+        severity,
+        "resolved",
+        N_("{condition} cleared (was: {message})", condition=condition, message=was),
+        None,
+        now,
+        host=host,
+        brief=N_("cleared: {what}", what=brief),
+        language=language,
+    )
 
 
 def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
@@ -925,18 +1155,25 @@ class AlertCenter:
 # --------------------------------------------------------------------------- `alerts test`
 
 
-def test_alert(account: str, *, host: str | None = None, now: datetime | None = None) -> Alert:
+def test_alert(
+    account: str,
+    *,
+    host: str | None = None,
+    now: datetime | None = None,
+    language: Language = "en",
+) -> Alert:
     """Return the alert `kakao-tokend alerts test` sends."""
     return Alert(
         account,
         "test",
         Severity.INFO,
         "firing",
-        "test alert: this channel works",
-        "nothing to do",
+        N_("test alert: this channel works"),
+        N_("nothing to do"),
         now or utcnow(),
         host=host or socket.gethostname(),
         test=True,
+        language=language,
     )
 
 
@@ -951,7 +1188,7 @@ async def send_test(
 
     Returns (channel name, failure reason or None, skipped) per channel, the log first.
     """
-    alert = test_alert(account.name)
+    alert = test_alert(account.name, language=resolve_language(account.alerts.language))
     log_alert(alert)
     results: list[tuple[str, str | None, bool]] = [("log", None, False)]
     channels = build_channels(

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from . import paths
 from .errors import ConfigError
+from .i18n import LANGUAGES
 
 __all__ = [
     "DEFAULT_ACCOUNT",
@@ -112,6 +113,10 @@ class AlertsConfig:
     command: tuple[str, ...] = ()
     command_timeout: float = 30.0
     command_min_severity: str = "info"
+    #: "ko" or "en" for the texts the channels send; None = from the locale (LC_ALL, LANG ...).
+    language: str | None = None
+    #: A page the KakaoTalk memo links to (its domain must be registered for the Kakao app).
+    kakaotalk_link: str | None = None
 
 
 @dataclass(frozen=True)
@@ -495,6 +500,8 @@ _ALERTS_KEYS: Final = (
     "webhook_min_severity",
     "command",
     "command_timeout",
+    "language",
+    "kakaotalk_link",
     "command_min_severity",
 )
 _FILE_KINDS: Final = (
@@ -1377,6 +1384,13 @@ class _Checker:
                     self.problem(key, f"expected a number of retries 0..20, got {_describe(value)}")
             elif name == "command":
                 parsed = self.command(value, key)
+            elif name == "language":
+                if isinstance(value, str) and value.lower() in LANGUAGES:
+                    parsed = value.lower()
+                else:
+                    self.problem(key, f'expected "ko" or "en", got {_describe(value)}')
+            elif name == "kakaotalk_link":
+                parsed = self.link(value, key)
             else:
                 continue  # unknown keys were reported by known_keys
             if parsed is None:
@@ -1421,6 +1435,20 @@ class _Checker:
             self.problem(key, f"expected an http(s) URL with a host, like {example}")
             return None
         return value.strip()
+
+    def link(self, value: Any, key: str) -> str | None:
+        try:
+            parts = urlsplit(value.strip()) if isinstance(value, str) else None
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            self.problem(
+                key,
+                "expected an http(s) URL whose domain is registered for the Kakao app, like"
+                f' "https://status.example.com", got {_describe(value)}',
+            )
+            return None
+        return str(value).strip()
 
     def command(self, value: Any, key: str) -> tuple[str, ...] | None:
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import logging
+import platform
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .refresher import AccountEvent, Health
 
 if TYPE_CHECKING:
@@ -21,6 +35,9 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Events that are refresh failures, with the data key naming their class.
 _FAILURE_EVENTS = frozenset({"retrying", "relogin", "config"})
+#: Upper bounds (seconds) for Kakao's answer to a refresh: normally well under a second; the
+#: default [kakao] timeout is 30 s.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 
 class DaemonCollector(Collector):
@@ -33,12 +50,23 @@ class DaemonCollector(Collector):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.failures: Counter[tuple[str, str]] = Counter()
+        self.durations = Histogram(
+            "kakao_tokend_refresh_duration_seconds",
+            "How long Kakao took to answer a refresh call, by outcome (success or failure).",
+            ["account", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=None,  # collected below, with the accounts that still exist
+        )
 
     def on_event(self, event: AccountEvent) -> None:
-        """Manager listener: count a failure under its class."""
+        """Manager listener: count a failure under its class; time each refresh call."""
         if event.kind in _FAILURE_EVENTS:
             label = str(event.data.get("error_class") or event.kind)
             self.failures[(event.account, label)] += 1
+        elif event.kind == "refresh_call":
+            outcome = str(event.data.get("outcome", "failure"))
+            seconds = float(event.data.get("seconds", 0.0))
+            self.durations.labels(event.account, outcome).observe(max(0.0, seconds))
 
     def collect(self) -> Iterator[Metric]:
         """Build every metric family from the current state."""
@@ -111,9 +139,23 @@ class DaemonCollector(Collector):
                 failures.add_metric([name, label], count)
         yield from (access, refresh, last_success, generation, healthy)
         yield from (attempts, successes, failures, rotations)
+        for family in self.durations.collect():
+            # Accounts removed by a reload go; so does the _created series (noise here).
+            family.samples = [
+                sample
+                for sample in family.samples
+                if sample.labels["account"] in daemon.managers
+                and not sample.name.endswith("_created")
+            ]
+            yield family
         alerts = self._alerts()
         if alerts is not None:
             yield alerts
+        yield InfoMetricFamily(
+            "kakao_tokend_build",
+            "The running kakao-tokend's version and Python version (always 1).",
+            value={"version": __version__, "python": platform.python_version()},
+        )
 
     def _alerts(self) -> GaugeMetricFamily | None:
         """Active alerts by account and severity (when the daemon runs the alerts capability)."""
@@ -137,12 +179,15 @@ class DaemonCollector(Collector):
 
 
 class Metrics:
-    """The per-application registry and its collector."""
+    """The per-application registry: the daemon's collector plus the standard process,
+    Python platform and garbage-collector metrics every Prometheus client exposes."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = DaemonCollector(daemon)
         self.registry.register(self.collector)
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(standard)
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -93,7 +94,9 @@ class AccountStatus:
 class AccountEvent:
     """Something worth telling an operator (logs already did); consumed by alerts and the demo."""
 
-    kind: str  # refreshed, rotated, retrying, relogin, config, write_failed, write_ok, no_rotation
+    # refreshed, rotated, retrying, relogin, config, write_failed, write_ok, no_rotation,
+    # refresh_call (how long Kakao took to answer a refresh, for /metrics)
+    kind: str
     account: str
     message: str
     at: datetime
@@ -429,7 +432,7 @@ class AccountManager:
         self.status.counters["attempts"] += 1
         log.debug("account %s: refreshing (%s)", self.name, reason or "requested")
         try:
-            tokens, rotated = await self.client.refresh(state.tokens)
+            tokens, rotated = await self._timed_refresh(state.tokens)
         except KakaoUnavailable as exc:
             self._record_transient(str(exc), exc.label, ambiguous=exc.ambiguous, exc=exc)
             return state
@@ -456,6 +459,22 @@ class AccountManager:
             self._record_transient(str(exc), exc.label, ambiguous=False, exc=exc)
             return state
         return self._accept(state, tokens, rotated, expect_rotation=expect_rotation)
+
+    async def _timed_refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
+        """Call Kakao's refresh and tell the listeners how long it took (/metrics' histogram)."""
+        started = time.monotonic()
+        try:
+            result = await self.client.refresh(tokens)
+        except KakaoError:
+            self._emit_call_time(started, "failure")
+            raise
+        self._emit_call_time(started, "success")
+        return result
+
+    def _emit_call_time(self, started: float, outcome: str) -> None:
+        seconds = time.monotonic() - started
+        data = {"seconds": seconds, "outcome": outcome}
+        self._emit("refresh_call", f"{self.name}: refresh call {outcome} in {seconds:.3f}s", data)
 
     def _accept(
         self, state: AccountState, tokens: TokenSet, rotated: bool, *, expect_rotation: bool
