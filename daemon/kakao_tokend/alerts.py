@@ -50,7 +50,15 @@ BOOKKEEPING_VERSION = 1
 
 #: Conditions that only make sense while the account has tokens.
 _TOKEN_CONDITIONS = frozenset(
-    {"refresh_expiry", "refresh_failing", "access_expiring", "missed_rotation", "write_failed"}
+    {
+        "refresh_expiry",
+        "refresh_failing",
+        "access_expiring",
+        "missed_rotation",
+        "write_failed",
+        "publish_failed",
+        "state_conflict",
+    }
 )
 
 
@@ -181,11 +189,14 @@ def current_conditions(
     found: list[Condition] = []
     if status.health is Health.RELOGIN:
         label = status.last_error_class or "refused"
+        cause = manager.relogin_texts()  # why (expired, lost rotation, revoked ...), if known
         found.append(
             Condition(
                 "relogin",
                 Severity.CRITICAL,
-                f"Kakao no longer accepts the tokens ({label}); a new login is needed",
+                cause.alert
+                if cause is not None
+                else f"Kakao no longer accepts the tokens ({label}); a new login is needed",
                 relogin,
             )
         )
@@ -267,6 +278,26 @@ def current_conditions(
                 f"cannot save the new tokens ({status.write_error or 'write error'})",
                 f"free disk space or fix permissions in {account.state_file.parent};"
                 " do not stop kakao-tokend until it is saved",
+            )
+        )
+    if status.publish_pending:
+        found.append(
+            Condition(
+                "publish_failed",
+                Severity.CRITICAL,
+                f"cannot write the token files for consumers ({status.publish_error});"
+                " they read an older token",
+                "fix the file or directory named above (retried automatically)",
+            )
+        )
+    if status.state_conflict:
+        found.append(
+            Condition(
+                "state_conflict",
+                Severity.CRITICAL,
+                status.state_conflict,
+                "check which program wrote the state file (`kakao-tokend status`); to go back to"
+                " a backup on purpose use `kakao-tokend restore`",
             )
         )
     if status.missed_rotation:
