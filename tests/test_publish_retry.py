@@ -81,6 +81,8 @@ async def test_a_failed_token_file_publish_is_retried_and_health_says_so(
         assert "token file" in json.dumps(health["problems"]["default"])
         status, described = await served.get("/v1/status")
         assert described["accounts"][0]["publish_pending"] is True
+        alerts = [a["condition"] for a in described["accounts"][0]["alerts"]]
+        assert "publish_failed" in alerts
         token_file.rmdir()
         await until(
             lambda: published_generation(tmp_path) == generation, what="the heartbeat's publish"

@@ -296,3 +296,17 @@ def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path) -> N
     kept = list((tmp_path / "run").glob("default.rescue.json.corrupt-*"))
     assert len(kept) == 1
     assert not (tmp_path / "run" / "default.rescue.json").exists()
+
+
+async def test_logout_removes_the_rescue_file_too(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """`kakao-tokend logout` deletes a rescue file left by a crashed daemon, so the next start
+    cannot bring the logged-out tokens back."""
+    from daemonproc import run_cli
+
+    config_path = write_config(tmp_path, emulator)
+    state = await login(emulator, config_path)
+    rescue = write_rescue(tmp_path / "run", tmp_path / "state" / "default.state.json", state)
+    code, _, err = await run_cli(config_path, "logout")
+    assert code == 0, err
+    assert not rescue.exists()
+    assert not (tmp_path / "state" / "default.state.json").exists()

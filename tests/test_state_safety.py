@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from daemonproc import login, run_cli, write_config
+from kakao_tokend.alerts import Severity, current_conditions
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -237,6 +238,8 @@ async def test_a_running_daemon_refuses_an_older_state_file(
     assert manager.state is newest
     assert manager.status.state_conflict
     assert "conflict" in [e.kind for e in events]
+    conditions = current_conditions(manager, manager.account.alerts, manager.clock())
+    assert [c.severity for c in conditions if c.name == "state_conflict"] == [Severity.CRITICAL]
     saved = manager.store.load()
     assert saved is not None
     assert saved.generation == newest.generation

@@ -1079,7 +1079,8 @@ def logout(keep_files: bool) -> None:
 
     settings = _settings()
     account = settings.account_config()
-    store = AccountStore(account)
+    # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
+    store = AccountStore(account, rescue_dir=settings.config().runtime_dir)
     try:
         state = store.load()
     except StateCorrupt as exc:

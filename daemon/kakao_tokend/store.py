@@ -858,10 +858,11 @@ class AccountStore:
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
     def remove(self) -> None:
-        """Delete the state and token files (logout); missing files are fine.
+        """Delete the state and token files (logout), and the rescue file; missing is fine.
 
         For a symlinked path the target is deleted (the token must be gone), the link stays.
         """
+        self.discard_rescue()
         for configured in (self.state_path, self.token_path):
             path = _resolve_link(configured)
             try:
