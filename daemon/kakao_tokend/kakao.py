@@ -13,6 +13,8 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
     transport    TLS/certificate failure                            U(amb=False)
     transport    invalid URL                                        KakaoConfigError
     transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
+    kauth token  200, new refresh token, broken access part         PartialRefresh (a U carrying
+                                                                    the salvaged token set)
     any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
     kauth token  KOE322, KOE320                                     ReloginRequired
     kauth        KOE010 (client secret), KOE101 (REST API key),     KakaoConfigError (+ hint)
@@ -20,7 +22,6 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                  007/008/009, KOE201/202, KOE319 (bug)
     kauth        KOE003 (temporary), KOE237 (rate limit:            U(amb only for 5xx)
                  rate_limited; the pause is the refresher's)
-    kauth token  200, new refresh token, broken access part         PartialRefresh (salvaged)
     kauth        no known code, error == invalid_client             KakaoConfigError
     kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
     kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
@@ -29,12 +30,13 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                                                                     once, then it really is one
     kapi         -101 (not linked), -103 (dormant)                  ReloginRequired
     kapi         -3 -5 -9 -11 -12 -903                              KakaoConfigError
-    kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx)
+    kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx;
+                                                                    -10 rate_limited)
     kapi         -402 (consent), -501, -530..-536 (quotas),         KakaoRequestRejected
                  -2 -4 -6 -8 -201 -406
     memo send    any other 400                                      KakaoRequestRejected
     any          HTTP 5xx without a better code                     U(amb=True)
-    any          HTTP 429 (Retry-After kept), kapi -10              U(amb=False, rate_limited)
+    any          HTTP 429 (Retry-After kept)                        U(amb=False, rate_limited)
     any          error answer whose body is not JSON                U(amb=True)
     any          any other error (unknown code)                     U(amb=False), raw code in
                                                                     the message
