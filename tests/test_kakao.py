@@ -436,16 +436,20 @@ class TestEmulatorFaults:
         ).assert_absent(exc)
         assert str(exc).strip() and "\n" not in str(exc)
 
-    async def test_koe237_suggests_waiting_at_least_a_minute(
+    async def test_koe237_is_a_rate_limit_without_an_invented_pause(
         self, emu: KakaoEmulator, session: aiohttp.ClientSession
     ) -> None:
-        """The token rate limit (KOE237) carries retry_after >= 60 s."""
+        """The token rate limit (KOE237) is marked rate_limited; the client invents no fixed
+        pause (a 60 s floor once outlived second-long tokens): the refresher's lifetime-relative
+        back-off decides how long to wait."""
         client = KakaoClient(session, app_for(emu.url))
         tokens = tokens_from(emu.issue_tokens())
         emu.inject("token", "koe237")
         with pytest.raises(KakaoUnavailable) as caught:
             await client.refresh(tokens)
-        assert caught.value.retry_after is not None and caught.value.retry_after >= 60
+        assert caught.value.rate_limited is True
+        assert caught.value.retry_after is None  # Kakao sent no Retry-After
+        assert caught.value.ambiguous is False
 
     async def test_lost_response_was_processed_by_the_server(
         self, emu: KakaoEmulator, session: aiohttp.ClientSession
@@ -615,7 +619,8 @@ class TestEmulatorRefusals:
             with pytest.raises(KakaoUnavailable) as caught:
                 await client.refresh(tokens)
         assert caught.value.code == "KOE237" and not caught.value.ambiguous
-        assert caught.value.retry_after is not None and caught.value.retry_after >= 60
+        # No invented 60 s floor: the refresher's lifetime-relative back-off decides the pause.
+        assert caught.value.rate_limited and caught.value.retry_after is None
 
     async def test_expired_access_token_is_access_token_rejected(
         self, emu: KakaoEmulator, session: aiohttp.ClientSession
@@ -896,7 +901,7 @@ class TestScriptedAnswers:
     async def test_koe237_respects_a_longer_retry_after(
         self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
     ) -> None:
-        """KOE237 with Retry-After 120 keeps 120; the 60 s floor only raises smaller values."""
+        """KOE237 with Retry-After 120 keeps 120 (the back-off honours it within its bounds)."""
         script, url = scripted
         script.answer(400, _koe("KOE237"), headers={"Retry-After": "120"})
         client = KakaoClient(session, app_for(url))

@@ -172,7 +172,8 @@ async def test_a_refresh_in_the_rotation_window_that_does_not_rotate_warns(
 ) -> None:
     """Our window says 'rotate now' but Kakao kept the old refresh token: a warning, once."""
     emulator.settings.rotation_window = 1  # Kakao rotates late
-    policy = RefreshPolicy(rotation_window=emulator.settings.refresh_lifetime)
+    # Twice its whole life: the token is well inside our window, where a rotation is certain.
+    policy = RefreshPolicy(rotation_window=2 * emulator.settings.refresh_lifetime)
     manager = await make_manager(emulator, tmp_path, session, policy=policy)
     with caplog.at_level(logging.WARNING, logger="kakao_tokend.refresher"):
         await manager.refresh(force=True)

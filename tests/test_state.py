@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kakao_tokend.state import MAX_ROTATIONS_KEPT, STATE_VERSION, AccountState, Rotation
+from kakao_tokend.state import (
+    MAX_ROTATIONS_KEPT,
+    RESTORED_KEY,
+    STATE_VERSION,
+    AccountState,
+    Rotation,
+    forced_restore,
+    goes_backwards,
+)
 from kakao_tokend.tokens import TokenSet, fingerprint
 
 T0 = datetime(2026, 11, 26, 3, 0, 0, tzinfo=UTC)
@@ -303,3 +311,106 @@ class TestRobustness:
         except ValueError:
             return
         assert len(state.rotations) == 1
+
+
+class TestGoesBackwards:
+    """Which state files a running daemon refuses to adopt (old backups) and which it takes."""
+
+    def chain(self) -> tuple[AccountState, AccountState, AccountState]:
+        """Login (generation 1), then a rotation (2), then a plain refresh (3)."""
+        login = AccountState(account="a", tokens=make_tokens())
+        rotated = login.with_tokens(
+            make_tokens(AT2, RT2, issued=T0 + timedelta(days=31)),
+            refreshed_at=T0 + timedelta(days=31),
+            rotated=True,
+        )
+        refreshed = rotated.with_tokens(
+            make_tokens("AT-3", RT2, issued=T0 + timedelta(days=31, hours=5)),
+            refreshed_at=T0 + timedelta(days=31, hours=5),
+            rotated=False,
+        )
+        return login, rotated, refreshed
+
+    def test_a_backup_holding_a_rotated_out_refresh_token_is_refused(self) -> None:
+        """The backup's refresh token was retired by a rotation we recorded: refused."""
+        login, _, newest = self.chain()
+        why = goes_backwards(login, newest)
+        assert why is not None and "retired by a rotation" in why
+
+    def test_a_lower_generation_with_the_same_refresh_token_is_refused(self) -> None:
+        """Same refresh token, an older access token: refused (a harmless but older copy)."""
+        _, rotated, newest = self.chain()
+        why = goes_backwards(rotated, newest)
+        assert why is not None and "generation 2 is lower than 3" in why
+
+    def test_newer_states_and_fresh_logins_are_adopted(self) -> None:
+        """A later state of the chain, or a new login (new refresh token, issued later, even
+        with a low generation), is not backwards."""
+        _, rotated, newest = self.chain()
+        assert goes_backwards(newest, rotated) is None
+        fresh = AccountState(
+            account="a", tokens=make_tokens("AT-new", "RT-new", issued=T0 + timedelta(days=40))
+        )
+        assert goes_backwards(fresh, newest) is None
+
+    def test_an_unknown_older_state_is_refused_by_generation_or_history(self) -> None:
+        """A refresh token we never saw, issued before ours: a lower generation, or a rotation
+        history that lacks our newest rotation, gives it away."""
+        _, _, newest = self.chain()
+        stranger = AccountState(
+            account="a", tokens=make_tokens("AT-old", "RT-old", issued=T0 - timedelta(days=5))
+        )
+        assert goes_backwards(stranger, newest) is not None
+        edited = replace_generation(stranger, 99)
+        why = goes_backwards(edited, newest)
+        assert why is not None and "rotation history" in why
+
+    def test_a_restore_by_the_operator_is_never_refused(self) -> None:
+        """The marker written by `kakao-tokend restore` for this generation forces adoption; a
+        later generation (or a copy with another generation) is judged normally again."""
+        login, _, newest = self.chain()
+        forced = replace_generation(
+            login, 9, extras={RESTORED_KEY: {"generation": 9, "at": "2026-12-01T00:00:00Z"}}
+        )
+        assert forced_restore(forced)
+        assert goes_backwards(forced, newest) is None
+        stale_marker = replace_generation(forced, 10)
+        assert not forced_restore(stale_marker)
+        assert goes_backwards(stale_marker, newest) is not None
+
+    def test_the_retired_fingerprint_survives_the_state_file(self) -> None:
+        """Rotations keep the retired token's fingerprint through to_dict/from_dict, and old
+        files without it still load."""
+        _, _, newest = self.chain()
+        again = AccountState.from_dict(json.loads(json.dumps(newest.to_dict())))
+        assert again.rotations[-1].replaced == fingerprint(RT)
+        legacy = newest.to_dict()
+        for entry in legacy["rotations"]:
+            entry.pop("replaced", None)
+        assert AccountState.from_dict(legacy).rotations[-1].replaced is None
+
+
+class TestReloginCauseField:
+    def test_the_cause_round_trips_and_a_new_login_clears_it(self) -> None:
+        """relogin_cause is saved and read back; with_tokens (a refresh or login) clears it."""
+        state = AccountState(
+            account="a", tokens=make_tokens(), relogin_reason="x", relogin_cause="revoked"
+        )
+        again = AccountState.from_dict(json.loads(json.dumps(state.to_dict())))
+        assert again.relogin_cause == "revoked"
+        cleared = again.with_tokens(make_tokens(AT2), refreshed_at=T0, rotated=False)
+        assert cleared.relogin_cause is None and cleared.relogin_reason is None
+
+    def test_a_non_string_cause_is_a_readable_error(self) -> None:
+        """A damaged relogin_cause is reported by name, not a traceback."""
+        data = AccountState(account="a", tokens=make_tokens()).to_dict()
+        data["relogin_cause"] = 5
+        with pytest.raises(ValueError, match="relogin_cause"):
+            AccountState.from_dict(data)
+
+
+def replace_generation(state: AccountState, generation: int, **changes: Any) -> AccountState:
+    """Return ``state`` with another generation (and other field changes)."""
+    from dataclasses import replace
+
+    return replace(state, generation=generation, **changes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kakao_tokend.tokens import (
+    PartialTokenResponse,
     TokenResponseError,
     TokenSet,
     backoff_delay,
@@ -21,8 +23,11 @@ from kakao_tokend.tokens import (
     format_time,
     in_rotation_window,
     is_due,
+    issued_in_the_future,
     parse_time,
+    refresh_deadline,
     refresh_due_at,
+    rotation_certain,
 )
 
 T0 = datetime(2026, 11, 26, 3, 0, 0, tzinfo=UTC)
@@ -639,6 +644,24 @@ class TestTimingExamples:
         assert not in_rotation_window(tokens, opens - timedelta(seconds=1), window=window)
         assert in_rotation_window(tokens, opens + timedelta(seconds=1), window=window)
 
+    def test_a_rotation_is_certain_only_well_inside_the_window(self) -> None:
+        """A refresh that did not rotate with 29 days left is no missed rotation (Kakao's
+        "less than a month" may mean 28 days); with 26 days left it is. For second-long
+        tokens the slack is one access lifetime: with 5 s left of a 6 s window and 2 s access
+        tokens, a late estimate of our own expiry must not raise a false alarm."""
+        tokens = initial_tokens()
+        window = timedelta(days=30)
+        end = tokens.refresh_expires_at
+        assert not rotation_certain(tokens, end - timedelta(days=29), window=window)
+        assert not rotation_certain(tokens, end - timedelta(days=27, seconds=1), window=window)
+        assert rotation_certain(tokens, end - timedelta(days=26), window=window)
+        short = tokens_with_lifetime(timedelta(seconds=2))
+        short = replace(short, refresh_expires_at=short.access_issued_at + timedelta(seconds=40))
+        six = timedelta(seconds=6)
+        close = short.refresh_expires_at
+        assert not rotation_certain(short, close - timedelta(seconds=5), window=six)
+        assert rotation_certain(short, close - timedelta(seconds=3.5), window=six)
+
 
 # ---------------------------------------------------------------------------------------------
 # Property tests.
@@ -933,3 +956,203 @@ class TestRobustness:
         except ValueError:
             return
         assert TokenSet.from_dict(tokens.to_dict()) == tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Never past the tokens: rate limits, the refresh deadline, half-broken answers.
+
+
+class TestWaitsWithinTheTokensLife:
+    @pytest.mark.parametrize("life", [6.0, 60.0, float(SIX_HOURS)])
+    def test_rate_limit_pause_is_the_longest_step_of_the_lifetime(self, life: float) -> None:
+        """KOE237 while the access token serves: the longest regular step (1/12 of the life,
+        at most the cap), landing before expiry — the same rule at every scale."""
+        lifetime = timedelta(seconds=life)
+        now = T0 + lifetime * 0.5
+        delay = backoff_delay(
+            1,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            rate_limited=True,
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(min(300.0, life / 12))
+        assert delay < life * 0.5
+
+    def test_rate_limit_after_expiry_keeps_the_ladder_pace(self) -> None:
+        """With the access token gone a rate limit does not stretch the wait: the first retry of
+        a 6-hour token comes within 10 s, a Retry-After of 120 s notwithstanding."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        delay = backoff_delay(
+            1,
+            now=T0 + lifetime + timedelta(seconds=5),
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            rate_limited=True,
+            retry_after=120.0,
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(10.0)
+
+    def test_retry_after_is_honoured_while_the_token_serves(self) -> None:
+        """Kakao's Retry-After counts while there is time: 120 s asked, 2 h of access left."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        delay = backoff_delay(
+            1,
+            now=T0 + timedelta(hours=4),
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            retry_after=120.0,
+            rng=_BottomRandom(),
+        )
+        assert delay == pytest.approx(120.0)
+
+    def test_no_wait_reaches_past_the_refresh_tokens_deadline(self) -> None:
+        """Kakao asks for 5 minutes, the refresh token dies in 4: the retry comes before its
+        expiry minus the safety margin (1 % of the access lifetime), not after."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + timedelta(hours=1)
+        refresh_expires_at = now + timedelta(minutes=4) + lifetime * 0.01
+        delay = backoff_delay(
+            1,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            rate_limited=True,
+            retry_after=300.0,
+            refresh_expires_at=refresh_expires_at,
+            rng=_TopRandom(),
+        )
+        assert delay <= 240.0 - 5.0
+
+    def test_inside_the_margin_one_attempt_still_lands_before_death(self) -> None:
+        """Already inside the safety margin, 60 s of refresh life left: the retry comes before
+        the refresh token dies, not after a full step."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + lifetime + timedelta(minutes=10)  # the access token has expired
+        delay = backoff_delay(
+            6,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=now + timedelta(seconds=60),
+            rng=_TopRandom(),
+        )
+        assert 5.0 <= delay <= 55.0
+
+    @settings(deadline=None, max_examples=200)
+    @given(
+        attempt=st.integers(min_value=1, max_value=200),
+        lifetime=lifetimes,
+        elapsed=st.floats(min_value=0.0, max_value=3.0),
+        refresh_left=st.floats(min_value=-10.0, max_value=1e6),
+        rate_limited=st.booleans(),
+        retry_after=st.none() | st.floats(min_value=0.0, max_value=1e5),
+        seed=seeds,
+    )
+    def test_never_past_the_refresh_deadline_while_a_step_is_left(
+        self,
+        attempt: int,
+        lifetime: timedelta,
+        elapsed: float,
+        refresh_left: float,
+        rate_limited: bool,
+        retry_after: float | None,
+        seed: int,
+    ) -> None:
+        """Whatever the attempt, rate limit or Retry-After: while more than a first step is
+        left before the refresh token's expiry minus the margin, the wait ends before it; and
+        it is never below half a first step (no storm)."""
+        now = T0 + lifetime * elapsed
+        refresh_expires_at = now + timedelta(seconds=refresh_left)
+        delay = backoff_delay(
+            attempt,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=refresh_expires_at,
+            rate_limited=rate_limited,
+            retry_after=retry_after,
+            rng=random.Random(seed),
+        )
+        base = min(10.0, lifetime.total_seconds() / 200)
+        deadline_left = refresh_left - lifetime.total_seconds() * 0.01
+        assert delay >= base / 2 * (1 - 1e-9)
+        if deadline_left > base:
+            assert delay <= deadline_left
+        if refresh_left > base:
+            assert delay <= refresh_left
+
+    def test_a_dying_refresh_token_moves_the_planned_refresh_before_its_deadline(self) -> None:
+        """A fresh 6-hour access token but 20 minutes of refresh life: plan by the refresh
+        token's deadline; once refreshed after it, plan normally again (no loop)."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        tokens = TokenSet(
+            access_token=AT,
+            refresh_token=RT,
+            access_expires_at=T0 + lifetime,
+            refresh_expires_at=T0 + timedelta(minutes=20),
+            access_issued_at=T0,
+        )
+        due = refresh_due_at(tokens, rng=random.Random(1))
+        assert due == refresh_deadline(tokens) < tokens.refresh_expires_at
+        later = TokenSet(
+            access_token=AT2,
+            refresh_token=RT,
+            access_expires_at=due + lifetime,
+            refresh_expires_at=tokens.refresh_expires_at,
+            access_issued_at=due + timedelta(seconds=1),
+        )
+        assert refresh_due_at(later, rng=random.Random(1)) > tokens.refresh_expires_at
+
+    def test_clock_step_tolerance_scales_with_the_lifetime(self) -> None:
+        """A 6-second token issued 0.1 s "in the future" betrays a stepped clock; a 6-hour one
+        is allowed 1 % of its life (3.6 minutes) before that conclusion."""
+        short = tokens_with_lifetime(timedelta(seconds=6))
+        assert issued_in_the_future(short, T0 - timedelta(seconds=0.1))
+        assert not issued_in_the_future(short, T0 - timedelta(seconds=0.05))
+        long = tokens_with_lifetime(timedelta(hours=6))
+        assert not issued_in_the_future(long, T0 - timedelta(minutes=3))
+        assert issued_in_the_future(long, T0 - timedelta(minutes=4))
+
+
+class TestHalfBrokenRefresh:
+    @pytest.mark.parametrize(
+        "broken",
+        [
+            {"access_token": ""},
+            {"access_token": None},
+            {"expires_in": "soon"},
+            {"expires_in": 0},
+        ],
+    )
+    def test_a_new_refresh_token_is_salvaged_from_a_broken_access_part(
+        self, broken: dict[str, Any]
+    ) -> None:
+        """The refresh part is usable, the access part is not: PartialTokenResponse carries the
+        new refresh token (with its expiry) and the old access token."""
+        before = initial_tokens()
+        at = T0 + timedelta(days=31)
+        body = {
+            "access_token": AT2,
+            "expires_in": SIX_HOURS,
+            "refresh_token": RT2,
+            "refresh_token_expires_in": SIXTY_DAYS,
+            **broken,
+        }
+        with pytest.raises(PartialTokenResponse) as caught:
+            before.merge_refresh(body, requested_at=at)
+        salvaged = caught.value.salvaged
+        assert salvaged.refresh_token == RT2
+        assert salvaged.refresh_expires_at == at + timedelta(seconds=SIXTY_DAYS)
+        assert salvaged.refresh_issued_at == at
+        assert salvaged.access_token == AT
+        assert salvaged.access_expires_at == before.access_expires_at
+        assert_no_secret(str(caught.value))
+
+    def test_a_broken_answer_without_rotation_is_a_plain_error(self) -> None:
+        """No new refresh token: nothing to salvage, an ordinary TokenResponseError."""
+        with pytest.raises(TokenResponseError) as caught:
+            initial_tokens().merge_refresh({"expires_in": SIX_HOURS}, requested_at=T0)
+        assert not isinstance(caught.value, PartialTokenResponse)

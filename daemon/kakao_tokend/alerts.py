@@ -59,7 +59,15 @@ BOOKKEEPING_VERSION = 1
 
 #: Conditions that only make sense while the account has tokens.
 _TOKEN_CONDITIONS = frozenset(
-    {"refresh_expiry", "refresh_failing", "access_expiring", "missed_rotation", "write_failed"}
+    {
+        "refresh_expiry",
+        "refresh_failing",
+        "access_expiring",
+        "missed_rotation",
+        "write_failed",
+        "publish_failed",
+        "state_conflict",
+    }
 )
 
 
@@ -301,11 +309,10 @@ NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", com
 
 
 def relogin_message(status: AccountStatus) -> Message:
-    """Return why a new login is needed, as the relogin alert says it.
+    """Return why a new login is needed when the cause is not known (see relogin.CAUSES).
 
-    Seam for the KOE322 causes (expired, rotated and lost, revoked or unlinked, unknown):
-    give each cause its own ``N_()`` text here (Korean in locale/ko/.../kakao_tokend.po; a
-    test fails for a text without it) and keep it short: it is the memo's condition line.
+    A refusal whose cause was worked out (expired, rotated and lost, revoked, unknown) uses
+    that cause's own translated text from relogin.py instead.
     """
     return N_(
         "Kakao refuses the tokens ({reason}); a new login is needed",
@@ -327,12 +334,13 @@ def current_conditions(
     relogin_fix, relogin_hint = login_fix(account.name), login_hint(account, host)
     found: list[Condition] = []
     if status.health is Health.RELOGIN:
+        cause = manager.relogin_texts()  # why (expired, lost rotation, revoked ...), if known
         found.append(
             Condition(
                 "relogin",
                 Severity.CRITICAL,
-                relogin_message(status),
-                relogin_fix,
+                cause.alert if cause is not None else relogin_message(status),
+                cause.fix if cause is not None else relogin_fix,
                 hint=relogin_hint,
             )
         )
@@ -453,6 +461,34 @@ def current_conditions(
                 ),
                 brief=N_("cannot save the new tokens"),
                 hint=N_("state directory: {directory}", directory=str(account.state_file.parent)),
+            )
+        )
+    if status.publish_pending:
+        found.append(
+            Condition(
+                "publish_failed",
+                Severity.CRITICAL,
+                N_(
+                    "cannot write the token files for consumers ({error}); they read an older"
+                    " token",
+                    error=status.publish_error or "write error",
+                ),
+                N_("fix the file or directory named above (retried automatically)"),
+                brief=N_("cannot write the token files for consumers"),
+            )
+        )
+    if status.state_conflict:
+        found.append(
+            Condition(
+                "state_conflict",
+                Severity.CRITICAL,
+                N_("an older state file was refused: {detail}", detail=status.state_conflict),
+                N_(
+                    "check which program wrote the state file (`kakao-tokend status`); to go back"
+                    " to a backup on purpose use `{command}`",
+                    command="kakao-tokend restore",
+                ),
+                brief=N_("an older state file was refused; the newer tokens were kept"),
             )
         )
     if status.missed_rotation:

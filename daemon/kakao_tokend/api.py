@@ -130,13 +130,17 @@ def is_serving(manager: AccountManager) -> bool:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 when every account has a valid token, 503 with the reasons otherwise."""
+    """200 when every account has a valid, published token; 503 with the reasons otherwise."""
     daemon = _daemon(request)
     problems = {
         m.name: m.status.last_error or m.status.health.value
         for m in daemon.managers.values()
         if not is_serving(m)
     }
+    for m in daemon.managers.values():
+        if m.status.publish_pending and m.name not in problems:
+            # Consumers reading the files get an older token until the retry succeeds.
+            problems[m.name] = f"the published token files are stale: {m.status.publish_error}"
     if problems:
         return web.json_response({"ok": False, "problems": problems}, status=503)
     return web.json_response({"ok": True})

@@ -935,6 +935,50 @@ LOCK_TIMEOUT_OPTION = click.option(
 
 
 @main.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@LOCK_TIMEOUT_OPTION
+def restore(path: Path, lock_timeout: float) -> None:
+    """Put a backup of an account's state file back, even though it is older.
+
+    A running daemon refuses a state file whose generation or rotation history goes backwards
+    (an old backup copied over the live file by mistake: its refresh token may have been
+    retired by a rotation since), keeps its newer tokens and alerts. This command is how you
+    really mean it: the backup becomes the newest state, and a running daemon adopts it. The
+    file it replaces is kept next to it as NAME.state.json.replaced-<time>.
+
+    \b
+    Example:
+      kakao-tokend restore /backup/kakao-tokend/default.state.json
+      kakao-tokend --account bot restore ./bot.state.json.refused-20261201T101500Z
+    """
+    from .importer import ImportFileError
+    from .store import AccountStore, read_state_file
+
+    settings = _settings()
+    account = settings.account_config()
+    try:
+        backup = read_state_file(path)
+    except ValueError as exc:
+        raise ImportFileError(str(exc), hint="give a copy of a NAME.state.json file") from None
+    store = AccountStore(account)
+    now = utcnow()
+    with store.lock(timeout=lock_timeout):
+        state = store.restore_backup(backup, source=path, now=now)
+    tokens = state.tokens
+    click.echo(
+        f"restored {path} into account '{account.name}' as generation {state.generation}"
+        f" (refresh token {tokens.refresh_fingerprint}, expires"
+        f" {format_local_time(tokens.refresh_expires_at)}); a running daemon adopts it within a"
+        " heartbeat"
+    )
+    if tokens.refresh_remaining(now).total_seconds() <= 0:
+        click.echo(
+            f"warning: this refresh token has expired; run `{_login_command(account.name)}`",
+            err=True,
+        )
+
+
+@main.command()
 @LOCK_TIMEOUT_OPTION
 def refresh(lock_timeout: float) -> None:
     """Refresh the access token now (under the account lock), then publish it.
@@ -1190,7 +1234,8 @@ def logout(keep_files: bool) -> None:
 
     settings = _settings()
     account = settings.account_config()
-    store = AccountStore(account)
+    # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
+    store = AccountStore(account, rescue_dir=settings.config().runtime_dir)
     try:
         state = store.load()
     except StateCorrupt as exc:

@@ -11,6 +11,7 @@ Our exception hierarchy::
     │   └── StoreWriteError          a write failed (disk full, read-only fs); keep tokens in memory
     └── KakaoError                   Kakao answered with an error, or did not answer
         ├── KakaoUnavailable         try again later (KOE003, KOE237, 5xx, timeouts, bad bodies)
+        │   └── PartialRefresh       Kakao rotated, but the access part of its answer was broken
         ├── ReloginRequired          a person must log in again (KOE322, KOE320, -401 after refresh)
         ├── KakaoConfigError         the app/client configuration is wrong (KOE010, KOE101, KOE303,
         │                            -401 "ip mismatched", ...): retrying will not help
@@ -24,6 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tokens import TokenSet
 
 
 class KakaoTokendError(Exception):
@@ -118,7 +123,8 @@ class KakaoUnavailable(KakaoError):
     ``ambiguous`` is True when the request may have reached Kakao and been processed even
     though no usable answer came back (a timeout after sending, a reset, a 5xx, a truncated
     body). For a refresh that matters: Kakao may have rotated the refresh token.
-    ``retry_after`` carries a server-suggested delay in seconds when one was given.
+    ``retry_after`` carries a server-suggested delay in seconds when one was given, and
+    ``rate_limited`` says Kakao refused because of a rate limit (KOE237, HTTP 429, -10).
     """
 
     def __init__(
@@ -130,11 +136,26 @@ class KakaoUnavailable(KakaoError):
         code: str | None = None,
         ambiguous: bool = False,
         retry_after: float | None = None,
+        rate_limited: bool = False,
         hint: str | None = None,
     ) -> None:
         super().__init__(message, endpoint=endpoint, status=status, code=code, hint=hint)
         self.ambiguous = ambiguous
         self.retry_after = retry_after
+        self.rate_limited = rate_limited
+
+
+class PartialRefresh(KakaoUnavailable):
+    """Kakao's refresh answer held a valid new refresh token but an unusable access part.
+
+    The old refresh token died with the rotation, so ``salvaged`` (a ``TokenSet`` with the new
+    refresh token and the old access token) must be saved before anything else; then the
+    access token is fetched again with it. Not ambiguous: we know the current refresh token.
+    """
+
+    def __init__(self, message: str, *, salvaged: TokenSet, endpoint: str = "") -> None:
+        super().__init__(message, endpoint=endpoint, status=200, code="bad-body")
+        self.salvaged = salvaged
 
 
 class ReloginRequired(KakaoError):

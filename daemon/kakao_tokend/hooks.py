@@ -1,4 +1,8 @@
-"""After-refresh hooks (commands, no shell, one at a time per account) and extra token sinks."""
+"""After-refresh hooks: commands (no shell) run one at a time per account after each change.
+
+The extra token files (``access_token_file``, ``env_file``) are written by the account's
+manager with the token file (store.publish_sinks), so a failed write is retried with it.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .errors import StoreError
-from .refresher import AccountEvent, AccountManager, Health
-from .store import atomic_write, resolve_group
+from .refresher import AccountEvent, AccountManager
 
 if TYPE_CHECKING:
     from .service import Daemon
@@ -26,34 +28,8 @@ log = logging.getLogger(__name__)
 KILL_WAIT = 5.0
 
 
-def sink_documents(token: str) -> tuple[bytes, bytes]:
-    """Return the bare access-token file and the env file contents for ``token``."""
-    return token.encode(), f"KAKAO_ACCESS_TOKEN={token}\n".encode()
-
-
-def write_sinks(manager: AccountManager) -> None:
-    """Write the account's extra sinks (bare token file, env file) atomically; log failures."""
-    account = manager.account
-    state = manager.state
-    if state is None or (account.access_token_file is None and account.env_file is None):
-        return
-    bare, env = sink_documents(state.tokens.access_token)
-    try:
-        group = resolve_group(account.token_file_group)
-    except StoreError as exc:
-        log.error("account %s: cannot write the extra token files: %s", manager.name, exc)
-        return
-    for path, data in ((account.access_token_file, bare), (account.env_file, env)):
-        if path is None:
-            continue
-        try:
-            atomic_write(path, data, mode=account.token_file_mode, group=group)
-        except StoreError as exc:
-            log.error("account %s: cannot write %s: %s", manager.name, path, exc)
-
-
 class HookRunner:
-    """Turns ``refreshed`` events into sink writes and hook runs; one instance per daemon.
+    """Turns ``refreshed`` and ``adopted`` events into hook runs; one instance per daemon.
 
     Hooks of one account run one after another: a change that arrives while a hook runs is
     coalesced into one more run for the newest generation. A run happens only when the
@@ -75,13 +51,16 @@ class HookRunner:
                 self._seen.setdefault(manager.name, manager.state.generation)
 
     def on_event(self, event: AccountEvent) -> None:
-        """Manager listener: quick and non-blocking (sinks inline, hooks in a task)."""
-        if event.kind != "refreshed":
+        """Manager listener: quick and non-blocking (hooks run in a task).
+
+        A state adopted from another process (CLI `login`, `refresh`, `import`) runs the hooks
+        exactly like the daemon's own refresh.
+        """
+        if event.kind not in ("refreshed", "adopted"):
             return
         manager = self.daemon.managers.get(event.account)
         if manager is None or manager.state is None:
             return
-        write_sinks(manager)
         generation = int(event.data.get("generation", manager.state.generation))
         if generation <= self._seen.get(event.account, 0):
             return
@@ -168,9 +147,6 @@ HOOKS = web.AppKey("hooks", HookRunner)
 async def _hooks_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = app[HOOKS]
     runner.baseline()
-    for manager in runner.daemon.managers.values():
-        if manager.status.health is Health.OK:
-            write_sinks(manager)
     yield
     await runner.close()
 

@@ -13,13 +13,15 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
     transport    TLS/certificate failure                            U(amb=False)
     transport    invalid URL                                        KakaoConfigError
     transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
+    kauth token  200, new refresh token, broken access part         PartialRefresh (a U carrying
+                                                                    the salvaged token set)
     any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
     kauth token  KOE322, KOE320                                     ReloginRequired
     kauth        KOE010 (client secret), KOE101 (REST API key),     KakaoConfigError (+ hint)
                  KOE303/KOE006 (redirect URI), KOE001/002/004/005/
                  007/008/009, KOE201/202, KOE319 (bug)
-    kauth        KOE003 (temporary), KOE237 (rate limit,            U(amb only for 5xx)
-                 retry_after >= 60 s)
+    kauth        KOE003 (temporary), KOE237 (rate limit:            U(amb only for 5xx)
+                 rate_limited; the pause is the refresher's)
     kauth        no known code, error == invalid_client             KakaoConfigError
     kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
     kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
@@ -28,12 +30,13 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                                                                     once, then it really is one
     kapi         -101 (not linked), -103 (dormant)                  ReloginRequired
     kapi         -3 -5 -9 -11 -12 -903                              KakaoConfigError
-    kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx)
+    kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx;
+                                                                    -10 rate_limited)
     kapi         -402 (consent), -501, -530..-536 (quotas),         KakaoRequestRejected
                  -2 -4 -6 -8 -201 -406
     memo send    any other 400                                      KakaoRequestRejected
     any          HTTP 5xx without a better code                     U(amb=True)
-    any          HTTP 429 (Retry-After honoured)                    U(amb=False)
+    any          HTTP 429 (Retry-After kept)                        U(amb=False, rate_limited)
     any          error answer whose body is not JSON                U(amb=True)
     any          any other error (unknown code)                     U(amb=False), raw code in
                                                                     the message
@@ -70,9 +73,17 @@ from .errors import (
     KakaoError,
     KakaoRequestRejected,
     KakaoUnavailable,
+    PartialRefresh,
     ReloginRequired,
 )
-from .tokens import Clock, TokenResponseError, TokenSet, fingerprint, utcnow
+from .tokens import (
+    Clock,
+    PartialTokenResponse,
+    TokenResponseError,
+    TokenSet,
+    fingerprint,
+    utcnow,
+)
 
 __all__ = [
     "AccessTokenInfo",
@@ -97,8 +108,6 @@ MEMO_PATH = "/v2/api/talk/memo/default/send"
 
 #: Kakao's limit for the text of a text template.
 MEMO_TEXT_LIMIT = 200
-#: Minimum back-off after KOE237 (token issuance rate limit; windows are 10 and 60 minutes).
-RATE_LIMIT_RETRY_AFTER = 60.0
 #: Longest piece of Kakao's own error text we quote.
 _QUOTE_LIMIT = 160
 
@@ -417,6 +426,13 @@ class KakaoClient:
         body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
+        except PartialTokenResponse as exc:
+            raise PartialRefresh(
+                f"Kakao's token response carried a new refresh token but no usable access"
+                f" token: {exc}",
+                salvaged=exc.salvaged,
+                endpoint=TOKEN_PATH,
+            ) from None
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
 
@@ -699,6 +715,7 @@ class KakaoClient:
                 status=status,
                 code=code,
                 retry_after=_parse_retry_after(answer.headers.get("Retry-After")),
+                rate_limited=True,
             )
         return KakaoUnavailable(
             f"unexpected Kakao error on {path}: HTTP {status}{what}",
@@ -751,16 +768,17 @@ class KakaoClient:
                 hint=hint,
             )
         if code in _KOE_UNAVAILABLE:
-            retry_after = _parse_retry_after(answer.headers.get("Retry-After"))
-            if code == "KOE237":
-                retry_after = max(retry_after or 0.0, RATE_LIMIT_RETRY_AFTER)
+            # KOE237: Kakao's issuance windows are 10 and 60 minutes, but how long to pause is
+            # the refresher's decision (tokens.backoff_delay): it scales with the lifetime and
+            # never outlives the refresh token. Here we only say what happened.
             raise KakaoUnavailable(
                 f"Kakao could not issue tokens now ({code}): {_KOE_UNAVAILABLE[code]}",
                 endpoint=path,
                 status=status,
                 code=code,
                 ambiguous=status >= 500,
-                retry_after=retry_after,
+                retry_after=_parse_retry_after(answer.headers.get("Retry-After")),
+                rate_limited=code == "KOE237",
             )
         if status >= 500 or status == 429:
             raise self._status_fallback(path, answer, f" ({label}){quoted}", code)
@@ -850,6 +868,7 @@ class KakaoClient:
                 code=code,
                 ambiguous=status >= 500,
                 retry_after=_parse_retry_after(answer.headers.get("Retry-After")),
+                rate_limited=number == -10,
             )
         if number in _KAPI_REJECTED:
             reason, advice = _KAPI_REJECTED[number]

@@ -4,6 +4,11 @@ The scheduler, the CLI and the local API all go through :class:`AccountManager`,
 refresh single-flight (concurrent callers share one in-flight task), re-reads the state under
 the account's file lock before refreshing (so a token written by `login` is never overwritten
 with stale data), and makes a new token set durable before anything else happens.
+
+Nothing here ever writes an older state over a newer one: every write of the state file
+happens under the account's lock right after checking what is on disk; a state file that
+another process changed is adopted (published and hooked like our own refresh) unless it goes
+backwards (an old backup), and tokens the disk cannot take go to the store's rescue file.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .errors import (
     KakaoError,
     KakaoRequestRejected,
     KakaoUnavailable,
+    PartialRefresh,
     ReloginRequired,
     StateCorrupt,
     StoreError,
@@ -32,7 +38,16 @@ from .errors import (
     StoreWriteError,
 )
 from .kakao import KakaoClient
-from .state import AccountState
+from .relogin import (
+    AccessCheck,
+    ReloginCause,
+    RenderedCause,
+    classify,
+    login_command,
+    parse_cause,
+    render,
+)
+from .state import AccountState, goes_backwards
 from .store import AccountStore
 from .tokens import (
     Clock,
@@ -41,22 +56,29 @@ from .tokens import (
     format_duration,
     format_local_time,
     format_time,
-    in_rotation_window,
+    issued_in_the_future,
     refresh_due_at,
+    rotation_certain,
     utcnow,
 )
+
+__all__ = [
+    "AccountEvent",
+    "AccountManager",
+    "AccountStatus",
+    "EventListener",
+    "Health",
+    "login_command",
+]
 
 log = logging.getLogger(__name__)
 
 # How long a refresh waits for the account's file lock (held briefly by `login`, `refresh`,
-# `import`) before treating the attempt as a transient failure.
+# `import`) before treating the attempt as a transient failure: at most FILE_LOCK_WAIT, and no
+# more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
+LOCK_WAIT_SHARE = 0.02
 FILE_LOCK_POLL = 0.05
-# Retry schedule for a state file that could not be written (disk full, read-only fs).
-WRITE_RETRY_INITIAL = 1.0
-WRITE_RETRY_MAX = 60.0
-#: How far in the future a token's issue time may lie before we decide the clock went back.
-CLOCK_STEP_TOLERANCE = timedelta(seconds=2)
 
 
 class Health(enum.StrEnum):
@@ -84,6 +106,13 @@ class AccountStatus:
     #: The state in memory could not be written to disk yet.
     write_pending: bool = False
     write_error: str | None = None
+    #: The token file or an extra token file could not be written yet (retried).
+    publish_pending: bool = False
+    publish_error: str | None = None
+    #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
+    relogin_cause: ReloginCause | None = None
+    #: Another process wrote a state file we did not take as it was (refused or superseded).
+    state_conflict: str | None = None
     missed_rotation: bool = False
     counters: dict[str, int] = field(
         default_factory=lambda: {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
@@ -92,10 +121,13 @@ class AccountStatus:
 
 @dataclass(frozen=True)
 class AccountEvent:
-    """Something worth telling an operator (logs already did); consumed by alerts and the demo."""
+    """Something worth telling an operator (logs already did); consumed by alerts and the demo.
 
-    # refreshed, rotated, retrying, relogin, config, write_failed, write_ok, no_rotation,
-    # refresh_call (how long Kakao took to answer a refresh, for /metrics)
+    Kinds: refreshed, rotated, adopted (tokens written by another process were taken over),
+    retrying, relogin, config, write_failed, write_ok, publish_failed, publish_ok, conflict,
+    no_rotation, refresh_call (how long Kakao took to answer a refresh, for /metrics).
+    """
+
     kind: str
     account: str
     message: str
@@ -104,14 +136,6 @@ class AccountEvent:
 
 
 EventListener = Callable[[AccountEvent], None]
-
-
-def login_command(account: str) -> str:
-    """Return the exact command that fixes a dead token set for ``account``."""
-    # --account is a global option: it goes before the command (`login --account x` fails).
-    return (
-        "kakao-tokend login" if account == "default" else f"kakao-tokend --account {account} login"
-    )
 
 
 class AccountManager:
@@ -126,6 +150,7 @@ class AccountManager:
         policy: RefreshPolicy,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.account = account
         self.store = store
@@ -133,15 +158,21 @@ class AccountManager:
         self.policy = policy
         self.clock = clock
         self.rng = rng or random.Random()
+        self.monotonic = monotonic
         self.state: AccountState | None = None
         self.status = AccountStatus()
         self.listeners: list[EventListener] = []
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[AccountState | None] | None = None
         self._planned_refresh_at: datetime | None = None
+        #: The state file as we last wrote or read it; a different one was written by others.
         self._disk_signature: tuple[int, int, int] | None = None
+        #: The planned retry on the monotonic clock, which a stepped wall clock cannot move.
+        self._retry_due_mono: float | None = None
         self._write_attempt = 0
         self._next_write_at: datetime | None = None
+        self._publish_attempt = 0
+        self._next_publish_at: datetime | None = None
         self._last_failure_ambiguous = False
 
     @property
@@ -154,32 +185,92 @@ class AccountManager:
         """Return True while a refresh runs or a new state still waits to be written."""
         return self._inflight is not None or self.status.write_pending
 
+    @property
+    def request_grace(self) -> float:
+        """Return how long an in-flight refresh may still take: its request timeout plus 1 s.
+
+        Giving up earlier (at a stop or a reload) would close the session or swap the store
+        under a request Kakao may already have answered with a rotated refresh token.
+        """
+        return self.account.app.timeout + 1.0
+
     # ------------------------------------------------------------------ loading and planning
 
     def load(self) -> AccountState | None:
-        """Read the state from disk and set the health accordingly (no network)."""
+        """Read the state from disk (and the rescue file) and set the health (no network).
+
+        A rescue file left by a process that could not write the state file wins when it is
+        newer (a higher generation with tokens no older); an older one never does.
+        """
         try:
-            state = self.store.load()
+            state: AccountState | None = self.store.load()
         except StateCorrupt as exc:
             log.critical("account %s: %s", self.name, exc)
-            self._set_health(Health.RELOGIN, str(exc), "corrupt_state")
-            return None
+            state = None
+            corrupt: StateCorrupt | None = exc
+        else:
+            corrupt = None
         self._disk_signature = self.store.state_signature()
+        rescued = self._recover_rescue(state)
+        if rescued is not None:
+            return rescued
+        if corrupt is not None:
+            self._set_health(Health.RELOGIN, str(corrupt), "corrupt_state")
+            return None
         self._adopt(state)
         return state
+
+    def _recover_rescue(self, on_disk: AccountState | None) -> AccountState | None:
+        """Take the rescue file's state when it is newer than ``on_disk``; return it, else None."""
+        rescued = self.store.load_rescue()
+        if rescued is None:
+            return None
+        if on_disk is not None:
+            if rescued.tokens == on_disk.tokens and rescued.generation <= on_disk.generation:
+                self.store.discard_rescue()  # the state file caught up before the process ended
+                return None
+            why = goes_backwards(on_disk, rescued)
+            if why is None:
+                kept = self.store.set_aside_rescue("superseded")
+                log.warning(
+                    "account %s: the rescue file (generation %d) is not newer than the state"
+                    " file (generation %d); using the state file, the rescue file is kept as %s",
+                    self.name,
+                    rescued.generation,
+                    on_disk.generation,
+                    kept,
+                )
+                return None
+        log.warning(
+            "account %s: recovered the tokens from the rescue file %s (generation %d, refresh"
+            " token %s); the state file held %s",
+            self.name,
+            self.store.rescue_path,
+            rescued.generation,
+            rescued.tokens.refresh_fingerprint,
+            f"generation {on_disk.generation}" if on_disk is not None else "nothing usable",
+        )
+        self._adopt(rescued)
+        if self._persist(rescued):
+            self._publish(rescued)
+        return rescued
 
     def _adopt(self, state: AccountState | None) -> None:
         self.state = state
         self._planned_refresh_at = None
+        self.status.state_conflict = None
         if state is None:
+            self.status.relogin_cause = None
             self._set_health(
                 Health.NO_STATE,
                 f"no tokens yet: run `{login_command(self.name)}`",
                 "no_state",
             )
         elif state.relogin_reason:
+            self.status.relogin_cause = parse_cause(state.relogin_cause)
             self._set_health(Health.RELOGIN, state.relogin_reason, "relogin")
         else:
+            self.status.relogin_cause = None
             self.status.health = Health.OK
             self.status.last_error = None
             self.status.last_error_class = None
@@ -187,12 +278,15 @@ class AccountManager:
             self.status.failing_since = None
             self.status.next_attempt_at = None
             self.status.last_success_at = state.refreshed_at
+            self._retry_due_mono = None
 
     def notice_outside_changes(self) -> bool:
         """Adopt a state another process wrote (e.g. `login`); return True when it changed.
 
         A cheap stat per heartbeat; never replaces a newer in-memory state that is still
-        waiting to be written.
+        waiting to be written. An adopted state is published (token file and extra files) and
+        announced as an ``adopted`` event, so hooks and alerts react as to our own refresh. A
+        state that goes backwards (an old backup copied over the live file) is refused.
         """
         signature = self.store.state_signature()
         if signature == self._disk_signature:
@@ -215,6 +309,16 @@ class AccountManager:
             and state.tokens.access_token == self.state.tokens.access_token
         ):
             return False
+        if self.state is not None:
+            why = goes_backwards(state, self.state)
+            if why is not None:
+                self._refuse(state, why)
+                return False
+        self._take_over(state)
+        return True
+
+    def _take_over(self, state: AccountState) -> None:
+        """Adopt a state another process wrote: publish it and announce it like a refresh."""
         log.info(
             "account %s: adopted tokens written by another process (generation %d, refresh %s)",
             self.name,
@@ -223,8 +327,62 @@ class AccountManager:
         )
         self.status.write_pending = False
         self._adopt(state)
-        self._emit("adopted", f"{self.name}: adopted tokens", {"generation": state.generation})
-        return True
+        self._publish(state)
+        self._emit(
+            "adopted",
+            f"{self.name}: adopted tokens written by another process",
+            {"generation": state.generation},
+        )
+
+    def _refuse(self, older: AccountState, why: str) -> None:
+        """Keep our newer state over ``older`` (an old backup): set it aside, write ours back.
+
+        The refused file is never destroyed: it is moved to ``.refused-<stamp>`` first. When
+        that is impossible (lock busy, file system trouble) ours goes to the rescue file, so a
+        restart cannot fall back to the older state, and we look again at the next tick.
+        """
+        assert self.state is not None
+        store = self.store
+        try:
+            locked = store.try_lock()
+        except StoreError:
+            locked = False
+        if not locked:
+            self.store.save_rescue(self.state)
+            self._disk_signature = None  # look again at the next tick
+            return
+        try:
+            try:
+                aside = store.set_aside_state("refused")
+            except StoreError as exc:
+                log.error(
+                    "account %s: cannot keep the refused state file aside: %s", self.name, exc
+                )
+                self.store.save_rescue(self.state)
+                self._disk_signature = None
+                return
+            message = (
+                f"refused the state file written by another process: {why} (an old backup?);"
+                f" kept the newer tokens (generation {self.state.generation}) and put them back"
+                + (f"; the refused file is kept as {aside}" if aside else "")
+            )
+            log.critical(
+                "account %s: %s — if you really mean to go back to it, run `kakao-tokend%s"
+                " restore %s`",
+                self.name,
+                message,
+                "" if self.name == "default" else f" --account {self.name}",
+                aside or "BACKUP",
+            )
+            if self._persist(self.state):
+                self._publish(self.state)
+            self._conflict(message)
+        finally:
+            store.unlock()
+
+    def _conflict(self, message: str) -> None:
+        self.status.state_conflict = message
+        self._emit("conflict", f"{self.name}: {message}", {})
 
     def planned_refresh_at(self) -> datetime | None:
         """Return when the next refresh (or retry) should run, or None if nothing is planned."""
@@ -242,8 +400,12 @@ class AccountManager:
         return self._planned_refresh_at
 
     def next_wakeup(self) -> datetime | None:
-        """Return the earliest moment this account needs attention (refresh or pending write)."""
-        moments = [m for m in (self.planned_refresh_at(), self._next_write_at) if m is not None]
+        """Return the earliest moment this account needs attention (refresh, write, publish)."""
+        moments = [
+            m
+            for m in (self.planned_refresh_at(), self._next_write_at, self._next_publish_at)
+            if m is not None
+        ]
         return min(moments) if moments else None
 
     def needs_refresh(self, now: datetime) -> bool:
@@ -252,14 +414,19 @@ class AccountManager:
         Only the planned (jittered) moment counts, so heartbeats never bunch accounts onto
         their ticks. After a suspend or a forward clock jump the plan simply lies in the past.
         A wall clock stepped backwards would push every absolute time away; a token issued
-        "in the future" betrays that (kubelet's rule), and then we refresh at once.
+        "in the future" betrays that (kubelet's rule), and then we refresh at once — except
+        during a back-off (a KOE237 above all), which runs until its planned retry: that one
+        is also kept on the monotonic clock, which no step moves.
         """
         planned = self.planned_refresh_at()
         if planned is None or self.state is None:
             return False
         if now >= planned:
             return True
-        return self.state.tokens.access_issued_at - now > CLOCK_STEP_TOLERANCE
+        if self.status.health is Health.RETRYING and self.status.next_attempt_at is not None:
+            due = self._retry_due_mono
+            return due is not None and self.monotonic() >= due
+        return issued_in_the_future(self.state.tokens, now)
 
     def set_policy(self, policy: RefreshPolicy) -> None:
         """Apply a reloaded refresh policy; the next refresh is planned with it."""
@@ -267,15 +434,40 @@ class AccountManager:
             self.policy = policy
             self._planned_refresh_at = None
 
+    def _retry_delay(self, attempt: int, exc: KakaoError | None = None) -> float:
+        """Return the wait before retry ``attempt`` (tokens.backoff_delay, the one rule)."""
+        assert self.state is not None
+        tokens = self.state.tokens
+        unavailable = exc if isinstance(exc, KakaoUnavailable) else None
+        return backoff_delay(
+            attempt,
+            now=self.clock(),
+            expires_at=tokens.access_expires_at,
+            lifetime=tokens.access_lifetime,
+            initial=self.policy.retry_initial,
+            cap=self.policy.retry_max,
+            rng=self.rng,
+            refresh_expires_at=tokens.refresh_expires_at,
+            rate_limited=unavailable is not None and unavailable.rate_limited,
+            retry_after=unavailable.retry_after if unavailable is not None else None,
+        )
+
     # ------------------------------------------------------------------ the periodic check
 
     async def tick(self) -> None:
-        """Do whatever is due now: retry a pending write, pick up outside changes, refresh."""
+        """Do whatever is due now: retry a pending write or publish, pick up outside changes,
+        refresh."""
         now = self.clock()
         if self.status.write_pending and (
             self._next_write_at is None or now >= self._next_write_at
         ):
             self._retry_pending_write()
+        if (
+            self.status.publish_pending
+            and self.state is not None
+            and (self._next_publish_at is None or now >= self._next_publish_at)
+        ):
+            self._publish(self.state)
         if not self.busy:
             self.notice_outside_changes()
         if self.needs_refresh(self.clock()):
@@ -322,39 +514,61 @@ class AccountManager:
             info.user_id,
             format_duration(info.expires_in),
         )
-        self._trust_kakaos_expiry(state, asked_at + timedelta(seconds=info.expires_in))
+        await self._trust_kakaos_expiry(state, asked_at + timedelta(seconds=info.expires_in))
 
-    def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
+    async def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
         """Kakao says the access token dies sooner than we computed: believe Kakao.
 
         Our expiry is our clock plus ``expires_in`` at issue; a stepped clock, a suspended host
         or Kakao's own view can disagree. Refreshing late is the one thing that must not
         happen, so an earlier expiry from access_token_info wins (a later one is ignored).
+        The correction is saved under the account's locks after re-reading the state file: a
+        `login`, `refresh` or `import` that landed meanwhile wins, and the correction (about
+        the old access token) is dropped. When the lock is busy it stays in memory.
         """
         tokens = state.tokens
         slack = max(2.0, tokens.access_lifetime.total_seconds() * 0.01)
         if kakao_expiry >= tokens.access_expires_at - timedelta(seconds=slack):
             return
-        log.warning(
-            "account %s: Kakao says the access token expires %s, %s earlier than computed"
-            " (clock skew?); planning by Kakao's time",
-            self.name,
-            format_local_time(kakao_expiry),
-            format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
-        )
-        corrected = replace(
-            state,
-            tokens=replace(
-                tokens,
-                access_expires_at=kakao_expiry,
-                # Keep the lifetime: the token was issued one lifetime before it expires.
-                access_issued_at=kakao_expiry - tokens.access_lifetime,
-            ),
-        )
-        self.state = corrected
-        self._planned_refresh_at = None
-        if self._persist(corrected):
-            self._publish(corrected)
+        async with self._lock:
+            store: AccountStore | None = self.store
+            try:
+                await self._acquire_file_lock(self.store)
+            except StoreError:
+                store = None
+            try:
+                if store is not None and not self.status.write_pending:
+                    self.notice_outside_changes()
+                if self.state is not state:
+                    log.info(
+                        "account %s: the tokens changed while Kakao was asked; the earlier"
+                        " expiry it reported no longer applies",
+                        self.name,
+                    )
+                    return
+                log.warning(
+                    "account %s: Kakao says the access token expires %s, %s earlier than"
+                    " computed (clock skew?); planning by Kakao's time",
+                    self.name,
+                    format_local_time(kakao_expiry),
+                    format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
+                )
+                corrected = replace(
+                    state,
+                    tokens=replace(
+                        tokens,
+                        access_expires_at=kakao_expiry,
+                        # Keep the lifetime: the token was issued one lifetime before it expires.
+                        access_issued_at=kakao_expiry - tokens.access_lifetime,
+                    ),
+                )
+                self.state = corrected
+                self._planned_refresh_at = None
+                if store is not None and self._persist(corrected):
+                    self._publish(corrected)
+            finally:
+                if store is not None:
+                    store.unlock()
 
     # ------------------------------------------------------------------ refreshing
 
@@ -389,20 +603,28 @@ class AccountManager:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         return task.done()
 
-    async def _acquire_file_lock(self) -> None:
+    def _lock_wait(self) -> float:
+        if self.state is None:
+            return FILE_LOCK_WAIT
+        life = self.state.tokens.access_lifetime.total_seconds()
+        return max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
+
+    async def _acquire_file_lock(self, store: AccountStore) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + FILE_LOCK_WAIT
-        while not self.store.try_lock():
+        wait = self._lock_wait()
+        deadline = loop.time() + wait
+        while not store.try_lock():
             if loop.time() >= deadline:
-                raise StoreLocked(
-                    f"account {self.name}: another process holds {self.store.lock_path}"
-                )
-            await asyncio.sleep(FILE_LOCK_POLL)
+                raise StoreLocked(f"account {self.name}: another process holds {store.lock_path}")
+            await asyncio.sleep(min(FILE_LOCK_POLL, max(wait / 10, 0.001)))
 
     async def _refresh_exclusive(self, *, force: bool, reason: str) -> AccountState | None:
         async with self._lock:
+            # The store is captured: a reload may swap self.store while Kakao answers, and the
+            # lock must be released through the object that holds it.
+            store = self.store
             try:
-                await self._acquire_file_lock()
+                await self._acquire_file_lock(store)
             except StoreError as exc:  # busy, or the lock file is unusable (permissions, ...)
                 if self.state is not None:
                     label = "lock_busy" if isinstance(exc, StoreLocked) else "lock_error"
@@ -410,8 +632,7 @@ class AccountManager:
                 return self.state
             try:
                 # Re-read under the lock: `login` or another tool may have written newer tokens.
-                if not self.status.write_pending:
-                    self.notice_outside_changes()
+                self._sync_with_disk()
                 state = self.state
                 if state is None:
                     return None
@@ -422,35 +643,36 @@ class AccountManager:
                     return state
                 return await self._call_kakao(state, reason)
             finally:
-                self.store.unlock()
+                store.unlock()
+
+    def _sync_with_disk(self) -> None:
+        """Under the lock: take in what other processes wrote since we last wrote or read.
+
+        With a write pending, a state file that changed meanwhile is a conflict: we never write
+        over it (see :meth:`_write_conflict`).
+        """
+        if not self.status.write_pending:
+            self.notice_outside_changes()
+        elif self.store.state_signature() != self._disk_signature:
+            self._write_conflict()
 
     async def _call_kakao(self, state: AccountState, reason: str) -> AccountState | None:
         now = self.clock()
         window = timedelta(seconds=self.policy.rotation_window)
-        expect_rotation = in_rotation_window(state.tokens, now, window=window)
+        expect_rotation = rotation_certain(state.tokens, now, window=window)
         self.status.last_attempt_at = now
         self.status.counters["attempts"] += 1
         log.debug("account %s: refreshing (%s)", self.name, reason or "requested")
         try:
             tokens, rotated = await self._timed_refresh(state.tokens)
+        except PartialRefresh as exc:
+            return self._salvage(state, exc)
         except KakaoUnavailable as exc:
             self._record_transient(str(exc), exc.label, ambiguous=exc.ambiguous, exc=exc)
             return state
         except ReloginRequired as exc:
-            if self._last_failure_ambiguous and exc.code == "KOE322":
-                # The previous attempt may have reached Kakao, which then rotated the refresh
-                # token; its answer never arrived. Nothing can recover that token.
-                log.critical(
-                    "account %s: the refresh response was lost after Kakao rotated the refresh"
-                    " token (%s presented, now rejected as KOE322); a new login is needed: run"
-                    " `%s`",
-                    self.name,
-                    state.tokens.refresh_fingerprint,
-                    login_command(self.name),
-                )
-                self._mark_permanent(Health.RELOGIN, exc, logged=True, lost_response=True)
-            else:
-                self._mark_permanent(Health.RELOGIN, exc)
+            cause = await self._refusal_cause(state, exc)
+            self._mark_permanent(Health.RELOGIN, exc, cause=cause)
             return self.state
         except KakaoConfigError as exc:
             self._mark_permanent(Health.CONFIG, exc)
@@ -476,6 +698,67 @@ class AccountManager:
         data = {"seconds": seconds, "outcome": outcome}
         self._emit("refresh_call", f"{self.name}: refresh call {outcome} in {seconds:.3f}s", data)
 
+    async def _refusal_cause(self, state: AccountState, exc: ReloginRequired) -> RenderedCause:
+        """Work out why Kakao refused the refresh token (see relogin.classify)."""
+        now = self.clock()
+        tokens = state.tokens
+
+        def decide(access: AccessCheck) -> ReloginCause:
+            return classify(
+                tokens,
+                now,
+                ambiguous_before=self._last_failure_ambiguous,
+                rotation_window=timedelta(seconds=self.policy.rotation_window),
+                access=access,
+            )
+
+        cause = decide(AccessCheck.NOT_ASKED)
+        if cause is ReloginCause.REVOKED and tokens.access_expires_at > now:
+            # Our clock says the access token still lives: ask Kakao whether it agrees.
+            try:
+                await self.client.access_token_info(tokens.access_token)
+            except ReloginRequired:  # -401 (gone), -101 (unlinked), -103 (dormant)
+                cause = decide(AccessCheck.REJECTED)
+            except KakaoError:
+                pass
+            else:
+                cause = decide(AccessCheck.VALID)
+        return render(
+            cause,
+            account=self.name,
+            code=exc.label,
+            fingerprint=tokens.refresh_fingerprint,
+            expiry=tokens.refresh_expires_at,
+        )
+
+    def _salvage(self, state: AccountState, exc: PartialRefresh) -> AccountState:
+        """Kakao rotated but the access part was broken: save the new refresh token first."""
+        now = self.clock()
+        salvaged = state.with_tokens(exc.salvaged, refreshed_at=now, rotated=True)
+        self.state = salvaged
+        log.warning(
+            "account %s: Kakao rotated the refresh token to %s but the access part of its"
+            " answer was unusable (%s); saved the new refresh token, fetching an access token"
+            " with it",
+            self.name,
+            salvaged.tokens.refresh_fingerprint,
+            exc,
+        )
+        if self._persist(salvaged):
+            self._publish(salvaged)
+        self._planned_refresh_at = None
+        self.status.counters["rotations"] += 1
+        self.status.missed_rotation = False
+        # We know the current refresh token: nothing about this attempt is ambiguous.
+        self._last_failure_ambiguous = False
+        self._emit(
+            "rotated",
+            f"refresh token of {self.name} rotated to {salvaged.tokens.refresh_fingerprint}",
+            {"fingerprint": salvaged.tokens.refresh_fingerprint},
+        )
+        self._record_transient(str(exc), exc.label, ambiguous=False, exc=exc)
+        return salvaged
+
     def _accept(
         self, state: AccountState, tokens: TokenSet, rotated: bool, *, expect_rotation: bool
     ) -> AccountState:
@@ -495,7 +778,10 @@ class AccountManager:
         status.last_error = None
         status.last_error_class = None
         status.last_success_at = now
+        status.relogin_cause = None
+        status.state_conflict = None
         status.counters["successes"] += 1
+        self._retry_due_mono = None
         self._last_failure_ambiguous = False
         if rotated:
             status.counters["rotations"] += 1
@@ -540,27 +826,34 @@ class AccountManager:
     # ------------------------------------------------------------------ persistence
 
     def _persist(self, state: AccountState) -> bool:
+        """Write ``state`` to the state file; on failure keep it in the rescue file and retry.
+
+        Callers hold the account's file lock, or own the state file otherwise (at start).
+        """
         try:
             self.store.save(state)
         except StoreWriteError as exc:
             first = not self.status.write_pending
             self.status.write_pending = True
             self.status.write_error = exc.message  # what failed; each report adds its fix once
+            rescued = self.store.save_rescue(state)
             self._write_attempt += 1
-            delay = min(WRITE_RETRY_MAX, WRITE_RETRY_INITIAL * 2 ** (self._write_attempt - 1))
-            self._next_write_at = self.clock() + timedelta(seconds=delay)
+            self._next_write_at = self.clock() + timedelta(
+                seconds=self._retry_delay(self._write_attempt)
+            )
             if first:
                 log.critical(
-                    "account %s: cannot save the new tokens (%s); keeping them in memory and"
-                    " retrying every %s at most — do not stop kakao-tokend until this clears",
+                    "account %s: cannot save the new tokens (%s); keeping them in memory%s and"
+                    " retrying — do not stop kakao-tokend until this clears",
                     self.name,
                     exc,
-                    format_duration(WRITE_RETRY_MAX),
+                    f" and in the rescue file {self.store.rescue_path}" if rescued else "",
                 )
-                self._emit("write_failed", str(exc), {})
+                self._emit("write_failed", str(exc), {"rescued": rescued})
             return False
         self._disk_signature = self.store.state_signature()
         self.store.restore_reserve()
+        self.store.discard_rescue()
         if self.status.write_pending:
             log.warning(
                 "account %s: state saved again after %d tries", self.name, self._write_attempt
@@ -572,22 +865,128 @@ class AccountManager:
         self._next_write_at = None
         return True
 
-    def publish(self) -> None:
-        """Write the token file from the state in memory (errors are logged, not raised)."""
-        if self.state is not None:
-            self._publish(self.state)
+    def publish(self, *, token_file: bool = True) -> None:
+        """Write the published files from the state in memory (failures are retried).
 
-    def _publish(self, state: AccountState) -> None:
-        try:
-            self.store.publish(state, now=self.clock())
-        except StoreError as exc:
-            log.error("account %s: cannot publish the token file: %s", self.name, exc)
+        ``token_file=False`` writes only the extra token files (``access_token_file``,
+        ``env_file``), e.g. at start when the token file is already current.
+        """
+        if self.state is not None:
+            self._publish(self.state, token_file=token_file)
+
+    def _publish(self, state: AccountState, *, token_file: bool = True) -> bool:
+        """Write the token file and the extra token files; mark a failure pending, retry it."""
+        problems: list[str] = []
+        if token_file or self.status.publish_pending:
+            try:
+                self.store.publish(state, now=self.clock())
+            except StoreError as exc:
+                problems.append(f"token file: {exc}")
+        problems += self.store.publish_sinks(state)
+        status = self.status
+        if problems:
+            error = "; ".join(problems)
+            if not status.publish_pending:
+                log.error(
+                    "account %s: cannot publish the tokens (%s); consumers read an older token"
+                    " until this clears — retrying",
+                    self.name,
+                    error,
+                )
+                self._emit("publish_failed", error, {})
+            status.publish_pending = True
+            status.publish_error = error
+            self._publish_attempt += 1
+            delay = min(self.policy.heartbeat, self._retry_delay(self._publish_attempt))
+            self._next_publish_at = self.clock() + timedelta(seconds=delay)
+            return False
+        if status.publish_pending:
+            log.warning(
+                "account %s: tokens published again after %d tries",
+                self.name,
+                self._publish_attempt,
+            )
+            self._emit("publish_ok", f"{self.name}: tokens published again", {})
+        status.publish_pending = False
+        status.publish_error = None
+        self._publish_attempt = 0
+        self._next_publish_at = None
+        return True
 
     def _retry_pending_write(self) -> None:
+        """Retry a pending write under the account's lock, never over another process's state."""
         if self.state is None:
             return
-        if self._persist(self.state):
-            self._publish(self.state)
+        store = self.store
+        try:
+            locked = store.try_lock()
+        except StoreError as exc:
+            log.error("account %s: cannot take the account lock to save: %s", self.name, exc)
+            locked = False
+        if not locked:  # another process is writing right now: try again later
+            self._write_attempt += 1
+            self._next_write_at = self.clock() + timedelta(
+                seconds=self._retry_delay(self._write_attempt)
+            )
+            return
+        try:
+            if store.state_signature() != self._disk_signature:
+                self._write_conflict()
+            elif self._persist(self.state):
+                self._publish(self.state)
+        finally:
+            store.unlock()
+
+    def _write_conflict(self) -> None:
+        """Our newer state waited to be written, and another process wrote the file meanwhile.
+
+        Never write over it: keep ours in the rescue file, then treat the file like any
+        outside change — adopted when it is not older than ours (a new login; ours is kept
+        aside as ``.superseded-<stamp>``), refused and set aside when it is (an old backup).
+        Either way an alert says what happened. Called with the account lock held.
+        """
+        ours = self.state
+        assert ours is not None
+        store = self.store
+        store.save_rescue(ours)
+        log.critical(
+            "account %s: the state file was changed by another process while our newer tokens"
+            " (generation %d, refresh token %s) waited to be written; not writing over it",
+            self.name,
+            ours.generation,
+            ours.tokens.refresh_fingerprint,
+        )
+        try:
+            theirs = store.load()
+        except StoreError as exc:
+            log.error("account %s: cannot read the changed state file: %s", self.name, exc)
+            self._write_attempt += 1
+            self._next_write_at = self.clock() + timedelta(
+                seconds=self._retry_delay(self._write_attempt)
+            )
+            return
+        self._disk_signature = store.state_signature()
+        self.status.write_error = None
+        self._write_attempt = 0
+        self._next_write_at = None
+        self.status.write_pending = False
+        why = goes_backwards(theirs, ours) if theirs is not None else None
+        if theirs is not None and why is not None:
+            self._refuse(theirs, why)
+            return
+        if theirs is None:
+            log.warning("account %s: state file was removed (logout?)", self.name)
+            self._adopt(None)
+            what = "removed the state file (logout?)"
+        else:
+            self._take_over(theirs)
+            what = "wrote the state file"
+        kept = store.set_aside_rescue("superseded")
+        self._conflict(
+            f"another process {what} while newer tokens (generation {ours.generation}) waited"
+            " to be saved; took its version"
+            + (f", the unsaved tokens are kept in {kept}" if kept else "")
+        )
 
     def flush(self) -> bool:
         """Try once more to write a pending state (used at shutdown); return True when clean."""
@@ -617,19 +1016,9 @@ class AccountManager:
         state = self.state
         assert state is not None
         tokens = state.tokens
-        delay = backoff_delay(
-            status.attempt,
-            now=now,
-            expires_at=tokens.access_expires_at,
-            lifetime=tokens.access_lifetime,
-            initial=self.policy.retry_initial,
-            cap=self.policy.retry_max,
-            rng=self.rng,
-        )
-        if isinstance(exc, KakaoUnavailable) and exc.retry_after:
-            # Kakao asked for a pause (KOE237 rate limit, 429): honour it, within the cap.
-            delay = max(delay, min(exc.retry_after, self.policy.retry_max))
+        delay = self._retry_delay(status.attempt, exc)
         status.next_attempt_at = now + timedelta(seconds=delay)
+        self._retry_due_mono = self.monotonic() + delay
         log.warning(
             "account %s: refresh failed (%s): %s; attempt %d, next try %s (in %s), access token %s",
             self.name,
@@ -655,8 +1044,7 @@ class AccountManager:
         health: Health,
         exc: KakaoError,
         *,
-        logged: bool = False,
-        lost_response: bool = False,
+        cause: RenderedCause | None = None,
     ) -> None:
         now = self.clock()
         status = self.status
@@ -666,22 +1054,33 @@ class AccountManager:
         status.last_error_class = exc.label
         status.failing_since = status.failing_since or now
         status.next_attempt_at = None
+        self._retry_due_mono = None
         if health is Health.RELOGIN:
-            reason = (
-                "refresh response lost after rotation" if lost_response else str(exc)
-            ) + f"; run `{login_command(self.name)}`"
-            status.last_error = reason  # what happened and its fix, said once (API, status)
-            if not logged:
+            if cause is not None:
+                reason = f"{cause.reason}; {cause.fix.render('en')}"
+                log.critical("%s", cause.log)
+            else:
+                reason = f"{exc}; run `{login_command(self.name)}`"
                 log.critical(
                     "account %s needs a new login: %s; stopped refreshing it — run `%s`",
                     self.name,
                     exc,
                     login_command(self.name),
                 )
+            status.last_error = reason  # what happened and its fix, said once (API, status)
+            status.relogin_cause = cause.cause if cause is not None else None
             if self.state is not None:
-                self.state = replace(self.state, relogin_reason=reason)
+                self.state = replace(
+                    self.state,
+                    relogin_reason=reason,
+                    relogin_cause=cause.cause.value if cause is not None else None,
+                )
                 self._persist(self.state)
-            self._emit("relogin", reason, {"error_class": exc.label})
+            self._emit(
+                "relogin",
+                reason,
+                {"error_class": exc.label, "cause": cause.cause.value if cause else None},
+            )
         else:
             log.critical(
                 "account %s: Kakao says the configuration is wrong: %s; stopped refreshing it —"
@@ -691,12 +1090,29 @@ class AccountManager:
             )
             self._emit("config", str(exc), {"error_class": exc.label})
 
+    def relogin_texts(self) -> RenderedCause | None:
+        """Return the texts (alert, fix, ...) of the current re-login cause, if there is one."""
+        cause = self.status.relogin_cause
+        if self.status.health is not Health.RELOGIN or cause is None:
+            return None
+        tokens = self.state.tokens if self.state is not None else None
+        return render(
+            cause,
+            account=self.name,
+            code=self.status.last_error_class
+            if self.status.last_error_class not in (None, "relogin")
+            else "KOE322",
+            fingerprint=tokens.refresh_fingerprint if tokens else "-",
+            expiry=tokens.refresh_expires_at if tokens else None,
+        )
+
     def clear_config_error(self) -> None:
         """After a reload the configuration may be fixed: try again at the next tick."""
         if self.status.health is Health.CONFIG:
             self.status.health = Health.RETRYING
             self.status.attempt = 0
             self.status.next_attempt_at = self.clock()
+            self._retry_due_mono = self.monotonic()
 
     def _set_health(self, health: Health, message: str, label: str) -> None:
         self.status.health = health
@@ -727,6 +1143,8 @@ class AccountManager:
             text += f" [{self.status.health.value}]"
         if self.status.write_pending:
             text += " [NOT SAVED]"
+        if self.status.publish_pending:
+            text += " [NOT PUBLISHED]"
         return text
 
     def describe(self, now: datetime | None = None) -> dict[str, Any]:
@@ -746,6 +1164,9 @@ class AccountManager:
             ),
             "write_pending": status.write_pending,
             "write_error": status.write_error,
+            "publish_pending": status.publish_pending,
+            "publish_error": status.publish_error,
+            "state_conflict": status.state_conflict,
             "missed_rotation": status.missed_rotation,
             "counters": dict(status.counters),
         }
@@ -767,6 +1188,7 @@ class AccountManager:
                     {"at": format_time(r.at), "fingerprint": r.fingerprint} for r in state.rotations
                 ],
                 relogin_reason=state.relogin_reason,
+                relogin_cause=state.relogin_cause,
                 user_id=state.user_id,
             )
         return result

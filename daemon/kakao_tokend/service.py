@@ -110,7 +110,7 @@ class Daemon:
     def make_manager(self, account: AccountConfig) -> AccountManager:
         """Create the store, client and manager for one account and load its state."""
         assert self.session is not None
-        store = AccountStore(account)
+        store = AccountStore(account, rescue_dir=self.config.runtime_dir)
         for directory in {account.state_file.parent, account.token_file.parent}:
             if directory not in self._prepared_dirs:
                 # Once per directory: 1,000 accounts usually share one state directory.
@@ -131,13 +131,14 @@ class Daemon:
             self.alerts.attach(manager)
         if manager.state is not None and manager.status.health is Health.OK:
             # Publish at once when the token file is missing or stale (another tool wrote the
-            # state); an up-to-date one is left alone, which keeps a large start cheap.
+            # state); an up-to-date one is left alone, which keeps a large start cheap. The
+            # extra token files carry no generation: they are always written.
             try:
                 published = store.read_published()
             except StoreError:
                 published = None  # damaged or unreadable: rewrite it
-            if published is None or published.get("generation") != manager.state.generation:
-                manager.publish()
+            stale = published is None or published.get("generation") != manager.state.generation
+            manager.publish(token_file=stale)
         return manager
 
     def open_accounts(self) -> None:
@@ -180,7 +181,7 @@ class Daemon:
                     manager = self.scheduler.remove(name)
                     self.managers.pop(name)
                     if manager is not None:
-                        await manager.wait_idle(STOP_GRACE)
+                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
                         manager.flush()
                     if self.alerts is not None:
                         await self.alerts.detach(name)
@@ -193,7 +194,7 @@ class Daemon:
                 ):
                     if manager is not None:
                         self.scheduler.remove(name)
-                        await manager.wait_idle(STOP_GRACE)
+                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
                         manager.flush()
                     manager = self.make_manager(account)
                     self.managers[name] = manager
@@ -204,9 +205,11 @@ class Daemon:
                 if old_accounts[name] != account:
                     changed.append(name)
                 assert self.session is not None
-                await manager.wait_idle(STOP_GRACE)
+                # A refresh in flight may take its whole request timeout; swapping the store
+                # under it earlier would lose the answer's lock bookkeeping.
+                await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
                 manager.account = account
-                manager.store = AccountStore(account)
+                manager.store = AccountStore(account, rescue_dir=new.runtime_dir)
                 manager.client = KakaoClient(self.session, account.app, clock=self.clock)
                 manager.set_policy(new.refresh)
                 manager.clear_config_error()

@@ -19,6 +19,9 @@ class Rotation:
 
     at: datetime
     fingerprint: str
+    #: The retired token's fingerprint (None in entries written before it was recorded). Not
+    #: part of equality: it is bookkeeping that lets an old backup be recognised.
+    replaced: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class AccountState:
     rotations: tuple[Rotation, ...] = ()
     #: Set when a person must log in again; the reason is shown by `status` and alerts.
     relogin_reason: str | None = None
+    #: Why (a relogin.ReloginCause value: expired, rotated_lost, revoked, unknown).
+    relogin_cause: str | None = None
     #: Kakao user id, learned from /v2/user/me or access_token_info.
     user_id: int | None = None
     #: Free-form per-feature data (alert bookkeeping, ...), kept across restarts.
@@ -44,7 +49,14 @@ class AccountState:
         """Return the state after a successful refresh or login: new generation, reason cleared."""
         rotations = self.rotations
         if rotated:
-            rotations = (*rotations, Rotation(refreshed_at, tokens.refresh_fingerprint))
+            rotations = (
+                *rotations,
+                Rotation(
+                    refreshed_at,
+                    tokens.refresh_fingerprint,
+                    replaced=self.tokens.refresh_fingerprint,
+                ),
+            )
             rotations = rotations[-MAX_ROTATIONS_KEPT:]
         return replace(
             self,
@@ -53,6 +65,7 @@ class AccountState:
             refreshed_at=refreshed_at,
             rotations=rotations,
             relogin_reason=None,
+            relogin_cause=None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,10 +76,9 @@ class AccountState:
             "generation": self.generation,
             "refreshed_at": format_time(self.refreshed_at) if self.refreshed_at else None,
             "relogin_reason": self.relogin_reason,
+            "relogin_cause": self.relogin_cause,
             "user_id": self.user_id,
-            "rotations": [
-                {"at": format_time(r.at), "fingerprint": r.fingerprint} for r in self.rotations
-            ],
+            "rotations": [_rotation_dict(r) for r in self.rotations],
             "tokens": self.tokens.to_dict(),
             "extras": dict(self.extras),
         }
@@ -96,16 +108,26 @@ class AccountState:
         for index, item in enumerate(rotations_raw):
             if not isinstance(item, Mapping) or not isinstance(item.get("fingerprint"), str):
                 raise ValueError(f"rotation entry {index} is malformed (needs at, fingerprint)")
+            replaced = item.get("replaced")
+            if replaced is not None and not isinstance(replaced, str):
+                raise ValueError(f"rotation entry {index}: 'replaced' must be a string")
             rotations.append(
-                Rotation(_time(item, "at", f"rotation entry {index}"), item["fingerprint"])
+                Rotation(
+                    _time(item, "at", f"rotation entry {index}"),
+                    item["fingerprint"],
+                    replaced=replaced,
+                )
             )
         reason = data.get("relogin_reason")
+        cause = data.get("relogin_cause")
         user_id = data.get("user_id")
         extras = data.get("extras")
         if extras is None:
             extras = {}
         if reason is not None and not isinstance(reason, str):
             raise ValueError("'relogin_reason' must be a string")
+        if cause is not None and not isinstance(cause, str):
+            raise ValueError("'relogin_cause' must be a string")
         if user_id is not None and (isinstance(user_id, bool) or not isinstance(user_id, int)):
             raise ValueError("'user_id' must be an integer")
         if not isinstance(extras, Mapping):
@@ -127,9 +149,77 @@ class AccountState:
             refreshed_at=refreshed_at,
             rotations=tuple(rotations),
             relogin_reason=reason,
+            relogin_cause=cause,
             user_id=user_id,
             extras=dict(extras),
         )
+
+
+#: Key in ``extras`` written by `kakao-tokend restore`: the generation the operator forced.
+RESTORED_KEY = "restored"
+
+
+def forced_restore(state: AccountState) -> bool:
+    """Return True when `kakao-tokend restore` wrote ``state`` (and nothing has changed it since).
+
+    The marker names the generation it was written with, so a later refresh (a new generation)
+    ends it, and an old backup of a restored state is not forced again by mistake.
+    """
+    marker = state.extras.get(RESTORED_KEY)
+    return isinstance(marker, Mapping) and marker.get("generation") == state.generation
+
+
+def goes_backwards(candidate: AccountState, known: AccountState) -> str | None:
+    """Return why ``candidate`` is an older state of the account than ``known``, or None.
+
+    Older means, first of all, that its refresh token is one ``known`` has seen retired by a
+    rotation (an old backup copied over the live file: Kakao answers KOE322 for it). With the
+    same refresh token, a lower generation is older. With a refresh token we never had, the
+    state comes from a new login or import — unless it is also clearly older: a lower
+    generation or a rotation history that lacks our newest rotation, with tokens issued
+    before ours (to the second, as state files keep times). A state written by
+    `kakao-tokend restore` is never refused: the operator forced it.
+    """
+    if forced_restore(candidate):
+        return None
+    presented = candidate.tokens.refresh_fingerprint
+    current = known.tokens.refresh_fingerprint
+    retired = {r.fingerprint for r in known.rotations} | {
+        r.replaced for r in known.rotations if r.replaced is not None
+    }
+    retired.discard(current)
+    if presented in retired:
+        return f"its refresh token {presented} was retired by a rotation since"
+    lower = candidate.generation < known.generation
+    if presented == current:
+        return (
+            f"its generation {candidate.generation} is lower than {known.generation}"
+            if lower
+            else None
+        )
+    if _second(candidate.tokens.access_issued_at) >= _second(known.tokens.access_issued_at):
+        return None  # issued no earlier than ours: a new login or import
+    if lower:
+        return f"its generation {candidate.generation} is lower than {known.generation}"
+    if known.rotations:
+        newest = known.rotations[-1]
+        if newest.fingerprint not in {r.fingerprint for r in candidate.rotations}:
+            return (
+                f"its rotation history lacks the rotation to {newest.fingerprint}"
+                f" at {format_time(newest.at)}"
+            )
+    return None
+
+
+def _second(moment: datetime) -> datetime:
+    return moment.replace(microsecond=0)
+
+
+def _rotation_dict(rotation: Rotation) -> dict[str, Any]:
+    entry = {"at": format_time(rotation.at), "fingerprint": rotation.fingerprint}
+    if rotation.replaced is not None:
+        entry["replaced"] = rotation.replaced
+    return entry
 
 
 def _time(data: Mapping[str, Any], name: str, where: str) -> datetime:

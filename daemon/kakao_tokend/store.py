@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError
-from .state import AccountState
+from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ RESERVE_NAME = ".kakao-tokend.reserve"
 RESERVE_SIZE = 64 * 1024
 STATE_FILE_MODE = 0o600
 LOCK_FILE_MODE = 0o600
+#: The rescue file (see AccountStore.save_rescue) and its format version.
+RESCUE_SUFFIX = ".rescue.json"
+RESCUE_VERSION = 1
 DIR_MODE = 0o750
 _LOCK_POLL = 0.05
 
@@ -66,6 +69,10 @@ class AccountFiles(Protocol):
     def token_file_group(self) -> str | int | None: ...
     @property
     def include_refresh_token(self) -> bool: ...
+    @property
+    def access_token_file(self) -> Path | None: ...
+    @property
+    def env_file(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class StorePaths:
     token_file_mode: int = 0o640
     token_file_group: str | int | None = None
     include_refresh_token: bool = False
+    access_token_file: Path | None = None
+    env_file: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +290,19 @@ def _resolve_link(path: Path) -> Path:
 _LONG_QUOTED = re.compile(r"'[^']{20,}'|\"[^\"]{20,}\"")
 
 
+def read_state_file(path: Path) -> AccountState:
+    """Parse a state file given by a person (a backup); raise ValueError saying what is wrong."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return AccountState.from_dict(json.loads(raw.decode("utf-8")))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
+        raise ValueError(f"{path} is not a kakao-tokend state file ({reason})") from None
+
+
 def _safe_reason(exc: BaseException) -> str:
     """Describe a parse failure without echoing long values (which could be tokens)."""
     text = str(exc) or type(exc).__name__
@@ -304,12 +326,16 @@ class AccountStore:
     descriptions). It is not meant to be shared between threads.
     """
 
-    def __init__(self, account: AccountFiles) -> None:
+    def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
         self.account = account
         self.name = account.name
         self.state_path = Path(account.state_file)
         self.token_path = Path(account.token_file)
         self.lock_path = Path(account.lock_file)
+        #: The second, independent place for tokens the state file could not take (None: off).
+        self.rescue_path = (
+            Path(rescue_dir) / f"{self.name}{RESCUE_SUFFIX}" if rescue_dir is not None else None
+        )
         #: Alert bookkeeping (what was sent when; no secrets), next to the state file.
         self.alerts_path = self.state_path.with_name(f"{self.name}.alerts.json")
         self._lock_fd: int | None = None
@@ -464,7 +490,7 @@ class AccountStore:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
-                kept = self._quarantine(path, inode)
+                kept = self._set_aside(path, inode, "corrupt")
                 if kept is None:
                     continue  # replaced by another writer meanwhile: read the new file
                 log.error("state file %s is damaged (%s); kept as %s", path, reason, kept)
@@ -490,9 +516,13 @@ class AccountStore:
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
-    def _quarantine(self, path: Path, inode: int) -> Path | None:
-        """Move the damaged file aside without clobbering earlier copies; None if it changed."""
-        base = f"{path.name}.corrupt-{_corrupt_stamp(utcnow())}"
+    def _set_aside(self, path: Path, inode: int, label: str) -> Path | None:
+        """Move ``path`` to ``<name>.<label>-<stamp>`` without clobbering earlier copies.
+
+        Returns where it went, or None when the file was replaced meanwhile (by another writer:
+        that one is not ours to move).
+        """
+        base = f"{path.name}.{label}-{_corrupt_stamp(utcnow())}"
         for index in range(1000):
             target = path.with_name(base if index == 0 else f"{base}-{index}")
             try:
@@ -503,8 +533,7 @@ class AccountStore:
                 return None
             except OSError as exc:
                 raise StoreError(
-                    f"state file {path} is damaged and could not be moved aside: "
-                    f"{exc.strerror or exc}",
+                    f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
                     hint=f"move it away by hand, then run `kakao-tokend --account "
                     f"{self.name} login`",
                 ) from None
@@ -516,14 +545,159 @@ class AccountStore:
                 os.unlink(path)
             except OSError as exc:
                 raise StoreError(
-                    f"state file {path} is damaged; a copy is in {target} but the original "
+                    f"{path} ({label}): a copy is in {target} but the original "
                     f"could not be removed: {exc.strerror or exc}",
                     hint=f"remove it by hand, then run `kakao-tokend --account {self.name} login`",
                 ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)
             return target
-        raise StoreError(f"too many corrupt copies of {path}; clean them up")
+        raise StoreError(f"too many {label} copies of {path}; clean them up")
+
+    def set_aside_state(self, label: str) -> Path | None:
+        """Move the current state file to ``<file>.<label>-<stamp>`` (kept, never deleted).
+
+        Used for a state the daemon refuses to adopt (an older backup); returns where it went,
+        or None when there was no file (or it was replaced meanwhile). Hold the lock.
+        """
+        path = _resolve_link(self.state_path)
+        try:
+            inode = os.stat(path).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {path}: {exc.strerror or exc}") from None
+        return self._set_aside(path, inode, label)
+
+    def restore_backup(self, backup: AccountState, *, source: Path, now: datetime) -> AccountState:
+        """Put ``backup`` in place as the account's newest state (`kakao-tokend restore`).
+
+        A running daemon refuses a state file that goes backwards (an old backup copied over
+        the live one by mistake). Restoring on purpose gives the backup a generation above
+        everything on disk and a marker naming that generation, which the daemon honours
+        (state.forced_restore). The file that was there is kept as ``.replaced-<stamp>``.
+        Hold the account lock.
+        """
+        try:
+            current = self.load()
+        except StateCorrupt:
+            current = None
+        generation = max(backup.generation, current.generation if current else 0) + 1
+        marker = {
+            "at": format_time(now),
+            "from": str(source),
+            "from_generation": backup.generation,
+            "generation": generation,
+        }
+        state = replace(
+            backup,
+            account=self.name,
+            generation=generation,
+            extras={**backup.extras, RESTORED_KEY: marker},
+        )
+        if current is not None:
+            self.set_aside_state("replaced")
+        self.save(state)
+        self.publish(state, now=now)
+        return state
+
+    # -- rescue file ---------------------------------------------------------------------------
+
+    def save_rescue(self, state: AccountState) -> bool:
+        """Write ``state`` to the rescue file (0600); return True when it is there.
+
+        The rescue file is where tokens go that the state file could not take (disk full even
+        after giving up the reserve, read-only file system): it lives in the runtime directory,
+        normally a tmpfs on another file system, so a kill -9 loses nothing. It names the state
+        file it belongs to, and is read back at start by :meth:`load_rescue`.
+        """
+        if self.rescue_path is None:
+            return False
+        document = {
+            "version": RESCUE_VERSION,
+            "state_file": str(self.state_path),
+            "saved_at": format_time(utcnow()),
+            "state": state.to_dict(),
+        }
+        data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+        try:
+            atomic_write(self.rescue_path, data, mode=STATE_FILE_MODE)
+        except StoreError as exc:
+            log.critical("account %s: cannot write the rescue file either: %s", self.name, exc)
+            return False
+        return True
+
+    def load_rescue(self) -> AccountState | None:
+        """Return the state kept in the rescue file, or None (none, damaged, or not ours).
+
+        A damaged rescue file is moved aside (``.corrupt-<stamp>``) and logged, never used.
+        """
+        path = self.rescue_path
+        if path is None:
+            return None
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("account %s: cannot read %s: %s", self.name, path, exc.strerror or exc)
+            return None
+        try:
+            document = json.loads(raw.decode("utf-8"))
+            if not isinstance(document, dict) or document.get("version") != RESCUE_VERSION:
+                raise ValueError("not a rescue file of this version")
+            owner = document.get("state_file")
+            state = AccountState.from_dict(document.get("state"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            with suppress(OSError, StoreError):
+                kept = self._set_aside(path, os.stat(path).st_ino, "corrupt")
+                log.error(
+                    "account %s: rescue file %s is damaged (%s); kept as %s",
+                    self.name,
+                    path,
+                    _safe_reason(exc),
+                    kept,
+                )
+            return None
+        if owner != str(self.state_path):
+            log.warning(
+                "account %s: ignoring rescue file %s: it belongs to %s, not %s",
+                self.name,
+                path,
+                owner,
+                self.state_path,
+            )
+            return None
+        return replace(state, account=self.name)
+
+    def discard_rescue(self) -> None:
+        """Delete the rescue file once the state file holds what it kept (missing is fine)."""
+        if self.rescue_path is None:
+            return
+        try:
+            os.unlink(self.rescue_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("account %s: cannot remove %s: %s", self.name, self.rescue_path, exc)
+            return
+        with suppress(OSError):
+            _fsync_dir(self.rescue_path.parent)
+
+    def set_aside_rescue(self, label: str) -> Path | None:
+        """Keep the rescue file under ``<file>.<label>-<stamp>``: never recovered, never lost."""
+        path = self.rescue_path
+        if path is None:
+            return None
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return None
+        try:
+            return self._set_aside(path, inode, label)
+        except StoreError as exc:
+            log.warning("account %s: %s", self.name, exc)
+            return None
 
     def save(self, state: AccountState) -> None:
         """Write the state file atomically with mode 0600 (it holds the refresh token)."""
@@ -612,6 +786,32 @@ class AccountStore:
             group=self._group_id(),
         )
 
+    def publish_sinks(self, state: AccountState) -> list[str]:
+        """Write the extra token files (bare access token, env file); return what failed.
+
+        Each is replaced atomically with the token file's mode and group. Failures are
+        returned as readable lines (the caller marks the publish pending), never raised.
+        """
+        account = self.account
+        targets = [
+            (account.access_token_file, state.tokens.access_token.encode()),
+            (account.env_file, f"KAKAO_ACCESS_TOKEN={state.tokens.access_token}\n".encode()),
+        ]
+        wanted = [(Path(path), data) for path, data in targets if path is not None]
+        if not wanted:
+            return []
+        try:
+            group = self._group_id()
+        except StoreError as exc:
+            return [f"cannot write the extra token files: {exc}"]
+        problems = []
+        for path, data in wanted:
+            try:
+                atomic_write(path, data, mode=account.token_file_mode, group=group)
+            except StoreError as exc:
+                problems.append(str(exc))
+        return problems
+
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document, or None when there is no token file."""
         try:
@@ -658,10 +858,11 @@ class AccountStore:
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
     def remove(self) -> None:
-        """Delete the state and token files (logout); missing files are fine.
+        """Delete the state and token files (logout), and the rescue file; missing is fine.
 
         For a symlinked path the target is deleted (the token must be gone), the link stays.
         """
+        self.discard_rescue()
         for configured in (self.state_path, self.token_path):
             path = _resolve_link(configured)
             try:

@@ -103,6 +103,18 @@ class TokenResponseError(ValueError):
     """Kakao's token response lacks a field we need or has one of the wrong type."""
 
 
+class PartialTokenResponse(TokenResponseError):
+    """A refresh answer with a usable new refresh token but an unusable access part.
+
+    ``salvaged`` is the token set with the new refresh token (and its expiry) and the old
+    access token: the old refresh token is dead now, so this set must be saved at once.
+    """
+
+    def __init__(self, message: str, salvaged: TokenSet) -> None:
+        super().__init__(message)
+        self.salvaged = salvaged
+
+
 def _lifetime(body: Mapping[str, Any], name: str) -> int:
     value = body.get(name)
     # bool is an int subclass; "true" is never a lifetime. NaN/inf/huge values would crash
@@ -227,22 +239,14 @@ class TokenSet:
         ``id_token`` are kept when the response leaves them out. The current refresh token
         echoed back is not a rotation. A new refresh token without a usable expiry is still
         taken (the old one may be dead), keeping the old expiry marked as estimated.
+
+        The refresh part is read first: when it holds a new refresh token but the access part
+        is unusable, :class:`PartialTokenResponse` carries the salvaged set (new refresh token,
+        old access token) so the caller can save it before anything else.
         """
         if not isinstance(body, Mapping):
             raise TokenResponseError("token response is not a JSON object")
-        access_token = _token_string(body, "access_token")
-        expires_in = _lifetime(body, "expires_in")
-        changes: dict[str, Any] = {
-            "access_token": access_token,
-            "access_expires_at": requested_at + timedelta(seconds=expires_in),
-            "access_issued_at": requested_at,
-            "token_type": _token_type(body, self.token_type),
-            "extra": {**self.extra, **{k: v for k, v in body.items() if k not in _KNOWN_FIELDS}},
-        }
-        if isinstance(body.get("scope"), str):
-            changes["scope"] = body["scope"]
-        if isinstance(body.get("id_token"), str):
-            changes["id_token"] = body["id_token"]
+        changes: dict[str, Any] = {}
         rotated = False
         if body.get("refresh_token") is not None:
             new_refresh = _token_string(body, "refresh_token")
@@ -261,6 +265,24 @@ class TokenSet:
             else:
                 changes["refresh_expires_at"] = requested_at + timedelta(seconds=refresh_expires_in)
                 changes["refresh_expiry_estimated"] = False
+        try:
+            access_token = _token_string(body, "access_token")
+            expires_in = _lifetime(body, "expires_in")
+        except TokenResponseError as exc:
+            if rotated:
+                raise PartialTokenResponse(str(exc), replace(self, **changes)) from None
+            raise
+        changes.update(
+            access_token=access_token,
+            access_expires_at=requested_at + timedelta(seconds=expires_in),
+            access_issued_at=requested_at,
+            token_type=_token_type(body, self.token_type),
+            extra={**self.extra, **{k: v for k, v in body.items() if k not in _KNOWN_FIELDS}},
+        )
+        if isinstance(body.get("scope"), str):
+            changes["scope"] = body["scope"]
+        if isinstance(body.get("id_token"), str):
+            changes["id_token"] = body["id_token"]
         return replace(self, **changes), rotated
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,6 +347,33 @@ class TokenSet:
 # Timing rules. All are relative to the access token's lifetime, so tests with second-long
 # tokens exercise exactly the code paths a six-hour token does.
 
+#: The refresh token's safety margin, as a share of the access token's lifetime: no wait ends
+#: later than this before the refresh token dies (3.6 minutes for a 6-hour access token), so
+#: clock skew and the request's own time still leave an attempt that reaches Kakao in time.
+REFRESH_SAFETY_SHARE = 0.01
+#: How far a token's issue time may lie in the future, as a share of its lifetime, before we
+#: decide the wall clock was stepped back (3.6 minutes for a 6-hour token).
+CLOCK_STEP_SHARE = 0.01
+
+
+def refresh_safety_margin(tokens: TokenSet) -> timedelta:
+    """Return how long before the refresh token's expiry every wait must have ended."""
+    return tokens.access_lifetime * REFRESH_SAFETY_SHARE
+
+
+def refresh_deadline(tokens: TokenSet) -> datetime:
+    """Return the last moment a wait may end: the refresh token's expiry minus the margin."""
+    return tokens.refresh_expires_at - refresh_safety_margin(tokens)
+
+
+def issued_in_the_future(tokens: TokenSet, now: datetime) -> bool:
+    """Return True when the access token claims an issue time clearly after ``now``.
+
+    Our own clock stamped that time, so the wall clock must have been stepped back since
+    (kubelet's rule); every absolute time we planned by is then that much too far away.
+    """
+    return tokens.access_issued_at - now > tokens.access_lifetime * CLOCK_STEP_SHARE
+
 
 def refresh_due_at(
     tokens: TokenSet, *, share: float = 0.75, jitter: float = 0.05, rng: random.Random | None = None
@@ -332,13 +381,20 @@ def refresh_due_at(
     """Return when to refresh: ``share`` of the access lifetime after issue, ± ``jitter``.
 
     The result always lies strictly inside the lifetime (between 5 % and 95 % of it), whatever
-    the settings, so a refresh is never planned at or after expiry.
+    the settings, so a refresh is never planned at or after expiry. A refresh token that dies
+    before that moment moves the refresh to its :func:`refresh_deadline` (once: an access token
+    issued after the deadline is planned normally, so a refresh that did not rotate a
+    nearly-dead refresh token cannot loop).
     """
     rng = rng or random.Random()
     lifetime = tokens.access_lifetime.total_seconds()
     fraction = share + rng.uniform(-jitter, jitter)
     fraction = min(max(fraction, 0.05), 0.95)
-    return tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
+    planned = tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
+    deadline = refresh_deadline(tokens)
+    if tokens.access_issued_at < deadline < planned:
+        return deadline
+    return planned
 
 
 def is_due(tokens: TokenSet, now: datetime, *, share: float = 0.75, jitter: float = 0.05) -> bool:
@@ -361,15 +417,30 @@ def backoff_delay(
     initial: float = 10.0,
     cap: float = 300.0,
     rng: random.Random | None = None,
+    refresh_expires_at: datetime | None = None,
+    rate_limited: bool = False,
+    retry_after: float | None = None,
 ) -> float:
-    """Return seconds to wait before retry number ``attempt`` (1-based) after a transient failure.
+    """Return seconds to wait before retry number ``attempt`` (1-based) after a failure.
 
-    Exponential with full jitter between half and all of the step. The first step is
-    ``initial`` seconds, scaled down for short lifetimes (never more than 1/200 of the
-    lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms). While more
-    than one first step is left, never waits past ``expires_at``: the last retry lands at least
-    half a step before expiry. With less left than that, the normal pace holds: retrying ever
-    faster in the last seconds (a Zeno-like storm) would only earn KOE237.
+    This is the one back-off rule of kakao-tokend; every wait in the refresh path comes
+    from here, and all of it scales with the access token's ``lifetime``:
+
+    * The ladder: exponential with full jitter between half and all of the step. The first
+      step is ``initial`` seconds, scaled down for short lifetimes (never more than 1/200 of
+      the lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms); the
+      longest step is ``cap``, or 1/12 of a lifetime shorter than 12 caps.
+    * A rate limit (KOE237, HTTP 429) while the access token still serves: the longest
+      step at once, and Kakao's ``retry_after`` is honoured up to ``cap`` — retrying sooner
+      only prolongs the limit. Once the access token has expired (or is about to), nobody
+      has a token and the ladder's pace holds instead: a rate limit is no reason to leave
+      consumers without a token for longer than the lifetime's own rhythm.
+    * Deadlines: while more than one first step is left before the access token's expiry
+      (``expires_at``), before the refresh token's expiry minus its safety margin, or before
+      the refresh token's expiry itself, the retry lands at least half a first step before
+      it — whatever Kakao asked for; one attempt before the refresh token dies is worth more
+      than honouring the pause. With less left than that, the ladder's pace holds: retrying
+      ever faster in the last seconds (a Zeno-like storm) would only earn KOE237.
     """
     rng = rng or random.Random()
     life = max(lifetime.total_seconds(), 1e-3)
@@ -377,13 +448,37 @@ def backoff_delay(
     top = min(cap, life / 12.0) if life < cap * 12 else cap
     # Clamp the exponent: after ~1000 attempts (days of outage) 2**n overflows a float.
     step = min(top, base * (2.0 ** min(max(attempt - 1, 0), 64)))
+    access_left = (expires_at - now).total_seconds()
+    serving = access_left > base
+    if rate_limited and serving:
+        step = top
     delay = rng.uniform(step / 2, step)
-    remaining = (expires_at - now).total_seconds()
-    if remaining > base:
-        delay = min(delay, remaining - base / 2)
+    if retry_after is not None and retry_after > 0 and serving:
+        delay = max(delay, min(retry_after, cap))
+    deadlines = [access_left]
+    if refresh_expires_at is not None:
+        refresh_left = (refresh_expires_at - now).total_seconds()
+        deadlines += [refresh_left - life * REFRESH_SAFETY_SHARE, refresh_left]
+    for left in deadlines:
+        if left > base:
+            delay = min(delay, left - base / 2)
     return max(delay, 0.0)
 
 
 def in_rotation_window(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:
-    """Return True when Kakao should rotate the refresh token at the next refresh."""
+    """Return True when Kakao may rotate the refresh token at the next refresh."""
     return tokens.refresh_remaining(now) < window
+
+
+def rotation_certain(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:
+    """Return True when a refresh that did not rotate the refresh token is a missed rotation.
+
+    Kakao rotates with "less than a month" left, but a month is not a fixed length (28 to 31
+    days) and our expiry is an estimate made at request time, a little earlier than Kakao's
+    own. So only well inside the window is a refresh without a rotation surprising: a tenth
+    of the window, or one access lifetime (the next refresh), whichever is longer, inside it.
+    Against Kakao that is 27 days left; against a test emulator with second-long tokens it is
+    one access lifetime.
+    """
+    slack = max(window * 0.1, tokens.access_lifetime)
+    return tokens.refresh_remaining(now) < window - slack

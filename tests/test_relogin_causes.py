@@ -1,0 +1,234 @@
+"""KOE322 says only "this refresh token is no good": kakao-tokend tells the true reason.
+
+Expired (per our clock), rotated and lost (an earlier ambiguous attempt while Kakao would
+rotate), revoked (unlinked, logged out, account changed: the tokens should still be alive and
+Kakao rejects the access token too) and unknown each get their own log line, persisted reason,
+alert text and fix — the exact `kakao-tokend login` command, with ``--account`` when needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kakao_tokend.alerts import current_conditions
+from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
+from kakao_tokend.kakao import create_session
+from kakao_tokend.refresher import AccountManager, Health
+from test_rate_limit_backoff import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session per test, closed afterwards."""
+    http = create_session()
+    yield http
+    await http.close()
+
+
+@pytest.fixture(autouse=True)
+def real_lifetimes(emulator: KakaoEmulator) -> None:
+    """Kakao's real lifetimes: 6-hour access and 60-day refresh tokens (rotation: last 30 d)."""
+    emulator.settings.access_lifetime = SIX_HOURS
+    emulator.settings.refresh_lifetime = SIXTY_DAYS
+
+
+def critical_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The critical log lines of the refresher so far."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.CRITICAL and r.name == "kakao_tokend.refresher"
+    ]
+
+
+def relogin_alert(manager: AccountManager) -> tuple[str, str]:
+    """Return the (message, fix) of the account's relogin alert."""
+    conditions = current_conditions(manager, manager.account.alerts, manager.clock(), host="box")
+    (condition,) = [c for c in conditions if c.name == "relogin"]
+    assert condition.action is not None
+    return condition.message.render("en"), condition.action.render("en")
+
+
+def saved_reason(manager: AccountManager) -> str:
+    """The account is marked for re-login, on disk too; return the persisted reason."""
+    assert manager.status.health is Health.RELOGIN
+    assert manager.status.last_error_class == "KOE322"
+    saved = manager.store.load()
+    assert saved is not None and saved.relogin_reason is not None
+    assert re.search(r"run `kakao-tokend (--account \S+ )?login", saved.relogin_reason)
+    return saved.relogin_reason
+
+
+def assert_cause(manager: AccountManager, cause: str) -> None:
+    """The cause (a ReloginCause value) is in the status and in the state file."""
+    assert manager.status.relogin_cause == cause
+    saved = manager.store.load()
+    assert saved is not None and saved.relogin_cause == cause
+
+
+async def test_a_refresh_token_that_expired_while_the_daemon_was_down_says_expired(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Down for 61 days: the refresh token expired by our own clock; nothing was lost or
+    revoked, and every text says so, with the moment it expired."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=-SIXTY_DAYS, refresh_left=-86400
+    )
+    with caplog.at_level(logging.INFO):
+        await manager.tick()
+    reason = saved_reason(manager)
+    assert "expired" in reason
+    (line,) = critical_lines(caplog)
+    assert "refresh token" in line and "expired at" in line
+    assert "lost" not in line and "revoked" not in line
+    message, fix = relogin_alert(manager)
+    assert "expired" in message and "lost" not in message
+    assert "kakao-tokend login" in fix
+    assert_cause(manager, "expired")
+
+
+async def test_expiry_during_a_back_off_is_not_mistaken_for_a_lost_response(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ambiguous 5xx, then the refresh token runs out while kakao-tokend waits: the KOE322
+    that follows is an expiry, not "the refresh response was lost after a rotation"."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=-60, refresh_left=30
+    )
+    emulator.inject("token", "http500", count=1)
+    await manager.tick()
+    assert manager.status.health is Health.RETRYING
+    emulator.advance_clock(120)  # e.g. the host was suspended during the back-off
+    with caplog.at_level(logging.INFO):
+        await manager.tick()
+    reason = saved_reason(manager)
+    assert "lost" not in reason
+    assert not any("lost" in line for line in critical_lines(caplog))
+    assert_cause(manager, "expired")
+
+
+async def test_a_lost_answer_to_a_rotating_refresh_says_rotated_and_lost(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kakao rotated the refresh token but its answer was cut off: the next KOE322 is the
+    lost rotation (the one case nothing can recover), reported as such."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=-60, refresh_left=10 * 86400
+    )
+    emulator.inject("token", "lost_response", count=1)
+    await manager.tick()
+    assert manager.status.health is Health.RETRYING
+    emulator.advance_clock(30)
+    with caplog.at_level(logging.INFO):
+        await manager.tick()
+    reason = saved_reason(manager)
+    assert reason.startswith("refresh response lost after rotation")
+    (line,) = critical_lines(caplog)
+    assert "refresh response was lost after Kakao rotated the refresh token" in line
+    message, _ = relogin_alert(manager)
+    assert "lost" in message
+    assert_cause(manager, "rotated_lost")
+
+
+async def test_an_unlinked_user_says_revoked(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The user removed the app in Kakao's "Connected services": the tokens should still be
+    valid for weeks and Kakao rejects the access token too, so they were revoked."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=600, refresh_left=40 * 86400
+    )
+    emulator.unlink_user(DEFAULT_USER_ID)
+    with caplog.at_level(logging.INFO):
+        await manager.refresh(force=True)
+    reason = saved_reason(manager)
+    assert "revoked" in reason
+    (line,) = critical_lines(caplog)
+    assert "revoked" in line and "unlinked" in line
+    assert "lost" not in line and "expired at" not in line
+    message, _ = relogin_alert(manager)
+    assert "revoked" in message
+    assert_cause(manager, "revoked")
+
+
+async def test_a_refresh_token_rotated_by_someone_else_says_unknown(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another program refreshed with a copy of our refresh token and Kakao rotated it: our
+    access token is still accepted, nothing of ours was ambiguous or expired — we cannot tell
+    why, and say so (naming the likely suspects) instead of guessing."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=600, refresh_left=10 * 86400
+    )
+    assert manager.state is not None
+    await manager.client.refresh(manager.state.tokens)  # the other program
+    with caplog.at_level(logging.INFO):
+        await manager.refresh(force=True)
+    reason = saved_reason(manager)
+    assert "unknown" in reason
+    (line,) = critical_lines(caplog)
+    assert "unknown" in line and "another program" in line
+    message, _ = relogin_alert(manager)
+    assert "unknown" in message
+    assert_cause(manager, "unknown")
+
+
+async def test_the_fix_names_a_non_default_account(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """For account "bot" the reason, the log and the alert's fix say `--account bot`."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=-60, refresh_left=-60, account_name="bot"
+    )
+    await manager.tick()
+    saved = manager.store.load()
+    assert saved is not None and saved.relogin_reason is not None
+    assert "`kakao-tokend --account bot login`" in saved.relogin_reason
+    _, fix = relogin_alert(manager)
+    assert "kakao-tokend --account bot login" in fix
+    assert_cause(manager, "expired")
+
+
+async def test_the_cause_survives_a_restart(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A restarted daemon reads the cause back from the state file: status and alert agree."""
+    manager = await restarted_on_virtual_clock(
+        emulator, tmp_path, session, access_left=-60, refresh_left=-60
+    )
+    await manager.tick()
+    again = AccountManager(
+        manager.account,
+        store=manager.store,
+        client=manager.client,
+        policy=manager.policy,
+        clock=manager.clock,
+    )
+    again.load()
+    assert again.status.health is Health.RELOGIN
+    message, _ = relogin_alert(again)
+    assert "expired" in message
+    assert_cause(again, "expired")

@@ -1,0 +1,312 @@
+"""Never drop a refresh token we were given: half-broken answers and a disk that stays full.
+
+A refresh answer with a valid new refresh token but a broken access part is salvaged. When
+the state file cannot be written even with the emergency reserve given up, the tokens go to a
+second, independent place — a 0600 rescue file in the runtime directory (a tmpfs that
+survives a restart of the service, not a reboot) — and are recovered at start: the newest
+generation wins, an older one never does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from daemonproc import login, start_daemon, write_config
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import AccountStore
+from test_daemon_process import _fill, _short_tokens, tiny_state_fs
+
+pytestmark = pytest.mark.timeout(120)
+
+__all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session per test, closed afterwards."""
+    http = create_session()
+    yield http
+    await http.close()
+
+
+class ManglingProxy:
+    """A loopback HTTP proxy in front of the emulator that can break one token answer.
+
+    ``break_next`` names a field of the next *rotating* refresh answer (one carrying a
+    ``refresh_token``) to garble; everything else passes through unchanged.
+    """
+
+    def __init__(self, upstream: str, session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream
+        self.session = session
+        self.break_next: str | None = None
+        self.broken = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Forward one request; garble the chosen field of a rotating token answer."""
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as upstream:
+            payload = await upstream.read()
+            status = upstream.status
+            content_type = upstream.content_type
+        if request.path == "/oauth/token" and status == 200 and self.break_next:
+            document: dict[str, Any] = json.loads(payload)
+            if "refresh_token" in document:
+                document[self.break_next] = "garbage" if self.break_next == "expires_in" else ""
+                self.break_next = None
+                self.broken += 1
+                payload = json.dumps(document).encode()
+        return web.Response(status=status, body=payload, content_type=content_type)
+
+    async def start(self) -> str:
+        """Listen on 127.0.0.1 and return the base URL."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.mark.parametrize("broken_field", ["access_token", "expires_in"])
+async def test_a_half_broken_answer_keeps_the_new_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, broken_field: str
+) -> None:
+    """Kakao rotates, but the access part of its answer is unusable: the new refresh token is
+    saved at once (the old one is dead), and the retry gets the access token with it."""
+    emulator.settings.access_lifetime = 60
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
+    proxy = ManglingProxy(emulator.url, session)
+    url = await proxy.start()
+    try:
+        config_path = write_config(tmp_path, emulator)
+        first = await login(emulator, config_path)
+        config = load_config(config_path)
+        account = config.accounts["default"]
+        from dataclasses import replace
+
+        app = replace(account.app, auth_url=url, api_url=url)
+        manager = AccountManager(
+            account,
+            store=AccountStore(account, rescue_dir=config.runtime_dir),
+            client=KakaoClient(session, app),
+            policy=config.refresh,
+        )
+        manager.load()
+        proxy.break_next = broken_field
+        await manager.refresh(force=True)
+        assert proxy.broken == 1
+        assert emulator.refresh_token_status(first.tokens.refresh_token) == "retired"
+        saved = manager.store.load()
+        assert saved is not None
+        assert saved.tokens.refresh_token != first.tokens.refresh_token
+        assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+        assert manager.status.health is Health.RETRYING  # the access token is still wanted
+        assert manager.status.counters["rotations"] == 1
+        await manager.refresh(force=True)
+        assert manager.status.health is Health.OK
+        assert manager.state is not None
+        assert emulator.access_token_valid(manager.state.tokens.access_token)
+        assert emulator.stats.retired_refresh_presented == 0
+    finally:
+        await proxy.stop()
+
+
+def write_rescue(runtime_dir: Path, state_file: Path, state: AccountState) -> Path:
+    """Write a rescue file the way the daemon does (0600, the state plus where it belongs)."""
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    path = runtime_dir / f"{state.account}.rescue.json"
+    document = {"version": 1, "state_file": str(state_file), "state": state.to_dict()}
+    path.write_text(json.dumps(document))
+    path.chmod(0o600)
+    return path
+
+
+async def fresh_manager(config_path: Path, session: aiohttp.ClientSession) -> AccountManager:
+    """Build and load the default account's manager as the daemon does at start."""
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account, rescue_dir=config.runtime_dir),
+        client=KakaoClient(session, account.app),
+        policy=config.refresh,
+    )
+    manager.load()
+    return manager
+
+
+async def test_a_newer_rescue_file_wins_at_start(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The state file holds generation 1, the rescue file generation 3 (written when the disk
+    was full, then the process died): the start recovers generation 3 and saves it."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime
+    config_path = write_config(tmp_path, emulator)
+    await login(emulator, config_path)
+    manager = await fresh_manager(config_path, session)
+    on_disk = manager.store.state_path.read_bytes()
+    await manager.refresh(force=True)
+    await manager.refresh(force=True)
+    newest = manager.state
+    assert newest is not None and newest.generation == 3
+    manager.store.state_path.write_bytes(on_disk)  # the newer saves never happened
+    rescue = write_rescue(tmp_path / "run", manager.store.state_path, newest)
+    again = await fresh_manager(config_path, session)
+    assert again.state is not None
+    assert again.state.generation == 3
+    assert again.state.tokens.refresh_token == newest.tokens.refresh_token
+    saved = again.store.load()
+    assert saved is not None and saved.generation == 3
+    assert not rescue.exists()  # saved for real, so no longer needed
+    await again.refresh(force=True)
+    assert again.status.health is Health.OK
+
+
+async def test_an_older_rescue_file_never_wins(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rescue file older than the state file (the state was saved later) is not used."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime
+    config_path = write_config(tmp_path, emulator)
+    await login(emulator, config_path)
+    manager = await fresh_manager(config_path, session)
+    old = manager.state
+    assert old is not None
+    await manager.refresh(force=True)
+    write_rescue(tmp_path / "run", manager.store.state_path, old)
+    again = await fresh_manager(config_path, session)
+    assert again.state is not None and again.state.generation == 2
+    assert emulator.refresh_token_status(again.state.tokens.refresh_token) == "live"
+
+
+async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """The state disk is full and the emergency reserve already used up; rotations go on in
+    memory. kill -9 then. The rotated refresh token is in the 0600 rescue file in the runtime
+    directory, and the restarted daemon recovers it (nothing presented to Kakao is retired)."""
+    _short_tokens(emulator, access=2, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    fillers: list[Path] = []
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        fillers.append(_fill(tiny_state_fs))
+        await daemon.wait_log("gave up the emergency reserve", timeout=10)
+        fillers.append(_fill(tiny_state_fs, name="filler2"))
+        await daemon.wait_log("cannot save the new tokens", timeout=10)
+        stuck = daemon.state()["generation"]
+        await daemon.wait_for(
+            lambda: emulator.stats.rotations >= stuck + 1, what="a rotation held in memory only"
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        daemon.send(signal.SIGKILL)
+        await daemon.proc.wait()
+    on_disk = daemon.state()["tokens"]["refresh_token"]
+    assert emulator.refresh_token_status(on_disk) == "retired"  # the disk alone would lose it
+    rescue = tmp_path / "run" / "default.rescue.json"
+    assert stat.S_IMODE(rescue.stat().st_mode) == 0o600
+    kept = json.loads(rescue.read_text())["state"]["tokens"]["refresh_token"]
+    assert emulator.refresh_token_status(kept) == "live"
+    for filler in fillers:
+        filler.unlink()
+    os.sync()
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("recovered", timeout=10)
+        await daemon.wait_for(
+            lambda: (
+                emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"]) == "live"
+                and daemon.state()["generation"] > stuck
+            ),
+            what="the rescued tokens saved to the state file",
+        )
+        await daemon.wait_for(lambda: not rescue.exists(), what="the rescue file removed")
+        rotations = emulator.stats.rotations
+        await daemon.wait_for(lambda: emulator.stats.rotations > rotations, what="more refreshes")
+        assert emulator.stats.retired_refresh_presented == 0
+        assert "needs a new login" not in daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+
+
+def test_the_rescue_file_is_private_and_names_its_state_file(tmp_path: Path) -> None:
+    """save_rescue writes 0600 whatever the umask, and load_rescue reads it back only for the
+    state file it belongs to (two configurations sharing a runtime directory never mix)."""
+    from test_store import make_state
+
+    store = AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
+    rescue_dir = tmp_path / "run"
+    ours = AccountStore(store.account, rescue_dir=rescue_dir)
+    state = make_state()
+    old_mask = os.umask(0)
+    try:
+        assert ours.save_rescue(state)
+    finally:
+        os.umask(old_mask)
+    path = rescue_dir / "default.rescue.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = ours.load_rescue()
+    assert loaded is not None and loaded.tokens == state.tokens
+    other = AccountStore.from_paths("default", state_file=tmp_path / "elsewhere.state.json")
+    assert AccountStore(other.account, rescue_dir=rescue_dir).load_rescue() is None
+    ours.discard_rescue()
+    assert not path.exists()
+
+
+def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path) -> None:
+    """A torn rescue file is moved to .corrupt-<stamp> (kept for a person), and ignored."""
+    base = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
+    store = AccountStore(base.account, rescue_dir=tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "default.rescue.json").write_text('{"version": 1, "state": {"acc')
+    assert store.load_rescue() is None
+    kept = list((tmp_path / "run").glob("default.rescue.json.corrupt-*"))
+    assert len(kept) == 1
+    assert not (tmp_path / "run" / "default.rescue.json").exists()
+
+
+async def test_logout_removes_the_rescue_file_too(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """`kakao-tokend logout` deletes a rescue file left by a crashed daemon, so the next start
+    cannot bring the logged-out tokens back."""
+    from daemonproc import run_cli
+
+    config_path = write_config(tmp_path, emulator)
+    state = await login(emulator, config_path)
+    rescue = write_rescue(tmp_path / "run", tmp_path / "state" / "default.state.json", state)
+    code, _, err = await run_cli(config_path, "logout")
+    assert code == 0, err
+    assert not rescue.exists()
+    assert not (tmp_path / "state" / "default.state.json").exists()
