@@ -51,6 +51,7 @@ from .errors import (
     StoreError,
     StoreLocked,
     StoreWriteError,
+    UnsafePath,
 )
 from .tokens import format_duration, format_time, utcnow
 
@@ -81,7 +82,7 @@ def exit_code_for(exc: KakaoTokendError) -> int:
     """Return the exit code for one of our errors (see the table in the module docstring)."""
     from .importer import ImportFileError
 
-    if isinstance(exc, ConfigError | KakaoConfigError):
+    if isinstance(exc, ConfigError | KakaoConfigError | UnsafePath):
         return EX_CONFIG
     if isinstance(exc, ImportFileError):
         return EX_DATAERR
@@ -147,6 +148,16 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
+
+
+def _refuse_unsafe_paths(account: AccountConfig) -> None:
+    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files.
+
+    Commands that write the account's files check again when they take its lock.
+    """
+    from .store import AccountStore
+
+    AccountStore(account).check_paths()
 
 
 def _setup_logging(debug: bool) -> None:
@@ -398,6 +409,7 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
     settings = _settings()
     account = settings.account_config()
+    _refuse_unsafe_paths(account)
     flow = LoginFlow(account, scopes=scopes)
 
     def notify(line: str) -> None:
@@ -453,6 +465,7 @@ def import_(path: Path, force: bool) -> None:
 
     settings = _settings()
     account = settings.account_config()
+    _refuse_unsafe_paths(account)
 
     async def go() -> Any:
         async with create_session() as session:
@@ -1035,6 +1048,7 @@ def logout(keep_files: bool) -> None:
     settings = _settings()
     account = settings.account_config()
     store = AccountStore(account)
+    store.check_paths()
     try:
         state = store.load()
     except StateCorrupt as exc:
