@@ -16,7 +16,8 @@ code  name               meaning
 70    EX_SOFTWARE        internal error (a bug); run with --debug for the traceback
 75    EX_TEMPFAIL        the account is locked by another kakao-tokend process
 77    EX_NOPERM          a person must log in again (`kakao-tokend login`)
-78    EX_CONFIG          the configuration is invalid (every problem is listed)
+78    EX_CONFIG          the configuration is invalid (every problem is listed), or another
+                         user could change the account's directory or files (UnsafePath)
 ====  =================  ===========================================================
 """
 

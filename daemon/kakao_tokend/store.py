@@ -216,10 +216,9 @@ def _directory_problem(info: os.stat_result, directory: Path, what: str) -> Unsa
     if info.st_uid not in (me, 0):
         owner = _user_name(info.st_uid)
         return UnsafePath(
-            f"{what} {directory} is owned by {owner}, not by this user ({_user_name(me)}) or "
-            "root, so its owner could swap the files in it",
-            hint=f"run kakao-tokend as {owner}, or give it to this user: "
-            f"chown {_user_name(me)} {directory}",
+            f"{what} {directory} is owned by {owner}, who could swap the files in it; only "
+            f"this user ({_user_name(me)}) or root may own it",
+            hint=f"run kakao-tokend as {owner}, or: chown {_user_name(me)} {directory}",
         )
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o022:
