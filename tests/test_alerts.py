@@ -222,6 +222,7 @@ async def make_harness(tmp_path: Path, emulator: KakaoEmulator) -> AsyncIterator
 
     async def make(extra: str, **config: Any) -> Harness:
         path = write_config(tmp_path, emulator, extra=extra, **config)
+        path.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
         await login(emulator, path)
         harness = Harness(path, emulator)
         await harness.start()
@@ -724,6 +725,7 @@ async def test_alerts_test_reports_every_channel(
     1 with the failing channel named when one does not.
     """
     path = write_config(tmp_path, emulator, extra=alerts_toml(webhook, command))
+    path.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
     await login(emulator, path)
     code, out, _ = await run_cli(path, "alerts", "test")
     assert code == 0, out
@@ -758,6 +760,7 @@ def test_check_config_warns_when_kakaotalk_alone_carries_critical_alerts(tmp_pat
     config.write_text(
         base + '[alerts]\nkakaotalk = true\nwebhook_url = "https://hooks.example.com/x"\n'
     )
+    config.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
     result = runner.invoke(main, ["--config", str(config), "check-config"])
     assert result.exit_code == 0 and result.stderr == ""
 
@@ -808,6 +811,7 @@ async def test_daemon_process_alerts_once_lists_them_and_survives_restart(
     the next `login` is announced as resolved once.
     """
     path = write_config(tmp_path, emulator, extra=alerts_toml(webhook, command))
+    path.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
     await login(emulator, path)
     daemon = await start_daemon(path)
     try:
@@ -946,6 +950,7 @@ async def test_without_a_configured_language_alerts_follow_the_locale(
     extra = alerts_toml(webhook, None).replace('language = "en"\n', "")
     assert "language" not in extra
     path = write_config(tmp_path, emulator, extra=extra)
+    path.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
     await login(emulator, path)
     code, out = await run_cli_with_locale(path, "ko_KR.UTF-8", "alerts", "test")
     assert code == 0, out

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from daemonproc import login
 from kakao_tokend.emulator import KakaoEmulator
 from test_api import config_with, serving
+from test_daemon_process import _fill
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +32,7 @@ with open(sys.argv[1], "a") as f:
 """
 
 
-def sink_config(tmp_path: Path, emulator: KakaoEmulator) -> Path:
+def sink_config(tmp_path: Path, emulator: KakaoEmulator, *, token_file: Path | None = None) -> Path:
     """A config with both extra sinks and a hook that records each run's generation."""
     script = tmp_path / "recorder.py"
     script.write_text(RECORDER)
@@ -39,8 +41,27 @@ def sink_config(tmp_path: Path, emulator: KakaoEmulator) -> Path:
         f'hooks = [["{sys.executable}", "{script}", "{tmp_path / "hook-runs.jsonl"}"]]\n'
         f'access_token_file = "{tmp_path / "sinks" / "token"}"\n'
         f'env_file = "{tmp_path / "sinks" / "kakao.env"}"\n'
+        + (f'token_file = "{token_file}"\n' if token_file is not None else "")
     )
     return config_with(tmp_path, emulator, extra)
+
+
+@pytest.fixture
+def tiny_publish_fs(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 512 KiB tmpfs for the published token file alone, so a test can fill it."""
+    directory = tmp_path / "published"
+    directory.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(directory)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -56,23 +77,24 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str 
         await asyncio.sleep(0.05)
 
 
-def published_generation(tmp_path: Path) -> int:
+def published_generation(tmp_path: Path, token_file: Path | None = None) -> int:
     """The generation in the published token file."""
-    return int(json.loads((tmp_path / "state" / "default.token.json").read_text())["generation"])
+    path = token_file or tmp_path / "state" / "default.token.json"
+    return int(json.loads(path.read_text())["generation"])
 
 
 async def test_a_failed_token_file_publish_is_retried_and_health_says_so(
-    emulator: KakaoEmulator, tmp_path: Path
+    emulator: KakaoEmulator, tmp_path: Path, tiny_publish_fs: Path
 ) -> None:
-    """The token file cannot be replaced during a refresh: /healthz says so (503) instead of
-    "ok", and as soon as the path is usable again the heartbeat publishes the current token."""
-    config = sink_config(tmp_path, emulator)
+    """The token file cannot be replaced during a refresh (its disk is full): /healthz says so
+    (503) instead of "ok", and as soon as there is room again the heartbeat publishes the
+    current token."""
+    token_file = tiny_publish_fs / "default.token.json"
+    config = sink_config(tmp_path, emulator, token_file=token_file)
     await login(emulator, config)
-    token_file = tmp_path / "state" / "default.token.json"
     async with serving(config) as served:
-        await until(lambda: published_generation(tmp_path) == 1, what="first publish")
-        token_file.unlink()
-        token_file.mkdir()  # a rename over it now fails, like a broken mount
+        await until(lambda: published_generation(tmp_path, token_file) == 1, what="first publish")
+        filler = _fill(tiny_publish_fs)
         status, body = await served.request("POST", "/v1/accounts/default/refresh")
         assert status == 200
         generation = body["generation"]
@@ -83,9 +105,10 @@ async def test_a_failed_token_file_publish_is_retried_and_health_says_so(
         assert described["accounts"][0]["publish_pending"] is True
         alerts = [a["condition"] for a in described["accounts"][0]["alerts"]]
         assert "publish_failed" in alerts
-        token_file.rmdir()
+        filler.unlink()
         await until(
-            lambda: published_generation(tmp_path) == generation, what="the heartbeat's publish"
+            lambda: published_generation(tmp_path, token_file) == generation,
+            what="the heartbeat's publish",
         )
         status, _ = await served.get("/healthz")
         assert status == 200

@@ -90,22 +90,24 @@ async def test_the_start_up_check_never_overwrites_a_login_made_meanwhile(
 
 
 async def test_a_pending_write_never_overwrites_a_state_written_meanwhile(
-    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    tiny_state_fs: Path,
+    session: aiohttp.ClientSession,
 ) -> None:
-    """A rotation cannot be saved (the state file is blocked); meanwhile the operator logs in.
-    The retry runs under the lock, sees the file changed since our last write, and stops:
-    the login stays, an alert says so, and the tokens we held are kept in the rescue file."""
+    """A rotation cannot be saved (the disk is full); meanwhile the disk frees up and the
+    operator logs in. The retry runs under the lock, sees the file changed since our last
+    write, and stops: the login stays, an alert says so, and the tokens we held are kept in
+    the rescue file."""
     emulator.settings.access_lifetime = 20
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
     manager, config_path, events = await running_manager(emulator, tmp_path, session)
-    state_path = manager.store.state_path
-    state_path.unlink()
-    state_path.mkdir()  # the next save fails (EISDIR), like a full or read-only disk
+    filler = _fill(tiny_state_fs)
     await manager.refresh(force=True)
     assert manager.status.write_pending
     ours = manager.state
     assert ours is not None
-    state_path.rmdir()
+    filler.unlink()
     fresh = await login(emulator, config_path)
     wakeup = manager.next_wakeup()
     assert wakeup is not None

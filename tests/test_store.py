@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from kakao_tokend.errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError
+from kakao_tokend.errors import (
+    StateCorrupt,
+    StoreError,
+    StoreLocked,
+    StoreWriteError,
+    UnsafePath,
+)
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import (
     TEMP_PREFIX,
@@ -284,19 +290,27 @@ def test_group_change_not_permitted(shared_dir: Path) -> None:
     assert list(shared_dir.iterdir()) == []
 
 
-def test_symlinked_token_file_written_through(tmp_path: Path) -> None:
-    """A symlinked token path stays a symlink; the content goes to its (new) target."""
-    target_dir = tmp_path / "elsewhere"
+def test_symlinked_token_file_is_never_followed(tmp_path: Path) -> None:
+    """A token path that is a symlink is refused by check_paths; a write replaces the link
+    itself and a logout removes only the link: the file it points to is never touched."""
+    target = tmp_path / "elsewhere" / "token.json"
+    target.parent.mkdir()
+    target.write_text("not ours\n")
     link = tmp_path / "default.token.json"
-    link.symlink_to(target_dir / "token.json")  # dangling until the first publish
+    link.symlink_to(target)
     store = AccountStore.from_paths("default", state_file=tmp_path / "s.json", token_file=link)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        store.check_paths()
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        store.read_published()
     store.publish(make_state(), now=NOW)
-    store.publish(make_state(generation=4), now=NOW)
-    assert link.is_symlink()
-    assert json.loads((target_dir / "token.json").read_text())["generation"] == 4
-    assert store.read_published() is not None
+    assert not link.is_symlink() and json.loads(link.read_text())["generation"] == 3
+    assert target.read_text() == "not ours\n"
+    link.unlink()
+    link.symlink_to(target)
     store.remove()
-    assert link.is_symlink() and not (target_dir / "token.json").exists()
+    assert not link.exists() and not link.is_symlink()
+    assert target.read_text() == "not ours\n"
 
 
 def test_stale_temp_files_removed(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ code  name               meaning
 70    EX_SOFTWARE        internal error (a bug); run with --debug for the traceback
 75    EX_TEMPFAIL        the account is locked by another kakao-tokend process
 77    EX_NOPERM          a person must log in again (`kakao-tokend login`)
-78    EX_CONFIG          the configuration is invalid (every problem is listed)
+78    EX_CONFIG          the configuration is invalid (every problem is listed), or another
+                         user could change the account's directory or files (UnsafePath)
 ====  =================  ===========================================================
 """
 
@@ -51,6 +52,7 @@ from .errors import (
     StoreError,
     StoreLocked,
     StoreWriteError,
+    UnsafePath,
 )
 from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
 
@@ -82,7 +84,7 @@ def exit_code_for(exc: KakaoTokendError) -> int:
     """Return the exit code for one of our errors (see the table in the module docstring)."""
     from .importer import ImportFileError, ImportUnverified
 
-    if isinstance(exc, ConfigError | KakaoConfigError):
+    if isinstance(exc, ConfigError | KakaoConfigError | UnsafePath):
         return EX_CONFIG
     if isinstance(exc, ImportFileError):
         return EX_DATAERR
@@ -184,6 +186,16 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
+
+
+def _refuse_unsafe_paths(account: AccountConfig) -> None:
+    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files.
+
+    Commands that write the account's files check again when they take its lock.
+    """
+    from .store import AccountStore
+
+    AccountStore(account).check_paths()
 
 
 def _setup_logging(debug: bool) -> None:
@@ -468,6 +480,7 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
     settings = _settings()
     account = settings.account_config()
+    _refuse_unsafe_paths(account)
     flow = LoginFlow(account, scopes=scopes)
 
     def notify(line: str) -> None:
@@ -534,6 +547,7 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     settings = _settings()
     account = settings.account_config()
     config = settings.config()
+    _refuse_unsafe_paths(account)
 
     async def go() -> Any:
         async with create_session() as session:
@@ -1236,6 +1250,7 @@ def logout(keep_files: bool) -> None:
     account = settings.account_config()
     # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
     store = AccountStore(account, rescue_dir=settings.config().runtime_dir)
+    store.check_paths()
     try:
         state = store.load()
     except StateCorrupt as exc:

@@ -24,6 +24,7 @@ from .i18n import LANGUAGES
 __all__ = [
     "DEFAULT_ACCOUNT",
     "LOG_LEVELS",
+    "SECRETS",
     "SEVERITIES",
     "AccountConfig",
     "AlertsConfig",
@@ -31,6 +32,7 @@ __all__ = [
     "Config",
     "KakaoApp",
     "RefreshPolicy",
+    "SecretSpec",
     "TemplateConfig",
     "config_from_toml_text",
     "find_config_file",
@@ -435,10 +437,46 @@ _TOP_KEYS: Final = (
     "api",
 )
 _PATHS_KEYS: Final = ("state_dir", "runtime_dir")
-_SECRETS: Final = ("rest_api_key", "client_secret")
-_SECRET_SUFFIXES: Final = ("", "_file", "_env", "_credential")
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """One secret setting: given by exactly one of NAME (inline), NAME_file, NAME_env or
+    NAME_credential, or found as $CREDENTIALS_DIRECTORY/NAME when none is set."""
+
+    name: str
+    #: Whether NAME itself (the value written into the config file) is accepted.
+    inline: bool = True
+    #: Whether an inline value needs a config file that only its owner can read. The REST API
+    #: key is no secret from other local users: it is the client_id of every authorize URL.
+    private: bool = True
+
+    def sources(self) -> tuple[str, ...]:
+        """The config keys that can give this secret."""
+        files = tuple(self.name + suffix for suffix in ("_file", "_env", "_credential"))
+        return (self.name, *files) if self.inline else files
+
+
+#: Every secret, by the config table it is set in. Adding one is one line here (plus using its
+#: value): its keys, the file-mode and inline checks, systemd credentials, per-account
+#: overrides and the "only one source" rule all follow from this table.
+SECRETS: Final[Mapping[str, tuple[SecretSpec, ...]]] = MappingProxyType(
+    {
+        "kakao": (SecretSpec("rest_api_key", private=False), SecretSpec("client_secret")),
+        # Slack/Discord-style webhook URLs are bearer credentials themselves.
+        "alerts": (SecretSpec("webhook_url"),),
+        "api": (SecretSpec("bearer_token"),),
+    }
+)
+_SECRET_SPECS: Final = {spec.name: spec for specs in SECRETS.values() for spec in specs}
+
+
+def _secret_keys(table: str) -> tuple[str, ...]:
+    return tuple(key for spec in SECRETS.get(table, ()) for key in spec.sources())
+
+
 _KAKAO_KEYS: Final = (
-    *(s + suffix for s in _SECRETS for suffix in _SECRET_SUFFIXES),
+    *_secret_keys("kakao"),
     "auth_url",
     "api_url",
     "redirect_uri",
@@ -481,7 +519,7 @@ _API_KEYS: Final = (
     "socket_mode",
     "socket_group",
     "tcp",
-    "bearer_token_file",
+    *_secret_keys("api"),
     "allow_non_loopback",
     "max_body",
     "proxy_retry_body",
@@ -494,7 +532,7 @@ _ALERTS_KEYS: Final = (
     "failing_after",
     "kakaotalk",
     "kakaotalk_min_severity",
-    "webhook_url",
+    *_secret_keys("alerts"),
     "webhook_timeout",
     "webhook_retries",
     "webhook_min_severity",
@@ -958,19 +996,24 @@ class _Checker:
             values["request_timeout"] = self.duration(
                 table["request_timeout"], "api.request_timeout"
             )
+        bearer_sources = {key: (value, f"api.{key}") for key, value in table.items()}
+        bearer_given = any(key in table for key in _SECRET_SPECS["bearer_token"].sources())
+        bearer, bearer_source = self.secret(
+            bearer_sources, "bearer_token", missing_prefix="api", required=False
+        )
         if "tcp" in table:
             values["tcp"] = self.tcp_address(
                 table["tcp"], allow_non_loopback=values.get("allow_non_loopback") is True
             )
-            if values["tcp"] is not None and "bearer_token_file" not in table:
+            if values["tcp"] is not None and bearer_source is None and not bearer_given:
                 self.problem(
                     "api.bearer_token_file",
                     "required when api.tcp is set: a file (mode 600) holding a long random"
                     " token, e.g. `openssl rand -hex 32 > FILE; chmod 600 FILE`",
                 )
                 values["tcp"] = None
-        if "bearer_token_file" in table:
-            values["bearer_token"] = self.bearer_token(table["bearer_token_file"])
+        if bearer is not None:
+            values["bearer_token"] = self.bearer_token(bearer, bearer_sources)
         if any(value is None for value in values.values()):
             return base
         settings = replace(base, **values)
@@ -978,16 +1021,11 @@ class _Checker:
             self.problem("api.proxy_retry_body", "must not be larger than api.max_body")
         return settings
 
-    def bearer_token(self, value: Any) -> str | None:
-        key = "api.bearer_token_file"
-        file = self.path(value, key)
-        if file is None:
-            return None
-        trusted = self.credentials_dir is not None and file.is_relative_to(self.credentials_dir)
-        token = self.read_secret(file, key, "bearer token", trusted=trusted)
-        if token is not None and len(token) < 16:
+    def bearer_token(self, token: str, settings: Mapping[str, _Setting]) -> str | None:
+        if len(token) < 16:
+            key = _source_key(settings, "bearer_token", "api")
             self.problem(
-                key, f"{file} holds fewer than 16 characters; use e.g. `openssl rand -hex 32`"
+                key, "the bearer token is shorter than 16 characters; use `openssl rand -hex 32`"
             )
             return None
         return token
@@ -1140,8 +1178,10 @@ class _Checker:
     def secret(
         self, settings: Mapping[str, _Setting], name: str, *, missing_prefix: str, required: bool
     ) -> tuple[str | None, str | None]:
-        """Resolve one secret from exactly one of X, X_file, X_env, X_credential."""
-        sources = {name + suffix for suffix in _SECRET_SUFFIXES}
+        """Resolve one secret (see SECRETS) from exactly one of its sources; return
+        (value, where it came from) or (None, None) when it is not set or unusable."""
+        spec = _SECRET_SPECS[name]
+        sources = set(spec.sources())
         given = [(key, setting) for key, setting in settings.items() if key in sources]
         if len(given) > 1:
             keys = " and ".join(key for key, _ in given)
@@ -1171,13 +1211,13 @@ class _Checker:
                 self.problem(key_path, f"expected the {name} as a string (value not shown)")
                 return None, None
             text = value
-            if name == "client_secret" and self.source is not None:
+            if spec.private and self.source is not None:
                 mode = _file_mode(self.source)
                 if mode is not None and mode & 0o077:
                     self.problem(
                         key_path,
                         f"is written inline in {self.source}, which is readable by "
-                        f"group/others (mode {mode:04o}); move it to client_secret_file or "
+                        f"group/others (mode {mode:04o}); move it to {name}_file or "
                         f"run: chmod 600 {self.source}",
                     )
                     return None, None
@@ -1349,8 +1389,16 @@ class _Checker:
         base = AlertsConfig()
         values: dict[str, Any] = {}
         bad = False
+        # One secret source for every account ("alerts"), so a problem is reported once.
+        webhook, _ = self.secret(settings, "webhook_url", missing_prefix="alerts", required=False)
+        if webhook is not None:
+            webhook = self.webhook_url(webhook, _source_key(settings, "webhook_url", "alerts"))
+            bad = webhook is None
+            values["webhook_url"] = webhook
         for name, (value, key) in settings.items():
             parsed: Any = None
+            if name in _SECRET_SPECS["webhook_url"].sources():
+                continue
             if name == "thresholds":
                 parsed = self.thresholds(value, key)
             elif name in ("critical_below", "repeat", "webhook_timeout", "command_timeout"):
@@ -1375,8 +1423,6 @@ class _Checker:
                     self.problem(
                         key, f"expected one of {', '.join(SEVERITIES)}, got {_describe(value)}"
                     )
-            elif name == "webhook_url":
-                parsed = self.webhook_url(value, key)
             elif name == "webhook_retries":
                 if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20:
                     parsed = value
@@ -1530,12 +1576,20 @@ def _overlay(
     merged: dict[str, _Setting] = {
         key: (value, f"{base_prefix}.{key}") for key, value in base.items()
     }
-    for secret in _SECRETS:
-        if any(secret + suffix in own for suffix in _SECRET_SUFFIXES):
-            for suffix in _SECRET_SUFFIXES:
-                merged.pop(secret + suffix, None)
+    for spec in SECRETS.get(base_prefix, ()):
+        if any(key in own for key in spec.sources()):
+            for key in spec.sources():
+                merged.pop(key, None)
     merged.update({key: (value, f"{own_prefix}.{key}") for key, value in own.items()})
     return merged
+
+
+def _source_key(settings: Mapping[str, _Setting], name: str, prefix: str) -> str:
+    """The key path that gave secret ``name`` (for messages), else ``prefix.name``."""
+    for key in _SECRET_SPECS[name].sources():
+        if key in settings:
+            return str(settings[key][1])
+    return f"{prefix}.{name}"
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,7 +8,9 @@ Our exception hierarchy::
     │   ├── StoreLocked              another process holds the account's lock
     │   ├── StateCorrupt             unreadable state file; moved aside, never overwritten
     │   ├── StateMissing             no state yet: run `kakao-tokend login` (or `import`)
-    │   └── StoreWriteError          a write failed (disk full, read-only fs); keep tokens in memory
+    │   ├── StoreWriteError          a write failed (disk full, read-only fs); keep tokens in memory
+    │   └── UnsafePath               another user could change a directory or file we use, or it
+    │                                is a symlink: refused, never used (exit 78 like a bad config)
     └── KakaoError                   Kakao answered with an error, or did not answer
         ├── KakaoUnavailable         try again later (KOE003, KOE237, 5xx, timeouts, bad bodies)
         │   └── PartialRefresh       Kakao rotated, but the access part of its answer was broken
@@ -81,6 +83,14 @@ class StateCorrupt(StoreError):
 
 class StateMissing(StoreError):
     """There is no state for this account yet."""
+
+
+class UnsafePath(StoreError):
+    """A directory others may write to or owned by a stranger, or a file that is a symlink.
+
+    Using it would let another local user read or redirect the tokens, so it is refused; like
+    a configuration error, restarting cannot fix it (the operator must).
+    """
 
 
 class StoreWriteError(StoreError):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .alerts import PASSED_ENV
 from .refresher import AccountEvent, AccountManager
 
 if TYPE_CHECKING:
@@ -82,10 +83,14 @@ class HookRunner:
                 await self.run_hook(manager, command, generation)
 
     async def run_hook(self, manager: AccountManager, command: tuple[str, ...], gen: int) -> None:
-        """Run one hook command with a timeout; never raises."""
+        """Run one hook command with a timeout; never raises.
+
+        The hook gets the same short environment as an alert command (the daemon's own may
+        hold the REST API key or client secret, from *_env settings) plus three facts.
+        """
         account = manager.account
         env = {
-            **os.environ,
+            **{key: os.environ[key] for key in PASSED_ENV if key in os.environ},
             "KAKAO_TOKEND_ACCOUNT": account.name,
             "KAKAO_TOKEND_TOKEN_FILE": str(account.token_file),
             "KAKAO_TOKEND_GENERATION": str(gen),

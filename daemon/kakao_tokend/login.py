@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import html
 import logging
 import string
@@ -218,9 +219,22 @@ class LoginFlow:
             self._done.set_result(result)
             return result
 
+    def matches_state(self, params: Mapping[str, str]) -> bool:
+        """Whether ``params`` carry this attempt's ``state`` (compared in constant time)."""
+        given = params.get("state")
+        return given is not None and hmac.compare_digest(given.encode(), self.state.encode())
+
     async def _complete(
         self, client: KakaoClient, params: Mapping[str, str], *, via: str
     ) -> LoginResult:
+        # The state first: nothing else in a request that is not Kakao's answer to this attempt
+        # may matter. A pasted bare code carries no state; anything from a browser must.
+        if (via == "browser" or "state" in params) and not self.matches_state(params):
+            raise LoginStateMismatch(
+                "the login answer does not belong to this login attempt (state mismatch)",
+                hint=f"close old Kakao login tabs and run `{login_command(self.account.name)}`"
+                " again",
+            )
         error = params.get("error")
         if error:
             if error == "access_denied":
@@ -238,13 +252,6 @@ class LoginFlow:
             raise LoginFailed(
                 "the redirect carries no authorization code",
                 hint="paste the whole address the browser was sent to, including ?code=...",
-            )
-        # A pasted bare code carries no state; anything that went through a browser must.
-        if (via == "browser" or "state" in params) and params.get("state") != self.state:
-            raise LoginStateMismatch(
-                "the login answer does not belong to this login attempt (state mismatch)",
-                hint=f"close old Kakao login tabs and run `{login_command(self.account.name)}`"
-                " again",
             )
         tokens = await client.exchange_code(
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
@@ -284,7 +291,10 @@ class LoginFlow:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         params = {key: request.query[key] for key in request.query}
-        if not params:
+        if not self.matches_state(params):
+            # Any local process or web page can send a request here. Without this attempt's
+            # state it is not Kakao's answer: it must not end the login (a forged
+            # error=access_denied would cancel it) and learns nothing; keep waiting.
             return _page(
                 "Waiting for Kakao",
                 "This address is where Kakao sends you after login. "

@@ -23,17 +23,19 @@ from aiohttp import web
 
 from . import systemd
 from .alerts import AlertCenter
+from .apisocket import bind_unix_socket
 from .config import AccountConfig, Config, load_config
-from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked
+from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked, UnsafePath
 from .kakao import KakaoClient, create_session
 from .refresher import AccountManager, EventListener, Health
 from .scheduler import RefreshScheduler
 from .store import (
     AccountStore,
+    check_directory,
     ensure_reserve,
     make_dirs,
+    open_lock_file,
     remove_stale_temp_files,
-    resolve_group,
 )
 from .tokens import Clock, utcnow
 
@@ -72,17 +74,25 @@ class Daemon:
 
     # ---------------------------------------------------------------- instance lock
 
+    def check_directories(self) -> None:
+        """Refuse to start (UnsafePath) when another local user could change the state
+        directory or the directory of the API socket (normally the runtime directory)."""
+        socket_dir = api_socket_path(self.config).parent
+        socket_what = (
+            "runtime directory" if socket_dir == self.config.runtime_dir else "socket directory"
+        )
+        for directory, what in (
+            (self.config.state_dir, "state directory"),
+            (socket_dir, socket_what),
+        ):
+            make_dirs(directory)
+            check_directory(directory, what=what)
+
     def acquire_instance_lock(self) -> None:
         """Make this the only `run` on this state directory, or raise StoreLocked."""
         make_dirs(self.config.state_dir)
         path = self.config.state_dir / INSTANCE_LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open the instance lock {path}: {exc.strerror}",
-                hint="check that this user owns the state directory (paths.state_dir)",
-            ) from None
+        fd = open_lock_file(path, directory_what="state directory", what="instance lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,7 +152,9 @@ class Daemon:
         return manager
 
     def open_accounts(self) -> None:
-        """Create a manager per configured account."""
+        """Create a manager per configured account (after checking every account's files)."""
+        for account in self.config.accounts.values():
+            AccountStore(account).check_paths()
         for account in self.config.accounts.values():
             self.managers[account.name] = self.make_manager(account)
         for manager in self.managers.values():
@@ -235,6 +247,7 @@ DAEMON = web.AppKey("daemon", Daemon)
 
 async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
+    daemon.check_directories()
     daemon.acquire_instance_lock()
     yield
     daemon.release_instance_lock()
@@ -393,19 +406,28 @@ async def serve(
             return EX_TEMPFAIL
         log.error("cannot start: %s", exc)
         await runner.cleanup()
-        return EX_CONFIG if isinstance(exc, ConfigError) else EX_FAILURE
+        return EX_CONFIG if isinstance(exc, ConfigError | UnsafePath) else EX_FAILURE
     socket_path = api_socket_path(daemon.config)
+    api = daemon.config.api
+    socket_id: tuple[int, int] | None = None
     try:
-        make_dirs(socket_path.parent)
-        site = web.UnixSite(runner, str(socket_path))
-        await site.start()
-        api = daemon.config.api
-        if api.socket_group is not None:
-            os.chown(socket_path, -1, resolve_group(api.socket_group) or -1)
-        os.chmod(socket_path, api.socket_mode)
-        log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
-    except (OSError, StoreError) as exc:
-        log.error("cannot listen on %s: %s; the local API is off", socket_path, exc)
+        sock = bind_unix_socket(socket_path, mode=api.socket_mode, group=api.socket_group)
+    except StoreError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        log.error("%s; the local API socket is off%s", exc.message, hint)
+    else:
+        try:
+            await web.SockSite(runner, sock).start()
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+            log.error("cannot serve on %s: %s; the local API socket is off", socket_path, exc)
+        else:
+            with contextlib.suppress(OSError):
+                info = socket_path.lstat()
+                socket_id = (info.st_dev, info.st_ino)
+            log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
     if daemon.config.api.tcp is not None:
         host, port = daemon.config.api.tcp
         try:
@@ -429,7 +451,9 @@ async def serve(
             loop.remove_signal_handler(signum)
         await runner.cleanup()
         with contextlib.suppress(OSError):
-            socket_path.unlink()
+            info = socket_path.lstat()
+            if (info.st_dev, info.st_ino) == socket_id:  # ours, not a successor's
+                socket_path.unlink()
     log.info("stopped")
     return EX_OK
 

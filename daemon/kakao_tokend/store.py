@@ -1,4 +1,10 @@
-"""Token files: the private state file, the published token file and the per-account lock."""
+"""Token files: the private state file, the published token file and the per-account lock.
+
+Every file is opened without following a symlink (``O_NOFOLLOW``, relative to a directory file
+descriptor where several steps must happen in the same directory), gets its group set
+explicitly (never inherited from a setgid directory), and lives in a directory that no other
+user may write to (:func:`check_directory`). docs/security.md explains why.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,10 @@ import grp
 import json
 import logging
 import os
+import pwd
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -18,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError
+from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError, UnsafePath
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -112,7 +120,7 @@ def ensure_reserve(directory: Path) -> bool:
     """
     path = directory / RESERVE_NAME
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = _create_exclusive(path, 0o600, os.getegid())
     except FileExistsError:
         return True
     except OSError:
@@ -147,19 +155,25 @@ def _fsync_dir(directory: Path) -> None:
     """Make a rename/unlink in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_fd(directory_fd: int) -> None:
+    try:
+        os.fsync(directory_fd)
     except OSError as exc:
         # Some file systems cannot fsync a directory; nothing more we can do there.
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
-    finally:
-        os.close(fd)
 
 
 def make_dirs(directory: Path, mode: int = DIR_MODE) -> None:
     """Create ``directory`` and every missing parent with ``mode`` (umask may only narrow it).
 
-    ``Path.mkdir(parents=True)`` would create the parents with the default 0777 instead.
+    ``Path.mkdir(parents=True)`` would create the parents with the default 0777 instead. Each
+    new directory gets this process's group and no setgid bit, whatever its parent has.
     Raises :class:`StoreWriteError` naming the directory that could not be created.
     """
     missing: list[Path] = []
@@ -172,10 +186,200 @@ def make_dirs(directory: Path, mode: int = DIR_MODE) -> None:
     for item in reversed(missing):
         try:
             item.mkdir(mode=mode)
+            _own_group(item)
         except FileExistsError:
             continue
         except OSError as exc:
             raise _write_error(item, exc, "create directory") from None
+
+
+def _own_group(directory: Path) -> None:
+    """Give a directory we just created our group, and drop a setgid bit it inherited."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_gid != os.getegid():
+            os.fchown(fd, -1, os.getegid())
+        if info.st_mode & stat.S_ISGID:
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~stat.S_ISGID)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe directories and symlink-free opens
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _directory_problem(info: os.stat_result, directory: Path, what: str) -> UnsafePath | None:
+    """Why another local user could change the files in this directory, or None."""
+    if not stat.S_ISDIR(info.st_mode):
+        return UnsafePath(f"{what} {directory} is not a directory")
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        owner = _user_name(info.st_uid)
+        return UnsafePath(
+            f"{what} {directory} is owned by {owner}, who could swap the files in it; only "
+            f"this user ({_user_name(me)}) or root may own it",
+            hint=f"run kakao-tokend as {owner}, or: chown {_user_name(me)} {directory}",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+        return UnsafePath(
+            f"{what} {directory} is writable by {who} (mode {mode:04o}), so another local user "
+            "could replace the files in it",
+            hint=f"run: chmod go-w {directory}",
+        )
+    return None
+
+
+def open_directory(directory: Path, *, what: str | None = None) -> int:
+    """Open ``directory`` (a symlink to it is fine) and return its fd; with ``what``, refuse it
+    (:class:`UnsafePath`) when another user could change it: see :func:`check_directory`."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if what is not None:
+        problem = _directory_problem(os.fstat(fd), Path(directory), what)
+        if problem is not None:
+            os.close(fd)
+            raise problem
+    return fd
+
+
+def check_directory(directory: Path, *, what: str) -> None:
+    """Refuse a directory writable by group or others, or owned by a user other than us or root.
+
+    Whoever can write to the directory can replace the token files in it or plant symlinks;
+    whoever owns it can make it writable. ``what`` names it in the error ("state directory").
+    The path may be a symlink to the directory (systemd's ``DynamicUser=`` state directory is
+    one); the directory it leads to is judged. A missing directory passes (it is created 0750).
+    """
+    try:
+        fd = open_directory(directory, what=what)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot open {what} {directory}: {exc.strerror or exc}") from None
+    os.close(fd)
+
+
+def symlink_refused(path: Path, what: str) -> UnsafePath:
+    """The error for one of our files found to be a symbolic link."""
+    return UnsafePath(
+        f"{what} {path} is a symbolic link; kakao-tokend never follows links for its own files "
+        "(another user could aim one at a file they can read, or one that must not be "
+        "overwritten)",
+        hint="remove the link, or configure the real path instead",
+    )
+
+
+def check_file(path: Path, *, what: str) -> None:
+    """Refuse a symlink or anything but a regular file at ``path``; a missing file passes."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot examine {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise symlink_refused(path, what)
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
+
+
+def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = None) -> int:
+    """Create a new file (never through a symlink) with exactly ``mode`` and group ``gid``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = path.name if dir_fd is not None else path
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it
+        os.fchown(fd, -1, gid)  # a setgid directory would have given it the directory's group
+    except OSError:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    return fd
+
+
+def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") -> int:
+    """Open (or create, 0600, our group) a lock file for reading and writing, safely.
+
+    The directory must pass :func:`check_directory` (checked on the very fd the file is opened
+    against), the file is never reached through a symlink, and it must be a regular file with
+    no other hard link: its holder truncates and rewrites it, which must never hit another
+    file. Raises :class:`UnsafePath` or :class:`StoreError`.
+    """
+    make_dirs(path.parent)
+    try:
+        dir_fd = open_directory(path.parent, what=directory_what)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot open {what} {path}: {exc.strerror or exc}",
+            hint="check that this user may write to the state directory",
+        ) from None
+    try:
+        for _ in range(10):
+            try:
+                fd = _create_exclusive(path, LOCK_FILE_MODE, os.getegid(), dir_fd=dir_fd)
+                os.close(fd)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(path.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # removed between the two opens: create it again
+            break
+        else:  # pragma: no cover - created and removed ten times in a row by someone else
+            raise StoreError(f"cannot open {what} {path}: it keeps disappearing")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise symlink_refused(path, what) from None
+        raise StoreError(
+            f"cannot open {what} {path}: {exc.strerror or exc}",
+            hint="check that this user may write to the state directory",
+        ) from None
+    finally:
+        os.close(dir_fd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise UnsafePath(
+            f"{what} {path} is not a regular file of its own (it has other hard links or is "
+            "special), so truncating it could damage another file",
+            hint="remove it; it is re-created",
+        )
+    return fd
+
+
+def read_file(path: Path, *, what: str) -> bytes:
+    """Read a whole regular file without following a symlink (UnsafePath) or blocking on a FIFO.
+
+    FileNotFoundError and other OSErrors reach the caller unchanged.
+    """
+    return _read_regular(path, what=what)[0]
+
+
+def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
+    """:func:`read_file`, plus the inode that was read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise symlink_refused(path, what) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
+        return handle.read(), info.st_ino
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -189,45 +393,47 @@ def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None
     """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
 
     The temporary file lives in the same directory (rename is atomic only within one file
-    system), is created with its final mode (fchmod defeats the umask) and group before any
-    data is written, is fsynced before the rename, and the directory is fsynced after it.
-    On any failure the temporary file is removed, the old file is left as it was and
-    :class:`StoreWriteError` says what went wrong. ``path`` itself is replaced, not followed:
-    callers that want to write through a symlink resolve it first.
+    system), is created with its final mode (fchmod defeats the umask) and group (``group``, or
+    this process's group: never the one a setgid directory would hand down) before any data is
+    written, is fsynced before the rename, and the directory is fsynced after it. Every step
+    works on one directory file descriptor, so all of them happen in the same directory. On any
+    failure the temporary file is removed, the old file is left as it was and
+    :class:`StoreWriteError` says what went wrong. ``path`` itself is replaced, never followed:
+    a symlink there is replaced by the new file, and the file it pointed to is not touched.
     """
     path = Path(path)
     directory = path.parent
     make_dirs(directory)
-    tmp: Path | None = None
+    gid = os.getegid() if group is None else group
+    tmp: str | None = None
     fd = -1
+    dir_fd = -1
     try:
+        dir_fd = open_directory(directory)
         for _ in range(10):
-            candidate = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            candidate = f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
             try:
-                fd = os.open(candidate, flags, mode)
+                fd = _create_exclusive(Path(candidate), mode, gid, dir_fd=dir_fd)
             except FileExistsError:
                 continue
-            tmp = candidate
-            break
-        else:  # pragma: no cover - ten random-name collisions in a row
-            raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path))
-        os.fchmod(fd, mode)
-        if group is not None:
-            try:
-                os.fchown(fd, -1, group)
-            except PermissionError:
+            except PermissionError as exc:
+                if group is None or exc.errno != errno.EPERM:
+                    raise
                 raise StoreWriteError(
                     f"cannot give {path} to group {group}: operation not permitted",
                     hint="run as root or as a member of that group, or unset the token file group",
                 ) from None
+            tmp = candidate
+            break
+        else:  # pragma: no cover - ten random-name collisions in a row
+            raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path))
         _write_all(fd, data)
         os.fsync(fd)
         closing, fd = fd, -1
         os.close(closing)  # may report a deferred write error (NFS)
-        os.replace(tmp, path)
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         tmp = None
-        _fsync_dir(directory)
+        _fsync_fd(dir_fd)
     except OSError as exc:
         raise _write_error(path, exc) from None
     finally:
@@ -235,7 +441,9 @@ def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None
             os.close(fd)
         if tmp is not None:
             with suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
+        if dir_fd >= 0:
+            os.close(dir_fd)
 
 
 def remove_stale_temp_files(directory: Path, *, max_age: float = STALE_TEMP_AGE) -> list[Path]:
@@ -278,13 +486,6 @@ def resolve_group(group: str | int | None) -> int | None:
             f"group {group!r} does not exist",
             hint="create it (groupadd) or change the token file group in the configuration",
         ) from None
-
-
-def _resolve_link(path: Path) -> Path:
-    # Deliberate: if the configured file is a symlink (e.g. an admin points it into a tmpfs or
-    # another service's directory), we write through to its target rather than replacing the
-    # link with a regular file. Resolved on every write, so re-pointing the link takes effect.
-    return Path(os.path.realpath(path))
 
 
 _LONG_QUOTED = re.compile(r"'[^']{20,}'|\"[^\"]{20,}\"")
@@ -375,6 +576,32 @@ class AccountStore:
     def __repr__(self) -> str:
         return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
 
+    # -- safety --------------------------------------------------------------------------------
+
+    def check_paths(self) -> None:
+        """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
+
+        The directories of the state, lock and token files must pass :func:`check_directory`;
+        none of the account's files may be a symlink or anything but a regular file. Every
+        command that writes the account's files calls this first (``try_lock`` does too).
+        """
+        directories: dict[Path, str] = {}
+        for path, what in (
+            (self.state_path, "state directory"),
+            (self.lock_path, "lock file directory"),
+            (self.token_path, "token file directory"),
+        ):
+            directories.setdefault(path.parent, what)  # usually one directory: "state directory"
+        for directory, what in directories.items():
+            check_directory(directory, what=what)
+        for path, what in (
+            (self.state_path, "state file"),
+            (self.lock_path, "lock file"),
+            (self.token_path, "token file"),
+            (self.alerts_path, "alert bookkeeping file"),
+        ):
+            check_file(path, what=what)
+
     # -- locking -------------------------------------------------------------------------------
 
     @property
@@ -387,14 +614,8 @@ class AccountStore:
         if self._lock_depth > 0:
             self._lock_depth += 1
             return True
-        try:
-            make_dirs(self.lock_path.parent)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_FILE_MODE)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot open lock file {self.lock_path}: {exc.strerror or exc}",
-                hint="check that this user may write to the state directory",
-            ) from None
+        self.check_paths()
+        fd = open_lock_file(self.lock_path, directory_what="lock file directory")
         try:
             # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -412,7 +633,7 @@ class AccountStore:
         if not self._cleaned:
             # Holding the lock, no writer of this account is mid-write.
             self._cleaned = True
-            for directory in {self.state_path.parent, _resolve_link(self.token_path).parent}:
+            for directory in {self.state_path.parent, self.token_path.parent}:
                 remove_stale_temp_files(directory)
         return True
 
@@ -435,9 +656,10 @@ class AccountStore:
     def lock_holder(self) -> int | None:
         """Return the pid written into the lock file by its holder, if any."""
         try:
-            text = self.lock_path.read_text(encoding="ascii", errors="replace").strip()
-        except OSError:
+            raw = read_file(self.lock_path, what="lock file")
+        except (OSError, StoreError):
             return None
+        text = raw.decode("ascii", errors="replace").strip()
         return int(text) if text.isdigit() else None
 
     @contextmanager
@@ -470,12 +692,10 @@ class AccountStore:
         A file that cannot be parsed is never overwritten: it is moved to
         ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
         """
+        path = self.state_path
         for _ in range(3):
-            path = _resolve_link(self.state_path)
             try:
-                with open(path, "rb") as handle:
-                    raw = handle.read()
-                    inode = os.fstat(handle.fileno()).st_ino
+                raw, inode = _read_regular(path, what="state file")
             except FileNotFoundError:
                 return None
             except PermissionError:
@@ -560,9 +780,9 @@ class AccountStore:
         Used for a state the daemon refuses to adopt (an older backup); returns where it went,
         or None when there was no file (or it was replaced meanwhile). Hold the lock.
         """
-        path = _resolve_link(self.state_path)
+        path = self.state_path
         try:
-            inode = os.stat(path).st_ino
+            inode = os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -636,8 +856,11 @@ class AccountStore:
         if path is None:
             return None
         try:
-            raw = path.read_bytes()
+            raw = read_file(path, what="rescue file")
         except FileNotFoundError:
+            return None
+        except UnsafePath as exc:  # a symlink or a FIFO planted in the runtime directory
+            log.error("account %s: %s", self.name, exc)
             return None
         except OSError as exc:
             log.error("account %s: cannot read %s: %s", self.name, path, exc.strerror or exc)
@@ -650,7 +873,7 @@ class AccountStore:
             state = AccountState.from_dict(document.get("state"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             with suppress(OSError, StoreError):
-                kept = self._set_aside(path, os.stat(path).st_ino, "corrupt")
+                kept = self._set_aside(path, os.stat(path, follow_symlinks=False).st_ino, "corrupt")
                 log.error(
                     "account %s: rescue file %s is damaged (%s); kept as %s",
                     self.name,
@@ -690,7 +913,7 @@ class AccountStore:
         if path is None:
             return None
         try:
-            inode = os.stat(path).st_ino
+            inode = os.stat(path, follow_symlinks=False).st_ino
         except OSError:
             return None
         try:
@@ -702,7 +925,7 @@ class AccountStore:
     def save(self, state: AccountState) -> None:
         """Write the state file atomically with mode 0600 (it holds the refresh token)."""
         data = json.dumps(state.to_dict(), indent=2, ensure_ascii=False).encode() + b"\n"
-        target = _resolve_link(self.state_path)
+        target = self.state_path
         try:
             atomic_write(target, data, mode=STATE_FILE_MODE)
         except StoreWriteError as exc:
@@ -733,7 +956,7 @@ class AccountStore:
     def state_signature(self) -> tuple[int, int, int] | None:
         """Return (inode, mtime_ns, size) of the state file (None if absent) to spot changes."""
         try:
-            info = os.stat(self.state_path)
+            info = os.stat(self.state_path, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -780,7 +1003,7 @@ class AccountStore:
         document = self.published_document(state, now=now or utcnow())
         data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
         atomic_write(
-            _resolve_link(self.token_path),
+            self.token_path,
             data,
             mode=self.account.token_file_mode,
             group=self._group_id(),
@@ -815,7 +1038,7 @@ class AccountStore:
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document, or None when there is no token file."""
         try:
-            raw = self.token_path.read_bytes()
+            raw = read_file(self.token_path, what="token file")
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -839,11 +1062,14 @@ class AccountStore:
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
         try:
-            raw = self.alerts_path.read_bytes()
+            raw = read_file(self.alerts_path, what="alert bookkeeping file")
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("cannot read %s: %s", self.alerts_path, exc.strerror or exc)
+            return None
+        except StoreError as exc:
+            log.warning("ignoring %s", exc)
             return None
         try:
             document = json.loads(raw.decode("utf-8"))
@@ -860,11 +1086,10 @@ class AccountStore:
     def remove(self) -> None:
         """Delete the state and token files (logout), and the rescue file; missing is fine.
 
-        For a symlinked path the target is deleted (the token must be gone), the link stays.
+        A symlink is removed itself; the file it points to is not ours and is left alone.
         """
         self.discard_rescue()
-        for configured in (self.state_path, self.token_path):
-            path = _resolve_link(configured)
+        for path in (self.state_path, self.token_path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
