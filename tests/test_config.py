@@ -741,7 +741,8 @@ class TestExample:
             *config_module._ACCOUNT_KEYS,
             *config_module._API_KEYS,
             *config_module._ALERTS_KEYS,
-        } - {"paths", "kakao", "refresh", "publish", "accounts", "api", "alerts"}
+            *config_module._STORE_KEYS,
+        } - {"paths", "kakao", "refresh", "publish", "accounts", "api", "alerts", "store"}
         assert accepted - documented == set()
 
 
