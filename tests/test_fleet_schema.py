@@ -18,7 +18,9 @@ pytestmark = pytest.mark.timeout(60)
 #: Released migrations never change (nodes refuse a database whose record differs). Pinning
 #: their hashes here makes an accidental edit fail in CI instead of in production. Before
 #: the first release of fleet mode, a deliberate change updates the hash here too.
-RELEASED = {1: "0001_initial"}
+RELEASED = {
+    1: ("0001_initial", "b51d03fb28c9e89e1d971c7667d74ade7e3330b614ca7f04cd14fe253fe0b472"),
+}
 
 
 async def _tables(dsn: str) -> set[str]:
@@ -29,26 +31,23 @@ async def _tables(dsn: str) -> set[str]:
         return {name for (name,) in await cur.fetchall()}
 
 
-async def _migrate(dsn: str, node: str = NODE, **timeouts: float) -> schema.MigrationResult:
+async def _migrate(
+    dsn: str, node: str = NODE, timeouts: db.DbTimeouts | None = None
+) -> schema.MigrationResult:
     conn = await db.connect(
-        dsn,
-        node=node,
-        purpose="migrate",
-        autocommit=True,
-        migration=True,
-        timeouts=db.DbTimeouts(**timeouts) if timeouts else None,
+        dsn, node=node, purpose="migrate", autocommit=True, migration=True, timeouts=timeouts
     )
     async with conn:
         return await schema.migrate(conn, node=node, retries=3)
 
 
-def test_shipped_migrations_number_from_one_without_gaps() -> None:
-    """The package ships its SQL files; they are numbered 1..N and named like the released."""
+def test_shipped_migrations_number_from_one_without_gaps_and_never_change() -> None:
+    """The package ships its SQL files, numbered 1..N; released ones are byte for byte the same."""
     shipped = schema.shipped_migrations()
     assert [m.version for m in shipped] == list(range(1, len(shipped) + 1))
     assert schema.code_version() == len(shipped) >= 1
-    for version, label in RELEASED.items():
-        assert shipped[version - 1].label == label
+    for version, (label, checksum) in RELEASED.items():
+        assert (shipped[version - 1].label, shipped[version - 1].checksum) == (label, checksum)
 
 
 def test_the_sql_files_are_package_data_in_the_wheel() -> None:
@@ -169,7 +168,9 @@ async def test_a_migration_waiting_for_a_lock_is_retried_until_it_gets_it(pg_dsn
 
     try:
         release = asyncio.create_task(release_later())
-        result = await _migrate(pg_dsn, migration_lock=0.3, migration_statement=5)
+        result = await _migrate(
+            pg_dsn, timeouts=db.DbTimeouts(migration_lock=0.3, migration_statement=5)
+        )
         await release
     finally:
         await holder.close()
@@ -182,7 +183,9 @@ async def test_a_migration_locked_out_for_good_gives_up_with_a_hint(pg_dsn: str)
     await holder.execute("SELECT pg_advisory_lock(%s)", (schema.MIGRATION_LOCK,))
     try:
         with pytest.raises(StoreError, match="stayed locked through 3 tries") as caught:
-            await _migrate(pg_dsn, migration_lock=0.2, migration_statement=5)
+            await _migrate(
+                pg_dsn, timeouts=db.DbTimeouts(migration_lock=0.2, migration_statement=5)
+            )
     finally:
         await holder.close()
     assert "pg_stat_activity" in str(caught.value)
