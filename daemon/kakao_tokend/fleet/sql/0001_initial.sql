@@ -85,6 +85,8 @@ CREATE TABLE rotations (
     rotated_at   timestamptz NOT NULL,
     -- tokens.fingerprint(): 'sha256:' and 8 hex digits. The check keeps a token out.
     fingerprint  text NOT NULL CHECK (fingerprint ~ '^sha256:[0-9a-f]{8}$'),
+    -- The account's generation and the node that wrote this entry (for history brought in
+    -- by an import or a migration: the generation and node of that write).
     generation   bigint,
     node         text,
     PRIMARY KEY (account_id, rotated_at, fingerprint)
