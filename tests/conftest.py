@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
+from pgcluster import pg_cluster, pg_dsn, pg_server
+
+__all__ = ["pg_cluster", "pg_dsn", "pg_server"]  # PostgreSQL fixtures, see pgcluster.py
 
 
 @pytest.fixture

@@ -742,7 +742,18 @@ class TestExample:
             *config_module._API_KEYS,
             *config_module._ALERTS_KEYS,
             *config_module._TEMPLATE_KEYS,
-        } - {"paths", "kakao", "refresh", "publish", "accounts", "api", "alerts", "templates"}
+            *config_module._STORE_KEYS,
+        } - {
+            "paths",
+            "kakao",
+            "refresh",
+            "publish",
+            "accounts",
+            "api",
+            "alerts",
+            "templates",
+            "store",
+        }
         assert accepted - documented == set()
 
 

@@ -51,7 +51,10 @@ from .errors import (
     StateMissing,
     StoreError,
     StoreLocked,
+    StoreSchemaMismatch,
+    StoreUnavailable,
     StoreWriteError,
+    TokenDecryptError,
     UnsafePath,
 )
 from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
@@ -94,8 +97,10 @@ def exit_code_for(exc: KakaoTokendError) -> int:
         return EX_TEMPFAIL
     if isinstance(exc, ReloginRequired | StateMissing):
         return EX_NOPERM
-    if isinstance(exc, KakaoUnavailable):
+    if isinstance(exc, KakaoUnavailable | StoreUnavailable):
         return EX_UNAVAILABLE
+    if isinstance(exc, StoreSchemaMismatch | TokenDecryptError):
+        return EX_CONFIG  # a person must fix the install or the key file; no restart helps
     return EXIT_FAILURE
 
 
@@ -1505,6 +1510,97 @@ def alerts_test() -> None:
                 failed += 1
                 click.echo(f"{name}: {channel}: FAILED: {reason}")
     click.get_current_context().exit(EXIT_FAILURE if failed else EXIT_OK)
+
+
+# --------------------------------------------------------------------------- store
+
+
+@main.group()
+def store() -> None:
+    """The PostgreSQL store for fleet mode ([store] in the config; docs/fleet.md)."""
+
+
+@store.command("new-key")
+def store_new_key() -> None:
+    """Print a fresh encryption key for the store's key file (one line, base64).
+
+    Append it to the key file of every node (the newest key is the last line and encrypts;
+    older ones still decrypt), reload them, then run `kakao-tokend store rotate-key`.
+
+    \b
+    Example:
+      kakao-tokend store new-key > /etc/kakao-tokend/store.key    # the first key
+      chmod 600 /etc/kakao-tokend/store.key
+      kakao-tokend store new-key >> /etc/kakao-tokend/store.key   # a new key, later
+    """
+    from .fleet.admin import make_key
+
+    key = make_key()
+    click.echo(key.line)
+    click.echo(
+        f"new key {key.key_id}: keep the key file mode 600, the same on every node (newest "
+        "last); after adding it run `kakao-tokend store rotate-key`",
+        err=True,
+    )
+
+
+@store.command("init")
+def store_init() -> None:
+    """Create the store's tables in PostgreSQL, or upgrade them (idempotent).
+
+    Every node does the same at start; run it once by hand to check the database and the
+    [store] settings before starting the nodes.
+
+    \b
+    Example:
+      kakao-tokend --config /etc/kakao-tokend/config.toml store init
+    """
+    from .fleet.admin import init_store
+
+    config = _settings().config()
+    result = _run_async(init_store(config))
+    where = config.store.dsn_source or "the configured database"
+    if result.applied:
+        click.echo(
+            f"store schema ({where}): version {result.before} -> {result.after} "
+            f"(applied {', '.join(result.applied)})"
+        )
+    else:
+        click.echo(f"store schema ({where}): already at version {result.after}; nothing to do")
+
+
+@store.command("rotate-key")
+@click.option(
+    "--batch", type=click.IntRange(1, 10_000), default=100, help="Accounts per transaction."
+)
+def store_rotate_key(batch: int) -> None:
+    """Re-encrypt every account under the newest key of the key file (idempotent).
+
+    Rows are locked in batches; an account being refreshed is waited for. Remove an old key
+    from the key files only when this reports that no account uses it.
+
+    \b
+    Example:
+      kakao-tokend store new-key >> /etc/kakao-tokend/store.key   # on every node, then reload
+      kakao-tokend store rotate-key
+    """
+    from .fleet.admin import rotate_key
+
+    config = _settings().config()
+    result = _run_async(rotate_key(config, batch=batch))
+    total = sum(result.by_key.values())
+    click.echo(f"re-encrypted {result.rekeyed} account(s) under key {result.newest}")
+    if result.remaining:
+        older = ", ".join(
+            f"{k} ({n})" for k, n in sorted(result.by_key.items()) if k != result.newest
+        )
+        _fail(
+            f"{result.remaining} of {total} account(s) are still under older keys: {older}; a "
+            "node without the new key may have re-sealed them: give every node the same key "
+            "file, reload them and run this again"
+        )
+        click.get_current_context().exit(EXIT_FAILURE)
+    click.echo(f"all {total} account(s) are under key {result.newest}; older keys are unused")
 
 
 @main.command()

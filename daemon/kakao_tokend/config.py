@@ -8,18 +8,22 @@ import ipaddress
 import math
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from . import paths
 from .errors import ConfigError
 from .i18n import LANGUAGES
+
+if TYPE_CHECKING:  # imported only when [store] backend is "postgres"
+    from .fleet.crypto import Keyring
 
 __all__ = [
     "DEFAULT_ACCOUNT",
@@ -33,6 +37,7 @@ __all__ = [
     "KakaoApp",
     "RefreshPolicy",
     "SecretSpec",
+    "StoreSettings",
     "TemplateConfig",
     "config_from_toml_text",
     "find_config_file",
@@ -179,6 +184,35 @@ class ApiSettings:
     request_timeout: float = 60.0
 
 
+STORE_BACKENDS: Final = ("file", "postgres")
+#: A fleet node's name: shown in status, metrics and pg_stat_activity.
+NODE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def default_node_name() -> str:
+    """Return the host name, the default [store] node_name."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """[store]: where account state lives: "file" (the default) or "postgres" (fleet mode).
+
+    The DSN and the key file's text are secrets (repr hides them). They are read whenever
+    they are configured, also with the file backend: `store migrate --to postgres` needs them
+    before the backend is switched.
+    """
+
+    backend: str = "file"
+    dsn: str | None = field(default=None, repr=False)
+    #: Where the DSN came from: "file /etc/x", "env X", "credential x" or "inline".
+    dsn_source: str | None = None
+    #: The keys of the key file (newest last); None when no key is configured.
+    keyring: Keyring | None = field(default=None, repr=False)
+    key_source: str | None = None
+    node_name: str = field(default_factory=default_node_name)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, checked configuration."""
@@ -193,6 +227,7 @@ class Config:
     api: ApiSettings = field(default_factory=ApiSettings)
     #: The global [alerts] section (each account's effective settings are in its .alerts).
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    store: StoreSettings = field(default_factory=StoreSettings)
 
     def account(self, name: str | None = None) -> AccountConfig:
         """Return the named account (the default one for None); ConfigError if unknown."""
@@ -435,6 +470,7 @@ _TOP_KEYS: Final = (
     "publish",
     "accounts",
     "api",
+    "store",
 )
 _PATHS_KEYS: Final = ("state_dir", "runtime_dir")
 
@@ -450,6 +486,9 @@ class SecretSpec:
     #: Whether an inline value needs a config file that only its owner can read. The REST API
     #: key is no secret from other local users: it is the client_id of every authorize URL.
     private: bool = True
+    #: Whether the value may contain spaces and lines (a libpq DSN "host=x dbname=y", a key
+    #: file with one key per line); other secrets are one word, so a stray space is a mistake.
+    multiword: bool = False
 
     def sources(self) -> tuple[str, ...]:
         """The config keys that can give this secret."""
@@ -466,6 +505,12 @@ SECRETS: Final[Mapping[str, tuple[SecretSpec, ...]]] = MappingProxyType(
         # Slack/Discord-style webhook URLs are bearer credentials themselves.
         "alerts": (SecretSpec("webhook_url"),),
         "api": (SecretSpec("bearer_token"),),
+        # Fleet mode: the database (a password-less DSN is often inline) and the key that
+        # encrypts tokens at rest (never inline: it would sit next to the database's address).
+        "store": (
+            SecretSpec("dsn", multiword=True),
+            SecretSpec("key", inline=False, multiword=True),
+        ),
     }
 )
 _SECRET_SPECS: Final = {spec.name: spec for specs in SECRETS.values() for spec in specs}
@@ -542,6 +587,7 @@ _ALERTS_KEYS: Final = (
     "kakaotalk_link",
     "command_min_severity",
 )
+_STORE_KEYS: Final = ("backend", *_secret_keys("store"), "node_name")
 _FILE_KINDS: Final = (
     ("state_file", ".state.json"),
     ("lock_file", ".lock"),
@@ -642,6 +688,7 @@ class _Checker:
 
     def config(self, raw: Mapping[str, Any]) -> Config | None:
         api = self.api_settings(raw)
+        store = self.store_settings(raw)
         self.known_keys(raw, (*_TOP_KEYS, "alerts"), "")
         log_level = self.log_level(raw.get("log_level", "info"))
         paths_table = self.table(raw, "paths", "")
@@ -692,7 +739,62 @@ class _Checker:
             default_account=default_account,
             api=api,
             alerts=alerts,
+            store=store,
         )
+
+    def store_settings(self, raw: Mapping[str, Any]) -> StoreSettings:
+        """[store]: the backend, its DSN and key file (secrets) and this node's name."""
+        table = self.table(raw, "store", "")
+        self.known_keys(table, _STORE_KEYS, "store")
+        values: dict[str, Any] = {}
+        backend = table.get("backend", "file")
+        if backend not in STORE_BACKENDS:
+            hint = _suggest(backend, STORE_BACKENDS) if isinstance(backend, str) else ""
+            self.problem(
+                "store.backend",
+                f'expected "file" or "postgres", got {_describe(backend)}{hint}',
+            )
+            backend = "file"
+        values["backend"] = backend
+        if "node_name" in table:
+            node = table["node_name"]
+            if isinstance(node, str) and NODE_NAME_RE.match(node):
+                values["node_name"] = node
+            else:
+                self.problem(
+                    "store.node_name",
+                    "expected a name of letters, digits, '.', '_' and '-' (at most 63), "
+                    f"got {_describe(node)}",
+                )
+        elif backend == "postgres" and not NODE_NAME_RE.match(default_node_name()):
+            self.problem(
+                "store.node_name",
+                f"the host name {default_node_name()!r} is not usable as a node name; set "
+                "node_name (letters, digits, '.', '_' and '-')",
+            )
+        for spec in SECRETS["store"]:
+            name = spec.name
+            settings = {k: (v, f"store.{k}") for k, v in table.items() if k in spec.sources()}
+            if not settings and backend != "postgres":
+                continue  # file mode ignores a store credential systemd happens to provide
+            value, source = self.secret(settings, name, missing_prefix="store", required=False)
+            if value is None:
+                if not settings and self.with_secrets:
+                    self.problem(f"store.{name}_file", _STORE_MISSING[name])
+                continue
+            if name == "dsn":
+                values["dsn"], values["dsn_source"] = value, source
+                continue
+            from .fleet.crypto import KeyFileError, Keyring
+
+            key_path = _source_key(settings, name, "store")
+            try:
+                values["keyring"] = Keyring.parse(value, source=_source_words(source))
+            except KeyFileError as exc:
+                self.problem(key_path, str(exc))
+                continue
+            values["key_source"] = source
+        return StoreSettings(**values)
 
     def log_level(self, value: Any) -> str:
         if isinstance(value, str) and value.lower() in LOG_LEVELS:
@@ -1316,7 +1418,7 @@ class _Checker:
         if not value:
             self.problem(key, f"{where} is empty; it must hold the {name}")
             return None
-        if any(ch.isspace() for ch in value):
+        if any(ch.isspace() for ch in value) and not _SECRET_SPECS[name].multiword:
             self.problem(
                 key,
                 f"{where} contains spaces or several lines; it must hold only "
@@ -1563,6 +1665,27 @@ class _Checker:
             )
             return None
         return text
+
+
+_STORE_MISSING: Final = {
+    "dsn": 'backend "postgres" needs the database: set dsn_file (a file, mode 600, holding e.g. '
+    '"host=db.example dbname=tokend user=tokend password=..."), dsn_env or dsn_credential',
+    "key": 'backend "postgres" stores tokens encrypted and needs a key: run `kakao-tokend store '
+    "new-key > /etc/kakao-tokend/store.key; chmod 600 /etc/kakao-tokend/store.key` and set "
+    "key_file (or key_env / key_credential)",
+}
+
+
+def _source_words(source: str | None) -> str:
+    """Name a secret's source for messages: "file /x" -> "/x", "env X" -> "$X"."""
+    kind, _, where = (source or "").partition(" ")
+    if kind == "file":
+        return where
+    if kind == "env":
+        return f"${where}"
+    if kind == "credential":
+        return f"credential {where}"
+    return "the key"
 
 
 def _overlay(

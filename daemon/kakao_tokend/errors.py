@@ -4,11 +4,14 @@ Our exception hierarchy::
 
     KakaoTokendError                 base of everything we raise on purpose
     ├── ConfigError                  the configuration is wrong; `details` lists (key path, problem)
-    ├── StoreError                   token files could not be used
+    ├── StoreError                   the token store (files or PostgreSQL) could not be used
     │   ├── StoreLocked              another process holds the account's lock
     │   ├── StateCorrupt             unreadable state file; moved aside, never overwritten
     │   ├── StateMissing             no state yet: run `kakao-tokend login` (or `import`)
     │   ├── StoreWriteError          a write failed (disk full, read-only fs); keep tokens in memory
+    │   ├── StoreUnavailable         the PostgreSQL store cannot be reached right now: retry
+    │   ├── StoreSchemaMismatch      the database's schema is newer than this code (or was edited)
+    │   ├── TokenDecryptError        a stored token does not decrypt (wrong key, moved, tampered)
     │   └── UnsafePath               another user could change a directory or file we use, or it
     │                                is a symlink: refused, never used (exit 78 like a bad config)
     └── KakaoError                   Kakao answered with an error, or did not answer
@@ -98,6 +101,22 @@ class StoreWriteError(StoreError):
 
     #: The OS error number behind the failure (errno.ENOSPC ...), when there was one.
     errno: int | None = None
+
+
+class StoreUnavailable(StoreError):
+    """The PostgreSQL store cannot be reached or answered too slowly; try again later."""
+
+
+class StoreSchemaMismatch(StoreError):
+    """The database's schema is newer than this kakao-tokend, or an applied migration changed.
+
+    Running on would risk writing rows the newer schema does not expect: a person must
+    upgrade this node (or fix the migration files) first.
+    """
+
+
+class TokenDecryptError(StoreError):
+    """A stored ciphertext does not decrypt: wrong or missing key, moved between rows, tampered."""
 
 
 class KakaoError(KakaoTokendError):

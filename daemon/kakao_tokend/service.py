@@ -472,6 +472,15 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
         log.error("%s", exc)
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
+    if config.store.backend != "file":
+        # The fleet runtime is not built yet (docs/fleet.md). Running on the files instead
+        # would make a second live copy of the refresh token next to the database's.
+        log.error(
+            '[store] backend = "%s": this version of kakao-tokend cannot run a fleet node yet '
+            "(`kakao-tokend store init|new-key|rotate-key` work); use the file backend",
+            config.store.backend,
+        )
+        return EX_CONFIG
     if account is not None:
         if account not in config.accounts:
             log.error("no account named %r in the configuration", account)

@@ -1,0 +1,267 @@
+"""Connections to the PostgreSQL store: conninfo with keepalives and timeouts, pools, errors.
+
+Every connection carries the same settings, so that a node that dies, hangs or is cut off
+cannot hold an account's row lock for long, and a node whose database vanished notices:
+
+- client side (libpq): ``connect_timeout``, TCP keepalives and ``tcp_user_timeout``;
+- server side (``options=-c ...``): ``lock_timeout`` < ``statement_timeout``, and
+  ``idle_in_transaction_session_timeout`` longer than the Kakao call made under a row lock,
+  server TCP keepalives and ``client_connection_check_interval``; ``TimeZone=UTC``.
+
+docs/fleet.md explains the ordering. psycopg and psycopg_pool are imported inside the
+functions: file mode never loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KakaoTokendError, StoreError, StoreUnavailable
+from . import missing_extra
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+#: Room for the local work done while a row lock is held besides the Kakao call itself
+#: (sealing, the compare-and-swap, a rescue-file write with fsync, a slow event loop).
+LOCAL_WORK_MARGIN = 30.0
+
+
+@dataclass(frozen=True)
+class DbTimeouts:
+    """Timeouts and keepalives for store connections, in seconds.
+
+    The defaults fit the default Kakao timeout of 30 s: see :meth:`for_kakao_timeout` and
+    :meth:`problems` for the ordering they must keep.
+    """
+
+    connect: float = 10.0
+    #: SKIP LOCKED never waits for row locks, but does wait for table locks (an ALTER TABLE).
+    lock: float = 2.0
+    #: Must exceed ``lock``: otherwise the statement timeout fires first with a vaguer error.
+    statement: float = 5.0
+    #: Backstop for a holder that hangs or is cut off mid-refresh: the server ends its session
+    #: and the row lock goes. Must exceed the Kakao call plus the local work.
+    idle_in_transaction: float = 90.0
+    #: Server and client TCP keepalives: a vanished peer is found in idle + interval × count.
+    keepalives_idle: int = 30
+    keepalives_interval: int = 10
+    keepalives_count: int = 3
+    #: Client: give up on a connection whose sent data stays unacknowledged this long.
+    tcp_user_timeout: float = 60.0
+    #: Server: while a statement runs, check this often whether the client is still there.
+    client_check_interval: float = 5.0
+    #: Migrations wait longer for table locks (a refresh may hold a row lock meanwhile).
+    migration_lock: float = 5.0
+    migration_statement: float = 60.0
+
+    @classmethod
+    def for_kakao_timeout(cls, kakao_timeout: float) -> DbTimeouts:
+        """Return the defaults, with the idle-in-transaction backstop long enough for
+        ``kakao_timeout`` (the total time one Kakao token request may take)."""
+        needed = math.ceil(2 * kakao_timeout + LOCAL_WORK_MARGIN)
+        return cls(idle_in_transaction=max(cls.idle_in_transaction, float(needed)))
+
+    def problems(self, kakao_timeout: float) -> list[str]:
+        """Return every broken ordering rule as a readable sentence (empty when all hold)."""
+        found = []
+        if not 0 < self.lock < self.statement:
+            found.append(
+                f"lock timeout ({self.lock:g}s) must be shorter than the statement timeout "
+                f"({self.statement:g}s), or a lock wait is reported as a cancelled statement"
+            )
+        if self.idle_in_transaction < kakao_timeout + LOCAL_WORK_MARGIN:
+            found.append(
+                f"idle_in_transaction_session_timeout ({self.idle_in_transaction:g}s) must "
+                f"exceed the Kakao timeout ({kakao_timeout:g}s) plus {LOCAL_WORK_MARGIN:g}s, "
+                "or the server ends a healthy refresh after Kakao rotated the token"
+            )
+        if self.migration_lock >= self.migration_statement:
+            found.append("the migration lock timeout must be shorter than its statement timeout")
+        return found
+
+    def server_options(self, *, migration: bool = False) -> str:
+        """Return the ``options`` value that sets the server-side settings per session."""
+        lock = self.migration_lock if migration else self.lock
+        statement = self.migration_statement if migration else self.statement
+        settings = {
+            "lock_timeout": _ms(lock),
+            "statement_timeout": _ms(statement),
+            "idle_in_transaction_session_timeout": _ms(self.idle_in_transaction),
+            "tcp_keepalives_idle": str(self.keepalives_idle),
+            "tcp_keepalives_interval": str(self.keepalives_interval),
+            "tcp_keepalives_count": str(self.keepalives_count),
+            "client_connection_check_interval": _ms(self.client_check_interval),
+            "TimeZone": "UTC",
+        }
+        return " ".join(f"-c {name}={value}" for name, value in settings.items())
+
+    def libpq_params(self) -> dict[str, str]:
+        """Return the client-side connection parameters (libpq names)."""
+        return {
+            "connect_timeout": str(max(2, math.ceil(self.connect))),  # libpq's minimum is 2
+            "keepalives": "1",
+            "keepalives_idle": str(self.keepalives_idle),
+            "keepalives_interval": str(self.keepalives_interval),
+            "keepalives_count": str(self.keepalives_count),
+            "tcp_user_timeout": str(int(self.tcp_user_timeout * 1000)),
+        }
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)}ms"
+
+
+def conninfo(
+    dsn: str,
+    *,
+    node: str,
+    purpose: str,
+    timeouts: DbTimeouts | None = None,
+    migration: bool = False,
+) -> str:
+    """Return ``dsn`` (libpq key=value or a postgresql:// URI) with our settings added.
+
+    Client parameters the operator set in the DSN win (they know their network); our
+    server-side ``options`` are appended after theirs, so the timeout ordering always holds.
+    ``application_name`` shows the node and the connection's purpose in pg_stat_activity.
+    A DSN that does not parse raises :class:`StoreError` without echoing it (it may hold a
+    password).
+    """
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    except ImportError as exc:
+        raise missing_extra(exc) from None
+    timeouts = timeouts or DbTimeouts()
+    try:
+        params: dict[str, Any] = conninfo_to_dict(dsn)
+    except ProgrammingError:
+        raise StoreError(
+            "the store's DSN is not a valid libpq connection string or postgresql:// URI "
+            "(value not shown)",
+            hint='e.g. "host=db.example port=5432 dbname=tokend user=tokend" in [store] dsn_file',
+        ) from None
+    for name, value in timeouts.libpq_params().items():
+        params.setdefault(name, value)
+    params.setdefault("application_name", f"kakao-tokend {node} {purpose}"[:63])
+    ours = timeouts.server_options(migration=migration)
+    theirs = params.get("options")
+    params["options"] = f"{theirs} {ours}" if theirs else ours
+    return make_conninfo("", **params)
+
+
+@contextlib.contextmanager
+def store_errors(action: str) -> Iterator[None]:
+    """Turn psycopg's errors inside the block into ours, with one readable line.
+
+    Connection problems, timeouts and lock waits become :class:`StoreUnavailable` (try
+    again later); anything else the server refused becomes :class:`StoreError`. Server
+    messages name hosts, users and SQL states, never the DSN's password.
+    """
+    try:
+        import psycopg
+        from psycopg import errors as pg_errors
+        from psycopg_pool import PoolTimeout
+    except ImportError as exc:
+        raise missing_extra(exc) from None
+    try:
+        yield
+    except KakaoTokendError:
+        raise
+    except PoolTimeout as exc:
+        raise StoreUnavailable(
+            f"cannot {action}: no database connection within the pool timeout ({_first(exc)})",
+            hint="check that PostgreSQL is up and reachable from this node",
+        ) from None
+    except (
+        psycopg.OperationalError,
+        # 25P03 is an InternalError to psycopg, but it only means the server ended a session
+        # that sat in a transaction too long (idle_in_transaction_session_timeout).
+        pg_errors.IdleInTransactionSessionTimeout,
+        pg_errors.QueryCanceled,
+        pg_errors.LockNotAvailable,
+        pg_errors.SerializationFailure,
+        pg_errors.DeadlockDetected,
+    ) as exc:
+        raise StoreUnavailable(
+            f"cannot {action}: {_first(exc)}",
+            hint="check that PostgreSQL is up and reachable from this node",
+        ) from None
+    except psycopg.Error as exc:
+        state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
+        raise StoreError(f"cannot {action}: {_first(exc)}{state}") from None
+
+
+def _first(exc: BaseException) -> str:
+    """The first line of an error message (libpq adds indented detail lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def connect(
+    dsn: str,
+    *,
+    node: str,
+    purpose: str,
+    timeouts: DbTimeouts | None = None,
+    autocommit: bool = False,
+    migration: bool = False,
+) -> AsyncConnection[Any]:
+    """Open one direct connection (migrator, listener, CLI); StoreUnavailable on failure.
+
+    The listener and the migrator need a direct connection, not a pooled one: LISTEN and
+    advisory locks belong to the session (and break behind PgBouncer in transaction mode).
+    """
+    try:
+        from psycopg import AsyncConnection
+    except ImportError as exc:
+        raise missing_extra(exc) from None
+    info = conninfo(dsn, node=node, purpose=purpose, timeouts=timeouts, migration=migration)
+    with store_errors("connect to the PostgreSQL store"):
+        return await AsyncConnection.connect(info, autocommit=autocommit)
+
+
+def create_pool(
+    dsn: str,
+    *,
+    node: str,
+    max_size: int,
+    min_size: int = 1,
+    timeouts: DbTimeouts | None = None,
+    timeout: float = 10.0,
+    max_idle: float = 300.0,
+) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    """Return an unopened pool of store connections; open it with :func:`open_pool`.
+
+    ``check`` makes the pool test a connection before lending it, so one the server killed
+    (a restart, idle_in_transaction_session_timeout) is replaced instead of handed out.
+    Each in-flight refresh pins one connection for as long as its Kakao call takes: size the
+    pool for the refreshes that may run at once, plus one.
+    """
+    try:
+        from psycopg_pool import AsyncConnectionPool
+    except ImportError as exc:
+        raise missing_extra(exc) from None
+    info = conninfo(dsn, node=node, purpose="pool", timeouts=timeouts)
+    return AsyncConnectionPool(
+        info,
+        open=False,  # opening in the constructor needs a running loop and warns
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        max_idle=max_idle,
+        check=AsyncConnectionPool.check_connection,
+        name=f"kakao-tokend {node}",
+    )
+
+
+async def open_pool(pool: AsyncConnectionPool[AsyncConnection[Any]], timeout: float) -> None:
+    """Open ``pool`` and wait for its first connection: StoreUnavailable after ``timeout``."""
+    with store_errors("open the PostgreSQL store's connection pool"):
+        await pool.open(wait=True, timeout=timeout)

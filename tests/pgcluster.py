@@ -1,0 +1,284 @@
+"""Throwaway PostgreSQL clusters for tests: a real server in a temporary directory.
+
+Fixtures (imported by conftest.py, so every test module can use them):
+
+- ``pg_server`` (session): one server shared by the session. ``TOKEND_TEST_DSN`` names a
+  server started outside (CI does that); otherwise a cluster is created with ``initdb`` and
+  started with ``pg_ctl``. As root the server binaries run as the ``postgres`` user, because
+  ``initdb``, ``pg_ctl`` and ``postgres`` refuse to run as root.
+- ``pg_dsn`` (function): a fresh, empty database on ``pg_server``, dropped afterwards, so tests
+  never see each other's rows.
+- ``pg_cluster`` (function): a private cluster the test may stop, kill -9 and restart.
+
+When PostgreSQL is not installed the tests skip and say why; with ``TOKEND_REQUIRE_PG=1`` (set
+by .ci/run) they fail instead, so CI cannot silently skip them. The server binaries live in
+``/usr/lib/postgresql/<major>/bin`` on Debian, which is not on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DSN_ENV = "TOKEND_TEST_DSN"
+REQUIRE_ENV = "TOKEND_REQUIRE_PG"
+#: Where Debian's postgresql-NN packages put the server binaries; newest major wins.
+BINDIR_GLOB = "/usr/lib/postgresql/*/bin/pg_ctl"
+#: Fast and good enough for tests only: fsync=off loses data on an OS crash (never in production).
+TEST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "on",
+    "full_page_writes": "off",
+    "max_connections": "100",
+    "shared_buffers": "32MB",
+}
+
+
+def find_pg_bindir() -> Path | None:
+    """Return the newest installed PostgreSQL server bin directory, or None."""
+    found = glob.glob(BINDIR_GLOB)
+    if not found:
+        which = shutil.which("pg_ctl")
+        return Path(which).parent if which else None
+
+    def major(path: str) -> int:
+        try:
+            return int(Path(path).parts[-3])
+        except ValueError:
+            return 0
+
+    return Path(max(found, key=major)).parent
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test with ``reason``, or fail when CI demands the PostgreSQL tests run."""
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the PostgreSQL tests must run here)")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """Return a currently free loopback TCP port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PgCluster:
+    """One PostgreSQL cluster in a temporary directory, listening on 127.0.0.1:<port>.
+
+    All options go into ``postgresql.conf`` (options given to ``pg_ctl start -o`` are forgotten
+    by a later plain start). The socket directory is the base directory (Unix socket paths must
+    stay under 108 bytes, and the default /var/run/postgresql may not exist).
+    """
+
+    def __init__(self, *, bindir: Path | None = None, port: int | None = None) -> None:
+        found = bindir or find_pg_bindir()
+        if found is None:
+            raise FileNotFoundError("PostgreSQL server binaries not found")
+        self.bindir = found
+        self.port = port or free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="tokend-pg-"))
+        self.data = self.base / "data"
+        self.log_path = self.base / "server.log"
+        self._as_postgres: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            # The data directory and every parent must be reachable by 'postgres'; mkdtemp in
+            # /tmp gives a 0700 root directory, so hand it over. user= alone keeps gid 0.
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.base, entry.pw_uid, entry.pw_gid)
+            self._as_postgres = {
+                "user": entry.pw_uid,
+                "group": entry.pw_gid,
+                "extra_groups": [],
+            }
+        self._initdb()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            cwd=self.base,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **self._as_postgres,
+        )
+
+    def _initdb(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        lines = [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{self.base}'",
+            *(f"{name} = '{value}'" for name, value in TEST_SETTINGS.items()),
+        ]
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._wait_for_old_postmaster()
+        result = self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", "start",
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {result.stderr}\n{self.log_tail()}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: roll back sessions; ``immediate``: like a crash)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop and start again on the same port; every session is cut."""
+        self.stop(mode)
+        self.start()
+
+    def postmaster_pid(self) -> int | None:
+        """Return the running postmaster's pid (first line of postmaster.pid), if any."""
+        try:
+            first = (self.data / "postmaster.pid").read_text().split("\n", 1)[0]
+        except FileNotFoundError:
+            return None
+        return int(first) if first.strip().isdigit() else None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would. Its children notice and exit by themselves."""
+        pid = self.postmaster_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _wait_for_old_postmaster(self, timeout: float = 15.0) -> None:
+        """After a kill -9 a restart fails while postmaster.pid's process (or its shared
+        memory) still exists; wait until it is gone."""
+        pid = self.postmaster_pid()
+        if pid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Stop the server hard and delete its files."""
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- access --------------------------------------------------------------------------------
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        """Return a libpq key=value DSN for ``dbname`` over TCP."""
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last lines of the server log (for failure messages)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class PgServer:
+    """A running server the session shares: either our own cluster or the one CI started."""
+
+    admin_dsn: str
+    cluster: PgCluster | None = None
+
+    def create_database(self) -> tuple[str, str]:
+        """Create an empty database with a unique name; return (name, dsn)."""
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        name = f"tokend_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        params = conninfo_to_dict(self.admin_dsn)
+        params["dbname"] = name
+        return name, make_conninfo(**params)  # type: ignore[arg-type]
+
+    def drop_database(self, name: str) -> None:
+        """Drop a database made by :meth:`create_database`, disconnecting its sessions."""
+        import psycopg
+
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _require_psycopg() -> None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        skip_or_fail("psycopg is not installed: pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server for the whole session (TOKEND_TEST_DSN, else a throwaway cluster)."""
+    _require_psycopg()
+    external = os.environ.get(DSN_ENV)
+    if external:
+        yield PgServer(admin_dsn=external)
+        return
+    if find_pg_bindir() is None:
+        skip_or_fail(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl; "
+            f"apt-get install postgresql) and {DSN_ENV} is not set"
+        )
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield PgServer(admin_dsn=cluster.dsn(), cluster=cluster)
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    name, dsn = pg_server.create_database()
+    try:
+        yield dsn
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private, running cluster for one test, which may stop, kill or restart it."""
+    _require_psycopg()
+    if find_pg_bindir() is None:
+        skip_or_fail(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl; "
+            "apt-get install postgresql); this test needs its own server to restart"
+        )
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()

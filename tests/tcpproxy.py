@@ -1,0 +1,239 @@
+"""A loopback TCP proxy that a test controls: forward, pause, cut every connection, refuse.
+
+Put it between a node and PostgreSQL (or anything else) to cut the node off::
+
+    with TcpProxy("127.0.0.1", cluster.port) as proxy:
+        dsn = proxy.dsn(cluster.dsn())      # the same DSN, through the proxy
+        ...
+        proxy.pause()     # hang: no byte passes either way; new connections hang too
+        proxy.resume()    # held bytes are delivered in order, nothing lost
+        proxy.cut()       # reset (RST) every open connection, both sides
+        proxy.refuse()    # stop listening: new connections get ECONNREFUSED
+        proxy.accept()    # listen again on the same port
+
+What each one looks like to the two ends:
+
+- ``cut()``: both ends see a reset at once, like a server or middlebox that died and said so.
+- ``refuse()``: a host that is up with nothing listening; open connections are untouched.
+- ``pause()``: a path that silently stops delivering. Unlike a real partition, the proxy's
+  kernel still acknowledges TCP packets, so TCP keepalives and ``tcp_user_timeout`` do NOT
+  fire: only the server's own timeouts (``idle_in_transaction_session_timeout``,
+  ``statement_timeout``) and the client's own deadlines (``asyncio.timeout``) notice. This is
+  what a hung PgBouncer or load balancer does, and it is the case a client cannot rely on
+  TCP for.
+
+The proxy runs its own event loop in a thread, so it keeps working while the test's loop is
+blocked or busy, and it serves synchronous tests and child processes alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_CHUNK = 64 * 1024
+_CONTROL_TIMEOUT = 10.0
+
+
+class _Link:
+    """One proxied connection: the client side and the upstream side."""
+
+    def __init__(self, client: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.upstream: asyncio.StreamWriter | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.handler = asyncio.current_task()
+
+    def reset(self) -> None:
+        """Close both sides with a TCP reset (SO_LINGER 0), not a polite FIN."""
+        for writer in (self.client, self.upstream):
+            if writer is None:
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        for task in self.tasks:
+            task.cancel()
+        if self.handler is not None:
+            self.handler.cancel()
+
+
+class TcpProxy:
+    """Forward 127.0.0.1:<port> to ``upstream_host:upstream_port`` until told otherwise."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, port: int = 0) -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.host = "127.0.0.1"
+        self.port = port
+        #: Connections accepted so far (whether or not they reached the upstream).
+        self.accepted = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
+        self._flowing: asyncio.Event | None = None
+        self._started = False
+
+    # -- control (called from the test's thread) ------------------------------------------------
+
+    def start(self) -> TcpProxy:
+        """Start listening; returns self."""
+        if not self._started:
+            self._thread.start()
+            self._started = True
+            self._call(self._setup())
+        return self
+
+    def close(self) -> None:
+        """Reset every connection, stop listening and end the proxy's thread."""
+        if not self._started:
+            return
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(_CONTROL_TIMEOUT)
+        self._loop.close()
+        self._started = False
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def pause(self) -> None:
+        """Stop passing bytes both ways; new connections are accepted but hang."""
+        self._call(self._set_flowing(False))
+
+    def resume(self) -> None:
+        """Pass bytes again, including those held while paused."""
+        self._call(self._set_flowing(True))
+
+    def cut(self) -> int:
+        """Reset every open connection; return how many there were."""
+        return self._call(self._cut())
+
+    def refuse(self) -> None:
+        """Stop listening (connects get ECONNREFUSED); open connections stay as they are."""
+        self._call(self._stop_listening())
+
+    def accept(self) -> None:
+        """Listen again on the same port after :meth:`refuse`."""
+        self._call(self._listen())
+
+    @property
+    def connections(self) -> int:
+        """Return the number of open proxied connections."""
+        return self._call(self._count())
+
+    def dsn(self, dsn: str) -> str:
+        """Return ``dsn`` (a libpq DSN or URI) pointed at this proxy instead of the server."""
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(dsn)
+        params.update(host=self.host, port=str(self.port))
+        params.pop("hostaddr", None)
+        return make_conninfo(**params)  # type: ignore[arg-type]
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_CONTROL_TIMEOUT)
+
+    # -- the proxy (runs in the proxy's thread) ------------------------------------------------
+
+    async def _setup(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop_listening(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # not wait_closed(): since 3.12 it waits for every connection
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        assert self._flowing is not None
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    async def _cut(self) -> int:
+        links = list(self._links)
+        for link in links:
+            link.reset()
+        self._links.clear()
+        return len(links)
+
+    async def _count(self) -> int:
+        return len(self._links)
+
+    async def _shutdown(self) -> None:
+        await self._stop_listening()
+        handlers = [link.handler for link in self._links if link.handler is not None]
+        await self._cut()
+        # Let the cancelled handlers finish before the loop stops: a task destroyed while
+        # pending is reported (with a formatted traceback) when it is garbage-collected.
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        link = _Link(writer)
+        self._links.add(link)
+        assert self._flowing is not None
+        try:
+            await self._flowing.wait()  # paused: the upstream must not see this connection yet
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    self.upstream_host, self.upstream_port
+                )
+            except OSError:
+                writer.transport.abort()  # the upstream refused: so do we
+                return
+            link.upstream = up_writer
+            link.tasks = [
+                asyncio.create_task(self._pump(reader, up_writer)),
+                asyncio.create_task(self._pump(up_reader, writer)),
+            ]
+            await asyncio.gather(*link.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._links.discard(link)
+            for side in (writer, link.upstream):
+                if side is not None:
+                    side.transport.abort()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        assert self._flowing is not None
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await source.read(_CHUNK)
+                await self._flowing.wait()  # a read that was under way when paused is held
+                if not data:
+                    break
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            # One side ended: end the other too, so both ends see the close.
+            with contextlib.suppress(OSError, RuntimeError):
+                sink.close()

@@ -1,0 +1,215 @@
+"""Store connections: timeouts in their order, keepalives, pools, and a node cut off mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from fleetkit import NODE, migrated, sample_state
+from kakao_tokend.errors import StoreError, StoreUnavailable
+from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet.crypto import Keyring, new_key_line
+from pgcluster import PgCluster, free_port
+from tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_the_default_timeouts_keep_their_order() -> None:
+    """lock < statement, and the idle backstop outlasts a 30 s Kakao call plus local work."""
+    defaults = db.DbTimeouts()
+    assert defaults.problems(kakao_timeout=30) == []
+    assert defaults.lock < defaults.statement
+    assert defaults.idle_in_transaction >= 30 + db.LOCAL_WORK_MARGIN
+    assert defaults.migration_lock < defaults.migration_statement
+
+
+@pytest.mark.parametrize(("kakao", "idle"), [(1, 90), (30, 90), (45, 120), (120, 270)])
+def test_the_idle_backstop_grows_with_the_kakao_timeout(kakao: float, idle: float) -> None:
+    """A longer Kakao timeout moves idle_in_transaction_session_timeout up, never down."""
+    timeouts = db.DbTimeouts.for_kakao_timeout(kakao)
+    assert timeouts.idle_in_transaction == idle
+    assert timeouts.problems(kakao) == []
+
+
+def test_broken_orderings_are_each_named() -> None:
+    """Every violated rule gets its own readable sentence."""
+    bad = db.DbTimeouts(lock=5, statement=5, idle_in_transaction=40, migration_lock=60)
+    problems = bad.problems(kakao_timeout=30)
+    assert len(problems) == 3
+    assert "lock timeout (5s) must be shorter than the statement timeout (5s)" in problems[0]
+    assert (
+        "idle_in_transaction_session_timeout (40s) must exceed the Kakao timeout (30s)"
+        in (problems[1])
+    )
+    assert "migration lock timeout" in problems[2]
+
+
+def test_conninfo_adds_our_settings_and_keeps_the_operators() -> None:
+    """Keepalives and timeouts are added; the operator's own client settings and options stay,
+    and our server options come after theirs so the ordering always holds."""
+    info = conninfo_to_dict(
+        db.conninfo(
+            "host=db.example dbname=tokend user=tokend password=pw keepalives_idle=7 "
+            "options='-c search_path=tokend'",
+            node="web-1",
+            purpose="pool",
+        )
+    )
+    assert info["keepalives_idle"] == "7"  # theirs
+    assert info["keepalives"] == "1"
+    assert info["keepalives_interval"] == "10"
+    assert info["keepalives_count"] == "3"
+    assert info["tcp_user_timeout"] == "60000"
+    assert info["connect_timeout"] == "10"
+    assert info["application_name"] == "kakao-tokend web-1 pool"
+    options = str(info["options"])
+    assert options.startswith("-c search_path=tokend ")
+    for setting in (
+        "lock_timeout=2000ms",
+        "statement_timeout=5000ms",
+        "idle_in_transaction_session_timeout=90000ms",
+        "tcp_keepalives_idle=30",
+        "client_connection_check_interval=5000ms",
+        "TimeZone=UTC",
+    ):
+        assert f"-c {setting}" in options
+    assert info["password"] == "pw"
+
+
+def test_conninfo_accepts_a_uri_and_migrations_get_longer_lock_waits() -> None:
+    """postgresql:// URIs work too; a migration connection waits longer for table locks."""
+    info = conninfo_to_dict(
+        db.conninfo("postgresql://tokend@db.example/tokend", node="n", purpose="migrate",
+                    migration=True)
+    )  # fmt: skip
+    assert info["host"] == "db.example" and info["dbname"] == "tokend"
+    assert "-c lock_timeout=5000ms" in str(info["options"])
+    assert "-c statement_timeout=60000ms" in str(info["options"])
+
+
+@pytest.mark.parametrize("dsn", ["host=x password=sec ret", "postgresql://u:sec@[bad"])
+def test_a_bad_dsn_is_refused_without_echoing_it(dsn: str) -> None:
+    """The DSN may hold a password: the error describes the problem, never the value."""
+    with pytest.raises(StoreError) as caught:
+        db.conninfo(dsn, node="n", purpose="x")
+    message = str(caught.value)
+    assert "not a valid libpq connection string or postgresql:// URI (value not shown)" in message
+    assert "sec" not in message
+
+
+async def test_a_node_connection_carries_every_server_setting(pg_dsn: str) -> None:
+    """What conninfo asks for is what the server applies to the session."""
+    conn = await db.connect(pg_dsn, node="web-1", purpose="check", autocommit=True)
+    async with conn:
+        cur = await conn.execute(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout'),"
+            " current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_count'),"
+            " current_setting('client_connection_check_interval'),"
+            " current_setting('TimeZone'), current_setting('application_name')"
+        )
+        assert await cur.fetchone() == (
+            "2s",
+            "5s",
+            "90s",
+            "30",
+            "3",
+            "5s",
+            "UTC",
+            "kakao-tokend web-1 check",
+        )
+
+
+async def test_an_unreachable_database_is_store_unavailable_in_one_line() -> None:
+    """Connection refused: StoreUnavailable with libpq's first line, no password."""
+    dsn = f"host=127.0.0.1 port={free_port()} user=tokend password=hunter2 dbname=tokend"
+    with pytest.raises(StoreUnavailable) as caught:
+        await db.connect(dsn, node=NODE, purpose="check")
+    message = str(caught.value)
+    assert message.startswith("cannot connect to the PostgreSQL store: ")
+    assert "Connection refused" in message
+    assert "\n" not in message and "hunter2" not in message
+
+
+async def test_opening_a_pool_fails_fast_when_the_database_is_down() -> None:
+    """At start-up a node learns within the timeout that it has no database."""
+    dsn = f"host=127.0.0.1 port={free_port()} user=tokend dbname=tokend"
+    pool = db.create_pool(dsn, node=NODE, max_size=2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="open the PostgreSQL store's connection pool"):
+            await db.open_pool(pool, timeout=1.0)
+    finally:
+        await pool.close()
+    assert time.monotonic() - started < 5
+
+
+async def test_the_pool_replaces_connections_the_server_killed(pg_cluster: PgCluster) -> None:
+    """After a database restart the pool hands out working connections, not dead ones."""
+    pool = db.create_pool(pg_cluster.dsn(), node=NODE, max_size=2, timeout=20)
+    try:
+        await db.open_pool(pool, timeout=10)
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        await asyncio.to_thread(pg_cluster.restart)
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT current_setting('lock_timeout')")
+            assert await cur.fetchone() == ("2s",)
+    finally:
+        await pool.close()
+
+
+async def test_a_node_cut_off_mid_refresh_loses_its_row_lock(pg_dsn: str) -> None:
+    """The holder of a row lock goes silent (a hung path): the server's idle-in-transaction
+    timeout ends its session, another node claims the account, and the silent node's
+    commit fails instead of writing over the other node's work."""
+    await migrated(pg_dsn)
+    keyring = Keyring.parse(new_key_line())
+    setup = await db.connect(pg_dsn, node=NODE, purpose="test")
+    async with setup:
+        await accounts.insert_account(
+            setup, keyring, sample_state("shop"), node=NODE, due_at=datetime.now(UTC)
+        )
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    short = db.DbTimeouts(idle_in_transaction=1.5)
+    with TcpProxy("127.0.0.1", port) as proxy:
+        holder = await db.connect(proxy.dsn(pg_dsn), node="web-1", purpose="pool", timeouts=short)
+        other = await db.connect(pg_dsn, node="web-2", purpose="pool")
+        async with other:
+            claimed = await accounts.claim_due(holder, keyring)
+            assert [r.name for r in claimed] == ["shop"]
+            proxy.pause()  # web-1 is now "in the Kakao call" and cut off
+            started = time.monotonic()
+            assert await accounts.claim_due(other, keyring) == []  # held
+            await other.rollback()
+            while not (taken := await accounts.claim_due(other, keyring)):
+                await other.rollback()
+                assert time.monotonic() - started < 15, "the lock was never released"
+                await asyncio.sleep(0.1)
+            waited = time.monotonic() - started
+            assert [r.name for r in taken] == ["shop"]
+            assert 1.0 <= waited < 15
+            row = taken[0]
+            newer = row.state.with_tokens(
+                row.state.tokens, refreshed_at=datetime.now(UTC), rotated=False
+            )
+            later = datetime.now(UTC) + timedelta(hours=1)
+            assert await accounts.save_account(
+                other, keyring, row, newer, node="web-2", due_at=later
+            )
+            await other.commit()
+            proxy.resume()
+            with (
+                pytest.raises(StoreUnavailable, match="idle-in-transaction timeout"),
+                db.store_errors("commit the refresh"),
+            ):
+                await holder.commit()
+            await holder.close()
+            final = await accounts.load_account(other, keyring, "shop")
+        assert final is not None and final.refreshed_by == "web-2"
+        assert final.generation == claimed[0].generation + 1

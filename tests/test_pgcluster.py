@@ -1,0 +1,55 @@
+"""The tests' PostgreSQL helper: it finds the server, survives kill -9 and says why it skips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pgcluster
+from pgcluster import PgCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_the_newest_installed_major_version_is_chosen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 9.6, 13 and 15 installed, 15's binaries are used (numeric, not string order)."""
+    for major in ("9.6", "13", "15"):
+        bindir = tmp_path / major / "bin"
+        bindir.mkdir(parents=True)
+        (bindir / "pg_ctl").touch()
+    monkeypatch.setattr(pgcluster, "BINDIR_GLOB", str(tmp_path / "*" / "bin" / "pg_ctl"))
+    assert pgcluster.find_pg_bindir() == tmp_path / "15" / "bin"
+
+
+def test_missing_postgres_skips_with_the_reason_or_fails_when_ci_demands_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Locally a missing server is a skip that says why; with TOKEND_REQUIRE_PG=1 a failure."""
+    monkeypatch.delenv(pgcluster.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        pgcluster.skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    monkeypatch.setenv(pgcluster.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="TOKEND_REQUIRE_PG=1: the PostgreSQL tests"):
+        pgcluster.skip_or_fail("PostgreSQL is not installed")
+
+
+def test_a_killed_cluster_restarts_with_its_committed_data(pg_cluster: PgCluster) -> None:
+    """kill() is a crash (open sessions die), start() waits for the old postmaster to go,
+    and what was committed before is still there."""
+    old = psycopg.connect(pg_cluster.dsn(), autocommit=True)
+    old.execute("CREATE TABLE t (x int)")
+    old.execute("INSERT INTO t VALUES (42)")
+    pg_cluster.kill()
+    pg_cluster.start()
+    with pytest.raises(psycopg.OperationalError):
+        old.execute("SELECT 1")
+    old.close()
+    with psycopg.connect(pg_cluster.dsn()) as conn:
+        assert conn.execute("SELECT x FROM t").fetchall() == [(42,)]
+    assert "database system was interrupted" in pg_cluster.log_tail(100) or (
+        "not properly shut down" in pg_cluster.log_tail(100)
+    )

@@ -1,0 +1,123 @@
+"""The tests' TCP proxy itself: it forwards faithfully and pauses, cuts and refuses on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from pgcluster import PgServer
+from tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[int]:
+    """A loopback server that echoes every byte back; yields its port."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def _roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    await writer.drain()
+    received = await reader.readexactly(len(payload))
+    writer.close()
+    return received
+
+
+async def test_bytes_pass_unchanged_and_in_order(echo_server: int) -> None:
+    """A megabyte of random bytes through the proxy and back comes out identical."""
+    payload = os.urandom(1024 * 1024)
+    with TcpProxy("127.0.0.1", echo_server) as proxy:
+        assert await _roundtrip(proxy.port, payload) == payload
+        assert proxy.accepted == 1
+
+
+async def test_a_pause_holds_bytes_and_a_resume_delivers_them(echo_server: int) -> None:
+    """While paused nothing arrives; after resume everything does, nothing lost."""
+    payload = os.urandom(200_000)
+    with TcpProxy("127.0.0.1", echo_server) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        proxy.pause()
+        writer.write(payload)
+        reading = asyncio.create_task(reader.readexactly(len(payload)))
+        await asyncio.sleep(0.5)
+        assert not reading.done()
+        proxy.resume()
+        assert await asyncio.wait_for(reading, 10) == payload
+        writer.close()
+
+
+def _dsn(pg_server: PgServer, proxy: TcpProxy) -> str:
+    return proxy.dsn(pg_server.admin_dsn) + " connect_timeout=5"
+
+
+def _server_port(pg_server: PgServer) -> int:
+    from psycopg.conninfo import conninfo_to_dict
+
+    return int(str(conninfo_to_dict(pg_server.admin_dsn).get("port", 5432)))
+
+
+async def test_postgres_works_through_the_proxy_and_a_pause_hangs_it(pg_server: PgServer) -> None:
+    """A query sent while paused does not complete; after resume it does, on the same session."""
+    with TcpProxy("127.0.0.1", _server_port(pg_server)) as proxy:
+        async with await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy)) as conn:
+            pid = (await (await conn.execute("SELECT pg_backend_pid()")).fetchall())[0][0]
+            proxy.pause()
+            query = asyncio.create_task(conn.execute("SELECT pg_backend_pid()"))
+            connecting = asyncio.create_task(
+                psycopg.AsyncConnection.connect(_dsn(pg_server, proxy))
+            )
+            await asyncio.sleep(0.7)
+            assert not query.done() and not connecting.done()
+            proxy.resume()
+            assert await (await asyncio.wait_for(query, 10)).fetchone() == (pid,)
+            late = await asyncio.wait_for(connecting, 10)
+            await late.close()
+
+
+async def test_cut_resets_every_open_connection(pg_server: PgServer) -> None:
+    """After cut() the next statement fails at once; a new connection works."""
+    with TcpProxy("127.0.0.1", _server_port(pg_server)) as proxy:
+        conn = await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy), autocommit=True)
+        other = await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy), autocommit=True)
+        assert proxy.connections == 2
+        assert proxy.cut() == 2
+        started = time.monotonic()
+        for victim in (conn, other):
+            with pytest.raises(psycopg.OperationalError):
+                await victim.execute("SELECT 1")
+            await victim.close()
+        assert time.monotonic() - started < 5
+        async with await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy)) as fresh:
+            assert await (await fresh.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_refuse_turns_connects_away_and_accept_lets_them_in(pg_server: PgServer) -> None:
+    """refuse(): ECONNREFUSED for new connections, open ones unharmed; accept() undoes it."""
+    with TcpProxy("127.0.0.1", _server_port(pg_server)) as proxy:
+        async with await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy)) as kept:
+            proxy.refuse()
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError, match="refused"):
+                await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy))
+            assert time.monotonic() - started < 3
+            assert await (await kept.execute("SELECT 1")).fetchone() == (1,)
+            proxy.accept()
+            async with await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy)) as again:
+                assert await (await again.execute("SELECT 1")).fetchone() == (1,)
