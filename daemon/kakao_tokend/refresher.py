@@ -143,6 +143,11 @@ class AccountManager:
         return self.account.name
 
     @property
+    def refreshing(self) -> bool:
+        """Return True while a refresh (a call to Kakao and its saving) is in flight."""
+        return self._inflight is not None
+
+    @property
     def busy(self) -> bool:
         """Return True while a refresh runs or a new state still waits to be written."""
         return self._inflight is not None or self.status.write_pending

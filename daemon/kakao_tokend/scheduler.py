@@ -38,6 +38,8 @@ class RefreshScheduler:
         self.last_beat = time.monotonic()
         self._planned: dict[str, datetime | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set by shutdown(): from then on nothing new is planned or started.
+        self.stopped = False
         self._scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={
@@ -61,7 +63,8 @@ class RefreshScheduler:
         self.last_beat = time.monotonic()
 
     def shutdown(self) -> None:
-        """Stop scheduling new work. In-flight refreshes are owned by their managers."""
+        """Stop scheduling new work, for good (idempotent). In-flight refreshes go on."""
+        self.stopped = True
         if self._scheduler.running:
             # wait=False: APScheduler cannot wait for coroutine jobs anyway (it cancels them);
             # refreshes survive that because they run shielded in the manager's own task.
@@ -100,6 +103,8 @@ class RefreshScheduler:
 
     def plan(self, manager: AccountManager) -> None:
         """(Re)schedule the account's one-shot job at its next wake-up, if that changed."""
+        if self.stopped:
+            return
         when = manager.next_wakeup()
         if self._planned.get(manager.name, "unset") == when:
             return
@@ -126,6 +131,8 @@ class RefreshScheduler:
 
     def run_soon(self, manager: AccountManager, coro_name: str = "tick") -> None:
         """Run ``manager.tick()`` (or ``verify``) in a task this scheduler keeps track of."""
+        if self.stopped:
+            return
         task = asyncio.create_task(self._guarded(manager, coro_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -172,6 +179,8 @@ class RefreshScheduler:
 
     async def _beat(self) -> None:
         self.last_beat = time.monotonic()
+        if self.stopped:
+            return
         for manager in list(self.managers.values()):
             try:
                 if not manager.busy:

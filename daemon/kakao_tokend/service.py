@@ -14,7 +14,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,11 +22,12 @@ import aiohttp
 from aiohttp import web
 
 from . import systemd
-from .alerts import AlertCenter
+from .alerts import CLOSE_GRACE, AlertCenter
 from .config import AccountConfig, Config, load_config
 from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked
+from .hooks import KILL_WAIT
 from .kakao import KakaoClient, create_session
-from .refresher import AccountManager, EventListener, Health
+from .refresher import FILE_LOCK_WAIT, AccountManager, EventListener, Health
 from .scheduler import RefreshScheduler
 from .store import (
     AccountStore,
@@ -43,8 +44,14 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
-#: How long a stop waits for an in-flight refresh to finish and be persisted.
+#: The least a stop (or a reload) waits for an in-flight refresh to finish and be persisted.
 STOP_GRACE = 20.0
+#: How long a stop lets API requests that are still being answered finish (aiohttp's
+#: shutdown_timeout); a refresh they started goes on in its own task.
+API_SHUTDOWN_TIMEOUT = 5.0
+#: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
+#: often, each time asking for three times as long (so one lost datagram costs nothing).
+EXTEND_EVERY = 5.0
 INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 
@@ -67,6 +74,8 @@ class Daemon:
     #: Alert conditions and channels (set up by _alerts_ctx).
     alerts: AlertCenter | None = None
     _lock_fd: int | None = None
+    _stopping: bool = False
+    _extender: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- instance lock
 
@@ -150,6 +159,41 @@ class Daemon:
         now = self.clock()
         return "; ".join(m.summary(now) for m in self.managers.values()) or "no accounts"
 
+    # ---------------------------------------------------------------- stopping
+
+    def begin_stop(self) -> None:
+        """Start a stop: schedule nothing more, tell systemd, keep its stop timeout extended.
+
+        Idempotent. In-flight refreshes go on; the cleanup contexts wait for them.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        systemd.stopping("stopping: finishing in-flight refreshes")
+        self._extender = asyncio.get_running_loop().create_task(self._extend_while_refreshing())
+
+    async def _extend_while_refreshing(self) -> None:
+        """Ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a refresh is in flight."""
+        last: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            if any(m.refreshing for m in self.managers.values()) and (
+                last is None or loop.time() - last >= EXTEND_EVERY
+            ):
+                systemd.extend_timeout(3 * EXTEND_EVERY)
+                last = loop.time()
+            await asyncio.sleep(0.2)
+
+    async def end_stop(self) -> None:
+        """Stop extending systemd's timeout (everything has been waited for)."""
+        task, self._extender = self._extender, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     # ---------------------------------------------------------------- reload
 
     async def reload(self) -> tuple[bool, str]:
@@ -226,6 +270,28 @@ class Daemon:
 DAEMON = web.AppKey("daemon", Daemon)
 
 
+def refresh_grace(kakao_timeouts: Iterable[float]) -> float:
+    """Return how long a stop waits for in-flight refreshes: the longest one can take.
+
+    A refresh waits up to FILE_LOCK_WAIT for the account's file lock, then up to the app's
+    Kakao timeout for the answer. Giving up earlier closes the HTTP session under it, and an
+    answer Kakao already committed (a rotated refresh token) would be lost.
+    """
+    return max([STOP_GRACE, *(FILE_LOCK_WAIT + timeout + 1.0 for timeout in kakao_timeouts)])
+
+
+def stop_budget(kakao_timeouts: Iterable[float]) -> float:
+    """Return the longest a clean stop can take, in seconds (one home for TimeoutStopSec).
+
+    API requests drain, in-flight refreshes finish, queued alerts are delivered, running hooks
+    are killed: one after another in the worst case. The shipped units' TimeoutStopSec= is at
+    least this for the default Kakao timeout (tests/test_stop_timing.py reads both); with a
+    longer timeout the daemon asks systemd for more time (EXTEND_TIMEOUT_USEC) while a refresh
+    is still in flight.
+    """
+    return API_SHUTDOWN_TIMEOUT + refresh_grace(kakao_timeouts) + CLOSE_GRACE + KILL_WAIT
+
+
 async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     daemon.acquire_instance_lock()
@@ -246,9 +312,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
     # and be persisted, then make one last try to write a state the disk refused.
-    # A refresh request may take up to its timeout; giving up earlier closes the session under
-    # it, and an answer Kakao already committed (a rotated refresh token) would be lost.
-    grace = max([STOP_GRACE, *(m.account.app.timeout + 1.0 for m in daemon.managers.values())])
+    grace = refresh_grace(m.account.app.timeout for m in daemon.managers.values())
     results = await asyncio.gather(*(m.wait_idle(grace) for m in daemon.managers.values()))
     if not all(results):
         log.error("a refresh was still running after %ss; stopping anyway", grace)
@@ -289,7 +353,7 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler.run_soon(manager, "start")
     yield
     scheduler.shutdown()
-    await scheduler.drain(STOP_GRACE)
+    await scheduler.drain(refresh_grace(m.account.app.timeout for m in daemon.managers.values()))
 
 
 async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -298,7 +362,7 @@ async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
     watchdog = asyncio.create_task(systemd.watchdog_loop(daemon.scheduler.is_healthy))
     status_task = asyncio.create_task(_status_loop(daemon))
     yield
-    systemd.stopping("stopping: finishing in-flight refreshes")
+    daemon.begin_stop()
     for task in (watchdog, status_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -360,7 +424,14 @@ async def serve(
         config, config_path=config_path, only_account_name=only_account_name, listeners=listeners
     )
     daemon = app[DAEMON]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
+    )
+
+    def on_stop() -> None:
+        # At once, not after the API has drained: no refresh may start once a stop began.
+        daemon.begin_stop()
+        stop.set()
 
     def on_reload() -> None:
         if daemon.scheduler is None:
@@ -373,7 +444,7 @@ async def serve(
     # Installed before start-up: a stop that arrives while an overdue token is being
     # refreshed at start must still be a clean stop that lets that refresh persist.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await runner.setup()
@@ -419,7 +490,11 @@ async def serve(
         log.info("shutting down")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        daemon.begin_stop()
+        try:
+            await runner.cleanup()
+        finally:
+            await daemon.end_stop()
         with contextlib.suppress(OSError):
             socket_path.unlink()
     log.info("stopped")
