@@ -92,7 +92,8 @@ class AccountStatus:
 class AccountEvent:
     """Something worth telling an operator (logs already did); consumed by alerts and the demo."""
 
-    kind: str  # refreshed, rotated, retrying, relogin, config, write_failed, write_ok, no_rotation
+    # refreshed, rotated, retrying, relogin, config, write_failed, write_ok, no_rotation, adopted
+    kind: str
     account: str
     message: str
     at: datetime
@@ -206,6 +207,7 @@ class AccountManager:
             if self.state is not None and not self.status.write_pending:
                 log.warning("account %s: state file was removed (logout?)", self.name)
                 self._adopt(None)
+                self._emit("adopted", f"{self.name}: state file removed", {"generation": None})
                 return True
             return False
         if self.state is not None and (
@@ -221,6 +223,7 @@ class AccountManager:
         )
         self.status.write_pending = False
         self._adopt(state)
+        self._emit("adopted", f"{self.name}: adopted", {"generation": state.generation})
         return True
 
     def planned_refresh_at(self) -> datetime | None:

@@ -37,6 +37,7 @@ from .store import (
     resolve_group,
 )
 from .tokens import Clock, utcnow
+from .watch import StateWatcher
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Daemon:
     _lock_fd: int | None = None
     _stopping: bool = False
     _extender: asyncio.Task[None] | None = None
+    #: Watches the state directories for files other processes write (set up by _watch_ctx).
+    watcher: StateWatcher | None = None
 
     # ---------------------------------------------------------------- instance lock
 
@@ -153,6 +156,36 @@ class Daemon:
             self.managers[account.name] = self.make_manager(account)
         for manager in self.managers.values():
             log.info("account %s", manager.summary())
+
+    def adopt_outside_changes(self, manager: AccountManager) -> bool:
+        """Take over a state another process wrote (login, import, logout, refresh) now.
+
+        Called when the CLI says so over the socket and when the state directory watch sees
+        the file change. A manager that is refreshing re-reads the file under its lock anyway,
+        and a state still waiting to be written is newer than anything on disk: both are left
+        alone. Returns True when the tokens in memory changed.
+        """
+        if manager.busy or self._stopping:
+            return False
+        changed = manager.notice_outside_changes()
+        if changed:
+            if self.scheduler is not None:
+                self.scheduler.plan(manager)
+            if self.alerts is not None:
+                # Now, not at the next heartbeat: alerts about the old tokens resolve at once.
+                self.alerts.evaluate(manager.name)
+        return changed
+
+    def on_state_file_changed(self, path: Path) -> None:
+        """StateWatcher callback: adopt the account whose state file ``path`` is."""
+        for manager in list(self.managers.values()):
+            if manager.account.state_file == path:
+                self.adopt_outside_changes(manager)
+
+    def watch_state_files(self) -> None:
+        """Point the state directory watch at the current accounts' state files."""
+        if self.watcher is not None:
+            self.watcher.watch(m.account.state_file for m in self.managers.values())
 
     def summary(self) -> str:
         """Return the one-line STATUS text, e.g. ``default: access 4h12m, refresh 41d``."""
@@ -257,6 +290,7 @@ class Daemon:
                 self.scheduler.plan(manager)
                 if manager.state is not None and not manager.status.write_pending:
                     manager.publish()
+            self.watch_state_files()
             message = (
                 f"configuration reloaded: {len(new.accounts)} account(s)"
                 f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
@@ -369,6 +403,18 @@ async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    watcher = StateWatcher(daemon.on_state_file_changed)
+    daemon.watcher = watcher
+    daemon.watch_state_files()
+    watcher.start()
+    log.debug("watching the state directories (%s)", watcher.mode)
+    yield
+    await watcher.close()
+    daemon.watcher = None
+
+
 async def _status_loop(daemon: Daemon) -> None:
     """Keep systemd's STATUS= line current (once a minute is plenty for a human)."""
     while True:
@@ -394,7 +440,15 @@ def build_app(
         listeners=list(listeners or []),
     )
     app.cleanup_ctx.extend(
-        [_instance_lock_ctx, _session_ctx, _accounts_ctx, _alerts_ctx, _scheduler_ctx, _systemd_ctx]
+        [
+            _instance_lock_ctx,
+            _session_ctx,
+            _accounts_ctx,
+            _alerts_ctx,
+            _scheduler_ctx,
+            _watch_ctx,
+            _systemd_ctx,
+        ]
     )
     from . import hooks
     from .api import add_routes
