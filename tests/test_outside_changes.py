@@ -256,3 +256,44 @@ async def test_status_without_a_daemon_hides_alerts_about_replaced_tokens(
     path.write_text(json.dumps(document))
     code, out, err = await run_cli(config, "status")
     assert "alert: critical write_failed" in out
+
+
+@pytest.mark.parametrize("use_inotify", [True, False], ids=["inotify", "poll"])
+async def test_the_state_watch_reports_renames_and_removals_of_watched_files_only(
+    tmp_path: Path, use_inotify: bool
+) -> None:
+    """A file renamed over a watched state file, or removed, is reported once; other files in
+    the directory (the published token file, temporary files) are not. Both the inotify watch
+    and its fallback (a directory mtime poll) behave the same."""
+    from kakao_tokend.watch import POLL_INTERVAL, StateWatcher
+
+    state = tmp_path / "default.state.json"
+    state.write_text("{}")
+    seen: list[Path] = []
+    watcher = StateWatcher(seen.append, use_inotify=use_inotify)
+    assert watcher.mode == ("inotify" if use_inotify else "poll")
+    watcher.watch([state])
+    watcher.start()
+    limit = 0.5 if use_inotify else POLL_INTERVAL + 1.0
+    try:
+        await asyncio.sleep(0.1)
+        (tmp_path / "default.token.json").write_text("{}")
+        await asyncio.sleep(limit)
+        assert seen == []
+        temporary = tmp_path / ".default.state.json.tmp"
+        temporary.write_text('{"new": 1}')
+        os.replace(temporary, state)
+        started = time.monotonic()
+        while not seen:
+            assert time.monotonic() - started < limit, "the rename was not reported"
+            await asyncio.sleep(0.02)
+        assert seen == [state]
+        await asyncio.sleep(0.1)
+        assert seen == [state]  # one save, one report
+        state.unlink()
+        started = time.monotonic()
+        while len(seen) < 2:
+            assert time.monotonic() - started < limit, "the removal was not reported"
+            await asyncio.sleep(0.02)
+    finally:
+        await watcher.close()

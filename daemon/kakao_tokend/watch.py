@@ -5,7 +5,8 @@ rest (a CLI run by a user who may not open the socket, an operator's `rm`, a res
 It uses inotify on each state directory: the kernel wakes the event loop only when a file in
 it changes, so an idle daemon stays idle. Where inotify is unavailable (not Linux, or the
 per-user instance limit reached) it falls back to one stat() of each directory per
-POLL_INTERVAL: a rename into or a removal from a directory changes its mtime.
+POLL_INTERVAL: a rename into or a removal from a directory changes its mtime, and only then
+are the state files in it compared with what was seen before.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class StateWatcher:
         self._task: asyncio.Task[None] | None = None
         self._inotify: Inotify | None = None
         self._watched: set[Path] = set()
+        self._signatures: dict[Path, tuple[int, int, int] | None] = {}
         if use_inotify and _INOTIFY_ERROR is None:
             try:
                 self._inotify = Inotify()
@@ -67,6 +69,8 @@ class StateWatcher:
     def watch(self, files: Iterable[Path]) -> None:
         """Watch exactly ``files`` (state files; their directories get the watch)."""
         self._files = set(files)
+        if self._inotify is None:
+            self._signatures = {path: _signature(path) for path in self._files}
         directories = {path.parent for path in self._files}
         for directory in directories - set(self._dirs):
             self._dirs[directory] = _mtime(directory)
@@ -119,8 +123,15 @@ class StateWatcher:
                 if now != seen:
                     self._dirs[directory] = now
                     for path in self._files:
-                        if path.parent == directory:
+                        if path.parent == directory and self._signature_changed(path):
                             self._changed(path)
+
+    def _signature_changed(self, path: Path) -> bool:
+        """Poll mode: did this file change (another file in its directory may have)?"""
+        signature = _signature(path)
+        changed = self._signatures.get(path) != signature
+        self._signatures[path] = signature
+        return changed
 
     def _changed(self, path: Path) -> None:
         if path not in self._files or path in self._pending:
@@ -134,6 +145,14 @@ class StateWatcher:
             self._on_change(path)
         except Exception:  # one account's trouble must not stop the watch
             log.exception("handling a change of %s failed", path)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _mtime(directory: Path) -> int:
