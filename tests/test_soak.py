@@ -162,7 +162,9 @@ def test_the_soak_runs_the_daemon_with_the_production_retry_settings(tmp_path: P
 
     soak = load_soak()
     args = argparse.Namespace(seed=1, minutes=1.0, lost_response=False, quiet=True)
-    run = soak.Soak(KakaoEmulator(), tmp_path, args)
+    emulator = KakaoEmulator()
+    emulator.url = "http://127.0.0.1:9"  # never contacted: only the config is written
+    run = soak.Soak(emulator, tmp_path, args)
     run.write_config()
     policy = load_config(run.config_path).refresh
     defaults = RefreshPolicy()
