@@ -753,10 +753,12 @@ class Soak:
         window = self.open_window(f"fault token:{kind}")
         self.emu.inject("token", kind, count=count, delay=delay)
         self.report.faults_injected[f"token:{kind}"] += count
-        fired = await self.wait_fired(kind, before, count, timeout=20)
-        if not fired:
-            self.emu.clear_faults()
-            self.log(f"fault token:{kind} did not fire {count}x in 20 s; cleared")
+        if kind == "lost_response":
+            if not await self.wait_fired(kind, before, count, timeout=20):
+                self.emu.clear_faults()
+                self.log("fault token:lost_response did not fire in 20 s; cleared")
+        elif not await self.hold_until_fired(window, kind, before, count):
+            return
         if kind == "timeout":
             # The daemon gives up after its timeout and retries; the emulator's late work comes
             # 60 s later (see the module notes), by which time that token is long rotated.
@@ -765,6 +767,27 @@ class Soak:
             await asyncio.sleep(2 * RECOVERY + DAEMON_TIMEOUT)
             await self.check_loss(when="after lost_response")
         self.close_window(window, RECOVERY + GRACE)
+
+    async def hold_until_fired(
+        self, window: Window, kind: str, before: int, count: int, *, after: float = 0.0
+    ) -> bool:
+        """Keep ``window`` open until fault ``kind`` has fired ``count`` more times, within limits.
+
+        A daemon that keeps its waits relative to the lifetime meets an armed token fault at
+        its next refresh (within an access lifetime) and each further one within RECOVERY.
+        If it has not by then it is not even trying, and that time is not excused: the window
+        ends at that limit (set before waiting, since every read is judged as it happens).
+        ``after`` adds what must happen first (a restart). Returns True when all fired.
+        """
+        limit = after + ACCESS_LIFETIME + count * RECOVERY
+        if kind == "timeout":
+            limit += DAEMON_TIMEOUT
+        window.end = self.now() + limit + GRACE
+        if await self.wait_fired(kind, before, count, timeout=limit):
+            return True
+        self.emu.clear_faults()
+        self.log(f"fault token:{kind} did not fire {count}x within {limit:.1f} s; not excused")
+        return False
 
     async def wait_rotation_due(self, timeout: float = 15.0) -> None:
         """Wait until the daemon's next refresh will rotate (so a lost answer costs the token).
@@ -918,9 +941,11 @@ class Soak:
             )
             self.report.faults_injected[f"token:{kind}"] += count
         await self.start_daemon()
-        if kind and not await self.wait_fired(kind, before, count, timeout=10):
-            self.emu.clear_faults()
-            self.log(f"fault token:{kind} after the restart did not fire {count}x; cleared")
+        # The start-up refresh is overdue: it comes at once, so no lifetime to wait for.
+        if kind and not await self.hold_until_fired(
+            window, kind, before, count, after=-ACCESS_LIFETIME + 1.0
+        ):
+            return
         self.close_window(window, RECOVERY + GRACE)
 
     async def refresh_near_death(self) -> None:
@@ -952,9 +977,8 @@ class Soak:
         self.emu.inject("token", kind, count=count)
         self.report.faults_injected[f"token:{kind}"] += count
         self.report.refresh_near_death += 1
-        if not await self.wait_fired(kind, before, count, timeout=NEAR_DEATH + 5):
-            self.emu.clear_faults()
-        self.close_window(window, RECOVERY + GRACE)
+        if await self.hold_until_fired(window, kind, before, count):
+            self.close_window(window, RECOVERY + GRACE)
         # Past the refresh token's end: it was saved by a rotation, or it is dead now.
         await asyncio.sleep(NEAR_DEATH + 1.5)
         await self.check_loss(when="after faults near refresh-token death")
@@ -975,16 +999,17 @@ class Soak:
         window = self.open_window("clock back during back-off")
         self.emu.inject("token", "koe237", count=count)
         self.report.faults_injected["token:koe237"] += count
-        if await self.wait_fired("koe237", before, 1, timeout=ACCESS_LIFETIME + 2):
-            seconds = 1.0 + (CLOCK_BACK_MAX - 1.0) * self.rng.random()
-            self.step_daemon_clock(-seconds)
-            self.report.clock_back_steps += 1
-            self.report.clock_back_seconds += seconds
-            # libfaketime re-reads its file within a second: the step lands by then.
-            await asyncio.sleep(1.0)
-        if not await self.wait_fired("koe237", before, count, timeout=10):
-            self.emu.clear_faults()
-        self.close_window(window, RECOVERY + GRACE)
+        if not await self.hold_until_fired(window, "koe237", before, 1):
+            return
+        seconds = 1.0 + (CLOCK_BACK_MAX - 1.0) * self.rng.random()
+        self.step_daemon_clock(-seconds)
+        self.report.clock_back_steps += 1
+        self.report.clock_back_seconds += seconds
+        # libfaketime re-reads its file within a second: the step lands by then.
+        if await self.hold_until_fired(
+            window, "koe237", before, count, after=1.0 - ACCESS_LIFETIME
+        ):
+            self.close_window(window, RECOVERY + GRACE)
 
     async def daemon_status(self) -> dict[str, Any] | None:
         """Return the default account's /v1/status entry, or None."""
