@@ -358,6 +358,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
                 manager.name,
                 manager.status.write_error,
             )
+    await daemon.end_stop()  # nothing is in flight any more: no more EXTEND_TIMEOUT_USEC
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
