@@ -103,15 +103,14 @@ async def test_cli_login_is_served_by_a_running_daemon_at_once(
         assert code == 77, err  # nothing to serve yet
         code, out, err = await cli_login(config)
         assert code == 0, out + err
-        done_at = time.monotonic()
+        # Taken over before `login` returned (the heartbeat is a minute away).
+        assert "adopted tokens written by another process" in daemon.log_text()
         code, out, err = await run_cli(config, "token")
         assert code == 0, err
         assert emulator.access_token_valid(out.strip())
         code, out, err = await run_cli(config, "status")
         assert code == 0, out + err
         assert "daemon:        running, health ok" in out
-        assert time.monotonic() - done_at < PROMPT + 4  # two CLI start-ups included
-        assert "adopted tokens written by another process" in daemon.log_text()
     finally:
         assert await daemon.stop() == 0
 
