@@ -25,8 +25,10 @@ from test_alerts import Receiver, webhook  # noqa: F401 - the fixture is used by
 
 pytestmark = pytest.mark.timeout(120)
 
-#: "Within about a second": the CLI's command has returned; allow a little for a busy machine.
-PROMPT = 2.0
+#: Bound for "at once" where no command's return marks the moment (the watch): it takes
+#: milliseconds, and anything far below the 60 s heartbeat proves the mechanism; the slack
+#: is for a machine busy with other test runs.
+PROMPT = 5.0
 
 
 def _config(tmp_path: Path, emulator: KakaoEmulator, extra: str = "") -> Path:
