@@ -298,3 +298,23 @@ async def test_the_state_watch_reports_renames_and_removals_of_watched_files_onl
             await asyncio.sleep(0.02)
     finally:
         await watcher.close()
+
+
+async def test_cli_import_is_served_by_a_running_daemon_at_once(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend import kakao_token.json` into a running daemon without tokens: the daemon
+    has taken the tokens over before the command returns, and `token` serves them."""
+    config = _config(tmp_path, emulator)
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    daemon = await start_daemon(config)
+    try:
+        code, out, err = await run_cli(config, "import", str(seed))
+        assert code == 0, out + err
+        assert "adopted tokens written by another process" in daemon.log_text()
+        code, out, err = await run_cli(config, "token")
+        assert code == 0, err
+        assert emulator.access_token_valid(out.strip())
+    finally:
+        assert await daemon.stop() == 0
