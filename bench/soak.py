@@ -36,8 +36,9 @@ Chaos aimed at the rate-limit back-off (issue 10):
 * restart_near_expiry: the same without the rate limit (or with another token fault);
 * refresh_near_death: the emulator stops rotating until the refresh token has seconds left,
   then faults hit the refresh that must save it;
-* clock_back: KOE237 puts the daemon into back-off, then its wall clock steps back 1-3 s
-  (libfaketime preloaded into the daemon; skipped with the reason when it is not installed).
+* clock_back: KOE237 puts the daemon into back-off, then its wall clock steps back to 1-3 s
+  before its access token was issued (libfaketime preloaded into the daemon; skipped with the
+  reason when it is not installed).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ NEAR_DEATH = 5.0
 NEAR_DEATH_COOLDOWN = 50.0
 #: restart_* chaos kills the daemon when the access token has less than this left.
 NEAR_EXPIRY = 0.3
-CLOCK_BACK_MAX = 3.0
+#: clock_back steps 1 s to 1 + CLOCK_BACK_BEYOND s further back than the access token's age.
+CLOCK_BACK_BEYOND = 2.0
 CLOCK_BACK_COOLDOWN = 30.0
 #: Where libfaketime is looked for (Debian's "libfaketime" package; $KT_SOAK_LIBFAKETIME wins).
 LIBFAKETIME_GLOBS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1")
@@ -1001,7 +1003,13 @@ class Soak:
         self.report.faults_injected["token:koe237"] += count
         if not await self.hold_until_fired(window, "koe237", before, 1):
             return
-        seconds = 1.0 + (CLOCK_BACK_MAX - 1.0) * self.rng.random()
+        # Back past the moment the current access token was issued (plus the second libfaketime
+        # may take to apply it): the daemon can then tell, its token was issued "in the
+        # future". A smaller step cannot be seen from the token at all; with a 3 s token it
+        # would be hours on a 6 h one, beyond any real clock step.
+        left = self.access_left()
+        age = ACCESS_LIFETIME - (left if left is not None else 0.0)
+        seconds = age + 1.0 + CLOCK_BACK_BEYOND * self.rng.random()
         self.step_daemon_clock(-seconds)
         self.report.clock_back_steps += 1
         self.report.clock_back_seconds += seconds
@@ -1046,9 +1054,12 @@ class Soak:
             if (
                 now - self.last_near_death > NEAR_DEATH_COOLDOWN
                 and now - self.last_jump > REFRESH_LIFETIME
+                and now - self.last_clock_back > REFRESH_LIFETIME
             ):
                 # A clock jump shortens the refresh token's life at Kakao but not in the
-                # daemon's view; only without a recent one is "seconds left" the same for both.
+                # daemon's view, and a step of the daemon's clock leaves an expiry written
+                # before it in the old time: only without a recent one of either is "seconds
+                # left" the same for both.
                 choices.append(("refresh_near_death", 12))
             if self.faketime_lib is not None and now - self.last_clock_back > CLOCK_BACK_COOLDOWN:
                 choices.append(("clock_back", 10))
