@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -135,3 +136,35 @@ async def test_stop_extends_the_systemd_timeout_while_a_refresh_is_in_flight(
     assert min(extensions) >= 2 * service.EXTEND_EVERY * 1_000_000
     # The slow answer was saved before the process exited.
     assert daemon.state()["generation"] == 2
+
+
+async def test_the_heartbeat_keeps_beating_when_the_wall_clock_steps_back() -> None:
+    """The heartbeat is the safety net against wall-clock trouble: it runs on the monotonic
+    clock, so a wall clock stepped back a minute does not pause it for that minute (a
+    wall-clock interval job would wait until the wall clock caught up again)."""
+    import time_machine
+
+    from kakao_tokend.scheduler import RefreshScheduler
+    from kakao_tokend.tokens import utcnow
+
+    scheduler = RefreshScheduler(heartbeat=0.1)
+    beats: list[float] = []
+    original = scheduler._beat
+
+    async def counting_beat() -> None:
+        beats.append(time.monotonic())
+        await original()
+
+    scheduler._beat = counting_beat  # type: ignore[method-assign]
+    scheduler.start()
+    try:
+        await asyncio.sleep(0.35)
+        assert len(beats) >= 2
+        with time_machine.travel(utcnow() - timedelta(seconds=60), tick=True):
+            before = len(beats)
+            await asyncio.sleep(1.0)
+            assert len(beats) - before >= 5, "the heartbeat stopped when the clock stepped back"
+            assert scheduler.is_healthy()
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)
