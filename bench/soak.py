@@ -22,6 +22,23 @@ disruption and closes a grace period after the daemon can have recovered from it
   KILL_WINDOW after Kakao rotated): from the rotation until the harness has logged in again.
 
 GRACE is 1 s. Outside these windows every read must return a token the emulator accepts.
+
+The daemon runs with the production retry settings (retry_initial 10 s, retry_max 5 min): the
+back-off scales them to the token's lifetime by itself, and a soak that capped them would hide
+a pause that does not (a fixed 60 s after KOE237). Where a window above allowed retry_max, it
+now allows RECOVERY, a third of the access lifetime: how soon a daemon whose every wait is
+relative to the lifetime has a valid token again once Kakao answers normally.
+
+Chaos aimed at the rate-limit back-off (issue 10):
+
+* restart_rate_limited: SIGSTOP until the access token is nearly expired, kill -9, arm KOE237 on
+  the token endpoint, restart: the start-up refresh is overdue and rate-limited;
+* restart_near_expiry: the same without the rate limit (or with another token fault);
+* refresh_near_death: the emulator stops rotating until the refresh token has seconds left,
+  then faults hit the refresh that must save it;
+* clock_back: KOE237 puts the daemon into back-off, then its wall clock steps back to 1-3 s
+  before its access token was issued (libfaketime preloaded into the daemon; skipped with the
+  reason when it is not installed).
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import glob
 import json
 import os
 import random
@@ -60,10 +78,23 @@ ROTATION_WINDOW = 20.0  # every refresh after the token's 10th second rotates it
 REFRESH_AT = 0.75
 JITTER = 0.05
 HEARTBEAT = 0.2
-RETRY_INITIAL = 0.2
-RETRY_MAX = 1.0
+#: The daemon's retry settings: the production defaults (see the module notes).
+RETRY_INITIAL = 10.0
+RETRY_MAX = 300.0
+#: How soon after Kakao answers normally again the daemon must serve a valid token.
+RECOVERY = ACCESS_LIFETIME / 3
 DAEMON_TIMEOUT = 2.0
 GRACE = 1.0
+#: refresh_near_death arms its faults when the refresh token has this long left.
+NEAR_DEATH = 5.0
+NEAR_DEATH_COOLDOWN = 50.0
+#: restart_* chaos kills the daemon when the access token has less than this left.
+NEAR_EXPIRY = 0.3
+#: clock_back steps 1 s to 1 + CLOCK_BACK_BEYOND s further back than the access token's age.
+CLOCK_BACK_BEYOND = 2.0
+CLOCK_BACK_COOLDOWN = 30.0
+#: Where libfaketime is looked for (Debian's "libfaketime" package; $KT_SOAK_LIBFAKETIME wins).
+LIBFAKETIME_GLOBS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1")
 #: A kill -9 this soon after Kakao rotated may legitimately lose the rotated token (it was on
 #: the wire or not yet fsynced); the daemon writes it within milliseconds.
 KILL_WINDOW = 1.0
@@ -81,6 +112,21 @@ KAPI_FAULTS = (_KAPI_CODES, _TRANSPORT)
 # "timeout" keeps the emulator's default 60 s delay: the delayed work then always meets a
 # refresh token the daemon has already rotated away (or that expired), so it cannot steal one.
 SLOW_DELAY = 1.0
+
+
+#: Every disruption the schedule can pick (see next_disruption for the weights and rules).
+DISRUPTIONS = (
+    "token_fault",
+    "kill",
+    "pause",
+    "jump",
+    "disk_full",
+    "lost_response",
+    "restart_rate_limited",
+    "restart_near_expiry",
+    "refresh_near_death",
+    "clock_back",
+)
 
 
 @dataclass
@@ -117,6 +163,12 @@ class Report:
     clock_jumped_seconds: float = 0.0
     disk_full_episodes: int = 0
     disk_full_skipped: str | None = None
+    restarts_rate_limited: int = 0
+    restarts_near_expiry: int = 0
+    refresh_near_death: int = 0
+    clock_back_steps: int = 0
+    clock_back_seconds: float = 0.0
+    clock_back_skipped: str | None = None
     reads_file: int = 0
     reads_api: int = 0
     reads_healthy: int = 0
@@ -179,6 +231,12 @@ class Report:
             "clock_jumped_seconds": round(self.clock_jumped_seconds, 1),
             "disk_full_episodes": self.disk_full_episodes,
             "disk_full_skipped": self.disk_full_skipped,
+            "restarts_rate_limited": self.restarts_rate_limited,
+            "restarts_near_expiry": self.restarts_near_expiry,
+            "refresh_near_death": self.refresh_near_death,
+            "clock_back_steps": self.clock_back_steps,
+            "clock_back_seconds": round(self.clock_back_seconds, 1),
+            "clock_back_skipped": self.clock_back_skipped,
             "reads_file": self.reads_file,
             "reads_api": self.reads_api,
             "reads_while_healthy": self.reads_healthy,
@@ -220,6 +278,24 @@ class Report:
                 str(self.disk_full_episodes)
                 if self.disk_full_skipped is None
                 else f"skipped: {self.disk_full_skipped}",
+                "reported",
+            ),
+            (
+                "restarts with a nearly expired access token",
+                f"{self.restarts_near_expiry + self.restarts_rate_limited} "
+                f"({self.restarts_rate_limited} rate-limited at start)",
+                "reported",
+            ),
+            (
+                "faults while the refresh token was nearly dead",
+                str(self.refresh_near_death),
+                "reported",
+            ),
+            (
+                "daemon clock steps back during back-off",
+                f"{self.clock_back_steps} ({self.clock_back_seconds:.1f} s in total)"
+                if self.clock_back_skipped is None
+                else f"skipped: {self.clock_back_skipped}",
                 "reported",
             ),
             (
@@ -283,6 +359,12 @@ class Soak:
         self.known_losses: set[str] = set()
         self.t_start = 0.0
         self.t0_mono = time.monotonic()
+        self.last_near_death = -1e9
+        self.last_clock_back = -1e9
+        #: libfaketime's control file: the daemon's wall clock offset (seconds, "-2.5").
+        self.faketime_file = workdir / "faketime.rc"
+        self.faketime_lib: str | None = None
+        self.clock_offset = 0.0
 
     # ------------------------------------------------------------------ setup
 
@@ -390,6 +472,7 @@ class Soak:
         log_path = self.workdir / f"daemon-{len(self.logs):03d}.log"
         self.logs.append(log_path)
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        env.update(self.faketime_env())
         with log_path.open("wb") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -420,6 +503,58 @@ class Soak:
         except (OSError, ValueError):
             return None
         return data
+
+    # ------------------------------------------------------------------ the daemon's wall clock
+
+    def faketime_env(self) -> dict[str, str]:
+        """Environment that lets the harness step the daemon's wall clock (libfaketime)."""
+        if self.faketime_lib is None:
+            return {}
+        return {
+            "LD_PRELOAD": self.faketime_lib,
+            "FAKETIME_TIMESTAMP_FILE": str(self.faketime_file),
+            # The file is read at most once a second: a step lands within a second.
+            "FAKETIME_CACHE_DURATION": "1",
+            # Only the wall clock moves; asyncio's monotonic clock must stay true.
+            "DONT_FAKE_MONOTONIC": "1",
+        }
+
+    def setup_faketime(self) -> None:
+        """Find libfaketime and prove it steps a Python child's wall clock, or say why not."""
+        if self.args.no_clock_back:
+            self.report.clock_back_skipped = "disabled with --no-clock-back"
+            return
+        candidates = [os.environ.get("KT_SOAK_LIBFAKETIME", "")]
+        candidates += [path for pattern in LIBFAKETIME_GLOBS for path in glob.glob(pattern)]
+        library = next((c for c in candidates if c and Path(c).is_file()), None)
+        if library is None:
+            self.report.clock_back_skipped = (
+                "libfaketime not found (apt-get install libfaketime, or set KT_SOAK_LIBFAKETIME)"
+            )
+            return
+        self.faketime_lib = library
+        self.faketime_file.write_text("-100\n")
+        probe = subprocess.run(
+            [sys.executable, "-c", "import time; print(time.time())"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.faketime_env()},
+            check=False,
+            timeout=30,
+        )
+        self.faketime_file.write_text("+0\n")
+        try:
+            offset = float(probe.stdout.strip()) - time.time()
+        except ValueError:
+            offset = 0.0
+        if not -102 < offset < -98:
+            self.faketime_lib = None
+            self.report.clock_back_skipped = f"libfaketime at {library} did not move the clock"
+
+    def step_daemon_clock(self, seconds: float) -> None:
+        """Move the daemon's wall clock by ``seconds`` (negative: back), from now on."""
+        self.clock_offset += seconds
+        self.faketime_file.write_text(f"{self.clock_offset:+.3f}\n")
 
     # ------------------------------------------------------------------ windows and readers
 
@@ -620,18 +755,41 @@ class Soak:
         window = self.open_window(f"fault token:{kind}")
         self.emu.inject("token", kind, count=count, delay=delay)
         self.report.faults_injected[f"token:{kind}"] += count
-        fired = await self.wait_fired(kind, before, count, timeout=20)
-        if not fired:
-            self.emu.clear_faults()
-            self.log(f"fault token:{kind} did not fire {count}x in 20 s; cleared")
+        if kind == "lost_response":
+            if not await self.wait_fired(kind, before, count, timeout=20):
+                self.emu.clear_faults()
+                self.log("fault token:lost_response did not fire in 20 s; cleared")
+        elif not await self.hold_until_fired(window, kind, before, count):
+            return
         if kind == "timeout":
             # The daemon gives up after its timeout and retries; the emulator's late work comes
             # 60 s later (see the module notes), by which time that token is long rotated.
             await asyncio.sleep(DAEMON_TIMEOUT)
         if kind == "lost_response":
-            await asyncio.sleep(2 * RETRY_MAX + DAEMON_TIMEOUT)
+            await asyncio.sleep(2 * RECOVERY + DAEMON_TIMEOUT)
             await self.check_loss(when="after lost_response")
-        self.close_window(window, RETRY_MAX + GRACE)
+        self.close_window(window, RECOVERY + GRACE)
+
+    async def hold_until_fired(
+        self, window: Window, kind: str, before: int, count: int, *, after: float = 0.0
+    ) -> bool:
+        """Keep ``window`` open until fault ``kind`` has fired ``count`` more times, within limits.
+
+        A daemon that keeps its waits relative to the lifetime meets an armed token fault at
+        its next refresh (within an access lifetime) and each further one within RECOVERY.
+        If it has not by then it is not even trying, and that time is not excused: the window
+        ends at that limit (set before waiting, since every read is judged as it happens).
+        ``after`` adds what must happen first (a restart). Returns True when all fired.
+        """
+        limit = after + ACCESS_LIFETIME + count * RECOVERY
+        if kind == "timeout":
+            limit += DAEMON_TIMEOUT
+        window.end = self.now() + limit + GRACE
+        if await self.wait_fired(kind, before, count, timeout=limit):
+            return True
+        self.emu.clear_faults()
+        self.log(f"fault token:{kind} did not fire {count}x within {limit:.1f} s; not excused")
+        return False
 
     async def wait_rotation_due(self, timeout: float = 15.0) -> None:
         """Wait until the daemon's next refresh will rotate (so a lost answer costs the token).
@@ -734,6 +892,133 @@ class Soak:
             )
         self.close_window(window)
 
+    def access_left(self) -> float | None:
+        """Seconds the stored access token has left by the emulator's (Kakao's) clock."""
+        doc = self.state_doc()
+        token = doc.get("tokens", {}).get("access_token") if doc else None
+        if not isinstance(token, str) or not self.emu.access_token_valid(token):
+            return None if token is None else 0.0
+        expires = doc.get("tokens", {}).get("access_expires_at") if doc else None
+        if not isinstance(expires, str):
+            return None
+        # The daemon's expiry is its own clock plus expires_in; undo its clock offset.
+        return (parse_time(expires) - utcnow()).total_seconds() - self.clock_offset
+
+    async def restart_near_expiry(self, *, rate_limited: bool) -> None:
+        """Freeze the daemon until its access token is nearly dead, kill -9, restart it.
+
+        The start-up refresh is then overdue at once; ``rate_limited`` arms KOE237 for it
+        (1-2 answers), otherwise one transient token fault half of the time.
+        """
+        assert self.proc is not None
+        window = self.open_window("restart near expiry")
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + ACCESS_LIFETIME + 1
+        while time.monotonic() < deadline:
+            left = self.access_left()
+            if left is not None and left < NEAR_EXPIRY:
+                break
+            await asyncio.sleep(0.02)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.send_signal(signal.SIGCONT)
+        await self.proc.wait()
+        self.report.restarts += 1
+        await self.check_loss(when="right after kill -9 near expiry", settle=0)
+        kind: str | None = None
+        count = 0
+        if rate_limited:
+            kind, count = "koe237", self.rng.randint(1, 2)
+            self.report.restarts_rate_limited += 1
+        else:
+            self.report.restarts_near_expiry += 1
+            if self.rng.random() < 0.5:
+                kind = self.next_kind(self.token_cycle, TOKEN_FAULTS)
+                while kind in ("timeout", "lost_response"):
+                    kind = self.next_kind(self.token_cycle, TOKEN_FAULTS)
+                count = 1
+        before = self.emu.stats.faults_fired[kind] if kind else 0
+        if kind:
+            self.emu.inject(
+                "token", kind, count=count, delay=SLOW_DELAY if kind == "slow" else None
+            )
+            self.report.faults_injected[f"token:{kind}"] += count
+        await self.start_daemon()
+        # The start-up refresh is overdue: it comes at once, so no lifetime to wait for.
+        if kind and not await self.hold_until_fired(
+            window, kind, before, count, after=-ACCESS_LIFETIME + 1.0
+        ):
+            return
+        self.close_window(window, RECOVERY + GRACE)
+
+    async def refresh_near_death(self) -> None:
+        """Stop rotations until the refresh token has seconds left, then fault its refresh.
+
+        Kakao answers the faults at once, so a daemon that keeps every wait inside the refresh
+        token's life always saves it; one that sits out a rate-limit pause loses it (counted
+        as a refresh token lost outside the lost-response case).
+        """
+        self.last_near_death = time.monotonic()
+        window_setting = self.emu.settings.rotation_window
+        self.emu.settings.rotation_window = 0.0
+        try:
+            deadline = time.monotonic() + REFRESH_LIFETIME + 5
+            while time.monotonic() < deadline:
+                left = self.refresh_left()
+                if left is not None and left < NEAR_DEATH:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                self.log("refresh_near_death: the refresh token never got near its end")
+                return
+        finally:
+            self.emu.settings.rotation_window = window_setting
+        kind = "koe237" if self.rng.random() < 0.6 else self.rng.choice(["http500", "reset"])
+        count = self.rng.randint(1, 2)
+        before = self.emu.stats.faults_fired[kind]
+        window = self.open_window(f"fault token:{kind} near refresh-token death")
+        self.emu.inject("token", kind, count=count)
+        self.report.faults_injected[f"token:{kind}"] += count
+        self.report.refresh_near_death += 1
+        if await self.hold_until_fired(window, kind, before, count):
+            self.close_window(window, RECOVERY + GRACE)
+        # Past the refresh token's end: it was saved by a rotation, or it is dead now.
+        await asyncio.sleep(NEAR_DEATH + 1.5)
+        await self.check_loss(when="after faults near refresh-token death")
+
+    def refresh_left(self) -> float | None:
+        """Seconds the stored refresh token has left (the daemon's view, clock offset undone)."""
+        doc = self.state_doc()
+        expires = doc.get("tokens", {}).get("refresh_expires_at") if doc else None
+        if not isinstance(expires, str):
+            return None
+        return (parse_time(expires) - utcnow()).total_seconds() - self.clock_offset
+
+    async def clock_back(self) -> None:
+        """Rate-limit the refresh (KOE237), then step the daemon's wall clock back mid back-off."""
+        self.last_clock_back = time.monotonic()
+        count = self.rng.randint(2, 3)
+        before = self.emu.stats.faults_fired["koe237"]
+        window = self.open_window("clock back during back-off")
+        self.emu.inject("token", "koe237", count=count)
+        self.report.faults_injected["token:koe237"] += count
+        if not await self.hold_until_fired(window, "koe237", before, 1):
+            return
+        # Back past the moment the current access token was issued (plus the second libfaketime
+        # may take to apply it): the daemon can then tell, its token was issued "in the
+        # future". A smaller step cannot be seen from the token at all; with a 3 s token it
+        # would be hours on a 6 h one, beyond any real clock step.
+        left = self.access_left()
+        age = ACCESS_LIFETIME - (left if left is not None else 0.0)
+        seconds = age + 1.0 + CLOCK_BACK_BEYOND * self.rng.random()
+        self.step_daemon_clock(-seconds)
+        self.report.clock_back_steps += 1
+        self.report.clock_back_seconds += seconds
+        # libfaketime re-reads its file within a second: the step lands by then.
+        if await self.hold_until_fired(
+            window, "koe237", before, count, after=1.0 - ACCESS_LIFETIME
+        ):
+            self.close_window(window, RECOVERY + GRACE)
+
     async def daemon_status(self) -> dict[str, Any] | None:
         """Return the default account's /v1/status entry, or None."""
         try:
@@ -764,6 +1049,22 @@ class Soak:
             choices.append(("disk_full", 30 if self.report.disk_full_episodes == 0 else 8))
         if self.args.lost_response:
             choices.append(("lost_response", 6))
+        if not self.args.no_backoff_chaos:
+            choices += [("restart_rate_limited", 8), ("restart_near_expiry", 5)]
+            if (
+                now - self.last_near_death > NEAR_DEATH_COOLDOWN
+                and now - self.last_jump > REFRESH_LIFETIME
+                and now - self.last_clock_back > REFRESH_LIFETIME
+            ):
+                # A clock jump shortens the refresh token's life at Kakao but not in the
+                # daemon's view, and a step of the daemon's clock leaves an expiry written
+                # before it in the old time: only without a recent one of either is "seconds
+                # left" the same for both.
+                choices.append(("refresh_near_death", 12))
+            if self.faketime_lib is not None and now - self.last_clock_back > CLOCK_BACK_COOLDOWN:
+                choices.append(("clock_back", 10))
+        if self.args.only:
+            choices = [c for c in choices if c[0] in self.args.only] or [("pause", 1)]
         names = [c[0] for c in choices]
         pick = self.rng.choices(names, weights=[c[1] for c in choices])[0]
         if self.args.control == "unaccounted-jumps":
@@ -779,6 +1080,14 @@ class Soak:
             await self.clock_jump()
         elif pick == "disk_full":
             await self.disk_full()
+        elif pick == "restart_rate_limited":
+            await self.restart_near_expiry(rate_limited=True)
+        elif pick == "restart_near_expiry":
+            await self.restart_near_expiry(rate_limited=False)
+        elif pick == "refresh_near_death":
+            await self.refresh_near_death()
+        elif pick == "clock_back":
+            await self.clock_back()
         else:
             await self.token_fault("lost_response")
 
@@ -787,11 +1096,16 @@ class Soak:
     async def run(self) -> Report:
         """Run the soak for --minutes and return the report."""
         self.mount_tmpfs()
+        self.setup_faketime()
         self.write_config()
         self.session = create_session()
         try:
+            # Like a restart: until the daemon runs, nobody refreshes the login's token (a slow
+            # start-up on a busy machine can outlast a 3-second token).
+            start = self.open_window("initial start")
             await self.login()
             await self.start_daemon()
+            self.close_window(start)
             self.t_start = self.now()
             self.t0_mono = time.monotonic()
             deadline = self.t0_mono + self.args.minutes * 60
@@ -892,6 +1206,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "causes is accounted for and followed by a re-login",
     )
     parser.add_argument("--no-disk-full", action="store_true", help="skip the disk-full episode")
+    parser.add_argument(
+        "--no-backoff-chaos",
+        action="store_true",
+        help="skip the chaos aimed at the rate-limit back-off (restarts near expiry, faults "
+        "near refresh-token death, clock steps back)",
+    )
+    parser.add_argument(
+        "--no-clock-back", action="store_true", help="never step the daemon's clock back"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=DISRUPTIONS,
+        help="only this disruption (repeatable; when none is possible at that moment, a pause)",
+    )
     parser.add_argument("--json", type=Path, help="also write the counts as JSON to this file")
     parser.add_argument("--workdir", help="use this directory (kept) instead of a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")

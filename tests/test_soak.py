@@ -149,3 +149,25 @@ def test_negative_control_the_soak_fails_when_stale_tokens_go_unexcused(tmp_path
     result = json.loads(out.read_text())
     assert result["expired_reads_while_healthy"] > 0
     assert result["clock_jumps"] >= 3
+
+
+def test_the_soak_runs_the_daemon_with_the_production_retry_settings(tmp_path: Path) -> None:
+    """The daemon under soak keeps retry_initial/retry_max at their defaults, and a recovery
+    allowance after a fault is a fraction of the access lifetime, not retry_max.
+
+    A soak that capped retry_max at 1 s hid a fixed 60 s rate-limit pause (issue 10 §1); a
+    window of retry_max after each fault would excuse one again.
+    """
+    from kakao_tokend.config import RefreshPolicy, load_config
+
+    soak = load_soak()
+    args = argparse.Namespace(seed=1, minutes=1.0, lost_response=False, quiet=True)
+    emulator = KakaoEmulator()
+    emulator.url = "http://127.0.0.1:9"  # never contacted: only the config is written
+    run = soak.Soak(emulator, tmp_path, args)
+    run.write_config()
+    policy = load_config(run.config_path).refresh
+    defaults = RefreshPolicy()
+    assert (policy.retry_initial, policy.retry_max) == (defaults.retry_initial, defaults.retry_max)
+    assert soak.RECOVERY <= soak.ACCESS_LIFETIME / 2
+    assert {"restart_rate_limited", "refresh_near_death", "clock_back"} <= set(soak.DISRUPTIONS)

@@ -191,6 +191,21 @@ async def refresh(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if body["refreshed"] else 502)
 
 
+async def reread(request: web.Request) -> web.Response:
+    """Re-read the account's state file now (the CLI calls this after login/import/logout).
+
+    A refresh in flight re-reads the file under the account lock itself: wait for it first.
+    """
+    daemon = _daemon(request)
+    manager = _manager(request)
+    if manager.refreshing:
+        await _within_timeout(request, manager.wait_idle(daemon.config.api.request_timeout))
+    changed = daemon.adopt_outside_changes(manager)
+    body = manager.describe()
+    body["changed"] = changed
+    return web.json_response(body)
+
+
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -488,6 +503,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/status", status)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/accounts/{name}/refresh", refresh)
+    app.router.add_post("/v1/accounts/{name}/reread", reread)
     app.router.add_get("/v1/accounts/{name}/token", token)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/kapi/{path:.*}", proxy)

@@ -505,6 +505,7 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
         )
     )
     state = result.state
+    _tell_daemon(account.name)
     who = f" as Kakao user {result.user_id}" if result.user_id is not None else ""
     click.echo(f"Login succeeded for account '{account.name}'{who}.")
     for line in _describe_files(state, account):
@@ -568,6 +569,7 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
             )
 
     result = _run_async(go())
+    _tell_daemon(account.name)
     _report_import(path, account, result)
 
 
@@ -814,7 +816,7 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         results.append(assess(name, state, now, warn=warn, crit=crit, load_error=load_error))
     for item in results:
         # What the daemon alerted about and has not seen cleared yet (its bookkeeping file).
-        item.data["alerts"] = _active_alerts(config.accounts[item.account])
+        item.data["alerts"] = _current_alerts(config.accounts[item.account], item.state, now)
     worst = max(item.level for item in results)
     if config.source is None and any(item.state is None and item.lines is None for item in results):
         # "run `kakao-tokend login`" alone would fail next: there is no config to log in with.
@@ -1032,6 +1034,7 @@ def refresh(lock_timeout: float) -> None:
     state, _, rotated = _run_async(
         _managed_refresh(account, settings.config(), min_valid=None, lock_timeout=lock_timeout)
     )
+    _tell_daemon(account.name)
     now = utcnow()
     tokens = state.tokens
     click.echo(
@@ -1115,6 +1118,23 @@ def _via_daemon(
         return _run_async(call(sock, method, path, params=params))
     except DaemonNotRunning:
         return None
+
+
+def _tell_daemon(name: str) -> None:
+    """Tell a running daemon that this command rewrote (or removed) the account's state.
+
+    Best effort and quick: the daemon takes the new tokens over before this command returns.
+    When the socket is out of reach (another user, no daemon) nothing is said; a running
+    daemon then notices the file through its watch on the state directory.
+    """
+    from .apiclient import call, daemon_running, socket_path
+
+    try:
+        sock = socket_path(_settings().config(secrets=False))
+        if daemon_running(sock):
+            _run_async(call(sock, "POST", f"/v1/accounts/{name}/reread", timeout=10.0))
+    except Exception as exc:  # never fail a login that worked because of this courtesy call
+        logging.getLogger(__name__).debug("could not tell the daemon: %r", exc)
 
 
 def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendError:
@@ -1256,11 +1276,21 @@ def logout(keep_files: bool) -> None:
     # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
     store = AccountStore(account, rescue_dir=settings.config().runtime_dir)
     store.check_paths()
-    try:
-        state = store.load()
-    except StateCorrupt as exc:
-        click.echo(f"warning: {exc}", err=True)
-        state = None
+    existing: list[Path] = []
+    # Under the account lock, so the tokens read are the newest (a refresh in flight ends
+    # first). The files go, and a running daemon is told, BEFORE Kakao revokes the tokens:
+    # the daemon never hands out a token that is already dead.
+    with store.lock(timeout=5.0):
+        try:
+            state = store.load()
+        except StateCorrupt as exc:
+            click.echo(f"warning: {exc}", err=True)
+            state = None
+        if not keep_files:
+            existing = [path for path in (store.state_path, store.token_path) if path.exists()]
+            store.remove()
+    if not keep_files:
+        _tell_daemon(account.name)
     if state is None:
         click.echo(f"account '{account.name}' has no tokens; nothing to log out at Kakao")
     else:
@@ -1284,9 +1314,6 @@ def logout(keep_files: bool) -> None:
     if keep_files:
         click.echo(f"kept {store.state_path} and {store.token_path}")
         return
-    existing = [path for path in (store.state_path, store.token_path) if path.exists()]
-    with store.lock(timeout=5.0):
-        store.remove()
     if existing:
         click.echo("removed " + " and ".join(str(path) for path in existing))
     else:
@@ -1454,6 +1481,28 @@ def _active_alerts(account: AccountConfig) -> list[dict[str, Any]]:
     from .store import AccountStore
 
     return active_alerts((AccountStore(account).load_alerts() or {}).get("active") or {})
+
+
+def _current_alerts(
+    account: AccountConfig, state: AccountState | None, now: datetime
+) -> list[dict[str, Any]]:
+    """The daemon's recorded alerts, minus those about tokens a login or import replaced.
+
+    With no daemon running (or one that has not seen the new state yet) the bookkeeping can
+    still list `no_tokens`, `relogin` or `refresh_expiry` for the old tokens; next to the new
+    state's OK they would only mislead. A daemon re-evaluates them (and announces the
+    resolution) as soon as it sees the new state.
+    """
+    alerts = _active_alerts(account)
+    if state is None:
+        return alerts
+    stale = {"no_tokens"}
+    if not state.relogin_reason:
+        stale.add("relogin")
+    left = state.tokens.refresh_remaining(now).total_seconds()
+    if left > 0 and not any(left < threshold for threshold in account.alerts.thresholds):
+        stale.add("refresh_expiry")
+    return [alert for alert in alerts if alert["condition"] not in stale]
 
 
 @main.group()

@@ -181,6 +181,11 @@ class AccountManager:
         return self.account.name
 
     @property
+    def refreshing(self) -> bool:
+        """Return True while a refresh (a call to Kakao and its saving) is in flight."""
+        return self._inflight is not None
+
+    @property
     def busy(self) -> bool:
         """Return True while a refresh runs or a new state still waits to be written."""
         return self._inflight is not None or self.status.write_pending
@@ -302,6 +307,7 @@ class AccountManager:
             if self.state is not None and not self.status.write_pending:
                 log.warning("account %s: state file was removed (logout?)", self.name)
                 self._adopt(None)
+                self._emit("adopted", f"{self.name}: state file removed", {"generation": None})
                 return True
             return False
         if self.state is not None and (

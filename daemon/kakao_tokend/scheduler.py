@@ -3,8 +3,11 @@
 APScheduler waits on the monotonic clock, which stops during a suspend, and decides what is
 due from the wall clock; a late one-shot job is dropped unless ``misfire_grace_time`` is None.
 So every job here runs however late it is, and a heartbeat re-checks every account against
-the wall clock at least every ``heartbeat`` seconds (pitfalls.md §1.3–1.4). All scheduler calls
-live in this module so a move to APScheduler 4 touches one file.
+the wall clock at least every ``heartbeat`` seconds (pitfalls.md §1.3–1.4). The heartbeat is
+a plain asyncio task on the monotonic clock, not an APScheduler interval job: after the wall
+clock steps back, APScheduler finds nothing due until the wall clock has caught up again, and
+the safety net must not stop exactly then. All scheduler calls live in this module so a move
+to APScheduler 4 touches one file.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from .refresher import AccountEvent, AccountManager
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_JOB = "heartbeat"
-
 
 def _job_id(account: str) -> str:
     return f"account:{account}"
@@ -38,6 +39,9 @@ class RefreshScheduler:
         self.last_beat = time.monotonic()
         self._planned: dict[str, datetime | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        #: Set by shutdown(): from then on nothing new is planned or started.
+        self.stopped = False
         self._scheduler = AsyncIOScheduler(
             timezone=UTC,
             job_defaults={
@@ -51,17 +55,24 @@ class RefreshScheduler:
     def start(self) -> None:
         """Start the scheduler (inside the running loop) and the heartbeat."""
         self._scheduler.start()
-        self._scheduler.add_job(
-            self._beat,
-            "interval",
-            seconds=self.heartbeat,
-            id=HEARTBEAT_JOB,
-            replace_existing=True,
-        )
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         self.last_beat = time.monotonic()
 
+    async def _heartbeat_loop(self) -> None:
+        """Beat every ``heartbeat`` seconds of the monotonic clock (read anew after a reload)."""
+        while not self.stopped:
+            await asyncio.sleep(self.heartbeat)
+            try:
+                await self._beat()
+            except Exception:  # _beat guards each account; this only keeps the loop alive
+                log.exception("heartbeat failed")
+
     def shutdown(self) -> None:
-        """Stop scheduling new work. In-flight refreshes are owned by their managers."""
+        """Stop scheduling new work, for good (idempotent). In-flight refreshes go on."""
+        self.stopped = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         if self._scheduler.running:
             # wait=False: APScheduler cannot wait for coroutine jobs anyway (it cancels them);
             # refreshes survive that because they run shielded in the manager's own task.
@@ -76,10 +87,10 @@ class RefreshScheduler:
         if seconds == self.heartbeat:
             return
         self.heartbeat = seconds
-        if self._scheduler.running:
-            self._scheduler.add_job(
-                self._beat, "interval", seconds=seconds, id=HEARTBEAT_JOB, replace_existing=True
-            )
+        if self._heartbeat is not None:
+            # Restart the wait, so a shorter heartbeat takes effect now, not after the old one.
+            self._heartbeat.cancel()
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     def add(self, manager: AccountManager) -> None:
         """Start scheduling ``manager``'s account."""
@@ -100,6 +111,8 @@ class RefreshScheduler:
 
     def plan(self, manager: AccountManager) -> None:
         """(Re)schedule the account's one-shot job at its next wake-up, if that changed."""
+        if self.stopped:
+            return
         when = manager.next_wakeup()
         if self._planned.get(manager.name, "unset") == when:
             return
@@ -126,6 +139,8 @@ class RefreshScheduler:
 
     def run_soon(self, manager: AccountManager, coro_name: str = "tick") -> None:
         """Run ``manager.tick()`` (or ``verify``) in a task this scheduler keeps track of."""
+        if self.stopped:
+            return
         task = asyncio.create_task(self._guarded(manager, coro_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -172,6 +187,8 @@ class RefreshScheduler:
 
     async def _beat(self) -> None:
         self.last_beat = time.monotonic()
+        if self.stopped:
+            return
         for manager in list(self.managers.values()):
             try:
                 if not manager.busy:

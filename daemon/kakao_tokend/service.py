@@ -14,7 +14,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +22,13 @@ import aiohttp
 from aiohttp import web
 
 from . import systemd
-from .alerts import AlertCenter
+from .alerts import CLOSE_GRACE, AlertCenter
 from .apisocket import bind_unix_socket
 from .config import AccountConfig, Config, load_config
 from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked, UnsafePath
+from .hooks import KILL_WAIT
 from .kakao import KakaoClient, create_session
-from .refresher import AccountManager, EventListener, Health
+from .refresher import FILE_LOCK_WAIT, AccountManager, EventListener, Health
 from .scheduler import RefreshScheduler
 from .store import (
     AccountStore,
@@ -38,6 +39,7 @@ from .store import (
     remove_stale_temp_files,
 )
 from .tokens import Clock, utcnow
+from .watch import StateWatcher
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,14 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
-#: How long a stop waits for an in-flight refresh to finish and be persisted.
+#: The least a stop (or a reload) waits for an in-flight refresh to finish and be persisted.
 STOP_GRACE = 20.0
+#: How long a stop lets API requests that are still being answered finish (aiohttp's
+#: shutdown_timeout); a refresh they started goes on in its own task.
+API_SHUTDOWN_TIMEOUT = 5.0
+#: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
+#: often, each time asking for three times as long (so one lost datagram costs nothing).
+EXTEND_EVERY = 5.0
 INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 
@@ -71,6 +79,10 @@ class Daemon:
     #: Alert conditions and channels (set up by _alerts_ctx).
     alerts: AlertCenter | None = None
     _lock_fd: int | None = None
+    _stopping: bool = False
+    _extender: asyncio.Task[None] | None = None
+    #: Watches the state directories for files other processes write (set up by _watch_ctx).
+    watcher: StateWatcher | None = None
 
     # ---------------------------------------------------------------- instance lock
 
@@ -160,10 +172,75 @@ class Daemon:
         for manager in self.managers.values():
             log.info("account %s", manager.summary())
 
+    def adopt_outside_changes(self, manager: AccountManager) -> bool:
+        """Take over a state another process wrote (login, import, logout, refresh) now.
+
+        Called when the CLI says so over the socket and when the state directory watch sees
+        the file change. A manager that is refreshing re-reads the file under its lock anyway,
+        and a state still waiting to be written is newer than anything on disk: both are left
+        alone. Returns True when the tokens in memory changed.
+        """
+        if manager.busy or self._stopping:
+            return False
+        changed = manager.notice_outside_changes()
+        if changed:
+            if self.scheduler is not None:
+                self.scheduler.plan(manager)
+            if self.alerts is not None:
+                # Now, not at the next heartbeat: alerts about the old tokens resolve at once.
+                self.alerts.evaluate(manager.name)
+        return changed
+
+    def on_state_file_changed(self, path: Path) -> None:
+        """StateWatcher callback: adopt the account whose state file ``path`` is."""
+        for manager in list(self.managers.values()):
+            if manager.account.state_file == path:
+                self.adopt_outside_changes(manager)
+
+    def watch_state_files(self) -> None:
+        """Point the state directory watch at the current accounts' state files."""
+        if self.watcher is not None:
+            self.watcher.watch(m.account.state_file for m in self.managers.values())
+
     def summary(self) -> str:
         """Return the one-line STATUS text, e.g. ``default: access 4h12m, refresh 41d``."""
         now = self.clock()
         return "; ".join(m.summary(now) for m in self.managers.values()) or "no accounts"
+
+    # ---------------------------------------------------------------- stopping
+
+    def begin_stop(self) -> None:
+        """Start a stop: schedule nothing more, tell systemd, keep its stop timeout extended.
+
+        Idempotent. In-flight refreshes go on; the cleanup contexts wait for them.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        systemd.stopping("stopping: finishing in-flight refreshes")
+        self._extender = asyncio.get_running_loop().create_task(self._extend_while_refreshing())
+
+    async def _extend_while_refreshing(self) -> None:
+        """Ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a refresh is in flight."""
+        last: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            if any(m.refreshing for m in self.managers.values()) and (
+                last is None or loop.time() - last >= EXTEND_EVERY
+            ):
+                systemd.extend_timeout(3 * EXTEND_EVERY)
+                last = loop.time()
+            await asyncio.sleep(0.2)
+
+    async def end_stop(self) -> None:
+        """Stop extending systemd's timeout (everything has been waited for)."""
+        task, self._extender = self._extender, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # ---------------------------------------------------------------- reload
 
@@ -230,6 +307,7 @@ class Daemon:
                 self.scheduler.plan(manager)
                 if manager.state is not None and not manager.status.write_pending:
                     manager.publish()
+            self.watch_state_files()
             message = (
                 f"configuration reloaded: {len(new.accounts)} account(s)"
                 f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
@@ -243,6 +321,28 @@ class Daemon:
 
 
 DAEMON = web.AppKey("daemon", Daemon)
+
+
+def refresh_grace(kakao_timeouts: Iterable[float]) -> float:
+    """Return how long a stop waits for in-flight refreshes: the longest one can take.
+
+    A refresh waits up to FILE_LOCK_WAIT for the account's file lock, then up to the app's
+    Kakao timeout for the answer. Giving up earlier closes the HTTP session under it, and an
+    answer Kakao already committed (a rotated refresh token) would be lost.
+    """
+    return max([STOP_GRACE, *(FILE_LOCK_WAIT + timeout + 1.0 for timeout in kakao_timeouts)])
+
+
+def stop_budget(kakao_timeouts: Iterable[float]) -> float:
+    """Return the longest a clean stop can take, in seconds (one home for TimeoutStopSec).
+
+    API requests drain, in-flight refreshes finish, queued alerts are delivered, running hooks
+    are killed: one after another in the worst case. The shipped units' TimeoutStopSec= is at
+    least this for the default Kakao timeout (tests/test_stop_timing.py reads both); with a
+    longer timeout the daemon asks systemd for more time (EXTEND_TIMEOUT_USEC) while a refresh
+    is still in flight.
+    """
+    return API_SHUTDOWN_TIMEOUT + refresh_grace(kakao_timeouts) + CLOSE_GRACE + KILL_WAIT
 
 
 async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -266,9 +366,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
     # and be persisted, then make one last try to write a state the disk refused.
-    # A refresh request may take up to its timeout; giving up earlier closes the session under
-    # it, and an answer Kakao already committed (a rotated refresh token) would be lost.
-    grace = max([STOP_GRACE, *(m.account.app.timeout + 1.0 for m in daemon.managers.values())])
+    grace = refresh_grace(m.account.app.timeout for m in daemon.managers.values())
     results = await asyncio.gather(*(m.wait_idle(grace) for m in daemon.managers.values()))
     if not all(results):
         log.error("a refresh was still running after %ss; stopping anyway", grace)
@@ -280,6 +378,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
                 manager.name,
                 manager.status.write_error,
             )
+    await daemon.end_stop()  # nothing is in flight any more: no more EXTEND_TIMEOUT_USEC
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -309,7 +408,7 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler.run_soon(manager, "start")
     yield
     scheduler.shutdown()
-    await scheduler.drain(STOP_GRACE)
+    await scheduler.drain(refresh_grace(m.account.app.timeout for m in daemon.managers.values()))
 
 
 async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -318,11 +417,23 @@ async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
     watchdog = asyncio.create_task(systemd.watchdog_loop(daemon.scheduler.is_healthy))
     status_task = asyncio.create_task(_status_loop(daemon))
     yield
-    systemd.stopping("stopping: finishing in-flight refreshes")
+    daemon.begin_stop()
     for task in (watchdog, status_task):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    watcher = StateWatcher(daemon.on_state_file_changed)
+    daemon.watcher = watcher
+    daemon.watch_state_files()
+    watcher.start()
+    log.debug("watching the state directories (%s)", watcher.mode)
+    yield
+    await watcher.close()
+    daemon.watcher = None
 
 
 async def _status_loop(daemon: Daemon) -> None:
@@ -350,7 +461,15 @@ def build_app(
         listeners=list(listeners or []),
     )
     app.cleanup_ctx.extend(
-        [_instance_lock_ctx, _session_ctx, _accounts_ctx, _alerts_ctx, _scheduler_ctx, _systemd_ctx]
+        [
+            _instance_lock_ctx,
+            _session_ctx,
+            _accounts_ctx,
+            _alerts_ctx,
+            _scheduler_ctx,
+            _watch_ctx,
+            _systemd_ctx,
+        ]
     )
     from . import hooks, templates
     from .api import add_routes
@@ -381,7 +500,14 @@ async def serve(
         config, config_path=config_path, only_account_name=only_account_name, listeners=listeners
     )
     daemon = app[DAEMON]
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
+    )
+
+    def on_stop() -> None:
+        # At once, not after the API has drained: no refresh may start once a stop began.
+        daemon.begin_stop()
+        stop.set()
 
     def on_reload() -> None:
         if daemon.scheduler is None:
@@ -394,7 +520,7 @@ async def serve(
     # Installed before start-up: a stop that arrives while an overdue token is being
     # refreshed at start must still be a clean stop that lets that refresh persist.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         await runner.setup()
@@ -449,7 +575,11 @@ async def serve(
         log.info("shutting down")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        await runner.cleanup()
+        daemon.begin_stop()
+        try:
+            await runner.cleanup()
+        finally:
+            await daemon.end_stop()
         with contextlib.suppress(OSError):
             info = socket_path.lstat()
             if (info.st_dev, info.st_ino) == socket_id:  # ours, not a successor's

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Real-systemd test of systemd/kakao-tokend.service: boots Debian bookworm under systemd-nspawn
-# (a real systemd 252 as PID 1), installs kakao-tokend, runs the unit against the Kakao emulator
-# and checks READY/STATUS, refreshes, journald priorities, credentials, token-file access,
-# reload, the watchdog, stop and the no-restart-on-78 policy. Slow and root-only: NOT part of
-# pytest; .ci/systemd-test runs it where the machine allows.
+# Real-systemd test of the units in systemd/: boots Debian bookworm under systemd-nspawn (a real
+# systemd 252 as PID 1), installs kakao-tokend, runs kakao-tokend.service against the Kakao
+# emulator and checks READY/STATUS, refreshes, journald priorities, credentials, token-file
+# access, reload, the watchdog, stop and the no-restart-on-78 policy; then the per-account
+# template (kakao-tokend@default.service) and the user unit under a user's own service manager
+# (start, refreshes, files, reload, stop). Slow and root-only: NOT part of pytest;
+# .ci/systemd-test runs it where the machine allows.
 #
 # Usage: tests/systemd/nspawn-test.sh
 #   KT_NSPAWN_CACHE   cache dir for the rootfs layers (default /var/cache/kakao-tokend-ci)
@@ -164,12 +166,18 @@ nspawn_run -D "$root" --bind-ro="$wheels:/mnt/dist" /opt/kakao-tokend/bin/pip in
 
 install -m 0644 "$repo/systemd/kakao-tokend.sysusers.conf" "$root/usr/lib/sysusers.d/kakao-tokend.conf"
 install -m 0644 "$repo/systemd/kakao-tokend.service" "$root/etc/systemd/system/kakao-tokend.service"
+install -m 0644 "$repo/systemd/kakao-tokend@.service" "$root/etc/systemd/system/kakao-tokend@.service"
 # Test-only drop-in: a short watchdog so the watchdog check takes seconds, not half a minute.
 # Everything else is the shipped unit.
 install -d "$root/etc/systemd/system/kakao-tokend.service.d"
 # KT_NSPAWN_DROPIN adds [Service] lines, e.g. "RestartPreventExitStatus=" to see a check fail.
 printf '[Service]\nWatchdogSec=4s\n%b\n' "${KT_NSPAWN_DROPIN:-}" \
     >"$root/etc/systemd/system/kakao-tokend.service.d/test.conf"
+# The template's drop-in also cuts TimeoutStopSec= to 1 s: a stop during a 2.5 s refresh then
+# ends cleanly only because the daemon asks systemd for more time (EXTEND_TIMEOUT_USEC).
+install -d "$root/etc/systemd/system/kakao-tokend@.service.d"
+printf '[Service]\nWatchdogSec=4s\nTimeoutStopSec=1s\n' \
+    >"$root/etc/systemd/system/kakao-tokend@.service.d/test.conf"
 
 # Secrets only in the credstore (root:root 0600); the config names them by credential id.
 install -d -m 0700 "$root/etc/credstore"
@@ -462,7 +470,151 @@ else
     record stop FAIL "$code; last lines: $(paste -sd"|" - <<<"$tail_log")"
 fi
 
-# 9. exit 78 (bad config) is not restarted
+# 9. the template unit: one process per account, with its own state and runtime directory.
+# The account moves from the single unit (stopped above) to the template, never both at once.
+tunit=kakao-tokend@default.service
+tprop() { prop "$1" "$tunit"; }
+tjournal() { jctl -u "$tunit"; }
+tsaid() { tjournal | grep -qF "$1"; }
+inside install -d -o kakao-tokend -g kakao-tokend -m 0750 /var/lib/kakao-tokend/default
+inside mv /var/lib/kakao-tokend/default.state.json /var/lib/kakao-tokend/default/default.state.json
+inside rm -f /var/lib/kakao-tokend/default.token.json
+t0=$SECONDS
+problems=()
+if timeout 90 nsenter --target "$leader" --mount --pid --root --wd systemctl start "$tunit"; then
+    tpid=$(tprop MainPID)
+    [ "$(tprop ActiveState)/$(tprop SubState)" = active/running ] \
+        || problems+=("state $(tprop ActiveState)/$(tprop SubState)")
+    [[ $(tprop StatusText) == default:* ]] || problems+=("StatusText '$(tprop StatusText)'")
+    wait_until 30 tsaid "refreshed default" || problems+=("no refresh in 30 s")
+    files=$(inside stat -c '%a %U' /var/lib/kakao-tokend/default/default.token.json \
+        /run/kakao-tokend/default/api.sock 2>&1 | paste -sd, -)
+    [ "$files" = "640 kakao-tokend,660 kakao-tokend" ] || problems+=("token file/socket: $files")
+    ident=$(inside journalctl --no-pager -q -o json -u "$tunit" | grep '"MESSAGE":"kakao-tokend running' \
+        | grep -o '"SYSLOG_IDENTIFIER":"[^"]*"' | sort -u | paste -sd, -)
+    [ "$ident" = '"SYSLOG_IDENTIFIER":"kakao-tokend@default"' ] || problems+=("identifiers $ident")
+    if timeout 30 nsenter --target "$leader" --mount --pid --root --wd systemctl reload "$tunit" \
+            && wait_until 10 tsaid "configuration reloaded"; then
+        [ "$(tprop MainPID)" = "$tpid" ] || problems+=("reload changed MainPID")
+    else
+        problems+=("reload failed")
+    fi
+    # Stop while Kakao takes 2.5 s to answer a refresh (TimeoutStopSec=1s in the drop-in).
+    emu_py() { inside /opt/kakao-tokend/bin/python -c "import json, urllib.request as u
+base = 'http://127.0.0.1:8790/_emulator/'
+$1"; }
+    slow_before=$(emu_py "print(json.load(u.urlopen(base + 'stats'))['faults_fired'].get('slow', 0))")
+    emu_py "u.urlopen(u.Request(base + 'faults', json.dumps({'endpoint': 'token', 'kind': 'slow',
+    'count': 1, 'delay': 2.5}).encode(), {'Content-Type': 'application/json'})).read()"
+    slow_fired() { [ "$(emu_py "print(json.load(u.urlopen(base + 'stats'))['faults_fired'].get('slow', 0))")" -gt "$slow_before" ]; }
+    if wait_until 15 slow_fired; then
+        ts=$SECONDS
+        inside systemctl stop "$tunit" || true
+        took=$((SECONDS - ts))
+        tcode="Result=$(tprop Result) status=$(tprop ExecMainStatus) $(tprop ActiveState)"
+        after=$(tjournal | sed -n '/shutting down/,$p')
+        if [ "$tcode" != "Result=success status=0 inactive" ] || ! grep -q "refreshed default" <<<"$after" \
+                || ! grep -qx stopped <<<"$after" || [ "$took" -lt 1 ]; then
+            problems+=("stop during a slow refresh: $tcode after ${took} s")
+        fi
+    else
+        problems+=("the slow refresh never started")
+        inside systemctl stop "$tunit" || true
+    fi
+else
+    problems+=("systemctl start failed: $(tprop Result) / status $(tprop ExecMainStatus)")
+fi
+if [ "${#problems[@]}" -eq 0 ]; then
+    record "template unit" ok "$tunit: READY, refreshes, token 640 + socket in its own dirs, reload; stop during a 2.5 s refresh with TimeoutStopSec=1s: saved, clean (EXTEND_TIMEOUT_USEC), in $((SECONDS - t0)) s"
+else
+    record "template unit" FAIL "$(IFS=';'; echo "${problems[*]}")"
+    tjournal | tail -n 20 | sed 's/^/    /'
+fi
+
+# 10. the user unit: a user's own service manager runs it, no root involved. A desktop has no
+# /etc/kakao-tokend/config.toml, and the config search would find that one before the user's:
+# set it aside meanwhile.
+t0=$SECONDS
+inside mv /etc/kakao-tokend/config.toml /etc/kakao-tokend/config.toml.system
+problems=()
+user=alice
+inside useradd --create-home --shell /bin/bash "$user"
+uid=$(inside id -u "$user")
+home=/home/$user
+ustate=$home/.local/state/kakao-tokend
+inside install -d -o "$user" -g "$user" -m 0700 "$home/.config" "$home/.config/kakao-tokend" \
+    "$home/.config/systemd" "$home/.config/systemd/user" "$home/.local" "$home/.local/bin"
+inside ln -s /opt/kakao-tokend/bin/kakao-tokend "$home/.local/bin/kakao-tokend"
+install -m 0644 "$repo/systemd/user/kakao-tokend.service" "$root$home/.config/systemd/user/kakao-tokend.service"
+mkdir -p "$root$home/.config/systemd/user/kakao-tokend.service.d"
+printf '[Service]\nWatchdogSec=4s\n' >"$root$home/.config/systemd/user/kakao-tokend.service.d/test.conf"
+printf 'emulator-rest-key' >"$root$home/.config/kakao-tokend/rest_api_key"
+printf 'emulator-client-secret' >"$root$home/.config/kakao-tokend/client_secret"
+cat >"$root$home/.config/kakao-tokend/config.toml" <<'TOML'
+log_level = "info"
+[kakao]
+rest_api_key_file = "rest_api_key"
+client_secret_file = "client_secret"
+auth_url = "http://127.0.0.1:8790"
+api_url = "http://127.0.0.1:8790"
+timeout = "3s"
+connect_timeout = "2s"
+[refresh]
+heartbeat = "1s"
+TOML
+inside chown -R "$user:$user" "$home/.config"
+inside chmod 0600 "$home/.config/kakao-tokend/rest_api_key" "$home/.config/kakao-tokend/client_secret"
+as_user() { inside runuser -u "$user" -- env HOME="$home" XDG_RUNTIME_DIR="/run/user/$uid" "$@"; }
+usr() { as_user systemctl --user "$@"; }
+uprop() { usr show -P "$1" kakao-tokend.service; }
+ujournal() { jctl _SYSTEMD_USER_UNIT=kakao-tokend.service; }
+usaid() { ujournal | grep -qF "$1"; }
+# The minbase rootfs has no libpam-systemd, which sets XDG_RUNTIME_DIR for a user manager
+# (user@.service refuses to start without it); a drop-in does the same.
+install -d "$root/etc/systemd/system/user@.service.d"
+printf '[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%%i\n' \
+    >"$root/etc/systemd/system/user@.service.d/runtime-dir.conf"
+inside systemctl daemon-reload
+if ! inside systemctl start "user@$uid.service"; then
+    problems+=("the user manager user@$uid did not start")
+    jctl -b -u "user@$uid.service" -u "user-runtime-dir@$uid.service" | tail -n 15 | sed 's/^/    /'
+elif ! { as_user /opt/kakao-tokend/bin/python /usr/local/lib/kt-test/seed_tokens.py \
+            http://127.0.0.1:8790 "$home/kakao_token.json" \
+        && as_user "$home/.local/bin/kakao-tokend" import "$home/kakao_token.json"; } >"$work/user-seed.log" 2>&1; then
+    problems+=("import as $user: $(tail -n 2 "$work/user-seed.log" | paste -sd'|' -)")
+elif ! usr daemon-reload || ! usr start kakao-tokend.service; then
+    problems+=("systemctl --user start failed: $(uprop Result) / status $(uprop ExecMainStatus)")
+else
+    upid=$(uprop MainPID)
+    [ "$(uprop ActiveState)/$(uprop SubState)" = active/running ] \
+        || problems+=("state $(uprop ActiveState)/$(uprop SubState)")
+    [[ $(uprop StatusText) == default:* ]] || problems+=("StatusText '$(uprop StatusText)'")
+    wait_until 30 usaid "refreshed default" || problems+=("no refresh in 30 s")
+    files=$(inside stat -c '%a %U' "$ustate" "$ustate/default.state.json" \
+        "/run/user/$uid/kakao-tokend/api.sock" 2>&1 | paste -sd, -)
+    [[ $files =~ ^7[0-5]0\ $user,600\ $user,6[0-6]0\ $user$ ]] || problems+=("files: $files")
+    out=$(as_user "$home/.local/bin/kakao-tokend" status 2>&1) \
+        && grep -q "daemon:        running" <<<"$out" || problems+=("status: $(paste -sd'|' - <<<"$out" | cut -c1-160)")
+    if usr reload kakao-tokend.service && wait_until 10 usaid "configuration reloaded"; then
+        [ "$(uprop MainPID)" = "$upid" ] || problems+=("reload changed MainPID")
+    else
+        problems+=("reload failed")
+    fi
+    usr stop kakao-tokend.service || true
+    ucode="Result=$(uprop Result) status=$(uprop ExecMainStatus) $(uprop ActiveState)"
+    [ "$ucode" = "Result=success status=0 inactive" ] && grep -qx stopped <<<"$(ujournal | tail -n 4)" \
+        || problems+=("stop: $ucode")
+fi
+if [ "${#problems[@]}" -eq 0 ]; then
+    record "user unit" ok "systemctl --user as $user: READY, refreshes, files in ~/.local/state (private), status via socket, reload, clean stop in $((SECONDS - t0)) s"
+else
+    record "user unit" FAIL "$(IFS=';'; echo "${problems[*]}")"
+    ujournal | tail -n 20 | sed 's/^/    /'
+fi
+
+inside mv /etc/kakao-tokend/config.toml.system /etc/kakao-tokend/config.toml
+
+# 11. exit 78 (bad config) is not restarted
 printf 'this is = not [valid toml\n' >"$root/etc/kakao-tokend/config.toml"
 inside systemctl start kakao-tokend.service >/dev/null 2>&1 || true
 sleep 8   # RestartSec=5s plus slack: a restart would have happened by now
@@ -476,15 +628,17 @@ fi
 
 # no token (access or refresh) ever reaches the journal
 tokens=$(inside /opt/kakao-tokend/bin/python -c '
-import json
-t = json.load(open("/var/lib/kakao-tokend/default.state.json"))["tokens"]
-print(t["access_token"]); print(t["refresh_token"])' 2>/dev/null || true)
+import glob, json
+for path in glob.glob("/var/lib/kakao-tokend/**/*.state.json", recursive=True) + glob.glob(
+        "/home/*/.local/state/kakao-tokend/*.state.json"):
+    t = json.load(open(path))["tokens"]
+    print(t["access_token"]); print(t["refresh_token"])' 2>/dev/null || true)
 if [ -z "$tokens" ]; then
     record "no token in journal" FAIL "could not read the state file to compare"
 elif grep -qF "$tokens" <<<"$(jctl -b)"; then
     record "no token in journal" FAIL "a current token appears in the journal"
 else
-    record "no token in journal" ok "current access and refresh token absent from the boot's journal"
+    record "no token in journal" ok "current access and refresh tokens of every unit absent from the boot's journal"
 fi
 
 # ------------------------------------------------------------------ summary
