@@ -23,7 +23,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 from . import paths
@@ -519,8 +519,7 @@ class SecretSpec:
 _META: Final = "kakao_tokend.config"
 
 
-@dataclass(frozen=True)
-class _Key:
+class _Key(NamedTuple):
     """The field is set by one config key, parsed by ``parse``."""
 
     parse: Parser
@@ -536,8 +535,7 @@ class _Key:
     inherit: str = ""
 
 
-@dataclass(frozen=True)
-class _Secret:
+class _Secret(NamedTuple):
     """The field holds a secret (see :class:`SecretSpec`), read from one of its sources."""
 
     spec: SecretSpec
@@ -552,8 +550,7 @@ class _Secret:
     only_if: tuple[str, str] | None = None
 
 
-@dataclass(frozen=True)
-class _Table:
+class _Table(NamedTuple):
     """The field is read from a sub-table (``many``: a list or a table of sub-tables)."""
 
     name: str
@@ -832,8 +829,7 @@ def _spec(item: Field[Any]) -> Any:
         ) from None
 
 
-@dataclass(frozen=True)
-class _Schema:
+class _Schema(NamedTuple):
     """What the table read into a dataclass (or its sub-table) holds, from the fields."""
 
     #: The keys accepted, in the order of the fields.
