@@ -23,7 +23,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from . import paths
@@ -68,7 +68,8 @@ NODE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Value parsers. Each takes the TOML value and returns the parsed one, or raises ValueError whose
 # text is the problem (one line, with a hint); _Invalid also names the element it is in ("[2]").
 
-Parser = Callable[[Any], Any]
+_Parser = Callable[[Any], Any]
+_P = ParamSpec("_P")
 
 _DURATION_EXAMPLES: Final = 'a duration like "90s", "30m", "6h", "14d" or "1h30m"'
 _DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|d|h|m|s)")
@@ -187,7 +188,7 @@ def _boolean_or_auto(value: Any) -> bool | None:
     return value
 
 
-def _one_of(*choices: str) -> Parser:
+def _one_of(*choices: str) -> _Parser:
     """One of ``choices`` in any case (returned in lower case); misspellings get a suggestion."""
     if len(choices) == 2:
         expected = f'"{choices[0]}" or "{choices[1]}"'
@@ -203,7 +204,7 @@ def _one_of(*choices: str) -> Parser:
     return parse
 
 
-def _positive(example: str) -> Parser:
+def _positive(example: str) -> _Parser:
     """A duration above zero; ``example`` shows a sensible one."""
 
     def parse(value: Any) -> float:
@@ -228,7 +229,7 @@ def _path(value: Any) -> Path:
         ) from None
 
 
-def _octal_mode(what: str, example: str, *rules: tuple[int, int, str]) -> Parser:
+def _octal_mode(what: str, example: str, *rules: tuple[int, int, str]) -> _Parser:
     """An octal mode string like "0640" whose bits pass every (mask, wanted, problem) rule:
     ``mode & mask == wanted``; a problem's "{}" becomes the value as written."""
 
@@ -317,7 +318,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _url(*, redirect: bool) -> Parser:
+def _url(*, redirect: bool) -> _Parser:
     """A Kakao base URL (https, or http for loopback), or the login redirect URI."""
     example = "http://127.0.0.1:8765/callback" if redirect else "https://kauth.kakao.com"
 
@@ -522,7 +523,7 @@ _META: Final = "kakao_tokend.config"
 class _Key(NamedTuple):
     """The field is set by one config key, parsed by ``parse``."""
 
-    parse: Parser
+    parse: _Parser
     #: The key, when it is not the field's name.
     key: str = ""
     #: The sub-table the key is in ("paths", "publish"); None: the dataclass's own table.
@@ -562,16 +563,18 @@ class _Table(NamedTuple):
 _DERIVED: Final = "derived"
 
 
-def _key(parse: Parser, **options: Any) -> dict[str, object]:
-    return {_META: _Key(parse, **options)}
+def _metadata(kind: Callable[_P, object]) -> Callable[_P, dict[str, object]]:
+    """Turn a record type into a maker of field metadata: ``metadata=_key(parse_share)``."""
+
+    def make(*args: _P.args, **kwargs: _P.kwargs) -> dict[str, object]:
+        return {_META: kind(*args, **kwargs)}
+
+    return make
 
 
-def _secret(spec: SecretSpec, **options: Any) -> dict[str, object]:
-    return {_META: _Secret(spec, **options)}
-
-
-def _table(name: str, cls: type[Any], *, many: bool = False) -> dict[str, object]:
-    return {_META: _Table(name, cls, many)}
+_key: Final = _metadata(_Key)
+_secret: Final = _metadata(_Secret)
+_table: Final = _metadata(_Table)
 
 
 # ---------------------------------------------------------------------------------------------
