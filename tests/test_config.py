@@ -777,7 +777,11 @@ class TestSchema:
     """The dataclasses are the schema: every field says how the file sets it."""
 
     def test_every_field_says_how_it_is_read(self) -> None:
-        """A field added without a parser (or a secret, a table, or "derived") fails here."""
+        """Every field's metadata is a parser, a secret, a table or "derived"; a field with no
+        metadata at all stops the import with an error naming it."""
+        bare = dataclasses.fields(dataclasses.make_dataclass("Bare", ["forgotten"]))[0]
+        with pytest.raises(TypeError, match="config field forgotten says neither"):
+            config_module._spec(bare)
         kinds = (config_module._Key, config_module._Secret, config_module._Table)
         for cls, sub, _ in schema_tables():
             for item in dataclasses.fields(cls) if sub is None else ():
