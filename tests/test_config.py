@@ -631,6 +631,31 @@ class TestReporting:
         )
         assert list(found) == ["kakao.timeout"]
 
+    def test_a_broken_app_does_not_hide_the_accounts_other_mistakes(
+        self, env: dict[str, str]
+    ) -> None:
+        """A missing REST API key is one problem, reported once where it belongs ([kakao]);
+        the accounts' bad hooks and templates are still reported in the same run."""
+        found = problems_of(
+            """
+            [accounts.a]
+            hooks = [["reload-bot"]]
+            [[accounts.a.templates]]
+            mode = "0644"
+            [accounts.b]
+            hook_timeout = "soon"
+            """,
+            env,
+        )
+        assert set(found) == {
+            "kakao.rest_api_key",
+            "accounts.a.hooks[0]",
+            "accounts.a.templates[0].source",
+            "accounts.a.templates[0].destination",
+            "accounts.a.templates[0].mode",
+            "accounts.b.hook_timeout",
+        }
+
     def test_one_problem_is_singular(self, env: dict[str, str]) -> None:
         """The header says "1 problem", not "1 problems"."""
         with pytest.raises(ConfigError, match=r"^configuration has 1 problem:"):
