@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import signal
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -612,31 +612,31 @@ async def test_a_node_on_a_store_moved_to_files_refuses_to_run(tmp_path: Path, p
     assert "kakao-tokend store migrate --to postgres" in line
 
 
-def test_a_command_waiting_for_the_lock_sees_a_marker_written_meanwhile(tmp_path: Path) -> None:
-    """The marker is checked again once the account lock is taken: a command that queued
-    behind the migration's lock does not write into the files it just marked."""
-    store = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
-    waiting = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
-    outcome: list[BaseException | None] = []
+def test_the_marker_is_checked_again_once_the_account_lock_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration marks the files while it holds every account lock. A command that checked
+    just before and gets the lock just after must refuse too, and let go of the lock."""
+    state_file = tmp_path / "default.state.json"
+    store = AccountStore.from_paths("default", state_file=state_file)
+    real_flock = fcntl.flock
 
-    def take() -> None:
-        try:
-            with waiting.lock(timeout=10):
-                outcome.append(None)
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append(exc)
+    def marked_meanwhile(fd: int, operation: int) -> None:
+        if operation & fcntl.LOCK_EX:  # the migration got in between the check and the lock
+            (tmp_path / MOVED_NAME).write_text(
+                json.dumps({"store_id": "s-1", "database": "u@h/db", "moved_at": "now"})
+            )
+        real_flock(fd, operation)
 
-    with store.lock():
-        thread = threading.Thread(target=take)
-        thread.start()
-        time.sleep(0.3)  # it passed the check before the lock and now polls for the lock
-        (tmp_path / MOVED_NAME).write_text(
-            json.dumps({"store_id": "s-1", "database": "u@h/db", "moved_at": "now"})
-        )
-    thread.join(10)
-    assert len(outcome) == 1 and isinstance(outcome[0], StoreMoved)
-    assert "moved to the PostgreSQL store s-1 (u@h/db)" in str(outcome[0])
-    assert not waiting.locked
+    monkeypatch.setattr(fcntl, "flock", marked_meanwhile)
+    with pytest.raises(StoreMoved, match=r"moved to the PostgreSQL store s-1 \(u@h/db\)"):
+        store.try_lock()
+    monkeypatch.undo()
+    assert not store.locked
+    (tmp_path / MOVED_NAME).unlink()
+    other = AccountStore.from_paths("default", state_file=state_file)
+    assert other.try_lock()  # the refused command did not keep the lock
+    other.unlock()
 
 
 def test_an_unreadable_marker_still_refuses(tmp_path: Path) -> None:
