@@ -17,7 +17,8 @@ code  name               meaning
 75    EX_TEMPFAIL        the account is locked by another kakao-tokend process
 77    EX_NOPERM          a person must log in again (`kakao-tokend login`)
 78    EX_CONFIG          the configuration is invalid (every problem is listed), or another
-                         user could change the account's directory or files (UnsafePath)
+                         user could change the account's directory or files (UnsafePath),
+                         or `store migrate` moved the accounts to the other store (StoreMoved)
 ====  =================  ===========================================================
 """
 
@@ -51,6 +52,7 @@ from .errors import (
     StateMissing,
     StoreError,
     StoreLocked,
+    StoreMoved,
     StoreSchemaMismatch,
     StoreUnavailable,
     StoreWriteError,
@@ -87,7 +89,7 @@ def exit_code_for(exc: KakaoTokendError) -> int:
     """Return the exit code for one of our errors (see the table in the module docstring)."""
     from .importer import ImportFileError, ImportUnverified
 
-    if isinstance(exc, ConfigError | KakaoConfigError | UnsafePath):
+    if isinstance(exc, ConfigError | KakaoConfigError | UnsafePath | StoreMoved):
         return EX_CONFIG
     if isinstance(exc, ImportFileError):
         return EX_DATAERR
@@ -1650,6 +1652,77 @@ def store_rotate_key(batch: int) -> None:
         )
         click.get_current_context().exit(EXIT_FAILURE)
     click.echo(f"all {total} account(s) are under key {result.newest}; older keys are unused")
+
+
+@store.command("migrate")
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["postgres", "file"]),
+    required=True,
+    help="Where the accounts go: into the PostgreSQL store, or back into the files.",
+)
+@LOCK_TIMEOUT_OPTION
+def store_migrate(target: str, lock_timeout: float) -> None:
+    """Move every account (tokens, history, alert bookkeeping) to the other store.
+
+    Stop kakao-tokend first: the migration refuses while a daemon runs on the files or a
+    node is connected to the database. Afterwards the old side is marked moved and every
+    daemon and writing command refuses it, naming where the accounts went; published token
+    files stay. Safe to run again: a run that was interrupted is finished, one that is done
+    says so. docs/fleet.md §12.
+
+    \b
+    Example:
+      systemctl stop kakao-tokend
+      kakao-tokend store migrate --to postgres    # then set [store] backend = "postgres"
+      kakao-tokend store migrate --to file        # back; then [store] backend = "file"
+    """
+    from .fleet.migrate import Step, migrate
+
+    settings = _settings()
+    if settings.account is not None:
+        raise click.UsageError(
+            "store migrate moves every account of the configuration together; drop --account"
+        )
+    config = settings.config()
+    report = _run_async(
+        migrate(config, "file" if target == "file" else "postgres", lock_timeout=lock_timeout)
+    )
+    store_name = f"PostgreSQL store {report.store_id} ({report.database})"
+    if report.nothing_to_do is not None:
+        click.echo(f"nothing to do: {report.nothing_to_do}")
+        return
+    source, dest = (
+        (report.files, store_name) if target == "postgres" else (store_name, report.files)
+    )
+    moved = report.names(Step.COPY, Step.UPDATE, Step.SAME)
+    click.echo(f"moved {len(moved)} account(s) from {source} to {dest}:")
+    for step in (Step.COPY, Step.UPDATE, Step.SAME, Step.REMOVE, Step.KEEP):
+        names = report.names(step)
+        if names:
+            click.echo(f"  {step.value}: {', '.join(names)}")
+    click.echo(f"  alert records: {report.alerts}")
+    if report.others:
+        click.echo(f"  other accounts in the store, left alone: {', '.join(report.others)}")
+    for path in report.set_aside:
+        click.echo(f"  kept aside: {path}")
+    where = config.source or "the configuration"
+    if target == "postgres":
+        click.echo(
+            f"the files are marked moved ({', '.join(str(p) for p in report.markers)}): "
+            "kakao-tokend refuses them from now on; published token files stay"
+        )
+        click.echo(
+            f'next: set [store] backend = "postgres" in {where}; '
+            "to move back: kakao-tokend store migrate --to file"
+        )
+    else:
+        click.echo("the store is marked moved: kakao-tokend nodes refuse it from now on")
+        click.echo(
+            f'next: set [store] backend = "file" in {where} and start kakao-tokend; '
+            "to move back: kakao-tokend store migrate --to postgres"
+        )
 
 
 @main.command()

@@ -12,6 +12,8 @@ Our exception hierarchy::
     │   ├── StoreUnavailable         the PostgreSQL store cannot be reached right now: retry
     │   ├── StoreSchemaMismatch      the database's schema is newer than this code (or was edited)
     │   ├── TokenDecryptError        a stored token does not decrypt (wrong key, moved, tampered)
+    │   ├── StoreMoved               `store migrate` moved the accounts to the other store: this
+    │                                one is inert and refused (exit 78, like a bad config)
     │   └── UnsafePath               another user could change a directory or file we use, or it
     │                                is a symlink: refused, never used (exit 78 like a bad config)
     └── KakaoError                   Kakao answered with an error, or did not answer
@@ -117,6 +119,15 @@ class StoreSchemaMismatch(StoreError):
 
 class TokenDecryptError(StoreError):
     """A stored ciphertext does not decrypt: wrong or missing key, moved between rows, tampered."""
+
+
+class StoreMoved(StoreError):
+    """`kakao-tokend store migrate` moved this store's accounts to the other store.
+
+    Using the old copy would make a second live copy of every refresh token (the first
+    rotation on either side kills the other), so every entry point refuses it until the
+    configuration points at the store the accounts went to (or they are migrated back).
+    """
 
 
 class KakaoError(KakaoTokendError):

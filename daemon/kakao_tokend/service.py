@@ -25,7 +25,7 @@ from . import systemd
 from .alerts import CLOSE_GRACE, AlertCenter
 from .apisocket import bind_unix_socket
 from .config import AccountConfig, Config, load_config
-from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked, UnsafePath
+from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked, StoreMoved, UnsafePath
 from .hooks import KILL_WAIT
 from .kakao import KakaoClient, create_session
 from .refresher import FILE_LOCK_WAIT, AccountManager, EventListener, Health
@@ -33,6 +33,7 @@ from .scheduler import RefreshScheduler
 from .store import (
     AccountStore,
     check_directory,
+    check_not_moved,
     ensure_reserve,
     make_dirs,
     open_lock_file,
@@ -349,6 +350,12 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     daemon.check_directories()
     daemon.acquire_instance_lock()
+    # Under the instance lock, which `store migrate` holds while it moves the accounts.
+    accounts = daemon.config.accounts.values()
+    for directory in dict.fromkeys(
+        [daemon.config.state_dir, *(a.state_file.parent for a in accounts)]
+    ):
+        check_not_moved(directory)
     yield
     daemon.release_instance_lock()
 
@@ -532,7 +539,7 @@ async def serve(
             return EX_TEMPFAIL
         log.error("cannot start: %s", exc)
         await runner.cleanup()
-        return EX_CONFIG if isinstance(exc, ConfigError | UnsafePath) else EX_FAILURE
+        return EX_CONFIG if isinstance(exc, ConfigError | UnsafePath | StoreMoved) else EX_FAILURE
     socket_path = api_socket_path(daemon.config)
     api = daemon.config.api
     socket_id: tuple[int, int] | None = None
@@ -603,6 +610,12 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
     if config.store.backend != "file":
+        from .fleet.migrate import moved_away
+
+        moved = asyncio.run(moved_away(config))  # `store migrate --to file` marked the store
+        if moved is not None:
+            log.error("cannot start: %s", moved)
+            return EX_CONFIG
         # The fleet runtime is not built yet (docs/fleet.md). Running on the files instead
         # would make a second live copy of the refresh token next to the database's.
         log.error(

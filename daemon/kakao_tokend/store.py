@@ -24,9 +24,16 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError, UnsafePath
+from .errors import (
+    StateCorrupt,
+    StoreError,
+    StoreLocked,
+    StoreMoved,
+    StoreWriteError,
+    UnsafePath,
+)
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -488,6 +495,52 @@ def resolve_group(group: str | int | None) -> int | None:
         ) from None
 
 
+#: The marker `kakao-tokend store migrate --to postgres` leaves in every directory whose
+#: accounts it moved (written by kakao_tokend.fleet.migrate; JSON, no secret, mode 0644).
+MOVED_NAME = "MOVED"
+
+
+def check_not_moved(directory: Path) -> None:
+    """Refuse (:class:`StoreMoved`) when the accounts of ``directory`` were migrated away.
+
+    The marker's existence is what counts: a marker that cannot be read or parsed refuses
+    too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
+    ``pending``) only make the message say where the accounts went and how to go back.
+    """
+    path = Path(directory) / MOVED_NAME
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # no marker (or no access to the directory at all: that fails on its own)
+    document: Any = None
+    with suppress(OSError, StoreError, ValueError):
+        document = json.loads(read_file(path, what="migration marker"))
+    if not isinstance(document, dict):
+        raise StoreMoved(
+            f"the accounts in {directory} were moved to another store by `kakao-tokend store "
+            f"migrate` ({path} exists but cannot be read)",
+            hint="read that file; `kakao-tokend store migrate --to file` moves them back",
+        )
+
+    def field(name: str) -> str:
+        return " ".join(str(document.get(name, "?")).split())[:200]
+
+    where = f"the PostgreSQL store {field('store_id')} ({field('database')})"
+    if document.get("pending"):
+        raise StoreMoved(
+            f"the accounts in {directory} live in {where}; a migration back to these files "
+            f"started at {field('moved_at')} has not finished",
+            hint="run `kakao-tokend store migrate --to file` again to finish it, or set [store] "
+            'backend = "postgres"',
+        )
+    raise StoreMoved(
+        f"the accounts in {directory} were moved to {where} at {field('moved_at')} by "
+        "`kakao-tokend store migrate --to postgres`",
+        hint='set [store] backend = "postgres" to use them there; to move them back to these '
+        "files: kakao-tokend store migrate --to file",
+    )
+
+
 _LONG_QUOTED = re.compile(r"'[^']{20,}'|\"[^\"]{20,}\"")
 
 
@@ -526,6 +579,10 @@ class AccountStore:
     deadlock); two objects, or two processes, exclude each other (flock on separate open file
     descriptions). It is not meant to be shared between threads.
     """
+
+    #: Refuse the files once `store migrate` moved them away (:func:`check_not_moved`). Only
+    #: the migration itself, which reads and fills moved files on purpose, turns this off.
+    honour_moved_marker: ClassVar[bool] = True
 
     def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
         self.account = account
@@ -601,6 +658,8 @@ class AccountStore:
             (self.alerts_path, "alert bookkeeping file"),
         ):
             check_file(path, what=what)
+        if self.honour_moved_marker:
+            check_not_moved(self.state_path.parent)
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -625,6 +684,12 @@ class AccountStore:
         except OSError as exc:
             os.close(fd)
             raise StoreError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from None
+        if self.honour_moved_marker:
+            try:  # again under the lock: a migration marks the files while it holds every lock
+                check_not_moved(self.state_path.parent)
+            except StoreMoved:
+                os.close(fd)
+                raise
         with suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -691,8 +756,11 @@ class AccountStore:
 
         A file that cannot be parsed is never overwritten: it is moved to
         ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
+        Files that `store migrate` moved away are refused (:class:`StoreMoved`).
         """
         path = self.state_path
+        if self.honour_moved_marker:
+            check_not_moved(path.parent)
         for _ in range(3):
             try:
                 raw, inode = _read_regular(path, what="state file")
