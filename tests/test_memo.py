@@ -148,7 +148,7 @@ class TestDirect:
         config = write_config(tmp_path, emulator)
         code, out, err = await run_cli(config, "memo", "hello")
         assert code == 77, out + err
-        assert "kakao-tokend login" in err
+        assert f"kakao-tokend --config {config} login" in err
         assert emulator.stats.requests["memo"] == 0
 
 

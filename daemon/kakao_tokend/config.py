@@ -42,6 +42,7 @@ __all__ = [
     "config_from_toml_text",
     "find_config_file",
     "load_config",
+    "load_locations",
     "parse_duration",
     "parse_share",
 ]
@@ -163,13 +164,17 @@ class AccountConfig:
     templates: tuple[TemplateConfig, ...] = ()
     #: [alerts] with this account's [accounts.NAME.alerts] overrides applied.
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    #: The global options a person types to reach this account: ``--config FILE`` unless a
+    #: plain `kakao-tokend` finds the file, ``--account NAME`` unless it is the default
+    #: account (relogin.cli_command puts them before the command).
+    cli_options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ApiSettings:
     """The local API: a Unix socket (always) and an optional TCP listener with a bearer token."""
 
-    #: None means <runtime_dir>/api.sock.
+    #: None means <runtime_dir>/api.sock (paths.api_socket_path).
     socket: Path | None = None
     socket_mode: int = 0o660
     socket_group: str | None = None
@@ -228,6 +233,11 @@ class Config:
     #: The global [alerts] section (each account's effective settings are in its .alerts).
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     store: StoreSettings = field(default_factory=StoreSettings)
+
+    @property
+    def api_socket(self) -> Path:
+        """Return where the local API's Unix socket lives (paths.api_socket_path)."""
+        return paths.api_socket_path(self.runtime_dir, self.api.socket)
 
     def account(self, name: str | None = None) -> AccountConfig:
         """Return the named account (the default one for None); ConfigError if unknown."""
@@ -400,6 +410,62 @@ def load_config(
     return _build(text, source=source, environ=env, extra=extra, with_secrets=with_secrets)
 
 
+@dataclass(frozen=True)
+class Locations:
+    """Where the configuration puts the files: what :func:`load_locations` returns."""
+
+    source: Path | None
+    state_dir: Path
+    runtime_dir: Path
+    socket: Path | None = None
+
+    @property
+    def api_socket(self) -> Path:
+        """Return where the local API's Unix socket lives (paths.api_socket_path)."""
+        return paths.api_socket_path(self.runtime_dir, self.socket)
+
+
+def load_locations(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> Locations:
+    """Read only ``[paths]`` and ``[api] socket``, by the loader's own rules, and nothing else.
+
+    For commands that must find the daemon whatever else is wrong with the file (`reload`
+    asks the daemon to check a config the CLI may not load: a mistake elsewhere, or secrets
+    only the service can read). An unreadable file, or a bad value, gives the defaults.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    source = find_config_file(path, env)
+    raw: dict[str, Any] = {}
+    if source is not None:
+        try:
+            raw = tomllib.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raw = {}
+    checker = _Checker(source=source, environ=env, with_secrets=False)
+    table = raw.get("paths")
+    table = table if isinstance(table, dict) else {}
+    api = raw.get("api")
+    socket = api.get("socket") if isinstance(api, dict) else None
+    located: dict[str, Path] = {}
+    for key, default in (
+        ("state_dir", paths.default_state_dir),
+        ("runtime_dir", paths.default_runtime_dir),
+    ):
+        found = checker.directory(table, key, default)
+        if found is None:  # a bad value: the default, as if it were not there
+            found = checker.directory({}, key, default)
+        if found is None:
+            raise ConfigError(f"cannot locate the {key}", details=checker.problems)
+        located[key] = found
+    return Locations(
+        source=source,
+        state_dir=located["state_dir"],
+        runtime_dir=located["runtime_dir"],
+        socket=checker.path(socket, "api.socket") if socket is not None else None,
+    )
+
+
 def config_from_toml_text(
     text: str, *, source: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -429,7 +495,22 @@ def _build(
         count = len(problems)
         noun = "problem" if count == 1 else "problems"
         raise ConfigError(f"{where} has {count} {noun}:", details=problems)
-    return config
+    return _with_cli_options(config, environ)
+
+
+def _with_cli_options(config: Config, environ: Mapping[str, str]) -> Config:
+    """Give every account the global options that name it on the command line."""
+    named: tuple[str, ...] = ()
+    if config.source is not None and not paths.found_by_default(config.source, environ):
+        named = ("--config", os.path.abspath(config.source))
+    accounts = {
+        name: replace(
+            account,
+            cli_options=named if name == config.default_account else (*named, "--account", name),
+        )
+        for name, account in config.accounts.items()
+    }
+    return replace(config, accounts=MappingProxyType(accounts))
 
 
 def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:

@@ -31,7 +31,10 @@ from .errors import (
     ReloginRequired,
     StoreError,
 )
+from .exitcodes import CRITICAL, OK, WARNING
+from .health import assess
 from .kakao import AccessTokenRejected, KakaoClient, create_session
+from .relogin import cli_command, login_command
 from .state import AccountState
 from .store import STATE_FILE_MODE, AccountStore
 from .tokens import Clock, format_duration, utcnow
@@ -39,7 +42,6 @@ from .tokens import Clock, format_duration, utcnow
 __all__ = [
     "CLOCK_SKEW_LIMIT",
     "Finding",
-    "Grade",
     "check_accounts",
     "check_clock",
     "check_config",
@@ -51,7 +53,6 @@ __all__ = [
     "run_checks",
 ]
 
-OK, WARNING, CRITICAL = 0, 1, 2
 #: Beyond this the clock is wrong enough to notice (Kakao's Date has 1 s resolution).
 CLOCK_SKEW_LIMIT = 10.0
 #: systemd's marker for "booted with systemd" (sd_booted(3)).
@@ -64,9 +65,6 @@ SYSTEM_UNIT_DIRS = (
     Path("/lib/systemd/system"),
 )
 UNIT_NAMES = ("kakao-tokend.service", "kakao-tokend@.service")
-
-#: Grades one account like `status`: (name, state or None, now, load error) → (level, problems).
-Grade = Callable[[str, AccountState | None, datetime, str | None], tuple[int, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -267,7 +265,7 @@ def _check_account_files(account: AccountConfig, uid: int, user: str) -> list[Fi
                 name,
                 WARNING,
                 f"{account.token_file} is {access.describe(info)}, the config says {want}",
-                f"`kakao-tokend{_flag(account.name)} refresh` rewrites it with the configured"
+                f"`{cli_command(account, 'refresh')}` rewrites it with the configured"
                 " mode and group",
             )
         )
@@ -285,26 +283,22 @@ def _gid(group: str | int | None) -> int | None:
         return None
 
 
-def _flag(name: str) -> str:
-    return "" if name == "default" else f" --account {name}"
-
-
 # --------------------------------------------------------------------------- state and Kakao
 
 
 def check_accounts(
-    config: Config, grade: Grade, *, now: datetime
+    config: Config, *, now: datetime
 ) -> tuple[list[Finding], dict[str, AccountState]]:
-    """Each account's state, graded like `status`; return the findings and the states."""
+    """Each account's state, graded like `status` (health.assess); the findings and states."""
     findings: list[Finding] = []
     states: dict[str, AccountState] = {}
     for name, account in config.accounts.items():
-        load_error: str | None = None
+        load_error: StoreError | None = None
         try:
             state = AccountStore(account).load()
         except StoreError as exc:
-            state, load_error = None, str(exc)
-        level, problems = grade(name, state, now, load_error)
+            state, load_error = None, exc
+        graded = assess(account, state, None, config.refresh, now, load_error=load_error)
         if state is not None:
             states[name] = state
             tokens = state.tokens
@@ -316,22 +310,15 @@ def check_accounts(
             )
         else:
             detail = "no usable state"
-        if problems:
-            detail += ": " + "; ".join(problems)
-        findings.append(Finding(f"{name}: state", level, detail, _state_fix(name, state, level)))
+        conditions = graded.ordered()
+        if conditions:
+            detail += ": " + "; ".join(c.message.render("en") for c in conditions)
+        fix = None
+        if conditions:
+            worst = conditions[0]
+            fix = f"`{worst.command}`" if worst.command else worst.action.render("en")
+        findings.append(Finding(f"{name}: state", graded.level, detail, fix))
     return findings, states
-
-
-def _state_fix(name: str, state: AccountState | None, level: int) -> str | None:
-    """The command for a state that is not OK: log in, or refresh an expired access token."""
-    if level == OK:
-        return None
-    login = f"`kakao-tokend{_flag(name)} login`"
-    if level == CRITICAL or state is None:
-        return login
-    if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
-        return f"`kakao-tokend{_flag(name)} refresh`, and check that the daemon runs"
-    return f"{login} before the refresh token runs out (a running daemon rotates it by itself)"
 
 
 def _left(seconds: float) -> str:
@@ -354,13 +341,11 @@ async def check_live(config: Config, states: dict[str, AccountState]) -> list[Fi
                         label,
                         WARNING,
                         "Kakao no longer accepts the stored access token (-401)",
-                        f"`kakao-tokend{_flag(name)} refresh`",
+                        f"`{cli_command(account, 'refresh')}`",
                     )
                 )
             except ReloginRequired as exc:
-                findings.append(
-                    Finding(label, CRITICAL, str(exc), f"`kakao-tokend{_flag(name)} login`")
-                )
+                findings.append(Finding(label, CRITICAL, str(exc), f"`{login_command(account)}`"))
             except KakaoConfigError as exc:
                 findings.append(Finding(label, CRITICAL, str(exc), exc.hint))
             except KakaoError as exc:
@@ -639,7 +624,6 @@ def _user_unit_dirs() -> list[Path]:
 
 async def run_checks(
     config_path: Path | None,
-    grade: Grade,
     *,
     consumer: access.Identity | None = None,
     clock: Clock = utcnow,
@@ -649,7 +633,7 @@ async def run_checks(
     if config is None:
         return findings
     findings += check_directories(config)
-    account_findings, states = check_accounts(config, grade, now=clock())
+    account_findings, states = check_accounts(config, now=clock())
     findings += account_findings
     findings += await check_live(config, states)
     findings.append(await check_clock(config, clock=clock))

@@ -15,6 +15,8 @@ from typing import Any
 
 from .config import AccountConfig
 from .errors import (
+    ImportFileError,
+    ImportUnverified,
     KakaoConfigError,
     KakaoError,
     KakaoRequestRejected,
@@ -48,10 +50,6 @@ _TOKEN_FIELDS = {
 _DROPPED_FIELDS = {"app_key"}
 
 
-class ImportFileError(KakaoTokendError):
-    """The file to import is not a usable token file (the CLI exits with EX_DATAERR, 65)."""
-
-
 class StateExists(KakaoTokendError):
     """The account already has state and --force was not given."""
 
@@ -71,10 +69,6 @@ class SeedFile:
     #: The REST API key the seed refresh script stores next to the tokens, if present.
     app_key: str | None = field(default=None, repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
-
-
-class ImportUnverified(KakaoTokendError):
-    """Kakao could not be asked whether the file's tokens still work (the CLI exits 69)."""
 
 
 @dataclass(frozen=True)
