@@ -318,7 +318,7 @@ def _conditions(
                     command=None if load_error.hint else login,
                 )
             )
-        elif health is Health.NO_STATE or (status is None and load_error is None):
+        elif not found:  # no tokens, and no refusal or bad configuration that says more
             found.append(
                 Condition(
                     "no_tokens",
@@ -421,6 +421,7 @@ def _conditions(
                 ),
                 N_("watch `kakao-tokend status`"),
                 hint=N_("if it is not renewed soon, run `{command}`", command=login),
+                command=login,
             )
         )
     return found
@@ -544,12 +545,8 @@ def _serving_problem(
     found: list[Condition],
 ) -> str | None:
     """Why consumers lack a valid, current token (None: they have one)."""
-    stopped = (status is None and state is None) or (
-        status is not None and status.health in STOPPED
-    )
-    if stopped:
+    if state is None or (status is not None and status.health in STOPPED):
         return _said(found, ("relogin", "config", "no_tokens", "state_unreadable"))
-    assert state is not None
     if state.tokens.access_expires_at <= now:
         return f"the access token expired at {format_time(state.tokens.access_expires_at)}" + (
             f"; {status.last_error}" if status is not None and status.last_error else ""
