@@ -38,7 +38,7 @@ from .refresher import AccountManager
 from .relogin import cli_command
 from .state import AccountState
 from .status import WITHOUT_TOKENS, AccountEvent
-from .store import AccountStore
+from .storage import StateStore
 from .tokens import Clock, backoff_delay, format_time, parse_time, utcnow
 
 __all__ = [
@@ -520,7 +520,7 @@ class AccountAlerts:
         self.clock = clock
         self.host = host
         self.retry_delay = retry_delay
-        self.store: AccountStore = manager.store
+        self.store: StateStore = manager.store
         self.active: dict[str, dict[str, Any]] = {}
         self.channels: list[Channel] = []
         self.language: Language = "en"

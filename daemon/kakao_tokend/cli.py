@@ -929,7 +929,7 @@ async def _managed_refresh(
                 return before, False, False
             after = await manager.refresh(force=True, reason="kakao-tokend CLI")
             for _ in range(3):
-                if manager.flush():
+                if await manager.flush():
                     break
                 await asyncio.sleep(0.5)
             else:

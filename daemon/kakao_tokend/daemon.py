@@ -259,7 +259,7 @@ class Daemon:
                     self.managers.pop(name)
                     if manager is not None:
                         await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
-                        manager.flush()
+                        await manager.flush()
                     if self.alerts is not None:
                         await self.alerts.detach(name)
                     removed.append(name)
@@ -272,7 +272,7 @@ class Daemon:
                     if manager is not None:
                         self.scheduler.remove(name)
                         await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
-                        manager.flush()
+                        await manager.flush()
                     manager = self.make_manager(account)
                     self.managers[name] = manager
                     self.scheduler.add(manager)

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,7 +49,7 @@ from .relogin import (
 )
 from .state import AccountState, goes_backwards
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
-from .store import AccountStore
+from .storage import AccountStorage
 from .tokens import (
     Clock,
     TokenSet,
@@ -67,12 +67,11 @@ __all__ = ["AccountManager"]
 
 log = logging.getLogger(__name__)
 
-# How long a refresh waits for the account's file lock (held briefly by `login`, `refresh`,
+# How long a refresh waits for the account's lock (held briefly by `login`, `refresh`,
 # `import`) before treating the attempt as a transient failure: at most FILE_LOCK_WAIT, and no
 # more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
 LOCK_WAIT_SHARE = 0.02
-FILE_LOCK_POLL = 0.05
 
 
 class AccountManager:
@@ -82,7 +81,7 @@ class AccountManager:
         self,
         account: AccountConfig,
         *,
-        store: AccountStore,
+        store: AccountStorage,
         client: KakaoClient,
         policy: RefreshPolicy,
         clock: Clock = utcnow,
@@ -102,8 +101,11 @@ class AccountManager:
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[AccountState | None] | None = None
         self._planned_refresh_at: datetime | None = None
+        #: While the account is held for a change: what to do once it is committed.
+        self._held = False
+        self._after_commit: list[Callable[[], object]] = []
         #: The state file as we last wrote or read it; a different one was written by others.
-        self._disk_signature: tuple[int, int, int] | None = None
+        self._disk_signature: Hashable | None = None
         #: The planned retry on the monotonic clock, which a stepped wall clock cannot move.
         self._retry_due_mono: float | None = None
         self._write_attempt = 0
@@ -363,7 +365,7 @@ class AccountManager:
         self,
         account: AccountConfig,
         *,
-        store: AccountStore,
+        store: AccountStorage,
         client: KakaoClient,
         policy: RefreshPolicy,
     ) -> None:
@@ -406,7 +408,7 @@ class AccountManager:
         if self.status.write_pending and (
             self._next_write_at is None or now >= self._next_write_at
         ):
-            self._retry_pending_write()
+            await self._retry_pending_write()
         if (
             self.status.publish_pending
             and self.state is not None
@@ -475,45 +477,36 @@ class AccountManager:
         slack = max(2.0, tokens.access_lifetime.total_seconds() * 0.01)
         if kakao_expiry >= tokens.access_expires_at - timedelta(seconds=slack):
             return
-        async with self._lock:
-            store: AccountStore | None = self.store
-            try:
-                await self._acquire_file_lock(self.store)
-            except StoreError:
-                store = None
-            try:
-                if store is not None and not self.status.write_pending:
-                    self.notice_outside_changes()
-                if self.state is not state:
-                    log.info(
-                        "account %s: the tokens changed while Kakao was asked; the earlier"
-                        " expiry it reported no longer applies",
-                        self.name,
-                    )
-                    return
-                log.warning(
-                    "account %s: Kakao says the access token expires %s, %s earlier than"
-                    " computed (clock skew?); planning by Kakao's time",
+        async with self._lock, self._holding(self.store, self._lock_wait()) as busy:
+            if busy is None and not self.status.write_pending:
+                self.notice_outside_changes()
+            if self.state is not state:
+                log.info(
+                    "account %s: the tokens changed while Kakao was asked; the earlier"
+                    " expiry it reported no longer applies",
                     self.name,
-                    format_local_time(kakao_expiry),
-                    format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
                 )
-                corrected = replace(
-                    state,
-                    tokens=replace(
-                        tokens,
-                        access_expires_at=kakao_expiry,
-                        # Keep the lifetime: the token was issued one lifetime before it expires.
-                        access_issued_at=kakao_expiry - tokens.access_lifetime,
-                    ),
-                )
-                self.state = corrected
-                self._planned_refresh_at = None
-                if store is not None and self._persist(corrected):
-                    self._publish(corrected)
-            finally:
-                if store is not None:
-                    store.unlock()
+                return
+            log.warning(
+                "account %s: Kakao says the access token expires %s, %s earlier than"
+                " computed (clock skew?); planning by Kakao's time",
+                self.name,
+                format_local_time(kakao_expiry),
+                format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
+            )
+            corrected = replace(
+                state,
+                tokens=replace(
+                    tokens,
+                    access_expires_at=kakao_expiry,
+                    # Keep the lifetime: the token was issued one lifetime before it expires.
+                    access_issued_at=kakao_expiry - tokens.access_lifetime,
+                ),
+            )
+            self.state = corrected
+            self._planned_refresh_at = None
+            if busy is None and self._persist(corrected):
+                self._publish(corrected)
 
     # ------------------------------------------------------------------ refreshing
 
@@ -554,41 +547,57 @@ class AccountManager:
         life = self.state.tokens.access_lifetime.total_seconds()
         return max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
 
-    async def _acquire_file_lock(self, store: AccountStore) -> None:
-        loop = asyncio.get_running_loop()
-        wait = self._lock_wait()
-        deadline = loop.time() + wait
-        while not store.try_lock():
-            if loop.time() >= deadline:
-                raise StoreLocked(f"account {self.name}: another process holds {store.lock_path}")
-            await asyncio.sleep(min(FILE_LOCK_POLL, max(wait / 10, 0.001)))
+    @contextlib.asynccontextmanager
+    async def _holding(
+        self, store: AccountStorage, wait: float
+    ) -> AsyncIterator[StoreError | None]:
+        """Hold the account in ``store`` for a change; yield why it could not be held, or None.
+
+        What is published and announced while it is held happens once the hold ended, that
+        is once the change is committed (storage.StateStore.hold). A commit that fails as the
+        hold ends is a failed write: the state stays in memory and in the rescue file.
+        """
+        held = False
+        try:
+            async with store.hold(wait):
+                held = True
+                self._held = True
+                try:
+                    yield None
+                finally:
+                    self._held = False
+        except StoreError as exc:
+            if held and isinstance(exc, StoreWriteError) and self.state is not None:
+                self._keep_unsaved(self.state, exc)
+            elif held:
+                raise
+            else:  # busy, or the lock is unusable (permissions, ...)
+                yield exc
+        finally:
+            actions, self._after_commit = self._after_commit, []
+            for action in actions:
+                action()
 
     async def _refresh_exclusive(self, *, force: bool, reason: str) -> AccountState | None:
-        async with self._lock:
-            # The store is captured: a reload may swap self.store while Kakao answers, and the
-            # lock must be released through the object that holds it.
-            store = self.store
-            try:
-                await self._acquire_file_lock(store)
-            except StoreError as exc:  # busy, or the lock file is unusable (permissions, ...)
+        # The store is captured: a reload may swap self.store while Kakao answers, and the
+        # hold must be released through the object that holds it.
+        async with self._lock, self._holding(self.store, self._lock_wait()) as busy:
+            if busy is not None:
                 if self.state is not None:
-                    label = "lock_busy" if isinstance(exc, StoreLocked) else "lock_error"
-                    self._record_transient(str(exc), label, ambiguous=False)
+                    label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
+                    self._record_transient(str(busy), label, ambiguous=False)
                 return self.state
-            try:
-                # Re-read under the lock: `login` or another tool may have written newer tokens.
-                self._sync_with_disk()
-                state = self.state
-                if state is None:
-                    return None
-                if self.status.health in (Health.RELOGIN, Health.CONFIG) and not force:
-                    return state
-                now = self.clock()
-                if not force and not self.needs_refresh(now):
-                    return state
-                return await self._call_kakao(state, reason)
-            finally:
-                store.unlock()
+            # Re-read under the lock: `login` or another tool may have written newer tokens.
+            self._sync_with_disk()
+            state = self.state
+            if state is None:
+                return None
+            if self.status.health in (Health.RELOGIN, Health.CONFIG) and not force:
+                return state
+            now = self.clock()
+            if not force and not self.needs_refresh(now):
+                return state
+            return await self._call_kakao(state, reason)
 
     def _sync_with_disk(self) -> None:
         """Under the lock: take in what other processes wrote since we last wrote or read.
@@ -720,20 +729,23 @@ class AccountManager:
         self._retry_due_mono = None
         self._last_failure_ambiguous = False
         next_at = self.planned_refresh_at()
-        log.info(
-            "refreshed %s: access token %s expires %s (in %s), refresh token %s expires %s"
-            " (in %s%s), rotated=%s, next refresh %s (in %s)",
-            self.name,
-            tokens.access_fingerprint,
-            format_local_time(tokens.access_expires_at),
-            format_duration(tokens.access_remaining(now).total_seconds()),
-            tokens.refresh_fingerprint,
-            format_local_time(tokens.refresh_expires_at),
-            format_duration(tokens.refresh_remaining(now).total_seconds()),
-            ", estimated" if tokens.refresh_expiry_estimated else "",
-            "yes" if rotated else "no",
-            format_local_time(next_at) if next_at else "-",
-            format_duration((next_at - now).total_seconds()) if next_at else "-",
+        # Said once committed and published (the log line is what people and tests wait for).
+        self._then(
+            lambda: log.info(
+                "refreshed %s: access token %s expires %s (in %s), refresh token %s expires %s"
+                " (in %s%s), rotated=%s, next refresh %s (in %s)",
+                self.name,
+                tokens.access_fingerprint,
+                format_local_time(tokens.access_expires_at),
+                format_duration(tokens.access_remaining(now).total_seconds()),
+                tokens.refresh_fingerprint,
+                format_local_time(tokens.refresh_expires_at),
+                format_duration(tokens.refresh_remaining(now).total_seconds()),
+                ", estimated" if tokens.refresh_expiry_estimated else "",
+                "yes" if rotated else "no",
+                format_local_time(next_at) if next_at else "-",
+                format_duration((next_at - now).total_seconds()) if next_at else "-",
+            )
         )
         data = {"rotated": rotated, "generation": new_state.generation}
         self._emit(EventKind.REFRESHED, f"refreshed {self.name}", data)
@@ -759,29 +771,14 @@ class AccountManager:
     # ------------------------------------------------------------------ persistence
 
     def _persist(self, state: AccountState) -> bool:
-        """Write ``state`` to the state file; on failure keep it in the rescue file and retry.
+        """Write ``state`` to the store; on failure keep it in the rescue file and retry.
 
-        Callers hold the account's file lock, or own the state file otherwise (at start).
+        Callers hold the account (:meth:`_holding`), or own it otherwise (at start).
         """
         try:
             self.store.save(state)
         except StoreWriteError as exc:
-            # What failed; each report adds its fix once.
-            first = self.status.write_failed(exc.message)
-            rescued = self.store.save_rescue(state)
-            self._write_attempt += 1
-            self._next_write_at = self.clock() + timedelta(
-                seconds=self._retry_delay(self._write_attempt)
-            )
-            if first:
-                log.critical(
-                    "account %s: cannot save the new tokens (%s); keeping them in memory%s and"
-                    " retrying — do not stop kakao-tokend until this clears",
-                    self.name,
-                    exc,
-                    f" and in the rescue file {self.store.rescue_path}" if rescued else "",
-                )
-                self._emit(EventKind.WRITE_FAILED, str(exc), {"rescued": rescued})
+            self._keep_unsaved(state, exc)
             return False
         self._disk_signature = self.store.state_signature()
         self.store.restore_reserve()
@@ -795,6 +792,24 @@ class AccountManager:
         self._next_write_at = None
         return True
 
+    def _keep_unsaved(self, state: AccountState, exc: StoreWriteError) -> None:
+        """The store did not take ``state``: keep it in memory and the rescue file, retry."""
+        first = self.status.write_failed(exc.message)  # what failed; each report adds its fix
+        rescued = self.store.save_rescue(state)
+        self._write_attempt += 1
+        self._next_write_at = self.clock() + timedelta(
+            seconds=self._retry_delay(self._write_attempt)
+        )
+        if first:
+            log.critical(
+                "account %s: cannot save the new tokens (%s); keeping them in memory%s and"
+                " retrying — do not stop kakao-tokend until this clears",
+                self.name,
+                exc,
+                f" and in the rescue file {self.store.rescue_path}" if rescued else "",
+            )
+            self._emit(EventKind.WRITE_FAILED, str(exc), {"rescued": rescued})
+
     def publish(self, *, token_file: bool = True) -> None:
         """Write the published files from the state in memory (failures are retried).
 
@@ -804,7 +819,22 @@ class AccountManager:
         if self.state is not None:
             self._publish(self.state, token_file=token_file)
 
-    def _publish(self, state: AccountState, *, token_file: bool = True) -> bool:
+    def _publish(self, state: AccountState, *, token_file: bool = True) -> None:
+        """Publish ``state`` once it is committed (at once when the account is not held)."""
+        self._then(lambda: self._publish_now(state, token_file=token_file))
+
+    def _then(self, action: Callable[[], object]) -> None:
+        """Run ``action`` once what is being written is committed: when the hold ends.
+
+        Publishing, events (and so hooks, alerts, templates) come after the commit, so nothing
+        uses a token set the store may still refuse (storage.StateStore.hold).
+        """
+        if self._held:
+            self._after_commit.append(action)
+        else:
+            action()
+
+    def _publish_now(self, state: AccountState, *, token_file: bool = True) -> bool:
         """Write the token file and the extra token files; mark a failure pending, retry it."""
         problems: list[str] = []
         if token_file or self.status.publish_pending:
@@ -838,29 +868,27 @@ class AccountManager:
         self._next_publish_at = None
         return True
 
-    def _retry_pending_write(self) -> None:
-        """Retry a pending write under the account's lock, never over another process's state."""
+    async def _retry_pending_write(self) -> None:
+        """Retry a pending write holding the account, never over another process's state."""
         if self.state is None:
             return
-        store = self.store
-        try:
-            locked = store.try_lock()
-        except StoreError as exc:
-            log.error("account %s: cannot take the account lock to save: %s", self.name, exc)
-            locked = False
-        if not locked:  # another process is writing right now: try again later
-            self._write_attempt += 1
-            self._next_write_at = self.clock() + timedelta(
-                seconds=self._retry_delay(self._write_attempt)
-            )
-            return
-        try:
-            if store.state_signature() != self._disk_signature:
+        async with self._lock, self._holding(self.store, 0.0) as busy:
+            if busy is not None:  # another process is writing right now: try again later
+                if not isinstance(busy, StoreLocked):
+                    log.error(
+                        "account %s: cannot take the account lock to save: %s", self.name, busy
+                    )
+                self._write_attempt += 1
+                self._next_write_at = self.clock() + timedelta(
+                    seconds=self._retry_delay(self._write_attempt)
+                )
+                return
+            if self.state is None or not self.status.write_pending:
+                return  # a refresh that held the account meanwhile has written it
+            if self.store.state_signature() != self._disk_signature:
                 self._write_conflict()
             elif self._persist(self.state):
                 self._publish(self.state)
-        finally:
-            store.unlock()
 
     def _write_conflict(self) -> None:
         """Our newer state waited to be written, and another process wrote the file meanwhile.
@@ -912,10 +940,10 @@ class AccountManager:
             + (f", the unsaved tokens are kept in {kept}" if kept else "")
         )
 
-    def flush(self) -> bool:
+    async def flush(self) -> bool:
         """Try once more to write a pending state (used at shutdown); return True when clean."""
         if self.status.write_pending and self.state is not None:
-            self._retry_pending_write()
+            await self._retry_pending_write()
         return not self.status.write_pending
 
     # ------------------------------------------------------------------ failures
@@ -1016,6 +1044,10 @@ class AccountManager:
 
     def _emit(self, kind: EventKind, message: str, data: dict[str, Any]) -> None:
         event = AccountEvent(kind, self.name, message, self.clock(), data)
+        self._then(lambda: self._tell(event))
+
+    def _tell(self, event: AccountEvent) -> None:
+        kind = event.kind
         for listener in list(self.listeners):
             try:
                 listener(event)

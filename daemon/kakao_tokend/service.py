@@ -88,7 +88,7 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     if not all(results):
         log.error("a refresh was still running after %ss; stopping anyway", grace)
     for manager in daemon.managers.values():
-        if not manager.flush():
+        if not await manager.flush():
             log.critical(
                 "account %s: the newest tokens could NOT be saved (%s); they are lost with this"
                 " process",

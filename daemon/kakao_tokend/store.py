@@ -8,6 +8,7 @@ user may write to (:func:`check_directory`). docs/security.md explains why.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import grp
@@ -19,8 +20,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -711,6 +712,24 @@ class AccountStore:
             if time.monotonic() >= deadline:
                 raise self._locked_error()
             time.sleep(LOCK_POLL)
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    @asynccontextmanager
+    async def hold(self, wait: float) -> AsyncIterator[None]:
+        """Hold the account for a change (storage.StateStore.hold): its lock, polled.
+
+        Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
+        file is written at once by :meth:`save`, so ending the hold commits nothing more.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        while not self.try_lock():
+            if loop.time() >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(min(LOCK_POLL, max(wait / 10, 0.001)))
         try:
             yield
         finally:
