@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import Config, load_locations
+from .config import load_locations
 from .errors import KakaoTokendError
 
 
@@ -29,11 +29,6 @@ class DaemonApiError(KakaoTokendError):
         super().__init__(message)
         self.status = status
         self.body = body
-
-
-def socket_path(config: Config) -> Path:
-    """Return the API socket path for ``config`` (Config.api_socket: the daemon's own rule)."""
-    return config.api_socket
 
 
 def socket_path_without_secrets(

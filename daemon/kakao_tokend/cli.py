@@ -1118,9 +1118,9 @@ def _via_daemon(
     config: Config, method: str, path: str, *, params: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any]] | None:
     """Ask the running daemon over its socket; None when no daemon runs (use the files)."""
-    from .apiclient import DaemonNotRunning, call, daemon_running, socket_path
+    from .apiclient import DaemonNotRunning, call, daemon_running
 
-    sock = socket_path(config)
+    sock = config.api_socket
     if not daemon_running(sock):
         return None
     try:
@@ -1136,10 +1136,10 @@ def _tell_daemon(name: str) -> None:
     When the socket is out of reach (another user, no daemon) nothing is said; a running
     daemon then notices the file through its watch on the state directory.
     """
-    from .apiclient import call, daemon_running, socket_path
+    from .apiclient import call, daemon_running
 
     try:
-        sock = socket_path(_settings().config(secrets=False))
+        sock = _settings().config(secrets=False).api_socket
         if daemon_running(sock):
             _run_async(call(sock, "POST", f"/v1/accounts/{name}/reread", timeout=10.0))
     except Exception as exc:  # never fail a login that worked because of this courtesy call
@@ -1340,7 +1340,7 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
       df -h / | tail -n 1 | kakao-tokend memo
       kakao-tokend memo "배포 끝" --link https://example.com/deploys --button-title "보기"
     """
-    from .apiclient import DaemonNotRunning, daemon_running, socket_path
+    from .apiclient import DaemonNotRunning, daemon_running
     from .memo import link_problem, send_via_daemon, text_problem, text_template
 
     if text is None or text == "-":
@@ -1358,10 +1358,10 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
     settings = _settings()
     name = settings.account_name()
     config = settings.config(secrets=False)
-    sock = socket_path(config)
+    sock = config.api_socket
     if daemon_running(sock):
         try:
-            _run_async(send_via_daemon(sock, template, account=name))
+            _run_async(send_via_daemon(sock, template, account=config.accounts[name]))
         except DaemonNotRunning:
             pass  # it stopped in between; nothing was sent
         else:
@@ -1385,7 +1385,7 @@ async def _send_memo_directly(
     async with create_session() as session:
         client = KakaoClient(session, account.app)
         try:
-            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            await send_direct(client, state.tokens.access_token, template, account=account)
             return
         except AccessTokenRejected:
             pass  # revoked or expired early: one forced refresh, then one more try
@@ -1393,9 +1393,9 @@ async def _send_memo_directly(
             account, config, min_valid=None, lock_timeout=lock_timeout
         )
         try:
-            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            await send_direct(client, state.tokens.access_token, template, account=account)
         except AccessTokenRejected:
-            raise refusal(-401, "", account=account.name, status=401) from None
+            raise refusal(-401, "", account=account, status=401) from None
 
 
 # --------------------------------------------------------------------------- daemon / tools

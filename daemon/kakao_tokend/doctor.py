@@ -176,16 +176,17 @@ def check_directories(config: Config) -> list[Finding]:
     """The state and runtime directories, and the account files: owners and modes."""
     uid, user = expected_owner(config)
     findings: list[Finding] = []
-    socket_dir = (config.api.socket or config.runtime_dir / "api.sock").parent
+    socket_dir = config.api_socket.parent
     places = {config.state_dir: "state directory", socket_dir: "socket directory"}
     for directory, label in places.items():
-        findings.append(_check_directory(directory, label, uid, user))
+        login = login_command(config.account())
+        findings.append(_check_directory(directory, label, uid, user, login=login))
     for account in config.accounts.values():
         findings.extend(_check_account_files(account, uid, user))
     return findings
 
 
-def _check_directory(directory: Path, label: str, uid: int, user: str) -> Finding:
+def _check_directory(directory: Path, label: str, uid: int, user: str, *, login: str) -> Finding:
     try:
         info = directory.stat()
     except FileNotFoundError:
@@ -194,7 +195,7 @@ def _check_directory(directory: Path, label: str, uid: int, user: str) -> Findin
                 label,
                 WARNING,
                 f"{directory} does not exist yet",
-                "`kakao-tokend login` (or `import`) creates it with the first tokens",
+                f"`{login}` (or `import`) creates it with the first tokens",
             )
         return Finding(label, OK, f"{directory} does not exist yet; the daemon creates it")
     except OSError as exc:
@@ -398,9 +399,9 @@ async def check_clock(config: Config, *, clock: Clock = utcnow) -> Finding:
 
 def check_socket(config: Config) -> Finding:
     """Whether the calling user reaches the daemon over its socket."""
-    from .apiclient import daemon_running, socket_path
+    from .apiclient import daemon_running
 
-    sock = socket_path(config)
+    sock = config.api_socket
     try:
         running = daemon_running(sock)
     except KakaoTokendError as exc:
@@ -417,8 +418,6 @@ def check_socket(config: Config) -> Finding:
 
 def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
     """Whether ``who`` can read each published token file and connect to the socket."""
-    from .apiclient import socket_path
-
     findings: list[Finding] = []
     own = [config.state_dir, config.runtime_dir]
     for account in config.accounts.values():
@@ -432,7 +431,7 @@ def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
                 _publish_fix(account, who),
             )
         )
-    sock = socket_path(config)
+    sock = config.api_socket
     socket_fix = (
         f'set [api] socket_group = "{who.name if who.kind == "group" else "GROUP"}"'
         ' (and socket_mode = "0660") in the config, then restart the daemon'
@@ -512,13 +511,11 @@ def check_group_access(config: Config) -> list[Finding]:
             _group_way(f"{account.name}: [publish] group", account.token_file, who, "read", own)
         )
     if config.api.socket_group is not None:
-        from .apiclient import socket_path
-
         try:
             who = access.group_identity(str(config.api.socket_group))
         except (KeyError, ValueError, OverflowError):
             return findings
-        findings.append(_group_way("[api] socket_group", socket_path(config), who, "connect", own))
+        findings.append(_group_way("[api] socket_group", config.api_socket, who, "connect", own))
     return findings
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError, UnsafePath
+from .relogin import login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -83,6 +84,8 @@ class AccountFiles(Protocol):
     def access_token_file(self) -> Path | None: ...
     @property
     def env_file(self) -> Path | None: ...
+    @property
+    def cli_options(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class StorePaths:
     include_refresh_token: bool = False
     access_token_file: Path | None = None
     env_file: Path | None = None
+    #: The global options of its commands (relogin.cli_command); see from_paths.
+    cli_options: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,6 +646,9 @@ class AccountStore:
                 token_file_mode=token_file_mode,
                 token_file_group=token_file_group,
                 include_refresh_token=include_refresh_token,
+                # Without its config the store cannot know whether this is the default
+                # account: its hints name it.
+                cli_options=("--account", name),
             )
         )
 
@@ -782,7 +790,7 @@ class AccountStore:
                 )
                 error.hint = (
                     f"restore a backup to {self.state_path}, or log in again with "
-                    f"`kakao-tokend --account {self.name} login`"
+                    f"`{login_command(self.account)}`"
                 )
                 raise error from None
             if state.account != self.name:
@@ -814,8 +822,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `kakao-tokend --account "
-                    f"{self.name} login`",
+                    hint=f"move it away by hand, then run `{login_command(self.account)}`",
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
@@ -827,7 +834,7 @@ class AccountStore:
                 raise StoreError(
                     f"{path} ({label}): a copy is in {target} but the original "
                     f"could not be removed: {exc.strerror or exc}",
-                    hint=f"remove it by hand, then run `kakao-tokend --account {self.name} login`",
+                    hint=f"remove it by hand, then run `{login_command(self.account)}`",
                 ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)
