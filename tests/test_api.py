@@ -20,8 +20,8 @@ import pytest
 from daemonproc import free_port, issued_tokens, login, run_cli, write_config
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.refresher import AccountEvent
-from kakao_tokend.service import api_socket_path, serve
+from kakao_tokend.service import serve
+from kakao_tokend.status import AccountEvent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,7 +65,7 @@ class Served:
 async def serving(config_path: Path) -> AsyncIterator[Served]:
     """Run service.serve() (the real Application, sockets and all) until the block ends."""
     config = load_config(config_path)
-    served = Served(config, config_path, api_socket_path(config))
+    served = Served(config, config_path, config.api_socket)
     stop = asyncio.Event()
     task = asyncio.create_task(
         serve(config, config_path=config_path, stop=stop, listeners=[served.events.append])
@@ -202,7 +202,7 @@ async def test_healthz_turns_503_when_a_login_is_needed(
         assert status == 502 and body["health"] == "relogin"
         status, body = await served.get("/healthz")
         assert status == 503
-        assert "kakao-tokend login" in body["problems"]["default"]
+        assert f"kakao-tokend --config {config} login" in body["problems"]["default"]
 
 
 async def test_reload_answers_after_applying(emulator: KakaoEmulator, tmp_path: Path) -> None:
@@ -322,7 +322,7 @@ async def test_cli_falls_back_to_files_without_a_daemon(
     config = config_with(tmp_path, emulator)
     state = await login(emulator, config)
     loaded = load_config(config)
-    socket_path = api_socket_path(loaded)
+    socket_path = loaded.api_socket
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     import socket
 

@@ -26,8 +26,9 @@ from daemonproc import login, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.refresher import AccountManager
 from kakao_tokend.state import AccountState
+from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
 from test_daemon_process import _fill, _short_tokens, tiny_state_fs
 

@@ -74,7 +74,7 @@ async def test_token_requests_do_not_resend_a_dead_refresh_token(
         sent = emulator.stats.requests["token"]
         for _ in range(5):
             status, body = await served.get(TOKEN, params={"min_valid": "18"})
-            assert status == 503 and "kakao-tokend login" in body["reason"]
+            assert status == 503 and f"kakao-tokend --config {config} login" in body["reason"]
         assert emulator.stats.requests["token"] == sent
 
 
@@ -88,8 +88,9 @@ async def test_an_unusable_lock_file_backs_off_instead_of_crashing_the_refresh(
     """
     from kakao_tokend.config import load_config
     from kakao_tokend.kakao import KakaoClient, create_session
-    from kakao_tokend.refresher import AccountManager, Health
+    from kakao_tokend.refresher import AccountManager
     from kakao_tokend.scheduler import RefreshScheduler
+    from kakao_tokend.status import Health
     from kakao_tokend.store import AccountStore
 
     config_path = config_with(tmp_path, emulator)

@@ -19,7 +19,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -50,6 +50,7 @@ __all__ = [
     "config_from_toml_text",
     "find_config_file",
     "load_config",
+    "load_locations",
     "parse_duration",
     "parse_share",
 ]
@@ -716,13 +717,17 @@ class AccountConfig:
     alerts: AlertsConfig = field(
         default_factory=AlertsConfig, metadata=_table("alerts", AlertsConfig)
     )
+    #: The global options a person types to reach this account: ``--config FILE`` unless a
+    #: plain `kakao-tokend` finds the file, ``--account NAME`` unless it is the default
+    #: account (relogin.cli_command puts them before the command).
+    cli_options: tuple[str, ...] = field(default=(), metadata={_META: _DERIVED})
 
 
 @dataclass(frozen=True)
 class ApiSettings:
     """The local API: a Unix socket (always) and an optional TCP listener with a bearer token."""
 
-    #: None means <runtime_dir>/api.sock.
+    #: None means <runtime_dir>/api.sock (paths.api_socket_path).
     socket: Path | None = field(default=None, metadata=_key(_path))
     socket_mode: int = field(default=0o660, metadata=_key(_SOCKET_MODE))
     socket_group: str | None = field(default=None, metadata=_key(_group))
@@ -804,6 +809,11 @@ class Config:
     store: StoreSettings = field(
         default_factory=StoreSettings, metadata=_table("store", StoreSettings)
     )
+
+    @property
+    def api_socket(self) -> Path:
+        """Return where the local API's Unix socket lives (paths.api_socket_path)."""
+        return paths.api_socket_path(self.runtime_dir, self.api.socket)
 
     def account(self, name: str | None = None) -> AccountConfig:
         """Return the named account (the default one for None); ConfigError if unknown."""
@@ -1081,6 +1091,62 @@ def load_config(
     return _build(text, source=source, environ=env, extra=extra, with_secrets=with_secrets)
 
 
+@dataclass(frozen=True)
+class Locations:
+    """Where the configuration puts the files: what :func:`load_locations` returns."""
+
+    source: Path | None
+    state_dir: Path
+    runtime_dir: Path
+    socket: Path | None = None
+
+    @property
+    def api_socket(self) -> Path:
+        """Return where the local API's Unix socket lives (paths.api_socket_path)."""
+        return paths.api_socket_path(self.runtime_dir, self.socket)
+
+
+def load_locations(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> Locations:
+    """Read only ``[paths]`` and ``[api] socket``, by the loader's own rules, and nothing else.
+
+    For commands that must find the daemon whatever else is wrong with the file (`reload`
+    asks the daemon to check a config the CLI may not load: a mistake elsewhere, or secrets
+    only the service can read). An unreadable file, or a bad value, gives the default.
+    """
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    source = find_config_file(path, env)
+    raw: dict[str, Any] = {}
+    if source is not None:
+        try:
+            raw = tomllib.loads(source.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raw = {}
+    checker = _Checker(source=source, environ=env, with_secrets=False)
+
+    def setting(table: str, key: str) -> Path | None:
+        section = raw.get(table)
+        value = section.get(key) if isinstance(section, dict) else None
+        if value is None:
+            return None
+        try:
+            return checker.resolve(_path(value))
+        except ValueError:
+            return None  # a bad value: the default, as if it were not there
+
+    def directory(key: str, default: Callable[..., Path]) -> Path:
+        found = setting("paths", key)
+        return found if found is not None else default(env, config_source=source)
+
+    return Locations(
+        source=source,
+        state_dir=directory("state_dir", paths.default_state_dir),
+        runtime_dir=directory("runtime_dir", paths.default_runtime_dir),
+        socket=setting("api", "socket"),
+    )
+
+
 def config_from_toml_text(
     text: str, *, source: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -1110,7 +1176,22 @@ def _build(
         count = len(problems)
         noun = "problem" if count == 1 else "problems"
         raise ConfigError(f"{where} has {count} {noun}:", details=problems)
-    return config
+    return _with_cli_options(config, environ)
+
+
+def _with_cli_options(config: Config, environ: Mapping[str, str]) -> Config:
+    """Give every account the global options that name it on the command line."""
+    named: tuple[str, ...] = ()
+    if config.source is not None and not paths.found_by_default(config.source, environ):
+        named = ("--config", os.path.abspath(config.source))
+    accounts = {
+        name: replace(
+            account,
+            cli_options=named if name == config.default_account else (*named, "--account", name),
+        )
+        for name, account in config.accounts.items()
+    }
+    return replace(config, accounts=MappingProxyType(accounts))
 
 
 def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:

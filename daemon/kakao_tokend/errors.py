@@ -4,6 +4,8 @@ Our exception hierarchy::
 
     KakaoTokendError                 base of everything we raise on purpose
     ├── ConfigError                  the configuration is wrong; `details` lists (key path, problem)
+    ├── ImportFileError              the file given to `import` is not a usable token file
+    ├── ImportUnverified             Kakao could not be asked whether imported tokens still work
     ├── StoreError                   the token store (files or PostgreSQL) could not be used
     │   ├── StoreLocked              another process holds the account's lock
     │   ├── StateCorrupt             unreadable state file; moved aside, never overwritten
@@ -67,6 +69,14 @@ class ConfigError(KakaoTokendError):
         lines = [self.message]
         lines += [f"  {key}: {problem}" if key else f"  {problem}" for key, problem in self.details]
         return "\n".join(lines)
+
+
+class ImportFileError(KakaoTokendError):
+    """The file to import is not a usable token file (the CLI exits with EX_DATAERR, 65)."""
+
+
+class ImportUnverified(KakaoTokendError):
+    """Kakao could not be asked whether the file's tokens still work (the CLI exits 69)."""
 
 
 class StoreError(KakaoTokendError):

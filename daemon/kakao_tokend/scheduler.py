@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from .refresher import AccountEvent, AccountManager
+from .refresher import AccountManager
+from .status import AccountEvent
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ user may write to (:func:`check_directory`). docs/security.md explains why.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import grp
@@ -19,8 +20,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,7 @@ from .errors import (
     StoreWriteError,
     UnsafePath,
 )
+from .relogin import login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -54,7 +56,8 @@ LOCK_FILE_MODE = 0o600
 RESCUE_SUFFIX = ".rescue.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
-_LOCK_POLL = 0.05
+#: How often a waiting lock is tried again (seconds).
+LOCK_POLL = 0.05
 
 # errno -> what to do about it, appended to StoreWriteError messages.
 _WRITE_HINTS = {
@@ -88,6 +91,8 @@ class AccountFiles(Protocol):
     def access_token_file(self) -> Path | None: ...
     @property
     def env_file(self) -> Path | None: ...
+    @property
+    def cli_options(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class StorePaths:
     include_refresh_token: bool = False
     access_token_file: Path | None = None
     env_file: Path | None = None
+    #: The global options of its commands (relogin.cli_command); see from_paths.
+    cli_options: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +373,76 @@ def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") 
     return fd
 
 
+class FileLock:
+    """An exclusive ``flock`` on a lock file that names its holder; the one lock helper.
+
+    Used for each account (``NAME.lock``, by every process that writes the account's files)
+    and for the daemon's instance lock. The file is opened safely (:func:`open_lock_file`);
+    its holder writes its pid into it, so a refusal can name the process. Reentrant within one
+    object (nested holds do not deadlock); two objects, or two processes, exclude each other
+    (flock on separate open file descriptions). Not meant to be shared between threads.
+    """
+
+    def __init__(self, path: Path, *, directory_what: str, what: str = "lock file") -> None:
+        self.path = Path(path)
+        self.directory_what = directory_what
+        self.what = what
+        self._fd: int | None = None
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._depth > 0
+
+    def try_acquire(self) -> bool:
+        """Take the lock without waiting; True on success (or when already ours)."""
+        if self._depth > 0:
+            self._depth += 1
+            return True
+        fd = open_lock_file(self.path, directory_what=self.directory_what, what=self.what)
+        try:
+            # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        self._depth = 1
+        return True
+
+    def release(self) -> None:
+        """Release one level; the flock is dropped when the outermost level ends."""
+        if self._depth == 0:
+            raise RuntimeError(f"release() of {self.path} without a matching acquire")
+        self._depth -= 1
+        if self._depth:
+            return
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)  # so nobody later reports our pid as the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def holder(self) -> int | None:
+        """Return the pid written into the lock file by its holder, if any."""
+        try:
+            raw = read_file(self.path, what=self.what)
+        except (OSError, StoreError):
+            return None
+        text = raw.decode("ascii", errors="replace").strip()
+        return int(text) if text.isdigit() else None
+
+
 def read_file(path: Path, *, what: str) -> bytes:
     """Read a whole regular file without following a symlink (UnsafePath) or blocking on a FIFO.
 
@@ -596,8 +673,7 @@ class AccountStore:
         )
         #: Alert bookkeeping (what was sent when; no secrets), next to the state file.
         self.alerts_path = self.state_path.with_name(f"{self.name}.alerts.json")
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
+        self._lock = FileLock(self.lock_path, directory_what="lock file directory")
         self._cleaned = False
         self._gid: int | None = None
         self._gid_resolved = False
@@ -627,6 +703,9 @@ class AccountStore:
                 token_file_mode=token_file_mode,
                 token_file_group=token_file_group,
                 include_refresh_token=include_refresh_token,
+                # Without its config the store cannot know whether this is the default
+                # account: its hints name it.
+                cli_options=("--account", name),
             )
         )
 
@@ -666,35 +745,21 @@ class AccountStore:
     @property
     def locked(self) -> bool:
         """True while this object holds the account lock."""
-        return self._lock_depth > 0
+        return self._lock.held
 
     def try_lock(self) -> bool:
         """Take the account lock without waiting; True on success (or if already ours)."""
-        if self._lock_depth > 0:
-            self._lock_depth += 1
-            return True
+        if self._lock.held:
+            return self._lock.try_acquire()
         self.check_paths()
-        fd = open_lock_file(self.lock_path, directory_what="lock file directory")
-        try:
-            # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if not self._lock.try_acquire():
             return False
-        except OSError as exc:
-            os.close(fd)
-            raise StoreError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from None
         if self.honour_moved_marker:
             try:  # again under the lock: a migration marks the files while it holds every lock
                 check_not_moved(self.state_path.parent)
             except StoreMoved:
-                os.close(fd)
+                self._lock.release()
                 raise
-        with suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        self._lock_depth = 1
         if not self._cleaned:
             # Holding the lock, no writer of this account is mid-write.
             self._cleaned = True
@@ -704,28 +769,13 @@ class AccountStore:
 
     def unlock(self) -> None:
         """Release one level of the lock; the flock is dropped when the outermost level ends."""
-        if self._lock_depth == 0:
+        if not self._lock.held:
             raise RuntimeError(f"unlock() of account {self.name!r} without a matching lock")
-        self._lock_depth -= 1
-        if self._lock_depth:
-            return
-        fd, self._lock_fd = self._lock_fd, None
-        assert fd is not None
-        with suppress(OSError):
-            os.ftruncate(fd, 0)  # so nobody later reports our pid as the holder
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        self._lock.release()
 
     def lock_holder(self) -> int | None:
         """Return the pid written into the lock file by its holder, if any."""
-        try:
-            raw = read_file(self.lock_path, what="lock file")
-        except (OSError, StoreError):
-            return None
-        text = raw.decode("ascii", errors="replace").strip()
-        return int(text) if text.isdigit() else None
+        return self._lock.holder()
 
     @contextmanager
     def lock(self, timeout: float = 10.0) -> Iterator[None]:
@@ -734,7 +784,25 @@ class AccountStore:
         while not self.try_lock():
             if time.monotonic() >= deadline:
                 raise self._locked_error()
-            time.sleep(_LOCK_POLL)
+            time.sleep(LOCK_POLL)
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    @asynccontextmanager
+    async def hold(self, wait: float) -> AsyncIterator[None]:
+        """Hold the account for a change (storage.StateStore.hold): its lock, polled.
+
+        Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
+        file is written at once by :meth:`save`, so ending the hold commits nothing more.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        while not self.try_lock():
+            if loop.time() >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(min(LOCK_POLL, max(wait / 10, 0.001)))
         try:
             yield
         finally:
@@ -790,7 +858,7 @@ class AccountStore:
                 )
                 error.hint = (
                     f"restore a backup to {self.state_path}, or log in again with "
-                    f"`kakao-tokend --account {self.name} login`"
+                    f"`{login_command(self.account)}`"
                 )
                 raise error from None
             if state.account != self.name:
@@ -822,8 +890,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `kakao-tokend --account "
-                    f"{self.name} login`",
+                    hint=f"move it away by hand, then run `{login_command(self.account)}`",
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
@@ -835,7 +902,7 @@ class AccountStore:
                 raise StoreError(
                     f"{path} ({label}): a copy is in {target} but the original "
                     f"could not be removed: {exc.strerror or exc}",
-                    hint=f"remove it by hand, then run `kakao-tokend --account {self.name} login`",
+                    hint=f"remove it by hand, then run `{login_command(self.account)}`",
                 ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)

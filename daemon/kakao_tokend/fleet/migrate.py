@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import json
 import os
 import pwd
@@ -46,8 +45,8 @@ from ..state import AccountState
 from ..store import (
     MOVED_NAME,
     AccountStore,
+    FileLock,
     atomic_write,
-    open_lock_file,
     read_file,
 )
 from ..tokens import format_time, refresh_due_at, utcnow
@@ -260,32 +259,25 @@ class FileSide:
     @contextlib.contextmanager
     def _instance_lock(self) -> Iterator[None]:
         """Hold the lock `kakao-tokend run` holds: no daemon runs or starts meanwhile."""
-        from ..service import INSTANCE_LOCK_NAME
+        from ..daemon import INSTANCE_LOCK_NAME
 
         state_dir = self.config.state_dir
-        fd = open_lock_file(
+        lock = FileLock(
             state_dir / INSTANCE_LOCK_NAME, directory_what="state directory", what="instance lock"
         )
+        if not lock.try_acquire():
+            pid = lock.holder()
+            holder = f" (pid {pid})" if pid is not None else ""
+            raise StoreLocked(
+                f"kakao-tokend is running on {state_dir}{holder}: the daemon (or another "
+                "`store migrate`) uses these accounts, so they cannot move now",
+                hint="stop it first (systemctl stop kakao-tokend), then run the migration "
+                "again; start it afterwards with the new [store] backend",
+            )
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = ""
-                with contextlib.suppress(OSError, ValueError):
-                    holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
-                raise StoreLocked(
-                    f"kakao-tokend is running on {state_dir}{holder}: the daemon (or another "
-                    "`store migrate`) uses these accounts, so they cannot move now",
-                    hint="stop it first (systemctl stop kakao-tokend), then run the migration "
-                    "again; start it afterwards with the new [store] backend",
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)
+            lock.release()
 
     def markers(self) -> dict[Path, dict[str, Any] | None]:
         """Return each directory's MOVED marker (None: not marked; {}: unreadable)."""
