@@ -212,8 +212,7 @@ def _own_group(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
-        if info.st_gid != os.getegid():
-            os.fchown(fd, -1, os.getegid())
+        set_group(fd, os.getegid())
         if info.st_mode & stat.S_ISGID:
             os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~stat.S_ISGID)
     finally:
@@ -307,6 +306,17 @@ def check_file(path: Path, *, what: str) -> None:
         raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
 
 
+def set_group(fd: int, gid: int) -> None:
+    """Give the open file group ``gid``, calling fchown only when its group differs.
+
+    The shipped units' ``SystemCallFilter=~@privileged`` denies the chown family with EPERM
+    unless ``@chown`` is allowed again; a file we just created in our own directory already has
+    our group, so the common case must not depend on the filter at all.
+    """
+    if os.fstat(fd).st_gid != gid:
+        os.fchown(fd, -1, gid)
+
+
 def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = None) -> int:
     """Create a new file (never through a symlink) with exactly ``mode`` and group ``gid``."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -314,7 +324,7 @@ def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = N
     fd = os.open(name, flags, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed it
-        os.fchown(fd, -1, gid)  # a setgid directory would have given it the directory's group
+        set_group(fd, gid)  # a setgid directory would have given it the directory's group
     except OSError:
         os.close(fd)
         with suppress(OSError):
