@@ -845,7 +845,8 @@ class AccountAlerts:
     # ---------------------------------------------------------------- channels and workers
 
     def configure(self) -> None:
-        """(Re)build the channels from the account's settings; start a worker per channel."""
+        """(Re)build the channels from the account's settings (workers start with the first
+        alert for their channel: most accounts never need one, and each costs a task)."""
         self.stop_workers()
         self.language = resolve_language(self.settings.language)
         self.channels = build_channels(
@@ -856,10 +857,16 @@ class AccountAlerts:
             get_client=lambda: self.manager.client,
             clock=self.clock,
         )
-        for channel in self.channels:
-            queue: asyncio.Queue[Alert] = asyncio.Queue()
-            task = asyncio.create_task(self._worker(channel, queue))
-            self._queues.append((channel, queue, task))
+
+    def _queue(self, channel: Channel) -> asyncio.Queue[Alert]:
+        """Return ``channel``'s delivery queue, starting its worker the first time."""
+        for known, queue, _ in self._queues:
+            if known is channel:
+                return queue
+        queue = asyncio.Queue()
+        task = asyncio.create_task(self._worker(channel, queue))
+        self._queues.append((channel, queue, task))
+        return queue
 
     def _usable_state(self) -> AccountState | None:
         if self.manager.status.health in (Health.RELOGIN, Health.NO_STATE):
@@ -878,6 +885,7 @@ class AccountAlerts:
                     channel.name,
                 )
         self._queues = []
+        self.channels = []  # until configure(): nothing is queued after a stop
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued deliveries, then stop the workers."""
@@ -932,9 +940,9 @@ class AccountAlerts:
     def dispatch(self, alert: Alert) -> None:
         """Log the alert now and queue it for every channel that wants it."""
         log_alert(alert)
-        for channel, queue, _ in self._queues:
+        for channel in self.channels:
             if channel.wants(alert):
-                queue.put_nowait(alert)
+                self._queue(channel).put_nowait(alert)
 
     # ---------------------------------------------------------------- deciding
 
