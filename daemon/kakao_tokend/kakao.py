@@ -354,6 +354,9 @@ class _Response:
 class KakaoClient:
     """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
 
+    # One per account: slots keep a thousand of them small.
+    __slots__ = ("_app", "_clock", "_session")
+
     def __init__(
         self, session: aiohttp.ClientSession, app: KakaoApp, *, clock: Clock = utcnow
     ) -> None:
