@@ -611,6 +611,8 @@ class _Checker:
         self.problems: list[tuple[str, str]] = []
         #: Every account file seen: (key path, resolved path, set explicitly?).
         self.files: list[tuple[str, Path, bool]] = []
+        #: The inherited [kakao] app and [alerts] of accounts without their own overrides.
+        self.inherited: dict[str, Any] = {}
 
     def problem(self, key: str, text: str) -> None:
         self.problems.append((key, text))
@@ -925,13 +927,24 @@ class _Checker:
             self.known_keys(own_publish, _PUBLISH_KEYS, f"{prefix}.publish")
             self.known_keys(own_alerts, _ALERTS_KEYS, f"{prefix}.alerts")
         # A mistake in the global [alerts] shows up per account too; _build drops duplicates.
-        account_alerts = self.alerts(
-            _overlay(alerts or {}, "alerts", own_alerts, f"{prefix}.alerts")
-        )
-        app = self.kakao_app(
-            _overlay(kakao, "kakao", own_kakao, f"{prefix}.kakao"),
-            missing_prefix=f"{prefix}.kakao" if prefix else "kakao",
-        )
+        # Accounts without overrides share one parsed [alerts] and [kakao] (its secret files
+        # read once): a thousand accounts, one object. Only a clean result is shared, so a
+        # mistake is still reported for every account, as before.
+        account_alerts = self.inherited.get("alerts") if not own_alerts else None
+        if account_alerts is None:
+            account_alerts = self.alerts(
+                _overlay(alerts or {}, "alerts", own_alerts, f"{prefix}.alerts")
+            )
+            if not own_alerts:
+                self.inherited["alerts"] = account_alerts
+        app = self.inherited.get("kakao") if not own_kakao else None
+        if app is None:
+            app = self.kakao_app(
+                _overlay(kakao, "kakao", own_kakao, f"{prefix}.kakao"),
+                missing_prefix=f"{prefix}.kakao" if prefix else "kakao",
+            )
+            if not own_kakao:
+                self.inherited["kakao"] = app
         mode, group, include = self.publish_settings(
             _overlay(publish, "publish", own_publish, f"{prefix}.publish")
         )
