@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -429,6 +430,43 @@ async def test_the_job_fires_the_refresh_at_its_jittered_moment(
         assert ran[0] >= planned
         assert manager.state is not None and manager.state.generation == 2
         assert scheduler.planned(manager.name) == manager.next_wakeup()
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)
+
+
+async def test_an_overdue_account_is_refreshed_before_the_others_are_verified_at_start(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Start-up checks wait for a place in the order asked for, except that an overdue
+    token's (its refresh) goes first: with one place, the last account asked for but
+    overdue is refreshed right after the first check, before the others are verified."""
+    managers = seeded_managers(emulator, tmp_path, session, 4)
+    order: list[str] = []
+    for manager in managers:
+        real_verify, real_refresh = manager.verify, manager.refresh
+
+        async def verify(name: str = manager.name, real: Any = real_verify) -> None:
+            order.append(f"{name} verify")
+            await real()
+
+        async def refresh(
+            name: str = manager.name, real: Any = real_refresh, **kwargs: Any
+        ) -> AccountState | None:
+            order.append(f"{name} refresh")
+            return await real(**kwargs)  # type: ignore[no-any-return]
+
+        manager.verify = verify  # type: ignore[method-assign]
+        manager.refresh = refresh  # type: ignore[method-assign]
+    make_overdue(managers[3])
+    scheduler = RefreshScheduler(heartbeat=60, max_running=1)
+    scheduler.start()
+    try:
+        for manager in managers:
+            scheduler.add(manager)
+            scheduler.run_soon(manager, "start")
+        await wait_for(lambda: len(order) == 4)
+        assert order == ["acct0 verify", "acct3 refresh", "acct1 verify", "acct2 verify"]
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)

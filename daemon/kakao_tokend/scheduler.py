@@ -319,7 +319,11 @@ class RefreshScheduler:
         if self.stopped or manager in self._claimed:
             return
         self._claimed.add(manager)
-        self._waiting.append((manager, work))
+        if work == "start" and manager.needs_refresh(manager.clock()):
+            # An overdue token is refreshed before the others are merely verified.
+            self._waiting.appendleft((manager, work))
+        else:
+            self._waiting.append((manager, work))
         self._start_waiting()
 
     def _start_waiting(self) -> None:
