@@ -563,7 +563,8 @@ class AccountAlerts:
     # ---------------------------------------------------------------- channels and workers
 
     def configure(self) -> None:
-        """(Re)build the channels from the account's settings; start a worker per channel."""
+        """(Re)build the channels from the account's settings (workers start with the first
+        alert for their channel: most accounts never need one, and each costs a task)."""
         self.stop_workers()
         self.language = resolve_language(self.settings.language)
         self.channels = build_channels(
@@ -574,10 +575,16 @@ class AccountAlerts:
             get_client=lambda: self.manager.client,
             clock=self.clock,
         )
-        for channel in self.channels:
-            queue: asyncio.Queue[Alert] = asyncio.Queue()
-            task = asyncio.create_task(self._worker(channel, queue))
-            self._queues.append((channel, queue, task))
+
+    def _queue(self, channel: Channel) -> asyncio.Queue[Alert]:
+        """Return ``channel``'s delivery queue, starting its worker the first time."""
+        for known, queue, _ in self._queues:
+            if known is channel:
+                return queue
+        queue = asyncio.Queue()
+        task = asyncio.create_task(self._worker(channel, queue))
+        self._queues.append((channel, queue, task))
+        return queue
 
     def _usable_state(self) -> AccountState | None:
         if self.manager.status.health in WITHOUT_TOKENS:
@@ -596,6 +603,7 @@ class AccountAlerts:
                     channel.name,
                 )
         self._queues = []
+        self.channels = []  # until configure(): nothing is queued after a stop
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued deliveries, then stop the workers."""
@@ -652,9 +660,9 @@ class AccountAlerts:
     def dispatch(self, alert: Alert) -> None:
         """Log the alert now and queue it for every channel that wants it."""
         log_alert(alert)
-        for channel, queue, _ in self._queues:
+        for channel in self.channels:
             if channel.wants(alert):
-                queue.put_nowait(alert)
+                self._queue(channel).put_nowait(alert)
 
     # ---------------------------------------------------------------- deciding
 
@@ -806,7 +814,8 @@ class AlertCenter:
         self.host = host or socket.gethostname()
         self.retry_delay = retry_delay
         self.accounts: dict[str, AccountAlerts] = {}
-        self._listeners: dict[str, Callable[[AccountEvent], None]] = {}
+        #: One listener object for every account (a closure per account costs 400 bytes).
+        self._listener: Callable[[AccountEvent], None] = self._on_event
         self._pending: set[str] = set()
 
     def attach(self, manager: AccountManager) -> AccountAlerts:
@@ -823,18 +832,15 @@ class AlertCenter:
             retry_delay=self.retry_delay,
         )
         self.accounts[manager.name] = alerts
-
-        def listener(event: AccountEvent) -> None:
-            self._schedule(event.account)
-
-        self._listeners[manager.name] = listener
-        manager.listeners.append(listener)
+        manager.listeners.append(self._listener)
         return alerts
 
+    def _on_event(self, event: AccountEvent) -> None:
+        self._schedule(event.account)
+
     def _unlisten(self, alerts: AccountAlerts) -> None:
-        listener = self._listeners.pop(alerts.name, None)
-        if listener is not None and listener in alerts.manager.listeners:
-            alerts.manager.listeners.remove(listener)
+        if self._listener in alerts.manager.listeners:
+            alerts.manager.listeners.remove(self._listener)
 
     async def detach(self, name: str) -> None:
         """Stop watching an account (removed by a reload); deliver what is queued first."""

@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 # more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
 LOCK_WAIT_SHARE = 0.02
+#: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
+#: per account. Tests that need fixed dice pass their own ``rng``.
+SHARED_RNG = random.Random()
 
 
 class AccountManager:
@@ -93,7 +96,7 @@ class AccountManager:
         self.client = client
         self.policy = policy
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or SHARED_RNG
         self.monotonic = monotonic
         self.state: AccountState | None = None
         self.status = AccountStatus()

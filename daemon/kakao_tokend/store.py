@@ -383,6 +383,10 @@ def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") 
     return fd
 
 
+def _as_path(value: Path | str) -> Path:
+    return value if isinstance(value, Path) else Path(value)
+
+
 class FileLock:
     """An exclusive ``flock`` on a lock file that names its holder; the one lock helper.
 
@@ -394,7 +398,7 @@ class FileLock:
     """
 
     def __init__(self, path: Path, *, directory_what: str, what: str = "lock file") -> None:
-        self.path = Path(path)
+        self.path = _as_path(path)
         self.directory_what = directory_what
         self.what = what
         self._fd: int | None = None
@@ -674,15 +678,12 @@ class AccountStore:
     def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
         self.account = account
         self.name = account.name
-        self.state_path = Path(account.state_file)
-        self.token_path = Path(account.token_file)
-        self.lock_path = Path(account.lock_file)
-        #: The second, independent place for tokens the state file could not take (None: off).
-        self.rescue_path = (
-            Path(rescue_dir) / f"{self.name}{RESCUE_SUFFIX}" if rescue_dir is not None else None
-        )
-        #: Alert bookkeeping (what was sent when; no secrets), next to the state file.
-        self.alerts_path = self.state_path.with_name(f"{self.name}.alerts.json")
+        # The configuration's own Path objects, not copies: with a thousand accounts every
+        # Path held per account counts (the two derived ones below are made when needed).
+        self.state_path = _as_path(account.state_file)
+        self.token_path = _as_path(account.token_file)
+        self.lock_path = _as_path(account.lock_file)
+        self._rescue_dir = rescue_dir
         self._lock = FileLock(self.lock_path, directory_what="lock file directory")
         self._cleaned = False
         self._gid: int | None = None
@@ -721,6 +722,18 @@ class AccountStore:
 
     def __repr__(self) -> str:
         return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
+
+    @property
+    def rescue_path(self) -> Path | None:
+        """The second, independent place for tokens the state file could not take (None: off)."""
+        if self._rescue_dir is None:
+            return None
+        return _as_path(self._rescue_dir) / f"{self.name}{RESCUE_SUFFIX}"
+
+    @property
+    def alerts_path(self) -> Path:
+        """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
+        return self.state_path.with_name(f"{self.name}.alerts.json")
 
     # -- safety --------------------------------------------------------------------------------
 
