@@ -1485,8 +1485,15 @@ class _Checker:
                 found, bad = self.read(cls, settings, where, table=sub_table)
                 values.update(found)
                 unknown |= bad
+            elif not own and sub in self.inherited:
+                values[target] = self.inherited[sub]
             elif (instance := self.build(cls, settings, where)) is not None:
                 values[target] = instance
+                if not own and not self.problems:
+                    # A thousand accounts without overrides share one app (its secrets read
+                    # once) and one [alerts]. Only a clean result is shared: after a mistake
+                    # every account is read again and reports for itself.
+                    self.inherited[sub] = instance
             else:
                 unknown.add(target)
         for field_name, _, spec in _schema(AccountConfig).values:
