@@ -605,11 +605,12 @@ def check_not_moved(directory: Path) -> None:
     too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
     ``pending``) only make the message say where the accounts went and how to go back.
     """
-    path = Path(directory) / MOVED_NAME
+    marker = os.path.join(directory, MOVED_NAME)  # a string: no Path built when none is there
     try:
-        os.lstat(path)
+        os.lstat(marker)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return  # no marker (or no access to the directory at all: that fails on its own)
+    path = Path(marker)
     document: Any = None
     with suppress(OSError, StoreError, ValueError):
         document = json.loads(read_file(path, what="migration marker"))
