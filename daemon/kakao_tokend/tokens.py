@@ -397,17 +397,6 @@ def refresh_due_at(
     return planned
 
 
-def is_due(tokens: TokenSet, now: datetime, *, share: float = 0.75, jitter: float = 0.05) -> bool:
-    """Return True when the access token is past the earliest point of its refresh window.
-
-    Uses the low edge of the jitter band, so a check after a suspend or clock jump never waits
-    for a lucky draw.
-    """
-    lifetime = tokens.access_lifetime.total_seconds()
-    fraction = min(max(share - jitter, 0.05), 0.95)
-    return now >= tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
-
-
 def backoff_delay(
     attempt: int,
     *,
