@@ -1,7 +1,8 @@
 """Token set value object, Kakao response parsing/merging, and the pure timing rules.
 
 Everything here is pure: time comes in as arguments (see :data:`Clock`), so the rules can be
-tested without a scheduler, and a 6-second token behaves like a 6-hour one.
+tested without a scheduler, and a 6-second token behaves like a 6-hour one. Kakao's lifetimes
+and its rotation rule, which the merge follows: docs/kakao.md.
 """
 
 from __future__ import annotations
