@@ -1,8 +1,8 @@
-"""One grading of an account: the CLI, the API and the alerts never disagree about it.
+"""One grading of an account: the CLI, the API, the alerts and the metrics never disagree.
 
 health.assess is the one place that decides what is wrong with an account. These tests
 drive the real readers of that decision — the API's /v1/status and /healthz handlers, the
-CLI's `status` built from the daemon's answer and from the files, and the alerts — with
+CLI's `status` built from the daemon's answer and from the files, the alerts and /metrics — with
 accounts in every state hypothesis can think of, and check that they say the same thing.
 The login hint they all give is checked too: the exact command, with ``--config`` and
 ``--account`` when (and only when) a person needs them.
@@ -32,6 +32,7 @@ from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, lo
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.health import FROM_FILES, assess
+from kakao_tokend.metrics import DaemonCollector
 from kakao_tokend.paths import SYSTEM_CONFIG_FILE
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import ReloginCause, login_command
@@ -191,12 +192,19 @@ async def every_view(case: Case, directory: Path) -> dict[str, Any]:
         retry_delay=0.01,
     )
     fired = alerts.evaluate(NOW)
+    scraped = {
+        (sample.name, sample.labels.get("severity")): sample.value
+        for family in DaemonCollector(app[DAEMON]).collect()
+        for sample in family.samples
+        if sample.labels.get("account") == case.name
+    }
     return {
         "account": account,
         "entry": entry,
         "healthz": (healthz.status, json.loads(healthz.text)),
         "report": report,
         "fired": fired,
+        "metrics": scraped,
     }
 
 
@@ -205,8 +213,9 @@ async def every_view(case: Case, directory: Path) -> dict[str, Any]:
 def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
     """For any account state and any history of its status: /v1/status, `status` built from
     it and the alerts name the same conditions with the same severities and the same level;
-    /healthz fails exactly when the grading says consumers lack a valid, current token; and
-    `status` gives each fix command once."""
+    /healthz and the serving metric fail exactly when the grading says consumers lack a valid,
+    current token; /metrics counts the same conditions at the same level; and `status` gives
+    each fix command once."""
     with tempfile.TemporaryDirectory() as directory:
         seen = asyncio.run(every_view(case, Path(directory)))
     entry, report, fired = seen["entry"], seen["report"], seen["fired"]
@@ -219,6 +228,12 @@ def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
     code, body = seen["healthz"]
     assert (code == 200) == entry["serving"] == (entry["serving_problem"] is None)
     assert body == {"ok": True} if code == 200 else case.name in body["problems"]
+    scraped = seen["metrics"]
+    assert scraped["kakao_tokend_account_level", None] == worst
+    assert scraped["kakao_tokend_account_serving", None] == (1.0 if entry["serving"] else 0.0)
+    for severity in ("warning", "critical"):
+        counted = scraped["kakao_tokend_account_conditions", severity]
+        assert counted == sum(s == severity for s in api_said.values()), (severity, case)
     commands = [c["command"] for c in report.conditions if c["command"]]
     for command in set(commands):
         assert sum(command in line for line in report.data["problems"]) == 1, report.data
