@@ -35,7 +35,7 @@ from kakao_tokend.health import FROM_FILES, assess
 from kakao_tokend.metrics import DaemonCollector
 from kakao_tokend.paths import SYSTEM_CONFIG_FILE
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import ReloginCause, login_command
+from kakao_tokend.relogin import ReloginCause, login_command, new_account_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import AccountStatus, Health
 from kakao_tokend.store import AccountStore
@@ -364,6 +364,18 @@ def test_login_command_puts_the_global_options_first(tmp_path: Path) -> None:
         f"kakao-tokend --config '{config}' --account bot login"
     )
     assert login_command(loaded.accounts["default"]) == f"kakao-tokend --config '{config}' login"
+
+
+def test_a_command_for_another_account_keeps_the_config_and_drops_the_account(
+    tmp_path: Path,
+) -> None:
+    """The hint that points at a new account (import into NEW) names the config file a plain
+    run would not find, and only the new --account, whichever account refused."""
+    config = two_accounts(tmp_path / "my configs" / "x.toml")
+    loaded = load_config(config)
+    expected = f"kakao-tokend --config '{config}' --account NEW import FILE"
+    for name in ("default", "bot"):
+        assert new_account_command(loaded.accounts[name], "import", "FILE") == expected
 
 
 # --------------------------------------------------------------------------- thresholds

@@ -166,14 +166,15 @@ class TestAdopt:
     async def test_refuses_to_overwrite_without_force(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """An account with state is not overwritten unless --force; --force bumps generation."""
+        """An account with state is not overwritten unless --force; --force bumps generation.
+        The hint's command for another account keeps the --config a plain run would not find."""
         config = write_config(tmp_path, emulator)
         path = seed_file(tmp_path, emulator.issue_tokens())
         assert (await cli(config, "import", str(path))).exit_code == 0
         again = await cli(config, "import", str(path))
         assert again.exit_code == 1
         assert "--force" in again.stderr
-        assert "kakao-tokend --account NEW import FILE" in again.stderr
+        assert f"kakao-tokend --config {config} --account NEW import FILE" in again.stderr
         forced = await cli(config, "import", str(path), "--force")
         assert forced.exit_code == 0, forced.output
         assert saved_state(tmp_path).generation == 2
