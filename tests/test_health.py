@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,7 @@ from kakao_tokend.health import FROM_FILES, assess
 from kakao_tokend.metrics import DaemonCollector
 from kakao_tokend.paths import SYSTEM_CONFIG_FILE
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import ReloginCause, login_command, new_account_command
+from kakao_tokend.relogin import ReloginCause, cli_command, login_command, new_account_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import AccountStatus, Health
 from kakao_tokend.store import AccountStore
@@ -239,6 +240,13 @@ def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
         assert sum(command in line for line in report.data["problems"]) == 1, report.data
     if {"relogin", "no_tokens", "refresh_expiry"} & set(api_said):
         assert any(login_command(seen["account"]) in line for line in report.data["problems"])
+    # Every command a condition names is one that runs for this account, not the default one.
+    prefix = cli_command(seen["account"])
+    for condition in entry["conditions"]:
+        for command in re.findall(
+            r"`(kakao-tokend[^`]*)`", condition["message"] + condition["fix"]
+        ):
+            assert command.startswith(prefix), (command, condition)
 
 
 @settings(max_examples=200, deadline=None)
