@@ -339,7 +339,8 @@ class TestVerification:
     async def test_no_verify_asks_kakao_nothing(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """--no-verify imports offline: no request at all, and the output says it is unchecked."""
+        """--no-verify imports offline: no request at all, and the output says it is unchecked
+        and which status command (with the --config given) to watch."""
         config = write_config(tmp_path, emulator)
         path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
         requests = sum(emulator.stats.requests.values())
@@ -347,6 +348,7 @@ class TestVerification:
         assert result.exit_code == 0, result.output
         assert sum(emulator.stats.requests.values()) == requests
         assert "NOT checked with Kakao (--no-verify)" in result.stdout
+        assert f"watch `kakao-tokend --config {config} status`" in result.stdout
         tokens = saved_state(tmp_path).tokens
         assert tokens.access_expires_at <= datetime.now(UTC)  # the daemon refreshes at once
 

@@ -464,8 +464,8 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     if result.user_me_problem:
         click.echo(
             f"warning: could not call /v2/user/me ({result.user_me_problem}); Kakao unlinks "
-            "users that never call a user-info API within 24 h — run `kakao-tokend status` "
-            "and log in again if the tokens stop working",
+            f"users that never call a user-info API within 24 h — run `{_status_command(account)}`"
+            " and log in again if the tokens stop working",
             err=True,
         )
 
@@ -531,7 +531,8 @@ def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> 
         "refresh": "Kakao accepted the refresh token (one refresh"
         + (", which ROTATED it)" if result.rotated else ")"),
         "unverified": "NOT checked with Kakao (--no-verify): the daemon's first refresh will"
-        " tell whether the refresh token still works; watch `kakao-tokend status`",
+        " tell whether the refresh token still works; watch"
+        f" `{_status_command(account)}`",
     }[result.verified_by]
     click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
     for line in _describe_files(result.state, account):
@@ -599,6 +600,13 @@ def _login_command(account: AccountConfig) -> str:
     from .relogin import login_command
 
     return login_command(account)
+
+
+def _status_command(account: AccountConfig) -> str:
+    """The exact `status` command for ``account`` (relogin.cli_command)."""
+    from .relogin import cli_command
+
+    return cli_command(account, "status")
 
 
 def _token_facts(data: dict[str, Any], rotation_times: Sequence[str]) -> list[str]:
