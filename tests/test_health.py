@@ -27,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemonproc import login, run_cli, start_daemon, write_config
-from kakao_tokend import api, cli
+from kakao_tokend import api, cli, doctor, memo
+from kakao_tokend.access import Identity
 from kakao_tokend.alerts import AccountAlerts
 from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, load_config
 from kakao_tokend.daemon import DAEMON, Daemon
@@ -384,6 +385,20 @@ def test_a_command_for_another_account_keeps_the_config_and_drops_the_account(
     expected = f"kakao-tokend --config '{config}' --account NEW import FILE"
     for name in ("default", "bot"):
         assert new_account_command(loaded.accounts[name], "import", "FILE") == expected
+
+
+def test_the_fixes_that_reload_name_the_config_the_daemon_reads(tmp_path: Path) -> None:
+    """`reload` in doctor's publish fix and in memo's "not served" refusal carries --config
+    (the socket is found through it) and no --account (reload is for every account)."""
+    config = two_accounts(tmp_path / "cfg" / "x.toml")
+    bot = load_config(config).accounts["bot"]
+    reload = f"`kakao-tokend --config {config} reload`"
+    group = Identity("group", "readers", None, 1234, frozenset({1234}))
+    assert doctor._publish_fix(bot, group).endswith(reload)
+    user = Identity("user", "alice", 1001, 1001, frozenset({1001}))
+    assert doctor._publish_fix(bot, user).endswith(reload)
+    refusal = memo._daemon_refusal(404, "unknown account", account=bot)
+    assert refusal.hint is not None and refusal.hint.endswith(reload)
 
 
 # --------------------------------------------------------------------------- thresholds

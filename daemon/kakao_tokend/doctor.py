@@ -34,7 +34,7 @@ from .errors import (
 from .exitcodes import CRITICAL, OK, WARNING
 from .health import assess
 from .kakao import AccessTokenRejected, KakaoClient, create_session
-from .relogin import cli_command, login_command
+from .relogin import cli_command, config_command, login_command
 from .state import AccountState
 from .store import STATE_FILE_MODE, AccountStore
 from .tokens import Clock, format_duration, utcnow
@@ -447,13 +447,13 @@ def _publish_fix(account: AccountConfig, who: access.Identity) -> str:
     if who.kind == "group":
         return (
             f'set {table} group = "{who.name}" and mode = "0640" in the config, then'
-            " `kakao-tokend reload`"
+            f" `{config_command(account, 'reload')}`"
         )
     if account.token_file_group is not None:
         return f"usermod -aG {account.token_file_group} {who.name}  (then log in again)"
     return (
         f'set {table} group = "GROUP" (a group of {who.name}) in the config, then'
-        " `kakao-tokend reload`"
+        f" `{config_command(account, 'reload')}`"
     )
 
 

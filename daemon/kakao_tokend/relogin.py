@@ -46,14 +46,20 @@ def cli_command(account: Named, *words: str) -> str:
     return shlex.join(["kakao-tokend", *account.cli_options, *words])
 
 
-def new_account_command(account: Named, *words: str) -> str:
-    """Return the `kakao-tokend ... --account NEW WORDS` command for an account not configured
-    yet, with the ``--config`` that ``account``'s configuration needs (and not its --account)."""
+def config_command(account: Named, *words: str) -> str:
+    """Return the `kakao-tokend ... WORDS` command for the whole configuration ``account`` is
+    in (`reload`, `check-config`): its ``--config`` when needed, never its ``--account``."""
     options = list(account.cli_options)
     if "--account" in options:
         at = options.index("--account")
         del options[at : at + 2]
-    return shlex.join(["kakao-tokend", *options, "--account", "NEW", *words])
+    return shlex.join(["kakao-tokend", *options, *words])
+
+
+def new_account_command(account: Named, *words: str) -> str:
+    """Return the `kakao-tokend ... --account NEW WORDS` command for an account not configured
+    yet, with the ``--config`` that ``account``'s configuration needs."""
+    return config_command(account, "--account", "NEW", *words)
 
 
 def login_command(account: Named) -> str:
