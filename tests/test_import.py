@@ -404,7 +404,8 @@ class TestNewAccount:
     async def test_prints_the_exact_lines_that_make_it_work(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """The unknown account error lists the lines; appending them makes the import work.
+        """The unknown account error lists the lines; appending them makes the import work,
+        and the reload it mentions names the config.
 
         The old hint ("or --account to import into another account") led to a bare
         "unknown account 'old'".
@@ -417,7 +418,7 @@ class TestNewAccount:
         refused = await cli(config, "--account", "old", "import", str(second))
         assert refused.exit_code == 64
         assert "unknown account 'old'" in refused.stderr
-        assert str(config) in refused.stderr
+        assert f"`kakao-tokend --config {config} reload`" in refused.stderr
         block = refused.stderr.split(":\n\n", 1)[1].split("\n\n", 1)[0]
         assert block.splitlines() == ["[accounts.default]", "[accounts.old]"]
         with config.open("a") as handle:

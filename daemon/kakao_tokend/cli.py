@@ -108,6 +108,7 @@ def _unknown_account(config: Config, name: str) -> str:
     import tomllib
 
     from .config import ACCOUNT_NAME_RE
+    from .relogin import config_command
 
     message = f"unknown account {name!r}; configured accounts: {', '.join(config.accounts)}"
     if not ACCOUNT_NAME_RE.match(name):
@@ -123,7 +124,8 @@ def _unknown_account(config: Config, name: str) -> str:
     lines = [] if explicit else ["[accounts.default]"]
     lines.append(f"[accounts.{name}]")
     where = str(config.source) if config.source is not None else "a config file (see --config)"
-    reload = "then run the command again (and `kakao-tokend reload` if the daemon runs)"
+    command = config_command(next(iter(config.accounts.values())), "reload")
+    reload = f"then run the command again (and `{command}` if the daemon runs)"
     return (
         f"{message}. To add it, append these lines to {where}, {reload}:\n\n"
         + "\n".join(lines)
