@@ -173,6 +173,14 @@ def user_config_file() -> Path | None:
     return path / CONFIG_FILE_NAME
 
 
+def config_options(source: Path | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Return ``("--config", FILE)`` when a command shown to people must name ``source`` (a
+    plain `kakao-tokend` would not find it by itself), else ``()``."""
+    if source is None or found_by_default(source, environ):
+        return ()
+    return ("--config", os.path.abspath(source))
+
+
 def found_by_default(source: Path, environ: Mapping[str, str]) -> bool:
     """Return True when a plain `kakao-tokend` in a login shell finds ``source`` by itself.
 
