@@ -122,7 +122,7 @@ class TestProblems:
     ) -> None:
         """A config with a mistake: ✗ config, and check-config is run on that file."""
         config = write_config(shared, emulator)
-        config.write_text(config.read_text() + "\n[refresh]\nrefresh_att = \"70%\"\n")
+        config.write_text(config.read_text() + '\n[refresh]\nrefresh_att = "70%"\n')
         code, out, _ = await run_cli(config, "doctor")
         assert code == 2, out
         assert lines(out)["config"].startswith("✗")
