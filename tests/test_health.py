@@ -35,7 +35,7 @@ from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.health import FROM_FILES, assess
 from kakao_tokend.metrics import DaemonCollector
-from kakao_tokend.paths import SYSTEM_CONFIG_FILE
+from kakao_tokend.paths import SYSTEM
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import ReloginCause, cli_command, login_command, new_account_command
 from kakao_tokend.state import AccountState
@@ -347,8 +347,8 @@ def test_the_config_a_plain_kakao_tokend_finds_is_not_named(
 ) -> None:
     """The user's own config file (found without --config) is not named in the hint, and the
     default account needs no --account; another account still does."""
-    if SYSTEM_CONFIG_FILE.exists():
-        pytest.skip(f"{SYSTEM_CONFIG_FILE} exists here: it is found before the user's file")
+    if SYSTEM.config_file.exists():
+        pytest.skip(f"{SYSTEM.config_file} exists here: it is found before the user's file")
     for variable in ("KAKAO_TOKEND_CONFIG", "CONFIGURATION_DIRECTORY"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -45,7 +45,6 @@ class SystemLayout:
 
 #: The real system layout. Not platformdirs' site_config_dir(), which is /etc/xdg/<app>.
 SYSTEM = SystemLayout.under(Path("/"))
-SYSTEM_CONFIG_FILE = SYSTEM.config_file
 
 
 def is_system_config(source: Path | None, system: SystemLayout | None = None) -> bool:
