@@ -201,7 +201,7 @@ class TestBrowserCallback:
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:
         """No redirect within --timeout: one error line with the exact command to wait longer
-        (with the --config the login was started with)."""
+        (with --config: the test's config file is not one found by default)."""
         login = await start_login("--timeout", "1s")  # the last --timeout wins
         code, _, err = await login.finish()
         assert code == 1, err

@@ -1266,6 +1266,8 @@ class _Checker:
         self.problems: list[tuple[str, str]] = []
         #: Every account file seen: (key path, resolved path, set explicitly?).
         self.files: list[tuple[str, Path, bool]] = []
+        #: The inherited [kakao] app and [alerts] of accounts without their own overrides.
+        self.inherited: dict[str, Any] = {}
 
     def problem(self, key: str, text: str) -> None:
         self.problems.append((key, text))
