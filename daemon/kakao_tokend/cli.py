@@ -108,6 +108,7 @@ def _unknown_account(config: Config, name: str) -> str:
     import tomllib
 
     from .config import ACCOUNT_NAME_RE
+    from .relogin import config_command
 
     message = f"unknown account {name!r}; configured accounts: {', '.join(config.accounts)}"
     if not ACCOUNT_NAME_RE.match(name):
@@ -123,7 +124,8 @@ def _unknown_account(config: Config, name: str) -> str:
     lines = [] if explicit else ["[accounts.default]"]
     lines.append(f"[accounts.{name}]")
     where = str(config.source) if config.source is not None else "a config file (see --config)"
-    reload = "then run the command again (and `kakao-tokend reload` if the daemon runs)"
+    command = config_command(next(iter(config.accounts.values())), "reload")
+    reload = f"then run the command again (and `{command}` if the daemon runs)"
     return (
         f"{message}. To add it, append these lines to {where}, {reload}:\n\n"
         + "\n".join(lines)
@@ -464,8 +466,8 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     if result.user_me_problem:
         click.echo(
             f"warning: could not call /v2/user/me ({result.user_me_problem}); Kakao unlinks "
-            "users that never call a user-info API within 24 h — run `kakao-tokend status` "
-            "and log in again if the tokens stop working",
+            f"users that never call a user-info API within 24 h — run `{_status_command(account)}`"
+            " and log in again if the tokens stop working",
             err=True,
         )
 
@@ -531,7 +533,8 @@ def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> 
         "refresh": "Kakao accepted the refresh token (one refresh"
         + (", which ROTATED it)" if result.rotated else ")"),
         "unverified": "NOT checked with Kakao (--no-verify): the daemon's first refresh will"
-        " tell whether the refresh token still works; watch `kakao-tokend status`",
+        " tell whether the refresh token still works; watch"
+        f" `{_status_command(account)}`",
     }[result.verified_by]
     click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
     for line in _describe_files(result.state, account):
@@ -599,6 +602,13 @@ def _login_command(account: AccountConfig) -> str:
     from .relogin import login_command
 
     return login_command(account)
+
+
+def _status_command(account: AccountConfig) -> str:
+    """The exact `status` command for ``account`` (relogin.cli_command)."""
+    from .relogin import cli_command
+
+    return cli_command(account, "status")
 
 
 def _token_facts(data: dict[str, Any], rotation_times: Sequence[str]) -> list[str]:

@@ -1181,9 +1181,7 @@ def _build(
 
 def _with_cli_options(config: Config, environ: Mapping[str, str]) -> Config:
     """Give every account the global options that name it on the command line."""
-    named: tuple[str, ...] = ()
-    if config.source is not None and not paths.found_by_default(config.source, environ):
-        named = ("--config", os.path.abspath(config.source))
+    named = paths.config_options(config.source, environ)
     accounts = {
         name: replace(
             account,

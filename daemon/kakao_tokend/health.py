@@ -287,6 +287,7 @@ def _conditions(
     load_error: StoreError | None,
 ) -> list[Condition]:
     login = login_command(account)
+    status_command = cli_command(account, "status")
     relogin_fix, relogin_hint = login_fix(account), login_hint(account, host)
     found: list[Condition] = []
     health = status.health if status is not None else None
@@ -402,8 +403,9 @@ def _conditions(
                 Severity.CRITICAL,
                 N_("an older state file was refused: {detail}", detail=status.state_conflict),
                 N_(
-                    "check which program wrote the state file (`kakao-tokend status`); to go back"
+                    "check which program wrote the state file (`{status}`); to go back"
                     " to a backup on purpose use `{command}`",
+                    status=status_command,
                     command=restore,
                 ),
                 brief=N_("an older state file was refused; the newer tokens were kept"),
@@ -419,7 +421,7 @@ def _conditions(
                     "Kakao did not renew the refresh token although only {left} is left",
                     left=Duration(refresh_left),
                 ),
-                N_("watch `kakao-tokend status`"),
+                N_("watch `{command}`", command=status_command),
                 hint=N_("if it is not renewed soon, run `{command}`", command=login),
                 command=login,
             )

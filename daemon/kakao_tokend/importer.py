@@ -27,7 +27,7 @@ from .errors import (
     StoreWriteError,
 )
 from .kakao import AccessTokenRejected, KakaoClient
-from .relogin import login_command
+from .relogin import login_command, new_account_command
 from .state import AccountState
 from .store import AccountStore, ensure_reserve, make_dirs
 from .tokens import Clock, TokenSet, format_time, in_rotation_window, utcnow
@@ -248,7 +248,7 @@ async def import_seed_file(
         raise StateExists(
             f"account '{account.name}' already has tokens in {store.state_path}",
             hint="use --force to replace them, or import into another account: "
-            "kakao-tokend --account NEW import FILE (it shows the config lines to add)",
+            f"{new_account_command(account, 'import', 'FILE')} (it shows the config lines to add)",
         )
     now = clock()
     _check_not_expired(seed, now=now, hint=login_hint)

@@ -258,7 +258,7 @@ class LoginFlow:
         user_id: int | None = None
         problem: str | None = None
         # Kakao unlinks users who never call a personal-info API within 24 h of their first
-        # login (kakao-api.md §8), so call /v2/user/me once now.
+        # login (docs/kakao.md, "What ends a login early"), so call /v2/user/me once now.
         try:
             me = await client.user_me(tokens.access_token)
             raw_id = me.get("id")

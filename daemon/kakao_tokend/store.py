@@ -35,7 +35,7 @@ from .errors import (
     StoreWriteError,
     UnsafePath,
 )
-from .relogin import login_command
+from .relogin import cli_command, login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -1206,7 +1206,8 @@ class AccountStore:
         except ValueError as exc:
             raise StoreError(
                 f"token file {self.token_path} is damaged ({_safe_reason(exc)})",
-                hint="it is rewritten at the next refresh; `kakao-tokend refresh` forces one",
+                hint="it is rewritten at the next refresh; "
+                f"`{cli_command(self.account, 'refresh')}` forces one",
             ) from None
         if not isinstance(document, dict):
             raise StoreError(f"token file {self.token_path} is not a JSON object")
