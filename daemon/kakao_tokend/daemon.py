@@ -214,8 +214,14 @@ class Daemon:
         ):
             manager.take_over(row.state)  # a re-login mark written without a new generation
         manager.forget_plan()  # the row's due_at may have moved (a retry planned elsewhere)
+        had_tokens = manager.state is not None
         if not self.adopt_outside_changes(manager) and self.scheduler is not None:
             self.scheduler.plan(manager)
+        if had_tokens and manager.state is None and row is None:
+            from .fleet.store import PgAccountStore
+
+            if isinstance(manager.store, PgAccountStore):
+                manager.store.unpublish()
 
     def on_store_health(self) -> None:
         """Fleet mode: give every account the store's health (store_unavailable), and grade

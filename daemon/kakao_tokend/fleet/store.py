@@ -156,7 +156,7 @@ class FleetStore:
 
     # ------------------------------------------------------------------ opening
 
-    async def open(self, *, pool_wait: float | None = None) -> None:
+    async def open(self, *, pool_wait: float | None = None, read_rows: bool = True) -> None:
         """Apply the schema (under its advisory lock), check the store is in use, open the pool,
         read every row. StoreMoved when `store migrate --to file` moved the accounts away."""
         from .migrate import moved_refusal, read_meta
@@ -181,7 +181,8 @@ class FleetStore:
         if result.applied:
             log.info("store schema migrated to version %d: %s", result.after, result.applied)
         self._pool = await self._new_pool(pool_wait if pool_wait is not None else self.deadline)
-        await self.load_all()
+        if read_rows:
+            await self.load_all()
 
     async def _new_pool(self, wait: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
         pool = create_pool(
@@ -825,6 +826,24 @@ class PgAccountStore:
     def publish_sinks(self, state: AccountState) -> list[str]:
         """Write the extra token files on this node; return what failed."""
         return self._files.publish_sinks(state) if self.publishes else []
+
+    def unpublish(self) -> None:
+        """Remove this node's token file after a logout (consumers must not read a dead token).
+
+        Only the token file: the state file next to it, if any, is the inert copy `store
+        migrate` left behind, and stays.
+        """
+        if not self.publishes:
+            return
+        path = self._files.token_path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("account %s: cannot remove %s after a logout: %s", self.name, path, exc)
+            return
+        log.info("account %s: logged out; removed %s", self.name, path)
 
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""
