@@ -209,3 +209,38 @@ async def test_a_node_cut_off_from_the_database_serves_alerts_and_never_calls_ka
             assert emulator.stats.retired_refresh_presented == 0
         finally:
             await node.stop()
+
+
+async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name_the_node(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A node with ``publish_accounts = []`` writes no token file but serves the token over
+    its API; /metrics shows the node, the store's health and who refreshed the account."""
+    quiet = node_config(tmp_path, emulator, pg_dsn, "web-2", extra="publish_accounts = []\n")
+    node = await start_daemon(quiet)
+    try:
+        state = await store_login(emulator, load_config(quiet), pg_dsn)
+
+        async def served() -> bool:
+            code, body = await node.api("GET", "/v1/accounts/default/token")
+            return code == 200 and body["access_token"] == state.tokens.access_token
+
+        deadline = time.monotonic() + 5
+        while not await served():
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            await asyncio.sleep(0.1)
+        assert published(node) is None
+        connector = aiohttp.UnixConnector(path=str(node.runtime_dir / "api.sock"))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get("http://localhost/metrics") as response,
+        ):
+            text = await response.text()
+        assert 'kakao_tokend_node_info{node="web-2"' in text
+        assert "kakao_tokend_store_up 1.0" in text
+        assert 'kakao_tokend_account_refreshed_by{account="default",node="cli"} 1.0' in text
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        assert body["fleet"]["publishes"] == [] and body["accounts"][0]["refreshed_by"] == "cli"
+    finally:
+        await node.stop()
