@@ -244,3 +244,35 @@ async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name
         assert body["fleet"]["publishes"] == [] and body["accounts"][0]["refreshed_by"] == "cli"
     finally:
         await node.stop()
+
+
+async def test_a_refresh_token_kakao_refused_needs_a_login_on_every_node(
+    nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """When Kakao refuses the refresh token (revoked), the node that tried records the
+    re-login reason without a new generation; the other node adopts it at once, both say
+    relogin in /v1/status, and nobody calls the token endpoint again."""
+    config = load_config(nodes[0].config_path)
+    state = await store_login(emulator, config, pg_dsn)
+    assert state.user_id is not None
+    emulator.revoke_user_tokens(state.user_id)
+
+    async def health(node: DaemonProcess) -> str:
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        return str(body["accounts"][0]["health"])
+
+    deadline = time.monotonic() + 4 * emulator.settings.access_lifetime
+    while not all([await health(node) == "relogin" for node in nodes]):
+        assert time.monotonic() < deadline, [node.log_text()[-2000:] for node in nodes]
+        await asyncio.sleep(0.2)
+    calls = emulator.stats.requests["token"]
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT generation, due_at, relogin_reason FROM accounts")
+        row = await cur.fetchone()
+    assert row is not None
+    generation, due_at, reason = row
+    assert generation == state.generation and due_at is None and reason
+    await asyncio.sleep(emulator.settings.access_lifetime)
+    assert emulator.stats.requests["token"] == calls
