@@ -117,6 +117,13 @@ async def test_nodes_started_together_apply_the_schema_once_and_run(
     assert row is not None and row[0] >= 2
     for i, node in enumerate(nodes, start=1):
         assert f"fleet node web-{i}: PostgreSQL store" in node.log_text()
+    deadline = time.monotonic() + 10
+    while True:  # each node's heartbeat row lists both
+        bodies = [(await node.api("GET", "/v1/status"))[1] for node in nodes]
+        if all(sorted(body["fleet"]["nodes"]) == ["web-1", "web-2"] for body in bodies):
+            break
+        assert time.monotonic() < deadline, bodies
+        await asyncio.sleep(0.2)
 
 
 async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once(

@@ -257,6 +257,7 @@ class Daemon:
             "failed_commits": stats.failed_commits,
             "notifications": stats.notifications,
             "notify_lag_seconds": stats.last_notify_lag,
+            "nodes": {name: format_time(seen) for name, seen in fleet.nodes.items()},
             "publishes": sorted(fleet.publish_accounts)
             if fleet.publish_accounts is not None
             else "all",

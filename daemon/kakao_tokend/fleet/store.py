@@ -144,6 +144,8 @@ class FleetStore:
         #: Rows that could not be decrypted, with the reason (never a token).
         self.unreadable: dict[str, str] = {}
         self.stats = FleetStats()
+        #: Every node of the store and when it was last seen (read each heartbeat).
+        self.nodes: dict[str, datetime] = {}
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         #: The pool each lent connection came from (a renewed pool replaces the old one).
         self._lent: dict[int, AsyncConnectionPool[AsyncConnection[Any]]] = {}
