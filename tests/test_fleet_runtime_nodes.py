@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -283,3 +284,35 @@ async def test_a_refresh_token_kakao_refused_needs_a_login_on_every_node(
     assert generation == state.generation and due_at is None and reason
     await asyncio.sleep(emulator.settings.access_lifetime)
     assert emulator.stats.requests["token"] == calls
+
+
+async def test_a_reloaded_node_keeps_refreshing_through_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGHUP on a fleet node gives its accounts new row-backed stores: it keeps refreshing
+    under the row lock, committing and publishing, and never falls back to the files."""
+    emulator.settings.access_lifetime = 4
+    path = node_config(tmp_path, emulator, pg_dsn, "web-1", heartbeat="0.5s")
+    node = await start_daemon(path)
+    try:
+        state = await store_login(emulator, load_config(path), pg_dsn)
+        await node.wait_for(
+            lambda: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        node.send(signal.SIGHUP)
+        await node.wait_log("configuration reloaded")
+        await node.wait_for(
+            lambda: int((published(node) or {}).get("generation") or 0) >= state.generation + 2,
+            timeout=15,
+            what="two refreshes after the reload",
+        )
+        conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+        async with conn:
+            cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+            row = await cur.fetchone()
+        assert row is not None and row[0] >= state.generation + 2 and row[1] == "web-1"
+        assert not (node.state_dir / "default.state.json").exists()
+    finally:
+        await node.stop()
