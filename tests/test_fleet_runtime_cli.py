@@ -15,7 +15,7 @@ from daemonproc import run_cli, start_daemon
 from fleetkit import migrated
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.fleet import db
+from kakao_tokend.fleet import accounts, db
 from test_fleet_runtime_nodes import node_config, published, store_login
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,17 +54,34 @@ async def test_refresh_and_status_go_through_the_store(
     assert document["accounts"][0]["generation"] == state.generation + 1
 
 
-async def test_import_is_refused_with_one_line_in_fleet_mode(
+async def test_import_writes_a_checked_seed_file_into_the_store(
     pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
-    """`import` cannot write into the store yet: exit 78 and the ways that work, no traceback."""
+    """`import` checks the blog recipe's file with Kakao as in file mode, then inserts the
+    account's row (generation 1); a second import without --force is refused, nothing
+    written; inside the rotation window the verifying refresh runs under the row lock and
+    the rotated token is what the row holds."""
+    await migrated(pg_dsn)
     path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
     seed = tmp_path / "kakao_token.json"
-    seed.write_text("{}")
-    code, _, err = await run_cli(path, "import", str(seed), "--no-verify")
-    assert code == 78, err
-    assert "does not write into the PostgreSQL store yet" in err
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    code, out, err = await run_cli(path, "import", str(seed))
+    assert code == 0, err
+    assert "stored in the PostgreSQL store as generation 1" in out
+    assert await row_of(pg_dsn) == (1, None)
+    code, _, err = await run_cli(path, "import", str(seed))
+    assert code != 0 and "already has tokens in the PostgreSQL store" in err
     assert "Traceback" not in err
+    body = emulator.issue_tokens(refresh_remaining=5 * 86400)  # inside the rotation window
+    seed.write_text(json.dumps(body))
+    code, out, err = await run_cli(path, "import", str(seed), "--force")
+    assert code == 0, err
+    assert "ROTATED" in out
+    conn = await db.connect(pg_dsn, node="test", purpose="test")
+    async with conn:
+        row = await accounts.load_account(conn, load_config(path).store.keyring, "default")  # type: ignore[arg-type]
+    assert row is not None and row.generation == 2
+    assert row.state.tokens.refresh_token != body["refresh_token"]  # the rotated one
 
 
 async def test_a_logout_on_any_host_empties_every_nodes_token_file(

@@ -522,22 +522,25 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     settings = _settings()
     account = settings.account_config()
     config = settings.config()
-    if config.store.backend == "postgres":
-        raise ConfigError(
-            "`import` does not write into the PostgreSQL store yet",
-            details=[
-                (
-                    "store.backend",
-                    "import with a file-backend config, then `kakao-tokend store migrate "
-                    "--to postgres` with every node stopped, or log in: `kakao-tokend login`",
-                )
-            ],
-        )
-    _refuse_unsafe_paths(account)
+    in_store = config.store.backend == "postgres"
+    if not in_store:
+        _refuse_unsafe_paths(account)
 
     async def go() -> Any:
         async with create_session() as session:
             client = KakaoClient(session, account.app)
+            if in_store:
+                from .fleet.commands import import_into_store
+
+                return await import_into_store(
+                    config,
+                    account,
+                    path,
+                    client,
+                    force=force,
+                    verify=not no_verify,
+                    login_hint=f"run `{_login_command(account)}` to get new tokens",
+                )
             return await import_seed_file(
                 path,
                 account,
@@ -550,10 +553,12 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
 
     result = _run_async(go())
     _tell_daemon(account.name)
-    _report_import(path, account, result)
+    _report_import(path, account, result, in_store=in_store)
 
 
-def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> None:
+def _report_import(
+    path: Path, account: AccountConfig, result: ImportResult, *, in_store: bool = False
+) -> None:
     """Say what was imported, how Kakao confirmed it, and what the user must do next."""
     checked = {
         "access_token_info": "Kakao confirmed the access token (access_token_info)",
@@ -563,8 +568,14 @@ def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> 
         " tell whether the refresh token still works; watch `kakao-tokend status`",
     }[result.verified_by]
     click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
-    for line in _describe_files(result.state, account):
-        click.echo(line)
+    if in_store:
+        click.echo(
+            f"stored in the PostgreSQL store as generation {result.state.generation}; every"
+            " node publishes it within a second"
+        )
+    else:
+        for line in _describe_files(result.state, account):
+            click.echo(line)
     old_copy = (
         "its copy of the refresh token is dead now (Kakao rotated it during the check)"
         if result.rotated

@@ -12,16 +12,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import AccountConfig, Config
-from ..errors import StoreError
+from ..errors import StoreError, StoreWriteError
 from ..state import AccountState
 from ..tokens import TokenSet, refresh_due_at
 from .accounts import RefreshStatus
 from .admin import db_timeouts, require_dsn, require_keyring
 from .store import FleetStore
 
-__all__ = ["logout_account", "opened", "read_states", "save_login"]
+if TYPE_CHECKING:
+    from ..importer import ImportResult
+    from ..kakao import KakaoClient
+
+__all__ = ["import_into_store", "logout_account", "opened", "read_states", "save_login"]
 
 #: How long a command waits for a node that holds the account's row (a refresh in flight
 #: takes at most the Kakao timeout).
@@ -95,3 +101,91 @@ async def read_states(
             error = StoreError(problem) if problem else None
             found[name] = (row.state if row else None, error, row.refreshed_by if row else None)
         return found
+
+
+async def import_into_store(
+    config: Config,
+    account: AccountConfig,
+    path: Path,
+    client: KakaoClient,
+    *,
+    force: bool,
+    verify: bool,
+    login_hint: str,
+) -> ImportResult:
+    """`import` in fleet mode: the seed file checked as in file mode (importer.py), then
+    written as the account's newest generation under its row lock, with a notification.
+
+    The verifying refresh (when the refresh token must be tested) runs holding the row lock
+    and is committed in the same transaction. If that commit fails after Kakao rotated, the
+    new tokens go to the encrypted rescue file, which the node on this host commits at its
+    next start, and the command says so.
+    """
+    from ..importer import (
+        ImportResult,
+        StateExists,
+        check_seed_file,
+        file_mode,
+        imported_state,
+        log_import,
+        refresh_seed,
+    )
+    from ..tokens import utcnow
+
+    async with opened(config) as fleet:
+        await fleet.reload(account.name)
+        store = fleet.account_store(account)
+        where = f"the PostgreSQL store {fleet.store_id}"
+        checked = await check_seed_file(
+            path,
+            account,
+            client,
+            exists=account.name in fleet.rows,
+            where=where,
+            force=force,
+            verify=verify,
+            rotation_window=config.refresh.rotation_window,
+            login_hint=login_hint,
+        )
+        verified_by = checked.verified_by
+        rotated = False
+        state: AccountState | None = None
+        try:
+            async with store.hold(COMMAND_LOCK_WAIT):
+                old = store.load()
+                if old is not None and not force:
+                    raise StateExists(
+                        f"account '{account.name}' already has tokens in {where}",
+                        hint="use --force to replace them",
+                    )
+                state = imported_state(account, checked, old)
+                if checked.needs_refresh:
+                    state, rotated = await refresh_seed(
+                        checked.seed, state, client, login_hint, utcnow
+                    )
+                    verified_by = "refresh"
+                planned = state
+                store.planner = lambda: _plan_for(config, planned)
+                store.save(state)
+        except StoreWriteError as exc:
+            if state is None or not rotated:
+                raise
+            kept = store.rescue_path if store.save_rescue(state) else None
+            raise StoreWriteError(
+                f"Kakao rotated the refresh token while checking {path}, but the store did not "
+                f"take the new tokens: {exc.message}",
+                hint=(
+                    f"they are in the encrypted rescue file {kept}: start (or restart) "
+                    "kakao-tokend on this host and it commits them"
+                    if kept
+                    else f"the file's refresh token is dead now; {login_hint}"
+                ),
+            ) from None
+    log_import(path, account, state, verified_by, rotated)
+    return ImportResult(
+        state=state,
+        verified_by=verified_by,
+        rotated=rotated,
+        warnings=checked.warnings,
+        file_mode=file_mode(path),
+    )
