@@ -217,6 +217,20 @@ class DaemonCollector(Collector):
             )
             lag.add_metric([], stats.last_notify_lag)
             yield lag
+        pool = GaugeMetricFamily(
+            "kakao_tokend_store_pool_connections",
+            "The store connection pool: its connections, the idle ones, requests waiting.",
+            labels=["kind"],
+        )
+        for kind, value in fleet.pool_stats().items():
+            pool.add_metric([kind], value)
+        yield pool
+        rescues = GaugeMetricFamily(
+            "kakao_tokend_store_rescue_pending",
+            "Accounts whose newest tokens wait in a rescue file to be committed to the store.",
+        )
+        rescues.add_metric([], sum(1 for m in daemon.managers.values() if m.status.write_pending))
+        yield rescues
         refreshed_by = GaugeMetricFamily(
             "kakao_tokend_account_refreshed_by",
             "The node that produced the account's current tokens (always 1).",

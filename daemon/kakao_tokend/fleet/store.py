@@ -151,6 +151,17 @@ class FleetStore:
         self._lent: dict[int, AsyncConnectionPool[AsyncConnection[Any]]] = {}
         self._renewing = asyncio.Lock()
 
+    def pool_stats(self) -> dict[str, int]:
+        """Return the pool's size, idle connections and waiting requests (empty: no pool)."""
+        pool = self._pool
+        if pool is None:
+            return {}
+        stats = pool.get_stats()
+        return {
+            key: int(stats.get(key, 0))
+            for key in ("pool_size", "pool_available", "requests_waiting")
+        }
+
     @property
     def deadline(self) -> float:
         """Return how long one database round trip may take before it is given up."""
