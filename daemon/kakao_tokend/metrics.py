@@ -201,6 +201,13 @@ class DaemonCollector(Collector):
             )
             since.add_metric([], max(0.0, time.monotonic() - stats.last_ok))
             yield since
+        if stats.last_sync is not None:
+            synced = GaugeMetricFamily(
+                "kakao_tokend_store_last_sync_age_seconds",
+                "Seconds since the last notification or poll brought this node up to date.",
+            )
+            synced.add_metric([], max(0.0, time.monotonic() - stats.last_sync))
+            yield synced
         for metric, value, text in (
             ("claim_conflicts", stats.claim_conflicts, "Rows another node held when wanted."),
             ("commits", stats.commits, "New token sets this node committed."),

@@ -97,7 +97,7 @@ class FleetStats:
     #: When the database stopped answering (None: it answers).
     unavailable_since: datetime | None = None
     last_error: str | None = None
-    #: Seconds the last successful query was ago is computed from this (monotonic).
+    #: time.monotonic() of the last successful round trip (None: none yet).
     last_ok: float | None = None
 
     @property
@@ -246,7 +246,8 @@ class FleetStore:
 
     # ------------------------------------------------------------------ connections
 
-    def _ok(self) -> None:
+    def ok(self) -> None:
+        """Record that the database answered."""
         stats = self.stats
         stats.last_ok = time.monotonic()
         if stats.unavailable_since is not None:
@@ -338,7 +339,7 @@ class FleetStore:
             self.failed(exc)
             raise
         else:
-            self._ok()
+            self.ok()
         finally:
             await self.putconn(conn, broken=broken)
 
@@ -554,7 +555,7 @@ class PgAccountStore:
             async with asyncio.timeout(fleet.deadline):
                 row = await load_account(conn, fleet.keyring, self.name, lock=RowLock.SKIP)
                 if row is not None:
-                    fleet._ok()
+                    fleet.ok()
                     return row, True
                 with store_errors(f"read account {self.name!r}"):
                     cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
@@ -569,7 +570,7 @@ class PgAccountStore:
         except StoreUnavailable as exc:
             fleet.failed(exc)
             raise
-        fleet._ok()
+        fleet.ok()
         return None, exists
 
     async def _commit(self, held: _Held) -> None:
@@ -617,7 +618,7 @@ class PgAccountStore:
             raise StoreWriteError(
                 f"cannot commit account {self.name!r} to the store: {exc.message}"
             ) from None
-        fleet._ok()
+        fleet.ok()
         if held.delete:
             fleet.rows.pop(self.name, None)
         elif written is not None:
