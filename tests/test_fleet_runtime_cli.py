@@ -110,3 +110,37 @@ async def test_a_logout_on_any_host_empties_every_nodes_token_file(
         )
     finally:
         await node.stop()
+
+
+async def test_a_login_is_written_as_the_next_generation_with_its_refresh_planned(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`login`'s store step (fleet.commands.save_login): a new row at generation 1, then a
+    compare-and-swap to generation 2 over it, each with due_at planned by the lifetime rule."""
+    from datetime import UTC, datetime
+
+    from kakao_tokend.demo import auto_login
+    from kakao_tokend.fleet.commands import save_login
+    from kakao_tokend.kakao import KakaoClient, create_session
+
+    await migrated(pg_dsn)
+    config = load_config(node_config(tmp_path, emulator, pg_dsn, "ops-1"))
+    account = config.account()
+    session = create_session()
+    try:
+        for expected in (1, 2):
+            fresh = await auto_login(KakaoClient(session, account.app), session, account.name)
+            now = datetime.now(UTC)
+            state = await save_login(config, account, fresh.tokens, fresh.user_id, now)
+            assert state.generation == expected
+            assert await row_of(pg_dsn) == (expected, "ops-1")
+            conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+            async with conn:
+                cur = await conn.execute("SELECT due_at FROM accounts")
+                row = await cur.fetchone()
+            assert row is not None
+            life = fresh.tokens.access_lifetime.total_seconds()
+            offset = (row[0] - fresh.tokens.access_issued_at).total_seconds()
+            assert 0.70 * life <= offset <= 0.80 * life
+    finally:
+        await session.close()
