@@ -29,7 +29,7 @@ a pause that does not (a fixed 60 s after KOE237). Where a window above allowed 
 now allows RECOVERY, a third of the access lifetime: how soon a daemon whose every wait is
 relative to the lifetime has a valid token again once Kakao answers normally.
 
-Chaos aimed at the rate-limit back-off (issue 10):
+Chaos aimed at the rate-limit back-off (docs/soak.md has why):
 
 * restart_rate_limited: SIGSTOP until the access token is nearly expired, kill -9, arm KOE237 on
   the token endpoint, restart: the start-up refresh is overdue and rate-limited;
@@ -260,7 +260,7 @@ class Report:
         }
 
     def table(self) -> str:
-        """Return the Markdown table of issue 7."""
+        """Return the results as the Markdown table docs/soak.md shows."""
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.faults_injected.items()))
         explained = Counter(loss.cause for loss in self.losses)
         rows = [

@@ -117,6 +117,18 @@ class TestProblems:
         assert code == 2
         assert fix_after(out, "default: state") == f"`kakao-tokend --config {config} login`"
 
+    async def test_a_broken_config_names_itself_in_the_check_config_fix(
+        self, shared: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A config with a mistake: ✗ config, and check-config is run on that file."""
+        config = write_config(shared, emulator)
+        config.write_text(config.read_text() + '\n[refresh]\nrefresh_att = "70%"\n')
+        code, out, _ = await run_cli(config, "doctor")
+        assert code == 2, out
+        assert lines(out)["config"].startswith("✗")
+        fix = fix_after(out, "config")
+        assert fix == f"edit {config}, then `kakao-tokend --config {config} check-config`"
+
     async def test_fixes_for_another_account_put_the_account_first(
         self, shared: Path, emulator: KakaoEmulator
     ) -> None:

@@ -1,8 +1,8 @@
-"""One grading of an account: the CLI, the API and the alerts never disagree about it.
+"""One grading of an account: the CLI, the API, the alerts and the metrics never disagree.
 
 health.assess is the one place that decides what is wrong with an account. These tests
 drive the real readers of that decision — the API's /v1/status and /healthz handlers, the
-CLI's `status` built from the daemon's answer and from the files, and the alerts — with
+CLI's `status` built from the daemon's answer and from the files, the alerts and /metrics — with
 accounts in every state hypothesis can think of, and check that they say the same thing.
 The login hint they all give is checked too: the exact command, with ``--config`` and
 ``--account`` when (and only when) a person needs them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -26,15 +27,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemonproc import login, run_cli, start_daemon, write_config
-from kakao_tokend import api, cli
+from kakao_tokend import api, cli, doctor, memo
+from kakao_tokend.access import Identity
 from kakao_tokend.alerts import AccountAlerts
 from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, load_config
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.health import FROM_FILES, assess
-from kakao_tokend.paths import SYSTEM_CONFIG_FILE
+from kakao_tokend.metrics import DaemonCollector
+from kakao_tokend.paths import SYSTEM
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import ReloginCause, login_command
+from kakao_tokend.relogin import ReloginCause, cli_command, login_command, new_account_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import AccountStatus, Health
 from kakao_tokend.store import AccountStore
@@ -191,12 +194,19 @@ async def every_view(case: Case, directory: Path) -> dict[str, Any]:
         retry_delay=0.01,
     )
     fired = alerts.evaluate(NOW)
+    scraped = {
+        (sample.name, sample.labels.get("severity")): sample.value
+        for family in DaemonCollector(app[DAEMON]).collect()
+        for sample in family.samples
+        if sample.labels.get("account") == case.name
+    }
     return {
         "account": account,
         "entry": entry,
         "healthz": (healthz.status, json.loads(healthz.text)),
         "report": report,
         "fired": fired,
+        "metrics": scraped,
     }
 
 
@@ -205,8 +215,9 @@ async def every_view(case: Case, directory: Path) -> dict[str, Any]:
 def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
     """For any account state and any history of its status: /v1/status, `status` built from
     it and the alerts name the same conditions with the same severities and the same level;
-    /healthz fails exactly when the grading says consumers lack a valid, current token; and
-    `status` gives each fix command once."""
+    /healthz and the serving metric fail exactly when the grading says consumers lack a valid,
+    current token; /metrics counts the same conditions at the same level; and `status` gives
+    each fix command once."""
     with tempfile.TemporaryDirectory() as directory:
         seen = asyncio.run(every_view(case, Path(directory)))
     entry, report, fired = seen["entry"], seen["report"], seen["fired"]
@@ -219,11 +230,24 @@ def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
     code, body = seen["healthz"]
     assert (code == 200) == entry["serving"] == (entry["serving_problem"] is None)
     assert body == {"ok": True} if code == 200 else case.name in body["problems"]
+    scraped = seen["metrics"]
+    assert scraped["kakao_tokend_account_level", None] == worst
+    assert scraped["kakao_tokend_account_serving", None] == (1.0 if entry["serving"] else 0.0)
+    for severity in ("warning", "critical"):
+        counted = scraped["kakao_tokend_account_conditions", severity]
+        assert counted == sum(s == severity for s in api_said.values()), (severity, case)
     commands = [c["command"] for c in report.conditions if c["command"]]
     for command in set(commands):
         assert sum(command in line for line in report.data["problems"]) == 1, report.data
     if {"relogin", "no_tokens", "refresh_expiry"} & set(api_said):
         assert any(login_command(seen["account"]) in line for line in report.data["problems"])
+    # Every command a condition names is one that runs for this account, not the default one.
+    prefix = cli_command(seen["account"])
+    for condition in entry["conditions"]:
+        for command in re.findall(
+            r"`(kakao-tokend[^`]*)`", condition["message"] + condition["fix"]
+        ):
+            assert command.startswith(prefix), (command, condition)
 
 
 @settings(max_examples=200, deadline=None)
@@ -323,8 +347,8 @@ def test_the_config_a_plain_kakao_tokend_finds_is_not_named(
 ) -> None:
     """The user's own config file (found without --config) is not named in the hint, and the
     default account needs no --account; another account still does."""
-    if SYSTEM_CONFIG_FILE.exists():
-        pytest.skip(f"{SYSTEM_CONFIG_FILE} exists here: it is found before the user's file")
+    if SYSTEM.config_file.exists():
+        pytest.skip(f"{SYSTEM.config_file} exists here: it is found before the user's file")
     for variable in ("KAKAO_TOKEND_CONFIG", "CONFIGURATION_DIRECTORY"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -349,6 +373,32 @@ def test_login_command_puts_the_global_options_first(tmp_path: Path) -> None:
         f"kakao-tokend --config '{config}' --account bot login"
     )
     assert login_command(loaded.accounts["default"]) == f"kakao-tokend --config '{config}' login"
+
+
+def test_a_command_for_another_account_keeps_the_config_and_drops_the_account(
+    tmp_path: Path,
+) -> None:
+    """The hint that points at a new account (import into NEW) names the config file a plain
+    run would not find, and only the new --account, whichever account refused."""
+    config = two_accounts(tmp_path / "my configs" / "x.toml")
+    loaded = load_config(config)
+    expected = f"kakao-tokend --config '{config}' --account NEW import FILE"
+    for name in ("default", "bot"):
+        assert new_account_command(loaded.accounts[name], "import", "FILE") == expected
+
+
+def test_the_fixes_that_reload_name_the_config_the_daemon_reads(tmp_path: Path) -> None:
+    """`reload` in doctor's publish fix and in memo's "not served" refusal carries --config
+    (the socket is found through it) and no --account (reload is for every account)."""
+    config = two_accounts(tmp_path / "cfg" / "x.toml")
+    bot = load_config(config).accounts["bot"]
+    reload = f"`kakao-tokend --config {config} reload`"
+    group = Identity("group", "readers", None, 1234, frozenset({1234}))
+    assert doctor._publish_fix(bot, group).endswith(reload)
+    user = Identity("user", "alice", 1001, 1001, frozenset({1001}))
+    assert doctor._publish_fix(bot, user).endswith(reload)
+    refusal = memo._daemon_refusal(404, "unknown account", account=bot)
+    assert refusal.hint is not None and refusal.hint.endswith(reload)
 
 
 # --------------------------------------------------------------------------- thresholds

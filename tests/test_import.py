@@ -166,14 +166,15 @@ class TestAdopt:
     async def test_refuses_to_overwrite_without_force(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """An account with state is not overwritten unless --force; --force bumps generation."""
+        """An account with state is not overwritten unless --force; --force bumps generation.
+        The hint's command for another account keeps the --config a plain run would not find."""
         config = write_config(tmp_path, emulator)
         path = seed_file(tmp_path, emulator.issue_tokens())
         assert (await cli(config, "import", str(path))).exit_code == 0
         again = await cli(config, "import", str(path))
         assert again.exit_code == 1
         assert "--force" in again.stderr
-        assert "kakao-tokend --account NEW import FILE" in again.stderr
+        assert f"kakao-tokend --config {config} --account NEW import FILE" in again.stderr
         forced = await cli(config, "import", str(path), "--force")
         assert forced.exit_code == 0, forced.output
         assert saved_state(tmp_path).generation == 2
@@ -338,7 +339,8 @@ class TestVerification:
     async def test_no_verify_asks_kakao_nothing(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """--no-verify imports offline: no request at all, and the output says it is unchecked."""
+        """--no-verify imports offline: no request at all, and the output says it is unchecked
+        and which status command (with the --config given) to watch."""
         config = write_config(tmp_path, emulator)
         path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
         requests = sum(emulator.stats.requests.values())
@@ -346,6 +348,7 @@ class TestVerification:
         assert result.exit_code == 0, result.output
         assert sum(emulator.stats.requests.values()) == requests
         assert "NOT checked with Kakao (--no-verify)" in result.stdout
+        assert f"watch `kakao-tokend --config {config} status`" in result.stdout
         tokens = saved_state(tmp_path).tokens
         assert tokens.access_expires_at <= datetime.now(UTC)  # the daemon refreshes at once
 
@@ -401,7 +404,8 @@ class TestNewAccount:
     async def test_prints_the_exact_lines_that_make_it_work(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """The unknown account error lists the lines; appending them makes the import work.
+        """The unknown account error lists the lines; appending them makes the import work,
+        and the reload it mentions names the config.
 
         The old hint ("or --account to import into another account") led to a bare
         "unknown account 'old'".
@@ -414,7 +418,7 @@ class TestNewAccount:
         refused = await cli(config, "--account", "old", "import", str(second))
         assert refused.exit_code == 64
         assert "unknown account 'old'" in refused.stderr
-        assert str(config) in refused.stderr
+        assert f"`kakao-tokend --config {config} reload`" in refused.stderr
         block = refused.stderr.split(":\n\n", 1)[1].split("\n\n", 1)[0]
         assert block.splitlines() == ["[accounts.default]", "[accounts.old]"]
         with config.open("a") as handle:

@@ -1,4 +1,5 @@
-"""The package's imports run one way: no module of kakao_tokend imports itself round a cycle.
+"""The package's imports run one way: no module of kakao_tokend imports itself round a cycle,
+and the layers point the intended way (the rules at the bottom, the commands on top).
 
 Every import counts, wherever it stands: at the top of a module, inside a function (a lazy
 import is still a dependency) and under ``if TYPE_CHECKING:`` (a type is one too). The graph
@@ -8,6 +9,7 @@ is read from the source with :mod:`ast`, so nothing is imported to check it.
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def imported(module: str, path: Path, known: dict[str, Path]) -> Iterator[str]:
                 yield submodule if submodule in known else target
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Return module -> the package's modules it imports (itself left out)."""
     known = modules()
@@ -118,3 +121,103 @@ def test_the_lifecycle_is_on_top() -> None:
     graph = import_graph()
     importers = {module for module, targets in graph.items() if "kakao_tokend.service" in targets}
     assert importers == {"kakao_tokend.cli", "kakao_tokend.demo"}
+
+
+# --------------------------------------------------------------------------- the direction
+
+#: The rules and values at the bottom: no I/O of their own, so every layer above can use them.
+PURE = {
+    f"{NAME}.{name}"
+    for name in (
+        "tokens",
+        "errors",
+        "exitcodes",
+        "i18n",
+        "paths",
+        "relogin",
+        "state",
+        "status",
+        "health",
+        "storage",
+        "templates",
+    )
+}
+
+
+def importers_of(graph: dict[str, set[str]], target: str) -> set[str]:
+    """Return the modules that import ``target``."""
+    return {module for module, targets in graph.items() if target in targets}
+
+
+def test_the_pure_rules_import_only_each_other_and_the_config() -> None:
+    """tokens, errors, state, status, relogin, health and the other rule modules reach no
+    module that does I/O (Kakao, the files, the scheduler, the daemon): the grading and the
+    timing rules stay testable with plain values. The config's dataclasses are what health
+    grades against; the config itself reads the rules and, for the key file, fleet.crypto."""
+    graph = import_graph()
+    for module in sorted(PURE):
+        outside = graph[module] - PURE - {f"{NAME}.config"}
+        assert outside == set(), f"{module} imports {sorted(outside)}"
+    config_reaches = graph[f"{NAME}.config"] - PURE - {f"{NAME}.fleet.crypto"}
+    assert config_reaches == set(), f"config imports {sorted(config_reaches)}"
+
+
+def test_the_daemon_object_does_not_know_what_serves_it() -> None:
+    """daemon.py is what the API, hooks, templates and metrics reach; it imports none of them,
+    nor the lifecycle or the commands above it."""
+    graph = import_graph()
+    above = {
+        f"{NAME}.{name}"
+        for name in ("api", "hooks", "metrics", "template_runner", "service", "cli", "demo")
+    }
+    assert graph[f"{NAME}.daemon"] & above == set()
+    for capability in ("api", "hooks", "metrics", "template_runner"):
+        assert f"{NAME}.daemon" in graph[f"{NAME}.{capability}"], capability
+
+
+def test_one_account_knows_nothing_of_the_daemon_around_it() -> None:
+    """refresher.py (one account's cycle) is written against storage.py's seam, not the file
+    store, and imports nothing that schedules, serves or alerts."""
+    graph = import_graph()
+    forbidden = {
+        f"{NAME}.{name}"
+        for name in (
+            "store",
+            "scheduler",
+            "daemon",
+            "service",
+            "api",
+            "alerts",
+            "hooks",
+            "metrics",
+            "template_runner",
+            "cli",
+        )
+    }
+    assert f"{NAME}.storage" in graph[f"{NAME}.refresher"]
+    assert graph[f"{NAME}.refresher"] & forbidden == set()
+
+
+def test_only_the_entry_point_imports_the_command_line() -> None:
+    """cli.py is the top: nothing but ``python -m kakao_tokend`` imports it."""
+    assert importers_of(import_graph(), f"{NAME}.cli") == {f"{NAME}.__main__"}
+
+
+def test_the_emulator_stands_apart_from_the_daemon() -> None:
+    """The emulator plays Kakao: it shares only the token helpers with the daemon, and only
+    the commands that start it (`emulator`, `demo`) import it."""
+    graph = import_graph()
+    emulator = {module for module in graph if module.startswith(f"{NAME}.emulator")}
+    assert len(emulator) > 3, emulator
+    for module in sorted(emulator):
+        outside = graph[module] - emulator - {f"{NAME}.tokens"}
+        assert outside == set(), f"{module} imports {sorted(outside)}"
+    users = set().union(*(importers_of(graph, module) for module in emulator)) - emulator
+    assert users == {f"{NAME}.cli", f"{NAME}.demo"}
+
+
+def test_the_direction_checks_can_fail() -> None:
+    """The helpers find an importer and an edge that breaks a rule when there is one."""
+    graph = {f"{NAME}.tokens": {f"{NAME}.store"}, f"{NAME}.store": set()}
+    assert importers_of(graph, f"{NAME}.store") == {f"{NAME}.tokens"}
+    assert graph[f"{NAME}.tokens"] - PURE == {f"{NAME}.store"}

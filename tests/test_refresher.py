@@ -206,8 +206,9 @@ async def test_heartbeat_refreshes_after_a_wall_clock_jump(
 ) -> None:
     """A simulated suspend (+5 h wall clock, monotonic unchanged) is caught by one heartbeat.
 
-    APScheduler sleeps on the monotonic clock, so without the heartbeat the refresh planned
-    4.5 h ahead would still be hours away after the jump (pitfalls.md §1.4).
+    APScheduler 3.x computes the wait in wall-clock time but sleeps it with loop.call_later,
+    i.e. on CLOCK_MONOTONIC, which stops during a suspend; without the heartbeat the refresh
+    planned 4.5 h ahead would still be hours away after the jump.
     """
     emulator.settings.access_lifetime = 21599
     start = datetime.now(UTC)

@@ -155,7 +155,8 @@ def test_the_soak_runs_the_daemon_with_the_production_retry_settings(tmp_path: P
     """The daemon under soak keeps retry_initial/retry_max at their defaults, and a recovery
     allowance after a fault is a fraction of the access lifetime, not retry_max.
 
-    A soak that capped retry_max at 1 s hid a fixed 60 s rate-limit pause (issue 10 §1); a
+    A soak that capped retry_max at 1 s hid a fixed 60 s rate-limit pause after KOE237
+    (docs/soak.md tells how); a
     window of retry_max after each fault would excuse one again.
     """
     from kakao_tokend.config import RefreshPolicy, load_config

@@ -140,6 +140,15 @@ def test_published_document_keeps_kakao_field_names(store: AccountStore) -> None
     assert store.read_published() == document
 
 
+def test_a_damaged_token_file_names_the_refresh_command_for_its_account(tmp_path: Path) -> None:
+    """The hint's command refreshes this account, not the default one."""
+    store = AccountStore.from_paths("bot", state_file=tmp_path / "bot.state.json")
+    store.token_path.write_text("{not json")
+    with pytest.raises(StoreError) as caught:
+        store.read_published()
+    assert "`kakao-tokend --account bot refresh`" in str(caught.value.hint)
+
+
 def test_published_expiry_never_negative(store: AccountStore) -> None:
     """An expired token is published with expires_in 0, not a negative number."""
     document = store.published_document(make_state(), now=NOW + timedelta(days=90))

@@ -22,7 +22,6 @@ from kakao_tokend.tokens import (
     format_duration,
     format_time,
     in_rotation_window,
-    is_due,
     issued_in_the_future,
     parse_time,
     refresh_deadline,
@@ -585,14 +584,6 @@ class TestTimingExamples:
         b = refresh_due_at(tokens, rng=random.Random(7))
         assert a == b
 
-    def test_is_due_uses_low_edge_of_jitter_band(self) -> None:
-        """is_due flips at (share - jitter) of the lifetime, so a check never waits on luck."""
-        tokens = initial_tokens()
-        edge = T0 + timedelta(seconds=SIX_HOURS * 0.70)
-        assert not is_due(tokens, edge - timedelta(seconds=1), share=0.75, jitter=0.05)
-        assert is_due(tokens, edge, share=0.75, jitter=0.05)
-        assert is_due(tokens, T0 + timedelta(days=3))
-
     def test_backoff_for_six_second_token_is_tiny(self) -> None:
         """A 6-second token retries within 30 ms first, scaling like a 6-hour one."""
         delay = backoff_delay(
@@ -716,28 +707,6 @@ class TestTimingProperties:
         fraction = (due - T0) / lifetime
         slack = 2e-6  # timedelta rounds to whole microseconds; lifetime >= 1 s
         assert share - jitter - slack <= fraction <= share + jitter + slack
-
-    @settings(deadline=None, max_examples=200)
-    @given(lifetimes, shares, jitters)
-    def test_is_due_false_after_issue_true_at_expiry(
-        self, lifetime: timedelta, share: float, jitter: float
-    ) -> None:
-        """Not due right after issue; always due at and after expiry."""
-        tokens = tokens_with_lifetime(lifetime)
-        assert not is_due(tokens, T0, share=share, jitter=jitter)
-        assert not is_due(tokens, T0 + lifetime * 0.01, share=share, jitter=jitter)
-        assert is_due(tokens, tokens.access_expires_at, share=share, jitter=jitter)
-        assert is_due(tokens, tokens.access_expires_at + lifetime, share=share, jitter=jitter)
-
-    @settings(deadline=None, max_examples=200)
-    @given(lifetimes, shares, jitters, seeds)
-    def test_is_due_at_every_planned_refresh_time(
-        self, lifetime: timedelta, share: float, jitter: float, seed: int
-    ) -> None:
-        """When the planned refresh time comes, is_due agrees (the tick never skips it)."""
-        tokens = tokens_with_lifetime(lifetime)
-        due = refresh_due_at(tokens, share=share, jitter=jitter, rng=random.Random(seed))
-        assert is_due(tokens, due + timedelta(microseconds=2), share=share, jitter=jitter)
 
     @settings(deadline=None, max_examples=200)
     @given(

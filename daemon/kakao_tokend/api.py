@@ -143,23 +143,27 @@ async def status(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     now = daemon.clock()
     accounts = []
+    fleet = daemon.fleet
     for manager in daemon.managers.values():
         graded = manager.health(now, alerts=_alert_settings(request, manager))
-        accounts.append(
-            {
-                **manager.describe(now),
-                **graded.to_json(),
-                "alerts": daemon.alerts.active(manager.name) if daemon.alerts is not None else [],
-            }
-        )
-    return web.json_response(
-        {
-            "version": __version__,
-            "now": format_time(now),
-            "default_account": daemon.config.default_account,
-            "accounts": accounts,
+        entry = {
+            **manager.describe(now),
+            **graded.to_json(),
+            "alerts": daemon.alerts.active(manager.name) if daemon.alerts is not None else [],
         }
-    )
+        if fleet is not None:
+            row = fleet.rows.get(manager.name)
+            entry["refreshed_by"] = row.refreshed_by if row is not None else None
+        accounts.append(entry)
+    body: dict[str, Any] = {
+        "version": __version__,
+        "now": format_time(now),
+        "default_account": daemon.config.default_account,
+        "accounts": accounts,
+    }
+    if fleet is not None:
+        body["fleet"] = daemon.fleet_status()
+    return web.json_response(body)
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -223,7 +227,9 @@ async def token(request: web.Request) -> web.Response:
                 reason=blocked,
             )
         reason = f"token requested with min_valid={min_valid:g}s"
-        await _within_timeout(request, manager.refresh(force=True, reason=reason))
+        await _within_timeout(
+            request, manager.refresh(force=True, reason=reason, min_valid=min_valid)
+        )
         daemon = _daemon(request)
         if daemon.scheduler is not None:
             daemon.scheduler.plan(manager)

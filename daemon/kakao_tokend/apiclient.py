@@ -37,7 +37,7 @@ def socket_path_without_secrets(
     """Locate the socket from the config file's [api] socket / [paths] runtime_dir alone.
 
     Reads no secret and ignores every other setting (config.load_locations), so it works
-    where credentials are unreadable (an ExecReload= process on systemd 252, issue #35227)
+    where credentials are unreadable (an ExecReload= process on systemd 252, systemd issue #35227)
     and where the file has a mistake the daemon is about to report.
     """
     return load_locations(config_path, environ=environ).api_socket

@@ -34,7 +34,7 @@ from .errors import (
 from .exitcodes import CRITICAL, OK, WARNING
 from .health import assess
 from .kakao import AccessTokenRejected, KakaoClient, create_session
-from .relogin import cli_command, login_command
+from .relogin import cli_command, command_line, config_command, login_command
 from .state import AccountState
 from .store import STATE_FILE_MODE, AccountStore
 from .tokens import Clock, format_duration, utcnow
@@ -117,7 +117,8 @@ def check_config(config_path: Path | None) -> tuple[list[Finding], Config | None
             "run the checks the way the service runs, with its credentials: `kt doctor`"
             " (the kt helper in docs/operations.md)"
             if credentials
-            else f"edit {_config_name(config_path)}, then `kakao-tokend check-config`"
+            else f"edit {_config_name(config_path)}, then"
+            f" `{command_line(paths.config_options(config_path, os.environ), 'check-config')}`"
         )
         finding = Finding("config", CRITICAL, f"{where} {detail}".strip(), fix)
         try:
@@ -447,13 +448,13 @@ def _publish_fix(account: AccountConfig, who: access.Identity) -> str:
     if who.kind == "group":
         return (
             f'set {table} group = "{who.name}" and mode = "0640" in the config, then'
-            " `kakao-tokend reload`"
+            f" `{config_command(account, 'reload')}`"
         )
     if account.token_file_group is not None:
         return f"usermod -aG {account.token_file_group} {who.name}  (then log in again)"
     return (
         f'set {table} group = "GROUP" (a group of {who.name}) in the config, then'
-        " `kakao-tokend reload`"
+        f" `{config_command(account, 'reload')}`"
     )
 
 

@@ -287,6 +287,7 @@ def _conditions(
     load_error: StoreError | None,
 ) -> list[Condition]:
     login = login_command(account)
+    status_command = cli_command(account, "status")
     relogin_fix, relogin_hint = login_fix(account), login_hint(account, host)
     found: list[Condition] = []
     health = status.health if status is not None else None
@@ -364,6 +365,9 @@ def _conditions(
     if health is Health.RETRYING:
         lifetime = tokens.access_lifetime.total_seconds()
         found += _failing(status, policy, now, settings, lifetime=lifetime, access_left=access_left)
+    store_down = _store_unavailable(status, now, settings, tokens.access_lifetime.total_seconds())
+    if store_down is not None:
+        found.append(store_down)
     if status.write_pending:
         found.append(
             Condition(
@@ -402,8 +406,9 @@ def _conditions(
                 Severity.CRITICAL,
                 N_("an older state file was refused: {detail}", detail=status.state_conflict),
                 N_(
-                    "check which program wrote the state file (`kakao-tokend status`); to go back"
+                    "check which program wrote the state file (`{status}`); to go back"
                     " to a backup on purpose use `{command}`",
+                    status=status_command,
                     command=restore,
                 ),
                 brief=N_("an older state file was refused; the newer tokens were kept"),
@@ -419,7 +424,7 @@ def _conditions(
                     "Kakao did not renew the refresh token although only {left} is left",
                     left=Duration(refresh_left),
                 ),
-                N_("watch `kakao-tokend status`"),
+                N_("watch `{command}`", command=status_command),
                 hint=N_("if it is not renewed soon, run `{command}`", command=login),
                 command=login,
             )
@@ -536,6 +541,39 @@ def _failing(
             )
         )
     return found
+
+
+def _store_unavailable(
+    status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
+) -> Condition | None:
+    """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access
+    lifetime. This node serves the token it holds and refreshes nothing (no Kakao call without
+    the row lock); the expiry conditions say when that runs out."""
+    since = status.store_unavailable_since
+    if since is None:
+        return None
+    down_for = (now - since).total_seconds()
+    if down_for < settings.failing_after * lifetime:
+        return None
+    text = (status.store_error or "").lower()
+    error = "timeout" if "within" in text or "timeout" in text else "unreachable"
+    return Condition(
+        "store_unavailable",
+        Severity.WARNING,
+        N_(
+            "the shared PostgreSQL store has been unreachable for {duration} ({error}); serving"
+            " the token held, not refreshing",
+            duration=Duration(down_for),
+            error=error,
+        ),
+        N_(
+            "check PostgreSQL and the network from this node to it; details: `{command}`",
+            command=LOG_COMMAND,
+        ),
+        brief=N_(
+            "the shared PostgreSQL store is unreachable for {duration}", duration=Duration(down_for)
+        ),
+    )
 
 
 def _serving_problem(

@@ -41,7 +41,6 @@ class HookRunner:
         self._pending: dict[str, int] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._procs: set[asyncio.subprocess.Process] = set()
-        self.runs = 0
 
     def baseline(self) -> None:
         """Remember every account's current generation; no hook runs for tokens we started with."""
@@ -94,7 +93,6 @@ class HookRunner:
             "KAKAO_TOKEND_GENERATION": str(gen),
         }
         program = Path(command[0]).name
-        self.runs += 1
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True
@@ -137,11 +135,6 @@ class HookRunner:
         for worker in self._workers.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-
-    async def idle(self) -> None:
-        """Wait until no hook is queued or running (for tests and orderly shutdowns)."""
-        while any(not worker.done() for worker in self._workers.values()):
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
 
 HOOKS = web.AppKey("hooks", HookRunner)

@@ -44,7 +44,8 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
 ``ambiguous`` means the request may have been processed by Kakao (for a refresh: the refresh
 token may have rotated). Messages never contain a token, the client secret, the authorization
 code or the PKCE verifier; Kakao's ``error_description`` is only quoted after those are
-redacted, and never for KOE320 (whose description echoes the code).
+redacted, and never for KOE320 (whose description echoes the code). What each code means at
+Kakao, and where that is documented: docs/kakao.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .errors import (
     StateMissing,
 )
 from .kakao import MEMO_PATH, MEMO_TEXT_LIMIT, KakaoClient
-from .relogin import Named, cli_command
+from .relogin import Named, cli_command, config_command
 
 __all__ = [
     "MEMO_TEXT_LIMIT",
@@ -214,7 +214,7 @@ def _daemon_refusal(status: int, message: str, *, account: Named) -> KakaoError 
         return KakaoRequestRejected(
             f"the running daemon does not serve account '{account.name}' ({message})",
             hint="if the account was added to the config after the daemon started, run"
-            " `kakao-tokend reload`",
+            f" `{config_command(account, 'reload')}`",
         )
     return KakaoUnavailable(
         f"the daemon could not pass the message on ({status}: {message})", hint="try again later"

@@ -45,7 +45,6 @@ class SystemLayout:
 
 #: The real system layout. Not platformdirs' site_config_dir(), which is /etc/xdg/<app>.
 SYSTEM = SystemLayout.under(Path("/"))
-SYSTEM_CONFIG_FILE = SYSTEM.config_file
 
 
 def is_system_config(source: Path | None, system: SystemLayout | None = None) -> bool:
@@ -171,6 +170,14 @@ def user_config_file() -> Path | None:
     if not path.is_absolute() or str(path).startswith("/."):
         return None
     return path / CONFIG_FILE_NAME
+
+
+def config_options(source: Path | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Return ``("--config", FILE)`` when a command shown to people must name ``source`` (a
+    plain `kakao-tokend` would not find it by itself), else ``()``."""
+    if source is None or found_by_default(source, environ):
+        return ()
+    return ("--config", os.path.abspath(source))
 
 
 def found_by_default(source: Path, environ: Mapping[str, str]) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -36,6 +37,12 @@ class Named(Protocol):
     def cli_options(self) -> tuple[str, ...]: ...
 
 
+def command_line(options: Sequence[str], *words: str) -> str:
+    """Return `kakao-tokend OPTIONS WORDS`, quoted for a shell: the one way a hint's command
+    is written (global options first: `kakao-tokend login --account x` fails)."""
+    return shlex.join(["kakao-tokend", *options, *words])
+
+
 def cli_command(account: Named, *words: str) -> str:
     """Return the exact `kakao-tokend ... WORDS` command line a person runs for ``account``.
 
@@ -43,7 +50,23 @@ def cli_command(account: Named, *words: str) -> str:
     account's ``cli_options`` are ``--config FILE`` when the configuration is not the file a
     plain `kakao-tokend` finds, and ``--account NAME`` when it is not the default account.
     """
-    return shlex.join(["kakao-tokend", *account.cli_options, *words])
+    return command_line(account.cli_options, *words)
+
+
+def config_command(account: Named, *words: str) -> str:
+    """Return the `kakao-tokend ... WORDS` command for the whole configuration ``account`` is
+    in (`reload`, `check-config`): its ``--config`` when needed, never its ``--account``."""
+    options = list(account.cli_options)
+    if "--account" in options:
+        at = options.index("--account")
+        del options[at : at + 2]
+    return command_line(options, *words)
+
+
+def new_account_command(account: Named, *words: str) -> str:
+    """Return the `kakao-tokend ... --account NEW WORDS` command for an account not configured
+    yet, with the ``--config`` that ``account``'s configuration needs."""
+    return config_command(account, "--account", "NEW", *words)
 
 
 def login_command(account: Named) -> str:

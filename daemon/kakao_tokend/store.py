@@ -35,7 +35,7 @@ from .errors import (
     StoreWriteError,
     UnsafePath,
 )
-from .relogin import login_command
+from .relogin import cli_command, login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -58,6 +58,9 @@ RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
 LOCK_POLL = 0.05
+#: The state directory's instance lock: held by `run` (one daemon per state directory) and
+#: by `store migrate` while it moves the accounts.
+INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 # errno -> what to do about it, appended to StoreWriteError messages.
 _WRITE_HINTS = {
@@ -1134,6 +1137,10 @@ class AccountStore:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
         return (info.st_ino, info.st_mtime_ns, info.st_size)
 
+    def shared_due_at(self, state: AccountState) -> datetime | None:
+        """Files plan nothing for the manager: it plans each refresh itself."""
+        return None
+
     # -- published token file ------------------------------------------------------------------
 
     def published_document(self, state: AccountState, *, now: datetime) -> dict[str, Any]:
@@ -1219,7 +1226,8 @@ class AccountStore:
         except ValueError as exc:
             raise StoreError(
                 f"token file {self.token_path} is damaged ({_safe_reason(exc)})",
-                hint="it is rewritten at the next refresh; `kakao-tokend refresh` forces one",
+                hint="it is rewritten at the next refresh; "
+                f"`{cli_command(self.account, 'refresh')}` forces one",
             ) from None
         if not isinstance(document, dict):
             raise StoreError(f"token file {self.token_path} is not a JSON object")

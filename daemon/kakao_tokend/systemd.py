@@ -28,8 +28,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The protocol (sd_notify(3)) is one AF_UNIX datagram of newline-separated KEY=VALUE lines sent to
-# $NOTIFY_SOCKET; a leading "@" names a socket in the abstract namespace. libsystemd is not needed
-# (and the `sdnotify` package swallows every error), see pitfalls.md §3.1.
+# $NOTIFY_SOCKET; a leading "@" names a socket in the abstract namespace. systemd documents the
+# protocol, not libsystemd, as the interface, so no library is needed: the `sdnotify` package
+# (last released 2017) hides every failure behind a bare except, and systemd-python needs a C
+# compiler and libsystemd's headers.
 
 _warned = False
 

@@ -89,7 +89,6 @@ class TemplateRunner:
         self._pending: dict[tuple[str, Path], tuple[TemplateConfig, int]] = {}
         self._workers: dict[tuple[str, Path], asyncio.Task[None]] = {}
         self._procs: set[asyncio.subprocess.Process] = set()
-        self.commands_run = 0
 
     def on_event(self, event: AccountEvent) -> None:
         """Manager listener: a new token set (refresh) or one another process wrote (adoption)."""
@@ -157,7 +156,6 @@ class TemplateRunner:
     async def run_command(self, account: str, template: TemplateConfig, generation: int) -> None:
         """Run one template's command with a timeout; never raises."""
         program = Path(template.command[0]).name
-        self.commands_run += 1
         try:
             proc = await asyncio.create_subprocess_exec(
                 *template.command,
@@ -207,11 +205,6 @@ class TemplateRunner:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), KILL_WAIT)
-
-    async def idle(self) -> None:
-        """Wait until no command is queued or running."""
-        while any(not worker.done() for worker in self._workers.values()):
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     async def close(self) -> None:
         """Stop: kill running commands and wait for the workers."""

@@ -1,7 +1,8 @@
 """Token set value object, Kakao response parsing/merging, and the pure timing rules.
 
 Everything here is pure: time comes in as arguments (see :data:`Clock`), so the rules can be
-tested without a scheduler, and a 6-second token behaves like a 6-hour one.
+tested without a scheduler, and a 6-second token behaves like a 6-hour one. Kakao's lifetimes
+and its rotation rule, which the merge follows: docs/kakao.md.
 """
 
 from __future__ import annotations
@@ -395,17 +396,6 @@ def refresh_due_at(
     if tokens.access_issued_at < deadline < planned:
         return deadline
     return planned
-
-
-def is_due(tokens: TokenSet, now: datetime, *, share: float = 0.75, jitter: float = 0.05) -> bool:
-    """Return True when the access token is past the earliest point of its refresh window.
-
-    Uses the low edge of the jitter band, so a check after a suspend or clock jump never waits
-    for a lucky draw.
-    """
-    lifetime = tokens.access_lifetime.total_seconds()
-    fraction = min(max(share - jitter, 0.05), 0.95)
-    return now >= tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
 
 
 def backoff_delay(

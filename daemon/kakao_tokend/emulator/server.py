@@ -70,7 +70,14 @@ class KakaoEmulator(EmulatorState):
             return await handler(request)
         self.stats.requests[endpoint] += 1
         self._auto_unlink_incomplete_signups()
-        return await self._faults.handle(endpoint, request, handler)
+        try:
+            return await self._faults.handle(endpoint, request, handler)
+        except ConnectionResetError:
+            # The client hung up before its body was read (a daemon killed or timed out while a
+            # `slow` fault held the request). Nobody is left to answer; without this, aiohttp
+            # logs a traceback for each one, and soak logs bury real errors under them.
+            logger.debug("the client of %s hung up before its request was read", endpoint)
+            return web.Response(status=400, text="client closed the request")
 
     def make_app(self) -> web.Application:
         """Build the aiohttp application serving kauth, kapi and /_emulator/ paths."""

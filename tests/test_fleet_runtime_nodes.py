@@ -1,0 +1,320 @@
+"""Real `kakao-tokend run` fleet nodes on one PostgreSQL: start-up, claims, LISTEN/NOTIFY.
+
+Two processes share one throwaway cluster and the Kakao emulator, with tokens that live
+seconds. The multi-process failure tests (kill -9, SIGSTOP, database restarts, soak) live in
+tests/test_fleet_e2e*.py; these prove the wiring of one node runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from daemonproc import DaemonProcess, start_daemon, write_config
+from kakao_tokend.config import Config, load_config
+from kakao_tokend.demo import auto_login
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet.crypto import new_key_line
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.state import AccountState
+from tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def node_config(
+    tmp_path: Path,
+    emulator: KakaoEmulator,
+    dsn: str,
+    node: str,
+    *,
+    extra: str = "",
+    heartbeat: str = "3s",
+) -> Path:
+    """A node's config: its own state and runtime directories, the shared DSN and key."""
+    key_file = tmp_path / "store.key"
+    if not key_file.exists():
+        key_file.write_text(new_key_line() + "\n")
+        key_file.chmod(0o600)
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    dsn_file.chmod(0o600)
+    directory = tmp_path / node
+    directory.mkdir(exist_ok=True)
+    return write_config(
+        directory,
+        emulator,
+        # Long by default: what arrives within a second came by NOTIFY, not the poll.
+        heartbeat=heartbeat,
+        extra=(
+            f'[store]\nbackend = "postgres"\ndsn_file = "{dsn_file}"\n'
+            f'key_file = "{key_file}"\nnode_name = "{node}"\n{extra}'
+        ),
+    )
+
+
+async def store_login(emulator: KakaoEmulator, config: Config, dsn: str) -> AccountState:
+    """Log the default account in and insert its row with a notification (as `login`)."""
+    account = config.account()
+    session = create_session()
+    try:
+        state = await auto_login(KakaoClient(session, account.app), session, account.name)
+    finally:
+        await session.close()
+    assert config.store.keyring is not None
+    conn = await db.connect(dsn, node="cli", purpose="test")
+    async with conn:
+        row = await accounts.insert_account(
+            conn, config.store.keyring, state, node="cli", due_at=None
+        )
+        assert row is not None
+        await accounts.notify_changed(conn, account.name, state.generation)
+        await conn.commit()
+    return state
+
+
+def published(node: DaemonProcess) -> dict[str, object] | None:
+    """The node's token file, or None."""
+    try:
+        document: dict[str, object] = json.loads(
+            (node.state_dir / "default.token.json").read_text()
+        )
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return document
+
+
+@pytest.fixture
+async def nodes(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> AsyncIterator[list[DaemonProcess]]:
+    """Two nodes started at the same instant on an empty database (no schema yet)."""
+    emulator.settings.access_lifetime = 6
+    paths = [node_config(tmp_path, emulator, pg_dsn, f"web-{i}") for i in (1, 2)]
+    started = await asyncio.gather(*(start_daemon(path) for path in paths))
+    yield list(started)
+    for node in started:
+        await node.stop()
+
+
+async def test_nodes_started_together_apply_the_schema_once_and_run(
+    nodes: list[DaemonProcess], pg_dsn: str
+) -> None:
+    """Both nodes came up on an empty database: one applied the schema under the advisory
+    lock, the other found it done; both report their node name and store."""
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT count(*) FROM schema_migrations")
+        row = await cur.fetchone()
+    assert row is not None and row[0] >= 2
+    for i, node in enumerate(nodes, start=1):
+        assert f"fleet node web-{i}: PostgreSQL store" in node.log_text()
+    deadline = time.monotonic() + 10
+    while True:  # each node's heartbeat row lists both
+        bodies = [(await node.api("GET", "/v1/status"))[1] for node in nodes]
+        if all(sorted(body["fleet"]["nodes"]) == ["web-1", "web-2"] for body in bodies):
+            break
+        assert time.monotonic() < deadline, bodies
+        await asyncio.sleep(0.2)
+
+
+async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once(
+    nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """A login committed with a notification is published by both nodes within ~1 s (the
+    heartbeat poll is 3 s); then over several access lifetimes each refresh is done by one
+    node (no refresh token is presented twice), and every node's token file follows the
+    row's generation."""
+    config = load_config(nodes[0].config_path)
+    committed = time.monotonic()
+    state = await store_login(emulator, config, pg_dsn)
+    for node in nodes:
+        await node.wait_for(
+            lambda node=node: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        assert time.monotonic() - committed < 1.5
+    await asyncio.sleep(3 * emulator.settings.access_lifetime)
+    stats = emulator.stats
+    assert stats.retired_refresh_presented == 0
+    assert 2 <= stats.refreshes_ok <= 5, stats.refreshes_ok
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+        row = await cur.fetchone()
+    assert row is not None
+    generation, refreshed_by = row
+    assert generation == state.generation + stats.refreshes_ok
+    assert refreshed_by in ("web-1", "web-2")
+    for node in nodes:
+        await node.wait_for(
+            lambda node=node: (published(node) or {}).get("generation") == generation,
+            timeout=2,
+            what="the newest generation published",
+        )
+    async with aiohttp.ClientSession():
+        code, body = await nodes[1].api("GET", "/v1/accounts/default/token")
+    assert code == 200 and body["access_token"] == published(nodes[0])["access_token"]  # type: ignore[index]
+
+
+async def test_a_node_cut_off_from_the_database_serves_alerts_and_never_calls_kakao(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Cut off from the store, a node keeps serving the token it holds, calls no token
+    endpoint (no row lock, no refresh), shows store_unavailable in /v1/status once it lasted
+    failing_after of the lifetime, and clears it and refreshes again when the store is back."""
+    emulator.settings.access_lifetime = 8
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="0.5s")
+        node = await start_daemon(path)
+        try:
+            state = await store_login(emulator, load_config(path), pg_dsn)
+            await node.wait_for(
+                lambda: (published(node) or {}).get("generation") == state.generation,
+                timeout=5,
+                what="the login published",
+            )
+            proxy.refuse()
+            proxy.cut()
+            token_calls = emulator.stats.requests["token"]
+
+            async def conditions() -> tuple[list[str], dict[str, object]]:
+                code, body = await node.api("GET", "/v1/status")
+                assert code == 200
+                return [c["condition"] for c in body["accounts"][0]["conditions"]], body["fleet"]
+
+            deadline = time.monotonic() + 10
+            while "store_unavailable" not in (await conditions())[0]:
+                assert time.monotonic() < deadline, node.log_text()[-3000:]
+                await asyncio.sleep(0.2)
+            _, fleet = await conditions()
+            assert fleet["store_up"] is False and fleet["node"] == "web-1"
+            code, body = await node.api("GET", "/v1/accounts/default/token")
+            assert code == 200 and body["access_token"] == state.tokens.access_token
+            # Past the planned refresh (75 % of 8 s): still no call to Kakao's token endpoint.
+            await asyncio.sleep(3)
+            assert emulator.stats.requests["token"] == token_calls
+            proxy.accept()
+            deadline = time.monotonic() + 15
+            while "store_unavailable" in (await conditions())[0] or (
+                (published(node) or {}).get("generation") == state.generation
+            ):
+                assert time.monotonic() < deadline, node.log_text()[-3000:]
+                await asyncio.sleep(0.2)
+            _, fleet = await conditions()
+            assert fleet["store_up"] is True
+            assert emulator.stats.retired_refresh_presented == 0
+        finally:
+            await node.stop()
+
+
+async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name_the_node(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A node with ``publish_accounts = []`` writes no token file but serves the token over
+    its API; /metrics shows the node, the store's health and who refreshed the account."""
+    quiet = node_config(tmp_path, emulator, pg_dsn, "web-2", extra="publish_accounts = []\n")
+    node = await start_daemon(quiet)
+    try:
+        state = await store_login(emulator, load_config(quiet), pg_dsn)
+
+        async def served() -> bool:
+            code, body = await node.api("GET", "/v1/accounts/default/token")
+            return code == 200 and body["access_token"] == state.tokens.access_token
+
+        deadline = time.monotonic() + 5
+        while not await served():
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            await asyncio.sleep(0.1)
+        assert published(node) is None
+        connector = aiohttp.UnixConnector(path=str(node.runtime_dir / "api.sock"))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get("http://localhost/metrics") as response,
+        ):
+            text = await response.text()
+        assert 'kakao_tokend_node_info{node="web-2"' in text
+        assert "kakao_tokend_store_up 1.0" in text
+        assert 'kakao_tokend_store_pool_connections{kind="pool_size"}' in text
+        assert "kakao_tokend_store_rescue_pending 0.0" in text
+        assert 'kakao_tokend_account_refreshed_by{account="default",node="cli"} 1.0' in text
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        assert body["fleet"]["publishes"] == [] and body["accounts"][0]["refreshed_by"] == "cli"
+    finally:
+        await node.stop()
+
+
+async def test_a_refresh_token_kakao_refused_needs_a_login_on_every_node(
+    nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """When Kakao refuses the refresh token (revoked), the node that tried records the
+    re-login reason without a new generation; the other node adopts it at once, both say
+    relogin in /v1/status, and nobody calls the token endpoint again."""
+    config = load_config(nodes[0].config_path)
+    state = await store_login(emulator, config, pg_dsn)
+    assert state.user_id is not None
+    emulator.revoke_user_tokens(state.user_id)
+
+    async def health(node: DaemonProcess) -> str:
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        return str(body["accounts"][0]["health"])
+
+    deadline = time.monotonic() + 4 * emulator.settings.access_lifetime
+    while not all([await health(node) == "relogin" for node in nodes]):
+        assert time.monotonic() < deadline, [node.log_text()[-2000:] for node in nodes]
+        await asyncio.sleep(0.2)
+    calls = emulator.stats.requests["token"]
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT generation, due_at, relogin_reason FROM accounts")
+        row = await cur.fetchone()
+    assert row is not None
+    generation, due_at, reason = row
+    assert generation == state.generation and due_at is None and reason
+    await asyncio.sleep(emulator.settings.access_lifetime)
+    assert emulator.stats.requests["token"] == calls
+
+
+async def test_a_reloaded_node_keeps_refreshing_through_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGHUP on a fleet node gives its accounts new row-backed stores: it keeps refreshing
+    under the row lock, committing and publishing, and never falls back to the files."""
+    emulator.settings.access_lifetime = 4
+    path = node_config(tmp_path, emulator, pg_dsn, "web-1", heartbeat="0.5s")
+    node = await start_daemon(path)
+    try:
+        state = await store_login(emulator, load_config(path), pg_dsn)
+        await node.wait_for(
+            lambda: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        node.send(signal.SIGHUP)
+        await node.wait_log("configuration reloaded")
+        await node.wait_for(
+            lambda: int((published(node) or {}).get("generation") or 0) >= state.generation + 2,
+            timeout=15,
+            what="two refreshes after the reload",
+        )
+        conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+        async with conn:
+            cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+            row = await cur.fetchone()
+        assert row is not None and row[0] >= state.generation + 2 and row[1] == "web-1"
+        assert not (node.state_dir / "default.state.json").exists()
+    finally:
+        await node.stop()
