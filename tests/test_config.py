@@ -656,6 +656,60 @@ class TestReporting:
             "accounts.b.hook_timeout",
         }
 
+    def test_accounts_without_overrides_share_one_app_and_one_alerts(
+        self, env: dict[str, str]
+    ) -> None:
+        """Accounts without their own [kakao] or [alerts] table share one parsed KakaoApp and
+        AlertsConfig (a thousand accounts cost one app, not a thousand); an account with an
+        override gets its own, with the override applied."""
+        config = load(
+            MINIMAL
+            + """\
+            [alerts]
+            repeat = "2h"
+            [accounts.a]
+            [accounts.b]
+            [accounts.c]
+            [accounts.own.kakao]
+            timeout = "5s"
+            [accounts.own.alerts]
+            repeat = "1h"
+            """,
+            env,
+        )
+        a, b, c, own = (config.accounts[name] for name in ("a", "b", "c", "own"))
+        assert a.app is b.app is c.app
+        assert a.alerts is b.alerts is c.alerts
+        assert (a.app.timeout, a.alerts.repeat) == (30.0, 7200.0)
+        assert own.app is not a.app and own.alerts is not a.alerts
+        assert (own.app.timeout, own.app.rest_api_key) == (5.0, KEY)
+        assert own.alerts.repeat == 3600.0
+
+    def test_a_mistake_in_an_override_is_reported_for_each_account(
+        self, env: dict[str, str]
+    ) -> None:
+        """Sharing the inherited tables hides no mistake: each account's bad override is
+        reported at its own key path, while the accounts without overrides load."""
+        found = problems_of(
+            MINIMAL
+            + """\
+            [accounts.a]
+            [accounts.b.kakao]
+            timeout = "soon"
+            [accounts.c]
+            [accounts.d.kakao]
+            timeout = "later"
+            [accounts.e.alerts]
+            repeat = "never"
+            """,
+            env,
+        )
+        assert set(found) == {
+            "accounts.b.kakao.timeout",
+            "accounts.d.kakao.timeout",
+            "accounts.e.alerts.repeat",
+        }
+
     def test_one_problem_is_singular(self, env: dict[str, str]) -> None:
         """The header says "1 problem", not "1 problems"."""
         with pytest.raises(ConfigError, match=r"^configuration has 1 problem:"):

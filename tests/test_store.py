@@ -30,6 +30,7 @@ from kakao_tokend.store import (
     TEMP_PREFIX,
     AccountStore,
     atomic_write,
+    read_file,
     remove_stale_temp_files,
 )
 from kakao_tokend.tokens import TokenSet
@@ -320,6 +321,52 @@ def test_symlinked_token_file_is_never_followed(tmp_path: Path) -> None:
     store.remove()
     assert not link.exists() and not link.is_symlink()
     assert target.read_text() == "not ours\n"
+
+
+def test_a_shared_directory_is_judged_once_but_every_file_still_is(tmp_path: Path) -> None:
+    """check_paths with a shared ``checked`` set (a start of many accounts) judges a directory
+    once: the set remembers it, so a later change to it goes unseen in that pass. Every
+    account's own files are still judged (a symlinked token file is refused), and a directory
+    not in the set is judged as ever."""
+    shared = tmp_path / "state"
+    shared.mkdir(mode=0o700)
+    first = AccountStore.from_paths("a", state_file=shared / "a.state.json")
+    checked: set[Path] = set()
+    first.check_paths(checked)
+    assert checked == {shared}
+    shared.chmod(0o777)
+    AccountStore.from_paths("b", state_file=shared / "b.state.json").check_paths(checked)
+    (shared / "c.token.json").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        AccountStore.from_paths("c", state_file=shared / "c.state.json").check_paths(checked)
+    with pytest.raises(UnsafePath, match="writable by group and others"):
+        first.check_paths()
+    other = tmp_path / "other"
+    other.mkdir(mode=0o777)
+    other.chmod(0o777)
+    with pytest.raises(UnsafePath, match="writable by group and others"):
+        AccountStore.from_paths("d", state_file=other / "d.state.json").check_paths(checked)
+    assert other not in checked
+
+
+def test_read_file_reads_every_byte_and_refuses_what_is_not_a_regular_file(
+    tmp_path: Path,
+) -> None:
+    """read_file returns a whole file of any size (an empty one too, and one far larger than
+    its first read); a FIFO is refused at once instead of blocking, a symlink is refused."""
+    for size in (0, 1, 4095, 4096, 300_000):
+        path = tmp_path / f"f{size}"
+        data = random.Random(size).randbytes(size)
+        path.write_bytes(data)
+        assert read_file(path, what="test file") == data
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        read_file(fifo, what="test file")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "f1")
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        read_file(link, what="test file")
 
 
 def test_stale_temp_files_removed(tmp_path: Path) -> None:

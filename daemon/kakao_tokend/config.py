@@ -1287,7 +1287,7 @@ class _Checker:
         self.problems: list[tuple[str, str]] = []
         #: Every account file seen: (key path, resolved path, set explicitly?).
         self.files: list[tuple[str, Path, bool]] = []
-        #: The inherited [kakao] app and [alerts] of accounts without their own overrides.
+        #: What accounts without their own [kakao], [publish] or [alerts] share, by table.
         self.inherited: dict[str, Any] = {}
 
     def problem(self, key: str, text: str) -> None:
@@ -1497,17 +1497,30 @@ class _Checker:
         values["name"] = name
         for sub, (cls, sub_table, target) in _ACCOUNT_TABLES.items():
             own = self.section(table, sub, prefix, cls, sub_table) if table is not None else {}
+            if not own and sub in self.inherited:
+                # A thousand accounts without overrides share one app (its secrets read once),
+                # one [alerts] and one reading of [publish].
+                if target:
+                    values[target] = self.inherited[sub]
+                else:
+                    values.update(self.inherited[sub])
+                continue
             settings = _overlay(shared[sub], sub, own, f"{prefix}.{sub}")
             # Where an unset key (a missing secret) belongs: the account's table if it has one.
             where = f"{prefix}.{sub}" if own else sub
+            result: Any = None
             if not target:  # keys of the account itself, kept in a table: [publish] mode
-                found, bad = self.read(cls, settings, where, table=sub_table)
-                values.update(found)
+                result, bad = self.read(cls, settings, where, table=sub_table)
+                values.update(result)
                 unknown |= bad
-            elif (instance := self.build(cls, settings, where)) is not None:
-                values[target] = instance
+            elif (result := self.build(cls, settings, where)) is not None:
+                values[target] = result
             else:
                 unknown.add(target)
+            if not own and result is not None and not self.problems:
+                # Only a clean result is shared: after a mistake every account is read again
+                # and reports for itself.
+                self.inherited[sub] = result
         for field_name, _, spec in _schema(AccountConfig).values:
             if spec.default_name and state_dir is not None and field_name not in unknown:
                 values.setdefault(field_name, state_dir / f"{name}{spec.default_name}")

@@ -53,6 +53,10 @@ STOP_GRACE = 20.0
 #: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
 #: often, each time asking for three times as long (so one lost datagram costs nothing).
 EXTEND_EVERY = 5.0
+#: Up to this many accounts, the start-up log and systemd's STATUS= name every account; with
+#: more, only those that need attention (a line for each of a thousand healthy accounts would
+#: bury them, and cost a start as much as loading them).
+LIST_ACCOUNTS_UP_TO = 10
 
 
 @dataclass
@@ -173,12 +177,16 @@ class Daemon:
     def open_accounts(self) -> None:
         """Create a manager per configured account (after checking every account's files)."""
         if self.fleet is None:  # in fleet mode the state files are not used (maybe MOVED)
+            checked: set[Path] = set()  # each shared directory is judged once
             for account in self.config.accounts.values():
-                AccountStore(account).check_paths()
+                AccountStore(account).check_paths(checked)
         for account in self.config.accounts.values():
             self.managers[account.name] = self.make_manager(account)
-        for manager in self.managers.values():
+        listed = self._listed()
+        for manager in listed:
             log.info("account %s", manager.summary())
+        if len(listed) < len(self.managers):
+            log.info("%d more account(s) ok", len(self.managers) - len(listed))
 
     def adopt_outside_changes(self, manager: AccountManager) -> bool:
         """Take over a state another process wrote (login, import, logout, refresh) now.
@@ -283,7 +291,28 @@ class Daemon:
     def summary(self) -> str:
         """Return the one-line STATUS text, e.g. ``default: access 4h12m, refresh 41d``."""
         now = self.clock()
-        return "; ".join(m.summary(now) for m in self.managers.values()) or "no accounts"
+        listed = self._listed()
+        named = [m.summary(now) for m in listed[:LIST_ACCOUNTS_UP_TO]]
+        if len(listed) == len(self.managers):
+            return "; ".join(named) or "no accounts"
+        ok = len(self.managers) - len(listed)
+        parts = [f"{len(self.managers)} accounts, {ok} ok", *named]
+        if len(listed) > LIST_ACCOUNTS_UP_TO:
+            parts.append(f"{len(listed) - LIST_ACCOUNTS_UP_TO} more need attention")
+        return "; ".join(parts)
+
+    def _listed(self) -> list[AccountManager]:
+        """The managers to name one by one: all of a few, else those that need attention."""
+        managers = list(self.managers.values())
+        if len(managers) <= LIST_ACCOUNTS_UP_TO:
+            return managers
+        return [
+            m
+            for m in managers
+            if m.status.health is not Health.OK
+            or m.status.write_pending
+            or m.status.publish_pending
+        ]
 
     # ---------------------------------------------------------------- stopping
 

@@ -476,11 +476,18 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
         if exc.errno == errno.ELOOP:
             raise symlink_refused(path, what) from None
         raise
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
-        return handle.read(), info.st_ino
+        # Plain reads on the descriptor, sized by the fstat: a file object would fstat and
+        # seek again (a start of a thousand accounts reads two files each).
+        data = b""
+        while chunk := os.read(fd, max(info.st_size - len(data), 0) + 4096):
+            data += chunk
+        return data, info.st_ino
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -601,11 +608,12 @@ def check_not_moved(directory: Path) -> None:
     too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
     ``pending``) only make the message say where the accounts went and how to go back.
     """
-    path = Path(directory) / MOVED_NAME
+    marker = os.path.join(directory, MOVED_NAME)  # a string: no Path built when none is there
     try:
-        os.lstat(path)
+        os.lstat(marker)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return  # no marker (or no access to the directory at all: that fails on its own)
+    path = Path(marker)
     document: Any = None
     with suppress(OSError, StoreError, ValueError):
         document = json.loads(read_file(path, what="migration marker"))
@@ -740,12 +748,14 @@ class AccountStore:
 
     # -- safety --------------------------------------------------------------------------------
 
-    def check_paths(self) -> None:
+    def check_paths(self, checked: set[Path] | None = None) -> None:
         """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
 
         The directories of the state, lock and token files must pass :func:`check_directory`;
         none of the account's files may be a symlink or anything but a regular file. Every
         command that writes the account's files calls this first (``try_lock`` does too).
+        Directories in ``checked`` passed already and are not looked at again; the ones that
+        pass here are added (a thousand accounts in one directory: one look at it).
         """
         directories: dict[Path, str] = {}
         for path, what in (
@@ -755,7 +765,8 @@ class AccountStore:
         ):
             directories.setdefault(path.parent, what)  # usually one directory: "state directory"
         for directory, what in directories.items():
-            check_directory(directory, what=what)
+            if checked is None or directory not in checked:
+                check_directory(directory, what=what)
         for path, what in (
             (self.state_path, "state file"),
             (self.lock_path, "lock file"),
@@ -763,8 +774,10 @@ class AccountStore:
             (self.alerts_path, "alert bookkeeping file"),
         ):
             check_file(path, what=what)
-        if self.honour_moved_marker:
+        if self.honour_moved_marker and (checked is None or self.state_path.parent not in checked):
             check_not_moved(self.state_path.parent)
+        if checked is not None:
+            checked.update(directories)
 
     # -- locking -------------------------------------------------------------------------------
 

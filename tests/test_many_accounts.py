@@ -1,0 +1,76 @@
+"""Many accounts: the start-up log and systemd's STATUS= name only the accounts that need
+attention, so a thousand healthy accounts neither bury a broken one nor slow the start."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from daemonproc import start_daemon, write_config
+from kakao_tokend.config import load_config
+from kakao_tokend.daemon import LIST_ACCOUNTS_UP_TO
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.state import AccountState
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import TokenSet, utcnow
+
+
+def seed(emulator: KakaoEmulator, config_path: Path, names: list[str]) -> None:
+    """Give ``names`` fresh tokens straight from the emulator (no login round trip)."""
+    config = load_config(config_path)
+    for index, name in enumerate(names):
+        tokens = TokenSet.from_token_response(
+            emulator.issue_tokens(9000 + index), requested_at=utcnow()
+        )
+        state = AccountState(
+            account=name, tokens=tokens, refreshed_at=tokens.access_issued_at, user_id=9000 + index
+        )
+        store = AccountStore(config.accounts[name])
+        store.save(state)
+        store.publish(state)
+
+
+async def test_with_many_accounts_only_those_needing_attention_are_named(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With more than LIST_ACCOUNTS_UP_TO accounts, the start-up log has one line for the
+    account without tokens and one count of the healthy ones, and READY's STATUS= says how
+    many are ok and names the one that is not."""
+    names = [f"acct{i:02d}" for i in range(LIST_ACCOUNTS_UP_TO + 2)]
+    config = write_config(tmp_path, emulator, accounts=names, heartbeat="60s")
+    seed(emulator, config, names[:-1])
+    notify_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        daemon = await start_daemon(config, env={"NOTIFY_SOCKET": str(notify_path)})
+        try:
+            notify.settimeout(10)
+            ready = ""
+            while "READY=1" not in ready:
+                ready = notify.recv(65536).decode()
+        finally:
+            assert await daemon.stop() == 0
+    status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
+    ok = len(names) - 1
+    assert status == f"STATUS={len(names)} accounts, {ok} ok; {names[-1]}: no tokens (login needed)"
+    log = daemon.log_text()
+    assert f"account {names[-1]}: no tokens" in log
+    assert f"{ok} more account(s) ok" in log
+    # A summary line reads "account NAME: access 5h59m, refresh 59d".
+    assert not re.search(r"account acct\d\d: access \d", log), log
+
+
+async def test_with_a_few_accounts_each_is_named(emulator: KakaoEmulator, tmp_path: Path) -> None:
+    """Up to LIST_ACCOUNTS_UP_TO accounts, every account has its start-up line, healthy or not."""
+    names = ["home", "work", "shop"]
+    config = write_config(tmp_path, emulator, accounts=names, heartbeat="60s")
+    seed(emulator, config, names[:2])
+    daemon = await start_daemon(config)
+    try:
+        log = daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+    assert "account home: access" in log and "account work: access" in log
+    assert "account shop: no tokens" in log
+    assert "more account(s) ok" not in log
