@@ -28,6 +28,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow(seconds=15)
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_quick_run_prints_its_results(script: str, tmp_path: Path) -> None:
