@@ -35,31 +35,45 @@ def _short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float 
     emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
 
 
+@pytest.mark.slow(seconds=50)
 async def test_hundreds_of_refreshes_never_publish_an_expired_token(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
-    """Four accounts with 2-second tokens refresh hundreds of times; no read sees a dead token."""
-    _short_tokens(emulator, access=2, refresh=30)
+    """Sixteen accounts with 5-second tokens refresh hundreds of times; no read sees a dead token.
+
+    The daemon refreshes at 70-80 % of the life, so a published token has at least a second
+    left: enough for a loaded machine to wake the daemon, and still a token that dies within
+    seconds if a refresh were late or never published. Reads start once the daemon published
+    its own tokens for every account: the ones `login` wrote may die while it starts up.
+    """
+    _short_tokens(emulator, access=5, refresh=30)
     emulator.settings.rotation_window = 12
-    names = ["a", "b", "c", "d"]
+    names = [f"a{number:02d}" for number in range(16)]
     config = write_config(tmp_path, emulator, accounts=names, rotation_window=12)
     for name in names:
         await login(emulator, config, name)
     daemon = await start_daemon(config)
     reads = 0
     bad: list[str] = []
-    deadline = time.monotonic() + 80
     try:
-        while time.monotonic() < deadline and emulator.stats.refreshes_ok < 200:
-            for name in names:
+        await daemon.wait_for(
+            lambda: all(daemon.published(name)["generation"] >= 2 for name in names),
+            timeout=20,
+            what="the daemon's first refresh of every account",
+        )
+        deadline = time.monotonic() + 120
+        tick = 0
+        while time.monotonic() < deadline and emulator.stats.refreshes_ok < 200 + len(names):
+            for name in names[tick % 4 :: 4]:  # a quarter of the accounts per tick
                 document = daemon.published(name)
                 reads += 1
                 if not access_token_valid(emulator, document["access_token"]):
                     bad.append(f"{name} generation {document['generation']}")
+            tick += 1
             await asyncio.sleep(0.05)
     finally:
         assert await daemon.stop() == 0
-    assert emulator.stats.refreshes_ok >= 200, daemon.log_text()[-3000:]
+    assert emulator.stats.refreshes_ok >= 200 + len(names), daemon.log_text()[-3000:]
     assert emulator.stats.rotations >= 4
     assert bad == []
     assert reads > 1000
