@@ -159,13 +159,20 @@ class Harness:
         self.config_path = config_path
         self.emulator = emulator
         self.offset = 0.0
+        self.frozen_at: datetime | None = None
         self.session: aiohttp.ClientSession | None = None
         self.manager: AccountManager | None = None
         self.center: AlertCenter | None = None
 
     def now(self) -> datetime:
-        """Return real time plus the test's offset (what the manager and center see)."""
-        return utcnow() + timedelta(seconds=self.offset)
+        """Return real time (or the frozen moment) plus the test's offset (what the manager
+        and center see)."""
+        return (self.frozen_at or utcnow()) + timedelta(seconds=self.offset)
+
+    def freeze(self) -> None:
+        """Stop the manager's and center's clock at this moment: from now on only ``offset``
+        moves it, so a slow machine cannot add its own seconds between two steps of a test."""
+        self.frozen_at = utcnow()
 
     async def start(self) -> None:
         """Create the manager (loading the state from disk) and attach a fresh center."""
@@ -352,16 +359,20 @@ async def test_failing_refresh_then_expiring_access_token_then_recovery(
     """
     emulator.settings.access_lifetime = 20
     harness = await make_harness(alerts_toml(webhook, command, failing_after='"10%"'))
+    # The daemon's side of the test runs on a frozen clock moved only by at(): a loaded machine
+    # can neither push "1 s of failing" past failing_after (2 s) nor the access token past
+    # its expiry before KakaoTalk carries the alert. Kakao (the emulator) keeps real time,
+    # where the token has most of its 20 s left throughout.
+    harness.freeze()
     emulator.inject("token", "http500", count=1000)
     await harness.manager.refresh(force=True, reason="test")
     assert harness.manager.status.health is Health.RETRYING
     await harness.settle()
     assert await harness.at(1) == []
     assert [a.condition for a in await harness.at(3)] == ["refresh_failing"]
-    # 1.9 s before the access token's real expiry (inside the 2 s margin): measured from the
-    # token, not from the login, so that a slow, loaded machine still has a valid token to
-    # send the KakaoTalk alert with.
-    left = (harness.manager.state.tokens.access_expires_at - utcnow()).total_seconds()
+    # 1.9 s before the access token's expiry (inside the 2 s margin).
+    assert harness.frozen_at is not None
+    left = (harness.manager.state.tokens.access_expires_at - harness.frozen_at).total_seconds()
     assert [a.condition for a in await harness.at(left - 1.9)] == ["access_expiring"]
     assert webhook.conditions() == ["refresh_failing", "access_expiring"]
     assert command.conditions() == ["refresh_failing", "access_expiring"]
