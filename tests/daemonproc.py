@@ -121,6 +121,11 @@ def write_config(
     return path
 
 
+def config_with(tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any) -> Path:
+    """write_config plus extra TOML (e.g. an [api] table)."""
+    return write_config(tmp_path, emulator, extra=extra, **kwargs)
+
+
 async def login(
     emulator: KakaoEmulator, config_path: Path, account: str = "default"
 ) -> AccountState:

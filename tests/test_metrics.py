@@ -11,9 +11,10 @@ from platform import python_version
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemonproc import config_with, login
 from kakao_tokend import __version__
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import Served, config_with, login, serving
+from served import Served, serving
 
 pytestmark = pytest.mark.timeout(60)
 

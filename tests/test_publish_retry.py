@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import login
+from daemonproc import config_with, login
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import config_with, serving
+from served import serving
 from test_daemon_process import _fill
 
 pytestmark = pytest.mark.timeout(60)

@@ -25,7 +25,7 @@ from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountEvent, AccountManager, Health
 from kakao_tokend.store import AccountStore
-from test_api import serving
+from served import serving
 from test_daemon_process import _fill, tiny_state_fs
 
 __all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
