@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import kakao_tokend
+from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
 from pgcluster import (
     SHARED_DIR_INPUT,
@@ -24,7 +25,8 @@ from pgcluster import (
     stop_shared_server,
 )
 
-__all__ = ["pg_cluster", "pg_dsn", "pg_server"]  # PostgreSQL fixtures, see pgcluster.py
+# Fixtures that live in helper modules: PostgreSQL (pgcluster.py), a full disk (diskfull.py).
+__all__ = ["pg_cluster", "pg_dsn", "pg_server", "tiny_state_fs"]
 
 # --------------------------------------------------------------------------- fixtures
 

@@ -75,6 +75,12 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+def _short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
+    emulator.settings.access_lifetime = access
+    emulator.settings.refresh_lifetime = refresh
+    emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
+
+
 def write_config(
     directory: Path,
     emulator: KakaoEmulator,

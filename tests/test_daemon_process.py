@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemonproc import (
+    _short_tokens,
     access_token_valid,
     issued_tokens,
     login,
     start_daemon,
     write_config,
 )
+from diskfull import _fill
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.tokens import parse_time
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
-    emulator.settings.access_lifetime = access
-    emulator.settings.refresh_lifetime = refresh
-    emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
 
 
 @pytest.mark.slow(seconds=50)
@@ -348,38 +341,6 @@ async def test_a_second_instance_is_refused(emulator: KakaoEmulator, tmp_path: P
         assert f"pid {daemon.pid}" in second.log_text()
     finally:
         assert await daemon.stop() == 0
-
-
-@pytest.fixture
-def tiny_state_fs(tmp_path: Path) -> Iterator[Path]:
-    """Mount a 512 KiB tmpfs where the state directory goes, so a test can fill it up."""
-    state_dir = tmp_path / "state"
-    state_dir.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(state_dir)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield state_dir
-    finally:
-        subprocess.run(["umount", "-l", str(state_dir)], check=False)
-
-
-def _fill(directory: Path, name: str = "filler") -> Path:
-    """Fill the file system under ``directory`` until a write fails with ENOSPC."""
-    filler = directory / name
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(

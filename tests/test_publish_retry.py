@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from daemonproc import config_with, login
+from diskfull import _fill
 from kakao_tokend.emulator import KakaoEmulator
 from served import serving
-from test_daemon_process import _fill
 
 pytestmark = pytest.mark.timeout(60)
 

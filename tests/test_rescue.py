@@ -22,18 +22,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemonproc import login, start_daemon, write_config
+from daemonproc import _short_tokens, login, start_daemon, write_config
+from diskfull import _fill
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager, Health
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
-from test_daemon_process import _fill, _short_tokens, tiny_state_fs
 
 pytestmark = pytest.mark.timeout(120)
-
-__all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
 
 
 @pytest.fixture

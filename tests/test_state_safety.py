@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from daemonproc import login, run_cli, write_config
+from diskfull import _fill
 from kakao_tokend.alerts import Severity, current_conditions
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
@@ -26,9 +27,6 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountEvent, AccountManager, Health
 from kakao_tokend.store import AccountStore
 from served import serving
-from test_daemon_process import _fill, tiny_state_fs
-
-__all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
 
 pytestmark = pytest.mark.timeout(60)
 
