@@ -75,7 +75,9 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def _short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
+def short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
+    """Make the emulator issue second-long tokens (rotation window at most half the refresh
+    token's life)."""
     emulator.settings.access_lifetime = access
     emulator.settings.refresh_lifetime = refresh
     emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from daemonproc import (
-    _short_tokens,
     access_token_valid,
     issued_tokens,
     login,
+    short_tokens,
     start_daemon,
     write_config,
 )
-from diskfull import _fill
+from diskfull import fill_up
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.tokens import parse_time
 
@@ -39,7 +39,7 @@ async def test_hundreds_of_refreshes_never_publish_an_expired_token(
     seconds if a refresh were late or never published. Reads start once the daemon published
     its own tokens for every account: the ones `login` wrote may die while it starts up.
     """
-    _short_tokens(emulator, access=5, refresh=30)
+    short_tokens(emulator, access=5, refresh=30)
     emulator.settings.rotation_window = 12
     names = [f"a{number:02d}" for number in range(16)]
     config = write_config(tmp_path, emulator, accounts=names, rotation_window=12)
@@ -81,7 +81,7 @@ async def test_rotation_is_persisted_and_the_old_refresh_token_never_used_again(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """Each rotated refresh token is on disk at once, and the dead one is never presented."""
-    _short_tokens(emulator, access=2, refresh=8)
+    short_tokens(emulator, access=2, refresh=8)
     emulator.settings.rotation_window = 4
     config = write_config(tmp_path, emulator, rotation_window=4)
     first = await login(emulator, config)
@@ -110,7 +110,7 @@ async def test_transient_faults_are_retried_until_the_token_is_fresh_again(
     emulator: KakaoEmulator, tmp_path: Path, kind: str
 ) -> None:
     """A transient failure of the token endpoint is retried with backoff and then succeeds."""
-    _short_tokens(emulator, access=3)
+    short_tokens(emulator, access=3)
     config = write_config(tmp_path, emulator, timeout="1s")
     await login(emulator, config)
     emulator.inject("token", kind, count=2, delay=1.5)
@@ -132,7 +132,7 @@ async def test_rate_limit_is_backed_off_not_hammered(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """KOE237 is a pause request: the daemon waits and then refreshes, without a storm."""
-    _short_tokens(emulator, access=3)
+    short_tokens(emulator, access=3)
     config = write_config(tmp_path, emulator)
     await login(emulator, config)
     emulator.inject("token", "koe237", count=1)
@@ -149,7 +149,7 @@ async def test_unlinked_user_is_marked_for_relogin_and_not_retried(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """KOE322 stops the refreshes, names the fix command, and no retry storm follows."""
-    _short_tokens(emulator, access=2)
+    short_tokens(emulator, access=2)
     config = write_config(tmp_path, emulator, accounts=["main", "other"])
     main = await login(emulator, config, "main")
     await login(emulator, config, "other")
@@ -177,7 +177,7 @@ async def test_one_accounts_trouble_never_stops_another(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """An account with a dead refresh token does not keep the healthy one from refreshing."""
-    _short_tokens(emulator, access=2)
+    short_tokens(emulator, access=2)
     second_user = emulator.add_user(2222, name="second")
     config = write_config(tmp_path, emulator, accounts=["good", "bad"])
     await login(emulator, config, "good")
@@ -205,7 +205,7 @@ async def test_lost_rotation_response_marks_relogin_with_one_critical_line(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """Kakao rotated but the answer was lost: one critical line, relogin, no retry storm."""
-    _short_tokens(emulator, access=3, refresh=20)
+    short_tokens(emulator, access=3, refresh=20)
     emulator.settings.rotation_window = 19.5  # every refresh now rotates
     config = write_config(tmp_path, emulator, rotation_window=19.5)
     await login(emulator, config)
@@ -228,7 +228,7 @@ async def test_restart_with_an_overdue_token_refreshes_at_once(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """A token past its refresh point when the daemon starts is refreshed immediately."""
-    _short_tokens(emulator, access=4)
+    short_tokens(emulator, access=4)
     config = write_config(tmp_path, emulator, heartbeat="30s")
     await login(emulator, config)
     await asyncio.sleep(3.2)  # past 75 % of the 4-second life
@@ -261,7 +261,7 @@ async def test_resume_after_sigstop_refreshes_within_one_heartbeat(
     """A process frozen past the token's life refreshes within a heartbeat of waking up."""
     # 4-second tokens: the fresh token must still be valid when the test reads it after the
     # refresh, although a loaded machine may take a second or two to save and publish it.
-    _short_tokens(emulator, access=4)
+    short_tokens(emulator, access=4)
     config = write_config(tmp_path, emulator, heartbeat="0.5s")
     await login(emulator, config)
     daemon = await start_daemon(config)
@@ -287,7 +287,7 @@ async def test_sighup_adds_an_account_without_refetching_tokens(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """SIGHUP re-reads the config: a new account is served, the old one keeps its tokens."""
-    _short_tokens(emulator, access=3600)
+    short_tokens(emulator, access=3600)
     config = write_config(tmp_path, emulator, accounts=["one"])
     await login(emulator, config, "one")
     daemon = await start_daemon(config)
@@ -313,7 +313,7 @@ async def test_sigterm_during_a_refresh_lets_it_finish_and_persist(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """SIGTERM while Kakao is answering slowly: the answer is saved, then the process exits 0."""
-    _short_tokens(emulator, access=3)
+    short_tokens(emulator, access=3)
     config = write_config(tmp_path, emulator, timeout="5s")
     await login(emulator, config)
     emulator.inject("token", "slow", count=1, delay=1.5)
@@ -348,7 +348,7 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
 ) -> None:
     """A full disk: the emergency reserve saves the first rotation at once; when even that is
     used up, rotated tokens live on in memory and are written once there is room again."""
-    _short_tokens(emulator, access=2, refresh=3600)
+    short_tokens(emulator, access=2, refresh=3600)
     emulator.settings.rotation_window = 3000  # every refresh rotates
     config = write_config(tmp_path, emulator, rotation_window=3000)
     await login(emulator, config)
@@ -356,7 +356,7 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
     try:
         await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
         assert (tiny_state_fs / ".kakao-tokend.reserve").stat().st_size == 64 * 1024
-        filler = _fill(tiny_state_fs)
+        filler = fill_up(tiny_state_fs)
         # The first failing save gives up the emergency reserve and lands on disk at once.
         await daemon.wait_log("gave up the emergency reserve", timeout=10)
         assert not (tiny_state_fs / ".kakao-tokend.reserve").exists()
@@ -367,7 +367,7 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
             what="the rotated refresh token saved through the reserve",
         )
         # Whatever filled the disk goes on filling it: now nothing can be saved.
-        second_filler = _fill(tiny_state_fs, name="filler2")
+        second_filler = fill_up(tiny_state_fs, name="filler2")
         await daemon.wait_log("cannot save the new tokens", timeout=10)
         stuck_generation = daemon.state()["generation"]
         await asyncio.sleep(3)  # more refreshes (and rotations) happen while the disk is full
@@ -438,7 +438,7 @@ async def test_journald_priority_prefixes_when_stderr_is_the_journal(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """With JOURNAL_STREAM naming stderr, every line carries a <N> priority prefix."""
-    _short_tokens(emulator, access=2)
+    short_tokens(emulator, access=2)
     config = write_config(tmp_path, emulator)
     await login(emulator, config)
     emulator.inject("token", "http500", count=1)

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemonproc import _short_tokens, login, start_daemon, write_config
-from diskfull import _fill
+from daemonproc import login, short_tokens, start_daemon, write_config
+from diskfull import fill_up
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -212,7 +212,7 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
     """The state disk is full and the emergency reserve already used up; rotations go on in
     memory. kill -9 then. The rotated refresh token is in the 0600 rescue file in the runtime
     directory, and the restarted daemon recovers it (nothing presented to Kakao is retired)."""
-    _short_tokens(emulator, access=2, refresh=3600)
+    short_tokens(emulator, access=2, refresh=3600)
     emulator.settings.rotation_window = 4000  # every refresh rotates
     config = write_config(tmp_path, emulator, rotation_window=4000)
     await login(emulator, config)
@@ -220,9 +220,9 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
     fillers: list[Path] = []
     try:
         await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
-        fillers.append(_fill(tiny_state_fs))
+        fillers.append(fill_up(tiny_state_fs))
         await daemon.wait_log("gave up the emergency reserve", timeout=10)
-        fillers.append(_fill(tiny_state_fs, name="filler2"))
+        fillers.append(fill_up(tiny_state_fs, name="filler2"))
         await daemon.wait_log("cannot save the new tokens", timeout=10)
         stuck = daemon.state()["generation"]
         await daemon.wait_for(

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from daemonproc import login, run_cli, write_config
-from diskfull import _fill
+from diskfull import fill_up
 from kakao_tokend.alerts import Severity, current_conditions
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
@@ -100,7 +100,7 @@ async def test_a_pending_write_never_overwrites_a_state_written_meanwhile(
     emulator.settings.access_lifetime = 20
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
     manager, config_path, events = await running_manager(emulator, tmp_path, session)
-    filler = _fill(tiny_state_fs)
+    filler = fill_up(tiny_state_fs)
     await manager.refresh(force=True)
     assert manager.status.write_pending
     ours = manager.state
@@ -138,7 +138,7 @@ async def test_a_pending_write_waits_for_the_account_lock(
     manager, _, _ = await running_manager(emulator, tmp_path, session)
     state_path = manager.store.state_path
     before = state_path.read_bytes()
-    filler = _fill(tiny_state_fs)
+    filler = fill_up(tiny_state_fs)
     await manager.refresh(force=True)
     assert manager.status.write_pending
     filler.unlink()
