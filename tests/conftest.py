@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import kakao_tokend
+from alertkit import command, make_harness, webhook
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
 from pgcluster import (
@@ -25,8 +26,17 @@ from pgcluster import (
     stop_shared_server,
 )
 
-# Fixtures that live in helper modules: PostgreSQL (pgcluster.py), a full disk (diskfull.py).
-__all__ = ["pg_cluster", "pg_dsn", "pg_server", "tiny_state_fs"]
+# Fixtures that live in helper modules: PostgreSQL (pgcluster.py), a full disk (diskfull.py),
+# alert receivers and the alert harness (alertkit.py).
+__all__ = [
+    "command",
+    "make_harness",
+    "pg_cluster",
+    "pg_dsn",
+    "pg_server",
+    "tiny_state_fs",
+    "webhook",
+]
 
 # --------------------------------------------------------------------------- fixtures
 
