@@ -17,6 +17,7 @@ import kakao_tokend
 from alertkit import command, make_harness, webhook
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
+from loginproc import start_login
 from pgcluster import (
     SHARED_DIR_INPUT,
     SHARED_DIR_KEY,
@@ -27,13 +28,14 @@ from pgcluster import (
 )
 
 # Fixtures that live in helper modules: PostgreSQL (pgcluster.py), a full disk (diskfull.py),
-# alert receivers and the alert harness (alertkit.py).
+# alert receivers and the alert harness (alertkit.py), login processes (loginproc.py).
 __all__ = [
     "command",
     "make_harness",
     "pg_cluster",
     "pg_dsn",
     "pg_server",
+    "start_login",
     "tiny_state_fs",
     "webhook",
 ]
