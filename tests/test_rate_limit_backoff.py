@@ -23,17 +23,13 @@ import time_machine
 
 from daemonproc import access_token_valid, login, start_daemon, write_config
 from kakao_tokend.config import load_config
-from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
+from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager, Health
-from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
-from kakao_tokend.tokens import TokenSet
+from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
 pytestmark = pytest.mark.timeout(120)
-
-SIX_HOURS = 21599
-SIXTY_DAYS = 5183999
 
 
 @pytest.fixture
@@ -86,46 +82,6 @@ async def test_koe237_right_after_a_restart_ends_as_soon_as_kakao_answers(
         assert "account default needs a new login" not in daemon.log_text()
     finally:
         await daemon.stop()
-
-
-async def restarted_on_virtual_clock(
-    emulator: KakaoEmulator,
-    tmp_path: Path,
-    session: aiohttp.ClientSession,
-    *,
-    access_left: float,
-    refresh_left: float,
-    account_name: str = "default",
-) -> AccountManager:
-    """Return a freshly started manager on the emulator's clock with real-sized tokens.
-
-    The account holds a 6-hour access token with ``access_left`` seconds to go (negative: it
-    expired while kakao-tokend was down) and a refresh token with ``refresh_left`` seconds.
-    """
-    config_path = write_config(
-        tmp_path, emulator, accounts=(account_name,), retry_initial="10s", retry_max="5m"
-    )
-    config = load_config(config_path)
-    account = config.accounts[account_name]
-    issued = emulator.now_datetime()
-    body = emulator.issue_tokens(refresh_remaining=SIX_HOURS - access_left + refresh_left)
-    tokens = TokenSet.from_token_response(body, requested_at=issued)
-    store = AccountStore(account)
-    store.save(
-        AccountState(
-            account=account_name, tokens=tokens, refreshed_at=issued, user_id=DEFAULT_USER_ID
-        )
-    )
-    emulator.advance_clock(SIX_HOURS - access_left)
-    manager = AccountManager(
-        account,
-        store=AccountStore(account),
-        client=KakaoClient(session, account.app, clock=emulator.now_datetime),
-        policy=config.refresh,
-        clock=emulator.now_datetime,
-    )
-    manager.load()
-    return manager
 
 
 def _seconds_until(moment: datetime | None, now: datetime) -> float:

@@ -20,7 +20,7 @@ from kakao_tokend.alerts import current_conditions
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.kakao import create_session
 from kakao_tokend.refresher import AccountManager, Health
-from test_rate_limit_backoff import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
+from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
 pytestmark = pytest.mark.timeout(60)
 
