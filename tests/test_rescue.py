@@ -30,6 +30,7 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager, Health
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
+from samples import make_state
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -263,8 +264,6 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
 def test_the_rescue_file_is_private_and_names_its_state_file(tmp_path: Path) -> None:
     """save_rescue writes 0600 whatever the umask, and load_rescue reads it back only for the
     state file it belongs to (two configurations sharing a runtime directory never mix)."""
-    from test_store import make_state
-
     store = AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
     rescue_dir = tmp_path / "run"
     ours = AccountStore(store.account, rescue_dir=rescue_dir)

@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,34 +25,15 @@ from kakao_tokend.errors import (
     StoreWriteError,
     UnsafePath,
 )
-from kakao_tokend.state import AccountState
 from kakao_tokend.store import (
     TEMP_PREFIX,
     AccountStore,
     atomic_write,
     remove_stale_temp_files,
 )
-from kakao_tokend.tokens import TokenSet
+from samples import ACCESS, NOW, REFRESH, make_state
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-ACCESS = "access-token-value-0123456789abcdef0123456789abcdef"
-REFRESH = "refresh-token-value-0123456789abcdef0123456789abcdef"
 IS_ROOT = os.geteuid() == 0
-
-
-def make_state(account: str = "default", *, generation: int = 3) -> AccountState:
-    tokens = TokenSet(
-        access_token=ACCESS,
-        refresh_token=REFRESH,
-        access_expires_at=NOW + timedelta(hours=6),
-        refresh_expires_at=NOW + timedelta(days=60),
-        access_issued_at=NOW,
-        refresh_issued_at=NOW - timedelta(days=1),
-        scope="profile_nickname talk_message",
-    )
-    return AccountState(
-        account=account, tokens=tokens, generation=generation, refreshed_at=NOW, user_id=42
-    )
 
 
 @pytest.fixture
