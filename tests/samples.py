@@ -13,6 +13,7 @@ REFRESH = "refresh-token-value-0123456789abcdef0123456789abcdef"
 
 
 def make_state(account: str = "default", *, generation: int = 3) -> AccountState:
+    """An account state with a 6-hour access and a 60-day refresh token issued at NOW."""
     tokens = TokenSet(
         access_token=ACCESS,
         refresh_token=REFRESH,
