@@ -18,7 +18,7 @@ import aiohttp
 
 from kakao_tokend.config import load_config
 from kakao_tokend.demo import auto_login
-from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
@@ -83,9 +83,13 @@ def short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float =
     emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
 
 
+#: A loopback URL where nothing listens, for configs of tests that never reach Kakao.
+NOWHERE = "http://127.0.0.1:9"
+
+
 def write_config(
     directory: Path,
-    emulator: KakaoEmulator,
+    emulator: KakaoEmulator | str = NOWHERE,
     *,
     accounts: Iterable[str] = ("default",),
     heartbeat: str = "0.2s",
@@ -95,20 +99,29 @@ def write_config(
     extra: str = "",
     timeout: str = "2s",
 ) -> Path:
-    """Write a config pointing at ``emulator`` with test-friendly timings; return its path."""
+    """Write a config pointing at ``emulator`` with test-friendly timings; return its path.
+
+    ``emulator`` may also be just a URL: the config then has the emulator's default app (key,
+    secret, redirect URI), for tests that never reach Kakao or start an emulator of their own.
+    ``extra`` is appended at the end (after [refresh], or the last [accounts.NAME]).
+    """
+    if isinstance(emulator, KakaoEmulator):
+        settings, url = emulator.settings, emulator.url
+    else:
+        settings, url = EmulatorSettings(), emulator
     names = list(accounts)
-    window = rotation_window if rotation_window is not None else emulator.settings.rotation_window
+    window = rotation_window if rotation_window is not None else settings.rotation_window
     lines = [
         'log_level = "debug"',
         "[paths]",
         f'state_dir = "{directory / "state"}"',
         f'runtime_dir = "{directory / "run"}"',
         "[kakao]",
-        f'rest_api_key = "{emulator.settings.client_id}"',
+        f'rest_api_key = "{settings.client_id}"',
         f'client_secret_file = "{directory / "client_secret"}"',
-        f'auth_url = "{emulator.url}"',
-        f'api_url = "{emulator.url}"',
-        f'redirect_uri = "{emulator.settings.redirect_uris[0]}"',
+        f'auth_url = "{url}"',
+        f'api_url = "{url}"',
+        f'redirect_uri = "{settings.redirect_uris[0]}"',
         f'timeout = "{timeout}"',
         'connect_timeout = "1s"',
         "[refresh]",
@@ -122,7 +135,7 @@ def write_config(
         for name in names:
             lines.append(f"[accounts.{name}]")
     secret = directory / "client_secret"
-    secret.write_text(str(emulator.settings.client_secret))
+    secret.write_text(str(settings.client_secret))
     secret.chmod(0o600)
     path = directory / "config.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
