@@ -147,6 +147,13 @@ def config_with(tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwar
     return write_config(tmp_path, emulator, extra=extra, **kwargs)
 
 
+def no_verify_on_start(config: Path) -> None:
+    """Turn off the start-up access_token_info check so request counts are exact."""
+    config.write_text(
+        config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n")
+    )
+
+
 async def login(
     emulator: KakaoEmulator, config_path: Path, account: str = "default"
 ) -> AccountState:

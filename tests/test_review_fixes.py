@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import config_with, login
+from daemonproc import config_with, login, no_verify_on_start
 from kakao_tokend.emulator import KakaoEmulator
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "/v1/accounts/default/token"
-
-
-def _no_verify(config: Path) -> None:
-    """Turn off the start-up access_token_info check so request counts are exact."""
-    config.write_text(
-        config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n")
-    )
 
 
 async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
@@ -34,7 +27,7 @@ async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
     """
     emulator.settings.access_lifetime = 20
     config = config_with(tmp_path, emulator, retry_max="5m")
-    _no_verify(config)
+    no_verify_on_start(config)
     await login(emulator, config)
     async with serving(config) as served:
         emulator.inject("token", "koe237", count=100)
@@ -63,7 +56,7 @@ async def test_token_requests_do_not_resend_a_dead_refresh_token(
     """
     emulator.settings.access_lifetime = 20
     config = config_with(tmp_path, emulator)
-    _no_verify(config)
+    no_verify_on_start(config)
     state = await login(emulator, config)
     async with serving(config) as served:
         assert state.user_id is not None
@@ -151,7 +144,7 @@ async def test_stop_waits_for_a_slow_refresh_as_long_as_its_request_may_take(
     emulator.settings.access_lifetime = 2
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
     config = config_with(tmp_path, emulator, timeout="5s")
-    _no_verify(config)
+    no_verify_on_start(config)
     await login(emulator, config)
     await asyncio.sleep(1.7)  # overdue: the refresh starts at once
     emulator.inject("token", "slow", count=1, delay=1.2)
