@@ -13,13 +13,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemonproc import config_with, free_port, issued_tokens, login, run_cli
+from daemonproc import (
+    config_with,
+    free_port,
+    issued_tokens,
+    login,
+    no_verify_on_start,
+    run_cli,
+)
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.service import api_socket_path
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "/v1/accounts/default/token"
 
 
 def bearer_file(tmp_path: Path, token: str = "s3cret-bearer-token-0123456789") -> Path:
@@ -103,6 +112,37 @@ async def test_min_valid_forces_one_refresh_for_many_callers(
         assert status == 400 and "lifetime" in body["error"]
         status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "x"})
         assert status == 400 and "duration" in body["error"]
+
+
+async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A consumer asking for a fresher token while Kakao rate-limits (KOE237) gets 503 at once.
+
+    The first forced refresh meets KOE237 and the account backs off (>= 60 s); the next
+    requests must not each force another token request to Kakao (that is the hammering which
+    keeps the rate limit from ever clearing).
+    """
+    emulator.settings.access_lifetime = 20
+    config = config_with(tmp_path, emulator, retry_max="5m")
+    no_verify_on_start(config)
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "koe237", count=100)
+        await asyncio.sleep(2.2)  # now less than 18 s are left
+        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
+        assert status == 503
+        sent = emulator.stats.requests["token"]
+        assert emulator.stats.koe237 == 1
+        results = await asyncio.gather(
+            *(served.get(TOKEN, params={"min_valid": "18"}) for _ in range(10))
+        )
+        assert [s for s, _ in results] == [503] * 10
+        assert all("KOE237" in (body.get("reason") or "") for _, body in results)
+        assert emulator.stats.requests["token"] == sent, "token requests during the backoff"
+        # A token that is still good enough is served without any refresh.
+        status, body = await served.get(TOKEN, params={"min_valid": "1"})
+        assert status == 200 and body["access_token"]
 
 
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
