@@ -145,6 +145,30 @@ async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
         assert status == 200 and body["access_token"]
 
 
+async def test_token_requests_do_not_resend_a_dead_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Once Kakao answered KOE322 (re-login needed), token requests never call Kakao again.
+
+    Each would present the same dead refresh token; they get 503 naming the login command.
+    """
+    emulator.settings.access_lifetime = 20
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        await asyncio.sleep(2.2)  # now less than 18 s are left
+        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
+        assert status == 503
+        sent = emulator.stats.requests["token"]
+        for _ in range(5):
+            status, body = await served.get(TOKEN, params={"min_valid": "18"})
+            assert status == 503 and "kakao-tokend login" in body["reason"]
+        assert emulator.stats.requests["token"] == sent
+
+
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Unknown account → 404, unknown path → 404, too large body → 413, all JSON with error."""
     config = config_with(tmp_path, emulator, '[api]\nmax_body = "1k"\nproxy_retry_body = "1k"\n')

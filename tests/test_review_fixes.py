@@ -16,30 +16,6 @@ pytestmark = pytest.mark.timeout(60)
 TOKEN = "/v1/accounts/default/token"
 
 
-async def test_token_requests_do_not_resend_a_dead_refresh_token(
-    emulator: KakaoEmulator, tmp_path: Path
-) -> None:
-    """Once Kakao answered KOE322 (re-login needed), token requests never call Kakao again.
-
-    Each would present the same dead refresh token; they get 503 naming the login command.
-    """
-    emulator.settings.access_lifetime = 20
-    config = config_with(tmp_path, emulator)
-    no_verify_on_start(config)
-    state = await login(emulator, config)
-    async with serving(config) as served:
-        assert state.user_id is not None
-        emulator.revoke_user_tokens(state.user_id)
-        await asyncio.sleep(2.2)  # now less than 18 s are left
-        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
-        assert status == 503
-        sent = emulator.stats.requests["token"]
-        for _ in range(5):
-            status, body = await served.get(TOKEN, params={"min_valid": "18"})
-            assert status == 503 and "kakao-tokend login" in body["reason"]
-        assert emulator.stats.requests["token"] == sent
-
-
 async def test_an_unusable_lock_file_backs_off_instead_of_crashing_the_refresh(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
