@@ -172,12 +172,6 @@ async def test_an_unusable_lock_file_backs_off_instead_of_crashing_the_refresh(
     Before, StoreError escaped the refresh task: the status stayed "ok", no back-off was
     planned, and the scheduler re-ran the overdue one-shot job in a tight loop.
     """
-    from kakao_tokend.config import load_config
-    from kakao_tokend.kakao import KakaoClient, create_session
-    from kakao_tokend.refresher import AccountManager, Health
-    from kakao_tokend.scheduler import RefreshScheduler
-    from kakao_tokend.store import AccountStore
-
     config_path = config_with(tmp_path, emulator)
     await login(emulator, config_path)
     account = load_config(config_path).accounts["default"]

@@ -16,8 +16,9 @@ import pytest
 
 from daemonproc import REPO, config_with, login, no_verify_on_start, start_daemon, write_config
 from kakao_tokend import service
-from kakao_tokend.config import KakaoApp
+from kakao_tokend.config import KakaoApp, load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.store import AccountStore
 from served import serving
 
 UNITS = sorted((REPO / "systemd").glob("**/*.service"))
@@ -150,9 +151,6 @@ async def test_stop_waits_for_a_slow_refresh_as_long_as_its_request_may_take(
     answer is lost, and the state on disk keeps the retired one (a new login is needed after
     the restart). Here the refresh must complete and be saved before the process ends.
     """
-    from kakao_tokend import service
-    from kakao_tokend.store import AccountStore
-
     monkeypatch.setattr(service, "STOP_GRACE", 0.3)
     emulator.settings.access_lifetime = 2
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
@@ -164,8 +162,6 @@ async def test_stop_waits_for_a_slow_refresh_as_long_as_its_request_may_take(
     async with serving(config):
         pass  # stop right away, with the start-up refresh in flight
     assert emulator.stats.rotations == 1 and emulator.stats.refreshes_ok == 1
-    from kakao_tokend.config import load_config
-
     saved = AccountStore(load_config(config).accounts["default"]).load()
     assert saved is not None and saved.generation == 2
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
