@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 
 from kakao_tokend.config import Config, load_config
-from kakao_tokend.refresher import AccountEvent
-from kakao_tokend.service import api_socket_path, serve
+from kakao_tokend.service import serve
+from kakao_tokend.status import AccountEvent
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Served:
 async def serving(config_path: Path) -> AsyncIterator[Served]:
     """Run service.serve() (the real Application, sockets and all) until the block ends."""
     config = load_config(config_path)
-    served = Served(config, config_path, api_socket_path(config))
+    served = Served(config, config_path, config.api_socket)
     stop = asyncio.Event()
     task = asyncio.create_task(
         serve(config, config_path=config_path, stop=stop, listeners=[served.events.append])

@@ -183,15 +183,22 @@ async def test_reload_adds_removes_and_reconfigures_alert_channels(
         )
         assert a.conditions("resolved") == [] and len(a.posts) == 1
 
-        # 3. B only for critical alerts, the command removed.
+        # 3. B only for critical alerts, the command removed. An expiry ladder whose one
+        # threshold lies beyond the token's life warns at once (critical only when expired).
         calls = len(command.calls())
-        configure(_alerts(f'webhook_url = "{url["B"]}"', 'webhook_min_severity = "critical"'))
+        configure(
+            _alerts(
+                f'webhook_url = "{url["B"]}"',
+                'webhook_min_severity = "critical"',
+                'thresholds = ["1000d"]',
+                'critical_below = "1s"',
+            )
+        )
         code, out, err = await run_cli(config, "reload")
         assert code == 0, out + err
-        (daemon.state_dir / "default.state.json").unlink()  # tokens gone: no_tokens (warning)
-        await daemon.wait_log("ALERT warning: account default: no_tokens")
+        await daemon.wait_log("ALERT warning: account default: refresh_expiry")
         await asyncio.sleep(0.5)
-        assert "no_tokens" not in b.conditions()
+        assert "refresh_expiry" not in b.conditions()
         await login(emulator, config)
         emulator.revoke_user_tokens(DEFAULT_USER_ID)  # the next refresh (3 s tokens) fails
         await daemon.wait_for(

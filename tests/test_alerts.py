@@ -25,8 +25,6 @@ from kakao_tokend.alerts import (
     Alert,
     Condition,
     Severity,
-    current_conditions,
-    login_fix,
     resolution_alert,
 )
 from kakao_tokend.cli import main
@@ -39,9 +37,12 @@ from kakao_tokend.config import (
 )
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.errors import ConfigError, StoreWriteError
+from kakao_tokend.health import login_fix
 from kakao_tokend.i18n import LANGUAGES, N_, Language
-from kakao_tokend.refresher import AccountManager, Health, login_command
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.relogin import login_command
 from kakao_tokend.state import AccountState
+from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
 from kakao_tokend.tokens import TokenSet, utcnow
 
@@ -81,7 +82,8 @@ async def test_expiry_ladder_fires_each_threshold_once_on_every_channel(
     assert command.conditions() == ["refresh_expiry"] * 3
     texts = inbox_texts(emulator)
     assert len(texts) == 3
-    assert all(len(t) <= KAKAOTALK_TEXT_LIMIT and "kakao-tokend login" in t for t in texts)
+    login = login_command(harness.manager.account)  # with --config: the test's config file
+    assert all(len(t) <= KAKAOTALK_TEXT_LIMIT and login in t for t in texts)
     levels = [r.levelno for r in caplog.records if "ALERT" in r.getMessage()]
     assert levels == [logging.WARNING, logging.CRITICAL, logging.CRITICAL]
 
@@ -109,7 +111,7 @@ async def test_relogin_fires_once_and_a_new_login_resolves_it(
     assert inbox_texts(emulator) == []
     post = webhook.posts[0]
     assert post["severity"] == "critical" and post["state"] == "firing"
-    assert "`kakao-tokend login`" in post["action"]
+    assert f"`{login_command(harness.manager.account)}`" in post["action"]
     assert "ssh -L 8765:127.0.0.1:8765 box" in post["action"]
     assert post["text"].startswith("CRITICAL kakao-tokend default@box: ")
     env = command.calls()[0]
@@ -303,10 +305,15 @@ async def test_failing_channels_block_neither_the_others_nor_the_refresh(
 
 @functools.cache
 def memo_account(name: str, state_dir: str = "/var/lib/kakao-tokend") -> AccountConfig:
-    """Return a real AccountConfig for ``name`` (parsed from TOML like any config)."""
+    """Return a real AccountConfig for ``name`` (parsed from TOML like any config).
+
+    Unless it is "default", the account comes second, so it is not the default account and
+    its commands need `--account NAME`.
+    """
+    first = "" if name == "default" else "[accounts.default]\n"
     text = (
         f'[paths]\nstate_dir = "{state_dir}"\nruntime_dir = "/run/kt"\n'
-        f'[kakao]\nrest_api_key = "k"\n[accounts.{name}]\n'
+        f'[kakao]\nrest_api_key = "k"\n{first}[accounts.{name}]\n'
     )
     return config_from_toml_text(text, source=None, environ={}).accounts[name]
 
@@ -326,7 +333,7 @@ def memo_manager(
 ) -> AccountManager:
     """Return a real AccountManager whose state and status are set to the given condition.
 
-    current_conditions() reads only the account, state, status and policy; the Kakao client
+    health.assess() reads only the account, state, status and policy; the Kakao client
     is never used, so none is given.
     """
     manager = AccountManager(
@@ -389,7 +396,7 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     now = utcnow()
     manager = memo_manager(account, now, health=Health.RELOGIN, error_class="KOE322")
     host = "build-server-01.internal.example.com"
-    [condition] = current_conditions(manager, AlertsConfig(), now, host=host)
+    [condition] = manager.health(now, alerts=AlertsConfig(), host=host).conditions
     english = firing(account, condition, host, "en").memo()
     assert len(english) <= KAKAOTALK_TEXT_LIMIT
     assert english.splitlines()[:3] == [
@@ -410,7 +417,7 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     # With short names the hint fits too.
     account = memo_account("default")
     manager = memo_manager(account, now, health=Health.RELOGIN, error_class="KOE322")
-    [condition] = current_conditions(manager, AlertsConfig(), now, host="box")
+    [condition] = manager.health(now, alerts=AlertsConfig(), host="box").conditions
     assert firing(account, condition, "box", "en").memo().splitlines() == [
         "CRITICAL kakao-tokend default@box",
         "Kakao refuses the tokens (KOE322); a new login is needed.",
@@ -422,7 +429,7 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     )
 
 
-#: Every condition current_conditions() can raise, as manager settings.
+#: Every condition health.assess() raises with a daemon's status, as manager settings.
 MEMO_CASES: dict[str, dict[str, Any]] = {
     "relogin": {"health": Health.RELOGIN},
     "config": {"health": Health.CONFIG},
@@ -483,7 +490,7 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     if "write_error" in options:
         options["write_error"] = write_error
     manager = memo_manager(account, now, error_class=label, **options)
-    conditions = current_conditions(manager, AlertsConfig(), now, host=host)
+    conditions = manager.health(now, alerts=AlertsConfig(), host=host).conditions
     assert conditions, case
     for condition in conditions:
         alert = firing(account, condition, host, language, repeat=repeat)
@@ -496,8 +503,8 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
         assert fix in lines, (fix, memo)
         assert lines[0].startswith(alert.title(language) + " ")
         assert name in lines[0]
-        if condition.fix == login_fix(name):
-            assert f"`{login_command(name)}`" in memo
+        if condition.fix == login_fix(account):
+            assert f"`{login_command(account)}`" in memo
 
         record = {
             "severity": condition.severity.label,
@@ -708,20 +715,21 @@ async def test_korean_alerts_reach_every_channel_while_the_log_stays_english(
     lines = memo.splitlines()
     assert lines[0] == "긴급 kakao-tokend default@box"  # below critical_below (3d)
     assert lines[1].startswith("리프레시 토큰이 ") and "만료되는데" in lines[1]
-    assert lines[2] == "조치: `kakao-tokend login` 실행"
+    login = login_command(harness.manager.account)  # with --config: the test's config file
+    assert lines[2] == f"조치: `{login}` 실행"
     link = "https://status.example.com/kakao"
     assert emulator.inbox()[0]["template"]["link"] == {"web_url": link, "mobile_web_url": link}
     [post] = webhook.posts
     assert post["language"] == "ko"
     assert post["text"].startswith("긴급 kakao-tokend default@box: 리프레시 토큰이 ")
-    assert "조치: `kakao-tokend login` 실행 (원격 서버라면" in post["text"]
-    assert post["action"].startswith("`kakao-tokend login` 실행")
+    assert f"조치: `{login}` 실행 (원격 서버라면" in post["text"]
+    assert post["action"].startswith(f"`{login}` 실행")
     [env] = command.calls()
     assert env["KAKAO_TOKEND_ALERT_MESSAGE"].startswith("리프레시 토큰이 ")
     assert env["KAKAO_TOKEND_ALERT_LANGUAGE"] == "ko"
     [line] = [r.getMessage() for r in caplog.records if "ALERT" in r.getMessage()]
     assert "refresh_expiry: the refresh token expires in " in line
-    assert "fix: run `kakao-tokend login`" in line
+    assert f"fix: run `{login}`" in line
 
     await harness.manager.refresh(force=True, reason="test")  # rotates: resolved
     await harness.settle()

@@ -23,7 +23,6 @@ from daemonproc import (
 )
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.service import api_socket_path
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,7 +164,7 @@ async def test_token_requests_do_not_resend_a_dead_refresh_token(
         sent = emulator.stats.requests["token"]
         for _ in range(5):
             status, body = await served.get(TOKEN, params={"min_valid": "18"})
-            assert status == 503 and "kakao-tokend login" in body["reason"]
+            assert status == 503 and f"kakao-tokend --config {config} login" in body["reason"]
         assert emulator.stats.requests["token"] == sent
 
 
@@ -199,7 +198,7 @@ async def test_healthz_turns_503_when_a_login_is_needed(
         assert status == 502 and body["health"] == "relogin"
         status, body = await served.get("/healthz")
         assert status == 503
-        assert "kakao-tokend login" in body["problems"]["default"]
+        assert f"kakao-tokend --config {config} login" in body["problems"]["default"]
 
 
 async def test_reload_answers_after_applying(emulator: KakaoEmulator, tmp_path: Path) -> None:
@@ -319,7 +318,7 @@ async def test_cli_falls_back_to_files_without_a_daemon(
     config = config_with(tmp_path, emulator)
     state = await login(emulator, config)
     loaded = load_config(config)
-    socket_path = api_socket_path(loaded)
+    socket_path = loaded.api_socket
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     import socket
 

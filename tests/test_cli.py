@@ -257,11 +257,11 @@ class TestStatus:
     """status: text and JSON, exit 0 ok / 1 warning / 2 critical."""
 
     def test_no_state_is_critical(self, tmp_path: Path) -> None:
-        """No tokens at all is critical and says to log in."""
+        """No tokens at all is critical and says to log in (with this config file)."""
         config = write_config(tmp_path)
         result = invoke(config, "status")
         assert result.exit_code == 2
-        assert "kakao-tokend login" in result.stdout
+        assert f"kakao-tokend --config {config} login" in result.stdout
 
     @pytest.mark.parametrize(
         ("refresh_days", "access_left", "code", "level"),

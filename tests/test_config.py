@@ -9,6 +9,7 @@ import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -630,6 +631,31 @@ class TestReporting:
         )
         assert list(found) == ["kakao.timeout"]
 
+    def test_a_broken_app_does_not_hide_the_accounts_other_mistakes(
+        self, env: dict[str, str]
+    ) -> None:
+        """A missing REST API key is one problem, reported once where it belongs ([kakao]);
+        the accounts' bad hooks and templates are still reported in the same run."""
+        found = problems_of(
+            """
+            [accounts.a]
+            hooks = [["reload-bot"]]
+            [[accounts.a.templates]]
+            mode = "0644"
+            [accounts.b]
+            hook_timeout = "soon"
+            """,
+            env,
+        )
+        assert set(found) == {
+            "kakao.rest_api_key",
+            "accounts.a.hooks[0]",
+            "accounts.a.templates[0].source",
+            "accounts.a.templates[0].destination",
+            "accounts.a.templates[0].mode",
+            "accounts.b.hook_timeout",
+        }
+
     def test_one_problem_is_singular(self, env: dict[str, str]) -> None:
         """The header says "1 problem", not "1 problems"."""
         with pytest.raises(ConfigError, match=r"^configuration has 1 problem:"):
@@ -732,29 +758,92 @@ class TestExample:
     def test_every_key_is_documented(self) -> None:
         """Each key the loader accepts appears in the example, so new keys get documented."""
         documented = set(re.findall(r"(?m)^#?\s*([a-z_]+) = ", EXAMPLE.read_text()))
-        accepted = {
-            *config_module._TOP_KEYS,
-            *config_module._PATHS_KEYS,
-            *config_module._KAKAO_KEYS,
-            *config_module._REFRESH_KEYS,
-            *config_module._PUBLISH_KEYS,
-            *config_module._ACCOUNT_KEYS,
-            *config_module._API_KEYS,
-            *config_module._ALERTS_KEYS,
-            *config_module._TEMPLATE_KEYS,
-            *config_module._STORE_KEYS,
-        } - {
-            "paths",
-            "kakao",
-            "refresh",
-            "publish",
-            "accounts",
-            "api",
-            "alerts",
-            "templates",
-            "store",
-        }
-        assert accepted - documented == set()
+        tables = {name for _, _, name in schema_tables()}
+        accepted = {key for cls, sub, _ in schema_tables() for key in schema_keys(cls, sub)}
+        assert accepted - tables - documented == set()
+
+
+def schema_tables() -> list[tuple[type[Any], str | None, str]]:
+    """Every table the loader reads, found from Config's field metadata alone: (dataclass read
+    from it, sub-table of that dataclass's own keys such as "publish", table name)."""
+    found: list[tuple[type[Any], str | None, str]] = [(Config, None, "")]
+    for cls, sub, _ in found:
+        for item in dataclasses.fields(cls) if sub is None else ():
+            spec = item.metadata[config_module._META]
+            if isinstance(spec, config_module._Table):
+                found.append((spec.cls, None, spec.name))
+            elif isinstance(spec, config_module._Key) and spec.table:
+                found.append((cls, spec.table, spec.table))
+    return list(dict.fromkeys(found))
+
+
+def schema_keys(cls: type[Any], sub: str | None) -> tuple[str, ...]:
+    """The keys accepted in one table (its plain keys, secret sources and sub-tables)."""
+    return config_module._schema(cls, sub).keys
+
+
+#: Where each table of the schema is written in a file (global tables may be overridden).
+PLACES = {
+    "": [""], "paths": ["paths"], "refresh": ["refresh"], "api": ["api"], "store": ["store"],
+    "kakao": ["kakao", "accounts.x.kakao"], "publish": ["publish", "accounts.x.publish"],
+    "alerts": ["alerts", "accounts.x.alerts"], "accounts": ["accounts.x"],
+    "templates": ["accounts.x.templates[0]"],
+}  # fmt: skip
+#: Every plain key (no secret, no table) at every place it can be written.
+PLAIN_KEYS = [
+    (place, key)
+    for cls, sub, name in schema_tables()
+    for place in PLACES.get(name, [name])
+    for _, key, _ in config_module._schema(cls, sub).values
+]
+
+
+class TestSchema:
+    """The dataclasses are the schema: every field says how the file sets it."""
+
+    def test_every_field_says_how_it_is_read(self) -> None:
+        """Every field's metadata is a parser, a secret, a table or "derived"; a field with no
+        metadata at all stops the import with an error naming it."""
+        bare = dataclasses.fields(dataclasses.make_dataclass("Bare", ["forgotten"]))[0]
+        with pytest.raises(TypeError, match="config field forgotten says neither"):
+            config_module._spec(bare)
+        kinds = (config_module._Key, config_module._Secret, config_module._Table)
+        for cls, sub, _ in schema_tables():
+            for item in dataclasses.fields(cls) if sub is None else ():
+                spec = item.metadata.get(config_module._META)
+                assert isinstance(spec, kinds) or spec == config_module._DERIVED, (cls, item.name)
+                if isinstance(spec, config_module._Key):
+                    assert callable(spec.parse), (cls, item.name)
+
+    def test_the_walk_finds_every_table(self) -> None:
+        """The tables found from the fields are exactly the file's tables (so PLAIN_KEYS and the
+        documentation test see every key), and every registered secret lives in one of them."""
+        assert {name for _, _, name in schema_tables()} == set(PLACES)
+        assert set(config_module.SECRETS) <= set(PLACES)
+        assert len(PLAIN_KEYS) > 60
+
+    @pytest.mark.parametrize(("place", "key"), PLAIN_KEYS)
+    def test_a_value_of_the_wrong_type_is_one_problem_at_its_key(
+        self, env: dict[str, str], tmp_path: Path, place: str, key: str
+    ) -> None:
+        """Every plain key refuses a table instead of coercing it, with exactly one problem at
+        its exact key path, e.g. accounts.x.templates[0].mode."""
+        source = tmp_path / "t.tmpl"
+        source.write_text("{access_token}")
+        if place == "":
+            text = f"{key} = {{}}\n{MINIMAL}"
+        elif place == "kakao":
+            text = f"{MINIMAL}{key} = {{}}\n"
+        elif place.endswith("templates[0]"):
+            entry = {"source": f'"{source}"', "destination": f'"{tmp_path / "out"}"', key: "{}"}
+            text = MINIMAL + "[[accounts.x.templates]]\n"
+            text += "".join(f"{name} = {value}\n" for name, value in entry.items())
+        else:
+            text = f"{MINIMAL}[{place}]\n{key} = {{}}\n"
+        found = problems_of(text, env)
+        path = f"{place}.{key}" if place else key
+        assert list(found) == [path], found
+        assert found[path].startswith(("expected", "must")) and "a table" in found[path]
 
 
 def test_a_paths_only_load_reads_no_secret(tmp_path: Path) -> None:

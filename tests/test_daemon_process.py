@@ -162,7 +162,7 @@ async def test_unlinked_user_is_marked_for_relogin_and_not_retried(
         attempts_after_mark = emulator.stats.requests["token"]
         await asyncio.sleep(3)
         log = daemon.log_text()
-        assert "kakao-tokend --account main login" in log
+        assert f"kakao-tokend --config {config} login" in log  # main is the default account
         assert daemon.state("main")["relogin_reason"]
         status, body = await daemon.api("GET", "/healthz")
         assert status == 503 and "main" in body["problems"]

@@ -42,7 +42,8 @@ def test_a_60s_demo_shows_no_alarm_except_the_labelled_demonstration(tmp_path: P
     alarms = [line for line in output.splitlines() if ALARM.search(line)]
     assert len(alarms) == 1, "\n".join(alarms)
     assert "DEMONSTRATION" in alarms[0] and "nothing is wrong" in alarms[0], alarms[0]
-    assert "kakao-tokend login" in alarms[0]  # it shows the real thing: the exact fix
+    # It shows the real thing: the exact fix (with the demo's own config file).
+    assert re.search(r"`kakao-tokend --config \S+/config\.toml login`", alarms[0]), alarms[0]
     summary = re.search(r"demo over: (\d+) refreshes, (\d+) rotations", output)
     assert summary is not None, output
     assert int(summary.group(1)) >= 5 and int(summary.group(2)) >= 1, output

@@ -110,20 +110,22 @@ class TestProblems:
     async def test_no_tokens_is_critical_with_the_login(
         self, shared: Path, emulator: KakaoEmulator
     ) -> None:
-        """No state: exit 2 (as `status`), and the fix is the login command."""
+        """No state: exit 2 (as `status`), and the fix is the login command (with the config
+        file, which is not the one a plain `kakao-tokend` finds)."""
         config = write_config(shared, emulator)
         code, out, _ = await run_cli(config, "doctor")
         assert code == 2
-        assert fix_after(out, "default: state") == "`kakao-tokend login`"
+        assert fix_after(out, "default: state") == f"`kakao-tokend --config {config} login`"
 
     async def test_fixes_for_another_account_put_the_account_first(
         self, shared: Path, emulator: KakaoEmulator
     ) -> None:
         """--account is a global option: the printed command must be one that runs."""
-        config = write_config(shared, emulator, accounts=("bot",))
+        config = write_config(shared, emulator, accounts=("default", "bot"))
         code, out, _ = await run_cli(config, "doctor")
         assert code == 2
-        assert fix_after(out, "bot: state") == "`kakao-tokend --account bot login`"
+        expected = f"`kakao-tokend --config {config} --account bot login`"
+        assert fix_after(out, "bot: state") == expected
 
     async def test_a_token_kakao_rejects_is_found_live(
         self, shared: Path, emulator: KakaoEmulator
@@ -136,7 +138,7 @@ class TestProblems:
         assert code == 1, out
         assert lines(out)["default: state"].startswith("✓")
         assert "no longer accepts the stored access token" in lines(out)["default: Kakao"]
-        assert fix_after(out, "default: Kakao") == "`kakao-tokend refresh`"
+        assert fix_after(out, "default: Kakao") == f"`kakao-tokend --config {config} refresh`"
 
     async def test_an_unreadable_secret_is_a_config_problem(
         self, shared: Path, emulator: KakaoEmulator

@@ -107,6 +107,36 @@ async def test_minimal_states_round_trip_too(store: str, keyring: Keyring) -> No
     assert loaded is not None and loaded.state == state and loaded.refreshed_by is None
 
 
+async def test_the_relogin_cause_and_retired_tokens_survive_like_a_state_file(
+    store: str, keyring: Keyring
+) -> None:
+    """What a state file holds beyond the tokens comes back too: the re-login cause and
+    which refresh token each rotation retired (not part of Rotation's equality, so the
+    state file's own serialisation is compared)."""
+    base = sample_state("gone", rotations=3)
+    history = tuple(
+        dataclasses.replace(r, replaced=fingerprint(f"retired-{i}"))
+        for i, r in enumerate(base.rotations)
+    )
+    state = dataclasses.replace(
+        base,
+        rotations=history,
+        relogin_reason="Kakao refused the refresh token (KOE322)",
+        relogin_cause="revoked",
+    )
+    conn = await node_conn(store)
+    async with conn:
+        row = await accounts.insert_account(conn, keyring, state, node=NODE, due_at=None)
+        assert row is not None
+        loaded = await accounts.load_account(conn, keyring, "gone")
+        assert loaded is not None
+        assert loaded.state.to_dict() == state.to_dict()
+        newer = dataclasses.replace(state, generation=2, relogin_reason=None, relogin_cause=None)
+        assert await accounts.save_account(conn, keyring, loaded, newer, node=NODE, due_at=None)
+        again = await accounts.load_account(conn, keyring, "gone")
+    assert again is not None and again.state.to_dict() == newer.to_dict()
+
+
 async def test_no_token_is_stored_in_plain_text(store: str, keyring: Keyring) -> None:
     """A dump of the database shows ciphertext and fingerprints, never a token."""
     state = sample_state("shop")

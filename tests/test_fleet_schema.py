@@ -20,6 +20,10 @@ pytestmark = pytest.mark.timeout(60)
 #: the first release of fleet mode, a deliberate change updates the hash here too.
 RELEASED = {
     1: ("0001_initial", "bedd9587b81da121453168fc1079e2e77a4aae45f97b061226a2d32f81644ea4"),
+    2: (
+        "0002_full_state_and_migration",
+        "e4cb2724db826c3ecc00340c04c59a468fea15f7646a2eae2f2e6a8f23ce1d81",
+    ),
 }
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from daemonproc import login, run_cli, start_daemon, write_config
-from kakao_tokend.alerts import current_conditions
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -19,18 +18,18 @@ from kakao_tokend.tokens import utcnow
 
 pytestmark = pytest.mark.timeout(90)
 
-LOGIN = re.compile(r"kakao-tokend (?:--account \S+ )?login")
+LOGIN = re.compile(r"kakao-tokend (?:--config \S+ )?(?:--account \S+ )?login")
 
 
-def check_lines(text: str, *, account: str) -> list[str]:
-    """Return the lines that name the login fix; assert each names it once, for ``account``."""
+def check_lines(text: str, *, command: str) -> list[str]:
+    """Return the lines that name the login fix; assert each names it once, as ``command``."""
     found = []
     for line in text.splitlines():
         count = len(LOGIN.findall(line))
         assert count <= 1, f"the fix is said {count} times: {line}"
         assert ") (" not in line, f"two hints in a row: {line}"
         if count:
-            assert f"kakao-tokend --account {account} login" in line, f"wrong account in: {line}"
+            assert command in line, f"not the account's command ({command}) in: {line}"
             found.append(line)
     return found
 
@@ -40,8 +39,10 @@ async def test_a_dead_refresh_token_is_explained_with_one_fix_everywhere(
 ) -> None:
     """After Kakao revokes the tokens (KOE322), the daemon's log, `status` (from the daemon
     and from the files) and `refresh` (through the daemon and alone) each say what happened
-    and give the exact login command for the account exactly once per line."""
-    config = write_config(tmp_path, emulator, accounts=["bot"])
+    and give the exact login command for the account exactly once per line: with the config
+    file (not the one found by default) and the account (not the default one) named."""
+    config = write_config(tmp_path, emulator, accounts=["default", "bot"])
+    command = f"kakao-tokend --config {config} --account bot login"
     state = await login(emulator, config, "bot")
     daemon = await start_daemon(config)
     outputs: dict[str, str] = {}
@@ -59,7 +60,10 @@ async def test_a_dead_refresh_token_is_explained_with_one_fix_everywhere(
             outputs[name] = out + err
     finally:
         assert await daemon.stop() == 0
-    outputs["daemon log"] = daemon.log_text()
+    # The log's lines about bot (the default account, never logged in, has its own).
+    outputs["daemon log"] = "\n".join(
+        line for line in daemon.log_text().splitlines() if "account default" not in line
+    )
     for name, args in {
         "status from the files": ("status",),
         "refresh from the files": ("refresh",),
@@ -68,7 +72,7 @@ async def test_a_dead_refresh_token_is_explained_with_one_fix_everywhere(
         assert code in (2, 77), (name, code, out, err)
         outputs[name] = out + err
     for name, text in outputs.items():
-        said = check_lines(text, account="bot")
+        said = check_lines(text, command=command)
         assert said, f"{name} never says how to fix it:\n{text}"
     critical = [line for line in outputs["daemon log"].splitlines() if "needs a new login" in line]
     assert critical and all("KOE322" in line for line in critical), critical
@@ -100,9 +104,7 @@ async def test_a_state_that_cannot_be_saved_names_its_fix_once(
         monkeypatch.setattr(store, "save", disk_full)
         await manager.refresh(force=True, reason="test")
     assert manager.status.write_pending
-    (condition,) = [
-        c for c in current_conditions(manager, account.alerts, utcnow()) if c.name == "write_failed"
-    ]
+    (condition,) = [c for c in manager.health(utcnow()).conditions if c.name == "write_failed"]
     text = f"{condition.message}. Fix: {condition.action}"
     assert "No space left on device" in text
     assert text.count("free") == 1, text

@@ -228,7 +228,7 @@ class TestBadFiles:
         path = seed_file(tmp_path, body, age=61 * 86400)
         result = await cli(config, "import", str(path))
         assert result.exit_code == 77
-        assert "kakao-tokend login" in result.stderr
+        assert f"kakao-tokend --config {config} login" in result.stderr
 
 
 class TestVerification:
@@ -246,7 +246,7 @@ class TestVerification:
         result = await cli(config, "import", str(path))
         assert result.exit_code == 77, result.output
         assert "Kakao refused its refresh token (KOE322)" in result.stderr
-        assert "run `kakao-tokend login` to get new tokens" in result.stderr
+        assert f"run `kakao-tokend --config {config} login` to get new tokens" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stdout == ""
         assert not (tmp_path / "state" / "default.state.json").exists()
@@ -272,14 +272,15 @@ class TestVerification:
     async def test_other_account_gets_the_account_flag_in_the_login_command(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """The login command in the refusal is one that runs: --account goes first."""
+        """The login command in the refusal is one that runs: --account (for an account that
+        is not the default one) and --config (for a file not found by default) go first."""
         config = write_config(tmp_path, emulator)
         with config.open("a") as handle:
-            handle.write("[accounts.bot]\n")
+            handle.write("[accounts.default]\n[accounts.bot]\n")
         path = seed_file(tmp_path, await koe322_victim(emulator), age=2 * 86400)
         result = await cli(config, "--account", "bot", "import", str(path))
         assert result.exit_code == 77, result.output
-        assert "run `kakao-tokend --account bot login`" in result.stderr
+        assert f"run `kakao-tokend --config {config} --account bot login`" in result.stderr
 
     async def test_a_rotation_during_the_check_is_saved(
         self, tmp_path: Path, emulator: KakaoEmulator

@@ -110,7 +110,7 @@ class TestSend:
         assert code == 77, out + err
         assert "talk_message consent item (-402)" in err
         assert "동의항목 › 카카오톡 메시지 전송" in err
-        assert "`kakao-tokend login --scope talk_message`" in err
+        assert f"`kakao-tokend --config {logged_in} login --scope talk_message`" in err
         assert len(err.strip().splitlines()) == 1, err
         assert emulator.inbox() == []
 
@@ -148,7 +148,7 @@ class TestDirect:
         config = write_config(tmp_path, emulator)
         code, out, err = await run_cli(config, "memo", "hello")
         assert code == 77, out + err
-        assert "kakao-tokend login" in err
+        assert f"kakao-tokend --config {config} login" in err
         assert emulator.stats.requests["memo"] == 0
 
 

@@ -185,7 +185,7 @@ class TestSystemLayout:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The whole path from the search to the Config: no [paths], system config → /var/lib."""
-        from kakao_tokend.apiclient import socket_path, socket_path_without_secrets
+        from kakao_tokend.apiclient import socket_path_without_secrets
         from kakao_tokend.config import load_config
 
         layout = paths.SystemLayout.under(tmp_path)
@@ -201,6 +201,6 @@ class TestSystemLayout:
         assert config.state_dir == layout.state_dir
         assert config.runtime_dir == layout.runtime_dir
         assert config.accounts["default"].state_file == layout.state_dir / "default.state.json"
-        assert socket_path(config) == layout.runtime_dir / "api.sock"
+        assert config.api_socket == layout.runtime_dir / "api.sock"
         # `reload` finds the socket without reading any secret, by the same rule.
         assert socket_path_without_secrets(None, {}) == layout.runtime_dir / "api.sock"

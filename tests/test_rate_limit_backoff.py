@@ -25,7 +25,8 @@ from daemonproc import access_token_valid, login, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
 from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 

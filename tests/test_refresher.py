@@ -18,8 +18,10 @@ from daemonproc import config_with, login, write_config
 from kakao_tokend.config import AccountConfig, RefreshPolicy, load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountEvent, AccountManager, Health
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.relogin import login_command
 from kakao_tokend.scheduler import RefreshScheduler
+from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from kakao_tokend.tokens import format_time
 
@@ -114,7 +116,7 @@ async def test_relogin_needed_is_persisted_and_stops_planning(
     assert manager.planned_refresh_at() is None
     stored = manager.store.load()
     assert stored is not None and stored.relogin_reason
-    assert "kakao-tokend login" in stored.relogin_reason
+    assert login_command(manager.account) in stored.relogin_reason
     # The refused call is timed (for /metrics' histogram), then the relogin is announced.
     assert [e.kind for e in events] == ["refresh_call", "relogin"]
     assert events[0].data["outcome"] == "failure"
@@ -149,6 +151,8 @@ async def test_transient_failures_back_off_and_never_wait_past_expiry(
     manager = await make_manager(emulator, tmp_path, session)
     emulator.inject("token", "http500", count=3)
     expires = manager.state.tokens.access_expires_at  # type: ignore[union-attr]
+    retries: list[AccountEvent] = []
+    manager.listeners.append(lambda event: event.kind == "retrying" and retries.append(event))
     delays = []
     for attempt in range(1, 4):
         await manager.refresh(force=True)
@@ -156,7 +160,8 @@ async def test_transient_failures_back_off_and_never_wait_past_expiry(
         assert manager.status.attempt == attempt
         next_at = manager.status.next_attempt_at
         assert next_at is not None and next_at < expires
-        delays.append((next_at - manager.status.last_attempt_at).total_seconds())  # type: ignore[operator]
+        failed_at = retries[-1].at  # the moment the failure was recorded
+        delays.append((next_at - failed_at).total_seconds())
     assert delays[0] <= 60 / 200 + 0.01  # first step scaled to the 60 s lifetime
     assert max(delays) <= 60 / 12 + 0.01
     await manager.refresh(force=True)

@@ -58,7 +58,9 @@ class TestClassify:
         """Each cause renders a log line, reason, alert and fix, all naming the account's
         login command where a person reads it."""
         for cause in ReloginCause:
-            texts = render(cause, account="bot", expiry=T0)
+            texts = render(
+                cause, account="bot", login="kakao-tokend --account bot login", expiry=T0
+            )
             for language in ("en", "ko"):
                 alert, fix = texts.alert.render(language), texts.fix.render(language)
                 assert "kakao-tokend --account bot login" in fix, (language, fix)

@@ -9,17 +9,17 @@ alert text and fix — the exact `kakao-tokend login` command, with ``--account`
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from kakao_tokend.alerts import current_conditions
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.kakao import create_session
-from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.relogin import login_command
+from kakao_tokend.status import Health
 from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,7 +51,7 @@ def critical_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def relogin_alert(manager: AccountManager) -> tuple[str, str]:
     """Return the (message, fix) of the account's relogin alert."""
-    conditions = current_conditions(manager, manager.account.alerts, manager.clock(), host="box")
+    conditions = manager.health(host="box").conditions
     (condition,) = [c for c in conditions if c.name == "relogin"]
     assert condition.action is not None
     return condition.message.render("en"), condition.action.render("en")
@@ -63,7 +63,7 @@ def saved_reason(manager: AccountManager) -> str:
     assert manager.status.last_error_class == "KOE322"
     saved = manager.store.load()
     assert saved is not None and saved.relogin_reason is not None
-    assert re.search(r"run `kakao-tokend (--account \S+ )?login", saved.relogin_reason)
+    assert f"run `{login_command(manager.account)}`" in saved.relogin_reason
     return saved.relogin_reason
 
 
@@ -94,7 +94,7 @@ async def test_a_refresh_token_that_expired_while_the_daemon_was_down_says_expir
     assert "lost" not in line and "revoked" not in line
     message, fix = relogin_alert(manager)
     assert "expired" in message and "lost" not in message
-    assert "kakao-tokend login" in fix
+    assert login_command(manager.account) in fix
     assert_cause(manager, "expired")
 
 
@@ -199,16 +199,24 @@ async def test_a_refresh_token_rotated_by_someone_else_says_unknown(
 async def test_the_fix_names_a_non_default_account(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """For account "bot" the reason, the log and the alert's fix say `--account bot`."""
+    """For account "bot" (not the default account, in a config named with --config) the
+    reason, the log and the alert's fix say `--config FILE --account bot`, before `login`."""
     manager = await restarted_on_virtual_clock(
-        emulator, tmp_path, session, access_left=-60, refresh_left=-60, account_name="bot"
+        emulator,
+        tmp_path,
+        session,
+        access_left=-60,
+        refresh_left=-60,
+        account_name="bot",
+        others=("default",),
     )
     await manager.tick()
     saved = manager.store.load()
     assert saved is not None and saved.relogin_reason is not None
-    assert "`kakao-tokend --account bot login`" in saved.relogin_reason
+    command = f"kakao-tokend --config {tmp_path / 'config.toml'} --account bot login"
+    assert f"`{command}`" in saved.relogin_reason
     _, fix = relogin_alert(manager)
-    assert "kakao-tokend --account bot login" in fix
+    assert command in fix
     assert_cause(manager, "expired")
 
 

@@ -27,8 +27,9 @@ from diskfull import fill_up
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountManager, Health
+from kakao_tokend.refresher import AccountManager
 from kakao_tokend.state import AccountState
+from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
 from samples import make_state
 

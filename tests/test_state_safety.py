@@ -20,11 +20,12 @@ import pytest
 
 from daemonproc import login, run_cli, write_config
 from diskfull import fill_up
-from kakao_tokend.alerts import Severity, current_conditions
+from kakao_tokend.alerts import Severity
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
-from kakao_tokend.refresher import AccountEvent, AccountManager, Health
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from served import serving
 
@@ -190,9 +191,9 @@ async def test_a_reload_waits_for_a_slow_refresh_before_swapping(
 ) -> None:
     """A reload during a refresh that takes longer than the stop grace waits up to the Kakao
     timeout plus one second, so it answers only after the refresh did; later refreshes work."""
-    from kakao_tokend import service
+    from kakao_tokend import daemon
 
-    monkeypatch.setattr(service, "STOP_GRACE", 0.3)
+    monkeypatch.setattr(daemon, "STOP_GRACE", 0.3)  # what a reload waits at least
     config = write_config(tmp_path, emulator, timeout="3s")
     await login(emulator, config)
     async with serving(config) as served:
@@ -238,7 +239,7 @@ async def test_a_running_daemon_refuses_an_older_state_file(
     assert manager.state is newest
     assert manager.status.state_conflict
     assert "conflict" in [e.kind for e in events]
-    conditions = current_conditions(manager, manager.account.alerts, manager.clock())
+    conditions = manager.health().conditions
     assert [c.severity for c in conditions if c.name == "state_conflict"] == [Severity.CRITICAL]
     saved = manager.store.load()
     assert saved is not None

@@ -27,14 +27,16 @@ async def restarted_on_virtual_clock(
     access_left: float,
     refresh_left: float,
     account_name: str = "default",
+    others: tuple[str, ...] = (),
 ) -> AccountManager:
     """Return a freshly started manager on the emulator's clock with real-sized tokens.
 
     The account holds a 6-hour access token with ``access_left`` seconds to go (negative: it
     expired while kakao-tokend was down) and a refresh token with ``refresh_left`` seconds.
+    ``others`` are configured before it (the first of them is then the default account).
     """
     config_path = write_config(
-        tmp_path, emulator, accounts=(account_name,), retry_initial="10s", retry_max="5m"
+        tmp_path, emulator, accounts=(*others, account_name), retry_initial="10s", retry_max="5m"
     )
     config = load_config(config_path)
     account = config.accounts[account_name]

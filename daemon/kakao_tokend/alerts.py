@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
+import random
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -31,25 +31,41 @@ import aiohttp
 
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
-from .i18n import N_, Duration, Language, Message, resolve_language
+from .health import LOG_COMMAND, Condition, Severity, full_action, printable
+from .i18n import N_, Language, Message, resolve_language
 from .kakao import KakaoClient
-from .refresher import AccountEvent, AccountManager, AccountStatus, Health, login_command
+from .refresher import AccountManager
+from .relogin import cli_command
 from .state import AccountState
-from .store import AccountStore
-from .tokens import Clock, format_local_time, format_time, parse_time, utcnow
+from .status import WITHOUT_TOKENS, AccountEvent
+from .storage import StateStore
+from .tokens import Clock, backoff_delay, format_time, parse_time, utcnow
+
+__all__ = [
+    "CLOSE_GRACE",
+    "KAKAOTALK_TEXT_LIMIT",
+    "PASSED_ENV",
+    "Alert",
+    "AlertCenter",
+    "Condition",
+    "Severity",
+    "active_alerts",
+    "kakaotalk_only_for_critical",
+    "resolution_alert",
+    "send_test",
+]
 
 log = logging.getLogger(__name__)
 
 #: Kakao's limit for the text of a "send to me" message.
 KAKAOTALK_TEXT_LIMIT = 200
-#: Error labels (``KOE322``, ``http503`` ...) are cut to this many characters in alert texts,
-#: so that a memo always has room for the condition and the command.
-REASON_LIMIT = 20
 #: Retries for KakaoTalk and the command (the webhook has its own setting).
 CHANNEL_RETRIES = 2
-#: First wait before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX.
+#: First step before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX
+#: (tokens.backoff_delay, the one back-off rule, with its jitter).
 RETRY_DELAY = 2.0
 RETRY_DELAY_MAX = 60.0
+_RNG = random.Random()
 #: How long a stopping daemon waits for queued deliveries.
 CLOSE_GRACE = 3.0
 #: Environment passed on to the alert command (nothing else: the daemon's environment may
@@ -71,65 +87,7 @@ _TOKEN_CONDITIONS = frozenset(
 )
 
 
-class Severity(enum.IntEnum):
-    """How urgent an alert is; the value is the matching logging level."""
-
-    INFO = logging.INFO
-    WARNING = logging.WARNING
-    CRITICAL = logging.CRITICAL
-
-    @property
-    def label(self) -> str:
-        """Return "info", "warning" or "critical"."""
-        return self.name.lower()
-
-    @property
-    def title(self) -> Message:
-        """Return the word that opens an alert's text ("CRITICAL", "긴급" ...)."""
-        return _SEVERITY_TITLES[self]
-
-    @classmethod
-    def parse(cls, text: str) -> Severity:
-        """Return the severity named ``text`` ("info", "warning", "critical")."""
-        return cls[text.upper()]
-
-
-_SEVERITY_TITLES = {
-    Severity.INFO: N_("INFO"),
-    Severity.WARNING: N_("WARNING"),
-    Severity.CRITICAL: N_("CRITICAL"),
-}
-
 AlertState = Literal["firing", "resolved"]
-
-
-def full_action(fix: Message, hint: Message | None) -> Message:
-    """Return the whole fix: the fix itself, then the hint in parentheses."""
-    return fix if hint is None else N_("{fix} ({hint})", fix=fix, hint=hint)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """Something that is wrong with an account right now, and what fixes it.
-
-    A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
-    both short, with the exact command in ``fix``. ``hint`` and the long ``message`` go where
-    there is room; the log, the webhook and the command always get everything.
-    """
-
-    name: str
-    severity: Severity
-    message: Message
-    fix: Message
-    #: For the expiry ladder: the threshold crossed (seconds; 0 = expired). More severe = lower.
-    stage: float | None = None
-    brief: Message | None = None
-    hint: Message | None = None
-
-    @property
-    def action(self) -> Message:
-        """Return the whole fix (``fix`` plus ``hint``)."""
-        return full_action(self.fix, self.hint)
 
 
 @dataclass(frozen=True)
@@ -253,14 +211,9 @@ def _sentence(text: str) -> str:
     return text.rstrip(".") + "."
 
 
-def _printable(text: str) -> str:
-    """Replace line breaks and other control characters, which would break a memo's lines."""
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
 def _memo_head(title: str, account: str, host: str, room: int) -> str:
     """Return the richest first line that fits ``room``: title, tool, account and host."""
-    host = _printable(host)
+    host = printable(host)
     full = f"{title} kakao-tokend {account}@{host}"
     if len(full) <= room:
         return full
@@ -271,243 +224,6 @@ def _memo_head(title: str, account: str, host: str, room: int) -> str:
         if len(head) <= room:
             return head
     return f"{title} {account}"
-
-
-# --------------------------------------------------------------------------- conditions
-
-
-def _reason(label: str | None, default: str) -> str:
-    """Return an error label for a text, cut to REASON_LIMIT characters."""
-    text = _printable(label or default)
-    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 1] + "…"
-
-
-def login_fix(account: str) -> Message:
-    """Return the fix for dead tokens: the exact login command."""
-    return N_("run `{command}`", command=login_command(account))
-
-
-def login_hint(account: AccountConfig, host: str | None = None) -> Message:
-    """Return the ssh port-forward hint for logging in on a remote server."""
-    port = urlsplit(account.app.redirect_uri).port or 80
-    return N_(
-        "on a remote server, log in through `ssh -L {port}:127.0.0.1:{port} {host}`",
-        port=port,
-        host=host or socket.gethostname(),
-    )
-
-
-def login_action(account: AccountConfig, host: str | None = None) -> str:
-    """Return what to run to log in again, with the ssh port-forward hint (in English)."""
-    return str(full_action(login_fix(account.name), login_hint(account, host)))
-
-
-#: Where the whole story is.
-LOG_COMMAND = "journalctl -u kakao-tokend"
-#: What to do while refreshing fails for a reason that is not ours to fix.
-NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
-
-
-def relogin_message(status: AccountStatus) -> Message:
-    """Return why a new login is needed when the cause is not known (see relogin.CAUSES).
-
-    A refusal whose cause was worked out (expired, rotated and lost, revoked, unknown) uses
-    that cause's own translated text from relogin.py instead.
-    """
-    return N_(
-        "Kakao refuses the tokens ({reason}); a new login is needed",
-        reason=_reason(status.last_error_class, "refused"),
-    )
-
-
-def _seconds(delta: timedelta) -> float:
-    return delta.total_seconds()
-
-
-def current_conditions(
-    manager: AccountManager, settings: AlertsConfig, now: datetime, *, host: str | None = None
-) -> list[Condition]:
-    """Return every condition active for ``manager``'s account at ``now`` (pure; no I/O)."""
-    account = manager.account
-    status = manager.status
-    state = manager.state
-    relogin_fix, relogin_hint = login_fix(account.name), login_hint(account, host)
-    found: list[Condition] = []
-    if status.health is Health.RELOGIN:
-        cause = manager.relogin_texts()  # why (expired, lost rotation, revoked ...), if known
-        found.append(
-            Condition(
-                "relogin",
-                Severity.CRITICAL,
-                cause.alert if cause is not None else relogin_message(status),
-                cause.fix if cause is not None else relogin_fix,
-                hint=relogin_hint,
-            )
-        )
-    elif status.health is Health.CONFIG:
-        found.append(
-            Condition(
-                "config",
-                Severity.CRITICAL,
-                N_(
-                    "Kakao rejects the app configuration ({reason})",
-                    reason=_reason(status.last_error_class, "config"),
-                ),
-                # Secrets given as systemd credentials are read at start: restart, not reload.
-                N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
-                hint=N_("details: `{command}`", command=LOG_COMMAND),
-            )
-        )
-    if state is None:
-        if status.health is Health.NO_STATE:
-            found.append(
-                Condition(
-                    "no_tokens",
-                    Severity.WARNING,
-                    N_("no tokens (not logged in)"),
-                    relogin_fix,
-                    hint=relogin_hint,
-                )
-            )
-        return found
-    tokens = state.tokens
-    refresh_left = _seconds(tokens.refresh_remaining(now))
-    stages = [t for t in settings.thresholds if refresh_left < t]
-    if refresh_left <= 0 or stages:
-        stage = 0.0 if refresh_left <= 0 else min(stages)
-        critical = refresh_left <= 0 or stage <= settings.critical_below
-        if refresh_left <= 0:
-            message, brief = N_("the refresh token has EXPIRED"), None
-        else:
-            left = Duration(refresh_left)
-            message = N_(
-                "the refresh token expires in {left} ({at}) and was not renewed",
-                left=left,
-                at=format_local_time(tokens.refresh_expires_at),
-            )
-            brief = N_("the refresh token expires in {left} and was not renewed", left=left)
-        found.append(
-            Condition(
-                "refresh_expiry",
-                Severity.CRITICAL if critical else Severity.WARNING,
-                message,
-                relogin_fix,
-                stage=stage,
-                brief=brief,
-                hint=relogin_hint,
-            )
-        )
-    lifetime = _seconds(tokens.access_lifetime)
-    access_left = _seconds(tokens.access_remaining(now))
-    if status.health is Health.RETRYING:
-        reason = _reason(status.last_error_class, "error")
-        since = status.failing_since
-        failing_for = _seconds(now - since) if since else 0.0
-        policy = manager.policy
-        margin = max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
-        if access_left < margin:
-            if access_left > 0:
-                left = Duration(access_left)
-                message = N_(
-                    "the access token expires in {left} and refreshing keeps failing ({reason})",
-                    left=left,
-                    reason=reason,
-                )
-                brief = N_(
-                    "the access token expires in {left} and refreshing fails ({reason})",
-                    left=left,
-                    reason=reason,
-                )
-            else:
-                message = N_(
-                    "the access token has EXPIRED and refreshing keeps failing ({reason})",
-                    reason=reason,
-                )
-                brief = None
-            found.append(
-                Condition("access_expiring", Severity.CRITICAL, message, NETWORK_FIX, brief=brief)
-            )
-        if since is not None and failing_for > settings.failing_after * lifetime:
-            found.append(
-                Condition(
-                    "refresh_failing",
-                    Severity.WARNING,
-                    N_(
-                        "refreshing has failed for {duration} ({reason}); the access token is"
-                        " valid for {left} more",
-                        duration=Duration(failing_for),
-                        reason=reason,
-                        left=Duration(access_left),
-                    ),
-                    NETWORK_FIX,
-                    brief=N_(
-                        "refreshing has failed for {duration} ({reason})",
-                        duration=Duration(failing_for),
-                        reason=reason,
-                    ),
-                )
-            )
-    if status.write_pending:
-        found.append(
-            Condition(
-                "write_failed",
-                Severity.CRITICAL,
-                N_(
-                    "cannot save the new tokens ({error})",
-                    error=status.write_error or "write error",
-                ),
-                N_(
-                    "free disk space or fix permissions; do not stop kakao-tokend until it is saved"
-                ),
-                brief=N_("cannot save the new tokens"),
-                hint=N_("state directory: {directory}", directory=str(account.state_file.parent)),
-            )
-        )
-    if status.publish_pending:
-        found.append(
-            Condition(
-                "publish_failed",
-                Severity.CRITICAL,
-                N_(
-                    "cannot write the token files for consumers ({error}); they read an older"
-                    " token",
-                    error=status.publish_error or "write error",
-                ),
-                N_("fix the file or directory named above (retried automatically)"),
-                brief=N_("cannot write the token files for consumers"),
-            )
-        )
-    if status.state_conflict:
-        found.append(
-            Condition(
-                "state_conflict",
-                Severity.CRITICAL,
-                N_("an older state file was refused: {detail}", detail=status.state_conflict),
-                N_(
-                    "check which program wrote the state file (`kakao-tokend status`); to go back"
-                    " to a backup on purpose use `{command}`",
-                    command="kakao-tokend restore",
-                ),
-                brief=N_("an older state file was refused; the newer tokens were kept"),
-            )
-        )
-    if status.missed_rotation:
-        found.append(
-            Condition(
-                "missed_rotation",
-                Severity.WARNING,
-                N_(
-                    "Kakao did not renew the refresh token although only {left} is left",
-                    left=Duration(refresh_left),
-                ),
-                N_("watch `kakao-tokend status`"),
-                hint=N_(
-                    "if it is not renewed soon, run `{command}`",
-                    command=login_command(account.name),
-                ),
-            )
-        )
-    return found
 
 
 # --------------------------------------------------------------------------- channels
@@ -544,7 +260,7 @@ class KakaoTalkChannel:
 
     def __init__(
         self,
-        account: str,
+        account: AccountConfig,
         *,
         mode: bool | None,
         min_severity: Severity,
@@ -554,7 +270,9 @@ class KakaoTalkChannel:
         link: str | None = None,
     ) -> None:
         self.name = "kakaotalk"
-        self.account = account
+        self.account = account.name
+        #: What grants the consent again: the account's login asking for it.
+        self.consent_fix = cli_command(account, "login", "--scope", "talk_message")
         self.mode = mode
         self.link = link
         self.min_severity = min_severity
@@ -589,10 +307,10 @@ class KakaoTalkChannel:
                     self._said_no_consent = True
                     log.warning(
                         "account %s: KakaoTalk alerts cannot be delivered: the token lacks the"
-                        " talk_message consent (-402); run `%s --scope talk_message` or set"
-                        " [alerts] kakaotalk = false",
+                        " talk_message consent (-402); run `%s` or set [alerts] kakaotalk ="
+                        " false",
                         self.account,
-                        login_command(self.account),
+                        self.consent_fix,
                     )
                 raise ChannelError("talk_message consent missing (-402)", retry=False) from None
             raise ChannelError(str(exc), retry=False) from None
@@ -706,7 +424,7 @@ def build_channels(
     if settings.kakaotalk is not False:
         channels.append(
             KakaoTalkChannel(
-                account.name,
+                account,
                 mode=settings.kakaotalk,
                 min_severity=Severity.parse(settings.kakaotalk_min_severity),
                 get_state=get_state,
@@ -802,7 +520,7 @@ class AccountAlerts:
         self.clock = clock
         self.host = host
         self.retry_delay = retry_delay
-        self.store: AccountStore = manager.store
+        self.store: StateStore = manager.store
         self.active: dict[str, dict[str, Any]] = {}
         self.channels: list[Channel] = []
         self.language: Language = "en"
@@ -845,7 +563,8 @@ class AccountAlerts:
     # ---------------------------------------------------------------- channels and workers
 
     def configure(self) -> None:
-        """(Re)build the channels from the account's settings; start a worker per channel."""
+        """(Re)build the channels from the account's settings (workers start with the first
+        alert for their channel: most accounts never need one, and each costs a task)."""
         self.stop_workers()
         self.language = resolve_language(self.settings.language)
         self.channels = build_channels(
@@ -856,13 +575,19 @@ class AccountAlerts:
             get_client=lambda: self.manager.client,
             clock=self.clock,
         )
-        for channel in self.channels:
-            queue: asyncio.Queue[Alert] = asyncio.Queue()
-            task = asyncio.create_task(self._worker(channel, queue))
-            self._queues.append((channel, queue, task))
+
+    def _queue(self, channel: Channel) -> asyncio.Queue[Alert]:
+        """Return ``channel``'s delivery queue, starting its worker the first time."""
+        for known, queue, _ in self._queues:
+            if known is channel:
+                return queue
+        queue = asyncio.Queue()
+        task = asyncio.create_task(self._worker(channel, queue))
+        self._queues.append((channel, queue, task))
+        return queue
 
     def _usable_state(self) -> AccountState | None:
-        if self.manager.status.health in (Health.RELOGIN, Health.NO_STATE):
+        if self.manager.status.health in WITHOUT_TOKENS:
             return None
         return self.manager.state
 
@@ -878,6 +603,7 @@ class AccountAlerts:
                     channel.name,
                 )
         self._queues = []
+        self.channels = []  # until configure(): nothing is queued after a stop
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued deliveries, then stop the workers."""
@@ -927,23 +653,23 @@ class AccountAlerts:
             )
             if final:
                 return
-            await asyncio.sleep(min(RETRY_DELAY_MAX, self.retry_delay * 2 ** (attempt - 1)))
+            await asyncio.sleep(
+                backoff_delay(attempt, initial=self.retry_delay, cap=RETRY_DELAY_MAX, rng=_RNG)
+            )
 
     def dispatch(self, alert: Alert) -> None:
         """Log the alert now and queue it for every channel that wants it."""
         log_alert(alert)
-        for channel, queue, _ in self._queues:
+        for channel in self.channels:
             if channel.wants(alert):
-                queue.put_nowait(alert)
+                self._queue(channel).put_nowait(alert)
 
     # ---------------------------------------------------------------- deciding
 
     def evaluate(self, now: datetime | None = None) -> list[Alert]:
         """Compare the conditions now with what was sent; send and record the differences."""
         now = now or self.clock()
-        current = {
-            c.name: c for c in current_conditions(self.manager, self.settings, now, host=self.host)
-        }
+        current = {c.name: c for c in self.manager.health(now, host=self.host).conditions}
         alerts: list[Alert] = []
         changed = False
         for name, condition in current.items():
@@ -1008,7 +734,7 @@ class AccountAlerts:
             last = parse_time(str(record.get("last_sent_at")))
         except ValueError:
             return True
-        return _seconds(now - last) >= self.settings.repeat
+        return (now - last).total_seconds() >= self.settings.repeat
 
     def describe_active(self) -> list[dict[str, Any]]:
         """Return the active alerts as JSON-ready data."""
@@ -1088,7 +814,8 @@ class AlertCenter:
         self.host = host or socket.gethostname()
         self.retry_delay = retry_delay
         self.accounts: dict[str, AccountAlerts] = {}
-        self._listeners: dict[str, Callable[[AccountEvent], None]] = {}
+        #: One listener object for every account (a closure per account costs 400 bytes).
+        self._listener: Callable[[AccountEvent], None] = self._on_event
         self._pending: set[str] = set()
 
     def attach(self, manager: AccountManager) -> AccountAlerts:
@@ -1105,18 +832,15 @@ class AlertCenter:
             retry_delay=self.retry_delay,
         )
         self.accounts[manager.name] = alerts
-
-        def listener(event: AccountEvent) -> None:
-            self._schedule(event.account)
-
-        self._listeners[manager.name] = listener
-        manager.listeners.append(listener)
+        manager.listeners.append(self._listener)
         return alerts
 
+    def _on_event(self, event: AccountEvent) -> None:
+        self._schedule(event.account)
+
     def _unlisten(self, alerts: AccountAlerts) -> None:
-        listener = self._listeners.pop(alerts.name, None)
-        if listener is not None and listener in alerts.manager.listeners:
-            alerts.manager.listeners.remove(listener)
+        if self._listener in alerts.manager.listeners:
+            alerts.manager.listeners.remove(self._listener)
 
     async def detach(self, name: str) -> None:
         """Stop watching an account (removed by a reload); deliver what is queued first."""

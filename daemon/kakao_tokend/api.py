@@ -22,10 +22,12 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from . import __version__
-from .config import parse_duration
+from .config import AlertsConfig, parse_duration
+from .daemon import DAEMON, Daemon
+from .health import moved_thresholds
 from .metrics import CONTENT_TYPE, Metrics
-from .refresher import AccountManager, Health, login_command
-from .service import DAEMON, Daemon
+from .refresher import AccountManager
+from .relogin import login_command
 from .tokens import format_time
 
 log = logging.getLogger(__name__)
@@ -102,66 +104,60 @@ async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> An
         ) from None
 
 
-def refresh_blocked(manager: AccountManager) -> str | None:
-    """Return why a consumer's request must not make Kakao refresh now, or None if it may.
-
-    A token request or a proxied -401 must not override the account's back-off (KOE237,
-    outages) nor present a refresh token Kakao already refused: every such request would
-    otherwise reach Kakao again. An explicit POST .../refresh still forces one.
-    """
-    status = manager.status
-    if status.health in (Health.RELOGIN, Health.CONFIG, Health.NO_STATE):
-        return status.last_error or status.health.value
-    if (
-        status.health is Health.RETRYING
-        and status.next_attempt_at is not None
-        and status.next_attempt_at > manager.clock()
-    ):
-        return status.last_error or status.health.value
-    return None
-
-
-def is_serving(manager: AccountManager) -> bool:
-    """Return True when the account holds an access token that is valid right now."""
-    state = manager.state
-    if state is None or manager.status.health in (Health.RELOGIN, Health.CONFIG, Health.NO_STATE):
-        return False
-    return state.tokens.access_expires_at > manager.clock()
+def _no_tokens(manager: AccountManager) -> ApiError:
+    return _json_error(
+        409, f"account {manager.name} has no tokens; run `{login_command(manager.account)}`"
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 when every account has a valid, published token; 503 with the reasons otherwise."""
     daemon = _daemon(request)
-    problems = {
-        m.name: m.status.last_error or m.status.health.value
-        for m in daemon.managers.values()
-        if not is_serving(m)
-    }
-    for m in daemon.managers.values():
-        if m.status.publish_pending and m.name not in problems:
-            # Consumers reading the files get an older token until the retry succeeds.
-            problems[m.name] = f"the published token files are stale: {m.status.publish_error}"
+    now = daemon.clock()
+    problems = {}
+    for manager in daemon.managers.values():
+        problem = manager.health(now).serving_problem
+        if problem is not None:
+            problems[manager.name] = problem
     if problems:
         return web.json_response({"ok": False, "problems": problems}, status=503)
     return web.json_response({"ok": True})
 
 
+def _alert_settings(request: web.Request, manager: AccountManager) -> AlertsConfig | None:
+    """`status --warn/--crit`: the account's expiry thresholds, moved (None: as configured).
+
+    ``warn`` becomes the longest threshold (longer ones are dropped), ``crit`` the
+    ``critical_below``; the daemon grades with them exactly as `status` does from the files.
+    """
+    try:
+        warn = parse_duration(request.query["warn"]) if "warn" in request.query else None
+        crit = parse_duration(request.query["crit"]) if "crit" in request.query else None
+    except ValueError as exc:
+        raise _json_error(400, f"warn and crit must be durations: {exc}") from None
+    return moved_thresholds(manager.account.alerts, warn=warn, crit=crit)
+
+
 async def status(request: web.Request) -> web.Response:
-    """Every account's expiries, last and next refresh, rotations and errors."""
+    """Every account's grading, expiries, last and next refresh, rotations and errors."""
     daemon = _daemon(request)
     now = daemon.clock()
+    accounts = []
+    for manager in daemon.managers.values():
+        graded = manager.health(now, alerts=_alert_settings(request, manager))
+        accounts.append(
+            {
+                **manager.describe(now),
+                **graded.to_json(),
+                "alerts": daemon.alerts.active(manager.name) if daemon.alerts is not None else [],
+            }
+        )
     return web.json_response(
         {
             "version": __version__,
             "now": format_time(now),
             "default_account": daemon.config.default_account,
-            "accounts": [
-                {
-                    **m.describe(now),
-                    "alerts": daemon.alerts.active(m.name) if daemon.alerts is not None else [],
-                }
-                for m in daemon.managers.values()
-            ],
+            "accounts": accounts,
         }
     )
 
@@ -176,9 +172,7 @@ async def refresh(request: web.Request) -> web.Response:
     """Refresh one account now (shares an in-flight refresh) and report the result."""
     manager = _manager(request)
     if manager.state is None:
-        return _error(
-            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
-        )
+        raise _no_tokens(manager)
     before = manager.state.generation
     before_refresh = manager.state.tokens.refresh_fingerprint
     await _within_timeout(request, manager.refresh(force=True, reason="API request"))
@@ -215,15 +209,13 @@ async def token(request: web.Request) -> web.Response:
         return _error(400, 'min_valid must be a duration such as "600", "90s" or "10m"')
     state = manager.state
     if state is None:
-        return _error(
-            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
-        )
+        raise _no_tokens(manager)
     lifetime = state.tokens.access_lifetime.total_seconds()
     if min_valid >= lifetime * 0.95:
         return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
-        blocked = refresh_blocked(manager)
+        blocked = manager.health().refresh_blocked
         if blocked is not None:
             return _error(
                 503,
@@ -349,9 +341,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
     target = _target(manager, request)
     if manager.state is None:
-        raise _json_error(
-            409, f"account {manager.name} has no tokens; run `{login_command(manager.name)}`"
-        )
+        raise _no_tokens(manager)
     if request.content_length is not None and request.content_length > settings.max_body:
         raise _json_error(
             413,
@@ -412,7 +402,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                     upstream.release()
                     if (
                         manager.state is None or manager.state.tokens.access_token == token
-                    ) and refresh_blocked(manager) is None:
+                    ) and manager.health().refresh_blocked is None:
                         await _within_timeout(
                             request,
                             manager.refresh(force=True, reason="Kakao rejected the token (-401)"),

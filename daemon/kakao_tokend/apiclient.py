@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .config import Config, find_config_file
+from .config import load_locations
 from .errors import KakaoTokendError
-from .paths import default_runtime_dir
 
 
 class DaemonNotRunning(Exception):
@@ -34,41 +31,16 @@ class DaemonApiError(KakaoTokendError):
         self.body = body
 
 
-def socket_path(config: Config) -> Path:
-    """Return the API socket path for ``config`` (the same rule as the daemon's)."""
-    return config.api.socket or config.runtime_dir / "api.sock"
-
-
 def socket_path_without_secrets(
     config_path: Path | None, environ: Mapping[str, str] | None = None
 ) -> Path:
     """Locate the socket from the config file's [api] socket / [paths] runtime_dir alone.
 
-    Reads no secret, so it works where credentials are unreadable (an ExecReload= process on
-    systemd 252, issue #35227). Same rules as the loader: relative paths are relative to the
-    config file's directory; the default is <runtime_dir>/api.sock.
+    Reads no secret and ignores every other setting (config.load_locations), so it works
+    where credentials are unreadable (an ExecReload= process on systemd 252, issue #35227)
+    and where the file has a mistake the daemon is about to report.
     """
-    env = os.environ if environ is None else environ
-    source = find_config_file(config_path, env)
-    raw: dict[str, Any] = {}
-    if source is not None:
-        try:
-            raw = tomllib.loads(source.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            raw = {}
-    base = source.parent if source is not None else Path.cwd()
-
-    def resolve(text: str) -> Path:
-        path = Path(text).expanduser()
-        return Path(os.path.normpath(path if path.is_absolute() else base / path))
-
-    api = raw.get("api")
-    if isinstance(api, dict) and isinstance(api.get("socket"), str):
-        return resolve(api["socket"])
-    paths = raw.get("paths")
-    if isinstance(paths, dict) and isinstance(paths.get("runtime_dir"), str):
-        return resolve(paths["runtime_dir"]) / "api.sock"
-    return default_runtime_dir(env, config_source=source) / "api.sock"
+    return load_locations(config_path, environ=environ).api_socket
 
 
 def daemon_running(path: Path) -> bool:

@@ -78,7 +78,8 @@ def bind_unix_socket(path: Path, *, mode: int, group: str | None) -> socket.sock
             "the daemon's user must be a member of api.socket_group; under systemd "
             "PrivateUsers= maps only the unit's own group"
         )
-        os.chown(staged, -1, gid)
+        if os.lstat(staged).st_gid != gid:  # chown only when needed (see store.set_group)
+            os.chown(staged, -1, gid)
         step, hint = f"cannot set mode {mode:04o} on the API socket {path}", None
         os.chmod(staged, mode)
         step = f"cannot listen on the API socket {path}"

@@ -1,24 +1,6 @@
 """The `kakao-tokend` command line: the only place that prints for humans and picks exit codes.
 
-Exit codes (also in the README):
-
-====  =================  ===========================================================
-code  name               meaning
-====  =================  ===========================================================
-0     OK                 done; `status`: every account is fine
-1     FAILURE / WARNING  generic failure; `status`: a warning (refresh token < 14 d
-                         left, or access token expired although no re-login is needed)
-2     CRITICAL           `status` only: re-login needed, no tokens, refresh token
-                         < 3 d left or expired (monitoring-plugin convention)
-64    EX_USAGE           bad command line (unknown option, unknown account)
-65    EX_DATAERR         the file given to `import` is not a usable token file
-69    EX_UNAVAILABLE     Kakao could not be reached or answered with a transient error
-70    EX_SOFTWARE        internal error (a bug); run with --debug for the traceback
-75    EX_TEMPFAIL        the account is locked by another kakao-tokend process
-77    EX_NOPERM          a person must log in again (`kakao-tokend login`)
-78    EX_CONFIG          the configuration is invalid (every problem is listed), or another
-                         user could change the account's directory or files (UnsafePath)
-====  =================  ===========================================================
+The exit codes and what each means are in :mod:`~kakao_tokend.exitcodes` (and the README).
 """
 
 from __future__ import annotations
@@ -31,7 +13,7 @@ import platform
 import sys
 import traceback
 import webbrowser
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +23,7 @@ import click
 
 from . import __version__
 from .errors import (
-    ConfigError,
+    ImportFileError,
     KakaoConfigError,
     KakaoRequestRejected,
     KakaoTokendError,
@@ -51,11 +33,17 @@ from .errors import (
     StateMissing,
     StoreError,
     StoreLocked,
-    StoreSchemaMismatch,
-    StoreUnavailable,
     StoreWriteError,
-    TokenDecryptError,
-    UnsafePath,
+)
+from .exitcodes import (
+    CRITICAL,
+    EX_SOFTWARE,
+    EX_USAGE,
+    FAILURE,
+    INTERRUPTED,
+    OK,
+    WARNING,
+    exit_code_for,
 )
 from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
 
@@ -64,44 +52,7 @@ if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .importer import ImportResult
     from .state import AccountState
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_WARNING = 1
-EXIT_CRITICAL = 2
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
-
-#: `status` thresholds for the refresh token's remaining life.
-WARN_REFRESH_LEFT = 14 * 86400.0
-CRIT_REFRESH_LEFT = 3 * 86400.0
-
 T = TypeVar("T")
-
-
-def exit_code_for(exc: KakaoTokendError) -> int:
-    """Return the exit code for one of our errors (see the table in the module docstring)."""
-    from .importer import ImportFileError, ImportUnverified
-
-    if isinstance(exc, ConfigError | KakaoConfigError | UnsafePath):
-        return EX_CONFIG
-    if isinstance(exc, ImportFileError):
-        return EX_DATAERR
-    if isinstance(exc, ImportUnverified):
-        return EX_UNAVAILABLE
-    if isinstance(exc, StoreLocked):
-        return EX_TEMPFAIL
-    if isinstance(exc, ReloginRequired | StateMissing):
-        return EX_NOPERM
-    if isinstance(exc, KakaoUnavailable | StoreUnavailable):
-        return EX_UNAVAILABLE
-    if isinstance(exc, StoreSchemaMismatch | TokenDecryptError):
-        return EX_CONFIG  # a person must fix the install or the key file; no restart helps
-    return EXIT_FAILURE
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -270,7 +221,7 @@ class TokendGroup(click.Group):
             ctx.exit(exit_code_for(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(INTERRUPTED)
         except Exception as exc:
             if debug:
                 traceback.print_exc(file=sys.stderr)
@@ -291,18 +242,18 @@ def _with_login_fix(exc: KakaoTokendError, ctx: click.Context) -> str:
     if not isinstance(exc, ReloginRequired | StateMissing):
         return text
     settings = ctx.find_object(Settings)
-    account = settings.account if settings is not None else None
-    if account is None and settings is not None:
-        try:
-            account = settings.config(secrets=False).default_account
-        except KakaoTokendError:
-            account = None
-    return _said_once(text, account or "default")
+    if settings is None:
+        return text
+    try:
+        config = settings.config(secrets=False)
+        account = config.accounts[settings.account or config.default_account]
+    except (KakaoTokendError, KeyError):
+        return text
+    return _said_once(text, _login_command(account))
 
 
-def _said_once(text: str, account: str) -> str:
-    """Return ``text`` ending with the login command for ``account``, unless it names one."""
-    command = _login_command(account)
+def _said_once(text: str, command: str) -> str:
+    """Return ``text`` ending with ``command`` (a login command), unless it names one."""
     if command in text:
         return text
     return f"{text}; run `{command}`"
@@ -565,7 +516,7 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
                 force=force,
                 verify=not no_verify,
                 rotation_window=config.refresh.rotation_window,
-                login_hint=f"run `{_login_command(account.name)}` to get new tokens",
+                login_hint=f"run `{_login_command(account)}` to get new tokens",
             )
 
     result = _run_async(go())
@@ -616,93 +567,21 @@ def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> 
 
 
 @dataclass
-class Assessment:
-    """One account's status level and the reasons for it."""
+class AccountReport:
+    """One account as `status` shows it: its grading (health.assess), facts and lines."""
 
     account: str
     level: int
-    problems: list[str]
-    state: AccountState | None
+    #: The account's entry in `status --json`.
     data: dict[str, Any]
-    #: Detail lines when the assessment came from the daemon (there is no AccountState then).
-    lines: list[str] | None = None
-
-
-_LEVEL_NAMES = {EXIT_OK: "ok", EXIT_WARNING: "warning", EXIT_CRITICAL: "critical"}
-
-
-def assess(
-    name: str,
-    state: AccountState | None,
-    now: datetime,
-    *,
-    warn: float = WARN_REFRESH_LEFT,
-    crit: float = CRIT_REFRESH_LEFT,
-    load_error: str | None = None,
-) -> Assessment:
-    """Grade one account: 2 critical, 1 warning, 0 ok (monitoring-plugin convention).
-
-    Critical: no state (or unreadable), re-login needed, refresh token expired or with less
-    than ``crit`` left. Warning: refresh token with less than ``warn`` left, or an expired
-    access token while the refresh token is still usable (the daemon is not keeping up).
-    """
-    data: dict[str, Any] = {"account": name}
-    if state is None:
-        problem = load_error or f"no tokens: run `{_login_command(name)}`"
-        data.update(level="critical", problems=[problem])
-        return Assessment(name, EXIT_CRITICAL, [problem], None, data)
-    tokens = state.tokens
-    access_left = tokens.access_remaining(now).total_seconds()
-    refresh_left = tokens.refresh_remaining(now).total_seconds()
-    level = EXIT_OK
-    problems: list[str] = []
-    if state.relogin_reason:
-        level = EXIT_CRITICAL
-        problems.append(f"re-login needed: {state.relogin_reason}")
-    level = _grade_refresh_left(name, refresh_left, level, problems, warn=warn, crit=crit)
-    if access_left <= 0 and level < EXIT_CRITICAL:
-        level = max(level, EXIT_WARNING)
-        problems.append(
-            "access token expired; is the daemon running? (`kakao-tokend refresh` renews it)"
-        )
-    rotations = state.rotations
-    data.update(
-        level=_LEVEL_NAMES[level],
-        problems=problems,
-        access_expires_at=format_time(tokens.access_expires_at),
-        access_expires_in=int(access_left),
-        refresh_expires_at=format_time(tokens.refresh_expires_at),
-        refresh_expires_in=int(refresh_left),
-        refresh_expiry_estimated=tokens.refresh_expiry_estimated,
-        refreshed_at=format_time(state.refreshed_at) if state.refreshed_at else None,
-        generation=state.generation,
-        rotations=len(rotations),
-        last_rotation_at=format_time(rotations[-1].at) if rotations else None,
-        relogin_reason=state.relogin_reason,
-        user_id=state.user_id,
-        access_fingerprint=tokens.access_fingerprint,
-        refresh_fingerprint=tokens.refresh_fingerprint,
-    )
-    return Assessment(name, level, problems, state, data)
-
-
-def _grade_refresh_left(
-    name: str, refresh_left: float, level: int, problems: list[str], *, warn: float, crit: float
-) -> int:
-    """Apply the refresh-token ladder (expired / < crit / < warn); return the new level."""
-    login_cmd = _login_command(name)
-    if refresh_left <= 0:
-        problems.append(f"refresh token expired; run `{login_cmd}`")
-        return EXIT_CRITICAL
-    if refresh_left < crit:
-        problems.append(
-            f"refresh token expires in {format_duration(refresh_left)}; run `{login_cmd}` soon"
-        )
-        return EXIT_CRITICAL
-    if refresh_left < warn:
-        problems.append(f"refresh token expires in {format_duration(refresh_left)}")
-        return max(level, EXIT_WARNING)
-    return level
+    #: Facts about the tokens (expiries, generation, rotations ...), one per line.
+    facts: list[str]
+    #: The grading's conditions, most urgent first (health.Condition.to_json).
+    conditions: list[dict[str, Any]]
+    #: Alerts the daemon recorded that the conditions above do not already say.
+    alerts: list[Mapping[str, Any]] = field(default_factory=list)
+    #: Graded from the files, which hold no tokens for it.
+    without_tokens: bool = False
 
 
 def _local_time(text: object, missing: str = "-") -> str:
@@ -715,43 +594,190 @@ def _local_time(text: object, missing: str = "-") -> str:
         return text
 
 
-def _login_command(account: str) -> str:
-    """The exact login command for ``account`` (its one home is refresher.login_command)."""
-    from .refresher import login_command as command
+def _login_command(account: AccountConfig) -> str:
+    """The exact login command for ``account`` (its one home is relogin.login_command)."""
+    from .relogin import login_command
 
-    return command(account)
+    return login_command(account)
 
 
-def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
-    level = _LEVEL_NAMES[item.level].upper()
-    lines = [f"{item.account}: {level}", *(item.lines or [])]
-    state = item.state
+def _token_facts(data: dict[str, Any], rotation_times: Sequence[str]) -> list[str]:
+    """The lines about the tokens, from the JSON both the daemon and the files give."""
+    if "access_expires_in" not in data:
+        return []
+    access_left = float(data["access_expires_in"])
+    refresh_left = float(data["refresh_expires_in"])
+    access_when = f"in {format_duration(access_left)}" if access_left > 0 else "EXPIRED"
+    estimated = ", estimated" if data.get("refresh_expiry_estimated") else ""
+    refresh_when = (
+        f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
+    )
+    lines = [
+        f"  access token:  expires {_local_time(data['access_expires_at'])} ({access_when})",
+        f"  refresh token: expires {_local_time(data['refresh_expires_at'])} ({refresh_when})",
+        f"  last refresh:  {_local_time(data.get('refreshed_at'), 'never')}",
+    ]
+    if "next_refresh_at" in data:
+        lines.append(f"  next refresh:  {_local_time(data.get('next_refresh_at'))}")
+    lines += [
+        f"  generation:    {data.get('generation')}",
+        f"  rotations:     {len(rotation_times)}"
+        + (f" (last {_local_time(rotation_times[-1])})" if rotation_times else ""),
+    ]
+    return lines
+
+
+def _problems(conditions: Sequence[dict[str, Any]]) -> list[str]:
+    """Each condition as one line, its fix after it; a command already given is not repeated.
+
+    A dead refresh token is both a re-login and an expired token: the login command is said
+    once, after the first condition it fixes.
+    """
+    said: set[str] = set()
+    lines = []
+    for condition in conditions:
+        command = condition.get("command")
+        if command is not None and command in said:
+            lines.append(str(condition["message"]))
+            continue
+        if command is not None:
+            said.add(command)
+        lines.append(f"{condition['message']}; fix: {condition['fix']}")
+    return lines
+
+
+def _report(
+    account: str,
+    health: dict[str, Any],
+    facts: dict[str, Any],
+    rotation_times: Sequence[str],
+    recorded: Sequence[Mapping[str, Any]],
+) -> AccountReport:
+    """Build the report from a grading (health.AccountHealth.to_json) and the token facts.
+
+    ``recorded`` are the alerts the daemon sent and has not seen cleared; those the grading
+    does not say itself are listed after it.
+    """
+    conditions = list(health["conditions"])
+    names = {c["condition"] for c in conditions}
+    level = {"ok": OK, "warning": WARNING, "critical": CRITICAL}[health["level"]]
+    data = {
+        "account": account,
+        "level": health["level"],
+        "problems": _problems(conditions),
+        "conditions": conditions,
+        **facts,
+        "rotations": len(rotation_times),
+        "last_rotation_at": rotation_times[-1] if rotation_times else None,
+        "alerts": list(recorded),
+    }
+    return AccountReport(
+        account,
+        level,
+        data,
+        _token_facts(facts, rotation_times),
+        conditions,
+        # The conditions say the others already, with "alerted since".
+        [a for a in recorded if a.get("condition") not in names],
+    )
+
+
+def _report_from_daemon(item: dict[str, Any]) -> AccountReport:
+    """An account as the daemon graded it (its /v1/status entry)."""
+    rotation_times = [r["at"] for r in item.get("rotations") or []]
+    keys = (
+        "health",
+        "access_expires_at",
+        "access_expires_in",
+        "refresh_expires_at",
+        "refresh_expires_in",
+        "refresh_expiry_estimated",
+        "refreshed_at",
+        "next_refresh_at",
+        "generation",
+        "relogin_reason",
+        "user_id",
+        "access_fingerprint",
+        "refresh_fingerprint",
+    )
+    facts = {key: item[key] for key in keys if key in item}
+    # The daemon's grading is live: an alert it does not grade any more is about to resolve.
+    report = _report(str(item["account"]), item, facts, rotation_times, item.get("alerts") or [])
+    report.alerts = []
+    health = item.get("health", "ok")
+    daemon = f"  daemon:        running, health {health}"
+    if health == "retrying":
+        daemon += (
+            f" ({item.get('last_error_class')}: {item.get('last_error')};"
+            f" next try {_local_time(item.get('next_attempt_at'))})"
+        )
+    report.facts.append(daemon)
+    return report
+
+
+def _report_from_files(
+    account: AccountConfig,
+    config: Config,
+    now: datetime,
+    *,
+    warn: float | None,
+    crit: float | None,
+) -> AccountReport:
+    """An account graded from its files alone (no daemon answered)."""
+    from .health import assess, moved_thresholds, still_active
+    from .store import AccountStore
+
+    load_error: StoreError | None = None
+    try:
+        state = AccountStore(account).load()
+    except StoreError as exc:
+        state, load_error = None, exc
+    graded = assess(
+        account,
+        state,
+        None,
+        config.refresh,
+        now,
+        alerts=moved_thresholds(account.alerts, warn=warn, crit=crit),
+        load_error=load_error,
+    )
+    facts: dict[str, Any] = {}
+    rotation_times: list[str] = []
     if state is not None:
         tokens = state.tokens
-        access_left = tokens.access_remaining(now).total_seconds()
-        refresh_left = tokens.refresh_remaining(now).total_seconds()
-        access_when = f"in {format_duration(access_left)}" if access_left > 0 else "EXPIRED"
-        estimated = ", estimated" if tokens.refresh_expiry_estimated else ""
-        refresh_when = (
-            f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
+        rotation_times = [format_time(r.at) for r in state.rotations]
+        facts = {
+            "access_expires_at": format_time(tokens.access_expires_at),
+            "access_expires_in": int(tokens.access_remaining(now).total_seconds()),
+            "refresh_expires_at": format_time(tokens.refresh_expires_at),
+            "refresh_expires_in": int(tokens.refresh_remaining(now).total_seconds()),
+            "refresh_expiry_estimated": tokens.refresh_expiry_estimated,
+            "refreshed_at": format_time(state.refreshed_at) if state.refreshed_at else None,
+            "generation": state.generation,
+            "relogin_reason": state.relogin_reason,
+            "user_id": state.user_id,
+            "access_fingerprint": tokens.access_fingerprint,
+            "refresh_fingerprint": tokens.refresh_fingerprint,
+        }
+    recorded = still_active(_active_alerts(account), graded)
+    report = _report(account.name, graded.to_json(), facts, rotation_times, recorded)
+    report.without_tokens = state is None
+    return report
+
+
+def _report_lines(report: AccountReport) -> list[str]:
+    level = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}[report.level]
+    lines = [f"{report.account}: {level}", *report.facts]
+    since = {a.get("condition"): a.get("since") for a in report.data["alerts"] if a.get("since")}
+    for problem, condition in zip(report.data["problems"], report.conditions, strict=True):
+        alerted = since.get(condition["condition"])
+        said = f", alerted since {_local_time(alerted)}" if alerted else ""
+        lines.append(f"  ! {condition['severity']} {condition['condition']}{said}: {problem}")
+    for alert in report.alerts:
+        lines.append(
+            f"  alert: {alert.get('severity')} {alert.get('condition')} since"
+            f" {_local_time(alert.get('since'))}: {alert.get('message')}"
         )
-        last = format_local_time(state.refreshed_at) if state.refreshed_at else "never"
-        rotation = (
-            f"{len(state.rotations)} (last {format_local_time(state.rotations[-1].at)})"
-            if state.rotations
-            else "0"
-        )
-        lines += [
-            f"  access token:  expires {format_local_time(tokens.access_expires_at)}"
-            f" ({access_when})",
-            f"  refresh token: expires {format_local_time(tokens.refresh_expires_at)}"
-            f" ({refresh_when})",
-            f"  last refresh:  {last}",
-            f"  generation:    {state.generation}",
-            f"  rotations:     {rotation}",
-        ]
-    # A re-login reason is one of the problems: said once, with its fix.
-    lines += [f"  ! {problem}" for problem in item.problems]
     return lines
 
 
@@ -760,65 +786,56 @@ def _assessment_lines(item: Assessment, now: datetime) -> list[str]:
 @click.option(
     "--warn",
     type=DURATION,
-    default="14d",
-    help="Warn (exit 1) when the refresh token has less than this left.",
+    default=None,
+    help="Warn (exit 1) when the refresh token has less than this left"
+    " (default: the longest of [alerts] thresholds).",
 )
 @click.option(
     "--crit",
     type=DURATION,
-    default="3d",
-    help="Critical (exit 2) when the refresh token has less than this left.",
+    default=None,
+    help="Critical (exit 2) when the refresh token has less than this left"
+    " (default: [alerts] critical_below).",
 )
-def status(as_json: bool, warn: float, crit: float) -> None:
+def status(as_json: bool, warn: float | None, crit: float | None) -> None:
     """Show token expiries per account; exit 0 ok, 1 warning, 2 critical.
 
     Without --account every configured account is shown and the worst level decides the
-    exit code, so it works as a monitoring (Nagios/Icinga-style) check.
+    exit code, so it works as a monitoring (Nagios/Icinga-style) check. The grading is the
+    daemon's own (the same that drives its alerts), from the files when no daemon runs.
 
     \b
     Example:
       kakao-tokend status
       kakao-tokend status --json | jq '.accounts[].refresh_expires_in'
     """
-    from .store import AccountStore
-
     settings = _settings()
     config = settings.config(secrets=False)  # status needs paths only, never a secret
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
-    results: list[Assessment] = []
     where = _status_locations(config)
     from .apiclient import DaemonUnreachable
 
+    params = {key: f"{value:g}" for key, value in (("warn", warn), ("crit", crit)) if value}
     try:
-        remote = _via_daemon(config, "GET", "/v1/status")
+        remote = _via_daemon(config, "GET", "/v1/status", params=params or None)
     except DaemonUnreachable as exc:  # the socket refused this user: show what the files say
         click.echo(f"note: {exc}; showing the files instead", err=True)
         remote = None
         where["socket_state"] = "permission denied"
     else:
         where["socket_state"] = "the daemon answered" if remote is not None else "no daemon"
+    described: dict[str, dict[str, Any]] = {}
     if remote is not None and remote[0] == 200:
         described = {item["account"]: item for item in remote[1].get("accounts", [])}
-        results = [
-            assess_described(described[name], now, warn=warn, crit=crit)
-            for name in names
-            if name in described
-        ]
-        names = [name for name in names if name not in described]
-    for name in names:
-        store = AccountStore(config.accounts[name])
-        load_error: str | None = None
-        try:
-            state = store.load()
-        except StoreError as exc:
-            state, load_error = None, str(exc)
-        results.append(assess(name, state, now, warn=warn, crit=crit, load_error=load_error))
-    for item in results:
-        # What the daemon alerted about and has not seen cleared yet (its bookkeeping file).
-        item.data["alerts"] = _current_alerts(config.accounts[item.account], item.state, now)
+    results = [
+        _report_from_daemon(described[name])
+        if name in described
+        else _report_from_files(config.accounts[name], config, now, warn=warn, crit=crit)
+        for name in names
+    ]
     worst = max(item.level for item in results)
-    if config.source is None and any(item.state is None and item.lines is None for item in results):
+    if config.source is None and any(item.without_tokens for item in results):
         # "run `kakao-tokend login`" alone would fail next: there is no config to log in with.
         from .paths import config_search_path
 
@@ -830,10 +847,10 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         )
     if as_json:
         document = {
-            "level": _LEVEL_NAMES[worst],
+            "level": {OK: "ok", WARNING: "warning", CRITICAL: "critical"}[worst],
             "exit_code": worst,
             "checked_at": format_time(now),
-            "source": "daemon" if remote is not None and remote[0] == 200 else "files",
+            "source": "daemon" if described else "files",
             **where,
             "accounts": [item.data for item in results],
         }
@@ -843,25 +860,17 @@ def status(as_json: bool, warn: float, crit: float) -> None:
         click.echo(f"state:  {where['state_dir']}")
         click.echo(f"socket: {where['socket']} ({where['socket_state']})")
         for item in results:
-            for line in _assessment_lines(item, now):
+            for line in _report_lines(item):
                 click.echo(line)
-            for alert in item.data["alerts"]:
-                click.echo(
-                    f"  alert: {alert['severity']} {alert['condition']} since"
-                    f" {_local_time(alert['since'])}:"
-                    f" {alert['message']}"
-                )
     click.get_current_context().exit(worst)
 
 
 def _status_locations(config: Config) -> dict[str, Any]:
     """Return the config file, state directory and socket that `status` uses (it prints them)."""
-    from .apiclient import socket_path
-
     return {
         "config": str(config.source) if config.source is not None else None,
         "state_dir": str(config.state_dir),
-        "socket": str(socket_path(config)),
+        "socket": str(config.api_socket),
     }
 
 
@@ -882,7 +891,8 @@ async def _managed_refresh(
     refresh once).
     """
     from .kakao import KakaoClient, create_session
-    from .refresher import AccountManager, Health
+    from .refresher import AccountManager
+    from .status import Health
     from .store import AccountStore
 
     store = AccountStore(account)
@@ -905,7 +915,7 @@ async def _managed_refresh(
                     )
                 raise StateMissing(
                     f"account '{account.name}' has no tokens yet",
-                    hint=f"run `{_login_command(account.name)}`",
+                    hint=f"run `{_login_command(account)}`",
                 )
             if before.relogin_reason:
                 raise ReloginRequired(
@@ -919,7 +929,7 @@ async def _managed_refresh(
                 return before, False, False
             after = await manager.refresh(force=True, reason="kakao-tokend CLI")
             for _ in range(3):
-                if manager.flush():
+                if await manager.flush():
                     break
                 await asyncio.sleep(0.5)
             else:
@@ -927,7 +937,7 @@ async def _managed_refresh(
                     f"the new tokens of account '{account.name}' could not be saved"
                     f" ({status.write_error}); they are lost when this command exits",
                     hint="free disk space or fix permissions, then run"
-                    f" `{_login_command(account.name)}`",
+                    f" `{_login_command(account)}`",
                 )
     label = status.last_error_class or ""
     message = status.last_error or "refresh failed"
@@ -972,7 +982,6 @@ def restore(path: Path, lock_timeout: float) -> None:
       kakao-tokend restore /backup/kakao-tokend/default.state.json
       kakao-tokend --account bot restore ./bot.state.json.refused-20261201T101500Z
     """
-    from .importer import ImportFileError
     from .store import AccountStore, read_state_file
 
     settings = _settings()
@@ -994,7 +1003,7 @@ def restore(path: Path, lock_timeout: float) -> None:
     )
     if tokens.refresh_remaining(now).total_seconds() <= 0:
         click.echo(
-            f"warning: this refresh token has expired; run `{_login_command(account.name)}`",
+            f"warning: this refresh token has expired; run `{_login_command(account)}`",
             err=True,
         )
 
@@ -1109,9 +1118,9 @@ def _via_daemon(
     config: Config, method: str, path: str, *, params: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any]] | None:
     """Ask the running daemon over its socket; None when no daemon runs (use the files)."""
-    from .apiclient import DaemonNotRunning, call, daemon_running, socket_path
+    from .apiclient import DaemonNotRunning, call, daemon_running
 
-    sock = socket_path(config)
+    sock = config.api_socket
     if not daemon_running(sock):
         return None
     try:
@@ -1127,10 +1136,10 @@ def _tell_daemon(name: str) -> None:
     When the socket is out of reach (another user, no daemon) nothing is said; a running
     daemon then notices the file through its watch on the state directory.
     """
-    from .apiclient import call, daemon_running, socket_path
+    from .apiclient import call, daemon_running
 
     try:
-        sock = socket_path(_settings().config(secrets=False))
+        sock = _settings().config(secrets=False).api_socket
         if daemon_running(sock):
             _run_async(call(sock, "POST", f"/v1/accounts/{name}/reread", timeout=10.0))
     except Exception as exc:  # never fail a login that worked because of this courtesy call
@@ -1153,81 +1162,6 @@ def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendEr
     return KakaoUnavailable(f"the daemon could not get a token for {name}: {message}")
 
 
-def assess_described(
-    item: dict[str, Any],
-    now: datetime,
-    *,
-    warn: float = WARN_REFRESH_LEFT,
-    crit: float = CRIT_REFRESH_LEFT,
-) -> Assessment:
-    """Grade one account from the daemon's /v1/status entry (same levels as ``assess``)."""
-    name = str(item["account"])
-    health = item.get("health", "ok")
-    data: dict[str, Any] = {"account": name, "health": health}
-    if "access_expires_in" not in item:
-        problem = f"no tokens: run `{_login_command(name)}`"
-        data.update(level="critical", problems=[problem])
-        return Assessment(name, EXIT_CRITICAL, [problem], None, data, lines=[])
-    access_left = float(item["access_expires_in"])
-    refresh_left = float(item["refresh_expires_in"])
-    level = EXIT_OK
-    problems: list[str] = []
-    if item.get("relogin_reason"):
-        level = EXIT_CRITICAL
-        problems.append(f"re-login needed: {item['relogin_reason']}")
-    elif health == "relogin":
-        level = EXIT_CRITICAL
-        problems.append(_said_once(f"re-login needed: {item.get('last_error')}", name))
-    if health == "config":
-        level = EXIT_CRITICAL
-        problems.append(f"Kakao says the configuration is wrong: {item.get('last_error')}")
-    level = _grade_refresh_left(name, refresh_left, level, problems, warn=warn, crit=crit)
-    if health == "retrying" and level < EXIT_CRITICAL:
-        level = max(level, EXIT_WARNING)
-        problems.append(
-            f"refresh failing ({item.get('last_error_class')}): {item.get('last_error')};"
-            f" next try {_local_time(item.get('next_attempt_at'))}"
-        )
-    if access_left <= 0 and level < EXIT_CRITICAL:
-        level = max(level, EXIT_WARNING)
-        problems.append("access token expired")
-    rotations = item.get("rotations") or []
-    data.update(
-        level=_LEVEL_NAMES[level],
-        problems=problems,
-        access_expires_at=item["access_expires_at"],
-        access_expires_in=int(access_left),
-        refresh_expires_at=item["refresh_expires_at"],
-        refresh_expires_in=int(refresh_left),
-        refresh_expiry_estimated=item.get("refresh_expiry_estimated"),
-        refreshed_at=item.get("refreshed_at"),
-        next_refresh_at=item.get("next_refresh_at"),
-        generation=item.get("generation"),
-        rotations=len(rotations),
-        last_rotation_at=rotations[-1]["at"] if rotations else None,
-        relogin_reason=item.get("relogin_reason"),
-        user_id=item.get("user_id"),
-        access_fingerprint=item.get("access_fingerprint"),
-        refresh_fingerprint=item.get("refresh_fingerprint"),
-    )
-    access_when = f"in {format_duration(access_left)}" if access_left > 0 else "EXPIRED"
-    estimated = ", estimated" if item.get("refresh_expiry_estimated") else ""
-    refresh_when = (
-        f"in {format_duration(refresh_left)}{estimated}" if refresh_left > 0 else "EXPIRED"
-    )
-    lines = [
-        f"  access token:  expires {_local_time(item['access_expires_at'])} ({access_when})",
-        f"  refresh token: expires {_local_time(item['refresh_expires_at'])} ({refresh_when})",
-        f"  last refresh:  {_local_time(item.get('refreshed_at'), 'never')}",
-        f"  next refresh:  {_local_time(item.get('next_refresh_at'))}",
-        f"  generation:    {item.get('generation')}",
-        f"  rotations:     {len(rotations)}"
-        + (f" (last {_local_time(rotations[-1]['at'])})" if rotations else ""),
-        f"  daemon:        running, health {health}",
-    ]
-    return Assessment(name, level, problems, None, data, lines=lines)
-
-
 @main.command()
 def reload() -> None:
     """Make the running daemon re-read its configuration; return once it has (ExecReload).
@@ -1246,13 +1180,13 @@ def reload() -> None:
     sock = socket_path_without_secrets(_settings().config_path)
     if not daemon_running(sock):
         _fail(f"kakao-tokend is not running (nothing answers on {sock})")
-        click.get_current_context().exit(EXIT_FAILURE)
+        click.get_current_context().exit(FAILURE)
     code, body = _run_async(call(sock, "POST", "/v1/reload"))
     if code == 200 and body.get("ok"):
         click.echo(str(body.get("message") or "reloaded"))
         return
     _fail(f"reload refused, the daemon keeps its previous configuration: {body.get('message')}")
-    click.get_current_context().exit(EXIT_FAILURE)
+    click.get_current_context().exit(FAILURE)
 
 
 # --------------------------------------------------------------------------- logout
@@ -1355,21 +1289,15 @@ def doctor(consumer: str | None, as_json: bool) -> None:
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--consumer") from None
 
-    def grade(
-        name: str, state: AccountState | None, now: datetime, error: str | None
-    ) -> tuple[int, list[str]]:
-        graded = assess(name, state, now, load_error=error)
-        return graded.level, graded.problems
-
-    findings = _run_async(run_checks(_settings().config_path, grade, consumer=who))
-    worst = max((f.level for f in findings if not f.skipped), default=EXIT_OK)
+    findings = _run_async(run_checks(_settings().config_path, consumer=who))
+    worst = max((f.level for f in findings if not f.skipped), default=OK)
     if as_json:
         document = {"exit_code": worst, "checks": [f.to_dict() for f in findings]}
         click.echo(json.dumps(document, indent=2, ensure_ascii=False))
     else:
         ok, bad, skip = _marks()
         for finding in findings:
-            mark = skip if finding.skipped else (ok if finding.level == EXIT_OK else bad)
+            mark = skip if finding.skipped else (ok if finding.level == OK else bad)
             click.echo(f"{mark} {finding.name}: {finding.detail}")
             if finding.fix and not finding.skipped and finding.level:
                 click.echo(f"    fix: {finding.fix}")
@@ -1412,7 +1340,7 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
       df -h / | tail -n 1 | kakao-tokend memo
       kakao-tokend memo "배포 끝" --link https://example.com/deploys --button-title "보기"
     """
-    from .apiclient import DaemonNotRunning, daemon_running, socket_path
+    from .apiclient import DaemonNotRunning, daemon_running
     from .memo import link_problem, send_via_daemon, text_problem, text_template
 
     if text is None or text == "-":
@@ -1430,10 +1358,10 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
     settings = _settings()
     name = settings.account_name()
     config = settings.config(secrets=False)
-    sock = socket_path(config)
+    sock = config.api_socket
     if daemon_running(sock):
         try:
-            _run_async(send_via_daemon(sock, template, account=name))
+            _run_async(send_via_daemon(sock, template, account=config.accounts[name]))
         except DaemonNotRunning:
             pass  # it stopped in between; nothing was sent
         else:
@@ -1457,7 +1385,7 @@ async def _send_memo_directly(
     async with create_session() as session:
         client = KakaoClient(session, account.app)
         try:
-            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            await send_direct(client, state.tokens.access_token, template, account=account)
             return
         except AccessTokenRejected:
             pass  # revoked or expired early: one forced refresh, then one more try
@@ -1465,9 +1393,9 @@ async def _send_memo_directly(
             account, config, min_valid=None, lock_timeout=lock_timeout
         )
         try:
-            await send_direct(client, state.tokens.access_token, template, account=account.name)
+            await send_direct(client, state.tokens.access_token, template, account=account)
         except AccessTokenRejected:
-            raise refusal(-401, "", account=account.name, status=401) from None
+            raise refusal(-401, "", account=account, status=401) from None
 
 
 # --------------------------------------------------------------------------- daemon / tools
@@ -1481,28 +1409,6 @@ def _active_alerts(account: AccountConfig) -> list[dict[str, Any]]:
     from .store import AccountStore
 
     return active_alerts((AccountStore(account).load_alerts() or {}).get("active") or {})
-
-
-def _current_alerts(
-    account: AccountConfig, state: AccountState | None, now: datetime
-) -> list[dict[str, Any]]:
-    """The daemon's recorded alerts, minus those about tokens a login or import replaced.
-
-    With no daemon running (or one that has not seen the new state yet) the bookkeeping can
-    still list `no_tokens`, `relogin` or `refresh_expiry` for the old tokens; next to the new
-    state's OK they would only mislead. A daemon re-evaluates them (and announces the
-    resolution) as soon as it sees the new state.
-    """
-    alerts = _active_alerts(account)
-    if state is None:
-        return alerts
-    stale = {"no_tokens"}
-    if not state.relogin_reason:
-        stale.add("relogin")
-    left = state.tokens.refresh_remaining(now).total_seconds()
-    if left > 0 and not any(left < threshold for threshold in account.alerts.thresholds):
-        stale.add("refresh_expiry")
-    return [alert for alert in alerts if alert["condition"] not in stale]
 
 
 @main.group()
@@ -1558,7 +1464,7 @@ def alerts_test() -> None:
             else:
                 failed += 1
                 click.echo(f"{name}: {channel}: FAILED: {reason}")
-    click.get_current_context().exit(EXIT_FAILURE if failed else EXIT_OK)
+    click.get_current_context().exit(FAILURE if failed else OK)
 
 
 # --------------------------------------------------------------------------- store
@@ -1648,8 +1554,79 @@ def store_rotate_key(batch: int) -> None:
             "node without the new key may have re-sealed them: give every node the same key "
             "file, reload them and run this again"
         )
-        click.get_current_context().exit(EXIT_FAILURE)
+        click.get_current_context().exit(FAILURE)
     click.echo(f"all {total} account(s) are under key {result.newest}; older keys are unused")
+
+
+@store.command("migrate")
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["postgres", "file"]),
+    required=True,
+    help="Where the accounts go: into the PostgreSQL store, or back into the files.",
+)
+@LOCK_TIMEOUT_OPTION
+def store_migrate(target: str, lock_timeout: float) -> None:
+    """Move every account (tokens, history, alert bookkeeping) to the other store.
+
+    Stop kakao-tokend first: the migration refuses while a daemon runs on the files or a
+    node is connected to the database. Afterwards the old side is marked moved and every
+    daemon and writing command refuses it, naming where the accounts went; published token
+    files stay. Safe to run again: a run that was interrupted is finished, one that is done
+    says so. docs/fleet.md §12.
+
+    \b
+    Example:
+      systemctl stop kakao-tokend
+      kakao-tokend store migrate --to postgres    # then set [store] backend = "postgres"
+      kakao-tokend store migrate --to file        # back; then [store] backend = "file"
+    """
+    from .fleet.migrate import Step, migrate
+
+    settings = _settings()
+    if settings.account is not None:
+        raise click.UsageError(
+            "store migrate moves every account of the configuration together; drop --account"
+        )
+    config = settings.config()
+    report = _run_async(
+        migrate(config, "file" if target == "file" else "postgres", lock_timeout=lock_timeout)
+    )
+    store_name = f"PostgreSQL store {report.store_id} ({report.database})"
+    if report.nothing_to_do is not None:
+        click.echo(f"nothing to do: {report.nothing_to_do}")
+        return
+    source, dest = (
+        (report.files, store_name) if target == "postgres" else (store_name, report.files)
+    )
+    moved = report.names(Step.COPY, Step.UPDATE, Step.SAME)
+    click.echo(f"moved {len(moved)} account(s) from {source} to {dest}:")
+    for step in (Step.COPY, Step.UPDATE, Step.SAME, Step.REMOVE, Step.KEEP):
+        names = report.names(step)
+        if names:
+            click.echo(f"  {step.value}: {', '.join(names)}")
+    click.echo(f"  alert records: {report.alerts}")
+    if report.others:
+        click.echo(f"  other accounts in the store, left alone: {', '.join(report.others)}")
+    for path in report.set_aside:
+        click.echo(f"  kept aside: {path}")
+    where = config.source or "the configuration"
+    if target == "postgres":
+        click.echo(
+            f"the files are marked moved ({', '.join(str(p) for p in report.markers)}): "
+            "kakao-tokend refuses them from now on; published token files stay"
+        )
+        click.echo(
+            f'next: set [store] backend = "postgres" in {where}; '
+            "to move back: kakao-tokend store migrate --to file"
+        )
+    else:
+        click.echo("the store is marked moved: kakao-tokend nodes refuse it from now on")
+        click.echo(
+            f'next: set [store] backend = "file" in {where} and start kakao-tokend; '
+            "to move back: kakao-tokend store migrate --to postgres"
+        )
 
 
 @main.command()
@@ -1753,4 +1730,4 @@ def emulator(
         ) from None
 
 
-__all__ = ["assess", "exit_code_for", "main"]
+__all__ = ["exit_code_for", "main"]

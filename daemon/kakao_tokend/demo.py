@@ -19,13 +19,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
-from .alerts import Alert, current_conditions
+from .alerts import Alert
 from .config import AccountConfig, AlertsConfig, RefreshPolicy, load_config
 from .emulator import EmulatorSettings, running_emulator
+from .health import assess
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from .refresher import AccountEvent, AccountManager, Health
 from .service import serve
 from .state import AccountState
+from .status import AccountEvent, AccountStatus, EventKind
 from .store import AccountStore
 from .systemd import setup_logging
 from .tokens import format_duration, utcnow
@@ -152,21 +153,19 @@ async def auto_login(
 def demonstration_alert(account: AccountConfig, state: AccountState, client: KakaoClient) -> Alert:
     """Return the alert a person would get a day before a real refresh token dies.
 
-    The real alert code words it (current_conditions with Kakao's real thresholds), for a
-    copy of the demo's token set whose refresh token has DEMONSTRATED_REFRESH_LEFT left.
+    The real grading words it (health.assess with Kakao's real thresholds), for a copy of
+    the demo's token set whose refresh token has DEMONSTRATED_REFRESH_LEFT left.
     """
     now = utcnow()
     doomed = replace(
         state.tokens, refresh_expires_at=now + timedelta(seconds=DEMONSTRATED_REFRESH_LEFT)
     )
-    manager = AccountManager(
-        account, store=AccountStore(account), client=client, policy=RefreshPolicy()
+    status = AccountStatus()
+    status.adopted(state)
+    graded = assess(
+        account, replace(state, tokens=doomed), status, RefreshPolicy(), now, alerts=AlertsConfig()
     )
-    manager.state = replace(state, tokens=doomed)
-    manager.status.health = Health.OK
-    (condition,) = [
-        c for c in current_conditions(manager, AlertsConfig(), now) if c.name == "refresh_expiry"
-    ]
+    (condition,) = [c for c in graded.conditions if c.name == "refresh_expiry"]
     return Alert(
         account.name,
         condition.name,
@@ -179,12 +178,12 @@ def demonstration_alert(account: AccountConfig, state: AccountState, client: Kak
 
 
 def _print_event(event: AccountEvent) -> None:
-    if event.kind == "rotated":
+    if event.kind is EventKind.ROTATED:
         print(
             f"  ↻ rotation: Kakao issued a new refresh token ({event.data['fingerprint']});"
             " it is already on disk, the old one is dead now"
         )
-    elif event.kind in ("relogin", "config", "write_failed"):
+    elif event.kind in (EventKind.RELOGIN, EventKind.CONFIG, EventKind.WRITE_FAILED):
         print(f"  ! {event.message}")
 
 

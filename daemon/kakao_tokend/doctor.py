@@ -31,7 +31,10 @@ from .errors import (
     ReloginRequired,
     StoreError,
 )
+from .exitcodes import CRITICAL, OK, WARNING
+from .health import assess
 from .kakao import AccessTokenRejected, KakaoClient, create_session
+from .relogin import cli_command, login_command
 from .state import AccountState
 from .store import STATE_FILE_MODE, AccountStore
 from .tokens import Clock, format_duration, utcnow
@@ -39,7 +42,6 @@ from .tokens import Clock, format_duration, utcnow
 __all__ = [
     "CLOCK_SKEW_LIMIT",
     "Finding",
-    "Grade",
     "check_accounts",
     "check_clock",
     "check_config",
@@ -51,7 +53,6 @@ __all__ = [
     "run_checks",
 ]
 
-OK, WARNING, CRITICAL = 0, 1, 2
 #: Beyond this the clock is wrong enough to notice (Kakao's Date has 1 s resolution).
 CLOCK_SKEW_LIMIT = 10.0
 #: systemd's marker for "booted with systemd" (sd_booted(3)).
@@ -64,9 +65,6 @@ SYSTEM_UNIT_DIRS = (
     Path("/lib/systemd/system"),
 )
 UNIT_NAMES = ("kakao-tokend.service", "kakao-tokend@.service")
-
-#: Grades one account like `status`: (name, state or None, now, load error) → (level, problems).
-Grade = Callable[[str, AccountState | None, datetime, str | None], tuple[int, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -178,16 +176,17 @@ def check_directories(config: Config) -> list[Finding]:
     """The state and runtime directories, and the account files: owners and modes."""
     uid, user = expected_owner(config)
     findings: list[Finding] = []
-    socket_dir = (config.api.socket or config.runtime_dir / "api.sock").parent
+    socket_dir = config.api_socket.parent
     places = {config.state_dir: "state directory", socket_dir: "socket directory"}
     for directory, label in places.items():
-        findings.append(_check_directory(directory, label, uid, user))
+        login = login_command(config.account())
+        findings.append(_check_directory(directory, label, uid, user, login=login))
     for account in config.accounts.values():
         findings.extend(_check_account_files(account, uid, user))
     return findings
 
 
-def _check_directory(directory: Path, label: str, uid: int, user: str) -> Finding:
+def _check_directory(directory: Path, label: str, uid: int, user: str, *, login: str) -> Finding:
     try:
         info = directory.stat()
     except FileNotFoundError:
@@ -196,7 +195,7 @@ def _check_directory(directory: Path, label: str, uid: int, user: str) -> Findin
                 label,
                 WARNING,
                 f"{directory} does not exist yet",
-                "`kakao-tokend login` (or `import`) creates it with the first tokens",
+                f"`{login}` (or `import`) creates it with the first tokens",
             )
         return Finding(label, OK, f"{directory} does not exist yet; the daemon creates it")
     except OSError as exc:
@@ -267,7 +266,7 @@ def _check_account_files(account: AccountConfig, uid: int, user: str) -> list[Fi
                 name,
                 WARNING,
                 f"{account.token_file} is {access.describe(info)}, the config says {want}",
-                f"`kakao-tokend{_flag(account.name)} refresh` rewrites it with the configured"
+                f"`{cli_command(account, 'refresh')}` rewrites it with the configured"
                 " mode and group",
             )
         )
@@ -285,26 +284,22 @@ def _gid(group: str | int | None) -> int | None:
         return None
 
 
-def _flag(name: str) -> str:
-    return "" if name == "default" else f" --account {name}"
-
-
 # --------------------------------------------------------------------------- state and Kakao
 
 
 def check_accounts(
-    config: Config, grade: Grade, *, now: datetime
+    config: Config, *, now: datetime
 ) -> tuple[list[Finding], dict[str, AccountState]]:
-    """Each account's state, graded like `status`; return the findings and the states."""
+    """Each account's state, graded like `status` (health.assess); the findings and states."""
     findings: list[Finding] = []
     states: dict[str, AccountState] = {}
     for name, account in config.accounts.items():
-        load_error: str | None = None
+        load_error: StoreError | None = None
         try:
             state = AccountStore(account).load()
         except StoreError as exc:
-            state, load_error = None, str(exc)
-        level, problems = grade(name, state, now, load_error)
+            state, load_error = None, exc
+        graded = assess(account, state, None, config.refresh, now, load_error=load_error)
         if state is not None:
             states[name] = state
             tokens = state.tokens
@@ -316,22 +311,15 @@ def check_accounts(
             )
         else:
             detail = "no usable state"
-        if problems:
-            detail += ": " + "; ".join(problems)
-        findings.append(Finding(f"{name}: state", level, detail, _state_fix(name, state, level)))
+        conditions = graded.ordered()
+        if conditions:
+            detail += ": " + "; ".join(c.message.render("en") for c in conditions)
+        fix = None
+        if conditions:
+            worst = conditions[0]
+            fix = f"`{worst.command}`" if worst.command else worst.action.render("en")
+        findings.append(Finding(f"{name}: state", graded.level, detail, fix))
     return findings, states
-
-
-def _state_fix(name: str, state: AccountState | None, level: int) -> str | None:
-    """The command for a state that is not OK: log in, or refresh an expired access token."""
-    if level == OK:
-        return None
-    login = f"`kakao-tokend{_flag(name)} login`"
-    if level == CRITICAL or state is None:
-        return login
-    if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
-        return f"`kakao-tokend{_flag(name)} refresh`, and check that the daemon runs"
-    return f"{login} before the refresh token runs out (a running daemon rotates it by itself)"
 
 
 def _left(seconds: float) -> str:
@@ -354,13 +342,11 @@ async def check_live(config: Config, states: dict[str, AccountState]) -> list[Fi
                         label,
                         WARNING,
                         "Kakao no longer accepts the stored access token (-401)",
-                        f"`kakao-tokend{_flag(name)} refresh`",
+                        f"`{cli_command(account, 'refresh')}`",
                     )
                 )
             except ReloginRequired as exc:
-                findings.append(
-                    Finding(label, CRITICAL, str(exc), f"`kakao-tokend{_flag(name)} login`")
-                )
+                findings.append(Finding(label, CRITICAL, str(exc), f"`{login_command(account)}`"))
             except KakaoConfigError as exc:
                 findings.append(Finding(label, CRITICAL, str(exc), exc.hint))
             except KakaoError as exc:
@@ -413,9 +399,9 @@ async def check_clock(config: Config, *, clock: Clock = utcnow) -> Finding:
 
 def check_socket(config: Config) -> Finding:
     """Whether the calling user reaches the daemon over its socket."""
-    from .apiclient import daemon_running, socket_path
+    from .apiclient import daemon_running
 
-    sock = socket_path(config)
+    sock = config.api_socket
     try:
         running = daemon_running(sock)
     except KakaoTokendError as exc:
@@ -432,8 +418,6 @@ def check_socket(config: Config) -> Finding:
 
 def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
     """Whether ``who`` can read each published token file and connect to the socket."""
-    from .apiclient import socket_path
-
     findings: list[Finding] = []
     own = [config.state_dir, config.runtime_dir]
     for account in config.accounts.values():
@@ -447,7 +431,7 @@ def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
                 _publish_fix(account, who),
             )
         )
-    sock = socket_path(config)
+    sock = config.api_socket
     socket_fix = (
         f'set [api] socket_group = "{who.name if who.kind == "group" else "GROUP"}"'
         ' (and socket_mode = "0660") in the config, then restart the daemon'
@@ -527,13 +511,11 @@ def check_group_access(config: Config) -> list[Finding]:
             _group_way(f"{account.name}: [publish] group", account.token_file, who, "read", own)
         )
     if config.api.socket_group is not None:
-        from .apiclient import socket_path
-
         try:
             who = access.group_identity(str(config.api.socket_group))
         except (KeyError, ValueError, OverflowError):
             return findings
-        findings.append(_group_way("[api] socket_group", socket_path(config), who, "connect", own))
+        findings.append(_group_way("[api] socket_group", config.api_socket, who, "connect", own))
     return findings
 
 
@@ -639,7 +621,6 @@ def _user_unit_dirs() -> list[Path]:
 
 async def run_checks(
     config_path: Path | None,
-    grade: Grade,
     *,
     consumer: access.Identity | None = None,
     clock: Clock = utcnow,
@@ -649,7 +630,7 @@ async def run_checks(
     if config is None:
         return findings
     findings += check_directories(config)
-    account_findings, states = check_accounts(config, grade, now=clock())
+    account_findings, states = check_accounts(config, now=clock())
     findings += account_findings
     findings += await check_live(config, states)
     findings.append(await check_clock(config, clock=clock))

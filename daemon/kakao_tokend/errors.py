@@ -4,6 +4,8 @@ Our exception hierarchy::
 
     KakaoTokendError                 base of everything we raise on purpose
     ├── ConfigError                  the configuration is wrong; `details` lists (key path, problem)
+    ├── ImportFileError              the file given to `import` is not a usable token file
+    ├── ImportUnverified             Kakao could not be asked whether imported tokens still work
     ├── StoreError                   the token store (files or PostgreSQL) could not be used
     │   ├── StoreLocked              another process holds the account's lock
     │   ├── StateCorrupt             unreadable state file; moved aside, never overwritten
@@ -12,6 +14,8 @@ Our exception hierarchy::
     │   ├── StoreUnavailable         the PostgreSQL store cannot be reached right now: retry
     │   ├── StoreSchemaMismatch      the database's schema is newer than this code (or was edited)
     │   ├── TokenDecryptError        a stored token does not decrypt (wrong key, moved, tampered)
+    │   ├── StoreMoved               `store migrate` moved the accounts to the other store: this
+    │                                one is inert and refused (exit 78, like a bad config)
     │   └── UnsafePath               another user could change a directory or file we use, or it
     │                                is a symlink: refused, never used (exit 78 like a bad config)
     └── KakaoError                   Kakao answered with an error, or did not answer
@@ -67,6 +71,14 @@ class ConfigError(KakaoTokendError):
         return "\n".join(lines)
 
 
+class ImportFileError(KakaoTokendError):
+    """The file to import is not a usable token file (the CLI exits with EX_DATAERR, 65)."""
+
+
+class ImportUnverified(KakaoTokendError):
+    """Kakao could not be asked whether the file's tokens still work (the CLI exits 69)."""
+
+
 class StoreError(KakaoTokendError):
     """A token or state file could not be read, written or locked."""
 
@@ -117,6 +129,15 @@ class StoreSchemaMismatch(StoreError):
 
 class TokenDecryptError(StoreError):
     """A stored ciphertext does not decrypt: wrong or missing key, moved between rows, tampered."""
+
+
+class StoreMoved(StoreError):
+    """`kakao-tokend store migrate` moved this store's accounts to the other store.
+
+    Using the old copy would make a second live copy of every refresh token (the first
+    rotation on either side kills the other), so every entry point refuses it until the
+    configuration points at the store the accounts went to (or they are migrated back).
+    """
 
 
 class KakaoError(KakaoTokendError):

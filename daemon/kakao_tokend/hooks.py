@@ -13,15 +13,13 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .alerts import PASSED_ENV
-from .refresher import AccountEvent, AccountManager
-
-if TYPE_CHECKING:
-    from .service import Daemon
+from .daemon import Daemon
+from .refresher import AccountManager
+from .status import NEW_TOKENS, AccountEvent
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class HookRunner:
         A state adopted from another process (CLI `login`, `refresh`, `import`) runs the hooks
         exactly like the daemon's own refresh.
         """
-        if event.kind not in ("refreshed", "adopted"):
+        if event.kind not in NEW_TOKENS:
             return
         manager = self.daemon.managers.get(event.account)
         if manager is None or manager.state is None:

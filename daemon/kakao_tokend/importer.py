@@ -15,6 +15,8 @@ from typing import Any
 
 from .config import AccountConfig
 from .errors import (
+    ImportFileError,
+    ImportUnverified,
     KakaoConfigError,
     KakaoError,
     KakaoRequestRejected,
@@ -25,6 +27,7 @@ from .errors import (
     StoreWriteError,
 )
 from .kakao import AccessTokenRejected, KakaoClient
+from .relogin import login_command
 from .state import AccountState
 from .store import AccountStore, ensure_reserve, make_dirs
 from .tokens import Clock, TokenSet, format_time, in_rotation_window, utcnow
@@ -48,10 +51,6 @@ _TOKEN_FIELDS = {
 _DROPPED_FIELDS = {"app_key"}
 
 
-class ImportFileError(KakaoTokendError):
-    """The file to import is not a usable token file (the CLI exits with EX_DATAERR, 65)."""
-
-
 class StateExists(KakaoTokendError):
     """The account already has state and --force was not given."""
 
@@ -71,10 +70,6 @@ class SeedFile:
     #: The REST API key the seed refresh script stores next to the tokens, if present.
     app_key: str | None = field(default=None, repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
-
-
-class ImportUnverified(KakaoTokendError):
-    """Kakao could not be asked whether the file's tokens still work (the CLI exits 69)."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +95,11 @@ def _duration(data: Mapping[str, Any], name: str, default: int, path: Path) -> i
     return int(value)
 
 
-def read_seed_file(path: Path) -> SeedFile:
-    """Read and check a seed-style token file; raise ImportFileError with one clear line."""
+def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile:
+    """Read and check a seed-style token file; raise ImportFileError with one clear line.
+
+    ``login`` is the account's login command, for the refusal of a file without a refresh token.
+    """
     try:
         raw = path.read_bytes()
         mtime = datetime.fromtimestamp(os.stat(path).st_mtime, UTC)
@@ -130,7 +128,7 @@ def read_seed_file(path: Path) -> SeedFile:
                 raise ImportFileError(
                     f"{path}: has no refresh_token (a refresh script probably overwrote the file "
                     "with a refresh response); without it the tokens cannot be kept fresh — "
-                    "run `kakao-tokend login` instead"
+                    f"run `{login}` instead"
                 )
             raise ImportFileError(f"{path}: has no access_token; is this a Kakao token file?")
         value = data[name]
@@ -220,7 +218,7 @@ async def import_seed_file(
     force: bool = False,
     verify: bool = True,
     rotation_window: float = 30 * 86400.0,
-    login_hint: str = "run `kakao-tokend login` to get new tokens",
+    login_hint: str | None = None,
     clock: Clock = utcnow,
     lock_timeout: float = 10.0,
 ) -> ImportResult:
@@ -236,7 +234,9 @@ async def import_seed_file(
     that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
     reach raises :class:`ImportUnverified`; nothing is written in either case.
     """
-    seed = read_seed_file(path)
+    login = login_command(account)
+    login_hint = login_hint or f"run `{login}` to get new tokens"
+    seed = read_seed_file(path, login=login)
     if seed.app_key is not None and seed.app_key != account.app.rest_api_key:
         raise ImportFileError(
             f"{path}: its app_key differs from the REST API key configured for account "
@@ -380,7 +380,7 @@ async def _verify_by_refresh(
     raise StoreWriteError(
         f"Kakao accepted the refresh token{' and rotated it' if rotated else ''}, but the new "
         f"tokens could not be saved: {last}",
-        hint="free disk space / fix permissions, then run `kakao-tokend login`",
+        hint=f"free disk space / fix permissions, then {login_hint}",
     )
 
 

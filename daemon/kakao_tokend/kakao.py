@@ -137,6 +137,10 @@ def new_state() -> str:
     return secrets.token_urlsafe(24)
 
 
+#: Connections the process-wide HTTP session keeps open at most (aiohttp queues the rest).
+CONNECTION_LIMIT = 10
+
+
 def create_session() -> aiohttp.ClientSession:
     """Create the process-wide HTTP session; call inside a running event loop.
 
@@ -146,7 +150,7 @@ def create_session() -> aiohttp.ClientSession:
     """
     connector = aiohttp.TCPConnector(
         resolver=aiohttp.ThreadedResolver(),
-        limit=10,
+        limit=CONNECTION_LIMIT,
         ttl_dns_cache=60,
     )
     return aiohttp.ClientSession(
@@ -349,6 +353,9 @@ class _Response:
 
 class KakaoClient:
     """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
+
+    # One per account: slots keep a thousand of them small.
+    __slots__ = ("_app", "_clock", "_session")
 
     def __init__(
         self, session: aiohttp.ClientSession, app: KakaoApp, *, clock: Clock = utcnow

@@ -19,7 +19,7 @@ from aiohttp import web
 from .config import AccountConfig
 from .errors import KakaoError, KakaoTokendError, StateCorrupt
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from .refresher import login_command
+from .relogin import login_command
 from .state import AccountState
 from .store import AccountStore
 from .tokens import Clock, TokenSet, utcnow
@@ -145,7 +145,7 @@ def check_pasted(text: str, *, redirect_uri: str, state: str) -> dict[str, str]:
     return params
 
 
-def koe006_help(redirect_uri: str, account: str) -> str:
+def koe006_help(redirect_uri: str, account: AccountConfig) -> str:
     """Explain the one login failure that never reaches us: Kakao's KOE006 error page."""
     return (
         f"Still waiting. If the browser shows a Kakao error page with KOE006, Kakao does not know"
@@ -232,15 +232,14 @@ class LoginFlow:
         if (via == "browser" or "state" in params) and not self.matches_state(params):
             raise LoginStateMismatch(
                 "the login answer does not belong to this login attempt (state mismatch)",
-                hint=f"close old Kakao login tabs and run `{login_command(self.account.name)}`"
-                " again",
+                hint=f"close old Kakao login tabs and run `{login_command(self.account)}` again",
             )
         error = params.get("error")
         if error:
             if error == "access_denied":
                 raise LoginCancelled(
                     "login was cancelled on Kakao's consent page",
-                    hint=f"run `{login_command(self.account.name)}` again and press Agree",
+                    hint=f"run `{login_command(self.account)}` again and press Agree",
                 )
             description = params.get("error_description") or "no description"
             raise LoginFailed(
@@ -307,7 +306,7 @@ class LoginFlow:
             return _page(
                 "Login cancelled",
                 "You cancelled the Kakao login, so no tokens were stored. "
-                f"Run `{login_command(self.account.name)}` again and press Agree to continue.",
+                f"Run `{login_command(self.account)}` again and press Agree to continue.",
                 ok=False,
             )
         except KakaoTokendError as exc:
@@ -345,7 +344,7 @@ class LoginFlow:
         explain = loop.call_later(
             min(KOE006_HELP_AFTER, timeout / 4),
             notify,
-            koe006_help(self.redirect.uri, self.account.name),
+            koe006_help(self.redirect.uri, self.account),
         )
         async with create_session() as session:
             self._client = KakaoClient(session, self.account.app, clock=self.clock)
@@ -390,7 +389,7 @@ class LoginFlow:
                 except TimeoutError:
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
-                        hint=f"run `{login_command(self.account.name)} --timeout 10m` again"
+                        hint=f"run `{login_command(self.account)} --timeout 10m` again"
                         " for more time",
                     ) from None
             finally:

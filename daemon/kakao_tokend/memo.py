@@ -24,6 +24,7 @@ from .errors import (
     StateMissing,
 )
 from .kakao import MEMO_PATH, MEMO_TEXT_LIMIT, KakaoClient
+from .relogin import Named, cli_command
 
 __all__ = [
     "MEMO_TEXT_LIMIT",
@@ -83,12 +84,12 @@ def text_template(
     return template
 
 
-def _login(account: str, scope: str | None = None) -> str:
-    command = "kakao-tokend" + ("" if account == "default" else f" --account {account}")
-    return f"{command} login" + (f" --scope {scope}" if scope else "")
+def _login(account: Named, scope: str | None = None) -> str:
+    """The account's login command (relogin.cli_command), asking for ``scope`` if given."""
+    return cli_command(account, "login", *(("--scope", scope) if scope else ()))
 
 
-def refusal(code: int | None, message: str, *, account: str, status: int) -> KakaoTokendError:
+def refusal(code: int | None, message: str, *, account: Named, status: int) -> KakaoTokendError:
     """Turn Kakao's answer to a refused message into an error that says what to do.
 
     ``code`` is Kakao's kapi code (``-402`` ...), ``message`` its ``msg`` (or our own text).
@@ -98,7 +99,7 @@ def refusal(code: int | None, message: str, *, account: str, status: int) -> Kak
     quoted = f": {message[:_QUOTE_LIMIT]}" if message else ""
     if code == -402:
         return ReloginRequired(
-            f"account '{account}' may not send KakaoTalk messages: the user has not agreed to"
+            f"account '{account.name}' may not send KakaoTalk messages: the user has not agreed to"
             " the talk_message consent item (-402)",
             code="-402",
             hint=f"enable it in Kakao Developers ({CONSENT_MENU}), then log in again asking"
@@ -106,7 +107,7 @@ def refusal(code: int | None, message: str, *, account: str, status: int) -> Kak
         )
     if code == -401:
         return ReloginRequired(
-            f"Kakao rejected account '{account}''s access token, even after a refresh (-401)",
+            f"Kakao rejected account '{account.name}''s access token, even after a refresh (-401)",
             code="-401",
             hint=f"run `{_login(account)}`",
         )
@@ -119,7 +120,8 @@ def refusal(code: int | None, message: str, *, account: str, status: int) -> Kak
         )
     if code == -501:
         return KakaoRequestRejected(
-            f"account '{account}' is not a KakaoTalk user, so there is no chat to send to (-501)",
+            f"account '{account.name}' is not a KakaoTalk user, so there is no chat to send to"
+            " (-501)",
             code="-501",
         )
     if code in _QUOTAS:
@@ -147,7 +149,7 @@ def refusal(code: int | None, message: str, *, account: str, status: int) -> Kak
 
 
 async def send_direct(
-    client: KakaoClient, access_token: str, template: Mapping[str, Any], *, account: str
+    client: KakaoClient, access_token: str, template: Mapping[str, Any], *, account: Named
 ) -> None:
     """Send straight to Kakao; a rejected token is re-raised for the caller to refresh once.
 
@@ -175,7 +177,7 @@ async def send_direct(
 
 
 async def send_via_daemon(
-    socket: Path, template: Mapping[str, Any], *, account: str, timeout: float = 60.0
+    socket: Path, template: Mapping[str, Any], *, account: Named, timeout: float = 60.0
 ) -> None:
     """Send through the daemon's /kapi proxy (it holds the token and retries after a -401).
 
@@ -189,7 +191,7 @@ async def send_via_daemon(
         "POST",
         "/kapi" + MEMO_PATH,
         data={"template_object": json.dumps(template, ensure_ascii=False)},
-        headers={"X-Kakao-Account": account},
+        headers={"X-Kakao-Account": account.name},
         timeout=timeout,
     )
     if status == 200 and _int(body.get("result_code")) in (None, 0):
@@ -205,12 +207,12 @@ async def send_via_daemon(
     )
 
 
-def _daemon_refusal(status: int, message: str, *, account: str) -> KakaoError | StateMissing:
+def _daemon_refusal(status: int, message: str, *, account: Named) -> KakaoError | StateMissing:
     if status == 409:
         return StateMissing(message, hint=f"run `{_login(account)}`")
     if status == 404:
         return KakaoRequestRejected(
-            f"the running daemon does not serve account '{account}' ({message})",
+            f"the running daemon does not serve account '{account.name}' ({message})",
             hint="if the account was added to the config after the daemon started, run"
             " `kakao-tokend reload`",
         )

@@ -6,7 +6,6 @@ import logging
 import platform
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -25,16 +24,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .refresher import AccountEvent, Health
-
-if TYPE_CHECKING:
-    from .service import Daemon
+from .daemon import Daemon
+from .health import Severity
+from .status import FAILURES, AccountEvent, EventKind, Health
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: Events that are refresh failures, with the data key naming their class.
-_FAILURE_EVENTS = frozenset({"retrying", "relogin", "config"})
 #: Upper bounds (seconds) for Kakao's answer to a refresh: normally well under a second; the
 #: default [kakao] timeout is 30 s.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -60,10 +56,10 @@ class DaemonCollector(Collector):
 
     def on_event(self, event: AccountEvent) -> None:
         """Manager listener: count a failure under its class; time each refresh call."""
-        if event.kind in _FAILURE_EVENTS:
+        if event.kind in FAILURES:
             label = str(event.data.get("error_class") or event.kind)
             self.failures[(event.account, label)] += 1
-        elif event.kind == "refresh_call":
+        elif event.kind is EventKind.REFRESH_CALL:
             outcome = str(event.data.get("outcome", "failure"))
             seconds = float(event.data.get("seconds", 0.0))
             self.durations.labels(event.account, outcome).observe(max(0.0, seconds))
@@ -97,6 +93,21 @@ class DaemonCollector(Collector):
             "1 for the account's current health state, 0 for the others.",
             labels=["account", "state"],
         )
+        level = GaugeMetricFamily(
+            "kakao_tokend_account_level",
+            "The account's grade, as `kakao-tokend status` exits: 0 ok, 1 warning, 2 critical.",
+            labels=["account"],
+        )
+        conditions = GaugeMetricFamily(
+            "kakao_tokend_account_conditions",
+            "Conditions that need a person right now, by severity (what alerts are about).",
+            labels=["account", "severity"],
+        )
+        serving = GaugeMetricFamily(
+            "kakao_tokend_account_serving",
+            "1 while consumers get a valid, published token (what /healthz checks).",
+            labels=["account"],
+        )
         attempts = CounterMetricFamily(
             "kakao_tokend_refresh_attempts",
             "Refresh calls to Kakao since the daemon started.",
@@ -127,17 +138,23 @@ class DaemonCollector(Collector):
                 generation.add_metric([name], state.generation)
             success_at = manager.status.last_success_at
             last_success.add_metric([name], success_at.timestamp() if success_at else 0.0)
-            for health in Health:
+            for state_name in Health:
                 healthy.add_metric(
-                    [name, health.value], 1.0 if manager.status.health is health else 0.0
+                    [name, state_name.value], 1.0 if manager.status.health is state_name else 0.0
                 )
+            graded = manager.health(now)
+            level.add_metric([name], graded.level)
+            serving.add_metric([name], 1.0 if graded.serving_problem is None else 0.0)
+            by_severity = Counter(c.severity for c in graded.conditions)
+            for severity in (Severity.WARNING, Severity.CRITICAL):
+                conditions.add_metric([name, severity.label], by_severity[severity])
             attempts.add_metric([name], counters.get("attempts", 0))
             successes.add_metric([name], counters.get("successes", 0))
             rotations.add_metric([name], counters.get("rotations", 0))
         for (name, label), count in sorted(self.failures.items()):
             if name in daemon.managers:
                 failures.add_metric([name, label], count)
-        yield from (access, refresh, last_success, generation, healthy)
+        yield from (access, refresh, last_success, generation, healthy, level, conditions, serving)
         yield from (attempts, successes, failures, rotations)
         for family in self.durations.collect():
             # Accounts removed by a reload go; so does the _created series (noise here).

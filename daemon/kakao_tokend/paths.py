@@ -16,6 +16,8 @@ APP_NAME = "kakao-tokend"
 #: Environment variable naming the config file; wins over every search location.
 CONFIG_ENV = "KAKAO_TOKEND_CONFIG"
 CONFIG_FILE_NAME = "config.toml"
+#: The local API's socket in the runtime directory, unless [api] socket names another.
+API_SOCKET_NAME = "api.sock"
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,14 @@ def default_runtime_dir(
     )
 
 
+def api_socket_path(runtime_dir: Path, configured: Path | None = None) -> Path:
+    """Return where the local API's socket is: ``[api] socket``, else <runtime_dir>/api.sock.
+
+    The one rule, used by the daemon that binds it and by every command that looks for it.
+    """
+    return configured if configured is not None else runtime_dir / API_SOCKET_NAME
+
+
 def user_config_file() -> Path | None:
     """Return platformdirs' ``user_config_dir()/config.toml``, or None when there is no home."""
     try:
@@ -161,6 +171,23 @@ def user_config_file() -> Path | None:
     if not path.is_absolute() or str(path).startswith("/."):
         return None
     return path / CONFIG_FILE_NAME
+
+
+def found_by_default(source: Path, environ: Mapping[str, str]) -> bool:
+    """Return True when a plain `kakao-tokend` in a login shell finds ``source`` by itself.
+
+    That is: the first existing file of the search path without ``--config``,
+    ``$KAKAO_TOKEND_CONFIG`` and systemd's ``$CONFIGURATION_DIRECTORY`` (which a person's shell
+    does not have). Commands shown to people name any other file with ``--config``.
+    """
+    plain = {k: v for k, v in environ.items() if k not in (CONFIG_ENV, "CONFIGURATION_DIRECTORY")}
+    for candidate in config_search_path(plain):
+        if candidate.is_file():
+            try:
+                return os.path.samefile(candidate, source)
+            except OSError:
+                return False
+    return False
 
 
 def config_search_path(

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from .config import AccountConfig, RefreshPolicy
+from .config import AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import (
     KakaoConfigError,
     KakaoError,
@@ -37,18 +36,20 @@ from .errors import (
     StoreLocked,
     StoreWriteError,
 )
+from .health import AccountHealth, assess
 from .kakao import KakaoClient
 from .relogin import (
     AccessCheck,
     ReloginCause,
     RenderedCause,
     classify,
+    cli_command,
     login_command,
-    parse_cause,
     render,
 )
 from .state import AccountState, goes_backwards
-from .store import AccountStore
+from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
+from .storage import AccountStorage
 from .tokens import (
     Clock,
     TokenSet,
@@ -62,80 +63,18 @@ from .tokens import (
     utcnow,
 )
 
-__all__ = [
-    "AccountEvent",
-    "AccountManager",
-    "AccountStatus",
-    "EventListener",
-    "Health",
-    "login_command",
-]
+__all__ = ["AccountManager"]
 
 log = logging.getLogger(__name__)
 
-# How long a refresh waits for the account's file lock (held briefly by `login`, `refresh`,
+# How long a refresh waits for the account's lock (held briefly by `login`, `refresh`,
 # `import`) before treating the attempt as a transient failure: at most FILE_LOCK_WAIT, and no
 # more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
 LOCK_WAIT_SHARE = 0.02
-FILE_LOCK_POLL = 0.05
-
-
-class Health(enum.StrEnum):
-    """What an account needs, in order of urgency."""
-
-    OK = "ok"
-    RETRYING = "retrying"  # transient failures; backing off
-    NO_STATE = "no_state"  # never logged in (or logged out)
-    RELOGIN = "relogin"  # a person must run `kakao-tokend login`
-    CONFIG = "config"  # the configuration must be fixed (then reload)
-
-
-@dataclass
-class AccountStatus:
-    """Live, in-memory status of one account (not persisted except via AccountState)."""
-
-    health: Health = Health.NO_STATE
-    last_error: str | None = None
-    last_error_class: str | None = None
-    failing_since: datetime | None = None
-    attempt: int = 0
-    next_attempt_at: datetime | None = None
-    last_success_at: datetime | None = None
-    last_attempt_at: datetime | None = None
-    #: The state in memory could not be written to disk yet.
-    write_pending: bool = False
-    write_error: str | None = None
-    #: The token file or an extra token file could not be written yet (retried).
-    publish_pending: bool = False
-    publish_error: str | None = None
-    #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
-    relogin_cause: ReloginCause | None = None
-    #: Another process wrote a state file we did not take as it was (refused or superseded).
-    state_conflict: str | None = None
-    missed_rotation: bool = False
-    counters: dict[str, int] = field(
-        default_factory=lambda: {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
-    )
-
-
-@dataclass(frozen=True)
-class AccountEvent:
-    """Something worth telling an operator (logs already did); consumed by alerts and the demo.
-
-    Kinds: refreshed, rotated, adopted (tokens written by another process were taken over),
-    retrying, relogin, config, write_failed, write_ok, publish_failed, publish_ok, conflict,
-    no_rotation, refresh_call (how long Kakao took to answer a refresh, for /metrics).
-    """
-
-    kind: str
-    account: str
-    message: str
-    at: datetime
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-EventListener = Callable[[AccountEvent], None]
+#: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
+#: per account. Tests that need fixed dice pass their own ``rng``.
+SHARED_RNG = random.Random()
 
 
 class AccountManager:
@@ -145,7 +84,7 @@ class AccountManager:
         self,
         account: AccountConfig,
         *,
-        store: AccountStore,
+        store: AccountStorage,
         client: KakaoClient,
         policy: RefreshPolicy,
         clock: Clock = utcnow,
@@ -157,7 +96,7 @@ class AccountManager:
         self.client = client
         self.policy = policy
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or SHARED_RNG
         self.monotonic = monotonic
         self.state: AccountState | None = None
         self.status = AccountStatus()
@@ -165,8 +104,11 @@ class AccountManager:
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[AccountState | None] | None = None
         self._planned_refresh_at: datetime | None = None
+        #: While the account is held for a change: what to do once it is committed.
+        self._held = False
+        self._after_commit: list[Callable[[], object]] = []
         #: The state file as we last wrote or read it; a different one was written by others.
-        self._disk_signature: tuple[int, int, int] | None = None
+        self._disk_signature: Hashable | None = None
         #: The planned retry on the monotonic clock, which a stepped wall clock cannot move.
         self._retry_due_mono: float | None = None
         self._write_attempt = 0
@@ -220,7 +162,7 @@ class AccountManager:
         if rescued is not None:
             return rescued
         if corrupt is not None:
-            self._set_health(Health.RELOGIN, str(corrupt), "corrupt_state")
+            self.status.unreadable(str(corrupt))
             return None
         self._adopt(state)
         return state
@@ -263,26 +205,8 @@ class AccountManager:
     def _adopt(self, state: AccountState | None) -> None:
         self.state = state
         self._planned_refresh_at = None
-        self.status.state_conflict = None
-        if state is None:
-            self.status.relogin_cause = None
-            self._set_health(
-                Health.NO_STATE,
-                f"no tokens yet: run `{login_command(self.name)}`",
-                "no_state",
-            )
-        elif state.relogin_reason:
-            self.status.relogin_cause = parse_cause(state.relogin_cause)
-            self._set_health(Health.RELOGIN, state.relogin_reason, "relogin")
-        else:
-            self.status.relogin_cause = None
-            self.status.health = Health.OK
-            self.status.last_error = None
-            self.status.last_error_class = None
-            self.status.attempt = 0
-            self.status.failing_since = None
-            self.status.next_attempt_at = None
-            self.status.last_success_at = state.refreshed_at
+        self.status.adopted(state)
+        if self.status.health is Health.OK:
             self._retry_due_mono = None
 
     def notice_outside_changes(self) -> bool:
@@ -307,7 +231,9 @@ class AccountManager:
             if self.state is not None and not self.status.write_pending:
                 log.warning("account %s: state file was removed (logout?)", self.name)
                 self._adopt(None)
-                self._emit("adopted", f"{self.name}: state file removed", {"generation": None})
+                self._emit(
+                    EventKind.ADOPTED, f"{self.name}: state file removed", {"generation": None}
+                )
                 return True
             return False
         if self.state is not None and (
@@ -331,11 +257,11 @@ class AccountManager:
             state.generation,
             state.tokens.refresh_fingerprint,
         )
-        self.status.write_pending = False
+        self.status.write_dropped()
         self._adopt(state)
         self._publish(state)
         self._emit(
-            "adopted",
+            EventKind.ADOPTED,
             f"{self.name}: adopted tokens written by another process",
             {"generation": state.generation},
         )
@@ -373,12 +299,10 @@ class AccountManager:
                 + (f"; the refused file is kept as {aside}" if aside else "")
             )
             log.critical(
-                "account %s: %s — if you really mean to go back to it, run `kakao-tokend%s"
-                " restore %s`",
+                "account %s: %s — if you really mean to go back to it, run `%s`",
                 self.name,
                 message,
-                "" if self.name == "default" else f" --account {self.name}",
-                aside or "BACKUP",
+                cli_command(self.account, "restore", str(aside or "BACKUP")),
             )
             if self._persist(self.state):
                 self._publish(self.state)
@@ -387,8 +311,8 @@ class AccountManager:
             store.unlock()
 
     def _conflict(self, message: str) -> None:
-        self.status.state_conflict = message
-        self._emit("conflict", f"{self.name}: {message}", {})
+        self.status.conflicted(message)
+        self._emit(EventKind.CONFLICT, f"{self.name}: {message}", {})
 
     def planned_refresh_at(self) -> datetime | None:
         """Return when the next refresh (or retry) should run, or None if nothing is planned."""
@@ -440,6 +364,26 @@ class AccountManager:
             self.policy = policy
             self._planned_refresh_at = None
 
+    def reconfigure(
+        self,
+        account: AccountConfig,
+        *,
+        store: AccountStorage,
+        client: KakaoClient,
+        policy: RefreshPolicy,
+    ) -> None:
+        """Apply a reloaded configuration: the account's settings, store, client and policy.
+
+        Call it while no refresh is in flight (:meth:`wait_idle`): a refresh releases its lock
+        through the store it took it with, but a new client under a running request would
+        lose that request's answer. A configuration Kakao refused is tried again at once.
+        """
+        self.account = account
+        self.store = store
+        self.client = client
+        self.set_policy(policy)
+        self.clear_config_error()
+
     def _retry_delay(self, attempt: int, exc: KakaoError | None = None) -> float:
         """Return the wait before retry ``attempt`` (tokens.backoff_delay, the one rule)."""
         assert self.state is not None
@@ -467,7 +411,7 @@ class AccountManager:
         if self.status.write_pending and (
             self._next_write_at is None or now >= self._next_write_at
         ):
-            self._retry_pending_write()
+            await self._retry_pending_write()
         if (
             self.status.publish_pending
             and self.state is not None
@@ -536,45 +480,36 @@ class AccountManager:
         slack = max(2.0, tokens.access_lifetime.total_seconds() * 0.01)
         if kakao_expiry >= tokens.access_expires_at - timedelta(seconds=slack):
             return
-        async with self._lock:
-            store: AccountStore | None = self.store
-            try:
-                await self._acquire_file_lock(self.store)
-            except StoreError:
-                store = None
-            try:
-                if store is not None and not self.status.write_pending:
-                    self.notice_outside_changes()
-                if self.state is not state:
-                    log.info(
-                        "account %s: the tokens changed while Kakao was asked; the earlier"
-                        " expiry it reported no longer applies",
-                        self.name,
-                    )
-                    return
-                log.warning(
-                    "account %s: Kakao says the access token expires %s, %s earlier than"
-                    " computed (clock skew?); planning by Kakao's time",
+        async with self._lock, self._holding(self.store, self._lock_wait()) as busy:
+            if busy is None and not self.status.write_pending:
+                self.notice_outside_changes()
+            if self.state is not state:
+                log.info(
+                    "account %s: the tokens changed while Kakao was asked; the earlier"
+                    " expiry it reported no longer applies",
                     self.name,
-                    format_local_time(kakao_expiry),
-                    format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
                 )
-                corrected = replace(
-                    state,
-                    tokens=replace(
-                        tokens,
-                        access_expires_at=kakao_expiry,
-                        # Keep the lifetime: the token was issued one lifetime before it expires.
-                        access_issued_at=kakao_expiry - tokens.access_lifetime,
-                    ),
-                )
-                self.state = corrected
-                self._planned_refresh_at = None
-                if store is not None and self._persist(corrected):
-                    self._publish(corrected)
-            finally:
-                if store is not None:
-                    store.unlock()
+                return
+            log.warning(
+                "account %s: Kakao says the access token expires %s, %s earlier than"
+                " computed (clock skew?); planning by Kakao's time",
+                self.name,
+                format_local_time(kakao_expiry),
+                format_duration((tokens.access_expires_at - kakao_expiry).total_seconds()),
+            )
+            corrected = replace(
+                state,
+                tokens=replace(
+                    tokens,
+                    access_expires_at=kakao_expiry,
+                    # Keep the lifetime: the token was issued one lifetime before it expires.
+                    access_issued_at=kakao_expiry - tokens.access_lifetime,
+                ),
+            )
+            self.state = corrected
+            self._planned_refresh_at = None
+            if busy is None and self._persist(corrected):
+                self._publish(corrected)
 
     # ------------------------------------------------------------------ refreshing
 
@@ -615,41 +550,57 @@ class AccountManager:
         life = self.state.tokens.access_lifetime.total_seconds()
         return max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
 
-    async def _acquire_file_lock(self, store: AccountStore) -> None:
-        loop = asyncio.get_running_loop()
-        wait = self._lock_wait()
-        deadline = loop.time() + wait
-        while not store.try_lock():
-            if loop.time() >= deadline:
-                raise StoreLocked(f"account {self.name}: another process holds {store.lock_path}")
-            await asyncio.sleep(min(FILE_LOCK_POLL, max(wait / 10, 0.001)))
+    @contextlib.asynccontextmanager
+    async def _holding(
+        self, store: AccountStorage, wait: float
+    ) -> AsyncIterator[StoreError | None]:
+        """Hold the account in ``store`` for a change; yield why it could not be held, or None.
+
+        What is published and announced while it is held happens once the hold ended, that
+        is once the change is committed (storage.StateStore.hold). A commit that fails as the
+        hold ends is a failed write: the state stays in memory and in the rescue file.
+        """
+        held = False
+        try:
+            async with store.hold(wait):
+                held = True
+                self._held = True
+                try:
+                    yield None
+                finally:
+                    self._held = False
+        except StoreError as exc:
+            if held and isinstance(exc, StoreWriteError) and self.state is not None:
+                self._keep_unsaved(self.state, exc)
+            elif held:
+                raise
+            else:  # busy, or the lock is unusable (permissions, ...)
+                yield exc
+        finally:
+            actions, self._after_commit = self._after_commit, []
+            for action in actions:
+                action()
 
     async def _refresh_exclusive(self, *, force: bool, reason: str) -> AccountState | None:
-        async with self._lock:
-            # The store is captured: a reload may swap self.store while Kakao answers, and the
-            # lock must be released through the object that holds it.
-            store = self.store
-            try:
-                await self._acquire_file_lock(store)
-            except StoreError as exc:  # busy, or the lock file is unusable (permissions, ...)
+        # The store is captured: a reload may swap self.store while Kakao answers, and the
+        # hold must be released through the object that holds it.
+        async with self._lock, self._holding(self.store, self._lock_wait()) as busy:
+            if busy is not None:
                 if self.state is not None:
-                    label = "lock_busy" if isinstance(exc, StoreLocked) else "lock_error"
-                    self._record_transient(str(exc), label, ambiguous=False)
+                    label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
+                    self._record_transient(str(busy), label, ambiguous=False)
                 return self.state
-            try:
-                # Re-read under the lock: `login` or another tool may have written newer tokens.
-                self._sync_with_disk()
-                state = self.state
-                if state is None:
-                    return None
-                if self.status.health in (Health.RELOGIN, Health.CONFIG) and not force:
-                    return state
-                now = self.clock()
-                if not force and not self.needs_refresh(now):
-                    return state
-                return await self._call_kakao(state, reason)
-            finally:
-                store.unlock()
+            # Re-read under the lock: `login` or another tool may have written newer tokens.
+            self._sync_with_disk()
+            state = self.state
+            if state is None:
+                return None
+            if self.status.health in (Health.RELOGIN, Health.CONFIG) and not force:
+                return state
+            now = self.clock()
+            if not force and not self.needs_refresh(now):
+                return state
+            return await self._call_kakao(state, reason)
 
     def _sync_with_disk(self) -> None:
         """Under the lock: take in what other processes wrote since we last wrote or read.
@@ -666,8 +617,7 @@ class AccountManager:
         now = self.clock()
         window = timedelta(seconds=self.policy.rotation_window)
         expect_rotation = rotation_certain(state.tokens, now, window=window)
-        self.status.last_attempt_at = now
-        self.status.counters["attempts"] += 1
+        self.status.attempted()
         log.debug("account %s: refreshing (%s)", self.name, reason or "requested")
         try:
             tokens, rotated = await self._timed_refresh(state.tokens)
@@ -702,7 +652,9 @@ class AccountManager:
     def _emit_call_time(self, started: float, outcome: str) -> None:
         seconds = time.monotonic() - started
         data = {"seconds": seconds, "outcome": outcome}
-        self._emit("refresh_call", f"{self.name}: refresh call {outcome} in {seconds:.3f}s", data)
+        self._emit(
+            EventKind.REFRESH_CALL, f"{self.name}: refresh call {outcome} in {seconds:.3f}s", data
+        )
 
     async def _refusal_cause(self, state: AccountState, exc: ReloginRequired) -> RenderedCause:
         """Work out why Kakao refused the refresh token (see relogin.classify)."""
@@ -732,6 +684,7 @@ class AccountManager:
         return render(
             cause,
             account=self.name,
+            login=login_command(self.account),
             code=exc.label,
             fingerprint=tokens.refresh_fingerprint,
             expiry=tokens.refresh_expires_at,
@@ -753,12 +706,11 @@ class AccountManager:
         if self._persist(salvaged):
             self._publish(salvaged)
         self._planned_refresh_at = None
-        self.status.counters["rotations"] += 1
-        self.status.missed_rotation = False
+        self.status.rotated()
         # We know the current refresh token: nothing about this attempt is ambiguous.
         self._last_failure_ambiguous = False
         self._emit(
-            "rotated",
+            EventKind.ROTATED,
             f"refresh token of {self.name} rotated to {salvaged.tokens.refresh_fingerprint}",
             {"fingerprint": salvaged.tokens.refresh_fingerprint},
         )
@@ -776,48 +728,38 @@ class AccountManager:
         self._persist(new_state)
         self._publish(new_state)
         self._planned_refresh_at = None
-        status = self.status
-        status.health = Health.OK
-        status.attempt = 0
-        status.failing_since = None
-        status.next_attempt_at = None
-        status.last_error = None
-        status.last_error_class = None
-        status.last_success_at = now
-        status.relogin_cause = None
-        status.state_conflict = None
-        status.counters["successes"] += 1
+        self.status.succeeded(now, rotated=rotated)
         self._retry_due_mono = None
         self._last_failure_ambiguous = False
-        if rotated:
-            status.counters["rotations"] += 1
-            status.missed_rotation = False
         next_at = self.planned_refresh_at()
-        log.info(
-            "refreshed %s: access token %s expires %s (in %s), refresh token %s expires %s"
-            " (in %s%s), rotated=%s, next refresh %s (in %s)",
-            self.name,
-            tokens.access_fingerprint,
-            format_local_time(tokens.access_expires_at),
-            format_duration(tokens.access_remaining(now).total_seconds()),
-            tokens.refresh_fingerprint,
-            format_local_time(tokens.refresh_expires_at),
-            format_duration(tokens.refresh_remaining(now).total_seconds()),
-            ", estimated" if tokens.refresh_expiry_estimated else "",
-            "yes" if rotated else "no",
-            format_local_time(next_at) if next_at else "-",
-            format_duration((next_at - now).total_seconds()) if next_at else "-",
+        # Said once committed and published (the log line is what people and tests wait for).
+        self._then(
+            lambda: log.info(
+                "refreshed %s: access token %s expires %s (in %s), refresh token %s expires %s"
+                " (in %s%s), rotated=%s, next refresh %s (in %s)",
+                self.name,
+                tokens.access_fingerprint,
+                format_local_time(tokens.access_expires_at),
+                format_duration(tokens.access_remaining(now).total_seconds()),
+                tokens.refresh_fingerprint,
+                format_local_time(tokens.refresh_expires_at),
+                format_duration(tokens.refresh_remaining(now).total_seconds()),
+                ", estimated" if tokens.refresh_expiry_estimated else "",
+                "yes" if rotated else "no",
+                format_local_time(next_at) if next_at else "-",
+                format_duration((next_at - now).total_seconds()) if next_at else "-",
+            )
         )
         data = {"rotated": rotated, "generation": new_state.generation}
-        self._emit("refreshed", f"refreshed {self.name}", data)
+        self._emit(EventKind.REFRESHED, f"refreshed {self.name}", data)
         if rotated:
             self._emit(
-                "rotated",
+                EventKind.ROTATED,
                 f"refresh token of {self.name} rotated to {tokens.refresh_fingerprint}",
                 {"fingerprint": tokens.refresh_fingerprint},
             )
         elif expect_rotation:
-            status.missed_rotation = True
+            self.status.rotation_missed()
             log.warning(
                 "account %s: refresh inside the rotation window did not rotate the refresh token"
                 " (%s left on %s); Kakao normally issues a new one when less than %s remains",
@@ -826,50 +768,50 @@ class AccountManager:
                 tokens.refresh_fingerprint,
                 format_duration(self.policy.rotation_window),
             )
-            self._emit("no_rotation", f"{self.name}: expected rotation did not happen", {})
+            self._emit(EventKind.NO_ROTATION, f"{self.name}: expected rotation did not happen", {})
         return new_state
 
     # ------------------------------------------------------------------ persistence
 
     def _persist(self, state: AccountState) -> bool:
-        """Write ``state`` to the state file; on failure keep it in the rescue file and retry.
+        """Write ``state`` to the store; on failure keep it in the rescue file and retry.
 
-        Callers hold the account's file lock, or own the state file otherwise (at start).
+        Callers hold the account (:meth:`_holding`), or own it otherwise (at start).
         """
         try:
             self.store.save(state)
         except StoreWriteError as exc:
-            first = not self.status.write_pending
-            self.status.write_pending = True
-            self.status.write_error = exc.message  # what failed; each report adds its fix once
-            rescued = self.store.save_rescue(state)
-            self._write_attempt += 1
-            self._next_write_at = self.clock() + timedelta(
-                seconds=self._retry_delay(self._write_attempt)
-            )
-            if first:
-                log.critical(
-                    "account %s: cannot save the new tokens (%s); keeping them in memory%s and"
-                    " retrying — do not stop kakao-tokend until this clears",
-                    self.name,
-                    exc,
-                    f" and in the rescue file {self.store.rescue_path}" if rescued else "",
-                )
-                self._emit("write_failed", str(exc), {"rescued": rescued})
+            self._keep_unsaved(state, exc)
             return False
         self._disk_signature = self.store.state_signature()
         self.store.restore_reserve()
         self.store.discard_rescue()
-        if self.status.write_pending:
+        if self.status.saved():
             log.warning(
                 "account %s: state saved again after %d tries", self.name, self._write_attempt
             )
-            self._emit("write_ok", f"{self.name}: state saved again", {})
-        self.status.write_pending = False
-        self.status.write_error = None
+            self._emit(EventKind.WRITE_OK, f"{self.name}: state saved again", {})
         self._write_attempt = 0
         self._next_write_at = None
         return True
+
+    def _keep_unsaved(self, state: AccountState, exc: StoreWriteError) -> None:
+        """The store did not take ``state``: keep it in memory and the rescue file, retry."""
+        first = self.status.write_failed(exc.message)  # what failed; each report adds its fix
+        rescued = self.store.save_rescue(state)
+        self._write_attempt += 1
+        self._next_write_at = self.clock() + timedelta(
+            seconds=self._retry_delay(self._write_attempt)
+        )
+        if first:
+            log.critical(
+                "account %s: cannot save the new tokens (%s); keeping them in memory%s and"
+                " retrying — do not stop kakao-tokend until this clears",
+                self.name,
+                exc,
+                f" and in the rescue file {self.store.rescue_path}" if rescued else "",
+            )
+            self._emit(EventKind.WRITE_FAILED, str(exc), {"rescued": rescued})
 
     def publish(self, *, token_file: bool = True) -> None:
         """Write the published files from the state in memory (failures are retried).
@@ -880,7 +822,22 @@ class AccountManager:
         if self.state is not None:
             self._publish(self.state, token_file=token_file)
 
-    def _publish(self, state: AccountState, *, token_file: bool = True) -> bool:
+    def _publish(self, state: AccountState, *, token_file: bool = True) -> None:
+        """Publish ``state`` once it is committed (at once when the account is not held)."""
+        self._then(lambda: self._publish_now(state, token_file=token_file))
+
+    def _then(self, action: Callable[[], object]) -> None:
+        """Run ``action`` once what is being written is committed: when the hold ends.
+
+        Publishing, events (and so hooks, alerts, templates) come after the commit, so nothing
+        uses a token set the store may still refuse (storage.StateStore.hold).
+        """
+        if self._held:
+            self._after_commit.append(action)
+        else:
+            action()
+
+    def _publish_now(self, state: AccountState, *, token_file: bool = True) -> bool:
         """Write the token file and the extra token files; mark a failure pending, retry it."""
         problems: list[str] = []
         if token_file or self.status.publish_pending:
@@ -889,59 +846,52 @@ class AccountManager:
             except StoreError as exc:
                 problems.append(f"token file: {exc}")
         problems += self.store.publish_sinks(state)
-        status = self.status
         if problems:
             error = "; ".join(problems)
-            if not status.publish_pending:
+            if self.status.publish_failed(error):
                 log.error(
                     "account %s: cannot publish the tokens (%s); consumers read an older token"
                     " until this clears — retrying",
                     self.name,
                     error,
                 )
-                self._emit("publish_failed", error, {})
-            status.publish_pending = True
-            status.publish_error = error
+                self._emit(EventKind.PUBLISH_FAILED, error, {})
             self._publish_attempt += 1
             delay = min(self.policy.heartbeat, self._retry_delay(self._publish_attempt))
             self._next_publish_at = self.clock() + timedelta(seconds=delay)
             return False
-        if status.publish_pending:
+        if self.status.published():
             log.warning(
                 "account %s: tokens published again after %d tries",
                 self.name,
                 self._publish_attempt,
             )
-            self._emit("publish_ok", f"{self.name}: tokens published again", {})
-        status.publish_pending = False
-        status.publish_error = None
+            self._emit(EventKind.PUBLISH_OK, f"{self.name}: tokens published again", {})
         self._publish_attempt = 0
         self._next_publish_at = None
         return True
 
-    def _retry_pending_write(self) -> None:
-        """Retry a pending write under the account's lock, never over another process's state."""
+    async def _retry_pending_write(self) -> None:
+        """Retry a pending write holding the account, never over another process's state."""
         if self.state is None:
             return
-        store = self.store
-        try:
-            locked = store.try_lock()
-        except StoreError as exc:
-            log.error("account %s: cannot take the account lock to save: %s", self.name, exc)
-            locked = False
-        if not locked:  # another process is writing right now: try again later
-            self._write_attempt += 1
-            self._next_write_at = self.clock() + timedelta(
-                seconds=self._retry_delay(self._write_attempt)
-            )
-            return
-        try:
-            if store.state_signature() != self._disk_signature:
+        async with self._lock, self._holding(self.store, 0.0) as busy:
+            if busy is not None:  # another process is writing right now: try again later
+                if not isinstance(busy, StoreLocked):
+                    log.error(
+                        "account %s: cannot take the account lock to save: %s", self.name, busy
+                    )
+                self._write_attempt += 1
+                self._next_write_at = self.clock() + timedelta(
+                    seconds=self._retry_delay(self._write_attempt)
+                )
+                return
+            if self.state is None or not self.status.write_pending:
+                return  # a refresh that held the account meanwhile has written it
+            if self.store.state_signature() != self._disk_signature:
                 self._write_conflict()
             elif self._persist(self.state):
                 self._publish(self.state)
-        finally:
-            store.unlock()
 
     def _write_conflict(self) -> None:
         """Our newer state waited to be written, and another process wrote the file meanwhile.
@@ -972,10 +922,9 @@ class AccountManager:
             )
             return
         self._disk_signature = store.state_signature()
-        self.status.write_error = None
+        self.status.write_dropped()
         self._write_attempt = 0
         self._next_write_at = None
-        self.status.write_pending = False
         why = goes_backwards(theirs, ours) if theirs is not None else None
         if theirs is not None and why is not None:
             self._refuse(theirs, why)
@@ -994,10 +943,10 @@ class AccountManager:
             + (f", the unsaved tokens are kept in {kept}" if kept else "")
         )
 
-    def flush(self) -> bool:
+    async def flush(self) -> bool:
         """Try once more to write a pending state (used at shutdown); return True when clean."""
         if self.status.write_pending and self.state is not None:
-            self._retry_pending_write()
+            await self._retry_pending_write()
         return not self.status.write_pending
 
     # ------------------------------------------------------------------ failures
@@ -1012,18 +961,13 @@ class AccountManager:
     ) -> None:
         now = self.clock()
         status = self.status
-        status.counters["failures"] += 1
-        status.attempt += 1
-        status.failing_since = status.failing_since or now
-        status.last_error = message
-        status.last_error_class = label
-        status.health = Health.RETRYING
         self._last_failure_ambiguous = ambiguous or self._last_failure_ambiguous
         state = self.state
         assert state is not None
         tokens = state.tokens
-        delay = self._retry_delay(status.attempt, exc)
-        status.next_attempt_at = now + timedelta(seconds=delay)
+        delay = self._retry_delay(status.attempt + 1, exc)
+        status.failed_transient(message, label, now=now, retry_at=now + timedelta(seconds=delay))
+        assert status.next_attempt_at is not None
         self._retry_due_mono = self.monotonic() + delay
         log.warning(
             "account %s: refresh failed (%s): %s; attempt %d, next try %s (in %s), access token %s",
@@ -1040,7 +984,7 @@ class AccountManager:
             ),
         )
         self._emit(
-            "retrying",
+            EventKind.RETRYING,
             f"{self.name}: refresh failed ({label}), retrying",
             {"attempt": status.attempt, "error_class": label},
         )
@@ -1052,81 +996,61 @@ class AccountManager:
         *,
         cause: RenderedCause | None = None,
     ) -> None:
-        now = self.clock()
-        status = self.status
-        status.counters["failures"] += 1
-        status.health = health
-        status.last_error = str(exc)
-        status.last_error_class = exc.label
-        status.failing_since = status.failing_since or now
-        status.next_attempt_at = None
         self._retry_due_mono = None
-        if health is Health.RELOGIN:
-            if cause is not None:
-                reason = f"{cause.reason}; {cause.fix.render('en')}"
-                log.critical("%s", cause.log)
-            else:
-                reason = f"{exc}; run `{login_command(self.name)}`"
-                log.critical(
-                    "account %s needs a new login: %s; stopped refreshing it — run `%s`",
-                    self.name,
-                    exc,
-                    login_command(self.name),
-                )
-            status.last_error = reason  # what happened and its fix, said once (API, status)
-            status.relogin_cause = cause.cause if cause is not None else None
-            if self.state is not None:
-                self.state = replace(
-                    self.state,
-                    relogin_reason=reason,
-                    relogin_cause=cause.cause.value if cause is not None else None,
-                )
-                self._persist(self.state)
-            self._emit(
-                "relogin",
-                reason,
-                {"error_class": exc.label, "cause": cause.cause.value if cause else None},
-            )
-        else:
+        if health is not Health.RELOGIN:
+            self.status.failed_permanent(health, str(exc), exc.label, now=self.clock())
             log.critical(
                 "account %s: Kakao says the configuration is wrong: %s; stopped refreshing it —"
                 " fix the config, then `systemctl reload kakao-tokend` (or send SIGHUP)",
                 self.name,
                 exc,
             )
-            self._emit("config", str(exc), {"error_class": exc.label})
-
-    def relogin_texts(self) -> RenderedCause | None:
-        """Return the texts (alert, fix, ...) of the current re-login cause, if there is one."""
-        cause = self.status.relogin_cause
-        if self.status.health is not Health.RELOGIN or cause is None:
-            return None
-        tokens = self.state.tokens if self.state is not None else None
-        return render(
-            cause,
-            account=self.name,
-            code=self.status.last_error_class
-            if self.status.last_error_class not in (None, "relogin")
-            else "KOE322",
-            fingerprint=tokens.refresh_fingerprint if tokens else "-",
-            expiry=tokens.refresh_expires_at if tokens else None,
+            self._emit(EventKind.CONFIG, str(exc), {"error_class": exc.label})
+            return
+        login = login_command(self.account)
+        if cause is not None:
+            reason = f"{cause.reason}; {cause.fix.render('en')}"
+            log.critical("%s", cause.log)
+        else:
+            reason = f"{exc}; run `{login}`"
+            log.critical(
+                "account %s needs a new login: %s; stopped refreshing it — run `%s`",
+                self.name,
+                exc,
+                login,
+            )
+        # What happened and its fix, said once (API, status).
+        self.status.failed_permanent(
+            health,
+            reason,
+            exc.label,
+            now=self.clock(),
+            cause=cause.cause if cause is not None else None,
+        )
+        if self.state is not None:
+            self.state = replace(
+                self.state,
+                relogin_reason=reason,
+                relogin_cause=cause.cause.value if cause is not None else None,
+            )
+            self._persist(self.state)
+        self._emit(
+            EventKind.RELOGIN,
+            reason,
+            {"error_class": exc.label, "cause": cause.cause.value if cause else None},
         )
 
     def clear_config_error(self) -> None:
         """After a reload the configuration may be fixed: try again at the next tick."""
-        if self.status.health is Health.CONFIG:
-            self.status.health = Health.RETRYING
-            self.status.attempt = 0
-            self.status.next_attempt_at = self.clock()
+        if self.status.config_reloaded(self.clock()):
             self._retry_due_mono = self.monotonic()
 
-    def _set_health(self, health: Health, message: str, label: str) -> None:
-        self.status.health = health
-        self.status.last_error = message
-        self.status.last_error_class = label
-
-    def _emit(self, kind: str, message: str, data: dict[str, Any]) -> None:
+    def _emit(self, kind: EventKind, message: str, data: dict[str, Any]) -> None:
         event = AccountEvent(kind, self.name, message, self.clock(), data)
+        self._then(lambda: self._tell(event))
+
+    def _tell(self, event: AccountEvent) -> None:
+        kind = event.kind
         for listener in list(self.listeners):
             try:
                 listener(event)
@@ -1134,6 +1058,24 @@ class AccountManager:
                 log.exception("event listener failed for %s", kind)
 
     # ------------------------------------------------------------------ reporting
+
+    def health(
+        self,
+        now: datetime | None = None,
+        *,
+        alerts: AlertsConfig | None = None,
+        host: str | None = None,
+    ) -> AccountHealth:
+        """Grade the account now (health.assess: the one grading everything reads)."""
+        return assess(
+            self.account,
+            self.state,
+            self.status,
+            self.policy,
+            now or self.clock(),
+            alerts=alerts,
+            host=host,
+        )
 
     def summary(self, now: datetime | None = None) -> str:
         """Return a one-line status such as ``default: access 4h12m, refresh 41d``."""

@@ -11,8 +11,10 @@ alert text and the fix for each cause (for translations and the health model too
 from __future__ import annotations
 
 import enum
+import shlex
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from .i18n import N_, Message
 from .tokens import (
@@ -24,12 +26,29 @@ from .tokens import (
 )
 
 
-def login_command(account: str) -> str:
-    """Return the exact command that fixes a dead token set for ``account``."""
-    # --account is a global option: it goes before the command (`login --account x` fails).
-    return (
-        "kakao-tokend login" if account == "default" else f"kakao-tokend --account {account} login"
-    )
+class Named(Protocol):
+    """An account as the command line names it (config.AccountConfig satisfies this)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cli_options(self) -> tuple[str, ...]: ...
+
+
+def cli_command(account: Named, *words: str) -> str:
+    """Return the exact `kakao-tokend ... WORDS` command line a person runs for ``account``.
+
+    The global options go before the command (`kakao-tokend login --account x` fails): the
+    account's ``cli_options`` are ``--config FILE`` when the configuration is not the file a
+    plain `kakao-tokend` finds, and ``--account NAME`` when it is not the default account.
+    """
+    return shlex.join(["kakao-tokend", *account.cli_options, *words])
+
+
+def login_command(account: Named) -> str:
+    """Return the exact command that fixes a dead token set for ``account`` (one home)."""
+    return cli_command(account, "login")
 
 
 class ReloginCause(enum.StrEnum):
@@ -139,15 +158,16 @@ def render(
     cause: ReloginCause,
     *,
     account: str,
+    login: str,
     code: str = "KOE322",
     fingerprint: str = "-",
     expiry: datetime | None = None,
 ) -> RenderedCause:
-    """Fill in the texts of ``cause`` for one account."""
+    """Fill in the texts of ``cause`` for one account; ``login`` is its login_command()."""
     values = {
         "account": account,
-        "login": login_command(account),
-        "command": login_command(account),
+        "login": login,
+        "command": login,
         "code": code,
         "fingerprint": fingerprint,
         "expiry": format_time(expiry) if expiry is not None else "an unknown time",

@@ -1,56 +1,245 @@
-"""APScheduler 3.x wiring: one date job per account at its next wake-up, plus a heartbeat.
+"""APScheduler 3.x wiring: one job for all accounts at the earliest due moment, plus a heartbeat.
 
-APScheduler waits on the monotonic clock, which stops during a suspend, and decides what is
-due from the wall clock; a late one-shot job is dropped unless ``misfire_grace_time`` is None.
-So every job here runs however late it is, and a heartbeat re-checks every account against
-the wall clock at least every ``heartbeat`` seconds (pitfalls.md §1.3–1.4). The heartbeat is
-a plain asyncio task on the monotonic clock, not an APScheduler interval job: after the wall
-clock steps back, APScheduler finds nothing due until the wall clock has caught up again, and
-the safety net must not stop exactly then. All scheduler calls live in this module so a move
-to APScheduler 4 touches one file.
+An account costs a heap entry here, not a job: :class:`DueQueue` keeps "what is due when" and
+arms a single APScheduler ``date`` job at the earliest moment; when it fires, every key whose
+moment has passed goes to a callback. :class:`RefreshScheduler` feeds it the accounts' next
+wake-ups and runs what is due, a few at a time.
+
+APScheduler waits on the monotonic clock (``loop.call_later``), which stops during a suspend, and
+decides what is due from the wall clock; a late one-shot job is dropped unless
+``misfire_grace_time`` is None. So the job here runs however late it is, and a heartbeat
+re-checks every account against the wall clock at least every ``heartbeat`` seconds: without it
+a refresh planned 5 hours ahead would still be hours away after an 8-hour suspend. The heartbeat
+is a plain asyncio task on the monotonic clock, not an APScheduler interval job: after the wall
+clock steps back, APScheduler finds nothing due until the wall clock has caught up again, and the
+safety net must not stop exactly then. All scheduler calls live in this module so a move to
+APScheduler 4 touches one file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
+from typing import Generic, Literal, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from .refresher import AccountEvent, AccountManager
+from .kakao import CONNECTION_LIMIT
+from .refresher import AccountManager
+from .status import AccountEvent
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K", bound=Hashable)
 
-def _job_id(account: str) -> str:
-    return f"account:{account}"
+#: What a run of an account does: a periodic tick, or the start-up check.
+Work = Literal["tick", "start"]
+
+#: At most this many accounts' ticks and start-up checks run at once. More would only wait for
+#: one of the HTTP session's connections (holding memory, and eating into their own request
+#: timeouts while they wait); the rest wait here, in due order, and start as others finish.
+MAX_RUNNING = CONNECTION_LIMIT
+
+
+def new_apscheduler() -> AsyncIOScheduler:
+    """Return an AsyncIOScheduler whose jobs run however late they are, one at a time."""
+    return AsyncIOScheduler(
+        timezone=UTC,
+        job_defaults={
+            # None: a late run still runs; the default (1 s) silently drops a late date job.
+            "misfire_grace_time": None,
+            # Runs missed meanwhile (a suspend) collapse into one.
+            "coalesce": True,
+            "max_instances": 1,
+        },
+    )
+
+
+class DueQueue(Generic[K]):
+    """What is due when: each key has one due moment; once it passed, ``on_due(key)`` is called.
+
+    A heap keeps the moments, and one APScheduler ``date`` job (id ``job_id``) is armed at the
+    earliest: a thousand keys cost a thousand small heap entries, not a thousand jobs. A key is
+    handed to ``on_due`` once per planned moment, and leaves the queue then; plan it again with
+    :meth:`set`. Re-planning a key replaces its moment (the old heap entry goes stale and is
+    skipped). Nothing here knows what a key is: the refresh scheduler uses account names, a
+    fleet node can use what its database says is due.
+    """
+
+    def __init__(
+        self,
+        scheduler: AsyncIOScheduler,
+        on_due: Callable[[K], None],
+        *,
+        job_id: str = "due",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._scheduler = scheduler
+        self._on_due = on_due
+        self._job_id = job_id
+        self._clock = clock
+        self._due: dict[K, datetime] = {}
+        #: (moment, insertion number, key); entries whose moment no longer matches are stale.
+        self._heap: list[tuple[datetime, int, K]] = []
+        self._order = itertools.count()
+        #: The run date of the APScheduler job as we last armed it (None: no job).
+        self._armed: datetime | None = None
+        self._arm_pending = False
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._due
+
+    def when(self, key: K) -> datetime | None:
+        """Return the moment ``key`` is due, or None when it is not planned."""
+        return self._due.get(key)
+
+    def next_due(self) -> datetime | None:
+        """Return the earliest planned moment (None: nothing planned)."""
+        self._drop_stale_head()
+        return self._heap[0][0] if self._heap else None
+
+    def set(self, key: K, when: datetime | None) -> None:
+        """Plan ``key`` at ``when`` (aware), replacing an earlier plan; None removes it."""
+        if when is None:
+            self.discard(key)
+            return
+        if self._due.get(key) == when:
+            return
+        self._due[key] = when
+        heapq.heappush(self._heap, (when, next(self._order), key))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            # Re-planning leaves stale entries behind; drop them before they add up.
+            self._heap = [(w, n, k) for w, n, k in self._heap if self._due.get(k) == w]
+            heapq.heapify(self._heap)
+        if self._armed is None or when < self._armed:
+            self._arm_soon()
+
+    def discard(self, key: K) -> None:
+        """Forget ``key``'s plan (its heap entry goes stale; a job armed for it wakes for
+        nothing and re-arms)."""
+        if self._due.pop(key, None) is not None and not self._due:
+            self._arm_soon()
+
+    def pop_due(self, now: datetime) -> list[K]:
+        """Remove and return every key due at ``now``, earliest first."""
+        keys: list[K] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when, _, key = heapq.heappop(heap)
+            if self._due.get(key) == when:
+                del self._due[key]
+                keys.append(key)
+        return keys
+
+    def run_due(self) -> int:
+        """Hand every key due now to ``on_due`` (the job does this; a heartbeat may too).
+
+        Returns how many there were. A callback that raises is logged; the others still run.
+        """
+        keys = self.pop_due(self._clock())
+        for key in keys:
+            try:
+                self._on_due(key)
+            except Exception:
+                log.exception("due-queue callback failed for %r", key)
+        self._arm_soon()
+        return len(keys)
+
+    def check_armed(self) -> None:
+        """Re-arm the job if APScheduler lost it (a safety net the heartbeat calls)."""
+        if self._armed is not None and self._scheduler.get_job(self._job_id) is None:
+            self._armed = None
+        self._arm_soon()
+
+    def close(self) -> None:
+        """Arm nothing any more (the scheduler is shutting down); the plans are kept."""
+        self._closed = True
+
+    async def _fire(self) -> None:
+        # A date job leaves APScheduler's store when it is submitted: nothing is armed now.
+        # This returns at once (the callbacks only start work); the next job is armed by a
+        # later loop callback, after this run ended, so max_instances=1 can never skip it.
+        self._armed = None
+        self.run_due()
+
+    def _arm_soon(self) -> None:
+        """Re-arm the job at the earliest moment, once, on the next loop iteration.
+
+        Planning a thousand accounts at start then moves the job once, not a thousand times.
+        """
+        if self._arm_pending or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._arm()
+            return
+        self._arm_pending = True
+        loop.call_soon(self._arm)
+
+    def _arm(self) -> None:
+        self._arm_pending = False
+        if self._closed:
+            return
+        head = self.next_due()
+        if head == self._armed:
+            return
+        if head is None:
+            if self._scheduler.get_job(self._job_id) is not None:
+                self._scheduler.remove_job(self._job_id)
+        else:
+            self._scheduler.add_job(
+                self._fire, "date", run_date=head, id=self._job_id, replace_existing=True
+            )
+        self._armed = head
+
+    def _drop_stale_head(self) -> None:
+        heap = self._heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
 
 
 class RefreshScheduler:
-    """Runs each account's refresh at its planned time and re-checks them all on a heartbeat."""
+    """Runs each account's tick at its planned time and re-checks them all on a heartbeat.
 
-    def __init__(self, *, heartbeat: float) -> None:
+    Every account has at most one run (tick or start-up check) queued or running here; a run
+    asked for meanwhile is folded into it, and the account is planned anew when it ends.
+    """
+
+    def __init__(self, *, heartbeat: float, max_running: int = MAX_RUNNING) -> None:
         self.heartbeat = heartbeat
+        self.max_running = max_running
         self.managers: dict[str, AccountManager] = {}
         #: time.monotonic() of the last heartbeat; the watchdog stops pinging when it is stale.
         self.last_beat = time.monotonic()
-        self._planned: dict[str, datetime | None] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._heartbeat: asyncio.Task[None] | None = None
         #: Set by shutdown(): from then on nothing new is planned or started.
         self.stopped = False
-        self._scheduler = AsyncIOScheduler(
-            timezone=UTC,
-            job_defaults={
-                # None: a late refresh runs however late it is, never silently dropped.
-                "misfire_grace_time": None,
-                "coalesce": True,
-                "max_instances": 1,
-            },
+        self._scheduler = new_apscheduler()
+        self._due: DueQueue[str] = DueQueue(
+            self._scheduler, self._on_due, job_id="accounts", clock=self._now
         )
+        #: Runs waiting for a free place, in the order they were asked for.
+        self._waiting: deque[tuple[AccountManager, Work]] = deque()
+        #: Accounts with a run waiting or running (the manager objects: a reload may replace one).
+        self._claimed: set[AccountManager] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        #: One listener object for every account (``self._on_event`` makes a new one per use).
+        self._listener: Callable[[AccountEvent], None] = self._on_event
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(UTC)
 
     def start(self) -> None:
         """Start the scheduler (inside the running loop) and the heartbeat."""
@@ -68,8 +257,10 @@ class RefreshScheduler:
                 log.exception("heartbeat failed")
 
     def shutdown(self) -> None:
-        """Stop scheduling new work, for good (idempotent). In-flight refreshes go on."""
+        """Stop scheduling new work, for good (idempotent). Runs already started go on."""
         self.stopped = True
+        self._waiting.clear()
+        self._due.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -95,75 +286,82 @@ class RefreshScheduler:
     def add(self, manager: AccountManager) -> None:
         """Start scheduling ``manager``'s account."""
         self.managers[manager.name] = manager
-        manager.listeners.append(self._on_event)
+        manager.listeners.append(self._listener)
         self.plan(manager)
 
     def remove(self, name: str) -> AccountManager | None:
-        """Stop scheduling an account (removed from the config)."""
+        """Stop scheduling an account (removed from the config); a run not started is dropped."""
         manager = self.managers.pop(name, None)
-        self._planned.pop(name, None)
-        job = self._scheduler.get_job(_job_id(name))
-        if job is not None:
-            job.remove()
-        if manager is not None and self._on_event in manager.listeners:
-            manager.listeners.remove(self._on_event)
+        self._due.discard(name)
+        if manager is not None:
+            if self._listener in manager.listeners:
+                manager.listeners.remove(self._listener)
+            if any(waiting is manager for waiting, _ in self._waiting):
+                self._waiting = deque((m, w) for m, w in self._waiting if m is not manager)
+                self._claimed.discard(manager)
         return manager
 
+    def planned(self, name: str) -> datetime | None:
+        """Return when the account's next run is planned (None: nothing planned)."""
+        return self._due.when(name)
+
     def plan(self, manager: AccountManager) -> None:
-        """(Re)schedule the account's one-shot job at its next wake-up, if that changed."""
-        if self.stopped:
+        """(Re)plan the account's next run at its next wake-up (a no-op when unchanged)."""
+        if self.stopped or self.managers.get(manager.name) is not manager:
             return
-        when = manager.next_wakeup()
-        if self._planned.get(manager.name, "unset") == when:
-            return
-        self._planned[manager.name] = when
-        job_id = _job_id(manager.name)
-        if when is None:
-            job = self._scheduler.get_job(job_id)
-            if job is not None:
-                job.remove()
-            return
-        self._scheduler.add_job(
-            self._run_account,
-            "date",
-            run_date=when,
-            args=[manager.name],
-            id=job_id,
-            replace_existing=True,
-        )
+        self._due.set(manager.name, manager.next_wakeup())
 
-    def plan_all(self, managers: Iterable[AccountManager] | None = None) -> None:
-        """Re-plan every account (cheap: only changed wake-ups touch the scheduler)."""
-        for manager in list(managers if managers is not None else self.managers.values()):
-            self.plan(manager)
+    def run_soon(self, manager: AccountManager, work: Work = "tick") -> None:
+        """Run ``manager.tick()`` (or the start-up check) as soon as a place is free.
 
-    def run_soon(self, manager: AccountManager, coro_name: str = "tick") -> None:
-        """Run ``manager.tick()`` (or ``verify``) in a task this scheduler keeps track of."""
-        if self.stopped:
+        Folded into the account's run already waiting or running, if there is one: that one
+        plans the account anew when it ends, and a tick still due then runs right after.
+        """
+        if self.stopped or manager in self._claimed:
             return
-        task = asyncio.create_task(self._guarded(manager, coro_name))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._claimed.add(manager)
+        if work == "start" and manager.needs_refresh(manager.clock()):
+            # An overdue token is refreshed before the others are merely verified.
+            self._waiting.appendleft((manager, work))
+        else:
+            self._waiting.append((manager, work))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._tasks) < self.max_running and not self.stopped:
+            manager, work = self._waiting.popleft()
+            task = asyncio.get_running_loop().create_task(self._guarded(manager, work))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _on_due(self, name: str) -> None:
+        manager = self.managers.get(name)
+        if manager is not None:
+            self.run_soon(manager)
 
     def _on_event(self, event: AccountEvent) -> None:
         manager = self.managers.get(event.account)
         if manager is not None:
             self.plan(manager)
 
-    async def _guarded(self, manager: AccountManager, what: str) -> None:
+    async def _guarded(self, manager: AccountManager, work: Work) -> None:
         try:
-            if what == "verify":
-                await manager.verify()
-            elif what == "start":
+            if work == "start":
                 await self._start_account(manager)
             else:
                 await manager.tick()
         except Exception:
             # One account's trouble never affects another: log and carry on.
-            log.exception("account %s: unexpected error during %s", manager.name, what)
+            log.exception("account %s: unexpected error during %s", manager.name, work)
         finally:
-            if manager.name in self.managers:
-                self.plan(manager)
+            # Whatever happened, plan the next run: a run that raised leaves nothing planned
+            # otherwise. The place is free again, so the next waiting account may start.
+            self._claimed.discard(manager)
+            self.plan(manager)
+            current = asyncio.current_task()
+            if current is not None:
+                self._tasks.discard(current)
+            self._start_waiting()
 
     async def _start_account(self, manager: AccountManager) -> None:
         """At start: refresh an overdue token at once, otherwise verify it with Kakao."""
@@ -173,17 +371,6 @@ class RefreshScheduler:
             await manager.refresh(reason="overdue at start")
         elif manager.policy.verify_on_start:
             await manager.verify()
-
-    async def _run_account(self, name: str) -> None:
-        manager = self.managers.get(name)
-        if manager is None:
-            return
-        # The date job was removed from the store when it fired; plan the next one whatever
-        # happens (pitfalls.md §1.3: a one-shot job that raises leaves nothing scheduled).
-        # The work runs in our own task so this job ends at once: a next job planned while it
-        # still ran would be due "now" and skipped by max_instances=1, then dropped.
-        self._planned.pop(name, None)
-        self.run_soon(manager)
 
     async def _beat(self) -> None:
         self.last_beat = time.monotonic()
@@ -200,6 +387,9 @@ class RefreshScheduler:
                     self.plan(manager)
             except Exception:
                 log.exception("account %s: heartbeat check failed", manager.name)
+        # After a suspend the job's timer is late: run what the wall clock says is due now.
+        self._due.run_due()
+        self._due.check_armed()
 
     async def drain(self, timeout: float) -> None:
         """Wait for start-up checks and ticks this scheduler started (at shutdown)."""

@@ -8,6 +8,7 @@ user may write to (:func:`check_directory`). docs/security.md explains why.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import grp
@@ -19,14 +20,22 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from .errors import StateCorrupt, StoreError, StoreLocked, StoreWriteError, UnsafePath
+from .errors import (
+    StateCorrupt,
+    StoreError,
+    StoreLocked,
+    StoreMoved,
+    StoreWriteError,
+    UnsafePath,
+)
+from .relogin import login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -47,7 +56,8 @@ LOCK_FILE_MODE = 0o600
 RESCUE_SUFFIX = ".rescue.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
-_LOCK_POLL = 0.05
+#: How often a waiting lock is tried again (seconds).
+LOCK_POLL = 0.05
 
 # errno -> what to do about it, appended to StoreWriteError messages.
 _WRITE_HINTS = {
@@ -81,6 +91,8 @@ class AccountFiles(Protocol):
     def access_token_file(self) -> Path | None: ...
     @property
     def env_file(self) -> Path | None: ...
+    @property
+    def cli_options(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class StorePaths:
     include_refresh_token: bool = False
     access_token_file: Path | None = None
     env_file: Path | None = None
+    #: The global options of its commands (relogin.cli_command); see from_paths.
+    cli_options: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +212,7 @@ def _own_group(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
-        if info.st_gid != os.getegid():
-            os.fchown(fd, -1, os.getegid())
+        set_group(fd, os.getegid())
         if info.st_mode & stat.S_ISGID:
             os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~stat.S_ISGID)
     finally:
@@ -293,6 +306,17 @@ def check_file(path: Path, *, what: str) -> None:
         raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
 
 
+def set_group(fd: int, gid: int) -> None:
+    """Give the open file group ``gid``, calling fchown only when its group differs.
+
+    The shipped units' ``SystemCallFilter=~@privileged`` denies the chown family with EPERM
+    unless ``@chown`` is allowed again; a file we just created in our own directory already has
+    our group, so the common case must not depend on the filter at all.
+    """
+    if os.fstat(fd).st_gid != gid:
+        os.fchown(fd, -1, gid)
+
+
 def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = None) -> int:
     """Create a new file (never through a symlink) with exactly ``mode`` and group ``gid``."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -300,7 +324,7 @@ def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = N
     fd = os.open(name, flags, mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed it
-        os.fchown(fd, -1, gid)  # a setgid directory would have given it the directory's group
+        set_group(fd, gid)  # a setgid directory would have given it the directory's group
     except OSError:
         os.close(fd)
         with suppress(OSError):
@@ -357,6 +381,80 @@ def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") 
             hint="remove it; it is re-created",
         )
     return fd
+
+
+def _as_path(value: Path | str) -> Path:
+    return value if isinstance(value, Path) else Path(value)
+
+
+class FileLock:
+    """An exclusive ``flock`` on a lock file that names its holder; the one lock helper.
+
+    Used for each account (``NAME.lock``, by every process that writes the account's files)
+    and for the daemon's instance lock. The file is opened safely (:func:`open_lock_file`);
+    its holder writes its pid into it, so a refusal can name the process. Reentrant within one
+    object (nested holds do not deadlock); two objects, or two processes, exclude each other
+    (flock on separate open file descriptions). Not meant to be shared between threads.
+    """
+
+    def __init__(self, path: Path, *, directory_what: str, what: str = "lock file") -> None:
+        self.path = _as_path(path)
+        self.directory_what = directory_what
+        self.what = what
+        self._fd: int | None = None
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._depth > 0
+
+    def try_acquire(self) -> bool:
+        """Take the lock without waiting; True on success (or when already ours)."""
+        if self._depth > 0:
+            self._depth += 1
+            return True
+        fd = open_lock_file(self.path, directory_what=self.directory_what, what=self.what)
+        try:
+            # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        self._depth = 1
+        return True
+
+    def release(self) -> None:
+        """Release one level; the flock is dropped when the outermost level ends."""
+        if self._depth == 0:
+            raise RuntimeError(f"release() of {self.path} without a matching acquire")
+        self._depth -= 1
+        if self._depth:
+            return
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        with suppress(OSError):
+            os.ftruncate(fd, 0)  # so nobody later reports our pid as the holder
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def holder(self) -> int | None:
+        """Return the pid written into the lock file by its holder, if any."""
+        try:
+            raw = read_file(self.path, what=self.what)
+        except (OSError, StoreError):
+            return None
+        text = raw.decode("ascii", errors="replace").strip()
+        return int(text) if text.isdigit() else None
 
 
 def read_file(path: Path, *, what: str) -> bytes:
@@ -488,6 +586,52 @@ def resolve_group(group: str | int | None) -> int | None:
         ) from None
 
 
+#: The marker `kakao-tokend store migrate --to postgres` leaves in every directory whose
+#: accounts it moved (written by kakao_tokend.fleet.migrate; JSON, no secret, mode 0644).
+MOVED_NAME = "MOVED"
+
+
+def check_not_moved(directory: Path) -> None:
+    """Refuse (:class:`StoreMoved`) when the accounts of ``directory`` were migrated away.
+
+    The marker's existence is what counts: a marker that cannot be read or parsed refuses
+    too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
+    ``pending``) only make the message say where the accounts went and how to go back.
+    """
+    path = Path(directory) / MOVED_NAME
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return  # no marker (or no access to the directory at all: that fails on its own)
+    document: Any = None
+    with suppress(OSError, StoreError, ValueError):
+        document = json.loads(read_file(path, what="migration marker"))
+    if not isinstance(document, dict):
+        raise StoreMoved(
+            f"the accounts in {directory} were moved to another store by `kakao-tokend store "
+            f"migrate` ({path} exists but cannot be read)",
+            hint="read that file; `kakao-tokend store migrate --to file` moves them back",
+        )
+
+    def field(name: str) -> str:
+        return " ".join(str(document.get(name, "?")).split())[:200]
+
+    where = f"the PostgreSQL store {field('store_id')} ({field('database')})"
+    if document.get("pending"):
+        raise StoreMoved(
+            f"the accounts in {directory} live in {where}; a migration back to these files "
+            f"started at {field('moved_at')} has not finished",
+            hint="run `kakao-tokend store migrate --to file` again to finish it, or set [store] "
+            'backend = "postgres"',
+        )
+    raise StoreMoved(
+        f"the accounts in {directory} were moved to {where} at {field('moved_at')} by "
+        "`kakao-tokend store migrate --to postgres`",
+        hint='set [store] backend = "postgres" to use them there; to move them back to these '
+        "files: kakao-tokend store migrate --to file",
+    )
+
+
 _LONG_QUOTED = re.compile(r"'[^']{20,}'|\"[^\"]{20,}\"")
 
 
@@ -527,20 +671,20 @@ class AccountStore:
     descriptions). It is not meant to be shared between threads.
     """
 
+    #: Refuse the files once `store migrate` moved them away (:func:`check_not_moved`). Only
+    #: the migration itself, which reads and fills moved files on purpose, turns this off.
+    honour_moved_marker: ClassVar[bool] = True
+
     def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
         self.account = account
         self.name = account.name
-        self.state_path = Path(account.state_file)
-        self.token_path = Path(account.token_file)
-        self.lock_path = Path(account.lock_file)
-        #: The second, independent place for tokens the state file could not take (None: off).
-        self.rescue_path = (
-            Path(rescue_dir) / f"{self.name}{RESCUE_SUFFIX}" if rescue_dir is not None else None
-        )
-        #: Alert bookkeeping (what was sent when; no secrets), next to the state file.
-        self.alerts_path = self.state_path.with_name(f"{self.name}.alerts.json")
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
+        # The configuration's own Path objects, not copies: with a thousand accounts every
+        # Path held per account counts (the two derived ones below are made when needed).
+        self.state_path = _as_path(account.state_file)
+        self.token_path = _as_path(account.token_file)
+        self.lock_path = _as_path(account.lock_file)
+        self._rescue_dir = rescue_dir
+        self._lock = FileLock(self.lock_path, directory_what="lock file directory")
         self._cleaned = False
         self._gid: int | None = None
         self._gid_resolved = False
@@ -570,11 +714,26 @@ class AccountStore:
                 token_file_mode=token_file_mode,
                 token_file_group=token_file_group,
                 include_refresh_token=include_refresh_token,
+                # Without its config the store cannot know whether this is the default
+                # account: its hints name it.
+                cli_options=("--account", name),
             )
         )
 
     def __repr__(self) -> str:
         return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
+
+    @property
+    def rescue_path(self) -> Path | None:
+        """The second, independent place for tokens the state file could not take (None: off)."""
+        if self._rescue_dir is None:
+            return None
+        return _as_path(self._rescue_dir) / f"{self.name}{RESCUE_SUFFIX}"
+
+    @property
+    def alerts_path(self) -> Path:
+        """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
+        return self.state_path.with_name(f"{self.name}.alerts.json")
 
     # -- safety --------------------------------------------------------------------------------
 
@@ -601,35 +760,29 @@ class AccountStore:
             (self.alerts_path, "alert bookkeeping file"),
         ):
             check_file(path, what=what)
+        if self.honour_moved_marker:
+            check_not_moved(self.state_path.parent)
 
     # -- locking -------------------------------------------------------------------------------
 
     @property
     def locked(self) -> bool:
         """True while this object holds the account lock."""
-        return self._lock_depth > 0
+        return self._lock.held
 
     def try_lock(self) -> bool:
         """Take the account lock without waiting; True on success (or if already ours)."""
-        if self._lock_depth > 0:
-            self._lock_depth += 1
-            return True
+        if self._lock.held:
+            return self._lock.try_acquire()
         self.check_paths()
-        fd = open_lock_file(self.lock_path, directory_what="lock file directory")
-        try:
-            # flock, not lockf: POSIX locks vanish when *any* fd of the file is closed.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if not self._lock.try_acquire():
             return False
-        except OSError as exc:
-            os.close(fd)
-            raise StoreError(f"cannot lock {self.lock_path}: {exc.strerror or exc}") from None
-        with suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-        self._lock_depth = 1
+        if self.honour_moved_marker:
+            try:  # again under the lock: a migration marks the files while it holds every lock
+                check_not_moved(self.state_path.parent)
+            except StoreMoved:
+                self._lock.release()
+                raise
         if not self._cleaned:
             # Holding the lock, no writer of this account is mid-write.
             self._cleaned = True
@@ -639,28 +792,13 @@ class AccountStore:
 
     def unlock(self) -> None:
         """Release one level of the lock; the flock is dropped when the outermost level ends."""
-        if self._lock_depth == 0:
+        if not self._lock.held:
             raise RuntimeError(f"unlock() of account {self.name!r} without a matching lock")
-        self._lock_depth -= 1
-        if self._lock_depth:
-            return
-        fd, self._lock_fd = self._lock_fd, None
-        assert fd is not None
-        with suppress(OSError):
-            os.ftruncate(fd, 0)  # so nobody later reports our pid as the holder
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        self._lock.release()
 
     def lock_holder(self) -> int | None:
         """Return the pid written into the lock file by its holder, if any."""
-        try:
-            raw = read_file(self.lock_path, what="lock file")
-        except (OSError, StoreError):
-            return None
-        text = raw.decode("ascii", errors="replace").strip()
-        return int(text) if text.isdigit() else None
+        return self._lock.holder()
 
     @contextmanager
     def lock(self, timeout: float = 10.0) -> Iterator[None]:
@@ -669,7 +807,25 @@ class AccountStore:
         while not self.try_lock():
             if time.monotonic() >= deadline:
                 raise self._locked_error()
-            time.sleep(_LOCK_POLL)
+            time.sleep(LOCK_POLL)
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    @asynccontextmanager
+    async def hold(self, wait: float) -> AsyncIterator[None]:
+        """Hold the account for a change (storage.StateStore.hold): its lock, polled.
+
+        Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
+        file is written at once by :meth:`save`, so ending the hold commits nothing more.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        while not self.try_lock():
+            if loop.time() >= deadline:
+                raise self._locked_error()
+            await asyncio.sleep(min(LOCK_POLL, max(wait / 10, 0.001)))
         try:
             yield
         finally:
@@ -691,8 +847,11 @@ class AccountStore:
 
         A file that cannot be parsed is never overwritten: it is moved to
         ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
+        Files that `store migrate` moved away are refused (:class:`StoreMoved`).
         """
         path = self.state_path
+        if self.honour_moved_marker:
+            check_not_moved(path.parent)
         for _ in range(3):
             try:
                 raw, inode = _read_regular(path, what="state file")
@@ -722,7 +881,7 @@ class AccountStore:
                 )
                 error.hint = (
                     f"restore a backup to {self.state_path}, or log in again with "
-                    f"`kakao-tokend --account {self.name} login`"
+                    f"`{login_command(self.account)}`"
                 )
                 raise error from None
             if state.account != self.name:
@@ -754,8 +913,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `kakao-tokend --account "
-                    f"{self.name} login`",
+                    hint=f"move it away by hand, then run `{login_command(self.account)}`",
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
@@ -767,7 +925,7 @@ class AccountStore:
                 raise StoreError(
                     f"{path} ({label}): a copy is in {target} but the original "
                     f"could not be removed: {exc.strerror or exc}",
-                    hint=f"remove it by hand, then run `kakao-tokend --account {self.name} login`",
+                    hint=f"remove it by hand, then run `{login_command(self.account)}`",
                 ) from None
             with suppress(OSError):
                 _fsync_dir(path.parent)

@@ -1,11 +1,11 @@
-"""Templates: write the account's token into any file, in the consumer's own format.
+"""Templates: the account's token in any file, in the consumer's own format — the language.
 
 Many programs want the token inside their own configuration file, not ours (Vault Agent's
 most used feature). Per account, ``[[accounts.NAME.templates]]`` names a source file with
-``{access_token}``-style placeholders and a destination. The daemon renders every template at
-start-up, after each refresh and after adopting tokens another process wrote (``login``,
-``import``), writes the destination atomically with the ``[publish]`` rules only when the
-rendered bytes differ from what is there, and then runs the template's optional command.
+``{access_token}``-style placeholders and a destination. This module is the template language:
+what a template may say, how it is checked (the config loader reports every problem at load
+time) and what it renders to. Writing the destinations when the token changes is
+:mod:`~kakao_tokend.template_runner`'s job.
 
 The engine is :class:`string.Template` from the standard library with a brace pattern: only
 ``{name}`` with a known lowercase name is replaced, every other character (the braces of JSON,
@@ -16,31 +16,17 @@ so a template cannot run code or reach anything but the values below. ``{{`` wri
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import difflib
 import logging
 import os
 import re
-import signal
 import stat
 import string
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from .errors import StoreError
-from .refresher import AccountEvent, AccountManager, Health
 from .state import AccountState
-from .store import atomic_write, resolve_group
 from .tokens import format_time
-
-if TYPE_CHECKING:
-    from .config import AccountConfig, TemplateConfig
-    from .service import Daemon
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +46,6 @@ PLACEHOLDERS: Mapping[str, str] = {
 }
 #: Largest template source accepted: a configuration file, not a data set.
 MAX_SOURCE_BYTES = 1024 * 1024
-#: How long a killed command may take to disappear before we stop waiting for it.
-KILL_WAIT = 5.0
 
 
 _PLACEHOLDER_PATTERN = r"""
@@ -177,222 +161,9 @@ def template_values(state: AccountState, *, include_refresh_token: bool) -> dict
     return values
 
 
-def render(template: TemplateConfig, state: AccountState, account: AccountConfig) -> bytes:
-    """Render one template for ``state`` (the config check made sure every name is known)."""
-    compiled = compile_template(template.text, refresh_token_allowed=account.include_refresh_token)
-    values = template_values(state, include_refresh_token=account.include_refresh_token)
+def render(text: str, state: AccountState, *, include_refresh_token: bool) -> bytes:
+    """Render a template's ``text`` for ``state`` (the config check made sure every name is
+    known)."""
+    compiled = compile_template(text, refresh_token_allowed=include_refresh_token)
+    values = template_values(state, include_refresh_token=include_refresh_token)
     return compiled.substitute(values).encode("utf-8")
-
-
-@dataclass(frozen=True)
-class WriteOutcome:
-    """What :func:`write_if_changed` did."""
-
-    written: bool
-    content_changed: bool
-
-
-def write_if_changed(path: Path, data: bytes, *, mode: int, group: int | None) -> WriteOutcome:
-    """Atomically replace ``path`` unless it already holds ``data`` with the right mode/group.
-
-    A destination that only lost its mode or group is rewritten too, but that is no change of
-    content (the template's command does not run for it).
-    """
-    try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            current: bytes | None = handle.read(len(data) + 1)
-    except OSError:
-        current, info = None, None
-    if (
-        current == data
-        and info is not None
-        and stat.S_IMODE(info.st_mode) == mode
-        and (group is None or info.st_gid == group)
-    ):
-        return WriteOutcome(written=False, content_changed=False)
-    atomic_write(path, data, mode=mode, group=group)
-    return WriteOutcome(written=True, content_changed=current != data)
-
-
-def command_environment(account: str, destination: Path, generation: int) -> dict[str, str]:
-    """The command's environment: what alert commands get, plus which file changed; no token."""
-    from .alerts import PASSED_ENV  # the one list of variables a command may inherit
-
-    env = {key: os.environ[key] for key in PASSED_ENV if key in os.environ}
-    env.update(
-        KAKAO_TOKEND_ACCOUNT=account,
-        KAKAO_TOKEND_TEMPLATE_DESTINATION=str(destination),
-        KAKAO_TOKEND_GENERATION=str(generation),
-    )
-    return env
-
-
-class TemplateRunner:
-    """Renders every account's templates on start, refresh, adoption and reload; runs commands.
-
-    A template's command runs after a change of its destination's content, one run at a time
-    per template: a change that arrives while the command runs is merged into one more run.
-    """
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self._pending: dict[tuple[str, Path], tuple[TemplateConfig, int]] = {}
-        self._workers: dict[tuple[str, Path], asyncio.Task[None]] = {}
-        self._procs: set[asyncio.subprocess.Process] = set()
-        self.commands_run = 0
-
-    def on_event(self, event: AccountEvent) -> None:
-        """Manager listener: a new token set (refresh) or one another process wrote (adoption)."""
-        if event.kind not in ("refreshed", "adopted"):
-            return
-        manager = self.daemon.managers.get(event.account)
-        if manager is not None:
-            self.render_account(manager)
-
-    def render_all(self) -> None:
-        """Render every account's templates (at start-up and after a reload)."""
-        for manager in list(self.daemon.managers.values()):
-            self.render_account(manager)
-
-    def render_account(self, manager: AccountManager) -> None:
-        """Render and write one account's templates; queue the commands of changed ones."""
-        account = manager.account
-        state = manager.state
-        if not account.templates or state is None:
-            return
-        if manager.status.health in (Health.RELOGIN, Health.NO_STATE):
-            return  # dead tokens: leave the last good files alone
-        for template in account.templates:
-            try:
-                data = render(template, state, account)
-                outcome = write_if_changed(
-                    template.destination,
-                    data,
-                    mode=template.mode,
-                    group=resolve_group(template.group),
-                )
-            except StoreError as exc:
-                log.error(
-                    "account %s: cannot write template %s: %s",
-                    account.name,
-                    template.destination,
-                    exc,
-                )
-                continue
-            if not outcome.content_changed:
-                continue
-            log.info(
-                "account %s: rendered %s (generation %d)",
-                account.name,
-                template.destination,
-                state.generation,
-            )
-            if template.command:
-                self._queue(account.name, template, state.generation)
-
-    def _queue(self, account: str, template: TemplateConfig, generation: int) -> None:
-        key = (account, template.destination)
-        self._pending[key] = (template, generation)
-        worker = self._workers.get(key)
-        if worker is None or worker.done():
-            self._workers[key] = asyncio.create_task(self._work(key))
-
-    async def _work(self, key: tuple[str, Path]) -> None:
-        while key in self._pending:
-            template, generation = self._pending.pop(key)
-            await self.run_command(key[0], template, generation)
-
-    async def run_command(self, account: str, template: TemplateConfig, generation: int) -> None:
-        """Run one template's command with a timeout; never raises."""
-        program = Path(template.command[0]).name
-        self.commands_run += 1
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *template.command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=command_environment(account, template.destination, generation),
-                start_new_session=True,
-            )
-        except OSError as exc:
-            log.error(
-                "account %s: template command %s could not start: %s",
-                account,
-                program,
-                exc.strerror or exc,
-            )
-            return
-        self._procs.add(proc)
-        try:
-            _, stderr = await asyncio.wait_for(proc.communicate(), template.command_timeout)
-        except TimeoutError:
-            log.error(
-                "account %s: template command %s still running after %ss; killed it",
-                account,
-                program,
-                f"{template.command_timeout:g}",
-            )
-            await self._kill(proc)
-            return
-        finally:
-            self._procs.discard(proc)
-        if proc.returncode == 0:
-            log.info("account %s: template command %s done", account, program)
-            return
-        last = stderr.decode(errors="replace").strip().splitlines()[-1:] if stderr else []
-        said = f": {last[0][:200]}" if last else ""
-        log.warning(
-            "account %s: template command %s exited with %s%s",
-            account,
-            program,
-            proc.returncode,
-            said,
-        )
-
-    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), KILL_WAIT)
-
-    async def idle(self) -> None:
-        """Wait until no command is queued or running."""
-        while any(not worker.done() for worker in self._workers.values()):
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
-
-    async def close(self) -> None:
-        """Stop: kill running commands and wait for the workers."""
-        self._pending.clear()
-        for proc in list(self._procs):
-            await self._kill(proc)
-        for worker in self._workers.values():
-            worker.cancel()
-        for worker in self._workers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-
-
-TEMPLATES = web.AppKey("templates", TemplateRunner)
-
-
-async def _templates_ctx(app: web.Application) -> AsyncIterator[None]:
-    runner = app[TEMPLATES]
-    runner.render_all()
-    yield
-    await runner.close()
-
-
-def install(app: web.Application, daemon: Daemon) -> TemplateRunner:
-    """Attach a TemplateRunner to the daemon's managers, its reloads and the app's lifecycle.
-
-    Call before the app starts; the cleanup context goes last, so it renders after the
-    accounts are loaded.
-    """
-    runner = TemplateRunner(daemon)
-    app[TEMPLATES] = runner
-    daemon.listeners.append(runner.on_event)
-    daemon.reload_listeners.append(runner.render_all)
-    app.cleanup_ctx.append(_templates_ctx)
-    return runner

@@ -411,9 +411,9 @@ def is_due(tokens: TokenSet, now: datetime, *, share: float = 0.75, jitter: floa
 def backoff_delay(
     attempt: int,
     *,
-    now: datetime,
-    expires_at: datetime,
-    lifetime: timedelta,
+    now: datetime | None = None,
+    expires_at: datetime | None = None,
+    lifetime: timedelta | None = None,
     initial: float = 10.0,
     cap: float = 300.0,
     rng: random.Random | None = None,
@@ -441,24 +441,29 @@ def backoff_delay(
       it — whatever Kakao asked for; one attempt before the refresh token dies is worth more
       than honouring the pause. With less left than that, the ladder's pace holds: retrying
       ever faster in the last seconds (a Zeno-like storm) would only earn KOE237.
+
+    Without a token (``lifetime`` and the expiries None: an alert's delivery) only the
+    ladder applies, from ``initial`` up to ``cap``.
     """
     rng = rng or random.Random()
-    life = max(lifetime.total_seconds(), 1e-3)
-    base = min(initial, life / 200.0)
-    top = min(cap, life / 12.0) if life < cap * 12 else cap
+    life = max(lifetime.total_seconds(), 1e-3) if lifetime is not None else None
+    base = min(initial, life / 200.0) if life is not None else initial
+    top = min(cap, life / 12.0) if life is not None and life < cap * 12 else cap
     # Clamp the exponent: after ~1000 attempts (days of outage) 2**n overflows a float.
     step = min(top, base * (2.0 ** min(max(attempt - 1, 0), 64)))
-    access_left = (expires_at - now).total_seconds()
-    serving = access_left > base
+    deadlines: list[float] = []
+    if now is not None and expires_at is not None:
+        deadlines.append((expires_at - now).total_seconds())
+    serving = not deadlines or deadlines[0] > base
     if rate_limited and serving:
         step = top
     delay = rng.uniform(step / 2, step)
     if retry_after is not None and retry_after > 0 and serving:
         delay = max(delay, min(retry_after, cap))
-    deadlines = [access_left]
-    if refresh_expires_at is not None:
+    if now is not None and refresh_expires_at is not None:
         refresh_left = (refresh_expires_at - now).total_seconds()
-        deadlines += [refresh_left - life * REFRESH_SAFETY_SHARE, refresh_left]
+        margin = (life or 0.0) * REFRESH_SAFETY_SHARE
+        deadlines += [refresh_left - margin, refresh_left]
     for left in deadlines:
         if left > base:
             delay = min(delay, left - base / 2)

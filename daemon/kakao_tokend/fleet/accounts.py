@@ -109,26 +109,29 @@ SELECT a.id, a.name, a.generation, a.key_id,
        a.access_token, a.refresh_token, a.id_token, a.token_extra,
        a.token_type, a.scope, a.access_issued_at, a.access_expires_at,
        a.refresh_issued_at, a.refresh_expires_at, a.refresh_expiry_estimated,
-       a.user_id, a.relogin_reason, a.extras, a.due_at, a.refreshed_at, a.refreshed_by,
+       a.user_id, a.relogin_reason, a.relogin_cause, a.extras, a.due_at, a.refreshed_at,
+       a.refreshed_by,
        a.attempts, a.failing_since, a.last_attempt_at, a.last_attempt_by,
        a.last_error, a.last_error_class, a.rotation_missed_at, a.updated_at,
-       r.rotation_times, r.rotation_fingerprints
+       r.rotation_times, r.rotation_fingerprints, r.rotation_replaced
 FROM accounts a
 LEFT JOIN LATERAL (
     SELECT array_agg(k.rotated_at ORDER BY k.rotated_at) AS rotation_times,
-           array_agg(k.fingerprint ORDER BY k.rotated_at) AS rotation_fingerprints
-    FROM (SELECT rotated_at, fingerprint FROM rotations WHERE account_id = a.id
+           array_agg(k.fingerprint ORDER BY k.rotated_at) AS rotation_fingerprints,
+           array_agg(k.replaced ORDER BY k.rotated_at) AS rotation_replaced
+    FROM (SELECT rotated_at, fingerprint, replaced FROM rotations WHERE account_id = a.id
           ORDER BY rotated_at DESC LIMIT %(rotations_kept)s) k
 ) r ON true
 """
 
 _LOG_ROTATIONS: LiteralString = """
 logged AS (
-    INSERT INTO rotations (account_id, rotated_at, fingerprint, generation, node)
-    SELECT w.id, r.rotated_at, r.fingerprint, %(generation)s, %(node)s
+    INSERT INTO rotations (account_id, rotated_at, fingerprint, replaced, generation, node)
+    SELECT w.id, r.rotated_at, r.fingerprint, r.replaced, %(generation)s, %(node)s
     FROM written w,
-         unnest(%(rotation_times)s::timestamptz[], %(rotation_fingerprints)s::text[])
-             AS r(rotated_at, fingerprint)
+         unnest(%(rotation_times)s::timestamptz[], %(rotation_fingerprints)s::text[],
+                %(rotation_replaced)s::text[])
+             AS r(rotated_at, fingerprint, replaced)
     ON CONFLICT DO NOTHING
 )
 SELECT count(*) FROM written
@@ -140,15 +143,15 @@ WITH written AS (
     INSERT INTO accounts (
         id, name, generation, key_id, access_token, refresh_token, id_token, token_extra,
         token_type, scope, access_issued_at, access_expires_at, refresh_issued_at,
-        refresh_expires_at, refresh_expiry_estimated, user_id, relogin_reason, extras, due_at,
-        refreshed_at, refreshed_by, attempts, failing_since, last_attempt_at, last_attempt_by,
-        last_error, last_error_class, rotation_missed_at)
+        refresh_expires_at, refresh_expiry_estimated, user_id, relogin_reason, relogin_cause,
+        extras, due_at, refreshed_at, refreshed_by, attempts, failing_since, last_attempt_at,
+        last_attempt_by, last_error, last_error_class, rotation_missed_at)
     VALUES (
         %(id)s, %(name)s, %(generation)s, %(key_id)s, %(access_token)s, %(refresh_token)s,
         %(id_token)s, %(token_extra)s, %(token_type)s, %(scope)s, %(access_issued_at)s,
         %(access_expires_at)s, %(refresh_issued_at)s, %(refresh_expires_at)s,
-        %(refresh_expiry_estimated)s, %(user_id)s, %(relogin_reason)s, %(extras)s, %(due_at)s,
-        %(refreshed_at)s, %(refreshed_by)s, %(attempts)s, %(failing_since)s,
+        %(refresh_expiry_estimated)s, %(user_id)s, %(relogin_reason)s, %(relogin_cause)s,
+        %(extras)s, %(due_at)s, %(refreshed_at)s, %(refreshed_by)s, %(attempts)s, %(failing_since)s,
         %(last_attempt_at)s, %(last_attempt_by)s, %(last_error)s, %(last_error_class)s,
         %(rotation_missed_at)s)
     ON CONFLICT (name) DO NOTHING
@@ -168,7 +171,8 @@ WITH written AS (
         access_issued_at = %(access_issued_at)s, access_expires_at = %(access_expires_at)s,
         refresh_issued_at = %(refresh_issued_at)s, refresh_expires_at = %(refresh_expires_at)s,
         refresh_expiry_estimated = %(refresh_expiry_estimated)s, user_id = %(user_id)s,
-        relogin_reason = %(relogin_reason)s, extras = %(extras)s, due_at = %(due_at)s,
+        relogin_reason = %(relogin_reason)s, relogin_cause = %(relogin_cause)s,
+        extras = %(extras)s, due_at = %(due_at)s,
         -- refreshed_by names the node that produced the tokens: it changes with refreshed_at.
         refreshed_by = CASE WHEN refreshed_at IS DISTINCT FROM %(refreshed_at)s::timestamptz
                             THEN %(refreshed_by)s ELSE refreshed_by END,
@@ -484,10 +488,14 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
         id_token=unseal("id_token"),
         extra=json.loads(extra_text) if extra_text else {},
     )
+    times = raw["rotation_times"] or ()
     rotations = tuple(
-        Rotation(at.astimezone(UTC), fingerprint)
-        for at, fingerprint in zip(
-            raw["rotation_times"] or (), raw["rotation_fingerprints"] or (), strict=True
+        Rotation(at.astimezone(UTC), fingerprint, replaced=replaced)
+        for at, fingerprint, replaced in zip(
+            times,
+            raw["rotation_fingerprints"] or (),
+            raw["rotation_replaced"] or (None,) * len(times),
+            strict=True,
         )
     )
     state = AccountState(
@@ -497,6 +505,7 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
         refreshed_at=_utc(raw["refreshed_at"]),
         rotations=rotations,
         relogin_reason=raw["relogin_reason"],
+        relogin_cause=raw["relogin_cause"],
         user_id=raw["user_id"],
         extras=raw["extras"],
     )
@@ -579,6 +588,7 @@ def _write_params(
         "refresh_expiry_estimated": tokens.refresh_expiry_estimated,
         "user_id": state.user_id,
         "relogin_reason": state.relogin_reason,
+        "relogin_cause": state.relogin_cause,
         "extras": Jsonb(dict(state.extras)),
         "due_at": due_at,
         "refreshed_at": state.refreshed_at,
@@ -586,5 +596,6 @@ def _write_params(
         "node": node,
         "rotation_times": [r.at for r in rotations],
         "rotation_fingerprints": [r.fingerprint for r in rotations],
+        "rotation_replaced": [r.replaced for r in rotations],
         **_status(status or RefreshStatus()),
     }

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import StoreError, StoreSchemaMismatch
+from ..tokens import backoff_delay
 from . import missing_extra
 from .db import store_errors
 
@@ -185,7 +186,9 @@ async def migrate(
                         f"{retries} tries (a long transaction holds it)",
                         hint="find it in pg_stat_activity (state, xact_start) and try again",
                     ) from None
-        await asyncio.sleep(0.5 * attempt)
+        # Each try already waited lock_timeout for the table; the pause between is the one
+        # back-off rule's ladder (half a second first).
+        await asyncio.sleep(backoff_delay(attempt, initial=0.5, cap=5.0))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

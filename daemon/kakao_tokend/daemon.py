@@ -1,0 +1,317 @@
+"""The running daemon: its accounts, their managers, reload and stop; what the API serves.
+
+:class:`Daemon` is the one object every capability of a running service reaches: the local
+API, hooks, templates and metrics find it in the aiohttp application under :data:`DAEMON`.
+How it is started and stopped (cleanup contexts, signals, sockets, exit codes) is
+:mod:`~kakao_tokend.service`'s business; this module holds no lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from . import systemd
+from .alerts import AlertCenter
+from .config import AccountConfig, Config, load_config
+from .errors import ConfigError, StoreError, StoreLocked
+from .kakao import KakaoClient
+from .refresher import AccountManager
+from .scheduler import RefreshScheduler
+from .status import EventListener, Health
+from .store import (
+    AccountStore,
+    FileLock,
+    check_directory,
+    ensure_reserve,
+    make_dirs,
+    remove_stale_temp_files,
+)
+from .tokens import Clock, utcnow
+from .watch import StateWatcher
+
+__all__ = ["DAEMON", "EXTEND_EVERY", "STOP_GRACE", "Daemon", "only_account"]
+
+log = logging.getLogger(__name__)
+
+#: The least a stop (or a reload) waits for an in-flight refresh to finish and be persisted.
+STOP_GRACE = 20.0
+#: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
+#: often, each time asking for three times as long (so one lost datagram costs nothing).
+EXTEND_EVERY = 5.0
+INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
+
+
+@dataclass
+class Daemon:
+    """Everything the running service holds: config, session, managers and scheduler."""
+
+    config: Config
+    config_path: Path | None = None
+    clock: Clock = utcnow
+    session: aiohttp.ClientSession | None = None
+    managers: dict[str, AccountManager] = field(default_factory=dict)
+    scheduler: RefreshScheduler | None = None
+    #: `run --account NAME` keeps only that account, across reloads too.
+    only_account: str | None = None
+    #: Extra listeners every account manager gets (the demo prints rotations through this).
+    listeners: list[EventListener] = field(default_factory=list)
+    #: Called after every successful reload (templates re-render with the new configuration).
+    reload_listeners: list[Callable[[], None]] = field(default_factory=list)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _prepared_dirs: set[Path] = field(default_factory=set)
+    #: Alert conditions and channels (set up by the service's alerts context).
+    alerts: AlertCenter | None = None
+    _instance_lock: FileLock | None = None
+    _stopping: bool = False
+    _extender: asyncio.Task[None] | None = None
+    #: Watches the state directories for files other processes write (set up by the service).
+    watcher: StateWatcher | None = None
+
+    # ---------------------------------------------------------------- instance lock
+
+    def check_directories(self) -> None:
+        """Refuse to start (UnsafePath) when another local user could change the state
+        directory or the directory of the API socket (normally the runtime directory)."""
+        socket_dir = self.config.api_socket.parent
+        socket_what = (
+            "runtime directory" if socket_dir == self.config.runtime_dir else "socket directory"
+        )
+        for directory, what in (
+            (self.config.state_dir, "state directory"),
+            (socket_dir, socket_what),
+        ):
+            make_dirs(directory)
+            check_directory(directory, what=what)
+
+    def acquire_instance_lock(self) -> None:
+        """Make this the only `run` on this state directory, or raise StoreLocked."""
+        make_dirs(self.config.state_dir)
+        lock = FileLock(
+            self.config.state_dir / INSTANCE_LOCK_NAME,
+            directory_what="state directory",
+            what="instance lock",
+        )
+        if not lock.try_acquire():
+            pid = lock.holder()
+            holder = f" (pid {pid})" if pid is not None else ""
+            raise StoreLocked(
+                f"another kakao-tokend is already running on {self.config.state_dir}{holder}",
+                hint="stop it first (systemctl stop kakao-tokend), or point --config at another"
+                " state directory",
+            )
+        self._instance_lock = lock
+
+    def release_instance_lock(self) -> None:
+        """Release the instance lock (the kernel would do it at exit anyway)."""
+        lock, self._instance_lock = self._instance_lock, None
+        if lock is not None:
+            lock.release()
+
+    # ---------------------------------------------------------------- accounts
+
+    def make_manager(self, account: AccountConfig) -> AccountManager:
+        """Create the store, client and manager for one account and load its state."""
+        assert self.session is not None
+        store = AccountStore(account, rescue_dir=self.config.runtime_dir)
+        for directory in {account.state_file.parent, account.token_file.parent}:
+            if directory not in self._prepared_dirs:
+                # Once per directory: 1,000 accounts usually share one state directory.
+                make_dirs(directory)
+                remove_stale_temp_files(directory)
+                ensure_reserve(directory)
+                self._prepared_dirs.add(directory)
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(self.session, account.app, clock=self.clock),
+            policy=self.config.refresh,
+            clock=self.clock,
+        )
+        manager.listeners.extend(self.listeners)
+        manager.load()
+        if self.alerts is not None:
+            self.alerts.attach(manager)
+        if manager.state is not None and manager.status.health is Health.OK:
+            # Publish at once when the token file is missing or stale (another tool wrote the
+            # state); an up-to-date one is left alone, which keeps a large start cheap. The
+            # extra token files carry no generation: they are always written.
+            try:
+                published = store.read_published()
+            except StoreError:
+                published = None  # damaged or unreadable: rewrite it
+            stale = published is None or published.get("generation") != manager.state.generation
+            manager.publish(token_file=stale)
+        return manager
+
+    def open_accounts(self) -> None:
+        """Create a manager per configured account (after checking every account's files)."""
+        for account in self.config.accounts.values():
+            AccountStore(account).check_paths()
+        for account in self.config.accounts.values():
+            self.managers[account.name] = self.make_manager(account)
+        for manager in self.managers.values():
+            log.info("account %s", manager.summary())
+
+    def adopt_outside_changes(self, manager: AccountManager) -> bool:
+        """Take over a state another process wrote (login, import, logout, refresh) now.
+
+        Called when the CLI says so over the socket and when the state directory watch sees
+        the file change. A manager that is refreshing re-reads the file under its lock anyway,
+        and a state still waiting to be written is newer than anything on disk: both are left
+        alone. Returns True when the tokens in memory changed.
+        """
+        if manager.busy or self._stopping:
+            return False
+        changed = manager.notice_outside_changes()
+        if changed:
+            if self.scheduler is not None:
+                self.scheduler.plan(manager)
+            if self.alerts is not None:
+                # Now, not at the next heartbeat: alerts about the old tokens resolve at once.
+                self.alerts.evaluate(manager.name)
+        return changed
+
+    def on_state_file_changed(self, path: Path) -> None:
+        """StateWatcher callback: adopt the account whose state file ``path`` is."""
+        for manager in list(self.managers.values()):
+            if manager.account.state_file == path:
+                self.adopt_outside_changes(manager)
+
+    def watch_state_files(self) -> None:
+        """Point the state directory watch at the current accounts' state files."""
+        if self.watcher is not None:
+            self.watcher.watch(m.account.state_file for m in self.managers.values())
+
+    def summary(self) -> str:
+        """Return the one-line STATUS text, e.g. ``default: access 4h12m, refresh 41d``."""
+        now = self.clock()
+        return "; ".join(m.summary(now) for m in self.managers.values()) or "no accounts"
+
+    # ---------------------------------------------------------------- stopping
+
+    def begin_stop(self) -> None:
+        """Start a stop: schedule nothing more, tell systemd, keep its stop timeout extended.
+
+        Idempotent. In-flight refreshes go on; the cleanup contexts wait for them.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        systemd.stopping("stopping: finishing in-flight refreshes")
+        self._extender = asyncio.get_running_loop().create_task(self._extend_while_refreshing())
+
+    async def _extend_while_refreshing(self) -> None:
+        """Ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a refresh is in flight."""
+        last: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            if any(m.refreshing for m in self.managers.values()) and (
+                last is None or loop.time() - last >= EXTEND_EVERY
+            ):
+                systemd.extend_timeout(3 * EXTEND_EVERY)
+                last = loop.time()
+            await asyncio.sleep(0.2)
+
+    async def end_stop(self) -> None:
+        """Stop extending systemd's timeout (everything has been waited for)."""
+        task, self._extender = self._extender, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ---------------------------------------------------------------- reload
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration; keep every token in memory; return (ok, message)."""
+        async with self.reload_lock:
+            systemd.reloading("reloading configuration")
+            try:
+                new = load_config(self.config_path)
+                if self.only_account is not None:
+                    if self.only_account not in new.accounts:
+                        raise ConfigError(
+                            f"account {self.only_account!r} is no longer in the configuration"
+                        )
+                    new = only_account(new, self.only_account)
+            except ConfigError as exc:
+                log.error("reload failed, keeping the previous configuration:\n%s", exc)
+                systemd.ready(self.summary())
+                return False, str(exc)
+            assert self.scheduler is not None
+            old_accounts = self.config.accounts
+            self.config = new
+            self.scheduler.set_heartbeat(new.refresh.heartbeat)
+            added, removed, changed = [], [], []
+            for name in list(self.managers):
+                if name not in new.accounts:
+                    manager = self.scheduler.remove(name)
+                    self.managers.pop(name)
+                    if manager is not None:
+                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                        await manager.flush()
+                    if self.alerts is not None:
+                        await self.alerts.detach(name)
+                    removed.append(name)
+            for name, account in new.accounts.items():
+                manager = self.managers.get(name)
+                if manager is None or (
+                    old_accounts[name].state_file != account.state_file
+                    or old_accounts[name].lock_file != account.lock_file
+                ):
+                    if manager is not None:
+                        self.scheduler.remove(name)
+                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                        await manager.flush()
+                    manager = self.make_manager(account)
+                    self.managers[name] = manager
+                    self.scheduler.add(manager)
+                    self.scheduler.run_soon(manager, "start")
+                    added.append(name)
+                    continue
+                if old_accounts[name] != account:
+                    changed.append(name)
+                assert self.session is not None
+                # A refresh in flight may take its whole request timeout; swapping the store
+                # under it earlier would lose the answer's lock bookkeeping.
+                await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                manager.reconfigure(
+                    account,
+                    store=AccountStore(account, rescue_dir=new.runtime_dir),
+                    client=KakaoClient(self.session, account.app, clock=self.clock),
+                    policy=new.refresh,
+                )
+                if self.alerts is not None:
+                    self.alerts.reconfigure(name)
+                self.scheduler.plan(manager)
+                if manager.state is not None and not manager.status.write_pending:
+                    manager.publish()
+            self.watch_state_files()
+            message = (
+                f"configuration reloaded: {len(new.accounts)} account(s)"
+                f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
+                f"; changed {', '.join(changed) or '-'}"
+            )
+            log.info("%s", message)
+            for listener in self.reload_listeners:
+                listener()
+            systemd.ready(self.summary())
+            return True, message
+
+
+DAEMON = web.AppKey("daemon", Daemon)
+
+
+def only_account(config: Config, account: str) -> Config:
+    """Return ``config`` narrowed to one account (`run --account NAME`)."""
+    return replace(config, accounts={account: config.accounts[account]}, default_account=account)

@@ -1,0 +1,625 @@
+"""An account's health, graded once: its conditions, each with a severity, a message and a fix.
+
+:func:`assess` is pure. It takes what is known about one account — its configuration and
+alert settings, its stored state, the daemon's live status of it (None when no daemon looks
+after it: `status` and `doctor` reading the files), the refresh policy and the time — and
+returns :class:`AccountHealth`: the conditions a person must know about, whether consumers get
+a valid and current token, and whether a consumer's request may make Kakao refresh now.
+
+Everything that grades an account reads this one result: `status` (from the daemon and from
+the files) and `doctor`, ``/healthz``, ``/v1/status``, the token endpoint's and the proxy's
+refusals, the alerts and the metrics. So they cannot disagree. The texts are i18n messages:
+alerts send them in the account's language, everything else shows English. Each fix names
+the exact command, built by :func:`~kakao_tokend.relogin.login_command` and its sibling
+:func:`~kakao_tokend.relogin.cli_command` with the options this account needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import exitcodes
+from .config import AccountConfig, AlertsConfig, RefreshPolicy
+from .errors import StoreError
+from .i18n import N_, Duration, Message
+from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
+from .state import AccountState
+from .status import STOPPED, AccountStatus, Health
+from .tokens import format_local_time, format_time
+
+__all__ = [
+    "FROM_FILES",
+    "LOG_COMMAND",
+    "AccountHealth",
+    "Condition",
+    "Severity",
+    "assess",
+    "full_action",
+    "login_fix",
+    "login_hint",
+    "moved_thresholds",
+    "printable",
+    "still_active",
+]
+
+#: Error labels (``KOE322``, ``http503`` ...) are cut to this many characters in the texts,
+#: so that a KakaoTalk memo always has room for the condition and the command.
+REASON_LIMIT = 20
+#: Where the whole story is.
+LOG_COMMAND = "journalctl -u kakao-tokend"
+#: What to do while refreshing fails for a reason that is not ours to fix.
+NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
+#: The conditions that the stored state alone decides (status without a daemon can judge
+#: them); every other one needs the daemon's live status (writes, publishing, refreshing).
+FROM_FILES = frozenset(
+    {"relogin", "no_tokens", "state_unreadable", "refresh_expiry", "access_expired"}
+)
+
+
+class Severity(enum.IntEnum):
+    """How urgent a condition is; the value is the matching logging level."""
+
+    INFO = logging.INFO
+    WARNING = logging.WARNING
+    CRITICAL = logging.CRITICAL
+
+    @property
+    def label(self) -> str:
+        """Return "info", "warning" or "critical"."""
+        return self.name.lower()
+
+    @property
+    def title(self) -> Message:
+        """Return the word that opens an alert's text ("CRITICAL", "긴급" ...)."""
+        return _SEVERITY_TITLES[self]
+
+    @classmethod
+    def parse(cls, text: str) -> Severity:
+        """Return the severity named ``text`` ("info", "warning", "critical")."""
+        return cls[text.upper()]
+
+
+_SEVERITY_TITLES = {
+    Severity.INFO: N_("INFO"),
+    Severity.WARNING: N_("WARNING"),
+    Severity.CRITICAL: N_("CRITICAL"),
+}
+
+
+def full_action(fix: Message, hint: Message | None) -> Message:
+    """Return the whole fix: the fix itself, then the hint in parentheses."""
+    return fix if hint is None else N_("{fix} ({hint})", fix=fix, hint=hint)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Something that is wrong with an account right now, and what fixes it.
+
+    A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
+    both short, with the exact command in ``fix`` (and in ``command``, for `doctor`).
+    ``hint`` and the long ``message`` go where there is room; the log, the webhook, the
+    command and `status` always get everything.
+    """
+
+    name: str
+    severity: Severity
+    message: Message
+    fix: Message
+    #: For the expiry ladder: the threshold crossed (seconds; 0 = expired). More severe = lower.
+    stage: float | None = None
+    brief: Message | None = None
+    hint: Message | None = None
+    #: The exact command the fix runs, when it is one command.
+    command: str | None = None
+
+    @property
+    def action(self) -> Message:
+        """Return the whole fix (``fix`` plus ``hint``)."""
+        return full_action(self.fix, self.hint)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the condition for /v1/status and `status --json` (English texts)."""
+        return {
+            "condition": self.name,
+            "severity": self.severity.label,
+            "message": self.message.render("en"),
+            "fix": self.action.render("en"),
+            "command": self.command,
+        }
+
+
+_LEVELS: Mapping[Severity | None, int] = {
+    None: exitcodes.OK,
+    Severity.INFO: exitcodes.OK,
+    Severity.WARNING: exitcodes.WARNING,
+    Severity.CRITICAL: exitcodes.CRITICAL,
+}
+_LEVEL_NAMES: Mapping[int, str] = {
+    exitcodes.OK: "ok",
+    exitcodes.WARNING: "warning",
+    exitcodes.CRITICAL: "critical",
+}
+
+
+@dataclass(frozen=True)
+class AccountHealth:
+    """One account, graded: what a person must know, and what consumers get."""
+
+    account: str
+    conditions: tuple[Condition, ...]
+    #: Why consumers do not get a valid, current token right now (None: they do) — /healthz.
+    serving_problem: str | None
+    #: Why a consumer's request must not make Kakao refresh now (None: it may) — the token
+    #: endpoint and the proxy. An explicit POST .../refresh still forces one.
+    refresh_blocked: str | None
+
+    @property
+    def severity(self) -> Severity | None:
+        """Return the most urgent condition's severity (None when there is none)."""
+        return max((c.severity for c in self.conditions), default=None)
+
+    @property
+    def level(self) -> int:
+        """Return the exit code of `status`: 0 ok, 1 warning, 2 critical."""
+        return _LEVELS[self.severity]
+
+    @property
+    def label(self) -> str:
+        """Return "ok", "warning" or "critical"."""
+        return _LEVEL_NAMES[self.level]
+
+    def names(self) -> list[str]:
+        """Return the conditions' names, most urgent first."""
+        return [c.name for c in self.ordered()]
+
+    def ordered(self) -> list[Condition]:
+        """Return the conditions, most urgent first (stable otherwise)."""
+        return sorted(self.conditions, key=lambda c: -c.severity)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the grading for /v1/status and `status --json`."""
+        return {
+            "level": self.label,
+            "conditions": [c.to_json() for c in self.ordered()],
+            "serving": self.serving_problem is None,
+            "serving_problem": self.serving_problem,
+        }
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def printable(text: str) -> str:
+    """Replace line breaks and other control characters, which would break a memo's lines."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _reason(label: str | None, default: str) -> str:
+    """Return an error label for a text, cut to REASON_LIMIT characters."""
+    text = printable(label or default)
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 1] + "…"
+
+
+def login_fix(account: AccountConfig) -> Message:
+    """Return the fix for dead tokens: the exact login command."""
+    return N_("run `{command}`", command=login_command(account))
+
+
+def login_hint(account: AccountConfig, host: str | None = None) -> Message:
+    """Return the ssh port-forward hint for logging in on a remote server."""
+    port = urlsplit(account.app.redirect_uri).port or 80
+    return N_(
+        "on a remote server, log in through `ssh -L {port}:127.0.0.1:{port} {host}`",
+        port=port,
+        host=host or socket.gethostname(),
+    )
+
+
+def relogin_texts(
+    account: AccountConfig, state: AccountState | None, status: AccountStatus | None
+) -> RenderedCause | None:
+    """Return the texts of the known re-login cause (expired, lost rotation, revoked ...)."""
+    if status is not None:
+        cause = status.relogin_cause if status.health is Health.RELOGIN else None
+        label = status.last_error_class
+    else:
+        cause = parse_cause(state.relogin_cause) if state is not None else None
+        label = None
+    if cause is None:
+        return None
+    tokens = state.tokens if state is not None else None
+    return render(
+        cause,
+        account=account.name,
+        login=login_command(account),
+        code=label if label not in (None, "relogin") else "KOE322",
+        fingerprint=tokens.refresh_fingerprint if tokens else "-",
+        expiry=tokens.refresh_expires_at if tokens else None,
+    )
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def assess(
+    account: AccountConfig,
+    state: AccountState | None,
+    status: AccountStatus | None,
+    policy: RefreshPolicy,
+    now: datetime,
+    *,
+    alerts: AlertsConfig | None = None,
+    host: str | None = None,
+    load_error: StoreError | None = None,
+) -> AccountHealth:
+    """Grade one account at ``now`` (pure: no I/O).
+
+    ``status`` is the daemon's live status, or None when no daemon looks after the account
+    (the files alone); ``load_error`` is why the stored state could not be read then.
+    ``alerts`` overrides the account's alert settings (`status --warn/--crit`); ``host``
+    names this machine in the ssh hint.
+    """
+    settings = alerts or account.alerts
+    found = _conditions(account, state, status, policy, now, settings, host, load_error)
+    return AccountHealth(
+        account=account.name,
+        conditions=tuple(found),
+        serving_problem=_serving_problem(state, status, now, found),
+        refresh_blocked=_refresh_blocked(status, now, found),
+    )
+
+
+def _conditions(
+    account: AccountConfig,
+    state: AccountState | None,
+    status: AccountStatus | None,
+    policy: RefreshPolicy,
+    now: datetime,
+    settings: AlertsConfig,
+    host: str | None,
+    load_error: StoreError | None,
+) -> list[Condition]:
+    login = login_command(account)
+    relogin_fix, relogin_hint = login_fix(account), login_hint(account, host)
+    found: list[Condition] = []
+    health = status.health if status is not None else None
+    if health is Health.RELOGIN or (status is None and state is not None and state.relogin_reason):
+        found.append(_relogin(account, state, status, relogin_fix, relogin_hint, login))
+    elif health is Health.CONFIG:
+        found.append(
+            Condition(
+                "config",
+                Severity.CRITICAL,
+                N_(
+                    "Kakao rejects the app configuration ({reason})",
+                    reason=_reason(status.last_error_class if status else None, "config"),
+                ),
+                # Secrets given as systemd credentials are read at start: restart, not reload.
+                N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
+                hint=N_("details: `{command}`", command=LOG_COMMAND),
+                command="systemctl restart kakao-tokend",
+            )
+        )
+    if state is None:
+        if status is None and load_error is not None:
+            found.append(
+                Condition(
+                    "state_unreadable",
+                    Severity.CRITICAL,
+                    Message.verbatim(load_error.message),
+                    Message.verbatim(load_error.hint) if load_error.hint else relogin_fix,
+                    command=None if load_error.hint else login,
+                )
+            )
+        elif not found:  # no tokens, and no refusal or bad configuration that says more
+            found.append(
+                Condition(
+                    "no_tokens",
+                    Severity.CRITICAL,
+                    N_("no tokens (not logged in)"),
+                    relogin_fix,
+                    hint=relogin_hint,
+                    command=login,
+                )
+            )
+        return found
+    tokens = state.tokens
+    refresh_left = tokens.refresh_remaining(now).total_seconds()
+    access_left = tokens.access_remaining(now).total_seconds()
+    expiry = _refresh_expiry(tokens.refresh_expires_at, refresh_left, settings)
+    if expiry is not None:
+        severity, stage, message, brief = expiry
+        found.append(
+            Condition(
+                "refresh_expiry",
+                severity,
+                message,
+                relogin_fix,
+                stage=stage,
+                brief=brief,
+                hint=relogin_hint,
+                command=login,
+            )
+        )
+    if status is None:
+        if access_left <= 0 < refresh_left and not state.relogin_reason:
+            refresh = cli_command(account, "refresh")
+            found.append(
+                Condition(
+                    "access_expired",
+                    Severity.WARNING,
+                    N_("the access token has expired and no running kakao-tokend renewed it"),
+                    N_("start kakao-tokend, or run `{command}` to renew it now", command=refresh),
+                    command=refresh,
+                )
+            )
+        return found
+    if health is Health.RETRYING:
+        lifetime = tokens.access_lifetime.total_seconds()
+        found += _failing(status, policy, now, settings, lifetime=lifetime, access_left=access_left)
+    if status.write_pending:
+        found.append(
+            Condition(
+                "write_failed",
+                Severity.CRITICAL,
+                N_(
+                    "cannot save the new tokens ({error})",
+                    error=status.write_error or "write error",
+                ),
+                N_(
+                    "free disk space or fix permissions; do not stop kakao-tokend until it is saved"
+                ),
+                brief=N_("cannot save the new tokens"),
+                hint=N_("state directory: {directory}", directory=str(account.state_file.parent)),
+            )
+        )
+    if status.publish_pending:
+        found.append(
+            Condition(
+                "publish_failed",
+                Severity.CRITICAL,
+                N_(
+                    "cannot write the token files for consumers ({error}); they read an older"
+                    " token",
+                    error=status.publish_error or "write error",
+                ),
+                N_("fix the file or directory named above (retried automatically)"),
+                brief=N_("cannot write the token files for consumers"),
+            )
+        )
+    if status.state_conflict:
+        restore = cli_command(account, "restore")
+        found.append(
+            Condition(
+                "state_conflict",
+                Severity.CRITICAL,
+                N_("an older state file was refused: {detail}", detail=status.state_conflict),
+                N_(
+                    "check which program wrote the state file (`kakao-tokend status`); to go back"
+                    " to a backup on purpose use `{command}`",
+                    command=restore,
+                ),
+                brief=N_("an older state file was refused; the newer tokens were kept"),
+                command=restore,
+            )
+        )
+    if status.missed_rotation:
+        found.append(
+            Condition(
+                "missed_rotation",
+                Severity.WARNING,
+                N_(
+                    "Kakao did not renew the refresh token although only {left} is left",
+                    left=Duration(refresh_left),
+                ),
+                N_("watch `kakao-tokend status`"),
+                hint=N_("if it is not renewed soon, run `{command}`", command=login),
+                command=login,
+            )
+        )
+    return found
+
+
+def _relogin(
+    account: AccountConfig,
+    state: AccountState | None,
+    status: AccountStatus | None,
+    fix: Message,
+    hint: Message,
+    login: str,
+) -> Condition:
+    """The re-login condition: why (when the cause is known), and the login command."""
+    cause = relogin_texts(account, state, status)
+    if cause is not None:
+        message, fix = cause.alert, cause.fix
+    elif status is not None and status.last_error_class == "corrupt_state":
+        message = N_("the stored state could not be read; a new login is needed")
+    else:
+        label = status.last_error_class if status is not None else None
+        message = N_(
+            "Kakao refuses the tokens ({reason}); a new login is needed",
+            reason=_reason(label, "refused"),
+        )
+    return Condition("relogin", Severity.CRITICAL, message, fix, hint=hint, command=login)
+
+
+def _refresh_expiry(
+    expires_at: datetime, left: float, settings: AlertsConfig
+) -> tuple[Severity, float, Message, Message | None] | None:
+    """The expiry ladder: (severity, stage, message, brief), or None above every threshold.
+
+    Each threshold of ``[alerts] thresholds`` is a stage; less than ``critical_below`` left
+    (or a stage at or below it) is critical, and so is an expired token.
+    """
+    stages = [t for t in settings.thresholds if left < t]
+    if left > 0 and not stages:
+        return None
+    if left <= 0:
+        return Severity.CRITICAL, 0.0, N_("the refresh token has EXPIRED"), None
+    stage = min(stages)
+    critical = left < settings.critical_below or stage <= settings.critical_below
+    message = N_(
+        "the refresh token expires in {left} ({at}) and was not renewed",
+        left=Duration(left),
+        at=format_local_time(expires_at),
+    )
+    brief = N_("the refresh token expires in {left} and was not renewed", left=Duration(left))
+    return Severity.CRITICAL if critical else Severity.WARNING, stage, message, brief
+
+
+def _failing(
+    status: AccountStatus,
+    policy: RefreshPolicy,
+    now: datetime,
+    settings: AlertsConfig,
+    *,
+    lifetime: float,
+    access_left: float,
+) -> list[Condition]:
+    """Refreshing keeps failing: the access token runs out soon, or it has failed for long.
+
+    "Soon" is half the time between the latest planned refresh and the expiry; "long" is
+    ``failing_after`` of the access token's lifetime. Both scale with the lifetime.
+    """
+    found: list[Condition] = []
+    reason = _reason(status.last_error_class, "error")
+    since = status.failing_since
+    failing_for = (now - since).total_seconds() if since else 0.0
+    margin = max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
+    if access_left < margin:
+        if access_left > 0:
+            left = Duration(access_left)
+            message = N_(
+                "the access token expires in {left} and refreshing keeps failing ({reason})",
+                left=left,
+                reason=reason,
+            )
+            brief: Message | None = N_(
+                "the access token expires in {left} and refreshing fails ({reason})",
+                left=left,
+                reason=reason,
+            )
+        else:
+            message = N_(
+                "the access token has EXPIRED and refreshing keeps failing ({reason})",
+                reason=reason,
+            )
+            brief = None
+        found.append(
+            Condition("access_expiring", Severity.CRITICAL, message, NETWORK_FIX, brief=brief)
+        )
+    if since is not None and failing_for > settings.failing_after * lifetime:
+        found.append(
+            Condition(
+                "refresh_failing",
+                Severity.WARNING,
+                N_(
+                    "refreshing has failed for {duration} ({reason}); the access token is"
+                    " valid for {left} more",
+                    duration=Duration(failing_for),
+                    reason=reason,
+                    left=Duration(access_left),
+                ),
+                NETWORK_FIX,
+                brief=N_(
+                    "refreshing has failed for {duration} ({reason})",
+                    duration=Duration(failing_for),
+                    reason=reason,
+                ),
+            )
+        )
+    return found
+
+
+def _serving_problem(
+    state: AccountState | None,
+    status: AccountStatus | None,
+    now: datetime,
+    found: list[Condition],
+) -> str | None:
+    """Why consumers lack a valid, current token (None: they have one)."""
+    if state is None or (status is not None and status.health in STOPPED):
+        return _said(found, ("relogin", "config", "no_tokens", "state_unreadable"))
+    if state.tokens.access_expires_at <= now:
+        return f"the access token expired at {format_time(state.tokens.access_expires_at)}" + (
+            f"; {status.last_error}" if status is not None and status.last_error else ""
+        )
+    if status is not None and status.publish_pending:
+        # Consumers reading the files get an older token until the retry succeeds.
+        return f"the published token files are stale: {status.publish_error}"
+    return None
+
+
+def _refresh_blocked(
+    status: AccountStatus | None, now: datetime, found: list[Condition]
+) -> str | None:
+    """Why a consumer's request must not make Kakao refresh now (None: it may).
+
+    It must not override the account's back-off (KOE237, outages) nor present a refresh
+    token Kakao already refused: every such request would otherwise reach Kakao again.
+    """
+    if status is None:
+        return None
+    if status.health in STOPPED:
+        return _said(found, ("relogin", "config", "no_tokens")) or status.health.value
+    if (
+        status.health is Health.RETRYING
+        and status.next_attempt_at is not None
+        and status.next_attempt_at > now
+    ):
+        return status.last_error or status.health.value
+    return None
+
+
+def _said(found: list[Condition], names: Iterable[str]) -> str:
+    """Return the first of the named conditions as one English line: what, then the fix."""
+    wanted = tuple(names)
+    for condition in found:
+        if condition.name in wanted:
+            return f"{condition.message.render('en')}; {condition.action.render('en')}"
+    return ""
+
+
+def moved_thresholds(
+    settings: AlertsConfig, *, warn: float | None = None, crit: float | None = None
+) -> AlertsConfig | None:
+    """Return ``settings`` with the expiry ladder moved (`status --warn/--crit`), or None.
+
+    ``warn`` becomes the longest threshold (longer ones are dropped), ``crit`` becomes
+    ``critical_below``. None when neither is given: the account's own settings apply.
+    """
+    if warn is None and crit is None:
+        return None
+    thresholds = settings.thresholds
+    if warn is not None:
+        thresholds = (warn, *(t for t in thresholds if t < warn))
+    return replace(
+        settings,
+        thresholds=thresholds,
+        critical_below=settings.critical_below if crit is None else crit,
+    )
+
+
+def still_active(
+    recorded: Iterable[Mapping[str, Any]], health: AccountHealth
+) -> list[Mapping[str, Any]]:
+    """Return the recorded alerts that the current grading does not contradict.
+
+    Alert bookkeeping can still list conditions about tokens a login or an import replaced
+    (no daemon saw the new state yet). A condition the stored state decides (:data:`FROM_FILES`)
+    is shown only while the grading still finds it; the others need the daemon to judge them
+    and stay as recorded.
+    """
+    current = set(health.names())
+    return [
+        alert
+        for alert in recorded
+        if alert.get("condition") not in FROM_FILES or alert.get("condition") in current
+    ]

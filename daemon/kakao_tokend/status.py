@@ -1,0 +1,258 @@
+"""An account's live status: its health, the named transitions between them, and the events.
+
+:class:`AccountStatus` is what the daemon knows about an account beyond its stored state:
+whether refreshing works, what failed, what still waits to be written or published. It
+changes only through its named transitions (``succeeded``, ``failed_transient``,
+``failed_permanent``, ``adopted`` ...), each of which sets every field it concerns, so no
+caller leaves a half-updated status behind. :class:`AccountEvent` is what the account manager
+tells its listeners (alerts, hooks, templates, metrics, the scheduler, the demo); its kind is
+an :class:`EventKind`. Nothing here does I/O: :mod:`~kakao_tokend.health` grades the result.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .relogin import ReloginCause, parse_cause
+from .state import AccountState
+
+__all__ = ["AccountEvent", "AccountStatus", "EventKind", "EventListener", "Health"]
+
+
+class Health(enum.StrEnum):
+    """What an account needs, in order of urgency."""
+
+    OK = "ok"
+    RETRYING = "retrying"  # transient failures; backing off
+    NO_STATE = "no_state"  # never logged in (or logged out)
+    RELOGIN = "relogin"  # a person must log in again
+    CONFIG = "config"  # the configuration must be fixed (then reload)
+
+
+#: Health states in which nothing refreshes until a person acts (a login, a fixed config).
+STOPPED = frozenset({Health.RELOGIN, Health.CONFIG, Health.NO_STATE})
+#: Health states in which the account holds no tokens Kakao accepts.
+WITHOUT_TOKENS = frozenset({Health.RELOGIN, Health.NO_STATE})
+
+
+class EventKind(enum.StrEnum):
+    """What happened to an account (the value is what logs and tests see)."""
+
+    #: A refresh succeeded (data: ``rotated``, ``generation``).
+    REFRESHED = "refreshed"
+    #: Kakao issued a new refresh token (data: ``fingerprint``).
+    ROTATED = "rotated"
+    #: Tokens another process wrote (login, import, refresh, logout) were taken over
+    #: (data: ``generation``, None after a logout).
+    ADOPTED = "adopted"
+    #: A refresh failed for a reason that may pass (data: ``attempt``, ``error_class``).
+    RETRYING = "retrying"
+    #: A person must log in again (data: ``error_class``, ``cause``).
+    RELOGIN = "relogin"
+    #: Kakao says the app's configuration is wrong (data: ``error_class``).
+    CONFIG = "config"
+    #: The new state could not be written (data: ``rescued``), and later could again.
+    WRITE_FAILED = "write_failed"
+    WRITE_OK = "write_ok"
+    #: The published token files could not be written, and later could again.
+    PUBLISH_FAILED = "publish_failed"
+    PUBLISH_OK = "publish_ok"
+    #: Another process wrote a state file we did not take as it was.
+    CONFLICT = "conflict"
+    #: A refresh inside the rotation window did not rotate the refresh token.
+    NO_ROTATION = "no_rotation"
+    #: How long Kakao took to answer a refresh (data: ``seconds``, ``outcome``), for /metrics.
+    REFRESH_CALL = "refresh_call"
+
+
+#: Events that are refresh failures; their ``error_class`` names the class (/metrics).
+FAILURES = frozenset({EventKind.RETRYING, EventKind.RELOGIN, EventKind.CONFIG})
+#: Events after which the account holds a different token set (hooks, templates).
+NEW_TOKENS = frozenset({EventKind.REFRESHED, EventKind.ADOPTED})
+
+
+@dataclass(frozen=True)
+class AccountEvent:
+    """Something worth telling an operator (logs already did)."""
+
+    kind: EventKind
+    account: str
+    message: str
+    at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+EventListener = Callable[[AccountEvent], None]
+
+
+def _counters() -> dict[str, int]:
+    return {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
+
+
+@dataclass
+class AccountStatus:
+    """Live, in-memory status of one account (the stored part is in AccountState)."""
+
+    health: Health = Health.NO_STATE
+    last_error: str | None = None
+    last_error_class: str | None = None
+    failing_since: datetime | None = None
+    attempt: int = 0
+    next_attempt_at: datetime | None = None
+    last_success_at: datetime | None = None
+    #: The state in memory could not be written to the store yet.
+    write_pending: bool = False
+    write_error: str | None = None
+    #: The token file or an extra token file could not be written yet (retried).
+    publish_pending: bool = False
+    publish_error: str | None = None
+    #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
+    relogin_cause: ReloginCause | None = None
+    #: Another process wrote a state file we did not take as it was (refused or superseded).
+    state_conflict: str | None = None
+    missed_rotation: bool = False
+    #: attempts, successes, failures, rotations since the daemon started (/metrics).
+    counters: dict[str, int] = field(default_factory=_counters)
+
+    # ------------------------------------------------------------------ which tokens
+
+    def adopted(self, state: AccountState | None) -> None:
+        """The account now holds ``state`` (read at start, or written by another process)."""
+        self.state_conflict = None
+        if state is None:
+            self.relogin_cause = None
+            self._stopped(Health.NO_STATE, "no tokens yet", "no_state")
+        elif state.relogin_reason:
+            self.relogin_cause = parse_cause(state.relogin_cause)
+            self._stopped(Health.RELOGIN, state.relogin_reason, "relogin")
+        else:
+            self.relogin_cause = None
+            self._healthy()
+            self.last_success_at = state.refreshed_at
+
+    def unreadable(self, message: str) -> None:
+        """The stored state cannot be read (it was moved aside): only a new login helps."""
+        self._stopped(Health.RELOGIN, message, "corrupt_state")
+
+    # ------------------------------------------------------------------ refresh attempts
+
+    def attempted(self) -> None:
+        """A refresh call to Kakao starts."""
+        self.counters["attempts"] += 1
+
+    def succeeded(self, now: datetime, *, rotated: bool) -> None:
+        """Kakao answered a refresh with new tokens, and they are the account's now."""
+        self.counters["successes"] += 1
+        self._healthy()
+        self.last_success_at = now
+        self.relogin_cause = None
+        self.state_conflict = None
+        if rotated:
+            self.rotated()
+
+    def rotated(self) -> None:
+        """Kakao issued a new refresh token (also when the rest of its answer was broken)."""
+        self.counters["rotations"] += 1
+        self.missed_rotation = False
+
+    def rotation_missed(self) -> None:
+        """A refresh inside the rotation window did not rotate the refresh token."""
+        self.missed_rotation = True
+
+    def failed_transient(
+        self, message: str, label: str, *, now: datetime, retry_at: datetime
+    ) -> None:
+        """A refresh failed for a reason that may pass; the next try is at ``retry_at``."""
+        self.counters["failures"] += 1
+        self.attempt += 1
+        self.failing_since = self.failing_since or now
+        self.last_error = message
+        self.last_error_class = label
+        self.health = Health.RETRYING
+        self.next_attempt_at = retry_at
+
+    def failed_permanent(
+        self,
+        health: Health,
+        message: str,
+        label: str,
+        *,
+        now: datetime,
+        cause: ReloginCause | None = None,
+    ) -> None:
+        """Refreshing cannot work until a person acts: a new login, or a fixed config."""
+        self.counters["failures"] += 1
+        self.health = health
+        self.last_error = message
+        self.last_error_class = label
+        self.failing_since = self.failing_since or now
+        self.next_attempt_at = None
+        if health is Health.RELOGIN:
+            self.relogin_cause = cause
+
+    def config_reloaded(self, now: datetime) -> bool:
+        """A reload may have fixed the configuration: retry at once; True when it was broken."""
+        if self.health is not Health.CONFIG:
+            return False
+        self.health = Health.RETRYING
+        self.attempt = 0
+        self.next_attempt_at = now
+        return True
+
+    # ------------------------------------------------------------------ writing, publishing
+
+    def write_failed(self, error: str) -> bool:
+        """The state could not be written (it stays in memory); True for the first failure."""
+        first = not self.write_pending
+        self.write_pending = True
+        self.write_error = error
+        return first
+
+    def saved(self) -> bool:
+        """The state was written; True when a failed write was pending until now."""
+        was_pending = self.write_pending
+        self.write_pending = False
+        self.write_error = None
+        return was_pending
+
+    def write_dropped(self) -> None:
+        """A pending write is moot: another process's state was taken (or ours set aside)."""
+        self.write_pending = False
+        self.write_error = None
+
+    def publish_failed(self, error: str) -> bool:
+        """The token files could not be written; True for the first failure."""
+        first = not self.publish_pending
+        self.publish_pending = True
+        self.publish_error = error
+        return first
+
+    def published(self) -> bool:
+        """The token files were written; True when a failed publish was pending until now."""
+        was_pending = self.publish_pending
+        self.publish_pending = False
+        self.publish_error = None
+        return was_pending
+
+    def conflicted(self, message: str) -> None:
+        """Another process wrote a state we did not take as it was (see the message)."""
+        self.state_conflict = message
+
+    # ------------------------------------------------------------------ helpers
+
+    def _healthy(self) -> None:
+        self.health = Health.OK
+        self.last_error = None
+        self.last_error_class = None
+        self.attempt = 0
+        self.failing_since = None
+        self.next_attempt_at = None
+
+    def _stopped(self, health: Health, message: str, label: str) -> None:
+        self.health = health
+        self.last_error = message
+        self.last_error_class = label

@@ -1,0 +1,167 @@
+"""What the daemon needs from where an account's state lives: the seam a store backend fills.
+
+The refresher, the daemon, the alerts and the CLI are written against :class:`AccountStorage`.
+The file store (:class:`~kakao_tokend.store.AccountStore`) implements it today; fleet mode's
+PostgreSQL store (docs/fleet.md) is built to the same shape, so adding it does not touch
+the refresh logic. The contract, and how each backend keeps it:
+
+**Reading is cheap and never waits.** :meth:`StateStore.load` and
+:meth:`StateStore.state_signature` are called on every heartbeat and every notice of an outside
+change. Files: a read and a ``stat``. PostgreSQL: the node's in-memory copy of the account's row,
+kept current by LISTEN/NOTIFY and the heartbeat's poll — except while the account is held (see
+next), when ``load`` returns the row read under its lock.
+
+**Every change happens while the account is held.** ``async with store.hold(wait):`` is one
+step of docs/fleet.md's refresh transaction: take the account (files: the ``flock`` on
+``NAME.lock``; PostgreSQL: ``BEGIN`` and the row's ``SELECT … FOR UPDATE``), re-read it
+(:meth:`~StateStore.load` inside the block sees what others committed), change it
+(:meth:`~StateStore.save`: files write at once; PostgreSQL stages the compare-and-swap ``UPDATE
+… WHERE generation = g`` and the ``NOTIFY``), and commit when the block ends. The caller
+publishes, serves and announces only after the block: then the new refresh token is durable.
+A commit that fails as the block ends raises :class:`~kakao_tokend.errors.StoreWriteError`
+like a failed :meth:`~StateStore.save`; the caller keeps the state in memory and in the
+rescue file, and writes it again later. :class:`~kakao_tokend.errors.StoreLocked` means
+someone else held the account for longer than ``wait``.
+
+**Publishing is local.** The token file and the extra token files (:class:`Publisher`) are
+written on every node for its own consumers, from the state in memory, after a commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from .state import AccountState
+
+__all__ = ["AccountStorage", "Publisher", "StateStore"]
+
+
+class StateStore(Protocol):
+    """The account's state of record: its tokens, their generation, alert bookkeeping."""
+
+    @property
+    def name(self) -> str:
+        """The account's name."""
+        ...
+
+    @property
+    def lock_path(self) -> Path:
+        """What a person is told holds the account when it stays busy (a file, or a row)."""
+        ...
+
+    @property
+    def rescue_path(self) -> Path | None:
+        """Where tokens go that the store could not take (None: no rescue file)."""
+        ...
+
+    # ------------------------------------------------------------------ reading
+
+    def load(self) -> AccountState | None:
+        """Return the stored state, or None when there is none.
+
+        Raises :class:`~kakao_tokend.errors.StateCorrupt` for a state that cannot be read
+        (it was kept aside, never overwritten) and StoreError when the store cannot be used.
+        """
+        ...
+
+    def state_signature(self) -> Hashable | None:
+        """Return a value that changes whenever anyone writes the state (None: there is none).
+
+        Files: the inode, modification time and size; PostgreSQL: the generation and the
+        row's ``updated_at``. Compared with the one seen last to notice outside changes.
+        """
+        ...
+
+    # ------------------------------------------------------------------ changing
+
+    def hold(self, wait: float) -> AbstractAsyncContextManager[None]:
+        """Hold the account for a change: nobody else writes it until the block ends.
+
+        Waits up to ``wait`` seconds without blocking the event loop (0: try once), then
+        raises StoreLocked; StoreError when the lock itself cannot be used. Committed when
+        the block ends normally, rolled back when it raises.
+        """
+        ...
+
+    def try_lock(self) -> bool:
+        """Hold the account without waiting, from synchronous code; True when it is held.
+
+        For the one change a synchronous caller must make at once: writing our newer state
+        back over an older one another process wrote (an old backup copied over the state
+        file — the database's compare-and-swap never goes backwards). A store that cannot
+        hold synchronously returns False: the caller keeps its state in the rescue file and
+        looks again at the next heartbeat. Release with :meth:`unlock`.
+        """
+        ...
+
+    def unlock(self) -> None:
+        """Release a hold taken with :meth:`try_lock`."""
+        ...
+
+    def save(self, state: AccountState) -> None:
+        """Write ``state`` as the account's state (while held); raises StoreWriteError."""
+        ...
+
+    def set_aside_state(self, label: str) -> Path | None:
+        """Keep the stored state aside under ``label`` (never deleted; while held).
+
+        For a state the daemon refuses to adopt (an older backup): returns where it went, or
+        None when there was none.
+        """
+        ...
+
+    def restore_reserve(self) -> bool:
+        """After a successful write: re-create what a full disk made the store give up."""
+        ...
+
+    # ------------------------------------------------------------------ the rescue file
+
+    def save_rescue(self, state: AccountState) -> bool:
+        """Keep ``state`` where a restart finds it although the store refused it; True if so."""
+        ...
+
+    def load_rescue(self) -> AccountState | None:
+        """Return the state kept by :meth:`save_rescue` (None: none, damaged, or not ours)."""
+        ...
+
+    def discard_rescue(self) -> None:
+        """Forget the rescued state: the store holds it (or something newer) now."""
+        ...
+
+    def set_aside_rescue(self, label: str) -> Path | None:
+        """Keep the rescued state under ``label``: never recovered, never lost."""
+        ...
+
+    # ------------------------------------------------------------------ alert bookkeeping
+
+    def load_alerts(self) -> dict[str, Any] | None:
+        """Return what the alerts recorded as sent (None: nothing, or unreadable)."""
+        ...
+
+    def save_alerts(self, document: dict[str, Any]) -> None:
+        """Record what the alerts sent; raises StoreWriteError."""
+        ...
+
+
+class Publisher(Protocol):
+    """The account's published files on this node: what consumers read."""
+
+    def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
+        """Write the token file for ``state`` (atomically); raises StoreError."""
+        ...
+
+    def publish_sinks(self, state: AccountState) -> list[str]:
+        """Write the extra token files; return what failed, one line each (never raises)."""
+        ...
+
+    def read_published(self) -> dict[str, Any] | None:
+        """Return the published token document (None: there is none); raises StoreError."""
+        ...
+
+
+class AccountStorage(StateStore, Publisher, Protocol):
+    """Everything an account manager uses: the state of record and the published files."""

@@ -1,0 +1,417 @@
+"""One grading of an account: the CLI, the API and the alerts never disagree about it.
+
+health.assess is the one place that decides what is wrong with an account. These tests
+drive the real readers of that decision — the API's /v1/status and /healthz handlers, the
+CLI's `status` built from the daemon's answer and from the files, and the alerts — with
+accounts in every state hypothesis can think of, and check that they say the same thing.
+The login hint they all give is checked too: the exact command, with ``--config`` and
+``--account`` when (and only when) a person needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemonproc import login, run_cli, start_daemon, write_config
+from kakao_tokend import api, cli
+from kakao_tokend.alerts import AccountAlerts
+from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, load_config
+from kakao_tokend.daemon import DAEMON, Daemon
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.health import FROM_FILES, assess
+from kakao_tokend.paths import SYSTEM_CONFIG_FILE
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.relogin import ReloginCause, login_command
+from kakao_tokend.state import AccountState
+from kakao_tokend.status import AccountStatus, Health
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import TokenSet
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+DAY = 86400.0
+ACCESS_LIFE = 21599.0
+LEVELS = {"ok": 0, "warning": 1, "critical": 2}
+
+
+def make_config(directory: Path, *, thresholds: list[str], critical_below: str) -> Config:
+    """Two accounts, "default" and "bot", with an expiry ladder of their own."""
+    quoted = ", ".join(f'"{t}"' for t in thresholds)
+    text = (
+        f'[paths]\nstate_dir = "{directory}"\nruntime_dir = "{directory}/run"\n'
+        '[kakao]\nrest_api_key = "k"\n'
+        "[alerts]\nkakaotalk = false\n"
+        f'thresholds = [{quoted}]\ncritical_below = "{critical_below}"\n'
+        "[accounts.default]\n[accounts.bot]\n"
+    )
+    return config_from_toml_text(text, source=None, environ={})
+
+
+@dataclass(frozen=True)
+class Case:
+    """One account as hypothesis made it: its name, stored state and live status."""
+
+    name: str
+    state: AccountState | None
+    steps: tuple[str, ...]
+    thresholds: tuple[str, ...]
+    critical_below: str
+
+    def status(self) -> AccountStatus:
+        """Replay the named transitions a daemon could have gone through."""
+        status = AccountStatus()
+        status.adopted(self.state)
+        for step in self.steps:
+            if step == "transient" and self.state is not None:
+                status.failed_transient(
+                    "Kakao server error",
+                    "http503",
+                    now=NOW - timedelta(hours=2),
+                    retry_at=NOW + timedelta(seconds=30),
+                )
+            elif step == "relogin":
+                status.failed_permanent(
+                    Health.RELOGIN, "refused", "KOE322", now=NOW, cause=ReloginCause.REVOKED
+                )
+            elif step == "config":
+                status.failed_permanent(Health.CONFIG, "bad key", "KOE101", now=NOW)
+            elif step == "unreadable":
+                status.unreadable("state file damaged")
+            elif step == "write_failed":
+                status.write_failed("cannot write: No space left on device")
+            elif step == "publish_failed":
+                status.publish_failed("token file: cannot write")
+            elif step == "conflict":
+                status.conflicted("an old backup was copied over the state file")
+            elif step == "missed_rotation":
+                status.rotation_missed()
+            elif step == "succeeded" and self.state is not None:
+                status.succeeded(NOW, rotated=False)
+            elif step == "reloaded":
+                status.config_reloaded(NOW)
+            elif step == "saved":
+                status.saved()
+            elif step == "published":
+                status.published()
+        return status
+
+
+@st.composite
+def token_states(draw: st.DrawFn, name: str) -> AccountState | None:
+    if draw(st.booleans()):
+        return None
+    access_left = draw(st.floats(min_value=-2 * DAY, max_value=ACCESS_LIFE))
+    refresh_left = draw(st.floats(min_value=-5 * DAY, max_value=70 * DAY))
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(seconds=access_left),
+        refresh_expires_at=NOW + timedelta(seconds=refresh_left),
+        access_issued_at=NOW + timedelta(seconds=access_left - ACCESS_LIFE),
+    )
+    cause = draw(st.sampled_from([None, *ReloginCause]))
+    reason = draw(st.sampled_from([None, "tokens revoked at Kakao (KOE322)"]))
+    return AccountState(
+        name,
+        tokens,
+        relogin_reason=reason,
+        relogin_cause=cause.value if cause is not None and reason else None,
+    )
+
+
+STEPS = (
+    "transient",
+    "relogin",
+    "config",
+    "unreadable",
+    "write_failed",
+    "publish_failed",
+    "conflict",
+    "missed_rotation",
+    "succeeded",
+    "reloaded",
+    "saved",
+    "published",
+)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    name = draw(st.sampled_from(["default", "bot"]))
+    ladder = draw(
+        st.lists(st.sampled_from(["60d", "30d", "14d", "7d", "3d", "1d", "1h"]), min_size=1)
+    )
+    return Case(
+        name=name,
+        state=draw(token_states(name)),
+        steps=tuple(draw(st.lists(st.sampled_from(STEPS), max_size=4))),
+        thresholds=tuple(dict.fromkeys(ladder)),
+        critical_below=draw(st.sampled_from(["12h", "3d", "20d"])),
+    )
+
+
+async def every_view(case: Case, directory: Path) -> dict[str, Any]:
+    """What the API, the CLI (from the daemon's answer) and the alerts say about ``case``."""
+    config = make_config(
+        directory, thresholds=list(case.thresholds), critical_below=case.critical_below
+    )
+    account = config.accounts[case.name]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=None,  # type: ignore[arg-type]  # grading never calls Kakao
+        policy=config.refresh,
+        clock=lambda: NOW,
+    )
+    manager.state = case.state
+    manager.status = case.status()
+    app = web.Application()
+    app[DAEMON] = Daemon(config=config, clock=lambda: NOW, managers={case.name: manager})
+    answer = await api.status(make_mocked_request("GET", "/v1/status", app=app))
+    [entry] = json.loads(answer.text)["accounts"]
+    healthz = await api.healthz(make_mocked_request("GET", "/healthz", app=app))
+    report = cli._report_from_daemon(entry)
+    alerts = AccountAlerts(
+        manager,
+        session=None,  # type: ignore[arg-type]  # no channel but the log (kakaotalk = false)
+        clock=lambda: NOW,
+        host="box",
+        retry_delay=0.01,
+    )
+    fired = alerts.evaluate(NOW)
+    return {
+        "account": account,
+        "entry": entry,
+        "healthz": (healthz.status, json.loads(healthz.text)),
+        "report": report,
+        "fired": fired,
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=cases())
+def test_the_cli_the_api_and_the_alerts_never_disagree(case: Case) -> None:
+    """For any account state and any history of its status: /v1/status, `status` built from
+    it and the alerts name the same conditions with the same severities and the same level;
+    /healthz fails exactly when the grading says consumers lack a valid, current token; and
+    `status` gives each fix command once."""
+    with tempfile.TemporaryDirectory() as directory:
+        seen = asyncio.run(every_view(case, Path(directory)))
+    entry, report, fired = seen["entry"], seen["report"], seen["fired"]
+    api_said = {c["condition"]: c["severity"] for c in entry["conditions"]}
+    cli_said = {c["condition"]: c["severity"] for c in report.conditions}
+    alerted = {a.condition: a.severity.label for a in fired}
+    assert api_said == cli_said == alerted, case
+    worst = max((LEVELS[s] for s in alerted.values()), default=0)
+    assert LEVELS[entry["level"]] == report.level == worst
+    code, body = seen["healthz"]
+    assert (code == 200) == entry["serving"] == (entry["serving_problem"] is None)
+    assert body == {"ok": True} if code == 200 else case.name in body["problems"]
+    commands = [c["command"] for c in report.conditions if c["command"]]
+    for command in set(commands):
+        assert sum(command in line for line in report.data["problems"]) == 1, report.data
+    if {"relogin", "no_tokens", "refresh_expiry"} & set(api_said):
+        assert any(login_command(seen["account"]) in line for line in report.data["problems"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=cases())
+def test_status_from_the_files_agrees_with_a_daemon_that_just_read_them(case: Case) -> None:
+    """What the stored state decides (re-login, no tokens, the expiry ladder) is graded the
+    same from the files alone as by a daemon that has just loaded them."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = make_config(
+            Path(directory), thresholds=list(case.thresholds), critical_below=case.critical_below
+        )
+    account = config.accounts[case.name]
+    loaded = AccountStatus()
+    loaded.adopted(case.state)
+    by_daemon = assess(account, case.state, loaded, config.refresh, NOW)
+    from_files = assess(account, case.state, None, config.refresh, NOW)
+    stored = FROM_FILES - {"access_expired", "state_unreadable"}
+    assert {(c.name, c.severity) for c in by_daemon.conditions if c.name in stored} == {
+        (c.name, c.severity) for c in from_files.conditions if c.name in stored
+    }
+    assert set(c.name for c in from_files.conditions) <= FROM_FILES
+
+
+# --------------------------------------------------------------------------- the login hint
+
+
+def save(config_path: Path, account: str, **changes: Any) -> None:
+    """Store a token set for ``account`` (a week of refresh token left unless changed)."""
+    now = datetime.now(UTC)
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=now + timedelta(hours=5),
+        refresh_expires_at=now + timedelta(days=40),
+        access_issued_at=now - timedelta(hours=1),
+    )
+    token_changes = {k: v for k, v in changes.items() if k in TokenSet.__dataclass_fields__}
+    state = AccountState(
+        account,
+        replace(tokens, **token_changes),
+        relogin_reason=changes.get("relogin_reason"),
+        relogin_cause=changes.get("relogin_cause"),
+    )
+    AccountStore(load_config(config_path).accounts[account]).save(state)
+
+
+def dead(config_path: Path, account: str) -> None:
+    """Store a refused token set whose refresh and access tokens have expired too."""
+    now = datetime.now(UTC)
+    save(
+        config_path,
+        account,
+        access_expires_at=now - timedelta(hours=1),
+        refresh_expires_at=now - timedelta(days=1),
+        # What an older version saved: its own (wrong) idea of the command.
+        relogin_reason="refresh token expired (KOE322); run `kakao-tokend login`",
+        relogin_cause="expired",
+    )
+
+
+def two_accounts(path: Path) -> Path:
+    """Write a config with "default" and "bot" at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f'[paths]\nstate_dir = "{path.parent / "state"}"\nruntime_dir = "{path.parent / "run"}"\n'
+        '[kakao]\nrest_api_key = "k"\n[accounts.default]\n[accounts.bot]\n'
+    )
+    return path
+
+
+def test_status_names_a_config_that_is_not_found_by_default_and_the_account_once(
+    tmp_path: Path,
+) -> None:
+    """The reported bug: for account "bot" of a config given with --config, the re-login
+    line said `run kakao-tokend login` (the wrong command) and the fix came twice. Now the one
+    command that works — `kakao-tokend --config FILE --account bot login` — is said once."""
+    config = two_accounts(tmp_path / "custom.toml")
+    dead(config, "bot")
+    result = CliRunner().invoke(cli.main, ["--config", str(config), "--account", "bot", "status"])
+    assert result.exit_code == 2, result.output
+    command = f"kakao-tokend --config {config} --account bot login"
+    lines = [line for line in result.stdout.splitlines() if "login`" in line]
+    assert len(lines) == 1, result.stdout
+    assert f"`{command}`" in lines[0]
+    assert "critical relogin" in result.stdout and "critical refresh_expiry" in result.stdout
+    document = json.loads(
+        CliRunner()
+        .invoke(cli.main, ["--config", str(config), "--account", "bot", "status", "--json"])
+        .stdout
+    )
+    [entry] = document["accounts"]
+    assert {c["command"] for c in entry["conditions"]} == {command}
+
+
+def test_the_config_a_plain_kakao_tokend_finds_is_not_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's own config file (found without --config) is not named in the hint, and the
+    default account needs no --account; another account still does."""
+    if SYSTEM_CONFIG_FILE.exists():
+        pytest.skip(f"{SYSTEM_CONFIG_FILE} exists here: it is found before the user's file")
+    for variable in ("KAKAO_TOKEND_CONFIG", "CONFIGURATION_DIRECTORY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    config = two_accounts(tmp_path / "xdg" / "kakao-tokend" / "config.toml")
+    dead(config, "default")
+    dead(config, "bot")
+    for prefix in ([], ["--config", str(config)]):  # named or found: the same file
+        result = CliRunner().invoke(cli.main, [*prefix, "status"])
+        assert result.exit_code == 2, result.output
+        assert "`kakao-tokend login`" in result.stdout
+        assert "`kakao-tokend --account bot login`" in result.stdout
+        assert "--config" not in result.stdout
+
+
+def test_login_command_puts_the_global_options_first(tmp_path: Path) -> None:
+    """The command is one that runs: global options before `login`; a path with a space is
+    quoted for the shell."""
+    config = two_accounts(tmp_path / "my configs" / "x.toml")
+    loaded = load_config(config)
+    assert login_command(loaded.accounts["bot"]) == (
+        f"kakao-tokend --config '{config}' --account bot login"
+    )
+    assert login_command(loaded.accounts["default"]) == f"kakao-tokend --config '{config}' login"
+
+
+# --------------------------------------------------------------------------- thresholds
+
+THRESHOLDS = '[alerts]\nthresholds = ["30d", "20d"]\ncritical_below = "20d"\n'
+
+
+@pytest.mark.parametrize(
+    ("days_left", "code", "level"), [(40, 0, "ok"), (25, 1, "warning"), (10, 2, "critical")]
+)
+def test_status_from_the_files_honours_the_alert_thresholds(
+    tmp_path: Path, days_left: float, code: int, level: str
+) -> None:
+    """`status` grades the refresh token with [alerts] thresholds and critical_below (before,
+    it used a fixed 14 d / 3 d: 10 days left with critical_below = 20 d was a mere warning)."""
+    config = two_accounts(tmp_path / "config.toml")
+    config.write_text(
+        config.read_text().replace("[accounts.default]", THRESHOLDS + "[accounts.default]")
+    )
+    save(config, "default", refresh_expires_at=datetime.now(UTC) + timedelta(days=days_left))
+    args = ["--config", str(config), "--account", "default", "status", "--json"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == code, result.output
+    assert json.loads(result.stdout)["accounts"][0]["level"] == level
+
+
+async def test_status_from_a_running_daemon_honours_the_alert_thresholds(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Through the real daemon: /v1/status, `status` and the alert all grade a refresh token
+    with 10 days left as critical, because [alerts] critical_below is 20 days."""
+    extra = THRESHOLDS.replace("[alerts]", "[alerts]\nkakaotalk = false")
+    config = write_config(tmp_path, emulator, extra=extra)
+    emulator.settings.refresh_lifetime = int(10 * DAY)  # what the login hands out
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("ALERT critical: account default: refresh_expiry")
+        code, out, err = await run_cli(config, "status")
+        assert code == 2, out + err
+        assert "critical refresh_expiry" in out
+        _, body = await daemon.api("GET", "/v1/status")
+        [entry] = body["accounts"]
+        assert entry["level"] == "critical"
+        assert [c["condition"] for c in entry["conditions"]] == ["refresh_expiry"]
+        # --warn/--crit still move the ladder, through the daemon too.
+        code, out, err = await run_cli(config, "status", "--crit", "5d")
+        assert code == 1, out + err
+    finally:
+        assert await daemon.stop() == 0
+
+
+def test_a_status_without_tokens_exits_critical_like_the_alert(tmp_path: Path) -> None:
+    """No tokens: `status` is critical, and so is the alert a daemon would send."""
+    config = two_accounts(tmp_path / "config.toml")
+    result = CliRunner().invoke(cli.main, ["--config", str(config), "status", "--json"])
+    assert result.exit_code == 2
+    [entry] = [a for a in json.loads(result.stdout)["accounts"] if a["account"] == "default"]
+    assert [(c["condition"], c["severity"]) for c in entry["conditions"]] == [
+        ("no_tokens", "critical")
+    ]
+    account: AccountConfig = load_config(config).accounts["default"]
+    status = AccountStatus()
+    status.adopted(None)
+    graded = assess(account, None, status, load_config(config).refresh, datetime.now(UTC))
+    assert [(c.name, c.severity.label) for c in graded.conditions] == [("no_tokens", "critical")]
