@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 import kakao_tokend
 from alertkit import command, make_harness, webhook
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
+from kakao_tokend.kakao import create_session
 from loginproc import start_login
 from pgcluster import (
     SHARED_DIR_INPUT,
@@ -53,6 +55,16 @@ async def emulator() -> AsyncIterator[KakaoEmulator]:
     settings = EmulatorSettings(access_rate=(10_000, 600), refresh_rate=(10_000, 3600))
     async with running_emulator(settings) as emu:
         yield emu
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session from the production factory (kakao.create_session), closed afterwards."""
+    http = create_session()
+    try:
+        yield http
+    finally:
+        await http.close()
 
 
 # --------------------------------------------------------------------------- parallel runs

@@ -34,7 +34,6 @@ from kakao_tokend.kakao import (
     AccessTokenInfo,
     AccessTokenRejected,
     KakaoClient,
-    create_session,
     new_pkce_pair,
     new_state,
 )
@@ -50,16 +49,6 @@ async def emu() -> AsyncIterator[KakaoEmulator]:
     """A running emulator with default settings."""
     async with running_emulator(EmulatorSettings(seed=1)) as emulator:
         yield emulator
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The production session factory's session, closed afterwards."""
-    s = create_session()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def app_for(url: str, **overrides: Any) -> KakaoApp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -24,21 +23,13 @@ import time_machine
 from daemonproc import access_token_valid, login, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
 from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def test_koe237_right_after_a_restart_ends_as_soon_as_kakao_answers(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,14 +23,6 @@ from kakao_tokend.scheduler import RefreshScheduler
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from kakao_tokend.tokens import format_time
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def make_manager(

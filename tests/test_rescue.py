@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from daemonproc import login, short_tokens, start_daemon, write_config
 from diskfull import fill_up
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
@@ -34,14 +33,6 @@ from kakao_tokend.store import AccountStore
 from samples import make_state
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 class ManglingProxy:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,21 +22,13 @@ from diskfull import fill_up
 from kakao_tokend.alerts import Severity
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def running_manager(
