@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -26,12 +27,41 @@ from kakao_tokend.store import AccountStore
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: free_port() picks from here up to the kernel's ephemeral range (ports 0-19999 are left to
+#: the machine's own services).
+LOWEST_FREE_PORT = 20000
+
+
+def ephemeral_ports_start() -> int:
+    """Return the first port of the kernel's ephemeral range (where bind(0) and connect pick)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
+    """Return a loopback TCP port that is free now, for a server a test starts soon after.
+
+    Not one from bind(port 0): that lies in the kernel's ephemeral range, where every outgoing
+    connection (of every parallel test worker and every daemon they run) takes its source port,
+    so one of them could take the port before the server binds it. Below that range only an
+    explicit bind takes a port, and a random pick keeps the parallel workers apart.
+    """
+    pick = random.SystemRandom()  # hypothesis reseeds the module-level random generator
+    end = ephemeral_ports_start()
+    for _ in range(200 if end - LOWEST_FREE_PORT >= 1000 else 0):
+        port = pick.randrange(LOWEST_FREE_PORT, end)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a machine without room below its ephemeral range
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def write_login_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:

@@ -27,7 +27,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from daemonproc import free_port
 
 DSN_ENV = "TOKEND_TEST_DSN"
 #: The run's shared directory: the controller's stash key, and the name it has in each worker's
@@ -81,14 +82,6 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_ENV}=1: the PostgreSQL tests must run here)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PgCluster:

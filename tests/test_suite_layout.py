@@ -1,9 +1,12 @@
-"""The suite's own layout: test modules share helpers through helper modules, not each other."""
+"""The suite's own layout and helpers: helpers live in helper modules, ports stay apart."""
 
 from __future__ import annotations
 
 import ast
+import socket
 from pathlib import Path
+
+from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -28,3 +31,15 @@ def test_no_test_module_imports_another_test_module() -> None:
         for path in sorted(TESTS.glob("test_*.py"))
     }
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_free_port_picks_a_bindable_port_below_the_ephemeral_range() -> None:
+    """free_port()'s ports lie where no outgoing connection takes its source port (below the
+    kernel's ephemeral range), can be bound, and differ between calls (parallel workers)."""
+    start = ephemeral_ports_start()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 10
+    for port in ports:
+        assert LOWEST_FREE_PORT <= port < start
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
