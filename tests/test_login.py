@@ -109,16 +109,18 @@ class TestBrowserCallback:
         assert "cancelled" in err and "Traceback" not in err
 
     async def test_timeout_names_the_option_to_wait_longer(
-        self, start_login: Callable[..., Awaitable[LoginProcess]]
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:
-        """No redirect within --timeout: one error line with the exact command to wait longer."""
+        """No redirect within --timeout: one error line with the exact command to wait longer
+        (with --config: the test's config file is not one found by default)."""
         login = await start_login("--timeout", "1s")  # the last --timeout wins
         code, _, err = await login.finish()
         assert code == 1, err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, err
         assert "no login answer arrived within 1 s" in errors[0]
-        assert "`kakao-tokend login --timeout 10m`" in errors[0]
+        config = tmp_path / "config.toml"
+        assert f"`kakao-tokend --config {config} login --timeout 10m`" in errors[0]
         assert "Traceback" not in err
 
 
