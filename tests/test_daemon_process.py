@@ -84,9 +84,11 @@ async def test_rotation_is_persisted_and_the_old_refresh_token_never_used_again(
     short_tokens(emulator, access=2, refresh=8)
     emulator.settings.rotation_window = 4
     config = write_config(tmp_path, emulator, rotation_window=4)
-    first = await login(emulator, config)
     daemon = await start_daemon(config)
     try:
+        # Log in once the daemon runs (it takes the new state file at once): on a loaded
+        # machine its start-up alone can outlast an 8-second refresh token issued before.
+        first = await login(emulator, config)
         await daemon.wait_for(
             lambda: len(daemon.state()["rotations"]) >= 2, timeout=30, what="two rotations"
         )
