@@ -59,8 +59,10 @@ def app_for(url: str, **overrides: Any) -> KakaoApp:
         "auth_url": url,
         "api_url": url,
         "redirect_uri": REDIRECT,
-        "timeout": 5.0,
-        "connect_timeout": 2.0,
+        # The production session's limits: a loaded machine can stall a loopback connection
+        # for seconds, and only tests about timeouts set short ones.
+        "timeout": 30.0,
+        "connect_timeout": 10.0,
     }
     fields.update(overrides)
     return KakaoApp(**fields)
