@@ -39,7 +39,11 @@ def value(
 
 async def test_metrics_match_the_state(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Expiries, counters, generation, last success and health agree with /v1/status."""
-    config = config_with(tmp_path, emulator, "[accounts.a]\n[accounts.b]\n")
+    # b's retry after the 503 waits minutes, not 0.2 s: it must not land between the scrape
+    # and the status read (nor before the scrape, which expects b still retrying).
+    config = config_with(
+        tmp_path, emulator, "[accounts.a]\n[accounts.b]\n", retry_initial="10m", retry_max="1h"
+    )
     await login(emulator, config, "a")
     await login(emulator, config, "b")
     async with serving(config) as served:
