@@ -255,7 +255,7 @@ class TestWaitingHelp:
         )
         assert proc.stderr is not None
         url = ""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # a loaded machine may take long to start Python
             while not url:
                 line = (await proc.stderr.readline()).decode()
                 assert line
