@@ -323,7 +323,10 @@ async def test_sigterm_during_a_refresh_lets_it_finish_and_persist(
     """SIGTERM while Kakao is answering slowly: the answer is saved, then the process exits 0."""
     short_tokens(emulator, access=3)
     config = write_config(tmp_path, emulator, timeout="5s")
-    await login(emulator, config)
+    await login(emulator, config)  # a 3-second token: the refresh comes within seconds
+    # The token the slow answer brings lives a minute, so it is still valid when the test
+    # reads it, however long a loaded machine takes to stop the process.
+    emulator.settings.access_lifetime = 60
     emulator.inject("token", "slow", count=1, delay=1.5)
     daemon = await start_daemon(config)
     await daemon.wait_for(
