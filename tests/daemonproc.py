@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ import aiohttp
 
 from kakao_tokend.config import load_config
 from kakao_tokend.demo import auto_login
-from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
@@ -26,12 +27,41 @@ from kakao_tokend.store import AccountStore
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: free_port() picks from here up to the kernel's ephemeral range (ports 0-19999 are left to
+#: the machine's own services).
+LOWEST_FREE_PORT = 20000
+
+
+def ephemeral_ports_start() -> int:
+    """Return the first port of the kernel's ephemeral range (where bind(0) and connect pick)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
+    """Return a loopback TCP port that is free now, for a server a test starts soon after.
+
+    Not one from bind(port 0): that lies in the kernel's ephemeral range, where every outgoing
+    connection (of every parallel test worker and every daemon they run) takes its source port,
+    so one of them could take the port before the server binds it. Below that range only an
+    explicit bind takes a port, and a random pick keeps the parallel workers apart.
+    """
+    pick = random.SystemRandom()  # hypothesis reseeds the module-level random generator
+    end = ephemeral_ports_start()
+    for _ in range(200 if end - LOWEST_FREE_PORT >= 1000 else 0):
+        port = pick.randrange(LOWEST_FREE_PORT, end)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a machine without room below its ephemeral range
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def write_login_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:
@@ -75,9 +105,21 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+def short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
+    """Make the emulator issue second-long tokens (rotation window at most half the refresh
+    token's life)."""
+    emulator.settings.access_lifetime = access
+    emulator.settings.refresh_lifetime = refresh
+    emulator.settings.rotation_window = min(emulator.settings.rotation_window, refresh / 2)
+
+
+#: A loopback URL where nothing listens, for configs of tests that never reach Kakao.
+NOWHERE = "http://127.0.0.1:9"
+
+
 def write_config(
     directory: Path,
-    emulator: KakaoEmulator,
+    emulator: KakaoEmulator | str = NOWHERE,
     *,
     accounts: Iterable[str] = ("default",),
     heartbeat: str = "0.2s",
@@ -87,20 +129,29 @@ def write_config(
     extra: str = "",
     timeout: str = "2s",
 ) -> Path:
-    """Write a config pointing at ``emulator`` with test-friendly timings; return its path."""
+    """Write a config pointing at ``emulator`` with test-friendly timings; return its path.
+
+    ``emulator`` may also be just a URL: the config then has the emulator's default app (key,
+    secret, redirect URI), for tests that never reach Kakao or start an emulator of their own.
+    ``extra`` is appended at the end (after [refresh], or the last [accounts.NAME]).
+    """
+    if isinstance(emulator, KakaoEmulator):
+        settings, url = emulator.settings, emulator.url
+    else:
+        settings, url = EmulatorSettings(), emulator
     names = list(accounts)
-    window = rotation_window if rotation_window is not None else emulator.settings.rotation_window
+    window = rotation_window if rotation_window is not None else settings.rotation_window
     lines = [
         'log_level = "debug"',
         "[paths]",
         f'state_dir = "{directory / "state"}"',
         f'runtime_dir = "{directory / "run"}"',
         "[kakao]",
-        f'rest_api_key = "{emulator.settings.client_id}"',
+        f'rest_api_key = "{settings.client_id}"',
         f'client_secret_file = "{directory / "client_secret"}"',
-        f'auth_url = "{emulator.url}"',
-        f'api_url = "{emulator.url}"',
-        f'redirect_uri = "{emulator.settings.redirect_uris[0]}"',
+        f'auth_url = "{url}"',
+        f'api_url = "{url}"',
+        f'redirect_uri = "{settings.redirect_uris[0]}"',
         f'timeout = "{timeout}"',
         'connect_timeout = "1s"',
         "[refresh]",
@@ -114,11 +165,23 @@ def write_config(
         for name in names:
             lines.append(f"[accounts.{name}]")
     secret = directory / "client_secret"
-    secret.write_text(str(emulator.settings.client_secret))
+    secret.write_text(str(settings.client_secret))
     secret.chmod(0o600)
     path = directory / "config.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+def config_with(tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any) -> Path:
+    """write_config plus extra TOML (e.g. an [api] table)."""
+    return write_config(tmp_path, emulator, extra=extra, **kwargs)
+
+
+def no_verify_on_start(config: Path) -> None:
+    """Turn off the start-up access_token_info check so request counts are exact."""
+    config.write_text(
+        config.read_text().replace("[refresh]\n", "[refresh]\nverify_on_start = false\n")
+    )
 
 
 async def login(

@@ -2,10 +2,12 @@
 
 Fixtures (imported by conftest.py, so every test module can use them):
 
-- ``pg_server`` (session): one server shared by the session. ``TOKEND_TEST_DSN`` names a
-  server started outside (CI does that); otherwise a cluster is created with ``initdb`` and
-  started with ``pg_ctl``. As root the server binaries run as the ``postgres`` user, because
-  ``initdb``, ``pg_ctl`` and ``postgres`` refuse to run as root.
+- ``pg_server`` (session): one server shared by the whole run, by every pytest-xdist worker
+  too. ``TOKEND_TEST_DSN`` names a server started outside; otherwise the first worker that
+  needs one creates a cluster with ``initdb`` and starts it with ``pg_ctl`` (under a file lock
+  in the run's shared directory, see conftest.py), the others connect to it, and the
+  controller stops it when the run ends. As root the server binaries run as the ``postgres``
+  user, because ``initdb``, ``pg_ctl`` and ``postgres`` refuse to run as root.
 - ``pg_dsn`` (function): a fresh, empty database on ``pg_server``, dropped afterwards, so tests
   never see each other's rows.
 - ``pg_cluster`` (function): a private cluster the test may stop, kill -9 and restart.
@@ -18,12 +20,13 @@ by .ci/run) they fail instead, so CI cannot silently skip them. The server binar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
+import json
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,7 +38,16 @@ from typing import Any
 
 import pytest
 
+from daemonproc import free_port
+
 DSN_ENV = "TOKEND_TEST_DSN"
+#: The run's shared directory: the controller's stash key, and the name it has in each worker's
+#: workerinput (conftest.py makes the directory and removes it at the end).
+SHARED_DIR_KEY = pytest.StashKey[Path]()
+SHARED_DIR_INPUT = "tokend_shared_dir"
+#: In the shared directory: the lock and the record of the run's one server.
+SERVER_LOCK = "pg-server.lock"
+SERVER_RECORD = "pg-server.json"
 REQUIRE_ENV = "TOKEND_REQUIRE_PG"
 #: Where Debian's postgresql-NN packages put the server binaries; newest major wins.
 BINDIR_GLOB = "/usr/lib/postgresql/*/bin/pg_ctl"
@@ -72,14 +84,6 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    """Return a currently free loopback TCP port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class PgCluster:
     """One PostgreSQL cluster in a temporary directory, listening on 127.0.0.1:<port>.
 
@@ -88,26 +92,32 @@ class PgCluster:
     stay under 108 bytes, and the default /var/run/postgresql may not exist).
     """
 
-    def __init__(self, *, bindir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, *, bindir: Path | None = None, port: int | None = None, base: Path | None = None
+    ) -> None:
+        """Create a new cluster (initdb), or with ``base`` take over one made earlier."""
         found = bindir or find_pg_bindir()
         if found is None:
             raise FileNotFoundError("PostgreSQL server binaries not found")
         self.bindir = found
         self.port = port or free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="tokend-pg-"))
+        self.base = base or Path(tempfile.mkdtemp(prefix="tokend-pg-"))
         self.data = self.base / "data"
         self.log_path = self.base / "server.log"
         self._as_postgres: dict[str, Any] = {}
         if os.geteuid() == 0:
-            # The data directory and every parent must be reachable by 'postgres'; mkdtemp in
-            # /tmp gives a 0700 root directory, so hand it over. user= alone keeps gid 0.
             entry = pwd.getpwnam("postgres")
-            os.chown(self.base, entry.pw_uid, entry.pw_gid)
             self._as_postgres = {
                 "user": entry.pw_uid,
                 "group": entry.pw_gid,
                 "extra_groups": [],
             }
+        if base is not None:
+            return
+        if self._as_postgres:
+            # The data directory and every parent must be reachable by 'postgres'; mkdtemp in
+            # /tmp gives a 0700 root directory, so hand it over. user= alone keeps gid 0.
+            os.chown(self.base, self._as_postgres["user"], self._as_postgres["group"])
         self._initdb()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -236,25 +246,55 @@ def _require_psycopg() -> None:
         skip_or_fail("psycopg is not installed: pip install -e '.[test]'")
 
 
+def shared_directory(config: pytest.Config) -> Path:
+    """Return the directory every pytest-xdist worker of this run shares (see conftest.py)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return Path(workerinput[SHARED_DIR_INPUT])
+    return config.stash[SHARED_DIR_KEY]
+
+
+def shared_server(directory: Path) -> PgServer:
+    """Return the run's one throwaway server, starting it if no worker has yet."""
+    with (directory / SERVER_LOCK).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        record = directory / SERVER_RECORD
+        if record.exists():
+            return PgServer(admin_dsn=json.loads(record.read_text())["dsn"])
+        cluster = PgCluster()
+        try:
+            cluster.start()
+        except BaseException:
+            cluster.cleanup()
+            raise
+        described = {"dsn": cluster.dsn(), "base": str(cluster.base), "port": cluster.port}
+        record.write_text(json.dumps({**described, "bindir": str(cluster.bindir)}))
+        return PgServer(admin_dsn=cluster.dsn(), cluster=cluster)
+
+
+def stop_shared_server(directory: Path) -> None:
+    """Stop and delete the run's server, if a worker started one (the controller, at the end)."""
+    record = directory / SERVER_RECORD
+    if not record.exists():
+        return
+    made = json.loads(record.read_text())
+    PgCluster(bindir=Path(made["bindir"]), port=made["port"], base=Path(made["base"])).cleanup()
+    record.unlink()
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    """A PostgreSQL server for the whole session (TOKEND_TEST_DSN, else a throwaway cluster)."""
+def pg_server(request: pytest.FixtureRequest) -> PgServer:
+    """A PostgreSQL server for the whole run (TOKEND_TEST_DSN, else a throwaway cluster)."""
     _require_psycopg()
     external = os.environ.get(DSN_ENV)
     if external:
-        yield PgServer(admin_dsn=external)
-        return
+        return PgServer(admin_dsn=external)
     if find_pg_bindir() is None:
         skip_or_fail(
             "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl; "
             f"apt-get install postgresql) and {DSN_ENV} is not set"
         )
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        yield PgServer(admin_dsn=cluster.dsn(), cluster=cluster)
-    finally:
-        cluster.cleanup()
+    return shared_server(shared_directory(request.config))
 
 
 @pytest.fixture

@@ -13,16 +13,9 @@ from typing import Any
 
 import pytest
 
+from alertkit import Command, Receiver, alerts_toml
 from daemonproc import login, run_cli, start_daemon, write_config
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
-from test_alerts import (  # noqa: F401 - fixtures are used by name
-    Command,
-    Receiver,
-    alerts_toml,
-    command,
-    make_harness,
-    webhook,
-)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,9 +58,9 @@ async def silent() -> AsyncIterator[Silent]:
 
 
 async def test_a_webhook_host_that_refuses_connections_is_retried_then_given_up(
-    make_harness: Any,  # noqa: F811 - the fixture
+    make_harness: Any,
     emulator: KakaoEmulator,
-    command: Command,  # noqa: F811 - the fixture
+    command: Command,
     refused_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -97,7 +90,7 @@ async def test_a_webhook_host_that_refuses_connections_is_retried_then_given_up(
 
 
 async def test_a_webhook_that_never_answers_times_out_each_try_and_never_blocks_a_stop(
-    make_harness: Any,  # noqa: F811 - the fixture
+    make_harness: Any,
     emulator: KakaoEmulator,
     silent: Silent,
     caplog: pytest.LogCaptureFixture,
@@ -139,7 +132,7 @@ def _alerts(*lines: str) -> str:
 async def test_reload_adds_removes_and_reconfigures_alert_channels(
     emulator: KakaoEmulator,
     tmp_path: Path,
-    command: Command,  # noqa: F811 - the fixture
+    command: Command,
 ) -> None:
     """A running daemon: webhook A; reload to webhook B plus a command; reload to B for
     critical alerts only and no command. Each alert goes exactly where the configuration of

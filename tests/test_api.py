@@ -8,85 +8,26 @@ import logging
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from daemonproc import free_port, issued_tokens, login, run_cli, write_config
-from kakao_tokend.config import Config, load_config
+from daemonproc import (
+    config_with,
+    free_port,
+    issued_tokens,
+    login,
+    no_verify_on_start,
+    run_cli,
+)
+from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.service import serve
-from kakao_tokend.status import AccountEvent
+from served import serving
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@dataclass
-class Served:
-    """A daemon served in-process by service.serve() on real sockets."""
-
-    config: Config
-    config_path: Path
-    socket: Path
-    events: list[AccountEvent] = field(default_factory=list)
-
-    @asynccontextmanager
-    async def client(self) -> AsyncIterator[aiohttp.ClientSession]:
-        """A client session speaking to the Unix socket."""
-        connector = aiohttp.UnixConnector(path=str(self.socket))
-        async with aiohttp.ClientSession(connector=connector, base_url="http://tokend") as session:
-            yield session
-
-    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
-        """GET over the Unix socket; return (status, JSON)."""
-        return await self.request("GET", path, **kwargs)
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        """Any request over the Unix socket; return (status, JSON)."""
-        async with self.client() as session, session.request(method, path, **kwargs) as resp:
-            return resp.status, await resp.json(content_type=None)
-
-    async def text(self, path: str, **kwargs: Any) -> tuple[int, str]:
-        """GET over the Unix socket; return (status, body text)."""
-        async with self.client() as session, session.get(path, **kwargs) as resp:
-            return resp.status, await resp.text()
-
-    def events_of(self, kind: str) -> list[AccountEvent]:
-        """Events of one kind seen so far."""
-        return [e for e in self.events if e.kind == kind]
-
-
-@asynccontextmanager
-async def serving(config_path: Path) -> AsyncIterator[Served]:
-    """Run service.serve() (the real Application, sockets and all) until the block ends."""
-    config = load_config(config_path)
-    served = Served(config, config_path, config.api_socket)
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        serve(config, config_path=config_path, stop=stop, listeners=[served.events.append])
-    )
-    for _ in range(400):
-        if task.done():
-            raise AssertionError(f"serve() ended early with {task.result()}")
-        if served.socket.exists():
-            break
-        await asyncio.sleep(0.025)
-    await asyncio.sleep(0.05)
-    try:
-        yield served
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, 30) == 0
-
-
-def config_with(tmp_path: Path, emulator: KakaoEmulator, extra: str = "", **kwargs: Any) -> Path:
-    """write_config plus extra TOML (e.g. an [api] table)."""
-    return write_config(tmp_path, emulator, extra=extra, **kwargs)
+TOKEN = "/v1/accounts/default/token"
 
 
 def bearer_file(tmp_path: Path, token: str = "s3cret-bearer-token-0123456789") -> Path:
@@ -170,6 +111,61 @@ async def test_min_valid_forces_one_refresh_for_many_callers(
         assert status == 400 and "lifetime" in body["error"]
         status, body = await served.get("/v1/accounts/default/token", params={"min_valid": "x"})
         assert status == 400 and "duration" in body["error"]
+
+
+async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A consumer asking for a fresher token while Kakao rate-limits (KOE237) gets 503 at once.
+
+    The first forced refresh meets KOE237 and the account backs off (>= 60 s); the next
+    requests must not each force another token request to Kakao (that is the hammering which
+    keeps the rate limit from ever clearing).
+    """
+    emulator.settings.access_lifetime = 20
+    config = config_with(tmp_path, emulator, retry_max="5m")
+    no_verify_on_start(config)
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "koe237", count=100)
+        await asyncio.sleep(2.2)  # now less than 18 s are left
+        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
+        assert status == 503
+        sent = emulator.stats.requests["token"]
+        assert emulator.stats.koe237 == 1
+        results = await asyncio.gather(
+            *(served.get(TOKEN, params={"min_valid": "18"}) for _ in range(10))
+        )
+        assert [s for s, _ in results] == [503] * 10
+        assert all("KOE237" in (body.get("reason") or "") for _, body in results)
+        assert emulator.stats.requests["token"] == sent, "token requests during the backoff"
+        # A token that is still good enough is served without any refresh.
+        status, body = await served.get(TOKEN, params={"min_valid": "1"})
+        assert status == 200 and body["access_token"]
+
+
+async def test_token_requests_do_not_resend_a_dead_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Once Kakao answered KOE322 (re-login needed), token requests never call Kakao again.
+
+    Each would present the same dead refresh token; they get 503 naming the login command.
+    """
+    emulator.settings.access_lifetime = 20
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        await asyncio.sleep(2.2)  # now less than 18 s are left
+        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
+        assert status == 503
+        sent = emulator.stats.requests["token"]
+        for _ in range(5):
+            status, body = await served.get(TOKEN, params={"min_valid": "18"})
+            assert status == 503 and f"kakao-tokend --config {config} login" in body["reason"]
+        assert emulator.stats.requests["token"] == sent
 
 
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:

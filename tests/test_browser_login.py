@@ -157,7 +157,7 @@ async def page_emulator() -> AsyncIterator[KakaoEmulator]:
         yield emulator
 
 
-def write_config(tmp_path: Path, emulator: KakaoEmulator) -> tuple[Path, str]:
+def browser_login_config(tmp_path: Path, emulator: KakaoEmulator) -> tuple[Path, str]:
     """Write a login config with a fresh loopback redirect URI; return it and the URI."""
     port = free_port()
     return write_login_config(tmp_path, emulator, redirect_port=port), (
@@ -229,7 +229,7 @@ async def test_agree_in_a_real_browser_lands_on_the_success_page_and_stores_toke
     a real browser, the consent form posts back, Kakao's 302 reaches the CLI's loopback server,
     and the tokens are written (private state 0600 + published token file).
     """
-    config, redirect_uri = write_config(tmp_path, page_emulator)
+    config, redirect_uri = browser_login_config(tmp_path, page_emulator)
     proc, url = await start_login(config)
     try:
         await consent(browser, url, page_emulator, "agree")
@@ -257,7 +257,7 @@ async def test_cancel_in_a_real_browser_says_cancelled_and_stores_nothing(
     Proves the deny path: Kakao's access_denied redirect is shown to the person as a cancel
     (not a crash or a generic error), the CLI exits non-zero, and no token file is created.
     """
-    config, redirect_uri = write_config(tmp_path, page_emulator)
+    config, redirect_uri = browser_login_config(tmp_path, page_emulator)
     proc, url = await start_login(config)
     try:
         await consent(browser, url, page_emulator, "cancel")

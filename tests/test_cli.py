@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
+from daemonproc import write_config
 from kakao_tokend.cli import main
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
@@ -38,27 +39,6 @@ COMMANDS = [
     "doctor",
     "memo",
 ]
-
-
-def write_config(tmp_path: Path, emulator_url: str = "http://127.0.0.1:9", extra: str = "") -> Path:
-    """Write a valid config (pointing at ``emulator_url``) into tmp_path."""
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[paths]
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[kakao]
-rest_api_key = "emulator-rest-key"
-client_secret = "emulator-client-secret"
-auth_url = "{emulator_url}"
-api_url = "{emulator_url}"
-{extra}
-"""
-    )
-    path.chmod(0o600)
-    return path
 
 
 def invoke(config: Path | None, *args: str) -> Result:
@@ -257,7 +237,7 @@ class TestCheckConfig:
 
     def test_every_problem_listed(self, tmp_path: Path) -> None:
         """A config with two mistakes exits 78 and names both, without a traceback."""
-        config = write_config(tmp_path, extra='timeout = "soon"\nbogus_key = 1\n')
+        config = write_config(tmp_path, timeout="soon", extra="bogus_key = 1\n")
         result = invoke(config, "check-config")
         assert result.exit_code == 78
         assert "timeout" in result.stderr

@@ -31,7 +31,7 @@ EXAMPLE = REPO / "config.example.toml"
 KEY = "rest-key-0123456789abcdef"
 SECRET = "client-secret-zyxwvu987654"
 
-WriteConfig = Callable[..., Path]
+WriteToml = Callable[..., Path]
 WriteSecret = Callable[..., Path]
 
 
@@ -46,7 +46,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path) -> WriteConfig:
+def write_toml(tmp_path: Path) -> WriteToml:
     """Return a factory writing dedented TOML to <tmp>/etc/<name> (mode 0644)."""
 
     def write(text: str, name: str = "config.toml", mode: int = 0o644) -> Path:
@@ -135,12 +135,12 @@ class TestDurationsAndShares:
 
 class TestShortConfig:
     def test_three_line_config_gives_one_default_account(
-        self, write_config: WriteConfig, write_secret: WriteSecret, env: dict[str, str]
+        self, write_toml: WriteToml, write_secret: WriteSecret, env: dict[str, str]
     ) -> None:
         """Two secret files are all a single-account setup needs; the rest are defaults."""
         write_secret("rest_api_key", KEY + "\n")
         write_secret("client_secret", SECRET + "\n")
-        path = write_config(
+        path = write_toml(
             """\
             [kakao]
             rest_api_key_file = "rest_api_key"
@@ -184,10 +184,10 @@ class TestShortConfig:
         assert app.client_secret is None and app.client_secret_source is None
 
     def test_relative_paths_are_relative_to_the_config_file(
-        self, write_config: WriteConfig, env: dict[str, str], tmp_path: Path
+        self, write_toml: WriteToml, env: dict[str, str], tmp_path: Path
     ) -> None:
         """paths.state_dir = "state" next to /x/config.toml means /x/state, not $PWD/state."""
-        path = write_config(MINIMAL + '[paths]\nstate_dir = "st"\nruntime_dir = "../rt"\n')
+        path = write_toml(MINIMAL + '[paths]\nstate_dir = "st"\nruntime_dir = "../rt"\n')
         config = load_config(path, environ={"KAKAO_KEY": KEY})
         assert config.state_dir == tmp_path / "etc" / "st"
         assert config.runtime_dir == tmp_path / "rt"
@@ -408,10 +408,10 @@ class TestSecrets:
         assert "add LoadCredential=cs:" in found["kakao.client_secret_credential"]
 
     def test_inline_client_secret_in_readable_config_refused(
-        self, write_config: WriteConfig, env: dict[str, str]
+        self, write_toml: WriteToml, env: dict[str, str]
     ) -> None:
         """An inline client secret in a 0644 config file is refused; the value is not shown."""
-        path = write_config(MINIMAL + f'client_secret = "{SECRET}"\n')
+        path = write_toml(MINIMAL + f'client_secret = "{SECRET}"\n')
         with pytest.raises(ConfigError) as caught:
             load_config(path, environ=env)
         text = str(caught.value)
@@ -420,10 +420,10 @@ class TestSecrets:
         assert SECRET not in text
 
     def test_inline_client_secret_in_private_config_accepted(
-        self, write_config: WriteConfig, env: dict[str, str]
+        self, write_toml: WriteToml, env: dict[str, str]
     ) -> None:
         """An inline secret in a 0600 config file is allowed and reported as "inline"."""
-        path = write_config(MINIMAL + f'client_secret = "{SECRET}"\n', mode=0o600)
+        path = write_toml(MINIMAL + f'client_secret = "{SECRET}"\n', mode=0o600)
         app = load_config(path, environ=env).account().app
         assert (app.client_secret, app.client_secret_source) == (SECRET, "inline")
 
@@ -584,10 +584,10 @@ class TestPublish:
 
 class TestReporting:
     def test_toml_syntax_error_names_file_line_and_column(
-        self, write_config: WriteConfig, env: dict[str, str]
+        self, write_toml: WriteToml, env: dict[str, str]
     ) -> None:
         """A TOML syntax error is one line with the file, the line and the column."""
-        path = write_config('[kakao]\nrest_api_key_env = "KAKAO_KEY"\ntimeout = \n')
+        path = write_toml('[kakao]\nrest_api_key_env = "KAKAO_KEY"\ntimeout = \n')
         with pytest.raises(ConfigError) as caught:
             load_config(path, environ=env)
         text = str(caught.value)
@@ -595,10 +595,10 @@ class TestReporting:
         assert text == f"config file {path} is not valid TOML: line 3, column 11: Invalid value"
 
     def test_all_problems_reported_together(
-        self, write_config: WriteConfig, env: dict[str, str], tmp_path: Path
+        self, write_toml: WriteToml, env: dict[str, str], tmp_path: Path
     ) -> None:
         """One run lists every problem, headed by the file and the count, one per line."""
-        path = write_config(
+        path = write_toml(
             """\
             log_level = "loud"
             [kakao]
@@ -715,11 +715,9 @@ class TestReporting:
         with pytest.raises(ConfigError, match=r"^configuration has 1 problem:"):
             config_from_toml_text("[kakao]\n", environ=env)
 
-    def test_writable_config_file_refused(
-        self, write_config: WriteConfig, env: dict[str, str]
-    ) -> None:
+    def test_writable_config_file_refused(self, write_toml: WriteToml, env: dict[str, str]) -> None:
         """Whoever can write the config could redirect auth_url, so 0666 is refused."""
-        path = write_config(MINIMAL, mode=0o666)
+        path = write_toml(MINIMAL, mode=0o666)
         with pytest.raises(ConfigError, match=r"writable by group/others \(mode 0666\)"):
             load_config(path, environ=env)
 
@@ -745,15 +743,15 @@ class TestFinding:
         with pytest.raises(ConfigError, match="does not exist"):
             load_config(missing, environ={})
 
-    def test_environment_variable(self, write_config: WriteConfig, env: dict[str, str]) -> None:
+    def test_environment_variable(self, write_toml: WriteToml, env: dict[str, str]) -> None:
         """$KAKAO_TOKEND_CONFIG names the file when no --config is given."""
-        path = write_config(MINIMAL, name="other.toml")
+        path = write_toml(MINIMAL, name="other.toml")
         config = load_config(environ={**env, "KAKAO_TOKEND_CONFIG": str(path)})
         assert config.source == path
 
-    def test_configuration_directory(self, write_config: WriteConfig, env: dict[str, str]) -> None:
+    def test_configuration_directory(self, write_toml: WriteToml, env: dict[str, str]) -> None:
         """$CONFIGURATION_DIRECTORY/config.toml is found (systemd ConfigurationDirectory=)."""
-        path = write_config(MINIMAL)
+        path = write_toml(MINIMAL)
         assert find_config_file(None, {"CONFIGURATION_DIRECTORY": str(path.parent)}) == path
 
     def test_no_file_anywhere(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

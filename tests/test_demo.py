@@ -22,6 +22,7 @@ from kakao_tokend.store import AccountStore
 ALARM = re.compile(r"\b(CRITICAL|WARNING|ERROR)\b")
 
 
+@pytest.mark.slow(seconds=65)
 @pytest.mark.timeout(150)
 def test_a_60s_demo_shows_no_alarm_except_the_labelled_demonstration(tmp_path: Path) -> None:
     """`demo --duration 60s` (the real process, as the README tells a newcomer to run it)

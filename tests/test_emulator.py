@@ -708,7 +708,8 @@ async def test_serve_emulator_process() -> None:
     )
     try:
         assert proc.stdout is not None
-        banner = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        # Starting Python on a loaded machine can take many seconds.
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", banner)
         assert match, banner
         assert "client_id=emulator-rest-key" in banner

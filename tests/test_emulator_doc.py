@@ -67,7 +67,8 @@ async def emulator_process(port: int) -> AsyncIterator[str]:
     )
     try:
         assert proc.stdout is not None
-        banner = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().strip()
+        # Starting Python on a loaded machine can take many seconds.
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode().strip()
         yield banner
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 10) == 0

@@ -268,14 +268,15 @@ async def test_only_the_newest_rotations_are_loaded_but_all_are_kept(
     store: str, keyring: Keyring
 ) -> None:
     """A state holds the newest 50 rotations (as in file mode); the log keeps every one."""
-    await add(store, keyring, "shop", rotations=60)
+    now = datetime.now(UTC)  # one moment for both samples: their rotation times must match
+    await add(store, keyring, "shop", rotations=60, now=now)
     conn = await node_conn(store)
     async with conn:
         loaded = await accounts.load_account(conn, keyring, "shop")
         cur = await conn.execute("SELECT count(*) FROM rotations")
         assert await cur.fetchone() == (60,)
     assert loaded is not None
-    assert loaded.state.rotations == sample_state("shop", rotations=60).rotations[-50:]
+    assert loaded.state.rotations == sample_state("shop", now=now, rotations=60).rotations[-50:]
 
 
 async def test_writing_an_older_generation_is_refused(store: str, keyring: Keyring) -> None:

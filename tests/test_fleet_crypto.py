@@ -68,6 +68,9 @@ def test_key_id_is_not_a_plain_hash_prefix_of_the_key() -> None:
         (base64.b64encode(os.urandom(24)).decode(), "the key is 24 bytes"),
         (base64.b64encode(os.urandom(33)).decode(), "the key is 33 bytes"),
     ],
+    # Fixed ids: the random keys would name the tests differently in each pytest-xdist worker,
+    # and the workers must collect the same tests.
+    ids=["empty", "comment-only", "not-base64", "16-bytes", "24-bytes", "33-bytes"],
 )
 def test_unusable_key_files_are_refused_by_line_without_echoing_them(
     text: str, expected: str

@@ -658,19 +658,32 @@ async def test_concurrent_migrations_are_refused(tmp_path: Path, pg_dsn: str) ->
     seed_files(config)
     other = store_config(tmp_path / "b", pg_dsn, [key])
     await migrated(pg_dsn)
-    async with await psycopg.AsyncConnection.connect(pg_dsn) as holder:
-        await holder.execute("SELECT * FROM store_meta FOR UPDATE")
-        first = await migrate_process(config, "postgres")
-        await wait_until(lambda: waiting_for_lock(pg_dsn), what="the first migration")
-        code, out, err = await run_cli(config, "store", "migrate", "--to", "file")
-        assert (code, out) == (75, "")
-        line = one_error_line(err, "kakao-tokend is running on")
-        assert f"running on {tmp_path / 'a' / 'state'} (pid {first.pid})" in line
-        code, out, err = await run_cli(other, "store", "migrate", "--to", "postgres")
-        assert (code, out) == (75, "")
-        one_error_line(err, "another `kakao-tokend store migrate` is running on this store")
-        await holder.rollback()
-    out_bytes, err_bytes = await asyncio.wait_for(first.communicate(), 30)
+    first: asyncio.subprocess.Process | None = None
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as holder:
+            await holder.execute("SELECT * FROM store_meta FOR UPDATE")
+            first = await migrate_process(config, "postgres")
+            running = first
+
+            async def first_is_waiting() -> bool:
+                assert running.returncode is None, "the first migration ended early"
+                return await waiting_for_lock(pg_dsn)
+
+            # A loaded machine may take many seconds to start the process and connect.
+            await wait_until(first_is_waiting, timeout=60, what="the first migration")
+            code, out, err = await run_cli(config, "store", "migrate", "--to", "file")
+            assert (code, out) == (75, "")
+            line = one_error_line(err, "kakao-tokend is running on")
+            assert f"running on {tmp_path / 'a' / 'state'} (pid {first.pid})" in line
+            code, out, err = await run_cli(other, "store", "migrate", "--to", "postgres")
+            assert (code, out) == (75, "")
+            one_error_line(err, "another `kakao-tokend store migrate` is running on this store")
+            await holder.rollback()
+        out_bytes, err_bytes = await asyncio.wait_for(first.communicate(), 30)
+    finally:
+        if first is not None and first.returncode is None:  # failed: leave no process behind
+            first.kill()
+            await first.communicate()
     assert first.returncode == 0, err_bytes.decode()
     assert b"copied: default, shop" in out_bytes
 

@@ -98,7 +98,7 @@ def test_no_compiled_catalog_is_committed() -> None:
     assert tracked == ""
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 @pytest.mark.timeout(300)
 def test_a_wheel_built_from_a_clean_checkout_carries_the_korean_catalog(tmp_path: Path) -> None:
     """A wheel built from exactly the files git tracks (no .mo among them) contains the

@@ -14,29 +14,10 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
+from daemonproc import write_config
 from kakao_tokend.cli import main
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.state import AccountState
-
-
-def write_config(tmp_path: Path, emulator: KakaoEmulator, *, app_key: str | None = None) -> Path:
-    """Write a config pointing at the emulator."""
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[paths]
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[kakao]
-rest_api_key = "{app_key or emulator.settings.client_id}"
-client_secret = "{emulator.settings.client_secret}"
-auth_url = "{emulator.url}"
-api_url = "{emulator.url}"
-"""
-    )
-    path.chmod(0o600)
-    return path
 
 
 async def cli(config: Path, *args: str) -> Result:

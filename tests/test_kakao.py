@@ -34,7 +34,6 @@ from kakao_tokend.kakao import (
     AccessTokenInfo,
     AccessTokenRejected,
     KakaoClient,
-    create_session,
     new_pkce_pair,
     new_state,
 )
@@ -52,16 +51,6 @@ async def emu() -> AsyncIterator[KakaoEmulator]:
         yield emulator
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """The production session factory's session, closed afterwards."""
-    s = create_session()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 def app_for(url: str, **overrides: Any) -> KakaoApp:
     """A KakaoApp pointing both hosts at ``url`` with the emulator's credentials."""
     fields: dict[str, Any] = {
@@ -70,8 +59,10 @@ def app_for(url: str, **overrides: Any) -> KakaoApp:
         "auth_url": url,
         "api_url": url,
         "redirect_uri": REDIRECT,
-        "timeout": 5.0,
-        "connect_timeout": 2.0,
+        # The production session's limits: a loaded machine can stall a loopback connection
+        # for seconds, and only tests about timeouts set short ones.
+        "timeout": 30.0,
+        "connect_timeout": 10.0,
     }
     fields.update(overrides)
     return KakaoApp(**fields)

@@ -7,105 +7,16 @@ import json
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-import pytest
 
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.login import parse_pasted
-
-
-@dataclass
-class LoginProcess:
-    """A running `kakao-tokend login --no-browser` and the URL it printed."""
-
-    proc: asyncio.subprocess.Process
-    url: str
-    seen: list[str]
-
-    async def finish(self, timeout: float = 20) -> tuple[int, str, str]:
-        """Wait for the exit; return (code, stdout, all of stderr)."""
-        out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
-        code = self.proc.returncode
-        assert code is not None
-        return code, out.decode(), "".join(self.seen) + err.decode()
-
-
-@pytest.fixture
-async def start_login(
-    tmp_path: Path, emulator: KakaoEmulator
-) -> AsyncIterator[Callable[..., Awaitable[LoginProcess]]]:
-    """Start login processes against the emulator; kill leftovers at the end."""
-    config = write_login_config(tmp_path, emulator, redirect_port=free_port())
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def start(*extra: str) -> LoginProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kakao_tokend",
-            "--config",
-            str(config),
-            "login",
-            "--no-browser",
-            "--timeout",
-            "30s",
-            *extra,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        procs.append(proc)
-        assert proc.stderr is not None
-        seen: list[str] = []
-        async with asyncio.timeout(20):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                seen.append(line)
-                if not line:
-                    raise AssertionError("login exited early: " + "".join(seen))
-                if "paste here" in line:
-                    break
-        urls = [s.strip() for s in seen if s.strip().startswith("http")]
-        assert urls, "".join(seen)
-        return LoginProcess(proc, urls[0], seen)
-
-    yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def follow_authorize(url: str) -> str:
-    """GET the authorize URL like a browser would, and return the redirect's Location."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(url, allow_redirects=False) as response,
-    ):
-        assert response.status == 302, await response.text()
-        return response.headers["Location"]
-
-
-async def get_page(url: str) -> tuple[int, str]:
-    """GET a page (the CLI's loopback callback) and return (status, body)."""
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, await response.text()
-
-
-def with_query(url: str, **changes: str) -> str:
-    """Return ``url`` with some query parameters replaced."""
-    parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    query.update(changes)
-    return urlunsplit(parts._replace(query=urlencode(query)))
+from loginproc import LoginProcess, follow_authorize, get_page, with_query
 
 
 def mode(path: Path) -> int:
@@ -344,7 +255,7 @@ class TestWaitingHelp:
         )
         assert proc.stderr is not None
         url = ""
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):  # a loaded machine may take long to start Python
             while not url:
                 line = (await proc.stderr.readline()).decode()
                 assert line

@@ -11,9 +11,10 @@ from platform import python_version
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemonproc import config_with, login
 from kakao_tokend import __version__
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import Served, config_with, login, serving
+from served import Served, serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,7 +39,11 @@ def value(
 
 async def test_metrics_match_the_state(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Expiries, counters, generation, last success and health agree with /v1/status."""
-    config = config_with(tmp_path, emulator, "[accounts.a]\n[accounts.b]\n")
+    # b's retry after the 503 waits minutes, not 0.2 s: it must not land between the scrape
+    # and the status read (nor before the scrape, which expects b still retrying).
+    config = config_with(
+        tmp_path, emulator, "[accounts.a]\n[accounts.b]\n", retry_initial="10m", retry_max="1h"
+    )
     await login(emulator, config, "a")
     await login(emulator, config, "b")
     async with serving(config) as served:

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemonproc import config_with, login
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import config_with, login, serving
+from served import serving
 
 pytestmark = pytest.mark.timeout(120)
 

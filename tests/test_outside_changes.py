@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from alertkit import Receiver
 from daemonproc import DaemonProcess, free_port, login, run_cli, start_daemon, write_config
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
-from test_alerts import Receiver, webhook  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,7 +122,7 @@ async def test_cli_login_is_served_by_a_running_daemon_at_once(
 async def test_login_resolves_the_alerts_raised_for_the_old_tokens(
     emulator: KakaoEmulator,
     tmp_path: Path,
-    webhook: Receiver,  # noqa: F811 - the fixture
+    webhook: Receiver,
 ) -> None:
     """Tokens Kakao revoked raise a critical `relogin` alert; a CLI login resolves it at once.
 

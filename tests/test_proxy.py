@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from daemonproc import config_with, login
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import config_with, login, serving
+from served import serving
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import login
+from daemonproc import config_with, login
+from diskfull import fill_up, tiny_tmpfs
 from kakao_tokend.emulator import KakaoEmulator
-from test_api import config_with, serving
-from test_daemon_process import _fill
+from served import serving
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,19 +48,8 @@ def sink_config(tmp_path: Path, emulator: KakaoEmulator, *, token_file: Path | N
 @pytest.fixture
 def tiny_publish_fs(tmp_path: Path) -> Iterator[Path]:
     """Mount a 512 KiB tmpfs for the published token file alone, so a test can fill it."""
-    directory = tmp_path / "published"
-    directory.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(directory)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "published") as directory:
         yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -94,7 +82,7 @@ async def test_a_failed_token_file_publish_is_retried_and_health_says_so(
     await login(emulator, config)
     async with serving(config) as served:
         await until(lambda: published_generation(tmp_path, token_file) == 1, what="first publish")
-        filler = _fill(tiny_publish_fs)
+        filler = fill_up(tiny_publish_fs)
         status, body = await served.request("POST", "/v1/accounts/default/refresh")
         assert status == 200
         generation = body["generation"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import time_machine
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
-from daemonproc import login, write_config
+from daemonproc import config_with, login, write_config
 from kakao_tokend.config import AccountConfig, RefreshPolicy, load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -24,14 +23,6 @@ from kakao_tokend.scheduler import RefreshScheduler
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from kakao_tokend.tokens import format_time
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def make_manager(
@@ -167,6 +158,56 @@ async def test_transient_failures_back_off_and_never_wait_past_expiry(
     await manager.refresh(force=True)
     assert manager.status.health is Health.OK
     assert manager.status.attempt == 0
+
+
+async def test_an_unusable_lock_file_backs_off_instead_of_crashing_the_refresh(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A lock file that cannot be opened (here: a directory) is a retried failure, not a crash.
+
+    Before, StoreError escaped the refresh task: the status stayed "ok", no back-off was
+    planned, and the scheduler re-ran the overdue one-shot job in a tight loop.
+    """
+    config_path = config_with(tmp_path, emulator)
+    await login(emulator, config_path)
+    account = load_config(config_path).accounts["default"]
+    account.lock_file.unlink(missing_ok=True)
+    account.lock_file.mkdir()
+    async with create_session() as session:
+        store = AccountStore(account)
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(session, account.app),
+            policy=load_config(config_path).refresh,
+        )
+        manager.load()
+        calls = 0
+        real_try_lock = store.try_lock
+
+        def counting_try_lock() -> bool:
+            nonlocal calls
+            calls += 1
+            return real_try_lock()
+
+        store.try_lock = counting_try_lock  # type: ignore[method-assign]
+        await manager.refresh(force=True)
+        assert manager.status.health is Health.RETRYING
+        assert manager.status.next_attempt_at is not None
+        assert "lock" in (manager.status.last_error or "")
+        # Under the scheduler an overdue account must not spin on the failing lock.
+        manager._planned_refresh_at = manager.clock()
+        manager.status.next_attempt_at = manager.clock()
+        scheduler = RefreshScheduler(heartbeat=0.2)
+        scheduler.start()
+        scheduler.add(manager)
+        calls = 0
+        try:
+            await asyncio.sleep(0.6)
+        finally:
+            scheduler.shutdown()
+            await asyncio.sleep(0)
+        assert calls <= 8, f"{calls} lock attempts in 0.6 s"
 
 
 async def test_a_refresh_in_the_rotation_window_that_does_not_rotate_warns(

@@ -9,28 +9,18 @@ alert text and fix — the exact `kakao-tokend login` command, with ``--account`
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
-from kakao_tokend.kakao import create_session
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import login_command
 from kakao_tokend.status import Health
-from test_rate_limit_backoff import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
+from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 @pytest.fixture(autouse=True)

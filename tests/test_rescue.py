@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +21,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemonproc import login, start_daemon, write_config
+from daemonproc import login, short_tokens, start_daemon, write_config
+from diskfull import fill_up
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
-from test_daemon_process import _fill, _short_tokens, tiny_state_fs
+from samples import make_state
 
 pytestmark = pytest.mark.timeout(120)
-
-__all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 class ManglingProxy:
@@ -215,7 +205,7 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
     """The state disk is full and the emergency reserve already used up; rotations go on in
     memory. kill -9 then. The rotated refresh token is in the 0600 rescue file in the runtime
     directory, and the restarted daemon recovers it (nothing presented to Kakao is retired)."""
-    _short_tokens(emulator, access=2, refresh=3600)
+    short_tokens(emulator, access=2, refresh=3600)
     emulator.settings.rotation_window = 4000  # every refresh rotates
     config = write_config(tmp_path, emulator, rotation_window=4000)
     await login(emulator, config)
@@ -223,9 +213,9 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
     fillers: list[Path] = []
     try:
         await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
-        fillers.append(_fill(tiny_state_fs))
+        fillers.append(fill_up(tiny_state_fs))
         await daemon.wait_log("gave up the emergency reserve", timeout=10)
-        fillers.append(_fill(tiny_state_fs, name="filler2"))
+        fillers.append(fill_up(tiny_state_fs, name="filler2"))
         await daemon.wait_log("cannot save the new tokens", timeout=10)
         stuck = daemon.state()["generation"]
         await daemon.wait_for(
@@ -266,8 +256,6 @@ async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(
 def test_the_rescue_file_is_private_and_names_its_state_file(tmp_path: Path) -> None:
     """save_rescue writes 0600 whatever the umask, and load_rescue reads it back only for the
     state file it belongs to (two configurations sharing a runtime directory never mix)."""
-    from test_store import make_state
-
     store = AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
     rescue_dir = tmp_path / "run"
     ours = AccountStore(store.account, rescue_dir=rescue_dir)

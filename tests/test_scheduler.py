@@ -28,7 +28,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from daemonproc import write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.scheduler import DueQueue, RefreshScheduler, new_apscheduler
 from kakao_tokend.state import AccountState
@@ -245,14 +245,6 @@ async def test_a_lost_job_is_armed_again(aps: AsyncIOScheduler) -> None:
 
 
 # --------------------------------------------------------------------------- RefreshScheduler
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 def seeded_managers(

@@ -45,11 +45,10 @@ from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import ConfigError, UnsafePath
 from kakao_tokend.store import check_directory
-from test_login import LoginProcess, follow_authorize, get_page, start_login, with_query
+from loginproc import LoginProcess, follow_authorize, get_page, with_query
 
 pytestmark = pytest.mark.timeout(120)
 
-__all__ = ["start_login"]  # a fixture, imported for the login listener tests
 
 IS_ROOT = os.geteuid() == 0
 NOBODY = 65534

@@ -12,34 +12,23 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from daemonproc import login, run_cli, write_config
+from diskfull import fill_up
 from kakao_tokend.alerts import Severity
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
-from test_api import serving
-from test_daemon_process import _fill, tiny_state_fs
-
-__all__ = ["tiny_state_fs"]  # the fixture, shared with test_daemon_process
+from served import serving
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def running_manager(
@@ -103,7 +92,7 @@ async def test_a_pending_write_never_overwrites_a_state_written_meanwhile(
     emulator.settings.access_lifetime = 20
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
     manager, config_path, events = await running_manager(emulator, tmp_path, session)
-    filler = _fill(tiny_state_fs)
+    filler = fill_up(tiny_state_fs)
     await manager.refresh(force=True)
     assert manager.status.write_pending
     ours = manager.state
@@ -141,7 +130,7 @@ async def test_a_pending_write_waits_for_the_account_lock(
     manager, _, _ = await running_manager(emulator, tmp_path, session)
     state_path = manager.store.state_path
     before = state_path.read_bytes()
-    filler = _fill(tiny_state_fs)
+    filler = fill_up(tiny_state_fs)
     await manager.refresh(force=True)
     assert manager.status.write_pending
     filler.unlink()

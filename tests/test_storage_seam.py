@@ -23,7 +23,7 @@ from daemonproc import login, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreWriteError
-from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
@@ -52,14 +52,6 @@ class WatchedStore(AccountStore):
             if self.fail_commit:
                 self.fail_commit = False
                 raise StoreWriteError("COMMIT failed: the connection to the store was lost")
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    """One client session per test, closed afterwards."""
-    http = create_session()
-    yield http
-    await http.close()
 
 
 async def watched_manager(

@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from kakao_tokend.errors import (
     StoreWriteError,
     UnsafePath,
 )
-from kakao_tokend.state import AccountState
 from kakao_tokend.store import (
     TEMP_PREFIX,
     AccountStore,
@@ -33,27 +32,9 @@ from kakao_tokend.store import (
     read_file,
     remove_stale_temp_files,
 )
-from kakao_tokend.tokens import TokenSet
+from samples import ACCESS, NOW, REFRESH, make_state
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
-ACCESS = "access-token-value-0123456789abcdef0123456789abcdef"
-REFRESH = "refresh-token-value-0123456789abcdef0123456789abcdef"
 IS_ROOT = os.geteuid() == 0
-
-
-def make_state(account: str = "default", *, generation: int = 3) -> AccountState:
-    tokens = TokenSet(
-        access_token=ACCESS,
-        refresh_token=REFRESH,
-        access_expires_at=NOW + timedelta(hours=6),
-        refresh_expires_at=NOW + timedelta(days=60),
-        access_issued_at=NOW,
-        refresh_issued_at=NOW - timedelta(days=1),
-        scope="profile_nickname talk_message",
-    )
-    return AccountState(
-        account=account, tokens=tokens, generation=generation, refreshed_at=NOW, user_id=42
-    )
 
 
 @pytest.fixture
@@ -721,17 +702,18 @@ def test_write_error_on_directory_target(tmp_path: Path) -> None:
 # -- concurrency and crashes -------------------------------------------------------------------
 
 READER = """
-import json, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
+import json, sys
+path, wanted = sys.argv[1], int(sys.argv[2])
 failures = reads = 0
 generations = set()
-end = time.monotonic() + seconds
-while time.monotonic() < end:
+while len(generations) < wanted:
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         failures += 1
+        if failures > 1000:
+            break
         continue
     reads += 1
     try:
@@ -740,6 +722,8 @@ while time.monotonic() < end:
         generations.add(doc["generation"])
     except Exception:
         failures += 1
+        if failures > 1000:
+            break
 print(json.dumps({"failures": failures, "reads": reads, "generations": len(generations)}))
 """
 
@@ -749,20 +733,28 @@ def payload(generation: int, size: int) -> bytes:
 
 
 def test_concurrent_readers_never_see_partial_file(tmp_path: Path) -> None:
-    """4 reader processes in a tight loop never read a partial file while we rewrite it."""
+    """4 reader processes in a tight loop never read a partial file while we rewrite it.
+
+    Counted, not timed: each reader reads until it has seen 50 versions of the file, and we
+    rewrite it (at least 100 times) until every reader is done, however slow the machine.
+    """
     path = tmp_path / "token.json"
     atomic_write(path, payload(0, 10), mode=0o640)
     readers = [
         subprocess.Popen(
-            [sys.executable, "-c", READER, str(path), "1.5"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", READER, str(path), "50"], stdout=subprocess.PIPE, text=True
         )
         for _ in range(4)
     ]
     rng = random.Random(7)
     generation = 0
-    while any(proc.poll() is None for proc in readers):
+    while generation < 100 or any(proc.poll() is None for proc in readers):
         generation += 1
         atomic_write(path, payload(generation, rng.choice([1, 500, 20_000, 200_000])), mode=0o640)
+        if generation == 50_000:  # a bound on the loop, not a time budget: readers are stuck
+            for proc in readers:
+                proc.kill()
+            raise AssertionError("the readers never saw 50 versions in 50,000 rewrites")
     results = [json.loads(proc.communicate()[0]) for proc in readers]
     assert generation >= 100
     for result in results:

@@ -32,6 +32,7 @@ pytestmark = [
         shutil.which("unshare") is None or shutil.which("nsenter") is None,
         reason="needs unshare and nsenter (util-linux)",
     ),
+    pytest.mark.slow(seconds=20),
 ]
 
 #: Variables that would point the CLI somewhere else than a plain shell would.

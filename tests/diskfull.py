@@ -1,0 +1,51 @@
+"""A full disk for tests: a tiny tmpfs (where the state directory goes), and a filler."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+@contextmanager
+def tiny_tmpfs(directory: Path) -> Iterator[Path]:
+    """Make ``directory`` a 512 KiB tmpfs while the block runs (skip the test if we cannot
+    mount: that needs root)."""
+    directory.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(directory)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.fixture
+def tiny_state_fs(tmp_path: Path) -> Iterator[Path]:
+    """Mount a 512 KiB tmpfs where the state directory goes, so a test can fill it up."""
+    with tiny_tmpfs(tmp_path / "state") as state_dir:
+        yield state_dir
+
+
+def fill_up(directory: Path, name: str = "filler") -> Path:
+    """Fill the file system under ``directory`` until a write fails with ENOSPC."""
+    filler = directory / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
