@@ -250,11 +250,15 @@ async def migrate_process(config: Path, target: str) -> asyncio.subprocess.Proce
 
 
 async def waiting_for_lock(dsn: str) -> bool:
-    """True while a migration's session waits for a lock (the test holds store_meta's)."""
+    """True while a migration's session waits for a lock (the test holds store_meta's).
+
+    Only this test's database counts: the server is shared by every xdist worker, and another
+    test's migration waiting on its own lock would otherwise end this wait too early.
+    """
     found = await scalar(
         dsn,
         "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'kakao-tokend % migrate'"
-        " AND wait_event_type = 'Lock'",
+        " AND wait_event_type = 'Lock' AND datname = current_database()",
     )
     return bool(found)
 

@@ -13,10 +13,10 @@ import pytest
 
 from daemonproc import run_cli, start_daemon
 from fleetkit import migrated
+from fleetrun import node_config, published, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
-from test_fleet_runtime_nodes import node_config, published, store_login
 
 pytestmark = pytest.mark.timeout(120)
 
