@@ -395,6 +395,18 @@ class Fleet:
                 done[name] += 1
         return done
 
+    async def rotations_by_node(self) -> Counter[str]:
+        """Count the rotations each node committed (the store's rotation log names the node)."""
+        counts: Counter[str] = Counter()
+        conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)
+        async with conn:
+            cur = await conn.execute(
+                "SELECT node, count(*) FROM rotations WHERE node LIKE 'node-%%' GROUP BY node"
+            )
+            for node, count in await cur.fetchall():
+                counts[str(node)] = int(count)
+        return counts
+
     async def sessions(self) -> list[dict[str, Any]]:
         """Return the nodes' database sessions: node, purpose, state, seconds in transaction."""
         import psycopg
