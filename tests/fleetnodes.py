@@ -208,6 +208,7 @@ class Fleet:
         proxied: bool = False,
         timings: FleetTimings | None = None,
         extra_config: str = "",
+        database: str = DATABASE,
     ) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,8 @@ class Fleet:
         self.accounts = list(accounts)
         self.users = {name: FIRST_USER_ID + index for index, name in enumerate(self.accounts)}
         self.timings = timings or FleetTimings()
-        self.dsn = cluster.dsn(DATABASE)
+        self.database = database
+        self.dsn = cluster.dsn(database)
         key_line = new_key_line()
         self.keyring = Keyring.parse(key_line + "\n")
         self.key_file = base / "store.key"
@@ -278,7 +280,7 @@ class Fleet:
         async with await psycopg.AsyncConnection.connect(
             self.cluster.dsn(), autocommit=True
         ) as conn:
-            await conn.execute(f'CREATE DATABASE "{DATABASE}" TEMPLATE template0')
+            await conn.execute(f'CREATE DATABASE "{self.database}" TEMPLATE template0')
         conn2 = await db.connect(
             self.dsn, node="fleet-harness", purpose="migrate", autocommit=True, migration=True
         )
@@ -413,13 +415,13 @@ class Fleet:
         from psycopg.rows import dict_row
 
         async with await psycopg.AsyncConnection.connect(
-            self.cluster.dsn(DATABASE), autocommit=True, row_factory=dict_row
+            self.dsn, autocommit=True, row_factory=dict_row
         ) as conn:
             cur = await conn.execute(
                 "SELECT application_name, state, pid,"
                 " extract(epoch FROM now() - xact_start)::float8 AS in_xact"
                 " FROM pg_stat_activity WHERE application_name LIKE %s AND datname = %s",
-                (APP_PREFIX + "node-%", DATABASE),
+                (APP_PREFIX + "node-%", self.database),
             )
             found = []
             for row in await cur.fetchall():
