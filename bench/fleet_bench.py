@@ -133,8 +133,8 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
     async with running_emulator(
         emulator_settings(
             access_lifetime=lifetime,
-            refresh_lifetime=10 * lifetime,
-            rotation_window=10 * lifetime,  # every refresh rotates: one rotation row each
+            refresh_lifetime=5183999,  # Kakao's; and every refresh rotates: one rotation row each
+            rotation_window=5183999,
         )
     ) as emulator:
         fleet = Fleet(
@@ -266,7 +266,7 @@ async def failover(directory: Path, cluster: PgCluster, args: argparse.Namespace
     kills = args.failovers or (1 if args.quick else 5)
     heartbeat, kakao_timeout, kakao_delay = 1.0, 3.0, 1.0
     async with running_emulator(
-        emulator_settings(access_lifetime=8.0, refresh_lifetime=3600, rotation_window=3600)
+        emulator_settings(access_lifetime=8.0, refresh_lifetime=5183999, rotation_window=5183999)
     ) as emulator:
         fleet = Fleet(
             directory / "failover",

@@ -65,7 +65,7 @@ from kakao_tokend.tokens import refresh_due_at  # noqa: E402
 from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 
 ACCESS_LIFETIME = 6.0
-REFRESH_LIFETIME = 3600.0  # and the rotation window: every refresh rotates
+REFRESH_LIFETIME = 5183999.0  # Kakao's, and the rotation window: every refresh rotates
 #: A node is trusted again this long after it logged that it serves again, or was continued.
 GRACE = 1.0
 #: After a database restart, the nodes need to reconnect, resync and claim what became due.
