@@ -195,16 +195,16 @@ async def test_postgres_mode_without_a_key_refuses_to_run(tmp_path: Path) -> Non
         assert "store.key_file" in err and "kakao-tokend store new-key" in err
 
 
-async def test_a_postgres_node_refuses_to_run_until_the_fleet_runtime_exists(
-    tmp_path: Path,
-) -> None:
-    """With a complete [store] the daemon does not fall back to the files (a second live
-    copy of the refresh token); it says what works instead."""
-    config = write_store_config(tmp_path, "host=127.0.0.1 dbname=x")
+async def test_a_postgres_node_without_its_database_fails_with_one_line(tmp_path: Path) -> None:
+    """With a complete [store] but no database answering, `run` exits 1 (systemd restarts
+    it) with one line naming the problem, and never falls back to the files (a second live
+    copy of the refresh token)."""
+    config = write_store_config(tmp_path, f"host=127.0.0.1 port={free_port()} dbname=x")
     code, _, err = await run_cli(config, "run")
-    assert code == 78
-    assert "cannot run a fleet node yet" in err
-    assert not (tmp_path / "state").exists()
+    assert code == 1, err
+    assert "cannot start: cannot connect to the PostgreSQL store" in err
+    assert "Traceback" not in err
+    assert not list((tmp_path / "state").glob("*.state.json"))
 
 
 def test_the_readme_test_command_installs_the_postgres_extra() -> None:

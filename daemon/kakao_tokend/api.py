@@ -223,7 +223,9 @@ async def token(request: web.Request) -> web.Response:
                 reason=blocked,
             )
         reason = f"token requested with min_valid={min_valid:g}s"
-        await _within_timeout(request, manager.refresh(force=True, reason=reason))
+        await _within_timeout(
+            request, manager.refresh(force=True, reason=reason, min_valid=min_valid)
+        )
         daemon = _daemon(request)
         if daemon.scheduler is not None:
             daemon.scheduler.plan(manager)

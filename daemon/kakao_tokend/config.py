@@ -446,6 +446,23 @@ def _retries(value: Any) -> int:
     raise ValueError(f"expected a number of retries 0..20, got {_describe(value)}")
 
 
+def _pool_size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 100:
+        return value
+    raise ValueError(f"expected a number of connections 2..100, got {_describe(value)}")
+
+
+def _account_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(
+            f'expected a list of account names like ["default"], got {_describe(value)}'
+        )
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not ACCOUNT_NAME_RE.match(item):
+            raise _Invalid(f"expected an account name, got {_describe(item)}", f"[{index}]")
+    return tuple(dict.fromkeys(value))
+
+
 def _node_name(value: Any) -> str:
     if isinstance(value, str) and NODE_NAME_RE.match(value):
         return value
@@ -786,6 +803,10 @@ class StoreSettings:
     )
     key_source: str | None = field(default=None, metadata={_META: _DERIVED})
     node_name: str = field(default_factory=default_node_name, metadata=_key(_node_name))
+    #: The accounts whose token files this node writes (None: all of them).
+    publish_accounts: tuple[str, ...] | None = field(default=None, metadata=_key(_account_names))
+    #: Database connections per node: refreshes that may hold a row lock at once, plus one.
+    pool_size: int = field(default=8, metadata=_key(_pool_size))
 
 
 @dataclass(frozen=True)

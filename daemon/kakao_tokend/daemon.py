@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +27,9 @@ from .kakao import KakaoClient
 from .refresher import AccountManager
 from .scheduler import RefreshScheduler
 from .status import EventListener, Health
+from .storage import AccountStorage
 from .store import (
+    INSTANCE_LOCK_NAME,
     AccountStore,
     FileLock,
     check_directory,
@@ -37,6 +40,10 @@ from .store import (
 from .tokens import Clock, utcnow
 from .watch import StateWatcher
 
+if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
+    from .fleet.node import FleetNode
+    from .fleet.store import FleetStore
+
 __all__ = ["DAEMON", "EXTEND_EVERY", "STOP_GRACE", "Daemon", "only_account"]
 
 log = logging.getLogger(__name__)
@@ -46,7 +53,6 @@ STOP_GRACE = 20.0
 #: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
 #: often, each time asking for three times as long (so one lost datagram costs nothing).
 EXTEND_EVERY = 5.0
-INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 
 @dataclass
@@ -74,6 +80,9 @@ class Daemon:
     _extender: asyncio.Task[None] | None = None
     #: Watches the state directories for files other processes write (set up by the service).
     watcher: StateWatcher | None = None
+    #: Fleet mode: the PostgreSQL store and its listener (None with the file store).
+    fleet: FleetStore | None = None
+    fleet_node: FleetNode | None = None
 
     # ---------------------------------------------------------------- instance lock
 
@@ -120,7 +129,7 @@ class Daemon:
     def make_manager(self, account: AccountConfig) -> AccountManager:
         """Create the store, client and manager for one account and load its state."""
         assert self.session is not None
-        store = AccountStore(account, rescue_dir=self.config.runtime_dir)
+        store = self.new_store(account)
         for directory in {account.state_file.parent, account.token_file.parent}:
             if directory not in self._prepared_dirs:
                 # Once per directory: 1,000 accounts usually share one state directory.
@@ -136,6 +145,10 @@ class Daemon:
             clock=self.clock,
         )
         manager.listeners.extend(self.listeners)
+        if self.fleet is not None:
+            from .fleet.node import plan_for
+
+            store.planner = plan_for(manager)  # type: ignore[attr-defined]
         manager.load()
         if self.alerts is not None:
             self.alerts.attach(manager)
@@ -151,10 +164,17 @@ class Daemon:
             manager.publish(token_file=stale)
         return manager
 
+    def new_store(self, account: AccountConfig) -> AccountStorage:
+        """Return where the account's state lives: its files, or its row in the fleet store."""
+        if self.fleet is not None:
+            return self.fleet.account_store(account)
+        return AccountStore(account, rescue_dir=self.config.runtime_dir)
+
     def open_accounts(self) -> None:
         """Create a manager per configured account (after checking every account's files)."""
-        for account in self.config.accounts.values():
-            AccountStore(account).check_paths()
+        if self.fleet is None:  # in fleet mode the state files are not used (maybe MOVED)
+            for account in self.config.accounts.values():
+                AccountStore(account).check_paths()
         for account in self.config.accounts.values():
             self.managers[account.name] = self.make_manager(account)
         for manager in self.managers.values():
@@ -178,6 +198,30 @@ class Daemon:
                 # Now, not at the next heartbeat: alerts about the old tokens resolve at once.
                 self.alerts.evaluate(manager.name)
         return changed
+
+    def on_store_changed(self, name: str) -> None:
+        """Fleet mode: the account's row changed (a notification or the poll): adopt it."""
+        manager = self.managers.get(name)
+        if manager is None or manager.busy or self._stopping or self.fleet is None:
+            return
+        row = self.fleet.rows.get(name)
+        state = manager.state
+        if (
+            row is not None
+            and state is not None
+            and row.generation == state.generation
+            and row.state.relogin_reason != state.relogin_reason
+        ):
+            manager.take_over(row.state)  # a re-login mark written without a new generation
+        manager.forget_plan()  # the row's due_at may have moved (a retry planned elsewhere)
+        if not self.adopt_outside_changes(manager) and self.scheduler is not None:
+            self.scheduler.plan(manager)
+
+    def on_store_due(self, name: str) -> None:
+        """Fleet mode: the database says the account is due: look at it now."""
+        manager = self.managers.get(name)
+        if manager is not None and self.scheduler is not None and not manager.busy:
+            self.scheduler.run_soon(manager)
 
     def on_state_file_changed(self, path: Path) -> None:
         """StateWatcher callback: adopt the account whose state file ``path`` is."""
@@ -285,9 +329,14 @@ class Daemon:
                 # A refresh in flight may take its whole request timeout; swapping the store
                 # under it earlier would lose the answer's lock bookkeeping.
                 await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                store = self.new_store(account)
+                if self.fleet is not None:
+                    from .fleet.node import plan_for
+
+                    store.planner = plan_for(manager)  # type: ignore[attr-defined]
                 manager.reconfigure(
                     account,
-                    store=AccountStore(account, rescue_dir=new.runtime_dir),
+                    store=store,
                     client=KakaoClient(self.session, account.app, clock=self.clock),
                     policy=new.refresh,
                 )

@@ -87,6 +87,10 @@ class StoreLocked(StoreError):
     """Another process holds the lock of this account (or of the whole state directory)."""
 
 
+class StoreClaimed(StoreLocked):
+    """Another fleet node holds the account's row: it is refreshing it, nothing failed."""
+
+
 class StateCorrupt(StoreError):
     """The state file could not be parsed; it was moved to ``quarantined`` and left intact."""
 

@@ -32,6 +32,7 @@ from .errors import (
     PartialRefresh,
     ReloginRequired,
     StateCorrupt,
+    StoreClaimed,
     StoreError,
     StoreLocked,
     StoreWriteError,
@@ -321,13 +322,24 @@ class AccountManager:
         if self.status.health is Health.RETRYING and self.status.next_attempt_at:
             return self.status.next_attempt_at
         if self._planned_refresh_at is None:
-            self._planned_refresh_at = refresh_due_at(
+            # Fleet mode: the store says when (the node that committed these tokens planned
+            # it by the same rule), so every node plans the same moment.
+            self._planned_refresh_at = self.store.shared_due_at(self.state) or refresh_due_at(
                 self.state.tokens,
                 share=self.policy.refresh_at,
                 jitter=self.policy.jitter,
                 rng=self.rng,
             )
         return self._planned_refresh_at
+
+    def forget_plan(self) -> None:
+        """Plan the next refresh anew (the store's plan for the account changed)."""
+        self._planned_refresh_at = None
+
+    def take_over(self, state: AccountState) -> None:
+        """Adopt ``state`` another node wrote without a new generation (a re-login mark)."""
+        if not self.busy:
+            self._take_over(state)
 
     def next_wakeup(self) -> datetime | None:
         """Return the earliest moment this account needs attention (refresh, write, publish)."""
@@ -513,16 +525,21 @@ class AccountManager:
 
     # ------------------------------------------------------------------ refreshing
 
-    async def refresh(self, *, force: bool = False, reason: str = "") -> AccountState | None:
+    async def refresh(
+        self, *, force: bool = False, reason: str = "", min_valid: float | None = None
+    ) -> AccountState | None:
         """Refresh now if still needed (or ``force``); concurrent callers share one refresh.
 
         The refresh itself runs in a task this manager owns, so a cancelled caller (a scheduler
         shutting down, a client hanging up) never interrupts a refresh half-way: the response
-        is always persisted.
+        is always persisted. With ``min_valid`` (an on-demand request) the refresh waits for
+        the account's lock as long as another holder's request may take, and does not call
+        Kakao when the tokens read under the lock are valid that long: another process (a
+        fleet node) refreshed them meanwhile.
         """
         if self._inflight is None:
             self._inflight = asyncio.create_task(
-                self._refresh_exclusive(force=force, reason=reason)
+                self._refresh_exclusive(force=force, reason=reason, min_valid=min_valid)
             )
             self._inflight.add_done_callback(self._clear_inflight)
         return await asyncio.shield(self._inflight)
@@ -581,10 +598,18 @@ class AccountManager:
             for action in actions:
                 action()
 
-    async def _refresh_exclusive(self, *, force: bool, reason: str) -> AccountState | None:
+    async def _refresh_exclusive(
+        self, *, force: bool, reason: str, min_valid: float | None = None
+    ) -> AccountState | None:
         # The store is captured: a reload may swap self.store while Kakao answers, and the
         # hold must be released through the object that holds it.
-        async with self._lock, self._holding(self.store, self._lock_wait()) as busy:
+        wait = self._lock_wait() if min_valid is None else self.request_grace
+        async with self._lock, self._holding(self.store, wait) as busy:
+            if isinstance(busy, StoreClaimed):
+                # Another fleet node is refreshing it: nothing failed. Its commit is announced
+                # (LISTEN/NOTIFY); look again soon in case that node dies on the way.
+                self._look_again_soon()
+                return self.state
             if busy is not None:
                 if self.state is not None:
                     label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
@@ -600,7 +625,19 @@ class AccountManager:
             now = self.clock()
             if not force and not self.needs_refresh(now):
                 return state
+            if (
+                min_valid is not None
+                and self.status.health is Health.OK
+                and state.tokens.access_remaining(now).total_seconds() >= min_valid
+            ):
+                return state  # refreshed by another process while we waited for the lock
             return await self._call_kakao(state, reason)
+
+    def _look_again_soon(self) -> None:
+        """Plan the next look at a share of the lifetime, at most a heartbeat, from now."""
+        life = self.state.tokens.access_lifetime.total_seconds() if self.state else 60.0
+        delay = max(0.05, min(self.policy.heartbeat, life * LOCK_WAIT_SHARE))
+        self._planned_refresh_at = self.clock() + timedelta(seconds=delay)
 
     def _sync_with_disk(self) -> None:
         """Under the lock: take in what other processes wrote since we last wrote or read.

@@ -23,7 +23,15 @@ from .alerts import CLOSE_GRACE, AlertCenter
 from .apisocket import bind_unix_socket
 from .config import Config, load_config
 from .daemon import DAEMON, STOP_GRACE, Daemon, only_account
-from .errors import ConfigError, KakaoTokendError, StoreError, StoreLocked, StoreMoved, UnsafePath
+from .errors import (
+    ConfigError,
+    KakaoTokendError,
+    StoreError,
+    StoreLocked,
+    StoreMoved,
+    StoreSchemaMismatch,
+    UnsafePath,
+)
 from .exitcodes import EX_CONFIG, EX_TEMPFAIL, FAILURE, OK
 from .hooks import KILL_WAIT
 from .kakao import create_session
@@ -67,12 +75,15 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     daemon.check_directories()
     daemon.acquire_instance_lock()
-    # Under the instance lock, which `store migrate` holds while it moves the accounts.
+    # Under the instance lock, which `store migrate` holds while it moves the accounts. In
+    # fleet mode the files are not used (MOVED there is expected); the store's own marker
+    # is checked when it opens.
     accounts = daemon.config.accounts.values()
-    for directory in dict.fromkeys(
-        [daemon.config.state_dir, *(a.state_file.parent for a in accounts)]
-    ):
-        check_not_moved(directory)
+    if daemon.config.store.backend == "file":
+        for directory in dict.fromkeys(
+            [daemon.config.state_dir, *(a.state_file.parent for a in accounts)]
+        ):
+            check_not_moved(directory)
     yield
     daemon.release_instance_lock()
 
@@ -82,6 +93,64 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon.session = create_session()
     yield
     await daemon.session.close()
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Fleet mode: open the PostgreSQL store (schema, marker, pool, every row) first."""
+    daemon = app[DAEMON]
+    config = daemon.config
+    if config.store.backend != "postgres":
+        yield
+        return
+    from .fleet.admin import db_timeouts, require_dsn, require_keyring
+    from .fleet.store import FleetStore
+
+    fleet = FleetStore(
+        dsn=require_dsn(config.store),
+        keyring=require_keyring(config.store),
+        node=config.store.node_name,
+        timeouts=db_timeouts(config),
+        state_dir=config.state_dir,
+        pool_size=config.store.pool_size,
+        publish_accounts=config.store.publish_accounts,
+    )
+    try:
+        await fleet.open()
+    except BaseException:
+        await fleet.close()
+        raise
+    daemon.fleet = fleet
+    log.info(
+        "fleet node %s: PostgreSQL store %s (schema %d), %d account row(s)",
+        fleet.node,
+        fleet.store_id,
+        fleet.schema_version,
+        len(fleet.rows),
+    )
+    yield
+    await fleet.close()
+    daemon.fleet = None
+
+
+async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Fleet mode: listen for other nodes' commits and poll as the backstop."""
+    daemon = app[DAEMON]
+    if daemon.fleet is None:
+        yield
+        return
+    from .fleet.node import FleetNode
+
+    node = FleetNode(
+        daemon.fleet,
+        heartbeat=lambda: daemon.config.refresh.heartbeat,
+        on_change=daemon.on_store_changed,
+        on_due=daemon.on_store_due,
+    )
+    daemon.fleet_node = node
+    node.start()
+    yield
+    await node.stop()
+    daemon.fleet_node = None
 
 
 async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -188,9 +257,11 @@ def build_app(
         [
             _instance_lock_ctx,
             _session_ctx,
+            _fleet_ctx,
             _accounts_ctx,
             _alerts_ctx,
             _scheduler_ctx,
+            _fleet_node_ctx,
             _watch_ctx,
             _systemd_ctx,
         ]
@@ -248,7 +319,8 @@ async def serve(
             return EX_TEMPFAIL
         log.error("cannot start: %s", exc)
         await runner.cleanup()
-        return EX_CONFIG if isinstance(exc, ConfigError | UnsafePath | StoreMoved) else FAILURE
+        refused = ConfigError | UnsafePath | StoreMoved | StoreSchemaMismatch
+        return EX_CONFIG if isinstance(exc, refused) else FAILURE
     socket_path = daemon.config.api_socket
     api = daemon.config.api
     socket_id: tuple[int, int] | None = None
@@ -318,21 +390,21 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
         log.error("%s", exc)
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
-    if config.store.backend != "file":
-        from .fleet.migrate import moved_away
+    if config.store.backend == "postgres":
+        from .fleet import missing_extra
+        from .fleet.admin import require_dsn, require_keyring
 
-        moved = asyncio.run(moved_away(config))  # `store migrate --to file` marked the store
-        if moved is not None:
-            log.error("cannot start: %s", moved)
+        try:  # before anything starts: no key, no database, no extra are the operator's to fix
+            require_dsn(config.store)
+            require_keyring(config.store)
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ConfigError as exc:
+            log.error("cannot start: %s", exc)
             return EX_CONFIG
-        # The fleet runtime is not built yet (docs/fleet.md). Running on the files instead
-        # would make a second live copy of the refresh token next to the database's.
-        log.error(
-            '[store] backend = "%s": this version of kakao-tokend cannot run a fleet node yet '
-            "(`kakao-tokend store init|new-key|rotate-key` work); use the file backend",
-            config.store.backend,
-        )
-        return EX_CONFIG
+        except ImportError as exc:
+            log.error("cannot start: %s", missing_extra(exc))
+            return EX_CONFIG
     if account is not None:
         if account not in config.accounts:
             log.error("no account named %r in the configuration", account)

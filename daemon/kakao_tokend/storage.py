@@ -76,6 +76,14 @@ class StateStore(Protocol):
         """
         ...
 
+    def shared_due_at(self, state: AccountState) -> datetime | None:
+        """Return when the store says ``state`` is next due (None: the manager plans it).
+
+        Files: None. PostgreSQL: the row's ``due_at``, planned by the node that committed the
+        tokens, so every node plans the same moment (docs/fleet.md, "Scheduling").
+        """
+        ...
+
     # ------------------------------------------------------------------ changing
 
     def hold(self, wait: float) -> AbstractAsyncContextManager[None]:

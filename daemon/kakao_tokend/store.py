@@ -58,6 +58,9 @@ RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
 LOCK_POLL = 0.05
+#: The state directory's instance lock: held by `run` (one daemon per state directory) and
+#: by `store migrate` while it moves the accounts.
+INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 # errno -> what to do about it, appended to StoreWriteError messages.
 _WRITE_HINTS = {
@@ -1120,6 +1123,10 @@ class AccountStore:
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
         return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def shared_due_at(self, state: AccountState) -> datetime | None:
+        """Files plan nothing for the manager: it plans each refresh itself."""
+        return None
 
     # -- published token file ------------------------------------------------------------------
 

@@ -259,7 +259,7 @@ class FileSide:
     @contextlib.contextmanager
     def _instance_lock(self) -> Iterator[None]:
         """Hold the lock `kakao-tokend run` holds: no daemon runs or starts meanwhile."""
-        from ..daemon import INSTANCE_LOCK_NAME
+        from ..store import INSTANCE_LOCK_NAME
 
         state_dir = self.config.state_dir
         lock = FileLock(

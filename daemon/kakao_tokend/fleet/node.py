@@ -1,0 +1,193 @@
+"""A fleet node's view of the store kept current: LISTEN/NOTIFY, the heartbeat poll, its row.
+
+Every change of an account (a refresh by any node, a login, an import, a logout) sends a
+notification inside the writing transaction (fleet/accounts.py ``notify_changed``). The node
+listens on a direct connection of its own in autocommit mode (a pooled one would hand the
+LISTEN to the next borrower), re-reads the account and tells the daemon, which adopts and
+publishes it: every node is current within about a second of the commit. Notifications sent
+while the listener is disconnected are lost, so after every (re)connect it first LISTENs and
+then re-reads what changed; and every heartbeat it polls ``accounts`` anyway (the backstop),
+upserts its ``nodes`` row and names the accounts the database says are due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import StoreError
+from ..tokens import backoff_delay, utcnow
+from .accounts import CHANNEL, RefreshStatus, parse_notification
+from .db import connect, store_errors
+from .store import FleetStore, StorePlan
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+    from ..refresher import AccountManager
+
+__all__ = ["FleetNode", "plan_for"]
+
+log = logging.getLogger(__name__)
+
+
+def plan_for(manager: AccountManager) -> Callable[[], StorePlan]:
+    """Return what the account's hold writes besides its state: the next due moment (the
+    manager's plan, every rule relative to the lifetime) and the failure bookkeeping."""
+
+    def plan() -> StorePlan:
+        status = manager.status
+        due: datetime | None = manager.planned_refresh_at()
+        return due, RefreshStatus(
+            attempts=status.attempt,
+            failing_since=status.failing_since,
+            last_attempt_at=utcnow() if status.attempt else None,
+            last_attempt_by=None,
+            last_error=status.last_error if status.attempt else None,
+            last_error_class=status.last_error_class if status.attempt else None,
+        )
+
+    return plan
+
+
+class FleetNode:
+    """Listens for changes, polls as the backstop and keeps the node's ``nodes`` row."""
+
+    def __init__(
+        self,
+        fleet: FleetStore,
+        *,
+        heartbeat: Callable[[], float],
+        on_change: Callable[[str], None],
+        on_due: Callable[[str], None],
+    ) -> None:
+        self.fleet = fleet
+        self.heartbeat = heartbeat
+        self.on_change = on_change
+        self.on_due = on_due
+        self.started_at = utcnow()
+        self.listening = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start listening (inside the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._listen()
+                attempt = 0
+            except StoreError as exc:
+                self.fleet.failed(exc)
+            except Exception:
+                log.exception("the store's listener failed")
+            self.listening = False
+            attempt += 1
+            # The one back-off rule, never longer than a heartbeat: the poll after the
+            # reconnect is what brings the node up to date again.
+            await asyncio.sleep(backoff_delay(attempt, initial=0.2, cap=self.heartbeat()))
+
+    async def _listen(self) -> None:
+        fleet = self.fleet
+        conn = await connect(
+            fleet.dsn, node=fleet.node, purpose="listen", timeouts=fleet.timeouts, autocommit=True
+        )
+        async with conn:
+            with store_errors("listen for the store's changes"):
+                await conn.execute(f"LISTEN {CHANNEL}")
+            self.listening = True
+            log.debug("listening for the store's changes")
+            await self.sync()  # after LISTEN: nothing committed from now on is missed
+            while True:
+                with store_errors("wait for the store's notifications"):
+                    async for note in conn.notifies(timeout=self.heartbeat()):
+                        await self._notified(note.payload)
+                await self._probe(conn)
+                await self.sync()
+
+    async def _probe(self, conn: AsyncConnection[Any]) -> None:
+        """A round trip on the listener's connection: a silent one is given up on."""
+        try:
+            async with asyncio.timeout(self.fleet.deadline):
+                with store_errors("check the listener's connection"):
+                    await conn.execute("SELECT 1")
+        except TimeoutError:
+            raise StoreError("the listener's connection did not answer") from None
+
+    async def _notified(self, payload: str) -> None:
+        parsed = parse_notification(payload)
+        if parsed is None:
+            return
+        name, _generation = parsed
+        try:
+            row = await self.fleet.reload(name)
+        except StoreError as exc:
+            log.warning("account %s: cannot re-read it after a notification: %s", name, exc)
+            return
+        self.fleet.note_notification(row)
+        self.on_change(name)
+
+    async def sync(self) -> None:
+        """Poll: re-read changed rows, tell the daemon, claim what is due, upsert our row."""
+        try:
+            changed, due = await self.fleet.poll()
+        except StoreError as exc:
+            log.warning("cannot poll the store: %s", exc)
+            return
+        for name in changed:
+            self.on_change(name)
+        for name in due:
+            self.on_due(name)
+        try:
+            await self._seen()
+        except StoreError as exc:
+            log.debug("cannot update this node's row: %s", exc)
+
+    async def _seen(self) -> None:
+        from psycopg.types.json import Jsonb
+
+        fleet = self.fleet
+        stats = fleet.stats
+        counters = {
+            "claim_conflicts": stats.claim_conflicts,
+            "commits": stats.commits,
+            "failed_commits": stats.failed_commits,
+            "notifications": stats.notifications,
+            "notify_lag": stats.last_notify_lag,
+        }
+        async with fleet.connection("update this node's row") as conn:
+            await conn.execute(
+                "INSERT INTO nodes (name, started_at, last_seen_at, version, schema_version,"
+                " host, pid, stats) VALUES (%s, %s, now(), %s, %s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at,"
+                " last_seen_at = now(), version = excluded.version,"
+                " schema_version = excluded.schema_version, host = excluded.host,"
+                " pid = excluded.pid, stats = excluded.stats",
+                (
+                    fleet.node,
+                    self.started_at,
+                    __version__,
+                    fleet.schema_version,
+                    socket.gethostname(),
+                    os.getpid(),
+                    Jsonb(counters),
+                ),
+            )
+            await conn.commit()

@@ -1,0 +1,836 @@
+"""The PostgreSQL store on a node: a cache of the rows, the row lock as the account's hold.
+
+:class:`FleetStore` is the node's side of the database: the connection pool, the keys, and a
+decrypted copy of every account row that LISTEN/NOTIFY and the heartbeat's poll keep current
+(fleet/node.py). :class:`PgAccountStore` fills storage.AccountStorage for one account with it,
+so the refresher runs unchanged (docs/fleet.md, "The refresh transaction"):
+
+- ``hold(wait)`` takes a pooled connection, ``BEGIN``, and the row's lock with
+  ``SELECT … FOR UPDATE SKIP LOCKED``; a row another node holds is tried again until ``wait``
+  ran out, then :class:`~kakao_tokend.errors.StoreClaimed`. The lock is held across the Kakao
+  call; the session's idle_in_transaction_session_timeout (fleet/db.py) outlasts that call.
+- ``load`` inside the hold is the row read under the lock; ``save`` stages the new state;
+  when the block ends the compare-and-swap ``UPDATE … WHERE generation = g`` (or an ``INSERT``
+  for a new account), the ``NOTIFY`` and the ``COMMIT`` run, and only then does the refresher
+  publish. A commit that fails raises StoreWriteError: the refresher keeps the state in memory
+  and in the **encrypted** rescue file, and commits it later with the same compare-and-swap.
+- Outside a hold ``load`` is the cached row: serving never waits for the database.
+- Published token files and the alert bookkeeping stay local files on each node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    StoreClaimed,
+    StoreError,
+    StoreUnavailable,
+    StoreWriteError,
+    TokenDecryptError,
+)
+from ..state import AccountState
+from ..store import STATE_FILE_MODE, AccountFiles, AccountStore, atomic_write, make_dirs, read_file
+from ..tokens import format_time, utcnow
+from .accounts import (
+    AccountRow,
+    RefreshStatus,
+    RowLock,
+    delete_account,
+    insert_account,
+    load_account,
+    notify_changed,
+    save_account,
+    save_status,
+)
+from .crypto import Keyring
+from .db import DbTimeouts, connect, create_pool, open_pool, store_errors
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+__all__ = ["FleetStats", "FleetStore", "PgAccountStore", "StorePlan"]
+
+log = logging.getLogger(__name__)
+
+#: The rescue files of the PostgreSQL store: ``<state_dir>/rescue/NAME.<store id>.json``.
+RESCUE_DIR = "rescue"
+RESCUE_VERSION = 1
+#: A database call is given up client-side this long after its statement timeout: behind a
+#: middlebox that still acknowledges packets, nothing else would end the wait.
+CLIENT_DEADLINE_MARGIN = 2.0
+#: How often a row another node holds is tried again while a hold waits for it.
+LOCK_POLL = 0.05
+
+#: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
+StorePlan = tuple[datetime | None, RefreshStatus]
+
+
+@dataclass
+class FleetStats:
+    """What the node counts about the store, for /metrics and status."""
+
+    #: Rows another node held when this one wanted them (a claim it lost, an on-demand wait).
+    claim_conflicts: int = 0
+    #: Holds that ended with a commit of new tokens (refreshes, logins, imports).
+    commits: int = 0
+    #: Commits that failed after the state was staged (rescue files written).
+    failed_commits: int = 0
+    notifications: int = 0
+    #: Seconds between a row's commit (updated_at) and its notification arriving here.
+    last_notify_lag: float | None = None
+    #: time.monotonic() of the last notification or poll (None: never).
+    last_sync: float | None = None
+    #: When the database stopped answering (None: it answers).
+    unavailable_since: datetime | None = None
+    last_error: str | None = None
+    #: Seconds the last successful query was ago is computed from this (monotonic).
+    last_ok: float | None = None
+
+    @property
+    def up(self) -> bool:
+        """Return True while the database answers."""
+        return self.unavailable_since is None
+
+
+@dataclass
+class _Held:
+    """One open hold: the connection whose transaction holds the row's lock."""
+
+    conn: AsyncConnection[Any]
+    row: AccountRow | None
+    staged: AccountState | None = None
+    delete: bool = False
+
+
+class FleetStore:
+    """The node's connection to the PostgreSQL store: pool, keys and the cached rows."""
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        keyring: Keyring,
+        node: str,
+        timeouts: DbTimeouts,
+        state_dir: Path,
+        pool_size: int = 8,
+        publish_accounts: Collection[str] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.keyring = keyring
+        self.node = node
+        self.timeouts = timeouts
+        self.state_dir = state_dir
+        self.pool_size = pool_size
+        #: The accounts whose files this node publishes (None: all).
+        self.publish_accounts = None if publish_accounts is None else frozenset(publish_accounts)
+        self.store_id = ""
+        self.schema_version = 0
+        self.rows: dict[str, AccountRow] = {}
+        #: Rows that could not be decrypted, with the reason (never a token).
+        self.unreadable: dict[str, str] = {}
+        self.stats = FleetStats()
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        #: The pool each lent connection came from (a renewed pool replaces the old one).
+        self._lent: dict[int, AsyncConnectionPool[AsyncConnection[Any]]] = {}
+        self._renewing = asyncio.Lock()
+
+    @property
+    def deadline(self) -> float:
+        """Return how long one database round trip may take before it is given up."""
+        return self.timeouts.statement + CLIENT_DEADLINE_MARGIN
+
+    # ------------------------------------------------------------------ opening
+
+    async def open(self, *, pool_wait: float | None = None) -> None:
+        """Apply the schema (under its advisory lock), check the store is in use, open the pool,
+        read every row. StoreMoved when `store migrate --to file` moved the accounts away."""
+        from .migrate import moved_refusal, read_meta
+        from .schema import migrate
+
+        conn = await connect(
+            self.dsn,
+            node=self.node,
+            purpose="migrate",
+            timeouts=self.timeouts,
+            autocommit=True,
+            migration=True,
+        )
+        async with conn:
+            result = await migrate(conn, node=self.node)
+            meta = await read_meta(conn)
+        refusal = moved_refusal(meta)
+        if refusal is not None:
+            raise refusal
+        self.store_id = meta.store_id
+        self.schema_version = result.after
+        if result.applied:
+            log.info("store schema migrated to version %d: %s", result.after, result.applied)
+        self._pool = await self._new_pool(pool_wait if pool_wait is not None else self.deadline)
+        await self.load_all()
+
+    async def _new_pool(self, wait: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        pool = create_pool(
+            self.dsn, node=self.node, max_size=self.pool_size, timeouts=self.timeouts
+        )
+        try:
+            await open_pool(pool, timeout=wait)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    async def _renew_pool(self) -> bool:
+        """After an outage: when the database answers a direct connection again, replace the
+        pool at once. psycopg_pool retries a lost server with an exponential back-off that
+        grows to minutes; a node must not wait that long once the database is back."""
+        async with self._renewing:
+            old = self._pool
+            if old is not None and self.stats.up and old.get_stats().get("pool_size", 0) > 0:
+                return True  # another caller renewed it meanwhile, or it was never down
+            try:
+                probe = await connect(
+                    self.dsn, node=self.node, purpose="probe", timeouts=self.timeouts
+                )
+            except StoreError:
+                return False
+            await probe.close()
+            try:
+                self._pool = await self._new_pool(self.deadline)
+            except StoreError:
+                return False
+            if old is not None:
+                # Connections still lent from it are closed as they come back.
+                await old.close(timeout=1.0)
+            log.info("store connection pool renewed: the database answers again")
+            return True
+
+    async def close(self) -> None:
+        """Close the pool (open holds were ended by their owners)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close(timeout=1.0)
+
+    def account_store(self, account: AccountFiles) -> PgAccountStore:
+        """Return the store of one configured account."""
+        publishes = self.publish_accounts is None or account.name in self.publish_accounts
+        return PgAccountStore(account, self, publishes=publishes)
+
+    # ------------------------------------------------------------------ connections
+
+    def _ok(self) -> None:
+        stats = self.stats
+        stats.last_ok = time.monotonic()
+        if stats.unavailable_since is not None:
+            log.warning("the PostgreSQL store answers again")
+        stats.unavailable_since = None
+        stats.last_error = None
+
+    def failed(self, exc: StoreError) -> None:
+        """Record that the database did not answer (for store_unavailable and metrics)."""
+        stats = self.stats
+        if stats.unavailable_since is None:
+            stats.unavailable_since = utcnow()
+            log.error("the PostgreSQL store is unavailable: %s", exc.message)
+        stats.last_error = exc.message
+
+    async def getconn(self, action: str) -> AsyncConnection[Any]:
+        """Borrow a pooled connection; StoreUnavailable when none comes within the deadline."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable(f"cannot {action}: the store is not open")
+        # During an outage, fail fast: the attempt is retried by the one back-off rule.
+        wait = self.deadline if self.stats.up else min(self.deadline, 1.0)
+        try:
+            with store_errors(action):
+                conn = await pool.getconn(timeout=wait)
+        except StoreUnavailable as exc:
+            if not (self.stats.up is False or pool.get_stats().get("pool_size", 0) == 0):
+                self.failed(exc)
+                raise  # the pool is there, only busy
+            if not await self._renew_pool() or self._pool is None:
+                self.failed(exc)
+                raise
+            pool = self._pool
+            try:
+                with store_errors(action):
+                    conn = await pool.getconn(timeout=self.deadline)
+            except StoreError as again:
+                self.failed(again)
+                raise
+        except StoreError as exc:
+            self.failed(exc)
+            raise
+        self._lent[id(conn)] = pool
+        return conn
+
+    async def putconn(self, conn: AsyncConnection[Any], *, broken: bool = False) -> None:
+        """Give a connection back, rolled back; one in doubt is closed (the pool replaces it)."""
+        pool = self._lent.pop(id(conn), None)
+        if pool is None or pool.closed:
+            with suppress(Exception):
+                await conn.close()
+            if pool is not None:
+                with suppress(Exception):
+                    await pool.putconn(conn)
+            return
+        if not broken and not conn.closed:
+            try:
+                async with asyncio.timeout(self.deadline):
+                    await conn.rollback()
+            except (Exception, TimeoutError):
+                broken = True
+        if broken and not conn.closed:
+            with suppress(Exception):
+                await conn.close()
+        await pool.putconn(conn)
+
+    @asynccontextmanager
+    async def connection(self, action: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """Borrow a connection for one short transaction, with the client-side deadline.
+
+        Committed by the caller; rolled back when the block ends. Errors become
+        StoreUnavailable/StoreError (fleet/db.py) and are recorded for store_unavailable.
+        """
+        conn = await self.getconn(action)
+        broken = False
+        try:
+            async with asyncio.timeout(self.deadline):
+                with store_errors(action):
+                    yield conn
+        except TimeoutError:
+            broken = True
+            exc = StoreUnavailable(
+                f"cannot {action}: the database did not answer within {self.deadline:g}s"
+            )
+            self.failed(exc)
+            raise exc from None
+        except StoreUnavailable as exc:
+            broken = True
+            self.failed(exc)
+            raise
+        else:
+            self._ok()
+        finally:
+            await self.putconn(conn, broken=broken)
+
+    # ------------------------------------------------------------------ the cache
+
+    def _decrypt_failed(self, name: str, exc: TokenDecryptError) -> None:
+        if self.unreadable.get(name) != exc.message:
+            log.error("account %s: %s (%s)", name, exc.message, exc.hint or "")
+        self.unreadable[name] = exc.message
+        self.rows.pop(name, None)
+
+    async def load_all(self) -> None:
+        """Read every row into the cache (at start)."""
+        async with self.connection("read the store's accounts") as conn:
+            cur = await conn.execute("SELECT name FROM accounts ORDER BY name")
+            names = [name for (name,) in await cur.fetchall()]
+            for name in names:
+                try:
+                    row = await load_account(conn, self.keyring, name)
+                except TokenDecryptError as exc:
+                    self._decrypt_failed(name, exc)
+                    continue
+                if row is not None:
+                    self.rows[name] = row
+            await conn.commit()
+        self.stats.last_sync = time.monotonic()
+
+    async def reload(self, name: str) -> AccountRow | None:
+        """Read one row again (after a notification); update the cache; return it."""
+        async with self.connection(f"read account {name!r}") as conn:
+            try:
+                row = await load_account(conn, self.keyring, name)
+            except TokenDecryptError as exc:
+                self._decrypt_failed(name, exc)
+                return None
+            await conn.commit()
+        if row is None:
+            self.rows.pop(name, None)
+        else:
+            self.rows[name] = row
+            self.unreadable.pop(name, None)
+        return row
+
+    async def poll(self) -> tuple[list[str], list[str]]:
+        """The backstop for lost notifications: re-read rows that changed; return (changed
+        names, names due by the database's clock)."""
+        async with self.connection("poll the store's accounts") as conn:
+            cur = await conn.execute(
+                "SELECT name, generation, updated_at, coalesce(due_at <= now(), false)"
+                " FROM accounts"
+            )
+            listed = await cur.fetchall()
+            await conn.commit()
+        changed: list[str] = []
+        due: list[str] = []
+        seen = set()
+        for name, generation, updated_at, is_due in listed:
+            seen.add(name)
+            cached = self.rows.get(name)
+            if cached is None or (cached.generation, cached.updated_at) != (generation, updated_at):
+                changed.append(name)
+            if is_due:
+                due.append(name)
+        changed += [name for name in self.rows if name not in seen]
+        for name in changed:
+            await self.reload(name)
+        self.stats.last_sync = time.monotonic()
+        return changed, due
+
+    def note_notification(self, row: AccountRow | None) -> None:
+        """Count a notification and how long after the row's commit it arrived."""
+        stats = self.stats
+        stats.notifications += 1
+        stats.last_sync = time.monotonic()
+        if row is not None and row.updated_at is not None:
+            stats.last_notify_lag = max(0.0, (utcnow() - row.updated_at).total_seconds())
+
+
+class PgAccountStore:
+    """One account in the PostgreSQL store (storage.AccountStorage): hold = the row lock."""
+
+    def __init__(self, account: AccountFiles, fleet: FleetStore, *, publishes: bool = True) -> None:
+        self.account = account
+        self.name = account.name
+        self.fleet = fleet
+        #: Whether this node writes the account's token files (``[store] publish_accounts``).
+        self.publishes = publishes
+        #: The published files and the node-local alert bookkeeping.
+        self._files = AccountStore(account)
+        self._held: _Held | None = None
+        #: Asked as a hold ends: when the account is next due and its failure bookkeeping
+        #: (set by whoever owns the account manager; None: leave them as they are).
+        self.planner: Callable[[], StorePlan] | None = None
+
+    def __repr__(self) -> str:
+        return f"PgAccountStore({self.name!r}, node={self.fleet.node!r})"
+
+    @property
+    def lock_path(self) -> Path:
+        """Where the account's lock lives, for messages: its row in the store."""
+        return Path(f"postgresql:accounts/{self.name}")
+
+    @property
+    def rescue_path(self) -> Path | None:
+        """The encrypted local rescue file of this account in this store."""
+        store_id = self.fleet.store_id or "unknown"
+        return self.fleet.state_dir / RESCUE_DIR / f"{self.name}.{store_id}.json"
+
+    @property
+    def held(self) -> bool:
+        """Return True while this object holds the account's row lock."""
+        return self._held is not None
+
+    # ------------------------------------------------------------------ reading
+
+    def row(self) -> AccountRow | None:
+        """Return the row as last read (under the hold: as read under the lock)."""
+        if self._held is not None:
+            return self._held.row
+        return self.fleet.rows.get(self.name)
+
+    def load(self) -> AccountState | None:
+        """Return the state: the one staged or read under the lock, else the cached row's."""
+        held = self._held
+        if held is not None:
+            if held.delete:
+                return None
+            if held.staged is not None:
+                return held.staged
+            return held.row.state if held.row is not None else None
+        row = self.fleet.rows.get(self.name)
+        return row.state if row is not None else None
+
+    def state_signature(self) -> int | None:
+        """Return the row's generation (None: no row), the compare-and-swap value.
+
+        Under a hold it is the generation read under the lock, even after :meth:`save`:
+        what a pending write compares with before it retries its compare-and-swap.
+        """
+        row = self.row()
+        return row.generation if row is not None else None
+
+    def shared_due_at(self, state: AccountState) -> datetime | None:
+        """Return when the store says ``state`` is next due (None: plan it locally)."""
+        row = self.fleet.rows.get(self.name)
+        if row is None or row.generation != state.generation:
+            return None
+        return row.due_at
+
+    # ------------------------------------------------------------------ holding
+
+    def try_lock(self) -> bool:
+        """A row lock cannot be taken from synchronous code: never held (see storage.py)."""
+        return False
+
+    def unlock(self) -> None:
+        """Nothing to release: :meth:`try_lock` never holds."""
+
+    @asynccontextmanager
+    async def hold(self, wait: float) -> AsyncIterator[None]:
+        """Hold the account's row lock in a transaction; commit the staged change at the end.
+
+        A row another node holds is tried again (``SKIP LOCKED`` in a fresh transaction each
+        time) until ``wait`` ran out, then StoreClaimed. StoreUnavailable when the database
+        does not answer: nothing is done without the lock.
+        """
+        if self._held is not None:
+            raise RuntimeError(f"account {self.name!r} is already held")
+        fleet = self.fleet
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        conn = await fleet.getconn(f"lock account {self.name!r}")
+        try:
+            while True:
+                row, exists = await self._lock_row(conn)
+                if row is not None or not exists:
+                    break
+                await conn.rollback()
+                if loop.time() >= deadline:
+                    fleet.stats.claim_conflicts += 1
+                    raise StoreClaimed(
+                        f"account {self.name!r} is busy: another node holds its row in the "
+                        "store (it is refreshing it)",
+                        hint="it is done when that node's refresh is; nothing to do",
+                    )
+                await asyncio.sleep(min(LOCK_POLL, max(wait / 10, 0.001)))
+        except BaseException as exc:
+            await fleet.putconn(conn, broken=isinstance(exc, StoreUnavailable | TimeoutError))
+            raise
+        held = _Held(conn, row)
+        self._held = held
+        try:
+            yield
+        except BaseException:
+            self._held = None
+            await fleet.putconn(conn)  # rolled back: nothing staged is written
+            raise
+        self._held = None
+        broken = False
+        try:
+            await self._commit(held)
+        except StoreWriteError:
+            broken = True
+            fleet.stats.failed_commits += 1
+            raise
+        finally:
+            await fleet.putconn(conn, broken=broken)
+
+    async def _lock_row(self, conn: AsyncConnection[Any]) -> tuple[AccountRow | None, bool]:
+        """Lock the row (SKIP LOCKED); return (row, whether a row of that name exists)."""
+        fleet = self.fleet
+        try:
+            async with asyncio.timeout(fleet.deadline):
+                row = await load_account(conn, fleet.keyring, self.name, lock=RowLock.SKIP)
+                if row is not None:
+                    fleet._ok()
+                    return row, True
+                with store_errors(f"read account {self.name!r}"):
+                    cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
+                    exists = await cur.fetchone() is not None
+        except TimeoutError:
+            exc = StoreUnavailable(
+                f"cannot lock account {self.name!r}: the database did not answer within "
+                f"{fleet.deadline:g}s"
+            )
+            fleet.failed(exc)
+            raise exc from None
+        except StoreUnavailable as exc:
+            fleet.failed(exc)
+            raise
+        fleet._ok()
+        return None, exists
+
+    async def _commit(self, held: _Held) -> None:
+        """Write what the hold staged (compare-and-swap), notify, commit; StoreWriteError."""
+        fleet = self.fleet
+        conn = held.conn
+        due_at, status = self.planner() if self.planner is not None else (None, None)
+        row = held.row
+        written: AccountRow | None = None
+        try:
+            async with asyncio.timeout(fleet.deadline):
+                if held.delete:
+                    if row is not None:
+                        await delete_account(conn, self.name)
+                        await notify_changed(conn, self.name, row.generation + 1)
+                elif held.staged is not None:
+                    written = await self._write(conn, row, held.staged, due_at, status)
+                elif row is not None and self.planner is not None:
+                    assert status is not None
+                    if _status_key(due_at, status) != _status_key(row.due_at, row.status):
+                        await save_status(conn, row, due_at=due_at, status=status)
+                        await notify_changed(conn, self.name, row.generation)
+                        written = AccountRow(
+                            id=row.id,
+                            state=row.state,
+                            key_id=row.key_id,
+                            due_at=due_at,
+                            refreshed_by=row.refreshed_by,
+                            status=status,
+                            updated_at=row.updated_at,
+                        )
+                with store_errors(f"commit account {self.name!r}"):
+                    await conn.commit()
+        except TimeoutError:
+            exc = StoreUnavailable(f"the database did not answer within {fleet.deadline:g}s")
+            fleet.failed(exc)
+            raise StoreWriteError(
+                f"cannot commit account {self.name!r} to the store: {exc.message}"
+            ) from None
+        except StoreWriteError:
+            raise
+        except StoreError as exc:
+            if isinstance(exc, StoreUnavailable):
+                fleet.failed(exc)
+            raise StoreWriteError(
+                f"cannot commit account {self.name!r} to the store: {exc.message}"
+            ) from None
+        fleet._ok()
+        if held.delete:
+            fleet.rows.pop(self.name, None)
+        elif written is not None:
+            fleet.rows[self.name] = written
+            if held.staged is not None:
+                fleet.stats.commits += 1
+
+    async def _write(
+        self,
+        conn: AsyncConnection[Any],
+        row: AccountRow | None,
+        state: AccountState,
+        due_at: datetime | None,
+        status: RefreshStatus | None,
+    ) -> AccountRow:
+        fleet = self.fleet
+        node = fleet.node
+        if row is None:
+            inserted = await insert_account(
+                conn, fleet.keyring, state, node=node, due_at=due_at, status=status
+            )
+            if inserted is None:
+                raise StoreWriteError(
+                    f"account {self.name!r} was added to the store by someone else meanwhile;"
+                    " not written over",
+                )
+            written = inserted
+        else:
+            ok = await save_account(
+                conn, fleet.keyring, row, state, node=node, due_at=due_at, status=status
+            )
+            if not ok:
+                fleet.stats.claim_conflicts += 1
+                raise StoreWriteError(
+                    f"account {self.name!r} changed in the store meanwhile (compare-and-swap on "
+                    f"generation {row.generation} lost); not written over",
+                )
+            refreshed_by = (
+                node if state.refreshed_at != row.state.refreshed_at else row.refreshed_by
+            )
+            written = AccountRow(
+                id=row.id,
+                state=state,
+                key_id=fleet.keyring.newest.key_id,
+                due_at=due_at,
+                refreshed_by=refreshed_by,
+                status=status or RefreshStatus(),
+                updated_at=None,
+            )
+        await notify_changed(conn, self.name, state.generation)
+        return written
+
+    # ------------------------------------------------------------------ changing
+
+    def save(self, state: AccountState) -> None:
+        """Stage ``state``; it is written when the hold ends. Outside a hold: StoreWriteError."""
+        if self._held is None:
+            raise StoreWriteError(
+                f"account {self.name!r}: not in the store yet (it is written under the "
+                "account's row lock, which is taken for the next try)"
+            )
+        self._held.staged = state
+        self._held.delete = False
+
+    def stage_delete(self) -> None:
+        """Delete the account's row when the hold ends (logout)."""
+        if self._held is None:
+            raise StoreWriteError(f"account {self.name!r}: a logout needs the row lock")
+        self._held.staged = None
+        self._held.delete = True
+
+    def set_aside_state(self, label: str) -> Path | None:
+        """The store never goes backwards (compare-and-swap): nothing to keep aside."""
+        return None
+
+    def restore_reserve(self) -> bool:
+        """No disk reserve for the database: nothing to restore."""
+        return True
+
+    # ------------------------------------------------------------------ the rescue file
+
+    def save_rescue(self, state: AccountState) -> bool:
+        """Write ``state`` to the encrypted rescue file (0600, atomic, fsynced).
+
+        Sealed with the store's newest key; the associated data binds it to this store, this
+        account and the generation, so it cannot be replayed elsewhere.
+        """
+        path = self.rescue_path
+        if path is None:
+            return False
+        keyring = self.fleet.keyring
+        plain = json.dumps(state.to_dict(), ensure_ascii=False).encode()
+        sealed = keyring.seal(
+            plain,
+            account=self.name,
+            row_id=self._rescue_id(),
+            column=f"rescue:{state.generation}",
+        )
+        document = {
+            "version": RESCUE_VERSION,
+            "store_id": self.fleet.store_id,
+            "account": self.name,
+            "generation": state.generation,
+            "saved_at": format_time(utcnow()),
+            "sealed": base64.b64encode(sealed).decode(),
+        }
+        try:
+            make_dirs(path.parent, mode=0o700)
+            atomic_write(
+                path, json.dumps(document, indent=2).encode() + b"\n", mode=STATE_FILE_MODE
+            )
+        except StoreError as exc:
+            log.critical("account %s: cannot write the rescue file either: %s", self.name, exc)
+            return False
+        return True
+
+    def _rescue_id(self) -> uuid.UUID:
+        try:
+            return uuid.UUID(self.fleet.store_id)
+        except ValueError:
+            return uuid.UUID(int=0)
+
+    def load_rescue(self) -> AccountState | None:
+        """Return the state in the rescue file (None: none, damaged, or another store's)."""
+        path = self.rescue_path
+        if path is None:
+            return None
+        try:
+            raw = read_file(path, what="rescue file")
+        except FileNotFoundError:
+            return None
+        except (OSError, StoreError) as exc:
+            log.error("account %s: cannot read the rescue file %s: %s", self.name, path, exc)
+            return None
+        try:
+            document = json.loads(raw)
+            if document.get("version") != RESCUE_VERSION or document.get("account") != self.name:
+                raise ValueError("not a rescue file of this version and account")
+            generation = int(document["generation"])
+            plain = self.fleet.keyring.unseal(
+                base64.b64decode(document["sealed"]),
+                account=self.name,
+                row_id=self._rescue_id(),
+                column=f"rescue:{generation}",
+            )
+            state = AccountState.from_dict(json.loads(plain))
+        except TokenDecryptError as exc:
+            log.critical(
+                "account %s: the rescue file %s cannot be decrypted: %s (kept; %s)",
+                self.name,
+                path,
+                exc.message,
+                exc.hint or "",
+            )
+            return None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            kept = self.set_aside_rescue("corrupt")
+            log.error(
+                "account %s: rescue file %s is damaged (%s); kept as %s",
+                self.name,
+                path,
+                type(exc).__name__,
+                kept,
+            )
+            return None
+        if state.account != self.name or state.generation != generation:
+            log.error("account %s: rescue file %s does not match its header", self.name, path)
+            return None
+        return state
+
+    def discard_rescue(self) -> None:
+        """Delete the rescue file once the store holds its state (missing is fine)."""
+        path = self.rescue_path
+        if path is None:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("account %s: cannot remove %s: %s", self.name, path, exc)
+            return
+        with suppress(OSError):
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        log.info("account %s: rescue file %s removed (the store holds its tokens)", self.name, path)
+
+    def set_aside_rescue(self, label: str) -> Path | None:
+        """Keep the rescue file under ``<file>.<label>-<stamp>``: never recovered, never lost."""
+        path = self.rescue_path
+        if path is None or not path.exists():
+            return None
+        target = path.with_name(f"{path.name}.{label}-{utcnow().strftime('%Y%m%dT%H%M%S%fZ')}")
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            log.warning("account %s: cannot keep %s aside: %s", self.name, path, exc)
+            return None
+        return target
+
+    # ------------------------------------------------------------------ alerts and publishing
+
+    def load_alerts(self) -> dict[str, Any] | None:
+        """Return this node's alert bookkeeping for the account (a local file)."""
+        return self._files.load_alerts()
+
+    def save_alerts(self, document: dict[str, Any]) -> None:
+        """Record this node's alert bookkeeping (a local file)."""
+        self._files.save_alerts(document)
+
+    def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
+        """Write the token file on this node (unless ``publish_accounts`` leaves it out)."""
+        if self.publishes:
+            self._files.publish(state, now=now)
+
+    def publish_sinks(self, state: AccountState) -> list[str]:
+        """Write the extra token files on this node; return what failed."""
+        return self._files.publish_sinks(state) if self.publishes else []
+
+    def read_published(self) -> dict[str, Any] | None:
+        """Return this node's published token document (None: none)."""
+        return self._files.read_published()
+
+
+def _status_key(due_at: datetime | None, status: RefreshStatus) -> tuple[Any, ...]:
+    """What makes a status worth writing: the plan and the failure, not who looked when."""
+    return (due_at, status.attempts, status.failing_since, status.last_error_class)

@@ -1,0 +1,347 @@
+"""The fleet node runtime in-process: the refresher on the PostgreSQL store's seam.
+
+Real PostgreSQL (a throwaway cluster), the Kakao emulator, the real AccountManager; two
+"nodes" are two FleetStore objects with their own pools, as two processes would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from daemonproc import write_config
+from fleetkit import migrated
+from kakao_tokend.config import Config, load_config
+from kakao_tokend.demo import auto_login
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet.admin import db_timeouts
+from kakao_tokend.fleet.crypto import new_key_line
+from kakao_tokend.fleet.node import plan_for
+from kakao_tokend.fleet.store import FleetStore, PgAccountStore
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.state import AccountState
+from kakao_tokend.status import Health
+from tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session per test, closed afterwards."""
+    http = create_session()
+    yield http
+    await http.close()
+
+
+def fleet_config(tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str = "web-1") -> Config:
+    """A config for the emulator with a [store] section for ``dsn`` (one shared key file)."""
+    key_file = tmp_path / "store.key"
+    if not key_file.exists():
+        key_file.write_text(new_key_line() + "\n")
+        key_file.chmod(0o600)
+    dsn_file = tmp_path / f"dsn-{node}"
+    dsn_file.write_text(dsn + "\n")
+    dsn_file.chmod(0o600)
+    directory = tmp_path / node
+    directory.mkdir(exist_ok=True)
+    path = write_config(
+        directory,
+        emulator,
+        extra=(
+            f'[store]\nbackend = "postgres"\ndsn_file = "{dsn_file}"\n'
+            f'key_file = "{key_file}"\nnode_name = "{node}"\n'
+        ),
+    )
+    return load_config(path)
+
+
+@dataclass
+class Node:
+    """One fleet node in this process: its store, and the account's manager on it."""
+
+    config: Config
+    fleet: FleetStore
+    store: PgAccountStore
+    manager: AccountManager
+
+
+async def open_node(
+    tmp_path: Path,
+    emulator: KakaoEmulator,
+    dsn: str,
+    session: aiohttp.ClientSession,
+    node: str,
+) -> Node:
+    """Open a FleetStore as a node does at start and build the default account's manager."""
+    config = fleet_config(tmp_path, emulator, dsn, node)
+    assert config.store.keyring is not None
+    fleet = FleetStore(
+        dsn=dsn,
+        keyring=config.store.keyring,
+        node=node,
+        timeouts=db_timeouts(config),
+        state_dir=config.state_dir,
+    )
+    await fleet.open()
+    account = config.account()
+    store = fleet.account_store(account)
+    manager = AccountManager(
+        account, store=store, client=KakaoClient(session, account.app), policy=config.refresh
+    )
+    store.planner = plan_for(manager)
+    manager.load()
+    return Node(config, fleet, store, manager)
+
+
+async def logged_in(
+    emulator: KakaoEmulator, config: Config, dsn: str, session: aiohttp.ClientSession
+) -> AccountState:
+    """Log the default account in against the emulator and insert its row, as `login` does."""
+    account = config.account()
+    state = await auto_login(KakaoClient(session, account.app), session, account.name)
+    assert config.store.keyring is not None
+    conn = await db.connect(dsn, node="cli", purpose="test")
+    async with conn:
+        row = await accounts.insert_account(
+            conn, config.store.keyring, state, node="cli", due_at=None
+        )
+        assert row is not None
+        await accounts.notify_changed(conn, account.name, state.generation)
+        await conn.commit()
+    return state
+
+
+@pytest.fixture
+async def store_dsn(pg_dsn: str) -> str:
+    """A migrated, empty store."""
+    await migrated(pg_dsn)
+    return pg_dsn
+
+
+async def test_a_refresh_commits_to_the_store_before_it_publishes(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A refresh on a node writes the new generation to the row (CAS, refreshed_by = the
+    node), and the token file appears only once the row holds it."""
+    first = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        state = await logged_in(emulator, first.config, store_dsn, session)
+        await first.fleet.reload("default")
+        first.manager.load()
+        assert first.manager.state == state
+        seen_at_publish: list[int | None] = []
+        original = first.store._files.publish
+
+        def spy(published: AccountState, **kwargs: object) -> None:
+            seen_at_publish.append(published.generation)
+            original(published, **kwargs)  # type: ignore[arg-type]
+
+        first.store._files.publish = spy  # type: ignore[method-assign]
+        new = await first.manager.refresh(force=True, reason="test")
+        assert new is not None and new.generation == state.generation + 1
+        row = await first.fleet.reload("default")
+        assert row is not None
+        assert row.generation == new.generation
+        assert row.state.tokens.refresh_token == new.tokens.refresh_token
+        assert row.refreshed_by == "web-1"
+        assert row.due_at is not None and row.due_at == first.manager.planned_refresh_at()
+        assert seen_at_publish == [new.generation]
+        published = json.loads(first.config.account().token_file.read_text())
+        assert published["access_token"] == new.tokens.access_token
+    finally:
+        await first.fleet.close()
+
+
+async def test_concurrent_on_demand_refreshes_on_two_nodes_make_one_kakao_call(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Two nodes asked at once for a token valid longer than the held one take the same row
+    lock: one calls Kakao, the other waits, re-reads the committed row and calls nobody."""
+    emulator.settings.access_lifetime = 10
+    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
+    try:
+        await logged_in(emulator, one.config, store_dsn, session)
+        for node in (one, two):
+            await node.fleet.reload("default")
+            node.manager.load()
+        await asyncio.sleep(3)  # 7 s left: both callers want 8
+        emulator.inject("token", "slow", delay=0.8)
+        before = emulator.stats.refreshes_ok
+        results = await asyncio.gather(
+            one.manager.refresh(force=True, reason="api", min_valid=8),
+            two.manager.refresh(force=True, reason="api", min_valid=8),
+        )
+        assert emulator.stats.refreshes_ok - before == 1
+        assert results[0] is not None and results[1] is not None
+        assert results[0].tokens.access_token == results[1].tokens.access_token
+        assert results[0].generation == results[1].generation
+        assert one.fleet.stats.claim_conflicts + two.fleet.stats.claim_conflicts == 0
+    finally:
+        await one.fleet.close()
+        await two.fleet.close()
+
+
+async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """When both nodes find the account due, the second finds the row claimed (SKIP LOCKED),
+    counts a claim conflict, stays healthy and makes no Kakao call; once it hears of the
+    commit it plans the next refresh at the moment the row says (the same on every node)."""
+    emulator.settings.access_lifetime = 4
+    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
+    try:
+        await logged_in(emulator, one.config, store_dsn, session)
+        for node in (one, two):
+            await node.fleet.reload("default")
+            node.manager.load()
+        while not (one.manager.needs_refresh(one.manager.clock())):
+            await asyncio.sleep(0.05)
+        emulator.inject("token", "slow", delay=1.0)
+        before = emulator.stats.refreshes_ok
+        first = asyncio.create_task(one.manager.refresh(reason="due"))
+        await asyncio.sleep(0.4)  # web-1 holds the row, waiting for Kakao
+        second = await two.manager.refresh(reason="due")
+        committed = await first
+        assert emulator.stats.refreshes_ok - before == 1
+        assert two.fleet.stats.claim_conflicts == 1
+        assert two.manager.status.health is Health.OK
+        assert second is not None and second.generation == 1  # it did not refresh
+        planned = two.manager.planned_refresh_at()
+        assert planned is not None
+        # It looks again soon (a share of the lifetime), in case web-1 dies on the way.
+        assert (planned - two.manager.clock()).total_seconds() <= 4 * 0.02 + 0.01
+        # The notification (here: its re-read) brings the committed row and its plan.
+        row = await two.fleet.reload("default")
+        assert row is not None and committed is not None
+        assert two.manager.notice_outside_changes()
+        assert two.manager.state == committed
+        assert two.manager.planned_refresh_at() == row.due_at == one.manager.planned_refresh_at()
+    finally:
+        await one.fleet.close()
+        await two.fleet.close()
+
+
+async def test_no_kakao_call_without_the_row_lock_when_the_database_is_gone(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """With the database unreachable, a due refresh fails as a transient store error, calls
+    no token endpoint, keeps the held token served, and marks the store unavailable."""
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        try:
+            state = await logged_in(emulator, node.config, store_dsn, session)
+            await node.fleet.reload("default")
+            node.manager.load()
+            proxy.refuse()
+            proxy.cut()
+            before = emulator.stats.requests["token"]
+            kept = await node.manager.refresh(force=True, reason="due")
+            assert emulator.stats.requests["token"] == before
+            assert kept == state
+            assert node.manager.status.health is Health.RETRYING
+            assert not node.fleet.stats.up
+            proxy.accept()
+            new = await node.manager.refresh(force=True, reason="due")
+            assert new is not None and new.generation == state.generation + 1
+            assert node.fleet.stats.up
+        finally:
+            await node.fleet.close()
+
+
+async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_committed_later(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The connection dies while Kakao answers: the rotated tokens stay in memory and in an
+    encrypted 0600 rescue file; once the database is back the retry commits them with CAS on
+    the claimed generation and removes the rescue file."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        try:
+            state = await logged_in(emulator, node.config, store_dsn, session)
+            await node.fleet.reload("default")
+            node.manager.load()
+            emulator.inject("token", "slow", delay=1.0)
+            task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
+            await asyncio.sleep(0.5)  # holding the row, waiting for Kakao
+            proxy.refuse()
+            proxy.cut()
+            new = await task
+            assert new is not None and new.generation == state.generation + 1
+            assert new.tokens.refresh_token != state.tokens.refresh_token  # rotated
+            assert node.manager.status.write_pending
+            rescue = node.store.rescue_path
+            assert rescue is not None and rescue.exists()
+            assert stat.S_IMODE(rescue.stat().st_mode) == 0o600
+            raw = rescue.read_text()
+            assert new.tokens.refresh_token not in raw and new.tokens.access_token not in raw
+            rescued = node.store.load_rescue()
+            assert rescued is not None and rescued.generation == new.generation
+            assert rescued.tokens.refresh_token == new.tokens.refresh_token
+            # This node serves the new access token (it is valid; the refresh token is safe in
+            # the rescue file); the row still holds the old generation for the other nodes.
+            published = json.loads(node.config.account().token_file.read_text())
+            assert published["generation"] == new.generation
+            assert node.fleet.rows["default"].generation == state.generation
+            proxy.accept()
+            await node.manager.flush()
+            assert not node.manager.status.write_pending
+            assert not rescue.exists()
+            row = await node.fleet.reload("default")
+            assert row is not None and row.generation == new.generation
+            assert row.state.tokens.refresh_token == new.tokens.refresh_token
+            published = json.loads(node.config.account().token_file.read_text())
+            assert published["generation"] == new.generation
+        finally:
+            await node.fleet.close()
+
+
+async def test_a_restarted_node_commits_the_rescue_file_it_finds(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rescue file left by a node that died before committing is read at the next start
+    (it is newer than the row), committed with CAS, and removed."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        state = await logged_in(emulator, node.config, store_dsn, session)
+        await node.fleet.reload("default")
+        node.manager.load()
+        emulator.inject("token", "slow", delay=1.0)
+        task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
+        await asyncio.sleep(0.5)
+        proxy.refuse()
+        proxy.cut()
+        new = await task
+        assert new is not None and node.manager.status.write_pending
+        await node.fleet.close()  # the node "dies" with its rescue file on disk
+    again = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        recovered = again.manager.state  # from the rescue file
+        assert recovered is not None and recovered.generation == new.generation
+        assert recovered.tokens.refresh_token == new.tokens.refresh_token
+        assert again.manager.status.write_pending  # not committed yet: needs the row lock
+        await again.manager.flush()
+        row = await again.fleet.reload("default")
+        assert row is not None and row.generation == new.generation
+        assert row.state.tokens.refresh_token == new.tokens.refresh_token
+        assert again.store.rescue_path is not None and not again.store.rescue_path.exists()
+        assert state.generation + 1 == new.generation
+    finally:
+        await again.fleet.close()

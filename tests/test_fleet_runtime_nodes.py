@@ -1,0 +1,150 @@
+"""Real `kakao-tokend run` fleet nodes on one PostgreSQL: start-up, claims, LISTEN/NOTIFY.
+
+Two processes share one throwaway cluster and the Kakao emulator, with tokens that live
+seconds. The multi-process failure tests (kill -9, SIGSTOP, database restarts, soak) live in
+tests/test_fleet_e2e*.py; these prove the wiring of one node runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from daemonproc import DaemonProcess, start_daemon, write_config
+from kakao_tokend.config import Config, load_config
+from kakao_tokend.demo import auto_login
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet.crypto import new_key_line
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.state import AccountState
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def node_config(
+    tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str, *, extra: str = ""
+) -> Path:
+    """A node's config: its own state and runtime directories, the shared DSN and key."""
+    key_file = tmp_path / "store.key"
+    if not key_file.exists():
+        key_file.write_text(new_key_line() + "\n")
+        key_file.chmod(0o600)
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    dsn_file.chmod(0o600)
+    directory = tmp_path / node
+    directory.mkdir(exist_ok=True)
+    return write_config(
+        directory,
+        emulator,
+        heartbeat="3s",  # long: what arrives within a second came by NOTIFY, not the poll
+        extra=(
+            f'[store]\nbackend = "postgres"\ndsn_file = "{dsn_file}"\n'
+            f'key_file = "{key_file}"\nnode_name = "{node}"\n{extra}'
+        ),
+    )
+
+
+async def store_login(emulator: KakaoEmulator, config: Config, dsn: str) -> AccountState:
+    """Log the default account in and insert its row with a notification (as `login`)."""
+    account = config.account()
+    session = create_session()
+    try:
+        state = await auto_login(KakaoClient(session, account.app), session, account.name)
+    finally:
+        await session.close()
+    assert config.store.keyring is not None
+    conn = await db.connect(dsn, node="cli", purpose="test")
+    async with conn:
+        row = await accounts.insert_account(
+            conn, config.store.keyring, state, node="cli", due_at=None
+        )
+        assert row is not None
+        await accounts.notify_changed(conn, account.name, state.generation)
+        await conn.commit()
+    return state
+
+
+def published(node: DaemonProcess) -> dict[str, object] | None:
+    """The node's token file, or None."""
+    try:
+        document: dict[str, object] = json.loads(
+            (node.state_dir / "default.token.json").read_text()
+        )
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return document
+
+
+@pytest.fixture
+async def nodes(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> AsyncIterator[list[DaemonProcess]]:
+    """Two nodes started at the same instant on an empty database (no schema yet)."""
+    emulator.settings.access_lifetime = 6
+    paths = [node_config(tmp_path, emulator, pg_dsn, f"web-{i}") for i in (1, 2)]
+    started = await asyncio.gather(*(start_daemon(path) for path in paths))
+    yield list(started)
+    for node in started:
+        await node.stop()
+
+
+async def test_nodes_started_together_apply_the_schema_once_and_run(
+    nodes: list[DaemonProcess], pg_dsn: str
+) -> None:
+    """Both nodes came up on an empty database: one applied the schema under the advisory
+    lock, the other found it done; both report their node name and store."""
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT count(*) FROM schema_migrations")
+        row = await cur.fetchone()
+    assert row is not None and row[0] >= 2
+    for i, node in enumerate(nodes, start=1):
+        assert f"fleet node web-{i}: PostgreSQL store" in node.log_text()
+
+
+async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once(
+    nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """A login committed with a notification is published by both nodes within ~1 s (the
+    heartbeat poll is 3 s); then over several access lifetimes each refresh is done by one
+    node (no refresh token is presented twice), and every node's token file follows the
+    row's generation."""
+    config = load_config(nodes[0].config_path)
+    committed = time.monotonic()
+    state = await store_login(emulator, config, pg_dsn)
+    for node in nodes:
+        await node.wait_for(
+            lambda node=node: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        assert time.monotonic() - committed < 1.5
+    await asyncio.sleep(3 * emulator.settings.access_lifetime)
+    stats = emulator.stats
+    assert stats.retired_refresh_presented == 0
+    assert 2 <= stats.refreshes_ok <= 5, stats.refreshes_ok
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+        row = await cur.fetchone()
+    assert row is not None
+    generation, refreshed_by = row
+    assert generation == state.generation + stats.refreshes_ok
+    assert refreshed_by in ("web-1", "web-2")
+    for node in nodes:
+        await node.wait_for(
+            lambda node=node: (published(node) or {}).get("generation") == generation,
+            timeout=2,
+            what="the newest generation published",
+        )
+    async with aiohttp.ClientSession():
+        code, body = await nodes[1].api("GET", "/v1/accounts/default/token")
+    assert code == 200 and body["access_token"] == published(nodes[0])["access_token"]  # type: ignore[index]
