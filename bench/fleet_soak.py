@@ -236,6 +236,8 @@ class FleetSoak:
         self.down: set[str] = set()
         self.stop = asyncio.Event()
         self.began = 0.0
+        #: Losses whose re-login has not succeeded yet.
+        self.open_losses: dict[str, Window] = {}
 
     def now(self) -> float:
         """Return the emulator's clock (the clock its refresh log uses)."""
@@ -298,27 +300,34 @@ class FleetSoak:
             if "db" in self.down:
                 continue
             try:
-                lost = await self.fleet.lost_refresh_tokens()
-            except Exception:  # the database went down meanwhile: try again next round
-                continue
-            for account in lost:
-                await self.account_lost(account)
+                # A rotation answered while the database was down is committed from the rescue
+                # file once it is back: give it two lifetimes before calling it lost.
+                lost = await self.fleet.lost_refresh_tokens(settle=2 * ACCESS_LIFETIME)
+                for account in lost:
+                    await self.account_lost(account)
+            except Exception as exc:  # the database went down meanwhile: next round
+                self.say(f"loss check interrupted: {type(exc).__name__}")
 
     async def account_lost(self, account: str) -> None:
         """Record the loss of ``account``'s refresh token, then log it in again."""
-        born = self.rotation_time(account)
-        cause = "UNEXPLAINED"
-        if born is not None and any(born <= kill <= born + KILL_WINDOW for kill in self.kill_times):
-            cause = "kill_during_rotation"
-        detected = self.now()
-        self.report.losses.append(Loss(account, cause, detected))
-        window = Window(
-            born if born is not None else detected, None, f"lost ({cause})", account=account
-        )
-        self.windows.append(window)
-        self.say(f"{account}: refresh token lost ({cause}); logging in again")
+        window = self.open_losses.get(account)
+        if window is None:  # a new loss (else: the re-login failed last time; try again)
+            born = self.rotation_time(account)
+            cause = "UNEXPLAINED"
+            if born is not None and any(
+                born <= kill <= born + KILL_WINDOW for kill in self.kill_times
+            ):
+                cause = "kill_during_rotation"
+            detected = self.now()
+            self.report.losses.append(Loss(account, cause, detected))
+            since = born if born is not None else detected
+            window = Window(since, None, f"lost ({cause})", account=account)
+            self.windows.append(window)
+            self.open_losses[account] = window
+            self.say(f"{account}: refresh token lost ({cause}); logging in again")
         await self.relogin(account)
         window.end = self.now() + GRACE
+        del self.open_losses[account]
 
     def rotation_time(self, account: str) -> float | None:
         """Return when Kakao issued the account's newest refresh token (emulator time)."""
@@ -427,7 +436,7 @@ class FleetSoak:
         finally:
             self.stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for account in await fleet.lost_refresh_tokens():
+        for account in await fleet.lost_refresh_tokens(settle=2 * ACCESS_LIFETIME):
             await self.account_lost(account)
         stats = fleet.emulator.stats
         self.report.refresh_cycles = stats.refreshes_ok

@@ -364,15 +364,31 @@ class Fleet:
                     found[name] = row
         return found
 
-    async def lost_refresh_tokens(self) -> list[str]:
-        """Return the accounts whose stored refresh token Kakao no longer accepts."""
+    async def dead_stored_tokens(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Return account -> stored refresh token, for those Kakao no longer accepts."""
         rows = await self.rows()
-        return [
-            name
-            for name in self.accounts
-            if name not in rows
-            or self.emulator.refresh_token_status(rows[name].state.tokens.refresh_token) != "live"
-        ]
+        dead = {}
+        for name in names if names is not None else self.accounts:
+            token = rows[name].state.tokens.refresh_token if name in rows else ""
+            if not token or self.emulator.refresh_token_status(token) != "live":
+                dead[name] = token
+        return dead
+
+    async def lost_refresh_tokens(self, *, settle: float = 2.0) -> list[str]:
+        """Return the accounts whose stored refresh token Kakao no longer accepts.
+
+        A read can race a refresh: the row is read, a node rotates the token at Kakao and
+        commits a moment later. So a dead stored token counts as lost only if the same token
+        is still stored after ``settle`` seconds (a rotation waiting for its commit, e.g. in a
+        rescue file while the database restarts, needs longer: pass a larger ``settle``).
+        """
+        suspects = await self.dead_stored_tokens()
+        deadline = time.monotonic() + settle
+        while suspects and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            again = await self.dead_stored_tokens(suspects)
+            suspects = {name: token for name, token in again.items() if suspects[name] == token}
+        return sorted(suspects)
 
     def token_calls(self, *, since: float = 0.0) -> Counter[str]:
         """Count refresh calls Kakao answered per account (any outcome), at or after ``since``

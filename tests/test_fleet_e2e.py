@@ -285,7 +285,7 @@ async def test_a_node_cut_off_from_the_database_is_covered_by_the_others_and_cat
     assert island.name not in {row.refreshed_by for row in rows.values()}
     for node in fleet.nodes[1:]:
         assert fleet.expired_published(node) == [], node.name
-    assert "store_unavailable" in island.log_text()
+    assert "store_unavailable" in island.log_text(), "no store_unavailable alert on the node"
     island.proxy.accept()
     await wait_until(
         lambda: fresh_everywhere(fleet, [island]),
@@ -320,7 +320,9 @@ async def test_an_import_on_one_node_reaches_every_node_within_a_second(
     assert code == 0, out + err
     imported_at = time.monotonic()
     row = (await fleet.rows())[account]
-    assert row.state.tokens.refresh_token == body["refresh_token"]
+    assert row.state.tokens.refresh_token == body["refresh_token"], (
+        "`kakao-tokend import` did not write the tokens into the store:\n" + out + err
+    )
     assert row.generation > before.generation
 
     def everywhere() -> bool:
