@@ -150,7 +150,10 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             await fleet.create_store()
             await query(fleet.dsn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             began = time.monotonic()
-            await fleet.seed(due=lambda state: datetime(2100, 1, 1, tzinfo=UTC))
+            # The first tokens outlast seeding and start-up, however long they take.
+            await fleet.seed(
+                due=lambda state: datetime(2100, 1, 1, tzinfo=UTC), first_lifetime=lifetime + 600
+            )
             print(f"seeded {n} accounts in {time.monotonic() - began:.1f}s", flush=True)
             await fleet.start(timeout=300)
             baselines = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
@@ -168,16 +171,7 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             cpu1 = node_cpu(fleet)
             idle_rate = ((stmts1 - stmts0) / idle, (xacts1 - xacts0) / idle, (cpu1 - cpu0) / idle)
             # Spread the first refreshes evenly over one interval, starting ``lead`` from now.
-            await query(
-                fleet.dsn,
-                "UPDATE accounts SET due_at = now() + make_interval(secs => %s)"
-                " + make_interval(secs => %s * (row_number - 1) / %s)"
-                " FROM (SELECT id AS rid, row_number() OVER (ORDER BY random()) FROM accounts) o"
-                " WHERE id = o.rid",
-                lead,
-                interval,
-                n,
-            )
+            await fleet.spread_due(interval, lead=lead)
             start = emulator.now() + lead
             end = start + interval
             stmts2, xacts2 = await counters(fleet)

@@ -286,6 +286,8 @@ class Fleet:
         )
         async with conn2:
             await schema.migrate(conn2, node="fleet-harness")
+            # pgrowlocks (contrib) tells which node holds which row: see held_by().
+            await conn2.execute("CREATE EXTENSION IF NOT EXISTS pgrowlocks")
 
     def fresh_state(self, account: str, *, due_in: float | None = None) -> AccountState:
         """Log ``account``'s user in at the emulator (no browser) and return its state."""
@@ -301,23 +303,46 @@ class Fleet:
         accounts: Iterable[str] | None = None,
         *,
         due: Callable[[AccountState], datetime] | None = None,
+        first_lifetime: float | None = None,
     ) -> None:
         """Give each account fresh tokens and insert its row.
 
         ``due`` picks each row's ``due_at`` (the claim time); by default the refresh time a
         node would compute (75 % ± 5 % of the access token's life), as after a migration.
+        ``first_lifetime`` issues these first access tokens with another lifetime than the
+        emulator's (e.g. long enough to outlast the nodes' start; see :meth:`spread_due`).
         """
-        conn = await db.connect(self.dsn, node="fleet-harness", purpose="seed")
+        normal = self.emulator.settings.access_lifetime
+        if first_lifetime is not None:
+            self.emulator.settings.access_lifetime = first_lifetime
+        try:
+            conn = await db.connect(self.dsn, node="fleet-harness", purpose="seed")
+            async with conn:
+                for name in accounts if accounts is not None else self.accounts:
+                    state = self.fresh_state(name)
+                    due_at = due(state) if due else refresh_due_at(state.tokens)
+                    row = await insert_account(
+                        conn, self.keyring, state, node="fleet-harness", due_at=due_at
+                    )
+                    if row is None:
+                        raise RuntimeError(f"account {name} is in the store already")
+                await conn.commit()
+        finally:
+            self.emulator.settings.access_lifetime = normal
+
+    async def spread_due(self, span: float, *, lead: float = 0.0) -> None:
+        """Make the accounts due evenly over [now + lead, now + lead + span], in random order
+        (by the database's clock), as in a fleet that has run for a while. The nodes learn of
+        it from their heartbeat poll."""
+        conn = await db.connect(self.dsn, node="fleet-harness", purpose="seed", autocommit=True)
         async with conn:
-            for name in accounts if accounts is not None else self.accounts:
-                state = self.fresh_state(name)
-                due_at = due(state) if due else refresh_due_at(state.tokens)
-                row = await insert_account(
-                    conn, self.keyring, state, node="fleet-harness", due_at=due_at
-                )
-                if row is None:
-                    raise RuntimeError(f"account {name} is in the store already")
-            await conn.commit()
+            await conn.execute(
+                "UPDATE accounts SET due_at = now() + make_interval(secs => %(lead)s)"
+                " + make_interval(secs => %(span)s * (o.n - 1) / %(count)s)"
+                " FROM (SELECT id AS rid, row_number() OVER (ORDER BY random()) AS n"
+                "       FROM accounts) o WHERE id = o.rid",
+                {"lead": lead, "span": span, "count": len(self.accounts)},
+            )
 
     # -- running -----------------------------------------------------------------------------
 
@@ -452,6 +477,22 @@ class Fleet:
                     }
                 )
             return found
+
+    async def held_by(self) -> dict[str, list[str]]:
+        """Return node -> the accounts whose row lock it holds right now (pgrowlocks)."""
+        conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)
+        async with conn:
+            cur = await conn.execute(
+                "SELECT split_part(s.application_name, ' ', 2), a.name FROM accounts a"
+                " JOIN pgrowlocks('accounts') l ON l.locked_row = a.ctid"
+                " JOIN pg_stat_activity s ON s.pid = ANY(l.pids)"
+                " WHERE s.application_name LIKE %s",
+                (APP_PREFIX + "node-%",),
+            )
+            held: dict[str, list[str]] = {}
+            for node, name in await cur.fetchall():
+                held.setdefault(str(node), []).append(str(name))
+        return {node: sorted(names) for node, names in held.items()}
 
     async def lock_holders(self, *, longer_than: float = 0.0) -> list[str]:
         """Return the nodes with a session idle inside a transaction for over ``longer_than``
