@@ -18,7 +18,8 @@ Disruptions, one at a time (so at least nodes - 1 nodes are always up), seeded:
 * **a PostgreSQL restart** (fast or immediate, i.e. a crash).
 
 Readers read every up node's token files all the time. A read counts as *healthy* when the
-node it read from is up (not killed, paused or restarting, plus GRACE after it is back), the
+node it read from is up (not killed, paused or restarting, plus GRACE after it is continued,
+RESTART_GRACE after a restarted node serves again), the
 database is up (plus RECOVERY after a restart) and the account's refresh token was not lost
 (see below). A healthy read of an expired access token (by its ``expires_at`` or by the
 emulator) must not happen: the count must be 0.
@@ -68,8 +69,12 @@ from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 #: Seconds, but with room for a loaded machine: a refresh is due with a quarter (3.75 s) left.
 ACCESS_LIFETIME = 15.0
 REFRESH_LIFETIME = 5183999.0  # Kakao's, and the rotation window: every refresh rotates
-#: A node is trusted again this long after it logged that it serves again, or was continued.
+#: A node is trusted again this long after it was continued (SIGCONT).
 GRACE = 1.0
+#: ... and this long after a restarted node logged that it serves: it starts listening for
+#: other nodes' commits (and resyncs) only after that line, so a commit made while it was
+#: starting reaches it up to one listener connect later (seen: 2 s at load 10 on 2 cores).
+RESTART_GRACE = 3.0
 #: After a database restart, the nodes need to reconnect, resync and claim what became due.
 RECOVERY = ACCESS_LIFETIME / 2
 #: A kill this soon after Kakao rotated may legitimately lose the rotated token (the answer was
@@ -383,7 +388,7 @@ class FleetSoak:
         await asyncio.sleep(self.rng.uniform(0.5, 2.0))
         await node.start(timeout=60)
         self.down.discard(node.name)
-        window.end = self.now() + GRACE
+        window.end = self.now() + RESTART_GRACE
         self.say(f"killed and restarted {node.name}")
 
     async def pause(self) -> None:
