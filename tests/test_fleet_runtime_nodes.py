@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import DaemonProcess, start_daemon, write_config
 from kakao_tokend.config import Config, load_config
@@ -24,12 +25,19 @@ from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.state import AccountState
+from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def node_config(
-    tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str, *, extra: str = ""
+    tmp_path: Path,
+    emulator: KakaoEmulator,
+    dsn: str,
+    node: str,
+    *,
+    extra: str = "",
+    heartbeat: str = "3s",
 ) -> Path:
     """A node's config: its own state and runtime directories, the shared DSN and key."""
     key_file = tmp_path / "store.key"
@@ -44,7 +52,8 @@ def node_config(
     return write_config(
         directory,
         emulator,
-        heartbeat="3s",  # long: what arrives within a second came by NOTIFY, not the poll
+        # Long by default: what arrives within a second came by NOTIFY, not the poll.
+        heartbeat=heartbeat,
         extra=(
             f'[store]\nbackend = "postgres"\ndsn_file = "{dsn_file}"\n'
             f'key_file = "{key_file}"\nnode_name = "{node}"\n{extra}'
@@ -148,3 +157,55 @@ async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once
     async with aiohttp.ClientSession():
         code, body = await nodes[1].api("GET", "/v1/accounts/default/token")
     assert code == 200 and body["access_token"] == published(nodes[0])["access_token"]  # type: ignore[index]
+
+
+async def test_a_node_cut_off_from_the_database_serves_alerts_and_never_calls_kakao(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Cut off from the store, a node keeps serving the token it holds, calls no token
+    endpoint (no row lock, no refresh), shows store_unavailable in /v1/status once it lasted
+    failing_after of the lifetime, and clears it and refreshes again when the store is back."""
+    emulator.settings.access_lifetime = 8
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="0.5s")
+        node = await start_daemon(path)
+        try:
+            state = await store_login(emulator, load_config(path), pg_dsn)
+            await node.wait_for(
+                lambda: (published(node) or {}).get("generation") == state.generation,
+                timeout=5,
+                what="the login published",
+            )
+            proxy.refuse()
+            proxy.cut()
+            token_calls = emulator.stats.requests["token"]
+
+            async def conditions() -> tuple[list[str], dict[str, object]]:
+                code, body = await node.api("GET", "/v1/status")
+                assert code == 200
+                return [c["condition"] for c in body["accounts"][0]["conditions"]], body["fleet"]
+
+            deadline = time.monotonic() + 10
+            while "store_unavailable" not in (await conditions())[0]:
+                assert time.monotonic() < deadline, node.log_text()[-3000:]
+                await asyncio.sleep(0.2)
+            _, fleet = await conditions()
+            assert fleet["store_up"] is False and fleet["node"] == "web-1"
+            code, body = await node.api("GET", "/v1/accounts/default/token")
+            assert code == 200 and body["access_token"] == state.tokens.access_token
+            # Past the planned refresh (75 % of 8 s): still no call to Kakao's token endpoint.
+            await asyncio.sleep(3)
+            assert emulator.stats.requests["token"] == token_calls
+            proxy.accept()
+            deadline = time.monotonic() + 15
+            while "store_unavailable" in (await conditions())[0] or (
+                (published(node) or {}).get("generation") == state.generation
+            ):
+                assert time.monotonic() < deadline, node.log_text()[-3000:]
+                await asyncio.sleep(0.2)
+            _, fleet = await conditions()
+            assert fleet["store_up"] is True
+            assert emulator.stats.retired_refresh_presented == 0
+        finally:
+            await node.stop()

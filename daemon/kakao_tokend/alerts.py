@@ -83,6 +83,7 @@ _TOKEN_CONDITIONS = frozenset(
         "write_failed",
         "publish_failed",
         "state_conflict",
+        "store_unavailable",
     }
 )
 

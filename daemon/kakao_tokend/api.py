@@ -143,23 +143,27 @@ async def status(request: web.Request) -> web.Response:
     daemon = _daemon(request)
     now = daemon.clock()
     accounts = []
+    fleet = daemon.fleet
     for manager in daemon.managers.values():
         graded = manager.health(now, alerts=_alert_settings(request, manager))
-        accounts.append(
-            {
-                **manager.describe(now),
-                **graded.to_json(),
-                "alerts": daemon.alerts.active(manager.name) if daemon.alerts is not None else [],
-            }
-        )
-    return web.json_response(
-        {
-            "version": __version__,
-            "now": format_time(now),
-            "default_account": daemon.config.default_account,
-            "accounts": accounts,
+        entry = {
+            **manager.describe(now),
+            **graded.to_json(),
+            "alerts": daemon.alerts.active(manager.name) if daemon.alerts is not None else [],
         }
-    )
+        if fleet is not None:
+            row = fleet.rows.get(manager.name)
+            entry["refreshed_by"] = row.refreshed_by if row is not None else None
+        accounts.append(entry)
+    body: dict[str, Any] = {
+        "version": __version__,
+        "now": format_time(now),
+        "default_account": daemon.config.default_account,
+        "accounts": accounts,
+    }
+    if fleet is not None:
+        body["fleet"] = daemon.fleet_status()
+    return web.json_response(body)
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -37,7 +37,7 @@ from .store import (
     make_dirs,
     remove_stale_temp_files,
 )
-from .tokens import Clock, utcnow
+from .tokens import Clock, format_time, utcnow
 from .watch import StateWatcher
 
 if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
@@ -216,6 +216,45 @@ class Daemon:
         manager.forget_plan()  # the row's due_at may have moved (a retry planned elsewhere)
         if not self.adopt_outside_changes(manager) and self.scheduler is not None:
             self.scheduler.plan(manager)
+
+    def on_store_health(self) -> None:
+        """Fleet mode: give every account the store's health (store_unavailable), and grade
+        them again at once when it changed (the alert fires, or is resolved, now)."""
+        if self.fleet is None:
+            return
+        stats = self.fleet.stats
+        for manager in self.managers.values():
+            status = manager.status
+            changed = status.store_unavailable_since != stats.unavailable_since
+            status.store_unavailable_since = stats.unavailable_since
+            status.store_error = stats.last_error
+            if changed and self.alerts is not None:
+                self.alerts.evaluate(manager.name)
+
+    def fleet_status(self) -> dict[str, Any]:
+        """Fleet mode: this node and the store's health, as JSON-ready data (no secrets)."""
+        assert self.fleet is not None
+        fleet = self.fleet
+        stats = fleet.stats
+        return {
+            "node": fleet.node,
+            "store_id": fleet.store_id,
+            "schema_version": fleet.schema_version,
+            "store_up": stats.up,
+            "store_unavailable_since": (
+                format_time(stats.unavailable_since) if stats.unavailable_since else None
+            ),
+            "store_error": stats.last_error,
+            "listening": self.fleet_node.listening if self.fleet_node is not None else False,
+            "claim_conflicts": stats.claim_conflicts,
+            "commits": stats.commits,
+            "failed_commits": stats.failed_commits,
+            "notifications": stats.notifications,
+            "notify_lag_seconds": stats.last_notify_lag,
+            "publishes": sorted(fleet.publish_accounts)
+            if fleet.publish_accounts is not None
+            else "all",
+        }
 
     def on_store_due(self, name: str) -> None:
         """Fleet mode: the database says the account is due: look at it now."""

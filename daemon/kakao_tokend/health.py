@@ -364,6 +364,9 @@ def _conditions(
     if health is Health.RETRYING:
         lifetime = tokens.access_lifetime.total_seconds()
         found += _failing(status, policy, now, settings, lifetime=lifetime, access_left=access_left)
+    store_down = _store_unavailable(status, now, settings, tokens.access_lifetime.total_seconds())
+    if store_down is not None:
+        found.append(store_down)
     if status.write_pending:
         found.append(
             Condition(
@@ -536,6 +539,39 @@ def _failing(
             )
         )
     return found
+
+
+def _store_unavailable(
+    status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
+) -> Condition | None:
+    """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access
+    lifetime. This node serves the token it holds and refreshes nothing (no Kakao call without
+    the row lock); the expiry conditions say when that runs out."""
+    since = status.store_unavailable_since
+    if since is None:
+        return None
+    down_for = (now - since).total_seconds()
+    if down_for < settings.failing_after * lifetime:
+        return None
+    text = (status.store_error or "").lower()
+    error = "timeout" if "within" in text or "timeout" in text else "unreachable"
+    return Condition(
+        "store_unavailable",
+        Severity.WARNING,
+        N_(
+            "the shared PostgreSQL store has been unreachable for {duration} ({error}); serving"
+            " the token held, not refreshing",
+            duration=Duration(down_for),
+            error=error,
+        ),
+        N_(
+            "check PostgreSQL and the network from this node to it; details: `{command}`",
+            command=LOG_COMMAND,
+        ),
+        brief=N_(
+            "the shared PostgreSQL store is unreachable for {duration}", duration=Duration(down_for)
+        ),
+    )
 
 
 def _serving_problem(

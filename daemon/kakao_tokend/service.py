@@ -145,6 +145,7 @@ async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
         heartbeat=lambda: daemon.config.refresh.heartbeat,
         on_change=daemon.on_store_changed,
         on_due=daemon.on_store_due,
+        on_health=daemon.on_store_health,
     )
     daemon.fleet_node = node
     node.start()

@@ -115,6 +115,9 @@ class AccountStatus:
     #: Another process wrote a state file we did not take as it was (refused or superseded).
     state_conflict: str | None = None
     missed_rotation: bool = False
+    #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None: it can).
+    store_unavailable_since: datetime | None = None
+    store_error: str | None = None
     #: attempts, successes, failures, rotations since the daemon started (/metrics).
     counters: dict[str, int] = field(default_factory=_counters)
 

@@ -67,11 +67,14 @@ class FleetNode:
         heartbeat: Callable[[], float],
         on_change: Callable[[str], None],
         on_due: Callable[[str], None],
+        on_health: Callable[[], None] = lambda: None,
     ) -> None:
         self.fleet = fleet
         self.heartbeat = heartbeat
         self.on_change = on_change
         self.on_due = on_due
+        #: Called after every poll and every failed (re)connect: the store's health may differ.
+        self.on_health = on_health
         self.started_at = utcnow()
         self.listening = False
         self._task: asyncio.Task[None] | None = None
@@ -99,6 +102,7 @@ class FleetNode:
             except Exception:
                 log.exception("the store's listener failed")
             self.listening = False
+            self.on_health()
             attempt += 1
             # The one back-off rule, never longer than a heartbeat: the poll after the
             # reconnect is what brings the node up to date again.
@@ -150,7 +154,9 @@ class FleetNode:
             changed, due = await self.fleet.poll()
         except StoreError as exc:
             log.warning("cannot poll the store: %s", exc)
-            return
+            self.on_health()
+            raise
+        self.on_health()
         for name in changed:
             self.on_change(name)
         for name in due:
