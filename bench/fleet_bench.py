@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -58,6 +58,8 @@ from common import (  # noqa: E402
 from fleetnodes import Fleet, FleetTimings, account_names, wait_until  # noqa: E402
 from kakao_tokend.emulator import running_emulator  # noqa: E402
 from kakao_tokend.fleet import db  # noqa: E402
+from kakao_tokend.state import AccountState  # noqa: E402
+from kakao_tokend.tokens import utcnow  # noqa: E402
 from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 
 #: Loaded into the test cluster so that statements can be counted per refresh.
@@ -105,6 +107,13 @@ async def counters(fleet: Fleet) -> tuple[int, int]:
     return int(rows[0][0]), int(commits[0][0])  # type: ignore[call-overload]
 
 
+def order(n: int) -> list[str]:
+    """The account names in a seeded random order (the order of their first refreshes)."""
+    names = account_names(n)
+    random.Random(n).shuffle(names)
+    return names
+
+
 def node_cpu(fleet: Fleet) -> float:
     """Return the CPU seconds all running nodes used so far."""
     return sum(
@@ -143,36 +152,47 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             cluster,
             nodes=3,
             accounts=account_names(n),
-            timings=FleetTimings(heartbeat="1s", kakao_timeout="5s", log_level="warning"),
+            timings=FleetTimings(heartbeat="1s", kakao_timeout="5s", log_level="info"),
             database="spread",
         )
         try:
             await fleet.create_store()
             await query(fleet.dsn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            # Each account's first token gets the lifetime that puts its first refresh (at 75 %)
+            # at its place in one evenly spread interval, which starts once the nodes can serve
+            # (start-up reads every row; allow for it), as in a fleet running for a while.
             began = time.monotonic()
-            # The first tokens outlast seeding and start-up, however long they take.
-            await fleet.seed(
-                due=lambda state: datetime(2100, 1, 1, tzinfo=UTC), first_lifetime=lifetime + 600
-            )
+            lead = 30.0 + 0.06 * n
+            first = {name: began + lead + interval * i / n for i, name in enumerate(order(n))}
+
+            def first_lifetime(name: str) -> float:
+                return (first[name] - time.monotonic()) / 0.75
+
+            def first_due(state: AccountState) -> datetime:
+                return utcnow() + timedelta(seconds=first[state.account] - time.monotonic())
+
+            await fleet.seed(due=first_due, first_lifetime=first_lifetime)
             print(f"seeded {n} accounts in {time.monotonic() - began:.1f}s", flush=True)
-            await fleet.start(timeout=300)
+            await fleet.start(timeout=lead)
+            print(f"every node serves after {time.monotonic() - began:.1f}s", flush=True)
             baselines = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
                                       " asyncio.run(asyncio.sleep(3600))"],
                                      directory / f"baseline{i}.log")
                          for i, code in enumerate(BASELINES.values())]  # fmt: skip
             for process in baselines:
                 await wait_log(process, "ready")
-            # Idle baseline: the same nodes with nothing due, for as long as a tenth of the run.
-            idle = max(5.0, min(60.0, interval / 10))
+            # Idle baseline: the same nodes with nothing due yet, until just before the first
+            # refreshes (at most a minute).
+            idle = min(60.0, began + lead - time.monotonic() - 1.0)
+            if idle < 1.0:
+                raise SystemExit("the nodes took too long to start: no idle baseline")
             stmts0, xacts0 = await counters(fleet)
             cpu0 = node_cpu(fleet)
             await asyncio.sleep(idle)
             stmts1, xacts1 = await counters(fleet)
             cpu1 = node_cpu(fleet)
             idle_rate = ((stmts1 - stmts0) / idle, (xacts1 - xacts0) / idle, (cpu1 - cpu0) / idle)
-            # Spread the first refreshes evenly over one interval, starting ``lead`` from now.
-            await fleet.spread_due(interval, lead=lead)
-            start = emulator.now() + lead
+            start = emulator.now() + (began + lead - time.monotonic())
             end = start + interval
             stmts2, xacts2 = await counters(fleet)
             cpu2 = node_cpu(fleet)
@@ -345,7 +365,7 @@ async def throughput(directory: Path, cluster: PgCluster, args: argparse.Namespa
             cluster,
             nodes=1,
             accounts=["default"],
-            timings=FleetTimings(heartbeat="60s", log_level="warning"),
+            timings=FleetTimings(heartbeat="60s", log_level="info"),
             database="throughput",
         )
         try:

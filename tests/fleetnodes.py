@@ -303,22 +303,25 @@ class Fleet:
         accounts: Iterable[str] | None = None,
         *,
         due: Callable[[AccountState], datetime] | None = None,
-        first_lifetime: float | None = None,
+        first_lifetime: float | Callable[[str], float] | None = None,
     ) -> None:
         """Give each account fresh tokens and insert its row.
 
         ``due`` picks each row's ``due_at`` (the claim time); by default the refresh time a
         node would compute (75 % ± 5 % of the access token's life), as after a migration.
-        ``first_lifetime`` issues these first access tokens with another lifetime than the
-        emulator's (e.g. long enough to outlast the nodes' start; see :meth:`spread_due`).
+        ``first_lifetime`` (seconds, or a function of the account's name) issues these first
+        access tokens with another lifetime than the emulator's (e.g. long enough to outlast
+        the nodes' start, or chosen so that the first refreshes fall at planned moments).
         """
         normal = self.emulator.settings.access_lifetime
-        if first_lifetime is not None:
-            self.emulator.settings.access_lifetime = first_lifetime
         try:
             conn = await db.connect(self.dsn, node="fleet-harness", purpose="seed")
             async with conn:
                 for name in accounts if accounts is not None else self.accounts:
+                    if first_lifetime is not None:
+                        self.emulator.settings.access_lifetime = (
+                            first_lifetime(name) if callable(first_lifetime) else first_lifetime
+                        )
                     state = self.fresh_state(name)
                     due_at = due(state) if due else refresh_due_at(state.tokens)
                     row = await insert_account(
