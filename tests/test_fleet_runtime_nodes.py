@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,6 +118,13 @@ async def test_nodes_started_together_apply_the_schema_once_and_run(
     assert row is not None and row[0] >= 2
     for i, node in enumerate(nodes, start=1):
         assert f"fleet node web-{i}: PostgreSQL store" in node.log_text()
+    deadline = time.monotonic() + 10
+    while True:  # each node's heartbeat row lists both
+        bodies = [(await node.api("GET", "/v1/status"))[1] for node in nodes]
+        if all(sorted(body["fleet"]["nodes"]) == ["web-1", "web-2"] for body in bodies):
+            break
+        assert time.monotonic() < deadline, bodies
+        await asyncio.sleep(0.2)
 
 
 async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once(
@@ -209,3 +217,104 @@ async def test_a_node_cut_off_from_the_database_serves_alerts_and_never_calls_ka
             assert emulator.stats.retired_refresh_presented == 0
         finally:
             await node.stop()
+
+
+async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name_the_node(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A node with ``publish_accounts = []`` writes no token file but serves the token over
+    its API; /metrics shows the node, the store's health and who refreshed the account."""
+    quiet = node_config(tmp_path, emulator, pg_dsn, "web-2", extra="publish_accounts = []\n")
+    node = await start_daemon(quiet)
+    try:
+        state = await store_login(emulator, load_config(quiet), pg_dsn)
+
+        async def served() -> bool:
+            code, body = await node.api("GET", "/v1/accounts/default/token")
+            return code == 200 and body["access_token"] == state.tokens.access_token
+
+        deadline = time.monotonic() + 5
+        while not await served():
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            await asyncio.sleep(0.1)
+        assert published(node) is None
+        connector = aiohttp.UnixConnector(path=str(node.runtime_dir / "api.sock"))
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get("http://localhost/metrics") as response,
+        ):
+            text = await response.text()
+        assert 'kakao_tokend_node_info{node="web-2"' in text
+        assert "kakao_tokend_store_up 1.0" in text
+        assert 'kakao_tokend_store_pool_connections{kind="pool_size"}' in text
+        assert "kakao_tokend_store_rescue_pending 0.0" in text
+        assert 'kakao_tokend_account_refreshed_by{account="default",node="cli"} 1.0' in text
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        assert body["fleet"]["publishes"] == [] and body["accounts"][0]["refreshed_by"] == "cli"
+    finally:
+        await node.stop()
+
+
+async def test_a_refresh_token_kakao_refused_needs_a_login_on_every_node(
+    nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """When Kakao refuses the refresh token (revoked), the node that tried records the
+    re-login reason without a new generation; the other node adopts it at once, both say
+    relogin in /v1/status, and nobody calls the token endpoint again."""
+    config = load_config(nodes[0].config_path)
+    state = await store_login(emulator, config, pg_dsn)
+    assert state.user_id is not None
+    emulator.revoke_user_tokens(state.user_id)
+
+    async def health(node: DaemonProcess) -> str:
+        code, body = await node.api("GET", "/v1/status")
+        assert code == 200
+        return str(body["accounts"][0]["health"])
+
+    deadline = time.monotonic() + 4 * emulator.settings.access_lifetime
+    while not all([await health(node) == "relogin" for node in nodes]):
+        assert time.monotonic() < deadline, [node.log_text()[-2000:] for node in nodes]
+        await asyncio.sleep(0.2)
+    calls = emulator.stats.requests["token"]
+    conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute("SELECT generation, due_at, relogin_reason FROM accounts")
+        row = await cur.fetchone()
+    assert row is not None
+    generation, due_at, reason = row
+    assert generation == state.generation and due_at is None and reason
+    await asyncio.sleep(emulator.settings.access_lifetime)
+    assert emulator.stats.requests["token"] == calls
+
+
+async def test_a_reloaded_node_keeps_refreshing_through_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGHUP on a fleet node gives its accounts new row-backed stores: it keeps refreshing
+    under the row lock, committing and publishing, and never falls back to the files."""
+    emulator.settings.access_lifetime = 4
+    path = node_config(tmp_path, emulator, pg_dsn, "web-1", heartbeat="0.5s")
+    node = await start_daemon(path)
+    try:
+        state = await store_login(emulator, load_config(path), pg_dsn)
+        await node.wait_for(
+            lambda: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        node.send(signal.SIGHUP)
+        await node.wait_log("configuration reloaded")
+        await node.wait_for(
+            lambda: int((published(node) or {}).get("generation") or 0) >= state.generation + 2,
+            timeout=15,
+            what="two refreshes after the reload",
+        )
+        conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+        async with conn:
+            cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+            row = await cur.fetchone()
+        assert row is not None and row[0] >= state.generation + 2 and row[1] == "web-1"
+        assert not (node.state_dir / "default.state.json").exists()
+    finally:
+        await node.stop()

@@ -6,6 +6,7 @@ The exit codes and what each means are in :mod:`~kakao_tokend.exitcodes` (and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import click
 
 from . import __version__
 from .errors import (
+    ConfigError,
     ImportFileError,
     KakaoConfigError,
     KakaoRequestRejected,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
     from .importer import ImportResult
     from .state import AccountState
+    from .tokens import TokenSet
 
 T = TypeVar("T")
 
@@ -436,8 +439,17 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
     settings = _settings()
     account = settings.account_config()
-    _refuse_unsafe_paths(account)
-    flow = LoginFlow(account, scopes=scopes)
+    config = settings.config()
+    in_store = config.store.backend == "postgres"
+
+    async def to_store(tokens: TokenSet, user_id: int | None, now: datetime) -> AccountState:
+        from .fleet.commands import save_login
+
+        return await save_login(config, account, tokens, user_id, now)
+
+    if not in_store:
+        _refuse_unsafe_paths(account)
+    flow = LoginFlow(account, scopes=scopes, persist=to_store if in_store else None)
 
     def notify(line: str) -> None:
         click.echo(line, err=True)
@@ -459,8 +471,14 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     _tell_daemon(account.name)
     who = f" as Kakao user {result.user_id}" if result.user_id is not None else ""
     click.echo(f"Login succeeded for account '{account.name}'{who}.")
-    for line in _describe_files(state, account):
-        click.echo(line)
+    if in_store:
+        click.echo(
+            f"stored in the PostgreSQL store as generation {state.generation}; every node"
+            " publishes it within a second"
+        )
+    else:
+        for line in _describe_files(state, account):
+            click.echo(line)
     if result.user_me_problem:
         click.echo(
             f"warning: could not call /v2/user/me ({result.user_me_problem}); Kakao unlinks "
@@ -504,11 +522,25 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     settings = _settings()
     account = settings.account_config()
     config = settings.config()
-    _refuse_unsafe_paths(account)
+    in_store = config.store.backend == "postgres"
+    if not in_store:
+        _refuse_unsafe_paths(account)
 
     async def go() -> Any:
         async with create_session() as session:
             client = KakaoClient(session, account.app)
+            if in_store:
+                from .fleet.commands import import_into_store
+
+                return await import_into_store(
+                    config,
+                    account,
+                    path,
+                    client,
+                    force=force,
+                    verify=not no_verify,
+                    login_hint=f"run `{_login_command(account)}` to get new tokens",
+                )
             return await import_seed_file(
                 path,
                 account,
@@ -521,10 +553,12 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
 
     result = _run_async(go())
     _tell_daemon(account.name)
-    _report_import(path, account, result)
+    _report_import(path, account, result, in_store=in_store)
 
 
-def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> None:
+def _report_import(
+    path: Path, account: AccountConfig, result: ImportResult, *, in_store: bool = False
+) -> None:
     """Say what was imported, how Kakao confirmed it, and what the user must do next."""
     checked = {
         "access_token_info": "Kakao confirmed the access token (access_token_info)",
@@ -534,8 +568,14 @@ def _report_import(path: Path, account: AccountConfig, result: ImportResult) -> 
         " tell whether the refresh token still works; watch `kakao-tokend status`",
     }[result.verified_by]
     click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
-    for line in _describe_files(result.state, account):
-        click.echo(line)
+    if in_store:
+        click.echo(
+            f"stored in the PostgreSQL store as generation {result.state.generation}; every"
+            " node publishes it within a second"
+        )
+    else:
+        for line in _describe_files(result.state, account):
+            click.echo(line)
     old_copy = (
         "its copy of the refresh token is dead now (Kakao rotated it during the check)"
         if result.rotated
@@ -722,16 +762,22 @@ def _report_from_files(
     *,
     warn: float | None,
     crit: float | None,
+    stored: tuple[AccountState | None, StoreError | None, str | None] | None = None,
 ) -> AccountReport:
-    """An account graded from its files alone (no daemon answered)."""
+    """An account graded from its files alone, or its row in the PostgreSQL store
+    (``stored``: state, why unreadable, the node that refreshed it), no daemon answering."""
     from .health import assess, moved_thresholds, still_active
     from .store import AccountStore
 
     load_error: StoreError | None = None
-    try:
-        state = AccountStore(account).load()
-    except StoreError as exc:
-        state, load_error = None, exc
+    refreshed_by: str | None = None
+    if stored is not None:
+        state, load_error, refreshed_by = stored
+    else:
+        try:
+            state = AccountStore(account).load()
+        except StoreError as exc:
+            state, load_error = None, exc
     graded = assess(
         account,
         state,
@@ -759,6 +805,8 @@ def _report_from_files(
             "access_fingerprint": tokens.access_fingerprint,
             "refresh_fingerprint": tokens.refresh_fingerprint,
         }
+        if refreshed_by is not None:
+            facts["refreshed_by"] = refreshed_by
     recorded = still_active(_active_alerts(account), graded)
     report = _report(account.name, graded.to_json(), facts, rotation_times, recorded)
     report.without_tokens = state is None
@@ -828,10 +876,19 @@ def status(as_json: bool, warn: float | None, crit: float | None) -> None:
     described: dict[str, dict[str, Any]] = {}
     if remote is not None and remote[0] == 200:
         described = {item["account"]: item for item in remote[1].get("accounts", [])}
+    stored: dict[str, tuple[AccountState | None, StoreError | None, str | None]] = {}
+    missing = [name for name in names if name not in described]
+    if missing and config.store.backend == "postgres":
+        from .fleet.commands import read_states
+
+        stored = _run_async(read_states(settings.config(), missing))
+        where["source"] = "store"
     results = [
         _report_from_daemon(described[name])
         if name in described
-        else _report_from_files(config.accounts[name], config, now, warn=warn, crit=crit)
+        else _report_from_files(
+            config.accounts[name], config, now, warn=warn, crit=crit, stored=stored.get(name)
+        )
         for name in names
     ]
     worst = max(item.level for item in results)
@@ -895,22 +952,36 @@ async def _managed_refresh(
     from .status import Health
     from .store import AccountStore
 
-    store = AccountStore(account)
-    with store.lock(timeout=lock_timeout):
-        async with create_session() as session:
+    fleet_ctx: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
+    file_lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if config.store.backend == "postgres":
+        from .fleet.commands import opened
+
+        fleet_ctx = opened(config)
+    else:
+        file_store = AccountStore(account)
+        file_lock = file_store.lock(timeout=lock_timeout)
+    with file_lock:
+        async with fleet_ctx as fleet, create_session() as session:
+            store: Any = file_store if fleet is None else fleet.account_store(account)
             manager = AccountManager(
                 account,
                 store=store,
                 client=KakaoClient(session, account.app),
                 policy=config.refresh,
             )
+            if fleet is not None:
+                from .fleet.node import plan_for
+
+                store.planner = plan_for(manager)
+                await fleet.reload(account.name)
             before = manager.load()
             status = manager.status
             if before is None:
                 if status.health is Health.RELOGIN:  # unreadable state, moved aside
                     raise StateCorrupt(
                         status.last_error or "state unreadable",
-                        path=store.state_path,
+                        path=account.state_file,
                         quarantined=None,
                     )
                 raise StateMissing(
@@ -927,7 +998,20 @@ async def _managed_refresh(
                 and before.tokens.access_remaining(now).total_seconds() >= min_valid
             ):
                 return before, False, False
-            after = await manager.refresh(force=True, reason="kakao-tokend CLI")
+            after = await manager.refresh(
+                force=True, reason="kakao-tokend CLI", min_valid=min_valid
+            )
+            if (
+                fleet is not None
+                and min_valid is None
+                and after is not None
+                and after.generation == before.generation
+                and status.health is Health.OK
+            ):
+                raise StoreLocked(
+                    f"account '{account.name}' is being refreshed by a node right now",
+                    hint="try again in a moment (`kakao-tokend status` shows its tokens)",
+                )
             for _ in range(3):
                 if await manager.flush():
                     break
@@ -1207,22 +1291,36 @@ def logout(keep_files: bool) -> None:
 
     settings = _settings()
     account = settings.account_config()
+    config = settings.config()
+    in_store = config.store.backend == "postgres"
     # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
-    store = AccountStore(account, rescue_dir=settings.config().runtime_dir)
-    store.check_paths()
+    store = AccountStore(account, rescue_dir=config.runtime_dir)
     existing: list[Path] = []
-    # Under the account lock, so the tokens read are the newest (a refresh in flight ends
-    # first). The files go, and a running daemon is told, BEFORE Kakao revokes the tokens:
-    # the daemon never hands out a token that is already dead.
-    with store.lock(timeout=5.0):
-        try:
-            state = store.load()
-        except StateCorrupt as exc:
-            click.echo(f"warning: {exc}", err=True)
-            state = None
-        if not keep_files:
-            existing = [path for path in (store.state_path, store.token_path) if path.exists()]
-            store.remove()
+    if in_store:
+        from .fleet.commands import logout_account
+
+        # The row goes (under its lock, after a node's refresh in flight) and every node
+        # hears of it BEFORE Kakao revokes the tokens.
+        state = None if keep_files else _run_async(logout_account(config, account))
+        if keep_files:
+            raise ConfigError(
+                "--keep-files has no meaning with the PostgreSQL store",
+                details=[("store.backend", "run `kakao-tokend logout` without --keep-files")],
+            )
+    else:
+        store.check_paths()
+        # Under the account lock, so the tokens read are the newest (a refresh in flight ends
+        # first). The files go, and a running daemon is told, BEFORE Kakao revokes the tokens:
+        # the daemon never hands out a token that is already dead.
+        with store.lock(timeout=5.0):
+            try:
+                state = store.load()
+            except StateCorrupt as exc:
+                click.echo(f"warning: {exc}", err=True)
+                state = None
+            if not keep_files:
+                existing = [path for path in (store.state_path, store.token_path) if path.exists()]
+                store.remove()
     if not keep_files:
         _tell_daemon(account.name)
     if state is None:
@@ -1247,6 +1345,9 @@ def logout(keep_files: bool) -> None:
             click.echo(f"logged out at Kakao (user {user_id})")
     if keep_files:
         click.echo(f"kept {store.state_path} and {store.token_path}")
+        return
+    if in_store:
+        click.echo(f"removed account '{account.name}' from the PostgreSQL store")
         return
     if existing:
         click.echo("removed " + " and ".join(str(path) for path in existing))

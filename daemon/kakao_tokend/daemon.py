@@ -214,8 +214,14 @@ class Daemon:
         ):
             manager.take_over(row.state)  # a re-login mark written without a new generation
         manager.forget_plan()  # the row's due_at may have moved (a retry planned elsewhere)
+        had_tokens = manager.state is not None
         if not self.adopt_outside_changes(manager) and self.scheduler is not None:
             self.scheduler.plan(manager)
+        if had_tokens and manager.state is None and row is None:
+            from .fleet.store import PgAccountStore
+
+            if isinstance(manager.store, PgAccountStore):
+                manager.store.unpublish()
 
     def on_store_health(self) -> None:
         """Fleet mode: give every account the store's health (store_unavailable), and grade
@@ -251,6 +257,7 @@ class Daemon:
             "failed_commits": stats.failed_commits,
             "notifications": stats.notifications,
             "notify_lag_seconds": stats.last_notify_lag,
+            "nodes": {name: format_time(seen) for name, seen in fleet.nodes.items()},
             "publishes": sorted(fleet.publish_accounts)
             if fleet.publish_accounts is not None
             else "all",

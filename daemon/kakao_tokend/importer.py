@@ -210,29 +210,39 @@ def _unverified(exc: KakaoError, what: str) -> ImportUnverified:
     )
 
 
-async def import_seed_file(
+@dataclass(frozen=True)
+class CheckedSeed:
+    """A seed file read and checked with Kakao, before anything is written anywhere."""
+
+    seed: SeedFile
+    tokens: TokenSet
+    user_id: int | None
+    #: "access_token_info", or "unverified"; "refresh" once :func:`refresh_seed` ran.
+    verified_by: str
+    #: The refresh token must still be tested with one refresh (under the account's lock).
+    needs_refresh: bool
+    warnings: tuple[str, ...]
+    now: datetime
+
+
+async def check_seed_file(
     path: Path,
     account: AccountConfig,
     client: KakaoClient,
     *,
+    exists: bool,
+    where: str,
     force: bool = False,
     verify: bool = True,
     rotation_window: float = 30 * 86400.0,
     login_hint: str | None = None,
     clock: Clock = utcnow,
-    lock_timeout: float = 10.0,
-) -> ImportResult:
-    """Adopt ``path`` as the account's token set once Kakao has confirmed that it still works.
+) -> CheckedSeed:
+    """Read ``path`` and check it with Kakao (access_token_info) before anything is written.
 
-    The check (skipped with ``verify=False``): ``access_token_info`` when the access token may
-    still be valid. A live access token does not prove a live refresh token: a blog script
-    that drops rotated refresh tokens saves the access token of the very refresh that killed
-    its refresh token. So the refresh token is tested with one refresh, under the account
-    lock, whenever the access token is not live, the file was rewritten by a refresh script
-    (it holds ``app_key``), or the refresh token is inside the rotation window. Whatever that
-    refresh returns is saved before anything else (a rotated refresh token is the only one
-    that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
-    reach raises :class:`ImportUnverified`; nothing is written in either case.
+    ``exists`` says whether the account has tokens already (in ``where``, for the message).
+    Whether one refresh must still test the refresh token is in the result (see
+    :func:`import_seed_file`); the caller does it holding the account's lock.
     """
     login = login_command(account)
     login_hint = login_hint or f"run `{login}` to get new tokens"
@@ -243,10 +253,9 @@ async def import_seed_file(
             f"'{account.name}' ({account.app.rest_api_key_source}); a refresh token only works "
             "with the key it was issued for"
         )
-    store = AccountStore(account)
-    if not force and store.state_path.exists():
+    if not force and exists:
         raise StateExists(
-            f"account '{account.name}' already has tokens in {store.state_path}",
+            f"account '{account.name}' already has tokens in {where}",
             hint="use --force to replace them, or import into another account: "
             "kakao-tokend --account NEW import FILE (it shows the config lines to add)",
         )
@@ -285,6 +294,90 @@ async def import_seed_file(
             window = timedelta(seconds=rotation_window)
             rewritten = seed.app_key is not None
             needs_refresh = rewritten or in_rotation_window(tokens, now, window=window)
+    return CheckedSeed(
+        seed=seed,
+        tokens=tokens,
+        user_id=user_id,
+        verified_by=verified_by,
+        needs_refresh=needs_refresh,
+        warnings=tuple(warnings),
+        now=now,
+    )
+
+
+def imported_state(
+    account: AccountConfig, checked: CheckedSeed, old: AccountState | None
+) -> AccountState:
+    """The account's state from a checked seed file: the generation after ``old``'s."""
+    return AccountState(
+        account=account.name,
+        tokens=checked.tokens,
+        generation=(old.generation + 1) if old else 1,
+        refreshed_at=None,
+        user_id=checked.user_id,
+        extras={
+            "imported": {
+                "at": format_time(checked.now),
+                "file_mtime": format_time(checked.seed.mtime),
+            }
+        },
+    )
+
+
+def log_import(
+    path: Path, account: AccountConfig, state: AccountState, how: str, rotated: bool
+) -> None:
+    """Log what was imported (fingerprints only)."""
+    log.info(
+        "imported %s for account %s: access %s, refresh %s (%s), checked by %s",
+        path,
+        account.name,
+        state.tokens.access_fingerprint,
+        state.tokens.refresh_fingerprint,
+        "rotated" if rotated else "estimated expiry",
+        how,
+    )
+
+
+async def import_seed_file(
+    path: Path,
+    account: AccountConfig,
+    client: KakaoClient,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    rotation_window: float = 30 * 86400.0,
+    login_hint: str | None = None,
+    clock: Clock = utcnow,
+    lock_timeout: float = 10.0,
+) -> ImportResult:
+    """Adopt ``path`` as the account's token set once Kakao has confirmed that it still works.
+
+    The check (skipped with ``verify=False``): ``access_token_info`` when the access token may
+    still be valid. A live access token does not prove a live refresh token: a blog script
+    that drops rotated refresh tokens saves the access token of the very refresh that killed
+    its refresh token. So the refresh token is tested with one refresh, under the account
+    lock, whenever the access token is not live, the file was rewritten by a refresh script
+    (it holds ``app_key``), or the refresh token is inside the rotation window. Whatever that
+    refresh returns is saved before anything else (a rotated refresh token is the only one
+    that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
+    reach raises :class:`ImportUnverified`; nothing is written in either case.
+    """
+    login_hint = login_hint or f"run `{login_command(account)}` to get new tokens"
+    store = AccountStore(account)
+    checked = await check_seed_file(
+        path,
+        account,
+        client,
+        exists=store.state_path.exists(),
+        where=str(store.state_path),
+        force=force,
+        verify=verify,
+        rotation_window=rotation_window,
+        login_hint=login_hint,
+        clock=clock,
+    )
+    verified_by = checked.verified_by
     with store.lock(timeout=lock_timeout):
         try:
             old = store.load()
@@ -295,57 +388,31 @@ async def import_seed_file(
                 f"account '{account.name}' already has tokens in {store.state_path}",
                 hint="use --force to replace them",
             )
-        state = AccountState(
-            account=account.name,
-            tokens=tokens,
-            generation=(old.generation + 1) if old else 1,
-            refreshed_at=None,
-            user_id=user_id,
-            extras={"imported": {"at": format_time(now), "file_mtime": format_time(seed.mtime)}},
-        )
+        state = imported_state(account, checked, old)
         rotated = False
-        if needs_refresh:
-            state, rotated = await _verify_by_refresh(seed, state, store, client, login_hint, clock)
+        if checked.needs_refresh:
+            state, rotated = await _verify_by_refresh(
+                checked.seed, state, store, client, login_hint, clock
+            )
             verified_by = "refresh"
         else:
             store.save(state)
         store.publish(state, now=clock())
-    log.info(
-        "imported %s for account %s: access %s, refresh %s (%s), checked by %s",
-        path,
-        account.name,
-        state.tokens.access_fingerprint,
-        state.tokens.refresh_fingerprint,
-        "rotated" if rotated else "estimated expiry",
-        verified_by,
-    )
+    log_import(path, account, state, verified_by, rotated)
     return ImportResult(
         state=state,
         verified_by=verified_by,
         rotated=rotated,
-        warnings=tuple(warnings),
-        file_mode=_file_mode(path),
+        warnings=checked.warnings,
+        file_mode=file_mode(path),
     )
 
 
-async def _verify_by_refresh(
-    seed: SeedFile,
-    state: AccountState,
-    store: AccountStore,
-    client: KakaoClient,
-    login_hint: str,
-    clock: Clock,
+async def refresh_seed(
+    seed: SeedFile, state: AccountState, client: KakaoClient, login_hint: str, clock: Clock
 ) -> tuple[AccountState, bool]:
-    """Refresh once (the caller holds the account lock) and save the result durably first."""
-    directory = store.state_path.parent
-    make_dirs(directory)
-    # Make room before Kakao can rotate: the reserve is what a save on a full disk gives up.
-    if not ensure_reserve(directory):
-        raise StoreWriteError(
-            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
-            "could not have been saved)",
-            hint="check the directory's owner, permissions and free space",
-        )
+    """Test the seed's refresh token with one refresh (the caller holds the account's lock);
+    return the new state (same generation) and whether Kakao rotated the refresh token."""
     try:
         tokens, rotated = await client.refresh(state.tokens)
     except ReloginRequired as exc:
@@ -366,7 +433,28 @@ async def _verify_by_refresh(
             )
         raise unverified from None
     fresh = state.with_tokens(tokens, refreshed_at=clock(), rotated=rotated)
-    fresh = replace(fresh, generation=state.generation)
+    return replace(fresh, generation=state.generation), rotated
+
+
+async def _verify_by_refresh(
+    seed: SeedFile,
+    state: AccountState,
+    store: AccountStore,
+    client: KakaoClient,
+    login_hint: str,
+    clock: Clock,
+) -> tuple[AccountState, bool]:
+    """Refresh once (the caller holds the account lock) and save the result durably first."""
+    directory = store.state_path.parent
+    make_dirs(directory)
+    # Make room before Kakao can rotate: the reserve is what a save on a full disk gives up.
+    if not ensure_reserve(directory):
+        raise StoreWriteError(
+            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
+            "could not have been saved)",
+            hint="check the directory's owner, permissions and free space",
+        )
+    fresh, rotated = await refresh_seed(seed, state, client, login_hint, clock)
     last: StoreWriteError | None = None
     for _ in range(3):
         try:
@@ -384,7 +472,8 @@ async def _verify_by_refresh(
     )
 
 
-def _file_mode(path: Path) -> int:
+def file_mode(path: Path) -> int:
+    """The permission bits of ``path`` (0600 when it cannot be read)."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:

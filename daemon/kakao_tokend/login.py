@@ -9,8 +9,9 @@ import html
 import logging
 import string
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TextIO
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,6 +32,8 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 KOE006_HELP_AFTER = 20.0
 
 Notify = Callable[[str], None]
+#: Stores a fresh login's tokens (tokens, Kakao user id, now) and returns the state written.
+Persist = Callable[[TokenSet, int | None, datetime], Awaitable[AccountState]]
 
 
 class LoginFailed(KakaoTokendError):
@@ -178,8 +181,11 @@ class LoginFlow:
         scopes: Sequence[str] = (),
         clock: Clock = utcnow,
         lock_timeout: float = 10.0,
+        persist: Persist | None = None,
     ) -> None:
         self.account = account
+        #: Where the tokens go (fleet mode: the store's row); None: the account's files.
+        self.persist = persist
         self.scopes = tuple(scopes) or account.app.scopes
         self.clock = clock
         self.lock_timeout = lock_timeout
@@ -266,7 +272,10 @@ class LoginFlow:
         except KakaoError as exc:
             problem = str(exc)
             log.warning("could not call /v2/user/me after login: %s", exc)
-        state = await asyncio.to_thread(self._persist, tokens, user_id)
+        if self.persist is not None:
+            state = await self.persist(tokens, user_id, self.clock())
+        else:
+            state = await asyncio.to_thread(self._persist, tokens, user_id)
         return LoginResult(state=state, user_id=user_id, user_me_problem=problem, via=via)
 
     def _persist(self, tokens: TokenSet, user_id: int | None) -> AccountState:

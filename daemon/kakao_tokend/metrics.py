@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -168,11 +169,85 @@ class DaemonCollector(Collector):
         alerts = self._alerts()
         if alerts is not None:
             yield alerts
+        yield from self._fleet()
         yield InfoMetricFamily(
             "kakao_tokend_build",
             "The running kakao-tokend's version and Python version (always 1).",
             value={"version": __version__, "python": platform.python_version()},
         )
+
+    def _fleet(self) -> Iterator[Metric]:
+        """Fleet mode: the node, the store's health, claims, notifications, who refreshed."""
+        daemon = self.daemon
+        fleet = daemon.fleet
+        if fleet is None:
+            return
+        stats = fleet.stats
+        node = fleet.node
+        yield InfoMetricFamily(
+            "kakao_tokend_node",
+            "This fleet node and the PostgreSQL store it belongs to (always 1).",
+            value={"node": node, "store_id": fleet.store_id},
+        )
+        up = GaugeMetricFamily(
+            "kakao_tokend_store_up", "1 while the PostgreSQL store answers this node, else 0."
+        )
+        up.add_metric([], 1.0 if stats.up else 0.0)
+        yield up
+        if stats.last_ok is not None:
+            since = GaugeMetricFamily(
+                "kakao_tokend_store_last_ok_age_seconds",
+                "Seconds since the store last answered this node.",
+            )
+            since.add_metric([], max(0.0, time.monotonic() - stats.last_ok))
+            yield since
+        if stats.last_sync is not None:
+            synced = GaugeMetricFamily(
+                "kakao_tokend_store_last_sync_age_seconds",
+                "Seconds since the last notification or poll brought this node up to date.",
+            )
+            synced.add_metric([], max(0.0, time.monotonic() - stats.last_sync))
+            yield synced
+        for metric, value, text in (
+            ("claim_conflicts", stats.claim_conflicts, "Rows another node held when wanted."),
+            ("commits", stats.commits, "New token sets this node committed."),
+            ("failed_commits", stats.failed_commits, "Commits that failed (rescue files)."),
+            ("notifications", stats.notifications, "Change notifications received."),
+        ):
+            family = CounterMetricFamily(f"kakao_tokend_store_{metric}", text)
+            family.add_metric([], value)
+            yield family
+        if stats.last_notify_lag is not None:
+            lag = GaugeMetricFamily(
+                "kakao_tokend_store_notify_lag_seconds",
+                "Time from a row's commit to its notification's arrival here (the last one).",
+            )
+            lag.add_metric([], stats.last_notify_lag)
+            yield lag
+        pool = GaugeMetricFamily(
+            "kakao_tokend_store_pool_connections",
+            "The store connection pool: its connections, the idle ones, requests waiting.",
+            labels=["kind"],
+        )
+        for kind, value in fleet.pool_stats().items():
+            pool.add_metric([kind], value)
+        yield pool
+        rescues = GaugeMetricFamily(
+            "kakao_tokend_store_rescue_pending",
+            "Accounts whose newest tokens wait in a rescue file to be committed to the store.",
+        )
+        rescues.add_metric([], sum(1 for m in daemon.managers.values() if m.status.write_pending))
+        yield rescues
+        refreshed_by = GaugeMetricFamily(
+            "kakao_tokend_account_refreshed_by",
+            "The node that produced the account's current tokens (always 1).",
+            labels=["account", "node"],
+        )
+        for name in daemon.managers:
+            row = fleet.rows.get(name)
+            if row is not None and row.refreshed_by:
+                refreshed_by.add_metric([name, row.refreshed_by], 1.0)
+        yield refreshed_by
 
     def _alerts(self) -> GaugeMetricFamily | None:
         """Active alerts by account and severity (when the daemon runs the alerts capability)."""

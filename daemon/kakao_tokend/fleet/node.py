@@ -196,4 +196,6 @@ class FleetNode:
                     Jsonb(counters),
                 ),
             )
+            cur = await conn.execute("SELECT name, last_seen_at FROM nodes ORDER BY name")
+            fleet.nodes = {name: seen for name, seen in await cur.fetchall()}
             await conn.commit()

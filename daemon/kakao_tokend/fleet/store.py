@@ -97,7 +97,7 @@ class FleetStats:
     #: When the database stopped answering (None: it answers).
     unavailable_since: datetime | None = None
     last_error: str | None = None
-    #: Seconds the last successful query was ago is computed from this (monotonic).
+    #: time.monotonic() of the last successful round trip (None: none yet).
     last_ok: float | None = None
 
     @property
@@ -144,10 +144,23 @@ class FleetStore:
         #: Rows that could not be decrypted, with the reason (never a token).
         self.unreadable: dict[str, str] = {}
         self.stats = FleetStats()
+        #: Every node of the store and when it was last seen (read each heartbeat).
+        self.nodes: dict[str, datetime] = {}
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         #: The pool each lent connection came from (a renewed pool replaces the old one).
         self._lent: dict[int, AsyncConnectionPool[AsyncConnection[Any]]] = {}
         self._renewing = asyncio.Lock()
+
+    def pool_stats(self) -> dict[str, int]:
+        """Return the pool's size, idle connections and waiting requests (empty: no pool)."""
+        pool = self._pool
+        if pool is None:
+            return {}
+        stats = pool.get_stats()
+        return {
+            key: int(stats.get(key, 0))
+            for key in ("pool_size", "pool_available", "requests_waiting")
+        }
 
     @property
     def deadline(self) -> float:
@@ -156,7 +169,7 @@ class FleetStore:
 
     # ------------------------------------------------------------------ opening
 
-    async def open(self, *, pool_wait: float | None = None) -> None:
+    async def open(self, *, pool_wait: float | None = None, read_rows: bool = True) -> None:
         """Apply the schema (under its advisory lock), check the store is in use, open the pool,
         read every row. StoreMoved when `store migrate --to file` moved the accounts away."""
         from .migrate import moved_refusal, read_meta
@@ -181,7 +194,8 @@ class FleetStore:
         if result.applied:
             log.info("store schema migrated to version %d: %s", result.after, result.applied)
         self._pool = await self._new_pool(pool_wait if pool_wait is not None else self.deadline)
-        await self.load_all()
+        if read_rows:
+            await self.load_all()
 
     async def _new_pool(self, wait: float) -> AsyncConnectionPool[AsyncConnection[Any]]:
         pool = create_pool(
@@ -232,7 +246,8 @@ class FleetStore:
 
     # ------------------------------------------------------------------ connections
 
-    def _ok(self) -> None:
+    def ok(self) -> None:
+        """Record that the database answered."""
         stats = self.stats
         stats.last_ok = time.monotonic()
         if stats.unavailable_since is not None:
@@ -324,7 +339,7 @@ class FleetStore:
             self.failed(exc)
             raise
         else:
-            self._ok()
+            self.ok()
         finally:
             await self.putconn(conn, broken=broken)
 
@@ -540,7 +555,7 @@ class PgAccountStore:
             async with asyncio.timeout(fleet.deadline):
                 row = await load_account(conn, fleet.keyring, self.name, lock=RowLock.SKIP)
                 if row is not None:
-                    fleet._ok()
+                    fleet.ok()
                     return row, True
                 with store_errors(f"read account {self.name!r}"):
                     cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
@@ -555,7 +570,7 @@ class PgAccountStore:
         except StoreUnavailable as exc:
             fleet.failed(exc)
             raise
-        fleet._ok()
+        fleet.ok()
         return None, exists
 
     async def _commit(self, held: _Held) -> None:
@@ -603,7 +618,7 @@ class PgAccountStore:
             raise StoreWriteError(
                 f"cannot commit account {self.name!r} to the store: {exc.message}"
             ) from None
-        fleet._ok()
+        fleet.ok()
         if held.delete:
             fleet.rows.pop(self.name, None)
         elif written is not None:
@@ -825,6 +840,24 @@ class PgAccountStore:
     def publish_sinks(self, state: AccountState) -> list[str]:
         """Write the extra token files on this node; return what failed."""
         return self._files.publish_sinks(state) if self.publishes else []
+
+    def unpublish(self) -> None:
+        """Remove this node's token file after a logout (consumers must not read a dead token).
+
+        Only the token file: the state file next to it, if any, is the inert copy `store
+        migrate` left behind, and stays.
+        """
+        if not self.publishes:
+            return
+        path = self._files.token_path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("account %s: cannot remove %s after a logout: %s", self.name, path, exc)
+            return
+        log.info("account %s: logged out; removed %s", self.name, path)
 
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""

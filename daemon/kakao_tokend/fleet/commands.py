@@ -1,0 +1,191 @@
+"""The CLI in fleet mode: login, logout, refresh and status through the same rows and locks.
+
+A command opens the store like a node (schema checked under the advisory lock, the "moved"
+marker, a small pool), holds the account's row (``FOR UPDATE``, waiting for a node that is
+refreshing it), commits with compare-and-swap and a notification: every node adopts and
+publishes the change within about a second (fleet/node.py). Commands publish no files
+themselves; the nodes do, each for its own consumers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import AccountConfig, Config
+from ..errors import StoreError, StoreWriteError
+from ..state import AccountState
+from ..tokens import TokenSet, refresh_due_at
+from .accounts import RefreshStatus
+from .admin import db_timeouts, require_dsn, require_keyring
+from .store import FleetStore
+
+if TYPE_CHECKING:
+    from ..importer import ImportResult
+    from ..kakao import KakaoClient
+
+__all__ = ["import_into_store", "logout_account", "opened", "read_states", "save_login"]
+
+#: How long a command waits for a node that holds the account's row (a refresh in flight
+#: takes at most the Kakao timeout).
+COMMAND_LOCK_WAIT = 35.0
+
+
+@asynccontextmanager
+async def opened(config: Config, *, read_rows: bool = False) -> AsyncIterator[FleetStore]:
+    """Open the configured store for one command; closed when the block ends."""
+    store = config.store
+    fleet = FleetStore(
+        dsn=require_dsn(store),
+        keyring=require_keyring(store),
+        node=store.node_name,
+        timeouts=db_timeouts(config),
+        state_dir=config.state_dir,
+        pool_size=2,
+    )
+    try:
+        await fleet.open(read_rows=read_rows)
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+def _plan_for(config: Config, state: AccountState) -> tuple[datetime | None, RefreshStatus]:
+    policy = config.refresh
+    due = refresh_due_at(state.tokens, share=policy.refresh_at, jitter=policy.jitter)
+    return due, RefreshStatus()
+
+
+async def save_login(
+    config: Config, account: AccountConfig, tokens: TokenSet, user_id: int | None, now: datetime
+) -> AccountState:
+    """Store a fresh login as the account's newest generation (a new row, or CAS over it)."""
+    async with opened(config) as fleet:
+        store = fleet.account_store(account)
+        async with store.hold(COMMAND_LOCK_WAIT):
+            old = store.load()
+            state = AccountState(
+                account=account.name,
+                tokens=tokens,
+                generation=(old.generation + 1) if old else 1,
+                refreshed_at=now,
+                user_id=user_id,
+            )
+            store.planner = lambda: _plan_for(config, state)
+            store.save(state)
+    return state
+
+
+async def logout_account(config: Config, account: AccountConfig) -> AccountState | None:
+    """Delete the account's row (its rotations go with it); return the state it held."""
+    async with opened(config) as fleet:
+        store = fleet.account_store(account)
+        async with store.hold(COMMAND_LOCK_WAIT):
+            state = store.load()
+            store.stage_delete()
+    return state
+
+
+async def read_states(
+    config: Config, names: list[str]
+) -> dict[str, tuple[AccountState | None, StoreError | None, str | None]]:
+    """Read the named accounts' rows: (state, why unreadable, the node that refreshed it)."""
+    async with opened(config, read_rows=True) as fleet:
+        found: dict[str, tuple[AccountState | None, StoreError | None, str | None]] = {}
+        for name in names:
+            row = fleet.rows.get(name)
+            problem = fleet.unreadable.get(name)
+            error = StoreError(problem) if problem else None
+            found[name] = (row.state if row else None, error, row.refreshed_by if row else None)
+        return found
+
+
+async def import_into_store(
+    config: Config,
+    account: AccountConfig,
+    path: Path,
+    client: KakaoClient,
+    *,
+    force: bool,
+    verify: bool,
+    login_hint: str,
+) -> ImportResult:
+    """`import` in fleet mode: the seed file checked as in file mode (importer.py), then
+    written as the account's newest generation under its row lock, with a notification.
+
+    The verifying refresh (when the refresh token must be tested) runs holding the row lock
+    and is committed in the same transaction. If that commit fails after Kakao rotated, the
+    new tokens go to the encrypted rescue file, which the node on this host commits at its
+    next start, and the command says so.
+    """
+    from ..importer import (
+        ImportResult,
+        StateExists,
+        check_seed_file,
+        file_mode,
+        imported_state,
+        log_import,
+        refresh_seed,
+    )
+    from ..tokens import utcnow
+
+    async with opened(config) as fleet:
+        await fleet.reload(account.name)
+        store = fleet.account_store(account)
+        where = f"the PostgreSQL store {fleet.store_id}"
+        checked = await check_seed_file(
+            path,
+            account,
+            client,
+            exists=account.name in fleet.rows,
+            where=where,
+            force=force,
+            verify=verify,
+            rotation_window=config.refresh.rotation_window,
+            login_hint=login_hint,
+        )
+        verified_by = checked.verified_by
+        rotated = False
+        state: AccountState | None = None
+        try:
+            async with store.hold(COMMAND_LOCK_WAIT):
+                old = store.load()
+                if old is not None and not force:
+                    raise StateExists(
+                        f"account '{account.name}' already has tokens in {where}",
+                        hint="use --force to replace them",
+                    )
+                state = imported_state(account, checked, old)
+                if checked.needs_refresh:
+                    state, rotated = await refresh_seed(
+                        checked.seed, state, client, login_hint, utcnow
+                    )
+                    verified_by = "refresh"
+                planned = state
+                store.planner = lambda: _plan_for(config, planned)
+                store.save(state)
+        except StoreWriteError as exc:
+            if state is None or not rotated:
+                raise
+            kept = store.rescue_path if store.save_rescue(state) else None
+            raise StoreWriteError(
+                f"Kakao rotated the refresh token while checking {path}, but the store did not "
+                f"take the new tokens: {exc.message}",
+                hint=(
+                    f"they are in the encrypted rescue file {kept}: start (or restart) "
+                    "kakao-tokend on this host and it commits them"
+                    if kept
+                    else f"the file's refresh token is dead now; {login_hint}"
+                ),
+            ) from None
+    log_import(path, account, state, verified_by, rotated)
+    return ImportResult(
+        state=state,
+        verified_by=verified_by,
+        rotated=rotated,
+        warnings=checked.warnings,
+        file_mode=file_mode(path),
+    )

@@ -1,0 +1,112 @@
+"""The CLI with backend = "postgres": refresh, status, logout and import through the store.
+
+Real commands (`python -m kakao_tokend ...`) against a throwaway PostgreSQL and the Kakao
+emulator; one test runs a real node next to them and watches it follow the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemonproc import run_cli, start_daemon
+from fleetkit import migrated
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet import accounts, db
+from test_fleet_runtime_nodes import node_config, published, store_login
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def row_of(dsn: str) -> tuple[int, str | None] | None:
+    """(generation, refreshed_by) of the default account's row, or None."""
+    conn = await db.connect(dsn, node="test", purpose="test", autocommit=True)
+    async with conn:
+        cur = await conn.execute(
+            "SELECT generation, refreshed_by FROM accounts WHERE name = 'default'"
+        )
+        row = await cur.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+async def test_refresh_and_status_go_through_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Without a running node, `refresh` takes the row lock, calls Kakao once and commits the
+    next generation (refreshed_by = this node); `status` grades the row, not the files."""
+    await migrated(pg_dsn)
+    path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    state = await store_login(emulator, load_config(path), pg_dsn)
+    before = emulator.stats.refreshes_ok
+    code, out, err = await run_cli(path, "refresh")
+    assert code == 0, err
+    assert f"generation {state.generation + 1}" in out
+    assert emulator.stats.refreshes_ok == before + 1
+    assert await row_of(pg_dsn) == (state.generation + 1, "ops-1")
+    assert not (tmp_path / "ops-1" / "state" / "default.state.json").exists()
+    code, out, err = await run_cli(path, "status", "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["source"] == "store"
+    assert document["accounts"][0]["generation"] == state.generation + 1
+
+
+async def test_import_writes_a_checked_seed_file_into_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`import` checks the blog recipe's file with Kakao as in file mode, then inserts the
+    account's row (generation 1); a second import without --force is refused, nothing
+    written; inside the rotation window the verifying refresh runs under the row lock and
+    the rotated token is what the row holds."""
+    await migrated(pg_dsn)
+    path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    code, out, err = await run_cli(path, "import", str(seed))
+    assert code == 0, err
+    assert "stored in the PostgreSQL store as generation 1" in out
+    assert await row_of(pg_dsn) == (1, None)
+    code, _, err = await run_cli(path, "import", str(seed))
+    assert code != 0 and "already has tokens in the PostgreSQL store" in err
+    assert "Traceback" not in err
+    body = emulator.issue_tokens(refresh_remaining=5 * 86400)  # inside the rotation window
+    seed.write_text(json.dumps(body))
+    code, out, err = await run_cli(path, "import", str(seed), "--force")
+    assert code == 0, err
+    assert "ROTATED" in out
+    conn = await db.connect(pg_dsn, node="test", purpose="test")
+    async with conn:
+        row = await accounts.load_account(conn, load_config(path).store.keyring, "default")  # type: ignore[arg-type]
+    assert row is not None and row.generation == 2
+    assert row.state.tokens.refresh_token != body["refresh_token"]  # the rotated one
+
+
+async def test_a_logout_on_any_host_empties_every_nodes_token_file(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A running node publishes the account; `logout` from another host's config deletes the
+    row under its lock, and the node removes its token file within about a second."""
+    node_path = node_config(tmp_path, emulator, pg_dsn, "web-1")
+    node = await start_daemon(node_path)
+    try:
+        state = await store_login(emulator, load_config(node_path), pg_dsn)
+        await node.wait_for(
+            lambda: (published(node) or {}).get("generation") == state.generation,
+            timeout=5,
+            what="the login published",
+        )
+        ops = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+        code, out, err = await run_cli(ops, "logout")
+        assert code == 0, err
+        assert "removed account 'default' from the PostgreSQL store" in out
+        assert await row_of(pg_dsn) is None
+        await node.wait_for(
+            lambda: not (node.state_dir / "default.token.json").exists(),
+            timeout=3,
+            what="the token file removed",
+        )
+    finally:
+        await node.stop()
