@@ -135,7 +135,7 @@ def buckets(times: list[float], start: float, end: float, width: float) -> list[
 async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) -> None:
     """3 nodes, N accounts spread over one interval: shares, peak, cost, memory."""
     n = args.accounts or (60 if args.quick else 10_000)
-    rate = args.rate or (20.0 if args.quick else 40.0)
+    rate = args.rate or (10.0 if args.quick else 40.0)
     interval = n / rate  # one refresh of every account
     lifetime = interval / 0.75
     lead = 3.0
