@@ -1,0 +1,52 @@
+"""Smoke test of bench/fleet_bench.py: its tiny --quick run prints every RESULT line.
+
+It proves the script runs against the current fleet runtime (it cannot rot); it asserts
+nothing about performance: the numbers come from full runs, see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pgcluster import find_pg_bindir, skip_or_fail
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "fleet_bench.py"
+RESULT = re.compile(r"^RESULT (\w+)=(\S+) ratio=(\S+)", re.MULTILINE)
+EXPECTED = {
+    "fleet_spread_worst_deviation",
+    "fleet_peak_rate_1s",
+    "fleet_peak_rate_5s",
+    "fleet_expired",
+    "fleet_statements_per_refresh",
+    "fleet_transactions_per_refresh",
+    "fleet_cpu_ms_per_refresh",
+    "fleet_node_rss_mib",
+    "fleet_failover_s",
+    "fleet_token_throughput",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_fleet_benchmark_quick_run_prints_its_results(tmp_path: Path) -> None:
+    """The fleet benchmark exits 0 in --quick mode and prints each measure as a number, with
+    0 expired tokens (the spread part checks the store and every node's token files)."""
+    if find_pg_bindir() is None:
+        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    completed = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=190,
+    )
+    output = completed.stdout + completed.stderr[-4000:]
+    assert completed.returncode == 0, output
+    found = {name: float(value) for name, value, _ in RESULT.findall(completed.stdout)}
+    assert set(found) == EXPECTED, output
+    assert found["fleet_expired"] == 0, output

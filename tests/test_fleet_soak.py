@@ -1,0 +1,100 @@
+"""The fleet soak (bench/fleet_soak.py): its definitions, and a one-minute run of 3 real nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pgcluster import find_pg_bindir, skip_or_fail
+
+REPO = Path(__file__).resolve().parents[1]
+SOAK = REPO / "bench" / "fleet_soak.py"
+
+
+def load_soak() -> ModuleType:
+    """Import bench/fleet_soak.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("kakao_fleet_soak", SOAK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kakao_fleet_soak"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_window_excuses_only_its_node_and_account_for_its_time() -> None:
+    """A killed node's window covers reads on that node only; a DB restart covers every node;
+    a lost account's window covers that account on every node, and nothing else.
+
+    The soak's main number (expired reads while healthy) rests on this: windows that leaked
+    would excuse stale reads on healthy nodes, windows that were ignored would blame the fleet
+    for a node the harness itself killed.
+    """
+    soak = load_soak()
+    killed = soak.Window(10.0, 12.0, "node killed", node="node-1")
+    restart = soak.Window(20.0, 23.0, "PostgreSQL restart")
+    lost = soak.Window(30.0, None, "lost", account="acct0001")
+    assert killed.covers(11.0, 11.1, "node-1", "acct0000")
+    assert not killed.covers(11.0, 11.1, "node-2", "acct0000")
+    assert not killed.covers(12.1, 12.2, "node-1", "acct0000")
+    assert killed.covers(9.9, 10.05, "node-1", "acct0000")  # the read overlaps the kill
+    assert restart.covers(22.0, 22.1, "node-3", "acct0007")
+    assert lost.covers(1000.0, 1000.1, "node-2", "acct0001")  # open until the re-login
+    assert not lost.covers(1000.0, 1000.1, "node-2", "acct0002")
+
+
+def test_every_must_be_zero_count_fails_the_run() -> None:
+    """An expired read while healthy, an unexplained loss, no refresh at all, or a node that
+    does not exit 0 at the end each make the run fail; an accounted loss does not."""
+    soak = load_soak()
+    report = soak.FleetReport(seed=1, minutes=1.0, nodes=3, accounts=50)
+    report.refresh_cycles = 10
+    report.final_exit_codes = {"node-1": 0, "node-2": 0, "node-3": 0}
+    report.losses.append(soak.Loss("acct0001", "kill_during_rotation", 5.0))
+    assert report.failures() == []
+    report.expired_healthy = 1
+    report.losses.append(soak.Loss("acct0002", "UNEXPLAINED", 6.0))
+    report.final_exit_codes["node-2"] = 1
+    failures = report.failures()
+    assert len(failures) == 3, failures
+    assert "0" in report.table()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(
+    strict=True,
+    reason="fleet runtime (not delivered yet): a node continued after SIGSTOP or restarted "
+    "after kill -9 serves superseded, expired tokens for over a second before it catches up "
+    "(it resyncs only after its ready line; a commit that outlived its 7 s deadline during "
+    "the pause is retried late), and a node may not exit within 15 s of SIGTERM",
+)
+def test_a_one_minute_fleet_soak_loses_nothing_and_never_serves_an_expired_token(
+    tmp_path: Path,
+) -> None:
+    """3 real nodes, 50 accounts, kill -9, SIGSTOP and PostgreSQL restarts for 45 s: no healthy
+    read of an expired token and no refresh token lost outside the lost-response case."""
+    if find_pg_bindir() is None:
+        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(SOAK), "--minutes", "0.75", "--accounts", "50", "--seed", "7",
+         "--quiet", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=REPO,
+    )  # fmt: skip
+    assert out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(out.read_text())
+    assert result.returncode == 0, (report["failures"], result.stdout[-3000:])
+    assert report["refresh_cycles"] > 50
+    assert report["kills"] + report["pauses"] + report["db_restarts"] >= 3
+    assert report["expired_reads_while_healthy"] == 0
+    assert report["unexplained_losses"] == 0
+    assert report["reads_while_healthy"] > 100
