@@ -17,6 +17,33 @@ from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import KakaoEmulator
 
 
+async def spawn_login(
+    config: Path, *extra: str, timeout: str = "30s"
+) -> asyncio.subprocess.Process:
+    """Start the real `kakao-tokend login --no-browser` on ``config``, its three pipes open.
+
+    KAKAO_TOKEND_* variables of the test's own environment are left out, so only ``config``
+    and ``extra`` decide what the process does.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kakao_tokend",
+        "--config",
+        str(config),
+        "login",
+        "--no-browser",
+        "--timeout",
+        timeout,
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
 @dataclass
 class LoginProcess:
     """A running `kakao-tokend login --no-browser` and the URL it printed."""
@@ -42,23 +69,7 @@ async def start_login(
     procs: list[asyncio.subprocess.Process] = []
 
     async def start(*extra: str) -> LoginProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kakao_tokend",
-            "--config",
-            str(config),
-            "login",
-            "--no-browser",
-            "--timeout",
-            "30s",
-            *extra,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        proc = await spawn_login(config, *extra)
         procs.append(proc)
         assert proc.stderr is not None
         seen: list[str] = []

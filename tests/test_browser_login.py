@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import pytest
 
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
+from loginproc import spawn_login
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,22 +166,7 @@ def browser_login_config(tmp_path: Path, emulator: KakaoEmulator) -> tuple[Path,
 
 async def start_login(config: Path) -> tuple[asyncio.subprocess.Process, str]:
     """Run `kakao-tokend login --no-browser` and return it with the authorize URL it printed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kakao_tokend",
-        "--config",
-        str(config),
-        "login",
-        "--no-browser",
-        "--timeout",
-        "60s",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc = await spawn_login(config, timeout="60s")
     assert proc.stderr is not None
     seen: list[str] = []
     async with asyncio.timeout(20):

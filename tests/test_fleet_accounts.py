@@ -450,3 +450,35 @@ async def test_a_change_is_announced_at_commit_and_never_after_a_rollback(store:
 def test_foreign_notification_payloads_are_ignored(payload: str) -> None:
     """Anything else on the channel is not mistaken for an account change."""
     assert accounts.parse_notification(payload) is None
+
+
+async def test_every_account_is_read_in_one_query_and_a_bad_row_does_not_hide_the_others(
+    store: str, keyring: Keyring
+) -> None:
+    """A node's start reads all rows with one scan of the accounts table, not one query per
+    account (3,000 accounts took longer than the start's deadline that way), and a row that
+    does not decrypt is reported by name while every other row still arrives."""
+    names = [f"acct{i:03d}" for i in range(60)]
+    for name in names:
+        await add(store, keyring, name)
+    async with await psycopg.AsyncConnection.connect(store) as raw:
+        await raw.execute(
+            "UPDATE accounts SET refresh_token ="
+            " (SELECT refresh_token FROM accounts WHERE name = 'acct000') WHERE name = 'acct007'"
+        )
+    conn = await node_conn(store)
+    async with conn:
+        rows, unreadable = await accounts.load_every_account(conn, keyring)
+        cur = await conn.execute(
+            "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0)"
+            " FROM pg_stat_xact_user_tables WHERE relname = 'accounts'"
+        )
+        found = await cur.fetchone()
+        one_by_one = {name: await accounts.load_account(conn, keyring, name) for name in rows}
+    assert found is not None and found[0] == 1, f"{found[0] if found else 0} scans of accounts"
+    assert sorted(rows) == [name for name in names if name != "acct007"]
+    for name, row in rows.items():  # the same rows as the one-account reader returns
+        expected = one_by_one[name]
+        assert expected is not None and (row.id, row.state) == (expected.id, expected.state)
+    assert list(unreadable) == ["acct007"]
+    assert "refresh_token of account 'acct007'" in str(unreadable["acct007"])

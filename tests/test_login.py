@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +14,7 @@ import aiohttp
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.login import parse_pasted
-from loginproc import LoginProcess, follow_authorize, get_page, with_query
+from loginproc import LoginProcess, follow_authorize, get_page, spawn_login, with_query
 
 
 def mode(path: Path) -> int:
@@ -237,22 +235,7 @@ class TestWaitingHelp:
         and where, before the final timeout error."""
         config = write_login_config(tmp_path, emulator, redirect_port=free_port())
         unregistered = emulator.settings.redirect_uris.pop()  # a typo at Kakao's side
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "kakao_tokend",
-            "--config",
-            str(config),
-            "login",
-            "--no-browser",
-            "--timeout",
-            "4s",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        proc = await spawn_login(config, timeout="4s")
         assert proc.stderr is not None
         url = ""
         async with asyncio.timeout(30):  # a loaded machine may take long to start Python

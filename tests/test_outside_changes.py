@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 from alertkit import Receiver
 from daemonproc import DaemonProcess, free_port, login, run_cli, start_daemon, write_config
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
+from loginproc import spawn_login
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,21 +44,7 @@ def _config(tmp_path: Path, emulator: KakaoEmulator, extra: str = "") -> Path:
 
 async def cli_login(config: Path) -> tuple[int, str, str]:
     """Run the real `kakao-tokend login --no-browser` and finish it as a browser would."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kakao_tokend",
-        "--config",
-        str(config),
-        "login",
-        "--no-browser",
-        "--timeout",
-        "30s",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("KAKAO_TOKEND")},
-    )
+    proc = await spawn_login(config)
     assert proc.stderr is not None
     seen: list[str] = []
     async with asyncio.timeout(20):

@@ -13,6 +13,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from aiohttp import web
 
@@ -26,8 +27,38 @@ log = logging.getLogger(__name__)
 #: How long a killed hook may take to disappear before we stop waiting for it.
 KILL_WAIT = 5.0
 
+K = TypeVar("K")
+V = TypeVar("V")
 
-class HookRunner:
+
+class CommandWorkers(Generic[K, V]):
+    """What hooks and template commands share: a worker task per key that runs commands in
+    their own process groups, work waiting per key, and a stop that kills every process."""
+
+    def __init__(self) -> None:
+        self._pending: dict[K, V] = {}
+        self._workers: dict[K, asyncio.Task[None]] = {}
+        self._procs: set[asyncio.subprocess.Process] = set()
+
+    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), KILL_WAIT)
+
+    async def close(self) -> None:
+        """Stop: drop waiting work, kill running commands and wait for the workers."""
+        self._pending.clear()
+        for proc in list(self._procs):
+            await self._kill(proc)
+        for worker in self._workers.values():
+            worker.cancel()
+        for worker in self._workers.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+
+class HookRunner(CommandWorkers[str, int]):
     """Turns ``refreshed`` and ``adopted`` events into hook runs; one instance per daemon.
 
     Hooks of one account run one after another: a change that arrives while a hook runs is
@@ -36,11 +67,9 @@ class HookRunner:
     """
 
     def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
         self.daemon = daemon
         self._seen: dict[str, int] = {}
-        self._pending: dict[str, int] = {}
-        self._workers: dict[str, asyncio.Task[None]] = {}
-        self._procs: set[asyncio.subprocess.Process] = set()
 
     def baseline(self) -> None:
         """Remember every account's current generation; no hook runs for tokens we started with."""
@@ -118,23 +147,6 @@ class HookRunner:
             log.info("account %s: hook %s done (generation %d)", account.name, program, gen)
         else:
             log.warning("account %s: hook %s exited with %s", account.name, program, code)
-
-    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), KILL_WAIT)
-
-    async def close(self) -> None:
-        """Stop: kill running hooks and wait for the workers."""
-        self._pending.clear()
-        for proc in list(self._procs):
-            await self._kill(proc)
-        for worker in self._workers.values():
-            worker.cancel()
-        for worker in self._workers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
 
 
 HOOKS = web.AppKey("hooks", HookRunner)

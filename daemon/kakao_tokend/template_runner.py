@@ -9,10 +9,8 @@ differ from what is there, and then runs the template's optional command.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,15 +22,13 @@ from .alerts import PASSED_ENV
 from .config import TemplateConfig
 from .daemon import Daemon
 from .errors import StoreError
+from .hooks import CommandWorkers
 from .refresher import AccountManager
 from .status import NEW_TOKENS, WITHOUT_TOKENS, AccountEvent
 from .store import atomic_write, resolve_group
 from .templates import render
 
 log = logging.getLogger(__name__)
-
-#: How long a killed command may take to disappear before we stop waiting for it.
-KILL_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +73,7 @@ def command_environment(account: str, destination: Path, generation: int) -> dic
     return env
 
 
-class TemplateRunner:
+class TemplateRunner(CommandWorkers[tuple[str, Path], tuple[TemplateConfig, int]]):
     """Renders every account's templates on start, refresh, adoption and reload; runs commands.
 
     A template's command runs after a change of its destination's content, one run at a time
@@ -85,10 +81,8 @@ class TemplateRunner:
     """
 
     def __init__(self, daemon: Daemon) -> None:
+        super().__init__()
         self.daemon = daemon
-        self._pending: dict[tuple[str, Path], tuple[TemplateConfig, int]] = {}
-        self._workers: dict[tuple[str, Path], asyncio.Task[None]] = {}
-        self._procs: set[asyncio.subprocess.Process] = set()
 
     def on_event(self, event: AccountEvent) -> None:
         """Manager listener: a new token set (refresh) or one another process wrote (adoption)."""
@@ -199,23 +193,6 @@ class TemplateRunner:
             proc.returncode,
             said,
         )
-
-    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), KILL_WAIT)
-
-    async def close(self) -> None:
-        """Stop: kill running commands and wait for the workers."""
-        self._pending.clear()
-        for proc in list(self._procs):
-            await self._kill(proc)
-        for worker in self._workers.values():
-            worker.cancel()
-        for worker in self._workers.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
 
 
 TEMPLATES = web.AppKey("templates", TemplateRunner)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, LiteralString
 
+from ..errors import TokenDecryptError
 from ..state import MAX_ROTATIONS_KEPT, AccountState, Rotation
 from ..tokens import TokenSet
 from . import missing_extra
@@ -214,6 +215,28 @@ async def load_account(
     with store_errors(f"read account {name!r} from the store"):
         rows = await _select(conn, _SELECT + " WHERE a.name = %(name)s" + lock.value, name=name)
     return _row(rows[0], keyring) if rows else None
+
+
+async def load_every_account(
+    conn: AsyncConnection[Any], keyring: Keyring
+) -> tuple[dict[str, AccountRow], dict[str, TokenDecryptError]]:
+    """Return every account row, read with one query (a node's start), without locking.
+
+    One round trip whatever the number of accounts: a query per account made a node with a
+    few thousand accounts miss its start-up deadline. A row that does not decrypt (wrong key,
+    a ciphertext moved between rows) is returned by name in the second mapping, so one bad
+    row never hides the others.
+    """
+    with store_errors("read the store's accounts"):
+        raws = await _select(conn, _SELECT + " ORDER BY a.name")
+    rows: dict[str, AccountRow] = {}
+    unreadable: dict[str, TokenDecryptError] = {}
+    for raw in raws:
+        try:
+            rows[raw["name"]] = _row(raw, keyring)
+        except TokenDecryptError as exc:
+            unreadable[raw["name"]] = exc
+    return rows, unreadable
 
 
 async def claim_due(

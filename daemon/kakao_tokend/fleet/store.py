@@ -51,6 +51,7 @@ from .accounts import (
     delete_account,
     insert_account,
     load_account,
+    load_every_account,
     notify_changed,
     save_account,
     save_status,
@@ -354,17 +355,11 @@ class FleetStore:
     async def load_all(self) -> None:
         """Read every row into the cache (at start)."""
         async with self.connection("read the store's accounts") as conn:
-            cur = await conn.execute("SELECT name FROM accounts ORDER BY name")
-            names = [name for (name,) in await cur.fetchall()]
-            for name in names:
-                try:
-                    row = await load_account(conn, self.keyring, name)
-                except TokenDecryptError as exc:
-                    self._decrypt_failed(name, exc)
-                    continue
-                if row is not None:
-                    self.rows[name] = row
+            rows, unreadable = await load_every_account(conn, self.keyring)
             await conn.commit()
+        self.rows.update(rows)
+        for name, exc in unreadable.items():
+            self._decrypt_failed(name, exc)
         self.stats.last_sync = time.monotonic()
 
     async def reload(self, name: str) -> AccountRow | None:
