@@ -522,6 +522,36 @@ async def _store_connection(config: Config) -> AsyncIterator[AsyncConnection[Any
         yield conn
 
 
+@dataclass
+class _Sides:
+    """Both sides of a migration, opened, locked and checked, and the report it fills."""
+
+    files: FileSide
+    conn: AsyncConnection[Any]
+    keyring: Keyring
+    database: str
+    meta: StoreMeta
+    markers: dict[Path, dict[str, Any] | None]
+    report: MigrationReport
+
+
+@contextlib.asynccontextmanager
+async def _both_sides(config: Config, target: Target, lock_timeout: float) -> AsyncIterator[_Sides]:
+    """Lock the files and the store, read the store's identity and the files' markers, and
+    refuse a pair that belongs to different stores: what both directions start with."""
+    keyring = require_keyring(config.store)
+    database = describe_database(require_dsn(config.store))
+    with FileSide(config, lock_timeout=lock_timeout) as files:
+        async with _store_connection(config) as conn:
+            with store_errors("read the store's identity"):
+                meta = await read_meta(conn)
+                await conn.commit()
+            markers = files.markers()
+            _refuse_foreign(meta, markers, files, database)
+            report = MigrationReport(target, meta.store_id, database, files.location)
+            yield _Sides(files, conn, keyring, database, meta, markers, report)
+
+
 # ---------------------------------------------------------------------------------------------
 # Files -> PostgreSQL
 
@@ -530,53 +560,45 @@ async def migrate_to_postgres(
     config: Config, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 ) -> MigrationReport:
     """Move every configured account (and its alert bookkeeping) from the files into the store."""
-    dsn = require_dsn(config.store)
-    keyring = require_keyring(config.store)
-    database = describe_database(dsn)
-    with FileSide(config, lock_timeout=lock_timeout) as files:
-        async with _store_connection(config) as conn:
-            with store_errors("read the store's identity"):
-                meta = await read_meta(conn)
-                await conn.commit()
-            markers = files.markers()
-            _refuse_foreign(meta, markers, files, database)
-            report = MigrationReport("postgres", meta.store_id, database, files.location)
-            if meta.moved_to is None and all(markers.values()):
-                if any(marker and marker.get("pending") for marker in markers.values()):
-                    # `migrate --to file` never reached its commit: the store stayed the live
-                    # copy. Say so in the markers instead of "a migration has not finished".
-                    again = {**next(m for m in markers.values() if m), "pending": False}
-                    report.markers = files.write_markers(again)
-                at = next(m for m in markers.values() if m).get("moved_at")
-                report.nothing_to_do = (
-                    f"the accounts in {config.state_dir} already live in PostgreSQL store "
-                    f"{meta.store_id} ({database}), moved there at {at}"
-                )
-                return report
-            sources = _read_sources(files)
-            async with conn.transaction():
-                await _write_rows(conn, keyring, config, files, sources, meta, report)
-                # Inert until the files are marked: then the files are no longer live.
-                await _set_meta_moved(
-                    conn,
-                    note=files.location,
-                    by=f"kakao-tokend store migrate --to postgres ({_who()})",
-                    pending=True,
-                )
-            states = {name: state for name, (state, _) in sources.items() if state is not None}
-            report.markers = files.write_markers(
-                _marker_document(meta, database, states, pending=False)
+    async with _both_sides(config, "postgres", lock_timeout) as sides:
+        conn, keyring, database = sides.conn, sides.keyring, sides.database
+        files, meta, markers, report = sides.files, sides.meta, sides.markers, sides.report
+        if meta.moved_to is None and all(markers.values()):
+            if any(marker and marker.get("pending") for marker in markers.values()):
+                # `migrate --to file` never reached its commit: the store stayed the live
+                # copy. Say so in the markers instead of "a migration has not finished".
+                again = {**next(m for m in markers.values() if m), "pending": False}
+                report.markers = files.write_markers(again)
+            at = next(m for m in markers.values() if m).get("moved_at")
+            report.nothing_to_do = (
+                f"the accounts in {config.state_dir} already live in PostgreSQL store "
+                f"{meta.store_id} ({database}), moved there at {at}"
             )
-            try:
-                async with conn.transaction():
-                    await _set_meta_live(conn)
-            except StoreError as exc:
-                kind = StoreUnavailable if isinstance(exc, StoreUnavailable) else StoreError
-                raise kind(
-                    f"the accounts are in PostgreSQL store {meta.store_id} and the files are "
-                    f"marked moved, but the store could not be put in use: {exc.message}",
-                    hint="run `kakao-tokend store migrate --to postgres` again to finish",
-                ) from None
+            return report
+        sources = _read_sources(files)
+        async with conn.transaction():
+            await _write_rows(conn, keyring, config, files, sources, meta, report)
+            # Inert until the files are marked: then the files are no longer live.
+            await _set_meta_moved(
+                conn,
+                note=files.location,
+                by=f"kakao-tokend store migrate --to postgres ({_who()})",
+                pending=True,
+            )
+        states = {name: state for name, (state, _) in sources.items() if state is not None}
+        report.markers = files.write_markers(
+            _marker_document(meta, database, states, pending=False)
+        )
+        try:
+            async with conn.transaction():
+                await _set_meta_live(conn)
+        except StoreError as exc:
+            kind = StoreUnavailable if isinstance(exc, StoreUnavailable) else StoreError
+            raise kind(
+                f"the accounts are in PostgreSQL store {meta.store_id} and the files are "
+                f"marked moved, but the store could not be put in use: {exc.message}",
+                hint="run `kakao-tokend store migrate --to postgres` again to finish",
+            ) from None
     return report
 
 
@@ -674,54 +696,46 @@ async def migrate_to_file(
     config: Config, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 ) -> MigrationReport:
     """Move every account (and its alert bookkeeping) from the store into the files."""
-    dsn = require_dsn(config.store)
-    keyring = require_keyring(config.store)
-    database = describe_database(dsn)
-    with FileSide(config, lock_timeout=lock_timeout) as files:
-        async with _store_connection(config) as conn:
-            with store_errors("read the store's identity"):
-                meta = await read_meta(conn)
-                await conn.commit()
-            markers = files.markers()
-            _refuse_foreign(meta, markers, files, database)
-            report = MigrationReport("file", meta.store_id, database, files.location)
-            if meta.moved_to is not None and not any(markers.values()):
-                if meta.moved_pending:
-                    # `migrate --to postgres` committed the rows but never marked the files:
-                    # they stayed the live copy. Record that the store's copy is abandoned.
-                    async with conn.transaction():
-                        await _set_meta_moved(
-                            conn, note=files.location, by=meta.moved_by or _who(), pending=False
-                        )
-                at = format_time(meta.moved_at) if meta.moved_at else "?"
-                report.nothing_to_do = (
-                    f"the accounts of PostgreSQL store {meta.store_id} ({database}) already "
-                    f"live in the {files.location}, moved there at {at}"
-                )
-                return report
-            inert = {directory for directory, marker in markers.items() if marker}
-            async with conn.transaction():
-                with store_errors("allow time for the file writes"):
-                    await conn.execute(
-                        "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-                        (FILE_WRITE_BUDGET,),
+    async with _both_sides(config, "file", lock_timeout) as sides:
+        conn, keyring, database = sides.conn, sides.keyring, sides.database
+        files, meta, markers, report = sides.files, sides.meta, sides.markers, sides.report
+        if meta.moved_to is not None and not any(markers.values()):
+            if meta.moved_pending:
+                # `migrate --to postgres` committed the rows but never marked the files:
+                # they stayed the live copy. Record that the store's copy is abandoned.
+                async with conn.transaction():
+                    await _set_meta_moved(
+                        conn, note=files.location, by=meta.moved_by or _who(), pending=False
                     )
-                rows = await _lock_rows(conn, keyring, config, meta)
-                plans = _plan_files(files, rows, inert, report)
-                report.set_aside += _handle_rescue_files(files, stale=inert)
-                # The files are made inert before they are filled: until the store is
-                # marked below, it stays the live copy.
-                states = {name: state for name, state in rows.items() if state is not None}
-                files.write_markers(_marker_document(meta, database, states, pending=True))
-                for name, plan in plans.items():
-                    await _write_account_files(conn, name, plan, report)
-                await _set_meta_moved(
-                    conn,
-                    note=files.location,
-                    by=f"kakao-tokend store migrate --to file ({_who()})",
-                    pending=False,
+            at = format_time(meta.moved_at) if meta.moved_at else "?"
+            report.nothing_to_do = (
+                f"the accounts of PostgreSQL store {meta.store_id} ({database}) already "
+                f"live in the {files.location}, moved there at {at}"
+            )
+            return report
+        inert = {directory for directory, marker in markers.items() if marker}
+        async with conn.transaction():
+            with store_errors("allow time for the file writes"):
+                await conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+                    (FILE_WRITE_BUDGET,),
                 )
-            report.markers = files.remove_markers()
+            rows = await _lock_rows(conn, keyring, config, meta)
+            plans = _plan_files(files, rows, inert, report)
+            report.set_aside += _handle_rescue_files(files, stale=inert)
+            # The files are made inert before they are filled: until the store is
+            # marked below, it stays the live copy.
+            states = {name: state for name, state in rows.items() if state is not None}
+            files.write_markers(_marker_document(meta, database, states, pending=True))
+            for name, plan in plans.items():
+                await _write_account_files(conn, name, plan, report)
+            await _set_meta_moved(
+                conn,
+                note=files.location,
+                by=f"kakao-tokend store migrate --to file ({_who()})",
+                pending=False,
+            )
+        report.markers = files.remove_markers()
     return report
 
 
