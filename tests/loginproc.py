@@ -44,6 +44,24 @@ async def spawn_login(
     )
 
 
+async def read_authorize_url(proc: asyncio.subprocess.Process) -> tuple[str, list[str]]:
+    """Read a login process's stderr up to its paste prompt; return the URL it printed and
+    every line read (they are part of what the test later checks)."""
+    assert proc.stderr is not None
+    seen: list[str] = []
+    async with asyncio.timeout(20):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            seen.append(line)
+            if not line:
+                raise AssertionError("login exited early: " + "".join(seen))
+            if "paste here" in line:
+                break
+    urls = [s.strip() for s in seen if s.strip().startswith("http")]
+    assert urls, "".join(seen)
+    return urls[0], seen
+
+
 @dataclass
 class LoginProcess:
     """A running `kakao-tokend login --no-browser` and the URL it printed."""
@@ -71,19 +89,8 @@ async def start_login(
     async def start(*extra: str) -> LoginProcess:
         proc = await spawn_login(config, *extra)
         procs.append(proc)
-        assert proc.stderr is not None
-        seen: list[str] = []
-        async with asyncio.timeout(20):
-            while True:
-                line = (await proc.stderr.readline()).decode()
-                seen.append(line)
-                if not line:
-                    raise AssertionError("login exited early: " + "".join(seen))
-                if "paste here" in line:
-                    break
-        urls = [s.strip() for s in seen if s.strip().startswith("http")]
-        assert urls, "".join(seen)
-        return LoginProcess(proc, urls[0], seen)
+        url, seen = await read_authorize_url(proc)
+        return LoginProcess(proc, url, seen)
 
     yield start
     for proc in procs:

@@ -17,7 +17,7 @@ import pytest
 
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
-from loginproc import spawn_login
+from loginproc import read_authorize_url, spawn_login
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,19 +167,8 @@ def browser_login_config(tmp_path: Path, emulator: KakaoEmulator) -> tuple[Path,
 async def start_login(config: Path) -> tuple[asyncio.subprocess.Process, str]:
     """Run `kakao-tokend login --no-browser` and return it with the authorize URL it printed."""
     proc = await spawn_login(config, timeout="60s")
-    assert proc.stderr is not None
-    seen: list[str] = []
-    async with asyncio.timeout(20):
-        while True:
-            line = (await proc.stderr.readline()).decode()
-            seen.append(line)
-            if not line:
-                raise AssertionError("login exited early: " + "".join(seen))
-            if "paste here" in line:
-                break
-    urls = [s.strip() for s in seen if s.strip().startswith("http")]
-    assert urls, "".join(seen)
-    return proc, urls[0]
+    url, _ = await read_authorize_url(proc)
+    return proc, url
 
 
 async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
