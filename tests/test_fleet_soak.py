@@ -67,18 +67,19 @@ def test_every_must_be_zero_count_fails_the_run() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_45_second_fleet_soak_loses_no_refresh_token(
+def test_a_45_second_fleet_soak_loses_nothing_and_serves_no_expired_token(
     tmp_path: Path,
 ) -> None:
     """3 real nodes, 50 accounts, kill -9, SIGSTOP and PostgreSQL restarts for 45 s: no refresh
-    token is lost outside the lost-response case, and the fleet keeps refreshing.
+    token is lost outside the lost-response case and the fleet keeps refreshing (these must
+    hold in every run); no healthy read of an expired token and every node exits 0 at the end.
 
-    The soak's other must-be-0 counts are not asserted here, because they do not hold every
-    time yet (docs/benchmarks.md, "Fleet findings"): a node continued after SIGSTOP or
-    restarted after kill -9 can serve its superseded token file for a second or two more than
-    the soak's GRACE before it catches up, and a node may need more than 15 s to exit on
-    SIGTERM. `python bench/fleet_soak.py` reports them; on this machine some runs pass whole
-    and some do not, so an xfail would be wrong either way.
+    The last two do not hold every time yet (docs/benchmarks.md, "Fleet findings"): a node
+    continued after SIGSTOP or restarted after kill -9 can serve its superseded token files a
+    second or two longer than the soak's GRACE, and a node may need more than 15 s to exit on
+    SIGTERM. Some runs pass whole and some do not, so when only these fail the test reports an
+    expected failure with the counts (pytest.xfail) instead of failing CI; a strict xfail
+    failed CI whenever a run passed whole.
     """
     if find_pg_bindir() is None:
         skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
@@ -97,3 +98,9 @@ def test_a_45_second_fleet_soak_loses_no_refresh_token(
     assert report["refresh_cycles"] > 50
     assert report["kills"] + report["pauses"] + report["db_restarts"] >= 3
     assert report["reads_while_healthy"] > 100
+    # The run's other must-be-0 counts (expired reads while healthy, every node exiting 0):
+    # reported as an expected failure with the soak's own words while the gap is open.
+    if result.returncode != 0 or report["expired_reads_while_healthy"]:
+        pytest.xfail(
+            f"known fleet runtime gap (catch-up after a pause, slow stop): {report['failures']}"
+        )
