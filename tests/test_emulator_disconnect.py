@@ -1,4 +1,4 @@
-"""The emulator stays quiet when a client gives up on a slow answer (a killed daemon)."""
+"""The emulator and clients that go away: quiet hang-ups, held requests processed anyway."""
 
 from __future__ import annotations
 
@@ -44,3 +44,63 @@ async def test_a_client_that_hangs_up_during_a_slow_fault_is_no_server_error(
         session.post(emulator.url + "/oauth/token", data={"grant_type": "refresh_token"}) as resp,
     ):
         assert resp.status == 401  # answered normally: Kakao's KOE010 body, not a crash
+
+
+async def test_a_held_request_is_processed_on_release_even_when_its_client_is_gone(
+    emulator: KakaoEmulator,
+) -> None:
+    """`hold` keeps an arrived refresh until release_held(); Kakao then rotates for a dead client.
+
+    This is the order the fleet's kill -9 test needs (Kakao answers the killed node's request
+    only after the survivor refreshed): the request has arrived, so its client's death does not
+    stop Kakao from processing it.
+    """
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # every refresh rotates
+    refresh_token = emulator.issue_tokens()["refresh_token"]
+    emulator.inject("token", "hold", delay=30.0)
+    form = {
+        "grant_type": "refresh_token",
+        "client_id": emulator.settings.client_id,
+        "refresh_token": refresh_token,
+    }
+    if emulator.settings.client_secret is not None:
+        form["client_secret"] = emulator.settings.client_secret
+    session = aiohttp.ClientSession()
+    request = asyncio.create_task(session.post(emulator.url + "/oauth/token", data=form))
+    for _ in range(100):
+        if emulator.held_requests:
+            break
+        await asyncio.sleep(0.02)
+    assert emulator.held_requests == 1
+    assert emulator.stats.refreshes_ok == 0
+    request.cancel()
+    await session.close()  # the client is gone before Kakao answers
+    await asyncio.sleep(0.1)
+    assert emulator.refresh_token_status(refresh_token) == "live"  # nothing happened yet
+    emulator.release_held()
+    for _ in range(100):
+        if not emulator.held_requests:
+            break
+        await asyncio.sleep(0.02)
+    assert emulator.held_requests == 0
+    assert emulator.stats.refreshes_ok == 1
+    assert emulator.refresh_token_status(refresh_token) == "retired"
+
+
+async def test_release_over_the_control_api_answers_a_held_request(
+    emulator: KakaoEmulator,
+) -> None:
+    """POST /_emulator/faults/release lets a held request through and says how many were held."""
+    emulator.inject("user_me", "hold", delay=30.0)
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.create_task(session.get(emulator.url + "/v2/user/me"))
+        for _ in range(100):
+            if emulator.held_requests:
+                break
+            await asyncio.sleep(0.02)
+        assert not held.done()
+        async with session.post(emulator.url + "/_emulator/faults/release") as resp:
+            assert await resp.json() == {"released": 1}
+        response = await asyncio.wait_for(held, 5)
+        assert response.status == 401  # answered by kapi itself: no token given
+        response.release()

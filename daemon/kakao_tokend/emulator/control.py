@@ -32,6 +32,7 @@ class ControlApi:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Register the /_emulator/ paths."""
         router.add_route("*", "/_emulator/faults", self.faults_endpoint)
+        router.add_post("/_emulator/faults/release", self.release_held)
         router.add_route("*", "/_emulator/clock", self.clock)
         router.add_get("/_emulator/inbox", self.inbox)
         router.add_get("/_emulator/stats", self.stats)
@@ -63,6 +64,12 @@ class ControlApi:
         except (ValueError, TypeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"faults": self._armed()}, status=201)
+
+    async def release_held(self, request: web.Request) -> web.StreamResponse:
+        """POST lets every request a ``hold`` fault keeps go on; answers how many were held."""
+        held = self.faults.held
+        self.faults.release_held()
+        return web.json_response({"released": held})
 
     async def clock(self, request: web.Request) -> web.StreamResponse:
         """GET reads the virtual clock; POST ``{"advance": seconds}`` moves it forward."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -56,6 +57,7 @@ FAULT_KINDS = frozenset(
         "koe237",
         "timeout",
         "slow",
+        "hold",
         "reset",
         "truncated",
         "non_json",
@@ -63,7 +65,7 @@ FAULT_KINDS = frozenset(
         *KAPI_FAULTS,
     }
 )
-_DEFAULT_DELAY = {"timeout": 60.0, "slow": 2.0}
+_DEFAULT_DELAY = {"timeout": 60.0, "slow": 2.0, "hold": 60.0}
 
 
 @dataclass
@@ -88,6 +90,10 @@ class FaultPlan:
         self.stats = stats
         self.armed: list[Fault] = []
         self._random = random.Random(seed)
+        #: Set by :meth:`release_held`: every request a ``hold`` fault keeps goes on to Kakao.
+        self._released = asyncio.Event()
+        #: How many requests a ``hold`` fault keeps right now.
+        self.held = 0
 
     def inject(
         self,
@@ -112,11 +118,17 @@ class FaultPlan:
         elif count is None or count < 1:
             raise ValueError("give a positive count or a rate")
         resolved = delay if delay is not None else _DEFAULT_DELAY.get(kind, 0.0)
+        if kind == "hold":
+            self._released = asyncio.Event()
         self.armed.append(Fault(endpoint, kind, count, rate, resolved))
 
     def clear(self) -> None:
         """Disarm every fault."""
         self.armed.clear()
+
+    def release_held(self) -> None:
+        """Let every request a ``hold`` fault keeps (and any it catches later) reach Kakao."""
+        self._released.set()
 
     def _take(self, endpoint: str) -> Fault | None:
         for fault in list(self.armed):
@@ -154,6 +166,8 @@ class FaultPlan:
         if kind in ("timeout", "slow"):
             await asyncio.sleep(fault.delay)
             return await handler(request)
+        if kind == "hold":
+            return await self._hold(fault, request, handler)
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if kind == "http500":
@@ -188,6 +202,24 @@ class FaultPlan:
             return await _abort(request)  # ... and the client never hears about it
         status, code, msg = KAPI_FAULTS[kind]
         return api_error(self.stats, status, code, msg)
+
+    async def _hold(
+        self, fault: Fault, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """Answer ``request`` once :meth:`release_held` is called, or after the fault's delay.
+
+        A test can so order "Kakao processes this request after that event" without betting on
+        how long a loaded machine takes to reach the event. The body is read first: the request
+        has arrived, so Kakao processes it even when its client is gone by then.
+        """
+        await request.read()  # cached: the endpoint's request.post() parses these bytes
+        self.held += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), fault.delay)
+            return await handler(request)
+        finally:
+            self.held -= 1
 
 
 async def _abort(request: web.Request) -> web.StreamResponse:

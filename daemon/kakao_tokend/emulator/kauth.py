@@ -376,7 +376,7 @@ class Kauth:
     async def token(self, request: web.Request) -> web.StreamResponse:
         """POST /oauth/token: client check, then the authorization_code or refresh_token grant."""
         params: dict[str, str] = dict(request.query)
-        if request.can_read_body:
+        if request.body_exists:  # not can_read_body: a `hold` fault has read (cached) it
             form = await request.post()
             params.update({k: v for k, v in form.items() if isinstance(v, str)})
         settings = self.state.settings

@@ -47,6 +47,15 @@ class KakaoEmulator(EmulatorState):
         """Disarm every fault."""
         self._faults.clear()
 
+    def release_held(self) -> None:
+        """Let the requests a ``hold`` fault keeps go on to be answered."""
+        self._faults.release_held()
+
+    @property
+    def held_requests(self) -> int:
+        """How many requests a ``hold`` fault keeps right now."""
+        return self._faults.held
+
     def issue_tokens(
         self,
         user_id: int = DEFAULT_USER_ID,
