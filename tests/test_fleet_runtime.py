@@ -129,6 +129,15 @@ async def store_dsn(pg_dsn: str) -> str:
     return pg_dsn
 
 
+async def kakao_holds_the_refresh(emulator: KakaoEmulator) -> None:
+    """Wait until a ``hold`` fault keeps a token request: the node is inside Kakao's call."""
+    for _ in range(400):
+        if emulator.held_requests:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("no token request reached Kakao within 10 s")
+
+
 async def test_a_refresh_commits_to_the_store_before_it_publishes(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -209,11 +218,12 @@ async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
             node.manager.load()
         while not (one.manager.needs_refresh(one.manager.clock())):
             await asyncio.sleep(0.05)
-        emulator.inject("token", "slow", delay=1.0)
+        emulator.inject("token", "hold", delay=30.0)
         before = emulator.stats.refreshes_ok
         first = asyncio.create_task(one.manager.refresh(reason="due"))
-        await asyncio.sleep(0.4)  # web-1 holds the row, waiting for Kakao
+        await kakao_holds_the_refresh(emulator)  # web-1 holds the row, waiting for Kakao
         second = await two.manager.refresh(reason="due")
+        emulator.release_held()
         committed = await first
         assert emulator.stats.refreshes_ok - before == 1
         assert two.fleet.stats.claim_conflicts == 1
@@ -276,11 +286,12 @@ async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_comm
             state = await logged_in(emulator, node.config, store_dsn, session)
             await node.fleet.reload("default")
             node.manager.load()
-            emulator.inject("token", "slow", delay=1.0)
+            emulator.inject("token", "hold", delay=30.0)
             task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
-            await asyncio.sleep(0.5)  # holding the row, waiting for Kakao
+            await kakao_holds_the_refresh(emulator)  # holding the row, waiting for Kakao
             proxy.refuse()
             proxy.cut()
+            emulator.release_held()
             new = await task
             assert new is not None and new.generation == state.generation + 1
             assert new.tokens.refresh_token != state.tokens.refresh_token  # rotated
@@ -323,11 +334,12 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
         state = await logged_in(emulator, node.config, store_dsn, session)
         await node.fleet.reload("default")
         node.manager.load()
-        emulator.inject("token", "slow", delay=1.0)
+        emulator.inject("token", "hold", delay=30.0)
         task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
-        await asyncio.sleep(0.5)
+        await kakao_holds_the_refresh(emulator)
         proxy.refuse()
         proxy.cut()
+        emulator.release_held()
         new = await task
         assert new is not None and node.manager.status.write_pending
         await node.fleet.close()  # the node "dies" with its rescue file on disk
