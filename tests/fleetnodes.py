@@ -189,6 +189,13 @@ class FleetNode:
             15,
         )
 
+    async def status(self) -> dict[str, Any]:
+        """GET /v1/status on this node's socket (its ``fleet`` block has the store counters)."""
+        code, body = await asyncio.wait_for(self._process().api("GET", "/v1/status"), 15)
+        if code != 200:
+            raise AssertionError(f"{self.name}: /v1/status answered {code}: {body}")
+        return dict(body)
+
     def log_text(self) -> str:
         """Return the logs of every process this node ran, oldest first."""
         return "\n".join(process.log_text() for process in self.history)

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,6 +213,62 @@ async def test_a_node_paused_longer_than_the_access_lifetime_neither_stalls_nor_
     )
     assert await fleet.lost_refresh_tokens() == []
     assert fleet.emulator.stats.retired_refresh_presented == 0
+
+
+async def fleet_counters(node: FleetNode) -> dict[str, Any]:
+    """Return the ``fleet`` block of the node's /v1/status (its store counters)."""
+    return dict((await node.status())["fleet"])
+
+
+async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_queries(
+    make_fleet: FleetFactory,
+) -> None:
+    """A node paused while the others refreshed 24 accounts twice each catches up in bulk.
+
+    Dozens of notifications wait for it when it is continued; it re-reads the changed rows
+    with a few queries (one per batch of notifications, one per poll), not one per
+    notification, which kept a woken node serving expired token files for seconds.
+    """
+    lifetime = 5.0
+    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=24)
+    await fleet.seed()
+    await fleet.start()
+    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    sleeper = fleet.nodes[0]
+    for _ in range(50):  # pause it at a moment it holds no row lock
+        before = await fleet_counters(sleeper)
+        sleeper.pause()
+        if sleeper.name not in await fleet.lock_holders():
+            break
+        sleeper.resume()
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"{sleeper.name} always held a row lock")
+    paused_at = fleet.emulator.now()
+    await wait_until(
+        lambda: all_refreshed(fleet, since=paused_at, times=2),
+        timeout=6 * lifetime,
+        what="the other node refreshing every account twice",
+        fleet=fleet,
+    )
+    sleeper.resume()
+    await wait_until(
+        lambda: fresh_everywhere(fleet, [sleeper]),
+        timeout=5,
+        what="the woken node publishing current tokens",
+        fleet=fleet,
+    )
+    after: dict[str, Any] = {}
+
+    async def heard_every_refresh() -> bool:
+        after.update(await fleet_counters(sleeper))
+        return bool(after["notifications"] - before["notifications"] >= 2 * len(fleet.accounts))
+
+    await wait_until(heard_every_refresh, timeout=10, what="the queued notifications", fleet=fleet)
+    heard = after["notifications"] - before["notifications"]
+    reads = after["row_reads"] - before["row_reads"]
+    assert reads <= len(fleet.accounts) // 3, (heard, reads)
+    assert await fleet.lost_refresh_tokens() == []
 
 
 async def test_a_postgres_restart_during_refreshes_loses_no_refresh_token(

@@ -264,6 +264,7 @@ class Daemon:
             "commits": stats.commits,
             "failed_commits": stats.failed_commits,
             "notifications": stats.notifications,
+            "row_reads": stats.row_reads,
             "notify_lag_seconds": stats.last_notify_lag,
             "nodes": {name: format_time(seen) for name, seen in fleet.nodes.items()},
             "publishes": sorted(fleet.publish_accounts)

@@ -213,6 +213,7 @@ class DaemonCollector(Collector):
             ("commits", stats.commits, "New token sets this node committed."),
             ("failed_commits", stats.failed_commits, "Commits that failed (rescue files)."),
             ("notifications", stats.notifications, "Change notifications received."),
+            ("row_reads", stats.row_reads, "Queries re-reading rows after notifications/polls."),
         ):
             family = CounterMetricFamily(f"kakao_tokend_store_{metric}", text)
             family.add_metric([], value)

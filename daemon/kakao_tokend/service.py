@@ -148,7 +148,9 @@ async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
         on_health=daemon.on_store_health,
     )
     daemon.fleet_node = node
-    node.start()
+    # Before READY: what other nodes committed while this one was down or starting is
+    # re-read and published first (bounded: a database that does not answer delays nothing).
+    await node.start(wait=daemon.fleet.deadline)
     yield
     await node.stop()
     daemon.fleet_node = None

@@ -77,17 +77,35 @@ class FleetNode:
         self.on_health = on_health
         self.started_at = utcnow()
         self.listening = False
-        self._task: asyncio.Task[None] | None = None
+        #: Accounts notified but not re-read yet: the listener only collects, the applier
+        #: re-reads all of them with one query (see _apply_notified).
+        self._notified_names: set[str] = set()
+        self._notified_event = asyncio.Event()
+        #: Set once the first LISTEN and sync are done (or failed): start() waits for it.
+        self._first_sync = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self) -> None:
-        """Start listening (inside the running loop)."""
-        self._task = asyncio.get_running_loop().create_task(self._run())
+    async def start(self, *, wait: float | None = None) -> None:
+        """Start listening; wait up to ``wait`` seconds for the first LISTEN and sync.
+
+        Waiting lets a (re)started node re-read every row committed while it was down and
+        publish it before it says it is ready, instead of serving its old files for one
+        listener connect after READY. A database that does not answer in time does not hold
+        the start up: the listener keeps trying in the background.
+        """
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()), loop.create_task(self._apply_notified())]
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._first_sync.wait()
 
     async def stop(self) -> None:
         """Stop listening."""
-        task, self._task = self._task, None
-        if task is not None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -102,6 +120,7 @@ class FleetNode:
             except Exception:
                 log.exception("the store's listener failed")
             self.listening = False
+            self._first_sync.set()  # failed: start() need not wait any longer
             self.on_health()
             attempt += 1
             # The one back-off rule, never longer than a heartbeat: the poll after the
@@ -119,6 +138,7 @@ class FleetNode:
             self.listening = True
             log.debug("listening for the store's changes")
             await self.sync()  # after LISTEN: nothing committed from now on is missed
+            self._first_sync.set()
             while True:
                 with store_errors("wait for the store's notifications"):
                     async for note in conn.notifies(timeout=self.heartbeat()):
@@ -136,17 +156,34 @@ class FleetNode:
             raise StoreError("the listener's connection did not answer") from None
 
     async def _notified(self, payload: str) -> None:
+        """Note the account for the applier; never a round trip here.
+
+        A node continued after a pause finds hundreds of notifications queued; re-reading
+        the account for each one in turn kept it serving its old token files for seconds.
+        Collected, they cost one query per batch, whatever the number of accounts.
+        """
         parsed = parse_notification(payload)
         if parsed is None:
             return
-        name, _generation = parsed
-        try:
-            row = await self.fleet.reload(name)
-        except StoreError as exc:
-            log.warning("account %s: cannot re-read it after a notification: %s", name, exc)
-            return
-        self.fleet.note_notification(row)
-        self.on_change(name)
+        self.fleet.stats.notifications += 1
+        self._notified_names.add(parsed[0])
+        self._notified_event.set()
+
+    async def _apply_notified(self) -> None:
+        """Re-read the notified accounts, all of them in one query, and tell the daemon."""
+        while True:
+            await self._notified_event.wait()
+            self._notified_event.clear()
+            names, self._notified_names = self._notified_names, set()
+            try:
+                rows = await self.fleet.reload_many(names)
+            except StoreError as exc:
+                # The heartbeat's poll re-reads whatever changed; nothing is lost by waiting.
+                log.warning("cannot re-read %d notified account(s): %s", len(names), exc)
+                continue
+            for name in sorted(names):
+                self.fleet.note_notification(rows[name])
+                self.on_change(name)
 
     async def sync(self) -> None:
         """Poll: re-read changed rows, tell the daemon, claim what is due, upsert our row."""

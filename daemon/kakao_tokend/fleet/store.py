@@ -90,7 +90,10 @@ class FleetStats:
     commits: int = 0
     #: Commits that failed after the state was staged (rescue files written).
     failed_commits: int = 0
+    #: Change notifications received (several for one account are re-read once).
     notifications: int = 0
+    #: Queries that re-read account rows after notifications or polls (each may read many).
+    row_reads: int = 0
     #: Seconds between a row's commit (updated_at) and its notification arriving here.
     last_notify_lag: float | None = None
     #: time.monotonic() of the last notification or poll (None: never).
@@ -364,6 +367,7 @@ class FleetStore:
 
     async def reload(self, name: str) -> AccountRow | None:
         """Read one row again (after a notification); update the cache; return it."""
+        self.stats.row_reads += 1
         async with self.connection(f"read account {name!r}") as conn:
             try:
                 row = await load_account(conn, self.keyring, name)
@@ -377,6 +381,28 @@ class FleetStore:
             self.rows[name] = row
             self.unreadable.pop(name, None)
         return row
+
+    async def reload_many(self, names: Collection[str]) -> dict[str, AccountRow | None]:
+        """Read these rows again with one query (notifications and polls coalesced); update
+        the cache; return name -> row (None: the row is gone or does not decrypt)."""
+        if not names:
+            return {}
+        self.stats.row_reads += 1
+        async with self.connection(f"read {len(names)} account(s)") as conn:
+            rows, unreadable = await load_every_account(conn, self.keyring, only=names)
+            await conn.commit()
+        found: dict[str, AccountRow | None] = {}
+        for name in names:
+            row = rows.get(name)
+            found[name] = row
+            if row is not None:
+                self.rows[name] = row
+                self.unreadable.pop(name, None)
+            elif name in unreadable:
+                self._decrypt_failed(name, unreadable[name])
+            else:
+                self.rows.pop(name, None)
+        return found
 
     async def poll(self) -> tuple[list[str], list[str]]:
         """The backstop for lost notifications: re-read rows that changed; return (changed
@@ -399,15 +425,13 @@ class FleetStore:
             if is_due:
                 due.append(name)
         changed += [name for name in self.rows if name not in seen]
-        for name in changed:
-            await self.reload(name)
+        await self.reload_many(changed)
         self.stats.last_sync = time.monotonic()
         return changed, due
 
     def note_notification(self, row: AccountRow | None) -> None:
-        """Count a notification and how long after the row's commit it arrived."""
+        """Note that a notified row was re-read, and how long after its commit."""
         stats = self.stats
-        stats.notifications += 1
         stats.last_sync = time.monotonic()
         if row is not None and row.updated_at is not None:
             stats.last_notify_lag = max(0.0, (utcnow() - row.updated_at).total_seconds())
