@@ -448,6 +448,16 @@ class Fleet:
                 done[name] += 1
         return done
 
+    async def rotation_log(self) -> list[tuple[str, str]]:
+        """Return (account, node) for every rotation a node committed, oldest first."""
+        conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)
+        async with conn:
+            cur = await conn.execute(
+                "SELECT a.name, r.node FROM rotations r JOIN accounts a ON a.id = r.account_id"
+                " WHERE r.node LIKE 'node-%%' ORDER BY r.rotated_at"
+            )
+            return [(str(name), str(node)) for name, node in await cur.fetchall()]
+
     async def rotations_by_node(self) -> Counter[str]:
         """Count the rotations each node committed (the store's rotation log names the node)."""
         counts: Counter[str] = Counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from daemonproc import run_cli
 from fleetnodes import Fleet, FleetNode, FleetTimings, due_now, wait_until, write_seed_file
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet.turns import first_claimant
 from pgcluster import PgCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
@@ -109,6 +111,37 @@ async def test_nodes_started_at_the_same_instant_refresh_each_account_exactly_on
             document = node.token_file(name)
             assert document is not None
             assert document["access_token"] == row.state.tokens.access_token, (node.name, name)
+
+
+async def test_each_account_is_refreshed_by_its_first_claimant_so_the_nodes_share_evenly(
+    make_fleet: FleetFactory,
+) -> None:
+    """Three healthy nodes: nearly every refresh is made by the account's first claimant.
+
+    Without the rule (fleet/turns.py) whichever node's timer fired first took the account,
+    and under uneven load one node made 46 % of the refreshes. With it each node is first for
+    about a third of the accounts and the others wait a share of the lifetime, so the
+    refreshes follow the hash, not the load.
+    """
+    fleet = await make_fleet(access_lifetime=5.0, nodes=3, accounts=30)
+    await fleet.seed()
+    await fleet.start()
+    # The first round is raced: a node that started first has not seen the others' rows yet.
+    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    warmed = len(await fleet.rotation_log())
+    since = fleet.emulator.now()
+    await wait_until(
+        lambda: all_refreshed(fleet, since=since, times=2),
+        timeout=30,
+        what="every account refreshed twice more",
+        fleet=fleet,
+    )
+    names = [node.name for node in fleet.nodes]
+    log = (await fleet.rotation_log())[warmed:]
+    by_first = sum(1 for account, node in log if node == first_claimant(account, names))
+    assert len(log) >= 2 * len(fleet.accounts)
+    assert by_first >= 0.8 * len(log), (by_first, len(log), Counter(node for _, node in log))
+    assert await fleet.lost_refresh_tokens() == []
 
 
 async def test_killing_the_node_that_holds_the_row_lock_mid_refresh_loses_no_refresh_token(

@@ -113,6 +113,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         state_dir=config.state_dir,
         pool_size=config.store.pool_size,
         publish_accounts=config.store.publish_accounts,
+        heartbeat=lambda: daemon.config.refresh.heartbeat,
     )
     try:
         await fleet.open()

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,7 @@ from .accounts import (
 )
 from .crypto import Keyring
 from .db import DbTimeouts, connect, create_pool, open_pool, store_errors
+from .turns import claim_delay, live_nodes
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -133,8 +134,11 @@ class FleetStore:
         state_dir: Path,
         pool_size: int = 8,
         publish_accounts: Collection[str] | None = None,
+        heartbeat: Callable[[], float] = lambda: 60.0,
     ) -> None:
         self.dsn = dsn
+        #: The node's heartbeat (seconds, read each time: a reload may change it).
+        self.heartbeat = heartbeat
         self.keyring = keyring
         self.node = node
         self.timeouts = timeouts
@@ -449,6 +453,9 @@ class PgAccountStore:
         #: The published files and the node-local alert bookkeeping.
         self._files = AccountStore(account)
         self._held: _Held | None = None
+        #: (what shared_due_at last answered, the row's due_at it came from): a plan taken
+        #: from the row is written back without this node's claim delay (see _commit).
+        self._shared_plan: tuple[datetime, datetime] | None = None
         #: Asked as a hold ends: when the account is next due and its failure bookkeeping
         #: (set by whoever owns the account manager; None: leave them as they are).
         self.planner: Callable[[], StorePlan] | None = None
@@ -502,11 +509,24 @@ class PgAccountStore:
         return row.generation if row is not None else None
 
     def shared_due_at(self, state: AccountState) -> datetime | None:
-        """Return when the store says ``state`` is next due (None: plan it locally)."""
-        row = self.fleet.rows.get(self.name)
-        if row is None or row.generation != state.generation:
+        """Return when this node should claim ``state`` (None: plan it locally): the row's
+        ``due_at``, later by a share of the lifetime unless this node is the account's first
+        claimant (fleet/turns.py), so the refreshes spread evenly over the live nodes."""
+        fleet = self.fleet
+        row = fleet.rows.get(self.name)
+        if row is None or row.generation != state.generation or row.due_at is None:
             return None
-        return row.due_at
+        heartbeat = fleet.heartbeat()
+        delay = claim_delay(
+            self.name,
+            me=fleet.node,
+            nodes=live_nodes(fleet.nodes, me=fleet.node, heartbeat=heartbeat),
+            lifetime=state.tokens.access_lifetime.total_seconds(),
+            heartbeat=heartbeat,
+        )
+        planned = row.due_at + timedelta(seconds=delay)
+        self._shared_plan = (planned, row.due_at)
+        return planned
 
     # ------------------------------------------------------------------ holding
 
@@ -597,6 +617,10 @@ class PgAccountStore:
         fleet = self.fleet
         conn = held.conn
         due_at, status = self.planner() if self.planner is not None else (None, None)
+        if self._shared_plan is not None and due_at == self._shared_plan[0]:
+            # The plan came from the row: keep the row's moment. Writing it back with this
+            # node's claim delay would move the account later at every such hold.
+            due_at = self._shared_plan[1]
         row = held.row
         written: AccountRow | None = None
         try:
