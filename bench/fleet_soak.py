@@ -136,6 +136,10 @@ class FleetReport:
     retired_presented: int = 0
     refreshes_by_node: Counter[str] = field(default_factory=Counter)
     final_exit_codes: dict[str, int | None] = field(default_factory=dict)
+    #: Seconds each node took to exit on the final SIGTERM (SIGKILL after 15 s).
+    final_stop_seconds: dict[str, float] = field(default_factory=dict)
+    #: The end of the log of each node that did not exit 0 on the final SIGTERM.
+    final_stop_logs: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -182,6 +186,8 @@ class FleetReport:
             "unexplained_losses": self.unexplained_losses,
             "retired_refresh_presented": self.retired_presented,
             "final_exit_codes": self.final_exit_codes,
+            "final_stop_seconds": self.final_stop_seconds,
+            "final_stop_logs": self.final_stop_logs,
             "failures": self.failures(),
         }
 
@@ -461,7 +467,11 @@ class FleetSoak:
         self.report.rotations = stats.rotations
         self.report.retired_presented = stats.retired_refresh_presented
         for node in fleet.nodes:
+            began = time.monotonic()
             self.report.final_exit_codes[node.name] = await node.stop()
+            self.report.final_stop_seconds[node.name] = round(time.monotonic() - began, 2)
+            if self.report.final_exit_codes[node.name] != 0:  # what it was waiting for
+                self.report.final_stop_logs[node.name] = node.log_text()[-2000:]
         self.report.refreshes_by_node.update(await fleet.rotations_by_node())
         return self.report
 

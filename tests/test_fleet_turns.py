@@ -79,3 +79,13 @@ def test_a_node_silent_for_more_than_three_heartbeats_is_no_longer_live() -> Non
     assert live_nodes(nodes, me="web-1", heartbeat=heartbeat) == ["web-1", "web-2"]
     assert live_nodes(nodes, me="web-3", heartbeat=heartbeat) == ["web-1", "web-2", "web-3"]
     assert live_nodes({}, me="web-9", heartbeat=heartbeat) == ["web-9"]
+
+
+def test_a_retry_is_claimed_by_every_node_at_once() -> None:
+    """After a failed attempt nobody waits: the first claimant may be the node whose Kakao
+    calls fail (its egress is down), and the others must be able to take the account."""
+    for node in NODES:
+        delay = claim_delay(
+            "shop", me=node, nodes=NODES, lifetime=21600, heartbeat=60, retrying=True
+        )
+        assert delay == 0.0

@@ -523,6 +523,7 @@ class PgAccountStore:
             nodes=live_nodes(fleet.nodes, me=fleet.node, heartbeat=heartbeat),
             lifetime=state.tokens.access_lifetime.total_seconds(),
             heartbeat=heartbeat,
+            retrying=row.status.attempts > 0,
         )
         planned = row.due_at + timedelta(seconds=delay)
         self._shared_plan = (planned, row.due_at)

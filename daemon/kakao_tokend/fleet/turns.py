@@ -10,8 +10,9 @@ three nodes), the rule needs no coordination (every node computes the same answe
 ``nodes`` table), and when a node dies or is added only its own accounts change hands.
 
 A node the others still count as live although it died only delays its accounts by that
-share (never past a heartbeat); two nodes that disagree about who is live both claim, and
-``SKIP LOCKED`` lets one win, as before.
+share (never past a heartbeat); a retry after a failed attempt is raced by every node, so a
+node that cannot reach Kakao keeps nothing to itself; two nodes that disagree about who is
+live both claim, and ``SKIP LOCKED`` lets one win, as before.
 """
 
 from __future__ import annotations
@@ -48,10 +49,21 @@ def first_claimant(account: str, nodes: Iterable[str]) -> str:
 
 
 def claim_delay(
-    account: str, *, me: str, nodes: Iterable[str], lifetime: float, heartbeat: float
+    account: str,
+    *,
+    me: str,
+    nodes: Iterable[str],
+    lifetime: float,
+    heartbeat: float,
+    retrying: bool = False,
 ) -> float:
-    """Return how many seconds after ``due_at`` node ``me`` claims ``account``."""
-    if first_claimant(account, nodes) == me:
+    """Return how many seconds after ``due_at`` node ``me`` claims ``account``.
+
+    A retry (the row records a failed attempt) is claimed by every node at once: the first
+    claimant may be the node that cannot reach Kakao, and it must not keep the account to
+    itself while the others could refresh it.
+    """
+    if retrying or first_claimant(account, nodes) == me:
         return 0.0
     return max(0.0, min(heartbeat, lifetime * CLAIM_DEFER_SHARE))
 
