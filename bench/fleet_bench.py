@@ -196,9 +196,11 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             end = start + interval
             stmts2, xacts2 = await counters(fleet)
             cpu2 = node_cpu(fleet)
+            # The interval may begin minutes from now (the idle baseline lasts at most a
+            # minute of a lead that grows with N): wait for its end, not for its length.
             await wait_until(
-                lambda: emulator.now() >= end + 2.0, timeout=interval + 60, what="one interval",
-                fleet=fleet, interval=0.5,
+                lambda: emulator.now() >= end + 2.0, timeout=end + 2.0 - emulator.now() + 60,
+                what="one interval", fleet=fleet, interval=0.5,
             )  # fmt: skip
             stmts3, xacts3 = await counters(fleet)
             cpu3 = node_cpu(fleet)

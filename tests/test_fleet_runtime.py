@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -170,6 +171,38 @@ async def test_a_refresh_commits_to_the_store_before_it_publishes(
         assert published["access_token"] == new.tokens.access_token
     finally:
         await first.fleet.close()
+
+
+async def test_adopting_another_nodes_refresh_is_routine_and_not_logged_at_info(
+    store_dsn: str,
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a fleet every node adopts every other node's refresh: a DEBUG line, not INFO.
+
+    At INFO, three nodes with 3,000 accounts wrote about 80 "adopted tokens" lines a second
+    into the journal (bench/fleet_bench.py), burying the lines a person needs.
+    """
+    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
+    try:
+        await logged_in(emulator, one.config, store_dsn, session)
+        for node in (one, two):
+            await node.fleet.reload("default")
+            node.manager.load()
+        new = await one.manager.refresh(force=True, reason="test")
+        assert new is not None
+        await two.fleet.reload("default")
+        caplog.set_level(logging.DEBUG, logger="kakao_tokend")
+        assert two.manager.notice_outside_changes()
+        assert two.manager.state == new
+        adopted = [r for r in caplog.records if "adopted tokens" in r.getMessage()]
+        assert [r.levelno for r in adopted] == [logging.DEBUG]
+    finally:
+        await one.fleet.close()
+        await two.fleet.close()
 
 
 async def test_concurrent_on_demand_refreshes_on_two_nodes_make_one_kakao_call(

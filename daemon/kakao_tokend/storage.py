@@ -58,6 +58,12 @@ class StateStore(Protocol):
         """Where tokens go that the store could not take (None: no rescue file)."""
         ...
 
+    @property
+    def shared(self) -> bool:
+        """True when other nodes write this account as a matter of course (fleet mode):
+        taking over the tokens they wrote is routine there, not news worth a log line."""
+        ...
+
     # ------------------------------------------------------------------ reading
 
     def load(self) -> AccountState | None:

@@ -735,6 +735,11 @@ class AccountStore:
         return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
 
     @property
+    def shared(self) -> bool:
+        """A state file: another process writing it (login, import, a CLI refresh) is news."""
+        return False
+
+    @property
     def rescue_path(self) -> Path | None:
         """The second, independent place for tokens the state file could not take (None: off)."""
         if self._rescue_dir is None:

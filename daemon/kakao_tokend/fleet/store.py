@@ -469,6 +469,11 @@ class PgAccountStore:
         return Path(f"postgresql:accounts/{self.name}")
 
     @property
+    def shared(self) -> bool:
+        """A row every node refreshes in turn: adopting another node's commit is routine."""
+        return True
+
+    @property
     def rescue_path(self) -> Path | None:
         """The encrypted local rescue file of this account in this store."""
         store_id = self.fleet.store_id or "unknown"
