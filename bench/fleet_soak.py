@@ -71,10 +71,10 @@ ACCESS_LIFETIME = 15.0
 REFRESH_LIFETIME = 5183999.0  # Kakao's, and the rotation window: every refresh rotates
 #: A node is trusted again this long after it was continued (SIGCONT).
 GRACE = 1.0
-#: ... and this long after a restarted node logged that it serves: it starts listening for
-#: other nodes' commits (and resyncs) only after that line, so a commit made while it was
-#: starting reaches it up to one listener connect later (seen: 2 s at load 10 on 2 cores).
-RESTART_GRACE = 3.0
+#: ... and this long after a restarted node logged that it serves. It listens for other
+#: nodes' commits and re-reads what changed before READY (it used to do so only after its
+#: ready line, and needed 3 s here at load 10), so the same second as after SIGCONT.
+RESTART_GRACE = GRACE
 #: After a database restart, the nodes need to reconnect, resync and claim what became due.
 RECOVERY = ACCESS_LIFETIME / 2
 #: A kill this soon after Kakao rotated may legitimately lose the rotated token (the answer was
