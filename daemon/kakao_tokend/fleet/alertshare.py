@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from ..errors import StoreError
 from ..health import NODE_LOCAL
 from ..tokens import backoff_delay
-from .alertbook import Records, load_every_record, replace_records
+from .alertbook import Records, load_every_record, record_params, replace_records
 from .turns import first_claimant, live_nodes
 
 if TYPE_CHECKING:
@@ -110,9 +110,10 @@ class AlertBook:
         if not batch:
             return 0
         node = self.fleet.node
+        writes = {account: self._writable(account) for account in sorted(batch)}
         async with self.fleet.connection(f"write the alerts of {len(batch)} account(s)") as conn:
-            for account in sorted(batch):
-                await replace_records(conn, account, self._records.get(account, {}), node=node)
+            for account, records in writes.items():
+                await replace_records(conn, account, records, node=node)
             await conn.commit()
         for account, change in batch.items():
             if self._dirty.get(account) == change:  # not changed again meanwhile
@@ -120,6 +121,20 @@ class AlertBook:
                 if not self._records.get(account):
                     self._records.pop(account, None)
         return len(batch)
+
+    def _writable(self, account: str) -> Records:
+        """Return the account's records that make a row: a malformed one (bookkeeping from
+        an old file) is left out of the table with an error, instead of failing every write
+        of every account; it stays in memory, so it is still not sent twice here."""
+        records: Records = {}
+        for condition, record in self._records.get(account, {}).items():
+            try:
+                record_params(account, condition, record)
+            except StoreError as exc:
+                log.error("not written to the store: %s", exc.message)
+                continue
+            records[condition] = record
+        return records
 
     # ------------------------------------------------------------------ running
 
