@@ -124,18 +124,24 @@ async def conditions(node: DaemonProcess) -> list[str]:
 async def test_three_nodes_deliver_a_condition_and_its_resolution_once(
     pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path, webhook: Receiver, running: list[Any]
 ) -> None:
-    """Three nodes grade the account alike (each one's status shows refresh_expiry), but the
-    webhook gets the warning once and, after Kakao rotated the refresh token, the resolution
-    once; the ``alerts`` table names the account's first claimant as the sender and is
-    empty again after the resolution."""
+    """Three nodes grade the account alike (each one's status shows refresh_expiry and the
+    record of its sending), but the webhook gets the warning once and, after Kakao rotated
+    the refresh token, the resolution once; the ``alerts`` table names the account's first
+    claimant as the sender and is empty again after the resolution."""
     short_refresh_tokens(emulator)
     running += await start_nodes(tmp_path, emulator, [pg_dsn] * 3, fleet_alerts(webhook))
     await store_login(emulator, load_config(running[0].config_path), pg_dsn)
     await until(lambda: bool(posts(webhook, "refresh_expiry", "firing")), 40, "the warning")
     await asyncio.sleep(2.0)  # four heartbeats: time for any other node to send it too
     assert len(posts(webhook, "refresh_expiry", "firing")) == 1, webhook.posts
+    sent_at = set()
     for node in running:
         assert "refresh_expiry" in await conditions(node)
+        # Every node shows the fleet's record of it, the one the owner wrote.
+        _, body = await node.api("GET", "/v1/status")
+        [active] = [a for a in body["accounts"][0]["alerts"] if a["condition"] == "refresh_expiry"]
+        sent_at.add(active["last_sent_at"])
+    assert sent_at == {posts(webhook, "refresh_expiry", "firing")[0]["at"]}
     assert (await alert_rows(pg_dsn))["refresh_expiry"][0] == OWNER_OF_3
     emulator.settings.refresh_lifetime = 3600  # the rotation below gives a long-lived token
     await until(lambda: bool(posts(webhook, "refresh_expiry", "resolved")), 40, "the resolution")
