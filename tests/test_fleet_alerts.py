@@ -281,6 +281,32 @@ async def test_a_record_the_database_refused_is_kept_and_written_when_it_answers
             await fleet.close()
 
 
+async def test_a_malformed_record_is_left_out_of_the_table_without_blocking_the_others(
+    pg_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record that cannot become a row (no ``since``, as in bookkeeping from an old file) is
+    left out with an error naming it; the other accounts' records in the same write, and
+    the account's other records, are written; the bad one stays in the node's copy."""
+    await migrated(pg_dsn)
+    fleet, book = open_book(tmp_path, pg_dsn)
+    await fleet.open()
+    try:
+        await book.load()
+        good = sent_record(utcnow())
+        bad = {k: v for k, v in good.items() if k != "since"}
+        book.record("default", {"refresh_expiry": good, "relogin": bad})
+        book.record("other", {"no_tokens": good})
+        assert await book.flush() == 2
+        assert await alert_rows(pg_dsn) == {"refresh_expiry": ("web-1", 1)}
+        assert "alert record 'relogin' of account 'default': since" in caplog.text
+        assert book.pending == 0 and "relogin" in book.records("default")
+        await book.load()  # a re-read keeps what the table has: the bad record is gone
+        assert set(book.records("default")) == {"refresh_expiry"}
+        assert set(book.records("other")) == {"no_tokens"}
+    finally:
+        await fleet.close()
+
+
 async def test_the_first_claimant_of_the_live_nodes_delivers_and_a_silent_node_hands_over(
     tmp_path: Path,
 ) -> None:
