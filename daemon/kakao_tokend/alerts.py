@@ -7,6 +7,12 @@ tasks, to KakaoTalk "send to me", a webhook and a command. What was sent is save
 state file, so a restart sends nothing twice. No alert, log line or environment variable ever
 carries a token.
 
+In fleet mode (:class:`SharedAlerts`, filled by fleet/alertshare.py) every node still grades
+every account, but an account's conditions go out once per fleet: only the node that
+``delivers`` for the account sends them, and their bookkeeping is the store's, so the next
+node continues from it. The conditions about the node itself (:data:`~.health.NODE_LOCAL`)
+are sent by that node, with its own bookkeeping on its disk.
+
 Alert texts are :mod:`~kakao_tokend.i18n` messages: the channels get them in the account's
 ``[alerts] language`` (Korean or English), the log always in English (its lines are what the
 operator's guide and ``journalctl -g`` recipes quote). A KakaoTalk memo is composed to fit
@@ -31,7 +37,7 @@ import aiohttp
 
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
-from .health import LOG_COMMAND, Condition, Severity, full_action, printable
+from .health import LOG_COMMAND, NODE_LOCAL, Condition, Severity, full_action, printable
 from .i18n import N_, Language, Message, resolve_language
 from .kakao import KakaoClient
 from .refresher import AccountManager
@@ -49,6 +55,7 @@ __all__ = [
     "AlertCenter",
     "Condition",
     "Severity",
+    "SharedAlerts",
     "active_alerts",
     "kakaotalk_only_for_critical",
     "resolution_alert",
@@ -504,6 +511,24 @@ async def deliver_once(channel: Channel, alert: Alert) -> ChannelError | None:
 # --------------------------------------------------------------------------- per account
 
 
+class SharedAlerts(Protocol):
+    """Fleet mode: the fleet-wide bookkeeping (every condition not in NODE_LOCAL) and who
+    delivers it. Synchronous: it answers from the node's copy of the store's records."""
+
+    def delivers(self, account: str) -> bool:
+        """Return True when this node sends ``account``'s fleet-wide alerts now."""
+        ...
+
+    def records(self, account: str) -> dict[str, dict[str, Any]]:
+        """Return ``account``'s fleet-wide records as last known (the caller may not change
+        the mapping, only replace it through :meth:`record`)."""
+        ...
+
+    def record(self, account: str, active: dict[str, dict[str, Any]]) -> None:
+        """Make ``active`` the account's fleet-wide records (written to the store later)."""
+        ...
+
+
 class AccountAlerts:
     """One account's conditions, bookkeeping and delivery queues."""
 
@@ -515,6 +540,7 @@ class AccountAlerts:
         clock: Clock,
         host: str,
         retry_delay: float,
+        shared: SharedAlerts | None = None,
     ) -> None:
         self.manager = manager
         self.session = session
@@ -522,6 +548,10 @@ class AccountAlerts:
         self.host = host
         self.retry_delay = retry_delay
         self.store: StateStore = manager.store
+        #: Fleet mode: where the fleet-wide bookkeeping lives (None: all of it is local).
+        self.shared = shared
+        #: What was sent and is still active: every condition (in fleet mode the node-local
+        #: records and a copy of the fleet-wide ones, refreshed at each evaluation).
         self.active: dict[str, dict[str, Any]] = {}
         self.channels: list[Channel] = []
         self.language: Language = "en"
@@ -545,12 +575,18 @@ class AccountAlerts:
         active = document.get("active")
         if isinstance(active, dict):
             self.active = {k: v for k, v in active.items() if isinstance(v, dict)}
+        if self.shared is not None:
+            # The store's records are the fleet's; a local file holds only this node's own
+            # (one from before the fleet kept them may list others: the store wins).
+            local = {k: v for k, v in self.active.items() if k in NODE_LOCAL}
+            self.active = {**self.shared.records(self.name), **local}
 
-    def _save(self) -> None:
+    def _save(self, active: dict[str, dict[str, Any]] | None = None) -> None:
+        """Save ``active`` (default: every record) as the account's local bookkeeping."""
         document = {
             "version": BOOKKEEPING_VERSION,
             "account": self.name,
-            "active": self.active,
+            "active": self.active if active is None else active,
         }
         try:
             self.store.save_alerts(document)
@@ -671,10 +707,44 @@ class AccountAlerts:
         """Compare the conditions now with what was sent; send and record the differences."""
         now = now or self.clock()
         current = {c.name: c for c in self.manager.health(now, host=self.host).conditions}
+        if self.shared is not None:
+            alerts = self._evaluate_in_fleet(self.shared, current, now)
+        else:
+            alerts, changed = self._decide(current, self.active, now)
+            if changed:
+                self._save()
+        for alert in alerts:
+            self.dispatch(alert)
+        return alerts
+
+    def _evaluate_in_fleet(
+        self, shared: SharedAlerts, current: dict[str, Condition], now: datetime
+    ) -> list[Alert]:
+        """Decide this node's own conditions always, the account's only where it delivers."""
+        local = {k: v for k, v in self.active.items() if k in NODE_LOCAL}
+        mine = {k: c for k, c in current.items() if k in NODE_LOCAL}
+        alerts, changed = self._decide(mine, local, now)
+        if changed:
+            self._save(local)
+        fleetwide = dict(shared.records(self.name))
+        if shared.delivers(self.name):
+            theirs = {k: c for k, c in current.items() if k not in NODE_LOCAL}
+            more, changed = self._decide(theirs, fleetwide, now)
+            if changed:
+                shared.record(self.name, fleetwide)
+            alerts += more
+        self.active = {**fleetwide, **local}
+        return alerts
+
+    def _decide(
+        self, current: dict[str, Condition], active: dict[str, dict[str, Any]], now: datetime
+    ) -> tuple[list[Alert], bool]:
+        """Compare ``current`` with the records in ``active`` and update them; return the
+        alerts to send and whether a record changed."""
         alerts: list[Alert] = []
         changed = False
         for name, condition in current.items():
-            record = self.active.get(name)
+            record = active.get(name)
             repeat = False
             if record is not None:
                 stage = record.get("stage")
@@ -702,7 +772,7 @@ class AccountAlerts:
                 hint=condition.hint,
                 language=self.language,
             )
-            self.active[name] = {
+            active[name] = {
                 "severity": condition.severity.label,
                 "stage": condition.stage,
                 # In English for `status`; "texts" lets the resolution speak any language.
@@ -718,17 +788,13 @@ class AccountAlerts:
             }
             alerts.append(alert)
             changed = True
-        for name in [n for n in self.active if n not in current]:
-            record = self.active.pop(name)
+        for name in [n for n in active if n not in current]:
+            record = active.pop(name)
             changed = True
             if self.manager.state is None and name in _TOKEN_CONDITIONS:
                 continue  # logged out: these ended with the tokens, nothing got fixed
             alerts.append(resolution_alert(self.name, name, record, now, self.host, self.language))
-        if changed:
-            self._save()
-        for alert in alerts:
-            self.dispatch(alert)
-        return alerts
+        return alerts, changed
 
     def _repeat_due(self, record: dict[str, Any], now: datetime) -> bool:
         try:
@@ -809,11 +875,14 @@ class AlertCenter:
         clock: Clock = utcnow,
         host: str | None = None,
         retry_delay: float = RETRY_DELAY,
+        shared: SharedAlerts | None = None,
     ) -> None:
         self.session = session
         self.clock = clock
         self.host = host or socket.gethostname()
         self.retry_delay = retry_delay
+        #: Fleet mode: the store's bookkeeping and who delivers (None: everything is local).
+        self.shared = shared
         self.accounts: dict[str, AccountAlerts] = {}
         #: One listener object for every account (a closure per account costs 400 bytes).
         self._listener: Callable[[AccountEvent], None] = self._on_event
@@ -831,6 +900,7 @@ class AlertCenter:
             clock=self.clock,
             host=self.host,
             retry_delay=self.retry_delay,
+            shared=self.shared,
         )
         self.accounts[manager.name] = alerts
         manager.listeners.append(self._listener)

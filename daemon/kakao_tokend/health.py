@@ -37,6 +37,7 @@ from .tokens import format_local_time, format_time
 __all__ = [
     "FROM_FILES",
     "LOG_COMMAND",
+    "NODE_LOCAL",
     "AccountHealth",
     "Condition",
     "Severity",
@@ -60,6 +61,17 @@ NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", com
 #: them); every other one needs the daemon's live status (writes, publishing, refreshing).
 FROM_FILES = frozenset(
     {"relogin", "no_tokens", "state_unreadable", "refresh_expiry", "access_expired"}
+)
+#: Fleet mode: the conditions about the node that finds them, not about the account — each
+#: node alerts them itself, with its own bookkeeping on its own disk. ``store_unavailable``:
+#: this node cannot reach the database (so it could not record them there either);
+#: ``write_failed``: a rotated token only this node holds (memory, its rescue file) is not
+#: committed yet; ``publish_failed``: this node's token files; ``config``: Kakao refuses this
+#: node's app settings or secrets (each node has its own config); ``state_conflict``: a local
+#: state file. Every other condition is the account's: its first claimant alerts it once for
+#: the fleet, with the bookkeeping in the store (docs/fleet.md, "Alerts in a fleet").
+NODE_LOCAL = frozenset(
+    {"store_unavailable", "write_failed", "publish_failed", "config", "state_conflict"}
 )
 
 

@@ -181,7 +181,18 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     assert daemon.session is not None
-    center = AlertCenter(session=daemon.session, clock=daemon.clock)
+    book = None
+    if daemon.fleet is not None:
+        # Fleet mode: each account's alerts go out once per fleet, recorded in the store.
+        from .fleet.alertshare import AlertBook
+
+        book = AlertBook(daemon.fleet)
+        try:
+            await book.load()
+        except StoreError as exc:  # the task reads it again; meanwhile nothing fleet-wide
+            log.warning("cannot read the alert bookkeeping from the store yet: %s", exc.message)
+        book.start()
+    center = AlertCenter(session=daemon.session, clock=daemon.clock, shared=book)
     daemon.alerts = center
     for manager in daemon.managers.values():
         center.attach(manager)
@@ -192,6 +203,8 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await periodic
     await center.close()
+    if book is not None:
+        await book.close(CLOSE_GRACE)
     daemon.alerts = None
 
 

@@ -4,7 +4,8 @@ In file mode ``NAME.alerts.json`` holds ``{"active": {condition: record}}``, whe
 says what was sent and when (kakao_tokend.alerts.AccountAlerts._save). Here each record is one
 row keyed by (account, condition); fields without a column of their own (the translatable
 ``texts`` ...) ride in ``extras``, so a record reads back exactly as it was written.
-Functions run inside the caller's transaction, like those of :mod:`.accounts`.
+The functions run inside the caller's transaction, like those of :mod:`.accounts`; a
+running node's copy of the table and the rule of who sends is :mod:`.alertshare`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .db import store_errors
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
+
+#: One account's alert records by condition.
+Records = dict[str, dict[str, Any]]
 
 SEVERITIES = ("info", "warning", "critical")
 #: Record fields that have a column; everything else goes into ``extras``.
@@ -92,6 +96,24 @@ async def load_records(conn: AsyncConnection[Any], account: str) -> dict[str, di
             )
             rows = await cur.fetchall()
     return {row["condition"]: row_record(row) for row in rows}
+
+
+async def load_every_record(conn: AsyncConnection[Any]) -> dict[str, Records]:
+    """Return every account's active alert records: account -> condition -> record."""
+    try:
+        from psycopg.rows import dict_row
+    except ImportError as exc:
+        raise missing_extra(exc) from None
+    found: dict[str, Records] = {}
+    with store_errors("read the store's alerts"):
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                "SELECT account, condition, severity, stage, message, action, since,"
+                " last_sent_at, sent, extras FROM alerts"
+            )
+            for row in await cur.fetchall():
+                found.setdefault(row["account"], {})[row["condition"]] = row_record(row)
+    return found
 
 
 async def replace_records(

@@ -15,7 +15,9 @@ so the refresher runs unchanged (docs/fleet.md, "The refresh transaction"):
   publish. A commit that fails raises StoreWriteError: the refresher keeps the state in memory
   and in the **encrypted** rescue file, and commits it later with the same compare-and-swap.
 - Outside a hold ``load`` is the cached row: serving never waits for the database.
-- Published token files and the alert bookkeeping stay local files on each node.
+- Published token files stay local files on each node, and so does the bookkeeping of the
+  alerts about the node itself (health.NODE_LOCAL); the account's alerts are recorded in the
+  ``alerts`` table (fleet/alertshare.py).
 """
 
 from __future__ import annotations
@@ -874,11 +876,12 @@ class PgAccountStore:
     # ------------------------------------------------------------------ alerts and publishing
 
     def load_alerts(self) -> dict[str, Any] | None:
-        """Return this node's alert bookkeeping for the account (a local file)."""
+        """Return the bookkeeping of this node's own alerts for the account (a local file:
+        it must work while the database is away); the account's are in fleet/alertshare.py."""
         return self._files.load_alerts()
 
     def save_alerts(self, document: dict[str, Any]) -> None:
-        """Record this node's alert bookkeeping (a local file)."""
+        """Record the bookkeeping of this node's own alerts for the account (a local file)."""
         self._files.save_alerts(document)
 
     def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
