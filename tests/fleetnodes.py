@@ -448,6 +448,13 @@ class Fleet:
                 done[name] += 1
         return done
 
+    async def node_rows(self) -> list[str]:
+        """Return the names in the store's ``nodes`` table (the nodes the others count)."""
+        conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)
+        async with conn:
+            cur = await conn.execute("SELECT name FROM nodes ORDER BY name")
+            return [str(name) for (name,) in await cur.fetchall()]
+
     async def rotation_log(self) -> list[tuple[str, str]]:
         """Return (account, node) for every rotation a node committed, oldest first."""
         conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)

@@ -398,6 +398,31 @@ async def test_a_node_cut_off_from_the_database_is_covered_by_the_others_and_cat
     assert fleet.emulator.stats.retired_refresh_presented == 0
 
 
+async def test_a_node_stopped_cleanly_hands_its_accounts_over_at_once(
+    make_fleet: FleetFactory,
+) -> None:
+    """SIGTERM one of two nodes: it removes its ``nodes`` row, so the other becomes every
+    account's first claimant at its next heartbeat and refreshes them all without a claim
+    delay, instead of counting the stopped node as live for three more heartbeats."""
+    fleet = await make_fleet(access_lifetime=5.0, nodes=2, accounts=6)
+    await fleet.seed()
+    await fleet.start()
+    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    leaving, staying = fleet.nodes
+    assert await fleet.node_rows() == sorted([leaving.name, staying.name])
+    assert await leaving.stop() == 0
+    assert await fleet.node_rows() == [staying.name]
+    since = fleet.emulator.now()
+    await wait_until(
+        lambda: all_refreshed(fleet, since=since),
+        timeout=15,
+        what="the staying node refreshing every account",
+    )
+    rows = await fleet.rows()
+    assert {row.refreshed_by for row in rows.values()} == {staying.name}
+    assert await fleet.lost_refresh_tokens() == []
+
+
 async def test_an_import_on_one_node_reaches_every_node_within_a_second(
     make_fleet: FleetFactory, tmp_path: Path
 ) -> None:
