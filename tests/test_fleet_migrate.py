@@ -543,6 +543,8 @@ async def test_kill_9_between_writing_the_files_and_marking_the_store_is_safe(
     assert (code, out) == (78, "")
     line = one_error_line(err, "a migration back to these files")
     assert "has not finished" in line and "store migrate --to file` again" in line
+    # The command to run is the one for this configuration, not the default one.
+    assert f"kakao-tokend --config {config} store migrate --to file" in line
 
     code, out, err = await run_cli(config, "store", "migrate", "--to", "file")
     assert (code, err) == (0, ""), out
@@ -589,7 +591,7 @@ async def test_the_moved_files_are_refused_by_run_and_every_writing_command(
         where = elsewhere if "shop" in command else tmp_path / "state"
         assert f"the accounts in {where} were moved to the PostgreSQL store {store_id}" in line
         assert 'set [store] backend = "postgres"' in line
-        assert "kakao-tokend store migrate --to file" in line
+        assert f"kakao-tokend --config {config} store migrate --to file" in line
     after = sorted((p.name, p.read_bytes()) for p in (tmp_path / "state").iterdir())
     assert [name for name, _ in after] == [name for name, _ in before]
     assert dict(after) | {"kakao-tokend.run.lock": b""} == dict(before) | {

@@ -83,7 +83,7 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
         for directory in dict.fromkeys(
             [daemon.config.state_dir, *(a.state_file.parent for a in accounts)]
         ):
-            check_not_moved(directory)
+            check_not_moved(directory, account=next(iter(accounts), None))
     yield
     daemon.release_instance_lock()
 

@@ -35,7 +35,7 @@ from .errors import (
     StoreWriteError,
     UnsafePath,
 )
-from .relogin import cli_command, login_command
+from .relogin import Named, cli_command, command_line, config_command, login_command
 from .state import RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
@@ -601,13 +601,19 @@ def resolve_group(group: str | int | None) -> int | None:
 MOVED_NAME = "MOVED"
 
 
-def check_not_moved(directory: Path) -> None:
+def check_not_moved(directory: Path, *, account: Named | None = None) -> None:
     """Refuse (:class:`StoreMoved`) when the accounts of ``directory`` were migrated away.
 
     The marker's existence is what counts: a marker that cannot be read or parsed refuses
     too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
-    ``pending``) only make the message say where the accounts went and how to go back.
+    ``pending``) only make the message say where the accounts went and how to go back; with
+    ``account``, the commands in the hints carry its configuration's ``--config``.
     """
+
+    def migrate(target: str) -> str:
+        words = ("store", "migrate", "--to", target)
+        return config_command(account, *words) if account else command_line((), *words)
+
     marker = os.path.join(directory, MOVED_NAME)  # a string: no Path built when none is there
     try:
         os.lstat(marker)
@@ -621,7 +627,7 @@ def check_not_moved(directory: Path) -> None:
         raise StoreMoved(
             f"the accounts in {directory} were moved to another store by `kakao-tokend store "
             f"migrate` ({path} exists but cannot be read)",
-            hint="read that file; `kakao-tokend store migrate --to file` moves them back",
+            hint=f"read that file; `{migrate('file')}` moves them back",
         )
 
     def field(name: str) -> str:
@@ -632,14 +638,13 @@ def check_not_moved(directory: Path) -> None:
         raise StoreMoved(
             f"the accounts in {directory} live in {where}; a migration back to these files "
             f"started at {field('moved_at')} has not finished",
-            hint="run `kakao-tokend store migrate --to file` again to finish it, or set [store] "
-            'backend = "postgres"',
+            hint=f'run `{migrate("file")}` again to finish it, or set [store] backend = "postgres"',
         )
     raise StoreMoved(
         f"the accounts in {directory} were moved to {where} at {field('moved_at')} by "
         "`kakao-tokend store migrate --to postgres`",
         hint='set [store] backend = "postgres" to use them there; to move them back to these '
-        "files: kakao-tokend store migrate --to file",
+        f"files: {migrate('file')}",
     )
 
 
@@ -780,7 +785,7 @@ class AccountStore:
         ):
             check_file(path, what=what)
         if self.honour_moved_marker and (checked is None or self.state_path.parent not in checked):
-            check_not_moved(self.state_path.parent)
+            check_not_moved(self.state_path.parent, account=self.account)
         if checked is not None:
             checked.update(directories)
 
@@ -800,7 +805,7 @@ class AccountStore:
             return False
         if self.honour_moved_marker:
             try:  # again under the lock: a migration marks the files while it holds every lock
-                check_not_moved(self.state_path.parent)
+                check_not_moved(self.state_path.parent, account=self.account)
             except StoreMoved:
                 self._lock.release()
                 raise
@@ -872,7 +877,7 @@ class AccountStore:
         """
         path = self.state_path
         if self.honour_moved_marker:
-            check_not_moved(path.parent)
+            check_not_moved(path.parent, account=self.account)
         for _ in range(3):
             try:
                 raw, inode = _read_regular(path, what="state file")

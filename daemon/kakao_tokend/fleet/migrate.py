@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import StateCorrupt, StoreError, StoreLocked, StoreMoved, StoreUnavailable
+from ..relogin import command_line, config_command
 from ..state import AccountState
 from ..store import (
     MOVED_NAME,
@@ -152,6 +153,13 @@ async def read_meta(conn: AsyncConnection[Any]) -> StoreMeta:
         raise StoreError("the store has no store_meta row; it was not created by kakao-tokend")
     store_id, moved_to, moved_at, moved_by, moved_note, pending = row
     return StoreMeta(str(store_id), moved_to, moved_at, moved_by, moved_note, bool(pending))
+
+
+def migrate_command(config: Config, target: str) -> str:
+    """Return `kakao-tokend [--config FILE] store migrate --to TARGET` for ``config``."""
+    words = ("store", "migrate", "--to", target)
+    account = next(iter(config.accounts.values()), None)
+    return config_command(account, *words) if account else command_line((), *words)
 
 
 def moved_refusal(meta: StoreMeta) -> StoreMoved | None:
@@ -322,7 +330,8 @@ class FileSide:
                 raise StoreError(
                     f"cannot remove {path}: {exc.strerror or exc}; the accounts are in these "
                     "files, but kakao-tokend refuses them while it exists",
-                    hint="fix the permissions and run `kakao-tokend store migrate --to file` again",
+                    hint="fix the permissions and run "
+                    f"`{migrate_command(self.config, 'file')}` again",
                 ) from None
             _fsync_directory(directory)
             removed.append(path)
@@ -597,7 +606,7 @@ async def migrate_to_postgres(
             raise kind(
                 f"the accounts are in PostgreSQL store {meta.store_id} and the files are "
                 f"marked moved, but the store could not be put in use: {exc.message}",
-                hint="run `kakao-tokend store migrate --to postgres` again to finish",
+                hint=f"run `{migrate_command(config, 'postgres')}` again to finish",
             ) from None
     return report
 
