@@ -7,8 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from kakao_tokend.config import Config
 from kakao_tokend.fleet import db, schema
+from kakao_tokend.fleet.admin import db_timeouts
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
+from kakao_tokend.fleet.store import FleetStore
 from kakao_tokend.state import AccountState, Rotation
 from kakao_tokend.tokens import TokenSet, fingerprint
 
@@ -20,6 +23,19 @@ def write_key_file(path: Path, lines: Sequence[str]) -> Keyring:
     path.write_text("".join(line + "\n" for line in lines))
     path.chmod(0o600)
     return Keyring.parse(path.read_text())
+
+
+def node_store(config: Config, dsn: str, node: str, *, heartbeat: float = 60.0) -> FleetStore:
+    """A node's FleetStore for ``config`` (not opened yet): its keyring, timeouts, state dir."""
+    assert config.store.keyring is not None
+    return FleetStore(
+        dsn=dsn,
+        keyring=config.store.keyring,
+        node=node,
+        timeouts=db_timeouts(config),
+        state_dir=config.state_dir,
+        heartbeat=lambda: heartbeat,
+    )
 
 
 def write_store_config(

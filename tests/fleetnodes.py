@@ -448,6 +448,20 @@ class Fleet:
                 done[name] += 1
         return done
 
+    async def pause_holding_no_row_lock(self, node: FleetNode, *, tries: int = 50) -> None:
+        """SIGSTOP ``node`` at a moment it holds no row lock (else continue it and try again).
+
+        A node paused while it holds one keeps that account locked until the server's
+        idle-in-transaction timeout: that case has its own test (docs/fleet.md §6).
+        """
+        for _ in range(tries):
+            node.pause()
+            if node.name not in await self.lock_holders():
+                return
+            node.resume()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{node.name} always held a row lock")
+
     async def node_rows(self) -> list[str]:
         """Return the names in the store's ``nodes`` table (the nodes the others count)."""
         conn = await db.connect(self.dsn, node="fleet-harness", purpose="check", autocommit=True)

@@ -25,12 +25,11 @@ from psycopg.conninfo import conninfo_to_dict
 
 from alertkit import Receiver, alerts_toml
 from daemonproc import DaemonProcess, start_daemon
-from fleetkit import migrated, write_store_config
+from fleetkit import migrated, node_store, write_store_config
 from fleetrun import node_config, published, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import db
-from kakao_tokend.fleet.admin import db_timeouts
 from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.store import FleetStore
 from kakao_tokend.fleet.turns import LIVE_HEARTBEATS, first_claimant
@@ -225,15 +224,7 @@ async def test_a_node_cut_off_from_the_database_alerts_store_unavailable_itself(
 def open_book(tmp_path: Path, dsn: str, node: str = "web-1") -> tuple[FleetStore, AlertBook]:
     """A node's FleetStore (not opened yet) on ``dsn`` with a 0.2 s heartbeat, and its book."""
     config = load_config(write_store_config(tmp_path, dsn, node_name=node))
-    assert config.store.keyring is not None
-    fleet = FleetStore(
-        dsn=dsn,
-        keyring=config.store.keyring,
-        node=node,
-        timeouts=db_timeouts(config),
-        state_dir=config.state_dir,
-        heartbeat=lambda: 0.2,
-    )
+    fleet = node_store(config, dsn, node, heartbeat=0.2)
     return fleet, AlertBook(fleet)
 
 

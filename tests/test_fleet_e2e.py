@@ -217,14 +217,7 @@ async def test_a_node_paused_longer_than_the_access_lifetime_neither_stalls_nor_
     await wait_until(lambda: all_refreshed(fleet), timeout=15, what="first refreshes", fleet=fleet)
     sleeper = fleet.nodes[0]
     others = fleet.nodes[1:]
-    for _ in range(50):  # pause it at a moment it holds no row lock
-        sleeper.pause()
-        if sleeper.name not in await fleet.lock_holders():
-            break
-        sleeper.resume()
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail(f"{sleeper.name} always held a row lock")
+    await fleet.pause_holding_no_row_lock(sleeper)
     paused_at = fleet.emulator.now()
     stale: list[tuple[str, list[str]]] = []
     deadline = time.monotonic() + 2 * lifetime
@@ -268,15 +261,8 @@ async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_quer
     await fleet.start()
     await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
     sleeper = fleet.nodes[0]
-    for _ in range(50):  # pause it at a moment it holds no row lock
-        before = await fleet_counters(sleeper)
-        sleeper.pause()
-        if sleeper.name not in await fleet.lock_holders():
-            break
-        sleeper.resume()
-        await asyncio.sleep(0.05)
-    else:
-        pytest.fail(f"{sleeper.name} always held a row lock")
+    before = await fleet_counters(sleeper)
+    await fleet.pause_holding_no_row_lock(sleeper)
     paused_at = fleet.emulator.now()
     await wait_until(
         lambda: all_refreshed(fleet, since=paused_at, times=2),

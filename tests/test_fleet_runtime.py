@@ -11,6 +11,7 @@ import json
 import logging
 import stat
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,11 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import write_config
-from fleetkit import migrated
+from fleetkit import migrated, node_store
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.demo import auto_login
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
-from kakao_tokend.fleet.admin import db_timeouts
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
@@ -86,14 +86,7 @@ async def open_node(
 ) -> Node:
     """Open a FleetStore as a node does at start and build the default account's manager."""
     config = fleet_config(tmp_path, emulator, dsn, node)
-    assert config.store.keyring is not None
-    fleet = FleetStore(
-        dsn=dsn,
-        keyring=config.store.keyring,
-        node=node,
-        timeouts=db_timeouts(config),
-        state_dir=config.state_dir,
-    )
+    fleet = node_store(config, dsn, node)
     await fleet.open()
     account = config.account()
     store = fleet.account_store(account)
@@ -128,6 +121,24 @@ async def store_dsn(pg_dsn: str) -> str:
     """A migrated, empty store."""
     await migrated(pg_dsn)
     return pg_dsn
+
+
+@asynccontextmanager
+async def two_logged_in_nodes(
+    tmp_path: Path, emulator: KakaoEmulator, dsn: str, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Node, Node]]:
+    """web-1 and web-2 on one store, the default account logged in and loaded on both."""
+    one = await open_node(tmp_path, emulator, dsn, session, "web-1")
+    two = await open_node(tmp_path, emulator, dsn, session, "web-2")
+    try:
+        await logged_in(emulator, one.config, dsn, session)
+        for node in (one, two):
+            await node.fleet.reload("default")
+            node.manager.load()
+        yield one, two
+    finally:
+        await one.fleet.close()
+        await two.fleet.close()
 
 
 async def kakao_holds_the_refresh(emulator: KakaoEmulator) -> None:
@@ -185,13 +196,7 @@ async def test_adopting_another_nodes_refresh_is_routine_and_not_logged_at_info(
     At INFO, three nodes with 3,000 accounts wrote about 80 "adopted tokens" lines a second
     into the journal (bench/fleet_bench.py), burying the lines a person needs.
     """
-    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
-    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
-    try:
-        await logged_in(emulator, one.config, store_dsn, session)
-        for node in (one, two):
-            await node.fleet.reload("default")
-            node.manager.load()
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
         new = await one.manager.refresh(force=True, reason="test")
         assert new is not None
         await two.fleet.reload("default")
@@ -200,9 +205,6 @@ async def test_adopting_another_nodes_refresh_is_routine_and_not_logged_at_info(
         assert two.manager.state == new
         adopted = [r for r in caplog.records if "adopted tokens" in r.getMessage()]
         assert [r.levelno for r in adopted] == [logging.DEBUG]
-    finally:
-        await one.fleet.close()
-        await two.fleet.close()
 
 
 async def test_concurrent_on_demand_refreshes_on_two_nodes_make_one_kakao_call(
@@ -211,13 +213,7 @@ async def test_concurrent_on_demand_refreshes_on_two_nodes_make_one_kakao_call(
     """Two nodes asked at once for a token valid longer than the held one take the same row
     lock: one calls Kakao, the other waits, re-reads the committed row and calls nobody."""
     emulator.settings.access_lifetime = 10
-    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
-    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
-    try:
-        await logged_in(emulator, one.config, store_dsn, session)
-        for node in (one, two):
-            await node.fleet.reload("default")
-            node.manager.load()
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
         await asyncio.sleep(3)  # 7 s left: both callers want 8
         emulator.inject("token", "slow", delay=0.8)
         before = emulator.stats.refreshes_ok
@@ -230,9 +226,6 @@ async def test_concurrent_on_demand_refreshes_on_two_nodes_make_one_kakao_call(
         assert results[0].tokens.access_token == results[1].tokens.access_token
         assert results[0].generation == results[1].generation
         assert one.fleet.stats.claim_conflicts + two.fleet.stats.claim_conflicts == 0
-    finally:
-        await one.fleet.close()
-        await two.fleet.close()
 
 
 async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
@@ -242,13 +235,7 @@ async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
     counts a claim conflict, stays healthy and makes no Kakao call; once it hears of the
     commit it plans the next refresh at the moment the row says (the same on every node)."""
     emulator.settings.access_lifetime = 4
-    one = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
-    two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
-    try:
-        await logged_in(emulator, one.config, store_dsn, session)
-        for node in (one, two):
-            await node.fleet.reload("default")
-            node.manager.load()
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
         while not (one.manager.needs_refresh(one.manager.clock())):
             await asyncio.sleep(0.05)
         emulator.inject("token", "hold", delay=30.0)
@@ -272,9 +259,6 @@ async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
         assert two.manager.notice_outside_changes()
         assert two.manager.state == committed
         assert two.manager.planned_refresh_at() == row.due_at == one.manager.planned_refresh_at()
-    finally:
-        await one.fleet.close()
-        await two.fleet.close()
 
 
 async def test_no_kakao_call_without_the_row_lock_when_the_database_is_gone(
