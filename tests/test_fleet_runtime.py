@@ -21,10 +21,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import write_config
 from fleetkit import migrated, node_store
+from fleetrun import store_login
 from kakao_tokend.config import Config, load_config
-from kakao_tokend.demo import auto_login
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
@@ -98,24 +97,6 @@ async def open_node(
     return Node(config, fleet, store, manager)
 
 
-async def logged_in(
-    emulator: KakaoEmulator, config: Config, dsn: str, session: aiohttp.ClientSession
-) -> AccountState:
-    """Log the default account in against the emulator and insert its row, as `login` does."""
-    account = config.account()
-    state = await auto_login(KakaoClient(session, account.app), session, account.name)
-    assert config.store.keyring is not None
-    conn = await db.connect(dsn, node="cli", purpose="test")
-    async with conn:
-        row = await accounts.insert_account(
-            conn, config.store.keyring, state, node="cli", due_at=None
-        )
-        assert row is not None
-        await accounts.notify_changed(conn, account.name, state.generation)
-        await conn.commit()
-    return state
-
-
 @pytest.fixture
 async def store_dsn(pg_dsn: str) -> str:
     """A migrated, empty store."""
@@ -131,7 +112,7 @@ async def two_logged_in_nodes(
     one = await open_node(tmp_path, emulator, dsn, session, "web-1")
     two = await open_node(tmp_path, emulator, dsn, session, "web-2")
     try:
-        await logged_in(emulator, one.config, dsn, session)
+        await store_login(emulator, one.config, dsn)
         for node in (one, two):
             await node.fleet.reload("default")
             node.manager.load()
@@ -157,7 +138,7 @@ async def test_a_refresh_commits_to_the_store_before_it_publishes(
     node), and the token file appears only once the row holds it."""
     first = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
     try:
-        state = await logged_in(emulator, first.config, store_dsn, session)
+        state = await store_login(emulator, first.config, store_dsn)
         await first.fleet.reload("default")
         first.manager.load()
         assert first.manager.state == state
@@ -270,7 +251,7 @@ async def test_no_kakao_call_without_the_row_lock_when_the_database_is_gone(
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
         try:
-            state = await logged_in(emulator, node.config, store_dsn, session)
+            state = await store_login(emulator, node.config, store_dsn)
             await node.fleet.reload("default")
             node.manager.load()
             proxy.refuse()
@@ -300,7 +281,7 @@ async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_comm
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
         try:
-            state = await logged_in(emulator, node.config, store_dsn, session)
+            state = await store_login(emulator, node.config, store_dsn)
             await node.fleet.reload("default")
             node.manager.load()
             emulator.inject("token", "hold", delay=30.0)
@@ -348,7 +329,7 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
     port = int(str(conninfo_to_dict(store_dsn)["port"]))
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
-        state = await logged_in(emulator, node.config, store_dsn, session)
+        state = await store_login(emulator, node.config, store_dsn)
         await node.fleet.reload("default")
         node.manager.load()
         emulator.inject("token", "hold", delay=30.0)
