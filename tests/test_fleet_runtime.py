@@ -355,3 +355,33 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
         assert state.generation + 1 == new.generation
     finally:
         await again.fleet.close()
+
+
+async def test_a_rescue_file_older_than_the_row_is_kept_aside_and_never_used(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rescue file at a generation the row has already passed (its tokens were committed
+    another way) is not adopted at start: it is kept aside as ``.superseded-<stamp>``."""
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        old = await store_login(emulator, node.config, store_dsn)
+        await node.fleet.reload("default")
+        node.manager.load()
+        new = await node.manager.refresh(force=True, reason="test")
+        assert new is not None and new.generation == old.generation + 1
+        assert node.store.save_rescue(old)
+        rescue = node.store.rescue_path
+        assert rescue is not None and rescue.exists()
+    finally:
+        await node.fleet.close()
+    again = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        assert again.manager.state is not None
+        assert again.manager.state.generation == new.generation
+        assert not again.manager.status.write_pending
+        assert not rescue.exists()
+        kept = list(rescue.parent.glob(rescue.name + ".superseded-*"))
+        assert len(kept) == 1
+        assert stat.S_IMODE(kept[0].stat().st_mode) == 0o600
+    finally:
+        await again.fleet.close()

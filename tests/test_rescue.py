@@ -193,10 +193,15 @@ async def test_an_older_rescue_file_never_wins(
     old = manager.state
     assert old is not None
     await manager.refresh(force=True)
-    write_rescue(tmp_path / "run", manager.store.state_path, old)
+    rescue = write_rescue(tmp_path / "run", manager.store.state_path, old)
     again = await fresh_manager(config_path, session)
     assert again.state is not None and again.state.generation == 2
     assert emulator.refresh_token_status(again.state.tokens.refresh_token) == "live"
+    # Kept aside, never deleted: it is not used, and a person may still want to look at it.
+    assert not rescue.exists()
+    kept = list(rescue.parent.glob(rescue.name + ".superseded-*"))
+    assert len(kept) == 1
+    assert json.loads(kept[0].read_text())["state"] == old.to_dict()
 
 
 async def test_disk_full_beyond_the_reserve_then_kill_9_loses_nothing(

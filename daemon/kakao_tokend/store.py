@@ -168,6 +168,21 @@ def release_reserve(directory: Path) -> bool:
     return True
 
 
+def unlink_durably(path: Path) -> bool:
+    """Remove ``path`` and make the removal durable; False when it was not there.
+
+    OSError when it cannot be removed. A directory that cannot be synced afterwards does not
+    undo the removal, so that failure is not the caller's to handle.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    with suppress(OSError):
+        _fsync_dir(path.parent)
+    return True
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename/unlink in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -958,13 +973,10 @@ class AccountStore:
             return target
         raise StoreError(f"too many {label} copies of {path}; clean them up")
 
-    def set_aside_state(self, label: str) -> Path | None:
-        """Move the current state file to ``<file>.<label>-<stamp>`` (kept, never deleted).
-
-        Used for a state the daemon refuses to adopt (an older backup); returns where it went,
-        or None when there was no file (or it was replaced meanwhile). Hold the lock.
-        """
-        path = self.state_path
+    def set_aside_file(self, path: Path, label: str) -> Path | None:
+        """Move one of this account's files to ``<file>.<label>-<stamp>`` (kept, never
+        deleted, never clobbering an earlier copy, durably); return where it went, or None
+        when there was no file (or it was replaced meanwhile)."""
         try:
             inode = os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
@@ -972,6 +984,14 @@ class AccountStore:
         except OSError as exc:
             raise StoreError(f"cannot stat {path}: {exc.strerror or exc}") from None
         return self._set_aside(path, inode, label)
+
+    def set_aside_state(self, label: str) -> Path | None:
+        """Move the current state file to ``<file>.<label>-<stamp>`` (kept, never deleted).
+
+        Used for a state the daemon refuses to adopt (an older backup); returns where it went,
+        or None when there was no file (or it was replaced meanwhile). Hold the lock.
+        """
+        return self.set_aside_file(self.state_path, label)
 
     def restore_backup(self, backup: AccountState, *, source: Path, now: datetime) -> AccountState:
         """Put ``backup`` in place as the account's newest state (`kakao-tokend restore`).
@@ -1057,7 +1077,7 @@ class AccountStore:
             state = AccountState.from_dict(document.get("state"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             with suppress(OSError, StoreError):
-                kept = self._set_aside(path, os.stat(path, follow_symlinks=False).st_ino, "corrupt")
+                kept = self.set_aside_file(path, "corrupt")
                 log.error(
                     "account %s: rescue file %s is damaged (%s); kept as %s",
                     self.name,
@@ -1082,14 +1102,9 @@ class AccountStore:
         if self.rescue_path is None:
             return
         try:
-            os.unlink(self.rescue_path)
-        except FileNotFoundError:
-            return
+            unlink_durably(self.rescue_path)
         except OSError as exc:
             log.warning("account %s: cannot remove %s: %s", self.name, self.rescue_path, exc)
-            return
-        with suppress(OSError):
-            _fsync_dir(self.rescue_path.parent)
 
     def set_aside_rescue(self, label: str) -> Path | None:
         """Keep the rescue file under ``<file>.<label>-<stamp>``: never recovered, never lost."""
@@ -1097,11 +1112,7 @@ class AccountStore:
         if path is None:
             return None
         try:
-            inode = os.stat(path, follow_symlinks=False).st_ino
-        except OSError:
-            return None
-        try:
-            return self._set_aside(path, inode, label)
+            return self.set_aside_file(path, label)
         except StoreError as exc:
             log.warning("account %s: %s", self.name, exc)
             return None
@@ -1280,10 +1291,6 @@ class AccountStore:
         self.discard_rescue()
         for path in (self.state_path, self.token_path):
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
+                unlink_durably(path)
             except OSError as exc:
                 raise _write_error(path, exc, "remove") from None
-            with suppress(OSError):
-                _fsync_dir(path.parent)

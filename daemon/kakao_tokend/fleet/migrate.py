@@ -49,6 +49,7 @@ from ..store import (
     FileLock,
     atomic_write,
     read_file,
+    unlink_durably,
 )
 from ..tokens import format_time, refresh_due_at, utcnow
 from . import alertbook, missing_extra
@@ -323,9 +324,8 @@ class FileSide:
         for directory in self.directories:
             path = directory / MOVED_NAME
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
+                if not unlink_durably(path):
+                    continue
             except OSError as exc:
                 raise StoreError(
                     f"cannot remove {path}: {exc.strerror or exc}; the accounts are in these "
@@ -333,17 +333,8 @@ class FileSide:
                     hint="fix the permissions and run "
                     f"`{migrate_command(self.config, 'file')}` again",
                 ) from None
-            _fsync_directory(directory)
             removed.append(path)
         return removed
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
@@ -44,7 +43,15 @@ from ..errors import (
     TokenDecryptError,
 )
 from ..state import AccountState
-from ..store import STATE_FILE_MODE, AccountFiles, AccountStore, atomic_write, make_dirs, read_file
+from ..store import (
+    STATE_FILE_MODE,
+    AccountFiles,
+    AccountStore,
+    atomic_write,
+    make_dirs,
+    read_file,
+    unlink_durably,
+)
 from ..tokens import format_time, utcnow
 from .accounts import (
     AccountRow,
@@ -846,32 +853,25 @@ class PgAccountStore:
         if path is None:
             return
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
+            removed = unlink_durably(path)
         except OSError as exc:
             log.warning("account %s: cannot remove %s: %s", self.name, path, exc)
             return
-        with suppress(OSError):
-            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        log.info("account %s: rescue file %s removed (the store holds its tokens)", self.name, path)
+        if removed:
+            log.info(
+                "account %s: rescue file %s removed (the store holds its tokens)", self.name, path
+            )
 
     def set_aside_rescue(self, label: str) -> Path | None:
         """Keep the rescue file under ``<file>.<label>-<stamp>``: never recovered, never lost."""
         path = self.rescue_path
-        if path is None or not path.exists():
+        if path is None:
             return None
-        target = path.with_name(f"{path.name}.{label}-{utcnow().strftime('%Y%m%dT%H%M%S%fZ')}")
-        try:
-            os.rename(path, target)
-        except OSError as exc:
-            log.warning("account %s: cannot keep %s aside: %s", self.name, path, exc)
+        try:  # the file store's way: never clobbering an earlier copy, durable
+            return self._files.set_aside_file(path, label)
+        except StoreError as exc:
+            log.warning("account %s: %s", self.name, exc)
             return None
-        return target
 
     # ------------------------------------------------------------------ alerts and publishing
 
@@ -903,13 +903,12 @@ class PgAccountStore:
             return
         path = self._files.token_path
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
+            removed = unlink_durably(path)
         except OSError as exc:
             log.error("account %s: cannot remove %s after a logout: %s", self.name, path, exc)
             return
-        log.info("account %s: logged out; removed %s", self.name, path)
+        if removed:
+            log.info("account %s: logged out; removed %s", self.name, path)
 
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""
