@@ -112,10 +112,9 @@ async def two_logged_in_nodes(
     one = await open_node(tmp_path, emulator, dsn, session, "web-1")
     two = await open_node(tmp_path, emulator, dsn, session, "web-2")
     try:
-        await store_login(emulator, one.config, dsn)
-        for node in (one, two):
-            await node.fleet.reload("default")
-            node.manager.load()
+        await login_on(one, emulator, dsn)
+        await two.fleet.reload("default")
+        two.manager.load()
         yield one, two
     finally:
         await one.fleet.close()
@@ -131,6 +130,28 @@ async def kakao_holds_the_refresh(emulator: KakaoEmulator) -> None:
     raise AssertionError("no token request reached Kakao within 10 s")
 
 
+async def login_on(node: Node, emulator: KakaoEmulator, dsn: str) -> AccountState:
+    """Log the default account in through the store (as `login`) and load it on ``node``."""
+    state = await store_login(emulator, node.config, dsn)
+    await node.fleet.reload("default")
+    node.manager.load()
+    return state
+
+
+async def refresh_while_the_database_goes(
+    node: Node, emulator: KakaoEmulator, proxy: TcpProxy
+) -> AccountState | None:
+    """Refresh on ``node``, cutting its database while Kakao holds the answer: Kakao rotates,
+    the commit cannot happen. Return what the refresh returned."""
+    emulator.inject("token", "hold", delay=30.0)
+    task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
+    await kakao_holds_the_refresh(emulator)  # holding the row, waiting for Kakao
+    proxy.refuse()
+    proxy.cut()
+    emulator.release_held()
+    return await task
+
+
 async def test_a_refresh_commits_to_the_store_before_it_publishes(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -138,9 +159,7 @@ async def test_a_refresh_commits_to_the_store_before_it_publishes(
     node), and the token file appears only once the row holds it."""
     first = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
     try:
-        state = await store_login(emulator, first.config, store_dsn)
-        await first.fleet.reload("default")
-        first.manager.load()
+        state = await login_on(first, emulator, store_dsn)
         assert first.manager.state == state
         seen_at_publish: list[int | None] = []
         original = first.store._files.publish
@@ -251,9 +270,7 @@ async def test_no_kakao_call_without_the_row_lock_when_the_database_is_gone(
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
         try:
-            state = await store_login(emulator, node.config, store_dsn)
-            await node.fleet.reload("default")
-            node.manager.load()
+            state = await login_on(node, emulator, store_dsn)
             proxy.refuse()
             proxy.cut()
             before = emulator.stats.requests["token"]
@@ -281,16 +298,8 @@ async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_comm
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
         try:
-            state = await store_login(emulator, node.config, store_dsn)
-            await node.fleet.reload("default")
-            node.manager.load()
-            emulator.inject("token", "hold", delay=30.0)
-            task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
-            await kakao_holds_the_refresh(emulator)  # holding the row, waiting for Kakao
-            proxy.refuse()
-            proxy.cut()
-            emulator.release_held()
-            new = await task
+            state = await login_on(node, emulator, store_dsn)
+            new = await refresh_while_the_database_goes(node, emulator, proxy)
             assert new is not None and new.generation == state.generation + 1
             assert new.tokens.refresh_token != state.tokens.refresh_token  # rotated
             assert node.manager.status.write_pending
@@ -329,16 +338,8 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
     port = int(str(conninfo_to_dict(store_dsn)["port"]))
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
-        state = await store_login(emulator, node.config, store_dsn)
-        await node.fleet.reload("default")
-        node.manager.load()
-        emulator.inject("token", "hold", delay=30.0)
-        task = asyncio.create_task(node.manager.refresh(force=True, reason="due"))
-        await kakao_holds_the_refresh(emulator)
-        proxy.refuse()
-        proxy.cut()
-        emulator.release_held()
-        new = await task
+        state = await login_on(node, emulator, store_dsn)
+        new = await refresh_while_the_database_goes(node, emulator, proxy)
         assert new is not None and node.manager.status.write_pending
         await node.fleet.close()  # the node "dies" with its rescue file on disk
     again = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
@@ -364,9 +365,7 @@ async def test_a_rescue_file_older_than_the_row_is_kept_aside_and_never_used(
     another way) is not adopted at start: it is kept aside as ``.superseded-<stamp>``."""
     node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
     try:
-        old = await store_login(emulator, node.config, store_dsn)
-        await node.fleet.reload("default")
-        node.manager.load()
+        old = await login_on(node, emulator, store_dsn)
         new = await node.manager.refresh(force=True, reason="test")
         assert new is not None and new.generation == old.generation + 1
         assert node.store.save_rescue(old)
