@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from daemonproc import DaemonProcess, write_config
-from kakao_tokend.config import Config
+from kakao_tokend.config import Config, load_config
 from kakao_tokend.demo import auto_login
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
@@ -63,6 +63,20 @@ async def store_login(emulator: KakaoEmulator, config: Config, dsn: str) -> Acco
         assert row is not None
         await accounts.notify_changed(conn, account.name, state.generation)
         await conn.commit()
+    return state
+
+
+async def login_published(
+    emulator: KakaoEmulator, config_path: Path, dsn: str, node: DaemonProcess
+) -> AccountState:
+    """Log the default account in through the store (:func:`store_login`) and wait until the
+    running ``node`` has published it (it heard of the login)."""
+    state = await store_login(emulator, load_config(config_path), dsn)
+    await node.wait_for(
+        lambda: (published(node) or {}).get("generation") == state.generation,
+        timeout=5,
+        what="the login published",
+    )
     return state
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from daemonproc import run_cli, start_daemon
 from fleetkit import migrated
-from fleetrun import node_config, published, store_login
+from fleetrun import login_published, node_config, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
@@ -92,12 +92,7 @@ async def test_a_logout_on_any_host_empties_every_nodes_token_file(
     node_path = node_config(tmp_path, emulator, pg_dsn, "web-1")
     node = await start_daemon(node_path)
     try:
-        state = await store_login(emulator, load_config(node_path), pg_dsn)
-        await node.wait_for(
-            lambda: (published(node) or {}).get("generation") == state.generation,
-            timeout=5,
-            what="the login published",
-        )
+        await login_published(emulator, node_path, pg_dsn, node)
         ops = node_config(tmp_path, emulator, pg_dsn, "ops-1")
         code, out, err = await run_cli(ops, "logout")
         assert code == 0, err

@@ -18,7 +18,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import DaemonProcess, start_daemon
-from fleetrun import node_config, published, store_login
+from fleetrun import login_published, node_config, published, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import db
@@ -113,12 +113,7 @@ async def test_a_node_cut_off_from_the_database_serves_alerts_and_never_calls_ka
         path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="0.5s")
         node = await start_daemon(path)
         try:
-            state = await store_login(emulator, load_config(path), pg_dsn)
-            await node.wait_for(
-                lambda: (published(node) or {}).get("generation") == state.generation,
-                timeout=5,
-                what="the login published",
-            )
+            state = await login_published(emulator, path, pg_dsn, node)
             proxy.refuse()
             proxy.cut()
             token_calls = emulator.stats.requests["token"]
@@ -231,12 +226,7 @@ async def test_a_reloaded_node_keeps_refreshing_through_the_store(
     path = node_config(tmp_path, emulator, pg_dsn, "web-1", heartbeat="0.5s")
     node = await start_daemon(path)
     try:
-        state = await store_login(emulator, load_config(path), pg_dsn)
-        await node.wait_for(
-            lambda: (published(node) or {}).get("generation") == state.generation,
-            timeout=5,
-            what="the login published",
-        )
+        state = await login_published(emulator, path, pg_dsn, node)
         node.send(signal.SIGHUP)
         await node.wait_log("configuration reloaded")
         await node.wait_for(
