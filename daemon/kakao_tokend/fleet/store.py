@@ -379,21 +379,8 @@ class FleetStore:
         self.stats.last_sync = time.monotonic()
 
     async def reload(self, name: str) -> AccountRow | None:
-        """Read one row again (after a notification); update the cache; return it."""
-        self.stats.row_reads += 1
-        async with self.connection(f"read account {name!r}") as conn:
-            try:
-                row = await load_account(conn, self.keyring, name)
-            except TokenDecryptError as exc:
-                self._decrypt_failed(name, exc)
-                return None
-            await conn.commit()
-        if row is None:
-            self.rows.pop(name, None)
-        else:
-            self.rows[name] = row
-            self.unreadable.pop(name, None)
-        return row
+        """Read one row again; update the cache; return it (None: gone or unreadable)."""
+        return (await self.reload_many([name]))[name]
 
     async def reload_many(self, names: Collection[str]) -> dict[str, AccountRow | None]:
         """Read these rows again with one query (notifications and polls coalesced); update
