@@ -143,7 +143,6 @@ async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
 
     node = FleetNode(
         daemon.fleet,
-        heartbeat=lambda: daemon.config.refresh.heartbeat,
         on_change=daemon.on_store_changed,
         on_due=daemon.on_store_due,
         on_health=daemon.on_store_health,

@@ -64,13 +64,11 @@ class FleetNode:
         self,
         fleet: FleetStore,
         *,
-        heartbeat: Callable[[], float],
         on_change: Callable[[str], None],
         on_due: Callable[[str], None],
         on_health: Callable[[], None] = lambda: None,
     ) -> None:
         self.fleet = fleet
-        self.heartbeat = heartbeat
         self.on_change = on_change
         self.on_due = on_due
         #: Called after every poll and every failed (re)connect: the store's health may differ.
@@ -140,7 +138,7 @@ class FleetNode:
             attempt += 1
             # The one back-off rule, never longer than a heartbeat: the poll after the
             # reconnect is what brings the node up to date again.
-            await asyncio.sleep(backoff_delay(attempt, initial=0.2, cap=self.heartbeat()))
+            await asyncio.sleep(backoff_delay(attempt, initial=0.2, cap=self.fleet.heartbeat()))
 
     async def _listen(self) -> None:
         fleet = self.fleet
@@ -156,7 +154,7 @@ class FleetNode:
             self._first_sync.set()
             while True:
                 with store_errors("wait for the store's notifications"):
-                    async for note in conn.notifies(timeout=self.heartbeat()):
+                    async for note in conn.notifies(timeout=self.fleet.heartbeat()):
                         await self._notified(note.payload)
                 await self._probe(conn)
                 await self.sync()
