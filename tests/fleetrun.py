@@ -29,7 +29,7 @@ def node_config(
     if not key_file.exists():
         key_file.write_text(new_key_line() + "\n")
         key_file.chmod(0o600)
-    dsn_file = tmp_path / "dsn"
+    dsn_file = tmp_path / f"dsn-{node}"  # a node may reach the database through a proxy
     dsn_file.write_text(dsn + "\n")
     dsn_file.chmod(0o600)
     directory = tmp_path / node

@@ -65,11 +65,6 @@ async def start_nodes(
     paths = []
     for name, dsn in zip(NODES, dsns, strict=False):
         path = node_config(tmp_path, emulator, dsn, name, heartbeat="0.5s", extra=alerts)
-        # node_config's DSN file is shared by the nodes: give each node its own.
-        own_dsn = path.parent / "dsn"
-        own_dsn.write_text(dsn + "\n")
-        own_dsn.chmod(0o600)
-        path.write_text(path.read_text().replace(str(tmp_path / "dsn"), str(own_dsn)))
         path.chmod(0o600)  # an inline webhook URL is a secret: refused in a readable config
         paths.append(path)
     return list(await asyncio.gather(*(start_daemon(path) for path in paths)))

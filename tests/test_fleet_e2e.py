@@ -140,7 +140,11 @@ async def test_each_account_is_refreshed_by_its_first_claimant_so_the_nodes_shar
     log = (await fleet.rotation_log())[warmed:]
     by_first = sum(1 for account, node in log if node == first_claimant(account, names))
     assert len(log) >= 2 * len(fleet.accounts)
-    assert by_first >= 0.8 * len(log), (by_first, len(log), Counter(node for _, node in log))
+    # Without the rule about a third (34 % measured); with it 90 %+ on a quiet machine. The
+    # others' wait is 2 % of this 5 s lifetime, 0.1 s: on a machine so loaded that the first
+    # claimant lags more than that, the others take over by design (74 % seen under a load of
+    # 6 on 2 cores). 60 % still tells the rule from chance.
+    assert by_first >= 0.6 * len(log), (by_first, len(log), Counter(node for _, node in log))
     assert await fleet.lost_refresh_tokens() == []
 
 

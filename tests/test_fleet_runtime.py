@@ -13,6 +13,7 @@ import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -384,3 +385,105 @@ async def test_a_rescue_file_older_than_the_row_is_kept_aside_and_never_used(
         assert stat.S_IMODE(kept[0].stat().st_mode) == 0o600
     finally:
         await again.fleet.close()
+
+
+async def test_a_rotation_another_node_has_not_committed_yet_is_not_a_relogin(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """web-1's database goes while Kakao rotates: the new refresh token waits in its rescue
+    file. web-2 claims the row meanwhile and presents the retired token: KOE322, while Kakao
+    still accepts the access token. That is another holder's rotation, not a revoked grant:
+    web-2 does not say "log in again"; once web-1 commits, both nodes serve the new tokens."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        one = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
+        events: list[str] = []
+        two.manager.listeners.append(lambda event: events.append(str(event.kind)))
+        one.manager.listeners.append(lambda event: events.append(f"web-1 {event.kind}"))
+        try:
+            state = await login_on(one, emulator, store_dsn)
+            await two.fleet.reload("default")
+            two.manager.load()
+            rescued = await refresh_while_the_database_goes(one, emulator, proxy)
+            assert rescued is not None and one.manager.status.write_pending
+            refused_before = emulator.stats.requests["token"]
+            await two.manager.refresh(force=True, reason="due")
+            assert emulator.stats.requests["token"] == refused_before + 1  # KOE322
+            assert two.manager.status.health is not Health.RELOGIN, two.manager.status
+            proxy.accept()
+            await one.manager.flush()
+            assert not one.manager.status.write_pending
+            row = await two.fleet.reload("default")
+            assert row is not None
+            assert row.state.tokens.refresh_token == rescued.tokens.refresh_token
+            assert two.manager.notice_outside_changes()
+            assert two.manager.status.health is Health.OK
+            assert two.manager.state is not None
+            assert two.manager.state.tokens.refresh_token == rescued.tokens.refresh_token
+            assert "relogin" not in events and "web-1 conflict" not in events, events
+            assert state.generation + 1 == rescued.generation
+        finally:
+            await one.fleet.close()
+            await two.fleet.close()
+
+
+async def test_a_refusal_no_node_answers_within_the_grace_asks_for_a_login_once(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Another program rotated the refresh token (its successor reaches no node): the node
+    waits the grace — a share of the access token's remaining life, at most the liveness
+    window — without presenting the refused token again, then asks for a login."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
+    emulator.settings.access_lifetime = 4
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        state = await login_on(node, emulator, store_dsn)
+        await node.manager.client.refresh(state.tokens)  # someone else rotates; never saved
+        calls = emulator.stats.requests["token"]
+        await node.manager.refresh(force=True, reason="due")
+        status = node.manager.status
+        assert status.health is Health.RETRYING and status.last_error_class == "superseded"
+        assert emulator.stats.requests["token"] == calls + 1
+        assert status.next_attempt_at is not None
+        wait = (status.next_attempt_at - node.manager.clock()).total_seconds()
+        left = state.tokens.access_remaining(node.manager.clock()).total_seconds()
+        assert 0 < wait <= min(node.store.peer_grace, left / 2) + 0.05
+        await node.manager.tick()  # not due yet: nobody presents the refused token again
+        assert emulator.stats.requests["token"] == calls + 1
+        await asyncio.sleep(wait)
+        await node.manager.tick()
+        assert status.health is Health.RELOGIN
+        assert emulator.stats.requests["token"] == calls + 2
+        row = await node.fleet.reload("default")
+        assert row is not None and row.state.relogin_reason
+    finally:
+        await node.fleet.close()
+
+
+async def test_a_waiting_write_is_tried_at_once_when_the_store_answers_again(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Rescued tokens whose next write try lies far ahead (the back-off of a long outage)
+    are written at the next tick once the store answers: other nodes may wait for them."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        try:
+            await login_on(node, emulator, store_dsn)
+            new = await refresh_while_the_database_goes(node, emulator, proxy)
+            assert new is not None and node.manager.status.write_pending
+            proxy.accept()
+            node.manager._next_write_at = node.manager.clock() + timedelta(hours=1)
+            await node.manager.tick()
+            assert node.manager.status.write_pending  # the back-off holds it back
+            assert node.manager.write_again_now()
+            await node.manager.tick()
+            assert not node.manager.status.write_pending
+            row = await node.fleet.reload("default")
+            assert row is not None and row.generation == new.generation
+            assert not node.manager.write_again_now()  # nothing waits any more
+        finally:
+            await node.fleet.close()

@@ -242,3 +242,63 @@ async def test_a_reloaded_node_keeps_refreshing_through_the_store(
         assert not (node.state_dir / "default.state.json").exists()
     finally:
         await node.stop()
+
+
+async def test_a_node_never_asks_for_a_login_while_another_holds_the_rotation_unsaved(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """web-1 loses the database while Kakao rotates the refresh token: its new tokens wait in
+    its rescue file. web-2 then presents the retired token and gets KOE322. web-2 waits for
+    the successor instead of asking for a login (no "relogin" in its status at any moment, no
+    such log line); once web-1 reaches the database again it commits at once and both nodes
+    serve the new tokens."""
+    emulator.settings.access_lifetime = 8
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        one_path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="0.5s")
+        two_path = node_config(tmp_path, emulator, pg_dsn, "web-2", heartbeat="0.5s")
+        one, two = await asyncio.gather(start_daemon(one_path), start_daemon(two_path))
+        try:
+            state = await login_published(emulator, one_path, pg_dsn, one)
+            await two.wait_for(
+                lambda: (published(two) or {}).get("generation") == state.generation,
+                timeout=5,
+                what="the login published on web-2",
+            )
+            emulator.inject("token", "hold", delay=30.0)
+            asked = asyncio.create_task(one.api("POST", "/v1/accounts/default/refresh"))
+            for _ in range(400):
+                if emulator.held_requests:
+                    break
+                await asyncio.sleep(0.025)
+            assert emulator.held_requests, one.log_text()[-2000:]
+            proxy.refuse()
+            proxy.cut()
+            emulator.release_held()
+            code, _ = await asked
+            await one.wait_for(
+                lambda: "keeping them in memory and in the rescue file" in one.log_text(),
+                timeout=5,
+                what="web-1 keeping the rotated tokens",
+            )
+            code, body = await two.api("POST", "/v1/accounts/default/refresh")
+            assert code == 502 and emulator.stats.retired_refresh_presented == 1, body
+            healths = []
+            proxy.accept()
+            deadline = time.monotonic() + 10
+            while True:
+                code, body = await two.api("GET", "/v1/status")
+                healths.append(body["accounts"][0]["health"])
+                if (published(two) or {}).get("generation", 0) > state.generation:
+                    break
+                assert time.monotonic() < deadline, two.log_text()[-3000:]
+                await asyncio.sleep(0.1)
+            assert "relogin" not in healths and "needs a new login" not in two.log_text()
+            code, body = await two.api("GET", "/v1/status")
+            assert body["accounts"][0]["health"] == "ok", body
+            assert published(one) == published(two)
+            assert emulator.stats.retired_refresh_presented == 1
+        finally:
+            await one.stop()
+            await two.stop()

@@ -233,7 +233,10 @@ class Daemon:
 
     def on_store_health(self) -> None:
         """Fleet mode: give every account the store's health (store_unavailable), and grade
-        them again at once when it changed (the alert fires, or is resolved, now)."""
+        them again at once when it changed (the alert fires, or is resolved, now). Whenever the
+        store answers (a poll), tokens waiting to be committed are written at once, not after
+        their back-off: other nodes may be waiting for them (see
+        AccountManager._superseded_elsewhere)."""
         if self.fleet is None:
             return
         stats = self.fleet.stats
@@ -244,6 +247,8 @@ class Daemon:
             status.store_error = stats.last_error
             if changed and self.alerts is not None:
                 self.alerts.evaluate(manager.name)
+            if stats.up and manager.write_again_now() and self.scheduler is not None:
+                self.scheduler.run_soon(manager)
 
     def fleet_status(self) -> dict[str, Any]:
         """Fleet mode: this node and the store's health, as JSON-ready data (no secrets)."""

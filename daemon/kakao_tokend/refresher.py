@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 # more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
 LOCK_WAIT_SHARE = 0.02
+# Waiting for another fleet node's unsaved rotation (see _superseded_elsewhere) never takes more
+# than this share of the access token's remaining life: a real re-login is still announced
+# while the held access token serves.
+SUPERSEDED_WAIT_SHARE = 0.5
 #: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
 #: per account. Tests that need fixed dice pass their own ``rng``.
 SHARED_RNG = random.Random()
@@ -117,6 +121,9 @@ class AccountManager:
         self._publish_attempt = 0
         self._next_publish_at: datetime | None = None
         self._last_failure_ambiguous = False
+        #: Fleet mode, a refresh token Kakao refused while another node may hold its
+        #: successor unsaved: (its fingerprint, when to give up waiting and ask for a login).
+        self._superseded: tuple[str, datetime] | None = None
 
     @property
     def name(self) -> str:
@@ -668,6 +675,8 @@ class AccountManager:
             return state
         except ReloginRequired as exc:
             cause = await self._refusal_cause(state, exc)
+            if self._superseded_elsewhere(state, exc, cause):
+                return state
             self._mark_permanent(Health.RELOGIN, exc, cause=cause)
             return self.state
         except KakaoConfigError as exc:
@@ -695,6 +704,43 @@ class AccountManager:
         self._emit(
             EventKind.REFRESH_CALL, f"{self.name}: refresh call {outcome} in {seconds:.3f}s", data
         )
+
+    def _superseded_elsewhere(
+        self, state: AccountState, exc: ReloginRequired, cause: RenderedCause
+    ) -> bool:
+        """Fleet mode: wait a little before taking a refusal as the end of the grant.
+
+        Kakao refused the refresh token but still accepts the access token issued with it
+        (cause UNKNOWN): the grant lives, and someone holds a newer refresh token. In a fleet
+        that is, first of all, a node whose database went away while Kakao rotated: its new
+        tokens wait in its memory and rescue file until it can commit them, which it does as
+        soon as the database answers it (within the store's ``peer_grace``). Asking a person
+        to log in meanwhile would be a false alarm. So the refusal is a transient failure
+        until the grace (capped by a share of the access token's remaining life) has passed;
+        the committed row, when it comes, is adopted like any other node's refresh. Return
+        True while waiting.
+        """
+        grace = self.store.peer_grace
+        if grace <= 0 or cause.cause is not ReloginCause.UNKNOWN:
+            return False
+        now = self.clock()
+        fingerprint = state.tokens.refresh_fingerprint
+        if self._superseded is None or self._superseded[0] != fingerprint:
+            left = state.tokens.access_remaining(now).total_seconds()
+            wait = min(grace, max(0.0, left * SUPERSEDED_WAIT_SHARE))
+            self._superseded = (fingerprint, now + timedelta(seconds=wait))
+        give_up_at = self._superseded[1]
+        if now >= give_up_at:
+            return False
+        self._record_transient(
+            f"{exc}; Kakao still accepts the access token, so another node may hold newer"
+            f" tokens it has not saved yet: waiting for them until {format_local_time(give_up_at)}"
+            " before asking for a new login",
+            "superseded",
+            ambiguous=False,
+            delay=(give_up_at - now).total_seconds(),
+        )
+        return True
 
     async def _refusal_cause(self, state: AccountState, exc: ReloginRequired) -> RenderedCause:
         """Work out why Kakao refused the refresh token (see relogin.classify)."""
@@ -983,6 +1029,15 @@ class AccountManager:
             + (f", the unsaved tokens are kept in {kept}" if kept else "")
         )
 
+    def write_again_now(self) -> bool:
+        """The store answers again: try a waiting write at the next tick instead of after
+        the back-off, so tokens that wait in the rescue file reach the store (and the other
+        nodes, which wait for them) at once. Return True when a write waits."""
+        if not self.status.write_pending:
+            return False
+        self._next_write_at = None
+        return True
+
     async def flush(self) -> bool:
         """Try once more to write a pending state (used at shutdown); return True when clean."""
         if self.status.write_pending and self.state is not None:
@@ -998,14 +1053,17 @@ class AccountManager:
         *,
         ambiguous: bool,
         exc: KakaoError | None = None,
+        delay: float | None = None,
     ) -> None:
+        """Record a failure that may pass; retry after ``delay`` (default: the back-off)."""
         now = self.clock()
         status = self.status
         self._last_failure_ambiguous = ambiguous or self._last_failure_ambiguous
         state = self.state
         assert state is not None
         tokens = state.tokens
-        delay = self._retry_delay(status.attempt + 1, exc)
+        if delay is None:
+            delay = self._retry_delay(status.attempt + 1, exc)
         status.failed_transient(message, label, now=now, retry_at=now + timedelta(seconds=delay))
         assert status.next_attempt_at is not None
         self._retry_due_mono = self.monotonic() + delay

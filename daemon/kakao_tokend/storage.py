@@ -64,6 +64,17 @@ class StateStore(Protocol):
         taking over the tokens they wrote is routine there, not news worth a log line."""
         ...
 
+    @property
+    def peer_grace(self) -> float:
+        """Seconds another live holder of this account may need to save a rotation it made.
+
+        0 for files: no other process refreshes while it cannot write (the daemon keeps such
+        tokens itself). PostgreSQL: a node whose commit failed retries when the database
+        answers again, within a few heartbeats; until then the row's refresh token is one
+        Kakao has already retired, and KOE322 for it is no reason to ask for a login.
+        """
+        ...
+
     # ------------------------------------------------------------------ reading
 
     def load(self) -> AccountState | None:

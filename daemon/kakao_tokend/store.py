@@ -760,6 +760,11 @@ class AccountStore:
         return False
 
     @property
+    def peer_grace(self) -> float:
+        """No other holder keeps unsaved tokens of a state file: never wait for one."""
+        return 0.0
+
+    @property
     def rescue_path(self) -> Path | None:
         """The second, independent place for tokens the state file could not take (None: off)."""
         if self._rescue_dir is None:

@@ -67,7 +67,7 @@ from .accounts import (
 )
 from .crypto import Keyring
 from .db import DbTimeouts, connect, create_pool, open_pool, store_errors
-from .turns import claim_delay, live_nodes
+from .turns import LIVE_HEARTBEATS, claim_delay, live_nodes
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -468,6 +468,12 @@ class PgAccountStore:
     def shared(self) -> bool:
         """A row every node refreshes in turn: adopting another node's commit is routine."""
         return True
+
+    @property
+    def peer_grace(self) -> float:
+        """As long as a live node may take to commit a rescued rotation: the liveness window
+        (fleet/turns.py); such a node retries as soon as the database answers it again."""
+        return LIVE_HEARTBEATS * self.fleet.heartbeat()
 
     @property
     def rescue_path(self) -> Path | None:
