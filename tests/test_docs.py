@@ -16,6 +16,7 @@ HEADING_RE = re.compile(r"(?m)^#{1,6}\s+(.+?)\s*$")
 COUNTERPARTS = {
     "README.md": "README.ko.md",
     "docs/operations.md": "docs/ko/operations.md",
+    "docs/fleet.md": "docs/ko/fleet.md",
 }
 
 
