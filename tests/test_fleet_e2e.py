@@ -181,9 +181,13 @@ async def test_killing_the_node_that_holds_the_row_lock_mid_refresh_loses_no_ref
     victim = fleet.node(holders[0])
     survivor = next(node for node in fleet.nodes if node is not victim)
     await victim.kill()
-    await wait_until(
-        lambda: all_refreshed(fleet), timeout=15, what="the survivor's refresh", fleet=fleet
-    )
+
+    async def committed() -> bool:
+        # Kakao's answer comes before the commit: wait for the row, not the emulator's log.
+        return (await fleet.rows())[account].generation > 1
+
+    await wait_until(committed, timeout=15, what="the survivor's refresh committed", fleet=fleet)
+    assert await all_refreshed(fleet)
     rows = await fleet.rows()
     assert rows[account].refreshed_by == survivor.name
     assert rows[account].generation == 2
@@ -408,8 +412,15 @@ async def test_a_node_stopped_cleanly_hands_its_accounts_over_at_once(
         timeout=15,
         what="the staying node refreshing every account",
     )
-    rows = await fleet.rows()
-    assert {row.refreshed_by for row in rows.values()} == {staying.name}
+
+    async def committed_by_staying() -> bool:
+        # Kakao's answer comes before the commit: the last row may still be on its way.
+        rows = await fleet.rows()
+        return {row.refreshed_by for row in rows.values()} == {staying.name}
+
+    await wait_until(
+        committed_by_staying, timeout=5, what="every row committed by the staying node"
+    )
     assert await fleet.lost_refresh_tokens() == []
 
 
