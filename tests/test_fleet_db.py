@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from fleetkit import NODE, migrated, sample_state
 from kakao_tokend.errors import StoreError, StoreUnavailable
@@ -134,6 +134,27 @@ async def test_an_unreachable_database_is_store_unavailable_in_one_line() -> Non
     assert message.startswith("cannot connect to the PostgreSQL store: ")
     assert "Connection refused" in message
     assert "\n" not in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"user": "nobody_here"}, 'role "nobody_here" does not exist'),
+        ({"dbname": "no_such_db"}, 'database "no_such_db" does not exist'),
+    ],
+)
+async def test_a_database_that_refuses_the_node_names_the_dsn_not_the_network(
+    pg_dsn: str, change: dict[str, str], said: str
+) -> None:
+    """The server answered and refused the session (wrong role or database): the hint points
+    at the DSN and pg_hba.conf, not at "is PostgreSQL up", which would send the operator to
+    the wrong place."""
+    with pytest.raises(StoreUnavailable) as caught:
+        await db.connect(make_conninfo(pg_dsn, **change), node=NODE, purpose="check")
+    assert said in str(caught.value)
+    assert caught.value.hint is not None
+    assert "check the user, password and dbname in the DSN" in caught.value.hint
+    assert "reachable" not in caught.value.hint
 
 
 async def test_opening_a_pool_fails_fast_when_the_database_is_down() -> None:

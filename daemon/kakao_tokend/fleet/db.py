@@ -189,13 +189,25 @@ def store_errors(action: str) -> Iterator[None]:
         pg_errors.SerializationFailure,
         pg_errors.DeadlockDetected,
     ) as exc:
-        raise StoreUnavailable(
-            f"cannot {action}: {_first(exc)}",
-            hint="check that PostgreSQL is up and reachable from this node",
-        ) from None
+        raise StoreUnavailable(f"cannot {action}: {_first(exc)}", hint=_connect_hint(exc)) from None
     except psycopg.Error as exc:
         state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
         raise StoreError(f"cannot {action}: {_first(exc)}{state}") from None
+
+
+#: What libpq writes when the server answered and refused the session (a wrong role,
+#: password or database, or no pg_hba.conf line): no SQLSTATE comes with it, only the text.
+_REFUSED_BY_THE_SERVER = "FATAL:"
+
+
+def _connect_hint(exc: BaseException) -> str:
+    """The fix for a connection problem: the server refused us, or we did not reach it."""
+    if _REFUSED_BY_THE_SERVER in str(exc):
+        return (
+            "the server answered but refused this node: check the user, password and dbname"
+            " in the DSN ([store] dsn_*) and the server's pg_hba.conf"
+        )
+    return "check that PostgreSQL is up and reachable from this node"
 
 
 def _first(exc: BaseException) -> str:
