@@ -23,6 +23,7 @@ from loginproc import start_login
 from pgcluster import (
     SHARED_DIR_INPUT,
     SHARED_DIR_KEY,
+    TEMPLATE_ENV,
     pg_cluster,
     pg_dsn,
     pg_server,
@@ -78,6 +79,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 # the one thing all workers share on purpose (pgcluster.py: one cluster, a database per test).
 
 
+#: The directory of the run's PostgreSQL template (pgcluster.py), when this run made it.
+TEMPLATE_KEY = pytest.StashKey[Path]()
+
+
 def is_xdist_worker(config: pytest.Config) -> bool:
     """Return True inside a pytest-xdist worker (False in the controller or a plain run)."""
     return hasattr(config, "workerinput")
@@ -104,6 +109,12 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     compileall.compile_dir(Path(kakao_tokend.__file__).parent, quiet=1)
     config.stash[SHARED_DIR_KEY] = Path(tempfile.mkdtemp(prefix="tokend-pytest-"))
+    # One initdb per run: the workers and the processes they start inherit this (pgcluster.py).
+    # Its own directory in /tmp, not in the shared one: as root, initdb runs as 'postgres',
+    # which cannot enter the shared (0700 root) directory.
+    if TEMPLATE_ENV not in os.environ:
+        config.stash[TEMPLATE_KEY] = Path(tempfile.mkdtemp(prefix="tokend-pg-template-"))
+        os.environ[TEMPLATE_ENV] = str(config.stash[TEMPLATE_KEY])
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -119,6 +130,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shared = config.stash[SHARED_DIR_KEY]
     stop_shared_server(shared)
     shutil.rmtree(shared, ignore_errors=True)
+    if TEMPLATE_KEY in config.stash:
+        shutil.rmtree(config.stash[TEMPLATE_KEY], ignore_errors=True)
+        os.environ.pop(TEMPLATE_ENV, None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psycopg
@@ -53,3 +54,27 @@ def test_a_killed_cluster_restarts_with_its_committed_data(pg_cluster: PgCluster
     assert "database system was interrupted" in pg_cluster.log_tail(100) or (
         "not properly shut down" in pg_cluster.log_tail(100)
     )
+
+
+def test_clusters_are_copies_of_the_runs_one_initdb_and_share_nothing() -> None:
+    """Every cluster of a run copies one pristine data directory (conftest.py sets
+    TOKEND_PG_TEMPLATE): two copies run side by side on their own ports, a table made in one
+    is not in the other, and the template keeps no cluster's settings."""
+    if pgcluster.find_pg_bindir() is None:
+        pgcluster.skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    template = Path(os.environ[pgcluster.TEMPLATE_ENV])
+    first, second = PgCluster(), PgCluster()
+    try:
+        first.start()
+        second.start()
+        assert first.port != second.port
+        with psycopg.connect(first.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE only_in_the_first (x int)")
+        with psycopg.connect(second.dsn()) as conn:
+            found = conn.execute("SELECT to_regclass('only_in_the_first')").fetchone()
+        assert found == (None,)
+    finally:
+        first.cleanup()
+        second.cleanup()
+    assert (template / "data" / "PG_VERSION").exists()
+    assert f"port = {first.port}" not in (template / "data" / "postgresql.conf").read_text()
