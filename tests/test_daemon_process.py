@@ -77,6 +77,7 @@ async def test_hundreds_of_refreshes_never_publish_an_expired_token(
     assert not [t for t in issued_tokens(emulator) if t in log]
 
 
+@pytest.mark.slow(seconds=11)
 async def test_rotation_is_persisted_and_the_old_refresh_token_never_used_again(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

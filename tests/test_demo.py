@@ -77,6 +77,7 @@ def test_the_printed_config_scales_alerts_and_rotation_to_the_emulator(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow(seconds=10)
 async def test_the_emulator_command_prints_a_config_that_runs_without_false_alarms(
     tmp_path: Path,
 ) -> None:

@@ -116,6 +116,7 @@ async def conditions(node: DaemonProcess) -> list[str]:
     return [c["condition"] for c in body["accounts"][0]["conditions"]]
 
 
+@pytest.mark.slow(seconds=34)
 async def test_three_nodes_deliver_a_condition_and_its_resolution_once(
     pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path, webhook: Receiver, running: list[Any]
 ) -> None:
@@ -152,6 +153,7 @@ async def _sent_by(dsn: str, node: str) -> bool:
     return rows.get("refresh_expiry", (None, 0))[0] == node
 
 
+@pytest.mark.slow(seconds=37)
 async def test_the_next_owner_continues_from_the_table_after_the_owner_is_killed(
     pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path, webhook: Receiver, running: list[Any]
 ) -> None:

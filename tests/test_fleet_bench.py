@@ -31,7 +31,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 @pytest.mark.timeout(200)
 def test_fleet_benchmark_quick_run_prints_its_results(tmp_path: Path) -> None:
     """The fleet benchmark exits 0 in --quick mode and prints each measure as a number, with

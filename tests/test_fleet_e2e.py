@@ -28,7 +28,7 @@ from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet.turns import first_claimant
 from pgcluster import PgCluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.slow(seconds=8), pytest.mark.timeout(150)]
 
 #: Kakao's own refresh lifetime (about 60 days), so no refresh-expiry alert fires; the rotation
 #: window is as long, so every refresh rotates.
@@ -113,6 +113,7 @@ async def test_nodes_started_at_the_same_instant_refresh_each_account_exactly_on
             assert document["access_token"] == row.state.tokens.access_token, (node.name, name)
 
 
+@pytest.mark.slow(seconds=14)
 async def test_each_account_is_refreshed_by_its_first_claimant_so_the_nodes_share_evenly(
     make_fleet: FleetFactory,
 ) -> None:
@@ -208,6 +209,7 @@ async def test_killing_the_node_that_holds_the_row_lock_mid_refresh_loses_no_ref
     )
 
 
+@pytest.mark.slow(seconds=17)
 async def test_a_node_paused_longer_than_the_access_lifetime_neither_stalls_nor_loses_anything(
     make_fleet: FleetFactory,
 ) -> None:
@@ -254,6 +256,7 @@ async def fleet_counters(node: FleetNode) -> dict[str, Any]:
     return dict((await node.status())["fleet"])
 
 
+@pytest.mark.slow(seconds=14)
 async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_queries(
     make_fleet: FleetFactory,
 ) -> None:
@@ -298,6 +301,7 @@ async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_quer
     assert await fleet.lost_refresh_tokens() == []
 
 
+@pytest.mark.slow(seconds=33)
 async def test_a_postgres_restart_during_refreshes_loses_no_refresh_token(
     make_fleet: FleetFactory,
 ) -> None:
@@ -354,6 +358,7 @@ async def test_a_postgres_restart_during_refreshes_loses_no_refresh_token(
         assert not list((node.state_dir / "rescue").glob("*")), f"{node.name}: rescue file left"
 
 
+@pytest.mark.slow(seconds=19)
 async def test_a_node_cut_off_from_the_database_is_covered_by_the_others_and_catches_up(
     make_fleet: FleetFactory,
 ) -> None:

@@ -61,6 +61,7 @@ async def test_nodes_started_together_apply_the_schema_once_and_run(
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.slow(seconds=18)
 async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once(
     nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
 ) -> None:
@@ -185,6 +186,7 @@ async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name
         await node.stop()
 
 
+@pytest.mark.slow(seconds=11)
 async def test_a_refresh_token_kakao_refused_needs_a_login_on_every_node(
     nodes: list[DaemonProcess], pg_dsn: str, emulator: KakaoEmulator
 ) -> None:
