@@ -81,15 +81,24 @@ async def test_a_login_reaches_every_node_within_a_second_and_refreshes_run_once
         assert time.monotonic() - committed < 1.5
     await asyncio.sleep(3 * emulator.settings.access_lifetime)
     stats = emulator.stats
-    assert stats.retired_refresh_presented == 0
-    assert 2 <= stats.refreshes_ok <= 5, stats.refreshes_ok
     conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
     async with conn:
-        cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
-        row = await cur.fetchone()
-    assert row is not None
-    generation, refreshed_by = row
-    assert generation == state.generation + stats.refreshes_ok
+        # A refresh Kakao answered just now may not be committed yet (a loaded machine widens
+        # that gap): read Kakao's count and the row again until they agree, for a few seconds.
+        # A refresh committed twice, or never, keeps them apart.
+        deadline = time.monotonic() + 5
+        while True:
+            refreshes = stats.refreshes_ok
+            cur = await conn.execute("SELECT generation, refreshed_by FROM accounts")
+            row = await cur.fetchone()
+            assert row is not None
+            generation, refreshed_by = row
+            if generation == state.generation + refreshes or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert stats.retired_refresh_presented == 0
+    assert 2 <= refreshes <= 5, refreshes
+    assert generation == state.generation + refreshes
     assert refreshed_by in ("web-1", "web-2")
     for node in nodes:
         await node.wait_for(
