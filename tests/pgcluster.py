@@ -12,9 +12,10 @@ Fixtures (imported by conftest.py, so every test module can use them):
   never see each other's rows.
 - ``pg_cluster`` (function): a private cluster the test may stop, kill -9 and restart.
 
-``initdb`` costs about a second and half a CPU-second; a cluster is a copy of one data directory
+``initdb`` costs about a second and 0.6 CPU-seconds; a cluster is a copy of one data directory
 made once per run (``TOKEND_PG_TEMPLATE``, set by conftest.py for the workers and every process
-they start, the benchmarks too) with its own port and socket directory, 20 times cheaper.
+they start, the benchmarks too) with its own port and socket directory: half a second and a
+quarter of a CPU-second.
 
 When PostgreSQL is not installed the tests skip and say why; with ``TOKEND_REQUIRE_PG=1`` (set
 by .ci/run) they fail instead, so CI cannot silently skip them. The server binaries live in
