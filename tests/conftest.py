@@ -16,6 +16,7 @@ import pytest
 
 import kakao_tokend
 from alertkit import command, make_harness, webhook
+from daemonproc import busy_cores
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
 from kakao_tokend.kakao import create_session
@@ -97,9 +98,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     in six. Four workers per core keep the cores about two-thirds busy; more make the waits of
     timing tests (tokens that live seconds) compete for the CPU, fewer leave it idle (4
     workers: 5 minutes, all of them busy to the end).
+
+    When other processes already keep half the cores busy, two per core: with 8 workers beside
+    other benchmarks (load 10-12 on 2 cores), fleet tests whose tokens live 5-6 s missed
+    refreshes; with 4 they passed. A sample of the CPU now, not the load average: that still
+    counts a test run that has just ended.
     """
     cores = len(os.sched_getaffinity(0))
-    return max(4, 4 * cores)
+    others = busy_cores()
+    per_core = 2 if others is not None and others >= cores / 2 else 4
+    return max(4, per_core * cores)
 
 
 def pytest_configure(config: pytest.Config) -> None:
