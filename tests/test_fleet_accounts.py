@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -482,3 +483,54 @@ async def test_every_account_is_read_in_one_query_and_a_bad_row_does_not_hide_th
         assert expected is not None and (row.id, row.state) == (expected.id, expected.state)
     assert list(unreadable) == ["acct007"]
     assert "refresh_token of account 'acct007'" in str(unreadable["acct007"])
+
+
+async def test_accounts_are_read_page_by_page_in_name_order_with_the_rotations_asked_for(
+    store: str, keyring: Keyring
+) -> None:
+    """``after``/``limit`` read one page of rows in name order, and ``rotations`` caps each
+    state's rotation log to its newest entries (a node caches only the newest one)."""
+    names = [f"acct{i}" for i in range(5)]
+    written = {name: (await add(store, keyring, name, rotations=3)).state for name in names}
+    conn = await node_conn(store)
+    async with conn:
+        pages = []
+        after = None
+        while True:
+            rows, unreadable = await accounts.load_every_account(
+                conn, keyring, after=after, limit=2, rotations=1
+            )
+            assert not unreadable
+            if not rows:
+                break
+            pages.append(list(rows))
+            after = max(rows)
+            for name, row in rows.items():
+                assert row.state.rotations == written[name].rotations[-1:]
+                assert row.state.tokens == written[name].tokens
+        whole, _ = await accounts.load_every_account(conn, keyring)
+    assert pages == [["acct0", "acct1"], ["acct2", "acct3"], ["acct4"]]
+    assert all(whole[name].state.rotations == written[name].rotations for name in names)
+
+
+async def test_a_node_reads_its_rows_in_pages_and_caches_the_newest_rotation_of_each(
+    store: str, keyring: Keyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FleetStore.load_all reads every row, a page at a time (all at once held every row
+    twice and the process kept the freed half), each with its newest rotation only."""
+    from kakao_tokend.fleet import store as fleet_store
+
+    monkeypatch.setattr(fleet_store, "LOAD_PAGE", 2)
+    names = [f"acct{i}" for i in range(5)]
+    written = {name: (await add(store, keyring, name, rotations=3)).state for name in names}
+    fleet = fleet_store.FleetStore(
+        dsn=store, keyring=keyring, node=NODE, timeouts=db.DbTimeouts(), state_dir=tmp_path
+    )
+    await fleet.open()
+    try:
+        assert sorted(fleet.rows) == names
+        for name in names:
+            assert fleet.rows[name].state.rotations == written[name].rotations[-1:]
+        assert fleet.stats.row_reads == 0  # the start's read is not a re-read
+    finally:
+        await fleet.close()

@@ -487,3 +487,31 @@ async def test_a_waiting_write_is_tried_at_once_when_the_store_answers_again(
             assert not node.manager.write_again_now()  # nothing waits any more
         finally:
             await node.fleet.close()
+
+
+async def test_a_node_keeps_the_newest_rotation_in_memory_and_the_log_in_the_store(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Three rotations: the state the node holds keeps only the newest (fifty of them for
+    each of 10,000 accounts were most of a node's memory), the store's log keeps all three
+    for status, and the cached row re-read after the node's own commit is the manager's
+    state itself, not a second decrypted copy."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        await login_on(node, emulator, store_dsn)
+        fingerprints = []
+        for _ in range(3):
+            new = await node.manager.refresh(force=True, reason="test")
+            assert new is not None
+            fingerprints.append(new.tokens.refresh_fingerprint)
+            await node.fleet.reload("default")  # as its own commit's notification does
+        state = node.manager.state
+        assert state is not None
+        assert [r.fingerprint for r in state.rotations] == fingerprints[-1:]
+        assert node.fleet.rows["default"].state is state
+        log = (await node.fleet.rotation_log(["default", "nobody"]))["default"]
+        assert [r.fingerprint for r in log] == fingerprints
+        assert [r.replaced for r in log[1:]] == fingerprints[:-1]
+    finally:
+        await node.fleet.close()

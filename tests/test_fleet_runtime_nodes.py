@@ -313,3 +313,26 @@ async def test_a_node_never_asks_for_a_login_while_another_holds_the_rotation_un
         finally:
             await one.stop()
             await two.stop()
+
+
+async def test_status_lists_the_rotation_log_from_the_store_which_the_node_keeps_one_of(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A node holds only the newest rotation of each account in memory; /v1/status and the
+    refresh endpoint list the account's whole rotation log, read from the store."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    node = await start_daemon(node_config(tmp_path, emulator, pg_dsn, "web-1"))
+    try:
+        await login_published(emulator, node.config_path, pg_dsn, node)
+        fingerprints = []
+        for _ in range(3):
+            code, body = await node.api("POST", "/v1/accounts/default/refresh")
+            assert code == 200 and body["rotated"], body
+            fingerprints.append(body["refresh_fingerprint"])
+        assert [r["fingerprint"] for r in body["rotations"]] == fingerprints
+        code, status = await node.api("GET", "/v1/status")
+        assert code == 200
+        (account,) = status["accounts"]
+        assert [r["fingerprint"] for r in account["rotations"]] == fingerprints
+    finally:
+        await node.stop()

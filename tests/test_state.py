@@ -137,6 +137,16 @@ class TestWithTokens:
         assert state.tokens.access_token == AT
         assert len(state.rotations) == 2
 
+    def test_a_fleet_state_keeps_only_the_newest_rotations_it_is_asked_to(self) -> None:
+        """``keep`` (the store's rotations_kept: 1 on a fleet node, whose log is a table)
+        caps the log to its newest entries, the new rotation last."""
+        state = full_state()
+        after = state.with_tokens(make_tokens(AT2, RT2), refreshed_at=T0, rotated=True, keep=1)
+        assert after.rotations == (Rotation(T0, fingerprint(RT2)),)
+        assert after.rotations[0].replaced == fingerprint(RT)
+        same = state.with_tokens(make_tokens(AT2), refreshed_at=T0, rotated=False, keep=1)
+        assert same.rotations == state.rotations[-1:]
+
     def test_rotation_list_is_capped_keeping_the_newest(self) -> None:
         """After many rotations only the newest MAX_ROTATIONS_KEPT remain, oldest dropped."""
         state = AccountState(account="a", tokens=make_tokens())

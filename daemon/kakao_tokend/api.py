@@ -24,10 +24,12 @@ from yarl import URL
 from . import __version__
 from .config import AlertsConfig, parse_duration
 from .daemon import DAEMON, Daemon
+from .errors import StoreError
 from .health import moved_thresholds
 from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager
 from .relogin import login_command
+from .state import rotations_shown
 from .tokens import format_time
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,7 @@ async def status(request: web.Request) -> web.Response:
             row = fleet.rows.get(manager.name)
             entry["refreshed_by"] = row.refreshed_by if row is not None else None
         accounts.append(entry)
+    await _rotation_logs(daemon, accounts)
     body: dict[str, Any] = {
         "version": __version__,
         "now": format_time(now),
@@ -164,6 +167,23 @@ async def status(request: web.Request) -> web.Response:
     if fleet is not None:
         body["fleet"] = daemon.fleet_status()
     return web.json_response(body)
+
+
+async def _rotation_logs(daemon: Daemon, described: list[dict[str, Any]]) -> None:
+    """Fleet mode: put each account's rotation log, read from the store, into its described
+    status (a node keeps only the newest rotation in memory). While the store does not
+    answer, the newest rotation stays: status must work without the database."""
+    fleet = daemon.fleet
+    if fleet is None or not described or not fleet.stats.up:
+        return  # known to be away: status answers at once, with what the node has
+    try:
+        logs = await fleet.rotation_log([entry["account"] for entry in described])
+    except StoreError as exc:
+        log.debug("status shows the newest rotations only: %s", exc)
+        return
+    for entry in described:
+        if entry["account"] in logs:
+            entry["rotations"] = rotations_shown(logs[entry["account"]])
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -184,6 +204,7 @@ async def refresh(request: web.Request) -> web.Response:
     if daemon.scheduler is not None:
         daemon.scheduler.plan(manager)
     body = manager.describe()
+    await _rotation_logs(daemon, [body])
     body["refreshed"] = manager.state is not None and manager.state.generation != before
     body["rotated"] = body["refreshed"] and body.get("refresh_fingerprint") != before_refresh
     return web.json_response(body, status=200 if body["refreshed"] else 502)
@@ -200,6 +221,7 @@ async def reread(request: web.Request) -> web.Response:
         await _within_timeout(request, manager.wait_idle(daemon.config.api.request_timeout))
     changed = daemon.adopt_outside_changes(manager)
     body = manager.describe()
+    await _rotation_logs(daemon, [body])
     body["changed"] = changed
     return web.json_response(body)
 

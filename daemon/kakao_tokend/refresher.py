@@ -48,7 +48,7 @@ from .relogin import (
     login_command,
     render,
 )
-from .state import AccountState, goes_backwards
+from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
 from .storage import AccountStorage
 from .tokens import (
@@ -779,7 +779,9 @@ class AccountManager:
     def _salvage(self, state: AccountState, exc: PartialRefresh) -> AccountState:
         """Kakao rotated but the access part was broken: save the new refresh token first."""
         now = self.clock()
-        salvaged = state.with_tokens(exc.salvaged, refreshed_at=now, rotated=True)
+        salvaged = state.with_tokens(
+            exc.salvaged, refreshed_at=now, rotated=True, keep=self.store.rotations_kept
+        )
         self.state = salvaged
         log.warning(
             "account %s: Kakao rotated the refresh token to %s but the access part of its"
@@ -808,7 +810,9 @@ class AccountManager:
     ) -> AccountState:
         """Make the new token set durable first, then publish, then tell everyone."""
         now = self.clock()
-        new_state = state.with_tokens(tokens, refreshed_at=now, rotated=rotated)
+        new_state = state.with_tokens(
+            tokens, refreshed_at=now, rotated=rotated, keep=self.store.rotations_kept
+        )
         # Memory first: from here on the new refresh token is the only one that works.
         self.state = new_state
         self._persist(new_state)
@@ -1230,9 +1234,8 @@ class AccountManager:
                 access_fingerprint=tokens.access_fingerprint,
                 refresh_fingerprint=tokens.refresh_fingerprint,
                 next_refresh_at=format_time(planned) if planned else None,
-                rotations=[
-                    {"at": format_time(r.at), "fingerprint": r.fingerprint} for r in state.rotations
-                ],
+                # Fleet mode keeps only the newest rotation here: the API reads the log.
+                rotations=rotations_shown(state.rotations),
                 relogin_reason=state.relogin_reason,
                 relogin_cause=state.relogin_cause,
                 user_id=state.user_id,

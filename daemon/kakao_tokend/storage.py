@@ -75,6 +75,12 @@ class StateStore(Protocol):
         """
         ...
 
+    @property
+    def rotations_kept(self) -> int:
+        """How many of the newest rotations the state in memory holds (files: the whole log
+        the state file keeps; PostgreSQL: the newest only, the log is in its own table)."""
+        ...
+
     # ------------------------------------------------------------------ reading
 
     def load(self) -> AccountState | None:

@@ -36,7 +36,7 @@ from .errors import (
     UnsafePath,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
-from .state import RESTORED_KEY, AccountState
+from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState
 from .tokens import format_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -715,7 +715,7 @@ class AccountStore:
         self.token_path = _as_path(account.token_file)
         self.lock_path = _as_path(account.lock_file)
         self._rescue_dir = rescue_dir
-        self._lock = FileLock(self.lock_path, directory_what="lock file directory")
+        self._file_lock: FileLock | None = None
         self._cleaned = False
         self._gid: int | None = None
         self._gid_resolved = False
@@ -765,6 +765,11 @@ class AccountStore:
         return 0.0
 
     @property
+    def rotations_kept(self) -> int:
+        """The state file holds the rotation log: all of it (up to MAX_ROTATIONS_KEPT)."""
+        return MAX_ROTATIONS_KEPT
+
+    @property
     def rescue_path(self) -> Path | None:
         """The second, independent place for tokens the state file could not take (None: off)."""
         if self._rescue_dir is None:
@@ -810,6 +815,15 @@ class AccountStore:
             checked.update(directories)
 
     # -- locking -------------------------------------------------------------------------------
+
+    @property
+    def _lock(self) -> FileLock:
+        # Made on first use: a fleet node keeps an AccountStore per account for the token
+        # file alone and never takes its lock (the row lock is the account's hold there).
+        lock = self._file_lock
+        if lock is None:
+            lock = self._file_lock = FileLock(self.lock_path, directory_what="lock file directory")
+        return lock
 
     @property
     def locked(self) -> bool:

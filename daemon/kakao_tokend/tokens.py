@@ -155,7 +155,7 @@ def _time_field(data: Mapping[str, Any], name: str) -> datetime:
         raise ValueError(f"field {name!r} is not an RFC 3339 timestamp with a zone") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per account, kept for the daemon's life
 class TokenSet:
     """One account's tokens with absolute expiries; secrets are hidden from ``repr``."""
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import enum
 import json
+import sys
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, LiteralString
 
 from ..errors import TokenDecryptError
@@ -44,7 +46,7 @@ class RowLock(enum.Enum):
     SKIP = " FOR UPDATE OF a SKIP LOCKED"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RefreshStatus:
     """Failure bookkeeping the nodes share, so status and alerts agree everywhere."""
 
@@ -60,9 +62,9 @@ class RefreshStatus:
     rotation_missed_at: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccountRow:
-    """An account as the store holds it, tokens decrypted."""
+    """An account as the store holds it, tokens decrypted (a node caches one per account)."""
 
     id: uuid.UUID
     state: AccountState
@@ -203,22 +205,39 @@ WHERE id = %(id)s AND generation = %(expected)s
 
 
 async def load_account(
-    conn: AsyncConnection[Any], keyring: Keyring, name: str, *, lock: RowLock = RowLock.NONE
+    conn: AsyncConnection[Any],
+    keyring: Keyring,
+    name: str,
+    *,
+    lock: RowLock = RowLock.NONE,
+    rotations: int = MAX_ROTATIONS_KEPT,
 ) -> AccountRow | None:
     """Return the account named ``name`` (None if there is none), optionally locking its row.
 
     With ``RowLock.SKIP`` a row another session holds reads as None, like a missing one; with
     ``RowLock.NOWAIT`` it raises StoreUnavailable. A lock lasts until the caller's
-    transaction ends, so locking needs a connection that is not in autocommit mode.
+    transaction ends, so locking needs a connection that is not in autocommit mode. The
+    state holds the newest ``rotations`` entries of the rotation log.
     """
     _needs_transaction(conn, lock)
     with store_errors(f"read account {name!r} from the store"):
-        rows = await _select(conn, _SELECT + " WHERE a.name = %(name)s" + lock.value, name=name)
+        rows = await _select(
+            conn,
+            _SELECT + " WHERE a.name = %(name)s" + lock.value,
+            name=name,
+            rotations_kept=rotations,
+        )
     return _row(rows[0], keyring) if rows else None
 
 
 async def load_every_account(
-    conn: AsyncConnection[Any], keyring: Keyring, *, only: Collection[str] | None = None
+    conn: AsyncConnection[Any],
+    keyring: Keyring,
+    *,
+    only: Collection[str] | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+    rotations: int = MAX_ROTATIONS_KEPT,
 ) -> tuple[dict[str, AccountRow], dict[str, TokenDecryptError]]:
     """Return every account row (or those named in ``only``), read with one query, unlocked.
 
@@ -227,13 +246,28 @@ async def load_every_account(
     catch up one notification at a time. A row that does not decrypt (wrong key, a
     ciphertext moved between rows) is returned by name in the second mapping, so one bad row
     never hides the others. A name in ``only`` without a row is in neither mapping.
+
+    ``after`` and ``limit`` read one page in name order (the rows named after ``after``):
+    a node reads its thousands of rows page by page (FleetStore.load_all). Each state holds
+    the newest ``rotations`` entries of its rotation log.
     """
+    where = []
+    if only is not None:
+        where.append("a.name = ANY(%(names)s)")
+    if after is not None:
+        where.append("a.name > %(after)s")
+    query = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.name"
+    if limit is not None:
+        query += " LIMIT %(limit)s"
     with store_errors("read the store's accounts"):
-        if only is None:
-            raws = await _select(conn, _SELECT + " ORDER BY a.name")
-        else:
-            query = _SELECT + " WHERE a.name = ANY(%(names)s) ORDER BY a.name"
-            raws = await _select(conn, query, names=sorted(only))
+        raws = await _select(
+            conn,
+            query,  # built from literals only
+            names=sorted(only) if only is not None else None,
+            after=after,
+            limit=limit,
+            rotations_kept=rotations,
+        )
     rows: dict[str, AccountRow] = {}
     unreadable: dict[str, TokenDecryptError] = {}
     for raw in raws:
@@ -242,6 +276,29 @@ async def load_every_account(
         except TokenDecryptError as exc:
             unreadable[raw["name"]] = exc
     return rows, unreadable
+
+
+async def load_rotations(
+    conn: AsyncConnection[Any], names: Collection[str]
+) -> dict[str, tuple[Rotation, ...]]:
+    """Return the rotation log (the newest MAX_ROTATIONS_KEPT entries, oldest first) of each
+    account named in ``names`` that has a row, with one query: what ``status`` lists, while
+    a node's cached rows keep only the newest rotation."""
+    with store_errors("read the store's rotation log"):
+        cur = await conn.execute(
+            "SELECT a.name, k.rotated_at, k.fingerprint, k.replaced FROM accounts a"
+            " LEFT JOIN LATERAL (SELECT rotated_at, fingerprint, replaced FROM rotations"
+            "   WHERE account_id = a.id ORDER BY rotated_at DESC LIMIT %(kept)s) k ON true"
+            " WHERE a.name = ANY(%(names)s) ORDER BY a.name, k.rotated_at",
+            {"kept": MAX_ROTATIONS_KEPT, "names": sorted(names)},
+        )
+        listed = await cur.fetchall()
+    found: dict[str, list[Rotation]] = {}
+    for name, at, fingerprint, replaced in listed:
+        entries = found.setdefault(name, [])
+        if at is not None:
+            entries.append(Rotation(at.astimezone(UTC), fingerprint, replaced=replaced))
+    return {name: tuple(entries) for name, entries in found.items()}
 
 
 async def claim_due(
@@ -485,6 +542,21 @@ async def _select(conn: AsyncConnection[Any], query: LiteralString, **params: An
         return await cur.fetchall()
 
 
+#: Values that repeat across thousands of rows (token_type, scope, key and node names, error
+#: classes): one string each instead of one per row. Bounded: only strings this short.
+_INTERN_UP_TO = 200
+#: The shared empty ``extra``/``extras``: most rows have none, and an empty dict is 64 bytes.
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+#: The status of every row that never failed: one object for all of them.
+_HEALTHY = RefreshStatus()
+
+
+def _shared(text: str | None) -> str | None:
+    return sys.intern(text) if text is not None and len(text) <= _INTERN_UP_TO else text
+
+
 def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
@@ -503,18 +575,22 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
     refresh_token = unseal("refresh_token")
     assert access_token is not None and refresh_token is not None  # NOT NULL columns
     extra_text = unseal("token_extra")
+    access_issued_at = raw["access_issued_at"].astimezone(UTC)
+    refresh_issued_at = _utc(raw["refresh_issued_at"])
+    if refresh_issued_at == access_issued_at:
+        refresh_issued_at = access_issued_at  # issued together (a login, a rotation): one object
     tokens = TokenSet(
         access_token=access_token,
         refresh_token=refresh_token,
         access_expires_at=raw["access_expires_at"].astimezone(UTC),
         refresh_expires_at=raw["refresh_expires_at"].astimezone(UTC),
-        access_issued_at=raw["access_issued_at"].astimezone(UTC),
-        refresh_issued_at=_utc(raw["refresh_issued_at"]),
+        access_issued_at=access_issued_at,
+        refresh_issued_at=refresh_issued_at,
         refresh_expiry_estimated=raw["refresh_expiry_estimated"],
-        token_type=raw["token_type"],
-        scope=raw["scope"],
+        token_type=sys.intern(raw["token_type"]),
+        scope=_shared(raw["scope"]),
         id_token=unseal("id_token"),
-        extra=json.loads(extra_text) if extra_text else {},
+        extra=json.loads(extra_text) if extra_text else _EMPTY,
     )
     times = raw["rotation_times"] or ()
     rotations = tuple(
@@ -526,33 +602,36 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
             strict=True,
         )
     )
+    refreshed_at = _utc(raw["refreshed_at"])
+    if refreshed_at == access_issued_at:
+        refreshed_at = access_issued_at
     state = AccountState(
         account=name,
         tokens=tokens,
         generation=raw["generation"],
-        refreshed_at=_utc(raw["refreshed_at"]),
+        refreshed_at=refreshed_at,
         rotations=rotations,
         relogin_reason=raw["relogin_reason"],
-        relogin_cause=raw["relogin_cause"],
+        relogin_cause=_shared(raw["relogin_cause"]),
         user_id=raw["user_id"],
-        extras=raw["extras"],
+        extras=raw["extras"] or _EMPTY,
     )
     status = RefreshStatus(
         attempts=raw["attempts"],
         failing_since=_utc(raw["failing_since"]),
         last_attempt_at=_utc(raw["last_attempt_at"]),
-        last_attempt_by=raw["last_attempt_by"],
-        last_error=raw["last_error"],
-        last_error_class=raw["last_error_class"],
+        last_attempt_by=_shared(raw["last_attempt_by"]),
+        last_error=_shared(raw["last_error"]),
+        last_error_class=_shared(raw["last_error_class"]),
         rotation_missed_at=_utc(raw["rotation_missed_at"]),
     )
     return AccountRow(
         id=row_id,
         state=state,
-        key_id=raw["key_id"],
+        key_id=sys.intern(raw["key_id"]),
         due_at=_utc(raw["due_at"]),
-        refreshed_by=raw["refreshed_by"],
-        status=status,
+        refreshed_by=_shared(raw["refreshed_by"]),
+        status=_HEALTHY if status == _HEALTHY else status,
         updated_at=_utc(raw["updated_at"]),
     )
 

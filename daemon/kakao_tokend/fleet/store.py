@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from ..errors import (
     StoreWriteError,
     TokenDecryptError,
 )
-from ..state import AccountState
+from ..state import AccountState, Rotation
 from ..store import (
     STATE_FILE_MODE,
     AccountFiles,
@@ -61,6 +61,7 @@ from .accounts import (
     insert_account,
     load_account,
     load_every_account,
+    load_rotations,
     notify_changed,
     save_account,
     save_status,
@@ -85,6 +86,13 @@ RESCUE_VERSION = 1
 CLIENT_DEADLINE_MARGIN = 2.0
 #: How often a row another node holds is tried again while a hold waits for it.
 LOCK_POLL = 0.05
+#: The rotations a cached row holds: the newest (what an adopted state is checked against).
+#: The whole log stays in the ``rotations`` table, read where it is shown (rotation_log);
+#: fifty entries kept for each of 10,000 accounts were most of a node's memory.
+CACHED_ROTATIONS = 1
+#: Rows read per query at start: every row at once held all of them twice in memory
+#: (the raw result and the decrypted rows), and the freed half stayed in the process.
+LOAD_PAGE = 500
 
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
@@ -369,14 +377,52 @@ class FleetStore:
         self.rows.pop(name, None)
 
     async def load_all(self) -> None:
-        """Read every row into the cache (at start)."""
-        async with self.connection("read the store's accounts") as conn:
-            rows, unreadable = await load_every_account(conn, self.keyring)
-            await conn.commit()
-        self.rows.update(rows)
-        for name, exc in unreadable.items():
-            self._decrypt_failed(name, exc)
+        """Read every row into the cache (at start), LOAD_PAGE rows per query in name order.
+
+        Pages need not be one snapshot: the listener LISTENs and polls after this, which
+        re-reads whatever changed meanwhile.
+        """
+        after: str | None = None
+        while True:
+            async with self.connection("read the store's accounts") as conn:
+                rows, unreadable = await load_every_account(
+                    conn, self.keyring, after=after, limit=LOAD_PAGE, rotations=CACHED_ROTATIONS
+                )
+                await conn.commit()
+            for row in rows.values():
+                self.keep_row(row)
+            for name, exc in unreadable.items():
+                self._decrypt_failed(name, exc)
+            if len(rows) + len(unreadable) < LOAD_PAGE:
+                break
+            after = max(rows.keys() | unreadable.keys())
         self.stats.last_sync = time.monotonic()
+
+    def keep_row(self, row: AccountRow) -> AccountRow:
+        """Keep ``row`` as the account's cached row; return what is kept.
+
+        A re-read of the state this node wrote itself (its own commit's notification) keeps
+        the state object the account's manager holds: two decrypted copies of the same
+        tokens for every account the node refreshed otherwise.
+        """
+        cached = self.rows.get(row.name)
+        if cached is not None and cached.state is not row.state and cached.state == row.state:
+            row = replace(row, state=cached.state)
+        elif len(row.state.rotations) > CACHED_ROTATIONS:
+            row = replace(
+                row, state=replace(row.state, rotations=row.state.rotations[-CACHED_ROTATIONS:])
+            )
+        self.rows[row.name] = row
+        self.unreadable.pop(row.name, None)
+        return row
+
+    async def rotation_log(self, names: Collection[str]) -> dict[str, tuple[Rotation, ...]]:
+        """Read the rotation log of these accounts (newest MAX_ROTATIONS_KEPT each) with one
+        query: what status shows, which the cached rows keep only the newest of."""
+        async with self.connection(f"read the rotations of {len(names)} account(s)") as conn:
+            found = await load_rotations(conn, names)
+            await conn.commit()
+        return found
 
     async def reload(self, name: str) -> AccountRow | None:
         """Read one row again; update the cache; return it (None: gone or unreadable)."""
@@ -389,16 +435,18 @@ class FleetStore:
             return {}
         self.stats.row_reads += 1
         async with self.connection(f"read {len(names)} account(s)") as conn:
-            rows, unreadable = await load_every_account(conn, self.keyring, only=names)
+            rows, unreadable = await load_every_account(
+                conn, self.keyring, only=names, rotations=CACHED_ROTATIONS
+            )
             await conn.commit()
         found: dict[str, AccountRow | None] = {}
         for name in names:
             row = rows.get(name)
-            found[name] = row
             if row is not None:
-                self.rows[name] = row
-                self.unreadable.pop(name, None)
-            elif name in unreadable:
+                found[name] = self.keep_row(row)
+                continue
+            found[name] = None
+            if name in unreadable:
                 self._decrypt_failed(name, unreadable[name])
             else:
                 self.rows.pop(name, None)
@@ -474,6 +522,11 @@ class PgAccountStore:
         """As long as a live node may take to commit a rescued rotation: the liveness window
         (fleet/turns.py); such a node retries as soon as the database answers it again."""
         return LIVE_HEARTBEATS * self.fleet.heartbeat()
+
+    @property
+    def rotations_kept(self) -> int:
+        """The newest rotation only: the log is in the ``rotations`` table (rotation_log)."""
+        return CACHED_ROTATIONS
 
     @property
     def rescue_path(self) -> Path | None:
@@ -600,7 +653,9 @@ class PgAccountStore:
         fleet = self.fleet
         try:
             async with asyncio.timeout(fleet.deadline):
-                row = await load_account(conn, fleet.keyring, self.name, lock=RowLock.SKIP)
+                row = await load_account(
+                    conn, fleet.keyring, self.name, lock=RowLock.SKIP, rotations=CACHED_ROTATIONS
+                )
                 if row is not None:
                     fleet.ok()
                     return row, True
@@ -673,7 +728,7 @@ class PgAccountStore:
         if held.delete:
             fleet.rows.pop(self.name, None)
         elif written is not None:
-            fleet.rows[self.name] = written
+            fleet.keep_row(written)
             if held.staged is not None:
                 fleet.stats.commits += 1
 
