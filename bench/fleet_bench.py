@@ -13,6 +13,10 @@ the same run:
   transactions per refresh (pg_stat_statements, xact_commit) and node CPU per refresh, each
   with the same measure over an idle stretch before (the baseline) subtracted, and each
   node's resident memory against a bare process (goal ≤ 2×).
+* **memory** — two idle nodes, one with 1 account and one with N (default 10,000), each
+  account's row carrying ROTATIONS_SEEDED rotations, tokens that outlive the measurement:
+  each node's resident memory against the bare processes (goal ≤ 2×), and the KiB each
+  account adds (the difference of the two nodes over N − 1 accounts).
 * **failover** — 3 nodes, Kakao answering every refresh after 1 s so that nodes hold row
   locks; a node holding some is killed; the time until every account it held is committed by
   another node (goal ≤ heartbeat + Kakao timeout), repeated and the median/max reported.
@@ -32,6 +36,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -58,8 +63,9 @@ from common import (  # noqa: E402
 from fleetnodes import Fleet, FleetTimings, account_names, wait_until  # noqa: E402
 from kakao_tokend.emulator import running_emulator  # noqa: E402
 from kakao_tokend.fleet import db  # noqa: E402
-from kakao_tokend.state import AccountState  # noqa: E402
-from kakao_tokend.tokens import utcnow  # noqa: E402
+from kakao_tokend.fleet.accounts import insert_account  # noqa: E402
+from kakao_tokend.state import AccountState, Rotation  # noqa: E402
+from kakao_tokend.tokens import fingerprint, utcnow  # noqa: E402
 from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 
 #: Loaded into the test cluster so that statements can be counted per refresh.
@@ -74,12 +80,21 @@ BASELINES = {
 }
 
 
+#: The rotations each account's row has in the memory part (a node keeps only the newest).
+ROTATIONS_SEEDED = 3
+
+
 def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--accounts", type=int, help="accounts for the spread (default 10000)")
+    parser.add_argument(
+        "--accounts", type=int, help="accounts for the spread and memory parts (default 10000)"
+    )
     parser.add_argument("--rate", type=float, help="fleet refreshes per second (default 40)")
     parser.add_argument("--failovers", type=int, help="kills in the failover part (default 5)")
     parser.add_argument(
-        "--only", action="append", choices=["spread", "failover", "throughput"], help="one part"
+        "--only",
+        action="append",
+        choices=["spread", "memory", "failover", "throughput"],
+        help="one part",
     )
 
 
@@ -266,6 +281,104 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
     )
 
 
+async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) -> None:
+    """Idle nodes with 1 and N accounts: resident memory, and what one account adds."""
+    n = args.accounts or (60 if args.quick else 10_000)
+    settle = 2.0 if args.quick else 10.0  # a few heartbeats after READY: polls, alert reads
+    async with running_emulator(
+        emulator_settings(access_lifetime=3600.0, refresh_lifetime=5183999, rotation_window=60)
+    ) as emulator:
+        fleets = {
+            count: Fleet(
+                directory / f"memory-{count}",
+                emulator,
+                cluster,
+                nodes=1,
+                accounts=account_names(count),
+                timings=FleetTimings(heartbeat="1s", log_level="info"),
+                database=f"memory{count}",
+            )
+            for count in (1, n)
+        }
+        baselines = []
+        try:
+            for fleet in fleets.values():
+                await fleet.create_store()
+                await seed_with_rotations(fleet, ROTATIONS_SEEDED)
+            began = time.monotonic()
+            lead = 30.0 + 0.015 * n  # as the spread part allows for start-up
+            await asyncio.gather(*(fleet.start(timeout=lead) for fleet in fleets.values()))
+            print(f"both nodes serve after {time.monotonic() - began:.1f}s", flush=True)
+            baselines = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
+                                      " asyncio.run(asyncio.sleep(3600))"],
+                                     directory / f"memory-baseline{i}.log")
+                         for i, code in enumerate(BASELINES.values())]  # fmt: skip
+            for process in baselines:
+                await wait_log(process, "ready")
+            await asyncio.sleep(settle)
+            readings = {
+                f"node, {count} account{'s' if count > 1 else ''}": memory_kib(
+                    fleet.nodes[0].process.pid
+                )
+                for count, fleet in fleets.items()
+                if fleet.nodes[0].process is not None
+            }
+            bare = {name: memory_kib(p.pid) for name, p in zip(BASELINES, baselines, strict=True)}
+        finally:
+            for process in baselines:
+                await process.stop()
+            for fleet in fleets.values():
+                await fleet.close()
+    base_rss = bare[next(iter(BASELINES))][0]
+    print_table(
+        f"Resident memory (MiB) of idle nodes, {ROTATIONS_SEEDED} rotations per account",
+        ["process", "VmRSS", "VmHWM", "/ bare"],
+        [[name, f"{rss / 1024:.1f}", f"{hwm / 1024:.1f}", f"{rss / base_rss:.2f}x"]
+         for name, (rss, hwm) in {**bare, **readings}.items()],
+    )  # fmt: skip
+    one, many = (rss for rss, _ in readings.values())
+    per_account = (many - one) / max(n - 1, 1)
+    print(f"  per extra account: {per_account:.2f} KiB", flush=True)
+    result(
+        "fleet_idle_node_rss_mib",
+        many / 1024,
+        many / base_rss,
+        accounts=n,
+        one_account_mib=f"{one / 1024:.1f}",
+        vs_bare_with_psycopg=f"{many / list(bare.values())[1][0]:.2f}",
+    )
+    result("fleet_node_kib_per_account", per_account, None, accounts=n)
+
+
+async def seed_with_rotations(fleet: Fleet, rotations: int) -> None:
+    """Insert every account's row with fresh tokens and ``rotations`` past rotations (one a
+    month, as Kakao's refresh tokens rotate), due in an hour."""
+    conn = await db.connect(fleet.dsn, node="fleet-bench", purpose="seed")
+    async with conn:
+        for name in fleet.accounts:
+            state = fleet.fresh_state(name)
+            now = state.tokens.access_issued_at
+            chain = [f"{name}-{i}" for i in range(rotations + 1)]
+            history = tuple(
+                Rotation(
+                    now - timedelta(days=30 * (rotations - i)),
+                    fingerprint(chain[i + 1]),
+                    replaced=fingerprint(chain[i]),
+                )
+                for i in range(rotations)
+            )
+            row = await insert_account(
+                conn,
+                fleet.keyring,
+                replace(state, rotations=history),
+                node="fleet-bench",
+                due_at=now + timedelta(hours=1),
+            )
+            if row is None:
+                raise RuntimeError(f"account {name} is in the store already")
+        await conn.commit()
+
+
 async def rotations_between(fleet: Fleet, start: float, end: float) -> Counter[str]:
     """Count the rotations each node committed between two emulator times (wall clock)."""
     offset = fleet.emulator.clock_offset
@@ -428,7 +541,7 @@ async def main() -> None:
     args = parse_args(__doc__ or "", options=_options)
     if find_pg_bindir() is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-    parts = args.only or ["spread", "failover", "throughput"]
+    parts = args.only or ["spread", "memory", "failover", "throughput"]
     with workdir(args.keep) as directory:
         cluster = PgCluster()
         try:
@@ -436,9 +549,12 @@ async def main() -> None:
             conf.write_text(conf.read_text() + PRELOAD)
             cluster.start()
             for part in parts:
-                await {"spread": spread, "failover": failover, "throughput": throughput}[part](
-                    directory, cluster, args
-                )
+                await {
+                    "spread": spread,
+                    "memory": memory,
+                    "failover": failover,
+                    "throughput": throughput,
+                }[part](directory, cluster, args)
         finally:
             cluster.cleanup()
 

@@ -26,6 +26,8 @@ EXPECTED = {
     "fleet_transactions_per_refresh",
     "fleet_cpu_ms_per_refresh",
     "fleet_node_rss_mib",
+    "fleet_idle_node_rss_mib",
+    "fleet_node_kib_per_account",
     "fleet_failover_s",
     "fleet_token_throughput",
 }

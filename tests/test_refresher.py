@@ -20,9 +20,9 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import login_command
 from kakao_tokend.scheduler import RefreshScheduler
-from kakao_tokend.status import AccountEvent, Health
+from kakao_tokend.status import AccountEvent, AccountStatus, Health
 from kakao_tokend.store import AccountStore
-from kakao_tokend.tokens import format_time
+from kakao_tokend.tokens import format_time, utcnow
 
 
 async def make_manager(
@@ -415,3 +415,15 @@ async def test_a_later_expiry_from_kakao_is_ignored(
     await manager.verify()
     assert manager.state is not None and before is not None
     assert manager.state.tokens.access_expires_at == before.tokens.access_expires_at
+
+
+def test_accounts_never_tried_share_one_set_of_zero_counters_until_their_first_count() -> None:
+    """A node serves thousands of accounts other nodes refresh: their counters are one
+    shared read-only zero set, and an account's first count gives it its own."""
+    tried, untried = AccountStatus(), AccountStatus()
+    assert tried.counters is untried.counters
+    tried.attempted()
+    tried.succeeded(utcnow(), rotated=True)
+    assert dict(tried.counters) == {"attempts": 1, "successes": 1, "failures": 0, "rotations": 1}
+    assert dict(untried.counters) == {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
+    assert AccountStatus().counters is untried.counters

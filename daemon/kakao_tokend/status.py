@@ -12,9 +12,10 @@ an :class:`EventKind`. Nothing here does I/O: :mod:`~kakao_tokend.health` grades
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 from .relogin import ReloginCause, parse_cause
@@ -89,8 +90,11 @@ class AccountEvent:
 EventListener = Callable[[AccountEvent], None]
 
 
-def _counters() -> dict[str, int]:
-    return {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
+#: The counters of an account that has not been tried since the daemon started: one shared,
+#: read-only copy (a node serves thousands of accounts that other nodes refresh).
+NO_COUNTS: Mapping[str, int] = MappingProxyType(
+    {"attempts": 0, "successes": 0, "failures": 0, "rotations": 0}
+)
 
 
 @dataclass
@@ -119,7 +123,13 @@ class AccountStatus:
     store_unavailable_since: datetime | None = None
     store_error: str | None = None
     #: attempts, successes, failures, rotations since the daemon started (/metrics).
-    counters: dict[str, int] = field(default_factory=_counters)
+    counters: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)
+
+    def _count(self, key: str) -> None:
+        counters = self.counters
+        if not isinstance(counters, dict):
+            counters = self.counters = dict(counters)
+        counters[key] += 1
 
     # ------------------------------------------------------------------ which tokens
 
@@ -145,11 +155,11 @@ class AccountStatus:
 
     def attempted(self) -> None:
         """A refresh call to Kakao starts."""
-        self.counters["attempts"] += 1
+        self._count("attempts")
 
     def succeeded(self, now: datetime, *, rotated: bool) -> None:
         """Kakao answered a refresh with new tokens, and they are the account's now."""
-        self.counters["successes"] += 1
+        self._count("successes")
         self._healthy()
         self.last_success_at = now
         self.relogin_cause = None
@@ -159,7 +169,7 @@ class AccountStatus:
 
     def rotated(self) -> None:
         """Kakao issued a new refresh token (also when the rest of its answer was broken)."""
-        self.counters["rotations"] += 1
+        self._count("rotations")
         self.missed_rotation = False
 
     def rotation_missed(self) -> None:
@@ -170,7 +180,7 @@ class AccountStatus:
         self, message: str, label: str, *, now: datetime, retry_at: datetime
     ) -> None:
         """A refresh failed for a reason that may pass; the next try is at ``retry_at``."""
-        self.counters["failures"] += 1
+        self._count("failures")
         self.attempt += 1
         self.failing_since = self.failing_since or now
         self.last_error = message
@@ -188,7 +198,7 @@ class AccountStatus:
         cause: ReloginCause | None = None,
     ) -> None:
         """Refreshing cannot work until a person acts: a new login, or a fixed config."""
-        self.counters["failures"] += 1
+        self._count("failures")
         self.health = health
         self.last_error = message
         self.last_error_class = label

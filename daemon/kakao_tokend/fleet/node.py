@@ -41,8 +41,20 @@ log = logging.getLogger(__name__)
 def plan_for(manager: AccountManager) -> Callable[[], StorePlan]:
     """Return what the account's hold writes besides its state: the next due moment (the
     manager's plan, every rule relative to the lifetime) and the failure bookkeeping."""
+    return _Plan(manager)
 
-    def plan() -> StorePlan:
+
+class _Plan:
+    """:func:`plan_for`'s answer: a slotted object, a quarter of a closure's size (one per
+    account, 10,000 on a node)."""
+
+    __slots__ = ("manager",)
+
+    def __init__(self, manager: AccountManager) -> None:
+        self.manager = manager
+
+    def __call__(self) -> StorePlan:
+        manager = self.manager
         status = manager.status
         due: datetime | None = manager.planned_refresh_at()
         return due, RefreshStatus(
@@ -53,8 +65,6 @@ def plan_for(manager: AccountManager) -> Callable[[], StorePlan]:
             last_error=status.last_error if status.attempt else None,
             last_error_class=status.last_error_class if status.attempt else None,
         )
-
-    return plan
 
 
 class FleetNode:
