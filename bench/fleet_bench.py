@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the fleet harness lives with the test
 from common import (  # noqa: E402
     FIRST_USER_ID,
     PYTHON,
+    Process,
     cpu_seconds,
     emulator_settings,
     memory_kib,
@@ -96,6 +97,17 @@ def _options(parser: argparse.ArgumentParser) -> None:
         choices=["spread", "memory", "failover", "throughput"],
         help="one part",
     )
+
+
+async def bare_processes(directory: Path, label: str) -> list[Process]:
+    """Start one process per BASELINES entry, idling in asyncio; return them once ready."""
+    processes = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
+                              " asyncio.run(asyncio.sleep(3600))"],
+                             directory / f"{label}{i}.log")
+                 for i, code in enumerate(BASELINES.values())]  # fmt: skip
+    for process in processes:
+        await wait_log(process, "ready")
+    return processes
 
 
 async def query(dsn: str, sql: str, *params: object) -> list[tuple[object, ...]]:
@@ -192,12 +204,7 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             print(f"seeded {n} accounts in {time.monotonic() - began:.1f}s", flush=True)
             await fleet.start(timeout=lead)
             print(f"every node serves after {time.monotonic() - began:.1f}s", flush=True)
-            baselines = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
-                                      " asyncio.run(asyncio.sleep(3600))"],
-                                     directory / f"baseline{i}.log")
-                         for i, code in enumerate(BASELINES.values())]  # fmt: skip
-            for process in baselines:
-                await wait_log(process, "ready")
+            baselines = await bare_processes(directory, "baseline")
             # Idle baseline: the same nodes with nothing due yet, until just before the first
             # refreshes (at most a minute).
             idle = min(60.0, began + lead - time.monotonic() - 1.0)
@@ -309,12 +316,7 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             lead = 30.0 + 0.015 * n  # as the spread part allows for start-up
             await asyncio.gather(*(fleet.start(timeout=lead) for fleet in fleets.values()))
             print(f"both nodes serve after {time.monotonic() - began:.1f}s", flush=True)
-            baselines = [await spawn([PYTHON, "-c", code + "; print('ready', flush=True);"
-                                      " asyncio.run(asyncio.sleep(3600))"],
-                                     directory / f"memory-baseline{i}.log")
-                         for i, code in enumerate(BASELINES.values())]  # fmt: skip
-            for process in baselines:
-                await wait_log(process, "ready")
+            baselines = await bare_processes(directory, "memory-baseline")
             await asyncio.sleep(settle)
             readings = {
                 f"node, {count} account{'s' if count > 1 else ''}": memory_kib(
