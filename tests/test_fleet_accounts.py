@@ -488,10 +488,15 @@ async def test_every_account_is_read_in_one_query_and_a_bad_row_does_not_hide_th
 async def test_accounts_are_read_page_by_page_in_name_order_with_the_rotations_asked_for(
     store: str, keyring: Keyring
 ) -> None:
-    """``after``/``limit`` read one page of rows in name order, and ``rotations`` caps each
-    state's rotation log to its newest entries (a node caches only the newest one)."""
-    names = [f"acct{i}" for i in range(5)]
+    """``after``/``limit`` read one page of rows in the names' code point order (the order
+    in which Python finds where the next page starts, whatever the database's collation),
+    and ``rotations`` caps each state's rotation log to its newest entries (a node caches
+    only the newest one)."""
+    names = ["a-b", "a0", "a_b", "acct0", "acct1"]  # code point order
     written = {name: (await add(store, keyring, name, rotations=3)).state for name in names}
+    async with await psycopg.AsyncConnection.connect(store) as raw:
+        # A database created with a locale: ICU's root collation sorts "a_b" before "a-b".
+        await raw.execute('ALTER TABLE accounts ALTER COLUMN name TYPE text COLLATE "und-x-icu"')
     conn = await node_conn(store)
     async with conn:
         pages = []
@@ -509,7 +514,7 @@ async def test_accounts_are_read_page_by_page_in_name_order_with_the_rotations_a
                 assert row.state.rotations == written[name].rotations[-1:]
                 assert row.state.tokens == written[name].tokens
         whole, _ = await accounts.load_every_account(conn, keyring)
-    assert pages == [["acct0", "acct1"], ["acct2", "acct3"], ["acct4"]]
+    assert pages == [["a-b", "a0"], ["a_b", "acct0"], ["acct1"]]
     assert all(whole[name].state.rotations == written[name].rotations for name in names)
 
 

@@ -247,18 +247,22 @@ async def load_every_account(
     ciphertext moved between rows) is returned by name in the second mapping, so one bad row
     never hides the others. A name in ``only`` without a row is in neither mapping.
 
-    ``after`` and ``limit`` read one page in name order (the rows named after ``after``):
-    a node reads its thousands of rows page by page (FleetStore.load_all). Each state holds
-    the newest ``rotations`` entries of its rotation log.
+    ``after`` and ``limit`` read one page in the names' code point order (the rows named
+    after ``after``): a node reads its thousands of rows page by page (FleetStore.load_all).
+    Each state holds the newest ``rotations`` entries of its rotation log.
     """
     where = []
     if only is not None:
         where.append("a.name = ANY(%(names)s)")
     if after is not None:
-        where.append("a.name > %(after)s")
-    query = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.name"
-    if limit is not None:
-        query += " LIMIT %(limit)s"
+        where.append('a.name COLLATE "C" > %(after)s')
+    query = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    if after is not None or limit is not None:
+        # Pages follow code point order, as Python compares the names that say where the
+        # next page starts; a locale's collation would skip or repeat rows between pages.
+        query += ' ORDER BY a.name COLLATE "C" LIMIT %(limit)s'
+    else:
+        query += " ORDER BY a.name"
     with store_errors("read the store's accounts"):
         raws = await _select(
             conn,
