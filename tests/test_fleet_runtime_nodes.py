@@ -336,3 +336,30 @@ async def test_status_lists_the_rotation_log_from_the_store_which_the_node_keeps
         assert [r["fingerprint"] for r in account["rotations"]] == fingerprints
     finally:
         await node.stop()
+
+
+async def test_status_does_not_wait_for_a_database_that_went_silent(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A database that stops answering without a word (a paused link: the node does not
+    know yet) would hold the rotation log's read for the store's whole deadline: status
+    answers after ROTATION_LOG_WAIT with the newest rotation, which the node holds."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="60s")
+        node = await start_daemon(path)
+        try:
+            await login_published(emulator, path, pg_dsn, node)
+            code, body = await node.api("POST", "/v1/accounts/default/refresh")
+            assert code == 200 and body["rotated"], body
+            proxy.pause()
+            began = time.monotonic()
+            code, status = await node.api("GET", "/v1/status")
+            took = time.monotonic() - began
+            assert code == 200 and took < 3.0, took  # the store's deadline here is 7 s
+            (account,) = status["accounts"]
+            assert [r["fingerprint"] for r in account["rotations"]] == [body["refresh_fingerprint"]]
+            proxy.resume()
+        finally:
+            await node.stop()

@@ -169,21 +169,42 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+#: How long status waits for the rotation log from the store before it answers without it.
+ROTATION_LOG_WAIT = 1.0
+#: Reads of the rotation log that status stopped waiting for (each ends by the store's own
+#: deadline; held here so that it is not collected meanwhile).
+_unwaited: set[asyncio.Task[Any]] = set()
+
+
 async def _rotation_logs(daemon: Daemon, described: list[dict[str, Any]]) -> None:
     """Fleet mode: put each account's rotation log, read from the store, into its described
     status (a node keeps only the newest rotation in memory). While the store does not
-    answer, the newest rotation stays: status must work without the database."""
+    answer, the newest rotation stays: status must work without the database, and must not
+    wait for a database that stopped answering without a word (that takes its deadline)."""
     fleet = daemon.fleet
     if fleet is None or not described or not fleet.stats.up:
         return  # known to be away: status answers at once, with what the node has
+    task = asyncio.ensure_future(fleet.rotation_log([entry["account"] for entry in described]))
+    done, _ = await asyncio.wait({task}, timeout=ROTATION_LOG_WAIT)
+    if not done:
+        log.debug("status shows the newest rotations only: the store did not answer in time")
+        _unwaited.add(task)
+        task.add_done_callback(_forget)
+        return
     try:
-        logs = await fleet.rotation_log([entry["account"] for entry in described])
+        logs = task.result()
     except StoreError as exc:
         log.debug("status shows the newest rotations only: %s", exc)
         return
     for entry in described:
         if entry["account"] in logs:
             entry["rotations"] = rotations_shown(logs[entry["account"]])
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _unwaited.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a rotation log read ended without an answer: %s", task.exception())
 
 
 async def reload(request: web.Request) -> web.Response:
