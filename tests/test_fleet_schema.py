@@ -24,6 +24,10 @@ RELEASED = {
         "0002_full_state_and_migration",
         "e4cb2724db826c3ecc00340c04c59a468fea15f7646a2eae2f2e6a8f23ce1d81",
     ),
+    3: (
+        "0003_incremental_poll",
+        "02a6c249a1fba8936e823168b0ec4bac23d554a63e7be415a36831bfc10f2752",
+    ),
 }
 
 

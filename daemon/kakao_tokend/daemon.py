@@ -270,6 +270,8 @@ class Daemon:
             "failed_commits": stats.failed_commits,
             "notifications": stats.notifications,
             "row_reads": stats.row_reads,
+            "poll_rows": stats.poll_rows,
+            "full_polls": stats.full_polls,
             "notify_lag_seconds": stats.last_notify_lag,
             "nodes": {name: format_time(seen) for name, seen in fleet.nodes.items()},
             "publishes": sorted(fleet.publish_accounts)

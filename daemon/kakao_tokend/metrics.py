@@ -214,6 +214,8 @@ class DaemonCollector(Collector):
             ("failed_commits", stats.failed_commits, "Commits that failed (rescue files)."),
             ("notifications", stats.notifications, "Change notifications received."),
             ("row_reads", stats.row_reads, "Queries re-reading rows after notifications/polls."),
+            ("poll_rows", stats.poll_rows, "Rows the heartbeat polls re-read (changed ones)."),
+            ("full_polls", stats.full_polls, "Heartbeat polls that compared every row."),
         ):
             family = CounterMetricFamily(f"kakao_tokend_store_{metric}", text)
             family.add_metric([], value)

@@ -6,8 +6,9 @@ listens on a direct connection of its own in autocommit mode (a pooled one would
 LISTEN to the next borrower), re-reads the account and tells the daemon, which adopts and
 publishes it: every node is current within about a second of the commit. Notifications sent
 while the listener is disconnected are lost, so after every (re)connect it first LISTENs and
-then re-reads what changed; and every heartbeat it polls ``accounts`` anyway (the backstop),
-upserts its ``nodes`` row and names the accounts the database says are due.
+then re-reads what changed; and every heartbeat it polls ``accounts`` anyway (the backstop:
+only the rows written since the last poll), upserts its ``nodes`` row and names the accounts
+the database says are due.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ class FleetNode:
                 await conn.execute(f"LISTEN {CHANNEL}")
             self.listening = True
             log.debug("listening for the store's changes")
-            await self.sync()  # after LISTEN: nothing committed from now on is missed
+            # After LISTEN: nothing committed from now on is missed. Every row is compared: the
+            # database that answers after an outage may be another one (a restore).
+            await self.sync(full=True)
             self._first_sync.set()
             while True:
                 with store_errors("wait for the store's notifications"):
@@ -208,10 +211,13 @@ class FleetNode:
                 self.fleet.note_notification(rows[name])
                 self.on_change(name)
 
-    async def sync(self) -> None:
-        """Poll: re-read changed rows, tell the daemon, claim what is due, upsert our row."""
+    async def sync(self, *, full: bool = False) -> None:
+        """Poll: re-read changed rows, tell the daemon, claim what is due, upsert our row.
+
+        ``full`` compares every row instead of reading only those written since the last poll.
+        """
         try:
-            changed, due = await self.fleet.poll()
+            changed, due = await self.fleet.poll(full=full)
         except StoreError as exc:
             log.warning("cannot poll the store: %s", exc)
             self.on_health()

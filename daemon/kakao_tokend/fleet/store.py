@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 from ..errors import (
     StoreClaimed,
@@ -97,6 +97,34 @@ LOAD_PAGE = 500
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
 
+#: The poll's snapshot: its xmin (every transaction below it had ended; any change it could
+#: not see was made by a transaction at or above it) and the deletions counted so far.
+_MARK = "pg_snapshot_xmin(pg_current_snapshot())::text, (SELECT deletions FROM account_deletions)"
+#: What changed since the last poll, in one statement and so in one snapshot (the function
+#: reads the statement's snapshot). ``writer_xid`` is stamped by a trigger on every write.
+_POLL_CHANGES: LiteralString = f"""
+SELECT {_MARK},
+       ARRAY(SELECT name FROM accounts WHERE writer_xid >= %(since)s::xid8),
+       ARRAY(SELECT name FROM accounts WHERE due_at <= now())
+"""
+
+
+@dataclass(frozen=True)
+class PollMark:
+    """Where the last poll left off: the next one reads what was written from here on."""
+
+    xmin: int
+    deletions: int
+
+
+async def _poll_mark(conn: AsyncConnection[Any]) -> PollMark:
+    """Return the mark of a snapshot taken now (before the rows it marks are read)."""
+    with store_errors("read the store's transaction horizon"):
+        cur = await conn.execute(f"SELECT {_MARK}")
+        found = await cur.fetchone()
+    assert found is not None
+    return PollMark(int(found[0]), int(found[1]))
+
 
 @dataclass
 class FleetStats:
@@ -112,6 +140,10 @@ class FleetStats:
     notifications: int = 0
     #: Queries that re-read account rows after notifications or polls (each may read many).
     row_reads: int = 0
+    #: Rows the heartbeat's polls re-read: those written since the previous poll, not all.
+    poll_rows: int = 0
+    #: Polls that compared every row (the first, after a listener (re)connect or an error).
+    full_polls: int = 0
     #: Seconds between a row's commit (updated_at) and its notification arriving here.
     last_notify_lag: float | None = None
     #: time.monotonic() of the last notification or poll (None: never).
@@ -169,6 +201,8 @@ class FleetStore:
         #: Rows that could not be decrypted, with the reason (never a token).
         self.unreadable: dict[str, str] = {}
         self.stats = FleetStats()
+        #: Where the last poll left off (None: the next poll compares every row).
+        self._mark: PollMark | None = None
         #: Every node of the store and when it was last seen (read each heartbeat).
         self.nodes: dict[str, datetime] = {}
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
@@ -377,11 +411,16 @@ class FleetStore:
         self.rows.pop(name, None)
 
     async def load_all(self) -> None:
-        """Read every row into the cache (at start), LOAD_PAGE rows per query in name order.
+        """Read every row into the cache (at start), LOAD_PAGE rows per query in name order;
+        the next poll reads what was written since the first page.
 
-        Pages need not be one snapshot: the listener LISTENs and polls after this, which
-        re-reads whatever changed meanwhile.
+        Pages need not be one snapshot: the poll's mark is taken before the first, so the
+        next poll re-reads whatever changed meanwhile (the listener's first poll compares
+        every row anyway).
         """
+        async with self.connection("read the store's transaction horizon") as conn:
+            mark = await _poll_mark(conn)
+            await conn.commit()
         after: str | None = None
         while True:
             async with self.connection("read the store's accounts") as conn:
@@ -396,6 +435,7 @@ class FleetStore:
             if len(rows) + len(unreadable) < LOAD_PAGE:
                 break
             after = max(rows.keys() | unreadable.keys())
+        self._mark = mark
         self.stats.last_sync = time.monotonic()
 
     def keep_row(self, row: AccountRow) -> AccountRow:
@@ -450,32 +490,84 @@ class FleetStore:
                 self._decrypt_failed(name, unreadable[name])
             else:
                 self.rows.pop(name, None)
+                self.unreadable.pop(name, None)
         return found
 
-    async def poll(self) -> tuple[list[str], list[str]]:
+    async def poll(self, *, full: bool = False) -> tuple[list[str], list[str]]:
         """The backstop for lost notifications: re-read rows that changed; return (changed
-        names, names due by the database's clock)."""
+        names, names due by the database's clock).
+
+        Reads only the rows written since the last poll (their ``writer_xid``, see
+        sql/0003_incremental_poll.sql), and lists the names only when a row was deleted
+        since. Every row is compared when ``full`` (the listener's (re)connect), at the first
+        poll and after a poll that failed.
+        """
+        mark, self._mark = (None if full else self._mark), None  # a failure leaves None
         async with self.connection("poll the store's accounts") as conn:
+            if mark is None:
+                new_mark, suspects, due = await self._poll_everything(conn)
+                self.stats.full_polls += 1
+            else:
+                new_mark, suspects, due = await self._poll_changes(conn, mark)
+            await conn.commit()
+        before = {name: self.rows.get(name) for name in suspects}
+        self.stats.poll_rows += len(suspects)
+        found = await self.reload_many(suspects)
+        changed = [name for name in sorted(suspects) if found[name] != before[name]]
+        self._mark = new_mark
+        self.stats.last_sync = time.monotonic()
+        return changed, due
+
+    async def _poll_changes(
+        self, conn: AsyncConnection[Any], mark: PollMark
+    ) -> tuple[PollMark, set[str], list[str]]:
+        """One statement, so one snapshot: its xmin, the deletions, the rows written since
+        ``mark``, the rows due."""
+        with store_errors("poll the store's accounts"):
+            cur = await conn.execute(_POLL_CHANGES, {"since": str(mark.xmin)})
+            found = await cur.fetchone()
+        assert found is not None  # a SELECT without FROM returns one row
+        xmin, deletions, written, due = found
+        new_mark = PollMark(int(xmin), int(deletions))
+        if new_mark.xmin < mark.xmin:
+            # Transaction ids never go backwards in one cluster: this is another one (a
+            # restore, a failover to a copy made otherwise). Compare every row.
+            log.warning("the store's transaction ids went backwards; re-reading every row")
+            return await self._poll_everything(conn)
+        suspects = set(written)
+        if new_mark.deletions != mark.deletions:
+            with store_errors("list the store's accounts"):
+                cur = await conn.execute("SELECT name FROM accounts")
+                listed = {name for (name,) in await cur.fetchall()}
+            suspects |= self._cached_names() ^ listed
+        return new_mark, suspects, list(due)
+
+    async def _poll_everything(
+        self, conn: AsyncConnection[Any]
+    ) -> tuple[PollMark, set[str], list[str]]:
+        """Compare every row's generation and updated_at with the cache."""
+        # Taken before the rows are listed: an earlier snapshot's mark is never too new.
+        mark = await _poll_mark(conn)
+        with store_errors("poll the store's accounts"):
             cur = await conn.execute(
                 "SELECT name, generation, updated_at, coalesce(due_at <= now(), false)"
                 " FROM accounts"
             )
             listed = await cur.fetchall()
-            await conn.commit()
-        changed: list[str] = []
+        suspects: set[str] = set()
         due: list[str] = []
-        seen = set()
         for name, generation, updated_at, is_due in listed:
-            seen.add(name)
             cached = self.rows.get(name)
             if cached is None or (cached.generation, cached.updated_at) != (generation, updated_at):
-                changed.append(name)
+                suspects.add(name)
             if is_due:
                 due.append(name)
-        changed += [name for name in self.rows if name not in seen]
-        await self.reload_many(changed)
-        self.stats.last_sync = time.monotonic()
-        return changed, due
+        suspects |= self._cached_names() - {name for name, *_ in listed}
+        return mark, suspects, due
+
+    def _cached_names(self) -> set[str]:
+        """Return the name of every row in the cache, readable or not."""
+        return self.rows.keys() | self.unreadable.keys()
 
     def note_notification(self, row: AccountRow | None) -> None:
         """Note that a notified row was re-read, and how long after its commit."""

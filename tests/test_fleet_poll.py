@@ -1,0 +1,213 @@
+"""The heartbeat poll against a real PostgreSQL: only the rows written since, none missed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from fleetkit import migrated, sample_state
+from kakao_tokend.errors import StoreError
+from kakao_tokend.fleet import accounts, db, schema
+from kakao_tokend.fleet.accounts import AccountRow, RefreshStatus, RowLock
+from kakao_tokend.fleet.crypto import Keyring, new_key_line
+from kakao_tokend.fleet.store import FleetStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def keyring() -> Keyring:
+    """One fresh key."""
+    return Keyring.parse(new_key_line())
+
+
+@pytest.fixture
+async def open_fleet(
+    pg_dsn: str, keyring: Keyring, tmp_path: Path
+) -> AsyncIterator[Callable[[], Any]]:
+    """Open a node's FleetStore on ``pg_dsn`` when called (the rows written so far are read)."""
+    opened: list[FleetStore] = []
+
+    async def open_() -> FleetStore:
+        fleet = FleetStore(
+            dsn=pg_dsn,
+            keyring=keyring,
+            node="poller",
+            timeouts=db.DbTimeouts(),
+            state_dir=tmp_path / "state",
+        )
+        await fleet.open()
+        opened.append(fleet)
+        return fleet
+
+    yield open_
+    for fleet in opened:
+        await fleet.close()
+
+
+async def writer(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """Another node's connection (not autocommit: it holds row locks in transactions)."""
+    return await db.connect(dsn, node="writer", purpose="test")
+
+
+async def add(dsn: str, keyring: Keyring, name: str) -> AccountRow:
+    """Insert one account, committed, without a notification (as if it were lost)."""
+    conn = await writer(dsn)
+    async with conn:
+        row = await accounts.insert_account(
+            conn, keyring, sample_state(name), node="writer", due_at=None
+        )
+    assert row is not None
+    return row
+
+
+async def refresh(dsn: str, keyring: Keyring, name: str) -> None:
+    """Another node's refresh, committed without a notification: the next generation."""
+    conn = await writer(dsn)
+    async with conn:
+        row = await accounts.load_account(conn, keyring, name, lock=RowLock.WAIT)
+        assert row is not None
+        state = sample_state(name, generation=row.generation + 1)
+        assert await accounts.save_account(conn, keyring, row, state, node="writer", due_at=None)
+
+
+async def execute(dsn: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    """Run one statement in its own transaction, committed; return its rows (if any)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(sql, params or None)  # type: ignore[arg-type]
+        return list(await cur.fetchall()) if cur.description else []
+
+
+async def test_a_change_committed_after_a_poll_by_a_transaction_begun_before_it_is_caught(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any]
+) -> None:
+    """A refresh locks its row, the poll runs, the refresh commits: the next poll reads it.
+
+    The refresh's updated_at is its transaction's start, older than the poll, so a poll for
+    "updated_at later than the last poll" would never see this change.
+    """
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    fleet: FleetStore = await open_fleet()
+    assert await fleet.poll() == ([], [])
+    conn = await writer(pg_dsn)
+    async with conn:
+        row = await accounts.load_account(conn, keyring, "shop", lock=RowLock.WAIT)
+        assert row is not None  # the row lock is held across the Kakao call
+        [(polled_at,)] = await execute(pg_dsn, "SELECT now()")
+        assert await fleet.poll() == ([], [])  # uncommitted: nothing to see yet
+        state = sample_state("shop", generation=row.generation + 1)
+        assert await accounts.save_account(conn, keyring, row, state, node="writer", due_at=None)
+        await conn.commit()
+    naive = await execute(pg_dsn, "SELECT name FROM accounts WHERE updated_at > %s", polled_at)
+    assert naive == []  # the hole: the committed change looks older than the poll
+    assert await fleet.poll() == (["shop"], [])
+    assert fleet.rows["shop"].generation == row.generation + 1
+
+
+async def test_a_poll_reads_only_the_rows_written_since_the_last_one(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any]
+) -> None:
+    """Idle polls read no row; after two writes the poll reads those two, not all 40."""
+    await migrated(pg_dsn)
+    for i in range(40):
+        await add(pg_dsn, keyring, f"acct{i:02d}")
+    fleet: FleetStore = await open_fleet()
+    assert await fleet.poll(full=True) == ([], [])  # compares all 40, re-reads none
+    assert (fleet.stats.full_polls, fleet.stats.poll_rows) == (1, 0)
+    for _ in range(3):
+        assert await fleet.poll() == ([], [])
+    assert (fleet.stats.full_polls, fleet.stats.poll_rows) == (1, 0)
+    await refresh(pg_dsn, keyring, "acct07")
+    conn = await writer(pg_dsn)
+    async with conn:  # a status update: no new generation, but the due moment moves
+        row = await accounts.load_account(conn, keyring, "acct31")
+        assert row is not None
+        due = datetime.now(UTC) - timedelta(seconds=1)
+        assert await accounts.save_status(conn, row, due_at=due, status=RefreshStatus())
+    assert await fleet.poll() == (["acct07", "acct31"], ["acct31"])
+    assert (fleet.stats.full_polls, fleet.stats.poll_rows) == (1, 2)
+    assert fleet.rows["acct07"].generation == 2
+    assert fleet.rows["acct31"].due_at == due
+    assert await fleet.poll() == ([], ["acct31"])  # still due; nothing written since
+    assert fleet.stats.poll_rows == 2
+
+
+async def test_inserts_deletes_and_a_write_by_hand_are_caught(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any]
+) -> None:
+    """No notification for any of them: the poll alone brings the cache up to date, and the
+    names are listed only after a deletion."""
+    await migrated(pg_dsn)
+    for name in ("alice", "bob", "carol"):
+        await add(pg_dsn, keyring, name)
+    fleet: FleetStore = await open_fleet()
+    await add(pg_dsn, keyring, "dave")
+    await execute(pg_dsn, "DELETE FROM accounts WHERE name = 'alice'")
+    # An operator's UPDATE that touches neither generation nor updated_at.
+    await execute(pg_dsn, "UPDATE accounts SET due_at = now() - interval '1 s' WHERE name = 'bob'")
+    assert await fleet.poll() == (["alice", "bob", "dave"], ["bob"])
+    assert sorted(fleet.rows) == ["bob", "carol", "dave"]
+    assert fleet.rows["bob"].due_at is not None
+    # A row that does not decrypt, then deleted: gone from the unreadable ones too.
+    await execute(
+        pg_dsn,
+        "UPDATE accounts SET refresh_token ="
+        " (SELECT refresh_token FROM accounts WHERE name = 'bob') WHERE name = 'carol'",
+    )
+    assert await fleet.poll() == (["carol"], ["bob"])
+    assert "carol" in fleet.unreadable and "carol" not in fleet.rows
+    await execute(pg_dsn, "DELETE FROM accounts WHERE name = 'carol'")
+    await fleet.poll()
+    assert fleet.unreadable == {} and sorted(fleet.rows) == ["bob", "dave"]
+    reads = fleet.stats.poll_rows
+    await execute(pg_dsn, "TRUNCATE accounts CASCADE")
+    assert await fleet.poll() == (["bob", "dave"], [])
+    assert fleet.rows == {} and fleet.stats.poll_rows == reads + 2
+
+
+async def test_a_version_2_store_is_upgraded_and_its_rows_are_then_polled_incrementally(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store made by the previous version, with rows, takes migration 3 when a node starts;
+    writes by a node of the previous version (which knows nothing of writer_xid) are caught."""
+    shipped = schema.shipped_migrations()
+    with monkeypatch.context() as patched:
+        patched.setattr(schema, "shipped_migrations", lambda: shipped[:2])
+        await migrated(pg_dsn)
+    for name in ("alice", "bob"):
+        await add(pg_dsn, keyring, name)
+    fleet: FleetStore = await open_fleet()
+    assert fleet.schema_version == 3
+    applied = await execute(pg_dsn, "SELECT version, applied_by FROM schema_migrations")
+    assert [version for version, _ in applied] == [1, 2, 3]
+    stamped = await execute(pg_dsn, "SELECT count(*) FROM accounts WHERE writer_xid IS NOT NULL")
+    assert stamped == [(2,)]
+    assert sorted(fleet.rows) == ["alice", "bob"]
+    # The previous version's UPDATE and DELETE statements name no new column.
+    await refresh(pg_dsn, keyring, "bob")
+    await execute(pg_dsn, "DELETE FROM accounts WHERE name = 'alice'")
+    assert await fleet.poll() == (["alice", "bob"], [])
+    assert sorted(fleet.rows) == ["bob"] and fleet.rows["bob"].generation == 2
+    assert fleet.stats.poll_rows == 2
+
+
+async def test_a_failed_poll_makes_the_next_one_compare_every_row(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any]
+) -> None:
+    """Whatever a poll that failed half-way had seen, the next one starts from scratch."""
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    fleet: FleetStore = await open_fleet()
+    await execute(pg_dsn, "ALTER TABLE account_deletions RENAME TO hidden")
+    with pytest.raises(StoreError):
+        await fleet.poll()
+    await execute(pg_dsn, "ALTER TABLE hidden RENAME TO account_deletions")
+    await refresh(pg_dsn, keyring, "shop")
+    assert await fleet.poll() == (["shop"], [])
+    assert fleet.stats.full_polls == 1
