@@ -1,4 +1,4 @@
-"""Fleet mode: spread, peak rate, cost per refresh, node memory, failover, token throughput.
+"""Fleet mode: spread, peak rate, cost per refresh, node memory, idle cost, failover, throughput.
 
 Each part runs real ``kakao-tokend run`` nodes (tests/fleetnodes.py) on a throwaway
 PostgreSQL cluster and the emulator in this process, and compares with a baseline measured in
@@ -17,6 +17,9 @@ the same run:
   account's row carrying ROTATIONS_SEEDED rotations, tokens that outlive the measurement:
   each node's resident memory against the bare processes (goal ≤ 2×), and the KiB each
   account adds (the difference of the two nodes over N − 1 accounts).
+* **idle** — 3 nodes with N accounts (default 10,000) of which none is due for hours, a 1 s
+  heartbeat: the CPU the nodes spend and the statements and transactions they send per
+  second while nothing happens, i.e. what the heartbeat (its poll, its ``nodes`` row) costs.
 * **failover** — 3 nodes, Kakao answering every refresh after 1 s so that nodes hold row
   locks; a node holding some is killed; the time until every account it held is committed by
   another node (goal ≤ heartbeat + Kakao timeout), repeated and the median/max reported.
@@ -94,7 +97,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["spread", "memory", "failover", "throughput"],
+        choices=["spread", "memory", "idle", "failover", "throughput"],
         help="one part",
     )
 
@@ -381,6 +384,49 @@ async def seed_with_rotations(fleet: Fleet, rotations: int) -> None:
         await conn.commit()
 
 
+async def idle(directory: Path, cluster: PgCluster, args: argparse.Namespace) -> None:
+    """3 nodes, N accounts, nothing due: what the heartbeat alone costs per second."""
+    n = args.accounts or (60 if args.quick else 10_000)
+    seconds = 5.0 if args.quick else 60.0
+    async with running_emulator(emulator_settings()) as emulator:  # 6 h tokens: none due
+        fleet = Fleet(
+            directory / "idle",
+            emulator,
+            cluster,
+            nodes=3,
+            accounts=account_names(n),
+            timings=FleetTimings(heartbeat="1s", log_level="info"),
+            database="idle",
+        )
+        try:
+            await fleet.create_store()
+            await query(fleet.dsn, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await fleet.seed()
+            await fleet.start(timeout=30.0 + 0.015 * n)
+            await asyncio.sleep(5.0)  # past the start's full reads
+            stmts0, xacts0 = await counters(fleet)
+            cpu0 = node_cpu(fleet)
+            await asyncio.sleep(seconds)
+            stmts1, xacts1 = await counters(fleet)
+            cpu1 = node_cpu(fleet)
+        finally:
+            await fleet.close()
+    print_table(
+        f"Idle: 3 nodes, {n} accounts, nothing due, 1 s heartbeat, {seconds:g}s",
+        ["node CPU", "statements", "transactions"],
+        [[f"{(cpu1 - cpu0) / seconds * 1000:.1f} ms/s", f"{(stmts1 - stmts0) / seconds:.1f} /s",
+          f"{(xacts1 - xacts0) / seconds:.1f} /s"]],
+    )  # fmt: skip
+    result(
+        "fleet_idle_cpu_ms_per_s",
+        (cpu1 - cpu0) / seconds * 1000,
+        None,
+        accounts=n,
+        statements_per_s=f"{(stmts1 - stmts0) / seconds:.1f}",
+        transactions_per_s=f"{(xacts1 - xacts0) / seconds:.1f}",
+    )
+
+
 async def rotations_between(fleet: Fleet, start: float, end: float) -> Counter[str]:
     """Count the rotations each node committed between two emulator times (wall clock)."""
     offset = fleet.emulator.clock_offset
@@ -543,7 +589,7 @@ async def main() -> None:
     args = parse_args(__doc__ or "", options=_options)
     if find_pg_bindir() is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-    parts = args.only or ["spread", "memory", "failover", "throughput"]
+    parts = args.only or ["spread", "memory", "idle", "failover", "throughput"]
     with workdir(args.keep) as directory:
         cluster = PgCluster()
         try:
@@ -554,6 +600,7 @@ async def main() -> None:
                 await {
                     "spread": spread,
                     "memory": memory,
+                    "idle": idle,
                     "failover": failover,
                     "throughput": throughput,
                 }[part](directory, cluster, args)

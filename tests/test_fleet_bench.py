@@ -28,6 +28,7 @@ EXPECTED = {
     "fleet_node_rss_mib",
     "fleet_idle_node_rss_mib",
     "fleet_node_kib_per_account",
+    "fleet_idle_cpu_ms_per_s",
     "fleet_failover_s",
     "fleet_token_throughput",
 }
