@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     PYTHON,
     Process,
     cpu_seconds,
+    cpu_ticks_seconds,
     emulator_settings,
     memory_kib,
     parse_args,
@@ -149,6 +150,25 @@ def node_cpu(fleet: Fleet) -> float:
     return sum(
         cpu_seconds(node.process.pid) for node in fleet.nodes if node.process and node.running
     )
+
+
+def server_cpu(cluster: PgCluster) -> dict[int, float]:
+    """Return the CPU seconds of the PostgreSQL server's processes so far, by pid."""
+    postmaster = cluster.postmaster_pid()
+    if postmaster is None:
+        return {}
+    with open(f"/proc/{postmaster}/task/{postmaster}/children") as handle:
+        pids = [postmaster, *map(int, handle.read().split())]
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a backend that ended meanwhile
+            found[pid] = cpu_ticks_seconds(pid)
+    return found
+
+
+def server_cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU the server spent between two samples (processes that lived through both)."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
 def buckets(times: list[float], start: float, end: float, width: float) -> list[int]:
@@ -405,23 +425,26 @@ async def idle(directory: Path, cluster: PgCluster, args: argparse.Namespace) ->
             await fleet.start(timeout=30.0 + 0.015 * n)
             await asyncio.sleep(5.0)  # past the start's full reads
             stmts0, xacts0 = await counters(fleet)
-            cpu0 = node_cpu(fleet)
+            cpu0, server0 = node_cpu(fleet), server_cpu(cluster)
             await asyncio.sleep(seconds)
             stmts1, xacts1 = await counters(fleet)
-            cpu1 = node_cpu(fleet)
+            cpu1, server1 = node_cpu(fleet), server_cpu(cluster)
         finally:
             await fleet.close()
+    nodes_ms = (cpu1 - cpu0) / seconds * 1000
+    server_ms = server_cpu_between(server0, server1) / seconds * 1000
     print_table(
         f"Idle: 3 nodes, {n} accounts, nothing due, 1 s heartbeat, {seconds:g}s",
-        ["node CPU", "statements", "transactions"],
-        [[f"{(cpu1 - cpu0) / seconds * 1000:.1f} ms/s", f"{(stmts1 - stmts0) / seconds:.1f} /s",
+        ["node CPU", "PostgreSQL CPU", "statements", "transactions"],
+        [[f"{nodes_ms:.1f} ms/s", f"{server_ms:.1f} ms/s", f"{(stmts1 - stmts0) / seconds:.1f} /s",
           f"{(xacts1 - xacts0) / seconds:.1f} /s"]],
     )  # fmt: skip
     result(
         "fleet_idle_cpu_ms_per_s",
-        (cpu1 - cpu0) / seconds * 1000,
+        nodes_ms,
         None,
         accounts=n,
+        server_ms_per_s=f"{server_ms:.1f}",
         statements_per_s=f"{(stmts1 - stmts0) / seconds:.1f}",
         transactions_per_s=f"{(xacts1 - xacts0) / seconds:.1f}",
     )
