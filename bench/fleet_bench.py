@@ -20,6 +20,9 @@ the same run:
 * **idle** — 3 nodes with N accounts (default 10,000) of which none is due for hours, a 1 s
   heartbeat: the CPU the nodes spend and the statements and transactions they send per
   second while nothing happens, i.e. what the heartbeat (its poll, its ``nodes`` row) costs.
+* **poll** — one node's heartbeat poll over N accounts (default 10,000) with nothing written:
+  client and server CPU per poll, the full comparison of every row (the listener's
+  (re)connect; every poll before schema version 3) against the incremental poll.
 * **failover** — 3 nodes, Kakao answering every refresh after 1 s so that nodes hold row
   locks; a node holding some is killed; the time until every account it held is committed by
   another node (goal ≤ heartbeat + Kakao timeout), repeated and the median/max reported.
@@ -69,6 +72,7 @@ from fleetnodes import Fleet, FleetTimings, account_names, wait_until  # noqa: E
 from kakao_tokend.emulator import running_emulator  # noqa: E402
 from kakao_tokend.fleet import db  # noqa: E402
 from kakao_tokend.fleet.accounts import insert_account  # noqa: E402
+from kakao_tokend.fleet.store import FleetStore  # noqa: E402
 from kakao_tokend.state import AccountState, Rotation  # noqa: E402
 from kakao_tokend.tokens import fingerprint, utcnow  # noqa: E402
 from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
@@ -98,7 +102,7 @@ def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["spread", "memory", "idle", "failover", "throughput"],
+        choices=["spread", "memory", "idle", "poll", "failover", "throughput"],
         help="one part",
     )
 
@@ -450,6 +454,58 @@ async def idle(directory: Path, cluster: PgCluster, args: argparse.Namespace) ->
     )
 
 
+async def poll(directory: Path, cluster: PgCluster, args: argparse.Namespace) -> None:
+    """One FleetStore over N rows: CPU of a full poll against an incremental one (the node's
+    process and its server backend; autovacuum and the like are left out)."""
+    n = args.accounts or (60 if args.quick else 10_000)
+    rounds = 5 if args.quick else 50
+    async with running_emulator(emulator_settings()) as emulator:
+        fleet = Fleet(directory / "poll", emulator, cluster, nodes=0, accounts=account_names(n),
+                      database="poll")  # fmt: skip
+        await fleet.create_store()
+        await fleet.seed()
+    store = FleetStore(
+        dsn=fleet.dsn,
+        keyring=fleet.keyring,
+        node="poller",
+        timeouts=db.DbTimeouts(),
+        state_dir=directory / "poll" / "state",
+        pool_size=1,
+    )
+    await store.open()
+    measured: dict[str, tuple[float, float]] = {}
+    try:
+        async with store.connection("find the backend") as conn:  # the pool's one connection
+            cur = await conn.execute("SELECT pg_backend_pid()")
+            backend = int((await cur.fetchall())[0][0])
+        for label, full in (("full", True), ("incremental", False)) * 2:  # each twice, warm
+            await store.poll(full=full)
+            client0, server0 = time.process_time(), cpu_seconds(backend)
+            for _ in range(rounds):
+                changed, due = await store.poll(full=full)
+                assert changed == [] and due == [], "nothing was written or due"
+            client = (time.process_time() - client0) / rounds
+            server = (cpu_seconds(backend) - server0) / rounds
+            measured[label] = (client, server)  # the second round (warm) is kept
+    finally:
+        await store.close()
+    print_table(
+        f"Heartbeat poll, one node, {n} accounts, nothing written ({rounds} polls each)",
+        ["poll", "client CPU", "server CPU", "3 nodes, 1 s heartbeat"],
+        [[label, f"{client * 1000:.2f} ms", f"{server * 1000:.2f} ms",
+          f"{3 * (client + server) * 1000:.1f} ms/s"]
+         for label, (client, server) in measured.items()],
+    )  # fmt: skip
+    full_cost, incremental_cost = (sum(measured[label]) for label in ("full", "incremental"))
+    result(
+        "fleet_poll_ms",
+        incremental_cost * 1000,
+        incremental_cost / full_cost,
+        accounts=n,
+        full_ms=f"{full_cost * 1000:.2f}",
+    )
+
+
 async def rotations_between(fleet: Fleet, start: float, end: float) -> Counter[str]:
     """Count the rotations each node committed between two emulator times (wall clock)."""
     offset = fleet.emulator.clock_offset
@@ -612,7 +668,7 @@ async def main() -> None:
     args = parse_args(__doc__ or "", options=_options)
     if find_pg_bindir() is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-    parts = args.only or ["spread", "memory", "idle", "failover", "throughput"]
+    parts = args.only or ["spread", "memory", "idle", "poll", "failover", "throughput"]
     with workdir(args.keep) as directory:
         cluster = PgCluster()
         try:
@@ -624,6 +680,7 @@ async def main() -> None:
                     "spread": spread,
                     "memory": memory,
                     "idle": idle,
+                    "poll": poll,
                     "failover": failover,
                     "throughput": throughput,
                 }[part](directory, cluster, args)

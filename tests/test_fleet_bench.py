@@ -29,6 +29,7 @@ EXPECTED = {
     "fleet_idle_node_rss_mib",
     "fleet_node_kib_per_account",
     "fleet_idle_cpu_ms_per_s",
+    "fleet_poll_ms",
     "fleet_failover_s",
     "fleet_token_throughput",
 }
