@@ -15,7 +15,7 @@ from kakao_tokend.errors import StoreError
 from kakao_tokend.fleet import accounts, db, schema
 from kakao_tokend.fleet.accounts import AccountRow, RefreshStatus, RowLock
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
-from kakao_tokend.fleet.store import FleetStore
+from kakao_tokend.fleet.store import FleetStore, PollMark
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -211,3 +211,19 @@ async def test_a_failed_poll_makes_the_next_one_compare_every_row(
     await refresh(pg_dsn, keyring, "shop")
     assert await fleet.poll() == (["shop"], [])
     assert fleet.stats.full_polls == 1
+
+
+async def test_transaction_ids_going_backwards_make_the_poll_compare_every_row(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[], Any]
+) -> None:
+    """A mark from ahead of the cluster's ids (a store restored into a younger cluster) would
+    hide every later write: the poll notices and compares every row instead."""
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    fleet: FleetStore = await open_fleet()
+    assert fleet._mark is not None
+    fleet._mark = PollMark(fleet._mark.xmin + 1_000_000, fleet._mark.deletions)
+    await refresh(pg_dsn, keyring, "shop")
+    assert await fleet.poll() == (["shop"], [])
+    assert fleet.stats.full_polls == 1
+    assert fleet._mark is not None and fleet._mark.xmin < 1_000_000

@@ -504,12 +504,12 @@ class FleetStore:
         """
         mark, self._mark = (None if full else self._mark), None  # a failure leaves None
         async with self.connection("poll the store's accounts") as conn:
-            if mark is None:
-                new_mark, suspects, due = await self._poll_everything(conn)
+            polled = None if mark is None else await self._poll_changes(conn, mark)
+            if polled is None:
+                polled = await self._poll_everything(conn)
                 self.stats.full_polls += 1
-            else:
-                new_mark, suspects, due = await self._poll_changes(conn, mark)
             await conn.commit()
+        new_mark, suspects, due = polled
         before = {name: self.rows.get(name) for name in suspects}
         self.stats.poll_rows += len(suspects)
         found = await self.reload_many(suspects)
@@ -520,9 +520,9 @@ class FleetStore:
 
     async def _poll_changes(
         self, conn: AsyncConnection[Any], mark: PollMark
-    ) -> tuple[PollMark, set[str], list[str]]:
+    ) -> tuple[PollMark, set[str], list[str]] | None:
         """One statement, so one snapshot: its xmin, the deletions, the rows written since
-        ``mark``, the rows due."""
+        ``mark``, the rows due (None: every row must be compared instead)."""
         with store_errors("poll the store's accounts"):
             cur = await conn.execute(_POLL_CHANGES, {"since": str(mark.xmin)})
             found = await cur.fetchone()
@@ -532,8 +532,8 @@ class FleetStore:
         if new_mark.xmin < mark.xmin:
             # Transaction ids never go backwards in one cluster: this is another one (a
             # restore, a failover to a copy made otherwise). Compare every row.
-            log.warning("the store's transaction ids went backwards; re-reading every row")
-            return await self._poll_everything(conn)
+            log.warning("the store's transaction ids went backwards; comparing every row")
+            return None
         suspects = set(written)
         if new_mark.deletions != mark.deletions:
             with store_errors("list the store's accounts"):
