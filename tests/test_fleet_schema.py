@@ -26,7 +26,7 @@ RELEASED = {
     ),
     3: (
         "0003_incremental_poll",
-        "02a6c249a1fba8936e823168b0ec4bac23d554a63e7be415a36831bfc10f2752",
+        "144dc860a29201fe641dc067cb227b6d98c63c306eb4a10ab66c4a491eacdea8",
     ),
 }
 

@@ -50,7 +50,9 @@ BEGIN
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER accounts_count_deletion AFTER DELETE OR UPDATE OF name ON accounts
+-- Every UPDATE, not UPDATE OF name: a trigger on a column would keep an operator from
+-- altering that column's type or collation.
+CREATE TRIGGER accounts_count_deletion AFTER DELETE OR UPDATE ON accounts
     FOR EACH ROW EXECUTE FUNCTION accounts_count_deletion();
 CREATE TRIGGER accounts_count_truncate AFTER TRUNCATE ON accounts
     FOR EACH STATEMENT EXECUTE FUNCTION accounts_count_deletion();
