@@ -1,14 +1,20 @@
-"""The CLI's client for the daemon's local API on its Unix socket."""
+"""The CLI's client for the daemon's local API on its Unix socket.
+
+It speaks HTTP/1.1 with the standard library (http.client over AF_UNIX), not aiohttp: one
+request per command needs no event-loop client, and importing aiohttp (about 0.13 s of CPU,
+half of what `status` or `token` costs) made every such command slower for nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlencode
 
 from .config import load_locations
 from .errors import KakaoTokendError
@@ -97,24 +103,11 @@ async def call(
 
     ``data`` is sent form-encoded (what the /kapi proxy passes on to Kakao). Raises
     DaemonNotRunning when the connection cannot be opened (nothing was sent, so the caller can
-    safely do the work itself), DaemonApiError when the answer is not JSON.
+    safely do the work itself), DaemonApiError when no answer comes or it is not JSON.
     """
-    connector = aiohttp.UnixConnector(path=str(path))
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-    ) as session:
-        try:
-            async with session.request(
-                method,
-                f"http://kakao-tokend{url_path}",
-                params=params,
-                data=dict(data) if data is not None else None,
-                headers=dict(headers) if headers is not None else None,
-            ) as response:
-                text = await response.text()
-                status = response.status
-        except aiohttp.ClientConnectorError as exc:
-            raise DaemonNotRunning(str(path)) from exc
+    status, text = await asyncio.to_thread(
+        _request, path, method, url_path, params, data, headers, timeout
+    )
     try:
         body = json.loads(text)
     except ValueError:
@@ -122,3 +115,55 @@ async def call(
     if not isinstance(body, dict):
         raise DaemonApiError(status, f"the daemon answered HTTP {status} without JSON", {})
     return status, body
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """An HTTP connection to a Unix socket (the Host header names the daemon, as before)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("kakao-tokend", timeout=timeout)
+        self._socket_path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _request(
+    path: Path,
+    method: str,
+    url_path: str,
+    params: Mapping[str, str] | None,
+    data: Mapping[str, str] | None,
+    headers: Mapping[str, str] | None,
+    timeout: float,
+) -> tuple[int, str]:
+    """One blocking request (run in a thread by :func:`call`); return (status, body text)."""
+    target = url_path + (f"?{urlencode(params)}" if params else "")
+    sent_headers = dict(headers) if headers is not None else {}
+    body = None
+    if data is not None:
+        body = urlencode(data).encode()
+        sent_headers["Content-Type"] = "application/x-www-form-urlencoded"
+    connection = _UnixConnection(path, timeout)
+    try:
+        try:
+            connection.connect()
+        except OSError as exc:
+            raise DaemonNotRunning(str(path)) from exc
+        try:
+            connection.request(method, target, body=body, headers=sent_headers)
+            response = connection.getresponse()
+            return response.status, response.read().decode("utf-8", errors="replace")
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonApiError(
+                0, f"the daemon did not answer {method} {url_path} on {path}: {exc}", {}
+            ) from None
+    finally:
+        connection.close()
