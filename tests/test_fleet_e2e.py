@@ -415,7 +415,13 @@ async def test_a_node_stopped_cleanly_hands_its_accounts_over_at_once(
     await fleet.start()
     await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
     leaving, staying = fleet.nodes
-    assert await fleet.node_rows() == sorted([leaving.name, staying.name])
+
+    async def both_listed() -> bool:
+        # A node writes its row after its first sync, which a loaded machine may delay past
+        # READY (the start waits one database deadline at most).
+        return await fleet.node_rows() == sorted([leaving.name, staying.name])
+
+    await wait_until(both_listed, timeout=10, what="both nodes in the nodes table", fleet=fleet)
     assert await leaving.stop() == 0
     assert await fleet.node_rows() == [staying.name]
     since = fleet.emulator.now()

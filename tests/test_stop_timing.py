@@ -126,7 +126,13 @@ async def test_stop_extends_the_systemd_timeout_while_a_refresh_is_in_flight(
             lambda: emulator.stats.faults_fired["slow"] == 1, timeout=10, what="refresh in flight"
         )
         daemon.send(signal.SIGTERM)
-        code = await asyncio.wait_for(daemon.proc.wait(), 30)
+        try:
+            code = await asyncio.wait_for(daemon.proc.wait(), 30)
+        except TimeoutError:
+            drain()
+            raise AssertionError(
+                f"no exit 30 s after SIGTERM; notify: {messages}; log:\n{daemon.log_text()[-4000:]}"
+            ) from None
     finally:
         drain()
         sock.close()
