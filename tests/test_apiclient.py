@@ -50,7 +50,8 @@ async def test_a_request_carries_its_query_form_and_headers_and_returns_the_json
 ) -> None:
     """Method, path, query string, form body (UTF-8) and headers arrive as sent; the status
     and JSON body come back."""
-    status, body = await call(
+    status, body = await asyncio.to_thread(
+        call,
         echo_socket,
         "POST",
         "/kapi/v2/api/talk/memo/default/send",
@@ -72,7 +73,7 @@ async def test_a_request_carries_its_query_form_and_headers_and_returns_the_json
 async def test_an_answer_without_json_is_one_clear_error(echo_socket: Path) -> None:
     """HTTP 500 with a text body: DaemonApiError naming the status, no traceback material."""
     with pytest.raises(DaemonApiError, match="answered HTTP 500 without JSON"):
-        await call(echo_socket, "GET", "/plain")
+        await asyncio.to_thread(call, echo_socket, "GET", "/plain")
 
 
 async def test_nothing_listening_means_not_running_so_the_caller_may_do_the_work(
@@ -80,13 +81,13 @@ async def test_nothing_listening_means_not_running_so_the_caller_may_do_the_work
 ) -> None:
     """No socket file, or a socket nobody accepts on: DaemonNotRunning (nothing was sent)."""
     with pytest.raises(DaemonNotRunning):
-        await call(tmp_path / "missing.sock", "GET", "/v1/status")
+        await asyncio.to_thread(call, tmp_path / "missing.sock", "GET", "/v1/status")
     stale = tmp_path / "stale.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(stale))
     listener.close()  # the file stays, nobody listens: connection refused
     with pytest.raises(DaemonNotRunning):
-        await call(stale, "GET", "/v1/status")
+        await asyncio.to_thread(call, stale, "GET", "/v1/status")
 
 
 async def test_a_daemon_that_hangs_up_or_stays_silent_is_one_line_not_a_traceback(
@@ -103,7 +104,7 @@ async def test_a_daemon_that_hangs_up_or_stays_silent_is_one_line_not_a_tracebac
     server = await asyncio.start_unix_server(hang_up, path=str(path))
     async with server:
         with pytest.raises(DaemonApiError, match="did not answer GET /v1/status") as caught:
-            await call(path, "GET", "/v1/status")
+            await asyncio.to_thread(call, path, "GET", "/v1/status")
         assert "\n" not in str(caught.value)
     silent = tmp_path / "silent.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,6 +112,6 @@ async def test_a_daemon_that_hangs_up_or_stays_silent_is_one_line_not_a_tracebac
     listener.listen(1)
     try:
         with pytest.raises(DaemonApiError, match="did not answer GET /v1/status"):
-            await call(silent, "GET", "/v1/status", timeout=0.5)
+            await asyncio.to_thread(call, silent, "GET", "/v1/status", timeout=0.5)
     finally:
         listener.close()

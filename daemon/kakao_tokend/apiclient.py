@@ -7,7 +7,6 @@ half of what `status` or `token` costs) made every such command slower for nothi
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import socket
@@ -89,7 +88,7 @@ def permission_error(path: Path) -> DaemonUnreachable:
     )
 
 
-async def call(
+def call(
     path: Path,
     method: str,
     url_path: str,
@@ -104,10 +103,9 @@ async def call(
     ``data`` is sent form-encoded (what the /kapi proxy passes on to Kakao). Raises
     DaemonNotRunning when the connection cannot be opened (nothing was sent, so the caller can
     safely do the work itself), DaemonApiError when no answer comes or it is not JSON.
+    Blocking: a command sends one request and has nothing else to do meanwhile.
     """
-    status, text = await asyncio.to_thread(
-        _request, path, method, url_path, params, data, headers, timeout
-    )
+    status, text = _request(path, method, url_path, params, data, headers, timeout)
     try:
         body = json.loads(text)
     except ValueError:
@@ -144,7 +142,7 @@ def _request(
     headers: Mapping[str, str] | None,
     timeout: float,
 ) -> tuple[int, str]:
-    """One blocking request (run in a thread by :func:`call`); return (status, body text)."""
+    """Send one request; return (status, body text)."""
     target = url_path + (f"?{urlencode(params)}" if params else "")
     sent_headers = dict(headers) if headers is not None else {}
     body = None

@@ -1218,7 +1218,7 @@ def _via_daemon(
     if not daemon_running(sock):
         return None
     try:
-        return _run_async(call(sock, method, path, params=params))
+        return call(sock, method, path, params=params)
     except DaemonNotRunning:
         return None
 
@@ -1235,7 +1235,7 @@ def _tell_daemon(name: str) -> None:
     try:
         sock = _settings().config(secrets=False).api_socket
         if daemon_running(sock):
-            _run_async(call(sock, "POST", f"/v1/accounts/{name}/reread", timeout=10.0))
+            call(sock, "POST", f"/v1/accounts/{name}/reread", timeout=10.0)
     except Exception as exc:  # never fail a login that worked because of this courtesy call
         logging.getLogger(__name__).debug("could not tell the daemon: %r", exc)
 
@@ -1275,7 +1275,7 @@ def reload() -> None:
     if not daemon_running(sock):
         _fail(f"kakao-tokend is not running (nothing answers on {sock})")
         click.get_current_context().exit(FAILURE)
-    code, body = _run_async(call(sock, "POST", "/v1/reload"))
+    code, body = call(sock, "POST", "/v1/reload")
     if code == 200 and body.get("ok"):
         click.echo(str(body.get("message") or "reloaded"))
         return

@@ -186,7 +186,8 @@ async def send_via_daemon(
     """
     from .apiclient import call
 
-    status, body = await call(
+    # One blocking request: the command has nothing else to do while the daemon answers.
+    status, body = call(
         socket,
         "POST",
         "/kapi" + MEMO_PATH,
