@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -289,7 +290,20 @@ class DaemonProcess:
         """Stop the daemon with ``signum`` and return its exit code."""
         if self.proc.returncode is None:
             self.send(signum)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            # SIGABRT: faulthandler (logs.py) writes the stack into the log; then kill it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGABRT)
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(
+                f"the daemon did not exit {timeout:g}s after signal {signum}:\n"
+                + self.log_text()[-6000:]
+            ) from None
 
     async def wait_for(
         self,
