@@ -91,13 +91,14 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Four workers per core, at least four: the tests mostly wait, they rarely compute.
+    """Three workers per core, at least four: the tests mostly wait, they rarely compute.
 
-    Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,200 s and their
-    CPU time (with every process they start) to about 190 s, so a worker computes one second
-    in six. Four workers per core keep the cores about two-thirds busy; more make the waits of
-    timing tests (tokens that live seconds) compete for the CPU, fewer leave it idle (4
-    workers: 5 minutes, all of them busy to the end).
+    Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
+    CPU time (with every process they start) to about 270 s. On a quiet machine 4 workers took
+    about 5 minutes (all of them busy to the end), 6 took 3 m 34 s with every test passing,
+    and 8 took 3 m 07 s - 3 m 10 s but in four runs out of five one timing test failed (a
+    fleet test whose tokens live 5-6 s, or a daemon that did not stop in time): with the cores
+    that busy their waits compete for the CPU. So three per core, not four.
 
     When other processes already keep half the cores busy, two per core: with 8 workers beside
     other benchmarks (load 10-12 on 2 cores), fleet tests whose tokens live 5-6 s missed
@@ -106,7 +107,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """
     cores = len(os.sched_getaffinity(0))
     others = busy_cores()
-    per_core = 2 if others is not None and others >= cores / 2 else 4
+    per_core = 2 if others is not None and others >= cores / 2 else 3
     return max(4, per_core * cores)
 
 
