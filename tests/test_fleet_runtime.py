@@ -24,6 +24,7 @@ from daemonproc import write_config
 from fleetkit import migrated, node_store
 from fleetrun import store_login
 from kakao_tokend.config import Config, load_config
+from kakao_tokend.daemon import Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
@@ -466,20 +467,26 @@ async def test_a_waiting_write_is_tried_at_once_when_the_store_answers_again(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """Rescued tokens whose next write try lies far ahead (the back-off of a long outage)
-    are written at the next tick once the store answers: other nodes may wait for them."""
+    are written at the next tick once a poll finds the store answering (the daemon's
+    on_store_health, as the node runtime calls it after every poll): other nodes may wait
+    for them. While the store is away the back-off stands."""
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
     port = int(str(conninfo_to_dict(store_dsn)["port"]))
     with TcpProxy("127.0.0.1", port) as proxy:
         node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        daemon = Daemon(config=node.config, managers={"default": node.manager})
+        daemon.fleet = node.fleet
         try:
             await login_on(node, emulator, store_dsn)
             new = await refresh_while_the_database_goes(node, emulator, proxy)
             assert new is not None and node.manager.status.write_pending
-            proxy.accept()
             node.manager._next_write_at = node.manager.clock() + timedelta(hours=1)
+            daemon.on_store_health()  # the store is away (the commit failed): nothing to try
+            proxy.accept()
             await node.manager.tick()
             assert node.manager.status.write_pending  # the back-off holds it back
-            assert node.manager.write_again_now()
+            await node.fleet.poll()  # the heartbeat's poll: the store answers again
+            daemon.on_store_health()
             await node.manager.tick()
             assert not node.manager.status.write_pending
             row = await node.fleet.reload("default")
