@@ -1472,7 +1472,7 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
     sock = config.api_socket
     if daemon_running(sock):
         try:
-            _run_async(send_via_daemon(sock, template, account=config.accounts[name]))
+            send_via_daemon(sock, template, account=config.accounts[name])
         except DaemonNotRunning:
             pass  # it stopped in between; nothing was sent
         else:

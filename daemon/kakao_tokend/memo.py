@@ -176,7 +176,7 @@ async def send_direct(
         raise
 
 
-async def send_via_daemon(
+def send_via_daemon(
     socket: Path, template: Mapping[str, Any], *, account: Named, timeout: float = 60.0
 ) -> None:
     """Send through the daemon's /kapi proxy (it holds the token and retries after a -401).
@@ -186,7 +186,6 @@ async def send_via_daemon(
     """
     from .apiclient import call
 
-    # One blocking request: the command has nothing else to do while the daemon answers.
     status, body = call(
         socket,
         "POST",
