@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -89,3 +90,12 @@ def published(node: DaemonProcess) -> dict[str, object] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return document
+
+
+async def kakao_holds_the_refresh(emulator: KakaoEmulator) -> None:
+    """Wait until a ``hold`` fault keeps a token request: the node is inside Kakao's call."""
+    for _ in range(400):
+        if emulator.held_requests:
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("no token request reached Kakao within 10 s")

@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import write_config
 from fleetkit import migrated, node_store
-from fleetrun import store_login
+from fleetrun import kakao_holds_the_refresh, store_login
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.daemon import Daemon
 from kakao_tokend.emulator import KakaoEmulator
@@ -121,15 +121,6 @@ async def two_logged_in_nodes(
     finally:
         await one.fleet.close()
         await two.fleet.close()
-
-
-async def kakao_holds_the_refresh(emulator: KakaoEmulator) -> None:
-    """Wait until a ``hold`` fault keeps a token request: the node is inside Kakao's call."""
-    for _ in range(400):
-        if emulator.held_requests:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError("no token request reached Kakao within 10 s")
 
 
 async def login_on(node: Node, emulator: KakaoEmulator, dsn: str) -> AccountState:

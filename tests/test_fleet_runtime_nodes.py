@@ -18,7 +18,13 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import DaemonProcess, start_daemon
-from fleetrun import login_published, node_config, published, store_login
+from fleetrun import (
+    kakao_holds_the_refresh,
+    login_published,
+    node_config,
+    published,
+    store_login,
+)
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import db
@@ -279,11 +285,7 @@ async def test_a_node_never_asks_for_a_login_while_another_holds_the_rotation_un
             )
             emulator.inject("token", "hold", delay=30.0)
             asked = asyncio.create_task(one.api("POST", "/v1/accounts/default/refresh"))
-            for _ in range(400):
-                if emulator.held_requests:
-                    break
-                await asyncio.sleep(0.025)
-            assert emulator.held_requests, one.log_text()[-2000:]
+            await kakao_holds_the_refresh(emulator)
             proxy.refuse()
             proxy.cut()
             emulator.release_held()
