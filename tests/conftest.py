@@ -16,7 +16,6 @@ import pytest
 
 import kakao_tokend
 from alertkit import command, make_harness, webhook
-from daemonproc import busy_cores
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
 from kakao_tokend.kakao import create_session
@@ -91,24 +90,17 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Three workers per core, at least four: the tests mostly wait, they rarely compute.
+    """Two workers per core, at least four: the tests mostly wait, they rarely compute.
 
     Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
-    CPU time (with every process they start) to about 270 s. On a quiet machine 4 workers took
-    about 5 minutes (all of them busy to the end), 6 took 3 m 34 s with every test passing,
-    and 8 took 3 m 07 s - 3 m 10 s but in four runs out of five one timing test failed (a
-    fleet test whose tokens live 5-6 s, or a daemon that did not stop in time): with the cores
-    that busy their waits compete for the CPU. So three per core, not four.
-
-    When other processes already keep half the cores busy, two per core: with 8 workers beside
-    other benchmarks (load 10-12 on 2 cores), fleet tests whose tokens live 5-6 s missed
-    refreshes; with 4 they passed. A sample of the CPU now, not the load average: that still
-    counts a test run that has just ended.
+    CPU time (with every process they start) to about 270 s. On a quiet machine 8 workers
+    took 3 m 07 s - 3 m 12 s but a timing test failed in four runs out of five (a fleet test
+    whose tokens live 5-6 s, or a daemon that did not stop in time); 6 took 3 m 34 s and
+    passed twice, then a clean-checkout CI run failed a fleet test whose covering nodes fell
+    behind. With the cores that busy the tests' second-long waits compete for the CPU, so two
+    per core (about 5 minutes), which CI has passed with.
     """
-    cores = len(os.sched_getaffinity(0))
-    others = busy_cores()
-    per_core = 2 if others is not None and others >= cores / 2 else 3
-    return max(4, per_core * cores)
+    return max(4, 2 * len(os.sched_getaffinity(0)))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -65,30 +65,6 @@ def free_port() -> int:
         return found
 
 
-def busy_cores(seconds: float = 0.5) -> float | None:
-    """Return how many cores were busy over the next ``seconds`` (``/proc/stat``), or None.
-
-    While the caller sleeps: what it sees is every other process (conftest.py asks before it
-    starts the test workers).
-    """
-
-    def sample() -> tuple[int, int]:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        # user nice system idle iowait irq softirq steal: idle and iowait are the idle ones
-        ticks = [int(value) for value in first[1:9]]
-        return sum(ticks), ticks[3] + ticks[4]
-
-    try:
-        total, idle = sample()
-        time.sleep(seconds)
-        total_after, idle_after = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total_after <= total:
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle_after - idle) / (total_after - total))
-
-
 def write_login_config(tmp_path: Path, emulator: KakaoEmulator, *, redirect_port: int) -> Path:
     """Write a minimal login config for the emulator with its own redirect URI (registered)."""
     redirect_uri = f"http://127.0.0.1:{redirect_port}/callback"

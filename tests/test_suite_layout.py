@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import ast
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-from daemonproc import LOWEST_FREE_PORT, busy_cores, ephemeral_ports_start, free_port
+from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -45,15 +43,3 @@ def test_free_port_picks_a_bindable_port_below_the_ephemeral_range() -> None:
         assert LOWEST_FREE_PORT <= port < start
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
-
-
-def test_busy_cores_counts_a_process_that_computes() -> None:
-    """The CPU sample that picks the number of workers (conftest.py) sees another process
-    spinning as (nearly) a busy core."""
-    with subprocess.Popen([sys.executable, "-c", "while True: pass"]) as spinner:
-        try:
-            busy = busy_cores(0.5)
-        finally:
-            spinner.kill()
-    assert busy is not None
-    assert busy >= 0.8
