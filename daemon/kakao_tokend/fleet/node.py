@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import StoreError
-from ..tokens import backoff_delay, utcnow
+from ..tokens import utcnow
 from .accounts import CHANNEL, RefreshStatus, parse_notification
-from .db import connect, store_errors
+from .db import connect, deadline, store_errors
 from .store import FleetStore, StorePlan
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class FleetNode:
             attempt += 1
             # The one back-off rule, never longer than a heartbeat: the poll after the
             # reconnect is what brings the node up to date again.
-            await asyncio.sleep(backoff_delay(attempt, initial=0.2, cap=self.fleet.heartbeat()))
+            await asyncio.sleep(self.fleet.reconnect_delay(attempt))
 
     async def _listen(self) -> None:
         fleet = self.fleet
@@ -175,7 +175,7 @@ class FleetNode:
     async def _probe(self, conn: AsyncConnection[Any]) -> None:
         """A round trip on the listener's connection: a silent one is given up on."""
         try:
-            async with asyncio.timeout(self.fleet.deadline):
+            async with deadline(conn, self.fleet.deadline):
                 with store_errors("check the listener's connection"):
                     await conn.execute("SELECT 1")
         except TimeoutError:
