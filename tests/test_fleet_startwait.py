@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -188,3 +189,31 @@ async def test_a_wrong_key_exits_at_once_even_while_the_database_is_down(
     code, _, err = await asyncio.wait_for(run_cli(config, "run"), 30)
     assert code == 78, err
     assert "Traceback" not in err and WAITING not in err
+
+
+async def test_a_store_moved_while_the_node_waited_still_refuses_it_with_exit_78(
+    tmp_path: Path, emulator: KakaoEmulator, pg_cluster: PgCluster
+) -> None:
+    """The database comes back marked moved (`store migrate --to file` ran meanwhile): the
+    waiting node refuses to run exactly as at an ordinary start, exit 78 and the same line."""
+    fleet = Fleet(tmp_path / "fleet", emulator, pg_cluster, nodes=1, proxied=True)
+    async with running_fleet(fleet):
+        node = await published_then_database_down(fleet, pg_cluster)
+        assert node.proxy is not None
+        with notify_socket() as (path, sock):
+            process = await start_waiting(node, path)
+            await wait_ready_datagram(sock, process)
+        node.proxy.refuse()  # the database is back, but not for this node yet
+        await asyncio.to_thread(pg_cluster.start)
+        async with await psycopg.AsyncConnection.connect(fleet.dsn, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE store_meta SET moved_to = 'file', moved_at = now(), moved_by = 'test',"
+                " moved_note = 'files on another host', moved_pending = false"
+            )
+        node.proxy.accept()
+        code = await asyncio.wait_for(process.proc.wait(), 30)
+        log = process.log_text()
+        assert code == 78, log[-3000:]
+        assert "cannot start: the accounts of PostgreSQL store" in log
+        assert "by `kakao-tokend store migrate --to file`" in log
+        assert READY_LINE not in log and "Traceback" not in log
