@@ -115,7 +115,7 @@ class FleetNode:
         Without its row the others stop counting this node as live at their next heartbeat:
         its accounts (their first claims, their alerts) move to them at once instead of
         after three heartbeats of silence (fleet/turns.py). A node that dies keeps its row
-        and is judged by its age. Bounded by one database deadline; a database that does not
+        and is judged by its age. Bounded by two database deadlines; a database that does not
         answer only means the others wait those three heartbeats.
         """
         tasks, self._tasks = self._tasks, []
@@ -125,7 +125,10 @@ class FleetNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            async with asyncio.timeout(self.fleet.deadline):
+            # A connection within one deadline, the statement within another (connection()
+            # shuts a silent one down): a tighter outer cancel would reach psycopg mid-query,
+            # whose cancel request waits on the silent network (db.deadline).
+            async with asyncio.timeout(2 * self.fleet.deadline):
                 async with self.fleet.connection("remove this node's row") as conn:
                     with store_errors("remove this node's row"):
                         await conn.execute("DELETE FROM nodes WHERE name = %s", (self.fleet.node,))
