@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from fleetkit import write_store_config
 from fleetnodes import READY_LINE, Fleet, FleetNode, FleetTimings, running_fleet, wait_until
 from kakao_tokend.emulator import KakaoEmulator
 from pgcluster import PgCluster, PgServer
+from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -217,3 +219,24 @@ async def test_a_store_moved_while_the_node_waited_still_refuses_it_with_exit_78
         assert "cannot start: the accounts of PostgreSQL store" in log
         assert "by `kakao-tokend store migrate --to file`" in log
         assert READY_LINE not in log and "Traceback" not in log
+
+
+async def test_a_stop_while_an_attempt_hangs_ends_the_waiting_node_at_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """SIGTERM while an attempt to open the store hangs (the path swallows packets: libpq
+    would wait its connect_timeout, 10 s): the attempt is abandoned and the node exits 0 at
+    once, well inside the unit's stop timeout."""
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        proxy.refuse()
+        config = write_store_config(tmp_path, proxy.dsn(pg_dsn))
+        process = await start_daemon(config, wait_ready=False)
+        await process.wait_log(WAITING, timeout=20)
+        proxy.pause()
+        proxy.accept()
+        await process.wait_for(lambda: proxy.accepted > 0, timeout=20, what="a hanging attempt")
+        started = time.monotonic()
+        assert await process.stop(timeout=15) == 0
+        assert time.monotonic() - started < 5, process.log_text()[-2000:]
+        assert "stopped while waiting for the PostgreSQL store" in process.log_text()

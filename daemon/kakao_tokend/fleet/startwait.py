@@ -13,8 +13,10 @@ resolved. docs/fleet.md §10 explains why nothing is served meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -145,6 +147,23 @@ def _published_lifetime(files: AccountStore) -> float | None:
     return lifetime if lifetime > 0 else None
 
 
+async def _first_of(
+    stopping: Coroutine[Any, Any, Any],
+    *,
+    timeout: float | None = None,
+    against: asyncio.Future[Any] | None = None,
+) -> bool:
+    """Wait for ``stopping`` until ``timeout`` passed or ``against`` is done; return True
+    when ``stopping`` came first (``against`` is left running for the caller)."""
+    stopped = asyncio.ensure_future(stopping)
+    waited = {stopped} if against is None else {stopped, against}
+    try:
+        done, _ = await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    return stopped in done and (against is None or against not in done)
+
+
 class StoreWait:
     """The waiting start of a fleet node: its API, its alerts and the retries to open."""
 
@@ -213,17 +232,22 @@ class StoreWait:
 
         while True:
             self.evaluate()
-            stopped = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait(
-                {stopped}, timeout=self.fleet.reconnect_delay(self.attempts)
-            )
-            stopped.cancel()
-            if done:
+            if await _first_of(stop.wait(), timeout=self.fleet.reconnect_delay(self.attempts)):
                 return False
             self.attempts += 1
+            opening = asyncio.ensure_future(self.fleet.open())
+            if await _first_of(stop.wait(), against=opening):
+                # A stop must not wait for an attempt on a host that does not answer (up to
+                # libpq's connect_timeout, 10 s): the attempt is abandoned.
+                opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await opening
+                await self.fleet.close()
+                return False
             try:
-                await self.fleet.open()
+                opening.result()
             except StoreRefused:
+                await self.fleet.close()
                 raise
             except StoreUnavailable as exc:
                 await self.fleet.close()
