@@ -240,3 +240,27 @@ async def test_a_stop_while_an_attempt_hangs_ends_the_waiting_node_at_once(
         assert await process.stop(timeout=15) == 0
         assert time.monotonic() - started < 5, process.log_text()[-2000:]
         assert "stopped while waiting for the PostgreSQL store" in process.log_text()
+
+
+async def test_a_server_out_of_connection_slots_is_an_outage_waited_out(
+    tmp_path: Path, pg_cluster: PgCluster
+) -> None:
+    """ "FATAL: sorry, too many clients already" is the server answering, but an outage, not
+    a mistake: the node reports READY and waits (no exit 78), and starts once slots free up."""
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_connections = 4")
+        conn.execute("ALTER SYSTEM SET superuser_reserved_connections = 0")
+    await asyncio.to_thread(pg_cluster.restart)
+    hogs = [psycopg.connect(pg_cluster.dsn(), autocommit=True) for _ in range(4)]
+    try:
+        config = write_store_config(tmp_path, pg_cluster.dsn())
+        with notify_socket() as (path, sock):
+            process = await start_daemon(config, wait_ready=False, env={"NOTIFY_SOCKET": path})
+            await wait_ready_datagram(sock, process)
+        assert "too many clients already" in process.log_text()
+        assert WAITING in process.log_text()
+    finally:
+        for hog in hogs:
+            hog.close()
+    await process.wait_log(READY_LINE, timeout=30)
+    assert await process.stop() == 0
