@@ -360,6 +360,7 @@ def build_app(
 ) -> web.Application:
     """Build the daemon's Application with its cleanup contexts in dependency order."""
     app = web.Application(client_max_size=config.api.max_body)
+    app[STOP] = asyncio.Event()  # serve() puts its own here
     app[DAEMON] = Daemon(
         config=config,
         config_path=config_path,
