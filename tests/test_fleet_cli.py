@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from daemonproc import REPO, run_cli
+from daemonproc import REPO, run_cli, start_daemon
 from fleetkit import NODE, migrated, sample_state, write_store_config
 from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import Keyring, key_id_of, new_key_line
@@ -195,15 +195,18 @@ async def test_postgres_mode_without_a_key_refuses_to_run(tmp_path: Path) -> Non
         assert "store.key_file" in err and "kakao-tokend store new-key" in err
 
 
-async def test_a_postgres_node_without_its_database_fails_with_one_line(tmp_path: Path) -> None:
-    """With a complete [store] but no database answering, `run` exits 1 (systemd restarts
-    it) with one line naming the problem, and never falls back to the files (a second live
-    copy of the refresh token)."""
+async def test_a_postgres_node_without_its_database_waits_and_never_uses_the_files(
+    tmp_path: Path,
+) -> None:
+    """With a complete [store] but no database answering, `run` reports READY and waits for
+    it (docs/fleet.md §10) with one line naming the problem, never falls back to the files
+    (a second live copy of the refresh token), and stops cleanly."""
     config = write_store_config(tmp_path, f"host=127.0.0.1 port={free_port()} dbname=x")
-    code, _, err = await run_cli(config, "run")
-    assert code == 1, err
-    assert "cannot start: cannot connect to the PostgreSQL store" in err
-    assert "Traceback" not in err
+    process = await start_daemon(config, wait_ready=False)
+    await process.wait_log("waiting for the PostgreSQL store", timeout=20)
+    assert "cannot connect to the PostgreSQL store" in process.log_text()
+    assert await process.stop() == 0
+    assert "Traceback" not in process.log_text()
     assert not list((tmp_path / "state").glob("*.state.json"))
 
 

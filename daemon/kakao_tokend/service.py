@@ -15,6 +15,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ from .errors import (
     StoreLocked,
     StoreMoved,
     StoreSchemaMismatch,
+    StoreUnavailable,
     UnsafePath,
 )
 from .exitcodes import EX_CONFIG, EX_TEMPFAIL, FAILURE, OK
@@ -42,7 +44,18 @@ from .store import check_not_moved
 from .tokens import Clock, utcnow
 from .watch import StateWatcher
 
+if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
+    from .fleet.store import FleetStore
+
 log = logging.getLogger(__name__)
+
+#: The event a stop (SIGTERM, SIGINT) sets: a start waiting for the store ends with it.
+STOP = web.AppKey("stop", asyncio.Event)
+
+
+class StoppedWhileWaiting(Exception):
+    """A stop came while the node waited for its store at start: a clean stop (exit 0)."""
+
 
 #: How long a stop lets API requests that are still being answered finish (aiohttp's
 #: shutdown_timeout); a refresh they started goes on in its own task.
@@ -115,8 +128,16 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         publish_accounts=config.store.publish_accounts,
         heartbeat=lambda: daemon.config.refresh.heartbeat,
     )
+    from .fleet.db import StoreRefused
+
     try:
         await fleet.open()
+    except StoreUnavailable as exc:
+        await fleet.close()
+        if isinstance(exc, StoreRefused):
+            raise  # a mistake in the DSN or on the server: waiting cannot fix it
+        if not await _wait_for_store(app, fleet, exc):
+            raise StoppedWhileWaiting from None
     except BaseException:
         await fleet.close()
         raise
@@ -131,6 +152,83 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await fleet.close()
     daemon.fleet = None
+
+
+async def _wait_for_store(app: web.Application, fleet: FleetStore, first: StoreUnavailable) -> bool:
+    """Fleet mode, the database unreachable at start: READY, the local API saying so, the
+    store_unavailable alert, and retries until the store opens (True) or a stop (False).
+
+    Every node of a fleet started after a power cut must not wait silently for a database
+    that does not come back: exiting before READY (systemd restarting it every few seconds)
+    sent no alert while the tokens ran out (docs/fleet.md §10).
+    """
+    from .fleet.startwait import StoreWait
+
+    daemon = app[DAEMON]
+    wait = StoreWait(daemon, fleet, first)
+    runner = web.AppRunner(
+        wait.app(), handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    socket_id = await _open_sites(runner, daemon.config)
+    watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: True))
+    systemd.ready(wait.summary())
+    log.warning(
+        "kakao-tokend waiting for the PostgreSQL store before it serves (%s); trying again"
+        " with back-off, the local API answers 503 meanwhile",
+        first.message,
+    )
+    try:
+        return await wait.run(app[STOP])
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        await runner.cleanup()
+        _remove_socket(daemon.config.api_socket, socket_id)
+        await wait.close()
+
+
+async def _open_sites(runner: web.AppRunner, config: Config) -> tuple[int, int] | None:
+    """Serve ``runner`` on the API socket and the TCP listener (if configured); return the
+    socket file's identity, to remove only our own at the end. Failures are logged."""
+    socket_path = config.api_socket
+    api = config.api
+    socket_id: tuple[int, int] | None = None
+    try:
+        sock = bind_unix_socket(socket_path, mode=api.socket_mode, group=api.socket_group)
+    except StoreError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        log.error("%s; the local API socket is off%s", exc.message, hint)
+    else:
+        try:
+            await web.SockSite(runner, sock).start()
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                socket_path.unlink()
+            log.error("cannot serve on %s: %s; the local API socket is off", socket_path, exc)
+        else:
+            with contextlib.suppress(OSError):
+                info = socket_path.lstat()
+                socket_id = (info.st_dev, info.st_ino)
+            log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
+    if api.tcp is not None:
+        host, port = api.tcp
+        try:
+            await web.TCPSite(runner, host, port).start()
+            log.info("local API listening on http://%s:%d (bearer token required)", host, port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
+    return socket_id
+
+
+def _remove_socket(socket_path: Path, socket_id: tuple[int, int] | None) -> None:
+    """Remove the API socket file if it is still ours, not a successor's."""
+    with contextlib.suppress(OSError):
+        info = socket_path.lstat()
+        if (info.st_dev, info.st_ino) == socket_id:
+            socket_path.unlink()
 
 
 async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -262,6 +360,7 @@ def build_app(
 ) -> web.Application:
     """Build the daemon's Application with its cleanup contexts in dependency order."""
     app = web.Application(client_max_size=config.api.max_body)
+    app[STOP] = asyncio.Event()  # serve() puts its own here
     app[DAEMON] = Daemon(
         config=config,
         config_path=config_path,
@@ -325,8 +424,15 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    app[STOP] = stop
     try:
         await runner.setup()
+    except StoppedWhileWaiting:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        log.info("stopped while waiting for the PostgreSQL store")
+        return OK
     except KakaoTokendError as exc:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
@@ -336,35 +442,9 @@ async def serve(
         log.error("cannot start: %s", exc)
         await runner.cleanup()
         refused = ConfigError | UnsafePath | StoreMoved | StoreSchemaMismatch
-        return EX_CONFIG if isinstance(exc, refused) else FAILURE
+        return EX_CONFIG if isinstance(exc, refused) or _refused_by_server(exc) else FAILURE
     socket_path = daemon.config.api_socket
-    api = daemon.config.api
-    socket_id: tuple[int, int] | None = None
-    try:
-        sock = bind_unix_socket(socket_path, mode=api.socket_mode, group=api.socket_group)
-    except StoreError as exc:
-        hint = f" ({exc.hint})" if exc.hint else ""
-        log.error("%s; the local API socket is off%s", exc.message, hint)
-    else:
-        try:
-            await web.SockSite(runner, sock).start()
-        except OSError as exc:
-            sock.close()
-            with contextlib.suppress(OSError):
-                socket_path.unlink()
-            log.error("cannot serve on %s: %s; the local API socket is off", socket_path, exc)
-        else:
-            with contextlib.suppress(OSError):
-                info = socket_path.lstat()
-                socket_id = (info.st_dev, info.st_ino)
-            log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
-    if daemon.config.api.tcp is not None:
-        host, port = daemon.config.api.tcp
-        try:
-            await web.TCPSite(runner, host, port).start()
-            log.info("local API listening on http://%s:%d (bearer token required)", host, port)
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
+    socket_id = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
     log.info(
@@ -384,12 +464,19 @@ async def serve(
             await runner.cleanup()
         finally:
             await daemon.end_stop()
-        with contextlib.suppress(OSError):
-            info = socket_path.lstat()
-            if (info.st_dev, info.st_ino) == socket_id:  # ours, not a successor's
-                socket_path.unlink()
+        _remove_socket(socket_path, socket_id)
     log.info("stopped")
     return OK
+
+
+def _refused_by_server(exc: KakaoTokendError) -> bool:
+    """True when the database answered and refused this node (wrong user, password, dbname,
+    pg_hba.conf): the operator's mistake, EX_CONFIG like the configuration's own."""
+    if not isinstance(exc, StoreUnavailable):
+        return False
+    from .fleet.db import StoreRefused  # only ever raised in fleet mode
+
+    return isinstance(exc, StoreRefused)
 
 
 _background: set[asyncio.Task[tuple[bool, str]]] = set()

@@ -14,9 +14,11 @@ functions: file mode never loads them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
-from collections.abc import Iterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,10 @@ from . import missing_extra
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
+
+#: How much later than a :func:`deadline` its backstop cancels the block (a share of the
+#: deadline): only for a wait the closed socket did not end (one not on the connection).
+DEADLINE_BACKSTOP_SHARE = 0.1
 
 #: Room for the local work done while a row lock is held besides the Kakao call itself
 #: (sealing, the compare-and-swap, a rescue-file write with fsync, a slow event loop).
@@ -189,7 +195,8 @@ def store_errors(action: str) -> Iterator[None]:
         pg_errors.SerializationFailure,
         pg_errors.DeadlockDetected,
     ) as exc:
-        raise StoreUnavailable(f"cannot {action}: {_first(exc)}", hint=_connect_hint(exc)) from None
+        unavailable = StoreRefused if refused(exc) else StoreUnavailable
+        raise unavailable(f"cannot {action}: {_first(exc)}", hint=_connect_hint(exc)) from None
     except psycopg.Error as exc:
         state = f" [{exc.sqlstate}]" if exc.sqlstate else ""
         raise StoreError(f"cannot {action}: {_first(exc)}{state}") from None
@@ -198,11 +205,34 @@ def store_errors(action: str) -> Iterator[None]:
 #: What libpq writes when the server answered and refused the session (a wrong role,
 #: password or database, or no pg_hba.conf line): no SQLSTATE comes with it, only the text.
 _REFUSED_BY_THE_SERVER = "FATAL:"
+#: FATAL answers that are an outage, not a mistake: a server starting, stopping or
+#: recovering (57P03), or out of connection slots (53300). Waited out like no answer.
+_SERVER_BUSY = (
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "too many clients already",
+    "remaining connection slots are reserved",
+)
+
+
+class StoreRefused(StoreUnavailable):
+    """The server answered and refused this node (a wrong user, password or database, no
+    pg_hba.conf line): a mistake to fix, not an outage to wait out. A node starts only
+    after it is fixed; a running node treats it as the store being unavailable."""
+
+
+def refused(exc: BaseException) -> bool:
+    """Return True when a connection failure is the server's refusal, not an outage."""
+    text = str(exc)
+    return _REFUSED_BY_THE_SERVER in text and not any(busy in text for busy in _SERVER_BUSY)
 
 
 def _connect_hint(exc: BaseException) -> str:
     """The fix for a connection problem: the server refused us, or we did not reach it."""
-    if _REFUSED_BY_THE_SERVER in str(exc):
+    if refused(exc):
         return (
             "the server answered but refused this node: check the user, password and dbname"
             " in the DSN ([store] dsn_*) and the server's pg_hba.conf"
@@ -277,3 +307,50 @@ async def open_pool(pool: AsyncConnectionPool[AsyncConnection[Any]], timeout: fl
     """Open ``pool`` and wait for its first connection: StoreUnavailable after ``timeout``."""
     with store_errors("open the PostgreSQL store's connection pool"):
         await pool.open(wait=True, timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[None]:
+    """Give the work on ``conn`` inside the block ``seconds``; TimeoutError after that.
+
+    Not ``asyncio.timeout()`` alone: psycopg answers a cancelled query by sending a cancel
+    request on a new connection and waiting for it, then for the query, up to five seconds
+    each, over the same network that went silent (a hung middlebox, a partition whose packets
+    are dropped): the operation returned about ten seconds after its deadline. Instead, at the
+    deadline the connection's socket is shut down here: psycopg's wait sees the end of the
+    stream at once, the connection is broken (closed and discarded when it is given back, see
+    FleetStore.putconn) and nothing is sent on the silent path. A cancel after a share more
+    is the backstop for a wait that is not on the connection.
+    """
+    loop = asyncio.get_running_loop()
+    fired = False
+
+    def expire() -> None:
+        nonlocal fired
+        fired = True
+        shut_down(conn)
+
+    handle = loop.call_later(seconds, expire)
+    try:
+        async with asyncio.timeout(seconds * (1 + DEADLINE_BACKSTOP_SHARE)):
+            yield
+    except Exception as exc:
+        if fired and not isinstance(exc, TimeoutError):
+            raise TimeoutError(f"no answer within {seconds:g}s") from None
+        raise
+    finally:
+        handle.cancel()
+
+
+def shut_down(conn: AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down (both ways) without closing its descriptor.
+
+    Closing the descriptor under psycopg's pending wait would leave the event loop watching a
+    number the next socket may get; ``shutdown()`` on a duplicate ends the TCP session for
+    every descriptor of it, and the wait on the original one returns with the end of the
+    stream.
+    """
+    with contextlib.suppress(Exception):  # already closed: nothing to end
+        fd = conn.fileno()
+        with socket.socket(fileno=socket.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import StoreError
-from ..tokens import backoff_delay, utcnow
+from ..tokens import utcnow
 from .accounts import CHANNEL, RefreshStatus, parse_notification
-from .db import connect, store_errors
+from .db import connect, deadline, store_errors
 from .store import FleetStore, StorePlan
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class FleetNode:
         Without its row the others stop counting this node as live at their next heartbeat:
         its accounts (their first claims, their alerts) move to them at once instead of
         after three heartbeats of silence (fleet/turns.py). A node that dies keeps its row
-        and is judged by its age. Bounded by one database deadline; a database that does not
+        and is judged by its age. Bounded by two database deadlines; a database that does not
         answer only means the others wait those three heartbeats.
         """
         tasks, self._tasks = self._tasks, []
@@ -125,7 +125,10 @@ class FleetNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            async with asyncio.timeout(self.fleet.deadline):
+            # A connection within one deadline, the statement within another (connection()
+            # shuts a silent one down): a tighter outer cancel would reach psycopg mid-query,
+            # whose cancel request waits on the silent network (db.deadline).
+            async with asyncio.timeout(2 * self.fleet.deadline):
                 async with self.fleet.connection("remove this node's row") as conn:
                     with store_errors("remove this node's row"):
                         await conn.execute("DELETE FROM nodes WHERE name = %s", (self.fleet.node,))
@@ -149,7 +152,7 @@ class FleetNode:
             attempt += 1
             # The one back-off rule, never longer than a heartbeat: the poll after the
             # reconnect is what brings the node up to date again.
-            await asyncio.sleep(backoff_delay(attempt, initial=0.2, cap=self.fleet.heartbeat()))
+            await asyncio.sleep(self.fleet.reconnect_delay(attempt))
 
     async def _listen(self) -> None:
         fleet = self.fleet
@@ -175,7 +178,7 @@ class FleetNode:
     async def _probe(self, conn: AsyncConnection[Any]) -> None:
         """A round trip on the listener's connection: a silent one is given up on."""
         try:
-            async with asyncio.timeout(self.fleet.deadline):
+            async with deadline(conn, self.fleet.deadline):
                 with store_errors("check the listener's connection"):
                     await conn.execute("SELECT 1")
         except TimeoutError:

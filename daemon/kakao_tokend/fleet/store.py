@@ -52,7 +52,7 @@ from ..store import (
     read_file,
     unlink_durably,
 )
-from ..tokens import format_time, utcnow
+from ..tokens import backoff_delay, format_time, utcnow
 from .accounts import (
     AccountRow,
     RefreshStatus,
@@ -67,7 +67,7 @@ from .accounts import (
     save_status,
 )
 from .crypto import Keyring
-from .db import DbTimeouts, connect, create_pool, open_pool, store_errors
+from .db import DbTimeouts, connect, create_pool, deadline, open_pool, store_errors
 from .turns import LIVE_HEARTBEATS, claim_delay, live_nodes
 
 if TYPE_CHECKING:
@@ -84,6 +84,8 @@ RESCUE_VERSION = 1
 #: A database call is given up client-side this long after its statement timeout: behind a
 #: middlebox that still acknowledges packets, nothing else would end the wait.
 CLIENT_DEADLINE_MARGIN = 2.0
+#: The first wait before connecting again after a failure (growing up to a heartbeat).
+RECONNECT_INITIAL = 0.2
 #: How often a row another node holds is tried again while a hold waits for it.
 LOCK_POLL = 0.05
 #: The rotations a cached row holds: the newest (what an adopted state is checked against).
@@ -220,6 +222,12 @@ class FleetStore:
             key: int(stats.get(key, 0))
             for key in ("pool_size", "pool_available", "requests_waiting")
         }
+
+    def reconnect_delay(self, attempt: int) -> float:
+        """Return how long to wait before connection attempt ``attempt + 1`` after a failure:
+        the one back-off rule, from a fifth of a second up to a heartbeat (a start waiting
+        for the database and the listener's reconnects alike)."""
+        return backoff_delay(attempt, initial=RECONNECT_INITIAL, cap=self.heartbeat())
 
     @property
     def deadline(self) -> float:
@@ -364,7 +372,7 @@ class FleetStore:
             return
         if not broken and not conn.closed:
             try:
-                async with asyncio.timeout(self.deadline):
+                async with deadline(conn, self.deadline):
                     await conn.rollback()
             except (Exception, TimeoutError):
                 broken = True
@@ -383,7 +391,7 @@ class FleetStore:
         conn = await self.getconn(action)
         broken = False
         try:
-            async with asyncio.timeout(self.deadline):
+            async with deadline(conn, self.deadline):
                 with store_errors(action):
                     yield conn
         except TimeoutError:
@@ -744,7 +752,7 @@ class PgAccountStore:
         """Lock the row (SKIP LOCKED); return (row, whether a row of that name exists)."""
         fleet = self.fleet
         try:
-            async with asyncio.timeout(fleet.deadline):
+            async with deadline(conn, fleet.deadline):
                 row = await load_account(
                     conn, fleet.keyring, self.name, lock=RowLock.SKIP, rotations=CACHED_ROTATIONS
                 )
@@ -779,7 +787,7 @@ class PgAccountStore:
         row = held.row
         written: AccountRow | None = None
         try:
-            async with asyncio.timeout(fleet.deadline):
+            async with deadline(conn, fleet.deadline):
                 if held.delete:
                     if row is not None:
                         await delete_account(conn, self.name)
