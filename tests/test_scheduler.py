@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -505,3 +506,30 @@ async def test_an_idle_heartbeat_checks_no_account_but_a_clock_stepped_back_chec
         finally:
             scheduler.shutdown()
             await asyncio.sleep(0)
+
+
+async def test_a_state_written_while_the_account_was_busy_is_adopted_once_it_is_not(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A change the daemon could not take because the account was busy (a refresh in flight)
+    is handed to the heartbeat (look_at): checked at every beat while the account stays busy,
+    adopted at the first beat after."""
+    [manager] = seeded_managers(emulator, tmp_path, session, 1)
+    scheduler = RefreshScheduler(heartbeat=0.1)
+    scheduler.start()
+    try:
+        scheduler.add(manager)
+        await asyncio.sleep(0.3)
+        assert manager.state is not None
+        manager._inflight = asyncio.get_running_loop().create_future()  # busy refreshing
+        tokens = TokenSet.from_token_response(emulator.issue_tokens(71_000), requested_at=utcnow())
+        written = replace(manager.state, tokens=tokens, generation=manager.state.generation + 1)
+        AccountStore(manager.account).save(written)  # as `login` would
+        scheduler.look_at(manager)
+        await asyncio.sleep(0.35)  # beats while it is busy: nothing is taken over yet
+        assert manager.state.tokens.refresh_token != tokens.refresh_token
+        manager._inflight = None
+        await wait_for(lambda: manager.state.tokens.refresh_token == tokens.refresh_token)
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)

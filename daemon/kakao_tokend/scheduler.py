@@ -18,9 +18,10 @@ APScheduler 4 touches one file.
 The heartbeat does not walk every account: the due queue already knows, by the wall clock,
 which accounts are due (a suspend or a clock stepped forward makes them due at once). It checks
 one by one only the accounts the due queue cannot answer for: those whose write is pending or
-whose retry waits on the monotonic clock, those told of an event since the last beat (a change
-made while the account was busy is picked up then), and, once the wall clock went back behind
-the latest beat or plan, every account (a token may now look issued in the future). Tokens
+whose retry waits on the monotonic clock, those told of an event or run since the last beat,
+those busy (refreshing, writing) when the daemon heard of an outside change (:meth:`look_at`:
+checked at every beat until they take it), and, once the wall clock went back behind the
+latest beat or plan, every account (a token may now look issued in the future). Tokens
 written by other processes reach the daemon through its state-file watch, the CLI's socket
 and, in a fleet, the store's notifications and poll.
 """
@@ -338,6 +339,12 @@ class RefreshScheduler:
         else:
             self._watch.discard(manager.name)
 
+    def look_at(self, manager: AccountManager) -> None:
+        """Check the account at the next heartbeat: a change it could not take now (it was
+        busy refreshing or writing) is picked up then, as every account's was before."""
+        if self.managers.get(manager.name) is manager:
+            self._watch.add(manager.name)
+
     def run_soon(self, manager: AccountManager, work: Work = "tick") -> None:
         """Run ``manager.tick()`` (or the start-up check) as soon as a place is free.
 
@@ -421,7 +428,8 @@ class RefreshScheduler:
             if manager is None:
                 continue
             try:
-                if not manager.busy:
+                busy = manager.busy
+                if not busy:
                     # Pick up tokens written by `login` (also clears a re-login mark).
                     manager.notice_outside_changes()
                 if manager.needs_refresh(manager.clock()) or manager.status.write_pending:
@@ -429,6 +437,8 @@ class RefreshScheduler:
                     self._watch.add(name)  # its run plans it anew (and decides) when it ends
                 else:
                     self.plan(manager)
+                if busy:
+                    self._watch.add(name)  # what it could not take yet: once it is not busy
             except Exception:
                 log.exception("account %s: heartbeat check failed", manager.name)
                 self._watch.add(name)
