@@ -70,12 +70,14 @@ async def test_a_critical_alert_repeats_on_the_heartbeat_with_no_event(
     assert [p["repeat"] for p in webhook.posts] == [False]
     periodic = asyncio.create_task(harness.center.run_periodic(lambda: 0.1))
     try:
-        await asyncio.sleep(2.5)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(webhook.posts) < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         periodic.cancel()
     await harness.settle()
     repeats = [p for p in webhook.posts if p["repeat"]]
-    assert 2 <= len(repeats) <= 3, webhook.posts
+    assert len(repeats) >= 2, webhook.posts
     times = [datetime.fromisoformat(p["at"]) for p in webhook.posts]
     assert all((b - a).total_seconds() >= 1 for a, b in itertools.pairwise(times))
 
