@@ -326,3 +326,40 @@ async def test_the_first_claimant_of_the_live_nodes_delivers_and_a_silent_node_h
     for account in accounts:
         owners = [n for n, b in books.items() if n != gone and b.delivers(account)]
         assert owners == [first_claimant(account, survivors)]
+
+
+async def test_the_book_names_what_another_node_changed_and_when_the_live_nodes_moved(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A node grades an account's alerts again only when told: the book names the accounts
+    whose records another node wrote (found by its re-read), and says "every account"
+    (None) when the live nodes changed, since any account may have a new first claimant."""
+    await migrated(pg_dsn)
+    now = utcnow()
+    fleets, books = {}, {}
+    for name in NODES[:2]:
+        (tmp_path / name).mkdir()
+        fleets[name], books[name] = open_book(tmp_path / name, pg_dsn, node=name)
+        await fleets[name].open()
+    try:
+        mine, theirs = books["web-1"], books["web-2"]
+        for name in NODES[:2]:
+            fleets[name].nodes = {other: now for other in NODES[:2]}
+        assert mine.changed() == set()  # nothing read yet: it delivers nothing either way
+        await mine.load()
+        assert mine.changed() is None  # now it delivers: every account is graded
+        assert mine.changed() == set()
+        await theirs.load()
+        theirs.changed()
+        theirs.record("default", {"refresh_expiry": sent_record(now)})
+        assert await theirs.flush() == 1
+        await mine.load()
+        assert mine.changed() == {"default"}
+        await mine.load()
+        assert mine.changed() == set()  # read again, unchanged: nothing to grade
+        fleets["web-1"].nodes["web-2"] = now - timedelta(seconds=LIVE_HEARTBEATS * 0.2 + 0.1)
+        assert mine.changed() is None  # web-2 went silent: its accounts change hands
+        assert mine.changed() == set()
+    finally:
+        for fleet in fleets.values():
+            await fleet.close()

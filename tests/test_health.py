@@ -33,7 +33,7 @@ from kakao_tokend.alerts import AccountAlerts
 from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, load_config
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.health import FROM_FILES, assess
+from kakao_tokend.health import FROM_FILES, AccountHealth, assess
 from kakao_tokend.metrics import DaemonCollector
 from kakao_tokend.paths import SYSTEM
 from kakao_tokend.refresher import AccountManager
@@ -269,6 +269,92 @@ def test_status_from_the_files_agrees_with_a_daemon_that_just_read_them(case: Ca
         (c.name, c.severity) for c in from_files.conditions if c.name in stored
     }
     assert set(c.name for c in from_files.conditions) <= FROM_FILES
+
+
+def graded_key(health: AccountHealth) -> tuple[object, ...]:
+    """What changes_at promises stays the same: conditions, severities, stages, and whether
+    consumers are served and may make Kakao refresh."""
+    conditions = sorted((c.name, c.severity, c.stage) for c in health.conditions)
+    return (conditions, health.serving_problem is None, health.refresh_blocked is None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    case=cases(),
+    failing_for=st.none() | st.floats(min_value=0, max_value=2 * ACCESS_LIFE),
+    store_down_for=st.none() | st.floats(min_value=0, max_value=2 * ACCESS_LIFE),
+    from_files=st.booleans(),
+    shares=st.lists(st.floats(min_value=0, max_value=1, exclude_max=True), min_size=1, max_size=4),
+)
+def test_the_grading_holds_until_the_moment_it_names(
+    case: Case,
+    failing_for: float | None,
+    store_down_for: float | None,
+    from_files: bool,
+    shares: list[float],
+) -> None:
+    """Walk forward from NOW by changes_at alone (what the alerts do between events): at any
+    later moment the grading equals the one at the last moment walked to, so grading again
+    only at changes_at misses no condition that appears, goes, escalates or clears."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = make_config(
+            Path(directory), thresholds=list(case.thresholds), critical_below=case.critical_below
+        )
+    account = config.accounts[case.name]
+    status: AccountStatus | None = None
+    if not from_files:
+        status = case.status()
+        if failing_for is not None and status.failing_since is not None:
+            status.failing_since = NOW - timedelta(seconds=failing_for)
+        if store_down_for is not None:
+            status.store_unavailable_since = NOW - timedelta(seconds=store_down_for)
+
+    def grade(at: datetime) -> AccountHealth:
+        return assess(account, case.state, status, config.refresh, at)
+
+    walked = [(NOW, grade(NOW))]
+    while walked[-1][1].changes_at is not None:
+        at = walked[-1][1].changes_at
+        assert at is not None and at > walked[-1][0]
+        walked.append((at, grade(at)))
+        assert len(walked) < 40, walked  # every moment is a threshold: few of them
+    # Moments inside each stretch the walk skipped (the last one: 80 days long), and just
+    # before each walked moment: the last chance for a change the walk would miss.
+    ends = [at for at, _ in walked[1:]] + [walked[-1][0] + timedelta(days=80)]
+    moments = [
+        start + (end - start) * share
+        for (start, _), end in zip(walked, ends, strict=True)
+        for share in shares
+    ]
+    moments += [at - timedelta(microseconds=1) for at, _ in walked[1:]]
+    for moment in moments:
+        at, graded = max((w for w in walked if w[0] <= moment), key=lambda w: w[0])
+        assert graded_key(grade(moment)) == graded_key(graded), (moment, at)
+
+
+def test_changes_at_names_the_next_rung_of_the_ladder() -> None:
+    """A healthy account with 40 days of refresh token left on a 30 d / 20 d ladder: the
+    grading holds until just before 30 days are left, then until just before 20 days."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = make_config(Path(directory), thresholds=["30d", "20d"], critical_below="20d")
+    account = config.accounts["default"]
+    expires = NOW + timedelta(days=40)
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(days=100),  # out of the way of the ladder
+        refresh_expires_at=expires,
+        access_issued_at=NOW,
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    tick = timedelta(microseconds=1)
+    graded = assess(account, state, status, config.refresh, NOW)
+    assert graded.conditions == () and graded.changes_at == expires - timedelta(days=30) - tick
+    later = assess(account, state, status, config.refresh, graded.changes_at + 2 * tick)
+    assert [c.severity.label for c in later.conditions] == ["warning"]
+    assert later.changes_at == expires - timedelta(days=20) - tick
 
 
 # --------------------------------------------------------------------------- the login hint

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,76 @@ async def test_an_overdue_account_is_refreshed_before_the_others_are_verified_at
             scheduler.run_soon(manager, "start")
         await wait_for(lambda: len(order) == 4)
         assert order == ["acct0 verify", "acct3 refresh", "acct1 verify", "acct2 verify"]
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)
+
+
+async def test_an_idle_heartbeat_checks_no_account_but_a_clock_stepped_back_checks_all(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Twenty idle accounts: after the first beats (start-up runs) a heartbeat checks none
+    of them one by one (the due queue knows when each is due). The wall clock stepped back
+    an hour makes every 6-hour token look issued in the future: the next beat checks every
+    account, and each is refreshed (kubelet's rule) without waiting for its planned time."""
+    emulator.settings.access_lifetime = 21599
+    managers = seeded_managers(emulator, tmp_path, session, 20)
+    checked: list[str] = []
+    for manager in managers:
+        real = manager.notice_outside_changes
+
+        def counting(name: str = manager.name, real: Any = real) -> bool:
+            checked.append(name)
+            return bool(real())
+
+        manager.notice_outside_changes = counting  # type: ignore[method-assign]
+    with time_machine.travel(datetime.now(UTC), tick=True) as traveller:
+        scheduler = RefreshScheduler(heartbeat=0.1)
+        scheduler.start()
+        try:
+            for manager in managers:
+                scheduler.add(manager)
+            await asyncio.sleep(0.35)  # a few beats: nothing is watched any more
+            checked.clear()
+            await asyncio.sleep(0.3)
+            assert checked == [], "an idle heartbeat checked accounts one by one"
+            generations = [m.state.generation for m in managers]  # type: ignore[union-attr]
+            traveller.shift(timedelta(hours=-1))
+            await wait_for(lambda: len(set(checked)) == len(managers))
+            await wait_for(
+                lambda: all(
+                    m.state.generation > g  # type: ignore[union-attr]
+                    for m, g in zip(managers, generations, strict=True)
+                ),
+                timeout=10,
+            )
+        finally:
+            scheduler.shutdown()
+            await asyncio.sleep(0)
+
+
+async def test_a_state_written_while_the_account_was_busy_is_adopted_once_it_is_not(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A change the daemon could not take because the account was busy (a refresh in flight)
+    is handed to the heartbeat (look_at): checked at every beat while the account stays busy,
+    adopted at the first beat after."""
+    [manager] = seeded_managers(emulator, tmp_path, session, 1)
+    scheduler = RefreshScheduler(heartbeat=0.1)
+    scheduler.start()
+    try:
+        scheduler.add(manager)
+        await asyncio.sleep(0.3)
+        assert manager.state is not None
+        manager._inflight = asyncio.get_running_loop().create_future()  # busy refreshing
+        tokens = TokenSet.from_token_response(emulator.issue_tokens(71_000), requested_at=utcnow())
+        written = replace(manager.state, tokens=tokens, generation=manager.state.generation + 1)
+        AccountStore(manager.account).save(written)  # as `login` would
+        scheduler.look_at(manager)
+        await asyncio.sleep(0.35)  # beats while it is busy: nothing is taken over yet
+        assert manager.state.tokens.refresh_token != tokens.refresh_token
+        manager._inflight = None
+        await wait_for(lambda: manager.state.tokens.refresh_token == tokens.refresh_token)
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)

@@ -1,8 +1,8 @@
 """Alerts: per-account conditions, once-only/repeat bookkeeping, and delivery to every channel.
 
 An :class:`AlertCenter` watches every :class:`~kakao_tokend.refresher.AccountManager` (through
-its event listeners and a cheap periodic check), decides which conditions are active, and
-sends each change once: to the log (always; the log level is the severity) and, in background
+its event listeners and a heartbeat), decides which conditions are active, and sends each
+change once: to the log (always; the log level is the severity) and, in background
 tasks, to KakaoTalk "send to me", a webhook and a command. What was sent is saved next to the
 state file, so a restart sends nothing twice. No alert, log line or environment variable ever
 carries a token.
@@ -12,6 +12,13 @@ every account, but an account's conditions go out once per fleet: only the node 
 ``delivers`` for the account sends them, and their bookkeeping is the store's, so the next
 node continues from it. The conditions about the node itself (:data:`~.health.NODE_LOCAL`)
 are sent by that node, with its own bookkeeping on its disk.
+
+An account is graded again when something about it changes (its events, a reload, the
+fleet's records or its live nodes) and when time alone could change the answer: the moment
+the grading names (:attr:`~.health.AccountHealth.changes_at`: a rung of the expiry ladder,
+``failing_after`` ...) or a critical alert's next repeat. The heartbeat grades only the
+accounts due then, from a heap of those moments, so an idle daemon's heartbeat costs nothing
+per account; a wall clock stepped back (which could undo a crossed threshold) grades them all.
 
 Alert texts are :mod:`~kakao_tokend.i18n` messages: the channels get them in the account's
 ``[alerts] language`` (Korean or English), the log always in English (its lines are what the
@@ -23,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import random
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -37,7 +45,16 @@ import aiohttp
 
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
-from .health import LOG_COMMAND, NODE_LOCAL, Condition, Severity, full_action, printable
+from .health import (
+    LOG_COMMAND,
+    NODE_LOCAL,
+    AccountHealth,
+    Condition,
+    Severity,
+    first_moment,
+    full_action,
+    printable,
+)
 from .i18n import N_, Language, Message, resolve_language
 from .kakao import KakaoClient
 from .refresher import AccountManager
@@ -533,6 +550,11 @@ class SharedAlerts(Protocol):
         """Make ``active`` the account's fleet-wide records (written to the store later)."""
         ...
 
+    def changed(self) -> set[str] | None:
+        """Return the accounts whose records (written by another node) or whose delivering
+        node may have changed since the last call; None: possibly every account's."""
+        ...
+
 
 class AccountAlerts:
     """One account's conditions, bookkeeping and delivery queues."""
@@ -564,6 +586,8 @@ class AccountAlerts:
         self.language: Language = "en"
         self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] = []
         self._save_failed = False
+        #: When the center grades this account again with nothing changed (its heap entry).
+        self.due: datetime | None = None
         self._load()
         self.configure()
 
@@ -723,8 +747,13 @@ class AccountAlerts:
 
     def evaluate(self, now: datetime | None = None) -> list[Alert]:
         """Compare the conditions now with what was sent; send and record the differences."""
-        now = now or self.clock()
-        current = {c.name: c for c in self.manager.health(now, host=self.host).conditions}
+        return self.grade(now or self.clock())[0]
+
+    def grade(self, now: datetime) -> tuple[list[Alert], datetime | None]:
+        """Evaluate at ``now``; return the alerts sent, and the first moment at which grading
+        again could send something while nothing about the account changes (None: never)."""
+        health = self.manager.health(now, host=self.host)
+        current = {c.name: c for c in health.conditions}
         if self.shared is not None:
             alerts = self._evaluate_in_fleet(self.shared, current, now)
         else:
@@ -733,7 +762,24 @@ class AccountAlerts:
                 self._save()
         for alert in alerts:
             self.dispatch(alert)
-        return alerts
+        return alerts, self._next_grade(health, current, now)
+
+    def _next_grade(
+        self, health: AccountHealth, current: dict[str, Condition], now: datetime
+    ) -> datetime | None:
+        """The grading's own next moment, or a critical condition's next repeat
+        (:meth:`_repeat_due`), whichever comes first."""
+        moments = [health.changes_at] if health.changes_at is not None else []
+        for name, record in self.active.items():
+            condition = current.get(name)
+            if condition is None or condition.severity is not Severity.CRITICAL:
+                continue
+            try:
+                last = parse_time(str(record.get("last_sent_at")))
+            except ValueError:
+                continue  # due at once: _decide sent it now (or another node delivers it)
+            moments.append(last + timedelta(seconds=self.settings.repeat))
+        return first_moment(moments, now)
 
     def _evaluate_in_fleet(
         self, shared: SharedAlerts, current: dict[str, Condition], now: datetime
@@ -884,7 +930,7 @@ def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 class AlertCenter:
-    """Every account's alerts: attach managers, evaluate on events and periodically."""
+    """Every account's alerts: attach managers, evaluate on events and when they are due."""
 
     def __init__(
         self,
@@ -905,6 +951,14 @@ class AlertCenter:
         #: One listener object for every account (a closure per account costs 400 bytes).
         self._listener: Callable[[AccountEvent], None] = self._on_event
         self._pending: set[str] = set()
+        #: (moment, account): when each account is graded again with nothing changed (its
+        #: AccountAlerts.due; an entry that no longer matches it is stale and skipped).
+        self._moments: list[tuple[datetime, str]] = []
+        #: Accounts to grade at the next heartbeat (new, reconfigured, or failed to grade).
+        self._dirty: set[str] = set()
+        #: The latest moment an account was graded at since every account was: a clock
+        #: that went back behind it may have undone a threshold crossed since.
+        self._latest: datetime | None = None
 
     def attach(self, manager: AccountManager) -> AccountAlerts:
         """Start watching ``manager`` (replacing an earlier manager of the same account)."""
@@ -922,6 +976,7 @@ class AlertCenter:
         )
         self.accounts[manager.name] = alerts
         manager.listeners.append(self._listener)
+        self._dirty.add(manager.name)
         return alerts
 
     def _on_event(self, event: AccountEvent) -> None:
@@ -944,6 +999,7 @@ class AlertCenter:
         if alerts is not None:
             alerts.store = alerts.manager.store
             alerts.configure()
+            self._dirty.add(name)  # new thresholds, repeat, policy: graded at the heartbeat
 
     def _schedule(self, name: str) -> None:
         """Evaluate soon, after the refresh step that emitted the event has finished."""
@@ -958,21 +1014,84 @@ class AlertCenter:
 
     def evaluate(self, name: str | None = None) -> list[Alert]:
         """Evaluate one account (or all); never raises."""
-        sent: list[Alert] = []
-        for alerts in list(self.accounts.values()):
-            if name is not None and alerts.name != name:
-                continue
+        if name is None:
+            self._dirty.clear()
+            self._latest = None  # every account is graded at this moment
+            return self._grade_all(list(self.accounts.values()), self.clock())
+        alerts = self.accounts.get(name)
+        return [] if alerts is None else self._grade_all([alerts], self.clock())
+
+    def beat(self) -> list[Alert]:
+        """The heartbeat: evaluate the accounts that are due or changed; never raises.
+
+        Due: the moment their last grading named has come (the wall clock, so a suspend or
+        a clock stepped forward makes them due at once). Changed: attached or reconfigured
+        since, or named by the fleet's bookkeeping. A wall clock that went back behind the
+        latest grading evaluates every account, as a threshold crossed may be undone.
+        """
+        now = self.clock()
+        if self._latest is not None and now < self._latest:
+            log.info(
+                "the clock went back %s: evaluating every account's alerts", self._latest - now
+            )
+            return self.evaluate()
+        names, self._dirty = self._dirty, set()
+        if self.shared is not None:
             try:
-                sent.extend(alerts.evaluate(self.clock()))
+                changed = self.shared.changed()
+            except Exception:
+                log.exception("reading the fleet's alert changes failed")
+                changed = None
+            if changed is None:
+                return self.evaluate()
+            names |= changed
+        moments = self._moments
+        while moments and moments[0][0] <= now:
+            when, name = heapq.heappop(moments)
+            alerts = self.accounts.get(name)
+            if alerts is not None and alerts.due == when:
+                alerts.due = None
+                names.add(name)
+        return self._grade_all([a for n in names if (a := self.accounts.get(n)) is not None], now)
+
+    def _grade_all(self, accounts: list[AccountAlerts], now: datetime) -> list[Alert]:
+        """Grade ``accounts`` at ``now`` and plan each one's next grading; never raises."""
+        sent: list[Alert] = []
+        for alerts in accounts:
+            try:
+                more, due = alerts.grade(now)
             except Exception:
                 log.exception("account %s: evaluating alerts failed", alerts.name)
+                self._dirty.add(alerts.name)  # again at the next heartbeat
+                continue
+            sent += more
+            self._plan(alerts, due)
+        if accounts and (self._latest is None or now > self._latest):
+            self._latest = now
         return sent
 
+    def _plan(self, alerts: AccountAlerts, due: datetime | None) -> None:
+        """Grade ``alerts`` again at ``due`` (None: only when something changes)."""
+        if due == alerts.due:
+            return
+        alerts.due = due
+        if due is None:
+            return  # its heap entry, if any, is stale now
+        heapq.heappush(self._moments, (due, alerts.name))
+        if len(self._moments) > 2 * len(self.accounts) + 64:
+            # Re-planning leaves stale entries behind; drop them before they add up.
+            self._moments = [
+                (when, name)
+                for when, name in self._moments
+                if (a := self.accounts.get(name)) is not None and a.due == when
+            ]
+            heapq.heapify(self._moments)
+
     async def run_periodic(self, interval: Callable[[], float]) -> None:
-        """Evaluate every account every ``interval()`` seconds (the refresh heartbeat)."""
+        """Every ``interval()`` seconds (the refresh heartbeat), evaluate what is due."""
         while True:
             await asyncio.sleep(interval())
-            self.evaluate()
+            self.beat()
 
     async def wait_delivered(self, timeout: float) -> bool:
         """Wait until every queued alert was delivered or given up; False on timeout."""

@@ -197,6 +197,8 @@ class Daemon:
         alone. Returns True when the tokens in memory changed.
         """
         if manager.busy or self._stopping:
+            if self.scheduler is not None:
+                self.scheduler.look_at(manager)  # taken at the next heartbeat instead
             return False
         changed = manager.notice_outside_changes()
         if changed:
@@ -210,7 +212,11 @@ class Daemon:
     def on_store_changed(self, name: str) -> None:
         """Fleet mode: the account's row changed (a notification or the poll): adopt it."""
         manager = self.managers.get(name)
-        if manager is None or manager.busy or self._stopping or self.fleet is None:
+        if manager is None or self._stopping or self.fleet is None:
+            return
+        if manager.busy:
+            if self.scheduler is not None:
+                self.scheduler.look_at(manager)  # taken at the next heartbeat instead
             return
         row = self.fleet.rows.get(name)
         state = manager.state

@@ -6,6 +6,11 @@ after it: `status` and `doctor` reading the files), the refresh policy and the t
 returns :class:`AccountHealth`: the conditions a person must know about, whether consumers get
 a valid and current token, and whether a consumer's request may make Kakao refresh now.
 
+Beside the grading, :attr:`AccountHealth.changes_at` says when the same inputs could first
+grade differently (a threshold of the expiry ladder, ``failing_after``, the access token's
+expiry ...): the alerts grade an account again only then or when something about it changes,
+instead of every account at every heartbeat.
+
 Everything that grades an account reads this one result: `status` (from the daemon and from
 the files) and `doctor`, ``/healthz``, ``/v1/status``, the token endpoint's and the proxy's
 refusals, the alerts and the metrics. So they cannot disagree. The texts are i18n messages:
@@ -21,7 +26,7 @@ import logging
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,6 +47,7 @@ __all__ = [
     "Condition",
     "Severity",
     "assess",
+    "first_moment",
     "full_action",
     "login_fix",
     "login_hint",
@@ -171,6 +177,11 @@ class AccountHealth:
     #: Why a consumer's request must not make Kakao refresh now (None: it may) — the token
     #: endpoint and the proxy. An explicit POST .../refresh still forces one.
     refresh_blocked: str | None
+    #: The first moment after the grading's ``now`` at which the same inputs (state, status,
+    #: settings) could grade differently: a condition appears or goes, or its severity or
+    #: stage changes, or serving / refresh_blocked flips (the texts' durations change all
+    #: the time and do not count). None: only a change of the inputs can change it.
+    changes_at: datetime | None = None
 
     @property
     def severity(self) -> Severity | None:
@@ -285,7 +296,58 @@ def assess(
         conditions=tuple(found),
         serving_problem=_serving_problem(state, status, now, found),
         refresh_blocked=_refresh_blocked(status, now, found),
+        changes_at=_changes_at(state, status, policy, now, settings),
     )
+
+
+#: The resolution of datetime: a threshold given in seconds lands within this of its moment.
+_TICK = timedelta(microseconds=1)
+
+
+def first_moment(moments: Iterable[datetime], now: datetime) -> datetime | None:
+    """Return the earliest of ``moments`` still to come, as a moment to grade again at.
+
+    A moment computed as "expiry minus a threshold" is rounded to the microsecond, so the
+    comparison it stands for may flip up to a tick either side of it: one that is already a
+    tick behind ``now`` has flipped (the grading at ``now`` saw it); any other is returned a
+    tick early, but always after ``now`` (grading again at ``now`` would change nothing).
+    """
+    ahead = [max(now + _TICK, at - _TICK) for at in moments if at + _TICK > now]
+    return min(ahead, default=None)
+
+
+def _changes_at(
+    state: AccountState | None,
+    status: AccountStatus | None,
+    policy: RefreshPolicy,
+    now: datetime,
+    settings: AlertsConfig,
+) -> datetime | None:
+    """Return when the grading could first change with these inputs (see
+    :attr:`AccountHealth.changes_at`): every moment at which a comparison with ``now`` in
+    this module flips."""
+    moments: list[datetime] = []
+    if status is not None and status.health is Health.RETRYING and status.next_attempt_at:
+        moments.append(status.next_attempt_at)  # refresh_blocked
+    if state is not None:
+        tokens = state.tokens
+        expires = tokens.refresh_expires_at
+        # The expiry ladder's stages and critical_below, the expiry itself (and access_expired
+        # from the files); the access token's expiry (serving).
+        for threshold in (*settings.thresholds, settings.critical_below):
+            moments.append(expires - timedelta(seconds=threshold))
+        moments += (expires, tokens.access_expires_at)
+        if status is not None:
+            lifetime = tokens.access_lifetime.total_seconds()
+            failing = timedelta(seconds=settings.failing_after * lifetime)
+            if status.health is Health.RETRYING:
+                margin = timedelta(seconds=_expiring_margin(policy, lifetime))
+                moments.append(tokens.access_expires_at - margin)
+                if status.failing_since is not None:
+                    moments.append(status.failing_since + failing)
+            if status.store_unavailable_since is not None:
+                moments.append(status.store_unavailable_since + failing)
+    return first_moment(moments, now)
 
 
 def _conditions(
@@ -509,8 +571,7 @@ def _failing(
     reason = _reason(status.last_error_class, "error")
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
-    margin = max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
-    if access_left < margin:
+    if access_left < _expiring_margin(policy, lifetime):
         if access_left > 0:
             left = Duration(access_left)
             message = N_(
@@ -553,6 +614,12 @@ def _failing(
             )
         )
     return found
+
+
+def _expiring_margin(policy: RefreshPolicy, lifetime: float) -> float:
+    """Return the access_expiring margin: half the time between the latest planned refresh
+    and the expiry (at least a second)."""
+    return max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
 
 
 def _store_unavailable(

@@ -8,12 +8,22 @@ wake-ups and runs what is due, a few at a time.
 APScheduler waits on the monotonic clock (``loop.call_later``), which stops during a suspend, and
 decides what is due from the wall clock; a late one-shot job is dropped unless
 ``misfire_grace_time`` is None. So the job here runs however late it is, and a heartbeat
-re-checks every account against the wall clock at least every ``heartbeat`` seconds: without it
-a refresh planned 5 hours ahead would still be hours away after an 8-hour suspend. The heartbeat
+hands over what the wall clock says is due at least every ``heartbeat`` seconds: without it a
+refresh planned 5 hours ahead would still be hours away after an 8-hour suspend. The heartbeat
 is a plain asyncio task on the monotonic clock, not an APScheduler interval job: after the wall
 clock steps back, APScheduler finds nothing due until the wall clock has caught up again, and the
 safety net must not stop exactly then. All scheduler calls live in this module so a move to
 APScheduler 4 touches one file.
+
+The heartbeat does not walk every account: the due queue already knows, by the wall clock,
+which accounts are due (a suspend or a clock stepped forward makes them due at once). It checks
+one by one only the accounts the due queue cannot answer for: those whose write is pending or
+whose retry waits on the monotonic clock, those told of an event or run since the last beat,
+those busy (refreshing, writing) when the daemon heard of an outside change (:meth:`look_at`:
+checked at every beat until they take it), and, once the wall clock went back behind the
+latest beat or plan, every account (a token may now look issued in the future). Tokens
+written by other processes reach the daemon through its state-file watch, the CLI's socket
+and, in a fleet, the store's notifications and poll.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .kakao import CONNECTION_LIMIT
 from .refresher import AccountManager
-from .status import AccountEvent
+from .status import AccountEvent, Health
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +246,10 @@ class RefreshScheduler:
         self._heartbeat: asyncio.Task[None] | None = None
         #: One listener object for every account (``self._on_event`` makes a new one per use).
         self._listener: Callable[[AccountEvent], None] = self._on_event
+        #: Accounts the next heartbeat checks one by one (see the module's docstring).
+        self._watch: set[str] = set()
+        #: The latest wall-clock moment of a beat or plan: a clock behind it went back.
+        self._seen: datetime | None = None
 
     @staticmethod
     def _now() -> datetime:
@@ -293,6 +307,7 @@ class RefreshScheduler:
         """Stop scheduling an account (removed from the config); a run not started is dropped."""
         manager = self.managers.pop(name, None)
         self._due.discard(name)
+        self._watch.discard(name)
         if manager is not None:
             if self._listener in manager.listeners:
                 manager.listeners.remove(self._listener)
@@ -306,10 +321,29 @@ class RefreshScheduler:
         return self._due.when(name)
 
     def plan(self, manager: AccountManager) -> None:
-        """(Re)plan the account's next run at its next wake-up (a no-op when unchanged)."""
+        """(Re)plan the account's next run at its next wake-up (a no-op when unchanged), and
+        have the heartbeat check it while the due queue cannot answer for it."""
         if self.stopped or self.managers.get(manager.name) is not manager:
             return
         self._due.set(manager.name, manager.next_wakeup())
+        now = self._now()
+        if self._seen is None or now > self._seen:
+            self._seen = now
+        status = manager.status
+        if (
+            status.write_pending
+            or status.health is Health.RETRYING  # its retry is kept on the monotonic clock
+            or manager.needs_refresh(manager.clock())  # e.g. issued "in the future"
+        ):
+            self._watch.add(manager.name)
+        else:
+            self._watch.discard(manager.name)
+
+    def look_at(self, manager: AccountManager) -> None:
+        """Check the account at the next heartbeat: a change it could not take now (it was
+        busy refreshing or writing) is picked up then, as every account's was before."""
+        if self.managers.get(manager.name) is manager:
+            self._watch.add(manager.name)
 
     def run_soon(self, manager: AccountManager, work: Work = "tick") -> None:
         """Run ``manager.tick()`` (or the start-up check) as soon as a place is free.
@@ -343,6 +377,7 @@ class RefreshScheduler:
         manager = self.managers.get(event.account)
         if manager is not None:
             self.plan(manager)
+            self._watch.add(manager.name)  # once more at the next beat, when it is not busy
 
     async def _guarded(self, manager: AccountManager, work: Work) -> None:
         try:
@@ -358,6 +393,8 @@ class RefreshScheduler:
             # otherwise. The place is free again, so the next waiting account may start.
             self._claimed.discard(manager)
             self.plan(manager)
+            if self.managers.get(manager.name) is manager:
+                self._watch.add(manager.name)  # once more at the next beat, when not busy
             current = asyncio.current_task()
             if current is not None:
                 self._tasks.discard(current)
@@ -376,17 +413,35 @@ class RefreshScheduler:
         self.last_beat = time.monotonic()
         if self.stopped:
             return
-        for manager in list(self.managers.values()):
+        now = self._now()
+        if self._seen is not None and now < self._seen:
+            # The wall clock went back: a token may look issued in the future now (and every
+            # planned moment is that much too far away): check every account.
+            log.info("the wall clock went back %s: checking every account", self._seen - now)
+            names = list(self.managers)
+        else:
+            names = list(self._watch)
+        self._seen = now
+        self._watch = set()
+        for name in names:
+            manager = self.managers.get(name)
+            if manager is None:
+                continue
             try:
-                if not manager.busy:
+                busy = manager.busy
+                if not busy:
                     # Pick up tokens written by `login` (also clears a re-login mark).
                     manager.notice_outside_changes()
                 if manager.needs_refresh(manager.clock()) or manager.status.write_pending:
                     self.run_soon(manager)
+                    self._watch.add(name)  # its run plans it anew (and decides) when it ends
                 else:
                     self.plan(manager)
+                if busy:
+                    self._watch.add(name)  # what it could not take yet: once it is not busy
             except Exception:
                 log.exception("account %s: heartbeat check failed", manager.name)
+                self._watch.add(name)
         # After a suspend the job's timer is late: run what the wall clock says is due now.
         self._due.run_due()
         self._due.check_armed()

@@ -12,7 +12,7 @@ schedule, and a resolution goes out once. The conditions about the node itself
 not here: each node sends them with bookkeeping on its own disk, as it must while the
 database is away.
 
-The alerts are graded synchronously (on events and every heartbeat; storage.py's
+The alerts are graded synchronously (on events and when due; storage.py's
 ``load_alerts``/``save_alerts`` are synchronous too) while the database is async and may be
 away, so :class:`AlertBook` is a copy in memory, written behind: the whole table read with
 one query when the node starts and again every heartbeat (it holds only the conditions
@@ -20,6 +20,11 @@ active now, a few rows), and every change kept in the copy at once and written b
 background task, all changed accounts in one transaction, retried with the one back-off
 rule until it succeeds. A write that fails loses nothing and holds nothing up: the alert
 went out, the record stays in memory and is written when the database answers.
+
+A node grades an account's alerts only when something about it changes or a threshold is
+due (alerts.py), so the book says what changed here: the accounts whose records another
+node wrote (found by the re-read), and every account when the live nodes changed (any
+account may have a new first claimant then).
 """
 
 from __future__ import annotations
@@ -59,17 +64,33 @@ class AlertBook:
         self.failures = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Accounts whose records a re-read changed since :meth:`changed` was last asked.
+        self._changed: set[str] = set()
+        #: The live nodes (None: delivering nothing yet) as :meth:`changed` last saw them.
+        self._live: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ alerts.SharedAlerts
 
     def delivers(self, account: str) -> bool:
         """True when this node is ``account``'s first claimant among the live nodes, and the
         table and the nodes were read (a node starting up waits for its first heartbeat)."""
+        nodes = self._live_nodes()
+        return nodes is not None and first_claimant(account, nodes) == self.fleet.node
+
+    def _live_nodes(self) -> tuple[str, ...] | None:
+        """Return the live nodes, or None while this node delivers nothing (not read yet)."""
         fleet = self.fleet
         if not self.loaded or not fleet.nodes:
-            return False
-        nodes = live_nodes(fleet.nodes, me=fleet.node, heartbeat=fleet.heartbeat())
-        return first_claimant(account, nodes) == fleet.node
+            return None
+        return tuple(live_nodes(fleet.nodes, me=fleet.node, heartbeat=fleet.heartbeat()))
+
+    def changed(self) -> set[str] | None:
+        """Return the accounts whose records another node changed since the last call; None
+        when the live nodes changed (every account may have a new first claimant)."""
+        live = self._live_nodes()
+        moved, self._live = live != self._live, live
+        changed, self._changed = self._changed, set()
+        return None if moved else changed
 
     def records(self, account: str) -> Records:
         """Return ``account``'s fleet-wide records as known here."""
@@ -98,6 +119,8 @@ class AlertBook:
             if account in self._dirty:  # changed here, not written yet: ours is newer
                 continue
             records = {k: v for k, v in found.get(account, {}).items() if k not in NODE_LOCAL}
+            if records != self._records.get(account, {}):
+                self._changed.add(account)  # another node's sending: grade it again here
             if records:
                 self._records[account] = records
             else:
