@@ -5,7 +5,6 @@ The exit codes and what each means are in :mod:`~kakao_tokend.exitcodes` (and th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -13,7 +12,6 @@ import os
 import platform
 import sys
 import traceback
-import webbrowser
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -142,6 +140,10 @@ def _settings() -> Settings:
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    # asyncio (with ssl) is imported by the commands that run a loop, not by every command:
+    # `status`, `check-config` and the daemon's socket client never need it.
+    import asyncio
+
     return asyncio.run(coro)
 
 
@@ -369,7 +371,7 @@ def check_config() -> None:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
-    from .alerts import kakaotalk_only_for_critical
+    from .config import kakaotalk_only_for_critical
 
     for account in config.accounts.values():
         if kakaotalk_only_for_critical(account):
@@ -458,6 +460,8 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
     opener: Callable[[str], object] | None = None
     if not no_browser and _display_available():
+        import webbrowser  # only `login` opens a browser
+
         opener = webbrowser.open
     # Without a browser here the user finishes elsewhere and may paste the redirect address.
     paste = no_browser or opener is None
@@ -957,6 +961,8 @@ async def _managed_refresh(
     less than that many seconds left (checked again under the lock, so concurrent callers
     refresh once).
     """
+    import asyncio
+
     from .kakao import KakaoClient, create_session
     from .refresher import AccountManager
     from .status import Health
@@ -1516,7 +1522,7 @@ async def _send_memo_directly(
 
 
 def _active_alerts(account: AccountConfig) -> list[dict[str, Any]]:
-    from .alerts import active_alerts
+    from .status import active_alerts
     from .store import AccountStore
 
     return active_alerts((AccountStore(account).load_alerts() or {}).get("active") or {})

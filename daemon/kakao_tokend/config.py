@@ -49,6 +49,7 @@ __all__ = [
     "TemplateConfig",
     "config_from_toml_text",
     "find_config_file",
+    "kakaotalk_only_for_critical",
     "load_config",
     "load_locations",
     "parse_duration",
@@ -1036,6 +1037,19 @@ _RULES: Final[Mapping[type[Any], Callable[[Any, _Known, _Report], None]]] = {
     ApiSettings: _api_rules,
     StoreSettings: _store_rules,
 }
+
+
+def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
+    """True when KakaoTalk would be the only channel carrying critical alerts for ``account``.
+
+    It cannot deliver once the token is dead, which is exactly when critical alerts matter
+    (`check-config` warns). With ``kakaotalk = "auto"`` the configured scopes decide.
+    """
+    settings = account.alerts
+    kakaotalk = settings.kakaotalk is True or (
+        settings.kakaotalk is None and "talk_message" in account.app.scopes
+    )
+    return kakaotalk and not (settings.webhook_url or settings.command)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ user may write to (:func:`check_directory`). docs/security.md explains why.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import grp
@@ -25,7 +24,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from .errors import (
     StateCorrupt,
@@ -310,8 +309,84 @@ def symlink_refused(path: Path, what: str) -> UnsafePath:
     )
 
 
-def check_file(path: Path, *, what: str) -> None:
-    """Refuse a symlink or anything but a regular file at ``path``; a missing file passes."""
+class Listing:
+    """What a few directories held at one moment: one ``scandir`` each, read when first asked.
+
+    A start of a thousand accounts would otherwise look up every file of every account one by
+    one (its state, token, lock, alert bookkeeping and rescue files, the migration marker):
+    thousands of system calls, most of them for files that are not there. With a listing, a
+    file it does not name is known to be absent, and one it names has its type from the
+    directory entry (``d_type``; ``DirEntry`` falls back to ``lstat`` where a file system
+    gives none). It is only as good as the moment it was taken: the daemon uses one while it
+    opens its accounts, under its instance lock (which `store migrate` needs too), and closes
+    it before READY. A file another process writes meanwhile (a `login`) is noticed like any
+    later change: by the state directory watch and the heartbeat's ``stat``. Every file that
+    is there is still opened without following a symlink and checked on its descriptor.
+    """
+
+    def __init__(self) -> None:
+        #: directory -> {name: entry}, or None when it could not be listed (then: ask the disk).
+        self._directories: dict[str, dict[str, os.DirEntry[str]] | None] = {}
+        self._closed = False
+
+    def _entries(self, path: Path | str) -> tuple[dict[str, os.DirEntry[str]] | None, str]:
+        # str.rpartition, not os.path.split or Path.parent: this runs ten times per account.
+        directory, slash, name = str(path).rpartition("/")
+        if self._closed:
+            return None, name
+        try:
+            return self._directories[directory], name
+        except KeyError:
+            pass
+        entries: dict[str, os.DirEntry[str]] | None
+        try:
+            with os.scandir(directory or slash or ".") as listing:
+                entries = {entry.name: entry for entry in listing}
+        except OSError:
+            entries = None  # missing or unreadable: the file's own lookup says what is wrong
+        self._directories[directory] = entries
+        return entries, name
+
+    def absent(self, path: Path | str) -> bool:
+        """True when ``path`` is known not to exist (False: it exists, or nobody knows)."""
+        entries, name = self._entries(path)
+        return entries is not None and name not in entries
+
+    def entry(self, path: Path | str) -> os.DirEntry[str] | Literal[False] | None:
+        """The directory entry of ``path``; False when it is known to be absent, None when
+        the listing does not know."""
+        entries, name = self._entries(path)
+        return None if entries is None else entries.get(name, False)
+
+    def close(self) -> None:
+        """Forget everything: from now on every question is answered by the disk."""
+        self._closed = True
+        self._directories.clear()
+
+
+def _directory_text(path: Path) -> str:
+    """The directory of ``path`` as text: ``str(path.parent)`` without building a Path."""
+    directory, slash, _ = str(path).rpartition("/")
+    return directory or slash or "."
+
+
+def check_file(path: Path, *, what: str, listing: Listing | None = None) -> None:
+    """Refuse a symlink or anything but a regular file at ``path``; a missing file passes.
+
+    With ``listing`` the answer comes from its directory entry when it has one.
+    """
+    if listing is not None:
+        entry = listing.entry(path)
+        if entry is False:
+            return
+        if isinstance(entry, os.DirEntry):
+            try:
+                if entry.is_symlink():
+                    raise symlink_refused(path, what)
+                if entry.is_file(follow_symlinks=False):
+                    return
+            except OSError:
+                pass  # DT_UNKNOWN and the fallback lstat failed: ask again below
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -496,11 +571,16 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
         if not stat.S_ISREG(info.st_mode):
             raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
         # Plain reads on the descriptor, sized by the fstat: a file object would fstat and
-        # seek again (a start of a thousand accounts reads two files each).
+        # seek again (a start of a thousand accounts reads two files each). A read that
+        # returns less than it asked for has reached the end of a regular file: no further
+        # read to hear that (our files are replaced by rename, never appended to).
         data = b""
-        while chunk := os.read(fd, max(info.st_size - len(data), 0) + 4096):
+        while True:
+            wanted = max(info.st_size - len(data), 0) + 4096
+            chunk = os.read(fd, wanted)
             data += chunk
-        return data, info.st_ino
+            if len(chunk) < wanted:
+                return data, info.st_ino
     finally:
         os.close(fd)
 
@@ -616,13 +696,16 @@ def resolve_group(group: str | int | None) -> int | None:
 MOVED_NAME = "MOVED"
 
 
-def check_not_moved(directory: Path, *, account: Named | None = None) -> None:
+def check_not_moved(
+    directory: Path, *, account: Named | None = None, listing: Listing | None = None
+) -> None:
     """Refuse (:class:`StoreMoved`) when the accounts of ``directory`` were migrated away.
 
     The marker's existence is what counts: a marker that cannot be read or parsed refuses
     too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
     ``pending``) only make the message say where the accounts went and how to go back; with
-    ``account``, the commands in the hints carry its configuration's ``--config``.
+    ``account``, the commands in the hints carry its configuration's ``--config``. A
+    ``listing`` that knows the directory spares the lookup.
     """
 
     def migrate(target: str) -> str:
@@ -630,6 +713,8 @@ def check_not_moved(directory: Path, *, account: Named | None = None) -> None:
         return config_command(account, *words) if account else command_line((), *words)
 
     marker = os.path.join(directory, MOVED_NAME)  # a string: no Path built when none is there
+    if listing is not None and listing.absent(marker):
+        return
     try:
         os.lstat(marker)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -706,7 +791,13 @@ class AccountStore:
     #: the migration itself, which reads and fills moved files on purpose, turns this off.
     honour_moved_marker: ClassVar[bool] = True
 
-    def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        account: AccountFiles,
+        *,
+        rescue_dir: Path | None = None,
+        listing: Listing | None = None,
+    ) -> None:
         self.account = account
         self.name = account.name
         # The configuration's own Path objects, not copies: with a thousand accounts every
@@ -721,6 +812,8 @@ class AccountStore:
         self._gid_resolved = False
         #: The directory whose emergency reserve a save gave up (to be re-created later).
         self._reserve_released: Path | None = None
+        #: While the daemon opens its accounts: the directories as listed then (see Listing).
+        self._listing = listing
 
     @classmethod
     def from_paths(
@@ -783,7 +876,7 @@ class AccountStore:
 
     # -- safety --------------------------------------------------------------------------------
 
-    def check_paths(self, checked: set[Path] | None = None) -> None:
+    def check_paths(self, checked: set[str] | None = None) -> None:
         """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
 
         The directories of the state, lock and token files must pass :func:`check_directory`;
@@ -792,25 +885,30 @@ class AccountStore:
         Directories in ``checked`` passed already and are not looked at again; the ones that
         pass here are added (a thousand accounts in one directory: one look at it).
         """
-        directories: dict[Path, str] = {}
+        # Keyed by the directory's text (a Path per file and account adds up at a thousand).
+        directories: dict[str, tuple[Path, str]] = {}
         for path, what in (
             (self.state_path, "state directory"),
             (self.lock_path, "lock file directory"),
             (self.token_path, "token file directory"),
         ):
-            directories.setdefault(path.parent, what)  # usually one directory: "state directory"
-        for directory, what in directories.items():
+            # Usually one directory: "state directory".
+            directories.setdefault(_directory_text(path), (path, what))
+        for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
-                check_directory(directory, what=what)
+                check_directory(path.parent, what=what)
+        listing = self._listing
         for path, what in (
             (self.state_path, "state file"),
             (self.lock_path, "lock file"),
             (self.token_path, "token file"),
             (self.alerts_path, "alert bookkeeping file"),
         ):
-            check_file(path, what=what)
-        if self.honour_moved_marker and (checked is None or self.state_path.parent not in checked):
-            check_not_moved(self.state_path.parent, account=self.account)
+            check_file(path, what=what, listing=listing)
+        if self.honour_moved_marker and (
+            checked is None or _directory_text(self.state_path) not in checked
+        ):
+            check_not_moved(self.state_path.parent, account=self.account, listing=listing)
         if checked is not None:
             checked.update(directories)
 
@@ -880,6 +978,10 @@ class AccountStore:
         Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
         file is written at once by :meth:`save`, so ending the hold commits nothing more.
         """
+        # asyncio (and the ssl it imports) only here: the CLI reads and writes the files
+        # without an event loop, and a command starts faster without it.
+        import asyncio
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         while not self.try_lock():
@@ -910,8 +1012,11 @@ class AccountStore:
         Files that `store migrate` moved away are refused (:class:`StoreMoved`).
         """
         path = self.state_path
+        listing = self._listing
         if self.honour_moved_marker:
-            check_not_moved(path.parent, account=self.account)
+            check_not_moved(path.parent, account=self.account, listing=listing)
+        if listing is not None and listing.absent(path):
+            return None
         for _ in range(3):
             try:
                 raw, inode = _read_regular(path, what="state file")
@@ -1076,7 +1181,7 @@ class AccountStore:
         A damaged rescue file is moved aside (``.corrupt-<stamp>``) and logged, never used.
         """
         path = self.rescue_path
-        if path is None:
+        if path is None or (self._listing is not None and self._listing.absent(path)):
             return None
         try:
             raw = read_file(path, what="rescue file")
@@ -1255,6 +1360,8 @@ class AccountStore:
 
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document, or None when there is no token file."""
+        if self._listing is not None and self._listing.absent(self.token_path):
+            return None
         try:
             raw = read_file(self.token_path, what="token file")
         except FileNotFoundError:
@@ -1280,6 +1387,8 @@ class AccountStore:
 
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
+        if self._listing is not None and self._listing.absent(self.alerts_path):
+            return None
         try:
             raw = read_file(self.alerts_path, what="alert bookkeeping file")
         except FileNotFoundError:
