@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import traceback
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -292,6 +291,8 @@ DURATION = Duration()
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
+    import platform  # here: it compiles a dozen regular expressions, every command paid for it
+
     click.echo(
         f"kakao-tokend {__version__} ({platform.python_implementation()} "
         f"{platform.python_version()} on {platform.system()} {platform.machine()})"

@@ -53,6 +53,8 @@ STATE_FILE_MODE = 0o600
 LOCK_FILE_MODE = 0o600
 #: The rescue file (see AccountStore.save_rescue) and its format version.
 RESCUE_SUFFIX = ".rescue.json"
+#: Each account's alert bookkeeping, next to its state file (AccountStore.alerts_path).
+ALERTS_SUFFIX = ".alerts.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
@@ -334,13 +336,14 @@ class Listing:
         directory, slash, name = str(path).rpartition("/")
         if self._closed:
             return None, name
+        directory = directory or slash or "."  # "/x" is in "/", "x" in "."
         try:
             return self._directories[directory], name
         except KeyError:
             pass
         entries: dict[str, os.DirEntry[str]] | None
         try:
-            with os.scandir(directory or slash or ".") as listing:
+            with os.scandir(directory) as listing:
                 entries = {entry.name: entry for entry in listing}
         except OSError:
             entries = None  # missing or unreadable: the file's own lookup says what is wrong
@@ -872,7 +875,13 @@ class AccountStore:
     @property
     def alerts_path(self) -> Path:
         """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
-        return self.state_path.with_name(f"{self.name}.alerts.json")
+        return self.state_path.with_name(f"{self.name}{ALERTS_SUFFIX}")
+
+    def _alerts_absent(self) -> bool:
+        """True when the listing knows there is no alert bookkeeping file (no Path built)."""
+        return self._listing is not None and self._listing.absent(
+            f"{_directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
+        )
 
     # -- safety --------------------------------------------------------------------------------
 
@@ -902,9 +911,10 @@ class AccountStore:
             (self.state_path, "state file"),
             (self.lock_path, "lock file"),
             (self.token_path, "token file"),
-            (self.alerts_path, "alert bookkeeping file"),
         ):
             check_file(path, what=what, listing=listing)
+        if not self._alerts_absent():
+            check_file(self.alerts_path, what="alert bookkeeping file", listing=listing)
         if self.honour_moved_marker and (
             checked is None or _directory_text(self.state_path) not in checked
         ):
@@ -1013,7 +1023,9 @@ class AccountStore:
         """
         path = self.state_path
         listing = self._listing
-        if self.honour_moved_marker:
+        if self.honour_moved_marker and (
+            listing is None or not listing.absent(f"{_directory_text(path)}/{MOVED_NAME}")
+        ):
             check_not_moved(path.parent, account=self.account, listing=listing)
         if listing is not None and listing.absent(path):
             return None
@@ -1180,8 +1192,13 @@ class AccountStore:
 
         A damaged rescue file is moved aside (``.corrupt-<stamp>``) and logged, never used.
         """
+        if self._rescue_dir is None or (
+            self._listing is not None
+            and self._listing.absent(f"{self._rescue_dir}/{self.name}{RESCUE_SUFFIX}")
+        ):
+            return None  # (the text, not rescue_path: no Path built for a file not there)
         path = self.rescue_path
-        if path is None or (self._listing is not None and self._listing.absent(path)):
+        if path is None:
             return None
         try:
             raw = read_file(path, what="rescue file")
@@ -1339,13 +1356,13 @@ class AccountStore:
         returned as readable lines (the caller marks the publish pending), never raised.
         """
         account = self.account
+        if account.access_token_file is None and account.env_file is None:
+            return []  # the usual case (and at start, once per account)
         targets = [
             (account.access_token_file, state.tokens.access_token.encode()),
             (account.env_file, f"KAKAO_ACCESS_TOKEN={state.tokens.access_token}\n".encode()),
         ]
         wanted = [(Path(path), data) for path, data in targets if path is not None]
-        if not wanted:
-            return []
         try:
             group = self._group_id()
         except StoreError as exc:
@@ -1387,7 +1404,7 @@ class AccountStore:
 
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
-        if self._listing is not None and self._listing.absent(self.alerts_path):
+        if self._alerts_absent():
             return None
         try:
             raw = read_file(self.alerts_path, what="alert bookkeeping file")
