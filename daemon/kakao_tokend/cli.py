@@ -1757,12 +1757,17 @@ def run() -> None:
     """
     import gc
 
-    from .service import run as run_service
-
-    # What is imported now lives as long as the process: take it out of the cyclic garbage
-    # collector's sight, so that the collections while a thousand accounts load (and every
-    # full one afterwards) do not walk all of aiohttp's and our own module objects again.
-    gc.freeze()
+    # What the service imports lives as long as the process: the cyclic garbage collector is
+    # off while it is imported (its collections there only walked the new modules again:
+    # about 3 % of a start's instructions, docs/benchmarks.md), and all of it is then taken
+    # out of the collector's sight, so that the collections while a thousand accounts load
+    # (and every full one afterwards) do not walk aiohttp's and our own module objects again.
+    gc.disable()
+    try:
+        from .service import run as run_service
+    finally:
+        gc.freeze()
+        gc.enable()
     settings = _settings()
     code = run_service(settings.config_path, account=settings.account)
     click.get_current_context().exit(code)
