@@ -289,15 +289,20 @@ def daemon_argv(config_path: Path) -> list[str]:
     return [PYTHON, "-m", "kakao_tokend", "--config", str(config_path), "run"]
 
 
-async def start_daemon(config_path: Path, *, timeout: float = 120.0) -> tuple[Process, float]:
-    """Start the daemon, wait for READY=1 on a private NOTIFY_SOCKET; return (process, seconds)."""
+async def start_daemon(
+    config_path: Path, *, timeout: float = 120.0, env: dict[str, str] | None = None
+) -> tuple[Process, float]:
+    """Start the daemon, wait for READY=1 on a private NOTIFY_SOCKET; return (process, seconds).
+
+    ``env`` is added to the child's environment (e.g. PYTHONPATH to run another checkout).
+    """
     directory = config_path.parent
     notify = NotifySocket(directory / f"notify-{time.monotonic_ns()}.sock")
     try:
         daemon = await spawn(
             daemon_argv(config_path),
             directory / f"daemon-{time.monotonic_ns()}.log",
-            env={"NOTIFY_SOCKET": str(notify.path)},
+            env={**(env or {}), "NOTIFY_SOCKET": str(notify.path)},
         )
         try:
             ready_at = await notify.wait_for("READY=1", timeout)

@@ -11,13 +11,18 @@ more ratios are printed: the median of each round's own ratio (the daemon run ag
 baseline run just before it), and the same for CPU time (the daemon's until READY, from
 /proc/PID/schedstat; the baseline's whole run, from getrusage), which waiting for a core does
 not inflate.
+
+``--before DIR`` starts a second daemon from another copy of the package in the same rounds
+(each after its own baseline run), so a change is measured before and after in one run.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (
@@ -42,10 +47,47 @@ from kakao_tokend.emulator import running_emulator
 BASELINE = [PYTHON, "-c", "import aiohttp, apscheduler"]
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="also start the daemon from the kakao_tokend package in DIR (e.g. the daemon/"
+        " directory of a checkout of the code before a change), in the same rounds: a"
+        " before/after comparison in one run",
+    )
+
+
+@dataclass
+class Variant:
+    """One daemon code base and what its runs measured (each run next to its own baseline)."""
+
+    label: str
+    env: dict[str, str] | None
+    baseline: list[float] = field(default_factory=list)
+    ready: list[float] = field(default_factory=list)
+    #: Per round: (daemon / its baseline) in wall-clock time and in CPU time.
+    paired: list[tuple[float, float]] = field(default_factory=list)
+
+    async def round(self, directory: Path, config: Path, *, keep: bool) -> None:
+        """Run the baseline, then this daemon; keep the numbers unless it is a warm-up."""
+        elapsed, base_cpu = await _baseline(directory)
+        ready, cpu = await _daemon(config, self.env)
+        if keep:
+            self.baseline.append(elapsed)
+            self.ready.append(ready)
+            self.paired.append((ready / elapsed, cpu / base_cpu))
+
+
 async def main() -> None:
-    args = parse_args(__doc__ or "")
+    args = parse_args(__doc__ or "", options=_options)
     runs = 3 if args.quick else 15
     many, many_runs = (20, 1) if args.quick else (1000, 7)
+    sources = [("", None)]
+    if args.before is not None:
+        sources.append((" (before)", {"PYTHONPATH": str(args.before.resolve())}))
+    one = [Variant(f"1 account{label}", env) for label, env in sources]
+    lots = [Variant(f"{many} accounts{label}", env) for label, env in sources]
     with workdir(args.keep) as directory:
         async with running_emulator(emulator_settings()) as emulator:
             config = write_config(directory, emulator)
@@ -55,66 +97,42 @@ async def main() -> None:
             sub.mkdir()
             many_config = write_config(sub, emulator, accounts=account_names(many))
             seed_accounts(emulator, many_config, first_user=FIRST_USER_ID + 1)
-            baseline: list[float] = []
-            daemon_times: list[float] = []
-            #: The baseline run just before each many-accounts run, and that run.
-            many_baseline: list[float] = []
-            many_times: list[float] = []
-            #: Per round: (daemon / its baseline) in wall-clock time and in CPU time.
-            paired: list[tuple[float, float]] = []
-            many_paired: list[tuple[float, float]] = []
             # Round 0 is a warm-up (page cache, bytecode). Every round runs the baseline
             # before each daemon, so drift on a shared machine hits both alike.
             for index in range(runs + 1):
-                elapsed, base_cpu = await _baseline(directory)
-                ready, cpu = await _daemon(config)
-                if index:
-                    baseline.append(elapsed)
-                    daemon_times.append(ready)
-                    paired.append((ready / elapsed, cpu / base_cpu))
+                for variant in one:
+                    await variant.round(directory, config, keep=index > 0)
                 if index <= many_runs:
-                    elapsed, base_cpu = await _baseline(directory)
-                    ready, cpu = await _daemon(many_config)
-                    if index:
-                        many_baseline.append(elapsed)
-                        many_times.append(ready)
-                        many_paired.append((ready / elapsed, cpu / base_cpu))
-    base_med, daemon_med = median(baseline), median(daemon_times)
-    ratio = daemon_med / base_med
-    many_base_med, many_med = median(many_baseline), median(many_times)
-    many_ratio = many_med / many_base_med
+                    for variant in lots:
+                        await variant.round(directory, many_config, keep=index > 0)
+    rows = []
+    for variant in [*one, *lots]:
+        rows.append([f"bare import, the runs before {variant.label}", *_ms(variant.baseline)])
+        rows.append([f"kakao-tokend run -> READY=1, {variant.label}", *_ms(variant.ready)])
     print_table(
         f"Start to READY ({runs} runs each with 1 account, {many_runs} with {many}; median)",
         ["measure", "median ms", "min ms", "max ms"],
-        [
-            ["bare import aiohttp+apscheduler", *_ms(baseline)],
-            ["kakao-tokend run -> READY=1", *_ms(daemon_times)],
-            [f"bare import, the runs before the {many}-account ones", *_ms(many_baseline)],
-            [f"kakao-tokend run -> READY=1, {many} accounts", *_ms(many_times)],
-        ],
+        rows,
     )
-    print(f"  ratio daemon/baseline: {ratio:.2f}x; with {many} accounts {many_ratio:.2f}x")
-    for label, rounds in (("1 account", paired), (f"{many} accounts", many_paired)):
+    for variant in [*one, *lots]:
+        ratio = median(variant.ready) / median(variant.baseline)
         print(
-            f"  {label}, per round: wall {_spread([wall for wall, _ in rounds])},"
-            f" CPU {_spread([cpu for _, cpu in rounds])}"
+            f"  {variant.label}: ratio daemon/baseline {ratio:.2f}x; per round: wall"
+            f" {_spread([wall for wall, _ in variant.paired])},"
+            f" CPU {_spread([cpu for _, cpu in variant.paired])}"
         )
-    result(
-        "startup_ready_ms",
-        daemon_med * 1000,
-        ratio,
-        baseline_ms=f"{base_med * 1000:.1f}",
-        paired_ratio=f"{median([wall for wall, _ in paired]):.3f}",
-        cpu_ratio=f"{median([cpu for _, cpu in paired]):.3f}",
-    )
-    result(
-        f"startup_ready_ms_{many}",
-        many_med * 1000,
-        many_ratio,
-        baseline_ms=f"{many_base_med * 1000:.1f}",
-        paired_ratio=f"{median([wall for wall, _ in many_paired]):.3f}",
-        cpu_ratio=f"{median([cpu for _, cpu in many_paired]):.3f}",
-    )
+    for variant, name in (
+        *((v, "startup_ready_ms") for v in one),
+        *((v, f"startup_ready_ms_{many}") for v in lots),
+    ):
+        result(
+            name + ("_before" if variant.env else ""),
+            median(variant.ready) * 1000,
+            median(variant.ready) / median(variant.baseline),
+            baseline_ms=f"{median(variant.baseline) * 1000:.1f}",
+            paired_ratio=f"{median([wall for wall, _ in variant.paired]):.3f}",
+            cpu_ratio=f"{median([cpu for _, cpu in variant.paired]):.3f}",
+        )
 
 
 async def _baseline(directory: Path) -> tuple[float, float]:
@@ -128,9 +146,9 @@ async def _baseline(directory: Path) -> tuple[float, float]:
     return elapsed, cpu
 
 
-async def _daemon(config: Path) -> tuple[float, float]:
+async def _daemon(config: Path, env: dict[str, str] | None) -> tuple[float, float]:
     """Start the daemon once; return its exec-to-READY time and its CPU time until READY."""
-    daemon, ready = await start_daemon(config)
+    daemon, ready = await start_daemon(config, env=env)
     cpu = cpu_seconds(daemon.pid)
     await daemon.stop()
     return ready, cpu

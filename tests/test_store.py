@@ -22,12 +22,16 @@ from kakao_tokend.errors import (
     StateCorrupt,
     StoreError,
     StoreLocked,
+    StoreMoved,
     StoreWriteError,
     UnsafePath,
 )
 from kakao_tokend.store import (
+    MOVED_NAME,
     TEMP_PREFIX,
     AccountStore,
+    Listing,
+    StorePaths,
     atomic_write,
     read_file,
     remove_stale_temp_files,
@@ -312,9 +316,9 @@ def test_a_shared_directory_is_judged_once_but_every_file_still_is(tmp_path: Pat
     shared = tmp_path / "state"
     shared.mkdir(mode=0o700)
     first = AccountStore.from_paths("a", state_file=shared / "a.state.json")
-    checked: set[Path] = set()
+    checked: set[str] = set()
     first.check_paths(checked)
-    assert checked == {shared}
+    assert checked == {str(shared)}
     shared.chmod(0o777)
     AccountStore.from_paths("b", state_file=shared / "b.state.json").check_paths(checked)
     (shared / "c.token.json").symlink_to(tmp_path / "elsewhere")
@@ -327,7 +331,51 @@ def test_a_shared_directory_is_judged_once_but_every_file_still_is(tmp_path: Pat
     other.chmod(0o777)
     with pytest.raises(UnsafePath, match="writable by group and others"):
         AccountStore.from_paths("d", state_file=other / "d.state.json").check_paths(checked)
-    assert other not in checked
+    assert str(other) not in checked
+
+
+def _listed(listing: Listing, directory: Path, name: str) -> AccountStore:
+    """A store of account ``name`` in ``directory`` that answers from ``listing`` (as at start)."""
+    paths = StorePaths(
+        name=name,
+        state_file=directory / f"{name}.state.json",
+        lock_file=directory / f"{name}.lock",
+        token_file=directory / f"{name}.token.json",
+    )
+    return AccountStore(paths, rescue_dir=directory / "run", listing=listing)
+
+
+def test_a_listing_judges_every_file_as_the_lookups_do_and_is_only_as_new_as_its_moment(
+    tmp_path: Path,
+) -> None:
+    """A start of many accounts judges their files from one listing of the directory: a
+    symlinked token file or a directory in place of a state file is refused as without one,
+    a state file is read, and a missing one loads as None. A state written after the listing
+    was taken is not seen while it is open (the watch and the heartbeat notice it), and is
+    once it is closed; a migration marker in the directory is refused."""
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    listing = Listing()
+    written = make_state("a")
+    _listed(Listing(), directory, "a").save(written)
+    (directory / "b.token.json").symlink_to(tmp_path / "elsewhere")
+    (directory / "c.state.json").mkdir()
+    a, b, c, d = (_listed(listing, directory, name) for name in "abcd")
+    a.check_paths()
+    assert a.load() == written
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        b.check_paths()
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        c.check_paths()
+    d.check_paths()
+    assert d.load() is None and d.load_rescue() is None and d.read_published() is None
+    AccountStore.from_paths("d", state_file=d.state_path).save(make_state("d"))
+    assert d.load() is None  # the listing's moment
+    listing.close()
+    assert d.load() == make_state("d")
+    (directory / MOVED_NAME).write_text("{}")
+    with pytest.raises(StoreMoved):
+        _listed(Listing(), directory, "a").load()
 
 
 def test_read_file_reads_every_byte_and_refuses_what_is_not_a_regular_file(

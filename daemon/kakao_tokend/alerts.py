@@ -60,7 +60,7 @@ from .kakao import KakaoClient
 from .refresher import AccountManager
 from .relogin import cli_command
 from .state import AccountState
-from .status import WITHOUT_TOKENS, AccountEvent
+from .status import WITHOUT_TOKENS, AccountEvent, active_alerts
 from .storage import StateStore
 from .tokens import Clock, backoff_delay, format_time, parse_time, utcnow
 
@@ -73,8 +73,6 @@ __all__ = [
     "Condition",
     "Severity",
     "SharedAlerts",
-    "active_alerts",
-    "kakaotalk_only_for_critical",
     "resolution_alert",
     "send_test",
 ]
@@ -482,18 +480,6 @@ def build_channels(
             )
         )
     return channels
-
-
-def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
-    """True when KakaoTalk would be the only channel carrying critical alerts for ``account``.
-
-    It cannot deliver once the token is dead, which is exactly when critical alerts matter.
-    """
-    settings = account.alerts
-    kakaotalk = settings.kakaotalk is True or (
-        settings.kakaotalk is None and "talk_message" in account.app.scopes
-    )
-    return kakaotalk and not (settings.webhook_url or settings.command)
 
 
 def log_alert(alert: Alert) -> None:
@@ -904,26 +890,6 @@ def resolution_alert(
         brief=N_("cleared: {what}", what=brief),
         language=language,
     )
-
-
-def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
-    """Turn saved bookkeeping ("active" mapping) into a list for status output."""
-    result = []
-    for name, record in active.items():
-        if not isinstance(record, dict):
-            continue
-        result.append(
-            {
-                "condition": name,
-                "severity": record.get("severity"),
-                "message": record.get("message"),
-                "action": record.get("action"),
-                "since": record.get("since"),
-                "last_sent_at": record.get("last_sent_at"),
-            }
-        )
-    order = {"critical": 0, "warning": 1, "info": 2}
-    return sorted(result, key=lambda item: order.get(str(item["severity"]), 3))
 
 
 # --------------------------------------------------------------------------- the center

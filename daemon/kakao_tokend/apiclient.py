@@ -2,12 +2,13 @@
 
 It speaks HTTP/1.1 with the standard library (http.client over AF_UNIX), not aiohttp: one
 request per command needs no event-loop client, and importing aiohttp (about 0.13 s of CPU,
-half of what `status` or `token` costs) made every such command slower for nothing.
+half of what `status` or `token` costs) made every such command slower for nothing. Even
+http.client (with the email parser and ssl it imports) is imported only once a daemon
+answers on the socket: without one, `status` and `token` read the files and never need it.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 from collections.abc import Mapping
@@ -115,24 +116,6 @@ def call(
     return status, body
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """An HTTP connection to a Unix socket (the Host header names the daemon, as before)."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("kakao-tokend", timeout=timeout)
-        self._socket_path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def _request(
     path: Path,
     method: str,
@@ -149,12 +132,19 @@ def _request(
     if data is not None:
         body = urlencode(data).encode()
         sent_headers["Content-Type"] = "application/x-www-form-urlencoded"
-    connection = _UnixConnection(path, timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     try:
-        try:
-            connection.connect()
-        except OSError as exc:
-            raise DaemonNotRunning(str(path)) from exc
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise DaemonNotRunning(str(path)) from exc
+    import http.client  # a daemon answers: see the module's docstring
+
+    # The Host header names the daemon; the connection uses the Unix socket given to it.
+    connection = http.client.HTTPConnection("kakao-tokend", timeout=timeout)
+    connection.sock = sock
+    try:
         try:
             connection.request(method, target, body=body, headers=sent_headers)
             response = connection.getresponse()

@@ -5,15 +5,12 @@ The exit codes and what each means are in :mod:`~kakao_tokend.exitcodes` (and th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import traceback
-import webbrowser
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -142,6 +139,10 @@ def _settings() -> Settings:
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    # asyncio (with ssl) is imported by the commands that run a loop, not by every command:
+    # `status`, `check-config` and the daemon's socket client never need it.
+    import asyncio
+
     return asyncio.run(coro)
 
 
@@ -290,6 +291,8 @@ DURATION = Duration()
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
+    import platform  # here: it compiles a dozen regular expressions, every command paid for it
+
     click.echo(
         f"kakao-tokend {__version__} ({platform.python_implementation()} "
         f"{platform.python_version()} on {platform.system()} {platform.machine()})"
@@ -369,7 +372,7 @@ def check_config() -> None:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
-    from .alerts import kakaotalk_only_for_critical
+    from .config import kakaotalk_only_for_critical
 
     for account in config.accounts.values():
         if kakaotalk_only_for_critical(account):
@@ -458,6 +461,8 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
     opener: Callable[[str], object] | None = None
     if not no_browser and _display_available():
+        import webbrowser  # only `login` opens a browser
+
         opener = webbrowser.open
     # Without a browser here the user finishes elsewhere and may paste the redirect address.
     paste = no_browser or opener is None
@@ -957,6 +962,8 @@ async def _managed_refresh(
     less than that many seconds left (checked again under the lock, so concurrent callers
     refresh once).
     """
+    import asyncio
+
     from .kakao import KakaoClient, create_session
     from .refresher import AccountManager
     from .status import Health
@@ -1516,7 +1523,7 @@ async def _send_memo_directly(
 
 
 def _active_alerts(account: AccountConfig) -> list[dict[str, Any]]:
-    from .alerts import active_alerts
+    from .status import active_alerts
     from .store import AccountStore
 
     return active_alerts((AccountStore(account).load_alerts() or {}).get("active") or {})
@@ -1750,12 +1757,17 @@ def run() -> None:
     """
     import gc
 
-    from .service import run as run_service
-
-    # What is imported now lives as long as the process: take it out of the cyclic garbage
-    # collector's sight, so that the collections while a thousand accounts load (and every
-    # full one afterwards) do not walk all of aiohttp's and our own module objects again.
-    gc.freeze()
+    # What the service imports lives as long as the process: the cyclic garbage collector is
+    # off while it is imported (its collections there only walked the new modules again:
+    # about 3 % of a start's instructions, docs/benchmarks.md), and all of it is then taken
+    # out of the collector's sight, so that the collections while a thousand accounts load
+    # (and every full one afterwards) do not walk aiohttp's and our own module objects again.
+    gc.disable()
+    try:
+        from .service import run as run_service
+    finally:
+        gc.freeze()
+        gc.enable()
     settings = _settings()
     code = run_service(settings.config_path, account=settings.account)
     click.get_current_context().exit(code)

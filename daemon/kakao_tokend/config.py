@@ -19,7 +19,7 @@ import socket
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -49,6 +49,7 @@ __all__ = [
     "TemplateConfig",
     "config_from_toml_text",
     "find_config_file",
+    "kakaotalk_only_for_critical",
     "load_config",
     "load_locations",
     "parse_duration",
@@ -1038,6 +1039,19 @@ _RULES: Final[Mapping[type[Any], Callable[[Any, _Known, _Report], None]]] = {
 }
 
 
+def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
+    """True when KakaoTalk would be the only channel carrying critical alerts for ``account``.
+
+    It cannot deliver once the token is dead, which is exactly when critical alerts matter
+    (`check-config` warns). With ``kakaotalk = "auto"`` the configured scopes decide.
+    """
+    settings = account.alerts
+    kakaotalk = settings.kakaotalk is True or (
+        settings.kakaotalk is None and "talk_message" in account.app.scopes
+    )
+    return kakaotalk and not (settings.webhook_url or settings.command)
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding and loading the file
 
@@ -1197,20 +1211,7 @@ def _build(
         count = len(problems)
         noun = "problem" if count == 1 else "problems"
         raise ConfigError(f"{where} has {count} {noun}:", details=problems)
-    return _with_cli_options(config, environ)
-
-
-def _with_cli_options(config: Config, environ: Mapping[str, str]) -> Config:
-    """Give every account the global options that name it on the command line."""
-    named = paths.config_options(config.source, environ)
-    accounts = {
-        name: replace(
-            account,
-            cli_options=named if name == config.default_account else (*named, "--account", name),
-        )
-        for name, account in config.accounts.items()
-    }
-    return replace(config, accounts=MappingProxyType(accounts))
+    return config
 
 
 def _toml_reason(exc: tomllib.TOMLDecodeError) -> str:
@@ -1427,9 +1428,15 @@ class _Checker:
                     self.problems.extend(exc.details or [(f"paths.{name}", exc.message)])
 
         account_tables = self.account_tables(raw)
+        # The global options that name each account on the command line (its cli_options):
+        # known before the accounts are built, so none is copied afterwards to add them. A
+        # default_account that names no account is a problem below, and then nothing is built.
+        default = raw.get("default_account", next(iter(account_tables), None))
+        named = paths.config_options(self.source, self.environ)
         accounts: dict[str, AccountConfig] = {}
         for name, table in account_tables.items():
-            account = self.account(name, table, tables, values.get("state_dir"))
+            options = named if name == default else (*named, "--account", name)
+            account = self.account(name, table, tables, values.get("state_dir"), options)
             if account is not None:
                 accounts[name] = account
         if not account_tables:
@@ -1490,11 +1497,13 @@ class _Checker:
         table: Mapping[str, Any] | None,
         shared: Mapping[str, Mapping[str, Any]],
         state_dir: Path | None,
+        cli_options: tuple[str, ...] = (),
     ) -> AccountConfig | None:
         """One account: its own keys, and each shared table with its overrides applied."""
         prefix = f"accounts.{name}"
         values, unknown = self.read(AccountConfig, _settings(table or {}, prefix), prefix)
         values["name"] = name
+        values["cli_options"] = cli_options
         for sub, (cls, sub_table, target) in _ACCOUNT_TABLES.items():
             own = self.section(table, sub, prefix, cls, sub_table) if table is not None else {}
             if not own and sub in self.inherited:

@@ -32,6 +32,7 @@ from .store import (
     INSTANCE_LOCK_NAME,
     AccountStore,
     FileLock,
+    Listing,
     check_directory,
     ensure_reserve,
     make_dirs,
@@ -130,10 +131,13 @@ class Daemon:
 
     # ---------------------------------------------------------------- accounts
 
-    def make_manager(self, account: AccountConfig) -> AccountManager:
-        """Create the store, client and manager for one account and load its state."""
+    def make_manager(
+        self, account: AccountConfig, store: AccountStorage | None = None
+    ) -> AccountManager:
+        """Create the store (unless given), client and manager for one account; load it."""
         assert self.session is not None
-        store = self.new_store(account)
+        if store is None:
+            store = self.new_store(account)
         for directory in {account.state_file.parent, account.token_file.parent}:
             if directory not in self._prepared_dirs:
                 # Once per directory: 1,000 accounts usually share one state directory.
@@ -176,12 +180,29 @@ class Daemon:
 
     def open_accounts(self) -> None:
         """Create a manager per configured account (after checking every account's files)."""
-        if self.fleet is None:  # in fleet mode the state files are not used (maybe MOVED)
-            checked: set[Path] = set()  # each shared directory is judged once
-            for account in self.config.accounts.values():
-                AccountStore(account).check_paths(checked)
-        for account in self.config.accounts.values():
-            self.managers[account.name] = self.make_manager(account)
+        accounts = self.config.accounts.values()
+        if self.fleet is not None:  # the state files are not used (maybe MOVED)
+            for account in accounts:
+                self.managers[account.name] = self.make_manager(account)
+        else:
+            # One listing of each directory answers for the files that are not there (most
+            # of an account's: rescue, alert bookkeeping, the migration marker) and gives the
+            # type of those that are. It is closed before anything else can run: the loop
+            # below never waits, so no other task (and no refresh) sees it.
+            listing = Listing()
+            runtime_dir = self.config.runtime_dir
+            try:
+                stores = [
+                    (account, AccountStore(account, rescue_dir=runtime_dir, listing=listing))
+                    for account in accounts
+                ]
+                checked: set[str] = set()  # each shared directory is judged once
+                for _, store in stores:
+                    store.check_paths(checked)
+                for account, store in stores:
+                    self.managers[account.name] = self.make_manager(account, store)
+            finally:
+                listing.close()
         listed = self._listed()
         for manager in listed:
             log.info("account %s", manager.summary())

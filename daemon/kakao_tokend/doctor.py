@@ -33,7 +33,6 @@ from .errors import (
 )
 from .exitcodes import CRITICAL, OK, WARNING
 from .health import assess
-from .kakao import AccessTokenRejected, KakaoClient, create_session
 from .relogin import cli_command, command_line, config_command, login_command
 from .state import AccountState
 from .store import STATE_FILE_MODE, AccountStore
@@ -329,6 +328,10 @@ def _left(seconds: float) -> str:
 
 async def check_live(config: Config, states: dict[str, AccountState]) -> list[Finding]:
     """Ask Kakao about each stored access token (``access_token_info``)."""
+    # Here, not at the top: the Kakao client brings aiohttp, and `check-config` (which uses
+    # this module's access checks) never talks to Kakao.
+    from .kakao import AccessTokenRejected, KakaoClient, create_session
+
     findings: list[Finding] = []
     async with create_session() as session:
         for name, state in states.items():
@@ -373,6 +376,8 @@ async def check_live(config: Config, states: dict[str, AccountState]) -> list[Fi
 
 async def check_clock(config: Config, *, clock: Clock = utcnow) -> Finding:
     """Compare our clock with the ``Date`` header of Kakao's answer."""
+    from .kakao import KakaoClient, create_session  # aiohttp: see check_live
+
     account = next(iter(config.accounts.values()))
     async with create_session() as session:
         client = KakaoClient(session, account.app, clock=clock)

@@ -1,33 +1,31 @@
-"""Prometheus metrics computed at scrape time from the account managers (a per-app registry)."""
+"""Prometheus metrics computed at scrape time from the account managers (a per-app registry).
+
+prometheus_client is imported at the first scrape, not with this module: the daemon builds
+its metrics (and starts counting failures and refresh durations) before it is READY, and
+importing the client and its exposition server (wsgiref, http.server) cost every start
+about 10 ms, a daemon that is never scraped included. What is counted between scrapes is
+plain data here (:class:`DaemonCollector`); the metric families are made from it when asked.
+"""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import platform
 import time
 from collections import Counter
 from collections.abc import Iterator
-
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    InfoMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .daemon import Daemon
 from .health import Severity
 from .status import FAILURES, AccountEvent, EventKind, Health
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +35,21 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 
-class DaemonCollector(Collector):
-    """Reads every number from the daemon when scraped; only failure classes are counted here.
+class DaemonCollector:
+    """Reads every number from the daemon when scraped; only failure classes and refresh
+    durations are counted here (a prometheus_client Collector).
 
     The managers count attempts, successes, failures and rotations themselves; failures by
-    class come from the managers' events (``retrying``, ``relogin``, ``config``).
+    class come from the managers' events (``retrying``, ``relogin``, ``config``), durations
+    from their ``refresh_call`` events.
     """
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.failures: Counter[tuple[str, str]] = Counter()
-        self.durations = Histogram(
-            "kakao_tokend_refresh_duration_seconds",
-            "How long Kakao took to answer a refresh call, by outcome (success or failure).",
-            ["account", "outcome"],
-            buckets=DURATION_BUCKETS,
-            registry=None,  # collected below, with the accounts that still exist
-        )
+        #: (account, outcome) -> refresh calls per DURATION_BUCKETS bucket (the last one:
+        #: above every bound), and the sum of their seconds.
+        self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
     def on_event(self, event: AccountEvent) -> None:
         """Manager listener: count a failure under its class; time each refresh call."""
@@ -62,11 +58,25 @@ class DaemonCollector(Collector):
             self.failures[(event.account, label)] += 1
         elif event.kind is EventKind.REFRESH_CALL:
             outcome = str(event.data.get("outcome", "failure"))
-            seconds = float(event.data.get("seconds", 0.0))
-            self.durations.labels(event.account, outcome).observe(max(0.0, seconds))
+            seconds = max(0.0, float(event.data.get("seconds", 0.0)))
+            key = (event.account, outcome)
+            if key not in self.durations:
+                self.durations[key] = ([0] * (len(DURATION_BUCKETS) + 1), [0.0])
+            counts, total = self.durations[key]
+            # A bucket counts the calls that took at most its bound (Prometheus' "le").
+            counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+            total[0] += seconds
 
     def collect(self) -> Iterator[Metric]:
         """Build every metric family from the current state."""
+        from prometheus_client.core import (  # at the first scrape: see the module docstring
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
         daemon = self.daemon
         now = daemon.clock()
         access = GaugeMetricFamily(
@@ -157,15 +167,18 @@ class DaemonCollector(Collector):
                 failures.add_metric([name, label], count)
         yield from (access, refresh, last_success, generation, healthy, level, conditions, serving)
         yield from (attempts, successes, failures, rotations)
-        for family in self.durations.collect():
-            # Accounts removed by a reload go; so does the _created series (noise here).
-            family.samples = [
-                sample
-                for sample in family.samples
-                if sample.labels["account"] in daemon.managers
-                and not sample.name.endswith("_created")
-            ]
-            yield family
+        durations = HistogramMetricFamily(
+            "kakao_tokend_refresh_duration_seconds",
+            "How long Kakao took to answer a refresh call, by outcome (success or failure).",
+            labels=["account", "outcome"],
+        )
+        bounds = [*map(floatToGoString, DURATION_BUCKETS), "+Inf"]
+        for (name, outcome), (counts, total) in self.durations.items():
+            if name in daemon.managers:  # accounts removed by a reload go
+                cumulative = [float(n) for n in itertools.accumulate(counts)]
+                buckets = list(zip(bounds, cumulative, strict=True))
+                durations.add_metric([name, outcome], buckets, total[0])
+        yield durations
         alerts = self._alerts()
         if alerts is not None:
             yield alerts
@@ -178,6 +191,12 @@ class DaemonCollector(Collector):
 
     def _fleet(self) -> Iterator[Metric]:
         """Fleet mode: the node, the store's health, claims, notifications, who refreshed."""
+        from prometheus_client.core import (  # see collect
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
         daemon = self.daemon
         fleet = daemon.fleet
         if fleet is None:
@@ -254,6 +273,8 @@ class DaemonCollector(Collector):
 
     def _alerts(self) -> GaugeMetricFamily | None:
         """Active alerts by account and severity (when the daemon runs the alerts capability)."""
+        from prometheus_client.core import GaugeMetricFamily  # see collect
+
         center = self.daemon.alerts
         if center is None:
             return None
@@ -278,12 +299,29 @@ class Metrics:
     Python platform and garbage-collector metrics every Prometheus client exposes."""
 
     def __init__(self, daemon: Daemon) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
         self.collector = DaemonCollector(daemon)
-        self.registry.register(self.collector)
-        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            self.registry.register(standard)
+        self._registry: CollectorRegistry | None = None  # made at the first scrape
 
     def render(self) -> bytes:
         """Return the Prometheus text exposition."""
+        from prometheus_client import generate_latest  # see the module docstring
+
         return generate_latest(self.registry)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry: the daemon's collector and the standard ones (made when first used)."""
+        if self._registry is None:
+            from prometheus_client import (  # see the module docstring
+                GC_COLLECTOR,
+                PLATFORM_COLLECTOR,
+                PROCESS_COLLECTOR,
+                CollectorRegistry,
+            )
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(self.collector)
+            for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                registry.register(standard)
+            self._registry = registry
+        return self._registry

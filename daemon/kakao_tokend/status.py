@@ -21,7 +21,14 @@ from typing import Any
 from .relogin import ReloginCause, parse_cause
 from .state import AccountState
 
-__all__ = ["AccountEvent", "AccountStatus", "EventKind", "EventListener", "Health"]
+__all__ = [
+    "AccountEvent",
+    "AccountStatus",
+    "EventKind",
+    "EventListener",
+    "Health",
+    "active_alerts",
+]
 
 
 class Health(enum.StrEnum):
@@ -269,3 +276,27 @@ class AccountStatus:
         self.health = health
         self.last_error = message
         self.last_error_class = label
+
+
+def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn saved alert bookkeeping (its "active" mapping) into a list for status output.
+
+    Here, not in :mod:`~kakao_tokend.alerts`: `status` reads the bookkeeping without the
+    alert machinery (and the aiohttp it brings).
+    """
+    result = []
+    for name, record in active.items():
+        if not isinstance(record, dict):
+            continue
+        result.append(
+            {
+                "condition": name,
+                "severity": record.get("severity"),
+                "message": record.get("message"),
+                "action": record.get("action"),
+                "since": record.get("since"),
+                "last_sent_at": record.get("last_sent_at"),
+            }
+        )
+    order = {"critical": 0, "warning": 1, "info": 2}
+    return sorted(result, key=lambda item: order.get(str(item["severity"]), 3))

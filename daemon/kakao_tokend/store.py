@@ -8,7 +8,6 @@ user may write to (:func:`check_directory`). docs/security.md explains why.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import grp
@@ -25,7 +24,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from .errors import (
     StateCorrupt,
@@ -54,6 +53,8 @@ STATE_FILE_MODE = 0o600
 LOCK_FILE_MODE = 0o600
 #: The rescue file (see AccountStore.save_rescue) and its format version.
 RESCUE_SUFFIX = ".rescue.json"
+#: Each account's alert bookkeeping, next to its state file (AccountStore.alerts_path).
+ALERTS_SUFFIX = ".alerts.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
@@ -310,8 +311,85 @@ def symlink_refused(path: Path, what: str) -> UnsafePath:
     )
 
 
-def check_file(path: Path, *, what: str) -> None:
-    """Refuse a symlink or anything but a regular file at ``path``; a missing file passes."""
+class Listing:
+    """What a few directories held at one moment: one ``scandir`` each, read when first asked.
+
+    A start of a thousand accounts would otherwise look up every file of every account one by
+    one (its state, token, lock, alert bookkeeping and rescue files, the migration marker):
+    thousands of system calls, most of them for files that are not there. With a listing, a
+    file it does not name is known to be absent, and one it names has its type from the
+    directory entry (``d_type``; ``DirEntry`` falls back to ``lstat`` where a file system
+    gives none). It is only as good as the moment it was taken: the daemon uses one while it
+    opens its accounts, under its instance lock (which `store migrate` needs too), and closes
+    it before READY. A file another process writes meanwhile (a `login`) is noticed like any
+    later change: by the state directory watch and the heartbeat's ``stat``. Every file that
+    is there is still opened without following a symlink and checked on its descriptor.
+    """
+
+    def __init__(self) -> None:
+        #: directory -> {name: entry}, or None when it could not be listed (then: ask the disk).
+        self._directories: dict[str, dict[str, os.DirEntry[str]] | None] = {}
+        self._closed = False
+
+    def _entries(self, path: Path | str) -> tuple[dict[str, os.DirEntry[str]] | None, str]:
+        # str.rpartition, not os.path.split or Path.parent: this runs ten times per account.
+        directory, slash, name = str(path).rpartition("/")
+        if self._closed:
+            return None, name
+        directory = directory or slash or "."  # "/x" is in "/", "x" in "."
+        try:
+            return self._directories[directory], name
+        except KeyError:
+            pass
+        entries: dict[str, os.DirEntry[str]] | None
+        try:
+            with os.scandir(directory) as listing:
+                entries = {entry.name: entry for entry in listing}
+        except OSError:
+            entries = None  # missing or unreadable: the file's own lookup says what is wrong
+        self._directories[directory] = entries
+        return entries, name
+
+    def absent(self, path: Path | str) -> bool:
+        """True when ``path`` is known not to exist (False: it exists, or nobody knows)."""
+        entries, name = self._entries(path)
+        return entries is not None and name not in entries
+
+    def entry(self, path: Path | str) -> os.DirEntry[str] | Literal[False] | None:
+        """The directory entry of ``path``; False when it is known to be absent, None when
+        the listing does not know."""
+        entries, name = self._entries(path)
+        return None if entries is None else entries.get(name, False)
+
+    def close(self) -> None:
+        """Forget everything: from now on every question is answered by the disk."""
+        self._closed = True
+        self._directories.clear()
+
+
+def _directory_text(path: Path) -> str:
+    """The directory of ``path`` as text: ``str(path.parent)`` without building a Path."""
+    directory, slash, _ = str(path).rpartition("/")
+    return directory or slash or "."
+
+
+def check_file(path: Path, *, what: str, listing: Listing | None = None) -> None:
+    """Refuse a symlink or anything but a regular file at ``path``; a missing file passes.
+
+    With ``listing`` the answer comes from its directory entry when it has one.
+    """
+    if listing is not None:
+        entry = listing.entry(path)
+        if entry is False:
+            return
+        if isinstance(entry, os.DirEntry):
+            try:
+                if entry.is_symlink():
+                    raise symlink_refused(path, what)
+                if entry.is_file(follow_symlinks=False):
+                    return
+            except OSError:
+                pass  # DT_UNKNOWN and the fallback lstat failed: ask again below
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -496,11 +574,16 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
         if not stat.S_ISREG(info.st_mode):
             raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
         # Plain reads on the descriptor, sized by the fstat: a file object would fstat and
-        # seek again (a start of a thousand accounts reads two files each).
+        # seek again (a start of a thousand accounts reads two files each). A read that
+        # returns less than it asked for has reached the end of a regular file: no further
+        # read to hear that (our files are replaced by rename, never appended to).
         data = b""
-        while chunk := os.read(fd, max(info.st_size - len(data), 0) + 4096):
+        while True:
+            wanted = max(info.st_size - len(data), 0) + 4096
+            chunk = os.read(fd, wanted)
             data += chunk
-        return data, info.st_ino
+            if len(chunk) < wanted:
+                return data, info.st_ino
     finally:
         os.close(fd)
 
@@ -616,13 +699,16 @@ def resolve_group(group: str | int | None) -> int | None:
 MOVED_NAME = "MOVED"
 
 
-def check_not_moved(directory: Path, *, account: Named | None = None) -> None:
+def check_not_moved(
+    directory: Path, *, account: Named | None = None, listing: Listing | None = None
+) -> None:
     """Refuse (:class:`StoreMoved`) when the accounts of ``directory`` were migrated away.
 
     The marker's existence is what counts: a marker that cannot be read or parsed refuses
     too, with a vaguer message. Its fields (``store_id``, ``database``, ``moved_at``,
     ``pending``) only make the message say where the accounts went and how to go back; with
-    ``account``, the commands in the hints carry its configuration's ``--config``.
+    ``account``, the commands in the hints carry its configuration's ``--config``. A
+    ``listing`` that knows the directory spares the lookup.
     """
 
     def migrate(target: str) -> str:
@@ -630,6 +716,8 @@ def check_not_moved(directory: Path, *, account: Named | None = None) -> None:
         return config_command(account, *words) if account else command_line((), *words)
 
     marker = os.path.join(directory, MOVED_NAME)  # a string: no Path built when none is there
+    if listing is not None and listing.absent(marker):
+        return
     try:
         os.lstat(marker)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -706,7 +794,13 @@ class AccountStore:
     #: the migration itself, which reads and fills moved files on purpose, turns this off.
     honour_moved_marker: ClassVar[bool] = True
 
-    def __init__(self, account: AccountFiles, *, rescue_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        account: AccountFiles,
+        *,
+        rescue_dir: Path | None = None,
+        listing: Listing | None = None,
+    ) -> None:
         self.account = account
         self.name = account.name
         # The configuration's own Path objects, not copies: with a thousand accounts every
@@ -721,6 +815,8 @@ class AccountStore:
         self._gid_resolved = False
         #: The directory whose emergency reserve a save gave up (to be re-created later).
         self._reserve_released: Path | None = None
+        #: While the daemon opens its accounts: the directories as listed then (see Listing).
+        self._listing = listing
 
     @classmethod
     def from_paths(
@@ -779,11 +875,17 @@ class AccountStore:
     @property
     def alerts_path(self) -> Path:
         """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
-        return self.state_path.with_name(f"{self.name}.alerts.json")
+        return self.state_path.with_name(f"{self.name}{ALERTS_SUFFIX}")
+
+    def _alerts_absent(self) -> bool:
+        """True when the listing knows there is no alert bookkeeping file (no Path built)."""
+        return self._listing is not None and self._listing.absent(
+            f"{_directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
+        )
 
     # -- safety --------------------------------------------------------------------------------
 
-    def check_paths(self, checked: set[Path] | None = None) -> None:
+    def check_paths(self, checked: set[str] | None = None) -> None:
         """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
 
         The directories of the state, lock and token files must pass :func:`check_directory`;
@@ -792,25 +894,31 @@ class AccountStore:
         Directories in ``checked`` passed already and are not looked at again; the ones that
         pass here are added (a thousand accounts in one directory: one look at it).
         """
-        directories: dict[Path, str] = {}
+        # Keyed by the directory's text (a Path per file and account adds up at a thousand).
+        directories: dict[str, tuple[Path, str]] = {}
         for path, what in (
             (self.state_path, "state directory"),
             (self.lock_path, "lock file directory"),
             (self.token_path, "token file directory"),
         ):
-            directories.setdefault(path.parent, what)  # usually one directory: "state directory"
-        for directory, what in directories.items():
+            # Usually one directory: "state directory".
+            directories.setdefault(_directory_text(path), (path, what))
+        for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
-                check_directory(directory, what=what)
+                check_directory(path.parent, what=what)
+        listing = self._listing
         for path, what in (
             (self.state_path, "state file"),
             (self.lock_path, "lock file"),
             (self.token_path, "token file"),
-            (self.alerts_path, "alert bookkeeping file"),
         ):
-            check_file(path, what=what)
-        if self.honour_moved_marker and (checked is None or self.state_path.parent not in checked):
-            check_not_moved(self.state_path.parent, account=self.account)
+            check_file(path, what=what, listing=listing)
+        if not self._alerts_absent():
+            check_file(self.alerts_path, what="alert bookkeeping file", listing=listing)
+        if self.honour_moved_marker and (
+            checked is None or _directory_text(self.state_path) not in checked
+        ):
+            check_not_moved(self.state_path.parent, account=self.account, listing=listing)
         if checked is not None:
             checked.update(directories)
 
@@ -880,6 +988,10 @@ class AccountStore:
         Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
         file is written at once by :meth:`save`, so ending the hold commits nothing more.
         """
+        # asyncio (and the ssl it imports) only here: the CLI reads and writes the files
+        # without an event loop, and a command starts faster without it.
+        import asyncio
+
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         while not self.try_lock():
@@ -910,8 +1022,13 @@ class AccountStore:
         Files that `store migrate` moved away are refused (:class:`StoreMoved`).
         """
         path = self.state_path
-        if self.honour_moved_marker:
-            check_not_moved(path.parent, account=self.account)
+        listing = self._listing
+        if self.honour_moved_marker and (
+            listing is None or not listing.absent(f"{_directory_text(path)}/{MOVED_NAME}")
+        ):
+            check_not_moved(path.parent, account=self.account, listing=listing)
+        if listing is not None and listing.absent(path):
+            return None
         for _ in range(3):
             try:
                 raw, inode = _read_regular(path, what="state file")
@@ -1075,6 +1192,11 @@ class AccountStore:
 
         A damaged rescue file is moved aside (``.corrupt-<stamp>``) and logged, never used.
         """
+        if self._rescue_dir is None or (
+            self._listing is not None
+            and self._listing.absent(f"{self._rescue_dir}/{self.name}{RESCUE_SUFFIX}")
+        ):
+            return None  # (the text, not rescue_path: no Path built for a file not there)
         path = self.rescue_path
         if path is None:
             return None
@@ -1234,13 +1356,13 @@ class AccountStore:
         returned as readable lines (the caller marks the publish pending), never raised.
         """
         account = self.account
+        if account.access_token_file is None and account.env_file is None:
+            return []  # the usual case (and at start, once per account)
         targets = [
             (account.access_token_file, state.tokens.access_token.encode()),
             (account.env_file, f"KAKAO_ACCESS_TOKEN={state.tokens.access_token}\n".encode()),
         ]
         wanted = [(Path(path), data) for path, data in targets if path is not None]
-        if not wanted:
-            return []
         try:
             group = self._group_id()
         except StoreError as exc:
@@ -1255,6 +1377,8 @@ class AccountStore:
 
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document, or None when there is no token file."""
+        if self._listing is not None and self._listing.absent(self.token_path):
+            return None
         try:
             raw = read_file(self.token_path, what="token file")
         except FileNotFoundError:
@@ -1280,6 +1404,8 @@ class AccountStore:
 
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
+        if self._alerts_absent():
+            return None
         try:
             raw = read_file(self.alerts_path, what="alert bookkeeping file")
         except FileNotFoundError:

@@ -1,0 +1,85 @@
+"""Each command imports what it uses: a command or a start does not pay for what it never runs.
+
+The test suite starts hundreds of real processes, and an operator's shell runs `status` and
+`check-config` by hand: importing aiohttp (about 0.13 s of CPU), asyncio with ssl, or the
+Prometheus client where nothing needs them made each of them slower for nothing.
+docs/benchmarks.md ("CPU per command") has the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemonproc import write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Top-level modules whose loading these tests watch.
+WATCHED = ("aiohttp", "asyncio", "ssl", "http", "prometheus_client", "webbrowser")
+
+_CLI = """
+import json, runpy, sys
+sys.argv = ["kakao-tokend", *{argv!r}]
+try:
+    runpy.run_module("kakao_tokend", run_name="__main__")
+except SystemExit:
+    pass
+print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({watched!r}))))
+"""
+
+_BODY = """
+import json, sys
+{body}
+print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({watched!r}))))
+"""
+
+
+def _loaded(code: str) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+    return set(loaded)
+
+
+def loaded_by_command(*argv: str) -> set[str]:
+    """Run the CLI with ``argv`` in a fresh interpreter; return the watched modules it loaded."""
+    return _loaded(_CLI.format(argv=list(argv), watched=WATCHED))
+
+
+def loaded_by(body: str) -> set[str]:
+    """Run ``body`` in a fresh interpreter; return the watched modules it loaded."""
+    return _loaded(_BODY.format(body=body, watched=WATCHED))
+
+
+def test_check_config_and_status_without_a_daemon_load_no_network_stack(tmp_path: Path) -> None:
+    """`check-config` and `status` (no daemon: it reads the files) load neither aiohttp, nor
+    asyncio (with ssl), nor http.client, nor the browser module; `doctor`, which asks Kakao,
+    loads aiohttp and asyncio (so the check sees a module that loads)."""
+    config = str(write_config(tmp_path))
+    for command in ("check-config", "status"):
+        assert loaded_by_command("--config", config, command) == set(), command
+    assert {"aiohttp", "asyncio"} <= loaded_by_command("--config", config, "doctor")
+
+
+def test_the_daemon_imports_the_prometheus_client_at_the_first_scrape(tmp_path: Path) -> None:
+    """Building the daemon (its metrics included, counting from the start) does not import
+    prometheus_client; rendering /metrics does."""
+    config = write_config(tmp_path)
+    body = (
+        "from pathlib import Path\n"
+        "from kakao_tokend.api import METRICS\n"
+        "from kakao_tokend.config import load_config\n"
+        "from kakao_tokend.service import build_app\n"
+        f"app = build_app(load_config(Path({str(config)!r})))\n"
+        "assert 'prometheus_client' not in sys.modules\n"
+        "{render}"
+    )
+    assert "prometheus_client" not in loaded_by(body.format(render=""))
+    rendered = body.format(render="assert b'kakao_tokend_build_info' in app[METRICS].render()\n")
+    assert "prometheus_client" in loaded_by(rendered)
