@@ -590,10 +590,10 @@ class PgAccountStore:
 
     # One per account, 10,000 on a node: slots instead of an instance dictionary.
     __slots__ = (
-        "_files",
         "_held",
         "_shared_due",
         "_shared_plan",
+        "account",
         "fleet",
         "name",
         "planner",
@@ -601,12 +601,11 @@ class PgAccountStore:
     )
 
     def __init__(self, account: AccountFiles, fleet: FleetStore, *, publishes: bool = True) -> None:
+        self.account = account
         self.name = account.name
         self.fleet = fleet
         #: Whether this node writes the account's token files (``[store] publish_accounts``).
         self.publishes = publishes
-        #: The published files and the node-local alert bookkeeping.
-        self._files = AccountStore(account)
         self._held: _Held | None = None
         #: What shared_due_at last answered and the row's due_at it came from: a plan taken
         #: from the row is written back without this node's claim delay (see _commit). Two
@@ -618,9 +617,14 @@ class PgAccountStore:
         self.planner: Callable[[], StorePlan] | None = None
 
     @property
-    def account(self) -> AccountFiles:
-        """Return the account's configuration (its files)."""
-        return self._files.account
+    def _files(self) -> AccountStore:
+        """The published files and the node-local alert bookkeeping, as the file store has them.
+
+        Made for each use, not kept: one per account was 170 bytes of each of a node's 10,000
+        accounts, for a token file written every few hours. (What it would cache, the token
+        file's group id, is looked up again per publish; only with ``[publish] group`` set.)
+        """
+        return AccountStore(self.account)
 
     def __repr__(self) -> str:
         return f"PgAccountStore({self.name!r}, node={self.fleet.node!r})"
