@@ -16,7 +16,9 @@ the same run:
 * **memory** — two idle nodes, one with 1 account and one with N (default 10,000), each
   account's row carrying ROTATIONS_SEEDED rotations, tokens that outlive the measurement:
   each node's resident memory against the bare processes (goal ≤ 2×), and the KiB each
-  account adds (the difference of the two nodes over N − 1 accounts).
+  account adds (the difference of the two nodes over N − 1 accounts). ``--before CHECKOUT``
+  runs the same two nodes with another checkout's code too (e.g. ``git archive main daemon``
+  unpacked somewhere): before and after measured in one run, on the same loaded machine.
 * **idle** — 3 nodes with N accounts (default 10,000) of which none is due for hours, a 1 s
   heartbeat: the CPU the nodes spend and the statements and transactions they send per
   second while nothing happens, i.e. what the heartbeat (its poll, its ``nodes`` row) costs.
@@ -37,11 +39,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -98,6 +102,13 @@ def _options(parser: argparse.ArgumentParser) -> None:
         "--accounts", type=int, help="accounts for the spread and memory parts (default 10000)"
     )
     parser.add_argument("--rate", type=float, help="fleet refreshes per second (default 40)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="CHECKOUT",
+        help="memory part: also run nodes of the kakao-tokend in CHECKOUT (its daemon/ first on"
+        " PYTHONPATH, e.g. an export of main), measured in the same run",
+    )
     parser.add_argument("--failovers", type=int, help="kills in the failover part (default 5)")
     parser.add_argument(
         "--only",
@@ -316,22 +327,29 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
 
 
 async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) -> None:
-    """Idle nodes with 1 and N accounts: resident memory, and what one account adds."""
+    """Idle nodes with 1 and N accounts: resident memory, and what one account adds.
+
+    With ``--before CHECKOUT`` the same two nodes run that checkout's code too (started first,
+    with its ``daemon/`` first on PYTHONPATH), so a change is measured against its base on the
+    same machine at the same moment.
+    """
     n = args.accounts or (60 if args.quick else 10_000)
     settle = 2.0 if args.quick else 10.0  # a few heartbeats after READY: polls, alert reads
+    variants = {"": None} if args.before is None else {"before, ": args.before, "": None}
     async with running_emulator(
         emulator_settings(access_lifetime=3600.0, refresh_lifetime=5183999, rotation_window=60)
     ) as emulator:
         fleets = {
-            count: Fleet(
-                directory / f"memory-{count}",
+            (label, count): Fleet(
+                directory / f"memory-{'before-' if label else ''}{count}",
                 emulator,
                 cluster,
                 nodes=1,
                 accounts=account_names(count),
                 timings=FleetTimings(heartbeat="1s", log_level="info"),
-                database=f"memory{count}",
+                database=f"memory{'before' if label else ''}{count}",
             )
+            for label in variants
             for count in (1, n)
         }
         baselines = []
@@ -341,15 +359,17 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
                 await seed_with_rotations(fleet, ROTATIONS_SEEDED)
             began = time.monotonic()
             lead = 30.0 + 0.015 * n  # as the spread part allows for start-up
-            await asyncio.gather(*(fleet.start(timeout=lead) for fleet in fleets.values()))
-            print(f"both nodes serve after {time.monotonic() - began:.1f}s", flush=True)
+            for label, checkout in variants.items():
+                with python_path(checkout):  # the nodes inherit this process's environment
+                    await asyncio.gather(
+                        *(f.start(timeout=lead) for (v, _), f in fleets.items() if v == label)
+                    )
+            print(f"the nodes serve after {time.monotonic() - began:.1f}s", flush=True)
             baselines = await bare_processes(directory, "memory-baseline")
             await asyncio.sleep(settle)
             readings = {
-                f"node, {count} account{'s' if count > 1 else ''}": memory_kib(
-                    fleet.nodes[0].process.pid
-                )
-                for count, fleet in fleets.items()
+                (label, count): memory_kib(fleet.nodes[0].process.pid)
+                for (label, count), fleet in fleets.items()
                 if fleet.nodes[0].process is not None
             }
             bare = {name: memory_kib(p.pid) for name, p in zip(BASELINES, baselines, strict=True)}
@@ -359,24 +379,51 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             for fleet in fleets.values():
                 await fleet.close()
     base_rss = bare[next(iter(BASELINES))][0]
+    nodes = {
+        f"{label}node, {count} account{'s' if count > 1 else ''}": reading
+        for (label, count), reading in readings.items()
+    }
     print_table(
         f"Resident memory (MiB) of idle nodes, {ROTATIONS_SEEDED} rotations per account",
         ["process", "VmRSS", "VmHWM", "/ bare"],
         [[name, f"{rss / 1024:.1f}", f"{hwm / 1024:.1f}", f"{rss / base_rss:.2f}x"]
-         for name, (rss, hwm) in {**bare, **readings}.items()],
+         for name, (rss, hwm) in {**bare, **nodes}.items()],
     )  # fmt: skip
-    one, many = (rss for rss, _ in readings.values())
-    per_account = (many - one) / max(n - 1, 1)
-    print(f"  per extra account: {per_account:.2f} KiB", flush=True)
-    result(
-        "fleet_idle_node_rss_mib",
-        many / 1024,
-        many / base_rss,
-        accounts=n,
-        one_account_mib=f"{one / 1024:.1f}",
-        vs_bare_with_psycopg=f"{many / list(bare.values())[1][0]:.2f}",
-    )
-    result("fleet_node_kib_per_account", per_account, None, accounts=n)
+    for label in variants:
+        one, many = readings[label, 1][0], readings[label, n][0]
+        per_account = (many - one) / max(n - 1, 1)
+        print(f"  {label}per extra account: {per_account:.2f} KiB", flush=True)
+        if label:
+            continue  # the results are the code under test's
+        result(
+            "fleet_idle_node_rss_mib",
+            many / 1024,
+            many / base_rss,
+            accounts=n,
+            one_account_mib=f"{one / 1024:.1f}",
+            vs_bare_with_psycopg=f"{many / list(bare.values())[1][0]:.2f}",
+        )
+        result("fleet_node_kib_per_account", per_account, None, accounts=n)
+
+
+@contextlib.contextmanager
+def python_path(checkout: Path | None) -> Iterator[None]:
+    """Put ``checkout``'s daemon/ first on PYTHONPATH for the processes started meanwhile."""
+    if checkout is None:
+        yield
+        return
+    source = checkout.resolve() / "daemon"
+    if not (source / "kakao_tokend").is_dir():
+        raise SystemExit(f"--before {checkout}: no daemon/kakao_tokend in it")
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), saved]))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 async def seed_with_rotations(fleet: Fleet, rotations: int) -> None:

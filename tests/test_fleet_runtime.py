@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -33,6 +34,7 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
+from kakao_tokend.store import AccountStore
 from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
@@ -146,7 +148,11 @@ async def refresh_while_the_database_goes(
 
 
 async def test_a_refresh_commits_to_the_store_before_it_publishes(
-    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+    store_dsn: str,
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A refresh on a node writes the new generation to the row (CAS, refreshed_by = the
     node), and the token file appears only once the row holds it."""
@@ -154,14 +160,20 @@ async def test_a_refresh_commits_to_the_store_before_it_publishes(
     try:
         state = await login_on(first, emulator, store_dsn)
         assert first.manager.state == state
-        seen_at_publish: list[int | None] = []
-        original = first.store._files.publish
+        seen_at_publish: list[tuple[int, int | None]] = []
+        original = AccountStore.publish
 
-        def spy(published: AccountState, **kwargs: object) -> None:
-            seen_at_publish.append(published.generation)
-            original(published, **kwargs)  # type: ignore[arg-type]
+        def spy(files: AccountStore, published: AccountState, **kwargs: Any) -> None:
+            # The generation published, and the one the node's copy of the row has by then
+            # (set once the commit succeeded).
+            committed = first.fleet.rows.get("default")
+            seen_at_publish.append(
+                (published.generation, committed.generation if committed else None)
+            )
+            original(files, published, **kwargs)
 
-        first.store._files.publish = spy  # type: ignore[method-assign]
+        # The node's file store is made for each publish: the class is what it goes through.
+        monkeypatch.setattr(AccountStore, "publish", spy)
         new = await first.manager.refresh(force=True, reason="test")
         assert new is not None and new.generation == state.generation + 1
         row = await first.fleet.reload("default")
@@ -170,7 +182,7 @@ async def test_a_refresh_commits_to_the_store_before_it_publishes(
         assert row.state.tokens.refresh_token == new.tokens.refresh_token
         assert row.refreshed_by == "web-1"
         assert row.due_at is not None and row.due_at == first.manager.planned_refresh_at()
-        assert seen_at_publish == [new.generation]
+        assert seen_at_publish == [(new.generation, new.generation)]
         published = json.loads(first.config.account().token_file.read_text())
         assert published["access_token"] == new.tokens.access_token
     finally:

@@ -78,6 +78,8 @@ class Daemon:
     reload_listeners: list[Callable[[], None]] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _prepared_dirs: set[Path] = field(default_factory=set)
+    #: The Kakao client of each app object (by id; the client keeps its app alive), see _client.
+    _clients: dict[int, KakaoClient] = field(default_factory=dict)
     #: Alert conditions and channels (set up by the service's alerts context).
     alerts: AlertCenter | None = None
     _instance_lock: FileLock | None = None
@@ -148,7 +150,7 @@ class Daemon:
         manager = AccountManager(
             account,
             store=store,
-            client=KakaoClient(self.session, account.app, clock=self.clock),
+            client=self._client(account),
             policy=self.config.refresh,
             clock=self.clock,
         )
@@ -171,6 +173,19 @@ class Daemon:
             stale = published is None or published.get("generation") != manager.state.generation
             manager.publish(token_file=stale)
         return manager
+
+    def _client(self, account: AccountConfig) -> KakaoClient:
+        """Return the client for the account's app: one per app, not one per account.
+
+        Accounts without their own [kakao] table share one app object, and a client holds
+        nothing of an account (session, app, clock): 10,000 accounts on a fleet node need one.
+        """
+        assert self.session is not None
+        app = account.app
+        client = self._clients.get(id(app))
+        if client is None or client.app is not app:
+            client = self._clients[id(app)] = KakaoClient(self.session, app, clock=self.clock)
+        return client
 
     def new_store(self, account: AccountConfig) -> AccountStorage:
         """Return where the account's state lives: its files, or its row in the fleet store."""
@@ -405,6 +420,7 @@ class Daemon:
             assert self.scheduler is not None
             old_accounts = self.config.accounts
             self.config = new
+            self._clients.clear()  # the new configuration's app objects get theirs
             self.scheduler.set_heartbeat(new.refresh.heartbeat)
             added, removed, changed = [], [], []
             for name in list(self.managers):
@@ -447,7 +463,7 @@ class Daemon:
                 manager.reconfigure(
                     account,
                     store=store,
-                    client=KakaoClient(self.session, account.app, clock=self.clock),
+                    client=self._client(account),
                     policy=new.refresh,
                 )
                 if self.alerts is not None:

@@ -333,6 +333,12 @@ async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
+    if daemon.fleet is not None:
+        # Fleet mode keeps no state files: the CLI writes through the store, and every change
+        # arrives by LISTEN/NOTIFY or the poll. Watching them held a path per account (10,000
+        # on a node) and, without inotify, stat()ed each of them every few seconds.
+        yield
+        return
     watcher = StateWatcher(daemon.on_state_file_changed)
     daemon.watcher = watcher
     daemon.watch_state_files()

@@ -588,21 +588,43 @@ class FleetStore:
 class PgAccountStore:
     """One account in the PostgreSQL store (storage.AccountStorage): hold = the row lock."""
 
+    # One per account, 10,000 on a node: slots instead of an instance dictionary.
+    __slots__ = (
+        "_held",
+        "_shared_due",
+        "_shared_plan",
+        "account",
+        "fleet",
+        "name",
+        "planner",
+        "publishes",
+    )
+
     def __init__(self, account: AccountFiles, fleet: FleetStore, *, publishes: bool = True) -> None:
         self.account = account
         self.name = account.name
         self.fleet = fleet
         #: Whether this node writes the account's token files (``[store] publish_accounts``).
         self.publishes = publishes
-        #: The published files and the node-local alert bookkeeping.
-        self._files = AccountStore(account)
         self._held: _Held | None = None
-        #: (what shared_due_at last answered, the row's due_at it came from): a plan taken
-        #: from the row is written back without this node's claim delay (see _commit).
-        self._shared_plan: tuple[datetime, datetime] | None = None
+        #: What shared_due_at last answered and the row's due_at it came from: a plan taken
+        #: from the row is written back without this node's claim delay (see _commit). Two
+        #: references to moments that exist anyway, not a tuple per account.
+        self._shared_plan: datetime | None = None
+        self._shared_due: datetime | None = None
         #: Asked as a hold ends: when the account is next due and its failure bookkeeping
         #: (set by whoever owns the account manager; None: leave them as they are).
         self.planner: Callable[[], StorePlan] | None = None
+
+    @property
+    def _files(self) -> AccountStore:
+        """The published files and the node-local alert bookkeeping, as the file store has them.
+
+        Made for each use, not kept: one per account was 170 bytes of each of a node's 10,000
+        accounts, for a token file written every few hours. (What it would cache, the token
+        file's group id, is looked up again per publish; only with ``[publish] group`` set.)
+        """
+        return AccountStore(self.account)
 
     def __repr__(self) -> str:
         return f"PgAccountStore({self.name!r}, node={self.fleet.node!r})"
@@ -686,7 +708,7 @@ class PgAccountStore:
             retrying=row.status.attempts > 0,
         )
         planned = row.due_at + timedelta(seconds=delay)
-        self._shared_plan = (planned, row.due_at)
+        self._shared_plan, self._shared_due = planned, row.due_at
         return planned
 
     # ------------------------------------------------------------------ holding
@@ -780,10 +802,10 @@ class PgAccountStore:
         fleet = self.fleet
         conn = held.conn
         due_at, status = self.planner() if self.planner is not None else (None, None)
-        if self._shared_plan is not None and due_at == self._shared_plan[0]:
+        if self._shared_plan is not None and due_at == self._shared_plan:
             # The plan came from the row: keep the row's moment. Writing it back with this
             # node's claim delay would move the account later at every such hold.
-            due_at = self._shared_plan[1]
+            due_at = self._shared_due
         row = held.row
         written: AccountRow | None = None
         try:
