@@ -87,6 +87,10 @@ class _NoFleetAlerts:
     def record(self, account: str, active: dict[str, dict[str, Any]]) -> None:
         """Never called (see :meth:`delivers`)."""
 
+    def changed(self) -> set[str] | None:
+        """Nothing: no other node's writes can reach a node without its database."""
+        return set()
+
 
 @dataclass
 class _Waiting:
