@@ -251,7 +251,8 @@ class AccountManager:
     def notice_outside_changes(self) -> bool:
         """Adopt a state another process wrote (e.g. `login`); return True when it changed.
 
-        A cheap stat per heartbeat; never replaces a newer in-memory state that is still
+        A cheap stat (called on a directory-watch notice, before a refresh, and by the
+        heartbeat for the accounts it checks); never replaces a newer in-memory state that is still
         waiting to be written. An adopted state is published (token file and extra files) and
         announced as an ``adopted`` event, so hooks and alerts react as to our own refresh. A
         state that goes backwards (an old backup copied over the live file) is refused.

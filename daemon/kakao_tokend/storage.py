@@ -6,10 +6,11 @@ PostgreSQL store (docs/fleet.md) is built to the same shape, so adding it does n
 the refresh logic. The contract, and how each backend keeps it:
 
 **Reading is cheap and never waits.** :meth:`StateStore.load` and
-:meth:`StateStore.state_signature` are called on every heartbeat and every notice of an outside
-change. Files: a read and a ``stat``. PostgreSQL: the node's in-memory copy of the account's row,
-kept current by LISTEN/NOTIFY and the heartbeat's poll — except while the account is held (see
-next), when ``load`` returns the row read under its lock.
+:meth:`StateStore.state_signature` are called before each refresh, by the heartbeat for the
+accounts it checks, and on every notice of an outside change. Files: a read and a ``stat``.
+PostgreSQL: the node's in-memory copy of the account's row, kept current by LISTEN/NOTIFY and
+the heartbeat's poll — except while the account is held (see next), when ``load`` returns
+the row read under its lock.
 
 **Every change happens while the account is held.** ``async with store.hold(wait):`` is one
 step of docs/fleet.md's refresh transaction: take the account (files: the ``flock`` on
