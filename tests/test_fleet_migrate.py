@@ -232,6 +232,13 @@ async def wait_until(check: Callable[[], Any], *, timeout: float = 20.0, what: s
         await asyncio.sleep(0.05)
 
 
+async def migrate_ok(config: Path, target: str) -> None:
+    """Run `store migrate --to TARGET` as a real CLI process; it must exit 0 (its output is
+    shown when not: an exit 75 once seen in CI said only "75")."""
+    code, out, err = await run_cli(config, "store", "migrate", "--to", target)
+    assert code == 0, f"exit {code}: {out}{err}"
+
+
 async def migrate_process(config: Path, target: str) -> asyncio.subprocess.Process:
     """Start `kakao-tokend store migrate --to TARGET` without waiting for it."""
     return await asyncio.create_subprocess_exec(
@@ -348,7 +355,7 @@ async def test_running_a_finished_migration_again_changes_nothing(
     config = store_config(tmp_path, pg_dsn, [key])
     originals = seed_files(config)
     state_dir = tmp_path / "state"
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     updated = await scalar(pg_dsn, "SELECT max(updated_at) FROM accounts")
     rotations = await scalar(pg_dsn, "SELECT count(*) FROM rotations")
     marked = (state_dir / MOVED_NAME).read_bytes()
@@ -444,7 +451,7 @@ async def test_a_refused_migration_to_files_leaves_them_in_use(tmp_path: Path, p
     key = new_key_line()
     config = store_config(tmp_path / "a", pg_dsn, [key])
     seed_files(config)
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     other = store_config(tmp_path / "b", pg_dsn, [key])
     AccountStore(load_config(other).accounts["default"]).save(full_state("default", 99))
     before = file_states(other)
@@ -518,7 +525,7 @@ async def test_kill_9_between_writing_the_files_and_marking_the_store_is_safe(
     keyring = Keyring.parse(key)
     config = store_config(tmp_path, pg_dsn, [key])
     seed_files(config)
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     # A node refreshed meanwhile: the store is ahead of the files now.
     conn = await db.connect(pg_dsn, node="web-1", purpose="test")
     async with conn:
@@ -571,7 +578,7 @@ async def test_the_moved_files_are_refused_by_run_and_every_writing_command(
     backup.write_bytes((tmp_path / "state" / "default.state.json").read_bytes())
     seed = tmp_path / "kakao_token.json"
     seed.write_text(json.dumps({"access_token": "a" * 40, "refresh_token": "r" * 40}))
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     store_id = (await store_meta(pg_dsn))["store_id"]
     before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "state").iterdir())
     assert marker(elsewhere)["store_id"] == store_id
@@ -606,8 +613,8 @@ async def test_a_node_on_a_store_moved_to_files_refuses_to_run(tmp_path: Path, p
     config = store_config(tmp_path / "files", pg_dsn, [key])
     seed_files(config)
     node = store_config(tmp_path / "node", pg_dsn, [key], backend="postgres")
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
-    assert (await run_cli(config, "store", "migrate", "--to", "file"))[0] == 0
+    await migrate_ok(config, "postgres")
+    await migrate_ok(config, "file")
     code, _, err = await run_cli(node, "run")
     assert code == 78
     line = one_error_line(err, "were moved to the files in")
@@ -727,7 +734,7 @@ async def test_a_missing_or_wrong_key_is_refused_before_anything_moves(
 
     config = store_config(tmp_path / "a", pg_dsn, [key])
     seed_files(config)
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     marked = (tmp_path / "a" / "state" / MOVED_NAME).read_bytes()
     wrong = store_config(tmp_path / "a", pg_dsn, [new_key_line()])
     assert wrong == config  # the same files, only the key differs
@@ -747,7 +754,7 @@ async def test_files_moved_to_another_store_are_refused(
     key = new_key_line()
     config = store_config(tmp_path, pg_dsn, [key])
     seed_files(config)
-    assert (await run_cli(config, "store", "migrate", "--to", "postgres"))[0] == 0
+    await migrate_ok(config, "postgres")
     store_id = (await store_meta(pg_dsn))["store_id"]
     name, other_dsn = pg_server.create_database()
     try:
