@@ -61,8 +61,9 @@ from .accounts import (
     load_account,
     save_account,
 )
-from .admin import db_timeouts, init_store, require_dsn, require_keyring
+from .admin import db_timeouts, require_dsn, require_keyring
 from .db import connect, store_errors
+from .schema import migrate as migrate_schema
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -485,7 +486,6 @@ def _refuse_foreign(
 async def _store_connection(config: Config) -> AsyncIterator[AsyncConnection[Any]]:
     """Connect, bring the schema up to date, take the migration lock, refuse live nodes."""
     dsn = require_dsn(config.store)
-    await init_store(config)
     conn = await connect(
         dsn,
         node=config.store.node_name,
@@ -494,6 +494,11 @@ async def _store_connection(config: Config) -> AsyncIterator[AsyncConnection[Any
         migration=True,  # waits a little longer for locks than a node's pool does
     )
     async with conn:
+        # The schema on this same connection: a connection of our own closed just before
+        # the look at pg_stat_activity below can still be listed there while its backend
+        # exits, and the migration then refused itself as "a store command is connected"
+        # (seen once in CI, exit 75).
+        await migrate_schema(conn, node=config.store.node_name)
         with store_errors("take the store's migration lock"):
             await conn.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATE_LOCK,))
