@@ -439,7 +439,9 @@ def _conditions(
     if health is Health.RETRYING:
         lifetime = tokens.access_lifetime.total_seconds()
         found += _failing(status, policy, now, settings, lifetime=lifetime, access_left=access_left)
-    store_down = _store_unavailable(status, now, settings, tokens.access_lifetime.total_seconds())
+    store_down = store_unavailable_condition(
+        status, now, settings, tokens.access_lifetime.total_seconds()
+    )
     if store_down is not None:
         found.append(store_down)
     if status.write_pending:
@@ -622,7 +624,7 @@ def _expiring_margin(policy: RefreshPolicy, lifetime: float) -> float:
     return max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
 
 
-def _store_unavailable(
+def store_unavailable_condition(
     status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
 ) -> Condition | None:
     """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access

@@ -28,7 +28,7 @@ from ..api import guard
 from ..config import AccountConfig
 from ..daemon import DAEMON, Daemon
 from ..errors import StoreError, StoreUnavailable
-from ..health import AccountHealth, Condition, _store_unavailable
+from ..health import AccountHealth, Condition, store_unavailable_condition
 from ..importer import DEFAULT_ACCESS_LIFETIME
 from ..status import AccountStatus, Health
 from ..store import AccountStore
@@ -123,7 +123,7 @@ class _Waiting:
         now = now or utcnow()
         self.status.store_unavailable_since = self.wait.fleet.stats.unavailable_since
         self.status.store_error = self.wait.fleet.stats.last_error
-        found: Condition | None = _store_unavailable(
+        found: Condition | None = store_unavailable_condition(
             self.status, now, self.account.alerts, self.lifetime
         )
         return AccountHealth(
