@@ -114,6 +114,45 @@ class Loss:
 
 
 @dataclass
+class Read:
+    """One read of a token file: when (emulator time), where, and whether it was expired."""
+
+    start: float
+    end: float
+    node: str
+    account: str
+    expired: bool
+
+
+def count_reads(
+    report: FleetReport, reads: list[Read], windows: list[Window], began: float
+) -> None:
+    """Count ``reads`` into ``report`` against every window of the run, judged at its end.
+
+    Not as each read happens: a lost refresh token is found only after it stayed dead for two
+    lifetimes, and its window starts back at the rotation Kakao answered. Reads of that
+    account's expired token on healthy nodes in between are the loss's (nothing can refresh
+    it), so they must be judged once the window is known; judged at read time they counted as
+    a healthy node serving an expired token.
+    """
+    for read in reads:
+        report.reads += 1
+        covering = next(
+            (w for w in windows if w.covers(read.start, read.end, read.node, read.account)), None
+        )
+        if covering is None:
+            report.reads_healthy += 1
+            if read.expired:
+                report.expired_healthy += 1
+                report.expired_examples.append(
+                    f"{read.node} {read.account} at +{read.start - began:.1f}s"
+                )
+        elif read.expired:
+            report.expired_in_windows += 1
+            report.expired_by_window[covering.reason] += 1
+
+
+@dataclass
 class FleetReport:
     """Everything the fleet soak counts."""
 
@@ -254,6 +293,8 @@ class FleetSoak:
         self.open_losses: dict[str, Window] = {}
         #: Account -> when a node holding its row lock was killed.
         self.held_at_kill: dict[str, float] = {}
+        #: Every read, judged at the end (count_reads) when every window is known.
+        self.reads: list[Read] = []
 
     def now(self) -> float:
         """Return the emulator's clock (the clock its refresh log uses)."""
@@ -263,17 +304,6 @@ class FleetSoak:
         """Print a progress line unless --quiet."""
         if not self.args.quiet:
             print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-    def healthy(self, start: float, end: float, node: str, account: str) -> bool:
-        """True when a read over [start, end] is held to freshness (see the module notes)."""
-        return not any(window.covers(start, end, node, account) for window in self.windows)
-
-    def reason(self, start: float, end: float, node: str, account: str) -> str:
-        """Return the reason of the first window covering the read."""
-        for window in self.windows:
-            if window.covers(start, end, node, account):
-                return window.reason
-        return "none"
 
     # -- readers and the loss checker ------------------------------------------------------
 
@@ -290,23 +320,13 @@ class FleetSoak:
             document = node.token_file(account)
             now = datetime.now(UTC)
             end = self.now()
-            self.report.reads += 1
             expired = document is None
             if document is not None:
                 expires = datetime.fromisoformat(str(document["expires_at"]).replace("Z", "+00:00"))
                 expired = expires <= now or not self.fleet.emulator.access_token_valid(
                     document["access_token"]
                 )
-            if self.healthy(start, end, node.name, account):
-                self.report.reads_healthy += 1
-                if expired:
-                    self.report.expired_healthy += 1
-                    self.report.expired_examples.append(
-                        f"{node.name} {account} at +{start - self.began:.1f}s"
-                    )
-            elif expired:
-                self.report.expired_in_windows += 1
-                self.report.expired_by_window[self.reason(start, end, node.name, account)] += 1
+            self.reads.append(Read(start, end, node.name, account, expired))
 
     async def check_losses(self) -> None:
         """Every 2 s: find accounts whose stored refresh token is dead; classify; log in again."""
@@ -462,6 +482,7 @@ class FleetSoak:
             await asyncio.gather(*tasks, return_exceptions=True)
         for account in await fleet.lost_refresh_tokens(settle=2 * ACCESS_LIFETIME):
             await self.account_lost(account)
+        count_reads(self.report, self.reads, self.windows, self.began)
         stats = fleet.emulator.stats
         self.report.refresh_cycles = stats.refreshes_ok
         self.report.rotations = stats.rotations

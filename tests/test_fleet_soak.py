@@ -48,6 +48,32 @@ def test_a_window_excuses_only_its_node_and_account_for_its_time() -> None:
     assert not lost.covers(1000.0, 1000.1, "node-2", "acct0002")
 
 
+def test_reads_before_a_loss_is_found_are_the_losses_not_a_healthy_nodes() -> None:
+    """A refresh token lost to a kill mid-rotation is found only after it stayed dead for two
+    lifetimes, and its window starts back at the rotation. Expired reads of that account on
+    healthy nodes in between belong to the loss (nothing could refresh it): they are judged at
+    the end against every window, not as they happen. Reads of other accounts, and reads
+    before the rotation, are still held to freshness.
+    """
+    soak = load_soak()
+    reads = [
+        soak.Read(40.0, 40.01, "node-2", "acct0029", True),  # after the loss began
+        soak.Read(41.0, 41.01, "node-3", "acct0029", True),
+        soak.Read(20.0, 20.01, "node-2", "acct0029", True),  # before it: the fleet's fault
+        soak.Read(40.0, 40.01, "node-2", "acct0001", True),  # another account: ditto
+        soak.Read(40.0, 40.01, "node-2", "acct0001", False),
+    ]
+    windows = [soak.Window(24.5, None, "lost (kill_during_rotation)", account="acct0029")]
+    report = soak.FleetReport(seed=1, minutes=1.0, nodes=3, accounts=50)
+    soak.count_reads(report, reads, windows, began=0.0)
+    assert report.reads == 5
+    assert report.reads_healthy == 3
+    assert report.expired_healthy == 2
+    assert report.expired_examples == ["node-2 acct0029 at +20.0s", "node-2 acct0001 at +40.0s"]
+    assert report.expired_in_windows == 2
+    assert report.expired_by_window == {"lost (kill_during_rotation)": 2}
+
+
 def test_every_must_be_zero_count_fails_the_run() -> None:
     """An expired read while healthy, an unexplained loss, no refresh at all, or a node that
     does not exit 0 at the end each make the run fail; an accounted loss does not."""
