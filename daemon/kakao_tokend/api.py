@@ -106,6 +106,25 @@ async def _within_timeout(request: web.Request, awaitable: Awaitable[Any]) -> An
         ) from None
 
 
+async def _refresh_now(
+    request: web.Request, manager: AccountManager, reason: str, *, min_valid: float | None = None
+) -> None:
+    """Refresh on a caller's request (within api.request_timeout), then re-plan the account.
+
+    The re-plan is needed even when nothing was refreshed: a fleet node that found another
+    node holding the account looks again soon (the manager moved its plan earlier without an
+    event), and the scheduler must wake for that moment rather than the old one.
+    """
+    try:
+        await _within_timeout(
+            request, manager.refresh(force=True, reason=reason, min_valid=min_valid)
+        )
+    finally:
+        scheduler = _daemon(request).scheduler
+        if scheduler is not None:
+            scheduler.plan(manager)
+
+
 def _no_tokens(manager: AccountManager) -> ApiError:
     return _json_error(
         409, f"account {manager.name} has no tokens; run `{login_command(manager.account)}`"
@@ -220,10 +239,8 @@ async def refresh(request: web.Request) -> web.Response:
         raise _no_tokens(manager)
     before = manager.state.generation
     before_refresh = manager.state.tokens.refresh_fingerprint
-    await _within_timeout(request, manager.refresh(force=True, reason="API request"))
+    await _refresh_now(request, manager, "API request")
     daemon = _daemon(request)
-    if daemon.scheduler is not None:
-        daemon.scheduler.plan(manager)
     body = manager.describe()
     await _rotation_logs(daemon, [body])
     body["refreshed"] = manager.state is not None and manager.state.generation != before
@@ -270,12 +287,7 @@ async def token(request: web.Request) -> web.Response:
                 reason=blocked,
             )
         reason = f"token requested with min_valid={min_valid:g}s"
-        await _within_timeout(
-            request, manager.refresh(force=True, reason=reason, min_valid=min_valid)
-        )
-        daemon = _daemon(request)
-        if daemon.scheduler is not None:
-            daemon.scheduler.plan(manager)
+        await _refresh_now(request, manager, reason, min_valid=min_valid)
         state = manager.state
         assert state is not None
         remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
@@ -452,10 +464,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                     if (
                         manager.state is None or manager.state.tokens.access_token == token
                     ) and manager.health().refresh_blocked is None:
-                        await _within_timeout(
-                            request,
-                            manager.refresh(force=True, reason="Kakao rejected the token (-401)"),
-                        )
+                        await _refresh_now(request, manager, "Kakao rejected the token (-401)")
                     if manager.state is not None and manager.state.tokens.access_token != token:
                         log.info("proxy: %s got -401; retrying with a new token", manager.name)
                         continue
