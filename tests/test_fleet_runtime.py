@@ -27,6 +27,7 @@ from fleetrun import kakao_holds_the_refresh, store_login
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.daemon import Daemon
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
@@ -497,6 +498,30 @@ async def test_a_waiting_write_is_tried_at_once_when_the_store_answers_again(
             assert not node.manager.write_again_now()  # nothing waits any more
         finally:
             await node.fleet.close()
+
+
+async def test_an_account_added_while_the_store_is_away_carries_the_outage_at_once(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The daemon hands the store's health to the accounts only when it changes (it runs
+    after every poll, and an idle node must not walk thousands of accounts each time), so an
+    account made meanwhile (a reload adding it) takes the outage when it is made; otherwise
+    its store_unavailable alert would wait for the next change of the store's health."""
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        daemon = Daemon(config=node.config, session=session)
+        daemon.fleet = node.fleet
+        node.fleet.failed(StoreUnavailable("connection refused"))
+        daemon.on_store_health()
+        manager = daemon.managers["default"] = daemon.make_manager(node.config.account())
+        assert manager.status.store_unavailable_since == node.fleet.stats.unavailable_since
+        assert manager.status.store_unavailable_since is not None
+        assert manager.status.store_error == "connection refused"
+        node.fleet.ok()
+        daemon.on_store_health()  # the store answers again: every account hears of it
+        assert manager.status.store_unavailable_since is None
+    finally:
+        await node.fleet.close()
 
 
 async def test_a_node_keeps_the_newest_rotation_in_memory_and_the_log_in_the_store(

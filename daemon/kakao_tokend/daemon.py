@@ -90,6 +90,8 @@ class Daemon:
     #: Fleet mode: the PostgreSQL store and its listener (None with the file store).
     fleet: FleetStore | None = None
     fleet_node: FleetNode | None = None
+    #: What on_store_health last handed out (None: nothing yet).
+    _store_health_seen: tuple[object, ...] | None = None
 
     # ---------------------------------------------------------------- instance lock
 
@@ -159,6 +161,7 @@ class Daemon:
             from .fleet.node import plan_for
 
             store.planner = plan_for(manager)  # type: ignore[attr-defined]
+            self._give_store_health(manager)  # on_store_health only tells of changes
         manager.load()
         if self.alerts is not None:
             self.alerts.attach(manager)
@@ -276,21 +279,37 @@ class Daemon:
     def on_store_health(self) -> None:
         """Fleet mode: give every account the store's health (store_unavailable), and grade
         them again at once when it changed (the alert fires, or is resolved, now). Whenever the
-        store answers (a poll), tokens waiting to be committed are written at once, not after
-        their back-off: other nodes may be waiting for them (see
-        AccountManager._superseded_elsewhere)."""
+        store answers (a poll) after an outage or a failed commit, tokens waiting to be
+        committed are written at once, not after their back-off: other nodes may be waiting
+        for them (see AccountManager._superseded_elsewhere).
+
+        Called after every poll, so it walks the accounts only when something changed: the
+        store's health, or a commit failed since the last call (every waiting write comes from
+        one). An idle node with thousands of accounts spent most of its heartbeat here.
+        """
         if self.fleet is None:
             return
         stats = self.fleet.stats
+        seen = (stats.unavailable_since, stats.last_error, stats.failed_commits, stats.up)
+        if seen == self._store_health_seen:
+            return
+        self._store_health_seen = seen
         for manager in self.managers.values():
-            status = manager.status
-            changed = status.store_unavailable_since != stats.unavailable_since
-            status.store_unavailable_since = stats.unavailable_since
-            status.store_error = stats.last_error
+            changed = self._give_store_health(manager)
             if changed and self.alerts is not None:
                 self.alerts.evaluate(manager.name)
             if stats.up and manager.write_again_now() and self.scheduler is not None:
                 self.scheduler.run_soon(manager)
+
+    def _give_store_health(self, manager: AccountManager) -> bool:
+        """Copy the store's health into the account's status; True when it changed."""
+        assert self.fleet is not None
+        stats = self.fleet.stats
+        status = manager.status
+        changed = status.store_unavailable_since != stats.unavailable_since
+        status.store_unavailable_since = stats.unavailable_since
+        status.store_error = stats.last_error
+        return changed
 
     def fleet_status(self) -> dict[str, Any]:
         """Fleet mode: this node and the store's health, as JSON-ready data (no secrets)."""
