@@ -11,6 +11,8 @@ file and the alert depend on it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +23,12 @@ from psycopg.conninfo import conninfo_to_dict
 from fleetkit import NODE, migrated, sample_state, write_store_config
 from kakao_tokend.config import load_config
 from kakao_tokend.errors import StoreUnavailable, StoreWriteError
+from kakao_tokend.fleet import db
+from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.db import DbTimeouts
+from kakao_tokend.fleet.schema import MIGRATION_LOCK
 from kakao_tokend.fleet.store import FleetStore
+from kakao_tokend.tokens import format_time, utcnow
 from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,6 +37,9 @@ pytestmark = pytest.mark.timeout(90)
 TIMEOUTS = DbTimeouts(lock=0.5, statement=1.0)
 #: "The deadline plus a small share": what the slowest acceptable return may take.
 SHARE = 0.25
+#: A wait this many times its limit is cut short (TimeoutError): the old code's waits on a
+#: silent database never ended, and the test must fail, not hang until pytest's timeout.
+GUARD = 3
 
 
 @pytest.fixture
@@ -59,8 +68,12 @@ async def proxied(pg_dsn: str, tmp_path: Path) -> AsyncIterator[tuple[FleetStore
 
 def within_deadline(fleet: FleetStore, elapsed: float) -> None:
     """Assert that an operation that started ``elapsed`` seconds ago kept its deadline."""
-    limit = fleet.deadline * (1 + SHARE)
-    assert elapsed <= limit, f"returned after {elapsed:.1f}s, deadline {fleet.deadline:g}s"
+    within(fleet.deadline, elapsed)
+
+
+def within(limit: float, elapsed: float) -> None:
+    """Assert that an operation given ``limit`` seconds returned within it plus a share."""
+    assert elapsed <= limit * (1 + SHARE), f"returned after {elapsed:.1f}s, limit {limit:g}s"
 
 
 async def test_a_commit_on_a_silent_database_fails_within_its_deadline(
@@ -102,3 +115,117 @@ async def test_a_read_on_a_silent_database_fails_within_its_deadline(
             started = time.monotonic()
             await conn.execute("SELECT count(*) FROM accounts")
     within_deadline(fleet, time.monotonic() - started)
+
+
+async def test_a_pooled_connection_on_a_silent_database_is_given_up_within_the_deadline(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """The pool checks an idle connection before lending it (one the server killed must not
+    be handed out); on a database that went silent while it sat in the pool, that check is
+    what waits: StoreUnavailable within the deadline plus a small share, not never."""
+    fleet, proxy = proxied
+    assert fleet.pool_stats()["pool_available"] >= 1  # the check has a connection to test
+    proxy.pause()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer within"):
+        async with asyncio.timeout(GUARD * fleet.deadline):
+            async with fleet.connection("read the store's accounts") as conn:
+                await conn.execute("SELECT count(*) FROM accounts")
+    within_deadline(fleet, time.monotonic() - started)
+
+
+async def test_a_connection_given_less_time_than_the_deadline_keeps_it(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """``within`` bounds borrowing the connection and the work on it together: on a silent
+    database the block ends within that time (a stop's last writes have less time than a
+    round trip's deadline)."""
+    fleet, proxy = proxied
+    budget = fleet.deadline / 3
+    proxy.pause()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer within"):
+        async with asyncio.timeout(GUARD * budget):
+            async with fleet.connection("write the alerts", within=budget) as conn:
+                await conn.execute("SELECT count(*) FROM accounts")
+    within(budget, time.monotonic() - started)
+
+
+async def test_closing_the_alert_book_on_a_silent_database_keeps_its_grace(
+    proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop's last write of the alert bookkeeping on a database that went silent gives up
+    after the grace it was given (the stop goes on); the record stays unwritten, and the log
+    says the next node may send those alerts again."""
+    caplog.set_level(logging.WARNING, logger="kakao_tokend.fleet.alertshare")
+    fleet, proxy = proxied
+    book = AlertBook(fleet)
+    await book.load()
+    at = format_time(utcnow())
+    book.record("default", {"refresh_expiry": {"severity": "warning", "since": at, "sent": 1}})
+    grace = 1.0
+    proxy.pause()
+    started = time.monotonic()
+    async with asyncio.timeout(GUARD * fleet.deadline):
+        await book.close(grace)
+    within(grace, time.monotonic() - started)
+    assert book.pending == 1
+    assert "the next node may send their alerts again" in caplog.text
+
+
+async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """Opening the store applies the schema on a direct connection: when the database goes
+    silent while the migration waits for its advisory lock (another node migrating), the
+    server's lock timeout is an answer the node never gets. StoreUnavailable within the
+    migration's deadline (its lock wait, its statement, the margin), not never."""
+    await migrated(pg_dsn)
+    timeouts = DbTimeouts(lock=0.5, statement=1.0, migration_lock=1.5, migration_statement=2.0)
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    holder = await db.connect(pg_dsn, node="other-node", purpose="migrate")
+    async with holder:
+        await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        with TcpProxy("127.0.0.1", port) as proxy:
+            config = load_config(write_store_config(tmp_path, proxy.dsn(pg_dsn)))
+            assert config.store.keyring is not None
+            fleet = FleetStore(
+                dsn=proxy.dsn(pg_dsn),
+                keyring=config.store.keyring,
+                node=NODE,
+                timeouts=timeouts,
+                state_dir=config.state_dir,
+            )
+            opening = asyncio.create_task(fleet.open())
+            try:
+                await until_waiting_for_the_lock(pg_dsn)
+                proxy.pause()
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="did not answer within"):
+                    async with asyncio.timeout(GUARD * fleet.migration_deadline):
+                        await opening
+                within(fleet.migration_deadline, time.monotonic() - started)
+            finally:
+                opening.cancel()
+                proxy.resume()
+                await fleet.close()
+
+
+async def until_waiting_for_the_lock(dsn: str) -> None:
+    """Wait until a session of NODE waits for a lock (the migration's advisory lock).
+
+    Asked on a connection of its own in autocommit: within one transaction,
+    pg_stat_activity keeps showing what it showed first.
+    """
+    conn = await db.connect(dsn, node="observer", purpose="test", autocommit=True)
+    async with conn, asyncio.timeout(20):
+        while True:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name LIKE %s AND wait_event_type = 'Lock'",
+                (f"kakao-tokend {NODE} %",),
+            )
+            found = await cur.fetchone()
+            if found is not None and found[0] > 0:
+                return
+            await asyncio.sleep(0.05)
