@@ -20,14 +20,18 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from fleetkit import NODE, migrated, sample_state, write_store_config
+from daemonproc import start_daemon
+from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
+from fleetrun import login_published, node_config
+from kakao_tokend import service
 from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreUnavailable, StoreWriteError
 from kakao_tokend.fleet import db
 from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.db import DbTimeouts
 from kakao_tokend.fleet.schema import MIGRATION_LOCK
-from kakao_tokend.fleet.store import FleetStore
+from kakao_tokend.fleet.store import POOL_CLOSE_WAIT, FleetStore
 from kakao_tokend.tokens import format_time, utcnow
 from tcpproxy import TcpProxy
 
@@ -173,6 +177,31 @@ async def test_closing_the_alert_book_on_a_silent_database_keeps_its_grace(
     assert "the next node may send their alerts again" in caplog.text
 
 
+async def test_closing_the_alert_book_while_its_write_waits_on_a_silent_database(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """The book's background task is in the middle of a write when the database goes silent
+    and the node stops: the task is stopped by ending its connection, not by a cancel into
+    psycopg (whose cancel request waits on the silent path), so the close still keeps its
+    grace."""
+    fleet, proxy = proxied
+    book = AlertBook(fleet)
+    await book.load()
+    book.start()
+    proxy.pause()
+    at = format_time(utcnow())
+    book.record("default", {"refresh_expiry": {"severity": "warning", "since": at, "sent": 1}})
+    async with asyncio.timeout(fleet.deadline):  # the task borrowed the idle connection
+        while fleet.pool_stats()["pool_available"]:
+            await asyncio.sleep(0.01)
+    grace = 1.0
+    started = time.monotonic()
+    async with asyncio.timeout(GUARD * fleet.deadline):
+        await book.close(grace)
+    within(grace, time.monotonic() - started)
+    assert book.pending == 1
+
+
 async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
     pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -229,3 +258,35 @@ async def until_waiting_for_the_lock(dsn: str) -> None:
             if found is not None and found[0] > 0:
                 return
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow(seconds=12)
+async def test_a_node_stopped_while_its_database_is_silent_exits_within_its_stop_budget(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGTERM to a running node whose database went silent (the listener connected, idle
+    connections in the pool, the account served): the stop's last writes to the store (its
+    ``nodes`` row, the alert bookkeeping) give up by their deadlines, and the node exits 0
+    within the stop budget the unit's TimeoutStopSec is sized for (service.stop_budget).
+    With nothing in flight and nothing to deliver, what the database adds is the row's one
+    deadline and the pool's close; the old code took about 25 s here (a cancel into psycopg
+    after two deadlines), and 10 s more for a task stopped mid-query."""
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="60s")
+        config = load_config(path)
+        budget = service.stop_budget(app.timeout for app in [config.account().app])
+        store_waits = node_store(config, pg_dsn, "web-1").deadline + POOL_CLOSE_WAIT
+        node = await start_daemon(path)
+        try:
+            await login_published(emulator, path, pg_dsn, node)
+            proxy.pause()
+            started = time.monotonic()
+            code = await node.stop(timeout=GUARD * budget)
+            took = time.monotonic() - started
+        finally:
+            proxy.resume()
+            await node.stop()
+    assert code == 0, node.log_text()[-3000:]
+    assert took <= budget, f"stopped after {took:.1f}s, budget {budget:g}s"
+    within(store_waits, took)
