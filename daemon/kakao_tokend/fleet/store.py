@@ -290,17 +290,18 @@ class FleetStore:
         try:
             await open_pool(pool, timeout=wait)
         except BaseException:
-            await pool.close()
+            await pool.close(timeout=POOL_CLOSE_WAIT)
             raise
         return pool
 
-    async def _renew_pool(self, end: float | None = None) -> bool:
+    async def _renew_pool(self, end: float) -> bool:
         """After an outage: when the database answers a direct connection again, replace the
         pool at once. psycopg_pool retries a lost server with an exponential back-off that
         grows to minutes; a node must not wait that long once the database is back.
 
-        Given up (False) at ``end`` (the loop's clock; None: each step's own timeout). The
-        cancel that ends it then reaches no query: connecting and opening a pool send none.
+        Given up (False) at ``end`` (the loop's clock): a probe on a silent network would
+        wait libpq's connect_timeout. The cancel that ends it reaches no query: connecting
+        and opening a pool send none.
         """
         try:
             async with asyncio.timeout_at(end):
@@ -368,11 +369,10 @@ class FleetStore:
         if pool is None:
             raise StoreUnavailable(f"cannot {action}: the store is not open")
         loop = asyncio.get_running_loop()
-        end = None if within is None else loop.time() + within
+        budget = self.deadline if within is None else within
+        end = loop.time() + budget
         # During an outage, fail fast: the attempt is retried by the one back-off rule.
-        wait = self.deadline if self.stats.up else min(self.deadline, 1.0)
-        if within is not None:
-            wait = min(wait, within)
+        wait = min(budget, self.deadline if self.stats.up else 1.0)
         try:
             conn = await self._checked(pool, action, loop.time() + wait, wait)
         except StoreUnavailable as exc:
@@ -383,7 +383,7 @@ class FleetStore:
                 self.failed(exc)
                 raise
             pool = self._pool
-            again = self.deadline if end is None else max(0.0, end - loop.time())
+            again = max(0.0, end - loop.time())
             try:
                 conn = await self._checked(pool, action, loop.time() + again, again)
             except StoreError as exc_again:
