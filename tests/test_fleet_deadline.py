@@ -21,7 +21,14 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import start_daemon
-from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
+from fleetkit import (
+    NODE,
+    migrated,
+    node_store,
+    sample_state,
+    until_migration_waits_for_its_lock,
+    write_store_config,
+)
 from fleetrun import login_published, node_config
 from kakao_tokend import service
 from kakao_tokend.config import load_config
@@ -235,7 +242,7 @@ async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
             )
             opening = asyncio.create_task(fleet.open())
             try:
-                await until_waiting_for_the_lock(pg_dsn)
+                await until_migration_waits_for_its_lock(pg_dsn)
                 proxy.pause()
                 started = time.monotonic()
                 with pytest.raises(StoreUnavailable, match="did not answer within"):
@@ -246,26 +253,6 @@ async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
                 opening.cancel()
                 proxy.resume()
                 await fleet.close()
-
-
-async def until_waiting_for_the_lock(dsn: str) -> None:
-    """Wait until a session of NODE waits for a lock (the migration's advisory lock).
-
-    Asked on a connection of its own in autocommit: within one transaction,
-    pg_stat_activity keeps showing what it showed first.
-    """
-    conn = await db.connect(dsn, node="observer", purpose="test", autocommit=True)
-    async with conn, asyncio.timeout(20):
-        while True:
-            cur = await conn.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE application_name LIKE %s AND wait_event_type = 'Lock'",
-                (f"kakao-tokend {NODE} %",),
-            )
-            found = await cur.fetchone()
-            if found is not None and found[0] > 0:
-                return
-            await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow(seconds=12)
