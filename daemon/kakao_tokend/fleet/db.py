@@ -1,4 +1,4 @@
-"""Connections to the PostgreSQL store: conninfo with keepalives and timeouts, pools, errors.
+"""Connections to the PostgreSQL store: conninfo, pools, errors, deadlines on silent networks.
 
 Every connection carries the same settings, so that a node that dies, hangs or is cut off
 cannot hold an account's row lock for long, and a node whose database vanished notices:
