@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -73,6 +74,26 @@ def write_store_config(
     path = directory / "config.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+async def until_migration_waits_for_its_lock(dsn: str, node: str = NODE) -> None:
+    """Wait until ``node``'s migration waits for a lock (the advisory lock another holds).
+
+    Asked on a connection of its own in autocommit: within one transaction,
+    pg_stat_activity keeps showing what it showed first.
+    """
+    conn = await db.connect(dsn, node="observer", purpose="test", autocommit=True)
+    async with conn, asyncio.timeout(20):
+        while True:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                (f"kakao-tokend {node} migrate",),
+            )
+            found = await cur.fetchone()
+            if found is not None and found[0] > 0:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def migrated(dsn: str) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fleetkit import NODE, migrated, sample_state
+from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
+from kakao_tokend.config import load_config
 from kakao_tokend.errors import StoreError, StoreUnavailable
 from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
@@ -170,19 +172,25 @@ async def test_opening_a_pool_fails_fast_when_the_database_is_down() -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_the_pool_replaces_connections_the_server_killed(pg_cluster: PgCluster) -> None:
-    """After a database restart the pool hands out working connections, not dead ones."""
-    pool = db.create_pool(pg_cluster.dsn(), node=NODE, max_size=2, timeout=20)
+async def test_the_pool_replaces_connections_the_server_killed(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """After a database restart the node's store lends working connections, not the dead
+    ones its pool held: each is checked (under the deadline) before it is lent."""
+    await migrated(pg_cluster.dsn())
+    config = load_config(write_store_config(tmp_path, pg_cluster.dsn()))
+    fleet = node_store(config, pg_cluster.dsn(), NODE)
+    await fleet.open(read_rows=False)
     try:
-        await db.open_pool(pool, timeout=10)
-        async with pool.connection() as conn:
+        async with fleet.connection("check the store") as conn:
             await conn.execute("SELECT 1")
         await asyncio.to_thread(pg_cluster.restart)
-        async with pool.connection() as conn:
+        async with fleet.connection("check the store again") as conn:
             cur = await conn.execute("SELECT current_setting('lock_timeout')")
             assert await cur.fetchone() == ("2s",)
+        assert fleet.stats.up  # a dead connection replaced is not an outage
     finally:
-        await pool.close()
+        await fleet.close()
 
 
 async def test_a_node_cut_off_mid_refresh_loses_its_row_lock(pg_dsn: str) -> None:

@@ -11,6 +11,8 @@ file and the alert depend on it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,11 +20,26 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from fleetkit import NODE, migrated, sample_state, write_store_config
+from daemonproc import start_daemon
+from fleetkit import (
+    NODE,
+    migrated,
+    node_store,
+    sample_state,
+    until_migration_waits_for_its_lock,
+    write_store_config,
+)
+from fleetrun import login_published, node_config
+from kakao_tokend import service
 from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreUnavailable, StoreWriteError
+from kakao_tokend.fleet import db
+from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.db import DbTimeouts
-from kakao_tokend.fleet.store import FleetStore
+from kakao_tokend.fleet.schema import MIGRATION_LOCK
+from kakao_tokend.fleet.store import POOL_CLOSE_WAIT, FleetStore
+from kakao_tokend.tokens import format_time, utcnow
 from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,6 +48,9 @@ pytestmark = pytest.mark.timeout(90)
 TIMEOUTS = DbTimeouts(lock=0.5, statement=1.0)
 #: "The deadline plus a small share": what the slowest acceptable return may take.
 SHARE = 0.25
+#: A wait this many times its limit is cut short (TimeoutError): the old code's waits on a
+#: silent database never ended, and the test must fail, not hang until pytest's timeout.
+GUARD = 3
 
 
 @pytest.fixture
@@ -59,8 +79,12 @@ async def proxied(pg_dsn: str, tmp_path: Path) -> AsyncIterator[tuple[FleetStore
 
 def within_deadline(fleet: FleetStore, elapsed: float) -> None:
     """Assert that an operation that started ``elapsed`` seconds ago kept its deadline."""
-    limit = fleet.deadline * (1 + SHARE)
-    assert elapsed <= limit, f"returned after {elapsed:.1f}s, deadline {fleet.deadline:g}s"
+    within(fleet.deadline, elapsed)
+
+
+def within(limit: float, elapsed: float) -> None:
+    """Assert that an operation given ``limit`` seconds returned within it plus a share."""
+    assert elapsed <= limit * (1 + SHARE), f"returned after {elapsed:.1f}s, limit {limit:g}s"
 
 
 async def test_a_commit_on_a_silent_database_fails_within_its_deadline(
@@ -102,3 +126,162 @@ async def test_a_read_on_a_silent_database_fails_within_its_deadline(
             started = time.monotonic()
             await conn.execute("SELECT count(*) FROM accounts")
     within_deadline(fleet, time.monotonic() - started)
+
+
+async def test_a_pooled_connection_on_a_silent_database_is_given_up_within_the_deadline(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """The pool checks an idle connection before lending it (one the server killed must not
+    be handed out); on a database that went silent while it sat in the pool, that check is
+    what waits: StoreUnavailable within the deadline plus a small share, not never. The next
+    operation, with the store known to be down, tries a new connection to renew the pool
+    (on a silent path libpq waits its connect_timeout, 10 s): within the deadline too."""
+    fleet, proxy = proxied
+    assert fleet.pool_stats()["pool_available"] >= 1  # the check has a connection to test
+    proxy.pause()
+    for attempt in ("checking the idle connection", "renewing the pool"):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            async with asyncio.timeout(GUARD * fleet.deadline):
+                async with fleet.connection("read the store's accounts") as conn:
+                    await conn.execute("SELECT count(*) FROM accounts")
+        assert not fleet.stats.up, attempt
+        within_deadline(fleet, time.monotonic() - started)
+
+
+async def test_a_connection_given_less_time_than_the_deadline_keeps_it(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """``within`` bounds borrowing the connection and the work on it together: on a silent
+    database the block ends within that time (a stop's last writes have less time than a
+    round trip's deadline). Asked again, with the store known to be down, borrowing tries a
+    new connection to renew the pool (libpq would wait its connect_timeout on a silent
+    path): that too ends within the time given."""
+    fleet, proxy = proxied
+    budget = fleet.deadline / 3
+    proxy.pause()
+    for attempt in ("first", "renewing"):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            async with asyncio.timeout(GUARD * budget):
+                async with fleet.connection("write the alerts", within=budget) as conn:
+                    await conn.execute("SELECT count(*) FROM accounts")
+        assert not fleet.stats.up, attempt
+        within(budget, time.monotonic() - started)
+
+
+async def test_closing_the_alert_book_on_a_silent_database_keeps_its_grace(
+    proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop's last write of the alert bookkeeping on a database that went silent gives up
+    after the grace it was given (the stop goes on); the record stays unwritten, and the log
+    says the next node may send those alerts again."""
+    caplog.set_level(logging.WARNING, logger="kakao_tokend.fleet.alertshare")
+    fleet, proxy = proxied
+    book = AlertBook(fleet)
+    await book.load()
+    at = format_time(utcnow())
+    book.record("default", {"refresh_expiry": {"severity": "warning", "since": at, "sent": 1}})
+    grace = 1.0
+    proxy.pause()
+    started = time.monotonic()
+    async with asyncio.timeout(GUARD * fleet.deadline):
+        await book.close(grace)
+    within(grace, time.monotonic() - started)
+    assert book.pending == 1
+    assert "the next node may send their alerts again" in caplog.text
+
+
+async def test_closing_the_alert_book_while_its_write_waits_on_a_silent_database(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """The book's background task is in the middle of a write when the database goes silent
+    and the node stops: the task is stopped by ending its connection, not by a cancel into
+    psycopg (whose cancel request waits on the silent path), so the close still keeps its
+    grace."""
+    fleet, proxy = proxied
+    book = AlertBook(fleet)
+    await book.load()
+    book.start()
+    proxy.pause()
+    at = format_time(utcnow())
+    book.record("default", {"refresh_expiry": {"severity": "warning", "since": at, "sent": 1}})
+    async with asyncio.timeout(fleet.deadline):  # the task borrowed the idle connection
+        while fleet.pool_stats()["pool_available"]:
+            await asyncio.sleep(0.01)
+    grace = 1.0
+    started = time.monotonic()
+    async with asyncio.timeout(GUARD * fleet.deadline):
+        await book.close(grace)
+    within(grace, time.monotonic() - started)
+    assert book.pending == 1
+
+
+async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """Opening the store applies the schema on a direct connection: when the database goes
+    silent while the migration waits for its advisory lock (another node migrating), the
+    server's lock timeout is an answer the node never gets. StoreUnavailable within the
+    migration's deadline (its lock wait, its statement, the margin), not never."""
+    await migrated(pg_dsn)
+    timeouts = DbTimeouts(lock=0.5, statement=1.0, migration_lock=1.5, migration_statement=2.0)
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    holder = await db.connect(pg_dsn, node="other-node", purpose="migrate")
+    async with holder:
+        await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        with TcpProxy("127.0.0.1", port) as proxy:
+            config = load_config(write_store_config(tmp_path, proxy.dsn(pg_dsn)))
+            assert config.store.keyring is not None
+            fleet = FleetStore(
+                dsn=proxy.dsn(pg_dsn),
+                keyring=config.store.keyring,
+                node=NODE,
+                timeouts=timeouts,
+                state_dir=config.state_dir,
+            )
+            opening = asyncio.create_task(fleet.open())
+            try:
+                await until_migration_waits_for_its_lock(pg_dsn)
+                proxy.pause()
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable, match="did not answer within"):
+                    async with asyncio.timeout(GUARD * fleet.migration_deadline):
+                        await opening
+                within(fleet.migration_deadline, time.monotonic() - started)
+            finally:
+                opening.cancel()
+                proxy.resume()
+                await fleet.close()
+
+
+@pytest.mark.slow(seconds=12)
+async def test_a_node_stopped_while_its_database_is_silent_exits_within_its_stop_budget(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGTERM to a running node whose database went silent (the listener connected, idle
+    connections in the pool, the account served): the stop's last writes to the store (its
+    ``nodes`` row, the alert bookkeeping) give up by their deadlines, and the node exits 0
+    within the stop budget the unit's TimeoutStopSec is sized for (service.stop_budget).
+    With nothing in flight and nothing to deliver, what the database adds is the row's one
+    deadline and the pool's close; the old code took about 25 s here (a cancel into psycopg
+    after two deadlines), and 10 s more for a task stopped mid-query."""
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="60s")
+        config = load_config(path)
+        budget = service.stop_budget(app.timeout for app in [config.account().app])
+        store_waits = node_store(config, pg_dsn, "web-1").deadline + POOL_CLOSE_WAIT
+        node = await start_daemon(path)
+        try:
+            await login_published(emulator, path, pg_dsn, node)
+            proxy.pause()
+            started = time.monotonic()
+            code = await node.stop(timeout=GUARD * budget)
+            took = time.monotonic() - started
+        finally:
+            proxy.resume()
+            await node.stop()
+    assert code == 0, node.log_text()[-3000:]
+    assert took <= budget, f"stopped after {took:.1f}s, budget {budget:g}s"
+    within(store_waits, took)

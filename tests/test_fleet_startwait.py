@@ -24,9 +24,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from alertkit import Receiver, alerts_toml
 from alertkit import webhook as webhook  # the fixture
 from daemonproc import DaemonProcess, free_port, run_cli, start_daemon
-from fleetkit import write_store_config
+from fleetkit import until_migration_waits_for_its_lock, write_store_config
 from fleetnodes import READY_LINE, Fleet, FleetNode, FleetTimings, running_fleet, wait_until
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.fleet.schema import MIGRATION_LOCK
 from pgcluster import PgCluster, PgServer
 from tcpproxy import TcpProxy
 
@@ -240,6 +241,31 @@ async def test_a_stop_while_an_attempt_hangs_ends_the_waiting_node_at_once(
         assert await process.stop(timeout=15) == 0
         assert time.monotonic() - started < 5, process.log_text()[-2000:]
         assert "stopped while waiting for the PostgreSQL store" in process.log_text()
+
+
+async def test_a_stop_while_the_migration_waits_on_a_silent_database_ends_the_node_at_once(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """SIGTERM while an attempt to open the store is inside its schema migration (waiting for
+    the advisory lock another node holds) and the path went silent: the attempt is abandoned
+    by ending its connection, not by a cancel into psycopg, whose cancel request waits on the
+    silent path (5 s, then 5 s for the query): exit 0 at once."""
+    port = int(str(conninfo_to_dict(pg_dsn)["port"]))
+    holder = await psycopg.AsyncConnection.connect(pg_dsn)  # another node, migrating
+    async with holder:
+        await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        with TcpProxy("127.0.0.1", port) as proxy:
+            proxy.refuse()
+            config = write_store_config(tmp_path, proxy.dsn(pg_dsn))
+            process = await start_daemon(config, wait_ready=False)
+            await process.wait_log(WAITING, timeout=20)
+            proxy.accept()
+            await until_migration_waits_for_its_lock(pg_dsn)
+            proxy.pause()
+            started = time.monotonic()
+            assert await process.stop(timeout=15) == 0
+            assert time.monotonic() - started < 5, process.log_text()[-2000:]
+            assert "stopped while waiting for the PostgreSQL store" in process.log_text()
 
 
 async def test_a_server_out_of_connection_slots_is_an_outage_waited_out(

@@ -30,10 +30,16 @@ from daemonproc import login, run_cli, start_daemon, write_config
 from kakao_tokend import api, cli, doctor, memo
 from kakao_tokend.access import Identity
 from kakao_tokend.alerts import AccountAlerts
-from kakao_tokend.config import AccountConfig, Config, config_from_toml_text, load_config
+from kakao_tokend.config import (
+    AccountConfig,
+    AlertsConfig,
+    Config,
+    config_from_toml_text,
+    load_config,
+)
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.health import FROM_FILES, AccountHealth, assess
+from kakao_tokend.health import FROM_FILES, AccountHealth, assess, store_unavailable_condition
 from kakao_tokend.metrics import DaemonCollector
 from kakao_tokend.paths import SYSTEM
 from kakao_tokend.refresher import AccountManager
@@ -551,3 +557,21 @@ def test_a_status_without_tokens_exits_critical_like_the_alert(tmp_path: Path) -
     status.adopted(None)
     graded = assess(account, None, status, load_config(config).refresh, datetime.now(UTC))
     assert [(c.name, c.severity.label) for c in graded.conditions] == [("no_tokens", "critical")]
+
+
+def test_store_unavailable_says_what_holds_for_a_running_node_and_a_waiting_start() -> None:
+    """The condition is graded for a running node (which serves the token it holds) and for
+    a start waiting for the store (which serves none; its token files stay): its text says
+    only what is true of both, in both languages: nothing is refreshed, and the current
+    access token lasts until it expires. It claims no serving."""
+    status = AccountStatus()
+    status.store_unavailable_since = NOW - timedelta(seconds=ACCESS_LIFE)
+    status.store_error = "cannot poll the store's accounts: the database did not answer within 7s"
+    condition = store_unavailable_condition(status, NOW, AlertsConfig(), ACCESS_LIFE)
+    assert condition is not None
+    english = condition.message.render("en")
+    assert "(timeout); not refreshing" in english
+    assert "the current access token lasts only until it expires" in english
+    assert "serving" not in english
+    korean = condition.message.render("ko")
+    assert "갱신하지 않으므로" in korean and "제공" not in korean

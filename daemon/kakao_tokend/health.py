@@ -628,8 +628,10 @@ def store_unavailable_condition(
     status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
 ) -> Condition | None:
     """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access
-    lifetime. This node serves the token it holds and refreshes nothing (no Kakao call without
-    the row lock); the expiry conditions say when that runs out."""
+    lifetime. Nothing is refreshed (no Kakao call without the row lock), so the current access
+    token lasts until it expires: a running node serves the token it holds until then, a start
+    waiting for the store serves none and leaves its token files (fleet/startwait.py). One text
+    true of both; the expiry conditions say when that runs out."""
     since = status.store_unavailable_since
     if since is None:
         return None
@@ -642,8 +644,8 @@ def store_unavailable_condition(
         "store_unavailable",
         Severity.WARNING,
         N_(
-            "the shared PostgreSQL store has been unreachable for {duration} ({error}); serving"
-            " the token held, not refreshing",
+            "the shared PostgreSQL store has been unreachable for {duration} ({error}); not"
+            " refreshing, so the current access token lasts only until it expires",
             duration=Duration(down_for),
             error=error,
         ),

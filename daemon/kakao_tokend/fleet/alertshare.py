@@ -38,6 +38,7 @@ from ..errors import StoreError
 from ..health import NODE_LOCAL
 from ..tokens import backoff_delay
 from .alertbook import Records, load_every_record, record_params, replace_records
+from .db import abandon
 from .turns import first_claimant, live_nodes
 
 if TYPE_CHECKING:
@@ -127,14 +128,18 @@ class AlertBook:
                 self._records.pop(account, None)
         self.loaded = True
 
-    async def flush(self) -> int:
-        """Write every changed account's records in one transaction; return how many."""
+    async def flush(self, *, within: float | None = None) -> int:
+        """Write every changed account's records in one transaction; return how many.
+
+        Within the store's deadline, or ``within`` seconds when given (StoreUnavailable).
+        """
         batch = dict(self._dirty)
         if not batch:
             return 0
         node = self.fleet.node
         writes = {account: self._writable(account) for account in sorted(batch)}
-        async with self.fleet.connection(f"write the alerts of {len(batch)} account(s)") as conn:
+        action = f"write the alerts of {len(batch)} account(s)"
+        async with self.fleet.connection(action, within=within) as conn:
             for account, records in writes.items():
                 await replace_records(conn, account, records, node=node)
             await conn.commit()
@@ -206,15 +211,16 @@ class AlertBook:
         """Stop the task; try once more, for up to ``grace`` seconds, to write what waits."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            abandon([task])  # one mid-query is stopped by ending its connection (db.abandon)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if not self._dirty:
             return
         try:
-            async with asyncio.timeout(grace):
-                await self.flush()
-        except (StoreError, TimeoutError) as exc:
+            # Not asyncio.timeout(grace): its cancel would reach psycopg mid-query, whose
+            # cancel request waits on a silent network for seconds (fleet/db.py deadline).
+            await self.flush(within=grace)
+        except StoreError as exc:
             log.warning(
                 "the alert bookkeeping of %d account(s) was not written to the store (%s): the"
                 " next node may send their alerts again",

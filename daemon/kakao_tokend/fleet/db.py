@@ -1,4 +1,4 @@
-"""Connections to the PostgreSQL store: conninfo with keepalives and timeouts, pools, errors.
+"""Connections to the PostgreSQL store: conninfo, pools, errors, deadlines on silent networks.
 
 Every connection carries the same settings, so that a node that dies, hangs or is cut off
 cannot hold an account's row lock for long, and a node whose database vanished notices:
@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -281,10 +282,12 @@ def create_pool(
 ) -> AsyncConnectionPool[AsyncConnection[Any]]:
     """Return an unopened pool of store connections; open it with :func:`open_pool`.
 
-    ``check`` makes the pool test a connection before lending it, so one the server killed
-    (a restart, idle_in_transaction_session_timeout) is replaced instead of handed out.
-    Each in-flight refresh pins one connection for as long as its Kakao call takes: size the
-    pool for the refreshes that may run at once, plus one.
+    The pool has no ``check``: its check of a connection before lending it runs without a
+    deadline, and on a database that went silent while the connection sat idle it waited for
+    ever. The borrower checks instead, under :func:`deadline` (FleetStore.getconn), so one
+    the server killed (a restart, idle_in_transaction_session_timeout) is still replaced
+    instead of handed out. Each in-flight refresh pins one connection for as long as its
+    Kakao call takes: size the pool for the refreshes that may run at once, plus one.
     """
     try:
         from psycopg_pool import AsyncConnectionPool
@@ -298,15 +301,36 @@ def create_pool(
         max_size=max_size,
         timeout=timeout,
         max_idle=max_idle,
-        check=AsyncConnectionPool.check_connection,
         name=f"kakao-tokend {node}",
     )
+
+
+async def check(conn: AsyncConnection[Any], seconds: float) -> None:
+    """A round trip on ``conn`` (an empty query) within ``seconds``; TimeoutError after that,
+    the connection's socket shut down (see :func:`deadline`). Other errors: it is broken."""
+    from psycopg_pool import AsyncConnectionPool
+
+    async with deadline(conn, seconds):
+        await AsyncConnectionPool.check_connection(conn)
 
 
 async def open_pool(pool: AsyncConnectionPool[AsyncConnection[Any]], timeout: float) -> None:
     """Open ``pool`` and wait for its first connection: StoreUnavailable after ``timeout``."""
     with store_errors("open the PostgreSQL store's connection pool"):
         await pool.open(wait=True, timeout=timeout)
+
+
+@dataclass
+class _Working:
+    """A connection a task works on inside a :func:`deadline` block."""
+
+    conn: AsyncConnection[Any]
+    #: Set by :func:`abandon`: the block ends with CancelledError, whatever it raised.
+    abandoned: bool = False
+
+
+#: The connections each task works on inside deadline() blocks, innermost last.
+_working: weakref.WeakKeyDictionary[asyncio.Task[Any], list[_Working]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
@@ -320,10 +344,15 @@ async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[
     deadline the connection's socket is shut down here: psycopg's wait sees the end of the
     stream at once, the connection is broken (closed and discarded when it is given back, see
     FleetStore.putconn) and nothing is sent on the silent path. A cancel after a share more
-    is the backstop for a wait that is not on the connection.
+    is the backstop for a wait that is not on the connection. A task stopped inside the block
+    is stopped the same way (:func:`abandon`).
     """
     loop = asyncio.get_running_loop()
     fired = False
+    working = _Working(conn)
+    task = asyncio.current_task()
+    if task is not None:
+        _working.setdefault(task, []).append(working)
 
     def expire() -> None:
         nonlocal fired
@@ -335,11 +364,41 @@ async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[
         async with asyncio.timeout(seconds * (1 + DEADLINE_BACKSTOP_SHARE)):
             yield
     except Exception as exc:
+        if working.abandoned:
+            raise asyncio.CancelledError from None
         if fired and not isinstance(exc, TimeoutError):
             raise TimeoutError(f"no answer within {seconds:g}s") from None
         raise
+    else:
+        if working.abandoned:  # the answer came before the end of the stream did
+            raise asyncio.CancelledError
     finally:
         handle.cancel()
+        if task is not None:
+            entries = _working.get(task, [])
+            if working in entries:
+                entries.remove(working)
+            if not entries:
+                _working.pop(task, None)
+
+
+def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` without a cancel request into psycopg.
+
+    A task cancelled while psycopg waits for a query's answer makes psycopg send a cancel
+    request on a new connection and wait for it (see :func:`deadline`): on a silent network a
+    stop waited ten seconds for each such task. A task working inside a deadline() block has
+    the connection's socket shut down instead and leaves the block with CancelledError; the
+    others (sleeping, connecting, idle in LISTEN) are cancelled as usual.
+    """
+    for task in tasks:
+        entries = _working.get(task) if isinstance(task, asyncio.Task) else None
+        if not entries:
+            task.cancel()
+            continue
+        for working in entries:
+            working.abandoned = True
+            shut_down(working.conn)
 
 
 def shut_down(conn: AsyncConnection[Any]) -> None:

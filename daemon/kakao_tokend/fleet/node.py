@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import StoreError
 from ..tokens import utcnow
 from .accounts import CHANNEL, RefreshStatus, parse_notification
-from .db import connect, deadline, store_errors
+from .db import abandon, connect, deadline, store_errors
 from .store import FleetStore, StorePlan
 
 if TYPE_CHECKING:
@@ -115,25 +115,25 @@ class FleetNode:
         Without its row the others stop counting this node as live at their next heartbeat:
         its accounts (their first claims, their alerts) move to them at once instead of
         after three heartbeats of silence (fleet/turns.py). A node that dies keeps its row
-        and is judged by its age. Bounded by two database deadlines; a database that does not
+        and is judged by its age. Bounded by one database deadline; a database that does not
         answer only means the others wait those three heartbeats.
         """
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
+        abandon(tasks)  # one mid-query is stopped by ending its connection (see db.abandon)
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         try:
-            # A connection within one deadline, the statement within another (connection()
-            # shuts a silent one down): a tighter outer cancel would reach psycopg mid-query,
-            # whose cancel request waits on the silent network (db.deadline).
-            async with asyncio.timeout(2 * self.fleet.deadline):
-                async with self.fleet.connection("remove this node's row") as conn:
-                    with store_errors("remove this node's row"):
-                        await conn.execute("DELETE FROM nodes WHERE name = %s", (self.fleet.node,))
-                        await conn.commit()
-        except (StoreError, TimeoutError) as exc:
+            # Borrowing and the statement within one deadline (connection() shuts a silent
+            # connection down): an outer cancel would reach psycopg mid-query, whose cancel
+            # request waits on the silent network (db.deadline).
+            async with self.fleet.connection(
+                "remove this node's row", within=self.fleet.deadline
+            ) as conn:
+                with store_errors("remove this node's row"):
+                    await conn.execute("DELETE FROM nodes WHERE name = %s", (self.fleet.node,))
+                    await conn.commit()
+        except StoreError as exc:
             log.debug("cannot remove this node's row: %s", exc)
 
     async def _run(self) -> None:
@@ -160,8 +160,12 @@ class FleetNode:
             fleet.dsn, node=fleet.node, purpose="listen", timeouts=fleet.timeouts, autocommit=True
         )
         async with conn:
-            with store_errors("listen for the store's changes"):
-                await conn.execute(f"LISTEN {CHANNEL}")
+            try:
+                async with deadline(conn, fleet.deadline):
+                    with store_errors("listen for the store's changes"):
+                        await conn.execute(f"LISTEN {CHANNEL}")
+            except TimeoutError:
+                raise StoreError("the listener's connection did not answer") from None
             self.listening = True
             log.debug("listening for the store's changes")
             # After LISTEN: nothing committed from now on is missed. Every row is compared: the

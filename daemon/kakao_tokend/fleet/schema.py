@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -23,10 +24,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..errors import StoreError, StoreSchemaMismatch
+from ..errors import StoreError, StoreSchemaMismatch, StoreUnavailable
 from ..tokens import backoff_delay
 from . import missing_extra
-from .db import store_errors
+from .db import deadline, store_errors
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -159,13 +160,20 @@ async def schema_version(conn: AsyncConnection[Any]) -> int:
 
 
 async def migrate(
-    conn: AsyncConnection[Any], *, node: str, retries: int = LOCK_RETRIES
+    conn: AsyncConnection[Any],
+    *,
+    node: str,
+    retries: int = LOCK_RETRIES,
+    within: float | None = None,
 ) -> MigrationResult:
     """Bring the store's schema up to :func:`code_version`; safe to run from every node.
 
     ``conn`` should be a direct connection made with ``migration=True`` (see
     :func:`kakao_tokend.fleet.db.connect`): the longer lock timeout lets it wait out a
     refresh that holds a row lock, and a lock timeout is retried ``retries`` times.
+    ``within`` gives each try that many seconds on the client's side too
+    (StoreUnavailable, the connection shut down: db.deadline): the server's timeouts are
+    answers that a database gone silent never delivers.
     """
     try:
         from psycopg import errors as pg_errors
@@ -178,7 +186,13 @@ async def migrate(
     for attempt in range(1, retries + 1):
         with store_errors("migrate the store's schema"):
             try:
-                return await _migrate_once(conn, node=node)
+                async with deadline(conn, within) if within is not None else nullcontext():
+                    return await _migrate_once(conn, node=node)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    "cannot migrate the store's schema: the database did not answer within "
+                    f"{within:g}s"
+                ) from None
             except pg_errors.LockNotAvailable:
                 if attempt == retries:
                     raise StoreError(

@@ -33,6 +33,7 @@ from ..importer import DEFAULT_ACCESS_LIFETIME
 from ..status import AccountStatus, Health
 from ..store import AccountStore
 from ..tokens import format_time, parse_time, utcnow
+from .db import abandon
 from .store import FleetStore
 
 if TYPE_CHECKING:
@@ -242,8 +243,9 @@ class StoreWait:
             opening = asyncio.ensure_future(self.fleet.open())
             if await _first_of(stop.wait(), against=opening):
                 # A stop must not wait for an attempt on a host that does not answer (up to
-                # libpq's connect_timeout, 10 s): the attempt is abandoned.
-                opening.cancel()
+                # libpq's connect_timeout, 10 s): the attempt is abandoned, one mid-query
+                # (the migration) by ending its connection (db.abandon).
+                abandon([opening])
                 with contextlib.suppress(BaseException):
                     await opening
                 await self.fleet.close()

@@ -67,7 +67,7 @@ from .accounts import (
     save_status,
 )
 from .crypto import Keyring
-from .db import DbTimeouts, connect, create_pool, deadline, open_pool, store_errors
+from .db import DbTimeouts, check, connect, create_pool, deadline, open_pool, store_errors
 from .turns import LIVE_HEARTBEATS, claim_delay, live_nodes
 
 if TYPE_CHECKING:
@@ -84,6 +84,10 @@ RESCUE_VERSION = 1
 #: A database call is given up client-side this long after its statement timeout: behind a
 #: middlebox that still acknowledges packets, nothing else would end the wait.
 CLIENT_DEADLINE_MARGIN = 2.0
+#: How long closing a pool waits for its workers: only one still connecting (to a database
+#: that does not answer) is still busy, and nothing is lost by leaving it; a stop must not
+#: wait its connect_timeout.
+POOL_CLOSE_WAIT = 1.0
 #: The first wait before connecting again after a failure (growing up to a heartbeat).
 RECONNECT_INITIAL = 0.2
 #: How often a row another node holds is tried again while a hold waits for it.
@@ -234,6 +238,14 @@ class FleetStore:
         """Return how long one database round trip may take before it is given up."""
         return self.timeouts.statement + CLIENT_DEADLINE_MARGIN
 
+    @property
+    def migration_deadline(self) -> float:
+        """Return how long one try of the schema migration may take before it is given up:
+        its wait for the advisory lock (another node migrating), then its work, each bounded
+        by the server's migration timeouts, and the margin."""
+        timeouts = self.timeouts
+        return timeouts.migration_lock + timeouts.migration_statement + CLIENT_DEADLINE_MARGIN
+
     # ------------------------------------------------------------------ opening
 
     async def open(self, *, pool_wait: float | None = None, read_rows: bool = True) -> None:
@@ -251,8 +263,15 @@ class FleetStore:
             migration=True,
         )
         async with conn:
-            result = await migrate(conn, node=self.node)
-            meta = await read_meta(conn)
+            result = await migrate(conn, node=self.node, within=self.migration_deadline)
+            try:
+                async with deadline(conn, self.deadline):
+                    meta = await read_meta(conn)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"cannot read the store's identity: the database did not answer within "
+                    f"{self.deadline:g}s"
+                ) from None
         refusal = moved_refusal(meta)
         if refusal is not None:
             raise refusal
@@ -271,14 +290,26 @@ class FleetStore:
         try:
             await open_pool(pool, timeout=wait)
         except BaseException:
-            await pool.close()
+            await pool.close(timeout=POOL_CLOSE_WAIT)
             raise
         return pool
 
-    async def _renew_pool(self) -> bool:
+    async def _renew_pool(self, end: float) -> bool:
         """After an outage: when the database answers a direct connection again, replace the
         pool at once. psycopg_pool retries a lost server with an exponential back-off that
-        grows to minutes; a node must not wait that long once the database is back."""
+        grows to minutes; a node must not wait that long once the database is back.
+
+        Given up (False) at ``end`` (the loop's clock): a probe on a silent network would
+        wait libpq's connect_timeout. The cancel that ends it reaches no query: connecting
+        and opening a pool send none.
+        """
+        try:
+            async with asyncio.timeout_at(end):
+                return await self._renew_pool_now()
+        except TimeoutError:
+            return False
+
+    async def _renew_pool_now(self) -> bool:
         async with self._renewing:
             old = self._pool
             if old is not None and self.stats.up and old.get_stats().get("pool_size", 0) > 0:
@@ -296,7 +327,7 @@ class FleetStore:
                 return False
             if old is not None:
                 # Connections still lent from it are closed as they come back.
-                await old.close(timeout=1.0)
+                await old.close(timeout=POOL_CLOSE_WAIT)
             log.info("store connection pool renewed: the database answers again")
             return True
 
@@ -304,7 +335,7 @@ class FleetStore:
         """Close the pool (open holds were ended by their owners)."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close(timeout=1.0)
+            await pool.close(timeout=POOL_CLOSE_WAIT)
 
     def account_store(self, account: AccountFiles) -> PgAccountStore:
         """Return the store of one configured account."""
@@ -330,29 +361,33 @@ class FleetStore:
             log.error("the PostgreSQL store is unavailable: %s", exc.message)
         stats.last_error = exc.message
 
-    async def getconn(self, action: str) -> AsyncConnection[Any]:
-        """Borrow a pooled connection; StoreUnavailable when none comes within the deadline."""
+    async def getconn(self, action: str, *, within: float | None = None) -> AsyncConnection[Any]:
+        """Borrow a pooled connection that answered a round trip just now; StoreUnavailable
+        when none does within the deadline, or within ``within`` seconds when given (the
+        whole borrowing, renewing the pool after an outage included)."""
         pool = self._pool
         if pool is None:
             raise StoreUnavailable(f"cannot {action}: the store is not open")
+        loop = asyncio.get_running_loop()
+        budget = self.deadline if within is None else within
+        end = loop.time() + budget
         # During an outage, fail fast: the attempt is retried by the one back-off rule.
-        wait = self.deadline if self.stats.up else min(self.deadline, 1.0)
+        wait = min(budget, self.deadline if self.stats.up else 1.0)
         try:
-            with store_errors(action):
-                conn = await pool.getconn(timeout=wait)
+            conn = await self._checked(pool, action, loop.time() + wait, wait)
         except StoreUnavailable as exc:
             if not (self.stats.up is False or pool.get_stats().get("pool_size", 0) == 0):
                 self.failed(exc)
-                raise  # the pool is there, only busy
-            if not await self._renew_pool() or self._pool is None:
+                raise  # the pool is there, only busy (or its connection did not answer)
+            if not await self._renew_pool(end) or self._pool is None:
                 self.failed(exc)
                 raise
             pool = self._pool
+            again = max(0.0, end - loop.time())
             try:
-                with store_errors(action):
-                    conn = await pool.getconn(timeout=self.deadline)
-            except StoreError as again:
-                self.failed(again)
+                conn = await self._checked(pool, action, loop.time() + again, again)
+            except StoreError as exc_again:
+                self.failed(exc_again)
                 raise
         except StoreError as exc:
             self.failed(exc)
@@ -360,8 +395,56 @@ class FleetStore:
         self._lent[id(conn)] = pool
         return conn
 
-    async def putconn(self, conn: AsyncConnection[Any], *, broken: bool = False) -> None:
-        """Give a connection back, rolled back; one in doubt is closed (the pool replaces it)."""
+    async def _checked(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        action: str,
+        until: float,
+        wait: float,
+    ) -> AsyncConnection[Any]:
+        """Borrow a connection from ``pool`` and check that it answers, both by ``until`` (the
+        loop's clock; ``wait`` is what it was given, for the message).
+
+        The check the pool would make runs without a deadline: on a database that went
+        silent while the connection sat idle it never returned, and a cancel of it reaches
+        psycopg, whose cancel request waits on the same silent path (db.deadline). A
+        connection that fails its check otherwise (the server restarted, ended the session)
+        is closed and the next one tried, as the pool does.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            with store_errors(action):
+                conn = await pool.getconn(timeout=until - loop.time())
+            try:
+                await check(conn, max(0.0, until - loop.time()))
+            except TimeoutError:
+                await self._discard(pool, conn)
+                raise StoreUnavailable(
+                    f"cannot {action}: the database did not answer within {wait:g}s"
+                ) from None
+            except Exception:
+                await self._discard(pool, conn)
+                continue
+            except BaseException:
+                await self._discard(pool, conn)
+                raise
+            return conn
+
+    @staticmethod
+    async def _discard(
+        pool: AsyncConnectionPool[AsyncConnection[Any]], conn: AsyncConnection[Any]
+    ) -> None:
+        """Close a borrowed connection and give it back: the pool replaces it."""
+        with suppress(Exception):
+            await conn.close()
+        with suppress(Exception):
+            await pool.putconn(conn)
+
+    async def putconn(
+        self, conn: AsyncConnection[Any], *, broken: bool = False, within: float | None = None
+    ) -> None:
+        """Give a connection back, rolled back (within the deadline, or ``within`` seconds);
+        one in doubt is closed (the pool replaces it)."""
         pool = self._lent.pop(id(conn), None)
         if pool is None or pool.closed:
             with suppress(Exception):
@@ -372,7 +455,7 @@ class FleetStore:
             return
         if not broken and not conn.closed:
             try:
-                async with deadline(conn, self.deadline):
+                async with deadline(conn, self.deadline if within is None else within):
                     await conn.rollback()
             except (Exception, TimeoutError):
                 broken = True
@@ -382,22 +465,30 @@ class FleetStore:
         await pool.putconn(conn)
 
     @asynccontextmanager
-    async def connection(self, action: str) -> AsyncIterator[AsyncConnection[Any]]:
+    async def connection(
+        self, action: str, *, within: float | None = None
+    ) -> AsyncIterator[AsyncConnection[Any]]:
         """Borrow a connection for one short transaction, with the client-side deadline.
 
-        Committed by the caller; rolled back when the block ends. Errors become
-        StoreUnavailable/StoreError (fleet/db.py) and are recorded for store_unavailable.
+        ``within`` bounds borrowing and the block together (a stop's last write has less time
+        than a round trip's deadline); without it each gets the deadline. Committed by the
+        caller; rolled back when the block ends. Errors become StoreUnavailable/StoreError
+        (fleet/db.py) and are recorded for store_unavailable.
         """
-        conn = await self.getconn(action)
+        loop = asyncio.get_running_loop()
+        end = None if within is None else loop.time() + within
+        conn = await self.getconn(action, within=within)
+        limit = self.deadline if end is None else max(0.0, end - loop.time())
         broken = False
         try:
-            async with deadline(conn, self.deadline):
+            async with deadline(conn, limit):
                 with store_errors(action):
                     yield conn
         except TimeoutError:
             broken = True
+            given = self.deadline if within is None else within
             exc = StoreUnavailable(
-                f"cannot {action}: the database did not answer within {self.deadline:g}s"
+                f"cannot {action}: the database did not answer within {given:g}s"
             )
             self.failed(exc)
             raise exc from None
@@ -408,7 +499,8 @@ class FleetStore:
         else:
             self.ok()
         finally:
-            await self.putconn(conn, broken=broken)
+            left = None if end is None else max(0.0, end - loop.time())
+            await self.putconn(conn, broken=broken, within=left)
 
     # ------------------------------------------------------------------ the cache
 
