@@ -270,8 +270,11 @@ async def test_a_node_stopped_while_its_database_is_silent_exits_within_its_stop
     with TcpProxy("127.0.0.1", port) as proxy:
         path = node_config(tmp_path, emulator, proxy.dsn(pg_dsn), "web-1", heartbeat="60s")
         config = load_config(path)
-        budget = service.stop_budget(app.timeout for app in [config.account().app])
-        store_waits = node_store(config, pg_dsn, "web-1").deadline + POOL_CLOSE_WAIT
+        fleet = node_store(config, pg_dsn, "web-1")
+        budget = service.stop_budget(
+            [config.account().app.timeout], store=service.store_waits(fleet)
+        )
+        store_waits = fleet.deadline + POOL_CLOSE_WAIT
         node = await start_daemon(path)
         try:
             await login_published(emulator, path, pg_dsn, node)

@@ -19,6 +19,7 @@ from kakao_tokend import daemon as daemon_module
 from kakao_tokend import service
 from kakao_tokend.config import KakaoApp, load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.refresher import FILE_LOCK_WAIT
 from kakao_tokend.store import AccountStore
 from served import serving
 
@@ -61,6 +62,31 @@ def test_every_unit_gives_the_daemon_its_whole_stop_budget() -> None:
     for unit in UNITS:
         timeout = _stop_timeout(unit)
         assert timeout >= budget, f"{unit.name}: TimeoutStopSec {timeout}s < stop budget {budget}s"
+
+
+def test_a_fleet_nodes_stop_waits_for_a_commit_after_kakaos_last_answer(tmp_path: Path) -> None:
+    """In fleet mode a refresh that Kakao answers at the end of its timeout then commits,
+    and on a silent database that commit gives up only after one store deadline (and the
+    backstop's share): only then are the tokens in the rescue file. The stop waits that long
+    for an in-flight refresh (else the process could end with a rotated refresh token in
+    memory only), and the units' TimeoutStopSec still covers the whole fleet stop budget with
+    the default timeouts: that wait plus the node's row, the alert bookkeeping and the pool.
+    """
+    from fleetkit import node_store, write_store_config
+    from kakao_tokend.fleet.db import DEADLINE_BACKSTOP_SHARE
+
+    config = load_config(write_store_config(tmp_path, "postgresql://127.0.0.1:1/none"))
+    fleet = node_store(config, "postgresql://127.0.0.1:1/none", "web-1")
+    timeout = config.account().app.timeout
+    waits = service.store_waits(fleet)
+    assert waits.commit >= fleet.deadline * (1 + DEADLINE_BACKSTOP_SHARE)
+    grace = service.refresh_grace([timeout], store_commit=waits.commit)
+    assert grace >= FILE_LOCK_WAIT + timeout + waits.commit
+    assert grace > service.refresh_grace([timeout])  # the file store has no commit to wait for
+    budget = service.stop_budget([timeout], store=waits)
+    assert budget >= service.API_SHUTDOWN_TIMEOUT + grace + waits.stop
+    for unit in UNITS:
+        assert _stop_timeout(unit) >= budget, f"{unit.name}: below the fleet stop budget {budget}s"
 
 
 async def test_no_refresh_starts_after_sigterm_while_api_requests_drain(

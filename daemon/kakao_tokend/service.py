@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,26 +63,58 @@ class StoppedWhileWaiting(Exception):
 API_SHUTDOWN_TIMEOUT = 5.0
 
 
-def refresh_grace(kakao_timeouts: Iterable[float]) -> float:
+def refresh_grace(kakao_timeouts: Iterable[float], *, store_commit: float = 0.0) -> float:
     """Return how long a stop waits for in-flight refreshes: the longest one can take.
 
-    A refresh waits up to FILE_LOCK_WAIT for the account's file lock, then up to the app's
-    Kakao timeout for the answer. Giving up earlier closes the HTTP session under it, and an
-    answer Kakao already committed (a rotated refresh token) would be lost.
+    A refresh waits up to FILE_LOCK_WAIT for the account's lock, then up to the app's Kakao
+    timeout for the answer, then (fleet mode) up to ``store_commit`` for its commit before the
+    tokens go to the rescue file. Giving up earlier closes the HTTP session or the store under
+    it, and an answer Kakao already committed (a rotated refresh token) would be lost.
     """
-    return max([STOP_GRACE, *(FILE_LOCK_WAIT + timeout + 1.0 for timeout in kakao_timeouts)])
+    return max(
+        [STOP_GRACE, *(FILE_LOCK_WAIT + timeout + store_commit + 1.0 for timeout in kakao_timeouts)]
+    )
 
 
-def stop_budget(kakao_timeouts: Iterable[float]) -> float:
+def stop_budget(kakao_timeouts: Iterable[float], *, store: StoreWaits | None = None) -> float:
     """Return the longest a clean stop can take, in seconds (one home for TimeoutStopSec).
 
     API requests drain, in-flight refreshes finish, queued alerts are delivered, running hooks
-    are killed: one after another in the worst case. The shipped units' TimeoutStopSec= is at
-    least this for the default Kakao timeout (tests/test_stop_timing.py reads both); with a
-    longer timeout the daemon asks systemd for more time (EXTEND_TIMEOUT_USEC) while a refresh
-    is still in flight.
+    are killed, and in fleet mode the node's last writes to the store give up by their
+    deadlines: one after another in the worst case. The shipped units' TimeoutStopSec= is at
+    least this for the default Kakao timeout and store timeouts (tests/test_stop_timing.py
+    reads both); with a longer timeout the daemon asks systemd for more time
+    (EXTEND_TIMEOUT_USEC) while a refresh is still in flight.
     """
-    return API_SHUTDOWN_TIMEOUT + refresh_grace(kakao_timeouts) + CLOSE_GRACE + KILL_WAIT
+    store = store or StoreWaits()
+    grace = refresh_grace(kakao_timeouts, store_commit=store.commit)
+    return API_SHUTDOWN_TIMEOUT + grace + CLOSE_GRACE + KILL_WAIT + store.stop
+
+
+@dataclass(frozen=True)
+class StoreWaits:
+    """What the store adds to a stop (all zero for the file store; see store_waits): the
+    longest a commit can take before it is given up, and the stop's own last writes (the
+    node's row, the alert bookkeeping, the pool)."""
+
+    commit: float = 0.0
+    stop: float = 0.0
+
+
+def store_waits(fleet: FleetStore | None) -> StoreWaits:
+    """Return what ``fleet`` (None: the file store) adds to a stop; the alert bookkeeping's
+    last write is given CLOSE_GRACE (see _alerts_ctx)."""
+    if fleet is None:
+        return StoreWaits()
+    return StoreWaits(commit=fleet.commit_wait, stop=fleet.stop_wait + CLOSE_GRACE)
+
+
+def _refresh_grace(daemon: Daemon) -> float:
+    """The refresh grace for the daemon's accounts and store."""
+    return refresh_grace(
+        (m.account.app.timeout for m in daemon.managers.values()),
+        store_commit=store_waits(daemon.fleet).commit,
+    )
 
 
 async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -260,12 +293,16 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
     # and be persisted, then make one last try to write a state the disk refused.
-    grace = refresh_grace(m.account.app.timeout for m in daemon.managers.values())
+    grace = _refresh_grace(daemon)
     results = await asyncio.gather(*(m.wait_idle(grace) for m in daemon.managers.values()))
     if not all(results):
         log.error("a refresh was still running after %ss; stopping anyway", grace)
-    for manager in daemon.managers.values():
-        if not await manager.flush():
+    # All at once: on a silent database each write gives up only after its deadline, and the
+    # tokens are in the rescue files already; one after another, a stop took that per account.
+    managers = list(daemon.managers.values())
+    flushed = await asyncio.gather(*(m.flush() for m in managers))
+    for manager, clean in zip(managers, flushed, strict=True):
+        if not clean:
             log.critical(
                 "account %s: the newest tokens could NOT be saved (%s); they are lost with this"
                 " process",
@@ -315,7 +352,7 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler.run_soon(manager, "start")
     yield
     scheduler.shutdown()
-    await scheduler.drain(refresh_grace(m.account.app.timeout for m in daemon.managers.values()))
+    await scheduler.drain(_refresh_grace(daemon))
 
 
 async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:

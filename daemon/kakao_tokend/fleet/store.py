@@ -67,7 +67,16 @@ from .accounts import (
     save_status,
 )
 from .crypto import Keyring
-from .db import DbTimeouts, check, connect, create_pool, deadline, open_pool, store_errors
+from .db import (
+    DEADLINE_BACKSTOP_SHARE,
+    DbTimeouts,
+    check,
+    connect,
+    create_pool,
+    deadline,
+    open_pool,
+    store_errors,
+)
 from .turns import LIVE_HEARTBEATS, claim_delay, live_nodes
 
 if TYPE_CHECKING:
@@ -237,6 +246,18 @@ class FleetStore:
     def deadline(self) -> float:
         """Return how long one database round trip may take before it is given up."""
         return self.timeouts.statement + CLIENT_DEADLINE_MARGIN
+
+    @property
+    def commit_wait(self) -> float:
+        """Return the longest a hold's commit takes before it is given up (and the tokens go
+        to the rescue file): one deadline, and the backstop's share after it (db.deadline)."""
+        return self.deadline * (1 + DEADLINE_BACKSTOP_SHARE)
+
+    @property
+    def stop_wait(self) -> float:
+        """Return what this store adds to a stop besides the alert bookkeeping: the node's
+        row removed within one deadline (FleetNode.stop), the pool's close."""
+        return self.deadline + POOL_CLOSE_WAIT
 
     @property
     def migration_deadline(self) -> float:
