@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
+import testorder
 from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
 
 TESTS = Path(__file__).resolve().parent
@@ -43,3 +46,79 @@ def test_free_port_picks_a_bindable_port_below_the_ephemeral_range() -> None:
         assert LOWEST_FREE_PORT <= port < start
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+class FakeWorker:
+    """Stands in for an xdist WorkerController: records what the scheduler sends it."""
+
+    def __init__(self, number: int) -> None:
+        self.gateway = SimpleNamespace(id=f"gw{number}")
+        self.sent: list[int] = []
+        self.shutting_down = False
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.sent.extend(indices)
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+class FakeConfig:
+    """The two options xdist's LoadScheduling reads: six workers, --maxschedchunk 1."""
+
+    def getvalue(self, name: str) -> list[str]:
+        assert name == "tx"
+        return ["6*popen"]
+
+    def getoption(self, name: str) -> int:
+        assert name == "maxschedchunk"
+        return 1
+
+
+def test_the_scheduler_starts_long_tests_first_and_few_heavy_ones_at_once(tmp_path: Path) -> None:
+    """Long tests start first, each with a quick one queued behind it; no more than
+    HEAVY_AT_ONCE heavy tests are running or queued at once while a light test is left; a
+    worker is shut down when nothing is left."""
+    heavy = {f"heavy{i}": [60.0 - i, 20.0] for i in range(5)}
+    light = {f"light{i}": [50.0 - i, 0.5] for i in range(3)}
+    quick = [f"quick{i}" for i in range(20)]
+    estimates = tmp_path / testorder.ESTIMATES_FILE
+    estimates.write_text(json.dumps({**heavy, **light}))
+    collection = [*quick, *light, *heavy]
+    scheduler = testorder.TimedScheduling(FakeConfig(), None, estimates)
+    workers = [FakeWorker(number) for number in range(6)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+
+    def name(index: int) -> str:
+        return collection[index]
+
+    first = [[name(i) for i in worker.sent] for worker in workers]
+    assert [sent[0] for sent in first] == [
+        "heavy0",
+        "heavy1",
+        "heavy2",
+        "light0",
+        "light1",
+        "light2",
+    ]
+    assert all(sent[1].startswith("quick") for sent in first)
+    # heavy0 ends: its worker runs its quick test, and after it the next longest, heavy3
+    # (two heavy tests run elsewhere: room for a third).
+    scheduler.mark_test_complete(workers[0], workers[0].sent[0])
+    assert name(workers[0].sent[-1]) == "heavy3"
+    # light0 ends: heavy4 would be the fourth heavy test at once, so a quick test comes next.
+    scheduler.mark_test_complete(workers[3], workers[3].sent[0])
+    assert name(workers[3].sent[-1]).startswith("quick")
+    assert "heavy4" not in [name(i) for w in workers for i in w.sent]
+    while scheduler.pending:
+        for worker in workers:
+            if scheduler.node2pending[worker]:
+                scheduler.mark_test_complete(worker, scheduler.node2pending[worker][0])
+    assert sorted(name(i) for w in workers for i in w.sent) == sorted(collection)
+    for worker in workers:
+        while scheduler.node2pending[worker]:
+            scheduler.mark_test_complete(worker, scheduler.node2pending[worker][0])
+    assert all(worker.shutting_down for worker in workers)
