@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 import testorder
 from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
+from kakao_tokend.paths import API_SOCKET_NAME
 
 TESTS = Path(__file__).resolve().parent
 
@@ -122,3 +126,21 @@ def test_the_scheduler_starts_long_tests_first_and_few_heavy_ones_at_once(tmp_pa
         while scheduler.node2pending[worker]:
             scheduler.mark_test_complete(worker, scheduler.node2pending[worker][0])
     assert all(worker.shutting_down for worker in workers)
+
+
+#: The longest name pytest gives a test's tmp_path (30 characters and a number, tmpdir.py).
+LONGEST_TMP_NAME = "t" * 30 + "10"
+#: Where a fleet test's node keeps its API socket below tmp_path (fleetnodes.py, test_fleet_*).
+FLEET_SOCKET = Path("fleet0", "node-1", "run", API_SOCKET_NAME)
+#: A Unix socket path fits sun_path: 108 bytes with the terminating NUL.
+SUN_PATH_MAX = 107
+
+
+def test_a_fleet_nodes_socket_below_any_tmp_path_fits_a_unix_socket_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The run's temporary directory (conftest.py puts it on a tmpfs) leaves room for the
+    deepest socket a test makes: a longer one fails with "AF_UNIX path too long" (it did, with
+    /dev/shm/kt-tests/pytest-of-root/pytest-N/popen-gwN as the base)."""
+    deepest = tmp_path_factory.getbasetemp() / LONGEST_TMP_NAME / FLEET_SOCKET
+    assert len(os.fsencode(deepest)) <= SUN_PATH_MAX, deepest
