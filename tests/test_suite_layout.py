@@ -128,6 +128,23 @@ def test_the_scheduler_starts_long_tests_first_and_few_heavy_ones_at_once(tmp_pa
     assert all(worker.shutting_down for worker in workers)
 
 
+def test_with_fewer_tests_than_places_every_worker_is_told_to_finish_at_once(
+    tmp_path: Path,
+) -> None:
+    """Three tests on six workers: each worker that got one (or none) is shut down right away,
+    or it would wait for a second test forever (a worker runs a test once it knows the next)."""
+    estimates = tmp_path / testorder.ESTIMATES_FILE
+    estimates.write_text("{}")
+    scheduler = testorder.TimedScheduling(FakeConfig(), None, estimates)
+    workers = [FakeWorker(number) for number in range(6)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, ["a", "b", "c"])
+    scheduler.schedule()
+    assert sorted(i for worker in workers for i in worker.sent) == [0, 1, 2]
+    assert all(worker.shutting_down for worker in workers)
+
+
 #: The longest name pytest gives a test's tmp_path (30 characters and a number, tmpdir.py).
 LONGEST_TMP_NAME = "t" * 30 + "10"
 #: Where a fleet test's node keeps its API socket below tmp_path (fleetnodes.py, test_fleet_*).

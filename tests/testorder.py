@@ -145,6 +145,9 @@ class TimedScheduling(LoadScheduling):  # type: ignore[misc]
             return
         for node in self.nodes:
             self.fill(node)
+        if not self.pending:  # fewer tests than places: a worker runs its last one once told
+            for node in self.nodes:
+                node.shutdown()
 
     def check_schedule(self, node: Any, duration: float = 0) -> None:
         """When a test ended on ``node``: queue its next test, or shut it down when none is left."""
