@@ -22,6 +22,7 @@ test waits behind another while a worker is free.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def longest_first(items: list[pytest.Item], estimates: Mapping[str, Estimate]) -
 
 def write_estimates(path: Path, estimates: Mapping[str, Estimate]) -> None:
     """Leave the estimates for the controller (every worker writes the same; rename is atomic)."""
-    partial = path.with_name(f"{path.name}.{id(estimates)}")
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
     partial.write_text(json.dumps({k: [e.seconds, e.cpu] for k, e in estimates.items()}))
     partial.replace(path)
 
