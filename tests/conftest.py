@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import aiohttp
 import pytest
 
 import kakao_tokend
+import testorder
 from alertkit import command, make_harness, webhook
 from diskfull import tiny_state_fs
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
@@ -71,8 +73,10 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 # --------------------------------------------------------------------------- parallel runs
 #
 # pyproject.toml runs the suite with pytest-xdist: `-n auto` (the number comes from
-# pytest_xdist_auto_num_workers below), `--dist load --maxschedchunk 1`. The tests mostly wait
-# for real processes and second-long tokens, so more workers than cores pay off.
+# pytest_xdist_auto_num_workers below), `--dist load`, which pytest_xdist_make_scheduler below
+# replaces with tests/testorder.py's scheduler (longest first, few CPU-heavy tests at once).
+# The tests mostly wait for real processes and second-long tokens, so more workers than cores
+# pay off. Their temporary files live on a tmpfs when there is a roomy one (below).
 #
 # What each worker must not share: every test writes below its own tmp_path (per worker), binds
 # port 0 or asks free_port(), and names its sockets after tmp_path. The PostgreSQL server is
@@ -90,17 +94,58 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Two workers per core, at least four: the tests mostly wait, they rarely compute.
+    """Five workers per core, four to ten: the tests mostly wait, they rarely compute.
 
     Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
-    CPU time (with every process they start) to about 270 s. On a quiet machine 8 workers
-    took 3 m 07 s - 3 m 12 s but a timing test failed in four runs out of five (a fleet test
-    whose tokens live 5-6 s, or a daemon that did not stop in time); 6 took 3 m 34 s and
-    passed twice, then a clean-checkout CI run failed a fleet test whose covering nodes fell
-    behind. With the cores that busy the tests' second-long waits compete for the CPU, so two
-    per core (about 5 minutes), which CI has passed with.
+    CPU time (with every process they start) to about 250 s, one second in six, so five
+    waiting workers keep a core busy. Beyond ten the 2-minute soak, which starts first, is
+    the run's floor anyway (a replay of the measured times: 8 workers 178 s, 10 142 s, 12
+    122 s). What made more workers fail timing tests before was several fleet tests side by
+    side: tests/testorder.py now runs at most three CPU-heavy tests at once.
     """
-    return max(4, 2 * len(os.sched_getaffinity(0)))
+    return max(4, min(10, 5 * len(os.sched_getaffinity(0))))
+
+
+#: A memory file system for the run's temporary files, when the machine has a roomy one.
+MEMORY_FS = Path("/dev/shm")
+#: Below this much free room the disk is used (a container's /dev/shm is often 64 MiB; a run
+#: keeps a few hundred MiB there at its peak: PostgreSQL clusters of 40 MiB each).
+MEMORY_FS_ROOM = 4 << 30
+#: The run's directory on the memory file system, when it uses one.
+MEMORY_RUN_KEY = pytest.StashKey[Path]()
+#: Whether every test passed (then the run's directory on the memory file system goes).
+PASSED_KEY = pytest.StashKey[bool]()
+
+
+def use_memory_for_temporary_files(config: pytest.Config) -> None:
+    """Put tmp_path, the PostgreSQL clusters and every temporary file of the run on a tmpfs.
+
+    The code under test is the same; what changes is what the disk costs. On the 2-core
+    development machine's ext4 a copy of a PostgreSQL data directory (966 files) took 0.35
+    CPU-seconds of system time and 0.07 on tmpfs, and every state save's fsync waits for the
+    disk; the suite's system CPU went from 45-49 s to 31 s.
+
+    One directory per run (TMPDIR, inherited by the workers and every process they start), and
+    in it pytest's base directory "t": tmp_path is then <run>/t/popen-gwN/<test>, shorter than
+    /tmp/pytest-of-USER/pytest-N/popen-gwN/<test> (Unix socket paths below tmp_path must stay
+    under 108 bytes). A run that passed removes its directory; one that failed keeps it for a
+    look. TMPDIR or --basetemp given by the caller wins.
+    """
+    if "TMPDIR" in os.environ or config.option.basetemp:
+        return
+    try:
+        room = os.statvfs(MEMORY_FS)
+        if room.f_bavail * room.f_frsize < MEMORY_FS_ROOM:
+            return
+        run = Path(tempfile.mkdtemp(prefix="kt-", dir=MEMORY_FS))
+    except OSError:
+        return
+    # Like /tmp: the tests run as root hand directories to other users (postgres, nobody).
+    run.chmod(0o1777)
+    config.stash[MEMORY_RUN_KEY] = run
+    os.environ["TMPDIR"] = str(run)
+    tempfile.tempdir = None  # computed again from TMPDIR at the next use
+    config.option.basetemp = str(run / "t")  # read by pytest's tmp_path factory after this
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -116,6 +161,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if is_xdist_worker(config):
         return
     compileall.compile_dir(Path(kakao_tokend.__file__).parent, quiet=1)
+    use_memory_for_temporary_files(config)
     config.stash[SHARED_DIR_KEY] = Path(tempfile.mkdtemp(prefix="tokend-pytest-"))
     # One initdb per run: the workers and the processes they start inherit this (pgcluster.py).
     # Its own directory in /tmp, not in the shared one: as root, initdb runs as 'postgres',
@@ -141,27 +187,96 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if TEMPLATE_KEY in config.stash:
         shutil.rmtree(config.stash[TEMPLATE_KEY], ignore_errors=True)
         os.environ.pop(TEMPLATE_ENV, None)
+    if MEMORY_RUN_KEY in config.stash and config.stash.get(PASSED_KEY, False):
+        shutil.rmtree(config.stash[MEMORY_RUN_KEY], ignore_errors=True)
+
+
+#: While --record-durations is on: each test's phases as (nodeid, seconds, CPU seconds), in the
+#: controller or a plain run (pytest_runtest_logreport is given no config to keep them in).
+RECORDED: dict[str, list[tuple[str, float, float]]] = {}
+#: In a worker, the CPU time (its own and its reaped children's) when a test began.
+CPU_AT_START = pytest.StashKey[float]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--record-durations: rewrite tests/durations.json from this run's times."""
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help="write each test's wall and CPU time (>= 0.5 s) to tests/durations.json, which"
+        " orders the run (tests/testorder.py)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Start the slow tests first, longest first, each on its own worker.
+    """Order the tests longest first and, in a worker, leave the estimates for the scheduler."""
+    recorded = testorder.read_durations()
+    estimates = {item.nodeid: testorder.estimate(item, recorded) for item in items}
+    items[:] = testorder.longest_first(items, estimates)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        shared = Path(workerinput[SHARED_DIR_INPUT])
+        testorder.write_estimates(shared / testorder.ESTIMATES_FILE, estimates)
 
-    A 2-minute soak that started last would end the run alone two minutes after everything
-    else. xdist (--dist load --maxschedchunk 1) hands each worker two tests at first and then
-    one test whenever it finishes one; a quick test after each slow one keeps two slow tests
-    off the same worker at the start.
-    """
 
-    def seconds(item: pytest.Item) -> float:
-        marker = item.get_closest_marker("slow")
-        assert marker is not None
-        return float(marker.kwargs.get("seconds", marker.args[0] if marker.args else 0))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With --dist load (pyproject.toml's): the scheduler of tests/testorder.py."""
+    if config.getvalue("dist") != "load":
+        return None
+    shared = config.stash[SHARED_DIR_KEY]
+    return testorder.TimedScheduling(config, log, shared / testorder.ESTIMATES_FILE)
 
-    slow = sorted((i for i in items if i.get_closest_marker("slow")), key=seconds, reverse=True)
-    quick = [i for i in items if not i.get_closest_marker("slow")]
-    ordered: list[pytest.Item] = []
-    for item in slow:
-        ordered.append(item)
-        if quick:
-            ordered.append(quick.pop(0))
-    items[:] = ordered + quick
+
+def cpu_seconds() -> float:
+    """Return this process's CPU time plus that of the children it has reaped."""
+    mine, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """With --record-durations: note the CPU time when the test begins."""
+    if item.config.getoption("record_durations"):
+        item.stash[CPU_AT_START] = cpu_seconds()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """With --record-durations: the teardown report carries the test's CPU time."""
+    report: pytest.TestReport = yield
+    if call.when == "teardown" and CPU_AT_START in item.stash:
+        report.user_properties.append(("cpu", cpu_seconds() - item.stash[CPU_AT_START]))
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With --record-durations: keep each phase's time (in the controller, or a plain run)."""
+    recorded = RECORDED.get("reports")
+    if recorded is not None:
+        cpu = sum(float(value) for name, value in report.user_properties if name == "cpu")
+        recorded.append((report.nodeid, report.duration, cpu if report.when == "teardown" else 0))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With --record-durations, start recording (not in xdist workers: the controller does)."""
+    if session.config.getoption("record_durations") and not is_xdist_worker(session.config):
+        RECORDED["reports"] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Note whether the run passed; with --record-durations, write the times of the tests that
+    took long enough (a test that ran shorter is taken out)."""
+    session.config.stash[PASSED_KEY] = exitstatus == 0
+    reports = RECORDED.pop("reports", None)
+    if reports is None:
+        return
+    # A run of some files updates their tests and keeps the others' times.
+    ran = {nodeid for nodeid, _, _ in reports}
+    known = {k: [e.seconds, e.cpu] for k, e in testorder.read_durations().items() if k not in ran}
+    merged = dict(sorted({**known, **testorder.recorded_durations(reports)}.items()))
+    testorder.DURATIONS.write_text(testorder.format_durations(merged))

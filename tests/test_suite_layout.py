@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+import testorder
 from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
+from kakao_tokend.paths import API_SOCKET_NAME
 
 TESTS = Path(__file__).resolve().parent
 
@@ -43,3 +50,114 @@ def test_free_port_picks_a_bindable_port_below_the_ephemeral_range() -> None:
         assert LOWEST_FREE_PORT <= port < start
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+class FakeWorker:
+    """Stands in for an xdist WorkerController: records what the scheduler sends it."""
+
+    def __init__(self, number: int) -> None:
+        self.gateway = SimpleNamespace(id=f"gw{number}")
+        self.sent: list[int] = []
+        self.shutting_down = False
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.sent.extend(indices)
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+class FakeConfig:
+    """The two options xdist's LoadScheduling reads: six workers, --maxschedchunk 1."""
+
+    def getvalue(self, name: str) -> list[str]:
+        assert name == "tx"
+        return ["6*popen"]
+
+    def getoption(self, name: str) -> int:
+        assert name == "maxschedchunk"
+        return 1
+
+
+def test_the_scheduler_starts_long_tests_first_and_few_heavy_ones_at_once(tmp_path: Path) -> None:
+    """Long tests start first, each with a quick one queued behind it; no more than
+    HEAVY_AT_ONCE heavy tests are running or queued at once while a light test is left; a
+    worker is shut down when nothing is left."""
+    heavy = {f"heavy{i}": [60.0 - i, 20.0] for i in range(5)}
+    light = {f"light{i}": [50.0 - i, 0.5] for i in range(3)}
+    quick = [f"quick{i}" for i in range(20)]
+    estimates = tmp_path / testorder.ESTIMATES_FILE
+    estimates.write_text(json.dumps({**heavy, **light}))
+    collection = [*quick, *light, *heavy]
+    scheduler = testorder.TimedScheduling(FakeConfig(), None, estimates)
+    workers = [FakeWorker(number) for number in range(6)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+
+    def name(index: int) -> str:
+        return collection[index]
+
+    first = [[name(i) for i in worker.sent] for worker in workers]
+    assert [sent[0] for sent in first] == [
+        "heavy0",
+        "heavy1",
+        "heavy2",
+        "light0",
+        "light1",
+        "light2",
+    ]
+    assert all(sent[1].startswith("quick") for sent in first)
+    # heavy0 ends: its worker runs its quick test, and after it the next longest, heavy3
+    # (two heavy tests run elsewhere: room for a third).
+    scheduler.mark_test_complete(workers[0], workers[0].sent[0])
+    assert name(workers[0].sent[-1]) == "heavy3"
+    # light0 ends: heavy4 would be the fourth heavy test at once, so a quick test comes next.
+    scheduler.mark_test_complete(workers[3], workers[3].sent[0])
+    assert name(workers[3].sent[-1]).startswith("quick")
+    assert "heavy4" not in [name(i) for w in workers for i in w.sent]
+    while scheduler.pending:
+        for worker in workers:
+            if scheduler.node2pending[worker]:
+                scheduler.mark_test_complete(worker, scheduler.node2pending[worker][0])
+    assert sorted(name(i) for w in workers for i in w.sent) == sorted(collection)
+    for worker in workers:
+        while scheduler.node2pending[worker]:
+            scheduler.mark_test_complete(worker, scheduler.node2pending[worker][0])
+    assert all(worker.shutting_down for worker in workers)
+
+
+def test_with_fewer_tests_than_places_every_worker_is_told_to_finish_at_once(
+    tmp_path: Path,
+) -> None:
+    """Three tests on six workers: each worker that got one (or none) is shut down right away,
+    or it would wait for a second test forever (a worker runs a test once it knows the next)."""
+    estimates = tmp_path / testorder.ESTIMATES_FILE
+    estimates.write_text("{}")
+    scheduler = testorder.TimedScheduling(FakeConfig(), None, estimates)
+    workers = [FakeWorker(number) for number in range(6)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, ["a", "b", "c"])
+    scheduler.schedule()
+    assert sorted(i for worker in workers for i in worker.sent) == [0, 1, 2]
+    assert all(worker.shutting_down for worker in workers)
+
+
+#: The longest name pytest gives a test's tmp_path (30 characters and a number, tmpdir.py).
+LONGEST_TMP_NAME = "t" * 30 + "10"
+#: Where a fleet test's node keeps its API socket below tmp_path (fleetnodes.py, test_fleet_*).
+FLEET_SOCKET = Path("fleet0", "node-1", "run", API_SOCKET_NAME)
+#: A Unix socket path fits sun_path: 108 bytes with the terminating NUL.
+SUN_PATH_MAX = 107
+
+
+def test_a_fleet_nodes_socket_below_any_tmp_path_fits_a_unix_socket_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The run's temporary directory (conftest.py puts it on a tmpfs) leaves room for the
+    deepest socket a test makes: a longer one fails with "AF_UNIX path too long" (it did, with
+    /dev/shm/kt-tests/pytest-of-root/pytest-N/popen-gwN as the base)."""
+    deepest = tmp_path_factory.getbasetemp() / LONGEST_TMP_NAME / FLEET_SOCKET
+    assert len(os.fsencode(deepest)) <= SUN_PATH_MAX, deepest
