@@ -367,7 +367,7 @@ class Listing:
         self._directories.clear()
 
 
-def _directory_text(path: Path) -> str:
+def directory_text(path: Path) -> str:
     """The directory of ``path`` as text: ``str(path.parent)`` without building a Path."""
     directory, slash, _ = str(path).rpartition("/")
     return directory or slash or "."
@@ -817,6 +817,10 @@ class AccountStore:
         self._reserve_released: Path | None = None
         #: While the daemon opens its accounts: the directories as listed then (see Listing).
         self._listing = listing
+        #: The listing found no alert bookkeeping file. Believed by the first load_alerts
+        #: (after the listing is closed: alerts attach once every account is open), since
+        #: only a holder of the instance lock writes one (this daemon, `store migrate`).
+        self._no_alerts_listed = False
 
     @classmethod
     def from_paths(
@@ -880,7 +884,7 @@ class AccountStore:
     def _alerts_absent(self) -> bool:
         """True when the listing knows there is no alert bookkeeping file (no Path built)."""
         return self._listing is not None and self._listing.absent(
-            f"{_directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
+            f"{directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
         )
 
     # -- safety --------------------------------------------------------------------------------
@@ -902,7 +906,7 @@ class AccountStore:
             (self.token_path, "token file directory"),
         ):
             # Usually one directory: "state directory".
-            directories.setdefault(_directory_text(path), (path, what))
+            directories.setdefault(directory_text(path), (path, what))
         for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
                 check_directory(path.parent, what=what)
@@ -913,10 +917,12 @@ class AccountStore:
             (self.token_path, "token file"),
         ):
             check_file(path, what=what, listing=listing)
-        if not self._alerts_absent():
+        if self._alerts_absent():
+            self._no_alerts_listed = True
+        else:
             check_file(self.alerts_path, what="alert bookkeeping file", listing=listing)
         if self.honour_moved_marker and (
-            checked is None or _directory_text(self.state_path) not in checked
+            checked is None or directory_text(self.state_path) not in checked
         ):
             check_not_moved(self.state_path.parent, account=self.account, listing=listing)
         if checked is not None:
@@ -1024,7 +1030,7 @@ class AccountStore:
         path = self.state_path
         listing = self._listing
         if self.honour_moved_marker and (
-            listing is None or not listing.absent(f"{_directory_text(path)}/{MOVED_NAME}")
+            listing is None or not listing.absent(f"{directory_text(path)}/{MOVED_NAME}")
         ):
             check_not_moved(path.parent, account=self.account, listing=listing)
         if listing is not None and listing.absent(path):
@@ -1404,6 +1410,11 @@ class AccountStore:
 
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
+        if self._no_alerts_listed:
+            # Once: a thousand accounts attach their alerts after the start's listing is
+            # closed, and a failed open costs each of them an exception.
+            self._no_alerts_listed = False
+            return None
         if self._alerts_absent():
             return None
         try:
@@ -1426,6 +1437,7 @@ class AccountStore:
     def save_alerts(self, document: dict[str, Any]) -> None:
         """Write the alert bookkeeping atomically (0600); raises StoreWriteError."""
         data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+        self._no_alerts_listed = False
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
     def remove(self) -> None:
