@@ -936,7 +936,9 @@ def _tables(cls: type[Any]) -> Iterator[tuple[str, type[Any]]]:
 
 #: The files an account has in the state directory unless it names them: (field, suffix).
 _DEFAULT_FILES: Final = tuple(
-    (name, spec.default_name) for name, _, spec in _schema(AccountConfig).values if spec.default_name
+    (name, spec.default_name)
+    for name, _, spec in _schema(AccountConfig).values
+    if spec.default_name
 )
 #: The tables each account reads over a global default of the same name: [accounts.NAME.kakao]
 #: overrides [kakao] key by key.
