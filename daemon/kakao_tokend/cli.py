@@ -1198,10 +1198,14 @@ def token(min_valid: float, lock_timeout: float) -> None:
         # A token that is still good for --min-valid is read and printed as it is: no
         # secrets, no lock, no Kakao client, no event loop (a script may call this every
         # minute). Anything else (no tokens, a re-login, a refresh due) takes the path below.
-        current = AccountStore(paths.accounts[name]).load()
+        # The files are judged first, as for a refresh: a token planted in a directory other
+        # users may write to is refused, never printed.
+        store = AccountStore(paths.accounts[name])
+        store.check_paths()
+        current = store.load()
         if current is not None and not current.relogin_reason:
-            left = current.tokens.access_remaining(utcnow()).total_seconds()
-            if left >= min_valid and left > 0:
+            remaining = current.tokens.access_remaining(utcnow()).total_seconds()
+            if remaining >= min_valid and remaining > 0:
                 click.echo(current.tokens.access_token)
                 return
     account = settings.account_config()

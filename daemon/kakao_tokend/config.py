@@ -934,10 +934,11 @@ def _tables(cls: type[Any]) -> Iterator[tuple[str, type[Any]]]:
             yield from _tables(spec.cls)
 
 
-#: The files an account has in the state directory unless it names them: (field, suffix).
+#: The files an account has in the state directory unless it names them: (field, key,
+#: suffix).
 _DEFAULT_FILES: Final = tuple(
-    (name, spec.default_name)
-    for name, _, spec in _schema(AccountConfig).values
+    (name, key, spec.default_name)
+    for name, key, spec in _schema(AccountConfig).values
     if spec.default_name
 )
 #: The tables each account reads over a global default of the same name: [accounts.NAME.kakao]
@@ -1573,13 +1574,15 @@ class _Checker:
         # An account name is one path component (ACCOUNT_NAME_RE): pathlib's own shortcut
         # for a child name skips parsing it (3 paths of a thousand accounts), where it has one.
         child = getattr(state_dir, "_make_child_relpath", state_dir.joinpath)
-        for field_name, suffix in _DEFAULT_FILES:
-            changes[field_name] = child(f"{name}{suffix}")
+        prefix = f"accounts.{name}"
+        for field_name, key, suffix in _DEFAULT_FILES:
+            path = changes[field_name] = child(f"{name}{suffix}")
+            # claim_files for these three (the plain account's other files are None).
+            self.files.append((f"{prefix}.{key}", path, False))
         account = object.__new__(AccountConfig)
         # The dataclass's own fields, copied: what replace() would produce, minus the checks
         # the first account already passed (AccountConfig has no __post_init__).
         account.__dict__.update(self.plain.__dict__, **changes)
-        self.claim_files(AccountConfig, changes, f"accounts.{name}", explicit={})
         return account
 
     def templates(

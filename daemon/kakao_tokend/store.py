@@ -334,11 +334,14 @@ class Listing:
     def _entries(self, path: Path | str) -> tuple[dict[str, os.DirEntry[str]] | None, str]:
         # str.rpartition, not os.path.split or Path.parent: this runs ten times per account.
         directory, slash, name = str(path).rpartition("/")
+        return self.directory(directory or slash or "."), name  # "/x" is in "/", "x" in "."
+
+    def directory(self, directory: str) -> dict[str, os.DirEntry[str]] | None:
+        """The entries of ``directory`` (its text) by name; None when nobody knows."""
         if self._closed:
-            return None, name
-        directory = directory or slash or "."  # "/x" is in "/", "x" in "."
+            return None
         try:
-            return self._directories[directory], name
+            return self._directories[directory]
         except KeyError:
             pass
         entries: dict[str, os.DirEntry[str]] | None
@@ -348,7 +351,7 @@ class Listing:
         except OSError:
             entries = None  # missing or unreadable: the file's own lookup says what is wrong
         self._directories[directory] = entries
-        return entries, name
+        return entries
 
     def absent(self, path: Path | str) -> bool:
         """True when ``path`` is known not to exist (False: it exists, or nobody knows)."""
@@ -586,6 +589,27 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
                 return data, info.st_ino
     finally:
         os.close(fd)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def parse_json(raw: bytes) -> Any:
+    """``json.loads(raw.decode("utf-8"))``, minus its generic steps for a file we wrote.
+
+    A start reads two small JSON files per account; for a document that starts at its first
+    byte and ends in whitespace, the decoder's own scan is all json.loads adds up to. Anything
+    else (leading whitespace, extra data, a syntax error) goes through json.loads, which
+    answers or raises exactly as before.
+    """
+    text = raw.decode("utf-8")
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
+        return json.loads(text)  # raises "Extra data"
+    return value
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -898,6 +922,8 @@ class AccountStore:
         Directories in ``checked`` passed already and are not looked at again; the ones that
         pass here are added (a thousand accounts in one directory: one look at it).
         """
+        if checked is not None and self._listing is not None and self._check_listed(checked):
+            return
         # Keyed by the directory's text (a Path per file and account adds up at a thousand).
         directories: dict[str, tuple[Path, str]] = {}
         for path, what in (
@@ -927,6 +953,36 @@ class AccountStore:
             check_not_moved(self.state_path.parent, account=self.account, listing=listing)
         if checked is not None:
             checked.update(directories)
+
+    def _check_listed(self, checked: set[str]) -> bool:
+        """check_paths for the usual account of a large start: its files in one directory
+        that was judged already, each file answered by the listing (regular, or not there).
+        False (nothing decided) when any of that does not hold: check_paths then looks at
+        each file the long way, which also raises the right error."""
+        assert self._listing is not None
+        directory, _, state_name = str(self.state_path).rpartition("/")
+        lock_directory, _, lock_name = str(self.lock_path).rpartition("/")
+        token_directory, _, token_name = str(self.token_path).rpartition("/")
+        if not directory or directory not in checked:
+            return False
+        if lock_directory != directory or token_directory != directory:
+            return False
+        entries = self._listing.directory(directory)
+        if entries is None:
+            return False
+        try:
+            for name in (state_name, lock_name, token_name):
+                entry = entries.get(name)
+                if entry is not None and (
+                    entry.is_symlink() or not entry.is_file(follow_symlinks=False)
+                ):
+                    return False
+        except OSError:  # DT_UNKNOWN and the fallback lstat failed: the long way asks again
+            return False
+        if f"{self.name}{ALERTS_SUFFIX}" in entries:
+            return False  # rare (an account that alerted): judged the long way
+        self._no_alerts_listed = True
+        return True
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -1048,7 +1104,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(f"cannot read {self.state_path}: {exc.strerror or exc}") from None
             try:
-                state = AccountState.from_dict(json.loads(raw.decode("utf-8")))
+                state = AccountState.from_dict(parse_json(raw))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
@@ -1392,7 +1448,7 @@ class AccountStore:
         except OSError as exc:
             raise StoreError(f"cannot read {self.token_path}: {exc.strerror or exc}") from None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
         except ValueError as exc:
             raise StoreError(
                 f"token file {self.token_path} is damaged ({_safe_reason(exc)})",
