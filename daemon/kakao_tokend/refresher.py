@@ -385,10 +385,11 @@ class AccountManager:
 
     def next_wakeup(self) -> datetime | None:
         """Return the earliest moment this account needs attention (refresh, write, publish)."""
+        planned = self.planned_refresh_at()
+        if self._next_write_at is None and self._next_publish_at is None:
+            return planned  # the usual case (a thousand accounts are planned at start)
         moments = [
-            m
-            for m in (self.planned_refresh_at(), self._next_write_at, self._next_publish_at)
-            if m is not None
+            m for m in (planned, self._next_write_at, self._next_publish_at) if m is not None
         ]
         return min(moments) if moments else None
 

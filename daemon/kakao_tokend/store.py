@@ -1085,11 +1085,12 @@ class AccountStore:
         """
         path = self.state_path
         listing = self._listing
-        if self.honour_moved_marker and (
-            listing is None or not listing.absent(f"{directory_text(path)}/{MOVED_NAME}")
-        ):
+        # One look at the listing answers both questions (no marker? no state file?).
+        directory, slash, name = str(path).rpartition("/")
+        entries = None if listing is None else listing.directory(directory or slash or ".")
+        if self.honour_moved_marker and (entries is None or MOVED_NAME in entries):
             check_not_moved(path.parent, account=self.account, listing=listing)
-        if listing is not None and listing.absent(path):
+        if entries is not None and name not in entries:
             return None
         for _ in range(3):
             try:

@@ -75,7 +75,7 @@ class StateWatcher:
         # and a Path's parent (and its hash) for each would cost more than the watch.
         by_text: dict[str, Path] = {}
         for path in self._files:
-            text = os.path.dirname(path)
+            text = str(path).rpartition("/")[0]  # only a key: "/x" and "x" need not be exact
             if text not in by_text:
                 by_text[text] = path.parent
         directories = set(by_text.values())
