@@ -359,6 +359,9 @@ class AccountManager:
 
     def planned_refresh_at(self) -> datetime | None:
         """Return when the next refresh (or retry) should run, or None if nothing is planned."""
+        planned = self._planned_refresh_at
+        if planned is not None and self.status.health is Health.OK and self.state is not None:
+            return planned  # the usual answer, asked several times per account at start
         if self.state is None or self.status.health in (Health.RELOGIN, Health.CONFIG):
             return None
         if self.status.health is Health.RETRYING and self.status.next_attempt_at:
