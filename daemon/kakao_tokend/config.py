@@ -9,7 +9,6 @@ every table. Cross-field rules are a table too (``_RULES``).
 
 from __future__ import annotations
 
-import difflib
 import grp
 import ipaddress
 import math
@@ -104,6 +103,8 @@ def _describe(value: object) -> str:
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
     """Return '; did you mean "x"?' for a close match, else ''."""
+    import difflib  # only for a mistake: every start and command would import it for nothing
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f'; did you mean "{close[0]}"?' if close else ""
 
