@@ -322,6 +322,20 @@ class TestTokenRefreshLogout:
         assert result.stdout == body["access_token"] + "\n"
         assert emulator.stats.refreshes_ok == 0
 
+    def test_token_reads_a_good_token_without_the_secrets(self, tmp_path: Path) -> None:
+        """Without a daemon, a token good for --min-valid comes straight from the state file:
+        the app's secrets (needed only to refresh) are not read; a refresh due still needs
+        them (exit 78 once the client secret is gone)."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=30 * 86400, access_left=3600)
+        (tmp_path / "client_secret").unlink()
+        result = invoke(config, "token", "--min-valid", "10m")
+        assert result.exit_code == 0, result.output
+        assert result.stdout == OFFLINE_BODY["access_token"] + "\n"
+        due = invoke(config, "token", "--min-valid", "2h")
+        assert due.exit_code == 78, due.output
+        assert "client_secret" in due.stderr and due.stdout == ""
+
     async def test_token_refreshes_when_close_to_expiry(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

@@ -685,6 +685,40 @@ class TestReporting:
         assert (own.app.timeout, own.app.rest_api_key) == (5.0, KEY)
         assert own.alerts.repeat == 3600.0
 
+    def test_accounts_without_a_table_are_the_first_one_renamed(self, env: dict[str, str]) -> None:
+        """An account with an empty [accounts.NAME] table is the first such account with its
+        own name, files and command-line options, equal to what reading it field by field
+        gives; an account after one with overrides, and one with a table, are read as such."""
+        config = load(
+            MINIMAL
+            + """\
+            [publish]
+            mode = "0600"
+            [accounts.a]
+            [accounts.own.publish]
+            include_refresh_token = true
+            [accounts.b]
+            [accounts.c]
+            """,
+            env,
+        )
+        a, own, b, c = (config.accounts[name] for name in ("a", "own", "b", "c"))
+        state = Path(env["STATE_DIRECTORY"])
+        for account in (b, c):
+            name = account.name
+            assert account == dataclasses.replace(
+                a,
+                name=name,
+                state_file=state / f"{name}.state.json",
+                lock_file=state / f"{name}.lock",
+                token_file=state / f"{name}.token.json",
+                cli_options=("--account", name),
+            )
+            assert str(account.state_file) == f"{state}/{name}.state.json"
+            assert account.token_file_mode == 0o600 and not account.include_refresh_token
+        assert a.cli_options == () and own.include_refresh_token
+        assert a.app is b.app is c.app
+
     def test_a_mistake_in_an_override_is_reported_for_each_account(
         self, env: dict[str, str]
     ) -> None:

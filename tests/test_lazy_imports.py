@@ -83,3 +83,42 @@ def test_the_daemon_imports_the_prometheus_client_at_the_first_scrape(tmp_path: 
     assert "prometheus_client" not in loaded_by(body.format(render=""))
     rendered = body.format(render="assert b'kakao_tokend_build_info' in app[METRICS].render()\n")
     assert "prometheus_client" in loaded_by(rendered)
+
+
+def test_token_without_a_daemon_reads_a_good_token_without_the_network_stack(
+    tmp_path: Path,
+) -> None:
+    """`token` without a daemon prints a token still good for --min-valid from the state file
+    without loading aiohttp or asyncio; when a refresh is due it builds the refresh machinery
+    (here Kakao is out of reach, so it warns and prints the token it has)."""
+    from datetime import UTC, datetime, timedelta
+
+    from kakao_tokend.config import load_config
+    from kakao_tokend.state import AccountState
+    from kakao_tokend.store import AccountStore
+    from kakao_tokend.tokens import TokenSet
+
+    config = write_config(tmp_path)
+    now = datetime.now(UTC)
+    tokens = TokenSet(
+        access_token="still-good-access-token",
+        refresh_token="its-refresh-token",
+        access_expires_at=now + timedelta(hours=1),
+        refresh_expires_at=now + timedelta(days=30),
+        access_issued_at=now,
+    )
+    AccountStore(load_config(config).accounts["default"]).save(
+        AccountState(account="default", tokens=tokens, refreshed_at=now)
+    )
+    for min_valid, expected in (("10m", set()), ("2h", {"aiohttp", "asyncio"})):
+        code = _CLI.format(
+            argv=["--config", str(config), "token", "--min-valid", min_valid], watched=WATCHED
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+        )
+        printed, loaded = result.stdout.strip().splitlines()
+        assert printed == "still-good-access-token", result.stderr
+        assert expected <= set(json.loads(loaded)), min_valid
+        if not expected:
+            assert set(json.loads(loaded)) == set(), result.stderr

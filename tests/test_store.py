@@ -6,6 +6,7 @@ import grp
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from kakao_tokend.store import (
     Listing,
     StorePaths,
     atomic_write,
+    parse_json,
     read_file,
     remove_stale_temp_files,
 )
@@ -376,6 +378,75 @@ def test_a_listing_judges_every_file_as_the_lookups_do_and_is_only_as_new_as_its
     (directory / MOVED_NAME).write_text("{}")
     with pytest.raises(StoreMoved):
         _listed(Listing(), directory, "a").load()
+
+
+def test_accounts_in_a_judged_directory_are_judged_from_the_listing_alone(
+    tmp_path: Path,
+) -> None:
+    """The usual account of a large start, its files in a directory judged already, is
+    judged from the listing's entries alone, and still refuses a symlinked token, lock or
+    alert bookkeeping file and a directory in place of its state file. Alert bookkeeping the
+    listing did not name is not looked for once more after the listing is closed (only
+    holders of the instance lock write it: the daemon, `store migrate`) - once; a listed one
+    is read, and one the store saves itself is read back."""
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    document = {"version": 1, "account": "g", "active": {"x": {"at": "2026-01-01T00:00:00Z"}}}
+    _listed(Listing(), directory, "g").save_alerts(document)
+    (directory / "b.token.json").symlink_to(tmp_path / "elsewhere")
+    (directory / "c.state.json").mkdir()
+    (directory / "e.lock").symlink_to(tmp_path / "elsewhere")
+    (directory / "f.alerts.json").symlink_to(tmp_path / "elsewhere")
+    listing = Listing()
+    checked: set[str] = set()
+    _listed(listing, directory, "a").check_paths(checked)
+    assert checked == {str(directory)}
+    for name, refusal in (
+        ("b", "symbolic link"),
+        ("c", "not a regular file"),
+        ("e", "symbolic link"),
+        ("f", "symbolic link"),
+    ):
+        with pytest.raises(UnsafePath, match=refusal):
+            _listed(listing, directory, name).check_paths(checked)
+    g, h, i = (_listed(listing, directory, name) for name in "ghi")
+    for store in (g, h, i):
+        store.check_paths(checked)
+    listing.close()
+    assert g.load_alerts() == document
+    later = {**document, "account": "h"}
+    _listed(Listing(), directory, "h").save_alerts(later)
+    assert h.load_alerts() is None  # the listing's word, once
+    assert h.load_alerts() == later
+    i.save_alerts({**document, "account": "i"})
+    assert i.load_alerts() == {**document, "account": "i"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": [1, 2.5, null, true], "b": "\\u00e9"}\n',
+        b'  {"a": 1}',
+        b'{"a": 1}\n\r\t ',
+        b'{"a": 1} x',
+        b'{"a": 1}\x0b',
+        "{}\u3000".encode(),
+        b"",
+        b"{",
+        b"[1]",
+        b"1",
+        b"\xff",
+    ],
+)
+def test_parse_json_answers_as_json_loads(raw: bytes) -> None:
+    """The start's JSON reader gives what json.loads gives, or raises the same error."""
+    try:
+        expected: object = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        with pytest.raises(type(exc), match="^" + re.escape(str(exc)) + "$"):
+            parse_json(raw)
+    else:
+        assert parse_json(raw) == expected
 
 
 def test_read_file_reads_every_byte_and_refuses_what_is_not_a_regular_file(

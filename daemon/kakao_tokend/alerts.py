@@ -569,7 +569,9 @@ class AccountAlerts:
         #: None: built at the first alert (most accounts never send one, and a channel with
         #: its callbacks is half a KiB for each of a fleet node's 10,000 accounts).
         self._channels: list[Channel] | None = []
-        self.language: Language = "en"
+        #: Resolved when first needed (None: not yet): the locale is read from the
+        #: environment, which a thousand accounts would each read at start for nothing.
+        self._language: Language | None = None
         self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] = []
         self._save_failed = False
         #: When the center grades this account again with nothing changed (its heap entry).
@@ -621,8 +623,15 @@ class AccountAlerts:
         alert (and workers start with the first alert for their channel: most accounts
         never need one, and each costs a task)."""
         self.stop_workers()
-        self.language = resolve_language(self.settings.language)
+        self._language = None
         self._channels = None
+
+    @property
+    def language(self) -> Language:
+        """Return the language of the account's alerts ([alerts] language, else the locale's)."""
+        if self._language is None:
+            self._language = resolve_language(self.settings.language)
+        return self._language
 
     @property
     def channels(self) -> list[Channel]:

@@ -1181,8 +1181,9 @@ def token(min_valid: float, lock_timeout: float) -> None:
 
     settings = _settings()
     name = settings.account_name()
+    paths = settings.config(secrets=False)
     remote = _via_daemon(
-        settings.config(secrets=False),
+        paths,
         "GET",
         f"/v1/accounts/{name}/token",
         params={"min_valid": f"{min_valid:g}"},
@@ -1193,6 +1194,20 @@ def token(min_valid: float, lock_timeout: float) -> None:
             raise _daemon_failure(name, code, body)
         click.echo(body["access_token"])
         return
+    if paths.store.backend == "file":
+        # A token that is still good for --min-valid is read and printed as it is: no
+        # secrets, no lock, no Kakao client, no event loop (a script may call this every
+        # minute). Anything else (no tokens, a re-login, a refresh due) takes the path below.
+        # The files are judged first, as for a refresh: a token planted in a directory other
+        # users may write to is refused, never printed.
+        store = AccountStore(paths.accounts[name])
+        store.check_paths()
+        current = store.load()
+        if current is not None and not current.relogin_reason:
+            remaining = current.tokens.access_remaining(utcnow()).total_seconds()
+            if remaining >= min_valid and remaining > 0:
+                click.echo(current.tokens.access_token)
+                return
     account = settings.account_config()
     try:
         state, _, _ = _run_async(

@@ -9,7 +9,6 @@ every table. Cross-field rules are a table too (``_RULES``).
 
 from __future__ import annotations
 
-import difflib
 import grp
 import ipaddress
 import math
@@ -104,6 +103,8 @@ def _describe(value: object) -> str:
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
     """Return '; did you mean "x"?' for a close match, else ''."""
+    import difflib  # only for a mistake: every start and command would import it for nothing
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f'; did you mean "{close[0]}"?' if close else ""
 
@@ -934,6 +935,13 @@ def _tables(cls: type[Any]) -> Iterator[tuple[str, type[Any]]]:
             yield from _tables(spec.cls)
 
 
+#: The files an account has in the state directory unless it names them: (field, key,
+#: suffix).
+_DEFAULT_FILES: Final = tuple(
+    (name, key, spec.default_name)
+    for name, key, spec in _schema(AccountConfig).values
+    if spec.default_name
+)
 #: The tables each account reads over a global default of the same name: [accounts.NAME.kakao]
 #: overrides [kakao] key by key.
 _ACCOUNT_TABLES: Final = _subtables(AccountConfig)
@@ -1290,6 +1298,9 @@ class _Checker:
         self.files: list[tuple[str, Path, bool]] = []
         #: What accounts without their own [kakao], [publish] or [alerts] share, by table.
         self.inherited: dict[str, Any] = {}
+        #: The first account read without a table of its own (``[accounts.NAME]`` empty):
+        #: every other such account is this one with its name, files and options.
+        self.plain: AccountConfig | None = None
 
     def problem(self, key: str, text: str) -> None:
         self.problems.append((key, text))
@@ -1501,6 +1512,8 @@ class _Checker:
     ) -> AccountConfig | None:
         """One account: its own keys, and each shared table with its overrides applied."""
         prefix = f"accounts.{name}"
+        if not table and self.plain is not None and state_dir is not None and not self.problems:
+            return self.plain_account(name, state_dir, cli_options)
         values, unknown = self.read(AccountConfig, _settings(table or {}, prefix), prefix)
         values["name"] = name
         values["cli_options"] = cli_options
@@ -1542,7 +1555,36 @@ class _Checker:
                 if item.name not in unknown
             }
             values["templates"] = self.templates(table["templates"], f"{prefix}.templates", known)
-        return self.finish(AccountConfig, values, unknown, {}, prefix)
+        account = self.finish(AccountConfig, values, unknown, {}, prefix)
+        if not table and state_dir is not None and not self.problems and not unknown:
+            self.plain = account
+        return account
+
+    def plain_account(
+        self, name: str, state_dir: Path, cli_options: tuple[str, ...]
+    ) -> AccountConfig:
+        """An account without a table of its own: :attr:`plain`, renamed (its files too).
+
+        A thousand such accounts would each be read through the schema and built field by
+        field (a frozen dataclass sets each through ``object.__setattr__``), to come out equal
+        to the first but for these five fields. Its files are still claimed one by one, so
+        two accounts can never share one.
+        """
+        assert self.plain is not None
+        changes: dict[str, Any] = {"name": name, "cli_options": cli_options}
+        # An account name is one path component (ACCOUNT_NAME_RE): pathlib's own shortcut
+        # for a child name skips parsing it (3 paths of a thousand accounts), where it has one.
+        child = getattr(state_dir, "_make_child_relpath", state_dir.joinpath)
+        prefix = f"accounts.{name}"
+        for field_name, key, suffix in _DEFAULT_FILES:
+            path = changes[field_name] = child(f"{name}{suffix}")
+            # claim_files for these three (the plain account's other files are None).
+            self.files.append((f"{prefix}.{key}", path, False))
+        account = object.__new__(AccountConfig)
+        # The dataclass's own fields, copied: what replace() would produce, minus the checks
+        # the first account already passed (AccountConfig has no __post_init__).
+        account.__dict__.update(self.plain.__dict__, **changes)
+        return account
 
     def templates(
         self, value: Any, key: str, account: Mapping[str, Any]
@@ -1596,16 +1638,19 @@ class _Checker:
 
     def check_distinct_files(self) -> None:
         """Two accounts (or two roles) sharing a file would overwrite each other's tokens."""
-        seen: dict[Path, str] = {}
+        # Keyed by the text (equal for equal POSIX paths): hashing a Path builds its parts'
+        # tuple, and a thousand accounts bring three files each.
+        seen: dict[str, str] = {}
         for key, file, explicit in self.files:
-            if file in seen:
+            text = str(file)
+            if text in seen:
                 self.problem(
                     key,
-                    f"{file} is also used as {seen[file]}; every account needs its own "
+                    f"{file} is also used as {seen[text]}; every account needs its own "
                     "state, token and lock files",
                 )
             else:
-                seen[file] = key if explicit else f"{key} (default)"
+                seen[text] = key if explicit else f"{key} (default)"
 
     # -- secrets ------------------------------------------------------------------------------
 

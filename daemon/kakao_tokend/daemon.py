@@ -34,6 +34,7 @@ from .store import (
     FileLock,
     Listing,
     check_directory,
+    directory_text,
     ensure_reserve,
     make_dirs,
     remove_stale_temp_files,
@@ -77,7 +78,7 @@ class Daemon:
     #: Called after every successful reload (templates re-render with the new configuration).
     reload_listeners: list[Callable[[], None]] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _prepared_dirs: set[Path] = field(default_factory=set)
+    _prepared_dirs: set[str] = field(default_factory=set)
     #: The Kakao client of each app object (by id; the client keeps its app alive), see _client.
     _clients: dict[int, KakaoClient] = field(default_factory=dict)
     #: Alert conditions and channels (set up by the service's alerts context).
@@ -142,13 +143,15 @@ class Daemon:
         assert self.session is not None
         if store is None:
             store = self.new_store(account)
-        for directory in {account.state_file.parent, account.token_file.parent}:
-            if directory not in self._prepared_dirs:
-                # Once per directory: 1,000 accounts usually share one state directory.
+        for path in (account.state_file, account.token_file):
+            # Once per directory, known by its text: 1,000 accounts usually share one.
+            text = directory_text(path)
+            if text not in self._prepared_dirs:
+                directory = path.parent
                 make_dirs(directory)
                 remove_stale_temp_files(directory)
                 ensure_reserve(directory)
-                self._prepared_dirs.add(directory)
+                self._prepared_dirs.add(text)
         manager = AccountManager(
             account,
             store=store,

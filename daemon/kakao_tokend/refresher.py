@@ -359,6 +359,9 @@ class AccountManager:
 
     def planned_refresh_at(self) -> datetime | None:
         """Return when the next refresh (or retry) should run, or None if nothing is planned."""
+        planned = self._planned_refresh_at
+        if planned is not None and self.status.health is Health.OK and self.state is not None:
+            return planned  # the usual answer, asked several times per account at start
         if self.state is None or self.status.health in (Health.RELOGIN, Health.CONFIG):
             return None
         if self.status.health is Health.RETRYING and self.status.next_attempt_at:
@@ -385,10 +388,11 @@ class AccountManager:
 
     def next_wakeup(self) -> datetime | None:
         """Return the earliest moment this account needs attention (refresh, write, publish)."""
+        planned = self.planned_refresh_at()
+        if self._next_write_at is None and self._next_publish_at is None:
+            return planned  # the usual case (a thousand accounts are planned at start)
         moments = [
-            m
-            for m in (self.planned_refresh_at(), self._next_write_at, self._next_publish_at)
-            if m is not None
+            m for m in (planned, self._next_write_at, self._next_publish_at) if m is not None
         ]
         return min(moments) if moments else None
 

@@ -41,7 +41,7 @@ from .kakao import create_session
 from .refresher import FILE_LOCK_WAIT
 from .scheduler import RefreshScheduler
 from .status import EventListener
-from .store import check_not_moved
+from .store import check_not_moved, directory_text
 from .tokens import Clock, utcnow
 from .watch import StateWatcher
 
@@ -126,9 +126,14 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
     # is checked when it opens.
     accounts = daemon.config.accounts.values()
     if daemon.config.store.backend == "file":
-        for directory in dict.fromkeys(
-            [daemon.config.state_dir, *(a.state_file.parent for a in accounts)]
-        ):
+        # Each distinct directory once, found by its text (a thousand accounts usually share
+        # one: a Path's parent and hash for each of them would cost more than the check).
+        directories = {str(daemon.config.state_dir): daemon.config.state_dir}
+        for account in accounts:
+            text = directory_text(account.state_file)
+            if text not in directories:
+                directories[text] = account.state_file.parent
+        for directory in directories.values():
             check_not_moved(directory, account=next(iter(accounts), None))
     yield
     daemon.release_instance_lock()

@@ -98,7 +98,8 @@ class AccountState:
     @classmethod
     def from_dict(cls, data: Any) -> AccountState:
         """Rebuild from :meth:`to_dict` output; raise ValueError with a readable reason."""
-        if not isinstance(data, Mapping):
+        # type(...) is dict first: what json.loads gives, without the ABC's isinstance check.
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise ValueError("state is not a JSON object")
         version = data.get("version")
         # bool is an int subclass and 1.0 == 1: both would slip past a plain comparison.
@@ -142,13 +143,13 @@ class AccountState:
             raise ValueError("'relogin_cause' must be a string")
         if user_id is not None and (isinstance(user_id, bool) or not isinstance(user_id, int)):
             raise ValueError("'user_id' must be an integer")
-        if not isinstance(extras, Mapping):
+        if type(extras) is not dict and not isinstance(extras, Mapping):
             raise ValueError("'extras' must be an object")
         refreshed_at = (
             None if data.get("refreshed_at") is None else _time(data, "refreshed_at", "state")
         )
         tokens_raw = data.get("tokens")
-        if not isinstance(tokens_raw, Mapping):
+        if type(tokens_raw) is not dict and not isinstance(tokens_raw, Mapping):
             raise ValueError("'tokens' is missing or not an object")
         try:
             tokens = TokenSet.from_dict(tokens_raw)

@@ -334,11 +334,14 @@ class Listing:
     def _entries(self, path: Path | str) -> tuple[dict[str, os.DirEntry[str]] | None, str]:
         # str.rpartition, not os.path.split or Path.parent: this runs ten times per account.
         directory, slash, name = str(path).rpartition("/")
+        return self.directory(directory or slash or "."), name  # "/x" is in "/", "x" in "."
+
+    def directory(self, directory: str) -> dict[str, os.DirEntry[str]] | None:
+        """The entries of ``directory`` (its text) by name; None when nobody knows."""
         if self._closed:
-            return None, name
-        directory = directory or slash or "."  # "/x" is in "/", "x" in "."
+            return None
         try:
-            return self._directories[directory], name
+            return self._directories[directory]
         except KeyError:
             pass
         entries: dict[str, os.DirEntry[str]] | None
@@ -348,7 +351,7 @@ class Listing:
         except OSError:
             entries = None  # missing or unreadable: the file's own lookup says what is wrong
         self._directories[directory] = entries
-        return entries, name
+        return entries
 
     def absent(self, path: Path | str) -> bool:
         """True when ``path`` is known not to exist (False: it exists, or nobody knows)."""
@@ -367,7 +370,7 @@ class Listing:
         self._directories.clear()
 
 
-def _directory_text(path: Path) -> str:
+def directory_text(path: Path) -> str:
     """The directory of ``path`` as text: ``str(path.parent)`` without building a Path."""
     directory, slash, _ = str(path).rpartition("/")
     return directory or slash or "."
@@ -586,6 +589,27 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
                 return data, info.st_ino
     finally:
         os.close(fd)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def parse_json(raw: bytes) -> Any:
+    """``json.loads(raw.decode("utf-8"))``, minus its generic steps for a file we wrote.
+
+    A start reads two small JSON files per account; for a document that starts at its first
+    byte and ends in whitespace, the decoder's own scan is all json.loads adds up to. Anything
+    else (leading whitespace, extra data, a syntax error) goes through json.loads, which
+    answers or raises exactly as before.
+    """
+    text = raw.decode("utf-8")
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
+        return json.loads(text)  # raises "Extra data"
+    return value
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -817,6 +841,10 @@ class AccountStore:
         self._reserve_released: Path | None = None
         #: While the daemon opens its accounts: the directories as listed then (see Listing).
         self._listing = listing
+        #: The listing found no alert bookkeeping file. Believed by the first load_alerts
+        #: (after the listing is closed: alerts attach once every account is open), since
+        #: only a holder of the instance lock writes one (this daemon, `store migrate`).
+        self._no_alerts_listed = False
 
     @classmethod
     def from_paths(
@@ -880,7 +908,7 @@ class AccountStore:
     def _alerts_absent(self) -> bool:
         """True when the listing knows there is no alert bookkeeping file (no Path built)."""
         return self._listing is not None and self._listing.absent(
-            f"{_directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
+            f"{directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
         )
 
     # -- safety --------------------------------------------------------------------------------
@@ -894,6 +922,8 @@ class AccountStore:
         Directories in ``checked`` passed already and are not looked at again; the ones that
         pass here are added (a thousand accounts in one directory: one look at it).
         """
+        if checked is not None and self._listing is not None and self._check_listed(checked):
+            return
         # Keyed by the directory's text (a Path per file and account adds up at a thousand).
         directories: dict[str, tuple[Path, str]] = {}
         for path, what in (
@@ -902,7 +932,7 @@ class AccountStore:
             (self.token_path, "token file directory"),
         ):
             # Usually one directory: "state directory".
-            directories.setdefault(_directory_text(path), (path, what))
+            directories.setdefault(directory_text(path), (path, what))
         for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
                 check_directory(path.parent, what=what)
@@ -913,14 +943,46 @@ class AccountStore:
             (self.token_path, "token file"),
         ):
             check_file(path, what=what, listing=listing)
-        if not self._alerts_absent():
+        if self._alerts_absent():
+            self._no_alerts_listed = True
+        else:
             check_file(self.alerts_path, what="alert bookkeeping file", listing=listing)
         if self.honour_moved_marker and (
-            checked is None or _directory_text(self.state_path) not in checked
+            checked is None or directory_text(self.state_path) not in checked
         ):
             check_not_moved(self.state_path.parent, account=self.account, listing=listing)
         if checked is not None:
             checked.update(directories)
+
+    def _check_listed(self, checked: set[str]) -> bool:
+        """check_paths for the usual account of a large start: its files in one directory
+        that was judged already, each file answered by the listing (regular, or not there).
+        False (nothing decided) when any of that does not hold: check_paths then looks at
+        each file the long way, which also raises the right error."""
+        assert self._listing is not None
+        directory, _, state_name = str(self.state_path).rpartition("/")
+        lock_directory, _, lock_name = str(self.lock_path).rpartition("/")
+        token_directory, _, token_name = str(self.token_path).rpartition("/")
+        if not directory or directory not in checked:
+            return False
+        if lock_directory != directory or token_directory != directory:
+            return False
+        entries = self._listing.directory(directory)
+        if entries is None:
+            return False
+        try:
+            for name in (state_name, lock_name, token_name):
+                entry = entries.get(name)
+                if entry is not None and (
+                    entry.is_symlink() or not entry.is_file(follow_symlinks=False)
+                ):
+                    return False
+        except OSError:  # DT_UNKNOWN and the fallback lstat failed: the long way asks again
+            return False
+        if f"{self.name}{ALERTS_SUFFIX}" in entries:
+            return False  # rare (an account that alerted): judged the long way
+        self._no_alerts_listed = True
+        return True
 
     # -- locking -------------------------------------------------------------------------------
 
@@ -1023,11 +1085,12 @@ class AccountStore:
         """
         path = self.state_path
         listing = self._listing
-        if self.honour_moved_marker and (
-            listing is None or not listing.absent(f"{_directory_text(path)}/{MOVED_NAME}")
-        ):
+        # One look at the listing answers both questions (no marker? no state file?).
+        directory, slash, name = str(path).rpartition("/")
+        entries = None if listing is None else listing.directory(directory or slash or ".")
+        if self.honour_moved_marker and (entries is None or MOVED_NAME in entries):
             check_not_moved(path.parent, account=self.account, listing=listing)
-        if listing is not None and listing.absent(path):
+        if entries is not None and name not in entries:
             return None
         for _ in range(3):
             try:
@@ -1042,7 +1105,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(f"cannot read {self.state_path}: {exc.strerror or exc}") from None
             try:
-                state = AccountState.from_dict(json.loads(raw.decode("utf-8")))
+                state = AccountState.from_dict(parse_json(raw))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
@@ -1386,7 +1449,7 @@ class AccountStore:
         except OSError as exc:
             raise StoreError(f"cannot read {self.token_path}: {exc.strerror or exc}") from None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
         except ValueError as exc:
             raise StoreError(
                 f"token file {self.token_path} is damaged ({_safe_reason(exc)})",
@@ -1404,6 +1467,11 @@ class AccountStore:
 
         It only prevents repeats, so a damaged file is logged and treated as empty.
         """
+        if self._no_alerts_listed:
+            # Once: a thousand accounts attach their alerts after the start's listing is
+            # closed, and a failed open costs each of them an exception.
+            self._no_alerts_listed = False
+            return None
         if self._alerts_absent():
             return None
         try:
@@ -1426,6 +1494,7 @@ class AccountStore:
     def save_alerts(self, document: dict[str, Any]) -> None:
         """Write the alert bookkeeping atomically (0600); raises StoreWriteError."""
         data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
+        self._no_alerts_listed = False
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
     def remove(self) -> None:

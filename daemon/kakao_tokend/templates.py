@@ -16,7 +16,6 @@ so a template cannot run code or reach anything but the values below. ``{{`` wri
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -101,6 +100,8 @@ def compile_template(text: str, *, refresh_token_allowed: bool) -> TokenTemplate
                 f"line {line}: {{refresh_token}} needs [publish] include_refresh_token = true"
                 " (whoever reads the file can then mint tokens for two months)"
             )
+        import difflib  # only for a mistake, as config._suggest
+
         close = difflib.get_close_matches(name, list(PLACEHOLDERS), n=1, cutoff=0.6)
         hint = f'; did you mean "{{{close[0]}}}"?' if close else ""
         raise TemplateProblem(

@@ -72,6 +72,8 @@ def parse_time(text: str) -> datetime:
     if not isinstance(text, str):
         raise ValueError(f"expected an RFC 3339 timestamp string, got {type(text).__name__}")
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is UTC:
+        return moment  # what we write ("...Z"): already UTC (a start reads 5 per account)
     if moment.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone")
     try:
@@ -176,10 +178,14 @@ class TokenSet:
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("access_expires_at", "refresh_expires_at", "access_issued_at"):
-            value = getattr(self, name)
-            if value.tzinfo is None:
-                raise ValueError(f"{name} must be timezone-aware")
+        if (
+            self.access_expires_at.tzinfo is None
+            or self.refresh_expires_at.tzinfo is None
+            or self.access_issued_at.tzinfo is None
+        ):
+            for name in ("access_expires_at", "refresh_expires_at", "access_issued_at"):
+                if getattr(self, name).tzinfo is None:
+                    raise ValueError(f"{name} must be timezone-aware")
 
     @property
     def access_fingerprint(self) -> str:
@@ -307,12 +313,13 @@ class TokenSet:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TokenSet:
         """Rebuild a token set written by :meth:`to_dict`; raise ValueError when malformed."""
-        if not isinstance(data, Mapping):
+        # type(...) is dict first: what json.loads gives, without the ABC's isinstance check.
+        if type(data) is not dict and not isinstance(data, Mapping):
             raise ValueError("tokens must be a JSON object")
         extra = data.get("extra")
         if extra is None:
             extra = {}
-        if not isinstance(extra, Mapping):
+        if type(extra) is not dict and not isinstance(extra, Mapping):
             raise ValueError("field 'extra' must be an object")
         for name in ("access_token", "refresh_token"):
             if name not in data:

@@ -71,7 +71,14 @@ class StateWatcher:
         self._files = set(files)
         if self._inotify is None:
             self._signatures = {path: _signature(path) for path in self._files}
-        directories = {path.parent for path in self._files}
+        # Each directory once, found by its text: a thousand state files usually share one,
+        # and a Path's parent (and its hash) for each would cost more than the watch.
+        by_text: dict[str, Path] = {}
+        for path in self._files:
+            text = str(path).rpartition("/")[0]  # only a key: "/x" and "x" need not be exact
+            if text not in by_text:
+                by_text[text] = path.parent
+        directories = set(by_text.values())
         for directory in directories - set(self._dirs):
             self._dirs[directory] = _mtime(directory)
             if self._inotify is not None and directory not in self._watched:
