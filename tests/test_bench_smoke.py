@@ -6,16 +6,13 @@ nothing about performance — the numbers come from full runs, see docs/benchmar
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from benchrun import run_quick
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 RESULT = re.compile(r"^RESULT (\w+)=(\S+) ratio=(\S+)(?: \w+=\S+)*$", re.MULTILINE)
@@ -36,28 +33,9 @@ EXPECTED = {
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_quick_run_prints_its_results(script: str, tmp_path: Path) -> None:
     """The benchmark exits 0 in --quick mode and prints one parsable RESULT line per measure."""
-    # In a session of its own: a benchmark that hangs is killed with every daemon it started
-    # (killing the script alone left them running, seen after a time-out).
-    with subprocess.Popen(
-        [sys.executable, str(BENCH / script), "--quick"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        try:
-            # A quick run takes 10-20 s alone; beside parallel test workers on a busy machine
-            # a start-up benchmark (dozens of daemon starts) has taken more than 80 s.
-            stdout, stderr = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"{script} --quick took more than 240 s:\n{stdout}{stderr}")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
-    completed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    # A quick run takes 10-20 s alone; beside parallel test workers on a busy machine a
+    # start-up benchmark (dozens of daemon starts) has taken more than 80 s.
+    completed = run_quick(BENCH / script, tmp_path, timeout=240)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     found = {name: (value, ratio) for name, value, ratio in RESULT.findall(completed.stdout)}
     assert set(found) == EXPECTED[script], completed.stdout

@@ -6,16 +6,12 @@ nothing about performance: the numbers come from full runs, see docs/benchmarks.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchrun import run_quick
 from pgcluster import find_pg_bindir, skip_or_fail
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "fleet_bench.py"
@@ -47,24 +43,7 @@ def test_fleet_benchmark_quick_run_prints_its_results(tmp_path: Path) -> None:
         skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
     # In a session of its own, killed afterwards with everything it started: a run that
     # failed left its two baseline processes (an hour's sleep each) behind (seen 2026-12-02).
-    with subprocess.Popen(
-        [sys.executable, str(BENCH), "--quick"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=190)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"fleet_bench.py --quick took more than 190 s:\n{stdout}{stderr[-4000:]}")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
-    completed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    completed = run_quick(BENCH, tmp_path, timeout=190)
     output = completed.stdout + completed.stderr[-4000:]
     assert completed.returncode == 0, output
     found = {name: float(value) for name, value, _ in RESULT.findall(completed.stdout)}
