@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,28 @@ def test_broken_orderings_are_each_named() -> None:
         in (problems[1])
     )
     assert "migration lock timeout" in problems[2]
+
+
+def test_psycopgs_repeats_about_a_lost_connection_are_debug_and_its_reasons_stay_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What psycopg says about a connection already lost is DEBUG (shown only to someone who
+    turns psycopg's own logger up to DEBUG: psycopg keeps it at WARNING); why it cannot
+    connect (a refused login) stays a WARNING."""
+    pool_log, connection_log = logging.getLogger("psycopg.pool"), logging.getLogger("psycopg")
+    caplog.set_level(logging.INFO)
+    pool_log.warning("discarding closed connection: %s", "<conn>")
+    connection_log.warning("error ignored in rollback on %s: %s", "<conn>", "EOF")
+    pool_log.warning("error connecting in %r: %s", "pool-1", "password authentication failed")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "error connecting in 'pool-1': password authentication failed")
+    ]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG, logger="psycopg")
+    pool_log.warning("discarding closed connection: %s", "<conn>")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "discarding closed connection: <conn>")
+    ]
 
 
 def test_conninfo_adds_our_settings_and_keeps_the_operators() -> None:

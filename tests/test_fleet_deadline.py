@@ -112,6 +112,28 @@ async def test_a_commit_on_a_silent_database_fails_within_its_deadline(
         assert await cur.fetchone() == (1,)
 
 
+async def test_a_commit_cut_off_by_its_deadline_is_reported_without_psycopgs_repeats(
+    proxied: tuple[FleetStore, TcpProxy], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store says that the commit failed (StoreWriteError, the account's own alert); the
+    rollback and the pool's return of the connection whose socket the deadline shut down then
+    fail too, and psycopg's WARNINGs about that ("discarding closed connection", "error
+    ignored in rollback") only repeated it in the journal, on every outage."""
+    fleet, proxy = proxied
+    caplog.set_level(logging.INFO)
+    store = fleet.account_store(load_config(tmp_path / "config.toml").account())
+    with pytest.raises(StoreWriteError):
+        async with store.hold(1.0):
+            store.save(sample_state("default"))
+            proxy.pause()
+    psycopg_warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("psycopg") and r.levelno >= logging.WARNING
+    ]
+    assert psycopg_warnings == []
+
+
 async def test_a_read_on_a_silent_database_fails_within_its_deadline(
     proxied: tuple[FleetStore, TcpProxy],
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import socket
 import weakref
@@ -37,6 +38,40 @@ DEADLINE_BACKSTOP_SHARE = 0.1
 #: Room for the local work done while a row lock is held besides the Kakao call itself
 #: (sealing, the compare-and-swap, a rescue-file write with fsync, a slow event loop).
 LOCAL_WORK_MARGIN = 30.0
+
+
+#: The start of psycopg's WARNINGs about a connection that is already lost: when the store
+#: gives up on a connection (a deadline shut its socket down, the database went away), its
+#: transaction's rollback and the pool's return of it fail too, and psycopg says so. The store
+#: has already reported the failure in its own words (store_unavailable, a failed commit), so
+#: these are repeats: DEBUG, not WARNING, and psycopg keeps its own logger at WARNING, so they
+#: show only to someone who turns it up. "error connecting" stays: it says *why* (a wrong
+#: password, a refused connection).
+LOST_CONNECTION_NOISE = (
+    "error ignored in rollback",
+    "discarding closed connection",
+    "discarding broken connection",
+    "rollback failed",
+    "rolling back returned connection",
+    "closing returned connection",
+)
+
+
+class LostConnectionNoise(logging.Filter):
+    """Demote psycopg's repeats about a lost connection (LOST_CONNECTION_NOISE) to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(LOST_CONNECTION_NOISE)):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_LOST_CONNECTION_NOISE = LostConnectionNoise()
+# A logger's filters see only its own records, not its children's: each psycopg logger that
+# says these things (the connection, the transaction, the pool) gets the filter.
+for _name in ("psycopg", "psycopg.transaction", "psycopg.pool"):
+    logging.getLogger(_name).addFilter(_LOST_CONNECTION_NOISE)
 
 
 @dataclass(frozen=True)
