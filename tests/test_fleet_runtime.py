@@ -23,9 +23,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from daemonproc import write_config
 from fleetkit import migrated, node_store
-from fleetrun import kakao_holds_the_refresh, store_login
+from fleetrun import kakao_holds_the_refresh, node_config, store_login
 from kakao_tokend.config import Config, load_config
-from kakao_tokend.daemon import Daemon
+from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet.crypto import new_key_line
@@ -33,6 +33,7 @@ from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
+from kakao_tokend.service import build_app
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
@@ -265,6 +266,70 @@ async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
         assert two.manager.notice_outside_changes()
         assert two.manager.state == committed
         assert two.manager.planned_refresh_at() == row.due_at == one.manager.planned_refresh_at()
+
+
+@asynccontextmanager
+async def serving_node(config_path: Path) -> AsyncIterator[Daemon]:
+    """The daemon's real Application for ``config_path`` on its Unix socket, in-process, so
+    that a test can look at its scheduler; stopped and cleaned up at the end."""
+    app = build_app(load_config(config_path), config_path=config_path)
+    runner = aiohttp.web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    daemon = app[DAEMON]
+    try:
+        await aiohttp.web.UnixSite(runner, str(daemon.config.api_socket)).start()
+        yield daemon
+    finally:
+        daemon.begin_stop()
+        try:
+            await runner.cleanup()
+        finally:
+            await daemon.end_stop()
+
+
+async def test_a_proxy_refresh_another_node_holds_makes_the_scheduler_look_again_soon(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Kakao answers -401 through the proxy while another node holds the row: the refresh
+    finds the row claimed and the account plans a look a share of the lifetime later (in case
+    that node dies on the way). The scheduler must wake then, not at the old moment: when
+    the holder goes without committing, this node refreshes within that share, not at the
+    access token's 75 % mark (the heartbeat, 60 s here, is no backstop for a short token)."""
+    emulator.settings.access_lifetime = 20
+    config_path = node_config(tmp_path, emulator, store_dsn, "web-1", heartbeat="60s")
+    config = load_config(config_path)
+    state = await store_login(emulator, config, store_dsn)
+    other = node_store(
+        load_config(node_config(tmp_path, emulator, store_dsn, "web-2")), store_dsn, "web-2"
+    )
+    await other.open()
+    try:
+        async with serving_node(config_path) as daemon:
+            assert daemon.scheduler is not None
+            manager = daemon.managers["default"]
+            old_plan = daemon.scheduler.planned("default")
+            assert old_plan is not None and old_plan - manager.clock() > timedelta(seconds=10)
+            before = emulator.stats.refreshes_ok
+            connector = aiohttp.UnixConnector(path=str(config.api_socket))
+            async with aiohttp.ClientSession(connector=connector) as http:
+                async with other.account_store(config.account()).hold(0):
+                    emulator.advance_clock(25)  # the access token is dead on Kakao's clock
+                    async with http.get("http://tokend/kapi/v2/user/me") as response:
+                        assert response.status == 401  # no new token: the row was held
+                    planned = daemon.scheduler.planned("default")
+                    assert planned is not None
+                    assert planned == manager.next_wakeup()
+                    assert planned - manager.clock() <= timedelta(seconds=20 * 0.02 + 0.1)
+                # web-2 let the row go without committing: web-1 refreshes at its next look.
+                for _ in range(40):
+                    if emulator.stats.refreshes_ok > before:
+                        break
+                    await asyncio.sleep(0.05)
+                assert emulator.stats.refreshes_ok == before + 1
+                assert manager.state is not None
+                assert manager.state.generation == state.generation + 1
+    finally:
+        await other.close()
 
 
 async def test_no_kakao_call_without_the_row_lock_when_the_database_is_gone(
