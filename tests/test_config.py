@@ -784,6 +784,27 @@ class TestReporting:
             with pytest.raises(dataclasses.FrozenInstanceError):
                 setattr(b, name, Path("/x"))
 
+    @pytest.mark.parametrize("spelling", ["{tmp}/state/", "{tmp}//state", "/"])
+    def test_a_default_file_is_known_by_its_text_however_the_directory_is_written(
+        self, env: dict[str, str], tmp_path: Path, spelling: str
+    ) -> None:
+        """A default file's text is the one pathlib gives its Path, whatever way the state
+        directory is written (a trailing or doubled slash, the root): a file set to it is
+        still refused."""
+        state = spelling.format(tmp=tmp_path)
+        environ = {**env, "STATE_DIRECTORY": state}
+        config = load(MINIMAL + "[accounts.a]\n[accounts.b]\n", environ)
+        assert config.accounts["b"].state_file == Path(state) / "b.state.json"
+        taken = Path(state) / "a.state.json"
+        found = problems_of(
+            MINIMAL + f'[accounts.a]\n[accounts.b]\n[accounts.c]\nstate_file = "{taken}"\n',
+            environ,
+        )
+        assert found == {
+            "accounts.c.state_file": f"{taken} is also used as accounts.a.state_file (default);"
+            " every account needs its own state, token and lock files"
+        }
+
     def test_a_clash_with_a_default_of_an_account_without_a_table(
         self, env: dict[str, str]
     ) -> None:

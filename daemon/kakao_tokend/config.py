@@ -712,6 +712,7 @@ class AccountConfig:
 
     name: str = field(metadata={_META: _DERIVED})
     app: KakaoApp = field(metadata=_table("kakao", KakaoApp))
+    #: Unset, each file is <state_dir>/<name><default_name>, made when read (_Derivable).
     state_file: Path = field(metadata=_key(_path, own_file=True, default_name=".state.json"))
     lock_file: Path = field(metadata=_key(_path, own_file=True, default_name=".lock"))
     token_file: Path = field(metadata=_key(_path, own_file=True, default_name=".token.json"))
@@ -747,8 +748,9 @@ class _AccountDefaults:
 
     One object for all of them: an unset state, lock or token file is
     ``<state_dir>/<name><suffix>`` and the ``cli_options`` follow from the name, so an
-    account holds no Path or tuple of its own for them (each Path is about 300 bytes, and a
-    fleet node never opens the state or lock file). A file-backend daemon uses all three
+    account holds no Path or tuple of its own for them (three Paths with their cached text
+    and interned names were about 1 KiB an account, and a fleet node never opens the state
+    or lock file). A file-backend daemon uses all three
     files of every account, from its store, the state watch and the start-up checks: there a
     file is made once, when first asked for, and kept (``keep``).
     """
@@ -787,11 +789,12 @@ class _Derivable:
     """A field of AccountConfig that most accounts leave unset: derived when read.
 
     An account that sets the field holds its value as an instance attribute, which Python
-    finds before this (non-data) descriptor on the class; one that leaves it unset holds
-    ``_defaults``, the configuration's :class:`_AccountDefaults`, and reading the field
-    asks them. A file kept once made (``keep``) becomes the instance attribute, so every
-    later read is a plain one. ``replace``, ``==`` and repr read fields as attributes: the
-    class still behaves as a plain frozen dataclass.
+    finds before this (non-data) descriptor on the class; on one that leaves it unset the
+    attribute is missing, and reading the field asks the configuration's
+    :class:`_AccountDefaults` (the account's ``_defaults``). A file kept once made
+    (``keep``) becomes the instance attribute, so every later read is a plain one.
+    ``replace``, ``==`` and repr read fields as attributes: the class still behaves as a
+    plain frozen dataclass.
     """
 
     __slots__ = ("name", "suffix")
