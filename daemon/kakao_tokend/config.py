@@ -750,9 +750,9 @@ class _AccountDefaults:
     ``<state_dir>/<name><suffix>`` and the ``cli_options`` follow from the name, so an
     account holds no Path or tuple of its own for them (three Paths with their cached text
     and interned names were about 1 KiB an account, and a fleet node never opens the state
-    or lock file). A file-backend daemon uses all three
-    files of every account, from its store, the state watch and the start-up checks: there a
-    file is made once, when first asked for, and kept (``keep``).
+    or lock file). A file-backend daemon uses all three files of every account, from its
+    store, the state watch and the start-up checks: there a file is made once, when first
+    asked for, and kept (``keep``).
     """
 
     __slots__ = ("default_account", "keep", "options", "prefix", "state_dir")
