@@ -1763,8 +1763,16 @@ class _Checker:
             )
 
         prefix = self.defaults.prefix
+        # Two accounts' default files differ by the name (which has no "."), so those of an
+        # account without a table can only meet a file set explicitly in the state directory.
+        explicit_there = any(
+            not isinstance(entry, str) and entry[2] and entry[1].startswith(prefix)
+            for entry in self.files
+        )
         for entry in self.files:
             if isinstance(entry, str):  # an account without a table: its default files
+                if not explicit_there:
+                    continue
                 for _, key, suffix in _DEFAULT_FILES:
                     text = f"{prefix}{entry}{suffix}"
                     if text in seen:
