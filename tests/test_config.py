@@ -719,6 +719,120 @@ class TestReporting:
         assert a.cli_options == () and own.include_refresh_token
         assert a.app is b.app is c.app
 
+    def test_unset_files_and_options_are_derived_from_the_name(
+        self, write_toml: WriteToml, tmp_path: Path
+    ) -> None:
+        """Every account's unset state, lock and token file is <state_dir>/<name> plus its
+        suffix, and its command-line options follow from its name: for the default account and
+        the others, the first account without a table, the ones built from it, and one with a
+        table of its own; a file an account sets is used as written (relative to the config)."""
+        path = write_toml(
+            'default_account = "b"\n'
+            + MINIMAL
+            + """\
+            [paths]
+            state_dir = "st"
+            runtime_dir = "rt"
+            [accounts.a]
+            [accounts.b]
+            [accounts.own]
+            lock_file = "locks/own.lock"
+            [accounts.own.publish]
+            include_refresh_token = true
+            [accounts.c]
+            """
+        )
+        # A file a plain `kakao-tokend` would not find: every hint names it with --config.
+        config = load_config(path, environ={"KAKAO_KEY": KEY, "HOME": str(tmp_path / "home")})
+        state = tmp_path / "etc" / "st"
+        assert list(config.accounts) == ["a", "b", "own", "c"]
+        for name, account in config.accounts.items():
+            assert account.name == name
+            assert account.state_file == state / f"{name}.state.json"
+            assert str(account.state_file) == f"{state}/{name}.state.json"
+            assert account.token_file == state / f"{name}.token.json"
+            if name != "own":
+                assert account.lock_file == state / f"{name}.lock"
+            named = ("--config", str(path))
+            assert account.cli_options == (named if name == "b" else (*named, "--account", name))
+        own = config.accounts["own"]
+        assert own.lock_file == tmp_path / "etc" / "locks" / "own.lock"
+        assert own.include_refresh_token and not config.accounts["c"].include_refresh_token
+
+    def test_an_account_with_derived_files_is_a_plain_frozen_dataclass(
+        self, env: dict[str, str]
+    ) -> None:
+        """replace(), ==, hash and repr see the derived files and options like set ones, and
+        they cannot be assigned."""
+        config = load(MINIMAL + "[accounts.a]\n[accounts.b]\n", env)
+        a, b = config.accounts["a"], config.accounts["b"]
+        state = Path(env["STATE_DIRECTORY"])
+        same = dataclasses.replace(b, alerts=dataclasses.replace(b.alerts))
+        assert same == b and hash(same) == hash(b) and repr(same) == repr(b)
+        assert (same.state_file, same.lock_file, same.token_file, same.cli_options) == (
+            state / "b.state.json",
+            state / "b.lock",
+            state / "b.token.json",
+            ("--account", "b"),
+        )
+        assert f"state_file={state / 'b.state.json'!r}" in repr(b)
+        moved = dataclasses.replace(b, state_file=Path("/x/b.json"), cli_options=("-x",))
+        assert (moved.state_file, moved.cli_options) == (Path("/x/b.json"), ("-x",))
+        assert moved != b and b.state_file == state / "b.state.json"
+        assert a != b
+        for name in ("state_file", "lock_file", "token_file", "cli_options"):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(b, name, Path("/x"))
+
+    @pytest.mark.parametrize("spelling", ["{tmp}/state/", "{tmp}//state", "/"])
+    def test_a_default_file_is_known_by_its_text_however_the_directory_is_written(
+        self, env: dict[str, str], tmp_path: Path, spelling: str
+    ) -> None:
+        """A default file's text is the one pathlib gives its Path, whatever way the state
+        directory is written (a trailing or doubled slash, the root): a file set to it is
+        still refused."""
+        state = spelling.format(tmp=tmp_path)
+        environ = {**env, "STATE_DIRECTORY": state}
+        config = load(MINIMAL + "[accounts.a]\n[accounts.b]\n", environ)
+        assert config.accounts["b"].state_file == Path(state) / "b.state.json"
+        taken = Path(state) / "a.state.json"
+        found = problems_of(
+            MINIMAL + f'[accounts.a]\n[accounts.b]\n[accounts.c]\nstate_file = "{taken}"\n',
+            environ,
+        )
+        assert found == {
+            "accounts.c.state_file": f"{taken} is also used as accounts.a.state_file (default);"
+            " every account needs its own state, token and lock files"
+        }
+
+    def test_a_clash_with_a_default_of_an_account_without_a_table(
+        self, env: dict[str, str]
+    ) -> None:
+        """The accounts built from the first one without a table still claim their three
+        default files: a file set to one of them is refused, before or after that account,
+        at the later of the two keys."""
+        state = env["STATE_DIRECTORY"]
+        found = problems_of(
+            MINIMAL
+            + f"""\
+            [accounts.a]
+            [accounts.b]
+            [accounts.c]
+            lock_file = "{state}/b.lock"
+            [accounts.d]
+            token_file = "{state}/../state/e.token.json"
+            [accounts.e]
+            """,
+            env,
+        )
+        tail = "; every account needs its own state, token and lock files"
+        assert found == {
+            "accounts.c.lock_file": f"{state}/b.lock is also used as accounts.b.lock_file"
+            f" (default){tail}",
+            "accounts.e.token_file": f"{state}/e.token.json is also used as"
+            f" accounts.d.token_file{tail}",
+        }
+
     def test_a_mistake_in_an_override_is_reported_for_each_account(
         self, env: dict[str, str]
     ) -> None:

@@ -76,6 +76,27 @@ def test_a_postgres_store_reads_dsn_and_key_files(tmp_path: Path) -> None:
     assert "password" not in shown and old not in shown and new not in shown
 
 
+def test_a_node_keeps_no_path_of_an_account(tmp_path: Path) -> None:
+    """A fleet node never opens an account's state or lock file: its configuration keeps no
+    Path of an account, each is made (equal every time) when asked for; the file backend uses
+    all three and keeps each once made, so its store, state watch and checks share it."""
+    environ = {"DB": "postgresql://tokend@db/tokend", "KEYS": new_key_line()}
+    node = config_from_toml_text(
+        config_text(tmp_path, 'backend = "postgres"\ndsn_env = "DB"\nkey_env = "KEYS"\n')
+        + "[accounts.a]\n[accounts.b]\n",
+        environ=environ,
+    )
+    files = config_from_toml_text(
+        BASE.format(tmp=tmp_path) + "[accounts.a]\n[accounts.b]\n", environ=environ
+    )
+    for name in ("a", "b"):
+        for field in ("state_file", "lock_file", "token_file"):
+            on_node, on_files = (getattr(c.accounts[name], field) for c in (node, files))
+            assert on_node == on_files and on_node.parent == tmp_path / "state"
+            assert getattr(node.accounts[name], field) is not on_node
+            assert getattr(files.accounts[name], field) is on_files
+
+
 def test_dsn_and_key_from_the_environment(tmp_path: Path) -> None:
     """dsn_env / key_env work like every other secret (a key variable may hold several lines)."""
     keys = f"{new_key_line()}\n{new_key_line()}"

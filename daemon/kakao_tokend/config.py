@@ -712,6 +712,7 @@ class AccountConfig:
 
     name: str = field(metadata={_META: _DERIVED})
     app: KakaoApp = field(metadata=_table("kakao", KakaoApp))
+    #: Unset, each file is <state_dir>/<name><default_name>, made when read (_Derivable).
     state_file: Path = field(metadata=_key(_path, own_file=True, default_name=".state.json"))
     lock_file: Path = field(metadata=_key(_path, own_file=True, default_name=".lock"))
     token_file: Path = field(metadata=_key(_path, own_file=True, default_name=".token.json"))
@@ -740,6 +741,81 @@ class AccountConfig:
     #: plain `kakao-tokend` finds the file, ``--account NAME`` unless it is the default
     #: account (relogin.cli_command puts them before the command).
     cli_options: tuple[str, ...] = field(default=(), metadata={_META: _DERIVED})
+
+
+class _AccountDefaults:
+    """What the accounts of one configuration derive the settings they leave unset from.
+
+    One object for all of them: an unset state, lock or token file is
+    ``<state_dir>/<name><suffix>`` and the ``cli_options`` follow from the name, so an
+    account holds no Path or tuple of its own for them (three Paths with their cached text
+    and interned names were about 1 KiB an account, and a fleet node never opens the state
+    or lock file). A file-backend daemon uses all three files of every account, from its
+    store, the state watch and the start-up checks: there a file is made once, when first
+    asked for, and kept (``keep``).
+    """
+
+    __slots__ = ("default_account", "keep", "options", "prefix", "state_dir")
+
+    def __init__(
+        self,
+        state_dir: Path | None,
+        options: tuple[str, ...],
+        default_account: object,
+        *,
+        keep: bool,
+    ) -> None:
+        self.state_dir = state_dir
+        #: What pathlib writes before a child's name ("/var/lib/kakao-tokend/", "" for "."):
+        #: a default file's text without a Path.
+        self.prefix = str(state_dir / "-")[:-1] if state_dir is not None else ""
+        #: The options naming the configuration (``--config FILE``, or none).
+        self.options = options
+        self.default_account = default_account
+        self.keep = keep
+
+    def text(self, name: str, suffix: str) -> str:
+        """Return the text of the account's default file ``<state_dir>/<name><suffix>``."""
+        return f"{self.prefix}{name}{suffix}"
+
+    def cli_options(self, name: str) -> tuple[str, ...]:
+        """Return the account's ``cli_options`` (see AccountConfig)."""
+        if name == self.default_account:
+            return self.options
+        return (*self.options, "--account", name)
+
+
+class _Derivable:
+    """A field of AccountConfig that most accounts leave unset: derived when read.
+
+    An account that sets the field holds its value as an instance attribute, which Python
+    finds before this (non-data) descriptor on the class; on one that leaves it unset the
+    attribute is missing, and reading the field asks the configuration's
+    :class:`_AccountDefaults` (the account's ``_defaults``). A file kept once made
+    (``keep``) becomes the instance attribute, so every later read is a plain one.
+    ``replace``, ``==`` and repr read fields as attributes: the class still behaves as a
+    plain frozen dataclass.
+    """
+
+    __slots__ = ("name", "suffix")
+
+    def __init__(self, name: str, suffix: str | None) -> None:
+        self.name = name
+        #: The default file's suffix; None for ``cli_options``.
+        self.suffix = suffix
+
+    def __get__(self, account: object, owner: object = None) -> Any:
+        if account is None:
+            return self
+        defaults: _AccountDefaults = account._defaults  # type: ignore[attr-defined]
+        name: str = account.name  # type: ignore[attr-defined]
+        if self.suffix is None:
+            return defaults.cli_options(name)
+        assert defaults.state_dir is not None  # an unset file is only left to these with one
+        path = defaults.state_dir.joinpath(f"{name}{self.suffix}")
+        if defaults.keep:
+            object.__setattr__(account, self.name, path)
+        return path
 
 
 @dataclass(frozen=True)
@@ -942,6 +1018,15 @@ _DEFAULT_FILES: Final = tuple(
     for name, key, spec in _schema(AccountConfig).values
     if spec.default_name
 )
+#: The fields of AccountConfig derived when an account leaves them unset, with the suffix of
+#: each default file (None: the command-line options).
+_DERIVABLE: Final[tuple[tuple[str, str | None], ...]] = (
+    *((name, suffix) for name, _, suffix in _DEFAULT_FILES),
+    ("cli_options", None),
+)
+for _name, _suffix in _DERIVABLE:
+    setattr(AccountConfig, _name, _Derivable(_name, _suffix))
+del _name, _suffix
 #: The tables each account reads over a global default of the same name: [accounts.NAME.kakao]
 #: overrides [kakao] key by key.
 _ACCOUNT_TABLES: Final = _subtables(AccountConfig)
@@ -1294,13 +1379,16 @@ class _Checker:
         credentials = environ.get("CREDENTIALS_DIRECTORY", "")
         self.credentials_dir = Path(credentials) if credentials else None
         self.problems: list[tuple[str, str]] = []
-        #: Every account file seen: (key path, resolved path, set explicitly?).
-        self.files: list[tuple[str, Path, bool]] = []
+        #: Every account file seen, in order: (key path, its text, set explicitly?); or the
+        #: name of an account without a table, for its three default files.
+        self.files: list[tuple[str, str, bool] | str] = []
         #: What accounts without their own [kakao], [publish] or [alerts] share, by table.
         self.inherited: dict[str, Any] = {}
-        #: The first account read without a table of its own (``[accounts.NAME]`` empty):
-        #: every other such account is this one with its name, files and options.
-        self.plain: AccountConfig | None = None
+        #: What accounts derive their unset files and options from (set by ``config``).
+        self.defaults = _AccountDefaults(None, (), None, keep=False)
+        #: The attributes of the first account read without a table of its own
+        #: (``[accounts.NAME]`` empty), but its name: every other such account has the same.
+        self.plain: tuple[tuple[str, Any], ...] | None = None
 
     def problem(self, key: str, text: str) -> None:
         self.problems.append((key, text))
@@ -1439,15 +1527,22 @@ class _Checker:
                     self.problems.extend(exc.details or [(f"paths.{name}", exc.message)])
 
         account_tables = self.account_tables(raw)
-        # The global options that name each account on the command line (its cli_options):
-        # known before the accounts are built, so none is copied afterwards to add them. A
-        # default_account that names no account is a problem below, and then nothing is built.
-        default = raw.get("default_account", next(iter(account_tables), None))
-        named = paths.config_options(self.source, self.environ)
+        # The global options that name each account on the command line (its cli_options)
+        # follow from its name and the default account. A default_account that names no
+        # account is a problem below, and then nothing is built.
+        store = values.get("store")
+        self.defaults = _AccountDefaults(
+            values.get("state_dir"),
+            paths.config_options(self.source, self.environ),
+            raw.get("default_account", next(iter(account_tables), None)),
+            keep=store is None or store.backend == "file",
+        )
         accounts: dict[str, AccountConfig] = {}
         for name, table in account_tables.items():
-            options = named if name == default else (*named, "--account", name)
-            account = self.account(name, table, tables, values.get("state_dir"), options)
+            if not table and self.plain is not None and not self.problems:
+                accounts[name] = self.plain_account(name)
+                continue
+            account = self.account(name, table, tables)
             if account is not None:
                 accounts[name] = account
         if not account_tables:
@@ -1487,7 +1582,11 @@ class _Checker:
                 )
             return {}
         result: dict[str, dict[str, Any] | None] = {}
+        allowed = _schema(AccountConfig).keys
         for name, table in accounts.items():
+            if type(table) is dict and not table and ACCOUNT_NAME_RE.match(name):
+                result[name] = table  # [accounts.NAME] alone: nothing more to check
+                continue
             prefix = f"accounts.{name}"
             if not ACCOUNT_NAME_RE.match(name):
                 self.problem(
@@ -1498,7 +1597,7 @@ class _Checker:
             elif not isinstance(table, dict):
                 self.problem(prefix, f"expected a table [{prefix}], got {_describe(table)}")
             else:
-                self.known_keys(table, _schema(AccountConfig).keys, prefix)
+                self.known_keys(table, allowed, prefix)
                 result[name] = table
         return result
 
@@ -1507,16 +1606,13 @@ class _Checker:
         name: str,
         table: Mapping[str, Any] | None,
         shared: Mapping[str, Mapping[str, Any]],
-        state_dir: Path | None,
-        cli_options: tuple[str, ...] = (),
     ) -> AccountConfig | None:
         """One account: its own keys, and each shared table with its overrides applied."""
         prefix = f"accounts.{name}"
-        if not table and self.plain is not None and state_dir is not None and not self.problems:
-            return self.plain_account(name, state_dir, cli_options)
+        defaults = self.defaults
         values, unknown = self.read(AccountConfig, _settings(table or {}, prefix), prefix)
         values["name"] = name
-        values["cli_options"] = cli_options
+        values["cli_options"] = defaults
         for sub, (cls, sub_table, target) in _ACCOUNT_TABLES.items():
             own = self.section(table, sub, prefix, cls, sub_table) if table is not None else {}
             if not own and sub in self.inherited:
@@ -1543,9 +1639,9 @@ class _Checker:
                 # Only a clean result is shared: after a mistake every account is read again
                 # and reports for itself.
                 self.inherited[sub] = result
-        for field_name, _, spec in _schema(AccountConfig).values:
-            if spec.default_name and state_dir is not None and field_name not in unknown:
-                values.setdefault(field_name, state_dir / f"{name}{spec.default_name}")
+        for field_name, _, _ in _DEFAULT_FILES:
+            if defaults.state_dir is not None and field_name not in unknown:
+                values.setdefault(field_name, defaults)  # derived when read
         self.claim_files(AccountConfig, values, prefix, explicit=table or {})
         if table is not None and "templates" in table:
             # What templates inherit ([publish] mode and group, include_refresh_token), if known.
@@ -1556,34 +1652,40 @@ class _Checker:
             }
             values["templates"] = self.templates(table["templates"], f"{prefix}.templates", known)
         account = self.finish(AccountConfig, values, unknown, {}, prefix)
-        if not table and state_dir is not None and not self.problems and not unknown:
-            self.plain = account
+        if account is not None:
+            # What __init__ was given as the defaults is derived when read (_Derivable).
+            for field_name, _ in _DERIVABLE:
+                if getattr(account, field_name) is defaults:
+                    object.__delattr__(account, field_name)
+            object.__setattr__(account, "_defaults", defaults)
+        if (
+            account is not None
+            and not table
+            and defaults.state_dir is not None
+            and not self.problems
+            and not unknown
+        ):
+            self.plain = tuple(item for item in vars(account).items() if item[0] != "name")
         return account
 
-    def plain_account(
-        self, name: str, state_dir: Path, cli_options: tuple[str, ...]
-    ) -> AccountConfig:
-        """An account without a table of its own: :attr:`plain`, renamed (its files too).
+    def plain_account(self, name: str) -> AccountConfig:
+        """An account without a table of its own: the first such account, renamed.
 
         A thousand such accounts would each be read through the schema and built field by
-        field (a frozen dataclass sets each through ``object.__setattr__``), to come out equal
-        to the first but for these five fields. Its files are still claimed one by one, so
-        two accounts can never share one.
+        field, to come out equal to the first but for the name, from which their files and
+        options are derived (:class:`_AccountDefaults`). Its files are still claimed, so two
+        accounts can never share one.
         """
         assert self.plain is not None
-        changes: dict[str, Any] = {"name": name, "cli_options": cli_options}
-        # An account name is one path component (ACCOUNT_NAME_RE): pathlib's own shortcut
-        # for a child name skips parsing it (3 paths of a thousand accounts), where it has one.
-        child = getattr(state_dir, "_make_child_relpath", state_dir.joinpath)
-        prefix = f"accounts.{name}"
-        for field_name, key, suffix in _DEFAULT_FILES:
-            path = changes[field_name] = child(f"{name}{suffix}")
-            # claim_files for these three (the plain account's other files are None).
-            self.files.append((f"{prefix}.{key}", path, False))
         account = object.__new__(AccountConfig)
-        # The dataclass's own fields, copied: what replace() would produce, minus the checks
-        # the first account already passed (AccountConfig has no __post_init__).
-        account.__dict__.update(self.plain.__dict__, **changes)
+        # The instance's attributes as __init__ sets them, in its order (so every account
+        # shares one key table): what replace() would produce, minus the checks the first
+        # account already passed (AccountConfig has no __post_init__).
+        setattr_ = object.__setattr__
+        setattr_(account, "name", name)
+        for attribute, value in self.plain:
+            setattr_(account, attribute, value)
+        self.files.append(name)  # its three default files (check_distinct_files)
         return account
 
     def templates(
@@ -1633,24 +1735,56 @@ class _Checker:
     ) -> None:
         """Note the files of ``cls`` that only this account may use (check_distinct_files)."""
         for name, key, spec in _schema(cls).values:
-            if spec.own_file and values.get(name) is not None:
-                self.files.append((f"{prefix}.{key}", values[name], key in explicit))
+            file = values.get(name)
+            if not spec.own_file or file is None:
+                continue
+            if isinstance(file, _AccountDefaults):  # a default file, known by its text
+                text = file.text(values["name"], spec.default_name)
+            else:
+                text = str(file)
+            self.files.append((f"{prefix}.{key}", text, key in explicit))
 
     def check_distinct_files(self) -> None:
         """Two accounts (or two roles) sharing a file would overwrite each other's tokens."""
-        # Keyed by the text (equal for equal POSIX paths): hashing a Path builds its parts'
-        # tuple, and a thousand accounts bring three files each.
-        seen: dict[str, str] = {}
-        for key, file, explicit in self.files:
-            text = str(file)
+        # Keyed by the text (equal for equal POSIX paths): no Path is made or hashed for a
+        # thousand accounts' three files each. Who has a file: its key path, (key path, None)
+        # for a default file, (account, key) for a default one of an account without a table.
+        seen: dict[str, str | tuple[str, str | None]] = {}
+
+        def clash(key: str, text: str) -> None:
+            who = seen[text]
+            if isinstance(who, tuple):
+                first, key_name = who
+                who = f"{first if key_name is None else f'accounts.{first}.{key_name}'} (default)"
+            self.problem(
+                key,
+                f"{text} is also used as {who}; every account needs its own state, token and "
+                "lock files",
+            )
+
+        prefix = self.defaults.prefix
+        # Two accounts' default files differ by the name (which has no "."), so those of an
+        # account without a table can only meet a file set explicitly in the state directory.
+        explicit_there = any(
+            not isinstance(entry, str) and entry[2] and entry[1].startswith(prefix)
+            for entry in self.files
+        )
+        for entry in self.files:
+            if isinstance(entry, str):  # an account without a table: its default files
+                if not explicit_there:
+                    continue
+                for _, key, suffix in _DEFAULT_FILES:
+                    text = f"{prefix}{entry}{suffix}"
+                    if text in seen:
+                        clash(f"accounts.{entry}.{key}", text)
+                    else:
+                        seen[text] = (entry, key)
+                continue
+            key, text, explicit = entry
             if text in seen:
-                self.problem(
-                    key,
-                    f"{file} is also used as {seen[text]}; every account needs its own "
-                    "state, token and lock files",
-                )
+                clash(key, text)
             else:
-                seen[text] = key if explicit else f"{key} (default)"
+                seen[text] = key if explicit else (key, None)
 
     # -- secrets ------------------------------------------------------------------------------
 
