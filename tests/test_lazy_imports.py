@@ -150,7 +150,7 @@ def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
     """`run` as the system unit starts it (its config the system one, /etc/kakao-tokend here
     under another root, in $CONFIGURATION_DIRECTORY; the directories from $STATE_DIRECTORY and
     $RUNTIME_DIRECTORY; no --config) is READY without importing platformdirs, which only
-    answers for user directories; it does load asyncinotify (the file store's state watch).
+    answers for user directories, or asyncinotify (the state watch starts right after READY).
     Control: without a system config, `run --config FILE` loads platformdirs, to tell whether
     FILE would be found without --config (the commands it shows name it if not)."""
     import os
@@ -183,7 +183,7 @@ def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
         STATE_DIRECTORY=str(state),
         RUNTIME_DIRECTORY=str(runtime),
     )
-    watched = ("platformdirs", "asyncinotify")
+    watched = ("platformdirs", "asyncinotify", "kakao_tokend")
 
     def loaded_at_ready(*argv: str) -> set[str]:
         setup = f"paths.SYSTEM = paths.SystemLayout.under(Path({str(root)!r}))"
@@ -195,9 +195,9 @@ def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
         loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
         return set(loaded)
 
-    assert loaded_at_ready("run") == {"asyncinotify"}
+    assert loaded_at_ready("run") == {"kakao_tokend"}
     config.unlink()  # no system config: the user's would be the one found
-    assert loaded_at_ready("--config", str(elsewhere), "run") == {"asyncinotify", "platformdirs"}
+    assert loaded_at_ready("--config", str(elsewhere), "run") == {"kakao_tokend", "platformdirs"}
 
 
 def test_the_state_watch_loads_asyncinotify_when_it_watches() -> None:
