@@ -122,3 +122,97 @@ def test_token_without_a_daemon_reads_a_good_token_without_the_network_stack(
         assert expected <= set(json.loads(loaded)), min_valid
         if not expected:
             assert set(json.loads(loaded)) == set(), result.stderr
+
+
+#: Run the CLI with {argv} until the daemon's READY=1, then print the watched modules it loaded
+#: and exit (systemd.notify replaced: READY is the moment the start's imports are done).
+_AT_READY = """
+import json, os, runpy, sys
+from pathlib import Path
+from kakao_tokend import paths, systemd
+
+{setup}
+
+def notify(*lines):
+    if "READY=1" in lines:
+        loaded = {{m.split(".")[0] for m in sys.modules}} & set({watched!r})
+        print(json.dumps(sorted(loaded)), flush=True)
+        os._exit(0)
+    return False
+
+systemd.notify = notify
+sys.argv = ["kakao-tokend", *{argv!r}]
+runpy.run_module("kakao_tokend", run_name="__main__")
+"""
+
+
+def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
+    """`run` as the system unit starts it (its config the system one, /etc/kakao-tokend here
+    under another root, in $CONFIGURATION_DIRECTORY; the directories from $STATE_DIRECTORY and
+    $RUNTIME_DIRECTORY; no --config) is READY without importing platformdirs, which only
+    answers for user directories, or asyncinotify (the state watch starts right after READY).
+    Control: without a system config, `run --config FILE` loads platformdirs, to tell whether
+    FILE would be found without --config (the commands it shows name it if not)."""
+    import os
+
+    from kakao_tokend.paths import SystemLayout
+
+    root = tmp_path / "root"
+    system = SystemLayout.under(root)
+    configuration, state, runtime, home = (
+        system.config_file.parent,
+        tmp_path / "state",
+        tmp_path / "run",
+        tmp_path / "home",
+    )
+    configuration.mkdir(parents=True, mode=0o700)
+    for directory in (state, runtime, home):
+        directory.mkdir(mode=0o700)
+    config = system.config_file
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text('[kakao]\nrest_api_key = "k"\n')
+    config.write_text('[kakao]\nrest_api_key = "k"\n')
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAKAO_TOKEND_CONFIG", "NOTIFY_SOCKET", "XDG_CONFIG_HOME")
+    }
+    env.update(
+        HOME=str(home),
+        CONFIGURATION_DIRECTORY=str(configuration),
+        STATE_DIRECTORY=str(state),
+        RUNTIME_DIRECTORY=str(runtime),
+    )
+    watched = ("platformdirs", "asyncinotify", "kakao_tokend")
+
+    def loaded_at_ready(*argv: str) -> set[str]:
+        setup = f"paths.SYSTEM = paths.SystemLayout.under(Path({str(root)!r}))"
+        code = _AT_READY.format(argv=list(argv), watched=watched, setup=setup)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        loaded: list[str] = json.loads(result.stdout.strip().splitlines()[-1])
+        return set(loaded)
+
+    assert loaded_at_ready("run") == {"kakao_tokend"}
+    config.unlink()  # no system config: the user's would be the one found
+    assert loaded_at_ready("--config", str(elsewhere), "run") == {"kakao_tokend", "platformdirs"}
+
+
+def test_the_state_watch_loads_asyncinotify_when_it_watches() -> None:
+    """Importing the service (a fleet node's too) loads no asyncinotify: a fleet node keeps no
+    state files and never watches them; the file store's watcher loads it when made."""
+    body = "import kakao_tokend.service, kakao_tokend.daemon, kakao_tokend.watch\n{make}"
+    watched = ("asyncinotify",)
+
+    def loaded(make: str) -> set[str]:
+        code = _BODY.format(body=body.format(make=make), watched=watched)
+        return _loaded(code)
+
+    assert loaded("") == set()
+    made = (
+        "from kakao_tokend.watch import StateWatcher\n"
+        "assert StateWatcher(print).mode == 'inotify'\n"
+    )
+    assert loaded(made) == {"asyncinotify"}

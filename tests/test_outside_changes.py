@@ -217,6 +217,45 @@ async def test_a_state_written_without_the_socket_is_adopted_within_a_second(
         assert await daemon.stop() == 0
 
 
+async def test_a_state_written_while_the_daemon_starts_is_adopted_at_once(
+    emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state file written after the daemon loaded its accounts and before its state watch
+    began (here at READY: the watch starts right after it) is adopted at once, not at the next
+    heartbeat a minute later: the watch compares every state file once when it starts."""
+    from datetime import UTC, datetime
+
+    from kakao_tokend import systemd
+    from kakao_tokend.config import load_config
+    from kakao_tokend.emulator import DEFAULT_USER_ID
+    from kakao_tokend.state import AccountState
+    from kakao_tokend.store import AccountStore
+    from kakao_tokend.tokens import TokenSet
+    from served import serving
+
+    config = _config(tmp_path, emulator)
+    written: list[AccountState] = []
+    ready = systemd.ready
+
+    def write_at_ready(text: str) -> bool:
+        now = datetime.now(UTC)
+        tokens = TokenSet.from_token_response(
+            emulator.issue_tokens(DEFAULT_USER_ID), requested_at=now
+        )
+        state = AccountState(account="default", tokens=tokens, refreshed_at=now, generation=1)
+        AccountStore(load_config(config).accounts["default"]).save(state)
+        written.append(state)
+        return ready(text)
+
+    monkeypatch.setattr(systemd, "ready", write_at_ready)
+    async with serving(config) as served:
+        started = time.monotonic()
+        while (answer := await served.get("/v1/accounts/default/token"))[0] != 200:
+            assert time.monotonic() - started < PROMPT, "the state written at READY was not adopted"
+            await asyncio.sleep(0.05)
+        assert answer[1]["access_token"] == written[0].tokens.access_token
+
+
 async def test_status_without_a_daemon_hides_alerts_about_replaced_tokens(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -110,7 +110,7 @@ class TestConfigSearchPath:
             "KAKAO_TOKEND_CONFIG": "/opt/kt.toml",
             "CONFIGURATION_DIRECTORY": "/etc/kt:/etc/other",
         }
-        assert paths.config_search_path(environ, Path("/cli.toml")) == [
+        assert list(paths.config_search_path(environ, Path("/cli.toml"))) == [
             Path("/cli.toml"),
             Path("/opt/kt.toml"),
             Path("/etc/kt/config.toml"),
@@ -121,7 +121,7 @@ class TestConfigSearchPath:
     def test_no_home_leaves_out_the_user_file(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """When platformdirs cannot find a home the search path simply omits the user file."""
         monkeypatch.setattr(platformdirs, "user_config_dir", _platformdirs_fails)
-        assert paths.config_search_path({}) == [Path("/etc/kakao-tokend/config.toml")]
+        assert list(paths.config_search_path({})) == [Path("/etc/kakao-tokend/config.toml")]
 
 
 class TestSystemLayout:

@@ -1,14 +1,17 @@
-"""File locations: explicit setting > systemd $STATE_DIRECTORY & co > system or user dirs."""
+"""File locations: explicit setting > systemd $STATE_DIRECTORY & co > system or user dirs.
+
+platformdirs is imported only when a user directory is asked for: the system service (its
+config in $CONFIGURATION_DIRECTORY or /etc, its directories from systemd) never needs it, and
+its import cost every start (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import platformdirs
 
 from .errors import ConfigError
 
@@ -70,10 +73,10 @@ def systemd_dir(environ: Mapping[str, str], variable: str) -> Path | None:
     return None
 
 
-def _platform_dir(
-    function: Callable[..., str], *, what: str, setting: str, systemd_setting: str
-) -> Path:
-    """Call a platformdirs user_*_dir function, turning its failures into a ConfigError."""
+def _platform_dir(function: str, *, what: str, setting: str, systemd_setting: str) -> Path:
+    """Call platformdirs' user_*_dir ``function``, turning its failures into a ConfigError."""
+    import platformdirs  # only when a default user directory is needed: see the docstring
+
     hint = (
         f"set {setting} in the config file, or run under systemd with {systemd_setting}= "
         "so that the directory comes from the environment"
@@ -83,7 +86,7 @@ def _platform_dir(
         # interactive run, and a warning here would escape as noise (or an error in tests).
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = function(APP_NAME)
+            raw = getattr(platformdirs, function)(APP_NAME)
     except (RuntimeError, OSError, KeyError) as exc:
         # Under DynamicUser= there is no HOME and possibly no passwd entry: platformdirs raises.
         raise ConfigError(
@@ -120,7 +123,7 @@ def default_state_dir(
     if is_system_config(config_source, system):
         return (system or SYSTEM).state_dir
     return _platform_dir(
-        platformdirs.user_state_dir,
+        "user_state_dir",
         what="state",
         setting="paths.state_dir",
         systemd_setting="StateDirectory",
@@ -145,7 +148,7 @@ def default_runtime_dir(
     if is_system_config(config_source, system):
         return (system or SYSTEM).runtime_dir
     return _platform_dir(
-        platformdirs.user_runtime_dir,
+        "user_runtime_dir",
         what="runtime",
         setting="paths.runtime_dir",
         systemd_setting="RuntimeDirectory",
@@ -162,6 +165,8 @@ def api_socket_path(runtime_dir: Path, configured: Path | None = None) -> Path:
 
 def user_config_file() -> Path | None:
     """Return platformdirs' ``user_config_dir()/config.toml``, or None when there is no home."""
+    import platformdirs  # see the module docstring
+
     try:
         raw = platformdirs.user_config_dir(APP_NAME)
     except (RuntimeError, OSError, KeyError):
@@ -202,24 +207,23 @@ def config_search_path(
     explicit: Path | None = None,
     *,
     system: SystemLayout | None = None,
-) -> list[Path]:
-    """Return the config file candidates, most specific first.
+) -> Iterator[Path]:
+    """Yield the config file candidates, most specific first.
 
     Order: ``explicit`` (``--config``) → ``$KAKAO_TOKEND_CONFIG`` →
     ``$CONFIGURATION_DIRECTORY/config.toml`` → ``/etc/kakao-tokend/config.toml`` →
     ``user_config_dir("kakao-tokend")/config.toml`` (omitted when there is no usable home).
+    One at a time: a search that stops at an earlier file never asks platformdirs.
     """
-    candidates: list[Path] = []
     if explicit is not None:
-        candidates.append(explicit)
+        yield explicit
     if environ.get(CONFIG_ENV):
-        candidates.append(Path(environ[CONFIG_ENV]))
+        yield Path(environ[CONFIG_ENV])
     configuration = systemd_dir(environ, "CONFIGURATION_DIRECTORY")
     if configuration is not None:
-        candidates.append(configuration / CONFIG_FILE_NAME)
-    candidates.append((system or SYSTEM).config_file)
+        yield configuration / CONFIG_FILE_NAME
+    yield (system or SYSTEM).config_file
     # platformdirs may fail under systemd (no HOME); the candidate is then simply left out.
     user_file = user_config_file()
     if user_file is not None:
-        candidates.append(user_file)
-    return candidates
+        yield user_file

@@ -374,21 +374,40 @@ async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Stop the state-file watch that serve() starts at READY (see _start_watch)."""
     daemon = app[DAEMON]
+    yield
+    watcher, daemon.watcher = daemon.watcher, None
+    if watcher is not None:
+        await watcher.close()
+
+
+def _start_watch(daemon: Daemon) -> None:
+    """File mode: watch the state files for what other processes write, from READY on.
+
+    Right after READY, not before it: nothing READY promises needs the watch (every token file
+    is current and every account served from memory already), and setting it up costs a start
+    the import of asyncinotify, its `ldconfig -p` child and a path per account
+    (docs/benchmarks.md). A state file written since the accounts were loaded is found by
+    comparing each one once with what was read (one stat each), so the gap between loading and
+    watching, which a start always had, is now closed.
+
+    Fleet mode keeps no state files: the CLI writes through the store, and every change
+    arrives by LISTEN/NOTIFY or the poll. Watching them held a path per account (10,000 on a
+    node) and, without inotify, stat()ed each of them every few seconds.
+    """
     if daemon.fleet is not None:
-        # Fleet mode keeps no state files: the CLI writes through the store, and every change
-        # arrives by LISTEN/NOTIFY or the poll. Watching them held a path per account (10,000
-        # on a node) and, without inotify, stat()ed each of them every few seconds.
-        yield
         return
     watcher = StateWatcher(daemon.on_state_file_changed)
     daemon.watcher = watcher
     daemon.watch_state_files()
     watcher.start()
     log.debug("watching the state directories (%s)", watcher.mode)
-    yield
-    await watcher.close()
-    daemon.watcher = None
+    for manager in list(daemon.managers.values()):
+        try:
+            daemon.adopt_outside_changes(manager)
+        except Exception:  # one account's trouble must not stop the others' (as in the watch)
+            log.exception("account %s: checking the state file failed", manager.name)
 
 
 async def _status_loop(daemon: Daemon) -> None:
@@ -495,6 +514,7 @@ async def serve(
     socket_id = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
+    _start_watch(daemon)
     log.info(
         "kakao-tokend running: %d account(s), heartbeat %ss, state in %s",
         len(daemon.managers),

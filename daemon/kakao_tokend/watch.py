@@ -17,6 +17,11 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from asyncinotify import Inotify, Mask
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +30,27 @@ POLL_INTERVAL = 1.0
 #: Events within this many seconds for one file are handled once (a save is several events).
 SETTLE = 0.05
 
-try:  # Linux only; the import itself fails elsewhere (it binds libc's inotify functions)
-    from asyncinotify import Inotify, Mask
+#: asyncinotify once loaded, or why it cannot be (see _asyncinotify).
+_loaded: ModuleType | str | None = None
 
-    _INOTIFY_ERROR: str | None = None
-except (ImportError, AttributeError, OSError) as exc:  # pragma: no cover - non-Linux
-    _INOTIFY_ERROR = f"{type(exc).__name__}: {exc}"
+
+def _asyncinotify() -> ModuleType | str:
+    """Return the asyncinotify module, or why it cannot be loaded (a reason to log).
+
+    Loaded by the first watcher, not with this module: a fleet node keeps no state files and
+    never watches, and the import costs every start that does (ctypes, and an `ldconfig -p`
+    child process to find libc: docs/benchmarks.md). Linux only; the import itself fails
+    elsewhere (it binds libc's inotify functions).
+    """
+    global _loaded
+    if _loaded is None:
+        try:
+            import asyncinotify
+
+            _loaded = asyncinotify
+        except (ImportError, AttributeError, OSError) as exc:  # pragma: no cover - non-Linux
+            _loaded = f"{type(exc).__name__}: {exc}"
+    return _loaded
 
 
 class StateWatcher:
@@ -45,19 +65,23 @@ class StateWatcher:
         self._inotify: Inotify | None = None
         self._watched: set[Path] = set()
         self._signatures: dict[Path, tuple[int, int, int] | None] = {}
-        if use_inotify and _INOTIFY_ERROR is None:
+        inotify = _asyncinotify() if use_inotify else None
+        #: asyncinotify's Mask (None in poll mode).
+        self._mask: type[Mask] | None = None
+        if isinstance(inotify, ModuleType):
             try:
-                self._inotify = Inotify()
+                self._inotify = inotify.Inotify()
+                self._mask = inotify.Mask
             except OSError as exc:  # EMFILE: fs.inotify.max_user_instances reached
                 log.warning(
                     "inotify unavailable (%s); checking state directories every %ss",
                     exc,
                     POLL_INTERVAL,
                 )
-        elif use_inotify:
+        elif inotify is not None:
             log.info(
                 "inotify unavailable (%s); checking state directories every %ss",
-                _INOTIFY_ERROR,
+                inotify,
                 POLL_INTERVAL,
             )
 
@@ -82,10 +106,12 @@ class StateWatcher:
         for directory in directories - set(self._dirs):
             self._dirs[directory] = _mtime(directory)
             if self._inotify is not None and directory not in self._watched:
+                assert self._mask is not None
+                mask = self._mask
                 try:
                     self._inotify.add_watch(
                         directory,
-                        Mask.MOVED_TO | Mask.CLOSE_WRITE | Mask.DELETE | Mask.MOVED_FROM,
+                        mask.MOVED_TO | mask.CLOSE_WRITE | mask.DELETE | mask.MOVED_FROM,
                     )
                     self._watched.add(directory)
                 except OSError as exc:  # ENOSPC: fs.inotify.max_user_watches reached
@@ -114,9 +140,10 @@ class StateWatcher:
             self._inotify = None
 
     async def _read(self) -> None:
-        assert self._inotify is not None
+        assert self._inotify is not None and self._mask is not None
+        overflow = self._mask.Q_OVERFLOW
         async for event in self._inotify:
-            if Mask.Q_OVERFLOW in event.mask:  # events were dropped: look at every file
+            if overflow in event.mask:  # events were dropped: look at every file
                 for path in self._files:
                     self._changed(path)
             elif event.path is not None:
