@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -73,7 +73,7 @@ from common import (  # noqa: E402
 )
 
 from fleetnodes import Fleet, FleetTimings, account_names, wait_until  # noqa: E402
-from kakao_tokend.emulator import running_emulator  # noqa: E402
+from kakao_tokend.emulator import RefreshAttempt, running_emulator  # noqa: E402
 from kakao_tokend.fleet import db  # noqa: E402
 from kakao_tokend.fleet.accounts import insert_account  # noqa: E402
 from kakao_tokend.fleet.store import FleetStore  # noqa: E402
@@ -186,6 +186,25 @@ def server_cpu_between(before: dict[int, float], after: dict[int, float]) -> flo
     return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
+def first_refreshes(log: Iterable[RefreshAttempt], start: float, end: float) -> list[float]:
+    """When each account was first refreshed in [start, end]: the one interval's refreshes.
+
+    The interval holds one refresh of every account, evenly seeded. An account refreshed
+    early in it is due again one lifetime share later with the daemon's jitter (± 5 % of
+    the lifetime), so its *second* refresh can fall before the interval's end: near the end
+    those land on top of the seeded first ones (about 1.5 × the rate in the last tens of
+    seconds at 10,000 accounts), an artefact of seeding every account in one wave that the
+    jitter then smooths out, not of how the nodes share the refreshes. They are counted in
+    the cost per refresh, not in the peak.
+    """
+    first: dict[int | None, float] = {}
+    for attempt in log:
+        counted = attempt.outcome in ("ok", "rotated") and start <= attempt.at <= end
+        if counted and attempt.at < first.get(attempt.user_id, float("inf")):
+            first[attempt.user_id] = attempt.at
+    return sorted(first.values())
+
+
 def buckets(times: list[float], start: float, end: float, width: float) -> list[int]:
     """Count ``times`` in consecutive buckets of ``width`` seconds over [start, end)."""
     count = max(1, int((end - start) // width))
@@ -274,6 +293,7 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
                 await process.stop()
             times = [a.at for a in emulator.stats.refresh_log if a.outcome in ("ok", "rotated")]
             refreshed = [t for t in times if start - 1 <= t <= end + 2]
+            firsts = first_refreshes(emulator.stats.refresh_log, start - 1, end + 2)
             shares = await rotations_between(fleet, start - 1, end + 2)
             expired_rows = await query(
                 fleet.dsn, "SELECT count(*) FROM accounts WHERE access_expires_at <= now()"
@@ -283,8 +303,8 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             await fleet.close()
     total = sum(shares.values())
     ideal = n / interval
-    peak1 = max(buckets(refreshed, start, end, 1.0))
-    peak5 = max(buckets(refreshed, start, end, 5.0)) / 5.0
+    peak1 = max(buckets(firsts, start, end, 1.0))
+    peak5 = max(buckets(firsts, start, end, 5.0)) / 5.0
     elapsed = end + 2 - start + 1
     refreshes = max(1, len(refreshed))
     stmt_per = ((stmts3 - stmts2) - idle_rate[0] * elapsed) / refreshes
@@ -300,7 +320,14 @@ async def spread(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
     )
     worst = max((abs(c / max(total, 1) * 3 - 1) for c in shares.values()), default=1.0)
     result("fleet_spread_worst_deviation", worst, None, accounts=n, refreshes=total)
-    result("fleet_peak_rate_1s", peak1, peak1 / ideal, ideal=f"{ideal:.1f}")
+    result(
+        "fleet_peak_rate_1s",
+        peak1,
+        peak1 / ideal,
+        ideal=f"{ideal:.1f}",
+        first_refreshes=len(firsts),
+        second_refreshes=len(refreshed) - len(firsts),
+    )
     result("fleet_peak_rate_5s", peak5, peak5 / ideal, ideal=f"{ideal:.1f}")
     result("fleet_expired", expired_rows[0][0], None, token_files=expired_files)  # type: ignore[arg-type]
     result("fleet_statements_per_refresh", stmt_per, None, idle_per_s=f"{idle_rate[0]:.1f}")
