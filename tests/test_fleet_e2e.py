@@ -304,7 +304,12 @@ async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_quer
     await wait_until(heard_every_refresh, timeout=10, what="the queued notifications", fleet=fleet)
     heard = after["notifications"] - before["notifications"]
     reads = after["row_reads"] - before["row_reads"]
-    assert reads <= len(fleet.accounts) // 3, (heard, reads)
+    # The backlog (two refreshes of every account) is read in a few queries. The other node
+    # keeps refreshing meanwhile: what it commits after the backlog arrives one notification
+    # at a time, each read on its own, and on a loaded machine the sleeper takes seconds to
+    # hear the backlog (25 reads were seen in a full suite run). Those are allowed.
+    backlog = 2 * len(fleet.accounts)
+    assert reads <= len(fleet.accounts) // 3 + (heard - backlog), (heard, reads)
     assert await fleet.lost_refresh_tokens() == []
 
 
