@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from alertkit import Command, Receiver, alerts_toml, inbox_texts
@@ -452,6 +452,19 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
 
 
 @settings(max_examples=300, deadline=None)
+# Found by hypothesis (2026-12-03): the longest name with a 20-character error label (an
+# exception's name, e.g. ClientConnectorError) made the expired-token memo 203 characters
+# (206 for a repeat of the expiring one), and the condition line was cut.
+@example(
+    case="access_expired", name="0" * 32, host="0", language="en", label="0" * 20,
+    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
+    repeat=True,
+)  # fmt: skip
+@example(
+    case="access_expiring", name="0" * 32, host="0", language="en", label="0" * 20,
+    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
+    repeat=True,
+)  # fmt: skip
 @given(
     case=st.sampled_from(sorted(MEMO_CASES)),
     name=st.from_regex(ACCOUNT_NAME_RE, fullmatch=True),

@@ -581,8 +581,11 @@ def _failing(
                 left=left,
                 reason=reason,
             )
+            # Briefs this short: a memo's 200 characters must hold the longest account name
+            # with "(repeat)", a REASON_LIMIT label and the fix whole (the full sentences made
+            # 202-206 characters; tests/test_alerts.py).
             brief: Message | None = N_(
-                "the access token expires in {left} and refreshing fails ({reason})",
+                "access token: {left} left, refresh fails ({reason})",
                 left=left,
                 reason=reason,
             )
@@ -591,7 +594,7 @@ def _failing(
                 "the access token has EXPIRED and refreshing keeps failing ({reason})",
                 reason=reason,
             )
-            brief = None
+            brief = N_("access token EXPIRED, refresh fails ({reason})", reason=reason)
         found.append(
             Condition("access_expiring", Severity.CRITICAL, message, NETWORK_FIX, brief=brief)
         )
