@@ -183,14 +183,18 @@ async def finish(proc: asyncio.subprocess.Process) -> tuple[int, str]:
     return proc.returncode, out.decode() + err.decode()
 
 
-async def consent(browser: Browser, url: str, emulator: KakaoEmulator, button: str) -> str:
-    """Open the authorize URL, press ``button`` on the consent page, return the landing text."""
+async def consent(browser: Browser, url: str, emulator: KakaoEmulator, button: str) -> None:
+    """Open the authorize URL and press ``button`` on the consent page.
+
+    The caller waits for the page it expects next (wait_page): right after the click the
+    browser is between documents, and reading the page then failed on a loaded machine
+    (``document.body`` was null).
+    """
     page = browser.page
     await page.call("Page.navigate", url=url)
     await page.wait_page(f"{emulator.url}/oauth/authorize")
     assert "allow this app access?" in await page.evaluate("document.body.innerText")
     await page.click(f"button[value={button}]")
-    return str(await page.evaluate("document.title + '\\n' + document.body.innerText"))
 
 
 async def test_agree_in_a_real_browser_lands_on_the_success_page_and_stores_tokens(
