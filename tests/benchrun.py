@@ -1,15 +1,34 @@
-"""Run a benchmark script's --quick mode for a test, killed with everything it started."""
+"""Bench scripts in tests: import one as a module; run its --quick mode, kill all it started."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+#: The benchmark scripts (bench/), which import their own helpers (bench/common.py) by name.
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """Import ``bench/NAME.py`` as a module (a script, not part of the package), for tests of
+    its definitions."""
+    if str(BENCH) not in sys.path:  # appended: a bench module never shadows a test helper
+        sys.path.append(str(BENCH))
+    module_name = f"kakao_bench_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_quick(script: Path, cwd: Path, *, timeout: float) -> subprocess.CompletedProcess[str]:

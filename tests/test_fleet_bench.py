@@ -6,15 +6,12 @@ nothing about performance: the numbers come from full runs, see docs/benchmarks.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from benchrun import run_quick
+from benchrun import load_bench, run_quick
 from kakao_tokend.emulator import RefreshAttempt
 from pgcluster import find_pg_bindir, skip_or_fail
 
@@ -55,23 +52,11 @@ def test_fleet_benchmark_quick_run_prints_its_results(tmp_path: Path) -> None:
     assert found["fleet_expired"] == 0, output
 
 
-def load_bench() -> ModuleType:
-    """Import bench/fleet_bench.py as a module (it is a script, not part of the package)."""
-    if str(BENCH.parent) not in sys.path:  # run as a script, it finds bench/common.py so
-        sys.path.append(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("kakao_fleet_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kakao_fleet_bench"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_peak_counts_each_accounts_first_refresh_in_the_interval_only() -> None:
     """The spread's interval holds one refresh of every account: an account refreshed again
     before its end (its next refresh, jittered earlier) or refused is not counted in the
     peak; each account's earliest successful refresh inside the interval is."""
-    bench = load_bench()
+    bench = load_bench("fleet_bench")
     log = [
         RefreshAttempt(10.0, "a", "ok", user_id=1),
         RefreshAttempt(11.0, "b", "rotated", user_id=2),

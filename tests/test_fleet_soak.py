@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchrun import load_bench
 from pgcluster import find_pg_bindir, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 SOAK = REPO / "bench" / "fleet_soak.py"
-
-
-def load_soak() -> ModuleType:
-    """Import bench/fleet_soak.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("kakao_fleet_soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kakao_fleet_soak"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_window_excuses_only_its_node_and_account_for_its_time() -> None:
@@ -35,7 +24,7 @@ def test_a_window_excuses_only_its_node_and_account_for_its_time() -> None:
     would excuse stale reads on healthy nodes, windows that were ignored would blame the fleet
     for a node the harness itself killed.
     """
-    soak = load_soak()
+    soak = load_bench("fleet_soak")
     killed = soak.Window(10.0, 12.0, "node killed", node="node-1")
     restart = soak.Window(20.0, 23.0, "PostgreSQL restart")
     lost = soak.Window(30.0, None, "lost", account="acct0001")
@@ -55,7 +44,7 @@ def test_reads_before_a_loss_is_found_are_the_losses_not_a_healthy_nodes() -> No
     the end against every window, not as they happen. Reads of other accounts, and reads
     before the rotation, are still held to freshness.
     """
-    soak = load_soak()
+    soak = load_bench("fleet_soak")
     reads = [
         soak.Read(40.0, 40.01, "node-2", "acct0029", True),  # after the loss began
         soak.Read(41.0, 41.01, "node-3", "acct0029", True),
@@ -77,7 +66,7 @@ def test_reads_before_a_loss_is_found_are_the_losses_not_a_healthy_nodes() -> No
 def test_every_must_be_zero_count_fails_the_run() -> None:
     """An expired read while healthy, an unexplained loss, no refresh at all, or a node that
     does not exit 0 at the end each make the run fail; an accounted loss does not."""
-    soak = load_soak()
+    soak = load_bench("fleet_soak")
     report = soak.FleetReport(seed=1, minutes=1.0, nodes=3, accounts=50)
     report.refresh_cycles = 10
     report.final_exit_codes = {"node-1": 0, "node-2": 0, "node-3": 0}

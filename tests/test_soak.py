@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchrun import load_bench
 from kakao_tokend.emulator import KakaoEmulator
 
 REPO = Path(__file__).resolve().parents[1]
 SOAK = REPO / "bench" / "soak.py"
-
-
-def load_soak() -> ModuleType:
-    """Import bench/soak.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("kakao_soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kakao_soak"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_disruption_windows_decide_what_counts_as_healthy(tmp_path: Path) -> None:
@@ -34,7 +23,7 @@ def test_disruption_windows_decide_what_counts_as_healthy(tmp_path: Path) -> Non
     Guards the definition the soak's main number rests on: if windows leaked (too wide) the
     soak would excuse stale reads, if they were ignored it would blame the daemon for kills.
     """
-    soak = load_soak()
+    soak = load_bench("soak")
     args = argparse.Namespace(seed=1, minutes=1.0, lost_response=False, quiet=True)
     run = soak.Soak(KakaoEmulator(), tmp_path, args)
     run.windows = [
@@ -53,7 +42,7 @@ def test_disruption_windows_decide_what_counts_as_healthy(tmp_path: Path) -> Non
 
 def test_a_nonzero_must_be_zero_count_fails_the_run() -> None:
     """Every must-be-0 count, when not 0, is listed as a failure (so the exit status is 1)."""
-    soak = load_soak()
+    soak = load_bench("soak")
     report = soak.Report(seed=1, minutes=1.0, lost_response_mode=True)
     report.refresh_cycles = 10
     report.final_exit_code = 0
@@ -161,7 +150,7 @@ def test_the_soak_runs_the_daemon_with_the_production_retry_settings(tmp_path: P
     """
     from kakao_tokend.config import RefreshPolicy, load_config
 
-    soak = load_soak()
+    soak = load_bench("soak")
     args = argparse.Namespace(seed=1, minutes=1.0, lost_response=False, quiet=True)
     emulator = KakaoEmulator()
     emulator.url = "http://127.0.0.1:9"  # never contacted: only the config is written
