@@ -1762,11 +1762,11 @@ class _Checker:
                 "lock files",
             )
 
-        prefix = self.defaults.prefix
+        defaults = self.defaults
         # Two accounts' default files differ by the name (which has no "."), so those of an
         # account without a table can only meet a file set explicitly in the state directory.
         explicit_there = any(
-            not isinstance(entry, str) and entry[2] and entry[1].startswith(prefix)
+            not isinstance(entry, str) and entry[2] and entry[1].startswith(defaults.prefix)
             for entry in self.files
         )
         for entry in self.files:
@@ -1774,7 +1774,7 @@ class _Checker:
                 if not explicit_there:
                     continue
                 for _, key, suffix in _DEFAULT_FILES:
-                    text = f"{prefix}{entry}{suffix}"
+                    text = defaults.text(entry, suffix)
                     if text in seen:
                         clash(f"accounts.{entry}.{key}", text)
                     else:
