@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -53,22 +54,30 @@ SHARE = 0.25
 GUARD = 3
 
 
+def store_through(
+    proxy: TcpProxy, dsn: str, tmp_path: Path, timeouts: DbTimeouts, **options: Any
+) -> FleetStore:
+    """A node store (not opened) whose every connection goes through ``proxy``, with a
+    config written in ``tmp_path`` (its key and state directory) and the given timeouts."""
+    config = load_config(write_store_config(tmp_path, proxy.dsn(dsn)))
+    assert config.store.keyring is not None
+    return FleetStore(
+        dsn=proxy.dsn(dsn),
+        keyring=config.store.keyring,
+        node=NODE,
+        timeouts=timeouts,
+        state_dir=config.state_dir,
+        **options,
+    )
+
+
 @pytest.fixture
 async def proxied(pg_dsn: str, tmp_path: Path) -> AsyncIterator[tuple[FleetStore, TcpProxy]]:
     """An opened node store whose every connection goes through a TcpProxy."""
     await migrated(pg_dsn)
     port = int(str(conninfo_to_dict(pg_dsn)["port"]))
     with TcpProxy("127.0.0.1", port) as proxy:
-        config = load_config(write_store_config(tmp_path, proxy.dsn(pg_dsn)))
-        assert config.store.keyring is not None
-        fleet = FleetStore(
-            dsn=proxy.dsn(pg_dsn),
-            keyring=config.store.keyring,
-            node=NODE,
-            timeouts=TIMEOUTS,
-            state_dir=config.state_dir,
-            pool_size=2,
-        )
+        fleet = store_through(proxy, pg_dsn, tmp_path, TIMEOUTS, pool_size=2)
         await fleet.open()
         try:
             yield fleet, proxy
@@ -253,15 +262,7 @@ async def test_a_migration_on_a_silent_database_is_given_up_within_its_deadline(
     async with holder:
         await holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         with TcpProxy("127.0.0.1", port) as proxy:
-            config = load_config(write_store_config(tmp_path, proxy.dsn(pg_dsn)))
-            assert config.store.keyring is not None
-            fleet = FleetStore(
-                dsn=proxy.dsn(pg_dsn),
-                keyring=config.store.keyring,
-                node=NODE,
-                timeouts=timeouts,
-                state_dir=config.state_dir,
-            )
+            fleet = store_through(proxy, pg_dsn, tmp_path, timeouts)
             opening = asyncio.create_task(fleet.open())
             try:
                 await until_migration_waits_for_its_lock(pg_dsn)
