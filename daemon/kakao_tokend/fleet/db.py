@@ -417,6 +417,11 @@ async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[
                 _working.pop(task, None)
 
 
+def no_answer(action: str, seconds: float) -> StoreUnavailable:
+    """The error for a store operation whose :func:`deadline` ran out: one wording for all."""
+    return StoreUnavailable(f"cannot {action}: the database did not answer within {seconds:g}s")
+
+
 def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel ``tasks`` without a cancel request into psycopg.
 

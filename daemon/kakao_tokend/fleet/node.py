@@ -26,7 +26,7 @@ from .. import __version__
 from ..errors import StoreError
 from ..tokens import utcnow
 from .accounts import CHANNEL, RefreshStatus, parse_notification
-from .db import abandon, connect, deadline, store_errors
+from .db import abandon, connect, deadline, no_answer, store_errors
 from .store import FleetStore, StorePlan
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class FleetNode:
                     with store_errors("listen for the store's changes"):
                         await conn.execute(f"LISTEN {CHANNEL}")
             except TimeoutError:
-                raise StoreError("the listener's connection did not answer") from None
+                raise no_answer("listen for the store's changes", fleet.deadline) from None
             self.listening = True
             log.debug("listening for the store's changes")
             # After LISTEN: nothing committed from now on is missed. Every row is compared: the
@@ -186,7 +186,7 @@ class FleetNode:
                 with store_errors("check the listener's connection"):
                     await conn.execute("SELECT 1")
         except TimeoutError:
-            raise StoreError("the listener's connection did not answer") from None
+            raise no_answer("check the listener's connection", self.fleet.deadline) from None
 
     async def _notified(self, payload: str) -> None:
         """Note the account for the applier; never a round trip here.

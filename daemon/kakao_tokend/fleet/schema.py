@@ -24,10 +24,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..errors import StoreError, StoreSchemaMismatch, StoreUnavailable
+from ..errors import StoreError, StoreSchemaMismatch
 from ..tokens import backoff_delay
 from . import missing_extra
-from .db import deadline, store_errors
+from .db import deadline, no_answer, store_errors
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -189,10 +189,8 @@ async def migrate(
                 async with deadline(conn, within) if within is not None else nullcontext():
                     return await _migrate_once(conn, node=node)
             except TimeoutError:
-                raise StoreUnavailable(
-                    "cannot migrate the store's schema: the database did not answer within "
-                    f"{within:g}s"
-                ) from None
+                assert within is not None  # only the deadline raises it
+                raise no_answer("migrate the store's schema", within) from None
             except pg_errors.LockNotAvailable:
                 if attempt == retries:
                     raise StoreError(

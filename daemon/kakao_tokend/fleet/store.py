@@ -74,6 +74,7 @@ from .db import (
     connect,
     create_pool,
     deadline,
+    no_answer,
     open_pool,
     store_errors,
 )
@@ -289,10 +290,7 @@ class FleetStore:
                 async with deadline(conn, self.deadline):
                     meta = await read_meta(conn)
             except TimeoutError:
-                raise StoreUnavailable(
-                    f"cannot read the store's identity: the database did not answer within "
-                    f"{self.deadline:g}s"
-                ) from None
+                raise no_answer("read the store's identity", self.deadline) from None
         refusal = moved_refusal(meta)
         if refusal is not None:
             raise refusal
@@ -440,9 +438,7 @@ class FleetStore:
                 await check(conn, max(0.0, until - loop.time()))
             except TimeoutError:
                 await self._discard(pool, conn)
-                raise StoreUnavailable(
-                    f"cannot {action}: the database did not answer within {wait:g}s"
-                ) from None
+                raise no_answer(action, wait) from None
             except Exception:
                 await self._discard(pool, conn)
                 continue
@@ -508,9 +504,7 @@ class FleetStore:
         except TimeoutError:
             broken = True
             given = self.deadline if within is None else within
-            exc = StoreUnavailable(
-                f"cannot {action}: the database did not answer within {given:g}s"
-            )
+            exc = no_answer(action, given)
             self.failed(exc)
             raise exc from None
         except StoreUnavailable as exc:
@@ -898,10 +892,7 @@ class PgAccountStore:
                     cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
                     exists = await cur.fetchone() is not None
         except TimeoutError:
-            exc = StoreUnavailable(
-                f"cannot lock account {self.name!r}: the database did not answer within "
-                f"{fleet.deadline:g}s"
-            )
+            exc = no_answer(f"lock account {self.name!r}", fleet.deadline)
             fleet.failed(exc)
             raise exc from None
         except StoreUnavailable as exc:
