@@ -10,11 +10,12 @@ import random
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -355,3 +356,65 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class NotifyReceiver:
+    """The receiving end of $NOTIFY_SOCKET, like systemd's: the datagrams a daemon sends.
+
+    The socket lives in a short temporary directory (a Unix socket path is limited to 107
+    bytes, which a deep pytest tmp_path can exceed).
+    """
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="kt-")
+        self.path = os.path.join(self._dir.name, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        #: Every datagram received so far, in order.
+        self.messages: list[str] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        self._dir.cleanup()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment that points a daemon at this socket."""
+        return {"NOTIFY_SOCKET": self.path}
+
+    def drain(self) -> list[str]:
+        """Receive what has arrived; return every message so far."""
+        while True:
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except BlockingIOError:
+                return self.messages
+
+    def seen(self, line: str) -> bool:
+        """Whether a message so far has ``line`` as one of its lines (after a drain)."""
+        return any(line in message.split("\n") for message in self.drain())
+
+    def text(self) -> str:
+        """Every message so far, one after another (after a drain)."""
+        return "\n".join(self.drain())
+
+    async def wait_for_line(
+        self, line: str, process: DaemonProcess, *, timeout: float = 30
+    ) -> list[str]:
+        """Wait for the message that has ``line`` as one of its lines; return its lines.
+
+        Fails at once, with the daemon's log, when the daemon exits first.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.drain():
+                if line in (lines := message.split("\n")):
+                    return lines
+            if process.proc.returncode is not None:
+                raise AssertionError(f"the daemon exited:\n{process.log_text()[-3000:]}")
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {line} within {timeout:g}s:\n{process.log_text()[-3000:]}")

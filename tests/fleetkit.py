@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kakao_tokend.config import Config
-from kakao_tokend.fleet import db, schema
+from kakao_tokend.fleet import accounts, db, schema
 from kakao_tokend.fleet.admin import db_timeouts
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet.store import FleetStore
@@ -144,3 +144,15 @@ def sample_state(
     }
     values.update(changes)
     return AccountState(**values)
+
+
+async def store_rows(dsn: str, keyring: Keyring) -> dict[str, accounts.AccountRow]:
+    """Every account row, decrypted."""
+    conn = await db.connect(dsn, node=NODE, purpose="test")
+    async with conn:
+        rows = {}
+        for name in await accounts.list_account_names(conn):
+            row = await accounts.load_account(conn, keyring, name)
+            assert row is not None
+            rows[name] = row
+        return rows

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemonproc import (
+    NotifyReceiver,
     access_token_valid,
     issued_tokens,
     login,
@@ -411,34 +411,16 @@ async def test_sd_notify_messages_reach_the_notify_socket(
     """READY, STATUS, WATCHDOG, RELOADING and STOPPING arrive on a fake NOTIFY_SOCKET."""
     config = write_config(tmp_path, emulator)
     await login(emulator, config)
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.setblocking(False)
-    messages: list[str] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return
-
-    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
-    daemon = await start_daemon(config, env=env)
-    try:
-        await daemon.wait_for(
-            lambda: drain() or any("WATCHDOG=1" in m for m in messages), what="watchdog ping"
-        )
-        daemon.send(signal.SIGHUP)
-        await daemon.wait_for(
-            lambda: drain() or any("RELOADING=1" in m for m in messages), what="reloading"
-        )
-    finally:
-        assert await daemon.stop() == 0
-        drain()
-        sock.close()
-    text = "\n".join(messages)
+    with NotifyReceiver() as notify:
+        env = {**notify.env, "WATCHDOG_USEC": "1000000"}
+        daemon = await start_daemon(config, env=env)
+        try:
+            await daemon.wait_for(lambda: notify.seen("WATCHDOG=1"), what="watchdog ping")
+            daemon.send(signal.SIGHUP)
+            await daemon.wait_for(lambda: notify.seen("RELOADING=1"), what="reloading")
+        finally:
+            assert await daemon.stop() == 0
+        text = notify.text()
     assert "READY=1" in text
     assert "STATUS=default: access" in text
     assert "MONOTONIC_USEC=" in text

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from daemonproc import REPO, run_cli, start_daemon
-from fleetkit import NODE, migrated, sample_state, write_store_config
+from fleetkit import NODE, migrated, sample_state, store_rows, write_store_config
 from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import Keyring, key_id_of, new_key_line
 from pgcluster import free_port
@@ -95,17 +95,6 @@ async def _seed(dsn: str, keyring: Keyring, names: list[str]) -> None:
             await accounts.insert_account(conn, keyring, sample_state(name), node=NODE, due_at=None)
 
 
-async def _load_all(dsn: str, keyring: Keyring) -> dict[str, accounts.AccountRow]:
-    conn = await db.connect(dsn, node=NODE, purpose="test")
-    async with conn:
-        rows = {}
-        for name in await accounts.list_account_names(conn):
-            row = await accounts.load_account(conn, keyring, name)
-            assert row is not None
-            rows[name] = row
-        return rows
-
-
 async def test_rotate_key_reencrypts_every_account_and_is_idempotent(
     tmp_path: Path, pg_dsn: str
 ) -> None:
@@ -115,7 +104,7 @@ async def test_rotate_key_reencrypts_every_account_and_is_idempotent(
     config = write_store_config(tmp_path, pg_dsn, keys=[old])
     names = ["alpha", "bravo", "charlie", "delta", "echo"]
     await _seed(pg_dsn, Keyring.parse(old), names)
-    before = await _load_all(pg_dsn, Keyring.parse(old))
+    before = await store_rows(pg_dsn, Keyring.parse(old))
     code, _, err = await shell("kakao-tokend store new-key >> store.key", tmp_path)
     assert code == 0, err
     new = (tmp_path / "store.key").read_text().splitlines()[-1]
@@ -127,7 +116,7 @@ async def test_rotate_key_reencrypts_every_account_and_is_idempotent(
         f"re-encrypted 5 account(s) under key {new_id}\n"
         f"all 5 account(s) are under key {new_id}; older keys are unused\n"
     )
-    after = await _load_all(pg_dsn, Keyring.parse(new))  # the new key alone decrypts all
+    after = await store_rows(pg_dsn, Keyring.parse(new))  # the new key alone decrypts all
     assert {n: r.state for n, r in after.items()} == {n: r.state for n, r in before.items()}
     assert {r.key_id for r in after.values()} == {new_id}
     assert {n: r.generation for n, r in after.items()} == {n: 1 for n in names}
@@ -157,7 +146,7 @@ async def test_rotate_key_waits_for_an_account_being_refreshed(tmp_path: Path, p
     assert code == 0, err
     assert time.monotonic() - started >= 2.0
     assert "re-encrypted 2 account(s)" in out
-    rows = await _load_all(pg_dsn, Keyring.parse(new))
+    rows = await store_rows(pg_dsn, Keyring.parse(new))
     assert set(rows) == {"busy", "idle"}
 
 

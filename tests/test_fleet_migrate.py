@@ -21,7 +21,14 @@ import psycopg
 import pytest
 
 from daemonproc import login, run_cli, start_daemon, write_config
-from fleetkit import NODE, migrated, sample_state, write_key_file
+from fleetkit import (
+    NODE,
+    migrated,
+    sample_state,
+    store_rows,
+    write_key_file,
+    write_store_config,
+)
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreMoved, StoreWriteError
@@ -59,27 +66,9 @@ def store_config(
     """Write a config with ``names`` as accounts (state in directory/state, unless
     ``tables`` gives an account's table more lines) and [store]."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "dsn").write_text(dsn + "\n")
-    (directory / "dsn").chmod(0o600)
-    lines = [
-        "[paths]",
-        f'state_dir = "{directory / "state"}"',
-        f'runtime_dir = "{directory / "run"}"',
-        "[kakao]",
-        'rest_api_key = "test-rest-api-key"',
-        "[store]",
-        f'backend = "{backend}"',
-        f'dsn_file = "{directory / "dsn"}"',
-        f'node_name = "{NODE}"',
-    ]
-    if key_lines:
-        write_key_file(directory / "store.key", key_lines)
-        lines.append(f'key_file = "{directory / "store.key"}"')
-    for name in names:
-        lines += [f"[accounts.{name}]", (tables or {}).get(name, "")]
-    path = directory / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    tables = tables or {}
+    account_tables = "".join(f"[accounts.{name}]\n{tables.get(name, '')}\n" for name in names)
+    return write_store_config(directory, dsn, keys=key_lines, backend=backend, extra=account_tables)
 
 
 def full_state(
@@ -159,18 +148,6 @@ def file_states(config_path: Path) -> dict[str, dict[str, Any] | None]:
         path = account.state_file
         found[name] = json.loads(path.read_text()) if path.exists() else None
     return found
-
-
-async def store_rows(dsn: str, keyring: Keyring) -> dict[str, accounts.AccountRow]:
-    """Every account row, decrypted."""
-    conn = await db.connect(dsn, node=NODE, purpose="test")
-    async with conn:
-        rows = {}
-        for name in await accounts.list_account_names(conn):
-            row = await accounts.load_account(conn, keyring, name)
-            assert row is not None
-            rows[name] = row
-        return rows
 
 
 async def store_alerts(dsn: str) -> dict[str, dict[str, Any]]:

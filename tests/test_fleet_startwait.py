@@ -9,12 +9,7 @@ did not come back, no node of the fleet ever sent an alert.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -23,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from alertkit import Receiver, alerts_toml
 from alertkit import webhook as webhook  # the fixture
-from daemonproc import DaemonProcess, free_port, run_cli, start_daemon
+from daemonproc import DaemonProcess, NotifyReceiver, free_port, run_cli, start_daemon
 from fleetkit import until_migration_waits_for_its_lock, write_store_config
 from fleetnodes import READY_LINE, Fleet, FleetNode, FleetTimings, running_fleet, wait_until
 from kakao_tokend.emulator import KakaoEmulator
@@ -39,41 +34,9 @@ LIFETIME = 20
 WAITING = "waiting for the PostgreSQL store"
 
 
-@contextmanager
-def notify_socket() -> Iterator[tuple[str, socket.socket]]:
-    """A datagram socket where the node's sd_notify messages arrive (as systemd's would)."""
-    with (
-        tempfile.TemporaryDirectory(prefix="kt-") as tmp,
-        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
-    ):
-        path = os.path.join(tmp, "notify")
-        sock.bind(path)
-        sock.setblocking(False)
-        yield path, sock
-
-
-async def wait_ready_datagram(sock: socket.socket, process: DaemonProcess) -> list[str]:
-    """Wait for the datagram carrying READY=1; return its lines."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while loop.time() < deadline:
-        try:
-            lines = sock.recv(4096).decode().split("\n")
-        except BlockingIOError:
-            if process.proc.returncode is not None:
-                raise AssertionError(f"the node exited:\n{process.log_text()[-3000:]}") from None
-            await asyncio.sleep(0.05)
-            continue
-        if "READY=1" in lines:
-            return lines
-    raise AssertionError(f"no READY=1 within 30s:\n{process.log_text()[-3000:]}")
-
-
-async def start_waiting(node: FleetNode, sock_path: str) -> DaemonProcess:
+async def start_waiting(node: FleetNode, notify: NotifyReceiver) -> DaemonProcess:
     """Start the node's `run` with $NOTIFY_SOCKET set (the harness leaves it unset)."""
-    process = await start_daemon(
-        node.config_path, wait_ready=False, env={"NOTIFY_SOCKET": sock_path}
-    )
+    process = await start_daemon(node.config_path, wait_ready=False, env=notify.env)
     node.process = process
     node.history.append(process)
     return process
@@ -112,9 +75,9 @@ async def test_a_node_started_without_its_database_is_ready_alerts_and_starts_wh
         node = await published_then_database_down(fleet, pg_cluster)
         account = fleet.accounts[0]
         before = node.token_file(account)
-        with notify_socket() as (path, sock):
-            process = await start_waiting(node, path)
-            lines = await wait_ready_datagram(sock, process)
+        with NotifyReceiver() as notify:
+            process = await start_waiting(node, notify)
+            lines = await notify.wait_for_line("READY=1", process)
         assert any(WAITING in line for line in lines if line.startswith("STATUS="))
         code, body = await process.api("GET", "/healthz")
         assert code == 503 and WAITING in body["problems"][account]
@@ -155,9 +118,9 @@ async def test_a_node_whose_database_never_returns_refreshes_nothing_and_stops_c
         account = fleet.accounts[0]
         before = node.token_file(account)
         calls = emulator.stats.requests["token"]
-        with notify_socket() as (path, sock):
-            process = await start_waiting(node, path)
-            await wait_ready_datagram(sock, process)
+        with NotifyReceiver() as notify:
+            process = await start_waiting(node, notify)
+            await notify.wait_for_line("READY=1", process)
         await asyncio.sleep(5)  # past the access token's expiry (4 s)
         assert process.proc.returncode is None
         assert emulator.stats.requests["token"] == calls
@@ -203,9 +166,9 @@ async def test_a_store_moved_while_the_node_waited_still_refuses_it_with_exit_78
     async with running_fleet(fleet):
         node = await published_then_database_down(fleet, pg_cluster)
         assert node.proxy is not None
-        with notify_socket() as (path, sock):
-            process = await start_waiting(node, path)
-            await wait_ready_datagram(sock, process)
+        with NotifyReceiver() as notify:
+            process = await start_waiting(node, notify)
+            await notify.wait_for_line("READY=1", process)
         node.proxy.refuse()  # the database is back, but not for this node yet
         await asyncio.to_thread(pg_cluster.start)
         async with await psycopg.AsyncConnection.connect(fleet.dsn, autocommit=True) as conn:
@@ -280,9 +243,9 @@ async def test_a_server_out_of_connection_slots_is_an_outage_waited_out(
     hogs = [psycopg.connect(pg_cluster.dsn(), autocommit=True) for _ in range(4)]
     try:
         config = write_store_config(tmp_path, pg_cluster.dsn())
-        with notify_socket() as (path, sock):
-            process = await start_daemon(config, wait_ready=False, env={"NOTIFY_SOCKET": path})
-            await wait_ready_datagram(sock, process)
+        with NotifyReceiver() as notify:
+            process = await start_daemon(config, wait_ready=False, env=notify.env)
+            await notify.wait_for_line("READY=1", process)
         assert "too many clients already" in process.log_text()
         assert WAITING in process.log_text()
     finally:

@@ -4,10 +4,9 @@ attention, so a thousand healthy accounts neither bury a broken one nor slow the
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
-from daemonproc import start_daemon, write_config
+from daemonproc import NotifyReceiver, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.daemon import LIST_ACCOUNTS_UP_TO
 from kakao_tokend.emulator import KakaoEmulator
@@ -40,18 +39,13 @@ async def test_with_many_accounts_only_those_needing_attention_are_named(
     names = [f"acct{i:02d}" for i in range(LIST_ACCOUNTS_UP_TO + 2)]
     config = write_config(tmp_path, emulator, accounts=names, heartbeat="60s")
     seed(emulator, config, names[:-1])
-    notify_path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(notify_path))
-        daemon = await start_daemon(config, env={"NOTIFY_SOCKET": str(notify_path)})
+    with NotifyReceiver() as notify:
+        daemon = await start_daemon(config, env=notify.env)
         try:
-            notify.settimeout(10)
-            ready = ""
-            while "READY=1" not in ready:
-                ready = notify.recv(65536).decode()
+            ready = await notify.wait_for_line("READY=1", daemon, timeout=10)
         finally:
             assert await daemon.stop() == 0
-    status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
+    status = next(line for line in ready if line.startswith("STATUS="))
     ok = len(names) - 1
     assert status == f"STATUS={len(names)} accounts, {ok} ok; {names[-1]}: no tokens (login needed)"
     log = daemon.log_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +13,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from daemonproc import REPO, config_with, login, no_verify_on_start, start_daemon, write_config
+from daemonproc import (
+    REPO,
+    NotifyReceiver,
+    config_with,
+    login,
+    no_verify_on_start,
+    start_daemon,
+    write_config,
+)
 from kakao_tokend import daemon as daemon_module
 from kakao_tokend import service
 from kakao_tokend.config import KakaoApp, load_config
@@ -132,22 +139,9 @@ async def test_stop_extends_the_systemd_timeout_while_a_refresh_is_in_flight(
     emulator.settings.access_lifetime = 3
     config = write_config(tmp_path, emulator, timeout="6s")
     await login(emulator, config)
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.setblocking(False)
-    messages: list[str] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                messages.append(sock.recv(4096).decode())
-            except BlockingIOError:
-                return
-
     emulator.inject("token", "slow", count=1, delay=3.0)
-    daemon = await start_daemon(config, env={"NOTIFY_SOCKET": str(sock_path)})
-    try:
+    with NotifyReceiver() as notify:
+        daemon = await start_daemon(config, env=notify.env)
         await daemon.wait_for(
             lambda: emulator.stats.faults_fired["slow"] == 1, timeout=10, what="refresh in flight"
         )
@@ -155,13 +149,11 @@ async def test_stop_extends_the_systemd_timeout_while_a_refresh_is_in_flight(
         try:
             code = await asyncio.wait_for(daemon.proc.wait(), 30)
         except TimeoutError:
-            drain()
             raise AssertionError(
-                f"no exit 30 s after SIGTERM; notify: {messages}; log:\n{daemon.log_text()[-4000:]}"
+                f"no exit 30 s after SIGTERM; notify: {notify.drain()}; "
+                f"log:\n{daemon.log_text()[-4000:]}"
             ) from None
-    finally:
-        drain()
-        sock.close()
+        messages = notify.drain()
     assert code == 0
     text = "\n".join(messages)
     assert "STOPPING=1" in text
