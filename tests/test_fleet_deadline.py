@@ -107,13 +107,20 @@ async def test_a_commit_on_a_silent_database_fails_within_its_deadline(
     store = fleet.account_store(config.account())
     state = sample_state("default")
     started = 0.0
-    with pytest.raises(StoreWriteError, match="did not answer within"):
+    with pytest.raises(StoreWriteError) as raised:
         async with store.hold(1.0):
             store.save(state)
             proxy.pause()  # the row is locked; from now on nothing is delivered
             started = time.monotonic()
     within_deadline(fleet, time.monotonic() - started)
     assert not fleet.stats.up
+    # One line that says what failed, for the error and for the store's health alike.
+    said = (
+        "cannot commit account 'default' to the store: "
+        f"the database did not answer within {fleet.deadline:g}s"
+    )
+    assert str(raised.value) == said
+    assert fleet.stats.last_error == said
     proxy.resume()
     # The pool lends a working connection afterwards, not the one that missed its deadline.
     async with fleet.connection("check the pool") as conn:

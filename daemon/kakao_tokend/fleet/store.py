@@ -937,11 +937,9 @@ class PgAccountStore:
                 with store_errors(f"commit account {self.name!r}"):
                     await conn.commit()
         except TimeoutError:
-            exc = StoreUnavailable(f"the database did not answer within {fleet.deadline:g}s")
+            exc = no_answer(f"commit account {self.name!r} to the store", fleet.deadline)
             fleet.failed(exc)
-            raise StoreWriteError(
-                f"cannot commit account {self.name!r} to the store: {exc.message}"
-            ) from None
+            raise StoreWriteError(exc.message) from None
         except StoreWriteError:
             raise
         except StoreError as exc:
