@@ -35,9 +35,10 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -111,6 +112,10 @@ _TOKEN_CONDITIONS = frozenset(
 
 
 AlertState = Literal["firing", "resolved"]
+
+#: The records of an account without an active alert, in fleet mode: one shared read-only
+#: mapping instead of an empty dictionary for each of a node's 10,000 accounts.
+NO_RECORDS: Mapping[str, dict[str, Any]] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -545,6 +550,25 @@ class SharedAlerts(Protocol):
 class AccountAlerts:
     """One account's conditions, bookkeeping and delivery queues."""
 
+    # One per account, 10,000 on a fleet node: slots instead of an instance dictionary
+    # (``__dict__`` is made only for what a test patches onto one account's object).
+    __slots__ = (
+        "__dict__",
+        "_channels",
+        "_language",
+        "_queues",
+        "_save_failed",
+        "active",
+        "clock",
+        "due",
+        "host",
+        "manager",
+        "retry_delay",
+        "session",
+        "shared",
+        "store",
+    )
+
     def __init__(
         self,
         manager: AccountManager,
@@ -564,15 +588,17 @@ class AccountAlerts:
         #: Fleet mode: where the fleet-wide bookkeeping lives (None: all of it is local).
         self.shared = shared
         #: What was sent and is still active: every condition (in fleet mode the node-local
-        #: records and a copy of the fleet-wide ones, refreshed at each evaluation).
-        self.active: dict[str, dict[str, Any]] = {}
+        #: records and a copy of the fleet-wide ones, refreshed at each evaluation, and the
+        #: one read-only NO_RECORDS while there are none: most of a node's accounts).
+        self.active: Mapping[str, dict[str, Any]] = {} if shared is None else NO_RECORDS
         #: None: built at the first alert (most accounts never send one, and a channel with
         #: its callbacks is half a KiB for each of a fleet node's 10,000 accounts).
         self._channels: list[Channel] | None = []
         #: Resolved when first needed (None: not yet): the locale is read from the
         #: environment, which a thousand accounts would each read at start for nothing.
         self._language: Language | None = None
-        self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] = []
+        #: Made with the first delivery worker (most accounts never start one).
+        self._queues: list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]] | None = None
         self._save_failed = False
         #: When the center grades this account again with nothing changed (its heap entry).
         self.due: datetime | None = None
@@ -598,14 +624,14 @@ class AccountAlerts:
             # The store's records are the fleet's; a local file holds only this node's own
             # (one from before the fleet kept them may list others: the store wins).
             local = {k: v for k, v in self.active.items() if k in NODE_LOCAL}
-            self.active = {**self.shared.records(self.name), **local}
+            self.active = {**self.shared.records(self.name), **local} or NO_RECORDS
 
     def _save(self, active: dict[str, dict[str, Any]] | None = None) -> None:
         """Save ``active`` (default: every record) as the account's local bookkeeping."""
         document = {
             "version": BOOKKEEPING_VERSION,
             "account": self.name,
-            "active": self.active if active is None else active,
+            "active": dict(self.active) if active is None else active,
         }
         try:
             self.store.save_alerts(document)
@@ -649,6 +675,8 @@ class AccountAlerts:
 
     def _queue(self, channel: Channel) -> asyncio.Queue[Alert]:
         """Return ``channel``'s delivery queue, starting its worker the first time."""
+        if self._queues is None:
+            self._queues = []
         for known, queue, _ in self._queues:
             if known is channel:
                 return queue
@@ -656,6 +684,11 @@ class AccountAlerts:
         task = asyncio.create_task(self._worker(channel, queue))
         self._queues.append((channel, queue, task))
         return queue
+
+    @property
+    def queues(self) -> list[tuple[Channel, asyncio.Queue[Alert], asyncio.Task[None]]]:
+        """Return the delivery queues started so far, with their channels and workers."""
+        return self._queues or []
 
     def _client(self) -> KakaoClient:
         return self.manager.client
@@ -667,7 +700,7 @@ class AccountAlerts:
 
     def stop_workers(self) -> None:
         """Cancel the delivery workers (queued alerts are dropped, and logged)."""
-        for channel, queue, task in self._queues:
+        for channel, queue, task in self.queues:
             task.cancel()
             if not queue.empty():
                 log.warning(
@@ -676,17 +709,17 @@ class AccountAlerts:
                     queue.qsize(),
                     channel.name,
                 )
-        self._queues = []
+        self._queues = None
         self._channels = []  # until configure(): nothing is queued after a stop
 
     async def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued deliveries, then stop the workers."""
-        waits = [asyncio.create_task(queue.join()) for _, queue, _ in self._queues]
+        waits = [asyncio.create_task(queue.join()) for _, queue, _ in self.queues]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=timeout)
             for task in pending:
                 task.cancel()
-        tasks = [task for _, _, task in self._queues]
+        tasks = [task for _, _, task in self.queues]
         self.stop_workers()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -752,7 +785,10 @@ class AccountAlerts:
         if self.shared is not None:
             alerts = self._evaluate_in_fleet(self.shared, current, now)
         else:
-            alerts, changed = self._decide(current, self.active, now)
+            active = self.active
+            if not isinstance(active, dict):
+                active = self.active = dict(active)
+            alerts, changed = self._decide(current, active, now)
             if changed:
                 self._save()
         for alert in alerts:
@@ -792,7 +828,7 @@ class AccountAlerts:
             if changed:
                 shared.record(self.name, fleetwide)
             alerts += more
-        self.active = {**fleetwide, **local}
+        self.active = {**fleetwide, **local} or NO_RECORDS
         return alerts
 
     def _decide(
@@ -950,7 +986,7 @@ class AlertCenter:
             shared=self.shared,
         )
         self.accounts[manager.name] = alerts
-        manager.listeners.append(self._listener)
+        manager.listen(self._listener)
         self._dirty.add(manager.name)
         return alerts
 
@@ -958,8 +994,7 @@ class AlertCenter:
         self._schedule(event.account)
 
     def _unlisten(self, alerts: AccountAlerts) -> None:
-        if self._listener in alerts.manager.listeners:
-            alerts.manager.listeners.remove(self._listener)
+        alerts.manager.unlisten(self._listener)
 
     async def detach(self, name: str) -> None:
         """Stop watching an account (removed by a reload); deliver what is queued first."""
@@ -1073,7 +1108,7 @@ class AlertCenter:
         joins = [
             asyncio.create_task(queue.join())
             for alerts in self.accounts.values()
-            for _, queue, _ in alerts._queues
+            for _, queue, _ in alerts.queues
         ]
         if not joins:
             return True

@@ -73,7 +73,9 @@ class Daemon:
     scheduler: RefreshScheduler | None = None
     #: `run --account NAME` keeps only that account, across reloads too.
     only_account: str | None = None
-    #: Extra listeners every account manager gets (the demo prints rotations through this).
+    #: The listeners of every account manager, one list all of them share (the demo prints
+    #: rotations through it; metrics, hooks, templates, the alert center and the scheduler
+    #: add theirs once, not once per account).
     listeners: list[EventListener] = field(default_factory=list)
     #: Called after every successful reload (templates re-render with the new configuration).
     reload_listeners: list[Callable[[], None]] = field(default_factory=list)
@@ -158,8 +160,8 @@ class Daemon:
             client=self._client(account),
             policy=self.config.refresh,
             clock=self.clock,
+            hub=self.listeners,
         )
-        manager.listeners.extend(self.listeners)
         if self.fleet is not None:
             from .fleet.node import plan_for
 
@@ -301,8 +303,14 @@ class Daemon:
             changed = self._give_store_health(manager)
             if changed and self.alerts is not None:
                 self.alerts.evaluate(manager.name)
-            if stats.up and manager.write_again_now() and self.scheduler is not None:
-                self.scheduler.run_soon(manager)
+            write_now = stats.up and manager.write_again_now()
+            if self.scheduler is not None:
+                if write_now:
+                    self.scheduler.run_soon(manager)
+                else:
+                    # No poll names what comes due while the store is down: every account
+                    # takes its place in the due queue; once it answers, only those near.
+                    self.scheduler.plan(manager)
 
     def _give_store_health(self, manager: AccountManager) -> bool:
         """Copy the store's health into the account's status; True when it changed."""
@@ -344,9 +352,16 @@ class Daemon:
         }
 
     def on_store_due(self, name: str) -> None:
-        """Fleet mode: the database says the account is due: look at it now."""
+        """Fleet mode: the database says the account is due (look at it now) or comes due
+        within the poll's window (FleetStore.due_window: plan it now, it may have had no
+        place in the due queue)."""
         manager = self.managers.get(name)
-        if manager is not None and self.scheduler is not None and not manager.busy:
+        if manager is None or self.scheduler is None or manager.busy:
+            return
+        row = self.fleet.rows.get(name) if self.fleet is not None else None
+        if row is not None and row.due_at is not None and row.due_at > self.clock():
+            self.scheduler.plan(manager)
+        else:
             self.scheduler.run_soon(manager)
 
     def on_state_file_changed(self, path: Path) -> None:

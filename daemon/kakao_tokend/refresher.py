@@ -94,6 +94,7 @@ class AccountManager:
         "_held",
         "_inflight",
         "_last_failure_ambiguous",
+        "_listeners",
         "_next_publish_at",
         "_next_write_at",
         "_planned_refresh_at",
@@ -105,7 +106,7 @@ class AccountManager:
         "account",
         "client",
         "clock",
-        "listeners",
+        "hub",
         "monotonic",
         "policy",
         "rng",
@@ -124,6 +125,7 @@ class AccountManager:
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        hub: list[EventListener] | None = None,
     ) -> None:
         self.account = account
         self.store = store
@@ -134,7 +136,11 @@ class AccountManager:
         self.monotonic = monotonic
         self.state: AccountState | None = None
         self.status = AccountStatus()
-        self.listeners: list[EventListener] = []
+        #: The listeners every account of a daemon shares (Daemon.listeners: one list, not
+        #: one per account); told before this manager's own.
+        self.hub = hub
+        #: This manager's own listeners, made when the first is added (see listeners).
+        self._listeners: list[EventListener] | None = None
         #: Made at the first change (see _exclusive): most accounts of a large node wait idle.
         self._single_flight: asyncio.Lock | None = None
         self._inflight: asyncio.Task[AccountState | None] | None = None
@@ -160,6 +166,27 @@ class AccountManager:
     def name(self) -> str:
         """Return the account's name."""
         return self.account.name
+
+    @property
+    def listeners(self) -> list[EventListener]:
+        """Return the listeners of this manager alone (besides its daemon's shared ones)."""
+        if self._listeners is None:
+            self._listeners = []
+        return self._listeners
+
+    def listen(self, listener: EventListener) -> None:
+        """Tell ``listener`` this account's events: once on the shared list when the manager
+        has one (the listener is told every account's events, and knows them by name),
+        else on its own."""
+        listeners = self.hub if self.hub is not None else self.listeners
+        if listener not in listeners:
+            listeners.append(listener)
+
+    def unlisten(self, listener: EventListener) -> None:
+        """Stop telling ``listener`` this account's events; one on the shared list stays (it
+        is every account's, and ignores an account it no longer knows)."""
+        if self._listeners is not None and listener in self._listeners:
+            self._listeners.remove(listener)
 
     @property
     def refreshing(self) -> bool:
@@ -1196,7 +1223,7 @@ class AccountManager:
 
     def _tell(self, event: AccountEvent) -> None:
         kind = event.kind
-        for listener in list(self.listeners):
+        for listener in [*(self.hub or ()), *(self._listeners or ())]:
             try:
                 listener(event)
             except Exception:  # a broken listener must never break a refresh

@@ -250,6 +250,10 @@ class RefreshScheduler:
         self._watch: set[str] = set()
         #: The latest wall-clock moment of a beat or plan: a clock behind it went back.
         self._seen: datetime | None = None
+        #: Fleet mode: (name, next wake-up, now) -> True when the store's poll names the
+        #: account again before that wake-up, so it needs no due-queue entry until then
+        #: (FleetStore.names_in_time). None: every account is queued (file mode).
+        self.named_in_time: Callable[[str, datetime, datetime], bool] | None = None
 
     @staticmethod
     def _now() -> datetime:
@@ -300,7 +304,7 @@ class RefreshScheduler:
     def add(self, manager: AccountManager) -> None:
         """Start scheduling ``manager``'s account."""
         self.managers[manager.name] = manager
-        manager.listeners.append(self._listener)
+        manager.listen(self._listener)
         self.plan(manager)
 
     def remove(self, name: str) -> AccountManager | None:
@@ -309,8 +313,7 @@ class RefreshScheduler:
         self._due.discard(name)
         self._watch.discard(name)
         if manager is not None:
-            if self._listener in manager.listeners:
-                manager.listeners.remove(self._listener)
+            manager.unlisten(self._listener)
             if any(waiting is manager for waiting, _ in self._waiting):
                 self._waiting = deque((m, w) for m, w in self._waiting if m is not manager)
                 self._claimed.discard(manager)
@@ -325,7 +328,7 @@ class RefreshScheduler:
         have the heartbeat check it while the due queue cannot answer for it."""
         if self.stopped or self.managers.get(manager.name) is not manager:
             return
-        self._due.set(manager.name, manager.next_wakeup())
+        when = manager.next_wakeup()
         now = self._now()
         if self._seen is None or now > self._seen:
             self._seen = now
@@ -336,8 +339,20 @@ class RefreshScheduler:
             or manager.needs_refresh(manager.clock())  # e.g. issued "in the future"
         ):
             self._watch.add(manager.name)
+            self._due.set(manager.name, when)
+            return
+        self._watch.discard(manager.name)
+        if (
+            when is not None
+            and self.named_in_time is not None
+            and status.health is Health.OK
+            and self.named_in_time(manager.name, when, now)
+        ):
+            # Fleet mode: a poll names the account again before it is due (then it is planned
+            # here); until then it costs no queue entry (10,000 accounts, a few due soon).
+            self._due.discard(manager.name)
         else:
-            self._watch.discard(manager.name)
+            self._due.set(manager.name, when)
 
     def look_at(self, manager: AccountManager) -> None:
         """Check the account at the next heartbeat: a change it could not take now (it was

@@ -350,6 +350,10 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     scheduler = RefreshScheduler(heartbeat=daemon.config.refresh.heartbeat)
+    if daemon.fleet is not None:
+        # The poll names what comes due: only those accounts take a place in the due queue.
+        daemon.fleet.names_ahead = True
+        scheduler.named_in_time = daemon.fleet.names_in_time
     daemon.scheduler = scheduler
     scheduler.start()
     for manager in daemon.managers.values():

@@ -278,7 +278,7 @@ class AccountStatus:
         self.last_error_class = label
 
 
-def active_alerts(active: dict[str, Any]) -> list[dict[str, Any]]:
+def active_alerts(active: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Turn saved alert bookkeeping (its "active" mapping) into a list for status output.
 
     Here, not in :mod:`~kakao_tokend.alerts`: `status` reads the bookkeeping without the

@@ -110,6 +110,13 @@ CACHED_ROTATIONS = 1
 #: (the raw result and the decrypted rows), and the freed half stayed in the process.
 LOAD_PAGE = 500
 
+#: How far ahead a node's poll names the rows coming due (FleetStore.due_window): this many
+#: heartbeats, and at least DUE_WINDOW_MIN seconds. A node keeps no due-queue entry for an
+#: account planned further ahead (FleetStore.names_in_time), so a poll must name it again
+#: before its moment: the margin covers late polls and a node's clock ahead of the database's.
+DUE_WINDOW_HEARTBEATS = 3
+DUE_WINDOW_MIN = 300.0
+
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
 
@@ -121,7 +128,8 @@ _MARK = "pg_snapshot_xmin(pg_current_snapshot())::text, (SELECT deletions FROM a
 _POLL_CHANGES: LiteralString = f"""
 SELECT {_MARK},
        ARRAY(SELECT name FROM accounts WHERE writer_xid >= %(since)s::xid8),
-       ARRAY(SELECT name FROM accounts WHERE due_at <= now())
+       ARRAY(SELECT name FROM accounts
+             WHERE due_at <= now() + make_interval(secs => %(window)s))
 """
 
 
@@ -217,6 +225,8 @@ class FleetStore:
         #: Rows that could not be decrypted, with the reason (never a token).
         self.unreadable: dict[str, str] = {}
         self.stats = FleetStats()
+        #: Set by a node whose scheduler leaves far accounts to the poll (due_window).
+        self.names_ahead = False
         #: Where the last poll left off (None: the next poll compares every row).
         self._mark: PollMark | None = None
         #: Every node of the store and when it was last seen (read each heartbeat).
@@ -236,6 +246,31 @@ class FleetStore:
             key: int(stats.get(key, 0))
             for key in ("pool_size", "pool_available", "requests_waiting")
         }
+
+    def due_window(self) -> float:
+        """Return how far ahead (seconds) the poll names rows as due: 0 (only those due now)
+        unless :attr:`names_ahead`, see DUE_WINDOW_HEARTBEATS."""
+        if not self.names_ahead:
+            return 0.0
+        return max(DUE_WINDOW_HEARTBEATS * self.heartbeat(), DUE_WINDOW_MIN)
+
+    def names_in_time(self, name: str, when: datetime, now: datetime) -> bool:
+        """Return True when the account, next due at ``when``, needs no due-queue entry now:
+        a later poll names it (its row's ``due_at`` is no later than ``when``) before ``when``
+        comes (it lies beyond the due window), and the database answers those polls.
+
+        What lets a node with 10,000 accounts keep queue entries only for those coming due
+        (RefreshScheduler.plan asks this): the database already says what is due.
+        """
+        if not self.names_ahead or not self.stats.up:
+            return False
+        row = self.rows.get(name)
+        return (
+            row is not None
+            and row.due_at is not None
+            and row.due_at <= when
+            and (when - now).total_seconds() > self.due_window()
+        )
 
     def reconnect_delay(self, attempt: int) -> float:
         """Return how long to wait before connection attempt ``attempt + 1`` after a failure:
@@ -610,7 +645,7 @@ class FleetStore:
 
     async def poll(self, *, full: bool = False) -> tuple[list[str], list[str]]:
         """The backstop for lost notifications: re-read rows that changed; return (changed
-        names, names due by the database's clock).
+        names, names due by the database's clock, or within :meth:`due_window` of it).
 
         Reads only the rows written since the last poll (their ``writer_xid``, see
         sql/0003_incremental_poll.sql), and lists the names only when a row was deleted
@@ -639,7 +674,9 @@ class FleetStore:
         """One statement, so one snapshot: its xmin, the deletions, the rows written since
         ``mark``, the rows due (None: every row must be compared instead)."""
         with store_errors("poll the store's accounts"):
-            cur = await conn.execute(_POLL_CHANGES, {"since": str(mark.xmin)})
+            cur = await conn.execute(
+                _POLL_CHANGES, {"since": str(mark.xmin), "window": self.due_window()}
+            )
             found = await cur.fetchone()
         assert found is not None  # a SELECT without FROM returns one row
         xmin, deletions, written, due = found
@@ -665,8 +702,9 @@ class FleetStore:
         mark = await _poll_mark(conn)
         with store_errors("poll the store's accounts"):
             cur = await conn.execute(
-                "SELECT name, generation, updated_at, coalesce(due_at <= now(), false)"
-                " FROM accounts"
+                "SELECT name, generation, updated_at,"
+                " coalesce(due_at <= now() + make_interval(secs => %s), false) FROM accounts",
+                (self.due_window(),),
             )
             listed = await cur.fetchall()
         suspects: set[str] = set()
