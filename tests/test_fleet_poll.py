@@ -231,3 +231,45 @@ async def test_transaction_ids_going_backwards_make_the_poll_compare_every_row(
     assert await fleet.poll() == (["shop"], [])
     assert fleet.stats.full_polls == 1
     assert fleet._mark is not None and fleet._mark.xmin < 1_000_000
+
+
+async def test_a_node_that_names_ahead_is_told_of_the_rows_coming_due_within_its_window(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[[str], Any]
+) -> None:
+    """A node whose scheduler leaves far accounts to the poll (names_ahead) hears of every
+    row due within its window, by the incremental poll and by the full one alike, and not
+    of one due later; names_in_time lets an account out of the due queue only when a poll
+    will name it before its moment, and never while the store does not answer."""
+    await migrated(pg_dsn)
+    for name in ("soon", "later", "never"):
+        await add(pg_dsn, keyring, name)
+    now = datetime.now(UTC)
+    window = 300.0
+    await execute(
+        pg_dsn,
+        "UPDATE accounts SET due_at = %s WHERE name = 'soon'",
+        now + timedelta(seconds=window / 2),
+    )
+    await execute(
+        pg_dsn,
+        "UPDATE accounts SET due_at = %s WHERE name = 'later'",
+        now + timedelta(seconds=3 * window),
+    )
+    fleet: FleetStore = await open_fleet(pg_dsn)
+    fleet.heartbeat = lambda: 1.0
+    assert fleet.due_window() == 0.0  # a plain store names only what is due now
+    assert (await fleet.poll(full=True))[1] == []
+    fleet.names_ahead = True
+    assert fleet.due_window() == window
+    assert (await fleet.poll(full=True))[1] == ["soon"]
+    assert (await fleet.poll())[1] == ["soon"]
+
+    later = fleet.rows["later"].due_at
+    assert later is not None
+    assert fleet.names_in_time("later", later, now)  # named again 300 s before its moment
+    assert fleet.names_in_time("later", later + timedelta(seconds=30), now)  # a claim delay
+    assert not fleet.names_in_time("later", later - timedelta(seconds=1), now)  # before due_at
+    assert not fleet.names_in_time("soon", later, later - timedelta(seconds=window - 1))
+    assert not fleet.names_in_time("never", later, now)  # no due_at: no poll names it
+    fleet.stats.unavailable_since = now  # no poll answers: every account keeps its place
+    assert not fleet.names_in_time("later", later, now)

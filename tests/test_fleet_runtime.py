@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -28,6 +29,7 @@ from kakao_tokend.config import Config, load_config
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreUnavailable
+from kakao_tokend.fleet import store as fleet_store
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
@@ -616,3 +618,40 @@ async def test_a_node_keeps_the_newest_rotation_in_memory_and_the_log_in_the_sto
         assert [r.replaced for r in log[1:]] == fingerprints[:-1]
     finally:
         await node.fleet.close()
+
+
+async def test_an_account_due_beyond_the_window_waits_for_the_poll_to_name_it_then_refreshes(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node keeps no due-queue entry for an account due beyond the poll's window (3 s
+    here: 3 heartbeats of 1 s); the heartbeat's poll names it once its row comes within the
+    window, with nothing written meanwhile, and the node refreshes it at its moment, not
+    before; the new tokens' plan lies beyond the window again, and leaves the queue."""
+    monkeypatch.setattr(fleet_store, "DUE_WINDOW_MIN", 0.0)
+    emulator.settings.access_lifetime = 3600
+    config_path = node_config(tmp_path, emulator, store_dsn, "web-1", heartbeat="1s")
+    config = load_config(config_path)
+    state = await store_login(emulator, config, store_dsn)
+    async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "UPDATE accounts SET due_at = now() + interval '8 seconds' RETURNING due_at"
+        )
+        found = await cur.fetchone()
+    assert found is not None
+    due_at = found[0]
+    async with serving_node(config_path) as daemon:
+        assert daemon.scheduler is not None and daemon.fleet is not None
+        manager = daemon.managers["default"]
+        assert manager.next_wakeup() is not None
+        assert manager.next_wakeup() - manager.clock() > timedelta(seconds=4)
+        assert daemon.scheduler.planned("default") is None  # the poll's to name
+        before = emulator.stats.refreshes_ok
+        while emulator.stats.refreshes_ok == before:
+            assert manager.clock() < due_at + timedelta(seconds=10), "not refreshed"
+            await asyncio.sleep(0.05)
+        assert manager.clock() >= due_at
+        assert manager.state is not None and manager.state.generation == state.generation + 1
+        while daemon.scheduler.planned("default") is not None:  # planned anew: far again
+            assert manager.clock() < due_at + timedelta(seconds=20), "still queued"
+            await asyncio.sleep(0.05)
+        assert manager.next_wakeup() - manager.clock() > timedelta(minutes=30)

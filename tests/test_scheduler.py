@@ -533,3 +533,49 @@ async def test_a_state_written_while_the_account_was_busy_is_adopted_once_it_is_
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)
+
+
+async def test_an_account_the_store_names_again_in_time_takes_no_place_until_near(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Fleet mode's hook (named_in_time, FleetStore.names_in_time): a healthy account whose
+    next run the store's poll names again in time has no due-queue entry; planned again
+    once the hook says no (the poll named it, its moment is near), it has its entry and is
+    refreshed then; a retrying account keeps its entry whatever the hook says."""
+    far, near = seeded_managers(emulator, tmp_path, session, 2)
+    asked: list[tuple[str, datetime]] = []
+    answer = {far.name: True, near.name: False}
+
+    def named_in_time(name: str, when: datetime, now: datetime) -> bool:
+        asked.append((name, when))
+        return answer[name]
+
+    refreshed: list[str] = []
+    for manager in (far, near):
+        manager.listeners.append(
+            lambda event: refreshed.append(event.account) if event.kind == "refreshed" else None
+        )
+    scheduler = RefreshScheduler(heartbeat=60)
+    scheduler.named_in_time = named_in_time
+    scheduler.start()
+    try:
+        far._planned_refresh_at = moment = far.clock() + timedelta(seconds=0.3)
+        near._planned_refresh_at = near.clock() + timedelta(hours=1)
+        scheduler.add(far)
+        scheduler.add(near)
+        assert (far.name, moment) in asked
+        assert scheduler.planned(far.name) is None  # left to the store's poll
+        assert scheduler.planned(near.name) == near.next_wakeup()
+        await asyncio.sleep(0.5)
+        assert refreshed == []  # nothing woke it at its moment: that is the poll's to name
+        answer[far.name] = False  # the poll names it: planned (overdue now), and run
+        scheduler.plan(far)
+        await wait_for(lambda: refreshed == [far.name])
+
+        near.status.failed_transient("timeout", "timeout", now=near.clock(), retry_at=later(3600))
+        answer[near.name] = True
+        scheduler.plan(near)
+        assert scheduler.planned(near.name) == near.next_wakeup()  # retrying: queued anyway
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)

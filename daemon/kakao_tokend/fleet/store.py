@@ -852,7 +852,8 @@ class PgAccountStore:
             heartbeat=heartbeat,
             retrying=row.status.attempts > 0,
         )
-        planned = row.due_at + timedelta(seconds=delay)
+        # The first claimant's plan is the row's own moment: no second datetime to keep.
+        planned = row.due_at + timedelta(seconds=delay) if delay else row.due_at
         self._shared_plan, self._shared_due = planned, row.due_at
         return planned
 
