@@ -360,7 +360,8 @@ class Daemon:
             return
         row = self.fleet.rows.get(name) if self.fleet is not None else None
         if row is not None and row.due_at is not None and row.due_at > self.clock():
-            self.scheduler.plan(manager)
+            if self.scheduler.planned(name) is None:  # named at every poll till it is due
+                self.scheduler.plan(manager)
         else:
             self.scheduler.run_soon(manager)
 
