@@ -42,6 +42,7 @@ import contextlib
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -384,6 +385,8 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             for fleet in fleets.values():
                 await fleet.create_store()
                 await seed_with_rotations(fleet, ROTATIONS_SEEDED)
+            for checkout in variants.values():
+                compile_daemon(checkout)
             began = time.monotonic()
             lead = 30.0 + 0.015 * n  # as the spread part allows for start-up
             for label, checkout in variants.items():
@@ -431,6 +434,18 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             vs_bare_with_psycopg=f"{many / list(bare.values())[1][0]:.2f}",
         )
         result("fleet_node_kib_per_account", per_account, None, accounts=n)
+
+
+def compile_daemon(checkout: Path | None) -> None:
+    """Compile the daemon/ of ``checkout`` (None: the code under test) next to its sources.
+
+    The nodes inherit this process's environment (often PYTHONDONTWRITEBYTECODE=1): a node
+    of a checkout without current bytecode compiles its modules in-process, about 1.3 MiB
+    of heap that the node with N accounts then partly reuses, which understated the
+    per-account figure of that checkout by 0.45 KiB at 3,000 accounts.
+    """
+    source = (checkout.resolve() if checkout is not None else REPO) / "daemon"
+    subprocess.run([PYTHON, "-m", "compileall", "-q", str(source)], check=True)
 
 
 @contextlib.contextmanager
