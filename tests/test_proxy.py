@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from daemonproc import config_with, login
+from daemonproc import config_with, login, no_verify_on_start
 from kakao_tokend.emulator import KakaoEmulator
 from served import serving
 
@@ -182,6 +182,7 @@ async def raw_request(socket_path: Path, request_line: str) -> tuple[int, bytes]
 async def test_no_open_proxy(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Only /kapi/<path> on the configured api_url is reachable: no host, no dot-dot, no bypass."""
     config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)  # the start's own check would race the snapshot below
     await login(emulator, config)
     async with serving(config) as served:
         before = dict(emulator.stats.requests)
