@@ -10,6 +10,7 @@ Put it between a node and PostgreSQL (or anything else) to cut the node off::
         proxy.cut()       # reset (RST) every open connection, both sides
         proxy.refuse()    # stop listening: new connections get ECONNREFUSED
         proxy.accept()    # listen again on the same port
+        proxy.latency = 0.01  # every byte arrives 10 ms later, each way (a slow network)
 
 What each one looks like to the two ends:
 
@@ -21,6 +22,9 @@ What each one looks like to the two ends:
   ``statement_timeout``) and the client's own deadlines (``asyncio.timeout``) notice. This is
   what a hung PgBouncer or load balancer does, and it is the case a client cannot rely on
   TCP for.
+- ``latency``: seconds each chunk is held before it is passed on, each way, in order (a round
+  trip costs twice that): a database far away, or a machine so busy that every round trip is
+  slow, made repeatable.
 
 The proxy runs its own event loop in a thread, so it keeps working while the test's loop is
 blocked or busy, and it serves synchronous tests and child processes alike.
@@ -67,6 +71,36 @@ class _Link:
             self.handler.cancel()
 
 
+class _Delayed:
+    """Chunks on their way through a proxy with latency: each is written at its time, in order."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        #: Chunks put and not written yet (while any is, a new one must queue behind it).
+        self.pending = 0
+
+    def put(self, due: float, data: bytes) -> None:
+        """Queue ``data`` to be written at ``due`` (the loop's clock); b"" ends delivery."""
+        self.pending += 1
+        self.queue.put_nowait((due, data))
+
+    async def deliver(self, sink: asyncio.StreamWriter) -> None:
+        """Write each chunk at its time until the empty one (or the sink is gone)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due, data = await self.queue.get()
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            self.pending -= 1
+            if not data:
+                return
+            try:
+                sink.write(data)
+                await sink.drain()
+            except (ConnectionError, OSError):
+                return  # the other side is gone; the pump ends on its own read
+
+
 class TcpProxy:
     """Forward 127.0.0.1:<port> to ``upstream_host:upstream_port`` until told otherwise."""
 
@@ -77,6 +111,8 @@ class TcpProxy:
         self.port = port
         #: Connections accepted so far (whether or not they reached the upstream).
         self.accepted = 0
+        #: Seconds every chunk waits before it is passed on, each way (read at each chunk).
+        self.latency = 0.0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -222,6 +258,12 @@ class TcpProxy:
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
+        # With latency, a second task delivers each chunk when its time comes, so reading
+        # goes on meanwhile (a slow network, not a narrow one) and the order is kept. Without
+        # it (and nothing still on its way) a chunk is written at once, as it always was.
+        delayed = _Delayed()
+        deliverer = asyncio.create_task(delayed.deliver(sink))
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._flowing.wait()
@@ -229,11 +271,17 @@ class TcpProxy:
                 await self._flowing.wait()  # a read that was under way when paused is held
                 if not data:
                     break
+                if self.latency > 0 or delayed.pending:
+                    delayed.put(loop.time() + self.latency, data)
+                    continue
                 sink.write(data)
                 await sink.drain()
+            delayed.put(loop.time(), b"")  # the end, after what is on its way
+            await deliverer
         except (ConnectionError, OSError):
             pass
         finally:
+            deliverer.cancel()
             # One side ended: end the other too, so both ends see the close.
             with contextlib.suppress(OSError, RuntimeError):
                 sink.close()

@@ -265,3 +265,36 @@ async def test_a_node_cut_off_mid_refresh_loses_its_row_lock(pg_dsn: str) -> Non
             final = await accounts.load_account(other, keyring, "shop")
         assert final is not None and final.refreshed_by == "web-2"
         assert final.generation == claimed[0].generation + 1
+
+
+@pytest.mark.parametrize("stalled", ["the answer", "nothing"])
+async def test_a_deadline_that_ran_out_while_the_process_was_stopped_takes_an_answer_that_is_there(
+    pg_dsn: str, stalled: str
+) -> None:
+    """A node stopped (SIGSTOP, or its loop stalled) while a query was out finds every deadline
+    run out when it runs again, though the database answered long ago: the answer waits in the
+    socket. Taking that for a silent database shut the connection down: the next statement of
+    the block failed, and the store was marked unavailable at every continue. The answer is
+    taken and the connection goes on; a query whose answer is not there is still given up at
+    its deadline (a moment later).
+    """
+    conn = await db.connect(pg_dsn, node=NODE, purpose="check", autocommit=True)
+    async with conn:
+        # Answered during the stop, or long after the deadline.
+        sql = f"SELECT 42 FROM pg_sleep({0.1 if stalled == 'the answer' else 3})"
+
+        async def query() -> list[object]:
+            async with db.deadline(conn, 0.3):
+                first = await (await conn.execute(sql)).fetchone()
+                second = await (await conn.execute("SELECT 43")).fetchone()
+            return [first, second]
+
+        task = asyncio.create_task(query())
+        await asyncio.sleep(0.05)  # sent, waiting for the answer
+        time.sleep(0.6)  # the process stopped: no callback runs meanwhile
+        if stalled == "the answer":
+            assert await asyncio.wait_for(task, 5) == [(42,), (43,)]
+            assert await (await conn.execute("SELECT 44")).fetchone() == (44,)
+        else:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(task, 5)

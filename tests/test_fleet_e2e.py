@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from daemonproc import run_cli
 from fleetnodes import Fleet, FleetNode, FleetTimings, due_now, wait_until, write_seed_file
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet.turns import first_claimant
+from kakao_tokend.tokens import parse_time
 from pgcluster import PgCluster
 
 pytestmark = [pytest.mark.slow(seconds=8), pytest.mark.timeout(150)]
@@ -311,6 +313,80 @@ async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_quer
     backlog = 2 * len(fleet.accounts)
     assert reads <= len(fleet.accounts) // 3 + (heard - backlog), (heard, reads)
     assert await fleet.lost_refresh_tokens() == []
+
+
+def published_before(node: FleetNode, committed: dict[str, datetime]) -> list[str]:
+    """Return the accounts whose token file on ``node`` holds an access token older than the
+    one ``committed`` names (by its expiry, to the second, as the file writes it)."""
+    older = []
+    for name, expires in committed.items():
+        document = node.token_file(name)
+        if document is None or parse_time(str(document["expires_at"])) < expires:
+            older.append(name)
+    return older
+
+
+#: The continued node's database path is this slow each way (TcpProxy.latency): a round trip
+#: costs twice that, as a database far away or a machine busy with other work make it.
+SLOW_PATH = 0.1
+#: What the continued node may need, in such round trips, to serve what was committed while
+#: it was paused: one poll of what changed and its rows (4), with room for the work of
+#: publishing (6 in all, measured). Not the number of accounts: catching up must not cost a
+#: claim per account (20 round trips and more here).
+CATCH_UP_ROUND_TRIPS = 12
+
+
+@pytest.mark.slow(seconds=18)
+async def test_a_node_continued_after_a_pause_serves_current_tokens_within_a_few_round_trips(
+    make_fleet: FleetFactory,
+) -> None:
+    """A node paused while the other refreshed all of its 144 accounts (18 times its pool's
+    connections) and each token it published expired, is continued on a slow database path.
+
+    Every account it had planned is overdue by then. It used to claim them first, ten at a
+    time, each claim a pooled connection and a few round trips to learn that the other node
+    had refreshed the row, while the one poll that re-reads every changed row waited behind
+    them: its token files lagged the store by about 4 s here (and the 45-second fleet soak,
+    on a loaded machine, counted expired reads after its one-second grace). It must serve
+    what was committed meanwhile within a few round trips, however many accounts came due
+    while it was paused (1.2 s here, loaded machine or not).
+    """
+    lifetime = 6.0
+    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=144, proxied=True)
+    await fleet.seed()
+    await fleet.start()
+    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    sleeper = fleet.nodes[0]
+    assert sleeper.proxy is not None
+    await fleet.pause_holding_no_row_lock(sleeper)
+    sleeper.proxy.latency = SLOW_PATH  # from now on: pausing waits for no slow claim to end
+    paused_at = fleet.emulator.now()
+    await wait_until(
+        lambda: (
+            len(fleet.expired_published(sleeper)) == len(fleet.accounts)
+            and all_refreshed(fleet, since=paused_at)
+        ),
+        timeout=4 * lifetime,
+        what="every token file on the paused node expired, every account refreshed",
+        fleet=fleet,
+    )
+    # What it must catch up with: every row as committed before it runs again (the other
+    # node goes on refreshing meanwhile; those later commits reach it as notifications).
+    committed = {
+        name: row.state.tokens.access_expires_at.replace(microsecond=0)
+        for name, row in (await fleet.rows()).items()
+    }
+    sleeper.resume()
+    continued = time.monotonic()
+    while behind := published_before(sleeper, committed):
+        fleet.check_alive()
+        assert time.monotonic() - continued < 2 * lifetime, (behind, fleet.logs())
+        await asyncio.sleep(0.01)
+    stale = time.monotonic() - continued
+    bound = CATCH_UP_ROUND_TRIPS * 2 * SLOW_PATH
+    assert stale <= bound, f"older tokens than the store's for {stale:.2f}s (> {bound:g}s)"
+    assert await fleet.lost_refresh_tokens() == []
+    assert fleet.emulator.stats.retired_refresh_presented == 0
 
 
 @pytest.mark.slow(seconds=33)

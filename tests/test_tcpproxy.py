@@ -63,6 +63,39 @@ async def test_a_pause_holds_bytes_and_a_resume_delivers_them(echo_server: int) 
         writer.close()
 
 
+async def test_latency_delays_each_way_keeps_the_order_and_not_the_throughput(
+    echo_server: int,
+) -> None:
+    """With latency L a round trip takes at least 2 L; many chunks sent at once all arrive,
+    in order, about one round trip later (a slow path, not a narrow one); latency 0 again
+    makes it quick."""
+    latency = 0.25
+    with TcpProxy("127.0.0.1", echo_server) as proxy:
+        proxy.latency = latency
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        started = time.monotonic()
+        writer.write(b"ping")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        assert time.monotonic() - started >= 2 * latency
+        chunks = [os.urandom(1000) for _ in range(50)]
+        started = time.monotonic()
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.005)  # separate reads at the proxy
+        received = await asyncio.wait_for(reader.readexactly(50_000), 10)
+        assert received == b"".join(chunks)
+        # 50 chunks one after another would take 50 round trips if each waited for the last.
+        assert time.monotonic() - started < 50 * 0.005 + 10 * latency
+        proxy.latency = 0.0
+        started = time.monotonic()
+        writer.write(b"pong")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
+        assert time.monotonic() - started < 2 * latency  # less than one delayed round trip
+        writer.close()
+
+
 def _dsn(pg_server: PgServer, proxy: TcpProxy) -> str:
     return proxy.dsn(pg_server.admin_dsn) + " connect_timeout=5"
 

@@ -681,10 +681,27 @@ class AccountManager:
     async def _refresh_exclusive(
         self, *, force: bool, reason: str, min_valid: float | None = None
     ) -> AccountState | None:
+        async with self._exclusive():
+            if not force and min_valid is None and await self._no_longer_due():
+                return self.state
+            return await self._refresh_held(force=force, reason=reason, min_valid=min_valid)
+
+    async def _no_longer_due(self) -> bool:
+        """Return True when the store, brought up to date first because it had fallen behind
+        (a fleet node continued after a pause), shows that another process refreshed the
+        account meanwhile: adopted (and published) here, no hold needed, nothing to do."""
+        if not await self.store.catch_up() or self.status.write_pending:
+            return False
+        self.notice_outside_changes()
+        return not self.needs_refresh(self.clock())
+
+    async def _refresh_held(
+        self, *, force: bool, reason: str, min_valid: float | None
+    ) -> AccountState | None:
+        wait = self._lock_wait() if min_valid is None else self.request_grace
         # The store is captured: a reload may swap self.store while Kakao answers, and the
         # hold must be released through the object that holds it.
-        wait = self._lock_wait() if min_valid is None else self.request_grace
-        async with self._exclusive(), self._holding(self.store, wait) as busy:
+        async with self._holding(self.store, wait) as busy:
             if isinstance(busy, StoreClaimed):
                 # Another fleet node is refreshing it: nothing failed. Its commit is announced
                 # (LISTEN/NOTIFY); look again soon in case that node dies on the way.

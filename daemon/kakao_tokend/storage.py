@@ -108,6 +108,17 @@ class StateStore(Protocol):
         """
         ...
 
+    async def catch_up(self) -> bool:
+        """Bring what :meth:`load` answers up to date when it may have fallen behind; return
+        True when it was re-read (the caller then looks at it again before holding).
+
+        Files: never behind (False). PostgreSQL: a node that heard nothing from the store
+        for as long as the other nodes take to count it gone (it was paused, its loop
+        stalled) re-reads what changed first, one query shared by every account, so the
+        tokens other nodes refreshed meanwhile are adopted without a claim each.
+        """
+        ...
+
     # ------------------------------------------------------------------ changing
 
     def hold(self, wait: float) -> AbstractAsyncContextManager[None]:

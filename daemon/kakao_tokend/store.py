@@ -1366,6 +1366,10 @@ class AccountStore:
         """Files plan nothing for the manager: it plans each refresh itself."""
         return None
 
+    async def catch_up(self) -> bool:
+        """A state file is read afresh each time: never behind."""
+        return False
+
     # -- published token file ------------------------------------------------------------------
 
     def published_document(self, state: AccountState, *, now: datetime) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import select
 import socket
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -380,23 +381,37 @@ async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[
     stream at once, the connection is broken (closed and discarded when it is given back, see
     FleetStore.putconn) and nothing is sent on the silent path. A cancel after a share more
     is the backstop for a wait that is not on the connection. A task stopped inside the block
-    is stopped the same way (:func:`abandon`).
+    is stopped the same way (:func:`abandon`). A deadline that runs out while the answer
+    waits in the socket (the process was stopped or its loop stalled, not the database) is
+    given a share more, once, to read it.
     """
     loop = asyncio.get_running_loop()
     fired = False
+    extended = False
     working = _Working(conn)
     task = asyncio.current_task()
     if task is not None:
         _working.setdefault(task, []).append(working)
+    backstop = asyncio.timeout(seconds * (1 + DEADLINE_BACKSTOP_SHARE))
+    handle: asyncio.TimerHandle
 
     def expire() -> None:
-        nonlocal fired
+        nonlocal fired, extended, handle
+        if not extended and _answered(conn):
+            # The database answered; this process was late to read it (it was stopped, or
+            # its loop stalled: every deadline ran out at once when it ran again). A share
+            # more, once, lets psycopg take the answer instead of ending a working session.
+            extended = True
+            grace = seconds * DEADLINE_BACKSTOP_SHARE
+            handle = loop.call_later(grace, expire)
+            backstop.reschedule(loop.time() + 2 * grace)
+            return
         fired = True
         shut_down(conn)
 
     handle = loop.call_later(seconds, expire)
     try:
-        async with asyncio.timeout(seconds * (1 + DEADLINE_BACKSTOP_SHARE)):
+        async with backstop:
             yield
     except Exception as exc:
         if working.abandoned:
@@ -415,6 +430,15 @@ async def deadline(conn: AsyncConnection[Any], seconds: float) -> AsyncIterator[
                 entries.remove(working)
             if not entries:
                 _working.pop(task, None)
+
+
+def _answered(conn: AsyncConnection[Any]) -> bool:
+    """Return True when the connection's socket has something to read now (an answer)."""
+    try:  # a closed connection has no descriptor: nothing to read
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except Exception:
+        return False
+    return bool(readable)
 
 
 def no_answer(action: str, seconds: float) -> StoreUnavailable:

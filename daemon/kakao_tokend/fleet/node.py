@@ -8,7 +8,9 @@ publishes it: every node is current within about a second of the commit. Notific
 while the listener is disconnected are lost, so after every (re)connect it first LISTENs and
 then re-reads what changed; and every heartbeat it polls ``accounts`` anyway (the backstop:
 only the rows written since the last poll), upserts its ``nodes`` row and names the accounts
-the database says are due.
+the database says are due. A node that heard nothing for a few heartbeats (it was paused, its
+loop stalled) re-reads what changed before it claims anything (:meth:`FleetNode.resync`,
+FleetStore.catch_up): the rows other nodes refreshed meanwhile are published at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -93,6 +96,14 @@ class FleetNode:
         #: Set once the first LISTEN and sync are done (or failed): start() waits for it.
         self._first_sync = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: One sync at a time; the number begun so far lets a caller skip its own when one
+        #: begun after it asked has ended meanwhile (see _reread).
+        self._sync_lock = asyncio.Lock()
+        self._syncs_begun = 0
+        #: When (time.monotonic()) the re-read under way, or the last one, began.
+        self._reread_began = 0.0
+        #: The re-read claims wait for when the node fell behind (see resync).
+        self._resyncing: asyncio.Task[bool] | None = None
 
     async def start(self, *, wait: float | None = None) -> None:
         """Start listening; wait up to ``wait`` seconds for the first LISTEN and sync.
@@ -104,6 +115,7 @@ class FleetNode:
         """
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run()), loop.create_task(self._apply_notified())]
+        self.fleet.resync = self.resync
         if wait:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -118,7 +130,11 @@ class FleetNode:
         and is judged by its age. Bounded by one database deadline; a database that does not
         answer only means the others wait those three heartbeats.
         """
-        tasks, self._tasks = self._tasks, []
+        self.fleet.resync = None
+        tasks: list[asyncio.Task[Any]] = [*self._tasks]
+        self._tasks = []
+        if self._resyncing is not None and not self._resyncing.done():
+            tasks.append(self._resyncing)
         abandon(tasks)  # one mid-query is stopped by ending its connection (see db.abandon)
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -218,26 +234,60 @@ class FleetNode:
                 self.fleet.note_notification(rows[name])
                 self.on_change(name)
 
+    def resync(self, since: float) -> asyncio.Task[bool]:
+        """Return a re-read of what changed that begins after ``since`` (``time.monotonic()``:
+        when the node fell behind), for FleetStore.catch_up; True when it succeeded. The
+        listener's poll under way counts when it began after ``since``."""
+        task = self._resyncing
+        if task is None or task.done():
+            task = self._resyncing = asyncio.get_running_loop().create_task(self._resync(since))
+        return task
+
+    async def _resync(self, since: float) -> bool:
+        try:
+            await self._reread(since=since)
+        except StoreError:
+            return False  # logged by _reread; the listener's next poll tries again
+        return True
+
     async def sync(self, *, full: bool = False) -> None:
         """Poll: re-read changed rows, tell the daemon, claim what is due, upsert our row.
 
         ``full`` compares every row instead of reading only those written since the last poll.
         """
+        await self._reread(full=full)
         try:
-            changed, due = await self.fleet.poll(full=full)
+            await self._seen()
         except StoreError as exc:
-            log.warning("cannot poll the store: %s", exc)
-            self.on_health()
-            raise
+            log.debug("cannot update this node's row: %s", exc)
+
+    async def _reread(self, *, full: bool = False, since: float | None = None) -> None:
+        """Re-read the changed rows and tell the daemon (and what is due).
+
+        One at a time: asked for while another runs, it waits for that one, and is not
+        repeated when one begun after it was asked for (or after ``since``, the monotonic
+        clock) has ended meanwhile: the listener's poll after a pause and the claims'
+        re-read are then one.
+        """
+        asked = self._syncs_begun
+        if since is not None and self._sync_lock.locked() and self._reread_began > since:
+            asked -= 1  # the one under way began late enough
+        async with self._sync_lock:
+            if not full and self._syncs_begun > asked:
+                return
+            self._syncs_begun += 1
+            self._reread_began = time.monotonic()
+            try:
+                changed, due = await self.fleet.poll(full=full)
+            except StoreError as exc:
+                log.warning("cannot poll the store: %s", exc)
+                self.on_health()
+                raise
         self.on_health()
         for name in changed:
             self.on_change(name)
         for name in due:
             self.on_due(name)
-        try:
-            await self._seen()
-        except StoreError as exc:
-            log.debug("cannot update this node's row: %s", exc)
 
     async def _seen(self) -> None:
         from psycopg.types.json import Jsonb
