@@ -759,6 +759,34 @@ class TestReporting:
         assert own.lock_file == tmp_path / "etc" / "locks" / "own.lock"
         assert own.include_refresh_token and not config.accounts["c"].include_refresh_token
 
+    def test_a_file_is_known_by_its_text_without_making_its_path(
+        self, write_toml: WriteToml, tmp_path: Path
+    ) -> None:
+        """file_text gives the text of each state, lock and token file, derived or set, and
+        makes no Path for a derived one (a start compares and opens files by their text)."""
+        path = write_toml(
+            MINIMAL
+            + """            [paths]
+            state_dir = "st"
+            [accounts.a]
+            [accounts.own]
+            lock_file = "locks/own.lock"
+            [accounts.c]
+            """
+        )
+        config = load_config(path, environ={"KAKAO_KEY": KEY, "HOME": str(tmp_path / "home")})
+        state = tmp_path / "etc" / "st"
+        own = config.accounts["own"]
+        assert own.file_text("lock_file") == str(tmp_path / "etc" / "locks" / "own.lock")
+        for name, account in config.accounts.items():
+            texts = {f: account.file_text(f) for f in ("state_file", "lock_file", "token_file")}
+            assert texts["state_file"] == f"{state}/{name}.state.json"
+            assert texts["token_file"] == f"{state}/{name}.token.json"
+            if account is not own:
+                assert texts["lock_file"] == f"{state}/{name}.lock"
+                assert not {"state_file", "lock_file", "token_file"} & set(vars(account))
+            assert texts == {f: str(getattr(account, f)) for f in texts}
+
     def test_an_account_with_derived_files_is_a_plain_frozen_dataclass(
         self, env: dict[str, str]
     ) -> None:
@@ -794,6 +822,7 @@ class TestReporting:
         state = spelling.format(tmp=tmp_path)
         environ = {**env, "STATE_DIRECTORY": state}
         config = load(MINIMAL + "[accounts.a]\n[accounts.b]\n", environ)
+        assert config.accounts["b"].file_text("state_file") == str(Path(state) / "b.state.json")
         assert config.accounts["b"].state_file == Path(state) / "b.state.json"
         taken = Path(state) / "a.state.json"
         found = problems_of(

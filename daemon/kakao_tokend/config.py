@@ -742,6 +742,19 @@ class AccountConfig:
     #: account (relogin.cli_command puts them before the command).
     cli_options: tuple[str, ...] = field(default=(), metadata={_META: _DERIVED})
 
+    def file_text(self, field_name: str) -> str:
+        """The text of the account's ``state_file``, ``lock_file`` or ``token_file``.
+
+        A derived file's text comes from the defaults without making its Path: a start
+        compares and opens a thousand accounts' files by their text, and the Paths would
+        cost it more than the checks themselves (docs/benchmarks.md).
+        """
+        value = self.__dict__.get(field_name)
+        if value is not None:
+            return str(value)
+        defaults: _AccountDefaults = self.__dict__["_defaults"]
+        return defaults.text(self.name, _FILE_SUFFIXES[field_name])
+
 
 class _AccountDefaults:
     """What the accounts of one configuration derive the settings they leave unset from.
@@ -1018,6 +1031,8 @@ _DEFAULT_FILES: Final = tuple(
     for name, key, spec in _schema(AccountConfig).values
     if spec.default_name
 )
+#: The suffix of each default file, by field (AccountConfig.file_text).
+_FILE_SUFFIXES: Final = {name: suffix for name, _, suffix in _DEFAULT_FILES}
 #: The fields of AccountConfig derived when an account leaves them unset, with the suffix of
 #: each default file (None: the command-line options).
 _DERIVABLE: Final[tuple[tuple[str, str | None], ...]] = (

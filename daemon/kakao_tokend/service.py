@@ -130,9 +130,9 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
         # one: a Path's parent and hash for each of them would cost more than the check).
         directories = {str(daemon.config.state_dir): daemon.config.state_dir}
         for account in accounts:
-            text = directory_text(account.state_file)
+            text = directory_text(account.file_text("state_file"))
             if text not in directories:
-                directories[text] = account.state_file.parent
+                directories[text] = Path(text)
         for directory in directories.values():
             check_not_moved(directory, account=next(iter(accounts), None))
     yield
