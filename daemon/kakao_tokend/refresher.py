@@ -223,7 +223,7 @@ class AccountManager:
             corrupt: StateCorrupt | None = exc
         else:
             corrupt = None
-        self._disk_signature = self.store.state_signature()
+        self._disk_signature = self.store.loaded_signature()
         rescued = self._recover_rescue(state)
         if rescued is not None:
             return rescued

@@ -571,8 +571,8 @@ def read_file(path: Path | str, *, what: str) -> bytes:
     return _read_regular(path, what=what)[0]
 
 
-def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, int]:
-    """:func:`read_file`, plus the inode that was read."""
+def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result]:
+    """:func:`read_file`, plus the ``fstat`` of the file that was read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -593,7 +593,7 @@ def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, int]:
             chunk = os.read(fd, wanted)
             data += chunk
             if len(chunk) < wanted:
-                return data, info.st_ino
+                return data, info
     finally:
         os.close(fd)
 
@@ -854,6 +854,8 @@ class AccountStore:
         #: (after the listing is closed: alerts attach once every account is open), since
         #: only a holder of the instance lock writes one (this daemon, `store migrate`).
         self._no_alerts_listed = False
+        #: The state_signature of what load() read last (loaded_signature).
+        self._loaded_signature: tuple[int, int, int] | None = None
 
     @classmethod
     def from_paths(
@@ -1114,11 +1116,12 @@ class AccountStore:
         entries = None if listing is None else listing.directory(directory or slash or ".")
         if self.honour_moved_marker and (entries is None or MOVED_NAME in entries):
             check_not_moved(self.state_path.parent, account=self.account, listing=listing)
+        self._loaded_signature = None
         if entries is not None and name not in entries:
             return None
         for _ in range(3):
             try:
-                raw, inode = _read_regular(path, what="state file")
+                raw, info = _read_regular(path, what="state file")
             except FileNotFoundError:
                 return None
             except PermissionError:
@@ -1133,7 +1136,7 @@ class AccountStore:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
-                kept = self._set_aside(self.state_path, inode, "corrupt")
+                kept = self._set_aside(self.state_path, info.st_ino, "corrupt")
                 if kept is None:
                     continue  # replaced by another writer meanwhile: read the new file
                 log.error("state file %s is damaged (%s); kept as %s", path, reason, kept)
@@ -1156,6 +1159,7 @@ class AccountStore:
                     self.name,
                 )
                 state = replace(state, account=self.name)
+            self._loaded_signature = (info.st_ino, info.st_mtime_ns, info.st_size)
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
@@ -1385,6 +1389,10 @@ class AccountStore:
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
         return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def loaded_signature(self) -> tuple[int, int, int] | None:
+        """Return the signature of the state file load() read, from the descriptor it read."""
+        return self._loaded_signature
 
     def shared_due_at(self, state: AccountState) -> datetime | None:
         """Files plan nothing for the manager: it plans each refresh itself."""
