@@ -348,8 +348,8 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon.alerts = None
 
 
-async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-    daemon = app[DAEMON]
+def _start_scheduler(daemon: Daemon) -> RefreshScheduler:
+    """Make and start the refresh scheduler, the daemon's one."""
     scheduler = RefreshScheduler(heartbeat=daemon.config.refresh.heartbeat)
     if daemon.fleet is not None:
         # The poll names what comes due: only those accounts take a place in the due queue.
@@ -357,19 +357,31 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler.named_in_time = daemon.fleet.names_in_time
     daemon.scheduler = scheduler
     scheduler.start()
+    return scheduler
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
     if daemon.fleet is not None:  # file mode: right after READY (_take_up_accounts)
+        scheduler = _start_scheduler(daemon)
         for manager in daemon.managers.values():
             scheduler.add(manager)
             scheduler.run_soon(manager, "start")
     yield
-    scheduler.shutdown()
-    await scheduler.drain(_refresh_grace(daemon))
+    if daemon.scheduler is not None:
+        daemon.scheduler.shutdown()
+        await daemon.scheduler.drain(_refresh_grace(daemon))
+
+
+def _healthy(daemon: Daemon) -> bool:
+    """The watchdog's question: did the scheduler's heartbeat run recently? (Yes while a
+    file-mode start has none yet: it makes it right after READY, in the same step.)"""
+    return daemon.scheduler is None or daemon.scheduler.is_healthy()
 
 
 async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
-    assert daemon.scheduler is not None
-    watchdog = asyncio.create_task(systemd.watchdog_loop(daemon.scheduler.is_healthy))
+    watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: _healthy(daemon)))
     status_task = asyncio.create_task(_status_loop(daemon))
     yield
     daemon.begin_stop()
@@ -389,22 +401,25 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _take_up_accounts(daemon: Daemon) -> None:
-    """File mode: attach every account's alerts and plan its refreshes, right after READY.
+    """File mode: attach every account's alerts, start the scheduler and plan every account's
+    refreshes, right after READY.
 
     Nothing READY promises needs them: every account's state is loaded, its token file
     current, and a token request is answered by its manager, which refreshes on its own when
     it must. This runs in the same step of the event loop as READY, so no request, signal or
     reload is handled before every account is planned and its start-up check (an overdue
-    token first) queued; a 1,000-account start reached READY about 90 M instructions later
-    with it before (docs/benchmarks.md). Fleet mode keeps it in the cleanup contexts: its
-    node takes up the accounts the store hands it there.
+    token first) queued. Before READY they cost a 1,000-account start about 90 M
+    instructions, and every start APScheduler's scheduler module (its entry-point scans, its
+    pool executor with multiprocessing: about 60 M; docs/benchmarks.md). Fleet mode keeps
+    them in the cleanup contexts: its node takes up the accounts the store hands it there.
     """
     if daemon.fleet is not None:
         return
-    alerts, scheduler = daemon.alerts, daemon.scheduler
-    assert alerts is not None and scheduler is not None
+    alerts = daemon.alerts
+    assert alerts is not None
     for manager in daemon.managers.values():
         alerts.attach(manager)
+    scheduler = _start_scheduler(daemon)
     for manager in daemon.managers.values():
         scheduler.add(manager)
         scheduler.run_soon(manager, "start")
@@ -546,7 +561,8 @@ async def serve(
     socket_id = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
-    _take_up_accounts(daemon)
+    if not stop.is_set():  # a stop that came meanwhile: no scheduler, nothing started
+        _take_up_accounts(daemon)
     taken_up = True
     _start_watch(daemon)
     log.info(
