@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
@@ -561,6 +562,7 @@ async def serve(
     socket_id = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
+    gc.enable()  # run() keeps it off until now in file mode
     if not stop.is_set():  # a stop that came meanwhile: no scheduler, nothing started
         _take_up_accounts(daemon)
     taken_up = True
@@ -604,6 +606,18 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
     """`kakao-tokend run`: load the config, set up logging, serve until stopped."""
     # A file-size limit (LimitFSIZE=, ulimit -f) must fail a write with EFBIG, not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # The cyclic garbage collector is off until a file-mode start is READY (serve() turns it
+    # on then): loading a thousand accounts makes no cyclic garbage worth a collection, and
+    # its collections walked every account's new objects again (docs/benchmarks.md). A fleet
+    # node turns it on at once: it may wait long for its database before READY.
+    gc.disable()
+    try:
+        return _run(config_path, account=account)
+    finally:
+        gc.enable()
+
+
+def _run(config_path: Path | None, *, account: str | None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -612,6 +626,7 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
     if config.store.backend == "postgres":
+        gc.enable()
         from .fleet import missing_extra
         from .fleet.admin import require_dsn, require_keyring
 
