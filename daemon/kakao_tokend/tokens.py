@@ -71,7 +71,11 @@ def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 timestamp into an aware UTC datetime; raise ValueError otherwise."""
     if not isinstance(text, str):
         raise ValueError(f"expected an RFC 3339 timestamp string, got {type(text).__name__}")
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        # Python 3.11 reads a "Z" itself: what we write, five times per account at start.
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))  # what it cannot read
     if moment.tzinfo is UTC:
         return moment  # what we write ("...Z"): already UTC (a start reads 5 per account)
     if moment.tzinfo is None:
