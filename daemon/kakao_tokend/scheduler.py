@@ -62,7 +62,7 @@ def new_apscheduler() -> AsyncIOScheduler:
     """Return an AsyncIOScheduler whose jobs run however late they are, one at a time."""
     # Imported here: a file-mode daemon makes its scheduler right after READY, and this
     # module's import (its entry-point scans, the pool executor with multiprocessing) cost
-    # every start about 60 M instructions before it (docs/benchmarks.md).
+    # every start about 88 M instructions before it (docs/benchmarks.md).
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     return AsyncIOScheduler(

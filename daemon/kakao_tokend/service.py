@@ -411,7 +411,7 @@ def _take_up_accounts(daemon: Daemon) -> None:
     reload is handled before every account is planned and its start-up check (an overdue
     token first) queued. Before READY they cost a 1,000-account start about 90 M
     instructions, and every start APScheduler's scheduler module (its entry-point scans, its
-    pool executor with multiprocessing: about 60 M; docs/benchmarks.md). Fleet mode keeps
+    pool executor with multiprocessing: about 88 M; docs/benchmarks.md). Fleet mode keeps
     them in the cleanup contexts: its node takes up the accounts the store hands it there.
     """
     if daemon.fleet is not None:
