@@ -759,6 +759,34 @@ class TestReporting:
         assert own.lock_file == tmp_path / "etc" / "locks" / "own.lock"
         assert own.include_refresh_token and not config.accounts["c"].include_refresh_token
 
+    def test_a_file_is_known_by_its_text_without_making_its_path(
+        self, write_toml: WriteToml, tmp_path: Path
+    ) -> None:
+        """file_text gives the text of each state, lock and token file, derived or set, and
+        makes no Path for a derived one (a start compares and opens files by their text)."""
+        path = write_toml(
+            MINIMAL
+            + """            [paths]
+            state_dir = "st"
+            [accounts.a]
+            [accounts.own]
+            lock_file = "locks/own.lock"
+            [accounts.c]
+            """
+        )
+        config = load_config(path, environ={"KAKAO_KEY": KEY, "HOME": str(tmp_path / "home")})
+        state = tmp_path / "etc" / "st"
+        own = config.accounts["own"]
+        assert own.file_text("lock_file") == str(tmp_path / "etc" / "locks" / "own.lock")
+        for name, account in config.accounts.items():
+            texts = {f: account.file_text(f) for f in ("state_file", "lock_file", "token_file")}
+            assert texts["state_file"] == f"{state}/{name}.state.json"
+            assert texts["token_file"] == f"{state}/{name}.token.json"
+            if account is not own:
+                assert texts["lock_file"] == f"{state}/{name}.lock"
+                assert not {"state_file", "lock_file", "token_file"} & set(vars(account))
+            assert texts == {f: str(getattr(account, f)) for f in texts}
+
     def test_an_account_with_derived_files_is_a_plain_frozen_dataclass(
         self, env: dict[str, str]
     ) -> None:
@@ -794,6 +822,7 @@ class TestReporting:
         state = spelling.format(tmp=tmp_path)
         environ = {**env, "STATE_DIRECTORY": state}
         config = load(MINIMAL + "[accounts.a]\n[accounts.b]\n", environ)
+        assert config.accounts["b"].file_text("state_file") == str(Path(state) / "b.state.json")
         assert config.accounts["b"].state_file == Path(state) / "b.state.json"
         taken = Path(state) / "a.state.json"
         found = problems_of(
@@ -1062,3 +1091,49 @@ def test_a_paths_only_load_reads_no_secret(tmp_path: Path) -> None:
     app = config.accounts["default"].app
     assert app.rest_api_key == "" and app.client_secret is None
     assert config.state_dir == tmp_path / "state"
+
+
+_PLAIN_TAIL = "[accounts.a]\n\n[accounts.b-2]  \n[accounts.c_3]\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'log_level = "info"\n[paths]\nstate_dir = "s"\n' + _PLAIN_TAIL,
+        _PLAIN_TAIL,
+        'log_level = "info"\r\n[refresh]\r\n' + _PLAIN_TAIL.replace("\n", "\r\n"),
+        '[refresh]\nheartbeat = "1m"\n' + _PLAIN_TAIL + "[accounts.own.publish]\nmode = 0o600\n",
+        '[accounts.own]\nstate_file = "x"\n' + _PLAIN_TAIL,
+        "[accounts.own.kakao]\nrest_api_key = 'k'\n" + _PLAIN_TAIL + "[accounts.own]\n",
+        "[x]\naccounts.y = 1\n" + _PLAIN_TAIL,
+        '"\\u0061ccounts" = 1\n' + _PLAIN_TAIL,
+        "accounts = {}\n" + _PLAIN_TAIL,
+        "accounts = 1\n" + _PLAIN_TAIL,
+        "[[accounts]]\n" + _PLAIN_TAIL,
+        "[accounts.b-2]\n" + _PLAIN_TAIL,
+        _PLAIN_TAIL + "[accounts.a]\n",
+        "x = [\n" + _PLAIN_TAIL,
+        'x = """\n' + _PLAIN_TAIL,
+        "x = 1\n\n" + _PLAIN_TAIL.replace("[accounts.a]", " [accounts.a]"),
+        "x = 1\n" + _PLAIN_TAIL + "# the end\n",
+        "x = \n" + _PLAIN_TAIL,
+    ],
+)
+def test_a_tail_of_plain_accounts_reads_as_tomllib_reads_it(text: str) -> None:
+    """The shortcut for a file ending in plain ``[accounts.NAME]`` lines gives what tomllib
+    gives for the whole file, or raises its error with the same line and column: valid
+    files, an ``accounts`` defined earlier (as a table, a value, inline, an array, through
+    an escaped key), a name repeated, a value left open before the tail, CRLF lines."""
+    import tomllib
+
+    try:
+        expected: Any = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        with pytest.raises(tomllib.TOMLDecodeError) as raised:
+            config_module._load_toml(text)
+        assert str(raised.value) == str(exc)
+    else:
+        got = config_module._load_toml(text)
+        assert got == expected
+        assert list(got) == list(expected)
+        assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))

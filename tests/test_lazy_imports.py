@@ -150,7 +150,8 @@ def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
     """`run` as the system unit starts it (its config the system one, /etc/kakao-tokend here
     under another root, in $CONFIGURATION_DIRECTORY; the directories from $STATE_DIRECTORY and
     $RUNTIME_DIRECTORY; no --config) is READY without importing platformdirs, which only
-    answers for user directories, or asyncinotify (the state watch starts right after READY).
+    answers for user directories, asyncinotify (the state watch starts right after READY) or
+    APScheduler (the refresh scheduler is made right after READY too).
     Control: without a system config, `run --config FILE` loads platformdirs, to tell whether
     FILE would be found without --config (the commands it shows name it if not)."""
     import os
@@ -183,7 +184,7 @@ def test_the_system_service_starts_without_platformdirs(tmp_path: Path) -> None:
         STATE_DIRECTORY=str(state),
         RUNTIME_DIRECTORY=str(runtime),
     )
-    watched = ("platformdirs", "asyncinotify", "kakao_tokend")
+    watched = ("platformdirs", "asyncinotify", "apscheduler", "kakao_tokend")
 
     def loaded_at_ready(*argv: str) -> set[str]:
         setup = f"paths.SYSTEM = paths.SystemLayout.under(Path({str(root)!r}))"
@@ -216,3 +217,17 @@ def test_the_state_watch_loads_asyncinotify_when_it_watches() -> None:
         "assert StateWatcher(print).mode == 'inotify'\n"
     )
     assert loaded(made) == {"asyncinotify"}
+
+
+def test_the_refresh_scheduler_loads_apscheduler_when_it_is_made() -> None:
+    """Importing the service loads no APScheduler (its scheduler module scans every installed
+    distribution's entry points): a file-mode daemon makes its scheduler right after READY."""
+    body = "import kakao_tokend.service, kakao_tokend.daemon, kakao_tokend.scheduler\n{make}"
+    watched = ("apscheduler",)
+
+    def loaded(make: str) -> set[str]:
+        return _loaded(_BODY.format(body=body.format(make=make), watched=watched))
+
+    assert loaded("") == set()
+    made = "from kakao_tokend.scheduler import new_apscheduler\nnew_apscheduler()\n"
+    assert loaded(made) == {"apscheduler"}

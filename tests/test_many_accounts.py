@@ -68,3 +68,27 @@ async def test_with_a_few_accounts_each_is_named(emulator: KakaoEmulator, tmp_pa
     assert "account home: access" in log and "account work: access" in log
     assert "account shop: no tokens" in log
     assert "more account(s) ok" not in log
+
+
+async def test_right_after_ready_every_account_is_served_and_checked(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A file-mode daemon plans its accounts and attaches their alerts right after READY (in
+    the same step of its event loop): a token asked for at READY is the one the state file
+    holds, and every account with tokens still gets its start-up check."""
+    names = [f"acct{i:02d}" for i in range(LIST_ACCOUNTS_UP_TO + 2)]
+    config = write_config(tmp_path, emulator, accounts=names, heartbeat="60s")
+    seed(emulator, config, names[:-1])
+    with NotifyReceiver() as notify:
+        daemon = await start_daemon(config, env=notify.env, wait_ready=False)
+        try:
+            await notify.wait_for_line("READY=1", daemon, timeout=10)
+            status, body = await daemon.api("GET", f"/v1/accounts/{names[3]}/token")
+            assert status == 200
+            assert body["access_token"] == daemon.state(names[3])["tokens"]["access_token"]
+            await daemon.wait_log("access token verified", count=len(names) - 1)
+            verified = daemon.log_text()
+            for name in names[:-1]:
+                assert f"account {name}: access token verified" in verified
+        finally:
+            assert await daemon.stop() == 0

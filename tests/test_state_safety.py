@@ -24,6 +24,7 @@ from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
+from kakao_tokend.state import AccountState
 from kakao_tokend.status import AccountEvent, Health
 from kakao_tokend.store import AccountStore
 from served import serving
@@ -74,6 +75,46 @@ async def test_the_start_up_check_never_overwrites_a_login_made_meanwhile(
     assert saved.generation == fresh.generation
     assert manager.state is not None
     assert manager.state.tokens.refresh_token == fresh.tokens.refresh_token
+
+
+async def test_a_state_written_right_after_the_start_read_it_is_adopted_later(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A login that replaces the state file just after the manager read it at start: the
+    manager remembers the file it read (not the one on disk a moment later), so the next look
+    at the file sees the change and takes the new tokens."""
+    config_path = write_config(tmp_path, emulator)
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    fresh: list[AccountState] = []
+
+    class LoginRightAfterTheRead(AccountStore):
+        """The file store, with `kakao-tokend login` landing right after its load."""
+
+        def load(self) -> AccountState | None:
+            state = super().load()
+            if not fresh:
+                time.sleep(0.01)  # a new mtime even on a coarse file system clock
+                fresh.append(asyncio.run_coroutine_threadsafe(login_now(), loop).result())
+            return state
+
+    async def login_now() -> AccountState:
+        return await login(emulator, config_path)
+
+    loop = asyncio.get_running_loop()
+    manager = AccountManager(
+        account,
+        store=LoginRightAfterTheRead(account, rescue_dir=config.runtime_dir),
+        client=KakaoClient(session, account.app),
+        policy=config.refresh,
+    )
+    loaded = await asyncio.to_thread(manager.load)
+    assert loaded is not None and fresh
+    assert loaded.tokens.refresh_token != fresh[0].tokens.refresh_token
+    assert manager.notice_outside_changes()
+    assert manager.state is not None
+    assert manager.state.tokens.refresh_token == fresh[0].tokens.refresh_token
 
 
 # --------------------------------------------------------------------------- 3.2 pending write

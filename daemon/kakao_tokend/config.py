@@ -742,6 +742,19 @@ class AccountConfig:
     #: account (relogin.cli_command puts them before the command).
     cli_options: tuple[str, ...] = field(default=(), metadata={_META: _DERIVED})
 
+    def file_text(self, field_name: str) -> str:
+        """The text of the account's ``state_file``, ``lock_file`` or ``token_file``.
+
+        A derived file's text comes from the defaults without making its Path: a start
+        compares and opens a thousand accounts' files by their text, and the Paths would
+        cost it more than the checks themselves (docs/benchmarks.md).
+        """
+        value = self.__dict__.get(field_name)
+        if value is not None:
+            return str(value)
+        defaults: _AccountDefaults = self.__dict__["_defaults"]
+        return defaults.text(self.name, _FILE_SUFFIXES[field_name])
+
 
 class _AccountDefaults:
     """What the accounts of one configuration derive the settings they leave unset from.
@@ -1018,6 +1031,8 @@ _DEFAULT_FILES: Final = tuple(
     for name, key, spec in _schema(AccountConfig).values
     if spec.default_name
 )
+#: The suffix of each default file, by field (AccountConfig.file_text).
+_FILE_SUFFIXES: Final = {name: suffix for name, _, suffix in _DEFAULT_FILES}
 #: The fields of AccountConfig derived when an account leaves them unset, with the suffix of
 #: each default file (None: the command-line options).
 _DERIVABLE: Final[tuple[tuple[str, str | None], ...]] = (
@@ -1283,6 +1298,48 @@ def config_from_toml_text(
     return _build(text, source=source, environ=env, extra=[])
 
 
+#: A line that declares an account table with nothing of its own: ``[accounts.NAME]``.
+_PLAIN_ACCOUNT_LINE: Final = re.compile(r"\[accounts\.([A-Za-z0-9_-]+)\][ \t]*")
+
+
+def _load_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads(text)``, with a large configuration's tail of plain accounts read by a
+    regular expression.
+
+    tomllib spends about 50 K instructions on each ``[accounts.NAME]`` header, most of a
+    1,000-account file. When the file ends in such lines (and blank ones), they add exactly
+    an ``accounts`` table of empty tables after whatever the rest defines, provided the rest
+    defines no ``accounts`` at all and no name repeats: then tomllib reads only the rest.
+    Anything else, the rest failing to parse included, goes through tomllib whole, which
+    answers or raises exactly as before. (No value can run on into those lines: none holds
+    a bare ``accounts.`` and no string can close in them.)
+    """
+    lines = text.split("\n")
+    start = len(lines)
+    names: list[str] = []
+    match = _PLAIN_ACCOUNT_LINE.fullmatch
+    while start:
+        line = lines[start - 1]
+        if line.endswith("\r"):
+            line = line[:-1]  # CRLF
+        if line.strip(" \t"):
+            found = match(line)
+            if found is None:
+                break
+            names.append(found.group(1))
+        start -= 1
+    if not names or len(set(names)) != len(names):
+        return tomllib.loads(text)
+    try:
+        raw = tomllib.loads("\n".join(lines[:start]))
+    except tomllib.TOMLDecodeError:
+        return tomllib.loads(text)  # raises with the whole file's line and column
+    if "accounts" in raw:
+        return tomllib.loads(text)
+    raw["accounts"] = {name: {} for name in reversed(names)}
+    return raw
+
+
 def _build(
     text: str,
     *,
@@ -1293,7 +1350,7 @@ def _build(
 ) -> Config:
     where = f"config file {source}" if source is not None else "configuration"
     try:
-        raw = tomllib.loads(text)
+        raw = _load_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where} is not valid TOML: {_toml_reason(exc)}") from None
     checker = _Checker(source=source, environ=environ, with_secrets=with_secrets)

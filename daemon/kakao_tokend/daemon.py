@@ -145,11 +145,11 @@ class Daemon:
         assert self.session is not None
         if store is None:
             store = self.new_store(account)
-        for path in (account.state_file, account.token_file):
+        for field_name in ("state_file", "token_file"):
             # Once per directory, known by its text: 1,000 accounts usually share one.
-            text = directory_text(path)
+            text = directory_text(account.file_text(field_name))
             if text not in self._prepared_dirs:
-                directory = path.parent
+                directory = Path(text)
                 make_dirs(directory)
                 remove_stale_temp_files(directory)
                 ensure_reserve(directory)

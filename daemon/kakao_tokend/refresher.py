@@ -223,7 +223,7 @@ class AccountManager:
             corrupt: StateCorrupt | None = exc
         else:
             corrupt = None
-        self._disk_signature = self.store.state_signature()
+        self._disk_signature = self.store.loaded_signature()
         rescued = self._recover_rescue(state)
         if rescued is not None:
             return rescued
@@ -996,8 +996,15 @@ class AccountManager:
         ``token_file=False`` writes only the extra token files (``access_token_file``,
         ``env_file``), e.g. at start when the token file is already current.
         """
-        if self.state is not None:
-            self._publish(self.state, token_file=token_file)
+        account = self.account
+        if self.state is None or not (
+            token_file
+            or self.status.publish_pending
+            or account.access_token_file is not None
+            or account.env_file is not None
+        ):
+            return  # nothing to write: a start with a thousand current token files
+        self._publish(self.state, token_file=token_file)
 
     def _publish(self, state: AccountState, *, token_file: bool = True) -> None:
         """Publish ``state`` once it is committed (at once when the account is not held)."""

@@ -36,13 +36,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
-from typing import Generic, Literal, TypeVar
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from .kakao import CONNECTION_LIMIT
 from .refresher import AccountManager
 from .status import AccountEvent, Health
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ MAX_RUNNING = CONNECTION_LIMIT
 
 def new_apscheduler() -> AsyncIOScheduler:
     """Return an AsyncIOScheduler whose jobs run however late they are, one at a time."""
+    # Imported here: a file-mode daemon makes its scheduler right after READY, and this
+    # module's import (its entry-point scans, the pool executor with multiprocessing) cost
+    # every start about 88 M instructions before it (docs/benchmarks.md).
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
     return AsyncIOScheduler(
         timezone=UTC,
         job_defaults={

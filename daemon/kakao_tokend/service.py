@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Iterable
@@ -130,9 +131,9 @@ async def _instance_lock_ctx(app: web.Application) -> AsyncIterator[None]:
         # one: a Path's parent and hash for each of them would cost more than the check).
         directories = {str(daemon.config.state_dir): daemon.config.state_dir}
         for account in accounts:
-            text = directory_text(account.state_file)
+            text = directory_text(account.file_text("state_file"))
             if text not in directories:
-                directories[text] = account.state_file.parent
+                directories[text] = Path(text)
         for directory in directories.values():
             check_not_moved(directory, account=next(iter(accounts), None))
     yield
@@ -333,8 +334,9 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
         book.start()
     center = AlertCenter(session=daemon.session, clock=daemon.clock, shared=book)
     daemon.alerts = center
-    for manager in daemon.managers.values():
-        center.attach(manager)
+    if daemon.fleet is not None:  # file mode: right after READY (_take_up_accounts)
+        for manager in daemon.managers.values():
+            center.attach(manager)
     # First check after one heartbeat: the start-up refresh gets its chance first.
     periodic = asyncio.create_task(center.run_periodic(lambda: daemon.config.refresh.heartbeat))
     yield
@@ -347,8 +349,8 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon.alerts = None
 
 
-async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-    daemon = app[DAEMON]
+def _start_scheduler(daemon: Daemon) -> RefreshScheduler:
+    """Make and start the refresh scheduler, the daemon's one."""
     scheduler = RefreshScheduler(heartbeat=daemon.config.refresh.heartbeat)
     if daemon.fleet is not None:
         # The poll names what comes due: only those accounts take a place in the due queue.
@@ -356,18 +358,31 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler.named_in_time = daemon.fleet.names_in_time
     daemon.scheduler = scheduler
     scheduler.start()
-    for manager in daemon.managers.values():
-        scheduler.add(manager)
-        scheduler.run_soon(manager, "start")
+    return scheduler
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    daemon = app[DAEMON]
+    if daemon.fleet is not None:  # file mode: right after READY (_take_up_accounts)
+        scheduler = _start_scheduler(daemon)
+        for manager in daemon.managers.values():
+            scheduler.add(manager)
+            scheduler.run_soon(manager, "start")
     yield
-    scheduler.shutdown()
-    await scheduler.drain(_refresh_grace(daemon))
+    if daemon.scheduler is not None:
+        daemon.scheduler.shutdown()
+        await daemon.scheduler.drain(_refresh_grace(daemon))
+
+
+def _healthy(daemon: Daemon) -> bool:
+    """The watchdog's question: did the scheduler's heartbeat run recently? (Yes while a
+    file-mode start has none yet: it makes it right after READY, in the same step.)"""
+    return daemon.scheduler is None or daemon.scheduler.is_healthy()
 
 
 async def _systemd_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
-    assert daemon.scheduler is not None
-    watchdog = asyncio.create_task(systemd.watchdog_loop(daemon.scheduler.is_healthy))
+    watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: _healthy(daemon)))
     status_task = asyncio.create_task(_status_loop(daemon))
     yield
     daemon.begin_stop()
@@ -384,6 +399,31 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
     watcher, daemon.watcher = daemon.watcher, None
     if watcher is not None:
         await watcher.close()
+
+
+def _take_up_accounts(daemon: Daemon) -> None:
+    """File mode: attach every account's alerts, start the scheduler and plan every account's
+    refreshes, right after READY.
+
+    Nothing READY promises needs them: every account's state is loaded, its token file
+    current, and a token request is answered by its manager, which refreshes on its own when
+    it must. This runs in the same step of the event loop as READY, so no request, signal or
+    reload is handled before every account is planned and its start-up check (an overdue
+    token first) queued. Before READY they cost a 1,000-account start about 90 M
+    instructions, and every start APScheduler's scheduler module (its entry-point scans, its
+    pool executor with multiprocessing: about 88 M; docs/benchmarks.md). Fleet mode keeps
+    them in the cleanup contexts: its node takes up the accounts the store hands it there.
+    """
+    if daemon.fleet is not None:
+        return
+    alerts = daemon.alerts
+    assert alerts is not None
+    for manager in daemon.managers.values():
+        alerts.attach(manager)
+    scheduler = _start_scheduler(daemon)
+    for manager in daemon.managers.values():
+        scheduler.add(manager)
+        scheduler.run_soon(manager, "start")
 
 
 def _start_watch(daemon: Daemon) -> None:
@@ -482,8 +522,12 @@ async def serve(
         daemon.begin_stop()
         stop.set()
 
+    # File mode takes up its accounts right after READY (_take_up_accounts): a reload before
+    # that would plan the accounts it touched twice.
+    taken_up = config.store.backend != "file"
+
     def on_reload() -> None:
-        if daemon.scheduler is None:
+        if daemon.scheduler is None or not taken_up:
             log.warning("SIGHUP ignored: still starting")
             return
         task = loop.create_task(daemon.reload())
@@ -518,6 +562,10 @@ async def serve(
     socket_id = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
+    gc.enable()  # run() keeps it off until now in file mode
+    if not stop.is_set():  # a stop that came meanwhile: no scheduler, nothing started
+        _take_up_accounts(daemon)
+    taken_up = True
     _start_watch(daemon)
     log.info(
         "kakao-tokend running: %d account(s), heartbeat %ss, state in %s",
@@ -558,6 +606,18 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
     """`kakao-tokend run`: load the config, set up logging, serve until stopped."""
     # A file-size limit (LimitFSIZE=, ulimit -f) must fail a write with EFBIG, not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # The cyclic garbage collector is off until a file-mode start is READY (serve() turns it
+    # on then): loading a thousand accounts makes no cyclic garbage worth a collection, and
+    # its collections walked every account's new objects again (docs/benchmarks.md). A fleet
+    # node turns it on at once: it may wait long for its database before READY.
+    gc.disable()
+    try:
+        return _run(config_path, account=account)
+    finally:
+        gc.enable()
+
+
+def _run(config_path: Path | None, *, account: str | None) -> int:
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -566,6 +626,7 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
     if config.store.backend == "postgres":
+        gc.enable()
         from .fleet import missing_extra
         from .fleet.admin import require_dsn, require_keyring
 

@@ -155,16 +155,17 @@ class AccountState:
             tokens = TokenSet.from_dict(tokens_raw)
         except ValueError as exc:
             raise ValueError(f"in 'tokens': {exc}") from None
+        # Positional, in the fields' order (see TokenSet.from_dict).
         return cls(
-            account=account,
-            tokens=tokens,
-            generation=generation,
-            refreshed_at=refreshed_at,
-            rotations=tuple(rotations),
-            relogin_reason=reason,
-            relogin_cause=cause,
-            user_id=user_id,
-            extras=dict(extras),
+            account,
+            tokens,
+            generation,
+            refreshed_at,
+            tuple(rotations),
+            reason,
+            cause,
+            user_id,
+            dict(extras),
         )
 
 

@@ -100,6 +100,15 @@ class StateStore(Protocol):
         """
         ...
 
+    def loaded_signature(self) -> Hashable | None:
+        """Return the :meth:`state_signature` of what the last :meth:`load` read.
+
+        Files: taken from the descriptor that was read (a start of a thousand accounts
+        spares a ``stat`` each, and a file replaced right after the read is noticed later
+        instead of being mistaken for the one read); PostgreSQL: the signature now.
+        """
+        ...
+
     def shared_due_at(self, state: AccountState) -> datetime | None:
         """Return when the store says ``state`` is next due (None: the manager plans it).
 

@@ -97,6 +97,9 @@ class AccountFiles(Protocol):
     def env_file(self) -> Path | None: ...
     @property
     def cli_options(self) -> tuple[str, ...]: ...
+    def file_text(self, field_name: str) -> str:
+        """The text of ``state_file``, ``lock_file`` or ``token_file`` (no Path made)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class StorePaths:
     env_file: Path | None = None
     #: The global options of its commands (relogin.cli_command); see from_paths.
     cli_options: tuple[str, ...] = ()
+
+    def file_text(self, field_name: str) -> str:
+        """The text of ``state_file``, ``lock_file`` or ``token_file``."""
+        return str(getattr(self, field_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +308,7 @@ def check_directory(directory: Path, *, what: str) -> None:
     os.close(fd)
 
 
-def symlink_refused(path: Path, what: str) -> UnsafePath:
+def symlink_refused(path: Path | str, what: str) -> UnsafePath:
     """The error for one of our files found to be a symbolic link."""
     return UnsafePath(
         f"{what} {path} is a symbolic link; kakao-tokend never follows links for its own files "
@@ -370,7 +377,7 @@ class Listing:
         self._directories.clear()
 
 
-def directory_text(path: Path) -> str:
+def directory_text(path: Path | str) -> str:
     """The directory of ``path`` as text: ``str(path.parent)`` without building a Path."""
     directory, slash, _ = str(path).rpartition("/")
     return directory or slash or "."
@@ -556,7 +563,7 @@ class FileLock:
         return int(text) if text.isdigit() else None
 
 
-def read_file(path: Path, *, what: str) -> bytes:
+def read_file(path: Path | str, *, what: str) -> bytes:
     """Read a whole regular file without following a symlink (UnsafePath) or blocking on a FIFO.
 
     FileNotFoundError and other OSErrors reach the caller unchanged.
@@ -564,8 +571,8 @@ def read_file(path: Path, *, what: str) -> bytes:
     return _read_regular(path, what=what)[0]
 
 
-def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
-    """:func:`read_file`, plus the inode that was read."""
+def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result]:
+    """:func:`read_file`, plus the ``fstat`` of the file that was read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -586,7 +593,7 @@ def _read_regular(path: Path, *, what: str) -> tuple[bytes, int]:
             chunk = os.read(fd, wanted)
             data += chunk
             if len(chunk) < wanted:
-                return data, info.st_ino
+                return data, info
     finally:
         os.close(fd)
 
@@ -827,11 +834,13 @@ class AccountStore:
     ) -> None:
         self.account = account
         self.name = account.name
-        # The configuration's own Path objects, not copies: with a thousand accounts every
-        # Path held per account counts (the two derived ones below are made when needed).
-        self.state_path = _as_path(account.state_file)
-        self.token_path = _as_path(account.token_file)
-        self.lock_path = _as_path(account.lock_file)
+        # The files' text, which is all a start needs of them: it compares, lists and opens
+        # them. Their Path objects are the configuration's own, made when first asked for
+        # (state_path ...): a thousand accounts' three Paths cost a start more than reading
+        # their files (docs/benchmarks.md).
+        self.state_text = account.file_text("state_file")
+        self.token_text = account.file_text("token_file")
+        self.lock_text = account.file_text("lock_file")
         self._rescue_dir = rescue_dir
         self._file_lock: FileLock | None = None
         self._cleaned = False
@@ -845,6 +854,8 @@ class AccountStore:
         #: (after the listing is closed: alerts attach once every account is open), since
         #: only a holder of the instance lock writes one (this daemon, `store migrate`).
         self._no_alerts_listed = False
+        #: The state_signature of what load() read last (loaded_signature).
+        self._loaded_signature: tuple[int, int, int] | None = None
 
     @classmethod
     def from_paths(
@@ -876,7 +887,22 @@ class AccountStore:
         )
 
     def __repr__(self) -> str:
-        return f"AccountStore({self.name!r}, state={str(self.state_path)!r})"
+        return f"AccountStore({self.name!r}, state={self.state_text!r})"
+
+    @property
+    def state_path(self) -> Path:
+        """The private state file."""
+        return _as_path(self.account.state_file)
+
+    @property
+    def token_path(self) -> Path:
+        """The published token file."""
+        return _as_path(self.account.token_file)
+
+    @property
+    def lock_path(self) -> Path:
+        """The account's lock file."""
+        return _as_path(self.account.lock_file)
 
     @property
     def shared(self) -> bool:
@@ -908,7 +934,7 @@ class AccountStore:
     def _alerts_absent(self) -> bool:
         """True when the listing knows there is no alert bookkeeping file (no Path built)."""
         return self._listing is not None and self._listing.absent(
-            f"{directory_text(self.state_path)}/{self.name}{ALERTS_SUFFIX}"
+            f"{directory_text(self.state_text)}/{self.name}{ALERTS_SUFFIX}"
         )
 
     # -- safety --------------------------------------------------------------------------------
@@ -960,9 +986,9 @@ class AccountStore:
         False (nothing decided) when any of that does not hold: check_paths then looks at
         each file the long way, which also raises the right error."""
         assert self._listing is not None
-        directory, _, state_name = str(self.state_path).rpartition("/")
-        lock_directory, _, lock_name = str(self.lock_path).rpartition("/")
-        token_directory, _, token_name = str(self.token_path).rpartition("/")
+        directory, _, state_name = self.state_text.rpartition("/")
+        lock_directory, _, lock_name = self.lock_text.rpartition("/")
+        token_directory, _, token_name = self.token_text.rpartition("/")
         if not directory or directory not in checked:
             return False
         if lock_directory != directory or token_directory != directory:
@@ -1083,18 +1109,19 @@ class AccountStore:
         ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
         Files that `store migrate` moved away are refused (:class:`StoreMoved`).
         """
-        path = self.state_path
+        path = self.state_text
         listing = self._listing
         # One look at the listing answers both questions (no marker? no state file?).
-        directory, slash, name = str(path).rpartition("/")
+        directory, slash, name = path.rpartition("/")
         entries = None if listing is None else listing.directory(directory or slash or ".")
         if self.honour_moved_marker and (entries is None or MOVED_NAME in entries):
-            check_not_moved(path.parent, account=self.account, listing=listing)
+            check_not_moved(self.state_path.parent, account=self.account, listing=listing)
+        self._loaded_signature = None
         if entries is not None and name not in entries:
             return None
         for _ in range(3):
             try:
-                raw, inode = _read_regular(path, what="state file")
+                raw, info = _read_regular(path, what="state file")
             except FileNotFoundError:
                 return None
             except PermissionError:
@@ -1109,7 +1136,7 @@ class AccountStore:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
-                kept = self._set_aside(path, inode, "corrupt")
+                kept = self._set_aside(self.state_path, info.st_ino, "corrupt")
                 if kept is None:
                     continue  # replaced by another writer meanwhile: read the new file
                 log.error("state file %s is damaged (%s); kept as %s", path, reason, kept)
@@ -1132,6 +1159,7 @@ class AccountStore:
                     self.name,
                 )
                 state = replace(state, account=self.name)
+            self._loaded_signature = (info.st_ino, info.st_mtime_ns, info.st_size)
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
@@ -1290,7 +1318,7 @@ class AccountStore:
                     kept,
                 )
             return None
-        if owner != str(self.state_path):
+        if owner != self.state_text:
             log.warning(
                 "account %s: ignoring rescue file %s: it belongs to %s, not %s",
                 self.name,
@@ -1355,12 +1383,16 @@ class AccountStore:
     def state_signature(self) -> tuple[int, int, int] | None:
         """Return (inode, mtime_ns, size) of the state file (None if absent) to spot changes."""
         try:
-            info = os.stat(self.state_path, follow_symlinks=False)
+            info = os.stat(self.state_text, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
         return (info.st_ino, info.st_mtime_ns, info.st_size)
+
+    def loaded_signature(self) -> tuple[int, int, int] | None:
+        """Return the signature of the state file load() read, from the descriptor it read."""
+        return self._loaded_signature
 
     def shared_due_at(self, state: AccountState) -> datetime | None:
         """Files plan nothing for the manager: it plans each refresh itself."""
@@ -1444,10 +1476,10 @@ class AccountStore:
 
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document, or None when there is no token file."""
-        if self._listing is not None and self._listing.absent(self.token_path):
+        if self._listing is not None and self._listing.absent(self.token_text):
             return None
         try:
-            raw = read_file(self.token_path, what="token file")
+            raw = read_file(self.token_text, what="token file")
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -904,6 +904,10 @@ class PgAccountStore:
         row = self.row()
         return row.generation if row is not None else None
 
+    def loaded_signature(self) -> int | None:
+        """Return the signature now: the row read last is kept in memory."""
+        return self.state_signature()
+
     def shared_due_at(self, state: AccountState) -> datetime | None:
         """Return when this node should claim ``state`` (None: plan it locally): the row's
         ``due_at``, later by a share of the lifetime unless this node is the account's first
