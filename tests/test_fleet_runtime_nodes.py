@@ -191,6 +191,7 @@ async def test_publish_accounts_narrows_the_files_a_node_writes_and_metrics_name
             text = await response.text()
         assert 'kakao_tokend_node_info{node="web-2"' in text
         assert "kakao_tokend_store_up 1.0" in text
+        assert "kakao_tokend_store_idle_holds_total " in text
         assert 'kakao_tokend_store_pool_connections{kind="pool_size"}' in text
         assert "kakao_tokend_store_rescue_pending 0.0" in text
         assert 'kakao_tokend_account_refreshed_by{account="default",node="cli"} 1.0' in text

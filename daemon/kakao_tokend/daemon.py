@@ -339,6 +339,7 @@ class Daemon:
             "listening": self.fleet_node.listening if self.fleet_node is not None else False,
             "claim_conflicts": stats.claim_conflicts,
             "commits": stats.commits,
+            "idle_holds": stats.idle_holds,
             "failed_commits": stats.failed_commits,
             "notifications": stats.notifications,
             "row_reads": stats.row_reads,

@@ -230,6 +230,7 @@ class DaemonCollector:
         for metric, value, text in (
             ("claim_conflicts", stats.claim_conflicts, "Rows another node held when wanted."),
             ("commits", stats.commits, "New token sets this node committed."),
+            ("idle_holds", stats.idle_holds, "Row locks that ended with nothing to commit."),
             ("failed_commits", stats.failed_commits, "Commits that failed (rescue files)."),
             ("notifications", stats.notifications, "Change notifications received."),
             ("row_reads", stats.row_reads, "Queries re-reading rows after notifications/polls."),
