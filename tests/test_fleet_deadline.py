@@ -318,3 +318,42 @@ async def test_a_node_stopped_while_its_database_is_silent_exits_within_its_stop
     assert code == 0, node.log_text()[-3000:]
     assert took <= budget, f"stopped after {took:.1f}s, budget {budget:g}s"
     within(store_waits, took)
+
+
+@pytest.mark.parametrize("given_back", [True, False], ids=["given back", "kept"])
+async def test_a_pool_wait_that_ran_out_while_the_process_was_stopped_takes_a_connection_given_back(
+    proxied: tuple[FleetStore, TcpProxy], given_back: bool
+) -> None:
+    """A node stopped (SIGSTOP, or its loop stalled) while every pooled connection was out
+    and a claim waited for one finds that wait run out when it runs again, though the
+    queries ended long ago and their connections come back at once. Taking that for a
+    database that does not answer failed the claim and marked the store unavailable at the
+    continue; the waiter takes the first connection given back instead. Connections that
+    stay out still end the wait, a share of it later."""
+    fleet, _proxy = proxied  # a pool of 2
+    keep = asyncio.Event()
+
+    async def borrowed_for_a_query() -> None:
+        async with fleet.connection("run a short query") as conn:
+            await conn.execute("SELECT pg_sleep(0.1)")
+            if not given_back:
+                await keep.wait()
+
+    holders = [asyncio.create_task(borrowed_for_a_query()) for _ in range(2)]
+    await asyncio.sleep(0.05)  # both connections out, their queries sent
+    waiter = asyncio.create_task(fleet.getconn("wait for a connection"))
+    await asyncio.sleep(0.05)  # waiting in the pool
+    time.sleep(fleet.deadline + 0.5)  # the process stopped: no callback runs meanwhile
+    continued = time.monotonic()
+    if given_back:
+        conn = await asyncio.wait_for(waiter, fleet.deadline)
+        await fleet.putconn(conn)
+        await asyncio.gather(*holders)
+        assert fleet.stats.up, fleet.stats.last_error
+        return
+    with pytest.raises(StoreUnavailable, match="no database connection"):
+        await asyncio.wait_for(waiter, fleet.deadline)
+    # A share of the wait (10 %), not a whole new one; loose, for a loaded machine.
+    assert time.monotonic() - continued < fleet.deadline / 2
+    keep.set()
+    await asyncio.gather(*holders)

@@ -476,11 +476,25 @@ class FleetStore:
         psycopg, whose cancel request waits on the same silent path (db.deadline). A
         connection that fails its check otherwise (the server restarted, ended the session)
         is closed and the next one tried, as the pool does.
+
+        A wait for a free connection that ended far later than it was set to (the process was
+        stopped or its loop stalled while every connection was out) gets a share more, once:
+        the connections come back as soon as their tasks run again, their answers waiting in
+        the sockets (db.deadline). A pool that is only busy fails at ``until`` as before.
         """
         loop = asyncio.get_running_loop()
+        stalled = False
         while True:
-            with store_errors(action):
-                conn = await pool.getconn(timeout=until - loop.time())
+            try:
+                with store_errors(action):
+                    conn = await pool.getconn(timeout=until - loop.time())
+            except StoreUnavailable:
+                grace = wait * DEADLINE_BACKSTOP_SHARE
+                if stalled or loop.time() - until < grace:
+                    raise
+                stalled = True
+                until = loop.time() + grace
+                continue
             try:
                 await check(conn, max(0.0, until - loop.time()))
             except TimeoutError:
