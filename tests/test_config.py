@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kakao_tokend import config as config_module
 from kakao_tokend.config import (
@@ -1117,6 +1119,8 @@ _PLAIN_TAIL = "[accounts.a]\n\n[accounts.b-2]  \n[accounts.c_3]\n"
         "x = 1\n\n" + _PLAIN_TAIL.replace("[accounts.a]", " [accounts.a]"),
         "x = 1\n" + _PLAIN_TAIL + "# the end\n",
         "x = \n" + _PLAIN_TAIL,
+        _PLAIN_TAIL + "[accounts.d]\r",  # a carriage return that ends no line: not TOML
+        "x = 1\r\n[accounts.d]\r",
     ],
 )
 def test_a_tail_of_plain_accounts_reads_as_tomllib_reads_it(text: str) -> None:
@@ -1137,3 +1141,63 @@ def test_a_tail_of_plain_accounts_reads_as_tomllib_reads_it(text: str) -> None:
         assert got == expected
         assert list(got) == list(expected)
         assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))
+
+
+#: Lines a configuration may hold before its tail, tricky ones included (an open string or
+#: array, an ``accounts`` defined in every way, headers that only look plain, a bare CR).
+_TOML_LINES = [
+    "[kakao]",
+    'rest_api_key = "x"',
+    'a = """',
+    '"""',
+    "b = '''",
+    "'''",
+    "[accounts]",
+    "[accounts.a]",
+    "accounts.b.x = 1",
+    "[[accounts.c]]",
+    "x = [",
+    "]",
+    "y = { accounts = 1 }",
+    '[accounts."q.r"]',
+    "[accounts.a] # c",
+    "  [accounts.z]",
+    "[accounts.z]  ",
+    "[ accounts.k ]",
+    '"accounts".x = 1',
+    "#[accounts.c]",
+    "",
+    "\r",
+    'z = "\\',
+    "[accounts.a.b]",
+    "[accounts.é]",
+    "[accounts.a]\r",
+    'm = """[accounts.zz]',
+    "[accounts.y]]",
+    "[[accounts.y]]",
+]
+_TAIL_LINES = ["[accounts.a]", "[accounts.b]", "[accounts.c-d]", "", " ", "[accounts.a]\r"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(_TOML_LINES), max_size=8),
+    st.lists(st.sampled_from(_TAIL_LINES), max_size=4),
+    st.sampled_from(["", "\n", "\r\n"]),
+)
+def test_any_file_reads_as_tomllib_reads_it(head: list[str], tail: list[str], end: str) -> None:
+    """Whatever comes before a tail of plain account lines, and however the lines end, the
+    shortcut answers as tomllib does: the same tables in the same order, or its error."""
+    import tomllib
+
+    text = "\n".join(head + tail) + end
+    try:
+        expected: Any = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        with pytest.raises(tomllib.TOMLDecodeError) as raised:
+            config_module._load_toml(text)
+        assert str(raised.value) == str(exc)
+        return
+    got = config_module._load_toml(text)
+    assert got == expected
+    assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))

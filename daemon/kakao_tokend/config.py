@@ -1318,10 +1318,11 @@ def _load_toml(text: str) -> dict[str, Any]:
     start = len(lines)
     names: list[str] = []
     match = _PLAIN_ACCOUNT_LINE.fullmatch
+    last = len(lines)
     while start:
         line = lines[start - 1]
-        if line.endswith("\r"):
-            line = line[:-1]  # CRLF
+        if line.endswith("\r") and start < last:
+            line = line[:-1]  # CRLF (a carriage return that ends no line is not TOML)
         if line.strip(" \t"):
             found = match(line)
             if found is None:
