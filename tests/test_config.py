@@ -1128,6 +1128,12 @@ def test_a_tail_of_plain_accounts_reads_as_tomllib_reads_it(text: str) -> None:
     gives for the whole file, or raises its error with the same line and column: valid
     files, an ``accounts`` defined earlier (as a table, a value, inline, an array, through
     an escaped key), a name repeated, a value left open before the tail, CRLF lines."""
+    assert_reads_as_tomllib(text)
+
+
+def assert_reads_as_tomllib(text: str) -> None:
+    """Assert that config._load_toml gives what tomllib gives for ``text`` (the same tables
+    in the same order), or raises its error with the same line and column."""
     import tomllib
 
     try:
@@ -1136,11 +1142,11 @@ def test_a_tail_of_plain_accounts_reads_as_tomllib_reads_it(text: str) -> None:
         with pytest.raises(tomllib.TOMLDecodeError) as raised:
             config_module._load_toml(text)
         assert str(raised.value) == str(exc)
-    else:
-        got = config_module._load_toml(text)
-        assert got == expected
-        assert list(got) == list(expected)
-        assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))
+        return
+    got = config_module._load_toml(text)
+    assert got == expected
+    assert list(got) == list(expected)
+    assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))
 
 
 #: Lines a configuration may hold before its tail, tricky ones included (an open string or
@@ -1188,16 +1194,4 @@ _TAIL_LINES = ["[accounts.a]", "[accounts.b]", "[accounts.c-d]", "", " ", "[acco
 def test_any_file_reads_as_tomllib_reads_it(head: list[str], tail: list[str], end: str) -> None:
     """Whatever comes before a tail of plain account lines, and however the lines end, the
     shortcut answers as tomllib does: the same tables in the same order, or its error."""
-    import tomllib
-
-    text = "\n".join(head + tail) + end
-    try:
-        expected: Any = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        with pytest.raises(tomllib.TOMLDecodeError) as raised:
-            config_module._load_toml(text)
-        assert str(raised.value) == str(exc)
-        return
-    got = config_module._load_toml(text)
-    assert got == expected
-    assert list(got.get("accounts", {})) == list(expected.get("accounts", {}))
+    assert_reads_as_tomllib("\n".join(head + tail) + end)
