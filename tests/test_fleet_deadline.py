@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -332,17 +332,20 @@ async def test_a_pool_wait_that_ran_out_while_the_process_was_stopped_takes_a_co
     stay out still end the wait, a share of it later."""
     fleet, _proxy = proxied  # a pool of 2
     keep = asyncio.Event()
+    borrowed: list[object] = []
 
     async def borrowed_for_a_query() -> None:
         async with fleet.connection("run a short query") as conn:
-            await conn.execute("SELECT pg_sleep(0.1)")
+            borrowed.append(conn)
+            await conn.execute("SELECT pg_sleep(0.2)")
             if not given_back:
                 await keep.wait()
 
     holders = [asyncio.create_task(borrowed_for_a_query()) for _ in range(2)]
-    await asyncio.sleep(0.05)  # both connections out, their queries sent
+    await until_true(lambda: len(borrowed) == 2)  # both connections out
+    await asyncio.sleep(0.05)  # their queries sent
     waiter = asyncio.create_task(fleet.getconn("wait for a connection"))
-    await asyncio.sleep(0.05)  # waiting in the pool
+    await until_true(lambda: fleet.pool_stats()["requests_waiting"] == 1)
     time.sleep(fleet.deadline + 0.5)  # the process stopped: no callback runs meanwhile
     continued = time.monotonic()
     if given_back:
@@ -357,3 +360,11 @@ async def test_a_pool_wait_that_ran_out_while_the_process_was_stopped_takes_a_co
     assert time.monotonic() - continued < fleet.deadline / 2
     keep.set()
     await asyncio.gather(*holders)
+
+
+async def until_true(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait (polling the loop) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
