@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from kakao_tokend.fleet import accounts, db, schema
 from kakao_tokend.fleet.accounts import AccountRow, RefreshStatus, RowLock
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet.store import FleetStore, PollMark
+from kakao_tokend.fleet.turns import LIVE_HEARTBEATS
 from pgcluster import PgCluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -273,3 +275,37 @@ async def test_a_node_that_names_ahead_is_told_of_the_rows_coming_due_within_its
     assert not fleet.names_in_time("never", later, now)  # no due_at: no poll names it
     fleet.stats.unavailable_since = now  # no poll answers: every account keeps its place
     assert not fleet.names_in_time("later", later, now)
+
+
+async def test_only_a_poll_says_the_cache_has_caught_up_not_a_notifications_reread(
+    pg_dsn: str, keyring: Keyring, tmp_path: Path
+) -> None:
+    """A node that heard nothing for three heartbeats (paused) is behind until a poll has read
+    every changed row. Re-reading the rows of the first notifications does not make it
+    current: after a pause the rest still wait in the listener's socket, and the claims of
+    those accounts went ahead of the poll (row locks taken for nothing)."""
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    heartbeat = 0.1
+    fleet = FleetStore(
+        dsn=pg_dsn,
+        keyring=keyring,
+        node="poller",
+        timeouts=db.DbTimeouts(),
+        state_dir=tmp_path / "state",
+        heartbeat=lambda: heartbeat,
+    )
+    await fleet.open()
+    try:
+        await fleet.poll()
+        assert fleet.behind_since() is None
+        await asyncio.sleep(LIVE_HEARTBEATS * heartbeat * 1.5)  # paused: nothing heard
+        assert fleet.behind_since() is not None
+        await refresh(pg_dsn, keyring, "shop")
+        rows = await fleet.reload_many({"shop"})  # what the notification applier does
+        fleet.note_notification(rows["shop"])
+        assert fleet.behind_since() is not None
+        await fleet.poll()
+        assert fleet.behind_since() is None
+    finally:
+        await fleet.close()
