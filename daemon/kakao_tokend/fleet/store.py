@@ -178,9 +178,10 @@ class FleetStats:
     last_notify_lag: float | None = None
     #: time.monotonic() of the last notification or poll (None: never).
     last_sync: float | None = None
-    #: time.monotonic() of the last poll or full read: every row written before it is in the
-    #: cache (a notification's re-read says that only of its own rows).
-    last_poll: float | None = None
+    #: time.monotonic() from which the cache is behind (FleetStore.behind_since), noted when a
+    #: notification ends a silence of LIVE_HEARTBEATS heartbeats (a pause); a poll begun
+    #: after it clears it. None: not known to be behind.
+    behind_from: float | None = None
     #: When the database stopped answering (None: it answers).
     unavailable_since: datetime | None = None
     last_error: str | None = None
@@ -597,6 +598,7 @@ class FleetStore:
         next poll re-reads whatever changed meanwhile (the listener's first poll compares
         every row anyway).
         """
+        began = time.monotonic()
         async with self.connection("read the store's transaction horizon") as conn:
             mark = await _poll_mark(conn)
             await conn.commit()
@@ -615,7 +617,7 @@ class FleetStore:
                 break
             after = max(rows.keys() | unreadable.keys())
         self._mark = mark
-        self.stats.last_sync = self.stats.last_poll = time.monotonic()
+        self._synced(began)
 
     def keep_row(self, row: AccountRow) -> AccountRow:
         """Keep ``row`` as the account's cached row; return what is kept.
@@ -694,6 +696,7 @@ class FleetStore:
         since. Every row is compared when ``full`` (the listener's (re)connect), at the first
         poll and after a poll that failed.
         """
+        began = time.monotonic()
         mark, self._mark = (None if full else self._mark), None  # a failure leaves None
         async with self.connection("poll the store's accounts") as conn:
             polled = None if mark is None else await self._poll_changes(conn, mark)
@@ -710,7 +713,7 @@ class FleetStore:
         found = self._keep_read(suspects, *read)
         changed = [name for name in sorted(suspects) if found[name] != before[name]]
         self._mark = new_mark
-        self.stats.last_sync = self.stats.last_poll = time.monotonic()
+        self._synced(began)
         return changed, due
 
     async def _poll_changes(
@@ -771,22 +774,31 @@ class FleetStore:
         """Return since when (``time.monotonic()``) the cached rows may be behind the store;
         None while they are not.
 
-        They are once no poll brought every changed row in for as long as the other nodes
-        take to count this node gone (LIVE_HEARTBEATS, fleet/turns.py; the listener polls
-        every heartbeat): the node was paused or its loop stalled, other nodes committed
-        meanwhile, and their notifications wait unread on the listener. A notification's
-        re-read does not count: after a pause the first few notifications are read while
-        the rest still wait in the socket, and the claims of those accounts went ahead of
-        the poll (10 row locks taken for nothing of 48 in a loaded run). Not while the
-        database does not answer: a claim then fails at once and is retried, and the
-        listener's reconnect compares every row anyway.
+        They are once nothing was heard from the store (a poll, a notification) for as long
+        as the other nodes take to count this node gone (LIVE_HEARTBEATS, fleet/turns.py):
+        the node was paused or its loop stalled, other nodes committed meanwhile, and their
+        notifications wait unread on the listener. They stay behind until a poll begun
+        after that has read every changed row: after a pause the first notifications are
+        read while the rest still wait in the socket, and when their re-read counted, the
+        claims of the other accounts went ahead of the poll (10 row locks of 48 taken for
+        nothing in a loaded run). Not while the database does not answer: a claim then
+        fails at once and is retried, and the listener's reconnect compares every row.
         """
         stats = self.stats
-        last = stats.last_poll
+        last = stats.last_sync
         if not stats.up or last is None:
             return None
+        if stats.behind_from is not None:
+            return stats.behind_from
         since = last + LIVE_HEARTBEATS * self.heartbeat()
         return since if time.monotonic() > since else None
+
+    def _synced(self, began: float) -> None:
+        """Note a poll (or full read) begun at ``began`` that read every changed row."""
+        stats = self.stats
+        stats.last_sync = time.monotonic()
+        if stats.behind_from is not None and began > stats.behind_from:
+            stats.behind_from = None
 
     async def catch_up(self) -> bool:
         """When the cache fell behind (:meth:`behind_since`), wait for one re-read of what
@@ -816,8 +828,11 @@ class FleetStore:
         return task.done() and not task.cancelled() and task.exception() is None and task.result()
 
     def note_notification(self, row: AccountRow | None) -> None:
-        """Note that a notified row was re-read, and how long after its commit."""
+        """Note that a notified row was re-read, and how long after its commit; one that ends
+        a silence long enough to be behind (a pause) leaves the node behind until a poll."""
         stats = self.stats
+        if stats.behind_from is None:
+            stats.behind_from = self.behind_since()
         stats.last_sync = time.monotonic()
         if row is not None and row.updated_at is not None:
             stats.last_notify_lag = max(0.0, (utcnow() - row.updated_at).total_seconds())
