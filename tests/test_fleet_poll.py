@@ -34,13 +34,14 @@ async def open_fleet(keyring: Keyring, tmp_path: Path) -> AsyncIterator[Callable
     """Open a node's FleetStore on a DSN when called (the rows written so far are read)."""
     opened: list[FleetStore] = []
 
-    async def open_(dsn: str) -> FleetStore:
+    async def open_(dsn: str, heartbeat: float = 60.0) -> FleetStore:
         fleet = FleetStore(
             dsn=dsn,
             keyring=keyring,
             node="poller",
             timeouts=db.DbTimeouts(),
             state_dir=tmp_path / "state",
+            heartbeat=lambda: heartbeat,
         )
         await fleet.open()
         opened.append(fleet)
@@ -278,7 +279,7 @@ async def test_a_node_that_names_ahead_is_told_of_the_rows_coming_due_within_its
 
 
 async def test_only_a_poll_says_the_cache_has_caught_up_not_a_notifications_reread(
-    pg_dsn: str, keyring: Keyring, tmp_path: Path
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[..., Any]
 ) -> None:
     """A node that heard nothing for three heartbeats (paused) is behind until a poll has read
     every changed row. Re-reading the rows of the first notifications does not make it
@@ -287,25 +288,14 @@ async def test_only_a_poll_says_the_cache_has_caught_up_not_a_notifications_rere
     await migrated(pg_dsn)
     await add(pg_dsn, keyring, "shop")
     heartbeat = 0.1
-    fleet = FleetStore(
-        dsn=pg_dsn,
-        keyring=keyring,
-        node="poller",
-        timeouts=db.DbTimeouts(),
-        state_dir=tmp_path / "state",
-        heartbeat=lambda: heartbeat,
-    )
-    await fleet.open()
-    try:
-        await fleet.poll()
-        assert fleet.behind_since() is None
-        await asyncio.sleep(LIVE_HEARTBEATS * heartbeat * 1.5)  # paused: nothing heard
-        assert fleet.behind_since() is not None
-        await refresh(pg_dsn, keyring, "shop")
-        rows = await fleet.reload_many({"shop"})  # what the notification applier does
-        fleet.note_notification(rows["shop"])
-        assert fleet.behind_since() is not None
-        await fleet.poll()
-        assert fleet.behind_since() is None
-    finally:
-        await fleet.close()
+    fleet: FleetStore = await open_fleet(pg_dsn, heartbeat)
+    await fleet.poll()
+    assert fleet.behind_since() is None
+    await asyncio.sleep(LIVE_HEARTBEATS * heartbeat * 1.5)  # paused: nothing heard
+    assert fleet.behind_since() is not None
+    await refresh(pg_dsn, keyring, "shop")
+    rows = await fleet.reload_many({"shop"})  # what the notification applier does
+    fleet.note_notification(rows["shop"])
+    assert fleet.behind_since() is not None
+    await fleet.poll()
+    assert fleet.behind_since() is None
