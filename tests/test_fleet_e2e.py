@@ -76,6 +76,17 @@ async def all_refreshed(fleet: Fleet, *, since: float = 0.0, times: int = 1) -> 
     return all(done[name] >= times for name in fleet.accounts)
 
 
+async def refreshed_once(make_fleet: FleetFactory, **options: Any) -> Fleet:
+    """Make a fleet (``options`` as make_fleet's), seed it, start every node and wait until
+    each account was refreshed once: the first round, which a node that started first races
+    before it has seen the others' rows."""
+    fleet = await make_fleet(**options)
+    await fleet.seed()
+    await fleet.start()
+    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    return fleet
+
+
 def fresh_everywhere(fleet: Fleet, nodes: list[FleetNode]) -> bool:
     """True when every account's token file on every node in ``nodes`` is valid now."""
     return all(not fleet.expired_published(node) for node in nodes)
@@ -128,11 +139,7 @@ async def test_each_account_is_refreshed_by_its_first_claimant_so_the_nodes_shar
     """
     # 10 s tokens: the others' wait is 2 % of the lifetime, 0.2 s. With 5 s tokens (0.1 s) a
     # first claimant lagging more than that under the full suite's load lost 33 of 60.
-    fleet = await make_fleet(access_lifetime=10.0, nodes=3, accounts=30)
-    await fleet.seed()
-    await fleet.start()
-    # The first round is raced: a node that started first has not seen the others' rows yet.
-    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(make_fleet, access_lifetime=10.0, nodes=3, accounts=30)
     warmed = len(await fleet.rotation_log())
     since = fleet.emulator.now()
     await wait_until(
@@ -232,10 +239,7 @@ async def test_a_node_paused_longer_than_the_access_lifetime_neither_stalls_nor_
     overwritten nothing.
     """
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=3, accounts=3)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=15, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(make_fleet, access_lifetime=lifetime, nodes=3, accounts=3)
     sleeper = fleet.nodes[0]
     others = fleet.nodes[1:]
     await fleet.pause_holding_no_row_lock(sleeper)
@@ -278,10 +282,7 @@ async def test_a_node_continued_after_a_pause_rereads_what_changed_in_a_few_quer
     notification, which kept a woken node serving expired token files for seconds.
     """
     lifetime = 5.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=24)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(make_fleet, access_lifetime=lifetime, nodes=2, accounts=24)
     sleeper = fleet.nodes[0]
     before = await fleet_counters(sleeper)
     await fleet.pause_holding_no_row_lock(sleeper)
@@ -351,10 +352,9 @@ async def test_a_node_continued_after_a_pause_catches_up_before_it_claims_anythi
     docs/fleet.md §8).
     """
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=48, proxied=True)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(
+        make_fleet, access_lifetime=lifetime, nodes=2, accounts=48, proxied=True
+    )
     sleeper = fleet.nodes[0]
     assert sleeper.proxy is not None
     before = await fleet_counters(sleeper)
@@ -402,10 +402,7 @@ async def test_a_postgres_restart_during_refreshes_loses_no_refresh_token(
     again afterwards with its refresh token still live, and no rescue file is left.
     """
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=4)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=15, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(make_fleet, access_lifetime=lifetime, nodes=2, accounts=4)
     emulator = fleet.emulator
     outages: list[tuple[float, float]] = []
     for mode in ("fast", "immediate", "fast"):
@@ -458,10 +455,9 @@ async def test_a_node_cut_off_from_the_database_is_covered_by_the_others_and_cat
     and publishes the current tokens.
     """
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=3, accounts=3, proxied=True)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=15, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(
+        make_fleet, access_lifetime=lifetime, nodes=3, accounts=3, proxied=True
+    )
     island = fleet.nodes[0]
     assert island.proxy is not None
     island.proxy.refuse()
@@ -469,7 +465,8 @@ async def test_a_node_cut_off_from_the_database_is_covered_by_the_others_and_cat
     cut_at = fleet.emulator.now()
     await asyncio.sleep(2 * lifetime)
     fleet.check_alive()
-    assert await all_refreshed(fleet, since=cut_at, times=2)
+    done = fleet.successful_refreshes(since=cut_at)
+    assert await all_refreshed(fleet, since=cut_at, times=2), (done, fleet.logs())
     rows = await fleet.rows()
     assert island.name not in {row.refreshed_by for row in rows.values()}
     for node in fleet.nodes[1:]:
@@ -492,10 +489,7 @@ async def test_a_node_stopped_cleanly_hands_its_accounts_over_at_once(
     """SIGTERM one of two nodes: it removes its ``nodes`` row, so the other becomes every
     account's first claimant at its next heartbeat and refreshes them all without a claim
     delay, instead of counting the stopped node as live for three more heartbeats."""
-    fleet = await make_fleet(access_lifetime=5.0, nodes=2, accounts=6)
-    await fleet.seed()
-    await fleet.start()
-    await wait_until(lambda: all_refreshed(fleet), timeout=20, what="first refreshes", fleet=fleet)
+    fleet = await refreshed_once(make_fleet, access_lifetime=5.0, nodes=2, accounts=6)
     leaving, staying = fleet.nodes
 
     async def both_listed() -> bool:

@@ -820,8 +820,8 @@ class FleetStore:
             if self.resync is None or since is None:
                 return False
             task = self._catching_up = self.resync(since)
-        # Once begun, every claim waits for it: a notification's re-read that ends meanwhile
-        # makes the node look current again, and those claims went ahead of the poll.
+        # Once begun, every claim waits for this one re-read (behind_since stays set until a
+        # poll begun after the silence has ended; it is such a poll).
         # asyncio.wait: a caller that gives up (or is cancelled) leaves the shared re-read
         # running, and one the node's stop cancels is only a re-read not done.
         await asyncio.wait({task}, timeout=self.deadline)
