@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -73,27 +74,45 @@ def account_names(count: int) -> list[str]:
     return ["default"] if count == 1 else [f"acct{i:04d}" for i in range(count)]
 
 
-#: The modules a daemon and the baselines import, compiled once per benchmark run.
+#: The modules a daemon and the baselines import, compiled once (see workdir()).
 WARM_IMPORTS = (
     "import asyncio, aiohttp, apscheduler, kakao_tokend.__main__, kakao_tokend.service,"
     " kakao_tokend.api, kakao_tokend.hooks, kakao_tokend.templates, kakao_tokend.scheduler"
 )
-#: Where the children keep their bytecode (set by workdir(); None: the environment decides).
+#: Where the children keep their bytecode (set by workdir(); None: beside the sources).
 _pycache: Path | None = None
+
+
+def bytecode_beside_sources() -> bool:
+    """Whether the children can keep their bytecode in the usual ``__pycache__`` directories:
+    those of the daemon's package and of the libraries it imports are writable (pip compiled
+    the libraries at install time; a checkout's own package is compiled once, then read)."""
+    for name in ("kakao_tokend", "aiohttp", "apscheduler"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            return False
+        package = Path(spec.origin).parent
+        cache = package / "__pycache__"
+        if not os.access(cache if cache.is_dir() else package, os.W_OK):
+            return False
+    return True
 
 
 @contextlib.contextmanager
 def workdir(keep: bool = False) -> Iterator[Path]:
     """Create a private temporary directory for one benchmark run and remove it afterwards.
 
-    Every child runs from compiled bytecode, kept in ``pycache/`` in this directory, as an
-    installed package does (pip compiles at install time). Without it, a shell with
-    PYTHONDONTWRITEBYTECODE=1 makes every daemon start compile the daemon's own modules
-    (~0.1 s) while the baseline's aiohttp comes precompiled from site-packages.
+    Every child runs from compiled bytecode, as an installed package does (pip compiles at
+    install time). Without it, a shell with PYTHONDONTWRITEBYTECODE=1 makes every daemon start
+    compile the daemon's own modules (~0.1 s) while the baseline's aiohttp comes precompiled
+    from site-packages. So the children may write bytecode (child_environment()), and one
+    import of everything they use writes what is missing before the first child is measured:
+    beside the sources where they are writable (then only once: a later run reads it), else
+    in ``pycache/`` in this directory (each run compiles everything again, 1.5 CPU-s).
     """
     global _pycache
     path = Path(tempfile.mkdtemp(prefix="kakao-tokend-bench-"))
-    _pycache = path / "pycache"
+    _pycache = None if bytecode_beside_sources() else path / "pycache"
     try:
         subprocess.run([PYTHON, "-c", WARM_IMPORTS], env=child_environment(), check=True)
         yield path

@@ -81,7 +81,7 @@ class Variant:
 
 async def main() -> None:
     args = parse_args(__doc__ or "", options=_options)
-    runs = 3 if args.quick else 15
+    runs = 1 if args.quick else 15  # --quick proves the script runs: one round after the warm-up
     many, many_runs = (20, 1) if args.quick else (1000, 7)
     sources = [("", None)]
     if args.before is not None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,12 +59,28 @@ def imported(module: str, path: Path, known: dict[str, Path]) -> Iterator[str]:
 
 @functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """Return module -> the package's modules it imports (itself left out)."""
+    """Return module -> the package's modules it imports (itself left out).
+
+    Parsing the package costs about 0.4 CPU-s, and the suite's parallel workers each run some
+    of these tests: the first leaves the graph in the run's temporary directory, named after
+    every module's name, size and modification time, and the others read it from there.
+    """
     known = modules()
-    return {
+    stamps = sorted((m, p.stat().st_size, p.stat().st_mtime_ns) for m, p in known.items())
+    key = hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]
+    saved = Path(tempfile.gettempdir()) / f"kakao-tokend-import-graph-{key}.json"
+    try:
+        return {module: set(targets) for module, targets in json.loads(saved.read_text()).items()}
+    except (OSError, ValueError):
+        pass
+    graph = {
         module: {target for target in imported(module, path, known) if target != module}
         for module, path in known.items()
     }
+    partial = saved.with_name(f"{saved.name}.{os.getpid()}")
+    partial.write_text(json.dumps({module: sorted(targets) for module, targets in graph.items()}))
+    partial.replace(saved)  # atomic: a reader sees the whole graph or none
+    return graph
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
