@@ -175,6 +175,11 @@ class Kauth:
         parts = [json.dumps(header).encode(), json.dumps(claims).encode(), secrets.token_bytes(64)]
         return ".".join(_b64url(part) for part in parts)
 
+    def _seconds(self, lifetime: float) -> int | str:
+        """A lifetime as the answer carries it: whole seconds, as a string if so set."""
+        seconds = int(lifetime)
+        return str(seconds) if self.state.settings.lifetimes_as_strings else seconds
+
     def _grant(
         self,
         user_id: int,
@@ -198,9 +203,9 @@ class Kauth:
         body: dict[str, Any] = {
             "token_type": "bearer",
             "access_token": access,
-            "expires_in": int(settings.access_lifetime),
+            "expires_in": self._seconds(settings.access_lifetime),
             "refresh_token": refresh,
-            "refresh_token_expires_in": int(
+            "refresh_token_expires_in": self._seconds(
                 settings.refresh_lifetime if refresh_lifetime is None else refresh_lifetime
             ),
             "scope": " ".join(scopes),
@@ -474,7 +479,7 @@ class Kauth:
         body: dict[str, Any] = {
             "token_type": "bearer",
             "access_token": access,
-            "expires_in": int(settings.access_lifetime),
+            "expires_in": self._seconds(settings.access_lifetime),
         }
         new_fp = None
         if rotate:
@@ -487,7 +492,8 @@ class Kauth:
             )
             record.retired_at = now  # kept (not deleted) so a later use is logged as retired
             body["refresh_token"] = fresh
-            body["refresh_token_expires_in"] = int(settings.refresh_lifetime)
+            if settings.refresh_expiry_on_rotation:
+                body["refresh_token_expires_in"] = self._seconds(settings.refresh_lifetime)
             stats.rotations += 1
             new_fp = fingerprint(fresh)
         if settings.scope_on_refresh:

@@ -1,0 +1,115 @@
+"""Odd but legal token answers, end to end: the in-process refresher against the emulator.
+
+Kakao's docs list the fields of a token answer but not their JSON types, and a rotation's
+``refresh_token_expires_in`` is documented next to the token, not promised with it. Each test
+here makes the emulator answer one such way and checks what an operator would: the account
+keeps refreshing, the new refresh token is saved, and no false alarm is raised.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+
+from daemonproc import login, write_config
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.status import AccountEvent, EventKind, Health
+from kakao_tokend.store import AccountStore
+
+# Seconds-long tokens with Kakao's proportions: the refresh token lives ten access lifetimes
+# and rotates in the last half of its life (a month of two).
+ACCESS = 60.0
+REFRESH = 600.0
+WINDOW = 300.0
+# The alert ladder scaled to that refresh token, as `kakao-tokend emulator` prints it.
+ALERTS = '[alerts]\nthresholds = ["140s", "70s", "30s"]\ncritical_below = "30s"\n'
+
+
+async def virtual_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> AccountManager:
+    """Log in, then build the daemon's manager on the emulator's virtual clock.
+
+    The manager and its client read the emulator's clock, so advancing it ages the tokens on
+    both sides at once (hours of a real account in a second of test).
+    """
+    settings = emulator.settings
+    settings.access_lifetime, settings.refresh_lifetime = ACCESS, REFRESH
+    settings.rotation_window = WINDOW
+    config_path = write_config(tmp_path, emulator, extra=ALERTS)
+    await login(emulator, config_path)
+    account = load_config(config_path).accounts["default"]
+    clock = emulator.now_datetime
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app, clock=clock),
+        policy=load_config(config_path).refresh,
+        clock=clock,
+    )
+    manager.load()
+    return manager
+
+
+async def test_rotation_without_its_expiry_is_neither_unrenewed_nor_a_missed_rotation(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotated refresh token that arrives without ``refresh_token_expires_in`` is saved, and
+    the account then grades healthy: no "expires and was not renewed" alert, and the next
+    refreshes (Kakao does not rotate a fresh token) are not reported as missed rotations."""
+    emulator.settings.refresh_expiry_on_rotation = False
+    manager = await virtual_manager(emulator, tmp_path, session)
+    events: list[AccountEvent] = []
+    manager.listeners.append(events.append)
+    first = manager.state
+    assert first is not None
+
+    emulator.advance_clock(REFRESH - WINDOW + 10)  # 290 s left: inside the window
+    await manager.refresh(force=True)
+    saved = manager.store.load()
+    assert saved is not None and saved.tokens.refresh_token != first.tokens.refresh_token
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+    assert emulator.refresh_token_status(first.tokens.refresh_token) == "retired"
+
+    # Past the old token's 70 s stage, then a regular refresh that does not rotate.
+    emulator.advance_clock(240)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK
+    assert EventKind.NO_ROTATION not in [e.kind for e in events]
+    assert manager.status.missed_rotation is False
+    grade = manager.health()
+    assert grade.names() == [], grade.conditions
+    # The estimate is the real life Kakao gave the new token, counted from our request.
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_expiry_estimated is True
+    real_left = REFRESH - 240
+    assert abs(tokens.refresh_remaining(emulator.now_datetime()).total_seconds() - real_left) < 5
+
+
+async def test_lifetimes_sent_as_strings_log_in_refresh_and_rotate(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """``"expires_in": "60"`` on the code exchange and on refreshes: the login works, the
+    refresh succeeds at once (not retried until the access token dies), and a rotation's
+    expiry is exact."""
+    emulator.settings.lifetimes_as_strings = True
+    manager = await virtual_manager(emulator, tmp_path, session)
+    state = manager.state
+    assert state is not None
+    assert state.tokens.access_lifetime == timedelta(seconds=ACCESS)
+
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_token != state.tokens.refresh_token
+    assert tokens.refresh_expiry_estimated is False
+    left = tokens.refresh_remaining(emulator.now_datetime()).total_seconds()
+    assert REFRESH - 5 < left <= REFRESH
