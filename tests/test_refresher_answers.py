@@ -16,6 +16,7 @@ import aiohttp
 from daemonproc import login, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.health import Severity
 from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import AccountEvent, EventKind, Health
@@ -113,3 +114,56 @@ async def test_lifetimes_sent_as_strings_log_in_refresh_and_rotate(
     assert tokens.refresh_expiry_estimated is False
     left = tokens.refresh_remaining(emulator.now_datetime()).total_seconds()
     assert REFRESH - 5 < left <= REFRESH
+
+
+async def kakao_terms_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> AccountManager:
+    """virtual_manager with the configuration a real Kakao account gets: the rotation window
+    and the alert ladder left at their defaults (30 days; 14d 7d 3d 1d, critical below 3d)."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    config_path = write_config(tmp_path, emulator, rotation_window=30 * 86400.0)
+    config = load_config(config_path)
+    manager.account = config.accounts["default"]
+    manager.set_policy(config.refresh)
+    assert manager.account.alerts.thresholds[0] == 14 * 86400.0
+    return manager
+
+
+async def test_kakao_sized_settings_fit_a_short_refresh_token_when_healthy(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A 10-minute refresh token under the default settings, written for Kakao's 60-day one: a
+    window of 30 days and alerts from 14 days left would call every refresh a missed rotation
+    and every moment critical. Every such rule is a share of the token's life instead, so a
+    healthy account through a rotation grades clean."""
+    manager = await kakao_terms_manager(emulator, tmp_path, session)
+    events: list[AccountEvent] = []
+    manager.listeners.append(events.append)
+    assert manager.health().names() == []
+    await manager.refresh(force=True)  # 600 s left of 600: no rotation, none expected
+    assert manager.health().names() == []
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    await manager.refresh(force=True)  # rotates
+    emulator.advance_clock(ACCESS)
+    await manager.refresh(force=True)  # a fresh token: no rotation, none expected
+    assert [e.kind for e in events].count(EventKind.ROTATED) == 1
+    assert EventKind.NO_ROTATION not in [e.kind for e in events]
+    assert manager.health().names() == []
+
+
+async def test_kakao_sized_settings_still_alert_a_short_refresh_token_that_is_not_renewed(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The same settings still raise the alarms in proportion: a refresh token Kakao never
+    renews warns (the 14-day stage is 140 s of 600), turns critical below the 3-day share
+    (30 s), and a refresh deep in the window that did not rotate is a missed rotation."""
+    manager = await kakao_terms_manager(emulator, tmp_path, session)
+    emulator.settings.rotation_window = 0  # this Kakao never rotates
+    emulator.advance_clock(REFRESH - 130)
+    await manager.refresh(force=True)
+    grade = manager.health()
+    assert set(grade.names()) == {"refresh_expiry", "missed_rotation"}, grade.names()
+    assert grade.severity is Severity.WARNING
+    emulator.advance_clock(110)  # 20 s left
+    assert manager.health().severity is Severity.CRITICAL

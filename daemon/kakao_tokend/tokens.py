@@ -487,6 +487,39 @@ def backoff_delay(
     return max(delay, 0.0)
 
 
+#: The refresh-token lifetime Kakao hands out (60 days less a second): the yardstick of the
+#: settings written in Kakao's terms (the rotation window, the alert thresholds).
+KAKAO_REFRESH_LIFETIME = 5183999.0
+
+
+def refresh_lifetime(tokens: TokenSet) -> float | None:
+    """Return the life (seconds) the current refresh token was issued with; None if unknown."""
+    issued = tokens.refresh_issued_at
+    if issued is None or tokens.refresh_expires_at <= issued:
+        return None
+    return (tokens.refresh_expires_at - issued).total_seconds()
+
+
+def kakao_scale(tokens: TokenSet, longest: float) -> float:
+    """Return the factor that fits durations set for Kakao's refresh token to this one.
+
+    1 as a rule. But when the longest of them is at least the whole life of this refresh
+    token (a 30-day rotation window or a 14-day alert against a 10-minute token from a test
+    emulator), they cannot mean what they say: every refresh would lie in the window, every
+    moment would be an alert. Then they keep their share of Kakao's 60-day life: the token's
+    life over Kakao's, so a 30-day window is half of any refresh token's life.
+    """
+    life = refresh_lifetime(tokens)
+    if life is None or longest < life:
+        return 1.0
+    return life / KAKAO_REFRESH_LIFETIME
+
+
+def rotation_window(tokens: TokenSet, configured: float) -> timedelta:
+    """Return a rotation window of Kakao's terms (one month) fitted to ``tokens``."""
+    return timedelta(seconds=configured * kakao_scale(tokens, configured))
+
+
 def in_rotation_window(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:
     """Return True when Kakao may rotate the refresh token at the next refresh."""
     return tokens.refresh_remaining(now) < window
