@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from daemonproc import login, write_config
+from daemonproc import login, run_cli, short_tokens, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.health import Severity
@@ -167,3 +167,32 @@ async def test_kakao_sized_settings_still_alert_a_short_refresh_token_that_is_no
     assert grade.severity is Severity.WARNING
     emulator.advance_clock(110)  # 20 s left
     assert manager.health().severity is Severity.CRITICAL
+
+
+async def test_a_daemon_under_default_settings_keeps_odd_short_tokens_quietly(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend run` with Kakao's default window and alert ladder against 2-second access
+    and 12-second refresh tokens whose lifetimes come as strings and whose rotations come
+    without their expiry: it rotates again and again, saves each new refresh token, and says
+    nothing alarming — no warning in the log, no alert in KakaoTalk, `status` exits 0."""
+    short_tokens(emulator, access=2, refresh=12)
+    emulator.settings.refresh_expiry_on_rotation = False
+    emulator.settings.lifetimes_as_strings = True
+    config = write_config(tmp_path, emulator, rotation_window=30 * 86400.0)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("rotated=yes", count=2, timeout=40)
+        code, out, err = await run_cli(config, "status")
+        assert code == 0, out + err
+    finally:
+        assert await daemon.stop() == 0
+    log = daemon.log_text()
+    loud = [line for line in log.splitlines() if " WARNING " in line or " CRITICAL " in line]
+    assert loud == [], "\n".join(loud)
+    assert emulator.inbox() == []
+    assert emulator.stats.retired_refresh_presented == 0
+    saved = AccountStore(load_config(config).accounts["default"]).load()
+    assert saved is not None
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
