@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from daemonproc import login, run_cli, short_tokens, start_daemon, write_config
 from kakao_tokend.config import load_config
@@ -169,6 +170,7 @@ async def test_kakao_sized_settings_still_alert_a_short_refresh_token_that_is_no
     assert manager.health().severity is Severity.CRITICAL
 
 
+@pytest.mark.slow(seconds=14)
 async def test_a_daemon_under_default_settings_keeps_odd_short_tokens_quietly(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
