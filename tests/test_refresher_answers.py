@@ -8,6 +8,7 @@ keeps refreshing, the new refresh token is saved, and no false alarm is raised.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.status import AccountEvent, EventKind, Health
 from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import utcnow
 
 # Seconds-long tokens with Kakao's proportions: the refresh token lives ten access lifetimes
 # and rotates in the last half of its life (a month of two).
@@ -198,3 +200,37 @@ async def test_a_daemon_under_default_settings_keeps_odd_short_tokens_quietly(
     saved = AccountStore(load_config(config).accounts["default"]).load()
     assert saved is not None
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
+@pytest.mark.parametrize("kind", ["http429", "http429_retry_after"])
+async def test_a_429_on_the_token_endpoint_pauses_within_the_tokens_life(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, kind: str
+) -> None:
+    """HTTP 429 from a gateway in front of Kakao, without Retry-After or with an hour of it:
+    the refresher pauses as for a rate limit (not the quick first step), yet the retry lands
+    before the 6-second access token expires, and it succeeds."""
+    short_tokens(emulator, access=6, refresh=3600)
+    config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m")
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=config.refresh,
+    )
+    manager.load()
+    emulator.inject("token", kind)
+    await manager.refresh(force=True)
+    status = manager.status
+    assert (status.health, status.last_error_class) == (Health.RETRYING, "http429")
+    assert status.next_attempt_at is not None and manager.state is not None
+    now = utcnow()
+    wait = (status.next_attempt_at - now).total_seconds()
+    left = manager.state.tokens.access_remaining(now).total_seconds()
+    # The longest step of a 6-second life is 0.5 s: a rate limit waits at least half of it.
+    assert 0.25 <= wait < left, (wait, left)
+    await asyncio.sleep(wait)
+    await manager.tick()
+    assert manager.status.health is Health.OK, manager.status.last_error
