@@ -234,3 +234,22 @@ async def test_a_429_on_the_token_endpoint_pauses_within_the_tokens_life(
     await asyncio.sleep(wait)
     await manager.tick()
     assert manager.status.health is Health.OK, manager.status.last_error
+
+
+async def test_token_answers_without_expires_in_ask_kakao_how_long_the_token_lives(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A token answer without ``expires_in`` still carries a working access token: its life is
+    asked of access_token_info instead of refusing the login, or throwing the token away and
+    refreshing again and again until it dies."""
+    emulator.settings.omit_token_fields = ["expires_in"]
+    manager = await virtual_manager(emulator, tmp_path, session)
+    state = manager.state
+    assert state is not None
+    assert abs(state.tokens.access_lifetime.total_seconds() - ACCESS) < 2
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.access_token != state.tokens.access_token
+    left = tokens.access_remaining(emulator.now_datetime()).total_seconds()
+    assert ACCESS - 2 < left <= ACCESS

@@ -13,6 +13,7 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
     transport    TLS/certificate failure                            U(amb=False)
     transport    invalid URL                                        KakaoConfigError
     transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
+    kauth token  200 without expires_in                             asked of access_token_info
     kauth token  200, new refresh token, broken access part         PartialRefresh (a U carrying
                                                                     the salvaged token set)
     any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
@@ -416,6 +417,7 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         body = await self._token_request(form, secrets_=(code, code_verifier))
+        body = await self._with_expires_in(body)
         try:
             return TokenSet.from_token_response(body, requested_at=requested_at)
         except TokenResponseError as exc:
@@ -432,6 +434,7 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
+        body = await self._with_expires_in(body)
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
         except PartialTokenResponse as exc:
@@ -443,6 +446,26 @@ class KakaoClient:
             ) from None
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
+
+    async def _with_expires_in(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Complete a token answer that has an access token but no ``expires_in``.
+
+        Kakao always sends it, but without it the access token still works: ask
+        access_token_info how long it lives rather than throw it away (and, for a refresh,
+        ask Kakao for another one until this one dies). The seconds it gives count from
+        before the question, so the expiry, counted from the token request, is never late.
+        When Kakao cannot say, the answer stays as it was and is refused as unusable.
+        """
+        access = body.get("access_token")
+        if body.get("expires_in") is not None or not isinstance(access, str) or not access:
+            return body
+        try:
+            info = await self.access_token_info(access)
+        except KakaoError as exc:
+            log.debug("token answer without expires_in; access_token_info failed: %s", exc.label)
+            return body
+        log.debug("token answer without expires_in; access_token_info says %ds", info.expires_in)
+        return {**body, "expires_in": info.expires_in}
 
     # --- kapi -------------------------------------------------------------------------------
 

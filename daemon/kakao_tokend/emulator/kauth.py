@@ -213,7 +213,12 @@ class Kauth:
         if with_id_token:
             body["id_token"] = self._id_token(user_id, nonce)
         self.state.stats.code_exchanges += 1
-        return body
+        return self._omit(body)
+
+    def _omit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Leave out the fields ``omit_token_fields`` names."""
+        omitted = self.state.settings.omit_token_fields
+        return {k: v for k, v in body.items() if k not in omitted} if omitted else body
 
     def _link(self, user: EmulatedUser, requested: list[str]) -> tuple[str, ...]:
         settings = self.state.settings
@@ -504,4 +509,4 @@ class Kauth:
         outcome = "rotated" if rotate else ("grace" if retired else "ok")
         stats.refresh_log.append(RefreshAttempt(now, fp, outcome, record.user_id, new_fp, retired))
         logger.debug("refresh with %s: %s %s", fp, outcome, new_fp or "")
-        return web.json_response(body)
+        return web.json_response(self._omit(body))
