@@ -9,6 +9,7 @@ keeps refreshing, the new refresh token is saved, and no false alarm is raised.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -253,3 +254,23 @@ async def test_token_answers_without_expires_in_ask_kakao_how_long_the_token_liv
     assert tokens.access_token != state.tokens.access_token
     left = tokens.access_remaining(emulator.now_datetime()).total_seconds()
     assert ACCESS - 2 < left <= ACCESS
+
+
+async def test_the_first_start_makes_the_user_info_call_a_failed_login_could_not(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A login whose /v2/user/me failed stores no user id; Kakao would unlink that user a day
+    later. The daemon's check at start makes the call then, once."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    assert manager.state is not None
+    unsigned = replace(manager.state, user_id=None)
+    manager.store.save(unsigned)
+    manager.load()
+    emulator.user().personal_info_called = False
+    calls = emulator.stats.requests["user_me"]
+    await manager.verify()
+    assert emulator.user().personal_info_called
+    assert emulator.stats.requests["user_me"] == calls + 1
+    assert manager.state is not None and manager.state.user_id == emulator.user().id
+    await manager.verify()  # the id is known now: no second call
+    assert emulator.stats.requests["user_me"] == calls + 1

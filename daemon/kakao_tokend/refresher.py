@@ -528,6 +528,8 @@ class AccountManager:
         state = self.state
         if state is None or self.status.health is not Health.OK:
             return
+        if state.user_id is None:
+            await self._sign_up(state)
         asked_at = self.clock()
         try:
             info = await self.client.access_token_info(state.tokens.access_token)
@@ -561,6 +563,25 @@ class AccountManager:
             format_duration(info.expires_in),
         )
         await self._trust_kakaos_expiry(state, asked_at + timedelta(seconds=info.expires_in))
+
+    async def _sign_up(self, state: AccountState) -> None:
+        """Call /v2/user/me for an account whose login could not (no user id is known).
+
+        Kakao unlinks users who make no personal-info call within a day of their first login
+        (docs/kakao.md, "What ends a login early"); `login` makes it, but when Kakao failed it
+        there, the first start of the daemon is the next chance.
+        """
+        try:
+            await self.client.user_me(state.tokens.access_token)
+        except KakaoError as exc:
+            log.warning(
+                "account %s: could not call /v2/user/me (%s); Kakao unlinks users that never"
+                " call a user-info API within a day of their first login",
+                self.name,
+                exc,
+            )
+        else:
+            log.info("account %s: called /v2/user/me, which the login could not", self.name)
 
     async def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
         """Kakao says the access token dies sooner than we computed: believe Kakao.
