@@ -23,7 +23,9 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                  007/008/009, KOE201/202, KOE319 (bug)
     kauth        KOE003 (temporary), KOE237 (rate limit:            U(amb only for 5xx)
                  rate_limited; the pause is the refresher's)
-    kauth        no known code, error == invalid_client             KakaoConfigError
+    kauth        no known code, error == invalid_client,            KakaoConfigError
+                 misconfigured, unauthorized_client,
+                 unsupported_grant_type, invalid_scope
     kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
     kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
     kapi         -401 otherwise (token unknown or expired)          AccessTokenRejected, a
@@ -223,6 +225,15 @@ _KOE_CONFIG: dict[str, tuple[str, str | None]] = {
         "the refresh request carried no refresh token",
         "this is a bug in kakao-tokend; please report it",
     ),
+}
+
+# OAuth ``error`` values (as Kakao's SDKs list them) that blame the app's setup: without a
+# known KOE code they are still a configuration error, which no retry fixes.
+_OAUTH_CONFIG: dict[str, str] = {
+    "misconfigured": "the app's platform or key settings do not fit this request",
+    "unauthorized_client": "this app may not use this grant",
+    "unsupported_grant_type": "the grant type is not supported",
+    "invalid_scope": "a requested scope is not available to this app",
 }
 
 _KOE_UNAVAILABLE: dict[str, str] = {
@@ -457,7 +468,13 @@ class KakaoClient:
         When Kakao cannot say, the answer stays as it was and is refused as unusable.
         """
         access = body.get("access_token")
-        if body.get("expires_in") is not None or not isinstance(access, str) or not access:
+        if (
+            body.get("expires_in") is not None
+            or not isinstance(access, str)
+            or not (access.isascii() and access.isprintable())  # a header must carry it
+            or any(c.isspace() for c in access)
+            or not access
+        ):
             return body
         try:
             info = await self.access_token_info(access)
@@ -820,6 +837,14 @@ class KakaoClient:
                 status=status,
                 code=code or error,
                 hint=_KOE_CONFIG["KOE010"][1],
+            )
+        if error in _OAUTH_CONFIG:
+            raise KakaoConfigError(
+                f"Kakao refused the token request ({label}): {_OAUTH_CONFIG[error]}{quoted}",
+                endpoint=path,
+                status=status,
+                code=code or error,
+                hint="check the app's Kakao Login settings in the Kakao developer console",
             )
         if error == "invalid_grant":
             raise ReloginRequired(
