@@ -28,9 +28,9 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                  unsupported_grant_type, invalid_scope
     kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
     kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
-    kapi         -401 otherwise (token unknown or expired)          AccessTokenRejected, a
-                                                                    ReloginRequired: refresh
-                                                                    once, then it really is one
+    kapi         -401 otherwise (token unknown or expired), or a    AccessTokenRejected, a
+                 non-JSON 401 whose WWW-Authenticate says           ReloginRequired: refresh
+                 invalid_token                                      once, then it really is one
     kapi         -101 (not linked), -103 (dormant)                  ReloginRequired
     kapi         -3 -5 -9 -11 -12 -903                              KakaoConfigError
     kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx;
@@ -865,6 +865,18 @@ class KakaoClient:
     ) -> NoReturn:
         status = answer.status
         if body is None:
+            challenge = next(
+                (v for k, v in answer.headers.items() if k.lower() == "www-authenticate"), ""
+            )
+            if status == 401 and "invalid_token" in challenge:
+                # RFC 6750's answer for a refused bearer token, whatever the body.
+                raise AccessTokenRejected(
+                    f"Kakao rejected the access token for {path} (HTTP 401, invalid_token)",
+                    endpoint=path,
+                    status=status,
+                    code="-401",
+                    hint="refresh the access token once; if that fails too, log in again",
+                )
             if status < 500 and status != 429:
                 raise KakaoUnavailable(
                     f"Kakao answered {path} with HTTP {status} and a non-JSON body "
