@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -19,12 +19,13 @@ import pytest
 from daemonproc import login, run_cli, short_tokens, start_daemon, write_config
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.health import Severity
+from kakao_tokend.health import Severity, assess
 from kakao_tokend.kakao import KakaoClient
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.status import AccountEvent, EventKind, Health
+from kakao_tokend.state import AccountState
+from kakao_tokend.status import AccountEvent, AccountStatus, EventKind, Health
 from kakao_tokend.store import AccountStore
-from kakao_tokend.tokens import utcnow
+from kakao_tokend.tokens import TokenSet, rotation_window, utcnow
 
 # Seconds-long tokens with Kakao's proportions: the refresh token lives ten access lifetimes
 # and rotates in the last half of its life (a month of two).
@@ -274,3 +275,34 @@ async def test_the_first_start_makes_the_user_info_call_a_failed_login_could_not
     assert manager.state is not None and manager.state.user_id == emulator.user().id
     await manager.verify()  # the id is known now: no second call
     assert emulator.stats.requests["user_me"] == calls + 1
+
+
+def test_a_refresh_token_born_between_the_ladder_and_the_window_is_fitted_whole(
+    tmp_path: Path,
+) -> None:
+    """A 20-day refresh token (longer than the 14-day first alert, shorter than the 30-day
+    window): the window and the ladder shrink by the same share, so the alert that would come
+    at 14 days, before the fitted 10-day window even opens, does not."""
+    config = load_config(write_config(tmp_path, rotation_window=30 * 86400.0))
+    account = config.accounts["default"]
+    born = datetime(2026, 12, 1, tzinfo=UTC)
+    body = {
+        "access_token": "a" * 20,
+        "expires_in": 21599,
+        "refresh_token": "r" * 20,
+        "refresh_token_expires_in": 20 * 86400,
+    }
+    state = AccountState(
+        account="default",
+        tokens=TokenSet.from_token_response(body, requested_at=born),
+        refreshed_at=born,
+    )
+    status = AccountStatus()
+    status.adopted(state)
+    at_12_days_left = born + timedelta(days=8)
+    assert assess(account, state, status, config.refresh, at_12_days_left).names() == []
+    window = rotation_window(state.tokens, config.refresh.rotation_window)
+    assert abs(window - timedelta(days=10)) < timedelta(seconds=1)  # 30 of 60 days less 1 s
+    # Below the fitted 3-day share (1 day of 20) it is critical, as a 60-day token at 3 days.
+    graded = assess(account, state, status, config.refresh, born + timedelta(days=19, hours=1))
+    assert graded.names() == ["refresh_expiry"] and graded.severity is Severity.CRITICAL

@@ -720,12 +720,12 @@ def fitted_alerts(settings: AlertsConfig, state: AccountState | None) -> AlertsC
     """Return the expiry ladder fitted to the refresh token's life (tokens.kakao_scale).
 
     The default ladder (14d 7d 3d 1d, critical below 3d) keeps its share of Kakao's 60-day
-    life for a token whose whole life is shorter than its longest step (else it would be an
-    alert from birth). A ladder set by hand is used as written.
+    life for a token born shorter (else a 10-minute token would be an alert from birth); the
+    rotation window shrinks alike (refresher). A ladder set by hand is used as written.
     """
     if state is None or (settings.thresholds, settings.critical_below) != _KAKAO_LADDER:
         return settings
-    scale = kakao_scale(state.tokens, max((*settings.thresholds, settings.critical_below)))
+    scale = kakao_scale(state.tokens)
     if scale == 1.0:
         return settings
     return replace(

@@ -500,24 +500,24 @@ def refresh_lifetime(tokens: TokenSet) -> float | None:
     return (tokens.refresh_expires_at - issued).total_seconds()
 
 
-def kakao_scale(tokens: TokenSet, longest: float) -> float:
-    """Return the factor that fits durations set for Kakao's refresh token to this one.
+def kakao_scale(tokens: TokenSet) -> float:
+    """Return the factor that fits durations set in Kakao's terms to this refresh token.
 
-    1 as a rule. But when the longest of them is at least the whole life of this refresh
-    token (a 30-day rotation window or a 14-day alert against a 10-minute token from a test
-    emulator), they cannot mean what they say: every refresh would lie in the window, every
-    moment would be an alert. Then they keep their share of Kakao's 60-day life: the token's
-    life over Kakao's, so a 30-day window is half of any refresh token's life.
+    A 30-day rotation window and alerts from 14 days left are shares of Kakao's 60-day
+    refresh token. A token born shorter (a test emulator's: minutes, or 20 days) keeps those
+    shares: the factor is its life over Kakao's, so the window stays half of any refresh
+    token's life and the ladder the same part of it. 1 for Kakao's own tokens, for longer
+    ones, and when the life is unknown (an import).
     """
     life = refresh_lifetime(tokens)
-    if life is None or longest < life:
+    if life is None or life >= KAKAO_REFRESH_LIFETIME:
         return 1.0
     return life / KAKAO_REFRESH_LIFETIME
 
 
 def rotation_window(tokens: TokenSet, configured: float) -> timedelta:
     """Return a rotation window of Kakao's terms (one month) fitted to ``tokens``."""
-    return timedelta(seconds=configured * kakao_scale(tokens, configured))
+    return timedelta(seconds=configured * kakao_scale(tokens))
 
 
 def in_rotation_window(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:
