@@ -306,3 +306,33 @@ def test_a_refresh_token_born_between_the_ladder_and_the_window_is_fitted_whole(
     # Below the fitted 3-day share (1 day of 20) it is critical, as a 60-day token at 3 days.
     graded = assess(account, state, status, config.refresh, born + timedelta(days=19, hours=1))
     assert graded.names() == ["refresh_expiry"] and graded.severity is Severity.CRITICAL
+
+
+async def test_a_rotation_without_expires_in_is_saved_before_kakao_is_asked_anything(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotating answer without ``expires_in``: the new refresh token (the old one is dead)
+    is saved first, with the old access token; only the next refresh asks access_token_info
+    how long its access token lives. Asking first left the new refresh token unsaved for as
+    long as that question took (a crash then lost the account)."""
+    emulator.settings.omit_token_fields = ["expires_in"]
+    manager = await virtual_manager(emulator, tmp_path, session)
+    first = manager.state
+    assert first is not None
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    emulator.inject("access_token_info", "hold", delay=30.0)
+    refreshing = asyncio.create_task(manager.refresh(force=True))
+    while not refreshing.done() and emulator.held_requests == 0:
+        await asyncio.sleep(0.01)
+    saved = manager.store.load()
+    emulator.clear_faults()
+    emulator.release_held()
+    await refreshing
+    assert saved is not None
+    assert saved.tokens.refresh_fingerprint != first.tokens.refresh_fingerprint
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+    await manager.refresh(force=True)  # the retry: a new access token, its life asked of Kakao
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_token == saved.tokens.refresh_token
+    assert abs(tokens.access_lifetime.total_seconds() - ACCESS) < 2

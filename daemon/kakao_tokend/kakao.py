@@ -13,7 +13,7 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
     transport    TLS/certificate failure                            U(amb=False)
     transport    invalid URL                                        KakaoConfigError
     transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
-    kauth token  200 without expires_in                             asked of access_token_info
+    kauth token  200 without expires_in, no new refresh token       asked of access_token_info
     kauth token  200, new refresh token, broken access part         PartialRefresh (a U carrying
                                                                     the salvaged token set)
     any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
@@ -445,7 +445,10 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
-        body = await self._with_expires_in(body)
+        if body.get("refresh_token") in (None, "", tokens.refresh_token):
+            # Not after a rotation: the old refresh token is dead, and the new one must be
+            # saved before anything else (merge_refresh salvages it; the next refresh asks).
+            body = await self._with_expires_in(body)
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
         except PartialTokenResponse as exc:
@@ -465,7 +468,8 @@ class KakaoClient:
         access_token_info how long it lives rather than throw it away (and, for a refresh,
         ask Kakao for another one until this one dies). The seconds it gives count from
         before the question, so the expiry, counted from the token request, is never late.
-        When Kakao cannot say, the answer stays as it was and is refused as unusable.
+        When Kakao cannot say, the answer stays as it was and is refused as unusable. Never
+        called for a rotating answer: its new refresh token is saved first (PartialRefresh).
         """
         access = body.get("access_token")
         if (
