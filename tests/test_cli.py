@@ -87,13 +87,19 @@ OFFLINE_BODY = {
 def save_offline(
     config: Path, *, refresh_left: float, access_left: float = 3600, **kw: Any
 ) -> None:
-    """Save a state whose expiries are ``*_left`` seconds from now."""
+    """Save a state whose expiries are ``*_left`` seconds from now.
+
+    The refresh token is a real 60-day one part-way through its life (the daemon fits its
+    month-long alert ladder to a refresh token born shorter).
+    """
     now = datetime.now(UTC)
+    refresh_expires_at = now + timedelta(seconds=refresh_left)
     save_state(
         config,
         OFFLINE_BODY,
         access_expires_at=now + timedelta(seconds=access_left),
-        refresh_expires_at=now + timedelta(seconds=refresh_left),
+        refresh_expires_at=refresh_expires_at,
+        refresh_issued_at=refresh_expires_at - timedelta(seconds=5183999),
         **kw,
     )
 

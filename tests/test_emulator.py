@@ -350,6 +350,22 @@ class TestRefresh:
         assert log[1] == (fingerprint(tokens["refresh_token"]), "KOE322", True)
         assert emu.stats.retired_refresh_presented == 1 and emu.stats.rotations == 1
 
+    async def test_rotation_without_its_expiry_and_lifetimes_as_strings(self, kakao: Kakao) -> None:
+        """refresh_expiry_on_rotation=False sends a rotated RT alone; lifetimes_as_strings
+        sends every lifetime as a string of digits (login and refresh)."""
+        emu = kakao.emu
+        emu.settings.refresh_lifetime = 10
+        emu.settings.rotation_window = 4
+        emu.settings.refresh_expiry_on_rotation = False
+        emu.settings.lifetimes_as_strings = True
+        tokens = emu.issue_tokens()
+        assert (tokens["expires_in"], tokens["refresh_token_expires_in"]) == ("21599", "10")
+        emu.advance_clock(7)
+        status, body = await kakao.refresh(tokens["refresh_token"])
+        assert status == 200 and body["refresh_token"] and body["expires_in"] == "21599"
+        assert "refresh_token_expires_in" not in body
+        assert emu.refresh_token_status(tokens["refresh_token"]) == "retired"
+
     async def test_grace_window(self, kakao: Kakao) -> None:
         """With old_refresh_grace, the old RT still refreshes briefly but never rotates again."""
         emu = kakao.emu
@@ -500,6 +516,8 @@ class TestFaults:
             ("http500", 500, "text/plain"),
             ("http502_html", 502, "text/html"),
             ("http503", 503, "text/plain"),
+            ("http429", 429, "text/plain"),
+            ("http429_retry_after", 429, "text/plain"),
             ("koe003", 500, "application/json"),
             ("koe237", 400, "application/json"),
             ("non_json", 200, "text/plain"),
@@ -521,6 +539,22 @@ class TestFaults:
             assert (resp.status, resp.content_type) == (status, content_type)
         assert (await kakao.refresh(tokens["refresh_token"]))[0] == 200
         assert kakao.emu.stats.faults_fired[kind] == 1
+
+    async def test_only_the_retry_after_fault_says_when_to_come_back(self, kakao: Kakao) -> None:
+        """http429 carries no Retry-After (a gateway's limit); http429_retry_after an hour."""
+        tokens = kakao.emu.issue_tokens()
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": kakao.emu.settings.client_id,
+            "client_secret": str(kakao.emu.settings.client_secret),
+            "refresh_token": tokens["refresh_token"],
+        }
+        seen = []
+        for kind in ("http429", "http429_retry_after"):
+            kakao.emu.inject("token", kind)
+            async with kakao.session.post(kakao.emu.url + "/oauth/token", data=form) as resp:
+                seen.append(resp.headers.get("Retry-After"))
+        assert seen == [None, "3600"]
 
     @pytest.mark.parametrize(
         ("kind", "status", "code"),

@@ -889,6 +889,48 @@ class TestScriptedAnswers:
             await client.refresh(_dummy_tokens())
         assert (caught.value.retry_after, caught.value.status) == (3, 429)
 
+    @pytest.mark.parametrize(
+        "error", ["misconfigured", "unauthorized_client", "unsupported_grant_type", "invalid_scope"]
+    )
+    async def test_oauth_errors_naming_the_setup_are_config_without_a_code(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession, error: str
+    ) -> None:
+        """Kakao's OAuth ``error`` values that blame the app's setup (its SDKs list them) are a
+        configuration error even without a KOE code: retrying them forever fixes nothing."""
+        script, url = scripted
+        script.answer(400, {"error": error, "error_description": "app setting"})
+        client = KakaoClient(session, app_for(url))
+        with pytest.raises(KakaoConfigError) as caught:
+            await client.refresh(_dummy_tokens())
+        assert caught.value.code == error and error in str(caught.value)
+
+    async def test_a_401_saying_invalid_token_in_its_header_is_a_rejected_token(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
+    ) -> None:
+        """kapi's 401 carries ``WWW-Authenticate: Bearer error=invalid_token`` (RFC 6750): that
+        header says the access token was refused even when the body is not Kakao's JSON (a
+        gateway's page), so the caller refreshes instead of retrying the dead token."""
+        script, url = scripted
+        header = {"WWW-Authenticate": 'Bearer realm="kakao", error="invalid_token"'}
+        script.answer(401, b"<html>401</html>", content_type="text/html", headers=header)
+        client = KakaoClient(session, app_for(url))
+        with pytest.raises(AccessTokenRejected) as caught:
+            await client.access_token_info("tok")
+        assert caught.value.status == 401
+        script.answer(401, b"<html>401</html>", content_type="text/html")
+        with pytest.raises(KakaoUnavailable):  # no such header: nothing says why
+            await client.access_token_info("tok")
+
+    async def test_a_server_error_without_a_code_is_retried(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
+    ) -> None:
+        """``server_error`` on a 400 without a KOE code stays transient."""
+        script, url = scripted
+        script.answer(400, {"error": "server_error", "error_description": "try later"})
+        client = KakaoClient(session, app_for(url))
+        with pytest.raises(KakaoUnavailable):
+            await client.refresh(_dummy_tokens())
+
     async def test_koe237_respects_a_longer_retry_after(
         self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
     ) -> None:

@@ -51,6 +51,26 @@ class TestBrowserCallback:
         assert emulator.stats.requests["user_me"] == 1
         assert json.loads(state_file.read_text())["user_id"] == 1234567890
 
+    async def test_a_failed_user_me_is_tried_again_before_the_login_ends(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """Kakao unlinks a user whose first day passes without a personal-info call, and
+        nothing but `login` makes one: a transient failure of /v2/user/me (a 503) is tried
+        again, so the user is signed up and the login ends without the warning."""
+        emulator.inject("user_me", "http503")
+        login = await start_login()
+        await get_page(await follow_authorize(login.url))
+        code, _, err = await login.finish()
+        assert code == 0, err
+        assert emulator.stats.requests["user_me"] == 2
+        assert emulator.user().personal_info_called
+        assert "could not call /v2/user/me" not in err
+        state = json.loads((tmp_path / "state" / "default.state.json").read_text())
+        assert state["user_id"] == 1234567890
+
     async def test_second_login_continues_the_generation(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:

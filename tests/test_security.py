@@ -360,7 +360,8 @@ async def test_a_token_file_symlinked_into_a_setgid_directory_leaks_nothing(
 
 
 def short_refresh_life(emulator: KakaoEmulator) -> None:
-    """Log in with a 10-day refresh token, so the expiry alert fires and is bookkept."""
+    """Log in with a 10-day refresh token, below sinks_and_alerts' 20-day threshold, so the
+    expiry alert fires and is bookkept."""
     emulator.settings.refresh_lifetime = 10 * 86400
 
 
@@ -377,7 +378,7 @@ def tokend_files(*directories: Path) -> list[Path]:
 def sinks_and_alerts(directory: Path) -> str:
     """TOML for an account that writes both extra sinks (alerts fire: see short_refresh_life)."""
     return (
-        "[alerts]\nkakaotalk = false\n"
+        '[alerts]\nkakaotalk = false\nthresholds = ["20d"]\n'
         "[accounts.default]\n"
         f'access_token_file = "{directory / "sinks" / "token"}"\n'
         f'env_file = "{directory / "sinks" / "kakao.env"}"\n'

@@ -130,7 +130,7 @@ class TestFromTokenResponse:
             ({"refresh_token": 12345}, "refresh_token"),
             ({"refresh_token": [RT]}, "refresh_token"),
             ({"expires_in": _DROP}, "expires_in"),
-            ({"expires_in": "21599"}, "expires_in"),
+            ({"expires_in": "6h"}, "expires_in"),
             ({"expires_in": True}, "expires_in"),
             ({"expires_in": -1}, "expires_in"),
             ({"expires_in": 0}, "expires_in"),
@@ -143,7 +143,7 @@ class TestFromTokenResponse:
             ({"expires_in": 10**400}, "expires_in"),
             ({"expires_in": -float("inf")}, "expires_in"),
             ({"refresh_token_expires_in": _DROP}, "refresh_token_expires_in"),
-            ({"refresh_token_expires_in": "5183999"}, "refresh_token_expires_in"),
+            ({"refresh_token_expires_in": "60d"}, "refresh_token_expires_in"),
             ({"refresh_token_expires_in": False}, "refresh_token_expires_in"),
         ],
     )
@@ -156,6 +156,22 @@ class TestFromTokenResponse:
         message = str(info.value)
         assert repr(field) in message
         assert_no_secret(message)
+
+    def test_lifetimes_sent_as_strings_of_digits_are_read(self) -> None:
+        """``"expires_in": "21599"`` (a gateway re-encoding numbers) is 21599 s, not garbage."""
+        tokens = TokenSet.from_token_response(
+            code_response(expires_in="21599", refresh_token_expires_in=" 5183999 "),
+            requested_at=T0,
+        )
+        assert tokens.access_expires_at == T0 + timedelta(seconds=SIX_HOURS)
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=SIXTY_DAYS)
+        assert tokens.refresh_expiry_estimated is False
+
+    @pytest.mark.parametrize("bad", ["", "soon", "-5", "0", "1e3", "21599s", "6.5", "\u00b2"])
+    def test_strings_that_are_not_whole_seconds_are_still_refused(self, bad: str) -> None:
+        """Only a plain count of seconds is read from a string; anything else stays an error."""
+        with pytest.raises(TokenResponseError, match="expires_in"):
+            TokenSet.from_token_response(code_response(expires_in=bad), requested_at=T0)
 
     @pytest.mark.parametrize("body", [None, [AT, RT], AT, 21599, True])
     def test_body_that_is_not_an_object_is_rejected(self, body: Any) -> None:
@@ -262,19 +278,63 @@ class TestMergeRefresh:
         # The server's word on the remaining life of this very token is still the truth.
         assert new.refresh_expires_at == requested + timedelta(seconds=100)
 
-    def test_rotated_token_without_usable_expiry_is_kept_with_estimated_expiry(self) -> None:
-        """A new RT whose expiry is missing/bad is still kept (the old RT is dead), estimated."""
+    def test_rotated_token_without_usable_expiry_gets_the_full_lifetime_estimated(self) -> None:
+        """A new RT whose expiry is missing/bad is still kept (the old RT is dead); Kakao gives
+        every new refresh token a full life, so it is estimated as the lifetime the previous one
+        was issued with, counted from the request — not the dying token's expiry, which made a
+        healthy account look unrenewed and every later refresh a missed rotation."""
         old = initial_tokens()
-        for bad in (_DROP, "5183999", 0):
+        requested = T0 + timedelta(days=31)
+        for bad in (_DROP, None, "soon", 0):
             body = {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": RT2}
             if bad is not _DROP:
                 body["refresh_token_expires_in"] = bad
-            new, rotated = old.merge_refresh(body, requested_at=T0 + timedelta(days=31))
+            new, rotated = old.merge_refresh(body, requested_at=requested)
             assert rotated is True
             assert new.refresh_token == RT2
+            assert new.refresh_issued_at == requested
             assert new.refresh_expiry_estimated is True
-            # Conservative: never later than what we knew, so alerts can only come early.
-            assert new.refresh_expires_at == old.refresh_expires_at
+            assert new.refresh_expires_at == requested + timedelta(seconds=SIXTY_DAYS)
+
+    def test_rotated_token_without_expiry_after_an_import_keeps_the_old_expiry(self) -> None:
+        """With the previous lifetime unknown (an imported file), the old expiry is the guess."""
+        old = replace(initial_tokens(), refresh_issued_at=None, refresh_expiry_estimated=True)
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": RT2},
+            requested_at=T0 + timedelta(days=31),
+        )
+        assert (rotated, new.refresh_token) == (True, RT2)
+        assert new.refresh_expiry_estimated is True
+        assert new.refresh_expires_at == old.refresh_expires_at
+
+    def test_lifetimes_sent_as_strings_are_read_on_refresh(self) -> None:
+        """A rotation whose lifetimes are strings of digits has an exact, not estimated, expiry."""
+        old = initial_tokens()
+        requested = T0 + timedelta(days=31)
+        new, rotated = old.merge_refresh(
+            {
+                "access_token": AT2,
+                "expires_in": "21599",
+                "refresh_token": RT2,
+                "refresh_token_expires_in": "5183999",
+            },
+            requested_at=requested,
+        )
+        assert rotated is True
+        assert new.access_expires_at == requested + timedelta(seconds=SIX_HOURS)
+        assert new.refresh_expires_at == requested + timedelta(seconds=SIXTY_DAYS)
+        assert new.refresh_expiry_estimated is False
+
+    def test_empty_refresh_token_means_no_rotation(self) -> None:
+        """``"refresh_token": ""`` carries no new token: like null, the old RT and expiry stay
+        and the new access token is taken (refusing the answer lost a working access token)."""
+        old = initial_tokens()
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": ""},
+            requested_at=T0 + timedelta(hours=5),
+        )
+        assert (new.access_token, new.refresh_token, rotated) == (AT2, RT, False)
+        assert new.refresh_expires_at == old.refresh_expires_at
 
     def test_scope_and_id_token_replaced_when_present(self) -> None:
         """A refresh answer that does carry scope/id_token replaces the old values."""
@@ -305,12 +365,12 @@ class TestMergeRefresh:
         [
             ({"expires_in": SIX_HOURS}, "access_token"),
             ({"access_token": AT2}, "expires_in"),
-            ({"access_token": AT2, "expires_in": "21599"}, "expires_in"),
+            ({"access_token": AT2, "expires_in": "6h"}, "expires_in"),
             ({"access_token": AT2, "expires_in": True}, "expires_in"),
             ({"access_token": AT2, "expires_in": -5}, "expires_in"),
             ({"access_token": AT2, "expires_in": 0}, "expires_in"),
             ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": 42}, "refresh_token"),
-            ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": ""}, "refresh_token"),
+            ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": " "}, "refresh_token"),
             ({"access_token": AT2, "expires_in": SIX_HOURS, "refresh_token": {}}, "refresh_token"),
         ],
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +45,11 @@ async def restarted_on_virtual_clock(
     issued = emulator.now_datetime()
     body = emulator.issue_tokens(refresh_remaining=SIX_HOURS - access_left + refresh_left)
     tokens = TokenSet.from_token_response(body, requested_at=issued)
+    # A real refresh token part-way through its 60 days, not one born with refresh_left: the
+    # daemon fits its month-long rotation window to a refresh token born shorter.
+    tokens = replace(
+        tokens, refresh_issued_at=tokens.refresh_expires_at - timedelta(seconds=SIXTY_DAYS)
+    )
     store = AccountStore(account)
     store.save(
         AccountState(

@@ -29,16 +29,13 @@ from .state import AccountState
 from .status import AccountEvent, AccountStatus, EventKind
 from .store import AccountStore
 from .systemd import setup_logging
-from .tokens import format_duration, utcnow
+from .tokens import KAKAO_REFRESH_LIFETIME, format_duration, utcnow
 
 log = logging.getLogger("kakao_tokend.demo")
 
 DEMO_ACCESS_LIFETIME = 8.0
 DEMO_REFRESH_LIFETIME = 40.0
 DEMO_ROTATION_WINDOW = 20.0
-#: The refresh-token lifetime Kakao hands out (60 days less a second): the yardstick the
-#: alert thresholds are scaled by.
-KAKAO_REFRESH_LIFETIME = 5183999.0
 #: A real alert shown on purpose: the last expiry threshold of a real 2-month refresh token.
 DEMONSTRATED_REFRESH_LEFT = 23 * 3600.0
 

@@ -37,7 +37,7 @@ from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
-from .tokens import format_local_time, format_time
+from .tokens import format_local_time, format_time, kakao_scale
 
 __all__ = [
     "FROM_FILES",
@@ -48,6 +48,7 @@ __all__ = [
     "Severity",
     "assess",
     "first_moment",
+    "fitted_alerts",
     "full_action",
     "login_fix",
     "login_hint",
@@ -289,7 +290,7 @@ def assess(
     ``alerts`` overrides the account's alert settings (`status --warn/--crit`); ``host``
     names this machine in the ssh hint.
     """
-    settings = alerts or account.alerts
+    settings = alerts or fitted_alerts(account.alerts, state)
     found = _conditions(account, state, status, policy, now, settings, host, load_error)
     return AccountHealth(
         account=account.name,
@@ -709,6 +710,29 @@ def _said(found: list[Condition], names: Iterable[str]) -> str:
         if condition.name in wanted:
             return f"{condition.message.render('en')}; {condition.action.render('en')}"
     return ""
+
+
+#: The default expiry ladder: written for Kakao's 60-day refresh token.
+_KAKAO_LADDER = (AlertsConfig().thresholds, AlertsConfig().critical_below)
+
+
+def fitted_alerts(settings: AlertsConfig, state: AccountState | None) -> AlertsConfig:
+    """Return the expiry ladder fitted to the refresh token's life (tokens.kakao_scale).
+
+    The default ladder (14d 7d 3d 1d, critical below 3d) keeps its share of Kakao's 60-day
+    life for a token born shorter (else a 10-minute token would be an alert from birth); the
+    rotation window shrinks alike (refresher). A ladder set by hand is used as written.
+    """
+    if state is None or (settings.thresholds, settings.critical_below) != _KAKAO_LADDER:
+        return settings
+    scale = kakao_scale(state.tokens)
+    if scale == 1.0:
+        return settings
+    return replace(
+        settings,
+        thresholds=tuple(t * scale for t in settings.thresholds),
+        critical_below=settings.critical_below * scale,
+    )
 
 
 def moved_thresholds(

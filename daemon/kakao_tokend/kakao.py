@@ -13,6 +13,7 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
     transport    TLS/certificate failure                            U(amb=False)
     transport    invalid URL                                        KakaoConfigError
     transport    read/total timeout, reset, disconnect, truncated   U(amb=True)
+    kauth token  200 without expires_in, no new refresh token       asked of access_token_info
     kauth token  200, new refresh token, broken access part         PartialRefresh (a U carrying
                                                                     the salvaged token set)
     any          HTTP 200, body not JSON / expected fields missing  U(amb=True)
@@ -22,12 +23,14 @@ Failure classification (first matching row wins; U = KakaoUnavailable, amb = amb
                  007/008/009, KOE201/202, KOE319 (bug)
     kauth        KOE003 (temporary), KOE237 (rate limit:            U(amb only for 5xx)
                  rate_limited; the pause is the refresher's)
-    kauth        no known code, error == invalid_client             KakaoConfigError
+    kauth        no known code, error == invalid_client,            KakaoConfigError
+                 misconfigured, unauthorized_client,
+                 unsupported_grant_type, invalid_scope
     kauth        no known code, error == invalid_grant (4xx)        ReloginRequired
     kapi         -401 "mismatched" / "deactivated"                  KakaoConfigError
-    kapi         -401 otherwise (token unknown or expired)          AccessTokenRejected, a
-                                                                    ReloginRequired: refresh
-                                                                    once, then it really is one
+    kapi         -401 otherwise (token unknown or expired), or a    AccessTokenRejected, a
+                 non-JSON 401 whose WWW-Authenticate says           ReloginRequired: refresh
+                 invalid_token                                      once, then it really is one
     kapi         -101 (not linked), -103 (dormant)                  ReloginRequired
     kapi         -3 -5 -9 -11 -12 -903                              KakaoConfigError
     kapi         -1 -7 -10 -603 -9798                               U(amb only for 5xx;
@@ -224,6 +227,15 @@ _KOE_CONFIG: dict[str, tuple[str, str | None]] = {
     ),
 }
 
+# OAuth ``error`` values (as Kakao's SDKs list them) that blame the app's setup: without a
+# known KOE code they are still a configuration error, which no retry fixes.
+_OAUTH_CONFIG: dict[str, str] = {
+    "misconfigured": "the app's platform or key settings do not fit this request",
+    "unauthorized_client": "this app may not use this grant",
+    "unsupported_grant_type": "the grant type is not supported",
+    "invalid_scope": "a requested scope is not available to this app",
+}
+
 _KOE_UNAVAILABLE: dict[str, str] = {
     "KOE003": "temporary Kakao authorization server error",
     "KOE237": "token issuance rate limit exceeded",
@@ -416,6 +428,7 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         body = await self._token_request(form, secrets_=(code, code_verifier))
+        body = await self._with_expires_in(body)
         try:
             return TokenSet.from_token_response(body, requested_at=requested_at)
         except TokenResponseError as exc:
@@ -432,6 +445,10 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
+        if body.get("refresh_token") in (None, "", tokens.refresh_token):
+            # Not after a rotation: the old refresh token is dead, and the new one must be
+            # saved before anything else (merge_refresh salvages it; the next refresh asks).
+            body = await self._with_expires_in(body)
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
         except PartialTokenResponse as exc:
@@ -443,6 +460,33 @@ class KakaoClient:
             ) from None
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
+
+    async def _with_expires_in(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Complete a token answer that has an access token but no ``expires_in``.
+
+        Kakao always sends it, but without it the access token still works: ask
+        access_token_info how long it lives rather than throw it away (and, for a refresh,
+        ask Kakao for another one until this one dies). The seconds it gives count from
+        before the question, so the expiry, counted from the token request, is never late.
+        When Kakao cannot say, the answer stays as it was and is refused as unusable. Never
+        called for a rotating answer: its new refresh token is saved first (PartialRefresh).
+        """
+        access = body.get("access_token")
+        if (
+            body.get("expires_in") is not None
+            or not isinstance(access, str)
+            or not (access.isascii() and access.isprintable())  # a header must carry it
+            or any(c.isspace() for c in access)
+            or not access
+        ):
+            return body
+        try:
+            info = await self.access_token_info(access)
+        except KakaoError as exc:
+            log.debug("token answer without expires_in; access_token_info failed: %s", exc.label)
+            return body
+        log.debug("token answer without expires_in; access_token_info says %ds", info.expires_in)
+        return {**body, "expires_in": info.expires_in}
 
     # --- kapi -------------------------------------------------------------------------------
 
@@ -798,6 +842,14 @@ class KakaoClient:
                 code=code or error,
                 hint=_KOE_CONFIG["KOE010"][1],
             )
+        if error in _OAUTH_CONFIG:
+            raise KakaoConfigError(
+                f"Kakao refused the token request ({label}): {_OAUTH_CONFIG[error]}{quoted}",
+                endpoint=path,
+                status=status,
+                code=code or error,
+                hint="check the app's Kakao Login settings in the Kakao developer console",
+            )
         if error == "invalid_grant":
             raise ReloginRequired(
                 f"Kakao refused the grant ({label}){quoted}",
@@ -817,6 +869,18 @@ class KakaoClient:
     ) -> NoReturn:
         status = answer.status
         if body is None:
+            challenge = next(
+                (v for k, v in answer.headers.items() if k.lower() == "www-authenticate"), ""
+            )
+            if status == 401 and "invalid_token" in challenge:
+                # RFC 6750's answer for a refused bearer token, whatever the body.
+                raise AccessTokenRejected(
+                    f"Kakao rejected the access token for {path} (HTTP 401, invalid_token)",
+                    endpoint=path,
+                    status=status,
+                    code="-401",
+                    hint="refresh the access token once; if that fails too, log in again",
+                )
             if status < 500 and status != 429:
                 raise KakaoUnavailable(
                     f"Kakao answered {path} with HTTP {status} and a non-JSON body "

@@ -18,16 +18,20 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 
 from .config import AccountConfig
-from .errors import KakaoError, KakaoTokendError, StateCorrupt
+from .errors import KakaoError, KakaoTokendError, KakaoUnavailable, StateCorrupt
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
 from .relogin import login_command
 from .state import AccountState
 from .store import AccountStore
-from .tokens import Clock, TokenSet, utcnow
+from .tokens import Clock, TokenSet, backoff_delay, utcnow
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+#: How often `login` calls /v2/user/me when Kakao answers with a transient error, and the
+#: first pause between the calls (tokens.backoff_delay: less for a short-lived token).
+USER_ME_ATTEMPTS = 3
+USER_ME_RETRY_INITIAL = 1.0
 #: When `login` explains KOE006 at the latest (a quarter of --timeout when that is shorter).
 KOE006_HELP_AFTER = 20.0
 
@@ -261,22 +265,53 @@ class LoginFlow:
         tokens = await client.exchange_code(
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
         )
-        user_id: int | None = None
-        problem: str | None = None
-        # Kakao unlinks users who never call a personal-info API within 24 h of their first
-        # login (docs/kakao.md, "What ends a login early"), so call /v2/user/me once now.
-        try:
-            me = await client.user_me(tokens.access_token)
-            raw_id = me.get("id")
-            user_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
-        except KakaoError as exc:
-            problem = str(exc)
-            log.warning("could not call /v2/user/me after login: %s", exc)
+        user_id, problem = await self._sign_up(client, tokens)
         if self.persist is not None:
             state = await self.persist(tokens, user_id, self.clock())
         else:
             state = await asyncio.to_thread(self._persist, tokens, user_id)
         return LoginResult(state=state, user_id=user_id, user_me_problem=problem, via=via)
+
+    async def _sign_up(
+        self, client: KakaoClient, tokens: TokenSet
+    ) -> tuple[int | None, str | None]:
+        """Call /v2/user/me; return (the user id, why the call failed: None when it worked).
+
+        Kakao unlinks users who never call a personal-info API within 24 h of their first
+        login (docs/kakao.md, "What ends a login early"), and nothing but `login` makes that
+        call: a transient failure is tried again (tokens.backoff_delay, a few short steps of
+        the token's lifetime) before the login ends with a warning.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                me = await client.user_me(tokens.access_token)
+            except KakaoUnavailable as exc:
+                if attempt >= USER_ME_ATTEMPTS:
+                    log.warning("could not call /v2/user/me after login: %s", exc)
+                    return None, str(exc)
+                log.info("/v2/user/me failed after login (%s); trying again", exc.label)
+                await asyncio.sleep(
+                    backoff_delay(
+                        attempt,
+                        now=self.clock(),
+                        expires_at=tokens.access_expires_at,
+                        lifetime=tokens.access_lifetime,
+                        initial=USER_ME_RETRY_INITIAL,
+                        cap=2 * USER_ME_RETRY_INITIAL,
+                    )
+                )
+            except KakaoError as exc:
+                log.warning("could not call /v2/user/me after login: %s", exc)
+                return None, str(exc)
+            else:
+                raw_id = me.get("id")
+                if isinstance(raw_id, str) and raw_id.strip().isdigit():
+                    raw_id = int(raw_id)  # an id sent as a string of digits
+                if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+                    return raw_id, None
+                return None, None
 
     def _persist(self, tokens: TokenSet, user_id: int | None) -> AccountState:
         store = AccountStore(self.account)

@@ -61,6 +61,7 @@ from .tokens import (
     issued_in_the_future,
     refresh_due_at,
     rotation_certain,
+    rotation_window,
     utcnow,
 )
 
@@ -80,6 +81,8 @@ SUPERSEDED_WAIT_SHARE = 0.5
 #: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
 #: per account. Tests that need fixed dice pass their own ``rng``.
 SHARED_RNG = random.Random()
+#: The default rotation window, Kakao's "less than one month".
+KAKAO_ROTATION_WINDOW = RefreshPolicy().rotation_window
 
 
 class AccountManager:
@@ -469,6 +472,14 @@ class AccountManager:
         self.set_policy(policy)
         self.clear_config_error()
 
+    def _rotation_window(self, tokens: TokenSet) -> timedelta:
+        """Return ``[refresh] rotation_window``: left at Kakao's month, fitted to a shorter
+        refresh token (tokens.rotation_window); set by hand, as written."""
+        configured = self.policy.rotation_window
+        if configured != KAKAO_ROTATION_WINDOW:
+            return timedelta(seconds=configured)
+        return rotation_window(tokens, configured)
+
     def _retry_delay(self, attempt: int, exc: KakaoError | None = None) -> float:
         """Return the wait before retry ``attempt`` (tokens.backoff_delay, the one rule)."""
         assert self.state is not None
@@ -517,6 +528,8 @@ class AccountManager:
         state = self.state
         if state is None or self.status.health is not Health.OK:
             return
+        if state.user_id is None:
+            await self._sign_up(state)
         asked_at = self.clock()
         try:
             info = await self.client.access_token_info(state.tokens.access_token)
@@ -550,6 +563,25 @@ class AccountManager:
             format_duration(info.expires_in),
         )
         await self._trust_kakaos_expiry(state, asked_at + timedelta(seconds=info.expires_in))
+
+    async def _sign_up(self, state: AccountState) -> None:
+        """Call /v2/user/me for an account whose login could not (no user id is known).
+
+        Kakao unlinks users who make no personal-info call within a day of their first login
+        (docs/kakao.md, "What ends a login early"); `login` makes it, but when Kakao failed it
+        there, the first start of the daemon is the next chance.
+        """
+        try:
+            await self.client.user_me(state.tokens.access_token)
+        except KakaoError as exc:
+            log.warning(
+                "account %s: could not call /v2/user/me (%s); Kakao unlinks users that never"
+                " call a user-info API within a day of their first login",
+                self.name,
+                exc,
+            )
+        else:
+            log.info("account %s: called /v2/user/me, which the login could not", self.name)
 
     async def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
         """Kakao says the access token dies sooner than we computed: believe Kakao.
@@ -749,7 +781,7 @@ class AccountManager:
 
     async def _call_kakao(self, state: AccountState, reason: str) -> AccountState | None:
         now = self.clock()
-        window = timedelta(seconds=self.policy.rotation_window)
+        window = self._rotation_window(state.tokens)
         expect_rotation = rotation_certain(state.tokens, now, window=window)
         self.status.attempted()
         log.debug("account %s: refreshing (%s)", self.name, reason or "requested")
@@ -839,7 +871,7 @@ class AccountManager:
                 tokens,
                 now,
                 ambiguous_before=self._last_failure_ambiguous,
-                rotation_window=timedelta(seconds=self.policy.rotation_window),
+                rotation_window=self._rotation_window(tokens),
                 access=access,
             )
 
@@ -943,7 +975,7 @@ class AccountManager:
                 self.name,
                 format_duration(tokens.refresh_remaining(now).total_seconds()),
                 tokens.refresh_fingerprint,
-                format_duration(self.policy.rotation_window),
+                format_duration(self._rotation_window(tokens).total_seconds()),
             )
             self._emit(EventKind.NO_ROTATION, f"{self.name}: expected rotation did not happen", {})
         return new_state

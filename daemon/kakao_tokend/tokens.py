@@ -124,6 +124,12 @@ class PartialTokenResponse(TokenResponseError):
 
 def _lifetime(body: Mapping[str, Any], name: str) -> int:
     value = body.get(name)
+    if isinstance(value, str):
+        # Kakao sends numbers, but a gateway that re-encodes JSON may send "21599": a plain
+        # count of seconds is unambiguous, and refusing it would refuse a working token set.
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 12:
+            value = int(text)
     # bool is an int subclass; "true" is never a lifetime. NaN/inf/huge values would crash
     # datetime arithmetic (NaN fails both comparisons), and 0.5 s rounds to a zero lifetime.
     # Compare before any float conversion: json.loads gives ints of any size.
@@ -248,8 +254,9 @@ class TokenSet:
         A new access token comes every time. ``refresh_token`` (with its expiry) arrives only on
         rotation; otherwise the old refresh token and its old expiry stay. ``scope`` and
         ``id_token`` are kept when the response leaves them out. The current refresh token
-        echoed back is not a rotation. A new refresh token without a usable expiry is still
-        taken (the old one may be dead), keeping the old expiry marked as estimated.
+        echoed back is not a rotation, and an empty one is none. A new refresh token without a
+        usable expiry is still taken (the old one may be dead), its expiry estimated as the
+        full life the previous one was issued with (the old expiry when that is unknown).
 
         The refresh part is read first: when it holds a new refresh token but the access part
         is unusable, :class:`PartialTokenResponse` carries the salvaged set (new refresh token,
@@ -259,7 +266,8 @@ class TokenSet:
             raise TokenResponseError("token response is not a JSON object")
         changes: dict[str, Any] = {}
         rotated = False
-        if body.get("refresh_token") is not None:
+        # An empty string, like null, carries no new refresh token.
+        if body.get("refresh_token") not in (None, ""):
             new_refresh = _token_string(body, "refresh_token")
             rotated = new_refresh != self.refresh_token
             changes["refresh_token"] = new_refresh
@@ -269,10 +277,16 @@ class TokenSet:
                 refresh_expires_in = _lifetime(body, "refresh_token_expires_in")
             except TokenResponseError:
                 # The old refresh token may already be dead, so a new one must never be
-                # dropped over a bad expiry. Keep the old expiry as a conservative guess: a
-                # rotation only ever extends the life, so alerts can come early, never late.
+                # dropped over a bad expiry. Kakao gives every new refresh token a full life:
+                # estimate it as the life the previous one was issued with. Keeping the dying
+                # token's expiry instead made a healthy account look unrenewed (alerts) and
+                # every later refresh a missed rotation. Unknown (an import): keep the old one.
                 if rotated:
                     changes["refresh_expiry_estimated"] = True
+                    issued = self.refresh_issued_at
+                    if issued is not None and self.refresh_expires_at > issued:
+                        life = self.refresh_expires_at - issued
+                        changes["refresh_expires_at"] = requested_at + life
             else:
                 changes["refresh_expires_at"] = requested_at + timedelta(seconds=refresh_expires_in)
                 changes["refresh_expiry_estimated"] = False
@@ -471,6 +485,39 @@ def backoff_delay(
         if left > base:
             delay = min(delay, left - base / 2)
     return max(delay, 0.0)
+
+
+#: The refresh-token lifetime Kakao hands out (60 days less a second): the yardstick of the
+#: settings written in Kakao's terms (the rotation window, the alert thresholds).
+KAKAO_REFRESH_LIFETIME = 5183999.0
+
+
+def refresh_lifetime(tokens: TokenSet) -> float | None:
+    """Return the life (seconds) the current refresh token was issued with; None if unknown."""
+    issued = tokens.refresh_issued_at
+    if issued is None or tokens.refresh_expires_at <= issued:
+        return None
+    return (tokens.refresh_expires_at - issued).total_seconds()
+
+
+def kakao_scale(tokens: TokenSet) -> float:
+    """Return the factor that fits durations set in Kakao's terms to this refresh token.
+
+    A 30-day rotation window and alerts from 14 days left are shares of Kakao's 60-day
+    refresh token. A token born shorter (a test emulator's: minutes, or 20 days) keeps those
+    shares: the factor is its life over Kakao's, so the window stays half of any refresh
+    token's life and the ladder the same part of it. 1 for Kakao's own tokens, for longer
+    ones, and when the life is unknown (an import).
+    """
+    life = refresh_lifetime(tokens)
+    if life is None or life >= KAKAO_REFRESH_LIFETIME:
+        return 1.0
+    return life / KAKAO_REFRESH_LIFETIME
+
+
+def rotation_window(tokens: TokenSet, configured: float) -> timedelta:
+    """Return a rotation window of Kakao's terms (one month) fitted to ``tokens``."""
+    return timedelta(seconds=configured * kakao_scale(tokens))
 
 
 def in_rotation_window(tokens: TokenSet, now: datetime, *, window: timedelta) -> bool:

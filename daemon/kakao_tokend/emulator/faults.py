@@ -53,6 +53,8 @@ FAULT_KINDS = frozenset(
         "http500",
         "http502_html",
         "http503",
+        "http429",
+        "http429_retry_after",
         "koe003",
         "koe237",
         "timeout",
@@ -66,6 +68,8 @@ FAULT_KINDS = frozenset(
     }
 )
 _DEFAULT_DELAY = {"timeout": 60.0, "slow": 2.0, "hold": 60.0}
+#: The Retry-After (seconds) of the ``http429_retry_after`` fault.
+RETRY_AFTER = 3600
 
 
 @dataclass
@@ -177,6 +181,12 @@ class FaultPlan:
             return html_page("502 Bad Gateway", page, status=502)
         if kind == "http503":
             return web.Response(status=503, text="Service Unavailable")
+        if kind == "http429":
+            return web.Response(status=429, text="Too Many Requests")
+        if kind == "http429_retry_after":
+            # An hour: longer than any test token lives, so a client must cap the pause.
+            headers = {"Retry-After": str(RETRY_AFTER)}
+            return web.Response(status=429, text="Too Many Requests", headers=headers)
         if kind == "koe003":
             return oauth_error(self.stats, "server_error", "temporary server error", "KOE003", 500)
         if kind == "koe237":

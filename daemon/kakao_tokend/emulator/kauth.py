@@ -175,6 +175,11 @@ class Kauth:
         parts = [json.dumps(header).encode(), json.dumps(claims).encode(), secrets.token_bytes(64)]
         return ".".join(_b64url(part) for part in parts)
 
+    def _seconds(self, lifetime: float) -> int | str:
+        """A lifetime as the answer carries it: whole seconds, as a string if so set."""
+        seconds = int(lifetime)
+        return str(seconds) if self.state.settings.lifetimes_as_strings else seconds
+
     def _grant(
         self,
         user_id: int,
@@ -198,9 +203,9 @@ class Kauth:
         body: dict[str, Any] = {
             "token_type": "bearer",
             "access_token": access,
-            "expires_in": int(settings.access_lifetime),
+            "expires_in": self._seconds(settings.access_lifetime),
             "refresh_token": refresh,
-            "refresh_token_expires_in": int(
+            "refresh_token_expires_in": self._seconds(
                 settings.refresh_lifetime if refresh_lifetime is None else refresh_lifetime
             ),
             "scope": " ".join(scopes),
@@ -208,7 +213,12 @@ class Kauth:
         if with_id_token:
             body["id_token"] = self._id_token(user_id, nonce)
         self.state.stats.code_exchanges += 1
-        return body
+        return self._omit(body)
+
+    def _omit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Leave out the fields ``omit_token_fields`` names."""
+        omitted = self.state.settings.omit_token_fields
+        return {k: v for k, v in body.items() if k not in omitted} if omitted else body
 
     def _link(self, user: EmulatedUser, requested: list[str]) -> tuple[str, ...]:
         settings = self.state.settings
@@ -474,7 +484,7 @@ class Kauth:
         body: dict[str, Any] = {
             "token_type": "bearer",
             "access_token": access,
-            "expires_in": int(settings.access_lifetime),
+            "expires_in": self._seconds(settings.access_lifetime),
         }
         new_fp = None
         if rotate:
@@ -487,7 +497,8 @@ class Kauth:
             )
             record.retired_at = now  # kept (not deleted) so a later use is logged as retired
             body["refresh_token"] = fresh
-            body["refresh_token_expires_in"] = int(settings.refresh_lifetime)
+            if settings.refresh_expiry_on_rotation:
+                body["refresh_token_expires_in"] = self._seconds(settings.refresh_lifetime)
             stats.rotations += 1
             new_fp = fingerprint(fresh)
         if settings.scope_on_refresh:
@@ -498,4 +509,4 @@ class Kauth:
         outcome = "rotated" if rotate else ("grace" if retired else "ok")
         stats.refresh_log.append(RefreshAttempt(now, fp, outcome, record.user_id, new_fp, retired))
         logger.debug("refresh with %s: %s %s", fp, outcome, new_fp or "")
-        return web.json_response(body)
+        return web.json_response(self._omit(body))

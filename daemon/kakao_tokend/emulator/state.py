@@ -48,6 +48,14 @@ class EmulatorSettings:
     invalid_client_status: int = 401
     require_redirect_uri: bool = False
     scope_on_refresh: bool = False
+    #: Answer a rotation's new refresh token with its ``refresh_token_expires_in`` (Kakao's
+    #: docs list both; False tests a client that must keep a new token without its expiry).
+    refresh_expiry_on_rotation: bool = True
+    #: Send ``expires_in`` and ``refresh_token_expires_in`` as JSON strings (``"21599"``),
+    #: as some proxies and gateways re-encode numbers.
+    lifetimes_as_strings: bool = False
+    #: Fields left out of every token answer, login and refresh (e.g. ``["expires_in"]``).
+    omit_token_fields: list[str] = field(default_factory=list)
     auto_unlink_incomplete_signup: bool = False
     incomplete_signup_window: float = 86400
     memo_text_limit: int = 200

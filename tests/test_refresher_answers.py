@@ -1,0 +1,338 @@
+"""Odd but legal token answers, end to end: the in-process refresher against the emulator.
+
+Kakao's docs list the fields of a token answer but not their JSON types, and a rotation's
+``refresh_token_expires_in`` is documented next to the token, not promised with it. Each test
+here makes the emulator answer one such way and checks what an operator would: the account
+keeps refreshing, the new refresh token is saved, and no false alarm is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from daemonproc import login, run_cli, short_tokens, start_daemon, write_config
+from kakao_tokend.config import load_config
+from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.health import Severity, assess
+from kakao_tokend.kakao import KakaoClient
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.state import AccountState
+from kakao_tokend.status import AccountEvent, AccountStatus, EventKind, Health
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import TokenSet, rotation_window, utcnow
+
+# Seconds-long tokens with Kakao's proportions: the refresh token lives ten access lifetimes
+# and rotates in the last half of its life (a month of two).
+ACCESS = 60.0
+REFRESH = 600.0
+WINDOW = 300.0
+# The alert ladder scaled to that refresh token, as `kakao-tokend emulator` prints it.
+ALERTS = '[alerts]\nthresholds = ["140s", "70s", "30s"]\ncritical_below = "30s"\n'
+
+
+async def virtual_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> AccountManager:
+    """Log in, then build the daemon's manager on the emulator's virtual clock.
+
+    The manager and its client read the emulator's clock, so advancing it ages the tokens on
+    both sides at once (hours of a real account in a second of test).
+    """
+    settings = emulator.settings
+    settings.access_lifetime, settings.refresh_lifetime = ACCESS, REFRESH
+    settings.rotation_window = WINDOW
+    config_path = write_config(tmp_path, emulator, extra=ALERTS)
+    await login(emulator, config_path)
+    account = load_config(config_path).accounts["default"]
+    clock = emulator.now_datetime
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app, clock=clock),
+        policy=load_config(config_path).refresh,
+        clock=clock,
+    )
+    manager.load()
+    return manager
+
+
+async def test_rotation_without_its_expiry_is_neither_unrenewed_nor_a_missed_rotation(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotated refresh token that arrives without ``refresh_token_expires_in`` is saved, and
+    the account then grades healthy: no "expires and was not renewed" alert, and the next
+    refreshes (Kakao does not rotate a fresh token) are not reported as missed rotations."""
+    emulator.settings.refresh_expiry_on_rotation = False
+    manager = await virtual_manager(emulator, tmp_path, session)
+    events: list[AccountEvent] = []
+    manager.listeners.append(events.append)
+    first = manager.state
+    assert first is not None
+
+    emulator.advance_clock(REFRESH - WINDOW + 10)  # 290 s left: inside the window
+    await manager.refresh(force=True)
+    saved = manager.store.load()
+    assert saved is not None and saved.tokens.refresh_token != first.tokens.refresh_token
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+    assert emulator.refresh_token_status(first.tokens.refresh_token) == "retired"
+
+    # Past the old token's 70 s stage, then a regular refresh that does not rotate.
+    emulator.advance_clock(240)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK
+    assert EventKind.NO_ROTATION not in [e.kind for e in events]
+    assert manager.status.missed_rotation is False
+    grade = manager.health()
+    assert grade.names() == [], grade.conditions
+    # The estimate is the real life Kakao gave the new token, counted from our request.
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_expiry_estimated is True
+    real_left = REFRESH - 240
+    assert abs(tokens.refresh_remaining(emulator.now_datetime()).total_seconds() - real_left) < 5
+
+
+async def test_lifetimes_sent_as_strings_log_in_refresh_and_rotate(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """``"expires_in": "60"`` on the code exchange and on refreshes: the login works, the
+    refresh succeeds at once (not retried until the access token dies), and a rotation's
+    expiry is exact."""
+    emulator.settings.lifetimes_as_strings = True
+    manager = await virtual_manager(emulator, tmp_path, session)
+    state = manager.state
+    assert state is not None
+    assert state.tokens.access_lifetime == timedelta(seconds=ACCESS)
+
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_token != state.tokens.refresh_token
+    assert tokens.refresh_expiry_estimated is False
+    left = tokens.refresh_remaining(emulator.now_datetime()).total_seconds()
+    assert REFRESH - 5 < left <= REFRESH
+
+
+async def kakao_terms_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> AccountManager:
+    """virtual_manager with the configuration a real Kakao account gets: the rotation window
+    and the alert ladder left at their defaults (30 days; 14d 7d 3d 1d, critical below 3d)."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    config_path = write_config(tmp_path, emulator, rotation_window=30 * 86400.0)
+    config = load_config(config_path)
+    manager.account = config.accounts["default"]
+    manager.set_policy(config.refresh)
+    assert manager.account.alerts.thresholds[0] == 14 * 86400.0
+    return manager
+
+
+async def test_kakao_sized_settings_fit_a_short_refresh_token_when_healthy(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A 10-minute refresh token under the default settings, written for Kakao's 60-day one: a
+    window of 30 days and alerts from 14 days left would call every refresh a missed rotation
+    and every moment critical. Every such rule is a share of the token's life instead, so a
+    healthy account through a rotation grades clean."""
+    manager = await kakao_terms_manager(emulator, tmp_path, session)
+    events: list[AccountEvent] = []
+    manager.listeners.append(events.append)
+    assert manager.health().names() == []
+    await manager.refresh(force=True)  # 600 s left of 600: no rotation, none expected
+    assert manager.health().names() == []
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    await manager.refresh(force=True)  # rotates
+    emulator.advance_clock(ACCESS)
+    await manager.refresh(force=True)  # a fresh token: no rotation, none expected
+    assert [e.kind for e in events].count(EventKind.ROTATED) == 1
+    assert EventKind.NO_ROTATION not in [e.kind for e in events]
+    assert manager.health().names() == []
+
+
+async def test_kakao_sized_settings_still_alert_a_short_refresh_token_that_is_not_renewed(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The same settings still raise the alarms in proportion: a refresh token Kakao never
+    renews warns (the 14-day stage is 140 s of 600), turns critical below the 3-day share
+    (30 s), and a refresh deep in the window that did not rotate is a missed rotation."""
+    manager = await kakao_terms_manager(emulator, tmp_path, session)
+    emulator.settings.rotation_window = 0  # this Kakao never rotates
+    emulator.advance_clock(REFRESH - 130)
+    await manager.refresh(force=True)
+    grade = manager.health()
+    assert set(grade.names()) == {"refresh_expiry", "missed_rotation"}, grade.names()
+    assert grade.severity is Severity.WARNING
+    emulator.advance_clock(110)  # 20 s left
+    assert manager.health().severity is Severity.CRITICAL
+
+
+@pytest.mark.slow(seconds=14)
+async def test_a_daemon_under_default_settings_keeps_odd_short_tokens_quietly(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend run` with Kakao's default window and alert ladder against 2-second access
+    and 12-second refresh tokens whose lifetimes come as strings and whose rotations come
+    without their expiry: it rotates again and again, saves each new refresh token, and says
+    nothing alarming — no warning in the log, no alert in KakaoTalk, `status` exits 0."""
+    short_tokens(emulator, access=2, refresh=12)
+    emulator.settings.refresh_expiry_on_rotation = False
+    emulator.settings.lifetimes_as_strings = True
+    config = write_config(tmp_path, emulator, rotation_window=30 * 86400.0)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("rotated=yes", count=2, timeout=40)
+        code, out, err = await run_cli(config, "status")
+        assert code == 0, out + err
+    finally:
+        assert await daemon.stop() == 0
+    log = daemon.log_text()
+    loud = [line for line in log.splitlines() if " WARNING " in line or " CRITICAL " in line]
+    assert loud == [], "\n".join(loud)
+    assert emulator.inbox() == []
+    assert emulator.stats.retired_refresh_presented == 0
+    saved = AccountStore(load_config(config).accounts["default"]).load()
+    assert saved is not None
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
+@pytest.mark.parametrize("kind", ["http429", "http429_retry_after"])
+async def test_a_429_on_the_token_endpoint_pauses_within_the_tokens_life(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, kind: str
+) -> None:
+    """HTTP 429 from a gateway in front of Kakao, without Retry-After or with an hour of it:
+    the refresher pauses as for a rate limit (not the quick first step), yet the retry lands
+    before the 6-second access token expires, and it succeeds."""
+    short_tokens(emulator, access=6, refresh=3600)
+    config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m")
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=config.refresh,
+    )
+    manager.load()
+    emulator.inject("token", kind)
+    await manager.refresh(force=True)
+    status = manager.status
+    assert (status.health, status.last_error_class) == (Health.RETRYING, "http429")
+    assert status.next_attempt_at is not None and manager.state is not None
+    now = utcnow()
+    wait = (status.next_attempt_at - now).total_seconds()
+    left = manager.state.tokens.access_remaining(now).total_seconds()
+    # The longest step of a 6-second life is 0.5 s: a rate limit waits at least half of it.
+    assert 0.25 <= wait < left, (wait, left)
+    await asyncio.sleep(wait)
+    await manager.tick()
+    assert manager.status.health is Health.OK, manager.status.last_error
+
+
+async def test_token_answers_without_expires_in_ask_kakao_how_long_the_token_lives(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A token answer without ``expires_in`` still carries a working access token: its life is
+    asked of access_token_info instead of refusing the login, or throwing the token away and
+    refreshing again and again until it dies."""
+    emulator.settings.omit_token_fields = ["expires_in"]
+    manager = await virtual_manager(emulator, tmp_path, session)
+    state = manager.state
+    assert state is not None
+    assert abs(state.tokens.access_lifetime.total_seconds() - ACCESS) < 2
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.access_token != state.tokens.access_token
+    left = tokens.access_remaining(emulator.now_datetime()).total_seconds()
+    assert ACCESS - 2 < left <= ACCESS
+
+
+async def test_the_first_start_makes_the_user_info_call_a_failed_login_could_not(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A login whose /v2/user/me failed stores no user id; Kakao would unlink that user a day
+    later. The daemon's check at start makes the call then, once."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    assert manager.state is not None
+    unsigned = replace(manager.state, user_id=None)
+    manager.store.save(unsigned)
+    manager.load()
+    emulator.user().personal_info_called = False
+    calls = emulator.stats.requests["user_me"]
+    await manager.verify()
+    assert emulator.user().personal_info_called
+    assert emulator.stats.requests["user_me"] == calls + 1
+    assert manager.state is not None and manager.state.user_id == emulator.user().id
+    await manager.verify()  # the id is known now: no second call
+    assert emulator.stats.requests["user_me"] == calls + 1
+
+
+def test_a_refresh_token_born_between_the_ladder_and_the_window_is_fitted_whole(
+    tmp_path: Path,
+) -> None:
+    """A 20-day refresh token (longer than the 14-day first alert, shorter than the 30-day
+    window): the window and the ladder shrink by the same share, so the alert that would come
+    at 14 days, before the fitted 10-day window even opens, does not."""
+    config = load_config(write_config(tmp_path, rotation_window=30 * 86400.0))
+    account = config.accounts["default"]
+    born = datetime(2026, 12, 1, tzinfo=UTC)
+    body = {
+        "access_token": "a" * 20,
+        "expires_in": 21599,
+        "refresh_token": "r" * 20,
+        "refresh_token_expires_in": 20 * 86400,
+    }
+    state = AccountState(
+        account="default",
+        tokens=TokenSet.from_token_response(body, requested_at=born),
+        refreshed_at=born,
+    )
+    status = AccountStatus()
+    status.adopted(state)
+    at_12_days_left = born + timedelta(days=8)
+    assert assess(account, state, status, config.refresh, at_12_days_left).names() == []
+    window = rotation_window(state.tokens, config.refresh.rotation_window)
+    assert abs(window - timedelta(days=10)) < timedelta(seconds=1)  # 30 of 60 days less 1 s
+    # Below the fitted 3-day share (1 day of 20) it is critical, as a 60-day token at 3 days.
+    graded = assess(account, state, status, config.refresh, born + timedelta(days=19, hours=1))
+    assert graded.names() == ["refresh_expiry"] and graded.severity is Severity.CRITICAL
+
+
+async def test_a_rotation_without_expires_in_is_saved_before_kakao_is_asked_anything(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotating answer without ``expires_in``: the new refresh token (the old one is dead)
+    is saved first, with the old access token; only the next refresh asks access_token_info
+    how long its access token lives. Asking first left the new refresh token unsaved for as
+    long as that question took (a crash then lost the account)."""
+    emulator.settings.omit_token_fields = ["expires_in"]
+    manager = await virtual_manager(emulator, tmp_path, session)
+    first = manager.state
+    assert first is not None
+    emulator.advance_clock(REFRESH - WINDOW + 10)
+    emulator.inject("access_token_info", "hold", delay=30.0)
+    refreshing = asyncio.create_task(manager.refresh(force=True))
+    while not refreshing.done() and emulator.held_requests == 0:
+        await asyncio.sleep(0.01)
+    saved = manager.store.load()
+    emulator.clear_faults()
+    emulator.release_held()
+    await refreshing
+    assert saved is not None
+    assert saved.tokens.refresh_fingerprint != first.tokens.refresh_fingerprint
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+    await manager.refresh(force=True)  # the retry: a new access token, its life asked of Kakao
+    assert manager.status.health is Health.OK, manager.status.last_error
+    tokens = manager.state.tokens  # type: ignore[union-attr]
+    assert tokens.refresh_token == saved.tokens.refresh_token
+    assert abs(tokens.access_lifetime.total_seconds() - ACCESS) < 2
