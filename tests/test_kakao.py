@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -469,6 +470,36 @@ class TestEmulatorFaults:
         assert caught.value.ambiguous
         assert caught.value.status is None
         Secrets([tokens.refresh_token]).assert_absent(caught.value)
+
+    async def test_a_default_timeout_is_fitted_to_a_short_lived_token(
+        self, emu: KakaoEmulator, session: aiohttp.ClientSession
+    ) -> None:
+        """Left at its default (30 s), the wait for a 6-second token's refresh is 1/8 of its
+        life: a hung Kakao leaves a retry before the token expires, not five lifetimes later."""
+        emu.settings.access_lifetime = 6
+        client = KakaoClient(session, app_for(emu.url))  # the production defaults, 30 s / 10 s
+        tokens = tokens_from(emu.issue_tokens())
+        emu.inject("token", "timeout", delay=20.0)
+        started = time.monotonic()
+        with pytest.raises(KakaoUnavailable) as caught:
+            await asyncio.wait_for(client.refresh(tokens), timeout=10)
+        waited = time.monotonic() - started
+        assert caught.value.code == "timeout" and caught.value.ambiguous
+        assert 0.7 <= waited < 3.0, waited  # 0.75 s and the machine's own delays
+
+    async def test_a_timeout_set_by_hand_is_kept_for_a_short_lived_token(
+        self, emu: KakaoEmulator, session: aiohttp.ClientSession
+    ) -> None:
+        """A timeout the operator wrote is used as written, whatever the token's life."""
+        emu.settings.access_lifetime = 6
+        client = KakaoClient(session, app_for(emu.url, timeout=2.5, connect_timeout=1.0))
+        tokens = tokens_from(emu.issue_tokens())
+        emu.inject("token", "timeout", delay=20.0)
+        started = time.monotonic()
+        with pytest.raises(KakaoUnavailable) as caught:
+            await asyncio.wait_for(client.refresh(tokens), timeout=10)
+        assert caught.value.code == "timeout"
+        assert time.monotonic() - started >= 2.4
 
     async def test_connection_refused_is_not_ambiguous(
         self, session: aiohttp.ClientSession

@@ -9,6 +9,7 @@ keeps refreshing, the new refresh token is saved, and no false alarm is raised.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,6 +203,37 @@ async def test_a_daemon_under_default_settings_keeps_odd_short_tokens_quietly(
     saved = AccountStore(load_config(config).accounts["default"]).load()
     assert saved is not None
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
+async def test_a_daemon_left_at_the_default_timeout_gets_past_a_hung_kakao_within_the_tokens_life(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend run` with `[kakao] timeout` left at Kakao's 30 s and 6-second tokens: the
+    first refresh hangs (Kakao never answers); the daemon gives up after 1/8 of the lifetime
+    and serves a fresh, valid token again within about a lifetime — not 30 s later."""
+    short_tokens(emulator, access=6, refresh=3600)
+    config = write_config(tmp_path, emulator, timeout="30s")  # the default's value
+    state = await login(emulator, config)
+    emulator.inject("token", "timeout", delay=60.0, count=1)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: emulator.stats.faults_fired["timeout"] == 1, timeout=15, what="the hang"
+        )
+        hung_at = time.monotonic()
+        await daemon.wait_for(
+            lambda: (
+                daemon.published()["generation"] > state.generation
+                and emulator.access_token_valid(daemon.published()["access_token"])
+            ),
+            timeout=25,
+            what="a fresh token after the hang",
+        )
+        recovered = time.monotonic() - hung_at
+    finally:
+        assert await daemon.stop() == 0
+    assert recovered < 6.0, f"{recovered:.1f}s after the hang (1/8 of 6 s is 0.75 s)"
+    assert "did not answer /oauth/token within" in daemon.log_text()
 
 
 @pytest.mark.parametrize("kind", ["http429", "http429_retry_after"])

@@ -26,6 +26,7 @@ from kakao_tokend.tokens import (
     parse_time,
     refresh_deadline,
     refresh_due_at,
+    request_timeout,
     rotation_certain,
 )
 
@@ -1185,3 +1186,19 @@ class TestHalfBrokenRefresh:
         with pytest.raises(TokenResponseError) as caught:
             initial_tokens().merge_refresh({"expires_in": SIX_HOURS}, requested_at=T0)
         assert not isinstance(caught.value, PartialTokenResponse)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lifetime", "expected"),
+    [
+        (30.0, timedelta(seconds=6), 0.75),  # the default, a 6-second token: 1/8 of its life
+        (30.0, timedelta(hours=6), 30.0),  # Kakao's own tokens keep the default
+        (30.0, timedelta(minutes=4), 30.0),  # the boundary: 1/8 of 240 s is the default
+        (30.0, None, 30.0),  # a login: no token yet
+        (5.0, timedelta(seconds=6), 5.0),  # set by hand: as written
+    ],
+)
+def test_a_default_request_timeout_is_fitted_to_a_short_lived_token(
+    configured: float, lifetime: timedelta | None, expected: float
+) -> None:
+    assert request_timeout(configured, 30.0, lifetime) == pytest.approx(expected)

@@ -601,6 +601,12 @@ _table: Final = _metadata(_Table)
 # The frozen result
 
 
+#: ``[kakao] timeout`` and ``connect_timeout`` when not set: sized for Kakao's hours-long tokens
+#: (tokens.request_timeout fits them to a short-lived token).
+KAKAO_TIMEOUT = 30.0
+KAKAO_CONNECT_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class KakaoApp:
     """One Kakao app registration: credentials and endpoints. Secrets never appear in repr."""
@@ -623,8 +629,8 @@ class KakaoApp:
         default="http://127.0.0.1:8765/callback", metadata=_key(_url(redirect=True))
     )
     scopes: tuple[str, ...] = field(default=(), metadata=_key(_scopes))
-    timeout: float = field(default=30.0, metadata=_key(_positive('"10s"')))
-    connect_timeout: float = field(default=10.0, metadata=_key(_positive('"10s"')))
+    timeout: float = field(default=KAKAO_TIMEOUT, metadata=_key(_positive('"10s"')))
+    connect_timeout: float = field(default=KAKAO_CONNECT_TIMEOUT, metadata=_key(_positive('"10s"')))
     #: Where the key came from: "file /etc/x", "env KAKAO_KEY", "credential x" or "inline".
     rest_api_key_source: str = field(default="inline", metadata={_META: _DERIVED})
     #: Where the client secret came from; None when there is no client secret.

@@ -63,7 +63,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlencode
 
@@ -71,7 +71,7 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .config import KakaoApp
+from .config import KAKAO_CONNECT_TIMEOUT, KAKAO_TIMEOUT, KakaoApp
 from .errors import (
     KakaoConfigError,
     KakaoError,
@@ -86,6 +86,7 @@ from .tokens import (
     TokenResponseError,
     TokenSet,
     fingerprint,
+    request_timeout,
     utcnow,
 )
 
@@ -444,11 +445,14 @@ class KakaoClient:
         if self._app.client_secret:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
-        body = await self._token_request(form, secrets_=(tokens.refresh_token, tokens.access_token))
+        lifetime = tokens.access_lifetime
+        body = await self._token_request(
+            form, secrets_=(tokens.refresh_token, tokens.access_token), lifetime=lifetime
+        )
         if body.get("refresh_token") in (None, "", tokens.refresh_token):
             # Not after a rotation: the old refresh token is dead, and the new one must be
             # saved before anything else (merge_refresh salvages it; the next refresh asks).
-            body = await self._with_expires_in(body)
+            body = await self._with_expires_in(body, lifetime)
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
         except PartialTokenResponse as exc:
@@ -461,7 +465,9 @@ class KakaoClient:
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
 
-    async def _with_expires_in(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _with_expires_in(
+        self, body: dict[str, Any], lifetime: timedelta | None = None
+    ) -> dict[str, Any]:
         """Complete a token answer that has an access token but no ``expires_in``.
 
         Kakao always sends it, but without it the access token still works: ask
@@ -481,7 +487,7 @@ class KakaoClient:
         ):
             return body
         try:
-            info = await self.access_token_info(access)
+            info = await self.access_token_info(access, lifetime=lifetime)
         except KakaoError as exc:
             log.debug("token answer without expires_in; access_token_info failed: %s", exc.label)
             return body
@@ -490,9 +496,12 @@ class KakaoClient:
 
     # --- kapi -------------------------------------------------------------------------------
 
-    async def access_token_info(self, access_token: str) -> AccessTokenInfo:
-        """Ask Kakao whether an access token is valid and for how long."""
-        body = await self._kapi("GET", TOKEN_INFO_PATH, access_token)
+    async def access_token_info(
+        self, access_token: str, *, lifetime: timedelta | None = None
+    ) -> AccessTokenInfo:
+        """Ask Kakao whether an access token is valid and for how long (``lifetime``: the
+        token's, when known, for the request's limits)."""
+        body = await self._kapi("GET", TOKEN_INFO_PATH, access_token, lifetime=lifetime)
         user_id = _as_int(body.get("id"))
         expires_in = _as_int(body.get("expires_in"))
         if user_id is None or expires_in is None:
@@ -568,11 +577,12 @@ class KakaoClient:
     def _base(url: str) -> str:
         return url.rstrip("/")
 
-    def _timeout(self) -> aiohttp.ClientTimeout:
-        total = self._app.timeout
-        return aiohttp.ClientTimeout(
-            total=total, connect=min(self._app.connect_timeout, total), sock_read=total
-        )
+    def _timeout(self, lifetime: timedelta | None = None) -> aiohttp.ClientTimeout:
+        """Return the request's limits: the configured ones, fitted to a short-lived token's
+        ``lifetime`` when left at their defaults (tokens.request_timeout)."""
+        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime)
+        connect = request_timeout(self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime)
+        return aiohttp.ClientTimeout(total=total, connect=min(connect, total), sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:
         body = await self._kapi("POST", path, access_token)
@@ -589,17 +599,22 @@ class KakaoClient:
         *,
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        lifetime: timedelta | None = None,
     ) -> _Response:
-        """Send one request and read the whole answer; map transport failures."""
+        """Send one request and read the whole answer; map transport failures.
+
+        ``lifetime`` is that of the token the request is for (None: a login), see _timeout().
+        """
         url = URL(self._base(base) + path)
         started = time.monotonic()
+        timeout = self._timeout(lifetime)
         try:
             async with self._session.request(
                 method,
                 url,
                 data=data,
                 headers=headers,
-                timeout=self._timeout(),
+                timeout=timeout,
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
@@ -612,11 +627,13 @@ class KakaoClient:
         except (aiohttp.ClientError, OSError) as exc:  # OSError includes builtin TimeoutError
             elapsed = time.monotonic() - started
             log.debug("%s %s failed after %.3fs: %s", method, path, elapsed, type(exc).__name__)
-            raise self._transport_error(exc, path, elapsed) from None
+            raise self._transport_error(exc, path, elapsed, timeout) from None
         log.debug("%s %s -> %d in %.3fs", method, path, answer.status, time.monotonic() - started)
         return answer
 
-    def _transport_error(self, exc: BaseException, path: str, elapsed: float) -> KakaoError:
+    def _transport_error(
+        self, exc: BaseException, path: str, elapsed: float, timeout: aiohttp.ClientTimeout
+    ) -> KakaoError:
         """Map an aiohttp/OS exception to our error types (never quoting the URL's query)."""
         name = type(exc).__name__
         if isinstance(exc, aiohttp.InvalidURL):
@@ -627,7 +644,7 @@ class KakaoClient:
             )
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             return KakaoUnavailable(
-                f"could not connect to Kakao for {path} within {self._app.connect_timeout:g}s",
+                f"could not connect to Kakao for {path} within {timeout.connect:g}s",
                 endpoint=path,
                 code="connect-timeout",
                 ambiguous=False,
@@ -677,10 +694,16 @@ class KakaoClient:
         )
 
     async def _token_request(
-        self, form: Mapping[str, str], *, secrets_: Sequence[str]
+        self,
+        form: Mapping[str, str],
+        *,
+        secrets_: Sequence[str],
+        lifetime: timedelta | None = None,
     ) -> dict[str, Any]:
         """POST to the token endpoint; return the JSON object of a 200 answer."""
-        answer = await self._send("POST", self._app.auth_url, TOKEN_PATH, data=form)
+        answer = await self._send(
+            "POST", self._app.auth_url, TOKEN_PATH, data=form, lifetime=lifetime
+        )
         body = answer.json_object()
         if answer.status == 200:
             if body is None:
@@ -695,6 +718,7 @@ class KakaoClient:
         access_token: str,
         *,
         data: Mapping[str, str] | None = None,
+        lifetime: timedelta | None = None,
     ) -> dict[str, Any]:
         """Call a kapi endpoint with a bearer token; return the JSON object of a 200 answer."""
         answer = await self._send(
@@ -703,6 +727,7 @@ class KakaoClient:
             path,
             data=data,
             headers={"Authorization": f"Bearer {access_token}"},
+            lifetime=lifetime,
         )
         body = answer.json_object()
         if answer.status == 200:

@@ -532,7 +532,9 @@ class AccountManager:
             await self._sign_up(state)
         asked_at = self.clock()
         try:
-            info = await self.client.access_token_info(state.tokens.access_token)
+            info = await self.client.access_token_info(
+                state.tokens.access_token, lifetime=state.tokens.access_lifetime
+            )
         except ReloginRequired as exc:
             log.warning(
                 "account %s: Kakao rejected the stored access token (%s); refreshing now",
@@ -879,7 +881,9 @@ class AccountManager:
         if cause is ReloginCause.REVOKED and tokens.access_expires_at > now:
             # Our clock says the access token still lives: ask Kakao whether it agrees.
             try:
-                await self.client.access_token_info(tokens.access_token)
+                await self.client.access_token_info(
+                    tokens.access_token, lifetime=tokens.access_lifetime
+                )
             except ReloginRequired:  # -401 (gone), -101 (unlinked), -103 (dormant)
                 cause = decide(AccessCheck.REJECTED)
             except KakaoError:

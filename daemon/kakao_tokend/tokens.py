@@ -425,6 +425,25 @@ def refresh_due_at(
     return planned
 
 
+#: The share of the access lifetime a Kakao request left at the default timeout may take.
+REQUEST_TIMEOUT_SHARE = 1 / 8
+
+
+def request_timeout(configured: float, default: float, lifetime: timedelta | None) -> float:
+    """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
+
+    The defaults (``[kakao] timeout`` 30 s, ``connect_timeout`` 10 s) are sized for Kakao's
+    hours-long tokens: 1/720 of a 6-hour one. Left at its default, the wait is at most 1/8 of
+    a shorter token's lifetime: the refresh is planned with 20-30 % of the life left, so a
+    request that hangs still leaves a retry before the access token expires (a 6-second token
+    would otherwise wait 30 s, five lifetimes without a token). Tokens living 4 minutes or
+    more, and values set by hand, keep the configured wait.
+    """
+    if lifetime is None or configured != default:
+        return configured
+    return min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+
+
 def backoff_delay(
     attempt: int,
     *,
