@@ -116,19 +116,60 @@ async def test_relogin_needed_is_persisted_and_stops_planning(
     assert emulator.stats.requests["token"] == requests  # no hammering
 
 
+async def test_a_configuration_fixed_in_kakaos_console_is_picked_up_without_a_reload(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client secret is switched in Kakao's console and back again (nothing in our config
+    changes): the refused account is tried again at the back-off ladder's slowest pace (1/12
+    of a 6-second lifetime) and refreshes again by itself, with one critical line, not one per
+    retry."""
+    emulator.settings.access_lifetime = 6
+    manager = await make_manager(emulator, tmp_path, session)
+    secret = emulator.settings.client_secret
+    emulator.regenerate_client_secret()
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.CONFIG
+    planned = manager.planned_refresh_at()
+    assert planned is not None and planned <= utcnow() + timedelta(seconds=0.5)
+    refused = emulator.stats.requests["token"]
+    for _ in range(60):  # a second and a half of heartbeats: the secret is still wrong
+        await asyncio.sleep(0.025)
+        await manager.tick()
+    assert manager.status.health is Health.CONFIG
+    assert emulator.stats.requests["token"] > refused  # tried again meanwhile
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1, [r.getMessage() for r in critical]
+    assert "tried again in" in critical[0].getMessage()
+    emulator.set_client_secret(secret)
+    for _ in range(80):
+        await asyncio.sleep(0.025)
+        await manager.tick()
+        if manager.status.health is Health.OK:
+            break
+    assert manager.status.health is Health.OK
+    assert manager.state is not None and manager.state.generation == 2
+
+
 async def test_wrong_client_secret_is_a_config_error_until_reload(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """KOE010 stops refreshing (config); clear_config_error makes the next tick try again."""
+    """KOE010 is a configuration error; clear_config_error (a reload) makes the next tick try
+    again at once, not at the slow retry's moment."""
     manager = await make_manager(emulator, tmp_path, session)
     secret = emulator.settings.client_secret
     emulator.regenerate_client_secret()
     await manager.refresh(force=True)
     assert manager.status.health is Health.CONFIG
     assert manager.status.last_error_class == "KOE010"
-    assert manager.planned_refresh_at() is None
+    planned = manager.planned_refresh_at()
+    assert planned is not None and planned > utcnow()  # the slow retry: later
+    assert not manager.needs_refresh(utcnow())
     emulator.set_client_secret(secret)
     manager.clear_config_error()
+    assert manager.needs_refresh(utcnow())  # a reload: at once
     await manager.tick()
     assert manager.status.health is Health.OK
     assert manager.state is not None and manager.state.generation == 2

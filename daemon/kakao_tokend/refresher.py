@@ -81,6 +81,9 @@ SUPERSEDED_WAIT_SHARE = 0.5
 #: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
 #: per account. Tests that need fixed dice pass their own ``rng``.
 SHARED_RNG = random.Random()
+#: An attempt number past the top of the back-off ladder: its longest step, the pace at which
+#: a configuration Kakao refused is tried again.
+LONGEST_STEP = 64
 #: The default rotation window, Kakao's "less than one month".
 KAKAO_ROTATION_WINDOW = RefreshPolicy().rotation_window
 
@@ -392,9 +395,9 @@ class AccountManager:
         planned = self._planned_refresh_at
         if planned is not None and self.status.health is Health.OK and self.state is not None:
             return planned  # the usual answer, asked several times per account at start
-        if self.state is None or self.status.health in (Health.RELOGIN, Health.CONFIG):
+        if self.state is None or self.status.health is Health.RELOGIN:
             return None
-        if self.status.health is Health.RETRYING and self.status.next_attempt_at:
+        if self.status.health in (Health.RETRYING, Health.CONFIG):
             return self.status.next_attempt_at
         if self._planned_refresh_at is None:
             # Fleet mode: the store says when (the node that committed these tokens planned
@@ -441,7 +444,10 @@ class AccountManager:
             return False
         if now >= planned:
             return True
-        if self.status.health is Health.RETRYING and self.status.next_attempt_at is not None:
+        if (
+            self.status.health in (Health.RETRYING, Health.CONFIG)
+            and self.status.next_attempt_at is not None
+        ):
             due = self._retry_due_mono
             return due is not None and self.monotonic() >= due
         return issued_in_the_future(self.state.tokens, now)
@@ -751,7 +757,7 @@ class AccountManager:
             state = self.state
             if state is None:
                 return None
-            if self.status.health in (Health.RELOGIN, Health.CONFIG) and not force:
+            if self.status.health is Health.RELOGIN and not force:
                 return state
             now = self.clock()
             if not force and not self.needs_refresh(now):
@@ -1230,12 +1236,33 @@ class AccountManager:
     ) -> None:
         self._retry_due_mono = None
         if health is not Health.RELOGIN:
-            self.status.failed_permanent(health, str(exc), exc.label, now=self.clock())
+            # The fix may be made in Kakao's console (a client secret switched back, a key or
+            # Kakao Login enabled again) and not in our configuration: try again at the
+            # ladder's slowest pace, which still leaves an attempt before the refresh token
+            # dies (tokens.backoff_delay), rather than wait for a reload that never comes.
+            repeated = self.status.health is Health.CONFIG
+            now = self.clock()
+            delay = self._retry_delay(LONGEST_STEP) if self.state is not None else None
+            retry_at = now + timedelta(seconds=delay) if delay is not None else None
+            self.status.failed_permanent(health, str(exc), exc.label, now=now, retry_at=retry_at)
+            if delay is not None:
+                self._retry_due_mono = self.monotonic() + delay
+            next_try = f"tried again in {format_duration(delay)}" if delay is not None else ""
+            if repeated:  # said and alerted already
+                log.warning(
+                    "account %s: Kakao still says the configuration is wrong: %s; %s",
+                    self.name,
+                    exc,
+                    next_try,
+                )
+                return
             log.critical(
-                "account %s: Kakao says the configuration is wrong: %s; stopped refreshing it —"
-                " fix the config, then `systemctl reload kakao-tokend` (or send SIGHUP)",
+                "account %s: Kakao says the configuration is wrong: %s; fix the config, then"
+                " `systemctl reload kakao-tokend` (or send SIGHUP), or the app's settings in"
+                " Kakao's console; %s",
                 self.name,
                 exc,
+                next_try,
             )
             self._emit(EventKind.CONFIG, str(exc), {"error_class": exc.label})
             return

@@ -203,14 +203,16 @@ class AccountStatus:
         *,
         now: datetime,
         cause: ReloginCause | None = None,
+        retry_at: datetime | None = None,
     ) -> None:
-        """Refreshing cannot work until a person acts: a new login, or a fixed config."""
+        """Refreshing cannot work until a person acts: a new login, or a fixed config
+        (``retry_at``: when a configuration is tried again, in case it was fixed at Kakao)."""
         self._count("failures")
         self.health = health
         self.last_error = message
         self.last_error_class = label
         self.failing_since = self.failing_since or now
-        self.next_attempt_at = None
+        self.next_attempt_at = retry_at
         if health is Health.RELOGIN:
             self.relogin_cause = cause
 
