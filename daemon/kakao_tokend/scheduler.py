@@ -341,7 +341,8 @@ class RefreshScheduler:
         status = manager.status
         if (
             status.write_pending
-            or status.health is Health.RETRYING  # its retry is kept on the monotonic clock
+            # Its retry (a configuration's slow one too) is kept on the monotonic clock.
+            or status.health in (Health.RETRYING, Health.CONFIG)
             or manager.needs_refresh(manager.clock())  # e.g. issued "in the future"
         ):
             self._watch.add(manager.name)
