@@ -109,6 +109,45 @@ async def test_retries_once_after_minus_401(emulator: KakaoEmulator, tmp_path: P
         assert status == 200 and emulator.stats.refreshes_ok == before + 1
 
 
+async def test_retries_once_after_a_401_that_says_invalid_token_only_in_its_header(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A 401 whose body is a gateway's page, not Kakao's JSON, but whose WWW-Authenticate says
+    invalid_token (RFC 6750, as Kakao sends it): the proxy refreshes once and retries with the
+    new token, as for a -401 (the daemon's own client reads that header the same way)."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization", ""))
+        if len(seen) == 1:
+            return web.Response(
+                status=401,
+                body=b"<html>401 Unauthorized</html>",
+                content_type="text/html",
+                headers={"WWW-Authenticate": 'Bearer realm="kakao", error="invalid_token"'},
+            )
+        return web.json_response({"id": 1})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        config = config_with(tmp_path, emulator)
+        await login(emulator, config)
+        pointing_api_at(config, emulator, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        async with serving(config) as served:
+            before = emulator.stats.refreshes_ok
+            status, me = await served.get("/kapi/v2/user/me")
+            assert (status, me) == (200, {"id": 1})
+            assert emulator.stats.refreshes_ok == before + 1
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 2 and seen[0] != seen[1]  # retried once, with the refreshed token
+
+
 async def test_minus_401_is_passed_back_when_the_refresh_cannot_help(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

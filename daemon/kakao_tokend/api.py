@@ -380,13 +380,16 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _is_token_rejected(status: int, body: bytes) -> bool:
+def _is_token_rejected(status: int, body: bytes, challenge: str) -> bool:
+    """Return True when Kakao refused the access token: a 401 with code -401, or a 401 whose
+    body is not JSON but whose ``WWW-Authenticate`` says ``invalid_token`` (RFC 6750; the
+    daemon's own client reads it the same way, kakao.py)."""
     if status != 401:
         return False
     try:
         document = json.loads(body)
     except ValueError:
-        return False
+        return "invalid_token" in challenge
     return isinstance(document, dict) and document.get("code") == -401
 
 
@@ -458,7 +461,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         try:
             if upstream.status == 401 and whole and not retried:
                 answer = await upstream.read()
-                if _is_token_rejected(upstream.status, answer):
+                challenge = upstream.headers.get("WWW-Authenticate", "")
+                if _is_token_rejected(upstream.status, answer, challenge):
                     retried = True
                     upstream.release()
                     if (
