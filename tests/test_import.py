@@ -317,6 +317,24 @@ class TestVerification:
         assert saved_state(tmp_path).tokens.access_token == body["access_token"]
         assert "Kakao confirmed the access token (access_token_info)" in result.stdout
 
+    async def test_an_imported_blog_token_completes_kakaos_signup(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """The blog script never calls a user-info API, and Kakao unlinks users who made none
+        within a day of their first login. `import` makes that call (/v2/user/me), so the
+        grant still lives a day later."""
+        emulator.settings.auto_unlink_incomplete_signup = True
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens()
+        assert not emulator.user().personal_info_called
+        result = await cli(config, "import", str(seed_file(tmp_path, body, age=600)))
+        assert result.exit_code == 0, result.output
+        assert emulator.user().personal_info_called
+        assert saved_state(tmp_path).user_id == emulator.user().id
+        emulator.advance_clock(emulator.settings.incomplete_signup_window + 3600)
+        assert emulator.user().linked
+        await refresh_at_kakao(emulator, body["refresh_token"])  # asserts a 200
+
     async def test_no_verify_asks_kakao_nothing(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

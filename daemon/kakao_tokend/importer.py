@@ -286,7 +286,7 @@ async def check_seed_file(
         except KakaoError as exc:
             raise _unverified(exc, "the access token") from None
         else:
-            user_id = info.user_id
+            user_id = await _complete_signup(client, seed.access_token, info.user_id, warnings)
             verified_by = "access_token_info"
             tokens = estimate_tokens(
                 seed, now=now, access_expires=now + timedelta(seconds=max(info.expires_in, 0))
@@ -303,6 +303,26 @@ async def check_seed_file(
         warnings=tuple(warnings),
         now=now,
     )
+
+
+async def _complete_signup(
+    client: KakaoClient, access_token: str, user_id: int, warnings: list[str]
+) -> int | None:
+    """Call /v2/user/me once; return ``user_id``, or None when the call failed.
+
+    Kakao unlinks users who made no call to a user-info API within a day of their first login
+    (docs/kakao.md), and the blog recipe whose files `import` reads never makes one. None
+    tells the daemon's check at start to make the call (refresher's sign-up).
+    """
+    try:
+        await client.user_me(access_token)
+    except KakaoError as exc:
+        warnings.append(
+            f"could not call /v2/user/me ({exc.label}); Kakao unlinks users who made no user-info"
+            " call within a day of their first login, so the daemon makes it when it starts"
+        )
+        return None
+    return user_id
 
 
 def imported_state(
