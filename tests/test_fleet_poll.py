@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -298,4 +299,25 @@ async def test_only_a_poll_says_the_cache_has_caught_up_not_a_notifications_rere
     fleet.note_notification(rows["shop"])
     assert fleet.behind_since() is not None
     await fleet.poll()
+    assert fleet.behind_since() is None
+
+
+async def test_a_poll_the_node_was_stopped_during_leaves_it_behind(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[..., Any]
+) -> None:
+    """A poll under way when the node was stopped (SIGSTOP, a stalled loop) ends after the
+    pause with the rows as they were before it: it does not make the node current. Counted
+    from its end, the claims dispatched at the SIGCONT found the node "not behind", skipped
+    the re-read and locked rows the other node had refreshed meanwhile."""
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    heartbeat = 0.1
+    fleet: FleetStore = await open_fleet(pg_dsn, heartbeat)
+    await fleet.poll()
+    polling = asyncio.create_task(fleet.poll())
+    await asyncio.sleep(0)  # the poll has begun: it waits for the database
+    time.sleep(LIVE_HEARTBEATS * heartbeat * 2)  # the whole process stopped meanwhile
+    await polling
+    assert fleet.behind_since() is not None
+    await fleet.poll()  # one begun after the pause
     assert fleet.behind_since() is None

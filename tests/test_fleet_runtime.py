@@ -29,6 +29,7 @@ from kakao_tokend.config import Config, load_config
 from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreUnavailable
+from kakao_tokend.fleet import accounts
 from kakao_tokend.fleet import store as fleet_store
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
@@ -268,6 +269,43 @@ async def test_a_scheduled_refresh_another_node_holds_is_not_a_failure(
         assert two.manager.notice_outside_changes()
         assert two.manager.state == committed
         assert two.manager.planned_refresh_at() == row.due_at == one.manager.planned_refresh_at()
+
+
+async def test_a_claim_adopts_a_row_refreshed_while_it_waited_for_a_connection_without_locking_it(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A scheduled claim decided on the generation its node held, then waited for a pooled
+    connection (every one lent: a node continued after a pause finds its claims queued).
+    Meanwhile another node refreshed the account and this node re-read the row (the
+    notification's re-read, which leaves a busy account to its claim: Daemon.on_store_changed).
+    The claim adopts that row and locks nothing: the old code locked it, found it current
+    and ended with nothing to commit (an idle hold; up to 10 of 48 in the e2e pause test)."""
+    emulator.settings.access_lifetime = 3
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
+        while not two.manager.needs_refresh(two.manager.clock()):
+            await asyncio.sleep(0.05)
+        lent = [await two.fleet.getconn("keep busy") for _ in range(two.fleet.pool_size)]
+        claim = asyncio.create_task(two.manager.refresh(reason="due"))
+        while not two.fleet.pool_stats().get("requests_waiting"):
+            assert not claim.done(), claim
+            await asyncio.sleep(0.01)
+        new = await one.manager.refresh(force=True, reason="the first claimant")
+        assert new is not None
+        calls = emulator.stats.refreshes_ok
+        # The notification's re-read (on a connection already lent: the claim waits for one).
+        row = await accounts.load_account(lent[0], two.fleet.keyring, "default", rotations=1)
+        await lent[0].commit()
+        assert row is not None and row.generation == new.generation
+        two.fleet.keep_row(row)
+        for conn in lent:
+            await two.fleet.putconn(conn)
+        adopted = await claim
+        assert two.fleet.stats.idle_holds == 0
+        assert adopted == new == two.manager.state
+        assert emulator.stats.refreshes_ok == calls
+        published = json.loads(two.config.account().token_file.read_text())
+        assert published["access_token"] == new.tokens.access_token
+        assert two.manager.planned_refresh_at() == one.manager.planned_refresh_at()
 
 
 @asynccontextmanager

@@ -42,8 +42,8 @@ class WatchedStore(AccountStore):
         self.events: list[AccountEvent] = []
 
     @asynccontextmanager
-    async def hold(self, wait: float) -> AsyncIterator[None]:
-        async with super().hold(wait):
+    async def hold(self, wait: float, *, decided_on: int | None = None) -> AsyncIterator[None]:
+        async with super().hold(wait, decided_on=decided_on):
             yield
             published = self.read_published()
             self.at_commit.append(

@@ -91,6 +91,14 @@ class StoreClaimed(StoreLocked):
     """Another fleet node holds the account's row: it is refreshing it, nothing failed."""
 
 
+class StoreOvertaken(StoreError):
+    """A claim was decided on a generation the store's copy has moved past: nothing was held.
+
+    Another fleet node committed a newer one while the claim waited (for the store's
+    re-read, a pooled connection, the row); the caller adopts it instead of locking the row.
+    """
+
+
 class StateCorrupt(StoreError):
     """The state file could not be parsed; it was moved to ``quarantined`` and left intact."""
 

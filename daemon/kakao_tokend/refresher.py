@@ -35,6 +35,7 @@ from .errors import (
     StoreClaimed,
     StoreError,
     StoreLocked,
+    StoreOvertaken,
     StoreWriteError,
 )
 from .health import AccountHealth, assess
@@ -689,17 +690,18 @@ class AccountManager:
 
     @contextlib.asynccontextmanager
     async def _holding(
-        self, store: AccountStorage, wait: float
+        self, store: AccountStorage, wait: float, *, decided_on: int | None = None
     ) -> AsyncIterator[StoreError | None]:
         """Hold the account in ``store`` for a change; yield why it could not be held, or None.
 
         What is published and announced while it is held happens once the hold ended, that
         is once the change is committed (storage.StateStore.hold). A commit that fails as the
         hold ends is a failed write: the state stays in memory and in the rescue file.
+        ``decided_on``: as storage.StateStore.hold's (StoreOvertaken is yielded).
         """
         held = False
         try:
-            async with store.hold(wait):
+            async with store.hold(wait, decided_on=decided_on):
                 held = True
                 self._held = True
                 try:
@@ -739,36 +741,55 @@ class AccountManager:
         self, *, force: bool, reason: str, min_valid: float | None
     ) -> AccountState | None:
         wait = self._lock_wait() if min_valid is None else self.request_grace
-        # The store is captured: a reload may swap self.store while Kakao answers, and the
-        # hold must be released through the object that holds it.
-        async with self._holding(self.store, wait) as busy:
-            if isinstance(busy, StoreClaimed):
-                # Another fleet node is refreshing it: nothing failed. Its commit is announced
-                # (LISTEN/NOTIFY); look again soon in case that node dies on the way.
-                self._look_again_soon()
-                return self.state
-            if busy is not None:
-                if self.state is not None:
-                    label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
-                    self._record_transient(str(busy), label, ambiguous=False)
-                return self.state
-            # Re-read under the lock: `login` or another tool may have written newer tokens.
-            self._sync_with_disk()
-            state = self.state
-            if state is None:
-                return None
-            if self.status.health is Health.RELOGIN and not force:
-                return state
-            now = self.clock()
-            if not force and not self.needs_refresh(now):
-                return state
-            if (
-                min_valid is not None
-                and self.status.health is Health.OK
-                and state.tokens.access_remaining(now).total_seconds() >= min_valid
-            ):
-                return state  # refreshed by another process while we waited for the lock
-            return await self._call_kakao(state, reason)
+        # A scheduled claim holds the account only at the generation it was decided on: when
+        # another fleet node committed a newer one while it waited (for the store's re-read,
+        # a connection, the row), that one is adopted instead, and the scheduler plans the
+        # account anew from it. Locking the row would only find it current.
+        decided_on = None
+        if not force and min_valid is None and not self.status.write_pending and self.state:
+            decided_on = self.state.generation
+        while True:
+            # The store is captured: a reload may swap self.store while Kakao answers, and
+            # the hold must be released through the object that holds it.
+            async with self._holding(self.store, wait, decided_on=decided_on) as busy:
+                if isinstance(busy, StoreOvertaken):
+                    if self.notice_outside_changes():
+                        return self.state
+                    decided_on = None  # nothing adopted (a row refused as older): claim it
+                    continue
+                return await self._refresh_in(busy, force=force, reason=reason, min_valid=min_valid)
+
+    async def _refresh_in(
+        self, busy: StoreError | None, *, force: bool, reason: str, min_valid: float | None
+    ) -> AccountState | None:
+        """The refresh inside :meth:`_refresh_held`'s hold (``busy``: why it is not held)."""
+        if isinstance(busy, StoreClaimed):
+            # Another fleet node is refreshing it: nothing failed. Its commit is announced
+            # (LISTEN/NOTIFY); look again soon in case that node dies on the way.
+            self._look_again_soon()
+            return self.state
+        if busy is not None:
+            if self.state is not None:
+                label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
+                self._record_transient(str(busy), label, ambiguous=False)
+            return self.state
+        # Re-read under the lock: `login` or another tool may have written newer tokens.
+        self._sync_with_disk()
+        state = self.state
+        if state is None:
+            return None
+        if self.status.health is Health.RELOGIN and not force:
+            return state
+        now = self.clock()
+        if not force and not self.needs_refresh(now):
+            return state
+        if (
+            min_valid is not None
+            and self.status.health is Health.OK
+            and state.tokens.access_remaining(now).total_seconds() >= min_valid
+        ):
+            return state  # refreshed by another process while we waited for the lock
+        return await self._call_kakao(state, reason)
 
     def _look_again_soon(self) -> None:
         """Plan the next look at a share of the lifetime, at most a heartbeat, from now."""

@@ -130,12 +130,20 @@ class StateStore(Protocol):
 
     # ------------------------------------------------------------------ changing
 
-    def hold(self, wait: float) -> AbstractAsyncContextManager[None]:
+    def hold(
+        self, wait: float, *, decided_on: int | None = None
+    ) -> AbstractAsyncContextManager[None]:
         """Hold the account for a change: nobody else writes it until the block ends.
 
         Waits up to ``wait`` seconds without blocking the event loop (0: try once), then
         raises StoreLocked; StoreError when the lock itself cannot be used. Committed when
         the block ends normally, rolled back when it raises.
+
+        ``decided_on``: the generation a scheduled claim was decided on. A store whose copy
+        already holds a newer one before it locks raises StoreOvertaken instead, holding
+        nothing. Files: not checked (the lock is taken at once, and the state re-read under
+        it). PostgreSQL: the cached row, looked at again after each wait (a pooled
+        connection, a row another node holds): its notification may have come meanwhile.
         """
         ...
 

@@ -1070,11 +1070,12 @@ class AccountStore:
             self.unlock()
 
     @asynccontextmanager
-    async def hold(self, wait: float) -> AsyncIterator[None]:
+    async def hold(self, wait: float, *, decided_on: int | None = None) -> AsyncIterator[None]:
         """Hold the account for a change (storage.StateStore.hold): its lock, polled.
 
         Waits up to ``wait`` seconds without blocking the event loop, then StoreLocked. A
         file is written at once by :meth:`save`, so ending the hold commits nothing more.
+        ``decided_on`` is not checked: the caller re-reads the file under the lock.
         """
         # asyncio (and the ssl it imports) only here: the CLI reads and writes the files
         # without an event loop, and a command starts faster without it.

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, LiteralString
 from ..errors import (
     StoreClaimed,
     StoreError,
+    StoreOvertaken,
     StoreUnavailable,
     StoreWriteError,
     TokenDecryptError,
@@ -794,9 +795,20 @@ class FleetStore:
         return since if time.monotonic() > since else None
 
     def _synced(self, began: float) -> None:
-        """Note a poll (or full read) begun at ``began`` that read every changed row."""
+        """Note a poll (or full read) begun at ``began`` that read every changed row.
+
+        It vouches for the rows as they were when it began. One that lasted longer than the
+        silence that makes a node behind (:meth:`behind_since`) was under way when the node
+        was stopped or its loop stalled: ended after the SIGCONT, it made the node look
+        current although what others committed during the pause was not in it, and the
+        claims dispatched at the SIGCONT skipped the re-read (tests/test_fleet_poll.py; the
+        likely cause of 10 idle holds of 48 in one loaded run). Such a poll counts from its
+        beginning.
+        """
         stats = self.stats
-        stats.last_sync = time.monotonic()
+        now = time.monotonic()
+        stalled = now - began > LIVE_HEARTBEATS * self.heartbeat()
+        stats.last_sync = began if stalled else now
         if stats.behind_from is not None and began > stats.behind_from:
             stats.behind_from = None
 
@@ -984,21 +996,24 @@ class PgAccountStore:
         """Nothing to release: :meth:`try_lock` never holds."""
 
     @asynccontextmanager
-    async def hold(self, wait: float) -> AsyncIterator[None]:
+    async def hold(self, wait: float, *, decided_on: int | None = None) -> AsyncIterator[None]:
         """Hold the account's row lock in a transaction; commit the staged change at the end.
 
         A row another node holds is tried again (``SKIP LOCKED`` in a fresh transaction each
         time) until ``wait`` ran out, then StoreClaimed. StoreUnavailable when the database
-        does not answer: nothing is done without the lock.
+        does not answer: nothing is done without the lock. StoreOvertaken, before each try,
+        when the cached row is newer than ``decided_on`` (:meth:`_overtaken`).
         """
         if self._held is not None:
             raise RuntimeError(f"account {self.name!r} is already held")
         fleet = self.fleet
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
+        self._overtaken(decided_on)
         conn = await fleet.getconn(f"lock account {self.name!r}")
         try:
             while True:
+                self._overtaken(decided_on)
                 row, exists = await self._lock_row(conn)
                 if row is not None or not exists:
                     break
@@ -1032,6 +1047,22 @@ class PgAccountStore:
             raise
         finally:
             await fleet.putconn(conn, broken=broken)
+
+    def _overtaken(self, decided_on: int | None) -> None:
+        """Raise StoreOvertaken when the cached row is newer than the generation a claim was
+        decided on: another node committed while the claim waited, and the notification's
+        re-read left the busy account to its claim (Daemon.on_store_changed). Locking the row
+        would only find it current (an idle hold): a node continued after a pause took up to
+        10 of 48 such locks with the claims that had waited across the pause for a pooled
+        connection. The generation decides, not whether the row looks due: that is for the
+        claim's owner to plan again from the adopted row."""
+        row = self.fleet.rows.get(self.name)
+        if decided_on is not None and row is not None and row.generation > decided_on:
+            raise StoreOvertaken(
+                f"account {self.name!r} was refreshed by another node meanwhile (generation"
+                f" {row.generation}, this claim was decided on {decided_on})",
+                hint="nothing to do: its tokens are adopted",
+            )
 
     async def _lock_row(self, conn: AsyncConnection[Any]) -> tuple[AccountRow | None, bool]:
         """Lock the row (SKIP LOCKED); return (row, whether a row of that name exists)."""
