@@ -211,12 +211,13 @@ async def _wait_for_store(app: web.Application, fleet: FleetStore, first: StoreU
     await runner.setup()
     socket_id = await _open_sites(runner, daemon.config)
     watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: True))
-    systemd.ready(wait.summary())
+    # Said before READY: whoever acts on READY finds the reason in the journal already.
     log.warning(
         "kakao-tokend waiting for the PostgreSQL store before it serves (%s); trying again"
         " with back-off, the local API answers 503 meanwhile",
         first.message,
     )
+    systemd.ready(wait.summary())
     try:
         return await wait.run(app[STOP])
     finally:
