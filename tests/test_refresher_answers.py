@@ -309,6 +309,30 @@ async def test_the_first_start_makes_the_user_info_call_a_failed_login_could_not
     assert emulator.stats.requests["user_me"] == calls + 1
 
 
+async def test_a_running_daemon_makes_the_user_info_call_a_login_it_adopted_could_not(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A `login` made while the daemon runs whose /v2/user/me failed saved tokens without a
+    user id; the daemon adopts them and makes the call at its next tick, once."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    assert manager.state is not None
+    relogged = replace(
+        manager.state,
+        tokens=TokenSet.from_token_response(emulator.issue_tokens(), requested_at=utcnow()),
+        generation=manager.state.generation + 1,
+        user_id=None,
+    )
+    emulator.user().personal_info_called = False
+    manager.store.save(relogged)
+    calls = emulator.stats.requests["user_me"]
+    await manager.tick()
+    assert manager.state is not None and manager.state.generation == relogged.generation
+    assert emulator.user().personal_info_called
+    assert emulator.stats.requests["user_me"] == calls + 1
+    await manager.tick()  # this generation had its call: no second one
+    assert emulator.stats.requests["user_me"] == calls + 1
+
+
 def test_a_refresh_token_born_between_the_ladder_and_the_window_is_fitted_whole(
     tmp_path: Path,
 ) -> None:

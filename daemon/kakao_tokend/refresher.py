@@ -107,6 +107,7 @@ class AccountManager:
         "_planned_refresh_at",
         "_publish_attempt",
         "_retry_due_mono",
+        "_sign_up_tried",
         "_single_flight",
         "_superseded",
         "_write_attempt",
@@ -160,6 +161,8 @@ class AccountManager:
         self._disk_signature: Hashable | None = None
         #: The planned retry on the monotonic clock, which a stepped wall clock cannot move.
         self._retry_due_mono: float | None = None
+        #: The generation whose missing user-info call was last tried (see tick).
+        self._sign_up_tried: int | None = None
         self._write_attempt = 0
         self._next_write_at: datetime | None = None
         self._publish_attempt = 0
@@ -523,6 +526,17 @@ class AccountManager:
             self._publish(self.state)
         if not self.busy:
             self.notice_outside_changes()
+        state = self.state
+        if (
+            state is not None
+            and state.user_id is None
+            and state.generation != self._sign_up_tried
+            and self.status.health is Health.OK
+            and not self.busy
+        ):
+            # A login (or import) made while we run could not make the user-info call; we
+            # adopted its tokens, so make it now, once per generation (see _sign_up).
+            await self._sign_up(state)
         if self.needs_refresh(self.clock()):
             await self.refresh(reason="due")
 
@@ -578,8 +592,10 @@ class AccountManager:
 
         Kakao unlinks users who make no personal-info call within a day of their first login
         (docs/kakao.md, "What ends a login early"); `login` makes it, but when Kakao failed it
-        there, the first start of the daemon is the next chance.
+        there, the daemon's check at start, or its next tick after adopting that login's
+        tokens, is the next chance: once per generation.
         """
+        self._sign_up_tried = state.generation
         try:
             await self.client.user_me(state.tokens.access_token)
         except KakaoError as exc:
