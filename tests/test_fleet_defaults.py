@@ -274,6 +274,14 @@ async def test_defaults_pause_of_the_lock_holder_frees_the_row_in_a_share_of_the
         fleet=fleet,
     )
     assert await fleet.lost_refresh_tokens(settle=3.0) == []
+    # The status the woken node could not commit any more is nothing to page about (it was
+    # a critical write_failed, "cannot save the new tokens", before): the other node has the
+    # account. Its own view is stale for a moment after the SIGCONT, and its Kakao call timed
+    # out across the stop: an access_expiring from it is left open (docs/fleet.md).
+    pages = [
+        line for line in critical_alerts(fleet) if not explained_by(line, ("access_expiring",))
+    ]
+    assert pages == [], fleet.logs()
 
 
 def critical_alerts(fleet: Fleet) -> list[str]:
