@@ -216,6 +216,7 @@ class Fleet:
         timings: FleetTimings | None = None,
         extra_config: str = "",
         database: str = DATABASE,
+        only_required: bool = False,
     ) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
@@ -224,6 +225,8 @@ class Fleet:
         self.accounts = list(accounts)
         self.users = {name: FIRST_USER_ID + index for index, name in enumerate(self.accounts)}
         self.timings = timings or FleetTimings()
+        #: Write only the keys a node needs (every timing at its default): see _configure.
+        self.only_required = only_required
         self.database = database
         self.dsn = cluster.dsn(database)
         key_line = new_key_line()
@@ -249,6 +252,10 @@ class Fleet:
         secret.write_text(str(self.emulator.settings.client_secret))
         secret.chmod(0o600)
         timings = self.timings
+        # With only_required, what an operator must write (the app, the store, this node's
+        # paths and name) and nothing else: every timing keeps its default (heartbeat 60 s,
+        # Kakao timeout 30 s, the retry ladder, the store's timeouts), as in production.
+        # log_level is no timing; debug says why in a failure's log.
         lines = [
             f'log_level = "{timings.log_level}"',
             f'default_account = "{self.accounts[0]}"',
@@ -261,13 +268,18 @@ class Fleet:
             f'auth_url = "{self.emulator.url}"',
             f'api_url = "{self.emulator.url}"',
             f'redirect_uri = "{self.emulator.settings.redirect_uris[0]}"',
-            f'timeout = "{timings.kakao_timeout}"',
-            'connect_timeout = "1s"',
-            "[refresh]",
-            f'heartbeat = "{timings.heartbeat}"',
-            f'retry_initial = "{timings.retry_initial}"',
-            f'retry_max = "{timings.retry_max}"',
-            f'rotation_window = "{self.emulator.settings.rotation_window}s"',
+        ]
+        if not self.only_required:
+            lines += [
+                f'timeout = "{timings.kakao_timeout}"',
+                'connect_timeout = "1s"',
+                "[refresh]",
+                f'heartbeat = "{timings.heartbeat}"',
+                f'retry_initial = "{timings.retry_initial}"',
+                f'retry_max = "{timings.retry_max}"',
+                f'rotation_window = "{self.emulator.settings.rotation_window}s"',
+            ]
+        lines += [
             "[store]",
             'backend = "postgres"',
             f'dsn_file = "{dsn_file}"',

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from kakao_tokend.config import config_from_toml_text, load_config
 from kakao_tokend.errors import ConfigError
+from kakao_tokend.fleet.admin import db_timeouts
 from kakao_tokend.fleet.crypto import new_key_line
 
 BASE = """
@@ -192,3 +194,24 @@ def test_a_paths_only_load_reads_neither_dsn_nor_key(tmp_path: Path) -> None:
     config = load_config(path, environ={}, with_secrets=False)
     assert config.store.backend == "postgres"
     assert config.store.dsn is None and config.store.keyring is None
+
+
+@pytest.mark.parametrize(
+    ("kakao", "accounts", "fitted"),
+    [
+        ("", "", True),
+        ('timeout = "30s"\n', "", True),
+        ('timeout = "10s"\n', "", False),
+        ("", '[accounts.a]\n[accounts.b]\n[accounts.b.kakao]\ntimeout = "10s"\n', False),
+    ],
+)
+def test_the_hold_backstop_is_fitted_only_while_every_kakao_timeout_is_the_default(
+    tmp_path: Path, kakao: str, accounts: str, fitted: bool
+) -> None:
+    """A short token's hold gets a backstop fitted to it (DbTimeouts.idle_for) only while no
+    account's Kakao wait is set by hand: a wait written by hand keeps the session's backstop."""
+    config = config_from_toml_text(BASE.format(tmp=tmp_path) + kakao + accounts, environ={})
+    timeouts = db_timeouts(config)
+    six_seconds = timeouts.idle_for(timedelta(seconds=6))
+    assert (six_seconds < timeouts.idle_in_transaction) is fitted
+    assert timeouts.idle_for(timedelta(hours=6)) == timeouts.idle_in_transaction

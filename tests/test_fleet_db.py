@@ -39,6 +39,28 @@ def test_the_idle_backstop_grows_with_the_kakao_timeout(kakao: float, idle: floa
     assert timeouts.problems(kakao) == []
 
 
+@pytest.mark.parametrize(
+    ("lifetime", "idle"), [(6, 2.5), (60, 25.0), (240, 90.0), (6 * 3600, 90.0), (None, 90.0)]
+)
+def test_the_idle_backstop_of_a_default_kakao_timeout_is_fitted_to_the_token(
+    lifetime: float | None, idle: float
+) -> None:
+    """With the default Kakao timeout, a hold's backstop is twice the fitted Kakao wait plus a
+    sixth of the lifetime: a short token's row is freed within its life, an hours-long one
+    keeps the session's 90 s."""
+    timeouts = db.DbTimeouts.for_kakao_timeout(30, default=30)
+    life = None if lifetime is None else timedelta(seconds=lifetime)
+    assert timeouts.idle_for(life) == pytest.approx(idle)
+
+
+@pytest.mark.parametrize("kakao", [10.0, 45.0])
+def test_a_kakao_timeout_set_by_hand_keeps_the_sessions_idle_backstop(kakao: float) -> None:
+    """A Kakao wait written by hand is not fitted (tokens.request_timeout): neither is the
+    backstop derived from it, whatever the token's lifetime."""
+    timeouts = db.DbTimeouts.for_kakao_timeout(kakao, default=30)
+    assert timeouts.idle_for(timedelta(seconds=6)) == timeouts.idle_in_transaction
+
+
 def test_broken_orderings_are_each_named() -> None:
     """Every violated rule gets its own readable sentence."""
     bad = db.DbTimeouts(lock=5, statement=5, idle_in_transaction=40, migration_lock=60)

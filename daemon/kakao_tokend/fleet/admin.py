@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from ..config import Config, StoreSettings
+from ..config import KAKAO_TIMEOUT, Config, StoreSettings
 from ..errors import ConfigError, StoreSchemaMismatch
 from .accounts import RekeyResult, rekey_accounts
 from .crypto import Keyring, key_id_of, new_key_line
@@ -32,8 +32,12 @@ def make_key() -> NewKey:
 
 def db_timeouts(config: Config) -> DbTimeouts:
     """Return the store timeouts for this config: the backstop outlasts every Kakao call."""
-    longest = max((account.app.timeout for account in config.accounts.values()), default=30.0)
-    return DbTimeouts.for_kakao_timeout(longest)
+    waits = {account.app.timeout for account in config.accounts.values()} or {KAKAO_TIMEOUT}
+    # Fitted to each token's lifetime only while no account's Kakao timeout is set by hand:
+    # a wait written by hand is kept, and so is the backstop derived from it.
+    return DbTimeouts.for_kakao_timeout(
+        max(waits), default=KAKAO_TIMEOUT if waits == {KAKAO_TIMEOUT} else None
+    )
 
 
 def require_dsn(store: StoreSettings) -> str:

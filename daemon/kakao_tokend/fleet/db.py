@@ -23,9 +23,11 @@ import socket
 import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KakaoTokendError, StoreError, StoreUnavailable
+from ..tokens import request_timeout
 from . import missing_extra
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ DEADLINE_BACKSTOP_SHARE = 0.1
 #: Room for the local work done while a row lock is held besides the Kakao call itself
 #: (sealing, the compare-and-swap, a rescue-file write with fsync, a slow event loop).
 LOCAL_WORK_MARGIN = 30.0
+#: The same room for a short-lived token, as a share of its lifetime (never more than
+#: LOCAL_WORK_MARGIN): see DbTimeouts.idle_for.
+LOCAL_WORK_SHARE = 1 / 6
 
 
 #: The start of psycopg's WARNINGs about a connection that is already lost: when the store
@@ -102,13 +107,39 @@ class DbTimeouts:
     #: Migrations wait longer for table locks (a refresh may hold a row lock meanwhile).
     migration_lock: float = 5.0
     migration_statement: float = 60.0
+    #: The Kakao timeout the backstop is derived from, when it is the default (None: set by
+    #: hand, so the backstop stays as derived): a default Kakao wait is fitted to a short
+    #: token's lifetime (tokens.request_timeout), and so is the backstop (idle_for).
+    fitted_kakao_timeout: float | None = None
 
     @classmethod
-    def for_kakao_timeout(cls, kakao_timeout: float) -> DbTimeouts:
+    def for_kakao_timeout(cls, kakao_timeout: float, *, default: float | None = None) -> DbTimeouts:
         """Return the defaults, with the idle-in-transaction backstop long enough for
-        ``kakao_timeout`` (the total time one Kakao token request may take)."""
+        ``kakao_timeout`` (the total time one Kakao token request may take); ``default``
+        is the Kakao timeout's default: when they agree, the backstop is fitted per token."""
         needed = math.ceil(2 * kakao_timeout + LOCAL_WORK_MARGIN)
-        return cls(idle_in_transaction=max(cls.idle_in_transaction, float(needed)))
+        return cls(
+            idle_in_transaction=max(cls.idle_in_transaction, float(needed)),
+            fitted_kakao_timeout=kakao_timeout if kakao_timeout == default else None,
+        )
+
+    def idle_for(self, lifetime: timedelta | None) -> float:
+        """Return the idle-in-transaction backstop for a hold of a token living ``lifetime``.
+
+        The session's backstop (90 s) is sized for Kakao's hours-long tokens. A node stopped
+        (SIGSTOP, a frozen VM) while it holds a row lock keeps the account from every other
+        node that long: fifteen lifetimes of a 6-second token. With the default Kakao timeout
+        the call under the lock waits at most its fitted share of the lifetime, so the
+        backstop is twice that wait plus a sixth of the lifetime for the local work (capped as
+        before): 2.5 s for a 6-second token. Hours-long tokens, and a Kakao timeout set by
+        hand, keep the session's backstop.
+        """
+        default = self.fitted_kakao_timeout
+        if default is None or lifetime is None or lifetime.total_seconds() <= 0:
+            return self.idle_in_transaction
+        kakao = request_timeout(default, default, lifetime)
+        local = min(LOCAL_WORK_MARGIN, lifetime.total_seconds() * LOCAL_WORK_SHARE)
+        return min(self.idle_in_transaction, 2 * kakao + local)
 
     def problems(self, kakao_timeout: float) -> list[str]:
         """Return every broken ordering rule as a readable sentence (empty when all hold)."""
