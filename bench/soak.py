@@ -422,7 +422,7 @@ class Soak:
             f'api_url = "{self.emu.url}"',
             f'redirect_uri = "{self.emu.settings.redirect_uris[0]}"',
         ]
-        if self.args.defaults:
+        if getattr(self.args, "defaults", False):
             self.config_path.write_text("\n".join(required) + "\n")
             return
         self.config_path.write_text(
