@@ -402,10 +402,29 @@ class Soak:
             self.tmpfs = False
 
     def write_config(self) -> None:
-        """Write the daemon's config: second-long timings against the emulator."""
+        """Write the daemon's config: second-long timings against the emulator.
+
+        With ``--defaults`` only the keys a config must have (app key and secret, Kakao's
+        addresses, the redirect URI, the paths): every timing is the daemon's own default, as
+        an operator who copies the minimal config gets it.
+        """
         secret = self.workdir / "client_secret"
         secret.write_text(str(self.emu.settings.client_secret))
         secret.chmod(0o600)
+        required = [
+            "[paths]",
+            f'state_dir = "{self.state_dir}"',
+            f'runtime_dir = "{self.runtime_dir}"',
+            "[kakao]",
+            f'rest_api_key = "{self.emu.settings.client_id}"',
+            f'client_secret_file = "{secret}"',
+            f'auth_url = "{self.emu.url}"',
+            f'api_url = "{self.emu.url}"',
+            f'redirect_uri = "{self.emu.settings.redirect_uris[0]}"',
+        ]
+        if getattr(self.args, "defaults", False):
+            self.config_path.write_text("\n".join(required) + "\n")
+            return
         self.config_path.write_text(
             "\n".join(
                 [
@@ -757,9 +776,10 @@ class Soak:
         self.emu.inject("token", kind, count=count, delay=delay)
         self.report.faults_injected[f"token:{kind}"] += count
         if kind == "lost_response":
-            if not await self.wait_fired(kind, before, count, timeout=20):
+            limit = 20 * ACCESS_LIFETIME / 3
+            if not await self.wait_fired(kind, before, count, timeout=limit):
                 self.emu.clear_faults()
-                self.log("fault token:lost_response did not fire in 20 s; cleared")
+                self.log(f"fault token:lost_response did not fire in {limit:.0f} s; cleared")
         elif not await self.hold_until_fired(window, kind, before, count):
             return
         if kind == "timeout":
@@ -792,14 +812,14 @@ class Soak:
         self.log(f"fault token:{kind} did not fire {count}x within {limit:.1f} s; not excused")
         return False
 
-    async def wait_rotation_due(self, timeout: float = 15.0) -> None:
+    async def wait_rotation_due(self, timeout: float | None = None) -> None:
         """Wait until the daemon's next refresh will rotate (so a lost answer costs the token).
 
         The daemon's own view of the refresh token's expiry is never earlier than Kakao's (the
         emulator's clock only jumps forward), so "inside the window by the daemon's clock" means
         Kakao rotates too.
         """
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout or REFRESH_LIFETIME / 2)
         while time.monotonic() < deadline:
             doc = self.state_doc()
             expires = doc.get("tokens", {}).get("refresh_expires_at") if doc else None
@@ -1195,6 +1215,33 @@ async def soak(args: argparse.Namespace) -> Report:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+#: The harness's time constants that --scale multiplies (GRACE and KILL_WINDOW are how long the
+#: machine takes to do things, not shares of a token's life, so they stay).
+_SCALED = (
+    "ACCESS_LIFETIME",
+    "REFRESH_LIFETIME",
+    "ROTATION_WINDOW",
+    "HEARTBEAT",
+    "RECOVERY",
+    "DAEMON_TIMEOUT",
+    "NEAR_DEATH",
+    "NEAR_DEATH_COOLDOWN",
+    "NEAR_EXPIRY",
+    "CLOCK_BACK_BEYOND",
+    "CLOCK_BACK_COOLDOWN",
+    "JUMP_MAX",
+    "JUMP_COOLDOWN",
+    "DISK_FULL_COOLDOWN",
+    "SLOW_DELAY",
+)
+
+
+def apply_scale(factor: float) -> None:
+    """Stretch every token lifetime and every wait of the schedule by ``factor``."""
+    for name in _SCALED:
+        globals()[name] = globals()[name] * factor
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -1207,6 +1254,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "causes is accounted for and followed by a re-login",
     )
     parser.add_argument("--no-disk-full", action="store_true", help="skip the disk-full episode")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="give the daemon a config with only the required keys: every timing at its default",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the token lifetimes (3 s access, 30 s refresh) and the schedule's waits",
+    )
     parser.add_argument(
         "--no-backoff-chaos",
         action="store_true",
@@ -1241,6 +1299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the soak, print the table, exit 1 when a must-be-0 count is not 0."""
     args = parse_args(argv)
+    apply_scale(args.scale)
     report = asyncio.run(soak(args))
     print(report.table())
     failures = report.failures()

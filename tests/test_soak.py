@@ -161,3 +161,21 @@ def test_the_soak_runs_the_daemon_with_the_production_retry_settings(tmp_path: P
     assert (policy.retry_initial, policy.retry_max) == (defaults.retry_initial, defaults.retry_max)
     assert soak.RECOVERY <= soak.ACCESS_LIFETIME / 2
     assert {"restart_rate_limited", "refresh_near_death", "clock_back"} <= set(soak.DISRUPTIONS)
+
+
+def test_the_soak_with_defaults_writes_only_the_required_keys(tmp_path: Path) -> None:
+    """`--defaults` leaves every timing at the daemon's default: the config has no [refresh]
+    table, no timeouts, no log level — only the app, Kakao's addresses and the paths."""
+    from kakao_tokend.config import RefreshPolicy, load_config
+
+    soak = load_bench("soak")
+    args = soak.parse_args(["--defaults", "--quiet"])
+    emulator = KakaoEmulator()
+    emulator.url = "http://127.0.0.1:9"  # never contacted: only the config is written
+    run = soak.Soak(emulator, tmp_path, args)
+    run.write_config()
+    text = run.config_path.read_text()
+    assert "[refresh]" not in text and "timeout" not in text and "log_level" not in text
+    config = load_config(run.config_path)
+    assert config.refresh == RefreshPolicy()
+    assert config.accounts["default"].app.timeout == 30.0

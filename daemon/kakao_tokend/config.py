@@ -604,6 +604,8 @@ _table: Final = _metadata(_Table)
 #: ``[kakao] timeout`` and ``connect_timeout`` when not set: sized for Kakao's hours-long tokens
 #: (tokens.request_timeout fits them to a short-lived token).
 KAKAO_TIMEOUT = 30.0
+#: ``[refresh] heartbeat``'s default, fitted to shorter tokens (tokens.heartbeat_interval).
+REFRESH_HEARTBEAT = 60.0
 KAKAO_CONNECT_TIMEOUT = 10.0
 
 
@@ -650,7 +652,7 @@ class RefreshPolicy:
 
     refresh_at: float = field(default=0.75, metadata=_key(parse_share))
     jitter: float = field(default=0.05, metadata=_key(parse_share))
-    heartbeat: float = field(default=60.0, metadata=_key(parse_duration))
+    heartbeat: float = field(default=REFRESH_HEARTBEAT, metadata=_key(parse_duration))
     retry_initial: float = field(default=10.0, metadata=_key(_positive('"10s"')))
     retry_max: float = field(default=300.0, metadata=_key(parse_duration))
     rotation_window: float = field(default=30 * 86400.0, metadata=_key(_positive('"30d"')))

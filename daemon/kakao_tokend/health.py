@@ -624,8 +624,12 @@ def _failing(
 
 def _expiring_margin(policy: RefreshPolicy, lifetime: float) -> float:
     """Return the access_expiring margin: half the time between the latest planned refresh
-    and the expiry (at least a second)."""
-    return max(1.0, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
+    and the expiry (at least a second, or a hundredth of a token shorter than 100 s)."""
+    # The floor only matters when refresh_at + jitter is set near 1. A fixed second was more
+    # than the whole last quarter of a token under 5 s: every single failed refresh of it was
+    # critical at once, while a 6-hour token's first failure is 36 minutes from that alert.
+    floor = min(1.0, lifetime / 100)
+    return max(floor, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
 
 
 def store_unavailable_condition(

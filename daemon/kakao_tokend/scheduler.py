@@ -38,9 +38,11 @@ from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from .config import REFRESH_HEARTBEAT
 from .kakao import CONNECTION_LIMIT
 from .refresher import AccountManager
 from .status import AccountEvent, Health
+from .tokens import heartbeat_interval
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -274,7 +276,7 @@ class RefreshScheduler:
     async def _heartbeat_loop(self) -> None:
         """Beat every ``heartbeat`` seconds of the monotonic clock (read anew after a reload)."""
         while not self.stopped:
-            await asyncio.sleep(self.heartbeat)
+            await asyncio.sleep(self.interval())
             try:
                 await self._beat()
             except Exception:  # _beat guards each account; this only keeps the loop alive
@@ -292,6 +294,14 @@ class RefreshScheduler:
             # wait=False: APScheduler cannot wait for coroutine jobs anyway (it cancels them);
             # refreshes survive that because they run shielded in the manager's own task.
             self._scheduler.shutdown(wait=False)
+
+    def interval(self) -> float:
+        """Return the beat: ``heartbeat``, or a share of the shortest access token's life when
+        it is left at its default (tokens.heartbeat_interval)."""
+        lifetimes = [m.state.tokens.access_lifetime for m in self.managers.values() if m.state]
+        return heartbeat_interval(
+            self.heartbeat, REFRESH_HEARTBEAT, min(lifetimes) if lifetimes else None
+        )
 
     def is_healthy(self) -> bool:
         """Return True while the heartbeat keeps running (for the systemd watchdog)."""

@@ -444,6 +444,20 @@ def request_timeout(configured: float, default: float, lifetime: timedelta | Non
     return min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
 
 
+def heartbeat_interval(configured: float, default: float, lifetime: timedelta | None) -> float:
+    """Return how often the heartbeat beats for accounts whose shortest token lives ``lifetime``.
+
+    The beat is what notices a wall clock stepped back (a token "issued in the future", a
+    planned refresh pushed away) and hands over what a suspend made due. Its default of 60 s is
+    1/360 of Kakao's 6-hour token; left at it, it is at most REQUEST_TIMEOUT_SHARE of a shorter
+    token's life (a 3-second token would otherwise wait twenty lifetimes). Tokens living 8
+    minutes or more, and values set by hand, keep the configured beat.
+    """
+    if lifetime is None or configured != default:
+        return configured
+    return min(configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, 0.05))
+
+
 def backoff_delay(
     attempt: int,
     *,
