@@ -223,8 +223,10 @@ async def test_defaults_kill_of_the_lock_holder_fails_over_in_a_share_of_the_lif
     print(f"failover after kill -9: {took:.2f}s")
     assert took < lifetime / 4, f"failover took {took:.2f}s\n{fleet.logs()}"
     fleet.emulator.release_held()
-    assert await fleet.lost_refresh_tokens() == []
-    assert await fleet.lost_refresh_tokens() == []
+    # A rotation whose commit a loaded machine delays past the default 2 s settle is not a
+    # loss; a lost token stays dead however long one waits (fleetnodes.lost_refresh_tokens).
+    lost = await fleet.lost_refresh_tokens(settle=lifetime)
+    assert lost == [], f"{fleet.emulator.stats.refresh_log[-6:]}\n{fleet.logs()}"
 
 
 @pytest.mark.slow(seconds=18)
