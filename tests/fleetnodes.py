@@ -645,3 +645,46 @@ async def running_fleet(fleet: Fleet) -> AsyncIterator[Fleet]:
         yield fleet
     finally:
         await fleet.close()
+
+
+#: Builds a Fleet: ``make(access_lifetime=…, nodes=3, accounts=1, **Fleet options)``.
+FleetFactory = Callable[..., Awaitable[Fleet]]
+
+
+@contextlib.asynccontextmanager
+async def fleets(
+    directory: Path,
+    emulator: KakaoEmulator,
+    cluster: PgCluster,
+    *,
+    refresh_lifetime: float,
+    **defaults: Any,
+) -> AsyncIterator[FleetFactory]:
+    """Build fleets on one cluster and emulator, with second-long access tokens whose every
+    refresh rotates (the rotation window is the refresh token's whole life); every node is
+    stopped afterwards. ``defaults``: Fleet options for every fleet, a call's own win."""
+    made: list[Fleet] = []
+
+    async def make(
+        *, access_lifetime: float, nodes: int = 3, accounts: int = 1, **options: Any
+    ) -> Fleet:
+        emulator.settings.access_lifetime = access_lifetime
+        emulator.settings.refresh_lifetime = refresh_lifetime
+        emulator.settings.rotation_window = refresh_lifetime
+        fleet = Fleet(
+            directory / f"fleet{len(made)}",
+            emulator,
+            cluster,
+            nodes=nodes,
+            accounts=[f"acct{i:04d}" for i in range(accounts)],
+            **{**defaults, **options},
+        )
+        made.append(fleet)
+        await fleet.create_store()
+        return fleet
+
+    try:
+        yield make
+    finally:
+        for fleet in made:
+            await fleet.close()

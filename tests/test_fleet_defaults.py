@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemonproc import run_cli
-from fleetnodes import Fleet, due_now, wait_until, write_seed_file
+from fleetnodes import Fleet, FleetFactory, due_now, fleets, wait_until, write_seed_file
 from kakao_tokend.emulator import KakaoEmulator
 from pgcluster import PgCluster
 
@@ -33,36 +33,16 @@ REFRESH_LIFETIME = 30 * 86400.0
 #: How long a commit may take to reach every node's token file (the issue's second).
 PUBLISH_LAG = 1.0
 
-FleetFactory = Callable[..., Awaitable[Fleet]]
-
 
 @pytest.fixture
 async def make_fleet(
     tmp_path: Path, emulator: KakaoEmulator, pg_cluster: PgCluster
 ) -> AsyncIterator[FleetFactory]:
     """Build fleets whose nodes set only the required keys; every node is stopped after."""
-    made: list[Fleet] = []
-
-    async def make(*, access_lifetime: float, nodes: int = 3, accounts: int = 1) -> Fleet:
-        emulator.settings.access_lifetime = access_lifetime
-        emulator.settings.refresh_lifetime = REFRESH_LIFETIME
-        emulator.settings.rotation_window = REFRESH_LIFETIME
-        names = [f"acct{i:04d}" for i in range(accounts)]
-        fleet = Fleet(
-            tmp_path / f"fleet{len(made)}",
-            emulator,
-            pg_cluster,
-            nodes=nodes,
-            accounts=names,
-            only_required=True,
-        )
-        made.append(fleet)
-        await fleet.create_store()
-        return fleet
-
-    yield make
-    for fleet in made:
-        await fleet.close()
+    async with fleets(
+        tmp_path, emulator, pg_cluster, refresh_lifetime=REFRESH_LIFETIME, only_required=True
+    ) as make:
+        yield make
 
 
 @dataclass

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,16 @@ from typing import Any
 import pytest
 
 from daemonproc import run_cli
-from fleetnodes import Fleet, FleetNode, FleetTimings, due_now, wait_until, write_seed_file
+from fleetnodes import (
+    Fleet,
+    FleetFactory,
+    FleetNode,
+    FleetTimings,
+    due_now,
+    fleets,
+    wait_until,
+    write_seed_file,
+)
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet.accounts import AccountRow
 from kakao_tokend.fleet.turns import first_claimant
@@ -37,38 +46,14 @@ pytestmark = [pytest.mark.slow(seconds=8), pytest.mark.timeout(150)]
 #: window is as long, so every refresh rotates.
 REFRESH_LIFETIME = 5183999.0
 
-FleetFactory = Callable[..., Awaitable[Fleet]]
-
 
 @pytest.fixture
 async def make_fleet(
     tmp_path: Path, emulator: KakaoEmulator, pg_cluster: PgCluster
 ) -> AsyncIterator[FleetFactory]:
     """Build fleets on this test's cluster and emulator; every node is stopped afterwards."""
-    made: list[Fleet] = []
-
-    async def make(
-        *, access_lifetime: float, nodes: int = 3, accounts: int = 1, **options: object
-    ) -> Fleet:
-        emulator.settings.access_lifetime = access_lifetime
-        emulator.settings.refresh_lifetime = REFRESH_LIFETIME
-        emulator.settings.rotation_window = REFRESH_LIFETIME
-        names = [f"acct{i:04d}" for i in range(accounts)]
-        fleet = Fleet(
-            tmp_path / f"fleet{len(made)}",
-            emulator,
-            pg_cluster,
-            nodes=nodes,
-            accounts=names,
-            **options,  # type: ignore[arg-type]
-        )
-        made.append(fleet)
-        await fleet.create_store()
-        return fleet
-
-    yield make
-    for fleet in made:
-        await fleet.close()
+    async with fleets(tmp_path, emulator, pg_cluster, refresh_lifetime=REFRESH_LIFETIME) as make:
+        yield make
 
 
 async def all_refreshed(fleet: Fleet, *, since: float = 0.0, times: int = 1) -> bool:
