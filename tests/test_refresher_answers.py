@@ -392,3 +392,78 @@ async def test_a_rotation_without_expires_in_is_saved_before_kakao_is_asked_anyt
     tokens = manager.state.tokens  # type: ignore[union-attr]
     assert tokens.refresh_token == saved.tokens.refresh_token
     assert abs(tokens.access_lifetime.total_seconds() - ACCESS) < 2
+
+
+# Kakao's 6-hour access token with a refresh token in its last seconds: every wait the first
+# failed refresh starts (the request's timeout, a 429's Retry-After) must end in time for a
+# retry that still saves the refresh token.
+DYING_REFRESH = 8.0
+
+
+async def _dying_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, **config: str
+) -> AccountManager:
+    """Log in with a 6-hour access token and an 8-second refresh token (every refresh rotates);
+    return the daemon's manager for it, with ``config`` (write_config's options) applied."""
+    emulator.settings.access_lifetime = 21599
+    emulator.settings.refresh_lifetime = DYING_REFRESH
+    config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m", **config)
+    await login(emulator, config_path)
+    loaded = load_config(config_path)
+    account = loaded.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=loaded.refresh,
+    )
+    manager.load()
+    return manager
+
+
+async def _saved_before_death(manager: AccountManager, emulator: KakaoEmulator) -> None:
+    """Run the planned retries until the account is healthy; assert the refresh token was
+    rotated before the old one died and the new one is live."""
+    assert manager.state is not None
+    old = manager.state.tokens
+    while manager.status.health is not Health.OK:
+        assert manager.status.health is Health.RETRYING, manager.status.last_error
+        due = manager.status.next_attempt_at
+        assert due is not None
+        assert due < old.refresh_expires_at, "the retry is planned after the refresh token dies"
+        await asyncio.sleep(max(0.0, (due - utcnow()).total_seconds()))
+        await manager.tick()
+    assert manager.state is not None
+    tokens = manager.state.tokens
+    assert tokens.refresh_token != old.refresh_token
+    assert emulator.refresh_token_status(tokens.refresh_token) == "live"
+
+
+async def test_a_hand_set_timeout_gives_up_in_time_for_a_retry_that_saves_the_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """`[kakao] timeout = "60s"` set by hand, 8 s of refresh life left, and Kakao hangs on the
+    refresh: the request gives up after half of what is left, and the retry, before the
+    refresh token dies, rotates it. Before, the request waited out its 60 s (here the 30 s
+    hang): the refresh token died during the wait."""
+    manager = await _dying_manager(emulator, tmp_path, session, timeout="60s")
+    emulator.inject("token", "timeout", delay=30.0, count=1)
+    started = time.monotonic()
+    await asyncio.wait_for(manager.refresh(force=True), timeout=10)
+    assert time.monotonic() - started < DYING_REFRESH / 2 + 0.5
+    assert manager.status.last_error_class == "timeout"
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_429_retry_after_of_an_hour_does_not_outlast_a_dying_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A gateway's 429 with an hour of Retry-After while the 6-hour access token serves and
+    the refresh token has 8 s left (under the 10 s first step): the retry comes at half of
+    what is left and rotates it. Before, the pause was the longest step (150-300 s) and the
+    refresh token died during it."""
+    manager = await _dying_manager(emulator, tmp_path, session)
+    emulator.inject("token", "http429_retry_after", count=1)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "http429"
+    await _saved_before_death(manager, emulator)

@@ -1092,8 +1092,9 @@ class TestWaitsWithinTheTokensLife:
         seed: int,
     ) -> None:
         """Whatever the attempt, rate limit or Retry-After: while more than a first step is
-        left before the refresh token's expiry minus the margin, the wait ends before it; and
-        it is never below half a first step (no storm)."""
+        left before the refresh token's expiry minus the margin, the wait ends before it; with
+        between a quarter and one step left before the expiry itself, it ends at half of what
+        is left; and it is never below half a first step otherwise (no storm)."""
         now = T0 + lifetime * elapsed
         refresh_expires_at = now + timedelta(seconds=refresh_left)
         delay = backoff_delay(
@@ -1108,11 +1109,59 @@ class TestWaitsWithinTheTokensLife:
         )
         base = min(10.0, lifetime.total_seconds() / 200)
         deadline_left = refresh_left - lifetime.total_seconds() * 0.01
-        assert delay >= base / 2 * (1 - 1e-9)
+        if base / 4 < refresh_left <= base:
+            # (timedelta keeps microseconds: the left seen inside differs by up to one)
+            assert base / 8 - 1e-6 <= delay <= refresh_left / 2 + 1e-6
+        else:
+            assert delay >= base / 2 * (1 - 1e-9)
         if deadline_left > base:
             assert delay <= deadline_left
         if refresh_left > base:
             assert delay <= refresh_left
+
+    @pytest.mark.parametrize(
+        ("attempt", "rate_limited", "retry_after"),
+        [
+            (1, True, 3600.0),  # a 429 with an hour of Retry-After
+            (1, True, None),  # KOE237: the longest step (5 minutes)
+            (64, False, None),  # the config-error pace (refresher.LONGEST_STEP)
+            (3, False, None),  # the ladder: 20-40 s
+        ],
+    )
+    def test_less_than_a_step_of_refresh_life_still_gets_an_attempt(
+        self, attempt: int, rate_limited: bool, retry_after: float | None
+    ) -> None:
+        """A 6-hour token still serving, its refresh token dying in 8 s (under the 10 s first
+        step): the retry comes at half of what is left, whatever the pause asked for — before,
+        it waited the pause out and the refresh token died during it."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + timedelta(hours=2)
+        delay = backoff_delay(
+            attempt,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=now + timedelta(seconds=8),
+            rate_limited=rate_limited,
+            retry_after=retry_after,
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(4.0)
+
+    def test_under_a_quarter_step_of_refresh_life_the_ladder_holds(self) -> None:
+        """2 s left of a 6-hour token's refresh token (a fifth of the first step): no attempt
+        fits any more, and the retries do not speed up into a storm."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + timedelta(hours=2)
+        delay = backoff_delay(
+            2,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=now + timedelta(seconds=2),
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(20.0)
 
     def test_a_dying_refresh_token_moves_the_planned_refresh_before_its_deadline(self) -> None:
         """A fresh 6-hour access token but 20 minutes of refresh life: plan by the refresh
@@ -1202,3 +1251,22 @@ def test_a_default_request_timeout_is_fitted_to_a_short_lived_token(
     configured: float, lifetime: timedelta | None, expected: float
 ) -> None:
     assert request_timeout(configured, 30.0, lifetime) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lifetime", "refresh_left", "expected"),
+    [
+        (60.0, timedelta(hours=6), 5.0, 2.5),  # set by hand, 5 s of refresh life: half of it
+        (30.0, timedelta(hours=6), 5.0, 2.5),  # the default, a 6-hour token: the same
+        (30.0, timedelta(seconds=6), 1.0, 0.5),  # fitted to the life (0.75 s), then capped
+        (30.0, timedelta(seconds=6), 60.0, 0.75),  # plenty left: the lifetime's share
+        (60.0, timedelta(hours=6), 86400.0, 60.0),  # a day left: as written
+        (60.0, timedelta(hours=6), None, 60.0),  # no refresh token (a login)
+        (60.0, timedelta(hours=6), -3.0, 60.0),  # dead by our clock: nothing to save time for
+    ],
+)
+def test_no_request_timeout_outlasts_half_the_refresh_tokens_remaining_life(
+    configured: float, lifetime: timedelta, refresh_left: float | None, expected: float
+) -> None:
+    """A 60 s timeout with 5 s of refresh life left waited past its death when Kakao hung."""
+    assert request_timeout(configured, 30.0, lifetime, refresh_left) == pytest.approx(expected)

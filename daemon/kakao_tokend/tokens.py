@@ -429,7 +429,31 @@ def refresh_due_at(
 REQUEST_TIMEOUT_SHARE = 1 / 8
 
 
-def request_timeout(configured: float, default: float, lifetime: timedelta | None) -> float:
+#: The share of the refresh token's remaining life one wait (a request, a lock) may use: the
+#: rest is left for the next attempt, which may still save it.
+REFRESH_LEFT_SHARE = 0.5
+
+
+def within_refresh_life(wait: float, refresh_left: float | None) -> float:
+    """Cap ``wait`` (seconds) so it ends while the refresh token lives ``refresh_left`` more.
+
+    A wait that outlasts the refresh token loses the account when the attempt it waits on
+    fails (a request Kakao never answers, a lock another process keeps): so no wait takes more
+    than half of what is left, and the other half is for the attempt after it. A refresh token
+    already dead by our clock (None, or <= 0 left) leaves ``wait`` as it is: the clock may be
+    wrong, and there is nothing left to save time for.
+    """
+    if refresh_left is None or refresh_left <= 0:
+        return wait
+    return min(wait, refresh_left * REFRESH_LEFT_SHARE)
+
+
+def request_timeout(
+    configured: float,
+    default: float,
+    lifetime: timedelta | None,
+    refresh_left: float | None = None,
+) -> float:
     """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
 
     The defaults (``[kakao] timeout`` 30 s, ``connect_timeout`` 10 s) are sized for Kakao's
@@ -437,11 +461,15 @@ def request_timeout(configured: float, default: float, lifetime: timedelta | Non
     a shorter token's lifetime: the refresh is planned with 20-30 % of the life left, so a
     request that hangs still leaves a retry before the access token expires (a 6-second token
     would otherwise wait 30 s, five lifetimes without a token). Tokens living 4 minutes or
-    more, and values set by hand, keep the configured wait.
+    more, and values set by hand, keep the configured wait — except that no wait, set by hand
+    or not, outlasts half of the refresh token's remaining life (``refresh_left`` seconds,
+    :func:`within_refresh_life`): a 60 s timeout with 5 s left gives up after 2.5 s and
+    leaves a retry that may still save it.
     """
-    if lifetime is None or configured != default:
-        return configured
-    return min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+    wait = configured
+    if lifetime is not None and configured == default:
+        wait = min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+    return within_refresh_life(wait, refresh_left)
 
 
 def heartbeat_interval(configured: float, default: float, lifetime: timedelta | None) -> float:
@@ -490,7 +518,11 @@ def backoff_delay(
       the refresh token's expiry itself, the retry lands at least half a first step before
       it — whatever Kakao asked for; one attempt before the refresh token dies is worth more
       than honouring the pause. With less left than that, the ladder's pace holds: retrying
-      ever faster in the last seconds (a Zeno-like storm) would only earn KOE237.
+      ever faster in the last seconds (a Zeno-like storm) would only earn KOE237. The one
+      exception is the refresh token's own death: with between a quarter and one first step
+      left, the retry comes at half of what is left (a step, a rate limit's pause or the
+      config-error pace would end after it; a 6-hour token's first step is 10 s), so one or
+      two more attempts may still save it.
 
     Without a token (``lifetime`` and the expiries None: an alert's delivery) only the
     ladder applies, from ``initial`` up to ``cap``.
@@ -517,6 +549,11 @@ def backoff_delay(
     for left in deadlines:
         if left > base:
             delay = min(delay, left - base / 2)
+    if refresh_expires_at is not None and now is not None and base / 4 < deadlines[-1] <= base:
+        # Less than a first step before the refresh token dies, yet enough for an attempt:
+        # the ladder's pace (and a rate limit's pause) would end after its death, so try at
+        # half of what is left. Below a quarter step nothing fits any more (no storm).
+        delay = min(delay, deadlines[-1] / 2)
     return max(delay, 0.0)
 
 
