@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kakao_tokend.tokens import (
+    KAKAO_REFRESH_LIFETIME,
     PartialTokenResponse,
     TokenResponseError,
     TokenSet,
@@ -143,9 +144,6 @@ class TestFromTokenResponse:
             ({"expires_in": 10**30}, "expires_in"),
             ({"expires_in": 10**400}, "expires_in"),
             ({"expires_in": -float("inf")}, "expires_in"),
-            ({"refresh_token_expires_in": _DROP}, "refresh_token_expires_in"),
-            ({"refresh_token_expires_in": "60d"}, "refresh_token_expires_in"),
-            ({"refresh_token_expires_in": False}, "refresh_token_expires_in"),
         ],
     )
     def test_malformed_response_names_the_field_and_hides_tokens(
@@ -157,6 +155,27 @@ class TestFromTokenResponse:
         message = str(info.value)
         assert repr(field) in message
         assert_no_secret(message)
+
+    @pytest.mark.parametrize("value", [_DROP, None, "60d", False, 0, -5])
+    def test_a_login_answer_without_a_refresh_expiry_keeps_the_login_estimated(
+        self, value: Any
+    ) -> None:
+        """A login answer whose refresh_token_expires_in is missing or unusable still carries
+        working tokens: they are kept, the refresh token's expiry estimated as Kakao's
+        documented 60 days and marked so (it was refused, and the login lost, before)."""
+        tokens = TokenSet.from_token_response(
+            code_response(refresh_token_expires_in=value), requested_at=T0
+        )
+        assert (tokens.access_token, tokens.refresh_token) == (AT, RT)
+        assert tokens.refresh_expiry_estimated is True
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=KAKAO_REFRESH_LIFETIME)
+        assert tokens.refresh_issued_at == T0
+        assert tokens.access_expires_at == T0 + timedelta(seconds=SIX_HOURS)
+
+    def test_a_login_answer_with_a_refresh_expiry_is_not_estimated(self) -> None:
+        tokens = TokenSet.from_token_response(code_response(), requested_at=T0)
+        assert tokens.refresh_expiry_estimated is False
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=SIXTY_DAYS)
 
     def test_lifetimes_sent_as_strings_of_digits_are_read(self) -> None:
         """``"expires_in": "21599"`` (a gateway re-encoding numbers) is 21599 s, not garbage."""

@@ -86,6 +86,7 @@ from .tokens import (
     TokenResponseError,
     TokenSet,
     fingerprint,
+    format_duration,
     request_timeout,
     utcnow,
 )
@@ -431,9 +432,18 @@ class KakaoClient:
         body = await self._token_request(form, secrets_=(code, code_verifier))
         body = await self._with_expires_in(body)
         try:
-            return TokenSet.from_token_response(body, requested_at=requested_at)
+            tokens = TokenSet.from_token_response(body, requested_at=requested_at)
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
+        if tokens.refresh_expiry_estimated:
+            log.warning(
+                "Kakao's login answer did not say how long refresh token %s lives (no usable"
+                " refresh_token_expires_in); assuming Kakao's documented %s, marked estimated"
+                " until a rotation brings Kakao's own expiry",
+                tokens.refresh_fingerprint,
+                format_duration((tokens.refresh_expires_at - requested_at).total_seconds()),
+            )
+        return tokens
 
     async def refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated)."""

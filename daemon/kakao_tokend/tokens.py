@@ -226,13 +226,23 @@ class TokenSet:
 
         Expiries count from ``requested_at`` (when the request was sent), never from when the
         answer arrived, so a slow answer can only make us refresh early, not late.
+
+        Kakao documents ``refresh_token_expires_in`` with every login answer, but an answer
+        without a usable one still carries a working refresh token: refusing it would throw
+        a good login away. Its expiry is then estimated as Kakao's documented life
+        (:data:`KAKAO_REFRESH_LIFETIME`) and marked estimated, as a rotation's without an
+        expiry is (:meth:`merge_refresh`), until a rotation brings Kakao's own.
         """
         if not isinstance(body, Mapping):
             raise TokenResponseError("token response is not a JSON object")
         access_token = _token_string(body, "access_token")
         refresh_token = _token_string(body, "refresh_token")
         expires_in = _lifetime(body, "expires_in")
-        refresh_expires_in = _lifetime(body, "refresh_token_expires_in")
+        estimated = False
+        try:
+            refresh_expires_in: float = _lifetime(body, "refresh_token_expires_in")
+        except TokenResponseError:
+            refresh_expires_in, estimated = KAKAO_REFRESH_LIFETIME, True
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
@@ -240,6 +250,7 @@ class TokenSet:
             refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
             access_issued_at=requested_at,
             refresh_issued_at=requested_at,
+            refresh_expiry_estimated=estimated,
             token_type=_token_type(body, "bearer"),
             scope=body["scope"] if isinstance(body.get("scope"), str) else None,
             id_token=body["id_token"] if isinstance(body.get("id_token"), str) else None,
