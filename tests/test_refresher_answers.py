@@ -401,12 +401,18 @@ DYING_REFRESH = 8.0
 
 
 async def _dying_manager(
-    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, **config: str
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    *,
+    access: float = 21599,
+    refresh: float = DYING_REFRESH,
+    **config: str,
 ) -> AccountManager:
     """Log in with a 6-hour access token and an 8-second refresh token (every refresh rotates);
     return the daemon's manager for it, with ``config`` (write_config's options) applied."""
-    emulator.settings.access_lifetime = 21599
-    emulator.settings.refresh_lifetime = DYING_REFRESH
+    emulator.settings.access_lifetime = access
+    emulator.settings.refresh_lifetime = refresh
     config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m", **config)
     await login(emulator, config_path)
     loaded = load_config(config_path)
@@ -427,7 +433,7 @@ async def _saved_before_death(manager: AccountManager, emulator: KakaoEmulator) 
     assert manager.state is not None
     old = manager.state.tokens
     while manager.status.health is not Health.OK:
-        assert manager.status.health is Health.RETRYING, manager.status.last_error
+        assert manager.status.health in (Health.RETRYING, Health.CONFIG), manager.status.last_error
         due = manager.status.next_attempt_at
         assert due is not None
         assert due < old.refresh_expires_at, "the retry is planned after the refresh token dies"
@@ -466,4 +472,39 @@ async def test_a_429_retry_after_of_an_hour_does_not_outlast_a_dying_refresh_tok
     emulator.inject("token", "http429_retry_after", count=1)
     await manager.refresh(force=True)
     assert manager.status.last_error_class == "http429"
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_refused_configuration_is_tried_again_before_the_refresh_token_dies(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """KOE010 (the client secret switched in Kakao's console) with 8 s of refresh life left:
+    the configuration's slow pace (the longest step, 5 minutes) comes at half of what is left,
+    and once the console is put right that retry saves the refresh token. Before, the retry
+    came minutes after its death."""
+    manager = await _dying_manager(emulator, tmp_path, session)
+    secret = emulator.settings.client_secret
+    emulator.settings.client_secret = "regenerated-in-the-console"
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.CONFIG, manager.status.last_error
+    emulator.settings.client_secret = secret
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_lock_held_elsewhere_is_given_up_in_time_for_a_retry(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Another process holds the account's lock while the refresh token has 6 s left (a
+    20-minute access token: the lock wait is its longest, 5 s): the refresh gives up after
+    half of what is left, and its retry, once the lock is free, saves the refresh token.
+    Before, it waited the full 5 s and the retry no longer fitted before the death."""
+    manager = await _dying_manager(emulator, tmp_path, session, access=1200, refresh=6)
+    assert manager.state is not None
+    other = AccountStore(manager.account)
+    with other.lock(timeout=1):
+        started = time.monotonic()
+        await manager.refresh(force=True)
+        waited = time.monotonic() - started
+    assert manager.status.last_error_class == "lock_busy", manager.status.last_error
+    assert waited < 4.0, waited
     await _saved_before_death(manager, emulator)
