@@ -22,6 +22,7 @@ from kakao_tokend.tokens import (
     fingerprint,
     format_duration,
     format_time,
+    heartbeat_interval,
     in_rotation_window,
     issued_in_the_future,
     parse_time,
@@ -1270,6 +1271,26 @@ def test_a_default_request_timeout_is_fitted_to_a_short_lived_token(
     configured: float, lifetime: timedelta | None, expected: float
 ) -> None:
     assert request_timeout(configured, 30.0, lifetime) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lifetime", "refresh_left", "expected"),
+    [
+        (60.0, timedelta(hours=6), 5.0, 2.5),  # the default beat, 5 s of refresh life: half
+        (30.0, timedelta(hours=6), 5.0, 2.5),  # set by hand: the same
+        (60.0, timedelta(seconds=3), 30.0, 0.375),  # fitted to a 3 s token, plenty left
+        (60.0, timedelta(hours=6), 0.02, 0.05),  # its last moments: the floor, no busy loop
+        (30.0, timedelta(hours=6), -1.0, 30.0),  # dead by our clock: as before
+        (30.0, timedelta(hours=6), None, 30.0),
+    ],
+)
+def test_no_heartbeat_outlasts_half_the_first_dying_refresh_tokens_life(
+    configured: float, lifetime: timedelta, refresh_left: float | None, expected: float
+) -> None:
+    """After the wall clock went back, the beat runs a retry kept on the monotonic clock: a
+    hand-set 30 s beat with 5 s of refresh life left would run it after the death."""
+    beat = heartbeat_interval(configured, 60.0, lifetime, refresh_left)
+    assert beat == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(

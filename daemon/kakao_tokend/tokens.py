@@ -483,18 +483,33 @@ def request_timeout(
     return within_refresh_life(wait, refresh_left)
 
 
-def heartbeat_interval(configured: float, default: float, lifetime: timedelta | None) -> float:
+#: The shortest heartbeat: a share of a very short life, or a refresh token's last moments.
+HEARTBEAT_FLOOR = 0.05
+
+
+def heartbeat_interval(
+    configured: float,
+    default: float,
+    lifetime: timedelta | None,
+    refresh_left: float | None = None,
+) -> float:
     """Return how often the heartbeat beats for accounts whose shortest token lives ``lifetime``.
 
     The beat is what notices a wall clock stepped back (a token "issued in the future", a
     planned refresh pushed away) and hands over what a suspend made due. Its default of 60 s is
     1/360 of Kakao's 6-hour token; left at it, it is at most REQUEST_TIMEOUT_SHARE of a shorter
     token's life (a 3-second token would otherwise wait twenty lifetimes). Tokens living 8
-    minutes or more, and values set by hand, keep the configured beat.
+    minutes or more, and values set by hand, keep the configured beat — except that, set by
+    hand or not, it never outlasts half of what the first refresh token to die has left
+    (``refresh_left`` seconds, :func:`within_refresh_life`): after the wall clock went back,
+    the beat is what runs a retry kept on the monotonic clock.
     """
-    if lifetime is None or configured != default:
-        return configured
-    return min(configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, 0.05))
+    beat = configured
+    if lifetime is not None and configured == default:
+        beat = min(
+            configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, HEARTBEAT_FLOOR)
+        )
+    return max(within_refresh_life(beat, refresh_left), min(beat, HEARTBEAT_FLOOR))
 
 
 def backoff_delay(
