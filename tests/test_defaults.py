@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 import time
 from pathlib import Path
 
@@ -141,3 +142,42 @@ async def test_a_wall_clock_stepped_back_is_noticed_within_the_short_tokens_life
     # Two refreshes after the step: 1 s for libfaketime to read the file, the beat that sees
     # the step (3/8 s), then the next refresh at 75-80 % of 3 s. 20 s would be the catch-up.
     assert took < 8.0, f"{took:.1f}s after the clock went back 20 s"
+
+
+async def test_a_client_secret_fixed_in_kakaos_console_is_picked_up_by_a_running_daemon(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """6-second access tokens, the default config: the client secret is switched in Kakao's
+    console (KOE010, a configuration error) and switched back, with nothing changed in our
+    config and no reload. The daemon says so once, critically, keeps asking Kakao at the
+    back-off ladder's slowest pace (a twelfth of the lifetime here, not Kakao's real-scale
+    minutes), and refreshes again by itself once the console is right."""
+    short_tokens(emulator, access=6, refresh=3600)
+    config = required_only_config(tmp_path, emulator)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("refreshed default", count=1, timeout=15)
+        secret = emulator.settings.client_secret
+        emulator.regenerate_client_secret()
+        await daemon.wait_log("KOE010", timeout=15)
+        refused = emulator.stats.requests["token"]
+        await daemon.wait_for(
+            lambda: emulator.stats.requests["token"] >= refused + 2,
+            timeout=6,
+            what="two more attempts within one lifetime",
+        )
+        emulator.set_client_secret(secret)
+        refreshed = daemon.log_text().count("refreshed default")
+        await daemon.wait_log("refreshed default", count=refreshed + 1, timeout=6)
+        assert emulator.access_token_valid(daemon.published()["access_token"])
+    finally:
+        assert await daemon.stop() == 0
+    critical = [line for line in daemon.log_text().splitlines() if " CRITICAL " in line]
+    said = [line for line in critical if "Kakao says the configuration is wrong" in line]
+    alerted = [line for line in critical if "ALERT critical: account default: config" in line]
+    # Once in the log and once as an alert, however many times Kakao refused meanwhile.
+    assert len(said) == 1 and len(alerted) == 1 and len(critical) == 2, "\n".join(critical)
+    # The slowest step is a twelfth of the 6 s lifetime, less its jitter: not "0s".
+    assert "KOE010" in said[0] and re.search(r"tried again in 0\.[1-5]s", said[0]), said[0]
+    assert "picked up by itself" in said[0] and "picked up by itself" in alerted[0]
