@@ -280,3 +280,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     known = {k: [e.seconds, e.cpu] for k, e in testorder.read_durations().items() if k not in ran}
     merged = dict(sorted({**known, **testorder.recorded_durations(reports)}.items()))
     testorder.DURATIONS.write_text(testorder.format_durations(merged))
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Any:
+    """Put the root logger's level and handlers back after each test.
+
+    The CLI run in-process sets the root level above CRITICAL (a quiet command line), and
+    `run` installs its own handler: without this, a later test in the same worker finds its
+    log records dropped before caplog sees them, and fails only in some orders.
+    """
+    import logging
+
+    from kakao_tokend.logs import _HANDLER_MARK
+
+    root = logging.getLogger()
+    level, handlers = root.level, set(root.handlers)
+    yield
+    root.setLevel(level)
+    for added in set(root.handlers) - handlers:
+        if getattr(added, _HANDLER_MARK, False):  # ours; pytest removes its own
+            root.removeHandler(added)

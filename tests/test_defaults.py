@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import glob
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-from daemonproc import login, short_tokens, start_daemon
+from daemonproc import DaemonProcess, login, short_tokens, start_daemon
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.store import AccountStore
@@ -40,6 +41,23 @@ def required_only_config(directory: Path, emulator: KakaoEmulator) -> Path:
     return path
 
 
+async def running_daemon(
+    emulator: KakaoEmulator, directory: Path, *, access: int, env: dict[str, str] | None = None
+) -> tuple[Path, DaemonProcess]:
+    """Log in with `access`-second tokens, start a daemon on the required-keys config, and
+    wait for its first refresh: the start every scenario here shares."""
+    short_tokens(emulator, access=access, refresh=3600)
+    config = required_only_config(directory, emulator)
+    await login(emulator, config)
+    daemon = await start_daemon(config, env=env)
+    try:
+        await daemon.wait_log("refreshed default", count=1, timeout=15)
+    except BaseException:
+        await daemon.stop()
+        raise
+    return config, daemon
+
+
 @pytest.mark.parametrize("kind", ["http500", "reset"])
 async def test_one_failed_refresh_of_a_short_token_under_defaults_pages_nobody(
     emulator: KakaoEmulator, tmp_path: Path, kind: str
@@ -48,12 +66,8 @@ async def test_one_failed_refresh_of_a_short_token_under_defaults_pages_nobody(
     mends: as with Kakao's 6-hour tokens (where the access_expiring alert waits until half the
     last quarter of the life is gone), no CRITICAL line and no KakaoTalk alert. A fixed
     one-second floor on that margin made every single failure of a token under 5 s critical."""
-    short_tokens(emulator, access=3, refresh=3600)
-    config = required_only_config(tmp_path, emulator)
-    await login(emulator, config)
-    daemon = await start_daemon(config)
+    config, daemon = await running_daemon(emulator, tmp_path, access=3)
     try:
-        await daemon.wait_log("refreshed default", count=1, timeout=15)
         emulator.inject("token", kind, count=1)
         await daemon.wait_for(
             lambda: emulator.stats.faults_fired[kind] == 1, timeout=15, what="the fault"
@@ -81,12 +95,8 @@ async def test_a_login_after_a_dead_refresh_token_is_refreshed_within_the_short_
     token, the daemon stops and asks for a login; the login's tokens are adopted and then
     refreshed on their own schedule — before the login's 3-second access token expires, not at
     the next minute-long heartbeat twenty lifetimes later."""
-    short_tokens(emulator, access=3, refresh=3600)
-    config = required_only_config(tmp_path, emulator)
-    await login(emulator, config)
-    daemon = await start_daemon(config)
+    config, daemon = await running_daemon(emulator, tmp_path, access=3)
     try:
-        await daemon.wait_log("refreshed default", count=1, timeout=15)
         emulator.revoke_user_tokens(emulator.user().id)
         await daemon.wait_log("needs a new login", timeout=15)
         refreshed = daemon.log_text().count("refreshed default")
@@ -116,8 +126,6 @@ async def test_a_wall_clock_stepped_back_is_noticed_within_the_short_tokens_life
     heartbeat that notices a clock gone back must beat at a share of the token's life, as its
     60 s does for Kakao's 6-hour tokens: a fresh token comes within a couple of lifetimes, not
     when the wall clock has caught up or the minute is over."""
-    short_tokens(emulator, access=3, refresh=3600)
-    config = required_only_config(tmp_path, emulator)
     clock = tmp_path / "faketime.rc"
     clock.write_text("+0\n")
     env = {
@@ -126,10 +134,8 @@ async def test_a_wall_clock_stepped_back_is_noticed_within_the_short_tokens_life
         "FAKETIME_CACHE_DURATION": "1",  # the file is re-read at most once a second
         "DONT_FAKE_MONOTONIC": "1",  # asyncio's clock stays true
     }
-    await login(emulator, config)
-    daemon = await start_daemon(config, env=env)
+    _, daemon = await running_daemon(emulator, tmp_path, access=3, env=env)
     try:
-        await daemon.wait_log("refreshed default", count=1, timeout=15)
         refreshed = daemon.log_text().count("refreshed default")
         clock.write_text("-20\n")
         stepped = time.monotonic()
@@ -141,3 +147,38 @@ async def test_a_wall_clock_stepped_back_is_noticed_within_the_short_tokens_life
     # Two refreshes after the step: 1 s for libfaketime to read the file, the beat that sees
     # the step (3/8 s), then the next refresh at 75-80 % of 3 s. 20 s would be the catch-up.
     assert took < 8.0, f"{took:.1f}s after the clock went back 20 s"
+
+
+async def test_a_client_secret_fixed_in_kakaos_console_is_picked_up_by_a_running_daemon(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """6-second access tokens, the default config: the client secret is switched in Kakao's
+    console (KOE010, a configuration error) and switched back, with nothing changed in our
+    config and no reload. The daemon says so once, critically, keeps asking Kakao at the
+    back-off ladder's slowest pace (a twelfth of the lifetime here, not Kakao's real-scale
+    minutes), and refreshes again by itself once the console is right."""
+    _, daemon = await running_daemon(emulator, tmp_path, access=6)
+    try:
+        secret = emulator.settings.client_secret
+        emulator.regenerate_client_secret()
+        await daemon.wait_log("KOE010", timeout=15)
+        refused = emulator.stats.requests["token"]
+        await daemon.wait_for(
+            lambda: emulator.stats.requests["token"] >= refused + 2,
+            timeout=6,
+            what="two more attempts within one lifetime",
+        )
+        emulator.set_client_secret(secret)
+        refreshed = daemon.log_text().count("refreshed default")
+        await daemon.wait_log("refreshed default", count=refreshed + 1, timeout=6)
+        assert emulator.access_token_valid(daemon.published()["access_token"])
+    finally:
+        assert await daemon.stop() == 0
+    critical = [line for line in daemon.log_text().splitlines() if " CRITICAL " in line]
+    said = [line for line in critical if "Kakao says the configuration is wrong" in line]
+    alerted = [line for line in critical if "ALERT critical: account default: config" in line]
+    # Once in the log and once as an alert, however many times Kakao refused meanwhile.
+    assert len(said) == 1 and len(alerted) == 1 and len(critical) == 2, "\n".join(critical)
+    # The slowest step is a twelfth of the 6 s lifetime, less its jitter: not "0s".
+    assert "KOE010" in said[0] and re.search(r"tried again in 0\.[1-5]s", said[0]), said[0]
+    assert "picked up by itself" in said[0] and "picked up by itself" in alerted[0]

@@ -166,6 +166,7 @@ def test_a_configured_language_wins_over_the_locale() -> None:
         (2 * 3600, "2h00m", "2시간"),
         (185, "3m05s", "3분 5초"),
         (0, "0s", "0초"),
+        (0.5, "0.5s", "0.5초"),
         (-12, "-12s", "-12초"),
     ],
 )

@@ -527,6 +527,8 @@ class TestTimeText:
         ("seconds", "text"),
         [
             (0, "0s"),
+            (0.5, "0.5s"),  # a retry of a seconds-long token is not "in 0s"
+            (-0.25, "-0.2s"),
             (12, "12s"),
             (12.9, "12s"),
             (-12, "-12s"),

@@ -236,6 +236,19 @@ def login_fix(account: AccountConfig) -> Message:
     return N_("run `{command}`", command=login_command(account))
 
 
+def config_action() -> tuple[Message, Message]:
+    """The fix and hint for an app configuration Kakao rejects (alert and log line alike)."""
+    # Secrets given as systemd credentials are read at start: restart, not reload. A fix in
+    # Kakao's console needs nothing from us: the refresher keeps trying at its slowest pace.
+    return (
+        N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
+        N_(
+            "a fix in Kakao's console is picked up by itself; details: `{command}`",
+            command=LOG_COMMAND,
+        ),
+    )
+
+
 def login_hint(account: AccountConfig, host: str | None = None) -> Message:
     """Return the ssh port-forward hint for logging in on a remote server."""
     port = urlsplit(account.app.redirect_uri).port or 80
@@ -377,9 +390,8 @@ def _conditions(
                     "Kakao rejects the app configuration ({reason})",
                     reason=_reason(status.last_error_class if status else None, "config"),
                 ),
-                # Secrets given as systemd credentials are read at start: restart, not reload.
-                N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
-                hint=N_("details: `{command}`", command=LOG_COMMAND),
+                config_action()[0],
+                hint=config_action()[1],
                 command="systemctl restart kakao-tokend",
             )
         )

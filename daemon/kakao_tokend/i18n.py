@@ -36,7 +36,7 @@ LOCALE_VARIABLES: Final = ("LC_ALL", "LC_MESSAGES", "LANG")
 
 #: Korean unit words for format_duration's compact units ("4h12m" → "4시간 12분").
 _KO_UNITS: Final = {"d": "일", "h": "시간", "m": "분", "s": "초"}
-_DURATION_PART_RE: Final = re.compile(r"(\d+)([dhms])")
+_DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 
 
 def language_from_locale(environ: Mapping[str, str] | None = None) -> Language:
@@ -92,9 +92,9 @@ class Duration:
         if language != "ko":
             return text
         sign = "-" if text.startswith("-") else ""
-        parts = [(int(n), unit) for n, unit in _DURATION_PART_RE.findall(text)]
-        # "2h00m" reads "2시간", not "2시간 0분".
-        shown = [f"{n}{_KO_UNITS[unit]}" for n, unit in parts if n] or ["0초"]
+        parts = [(float(n), unit) for n, unit in _DURATION_PART_RE.findall(text)]
+        # "2h00m" reads "2시간", not "2시간 0분"; "0.5s" (seconds-long tokens) reads "0.5초".
+        shown = [f"{n:g}{_KO_UNITS[unit]}" for n, unit in parts if n] or ["0초"]
         return sign + " ".join(shown)
 
 

@@ -38,7 +38,7 @@ from .errors import (
     StoreOvertaken,
     StoreWriteError,
 )
-from .health import AccountHealth, assess
+from .health import AccountHealth, assess, config_action, full_action
 from .kakao import KakaoClient
 from .relogin import (
     AccessCheck,
@@ -1303,11 +1303,10 @@ class AccountManager:
                 )
                 return
             log.critical(
-                "account %s: Kakao says the configuration is wrong: %s; fix the config, then"
-                " `systemctl reload kakao-tokend` (or send SIGHUP), or the app's settings in"
-                " Kakao's console; %s",
+                "account %s: Kakao says the configuration is wrong: %s; fix: %s; %s",
                 self.name,
                 exc,
+                full_action(*config_action()).render("en"),
                 next_try,
             )
             self._emit(EventKind.CONFIG, str(exc), {"error_class": exc.label})

@@ -101,6 +101,9 @@ def format_duration(seconds: float) -> str:
         text = f"{hours}h{minutes:02d}m"
     elif minutes:
         text = f"{minutes}m{secs:02d}s"
+    elif total == 0 and seconds:
+        # A retry a fraction of a second away (seconds-long tokens) is not "0s".
+        text = f"{abs(seconds):.1f}s"
     else:
         text = f"{secs}s"
     return sign + text
