@@ -514,7 +514,7 @@ class TestEmulatorFaults:
             await asyncio.wait_for(client.refresh(tokens), timeout=10)
         waited = time.monotonic() - started
         assert caught.value.code == "timeout" and caught.value.ambiguous
-        assert 1.5 <= waited < 3.0, waited
+        assert 1.5 <= waited < 3.5, waited  # 2 s and the machine's own delays
 
     async def test_connection_refused_is_not_ambiguous(
         self, session: aiohttp.ClientSession

@@ -448,15 +448,15 @@ async def _saved_before_death(manager: AccountManager, emulator: KakaoEmulator) 
 async def test_a_hand_set_timeout_gives_up_in_time_for_a_retry_that_saves_the_refresh_token(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """`[kakao] timeout = "60s"` set by hand, 8 s of refresh life left, and Kakao hangs on the
-    refresh: the request gives up after half of what is left, and the retry, before the
+    """`[kakao] timeout = "60s"` set by hand, 12 s of refresh life left, and Kakao hangs on
+    the refresh: the request gives up after half of what is left, and the retry, before the
     refresh token dies, rotates it. Before, the request waited out its 60 s (here the 30 s
     hang): the refresh token died during the wait."""
-    manager = await _dying_manager(emulator, tmp_path, session, timeout="60s")
+    manager = await _dying_manager(emulator, tmp_path, session, refresh=12, timeout="60s")
     emulator.inject("token", "timeout", delay=30.0, count=1)
     started = time.monotonic()
     await asyncio.wait_for(manager.refresh(force=True), timeout=10)
-    assert time.monotonic() - started < DYING_REFRESH / 2 + 0.5
+    assert time.monotonic() - started < 12 / 2 + 0.5
     assert manager.status.last_error_class == "timeout"
     await _saved_before_death(manager, emulator)
 
