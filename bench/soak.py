@@ -59,6 +59,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -101,6 +102,9 @@ KILL_WINDOW = 1.0
 JUMP_MAX = 6.0  # keep the refresh token's age (10 s + jumps + pauses) below its 30 s life
 JUMP_COOLDOWN = 25.0
 DISK_FULL_COOLDOWN = 45.0
+#: The quiet time between two disruptions: GAP_MIN plus up to GAP_SPREAD (seeded).
+GAP_MIN = 1.0
+GAP_SPREAD = 4.0
 READERS_FILE = 2
 READERS_API = 2
 _KAPI_CODES = sorted(kind for kind in FAULT_KINDS if kind.startswith("-"))
@@ -452,12 +456,27 @@ class Soak:
             + "\n"
         )
 
+    def gap(self) -> float:
+        """Return the quiet time before the next disruption (seeded; stretched by --scale)."""
+        return GAP_MIN + GAP_SPREAD * self.rng.random()
+
+    def daemon_clock(self) -> datetime:
+        """Return the time on the daemon's wall clock (the harness's, less its steps back)."""
+        return utcnow() + timedelta(seconds=self.clock_offset)
+
     async def login(self) -> None:
-        """Log in like `kakao-tokend login` (auto consent); the file lock is taken in a thread."""
+        """Log in like `kakao-tokend login` (auto consent); the file lock is taken in a thread.
+
+        On the daemon's clock: a real `login` runs on the machine's one clock, the daemon's.
+        Stamped with the harness's own, the state's expiries lay as far ahead of the daemon's
+        clock as the harness had stepped it back (10.7 s once, a third of a 30 s refresh
+        token): the daemon planned its last refresh, and refresh_near_death its faults, that
+        much after the refresh token's real death (seed 3, docs/soak.md).
+        """
         config = load_config(self.config_path)
         account = config.accounts["default"]
         assert self.session is not None
-        client = KakaoClient(self.session, account.app)
+        client = KakaoClient(self.session, account.app, clock=self.daemon_clock)
         verifier, challenge = new_pkce_pair()
         url = client.authorize_url(state=new_state(), code_challenge=challenge)
         async with self.session.get(url, allow_redirects=False) as response:
@@ -1136,7 +1155,7 @@ class Soak:
             ]
             try:
                 while time.monotonic() < deadline - 8:
-                    await asyncio.sleep(1 + 4 * self.rng.random())
+                    await asyncio.sleep(self.gap())
                     if time.monotonic() >= deadline - 8:
                         break
                     await self.next_disruption()
@@ -1233,6 +1252,8 @@ _SCALED = (
     "JUMP_COOLDOWN",
     "DISK_FULL_COOLDOWN",
     "SLOW_DELAY",
+    "GAP_MIN",
+    "GAP_SPREAD",
 )
 
 

@@ -103,6 +103,31 @@ class TestAdopt:
         assert published["refresh_token_expires_estimated"] is True
         assert "estimated" in result.stdout
 
+    @pytest.mark.parametrize("value", ["missing", None])
+    async def test_a_file_without_the_refresh_tokens_life_is_adopted_with_a_warning(
+        self, tmp_path: Path, emulator: KakaoEmulator, value: str | None
+    ) -> None:
+        """A blog-recipe kakao_token.json without ``refresh_token_expires_in`` (or with null):
+        adopted, the refresh token's expiry Kakao's documented 60 days from the file's age,
+        estimated, and the CLI warns that the file did not say."""
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens()
+        if value == "missing":
+            del body["refresh_token_expires_in"]
+        else:
+            body["refresh_token_expires_in"] = value
+        path = seed_file(tmp_path, body, age=100)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        tokens = saved_state(tmp_path).tokens
+        assert tokens.refresh_token == body["refresh_token"]
+        assert tokens.refresh_expiry_estimated is True
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        expected = mtime + timedelta(seconds=5183999)
+        assert abs((tokens.refresh_expires_at - expected).total_seconds()) <= 2
+        assert "does not say how long the refresh token lives" in result.stderr
+        assert body["refresh_token"] not in result.output
+
     async def test_refresh_expiry_never_later_than_the_access_token_allows(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

@@ -501,6 +501,21 @@ class TestEmulatorFaults:
         assert caught.value.code == "timeout"
         assert time.monotonic() - started >= 2.4
 
+    async def test_a_timeout_set_by_hand_never_outlasts_half_the_refresh_tokens_life(
+        self, emu: KakaoEmulator, session: aiohttp.ClientSession
+    ) -> None:
+        """60 s set by hand, 4 s of refresh life left, Kakao hangs: the request gives up after
+        2 s, leaving the other half for a retry (before, it waited out the hang)."""
+        client = KakaoClient(session, app_for(emu.url, timeout=60.0, connect_timeout=10.0))
+        tokens = tokens_from(emu.issue_tokens(refresh_remaining=4))
+        emu.inject("token", "timeout", delay=20.0)
+        started = time.monotonic()
+        with pytest.raises(KakaoUnavailable) as caught:
+            await asyncio.wait_for(client.refresh(tokens), timeout=10)
+        waited = time.monotonic() - started
+        assert caught.value.code == "timeout" and caught.value.ambiguous
+        assert 1.5 <= waited < 3.5, waited  # 2 s and the machine's own delays
+
     async def test_connection_refused_is_not_ambiguous(
         self, session: aiohttp.ClientSession
     ) -> None:

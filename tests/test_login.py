@@ -6,6 +6,7 @@ import asyncio
 import json
 import stat
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,6 +51,33 @@ class TestBrowserCallback:
         assert published["access_token"] not in out + err  # printed only by `token`
         assert emulator.stats.requests["user_me"] == 1
         assert json.loads(state_file.read_text())["user_id"] == 1234567890
+
+    async def test_an_answer_without_the_refresh_expiry_keeps_the_login_with_an_estimate(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """Kakao's login answer without ``refresh_token_expires_in``: the login succeeds (it
+        was refused, and the working login lost, before), the refresh token's expiry is
+        Kakao's documented 60 days, marked estimated, and the CLI says so on stderr."""
+        emulator.settings.omit_token_fields = ["refresh_token_expires_in"]
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        status, page = await get_page(location)
+        code, out, err = await login.finish()
+        assert code == 0, out + err
+        assert status == 200 and "Login succeeded" in page
+        assert "(estimated)" in out
+        assert "did not say how long the refresh token lives" in err
+        state = json.loads((tmp_path / "state" / "default.state.json").read_text())
+        tokens = state["tokens"]
+        assert tokens["refresh_expiry_estimated"] is True
+        issued = datetime.fromisoformat(tokens["refresh_issued_at"])
+        expires = datetime.fromisoformat(tokens["refresh_expires_at"])
+        assert abs((expires - issued).total_seconds() - 5183999) <= 1
+        assert emulator.refresh_token_status(tokens["refresh_token"]) == "live"
+        assert tokens["refresh_token"] not in out + err
 
     async def test_a_failed_user_me_is_tried_again_before_the_login_ends(
         self,

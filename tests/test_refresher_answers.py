@@ -392,3 +392,119 @@ async def test_a_rotation_without_expires_in_is_saved_before_kakao_is_asked_anyt
     tokens = manager.state.tokens  # type: ignore[union-attr]
     assert tokens.refresh_token == saved.tokens.refresh_token
     assert abs(tokens.access_lifetime.total_seconds() - ACCESS) < 2
+
+
+# Kakao's 6-hour access token with a refresh token in its last seconds: every wait the first
+# failed refresh starts (the request's timeout, a 429's Retry-After) must end in time for a
+# retry that still saves the refresh token.
+DYING_REFRESH = 8.0
+
+
+async def _dying_manager(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    *,
+    access: float = 21599,
+    refresh: float = DYING_REFRESH,
+    **config: str,
+) -> AccountManager:
+    """Log in with a 6-hour access token and an 8-second refresh token (every refresh rotates);
+    return the daemon's manager for it, with ``config`` (write_config's options) applied."""
+    emulator.settings.access_lifetime = access
+    emulator.settings.refresh_lifetime = refresh
+    config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m", **config)
+    await login(emulator, config_path)
+    loaded = load_config(config_path)
+    account = loaded.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=loaded.refresh,
+    )
+    manager.load()
+    return manager
+
+
+async def _saved_before_death(manager: AccountManager, emulator: KakaoEmulator) -> None:
+    """Run the planned retries until the account is healthy; assert the refresh token was
+    rotated before the old one died and the new one is live."""
+    assert manager.state is not None
+    old = manager.state.tokens
+    while manager.status.health is not Health.OK:
+        assert manager.status.health in (Health.RETRYING, Health.CONFIG), manager.status.last_error
+        due = manager.status.next_attempt_at
+        assert due is not None
+        assert due < old.refresh_expires_at, "the retry is planned after the refresh token dies"
+        await asyncio.sleep(max(0.0, (due - utcnow()).total_seconds()))
+        await manager.tick()
+    assert manager.state is not None
+    tokens = manager.state.tokens
+    assert tokens.refresh_token != old.refresh_token
+    assert emulator.refresh_token_status(tokens.refresh_token) == "live"
+
+
+async def test_a_hand_set_timeout_gives_up_in_time_for_a_retry_that_saves_the_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """`[kakao] timeout = "60s"` set by hand, 12 s of refresh life left, and Kakao hangs on
+    the refresh: the request gives up after half of what is left, and the retry, before the
+    refresh token dies, rotates it. Before, the request waited out its 60 s (here the 30 s
+    hang): the refresh token died during the wait."""
+    manager = await _dying_manager(emulator, tmp_path, session, refresh=12, timeout="60s")
+    emulator.inject("token", "timeout", delay=30.0, count=1)
+    started = time.monotonic()
+    await asyncio.wait_for(manager.refresh(force=True), timeout=10)
+    assert time.monotonic() - started < 12 / 2 + 0.5
+    assert manager.status.last_error_class == "timeout"
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_429_retry_after_of_an_hour_does_not_outlast_a_dying_refresh_token(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A gateway's 429 with an hour of Retry-After while the 6-hour access token serves and
+    the refresh token has 8 s left (under the 10 s first step): the retry comes at half of
+    what is left and rotates it. Before, the pause was the longest step (150-300 s) and the
+    refresh token died during it."""
+    manager = await _dying_manager(emulator, tmp_path, session)
+    emulator.inject("token", "http429_retry_after", count=1)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "http429"
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_refused_configuration_is_tried_again_before_the_refresh_token_dies(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """KOE010 (the client secret switched in Kakao's console) with 8 s of refresh life left:
+    the configuration's slow pace (the longest step, 5 minutes) comes at half of what is left,
+    and once the console is put right that retry saves the refresh token. Before, the retry
+    came minutes after its death."""
+    manager = await _dying_manager(emulator, tmp_path, session)
+    secret = emulator.settings.client_secret
+    emulator.settings.client_secret = "regenerated-in-the-console"
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.CONFIG, manager.status.last_error
+    emulator.settings.client_secret = secret
+    await _saved_before_death(manager, emulator)
+
+
+async def test_a_lock_held_elsewhere_is_given_up_in_time_for_a_retry(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Another process holds the account's lock while the refresh token has 6 s left (a
+    20-minute access token: the lock wait is its longest, 5 s): the refresh gives up after
+    half of what is left, and its retry, once the lock is free, saves the refresh token.
+    Before, it waited the full 5 s and the retry no longer fitted before the death."""
+    manager = await _dying_manager(emulator, tmp_path, session, access=1200, refresh=6)
+    assert manager.state is not None
+    other = AccountStore(manager.account)
+    with other.lock(timeout=1):
+        started = time.monotonic()
+        await manager.refresh(force=True)
+        waited = time.monotonic() - started
+    assert manager.status.last_error_class == "lock_busy", manager.status.last_error
+    assert waited < 4.0, waited
+    await _saved_before_death(manager, emulator)

@@ -179,3 +179,53 @@ def test_the_soak_with_defaults_writes_only_the_required_keys(tmp_path: Path) ->
     config = load_config(run.config_path)
     assert config.refresh == RefreshPolicy()
     assert config.accounts["default"].app.timeout == 30.0
+
+
+async def test_the_harness_logs_in_on_the_daemons_clock(tmp_path: Path) -> None:
+    """The soak's re-login stamps the state with the daemon's (stepped back) wall clock, as a
+    real `kakao-tokend login` on the daemon's machine does: the expiries the daemon reads, and
+    the refresh token's life the harness computes, are Kakao's, not 10 s too far away.
+
+    Stamped with the harness's own clock, a state written after the daemon's clock was stepped
+    back 10.7 s made both plan 10.7 s past the refresh token's death (seed 3, docs/soak.md).
+    """
+    from datetime import timedelta
+
+    from kakao_tokend.emulator import EmulatorSettings, running_emulator
+    from kakao_tokend.kakao import create_session
+    from kakao_tokend.tokens import parse_time, utcnow
+
+    soak = load_bench("soak")
+    args = soak.parse_args(["--quiet"])
+    settings = EmulatorSettings(access_lifetime=3.0, refresh_lifetime=30.0, seed=1)
+    async with running_emulator(settings) as emulator:
+        run = soak.Soak(emulator, tmp_path, args)
+        run.write_config()
+        run.clock_offset = -10.0  # the daemon's clock, stepped back 10 s in all
+        run.session = create_session()
+        try:
+            asked = utcnow()
+            await run.login()
+        finally:
+            await run.session.close()
+        tokens = run.state_doc()["tokens"]  # type: ignore[index]
+        issued = parse_time(tokens["access_issued_at"])
+        assert abs((issued - (asked - timedelta(seconds=10))).total_seconds()) < 1.0
+        left = run.refresh_left()
+        assert left is not None and 28.0 < left <= 30.0  # Kakao's view, 30 s from the login
+        assert emulator.refresh_token_status(tokens["refresh_token"]) == "live"
+
+
+def test_scale_stretches_the_gaps_between_disruptions(tmp_path: Path) -> None:
+    """`--scale 20` waits 20-100 s between disruptions (1-5 s at 3 s tokens): a 60 s token
+    meets as many disruptions per lifetime as a 3 s one, not twenty times as many."""
+    import random
+
+    soak = load_bench("soak")
+    soak.apply_scale(20.0)
+    args = soak.parse_args(["--quiet", "--scale", "20"])
+    run = soak.Soak(KakaoEmulator(), tmp_path, args)
+    run.rng = random.Random(3)
+    gaps = [run.gap() for _ in range(200)]
+    assert min(gaps) >= 20.0 and max(gaps) <= 100.0
+    assert max(gaps) > 80.0

@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kakao_tokend.tokens import (
+    KAKAO_REFRESH_LIFETIME,
     PartialTokenResponse,
     TokenResponseError,
     TokenSet,
@@ -21,6 +22,7 @@ from kakao_tokend.tokens import (
     fingerprint,
     format_duration,
     format_time,
+    heartbeat_interval,
     in_rotation_window,
     issued_in_the_future,
     parse_time,
@@ -143,9 +145,6 @@ class TestFromTokenResponse:
             ({"expires_in": 10**30}, "expires_in"),
             ({"expires_in": 10**400}, "expires_in"),
             ({"expires_in": -float("inf")}, "expires_in"),
-            ({"refresh_token_expires_in": _DROP}, "refresh_token_expires_in"),
-            ({"refresh_token_expires_in": "60d"}, "refresh_token_expires_in"),
-            ({"refresh_token_expires_in": False}, "refresh_token_expires_in"),
         ],
     )
     def test_malformed_response_names_the_field_and_hides_tokens(
@@ -157,6 +156,27 @@ class TestFromTokenResponse:
         message = str(info.value)
         assert repr(field) in message
         assert_no_secret(message)
+
+    @pytest.mark.parametrize("value", [_DROP, None, "60d", False, 0, -5])
+    def test_a_login_answer_without_a_refresh_expiry_keeps_the_login_estimated(
+        self, value: Any
+    ) -> None:
+        """A login answer whose refresh_token_expires_in is missing or unusable still carries
+        working tokens: they are kept, the refresh token's expiry estimated as Kakao's
+        documented 60 days and marked so (it was refused, and the login lost, before)."""
+        tokens = TokenSet.from_token_response(
+            code_response(refresh_token_expires_in=value), requested_at=T0
+        )
+        assert (tokens.access_token, tokens.refresh_token) == (AT, RT)
+        assert tokens.refresh_expiry_estimated is True
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=KAKAO_REFRESH_LIFETIME)
+        assert tokens.refresh_issued_at == T0
+        assert tokens.access_expires_at == T0 + timedelta(seconds=SIX_HOURS)
+
+    def test_a_login_answer_with_a_refresh_expiry_is_not_estimated(self) -> None:
+        tokens = TokenSet.from_token_response(code_response(), requested_at=T0)
+        assert tokens.refresh_expiry_estimated is False
+        assert tokens.refresh_expires_at == T0 + timedelta(seconds=SIXTY_DAYS)
 
     def test_lifetimes_sent_as_strings_of_digits_are_read(self) -> None:
         """``"expires_in": "21599"`` (a gateway re-encoding numbers) is 21599 s, not garbage."""
@@ -1094,8 +1114,9 @@ class TestWaitsWithinTheTokensLife:
         seed: int,
     ) -> None:
         """Whatever the attempt, rate limit or Retry-After: while more than a first step is
-        left before the refresh token's expiry minus the margin, the wait ends before it; and
-        it is never below half a first step (no storm)."""
+        left before the refresh token's expiry minus the margin, the wait ends before it; with
+        between a quarter and one step left before the expiry itself, it ends at half of what
+        is left; and it is never below half a first step otherwise (no storm)."""
         now = T0 + lifetime * elapsed
         refresh_expires_at = now + timedelta(seconds=refresh_left)
         delay = backoff_delay(
@@ -1110,11 +1131,59 @@ class TestWaitsWithinTheTokensLife:
         )
         base = min(10.0, lifetime.total_seconds() / 200)
         deadline_left = refresh_left - lifetime.total_seconds() * 0.01
-        assert delay >= base / 2 * (1 - 1e-9)
+        if base / 4 < refresh_left <= base:
+            # (timedelta keeps microseconds: the left seen inside differs by up to one)
+            assert base / 8 - 1e-6 <= delay <= refresh_left / 2 + 1e-6
+        else:
+            assert delay >= base / 2 * (1 - 1e-9)
         if deadline_left > base:
             assert delay <= deadline_left
         if refresh_left > base:
             assert delay <= refresh_left
+
+    @pytest.mark.parametrize(
+        ("attempt", "rate_limited", "retry_after"),
+        [
+            (1, True, 3600.0),  # a 429 with an hour of Retry-After
+            (1, True, None),  # KOE237: the longest step (5 minutes)
+            (64, False, None),  # the config-error pace (refresher.LONGEST_STEP)
+            (3, False, None),  # the ladder: 20-40 s
+        ],
+    )
+    def test_less_than_a_step_of_refresh_life_still_gets_an_attempt(
+        self, attempt: int, rate_limited: bool, retry_after: float | None
+    ) -> None:
+        """A 6-hour token still serving, its refresh token dying in 8 s (under the 10 s first
+        step): the retry comes at half of what is left, whatever the pause asked for — before,
+        it waited the pause out and the refresh token died during it."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + timedelta(hours=2)
+        delay = backoff_delay(
+            attempt,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=now + timedelta(seconds=8),
+            rate_limited=rate_limited,
+            retry_after=retry_after,
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(4.0)
+
+    def test_under_a_quarter_step_of_refresh_life_the_ladder_holds(self) -> None:
+        """2 s left of a 6-hour token's refresh token (a fifth of the first step): no attempt
+        fits any more, and the retries do not speed up into a storm."""
+        lifetime = timedelta(seconds=SIX_HOURS)
+        now = T0 + timedelta(hours=2)
+        delay = backoff_delay(
+            2,
+            now=now,
+            expires_at=T0 + lifetime,
+            lifetime=lifetime,
+            refresh_expires_at=now + timedelta(seconds=2),
+            rng=_TopRandom(),
+        )
+        assert delay == pytest.approx(20.0)
 
     def test_a_dying_refresh_token_moves_the_planned_refresh_before_its_deadline(self) -> None:
         """A fresh 6-hour access token but 20 minutes of refresh life: plan by the refresh
@@ -1204,3 +1273,42 @@ def test_a_default_request_timeout_is_fitted_to_a_short_lived_token(
     configured: float, lifetime: timedelta | None, expected: float
 ) -> None:
     assert request_timeout(configured, 30.0, lifetime) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lifetime", "refresh_left", "expected"),
+    [
+        (60.0, timedelta(hours=6), 5.0, 2.5),  # the default beat, 5 s of refresh life: half
+        (30.0, timedelta(hours=6), 5.0, 2.5),  # set by hand: the same
+        (60.0, timedelta(seconds=3), 30.0, 0.375),  # fitted to a 3 s token, plenty left
+        (60.0, timedelta(hours=6), 0.02, 0.05),  # its last moments: the floor, no busy loop
+        (30.0, timedelta(hours=6), -1.0, 30.0),  # dead by our clock: as before
+        (30.0, timedelta(hours=6), None, 30.0),
+    ],
+)
+def test_no_heartbeat_outlasts_half_the_first_dying_refresh_tokens_life(
+    configured: float, lifetime: timedelta, refresh_left: float | None, expected: float
+) -> None:
+    """After the wall clock went back, the beat runs a retry kept on the monotonic clock: a
+    hand-set 30 s beat with 5 s of refresh life left would run it after the death."""
+    beat = heartbeat_interval(configured, 60.0, lifetime, refresh_left)
+    assert beat == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("configured", "lifetime", "refresh_left", "expected"),
+    [
+        (60.0, timedelta(hours=6), 5.0, 2.5),  # set by hand, 5 s of refresh life: half of it
+        (30.0, timedelta(hours=6), 5.0, 2.5),  # the default, a 6-hour token: the same
+        (30.0, timedelta(seconds=6), 1.0, 0.5),  # fitted to the life (0.75 s), then capped
+        (30.0, timedelta(seconds=6), 60.0, 0.75),  # plenty left: the lifetime's share
+        (60.0, timedelta(hours=6), 86400.0, 60.0),  # a day left: as written
+        (60.0, timedelta(hours=6), None, 60.0),  # no refresh token (a login)
+        (60.0, timedelta(hours=6), -3.0, 60.0),  # dead by our clock: nothing to save time for
+    ],
+)
+def test_no_request_timeout_outlasts_half_the_refresh_tokens_remaining_life(
+    configured: float, lifetime: timedelta, refresh_left: float | None, expected: float
+) -> None:
+    """A 60 s timeout with 5 s of refresh life left waited past its death when Kakao hung."""
+    assert request_timeout(configured, 30.0, lifetime, refresh_left) == pytest.approx(expected)

@@ -486,6 +486,13 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     else:
         for line in _describe_files(state, account):
             click.echo(line)
+    if state.tokens.refresh_expiry_estimated:
+        click.echo(
+            "warning: Kakao's answer did not say how long the refresh token lives; its expiry"
+            " is estimated as Kakao's documented 60 days until the first rotation brings"
+            f" Kakao's own — `{_status_command(account)}` shows it",
+            err=True,
+        )
     if result.user_me_problem:
         click.echo(
             f"warning: could not call /v2/user/me ({result.user_me_problem}); Kakao unlinks "

@@ -70,6 +70,9 @@ class SeedFile:
     #: The REST API key the seed refresh script stores next to the tokens, if present.
     app_key: str | None = field(default=None, repr=False)
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: False when the file does not say how long the refresh token lives (Kakao's 60 days
+    #: are assumed then).
+    refresh_lifetime_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class ImportResult:
 
 
 def _duration(data: Mapping[str, Any], name: str, default: int, path: Path) -> int:
-    value = data.get(name, default)
+    value = data.get(name)
+    if value is None:  # left out, or null: a script's json.dump of a partial answer
+        value = default
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ImportFileError(f"{path}: {name!r} must be a positive number of seconds")
     return int(value)
@@ -158,6 +163,7 @@ def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile
         extra={
             k: v for k, v in data.items() if k not in _TOKEN_FIELDS and k not in _DROPPED_FIELDS
         },
+        refresh_lifetime_given=data.get("refresh_token_expires_in") is not None,
     )
 
 
@@ -266,6 +272,12 @@ async def check_seed_file(
         warnings.append(
             "the file was rewritten by a refresh script (it holds app_key), so the refresh "
             "token may be older than the file; its expiry is an upper bound"
+        )
+    if not seed.refresh_lifetime_given:
+        warnings.append(
+            "the file does not say how long the refresh token lives (no"
+            " refresh_token_expires_in): Kakao's documented 60 days are assumed from the file's"
+            " age, an estimate until the first rotation brings Kakao's own expiry"
         )
     tokens = estimate_tokens(seed, now=now)
     user_id: int | None = None

@@ -86,6 +86,7 @@ from .tokens import (
     TokenResponseError,
     TokenSet,
     fingerprint,
+    format_duration,
     request_timeout,
     utcnow,
 )
@@ -431,9 +432,18 @@ class KakaoClient:
         body = await self._token_request(form, secrets_=(code, code_verifier))
         body = await self._with_expires_in(body)
         try:
-            return TokenSet.from_token_response(body, requested_at=requested_at)
+            tokens = TokenSet.from_token_response(body, requested_at=requested_at)
         except TokenResponseError as exc:
             raise self._bad_token_body(exc) from None
+        if tokens.refresh_expiry_estimated:
+            log.warning(
+                "Kakao's login answer did not say how long refresh token %s lives (no usable"
+                " refresh_token_expires_in); assuming Kakao's documented %s, marked estimated"
+                " until a rotation brings Kakao's own expiry",
+                tokens.refresh_fingerprint,
+                format_duration((tokens.refresh_expires_at - requested_at).total_seconds()),
+            )
+        return tokens
 
     async def refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated)."""
@@ -446,13 +456,17 @@ class KakaoClient:
             form["client_secret"] = self._app.client_secret
         requested_at = self._clock()
         lifetime = tokens.access_lifetime
+        dies = tokens.refresh_expires_at
         body = await self._token_request(
-            form, secrets_=(tokens.refresh_token, tokens.access_token), lifetime=lifetime
+            form,
+            secrets_=(tokens.refresh_token, tokens.access_token),
+            lifetime=lifetime,
+            refresh_expires_at=dies,
         )
         if body.get("refresh_token") in (None, "", tokens.refresh_token):
             # Not after a rotation: the old refresh token is dead, and the new one must be
             # saved before anything else (merge_refresh salvages it; the next refresh asks).
-            body = await self._with_expires_in(body, lifetime)
+            body = await self._with_expires_in(body, lifetime, dies)
         try:
             return tokens.merge_refresh(body, requested_at=requested_at)
         except PartialTokenResponse as exc:
@@ -466,7 +480,10 @@ class KakaoClient:
             raise self._bad_token_body(exc) from None
 
     async def _with_expires_in(
-        self, body: dict[str, Any], lifetime: timedelta | None = None
+        self,
+        body: dict[str, Any],
+        lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
     ) -> dict[str, Any]:
         """Complete a token answer that has an access token but no ``expires_in``.
 
@@ -487,7 +504,9 @@ class KakaoClient:
         ):
             return body
         try:
-            info = await self.access_token_info(access, lifetime=lifetime)
+            info = await self.access_token_info(
+                access, lifetime=lifetime, refresh_expires_at=refresh_expires_at
+            )
         except KakaoError as exc:
             log.debug("token answer without expires_in; access_token_info failed: %s", exc.label)
             return body
@@ -497,11 +516,21 @@ class KakaoClient:
     # --- kapi -------------------------------------------------------------------------------
 
     async def access_token_info(
-        self, access_token: str, *, lifetime: timedelta | None = None
+        self,
+        access_token: str,
+        *,
+        lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
     ) -> AccessTokenInfo:
-        """Ask Kakao whether an access token is valid and for how long (``lifetime``: the
-        token's, when known, for the request's limits)."""
-        body = await self._kapi("GET", TOKEN_INFO_PATH, access_token, lifetime=lifetime)
+        """Ask Kakao whether an access token is valid and for how long (``lifetime`` and
+        ``refresh_expires_at``: the token set's, when known, for the request's limits)."""
+        body = await self._kapi(
+            "GET",
+            TOKEN_INFO_PATH,
+            access_token,
+            lifetime=lifetime,
+            refresh_expires_at=refresh_expires_at,
+        )
         user_id = _as_int(body.get("id"))
         expires_in = _as_int(body.get("expires_in"))
         if user_id is None or expires_in is None:
@@ -577,11 +606,17 @@ class KakaoClient:
     def _base(url: str) -> str:
         return url.rstrip("/")
 
-    def _timeout(self, lifetime: timedelta | None = None) -> aiohttp.ClientTimeout:
+    def _timeout(
+        self, lifetime: timedelta | None = None, refresh_expires_at: datetime | None = None
+    ) -> aiohttp.ClientTimeout:
         """Return the request's limits: the configured ones, fitted to a short-lived token's
-        ``lifetime`` when left at their defaults (tokens.request_timeout)."""
-        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime)
-        connect = request_timeout(self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime)
+        ``lifetime`` when left at their defaults, and never past half of the refresh token's
+        remaining life, set by hand or not (tokens.request_timeout)."""
+        left = None
+        if refresh_expires_at is not None:
+            left = (refresh_expires_at - self._clock()).total_seconds()
+        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime, left)
+        connect = request_timeout(self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, left)
         return aiohttp.ClientTimeout(total=total, connect=min(connect, total), sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:
@@ -600,14 +635,16 @@ class KakaoClient:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
     ) -> _Response:
         """Send one request and read the whole answer; map transport failures.
 
-        ``lifetime`` is that of the token the request is for (None: a login), see _timeout().
+        ``lifetime`` is that of the token the request is for (None: a login), and
+        ``refresh_expires_at`` when its refresh token dies, see _timeout().
         """
         url = URL(self._base(base) + path)
         started = time.monotonic()
-        timeout = self._timeout(lifetime)
+        timeout = self._timeout(lifetime, refresh_expires_at)
         try:
             async with self._session.request(
                 method,
@@ -699,10 +736,16 @@ class KakaoClient:
         *,
         secrets_: Sequence[str],
         lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
     ) -> dict[str, Any]:
         """POST to the token endpoint; return the JSON object of a 200 answer."""
         answer = await self._send(
-            "POST", self._app.auth_url, TOKEN_PATH, data=form, lifetime=lifetime
+            "POST",
+            self._app.auth_url,
+            TOKEN_PATH,
+            data=form,
+            lifetime=lifetime,
+            refresh_expires_at=refresh_expires_at,
         )
         body = answer.json_object()
         if answer.status == 200:
@@ -719,6 +762,7 @@ class KakaoClient:
         *,
         data: Mapping[str, str] | None = None,
         lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
     ) -> dict[str, Any]:
         """Call a kapi endpoint with a bearer token; return the JSON object of a 200 answer."""
         answer = await self._send(
@@ -728,6 +772,7 @@ class KakaoClient:
             data=data,
             headers={"Authorization": f"Bearer {access_token}"},
             lifetime=lifetime,
+            refresh_expires_at=refresh_expires_at,
         )
         body = answer.json_object()
         if answer.status == 200:

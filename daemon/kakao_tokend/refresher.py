@@ -64,6 +64,7 @@ from .tokens import (
     rotation_certain,
     rotation_window,
     utcnow,
+    within_refresh_life,
 )
 
 __all__ = ["AccountManager"]
@@ -553,8 +554,11 @@ class AccountManager:
             await self._sign_up(state)
         asked_at = self.clock()
         try:
+            # The start-up refresh waits for this answer: it must not outlast the refresh token.
             info = await self.client.access_token_info(
-                state.tokens.access_token, lifetime=state.tokens.access_lifetime
+                state.tokens.access_token,
+                lifetime=state.tokens.access_lifetime,
+                refresh_expires_at=state.tokens.refresh_expires_at,
             )
         except ReloginRequired as exc:
             log.warning(
@@ -699,10 +703,15 @@ class AccountManager:
         return lock
 
     def _lock_wait(self) -> float:
+        """Return how long a scheduled refresh waits for the account's lock: a share of the
+        access token's life, and never past half of the refresh token's (another holder that
+        never lets go must leave time for the attempt after this one)."""
         if self.state is None:
             return FILE_LOCK_WAIT
-        life = self.state.tokens.access_lifetime.total_seconds()
-        return max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
+        tokens = self.state.tokens
+        life = tokens.access_lifetime.total_seconds()
+        wait = max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
+        return within_refresh_life(wait, tokens.refresh_remaining(self.clock()).total_seconds())
 
     @contextlib.asynccontextmanager
     async def _holding(

@@ -297,10 +297,19 @@ class RefreshScheduler:
 
     def interval(self) -> float:
         """Return the beat: ``heartbeat``, or a share of the shortest access token's life when
-        it is left at its default (tokens.heartbeat_interval)."""
-        lifetimes = [m.state.tokens.access_lifetime for m in self.managers.values() if m.state]
+        it is left at its default (tokens.heartbeat_interval); set by hand or not, never more
+        than half of what the first refresh token to die has left (tokens.within_refresh_life):
+        after the wall clock went back, the beat is what runs a retry kept on the monotonic
+        clock, and a 60 s beat would run it after a refresh token dying in 5 s."""
+        tokens = [m.state.tokens for m in self.managers.values() if m.state]
+        if not tokens:
+            return heartbeat_interval(self.heartbeat, REFRESH_HEARTBEAT, None)
+        dies = min(t.refresh_expires_at for t in tokens)
         return heartbeat_interval(
-            self.heartbeat, REFRESH_HEARTBEAT, min(lifetimes) if lifetimes else None
+            self.heartbeat,
+            REFRESH_HEARTBEAT,
+            min(t.access_lifetime for t in tokens),
+            (dies - self._now()).total_seconds(),
         )
 
     def is_healthy(self) -> bool:

@@ -229,13 +229,23 @@ class TokenSet:
 
         Expiries count from ``requested_at`` (when the request was sent), never from when the
         answer arrived, so a slow answer can only make us refresh early, not late.
+
+        Kakao documents ``refresh_token_expires_in`` with every login answer, but an answer
+        without a usable one still carries a working refresh token: refusing it would throw
+        a good login away. Its expiry is then estimated as Kakao's documented life
+        (:data:`KAKAO_REFRESH_LIFETIME`) and marked estimated, as a rotation's without an
+        expiry is (:meth:`merge_refresh`), until a rotation brings Kakao's own.
         """
         if not isinstance(body, Mapping):
             raise TokenResponseError("token response is not a JSON object")
         access_token = _token_string(body, "access_token")
         refresh_token = _token_string(body, "refresh_token")
         expires_in = _lifetime(body, "expires_in")
-        refresh_expires_in = _lifetime(body, "refresh_token_expires_in")
+        estimated = False
+        try:
+            refresh_expires_in: float = _lifetime(body, "refresh_token_expires_in")
+        except TokenResponseError:
+            refresh_expires_in, estimated = KAKAO_REFRESH_LIFETIME, True
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
@@ -243,6 +253,7 @@ class TokenSet:
             refresh_expires_at=requested_at + timedelta(seconds=refresh_expires_in),
             access_issued_at=requested_at,
             refresh_issued_at=requested_at,
+            refresh_expiry_estimated=estimated,
             token_type=_token_type(body, "bearer"),
             scope=body["scope"] if isinstance(body.get("scope"), str) else None,
             id_token=body["id_token"] if isinstance(body.get("id_token"), str) else None,
@@ -432,7 +443,31 @@ def refresh_due_at(
 REQUEST_TIMEOUT_SHARE = 1 / 8
 
 
-def request_timeout(configured: float, default: float, lifetime: timedelta | None) -> float:
+#: The share of the refresh token's remaining life one wait (a request, a lock) may use: the
+#: rest is left for the next attempt, which may still save it.
+REFRESH_LEFT_SHARE = 0.5
+
+
+def within_refresh_life(wait: float, refresh_left: float | None) -> float:
+    """Cap ``wait`` (seconds) so it ends while the refresh token lives ``refresh_left`` more.
+
+    A wait that outlasts the refresh token loses the account when the attempt it waits on
+    fails (a request Kakao never answers, a lock another process keeps): so no wait takes more
+    than half of what is left, and the other half is for the attempt after it. A refresh token
+    already dead by our clock (None, or <= 0 left) leaves ``wait`` as it is: the clock may be
+    wrong, and there is nothing left to save time for.
+    """
+    if refresh_left is None or refresh_left <= 0:
+        return wait
+    return min(wait, refresh_left * REFRESH_LEFT_SHARE)
+
+
+def request_timeout(
+    configured: float,
+    default: float,
+    lifetime: timedelta | None,
+    refresh_left: float | None = None,
+) -> float:
     """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
 
     The defaults (``[kakao] timeout`` 30 s, ``connect_timeout`` 10 s) are sized for Kakao's
@@ -440,25 +475,44 @@ def request_timeout(configured: float, default: float, lifetime: timedelta | Non
     a shorter token's lifetime: the refresh is planned with 20-30 % of the life left, so a
     request that hangs still leaves a retry before the access token expires (a 6-second token
     would otherwise wait 30 s, five lifetimes without a token). Tokens living 4 minutes or
-    more, and values set by hand, keep the configured wait.
+    more, and values set by hand, keep the configured wait — except that no wait, set by hand
+    or not, outlasts half of the refresh token's remaining life (``refresh_left`` seconds,
+    :func:`within_refresh_life`): a 60 s timeout with 5 s left gives up after 2.5 s and
+    leaves a retry that may still save it.
     """
-    if lifetime is None or configured != default:
-        return configured
-    return min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+    wait = configured
+    if lifetime is not None and configured == default:
+        wait = min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+    return within_refresh_life(wait, refresh_left)
 
 
-def heartbeat_interval(configured: float, default: float, lifetime: timedelta | None) -> float:
+#: The shortest heartbeat: a share of a very short life, or a refresh token's last moments.
+HEARTBEAT_FLOOR = 0.05
+
+
+def heartbeat_interval(
+    configured: float,
+    default: float,
+    lifetime: timedelta | None,
+    refresh_left: float | None = None,
+) -> float:
     """Return how often the heartbeat beats for accounts whose shortest token lives ``lifetime``.
 
     The beat is what notices a wall clock stepped back (a token "issued in the future", a
     planned refresh pushed away) and hands over what a suspend made due. Its default of 60 s is
     1/360 of Kakao's 6-hour token; left at it, it is at most REQUEST_TIMEOUT_SHARE of a shorter
     token's life (a 3-second token would otherwise wait twenty lifetimes). Tokens living 8
-    minutes or more, and values set by hand, keep the configured beat.
+    minutes or more, and values set by hand, keep the configured beat — except that, set by
+    hand or not, it never outlasts half of what the first refresh token to die has left
+    (``refresh_left`` seconds, :func:`within_refresh_life`): after the wall clock went back,
+    the beat is what runs a retry kept on the monotonic clock.
     """
-    if lifetime is None or configured != default:
-        return configured
-    return min(configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, 0.05))
+    beat = configured
+    if lifetime is not None and configured == default:
+        beat = min(
+            configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, HEARTBEAT_FLOOR)
+        )
+    return max(within_refresh_life(beat, refresh_left), min(beat, HEARTBEAT_FLOOR))
 
 
 def backoff_delay(
@@ -493,7 +547,11 @@ def backoff_delay(
       the refresh token's expiry itself, the retry lands at least half a first step before
       it — whatever Kakao asked for; one attempt before the refresh token dies is worth more
       than honouring the pause. With less left than that, the ladder's pace holds: retrying
-      ever faster in the last seconds (a Zeno-like storm) would only earn KOE237.
+      ever faster in the last seconds (a Zeno-like storm) would only earn KOE237. The one
+      exception is the refresh token's own death: with between a quarter and one first step
+      left, the retry comes at half of what is left (a step, a rate limit's pause or the
+      config-error pace would end after it; a 6-hour token's first step is 10 s), so one or
+      two more attempts may still save it.
 
     Without a token (``lifetime`` and the expiries None: an alert's delivery) only the
     ladder applies, from ``initial`` up to ``cap``.
@@ -520,6 +578,11 @@ def backoff_delay(
     for left in deadlines:
         if left > base:
             delay = min(delay, left - base / 2)
+    if refresh_expires_at is not None and now is not None and base / 4 < deadlines[-1] <= base:
+        # Less than a first step before the refresh token dies, yet enough for an attempt:
+        # the ladder's pace (and a rate limit's pause) would end after its death, so try at
+        # half of what is left. Below a quarter step nothing fits any more (no storm).
+        delay = min(delay, deadlines[-1] / 2)
     return max(delay, 0.0)
 
 
