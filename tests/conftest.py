@@ -94,16 +94,20 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Five workers per core, four to ten: the tests mostly wait, they rarely compute.
+    """Six workers per core, four to twelve: the tests mostly wait, they rarely compute.
 
     Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
     CPU time (with every process they start) to about 250 s, one second in six, so five
-    waiting workers keep a core busy. Beyond ten the 2-minute soak, which starts first, is
-    the run's floor anyway (a replay of the measured times: 8 workers 178 s, 10 142 s, 12
-    122 s). What made more workers fail timing tests before was several fleet tests side by
-    side: tests/testorder.py now runs at most three CPU-heavy tests at once.
+    waiting workers keep a core busy. What made more workers fail timing tests before was
+    several fleet tests side by side: tests/testorder.py now runs at most three CPU-heavy
+    tests at once. By 2026-12-03 the recorded wall times (tests/durations.json plus about
+    0.1 s for each quick test) added up to 2,000-2,100 s, so ten workers could not finish in
+    under about 205 s whatever the CPU did (a replay of those times with the scheduler's
+    rules: 10 workers 205-218 s, 12 172-182 s, 14 158-163 s), while the run's CPU (about
+    310 CPU-s) is 155 s of two busy cores. Twelve brings the two limits together; more only
+    add contention and each worker's own start and collection (about 2.3 CPU-s).
     """
-    return max(4, min(10, 5 * len(os.sched_getaffinity(0))))
+    return max(4, min(12, 6 * len(os.sched_getaffinity(0))))
 
 
 #: A memory file system for the run's temporary files, when the machine has a roomy one.
