@@ -94,16 +94,20 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Five workers per core, four to ten: the tests mostly wait, they rarely compute.
+    """Six workers per core, four to twelve: the tests mostly wait, they rarely compute.
 
     Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
     CPU time (with every process they start) to about 250 s, one second in six, so five
-    waiting workers keep a core busy. Beyond ten the 2-minute soak, which starts first, is
-    the run's floor anyway (a replay of the measured times: 8 workers 178 s, 10 142 s, 12
-    122 s). What made more workers fail timing tests before was several fleet tests side by
-    side: tests/testorder.py now runs at most three CPU-heavy tests at once.
+    waiting workers keep a core busy. What made more workers fail timing tests before was
+    several fleet tests side by side: tests/testorder.py now runs at most three CPU-heavy
+    tests at once. By 2026-12-03 the recorded wall times (tests/durations.json plus about
+    0.1 s for each quick test) added up to 2,000-2,100 s, so ten workers could not finish in
+    under about 205 s whatever the CPU did (a replay of those times with the scheduler's
+    rules: 10 workers 205-218 s, 12 172-182 s, 14 158-163 s), while the run's CPU (about
+    310 CPU-s) is 155 s of two busy cores. Twelve brings the two limits together; more only
+    add contention and each worker's own start and collection (about 2.3 CPU-s).
     """
-    return max(4, min(10, 5 * len(os.sched_getaffinity(0))))
+    return max(4, min(12, 6 * len(os.sched_getaffinity(0))))
 
 
 #: A memory file system for the run's temporary files, when the machine has a roomy one.
@@ -148,6 +152,21 @@ def use_memory_for_temporary_files(config: pytest.Config) -> None:
     config.option.basetemp = str(run / "t")  # read by pytest's tmp_path factory after this
 
 
+def skip_loading_the_ca_bundle() -> None:
+    """Let the run's processes skip reading the system's CA bundle: no test speaks TLS.
+
+    Importing aiohttp builds two TLS contexts, and each reads the whole CA bundle
+    (SSL_CERT_FILE, else OpenSSL's default file; 144 certificates here): 0.02-0.03 CPU-s each,
+    about 0.05 of the 0.2 CPU-s an `import aiohttp` costs. Every `kakao-tokend run`, most CLI
+    commands, the emulator, each benchmark's children and every worker import it: some 400
+    processes per run, about 20 CPU-s. The tests talk plain HTTP over loopback, so the bundle
+    is never used; /dev/null as the file makes both contexts empty. The hashed certificate
+    directory (SSL_CERT_DIR, or OpenSSL's default one) stays, read only when a certificate is
+    looked up, so a TLS connection would still be verified where the system keeps one.
+    """
+    os.environ["SSL_CERT_FILE"] = os.devnull
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Keep bytecode caches; in the controller (or a plain run) also compile the package once
     and make the directory the workers share.
@@ -156,12 +175,20 @@ def pytest_configure(config: pytest.Config) -> None:
     asserts of every test module again, and every `python -m kakao_tokend` child would compile
     the package from source: together about a minute of CPU per run. So this process writes
     the caches (into the ignored __pycache__ directories), and the children read them.
+
+    The controller also starts the workers and every other process of the run without
+    PYTHONDONTWRITEBYTECODE: pytest imports its plugins, and rewrites their asserts, before
+    this hook runs, so a worker started with it rewrote some 35 plugin modules (xdist,
+    pytest-asyncio, pytest-aiohttp, hypothesis's ...) from source at every start, about
+    0.1 CPU-s each time, all workers at once while the run begins.
     """
     sys.dont_write_bytecode = False
     if is_xdist_worker(config):
         return
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     compileall.compile_dir(Path(kakao_tokend.__file__).parent, quiet=1)
     use_memory_for_temporary_files(config)
+    skip_loading_the_ca_bundle()
     config.stash[SHARED_DIR_KEY] = Path(tempfile.mkdtemp(prefix="tokend-pytest-"))
     # One initdb per run: the workers and the processes they start inherit this (pgcluster.py).
     # Its own directory in /tmp, not in the shared one: as root, initdb runs as 'postgres',
