@@ -328,3 +328,19 @@ def _root_logger_restored() -> Any:
     for added in set(root.handlers) - handlers:
         if getattr(added, _HANDLER_MARK, False):  # ours; pytest removes its own
             root.removeHandler(added)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """After a test's fixtures are torn down, kill any daemon it left running (and say so)."""
+    result = yield
+    import warnings
+
+    from daemonproc import kill_leftover_daemons
+
+    killed = kill_leftover_daemons()
+    if killed:
+        warnings.warn(
+            f"{item.nodeid} left daemons running; killed {', '.join(killed)}", stacklevel=1
+        )
+    return result

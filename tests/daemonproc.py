@@ -102,7 +102,12 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "NO_COLOR": "1"},
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # a command that hangs must not outlive its test
+        raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -341,10 +346,43 @@ async def start_daemon(
         cwd=str(config_path.parent),
     )
     log_file.close()
+    STARTED.append((proc.pid, str(config_path)))
     daemon = DaemonProcess(proc, config_path, log_path, config.state_dir, config.runtime_dir)
     if wait_ready:
-        await daemon.wait_log("kakao-tokend running", timeout=20)
+        try:
+            await daemon.wait_log("kakao-tokend running", timeout=20)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # the test fails here; its daemon must not run on for the rest
+            raise
     return daemon
+
+
+#: (pid, config path) of every daemon start_daemon started in this worker: a test that fails
+#: before its own clean-up (a start that timed out under load, a fixture that raised) would
+#: otherwise leave its daemons running for the rest of the run, loading every later test.
+STARTED: list[tuple[int, str]] = []
+
+
+def kill_leftover_daemons() -> list[str]:
+    """SIGKILL the daemons start_daemon started that still run; return what was killed.
+
+    A pid is only killed while its command line still names the daemon's config (not a
+    reaped daemon's pid reused by another process), and not when it is a zombie.
+    """
+    killed = []
+    for pid, config in STARTED:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if config in cmdline and not zombie:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(f"{pid} ({config})")
+    STARTED.clear()
+    return killed
 
 
 async def eventually(

@@ -161,3 +161,30 @@ def test_a_fleet_nodes_socket_below_any_tmp_path_fits_a_unix_socket_address(
     /dev/shm/kt-tests/pytest-of-root/pytest-N/popen-gwN as the base)."""
     deepest = tmp_path_factory.getbasetemp() / LONGEST_TMP_NAME / FLEET_SOCKET
     assert len(os.fsencode(deepest)) <= SUN_PATH_MAX, deepest
+
+
+def test_a_daemon_left_running_by_a_test_is_killed_but_a_reused_pid_is_not(
+    tmp_path: Path,
+) -> None:
+    """kill_leftover_daemons kills a started process that still names its config, and leaves
+    alone a process whose command line does not (a reaped daemon's pid given to another)."""
+    import subprocess
+    import sys
+
+    import daemonproc
+
+    config = str(tmp_path / "config.toml")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    left = subprocess.Popen([*sleeper, config])
+    other = subprocess.Popen([*sleeper, "something else"])
+    try:
+        daemonproc.STARTED[:] = [(left.pid, config), (other.pid, config)]
+        killed = daemonproc.kill_leftover_daemons()
+        assert killed == [f"{left.pid} ({config})"]
+        assert left.wait(10) == -9
+        assert other.poll() is None  # still running: not ours
+        assert daemonproc.STARTED == []
+    finally:
+        for process in (left, other):
+            process.kill()
+            process.wait()
