@@ -169,8 +169,9 @@ class AccountManager:
         self._next_publish_at: datetime | None = None
         self._last_failure_ambiguous = False
         #: Fleet mode, a refresh token Kakao refused while another node may hold its
-        #: successor unsaved: (its fingerprint, when to give up waiting and ask for a login).
-        self._superseded: tuple[str, datetime] | None = None
+        #: successor unsaved: (its fingerprint, when it was first refused, the access token's
+        #: life left then), see _superseded_elsewhere.
+        self._superseded: tuple[str, datetime, float] | None = None
 
     @property
     def name(self) -> str:
@@ -883,23 +884,40 @@ class AccountManager:
         until the grace (capped by a share of the access token's remaining life) has passed;
         the committed row, when it comes, is adopted like any other node's refresh. Return
         True while waiting.
+
+        Once the access token has expired (a database outage outlasted it) Kakao can no longer
+        tell whether the grant lives: the refusal is "revoked" only for want of evidence, and
+        no login announced now would come while a token still serves. So the whole grace is
+        waited for, counted from the first refusal: a `relogin` critical for the second the
+        rescuing node needed to reach the database again was a false page.
         """
         grace = self.store.peer_grace
-        if grace <= 0 or cause.cause is not ReloginCause.UNKNOWN:
-            return False
         now = self.clock()
-        fingerprint = state.tokens.refresh_fingerprint
+        tokens = state.tokens
+        expired = tokens.access_expires_at <= now
+        unknown = cause.cause is ReloginCause.UNKNOWN or (
+            expired and cause.cause is ReloginCause.REVOKED
+        )
+        if grace <= 0 or not unknown:
+            return False
+        fingerprint = tokens.refresh_fingerprint
         if self._superseded is None or self._superseded[0] != fingerprint:
-            left = state.tokens.access_remaining(now).total_seconds()
-            wait = min(grace, max(0.0, left * SUPERSEDED_WAIT_SHARE))
-            self._superseded = (fingerprint, now + timedelta(seconds=wait))
-        give_up_at = self._superseded[1]
+            left = tokens.access_remaining(now).total_seconds()
+            self._superseded = (fingerprint, now, left)
+        _, first, left = self._superseded
+        wait = grace if expired else min(grace, max(0.0, left * SUPERSEDED_WAIT_SHARE))
+        give_up_at = first + timedelta(seconds=wait)
         if now >= give_up_at:
             return False
+        why = (
+            "the access token has expired, so Kakao cannot tell whether the grant lives"
+            if expired
+            else "Kakao still accepts the access token"
+        )
         self._record_transient(
-            f"{exc}; Kakao still accepts the access token, so another node may hold newer"
-            f" tokens it has not saved yet: waiting for them until {format_local_time(give_up_at)}"
-            " before asking for a new login",
+            f"{exc}; {why}, so another node may hold newer tokens it has not saved yet:"
+            f" waiting for them until {format_local_time(give_up_at)} before asking for a new"
+            " login",
             "superseded",
             ambiguous=False,
             delay=(give_up_at - now).total_seconds(),
