@@ -264,10 +264,7 @@ async def test_defaults_pause_of_the_lock_holder_frees_the_row_in_a_share_of_the
     # a critical write_failed, "cannot save the new tokens", before): the other node has the
     # account. Its own view is stale for a moment after the SIGCONT, and its Kakao call timed
     # out across the stop: an access_expiring from it is left open (docs/fleet.md).
-    pages = [
-        line for line in critical_alerts(fleet) if not explained_by(line, ("access_expiring",))
-    ]
-    assert pages == [], fleet.logs()
+    assert critical_alerts(fleet) == [], fleet.logs()
 
 
 def critical_alerts(fleet: Fleet) -> list[str]:
@@ -346,7 +343,7 @@ async def test_defaults_an_import_reaches_every_node_and_a_postgres_restart_lose
     # The other node's KOE322 for the rotated-out token, once the access token had expired,
     # was reported as a needed login for the second the rescue took (docs/fleet.md §15):
     # a false page, not one about timings, left open and tolerated here.
-    explained = ("write_failed", "access_expiring", "relogin")
+    explained = ("write_failed", "access_expiring")
     assert [line for line in critical_alerts(fleet) if not explained_by(line, explained)] == []
 
 
