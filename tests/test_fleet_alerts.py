@@ -29,6 +29,7 @@ from fleetkit import migrated, node_store, write_store_config
 from fleetrun import node_config, published, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet import db
 from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.store import FleetStore
@@ -389,6 +390,11 @@ async def test_a_node_behind_the_store_delivers_nothing_until_it_has_caught_up(
     assert fleet.behind_since() is not None
     assert not book.delivers(mine)
     assert book.changed() is None  # it stopped delivering: nothing more to send from here
+    # Woken, its first commit fails: the server ended the session it held across the stop.
+    # That marks the store unavailable, and must not make the stale view current.
+    fleet.failed(StoreUnavailable("terminating connection due to idle-in-transaction timeout"))
+    assert not book.delivers(mine)
+    fleet.ok()
     fleet.note_notification(None)  # the first notifications read do not catch it up
     assert not book.delivers(mine)
     fleet._synced(time.monotonic())  # a poll begun after the silence has read every row

@@ -9,6 +9,7 @@ kept; Kakao's own 6-hour tokens keep the 60 s.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import replace
@@ -19,6 +20,7 @@ import pytest
 
 from fleetkit import migrated, node_store, sample_state, write_store_config
 from kakao_tokend.config import REFRESH_HEARTBEAT, Config, load_config
+from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet import db
 from kakao_tokend.fleet.accounts import AccountRow, insert_account
 from kakao_tokend.fleet.store import FleetStore
@@ -99,3 +101,26 @@ async def test_a_node_at_the_default_fits_its_heartbeat_to_the_rows_it_read(
         assert fleet.heartbeat() == pytest.approx(4 * REQUEST_TIMEOUT_SHARE)
     finally:
         await fleet.close()
+
+
+async def test_a_silence_makes_the_node_behind_unless_the_database_went_away_first(
+    tmp_path: Path,
+) -> None:
+    """Three heartbeats without a poll or a notification make a node behind (it was stopped,
+    or its loop stalled), and a failure it notices only after that (its woken commit) does
+    not undo it. A database that went away before the silence began explains the silence:
+    the node is not behind then (its claims fail at once; the reconnect compares every row)."""
+    _, fleet = store(tmp_path, heartbeat=0.2)
+    silence = LIVE_HEARTBEATS * 0.2
+    fleet.stats.last_sync = time.monotonic() - silence - 0.1
+    behind = fleet.behind_since()
+    assert behind is not None
+    fleet.failed(StoreUnavailable("terminating connection due to idle-in-transaction timeout"))
+    assert fleet.behind_since() == behind
+    fleet.ok()
+    fleet.stats.last_sync = time.monotonic()
+    fleet.failed(StoreUnavailable("connection refused"))  # the outage comes first
+    await asyncio.sleep(silence + 0.1)  # ... and nothing could be heard since
+    assert fleet.behind_since() is None
+    fleet.ok()
+    assert fleet.behind_since() is not None  # it answers again: re-read before claiming

@@ -186,6 +186,8 @@ class FleetStats:
     behind_from: float | None = None
     #: When the database stopped answering (None: it answers).
     unavailable_since: datetime | None = None
+    #: The same on the monotonic clock (FleetStore.behind_since compares it with a silence).
+    down_from: float | None = None
     last_error: str | None = None
     #: time.monotonic() of the last successful round trip (None: none yet).
     last_ok: float | None = None
@@ -467,6 +469,7 @@ class FleetStore:
         if stats.unavailable_since is not None:
             log.warning("the PostgreSQL store answers again")
         stats.unavailable_since = None
+        stats.down_from = None
         stats.last_error = None
 
     def failed(self, exc: StoreError) -> None:
@@ -474,6 +477,7 @@ class FleetStore:
         stats = self.stats
         if stats.unavailable_since is None:
             stats.unavailable_since = utcnow()
+            stats.down_from = time.monotonic()
             log.error("the PostgreSQL store is unavailable: %s", exc.message)
         stats.last_error = exc.message
 
@@ -828,17 +832,25 @@ class FleetStore:
         after that has read every changed row: after a pause the first notifications are
         read while the rest still wait in the socket, and when their re-read counted, the
         claims of the other accounts went ahead of the poll (10 row locks of 48 taken for
-        nothing in a loaded run). Not while the database does not answer: a claim then
-        fails at once and is retried, and the listener's reconnect compares every row.
+        nothing in a loaded run). Not while the database does not answer, if it went away
+        before the silence began: a claim then fails at once and is retried, and the
+        listener's reconnect compares every row. A failure noticed only after the silence
+        (the first commit of a node woken from SIGSTOP, whose session the server had ended)
+        does not make a stopped node current: it still judged its accounts, and sent their
+        alerts, by rows from before the stop.
         """
         stats = self.stats
         last = stats.last_sync
-        if not stats.up or last is None:
+        if last is None:
             return None
-        if stats.behind_from is not None:
-            return stats.behind_from
-        since = last + LIVE_HEARTBEATS * self.heartbeat()
-        return since if time.monotonic() > since else None
+        since = stats.behind_from
+        if since is None:
+            since = last + LIVE_HEARTBEATS * self.heartbeat()
+            if time.monotonic() <= since:
+                return None
+        if not stats.up and (stats.down_from is None or stats.down_from <= since):
+            return None
+        return since
 
     def _synced(self, began: float) -> None:
         """Note a poll (or full read) begun at ``began`` that read every changed row.
