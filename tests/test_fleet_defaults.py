@@ -276,6 +276,67 @@ async def test_defaults_pause_of_the_lock_holder_frees_the_row_in_a_share_of_the
     assert critical_alerts(fleet) == [], fleet.logs()
 
 
+@pytest.mark.slow(seconds=20)
+async def test_defaults_a_rotation_waiting_for_the_database_is_waited_for_not_a_relogin(
+    make_fleet: FleetFactory,
+) -> None:
+    """The lock holder's path to PostgreSQL is cut while Kakao rotates for it: its new tokens
+    wait in its memory and rescue file. The other node claims the row and presents the
+    retired refresh token (KOE322, the access token still accepted). A database blip is no
+    reason to ask a person to log in: it waits for the successor as long as the fleet counts
+    a silent node live (three heartbeats, fitted to the token: 4.5 s here), and once the
+    path is back (after 2.2 s) both nodes serve the rescued rotation. The wait used to end at
+    half the access token's remaining life (about 1.5 s here; for a 6-hour token never before
+    the grace), and the node paged `relogin` ("needs a new login")."""
+    lifetime = 12.0
+    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=1, proxied=True)
+    (account,) = fleet.accounts
+    await fleet.seed(first_lifetime=lifetime)
+    await fleet.start()
+    fleet.emulator.inject("token", "hold", count=1, delay=120.0)
+    holders: list[str] = []
+
+    async def someone_holds_the_lock() -> bool:
+        holders[:] = await fleet.lock_holders(longer_than=0.1)
+        return bool(holders)
+
+    await wait_until(
+        someone_holds_the_lock, timeout=max(15.0, lifetime), what="a lock holder", fleet=fleet
+    )
+    holder = fleet.node(holders[0])
+    assert holder.proxy is not None
+    held_at = (await fleet.rows())[account].generation
+    holder.proxy.refuse()
+    holder.proxy.cut()
+    fleet.emulator.release_held()  # Kakao rotates for the holder, which cannot commit
+    await wait_until(
+        lambda: fleet.emulator.stats.retired_refresh_presented >= 1,
+        timeout=lifetime,
+        what="the other node presenting the retired refresh token",
+        fleet=fleet,
+    )
+    refused = time.monotonic()
+    await asyncio.sleep(2.2)
+    holder.proxy.accept()
+
+    async def rescued() -> bool:
+        return (await fleet.rows())[account].generation > held_at
+
+    await wait_until(rescued, timeout=lifetime, what="the rescued rotation committed", fleet=fleet)
+    committed = time.monotonic() - refused
+    await wait_until(
+        lambda: all(not fleet.expired_published(node) for node in fleet.nodes),
+        timeout=lifetime,
+        what="every node publishing a current token",
+        fleet=fleet,
+    )
+    print(f"rescue committed {committed:.2f}s after the first refusal")
+    logs = fleet.logs()
+    assert "needs a new login" not in logs, logs
+    assert [line for line in critical_alerts(fleet) if explained_by(line, ("relogin",))] == []
+    assert await fleet.lost_refresh_tokens(settle=3.0) == []
+
+
 def critical_alerts(fleet: Fleet) -> list[str]:
     """Return every CRITICAL alert line the nodes logged."""
     return [line for line in fleet.logs().splitlines() if "alert critical" in line.lower()]
