@@ -32,6 +32,9 @@ from pgcluster import (
     stop_shared_server,
 )
 
+# A test that times out prints its asyncio tasks' await chains too (asynctimeout.py).
+pytest_plugins = ("asynctimeout",)
+
 # Fixtures that live in helper modules: PostgreSQL (pgcluster.py), a full disk (diskfull.py),
 # alert receivers and the alert harness (alertkit.py), login processes (loginproc.py).
 __all__ = [

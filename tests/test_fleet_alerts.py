@@ -29,6 +29,7 @@ from fleetkit import migrated, node_store, write_store_config
 from fleetrun import node_config, published, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet import db
 from kakao_tokend.fleet.alertshare import AlertBook
 from kakao_tokend.fleet.store import FleetStore
@@ -363,3 +364,41 @@ async def test_the_book_names_what_another_node_changed_and_when_the_live_nodes_
     finally:
         for fleet in fleets.values():
             await fleet.close()
+
+
+async def test_a_node_behind_the_store_delivers_nothing_until_it_has_caught_up(
+    tmp_path: Path,
+) -> None:
+    """A node that heard nothing from the store for LIVE_HEARTBEATS heartbeats (it was
+    stopped: its rows and its list of nodes are from before) sends none of its accounts'
+    alerts, even as their first claimant: the lock holder woken from SIGSTOP paged
+    `access_expiring` for its timed-out call while the others served the new token. Once a
+    poll has caught it up it delivers again, and the book says "every account" (None), so
+    each is graded again on what the store says."""
+    heartbeat = 0.2
+    fleet, book = open_book(tmp_path, "postgresql://unused")
+    now = utcnow()
+    fleet.nodes = {name: now for name in NODES}
+    book.loaded = True
+    mine = next(
+        f"acct{i}" for i in itertools.count() if first_claimant(f"acct{i}", NODES) == "web-1"
+    )
+    fleet.stats.last_sync = time.monotonic()
+    assert book.delivers(mine)
+    assert book.changed() is None  # the first look: every account
+    await asyncio.sleep(LIVE_HEARTBEATS * heartbeat + 0.1)  # stopped: nothing heard
+    assert fleet.behind_since() is not None
+    assert not book.delivers(mine)
+    assert book.changed() is None  # it stopped delivering: nothing more to send from here
+    # Woken, its first commit fails: the server ended the session it held across the stop.
+    # That marks the store unavailable, and must not make the stale view current.
+    fleet.failed(StoreUnavailable("terminating connection due to idle-in-transaction timeout"))
+    assert not book.delivers(mine)
+    fleet.ok()
+    fleet.note_notification(None)  # the first notifications read do not catch it up
+    assert not book.delivers(mine)
+    fleet._synced(time.monotonic())  # a poll begun after the silence has read every row
+    assert fleet.behind_since() is None
+    assert book.delivers(mine)
+    assert book.changed() is None
+    assert book.changed() == set()

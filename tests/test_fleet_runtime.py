@@ -540,12 +540,65 @@ async def test_a_rotation_another_node_has_not_committed_yet_is_not_a_relogin(
             await two.fleet.close()
 
 
+async def test_a_rotation_not_committed_yet_is_not_a_relogin_once_the_access_token_expired(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """As above, but the database stays away from web-1 until the access token has expired
+    (a PostgreSQL restart longer than what was left of it): web-2's KOE322 can no longer be
+    told from a revoked grant by asking Kakao about the access token. A store outage is no
+    reason to page for a login: web-2 waits the fleet's grace (three heartbeats fitted to
+    the token, from the first refusal), and adopts web-1's rotation when it commits. It
+    raised a `relogin` critical at once before."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    lifetime = 3
+    emulator.settings.access_lifetime = lifetime
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        one = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        two = await open_node(tmp_path, emulator, store_dsn, session, "web-2")
+        events: list[str] = []
+        two.manager.listeners.append(lambda event: events.append(str(event.kind)))
+        try:
+            state = await login_on(one, emulator, store_dsn)
+            await two.fleet.reload("default")
+            two.manager.load()
+            rescued = await refresh_while_the_database_goes(one, emulator, proxy)
+            assert rescued is not None and one.manager.status.write_pending
+            left = state.tokens.access_remaining(two.manager.clock()).total_seconds()
+            await asyncio.sleep(max(0.0, left) + 0.1)
+            refused_before = emulator.stats.requests["token"]
+            await two.manager.refresh(force=True, reason="due")
+            assert emulator.stats.requests["token"] == refused_before + 1  # KOE322
+            status = two.manager.status
+            assert status.health is Health.RETRYING, status
+            assert status.last_error_class == "superseded", status
+            # The grace is the fleet's (three heartbeats, fitted to the 3-second token), not
+            # three configured minutes, and not cut to nothing by the expired access token.
+            grace = two.store.peer_grace
+            assert grace == pytest.approx(3 * lifetime / 8)
+            assert status.next_attempt_at is not None
+            wait = (status.next_attempt_at - two.manager.clock()).total_seconds()
+            assert 0.5 * grace < wait <= grace + 0.05, (wait, grace)
+            proxy.accept()
+            await one.manager.flush()
+            assert not one.manager.status.write_pending
+            await two.fleet.reload("default")
+            assert two.manager.notice_outside_changes()
+            assert two.manager.status.health is Health.OK
+            assert two.manager.state is not None
+            assert two.manager.state.tokens.refresh_token == rescued.tokens.refresh_token
+            assert "relogin" not in events, events
+        finally:
+            await one.fleet.close()
+            await two.fleet.close()
+
+
 async def test_a_refusal_no_node_answers_within_the_grace_asks_for_a_login_once(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """Another program rotated the refresh token (its successor reaches no node): the node
-    waits the grace — a share of the access token's remaining life, at most the liveness
-    window — without presenting the refused token again, then asks for a login."""
+    waits the grace — the liveness window, three heartbeats fitted to the token — without
+    presenting the refused token again, then asks for a login."""
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
     emulator.settings.access_lifetime = 4
     node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
@@ -559,8 +612,7 @@ async def test_a_refusal_no_node_answers_within_the_grace_asks_for_a_login_once(
         assert emulator.stats.requests["token"] == calls + 1
         assert status.next_attempt_at is not None
         wait = (status.next_attempt_at - node.manager.clock()).total_seconds()
-        left = state.tokens.access_remaining(node.manager.clock()).total_seconds()
-        assert 0 < wait <= min(node.store.peer_grace, left / 2) + 0.05
+        assert 0 < wait <= node.store.peer_grace + 0.05
         await node.manager.tick()  # not due yet: nobody presents the refused token again
         assert emulator.stats.requests["token"] == calls + 1
         await asyncio.sleep(wait)

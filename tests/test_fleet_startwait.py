@@ -106,6 +106,35 @@ async def test_a_node_started_without_its_database_is_ready_alerts_and_starts_wh
         assert webhook.conditions("firing").count("store_unavailable") == 1
 
 
+@pytest.mark.slow(seconds=25)
+async def test_a_waiting_node_at_the_default_heartbeat_retries_at_the_pace_of_its_tokens(
+    tmp_path: Path, emulator: KakaoEmulator, pg_cluster: PgCluster
+) -> None:
+    """Only the required keys (heartbeat 60 s), 6-second tokens published: the node waits
+    for its database with the store's back-off, which grows to one heartbeat fitted to the
+    tokens it last published (0.75 s), not to the configured minute. After 12 s away the
+    database starts, and the node runs within a small share of the lifetime; with the 60 s
+    cap its next attempt lay up to 13 s ahead by then."""
+    lifetime = 6.0
+    emulator.settings.access_lifetime = lifetime
+    fleet = Fleet(tmp_path / "fleet", emulator, pg_cluster, nodes=1, only_required=True)
+    async with running_fleet(fleet):
+        node = await published_then_database_down(fleet, pg_cluster)
+        with NotifyReceiver() as notify:
+            process = await start_waiting(node, notify)
+            await notify.wait_for_line("READY=1", process)
+            away = time.monotonic() + 12.0
+            while time.monotonic() < away:  # systemd reads what the node sends meanwhile
+                notify.drain()
+                await asyncio.sleep(0.2)
+            await asyncio.to_thread(pg_cluster.start)
+            back = time.monotonic()
+            await node.wait_ready(timeout=30)
+        took = time.monotonic() - back
+        print(f"running {took:.2f}s after the database started")
+        assert took < lifetime / 3, process.log_text()[-3000:]
+
+
 async def test_a_node_whose_database_never_returns_refreshes_nothing_and_stops_cleanly(
     tmp_path: Path, emulator: KakaoEmulator, pg_cluster: PgCluster
 ) -> None:

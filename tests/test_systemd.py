@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +140,24 @@ def test_notify_failure_never_raises_and_warns_once(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "nobody-listens" in warnings[0].getMessage()
+
+
+def test_notify_to_a_receiver_that_does_not_read_never_blocks(
+    fs_listener: NotifyListener,
+) -> None:
+    """A receiver whose queue is full (it stopped reading: 10 datagrams by default) makes a
+    notification fail, not wait: the send blocked the daemon's event loop for as long as
+    nobody read (a fleet node waiting for its database sends a STATUS= at every attempt)."""
+    results: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: results.extend(systemd.status(f"attempt {i}") for i in range(100)),
+        daemon=True,
+    )
+    sender.start()
+    sender.join(5.0)
+    assert not sender.is_alive(), "a notification blocked on the full queue"
+    assert results[0] is True and results[-1] is False
+    assert len(fs_listener.pending()) < 100
 
 
 def test_unsupported_notify_address_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:

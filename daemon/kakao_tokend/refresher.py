@@ -76,10 +76,6 @@ log = logging.getLogger(__name__)
 # more than LOCK_WAIT_SHARE of the access token's lifetime (a 4-second token waits 80 ms).
 FILE_LOCK_WAIT = 5.0
 LOCK_WAIT_SHARE = 0.02
-# Waiting for another fleet node's unsaved rotation (see _superseded_elsewhere) never takes more
-# than this share of the access token's remaining life: a real re-login is still announced
-# while the held access token serves.
-SUPERSEDED_WAIT_SHARE = 0.5
 #: The jitter and back-off dice of every account: one generator (its state is 2.5 KiB), not one
 #: per account. Tests that need fixed dice pass their own ``rng``.
 SHARED_RNG = random.Random()
@@ -170,7 +166,8 @@ class AccountManager:
         self._next_publish_at: datetime | None = None
         self._last_failure_ambiguous = False
         #: Fleet mode, a refresh token Kakao refused while another node may hold its
-        #: successor unsaved: (its fingerprint, when to give up waiting and ask for a login).
+        #: successor unsaved: (its fingerprint, when it was first refused), see
+        #: _superseded_elsewhere.
         self._superseded: tuple[str, datetime] | None = None
 
     @property
@@ -887,28 +884,43 @@ class AccountManager:
         (cause UNKNOWN): the grant lives, and someone holds a newer refresh token. In a fleet
         that is, first of all, a node whose database went away while Kakao rotated: its new
         tokens wait in its memory and rescue file until it can commit them, which it does as
-        soon as the database answers it (within the store's ``peer_grace``). Asking a person
-        to log in meanwhile would be a false alarm. So the refusal is a transient failure
-        until the grace (capped by a share of the access token's remaining life) has passed;
-        the committed row, when it comes, is adopted like any other node's refresh. Return
-        True while waiting.
+        soon as the database answers it. Asking a person to log in meanwhile would be a false
+        alarm. So the refusal is a transient failure for the store's ``peer_grace`` from the
+        first refusal (as long as the other nodes count a silent node live: three heartbeats,
+        fitted to the token), and the committed row, when it comes, is adopted like any other
+        node's refresh. Return True while waiting.
+
+        The wait used to end at half the access token's remaining life, so that a login was
+        asked for while the token served: for Kakao's 6-hour tokens never sooner than the
+        grace, but for a 6-second one after 0.75 s, and a PostgreSQL restart of a second paged
+        `relogin`. Once the access token has expired (the outage outlasted it) Kakao cannot
+        be asked whether the grant lives: the refusal is "revoked" only for want of evidence,
+        and is waited for the same way.
         """
         grace = self.store.peer_grace
-        if grace <= 0 or cause.cause is not ReloginCause.UNKNOWN:
-            return False
         now = self.clock()
-        fingerprint = state.tokens.refresh_fingerprint
+        tokens = state.tokens
+        expired = tokens.access_expires_at <= now
+        unknown = cause.cause is ReloginCause.UNKNOWN or (
+            expired and cause.cause is ReloginCause.REVOKED
+        )
+        if grace <= 0 or not unknown:
+            return False
+        fingerprint = tokens.refresh_fingerprint
         if self._superseded is None or self._superseded[0] != fingerprint:
-            left = state.tokens.access_remaining(now).total_seconds()
-            wait = min(grace, max(0.0, left * SUPERSEDED_WAIT_SHARE))
-            self._superseded = (fingerprint, now + timedelta(seconds=wait))
-        give_up_at = self._superseded[1]
+            self._superseded = (fingerprint, now)
+        give_up_at = self._superseded[1] + timedelta(seconds=grace)
         if now >= give_up_at:
             return False
+        why = (
+            "the access token has expired, so Kakao cannot tell whether the grant lives"
+            if expired
+            else "Kakao still accepts the access token"
+        )
         self._record_transient(
-            f"{exc}; Kakao still accepts the access token, so another node may hold newer"
-            f" tokens it has not saved yet: waiting for them until {format_local_time(give_up_at)}"
-            " before asking for a new login",
+            f"{exc}; {why}, so another node may hold newer tokens it has not saved yet:"
+            f" waiting for them until {format_local_time(give_up_at)} before asking for a new"
+            " login",
             "superseded",
             ambiguous=False,
             delay=(give_up_at - now).total_seconds(),

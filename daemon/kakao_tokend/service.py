@@ -353,9 +353,12 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _beat(daemon: Daemon) -> float:
-    """Return the heartbeat's interval: the scheduler's once it runs (RefreshScheduler.interval)."""
+    """Return the heartbeat's interval: the scheduler's once it runs (RefreshScheduler.interval),
+    before that the fleet store's (the same rule, fitted to the rows it read)."""
     if daemon.scheduler is not None:
         return daemon.scheduler.interval()
+    if daemon.fleet is not None:
+        return daemon.fleet.heartbeat()
     return daemon.config.refresh.heartbeat
 
 

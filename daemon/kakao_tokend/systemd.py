@@ -65,6 +65,9 @@ def notify(*lines: str) -> bool:
     try:
         payload = "\n".join(lines).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never wait: a receiver that does not read (its queue holds 10 datagrams by
+            # default) blocked the send, and with it the daemon's whole event loop.
+            sock.setblocking(False)
             sock.connect(target)
             sock.sendall(payload)
     except (OSError, ValueError) as exc:

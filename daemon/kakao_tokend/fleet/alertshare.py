@@ -74,14 +74,24 @@ class AlertBook:
 
     def delivers(self, account: str) -> bool:
         """True when this node is ``account``'s first claimant among the live nodes, and the
-        table and the nodes were read (a node starting up waits for its first heartbeat)."""
+        table and the nodes were read (a node starting up waits for its first heartbeat),
+        and it is not behind the store."""
         nodes = self._live_nodes()
         return nodes is not None and first_claimant(account, nodes) == self.fleet.node
 
     def _live_nodes(self) -> tuple[str, ...] | None:
-        """Return the live nodes, or None while this node delivers nothing (not read yet)."""
+        """Return the live nodes, or None while this node delivers nothing: not read yet, or
+        behind the store (FleetStore.behind_since).
+
+        A node continued after a pause judges its accounts by rows and a node list from
+        before it: the lock holder stopped across its Kakao call graded its timed-out call
+        against the access token that expired meanwhile and paged `access_expiring`, while
+        the others, which had counted it gone, served the token they had refreshed. Its
+        accounts' alerts wait for the re-read; the live nodes then "change" (from None), so
+        every account is graded again on what the store says.
+        """
         fleet = self.fleet
-        if not self.loaded or not fleet.nodes:
+        if not self.loaded or not fleet.nodes or fleet.behind_since() is not None:
             return None
         return tuple(live_nodes(fleet.nodes, me=fleet.node, heartbeat=fleet.heartbeat()))
 

@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
@@ -184,6 +184,9 @@ class StoreWait:
         # Without a published token (never logged in here, or not published by this node):
         # the shortest one this node published, else Kakao's own access lifetime.
         fallback = min(known) if known else float(DEFAULT_ACCESS_LIFETIME)
+        # The store's timers (its reconnect back-off among them) fit to these tokens before
+        # it has read a row: a 6-second token's start must not retry once a minute.
+        fleet.lifetime_hint = timedelta(seconds=fallback)
         if any(a.alerts.kakaotalk for a in accounts):
             log.warning(
                 "KakaoTalk alerts need the account's access token, which comes from the store:"

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, LiteralString
 
+from ..config import REFRESH_HEARTBEAT
 from ..errors import (
     StoreClaimed,
     StoreError,
@@ -53,7 +54,7 @@ from ..store import (
     read_file,
     unlink_durably,
 )
-from ..tokens import backoff_delay, format_time, utcnow
+from ..tokens import backoff_delay, format_time, heartbeat_interval, utcnow
 from .accounts import (
     AccountRow,
     RefreshStatus,
@@ -185,6 +186,8 @@ class FleetStats:
     behind_from: float | None = None
     #: When the database stopped answering (None: it answers).
     unavailable_since: datetime | None = None
+    #: The same on the monotonic clock (FleetStore.behind_since compares it with a silence).
+    down_from: float | None = None
     last_error: str | None = None
     #: time.monotonic() of the last successful round trip (None: none yet).
     last_ok: float | None = None
@@ -218,11 +221,17 @@ class FleetStore:
         state_dir: Path,
         pool_size: int = 8,
         publish_accounts: Collection[str] | None = None,
-        heartbeat: Callable[[], float] = lambda: 60.0,
+        heartbeat: Callable[[], float] = lambda: REFRESH_HEARTBEAT,
     ) -> None:
         self.dsn = dsn
-        #: The node's heartbeat (seconds, read each time: a reload may change it).
-        self.heartbeat = heartbeat
+        #: ``[refresh] heartbeat`` as configured (seconds, read each time: a reload may
+        #: change it); :meth:`heartbeat` fits it to the tokens.
+        self.configured_heartbeat = heartbeat
+        #: The shortest access lifetime among the cached rows (None: to be found again).
+        self._shortest_life: timedelta | None = None
+        #: The shortest access lifetime known before any row was read: the tokens this node
+        #: last published, set by a start that waits for the database (fleet/startwait.py).
+        self.lifetime_hint: timedelta | None = None
         self.keyring = keyring
         self.node = node
         self.timeouts = timeouts
@@ -263,6 +272,44 @@ class FleetStore:
             key: int(stats.get(key, 0))
             for key in ("pool_size", "pool_available", "requests_waiting")
         }
+
+    def heartbeat(self) -> float:
+        """Return the node's heartbeat: the configured one, fitted to the shortest access
+        lifetime among the rows when left at its default (tokens.heartbeat_interval, the
+        scheduler's rule).
+
+        Every fleet timer counts in it: the poll, the liveness of nodes (alerts, first
+        claims), when this node counts itself behind, the wait for another node's unsaved
+        rotation, the reconnect back-off. At the configured 60 s a node stopped for two
+        6-second lifetimes still counted itself current (180 s), and a dead node kept its
+        accounts' alerts for 30 lifetimes; Kakao's 6-hour tokens keep the 60 s.
+        """
+        return heartbeat_interval(
+            self.configured_heartbeat(), REFRESH_HEARTBEAT, self.shortest_lifetime()
+        )
+
+    def shortest_lifetime(self) -> timedelta | None:
+        """Return the shortest access lifetime among the cached rows (the hint before any
+        was read; None: none known). Kept as rows change: asked for every account a node
+        plans, it must not walk all of them."""
+        if self._shortest_life is None and self.rows:
+            self._shortest_life = min(r.state.tokens.access_lifetime for r in self.rows.values())
+        return self._shortest_life if self.rows else self.lifetime_hint
+
+    def _row_changed(self, old: AccountRow | None, new: AccountRow | None) -> None:
+        """Keep :meth:`shortest_lifetime` current as a cached row is replaced or dropped."""
+        shortest = self._shortest_life
+        if shortest is None:
+            return  # found again when asked
+        life = new.state.tokens.access_lifetime if new is not None else None
+        if life is not None and life <= shortest:
+            self._shortest_life = life
+        elif old is not None and old.state.tokens.access_lifetime <= shortest:
+            self._shortest_life = None  # the shortest one grew or went: look again
+
+    def drop_row(self, name: str) -> None:
+        """Forget the account's cached row (gone from the store, or unreadable)."""
+        self._row_changed(self.rows.pop(name, None), None)
 
     def due_window(self) -> float:
         """Return how far ahead (seconds) the poll names rows as due: 0 (only those due now)
@@ -422,6 +469,7 @@ class FleetStore:
         if stats.unavailable_since is not None:
             log.warning("the PostgreSQL store answers again")
         stats.unavailable_since = None
+        stats.down_from = None
         stats.last_error = None
 
     def failed(self, exc: StoreError) -> None:
@@ -429,6 +477,7 @@ class FleetStore:
         stats = self.stats
         if stats.unavailable_since is None:
             stats.unavailable_since = utcnow()
+            stats.down_from = time.monotonic()
             log.error("the PostgreSQL store is unavailable: %s", exc.message)
         stats.last_error = exc.message
 
@@ -589,7 +638,7 @@ class FleetStore:
         if self.unreadable.get(name) != exc.message:
             log.error("account %s: %s (%s)", name, exc.message, exc.hint or "")
         self.unreadable[name] = exc.message
-        self.rows.pop(name, None)
+        self.drop_row(name)
 
     async def load_all(self) -> None:
         """Read every row into the cache (at start), LOAD_PAGE rows per query in name order;
@@ -634,6 +683,7 @@ class FleetStore:
             row = replace(
                 row, state=replace(row.state, rotations=row.state.rotations[-CACHED_ROTATIONS:])
             )
+        self._row_changed(cached, row)
         self.rows[row.name] = row
         self.unreadable.pop(row.name, None)
         return row
@@ -684,7 +734,7 @@ class FleetStore:
             if name in unreadable:
                 self._decrypt_failed(name, unreadable[name])
             else:
-                self.rows.pop(name, None)
+                self.drop_row(name)
                 self.unreadable.pop(name, None)
         return found
 
@@ -782,17 +832,25 @@ class FleetStore:
         after that has read every changed row: after a pause the first notifications are
         read while the rest still wait in the socket, and when their re-read counted, the
         claims of the other accounts went ahead of the poll (10 row locks of 48 taken for
-        nothing in a loaded run). Not while the database does not answer: a claim then
-        fails at once and is retried, and the listener's reconnect compares every row.
+        nothing in a loaded run). Not while the database does not answer, if it went away
+        before the silence began: a claim then fails at once and is retried, and the
+        listener's reconnect compares every row. A failure noticed only after the silence
+        (the first commit of a node woken from SIGSTOP, whose session the server had ended)
+        does not make a stopped node current: it still judged its accounts, and sent their
+        alerts, by rows from before the stop.
         """
         stats = self.stats
         last = stats.last_sync
-        if not stats.up or last is None:
+        if last is None:
             return None
-        if stats.behind_from is not None:
-            return stats.behind_from
-        since = last + LIVE_HEARTBEATS * self.heartbeat()
-        return since if time.monotonic() > since else None
+        since = stats.behind_from
+        if since is None:
+            since = last + LIVE_HEARTBEATS * self.heartbeat()
+            if time.monotonic() <= since:
+                return None
+        if not stats.up and (stats.down_from is None or stats.down_from <= since):
+            return None
+        return since
 
     def _synced(self, began: float) -> None:
         """Note a poll (or full read) begun at ``began`` that read every changed row.
@@ -1161,7 +1219,7 @@ class PgAccountStore:
         if held.staged is None and not held.delete:
             fleet.stats.idle_holds += 1
         if held.delete:
-            fleet.rows.pop(self.name, None)
+            fleet.drop_row(self.name)
         elif written is not None:
             fleet.keep_row(written)
             if held.staged is not None:
