@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -317,6 +318,29 @@ async def test_many_due_accounts_run_a_few_at_a_time_and_all_get_refreshed(
             most = max(most, sum(m.refreshing for m in managers))
             await asyncio.sleep(0.01)
         assert most == 2
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)
+
+
+async def test_a_burst_of_start_checks_leaves_no_large_table_behind(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Every account's start check claims it at once; once all are done, the scheduler keeps
+    no set sized for all of them (a set never shrinks: 512 KiB for 10,000 accounts)."""
+    managers = seeded_managers(emulator, tmp_path, session, 40)
+    scheduler = RefreshScheduler(heartbeat=60, max_running=4)
+    scheduler.start()
+    try:
+        for manager in managers:
+            scheduler.add(manager)
+            scheduler.run_soon(manager, "start")
+        deadline = time.monotonic() + 10
+        while scheduler._tasks or scheduler._waiting:
+            assert time.monotonic() < deadline, "the start checks did not end"
+            await asyncio.sleep(0.01)
+        assert all(m.status.last_success_at is not None for m in managers)
+        assert sys.getsizeof(scheduler._claimed) == sys.getsizeof(set())
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)
