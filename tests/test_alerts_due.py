@@ -301,3 +301,20 @@ def test_the_race_can_tell_a_missed_moment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(AlertCenter, "_plan", forgetful)
     with pytest.raises(AssertionError):
         asyncio.run(race(tmp_path / "broken", history))
+
+
+def test_every_accounts_alerts_share_the_centers_setup(tmp_path: Path) -> None:
+    """Session, clock, host, retry delay and fleet bookkeeping are one object for all of a
+    center's accounts (five slots in each of 10,000 trackers otherwise); a center whose
+    clock was replaced gives the accounts attached after that the new one."""
+    clock = Clock()
+    center = world(tmp_path, clock, ("a", "b", "c"))
+    setups = {id(alerts.setup) for alerts in center.accounts.values()}
+    assert len(setups) == 1
+    assert all(
+        alerts.clock is clock and alerts.host == "box" for alerts in center.accounts.values()
+    )
+    later = Clock()
+    center.clock = later
+    moved = center.attach(center.accounts["c"].manager)
+    assert moved.clock is later and center.accounts["a"].clock is clock
