@@ -607,9 +607,13 @@ def _row(
         id_token=unseal("id_token"),
         extra=json.loads(extra_text) if extra_text else _EMPTY,
     )
+    refreshed_at = _utc(raw["refreshed_at"])
+    if refreshed_at == access_issued_at:
+        refreshed_at = access_issued_at
     times = raw["rotation_times"] or ()
     rotations = tuple(
-        Rotation(at.astimezone(UTC), fingerprint, replaced=replaced)
+        # The newest rotation is usually the refresh that made these tokens: one object.
+        Rotation(refreshed_at if at == refreshed_at else at.astimezone(UTC), fingerprint, replaced)
         for at, fingerprint, replaced in zip(
             times,
             raw["rotation_fingerprints"] or (),
@@ -617,9 +621,6 @@ def _row(
             strict=True,
         )
     )
-    refreshed_at = _utc(raw["refreshed_at"])
-    if refreshed_at == access_issued_at:
-        refreshed_at = access_issued_at
     state = AccountState(
         account=name,
         tokens=tokens,
