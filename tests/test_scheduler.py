@@ -603,3 +603,20 @@ async def test_an_account_the_store_names_again_in_time_takes_no_place_until_nea
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)
+
+
+async def test_an_idle_manager_holds_no_busy_fields_a_refresh_holds_them_while_it_runs(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The manager's fields of a refresh in flight, a pending write or publish and a
+    planned retry are one object while any is set: none on an idle account (10,000 on a
+    fleet node), one during a refresh, none again once it is done."""
+    [manager] = seeded_managers(emulator, tmp_path, session, 1)
+    assert manager._busy is None and not manager.refreshing and manager._write_attempt == 0
+    emulator.inject("token", "slow", count=1, delay=0.3)
+    refresh = asyncio.create_task(manager.refresh(force=True, reason="test"))
+    await wait_for(lambda: manager.refreshing)
+    assert manager._busy is not None and manager._inflight is not None
+    new = await refresh
+    assert new is not None and new.generation == 2 and manager.state == new
+    assert manager._busy is None and not manager.refreshing
