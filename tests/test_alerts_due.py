@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from alertkit import Receiver, alerts_toml
+from kakao_tokend import alerts as alerts_module
 from kakao_tokend.alerts import Alert, AlertCenter
 from kakao_tokend.config import config_from_toml_text
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
@@ -301,3 +302,68 @@ def test_the_race_can_tell_a_missed_moment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(AlertCenter, "_plan", forgetful)
     with pytest.raises(AssertionError):
         asyncio.run(race(tmp_path / "broken", history))
+
+
+def test_every_accounts_alerts_share_the_centers_setup(tmp_path: Path) -> None:
+    """Session, clock, host, retry delay and fleet bookkeeping are one object for all of a
+    center's accounts (five slots in each of 10,000 trackers otherwise); a center whose
+    clock was replaced gives the accounts attached after that the new one."""
+    clock = Clock()
+    center = world(tmp_path, clock, ("a", "b", "c"))
+    setups = {id(alerts.setup) for alerts in center.accounts.values()}
+    assert len(setups) == 1
+    assert all(
+        alerts.clock is clock and alerts.host == "box" for alerts in center.accounts.values()
+    )
+    later = Clock()
+    center.clock = later
+    moved = center.attach(center.accounts["c"].manager)
+    assert moved.clock is later and center.accounts["a"].clock is clock
+
+
+@settings(max_examples=50, deadline=None)
+@given(history=steps)
+@example(history=[("time", 60.0), ("time", -20.0)])
+@example(history=[("time", 170.0)])  # a jump over moments that were beyond the horizon
+def test_moments_beyond_a_short_horizon_are_graded_as_when_every_one_is_on_the_heap(
+    history: list[tuple[str, Any]],
+) -> None:
+    """The race above with the center's heap holding only the moments within 20 s (a
+    fifth of the token's life, the heartbeat 15 s): the later ones, kept on their account
+    until the horizon reaches them, are graded at the same heartbeats, with the same alerts
+    and bookkeeping, as by the center grading every account at every heartbeat."""
+    memory = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alerts_module, "MOMENT_HORIZON", timedelta(seconds=20))
+        with tempfile.TemporaryDirectory(dir=memory) as directory:
+            asyncio.run(race(Path(directory), history))
+
+
+def test_a_moment_beyond_the_horizon_costs_no_heap_entry_until_the_horizon_nears_it(
+    tmp_path: Path,
+) -> None:
+    """Healthy accounts next graded beyond the horizon (the access token's expiry, 60 s
+    ahead; the horizon 20 s) have no heap entry; each one gets it once the horizon moves
+    past its moment, and is graded then."""
+    clock = Clock()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alerts_module, "MOMENT_HORIZON", timedelta(seconds=20))
+        center = world(tmp_path, clock, ("a", "b", "c"))
+        center.beat()
+        dues = {name: alerts.due for name, alerts in center.accounts.items()}
+        assert all(
+            due is not None and due > clock.now + timedelta(seconds=20) for due in dues.values()
+        )
+        assert center._moments == []
+        first = min(due for due in dues.values() if due is not None)
+        while clock.now + timedelta(seconds=20) <= first:
+            clock.now += timedelta(seconds=5)
+            center.beat()
+        assert sorted(name for _, name in center._moments) == sorted(
+            name
+            for name, due in dues.items()
+            if due is not None and due < center._horizon  # type: ignore[operator]
+        )
+        clock.now = first
+        center.beat()
+        assert all(alerts.due != first for alerts in center.accounts.values())

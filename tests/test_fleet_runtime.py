@@ -710,6 +710,42 @@ async def test_a_node_keeps_the_newest_rotation_in_memory_and_the_log_in_the_sto
         await node.fleet.close()
 
 
+async def test_a_node_holds_one_name_object_per_account_across_re_reads(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The cached row and the state the manager holds name the account with the
+    configuration's string, not a copy from each database read (57 bytes of each of 10,000
+    accounts), also after another node's refresh is re-read and adopted."""
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
+        name = two.manager.account.name
+        for _ in range(2):
+            state = two.manager.state
+            assert state is not None and state.account is name
+            row = two.fleet.rows[name]
+            assert row.name is name and next(k for k in two.fleet.rows if k == name) is name
+            new = await one.manager.refresh(force=True, reason="test")
+            assert new is not None
+            await two.fleet.reload(name)
+            assert two.manager.notice_outside_changes()
+            assert two.manager.state == new
+
+
+async def test_a_re_read_row_holds_the_moment_of_its_newest_rotation_once(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Another node's rotation, re-read: the newest rotation's moment and the state's
+    ``refreshed_at`` are one object (they are the same moment: 48 bytes an account)."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
+        new = await one.manager.refresh(force=True, reason="test")
+        assert new is not None and new.rotations
+        await two.fleet.reload("default")
+        state = two.fleet.rows["default"].state
+        assert state == new and state is not new
+        assert state.rotations[-1].at == new.refreshed_at
+        assert state.rotations[-1].at is state.refreshed_at
+
+
 async def test_an_account_due_beyond_the_window_waits_for_the_poll_to_name_it_then_refreshes(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

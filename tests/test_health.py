@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -575,3 +576,30 @@ def test_store_unavailable_says_what_holds_for_a_running_node_and_a_waiting_star
     assert "serving" not in english
     korean = condition.message.render("ko")
     assert "갱신하지 않으므로" in korean and "제공" not in korean
+
+
+def test_a_healthy_status_holds_no_trouble_fields_and_gives_them_back_when_healthy_again() -> None:
+    """A status's failure fields (errors, back-off, pending writes, the store's outage) are
+    one object made at the first failure and dropped once all are clear again: a healthy
+    account's status is five slots (10,000 on a fleet node). They read and assign as
+    fields throughout."""
+    status = AccountStatus()
+    assert status._trouble is None and status.last_error is None and not status.write_pending
+    small = sys.getsizeof(status)
+    status.failed_transient("timed out", "timeout", now=NOW, retry_at=NOW + timedelta(seconds=5))
+    assert (status.health, status.last_error, status.last_error_class) == (
+        Health.RETRYING,
+        "timed out",
+        "timeout",
+    )
+    assert status.failing_since == NOW and status.next_attempt_at == NOW + timedelta(seconds=5)
+    assert status._trouble is not None
+    assert status.write_failed("disk full") and status.write_pending
+    status.succeeded(NOW, rotated=False)
+    assert status.write_pending and status.last_error is None and status._trouble is not None
+    assert status.saved() and not status.write_pending
+    assert status._trouble is None and sys.getsizeof(status) == small
+    status.store_unavailable_since = NOW
+    assert status.store_unavailable_since == NOW
+    status.store_unavailable_since = None
+    assert status._trouble is None

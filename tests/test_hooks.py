@@ -9,13 +9,22 @@ import os
 import stat
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from daemonproc import config_with, login
+from kakao_tokend.config import load_config
+from kakao_tokend.daemon import Daemon
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.hooks import HookRunner
+from kakao_tokend.refresher import AccountManager
+from kakao_tokend.state import AccountState
+from kakao_tokend.status import AccountEvent, EventKind
+from kakao_tokend.store import AccountStore
+from kakao_tokend.tokens import TokenSet, utcnow
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -140,3 +149,56 @@ async def test_a_hanging_hook_is_killed_at_its_timeout(
         await wait_until(lambda: len(pids()) == 2)
         await wait_until(lambda: not alive(pids()[1]))
     assert runs(tmp_path) == []  # killed before they could record anything
+
+
+async def test_only_accounts_with_hooks_are_remembered_and_a_reload_adds_one(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The runner remembers the generation of accounts that have hooks only (a fleet node's
+    10,000 accounts usually have none); an account given hooks by a reload runs them for the
+    next change, not for the tokens it had at the reload."""
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    hook = (sys.executable, str(script), str(tmp_path / "hook-runs.jsonl"), "0")
+    config = load_config(
+        config_with(
+            tmp_path,
+            emulator,
+            f"[accounts.plain]\n[accounts.hooked]\nhooks = [{list(hook)!r}]\n".replace("'", '"'),
+        )
+    )
+    managers = {}
+    for name in ("plain", "hooked"):
+        account = config.accounts[name]
+        manager = AccountManager(
+            account,
+            store=AccountStore(account),
+            client=None,  # type: ignore[arg-type]  # nothing here calls Kakao
+            policy=config.refresh,
+        )
+        tokens = TokenSet.from_token_response(emulator.issue_tokens(1), requested_at=utcnow())
+        manager.state = AccountState(account=name, tokens=tokens, generation=4)
+        managers[name] = manager
+    runner = HookRunner(Daemon(config=config, managers=managers))
+
+    def changed(name: str, generation: int) -> None:
+        data = {"generation": generation}
+        runner.on_event(AccountEvent(EventKind.ADOPTED, name, "changed", utcnow(), data))
+
+    runner.baseline()
+    assert runner._seen == {"hooked": 4}
+    changed("plain", 5)
+    assert runner._seen == {"hooked": 4}
+    plain = managers["plain"]
+    assert plain.state is not None
+    plain.account = replace(config.accounts["plain"], hooks=(hook,))
+    plain.state = replace(plain.state, generation=5)
+    runner.baseline()  # as after the reload
+    assert runner._seen == {"hooked": 4, "plain": 5}
+    changed("plain", 5)
+    changed("plain", 6)
+    await wait_until(lambda: len(runs(tmp_path)) == 1)
+    await asyncio.sleep(0.3)
+    [record] = runs(tmp_path)
+    assert (record["KAKAO_TOKEND_ACCOUNT"], record["KAKAO_TOKEND_GENERATION"]) == ("plain", "6")
+    await runner.close()

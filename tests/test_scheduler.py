@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -322,6 +323,29 @@ async def test_many_due_accounts_run_a_few_at_a_time_and_all_get_refreshed(
         await asyncio.sleep(0)
 
 
+async def test_a_burst_of_start_checks_leaves_no_large_table_behind(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Every account's start check claims it at once; once all are done, the scheduler keeps
+    no set sized for all of them (a set never shrinks: 512 KiB for 10,000 accounts)."""
+    managers = seeded_managers(emulator, tmp_path, session, 40)
+    scheduler = RefreshScheduler(heartbeat=60, max_running=4)
+    scheduler.start()
+    try:
+        for manager in managers:
+            scheduler.add(manager)
+            scheduler.run_soon(manager, "start")
+        deadline = time.monotonic() + 10
+        while scheduler._tasks or scheduler._waiting:
+            assert time.monotonic() < deadline, "the start checks did not end"
+            await asyncio.sleep(0.01)
+        assert all(m.status.last_success_at is not None for m in managers)
+        assert sys.getsizeof(scheduler._claimed) == sys.getsizeof(set())
+    finally:
+        scheduler.shutdown()
+        await asyncio.sleep(0)
+
+
 async def test_waiting_runs_do_not_start_after_a_stop_began(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -579,3 +603,20 @@ async def test_an_account_the_store_names_again_in_time_takes_no_place_until_nea
     finally:
         scheduler.shutdown()
         await asyncio.sleep(0)
+
+
+async def test_an_idle_manager_holds_no_busy_fields_a_refresh_holds_them_while_it_runs(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The manager's fields of a refresh in flight, a pending write or publish and a
+    planned retry are one object while any is set: none on an idle account (10,000 on a
+    fleet node), one during a refresh, none again once it is done."""
+    [manager] = seeded_managers(emulator, tmp_path, session, 1)
+    assert manager._busy is None and not manager.refreshing and manager._write_attempt == 0
+    emulator.inject("token", "slow", count=1, delay=0.3)
+    refresh = asyncio.create_task(manager.refresh(force=True, reason="test"))
+    await wait_for(lambda: manager.refreshing)
+    assert manager._busy is not None and manager._inflight is not None
+    new = await refresh
+    assert new is not None and new.generation == 2 and manager.state == new
+    assert manager._busy is None and not manager.refreshing

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -71,6 +71,7 @@ __all__ = [
     "PASSED_ENV",
     "Alert",
     "AlertCenter",
+    "AlertSetup",
     "Condition",
     "Severity",
     "SharedAlerts",
@@ -91,6 +92,11 @@ RETRY_DELAY_MAX = 60.0
 _RNG = random.Random()
 #: How long a stopping daemon waits for queued deliveries.
 CLOSE_GRACE = 3.0
+#: The center's heap holds only the grading moments within this much of the latest
+#: heartbeat; a later one stays on its account (AccountAlerts.due) until the horizon, moved
+#: on every half of it, reaches it. Most of a node's 10,000 healthy accounts are next graded
+#: hours ahead (their access token's expiry): a heap entry each was 72 bytes.
+MOMENT_HORIZON = timedelta(minutes=10)
 #: Environment passed on to the alert command (nothing else: the daemon's environment may
 #: hold the REST API key or client secret).
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME")
@@ -547,6 +553,33 @@ class SharedAlerts(Protocol):
         ...
 
 
+class AlertSetup:
+    """What the alerts of every account of one daemon share: one object, not five slots in
+    each of a fleet node's 10,000 :class:`AccountAlerts`."""
+
+    __slots__ = ("clock", "host", "retry_delay", "session", "shared")
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        clock: Clock,
+        host: str,
+        retry_delay: float,
+        shared: SharedAlerts | None,
+    ) -> None:
+        self.session = session
+        self.clock = clock
+        self.host = host
+        self.retry_delay = retry_delay
+        #: Fleet mode: where the fleet-wide bookkeeping lives (None: all of it is local).
+        self.shared = shared
+
+    def members(self) -> tuple[object, ...]:
+        """Return what this setup holds, to compare with a center's current settings."""
+        return (self.session, self.clock, self.host, self.retry_delay, self.shared)
+
+
 class AccountAlerts:
     """One account's conditions, bookkeeping and delivery queues."""
 
@@ -559,13 +592,9 @@ class AccountAlerts:
         "_queues",
         "_save_failed",
         "active",
-        "clock",
         "due",
-        "host",
         "manager",
-        "retry_delay",
-        "session",
-        "shared",
+        "setup",
         "store",
     )
 
@@ -573,20 +602,26 @@ class AccountAlerts:
         self,
         manager: AccountManager,
         *,
-        session: aiohttp.ClientSession,
-        clock: Clock,
-        host: str,
-        retry_delay: float,
+        session: aiohttp.ClientSession | None = None,
+        clock: Clock = utcnow,
+        host: str = "",
+        retry_delay: float = RETRY_DELAY,
         shared: SharedAlerts | None = None,
+        setup: AlertSetup | None = None,
     ) -> None:
+        """Watch ``manager``'s account with ``setup`` (the center's), or one made of the
+        other arguments (without a session, only channels that send nothing over HTTP)."""
+        if setup is None:
+            setup = AlertSetup(
+                session=cast("aiohttp.ClientSession", session),
+                clock=clock,
+                host=host,
+                retry_delay=retry_delay,
+                shared=shared,
+            )
         self.manager = manager
-        self.session = session
-        self.clock = clock
-        self.host = host
-        self.retry_delay = retry_delay
+        self.setup = setup
         self.store: StateStore = manager.store
-        #: Fleet mode: where the fleet-wide bookkeeping lives (None: all of it is local).
-        self.shared = shared
         #: What was sent and is still active: every condition (in fleet mode the node-local
         #: records and a copy of the fleet-wide ones, refreshed at each evaluation, and the
         #: one read-only NO_RECORDS while there are none: most of a node's accounts).
@@ -609,6 +644,31 @@ class AccountAlerts:
     def name(self) -> str:
         """Return the account's name."""
         return self.manager.name
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Return the HTTP session the channels send with (the setup's)."""
+        return self.setup.session
+
+    @property
+    def clock(self) -> Clock:
+        """Return the clock alerts are graded and stamped with (the setup's)."""
+        return self.setup.clock
+
+    @property
+    def host(self) -> str:
+        """Return the host name alerts carry (the setup's)."""
+        return self.setup.host
+
+    @property
+    def retry_delay(self) -> float:
+        """Return the first delay before a failed delivery is retried (the setup's)."""
+        return self.setup.retry_delay
+
+    @property
+    def shared(self) -> SharedAlerts | None:
+        """Return the fleet's bookkeeping (the setup's; None: everything is local)."""
+        return self.setup.shared
 
     @property
     def settings(self) -> AlertsConfig:
@@ -970,6 +1030,26 @@ class AlertCenter:
         #: The latest moment an account was graded at since every account was: a clock
         #: that went back behind it may have undone a threshold crossed since.
         self._latest: datetime | None = None
+        #: What every attached account's alerts share (see _alert_setup).
+        self._setup: AlertSetup | None = None
+        #: The heap holds every planned moment before this one, none from it on (None: it
+        #: holds them all, until the first heartbeat); it only moves forward.
+        self._horizon: datetime | None = None
+
+    def _alert_setup(self) -> AlertSetup:
+        """Return the setup every account's alerts share, made anew when this center's
+        session, clock, host, retry delay or fleet bookkeeping was replaced."""
+        setup = self._setup
+        members = (self.session, self.clock, self.host, self.retry_delay, self.shared)
+        if setup is None or any(a is not b for a, b in zip(setup.members(), members, strict=True)):
+            setup = self._setup = AlertSetup(
+                session=self.session,
+                clock=self.clock,
+                host=self.host,
+                retry_delay=self.retry_delay,
+                shared=self.shared,
+            )
+        return setup
 
     def attach(self, manager: AccountManager) -> AccountAlerts:
         """Start watching ``manager`` (replacing an earlier manager of the same account)."""
@@ -977,14 +1057,7 @@ class AlertCenter:
         if old is not None:
             self._unlisten(old)
             old.stop_workers()
-        alerts = AccountAlerts(
-            manager,
-            session=self.session,
-            clock=self.clock,
-            host=self.host,
-            retry_delay=self.retry_delay,
-            shared=self.shared,
-        )
+        alerts = AccountAlerts(manager, setup=self._alert_setup())
         self.accounts[manager.name] = alerts
         manager.listen(self._listener)
         self._dirty.add(manager.name)
@@ -1055,6 +1128,7 @@ class AlertCenter:
             if changed is None:
                 return self.evaluate()
             names |= changed
+        self._advance_horizon(now)
         moments = self._moments
         while moments and moments[0][0] <= now:
             when, name = heapq.heappop(moments)
@@ -1087,6 +1161,8 @@ class AlertCenter:
         alerts.due = due
         if due is None:
             return  # its heap entry, if any, is stale now
+        if self._horizon is not None and due >= self._horizon:
+            return  # beyond the horizon: _advance_horizon puts it on the heap in time
         heapq.heappush(self._moments, (due, alerts.name))
         if len(self._moments) > 2 * len(self.accounts) + 64:
             # Re-planning leaves stale entries behind; drop them before they add up.
@@ -1096,6 +1172,24 @@ class AlertCenter:
                 if (a := self.accounts.get(name)) is not None and a.due == when
             ]
             heapq.heapify(self._moments)
+
+    def _advance_horizon(self, now: datetime) -> None:
+        """Move the horizon to ``now`` + MOMENT_HORIZON once half of it has passed, and put
+        on the heap every moment it now covers and the old one did not (before a heartbeat
+        pops what is due: a clock stepped far forward makes those due at once)."""
+        old = self._horizon
+        if old is not None and now + MOMENT_HORIZON / 2 < old:
+            return
+        horizon = now + MOMENT_HORIZON
+        if old is not None and horizon <= old:
+            return  # it never moves back (a wall clock that went back)
+        self._horizon = horizon
+        if old is None:
+            return  # the heap holds every moment planned so far
+        for alerts in self.accounts.values():
+            due = alerts.due
+            if due is not None and old <= due < horizon:
+                heapq.heappush(self._moments, (due, alerts.name))
 
     async def run_periodic(self, interval: Callable[[], float]) -> None:
         """Every ``interval()`` seconds (the refresh heartbeat), evaluate what is due."""

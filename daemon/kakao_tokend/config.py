@@ -757,10 +757,11 @@ class AccountConfig:
         compares and opens a thousand accounts' files by their text, and the Paths would
         cost it more than the checks themselves (docs/benchmarks.md).
         """
-        value = self.__dict__.get(field_name)
-        if value is not None:
-            return str(value)
-        defaults: _AccountDefaults = self.__dict__["_defaults"]
+        # Not through self.__dict__: reading it makes the instance a dictionary of its own
+        # (64 bytes an account, kept) where Python otherwise keeps the attributes inline.
+        defaults: _AccountDefaults | None = getattr(self, "_defaults", None)
+        if defaults is None or field_name in self._own_files:  # type: ignore[attr-defined]
+            return str(getattr(self, field_name))  # set, or made by replace(): an attribute
         return defaults.text(self.name, _FILE_SUFFIXES[field_name])
 
 
@@ -1050,6 +1051,9 @@ _DERIVABLE: Final[tuple[tuple[str, str | None], ...]] = (
 for _name, _suffix in _DERIVABLE:
     setattr(AccountConfig, _name, _Derivable(_name, _suffix))
 del _name, _suffix
+#: The files an account with derived defaults names itself (file_text): most name none, and
+#: share this class attribute; one that does holds its own set.
+AccountConfig._own_files = frozenset()  # type: ignore[attr-defined]
 #: The tables each account reads over a global default of the same name: [accounts.NAME.kakao]
 #: overrides [kakao] key by key.
 _ACCOUNT_TABLES: Final = _subtables(AccountConfig)
@@ -1720,10 +1724,15 @@ class _Checker:
         account = self.finish(AccountConfig, values, unknown, {}, prefix)
         if account is not None:
             # What __init__ was given as the defaults is derived when read (_Derivable).
+            own_files: list[str] = []
             for field_name, _ in _DERIVABLE:
                 if getattr(account, field_name) is defaults:
                     object.__delattr__(account, field_name)
+                elif field_name in _FILE_SUFFIXES:
+                    own_files.append(field_name)
             object.__setattr__(account, "_defaults", defaults)
+            if own_files:
+                object.__setattr__(account, "_own_files", frozenset(own_files))
         if (
             account is not None
             and not table

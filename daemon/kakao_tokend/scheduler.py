@@ -433,6 +433,10 @@ class RefreshScheduler:
             # Whatever happened, plan the next run: a run that raised leaves nothing planned
             # otherwise. The place is free again, so the next waiting account may start.
             self._claimed.discard(manager)
+            if not self._claimed:
+                # A set never shrinks its table: the start-up check claims every account at
+                # once (10,000 on a fleet node: a 512 KiB table kept for the process's life).
+                self._claimed = set()
             self.plan(manager)
             if self.managers.get(manager.name) is manager:
                 self._watch.add(manager.name)  # once more at the next beat, when not busy

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .relogin import ReloginCause, parse_cause
 from .state import AccountState
@@ -104,33 +104,67 @@ NO_COUNTS: Mapping[str, int] = MappingProxyType(
 )
 
 
-@dataclass(slots=True)  # one per account (10,000 on a fleet node): no instance dictionary
-class AccountStatus:
-    """Live, in-memory status of one account (the stored part is in AccountState)."""
+@dataclass(slots=True)
+class _Trouble:
+    """The fields of an :class:`AccountStatus` that are set only while something is wrong
+    (or was: a failure counted, a conflict reported). A healthy account has none."""
 
-    health: Health = Health.NO_STATE
     last_error: str | None = None
     last_error_class: str | None = None
     failing_since: datetime | None = None
-    attempt: int = 0
     next_attempt_at: datetime | None = None
-    last_success_at: datetime | None = None
-    #: The state in memory could not be written to the store yet.
     write_pending: bool = False
     write_error: str | None = None
-    #: The token file or an extra token file could not be written yet (retried).
     publish_pending: bool = False
     publish_error: str | None = None
-    #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
     relogin_cause: ReloginCause | None = None
-    #: Another process wrote a state file we did not take as it was (refused or superseded).
     state_conflict: str | None = None
     missed_rotation: bool = False
-    #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None: it can).
     store_unavailable_since: datetime | None = None
     store_error: str | None = None
+
+
+#: Every field of _Trouble at its default: what an AccountStatus without one reads.
+_NO_TROUBLE = _Trouble()
+
+
+@dataclass(slots=True)  # one per account (10,000 on a fleet node): no instance dictionary
+class AccountStatus:
+    """Live, in-memory status of one account (the stored part is in AccountState).
+
+    The fields only a failure sets live in one :class:`_Trouble` object made at the first
+    of them and dropped when all are back at their defaults: a healthy account's status is
+    five slots, not eighteen (a fleet node holds 10,000). They read and assign as fields.
+    """
+
+    health: Health = Health.NO_STATE
+    attempt: int = 0
+    last_success_at: datetime | None = None
     #: attempts, successes, failures, rotations since the daemon started (/metrics).
     counters: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)
+    _trouble: _Trouble | None = None
+
+    if TYPE_CHECKING:  # the _Trouble fields, as properties (below) read and assign them
+        last_error: str | None = None
+        last_error_class: str | None = None
+        failing_since: datetime | None = None
+        next_attempt_at: datetime | None = None
+        #: The state in memory could not be written to the store yet.
+        write_pending: bool = False
+        write_error: str | None = None
+        #: The token file or an extra token file could not be written yet (retried).
+        publish_pending: bool = False
+        publish_error: str | None = None
+        #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
+        relogin_cause: ReloginCause | None = None
+        #: Another process wrote a state file we did not take as it was (refused or
+        #: superseded).
+        state_conflict: str | None = None
+        missed_rotation: bool = False
+        #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None:
+        #: it can).
+        store_unavailable_since: datetime | None = None
+        store_error: str | None = None
 
     def _count(self, key: str) -> None:
         counters = self.counters
@@ -278,6 +312,32 @@ class AccountStatus:
         self.health = health
         self.last_error = message
         self.last_error_class = label
+
+
+def _trouble_field(name: str) -> property:
+    """A property of AccountStatus reading and assigning the _Trouble field ``name``."""
+    default = getattr(_NO_TROUBLE, name)
+
+    def get(status: AccountStatus) -> Any:
+        trouble = status._trouble
+        return default if trouble is None else getattr(trouble, name)
+
+    def set_(status: AccountStatus, value: Any) -> None:
+        trouble = status._trouble
+        if trouble is None:
+            if value is default:
+                return  # nothing to keep: a healthy account stays without one
+            trouble = status._trouble = _Trouble()
+        setattr(trouble, name, value)
+        if value is default and trouble == _NO_TROUBLE:
+            status._trouble = None  # all back at their defaults: healthy again
+
+    return property(get, set_, doc=f"The status's {name} (see _Trouble).")
+
+
+for _field in fields(_Trouble):
+    setattr(AccountStatus, _field.name, _trouble_field(_field.name))
+del _field
 
 
 def active_alerts(active: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -211,6 +211,7 @@ async def load_account(
     *,
     lock: RowLock = RowLock.NONE,
     rotations: int = MAX_ROTATIONS_KEPT,
+    names: Mapping[str, AccountRow] | None = None,
 ) -> AccountRow | None:
     """Return the account named ``name`` (None if there is none), optionally locking its row.
 
@@ -227,7 +228,7 @@ async def load_account(
             name=name,
             rotations_kept=rotations,
         )
-    return _row(rows[0], keyring) if rows else None
+    return _row(rows[0], keyring, names) if rows else None
 
 
 async def load_every_account(
@@ -238,6 +239,7 @@ async def load_every_account(
     after: str | None = None,
     limit: int | None = None,
     rotations: int = MAX_ROTATIONS_KEPT,
+    names: Mapping[str, AccountRow] | None = None,
 ) -> tuple[dict[str, AccountRow], dict[str, TokenDecryptError]]:
     """Return every account row (or those named in ``only``), read with one query, unlocked.
 
@@ -249,7 +251,8 @@ async def load_every_account(
 
     ``after`` and ``limit`` read one page in the names' code point order (the rows named
     after ``after``): a node reads its thousands of rows page by page (FleetStore.load_all).
-    Each state holds the newest ``rotations`` entries of its rotation log.
+    Each state holds the newest ``rotations`` entries of its rotation log. A row named in
+    ``names`` (the caller's cached rows) takes the name object from there (see _row).
     """
     where = []
     if only is not None:
@@ -276,7 +279,8 @@ async def load_every_account(
     unreadable: dict[str, TokenDecryptError] = {}
     for raw in raws:
         try:
-            rows[raw["name"]] = _row(raw, keyring)
+            row = _row(raw, keyring, names)
+            rows[row.name] = row
         except TokenDecryptError as exc:
             unreadable[raw["name"]] = exc
     return rows, unreadable
@@ -565,9 +569,16 @@ def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
 
-def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
+def _row(
+    raw: Mapping[str, Any], keyring: Keyring, names: Mapping[str, AccountRow] | None = None
+) -> AccountRow:
     row_id: uuid.UUID = raw["id"]
     name: str = raw["name"]
+    cached = names.get(name) if names is not None else None
+    if cached is not None:
+        # The name object the node holds already (the configuration's, see
+        # FleetStore.account_store): each re-read would otherwise keep one more copy.
+        name = cached.name
 
     def unseal(column: str) -> str | None:
         blob = raw[column]
@@ -596,9 +607,13 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
         id_token=unseal("id_token"),
         extra=json.loads(extra_text) if extra_text else _EMPTY,
     )
+    refreshed_at = _utc(raw["refreshed_at"])
+    if refreshed_at == access_issued_at:
+        refreshed_at = access_issued_at
     times = raw["rotation_times"] or ()
     rotations = tuple(
-        Rotation(at.astimezone(UTC), fingerprint, replaced=replaced)
+        # The newest rotation is usually the refresh that made these tokens: one object.
+        Rotation(refreshed_at if at == refreshed_at else at.astimezone(UTC), fingerprint, replaced)
         for at, fingerprint, replaced in zip(
             times,
             raw["rotation_fingerprints"] or (),
@@ -606,9 +621,6 @@ def _row(raw: Mapping[str, Any], keyring: Keyring) -> AccountRow:
             strict=True,
         )
     )
-    refreshed_at = _utc(raw["refreshed_at"])
-    if refreshed_at == access_issued_at:
-        refreshed_at = access_issued_at
     state = AccountState(
         account=name,
         tokens=tokens,

@@ -460,6 +460,19 @@ class FleetStore:
         publishes = self.publish_accounts is None or account.name in self.publish_accounts
         return PgAccountStore(account, self, publishes=publishes)
 
+    def share_name(self, row: AccountRow, name: str) -> AccountRow:
+        """Keep ``row`` under the name object ``name`` (equal to its own) and return it.
+
+        One name object per account, the configuration's: a row read from the database
+        brings an equal copy (57 bytes of each of 10,000 accounts). Re-reads take the cached
+        row's (load_every_account's ``names``).
+        """
+        if self.rows.get(name) is row:
+            del self.rows[name]  # the key object is the old one until it is removed
+        row = replace(row, state=replace(row.state, account=name))
+        self.rows[name] = row
+        return row
+
     # ------------------------------------------------------------------ connections
 
     def ok(self) -> None:
@@ -656,7 +669,12 @@ class FleetStore:
         while True:
             async with self.connection("read the store's accounts") as conn:
                 rows, unreadable = await load_every_account(
-                    conn, self.keyring, after=after, limit=LOAD_PAGE, rotations=CACHED_ROTATIONS
+                    conn,
+                    self.keyring,
+                    after=after,
+                    limit=LOAD_PAGE,
+                    rotations=CACHED_ROTATIONS,
+                    names=self.rows,
                 )
                 await conn.commit()
             for row in rows.values():
@@ -715,7 +733,9 @@ class FleetStore:
     ) -> tuple[dict[str, AccountRow], dict[str, TokenDecryptError]]:
         """Read these rows (one query); :meth:`_keep_read` puts them in the cache."""
         self.stats.row_reads += 1
-        return await load_every_account(conn, self.keyring, only=names, rotations=CACHED_ROTATIONS)
+        return await load_every_account(
+            conn, self.keyring, only=names, rotations=CACHED_ROTATIONS, names=self.rows
+        )
 
     def _keep_read(
         self,
@@ -1002,7 +1022,11 @@ class PgAccountStore:
                 return held.staged
             return held.row.state if held.row is not None else None
         row = self.fleet.rows.get(self.name)
-        return row.state if row is not None else None
+        if row is None:
+            return None
+        if row.name is not self.name:  # the first load, or a row that came after the start
+            row = self.fleet.share_name(row, self.name)
+        return row.state
 
     def state_signature(self) -> int | None:
         """Return the row's generation (None: no row), the compare-and-swap value.
@@ -1135,7 +1159,12 @@ class PgAccountStore:
         try:
             async with deadline(conn, fleet.deadline):
                 row = await load_account(
-                    conn, fleet.keyring, self.name, lock=RowLock.SKIP, rotations=CACHED_ROTATIONS
+                    conn,
+                    fleet.keyring,
+                    self.name,
+                    lock=RowLock.SKIP,
+                    rotations=CACHED_ROTATIONS,
+                    names=fleet.rows,
                 )
                 if row is not None:
                     await self._fit_backstop(conn, row)
