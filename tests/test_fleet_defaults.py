@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from daemonproc import run_cli
-from fleetnodes import Fleet, FleetFactory, due_now, fleets, wait_until, write_seed_file
+from fleetnodes import (
+    Fleet,
+    FleetFactory,
+    FleetNode,
+    due_now,
+    fleets,
+    wait_until,
+    write_seed_file,
+)
 from kakao_tokend.emulator import KakaoEmulator
 from pgcluster import PgCluster
 
@@ -119,6 +127,30 @@ async def started(make_fleet: FleetFactory, **options: int | float) -> tuple[Fle
     return fleet, watch
 
 
+async def one_node_holding_the_lock(
+    make_fleet: FleetFactory, lifetime: float, *, longer_than: float, **options: int | bool
+) -> tuple[Fleet, FleetNode, int]:
+    """Start a fleet with one account on `lifetime`-second tokens, make Kakao hold the next
+    token request, and wait until a node holds the account's row lock over it. Return the
+    fleet, that node and the generation it is refreshing: an earlier refresh (one a loaded
+    machine can finish before the fault is armed) must not count as a failover."""
+    fleet = await make_fleet(access_lifetime=lifetime, accounts=1, **options)  # type: ignore[arg-type]
+    (account,) = fleet.accounts
+    await fleet.seed(first_lifetime=lifetime)
+    await fleet.start()
+    fleet.emulator.inject("token", "hold", count=1, delay=120.0)
+    holders: list[str] = []
+
+    async def someone_holds_the_lock() -> bool:
+        holders[:] = await fleet.lock_holders(longer_than=longer_than)
+        return bool(holders)
+
+    await wait_until(
+        someone_holds_the_lock, timeout=max(15.0, lifetime), what="a lock holder", fleet=fleet
+    )
+    return fleet, fleet.node(holders[0]), (await fleet.rows())[account].generation
+
+
 def report(watch: Watch, since: float) -> str:
     lags = watch.lags(since)
     worst = max(lags.values(), default=0.0)
@@ -179,24 +211,10 @@ async def test_defaults_kill_of_the_lock_holder_fails_over_in_a_share_of_the_lif
 ) -> None:
     """kill -9 the node that holds the row lock while Kakao holds its request."""
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=3, accounts=1)
-    (account,) = fleet.accounts
-    await fleet.seed(first_lifetime=lifetime)
-    await fleet.start()
-    fleet.emulator.inject("token", "hold", count=1, delay=120.0)
-    holders: list[str] = []
-
-    async def someone_holds_the_lock() -> bool:
-        holders[:] = await fleet.lock_holders(longer_than=0.2)
-        return bool(holders)
-
-    await wait_until(
-        someone_holds_the_lock, timeout=max(15.0, lifetime), what="a lock holder", fleet=fleet
+    fleet, victim, held_at = await one_node_holding_the_lock(
+        make_fleet, lifetime, longer_than=0.2, nodes=3
     )
-    victim = fleet.node(holders[0])
-    # The generation the victim was refreshing: an earlier refresh (one a loaded machine can
-    # finish before the fault is armed) must not count as the failover.
-    held_at = (await fleet.rows())[account].generation
+    (account,) = fleet.accounts
     await victim.kill()
 
     async def committed() -> bool:
@@ -230,22 +248,10 @@ async def test_defaults_pause_of_the_lock_holder_frees_the_row_in_a_share_of_the
     and the others serve the new token; its timed-out call paged `access_expiring` before.
     """
     lifetime = 6.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=3, accounts=1)
-    (account,) = fleet.accounts
-    await fleet.seed(first_lifetime=lifetime)
-    await fleet.start()
-    fleet.emulator.inject("token", "hold", count=1, delay=120.0)
-    holders: list[str] = []
-
-    async def someone_holds_the_lock() -> bool:
-        holders[:] = await fleet.lock_holders(longer_than=0.1)
-        return bool(holders)
-
-    await wait_until(
-        someone_holds_the_lock, timeout=max(15.0, lifetime), what="a lock holder", fleet=fleet
+    fleet, sleeper, held_at = await one_node_holding_the_lock(
+        make_fleet, lifetime, longer_than=0.1, nodes=3
     )
-    sleeper = fleet.node(holders[0])
-    held_at = (await fleet.rows())[account].generation  # see the kill test
+    (account,) = fleet.accounts
     sleeper.pause()
 
     async def committed() -> bool:
@@ -289,23 +295,11 @@ async def test_defaults_a_rotation_waiting_for_the_database_is_waited_for_not_a_
     half the access token's remaining life (about 1.5 s here; for a 6-hour token never before
     the grace), and the node paged `relogin` ("needs a new login")."""
     lifetime = 12.0
-    fleet = await make_fleet(access_lifetime=lifetime, nodes=2, accounts=1, proxied=True)
-    (account,) = fleet.accounts
-    await fleet.seed(first_lifetime=lifetime)
-    await fleet.start()
-    fleet.emulator.inject("token", "hold", count=1, delay=120.0)
-    holders: list[str] = []
-
-    async def someone_holds_the_lock() -> bool:
-        holders[:] = await fleet.lock_holders(longer_than=0.1)
-        return bool(holders)
-
-    await wait_until(
-        someone_holds_the_lock, timeout=max(15.0, lifetime), what="a lock holder", fleet=fleet
+    fleet, holder, held_at = await one_node_holding_the_lock(
+        make_fleet, lifetime, longer_than=0.1, nodes=2, proxied=True
     )
-    holder = fleet.node(holders[0])
+    (account,) = fleet.accounts
     assert holder.proxy is not None
-    held_at = (await fleet.rows())[account].generation
     holder.proxy.refuse()
     holder.proxy.cut()
     fleet.emulator.release_held()  # Kakao rotates for the holder, which cannot commit
