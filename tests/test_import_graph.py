@@ -157,6 +157,7 @@ PURE = {
         "relogin",
         "state",
         "status",
+        "sidefields",
         "health",
         "storage",
         "templates",

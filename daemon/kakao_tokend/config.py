@@ -604,9 +604,9 @@ _table: Final = _metadata(_Table)
 #: ``[kakao] timeout`` and ``connect_timeout`` when not set: sized for Kakao's hours-long tokens
 #: (tokens.request_timeout fits them to a short-lived token).
 KAKAO_TIMEOUT = 30.0
+KAKAO_CONNECT_TIMEOUT = 10.0
 #: ``[refresh] heartbeat``'s default, fitted to shorter tokens (tokens.heartbeat_interval).
 REFRESH_HEARTBEAT = 60.0
-KAKAO_CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)

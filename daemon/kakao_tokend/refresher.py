@@ -49,6 +49,7 @@ from .relogin import (
     login_command,
     render,
 )
+from .sidefields import add_side_fields
 from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
 from .storage import AccountStorage
@@ -91,7 +92,7 @@ class AccountManager:
 
     # One per account, 10,000 on a fleet node: slots are a fifth smaller than the instance
     # dictionary. ``__dict__`` stays for what tests patch onto one manager (a counting tick).
-    # The fields of _BUSY_DEFAULTS live in one _Busy object while any differs from its
+    # The fields of _BUSY_DEFAULTS live in one side object while any differs from its
     # default (a refresh, a pending write or publish, a retry): an idle account has none.
     __slots__ = (
         "__dict__",
@@ -122,7 +123,7 @@ class AccountManager:
         monotonic: Callable[[], float] = time.monotonic,
         hub: list[EventListener] | None = None,
     ) -> None:
-        self._busy: _Busy | None = None  # before the fields it holds (see _BUSY_DEFAULTS)
+        self._busy: object | None = None  # before the fields it holds (see _BUSY_DEFAULTS)
         self.account = account
         self.store = store
         self.client = client
@@ -689,7 +690,7 @@ class AccountManager:
         """Hold the lock that lets one change of the account run at a time in this process.
 
         The lock exists while someone holds or waits for it: kept, it would be one more
-        object (and a _Busy) for each account a fleet node ever refreshed.
+        object (and a side object) for each account a fleet node ever refreshed.
         """
         lock = self._single_flight
         if lock is None:
@@ -1463,8 +1464,8 @@ class AccountManager:
 
 #: The fields of an AccountManager set only while something happens to the account (a
 #: refresh or a change in flight, a write or publish to retry, a retry planned, a refusal
-#: another node may explain), with their defaults. They read and assign as attributes (the
-#: properties below); an idle account holds none: 13 slots of each of 10,000 managers.
+#: another node may explain), with their defaults. They read and assign as attributes
+#: (sidefields.add_side_fields); an idle account holds none: 14 slots of each of 10,000.
 _BUSY_DEFAULTS: dict[str, object] = {
     "_after_commit": (),
     "_held": False,
@@ -1483,40 +1484,4 @@ _BUSY_DEFAULTS: dict[str, object] = {
 }
 
 
-class _Busy:
-    """An AccountManager's _BUSY_DEFAULTS fields while any of them is set."""
-
-    __slots__ = tuple(_BUSY_DEFAULTS)
-
-    def __init__(self) -> None:
-        for name, default in _BUSY_DEFAULTS.items():
-            setattr(self, name, default)
-
-    def idle(self) -> bool:
-        """Return True when every field is back at its default."""
-        return all(getattr(self, name) is default for name, default in _BUSY_DEFAULTS.items())
-
-
-def _busy_field(name: str, default: object) -> property:
-    """The property of AccountManager reading and assigning the _Busy field ``name``."""
-
-    def get(manager: AccountManager) -> Any:
-        busy: _Busy | None = manager._busy
-        return default if busy is None else getattr(busy, name)
-
-    def set_(manager: AccountManager, value: Any) -> None:
-        busy: _Busy | None = manager._busy
-        if busy is None:
-            if value is default:
-                return  # an idle account keeps no _Busy
-            busy = manager._busy = _Busy()
-        setattr(busy, name, value)
-        if value is default and busy.idle():
-            manager._busy = None
-
-    return property(get, set_, doc=f"The manager's {name} (see _BUSY_DEFAULTS).")
-
-
-for _name, _default in _BUSY_DEFAULTS.items():
-    setattr(AccountManager, _name, _busy_field(_name, _default))
-del _name, _default
+add_side_fields(AccountManager, "_busy", _BUSY_DEFAULTS)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .relogin import ReloginCause, parse_cause
+from .sidefields import add_side_fields
 from .state import AccountState
 
 __all__ = [
@@ -104,37 +105,42 @@ NO_COUNTS: Mapping[str, int] = MappingProxyType(
 )
 
 
-@dataclass(slots=True)
 class _Trouble:
     """The fields of an :class:`AccountStatus` that are set only while something is wrong
-    (or was: a failure counted, a conflict reported). A healthy account has none."""
+    (or was: a failure counted, a conflict reported), with their defaults. A healthy
+    account's status holds none of them (sidefields.add_side_fields, below the class)."""
+
+    if not TYPE_CHECKING:  # mypy would refuse assigning them: they are properties below
+        __slots__ = ()  # the values live in the side object, these are only the defaults
 
     last_error: str | None = None
     last_error_class: str | None = None
     failing_since: datetime | None = None
     next_attempt_at: datetime | None = None
+    #: The state in memory could not be written to the store yet.
     write_pending: bool = False
     write_error: str | None = None
+    #: The token file or an extra token file could not be written yet (retried).
     publish_pending: bool = False
     publish_error: str | None = None
+    #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
     relogin_cause: ReloginCause | None = None
+    #: Another process wrote a state file we did not take as it was (refused or superseded).
     state_conflict: str | None = None
     missed_rotation: bool = False
+    #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None: it can).
     store_unavailable_since: datetime | None = None
     store_error: str | None = None
 
 
-#: Every field of _Trouble at its default: what an AccountStatus without one reads.
-_NO_TROUBLE = _Trouble()
-
-
 @dataclass(slots=True)  # one per account (10,000 on a fleet node): no instance dictionary
-class AccountStatus:
+class AccountStatus(_Trouble):
     """Live, in-memory status of one account (the stored part is in AccountState).
 
-    The fields only a failure sets live in one :class:`_Trouble` object made at the first
-    of them and dropped when all are back at their defaults: a healthy account's status is
-    five slots, not eighteen (a fleet node holds 10,000). They read and assign as fields.
+    The fields of :class:`_Trouble`, which only a failure sets, live in one side object made
+    at the first of them and dropped when all are back at their defaults: a healthy
+    account's status is five slots, not eighteen (a fleet node holds 10,000). They read and
+    assign as fields.
     """
 
     health: Health = Health.NO_STATE
@@ -142,29 +148,7 @@ class AccountStatus:
     last_success_at: datetime | None = None
     #: attempts, successes, failures, rotations since the daemon started (/metrics).
     counters: Mapping[str, int] = field(default_factory=lambda: NO_COUNTS)
-    _trouble: _Trouble | None = None
-
-    if TYPE_CHECKING:  # the _Trouble fields, as properties (below) read and assign them
-        last_error: str | None = None
-        last_error_class: str | None = None
-        failing_since: datetime | None = None
-        next_attempt_at: datetime | None = None
-        #: The state in memory could not be written to the store yet.
-        write_pending: bool = False
-        write_error: str | None = None
-        #: The token file or an extra token file could not be written yet (retried).
-        publish_pending: bool = False
-        publish_error: str | None = None
-        #: Why a re-login is needed (with health RELOGIN after a refused refresh token).
-        relogin_cause: ReloginCause | None = None
-        #: Another process wrote a state file we did not take as it was (refused or
-        #: superseded).
-        state_conflict: str | None = None
-        missed_rotation: bool = False
-        #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None:
-        #: it can).
-        store_unavailable_since: datetime | None = None
-        store_error: str | None = None
+    _trouble: object | None = None
 
     def _count(self, key: str) -> None:
         counters = self.counters
@@ -314,30 +298,9 @@ class AccountStatus:
         self.last_error_class = label
 
 
-def _trouble_field(name: str) -> property:
-    """A property of AccountStatus reading and assigning the _Trouble field ``name``."""
-    default = getattr(_NO_TROUBLE, name)
-
-    def get(status: AccountStatus) -> Any:
-        trouble = status._trouble
-        return default if trouble is None else getattr(trouble, name)
-
-    def set_(status: AccountStatus, value: Any) -> None:
-        trouble = status._trouble
-        if trouble is None:
-            if value is default:
-                return  # nothing to keep: a healthy account stays without one
-            trouble = status._trouble = _Trouble()
-        setattr(trouble, name, value)
-        if value is default and trouble == _NO_TROUBLE:
-            status._trouble = None  # all back at their defaults: healthy again
-
-    return property(get, set_, doc=f"The status's {name} (see _Trouble).")
-
-
-for _field in fields(_Trouble):
-    setattr(AccountStatus, _field.name, _trouble_field(_field.name))
-del _field
+add_side_fields(
+    AccountStatus, "_trouble", {name: getattr(_Trouble, name) for name in _Trouble.__annotations__}
+)
 
 
 def active_alerts(active: Mapping[str, Any]) -> list[dict[str, Any]]:
