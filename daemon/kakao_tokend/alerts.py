@@ -576,8 +576,13 @@ class AlertSetup:
         self.shared = shared
 
     def members(self) -> tuple[object, ...]:
-        """Return what this setup holds, to compare with a center's current settings."""
+        """Return what this setup holds."""
         return (self.session, self.clock, self.host, self.retry_delay, self.shared)
+
+    def same_as(self, other: AlertSetup) -> bool:
+        """Return whether ``other`` holds the very same objects (identity, not equality: a
+        replaced session or clock that compares equal is still a new one)."""
+        return all(a is b for a, b in zip(self.members(), other.members(), strict=True))
 
 
 class AccountAlerts:
@@ -1039,16 +1044,16 @@ class AlertCenter:
     def _alert_setup(self) -> AlertSetup:
         """Return the setup every account's alerts share, made anew when this center's
         session, clock, host, retry delay or fleet bookkeeping was replaced."""
+        wanted = AlertSetup(
+            session=self.session,
+            clock=self.clock,
+            host=self.host,
+            retry_delay=self.retry_delay,
+            shared=self.shared,
+        )
         setup = self._setup
-        members = (self.session, self.clock, self.host, self.retry_delay, self.shared)
-        if setup is None or any(a is not b for a, b in zip(setup.members(), members, strict=True)):
-            setup = self._setup = AlertSetup(
-                session=self.session,
-                clock=self.clock,
-                host=self.host,
-                retry_delay=self.retry_delay,
-                shared=self.shared,
-            )
+        if setup is None or not setup.same_as(wanted):
+            setup = self._setup = wanted
         return setup
 
     def attach(self, manager: AccountManager) -> AccountAlerts:
