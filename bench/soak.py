@@ -102,6 +102,9 @@ KILL_WINDOW = 1.0
 JUMP_MAX = 6.0  # keep the refresh token's age (10 s + jumps + pauses) below its 30 s life
 JUMP_COOLDOWN = 25.0
 DISK_FULL_COOLDOWN = 45.0
+#: How long the disk stays full: this plus up to as much again (seeded), one to two access
+#: lifetimes, so that every --scale fills it for the same share of the token's life.
+DISK_FULL_LENGTH = 3.0
 #: The quiet time between two disruptions: GAP_MIN plus up to GAP_SPREAD (seeded).
 GAP_MIN = 1.0
 GAP_SPREAD = 4.0
@@ -897,7 +900,7 @@ class Soak:
             self.windows.remove(window)  # negative control: the harness must now see failures
 
     async def disk_full(self) -> None:
-        """Fill the state directory's tmpfs for a few seconds, then free it."""
+        """Fill the state directory's tmpfs for one to two access lifetimes, then free it."""
         self.last_disk_full = time.monotonic()
         window = self.open_window("disk full", file_only=True)
         filler = self.state_dir / "filler"
@@ -911,7 +914,7 @@ class Soak:
         finally:
             os.close(fd)
         self.report.disk_full_episodes += 1
-        await asyncio.sleep(3 + 3 * self.rng.random())
+        await asyncio.sleep(DISK_FULL_LENGTH * (1 + self.rng.random()))
         filler.unlink()
         # Wait until the daemon has written its newest state (no kill may come before that).
         deadline = time.monotonic() + 70
@@ -1251,6 +1254,7 @@ _SCALED = (
     "JUMP_MAX",
     "JUMP_COOLDOWN",
     "DISK_FULL_COOLDOWN",
+    "DISK_FULL_LENGTH",
     "SLOW_DELAY",
     "GAP_MIN",
     "GAP_SPREAD",
