@@ -97,7 +97,7 @@ def is_xdist_worker(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """Six workers per core, four to twelve: the tests mostly wait, they rarely compute.
+    """Seven workers per core, four to fourteen: the tests mostly wait, they rarely compute.
 
     Measured on 2 cores (2026-12-02): the tests' wall times add up to about 1,400 s and their
     CPU time (with every process they start) to about 250 s, one second in six, so five
@@ -107,10 +107,15 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     0.1 s for each quick test) added up to 2,000-2,100 s, so ten workers could not finish in
     under about 205 s whatever the CPU did (a replay of those times with the scheduler's
     rules: 10 workers 205-218 s, 12 172-182 s, 14 158-163 s), while the run's CPU (about
-    310 CPU-s) is 155 s of two busy cores. Twelve brings the two limits together; more only
-    add contention and each worker's own start and collection (about 2.3 CPU-s).
+    310 CPU-s) is 155 s of two busy cores. Twelve brought the two limits together.
+
+    Since the soaks and the benchmarks' quick runs left the default run for .ci/soak-test
+    (2026-12-03: 324 s of recorded wall time, about 60 CPU-s), the same replay gives 12
+    workers 165 s and 14 145 s, while the CPU left (about 265 CPU-s) is some 135 s of two
+    cores: the workers' share is the limit again, and fourteen bring the two together. More
+    only add contention and each worker's own start and collection (about 2.3 CPU-s).
     """
-    return max(4, min(12, 6 * len(os.sched_getaffinity(0))))
+    return max(4, min(14, 7 * len(os.sched_getaffinity(0))))
 
 
 #: A memory file system for the run's temporary files, when the machine has a roomy one.

@@ -28,6 +28,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.bench
 @pytest.mark.slow(seconds=15)
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("script", sorted(EXPECTED))

@@ -35,6 +35,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.bench
 @pytest.mark.slow(seconds=45)
 @pytest.mark.timeout(200)
 def test_fleet_benchmark_quick_run_prints_its_results(tmp_path: Path) -> None:

@@ -80,6 +80,7 @@ def test_every_must_be_zero_count_fails_the_run() -> None:
     assert "0" in report.table()
 
 
+@pytest.mark.soak
 @pytest.mark.slow(seconds=80)
 @pytest.mark.timeout(240)
 def test_a_45_second_fleet_soak_loses_nothing_and_serves_no_expired_token(

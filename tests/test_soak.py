@@ -61,6 +61,7 @@ def test_a_nonzero_must_be_zero_count_fails_the_run() -> None:
     assert "| torn or unparsable reads | 1 | 0 |" in report.table()
 
 
+@pytest.mark.soak
 @pytest.mark.slow(seconds=130)
 @pytest.mark.timeout(420)
 def test_two_minute_soak_keeps_every_must_be_zero_count_at_zero(tmp_path: Path) -> None:
@@ -102,6 +103,7 @@ def test_two_minute_soak_keeps_every_must_be_zero_count_at_zero(tmp_path: Path) 
     assert result["faults_injected_total"] >= 5
 
 
+@pytest.mark.soak
 @pytest.mark.slow(seconds=40)
 @pytest.mark.timeout(240)
 def test_negative_control_the_soak_fails_when_stale_tokens_go_unexcused(tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import shlex
 import socket
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +19,7 @@ from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
 from kakao_tokend.paths import API_SOCKET_NAME
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -128,6 +132,25 @@ def test_the_scheduler_starts_long_tests_first_and_few_heavy_ones_at_once(tmp_pa
     assert all(worker.shutting_down for worker in workers)
 
 
+def test_with_only_long_tests_the_shortest_waits_behind_each_long_one(tmp_path: Path) -> None:
+    """No quick test left (.ci/soak-test runs only long ones): the test queued behind a long
+    one is the shortest left, not the next longest, which would wait there while another
+    worker could run it (the 2-minute soak had the 80-second fleet soak behind it: 202 s)."""
+    durations = {"soak": [123.0, 12.0], "fleet": [80.0, 15.0], "bench": [53.0, 13.0]}
+    smoke = {f"smoke{i}": [5.0 + i, 1.0] for i in range(4)}
+    estimates = tmp_path / testorder.ESTIMATES_FILE
+    estimates.write_text(json.dumps({**durations, **smoke}))
+    collection = [*smoke, *durations]
+    scheduler = testorder.TimedScheduling(FakeConfig(), None, estimates)
+    workers = [FakeWorker(number) for number in range(6)]
+    for worker in workers:
+        scheduler.add_node(worker)
+        scheduler.add_node_collection(worker, collection)
+    scheduler.schedule()
+    sent = [[collection[i] for i in worker.sent] for worker in workers]
+    assert sent[:4] == [["soak", "smoke0"], ["fleet", "smoke1"], ["bench", "smoke2"], ["smoke3"]]
+
+
 def test_with_fewer_tests_than_places_every_worker_is_told_to_finish_at_once(
     tmp_path: Path,
 ) -> None:
@@ -188,3 +211,64 @@ def test_a_daemon_left_running_by_a_test_is_killed_but_a_reused_pid_is_not(
         for process in (left, other):
             process.kill()
             process.wait()
+
+
+#: The markers of the tests that run a whole bench/ script (pyproject.toml, .ci/soak-test).
+SEPARATE_MARKERS = {"pytest.mark.soak", "pytest.mark.bench"}
+
+
+def runs_a_bench_script(path: Path) -> dict[str, bool]:
+    """Return each test function of ``path``: whether it runs a bench/ script as a process
+    (calls benchrun.run_quick, or uses a module-level name bound to a path below bench/)."""
+    tree = ast.parse(path.read_text())
+    scripts = {"run_quick"}
+    for node in tree.body:
+        parts = ast.walk(node.value) if isinstance(node, ast.Assign) else ()
+        if any(isinstance(part, ast.Constant) and part.value == "bench" for part in parts):
+            scripts.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return {
+        node.name: any(
+            isinstance(name, ast.Name) and name.id in scripts
+            for statement in node.body
+            for name in ast.walk(statement)
+        )
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.name.startswith("test_")
+    }
+
+
+def separate_marks(path: Path) -> dict[str, set[str]]:
+    """Return each test function of ``path`` and its soak/bench marker decorators."""
+    return {
+        node.name: {ast.unparse(d) for d in node.decorator_list} & SEPARATE_MARKERS
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+
+
+def test_the_soaks_and_benchmark_runs_are_marked_and_run_by_ci_after_the_readme_command() -> None:
+    """Every test that runs a whole bench/ script (a soak, a benchmark's --quick run) is marked
+    soak or bench, and no other test is: the default run leaves exactly those out (pyproject's
+    -m), .ci/soak-test runs exactly those, and .ci/run calls it after `pytest` with set -e, so
+    every test runs in CI and a failing soak fails CI."""
+    marked: dict[str, set[str]] = {}
+    for path in sorted(TESTS.glob("test_*.py")):
+        marks = separate_marks(path)
+        for name, runs in runs_a_bench_script(path).items():
+            key = f"{path.name}::{name}"
+            assert bool(marks[name]) == runs, f"{key}: runs a bench/ script: {runs}, {marks[name]}"
+            if runs:
+                marked[key] = marks[name]
+    assert len(marked) >= 5, marked  # the soaks and both benchmark smoke files were found
+    assert all(len(marks) == 1 for marks in marked.values()), marked
+
+    pytest_options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]
+    addopts = shlex.split(pytest_options["ini_options"]["addopts"])
+    assert addopts[addopts.index("-m") + 1] == "not soak and not bench"
+    script = (ROOT / ".ci" / "soak-test").read_text()
+    assert re.search(r'pytest"? -m "soak or bench"', script), script
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in ci
+    readme_command = ci.index("\ntime pytest\n")
+    assert ci.index("\ntime .ci/soak-test --short\n") > readme_command

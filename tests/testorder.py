@@ -15,8 +15,10 @@ tests/durations.json, which `pytest --record-durations` writes from a run; a slo
 marker counts too. A test in neither counts as quick and light.
 
 xdist keeps two tests queued on each worker: the one running and the next. The scheduler below
-chooses the next one when a test ends; behind a long test it queues a quick one, so no long
-test waits behind another while a worker is free.
+chooses the next one when a test ends; behind a long test it queues the shortest one left (a
+quick one while there are any), so no long test waits behind another while a worker is free:
+in a run of long tests only (.ci/soak-test's), the 2-minute soak once had the 80-second fleet
+soak queued behind it.
 """
 
 from __future__ import annotations
@@ -170,17 +172,18 @@ class TimedScheduling(LoadScheduling):  # type: ignore[misc]
 
     def choose(self, before: int | None) -> int:
         """Return the pending test to run after ``before`` (the last one queued on the worker)."""
-        quick = [i for i in self.pending if not self.estimates[i].long]
-        if before is not None and self.estimates[before].long and quick:
-            return quick[-1]  # a long test runs first: do not make another wait behind it
         heavy_now = sum(self.estimates[i].heavy for q in self.node2pending.values() for i in q)
-        long = [i for i in self.pending if self.estimates[i].long]  # longest first
-        for index in long:
-            if heavy_now < HEAVY_AT_ONCE or not self.estimates[index].heavy:
-                return index
-        if quick:
-            return quick[0]
-        return long[0]  # only heavy tests are left: running one beats leaving a worker idle
+        allowed = [
+            i for i in self.pending if heavy_now < HEAVY_AT_ONCE or not self.estimates[i].heavy
+        ]
+        # Only heavy tests left: running one beats leaving a worker idle.
+        candidates = allowed or self.pending
+        if before is not None and self.estimates[before].long:
+            # It waits until the long test ends: the shortest left (a quick one while there
+            # are any), so no long test waits behind another while a worker could take it.
+            return min(reversed(candidates), key=lambda i: self.estimates[i].seconds)
+        long = [i for i in candidates if self.estimates[i].long]  # longest first
+        return long[0] if long else candidates[0]
 
 
 def format_durations(durations: Mapping[str, list[float]]) -> str:
