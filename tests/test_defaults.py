@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import re
 import time
@@ -182,3 +183,42 @@ async def test_a_client_secret_fixed_in_kakaos_console_is_picked_up_by_a_running
     # The slowest step is a twelfth of the 6 s lifetime, less its jitter: not "0s".
     assert "KOE010" in said[0] and re.search(r"tried again in 0\.[1-5]s", said[0]), said[0]
     assert "picked up by itself" in said[0] and "picked up by itself" in alerted[0]
+
+
+@pytest.mark.slow(seconds=16)
+async def test_one_hung_refresh_late_in_the_jitter_window_pages_nobody(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """12-second access tokens, `[kakao] timeout` at its default, the refresh planned at the
+    latest moment of the default jitter window (80 %: refresh_at and jitter pinned there, so
+    the case is the same every run), and Kakao hangs on that one request: the daemon gives up
+    in time for a retry before `access_expiring` may page (with 10 % of the life left), the
+    retry refreshes, and no critical line or alert is raised — as for a 6-hour token, whose
+    30 s timeout leaves dozens of retries before that page. With the timeout at 1/8 of the
+    life the hang ended at 92.5 %, and that one request paged a critical alert."""
+    short_tokens(emulator, access=12, refresh=3600)
+    config = required_only_config(tmp_path, emulator)
+    with config.open("a") as file:
+        file.write('[refresh]\nrefresh_at = "80%"\njitter = "0%"\n')
+    state = await login(emulator, config)
+    emulator.inject("token", "timeout", delay=60.0, count=1)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: emulator.stats.faults_fired["timeout"] == 1, timeout=20, what="the hang"
+        )
+        await daemon.wait_log("refreshed default", timeout=12)
+        published = daemon.published()
+        assert published["generation"] > state.generation
+        assert emulator.access_token_valid(published["access_token"])
+        # Past the moment the old token would have expired: time for any page to be sent.
+        await asyncio.sleep(
+            max(0.0, 12 - (time.time() - state.tokens.access_issued_at.timestamp()))
+        )
+    finally:
+        assert await daemon.stop() == 0
+    log = daemon.log_text()
+    assert "did not answer /oauth/token within" in log  # the hang reached the refresher
+    critical = [line for line in log.splitlines() if " CRITICAL " in line]
+    assert critical == [], "\n".join(critical)
+    assert emulator.inbox() == []

@@ -272,7 +272,7 @@ async def test_defaults_pause_of_the_lock_holder_frees_the_row_in_a_share_of_the
         what="every node, the woken one too, publishing a current token",
         fleet=fleet,
     )
-    # Past the woken node's request timeout (1/8 of the lifetime) and a few heartbeats.
+    # Past the woken node's request timeout (at most 1/8 of the lifetime) and a few heartbeats.
     await asyncio.sleep(lifetime / 2)
     fleet.emulator.release_held()
     assert await fleet.lost_refresh_tokens(settle=3.0) == []

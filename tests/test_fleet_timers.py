@@ -25,7 +25,7 @@ from kakao_tokend.fleet import db
 from kakao_tokend.fleet.accounts import AccountRow, insert_account
 from kakao_tokend.fleet.store import FleetStore
 from kakao_tokend.fleet.turns import LIVE_HEARTBEATS
-from kakao_tokend.tokens import REQUEST_TIMEOUT_SHARE
+from kakao_tokend.tokens import HEARTBEAT_SHARE
 
 SIX_HOURS = timedelta(hours=6)
 
@@ -58,7 +58,7 @@ def test_the_default_heartbeat_is_fitted_to_the_shortest_access_lifetime(tmp_pat
     fleet.keep_row(row("bot", SIX_HOURS))
     assert fleet.heartbeat() == REFRESH_HEARTBEAT
     fleet.keep_row(row("demo", timedelta(seconds=6)))
-    beat = 6 * REQUEST_TIMEOUT_SHARE
+    beat = 6 * HEARTBEAT_SHARE
     assert fleet.heartbeat() == pytest.approx(beat)
     account = fleet.account_store(config.account())
     assert account.peer_grace == pytest.approx(LIVE_HEARTBEATS * beat)
@@ -74,7 +74,7 @@ def test_the_default_heartbeat_is_fitted_to_the_shortest_access_lifetime(tmp_pat
     fleet.drop_row("shop")
     fleet.drop_row("bot")
     fleet.lifetime_hint = timedelta(seconds=8)  # a start waiting for the database knows these
-    assert fleet.heartbeat() == pytest.approx(8 * REQUEST_TIMEOUT_SHARE)
+    assert fleet.heartbeat() == pytest.approx(8 * HEARTBEAT_SHARE)
 
 
 def test_a_heartbeat_set_by_hand_is_kept_as_written(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ async def test_a_node_at_the_default_fits_its_heartbeat_to_the_rows_it_read(
         await conn.commit()
     await fleet.open()
     try:
-        assert fleet.heartbeat() == pytest.approx(4 * REQUEST_TIMEOUT_SHARE)
+        assert fleet.heartbeat() == pytest.approx(4 * HEARTBEAT_SHARE)
     finally:
         await fleet.close()
 

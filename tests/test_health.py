@@ -603,3 +603,33 @@ def test_a_healthy_status_holds_no_trouble_fields_and_gives_them_back_when_healt
     assert status.store_unavailable_since == NOW
     status.store_unavailable_since = None
     assert status._trouble is None
+
+
+def test_access_expiring_waits_for_the_retry_after_one_failure_but_not_for_a_silent_one(
+    tmp_path: Path,
+) -> None:
+    """A 6-second token, the default policy: one refresh failed with 0.5 s left (inside the
+    page's 0.6 s margin) and its retry is due in 30 ms. The page waits until that retry could
+    have run out its request (tokens.request_timeout: 0.285 s) — and comes then if the retry
+    has not reported (a stalled daemon must still page); a second failure pages at once."""
+    config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(seconds=0.5),
+        refresh_expires_at=NOW + timedelta(days=50),
+        access_issued_at=NOW - timedelta(seconds=5.5),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    retry_at = NOW + timedelta(seconds=0.03)
+    status.failed_transient("timeout", "timeout", now=NOW, retry_at=retry_at)
+    graded = assess(account, state, status, config.refresh, NOW)
+    assert "access_expiring" not in graded.names()
+    ends = retry_at + timedelta(seconds=0.285)
+    assert graded.changes_at is not None and graded.changes_at <= ends
+    assert "access_expiring" in assess(account, state, status, config.refresh, ends).names()
+    status.failed_transient("timeout", "timeout", now=NOW, retry_at=retry_at)  # the second
+    assert "access_expiring" in assess(account, state, status, config.refresh, NOW).names()

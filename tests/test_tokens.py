@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from kakao_tokend.tokens import (
     KAKAO_REFRESH_LIFETIME,
+    REQUEST_TIMEOUT_SHARE,
     PartialTokenResponse,
     TokenResponseError,
     TokenSet,
     backoff_delay,
+    expiring_margin,
     fingerprint,
     format_duration,
     format_time,
@@ -29,6 +31,7 @@ from kakao_tokend.tokens import (
     refresh_deadline,
     refresh_due_at,
     request_timeout,
+    request_timeout_share,
     rotation_certain,
 )
 
@@ -1272,7 +1275,90 @@ class TestHalfBrokenRefresh:
 def test_a_default_request_timeout_is_fitted_to_a_short_lived_token(
     configured: float, lifetime: timedelta | None, expected: float
 ) -> None:
+    """Without a policy: the bound, 1/8 of the life (what the fleet's backstop is sized for)."""
     assert request_timeout(configured, 30.0, lifetime) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("refresh_at", "jitter", "share"),
+    [
+        (0.75, 0.05, 0.0475),  # the defaults: (10 % - 0.5 %) / 2
+        (0.80, 0.0, 0.0475),  # the same latest refresh, without jitter
+        (0.90, 0.05, 0.01),  # planned at 95 % at the latest: the page at 97.5 %
+        (0.90, 0.09, 0.01),  # planned no later than 95 % whatever the jitter says
+        (0.50, 0.0, 0.1225),  # an early refresh leaves more
+        (0.05, 0.0, REQUEST_TIMEOUT_SHARE),  # never more than the bound
+    ],
+)
+def test_the_fitted_request_timeout_leaves_two_attempts_before_the_page(
+    refresh_at: float, jitter: float, share: float
+) -> None:
+    """The share a default timeout may take under a refresh policy: two requests that hang
+    to it and the back-off's first step (1/200 of the life) fit between the latest planned
+    refresh and the moment access_expiring may page (half of the rest of the life)."""
+    assert request_timeout_share(refresh_at, jitter) == pytest.approx(share)
+    latest = min(refresh_at + jitter, 0.95)
+    window = (1 - latest) - expiring_margin(refresh_at, jitter, 1.0)
+    assert 2 * share + 1 / 200 <= window + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "expected"),
+    [
+        (timedelta(seconds=6), 0.285),  # the bug's token: not 0.75 s (92.5 % of its life)
+        (timedelta(seconds=3), 0.1425),
+        (timedelta(seconds=30 / 0.0475), 30.0),  # 10.5 minutes: the boundary
+        (timedelta(hours=6), 30.0),  # Kakao's own tokens keep the default
+    ],
+)
+def test_a_default_request_timeout_is_fitted_to_the_default_policy(
+    lifetime: timedelta, expected: float
+) -> None:
+    share = request_timeout_share(0.75, 0.05)
+    assert request_timeout(30.0, 30.0, lifetime, share=share) == pytest.approx(expected)
+    assert request_timeout(5.0, 30.0, lifetime, share=share) == 5.0  # set by hand: as written
+
+
+@pytest.mark.parametrize(
+    ("refresh_at", "jitter", "margin"),
+    [
+        (0.75, 0.05, 0.10),  # the defaults: half of the last 20 %
+        (0.90, 0.09, 0.025),  # the plan stops at 95 %: half of the last 5 %, not of 1 %
+        (0.05, 0.0, 0.475),
+    ],
+)
+def test_the_expiring_margin_is_half_the_time_after_the_latest_planned_refresh(
+    refresh_at: float, jitter: float, margin: float
+) -> None:
+    """A share of the life at every scale: the fixed 1-second floor it had made a 6-hour
+    token's margin a different share than a 60-second one's."""
+    for lifetime in (3.0, 60.0, 21600.0):
+        assert expiring_margin(refresh_at, jitter, lifetime) == pytest.approx(margin * lifetime)
+
+
+@pytest.mark.parametrize("lifetime", [6.0, 600.0, 3600.0])
+def test_a_rate_limit_pause_ends_before_the_page_it_would_cause(lifetime: float) -> None:
+    """A 429 while the access token serves waits the ladder's longest step (1/12 of a life
+    under an hour): with refresh at 90 % ± 4.9 % the page comes 2.55 % of the life after the
+    latest refresh, so a single 429 then paged before its retry. The retry lands half a
+    first step before the page instead."""
+    issued = T0
+    expires = issued + timedelta(seconds=lifetime)
+    now = issued + timedelta(seconds=lifetime * 0.949)
+    pages_at = expires - timedelta(seconds=expiring_margin(0.9, 0.049, lifetime))
+    for seed in range(50):
+        delay = backoff_delay(
+            1,
+            now=now,
+            expires_at=expires,
+            lifetime=timedelta(seconds=lifetime),
+            rng=random.Random(seed),
+            refresh_expires_at=issued + timedelta(days=30),
+            rate_limited=True,
+            pages_at=pages_at,
+        )
+        first_step = min(10.0, lifetime / 200)
+        assert now + timedelta(seconds=delay) <= pages_at - timedelta(seconds=first_step / 2)
 
 
 @pytest.mark.parametrize(

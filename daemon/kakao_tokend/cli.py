@@ -991,7 +991,7 @@ async def _managed_refresh(
             manager = AccountManager(
                 account,
                 store=store,
-                client=KakaoClient(session, account.app),
+                client=KakaoClient(session, account.app, policy=config.refresh),
                 policy=config.refresh,
             )
             if fleet is not None:

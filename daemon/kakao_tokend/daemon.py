@@ -192,7 +192,9 @@ class Daemon:
         app = account.app
         client = self._clients.get(id(app))
         if client is None or client.app is not app:
-            client = self._clients[id(app)] = KakaoClient(self.session, app, clock=self.clock)
+            client = self._clients[id(app)] = KakaoClient(
+                self.session, app, clock=self.clock, policy=self.config.refresh
+            )
         return client
 
     def new_store(self, account: AccountConfig) -> AccountStorage:

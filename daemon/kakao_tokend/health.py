@@ -31,13 +31,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import exitcodes
-from .config import AccountConfig, AlertsConfig, RefreshPolicy
+from .config import KAKAO_TIMEOUT, AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import StoreError
 from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
-from .tokens import format_local_time, format_time, kakao_scale
+from .tokens import (
+    TokenSet,
+    expiring_margin,
+    format_local_time,
+    format_time,
+    kakao_scale,
+    request_timeout,
+    request_timeout_share,
+)
 
 __all__ = [
     "FROM_FILES",
@@ -310,7 +318,7 @@ def assess(
         conditions=tuple(found),
         serving_problem=_serving_problem(state, status, now, found),
         refresh_blocked=_refresh_blocked(status, now, found),
-        changes_at=_changes_at(state, status, policy, now, settings),
+        changes_at=_changes_at(account, state, status, policy, now, settings),
     )
 
 
@@ -331,6 +339,7 @@ def first_moment(moments: Iterable[datetime], now: datetime) -> datetime | None:
 
 
 def _changes_at(
+    account: AccountConfig,
     state: AccountState | None,
     status: AccountStatus | None,
     policy: RefreshPolicy,
@@ -355,8 +364,11 @@ def _changes_at(
             lifetime = tokens.access_lifetime.total_seconds()
             failing = timedelta(seconds=settings.failing_after * lifetime)
             if status.health is Health.RETRYING:
-                margin = timedelta(seconds=_expiring_margin(policy, lifetime))
+                margin = timedelta(seconds=_margin(policy, lifetime))
                 moments.append(tokens.access_expires_at - margin)
+                held = _held_for_retry(account, tokens, status, policy)
+                if held is not None:
+                    moments.append(held)
                 if status.failing_since is not None:
                     moments.append(status.failing_since + failing)
             if status.store_unavailable_since is not None:
@@ -451,7 +463,16 @@ def _conditions(
         return found
     if health is Health.RETRYING:
         lifetime = tokens.access_lifetime.total_seconds()
-        found += _failing(status, policy, now, settings, lifetime=lifetime, access_left=access_left)
+        held = _held_for_retry(account, tokens, status, policy)
+        found += _failing(
+            status,
+            policy,
+            now,
+            settings,
+            lifetime=lifetime,
+            access_left=access_left,
+            held=held is not None and now < held,
+        )
     store_down = store_unavailable_condition(
         status, now, settings, tokens.access_lifetime.total_seconds()
     )
@@ -576,17 +597,20 @@ def _failing(
     *,
     lifetime: float,
     access_left: float,
+    held: bool = False,
 ) -> list[Condition]:
     """Refreshing keeps failing: the access token runs out soon, or it has failed for long.
 
-    "Soon" is half the time between the latest planned refresh and the expiry; "long" is
-    ``failing_after`` of the access token's lifetime. Both scale with the lifetime.
+    "Soon" is half the time between the latest planned refresh and the expiry
+    (tokens.expiring_margin); "long" is ``failing_after`` of the access token's lifetime.
+    Both scale with the lifetime. ``held``: one attempt has failed and its retry may still
+    end before the expiry (:func:`_held_for_retry`), so "keeps failing" is not known yet.
     """
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
-    if access_left < _expiring_margin(policy, lifetime):
+    if access_left < _margin(policy, lifetime) and not held:
         if access_left > 0:
             left = Duration(access_left)
             message = N_(
@@ -634,14 +658,38 @@ def _failing(
     return found
 
 
-def _expiring_margin(policy: RefreshPolicy, lifetime: float) -> float:
-    """Return the access_expiring margin: half the time between the latest planned refresh
-    and the expiry (at least a second, or a hundredth of a token shorter than 100 s)."""
-    # The floor only matters when refresh_at + jitter is set near 1. A fixed second was more
-    # than the whole last quarter of a token under 5 s: every single failed refresh of it was
-    # critical at once, while a 6-hour token's first failure is 36 minutes from that alert.
-    floor = min(1.0, lifetime / 100)
-    return max(floor, (1 - policy.refresh_at - policy.jitter) * lifetime / 2)
+def _margin(policy: RefreshPolicy, lifetime: float) -> float:
+    """Return the access_expiring margin under ``policy`` (tokens.expiring_margin)."""
+    return expiring_margin(policy.refresh_at, policy.jitter, lifetime)
+
+
+def _held_for_retry(
+    account: AccountConfig, tokens: TokenSet, status: AccountStatus, policy: RefreshPolicy
+) -> datetime | None:
+    """Return until when ``access_expiring`` waits for the retry after a single failed
+    attempt (None: it does not wait).
+
+    A page says refreshing *keeps* failing. After one failed attempt that is not known yet:
+    the retry may mend it. So the page waits until that retry has had its chance — its
+    planned start plus the longest its request may wait (tokens.request_timeout, as the
+    client computes it then) — unless that is no sooner than the access token's expiry
+    (a wait set by hand that long: then the page comes at once). Two failed attempts, or a
+    retry that has not reported by then, page as before. With the request timeout fitted to
+    the policy (tokens.request_timeout_share) the wait ends before the page's moment anyway,
+    at every lifetime; it matters for a pause longer than that (a 429's, a hand-set timeout).
+    """
+    retry_at = status.next_attempt_at
+    if status.attempt > 1 or retry_at is None:
+        return None
+    wait = request_timeout(
+        account.app.timeout,
+        KAKAO_TIMEOUT,
+        tokens.access_lifetime,
+        (tokens.refresh_expires_at - retry_at).total_seconds(),
+        share=request_timeout_share(policy.refresh_at, policy.jitter),
+    )
+    ends = retry_at + timedelta(seconds=wait)
+    return ends if ends < tokens.access_expires_at else None
 
 
 def store_unavailable_condition(

@@ -71,7 +71,7 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .config import KAKAO_CONNECT_TIMEOUT, KAKAO_TIMEOUT, KakaoApp
+from .config import KAKAO_CONNECT_TIMEOUT, KAKAO_TIMEOUT, KakaoApp, RefreshPolicy
 from .errors import (
     KakaoConfigError,
     KakaoError,
@@ -88,6 +88,7 @@ from .tokens import (
     fingerprint,
     format_duration,
     request_timeout,
+    request_timeout_share,
     utcnow,
 )
 
@@ -370,14 +371,23 @@ class KakaoClient:
     """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
 
     # One per account: slots keep a thousand of them small.
-    __slots__ = ("_app", "_clock", "_session")
+    __slots__ = ("_app", "_clock", "_session", "_timeout_share")
 
     def __init__(
-        self, session: aiohttp.ClientSession, app: KakaoApp, *, clock: Clock = utcnow
+        self,
+        session: aiohttp.ClientSession,
+        app: KakaoApp,
+        *,
+        clock: Clock = utcnow,
+        policy: RefreshPolicy | None = None,
     ) -> None:
+        """``policy``: the refresh policy the default timeouts are fitted to (tokens.
+        request_timeout_share; None: the default policy)."""
         self._session = session
         self._app = app
         self._clock = clock
+        policy = policy or RefreshPolicy()
+        self._timeout_share = request_timeout_share(policy.refresh_at, policy.jitter)
 
     @property
     def app(self) -> KakaoApp:
@@ -610,13 +620,16 @@ class KakaoClient:
         self, lifetime: timedelta | None = None, refresh_expires_at: datetime | None = None
     ) -> aiohttp.ClientTimeout:
         """Return the request's limits: the configured ones, fitted to a short-lived token's
-        ``lifetime`` when left at their defaults, and never past half of the refresh token's
-        remaining life, set by hand or not (tokens.request_timeout)."""
+        ``lifetime`` and the refresh policy when left at their defaults, and never past half
+        of the refresh token's remaining life, set by hand or not (tokens.request_timeout)."""
         left = None
         if refresh_expires_at is not None:
             left = (refresh_expires_at - self._clock()).total_seconds()
-        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime, left)
-        connect = request_timeout(self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, left)
+        share = self._timeout_share
+        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime, left, share=share)
+        connect = request_timeout(
+            self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, left, share=share
+        )
         return aiohttp.ClientTimeout(total=total, connect=min(connect, total), sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:

@@ -57,6 +57,7 @@ from .tokens import (
     Clock,
     TokenSet,
     backoff_delay,
+    expiring_margin,
     format_duration,
     format_local_time,
     format_time,
@@ -486,6 +487,8 @@ class AccountManager:
         assert self.state is not None
         tokens = self.state.tokens
         unavailable = exc if isinstance(exc, KakaoUnavailable) else None
+        life = tokens.access_lifetime.total_seconds()
+        margin = expiring_margin(self.policy.refresh_at, self.policy.jitter, life)
         return backoff_delay(
             attempt,
             now=self.clock(),
@@ -497,6 +500,8 @@ class AccountManager:
             refresh_expires_at=tokens.refresh_expires_at,
             rate_limited=unavailable is not None and unavailable.rate_limited,
             retry_after=unavailable.retry_after if unavailable is not None else None,
+            # When health's access_expiring may page: a retry before it, not a page (a 429).
+            pages_at=tokens.access_expires_at - timedelta(seconds=margin),
         )
 
     # ------------------------------------------------------------------ the periodic check

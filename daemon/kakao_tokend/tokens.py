@@ -431,7 +431,7 @@ def refresh_due_at(
     rng = rng or random.Random()
     lifetime = tokens.access_lifetime.total_seconds()
     fraction = share + rng.uniform(-jitter, jitter)
-    fraction = min(max(fraction, 0.05), 0.95)
+    fraction = min(max(fraction, EARLIEST_REFRESH_SHARE), LATEST_REFRESH_SHARE)
     planned = tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
     deadline = refresh_deadline(tokens)
     if tokens.access_issued_at < deadline < planned:
@@ -439,8 +439,49 @@ def refresh_due_at(
     return planned
 
 
-#: The share of the access lifetime a Kakao request left at the default timeout may take.
+#: The bounds of a planned refresh, as shares of the access lifetime (refresh_due_at).
+EARLIEST_REFRESH_SHARE = 0.05
+LATEST_REFRESH_SHARE = 0.95
+#: The back-off ladder's first step is at most this share of the access lifetime
+#: (backoff_delay: 10 s of a 6-hour token, 30 ms of a 6-second one).
+FIRST_STEP_SHARE = 1 / 200
+#: The most of the access lifetime a Kakao request left at the default timeout may take,
+#: whatever the policy (request_timeout_share gives less with the default policy; the fleet's
+#: idle-in-transaction backstop is sized for this bound).
 REQUEST_TIMEOUT_SHARE = 1 / 8
+
+
+def latest_refresh_share(refresh_at: float, jitter: float) -> float:
+    """Return the latest moment a refresh is planned, as a share of the access lifetime:
+    ``refresh_at + jitter``, within the bounds refresh_due_at keeps."""
+    return min(max(refresh_at + jitter, EARLIEST_REFRESH_SHARE), LATEST_REFRESH_SHARE)
+
+
+def expiring_margin(refresh_at: float, jitter: float, lifetime: float) -> float:
+    """Return the ``access_expiring`` margin (seconds): half the time between the latest
+    planned refresh and the access token's expiry (health grades by it).
+
+    A share of the lifetime, 1/10 of it with the defaults (36 minutes of a 6-hour token, 0.6 s
+    of a 6-second one), and at least 1/40 (the latest planned refresh is at 95 % at most).
+    """
+    return (1 - latest_refresh_share(refresh_at, jitter)) * max(lifetime, 0.0) / 2
+
+
+def request_timeout_share(refresh_at: float, jitter: float) -> float:
+    """Return the share of the access lifetime a Kakao request left at its default timeout
+    may take under this refresh policy (request_timeout fits the wait to it).
+
+    The rule, at every lifetime: a refresh planned at the latest moment whose request hangs
+    to the timeout, the back-off's first step, and a second request that hangs as long all
+    end by the time ``access_expiring`` may page (:func:`expiring_margin` before the expiry).
+    So one hung request never pages anyone — a 6-second token gets its retry as a 6-hour one
+    does — while requests that keep hanging page at that moment, at every scale. With the
+    defaults (refresh at 75 % ± 5 %, the page with 10 % left) that is (10 % − 0.5 %) / 2 =
+    4.75 % of the life: 0.29 s of a 6-second token; tokens living 10.5 minutes or more keep
+    the configured 30 s. Never more than :data:`REQUEST_TIMEOUT_SHARE`.
+    """
+    window = expiring_margin(refresh_at, jitter, 1.0)  # the page's moment minus the latest plan
+    return min(REQUEST_TIMEOUT_SHARE, max(window - FIRST_STEP_SHARE, 0.0) / 2)
 
 
 #: The share of the refresh token's remaining life one wait (a request, a lock) may use: the
@@ -467,27 +508,35 @@ def request_timeout(
     default: float,
     lifetime: timedelta | None,
     refresh_left: float | None = None,
+    *,
+    share: float = REQUEST_TIMEOUT_SHARE,
 ) -> float:
     """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
 
     The defaults (``[kakao] timeout`` 30 s, ``connect_timeout`` 10 s) are sized for Kakao's
-    hours-long tokens: 1/720 of a 6-hour one. Left at its default, the wait is at most 1/8 of
-    a shorter token's lifetime: the refresh is planned with 20-30 % of the life left, so a
-    request that hangs still leaves a retry before the access token expires (a 6-second token
-    would otherwise wait 30 s, five lifetimes without a token). Tokens living 4 minutes or
-    more, and values set by hand, keep the configured wait — except that no wait, set by hand
-    or not, outlasts half of the refresh token's remaining life (``refresh_left`` seconds,
+    hours-long tokens: 1/720 of a 6-hour one. Left at its default, the wait is at most
+    ``share`` of a shorter token's lifetime: the refresh policy's
+    :func:`request_timeout_share` (4.75 % with the defaults), so that one hung request leaves
+    a retry before ``access_expiring`` pages, as with a 6-hour token (a 6-second token would
+    otherwise wait 30 s, five lifetimes without a token). Without a policy (a caller that only
+    needs the bound) it is :data:`REQUEST_TIMEOUT_SHARE`. Long-lived tokens, and values set by
+    hand, keep the configured wait — except that no wait, set by hand or not, outlasts half
+    of the refresh token's remaining life (``refresh_left`` seconds,
     :func:`within_refresh_life`): a 60 s timeout with 5 s left gives up after 2.5 s and
     leaves a retry that may still save it.
     """
     wait = configured
     if lifetime is not None and configured == default:
-        wait = min(configured, max(lifetime.total_seconds(), 0.0) * REQUEST_TIMEOUT_SHARE)
+        wait = min(configured, max(lifetime.total_seconds(), 0.0) * share)
     return within_refresh_life(wait, refresh_left)
 
 
 #: The shortest heartbeat: a share of a very short life, or a refresh token's last moments.
 HEARTBEAT_FLOOR = 0.05
+#: The most of the shortest access lifetime the heartbeat left at its default may take. It
+#: runs retries only after the wall clock went back (the due queue runs them otherwise), and
+#: every fleet timer counts in it (fleet/store.py): it is not the request timeout's share.
+HEARTBEAT_SHARE = 1 / 8
 
 
 def heartbeat_interval(
@@ -500,7 +549,7 @@ def heartbeat_interval(
 
     The beat is what notices a wall clock stepped back (a token "issued in the future", a
     planned refresh pushed away) and hands over what a suspend made due. Its default of 60 s is
-    1/360 of Kakao's 6-hour token; left at it, it is at most REQUEST_TIMEOUT_SHARE of a shorter
+    1/360 of Kakao's 6-hour token; left at it, it is at most HEARTBEAT_SHARE of a shorter
     token's life (a 3-second token would otherwise wait twenty lifetimes). Tokens living 8
     minutes or more, and values set by hand, keep the configured beat — except that, set by
     hand or not, it never outlasts half of what the first refresh token to die has left
@@ -509,9 +558,7 @@ def heartbeat_interval(
     """
     beat = configured
     if lifetime is not None and configured == default:
-        beat = min(
-            configured, max(lifetime.total_seconds() * REQUEST_TIMEOUT_SHARE, HEARTBEAT_FLOOR)
-        )
+        beat = min(configured, max(lifetime.total_seconds() * HEARTBEAT_SHARE, HEARTBEAT_FLOOR))
     return max(within_refresh_life(beat, refresh_left), min(beat, HEARTBEAT_FLOOR))
 
 
@@ -527,6 +574,7 @@ def backoff_delay(
     refresh_expires_at: datetime | None = None,
     rate_limited: bool = False,
     retry_after: float | None = None,
+    pages_at: datetime | None = None,
 ) -> float:
     """Return seconds to wait before retry number ``attempt`` (1-based) after a failure.
 
@@ -534,8 +582,9 @@ def backoff_delay(
     from here, and all of it scales with the access token's ``lifetime``:
 
     * The ladder: exponential with full jitter between half and all of the step. The first
-      step is ``initial`` seconds, scaled down for short lifetimes (never more than 1/200 of
-      the lifetime, so a 6-hour token keeps 10 s and a 6-second one retries in 30 ms); the
+      step is ``initial`` seconds, scaled down for short lifetimes (never more than
+      :data:`FIRST_STEP_SHARE` of the lifetime, so a 6-hour token keeps 10 s and a 6-second
+      one retries in 30 ms); the
       longest step is ``cap``, or 1/12 of a lifetime shorter than 12 caps.
     * A rate limit (KOE237, HTTP 429) while the access token still serves: the longest
       step at once, and Kakao's ``retry_after`` is honoured up to ``cap`` — retrying sooner
@@ -552,13 +601,18 @@ def backoff_delay(
       left, the retry comes at half of what is left (a step, a rate limit's pause or the
       config-error pace would end after it; a 6-hour token's first step is 10 s), so one or
       two more attempts may still save it.
+    * ``pages_at``, the moment ``access_expiring`` may page (health), is such a deadline too:
+      a retry is worth more than a rate limit's pause that would make a person get up. It
+      matters where the longest step is a large share of the life (a twelfth of a token
+      under an hour, against 1/72 of a 6-hour one) and the policy leaves little time before
+      the page (refresh_at + jitter above 5/6): there, a single 429 paged before its retry.
 
     Without a token (``lifetime`` and the expiries None: an alert's delivery) only the
     ladder applies, from ``initial`` up to ``cap``.
     """
     rng = rng or random.Random()
     life = max(lifetime.total_seconds(), 1e-3) if lifetime is not None else None
-    base = min(initial, life / 200.0) if life is not None else initial
+    base = min(initial, life * FIRST_STEP_SHARE) if life is not None else initial
     top = min(cap, life / 12.0) if life is not None and life < cap * 12 else cap
     # Clamp the exponent: after ~1000 attempts (days of outage) 2**n overflows a float.
     step = min(top, base * (2.0 ** min(max(attempt - 1, 0), 64)))
@@ -575,7 +629,10 @@ def backoff_delay(
         refresh_left = (refresh_expires_at - now).total_seconds()
         margin = (life or 0.0) * REFRESH_SAFETY_SHARE
         deadlines += [refresh_left - margin, refresh_left]
-    for left in deadlines:
+    ahead = list(deadlines)
+    if now is not None and pages_at is not None:
+        ahead.append((pages_at - now).total_seconds())
+    for left in ahead:
         if left > base:
             delay = min(delay, left - base / 2)
     if refresh_expires_at is not None and now is not None and base / 4 < deadlines[-1] <= base:
