@@ -33,8 +33,9 @@ from kakao_tokend.tokens import TokenSet, refresh_due_at
 
 ISSUED = datetime(2026, 12, 3, 3, 0, 0, tzinfo=UTC)
 SIX_HOURS = 21600.0
-#: How a refresh attempt can fail: how long it takes, and what the refresher is told.
-KINDS = ("hang", "connect_timeout", "refused", "http5xx", "http429")
+#: How a refresh attempt can fail: a request that hangs to the timeout, a connect timeout, a
+#: refused connection, a 5xx, a 429 without Retry-After, the account's lock held elsewhere.
+KINDS = ("hang", "connect_timeout", "refused", "http5xx", "http429", "lock_busy")
 
 
 class _Latest(random.Random):
@@ -130,17 +131,23 @@ class Attempts:
     def ends(self, kind: str, start: datetime) -> datetime:
         """When an attempt sent at ``start`` that fails as ``kind`` ends."""
         total, connect = self.limits(start)
+        if kind == "lock_busy":
+            return start + timedelta(seconds=self.manager._lock_wait())
         return start + timedelta(seconds={"hang": total, "connect_timeout": connect}.get(kind, 0))
 
     def fail(self, kind: str, start: datetime, attempt: int) -> tuple[datetime, datetime]:
         """An attempt sent at ``start`` fails as ``kind``: return when, and the retry's moment."""
         end = self.ends(kind, start)
         self.now = end
-        error = KakaoUnavailable(
-            kind,
-            endpoint="/oauth/token",
-            status=429 if kind == "http429" else None,
-            rate_limited=kind == "http429",
+        error = (
+            None  # no Kakao error: the refresher's own lock (_record_transient)
+            if kind == "lock_busy"
+            else KakaoUnavailable(
+                kind,
+                endpoint="/oauth/token",
+                status=429 if kind == "http429" else None,
+                rate_limited=kind == "http429",
+            )
         )
         delay = self.manager._retry_delay(attempt, error)
         retry_at = end + timedelta(seconds=delay)
@@ -166,9 +173,11 @@ def setups(draw: st.DrawFn) -> Setup:
     lifetime = math.exp(draw(st.floats(math.log(3.0), math.log(SIX_HOURS))))
     refresh: dict[str, str] = {}
     if draw(st.booleans()):
-        refresh_at = draw(st.integers(5, 95))
+        # Any share, and more often the edges, where the time before the page is shortest.
+        refresh_at = draw(st.integers(5, 95) | st.sampled_from([5, 90, 94, 95]))
+        top = min(refresh_at - 1, 99 - refresh_at)
         refresh["refresh_at"] = f"{refresh_at}%"
-        refresh["jitter"] = f"{draw(st.integers(0, min(refresh_at - 1, 99 - refresh_at)))}%"
+        refresh["jitter"] = f"{draw(st.integers(0, top) | st.just(top))}%"
     if draw(st.booleans()):
         refresh["retry_initial"] = draw(st.sampled_from(["1s", "10s", "1m"]))
         refresh["retry_max"] = draw(st.sampled_from(["30s", "5m", "1h"]))

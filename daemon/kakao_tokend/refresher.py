@@ -63,6 +63,7 @@ from .tokens import (
     format_time,
     issued_in_the_future,
     refresh_due_at,
+    request_timeout_share,
     rotation_certain,
     rotation_window,
     utcnow,
@@ -712,12 +713,20 @@ class AccountManager:
     def _lock_wait(self) -> float:
         """Return how long a scheduled refresh waits for the account's lock: a share of the
         access token's life, and never past half of the refresh token's (another holder that
-        never lets go must leave time for the attempt after this one)."""
+        never lets go must leave time for the attempt after this one).
+
+        The share is no more than a Kakao request's under the policy
+        (tokens.request_timeout_share): two attempts that wait out the lock must fit before
+        access_expiring pages, as two hung requests do; with a late refresh_at + jitter a
+        fixed 2 % made a short token's page come later than a 6-hour token's (whose wait is
+        5 s)."""
         if self.state is None:
             return FILE_LOCK_WAIT
         tokens = self.state.tokens
         life = tokens.access_lifetime.total_seconds()
-        wait = max(0.0, min(FILE_LOCK_WAIT, life * LOCK_WAIT_SHARE))
+        policy = self.policy
+        share = min(LOCK_WAIT_SHARE, request_timeout_share(policy.refresh_at, policy.jitter))
+        wait = max(0.0, min(FILE_LOCK_WAIT, life * share))
         return within_refresh_life(wait, tokens.refresh_remaining(self.clock()).total_seconds())
 
     @contextlib.asynccontextmanager
