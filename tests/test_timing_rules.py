@@ -155,13 +155,15 @@ class Attempts:
         self.status.failed_transient(kind, kind, now=end, retry_at=retry_at)
         return end, retry_at
 
-    def first_page(self, start: datetime, until: datetime) -> datetime | None:
+    def first_page(
+        self, start: datetime, until: datetime, condition: str = "access_expiring"
+    ) -> datetime | None:
         """Grade as the alerts do — now, then at each moment the grading names — from
-        ``start`` to before ``until``: return when access_expiring is first found."""
+        ``start`` to before ``until``: return when ``condition`` is first found."""
         moment: datetime | None = start
         while moment is not None and moment < until:
             health = assess(self.setup.account, self.state, self.status, self.setup.policy, moment)
-            if "access_expiring" in health.names():
+            if condition in health.names():
                 return moment
             moment = health.changes_at
         return None
@@ -216,6 +218,9 @@ def test_one_failed_attempt_at_the_latest_refresh_never_pages_before_its_retry_h
         f"retry at {_share((retry_at - ISSUED).total_seconds(), setup):.4f} could run until "
         f"{_share((chance - ISSUED).total_seconds(), setup):.4f}"
     )
+    # Nor a warning: the pause before the retry (a 429's is the longest: 1/12 of a life
+    # under an hour) is shorter than `failing_after` (10 %) at every lifetime.
+    assert attempts.first_page(end, retry_at + timedelta(microseconds=1), "refresh_failing") is None
 
 
 @settings(max_examples=300, deadline=None)
