@@ -26,6 +26,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection
@@ -46,10 +47,12 @@ from ..errors import (
 )
 from ..state import AccountState, Rotation
 from ..store import (
+    ALERTS_SUFFIX,
     STATE_FILE_MODE,
     AccountFiles,
     AccountStore,
     atomic_write,
+    directory_text,
     make_dirs,
     read_file,
     unlink_durably,
@@ -120,6 +123,12 @@ LOAD_PAGE = 500
 #: names), so it is not made longer than that needs.
 DUE_WINDOW_HEARTBEATS = 3
 DUE_WINDOW_MIN = 60.0
+
+#: How long one listing of a state directory answers whether an account's alert bookkeeping
+#: file exists (seconds of the monotonic clock; FleetStore.may_hold_alerts). Long enough for a
+#: node's accounts to attach their alerts at start with one listing, short enough that a
+#: file put there by hand later is seen by the next attachment (a reload) as before.
+LISTING_FRESH = 5.0
 
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
@@ -261,6 +270,9 @@ class FleetStore:
         self.resync: Callable[[float], asyncio.Task[bool]] | None = None
         #: The re-read claims wait for (catch_up), until it ends.
         self._catching_up: asyncio.Task[bool] | None = None
+        #: Directory text -> (when listed, the alert bookkeeping files in it; None: no such
+        #: directory), see may_hold_alerts.
+        self._listings: dict[str, tuple[float, frozenset[str] | None]] = {}
 
     def pool_stats(self) -> dict[str, int]:
         """Return the pool's size, idle connections and waiting requests (empty: no pool)."""
@@ -457,8 +469,40 @@ class FleetStore:
 
     def account_store(self, account: AccountFiles) -> PgAccountStore:
         """Return the store of one configured account."""
-        publishes = self.publish_accounts is None or account.name in self.publish_accounts
-        return PgAccountStore(account, self, publishes=publishes)
+        return PgAccountStore(account, self)
+
+    def may_hold_alerts(self, directory: str, name: str) -> bool:
+        """Return False when ``directory`` (its text) surely has no alert bookkeeping file
+        ``name``: one listing of it answers for LISTING_FRESH seconds.
+
+        What spares each of a node's 10,000 accounts, attaching its alerts at start, the
+        pathlib objects of its bookkeeping file's path and the failed open: pathlib interns
+        every name it parses, and the interpreter's table of interned strings, grown for
+        them, never shrinks (docs/benchmarks.md). The listing keeps only the names of
+        bookkeeping files (the directory also holds every account's token file). Only this
+        process writes a node's bookkeeping files (the instance lock), and it notes each one
+        it writes (:meth:`note_alerts`).
+        """
+        now = time.monotonic()
+        listed = self._listings.get(directory)
+        if listed is None or now - listed[0] > LISTING_FRESH:
+            try:
+                with os.scandir(directory) as entries:
+                    names: frozenset[str] | None = frozenset(
+                        entry.name for entry in entries if entry.name.endswith(ALERTS_SUFFIX)
+                    )
+            except FileNotFoundError:
+                names = None
+            except OSError:
+                return True  # unknown: the caller looks for itself
+            listed = self._listings[directory] = (now, names)
+        return listed[1] is not None and name in listed[1]
+
+    def note_alerts(self, directory: str, name: str) -> None:
+        """Note that this process wrote ``name`` into ``directory`` (see may_hold_alerts)."""
+        listed = self._listings.get(directory)
+        if listed is not None:
+            self._listings[directory] = (listed[0], (listed[1] or frozenset()) | {name})
 
     def share_name(self, row: AccountRow, name: str) -> AccountRow:
         """Keep ``row`` under the name object ``name`` (equal to its own) and return it.
@@ -932,23 +976,13 @@ class PgAccountStore:
     """One account in the PostgreSQL store (storage.AccountStorage): hold = the row lock."""
 
     # One per account, 10,000 on a node: slots instead of an instance dictionary.
-    __slots__ = (
-        "_held",
-        "_shared_due",
-        "_shared_plan",
-        "account",
-        "fleet",
-        "name",
-        "planner",
-        "publishes",
-    )
+    # The name and whether this node publishes are read from the account and the node: two
+    # slots fewer in each of a node's 10,000 (the name is the configuration's object).
+    __slots__ = ("_held", "_shared_due", "_shared_plan", "account", "fleet", "planner")
 
-    def __init__(self, account: AccountFiles, fleet: FleetStore, *, publishes: bool = True) -> None:
+    def __init__(self, account: AccountFiles, fleet: FleetStore) -> None:
         self.account = account
-        self.name = account.name
         self.fleet = fleet
-        #: Whether this node writes the account's token files (``[store] publish_accounts``).
-        self.publishes = publishes
         self._held: _Held | None = None
         #: What shared_due_at last answered and the row's due_at it came from: a plan taken
         #: from the row is written back without this node's claim delay (see _commit). Two
@@ -958,6 +992,17 @@ class PgAccountStore:
         #: Asked as a hold ends: when the account is next due and its failure bookkeeping
         #: (set by whoever owns the account manager; None: leave them as they are).
         self.planner: Callable[[], StorePlan] | None = None
+
+    @property
+    def name(self) -> str:
+        """Return the account's name (the configuration's string object)."""
+        return self.account.name
+
+    @property
+    def publishes(self) -> bool:
+        """Whether this node writes the account's token files (``[store] publish_accounts``)."""
+        only = self.fleet.publish_accounts
+        return only is None or self.account.name in only
 
     @property
     def _files(self) -> AccountStore:
@@ -1222,7 +1267,7 @@ class PgAccountStore:
                         await save_status(conn, row, due_at=due_at, status=status)
                         await notify_changed(conn, self.name, row.generation)
                         written = AccountRow(
-                            id=row.id,
+                            uid=row.uid,
                             state=row.state,
                             key_id=row.key_id,
                             due_at=due_at,
@@ -1288,7 +1333,7 @@ class PgAccountStore:
                 node if state.refreshed_at != row.state.refreshed_at else row.refreshed_by
             )
             written = AccountRow(
-                id=row.id,
+                uid=row.uid,
                 state=state,
                 key_id=fleet.keyring.newest.key_id,
                 due_at=due_at,
@@ -1445,14 +1490,25 @@ class PgAccountStore:
 
     # ------------------------------------------------------------------ alerts and publishing
 
+    def _alerts_file(self) -> tuple[str, str]:
+        """The directory (text) and name of the account's local alert bookkeeping file: next
+        to its state file, as the file store keeps it (no Path made)."""
+        return directory_text(self.account.file_text("state_file")), self.name + ALERTS_SUFFIX
+
     def load_alerts(self) -> dict[str, Any] | None:
         """Return the bookkeeping of this node's own alerts for the account (a local file:
-        it must work while the database is away); the account's are in fleet/alertshare.py."""
+        it must work while the database is away); the account's are in fleet/alertshare.py.
+
+        Most accounts have none: the state directory's listing says so without a Path.
+        """
+        if not self.fleet.may_hold_alerts(*self._alerts_file()):
+            return None
         return self._files.load_alerts()
 
     def save_alerts(self, document: dict[str, Any]) -> None:
         """Record the bookkeeping of this node's own alerts for the account (a local file)."""
         self._files.save_alerts(document)
+        self.fleet.note_alerts(*self._alerts_file())
 
     def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
         """Write the token file on this node (unless ``publish_accounts`` leaves it out)."""

@@ -1,0 +1,135 @@
+"""What a fleet node holds for each of its many accounts (docs/benchmarks.md, fleet memory).
+
+Each test pins one saving by the behaviour that gives it, and fails on the code before it.
+The PostgreSQL-backed ones start a throwaway cluster (tests/conftest.py's ``pg_dsn``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
+from kakao_tokend.config import Config, load_config
+from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet.crypto import Keyring, new_key_line
+from kakao_tokend.fleet import store as fleet_store
+from kakao_tokend.fleet.store import FleetStore, PgAccountStore
+from kakao_tokend.store import AccountStore
+
+
+def many_accounts(tmp_path: Path, names: list[str]) -> tuple[Config, FleetStore]:
+    """A fleet configuration with ``names`` (no table of their own) and its node's store (not
+    opened: nothing here reaches the database)."""
+    tables = "".join(f"[accounts.{name}]\n" for name in names)
+    config = load_config(write_store_config(tmp_path, "postgresql://unused/db", extra=tables))
+    config.state_dir.mkdir(mode=0o700)
+    return config, node_store(config, "postgresql://unused/db", "web-1")
+
+
+def count_file_store_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each account whose alert bookkeeping the file store is asked to read."""
+    asked: list[str] = []
+    read = AccountStore.load_alerts
+
+    def counting(self: AccountStore) -> dict[str, Any] | None:
+        asked.append(self.name)
+        return read(self)
+
+    monkeypatch.setattr(AccountStore, "load_alerts", counting)
+    return asked
+
+
+def test_accounts_without_alert_bookkeeping_attach_from_one_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's accounts attach their alerts at start: those without a local bookkeeping
+    file are answered by one listing of the state directory, with no file store, Path or
+    failed open of their own (each Path interned its file names into a table that never
+    shrinks); the one account that has a file still reads it."""
+    names = [f"acct{i:03d}" for i in range(50)]
+    config, fleet = many_accounts(tmp_path, names)
+    document = {"active": {"store_unavailable": {"severity": "critical"}}}
+    (config.state_dir / "acct007.alerts.json").write_text(json.dumps(document))
+    asked = count_file_store_reads(monkeypatch)
+    listings: list[str] = []
+    scandir = os.scandir
+
+    def counting_scandir(path: str) -> Any:
+        listings.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    found = {name: PgAccountStore(config.accounts[name], fleet).load_alerts() for name in names}
+    assert found["acct007"] == document
+    assert all(found[name] is None for name in names if name != "acct007")
+    assert asked == ["acct007"]
+    assert listings == [str(config.state_dir)]
+
+
+def test_bookkeeping_written_by_the_node_is_read_back_within_the_listing(
+    tmp_path: Path,
+) -> None:
+    """A file this node writes after the directory was listed is read back at once (the
+    listing notes it), and a state directory that does not exist yet means no file."""
+    config, fleet = many_accounts(tmp_path, ["one", "two"])
+    config.state_dir.rmdir()
+    one, two = (PgAccountStore(config.accounts[name], fleet) for name in ("one", "two"))
+    assert one.load_alerts() is None  # listed: no directory
+    config.state_dir.mkdir(mode=0o700)
+    one.save_alerts({"active": {"x": {}}})
+    assert one.load_alerts() == {"active": {"x": {}}}
+    assert two.load_alerts() is None
+
+
+def test_a_file_put_there_later_is_seen_once_the_listing_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing answers for a few seconds only: a bookkeeping file put in place later
+    (restored by hand, say) is read by the next attachment after that, as before."""
+    config, fleet = many_accounts(tmp_path, ["late"])
+    store = PgAccountStore(config.accounts["late"], fleet)
+    assert store.load_alerts() is None
+    (config.state_dir / "late.alerts.json").write_text('{"active": {}}')
+    clock = fleet_store.time.monotonic() + fleet_store.LISTING_FRESH + 1
+    monkeypatch.setattr(fleet_store.time, "monotonic", lambda: clock)
+    assert store.load_alerts() == {"active": {}}
+
+
+async def test_a_cached_row_holds_its_id_as_a_number_and_still_binds_its_tokens(
+    pg_dsn: str,
+) -> None:
+    """A row read from the store keeps its id as the UUID's number, no ``uuid.UUID`` object
+    (56 bytes of each cached row); the id it gives back is the database's, and a ciphertext
+    sealed for that id still opens while one moved to another row does not."""
+    await migrated(pg_dsn)
+    keyring = Keyring.parse(new_key_line())
+    conn = await db.connect(pg_dsn, node=NODE, purpose="test")
+    async with conn:
+        for name in ("shop", "bot"):
+            inserted = await accounts.insert_account(
+                conn, keyring, sample_state(name), node=NODE, due_at=None
+            )
+            assert inserted is not None
+        await conn.commit()
+        rows, unreadable = await accounts.load_every_account(conn, keyring)
+        assert not unreadable
+        cur = await conn.execute("SELECT name, id FROM accounts")
+        ids = dict(await cur.fetchall())
+        shop, bot = rows["shop"], rows["bot"]
+        assert not any(isinstance(held, uuid.UUID) for held in gc.get_referents(shop))
+        assert shop.id == ids["shop"] and isinstance(shop.id, uuid.UUID)
+        await conn.execute(
+            "UPDATE accounts SET refresh_token = (SELECT refresh_token FROM accounts"
+            " WHERE name = 'bot') WHERE name = 'shop'"
+        )
+        await conn.commit()
+        rows, unreadable = await accounts.load_every_account(conn, keyring)
+    assert rows["bot"].state == bot.state
+    assert set(unreadable) == {"shop"}
