@@ -112,8 +112,11 @@ LOCK_POLL = 0.05
 #: fifty entries kept for each of 10,000 accounts were most of a node's memory.
 CACHED_ROTATIONS = 1
 #: Rows read per query at start: every row at once held all of them twice in memory
-#: (the raw result and the decrypted rows), and the freed half stayed in the process.
-LOAD_PAGE = 500
+#: (the raw result and the decrypted rows), and the freed half stayed in the process. A
+#: page's raw rows and decrypted bytes are freed among the rows kept, so a smaller page
+#: leaves fewer holes in the heap (500 a page: 1.3 MiB more at 10,000 accounts); 100 is
+#: 100 queries for 10,000 rows, a few milliseconds each.
+LOAD_PAGE = 100
 
 #: How far ahead a node's poll names the rows coming due (FleetStore.due_window): this many
 #: heartbeats, and at least DUE_WINDOW_MIN seconds. A node keeps no due-queue entry for an
@@ -730,6 +733,7 @@ class FleetStore:
             after = max(rows.keys() | unreadable.keys())
         self._mark = mark
         self._synced(began)
+        give_back_free_heap()
 
     def keep_row(self, row: AccountRow) -> AccountRow:
         """Keep ``row`` as the account's cached row; return what is kept.
@@ -815,6 +819,7 @@ class FleetStore:
         mark, self._mark = (None if full else self._mark), None  # a failure leaves None
         async with self.connection("poll the store's accounts") as conn:
             polled = None if mark is None else await self._poll_changes(conn, mark)
+            compared_all = polled is None
             if polled is None:
                 polled = await self._poll_everything(conn)
                 self.stats.full_polls += 1
@@ -829,6 +834,8 @@ class FleetStore:
         changed = [name for name in sorted(suspects) if found[name] != before[name]]
         self._mark = new_mark
         self._synced(began)
+        if compared_all:
+            give_back_free_heap()  # a row of every account was read and compared
         return changed, due
 
     async def _poll_changes(
@@ -1539,6 +1546,27 @@ class PgAccountStore:
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""
         return self._files.read_published()
+
+
+_trim: Callable[[int], int] | None = None
+
+
+def give_back_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``) after a
+    read of every row: its transient objects (raw results, decrypted bytes, the comparison's
+    sets) are freed among the rows kept, and glibc returns only the top of the heap by
+    itself (1.3 MiB of a 10,000-account node, docs/benchmarks.md). Nothing elsewhere (musl):
+    the call is skipped. ctypes is loaded by psycopg already.
+    """
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _trim = lambda pad: 0  # noqa: E731 - not glibc: nothing to give back this way
+    _trim(0)
 
 
 def _status_key(due_at: datetime | None, status: RefreshStatus) -> tuple[Any, ...]:
