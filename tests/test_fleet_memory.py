@@ -18,8 +18,8 @@ import pytest
 from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.fleet import accounts, db
-from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet import store as fleet_store
+from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
 from kakao_tokend.store import AccountStore
 
