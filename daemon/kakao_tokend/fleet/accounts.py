@@ -19,7 +19,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString, Protocol
 
 from ..errors import TokenDecryptError
 from ..state import MAX_ROTATIONS_KEPT, AccountState, Rotation
@@ -35,6 +35,13 @@ if TYPE_CHECKING:
 CHANNEL = "kakao_tokend_accounts"
 #: The sealed columns, by the names used in the associated data.
 SEALED_COLUMNS = ("access_token", "refresh_token", "id_token", "token_extra")
+
+
+class Named(Protocol):
+    """What gives a row its name object: a cached row, or the account's configuration."""
+
+    @property
+    def name(self) -> str: ...
 
 
 class RowLock(enum.Enum):
@@ -218,7 +225,7 @@ async def load_account(
     *,
     lock: RowLock = RowLock.NONE,
     rotations: int = MAX_ROTATIONS_KEPT,
-    names: Mapping[str, AccountRow] | None = None,
+    names: Mapping[str, Named] | None = None,
 ) -> AccountRow | None:
     """Return the account named ``name`` (None if there is none), optionally locking its row.
 
@@ -246,7 +253,7 @@ async def load_every_account(
     after: str | None = None,
     limit: int | None = None,
     rotations: int = MAX_ROTATIONS_KEPT,
-    names: Mapping[str, AccountRow] | None = None,
+    names: Mapping[str, Named] | None = None,
 ) -> tuple[dict[str, AccountRow], dict[str, TokenDecryptError]]:
     """Return every account row (or those named in ``only``), read with one query, unlocked.
 
@@ -259,7 +266,8 @@ async def load_every_account(
     ``after`` and ``limit`` read one page in the names' code point order (the rows named
     after ``after``): a node reads its thousands of rows page by page (FleetStore.load_all).
     Each state holds the newest ``rotations`` entries of its rotation log. A row named in
-    ``names`` (the caller's cached rows) takes the name object from there (see _row).
+    ``names`` (the configured accounts, or the caller's cached rows) gives each row the
+    name object found there (see _row).
     """
     where = []
     if only is not None:
@@ -577,15 +585,15 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 def _row(
-    raw: Mapping[str, Any], keyring: Keyring, names: Mapping[str, AccountRow] | None = None
+    raw: Mapping[str, Any], keyring: Keyring, names: Mapping[str, Named] | None = None
 ) -> AccountRow:
     row_id: uuid.UUID = raw["id"]
     name: str = raw["name"]
-    cached = names.get(name) if names is not None else None
-    if cached is not None:
+    known = names.get(name) if names is not None else None
+    if known is not None:
         # The name object the node holds already (the configuration's, see
-        # FleetStore.account_store): each re-read would otherwise keep one more copy.
-        name = cached.name
+        # FleetStore.account_store): each read would otherwise keep one more copy.
+        name = known.name
 
     def unseal(column: str) -> str | None:
         blob = raw[column]
