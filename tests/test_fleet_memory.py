@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,12 @@ from fleetkit import NODE, migrated, node_store, sample_state, write_store_confi
 from kakao_tokend.config import Config, load_config
 from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet import store as fleet_store
+from kakao_tokend.fleet.accounts import RefreshStatus
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
-from kakao_tokend.fleet.store import FleetStore, PgAccountStore
+from kakao_tokend.fleet.node import plan_for
+from kakao_tokend.fleet.store import FleetStore, PgAccountStore, plan_of
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.refresher import AccountManager
 from kakao_tokend.store import AccountStore
 
 
@@ -236,3 +241,37 @@ def test_a_node_opening_its_store_does_not_import_the_migration(
     loaded = result.stdout.strip().splitlines()[-1]
     assert "kakao_tokend.fleet.meta" in loaded
     assert "kakao_tokend.fleet.migrate" not in loaded
+
+
+async def test_a_store_asks_its_manager_itself_for_the_plan(tmp_path: Path) -> None:
+    """A node's store holds its account's manager as the planner, no object in between (40
+    bytes of each account); a hold's end gets from it the manager's next moment and its
+    failure bookkeeping, and a command's plain function still works as a planner."""
+    config, fleet = many_accounts(tmp_path, ["shop"])
+    account = config.accounts["shop"]
+    store = PgAccountStore(account, fleet)
+    session = create_session()
+    try:
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(session, account.app),
+            policy=config.refresh,
+        )
+        store.planner = plan_for(manager)
+        assert store.planner is manager
+        assert plan_of(manager) == (None, RefreshStatus())
+        now = datetime.now(UTC)
+        manager.status.failed_transient(
+            "Kakao answered 503", "http503", now=now, retry_at=now + timedelta(seconds=5)
+        )
+        due, status = plan_of(manager)
+        assert due == manager.planned_refresh_at()
+        assert (status.attempts, status.failing_since, status.last_error_class) == (
+            1,
+            now,
+            "http503",
+        )
+        assert status.last_attempt_at is not None
+    finally:
+        await session.close()

@@ -34,7 +34,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString, Protocol
 
 from ..config import REFRESH_HEARTBEAT
 from ..errors import (
@@ -90,7 +90,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["FleetStats", "FleetStore", "PgAccountStore", "StorePlan"]
+__all__ = ["FleetStats", "FleetStore", "PgAccountStore", "PlanSource", "StorePlan", "plan_of"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,49 @@ LISTING_FRESH = 5.0
 
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
+
+
+class Failures(Protocol):
+    """The failure bookkeeping of an account's status (status.AccountStatus)."""
+
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def failing_since(self) -> datetime | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def last_error_class(self) -> str | None: ...
+
+
+class PlanSource(Protocol):
+    """An account's manager as a hold's end asks it what to write besides the state
+    (refresher.AccountManager; fleet/node.py's ``plan_for``)."""
+
+    @property
+    def status(self) -> Failures: ...
+    def planned_refresh_at(self) -> datetime | None: ...
+
+
+#: What a store asks as a hold ends: the manager itself (a node's 10,000 accounts: no
+#: object per account in between), or a function (a command's plan).
+Planner = PlanSource | Callable[[], StorePlan]
+
+
+def plan_of(manager: PlanSource) -> StorePlan:
+    """Return what the account's hold writes besides its state: the next due moment (the
+    manager's plan, every rule relative to the lifetime) and the failure bookkeeping."""
+    status = manager.status
+    due = manager.planned_refresh_at()
+    return due, RefreshStatus(
+        attempts=status.attempt,
+        failing_since=status.failing_since,
+        last_attempt_at=utcnow() if status.attempt else None,
+        last_attempt_by=None,
+        last_error=status.last_error if status.attempt else None,
+        last_error_class=status.last_error_class if status.attempt else None,
+    )
+
 
 #: The poll's snapshot: its xmin (every transaction below it had ended; any change it could
 #: not see was made by a transaction at or above it) and the deletions counted so far.
@@ -1011,7 +1054,7 @@ class PgAccountStore:
         self._shared_due: datetime | None = None
         #: Asked as a hold ends: when the account is next due and its failure bookkeeping
         #: (set by whoever owns the account manager; None: leave them as they are).
-        self.planner: Callable[[], StorePlan] | None = None
+        self.planner: Planner | None = None
 
     @property
     def name(self) -> str:
@@ -1266,7 +1309,13 @@ class PgAccountStore:
         """Write what the hold staged (compare-and-swap), notify, commit; StoreWriteError."""
         fleet = self.fleet
         conn = held.conn
-        due_at, status = self.planner() if self.planner is not None else (None, None)
+        planner = self.planner
+        if planner is None:
+            due_at, status = None, None
+        elif callable(planner):
+            due_at, status = planner()
+        else:
+            due_at, status = plan_of(planner)
         if self._shared_plan is not None and due_at == self._shared_plan:
             # The plan came from the row: keep the row's moment. Writing it back with this
             # node's claim delay would move the account later at every such hold.
