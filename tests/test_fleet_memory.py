@@ -275,3 +275,25 @@ async def test_a_store_asks_its_manager_itself_for_the_plan(tmp_path: Path) -> N
         assert status.last_attempt_at is not None
     finally:
         await session.close()
+
+
+def test_a_heartbeat_gives_the_heap_back_after_growth_and_not_while_the_size_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the start leaves freed after its read of every row is given back at a heartbeat
+    once the node grew by TRIM_AFTER_GROWTH since the last time; an idle node whose size
+    holds is not trimmed again at every beat (a trim walks the whole heap)."""
+    size = [50_000]
+    trims: list[int] = []
+    monkeypatch.setattr(fleet_store, "_resident_kib", lambda: size[0])
+    monkeypatch.setattr(fleet_store, "_trim", lambda pad: trims.append(pad) or 0)
+    monkeypatch.setattr(fleet_store, "_trimmed_at", None)
+    fleet_store.give_back_free_heap()  # the start's read of every row
+    assert trims == [0]
+    size[0] += fleet_store.TRIM_AFTER_GROWTH - 1
+    assert not fleet_store.give_back_if_grown()
+    size[0] += 1
+    assert fleet_store.give_back_if_grown()
+    assert trims == [0, 0]
+    assert not fleet_store.give_back_if_grown()
+    assert trims == [0, 0]
