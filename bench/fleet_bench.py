@@ -403,20 +403,24 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
                 if fleet.nodes[0].process is not None
             }
             bare = {name: memory_kib(p.pid) for name, p in zip(BASELINES, baselines, strict=True)}
+            makeup = {name: rss_makeup(p.pid) for name, p in zip(BASELINES, baselines, strict=True)}
+            for (label, count), fleet in fleets.items():
+                if fleet.nodes[0].process is not None:
+                    makeup[node_label(label, count)] = rss_makeup(fleet.nodes[0].process.pid)
         finally:
             for process in baselines:
                 await process.stop()
             for fleet in fleets.values():
                 await fleet.close()
     base_rss = bare[next(iter(BASELINES))][0]
-    nodes = {
-        f"{label}node, {count} account{'s' if count > 1 else ''}": reading
-        for (label, count), reading in readings.items()
-    }
+    nodes = {node_label(label, count): reading for (label, count), reading in readings.items()}
     print_table(
-        f"Resident memory (MiB) of idle nodes, {ROTATIONS_SEEDED} rotations per account",
-        ["process", "VmRSS", "VmHWM", "/ bare"],
-        [[name, f"{rss / 1024:.1f}", f"{hwm / 1024:.1f}", f"{rss / base_rss:.2f}x"]
+        f"Resident memory (MiB) of idle nodes, {ROTATIONS_SEEDED} rotations per account"
+        " (RssFile: pages of mapped files, mostly shared libraries; RssAnon: the heap)",
+        ["process", "VmRSS", "VmHWM", "/ bare", "RssAnon", "RssFile", "threads"],
+        [[name, f"{rss / 1024:.1f}", f"{hwm / 1024:.1f}", f"{rss / base_rss:.2f}x",
+          *(f"{makeup[name][part] / 1024:.1f}" for part in ("RssAnon", "RssFile")),
+          str(makeup[name]["Threads"])]
          for name, (rss, hwm) in {**bare, **nodes}.items()],
     )  # fmt: skip
     for label in variants:
@@ -434,6 +438,23 @@ async def memory(directory: Path, cluster: PgCluster, args: argparse.Namespace) 
             vs_bare_with_psycopg=f"{many / list(bare.values())[1][0]:.2f}",
         )
         result("fleet_node_kib_per_account", per_account, None, accounts=n)
+
+
+def node_label(label: str, count: int) -> str:
+    """Return how the memory table names a node (``label`` is "" or "before, ")."""
+    return f"{label}node, {count} account{'s' if count > 1 else ''}"
+
+
+def rss_makeup(pid: int) -> dict[str, int]:
+    """Return ``RssAnon`` and ``RssFile`` (KiB) and ``Threads`` of ``pid``: what the
+    resident memory is made of (docs/benchmarks.md: the libraries' pages are file pages)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("RssAnon", "RssFile", "Threads"):
+                found[key] = int(rest.split()[0])
+    return found
 
 
 def compile_daemon(checkout: Path | None) -> None:

@@ -43,7 +43,7 @@ def row(name: str, lifetime: timedelta) -> AccountRow:
     state = sample_state(name)
     tokens = replace(state.tokens, access_expires_at=state.tokens.access_issued_at + lifetime)
     return AccountRow(
-        id=uuid.uuid4(), state=replace(state, tokens=tokens), key_id="k1", due_at=None
+        uid=uuid.uuid4().int, state=replace(state, tokens=tokens), key_id="k1", due_at=None
     )
 
 

@@ -166,6 +166,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         pool_size=config.store.pool_size,
         publish_accounts=config.store.publish_accounts,
         heartbeat=lambda: daemon.config.refresh.heartbeat,
+        accounts=lambda: daemon.config.accounts,
     )
     from .fleet.db import StoreRefused
 

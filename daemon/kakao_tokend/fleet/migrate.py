@@ -36,7 +36,6 @@ import pwd
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,6 +62,7 @@ from .accounts import (
 )
 from .admin import db_timeouts, require_dsn, require_keyring
 from .db import connect, store_errors
+from .meta import StoreMeta, moved_refusal, read_meta
 from .schema import migrate as migrate_schema
 
 if TYPE_CHECKING:
@@ -104,18 +104,6 @@ class Step(enum.Enum):
     NONE = "none"  # on neither side
 
 
-@dataclass(frozen=True)
-class StoreMeta:
-    """The ``store_meta`` row: which store this is and whether its accounts moved away."""
-
-    store_id: str
-    moved_to: str | None
-    moved_at: datetime | None
-    moved_by: str | None
-    moved_note: str | None
-    moved_pending: bool
-
-
 @dataclass
 class MigrationReport:
     """What a migration found and did (the CLI prints it)."""
@@ -143,45 +131,11 @@ class MigrationReport:
 # The PostgreSQL side's marker
 
 
-async def read_meta(conn: AsyncConnection[Any]) -> StoreMeta:
-    """Return the store's ``store_meta`` row (the schema must be at version 2 or later)."""
-    with store_errors("read the store's identity"):
-        cur = await conn.execute(
-            "SELECT store_id, moved_to, moved_at, moved_by, moved_note, moved_pending"
-            " FROM store_meta"
-        )
-        row = await cur.fetchone()
-    if row is None:
-        raise StoreError("the store has no store_meta row; it was not created by kakao-tokend")
-    store_id, moved_to, moved_at, moved_by, moved_note, pending = row
-    return StoreMeta(str(store_id), moved_to, moved_at, moved_by, moved_note, bool(pending))
-
-
 def migrate_command(config: Config, target: str) -> str:
     """Return `kakao-tokend [--config FILE] store migrate --to TARGET` for ``config``."""
     words = ("store", "migrate", "--to", target)
     account = next(iter(config.accounts.values()), None)
     return config_command(account, *words) if account else command_line((), *words)
-
-
-def moved_refusal(meta: StoreMeta) -> StoreMoved | None:
-    """Return why nothing may use this store (its accounts live in files), or None."""
-    if meta.moved_to is None:
-        return None
-    at = format_time(meta.moved_at) if meta.moved_at else "?"
-    if meta.moved_pending:
-        return StoreMoved(
-            f"PostgreSQL store {meta.store_id} is not in use yet: a migration into it from "
-            f"the {meta.moved_note}, started at {at}, has not finished (those files are still "
-            "the live copy)",
-            hint="run `kakao-tokend store migrate --to postgres` there again to finish it",
-        )
-    return StoreMoved(
-        f"the accounts of PostgreSQL store {meta.store_id} were moved to the {meta.moved_note} "
-        f"at {at} by `kakao-tokend store migrate --to file`",
-        hint='run kakao-tokend there with [store] backend = "file"; to move them back into '
-        "this store: kakao-tokend store migrate --to postgres",
-    )
 
 
 async def moved_away(config: Config) -> StoreMoved | None:

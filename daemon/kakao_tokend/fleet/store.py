@@ -26,14 +26,15 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString, Protocol
 
 from ..config import REFRESH_HEARTBEAT
 from ..errors import (
@@ -46,10 +47,12 @@ from ..errors import (
 )
 from ..state import AccountState, Rotation
 from ..store import (
+    ALERTS_SUFFIX,
     STATE_FILE_MODE,
     AccountFiles,
     AccountStore,
     atomic_write,
+    directory_text,
     make_dirs,
     read_file,
     unlink_durably,
@@ -57,6 +60,7 @@ from ..store import (
 from ..tokens import backoff_delay, format_time, heartbeat_interval, utcnow
 from .accounts import (
     AccountRow,
+    Named,
     RefreshStatus,
     RowLock,
     delete_account,
@@ -86,7 +90,7 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["FleetStats", "FleetStore", "PgAccountStore", "StorePlan"]
+__all__ = ["FleetStats", "FleetStore", "PgAccountStore", "PlanSource", "StorePlan", "plan_of"]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +113,11 @@ LOCK_POLL = 0.05
 #: fifty entries kept for each of 10,000 accounts were most of a node's memory.
 CACHED_ROTATIONS = 1
 #: Rows read per query at start: every row at once held all of them twice in memory
-#: (the raw result and the decrypted rows), and the freed half stayed in the process.
-LOAD_PAGE = 500
+#: (the raw result and the decrypted rows), and the freed half stayed in the process. A
+#: page's raw rows and decrypted bytes are freed among the rows kept, so a smaller page
+#: leaves fewer holes in the heap (500 a page: 1.3 MiB more at 10,000 accounts); 100 is
+#: 100 queries for 10,000 rows, a few milliseconds each.
+LOAD_PAGE = 100
 
 #: How far ahead a node's poll names the rows coming due (FleetStore.due_window): this many
 #: heartbeats, and at least DUE_WINDOW_MIN seconds. A node keeps no due-queue entry for an
@@ -121,8 +128,57 @@ LOAD_PAGE = 500
 DUE_WINDOW_HEARTBEATS = 3
 DUE_WINDOW_MIN = 60.0
 
+#: How long one listing of a state directory answers whether an account's alert bookkeeping
+#: file exists (seconds of the monotonic clock; FleetStore.may_hold_alerts). Long enough for a
+#: node's accounts to attach their alerts at start with one listing, short enough that a
+#: file put there by hand later is seen by the next attachment (a reload) as before.
+LISTING_FRESH = 5.0
+
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
+
+
+class Failures(Protocol):
+    """The failure bookkeeping of an account's status (status.AccountStatus)."""
+
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def failing_since(self) -> datetime | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def last_error_class(self) -> str | None: ...
+
+
+class PlanSource(Protocol):
+    """An account's manager as a hold's end asks it what to write besides the state
+    (refresher.AccountManager; fleet/node.py's ``plan_for``)."""
+
+    @property
+    def status(self) -> Failures: ...
+    def planned_refresh_at(self) -> datetime | None: ...
+
+
+#: What a store asks as a hold ends: the manager itself (a node's 10,000 accounts: no
+#: object per account in between), or a function (a command's plan).
+Planner = PlanSource | Callable[[], StorePlan]
+
+
+def plan_of(manager: PlanSource) -> StorePlan:
+    """Return what the account's hold writes besides its state: the next due moment (the
+    manager's plan, every rule relative to the lifetime) and the failure bookkeeping."""
+    status = manager.status
+    due = manager.planned_refresh_at()
+    return due, RefreshStatus(
+        attempts=status.attempt,
+        failing_since=status.failing_since,
+        last_attempt_at=utcnow() if status.attempt else None,
+        last_attempt_by=None,
+        last_error=status.last_error if status.attempt else None,
+        last_error_class=status.last_error_class if status.attempt else None,
+    )
+
 
 #: The poll's snapshot: its xmin (every transaction below it had ended; any change it could
 #: not see was made by a transaction at or above it) and the deletions counted so far.
@@ -222,6 +278,7 @@ class FleetStore:
         pool_size: int = 8,
         publish_accounts: Collection[str] | None = None,
         heartbeat: Callable[[], float] = lambda: REFRESH_HEARTBEAT,
+        accounts: Callable[[], Mapping[str, Named]] | None = None,
     ) -> None:
         self.dsn = dsn
         #: ``[refresh] heartbeat`` as configured (seconds, read each time: a reload may
@@ -232,6 +289,12 @@ class FleetStore:
         #: The shortest access lifetime known before any row was read: the tokens this node
         #: last published, set by a start that waits for the database (fleet/startwait.py).
         self.lifetime_hint: timedelta | None = None
+        #: The configured accounts (read each time: a reload replaces them): a row read for
+        #: one of them is named with its configuration's string object from the start.
+        #: Renaming it when first served made a second AccountRow and AccountState per
+        #: account and freed the first among the rows kept: 1.9 MiB of holes in the heap
+        #: at 10,000 accounts (docs/benchmarks.md).
+        self.accounts = accounts
         self.keyring = keyring
         self.node = node
         self.timeouts = timeouts
@@ -261,6 +324,9 @@ class FleetStore:
         self.resync: Callable[[float], asyncio.Task[bool]] | None = None
         #: The re-read claims wait for (catch_up), until it ends.
         self._catching_up: asyncio.Task[bool] | None = None
+        #: Directory text -> (when listed, the alert bookkeeping files in it; None: no such
+        #: directory), see may_hold_alerts.
+        self._listings: dict[str, tuple[float, frozenset[str] | None]] = {}
 
     def pool_stats(self) -> dict[str, int]:
         """Return the pool's size, idle connections and waiting requests (empty: no pool)."""
@@ -372,7 +438,7 @@ class FleetStore:
     async def open(self, *, pool_wait: float | None = None, read_rows: bool = True) -> None:
         """Apply the schema (under its advisory lock), check the store is in use, open the pool,
         read every row. StoreMoved when `store migrate --to file` moved the accounts away."""
-        from .migrate import moved_refusal, read_meta
+        from .meta import moved_refusal, read_meta
         from .schema import migrate
 
         conn = await connect(
@@ -457,8 +523,45 @@ class FleetStore:
 
     def account_store(self, account: AccountFiles) -> PgAccountStore:
         """Return the store of one configured account."""
-        publishes = self.publish_accounts is None or account.name in self.publish_accounts
-        return PgAccountStore(account, self, publishes=publishes)
+        return PgAccountStore(account, self)
+
+    def may_hold_alerts(self, directory: str, name: str) -> bool:
+        """Return False when ``directory`` (its text) surely has no alert bookkeeping file
+        ``name``: one listing of it answers for LISTING_FRESH seconds.
+
+        What spares each of a node's 10,000 accounts, attaching its alerts at start, the
+        pathlib objects of its bookkeeping file's path and the failed open: pathlib interns
+        every name it parses, and the interpreter's table of interned strings, grown for
+        them, never shrinks (docs/benchmarks.md). The listing keeps only the names of
+        bookkeeping files (the directory also holds every account's token file). Only this
+        process writes a node's bookkeeping files (the instance lock), and it notes each one
+        it writes (:meth:`note_alerts`).
+        """
+        now = time.monotonic()
+        listed = self._listings.get(directory)
+        if listed is None or now - listed[0] > LISTING_FRESH:
+            try:
+                with os.scandir(directory) as entries:
+                    names: frozenset[str] | None = frozenset(
+                        entry.name for entry in entries if entry.name.endswith(ALERTS_SUFFIX)
+                    )
+            except FileNotFoundError:
+                names = None
+            except OSError:
+                return True  # unknown: the caller looks for itself
+            listed = self._listings[directory] = (now, names)
+        return listed[1] is not None and name in listed[1]
+
+    def note_alerts(self, directory: str, name: str) -> None:
+        """Note that this process wrote ``name`` into ``directory`` (see may_hold_alerts)."""
+        listed = self._listings.get(directory)
+        if listed is not None:
+            self._listings[directory] = (listed[0], (listed[1] or frozenset()) | {name})
+
+    def names(self) -> Mapping[str, Named]:
+        """Return where a row read from the database takes its name object: the configured
+        accounts (see :attr:`accounts`), else the cached rows."""
+        return self.accounts() if self.accounts is not None else self.rows
 
     def share_name(self, row: AccountRow, name: str) -> AccountRow:
         """Keep ``row`` under the name object ``name`` (equal to its own) and return it.
@@ -674,7 +777,7 @@ class FleetStore:
                     after=after,
                     limit=LOAD_PAGE,
                     rotations=CACHED_ROTATIONS,
-                    names=self.rows,
+                    names=self.names(),
                 )
                 await conn.commit()
             for row in rows.values():
@@ -686,6 +789,7 @@ class FleetStore:
             after = max(rows.keys() | unreadable.keys())
         self._mark = mark
         self._synced(began)
+        give_back_free_heap()
 
     def keep_row(self, row: AccountRow) -> AccountRow:
         """Keep ``row`` as the account's cached row; return what is kept.
@@ -734,7 +838,7 @@ class FleetStore:
         """Read these rows (one query); :meth:`_keep_read` puts them in the cache."""
         self.stats.row_reads += 1
         return await load_every_account(
-            conn, self.keyring, only=names, rotations=CACHED_ROTATIONS, names=self.rows
+            conn, self.keyring, only=names, rotations=CACHED_ROTATIONS, names=self.names()
         )
 
     def _keep_read(
@@ -771,6 +875,7 @@ class FleetStore:
         mark, self._mark = (None if full else self._mark), None  # a failure leaves None
         async with self.connection("poll the store's accounts") as conn:
             polled = None if mark is None else await self._poll_changes(conn, mark)
+            compared_all = polled is None
             if polled is None:
                 polled = await self._poll_everything(conn)
                 self.stats.full_polls += 1
@@ -785,6 +890,10 @@ class FleetStore:
         changed = [name for name in sorted(suspects) if found[name] != before[name]]
         self._mark = new_mark
         self._synced(began)
+        if compared_all:
+            give_back_free_heap()  # a row of every account was read and compared
+        else:
+            give_back_if_grown()
         return changed, due
 
     async def _poll_changes(
@@ -932,23 +1041,13 @@ class PgAccountStore:
     """One account in the PostgreSQL store (storage.AccountStorage): hold = the row lock."""
 
     # One per account, 10,000 on a node: slots instead of an instance dictionary.
-    __slots__ = (
-        "_held",
-        "_shared_due",
-        "_shared_plan",
-        "account",
-        "fleet",
-        "name",
-        "planner",
-        "publishes",
-    )
+    # The name and whether this node publishes are read from the account and the node: two
+    # slots fewer in each of a node's 10,000 (the name is the configuration's object).
+    __slots__ = ("_held", "_shared_due", "_shared_plan", "account", "fleet", "planner")
 
-    def __init__(self, account: AccountFiles, fleet: FleetStore, *, publishes: bool = True) -> None:
+    def __init__(self, account: AccountFiles, fleet: FleetStore) -> None:
         self.account = account
-        self.name = account.name
         self.fleet = fleet
-        #: Whether this node writes the account's token files (``[store] publish_accounts``).
-        self.publishes = publishes
         self._held: _Held | None = None
         #: What shared_due_at last answered and the row's due_at it came from: a plan taken
         #: from the row is written back without this node's claim delay (see _commit). Two
@@ -957,7 +1056,18 @@ class PgAccountStore:
         self._shared_due: datetime | None = None
         #: Asked as a hold ends: when the account is next due and its failure bookkeeping
         #: (set by whoever owns the account manager; None: leave them as they are).
-        self.planner: Callable[[], StorePlan] | None = None
+        self.planner: Planner | None = None
+
+    @property
+    def name(self) -> str:
+        """Return the account's name (the configuration's string object)."""
+        return self.account.name
+
+    @property
+    def publishes(self) -> bool:
+        """Whether this node writes the account's token files (``[store] publish_accounts``)."""
+        only = self.fleet.publish_accounts
+        return only is None or self.account.name in only
 
     @property
     def _files(self) -> AccountStore:
@@ -1164,7 +1274,7 @@ class PgAccountStore:
                     self.name,
                     lock=RowLock.SKIP,
                     rotations=CACHED_ROTATIONS,
-                    names=fleet.rows,
+                    names=fleet.names(),
                 )
                 if row is not None:
                     await self._fit_backstop(conn, row)
@@ -1201,7 +1311,13 @@ class PgAccountStore:
         """Write what the hold staged (compare-and-swap), notify, commit; StoreWriteError."""
         fleet = self.fleet
         conn = held.conn
-        due_at, status = self.planner() if self.planner is not None else (None, None)
+        planner = self.planner
+        if planner is None:
+            due_at, status = None, None
+        elif callable(planner):
+            due_at, status = planner()
+        else:
+            due_at, status = plan_of(planner)
         if self._shared_plan is not None and due_at == self._shared_plan:
             # The plan came from the row: keep the row's moment. Writing it back with this
             # node's claim delay would move the account later at every such hold.
@@ -1222,7 +1338,7 @@ class PgAccountStore:
                         await save_status(conn, row, due_at=due_at, status=status)
                         await notify_changed(conn, self.name, row.generation)
                         written = AccountRow(
-                            id=row.id,
+                            uid=row.uid,
                             state=row.state,
                             key_id=row.key_id,
                             due_at=due_at,
@@ -1288,7 +1404,7 @@ class PgAccountStore:
                 node if state.refreshed_at != row.state.refreshed_at else row.refreshed_by
             )
             written = AccountRow(
-                id=row.id,
+                uid=row.uid,
                 state=state,
                 key_id=fleet.keyring.newest.key_id,
                 due_at=due_at,
@@ -1445,14 +1561,25 @@ class PgAccountStore:
 
     # ------------------------------------------------------------------ alerts and publishing
 
+    def _alerts_file(self) -> tuple[str, str]:
+        """The directory (text) and name of the account's local alert bookkeeping file: next
+        to its state file, as the file store keeps it (no Path made)."""
+        return directory_text(self.account.file_text("state_file")), self.name + ALERTS_SUFFIX
+
     def load_alerts(self) -> dict[str, Any] | None:
         """Return the bookkeeping of this node's own alerts for the account (a local file:
-        it must work while the database is away); the account's are in fleet/alertshare.py."""
+        it must work while the database is away); the account's are in fleet/alertshare.py.
+
+        Most accounts have none: the state directory's listing says so without a Path.
+        """
+        if not self.fleet.may_hold_alerts(*self._alerts_file()):
+            return None
         return self._files.load_alerts()
 
     def save_alerts(self, document: dict[str, Any]) -> None:
         """Record the bookkeeping of this node's own alerts for the account (a local file)."""
         self._files.save_alerts(document)
+        self.fleet.note_alerts(*self._alerts_file())
 
     def publish(self, state: AccountState, *, now: datetime | None = None) -> None:
         """Write the token file on this node (unless ``publish_accounts`` leaves it out)."""
@@ -1483,6 +1610,59 @@ class PgAccountStore:
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""
         return self._files.read_published()
+
+
+_trim: Callable[[int], int] | None = None
+#: Resident memory (KiB) right after the heap was last given back (None: not yet).
+_trimmed_at: int | None = None
+#: How much a node may grow (KiB of resident memory) before a heartbeat gives the heap's
+#: free pages back again (give_back_if_grown).
+TRIM_AFTER_GROWTH = 1024
+
+
+def give_back_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``) after a
+    read of every row: its transient objects (raw results, decrypted bytes, the comparison's
+    sets) are freed among the rows kept, and glibc returns only the top of the heap by
+    itself (1.3 MiB of a 10,000-account node, docs/benchmarks.md). Nothing elsewhere (musl):
+    the call is skipped. ctypes is loaded by psycopg already.
+    """
+    global _trim, _trimmed_at
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _trim = lambda pad: 0  # noqa: E731 - not glibc: nothing to give back this way
+    _trim(0)
+    _trimmed_at = _resident_kib()
+
+
+def give_back_if_grown() -> bool:
+    """Give the heap's free pages back when the process grew by TRIM_AFTER_GROWTH since the
+    last time; return True when it did (asked every heartbeat poll).
+
+    What the start leaves after its read of every row (each account's first plan, grading
+    and start-up check, their transient objects freed among the ones kept: 1.6 MiB of a
+    10,000-account node) is given back at the next heartbeat, and an idle node, whose size
+    does not change, is not trimmed again (a trim walks the whole heap).
+    """
+    now = _resident_kib()
+    if now is None or (_trimmed_at is not None and now - _trimmed_at < TRIM_AFTER_GROWTH):
+        return False
+    give_back_free_heap()
+    return True
+
+
+def _resident_kib() -> int | None:
+    """Return this process's resident memory in KiB (None: no /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            resident = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
 def _status_key(due_at: datetime | None, status: RefreshStatus) -> tuple[Any, ...]:
