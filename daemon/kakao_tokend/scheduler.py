@@ -291,6 +291,11 @@ class RefreshScheduler:
             self._heartbeat.cancel()
             self._heartbeat = None
         if self._scheduler.running:
+            # The job goes now: AsyncIOScheduler's shutdown runs one loop turn later, and a
+            # wake-up queued before it would submit the due job and the shutdown then cancel
+            # its task, which APScheduler logs as "Error running job accounts" (seen at the
+            # end of a `demo` on a busy machine).
+            self._scheduler.remove_all_jobs()
             # wait=False: APScheduler cannot wait for coroutine jobs anyway (it cancels them);
             # refreshes survive that because they run shielded in the manager's own task.
             self._scheduler.shutdown(wait=False)
