@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import compileall
+import json
 import os
 import resource
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -234,13 +236,33 @@ CPU_AT_START = pytest.StashKey[float]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """--record-durations: rewrite tests/durations.json from this run's times."""
+    """--record-durations: rewrite tests/durations.json from this run's times; --timeline FILE:
+    write when and where each test ran."""
     parser.addoption(
         "--record-durations",
         action="store_true",
         help="write each test's wall and CPU time (>= 0.5 s) to tests/durations.json, which"
         " orders the run (tests/testorder.py)",
     )
+    parser.addoption(
+        "--timeline",
+        metavar="FILE",
+        help="append one JSON line per test (worker, start and end wall-clock time, CPU"
+        " seconds) and per worker start to FILE: where a run's wall time goes",
+    )
+
+
+def timeline(config: pytest.Config, **record: Any) -> None:
+    """With --timeline: append one record (a line, written at once: workers share the file)."""
+    path = config.getoption("timeline")
+    if path:
+        record["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(Path(config.rootpath, path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -274,10 +296,14 @@ def cpu_seconds() -> float:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    """With --record-durations: note the CPU time when the test begins."""
+    """With --record-durations: note the CPU time when the test begins; with --timeline: write
+    when and where it ran."""
     if item.config.getoption("record_durations"):
         item.stash[CPU_AT_START] = cpu_seconds()
-    return (yield)
+    start, cpu = time.time(), cpu_seconds()
+    result = yield
+    timeline(item.config, test=item.nodeid, start=start, end=time.time(), cpu=cpu_seconds() - cpu)
+    return result
 
 
 @pytest.hookimpl(wrapper=True)
@@ -298,7 +324,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """With --record-durations, start recording (not in xdist workers: the controller does)."""
+    """With --record-durations, start recording (not in xdist workers: the controller does);
+    with --timeline, note when this process got here (a worker: when its start is over)."""
+    timeline(session.config, event="sessionstart", at=time.time())
     if session.config.getoption("record_durations") and not is_xdist_worker(session.config):
         RECORDED["reports"] = []
 
@@ -307,6 +335,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Note whether the run passed; with --record-durations, write the times of the tests that
     took long enough (a test that ran shorter is taken out)."""
     session.config.stash[PASSED_KEY] = exitstatus == 0
+    timeline(session.config, event="sessionfinish", at=time.time(), cpu=cpu_seconds())
     reports = RECORDED.pop("reports", None)
     if reports is None:
         return
