@@ -248,7 +248,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--timeline",
         metavar="FILE",
         help="append one JSON line per test (worker, start and end wall-clock time, CPU"
-        " seconds) and per worker start to FILE: where a run's wall time goes",
+        " seconds) and per worker start to FILE: where a run's wall time goes. Write it"
+        " --timeline=FILE: xdist's workers parse the arguments before they know the option,"
+        " and a separate FILE would read as a test path",
     )
 
 

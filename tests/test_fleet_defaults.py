@@ -184,15 +184,25 @@ async def test_defaults_nodes_started_at_once_stay_fresh_and_a_paused_one_catche
     )
     watch.serving.add(sleeper.name)
     await asyncio.sleep(lifetime)
+    # The commits seen until now are judged, each after a full second of sampling: a watcher
+    # stopped at once left a round committed in its last tenths "never published" (a full
+    # run, 2026-12-03: all three accounts refreshed and adopted in the same second, the
+    # watcher gone before its next sample of one file).
+    judged_until = time.monotonic()
+    await asyncio.sleep(PUBLISH_LAG)
     await watch.stop()
     fleet.check_alive()
     print(report(watch, begun), f"woken node current after {woke:.2f}s")
     # Every commit reached the two nodes that kept serving within the second.
-    late = {t: lag for t, lag in watch.lags(begun + 1, others).items() if lag > PUBLISH_LAG}
+    late = {
+        t: lag
+        for t, lag in watch.lags(begun + 1, others).items()
+        if lag > PUBLISH_LAG and watch.committed_at(t) <= judged_until
+    }
     assert late == {}, f"{report(watch, begun)} {late}\n{fleet.logs()}"
     # ... and the third node as well, before its pause and after its SIGCONT.
-    woken = time.monotonic() - lifetime
-    for window in ((begun + 1, paused - PUBLISH_LAG), (woken, time.monotonic() - PUBLISH_LAG)):
+    woken = judged_until - lifetime
+    for window in ((begun + 1, paused - PUBLISH_LAG), (woken, judged_until)):
         lags = {
             token: lag
             for token, lag in watch.lags(window[0], {sleeper.name}).items()
