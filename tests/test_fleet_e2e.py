@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -378,6 +378,7 @@ async def test_a_node_continued_after_a_pause_catches_up_before_it_claims_anythi
     committed = expiries(await fleet.rows())
     sleeper.resume()
     continued = time.monotonic()
+    continued_at = datetime.now(UTC).strftime("%H:%M:%S.%f")  # to read the holds' log times by
     while behind := published_before(sleeper, committed):
         fleet.check_alive()
         assert time.monotonic() - continued < 2 * lifetime, (behind, fleet.logs())
@@ -385,7 +386,11 @@ async def test_a_node_continued_after_a_pause_catches_up_before_it_claims_anythi
     # Row locks that found the row current already: 10 of the 48 overdue accounts before
     # (claimed until the poll caught up; 23 of 144), none since; a race or two is allowed.
     idle_holds = (await fleet_counters(sleeper))["idle_holds"] - before["idle_holds"]
-    assert idle_holds <= 4, (idle_holds, fleet.logs())
+    holds = [line for line in sleeper.log_text().splitlines() if "had nothing to write" in line]
+    # A string, not a tuple: pytest shortens a tuple's repr and cut the node logs before.
+    assert idle_holds <= 4, "\n".join(
+        [f"{idle_holds} idle holds; continued at {continued_at}; every hold:", *holds, fleet.logs()]
+    )
     assert await fleet.lost_refresh_tokens() == []
     assert fleet.emulator.stats.retired_refresh_presented == 0
 

@@ -1363,6 +1363,13 @@ class PgAccountStore:
         fleet.ok()
         if held.staged is None and not held.delete:
             fleet.stats.idle_holds += 1
+            # Named in the log (debug: rare, and harmless) so that a run counting more of
+            # them than it expects shows which accounts and when (tests/test_fleet_e2e.py).
+            log.debug(
+                "account %r: held its row and had nothing to write (generation %s)",
+                self.name,
+                row.state.generation if row is not None else None,
+            )
         if held.delete:
             fleet.drop_row(self.name)
         elif written is not None:
