@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -272,3 +273,30 @@ def test_the_soaks_and_benchmark_runs_are_marked_and_run_by_ci_after_the_readme_
     assert "set -euo pipefail" in ci
     readme_command = ci.index("\ntime pytest\n")
     assert ci.index("\ntime .ci/soak-test --short\n") > readme_command
+
+
+def test_the_controller_caches_each_stale_test_modules_rewrite_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh checkout has no rewritten test modules: the controller writes each one's cache
+    before the workers start (so fourteen workers do not all rewrite it), and skips a module
+    whose cache is current."""
+    import conftest
+
+    name = f"test_rewrite_probe_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("def test_probe() -> None:\n    assert 1 + 1 == 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cached = (
+        tmp_path
+        / "__pycache__"
+        / f"{name}.{sys.implementation.cache_tag}-pytest-{pytest.__version__}.pyc"
+    )
+    try:
+        conftest.rewrite_test_modules_once(tmp_path)
+        assert cached.exists(), sorted(p.name for p in tmp_path.rglob("*"))
+        assert name in sys.modules
+        del sys.modules[name]
+        conftest.rewrite_test_modules_once(tmp_path)
+        assert name not in sys.modules, "a module whose cache is current was imported again"
+    finally:
+        sys.modules.pop(name, None)
