@@ -478,42 +478,44 @@ class FleetStore:
             raise
         return pool
 
-    async def _renew_pool(self, end: float) -> bool:
+    async def _renewed(
+        self, failed: AsyncConnectionPool[AsyncConnection[Any]], action: str, end: float
+    ) -> AsyncConnectionPool[AsyncConnection[Any]]:
         """After an outage: when the database answers a direct connection again, replace the
-        pool at once. psycopg_pool retries a lost server with an exponential back-off that
-        grows to minutes; a node must not wait that long once the database is back.
+        pool at once and return the new one (or the one another caller made since ``failed``
+        was found wanting); StoreUnavailable that says why not.
 
-        Given up (False) at ``end`` (the loop's clock): a probe on a silent network would
-        wait libpq's connect_timeout. The cancel that ends it reaches no query: connecting
-        and opening a pool send none.
+        psycopg_pool retries a lost server on its own, its pauses growing from 1 s towards
+        minutes; a node must not wait on that schedule once the database is back.
+
+        Given up at ``end`` (the loop's clock): a probe on a silent network would wait
+        libpq's connect_timeout. The cancel that ends it reaches no query: connecting and
+        opening a pool send none.
         """
+        budget = max(0.0, end - asyncio.get_running_loop().time())
         try:
-            async with asyncio.timeout_at(end):
-                return await self._renew_pool_now()
+            async with asyncio.timeout_at(end), self._renewing:
+                current = self._pool
+                if current is not failed and current is not None:
+                    return current  # another caller renewed it meanwhile
+                try:
+                    probe = await connect(
+                        self.dsn, node=self.node, purpose="probe", timeouts=self.timeouts
+                    )
+                except StoreError as exc:
+                    raise StoreUnavailable(
+                        f"cannot {action}: {exc.message}", hint=exc.hint
+                    ) from None
+                await probe.close()
+                pool = await self._new_pool(self.deadline)
         except TimeoutError:
-            return False
-
-    async def _renew_pool_now(self) -> bool:
-        async with self._renewing:
-            old = self._pool
-            if old is not None and self.stats.up and old.get_stats().get("pool_size", 0) > 0:
-                return True  # another caller renewed it meanwhile, or it was never down
-            try:
-                probe = await connect(
-                    self.dsn, node=self.node, purpose="probe", timeouts=self.timeouts
-                )
-            except StoreError:
-                return False
-            await probe.close()
-            try:
-                self._pool = await self._new_pool(self.deadline)
-            except StoreError:
-                return False
-            if old is not None:
-                # Connections still lent from it are closed as they come back.
-                await old.close(timeout=POOL_CLOSE_WAIT)
-            log.info("store connection pool renewed: the database answers again")
-            return True
+            raise no_answer(action, budget) from None
+        self._pool = pool
+        if current is not None:
+            # Connections still lent from it are closed as they come back.
+            await current.close(timeout=POOL_CLOSE_WAIT)
+        log.info("store connection pool renewed: the database answers again")
+        return pool
 
     async def close(self) -> None:
         """Close the pool (open holds were ended by their owners)."""
@@ -607,24 +609,25 @@ class FleetStore:
         loop = asyncio.get_running_loop()
         budget = self.deadline if within is None else within
         end = loop.time() + budget
-        # During an outage, fail fast: the attempt is retried by the one back-off rule.
-        wait = min(budget, self.deadline if self.stats.up else 1.0)
+        wait = min(budget, self.deadline)
         try:
-            conn = await self._checked(pool, action, loop.time() + wait, wait)
-        except StoreUnavailable as exc:
-            if not (self.stats.up is False or pool.get_stats().get("pool_size", 0) == 0):
-                self.failed(exc)
-                raise  # the pool is there, only busy (or its connection did not answer)
-            if not await self._renew_pool(end) or self._pool is None:
-                self.failed(exc)
-                raise
-            pool = self._pool
+            if self.stats.up is False and pool.get_stats().get("pool_available", 0) == 0:
+                # A known outage and nothing idle in the pool: it has nothing to lend before
+                # its own next try, seconds or minutes away. Try a connection of our own at
+                # once (the one back-off rule paces these attempts).
+                pool = await self._renewed(pool, action, end)
+            else:
+                try:
+                    conn = await self._checked(pool, action, loop.time() + wait, wait)
+                except StoreUnavailable:
+                    if self.stats.up is not False and pool.get_stats().get("pool_size", 0) > 0:
+                        raise  # the pool is there, only busy (or its connection did not answer)
+                    pool = await self._renewed(pool, action, end)
+                else:
+                    self._lent[id(conn)] = pool
+                    return conn
             again = max(0.0, end - loop.time())
-            try:
-                conn = await self._checked(pool, action, loop.time() + again, again)
-            except StoreError as exc_again:
-                self.failed(exc_again)
-                raise
+            conn = await self._checked(pool, action, loop.time() + again, again)
         except StoreError as exc:
             self.failed(exc)
             raise
