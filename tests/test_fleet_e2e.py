@@ -395,9 +395,10 @@ async def test_a_node_continued_after_a_pause_catches_up_before_it_claims_anythi
     # string, not a tuple: pytest shortens a tuple's repr and cut the node logs before.
     assert idle_holds <= 4, "\n".join(
         [
-            f"{idle_holds} idle holds; continued at {continued_at}; the holds since counted:",
+            f"{idle_holds} idle holds; continued at {continued_at}; holds logged from a second"
+            " before the count:",
             *holds,
-            "===== the sleeper's log since the holds are counted",
+            "===== the sleeper's log from the second before counting",
             *lines,
         ]
     )
