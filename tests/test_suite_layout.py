@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import re
@@ -16,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 
 import testorder
-from daemonproc import LOWEST_FREE_PORT, ephemeral_ports_start, free_port
+from daemonproc import LOWEST_FREE_PORT, NotifyReceiver, ephemeral_ports_start, free_port
+from kakao_tokend import systemd
 from kakao_tokend.paths import API_SOCKET_NAME
 
 TESTS = Path(__file__).resolve().parent
@@ -300,3 +302,17 @@ def test_the_controller_caches_each_stale_test_modules_rewrite_once(
         assert name not in sys.modules, "a module whose cache is current was imported again"
     finally:
         sys.modules.pop(name, None)
+
+
+async def test_the_notify_receiver_keeps_more_datagrams_than_the_kernel_queues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Like systemd, the test's $NOTIFY_SOCKET reads each datagram as it arrives. The kernel
+    queues only 10 (net.unix.max_dgram_qlen) and the daemon never waits to send: a receiver
+    that read only when asked lost STOPPING=1 behind a 3-second token's STATUS= updates."""
+    with NotifyReceiver() as notify:
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        for number in range(30):
+            assert systemd.notify(f"STATUS={number}"), f"datagram {number} was dropped"
+            await asyncio.sleep(0.001)  # the test's loop runs between two of the daemon's sends
+        assert notify.drain() == [f"STATUS={number}" for number in range(30)]
