@@ -308,6 +308,31 @@ async def test_a_claim_adopts_a_row_refreshed_while_it_waited_for_a_connection_w
         assert two.manager.planned_refresh_at() == one.manager.planned_refresh_at()
 
 
+async def test_a_claim_for_an_account_adopted_current_since_it_was_decided_locks_nothing(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The scheduler found the account due; before its refresh ran, another node refreshed
+    the account and this node adopted the row (the notification's re-read: the node was not
+    behind, so there was nothing to catch up). The refresh, asked for "if still needed",
+    sees the adopted tokens are current and locks nothing. The old code claimed the row on
+    the adopted generation, found it current and committed nothing: an idle hold, ten of
+    them in the e2e pause test's load failure, each after its account's adoption."""
+    emulator.settings.access_lifetime = 3
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session) as (one, two):
+        while not two.manager.needs_refresh(two.manager.clock()):
+            await asyncio.sleep(0.05)
+        new = await one.manager.refresh(force=True, reason="the first claimant")
+        assert new is not None
+        assert await two.fleet.reload("default") is not None
+        assert two.manager.notice_outside_changes()
+        calls = emulator.stats.refreshes_ok
+        kept = await two.manager.refresh(reason="due")
+        assert two.fleet.stats.idle_holds == 0
+        assert kept == new == two.manager.state
+        assert emulator.stats.refreshes_ok == calls
+        assert two.manager.planned_refresh_at() == one.manager.planned_refresh_at()
+
+
 @asynccontextmanager
 async def serving_node(config_path: Path) -> AsyncIterator[Daemon]:
     """The daemon's real Application for ``config_path`` on its Unix socket, in-process, so

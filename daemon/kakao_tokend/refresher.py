@@ -770,12 +770,17 @@ class AccountManager:
             return await self._refresh_held(force=force, reason=reason, min_valid=min_valid)
 
     async def _no_longer_due(self) -> bool:
-        """Return True when the store, brought up to date first because it had fallen behind
-        (a fleet node continued after a pause), shows that another process refreshed the
-        account meanwhile: adopted (and published) here, no hold needed, nothing to do."""
-        if not await self.store.catch_up() or self.status.write_pending:
+        """Return True when the account no longer needs the refresh that was decided for it:
+        another process refreshed it meanwhile, and its tokens are adopted already (a fleet
+        notification's re-read) or are adopted here from the store, brought up to date first
+        when it had fallen behind (a fleet node continued after a pause). No hold needed,
+        nothing to do. Without this look a claim decided before an adoption locked the row
+        only to find it current (an idle hold)."""
+        caught_up = await self.store.catch_up()
+        if self.status.write_pending:
             return False
-        self.notice_outside_changes()
+        if caught_up:
+            self.notice_outside_changes()
         return not self.needs_refresh(self.clock())
 
     async def _refresh_held(
