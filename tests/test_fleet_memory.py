@@ -12,22 +12,26 @@ import os
 import subprocess
 import sys
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from fleetkit import NODE, migrated, node_store, sample_state, write_store_config
 from kakao_tokend.config import Config, load_config
-from kakao_tokend.fleet import accounts, db
+from kakao_tokend.fleet import accounts, db, packed
 from kakao_tokend.fleet import store as fleet_store
-from kakao_tokend.fleet.accounts import RefreshStatus
+from kakao_tokend.fleet.accounts import AccountRow, RefreshStatus
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet.node import plan_for
+from kakao_tokend.fleet.packed import PackedState
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore, plan_of
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
+from kakao_tokend.scheduler import RefreshScheduler
+from kakao_tokend.state import AccountState
 from kakao_tokend.store import AccountStore
 
 
@@ -297,3 +301,186 @@ def test_a_heartbeat_gives_the_heap_back_after_growth_and_not_while_the_size_hol
     assert trims == [0, 0]
     assert not fleet_store.give_back_if_grown()
     assert trims == [0, 0]
+
+
+def let_go_of_made_states() -> None:
+    """Forget the states packed.py keeps alive for a moment after making them (RECENT)."""
+    packed._recent.clear()
+    gc.collect()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"user_id": None, "refreshed_at": None, "relogin_reason": "log in again"},
+        {"relogin_cause": "expired", "extras": {}},
+        {"user_id": 2**70},  # beyond the packed format: kept as objects
+    ],
+    ids=["full", "sparse", "relogin", "huge-user-id"],
+)
+def test_a_packed_state_gives_back_an_equal_state_and_the_same_object_while_held(
+    changes: dict[str, Any],
+) -> None:
+    """A state packed and made again is equal to the original in every field (a state
+    without optional values, a re-login mark and a value the format cannot hold too); while
+    anyone holds the object made, the packed state gives back that very object."""
+    original = replace(sample_state("shop"), **changes)
+    if not changes:  # the retired tokens' fingerprints too
+        retired = tuple(
+            replace(r, replaced=f"sha256:old{i}") for i, r in enumerate(original.rotations)
+        )
+        original = replace(original, rotations=retired)
+    kept = PackedState.of(original)
+    assert kept.state is original and kept.holds(original)
+    copy = replace(original)  # an equal object, not the original
+    del original
+    let_go_of_made_states()
+    made = kept.state
+    assert made == copy and made.tokens == copy.tokens
+    assert [r.replaced for r in made.rotations] == [r.replaced for r in copy.rotations]
+    assert made.user_id == copy.user_id and made.relogin_cause == copy.relogin_cause
+    assert kept.state is made and kept.generation == copy.generation
+    assert kept.token_times() == (copy.tokens.access_lifetime, copy.tokens.refresh_expires_at)
+    assert kept.renamed("shop").state == copy
+
+
+def test_a_cached_row_holds_no_state_objects_until_asked_and_one_bytes_object_for_them() -> None:
+    """A row keeps its state as one bytes object and a small holder: no AccountState,
+    TokenSet, token string or datetime of the state is alive once nobody uses them (a
+    node's 10,000 idle rows were about 1 KiB of such objects each)."""
+    state = sample_state("shop", rotations=1)
+    row = AccountRow(uid=uuid.uuid4().int, state=state, key_id="k1", due_at=None)
+    expected = replace(state)
+    del state
+    let_go_of_made_states()
+    held = gc.get_referents(row.packed)
+    blobs = [o for o in held if isinstance(o, bytes)]
+    assert len(blobs) == 1 and sys.getsizeof(blobs[0]) < 400
+    assert not any(isinstance(o, AccountState) for o in held)
+    assert not any(isinstance(o, AccountState) for o in gc.get_referents(row))
+    assert row.state == expected and row.generation == expected.generation
+
+
+async def test_an_idle_accounts_manager_keeps_the_rows_packed_state_not_a_copy(
+    tmp_path: Path,
+) -> None:
+    """An account's manager that adopted its cached row's state holds the row's packed
+    state, no AccountState of its own; what it serves is equal to the row's, the same object
+    while held, and the account is planned from the packed times (the heartbeat's walk)."""
+    config, fleet = many_accounts(tmp_path, ["shop"])
+    account = config.accounts["shop"]
+    fleet.keep_row(
+        AccountRow(uid=uuid.uuid4().int, state=sample_state("shop"), key_id="k1", due_at=None)
+    )
+    store = PgAccountStore(account, fleet)
+    session = create_session()
+    try:
+        manager = AccountManager(
+            account, store=store, client=KakaoClient(session, account.app), policy=config.refresh
+        )
+        store.planner = plan_for(manager)
+        manager.load()
+        let_go_of_made_states()
+        row = fleet.rows["shop"]
+        assert not any(isinstance(o, AccountState) for o in gc.get_referents(manager))
+        assert any(o is row.packed for o in gc.get_referents(manager))
+        served = manager.state
+        assert served is not None and served == row.state and manager.state is served
+        tokens = served.tokens
+        assert manager.token_times() == (tokens.access_lifetime, tokens.refresh_expires_at)
+        changed = replace(served, user_id=7)
+        manager.state = changed  # a change not in the store: held as it is
+        assert manager.state is changed
+        assert any(o is changed for o in gc.get_referents(manager))
+    finally:
+        await session.close()
+
+
+async def test_a_committed_state_is_held_packed_by_its_manager_after_the_hold(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """The refresher sets a new state before it is written (memory first); once the hold
+    committed it, the manager holds the cached row's packed copy of it instead, and the
+    object it still uses is the one it set."""
+    await migrated(pg_dsn)
+    config, _ = many_accounts(tmp_path, ["shop"])
+    keyring = config.store.keyring
+    assert keyring is not None
+    conn = await db.connect(pg_dsn, node=NODE, purpose="test")
+    async with conn:
+        added = await accounts.insert_account(
+            conn, keyring, sample_state("shop"), node=NODE, due_at=None
+        )
+        assert added is not None
+        await conn.commit()
+    fleet = node_store(config, pg_dsn, "web-1")
+    await fleet.open()
+    session = create_session()
+    try:
+        account = config.accounts["shop"]
+        store = fleet.account_store(account)
+        manager = AccountManager(
+            account, store=store, client=KakaoClient(session, account.app), policy=config.refresh
+        )
+        store.planner = plan_for(manager)
+        manager.load()
+        current = manager.state
+        assert current is not None
+        newer = replace(current, generation=current.generation + 1)
+        manager.state = newer
+        assert any(o is newer for o in gc.get_referents(manager))
+        async with store.hold(1.0):
+            store.save(newer)
+        row = fleet.rows["shop"]
+        assert row.generation == newer.generation
+        assert any(o is row.packed for o in gc.get_referents(manager))
+        assert manager.state is newer
+    finally:
+        await session.close()
+        await fleet.close()
+
+
+def test_the_heartbeat_walks_the_accounts_only_after_a_state_or_the_accounts_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The beat is asked twice a heartbeat and depends on every account's tokens: it reads
+    them again only after some state was set or an account came or went, and then follows
+    the shortest lifetime at once."""
+    config, fleet = many_accounts(tmp_path, ["shop", "bot"])
+    walks: list[str] = []
+    token_times = AccountManager.token_times
+
+    def counting(self: AccountManager) -> Any:
+        walks.append(self.name)
+        return token_times(self)
+
+    monkeypatch.setattr(AccountManager, "token_times", counting)
+    scheduler = RefreshScheduler(heartbeat=60.0)
+    managers = []
+    for name in ("shop", "bot"):
+        account = config.accounts[name]
+        manager = AccountManager(
+            account,
+            store=PgAccountStore(account, fleet),
+            client=cast(KakaoClient, None),
+            policy=config.refresh,
+        )
+        manager.state = sample_state(name)
+        scheduler.managers[name] = manager
+        managers.append(manager)
+    first = scheduler.interval()
+    assert sorted(walks) == ["bot", "shop"]
+    assert scheduler.interval() == first
+    assert len(walks) == 2
+    state = managers[0].state
+    assert state is not None
+    short = replace(
+        state.tokens, access_expires_at=state.tokens.access_issued_at + timedelta(seconds=8)
+    )
+    managers[0].state = replace(state, tokens=short)
+    assert scheduler.interval() < first
+    assert len(walks) == 4
+    scheduler.remove("shop")
+    assert scheduler.interval() == first
+    assert walks[4:] == ["bot"]

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import (
@@ -89,6 +89,24 @@ LONGEST_STEP = 64
 KAKAO_ROTATION_WINDOW = RefreshPolicy().rotation_window
 
 
+#: Bumped at every assignment of any manager's state: the scheduler's beat, computed from
+#: every account's tokens, is current while this has not moved (RefreshScheduler.interval).
+_state_changes = 0
+
+
+def state_changes() -> int:
+    """Return how many times a manager's state was assigned (see RefreshScheduler.interval)."""
+    return _state_changes
+
+
+class Packed(Protocol):
+    """An account's state kept packed by its store (fleet/packed.py PackedState)."""
+
+    @property
+    def state(self) -> AccountState: ...
+    def token_times(self) -> tuple[timedelta, datetime]: ...
+
+
 class AccountManager:
     """Keeps one account's token set fresh; every refresh of that account goes through here."""
 
@@ -101,6 +119,7 @@ class AccountManager:
         "_busy",
         "_disk_signature",
         "_planned_refresh_at",
+        "_state",
         "account",
         "client",
         "clock",
@@ -108,7 +127,6 @@ class AccountManager:
         "monotonic",
         "policy",
         "rng",
-        "state",
         "status",
         "store",
     )
@@ -133,7 +151,7 @@ class AccountManager:
         self.clock = clock
         self.rng = rng or SHARED_RNG
         self.monotonic = monotonic
-        self.state: AccountState | None = None
+        self._state: AccountState | Packed | None = None
         self.status = AccountStatus()
         #: The listeners every account of a daemon shares (Daemon.listeners: one list, not
         #: one per account); told before this manager's own.
@@ -169,6 +187,44 @@ class AccountManager:
     def name(self) -> str:
         """Return the account's name."""
         return self.account.name
+
+    @property
+    def state(self) -> AccountState | None:
+        """Return the account's state (None: no tokens yet)."""
+        held = self._state
+        if held is None or isinstance(held, AccountState):
+            return held
+        return held.state  # packed (fleet mode): the same object while anyone holds it
+
+    @state.setter
+    def state(self, state: AccountState | None) -> None:
+        global _state_changes
+        _state_changes += 1
+        # A store that keeps idle states packed (fleet/store.py, packed_state) holds an
+        # adopted state as its cached row's: 10,000 idle accounts on a node would otherwise
+        # keep theirs as objects (docs/benchmarks.md, "Memory, seventh session").
+        pack: Callable[[AccountState], AccountState | Packed] | None = getattr(
+            self.store, "packed_state", None
+        )
+        self._state = state if state is None or pack is None else pack(state)
+
+    def token_times(self) -> tuple[timedelta, datetime] | None:
+        """Return the access token's lifetime and the refresh token's expiry (None: no
+        tokens) without making a packed state's objects (the heartbeat asks every account)."""
+        held = self._state
+        if held is None:
+            return None
+        if isinstance(held, AccountState):
+            tokens = held.tokens
+            return tokens.access_lifetime, tokens.refresh_expires_at
+        return held.token_times()
+
+    def repack_state(self) -> None:
+        """Keep the state packed again when the store's cached row now holds it (fleet mode:
+        after a commit of the state this manager set before it was written)."""
+        held = self._state
+        if isinstance(held, AccountState):
+            self.state = held
 
     @property
     def listeners(self) -> list[EventListener]:

@@ -35,12 +35,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from .config import REFRESH_HEARTBEAT
 from .kakao import CONNECTION_LIMIT
-from .refresher import AccountManager
+from .refresher import AccountManager, state_changes
 from .status import AccountEvent, Health
 from .tokens import heartbeat_interval
 
@@ -238,6 +238,12 @@ class RefreshScheduler:
         self.heartbeat = heartbeat
         self.max_running = max_running
         self.managers: dict[str, AccountManager] = {}
+        #: Bumped by add and remove; with refresher.state_changes, when interval() last
+        #: walked the accounts, and what it found (the shortest access lifetime, the first
+        #: refresh token to die; None: no tokens).
+        self._members = 0
+        self._times_seen: tuple[int, int] | None = None
+        self._times: tuple[timedelta, datetime] | None = None
         #: time.monotonic() of the last heartbeat; the watchdog stops pinging when it is stale.
         self.last_beat = time.monotonic()
         #: Set by shutdown(): from then on nothing new is planned or started.
@@ -306,14 +312,23 @@ class RefreshScheduler:
         than half of what the first refresh token to die has left (tokens.within_refresh_life):
         after the wall clock went back, the beat is what runs a retry kept on the monotonic
         clock, and a 60 s beat would run it after a refresh token dying in 5 s."""
-        tokens = [m.state.tokens for m in self.managers.values() if m.state]
-        if not tokens:
+        # Walked again only when a state or the set of accounts changed: asked twice a beat,
+        # and a fleet node's 10,000 idle accounts keep their states packed (token_times reads
+        # them without making their objects, still a microsecond each).
+        seen = (state_changes(), self._members)
+        if seen != self._times_seen:
+            times = [t for m in self.managers.values() if (t := m.token_times()) is not None]
+            self._times = (
+                (min(life for life, _ in times), min(dies for _, dies in times)) if times else None
+            )
+            self._times_seen = seen
+        if self._times is None:
             return heartbeat_interval(self.heartbeat, REFRESH_HEARTBEAT, None)
-        dies = min(t.refresh_expires_at for t in tokens)
+        shortest, dies = self._times
         return heartbeat_interval(
             self.heartbeat,
             REFRESH_HEARTBEAT,
-            min(t.access_lifetime for t in tokens),
+            shortest,
             (dies - self._now()).total_seconds(),
         )
 
@@ -334,12 +349,14 @@ class RefreshScheduler:
     def add(self, manager: AccountManager) -> None:
         """Start scheduling ``manager``'s account."""
         self.managers[manager.name] = manager
+        self._members += 1
         manager.listen(self._listener)
         self.plan(manager)
 
     def remove(self, name: str) -> AccountManager | None:
         """Stop scheduling an account (removed from the config); a run not started is dropped."""
         manager = self.managers.pop(name, None)
+        self._members += 1
         self._due.discard(name)
         self._watch.discard(name)
         if manager is not None:

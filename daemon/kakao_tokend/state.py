@@ -26,7 +26,9 @@ class Rotation:
     replaced: str | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+# weakref_slot: a fleet node keeps idle accounts' states packed and hands out the same object
+# while anyone holds it (fleet/packed.py); 8 bytes more per state.
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class AccountState:
     """An account's token set plus bookkeeping; written whole to the private state file."""
 

@@ -16,17 +16,16 @@ import json
 import sys
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import FrozenInstanceError, dataclass, replace
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, LiteralString, Protocol
 
 from ..errors import TokenDecryptError
 from ..state import MAX_ROTATIONS_KEPT, AccountState, Rotation
-from ..tokens import TokenSet
 from . import missing_extra
 from .crypto import Keyring
 from .db import store_errors
+from .packed import EMPTY, PackedState
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -69,22 +68,71 @@ class RefreshStatus:
     rotation_missed_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class AccountRow:
-    """An account as the store holds it, tokens decrypted (a node caches one per account)."""
+    """An account as the store holds it, tokens decrypted (a node caches one per account).
+
+    Immutable. The state is kept packed (fleet/packed.py): :attr:`state` makes its objects
+    when asked, the same object while anyone holds it. A node's 10,000 cached rows sit idle
+    for hours, and their states as objects were most of its memory (docs/benchmarks.md).
+    """
+
+    __slots__ = ("due_at", "key_id", "packed", "refreshed_by", "status", "uid", "updated_at")
 
     #: The row's id (a UUID) as its 128-bit number: a ``uuid.UUID`` is an object more,
     #: 56 bytes of each of a node's 10,000 cached rows (:attr:`id` makes one when asked).
     uid: int
-    state: AccountState
+    #: The account's state, packed.
+    packed: PackedState
     #: The key that sealed this row's tokens.
     key_id: str
     #: When a node should claim the account (database clock); None: never (re-login needed).
     due_at: datetime | None
     #: The node that produced the current token set (None: not known, e.g. after an import).
-    refreshed_by: str | None = None
-    status: RefreshStatus = field(default_factory=RefreshStatus)
-    updated_at: datetime | None = None
+    refreshed_by: str | None
+    status: RefreshStatus
+    updated_at: datetime | None
+
+    def __init__(
+        self,
+        uid: int,
+        state: AccountState | PackedState,
+        key_id: str,
+        due_at: datetime | None,
+        refreshed_by: str | None = None,
+        status: RefreshStatus | None = None,
+        updated_at: datetime | None = None,
+    ) -> None:
+        put = object.__setattr__
+        put(self, "uid", uid)
+        put(self, "packed", state if isinstance(state, PackedState) else PackedState.of(state))
+        put(self, "key_id", key_id)
+        put(self, "due_at", due_at)
+        put(self, "refreshed_by", refreshed_by)
+        put(self, "status", _HEALTHY if status is None else status)
+        put(self, "updated_at", updated_at)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    @property
+    def state(self) -> AccountState:
+        """Return the account's state (made from the packed values when nobody holds it)."""
+        return self.packed.state
+
+    def with_state(self, state: AccountState | PackedState) -> AccountRow:
+        """Return this row holding ``state`` (or that packed state, shared) instead."""
+        return AccountRow(
+            self.uid,
+            state,
+            self.key_id,
+            self.due_at,
+            self.refreshed_by,
+            self.status,
+            self.updated_at,
+        )
 
     @property
     def id(self) -> uuid.UUID:
@@ -94,12 +142,35 @@ class AccountRow:
     @property
     def name(self) -> str:
         """Return the account's name."""
-        return self.state.account
+        return self.packed.account
 
     @property
     def generation(self) -> int:
         """Return the generation the row is at (the compare-and-swap value)."""
-        return self.state.generation
+        return self.packed.generation
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AccountRow):
+            return NotImplemented
+        return (
+            self.uid == other.uid
+            and self.key_id == other.key_id
+            and self.due_at == other.due_at
+            and self.refreshed_by == other.refreshed_by
+            and self.status == other.status
+            and self.updated_at == other.updated_at
+            and self.packed.same_as(other.packed)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.uid, self.generation))
+
+    def __repr__(self) -> str:
+        return (
+            f"AccountRow(uid={self.uid!r}, state={self.state!r}, key_id={self.key_id!r},"
+            f" due_at={self.due_at!r}, refreshed_by={self.refreshed_by!r},"
+            f" status={self.status!r}, updated_at={self.updated_at!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -569,7 +640,7 @@ async def _select(conn: AsyncConnection[Any], query: LiteralString, **params: An
 #: classes): one string each instead of one per row. Bounded: only strings this short.
 _INTERN_UP_TO = 200
 #: The shared empty ``extra``/``extras``: most rows have none, and an empty dict is 64 bytes.
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_EMPTY = EMPTY
 
 
 #: The status of every row that never failed: one object for all of them.
@@ -605,47 +676,39 @@ def _row(
     refresh_token = unseal("refresh_token")
     assert access_token is not None and refresh_token is not None  # NOT NULL columns
     extra_text = unseal("token_extra")
-    access_issued_at = raw["access_issued_at"].astimezone(UTC)
-    refresh_issued_at = _utc(raw["refresh_issued_at"])
-    if refresh_issued_at == access_issued_at:
-        refresh_issued_at = access_issued_at  # issued together (a login, a rotation): one object
-    tokens = TokenSet(
+    refreshed_at = raw["refreshed_at"]
+    times = raw["rotation_times"] or ()
+    # Packed at once: no AccountState or TokenSet is made for a row nobody uses yet.
+    state = PackedState.pack(
+        name,
+        generation=raw["generation"],
+        user_id=raw["user_id"],
         access_token=access_token,
         refresh_token=refresh_token,
-        access_expires_at=raw["access_expires_at"].astimezone(UTC),
-        refresh_expires_at=raw["refresh_expires_at"].astimezone(UTC),
-        access_issued_at=access_issued_at,
-        refresh_issued_at=refresh_issued_at,
-        refresh_expiry_estimated=raw["refresh_expiry_estimated"],
-        token_type=sys.intern(raw["token_type"]),
-        scope=_shared(raw["scope"]),
         id_token=unseal("id_token"),
-        extra=json.loads(extra_text) if extra_text else _EMPTY,
-    )
-    refreshed_at = _utc(raw["refreshed_at"])
-    if refreshed_at == access_issued_at:
-        refreshed_at = access_issued_at
-    times = raw["rotation_times"] or ()
-    rotations = tuple(
-        # The newest rotation is usually the refresh that made these tokens: one object.
-        Rotation(refreshed_at if at == refreshed_at else at.astimezone(UTC), fingerprint, replaced)
-        for at, fingerprint, replaced in zip(
-            times,
-            raw["rotation_fingerprints"] or (),
-            raw["rotation_replaced"] or (None,) * len(times),
-            strict=True,
-        )
-    )
-    state = AccountState(
-        account=name,
-        tokens=tokens,
-        generation=raw["generation"],
+        access_expires_at=raw["access_expires_at"],
+        refresh_expires_at=raw["refresh_expires_at"],
+        access_issued_at=raw["access_issued_at"],
+        refresh_issued_at=raw["refresh_issued_at"],
+        refresh_expiry_estimated=raw["refresh_expiry_estimated"],
         refreshed_at=refreshed_at,
-        rotations=rotations,
-        relogin_reason=raw["relogin_reason"],
-        relogin_cause=_shared(raw["relogin_cause"]),
-        user_id=raw["user_id"],
-        extras=raw["extras"] or _EMPTY,
+        rotations=[
+            Rotation(at.astimezone(UTC), fingerprint, replaced)
+            for at, fingerprint, replaced in zip(
+                times,
+                raw["rotation_fingerprints"] or (),
+                raw["rotation_replaced"] or (None,) * len(times),
+                strict=True,
+            )
+        ],
+        refs=(
+            sys.intern(raw["token_type"]),
+            _shared(raw["scope"]),
+            raw["relogin_reason"],
+            _shared(raw["relogin_cause"]),
+            raw["extras"] or _EMPTY,
+            json.loads(extra_text) if extra_text else _EMPTY,
+        ),
     )
     status = RefreshStatus(
         attempts=raw["attempts"],

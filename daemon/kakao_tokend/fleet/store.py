@@ -84,6 +84,7 @@ from .db import (
     open_pool,
     store_errors,
 )
+from .packed import PackedState
 from .turns import LIVE_HEARTBEATS, claim_delay, live_nodes
 
 if TYPE_CHECKING:
@@ -158,6 +159,7 @@ class PlanSource(Protocol):
     @property
     def status(self) -> Failures: ...
     def planned_refresh_at(self) -> datetime | None: ...
+    def repack_state(self) -> None: ...
 
 
 #: What a store asks as a hold ends: the manager itself (a node's 10,000 accounts: no
@@ -359,7 +361,7 @@ class FleetStore:
         was read; None: none known). Kept as rows change: asked for every account a node
         plans, it must not walk all of them."""
         if self._shortest_life is None and self.rows:
-            self._shortest_life = min(r.state.tokens.access_lifetime for r in self.rows.values())
+            self._shortest_life = min(r.packed.access_lifetime for r in self.rows.values())
         return self._shortest_life if self.rows else self.lifetime_hint
 
     def _row_changed(self, old: AccountRow | None, new: AccountRow | None) -> None:
@@ -367,10 +369,10 @@ class FleetStore:
         shortest = self._shortest_life
         if shortest is None:
             return  # found again when asked
-        life = new.state.tokens.access_lifetime if new is not None else None
+        life = new.packed.access_lifetime if new is not None else None
         if life is not None and life <= shortest:
             self._shortest_life = life
-        elif old is not None and old.state.tokens.access_lifetime <= shortest:
+        elif old is not None and old.packed.access_lifetime <= shortest:
             self._shortest_life = None  # the shortest one grew or went: look again
 
     def drop_row(self, name: str) -> None:
@@ -574,7 +576,7 @@ class FleetStore:
         """
         if self.rows.get(name) is row:
             del self.rows[name]  # the key object is the old one until it is removed
-        row = replace(row, state=replace(row.state, account=name))
+        row = row.with_state(row.packed.renamed(name))
         self.rows[name] = row
         return row
 
@@ -802,12 +804,17 @@ class FleetStore:
         tokens for every account the node refreshed otherwise.
         """
         cached = self.rows.get(row.name)
-        if cached is not None and cached.state is not row.state and cached.state == row.state:
-            row = replace(row, state=cached.state)
-        elif len(row.state.rotations) > CACHED_ROTATIONS:
-            row = replace(
-                row, state=replace(row.state, rotations=row.state.rotations[-CACHED_ROTATIONS:])
-            )
+        if (
+            cached is not None
+            and cached.packed is not row.packed
+            and cached.packed.same_as(row.packed)
+        ):
+            # The packed state itself: an account's manager holding it (an idle account)
+            # keeps no second copy alive.
+            row = row.with_state(cached.packed)
+        elif row.packed.rotation_count > CACHED_ROTATIONS:
+            state = row.state
+            row = row.with_state(replace(state, rotations=state.rotations[-CACHED_ROTATIONS:]))
         self._row_changed(cached, row)
         self.rows[row.name] = row
         self.unreadable.pop(row.name, None)
@@ -1141,6 +1148,15 @@ class PgAccountStore:
             row = self.fleet.share_name(row, self.name)
         return row.state
 
+    def packed_state(self, state: AccountState) -> AccountState | PackedState:
+        """Return how the account's manager keeps ``state``: the cached row's packed state
+        when ``state`` is that row's (an idle account: its objects are made when asked, see
+        fleet/packed.py), else ``state`` itself (a change not committed yet, a rescue)."""
+        row = self.fleet.rows.get(self.name)
+        if row is not None and row.packed.holds(state):
+            return row.packed
+        return state
+
     def state_signature(self) -> int | None:
         """Return the row's generation (None: no row), the compare-and-swap value.
 
@@ -1342,7 +1358,7 @@ class PgAccountStore:
                         await notify_changed(conn, self.name, row.generation)
                         written = AccountRow(
                             uid=row.uid,
-                            state=row.state,
+                            state=row.packed,
                             key_id=row.key_id,
                             due_at=due_at,
                             refreshed_by=row.refreshed_by,
@@ -1379,6 +1395,8 @@ class PgAccountStore:
             fleet.keep_row(written)
             if held.staged is not None:
                 fleet.stats.commits += 1
+            if planner is not None and not callable(planner):
+                planner.repack_state()  # the manager's state is the committed row's now
 
     async def _write(
         self,
