@@ -401,3 +401,28 @@ async def test_once_a_refused_database_is_back_the_next_borrowing_renews_the_poo
     # A connect, the pool's first connection and its check on loopback: a few tens of ms;
     # the old code's wait on the dead pool alone was 1 s.
     assert took < 0.6, f"the first borrowing after the outage took {took:.2f}s"
+
+
+async def test_borrowings_waiting_together_after_an_outage_renew_the_pool_once(
+    proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several claims find the store down and the pool empty at once: the first renews the
+    pool, the others, which waited for that renewal, borrow from the new pool instead of
+    replacing it again (each replacement closes the pool the others just got)."""
+    fleet, proxy = proxied
+    proxy.refuse()
+    proxy.cut()
+    with pytest.raises(StoreUnavailable):
+        async with fleet.connection("read the store's accounts") as conn:
+            await conn.execute("SELECT 1")
+    assert not fleet.stats.up
+    proxy.accept()
+    caplog.set_level(logging.INFO, logger="kakao_tokend.fleet.store")
+
+    async def borrow() -> None:
+        async with fleet.connection("read the store's accounts") as conn:
+            await conn.execute("SELECT 1")
+
+    await asyncio.gather(borrow(), borrow())
+    renewals = [r for r in caplog.records if "pool renewed" in r.getMessage()]
+    assert len(renewals) == 1, [r.getMessage() for r in renewals]
