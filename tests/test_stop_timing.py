@@ -166,6 +166,39 @@ async def test_stop_extends_the_systemd_timeout_while_a_refresh_is_in_flight(
     assert daemon.state()["generation"] == 2
 
 
+async def test_a_stop_that_takes_long_says_in_the_log_what_it_waits_for(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A stop still under way after REPORT_STOP_EVERY names its step and the await it is in.
+
+    An operator whose `systemctl stop` takes long (or a test whose daemon did not exit)
+    learns from the journal which of the stop's deadlines is running out.
+    """
+    emulator.settings.access_lifetime = 3
+    config = write_config(tmp_path, emulator, timeout="9s")
+    await login(emulator, config)
+    delay = daemon_module.REPORT_STOP_EVERY + 0.8
+    emulator.inject("token", "slow", count=1, delay=delay)
+    daemon = await start_daemon(config)
+    await daemon.wait_for(
+        lambda: emulator.stats.faults_fired["slow"] == 1, timeout=10, what="refresh in flight"
+    )
+    daemon.send(signal.SIGTERM)
+    code = await asyncio.wait_for(daemon.proc.wait(), 30)
+    log = daemon.log_text()
+    assert code == 0, log[-3000:]
+    reports = [line for line in log.splitlines() if "the stop is still under way" in line]
+    assert len(reports) == 1, log[-3000:]
+    # The refresh in flight at the signal is the scheduler's running job: the stop's step,
+    # and the main task's chain through aiohttp's cleanup and our context to the wait.
+    assert "waiting for the scheduler's running jobs" in reports[0]
+    assert ": serve (service.py:" in reports[0]
+    assert "_scheduler_ctx (service.py:" in reports[0]
+    assert "drain (scheduler.py:" in reports[0]
+    assert "tasks.py" not in reports[0]
+    assert daemon.state()["generation"] == 2  # the slow answer was still saved
+
+
 async def test_stop_waits_for_a_slow_refresh_as_long_as_its_request_may_take(
     emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ from .errors import ConfigError, StoreError, StoreLocked
 from .kakao import KakaoClient
 from .refresher import AccountManager
 from .scheduler import RefreshScheduler
+from .slowstop import pending_awaits
 from .status import EventListener, Health
 from .storage import AccountStorage
 from .store import (
@@ -55,6 +56,10 @@ STOP_GRACE = 20.0
 #: While a refresh is still in flight during a stop, EXTEND_TIMEOUT_USEC goes to systemd this
 #: often, each time asking for three times as long (so one lost datagram costs nothing).
 EXTEND_EVERY = 5.0
+#: A stop still under way after this long says in the log what it waits for, and again as
+#: often: a clean stop with nothing in flight takes well under a second, a long one is one
+#: of its deadlines running out (service.stop_budget), and the journal should say which.
+REPORT_STOP_EVERY = EXTEND_EVERY
 #: Up to this many accounts, the start-up log and systemd's STATUS= name every account; with
 #: more, only those that need attention (a line for each of a thousand healthy accounts would
 #: bury them, and cost a start as much as loading them).
@@ -88,6 +93,8 @@ class Daemon:
     _instance_lock: FileLock | None = None
     _stopping: bool = False
     _extender: asyncio.Task[None] | None = None
+    #: What the stop is doing now, in words (the cleanup contexts set it; see stop_step).
+    _stop_step: str = "closing the local API"
     #: Watches the state directories for files other processes write (set up by the service).
     watcher: StateWatcher | None = None
     #: Fleet mode: the PostgreSQL store and its listener (None with the file store).
@@ -418,18 +425,33 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown()
         systemd.stopping("stopping: finishing in-flight refreshes")
-        self._extender = asyncio.get_running_loop().create_task(self._extend_while_refreshing())
+        self._extender = asyncio.get_running_loop().create_task(self._watch_stop())
 
-    async def _extend_while_refreshing(self) -> None:
-        """Ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a refresh is in flight."""
+    def stop_step(self, what: str) -> None:
+        """Say what the stop does now (\"waiting for in-flight refreshes\"), for its reports."""
+        self._stop_step = what
+
+    async def _watch_stop(self) -> None:
+        """While a stop runs: ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a
+        refresh is in flight, and every REPORT_STOP_EVERY log what the stop waits for."""
         last: float | None = None
         loop = asyncio.get_running_loop()
+        began = loop.time()
+        report_at = began + REPORT_STOP_EVERY
         while True:
             if any(m.refreshing for m in self.managers.values()) and (
                 last is None or loop.time() - last >= EXTEND_EVERY
             ):
                 systemd.extend_timeout(3 * EXTEND_EVERY)
                 last = loop.time()
+            if loop.time() >= report_at:
+                report_at += REPORT_STOP_EVERY
+                log.warning(
+                    "the stop is still under way after %.0fs: %s; waiting in %s",
+                    loop.time() - began,
+                    self._stop_step,
+                    pending_awaits(skip=asyncio.current_task()),
+                )
             await asyncio.sleep(0.2)
 
     async def end_stop(self) -> None:

@@ -164,6 +164,7 @@ async def _hooks_ctx(app: web.Application) -> AsyncIterator[None]:
     runner.daemon.reload_listeners.append(runner.baseline)  # accounts given hooks by a reload
     yield
     runner.daemon.reload_listeners.remove(runner.baseline)
+    runner.daemon.stop_step("ending running hooks")
     await runner.close()
 
 

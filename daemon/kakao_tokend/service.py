@@ -144,6 +144,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     daemon.session = create_session()
     yield
+    daemon.stop_step("closing the HTTP session")
     await daemon.session.close()
 
 
@@ -190,6 +191,7 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         len(fleet.rows),
     )
     yield
+    daemon.stop_step("closing the PostgreSQL store (the node's row, the pool)")
     await fleet.close()
     daemon.fleet = None
 
@@ -291,6 +293,7 @@ async def _fleet_node_ctx(app: web.Application) -> AsyncIterator[None]:
     # re-read and published first (bounded: a database that does not answer delays nothing).
     await node.start(wait=daemon.fleet.deadline)
     yield
+    daemon.stop_step("stopping the fleet listener and poll")
     await node.stop()
     daemon.fleet_node = None
 
@@ -302,12 +305,14 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     # Reverse order: the scheduler is already stopped; let every in-flight refresh finish
     # and be persisted, then make one last try to write a state the disk refused.
     grace = _refresh_grace(daemon)
+    daemon.stop_step(f"waiting for in-flight refreshes (up to {grace:g}s)")
     results = await asyncio.gather(*(m.wait_idle(grace) for m in daemon.managers.values()))
     if not all(results):
         log.error("a refresh was still running after %ss; stopping anyway", grace)
     # All at once: on a silent database each write gives up only after its deadline, and the
     # tokens are in the rescue files already; one after another, a stop took that per account.
     managers = list(daemon.managers.values())
+    daemon.stop_step("writing the last states")
     flushed = await asyncio.gather(*(m.flush() for m in managers))
     for manager, clean in zip(managers, flushed, strict=True):
         if not clean:
@@ -347,8 +352,10 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     periodic.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await periodic
+    daemon.stop_step(f"delivering queued alerts (up to {CLOSE_GRACE:g}s)")
     await center.close()
     if book is not None:
+        daemon.stop_step("writing the alert bookkeeping to the store")
         await book.close(CLOSE_GRACE)
     daemon.alerts = None
 
@@ -385,6 +392,7 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     if daemon.scheduler is not None:
         daemon.scheduler.shutdown()
+        daemon.stop_step("waiting for the scheduler's running jobs")
         await daemon.scheduler.drain(_refresh_grace(daemon))
 
 
@@ -412,6 +420,7 @@ async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     watcher, daemon.watcher = daemon.watcher, None
     if watcher is not None:
+        daemon.stop_step("closing the state-file watch")
         await watcher.close()
 
 
@@ -594,6 +603,7 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         daemon.begin_stop()
+        daemon.stop_step(f"draining the local API (up to {API_SHUTDOWN_TIMEOUT:g}s)")
         try:
             await runner.cleanup()
         finally:

@@ -202,6 +202,7 @@ async def _templates_ctx(app: web.Application) -> AsyncIterator[None]:
     runner = app[TEMPLATES]
     runner.render_all()
     yield
+    runner.daemon.stop_step("ending template renders")
     await runner.close()
 
 
