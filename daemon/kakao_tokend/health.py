@@ -31,9 +31,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import exitcodes
-from .config import KAKAO_TIMEOUT, AccountConfig, AlertsConfig, RefreshPolicy
+from .config import AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import StoreError
 from .i18n import N_, Duration, Message
+from .kakao import request_timeouts
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
@@ -43,8 +44,6 @@ from .tokens import (
     format_local_time,
     format_time,
     kakao_scale,
-    request_timeout,
-    request_timeout_share,
 )
 
 __all__ = [
@@ -681,13 +680,8 @@ def _held_for_retry(
     retry_at = status.next_attempt_at
     if status.attempt > 1 or retry_at is None:
         return None
-    wait = request_timeout(
-        account.app.timeout,
-        KAKAO_TIMEOUT,
-        tokens.access_lifetime,
-        (tokens.refresh_expires_at - retry_at).total_seconds(),
-        share=request_timeout_share(policy.refresh_at, policy.jitter),
-    )
+    refresh_left = (tokens.refresh_expires_at - retry_at).total_seconds()
+    wait, _ = request_timeouts(account.app, policy, tokens.access_lifetime, refresh_left)
     ends = retry_at + timedelta(seconds=wait)
     return ends if ends < tokens.access_expires_at else None
 

@@ -99,6 +99,7 @@ __all__ = [
     "create_session",
     "new_pkce_pair",
     "new_state",
+    "request_timeouts",
 ]
 
 log = logging.getLogger(__name__)
@@ -367,11 +368,28 @@ class _Response:
         return f"{kind}, {len(self.body)} bytes"
 
 
+def request_timeouts(
+    app: KakaoApp, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
+) -> tuple[float, float]:
+    """Return (total, connect): how long a Kakao request may wait for an answer and for its
+    connection. The app's ``timeout`` and ``connect_timeout``, fitted to a token living
+    ``lifetime`` and to ``policy`` when left at their defaults, and never past half of the
+    refresh token's remaining life (``refresh_left`` s), set by hand or not
+    (tokens.request_timeout). The client waits this long; health waits as long for a retry
+    before it pages (health._held_for_retry)."""
+    share = request_timeout_share(policy.refresh_at, policy.jitter)
+    total = request_timeout(app.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
+    connect = request_timeout(
+        app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
+    )
+    return total, min(connect, total)
+
+
 class KakaoClient:
     """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
 
     # One per account: slots keep a thousand of them small.
-    __slots__ = ("_app", "_clock", "_session", "_timeout_share")
+    __slots__ = ("_app", "_clock", "_policy", "_session")
 
     def __init__(
         self,
@@ -386,8 +404,7 @@ class KakaoClient:
         self._session = session
         self._app = app
         self._clock = clock
-        policy = policy or RefreshPolicy()
-        self._timeout_share = request_timeout_share(policy.refresh_at, policy.jitter)
+        self._policy = policy or RefreshPolicy()
 
     @property
     def app(self) -> KakaoApp:
@@ -625,12 +642,8 @@ class KakaoClient:
         left = None
         if refresh_expires_at is not None:
             left = (refresh_expires_at - self._clock()).total_seconds()
-        share = self._timeout_share
-        total = request_timeout(self._app.timeout, KAKAO_TIMEOUT, lifetime, left, share=share)
-        connect = request_timeout(
-            self._app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, left, share=share
-        )
-        return aiohttp.ClientTimeout(total=total, connect=min(connect, total), sock_read=total)
+        total, connect = request_timeouts(self._app, self._policy, lifetime, left)
+        return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:
         body = await self._kapi("POST", path, access_token)
