@@ -1138,5 +1138,4 @@ def test_no_aiohttp_names_leak_from_module() -> None:
         "create_session",
         "new_pkce_pair",
         "new_state",
-        "request_timeouts",
     }

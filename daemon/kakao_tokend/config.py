@@ -19,6 +19,7 @@ import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 from . import paths
 from .errors import ConfigError
 from .i18n import LANGUAGES
+from .tokens import request_timeout, request_timeout_share
 
 if TYPE_CHECKING:  # imported only when a store key is configured
     from .fleet.crypto import Keyring
@@ -644,6 +646,22 @@ class KakaoApp:
             object.__setattr__(self, "client_secret_source", "inline")
         if self.client_secret is None and self.client_secret_source is not None:
             object.__setattr__(self, "client_secret_source", None)
+
+    def request_timeouts(
+        self, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
+    ) -> tuple[float, float]:
+        """Return (total, connect): how long a Kakao request may wait for an answer and for
+        its connection. ``timeout`` and ``connect_timeout``, fitted to a token living
+        ``lifetime`` and to ``policy`` when left at their defaults, and never past half of the
+        refresh token's remaining life (``refresh_left`` s), set by hand or not
+        (tokens.request_timeout). The client waits this long (kakao.py), and health as long
+        for a retry before it pages (health._held_for_retry)."""
+        share = request_timeout_share(policy.refresh_at, policy.jitter)
+        total = request_timeout(self.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
+        connect = request_timeout(
+            self.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
+        )
+        return total, min(connect, total)
 
 
 @dataclass(frozen=True)

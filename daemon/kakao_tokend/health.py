@@ -34,7 +34,6 @@ from . import exitcodes
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import StoreError
 from .i18n import N_, Duration, Message
-from .kakao import request_timeouts
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
@@ -681,7 +680,7 @@ def _held_for_retry(
     if status.attempt > 1 or retry_at is None:
         return None
     refresh_left = (tokens.refresh_expires_at - retry_at).total_seconds()
-    wait, _ = request_timeouts(account.app, policy, tokens.access_lifetime, refresh_left)
+    wait, _ = account.app.request_timeouts(policy, tokens.access_lifetime, refresh_left)
     ends = retry_at + timedelta(seconds=wait)
     return ends if ends < tokens.access_expires_at else None
 

@@ -71,7 +71,7 @@ import aiohttp
 from yarl import URL
 
 from . import __version__
-from .config import KAKAO_CONNECT_TIMEOUT, KAKAO_TIMEOUT, KakaoApp, RefreshPolicy
+from .config import KakaoApp, RefreshPolicy
 from .errors import (
     KakaoConfigError,
     KakaoError,
@@ -87,8 +87,6 @@ from .tokens import (
     TokenSet,
     fingerprint,
     format_duration,
-    request_timeout,
-    request_timeout_share,
     utcnow,
 )
 
@@ -99,7 +97,6 @@ __all__ = [
     "create_session",
     "new_pkce_pair",
     "new_state",
-    "request_timeouts",
 ]
 
 log = logging.getLogger(__name__)
@@ -368,23 +365,6 @@ class _Response:
         return f"{kind}, {len(self.body)} bytes"
 
 
-def request_timeouts(
-    app: KakaoApp, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
-) -> tuple[float, float]:
-    """Return (total, connect): how long a Kakao request may wait for an answer and for its
-    connection. The app's ``timeout`` and ``connect_timeout``, fitted to a token living
-    ``lifetime`` and to ``policy`` when left at their defaults, and never past half of the
-    refresh token's remaining life (``refresh_left`` s), set by hand or not
-    (tokens.request_timeout). The client waits this long; health waits as long for a retry
-    before it pages (health._held_for_retry)."""
-    share = request_timeout_share(policy.refresh_at, policy.jitter)
-    total = request_timeout(app.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
-    connect = request_timeout(
-        app.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
-    )
-    return total, min(connect, total)
-
-
 class KakaoClient:
     """Calls Kakao's OAuth (kauth) and resource (kapi) endpoints for one app."""
 
@@ -642,7 +622,7 @@ class KakaoClient:
         left = None
         if refresh_expires_at is not None:
             left = (refresh_expires_at - self._clock()).total_seconds()
-        total, connect = request_timeouts(self._app, self._policy, lifetime, left)
+        total, connect = self._app.request_timeouts(self._policy, lifetime, left)
         return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:
