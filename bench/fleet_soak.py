@@ -1,7 +1,10 @@
 """Fleet soak: 3 real nodes on one PostgreSQL vs the emulator, under node kills and pauses and
 database restarts.
 
-Run ``python bench/fleet_soak.py --minutes 5 --seed 1`` (``--accounts``, ``--nodes``, ``--json``).
+Run ``python bench/fleet_soak.py --minutes 5 --seed 1`` (``--accounts``, ``--nodes``, ``--json``;
+``--lifetime`` sets the access tokens' life, 15 s by default; ``--defaults`` gives the nodes a
+configuration with only the keys an operator must write, every timing at its default fitted
+to that life, as in production).
 The harness (tests/fleetnodes.py) starts a throwaway PostgreSQL cluster, the emulator inside
 this process, and ``--nodes`` real ``python -m kakao_tokend --config X run`` children with
 ``[store] backend = "postgres"``, each with its own state directory, token files and API
@@ -19,10 +22,10 @@ Disruptions, one at a time (so at least nodes - 1 nodes are always up), seeded:
 
 Readers read every up node's token files all the time. A read counts as *healthy* when the
 node it read from is up (not killed, paused or restarting, plus GRACE after it is continued,
-RESTART_GRACE after a restarted node serves again), the
-database is up (plus RECOVERY after a restart) and the account's refresh token was not lost
-(see below). A healthy read of an expired access token (by its ``expires_at`` or by the
-emulator) must not happen: the count must be 0.
+RESTART_GRACE after a restarted node serves again), the database is up (plus RECOVERY_SHARE
+of the lifetime after a restart) and the account's refresh token was not lost (see below).
+A healthy read of an expired access token (by its ``expires_at`` or by the emulator) must not
+happen: the count must be 0.
 
 A **lost refresh token** is an account whose stored refresh token the emulator no longer
 accepts (checked every 2 s and at the end). The one unavoidable case is a node killed after
@@ -67,6 +70,7 @@ from kakao_tokend.tokens import refresh_due_at  # noqa: E402
 from pgcluster import PgCluster, find_pg_bindir  # noqa: E402
 
 #: Seconds, but with room for a loaded machine: a refresh is due with a quarter (3.75 s) left.
+#: The default of --lifetime.
 ACCESS_LIFETIME = 15.0
 REFRESH_LIFETIME = 5183999.0  # Kakao's, and the rotation window: every refresh rotates
 #: A node is trusted again this long after it was continued (SIGCONT).
@@ -75,8 +79,9 @@ GRACE = 1.0
 #: nodes' commits and re-reads what changed before READY (it used to do so only after its
 #: ready line, and needed 3 s here at load 10), so the same second as after SIGCONT.
 RESTART_GRACE = GRACE
-#: After a database restart, the nodes need to reconnect, resync and claim what became due.
-RECOVERY = ACCESS_LIFETIME / 2
+#: After a database restart, the nodes need to reconnect, resync and claim what became due:
+#: this share of the access lifetime.
+RECOVERY_SHARE = 0.5
 #: A kill this soon after Kakao rotated may legitimately lose the rotated token (the answer was
 #: on the wire or the commit not yet sent).
 KILL_WINDOW = 1.0
@@ -160,6 +165,9 @@ class FleetReport:
     minutes: float
     nodes: int
     accounts: int
+    #: The access tokens' life (s), and whether the nodes ran with every timing at its default.
+    lifetime: float = ACCESS_LIFETIME
+    defaults: bool = False
     kills: int = 0
     pauses: int = 0
     db_restarts: int = 0
@@ -209,6 +217,8 @@ class FleetReport:
             "minutes": self.minutes,
             "nodes": self.nodes,
             "accounts": self.accounts,
+            "lifetime": self.lifetime,
+            "defaults": self.defaults,
             "refresh_cycles": self.refresh_cycles,
             "rotations": self.rotations,
             "refreshes_by_node": dict(sorted(self.refreshes_by_node.items())),
@@ -235,6 +245,11 @@ class FleetReport:
         accounted = Counter(loss.cause for loss in self.losses if not loss.cause.startswith("UN"))
         rows = [
             ("nodes × accounts", f"{self.nodes} × {self.accounts}", "reported"),
+            (
+                "access lifetime; the nodes' timings",
+                f"{self.lifetime:g} s; {'defaults' if self.defaults else 'set by hand'}",
+                "reported",
+            ),
             (
                 "refresh cycles",
                 f"{self.refresh_cycles} ({self.rotations} rotations; by node: "
@@ -281,8 +296,16 @@ class FleetSoak:
     def __init__(self, fleet: Fleet, args: argparse.Namespace) -> None:
         self.fleet = fleet
         self.args = args
+        self.lifetime: float = args.lifetime
         self.rng = random.Random(args.seed)
-        self.report = FleetReport(args.seed, args.minutes, len(fleet.nodes), len(fleet.accounts))
+        self.report = FleetReport(
+            args.seed,
+            args.minutes,
+            len(fleet.nodes),
+            len(fleet.accounts),
+            lifetime=args.lifetime,
+            defaults=args.defaults,
+        )
         self.windows: list[Window] = []
         #: node name -> emulator times of its kills (for the kill-during-rotation rule).
         self.kill_times: list[float] = []
@@ -338,7 +361,7 @@ class FleetSoak:
             try:
                 # A rotation answered while the database was down is committed from the rescue
                 # file once it is back: give it two lifetimes before calling it lost.
-                lost = await self.fleet.lost_refresh_tokens(settle=2 * ACCESS_LIFETIME)
+                lost = await self.fleet.lost_refresh_tokens(settle=2 * self.lifetime)
                 for account in lost:
                     await self.account_lost(account)
             except Exception as exc:  # the database went down meanwhile: next round
@@ -434,7 +457,7 @@ class FleetSoak:
             window.end = self.now()
             return
         self.report.pauses += 1
-        await asyncio.sleep(self.rng.uniform(0.5, 1.5) * ACCESS_LIFETIME)
+        await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.lifetime)
         node.resume()
         self.down.discard(node.name)
         window.end = self.now() + GRACE
@@ -449,7 +472,7 @@ class FleetSoak:
         await asyncio.to_thread(self.fleet.cluster.restart, mode)
         self.down.discard("db")
         self.report.db_restarts += 1
-        window.end = self.now() + RECOVERY
+        window.end = self.now() + RECOVERY_SHARE * self.lifetime
         self.say(f"restarted PostgreSQL ({mode})")
 
     async def run(self) -> FleetReport:
@@ -460,7 +483,7 @@ class FleetSoak:
         # spread over one refresh interval, as in a fleet that has been running for a while.
         await fleet.seed(first_lifetime=300.0, due=lambda state: FAR_FUTURE)
         await fleet.start(timeout=120)
-        await fleet.spread_due(0.75 * ACCESS_LIFETIME)
+        await fleet.spread_due(0.75 * self.lifetime)
         self.began = self.now()
         self.say(f"{len(fleet.nodes)} nodes serve {len(fleet.accounts)} accounts")
         tasks = [asyncio.create_task(self.reader(i)) for i in range(len(fleet.nodes))]
@@ -476,11 +499,11 @@ class FleetSoak:
                     break
                 kind = self.rng.choices(disruptions, weights)[0]
                 await getattr(self, kind)()
-            await asyncio.sleep(GRACE + RECOVERY)
+            await asyncio.sleep(GRACE + RECOVERY_SHARE * self.lifetime)
         finally:
             self.stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for account in await fleet.lost_refresh_tokens(settle=2 * ACCESS_LIFETIME):
+        for account in await fleet.lost_refresh_tokens(settle=2 * self.lifetime):
             await self.account_lost(account)
         count_reads(self.report, self.reads, self.windows, self.began)
         stats = fleet.emulator.stats
@@ -502,7 +525,7 @@ async def soak(args: argparse.Namespace) -> FleetReport:
     if find_pg_bindir() is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
     settings = EmulatorSettings(
-        access_lifetime=ACCESS_LIFETIME,
+        access_lifetime=args.lifetime,
         refresh_lifetime=REFRESH_LIFETIME,
         rotation_window=REFRESH_LIFETIME,
         access_rate=(10**9, 1.0),
@@ -521,6 +544,7 @@ async def soak(args: argparse.Namespace) -> FleetReport:
                 nodes=args.nodes,
                 accounts=account_names(args.accounts),
                 timings=FleetTimings(log_level="info"),
+                only_required=args.defaults,
             )
             try:
                 return await FleetSoak(fleet, args).run()
@@ -541,6 +565,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--accounts", type=int, default=60)
+    parser.add_argument(
+        "--lifetime",
+        type=float,
+        default=ACCESS_LIFETIME,
+        help=f"the access tokens' life in seconds (default {ACCESS_LIFETIME:g})",
+    )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="give the nodes only the required keys: every timing at its default",
+    )
     parser.add_argument("--json", type=Path, help="write every count as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep configs, state and logs")
     parser.add_argument("--quiet", action="store_true")
