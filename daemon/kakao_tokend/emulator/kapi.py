@@ -87,6 +87,7 @@ class Kapi:
             doomed = [t for t, rec in table.items() if rec.grant_id == record.grant_id]
             for token in doomed:
                 del table[token]
+        state.stats.logout_log.append(state.now())
         return web.json_response({"id": record.user_id})
 
     async def unlink(self, request: web.Request) -> web.StreamResponse:

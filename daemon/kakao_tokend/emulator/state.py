@@ -117,6 +117,8 @@ class EmulatorStats:
     errors: Counter[str] = field(default_factory=Counter)
     requests: Counter[str] = field(default_factory=Counter)
     refresh_log: list[RefreshAttempt] = field(default_factory=list)
+    #: When (the emulator's clock) each successful /v1/user/logout revoked its token set.
+    logout_log: list[float] = field(default_factory=list)
 
     @property
     def tokens_issued(self) -> int:
@@ -139,6 +141,7 @@ class EmulatorStats:
             "errors": dict(self.errors),
             "requests": dict(self.requests),
             "refresh_log": [entry.to_dict() for entry in self.refresh_log],
+            "logout_log": list(self.logout_log),
         }
 
 
