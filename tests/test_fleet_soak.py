@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +81,32 @@ def test_every_must_be_zero_count_fails_the_run() -> None:
     assert "0" in report.table()
 
 
+def run_soak(tmp_path: Path, *options: str) -> dict[str, Any]:
+    """Run the fleet soak for 45 s (3 nodes, 50 accounts) with ``options`` and check what
+    every run must show: nothing lost outside the lost-response case, disruptions happened,
+    no healthy node served an expired token, every node exited 0 at the end. Return the
+    report."""
+    if find_pg_bindir() is None:
+        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(SOAK), "--minutes", "0.75", "--accounts", "50", *options,
+         "--quiet", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=REPO,
+    )  # fmt: skip
+    assert out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert report["unexplained_losses"] == 0, (report["failures"], result.stdout[-3000:])
+    assert report["kills"] + report["pauses"] + report["db_restarts"] >= 3
+    assert report["reads_while_healthy"] > 100
+    assert report["expired_reads_while_healthy"] == 0, report["expired_examples"]
+    assert result.returncode == 0, (report["failures"], report.get("final_stop_logs"))
+    return report
+
+
 @pytest.mark.soak
 @pytest.mark.slow(seconds=80)
 @pytest.mark.timeout(240)
@@ -96,25 +123,8 @@ def test_a_45_second_fleet_soak_loses_nothing_and_serves_no_expired_token(
     failure; with notifications coalesced and the resync before READY they held in every run
     since (docs/fleet.md, "Fleet soak"), so they fail the test again.
     """
-    if find_pg_bindir() is None:
-        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
-    out = tmp_path / "soak.json"
-    result = subprocess.run(
-        [sys.executable, str(SOAK), "--minutes", "0.75", "--accounts", "50", "--seed", "7",
-         "--quiet", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        cwd=REPO,
-    )  # fmt: skip
-    assert out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
-    report = json.loads(out.read_text())
-    assert report["unexplained_losses"] == 0, (report["failures"], result.stdout[-3000:])
+    report = run_soak(tmp_path, "--seed", "7")
     assert report["refresh_cycles"] > 50
-    assert report["kills"] + report["pauses"] + report["db_restarts"] >= 3
-    assert report["reads_while_healthy"] > 100
-    assert report["expired_reads_while_healthy"] == 0, report["expired_examples"]
-    assert result.returncode == 0, (report["failures"], report.get("final_stop_logs"))
 
 
 @pytest.mark.soak
@@ -127,24 +137,7 @@ def test_a_45_second_fleet_soak_of_nodes_with_default_timings_and_6_second_token
     (every timing at its default, fitted to the token's life) and 6-second tokens: a fleet
     set up as in production behaves at this scale as it does with Kakao's hours — nothing
     lost outside the lost-response case, no expired token served by a healthy node."""
-    if find_pg_bindir() is None:
-        skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
-    out = tmp_path / "soak.json"
-    result = subprocess.run(
-        [sys.executable, str(SOAK), "--minutes", "0.75", "--accounts", "50", "--seed", "8",
-         "--defaults", "--lifetime", "6", "--quiet", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=220,
-        cwd=REPO,
-    )  # fmt: skip
-    assert out.exists(), result.stdout[-3000:] + result.stderr[-5000:]
-    report = json.loads(out.read_text())
+    report = run_soak(tmp_path, "--seed", "8", "--defaults", "--lifetime", "6")
     assert report["lifetime"] == 6 and report["defaults"] is True
-    assert report["unexplained_losses"] == 0, (report["failures"], result.stdout[-3000:])
     # 50 accounts refreshed every 4.5 s or so: several hundred cycles in 45 s.
     assert report["refresh_cycles"] > 200
-    assert report["kills"] + report["pauses"] + report["db_restarts"] >= 3
-    assert report["reads_while_healthy"] > 100
-    assert report["expired_reads_while_healthy"] == 0, report["expired_examples"]
-    assert result.returncode == 0, (report["failures"], report.get("final_stop_logs"))
