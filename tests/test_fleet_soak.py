@@ -81,8 +81,8 @@ def test_every_must_be_zero_count_fails_the_run() -> None:
     assert "0" in report.table()
 
 
-def run_soak(tmp_path: Path, *options: str) -> dict[str, Any]:
-    """Run the fleet soak for 45 s (3 nodes, 50 accounts) with ``options`` and check what
+def run_soak(tmp_path: Path, script: Path, *options: str) -> dict[str, Any]:
+    """Run the fleet soak ``script`` for 45 s (3 nodes, 50 accounts) with ``options``; check what
     every run must show: nothing lost outside the lost-response case, disruptions happened,
     no healthy node served an expired token, every node exited 0 at the end. Return the
     report."""
@@ -90,7 +90,7 @@ def run_soak(tmp_path: Path, *options: str) -> dict[str, Any]:
         skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, str(SOAK), "--minutes", "0.75", "--accounts", "50", *options,
+        [sys.executable, str(script), "--minutes", "0.75", "--accounts", "50", *options,
          "--quiet", "--json", str(out)],
         capture_output=True,
         text=True,
@@ -123,7 +123,7 @@ def test_a_45_second_fleet_soak_loses_nothing_and_serves_no_expired_token(
     failure; with notifications coalesced and the resync before READY they held in every run
     since (docs/fleet.md, "Fleet soak"), so they fail the test again.
     """
-    report = run_soak(tmp_path, "--seed", "7")
+    report = run_soak(tmp_path, SOAK, "--seed", "7")
     assert report["refresh_cycles"] > 50
 
 
@@ -137,7 +137,7 @@ def test_a_45_second_fleet_soak_of_nodes_with_default_timings_and_6_second_token
     (every timing at its default, fitted to the token's life) and 6-second tokens: a fleet
     set up as in production behaves at this scale as it does with Kakao's hours — nothing
     lost outside the lost-response case, no expired token served by a healthy node."""
-    report = run_soak(tmp_path, "--seed", "8", "--defaults", "--lifetime", "6")
+    report = run_soak(tmp_path, SOAK, "--seed", "8", "--defaults", "--lifetime", "6")
     assert report["lifetime"] == 6 and report["defaults"] is True
     # 50 accounts refreshed every 4.5 s or so: several hundred cycles in 45 s.
     assert report["refresh_cycles"] > 200

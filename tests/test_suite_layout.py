@@ -10,6 +10,7 @@ import re
 import shlex
 import socket
 import sys
+import time
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -204,6 +205,15 @@ def test_a_daemon_left_running_by_a_test_is_killed_but_a_reused_pid_is_not(
     left = subprocess.Popen([*sleeper, config])
     other = subprocess.Popen([*sleeper, "something else"])
     try:
+        # Popen can return before /proc/PID/cmdline shows the new command line (it did not
+        # name the config once in about 15 runs; likely the exec still under way after vfork).
+        # A real leftover daemon has been running for a whole test.
+        deadline = time.monotonic() + 10
+        for process, marker in ((left, config), (other, "something else")):
+            cmdline = Path(f"/proc/{process.pid}/cmdline")
+            while marker.encode() not in cmdline.read_bytes():
+                assert time.monotonic() < deadline, cmdline.read_bytes()
+                time.sleep(0.001)
         daemonproc.STARTED[:] = [(left.pid, config), (other.pid, config)]
         killed = daemonproc.kill_leftover_daemons()
         assert killed == [f"{left.pid} ({config})"]
