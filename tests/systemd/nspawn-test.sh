@@ -221,9 +221,22 @@ ln -sf /dev/null "$root/etc/systemd/system/console-getty.service"
 t0=$SECONDS
 systemd-nspawn --quiet --keep-unit --register=no -D "$root" -b >"$work/console.log" 2>&1 </dev/null &
 nspawn_pid=$!
+# The container's init: nspawn's child that runs systemd. Not just its oldest child: while
+# the container is set up, that may be nspawn's own helper, which exits (a run once waited
+# 60 s on such a pid with a container that had booted).
+find_leader() {
+    local pid
+    for pid in $(pgrep -P "$nspawn_pid" 2>/dev/null || true); do
+        if [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ]; then
+            echo "$pid"
+            return 0
+        fi
+    done
+    return 0
+}
 leader=
 for _ in $(seq 100); do
-    leader=$(pgrep -P "$nspawn_pid" -o 2>/dev/null || true)
+    leader=$(find_leader)
     [ -n "$leader" ] && break
     kill -0 "$nspawn_pid" 2>/dev/null || break
     sleep 0.1
@@ -244,6 +257,7 @@ jctl() { inside journalctl --no-pager -q -o cat "$@"; }
 
 booted=
 for _ in $(seq 120); do
+    [ -d "/proc/$leader" ] || leader=$(find_leader)
     case "$(inside systemctl is-system-running 2>/dev/null || true)" in
         running | degraded) booted=1; break ;;
     esac
