@@ -48,6 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tomllib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -304,7 +305,6 @@ class FleetSoak:
             len(fleet.nodes),
             len(fleet.accounts),
             lifetime=args.lifetime,
-            defaults=args.defaults,
         )
         self.windows: list[Window] = []
         #: node name -> emulator times of its kills (for the kill-during-rotation rule).
@@ -483,6 +483,7 @@ class FleetSoak:
         # spread over one refresh interval, as in a fleet that has been running for a while.
         await fleet.seed(first_lifetime=300.0, due=lambda state: FAR_FUTURE)
         await fleet.start(timeout=120)
+        self.report.defaults = all(not timings_set_by_hand(n.config_path) for n in fleet.nodes)
         await fleet.spread_due(0.75 * self.lifetime)
         self.began = self.now()
         self.say(f"{len(fleet.nodes)} nodes serve {len(fleet.accounts)} accounts")
@@ -518,6 +519,20 @@ class FleetSoak:
                 self.report.final_stop_logs[node.name] = node.log_text()[-2000:]
         self.report.refreshes_by_node.update(await fleet.rotations_by_node())
         return self.report
+
+
+#: The configuration keys that set a timing by hand ([kakao] and [refresh]).
+TIMING_KEYS = {
+    "kakao": {"timeout", "connect_timeout"},
+    "refresh": {"heartbeat", "retry_initial", "retry_max", "rotation_window"},
+}
+
+
+def timings_set_by_hand(config_path: Path) -> bool:
+    """Return True when the node's configuration sets any timing (what the report's
+    ``defaults`` says of the nodes as they ran, not of the command line)."""
+    config = tomllib.loads(config_path.read_text())
+    return any(set(config.get(table, {})) & keys for table, keys in TIMING_KEYS.items())
 
 
 async def soak(args: argparse.Namespace) -> FleetReport:

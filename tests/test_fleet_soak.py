@@ -81,6 +81,20 @@ def test_every_must_be_zero_count_fails_the_run() -> None:
     assert "0" in report.table()
 
 
+def test_the_report_says_defaults_only_when_no_node_config_sets_a_timing(tmp_path: Path) -> None:
+    """--defaults is reported from the nodes' configuration files, so a run whose nodes were
+    given timings by hand cannot be reported (and asserted) as a run with the defaults."""
+    soak = load_bench("fleet_soak")
+    required = '[kakao]\nrest_api_key = "k"\n[store]\nbackend = "postgres"\n'
+    plain = tmp_path / "plain.toml"
+    plain.write_text(required)
+    assert not soak.timings_set_by_hand(plain)
+    for extra in ('[refresh]\nheartbeat = "0.2s"\n', 'timeout = "2s"\n'):
+        by_hand = tmp_path / "by_hand.toml"
+        by_hand.write_text(required.replace("[store]", extra + "[store]", 1))
+        assert soak.timings_set_by_hand(by_hand), extra
+
+
 def run_soak(tmp_path: Path, script: Path, *options: str) -> dict[str, Any]:
     """Run the fleet soak ``script`` for 45 s (3 nodes, 50 accounts) with ``options``; check what
     every run must show: nothing lost outside the lost-response case, disruptions happened,

@@ -177,7 +177,9 @@ async def test_a_stop_that_takes_long_says_in_the_log_what_it_waits_for(
     emulator.settings.access_lifetime = 3
     config = write_config(tmp_path, emulator, timeout="9s")
     await login(emulator, config)
-    delay = daemon_module.REPORT_STOP_EVERY + 0.8
+    # Long enough to be reported once however late the signal lands after the request began
+    # (a loaded machine), short enough not to be reported twice.
+    delay = daemon_module.REPORT_STOP_EVERY + 2.5
     emulator.inject("token", "slow", count=1, delay=delay)
     daemon = await start_daemon(config)
     await daemon.wait_for(
@@ -189,6 +191,7 @@ async def test_a_stop_that_takes_long_says_in_the_log_what_it_waits_for(
     assert code == 0, log[-3000:]
     reports = [line for line in log.splitlines() if "the stop is still under way" in line]
     assert len(reports) == 1, log[-3000:]
+    assert "under way after 5s:" in reports[0]
     # The refresh in flight at the signal is the scheduler's running job: the stop's step,
     # and the main task's chain through aiohttp's cleanup and our context to the wait.
     assert "waiting for the scheduler's running jobs" in reports[0]

@@ -45,8 +45,7 @@ def _chain(task: asyncio.Task[Any]) -> str:
     # asyncio's own frames (wait_for, gather, sleep) say less than the code that called them.
     frames = [f for f in _await_frames(task.get_coro()) if not _in_asyncio(f)]
     if len(frames) > INNERMOST + 1:
-        frames = [frames[0], *frames[-INNERMOST:]]
-        shown = [_where(frames[0]), "…", *(_where(f) for f in frames[1:])]
+        shown = [_where(frames[0]), "…", *(_where(f) for f in frames[-INNERMOST:])]
     else:
         shown = [_where(f) for f in frames]
     return " > ".join(shown) or "(no frame)"
