@@ -92,6 +92,10 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+#: How many ports the first start of a cluster tries (see PgCluster.start).
+PORT_ATTEMPTS = 3
+
+
 class PgCluster:
     """One PostgreSQL cluster in a temporary directory, listening on 127.0.0.1:<port>.
 
@@ -109,6 +113,9 @@ class PgCluster:
             raise FileNotFoundError("PostgreSQL server binaries not found")
         self.bindir = found
         self.port = port or free_port()
+        #: The port was picked here (free_port), so the first start may pick another.
+        self._port_picked = port is None
+        self._started = False
         self.base = base or Path(tempfile.mkdtemp(prefix="tokend-pg-"))
         self.data = self.base / "data"
         self.log_path = self.base / "server.log"
@@ -178,14 +185,41 @@ class PgCluster:
         subprocess.run(["cp", "-a", str(pristine), str(self.data)], check=True, timeout=120)
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait until it accepts connections.
+
+        The port free_port picked is free when picked, not when the server binds it: the data
+        directory is copied in between, and another worker's pick may take it meanwhile (a
+        CI run once failed at "Address already in use"). So the first start of a cluster
+        whose port was picked here picks another and tries again, a few times. A restart
+        keeps its port: clients know it.
+        """
         self._wait_for_old_postmaster()
-        result = self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", "start",
-            check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {result.stderr}\n{self.log_tail()}")
+        for attempt in range(PORT_ATTEMPTS):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            result = self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60",
+                "start", check=False,
+            )  # fmt: skip
+            if result.returncode == 0:
+                self._started = True
+                return
+            taken = "Address already in use" in self._log_since(logged)
+            if not (taken and self._port_picked and not self._started):
+                break
+            if attempt + 1 < PORT_ATTEMPTS:
+                self.port = free_port()
+                with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+                    conf.write(f"port = {self.port}\n")  # the last setting of a name wins
+        raise RuntimeError(f"pg_ctl start failed: {result.stderr}\n{self.log_tail()}")
+
+    def _log_since(self, offset: int) -> str:
+        """Return what the server logged after ``offset`` bytes of its log."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``: roll back sessions; ``immediate``: like a crash)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import psycopg
@@ -78,3 +79,30 @@ def test_clusters_are_copies_of_the_runs_one_initdb_and_share_nothing() -> None:
         second.cleanup()
     assert (template / "data" / "PG_VERSION").exists()
     assert f"port = {first.port}" not in (template / "data" / "postgresql.conf").read_text()
+
+
+def test_a_first_start_whose_picked_port_was_taken_meanwhile_moves_to_another() -> None:
+    """The port free_port picked may be bound by someone else before the server starts (a CI
+    run once failed so): the first start picks another; a port given by hand is kept, and
+    its start fails with the server's reason."""
+    if pgcluster.find_pg_bindir() is None:
+        pgcluster.skip_or_fail("PostgreSQL is not installed (apt-get install postgresql)")
+    picked = PgCluster()
+    given: PgCluster | None = None
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", picked.port))
+        squatter.listen()
+        taken = picked.port
+        try:
+            picked.start()
+            assert picked.port != taken
+            with psycopg.connect(picked.dsn(), autocommit=True) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            given = PgCluster(port=taken)
+            with pytest.raises(RuntimeError, match="Address already in use"):
+                given.start()
+            assert given.port == taken
+        finally:
+            picked.cleanup()
+            if given is not None:
+                given.cleanup()
