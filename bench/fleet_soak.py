@@ -24,8 +24,9 @@ Readers read every up node's token files all the time. A read counts as *healthy
 node it read from is up (not killed, paused or restarting, plus GRACE after it is continued,
 RESTART_GRACE after a restarted node serves again), the database is up (plus RECOVERY_SHARE
 of the lifetime after a restart) and the account's refresh token was not lost (see below).
-A healthy read of an expired access token (by its ``expires_at`` or by the emulator) must not
-happen: the count must be 0.
+A healthy read of an expired access token (by the emulator, or by its ``expires_at`` past by
+more than the second it is rounded down to: Fleet.published_expired) must not happen: the count
+must be 0.
 
 A **lost refresh token** is an account whose stored refresh token the emulator no longer
 accepts (checked every 2 s and at the end). The one unavoidable case is a node killed after
@@ -343,12 +344,7 @@ class FleetSoak:
             document = node.token_file(account)
             now = datetime.now(UTC)
             end = self.now()
-            expired = document is None
-            if document is not None:
-                expires = datetime.fromisoformat(str(document["expires_at"]).replace("Z", "+00:00"))
-                expired = expires <= now or not self.fleet.emulator.access_token_valid(
-                    document["access_token"]
-                )
+            expired = self.fleet.published_expired(document, now)
             self.reads.append(Read(start, end, node.name, account, expired))
 
     async def check_losses(self) -> None:

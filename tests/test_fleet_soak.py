@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchrun import load_bench
+from fleetnodes import published_expired
+from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator
+from kakao_tokend.tokens import format_time
 from pgcluster import find_pg_bindir, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,3 +159,23 @@ def test_a_45_second_fleet_soak_of_nodes_with_default_timings_and_6_second_token
     assert report["lifetime"] == 6 and report["defaults"] is True
     # 50 accounts refreshed every 4.5 s or so: several hundred cycles in 45 s.
     assert report["refresh_cycles"] > 200
+
+
+def test_a_token_file_is_expired_when_kakao_refuses_it_not_when_its_rounded_time_passed() -> None:
+    """fleetnodes.published_expired, the soak's and the fleet tests' rule for an expired read."""
+    emulator = KakaoEmulator(EmulatorSettings(access_lifetime=6))
+    issued = emulator.now_datetime()
+    token = str(emulator.issue_tokens()["access_token"])
+    true_expiry = issued + timedelta(seconds=6)
+    written = {"access_token": token, "expires_at": format_time(true_expiry)}
+    # Past the written (rounded-down) second, before the token's real end: Kakao accepts it.
+    just_past_written = datetime.fromisoformat(written["expires_at"].replace("Z", "+00:00"))
+    assert not published_expired(emulator, written, just_past_written)
+    assert published_expired(emulator, None, just_past_written)
+    # Written expiry passed by more than the rounding: expired, whatever Kakao says.
+    assert published_expired(emulator, written, true_expiry + timedelta(seconds=1.01))
+    assert not published_expired(emulator, written, issued)
+    # Kakao no longer accepts it (its clock moved past the end): expired.
+    emulator.advance_clock(6.5)
+    assert published_expired(emulator, written, issued)
+    assert datetime.now(UTC) < true_expiry  # the file's own time did not decide the last one
