@@ -135,6 +135,7 @@ def write_config(
     rotation_window: float | None = None,
     extra: str = "",
     timeout: str = "2s",
+    connect_timeout: str = "1s",
 ) -> Path:
     """Write a config pointing at ``emulator`` with test-friendly timings; return its path.
 
@@ -160,7 +161,7 @@ def write_config(
         f'api_url = "{url}"',
         f'redirect_uri = "{settings.redirect_uris[0]}"',
         f'timeout = "{timeout}"',
-        'connect_timeout = "1s"',
+        f'connect_timeout = "{connect_timeout}"',
         "[refresh]",
         f'heartbeat = "{heartbeat}"',
         f'retry_initial = "{retry_initial}"',

@@ -122,23 +122,26 @@ async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
 ) -> None:
     """A consumer asking for a fresher token while Kakao rate-limits (KOE237) gets 503 at once.
 
-    The first forced refresh meets KOE237 and the account backs off (>= 60 s); the next
-    requests must not each force another token request to Kakao (that is the hammering which
-    keeps the rate limit from ever clearing).
+    The first forced refresh meets KOE237 and the account backs off; the next requests must
+    not each force another token request to Kakao (that is the hammering which keeps the rate
+    limit from ever clearing). The back-off is a share of the token's life: a 20 s token's
+    retry came 0.8 s later, within the ten requests on a loaded machine (CI), and counted as
+    theirs; a 120 s token's comes seconds later. (``min_valid`` must stay below 95 % of the
+    lifetime, so the token must first lose more than 5 % of its life.)
     """
-    emulator.settings.access_lifetime = 20
+    emulator.settings.access_lifetime = 120
     config = config_with(tmp_path, emulator, retry_max="5m")
     no_verify_on_start(config)
     await login(emulator, config)
     async with serving(config) as served:
         emulator.inject("token", "koe237", count=100)
-        await asyncio.sleep(2.2)  # now less than 18 s are left
-        status, _ = await served.get(TOKEN, params={"min_valid": "18"})
+        await asyncio.sleep(7.0)  # now less than 113.9 s are left
+        status, _ = await served.get(TOKEN, params={"min_valid": "113.9"})
         assert status == 503
         sent = emulator.stats.requests["token"]
         assert emulator.stats.koe237 == 1
         results = await asyncio.gather(
-            *(served.get(TOKEN, params={"min_valid": "18"}) for _ in range(10))
+            *(served.get(TOKEN, params={"min_valid": "113.9"}) for _ in range(10))
         )
         assert [s for s, _ in results] == [503] * 10
         assert all("KOE237" in (body.get("reason") or "") for _, body in results)

@@ -418,6 +418,10 @@ async def _dying_manager(
     return the daemon's manager for it, with ``config`` (write_config's options) applied."""
     emulator.settings.access_lifetime = access
     emulator.settings.refresh_lifetime = refresh
+    # Every test here needs its first request to reach the emulator: on a saturated CI
+    # machine a 1 s connect timeout once ran out on loopback (the test process itself waited
+    # for the CPU). No wait outlasts half of the refresh token's life anyway.
+    config.setdefault("connect_timeout", "3s")
     config_path = write_config(tmp_path, emulator, retry_initial="10s", retry_max="5m", **config)
     await login(emulator, config_path)
     loaded = load_config(config_path)
