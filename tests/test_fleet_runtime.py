@@ -34,6 +34,7 @@ from kakao_tokend.fleet import store as fleet_store
 from kakao_tokend.fleet.crypto import new_key_line
 from kakao_tokend.fleet.node import plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
+from kakao_tokend.fleet.turns import LIVE_HEARTBEATS
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.service import build_app
@@ -91,10 +92,12 @@ async def open_node(
     dsn: str,
     session: aiohttp.ClientSession,
     node: str,
+    *,
+    heartbeat: float = 60.0,
 ) -> Node:
     """Open a FleetStore as a node does at start and build the default account's manager."""
     config = fleet_config(tmp_path, emulator, dsn, node)
-    fleet = node_store(config, dsn, node)
+    fleet = node_store(config, dsn, node, heartbeat=heartbeat)
     await fleet.open()
     account = config.account()
     store = fleet.account_store(account)
@@ -115,11 +118,16 @@ async def store_dsn(pg_dsn: str) -> str:
 
 @asynccontextmanager
 async def two_logged_in_nodes(
-    tmp_path: Path, emulator: KakaoEmulator, dsn: str, session: aiohttp.ClientSession
+    tmp_path: Path,
+    emulator: KakaoEmulator,
+    dsn: str,
+    session: aiohttp.ClientSession,
+    *,
+    heartbeat: float = 60.0,
 ) -> AsyncIterator[tuple[Node, Node]]:
     """web-1 and web-2 on one store, the default account logged in and loaded on both."""
-    one = await open_node(tmp_path, emulator, dsn, session, "web-1")
-    two = await open_node(tmp_path, emulator, dsn, session, "web-2")
+    one = await open_node(tmp_path, emulator, dsn, session, "web-1", heartbeat=heartbeat)
+    two = await open_node(tmp_path, emulator, dsn, session, "web-2", heartbeat=heartbeat)
     try:
         await login_on(one, emulator, dsn)
         await two.fleet.reload("default")
@@ -333,6 +341,52 @@ async def test_a_claim_for_an_account_adopted_current_since_it_was_decided_locks
         assert kept == new == two.manager.state
         assert emulator.stats.refreshes_ok == calls
         assert two.manager.planned_refresh_at() == one.manager.planned_refresh_at()
+
+
+async def test_a_claim_that_waited_for_a_connection_while_its_node_fell_behind_catches_up_first(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A claim decided while the node was current waits for a pooled connection; meanwhile
+    the node falls behind (it was stopped: SIGSTOP, a stalled loop) and another node
+    refreshes the account. Once it has a connection, the claim waits for the re-read of what
+    changed, finds the account refreshed and locks nothing. The old code locked the row and
+    found it current: 6 of 7 idle holds in a CI run of the e2e pause test, each a claim of
+    the round that was under way when the node was stopped."""
+    emulator.settings.access_lifetime = 3
+    heartbeat = 0.2
+    async with two_logged_in_nodes(tmp_path, emulator, store_dsn, session, heartbeat=heartbeat) as (
+        one,
+        two,
+    ):
+        fleet = two.fleet
+        rereads = 0
+
+        async def reread() -> bool:  # what the node's listener does (FleetNode.resync)
+            nonlocal rereads
+            rereads += 1
+            await fleet.poll()
+            return True
+
+        fleet.resync = lambda since: asyncio.get_running_loop().create_task(reread())
+        while not two.manager.needs_refresh(two.manager.clock()):
+            await asyncio.sleep(0.05)
+        await fleet.poll()  # current: the claim has nothing to catch up with when it begins
+        taken = [await fleet.getconn("fill the pool") for _ in range(fleet.pool_size)]
+        claim = asyncio.create_task(two.manager.refresh(reason="due"))
+        await asyncio.sleep(0.1)
+        assert not claim.done(), "the claim should wait for a connection"
+        new = await one.manager.refresh(force=True, reason="the first claimant")
+        assert new is not None
+        await asyncio.sleep(LIVE_HEARTBEATS * heartbeat * 1.5)  # nothing heard: behind
+        assert fleet.behind_since() is not None
+        calls = emulator.stats.refreshes_ok
+        for conn in taken:
+            await fleet.putconn(conn)
+        kept = await claim
+        assert fleet.stats.idle_holds == 0
+        assert rereads == 1
+        assert kept == new == two.manager.state
+        assert emulator.stats.refreshes_ok == calls
 
 
 @asynccontextmanager
