@@ -325,3 +325,30 @@ async def test_a_poll_the_node_was_stopped_during_leaves_it_behind(
     assert fleet.behind_since() is not None
     await fleet.poll()  # one begun after the pause
     assert fleet.behind_since() is None
+
+
+async def test_a_read_older_than_the_cached_row_leaves_the_newer_one_cached(
+    pg_dsn: str, keyring: Keyring, open_fleet: Callable[..., Any]
+) -> None:
+    """A poll whose snapshot predates a commit (this node's own, made while the poll waited
+    for its answer) reads the row's older generation after the commit put the newer one in
+    the cache. Kept, it made the account's manager see the store go backwards and write a
+    rescue file that nothing removed (a CI run of the PostgreSQL-restart e2e test). The cache
+    keeps the newer row; a row made anew (a new id: a logout, then a login) replaces it
+    whatever its generation."""
+    await migrated(pg_dsn)
+    await add(pg_dsn, keyring, "shop")
+    fleet: FleetStore = await open_fleet(pg_dsn)
+    older = await fleet.reload("shop")
+    await refresh(pg_dsn, keyring, "shop")
+    newer = await fleet.reload("shop")
+    assert older is not None and newer is not None
+    assert newer.generation == older.generation + 1
+    assert fleet.keep_row(older) == newer
+    assert fleet.rows["shop"] == newer
+    await execute(pg_dsn, "DELETE FROM accounts WHERE name = %s", "shop")
+    again = await add(pg_dsn, keyring, "shop")
+    assert again.uid != newer.uid and again.generation <= newer.generation
+    made_anew = await fleet.reload("shop")  # read by this node's store (kept as read)
+    assert made_anew is not None and made_anew.uid == again.uid
+    assert fleet.rows["shop"] == made_anew

@@ -801,9 +801,16 @@ class FleetStore:
 
         A re-read of the state this node wrote itself (its own commit's notification) keeps
         the state object the account's manager holds: two decrypted copies of the same
-        tokens for every account the node refreshed otherwise.
+        tokens for every account the node refreshed otherwise. An older generation of the
+        cached row is not kept: the cached row is returned.
         """
         cached = self.rows.get(row.name)
+        if cached is not None and cached.uid == row.uid and row.generation < cached.generation:
+            # A read whose snapshot predates a commit the cache holds already: a poll that
+            # waited for its answer while this node committed. Kept, the account's manager saw
+            # the store go backwards and wrote a rescue file nothing removed. The same row
+            # (its id) only moves forward; one made anew (a logout, a login) has another id.
+            return cached
         if (
             cached is not None
             and cached.packed is not row.packed
