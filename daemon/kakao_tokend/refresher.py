@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
@@ -884,6 +884,15 @@ class AccountManager:
             return state
         now = self.clock()
         if not force and not self.needs_refresh(now):
+            # What the row under the lock said moved the plan (a fleet node's claim that
+            # found it current: tests/test_fleet_e2e.py counts these by the store's log line).
+            log.debug(
+                "account %s: not due under the lock (%s; planned %s, generation %d)",
+                self.name,
+                reason or "requested",
+                _to_the_millisecond(self.planned_refresh_at()),
+                state.generation,
+            )
             return state
         if (
             min_valid is not None
@@ -1560,3 +1569,8 @@ _BUSY_DEFAULTS: dict[str, object] = {
 
 
 add_side_fields(AccountManager, "_busy", _BUSY_DEFAULTS)
+
+
+def _to_the_millisecond(moment: datetime | None) -> str:
+    """Return ``moment`` for a debug line about timers (UTC, milliseconds), or "none"."""
+    return "none" if moment is None else moment.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
