@@ -119,6 +119,9 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._flowing: asyncio.Event | None = None
         self._started = False
+        #: While refusing: a socket bound to the port, not listening (connects are refused),
+        #: so that no other program takes the port before accept() listens there again.
+        self._placeholder: socket.socket | None = None
 
     # -- control (called from the test's thread) ------------------------------------------------
 
@@ -193,6 +196,7 @@ class TcpProxy:
     async def _listen(self) -> None:
         if self._server is not None:
             return
+        self._release_port()
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, reuse_address=True
         )
@@ -202,6 +206,25 @@ class TcpProxy:
         server, self._server = self._server, None
         if server is not None:
             server.close()  # not wait_closed(): since 3.12 it waits for every connection
+            self._hold_port()
+
+    def _hold_port(self) -> None:
+        """Bind a socket to the port without listening: connects are refused, and a parallel
+        test's server that asks for the port (SO_REUSEADDR, as asyncio's do) cannot bind it.
+        Only when no connection uses the port: the accepted ones have SO_REUSEADDR, and a
+        socket without it cannot join them (the port is then as open as before)."""
+        placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            placeholder.bind((self.host, self.port))
+        except OSError:
+            placeholder.close()
+            return
+        self._placeholder = placeholder
+
+    def _release_port(self) -> None:
+        placeholder, self._placeholder = self._placeholder, None
+        if placeholder is not None:
+            placeholder.close()
 
     async def _set_flowing(self, flowing: bool) -> None:
         assert self._flowing is not None
@@ -222,6 +245,7 @@ class TcpProxy:
 
     async def _shutdown(self) -> None:
         await self._stop_listening()
+        self._release_port()
         handlers = [link.handler for link in self._links if link.handler is not None]
         await self._cut()
         # Let the cancelled handlers finish before the loop stops: a task destroyed while

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -154,3 +156,27 @@ async def test_refuse_turns_connects_away_and_accept_lets_them_in(pg_server: PgS
             proxy.accept()
             async with await psycopg.AsyncConnection.connect(_dsn(pg_server, proxy)) as again:
                 assert await (await again.execute("SELECT 1")).fetchone() == (1,)
+
+
+async def test_a_refusing_proxy_keeps_its_port_from_other_programs(echo_server: int) -> None:
+    """While refusing with no connection open, the port stays the proxy's: another program
+    that binds it (asyncio's servers ask for SO_REUSEADDR) fails, so accept() can listen
+    there again. A parallel test run once took the port in that window and accept() failed
+    with EADDRINUSE. (With connections left open the port is shared by them, which have
+    SO_REUSEADDR, and another program may bind it as before.)"""
+    with TcpProxy("127.0.0.1", echo_server) as proxy:
+        assert await _roundtrip(proxy.port, b"before") == b"before"
+        proxy.cut()
+        proxy.refuse()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", proxy.port)
+        other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            with pytest.raises(OSError) as taken:
+                other.bind(("127.0.0.1", proxy.port))
+            assert taken.value.errno == errno.EADDRINUSE
+        finally:
+            other.close()
+        proxy.accept()
+        assert await _roundtrip(proxy.port, b"after") == b"after"
