@@ -157,6 +157,12 @@ class Loss:
     detected_at: float
 
 
+def faketime_leftovers(pid: int) -> list[Path]:
+    """Return the files libfaketime made in /dev/shm for process ``pid`` that still exist."""
+    names = (f"faketime_shm_{pid}", f"sem.faketime_sem_{pid}")
+    return [path for name in names if (path := Path("/dev/shm") / name).exists()]
+
+
 @dataclass
 class Report:
     """Everything the harness counts."""
@@ -192,6 +198,8 @@ class Report:
     koe237_real: int = 0
     tokens_in_logs: int = 0
     secret_in_logs: bool = False
+    #: What libfaketime left in /dev/shm for the daemons this run started (see reap_faketime).
+    shm_left: int = 0
     refresh_cycles: int = 0
     rotations: int = 0
     retired_presented: int = 0
@@ -213,6 +221,7 @@ class Report:
             "refresh tokens lost outside the lost-response case": self.unexplained_losses,
             "KOE237 rate-limit answers": self.koe237_real,
             "tokens found in the logs": self.tokens_in_logs + int(self.secret_in_logs),
+            "libfaketime files left in /dev/shm": self.shm_left,
         }
         bad += [f"{name}: {value}" for name, value in checks.items() if value]
         if self.refresh_cycles == 0:
@@ -261,6 +270,7 @@ class Report:
             "koe237_real": self.koe237_real,
             "tokens_in_logs": self.tokens_in_logs,
             "client_secret_in_logs": self.secret_in_logs,
+            "shm_left": self.shm_left,
             "retired_refresh_presented": self.retired_presented,
             "final_exit_code": self.final_exit_code,
             "final_refresh_token": self.final_refresh_status,
@@ -372,6 +382,8 @@ class Soak:
         #: libfaketime's control file: the daemon's wall clock offset (seconds, "-2.5").
         self.faketime_file = workdir / "faketime.rc"
         self.faketime_lib: str | None = None
+        #: Every daemon process started (reap_faketime, Report.shm_left).
+        self.daemon_pids: list[int] = []
         self.clock_offset = 0.0
 
     # ------------------------------------------------------------------ setup
@@ -529,6 +541,7 @@ class Soak:
                 env=env,
                 cwd=str(self.workdir),
             )
+        self.daemon_pids.append(self.proc.pid)
         deadline = time.monotonic() + 30
         while "kakao-tokend running" not in log_path.read_text(errors="replace"):
             if self.proc.returncode is not None or time.monotonic() > deadline:
@@ -547,6 +560,14 @@ class Soak:
         return data
 
     # ------------------------------------------------------------------ the daemon's wall clock
+
+    def reap_faketime(self, pid: int) -> None:
+        """Remove what libfaketime keeps in /dev/shm for a daemon killed with SIGKILL: its exit
+        handler, which SIGKILL never runs, unlinks them (0.9.10 has no switch to not make
+        them); every run left a few more behind."""
+        for path in faketime_leftovers(pid):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def faketime_env(self) -> dict[str, str]:
         """Environment that lets the harness step the daemon's wall clock (libfaketime)."""
@@ -857,6 +878,7 @@ class Soak:
         window = self.open_window("kill -9")
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
+        self.reap_faketime(self.proc.pid)
         self.report.restarts += 1
         await self.check_loss(when="right after kill -9", settle=0)
         await asyncio.sleep(self.rng.random())
@@ -965,6 +987,7 @@ class Soak:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.send_signal(signal.SIGCONT)
         await self.proc.wait()
+        self.reap_faketime(self.proc.pid)
         self.report.restarts += 1
         await self.check_loss(when="right after kill -9 near expiry", settle=0)
         kind: str | None = None
@@ -1188,6 +1211,8 @@ class Soak:
         except TimeoutError:
             self.proc.kill()
             self.report.final_exit_code = await self.proc.wait()
+            self.reap_faketime(self.proc.pid)
+        self.report.shm_left = sum(len(faketime_leftovers(pid)) for pid in self.daemon_pids)
         doc = self.state_doc()
         token = doc.get("tokens", {}).get("refresh_token") if doc else None
         self.report.final_refresh_status = (
@@ -1212,6 +1237,7 @@ class Soak:
                 self.proc.send_signal(signal.SIGCONT)
                 self.proc.kill()
             await self.proc.wait()
+            self.reap_faketime(self.proc.pid)
         if self.session is not None:
             await self.session.close()
         self.unmount()

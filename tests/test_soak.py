@@ -55,8 +55,16 @@ def test_a_nonzero_must_be_zero_count_fails_the_run() -> None:
     report.expired_healthy = 2
     report.koe237_real = 1
     report.tokens_in_logs = 1
+    report.shm_left = 2
     failures = "; ".join(report.failures())
-    for name in ("torn", "expired token while healthy", "lost outside", "KOE237", "in the logs"):
+    for name in (
+        "torn",
+        "expired token while healthy",
+        "lost outside",
+        "KOE237",
+        "in the logs",
+        "left in /dev/shm",
+    ):
         assert name in failures
     assert "| torn or unparsable reads | 1 | 0 |" in report.table()
 
@@ -97,6 +105,7 @@ def test_two_minute_soak_keeps_every_must_be_zero_count_at_zero(tmp_path: Path) 
     assert result["unexplained_losses"] == 0
     assert result["koe237_real"] == 0
     assert result["tokens_in_logs"] == 0
+    assert result["shm_left"] == 0  # libfaketime's files of the daemons killed with -9
     # The run really exercised the daemon.
     assert result["refresh_cycles"] >= 20
     assert result["reads_file"] + result["reads_api"] >= 2000
