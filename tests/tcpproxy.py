@@ -40,10 +40,14 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from daemonproc import free_port
+
 T = TypeVar("T")
 
 _CHUNK = 64 * 1024
 _CONTROL_TIMEOUT = 10.0
+#: How many free ports (daemonproc.free_port) a proxy asked for any port tries to listen on.
+_OWN_PORT_TRIES = 20
 
 
 class _Link:
@@ -191,7 +195,28 @@ class TcpProxy:
     async def _setup(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
+        if self.port == 0:
+            self.port = await self._listen_outside_the_ephemeral_range()
         await self._listen()
+
+    async def _listen_outside_the_ephemeral_range(self) -> int:
+        """Listen on a free port below the kernel's ephemeral range (daemonproc.free_port);
+        return it (0: none found, the kernel then picks one).
+
+        Servers that bind port 0 (emulators, test apps) get ports from that range, and one
+        was handed a refusing proxy's port while the proxy's open connections still used it
+        (a CI run: psycopg met an HTTP server there, and accept() failed with EADDRINUSE).
+        """
+        for _ in range(_OWN_PORT_TRIES):
+            port = free_port()
+            try:
+                self._server = await asyncio.start_server(
+                    self._handle, self.host, port, reuse_address=True
+                )
+            except OSError:
+                continue
+            return port
+        return 0
 
     async def _listen(self) -> None:
         if self._server is not None:

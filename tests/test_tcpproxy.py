@@ -180,3 +180,17 @@ async def test_a_refusing_proxy_keeps_its_port_from_other_programs(echo_server: 
             other.close()
         proxy.accept()
         assert await _roundtrip(proxy.port, b"after") == b"after"
+
+
+async def test_a_proxy_listens_below_the_ports_the_kernel_hands_out(echo_server: int) -> None:
+    """Servers that bind port 0 get ports from the kernel's ephemeral range; a proxy listens
+    below it, so none of them is handed a refusing proxy's port (one was, in a CI run, while
+    the proxy's open connections still used it: a client reached an HTTP server)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        low = int(ranges.read().split()[0])
+    with TcpProxy("127.0.0.1", echo_server) as proxy:
+        assert proxy.port < low
+        assert await _roundtrip(proxy.port, b"through") == b"through"
+        proxy.refuse()
+        proxy.accept()
+        assert await _roundtrip(proxy.port, b"again") == b"again"
