@@ -37,7 +37,7 @@ import contextlib
 import socket
 import struct
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from daemonproc import free_port
@@ -48,6 +48,8 @@ _CHUNK = 64 * 1024
 _CONTROL_TIMEOUT = 10.0
 #: How many free ports (daemonproc.free_port) a proxy asked for any port tries to listen on.
 _OWN_PORT_TRIES = 20
+#: Loop iterations an accepted connection takes to get its transport (and protocol).
+_ARRIVAL_ROUNDS = 3
 
 
 class _Link:
@@ -105,6 +107,30 @@ class _Delayed:
                 return  # the other side is gone; the pump ends on its own read
 
 
+class _TrackedProtocol(asyncio.StreamReaderProtocol):
+    """asyncio.start_server's protocol, noting its transport in ``accepted`` while it lives."""
+
+    def __init__(
+        self,
+        accepted: set[asyncio.BaseTransport],
+        reader: asyncio.StreamReader,
+        handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    ) -> None:
+        super().__init__(reader, handler)
+        self._accepted = accepted
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._accepted.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._accepted.discard(self._transport)
+        super().connection_lost(exc)
+
+
 class TcpProxy:
     """Forward 127.0.0.1:<port> to ``upstream_host:upstream_port`` until told otherwise."""
 
@@ -126,6 +152,8 @@ class TcpProxy:
         #: While refusing: a socket bound to the port, not listening (connects are refused),
         #: so that no other program takes the port before accept() listens there again.
         self._placeholder: socket.socket | None = None
+        #: Every accepted connection's transport until it is lost (closed by either side).
+        self._accepted: set[asyncio.BaseTransport] = set()
 
     # -- control (called from the test's thread) ------------------------------------------------
 
@@ -210,26 +238,43 @@ class TcpProxy:
         for _ in range(_OWN_PORT_TRIES):
             port = free_port()
             try:
-                self._server = await asyncio.start_server(
-                    self._handle, self.host, port, reuse_address=True
-                )
+                self._server = await self._serve(port)
             except OSError:
                 continue
             return port
         return 0
 
+    async def _serve(self, port: int) -> asyncio.Server:
+        """Listen on ``port``: asyncio.start_server's streams, with every accepted transport
+        kept (self._accepted) from the moment it is made, before its handler runs."""
+
+        def protocol() -> asyncio.StreamReaderProtocol:
+            return _TrackedProtocol(self._accepted, asyncio.StreamReader(), self._handle)
+
+        return await asyncio.get_running_loop().create_server(
+            protocol, self.host, port, reuse_address=True
+        )
+
     async def _listen(self) -> None:
         if self._server is not None:
             return
         self._release_port()
-        self._server = await asyncio.start_server(
-            self._handle, self.host, self.port, reuse_address=True
-        )
+        self._server = await self._serve(self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop_listening(self) -> None:
         server, self._server = self._server, None
         if server is not None:
+            # Accept nothing more, then let the connections accepted already arrive (a task
+            # makes each one's transport) while the server is open: on Python 3.11 one whose
+            # transport is made after close() trips an assertion (Server._attach) and leaks
+            # its socket, which the garbage collector reported (ResourceWarning) in whatever
+            # test ran then (a CI run's failure).
+            loop = asyncio.get_running_loop()
+            for listening in server.sockets:
+                loop.remove_reader(listening.fileno())
+            for _ in range(_ARRIVAL_ROUNDS):
+                await asyncio.sleep(0)
             server.close()  # not wait_closed(): since 3.12 it waits for every connection
             self._hold_port()
 
@@ -273,9 +318,12 @@ class TcpProxy:
         self._release_port()
         handlers = [link.handler for link in self._links if link.handler is not None]
         await self._cut()
+        for transport in list(self._accepted):  # arrived, its handler not started yet
+            transport.close()
         # Let the cancelled handlers finish before the loop stops: a task destroyed while
         # pending is reported (with a formatted traceback) when it is garbage-collected.
         await asyncio.gather(*handlers, return_exceptions=True)
+        await asyncio.sleep(0)  # a closed transport's socket is closed in the next iteration
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
