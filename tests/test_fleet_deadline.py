@@ -426,3 +426,30 @@ async def test_borrowings_waiting_together_after_an_outage_renew_the_pool_once(
     await asyncio.gather(borrow(), borrow())
     renewals = [r for r in caplog.records if "pool renewed" in r.getMessage()]
     assert len(renewals) == 1, [r.getMessage() for r in renewals]
+
+
+async def test_an_abandoned_task_waiting_elsewhere_inside_a_deadline_is_cancelled_soon(
+    pg_dsn: str,
+) -> None:
+    """abandon() stops a task working inside a deadline() block by shutting its connection
+    down, not by cancelling it (no cancel request on a silent path). A task inside such a
+    block that waits on something else (not the connection) did not notice: a fleet node's
+    stop waited for its listener's tasks for over 70 s (a test run's slow-stop report). It is
+    cancelled a moment later (db.ABANDON_GRACE), well before the block's own backstop."""
+    conn = await db.connect(pg_dsn, node="test", purpose="check", autocommit=True)
+    never = asyncio.Event()
+
+    async def waits_inside_a_deadline() -> None:
+        async with db.deadline(conn, 30.0):
+            await never.wait()
+
+    try:
+        task = asyncio.create_task(waits_inside_a_deadline())
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        db.abandon([task])
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=db.ABANDON_GRACE + 3.0)
+        within(db.ABANDON_GRACE + 1.0, time.monotonic() - started)
+    finally:
+        await conn.close()

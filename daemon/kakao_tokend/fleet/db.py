@@ -477,14 +477,23 @@ def no_answer(action: str, seconds: float) -> StoreUnavailable:
     return StoreUnavailable(f"cannot {action}: the database did not answer within {seconds:g}s")
 
 
+#: A task :func:`abandon` stopped by shutting its connection down that still runs this many
+#: seconds later is cancelled as well: inside its deadline() block it waited on something
+#: else than the connection, and a fleet node's stop waited for it for over 70 s (a test
+#: run's slow-stop report: the listener's notification task, waiting for the next one).
+#: psycopg sees the end of the stream at once; this is only the backstop of a stop.
+ABANDON_GRACE = 0.5
+
+
 def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel ``tasks`` without a cancel request into psycopg.
 
     A task cancelled while psycopg waits for a query's answer makes psycopg send a cancel
     request on a new connection and wait for it (see :func:`deadline`): on a silent network a
     stop waited ten seconds for each such task. A task working inside a deadline() block has
-    the connection's socket shut down instead and leaves the block with CancelledError; the
-    others (sleeping, connecting, idle in LISTEN) are cancelled as usual.
+    the connection's socket shut down instead and leaves the block with CancelledError (or
+    is cancelled ABANDON_GRACE later if it has not ended); the others (sleeping, connecting,
+    idle in LISTEN) are cancelled as usual.
     """
     for task in tasks:
         entries = _working.get(task) if isinstance(task, asyncio.Task) else None
@@ -494,6 +503,12 @@ def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
         for working in entries:
             working.abandoned = True
             shut_down(working.conn)
+        task.get_loop().call_later(ABANDON_GRACE, _cancel_unless_done, task)
+
+
+def _cancel_unless_done(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
 
 
 def shut_down(conn: AsyncConnection[Any]) -> None:
