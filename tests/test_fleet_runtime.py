@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import stat
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from kakao_tokend.errors import StoreUnavailable
 from kakao_tokend.fleet import accounts
 from kakao_tokend.fleet import store as fleet_store
 from kakao_tokend.fleet.crypto import new_key_line
-from kakao_tokend.fleet.node import plan_for
+from kakao_tokend.fleet.db import ABANDON_GRACE
+from kakao_tokend.fleet.node import FleetNode, plan_for
 from kakao_tokend.fleet.store import FleetStore, PgAccountStore
 from kakao_tokend.fleet.turns import LIVE_HEARTBEATS
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -880,3 +882,37 @@ async def test_an_account_due_beyond_the_window_waits_for_the_poll_to_name_it_th
             assert manager.clock() < due_at + timedelta(seconds=20), "still queued"
             await asyncio.sleep(0.05)
         assert manager.next_wakeup() - manager.clock() > timedelta(minutes=30)
+
+
+async def test_a_node_stops_even_when_a_task_of_its_listener_lost_its_cancel(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A cancel can be lost (Python 3.11's asyncio.wait_for, which psycopg_pool's getconn
+    uses, returns a result that came with it): the notification task went back to waiting
+    for the next notification, and the node's stop waited for it for over 70 s in two test
+    runs. The stop cancels again until every task of the node has ended."""
+    config = fleet_config(tmp_path, emulator, store_dsn, "web-1")
+    fleet = node_store(config, store_dsn, "web-1", heartbeat=0.2)
+    await fleet.open()
+    node = FleetNode(fleet, on_change=lambda name: None, on_due=lambda name: None)
+    try:
+        await node.start(wait=5)
+        lost = asyncio.Event()
+
+        async def loses_its_first_cancel() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                lost.set()  # swallowed, as that wait_for does
+            await asyncio.Event().wait()
+
+        stubborn = asyncio.create_task(loses_its_first_cancel())
+        node._tasks.append(stubborn)  # the task the lost cancel leaves running
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        # (Not wait_for's timeout alone: cancelling the stop cancelled the awaited task too.)
+        await asyncio.wait_for(node.stop(), timeout=10)
+        assert time.monotonic() - started < ABANDON_GRACE + 3.0
+        assert lost.is_set() and stubborn.cancelled()
+    finally:
+        await fleet.close()
