@@ -453,3 +453,24 @@ async def test_an_abandoned_task_waiting_elsewhere_inside_a_deadline_is_cancelle
         within(db.ABANDON_GRACE + 1.0, time.monotonic() - started)
     finally:
         await conn.close()
+
+
+async def test_ending_tasks_cancels_again_a_task_that_lost_its_cancel() -> None:
+    """db.end_tasks, what a node's listener and the alert book are stopped with: a task whose
+    first cancel was lost (Python 3.11's asyncio.wait_for can return a result instead) and
+    that went back to waiting is cancelled again, so the stop ends."""
+    lost = asyncio.Event()
+
+    async def loses_its_first_cancel() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            lost.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(loses_its_first_cancel())
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await asyncio.wait_for(db.end_tasks([task]), timeout=10)
+    within(db.ABANDON_GRACE + 1.0, time.monotonic() - started)
+    assert lost.is_set() and task.cancelled()

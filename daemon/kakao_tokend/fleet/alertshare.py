@@ -38,7 +38,7 @@ from ..errors import StoreError
 from ..health import NODE_LOCAL
 from ..tokens import backoff_delay
 from .alertbook import Records, load_every_record, record_params, replace_records
-from .db import abandon
+from .db import end_tasks
 from .turns import first_claimant, live_nodes
 
 if TYPE_CHECKING:
@@ -221,9 +221,7 @@ class AlertBook:
         """Stop the task; try once more, for up to ``grace`` seconds, to write what waits."""
         task, self._task = self._task, None
         if task is not None:
-            abandon([task])  # one mid-query is stopped by ending its connection (db.abandon)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await end_tasks([task])  # one mid-query by ending its connection (db.end_tasks)
         if not self._dirty:
             return
         try:

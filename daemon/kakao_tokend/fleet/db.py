@@ -21,7 +21,7 @@ import math
 import select
 import socket
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -509,6 +509,25 @@ def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
 def _cancel_unless_done(task: asyncio.Future[Any]) -> None:
     if not task.done():
         task.cancel()
+
+
+async def end_tasks(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Stop ``tasks`` (:func:`abandon`) and wait until each has ended.
+
+    A cancel can be lost: Python 3.11's asyncio.wait_for, which psycopg_pool's getconn uses,
+    returns a result that came together with it, and a task's loop goes on. A fleet node's
+    notification task went back to waiting for the next notification, and its stop waited
+    for it for over 70 s in two test runs. So each task is cancelled again every
+    ABANDON_GRACE until it has ended.
+    """
+    abandon(tasks)
+    for task in tasks:
+        while not task.done():
+            await asyncio.wait({task}, timeout=ABANDON_GRACE)
+            if not task.done():
+                task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def shut_down(conn: AsyncConnection[Any]) -> None:

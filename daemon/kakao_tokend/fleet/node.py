@@ -28,7 +28,7 @@ from .. import __version__
 from ..errors import StoreError
 from ..tokens import utcnow
 from .accounts import CHANNEL, parse_notification
-from .db import ABANDON_GRACE, abandon, connect, deadline, no_answer, store_errors
+from .db import connect, deadline, end_tasks, no_answer, store_errors
 from .store import FleetStore, Planner
 
 if TYPE_CHECKING:
@@ -112,18 +112,7 @@ class FleetNode:
         self._tasks = []
         if self._resyncing is not None and not self._resyncing.done():
             tasks.append(self._resyncing)
-        abandon(tasks)  # one mid-query is stopped by ending its connection (see db.abandon)
-        for task in tasks:
-            # A cancel can be lost: Python 3.11's asyncio.wait_for (psycopg_pool's getconn)
-            # returns a result that came together with it, and the notification task went back
-            # to waiting for the next one; a stop waited for it for over 70 s (test runs'
-            # slow-stop reports). Cancel again until the task has ended.
-            while not task.done():
-                await asyncio.wait({task}, timeout=ABANDON_GRACE)
-                if not task.done():
-                    task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await end_tasks(tasks)  # one mid-query by ending its connection; cancels may be lost
         try:
             # Borrowing and the statement within one deadline (connection() shuts a silent
             # connection down): an outer cancel would reach psycopg mid-query, whose cancel
