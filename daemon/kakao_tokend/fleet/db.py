@@ -477,11 +477,7 @@ def no_answer(action: str, seconds: float) -> StoreUnavailable:
     return StoreUnavailable(f"cannot {action}: the database did not answer within {seconds:g}s")
 
 
-#: A task :func:`abandon` stopped by shutting its connection down that still runs this many
-#: seconds later is cancelled as well: inside its deadline() block it waited on something
-#: else than the connection, and a fleet node's stop waited for it for over 70 s (a test
-#: run's slow-stop report: the listener's notification task, waiting for the next one).
-#: psycopg sees the end of the stream at once; this is only the backstop of a stop.
+#: How long :func:`end_tasks` waits for a stopped task before it cancels it again.
 ABANDON_GRACE = 0.5
 
 
@@ -491,9 +487,9 @@ def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
     A task cancelled while psycopg waits for a query's answer makes psycopg send a cancel
     request on a new connection and wait for it (see :func:`deadline`): on a silent network a
     stop waited ten seconds for each such task. A task working inside a deadline() block has
-    the connection's socket shut down instead and leaves the block with CancelledError (or
-    is cancelled ABANDON_GRACE later if it has not ended); the others (sleeping, connecting,
-    idle in LISTEN) are cancelled as usual.
+    the connection's socket shut down instead and leaves the block with CancelledError; the
+    others (sleeping, connecting, idle in LISTEN) are cancelled as usual. A stop waits with
+    :func:`end_tasks`, which also ends a task that did not.
     """
     for task in tasks:
         entries = _working.get(task) if isinstance(task, asyncio.Task) else None
@@ -503,12 +499,6 @@ def abandon(tasks: Iterable[asyncio.Future[Any]]) -> None:
         for working in entries:
             working.abandoned = True
             shut_down(working.conn)
-        task.get_loop().call_later(ABANDON_GRACE, _cancel_unless_done, task)
-
-
-def _cancel_unless_done(task: asyncio.Future[Any]) -> None:
-    if not task.done():
-        task.cancel()
 
 
 async def end_tasks(tasks: Sequence[asyncio.Future[Any]]) -> None:
@@ -517,8 +507,9 @@ async def end_tasks(tasks: Sequence[asyncio.Future[Any]]) -> None:
     A cancel can be lost: Python 3.11's asyncio.wait_for, which psycopg_pool's getconn uses,
     returns a result that came together with it, and a task's loop goes on. A fleet node's
     notification task went back to waiting for the next notification, and its stop waited
-    for it for over 70 s in two test runs. So each task is cancelled again every
-    ABANDON_GRACE until it has ended.
+    for it for over 70 s in two test runs. A task stopped inside a deadline() block while it
+    waits on something else than the connection does not notice the shutdown either. So
+    each task still running ABANDON_GRACE later is cancelled (again), until it has ended.
     """
     abandon(tasks)
     for task in tasks:

@@ -33,7 +33,7 @@ from ..importer import DEFAULT_ACCESS_LIFETIME
 from ..status import AccountStatus, Health
 from ..store import AccountStore
 from ..tokens import format_time, parse_time, utcnow
-from .db import abandon
+from .db import end_tasks
 from .store import FleetStore
 
 if TYPE_CHECKING:
@@ -247,10 +247,9 @@ class StoreWait:
             if await _first_of(stop.wait(), against=opening):
                 # A stop must not wait for an attempt on a host that does not answer (up to
                 # libpq's connect_timeout, 10 s): the attempt is abandoned, one mid-query
-                # (the migration) by ending its connection (db.abandon).
-                abandon([opening])
+                # (the migration) by ending its connection (db.end_tasks).
                 with contextlib.suppress(BaseException):
-                    await opening
+                    await end_tasks([opening])
                 await self.fleet.close()
                 return False
             try:
