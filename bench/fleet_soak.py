@@ -25,8 +25,8 @@ node it read from is up (not killed, paused or restarting, plus GRACE after it i
 RESTART_GRACE after a restarted node serves again), the database is up (plus RECOVERY_SHARE
 of the lifetime after a restart) and the account's refresh token was not lost (see below).
 A healthy read of an expired access token (by the emulator, or by its ``expires_at`` past by
-more than the second it is rounded down to: Fleet.published_expired) must not happen: the count
-must be 0.
+more than the second it is rounded down to: fleetnodes.published_expired) must not happen: the
+count must be 0.
 
 A **lost refresh token** is an account whose stored refresh token the emulator no longer
 accepts (checked every 2 s and at the end). The one unavoidable case is a node killed after
@@ -59,7 +59,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fleet harness lives with the tests
 
-from fleetnodes import Fleet, FleetTimings, account_names  # noqa: E402
+from fleetnodes import Fleet, FleetTimings, account_names, published_expired  # noqa: E402
 from kakao_tokend.emulator import EmulatorSettings, running_emulator  # noqa: E402
 from kakao_tokend.fleet import db  # noqa: E402
 from kakao_tokend.fleet.accounts import (  # noqa: E402
@@ -344,7 +344,7 @@ class FleetSoak:
             document = node.token_file(account)
             now = datetime.now(UTC)
             end = self.now()
-            expired = self.fleet.published_expired(document, now)
+            expired = published_expired(self.fleet.emulator, document, now)
             self.reads.append(Read(start, end, node.name, account, expired))
 
     async def check_losses(self) -> None:

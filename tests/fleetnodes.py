@@ -51,7 +51,7 @@ EXIT_CONFIG = 78
 APP_PREFIX = "kakao-tokend "
 #: The database the fleet's store lives in (a fresh one per Fleet).
 DATABASE = "tokend"
-#: A token file's ``expires_at`` is to the second, rounded down (Fleet.published_expired).
+#: A token file's ``expires_at`` is to the second, rounded down (published_expired).
 WRITTEN_EXPIRY_ROUNDING = timedelta(seconds=1)
 
 
@@ -567,13 +567,8 @@ class Fleet:
         return [
             account
             for account in self.accounts
-            if self.published_expired(node.token_file(account), now)
+            if published_expired(self.emulator, node.token_file(account), now)
         ]
-
-    def published_expired(self, document: dict[str, Any] | None, now: datetime) -> bool:
-        """True when a token file (``document``) holds a token expired at ``now`` (see
-        :func:`published_expired`)."""
-        return published_expired(self.emulator, document, now)
 
     def logs(self) -> str:
         """Return every node's logs (for an assertion message)."""
