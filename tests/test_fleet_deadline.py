@@ -403,6 +403,33 @@ async def test_once_a_refused_database_is_back_the_next_borrowing_renews_the_poo
     assert took < 0.6, f"the first borrowing after the outage took {took:.2f}s"
 
 
+async def test_a_database_that_refuses_connections_is_reported_at_the_first_borrowing(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """The database goes away (its connections end, new ones are refused) while the node
+    thinks it is up: the first borrowing finds each pooled connection dead, and the pool has
+    nothing left but its own reconnect tries, seconds apart. It waited the whole deadline on
+    them (6.7 s with the default timeouts: a cut-off node's 8 s token expired before
+    store_unavailable showed). A connection of the store's own, refused at once, says so."""
+    fleet, proxy = proxied
+    async with fleet.connection("read the store's accounts") as conn:
+        await conn.execute("SELECT 1")
+    assert fleet.stats.up
+    proxy.refuse()
+    proxy.cut()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        async with asyncio.timeout(fleet.deadline * GUARD):
+            async with fleet.connection("read the store's accounts") as conn:
+                await conn.execute("SELECT 1")
+    took = time.monotonic() - started
+    print(f"the borrowing on a refusing database failed after {took:.3f}s: {caught.value}")
+    assert not fleet.stats.up
+    # Two dead connections found and a refused connect on loopback: milliseconds; the old
+    # code's wait was the whole deadline (3 s here).
+    assert took < fleet.deadline / 3, f"the refusal was reported after {took:.2f}s"
+
+
 async def test_borrowings_waiting_together_after_an_outage_renew_the_pool_once(
     proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -256,6 +256,12 @@ class FleetStats:
         return self.unavailable_since is None
 
 
+class _PoolEmptied(StoreUnavailable):
+    """The pooled connections a borrowing tried were dead and the pool has no other idle:
+    the database went away, or restarted. The pool's own reconnect tries come seconds
+    apart; only a connection of the store's own settles at once which it was."""
+
+
 @dataclass
 class _Held:
     """One open hold: the connection whose transaction holds the row's lock."""
@@ -621,6 +627,8 @@ class FleetStore:
             else:
                 try:
                     conn = await self._checked(pool, action, loop.time() + wait, wait)
+                except _PoolEmptied:
+                    pool = await self._renewed(pool, action, end)
                 except StoreUnavailable:
                     if self.stats.up is not False and pool.get_stats().get("pool_size", 0) > 0:
                         raise  # the pool is there, only busy (or its connection did not answer)
@@ -656,6 +664,9 @@ class FleetStore:
         stopped or its loop stalled while every connection was out) gets a share more, once:
         the connections come back as soon as their tasks run again, their answers waiting in
         the sockets (db.deadline). A pool that is only busy fails at ``until`` as before.
+
+        _PoolEmptied when a connection failed its check and the pool has no other idle one
+        (the caller tries a connection of its own rather than wait on the pool's reconnects).
         """
         loop = asyncio.get_running_loop()
         stalled = False
@@ -675,8 +686,12 @@ class FleetStore:
             except TimeoutError:
                 await self._discard(pool, conn)
                 raise no_answer(action, wait) from None
-            except Exception:
+            except Exception as exc:
                 await self._discard(pool, conn)
+                if pool.get_stats().get("pool_available", 0) == 0:
+                    raise _PoolEmptied(
+                        f"cannot {action}: the database ended its connection ({type(exc).__name__})"
+                    ) from None
                 continue
             except BaseException:
                 await self._discard(pool, conn)
