@@ -618,26 +618,23 @@ class FleetStore:
         budget = self.deadline if within is None else within
         end = loop.time() + budget
         wait = min(budget, self.deadline)
+        conn: AsyncConnection[Any] | None = None
         try:
-            if self.stats.up is False and pool.get_stats().get("pool_available", 0) == 0:
-                # A known outage and nothing idle in the pool: it has nothing to lend before
-                # its own next try, seconds or minutes away. Try a connection of our own at
-                # once (the one back-off rule paces these attempts).
-                pool = await self._renewed(pool, action, end)
-            else:
+            # A known outage with nothing idle in the pool: it has nothing to lend before its
+            # own next try, seconds or minutes away, so the store tries a connection of its
+            # own at once (the one back-off rule paces these attempts).
+            if self.stats.up is not False or pool.get_stats().get("pool_available", 0) > 0:
                 try:
                     conn = await self._checked(pool, action, loop.time() + wait, wait)
                 except _PoolEmptied:
-                    pool = await self._renewed(pool, action, end)
+                    pass  # dead connections and none idle: the pool is no better off
                 except StoreUnavailable:
                     if self.stats.up is not False and pool.get_stats().get("pool_size", 0) > 0:
                         raise  # the pool is there, only busy (or its connection did not answer)
-                    pool = await self._renewed(pool, action, end)
-                else:
-                    self._lent[id(conn)] = pool
-                    return conn
-            again = max(0.0, end - loop.time())
-            conn = await self._checked(pool, action, loop.time() + again, again)
+            if conn is None:
+                pool = await self._renewed(pool, action, end)
+                again = max(0.0, end - loop.time())
+                conn = await self._checked(pool, action, loop.time() + again, again)
         except StoreError as exc:
             self.failed(exc)
             raise
