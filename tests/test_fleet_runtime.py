@@ -528,6 +528,61 @@ async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_comm
             await node.fleet.close()
 
 
+async def test_the_rescue_file_stays_until_the_commit_of_its_tokens_has_succeeded(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The retry of a rescued rotation removes the rescue file only once its commit is done.
+    It removed it when the tokens were staged under the row lock, before the commit was sent:
+    a node killed during that commit (a database slow to answer: up to the deadline) lost the
+    rotated refresh token, which was then only in memory. Here a deferred trigger makes the
+    commit take a second; at every moment the rescue file is there or the row holds it."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        try:
+            await login_on(node, emulator, store_dsn)
+            new = await refresh_while_the_database_goes(node, emulator, proxy)
+            assert new is not None and node.manager.status.write_pending
+            rescue = node.store.rescue_path
+            assert rescue is not None and rescue.exists()
+            proxy.accept()
+            async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as watch:
+                await watch.execute(
+                    "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
+                )
+                await watch.execute(
+                    "CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON accounts"
+                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+                )
+
+                async def committed_generation() -> int:
+                    cur = await watch.execute(
+                        "SELECT generation FROM accounts WHERE name = 'default'"
+                    )
+                    found = await cur.fetchone()
+                    assert found is not None
+                    return int(found[0])
+
+                flush = asyncio.create_task(node.manager.flush())
+                looks = 0
+                while not flush.done():
+                    if not rescue.exists():
+                        assert await committed_generation() == new.generation, (
+                            "the rescue file was removed before its tokens were committed"
+                        )
+                    looks += 1
+                    await asyncio.sleep(0.02)
+                await flush
+                assert looks >= 10  # the commit took its second: the looks covered it
+                assert not node.manager.status.write_pending
+                assert not rescue.exists()
+                assert await committed_generation() == new.generation
+        finally:
+            await node.fleet.close()
+
+
 async def test_a_restarted_node_commits_the_rescue_file_it_finds(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -270,6 +270,8 @@ class _Held:
     row: AccountRow | None
     staged: AccountState | None = None
     delete: bool = False
+    #: Remove the rescue file once the commit has succeeded (PgAccountStore.discard_rescue).
+    discard_rescue: bool = False
 
 
 class FleetStore:
@@ -1281,6 +1283,8 @@ class PgAccountStore:
         broken = False
         try:
             await self._commit(held)
+            if held.discard_rescue:
+                self._discard_rescue_now()
         except StoreWriteError as exc:
             broken = True
             fleet.stats.failed_commits += 1
@@ -1591,7 +1595,19 @@ class PgAccountStore:
         return state
 
     def discard_rescue(self) -> None:
-        """Delete the rescue file once the store holds its state (missing is fine)."""
+        """Delete the rescue file once the store holds its state (missing is fine).
+
+        Under a hold the state is only staged: the file goes once the commit has succeeded.
+        Removed before (as the file store may, whose save is durable when it returns), a node
+        killed while its commit waited on the database lost the rescued refresh token.
+        """
+        if self._held is not None:
+            self._held.discard_rescue = True
+            return
+        self._discard_rescue_now()
+
+    def _discard_rescue_now(self) -> None:
+        """Delete the rescue file now (missing is fine)."""
         path = self.rescue_path
         if path is None:
             return
