@@ -583,6 +583,59 @@ async def test_the_rescue_file_stays_until_the_commit_of_its_tokens_has_succeede
             await node.fleet.close()
 
 
+async def test_a_row_gone_back_to_a_retired_token_is_written_over_by_the_node_holding_the_new(
+    store_dsn: str,
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica promoted without the last commits (or a restore under running nodes) puts a
+    row back to a refresh token Kakao has retired. The node that holds the rotated one writes
+    it back at its next claim: under the row lock it refuses the older row (a critical line
+    and a state conflict; it did so silently, its store had no lock to offer the refusal),
+    refreshes with its own tokens and commits over it (compare-and-swap on the row it
+    locked); no rescue file is left (docs/fleet.md §18)."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        old = await login_on(node, emulator, store_dsn)
+        async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as db:
+            await db.execute("CREATE TABLE before_rotation AS SELECT * FROM accounts")
+            new = await node.manager.refresh(force=True, reason="due")
+            assert new is not None and new.generation == old.generation + 1
+            assert emulator.refresh_token_status(old.tokens.refresh_token) == "retired"
+            await node.fleet.reload("default")
+            node.manager.notice_outside_changes()  # its own commit's notification
+            cur = await db.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'accounts' AND column_name <> 'id'"
+            )
+            columns = ", ".join(str(name) for (name,) in await cur.fetchall())
+            await db.execute(
+                f"UPDATE accounts SET ({columns}) = (SELECT {columns} FROM before_rotation)"  # type: ignore[arg-type]
+            )
+            newer = await node.manager.refresh(force=True, reason="due")
+            assert newer is not None and newer.generation > new.generation
+            assert emulator.refresh_token_status(new.tokens.refresh_token) == "retired"
+            assert emulator.refresh_token_status(newer.tokens.refresh_token) == "live"
+            row = await node.fleet.reload("default")
+            assert row is not None and row.generation == newer.generation
+            assert row.state.tokens.refresh_token == newer.tokens.refresh_token
+            assert node.manager.status.health is Health.OK
+            assert node.store.rescue_path is not None and not node.store.rescue_path.exists()
+            refusals = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.CRITICAL and "went back to an older state" in r.getMessage()
+            ]
+            assert len(refusals) == 1, refusals
+            assert "was retired by a rotation since" in refusals[0]
+            assert "restore" not in refusals[0].replace("restored", "")  # a file-mode command
+    finally:
+        await node.fleet.close()
+
+
 async def test_a_restarted_node_commits_the_rescue_file_it_finds(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -422,17 +422,27 @@ class AccountManager:
                 self.store.save_rescue(self.state)
                 self._disk_signature = None
                 return
-            message = (
-                f"refused the state file written by another process: {why} (an old backup?);"
-                f" kept the newer tokens (generation {self.state.generation}) and put them back"
-                + (f"; the refused file is kept as {aside}" if aside else "")
-            )
-            log.critical(
-                "account %s: %s — if you really mean to go back to it, run `%s`",
-                self.name,
-                message,
-                cli_command(self.account, "restore", str(aside or "BACKUP")),
-            )
+            kept = f"kept the newer tokens (generation {self.state.generation}) and put them back"
+            if store.shared:
+                # A fleet's row goes back when a database is restored, or a replica promoted
+                # without its last commits, while this node holds what was committed after.
+                message = (
+                    f"the store's row went back to an older state: {why} (a database restored"
+                    f" or a replica promoted without its last commits?); {kept}"
+                )
+                log.critical("account %s: %s", self.name, message)
+            else:
+                message = (
+                    f"refused the state file written by another process: {why} (an old"
+                    f" backup?); {kept}"
+                    + (f"; the refused file is kept as {aside}" if aside else "")
+                )
+                log.critical(
+                    "account %s: %s — if you really mean to go back to it, run `%s`",
+                    self.name,
+                    message,
+                    cli_command(self.account, "restore", str(aside or "BACKUP")),
+                )
             if self._persist(self.state):
                 self._publish(self.state)
             self._conflict(message)

@@ -1221,11 +1221,12 @@ class PgAccountStore:
     # ------------------------------------------------------------------ holding
 
     def try_lock(self) -> bool:
-        """A row lock cannot be taken from synchronous code: never held (see storage.py)."""
-        return False
+        """Return True only inside this account's open :meth:`hold` (re-entrant, as the file
+        store's lock): a row lock cannot be taken from synchronous code (see storage.py)."""
+        return self._held is not None
 
     def unlock(self) -> None:
-        """Nothing to release: :meth:`try_lock` never holds."""
+        """Nothing to release: the hold that :meth:`try_lock` found open releases the row."""
 
     @asynccontextmanager
     async def hold(self, wait: float, *, decided_on: int | None = None) -> AsyncIterator[None]:
