@@ -636,6 +636,54 @@ async def test_a_row_gone_back_to_a_retired_token_is_written_over_by_the_node_ho
         await node.fleet.close()
 
 
+async def test_a_rescued_rotation_that_meets_a_row_gone_back_is_still_committed(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A rotation waits in the rescue file for the database; the database comes back older
+    than the node last saw it (a replica promoted without its last commits). The retry finds
+    the row changed, refuses it as older and commits the rescued tokens over it. It dropped
+    the write instead: the rotated refresh token was then only in memory and the rescue file,
+    and the row kept a retired one."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        try:
+            await login_on(node, emulator, store_dsn)
+            # A later second: a state whose tokens were issued in the same second as ours may
+            # be a new login (state.goes_backwards), and the row is to be plainly older.
+            await asyncio.sleep(1.1)
+            async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as db:
+                await db.execute("CREATE TABLE at_login AS SELECT * FROM accounts")
+                committed = await node.manager.refresh(force=True, reason="due")
+                assert committed is not None
+                await node.fleet.reload("default")
+                node.manager.notice_outside_changes()  # its own commit's notification
+                rescued = await refresh_while_the_database_goes(node, emulator, proxy)
+                assert rescued is not None and node.manager.status.write_pending
+                cur = await db.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_name = 'accounts' AND column_name <> 'id'"
+                )
+                columns = ", ".join(str(name) for (name,) in await cur.fetchall())
+                await db.execute(
+                    f"UPDATE accounts SET ({columns}) = (SELECT {columns} FROM at_login)"  # type: ignore[arg-type]
+                )
+            proxy.accept()
+            await node.manager.flush()
+            assert not node.manager.status.write_pending
+            async with await psycopg.AsyncConnection.connect(store_dsn) as db:
+                cur = await db.execute("SELECT generation FROM accounts WHERE name = 'default'")
+                assert await cur.fetchone() == (rescued.generation,)  # not the node's cache
+            row = await node.fleet.reload("default")
+            assert row is not None and row.generation == rescued.generation
+            assert row.state.tokens.refresh_token == rescued.tokens.refresh_token
+            assert emulator.refresh_token_status(rescued.tokens.refresh_token) == "live"
+            assert node.store.rescue_path is not None and not node.store.rescue_path.exists()
+        finally:
+            await node.fleet.close()
+
+
 async def test_a_restarted_node_commits_the_rescue_file_it_finds(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
