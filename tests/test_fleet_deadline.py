@@ -432,6 +432,40 @@ async def test_a_database_that_refuses_connections_is_reported_at_the_first_borr
     assert took < fleet.deadline / 3, f"the refusal was reported after {took:.2f}s"
 
 
+async def test_a_borrowing_waiting_on_a_pool_that_was_renewed_meanwhile_takes_the_new_one(
+    proxied: tuple[FleetStore, TcpProxy],
+) -> None:
+    """Another borrowing renews the pool (its connections were dead, none idle) while this one
+    waits on the old pool for a free connection: the old pool, closed, answers PoolClosed.
+    With the store up, that was reported as the store unavailable (an ERROR line, a failed
+    claim); the waiting borrowing now takes a connection from the new pool."""
+    fleet, _ = proxied
+    pool = fleet._pool
+    assert pool is not None
+    lent: list[Any] = []
+    for _ in range(2):  # the pool's max: nothing is left to lend
+        lent.append(await fleet.getconn("hold a connection"))
+    try:
+        waiting = asyncio.create_task(fleet.getconn("read the store's accounts"))
+        async with asyncio.timeout(fleet.deadline):
+            while not fleet.pool_stats()["requests_waiting"]:
+                await asyncio.sleep(0.01)
+        renewed = await fleet._renewed(
+            pool, "renew the pool", asyncio.get_running_loop().time() + 5
+        )
+        assert renewed is not pool
+        conn = await asyncio.wait_for(waiting, fleet.deadline)
+        try:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+        finally:
+            await fleet.putconn(conn)
+        assert fleet.stats.up
+    finally:
+        for conn in lent:
+            await fleet.putconn(conn)
+
+
 async def test_borrowings_waiting_together_after_an_outage_renew_the_pool_once(
     proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
 ) -> None:

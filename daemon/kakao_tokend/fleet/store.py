@@ -631,7 +631,13 @@ class FleetStore:
                 except _PoolEmptied:
                     pass  # dead connections and none idle: the pool is no better off
                 except StoreUnavailable:
-                    if self.stats.up is not False and pool.get_stats().get("pool_size", 0) > 0:
+                    # A pool renewed by another borrowing while this one waited on it answers
+                    # PoolClosed: the renewal below returns the new one.
+                    if (
+                        self._pool is pool
+                        and self.stats.up is not False
+                        and pool.get_stats().get("pool_size", 0) > 0
+                    ):
                         raise  # the pool is there, only busy (or its connection did not answer)
             if conn is None:
                 pool = await self._renewed(pool, action, end)
