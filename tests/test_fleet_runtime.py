@@ -162,6 +162,20 @@ async def refresh_while_the_database_goes(
     return await task
 
 
+async def put_rows_back(db: psycopg.AsyncConnection[Any], copy: str) -> None:
+    """Put the one account's row back to the table ``copy`` (made with ``CREATE TABLE copy AS
+    SELECT * FROM accounts``), keeping its id: as a replica promoted without the last commits
+    would hold it."""
+    cur = await db.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_name = 'accounts' AND column_name <> 'id'"
+    )
+    columns = ", ".join(str(name) for (name,) in await cur.fetchall())
+    await db.execute(
+        f"UPDATE accounts SET ({columns}) = (SELECT {columns} FROM {copy})"  # type: ignore[arg-type]
+    )
+
+
 async def test_a_refresh_commits_to_the_store_before_it_publishes(
     store_dsn: str,
     emulator: KakaoEmulator,
@@ -607,14 +621,7 @@ async def test_a_row_gone_back_to_a_retired_token_is_written_over_by_the_node_ho
             assert emulator.refresh_token_status(old.tokens.refresh_token) == "retired"
             await node.fleet.reload("default")
             node.manager.notice_outside_changes()  # its own commit's notification
-            cur = await db.execute(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_name = 'accounts' AND column_name <> 'id'"
-            )
-            columns = ", ".join(str(name) for (name,) in await cur.fetchall())
-            await db.execute(
-                f"UPDATE accounts SET ({columns}) = (SELECT {columns} FROM before_rotation)"  # type: ignore[arg-type]
-            )
+            await put_rows_back(db, "before_rotation")
             newer = await node.manager.refresh(force=True, reason="due")
             assert newer is not None and newer.generation > new.generation
             assert emulator.refresh_token_status(new.tokens.refresh_token) == "retired"
@@ -661,14 +668,7 @@ async def test_a_rescued_rotation_that_meets_a_row_gone_back_is_still_committed(
                 node.manager.notice_outside_changes()  # its own commit's notification
                 rescued = await refresh_while_the_database_goes(node, emulator, proxy)
                 assert rescued is not None and node.manager.status.write_pending
-                cur = await db.execute(
-                    "SELECT column_name FROM information_schema.columns"
-                    " WHERE table_name = 'accounts' AND column_name <> 'id'"
-                )
-                columns = ", ".join(str(name) for (name,) in await cur.fetchall())
-                await db.execute(
-                    f"UPDATE accounts SET ({columns}) = (SELECT {columns} FROM at_login)"  # type: ignore[arg-type]
-                )
+                await put_rows_back(db, "at_login")
             proxy.accept()
             await node.manager.flush()
             assert not node.manager.status.write_pending
