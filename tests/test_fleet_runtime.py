@@ -162,6 +162,22 @@ async def refresh_while_the_database_goes(
     return await task
 
 
+@asynccontextmanager
+async def proxied_rotating_node(
+    tmp_path: Path, emulator: KakaoEmulator, dsn: str, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Node, TcpProxy]]:
+    """Node web-1, its database connections through a TcpProxy the test controls, Kakao
+    rotating the refresh token at every refresh; its store closed at the end."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
+    port = int(str(conninfo_to_dict(dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(dsn), session, "web-1")
+        try:
+            yield node, proxy
+        finally:
+            await node.fleet.close()
+
+
 async def put_rows_back(db: psycopg.AsyncConnection[Any], copy: str) -> None:
     """Put the one account's row back to the table ``copy`` (made with ``CREATE TABLE copy AS
     SELECT * FROM accounts``), keeping its id: as a replica promoted without the last commits
@@ -506,40 +522,34 @@ async def test_a_rotated_token_whose_commit_failed_is_rescued_encrypted_and_comm
     """The connection dies while Kakao answers: the rotated tokens stay in memory and in an
     encrypted 0600 rescue file; once the database is back the retry commits them with CAS on
     the claimed generation and removes the rescue file."""
-    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
-    port = int(str(conninfo_to_dict(store_dsn)["port"]))
-    with TcpProxy("127.0.0.1", port) as proxy:
-        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
-        try:
-            state = await login_on(node, emulator, store_dsn)
-            new = await refresh_while_the_database_goes(node, emulator, proxy)
-            assert new is not None and new.generation == state.generation + 1
-            assert new.tokens.refresh_token != state.tokens.refresh_token  # rotated
-            assert node.manager.status.write_pending
-            rescue = node.store.rescue_path
-            assert rescue is not None and rescue.exists()
-            assert stat.S_IMODE(rescue.stat().st_mode) == 0o600
-            raw = rescue.read_text()
-            assert new.tokens.refresh_token not in raw and new.tokens.access_token not in raw
-            rescued = node.store.load_rescue()
-            assert rescued is not None and rescued.generation == new.generation
-            assert rescued.tokens.refresh_token == new.tokens.refresh_token
-            # This node serves the new access token (it is valid; the refresh token is safe in
-            # the rescue file); the row still holds the old generation for the other nodes.
-            published = json.loads(node.config.account().token_file.read_text())
-            assert published["generation"] == new.generation
-            assert node.fleet.rows["default"].generation == state.generation
-            proxy.accept()
-            await node.manager.flush()
-            assert not node.manager.status.write_pending
-            assert not rescue.exists()
-            row = await node.fleet.reload("default")
-            assert row is not None and row.generation == new.generation
-            assert row.state.tokens.refresh_token == new.tokens.refresh_token
-            published = json.loads(node.config.account().token_file.read_text())
-            assert published["generation"] == new.generation
-        finally:
-            await node.fleet.close()
+    async with proxied_rotating_node(tmp_path, emulator, store_dsn, session) as (node, proxy):
+        state = await login_on(node, emulator, store_dsn)
+        new = await refresh_while_the_database_goes(node, emulator, proxy)
+        assert new is not None and new.generation == state.generation + 1
+        assert new.tokens.refresh_token != state.tokens.refresh_token  # rotated
+        assert node.manager.status.write_pending
+        rescue = node.store.rescue_path
+        assert rescue is not None and rescue.exists()
+        assert stat.S_IMODE(rescue.stat().st_mode) == 0o600
+        raw = rescue.read_text()
+        assert new.tokens.refresh_token not in raw and new.tokens.access_token not in raw
+        rescued = node.store.load_rescue()
+        assert rescued is not None and rescued.generation == new.generation
+        assert rescued.tokens.refresh_token == new.tokens.refresh_token
+        # This node serves the new access token (it is valid; the refresh token is safe in
+        # the rescue file); the row still holds the old generation for the other nodes.
+        published = json.loads(node.config.account().token_file.read_text())
+        assert published["generation"] == new.generation
+        assert node.fleet.rows["default"].generation == state.generation
+        proxy.accept()
+        await node.manager.flush()
+        assert not node.manager.status.write_pending
+        assert not rescue.exists()
+        row = await node.fleet.reload("default")
+        assert row is not None and row.generation == new.generation
+        assert row.state.tokens.refresh_token == new.tokens.refresh_token
+        published = json.loads(node.config.account().token_file.read_text())
+        assert published["generation"] == new.generation
 
 
 async def test_the_rescue_file_stays_until_the_commit_of_its_tokens_has_succeeded(
@@ -550,51 +560,43 @@ async def test_the_rescue_file_stays_until_the_commit_of_its_tokens_has_succeede
     a node killed during that commit (a database slow to answer: up to the deadline) lost the
     rotated refresh token, which was then only in memory. Here a deferred trigger makes the
     commit take a second; at every moment the rescue file is there or the row holds it."""
-    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
-    port = int(str(conninfo_to_dict(store_dsn)["port"]))
-    with TcpProxy("127.0.0.1", port) as proxy:
-        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
-        try:
-            await login_on(node, emulator, store_dsn)
-            new = await refresh_while_the_database_goes(node, emulator, proxy)
-            assert new is not None and node.manager.status.write_pending
-            rescue = node.store.rescue_path
-            assert rescue is not None and rescue.exists()
-            proxy.accept()
-            async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as watch:
-                await watch.execute(
-                    "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS"
-                    " $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
-                )
-                await watch.execute(
-                    "CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON accounts"
-                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
-                )
+    async with proxied_rotating_node(tmp_path, emulator, store_dsn, session) as (node, proxy):
+        await login_on(node, emulator, store_dsn)
+        new = await refresh_while_the_database_goes(node, emulator, proxy)
+        assert new is not None and node.manager.status.write_pending
+        rescue = node.store.rescue_path
+        assert rescue is not None and rescue.exists()
+        proxy.accept()
+        async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as watch:
+            await watch.execute(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
+            )
+            await watch.execute(
+                "CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON accounts"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            )
 
-                async def committed_generation() -> int:
-                    cur = await watch.execute(
-                        "SELECT generation FROM accounts WHERE name = 'default'"
+            async def committed_generation() -> int:
+                cur = await watch.execute("SELECT generation FROM accounts WHERE name = 'default'")
+                found = await cur.fetchone()
+                assert found is not None
+                return int(found[0])
+
+            flush = asyncio.create_task(node.manager.flush())
+            looks = 0
+            while not flush.done():
+                if not rescue.exists():
+                    assert await committed_generation() == new.generation, (
+                        "the rescue file was removed before its tokens were committed"
                     )
-                    found = await cur.fetchone()
-                    assert found is not None
-                    return int(found[0])
-
-                flush = asyncio.create_task(node.manager.flush())
-                looks = 0
-                while not flush.done():
-                    if not rescue.exists():
-                        assert await committed_generation() == new.generation, (
-                            "the rescue file was removed before its tokens were committed"
-                        )
-                    looks += 1
-                    await asyncio.sleep(0.02)
-                await flush
-                assert looks >= 10  # the commit took its second: the looks covered it
-                assert not node.manager.status.write_pending
-                assert not rescue.exists()
-                assert await committed_generation() == new.generation
-        finally:
-            await node.fleet.close()
+                looks += 1
+                await asyncio.sleep(0.02)
+            await flush
+            assert looks >= 10  # the commit took its second: the looks covered it
+            assert not node.manager.status.write_pending
+            assert not rescue.exists()
+            assert await committed_generation() == new.generation
 
 
 async def test_a_row_gone_back_to_a_retired_token_is_written_over_by_the_node_holding_the_new(
@@ -651,37 +653,31 @@ async def test_a_rescued_rotation_that_meets_a_row_gone_back_is_still_committed(
     the row changed, refuses it as older and commits the rescued tokens over it. It dropped
     the write instead: the rotated refresh token was then only in memory and the rescue file,
     and the row kept a retired one."""
-    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1  # always rotate
-    port = int(str(conninfo_to_dict(store_dsn)["port"]))
-    with TcpProxy("127.0.0.1", port) as proxy:
-        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
-        try:
-            await login_on(node, emulator, store_dsn)
-            # A later second: a state whose tokens were issued in the same second as ours may
-            # be a new login (state.goes_backwards), and the row is to be plainly older.
-            await asyncio.sleep(1.1)
-            async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as db:
-                await db.execute("CREATE TABLE at_login AS SELECT * FROM accounts")
-                committed = await node.manager.refresh(force=True, reason="due")
-                assert committed is not None
-                await node.fleet.reload("default")
-                node.manager.notice_outside_changes()  # its own commit's notification
-                rescued = await refresh_while_the_database_goes(node, emulator, proxy)
-                assert rescued is not None and node.manager.status.write_pending
-                await put_rows_back(db, "at_login")
-            proxy.accept()
-            await node.manager.flush()
-            assert not node.manager.status.write_pending
-            async with await psycopg.AsyncConnection.connect(store_dsn) as db:
-                cur = await db.execute("SELECT generation FROM accounts WHERE name = 'default'")
-                assert await cur.fetchone() == (rescued.generation,)  # not the node's cache
-            row = await node.fleet.reload("default")
-            assert row is not None and row.generation == rescued.generation
-            assert row.state.tokens.refresh_token == rescued.tokens.refresh_token
-            assert emulator.refresh_token_status(rescued.tokens.refresh_token) == "live"
-            assert node.store.rescue_path is not None and not node.store.rescue_path.exists()
-        finally:
-            await node.fleet.close()
+    async with proxied_rotating_node(tmp_path, emulator, store_dsn, session) as (node, proxy):
+        await login_on(node, emulator, store_dsn)
+        # A later second: a state whose tokens were issued in the same second as ours may
+        # be a new login (state.goes_backwards), and the row is to be plainly older.
+        await asyncio.sleep(1.1)
+        async with await psycopg.AsyncConnection.connect(store_dsn, autocommit=True) as db:
+            await db.execute("CREATE TABLE at_login AS SELECT * FROM accounts")
+            committed = await node.manager.refresh(force=True, reason="due")
+            assert committed is not None
+            await node.fleet.reload("default")
+            node.manager.notice_outside_changes()  # its own commit's notification
+            rescued = await refresh_while_the_database_goes(node, emulator, proxy)
+            assert rescued is not None and node.manager.status.write_pending
+            await put_rows_back(db, "at_login")
+        proxy.accept()
+        await node.manager.flush()
+        assert not node.manager.status.write_pending
+        async with await psycopg.AsyncConnection.connect(store_dsn) as db:
+            cur = await db.execute("SELECT generation FROM accounts WHERE name = 'default'")
+            assert await cur.fetchone() == (rescued.generation,)  # not the node's cache
+        row = await node.fleet.reload("default")
+        assert row is not None and row.generation == rescued.generation
+        assert row.state.tokens.refresh_token == rescued.tokens.refresh_token
+        assert emulator.refresh_token_status(rescued.tokens.refresh_token) == "live"
+        assert node.store.rescue_path is not None and not node.store.rescue_path.exists()
 
 
 async def test_a_restarted_node_commits_the_rescue_file_it_finds(
@@ -884,30 +880,24 @@ async def test_a_waiting_write_is_tried_at_once_when_the_store_answers_again(
     are written at the next tick once a poll finds the store answering (the daemon's
     on_store_health, as the node runtime calls it after every poll): other nodes may wait
     for them. While the store is away the back-off stands."""
-    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
-    port = int(str(conninfo_to_dict(store_dsn)["port"]))
-    with TcpProxy("127.0.0.1", port) as proxy:
-        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+    async with proxied_rotating_node(tmp_path, emulator, store_dsn, session) as (node, proxy):
         daemon = Daemon(config=node.config, managers={"default": node.manager})
         daemon.fleet = node.fleet
-        try:
-            await login_on(node, emulator, store_dsn)
-            new = await refresh_while_the_database_goes(node, emulator, proxy)
-            assert new is not None and node.manager.status.write_pending
-            node.manager._next_write_at = node.manager.clock() + timedelta(hours=1)
-            daemon.on_store_health()  # the store is away (the commit failed): nothing to try
-            proxy.accept()
-            await node.manager.tick()
-            assert node.manager.status.write_pending  # the back-off holds it back
-            await node.fleet.poll()  # the heartbeat's poll: the store answers again
-            daemon.on_store_health()
-            await node.manager.tick()
-            assert not node.manager.status.write_pending
-            row = await node.fleet.reload("default")
-            assert row is not None and row.generation == new.generation
-            assert not node.manager.write_again_now()  # nothing waits any more
-        finally:
-            await node.fleet.close()
+        await login_on(node, emulator, store_dsn)
+        new = await refresh_while_the_database_goes(node, emulator, proxy)
+        assert new is not None and node.manager.status.write_pending
+        node.manager._next_write_at = node.manager.clock() + timedelta(hours=1)
+        daemon.on_store_health()  # the store is away (the commit failed): nothing to try
+        proxy.accept()
+        await node.manager.tick()
+        assert node.manager.status.write_pending  # the back-off holds it back
+        await node.fleet.poll()  # the heartbeat's poll: the store answers again
+        daemon.on_store_health()
+        await node.manager.tick()
+        assert not node.manager.status.write_pending
+        row = await node.fleet.reload("default")
+        assert row is not None and row.generation == new.generation
+        assert not node.manager.write_again_now()  # nothing waits any more
 
 
 async def test_an_account_added_while_the_store_is_away_carries_the_outage_at_once(
