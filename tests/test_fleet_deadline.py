@@ -432,6 +432,27 @@ async def test_a_database_that_refuses_connections_is_reported_at_the_first_borr
     assert took < fleet.deadline / 3, f"the refusal was reported after {took:.2f}s"
 
 
+async def test_a_database_that_ended_its_connections_but_answers_is_not_reported_down(
+    proxied: tuple[FleetStore, TcpProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other side of the rule above: the database ended every connection (a restart) but
+    takes new ones. The first borrowing finds the pooled connections dead and gets a fresh
+    one at once (the pool's, or a renewed pool's): the store is never reported unavailable."""
+    fleet, proxy = proxied
+    async with fleet.connection("read the store's accounts") as conn:
+        await conn.execute("SELECT 1")
+    proxy.cut()
+    started = time.monotonic()
+    async with asyncio.timeout(fleet.deadline * GUARD):
+        async with fleet.connection("read the store's accounts") as conn:
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+    took = time.monotonic() - started
+    assert fleet.stats.up
+    assert "unavailable" not in caplog.text
+    assert took < fleet.deadline / 3, f"the borrowing after the restart took {took:.2f}s"
+
+
 async def test_a_borrowing_waiting_on_a_pool_that_was_renewed_meanwhile_takes_the_new_one(
     proxied: tuple[FleetStore, TcpProxy],
 ) -> None:
