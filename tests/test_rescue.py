@@ -304,3 +304,69 @@ async def test_logout_removes_the_rescue_file_too(emulator: KakaoEmulator, tmp_p
     assert code == 0, err
     assert not rescue.exists()
     assert not (tmp_path / "state" / "default.state.json").exists()
+
+
+async def test_cli_refresh_on_a_full_disk_does_not_ask_kakao(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """`kakao-tokend refresh` with no room left for the state file (and no emergency reserve
+    to give up) refuses before calling Kakao: a rotation it could not save would retire the
+    only refresh token on disk."""
+    from daemonproc import run_cli
+
+    short_tokens(emulator, access=600, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000)
+    await login(emulator, config)
+    (tiny_state_fs / ".kakao-tokend.reserve").unlink(missing_ok=True)
+    filler = fill_up(tiny_state_fs)
+    asked = len(emulator.stats.refresh_log)
+    code, _, err = await run_cli(config, "refresh")
+    assert code != 0
+    assert "Kakao was not asked" in err
+    assert len(emulator.stats.refresh_log) == asked
+    on_disk = json.loads((tiny_state_fs / "default.state.json").read_text())
+    assert emulator.refresh_token_status(on_disk["tokens"]["refresh_token"]) == "live"
+    filler.unlink()
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
+    assert emulator.stats.retired_refresh_presented == 0
+
+
+async def test_cli_refresh_keeps_tokens_the_disk_refused_in_the_rescue_file(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """The disk fills up (reserve and all) while Kakao answers a `kakao-tokend refresh`: the
+    rotated tokens go to the rescue file, the error names it, and the next command picks
+    them up — the live refresh token is never lost."""
+    from daemonproc import run_cli
+
+    short_tokens(emulator, access=600, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000)
+    await login(emulator, config)
+    emulator.inject("token", "hold", count=1, delay=30.0)
+    command = asyncio.create_task(run_cli(config, "refresh"))
+    for _ in range(300):
+        if emulator.held_requests:
+            break
+        await asyncio.sleep(0.05)
+    assert emulator.held_requests == 1, "the refresh never reached Kakao"
+    fillers = [fill_up(tiny_state_fs)]
+    (tiny_state_fs / ".kakao-tokend.reserve").unlink(missing_ok=True)
+    fillers.append(fill_up(tiny_state_fs, name="filler2"))
+    emulator.release_held()
+    code, _, err = await command
+    rescue = tmp_path / "run" / "default.rescue.json"
+    assert code != 0
+    assert str(rescue) in err
+    kept = json.loads(rescue.read_text())["state"]["tokens"]["refresh_token"]
+    assert emulator.refresh_token_status(kept) == "live"
+    for filler in fillers:
+        filler.unlink()
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
+    on_disk = json.loads((tiny_state_fs / "default.state.json").read_text())
+    assert emulator.refresh_token_status(on_disk["tokens"]["refresh_token"]) == "live"
+    assert not rescue.exists()
+    assert emulator.stats.retired_refresh_presented == 0

@@ -658,9 +658,14 @@ def _login_command(account: AccountConfig) -> str:
 
 def _status_command(account: AccountConfig) -> str:
     """The exact `status` command for ``account`` (relogin.cli_command)."""
+    return _cli_command(account, "status")
+
+
+def _cli_command(account: AccountConfig, command: str) -> str:
+    """The exact `kakao-tokend … COMMAND` for ``account`` (relogin.cli_command)."""
     from .relogin import cli_command
 
-    return cli_command(account, "status")
+    return cli_command(account, command)
 
 
 def _token_facts(data: dict[str, Any], rotation_times: Sequence[str]) -> list[str]:
@@ -974,7 +979,7 @@ async def _managed_refresh(
     from .kakao import KakaoClient, create_session
     from .refresher import AccountManager
     from .status import Health
-    from .store import AccountStore
+    from .store import AccountStore, make_room_before_kakao
 
     fleet_ctx: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
     file_lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -983,7 +988,9 @@ async def _managed_refresh(
 
         fleet_ctx = opened(config)
     else:
-        file_store = AccountStore(account)
+        # With the daemon's rescue directory: tokens the disk refuses after Kakao rotated wait
+        # there, and the next command (or the daemon's start) takes them back.
+        file_store = AccountStore(account, rescue_dir=config.runtime_dir)
         file_lock = file_store.lock(timeout=lock_timeout)
     with file_lock:
         async with fleet_ctx as fleet, create_session() as session:
@@ -1022,6 +1029,8 @@ async def _managed_refresh(
                 and before.tokens.access_remaining(now).total_seconds() >= min_valid
             ):
                 return before, False, False
+            if fleet is None:
+                make_room_before_kakao(account.state_file.parent)
             after = await manager.refresh(
                 force=True, reason="kakao-tokend CLI", min_valid=min_valid
             )
@@ -1041,6 +1050,15 @@ async def _managed_refresh(
                     break
                 await asyncio.sleep(0.5)
             else:
+                rescue = store.rescue_path if fleet is None else None
+                if rescue is not None and rescue.exists():
+                    raise StoreWriteError(
+                        f"the new tokens of account '{account.name}' could not be saved"
+                        f" ({status.write_error}); they are kept in the rescue file {rescue}",
+                        hint="free disk space or fix permissions, then run"
+                        f" `{_cli_command(account, 'refresh')}` again (or start the daemon):"
+                        " it takes them from there",
+                    )
                 raise StoreWriteError(
                     f"the new tokens of account '{account.name}' could not be saved"
                     f" ({status.write_error}); they are lost when this command exits",

@@ -29,7 +29,7 @@ from .errors import (
 from .kakao import AccessTokenRejected, KakaoClient
 from .relogin import login_command, new_account_command
 from .state import AccountState
-from .store import AccountStore, ensure_reserve, make_dirs
+from .store import AccountStore, make_room_before_kakao
 from .tokens import Clock, TokenSet, format_time, in_rotation_window, utcnow
 
 log = logging.getLogger(__name__)
@@ -477,15 +477,7 @@ async def _verify_by_refresh(
     clock: Clock,
 ) -> tuple[AccountState, bool]:
     """Refresh once (the caller holds the account lock) and save the result durably first."""
-    directory = store.state_path.parent
-    make_dirs(directory)
-    # Make room before Kakao can rotate: the reserve is what a save on a full disk gives up.
-    if not ensure_reserve(directory):
-        raise StoreWriteError(
-            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
-            "could not have been saved)",
-            hint="check the directory's owner, permissions and free space",
-        )
+    make_room_before_kakao(store.state_path.parent)
     fresh, rotated = await refresh_seed(seed, state, client, login_hint, clock)
     last: StoreWriteError | None = None
     for _ in range(3):

@@ -167,6 +167,22 @@ def ensure_reserve(directory: Path) -> bool:
     return True
 
 
+def make_room_before_kakao(directory: Path) -> None:
+    """Create ``directory`` and its emergency reserve, or raise StoreWriteError.
+
+    A one-shot command (import, refresh, token) calls this before it asks Kakao for tokens:
+    once Kakao rotated, the only live refresh token is the one in the answer, and a save that
+    then fails loses it. The reserve is what such a save gives up on a full disk.
+    """
+    make_dirs(directory)
+    if not ensure_reserve(directory):
+        raise StoreWriteError(
+            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
+            "could not have been saved)",
+            hint="check the directory's owner, permissions and free space",
+        )
+
+
 def release_reserve(directory: Path) -> bool:
     """Delete the emergency reserve in ``directory``; return True when there was one."""
     try:
