@@ -58,9 +58,9 @@ async def test_import_writes_a_checked_seed_file_into_the_store(
     pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """`import` checks the blog recipe's file with Kakao as in file mode, then inserts the
-    account's row (generation 1); a second import without --force is refused, nothing
-    written; inside the rotation window the verifying refresh runs under the row lock and
-    the rotated token is what the row holds."""
+    account's row (generation 1, its refresh token tested with one refresh); a second import
+    without --force is refused, nothing written; inside the rotation window the verifying
+    refresh runs under the row lock and the rotated token is what the row holds."""
     await migrated(pg_dsn)
     path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
     seed = tmp_path / "kakao_token.json"
@@ -68,7 +68,7 @@ async def test_import_writes_a_checked_seed_file_into_the_store(
     code, out, err = await run_cli(path, "import", str(seed))
     assert code == 0, err
     assert "stored in the PostgreSQL store as generation 1" in out
-    assert await row_of(pg_dsn) == (1, None)
+    assert await row_of(pg_dsn) == (1, "ops-1")  # the check's refresh, made by this host
     code, _, err = await run_cli(path, "import", str(seed))
     assert code != 0 and "already has tokens in the PostgreSQL store" in err
     assert "Traceback" not in err

@@ -80,7 +80,8 @@ class TestAdopt:
     """A valid seed file becomes the account's state and token file."""
 
     async def test_expiries_inferred(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
-        """Access expiry comes from access_token_info; refresh expiry from mtime, estimated."""
+        """Access expiry comes from the checking refresh (a new access token, full life);
+        refresh expiry from mtime, estimated (Kakao says it only when it rotates)."""
         config = write_config(tmp_path, emulator)
         body = emulator.issue_tokens()
         emulator.advance_clock(1000)  # the access token has been in use for 1000 s
@@ -90,10 +91,11 @@ class TestAdopt:
         assert result.exit_code == 0, result.output
         state = saved_state(tmp_path)
         tokens = state.tokens
-        assert tokens.access_token == body["access_token"]
+        assert tokens.access_token != body["access_token"]
+        assert emulator.access_token_valid(tokens.access_token)
         assert tokens.refresh_token == body["refresh_token"]
         remaining = (tokens.access_expires_at - before).total_seconds()
-        assert body["expires_in"] - 1000 - 5 <= remaining <= body["expires_in"] - 1000 + 5
+        assert body["expires_in"] - 5 <= remaining <= body["expires_in"] + 5
         assert tokens.refresh_expiry_estimated is True
         mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         expected = mtime + timedelta(seconds=body["refresh_token_expires_in"])
@@ -328,19 +330,68 @@ class TestVerification:
         assert "ROTATED" in result.stdout
         assert "its copy of the refresh token is dead now" in result.stdout
 
-    async def test_fresh_login_file_is_confirmed_without_a_refresh(
+    async def test_a_fresh_login_file_is_confirmed_with_one_refresh(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """A file as login left it (live access token, far from rotation) costs one lookup."""
+        """A file as login left it (live access token, far from rotation): its refresh token is
+        still tested, with one refresh that does not rotate it."""
         config = write_config(tmp_path, emulator)
         body = emulator.issue_tokens()
         path = seed_file(tmp_path, body, age=600)
         refreshes = emulator.stats.refreshes_ok
         result = await cli(config, "import", str(path))
         assert result.exit_code == 0, result.output
-        assert emulator.stats.refreshes_ok == refreshes
-        assert saved_state(tmp_path).tokens.access_token == body["access_token"]
-        assert "Kakao confirmed the access token (access_token_info)" in result.stdout
+        assert emulator.stats.refreshes_ok == refreshes + 1
+        assert saved_state(tmp_path).tokens.refresh_token == body["refresh_token"]
+        assert "Kakao accepted the refresh token (one refresh)" in result.stdout
+
+    async def test_a_live_access_token_never_vouches_for_the_refresh_token(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A refresh script that saves only the new access token (no app_key, a fresh file
+        time) leaves a dead refresh token beside a live access token: refused, KOE322."""
+        config = write_config(tmp_path, emulator)
+        victim = await koe322_victim(emulator)
+        del victim["app_key"]
+        victim["refresh_token_expires_in"] = 5183999  # as the login's answer said
+        path = seed_file(tmp_path, victim, age=60)
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 77, result.output
+        assert "KOE322" in result.stderr
+        assert not (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_forcing_an_old_file_over_rotated_tokens_is_refused(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """`import --force` of the file whose refresh token kakao-tokend has since rotated
+        out is refused, and the live tokens stay as they were."""
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens(refresh_remaining=10 * 86400)
+        path = seed_file(tmp_path, {**body, "refresh_token_expires_in": 5183999}, age=60)
+        assert (await cli(config, "import", str(path))).exit_code == 0
+        assert (await cli(config, "refresh")).exit_code == 0
+        live = saved_state(tmp_path)
+        assert emulator.refresh_token_status(body["refresh_token"]) == "retired"
+        forced = await cli(config, "import", str(path), "--force")
+        assert forced.exit_code == 77, forced.output
+        assert saved_state(tmp_path) == live
+        assert emulator.refresh_token_status(live.tokens.refresh_token) == "live"
+
+    async def test_forced_import_keeps_a_copy_of_the_tokens_it_replaces(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """`import --force --no-verify` trusts the file; the state it replaces is kept beside
+        it as .replaced-<stamp>, so a refresh token it held is never gone for good."""
+        config = write_config(tmp_path, emulator)
+        first = seed_file(tmp_path, emulator.issue_tokens(), age=60)
+        assert (await cli(config, "import", str(first))).exit_code == 0
+        replaced = (tmp_path / "state" / "default.state.json").read_bytes()
+        second = seed_file(tmp_path, emulator.issue_tokens(), age=60, name="other.json")
+        forced = await cli(config, "import", str(second), "--force", "--no-verify")
+        assert forced.exit_code == 0, forced.output
+        copies = list((tmp_path / "state").glob("default.state.json.replaced-*"))
+        assert [c.read_bytes() for c in copies] == [replaced]
+        assert str(copies[0]) in forced.stdout
 
     async def test_an_imported_blog_token_completes_kakaos_signup(
         self, tmp_path: Path, emulator: KakaoEmulator
@@ -450,7 +501,7 @@ class TestNewAccount:
         result = await cli(config, "--account", "old", "import", str(second))
         assert result.exit_code == 0, result.output
         old_state = json.loads((tmp_path / "state" / "old.state.json").read_text())
-        assert old_state["tokens"]["access_token"] == other["access_token"]
+        assert old_state["tokens"]["refresh_token"] == other["refresh_token"]
         assert (await cli(config, "status")).exit_code == 0  # "default" kept its tokens
 
     async def test_with_accounts_already_listed_only_the_new_table_is_printed(

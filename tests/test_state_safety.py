@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -313,3 +314,28 @@ async def test_restore_forces_an_older_state_on_a_running_daemon(
     assert manager.state.generation > 3
     assert not manager.status.state_conflict
     assert "adopted" in [e.kind for e in events]
+
+
+async def test_restore_on_a_full_disk_leaves_the_live_state_file_in_place(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """A `restore` whose write fails (the disk is full) changes nothing: the live state file
+    stays where the daemon and every command look for it, and no copy of it is left over."""
+    config_path = write_config(tmp_path, emulator)
+    await login(emulator, config_path)
+    live = tiny_state_fs / "default.state.json"
+    backup = tmp_path / "backup.state.json"
+    shutil.copy(live, backup)
+    before = live.read_bytes()
+    (tiny_state_fs / ".kakao-tokend.reserve").unlink(missing_ok=True)
+    filler = fill_up(tiny_state_fs)
+    try:
+        code, _, err = await run_cli(config_path, "restore", str(backup))
+    finally:
+        filler.unlink()
+    assert code != 0
+    assert "No space left on device" in err
+    assert "kept in memory" not in err  # a command that exits keeps nothing
+    assert live.read_bytes() == before
+    names = [entry.name for entry in os.scandir(tiny_state_fs)]
+    assert [name for name in names if name.startswith(live.name)] == [live.name]

@@ -561,8 +561,8 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
                 client,
                 force=force,
                 verify=not no_verify,
-                rotation_window=config.refresh.rotation_window,
                 login_hint=f"run `{_login_command(account)}` to get new tokens",
+                rescue_dir=config.runtime_dir,
             )
 
     result = _run_async(go())
@@ -583,6 +583,8 @@ def _report_import(
         f" `{_status_command(account)}`",
     }[result.verified_by]
     click.echo(f"Imported {path} into account '{account.name}'; {checked}.")
+    if result.replaced is not None:
+        click.echo(f"the tokens it replaced are kept in {result.replaced}")
     if in_store:
         click.echo(
             f"stored in the PostgreSQL store as generation {result.state.generation}; every"

@@ -27,10 +27,10 @@ from .errors import (
     StoreWriteError,
 )
 from .kakao import AccessTokenRejected, KakaoClient
-from .relogin import login_command, new_account_command
+from .relogin import cli_command, login_command, new_account_command
 from .state import AccountState
 from .store import AccountStore, make_room_before_kakao
-from .tokens import Clock, TokenSet, format_time, in_rotation_window, utcnow
+from .tokens import Clock, TokenSet, format_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class ImportResult:
     verified_by: str
     #: The verifying refresh rotated the refresh token: the file's copy is dead from now on.
     rotated: bool = False
+    #: Where the state that ``--force`` replaced was kept (``<state file>.replaced-<stamp>``).
+    replaced: Path | None = None
     warnings: tuple[str, ...] = ()
     #: Permission bits of the imported file (it holds a refresh token).
     file_mode: int = 0o600
@@ -240,7 +242,6 @@ async def check_seed_file(
     where: str,
     force: bool = False,
     verify: bool = True,
-    rotation_window: float = 30 * 86400.0,
     login_hint: str | None = None,
     clock: Clock = utcnow,
 ) -> CheckedSeed:
@@ -303,9 +304,6 @@ async def check_seed_file(
             tokens = estimate_tokens(
                 seed, now=now, access_expires=now + timedelta(seconds=max(info.expires_in, 0))
             )
-            window = timedelta(seconds=rotation_window)
-            rewritten = seed.app_key is not None
-            needs_refresh = rewritten or in_rotation_window(tokens, now, window=window)
     return CheckedSeed(
         seed=seed,
         tokens=tokens,
@@ -378,25 +376,27 @@ async def import_seed_file(
     *,
     force: bool = False,
     verify: bool = True,
-    rotation_window: float = 30 * 86400.0,
     login_hint: str | None = None,
     clock: Clock = utcnow,
     lock_timeout: float = 10.0,
+    rescue_dir: Path | None = None,
 ) -> ImportResult:
     """Adopt ``path`` as the account's token set once Kakao has confirmed that it still works.
 
     The check (skipped with ``verify=False``): ``access_token_info`` when the access token may
-    still be valid. A live access token does not prove a live refresh token: a blog script
+    still be valid (the user's id, Kakao's sign-up call), then always one refresh, under the
+    account lock. A live access token does not prove a live refresh token: a blog script
     that drops rotated refresh tokens saves the access token of the very refresh that killed
-    its refresh token. So the refresh token is tested with one refresh, under the account
-    lock, whenever the access token is not live, the file was rewritten by a refresh script
-    (it holds ``app_key``), or the refresh token is inside the rotation window. Whatever that
-    refresh returns is saved before anything else (a rotated refresh token is the only one
-    that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
-    reach raises :class:`ImportUnverified`; nothing is written in either case.
+    its refresh token, and nothing in the file tells such a file from one as login left it
+    (the script may write no ``app_key``, and its rewrite makes the file's time new). Only a
+    refresh tests a refresh token; outside the rotation window it does not rotate. Whatever
+    that refresh returns is saved before anything else (a rotated refresh token is the only
+    one that works from then on). A dead token raises :class:`ReloginRequired`; Kakao out of
+    reach raises :class:`ImportUnverified`; nothing is written in either case. Tokens the
+    import replaces (``force``) are kept beside the state file as ``.replaced-<stamp>``.
     """
     login_hint = login_hint or f"run `{login_command(account)}` to get new tokens"
-    store = AccountStore(account)
+    store = AccountStore(account, rescue_dir=rescue_dir)
     checked = await check_seed_file(
         path,
         account,
@@ -405,7 +405,6 @@ async def import_seed_file(
         where=str(store.state_path),
         force=force,
         verify=verify,
-        rotation_window=rotation_window,
         login_hint=login_hint,
         clock=clock,
     )
@@ -422,19 +421,21 @@ async def import_seed_file(
             )
         state = imported_state(account, checked, old)
         rotated = False
+        replaced: Path | None = None
         if checked.needs_refresh:
-            state, rotated = await _verify_by_refresh(
+            state, rotated, replaced = await _verify_by_refresh(
                 checked.seed, state, store, client, login_hint, clock
             )
             verified_by = "refresh"
         else:
-            store.save(state)
+            replaced = store.save_keeping_a_copy(state, "replaced")
         store.publish(state, now=clock())
     log_import(path, account, state, verified_by, rotated)
     return ImportResult(
         state=state,
         verified_by=verified_by,
         rotated=rotated,
+        replaced=replaced,
         warnings=checked.warnings,
         file_mode=file_mode(path),
     )
@@ -475,20 +476,29 @@ async def _verify_by_refresh(
     client: KakaoClient,
     login_hint: str,
     clock: Clock,
-) -> tuple[AccountState, bool]:
-    """Refresh once (the caller holds the account lock) and save the result durably first."""
+) -> tuple[AccountState, bool, Path | None]:
+    """Refresh once (the caller holds the account lock) and save the result durably first;
+    return the new state, whether Kakao rotated, and where a replaced state was kept."""
     make_room_before_kakao(store.state_path.parent)
     fresh, rotated = await refresh_seed(seed, state, client, login_hint, clock)
     last: StoreWriteError | None = None
     for _ in range(3):
         try:
-            store.save(fresh)
+            replaced = store.save_keeping_a_copy(fresh, "replaced")
         except StoreWriteError as exc:
             last = exc
             await asyncio.sleep(0.5)
         else:
-            return fresh, rotated
+            return fresh, rotated, replaced
     assert last is not None
+    if rotated and store.save_rescue(fresh):
+        raise StoreWriteError(
+            f"Kakao rotated the refresh token, but the new tokens could not be saved: {last};"
+            f" they are kept in the rescue file {store.rescue_path}",
+            hint="free disk space / fix permissions, then run"
+            f" `{cli_command(store.account, 'refresh')}` (or start the daemon): it takes them"
+            " from there",
+        )
     raise StoreWriteError(
         f"Kakao accepted the refresh token{' and rotated it' if rotated else ''}, but the new "
         f"tokens could not be saved: {last}",

@@ -65,7 +65,7 @@ INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
 
 # errno -> what to do about it, appended to StoreWriteError messages.
 _WRITE_HINTS = {
-    errno.ENOSPC: "free some disk space; the tokens are kept in memory until a write succeeds",
+    errno.ENOSPC: "free some disk space",
     errno.EDQUOT: "the disk quota is exhausted; free some space or raise the quota",
     errno.EROFS: "the file system is read-only; remount it read-write or choose another path",
     errno.EACCES: "check that this user may write to the directory",
@@ -1180,11 +1180,13 @@ class AccountStore:
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
-    def _set_aside(self, path: Path, inode: int, label: str) -> Path | None:
+    def _set_aside(self, path: Path, inode: int, label: str, *, keep: bool = False) -> Path | None:
         """Move ``path`` to ``<name>.<label>-<stamp>`` without clobbering earlier copies.
 
         Returns where it went, or None when the file was replaced meanwhile (by another writer:
-        that one is not ours to move).
+        that one is not ours to move). ``keep`` leaves ``path`` in place: the new name is a
+        second link to the same file, which an atomic replacement of ``path`` then leaves as
+        the copy (no data copied, nothing that can fail half-way).
         """
         base = f"{path.name}.{label}-{_corrupt_stamp(utcnow())}"
         for index in range(1000):
@@ -1205,7 +1207,8 @@ class AccountStore:
                     # Another writer replaced the file after we read it: that one is not ours.
                     os.unlink(target)
                     return None
-                os.unlink(path)
+                if not keep:
+                    os.unlink(path)
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}): a copy is in {target} but the original "
@@ -1237,6 +1240,30 @@ class AccountStore:
         """
         return self.set_aside_file(self.state_path, label)
 
+    def save_keeping_a_copy(self, state: AccountState, label: str) -> Path | None:
+        """Save ``state`` over the state file, keeping the file it replaces as
+        ``<file>.<label>-<stamp>``; return the copy's path (None when there was no file).
+
+        The copy is made first and the save is atomic, so a failed save (a full disk) leaves
+        the live file as it was, and the copy is removed again. Hold the lock.
+        """
+        try:
+            inode = os.stat(self.state_path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            self.save(state)
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
+        copy = self._set_aside(self.state_path, inode, label, keep=True)
+        try:
+            self.save(state)
+        except BaseException:
+            if copy is not None:
+                with suppress(OSError):
+                    os.unlink(copy)
+            raise
+        return copy
+
     def restore_backup(self, backup: AccountState, *, source: Path, now: datetime) -> AccountState:
         """Put ``backup`` in place as the account's newest state (`kakao-tokend restore`).
 
@@ -1263,9 +1290,7 @@ class AccountStore:
             generation=generation,
             extras={**backup.extras, RESTORED_KEY: marker},
         )
-        if current is not None:
-            self.set_aside_state("replaced")
-        self.save(state)
+        self.save_keeping_a_copy(state, "replaced")
         self.publish(state, now=now)
         return state
 

@@ -144,7 +144,6 @@ async def import_into_store(
             where=where,
             force=force,
             verify=verify,
-            rotation_window=config.refresh.rotation_window,
             login_hint=login_hint,
         )
         verified_by = checked.verified_by
