@@ -230,3 +230,41 @@ async def test_the_cause_survives_a_restart(
     message, _ = relogin_alert(again)
     assert "expired" in message
     assert_cause(again, "expired")
+
+
+async def test_a_lost_rotation_of_a_short_refresh_token_says_rotated_and_lost(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kakao rotates whenever less than its month is left (an absolute rule), so a refresh
+    token born with an hour rotates at every refresh, though the daemon's window fitted to it
+    is only half an hour: a lost answer, then KOE322, is still the lost rotation."""
+    from daemonproc import login, write_config
+    from kakao_tokend.config import load_config
+    from kakao_tokend.kakao import KakaoClient
+    from kakao_tokend.store import AccountStore
+
+    emulator.settings.access_lifetime = 10
+    emulator.settings.refresh_lifetime = 3600
+    emulator.settings.rotation_window = 30 * 86400  # Kakao's documented month
+    config_path = write_config(tmp_path, emulator)
+    await login(emulator, config_path)
+    account = load_config(config_path).accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app),
+        policy=load_config(config_path).refresh,
+    )
+    manager.load()
+    emulator.inject("token", "lost_response", count=1)
+    await manager.refresh(force=True)
+    assert manager.status.health is Health.RETRYING
+    assert emulator.stats.rotations == 1
+    with caplog.at_level(logging.INFO):
+        await manager.refresh(force=True)
+    reason = saved_reason(manager)
+    assert reason.startswith("refresh response lost after rotation")
+    assert_cause(manager, "rotated_lost")

@@ -1031,12 +1031,19 @@ class AccountManager:
         now = self.clock()
         tokens = state.tokens
 
+        # Kakao may rotate with less than its month left, an absolute rule that holds for a
+        # refresh token born shorter too (the fitted window plans our refreshes, not Kakao's):
+        # for the cause, the wider of the two says whether a lost answer can explain KOE322.
+        possible = max(
+            self._rotation_window(tokens), timedelta(seconds=self.policy.rotation_window)
+        )
+
         def decide(access: AccessCheck) -> ReloginCause:
             return classify(
                 tokens,
                 now,
                 ambiguous_before=self._last_failure_ambiguous,
-                rotation_window=self._rotation_window(tokens),
+                rotation_window=possible,
                 access=access,
             )
 
