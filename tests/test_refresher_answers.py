@@ -517,3 +517,60 @@ async def test_a_lock_held_elsewhere_is_given_up_in_time_for_a_retry(
     assert manager.status.last_error_class == "lock_busy", manager.status.last_error
     assert waited < 4.0, waited
     await _saved_before_death(manager, emulator)
+
+
+async def test_the_user_info_call_is_made_once_not_before_every_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Once /v2/user/me answered, the account's user id is known: the refreshes after it
+    (each a new generation) make no more user-info calls."""
+    manager = await virtual_manager(emulator, tmp_path, session)
+    assert manager.state is not None
+    relogged = replace(
+        manager.state,
+        tokens=TokenSet.from_token_response(emulator.issue_tokens(), requested_at=utcnow()),
+        generation=manager.state.generation + 1,
+        user_id=None,
+    )
+    manager.store.save(relogged)
+    calls = emulator.stats.requests["user_me"]
+    await manager.tick()
+    assert emulator.stats.requests["user_me"] == calls + 1
+    calls += 1
+    for _ in range(3):
+        await manager.refresh(force=True)
+        await manager.tick()
+    assert manager.status.health is Health.OK, manager.status.last_error
+    assert emulator.stats.requests["user_me"] == calls
+    assert manager.state is not None and manager.state.user_id == emulator.user().id
+
+
+@pytest.mark.parametrize("path", ["start", "tick"])
+async def test_a_hung_user_info_call_does_not_hold_up_a_due_refresh(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, path: str
+) -> None:
+    """A login whose /v2/user/me failed, and Kakao's user-info endpoint hangs: the refresh
+    that is due goes first, and the call gives up within a share of the 6-second lifetime
+    (not the configured 30 s), so the account never waits on it."""
+    short_tokens(emulator, access=6, refresh=3600)
+    config_path = write_config(tmp_path, emulator, timeout="30s")
+    state = await login(emulator, config_path)
+    account = load_config(config_path).accounts["default"]
+    store = AccountStore(account)
+    store.save(replace(state, user_id=None))
+    manager = AccountManager(
+        account,
+        store=store,
+        client=KakaoClient(session, account.app),
+        policy=load_config(config_path).refresh,
+    )
+    manager.load()
+    await asyncio.sleep(5.0)  # the refresh is due (75 % of 6 s), the token still valid
+    emulator.inject("user_me", "timeout", delay=60.0)
+    started = time.monotonic()
+    if path == "start":
+        await asyncio.wait_for(manager.verify(), 6.0)
+    await asyncio.wait_for(manager.tick(), 6.0)
+    assert manager.state is not None and manager.state.generation > state.generation
+    assert emulator.access_token_valid(manager.state.tokens.access_token)
+    assert time.monotonic() - started < 6.0

@@ -546,9 +546,22 @@ class KakaoClient:
             user_id=user_id, expires_in=expires_in, app_id=_as_int(body.get("app_id"))
         )
 
-    async def user_me(self, access_token: str) -> dict[str, Any]:
-        """Return the user's ``/v2/user/me`` document (at least ``id``)."""
-        body = await self._kapi("GET", USER_ME_PATH, access_token)
+    async def user_me(
+        self,
+        access_token: str,
+        *,
+        lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Return the user's ``/v2/user/me`` document (at least ``id``); ``lifetime`` and
+        ``refresh_expires_at`` as for :meth:`access_token_info`."""
+        body = await self._kapi(
+            "GET",
+            USER_ME_PATH,
+            access_token,
+            lifetime=lifetime,
+            refresh_expires_at=refresh_expires_at,
+        )
         if _as_int(body.get("id")) is None:
             raise self._missing_fields(USER_ME_PATH, "id")
         return body

@@ -589,6 +589,8 @@ class AccountManager:
             self._publish(self.state)
         if not self.busy:
             self.notice_outside_changes()
+        if self.needs_refresh(self.clock()):
+            await self.refresh(reason="due")
         state = self.state
         if (
             state is not None
@@ -598,10 +600,9 @@ class AccountManager:
             and not self.busy
         ):
             # A login (or import) made while we run could not make the user-info call; we
-            # adopted its tokens, so make it now, once per generation (see _sign_up).
+            # adopted its tokens, so make it now, once per generation (see _sign_up), after
+            # a refresh that was due: the call must never hold one up.
             await self._sign_up(state)
-        if self.needs_refresh(self.clock()):
-            await self.refresh(reason="due")
 
     async def verify(self) -> None:
         """At start: check the access token with access_token_info, so a revoked one shows now.
@@ -613,7 +614,12 @@ class AccountManager:
         if state is None or self.status.health is not Health.OK:
             return
         if state.user_id is None:
+            if self.needs_refresh(self.clock()):
+                return  # the refresh goes first; the next tick makes the call (tick)
             await self._sign_up(state)
+            state = self.state
+            if state is None or self.status.health is not Health.OK:
+                return
         asked_at = self.clock()
         try:
             # The start-up refresh waits for this answer: it must not outlast the refresh token.
@@ -643,7 +649,8 @@ class AccountManager:
             return
         if self.state is not state:
             return  # a refresh replaced the tokens meanwhile; nothing to correct
-        if state.user_id != info.user_id:
+        if state.user_id is not None and state.user_id != info.user_id:
+            # (None stays None: it means the user-info call is still to be made, tick.)
             state = self.state = replace(state, user_id=info.user_id)
         log.info(
             "account %s: access token verified (user %s, %s left)",
@@ -663,7 +670,11 @@ class AccountManager:
         """
         self._sign_up_tried = state.generation
         try:
-            await self.client.user_me(state.tokens.access_token)
+            me = await self.client.user_me(
+                state.tokens.access_token,
+                lifetime=state.tokens.access_lifetime,
+                refresh_expires_at=state.tokens.refresh_expires_at,
+            )
         except KakaoError as exc:
             log.warning(
                 "account %s: could not call /v2/user/me (%s); Kakao unlinks users that never"
@@ -671,8 +682,11 @@ class AccountManager:
                 self.name,
                 exc,
             )
-        else:
-            log.info("account %s: called /v2/user/me, which the login could not", self.name)
+            return
+        log.info("account %s: called /v2/user/me, which the login could not", self.name)
+        if self.state is state:
+            # Known from now on (and saved with the next write): the call is not made again.
+            self.state = replace(state, user_id=int(me["id"]))
 
     async def _trust_kakaos_expiry(self, state: AccountState, kakao_expiry: datetime) -> None:
         """Kakao says the access token dies sooner than we computed: believe Kakao.
