@@ -574,3 +574,28 @@ async def test_a_hung_user_info_call_does_not_hold_up_a_due_refresh(
     assert manager.state is not None and manager.state.generation > state.generation
     assert emulator.access_token_valid(manager.state.tokens.access_token)
     assert time.monotonic() - started < 6.0
+
+
+async def test_a_refresh_token_shorter_than_the_access_token_survives_a_slow_kakao(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Kakao issues 4-second refresh tokens beside 10-second access tokens (rotating in the
+    last half) and takes 0.15 s per token answer: every refresh is planned by the dying
+    refresh token with room for an answer and a retry, so `kakao-tokend run` keeps rotating
+    and never loses the account (at 0.1 s before the death, the timeout was 0.05 s)."""
+    short_tokens(emulator, access=10, refresh=4)
+    config = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config)
+    emulator.inject("token", "slow", rate=1.0, delay=0.15)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: emulator.stats.rotations >= 4, timeout=30, what="four rotations"
+        )
+    finally:
+        assert await daemon.stop() == 0
+    assert "needs a new login" not in daemon.log_text()
+    assert emulator.stats.retired_refresh_presented == 0
+    saved = AccountStore(load_config(config).accounts["default"]).load()
+    assert saved is not None
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"

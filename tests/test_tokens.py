@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kakao_tokend.tokens import (
+    FIRST_STEP_SHARE,
     KAKAO_REFRESH_LIFETIME,
     REQUEST_TIMEOUT_SHARE,
     PartialTokenResponse,
@@ -1209,6 +1210,33 @@ class TestWaitsWithinTheTokensLife:
             access_issued_at=due + timedelta(seconds=1),
         )
         assert refresh_due_at(later, rng=random.Random(1)) > tokens.refresh_expires_at
+
+    @pytest.mark.parametrize(
+        ("access", "refresh"), [(10.0, 4.0), (10.0, 30.0), (SIX_HOURS, 20 * 60.0)]
+    )
+    def test_a_refresh_planned_by_a_dying_refresh_token_leaves_room_for_a_retry(
+        self, access: float, refresh: float
+    ) -> None:
+        """A refresh token that dies before the planned refresh: the refresh comes early
+        enough that an attempt hanging to the timeout, the back-off's first step and a second
+        attempt all end before the refresh token dies (the same room the access token's
+        page leaves), and never later than half the refresh token's own life."""
+        lifetime = timedelta(seconds=access)
+        tokens = TokenSet(
+            access_token=AT,
+            refresh_token=RT,
+            access_expires_at=T0 + lifetime,
+            refresh_expires_at=T0 + timedelta(seconds=refresh),
+            access_issued_at=T0,
+            refresh_issued_at=T0,
+        )
+        for seed in range(20):
+            due = refresh_due_at(tokens, rng=random.Random(seed))
+            left = (tokens.refresh_expires_at - due).total_seconds()
+            timeout = access * request_timeout_share(0.75, 0.05)
+            room = 2 * timeout + access * FIRST_STEP_SHARE
+            assert left >= min(room, refresh / 2) - 1e-6, (left, room)
+            assert due > T0
 
     def test_clock_step_tolerance_scales_with_the_lifetime(self) -> None:
         """A 6-second token issued 0.1 s "in the future" betrays a stepped clock; a 6-hour one

@@ -424,19 +424,45 @@ def refresh_due_at(
 
     The result always lies strictly inside the lifetime (between 5 % and 95 % of it), whatever
     the settings, so a refresh is never planned at or after expiry. A refresh token that dies
-    before that moment moves the refresh to its :func:`refresh_deadline` (once: an access token
-    issued after the deadline is planned normally, so a refresh that did not rotate a
-    nearly-dead refresh token cannot loop).
+    before that moment moves the refresh to :func:`roomy_refresh_deadline`, or, for an access
+    token issued after that, to :func:`refresh_deadline` (once each: an access token issued
+    after both is planned normally, so a refresh that did not rotate a nearly-dead refresh
+    token cannot loop).
     """
     rng = rng or random.Random()
     lifetime = tokens.access_lifetime.total_seconds()
     fraction = share + rng.uniform(-jitter, jitter)
     fraction = min(max(fraction, EARLIEST_REFRESH_SHARE), LATEST_REFRESH_SHARE)
     planned = tokens.access_issued_at + timedelta(seconds=lifetime * fraction)
-    deadline = refresh_deadline(tokens)
-    if tokens.access_issued_at < deadline < planned:
-        return deadline
+    for deadline in (
+        roomy_refresh_deadline(tokens, share=share, jitter=jitter),
+        refresh_deadline(tokens),
+    ):
+        if tokens.access_issued_at < deadline < planned:
+            return deadline
     return planned
+
+
+def roomy_refresh_deadline(tokens: TokenSet, *, share: float, jitter: float) -> datetime:
+    """Return the moment a refresh is planned for a refresh token that dies sooner.
+
+    An attempt there may hang to its timeout, wait the back-off's first step and try again,
+    and both end before the refresh token dies: the room the access token's page leaves
+    (:func:`expiring_margin`, a tenth of the access lifetime with the defaults). A refresh
+    token born shorter than twice that gets half its own life, and no margin is below
+    :func:`refresh_safety_margin`. Neither this moment nor :func:`refresh_deadline` depends
+    on when the access token was issued: a refresh here that did not rotate is followed by
+    at most one more, at the refresh deadline, and then the normal plan (no loop, no storm
+    of refreshes Kakao counts against its rate limit).
+    """
+    room = expiring_margin(share, jitter, tokens.access_lifetime.total_seconds())
+    if (
+        tokens.refresh_issued_at is not None
+        and tokens.refresh_expires_at > tokens.refresh_issued_at
+    ):
+        room = min(room, (tokens.refresh_expires_at - tokens.refresh_issued_at).total_seconds() / 2)
+    margin = max(timedelta(seconds=room), refresh_safety_margin(tokens))
+    return tokens.refresh_expires_at - margin
 
 
 #: The bounds of a planned refresh, as shares of the access lifetime (refresh_due_at).
