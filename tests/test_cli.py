@@ -312,6 +312,19 @@ class TestStatus:
         assert invoke(config, "status", "--warn", "5d").exit_code == 0
         assert invoke(config, "status", "--crit", "11d").exit_code == 2
 
+    @pytest.mark.parametrize("option", ["--warn", "--crit"])
+    def test_a_threshold_longer_than_any_token_life_is_a_usage_error(
+        self, tmp_path: Path, option: str
+    ) -> None:
+        """`status --warn 99999999999999999d` crashed with an OverflowError (exit 70); it is
+        a usage error naming the limit."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=10 * 86400)
+        result = invoke(config, "status", option, "99999999999999999d")
+        assert result.exit_code == 64, result.output
+        assert "at most 3660d" in result.stderr
+        assert "Traceback" not in result.output
+
 
 class TestTokenRefreshLogout:
     """Commands that talk to Kakao (the emulator)."""

@@ -124,6 +124,13 @@ class TestDurationsAndShares:
         with pytest.raises(ValueError, match=r'expected a duration like "90s", "30m"'):
             parse_duration(text)
 
+    @pytest.mark.parametrize("text", ["99999999999999999d", "1e15", 1e300, "4000d"])
+    def test_durations_longer_than_any_token_life_are_refused(self, text: str | float) -> None:
+        """No duration in kakao-tokend is longer than the longest token life it accepts (ten
+        years): a longer one is a typo, refused with the limit, never an overflow later."""
+        with pytest.raises(ValueError, match=r"at most 3660d"):
+            parse_duration(text)
+
     @pytest.mark.parametrize(("value", "share"), [("75%", 0.75), (0.75, 0.75), ("5%", 0.05)])
     def test_shares(self, value: str | float, share: float) -> None:
         """Shares are written "75%" or 0.75."""
@@ -169,6 +176,15 @@ class TestShortConfig:
         assert config.runtime_dir == Path(env["RUNTIME_DIRECTORY"])
         assert config.refresh == RefreshPolicy()
         assert config.log_level == "info"
+
+    def test_a_byte_order_mark_in_a_secret_file_is_not_part_of_the_secret(
+        self, write_toml: WriteToml, write_secret: WriteSecret, env: dict[str, str]
+    ) -> None:
+        """An editor that saves UTF-8 with a byte-order mark (Windows Notepad) puts an
+        invisible U+FEFF before the key; it was sent to Kakao as part of it."""
+        write_secret("rest_api_key", "\ufeff" + KEY + "\n")
+        path = write_toml('[kakao]\nrest_api_key_file = "rest_api_key"\n')
+        assert load_config(path, environ=env).account().app.rest_api_key == KEY
 
     def test_secrets_never_in_repr_and_config_is_frozen(self, env: dict[str, str]) -> None:
         """repr() of the config hides both secrets, and settings cannot be changed later."""
@@ -267,6 +283,16 @@ class TestValues:
             "refresh.heartbeat": 'expected a duration like "90s", "30m", "6h", "14d" or "1h30m", '
             'got "soon"'
         }
+
+    def test_a_huge_alert_threshold_is_refused(self, env: dict[str, str]) -> None:
+        """thresholds = ["99999999999999999d"] passed the check and then crashed `status`."""
+        found = problems_of(MINIMAL + '[alerts]\nthresholds = ["99999999999999999d"]\n', env)
+        assert "at most 3660d" in found["alerts.thresholds[0]"]
+
+    def test_a_path_with_a_nul_character_is_refused(self, env: dict[str, str]) -> None:
+        """A NUL in a path passed the check, then every command crashed on it."""
+        found = problems_of(MINIMAL + '[paths]\nstate_dir = "a\\u0000b"\n', env)
+        assert "NUL" in found["paths.state_dir"]
 
     def test_bad_share(self, env: dict[str, str]) -> None:
         """refresh_at = 75 (meant as percent) is refused with the two accepted spellings."""

@@ -600,6 +600,16 @@ CORRUPTIONS = {
     "wrong version": b'{"version": 99}',
     "invalid utf-8": b"\xff\xfe\x00garbage",
     "zeros": b"\x00" * 64,
+    # A time no token was ever issued or expires at (date arithmetic overflowed in `status`).
+    "year one": json.dumps(
+        {
+            **make_state().to_dict(),
+            "tokens": {
+                **make_state().to_dict()["tokens"],
+                "refresh_expires_at": "0001-01-01T00:00:00Z",
+            },
+        }
+    ).encode(),
 }
 
 

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from . import paths
 from .errors import ConfigError
 from .i18n import LANGUAGES
-from .tokens import request_timeout, request_timeout_share
+from .tokens import MAX_LIFETIME, format_duration, request_timeout, request_timeout_share
 
 if TYPE_CHECKING:  # imported only when a store key is configured
     from .fleet.crypto import Keyring
@@ -117,6 +117,18 @@ def parse_duration(text: str | int | float) -> float:
     Raises ValueError (with a message naming the accepted forms) for anything else,
     including negative, infinite and boolean values.
     """
+    seconds = _duration_seconds(text)
+    if seconds > MAX_LIFETIME:
+        # No wait, threshold or lifetime here outlives the longest token life accepted: a
+        # longer value is a typo, and would overflow date arithmetic later.
+        raise ValueError(
+            f"expected at most {format_duration(MAX_LIFETIME)} (the longest token life),"
+            f" got {_describe(text)}"
+        )
+    return seconds
+
+
+def _duration_seconds(text: str | int | float) -> float:
     problem = f"expected {_DURATION_EXAMPLES}, got {_describe(text)}"
     if isinstance(text, bool):
         raise ValueError(problem)
@@ -224,6 +236,8 @@ def _positive(example: str) -> _Parser:
 def _path(value: Any) -> Path:
     """A path; "~" is expanded, and the reader makes relative ones relative to the config."""
     text = _string(value, "a path")
+    if "\0" in text:
+        raise ValueError("contains a NUL character (\\u0000), which no path may hold")
     if not text.startswith("~"):
         return Path(text)
     try:
@@ -1993,7 +2007,12 @@ def _read_secret(file: Path, spec: SecretSpec, *, trusted: bool, missing: str = 
 
 
 def _clean_secret(value: str, spec: SecretSpec, where: str) -> str:
-    """Refuse empty or multi-word secrets without ever echoing the value."""
+    """Refuse empty or multi-word secrets without ever echoing the value.
+
+    A leading byte-order mark (an editor saving "UTF-8 with BOM") is dropped: it is invisible,
+    and sent along it makes Kakao refuse a key that looks right.
+    """
+    value = value.removeprefix("\ufeff")
     if not value:
         raise ValueError(f"{where} is empty; it must hold the {spec.name}")
     if any(ch.isspace() for ch in value) and not spec.multiword:

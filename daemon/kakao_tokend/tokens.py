@@ -67,6 +67,12 @@ def format_local_time(moment: datetime) -> str:
     return local.strftime("%Y-%m-%d %H:%M:%S ") + (local.strftime("%Z") or local.strftime("%z"))
 
 
+#: The times a token's moments may lie between: anything else is damage (year one, 9999),
+#: and date arithmetic on it would overflow far from where it was read.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 timestamp into an aware UTC datetime; raise ValueError otherwise."""
     if not isinstance(text, str):
@@ -76,14 +82,16 @@ def parse_time(text: str) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))  # what it cannot read
-    if moment.tzinfo is UTC:
-        return moment  # what we write ("...Z"): already UTC (a start reads 5 per account)
-    if moment.tzinfo is None:
-        raise ValueError(f"timestamp {text!r} has no time zone")
-    try:
-        return moment.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 has no UTC equivalent
-        raise ValueError(f"timestamp {text!r} is out of range") from None
+    if moment.tzinfo is not UTC:  # what we write ("...Z") is UTC already
+        if moment.tzinfo is None:
+            raise ValueError(f"timestamp {text!r} has no time zone")
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 has no UTC equivalent
+            raise ValueError(f"timestamp {text!r} is out of range") from None
+    if not EARLIEST_TIME <= moment < LATEST_TIME:
+        raise ValueError(f"timestamp {text!r} is out of range")
+    return moment
 
 
 def format_duration(seconds: float) -> str:
