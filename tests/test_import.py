@@ -215,6 +215,32 @@ class TestBadFiles:
                 "has no refresh_token",
             ),
             ({"access_token": "a", "refresh_token": "b", "expires_in": "soon"}, "expires_in"),
+            # Numbers json.loads accepts that no lifetime can be (an overflow or NaN later).
+            (
+                '{"access_token": "a", "refresh_token": "b", "expires_in": 1' + "0" * 30 + "}",
+                "'expires_in' must be",
+            ),
+            (
+                '{"access_token": "a", "refresh_token": "b", "expires_in": Infinity}',
+                "'expires_in' must be",
+            ),
+            (
+                '{"access_token": "a", "refresh_token": "b", "expires_in": NaN}',
+                "'expires_in' must be",
+            ),
+            (
+                '{"access_token": "a", "refresh_token": "b", "refresh_token_expires_in": 1e300}',
+                "'refresh_token_expires_in' must be",
+            ),
+            # What the blog recipe saves when its code exchange failed: Kakao's error answer.
+            (
+                {
+                    "error": "invalid_grant",
+                    "error_description": "authorization code not found for code=abc",
+                    "error_code": "KOE320",
+                },
+                "holds Kakao's error answer (KOE320), not tokens",
+            ),
         ],
     )
     async def test_rejected_with_65(

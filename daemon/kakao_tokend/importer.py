@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ from .kakao import AccessTokenRejected, KakaoClient
 from .relogin import cli_command, login_command, new_account_command
 from .state import AccountState
 from .store import AccountStore, make_room_before_kakao
-from .tokens import Clock, TokenSet, format_time, utcnow
+from .tokens import MAX_LIFETIME, Clock, TokenSet, format_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,14 @@ def _duration(data: Mapping[str, Any], name: str, default: int, path: Path) -> i
     value = data.get(name)
     if value is None:  # left out, or null: a script's json.dump of a partial answer
         value = default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ImportFileError(f"{path}: {name!r} must be a positive number of seconds")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_LIFETIME  # (False for NaN, and for json's Infinity)
+    ):
+        raise ImportFileError(
+            f"{path}: {name!r} must be a positive number of seconds, at most {MAX_LIFETIME}"
+        )
     return int(value)
 
 
@@ -128,6 +135,14 @@ def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile
         raise ImportFileError(
             f"{path}: expected a JSON object with access_token and refresh_token, "
             f"found a JSON {type(data).__name__}"
+        )
+    if "access_token" not in data and ("error" in data or "error_code" in data):
+        code = data.get("error_code") or data.get("error")
+        shown = code if isinstance(code, str) and re.fullmatch(r"\w{1,40}", code) else "error"
+        raise ImportFileError(
+            f"{path}: holds Kakao's error answer ({shown}), not tokens: the script that wrote"
+            " it never got any (an authorization code works once, for minutes); run"
+            f" `{login}` instead"
         )
     for name in ("access_token", "refresh_token"):
         if name not in data:
