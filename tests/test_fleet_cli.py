@@ -184,6 +184,24 @@ async def test_postgres_mode_without_a_key_refuses_to_run(tmp_path: Path) -> Non
         assert "store.key_file" in err and "kakao-tokend store new-key" in err
 
 
+async def test_a_database_address_libpq_cannot_read_is_a_config_error(tmp_path: Path) -> None:
+    """A DSN that does not parse passed check-config, then `run` exited 1 (systemd restarted
+    it forever) and every command too: exit 78 naming the key, in postgres mode and for
+    `store migrate --to postgres` from the files; the value (a password) never shown."""
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "file").mkdir()
+    postgres = write_store_config(tmp_path / "pg", "===bad password=hunter2")
+    for command in (("check-config",), ("run",), ("status",)):
+        code, _, err = await run_cli(postgres, *command)
+        assert code == 78, (command, err)
+        assert "store.dsn_file" in err and "not a valid libpq connection string" in err
+        assert "hunter2" not in err
+    files = write_store_config(tmp_path / "file", "===bad password=hunter2", backend="file")
+    code, _, err = await run_cli(files, "store", "migrate", "--to", "postgres")
+    assert code == 78, err
+    assert "store.dsn_file" in err and "hunter2" not in err
+
+
 async def test_a_postgres_node_without_its_database_waits_and_never_uses_the_files(
     tmp_path: Path,
 ) -> None:

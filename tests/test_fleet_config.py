@@ -52,7 +52,7 @@ def test_without_a_store_section_the_file_backend_is_used(tmp_path: Path) -> Non
 
 def test_a_postgres_store_reads_dsn_and_key_files(tmp_path: Path) -> None:
     """DSN with spaces and a key file of several keys are read; repr shows no secret."""
-    dsn = secret_file(tmp_path / "dsn", "host=db.example dbname=tokend password=pw s\n")
+    dsn = secret_file(tmp_path / "dsn", "host=db.example dbname=tokend password='pw s'\n")
     old, new = new_key_line(), new_key_line()
     key = secret_file(tmp_path / "store.key", f"# keys\n{old}\n{new}\n")
     config = config_from_toml_text(
@@ -69,7 +69,7 @@ def test_a_postgres_store_reads_dsn_and_key_files(tmp_path: Path) -> None:
     )
     store = config.store
     assert store.backend == "postgres"
-    assert store.dsn == "host=db.example dbname=tokend password=pw s"
+    assert store.dsn == "host=db.example dbname=tokend password='pw s'"
     assert store.dsn_source == f"file {dsn}"
     assert store.keyring is not None and len(store.keyring.keys) == 2
     assert store.key_source == f"file {key}"
@@ -215,3 +215,21 @@ def test_the_hold_backstop_is_fitted_only_while_every_kakao_timeout_is_the_defau
     six_seconds = timeouts.idle_for(timedelta(seconds=6))
     assert (six_seconds < timeouts.idle_in_transaction) is fitted
     assert timeouts.idle_for(timedelta(hours=6)) == timeouts.idle_in_transaction
+
+
+def test_a_dsn_that_does_not_parse_is_a_config_problem_named_by_its_source(
+    tmp_path: Path,
+) -> None:
+    """A DSN libpq cannot read passed check-config and then failed every command with exit
+    1 (`run` too, so systemd restarted it forever): it is a config problem of the key it came
+    from, with an example, and the value (it may hold a password) is never shown. (With the
+    file backend the config never loads psycopg: `store migrate` checks it, test_fleet_cli.)"""
+    keys = secret_file(tmp_path / "store.key", new_key_line() + "\n")
+    found = problems(
+        tmp_path,
+        f'backend = "postgres"\ndsn_env = "DB"\nkey_file = "{keys}"\n',
+        environ={"DB": "===not a dsn password=hunter2"},
+    )
+    assert set(found) == {"store.dsn_env"}
+    assert "not a valid libpq connection string" in found["store.dsn_env"]
+    assert "hunter2" not in found["store.dsn_env"]

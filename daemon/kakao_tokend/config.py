@@ -1161,7 +1161,9 @@ def _api_rules(a: ApiSettings, known: _Known, problem: _Report) -> None:
 
 def _store_rules(s: StoreSettings, known: _Known, problem: _Report) -> None:
     if not known("backend") or s.backend != "postgres":
-        return
+        return  # (a file-mode process never loads psycopg: `store migrate` checks the DSN)
+    if known("dsn") and s.dsn is not None and not dsn_parses(s.dsn):
+        problem(dsn_key(s.dsn_source), DSN_PROBLEM)
     if known("node_name") and not NODE_NAME_RE.match(s.node_name):
         problem(
             "node_name",
@@ -1182,6 +1184,35 @@ def _store_rules(s: StoreSettings, known: _Known, problem: _Report) -> None:
             "store new-key > /etc/kakao-tokend/store.key; chmod 600 /etc/kakao-tokend/store.key` "
             "and set key_file (or key_env / key_credential)",
         )
+
+
+#: What is wrong with a DSN libpq cannot read (the value may hold a password: never shown).
+DSN_PROBLEM: Final = (
+    "is not a valid libpq connection string or postgresql:// URI (value not shown);"
+    ' e.g. "host=db.example port=5432 dbname=tokend user=tokend" or'
+    ' "postgresql://tokend@db.example/tokend"'
+)
+
+
+def dsn_key(source: str | None) -> str:
+    """The [store] key a DSN came from, by its ``dsn_source`` ("env DB" → "dsn_env")."""
+    kind = (source or "inline").split(" ", 1)[0]
+    return "dsn" if kind == "inline" else f"dsn_{kind}"
+
+
+def dsn_parses(dsn: str) -> bool:
+    """Whether libpq can read ``dsn`` (True without the postgres extra: the commands that
+    need it say that it is missing)."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        return True
+    try:
+        conninfo_to_dict(dsn)
+    except ProgrammingError:
+        return False
+    return True
 
 
 _RULES: Final[Mapping[type[Any], Callable[[Any, _Known, _Report], None]]] = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from ..config import KAKAO_TIMEOUT, Config, StoreSettings
+from ..config import DSN_PROBLEM, KAKAO_TIMEOUT, Config, StoreSettings, dsn_key, dsn_parses
 from ..errors import ConfigError, StoreSchemaMismatch
 from .accounts import RekeyResult, rekey_accounts
 from .crypto import Keyring, key_id_of, new_key_line
@@ -48,6 +48,11 @@ def require_dsn(store: StoreSettings) -> str:
             details=[
                 ("store.dsn_file", "set dsn_file (or dsn, dsn_env, dsn_credential) in [store]")
             ],
+        )
+    if not dsn_parses(store.dsn):
+        raise ConfigError(
+            "the store's database address is not usable",
+            details=[(f"store.{dsn_key(store.dsn_source)}", DSN_PROBLEM)],
         )
     return store.dsn
 
