@@ -1379,7 +1379,7 @@ def logout(keep_files: bool) -> None:
                 state = None
             if not keep_files:
                 existing = [path for path in (store.state_path, store.token_path) if path.exists()]
-                store.remove()
+                store.remove(generation=state.generation if state is not None else 0)
     if not keep_files:
         _tell_daemon(account.name)
     if state is None:

@@ -55,6 +55,9 @@ LOCK_FILE_MODE = 0o600
 RESCUE_SUFFIX = ".rescue.json"
 #: Each account's alert bookkeeping, next to its state file (AccountStore.alerts_path).
 ALERTS_SUFFIX = ".alerts.json"
+#: What `logout` keeps of an account, next to its state file: the generation it logged out
+#: (no token), so that the next login continues from it (AccountStore.next_generation).
+LOGGED_OUT_SUFFIX = ".logged-out.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
@@ -947,6 +950,11 @@ class AccountStore:
         """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
         return self.state_path.with_name(f"{self.name}{ALERTS_SUFFIX}")
 
+    @property
+    def logged_out_path(self) -> Path:
+        """The record of the last logout (its generation; no secret), next to the state file."""
+        return self.state_path.with_name(f"{self.name}{LOGGED_OUT_SUFFIX}")
+
     def _alerts_absent(self) -> bool:
         """True when the listing knows there is no alert bookkeeping file (no Path built)."""
         return self._listing is not None and self._listing.absent(
@@ -1277,7 +1285,7 @@ class AccountStore:
             current = self.load()
         except StateCorrupt:
             current = None
-        generation = max(backup.generation, current.generation if current else 0) + 1
+        generation = max(backup.generation + 1, self.next_generation(current))
         marker = {
             "at": format_time(now),
             "from": str(source),
@@ -1580,11 +1588,64 @@ class AccountStore:
         self._no_alerts_listed = False
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
-    def remove(self) -> None:
+    # -- generations across a logout -----------------------------------------------------------
+
+    def last_generation(self) -> int:
+        """The highest generation the account's files remember besides its state file: the
+        published token file's and the one the last `logout` recorded (0: neither).
+
+        A file that is missing, damaged or a symlink tells nothing (it is not followed).
+        """
+        found = 0
+        for path, what in ((self.token_path, "token file"), (self.logged_out_path, "record")):
+            try:
+                document = parse_json(read_file(path, what=what))
+            except (OSError, StoreError, ValueError):
+                continue
+            generation = document.get("generation") if isinstance(document, dict) else None
+            if isinstance(generation, int) and not isinstance(generation, bool):
+                found = max(found, generation)
+        return found
+
+    def next_generation(self, old: AccountState | None) -> int:
+        """The generation of a new token set that replaces ``old`` (a login, an import).
+
+        One above every generation the account had, so that it never goes backwards: not
+        across a logout (which records the generation it removed, :meth:`remove`), nor after
+        a state file deleted by hand (its token file still tells). Consumers, hooks and
+        templates take a generation that is not above the last one for tokens they had.
+        Hold the account lock.
+        """
+        return max(old.generation if old is not None else 0, self.last_generation()) + 1
+
+    def _record_logout(self, generation: int) -> None:
+        """Write the logout record for ``generation`` (atomically, 0600); log a failure: the
+        logout goes on, and the next login counts from what the other files remember."""
+        if generation <= 0:
+            return
+        document = {"account": self.name, "generation": generation, "at": format_time(utcnow())}
+        try:
+            atomic_write(
+                self.logged_out_path,
+                json.dumps(document).encode() + b"\n",
+                mode=STATE_FILE_MODE,
+            )
+        except StoreError as exc:
+            log.warning(
+                "cannot record the generation logged out (%s); the next login may count from"
+                " 1 again",
+                exc,
+            )
+
+    def remove(self, *, generation: int = 0) -> None:
         """Delete the state and token files (logout), and the rescue file; missing is fine.
 
-        A symlink is removed itself; the file it points to is not ours and is left alone.
+        First the generation logged out — ``generation`` (the state's), or the token file's
+        when that is higher — is recorded in :attr:`logged_out_path`, so that the next login
+        continues from it (:meth:`next_generation`). A symlink is removed itself; the file it
+        points to is not ours and is left alone.
         """
+        self._record_logout(max(generation, self.last_generation()))
         self.discard_rescue()
         for path in (self.state_path, self.token_path):
             try:
