@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemonproc import DaemonProcess, login, run_cli, start_daemon, write_config
+from fleetrun import login_published, node_config
 from kakao_tokend.emulator import KakaoEmulator
 from loginproc import LoginProcess, follow_authorize, get_page
 
@@ -176,3 +177,47 @@ async def test_a_state_file_removed_by_hand_takes_every_output_with_it(
         assert "Traceback" not in daemon.log_text()
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_a_fleet_node_removes_the_extra_files_and_templates_after_a_logout(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Fleet mode: a `logout` from another host deletes the account's row; the node that
+    published the account removes its extra token files and rendered template along with
+    its token file, within about a second."""
+    (tmp_path / "bot.conf.tmpl").write_text("token={access_token}\n")
+    sinks = tmp_path / "sink"
+    node_path = node_config(
+        tmp_path,
+        emulator,
+        pg_dsn,
+        "web-1",
+        extra=f"""
+[accounts.default]
+access_token_file = "{sinks / "token"}"
+env_file = "{sinks / "kakao.env"}"
+[[accounts.default.templates]]
+source = "{tmp_path / "bot.conf.tmpl"}"
+destination = "{sinks / "rendered.conf"}"
+""",
+    )
+    node = await start_daemon(node_path)
+    files = [node.state_dir / "default.token.json", *(sinks / n for n in ("token", "kakao.env"))]
+    files.append(sinks / "rendered.conf")
+    try:
+        state = await login_published(emulator, node_path, pg_dsn, node)
+        await node.wait_for(
+            lambda: all(state.tokens.access_token in path.read_text() for path in files),
+            what="the token in every output",
+        )
+        ops = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+        code, out, err = await run_cli(ops, "logout")
+        assert code == 0, out + err
+        await node.wait_for(
+            lambda: not any(path.exists() for path in files),
+            timeout=3,
+            what="every output removed",
+        )
+        assert "Traceback" not in node.log_text()
+    finally:
+        await node.stop()
