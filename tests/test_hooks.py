@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from daemonproc import config_with, login
+from daemonproc import config_with, login, run_cli
 from kakao_tokend.config import load_config
 from kakao_tokend.daemon import Daemon
 from kakao_tokend.emulator import KakaoEmulator
@@ -114,6 +114,38 @@ async def test_hooks_run_once_per_change_and_sinks_follow(
         assert stat.S_IMODE((sinks / "token").stat().st_mode) == 0o640
         assert stat.S_IMODE((sinks / "kakao.env").stat().st_mode) == 0o640
         assert len(served.events_of("refreshed")) == 3
+
+
+async def test_hooks_run_again_for_a_new_login_after_a_logout(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend logout` and a new login while the daemon runs: the new login's tokens run
+    the hooks although their generation starts again below the old tokens' (a login that
+    knows nothing of the tokens before it, as the fleet's does). The runner forgets an
+    account's generation when its state is removed; it used to skip every change up to the
+    old generation, leaving a `systemctl reload my-bot` hook silent for days."""
+    config = hook_config(tmp_path, emulator, sleep=0, timeout="10s")
+    await login(emulator, config)
+    async with serving(config) as served:
+        for _ in range(2):
+            status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+            assert status == 200
+        await wait_until(
+            lambda: [r["KAKAO_TOKEND_GENERATION"] for r in runs(tmp_path)][-1:] == ["3"]
+        )
+        code, out, err = await run_cli(config, "logout")
+        assert code == 0, out + err
+        await wait_until(
+            lambda: any(e.data.get("generation", 0) is None for e in served.events_of("adopted"))
+        )
+        before = len(runs(tmp_path))
+        fresh = await login(emulator, config)
+        assert fresh.generation == 1  # the premise: not above the generation logged out
+        await wait_until(lambda: len(runs(tmp_path)) == before + 1)
+        record = runs(tmp_path)[-1]
+        assert record["KAKAO_TOKEND_GENERATION"] == "1"
+        await asyncio.sleep(0.3)
+        assert len(runs(tmp_path)) == before + 1  # once
 
 
 async def test_a_hanging_hook_is_killed_at_its_timeout(

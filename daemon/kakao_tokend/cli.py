@@ -1338,7 +1338,8 @@ def reload() -> None:
 @main.command()
 @click.option("--keep-files", is_flag=True, help="Log out at Kakao but keep the local files.")
 def logout(keep_files: bool) -> None:
-    """Log out at Kakao (best effort), then delete the account's state and token files.
+    """Log out at Kakao (best effort), then delete the account's state and token files, its
+    extra token files and its rendered templates.
 
     \b
     Example:
@@ -1354,7 +1355,7 @@ def logout(keep_files: bool) -> None:
     in_store = config.store.backend == "postgres"
     # With the rescue directory, so a rescue file cannot bring the logged-out tokens back.
     store = AccountStore(account, rescue_dir=config.runtime_dir)
-    existing: list[Path] = []
+    removed: list[Path] = []
     if in_store:
         from .fleet.commands import logout_account
 
@@ -1370,7 +1371,9 @@ def logout(keep_files: bool) -> None:
         store.check_paths()
         # Under the account lock, so the tokens read are the newest (a refresh in flight ends
         # first). The files go, and a running daemon is told, BEFORE Kakao revokes the tokens:
-        # the daemon never hands out a token that is already dead.
+        # the daemon never hands out a token that is already dead. Every copy of the access
+        # token goes with them (the extra token files, the rendered templates), so a program
+        # that reads one finds it gone instead of holding a revoked token.
         with store.lock(timeout=5.0):
             try:
                 state = store.load()
@@ -1378,8 +1381,12 @@ def logout(keep_files: bool) -> None:
                 click.echo(f"warning: {exc}", err=True)
                 state = None
             if not keep_files:
-                existing = [path for path in (store.state_path, store.token_path) if path.exists()]
-                store.remove()
+                removed, problems = store.remove(
+                    generation=state.generation if state is not None else 0,
+                    outputs=[template.destination for template in account.templates],
+                )
+                for problem in problems:
+                    click.echo(f"warning: {problem}", err=True)
     if not keep_files:
         _tell_daemon(account.name)
     if state is None:
@@ -1408,8 +1415,10 @@ def logout(keep_files: bool) -> None:
     if in_store:
         click.echo(f"removed account '{account.name}' from the PostgreSQL store")
         return
-    if existing:
-        click.echo("removed " + " and ".join(str(path) for path in existing))
+    if removed:
+        names = [str(path) for path in removed]
+        listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+        click.echo(f"removed {listed}")
     else:
         click.echo(f"no files to remove for account '{account.name}'")
 

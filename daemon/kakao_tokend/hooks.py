@@ -63,7 +63,9 @@ class HookRunner(CommandWorkers[str, int]):
 
     Hooks of one account run one after another: a change that arrives while a hook runs is
     coalesced into one more run for the newest generation. A run happens only when the
-    generation grew past the last one hooks were run (or started) for.
+    generation grew past the last one hooks were run (or started) for — since the account's
+    state was last removed: a logout ends what the runner remembers of the account, so the
+    next login runs the hooks whatever its generation.
     """
 
     def __init__(self, daemon: Daemon) -> None:
@@ -86,12 +88,20 @@ class HookRunner(CommandWorkers[str, int]):
         """Manager listener: quick and non-blocking (hooks run in a task).
 
         A state adopted from another process (CLI `login`, `refresh`, `import`) runs the hooks
-        exactly like the daemon's own refresh.
+        exactly like the daemon's own refresh. A removed state (``adopted`` with no tokens)
+        makes the runner forget the account.
         """
-        if event.kind not in NEW_TOKENS:
-            return
         manager = self.daemon.managers.get(event.account)
-        if manager is None or manager.state is None:
+        if manager is None:
+            return
+        if manager.state is None:
+            # The state was removed (a logout: ``adopted``, or ``conflict`` when our unsaved
+            # tokens lost to it): no hook for the tokens that are gone, and the next login,
+            # whose generation may start again at 1, is new whatever it is.
+            self._seen.pop(event.account, None)
+            self._pending.pop(event.account, None)
+            return
+        if event.kind not in NEW_TOKENS:
             return
         if not manager.account.hooks:
             self._seen.pop(event.account, None)  # hooks removed by a reload

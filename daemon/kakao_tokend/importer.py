@@ -351,13 +351,18 @@ async def _complete_signup(
 
 
 def imported_state(
-    account: AccountConfig, checked: CheckedSeed, old: AccountState | None
+    account: AccountConfig,
+    checked: CheckedSeed,
+    old: AccountState | None,
+    *,
+    generation: int | None = None,
 ) -> AccountState:
-    """The account's state from a checked seed file: the generation after ``old``'s."""
+    """The account's state from a checked seed file: ``generation``, by default the one after
+    ``old``'s (the file store passes AccountStore.next_generation: above a logged-out one)."""
     return AccountState(
         account=account.name,
         tokens=checked.tokens,
-        generation=(old.generation + 1) if old else 1,
+        generation=generation or ((old.generation + 1) if old else 1),
         refreshed_at=None,
         user_id=checked.user_id,
         extras={
@@ -434,7 +439,7 @@ async def import_seed_file(
                 f"account '{account.name}' already has tokens in {store.state_path}",
                 hint="use --force to replace them",
             )
-        state = imported_state(account, checked, old)
+        state = imported_state(account, checked, old, generation=store.next_generation(old))
         rotated = False
         replaced: Path | None = None
         if checked.needs_refresh:

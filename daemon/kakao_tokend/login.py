@@ -324,7 +324,7 @@ class LoginFlow:
             state = AccountState(
                 account=self.account.name,
                 tokens=tokens,
-                generation=(old.generation + 1) if old else 1,
+                generation=store.next_generation(old),
                 refreshed_at=now,
                 user_id=user_id,
             )

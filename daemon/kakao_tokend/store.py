@@ -19,7 +19,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -55,6 +55,9 @@ LOCK_FILE_MODE = 0o600
 RESCUE_SUFFIX = ".rescue.json"
 #: Each account's alert bookkeeping, next to its state file (AccountStore.alerts_path).
 ALERTS_SUFFIX = ".alerts.json"
+#: What `logout` keeps of an account, next to its state file: the generation it logged out
+#: (no token), so that the next login continues from it (AccountStore.next_generation).
+LOGGED_OUT_SUFFIX = ".logged-out.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
 #: How often a waiting lock is tried again (seconds).
@@ -205,6 +208,24 @@ def unlink_durably(path: Path) -> bool:
     with suppress(OSError):
         _fsync_dir(path.parent)
     return True
+
+
+def remove_outputs(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """Remove copies of a logged-out access token (the token file, the extra token files,
+    rendered templates) durably; return the files removed and what could not be removed.
+
+    A symlink is removed itself: the file it points to is not ours and is left alone. A
+    missing file is fine.
+    """
+    removed: list[Path] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            if unlink_durably(path):
+                removed.append(path)
+        except OSError as exc:
+            problems.append(str(_write_error(path, exc, "remove")))
+    return removed, problems
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -947,6 +968,11 @@ class AccountStore:
         """Alert bookkeeping (what was sent when; no secrets), next to the state file."""
         return self.state_path.with_name(f"{self.name}{ALERTS_SUFFIX}")
 
+    @property
+    def logged_out_path(self) -> Path:
+        """The record of the last logout (its generation; no secret), next to the state file."""
+        return self.state_path.with_name(f"{self.name}{LOGGED_OUT_SUFFIX}")
+
     def _alerts_absent(self) -> bool:
         """True when the listing knows there is no alert bookkeeping file (no Path built)."""
         return self._listing is not None and self._listing.absent(
@@ -1277,7 +1303,7 @@ class AccountStore:
             current = self.load()
         except StateCorrupt:
             current = None
-        generation = max(backup.generation, current.generation if current else 0) + 1
+        generation = max(backup.generation + 1, self.next_generation(current))
         marker = {
             "at": format_time(now),
             "from": str(source),
@@ -1580,14 +1606,107 @@ class AccountStore:
         self._no_alerts_listed = False
         atomic_write(self.alerts_path, data, mode=STATE_FILE_MODE)
 
-    def remove(self) -> None:
-        """Delete the state and token files (logout), and the rescue file; missing is fine.
+    # -- generations across a logout, and the logout itself -----------------------------------
 
-        A symlink is removed itself; the file it points to is not ours and is left alone.
+    def _generation_in(self, path: Path, what: str) -> int:
+        """The ``generation`` of the JSON document at ``path`` (0: missing, damaged, a symlink
+        — which is not followed — or without one)."""
+        try:
+            document = parse_json(read_file(path, what=what))
+        except (OSError, StoreError, ValueError):
+            return 0
+        generation = document.get("generation") if isinstance(document, dict) else None
+        if isinstance(generation, int) and not isinstance(generation, bool):
+            return generation
+        return 0
+
+    def last_generation(self) -> int:
+        """The highest generation the account's files remember besides its state file: the
+        published token file's and the one the last `logout` recorded (0: neither)."""
+        return max(
+            self._generation_in(self.token_path, "token file"),
+            self._generation_in(self.logged_out_path, "logout record"),
+        )
+
+    def next_generation(self, old: AccountState | None) -> int:
+        """The generation of a new token set that replaces ``old`` (a login, an import).
+
+        One above every generation the account had, so that it never goes backwards: not
+        across a logout (which records the generation it removed, :meth:`remove`), nor after
+        a state file deleted by hand (its token file still tells). Consumers, hooks and
+        templates take a generation that is not above the last one for tokens they had.
+        Hold the account lock.
         """
+        return max(old.generation if old is not None else 0, self.last_generation()) + 1
+
+    def _record_logout(self, generation: int) -> None:
+        """Write the logout record for ``generation`` (atomically, 0600) unless it says as much
+        already; log a failure: the logout goes on, and the next login counts from what the
+        other files remember."""
+        if generation <= self._generation_in(self.logged_out_path, "logout record"):
+            return
+        document = {"account": self.name, "generation": generation, "at": format_time(utcnow())}
+        try:
+            atomic_write(
+                self.logged_out_path,
+                json.dumps(document).encode() + b"\n",
+                mode=STATE_FILE_MODE,
+            )
+        except StoreError as exc:
+            log.warning(
+                "cannot record the generation logged out (%s); the next login may count from"
+                " 1 again",
+                exc,
+            )
+
+    def sink_paths(self) -> list[Path]:
+        """The extra token files the account publishes (``access_token_file``, ``env_file``)."""
+        account = self.account
+        return [Path(path) for path in (account.access_token_file, account.env_file) if path]
+
+    def remove(
+        self, *, generation: int = 0, outputs: Iterable[Path] = ()
+    ) -> tuple[list[Path], list[str]]:
+        """Log the account out on disk (`logout`); return the files removed and the problems.
+
+        First the generation logged out — ``generation`` (the state's), or the token file's
+        when that is higher — is recorded in :attr:`logged_out_path`, so that the next login
+        continues from it (:meth:`next_generation`). Then the rescue file, the state file and
+        the token file go (a failure raises StoreWriteError), and every other copy of the
+        access token: the extra token files and ``outputs`` (the rendered templates), whose
+        failures are returned, since the tokens are logged out anyway. Missing is fine.
+        """
+        self._record_logout(max(generation, self.last_generation()))
         self.discard_rescue()
+        removed: list[Path] = []
         for path in (self.state_path, self.token_path):
             try:
-                unlink_durably(path)
+                if unlink_durably(path):
+                    removed.append(path)
             except OSError as exc:
                 raise _write_error(path, exc, "remove") from None
+        more, problems = remove_outputs([*self.sink_paths(), *outputs])
+        return removed + more, problems
+
+    def withdraw(self, *, outputs: Iterable[Path] = ()) -> tuple[list[Path], list[str]]:
+        """The state file is gone while the daemon runs (a logout by another process, or an
+        operator's ``rm``): remove what was published from it as :meth:`remove` does — the
+        token file, the extra token files and ``outputs`` — recording its generation first.
+
+        Only under the account lock and while the state file is still absent: a login that
+        is writing new files holds the lock (and the daemon adopts what it wrote), a logout
+        removes them itself. Return the files removed and the problems; nothing when another
+        process holds the lock.
+        """
+        try:
+            if not self.try_lock():
+                return [], []
+        except StoreError as exc:
+            return [], [str(exc)]
+        try:
+            if os.path.lexists(self.state_path):
+                return [], []
+            self._record_logout(self.last_generation())
+            return remove_outputs([self.token_path, *self.sink_paths(), *outputs])
+        finally:
+            self.unlock()

@@ -4,6 +4,11 @@ The daemon renders every account's templates (:mod:`~kakao_tokend.templates`) at
 after each refresh and after adopting tokens another process wrote (``login``, ``import``),
 writes each destination atomically with the ``[publish]`` rules only when the rendered bytes
 differ from what is there, and then runs the template's optional command.
+
+When the account's state goes (a logout by another process, an operator's ``rm``), the runner
+takes every published copy of the token with it — the rendered templates, the extra token
+files and, with the file store, the token file (store.AccountStore.withdraw) — as `logout`
+does itself: nothing is left holding a token that was logged out.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from .daemon import Daemon
 from .errors import StoreError
 from .hooks import CommandWorkers
 from .refresher import AccountManager
-from .status import NEW_TOKENS, WITHOUT_TOKENS, AccountEvent
-from .store import atomic_write, resolve_group
+from .status import NEW_TOKENS, WITHOUT_TOKENS, AccountEvent, EventKind
+from .store import AccountStore, atomic_write, remove_outputs, resolve_group
 from .templates import render
 
 log = logging.getLogger(__name__)
@@ -85,12 +90,42 @@ class TemplateRunner(CommandWorkers[tuple[str, Path], tuple[TemplateConfig, int]
         self.daemon = daemon
 
     def on_event(self, event: AccountEvent) -> None:
-        """Manager listener: a new token set (refresh) or one another process wrote (adoption)."""
-        if event.kind not in NEW_TOKENS:
+        """Manager listener: a new token set (refresh) or one another process wrote (adoption);
+        a removed state (``adopted`` without tokens, or the ``conflict`` it won) withdraws."""
+        if event.kind not in NEW_TOKENS and event.kind is not EventKind.CONFLICT:
             return
         manager = self.daemon.managers.get(event.account)
-        if manager is not None:
+        if manager is None:
+            return
+        if manager.state is None:
+            self.withdraw_account(manager)
+        elif event.kind in NEW_TOKENS:
             self.render_account(manager)
+
+    def withdraw_account(self, manager: AccountManager) -> None:
+        """The account's state is gone: remove its rendered templates and extra token files,
+        and (file store) its token file. No command runs: there is nothing to reload."""
+        account = manager.account
+        for key in [key for key in self._pending if key[0] == account.name]:
+            del self._pending[key]  # no command for tokens that are gone
+        destinations = [template.destination for template in account.templates]
+        store = manager.store
+        if isinstance(store, AccountStore):
+            removed, problems = store.withdraw(outputs=destinations)
+        elif getattr(store, "publishes", True):
+            # A fleet node removes its token file itself (Daemon.on_store_changed).
+            sinks = [account.access_token_file, account.env_file]
+            removed, problems = remove_outputs([*(p for p in sinks if p), *destinations])
+        else:
+            return
+        if removed:
+            log.info(
+                "account %s: state removed; removed %s",
+                account.name,
+                ", ".join(str(path) for path in removed),
+            )
+        for problem in problems:
+            log.error("account %s: after the state was removed: %s", account.name, problem)
 
     def render_all(self) -> None:
         """Render every account's templates (at start-up and after a reload)."""
