@@ -76,8 +76,15 @@ class DevTools:
     async def wait_page(self, url_prefix: str, *, timeout: float = 15) -> str:
         """Wait until the page at ``url_prefix...`` has loaded; return its full URL."""
         deadline = time.monotonic() + timeout
+        href, ready = "(navigating)", "loading"
         while True:
-            href, ready = await self.evaluate("[location.href, document.readyState]")
+            try:
+                href, ready = await self.evaluate("[location.href, document.readyState]")
+            except AssertionError as exc:
+                # The page navigated while being asked (a click's form post on a loaded
+                # machine): the next poll asks the new page.
+                if "navigated or closed" not in str(exc) and "context" not in str(exc):
+                    raise
             if href.startswith(url_prefix) and ready == "complete":
                 return str(href)
             if time.monotonic() > deadline:
