@@ -175,6 +175,40 @@ async def test_token_requests_do_not_resend_a_dead_refresh_token(
         assert emulator.stats.requests["token"] == sent
 
 
+async def test_an_account_named_default_is_served_even_when_another_is_the_default(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`default` in a path names the account called "default" when there is one; it is an
+    alias of default_account only when no account has that name.
+
+    With accounts "second" (the default_account) and "default", the token, refresh and reread
+    endpoints for `default` used to act on "second": a consumer asking for one account's
+    token got the other's.
+    """
+    config = config_with(tmp_path, emulator, accounts=("second", "default"))
+    await login(emulator, config, "second")
+    named_default = await login(emulator, config, "default")
+    async with serving(config) as served:
+        assert served.config.default_account == "second"
+        status, body = await served.get(TOKEN)
+        assert status == 200
+        assert body["account"] == "default"
+        assert body["access_token"] == named_default.tokens.access_token
+        status, body = await served.request("POST", "/v1/accounts/default/reread")
+        assert status == 200 and body["account"] == "default"
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 200 and body["account"] == "default" and body["refreshed"]
+    # Without an account of that name, `default` still means default_account.
+    other = tmp_path / "alias"
+    other.mkdir()
+    config = config_with(other, emulator, accounts=("second", "third"))
+    second = await login(emulator, config, "second")
+    async with serving(config) as served:
+        status, body = await served.get(TOKEN)
+        assert status == 200 and body["account"] == "second"
+        assert body["access_token"] == second.tokens.access_token
+
+
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Unknown account → 404, unknown path → 404, too large body → 413, all JSON with error."""
     config = config_with(tmp_path, emulator, '[api]\nmax_body = "1k"\nproxy_retry_body = "1k"\n')

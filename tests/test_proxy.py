@@ -204,6 +204,31 @@ async def test_streams_large_bodies_and_never_leaks_client_headers(
             assert seen[-1]["headers"]["Authorization"] == f"Bearer {default.tokens.access_token}"
 
 
+async def test_x_kakao_account_default_names_the_account_called_default(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With accounts "second" (the default_account) and "default", `X-Kakao-Account: default`
+    sends the token of the account called "default", and no header sends default_account's.
+
+    The proxy used to read `default` as the alias of default_account even when an account
+    had that name: the request went to Kakao with the other account's token.
+    """
+    config = config_with(tmp_path, emulator, accounts=("second", "default"))
+    async with echo_server() as (url, seen):
+        second = await login(emulator, config, "second")
+        named_default = await login(emulator, config, "default")
+        pointing_api_at(config, emulator, url)
+        async with serving(config) as served:
+            status, _ = await served.get("/kapi/v2/user/me", headers={"X-Kakao-Account": "default"})
+            assert status == 200
+            assert seen[-1]["headers"]["Authorization"] == (
+                f"Bearer {named_default.tokens.access_token}"
+            )
+            status, _ = await served.get("/kapi/v2/user/me")
+            assert status == 200
+            assert seen[-1]["headers"]["Authorization"] == f"Bearer {second.tokens.access_token}"
+
+
 async def raw_request(socket_path: Path, request_line: str) -> tuple[int, bytes]:
     """Send one hand-written HTTP/1.1 request (no client-side path normalisation)."""
     reader, writer = await asyncio.open_unix_connection(str(socket_path))

@@ -68,7 +68,9 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 def _lookup(daemon: Daemon, name: str) -> AccountManager:
-    if name == "default":
+    """Return the account called ``name``; ``default`` is default_account's alias only when no
+    account has that name (an account really called "default" must get its own token)."""
+    if name == "default" and name not in daemon.managers:
         name = daemon.config.default_account
     manager = daemon.managers.get(name)
     if manager is None:
@@ -402,7 +404,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """
     daemon = _daemon(request)
     settings = daemon.config.api
-    manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
+    manager = _lookup(daemon, request.headers.get("X-Kakao-Account", daemon.config.default_account))
     target = _target(manager, request)
     if manager.state is None:
         raise _no_tokens(manager)
