@@ -26,11 +26,12 @@ from .config import AlertsConfig, parse_duration
 from .daemon import DAEMON, Daemon
 from .errors import StoreError
 from .health import moved_thresholds
+from .kakao import rejects_the_app
 from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager
 from .relogin import login_command
 from .state import rotations_shown
-from .tokens import format_time
+from .tokens import fingerprint, format_time
 
 log = logging.getLogger(__name__)
 
@@ -383,16 +384,63 @@ class _BodyTooLarge(Exception):
 
 
 def _is_token_rejected(status: int, body: bytes, challenge: str) -> bool:
-    """Return True when Kakao refused the access token: a 401 with code -401, or a 401 whose
-    body is not JSON but whose ``WWW-Authenticate`` says ``invalid_token`` (RFC 6750; the
-    daemon's own client reads it the same way, kakao.py)."""
+    """Return True when Kakao refused the access token: a 401 with code -401 whose message
+    is not about the app (kakao.rejects_the_app: a deactivated key, a mismatched IP, domain
+    or key hash, which no refresh can help), or a 401 whose body is not JSON but whose
+    ``WWW-Authenticate`` says ``invalid_token`` (RFC 6750; the daemon's own client reads
+    Kakao's answers the same way, kakao.py)."""
     if status != 401:
         return False
     try:
         document = json.loads(body)
     except ValueError:
         return "invalid_token" in challenge
-    return isinstance(document, dict) and document.get("code") == -401
+    if not isinstance(document, dict) or document.get("code") != -401:
+        return False
+    message = document.get("msg")
+    return not (isinstance(message, str) and rejects_the_app(message))
+
+
+#: After a brand-new token was refused too (-401 on the retry), the proxy does not refresh on
+#: -401 again until that token has lived this share of its lifetime: refreshing cannot help
+#: now, and each refresh spends Kakao's token rate limit (KOE237), rewrites the files and
+#: runs the hooks. An eighth: 45 minutes of Kakao's 6-hour token.
+REJECTED_TOKEN_REST_SHARE = 1 / 8
+#: Per account, the fingerprint of the access token Kakao refused on the proxy's retry.
+REFUSED_WHEN_NEW = web.AppKey("refused_when_new", dict[str, str])
+
+
+def _resting(request: web.Request, manager: AccountManager, token: str) -> bool:
+    """Whether ``token`` was refused on a retry (brand-new) and is still too young to refresh
+    on a -401 again (:data:`REJECTED_TOKEN_REST_SHARE` of its lifetime)."""
+    refused = request.app[REFUSED_WHEN_NEW]
+    if manager.name not in refused:
+        return False
+    state = manager.state
+    tokens = state.tokens if state is not None else None
+    if (
+        tokens is not None
+        and tokens.access_token == token
+        and tokens.access_fingerprint == refused[manager.name]
+        and manager.clock() - tokens.access_issued_at
+        < tokens.access_lifetime * REJECTED_TOKEN_REST_SHARE
+    ):
+        return True
+    del refused[manager.name]  # another token, or old enough: a -401 may refresh again
+    return False
+
+
+def _refused_when_new(request: web.Request, manager: AccountManager, token: str) -> None:
+    """Remember that Kakao refused ``token`` on the retry, right after a refresh."""
+    refused = request.app[REFUSED_WHEN_NEW]
+    if refused.get(manager.name) != fingerprint(token):  # said once per token
+        refused[manager.name] = fingerprint(token)
+        log.warning(
+            "proxy: Kakao refused %s's new access token too (-401); no refresh on -401 until"
+            " it has lived %g %% of its lifetime",
+            manager.name,
+            REJECTED_TOKEN_REST_SHARE * 100,
+        )
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -400,7 +448,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     The account comes from the X-Kakao-Account header, else the default account. Request
     bodies up to api.proxy_retry_body are buffered, so a -401 can be retried; larger bodies
-    are streamed (up to api.max_body) and a -401 is passed back as it came.
+    are streamed (up to api.max_body) and a -401 is passed back as it came. So is a -401
+    about the app (no refresh helps), and one for a token that was refused when brand-new
+    and has not lived :data:`REJECTED_TOKEN_REST_SHARE` of its lifetime yet.
     """
     daemon = _daemon(request)
     settings = daemon.config.api
@@ -461,10 +511,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 ) from None
             raise _json_error(502, f"cannot reach {target.host}: {type(exc).__name__}") from None
         try:
-            if upstream.status == 401 and whole and not retried:
+            if upstream.status == 401 and whole:
                 answer = await upstream.read()
                 challenge = upstream.headers.get("WWW-Authenticate", "")
-                if _is_token_rejected(upstream.status, answer, challenge):
+                rejected = _is_token_rejected(upstream.status, answer, challenge)
+                if rejected and retried:
+                    _refused_when_new(request, manager, token)
+                elif rejected and not _resting(request, manager, token):
                     retried = True
                     upstream.release()
                     if (
@@ -552,6 +605,7 @@ def add_routes(app: web.Application) -> None:
     daemon = app[DAEMON]
     metrics_state = Metrics(daemon)
     app[METRICS] = metrics_state
+    app[REFUSED_WHEN_NEW] = {}
     daemon.listeners.append(metrics_state.collector.on_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", status)
