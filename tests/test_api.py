@@ -23,6 +23,7 @@ from daemonproc import (
 )
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -207,6 +208,61 @@ async def test_an_account_named_default_is_served_even_when_another_is_the_defau
         status, body = await served.get(TOKEN)
         assert status == 200 and body["account"] == "second"
         assert body["access_token"] == second.tokens.access_token
+
+
+async def test_a_token_kakao_revoked_is_never_handed_out(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Once the daemon knows Kakao revoked the tokens (the refresh token was refused and
+    access_token_info rejected the access token too), the token endpoint answers 503 with
+    the reason and the login command, even for min_valid=0, instead of the dead token.
+
+    It used to check the account's state only when the token had less than min_valid left,
+    so a consumer asking for any token got one /healthz already called dead.
+    """
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502 and body["health"] == "relogin"
+        for min_valid in ("0", "60"):
+            status, body = await served.get(TOKEN, params={"min_valid": min_valid})
+            assert status == 503, body
+            assert "access_token" not in body
+            assert "revoked" in body["reason"]
+            assert f"kakao-tokend --config {config} login" in body["reason"]
+
+
+async def test_an_access_token_kakao_still_accepts_is_served_after_the_refresh_token_died(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """When only the refresh token was refused (another program rotated it away) and Kakao
+    still accepts the access token, a new login is needed, yet the access token is served
+    until it expires: it works, and refusing it would stop the consumers early for nothing."""
+    emulator.settings.refresh_lifetime = 3600
+    emulator.settings.rotation_window = 7200  # every refresh rotates the refresh token
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    session = create_session()
+    try:  # the other program, with a copy of the refresh token
+        await KakaoClient(session, load_config(config).accounts["default"].app).refresh(
+            state.tokens
+        )
+    finally:
+        await session.close()
+    async with serving(config) as served:
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502 and body["health"] == "relogin"
+        _, described = await served.get("/v1/status")
+        assert "unknown reason" in described["accounts"][0]["last_error"]
+        status, body = await served.get(TOKEN, params={"min_valid": "0"})
+        assert status == 200, body
+        assert body["access_token"] == state.tokens.access_token
+        assert emulator.access_token_valid(body["access_token"])
 
 
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:

@@ -29,8 +29,9 @@ from .health import moved_thresholds
 from .kakao import rejects_the_app
 from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager
-from .relogin import login_command
+from .relogin import ReloginCause, login_command
 from .state import rotations_shown
+from .status import Health
 from .tokens import fingerprint, format_time
 
 log = logging.getLogger(__name__)
@@ -267,6 +268,18 @@ async def reread(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def _revoked(manager: AccountManager) -> bool:
+    """Whether the account awaits a new login because Kakao revoked its tokens (relogin's
+    cause "revoked": the refresh token was refused although it should live and nothing was
+    ambiguous, and access_token_info rejected the access token too, or could not vouch for
+    it). Such a token is never handed out. A new login needed for another cause may leave
+    an access token that works: one Kakao still accepts (cause "unknown"), or one that
+    outlives its expired or rotated-away refresh token; it is served while it lives.
+    """
+    status = manager.status
+    return status.health is Health.RELOGIN and status.relogin_cause is ReloginCause.REVOKED
+
+
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -277,6 +290,12 @@ async def token(request: web.Request) -> web.Response:
     state = manager.state
     if state is None:
         raise _no_tokens(manager)
+    if _revoked(manager):
+        return _error(
+            503,
+            f"no token is available for {manager.name}: Kakao revoked its tokens",
+            reason=manager.health().refresh_blocked,
+        )
     lifetime = state.tokens.access_lifetime.total_seconds()
     if min_valid >= lifetime * 0.95:
         return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
