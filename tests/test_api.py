@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from daemonproc import (
     config_with,
@@ -21,9 +22,12 @@ from daemonproc import (
     no_verify_on_start,
     run_cli,
 )
+from kakao_tokend.api import guard
 from kakao_tokend.config import load_config
+from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.tokens import MAX_LIFETIME
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -278,6 +282,75 @@ async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
         assert status == 413 and "max_body" in body["error"]
         status, body = await served.request("DELETE", "/v1/status")
         assert status == 405 and body["error"]
+
+
+async def test_status_refuses_thresholds_longer_than_any_token_lives(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`?warn=` and `?crit=` above the longest lifetime a token may have (tokens.MAX_LIFETIME,
+    ten years) get 400 JSON naming the limit; up to it they grade as usual.
+
+    warn=1e15 used to overflow the date arithmetic of the grading: HTTP 500 with a plain-text
+    body, and a traceback in the log.
+    """
+    caplog.set_level(logging.ERROR)
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        for query in (
+            {"warn": "1e15"},
+            {"crit": "1e15"},
+            {"warn": "999999999999d"},
+            {"crit": f"{MAX_LIFETIME + 1}"},
+        ):
+            status, body = await served.get("/v1/status", params=query)
+            assert status == 400, query
+            assert "at most" in body["error"] and f"{MAX_LIFETIME}s" in body["error"]
+        status, body = await served.get(
+            "/v1/status", params={"warn": f"{MAX_LIFETIME}", "crit": f"{MAX_LIFETIME}"}
+        )
+        assert status == 200
+        assert body["accounts"][0]["level"] == "critical"  # less than ten years left
+    assert not caplog.records
+
+
+async def test_an_unexpected_error_is_a_json_500_logged_once_without_a_token(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that fails in a way nobody foresaw answers 500 with a JSON error (not
+    aiohttp's plain text), and the log has one record of it — where it failed, never the
+    exception's text, which may hold anything (here the account's access token)."""
+    caplog.set_level(logging.DEBUG)
+    config = config_with(tmp_path, emulator)
+    state = await login(emulator, config)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError(f"cannot handle {state.tokens.access_token}")
+
+    app = web.Application()
+    app[DAEMON] = Daemon(config=load_config(config))
+    app.middlewares.append(guard)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    socket_path = tmp_path / "broken.sock"
+    await web.UnixSite(runner, str(socket_path)).start()
+    try:
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get("http://tokend/broken") as resp,
+        ):
+            assert resp.status == 500
+            assert resp.content_type == "application/json"
+            assert "RuntimeError" in (await resp.json())["error"]
+    finally:
+        await runner.cleanup()
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    assert failures[0].name == "kakao_tokend.api"
+    assert "RuntimeError" in caplog.text and "in broken" in caplog.text
+    assert state.tokens.access_token not in caplog.text
 
 
 async def test_healthz_turns_503_when_a_login_is_needed(

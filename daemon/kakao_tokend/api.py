@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import logging
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -32,7 +33,7 @@ from .refresher import AccountManager
 from .relogin import ReloginCause, login_command
 from .state import rotations_shown
 from .status import Health
-from .tokens import fingerprint, format_time
+from .tokens import MAX_LIFETIME, fingerprint, format_time
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,11 @@ def _alert_settings(request: web.Request, manager: AccountManager) -> AlertsConf
         crit = parse_duration(request.query["crit"]) if "crit" in request.query else None
     except ValueError as exc:
         raise _json_error(400, f"warn and crit must be durations: {exc}") from None
+    if any(value is not None and value > MAX_LIFETIME for value in (warn, crit)):
+        # No token lives longer; far beyond it, the grading's date arithmetic overflows.
+        raise _json_error(
+            400, f"warn and crit must be at most {MAX_LIFETIME}s (ten years, the longest lifetime)"
+        )
     return moved_thresholds(manager.account.alerts, warn=warn, crit=crit)
 
 
@@ -616,6 +622,22 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.content_type == "application/json":
             raise
         return _error(exc.status, exc.reason)
+    except Exception as exc:  # a bug: answer JSON like every other error, and log it once
+        _log_failure(request, exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the daemon's log has where")
+
+
+def _log_failure(request: web.Request, exc: Exception) -> None:
+    """Log where a handler failed: the exception's type and its frames (code locations),
+    never its text, which may quote anything the handler held, a token included."""
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error(
+        "api %s %s failed with %s (a bug; please report it):\n%s",
+        request.method,
+        request.path,
+        type(exc).__name__,
+        frames,
+    )
 
 
 def add_routes(app: web.Application) -> None:
