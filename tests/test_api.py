@@ -403,6 +403,51 @@ async def test_logs_never_show_tokens_or_query_strings(
     assert not [t for t in issued_tokens(emulator) if t in text]
 
 
+async def raw_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+    """Send one hand-written GET for ``path`` exactly as given; return the answer's status."""
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: tokend\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(data.split()[1])
+
+
+async def test_a_request_path_cannot_forge_a_log_line(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A percent-encoded line break or NUL in the path is logged escaped, on the request's own
+    line: neither a caller on the socket nor an unauthenticated one on TCP can write a line
+    of their own into the daemon's log.
+
+    The debug line used to show the decoded path, before the bearer token was checked.
+    """
+    caplog.set_level(logging.DEBUG, logger="kakao_tokend.api")
+    port = free_port()
+    token_file = bearer_file(tmp_path)
+    config = config_with(
+        tmp_path, emulator, f'[api]\ntcp = "127.0.0.1:{port}"\nbearer_token_file = "{token_file}"\n'
+    )
+    await login(emulator, config)
+    forged = "%0A2026-12-05%2000:00:00%20UTC%20CRITICAL%20FORGED%0D%00LINE"
+    async with serving(config) as served:
+        status = await raw_get(
+            *await asyncio.open_unix_connection(str(served.socket)),
+            f"/v1/accounts/x{forged}/token",
+        )
+        assert status == 404
+        status = await raw_get(*await asyncio.open_connection("127.0.0.1", port), f"/x{forged}")
+        assert status == 401
+    shown = [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
+    assert len(shown) == 2, shown
+    for message in shown:
+        assert message.isprintable(), repr(message)
+        assert "%0A2026-12-05" in message and "%00LINE" in message
+    assert not [line for line in caplog.text.splitlines() if "FORGED" in line[:40]]
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -589,12 +589,20 @@ def _is_tcp(request: web.Request) -> bool:
     return isinstance(sockname, tuple)
 
 
+def _shown_path(request: web.Request) -> str:
+    """The path as the client sent it, for the log: still percent-encoded (a ``%0A`` stays
+    three characters and cannot start a forged line), without the query string, and with any
+    character that is not printable escaped (``\\x00``) in case one came through raw."""
+    path = request.raw_path.partition("?")[0]
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in path)
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer auth on TCP (not /healthz), body size limit, JSON errors, a path-only debug log."""
     daemon = _daemon(request)
     settings = daemon.config.api
-    log.debug("api %s %s", request.method, request.path)
+    log.debug("api %s %s", request.method, _shown_path(request))
     if _is_tcp(request) and request.path != "/healthz":
         expected = settings.bearer_token
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -634,7 +642,7 @@ def _log_failure(request: web.Request, exc: Exception) -> None:
     log.error(
         "api %s %s failed with %s (a bug; please report it):\n%s",
         request.method,
-        request.path,
+        _shown_path(request),
         type(exc).__name__,
         frames,
     )
