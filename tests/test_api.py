@@ -284,6 +284,26 @@ async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
         assert status == 405 and body["error"]
 
 
+async def test_a_405_says_which_methods_are_allowed(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A method the route does not take gets 405 JSON with the `Allow` header RFC 9110
+    requires (15.5.6); the guard used to rebuild the answer and drop it."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served, served.client() as http:
+        for method, path, allowed in (
+            ("POST", TOKEN, {"GET", "HEAD"}),
+            ("DELETE", TOKEN, {"GET", "HEAD"}),
+            ("GET", "/v1/reload", {"POST"}),
+        ):
+            async with http.request(method, path) as resp:
+                assert resp.status == 405
+                assert resp.content_type == "application/json"
+                assert (await resp.json())["error"]
+                assert {m.strip() for m in resp.headers["Allow"].split(",")} == allowed
+
+
 async def test_status_refuses_thresholds_longer_than_any_token_lives(
     emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

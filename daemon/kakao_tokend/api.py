@@ -629,7 +629,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
-        return _error(exc.status, exc.reason)
+        answer = _error(exc.status, exc.reason)
+        for name, value in exc.headers.items():  # e.g. the Allow of a 405 (RFC 9110 15.5.6)
+            if name.lower() not in ("content-type", "content-length"):
+                answer.headers.add(name, value)
+        return answer
     except Exception as exc:  # a bug: answer JSON like every other error, and log it once
         _log_failure(request, exc)
         return _error(500, f"internal error ({type(exc).__name__}); the daemon's log has where")
