@@ -122,6 +122,28 @@ async def test_min_valid_forces_one_refresh_for_many_callers(
         assert status == 400 and "duration" in body["error"]
 
 
+async def test_a_min_valid_refused_as_too_long_is_told_the_real_limit(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """min_valid must stay below 95 % of the token's lifetime (a fresh token must be able to
+    satisfy it); the 400 says that limit, not the lifetime, and just below it is served.
+
+    For a 60 s token the answer to min_valid=57 used to say "below the token lifetime
+    (60s)", which 57 is.
+    """
+    emulator.settings.access_lifetime = 60
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        for min_valid in ("57", "59", "1h"):
+            status, body = await served.get(TOKEN, params={"min_valid": min_valid})
+            assert status == 400, body
+            assert "below 57s" in body["error"], body["error"]
+            assert "95 %" in body["error"] and "60s lifetime" in body["error"]
+        status, body = await served.get(TOKEN, params={"min_valid": "56.9"})
+        assert status == 200 and body["expires_in"] >= 56
+
+
 async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

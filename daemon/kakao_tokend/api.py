@@ -286,6 +286,17 @@ def _revoked(manager: AccountManager) -> bool:
     return status.health is Health.RELOGIN and status.relogin_cause is ReloginCause.REVOKED
 
 
+#: min_valid must stay below this share of the access token's lifetime: a token fresh from
+#: Kakao has already lost a little of its life by the time it is served, and a min_valid it
+#: cannot meet would make every request refresh.
+MIN_VALID_SHARE = 0.95
+
+
+def _seconds(value: float) -> str:
+    """``57`` or ``20519.05``: seconds to the hundredth, without trailing zeros."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -303,8 +314,13 @@ async def token(request: web.Request) -> web.Response:
             reason=manager.health().refresh_blocked,
         )
     lifetime = state.tokens.access_lifetime.total_seconds()
-    if min_valid >= lifetime * 0.95:
-        return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
+    limit = lifetime * MIN_VALID_SHARE
+    if min_valid >= limit:
+        return _error(
+            400,
+            f"min_valid must be below {_seconds(limit)}s, {MIN_VALID_SHARE * 100:g} % of the"
+            f" token's {_seconds(lifetime)}s lifetime",
+        )
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
         blocked = manager.health().refresh_blocked
