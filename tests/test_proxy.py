@@ -319,6 +319,49 @@ async def test_x_kakao_account_default_names_the_account_called_default(
             assert seen[-1]["headers"]["Authorization"] == f"Bearer {second.tokens.access_token}"
 
 
+async def test_an_answer_that_breaks_off_midway_ends_the_callers_connection(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """When Kakao's answer breaks off after its head and part of its body went out to the
+    caller, the caller's connection is closed: it sees the answer cut short, never a second
+    answer (a JSON 500) inside the first one's body, and never waits for bytes that will not
+    come."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Upstream": "yes"})
+        response.content_length = 1_000_000
+        await response.prepare(request)
+        await response.write(b"x" * 100_000)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        config = config_with(tmp_path, emulator)
+        await login(emulator, config)
+        pointing_api_at(config, emulator, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        async with serving(config) as served:
+            reader, writer = await asyncio.open_unix_connection(str(served.socket))
+            try:
+                writer.write(b"GET /kapi/big HTTP/1.1\r\nHost: tokend\r\n\r\n")
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+    finally:
+        await runner.cleanup()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"X-Upstream: yes" in head
+    assert 0 < len(body) < 1_000_000
+    assert b"HTTP/1.1" not in body and b"error" not in body
+
+
 async def raw_request(socket_path: Path, request_line: str) -> tuple[int, bytes]:
     """Send one hand-written HTTP/1.1 request (no client-side path normalisation)."""
     reader, writer = await asyncio.open_unix_connection(str(socket_path))

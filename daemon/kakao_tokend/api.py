@@ -651,6 +651,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                 answer.headers.add(name, value)
         return answer
     except Exception as exc:  # a bug: answer JSON like every other error, and log it once
+        if request.writer.output_size > 0:
+            raise  # the proxy sent part of an answer: only aiohttp can end it (by closing)
         _log_failure(request, exc)
         return _error(500, f"internal error ({type(exc).__name__}); the daemon's log has where")
 
