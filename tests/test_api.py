@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from daemonproc import (
     config_with,
@@ -21,8 +22,12 @@ from daemonproc import (
     no_verify_on_start,
     run_cli,
 )
+from kakao_tokend.api import guard
 from kakao_tokend.config import load_config
+from kakao_tokend.daemon import DAEMON, Daemon
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.kakao import KakaoClient, create_session
+from kakao_tokend.tokens import MAX_LIFETIME
 from served import serving
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,6 +122,28 @@ async def test_min_valid_forces_one_refresh_for_many_callers(
         assert status == 400 and "duration" in body["error"]
 
 
+async def test_a_min_valid_refused_as_too_long_is_told_the_real_limit(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """min_valid must stay below 95 % of the token's lifetime (a fresh token must be able to
+    satisfy it); the 400 says that limit, not the lifetime, and just below it is served.
+
+    For a 60 s token the answer to min_valid=57 used to say "below the token lifetime
+    (60s)", which 57 is.
+    """
+    emulator.settings.access_lifetime = 60
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        for min_valid in ("57", "59", "1h"):
+            status, body = await served.get(TOKEN, params={"min_valid": min_valid})
+            assert status == 400, body
+            assert "below 57s" in body["error"], body["error"]
+            assert "95 %" in body["error"] and "60s lifetime" in body["error"]
+        status, body = await served.get(TOKEN, params={"min_valid": "56.9"})
+        assert status == 200 and body["expires_in"] >= 56
+
+
 async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
@@ -175,6 +202,95 @@ async def test_token_requests_do_not_resend_a_dead_refresh_token(
         assert emulator.stats.requests["token"] == sent
 
 
+async def test_an_account_named_default_is_served_even_when_another_is_the_default(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`default` in a path names the account called "default" when there is one; it is an
+    alias of default_account only when no account has that name.
+
+    With accounts "second" (the default_account) and "default", the token, refresh and reread
+    endpoints for `default` used to act on "second": a consumer asking for one account's
+    token got the other's.
+    """
+    config = config_with(tmp_path, emulator, accounts=("second", "default"))
+    await login(emulator, config, "second")
+    named_default = await login(emulator, config, "default")
+    async with serving(config) as served:
+        assert served.config.default_account == "second"
+        status, body = await served.get(TOKEN)
+        assert status == 200
+        assert body["account"] == "default"
+        assert body["access_token"] == named_default.tokens.access_token
+        status, body = await served.request("POST", "/v1/accounts/default/reread")
+        assert status == 200 and body["account"] == "default"
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 200 and body["account"] == "default" and body["refreshed"]
+    # Without an account of that name, `default` still means default_account.
+    other = tmp_path / "alias"
+    other.mkdir()
+    config = config_with(other, emulator, accounts=("second", "third"))
+    second = await login(emulator, config, "second")
+    async with serving(config) as served:
+        status, body = await served.get(TOKEN)
+        assert status == 200 and body["account"] == "second"
+        assert body["access_token"] == second.tokens.access_token
+
+
+async def test_a_token_kakao_revoked_is_never_handed_out(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Once the daemon knows Kakao revoked the tokens (the refresh token was refused and
+    access_token_info rejected the access token too), the token endpoint answers 503 with
+    the reason and the login command, even for min_valid=0, instead of the dead token.
+
+    It used to check the account's state only when the token had less than min_valid left,
+    so a consumer asking for any token got one /healthz already called dead.
+    """
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    async with serving(config) as served:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502 and body["health"] == "relogin"
+        for min_valid in ("0", "60"):
+            status, body = await served.get(TOKEN, params={"min_valid": min_valid})
+            assert status == 503, body
+            assert "access_token" not in body
+            assert "revoked" in body["reason"]
+            assert f"kakao-tokend --config {config} login" in body["reason"]
+
+
+async def test_an_access_token_kakao_still_accepts_is_served_after_the_refresh_token_died(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """When only the refresh token was refused (another program rotated it away) and Kakao
+    still accepts the access token, a new login is needed, yet the access token is served
+    until it expires: it works, and refusing it would stop the consumers early for nothing."""
+    emulator.settings.refresh_lifetime = 3600
+    emulator.settings.rotation_window = 7200  # every refresh rotates the refresh token
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    session = create_session()
+    try:  # the other program, with a copy of the refresh token
+        await KakaoClient(session, load_config(config).accounts["default"].app).refresh(
+            state.tokens
+        )
+    finally:
+        await session.close()
+    async with serving(config) as served:
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502 and body["health"] == "relogin"
+        _, described = await served.get("/v1/status")
+        assert "unknown reason" in described["accounts"][0]["last_error"]
+        status, body = await served.get(TOKEN, params={"min_valid": "0"})
+        assert status == 200, body
+        assert body["access_token"] == state.tokens.access_token
+        assert emulator.access_token_valid(body["access_token"])
+
+
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Unknown account → 404, unknown path → 404, too large body → 413, all JSON with error."""
     config = config_with(tmp_path, emulator, '[api]\nmax_body = "1k"\nproxy_retry_body = "1k"\n')
@@ -188,6 +304,95 @@ async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
         assert status == 413 and "max_body" in body["error"]
         status, body = await served.request("DELETE", "/v1/status")
         assert status == 405 and body["error"]
+
+
+async def test_a_405_says_which_methods_are_allowed(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A method the route does not take gets 405 JSON with the `Allow` header RFC 9110
+    requires (15.5.6); the guard used to rebuild the answer and drop it."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served, served.client() as http:
+        for method, path, allowed in (
+            ("POST", TOKEN, {"GET", "HEAD"}),
+            ("DELETE", TOKEN, {"GET", "HEAD"}),
+            ("GET", "/v1/reload", {"POST"}),
+        ):
+            async with http.request(method, path) as resp:
+                assert resp.status == 405
+                assert resp.content_type == "application/json"
+                assert (await resp.json())["error"]
+                assert {m.strip() for m in resp.headers["Allow"].split(",")} == allowed
+
+
+async def test_status_refuses_thresholds_longer_than_any_token_lives(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`?warn=` and `?crit=` above the longest lifetime a token may have (tokens.MAX_LIFETIME,
+    ten years) get 400 JSON naming the limit; up to it they grade as usual.
+
+    warn=1e15 used to overflow the date arithmetic of the grading: HTTP 500 with a plain-text
+    body, and a traceback in the log.
+    """
+    caplog.set_level(logging.ERROR)
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        for query in (
+            {"warn": "1e15"},
+            {"crit": "1e15"},
+            {"warn": "999999999999d"},
+            {"crit": f"{MAX_LIFETIME + 1}"},
+        ):
+            status, body = await served.get("/v1/status", params=query)
+            assert status == 400, query
+            assert "at most" in body["error"] and f"{MAX_LIFETIME}s" in body["error"]
+        status, body = await served.get(
+            "/v1/status", params={"warn": f"{MAX_LIFETIME}", "crit": f"{MAX_LIFETIME}"}
+        )
+        assert status == 200
+        assert body["accounts"][0]["level"] == "critical"  # less than ten years left
+    assert not caplog.records
+
+
+async def test_an_unexpected_error_is_a_json_500_logged_once_without_a_token(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that fails in a way nobody foresaw answers 500 with a JSON error (not
+    aiohttp's plain text), and the log has one record of it — where it failed, never the
+    exception's text, which may hold anything (here the account's access token)."""
+    caplog.set_level(logging.DEBUG)
+    config = config_with(tmp_path, emulator)
+    state = await login(emulator, config)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError(f"cannot handle {state.tokens.access_token}")
+
+    app = web.Application()
+    app[DAEMON] = Daemon(config=load_config(config))
+    app.middlewares.append(guard)
+    app.router.add_get("/broken", broken)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    socket_path = tmp_path / "broken.sock"
+    await web.UnixSite(runner, str(socket_path)).start()
+    try:
+        connector = aiohttp.UnixConnector(path=str(socket_path))
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get("http://tokend/broken") as resp,
+        ):
+            assert resp.status == 500
+            assert resp.content_type == "application/json"
+            assert "RuntimeError" in (await resp.json())["error"]
+    finally:
+        await runner.cleanup()
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+    assert failures[0].name == "kakao_tokend.api"
+    assert "RuntimeError" in caplog.text and "in broken" in caplog.text
+    assert state.tokens.access_token not in caplog.text
 
 
 async def test_healthz_turns_503_when_a_login_is_needed(
@@ -238,6 +443,51 @@ async def test_logs_never_show_tokens_or_query_strings(
     assert "api GET /v1/accounts/default/token" in text
     assert "min_valid" not in text.split("api GET /v1/accounts/default/token")[1][:20]
     assert not [t for t in issued_tokens(emulator) if t in text]
+
+
+async def raw_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+    """Send one hand-written GET for ``path`` exactly as given; return the answer's status."""
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: tokend\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(data.split()[1])
+
+
+async def test_a_request_path_cannot_forge_a_log_line(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A percent-encoded line break or NUL in the path is logged escaped, on the request's own
+    line: neither a caller on the socket nor an unauthenticated one on TCP can write a line
+    of their own into the daemon's log.
+
+    The debug line used to show the decoded path, before the bearer token was checked.
+    """
+    caplog.set_level(logging.DEBUG, logger="kakao_tokend.api")
+    port = free_port()
+    token_file = bearer_file(tmp_path)
+    config = config_with(
+        tmp_path, emulator, f'[api]\ntcp = "127.0.0.1:{port}"\nbearer_token_file = "{token_file}"\n'
+    )
+    await login(emulator, config)
+    forged = "%0A2026-12-05%2000:00:00%20UTC%20CRITICAL%20FORGED%0D%00LINE"
+    async with serving(config) as served:
+        status = await raw_get(
+            *await asyncio.open_unix_connection(str(served.socket)),
+            f"/v1/accounts/x{forged}/token",
+        )
+        assert status == 404
+        status = await raw_get(*await asyncio.open_connection("127.0.0.1", port), f"/x{forged}")
+        assert status == 401
+    shown = [r.getMessage() for r in caplog.records if "FORGED" in r.getMessage()]
+    assert len(shown) == 2, shown
+    for message in shown:
+        assert message.isprintable(), repr(message)
+        assert "%0A2026-12-05" in message and "%00LINE" in message
+    assert not [line for line in caplog.text.splitlines() if "FORGED" in line[:40]]
 
 
 # --------------------------------------------------------------------------- the CLI

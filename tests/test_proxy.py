@@ -163,6 +163,96 @@ async def test_minus_401_is_passed_back_when_the_refresh_cannot_help(
         assert emulator.stats.requests["user_me"] == calls + 1
 
 
+async def test_a_minus_401_about_the_app_never_refreshes_the_token(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Kakao's -401 "ip mismatched!" (the app allows other IPs) or "appKey ... deactivated"
+    is about the app, not the token: it is passed back at once, with no refresh and no retry.
+
+    The proxy used to refresh on every such request: each consumer call cost one of Kakao's
+    token requests (20 per 10 minutes, then KOE237), rewrote the files and ran the hooks.
+    """
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    await login(emulator, config)
+    async with serving(config) as served:
+        refreshes = emulator.stats.requests["token"]
+        calls = emulator.stats.requests["user_me"]
+        emulator.settings.allowed_ips = ["10.9.9.9"]
+        for _ in range(5):
+            status, body = await served.get("/kapi/v2/user/me")
+            assert status == 401 and body["code"] == -401 and "ip mismatched" in body["msg"]
+        emulator.settings.allowed_ips = None
+        emulator.settings.deactivated = True
+        status, body = await served.get("/kapi/v2/user/me")
+        assert status == 401 and "deactivated" in body["msg"]
+        assert emulator.stats.requests["user_me"] == calls + 6, "retried"
+        assert emulator.stats.requests["token"] == refreshes, "refreshed for a -401 of the app"
+        assert not served.events_of("refreshed")
+
+
+@asynccontextmanager
+async def rejecting_upstream() -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback API server that answers every call -401 "this access token does not exist"
+    (Kakao's answer for an unknown token), whatever the token; yields its URL and the
+    Authorization headers it got."""
+    seen: list[str] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response(
+            {"code": -401, "msg": "this access token does not exist"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="kakao", error="invalid_token"'},
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_new_token_rejected_too_is_not_refreshed_again_until_it_has_aged(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """When the retry with a brand-new token gets -401 as well, refreshing cannot help now:
+    later -401s are passed back without a refresh until that token has lived a share of its
+    lifetime, and then one refresh and retry is tried again.
+
+    The proxy used to refresh on every request while Kakao kept answering -401, burning
+    Kakao's token rate limit for nothing.
+    """
+    emulator.settings.access_lifetime = 8
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with rejecting_upstream() as (url, seen):
+        pointing_api_at(config, emulator, url)
+        async with serving(config) as served:
+            refreshes = emulator.stats.refreshes_ok
+            status, body = await served.get("/kapi/v2/user/me")
+            assert status == 401 and body["code"] == -401
+            assert emulator.stats.refreshes_ok == refreshes + 1
+            assert len(seen) == 2 and seen[0] != seen[1]  # refreshed and retried once
+            for _ in range(5):
+                status, _ = await served.get("/kapi/v2/user/me")
+                assert status == 401
+            assert emulator.stats.refreshes_ok == refreshes + 1, "refreshed for a new token"
+            assert len(seen) == 7 and set(seen[1:]) == {seen[1]}  # no retries either
+            # The rule is a share of the lifetime (an eighth: 1 s of an 8 s token), well
+            # before the scheduled refresh at 75 %.
+            await asyncio.sleep(1.5)
+            status, _ = await served.get("/kapi/v2/user/me")
+            assert status == 401
+            assert emulator.stats.refreshes_ok == refreshes + 2
+            assert len(seen) == 9 and seen[8] not in seen[:8]
+
+
 async def test_streams_large_bodies_and_never_leaks_client_headers(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
@@ -202,6 +292,74 @@ async def test_streams_large_bodies_and_never_leaks_client_headers(
             assert received == 5 * 1024 * 1024
             # No X-Kakao-Account: the default account's token.
             assert seen[-1]["headers"]["Authorization"] == f"Bearer {default.tokens.access_token}"
+
+
+async def test_x_kakao_account_default_names_the_account_called_default(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With accounts "second" (the default_account) and "default", `X-Kakao-Account: default`
+    sends the token of the account called "default", and no header sends default_account's.
+
+    The proxy used to read `default` as the alias of default_account even when an account
+    had that name: the request went to Kakao with the other account's token.
+    """
+    config = config_with(tmp_path, emulator, accounts=("second", "default"))
+    async with echo_server() as (url, seen):
+        second = await login(emulator, config, "second")
+        named_default = await login(emulator, config, "default")
+        pointing_api_at(config, emulator, url)
+        async with serving(config) as served:
+            status, _ = await served.get("/kapi/v2/user/me", headers={"X-Kakao-Account": "default"})
+            assert status == 200
+            assert seen[-1]["headers"]["Authorization"] == (
+                f"Bearer {named_default.tokens.access_token}"
+            )
+            status, _ = await served.get("/kapi/v2/user/me")
+            assert status == 200
+            assert seen[-1]["headers"]["Authorization"] == f"Bearer {second.tokens.access_token}"
+
+
+async def test_an_answer_that_breaks_off_midway_ends_the_callers_connection(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """When Kakao's answer breaks off after its head and part of its body went out to the
+    caller, the caller's connection is closed: it sees the answer cut short, never a second
+    answer (a JSON 500) inside the first one's body, and never waits for bytes that will not
+    come."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"X-Upstream": "yes"})
+        response.content_length = 1_000_000
+        await response.prepare(request)
+        await response.write(b"x" * 100_000)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        config = config_with(tmp_path, emulator)
+        await login(emulator, config)
+        pointing_api_at(config, emulator, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        async with serving(config) as served:
+            reader, writer = await asyncio.open_unix_connection(str(served.socket))
+            try:
+                writer.write(b"GET /kapi/big HTTP/1.1\r\nHost: tokend\r\n\r\n")
+                await writer.drain()
+                data = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+    finally:
+        await runner.cleanup()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"X-Upstream: yes" in head
+    assert 0 < len(body) < 1_000_000
+    assert b"HTTP/1.1" not in body and b"error" not in body
 
 
 async def raw_request(socket_path: Path, request_line: str) -> tuple[int, bytes]:

@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import logging
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -26,11 +27,13 @@ from .config import AlertsConfig, parse_duration
 from .daemon import DAEMON, Daemon
 from .errors import StoreError
 from .health import moved_thresholds
+from .kakao import rejects_the_app
 from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager
-from .relogin import login_command
+from .relogin import ReloginCause, login_command
 from .state import rotations_shown
-from .tokens import format_time
+from .status import Health
+from .tokens import MAX_LIFETIME, fingerprint, format_time
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,9 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 def _lookup(daemon: Daemon, name: str) -> AccountManager:
-    if name == "default":
+    """Return the account called ``name``; ``default`` is default_account's alias only when no
+    account has that name (an account really called "default" must get its own token)."""
+    if name == "default" and name not in daemon.managers:
         name = daemon.config.default_account
     manager = daemon.managers.get(name)
     if manager is None:
@@ -156,6 +161,11 @@ def _alert_settings(request: web.Request, manager: AccountManager) -> AlertsConf
         crit = parse_duration(request.query["crit"]) if "crit" in request.query else None
     except ValueError as exc:
         raise _json_error(400, f"warn and crit must be durations: {exc}") from None
+    if any(value is not None and value > MAX_LIFETIME for value in (warn, crit)):
+        # No token lives longer; far beyond it, the grading's date arithmetic overflows.
+        raise _json_error(
+            400, f"warn and crit must be at most {MAX_LIFETIME}s (ten years, the longest lifetime)"
+        )
     return moved_thresholds(manager.account.alerts, warn=warn, crit=crit)
 
 
@@ -264,6 +274,29 @@ async def reread(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+def _revoked(manager: AccountManager) -> bool:
+    """Whether the account awaits a new login because Kakao revoked its tokens (relogin's
+    cause "revoked": the refresh token was refused although it should live and nothing was
+    ambiguous, and access_token_info rejected the access token too, or could not vouch for
+    it). Such a token is never handed out. A new login needed for another cause may leave
+    an access token that works: one Kakao still accepts (cause "unknown"), or one that
+    outlives its expired or rotated-away refresh token; it is served while it lives.
+    """
+    status = manager.status
+    return status.health is Health.RELOGIN and status.relogin_cause is ReloginCause.REVOKED
+
+
+#: min_valid must stay below this share of the access token's lifetime: a token fresh from
+#: Kakao has already lost a little of its life by the time it is served, and a min_valid it
+#: cannot meet would make every request refresh.
+MIN_VALID_SHARE = 0.95
+
+
+def _seconds(value: float) -> str:
+    """``57`` or ``20519.05``: seconds to the hundredth, without trailing zeros."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -274,9 +307,20 @@ async def token(request: web.Request) -> web.Response:
     state = manager.state
     if state is None:
         raise _no_tokens(manager)
+    if _revoked(manager):
+        return _error(
+            503,
+            f"no token is available for {manager.name}: Kakao revoked its tokens",
+            reason=manager.health().refresh_blocked,
+        )
     lifetime = state.tokens.access_lifetime.total_seconds()
-    if min_valid >= lifetime * 0.95:
-        return _error(400, f"min_valid must be below the token lifetime ({int(lifetime)}s)")
+    limit = lifetime * MIN_VALID_SHARE
+    if min_valid >= limit:
+        return _error(
+            400,
+            f"min_valid must be below {_seconds(limit)}s, {MIN_VALID_SHARE * 100:g} % of the"
+            f" token's {_seconds(lifetime)}s lifetime",
+        )
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
         blocked = manager.health().refresh_blocked
@@ -381,16 +425,63 @@ class _BodyTooLarge(Exception):
 
 
 def _is_token_rejected(status: int, body: bytes, challenge: str) -> bool:
-    """Return True when Kakao refused the access token: a 401 with code -401, or a 401 whose
-    body is not JSON but whose ``WWW-Authenticate`` says ``invalid_token`` (RFC 6750; the
-    daemon's own client reads it the same way, kakao.py)."""
+    """Return True when Kakao refused the access token: a 401 with code -401 whose message
+    is not about the app (kakao.rejects_the_app: a deactivated key, a mismatched IP, domain
+    or key hash, which no refresh can help), or a 401 whose body is not JSON but whose
+    ``WWW-Authenticate`` says ``invalid_token`` (RFC 6750; the daemon's own client reads
+    Kakao's answers the same way, kakao.py)."""
     if status != 401:
         return False
     try:
         document = json.loads(body)
     except ValueError:
         return "invalid_token" in challenge
-    return isinstance(document, dict) and document.get("code") == -401
+    if not isinstance(document, dict) or document.get("code") != -401:
+        return False
+    message = document.get("msg")
+    return not (isinstance(message, str) and rejects_the_app(message))
+
+
+#: After a brand-new token was refused too (-401 on the retry), the proxy does not refresh on
+#: -401 again until that token has lived this share of its lifetime: refreshing cannot help
+#: now, and each refresh spends Kakao's token rate limit (KOE237), rewrites the files and
+#: runs the hooks. An eighth: 45 minutes of Kakao's 6-hour token.
+REJECTED_TOKEN_REST_SHARE = 1 / 8
+#: Per account, the fingerprint of the access token Kakao refused on the proxy's retry.
+REFUSED_WHEN_NEW = web.AppKey("refused_when_new", dict[str, str])
+
+
+def _resting(request: web.Request, manager: AccountManager, token: str) -> bool:
+    """Whether ``token`` was refused on a retry (brand-new) and is still too young to refresh
+    on a -401 again (:data:`REJECTED_TOKEN_REST_SHARE` of its lifetime)."""
+    refused = request.app[REFUSED_WHEN_NEW]
+    if manager.name not in refused:
+        return False
+    state = manager.state
+    tokens = state.tokens if state is not None else None
+    if (
+        tokens is not None
+        and tokens.access_token == token
+        and tokens.access_fingerprint == refused[manager.name]
+        and manager.clock() - tokens.access_issued_at
+        < tokens.access_lifetime * REJECTED_TOKEN_REST_SHARE
+    ):
+        return True
+    del refused[manager.name]  # another token, or old enough: a -401 may refresh again
+    return False
+
+
+def _refused_when_new(request: web.Request, manager: AccountManager, token: str) -> None:
+    """Remember that Kakao refused ``token`` on the retry, right after a refresh."""
+    refused = request.app[REFUSED_WHEN_NEW]
+    if refused.get(manager.name) != fingerprint(token):  # said once per token
+        refused[manager.name] = fingerprint(token)
+        log.warning(
+            "proxy: Kakao refused %s's new access token too (-401); no refresh on -401 until"
+            " it has lived %g %% of its lifetime",
+            manager.name,
+            REJECTED_TOKEN_REST_SHARE * 100,
+        )
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -398,11 +489,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
 
     The account comes from the X-Kakao-Account header, else the default account. Request
     bodies up to api.proxy_retry_body are buffered, so a -401 can be retried; larger bodies
-    are streamed (up to api.max_body) and a -401 is passed back as it came.
+    are streamed (up to api.max_body) and a -401 is passed back as it came. So is a -401
+    about the app (no refresh helps), and one for a token that was refused when brand-new
+    and has not lived :data:`REJECTED_TOKEN_REST_SHARE` of its lifetime yet.
     """
     daemon = _daemon(request)
     settings = daemon.config.api
-    manager = _lookup(daemon, request.headers.get("X-Kakao-Account", "default"))
+    manager = _lookup(daemon, request.headers.get("X-Kakao-Account", daemon.config.default_account))
     target = _target(manager, request)
     if manager.state is None:
         raise _no_tokens(manager)
@@ -459,10 +552,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
                 ) from None
             raise _json_error(502, f"cannot reach {target.host}: {type(exc).__name__}") from None
         try:
-            if upstream.status == 401 and whole and not retried:
+            if upstream.status == 401 and whole:
                 answer = await upstream.read()
                 challenge = upstream.headers.get("WWW-Authenticate", "")
-                if _is_token_rejected(upstream.status, answer, challenge):
+                rejected = _is_token_rejected(upstream.status, answer, challenge)
+                if rejected and retried:
+                    _refused_when_new(request, manager, token)
+                elif rejected and not _resting(request, manager, token):
                     retried = True
                     upstream.release()
                     if (
@@ -509,12 +605,20 @@ def _is_tcp(request: web.Request) -> bool:
     return isinstance(sockname, tuple)
 
 
+def _shown_path(request: web.Request) -> str:
+    """The path as the client sent it, for the log: still percent-encoded (a ``%0A`` stays
+    three characters and cannot start a forged line), without the query string, and with any
+    character that is not printable escaped (``\\x00``) in case one came through raw."""
+    path = request.raw_path.partition("?")[0]
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in path)
+
+
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer auth on TCP (not /healthz), body size limit, JSON errors, a path-only debug log."""
     daemon = _daemon(request)
     settings = daemon.config.api
-    log.debug("api %s %s", request.method, request.path)
+    log.debug("api %s %s", request.method, _shown_path(request))
     if _is_tcp(request) and request.path != "/healthz":
         expected = settings.bearer_token
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -541,7 +645,29 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.content_type == "application/json":
             raise
-        return _error(exc.status, exc.reason)
+        answer = _error(exc.status, exc.reason)
+        for name, value in exc.headers.items():  # e.g. the Allow of a 405 (RFC 9110 15.5.6)
+            if name.lower() not in ("content-type", "content-length"):
+                answer.headers.add(name, value)
+        return answer
+    except Exception as exc:  # a bug: answer JSON like every other error, and log it once
+        if request.writer.output_size > 0:
+            raise  # the proxy sent part of an answer: only aiohttp can end it (by closing)
+        _log_failure(request, exc)
+        return _error(500, f"internal error ({type(exc).__name__}); the daemon's log has where")
+
+
+def _log_failure(request: web.Request, exc: Exception) -> None:
+    """Log where a handler failed: the exception's type and its frames (code locations),
+    never its text, which may quote anything the handler held, a token included."""
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error(
+        "api %s %s failed with %s (a bug; please report it):\n%s",
+        request.method,
+        _shown_path(request),
+        type(exc).__name__,
+        frames,
+    )
 
 
 def add_routes(app: web.Application) -> None:
@@ -550,6 +676,7 @@ def add_routes(app: web.Application) -> None:
     daemon = app[DAEMON]
     metrics_state = Metrics(daemon)
     app[METRICS] = metrics_state
+    app[REFUSED_WHEN_NEW] = {}
     daemon.listeners.append(metrics_state.collector.on_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/status", status)

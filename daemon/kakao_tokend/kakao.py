@@ -292,6 +292,15 @@ _KAPI_REJECTED: dict[int, tuple[str, str | None]] = {
 
 _CONFIG_401_MARKERS = ("mismatched", "deactivated")
 
+
+def rejects_the_app(msg: str) -> bool:
+    """Whether a kapi -401's ``msg`` is about the app, not the access token: its key is
+    deactivated, or a domain, key hash, bundle id or the caller's IP is not the registered
+    one. No refresh can help (the proxy, api.py, reads Kakao's answers with this too)."""
+    lowered = msg.lower()
+    return any(marker in lowered for marker in _CONFIG_401_MARKERS)
+
+
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)\b(code|token|access_token|refresh_token|client_secret|secret|code_verifier|verifier)"
     r"(\s*[=:]\s*)\S+"
@@ -987,8 +996,7 @@ class KakaoClient:
         code = str(number) if number is not None else None
 
         if number == -401:
-            lowered = msg.lower()
-            if any(marker in lowered for marker in _CONFIG_401_MARKERS):
+            if rejects_the_app(msg):
                 raise KakaoConfigError(
                     f"Kakao rejected the app for {path} (-401){quoted}",
                     endpoint=path,
