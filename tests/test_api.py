@@ -347,7 +347,7 @@ async def test_status_refuses_thresholds_longer_than_any_token_lives(
         ):
             status, body = await served.get("/v1/status", params=query)
             assert status == 400, query
-            assert "at most" in body["error"] and f"{MAX_LIFETIME}s" in body["error"]
+            assert "at most 3660d" in body["error"]
         status, body = await served.get(
             "/v1/status", params={"warn": f"{MAX_LIFETIME}", "crit": f"{MAX_LIFETIME}"}
         )
