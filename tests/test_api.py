@@ -619,3 +619,24 @@ async def test_reload_waits_for_the_reload(emulator: KakaoEmulator, tmp_path: Pa
         _, body = await served.get("/v1/status")
         assert [a["account"] for a in body["accounts"]] == ["default", "second"]
         await refresh
+
+
+async def test_min_valid_auto_asks_a_share_of_a_short_lifetime(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`min_valid=auto` (what `kakao-tokend token` sends) is 60 s of a 6-hour token and
+    1/360 of a 6-second one: served at once, where 60 s was refused with a 400."""
+    from daemonproc import short_tokens, start_daemon, write_config
+
+    short_tokens(emulator, access=6, refresh=3600)
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        status, body = await daemon.api("GET", "/v1/accounts/default/token?min_valid=auto")
+        assert status == 200, body
+        assert emulator.access_token_valid(body["access_token"])
+        status, body = await daemon.api("GET", "/v1/accounts/default/token?min_valid=60")
+        assert status == 400
+    finally:
+        assert await daemon.stop() == 0

@@ -329,6 +329,30 @@ class TestStatus:
 class TestTokenRefreshLogout:
     """Commands that talk to Kakao (the emulator)."""
 
+    async def test_token_without_min_valid_works_for_short_lived_tokens(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """`kakao-tokend token` asks by default for 60 s of a 6-hour token: the same share
+        (1/360) of a 6-second one, with or without a daemon — not 60 s, which a 6-second
+        token cannot meet (the daemon refused it, and without one every call refreshed)."""
+        from daemonproc import run_cli, short_tokens, start_daemon
+
+        short_tokens(emulator, access=6, refresh=3600)
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens()
+        save_state(config, body)
+        code, out, err = await run_cli(config, "token")
+        assert code == 0, err
+        assert out == body["access_token"] + "\n"  # still good: no refresh
+        assert emulator.stats.refreshes_ok == 0
+        daemon = await start_daemon(config)
+        try:
+            code, out, err = await run_cli(config, "token")
+        finally:
+            assert await daemon.stop() == 0
+        assert code == 0, err
+        assert emulator.access_token_valid(out.strip())
+
     async def test_token_prints_only_the_token(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

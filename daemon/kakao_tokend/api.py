@@ -33,7 +33,7 @@ from .refresher import AccountManager
 from .relogin import ReloginCause, login_command
 from .state import rotations_shown
 from .status import Health
-from .tokens import fingerprint, format_time
+from .tokens import default_min_valid, fingerprint, format_time
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +295,16 @@ def _seconds(value: float) -> str:
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
+    asked = request.query.get("min_valid", "0")
     try:
-        min_valid = parse_duration(request.query.get("min_valid", "0"))
+        min_valid = None if asked == "auto" else parse_duration(asked)
     except ValueError:
-        return _error(400, 'min_valid must be a duration such as "600", "90s" or "10m"')
+        return _error(400, 'min_valid must be a duration such as "600", "90s" or "10m", or auto')
     state = manager.state
     if state is None:
         raise _no_tokens(manager)
+    if min_valid is None:  # auto: what `kakao-tokend token` asks when not told
+        min_valid = default_min_valid(state.tokens.access_lifetime)
     if _revoked(manager):
         return _error(
             503,

@@ -44,7 +44,15 @@ from .exitcodes import (
     WARNING,
     exit_code_for,
 )
-from .tokens import format_duration, format_local_time, format_time, parse_time, utcnow
+from .tokens import (
+    DEFAULT_MIN_VALID,
+    default_min_valid,
+    format_duration,
+    format_local_time,
+    format_time,
+    parse_time,
+    utcnow,
+)
 
 if TYPE_CHECKING:  # kept lazy at run time so `--help` and `--version` stay fast
     from .config import AccountConfig, Config
@@ -969,12 +977,14 @@ async def _managed_refresh(
     *,
     min_valid: float | None,
     lock_timeout: float = 5.0,
+    fitted_min_valid: bool = False,
 ) -> tuple[AccountState, bool, bool]:
     """Refresh one account through the daemon's AccountManager; return (state, refreshed, rotated).
 
     ``min_valid`` None forces a refresh; otherwise it happens only when the access token has
     less than that many seconds left (checked again under the lock, so concurrent callers
-    refresh once).
+    refresh once). ``fitted_min_valid``: the default one, fitted to the token's lifetime
+    (tokens.default_min_valid).
     """
     import asyncio
 
@@ -1026,6 +1036,8 @@ async def _managed_refresh(
                     f"account '{account.name}' needs a new login: {before.relogin_reason}"
                 )
             now = utcnow()
+            if fitted_min_valid:
+                min_valid = default_min_valid(before.tokens.access_lifetime)
             if (
                 min_valid is not None
                 and before.tokens.access_remaining(now).total_seconds() >= min_valid
@@ -1190,11 +1202,12 @@ def refresh(lock_timeout: float) -> None:
 @click.option(
     "--min-valid",
     type=DURATION,
-    default="60s",
-    help="Refresh first when the access token has less than this left.",
+    default=None,
+    help="Refresh first when the access token has less than this left (default: 60s of a"
+    " 6-hour token, the same share, 1/360, of a shorter one).",
 )
 @LOCK_TIMEOUT_OPTION
-def token(min_valid: float, lock_timeout: float) -> None:
+def token(min_valid: float | None, lock_timeout: float) -> None:
     """Print the current access token (only the token) for use in scripts.
 
     Refreshes first (under the account lock) when the token expires within --min-valid.
@@ -1213,7 +1226,7 @@ def token(min_valid: float, lock_timeout: float) -> None:
         paths,
         "GET",
         f"/v1/accounts/{name}/token",
-        params={"min_valid": f"{min_valid:g}"},
+        params={"min_valid": "auto" if min_valid is None else f"{min_valid:g}"},
     )
     if remote is not None:
         code, body = remote
@@ -1232,14 +1245,21 @@ def token(min_valid: float, lock_timeout: float) -> None:
         current = store.load()
         if current is not None and not current.relogin_reason:
             remaining = current.tokens.access_remaining(utcnow()).total_seconds()
-            if remaining >= min_valid and remaining > 0:
+            wanted = min_valid
+            if wanted is None:
+                wanted = default_min_valid(current.tokens.access_lifetime)
+            if remaining >= wanted and remaining > 0:
                 click.echo(current.tokens.access_token)
                 return
     account = settings.account_config()
     try:
         state, _, _ = _run_async(
             _managed_refresh(
-                account, settings.config(), min_valid=min_valid, lock_timeout=lock_timeout
+                account,
+                settings.config(),
+                min_valid=min_valid if min_valid is not None else DEFAULT_MIN_VALID,
+                lock_timeout=lock_timeout,
+                fitted_min_valid=min_valid is None,
             )
         )
     except (KakaoUnavailable, StoreLocked) as exc:
@@ -1550,7 +1570,13 @@ async def _send_memo_directly(
     from .kakao import AccessTokenRejected, KakaoClient, create_session
     from .memo import refusal, send_direct
 
-    state, _, _ = await _managed_refresh(account, config, min_valid=60.0, lock_timeout=lock_timeout)
+    state, _, _ = await _managed_refresh(
+        account,
+        config,
+        min_valid=DEFAULT_MIN_VALID,
+        lock_timeout=lock_timeout,
+        fitted_min_valid=True,
+    )
     async with create_session() as session:
         client = KakaoClient(session, account.app)
         try:

@@ -473,6 +473,19 @@ def roomy_refresh_deadline(tokens: TokenSet, *, share: float, jitter: float) -> 
     return tokens.refresh_expires_at - margin
 
 
+#: What a caller asks by default of the token it is handed (`kakao-tokend token`,
+#: ``min_valid=auto``): 60 s of Kakao's 6-hour token, and that share of a shorter one.
+DEFAULT_MIN_VALID = 60.0
+DEFAULT_MIN_VALID_SHARE = DEFAULT_MIN_VALID / 21600
+
+
+def default_min_valid(lifetime: timedelta) -> float:
+    """Return the seconds a token handed out by default must still be valid for: 60 s, or
+    1/360 of a shorter lifetime (a 6-second token: 17 ms), so a default a token fresh from
+    Kakao cannot meet is never asked (every call would refresh, or be refused)."""
+    return min(DEFAULT_MIN_VALID, max(lifetime.total_seconds(), 0.0) * DEFAULT_MIN_VALID_SHARE)
+
+
 #: The bounds of a planned refresh, as shares of the access lifetime (refresh_due_at).
 EARLIEST_REFRESH_SHARE = 0.05
 LATEST_REFRESH_SHARE = 0.95
