@@ -294,6 +294,31 @@ class TestValues:
         found = problems_of(MINIMAL + '[paths]\nstate_dir = "a\\u0000b"\n', env)
         assert "NUL" in found["paths.state_dir"]
 
+    def test_a_state_or_runtime_dir_that_is_a_file_is_refused(
+        self, env: dict[str, str], tmp_path: Path
+    ) -> None:
+        """A regular file where a directory must be passed the check; then `run` exited 1
+        (restarted forever) and `status` said "run login", which cannot help."""
+        plain = tmp_path / "plain"
+        plain.write_text("x")
+        found = problems_of(
+            MINIMAL + f'[paths]\nstate_dir = "{plain}"\nruntime_dir = "{plain}"\n', env
+        )
+        assert "is a file, not a directory" in found["paths.state_dir"]
+        assert "is a file, not a directory" in found["paths.runtime_dir"]
+
+    def test_an_api_socket_path_too_long_for_a_unix_socket_is_refused(
+        self, env: dict[str, str], tmp_path: Path
+    ) -> None:
+        """A socket path of 108 bytes or more cannot be bound: the daemon ran with its API
+        off and `status` said "no daemon". The check names the limit and the two keys."""
+        deep = tmp_path / ("r" * 110)
+        found = problems_of(MINIMAL + f'[paths]\nruntime_dir = "{deep}"\n', env)
+        assert "107 bytes" in found["paths.runtime_dir"]
+        assert "api.socket" in found["paths.runtime_dir"]
+        found = problems_of(MINIMAL + f'[api]\nsocket = "{deep}/api.sock"\n', env)
+        assert "107 bytes" in found["api.socket"]
+
     def test_bad_share(self, env: dict[str, str]) -> None:
         """refresh_at = 75 (meant as percent) is refused with the two accepted spellings."""
         found = problems_of(MINIMAL + "[refresh]\nrefresh_at = 75\n", env)

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 from .errors import StoreError
+from .paths import SUN_PATH_MAX
 from .store import STALE_TEMP_AGE, make_dirs, resolve_group
 
 #: Private directories a socket is bound in before it moves to its place (see bind_unix_socket).
 SOCKET_STAGE_PREFIX = ".kts-socket."
 SOCKET_BACKLOG = 128
 #: sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included.
-SUN_PATH_MAX = 108
 
 
 def bind_unix_socket(path: Path, *, mode: int, group: str | None) -> socket.socket:

@@ -439,6 +439,14 @@ def _thresholds(value: Any) -> tuple[float, ...]:
     return tuple(sorted(set(result), reverse=True))
 
 
+def _is_non_directory(path: Path) -> bool:
+    """Whether something other than a directory (or a link to one) is at ``path``."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False  # missing (made at start), or unreadable: the start says which
+
+
 def _is_http_url(text: str) -> bool:
     """Whether ``text`` is an http(s) URL with a host (and a valid port, if any)."""
     try:
@@ -1683,6 +1691,7 @@ class _Checker:
             for name, (cls, sub, _) in _ACCOUNT_TABLES.items():
                 self.read(cls, _settings(tables[name], name), name, table=sub, required=False)
         self.check_distinct_files()
+        self.check_directories(values)
 
         names = list(account_tables)
         if "default_account" not in raw:
@@ -1881,6 +1890,30 @@ class _Checker:
             else:
                 text = str(file)
             self.files.append((f"{prefix}.{key}", text, key in explicit))
+
+    def check_directories(self, values: Mapping[str, Any]) -> None:
+        """The state and runtime directories must not be files, and the API socket's path
+        must fit a Unix socket address: each passed the check before, and then `run` failed
+        (or ran with its API off) at every start."""
+        for name in ("state_dir", "runtime_dir"):
+            directory = values.get(name)
+            if isinstance(directory, Path) and _is_non_directory(directory):
+                self.problem(
+                    f"paths.{name}",
+                    f"{directory} is a file, not a directory; choose another path or move it",
+                )
+        runtime_dir, api = values.get("runtime_dir"), values.get("api")
+        if not isinstance(runtime_dir, Path) or not isinstance(api, ApiSettings):
+            return
+        socket_path = paths.api_socket_path(runtime_dir, api.socket)
+        size = len(os.fsencode(socket_path))
+        if size >= paths.SUN_PATH_MAX:
+            self.problem(
+                "api.socket" if api.socket is not None else "paths.runtime_dir",
+                f"the API socket {socket_path} is {size} bytes long; a Unix socket's path holds"
+                f" at most {paths.SUN_PATH_MAX - 1} bytes: set api.socket or paths.runtime_dir"
+                " to a shorter path",
+            )
 
     def check_distinct_files(self) -> None:
         """Two accounts (or two roles) sharing a file would overwrite each other's tokens."""

@@ -155,6 +155,10 @@ def default_runtime_dir(
     )
 
 
+#: sockaddr_un's sun_path: a Unix socket's path must be shorter than this many bytes.
+SUN_PATH_MAX = 108
+
+
 def api_socket_path(runtime_dir: Path, configured: Path | None = None) -> Path:
     """Return where the local API's socket is: ``[api] socket``, else <runtime_dir>/api.sock.
 
