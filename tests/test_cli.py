@@ -215,7 +215,7 @@ class TestBasics:
         """An unexpected exception is one 'internal error' line (exit 70); --debug shows it."""
         config = write_config(tmp_path)
 
-        def boom(self: AccountStore) -> None:
+        def boom(self: AccountStore, **_: object) -> None:
             raise RuntimeError("disk gremlin")
 
         monkeypatch.setattr(AccountStore, "load", boom)

@@ -306,3 +306,22 @@ class TestUnit:
         answers["is-active"] = "active"
         running = doctor.check_unit(config, marker=marker, unit_dirs=[units], systemctl=systemctl)
         assert running.level == doctor.OK and "active, enabled" in running.detail
+
+
+@pytest.mark.parametrize("command", [("doctor",), ("status",), ("status", "--json")])
+async def test_doctor_and_status_report_a_damaged_state_file_without_moving_it(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """`doctor` says it changes nothing, and `status` only reads: a damaged state file is
+    reported (critical, with the fix) and left where it is, byte for byte."""
+    config = write_config(tmp_path)
+    state = tmp_path / "state" / "default.state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(b'{"version": 1, "acc')
+    state.chmod(0o600)
+    code, out, err = await run_cli(config, *command)
+    assert code == 2, out + err
+    assert "damaged" in out + err
+    assert "Traceback" not in out + err
+    assert state.read_bytes() == b'{"version": 1, "acc'
+    assert list(state.parent.glob("default.state.json.corrupt-*")) == []

@@ -812,7 +812,7 @@ def _report_from_files(
         state, load_error, refreshed_by = stored
     else:
         try:
-            state = AccountStore(account).load()
+            state = AccountStore(account).load(quarantine=False)  # status only looks
         except StoreError as exc:
             state, load_error = None, exc
     graded = assess(

@@ -296,7 +296,7 @@ def check_accounts(
     for name, account in config.accounts.items():
         load_error: StoreError | None = None
         try:
-            state = AccountStore(account).load()
+            state = AccountStore(account).load(quarantine=False)  # doctor changes nothing
         except StoreError as exc:
             state, load_error = None, exc
         graded = assess(account, state, None, config.refresh, now, load_error=load_error)

@@ -1145,12 +1145,14 @@ class AccountStore:
 
     # -- private state -------------------------------------------------------------------------
 
-    def load(self) -> AccountState | None:
+    def load(self, *, quarantine: bool = True) -> AccountState | None:
         """Return the saved state, or None when there is none.
 
         A file that cannot be parsed is never overwritten: it is moved to
         ``<file>.corrupt-<UTC stamp>`` and :class:`StateCorrupt` says where and what to do.
-        Files that `store migrate` moved away are refused (:class:`StoreMoved`).
+        ``quarantine=False`` (the commands that only look: `status`, `doctor`) leaves it
+        where it is and says so. Files that `store migrate` moved away are refused
+        (:class:`StoreMoved`).
         """
         path = self.state_text
         listing = self._listing
@@ -1179,6 +1181,19 @@ class AccountStore:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
+                if not quarantine:
+                    error = StateCorrupt(
+                        f"state file {self.state_path} of account {self.name!r} is damaged"
+                        f" ({reason})",
+                        path=self.state_path,
+                        quarantined=None,
+                    )
+                    error.hint = (
+                        f"restore a backup to {self.state_path}, or log in again with"
+                        f" `{login_command(self.account)}` (the damaged file is then kept"
+                        " as .corrupt-<time>)"
+                    )
+                    raise error from None
                 kept = self._set_aside(self.state_path, info.st_ino, "corrupt")
                 if kept is None:
                     continue  # replaced by another writer meanwhile: read the new file
