@@ -186,6 +186,16 @@ class TestShortConfig:
         path = write_toml('[kakao]\nrest_api_key_file = "rest_api_key"\n')
         assert load_config(path, environ=env).account().app.rest_api_key == KEY
 
+    def test_a_config_file_with_a_byte_order_mark_loads(
+        self, write_toml: WriteToml, env: dict[str, str]
+    ) -> None:
+        """Notepad's "UTF-8" starts the file with a byte-order mark, which TOML does not
+        allow; the user meant UTF-8, and it loads (it was "Invalid statement" at 1:1)."""
+        path = write_toml(MINIMAL)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        config = load_config(path, environ={**env, "KAKAO_KEY": KEY})
+        assert config.account().app.rest_api_key == KEY
+
     def test_secrets_never_in_repr_and_config_is_frozen(self, env: dict[str, str]) -> None:
         """repr() of the config hides both secrets, and settings cannot be changed later."""
         config = load(MINIMAL + 'client_secret_env = "SECRET"\n', {**env, "SECRET": SECRET})

@@ -256,6 +256,35 @@ class TestBadFiles:
         assert "Traceback" not in result.output
         assert not (tmp_path / "state" / "default.state.json").exists()
 
+    async def test_a_file_in_another_encoding_is_named_as_such(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A file re-saved in CP949 (a Korean Windows editor's default) is "not UTF-8", with
+        the fix, not "not valid JSON"."""
+        config = write_config(tmp_path, emulator)
+        path = tmp_path / "kakao_token.json"
+        path.write_bytes(
+            json.dumps({**emulator.issue_tokens(), "memo": "토큰"}, ensure_ascii=False).encode(
+                "cp949"
+            )
+        )
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 65, result.output
+        assert "is not UTF-8 text" in result.stderr and "CP949" in result.stderr
+
+    async def test_a_byte_order_mark_before_the_json_is_accepted(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """Notepad's "UTF-8" puts an invisible byte-order mark first; the file is meant as
+        UTF-8 JSON and is imported."""
+        config = write_config(tmp_path, emulator)
+        body = emulator.issue_tokens()
+        path = tmp_path / "kakao_token.json"
+        path.write_bytes(b"\xef\xbb\xbf" + json.dumps(body).encode())
+        result = await cli(config, "import", str(path))
+        assert result.exit_code == 0, result.output
+        assert saved_state(tmp_path).tokens.refresh_token == body["refresh_token"]
+
     async def test_missing_file(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
         """A path that does not exist is a data error too, not a crash."""
         config = write_config(tmp_path, emulator)

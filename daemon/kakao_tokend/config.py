@@ -1297,7 +1297,9 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"cannot read config file {source}: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
+        # "utf-8-sig": an editor's byte-order mark (Notepad's "UTF-8") is not TOML, but it is
+        # invisible, and the user meant UTF-8.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"config file {source} is not UTF-8 text (bad byte at offset {exc.start}); "
@@ -1346,7 +1348,7 @@ def load_locations(
     raw: dict[str, Any] = {}
     if source is not None:
         try:
-            raw = tomllib.loads(source.read_text())
+            raw = tomllib.loads(source.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             raw = {}
     checker = _Checker(source=source, environ=env, with_secrets=False)

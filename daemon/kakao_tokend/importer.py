@@ -124,9 +124,16 @@ def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile
     except OSError as exc:
         raise ImportFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        text = raw.decode("utf-8-sig")  # (an editor's byte-order mark is not JSON, but meant)
+    except UnicodeDecodeError:
+        raise ImportFileError(
+            f"{path}: is not UTF-8 text (saved in another encoding, such as CP949 or"
+            " EUC-KR?); save it as UTF-8, or run `json.dump` again"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f" (line {exc.lineno})"
         raise ImportFileError(
             f"{path}: not valid JSON{where}; expected the kakao_token.json written by "
             "json.dump(response.json())"
