@@ -285,6 +285,26 @@ class TestBadFiles:
         assert result.exit_code == 0, result.output
         assert saved_state(tmp_path).tokens.refresh_token == body["refresh_token"]
 
+    @pytest.mark.parametrize("kind", ["fifo", "device", "huge"])
+    async def test_a_file_that_is_no_token_file_is_refused_without_reading_it(
+        self, tmp_path: Path, emulator: KakaoEmulator, kind: str
+    ) -> None:
+        """A FIFO (the read would block for ever), a device (/dev/zero: never ends) or a huge
+        file is refused at once with exit 65."""
+        config = write_config(tmp_path, emulator)
+        if kind == "fifo":
+            path = tmp_path / "kakao_token.json"
+            os.mkfifo(path)
+        elif kind == "device":
+            path = Path("/dev/zero")
+        else:
+            path = tmp_path / "kakao_token.json"
+            body = json.dumps(emulator.issue_tokens()).encode()
+            path.write_bytes(body + b" " * (1024 * 1024))  # valid JSON, but no token file
+        result = await asyncio.wait_for(cli(config, "import", str(path)), 20)
+        assert result.exit_code == 65, result.output
+        assert "Traceback" not in result.output
+
     async def test_missing_file(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
         """A path that does not exist is a data error too, not a crash."""
         config = write_config(tmp_path, emulator)

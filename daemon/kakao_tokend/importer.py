@@ -109,14 +109,28 @@ def _duration(data: Mapping[str, Any], name: str, default: int, path: Path) -> i
     return int(value)
 
 
+#: The largest file `import` reads: Kakao's token answer is under a kilobyte (an id_token
+#: included); anything this large is another file.
+SEED_FILE_LIMIT = 64 * 1024
+
+
 def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile:
     """Read and check a seed-style token file; raise ImportFileError with one clear line.
 
     ``login`` is the account's login command, for the refusal of a file without a refresh token.
     """
     try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size > SEED_FILE_LIMIT:
+            raise ImportFileError(
+                f"{path}: {info.st_size} bytes is far too large for a kakao_token.json"
+                f" (a few hundred bytes; at most {SEED_FILE_LIMIT}); is this the right file?"
+            )
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+            # A FIFO or a device would block the read, or never end it (/dev/zero).
+            raise ImportFileError(f"{path}: not a regular file; expected a kakao_token.json file")
         raw = path.read_bytes()
-        mtime = datetime.fromtimestamp(os.stat(path).st_mtime, UTC)
+        mtime = datetime.fromtimestamp(info.st_mtime, UTC)
     except FileNotFoundError:
         raise ImportFileError(f"{path}: no such file") from None
     except IsADirectoryError:
