@@ -989,6 +989,23 @@ class TestScriptedAnswers:
             await client.refresh(_dummy_tokens())
         assert caught.value.retry_after == 120
 
+    async def test_a_rate_limit_answer_without_its_code_is_still_a_rate_limit(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
+    ) -> None:
+        """Kakao's KOE237 answer without error_code (a proxy or an older API may drop it):
+        invalid_request with "rate limit" in the description is the rate limit, so the
+        refresher pauses as for KOE237 instead of retrying at the ladder's quick pace."""
+        script, url = scripted
+        script.answer(
+            400,
+            {"error": "invalid_request", "error_description": "token request rate limit exceeded"},
+        )
+        client = KakaoClient(session, app_for(url))
+        with pytest.raises(KakaoUnavailable) as caught:
+            await client.refresh(_dummy_tokens())
+        assert caught.value.rate_limited is True
+        assert caught.value.code == "KOE237"
+
     async def test_descriptions_are_redacted(
         self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
     ) -> None:

@@ -894,6 +894,13 @@ class KakaoClient:
         code = body.get("error_code") if isinstance(body.get("error_code"), str) else None
         error = body.get("error") if isinstance(body.get("error"), str) else None
         raw_description = body.get("error_description")
+        if (
+            code is None
+            and error == "invalid_request"
+            and isinstance(raw_description, str)
+            and "rate limit" in raw_description.lower()
+        ):
+            code = "KOE237"  # its documented text ("token request rate limit exceeded")
         description = ""
         if isinstance(raw_description, str) and raw_description and code not in _KOE_RELOGIN:
             # KOE320's description echoes the authorization code; ours says it better anyway.
