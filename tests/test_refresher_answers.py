@@ -294,6 +294,16 @@ async def test_token_answers_without_expires_in_ask_kakao_how_long_the_token_liv
     assert ACCESS - 2 < left <= ACCESS
 
 
+def relogged_without_user_id(emulator: KakaoEmulator, state: AccountState) -> AccountState:
+    """A new login's state whose /v2/user/me failed (no user id), one generation up."""
+    return replace(
+        state,
+        tokens=TokenSet.from_token_response(emulator.issue_tokens(), requested_at=utcnow()),
+        generation=state.generation + 1,
+        user_id=None,
+    )
+
+
 async def test_the_first_start_makes_the_user_info_call_a_failed_login_could_not(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -321,12 +331,7 @@ async def test_a_running_daemon_makes_the_user_info_call_a_login_it_adopted_coul
     user id; the daemon adopts them and makes the call at its next tick, once."""
     manager = await virtual_manager(emulator, tmp_path, session)
     assert manager.state is not None
-    relogged = replace(
-        manager.state,
-        tokens=TokenSet.from_token_response(emulator.issue_tokens(), requested_at=utcnow()),
-        generation=manager.state.generation + 1,
-        user_id=None,
-    )
+    relogged = relogged_without_user_id(emulator, manager.state)
     emulator.user().personal_info_called = False
     manager.store.save(relogged)
     calls = emulator.stats.requests["user_me"]
@@ -526,12 +531,7 @@ async def test_the_user_info_call_is_made_once_not_before_every_refresh(
     (each a new generation) make no more user-info calls."""
     manager = await virtual_manager(emulator, tmp_path, session)
     assert manager.state is not None
-    relogged = replace(
-        manager.state,
-        tokens=TokenSet.from_token_response(emulator.issue_tokens(), requested_at=utcnow()),
-        generation=manager.state.generation + 1,
-        user_id=None,
-    )
+    relogged = relogged_without_user_id(emulator, manager.state)
     manager.store.save(relogged)
     calls = emulator.stats.requests["user_me"]
     await manager.tick()

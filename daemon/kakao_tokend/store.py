@@ -1145,6 +1145,21 @@ class AccountStore:
 
     # -- private state -------------------------------------------------------------------------
 
+    def _damaged(self, reason: str, kept: Path | None) -> StateCorrupt:
+        """The error for a damaged state file, moved to ``kept`` (None: left where it is)."""
+        where = f"; it was moved to {kept} and left untouched" if kept is not None else ""
+        error = StateCorrupt(
+            f"state file {self.state_path} of account {self.name!r} is damaged ({reason}){where}",
+            path=self.state_path,
+            quarantined=kept,
+        )
+        error.hint = (
+            f"restore a backup to {self.state_path}, or log in again with"
+            f" `{login_command(self.account)}`"
+            + (" (the damaged file is then kept as .corrupt-<time>)" if kept is None else "")
+        )
+        return error
+
     def load(self, *, quarantine: bool = True) -> AccountState | None:
         """Return the saved state, or None when there is none.
 
@@ -1182,33 +1197,12 @@ class AccountStore:
                 # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
                 reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
                 if not quarantine:
-                    error = StateCorrupt(
-                        f"state file {self.state_path} of account {self.name!r} is damaged"
-                        f" ({reason})",
-                        path=self.state_path,
-                        quarantined=None,
-                    )
-                    error.hint = (
-                        f"restore a backup to {self.state_path}, or log in again with"
-                        f" `{login_command(self.account)}` (the damaged file is then kept"
-                        " as .corrupt-<time>)"
-                    )
-                    raise error from None
+                    raise self._damaged(reason, None) from None
                 kept = self._set_aside(self.state_path, info.st_ino, "corrupt")
                 if kept is None:
                     continue  # replaced by another writer meanwhile: read the new file
                 log.error("state file %s is damaged (%s); kept as %s", path, reason, kept)
-                error = StateCorrupt(
-                    f"state file {self.state_path} of account {self.name!r} is damaged "
-                    f"({reason}); it was moved to {kept} and left untouched",
-                    path=self.state_path,
-                    quarantined=kept,
-                )
-                error.hint = (
-                    f"restore a backup to {self.state_path}, or log in again with "
-                    f"`{login_command(self.account)}`"
-                )
-                raise error from None
+                raise self._damaged(reason, kept) from None
             if state.account != self.name:
                 log.warning(
                     "state file %s was written for account %r; using it for account %r",
