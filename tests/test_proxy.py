@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -49,15 +49,23 @@ async def echo_server() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
             return response
         return web.json_response({"size": size, "sha256": digest.hexdigest()})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    async with loopback_server(handle, client_max_size=64 * 1024 * 1024) as url:
+        yield url, seen
+
+
+@asynccontextmanager
+async def loopback_server(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]], **options: Any
+) -> AsyncIterator[str]:
+    """Serve ``handle`` for every path on 127.0.0.1 (a stand-in for Kakao's API host) while
+    the block runs; yield its base URL. ``options`` go to web.Application."""
+    app = web.Application(**options)
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield f"http://127.0.0.1:{port}", seen
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
 
@@ -128,23 +136,15 @@ async def test_retries_once_after_a_401_that_says_invalid_token_only_in_its_head
             )
         return web.json_response({"id": 1})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
+    async with loopback_server(handle) as url:
         config = config_with(tmp_path, emulator)
         await login(emulator, config)
-        pointing_api_at(config, emulator, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        pointing_api_at(config, emulator, url)
         async with serving(config) as served:
             before = emulator.stats.refreshes_ok
             status, me = await served.get("/kapi/v2/user/me")
             assert (status, me) == (200, {"id": 1})
             assert emulator.stats.refreshes_ok == before + 1
-    finally:
-        await runner.cleanup()
     assert len(seen) == 2 and seen[0] != seen[1]  # retried once, with the refreshed token
 
 
@@ -206,16 +206,8 @@ async def rejecting_upstream() -> AsyncIterator[tuple[str, list[str]]]:
             headers={"WWW-Authenticate": 'Bearer realm="kakao", error="invalid_token"'},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    finally:
-        await runner.cleanup()
+    async with loopback_server(handle) as url:
+        yield url, seen
 
 
 async def test_a_new_token_rejected_too_is_not_refreshed_again_until_it_has_aged(
@@ -336,15 +328,10 @@ async def test_an_answer_that_breaks_off_midway_ends_the_callers_connection(
         request.transport.close()
         return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
+    async with loopback_server(handle) as url:
         config = config_with(tmp_path, emulator)
         await login(emulator, config)
-        pointing_api_at(config, emulator, f"http://127.0.0.1:{runner.addresses[0][1]}")
+        pointing_api_at(config, emulator, url)
         async with serving(config) as served:
             reader, writer = await asyncio.open_unix_connection(str(served.socket))
             try:
@@ -354,8 +341,6 @@ async def test_an_answer_that_breaks_off_midway_ends_the_callers_connection(
             finally:
                 writer.close()
                 await writer.wait_closed()
-    finally:
-        await runner.cleanup()
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"X-Upstream: yes" in head
     assert 0 < len(body) < 1_000_000
