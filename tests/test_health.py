@@ -633,3 +633,32 @@ def test_access_expiring_waits_for_the_retry_after_one_failure_but_not_for_a_sil
     assert "access_expiring" in assess(account, state, status, config.refresh, ends).names()
     status.failed_transient("timeout", "timeout", now=NOW, retry_at=retry_at)  # the second
     assert "access_expiring" in assess(account, state, status, config.refresh, NOW).names()
+
+
+def test_access_expiring_waits_for_a_retry_as_long_as_its_grown_request(tmp_path: Path) -> None:
+    """A 10-second token, the default policy: one refresh request went unanswered (a
+    timeout) with 0.99 s left (inside the page's 1 s margin) and its retry is due in 30 ms.
+    That retry may wait twice the fitted 0.475 s (tokens.request_timeout), so the page waits
+    until 0.98 s from now, not 0.505 s: it paged while the retry that would succeed still
+    waited for Kakao's answer. Once the retry has had that chance, it pages."""
+    config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    assert account.app.timeout == 30.0  # the default: fitted to the token
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(seconds=0.99),
+        refresh_expires_at=NOW + timedelta(days=50),
+        access_issued_at=NOW - timedelta(seconds=9.01),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    retry_at = NOW + timedelta(seconds=0.03)
+    status.went_unanswered()
+    status.failed_transient("timeout", "timeout", now=NOW, retry_at=retry_at)
+    ends = retry_at + timedelta(seconds=0.95)
+    for moment in (NOW, NOW + timedelta(seconds=0.6), ends - timedelta(milliseconds=1)):
+        graded = assess(account, state, status, config.refresh, moment)
+        assert "access_expiring" not in graded.names()
+    assert "access_expiring" in assess(account, state, status, config.refresh, ends).names()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import time_machine
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
-from daemonproc import config_with, login, write_config
+from daemonproc import config_with, login, short_tokens, write_config
 from kakao_tokend.config import AccountConfig, RefreshPolicy, load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient, create_session
@@ -75,6 +76,41 @@ async def test_a_cancelled_caller_does_not_interrupt_the_refresh(
         await caller
     assert await manager.wait_idle(5)
     assert manager.store.load().generation == 2  # type: ignore[union-attr]
+
+
+async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """10-second tokens, the default timeouts (fitted to 4.75 % of the life: 0.475 s), Kakao
+    taking 0.7 s per token answer: the first request times out and is counted, the next one
+    waits twice as long and gets its answer, and that answer resets the count — the request
+    after it waits 0.475 s again. Before, every request gave up after 0.475 s."""
+    short_tokens(emulator, access=10, refresh=3600)
+    config_path = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app, policy=config.refresh),
+        policy=config.refresh,
+    )
+    manager.load()
+    emulator.inject("token", "slow", count=1, delay=0.7)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    assert manager.status.unanswered == 1
+    emulator.inject("token", "slow", count=1, delay=0.7)
+    started = time.monotonic()
+    state = await manager.refresh(force=True)
+    assert time.monotonic() - started >= 0.7  # it waited for the answer
+    assert state is not None and state.generation == 2
+    assert manager.status.health is Health.OK and manager.status.unanswered == 0
+    emulator.inject("token", "slow", count=1, delay=0.7)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"  # 0.475 s again
+    assert manager.status.unanswered == 1
 
 
 async def test_tokens_written_by_login_are_adopted_not_overwritten(

@@ -599,3 +599,58 @@ async def test_a_refresh_token_shorter_than_the_access_token_survives_a_slow_kak
     saved = AccountStore(load_config(config).accounts["default"]).load()
     assert saved is not None
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
+async def test_a_kakao_slower_than_the_fitted_timeout_is_waited_for_and_every_rotation_kept(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """10-second access tokens, every refresh rotating, Kakao answering each token request
+    in 1 s (a tenth of the life, more than the 0.475 s the default timeout is fitted to)
+    and dropping the requests its client gave up on: `kakao-tokend run` with the default
+    timeouts waits longer after each timeout (0.95 s, then 1/8 of the life: 1.25 s), so
+    refreshes complete, each rotated refresh token is saved, and nobody is asked to log in
+    again. Before, every request gave up after 0.475 s and no refresh ever completed."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 100_000.0  # Kakao's absolute month: always rotate
+    config = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config)
+    emulator.inject("token", "slow", rate=1.0, delay=1.0)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: emulator.stats.rotations >= 2, timeout=30, what="two rotating refreshes"
+        )
+    finally:
+        assert await daemon.stop() == 0
+    assert "needs a new login" not in daemon.log_text()
+    assert emulator.stats.retired_refresh_presented == 0
+    saved = AccountStore(load_config(config).accounts["default"]).load()
+    assert saved is not None and saved.relogin_reason is None
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
+async def test_a_refusal_slower_than_the_fitted_timeout_is_heard_and_asks_for_a_login(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """As above, but Kakao processes the requests its client gave up on (a `hold` of 1 s):
+    the first, abandoned refresh rotated, and the daemon never learned the new refresh
+    token. Every later answer (KOE322) took 1 s too: with the timeout fixed at 0.475 s the
+    daemon never heard it and retried forever with "check that this host reaches Kakao".
+    Now a request waits long enough to hear KOE322, and the account asks for a new login
+    because the rotation's answer was lost (relogin cause rotated_lost)."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 100_000.0
+    config = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config)
+    emulator.inject("token", "hold", rate=1.0, delay=1.0)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(
+            lambda: daemon.state().get("relogin_cause") is not None,
+            timeout=20,
+            what="the refusal to be heard",
+        )
+    finally:
+        assert await daemon.stop() == 0
+    assert daemon.state()["relogin_cause"] == "rotated_lost"
+    assert "needs a new login: the refresh response was lost" in daemon.log_text()

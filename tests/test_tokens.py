@@ -1428,3 +1428,58 @@ def test_no_request_timeout_outlasts_half_the_refresh_tokens_remaining_life(
 ) -> None:
     """A 60 s timeout with 5 s of refresh life left waited past its death when Kakao hung."""
     assert request_timeout(configured, 30.0, lifetime, refresh_left) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("unanswered", "configured", "lifetime", "refresh_left", "expected"),
+    [
+        (0, 30.0, 10.0, None, 0.475),  # none unanswered: the policy's 4.75 %
+        (1, 30.0, 10.0, None, 0.95),  # one: twice that
+        (2, 30.0, 10.0, None, 1.25),  # two: 1.9 s, capped at 1/8 of the life (the fleet's bound)
+        (1000, 30.0, 10.0, None, 1.25),  # days of timeouts: the same cap, no overflow
+        (3, 30.0, 21600.0, None, 30.0),  # Kakao's 6-hour token: the configured 30 s, as today
+        (3, 30.0, 400.0, None, 30.0),  # 19 s grows to 50 s of the life: the configured 30 s
+        (3, 0.3, 10.0, None, 0.3),  # set by hand: as written, whatever went unanswered
+        (2, 30.0, 10.0, 1.5, 0.75),  # 1.5 s of refresh life left: half of it
+    ],
+)
+def test_a_request_after_unanswered_ones_waits_longer_within_the_same_bounds(
+    unanswered: int,
+    configured: float,
+    lifetime: float,
+    refresh_left: float | None,
+    expected: float,
+) -> None:
+    """A default timeout fitted to a short token doubles per token request Kakao left
+    unanswered before it (0 again after any answer): Kakao answering in 1 s never reached
+    a 10-second token's 0.475 s, though the answer came with most of its life left. It stays
+    at or below the configured 30 s (a value set by hand is used as written), 1/8 of the
+    access lifetime, and half of the refresh token's remaining life."""
+    share = request_timeout_share(0.75, 0.05)
+    wait = request_timeout(
+        configured,
+        30.0,
+        timedelta(seconds=lifetime),
+        refresh_left,
+        share=share,
+        unanswered=unanswered,
+    )
+    assert wait == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("unanswered", [0, 1, 2, 5])
+def test_a_grown_request_timeout_is_the_same_share_of_every_short_lifetime(
+    unanswered: int,
+) -> None:
+    """A 3-second token and a 4-minute one wait the same share of their lives after the
+    same number of unanswered requests: up to 4 minutes, even 1/8 of the life stays within
+    the configured 30 s."""
+    share = request_timeout_share(0.75, 0.05)
+    shares = {
+        request_timeout(30.0, 30.0, timedelta(seconds=life), share=share, unanswered=unanswered)
+        / life
+        for life in (3.0, 10.0, 60.0, 240.0)
+    }
+    assert len(shares) == 1
+    (grown,) = shares
+    assert grown == pytest.approx(min(share * 2**unanswered, REQUEST_TIMEOUT_SHARE))

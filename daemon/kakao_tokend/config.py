@@ -670,16 +670,30 @@ class KakaoApp:
             object.__setattr__(self, "client_secret_source", None)
 
     def request_timeouts(
-        self, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
+        self,
+        policy: RefreshPolicy,
+        lifetime: timedelta | None,
+        refresh_left: float | None,
+        *,
+        unanswered: int = 0,
     ) -> tuple[float, float]:
         """Return (total, connect): how long a Kakao request may wait for an answer and for
         its connection. ``timeout`` and ``connect_timeout``, fitted to a token living
         ``lifetime`` and to ``policy`` when left at their defaults, and never past half of the
         refresh token's remaining life (``refresh_left`` s), set by hand or not
-        (tokens.request_timeout). The client waits this long (kakao.py), and health as long
-        for a retry before it pages (health._held_for_retry)."""
+        (tokens.request_timeout). The wait for the answer grows after ``unanswered`` token
+        requests in a row that Kakao did not answer in time; the connection's does not. The
+        client waits this long (kakao.py), and health as long for a retry before it pages
+        (health._held_for_retry)."""
         share = request_timeout_share(policy.refresh_at, policy.jitter)
-        total = request_timeout(self.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
+        total = request_timeout(
+            self.timeout,
+            KAKAO_TIMEOUT,
+            lifetime,
+            refresh_left,
+            share=share,
+            unanswered=unanswered,
+        )
         connect = request_timeout(
             self.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
         )

@@ -674,13 +674,17 @@ def _held_for_retry(
     (a wait set by hand that long: then the page comes at once). Two failed attempts, or a
     retry that has not reported by then, page as before. With the request timeout fitted to
     the policy (tokens.request_timeout_share) the wait ends before the page's moment anyway,
-    at every lifetime; it matters for a pause longer than that (a 429's, a hand-set timeout).
+    at every lifetime; it matters for a pause longer than that (a 429's, a hand-set timeout,
+    and a retry after a request Kakao left unanswered, which may wait up to 1/8 of a short
+    token's life: the page then comes when it ran out, up to 4.75 % of the life later).
     """
     retry_at = status.next_attempt_at
     if status.attempt > 1 or retry_at is None:
         return None
     refresh_left = (tokens.refresh_expires_at - retry_at).total_seconds()
-    wait, _ = account.app.request_timeouts(policy, tokens.access_lifetime, refresh_left)
+    wait, _ = account.app.request_timeouts(
+        policy, tokens.access_lifetime, refresh_left, unanswered=status.unanswered
+    )
     ends = retry_at + timedelta(seconds=wait)
     return ends if ends < tokens.access_expires_at else None
 

@@ -461,8 +461,11 @@ class KakaoClient:
             )
         return tokens
 
-    async def refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
-        """Refresh the access token; return (merged token set, whether the refresh rotated)."""
+    async def refresh(self, tokens: TokenSet, *, unanswered: int = 0) -> tuple[TokenSet, bool]:
+        """Refresh the access token; return (merged token set, whether the refresh rotated).
+
+        ``unanswered``: the account's token requests in a row that Kakao left unanswered in
+        time; the request waits longer after them (tokens.request_timeout)."""
         form = {
             "grant_type": "refresh_token",
             "client_id": self._app.rest_api_key,
@@ -478,6 +481,7 @@ class KakaoClient:
             secrets_=(tokens.refresh_token, tokens.access_token),
             lifetime=lifetime,
             refresh_expires_at=dies,
+            unanswered=unanswered,
         )
         if body.get("refresh_token") in (None, "", tokens.refresh_token):
             # Not after a rotation: the old refresh token is dead, and the new one must be
@@ -636,15 +640,21 @@ class KakaoClient:
         return url.rstrip("/")
 
     def _timeout(
-        self, lifetime: timedelta | None = None, refresh_expires_at: datetime | None = None
+        self,
+        lifetime: timedelta | None = None,
+        refresh_expires_at: datetime | None = None,
+        unanswered: int = 0,
     ) -> aiohttp.ClientTimeout:
         """Return the request's limits: the configured ones, fitted to a short-lived token's
-        ``lifetime`` and the refresh policy when left at their defaults, and never past half
-        of the refresh token's remaining life, set by hand or not (tokens.request_timeout)."""
+        ``lifetime`` and the refresh policy when left at their defaults (longer after
+        ``unanswered`` token requests Kakao did not answer in time), and never past half of
+        the refresh token's remaining life, set by hand or not (tokens.request_timeout)."""
         left = None
         if refresh_expires_at is not None:
             left = (refresh_expires_at - self._clock()).total_seconds()
-        total, connect = self._app.request_timeouts(self._policy, lifetime, left)
+        total, connect = self._app.request_timeouts(
+            self._policy, lifetime, left, unanswered=unanswered
+        )
         return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=total)
 
     async def _id_call(self, path: str, access_token: str) -> int:
@@ -664,15 +674,17 @@ class KakaoClient:
         headers: Mapping[str, str] | None = None,
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
+        unanswered: int = 0,
     ) -> _Response:
         """Send one request and read the whole answer; map transport failures.
 
-        ``lifetime`` is that of the token the request is for (None: a login), and
-        ``refresh_expires_at`` when its refresh token dies, see _timeout().
+        ``lifetime`` is that of the token the request is for (None: a login),
+        ``refresh_expires_at`` when its refresh token dies, and ``unanswered`` how many of
+        its token requests in a row went unanswered, see _timeout().
         """
         url = URL(self._base(base) + path)
         started = time.monotonic()
-        timeout = self._timeout(lifetime, refresh_expires_at)
+        timeout = self._timeout(lifetime, refresh_expires_at, unanswered)
         try:
             async with self._session.request(
                 method,
@@ -765,6 +777,7 @@ class KakaoClient:
         secrets_: Sequence[str],
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
+        unanswered: int = 0,
     ) -> dict[str, Any]:
         """POST to the token endpoint; return the JSON object of a 200 answer."""
         answer = await self._send(
@@ -774,6 +787,7 @@ class KakaoClient:
             data=form,
             lifetime=lifetime,
             refresh_expires_at=refresh_expires_at,
+            unanswered=unanswered,
         )
         body = answer.json_object()
         if answer.status == 200:

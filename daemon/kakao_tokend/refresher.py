@@ -971,13 +971,23 @@ class AccountManager:
         return self._accept(state, tokens, rotated, expect_rotation=expect_rotation)
 
     async def _timed_refresh(self, tokens: TokenSet) -> tuple[TokenSet, bool]:
-        """Call Kakao's refresh and tell the listeners how long it took (/metrics' histogram)."""
+        """Call Kakao's refresh and tell the listeners how long it took (/metrics' histogram).
+
+        A request Kakao did not answer in time is counted, and the next waits longer
+        (tokens.request_timeout); any answer, an error too, ends the count. Other failures
+        without an answer (a refused connection, a reset) leave it as it is."""
         started = time.monotonic()
+        status = self.status
         try:
-            result = await self.client.refresh(tokens)
-        except KakaoError:
+            result = await self.client.refresh(tokens, unanswered=status.unanswered)
+        except KakaoError as exc:
             self._emit_call_time(started, "failure")
+            if exc.status is not None:
+                status.answered()
+            elif isinstance(exc, KakaoUnavailable) and exc.code == "timeout":
+                status.went_unanswered()
             raise
+        status.answered()
         self._emit_call_time(started, "success")
         return result
 

@@ -131,6 +131,9 @@ class _Trouble:
     #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None: it can).
     store_unavailable_since: datetime | None = None
     store_error: str | None = None
+    #: Token requests in a row that Kakao did not answer in time: the next one waits longer
+    #: (tokens.request_timeout), and health waits as long for it before it pages.
+    unanswered: int = 0
 
 
 @dataclass(slots=True)  # one per account (10,000 on a fleet node): no instance dictionary
@@ -181,6 +184,15 @@ class AccountStatus(_Trouble):
     def attempted(self) -> None:
         """A refresh call to Kakao starts."""
         self._count("attempts")
+
+    def went_unanswered(self) -> None:
+        """A token request ended without Kakao's answer in time (a timeout)."""
+        self.unanswered += 1
+
+    def answered(self) -> None:
+        """Kakao answered a token request (with tokens or an error): the next one waits the
+        usual time again."""
+        self.unanswered = 0
 
     def succeeded(self, now: datetime, *, rotated: bool) -> None:
         """Kakao answered a refresh with new tokens, and they are the account's now."""

@@ -550,6 +550,11 @@ def within_refresh_life(wait: float, refresh_left: float | None) -> float:
     return min(wait, refresh_left * REFRESH_LEFT_SHARE)
 
 
+#: How much longer a token request may wait than the one before it that Kakao left
+#: unanswered (request_timeout): twice as long, within the same bounds.
+UNANSWERED_GROWTH = 2.0
+
+
 def request_timeout(
     configured: float,
     default: float,
@@ -557,6 +562,7 @@ def request_timeout(
     refresh_left: float | None = None,
     *,
     share: float = REQUEST_TIMEOUT_SHARE,
+    unanswered: int = 0,
 ) -> float:
     """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
 
@@ -571,10 +577,24 @@ def request_timeout(
     of the refresh token's remaining life (``refresh_left`` seconds,
     :func:`within_refresh_life`): a 60 s timeout with 5 s left gives up after 2.5 s and
     leaves a retry that may still save it.
+
+    ``unanswered``: how many token requests in a row Kakao did not answer in time (the
+    account's status counts them; any answer sets it back to 0). Each doubles the fitted
+    wait (:data:`UNANSWERED_GROWTH`) up to :data:`REQUEST_TIMEOUT_SHARE` of the life: a Kakao
+    that answers a 10-second token in 1 s, more than its 0.475 s, is heard after one or two
+    timeouts (0.95 s, then 1.25 s) rather than never. The configured wait stays the ceiling
+    (Kakao's 6-hour tokens, and values set by hand, do not grow), and so does half of the
+    refresh token's remaining life.
     """
     wait = configured
     if lifetime is not None and configured == default:
-        wait = min(configured, max(lifetime.total_seconds(), 0.0) * share)
+        life = max(lifetime.total_seconds(), 0.0)
+        fitted = life * share
+        if unanswered > 0:
+            # The exponent is clamped: a float overflows after ~1000 doublings (days of them).
+            grown = fitted * UNANSWERED_GROWTH ** min(unanswered, 64)
+            fitted = max(fitted, min(grown, life * REQUEST_TIMEOUT_SHARE))
+        wait = min(configured, fitted)
     return within_refresh_life(wait, refresh_left)
 
 
