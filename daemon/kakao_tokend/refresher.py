@@ -259,12 +259,25 @@ class AccountManager:
 
     @property
     def request_grace(self) -> float:
-        """Return how long an in-flight refresh may still take: its request timeout plus 1 s.
+        """Return how long an in-flight refresh may still take: its request's wait, as the
+        client computes it for these tokens (fitted to their lifetime, grown after requests
+        Kakao left unanswered), and as much again, at most 1 s more (30 + 1 s for Kakao's
+        6-hour token, 0.57 s for a 6-second one).
 
         Giving up earlier (at a stop or a reload) would close the session or swap the store
         under a request Kakao may already have answered with a rotated refresh token.
         """
-        return self.account.app.timeout + 1.0
+        state = self.state
+        if state is None:
+            return self.account.app.timeout + 1.0
+        tokens = state.tokens
+        wait, _ = self.account.app.request_timeouts(
+            self.policy,
+            tokens.access_lifetime,
+            tokens.refresh_remaining(self.clock()).total_seconds(),
+            unanswered=self.status.unanswered,
+        )
+        return wait + min(wait, 1.0)
 
     # ------------------------------------------------------------------ loading and planning
 
@@ -974,8 +987,10 @@ class AccountManager:
         """Call Kakao's refresh and tell the listeners how long it took (/metrics' histogram).
 
         A request Kakao did not answer in time is counted, and the next waits longer
-        (tokens.request_timeout); any answer, an error too, ends the count. Other failures
-        without an answer (a refused connection, a reset) leave it as it is."""
+        (tokens.request_timeout). An answer, an error too, sets the count to the fewest that
+        would have waited long enough for it: a Kakao that stays slow keeps the longer wait
+        (it would otherwise cost a timeout at every refresh), and a quick answer ends it.
+        Other failures without an answer (a refused connection, a reset) leave it as it is."""
         started = time.monotonic()
         status = self.status
         try:
@@ -983,13 +998,28 @@ class AccountManager:
         except KakaoError as exc:
             self._emit_call_time(started, "failure")
             if exc.status is not None:
-                status.answered()
+                self._heard_after(tokens, time.monotonic() - started)
             elif isinstance(exc, KakaoUnavailable) and exc.code == "timeout":
                 status.went_unanswered()
             raise
-        status.answered()
+        self._heard_after(tokens, time.monotonic() - started)
         self._emit_call_time(started, "success")
         return result
+
+    def _heard_after(self, tokens: TokenSet, took: float) -> None:
+        """Kakao answered a token request after ``took`` seconds: keep the fewest unanswered
+        requests whose wait (tokens.request_timeout) would still have heard it."""
+        status = self.status
+        left = tokens.refresh_remaining(self.clock()).total_seconds()
+        level = 0
+        while level < status.unanswered:
+            wait, _ = self.account.app.request_timeouts(
+                self.policy, tokens.access_lifetime, left, unanswered=level
+            )
+            if wait >= took:
+                break
+            level += 1
+        status.answered(level)
 
     def _emit_call_time(self, started: float, outcome: str) -> None:
         seconds = time.monotonic() - started

@@ -189,10 +189,11 @@ class AccountStatus(_Trouble):
         """A token request ended without Kakao's answer in time (a timeout)."""
         self.unanswered += 1
 
-    def answered(self) -> None:
-        """Kakao answered a token request (with tokens or an error): the next one waits the
-        usual time again."""
-        self.unanswered = 0
+    def answered(self, needed: int = 0) -> None:
+        """Kakao answered a token request (with tokens or an error) in the time that
+        ``needed`` unanswered requests give (refresher._heard_after): the next one waits as
+        long, the usual time when 0."""
+        self.unanswered = needed
 
     def succeeded(self, now: datetime, *, rotated: bool) -> None:
         """Kakao answered a refresh with new tokens, and they are the account's now."""

@@ -579,7 +579,8 @@ def request_timeout(
     leaves a retry that may still save it.
 
     ``unanswered``: how many token requests in a row Kakao did not answer in time (the
-    account's status counts them; any answer sets it back to 0). Each doubles the fitted
+    account's status counts them; an answer sets it back to the fewest that would have heard
+    it, refresher._heard_after). Each doubles the fitted
     wait (:data:`UNANSWERED_GROWTH`) up to :data:`REQUEST_TIMEOUT_SHARE` of the life: a Kakao
     that answers a 10-second token in 1 s, more than its 0.475 s, is heard after one or two
     timeouts (0.95 s, then 1.25 s) rather than never. The configured wait stays the ceiling
