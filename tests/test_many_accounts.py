@@ -55,6 +55,25 @@ async def test_with_many_accounts_only_those_needing_attention_are_named(
     assert not re.search(r"account acct\d\d: access \d", log), log
 
 
+async def test_with_many_accounts_all_needing_attention_the_count_says_how_many_more(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Twelve accounts and none logged in: STATUS= still starts with the count and ends
+    with how many more need attention beyond the ten it names (it listed ten and dropped
+    the other two without a word)."""
+    names = [f"acct{i:02d}" for i in range(LIST_ACCOUNTS_UP_TO + 2)]
+    config = write_config(tmp_path, emulator, accounts=names, heartbeat="60s")
+    with NotifyReceiver() as notify:
+        daemon = await start_daemon(config, env=notify.env)
+        try:
+            ready = await notify.wait_for_line("READY=1", daemon, timeout=10)
+        finally:
+            assert await daemon.stop() == 0
+    status = next(line for line in ready if line.startswith("STATUS="))
+    assert status.startswith(f"STATUS={len(names)} accounts, 0 ok; acct00: no tokens")
+    assert status.endswith("; 2 more need attention")
+
+
 async def test_with_a_few_accounts_each_is_named(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Up to LIST_ACCOUNTS_UP_TO accounts, every account has its start-up line, healthy or not."""
     names = ["home", "work", "shop"]

@@ -391,7 +391,7 @@ class Daemon:
         now = self.clock()
         listed = self._listed()
         named = [m.summary(now) for m in listed[:LIST_ACCOUNTS_UP_TO]]
-        if len(listed) == len(self.managers):
+        if len(self.managers) <= LIST_ACCOUNTS_UP_TO:
             return "; ".join(named) or "no accounts"
         ok = len(self.managers) - len(listed)
         parts = [f"{len(self.managers)} accounts, {ok} ok", *named]
