@@ -526,10 +526,9 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     """Adopt a kakao_token.json written by the popular blog scripts, once Kakao confirms it.
 
     The file holds Kakao's raw token response (durations only, maybe an extra app_key).
-    Kakao is asked first: access_token_info while the access token may be valid, and one
-    refresh (under the account lock, its answer saved at once) when the access token is
-    dead, the file was rewritten by a refresh script, or the refresh token is near its
-    rotation. A dead refresh token is refused with exit 77 and the login command. The
+    Kakao is asked first: access_token_info while the access token may be valid, then one
+    refresh (under the account lock, its answer saved at once): only a refresh tests the
+    refresh token. A dead refresh token is refused with exit 77 and the login command. The
     refresh token's expiry is estimated from the file's age until the next rotation.
 
     \b
