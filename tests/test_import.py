@@ -547,6 +547,22 @@ class TestAfterImport:
         assert result.exit_code == 0, result.output
         assert f"{path} is readable by {who} (mode {mode:04o})" in result.stderr
 
+    async def test_a_short_refresh_token_from_a_file_gets_alerts_of_its_own_scale(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """A file from an emulator issuing 10-minute refresh tokens (it says so:
+        refresh_token_expires_in 600): the default alert ladder keeps its share of that life,
+        as after a login, so a fresh import is not "critical: expires in 9m"."""
+        emulator.settings.access_lifetime = 60
+        emulator.settings.refresh_lifetime = 600
+        emulator.settings.rotation_window = 300
+        config = write_config(tmp_path, emulator, rotation_window=300)
+        path = seed_file(tmp_path, emulator.issue_tokens(), age=5)
+        assert (await cli(config, "import", str(path))).exit_code == 0
+        status = await cli(config, "status")
+        assert status.exit_code == 0, status.output
+        assert saved_state(tmp_path).tokens.refresh_issued_at is not None
+
 
 class TestNewAccount:
     """`--account NEW import` for an account that is not configured yet."""

@@ -214,7 +214,8 @@ def estimate_tokens(
     access token counts as expired now, so the daemon refreshes at its first chance. The
     refresh token's issue time is unknowable: it was issued no later than the file was written
     and no later than the access token, so its expiry is estimated from the earlier of the two
-    and never trusted to lie further away than the file's mtime allows.
+    and never trusted to lie further away than the file's mtime allows; that moment is also
+    its estimated issue time when the file says how long it lives.
     """
     access_lifetime = timedelta(seconds=seed.expires_in)
     access_expires_at = access_expires if access_expires is not None else now
@@ -227,7 +228,9 @@ def estimate_tokens(
         access_expires_at=access_expires_at,
         refresh_expires_at=refresh_expires,
         access_issued_at=access_issued,
-        refresh_issued_at=None,
+        # The life it was issued with is what the file says (Kakao's answer), when it says:
+        # the rules kept in Kakao's terms (the alert ladder, the rotation window) fit it.
+        refresh_issued_at=refresh_issued_bound if seed.refresh_lifetime_given else None,
         refresh_expiry_estimated=True,
         token_type=seed.token_type,
         scope=seed.scope,
