@@ -318,6 +318,51 @@ async def test_sighup_adds_an_account_without_refetching_tokens(
         assert await daemon.stop() == 0
 
 
+@pytest.mark.parametrize("problem", ["not_a_directory", "writable_by_others"])
+async def test_a_reload_that_cannot_open_an_account_changes_nothing(
+    emulator: KakaoEmulator, tmp_path: Path, problem: str
+) -> None:
+    """A reload that removes "two" and adds "three", whose files cannot be used (under a
+    regular file; in a directory others may write, which a start refuses), is refused as a
+    whole: "two" keeps being served, the reason is one log line and the CLI's answer, and
+    systemd hears READY=1 again (it was half applied: "two" dropped, READY never sent)."""
+    from daemonproc import NotifyReceiver, run_cli
+
+    short_tokens(emulator, access=3600)
+    config = write_config(tmp_path, emulator, accounts=["one", "two"])
+    await login(emulator, config, "one")
+    await login(emulator, config, "two")
+    if problem == "not_a_directory":
+        (tmp_path / "plain").write_text("x")
+        where = tmp_path / "plain" / "sub"
+    else:
+        where = tmp_path / "shared"
+        where.mkdir()
+        where.chmod(0o777)
+    with NotifyReceiver() as notify:
+        daemon = await start_daemon(config, env=notify.env)
+        try:
+            await notify.wait_for_line("READY=1", daemon, timeout=10)
+            write_config(
+                tmp_path,
+                emulator,
+                accounts=["one", "three"],
+                extra=f'state_file = "{where}/three.state.json"\n',
+            )
+            code, out, err = await run_cli(config, "reload")
+            assert code != 0, out
+            assert "keeps its previous configuration" in err and "None" not in err
+            await daemon.wait_for(lambda: notify.text().count("READY=1") >= 2, what="READY")
+            status, body = await daemon.api("GET", "/v1/status")
+            assert status == 200
+            assert [a["account"] for a in body["accounts"]] == ["one", "two"]
+        finally:
+            assert await daemon.stop() == 0
+    failed = [line for line in daemon.log_text().splitlines() if "reload failed" in line]
+    assert len(failed) == 1 and where.name in failed[0], failed
+    assert "Traceback" not in daemon.log_text()
+
+
 async def test_sigterm_during_a_refresh_lets_it_finish_and_persist(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -476,75 +476,97 @@ class Daemon:
                             f"account {self.only_account!r} is no longer in the configuration"
                         )
                     new = only_account(new, self.only_account)
-            except ConfigError as exc:
-                log.error("reload failed, keeping the previous configuration:\n%s", exc)
+                self._check_accounts_files(new)
+            except (ConfigError, StoreError) as exc:
+                # One line (a journal entry each), the reason in it: `journalctl -g` finds it.
+                reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+                log.error("reload failed, keeping the previous configuration: %s", reason)
                 systemd.ready(self.summary())
-                return False, str(exc)
-            assert self.scheduler is not None
-            old_accounts = self.config.accounts
-            self.config = new
-            self._clients.clear()  # the new configuration's app objects get theirs
-            self.scheduler.set_heartbeat(new.refresh.heartbeat)
-            added, removed, changed = [], [], []
-            for name in list(self.managers):
-                if name not in new.accounts:
-                    manager = self.scheduler.remove(name)
-                    self.managers.pop(name)
-                    if manager is not None:
-                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
-                        await manager.flush()
-                    if self.alerts is not None:
-                        await self.alerts.detach(name)
-                    removed.append(name)
-            for name, account in new.accounts.items():
-                manager = self.managers.get(name)
-                if manager is None or (
-                    old_accounts[name].state_file != account.state_file
-                    or old_accounts[name].lock_file != account.lock_file
-                ):
-                    if manager is not None:
-                        self.scheduler.remove(name)
-                        await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
-                        await manager.flush()
-                    manager = self.make_manager(account)
-                    self.managers[name] = manager
-                    self.scheduler.add(manager)
-                    self.scheduler.run_soon(manager, "start")
-                    added.append(name)
-                    continue
-                if old_accounts[name] != account:
-                    changed.append(name)
-                assert self.session is not None
-                # A refresh in flight may take its whole request timeout; swapping the store
-                # under it earlier would lose the answer's lock bookkeeping.
-                await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
-                store = self.new_store(account)
-                if self.fleet is not None:
-                    from .fleet.node import plan_for
+                return False, reason
+            try:
+                return await self._apply(new)
+            finally:
+                if not self._stopping:  # (after STOPPING=1, a READY=1 would contradict it)
+                    systemd.ready(self.summary())  # whatever happened: systemd waits for it
 
-                    store.planner = plan_for(manager)  # type: ignore[attr-defined]
-                manager.reconfigure(
-                    account,
-                    store=store,
-                    client=self._client(account),
-                    policy=new.refresh,
-                )
+    def _check_accounts_files(self, new: Config) -> None:
+        """Check what a start checks of every account's files before a reload changes
+        anything (StoreError): directories others may write are refused, and the
+        directories are created. A reload that failed half-way through used to have dropped
+        the accounts it removed already and never told systemd it was ready again."""
+        checked: set[str] = set()
+        for account in new.accounts.values():
+            for field_name in ("state_file", "token_file"):
+                make_dirs(Path(directory_text(account.file_text(field_name))))
+            if self.fleet is None:
+                AccountStore(account, rescue_dir=new.runtime_dir).check_paths(checked)
+
+    async def _apply(self, new: Config) -> tuple[bool, str]:
+        """Swap in the checked configuration ``new`` (reload); return (True, what changed)."""
+        assert self.scheduler is not None
+        old_accounts = self.config.accounts
+        self.config = new
+        self._clients.clear()  # the new configuration's app objects get theirs
+        self.scheduler.set_heartbeat(new.refresh.heartbeat)
+        added, removed, changed = [], [], []
+        for name in list(self.managers):
+            if name not in new.accounts:
+                manager = self.scheduler.remove(name)
+                self.managers.pop(name)
+                if manager is not None:
+                    await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                    await manager.flush()
                 if self.alerts is not None:
-                    self.alerts.reconfigure(name)
-                self.scheduler.plan(manager)
-                if manager.state is not None and not manager.status.write_pending:
-                    manager.publish()
-            self.watch_state_files()
-            message = (
-                f"configuration reloaded: {len(new.accounts)} account(s)"
-                f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
-                f"; changed {', '.join(changed) or '-'}"
+                    await self.alerts.detach(name)
+                removed.append(name)
+        for name, account in new.accounts.items():
+            manager = self.managers.get(name)
+            if manager is None or (
+                old_accounts[name].state_file != account.state_file
+                or old_accounts[name].lock_file != account.lock_file
+            ):
+                if manager is not None:
+                    self.scheduler.remove(name)
+                    await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+                    await manager.flush()
+                manager = self.make_manager(account)
+                self.managers[name] = manager
+                self.scheduler.add(manager)
+                self.scheduler.run_soon(manager, "start")
+                added.append(name)
+                continue
+            if old_accounts[name] != account:
+                changed.append(name)
+            assert self.session is not None
+            # A refresh in flight may take its whole request timeout; swapping the store
+            # under it earlier would lose the answer's lock bookkeeping.
+            await manager.wait_idle(max(STOP_GRACE, manager.request_grace))
+            store = self.new_store(account)
+            if self.fleet is not None:
+                from .fleet.node import plan_for
+
+                store.planner = plan_for(manager)  # type: ignore[attr-defined]
+            manager.reconfigure(
+                account,
+                store=store,
+                client=self._client(account),
+                policy=new.refresh,
             )
-            log.info("%s", message)
-            for listener in self.reload_listeners:
-                listener()
-            systemd.ready(self.summary())
-            return True, message
+            if self.alerts is not None:
+                self.alerts.reconfigure(name)
+            self.scheduler.plan(manager)
+            if manager.state is not None and not manager.status.write_pending:
+                manager.publish()
+        self.watch_state_files()
+        message = (
+            f"configuration reloaded: {len(new.accounts)} account(s)"
+            f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"
+            f"; changed {', '.join(changed) or '-'}"
+        )
+        log.info("%s", message)
+        for listener in self.reload_listeners:
+            listener()
+        return True, message
 
 
 DAEMON = web.AppKey("daemon", Daemon)
