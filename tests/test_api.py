@@ -526,6 +526,22 @@ async def test_cli_goes_through_the_daemon_when_it_runs(
         assert "bogus_key" in err and "previous configuration" in err
 
 
+async def test_reload_of_a_config_that_is_not_toml_asks_no_daemon(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`reload` with a config that no longer parses as TOML cannot know which socket the
+    file names: it says what is wrong and that no daemon was asked (exit 78), instead of
+    "not running" about the default socket — or reloading another daemon listening there."""
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config):
+        config.write_text(config.read_text() + "[broken\n")
+        code, out, err = await run_cli(config, "reload")
+    assert code == 78, (out, err)
+    assert "not valid TOML" in err and "no daemon was asked" in err
+    assert "not running" not in err
+
+
 async def test_reload_needs_no_secrets_in_the_cli(
     emulator: KakaoEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1355,7 +1355,9 @@ def load_locations(
 
     For commands that must find the daemon whatever else is wrong with the file (`reload`
     asks the daemon to check a config the CLI may not load: a mistake elsewhere, or secrets
-    only the service can read). An unreadable file, or a bad value, gives the default.
+    only the service can read). An unreadable file, or a bad value, gives the default. A file
+    that is not TOML at all is a ConfigError: which socket it names cannot be known, and the
+    default one may be another daemon's.
     """
     env: Mapping[str, str] = os.environ if environ is None else environ
     source = find_config_file(path, env)
@@ -1363,8 +1365,13 @@ def load_locations(
     if source is not None:
         try:
             raw = tomllib.loads(source.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        except (OSError, UnicodeDecodeError):
             raw = {}
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(
+                f"config file {source} is not valid TOML ({exc}); no daemon was asked: fix it"
+                f" first (`kakao-tokend --config {source} check-config`)"
+            ) from None
     checker = _Checker(source=source, environ=env, with_secrets=False)
 
     def setting(table: str, key: str) -> Path | None:
