@@ -1,4 +1,5 @@
-"""A full disk for tests: a tiny tmpfs (where the state directory goes), and a filler."""
+"""A full or read-only disk for tests: a tiny tmpfs (where the state directory goes), a filler,
+and a read-only view of it."""
 
 from __future__ import annotations
 
@@ -49,3 +50,16 @@ def fill_up(directory: Path, name: str = "filler") -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make ``directory`` read-only while the block runs: a read-only bind mount stacked on it
+    (remounting the file system itself fails while files are open for writing); files
+    opened from then on are read-only, those open before stay as they were."""
+    subprocess.run(["mount", "--bind", str(directory), str(directory)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(directory)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from daemonproc import login, short_tokens, start_daemon, write_config
-from diskfull import fill_up
+from diskfull import fill_up, read_only
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient
@@ -370,3 +370,49 @@ async def test_cli_refresh_keeps_tokens_the_disk_refused_in_the_rescue_file(
     assert emulator.refresh_token_status(on_disk["tokens"]["refresh_token"]) == "live"
     assert not rescue.exists()
     assert emulator.stats.retired_refresh_presented == 0
+
+
+async def test_a_state_directory_turned_read_only_keeps_refreshing_into_the_rescue_file(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """The state file system turns read-only under a running daemon: refreshes go on
+    (the lock file is locked through a read-only descriptor), the new tokens are served and
+    kept in memory and the rescue file, and they are saved once it is writable again. It
+    stopped refreshing at all ('cannot open lock file: Read-only file system') until the
+    access token expired, with the advice to check that the host reaches Kakao."""
+    short_tokens(emulator, access=4, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        with read_only(tiny_state_fs):
+            stuck = daemon.state()["generation"]
+            await daemon.wait_log("cannot save the new tokens", timeout=15)
+            rotations = emulator.stats.rotations
+            await daemon.wait_for(
+                lambda: emulator.stats.rotations > rotations, what="refreshes on a read-only disk"
+            )
+            status, body = await daemon.api("GET", "/v1/accounts/default/token")
+            assert status == 200 and emulator.access_token_valid(body["access_token"])
+            rescue = tmp_path / "run" / "default.rescue.json"
+
+            def rescued_live() -> bool:  # (read again each time: a rotation may come between)
+                kept = json.loads(rescue.read_text())["state"]["tokens"]["refresh_token"]
+                return emulator.refresh_token_status(kept) == "live"
+
+            await daemon.wait_for(rescued_live, what="the live refresh token in the rescue file")
+            assert daemon.state()["generation"] == stuck  # nothing could be written there
+        await daemon.wait_for(
+            lambda: (
+                daemon.state()["generation"] > stuck
+                and emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"])
+                == "live"
+            ),
+            what="the tokens saved once the disk is writable",
+        )
+        assert emulator.stats.retired_refresh_presented == 0
+        assert "needs a new login" not in daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0

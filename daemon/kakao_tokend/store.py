@@ -476,6 +476,20 @@ def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = N
     return fd
 
 
+def _open_for_lock(name: str, dir_fd: int) -> int:
+    """Open a lock file for reading and writing, or, on a read-only file system, for
+    reading: flock works on either, so the account stays locked while the disk is read-only
+    and its refreshes go on (the tokens then wait in memory and the rescue file, which is
+    on another file system); only the holder's pid is not written then."""
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, os.O_RDWR | flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        return os.open(name, os.O_RDONLY | flags, dir_fd=dir_fd)
+
+
 def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") -> int:
     """Open (or create, 0600, our group) a lock file for reading and writing, safely.
 
@@ -494,14 +508,24 @@ def open_lock_file(path: Path, *, directory_what: str, what: str = "lock file") 
         ) from None
     try:
         for _ in range(10):
+            read_only = False
             try:
                 fd = _create_exclusive(path, LOCK_FILE_MODE, os.getegid(), dir_fd=dir_fd)
                 os.close(fd)
             except FileExistsError:
                 pass
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+                read_only = True  # a read-only file system: lock the file that is there
             try:
-                fd = os.open(path.name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                fd = _open_for_lock(path.name, dir_fd)
             except FileNotFoundError:
+                if read_only:
+                    raise StoreError(
+                        f"cannot create {what} {path}: read-only file system",
+                        hint="remount it read-write, or choose another directory",
+                    ) from None
                 continue  # removed between the two opens: create it again
             break
         else:  # pragma: no cover - created and removed ten times in a row by someone else
