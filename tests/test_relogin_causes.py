@@ -268,3 +268,43 @@ async def test_a_lost_rotation_of_a_short_refresh_token_says_rotated_and_lost(
     reason = saved_reason(manager)
     assert reason.startswith("refresh response lost after rotation")
     assert_cause(manager, "rotated_lost")
+
+
+async def test_a_rotation_lost_to_a_crash_says_rotated_and_lost_after_the_restart(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """kill -9 while Kakao is answering a rotating refresh: Kakao rotates, nobody hears it.
+    The restarted daemon's KOE322 is that lost rotation (the unavoidable case), not "an
+    unknown reason (another program? an old state file restored?)": that an attempt was in
+    flight is kept in the runtime directory, which a crash does not empty."""
+    import asyncio
+    import signal
+
+    from daemonproc import login, start_daemon, write_config
+
+    emulator.settings.access_lifetime = 4  # refreshed within seconds of the start
+    emulator.settings.refresh_lifetime = 7200
+    emulator.settings.rotation_window = 8000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=8000)
+    await login(emulator, config)
+    emulator.inject("token", "hold", count=1, delay=60.0)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: emulator.held_requests == 1, what="a refresh at Kakao")
+    finally:
+        daemon.send(signal.SIGKILL)
+        await daemon.proc.wait()
+    rotations = emulator.stats.rotations
+    emulator.release_held()
+    for _ in range(100):
+        if emulator.stats.rotations > rotations:
+            break
+        await asyncio.sleep(0.05)
+    assert emulator.stats.rotations == rotations + 1, "Kakao never rotated"
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_log("needs a new login", timeout=15)
+    finally:
+        assert await daemon.stop() == 0
+    assert daemon.state()["relogin_cause"] == "rotated_lost"
+    assert "unknown reason" not in daemon.log_text()

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
@@ -52,7 +54,7 @@ from .relogin import (
 from .sidefields import add_side_fields
 from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
-from .storage import AccountStorage
+from .storage import IN_FLIGHT_SUFFIX, AccountStorage
 from .tokens import (
     Clock,
     TokenSet,
@@ -296,6 +298,10 @@ class AccountManager:
         else:
             corrupt = None
         self._disk_signature = self.store.loaded_signature()
+        path = self._in_flight_path()
+        if path is not None and os.path.exists(path):
+            # The process before us died while a refresh was at Kakao (_mark_in_flight).
+            self._last_failure_ambiguous = True
         rescued = self._recover_rescue(state)
         if rescued is not None:
             return rescued
@@ -993,18 +999,40 @@ class AccountManager:
         Other failures without an answer (a refused connection, a reset) leave it as it is."""
         started = time.monotonic()
         status = self.status
+        self._mark_in_flight(True)
         try:
             result = await self.client.refresh(tokens, unanswered=status.unanswered)
         except KakaoError as exc:
             self._emit_call_time(started, "failure")
             if exc.status is not None:
                 self._heard_after(tokens, time.monotonic() - started)
+                self._mark_in_flight(False)  # an answer: Kakao changed nothing unheard
             elif isinstance(exc, KakaoUnavailable) and exc.code == "timeout":
                 status.went_unanswered()
             raise
         self._heard_after(tokens, time.monotonic() - started)
         self._emit_call_time(started, "success")
         return result
+
+    def _in_flight_path(self) -> Path | None:
+        """The marker of a token request whose answer is not yet safe: beside the rescue
+        file, in the runtime directory (a tmpfs: a crash or kill -9 does not empty it)."""
+        rescue = self.store.rescue_path
+        return None if rescue is None else rescue.with_name(f"{self.name}{IN_FLIGHT_SUFFIX}")
+
+    def _mark_in_flight(self, flying: bool) -> None:
+        """Leave (or remove) the in-flight marker. It is there from the moment a refresh is
+        sent until its answer is heard and its tokens are kept (state or rescue file): a
+        process that finds it at start knows an attempt may have reached Kakao unheard,
+        so a KOE322 then is the lost rotation (relogin.classify), not an unknown cause."""
+        path = self._in_flight_path()
+        if path is None:
+            return
+        with contextlib.suppress(OSError):  # only an explanation depends on it
+            if flying:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            else:
+                os.unlink(path)
 
     def _heard_after(self, tokens: TokenSet, took: float) -> None:
         """Kakao answered a token request after ``took`` seconds: keep the fewest unanswered
@@ -1140,6 +1168,7 @@ class AccountManager:
         )
         if self._persist(salvaged):
             self._publish(salvaged)
+        self._mark_in_flight(False)
         self._planned_refresh_at = None
         self.status.rotated()
         # We know the current refresh token: nothing about this attempt is ambiguous.
@@ -1163,6 +1192,7 @@ class AccountManager:
         # Memory first: from here on the new refresh token is the only one that works.
         self.state = new_state
         self._persist(new_state)
+        self._mark_in_flight(False)  # kept: in the state file, or else the rescue file
         self._publish(new_state)
         self._planned_refresh_at = None
         self.status.succeeded(now, rotated=rotated)

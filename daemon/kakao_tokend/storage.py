@@ -38,7 +38,11 @@ from typing import Any, Protocol
 
 from .state import AccountState
 
-__all__ = ["AccountStorage", "Publisher", "StateStore"]
+__all__ = ["IN_FLIGHT_SUFFIX", "AccountStorage", "Publisher", "StateStore"]
+
+#: Beside an account's rescue file while one of its refreshes is at Kakao, unheard
+#: (AccountManager._mark_in_flight); `logout` removes it with the rescue file.
+IN_FLIGHT_SUFFIX = ".in-flight"
 
 
 class StateStore(Protocol):

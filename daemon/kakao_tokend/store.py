@@ -36,6 +36,7 @@ from .errors import (
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
 from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState
+from .storage import IN_FLIGHT_SUFFIX
 from .tokens import format_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -1711,6 +1712,9 @@ class AccountStore:
         """
         self._record_logout(max(generation, self.last_generation()))
         self.discard_rescue()
+        if self.rescue_path is not None:  # a refresh that was in flight is no one's now
+            with suppress(OSError):
+                os.unlink(self.rescue_path.with_name(f"{self.name}{IN_FLIGHT_SUFFIX}"))
         removed: list[Path] = []
         for path in (self.state_path, self.token_path):
             try:
