@@ -662,3 +662,32 @@ def test_access_expiring_waits_for_a_retry_as_long_as_its_grown_request(tmp_path
         graded = assess(account, state, status, config.refresh, moment)
         assert "access_expiring" not in graded.names()
     assert "access_expiring" in assess(account, state, status, config.refresh, ends).names()
+
+
+@pytest.mark.parametrize(
+    ("label", "fix"),
+    [("lock_error", "the account's files"), ("timeout", "reaches Kakao")],
+)
+def test_the_fix_of_a_failing_refresh_names_where_it_fails(
+    tmp_path: Path, label: str, fix: str
+) -> None:
+    """Refreshes that fail to take the account's lock file (a read-only or full disk, a
+    directory another user owns) are not "check that this host reaches Kakao": the fix
+    points at the files; a timeout still points at the network."""
+    config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW - timedelta(seconds=1),
+        refresh_expires_at=NOW + timedelta(days=50),
+        access_issued_at=NOW - timedelta(seconds=7),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    for _ in range(2):
+        status.failed_transient("it failed", label, now=NOW, retry_at=NOW + timedelta(seconds=1))
+    graded = assess(account, state, status, config.refresh, NOW)
+    (condition,) = [c for c in graded.conditions if c.name == "access_expiring"]
+    assert condition.action is not None and fix in condition.action.render("en")

@@ -70,6 +70,12 @@ REASON_LIMIT = 20
 LOG_COMMAND = "journalctl -u kakao-tokend"
 #: What to do while refreshing fails for a reason that is not ours to fix.
 NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
+#: The fix when the account's lock file is what fails (health._failing_fix).
+FILES_FIX = N_(
+    "check the account's files and their directory (free space, a read-only file system,"
+    " owner and permissions); details: `{command}`",
+    command=LOG_COMMAND,
+)
 #: The conditions that the stored state alone decides (status without a daemon can judge
 #: them); every other one needs the daemon's live status (writes, publishing, refreshing).
 FROM_FILES = frozenset(
@@ -606,6 +612,8 @@ def _failing(
     """
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
+    # What fails decides where to look: the account's own files (its lock), or the network.
+    fix = FILES_FIX if status.last_error_class == "lock_error" else NETWORK_FIX
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
     if access_left < _margin(policy, lifetime) and not held:
@@ -630,9 +638,7 @@ def _failing(
                 reason=reason,
             )
             brief = N_("access token EXPIRED, refresh fails ({reason})", reason=reason)
-        found.append(
-            Condition("access_expiring", Severity.CRITICAL, message, NETWORK_FIX, brief=brief)
-        )
+        found.append(Condition("access_expiring", Severity.CRITICAL, message, fix, brief=brief))
     if since is not None and failing_for > settings.failing_after * lifetime:
         found.append(
             Condition(
@@ -645,7 +651,7 @@ def _failing(
                     reason=reason,
                     left=Duration(access_left),
                 ),
-                NETWORK_FIX,
+                fix,
                 brief=N_(
                     "refreshing has failed for {duration} ({reason})",
                     duration=Duration(failing_for),
