@@ -545,6 +545,18 @@ class TestAccounts:
             "account needs its own state, token and lock files"
         }
 
+    def test_an_account_file_that_is_the_config_file_is_refused(
+        self, write_toml: WriteToml, env: dict[str, str]
+    ) -> None:
+        """A state file set to the config file's own path passed the check; the first login
+        would have replaced the configuration with the tokens (0600, refresh token in it)."""
+        path = write_toml(MINIMAL)
+        path.write_text(MINIMAL + f'[accounts.a]\nstate_file = "{path}"\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ={**env, "KAKAO_KEY": KEY})
+        found = dict(caught.value.details)
+        assert f"{path} is also used as the config file itself" in found["accounts.a.state_file"]
+
     def test_explicit_file_clashing_with_a_default(self, env: dict[str, str]) -> None:
         """An explicit path equal to another account's default path is caught too."""
         state = env["STATE_DIRECTORY"]

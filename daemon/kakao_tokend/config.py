@@ -1944,6 +1944,8 @@ class _Checker:
         # thousand accounts' three files each. Who has a file: its key path, (key path, None)
         # for a default file, (account, key) for a default one of an account without a table.
         seen: dict[str, str | tuple[str, str | None]] = {}
+        if self.source is not None:  # a login would write the tokens over the configuration
+            seen[str(self.source)] = "the config file itself"
 
         def clash(key: str, text: str) -> None:
             who = seen[text]
