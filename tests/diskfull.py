@@ -14,12 +14,13 @@ import pytest
 
 
 @contextmanager
-def tiny_tmpfs(directory: Path) -> Iterator[Path]:
+def tiny_tmpfs(directory: Path, *, inodes: int | None = None) -> Iterator[Path]:
     """Make ``directory`` a 512 KiB tmpfs while the block runs (skip the test if we cannot
-    mount: that needs root)."""
+    mount: that needs root); ``inodes`` limits its files (and hard links) too."""
     directory.mkdir()
+    options = "size=512k,mode=0750" + (f",nr_inodes={inodes}" if inodes else "")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0750", "tmpfs", str(directory)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
         capture_output=True,
         check=False,
     )
@@ -63,3 +64,17 @@ def read_only(directory: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["umount", str(directory)], check=True)
+
+
+def use_up_inodes(directory: Path) -> list[Path]:
+    """Create empty files in ``directory`` until the file system has no inode left."""
+    made: list[Path] = []
+    for index in range(10_000):
+        path = directory / f"inode-filler-{index}"
+        try:
+            path.touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            return made
+        made.append(path)
+    raise AssertionError("the file system never ran out of inodes")

@@ -552,10 +552,13 @@ class TestAccounts:
         would have replaced the configuration with the tokens (0600, refresh token in it)."""
         path = write_toml(MINIMAL)
         path.write_text(MINIMAL + f'[accounts.a]\nstate_file = "{path}"\n')
-        with pytest.raises(ConfigError) as caught:
-            load_config(path, environ={**env, "KAKAO_KEY": KEY})
-        found = dict(caught.value.details)
-        assert f"{path} is also used as the config file itself" in found["accounts.a.state_file"]
+        for typed in (path, Path(os.path.relpath(path))):  # --config as typed: relative too
+            with pytest.raises(ConfigError) as caught:
+                load_config(typed, environ={**env, "KAKAO_KEY": KEY})
+            found = dict(caught.value.details)
+            assert (
+                f"{path} is also used as the config file itself" in found["accounts.a.state_file"]
+            )
 
     def test_explicit_file_clashing_with_a_default(self, env: dict[str, str]) -> None:
         """An explicit path equal to another account's default path is caught too."""

@@ -416,3 +416,63 @@ async def test_a_state_directory_turned_read_only_keeps_refreshing_into_the_resc
         assert "needs a new login" not in daemon.log_text()
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_import_keeps_the_new_refresh_token_of_a_half_broken_answer(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """`import` tests the file's refresh token with one refresh; Kakao rotates, but the
+    access part of its answer is unusable. The new refresh token is the only live one now:
+    it is imported (the access token comes with the daemon's next refresh), not thrown away
+    with "could not ask Kakao" (exit 69), which left the user a dead file."""
+    from daemonproc import run_cli
+
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
+    proxy = ManglingProxy(emulator.url, session)
+    url = await proxy.start()
+    try:
+        config = write_config(tmp_path, emulator)
+        text = config.read_text().replace(emulator.url, url)
+        config.write_text(text)
+        body = emulator.issue_tokens()
+        seed = tmp_path / "kakao_token.json"
+        seed.write_text(json.dumps(body))
+        proxy.break_next = "access_token"
+        code, _, err = await run_cli(config, "import", str(seed))
+    finally:
+        await proxy.stop()
+    assert proxy.broken == 1
+    assert code == 0, err
+    assert emulator.refresh_token_status(body["refresh_token"]) == "retired"
+    saved = json.loads((tmp_path / "state" / "default.state.json").read_text())
+    assert emulator.refresh_token_status(saved["tokens"]["refresh_token"]) == "live"
+
+
+async def test_a_forced_import_whose_check_rotates_is_saved_when_no_copy_can_be_made(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`import --force` on a state file system out of inodes: the old state's copy (a hard
+    link) cannot be made, but Kakao has already rotated the file's refresh token during the
+    check, so the new tokens are saved anyway (the reserve gives way). It stopped at the
+    copy with "could not be moved aside", and the rotated refresh token was nowhere."""
+    from daemonproc import run_cli
+    from diskfull import tiny_tmpfs, use_up_inodes
+
+    with tiny_tmpfs(tmp_path / "state", inodes=16) as state_dir:
+        config = write_config(tmp_path, emulator)
+        first = tmp_path / "first.json"
+        first.write_text(json.dumps(emulator.issue_tokens()))
+        code, _, err = await run_cli(config, "import", str(first))
+        assert code == 0, err
+        body = emulator.issue_tokens(refresh_remaining=10 * 86400)  # the check rotates it
+        seed = tmp_path / "kakao_token.json"
+        seed.write_text(json.dumps(body))
+        fillers = use_up_inodes(state_dir)
+        code, _, err = await run_cli(config, "import", "--force", str(seed))
+        for filler in fillers:
+            filler.unlink()
+        assert code == 0, err
+        assert emulator.refresh_token_status(body["refresh_token"]) == "retired"
+        saved = json.loads((state_dir / "default.state.json").read_text())
+        assert emulator.refresh_token_status(saved["tokens"]["refresh_token"]) == "live"
+        assert saved["tokens"]["refresh_token"] != body["refresh_token"]

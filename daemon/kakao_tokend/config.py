@@ -1365,11 +1365,12 @@ def load_locations(
     if source is not None:
         try:
             raw = tomllib.loads(source.read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError):
+        except OSError:
             raw = {}
-        except tomllib.TOMLDecodeError as exc:
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            what = "UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"valid TOML ({exc})"
             raise ConfigError(
-                f"config file {source} is not valid TOML ({exc}); no daemon was asked: fix it"
+                f"config file {source} is not {what}; no daemon was asked: fix it"
                 f" first (`kakao-tokend --config {source} check-config`)"
             ) from None
     checker = _Checker(source=source, environ=env, with_secrets=False)
@@ -1945,7 +1946,7 @@ class _Checker:
         # for a default file, (account, key) for a default one of an account without a table.
         seen: dict[str, str | tuple[str, str | None]] = {}
         if self.source is not None:  # a login would write the tokens over the configuration
-            seen[str(self.source)] = "the config file itself"
+            seen[os.path.abspath(self.source)] = "the config file itself"
 
         def clash(key: str, text: str) -> None:
             who = seen[text]

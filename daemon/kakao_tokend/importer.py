@@ -23,8 +23,10 @@ from .errors import (
     KakaoRequestRejected,
     KakaoTokendError,
     KakaoUnavailable,
+    PartialRefresh,
     ReloginRequired,
     StateCorrupt,
+    StoreError,
     StoreWriteError,
 )
 from .kakao import AccessTokenRejected, KakaoClient
@@ -492,6 +494,17 @@ async def refresh_seed(
     return the new state (same generation) and whether Kakao rotated the refresh token."""
     try:
         tokens, rotated = await client.refresh(state.tokens)
+    except PartialRefresh as exc:
+        # Kakao rotated but the access part of its answer was unusable: the new refresh token
+        # is the only live one, so it is imported; the access token comes with the next
+        # refresh (the daemon's, at once: the old one may be expired).
+        log.warning(
+            "%s: Kakao rotated the refresh token but its answer's access part was unusable"
+            " (%s); importing the new refresh token",
+            seed.path,
+            exc,
+        )
+        tokens, rotated = exc.salvaged, True
     except ReloginRequired as exc:
         raise ReloginRequired(
             f"{seed.path}: Kakao refused its refresh token ({exc.label}): the token in this "
@@ -526,12 +539,22 @@ async def _verify_by_refresh(
     make_room_before_kakao(store.state_path.parent)
     fresh, rotated = await refresh_seed(seed, state, client, login_hint, clock)
     last: StoreWriteError | None = None
+    keep_a_copy = True
     for _ in range(3):
         try:
-            replaced = store.save_keeping_a_copy(fresh, "replaced")
+            if keep_a_copy:
+                replaced = store.save_keeping_a_copy(fresh, "replaced")
+            else:
+                store.save(fresh)
+                replaced = None
         except StoreWriteError as exc:
             last = exc
             await asyncio.sleep(0.5)
+        except StoreError as exc:
+            # The replaced state's copy (a hard link) could not be made: out of inodes, or a
+            # file system without links. Kakao has answered, so the new tokens come first.
+            log.warning("%s: %s; saving the new tokens without that copy", seed.path, exc)
+            keep_a_copy = False
         else:
             return fresh, rotated, replaced
     assert last is not None
