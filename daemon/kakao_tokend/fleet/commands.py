@@ -166,7 +166,7 @@ async def import_into_store(
                 planned = state
                 store.planner = lambda: _plan_for(config, planned)
                 store.save(state)
-        except StoreWriteError as exc:
+        except StoreError as exc:  # a failed commit, or the database gone (StoreUnavailable)
             if state is None or not rotated:
                 raise
             kept = store.rescue_path if store.save_rescue(state) else None
