@@ -1006,7 +1006,8 @@ class AccountManager:
             self._emit_call_time(started, "failure")
             if exc.status is not None:
                 self._heard_after(tokens, time.monotonic() - started)
-                self._mark_in_flight(False)  # an answer: Kakao changed nothing unheard
+                if not self._last_failure_ambiguous:  # (an earlier attempt may have rotated)
+                    self._mark_in_flight(False)  # an answer: Kakao changed nothing unheard
             elif isinstance(exc, KakaoUnavailable) and exc.code == "timeout":
                 status.went_unanswered()
             raise
@@ -1167,8 +1168,8 @@ class AccountManager:
             exc,
         )
         if self._persist(salvaged):
+            self._mark_in_flight(False)
             self._publish(salvaged)
-        self._mark_in_flight(False)
         self._planned_refresh_at = None
         self.status.rotated()
         # We know the current refresh token: nothing about this attempt is ambiguous.
@@ -1191,8 +1192,8 @@ class AccountManager:
         )
         # Memory first: from here on the new refresh token is the only one that works.
         self.state = new_state
-        self._persist(new_state)
-        self._mark_in_flight(False)  # kept: in the state file, or else the rescue file
+        if self._persist(new_state):
+            self._mark_in_flight(False)  # kept (else it waits in memory and the rescue file)
         self._publish(new_state)
         self._planned_refresh_at = None
         self.status.succeeded(now, rotated=rotated)
