@@ -292,6 +292,44 @@ async def test_resume_after_sigstop_refreshes_within_one_heartbeat(
         assert await daemon.stop() == 0
 
 
+async def test_an_answer_that_came_while_the_daemon_was_stopped_is_read_not_timed_out(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """SIGSTOP while Kakao holds a rotating refresh; Kakao answers while the daemon is
+    stopped, for longer than its request may wait. At SIGCONT the answer is in the socket:
+    it is read and its rotated refresh token saved. The request's deadline ran out at the
+    SIGCONT first, took it for a hang, and the rotation was lost (KOE322, a new login)."""
+    short_tokens(emulator, access=4, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000, timeout="2s")
+    await login(emulator, config)
+    emulator.inject("token", "hold", count=1, delay=60.0)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: emulator.held_requests == 1, what="a refresh at Kakao")
+        daemon.send(signal.SIGSTOP)
+        rotations = emulator.stats.rotations
+        emulator.release_held()
+        for _ in range(100):
+            if emulator.stats.rotations > rotations:
+                break
+            await asyncio.sleep(0.05)
+        assert emulator.stats.rotations == rotations + 1
+        await asyncio.sleep(3.0)  # longer than the request's 2 s
+        daemon.send(signal.SIGCONT)
+        await daemon.wait_for(
+            lambda: emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"])
+            == "live"
+            and daemon.state()["generation"] >= 2,
+            timeout=10,
+            what="the rotated refresh token saved",
+        )
+    finally:
+        assert await daemon.stop() == 0
+    assert "needs a new login" not in daemon.log_text()
+    assert emulator.stats.retired_refresh_presented == 0
+
+
 async def test_sighup_adds_an_account_without_refetching_tokens(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -53,7 +53,9 @@ Kakao, and where that is documented: docs/kakao.md.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -61,7 +63,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -299,6 +301,44 @@ def rejects_the_app(msg: str) -> bool:
     one. No refresh can help (the proxy, api.py, reads Kakao's answers with this too)."""
     lowered = msg.lower()
     return any(marker in lowered for marker in _CONFIG_401_MARKERS)
+
+
+#: A request's deadline found running this much of its wait late did not see Kakao hang: the
+#: process was stopped (SIGSTOP, a frozen VM) or its loop stalled, and the answer may be
+#: waiting in the socket. It gets this share of the wait more, once (answer_within).
+LATE_DEADLINE_SHARE = 0.25
+
+
+@contextlib.asynccontextmanager
+async def answer_within(seconds: float) -> AsyncIterator[None]:
+    """Like ``asyncio.timeout(seconds)``, except for a deadline that runs out late.
+
+    A process stopped while Kakao answered finds, when it runs again, the answer in its
+    socket and the deadline past, both at once; the deadline's callback ran first, and a
+    rotated refresh token that had arrived was thrown away as a hang (then KOE322). A
+    deadline that fires more than :data:`LATE_DEADLINE_SHARE` of the wait late therefore
+    gives the request that share more, once, to read what is there (as the fleet's database
+    deadlines do, fleet.db.deadline).
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time() + seconds
+    extended = False
+    handle: asyncio.TimerHandle
+    async with asyncio.timeout(None) as limit:
+
+        def expire() -> None:
+            nonlocal extended, handle
+            if not extended and loop.time() - due > seconds * LATE_DEADLINE_SHARE:
+                extended = True
+                handle = loop.call_later(seconds * LATE_DEADLINE_SHARE, expire)
+                return
+            limit.reschedule(loop.time())
+
+        handle = loop.call_at(due, expire)
+        try:
+            yield
+        finally:
+            handle.cancel()
 
 
 _SECRET_ASSIGNMENT = re.compile(
@@ -685,15 +725,21 @@ class KakaoClient:
         url = URL(self._base(base) + path)
         started = time.monotonic()
         timeout = self._timeout(lifetime, refresh_expires_at, unanswered)
+        assert timeout.total is not None
         try:
-            async with self._session.request(
-                method,
-                url,
-                data=data,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
+            # The wait for the answer is answer_within's (a deadline found late gets a share
+            # more); aiohttp keeps only the connection's own limit.
+            async with (
+                answer_within(timeout.total),
+                self._session.request(
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(connect=timeout.connect),
+                    allow_redirects=False,
+                ) as resp,
+            ):
                 body = await resp.read()
                 answer = _Response(
                     status=resp.status,
