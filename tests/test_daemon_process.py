@@ -318,9 +318,10 @@ async def test_an_answer_that_came_while_the_daemon_was_stopped_is_read_not_time
         await asyncio.sleep(3.0)  # longer than the request's 2 s
         daemon.send(signal.SIGCONT)
         await daemon.wait_for(
-            lambda: emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"])
-            == "live"
-            and daemon.state()["generation"] >= 2,
+            lambda: (
+                emulator.refresh_token_status(daemon.state()["tokens"]["refresh_token"]) == "live"
+                and daemon.state()["generation"] >= 2
+            ),
             timeout=10,
             what="the rotated refresh token saved",
         )

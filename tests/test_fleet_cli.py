@@ -167,6 +167,27 @@ async def test_rotate_key_without_the_old_key_fails_clearly(tmp_path: Path, pg_d
         assert await cur.fetchall() == [(lost.newest.key_id,)]  # untouched
 
 
+async def test_refresh_and_status_with_a_key_the_store_was_not_sealed_with_name_the_key(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A host whose key file lacks the store's key: `refresh` said "account has no tokens
+    yet (run login)" (exit 77) and `status` told to log in, which would seal the shared row
+    with a key the rest of the fleet does not have. Both name the key and the key file."""
+    lost = Keyring.parse(new_key_line())
+    config = write_store_config(tmp_path, pg_dsn, keys=[new_key_line()])
+    config.write_text(config.read_text() + "[accounts.shop]\n")
+    await _seed(pg_dsn, lost, ["shop"])
+    code, out, err = await run_cli(config, "--account", "shop", "refresh")
+    assert code == 78, (out, err)
+    assert "cannot decrypt the access_token of account 'shop'" in err
+    assert "key file" in err and "login" not in err
+    code, out, err = await run_cli(config, "--account", "shop", "status")
+    assert code == 2, (out, err)
+    assert "cannot decrypt" in out and lost.newest.key_id in out
+    fix = out.split("fix:", 1)[1]
+    assert "key file" in fix and "login" not in fix
+
+
 async def test_rotate_key_before_init_says_to_run_init(tmp_path: Path, pg_dsn: str) -> None:
     """An empty database: rotate-key does not create the schema behind the operator's back."""
     config = write_store_config(tmp_path, pg_dsn)

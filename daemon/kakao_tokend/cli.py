@@ -1017,6 +1017,11 @@ async def _managed_refresh(
 
                 store.planner = plan_for(manager)
                 await fleet.reload(account.name)
+                from .fleet.commands import unreadable_error
+
+                unreadable = unreadable_error(fleet, account.name)
+                if unreadable is not None:
+                    raise unreadable
             before = manager.load()
             status = manager.status
             if before is None:

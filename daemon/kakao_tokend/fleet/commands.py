@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import AccountConfig, Config
-from ..errors import StoreError, StoreWriteError
+from ..errors import StoreError, StoreWriteError, TokenDecryptError
 from ..state import AccountState
 from ..tokens import TokenSet, refresh_due_at
 from .accounts import RefreshStatus
@@ -89,6 +89,21 @@ async def logout_account(config: Config, account: AccountConfig) -> AccountState
     return state
 
 
+#: The fix for a row this host cannot decrypt (FleetStore.unreadable: its key file lacks
+#: the key the row was sealed with, or holds another). Not a login: that would seal the
+#: shared row with a key the other nodes may not have.
+UNREADABLE_HINT = (
+    "every node needs the same key file: add the key the store was sealed with back to this"
+    " host's key file (newest last), then `kakao-tokend reload` the node here"
+)
+
+
+def unreadable_error(fleet: FleetStore, name: str) -> TokenDecryptError | None:
+    """The error for account ``name``'s row when this host cannot decrypt it, else None."""
+    problem = fleet.unreadable.get(name)
+    return TokenDecryptError(problem, hint=UNREADABLE_HINT) if problem else None
+
+
 async def read_states(
     config: Config, names: list[str]
 ) -> dict[str, tuple[AccountState | None, StoreError | None, str | None]]:
@@ -97,8 +112,7 @@ async def read_states(
         found: dict[str, tuple[AccountState | None, StoreError | None, str | None]] = {}
         for name in names:
             row = fleet.rows.get(name)
-            problem = fleet.unreadable.get(name)
-            error = StoreError(problem) if problem else None
+            error = unreadable_error(fleet, name)
             found[name] = (row.state if row else None, error, row.refreshed_by if row else None)
         return found
 
