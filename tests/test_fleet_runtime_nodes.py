@@ -378,3 +378,36 @@ async def test_status_does_not_wait_for_a_database_that_went_silent(
             proxy.resume()
         finally:
             await node.stop()
+
+
+async def test_two_live_nodes_with_one_name_are_told_apart_in_the_log(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Two nodes on two hosts given one node_name (cloned containers keep one host name)
+    share a nodes row, and each account's alerts, sent once per fleet by its first claimant,
+    went out twice without a word. Each node now says so; a node restarted on the same host
+    after a kill -9 (its row left, its old process gone) is not taken for another."""
+    import shutil
+
+    first = node_config(tmp_path, emulator, pg_dsn, "web-1", heartbeat="0.5s")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "store.key", elsewhere / "store.key")
+    second = node_config(elsewhere, emulator, pg_dsn, "web-1", heartbeat="0.5s")
+    one = await start_daemon(first)
+    try:
+        await asyncio.sleep(1.0)  # its row written at least once
+        assert "another node named" not in one.log_text()
+        one.send(signal.SIGKILL)  # its row stays, with the pid of a process that is gone
+        await one.proc.wait()
+        one = await start_daemon(first)  # the same node again
+        await asyncio.sleep(1.0)
+        assert "another node named" not in one.log_text()
+        two = await start_daemon(second)
+        try:
+            await two.wait_log("another node named 'web-1' is running", timeout=10)
+            await one.wait_log("another node named 'web-1' is running", timeout=10)
+        finally:
+            await two.stop()
+    finally:
+        await one.stop()

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
@@ -30,6 +31,7 @@ from ..tokens import utcnow
 from .accounts import CHANNEL, parse_notification
 from .db import connect, deadline, end_tasks, no_answer, store_errors
 from .store import FleetStore, Planner
+from .turns import LIVE_HEARTBEATS
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -65,6 +67,8 @@ class FleetNode:
         #: Called after every poll and every failed (re)connect: the store's health may differ.
         self.on_health = on_health
         self.started_at = utcnow()
+        #: The (host, pid) of other live nodes found writing this node's row (said once each).
+        self._named_twice: set[tuple[str, int]] = set()
         self.listening = False
         #: Accounts notified but not re-read yet: the listener only collects, the applier
         #: re-reads all of them with one query (see _apply_notified).
@@ -263,6 +267,35 @@ class FleetNode:
         for name in due:
             self.on_due(name)
 
+    def _check_name_is_ours(self, row: tuple[Any, ...] | None) -> None:
+        """Say (once per other process) when another live node writes this node's row.
+
+        Two nodes with one ``node_name`` (cloned containers keep the host name that is the
+        default) share a row: each counts as the other, so the turns and the alerts sent
+        once per fleet by an account's first claimant go out twice. The row is another live
+        node's when it was written by another process, for another start, within the
+        heartbeats that keep a node live — not by this node's own previous run on this host
+        (its pid is gone)."""
+        if row is None:
+            return
+        host, pid, started_at, age = row
+        me = (socket.gethostname(), os.getpid())
+        if (host, pid) == me or started_at == self.started_at or pid is None:
+            return
+        window = timedelta(seconds=LIVE_HEARTBEATS * self.fleet.heartbeat())
+        if age is None or age > window or (host == me[0] and not _pid_alive(pid)):
+            return
+        if (host, pid) in self._named_twice:
+            return
+        self._named_twice.add((host, pid))
+        log.error(
+            "another node named %r is running (host %s, pid %s): both write one nodes row, so"
+            " accounts' alerts may go out twice; give each node its own [store] node_name",
+            self.fleet.node,
+            host,
+            pid,
+        )
+
     async def _seen(self) -> None:
         from psycopg.types.json import Jsonb
 
@@ -276,6 +309,11 @@ class FleetNode:
             "notify_lag": stats.last_notify_lag,
         }
         async with fleet.connection("update this node's row") as conn:
+            cur = await conn.execute(
+                "SELECT host, pid, started_at, now() - last_seen_at FROM nodes WHERE name = %s",
+                (fleet.node,),
+            )
+            self._check_name_is_ours(await cur.fetchone())
             await conn.execute(
                 "INSERT INTO nodes (name, started_at, last_seen_at, version, schema_version,"
                 " host, pid, stats) VALUES (%s, %s, now(), %s, %s, %s, %s, %s)"
@@ -296,3 +334,14 @@ class FleetNode:
             cur = await conn.execute("SELECT name, last_seen_at FROM nodes ORDER BY name")
             fleet.nodes = {name: seen for name, seen in await cur.fetchall()}
             await conn.commit()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one of another user's counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
