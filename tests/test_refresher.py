@@ -78,15 +78,12 @@ async def test_a_cancelled_caller_does_not_interrupt_the_refresh(
     assert manager.store.load().generation == 2  # type: ignore[union-attr]
 
 
-async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
-    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
-) -> None:
-    """10-second tokens, the default timeouts (fitted to 4.75 % of the life: 0.475 s), Kakao
-    taking 0.7 s per token answer: the first request times out and is counted, the next one
-    waits twice as long and gets its answer. A Kakao that slow stays that slow: the requests
-    after it keep the longer wait (no timeout each cycle), until an answer that the usual
-    wait would have heard brings it back. Before, every request gave up after 0.475 s."""
-    short_tokens(emulator, access=10, refresh=3600)
+async def default_timeouts_manager(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, *, access: float
+) -> AccountManager:
+    """Log in with ``access``-second tokens and build the manager with the Kakao timeouts at
+    their defaults (fitted to the lifetime), its client on the refresh policy."""
+    short_tokens(emulator, access=access, refresh=3600)
     config_path = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
     await login(emulator, config_path)
     config = load_config(config_path)
@@ -98,6 +95,18 @@ async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
         policy=config.refresh,
     )
     manager.load()
+    return manager
+
+
+async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """10-second tokens, the default timeouts (fitted to 4.75 % of the life: 0.475 s), Kakao
+    taking 0.7 s per token answer: the first request times out and is counted, the next one
+    waits twice as long and gets its answer. A Kakao that slow stays that slow: the requests
+    after it keep the longer wait (no timeout each cycle), until an answer that the usual
+    wait would have heard brings it back. Before, every request gave up after 0.475 s."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
     emulator.inject("token", "slow", count=1, delay=0.7)
     await manager.refresh(force=True)
     assert manager.status.last_error_class == "timeout"
@@ -516,18 +525,7 @@ async def test_the_grace_for_a_request_in_flight_follows_the_tokens_lifetime(
     for a request in flight, is that request's own wait and as much again: 30 + 1 s for
     Kakao's 6-hour token, a share of a 6-second one (it was the configured 31 s, five
     lifetimes), and never past half of the refresh token's remaining life."""
-    short_tokens(emulator, access=6, refresh=3600)
-    config_path = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
-    await login(emulator, config_path)
-    config = load_config(config_path)
-    account = config.accounts["default"]
-    manager = AccountManager(
-        account,
-        store=AccountStore(account),
-        client=KakaoClient(session, account.app, policy=config.refresh),
-        policy=config.refresh,
-    )
-    manager.load()
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=6)
     assert manager.request_grace == pytest.approx(2 * 6 * 0.0475, rel=0.05)
     manager.status.went_unanswered()  # the next request waits longer: so does the grace
     assert manager.request_grace == pytest.approx(2 * 6 * 0.095, rel=0.05)
