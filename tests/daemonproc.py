@@ -112,6 +112,17 @@ async def run_cli(config: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def release_into_a_rotation(emulator: KakaoEmulator) -> None:
+    """Let the refresh a ``hold`` fault keeps reach Kakao, and wait until Kakao rotated."""
+    rotations = emulator.stats.rotations
+    emulator.release_held()
+    for _ in range(100):
+        if emulator.stats.rotations > rotations:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("Kakao never rotated the held refresh")
+
+
 def short_tokens(emulator: KakaoEmulator, *, access: float = 2, refresh: float = 3600) -> None:
     """Make the emulator issue second-long tokens (rotation window at most half the refresh
     token's life)."""

@@ -17,6 +17,7 @@ from daemonproc import (
     access_token_valid,
     issued_tokens,
     login,
+    release_into_a_rotation,
     short_tokens,
     start_daemon,
     write_config,
@@ -308,13 +309,7 @@ async def test_an_answer_that_came_while_the_daemon_was_stopped_is_read_not_time
     try:
         await daemon.wait_for(lambda: emulator.held_requests == 1, what="a refresh at Kakao")
         daemon.send(signal.SIGSTOP)
-        rotations = emulator.stats.rotations
-        emulator.release_held()
-        for _ in range(100):
-            if emulator.stats.rotations > rotations:
-                break
-            await asyncio.sleep(0.05)
-        assert emulator.stats.rotations == rotations + 1
+        await release_into_a_rotation(emulator)
         await asyncio.sleep(3.0)  # longer than the request's 2 s
         daemon.send(signal.SIGCONT)
         await daemon.wait_for(

@@ -277,10 +277,9 @@ async def test_a_rotation_lost_to_a_crash_says_rotated_and_lost_after_the_restar
     The restarted daemon's KOE322 is that lost rotation (the unavoidable case), not "an
     unknown reason (another program? an old state file restored?)": that an attempt was in
     flight is kept in the runtime directory, which a crash does not empty."""
-    import asyncio
     import signal
 
-    from daemonproc import login, start_daemon, write_config
+    from daemonproc import login, release_into_a_rotation, start_daemon, write_config
 
     emulator.settings.access_lifetime = 4  # refreshed within seconds of the start
     emulator.settings.refresh_lifetime = 7200
@@ -294,13 +293,7 @@ async def test_a_rotation_lost_to_a_crash_says_rotated_and_lost_after_the_restar
     finally:
         daemon.send(signal.SIGKILL)
         await daemon.proc.wait()
-    rotations = emulator.stats.rotations
-    emulator.release_held()
-    for _ in range(100):
-        if emulator.stats.rotations > rotations:
-            break
-        await asyncio.sleep(0.05)
-    assert emulator.stats.rotations == rotations + 1, "Kakao never rotated"
+    await release_into_a_rotation(emulator)
     daemon = await start_daemon(config)
     try:
         await daemon.wait_log("needs a new login", timeout=15)
