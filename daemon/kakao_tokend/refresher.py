@@ -54,7 +54,7 @@ from .relogin import (
 from .sidefields import add_side_fields
 from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
-from .storage import IN_FLIGHT_SUFFIX, AccountStorage
+from .storage import AccountStorage, in_flight_path
 from .tokens import (
     Clock,
     TokenSet,
@@ -1018,8 +1018,7 @@ class AccountManager:
     def _in_flight_path(self) -> Path | None:
         """The marker of a token request whose answer is not yet safe: beside the rescue
         file, in the runtime directory (a tmpfs: a crash or kill -9 does not empty it)."""
-        rescue = self.store.rescue_path
-        return None if rescue is None else rescue.with_name(f"{self.name}{IN_FLIGHT_SUFFIX}")
+        return in_flight_path(self.store.rescue_path, self.name)
 
     def _mark_in_flight(self, flying: bool) -> None:
         """Leave (or remove) the in-flight marker. It is there from the moment a refresh is

@@ -38,11 +38,17 @@ from typing import Any, Protocol
 
 from .state import AccountState
 
-__all__ = ["IN_FLIGHT_SUFFIX", "AccountStorage", "Publisher", "StateStore"]
+__all__ = ["AccountStorage", "Publisher", "StateStore", "in_flight_path"]
 
 #: Beside an account's rescue file while one of its refreshes is at Kakao, unheard
 #: (AccountManager._mark_in_flight); `logout` removes it with the rescue file.
 IN_FLIGHT_SUFFIX = ".in-flight"
+
+
+def in_flight_path(rescue_path: Path | None, name: str) -> Path | None:
+    """Where account ``name``'s in-flight marker lives: beside its rescue file (None: no
+    rescue file, so no marker either)."""
+    return None if rescue_path is None else rescue_path.with_name(f"{name}{IN_FLIGHT_SUFFIX}")
 
 
 class StateStore(Protocol):

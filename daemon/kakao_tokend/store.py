@@ -36,7 +36,7 @@ from .errors import (
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
 from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState
-from .storage import IN_FLIGHT_SUFFIX
+from .storage import in_flight_path
 from .tokens import format_time, utcnow
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,12 @@ def remove_outputs(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
         except OSError as exc:
             problems.append(str(_write_error(path, exc, "remove")))
     return removed, problems
+
+
+def sink_paths(account: AccountFiles) -> list[Path]:
+    """The extra token files ``account`` publishes (``access_token_file``, ``env_file``):
+    written with every new token (AccountStore.publish_sinks), removed at a logout."""
+    return [Path(path) for path in (account.access_token_file, account.env_file) if path]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -1693,11 +1699,6 @@ class AccountStore:
                 exc,
             )
 
-    def sink_paths(self) -> list[Path]:
-        """The extra token files the account publishes (``access_token_file``, ``env_file``)."""
-        account = self.account
-        return [Path(path) for path in (account.access_token_file, account.env_file) if path]
-
     def remove(
         self, *, generation: int = 0, outputs: Iterable[Path] = ()
     ) -> tuple[list[Path], list[str]]:
@@ -1712,9 +1713,10 @@ class AccountStore:
         """
         self._record_logout(max(generation, self.last_generation()))
         self.discard_rescue()
-        if self.rescue_path is not None:  # a refresh that was in flight is no one's now
+        marker = in_flight_path(self.rescue_path, self.name)
+        if marker is not None:  # a refresh that was in flight is no one's now
             with suppress(OSError):
-                os.unlink(self.rescue_path.with_name(f"{self.name}{IN_FLIGHT_SUFFIX}"))
+                os.unlink(marker)
         removed: list[Path] = []
         for path in (self.state_path, self.token_path):
             try:
@@ -1722,7 +1724,7 @@ class AccountStore:
                     removed.append(path)
             except OSError as exc:
                 raise _write_error(path, exc, "remove") from None
-        more, problems = remove_outputs([*self.sink_paths(), *outputs])
+        more, problems = remove_outputs([*sink_paths(self.account), *outputs])
         return removed + more, problems
 
     def withdraw(self, *, outputs: Iterable[Path] = ()) -> tuple[list[Path], list[str]]:
@@ -1744,6 +1746,6 @@ class AccountStore:
             if os.path.lexists(self.state_path):
                 return [], []
             self._record_logout(self.last_generation())
-            return remove_outputs([self.token_path, *self.sink_paths(), *outputs])
+            return remove_outputs([self.token_path, *sink_paths(self.account), *outputs])
         finally:
             self.unlock()

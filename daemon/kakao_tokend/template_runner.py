@@ -30,7 +30,7 @@ from .errors import StoreError
 from .hooks import CommandWorkers
 from .refresher import AccountManager
 from .status import NEW_TOKENS, WITHOUT_TOKENS, AccountEvent, EventKind
-from .store import AccountStore, atomic_write, remove_outputs, resolve_group
+from .store import AccountStore, atomic_write, remove_outputs, resolve_group, sink_paths
 from .templates import render
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class TemplateRunner(CommandWorkers[tuple[str, Path], tuple[TemplateConfig, int]
             removed, problems = store.withdraw(outputs=destinations)
         elif getattr(store, "publishes", True):
             # A fleet node removes its token file itself (Daemon.on_store_changed).
-            sinks = [account.access_token_file, account.env_file]
-            removed, problems = remove_outputs([*(p for p in sinks if p), *destinations])
+            removed, problems = remove_outputs([*sink_paths(account), *destinations])
         else:
             return
         if removed:
