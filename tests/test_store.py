@@ -956,3 +956,31 @@ def test_the_emergency_reserve_is_allocated_and_given_up_once(tmp_path: Path) ->
     assert release_reserve(tmp_path)
     assert not reserve.exists()
     assert not release_reserve(tmp_path)
+
+
+def test_a_copy_that_cannot_be_made_stops_the_save_unless_new_tokens_come_first(
+    tmp_path: Path,
+) -> None:
+    """save_keeping_a_copy on a file system with no inode left (the copy is a hard link):
+    by default nothing changes and StoreError says so (`restore`, an import without a
+    refresh); with copy_required=False (tokens Kakao has just issued) the new state is
+    saved without the copy (the emergency reserve gives way to its temporary file)."""
+    from dataclasses import replace as changed
+
+    from diskfull import tiny_tmpfs, use_up_inodes
+    from kakao_tokend.store import ensure_reserve
+
+    with tiny_tmpfs(tmp_path / "state", inodes=16) as directory:
+        store = AccountStore.from_paths("default", state_file=directory / "default.state.json")
+        old = make_state()
+        store.save(old)
+        assert ensure_reserve(directory)  # what a save on a full disk gives up
+        before = store.state_path.read_bytes()
+        use_up_inodes(directory)
+        new = changed(old, generation=old.generation + 1)
+        with pytest.raises(StoreError, match="could not be moved aside"):
+            store.save_keeping_a_copy(new, "replaced")
+        assert store.state_path.read_bytes() == before
+        assert store.save_keeping_a_copy(new, "replaced", copy_required=False) is None
+        loaded = store.load()
+        assert loaded is not None and loaded.generation == old.generation + 1

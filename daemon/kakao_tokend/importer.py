@@ -26,7 +26,6 @@ from .errors import (
     PartialRefresh,
     ReloginRequired,
     StateCorrupt,
-    StoreError,
     StoreWriteError,
 )
 from .kakao import AccessTokenRejected, KakaoClient
@@ -539,22 +538,13 @@ async def _verify_by_refresh(
     make_room_before_kakao(store.state_path.parent)
     fresh, rotated = await refresh_seed(seed, state, client, login_hint, clock)
     last: StoreWriteError | None = None
-    keep_a_copy = True
     for _ in range(3):
         try:
-            if keep_a_copy:
-                replaced = store.save_keeping_a_copy(fresh, "replaced")
-            else:
-                store.save(fresh)
-                replaced = None
+            # Kakao has answered: its tokens are saved even when no copy of the old can be.
+            replaced = store.save_keeping_a_copy(fresh, "replaced", copy_required=False)
         except StoreWriteError as exc:
             last = exc
             await asyncio.sleep(0.5)
-        except StoreError as exc:
-            # The replaced state's copy (a hard link) could not be made: out of inodes, or a
-            # file system without links. Kakao has answered, so the new tokens come first.
-            log.warning("%s: %s; saving the new tokens without that copy", seed.path, exc)
-            keep_a_copy = False
         else:
             return fresh, rotated, replaced
     assert last is not None

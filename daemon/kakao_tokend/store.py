@@ -1306,12 +1306,17 @@ class AccountStore:
         """
         return self.set_aside_file(self.state_path, label)
 
-    def save_keeping_a_copy(self, state: AccountState, label: str) -> Path | None:
+    def save_keeping_a_copy(
+        self, state: AccountState, label: str, *, copy_required: bool = True
+    ) -> Path | None:
         """Save ``state`` over the state file, keeping the file it replaces as
         ``<file>.<label>-<stamp>``; return the copy's path (None when there was no file).
 
         The copy is made first and the save is atomic, so a failed save (a full disk) leaves
-        the live file as it was, and the copy is removed again. Hold the lock.
+        the live file as it was, and the copy is removed again. A copy that cannot be made
+        (a hard link refused: no inode left, a file system without links) raises StoreError,
+        nothing changed — unless ``copy_required`` is False: tokens Kakao has just issued
+        come first, so they are saved without it (logged). Hold the lock.
         """
         try:
             inode = os.stat(self.state_path, follow_symlinks=False).st_ino
@@ -1320,7 +1325,13 @@ class AccountStore:
             return None
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
-        copy = self._set_aside(self.state_path, inode, label, keep=True)
+        try:
+            copy = self._set_aside(self.state_path, inode, label, keep=True)
+        except StoreError as exc:
+            if copy_required:
+                raise
+            log.warning("%s; saving the new tokens without that copy", exc)
+            copy = None
         try:
             self.save(state)
         except BaseException:
