@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
@@ -45,7 +45,6 @@ from .exitcodes import (
     exit_code_for,
 )
 from .tokens import (
-    DEFAULT_MIN_VALID,
     default_min_valid,
     format_duration,
     format_local_time,
@@ -974,16 +973,15 @@ async def _managed_refresh(
     account: AccountConfig,
     config: Config,
     *,
-    min_valid: float | None,
+    min_valid: float | Literal["auto"] | None,
     lock_timeout: float = 5.0,
-    fitted_min_valid: bool = False,
 ) -> tuple[AccountState, bool, bool]:
     """Refresh one account through the daemon's AccountManager; return (state, refreshed, rotated).
 
     ``min_valid`` None forces a refresh; otherwise it happens only when the access token has
     less than that many seconds left (checked again under the lock, so concurrent callers
-    refresh once). ``fitted_min_valid``: the default one, fitted to the token's lifetime
-    (tokens.default_min_valid).
+    refresh once); "auto" is the default one, fitted to the token's lifetime
+    (tokens.default_min_valid, the API's ``min_valid=auto``).
     """
     import asyncio
 
@@ -1040,7 +1038,7 @@ async def _managed_refresh(
                     f"account '{account.name}' needs a new login: {before.relogin_reason}"
                 )
             now = utcnow()
-            if fitted_min_valid:
+            if min_valid == "auto":
                 min_valid = default_min_valid(before.tokens.access_lifetime)
             if (
                 min_valid is not None
@@ -1069,19 +1067,22 @@ async def _managed_refresh(
                 await asyncio.sleep(0.5)
             else:
                 rescue = store.rescue_path if fleet is None else None
-                if rescue is not None and rescue.exists():
-                    raise StoreWriteError(
-                        f"the new tokens of account '{account.name}' could not be saved"
-                        f" ({status.write_error}); they are kept in the rescue file {rescue}",
-                        hint="free disk space or fix permissions, then run"
-                        f" `{_cli_command(account, 'refresh')}` again (or start the daemon):"
-                        " it takes them from there",
-                    )
+                kept = rescue is not None and rescue.exists()
                 raise StoreWriteError(
                     f"the new tokens of account '{account.name}' could not be saved"
-                    f" ({status.write_error}); they are lost when this command exits",
-                    hint="free disk space or fix permissions, then run"
-                    f" `{_login_command(account)}`",
+                    f" ({status.write_error}); "
+                    + (
+                        f"they are kept in the rescue file {rescue}"
+                        if kept
+                        else "they are lost when this command exits"
+                    ),
+                    hint="free disk space or fix permissions, then run "
+                    + (
+                        f"`{_cli_command(account, 'refresh')}` again (or start the daemon):"
+                        " it takes them from there"
+                        if kept
+                        else f"`{_login_command(account)}`"
+                    ),
                 )
     label = status.last_error_class or ""
     message = status.last_error or "refresh failed"
@@ -1261,9 +1262,8 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
             _managed_refresh(
                 account,
                 settings.config(),
-                min_valid=min_valid if min_valid is not None else DEFAULT_MIN_VALID,
+                min_valid="auto" if min_valid is None else min_valid,
                 lock_timeout=lock_timeout,
-                fitted_min_valid=min_valid is None,
             )
         )
     except (KakaoUnavailable, StoreLocked) as exc:
@@ -1577,9 +1577,8 @@ async def _send_memo_directly(
     state, _, _ = await _managed_refresh(
         account,
         config,
-        min_valid=DEFAULT_MIN_VALID,
+        min_valid="auto",
         lock_timeout=lock_timeout,
-        fitted_min_valid=True,
     )
     async with create_session() as session:
         client = KakaoClient(session, account.app)
