@@ -494,11 +494,17 @@ class Daemon:
         anything (StoreError): directories others may write are refused, and the
         directories are created. A reload that failed half-way through used to have dropped
         the accounts it removed already and never told systemd it was ready again."""
-        checked: set[str] = set()
-        for account in new.accounts.values():
-            for field_name in ("state_file", "token_file"):
-                make_dirs(Path(directory_text(account.file_text(field_name))))
-            if self.fleet is None:
+        accounts = new.accounts.values()
+        # Once per directory (a thousand accounts usually share one), as make_manager does.
+        for text in {
+            directory_text(account.file_text(field_name))
+            for account in accounts
+            for field_name in ("state_file", "token_file")
+        }:
+            make_dirs(Path(text))
+        if self.fleet is None:
+            checked: set[str] = set()  # each shared directory is judged once
+            for account in accounts:
                 AccountStore(account, rescue_dir=new.runtime_dir).check_paths(checked)
 
     async def _apply(self, new: Config) -> tuple[bool, str]:
