@@ -304,9 +304,12 @@ def rejects_the_app(msg: str) -> bool:
 
 
 #: A request's deadline found running this much of its wait late did not see Kakao hang: the
-#: process was stopped (SIGSTOP, a frozen VM) or its loop stalled, and the answer may be
-#: waiting in the socket. It gets this share of the wait more, once (answer_within).
+#: process was stopped (SIGSTOP, a frozen VM) or its loop stalled (answer_within).
 LATE_DEADLINE_SHARE = 0.25
+#: How many more turns of the event loop such a deadline gives the request: enough to take
+#: an answer already read from the socket (the loop runs the socket's callback before the
+#: late timer's, then the request's task), and no time for anything new to happen.
+LATE_DEADLINE_TURNS = 5
 
 
 @contextlib.asynccontextmanager
@@ -317,20 +320,23 @@ async def answer_within(seconds: float) -> AsyncIterator[None]:
     socket and the deadline past, both at once; the deadline's callback ran first, and a
     rotated refresh token that had arrived was thrown away as a hang (then KOE322). A
     deadline that fires more than :data:`LATE_DEADLINE_SHARE` of the wait late therefore
-    gives the request that share more, once, to read what is there (as the fleet's database
-    deadlines do, fleet.db.deadline).
+    lets the loop turn :data:`LATE_DEADLINE_TURNS` more times before it ends the request:
+    what had arrived is taken, and a request with no answer still ends at once (a fleet
+    node woken from a stop must record that failure before it re-reads the store, which
+    keeps its alerts for the tokens from before the stop quiet, fleet/alertshare.py).
     """
     loop = asyncio.get_running_loop()
     due = loop.time() + seconds
-    extended = False
-    handle: asyncio.TimerHandle
+    turns = 0
+    handle: asyncio.Handle
     async with asyncio.timeout(None) as limit:
 
         def expire() -> None:
-            nonlocal extended, handle
-            if not extended and loop.time() - due > seconds * LATE_DEADLINE_SHARE:
-                extended = True
-                handle = loop.call_later(seconds * LATE_DEADLINE_SHARE, expire)
+            nonlocal turns, handle
+            late = turns > 0 or loop.time() - due > seconds * LATE_DEADLINE_SHARE
+            if late and turns < LATE_DEADLINE_TURNS:
+                turns += 1
+                handle = loop.call_soon(expire)
                 return
             limit.reschedule(loop.time())
 
