@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -434,3 +435,34 @@ async def test_chunked_body_over_the_limit_is_cut_off(
     ):
         assert resp.status == 413
         assert "max_body" in (await resp.json())["error"]
+
+
+async def test_a_caller_hanging_up_mid_body_is_not_logged_as_a_bug(
+    emulator: KakaoEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A caller that announces a body, sends part of it and hangs up is the caller's doing:
+    the daemon notes it quietly and asks nobody to report a bug, and keeps serving."""
+    caplog.set_level(logging.INFO, logger="kakao_tokend")
+    config = config_with(tmp_path, emulator)
+    await login(emulator, config)
+    async with serving(config) as served:
+        _reader, writer = await asyncio.open_unix_connection(str(served.socket))
+        writer.write(
+            b"POST /kapi/v2/api/talk/memo/default/send HTTP/1.1\r\nHost: tokend\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b"t" * 100
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the proxy is now reading the body
+        writer.transport.abort()
+        for _ in range(50):  # until the daemon has seen the hang-up (bounded)
+            await asyncio.sleep(0.05)
+            if any(
+                "ConnectionReset" in r.getMessage() or "hung up" in r.getMessage()
+                for r in caplog.records
+            ):
+                break
+        status, _ = await served.get("/healthz")
+        assert status in (200, 503)
+    bugs = [r for r in caplog.records if "a bug" in r.getMessage()]
+    assert not bugs, [r.getMessage() for r in bugs]
+    assert any("hung up" in r.getMessage() for r in caplog.records)

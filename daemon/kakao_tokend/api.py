@@ -648,6 +648,16 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             if name.lower() not in ("content-type", "content-length"):
                 answer.headers.add(name, value)
         return answer
+    except ConnectionResetError as exc:
+        # aiohttp raises this into a body read when the caller hangs up: the caller's doing,
+        # not a bug. The answer below goes nowhere; aiohttp drops it quietly.
+        log.info(
+            "api %s %s: the caller hung up before its answer (%s)",
+            request.method,
+            _shown_path(request),
+            exc,
+        )
+        return _error(400, "the connection was lost before the request was read")
     except Exception as exc:  # a bug: answer JSON like every other error, and log it once
         if request.writer.output_size > 0:
             raise  # the proxy sent part of an answer: only aiohttp can end it (by closing)
