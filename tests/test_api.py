@@ -413,6 +413,36 @@ async def test_healthz_turns_503_when_a_login_is_needed(
         assert f"kakao-tokend --config {config} login" in body["problems"]["default"]
 
 
+async def test_healthz_over_tcp_without_the_bearer_names_no_account(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """/healthz stays open on TCP for load balancers, but without the bearer token it says only
+    how many accounts fail: their names, the config path and the fix are for the Unix socket or
+    a caller with the bearer token."""
+    port = free_port()
+    token_file = bearer_file(tmp_path)
+    config = config_with(
+        tmp_path, emulator, f'[api]\ntcp = "127.0.0.1:{port}"\nbearer_token_file = "{token_file}"\n'
+    )
+    state = await login(emulator, config)
+    async with serving(config) as served, aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+        assert state.user_id is not None
+        emulator.revoke_user_tokens(state.user_id)
+        status, _ = await served.request("POST", "/v1/accounts/default/refresh")
+        assert status == 502
+        async with http.get("/healthz") as resp:
+            assert resp.status == 503
+            text = await resp.text()
+        assert json.loads(text)["ok"] is False and json.loads(text)["failing"] == 1
+        assert "default" not in text and str(config) not in text and "login" not in text
+        good = {"Authorization": "Bearer s3cret-bearer-token-0123456789"}
+        async with http.get("/healthz", headers=good) as resp:
+            assert resp.status == 503
+            assert "login" in (await resp.json())["problems"]["default"]
+        status, body = await served.get("/healthz")
+        assert status == 503 and "login" in body["problems"]["default"]
+
+
 async def test_reload_answers_after_applying(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """POST /v1/reload returns once the new account set is in effect; a bad config is refused."""
     config = config_with(tmp_path, emulator)

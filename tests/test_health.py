@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from aiohttp import web
@@ -67,6 +68,16 @@ def make_config(directory: Path, *, thresholds: list[str], critical_below: str) 
         "[accounts.default]\n[accounts.bot]\n"
     )
     return config_from_toml_text(text, source=None, environ={})
+
+
+def on_the_unix_socket(method: str, path: str, app: web.Application) -> web.Request:
+    """A request as the API's Unix socket receives it (its socket name is a path, so the
+    answers hold every detail; aiohttp's mocked request comes from TCP by default)."""
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda key, default=None: (
+        "/run/kakao-tokend/api.sock" if key == "sockname" else default
+    )
+    return make_mocked_request(method, path, app=app, transport=transport)
 
 
 @dataclass(frozen=True)
@@ -189,9 +200,9 @@ async def every_view(case: Case, directory: Path) -> dict[str, Any]:
     manager.status = case.status()
     app = web.Application()
     app[DAEMON] = Daemon(config=config, clock=lambda: NOW, managers={case.name: manager})
-    answer = await api.status(make_mocked_request("GET", "/v1/status", app=app))
+    answer = await api.status(on_the_unix_socket("GET", "/v1/status", app))
     [entry] = json.loads(answer.text)["accounts"]
-    healthz = await api.healthz(make_mocked_request("GET", "/healthz", app=app))
+    healthz = await api.healthz(on_the_unix_socket("GET", "/healthz", app))
     report = cli._report_from_daemon(entry)
     alerts = AccountAlerts(
         manager,

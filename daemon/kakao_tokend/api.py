@@ -146,7 +146,7 @@ async def healthz(request: web.Request) -> web.Response:
         if problem is not None:
             problems[manager.name] = problem
     if problems:
-        return web.json_response({"ok": False, "problems": problems}, status=503)
+        return unhealthy_answer(request, problems)
     return web.json_response({"ok": True})
 
 
@@ -603,6 +603,28 @@ def _is_tcp(request: web.Request) -> bool:
     return isinstance(sockname, tuple)
 
 
+def _has_bearer(request: web.Request, expected: str | None) -> bool:
+    """Whether the request carries the configured bearer token (compared in constant time)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return (
+        expected is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), expected.encode())
+    )
+
+
+def unhealthy_answer(
+    request: web.Request, problems: dict[str, str], extra: dict[str, Any] | None = None
+) -> web.Response:
+    """/healthz's 503. On TCP /healthz needs no bearer token (load balancers probe it), so
+    such a caller learns only how many accounts fail: their names, paths and fix commands
+    are for the Unix socket or a caller with the bearer token."""
+    if _is_tcp(request) and not _has_bearer(request, _daemon(request).config.api.bearer_token):
+        return web.json_response({"ok": False, "failing": len(problems)}, status=503)
+    body: dict[str, Any] = {"ok": False, "failing": len(problems), "problems": problems}
+    return web.json_response(body | (extra or {}), status=503)
+
+
 def _shown_path(request: web.Request) -> str:
     """The path as the client sent it, for the log: still percent-encoded (a ``%0A`` stays
     three characters and cannot start a forged line), without the query string, and with any
@@ -617,19 +639,16 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     daemon = _daemon(request)
     settings = daemon.config.api
     log.debug("api %s %s", request.method, _shown_path(request))
-    if _is_tcp(request) and request.path != "/healthz":
-        expected = settings.bearer_token
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if (
-            expected is None
-            or scheme.lower() != "bearer"
-            or not hmac.compare_digest(given.strip().encode(), expected.encode())
-        ):
-            return web.json_response(
-                {"error": "missing or wrong bearer token (see api.bearer_token_file)"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="kakao-tokend"'},
-            )
+    if (
+        _is_tcp(request)
+        and request.path != "/healthz"
+        and not _has_bearer(request, settings.bearer_token)
+    ):
+        return web.json_response(
+            {"error": "missing or wrong bearer token (see api.bearer_token_file)"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="kakao-tokend"'},
+        )
     if (
         request.content_length is not None
         and request.content_length > settings.max_body

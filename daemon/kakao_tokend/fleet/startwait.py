@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import web
 
 from ..alerts import CLOSE_GRACE, RETRY_DELAY, AccountAlerts
-from ..api import guard
+from ..api import guard, unhealthy_answer
 from ..config import AccountConfig
 from ..daemon import DAEMON, Daemon
 from ..errors import StoreError, StoreUnavailable
@@ -305,8 +305,7 @@ class StoreWait:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         problems = {name: self.reason() for name in self.daemon.config.accounts}
-        body = {"ok": False, "problems": problems, "fleet": self._fleet_json()}
-        return web.json_response(body, status=503)
+        return unhealthy_answer(request, problems, {"fleet": self._fleet_json()})
 
     async def _token(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
