@@ -67,12 +67,13 @@ async def test_store_init_creates_the_schema_once(tmp_path: Path, pg_dsn: str) -
     code, out, err = await run_cli(config, "store", "init")
     assert (code, err) == (0, "")
     assert out == (
-        f"store schema (file {tmp_path / 'dsn'}): version 0 -> 3"
-        " (applied 0001_initial, 0002_full_state_and_migration, 0003_incremental_poll)\n"
+        f"store schema (file {tmp_path / 'dsn'}): version 0 -> 4"
+        " (applied 0001_initial, 0002_full_state_and_migration, 0003_incremental_poll,"
+        " 0004_generation_after_logout)\n"
     )
     code, out, err = await run_cli(config, "store", "init")
     assert code == 0, err
-    assert "already at version 3; nothing to do" in out
+    assert "already at version 4; nothing to do" in out
     assert "hunter2" not in out + err
 
 
