@@ -139,3 +139,54 @@ async def test_a_login_is_written_as_the_next_generation_with_its_refresh_planne
             assert 0.70 * life <= offset <= 0.80 * life
     finally:
         await session.close()
+
+
+async def test_a_login_or_import_after_a_logout_continues_the_generation_in_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`generation` grows by one with every new token set, across a logout in fleet mode too:
+    `logout` deleted the row and the next `login` or `import` started at 1 again (consumers,
+    hooks and templates comparing generations took the new tokens for old ones). A login
+    after a logout, an import after the next one and a login after an operator's DELETE each
+    continue above the generation removed."""
+    from datetime import UTC, datetime
+
+    from kakao_tokend.demo import auto_login
+    from kakao_tokend.fleet.commands import save_login
+    from kakao_tokend.kakao import KakaoClient, create_session
+
+    await migrated(pg_dsn)
+    path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    config = load_config(path)
+    account = config.account()
+    session = create_session()
+
+    async def log_in() -> int:
+        fresh = await auto_login(KakaoClient(session, account.app), session, account.name)
+        state = await save_login(config, account, fresh.tokens, fresh.user_id, datetime.now(UTC))
+        row = await row_of(pg_dsn)
+        assert row is not None and row[0] == state.generation
+        return state.generation
+
+    try:
+        assert [await log_in(), await log_in()] == [1, 2]
+        code, out, err = await run_cli(path, "logout")
+        assert code == 0, out + err
+        assert await row_of(pg_dsn) is None
+        assert await log_in() == 3
+
+        code, out, err = await run_cli(path, "logout")
+        assert code == 0, out + err
+        seed = tmp_path / "kakao_token.json"
+        seed.write_text(json.dumps(emulator.issue_tokens()))
+        code, out, err = await run_cli(path, "import", "--no-verify", str(seed))
+        assert code == 0, out + err
+        assert "stored in the PostgreSQL store as generation 4" in out
+        assert await row_of(pg_dsn) == (4, None)
+
+        conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+        async with conn:
+            await conn.execute("DELETE FROM accounts WHERE name = 'default'")  # by hand
+        assert await log_in() == 5
+    finally:
+        await session.close()

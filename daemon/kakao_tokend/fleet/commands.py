@@ -62,7 +62,8 @@ def _plan_for(config: Config, state: AccountState) -> tuple[datetime | None, Ref
 async def save_login(
     config: Config, account: AccountConfig, tokens: TokenSet, user_id: int | None, now: datetime
 ) -> AccountState:
-    """Store a fresh login as the account's newest generation (a new row, or CAS over it)."""
+    """Store a fresh login as the account's newest generation (a new row, or CAS over it):
+    above the row's and above the one a logout deleted (PgAccountStore.next_generation)."""
     async with opened(config) as fleet:
         store = fleet.account_store(account)
         async with store.hold(COMMAND_LOCK_WAIT):
@@ -70,7 +71,7 @@ async def save_login(
             state = AccountState(
                 account=account.name,
                 tokens=tokens,
-                generation=(old.generation + 1) if old else 1,
+                generation=await store.next_generation(old),
                 refreshed_at=now,
                 user_id=user_id,
             )
@@ -171,7 +172,9 @@ async def import_into_store(
                         f"account '{account.name}' already has tokens in {where}",
                         hint="use --force to replace them",
                     )
-                state = imported_state(account, checked, old)
+                state = imported_state(
+                    account, checked, old, generation=await store.next_generation(old)
+                )
                 if checked.needs_refresh:
                     state, rotated = await refresh_seed(
                         checked.seed, state, client, login_hint, utcnow
