@@ -17,6 +17,8 @@ from fleetrun import login_published, node_config, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
+from loginproc import LoginProcess, follow_authorize, get_page, read_authorize_url, spawn_login
+from pgcluster import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,7 +150,7 @@ async def test_a_login_or_import_after_a_logout_continues_the_generation_in_the_
     `logout` deleted the row and the next `login` or `import` started at 1 again (consumers,
     hooks and templates comparing generations took the new tokens for old ones). A login
     after a logout, an import after the next one and a login after an operator's DELETE each
-    continue above the generation removed."""
+    continue above the generation removed (the first of them by the real `login` command)."""
     from datetime import UTC, datetime
 
     from kakao_tokend.demo import auto_login
@@ -173,7 +175,23 @@ async def test_a_login_or_import_after_a_logout_continues_the_generation_in_the_
         code, out, err = await run_cli(path, "logout")
         assert code == 0, out + err
         assert await row_of(pg_dsn) is None
-        assert await log_in() == 3
+        # The real `login` command (its check of the row, then the store step).
+        redirect = f"http://127.0.0.1:{free_port()}/callback"
+        emulator.settings.redirect_uris.append(redirect)
+        text = path.read_text().replace(emulator.settings.redirect_uris[0], redirect)
+        path.write_text(text)
+        proc = await spawn_login(path)
+        try:
+            url, seen = await read_authorize_url(proc)
+            await get_page(await follow_authorize(url))
+            code, out, err = await LoginProcess(proc, url, seen).finish()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert code == 0, out + err
+        assert "stored in the PostgreSQL store as generation 3" in out
+        assert (await row_of(pg_dsn) or (0,))[0] == 3
 
         code, out, err = await run_cli(path, "logout")
         assert code == 0, out + err
