@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import sys
 import time
@@ -14,8 +15,11 @@ import pytest
 
 from daemonproc import REPO, run_cli, start_daemon
 from fleetkit import NODE, migrated, sample_state, store_rows, write_store_config
+from fleetrun import node_config
+from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
 from kakao_tokend.fleet.crypto import Keyring, key_id_of, new_key_line
+from loginproc import spawn_login
 from pgcluster import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -67,12 +71,13 @@ async def test_store_init_creates_the_schema_once(tmp_path: Path, pg_dsn: str) -
     code, out, err = await run_cli(config, "store", "init")
     assert (code, err) == (0, "")
     assert out == (
-        f"store schema (file {tmp_path / 'dsn'}): version 0 -> 3"
-        " (applied 0001_initial, 0002_full_state_and_migration, 0003_incremental_poll)\n"
+        f"store schema (file {tmp_path / 'dsn'}): version 0 -> 4"
+        " (applied 0001_initial, 0002_full_state_and_migration, 0003_incremental_poll,"
+        " 0004_generation_after_logout)\n"
     )
     code, out, err = await run_cli(config, "store", "init")
     assert code == 0, err
-    assert "already at version 3; nothing to do" in out
+    assert "already at version 4; nothing to do" in out
     assert "hunter2" not in out + err
 
 
@@ -186,6 +191,66 @@ async def test_refresh_and_status_with_a_key_the_store_was_not_sealed_with_name_
     assert "cannot decrypt" in out and lost.newest.key_id in out
     fix = out.split("fix:", 1)[1]
     assert "key file" in fix and "login" not in fix
+
+
+async def test_login_and_import_with_a_key_the_store_was_not_sealed_with_are_refused(
+    tmp_path: Path, pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """A host whose key file lacks the key the account's row was sealed with: `login` and
+    `import` (with --force too) are refused before Kakao is asked, exit 78 and one line that
+    names the key and the key file, not a login; the shared row keeps its key and tokens
+    (sealing it with this host's key would lock every other node out of it)."""
+    lost = Keyring.parse(new_key_line())
+    config = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    redirect = f"http://127.0.0.1:{free_port()}/callback"
+    emulator.settings.redirect_uris.append(redirect)
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            f'redirect_uri = "{emulator.settings.redirect_uris[0]}"', f'redirect_uri = "{redirect}"'
+        )
+    )
+    await _seed(pg_dsn, lost, ["default"])
+    before = await _raw_row(pg_dsn)
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    asked = sum(emulator.stats.requests.values())
+
+    def refused(code: int, out: str, err: str) -> None:
+        assert (code, out) == (78, ""), (code, out, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert (
+            "cannot decrypt the access_token of account 'default': it was encrypted with key"
+            f" {lost.newest.key_id}"
+        ) in err
+        fix = err.split(") (", 1)[1]  # the hint: after "(it holds KEY)", which ends the message
+        assert "key file" in fix and "log" not in fix
+        assert "Traceback" not in err and "secret" not in err
+
+    proc = await spawn_login(config, timeout="4s")
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    refused(proc.returncode, out.decode(), err.decode())
+    for extra in ((), ("--force",)):
+        refused(*await run_cli(config, "import", str(seed), *extra))
+    assert sum(emulator.stats.requests.values()) == asked  # Kakao was not asked
+    assert await _raw_row(pg_dsn) == before
+
+
+async def _raw_row(dsn: str) -> tuple[object, ...] | None:
+    """The default account's row as stored: key id, generation and the sealed tokens."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT key_id, generation, access_token, refresh_token FROM accounts"
+            " WHERE name = 'default'"
+        )
+        return await cur.fetchone()
 
 
 async def test_rotate_key_before_init_says_to_run_init(tmp_path: Path, pg_dsn: str) -> None:

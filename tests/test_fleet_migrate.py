@@ -14,6 +14,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import StoreMoved, StoreWriteError
 from kakao_tokend.fleet import accounts, alertbook, db
+from kakao_tokend.fleet.commands import logout_account, save_login
 from kakao_tokend.fleet.crypto import Keyring, new_key_line
 from kakao_tokend.fleet.migrate import (
     MigrationRefused,
@@ -420,6 +422,51 @@ async def test_the_destination_copy_decides_per_account_by_generation(
     assert await scalar(pg_dsn, "SELECT updated_at FROM accounts WHERE name = 'same'") == (
         same_updated
     )
+
+
+async def test_the_generation_an_account_was_logged_out_at_moves_both_ways(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """A login after a migration continues above the generation the other side logged out.
+    Files → PostgreSQL carries what the file store would continue from for an account
+    without a state file — its logout record (NAME.logged-out.json), a token file left
+    behind — and nothing for an account whose row holds it; PostgreSQL → files writes the
+    store's record of a deleted row into the files' logout record."""
+    key = new_key_line()
+    first = store_config(tmp_path / "a", pg_dsn, [key])
+    files = load_config(first).accounts
+    for name, generation in (("default", 5), ("quiet", 7), ("shop", 9)):
+        store = AccountStore(files[name])
+        store.save(full_state(name, generation))
+        store.publish(full_state(name, generation))
+    AccountStore(files["quiet"]).remove(generation=7)  # `logout`
+    files["shop"].state_file.unlink()  # by hand: the token file (generation 9) stays
+    await migrate_ok(first, "postgres")
+
+    async def recorded() -> dict[str, int]:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+            cur = await conn.execute("SELECT name, generation FROM deleted_accounts")
+            return dict(await cur.fetchall())
+
+    assert await recorded() == {"quiet": 7, "shop": 9}
+    fleet_config = load_config(store_config(tmp_path / "a", pg_dsn, [key], backend="postgres"))
+    now = datetime.now(UTC)
+    for name, expected in (("quiet", 8), ("shop", 10)):
+        tokens = full_state(name, 1).tokens
+        account = fleet_config.accounts[name]
+        state = await save_login(fleet_config, account, tokens, None, now)
+        assert state.generation == expected
+    assert await logout_account(fleet_config, fleet_config.accounts["default"]) is not None
+    assert await recorded() == {"default": 5, "quiet": 7, "shop": 9}
+
+    second = store_config(tmp_path / "b", pg_dsn, [key])
+    await migrate_ok(second, "file")
+    moved = load_config(second).accounts
+    record = json.loads((tmp_path / "b" / "state" / "default.logged-out.json").read_text())
+    assert (record["account"], record["generation"]) == ("default", 5)
+    assert AccountStore(moved["default"]).next_generation(None) == 6
+    assert file_states(second)["quiet"]["generation"] == 8  # type: ignore[index]
+    assert not (tmp_path / "b" / "state" / "quiet.logged-out.json").exists()
 
 
 async def test_a_refused_migration_to_files_leaves_them_in_use(tmp_path: Path, pg_dsn: str) -> None:

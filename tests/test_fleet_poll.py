@@ -182,7 +182,7 @@ async def test_inserts_deletes_and_a_write_by_hand_are_caught(
 async def test_a_version_2_store_is_upgraded_and_its_rows_are_then_polled_incrementally(
     pg_dsn: str, keyring: Keyring, open_fleet: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A store made by the previous version, with rows, takes migration 3 when a node starts;
+    """A store of version 2, with rows, takes migration 3 (and the later ones) when a node starts;
     writes by a node of the previous version (which knows nothing of writer_xid) are caught."""
     shipped = schema.shipped_migrations()
     with monkeypatch.context() as patched:
@@ -191,9 +191,9 @@ async def test_a_version_2_store_is_upgraded_and_its_rows_are_then_polled_increm
     for name in ("alice", "bob"):
         await add(pg_dsn, keyring, name)
     fleet: FleetStore = await open_fleet(pg_dsn)
-    assert fleet.schema_version == 3
+    assert fleet.schema_version == schema.code_version() >= 3
     applied = await execute(pg_dsn, "SELECT version, applied_by FROM schema_migrations")
-    assert [version for version, _ in applied] == [1, 2, 3]
+    assert [version for version, _ in applied] == list(range(1, schema.code_version() + 1))
     stamped = await execute(pg_dsn, "SELECT count(*) FROM accounts WHERE writer_xid IS NOT NULL")
     assert stamped == [(2,)]
     assert sorted(fleet.rows) == ["alice", "bob"]

@@ -17,6 +17,8 @@ from fleetrun import login_published, node_config, store_login
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.fleet import accounts, db
+from loginproc import LoginProcess, follow_authorize, get_page, read_authorize_url, spawn_login
+from pgcluster import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,5 +139,72 @@ async def test_a_login_is_written_as_the_next_generation_with_its_refresh_planne
             life = fresh.tokens.access_lifetime.total_seconds()
             offset = (row[0] - fresh.tokens.access_issued_at).total_seconds()
             assert 0.70 * life <= offset <= 0.80 * life
+    finally:
+        await session.close()
+
+
+async def test_a_login_or_import_after_a_logout_continues_the_generation_in_the_store(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`generation` grows by one with every new token set, across a logout in fleet mode too:
+    `logout` deleted the row and the next `login` or `import` started at 1 again (consumers,
+    hooks and templates comparing generations took the new tokens for old ones). A login
+    after a logout, an import after the next one and a login after an operator's DELETE each
+    continue above the generation removed (the first of them by the real `login` command)."""
+    from datetime import UTC, datetime
+
+    from kakao_tokend.demo import auto_login
+    from kakao_tokend.fleet.commands import save_login
+    from kakao_tokend.kakao import KakaoClient, create_session
+
+    await migrated(pg_dsn)
+    path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    config = load_config(path)
+    account = config.account()
+    session = create_session()
+
+    async def log_in() -> int:
+        fresh = await auto_login(KakaoClient(session, account.app), session, account.name)
+        state = await save_login(config, account, fresh.tokens, fresh.user_id, datetime.now(UTC))
+        row = await row_of(pg_dsn)
+        assert row is not None and row[0] == state.generation
+        return state.generation
+
+    try:
+        assert [await log_in(), await log_in()] == [1, 2]
+        code, out, err = await run_cli(path, "logout")
+        assert code == 0, out + err
+        assert await row_of(pg_dsn) is None
+        # The real `login` command (its check of the row, then the store step).
+        redirect = f"http://127.0.0.1:{free_port()}/callback"
+        emulator.settings.redirect_uris.append(redirect)
+        text = path.read_text().replace(emulator.settings.redirect_uris[0], redirect)
+        path.write_text(text)
+        proc = await spawn_login(path)
+        try:
+            url, seen = await read_authorize_url(proc)
+            await get_page(await follow_authorize(url))
+            code, out, err = await LoginProcess(proc, url, seen).finish()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert code == 0, out + err
+        assert "stored in the PostgreSQL store as generation 3" in out
+        assert (await row_of(pg_dsn) or (0,))[0] == 3
+
+        code, out, err = await run_cli(path, "logout")
+        assert code == 0, out + err
+        seed = tmp_path / "kakao_token.json"
+        seed.write_text(json.dumps(emulator.issue_tokens()))
+        code, out, err = await run_cli(path, "import", "--no-verify", str(seed))
+        assert code == 0, out + err
+        assert "stored in the PostgreSQL store as generation 4" in out
+        assert await row_of(pg_dsn) == (4, None)
+
+        conn = await db.connect(pg_dsn, node="test", purpose="test", autocommit=True)
+        async with conn:
+            await conn.execute("DELETE FROM accounts WHERE name = 'default'")  # by hand
+        assert await log_in() == 5
     finally:
         await session.close()

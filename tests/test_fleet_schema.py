@@ -9,9 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fleetkit import NODE, migrated
+from fleetkit import NODE, migrated, sample_state
 from kakao_tokend.errors import StoreError, StoreSchemaMismatch
-from kakao_tokend.fleet import db, schema
+from kakao_tokend.fleet import accounts, db, schema
+from kakao_tokend.fleet.crypto import Keyring, new_key_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,6 +28,10 @@ RELEASED = {
     3: (
         "0003_incremental_poll",
         "144dc860a29201fe641dc067cb227b6d98c63c306eb4a10ab66c4a491eacdea8",
+    ),
+    4: (
+        "0004_generation_after_logout",
+        "b7cb13610bc33458e1cc6940365e11df409c1b6693e00ad00993961f11b7e122",
     ),
 }
 
@@ -207,3 +212,44 @@ async def test_migrate_refuses_a_connection_inside_a_transaction(pg_dsn: str) ->
         await conn.execute("SELECT 1")  # opens a transaction (not autocommit)
         with pytest.raises(RuntimeError, match="without an open transaction"):
             await schema.migrate(conn, node=NODE)
+
+
+async def test_every_deleted_row_leaves_its_highest_generation(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema version 4 (0004_generation_after_logout): a store the previous version made,
+    with rows, takes it at a node's start; then every way a row goes — a DELETE as the
+    previous version's logout sends it, a rename, a TRUNCATE — records the generation it had,
+    and a lower one deleted later (a previous version's login that started at 1 again) does
+    not lower the record. A new row of the name leaves the record alone."""
+    keyring = Keyring.parse(new_key_line())
+    shipped = schema.shipped_migrations()
+    with monkeypatch.context() as patched:
+        patched.setattr(schema, "shipped_migrations", lambda: shipped[:3])
+        await migrated(pg_dsn)
+    conn = await db.connect(pg_dsn, node=NODE, purpose="test", autocommit=True)
+    async with conn:
+        for name, generation in (("alice", 5), ("bob", 3), ("carol", 7)):
+            state = sample_state(name, generation=generation)
+            await accounts.insert_account(conn, keyring, state, node=NODE, due_at=None)
+        assert (await _migrate(pg_dsn)).applied == ("0004_generation_after_logout",)
+
+        async def recorded() -> dict[str, int]:
+            cur = await conn.execute("SELECT name, generation FROM deleted_accounts")
+            return dict(await cur.fetchall())
+
+        assert await recorded() == {}
+        await conn.execute("DELETE FROM accounts WHERE name = 'alice'")
+        assert await recorded() == {"alice": 5}
+        again = sample_state("alice", generation=2)
+        await accounts.insert_account(conn, keyring, again, node=NODE, due_at=None)
+        assert await recorded() == {"alice": 5}
+        await conn.execute("UPDATE accounts SET generation = 3 WHERE name = 'alice'")
+        await conn.execute("DELETE FROM accounts WHERE name = 'alice'")
+        await conn.execute("UPDATE accounts SET name = 'robert' WHERE name = 'bob'")
+        assert await recorded() == {"alice": 5, "bob": 3}
+        await conn.execute("TRUNCATE accounts CASCADE")
+        assert await recorded() == {"alice": 5, "bob": 3, "carol": 7, "robert": 3}
+        assert await accounts.deleted_generation(conn, "carol") == 7
+        assert await accounts.deleted_generation(conn, "dave") == 0
+        assert await accounts.deleted_generations(conn, ["alice", "dave"]) == {"alice": 5}

@@ -459,7 +459,12 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
 
         return await save_login(config, account, tokens, user_id, now)
 
-    if not in_store:
+    if in_store:
+        from .fleet.commands import check_login
+
+        # Before anyone logs in at Kakao: a row this host cannot decrypt is refused.
+        _run_async(check_login(config, account))
+    else:
         _refuse_unsafe_paths(account)
     flow = LoginFlow(account, scopes=scopes, persist=to_store if in_store else None)
 

@@ -383,7 +383,7 @@ def imported_state(
     generation: int | None = None,
 ) -> AccountState:
     """The account's state from a checked seed file: ``generation``, by default the one after
-    ``old``'s (the file store passes AccountStore.next_generation: above a logged-out one)."""
+    ``old``'s (the stores pass their next_generation: above a logged-out one)."""
     return AccountState(
         account=account.name,
         tokens=checked.tokens,

@@ -1690,19 +1690,24 @@ class AccountStore:
         """
         return max(old.generation if old is not None else 0, self.last_generation()) + 1
 
-    def _record_logout(self, generation: int) -> None:
+    def record_logout(self, generation: int) -> bool:
         """Write the logout record for ``generation`` (atomically, 0600) unless it says as much
-        already; log a failure: the logout goes on, and the next login counts from what the
-        other files remember."""
+        already; True when written. StoreError when it cannot be written."""
         if generation <= self._generation_in(self.logged_out_path, "logout record"):
-            return
+            return False
         document = {"account": self.name, "generation": generation, "at": format_time(utcnow())}
+        atomic_write(
+            self.logged_out_path,
+            json.dumps(document).encode() + b"\n",
+            mode=STATE_FILE_MODE,
+        )
+        return True
+
+    def _record_logout(self, generation: int) -> None:
+        """:meth:`record_logout`, logging a failure: the logout goes on, and the next login
+        counts from what the other files remember."""
         try:
-            atomic_write(
-                self.logged_out_path,
-                json.dumps(document).encode() + b"\n",
-                mode=STATE_FILE_MODE,
-            )
+            self.record_logout(generation)
         except StoreError as exc:
             log.warning(
                 "cannot record the generation logged out (%s); the next login may count from"

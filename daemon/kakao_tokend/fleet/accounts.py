@@ -513,6 +513,40 @@ async def delete_account(conn: AsyncConnection[Any], name: str) -> bool:
     return cur.rowcount == 1
 
 
+async def deleted_generation(conn: AsyncConnection[Any], name: str) -> int:
+    """Return the highest generation a deleted row of ``name`` had (0: none was deleted).
+
+    Recorded by a trigger on every deletion (sql/0004_generation_after_logout.sql): a new row
+    of that name (a login, an import after a logout) continues above it.
+    """
+    with store_errors(f"read the generation account {name!r} was logged out at"):
+        cur = await conn.execute("SELECT generation FROM deleted_accounts WHERE name = %s", (name,))
+        row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+async def deleted_generations(conn: AsyncConnection[Any], names: Collection[str]) -> dict[str, int]:
+    """Return :func:`deleted_generation` of each of ``names`` that has one, with one query."""
+    with store_errors("read the generations accounts were logged out at"):
+        cur = await conn.execute(
+            "SELECT name, generation FROM deleted_accounts WHERE name = ANY(%s)", (sorted(names),)
+        )
+        return {name: int(generation) for name, generation in await cur.fetchall()}
+
+
+async def record_deleted_generation(conn: AsyncConnection[Any], name: str, generation: int) -> None:
+    """Record that account ``name`` had ``generation`` before it lost its tokens, unless a
+    higher one is recorded: what the file store's logout record brings along in a migration
+    (the trigger records the store's own deletions)."""
+    with store_errors(f"record the generation account {name!r} was logged out at"):
+        await conn.execute(
+            "INSERT INTO deleted_accounts AS d (name, generation) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET generation = EXCLUDED.generation,"
+            " deleted_at = EXCLUDED.deleted_at WHERE d.generation < EXCLUDED.generation",
+            (name, generation),
+        )
+
+
 async def notify_changed(conn: AsyncConnection[Any], name: str, generation: int) -> None:
     """Announce a change of ``name`` to every listening node, delivered at commit.
 

@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from ..importer import ImportResult
     from ..kakao import KakaoClient
 
-__all__ = ["import_into_store", "logout_account", "opened", "read_states", "save_login"]
+__all__ = [
+    "check_login",
+    "import_into_store",
+    "logout_account",
+    "opened",
+    "read_states",
+    "save_login",
+]
 
 #: How long a command waits for a node that holds the account's row (a refresh in flight
 #: takes at most the Kakao timeout).
@@ -59,18 +66,64 @@ def _plan_for(config: Config, state: AccountState) -> tuple[datetime | None, Ref
     return due, RefreshStatus()
 
 
+#: The fix for a row this host cannot decrypt (FleetStore.unreadable: its key file lacks
+#: the key the row was sealed with, or holds another). Not a login: that would seal the
+#: shared row with a key the other nodes may not have.
+UNREADABLE_HINT = (
+    "every node needs the same key file: add the key the store was sealed with back to this"
+    " host's key file (newest last), then `kakao-tokend reload` the node here"
+)
+
+
+def unreadable_error(fleet: FleetStore, name: str) -> TokenDecryptError | None:
+    """The error for account ``name``'s row when this host cannot decrypt it, else None."""
+    problem = fleet.unreadable.get(name)
+    return TokenDecryptError(problem, hint=UNREADABLE_HINT) if problem else None
+
+
+async def refuse_unreadable(fleet: FleetStore, name: str) -> None:
+    """Read account ``name``'s row again; raise :func:`unreadable_error` when this host cannot
+    decrypt it. A command that writes new tokens (`login`, `import`) must not go on: it would
+    seal the shared row with this host's key, which the other nodes may not have, and the
+    fix is the key file, not a login."""
+    await fleet.reload(name)
+    error = unreadable_error(fleet, name)
+    if error is not None:
+        raise error
+
+
+@asynccontextmanager
+async def _unreadable_fix() -> AsyncIterator[None]:
+    """Give a row that stopped decrypting since :func:`refuse_unreadable` read it (its hold
+    read it again) the same fix: the key file, not a login."""
+    try:
+        yield
+    except TokenDecryptError as exc:
+        raise TokenDecryptError(exc.message, hint=UNREADABLE_HINT) from None
+
+
+async def check_login(config: Config, account: AccountConfig) -> None:
+    """`login`'s check before anyone logs in at Kakao: the store is in use, and the account's
+    row, if it has one, decrypts with this host's keys (:func:`refuse_unreadable`)."""
+    async with opened(config) as fleet:
+        await refuse_unreadable(fleet, account.name)
+
+
 async def save_login(
     config: Config, account: AccountConfig, tokens: TokenSet, user_id: int | None, now: datetime
 ) -> AccountState:
-    """Store a fresh login as the account's newest generation (a new row, or CAS over it)."""
+    """Store a fresh login as the account's newest generation (a new row, or CAS over it):
+    above the row's and above the one a logout deleted (PgAccountStore.next_generation).
+    Refused for a row this host cannot decrypt (:func:`refuse_unreadable`)."""
     async with opened(config) as fleet:
+        await refuse_unreadable(fleet, account.name)
         store = fleet.account_store(account)
-        async with store.hold(COMMAND_LOCK_WAIT):
+        async with _unreadable_fix(), store.hold(COMMAND_LOCK_WAIT):
             old = store.load()
             state = AccountState(
                 account=account.name,
                 tokens=tokens,
-                generation=(old.generation + 1) if old else 1,
+                generation=await store.next_generation(old),
                 refreshed_at=now,
                 user_id=user_id,
             )
@@ -87,21 +140,6 @@ async def logout_account(config: Config, account: AccountConfig) -> AccountState
             state = store.load()
             store.stage_delete()
     return state
-
-
-#: The fix for a row this host cannot decrypt (FleetStore.unreadable: its key file lacks
-#: the key the row was sealed with, or holds another). Not a login: that would seal the
-#: shared row with a key the other nodes may not have.
-UNREADABLE_HINT = (
-    "every node needs the same key file: add the key the store was sealed with back to this"
-    " host's key file (newest last), then `kakao-tokend reload` the node here"
-)
-
-
-def unreadable_error(fleet: FleetStore, name: str) -> TokenDecryptError | None:
-    """The error for account ``name``'s row when this host cannot decrypt it, else None."""
-    problem = fleet.unreadable.get(name)
-    return TokenDecryptError(problem, hint=UNREADABLE_HINT) if problem else None
 
 
 async def read_states(
@@ -147,7 +185,7 @@ async def import_into_store(
     from ..tokens import utcnow
 
     async with opened(config) as fleet:
-        await fleet.reload(account.name)
+        await refuse_unreadable(fleet, account.name)  # before Kakao is asked
         store = fleet.account_store(account)
         where = f"the PostgreSQL store {fleet.store_id}"
         checked = await check_seed_file(
@@ -164,14 +202,16 @@ async def import_into_store(
         rotated = False
         state: AccountState | None = None
         try:
-            async with store.hold(COMMAND_LOCK_WAIT):
+            async with _unreadable_fix(), store.hold(COMMAND_LOCK_WAIT):
                 old = store.load()
                 if old is not None and not force:
                     raise StateExists(
                         f"account '{account.name}' already has tokens in {where}",
                         hint="use --force to replace them",
                     )
-                state = imported_state(account, checked, old)
+                state = imported_state(
+                    account, checked, old, generation=await store.next_generation(old)
+                )
                 if checked.needs_refresh:
                     state, rotated = await refresh_seed(
                         checked.seed, state, client, login_hint, utcnow

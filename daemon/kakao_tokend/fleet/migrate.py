@@ -55,9 +55,11 @@ from . import alertbook, missing_extra
 from .accounts import (
     RowLock,
     delete_account,
+    deleted_generations,
     insert_account,
     list_account_names,
     load_account,
+    record_deleted_generation,
     save_account,
 )
 from .admin import db_timeouts, require_dsn, require_keyring
@@ -641,7 +643,13 @@ async def _write_rows(
             if not await save_account(conn, keyring, row, state, node=node, due_at=due_at):
                 raise MigrationRefused(f"account {name!r} changed in {where} meanwhile")
         elif step is Step.REMOVE:
-            await delete_account(conn, name)
+            await delete_account(conn, name)  # the store's trigger records its generation
+        # What the files would continue from at the next login (their logout record, a token
+        # file left without its state), when the row does not hold it: the store's next login
+        # continues above it (deleted_accounts).
+        carried = files.stores[name].last_generation()
+        if carried > (state.generation if state is not None else 0):
+            await record_deleted_generation(conn, name, carried)
         if _alerts_stay(step, have_source=active is not None, dest_inert=meta.moved_to is not None):
             continue
         report.alerts += await alertbook.replace_records(conn, name, active or {}, node=None)
@@ -680,6 +688,7 @@ async def migrate_to_file(
                     (FILE_WRITE_BUDGET,),
                 )
             rows = await _lock_rows(conn, keyring, config, meta)
+            deleted = await deleted_generations(conn, files.stores)
             plans = _plan_files(files, rows, inert, report)
             report.set_aside += _handle_rescue_files(files, stale=inert)
             # The files are made inert before they are filled: until the store is
@@ -687,7 +696,7 @@ async def migrate_to_file(
             states = {name: state for name, state in rows.items() if state is not None}
             files.write_markers(_marker_document(meta, database, states, pending=True))
             for name, plan in plans.items():
-                await _write_account_files(conn, name, plan, report)
+                await _write_account_files(conn, name, plan, report, deleted.get(name, 0))
             await _set_meta_moved(
                 conn,
                 note=files.location,
@@ -759,9 +768,11 @@ def _plan_files(
 
 
 async def _write_account_files(
-    conn: AsyncConnection[Any], name: str, plan: _FilePlan, report: MigrationReport
+    conn: AsyncConnection[Any], name: str, plan: _FilePlan, report: MigrationReport, deleted: int
 ) -> None:
-    """Bring one account's files to the store's state (the files are marked moved)."""
+    """Bring one account's files to the store's state (the files are marked moved); write
+    the generation a deleted row of the account had (``deleted``) as the files' logout
+    record when its row does not hold it: the next login in file mode continues above it."""
     store, step = plan.store, plan.step
     report.steps[name] = step
     if step in (Step.COPY, Step.UPDATE):
@@ -771,6 +782,8 @@ async def _write_account_files(
         kept = store.set_aside_state("logged-out")
         if kept is not None:
             report.set_aside.append(kept)
+    if deleted > (plan.state.generation if plan.state is not None else 0):
+        store.record_logout(deleted)
     from ..alerts import BOOKKEEPING_VERSION
 
     records = await alertbook.load_records(conn, name)

@@ -64,6 +64,7 @@ from .accounts import (
     RefreshStatus,
     RowLock,
     delete_account,
+    deleted_generation,
     insert_account,
     load_account,
     load_every_account,
@@ -1482,6 +1483,28 @@ class PgAccountStore:
             )
         await notify_changed(conn, self.name, state.generation)
         return written
+
+    async def next_generation(self, old: AccountState | None) -> int:
+        """Return the generation of a new token set that replaces ``old`` (a login, an import),
+        read under the hold: one above ``old``'s and above every row of this name that was
+        deleted (a logout; sql/0004_generation_after_logout.sql), so the generation never goes
+        backwards. Consumers, hooks and templates take a generation that is not above the last
+        one for tokens they had. AccountStore.next_generation is the file store's."""
+        held = self._held
+        if held is None:
+            raise RuntimeError(f"account {self.name!r}: the next generation is read under the hold")
+        fleet = self.fleet
+        try:
+            async with deadline(held.conn, fleet.deadline):
+                deleted = await deleted_generation(held.conn, self.name)
+        except TimeoutError:
+            exc = no_answer(f"read account {self.name!r}", fleet.deadline)
+            fleet.failed(exc)
+            raise exc from None
+        except StoreUnavailable as exc:
+            fleet.failed(exc)
+            raise
+        return max(old.generation if old is not None else 0, deleted) + 1
 
     # ------------------------------------------------------------------ changing
 
