@@ -225,7 +225,7 @@ async def test_login_and_import_with_a_key_the_store_was_not_sealed_with_are_ref
             f" {lost.newest.key_id}"
         ) in err
         fix = err.split(") (", 1)[1]  # the hint: after "(it holds KEY)", which ends the message
-        assert "key file" in fix and "log" not in fix
+        assert "key file" in fix and "log in" not in fix and "login" not in fix
         assert "Traceback" not in err and "secret" not in err
 
     proc = await spawn_login(config, timeout="4s")
@@ -241,6 +241,25 @@ async def test_login_and_import_with_a_key_the_store_was_not_sealed_with_are_ref
         refused(*await run_cli(config, "import", str(seed), *extra))
     assert sum(emulator.stats.requests.values()) == asked  # Kakao was not asked
     assert await _raw_row(pg_dsn) == before
+
+
+async def test_logout_of_a_row_no_key_here_can_open_removes_it_and_says_kakao_was_not_told(
+    tmp_path: Path, pg_dsn: str, emulator: KakaoEmulator
+) -> None:
+    """When the key an account's row was sealed with is lost, `logout` is the way out: it
+    deletes the row (that seals nothing), says that Kakao could not be told (the tokens stay
+    valid there until they expire, and no one can read them), and exits 0; a login after it
+    starts a fresh row."""
+    lost = Keyring.parse(new_key_line())
+    config = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    await _seed(pg_dsn, lost, ["default"])
+    asked = sum(emulator.stats.requests.values())
+    code, out, err = await run_cli(config, "logout")
+    assert code == 0, (code, out, err)
+    assert "removed account 'default' from the PostgreSQL store" in out
+    assert "could not be told" in err and "Traceback" not in err
+    assert await _raw_row(pg_dsn) is None
+    assert sum(emulator.stats.requests.values()) == asked  # nothing to send Kakao
 
 
 async def _raw_row(dsn: str) -> tuple[object, ...] | None:

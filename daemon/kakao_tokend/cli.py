@@ -33,6 +33,7 @@ from .errors import (
     StoreError,
     StoreLocked,
     StoreWriteError,
+    TokenDecryptError,
 )
 from .exitcodes import (
     CRITICAL,
@@ -1386,11 +1387,23 @@ def logout(keep_files: bool) -> None:
     store = AccountStore(account, rescue_dir=config.runtime_dir)
     removed: list[Path] = []
     if in_store:
-        from .fleet.commands import logout_account
+        from .fleet.commands import forget_unreadable_account, logout_account
 
         # The row goes (under its lock, after a node's refresh in flight) and every node
         # hears of it BEFORE Kakao revokes the tokens.
-        state = None if keep_files else _run_async(logout_account(config, account))
+        try:
+            state = None if keep_files else _run_async(logout_account(config, account))
+        except TokenDecryptError as exc:
+            # Its key is lost here: the row goes unread, and Kakao cannot be told.
+            _run_async(forget_unreadable_account(config, account))
+            click.echo(
+                f"warning: {exc.message}; Kakao could not be told, so its tokens stay valid"
+                " there until they expire (no one can read them)",
+                err=True,
+            )
+            click.echo(f"removed account '{account.name}' from the PostgreSQL store")
+            _tell_daemon(account.name)
+            return
         if keep_files:
             raise ConfigError(
                 "--keep-files has no meaning with the PostgreSQL store",

@@ -19,7 +19,7 @@ from ..config import AccountConfig, Config
 from ..errors import StoreError, StoreWriteError, TokenDecryptError
 from ..state import AccountState
 from ..tokens import TokenSet, refresh_due_at
-from .accounts import RefreshStatus
+from .accounts import RefreshStatus, delete_account, notify_changed
 from .admin import db_timeouts, require_dsn, require_keyring
 from .store import FleetStore
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_login",
+    "forget_unreadable_account",
     "import_into_store",
     "logout_account",
     "opened",
@@ -71,7 +72,8 @@ def _plan_for(config: Config, state: AccountState) -> tuple[datetime | None, Ref
 #: shared row with a key the other nodes may not have.
 UNREADABLE_HINT = (
     "every node needs the same key file: add the key the store was sealed with back to this"
-    " host's key file (newest last), then `kakao-tokend reload` the node here"
+    " host's key file (newest last), then `kakao-tokend reload` the node here; if that key"
+    " is lost on every host, `kakao-tokend logout` removes the row"
 )
 
 
@@ -130,6 +132,25 @@ async def save_login(
             store.planner = lambda: _plan_for(config, state)
             store.save(state)
     return state
+
+
+async def forget_unreadable_account(config: Config, account: AccountConfig) -> bool:
+    """`logout` of a row this host cannot decrypt (its key is lost): delete it without reading
+    its tokens, under its row lock (a node's refresh in flight ends first), and tell every
+    node. Deleting seals nothing, so unlike `login` this needs no key; without it a lost key
+    would leave the row for good. True if there was a row."""
+    name = account.name
+    async with opened(config) as fleet, fleet.connection(f"delete account {name!r}") as conn:
+        cur = await conn.execute(
+            "SELECT generation FROM accounts WHERE name = %s FOR UPDATE", (name,)
+        )
+        found = await cur.fetchone()
+        if found is None:
+            return False
+        await delete_account(conn, name)
+        await notify_changed(conn, name, int(found[0]) + 1)
+        await conn.commit()
+    return True
 
 
 async def logout_account(config: Config, account: AccountConfig) -> AccountState | None:

@@ -173,7 +173,8 @@ class Keyring:
             raise TokenDecryptError(
                 f"cannot decrypt {what}: it was encrypted with key {key_id}, which is not in "
                 f"{self.source} (it holds {', '.join(self.ids)})",
-                hint=f"add key {key_id} back to the key file (newest last), or log in again",
+                hint=f"add key {key_id} back to the key file (newest last); if it is lost,"
+                " `kakao-tokend logout` removes the row and a login starts it again",
             )
         header = blob[:_HEADER_BYTES]
         nonce = blob[_HEADER_BYTES : _HEADER_BYTES + NONCE_BYTES]
