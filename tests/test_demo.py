@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,45 @@ def test_the_printed_config_scales_alerts_and_rotation_to_the_emulator(
     assert config.account().app.auth_url == "http://127.0.0.1:8790"
     if refresh > 86400 * 59:
         assert alerts.thresholds == (14 * 86400.0, 7 * 86400.0, 3 * 86400.0, 86400.0)
+
+
+@pytest.mark.parametrize("access", [2.0, 6.0, 60.0, 21599.0])
+def test_the_printed_config_leaves_request_timeouts_and_retries_to_the_lifetime_rules(
+    access: float,
+) -> None:
+    """The printed config sets no timeout, heartbeat or retry of its own: values in a config
+    count as set by hand and are used as written, so a 6-second token got a 3.75-second wait
+    (one hung request let it expire and paged), where the lifetime rules give 0.29 s. The
+    printed config's waits are exactly those of a config that leaves them out."""
+    settings = EmulatorSettings(
+        access_lifetime=access, refresh_lifetime=access * 20, rotation_window=access * 10
+    )
+    environ = {"STATE_DIRECTORY": "/s", "RUNTIME_DIRECTORY": "/r"}
+    printed = config_from_toml_text(
+        emulator_config(settings, "http://127.0.0.1:8790"), environ=environ
+    )
+    plain = config_from_toml_text(
+        f'[kakao]\nrest_api_key = "{settings.client_id}"\n'
+        'auth_url = "http://127.0.0.1:8790"\napi_url = "http://127.0.0.1:8790"\n',
+        environ=environ,
+    )
+    life = timedelta(seconds=access)
+    for config in (printed, plain):
+        assert config.account().app.request_timeouts(config.refresh, life, access * 20) == (
+            plain.account().app.request_timeouts(plain.refresh, life, access * 20)
+        )
+    assert printed.account().app.request_timeouts(printed.refresh, life, access * 20)[0] < (
+        access * 0.05
+    )
+    assert (
+        printed.refresh.heartbeat,
+        printed.refresh.retry_initial,
+        printed.refresh.retry_max,
+    ) == (
+        plain.refresh.heartbeat,
+        plain.refresh.retry_initial,
+        plain.refresh.retry_max,
+    )
 
 
 @pytest.mark.timeout(60)

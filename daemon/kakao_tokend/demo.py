@@ -89,11 +89,9 @@ def emulator_config(settings: EmulatorSettings, url: str) -> str:
     (else a 40-second refresh token raises a critical "expires in 38s" alert at once).
     """
     alerts = scaled_alerts(settings)
-    access = settings.access_lifetime
-    # Kakao's defaults, shrunk for second-long tokens (they stay as they are for real ones).
-    heartbeat = min(60.0, max(0.1, access / 8))
-    timeout, connect_timeout = min(30.0, max(1.0, access * 5 / 8)), min(10.0, max(0.5, access / 4))
-    retry_initial, retry_max = min(10.0, access / 8), min(300.0, access / 4)
+    # No timeout, heartbeat or retry here: left out, the daemon fits them to each token's
+    # lifetime (config.KakaoApp.request_timeouts, tokens.heartbeat_interval, backoff_delay);
+    # written into a config they count as set by hand and are used as written.
     secret = settings.client_secret
     lines = [
         "# kakao-tokend config for the Kakao emulator at " + url,
@@ -107,14 +105,9 @@ def emulator_config(settings: EmulatorSettings, url: str) -> str:
         f'api_url = "{url}"',
         f'redirect_uri = "{settings.redirect_uris[0]}"',
         'scopes = ["talk_message"]',
-        f"timeout = {_seconds(timeout)}",
-        f"connect_timeout = {_seconds(connect_timeout)}",
         "",
         "[refresh]",
         f"rotation_window = {_seconds(settings.rotation_window)}",
-        f"heartbeat = {_seconds(heartbeat)}",
-        f"retry_initial = {_seconds(retry_initial)}",
-        f"retry_max = {_seconds(retry_max)}",
         "",
         "[alerts]",
         "thresholds = [" + ", ".join(_seconds(t) for t in alerts.thresholds) + "]",
