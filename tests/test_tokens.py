@@ -1483,3 +1483,15 @@ def test_a_grown_request_timeout_is_the_same_share_of_every_short_lifetime(
     assert len(shares) == 1
     (grown,) = shares
     assert grown == pytest.approx(min(share * 2**unanswered, REQUEST_TIMEOUT_SHARE))
+
+
+def test_an_access_token_never_has_more_left_than_its_whole_lifetime() -> None:
+    """After the wall clock stepped back an hour, a 6-second token "issued in the future" still
+    has at most its 6 seconds left: the token endpoint's and the status's ``expires_in`` is
+    never longer than the token lives (it said 3,603 s, and a consumer caching by it kept a
+    dead token for an hour)."""
+    tokens = tokens_with_lifetime(timedelta(seconds=6))
+    stepped_back = T0 + timedelta(seconds=1) - timedelta(hours=1)
+    assert tokens.access_remaining(stepped_back) == timedelta(seconds=6)
+    assert tokens.access_remaining(T0 + timedelta(seconds=1)) == timedelta(seconds=5)
+    assert tokens.access_remaining(T0 + timedelta(seconds=8)) == timedelta(seconds=-2)

@@ -224,8 +224,10 @@ class TokenSet:
         return self.access_expires_at - self.access_issued_at
 
     def access_remaining(self, now: datetime) -> timedelta:
-        """Return how long the access token stays valid after ``now`` (negative if expired)."""
-        return self.access_expires_at - now
+        """Return how long the access token stays valid after ``now`` (negative if expired):
+        never more than its whole lifetime, also when the wall clock stepped back to before
+        its issue (Kakao counts the lifetime on its own clock, so that much is all it has)."""
+        return min(self.access_expires_at - now, self.access_lifetime)
 
     def refresh_remaining(self, now: datetime) -> timedelta:
         """Return how long the refresh token stays valid after ``now`` (negative if expired)."""
