@@ -133,7 +133,7 @@ async def test_a_wall_clock_stepped_back_is_noticed_within_the_short_tokens_life
         "LD_PRELOAD": str(_libfaketime()),
         "FAKETIME_TIMESTAMP_FILE": str(clock),
         "FAKETIME_CACHE_DURATION": "1",  # the file is re-read at most once a second
-        "DONT_FAKE_MONOTONIC": "1",  # asyncio's clock stays true
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # asyncio's clock stays true
     }
     _, daemon = await running_daemon(emulator, tmp_path, access=3, env=env)
     try:
