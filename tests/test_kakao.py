@@ -797,6 +797,11 @@ TOKEN_TABLE: list[tuple[int, Any, type[KakaoError], str | None]] = [
     (500, _koe("KOE123", "server_error"), KakaoUnavailable, "KOE123"),
     (502, b"<html>bad gateway</html>", KakaoUnavailable, None),
     (400, b'{"error":"invalid_gr', KakaoUnavailable, "bad-body"),
+    # Kakao does not document the HTTP status of its KOE errors: the body decides, a 200 too.
+    (200, _koe("KOE322", "invalid_grant"), ReloginRequired, "KOE322"),
+    (200, _koe("KOE010", "invalid_client"), KakaoConfigError, "KOE010"),
+    (200, _koe("KOE237"), KakaoUnavailable, "KOE237"),
+    (200, {"error": "invalid_grant"}, ReloginRequired, None),
 ]
 
 
@@ -822,6 +827,8 @@ KAPI_TABLE: list[tuple[int, dict[str, Any], type[KakaoError], str]] = [
     (400, {"code": -535, "msg": "x"}, KakaoRequestRejected, "-535"),
     (400, {"code": -1, "msg": "x"}, KakaoUnavailable, "-1"),
     (400, {"code": -999, "msg": "x"}, KakaoUnavailable, "-999"),
+    (200, {"code": -401, "msg": "this access token does not exist"}, AccessTokenRejected, "-401"),
+    (200, {"code": -101, "msg": "not registered user"}, ReloginRequired, "-101"),
 ]
 
 

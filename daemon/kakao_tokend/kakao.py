@@ -347,6 +347,29 @@ async def answer_within(seconds: float) -> AsyncIterator[None]:
             handle.cancel()
 
 
+def _kauth_error_body(body: Mapping[str, Any] | None) -> bool:
+    """Whether a token endpoint's JSON is Kakao's error shape (``error``/``error_code``, no
+    access token). Kakao does not document the HTTP status of its KOE errors, so the body
+    decides: a 200 carrying KOE322 is a dead refresh token, not a broken answer."""
+    if body is None or "access_token" in body:
+        return False
+    return isinstance(body.get("error_code"), str) or isinstance(body.get("error"), str)
+
+
+def _kapi_error_body(body: Mapping[str, Any] | None) -> bool:
+    """Whether a kapi JSON is its error shape: a negative ``code`` with a ``msg`` (what the
+    status says is not what decides, as for kauth)."""
+    if body is None:
+        return False
+    code = body.get("code")
+    return (
+        isinstance(code, int)
+        and not isinstance(code, bool)
+        and code < 0
+        and isinstance(body.get("msg"), str)
+    )
+
+
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)\b(code|token|access_token|refresh_token|client_secret|secret|code_verifier|verifier)"
     r"(\s*[=:]\s*)\S+"
@@ -842,7 +865,7 @@ class KakaoClient:
             unanswered=unanswered,
         )
         body = answer.json_object()
-        if answer.status == 200:
+        if answer.status == 200 and not _kauth_error_body(body):
             if body is None:
                 raise self._bad_body(TOKEN_PATH, answer)
             return body
@@ -869,7 +892,7 @@ class KakaoClient:
             refresh_expires_at=refresh_expires_at,
         )
         body = answer.json_object()
-        if answer.status == 200:
+        if answer.status == 200 and not _kapi_error_body(body):
             if body is None:
                 raise self._bad_body(path, answer)
             return body
