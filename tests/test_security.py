@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import http.client
 import json
 import os
@@ -25,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -45,7 +46,14 @@ from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import ConfigError, UnsafePath
 from kakao_tokend.store import check_directory
-from loginproc import LoginProcess, follow_authorize, get_page, with_query
+from loginproc import (
+    LoginProcess,
+    browser_argv,
+    fake_browser,
+    follow_authorize,
+    get_page,
+    with_query,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -769,6 +777,34 @@ class TestLoginListener:
         code, _, err = await login_process.finish()
         assert status == 200 and code == 0, err
         assert (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_the_browser_gets_no_secret_on_its_command_line(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
+    ) -> None:
+        """Every local user sees every process's command line (`ps`). The audit read the
+        authorize URL, state included, off the browser's and then ended or hijacked the login
+        with it. The browser must get only a private file (0600 in a 0700 directory of ours)
+        that sends it on to that URL; the file is gone when the login ends."""
+        program, record = fake_browser(tmp_path)
+        login_process = await start_login(browser=program)
+        state = parse_qs(urlsplit(login_process.url).query)["state"][0]
+        argv = await browser_argv(record)
+        assert not [arg for arg in argv if state in arg or "/oauth/authorize" in arg]
+        assert argv[-1].startswith("file:///"), argv
+        page = Path(unquote(urlsplit(argv[-1]).path))
+        for path, wanted in ((page, 0o600), (page.parent, 0o700)):
+            info = path.lstat()
+            assert (stat.S_IMODE(info.st_mode), info.st_uid) == (wanted, os.geteuid()), path
+        with open(page, encoding="utf-8") as handle:
+            assert html.escape(login_process.url, quote=True) in handle.read()
+        if IS_ROOT:
+            report = await as_nobody(read=[page])
+            assert report["reads"][str(page)].startswith("refused"), report
+        # The page's target is the printed URL: following it completes the login.
+        status, _ = await get_page(await follow_authorize(login_process.url))
+        code, _, err = await login_process.finish()
+        assert status == 200 and code == 0, err
+        assert not page.parent.exists()
 
     async def test_a_cancel_with_the_right_state_still_cancels(
         self, start_login: Callable[..., Awaitable[LoginProcess]], emulator: KakaoEmulator

@@ -7,11 +7,15 @@ import contextlib
 import hmac
 import html
 import logging
+import os
+import shutil
 import string
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TextIO
 from urllib.parse import parse_qs, urlsplit
 
@@ -161,6 +165,39 @@ def koe006_help(redirect_uri: str, account: AccountConfig) -> str:
         f" or set kakao.redirect_uri to one that is registered, then run"
         f" `{login_command(account)}` again."
     )
+
+
+def write_browser_page(url: str) -> Path:
+    """Write a private page that sends a browser on to ``url``; return its path.
+
+    Every local user can read every process's command line (`ps`, /proc/PID/cmdline). The
+    authorize URL carries the login's ``state``, and whoever knows it can answer the loopback
+    listener as if they were Kakao; so a browser is never started with the URL itself but with
+    this file's path (Jupyter opens its token URL the same way). The file is 0600 in a fresh
+    0700 directory (whatever the umask); the caller removes the directory when the login ends.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="kakao-tokend-login-"))
+    try:
+        os.chmod(directory, 0o700)
+        path = directory / "login.html"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(fd, 0o600)
+            target = html.escape(url, quote=True)
+            handle.write(
+                "<!doctype html><html><head><meta charset='utf-8'>"
+                "<meta name='referrer' content='no-referrer'>"
+                f"<meta http-equiv='refresh' content='0;url={target}'>"
+                "<title>kakao-tokend: Kakao login</title></head>"
+                "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'>"
+                f"<p>Opening the Kakao login… If nothing happens, <a href='{target}'>continue"
+                " to Kakao</a>.</p></body></html>"
+            )
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return path
 
 
 def _page(title: str, message: str, *, ok: bool) -> web.Response:
@@ -383,6 +420,7 @@ class LoginFlow:
         self._done = loop.create_future()
         self._notify = notify
         runner: web.AppRunner | None = None
+        page: Path | None = None
         # Kakao shows its KOE006 page in the browser and never redirects: say what it means
         # once the answer is overdue for a person who clicked through.
         explain = loop.call_later(
@@ -408,7 +446,18 @@ class LoginFlow:
                 notify(f"  {url}")
                 notify("")
                 if open_browser is not None:
-                    open_browser(url)
+                    try:
+                        page = write_browser_page(url)
+                    except OSError as exc:
+                        notify(
+                            f"(cannot open a browser: {exc.strerror or exc}; open the URL yourself)"
+                        )
+                    else:
+                        open_browser(page.as_uri())
+                        notify(
+                            "A browser opens on it; if it shows no Kakao login page, copy the"
+                            " URL into one."
+                        )
                 if runner is not None:
                     notify(f"Waiting for Kakao to redirect the browser to {self.redirect.uri} ...")
                 if stdin is not None:
@@ -438,6 +487,8 @@ class LoginFlow:
                     ) from None
             finally:
                 explain.cancel()
+                if page is not None:
+                    shutil.rmtree(page.parent, ignore_errors=True)
                 if runner is not None:
                     await runner.cleanup()
                 if not self._done.done():
