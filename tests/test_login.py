@@ -111,6 +111,43 @@ class TestBrowserCallback:
         state = json.loads((tmp_path / "state" / "default.state.json").read_text())
         assert state["generation"] == 2
 
+    async def test_another_kakao_user_is_refused_unless_switch_user(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """A re-login that comes back as another Kakao user (the wrong account picked in the
+        browser, or an answer that is not the person's) is refused: one error line naming
+        both users and the option that accepts it; the account keeps its tokens. With
+        --switch-user the same login is stored."""
+        login = await start_login()
+        await get_page(await follow_authorize(login.url))
+        assert (await login.finish())[0] == 0
+        state_file = tmp_path / "state" / "default.state.json"
+        before = state_file.read_bytes()
+        other = emulator.add_user(name="second").id
+        login = await start_login("--timeout", "3s")
+        status, page = await get_page(await follow_authorize(login.url + "&login_hint=second"))
+        code, out, err = await login.finish()
+        assert status == 400 and f"Kakao user {other}" in page
+        assert code == 1, out + err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, err
+        assert f"Kakao user {other}" in errors[0] and "Kakao user 1234567890" in errors[0]
+        config = tmp_path / "config.toml"
+        assert f"`kakao-tokend --config {config} login --switch-user`" in errors[0]
+        assert "Traceback" not in err and "Login succeeded" not in out
+        assert state_file.read_bytes() == before
+
+        login = await start_login("--switch-user")
+        await get_page(await follow_authorize(login.url + "&login_hint=second"))
+        code, out, err = await login.finish()
+        assert code == 0, err
+        assert f"as Kakao user {other}" in out
+        state = json.loads(state_file.read_text())
+        assert (state["user_id"], state["generation"]) == (other, 2)
+
     async def test_state_mismatch_is_ignored(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:

@@ -24,7 +24,7 @@ from aiohttp import web
 from .config import AccountConfig
 from .errors import KakaoError, KakaoTokendError, KakaoUnavailable, StateCorrupt
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from .relogin import login_command
+from .relogin import cli_command, login_command
 from .state import AccountState
 from .store import AccountStore
 from .tokens import Clock, TokenSet, backoff_delay, utcnow
@@ -40,8 +40,11 @@ USER_ME_RETRY_INITIAL = 1.0
 KOE006_HELP_AFTER = 20.0
 
 Notify = Callable[[str], None]
-#: Stores a fresh login's tokens (tokens, Kakao user id, now) and returns the state written.
-Persist = Callable[[TokenSet, int | None, datetime], Awaitable[AccountState]]
+#: Checks the state a login is about to replace (LoginFlow.check_replacing; raises to refuse).
+CheckReplacing = Callable[[AccountState | None], None]
+#: Stores a fresh login's tokens (tokens, Kakao user id, now) and returns the state written;
+#: it calls the check with the state it replaces, under the same lock as the write.
+Persist = Callable[[TokenSet, int | None, datetime, CheckReplacing], Awaitable[AccountState]]
 
 
 class LoginFailed(KakaoTokendError):
@@ -54,6 +57,10 @@ class LoginCancelled(LoginFailed):
 
 class LoginStateMismatch(LoginFailed):
     """The redirect's ``state`` is not the one we sent: a stale tab or a forged request."""
+
+
+class LoginOtherUser(LoginFailed):
+    """The login is for another Kakao user than the one whose tokens the account holds."""
 
 
 @dataclass(frozen=True)
@@ -223,8 +230,11 @@ class LoginFlow:
         clock: Clock = utcnow,
         lock_timeout: float = 10.0,
         persist: Persist | None = None,
+        switch_user: bool = False,
     ) -> None:
         self.account = account
+        #: Whether the account may change hands to another Kakao user (`login --switch-user`).
+        self.switch_user = switch_user
         #: Where the tokens go (fleet mode: the store's row); None: the account's files.
         self.persist = persist
         self.scopes = tuple(scopes) or account.app.scopes
@@ -303,11 +313,36 @@ class LoginFlow:
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
         )
         user_id, problem = await self._sign_up(client, tokens)
+
+        def check(old: AccountState | None) -> None:
+            self.check_replacing(old, user_id)
+
         if self.persist is not None:
-            state = await self.persist(tokens, user_id, self.clock())
+            state = await self.persist(tokens, user_id, self.clock(), check)
         else:
-            state = await asyncio.to_thread(self._persist, tokens, user_id)
+            state = await asyncio.to_thread(self._persist, tokens, user_id, check)
         return LoginResult(state=state, user_id=user_id, user_me_problem=problem, via=via)
+
+    def check_replacing(self, old: AccountState | None, user_id: int | None) -> None:
+        """Refuse (LoginOtherUser) to replace one Kakao user's tokens with another's.
+
+        The person may have picked the wrong Kakao account in the browser, or the answer may
+        not be theirs at all (someone who learned the login's state answered with a code of
+        their own account): either way the account would silently act as someone else.
+        `login --switch-user` accepts it on purpose. Unknown ids (an import, a failed
+        /v2/user/me) cannot be compared and pass.
+        """
+        if self.switch_user or old is None or old.user_id is None or user_id is None:
+            return
+        if old.user_id == user_id:
+            return
+        raise LoginOtherUser(
+            f"the login is for Kakao user {user_id}, but account '{self.account.name}' holds"
+            f" Kakao user {old.user_id}'s tokens, which are kept",
+            hint=f"log out of Kakao in the browser and log in as Kakao user {old.user_id},"
+            f" or run `{cli_command(self.account, 'login', '--switch-user')}` to make the"
+            f" account Kakao user {user_id}'s",
+        )
 
     async def _sign_up(
         self, client: KakaoClient, tokens: TokenSet
@@ -350,7 +385,9 @@ class LoginFlow:
                     return raw_id, None
                 return None, None
 
-    def _persist(self, tokens: TokenSet, user_id: int | None) -> AccountState:
+    def _persist(
+        self, tokens: TokenSet, user_id: int | None, check: CheckReplacing
+    ) -> AccountState:
         store = AccountStore(self.account)
         now = self.clock()
         with store.lock(timeout=self.lock_timeout):
@@ -358,6 +395,7 @@ class LoginFlow:
                 old = store.load()
             except StateCorrupt:
                 old = None  # moved aside by the store; a fresh login replaces it
+            check(old)
             state = AccountState(
                 account=self.account.name,
                 tokens=tokens,
