@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -261,7 +262,8 @@ async def test_cancel_in_a_real_browser_says_cancelled_and_stores_nothing(
     """Clicking Cancel lands on the loopback page saying the login was cancelled; no files.
 
     Proves the deny path: Kakao's access_denied redirect is shown to the person as a cancel
-    (not a crash or a generic error), the CLI exits non-zero, and no token file is created.
+    (not a crash or a generic error), the terminal says the login still waits and how to
+    stop it, Ctrl-C then ends it (exit 130), and no token file is created.
     """
     config, redirect_uri = browser_login_config(tmp_path, page_emulator)
     proc, url = await start_login(config)
@@ -269,12 +271,14 @@ async def test_cancel_in_a_real_browser_says_cancelled_and_stores_nothing(
         await consent(browser, url, page_emulator, "cancel")
         await browser.page.wait_page(redirect_uri)
         text = await browser.page.evaluate("document.title + '\\n' + document.body.innerText")
+        proc.send_signal(signal.SIGINT)
     finally:
         code, output = await finish(proc)
     assert "Login cancelled" in text
     assert "no tokens were stored" in text
-    assert code != 0
-    assert "cancelled" in output and "Traceback" not in output
+    assert code == 130, output
+    assert "cancelled" in output and "press Ctrl-C to stop" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "state" / "default.state.json").exists()
     assert not (tmp_path / "state" / "default.token.json").exists()
     assert page_emulator.stats.codes_issued == 0

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +27,7 @@ from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
 from .relogin import cli_command, login_command
 from .state import AccountState
 from .store import AccountStore
-from .tokens import Clock, TokenSet, backoff_delay, utcnow
+from .tokens import Clock, TokenSet, backoff_delay, format_local_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ USER_ME_ATTEMPTS = 3
 USER_ME_RETRY_INITIAL = 1.0
 #: When `login` explains KOE006 at the latest (a quarter of --timeout when that is shorter).
 KOE006_HELP_AFTER = 20.0
+#: How many failed answers through the browser one login survives (the next failure ends it).
+#: Only success ends a login early, so an answer forged with a leaked state cannot end it;
+#: this bounds the token requests such answers cost at Kakao. A person retrying needs a few.
+BROWSER_FAILURES_KEPT = 10
 
 Notify = Callable[[str], None]
 #: Checks the state a login is about to replace (LoginFlow.check_replacing; raises to refuse).
@@ -248,6 +252,10 @@ class LoginFlow:
         self._client: KakaoClient | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._notify: Notify = log.info
+        #: The failed answers from the browser so far, and when the login gives up waiting.
+        self._failures: list[KakaoTokendError] = []
+        self._deadline: datetime | None = None
+        self._explain: asyncio.TimerHandle | None = None
 
     def authorize_url(self, client: KakaoClient) -> str:
         """Return the Kakao authorize URL for this attempt."""
@@ -262,19 +270,44 @@ class LoginFlow:
         """Check one redirect's parameters, exchange the code and persist the tokens.
 
         The first redirect that settles the attempt wins; later ones get LoginFailed. The
-        outcome (result or error) is also handed to whoever waits in :meth:`run`.
+        outcome (result or error) is also handed to whoever waits in :meth:`run`. A failed
+        answer from the browser does not settle it (see :meth:`_keep_waiting`).
         """
         async with self._busy:
             assert self._done is not None and self._client is not None
             if self._done.done():
                 raise LoginFailed("this login attempt is already finished")
+            if self._explain is not None:
+                self._explain.cancel()  # an answer came: the redirect URI is no KOE006
             try:
                 result = await self._complete(self._client, params, via=via)
             except KakaoTokendError as exc:
-                self._done.set_exception(exc)
+                if not (via == "browser" and self._keep_waiting(exc)):
+                    self._done.set_exception(exc)
                 raise
             self._done.set_result(result)
             return result
+
+    def _keep_waiting(self, failure: KakaoTokendError) -> bool:
+        """Note a failed answer from the browser; return whether the login waits on.
+
+        Anyone who knows the login's state can send the listener a cancel, an error or a
+        code that fails; were that final, a leaked state would let them end the login. So
+        only success ends it early: the person sees the failure (page and terminal) and may
+        open the URL again — after pressing Cancel by mistake, or logging in as the wrong
+        Kakao user. At --timeout the last failure is the login's error.
+        """
+        self._failures.append(failure)
+        if len(self._failures) > BROWSER_FAILURES_KEPT:
+            return False
+        until = format_local_time(self._deadline) if self._deadline else "--timeout"
+        # A cancel's hint (run login again) is for when the login has ended.
+        what = failure.message if isinstance(failure, LoginCancelled) else str(failure)
+        self._notify(
+            f"The browser's answer did not log in: {what}. This login still waits until"
+            f" {until}: open the URL above again, or press Ctrl-C to stop."
+        )
+        return True
 
     def matches_state(self, params: Mapping[str, str]) -> bool:
         """Whether ``params`` carry this attempt's ``state`` (compared in constant time)."""
@@ -421,19 +454,22 @@ class LoginFlow:
             )
         try:
             await self.complete(params, via="browser")
-        except LoginCancelled:
-            return _page(
-                "Login cancelled",
-                "You cancelled the Kakao login, so no tokens were stored. "
-                f"Run `{login_command(self.account)}` again and press Agree to continue.",
-                ok=False,
-            )
         except KakaoTokendError as exc:
-            return _page(
-                "Login failed",
-                f"{exc}. Nothing was stored; see the terminal running kakao-tokend.",
-                ok=False,
-            )
+            assert self._done is not None
+            if self._done.done():
+                then = f"Run `{login_command(self.account)}` again to log in."
+            else:
+                then = (
+                    "kakao-tokend is still waiting: open the login URL it printed again to"
+                    " log in, or press Ctrl-C where it runs to stop."
+                )
+            if isinstance(exc, LoginCancelled):
+                return _page(
+                    "Login cancelled",
+                    f"You cancelled the Kakao login, so no tokens were stored. {then}",
+                    ok=False,
+                )
+            return _page("Login failed", f"{exc}. Nothing was stored. {then}", ok=False)
         return _page(
             "Login succeeded — you can close this window",
             f"kakao-tokend stored the tokens for account '{self.account.name}'.",
@@ -457,11 +493,12 @@ class LoginFlow:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         self._notify = notify
+        self._deadline = self.clock() + timedelta(seconds=timeout)
         runner: web.AppRunner | None = None
         page: Path | None = None
         # Kakao shows its KOE006 page in the browser and never redirects: say what it means
         # once the answer is overdue for a person who clicked through.
-        explain = loop.call_later(
+        explain = self._explain = loop.call_later(
             min(KOE006_HELP_AFTER, timeout / 4),
             notify,
             koe006_help(self.redirect.uri, self.account),
@@ -518,6 +555,8 @@ class LoginFlow:
                 try:
                     return await asyncio.wait_for(asyncio.shield(self._done), timeout)
                 except TimeoutError:
+                    if self._failures:
+                        raise self._failures[-1] from None
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
                         hint=f"run `{login_command(self.account)} --timeout 10m` again"
