@@ -530,8 +530,9 @@ class LoginFlow:
                     else:
                         open_browser(page.as_uri())
                         notify(
-                            "A browser opens on it; if it shows no Kakao login page, copy the"
-                            " URL into one."
+                            "A browser opens on it through a private file (so that `ps` shows"
+                            " no one the URL); if it cannot open that file (a snap-packaged"
+                            " browser cannot), copy the URL into it."
                         )
                 if runner is not None:
                     notify(f"Waiting for Kakao to redirect the browser to {self.redirect.uri} ...")
