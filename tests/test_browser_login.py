@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pytest
 
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import EmulatorSettings, KakaoEmulator, running_emulator
-from loginproc import read_authorize_url, spawn_login
+from loginproc import browser_argv, fake_browser, read_authorize_url, spawn_login
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -233,13 +234,36 @@ async def test_agree_in_a_real_browser_lands_on_the_success_page_and_stores_toke
     assert published["access_token"] not in output
 
 
+async def test_the_page_the_login_opens_a_browser_on_leads_a_real_browser_to_kakao(
+    browser: Browser, page_emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`login` on a desktop starts the browser on a private local file, not on the authorize
+    URL (whose state `ps` would show everyone): Chromium opened on that file ends up on
+    Kakao's consent page, and Agree completes the login."""
+    config, redirect_uri = browser_login_config(tmp_path, page_emulator)
+    program, record = fake_browser(tmp_path)
+    proc = await spawn_login(config, timeout="60s", browser=program)
+    try:
+        await read_authorize_url(proc, until="Waiting for Kakao")
+        (page,) = await browser_argv(record)
+        assert page.startswith("file:///")
+        await consent(browser, page, page_emulator, "agree")
+        await browser.page.wait_page(redirect_uri)
+        text = await browser.page.evaluate("document.title + '\\n' + document.body.innerText")
+    finally:
+        code, output = await finish(proc)
+    assert "Login succeeded" in text
+    assert code == 0, output
+
+
 async def test_cancel_in_a_real_browser_says_cancelled_and_stores_nothing(
     browser: Browser, page_emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
     """Clicking Cancel lands on the loopback page saying the login was cancelled; no files.
 
     Proves the deny path: Kakao's access_denied redirect is shown to the person as a cancel
-    (not a crash or a generic error), the CLI exits non-zero, and no token file is created.
+    (not a crash or a generic error), the terminal says the login still waits and how to
+    stop it, Ctrl-C then ends it (exit 130), and no token file is created.
     """
     config, redirect_uri = browser_login_config(tmp_path, page_emulator)
     proc, url = await start_login(config)
@@ -247,12 +271,14 @@ async def test_cancel_in_a_real_browser_says_cancelled_and_stores_nothing(
         await consent(browser, url, page_emulator, "cancel")
         await browser.page.wait_page(redirect_uri)
         text = await browser.page.evaluate("document.title + '\\n' + document.body.innerText")
+        proc.send_signal(signal.SIGINT)
     finally:
         code, output = await finish(proc)
     assert "Login cancelled" in text
     assert "no tokens were stored" in text
-    assert code != 0
-    assert "cancelled" in output and "Traceback" not in output
+    assert code == 130, output
+    assert "cancelled" in output and "press Ctrl-C to stop" in output
+    assert "Traceback" not in output
     assert not (tmp_path / "state" / "default.state.json").exists()
     assert not (tmp_path / "state" / "default.token.json").exists()
     assert page_emulator.stats.codes_issued == 0

@@ -208,3 +208,56 @@ async def test_a_login_or_import_after_a_logout_continues_the_generation_in_the_
         assert await log_in() == 5
     finally:
         await session.close()
+
+
+async def test_a_login_as_another_kakao_user_leaves_the_row_alone(
+    pg_dsn: str, emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """In fleet mode too, a re-login that comes back as another Kakao user is refused before
+    the shared row changes (the check runs under the row's lock in save_login), with one
+    line naming --switch-user; with --switch-user the row becomes the other user's."""
+    from datetime import UTC, datetime
+
+    from kakao_tokend.demo import auto_login
+    from kakao_tokend.fleet.commands import save_login
+    from kakao_tokend.kakao import KakaoClient, create_session
+
+    await migrated(pg_dsn)
+    path = node_config(tmp_path, emulator, pg_dsn, "ops-1")
+    config = load_config(path)
+    account = config.account()
+    session = create_session()
+    try:
+        fresh = await auto_login(KakaoClient(session, account.app), session, account.name)
+        await save_login(config, account, fresh.tokens, fresh.user_id, datetime.now(UTC))
+    finally:
+        await session.close()
+    redirect = f"http://127.0.0.1:{free_port()}/callback"
+    emulator.settings.redirect_uris.append(redirect)
+    path.write_text(path.read_text().replace(emulator.settings.redirect_uris[0], redirect))
+    other = emulator.add_user(name="second").id
+    before = await row_of(pg_dsn)
+    assert before is not None and before[0] == 1
+
+    async def log_in_as_second(*extra: str) -> tuple[int, str, str]:
+        proc = await spawn_login(path, *extra, timeout="3s")
+        try:
+            url, seen = await read_authorize_url(proc)
+            await get_page(await follow_authorize(url + "&login_hint=second"))
+            return await LoginProcess(proc, url, seen).finish()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+    code, out, err = await log_in_as_second()
+    assert code == 1, out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--switch-user" in errors[0], err
+    assert f"Kakao user {other}" in errors[0] and "Kakao user 1234567890" in errors[0]
+    assert await row_of(pg_dsn) == before
+
+    code, out, err = await log_in_as_second("--switch-user")
+    assert code == 0, out + err
+    assert f"as Kakao user {other}" in out
+    assert (await row_of(pg_dsn) or (0,))[0] == 2

@@ -14,7 +14,7 @@ import aiohttp
 
 from daemonproc import free_port, write_login_config
 from kakao_tokend.emulator import KakaoEmulator
-from kakao_tokend.login import parse_pasted
+from kakao_tokend.login import BROWSER_FAILURES_KEPT, parse_pasted
 from loginproc import LoginProcess, follow_authorize, get_page, spawn_login, with_query
 
 
@@ -111,6 +111,43 @@ class TestBrowserCallback:
         state = json.loads((tmp_path / "state" / "default.state.json").read_text())
         assert state["generation"] == 2
 
+    async def test_another_kakao_user_is_refused_unless_switch_user(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """A re-login that comes back as another Kakao user (the wrong account picked in the
+        browser, or an answer that is not the person's) is refused: one error line naming
+        both users and the option that accepts it; the account keeps its tokens. With
+        --switch-user the same login is stored."""
+        login = await start_login()
+        await get_page(await follow_authorize(login.url))
+        assert (await login.finish())[0] == 0
+        state_file = tmp_path / "state" / "default.state.json"
+        before = state_file.read_bytes()
+        other = emulator.add_user(name="second").id
+        login = await start_login("--timeout", "3s")
+        status, page = await get_page(await follow_authorize(login.url + "&login_hint=second"))
+        code, out, err = await login.finish()
+        assert status == 400 and f"Kakao user {other}" in page
+        assert code == 1, out + err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, err
+        assert f"Kakao user {other}" in errors[0] and "Kakao user 1234567890" in errors[0]
+        config = tmp_path / "config.toml"
+        assert f"`kakao-tokend --config {config} login --switch-user`" in errors[0]
+        assert "Traceback" not in err and "Login succeeded" not in out
+        assert state_file.read_bytes() == before
+
+        login = await start_login("--switch-user")
+        await get_page(await follow_authorize(login.url + "&login_hint=second"))
+        code, out, err = await login.finish()
+        assert code == 0, err
+        assert f"as Kakao user {other}" in out
+        state = json.loads(state_file.read_text())
+        assert (state["user_id"], state["generation"]) == (other, 2)
+
     async def test_state_mismatch_is_ignored(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:
@@ -129,8 +166,9 @@ class TestBrowserCallback:
     async def test_pkce_failure_is_reported(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:
-        """A code bound to another PKCE challenge is refused at the exchange: clear error."""
-        login = await start_login()
+        """A code bound to another PKCE challenge is refused at the exchange: the page says
+        so at once, and at --timeout (no other answer came) it is the one error line."""
+        login = await start_login("--timeout", "3s")
         # The emulator records this challenge; our verifier no longer matches it.
         tampered = with_query(login.url, code_challenge="A" * 43)
         status, page = await get_page(await follow_authorize(tampered))
@@ -143,16 +181,37 @@ class TestBrowserCallback:
     async def test_cancel_says_cancelled(
         self, start_login: Callable[..., Awaitable[LoginProcess]], emulator: KakaoEmulator
     ) -> None:
-        """Pressing Cancel (error=access_denied) shows a 'cancelled' page and exits non-zero."""
+        """Pressing Cancel (error=access_denied) shows a 'cancelled' page at once; the login
+        waits on (the person may open the URL again) and at --timeout exits 1 saying it
+        was cancelled, with the command to start again."""
         emulator.deny_next_authorize()
-        login = await start_login()
+        login = await start_login("--timeout", "3s")
         location = await follow_authorize(login.url)
         assert "error=access_denied" in location
         status, page = await get_page(location)
         code, _, err = await login.finish()
-        assert status == 400 and "Login cancelled" in page
+        assert status == 400 and "Login cancelled" in page and "still waiting" in page
         assert code == 1
-        assert "cancelled" in err and "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cancelled" in errors[0], err
+        assert "press Ctrl-C to stop" in err and "Traceback" not in err
+
+    async def test_failed_answers_from_the_browser_are_bounded(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], emulator: KakaoEmulator
+    ) -> None:
+        """A failed answer does not end the login, but each may cost a token request at
+        Kakao: after BROWSER_FAILURES_KEPT of them the next one ends it, with its error."""
+        login = await start_login()
+        location = await follow_authorize(login.url)
+        bad = with_query(location, code="no-such-code-0123456789")
+        for _ in range(BROWSER_FAILURES_KEPT):
+            status, page = await get_page(bad)
+            assert status == 400 and "still waiting" in page
+        status, page = await get_page(bad)
+        code, _, err = await login.finish()
+        assert status == 400 and "still waiting" not in page
+        assert code not in (0, 70) and "Traceback" not in err
+        assert emulator.stats.requests["token"] == BROWSER_FAILURES_KEPT + 1
 
     async def test_timeout_names_the_option_to_wait_longer(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path

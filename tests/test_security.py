@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import http.client
 import json
 import os
@@ -25,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -45,7 +46,14 @@ from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.errors import ConfigError, UnsafePath
 from kakao_tokend.store import check_directory
-from loginproc import LoginProcess, follow_authorize, get_page, with_query
+from loginproc import (
+    LoginProcess,
+    browser_argv,
+    fake_browser,
+    follow_authorize,
+    get_page,
+    with_query,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -770,17 +778,102 @@ class TestLoginListener:
         assert status == 200 and code == 0, err
         assert (tmp_path / "state" / "default.state.json").exists()
 
-    async def test_a_cancel_with_the_right_state_still_cancels(
-        self, start_login: Callable[..., Awaitable[LoginProcess]], emulator: KakaoEmulator
+    async def test_the_browser_gets_no_secret_on_its_command_line(
+        self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path
     ) -> None:
-        """Kakao's own access_denied redirect (it echoes our state) still ends the login."""
-        emulator.deny_next_authorize()
+        """Every local user sees every process's command line (`ps`). The audit read the
+        authorize URL, state included, off the browser's and then ended or hijacked the login
+        with it. The browser must get only a private file (0600 in a 0700 directory of ours)
+        that sends it on to that URL; the file is gone when the login ends."""
+        program, record = fake_browser(tmp_path)
+        login_process = await start_login(browser=program)
+        state = parse_qs(urlsplit(login_process.url).query)["state"][0]
+        argv = await browser_argv(record)
+        assert not [arg for arg in argv if state in arg or "/oauth/authorize" in arg]
+        assert argv[-1].startswith("file:///"), argv
+        page = Path(unquote(urlsplit(argv[-1]).path))
+        for path, wanted in ((page, 0o600), (page.parent, 0o700)):
+            info = path.lstat()
+            assert (stat.S_IMODE(info.st_mode), info.st_uid) == (wanted, os.geteuid()), path
+        with open(page, encoding="utf-8") as handle:
+            assert html.escape(login_process.url, quote=True) in handle.read()
+        if IS_ROOT:
+            report = await as_nobody(read=[page])
+            assert report["reads"][str(page)].startswith("refused"), report
+        # The page's target is the printed URL: following it completes the login.
+        status, _ = await get_page(await follow_authorize(login_process.url))
+        code, _, err = await login_process.finish()
+        assert status == 200 and code == 0, err
+        assert not page.parent.exists()
+
+    @pytest.mark.parametrize(
+        "forged",
+        [
+            {"error": "access_denied", "error_description": "User denied access"},
+            {"error": "server_error"},
+            {"code": "forged-code-that-kakao-never-issued"},
+        ],
+        ids=["cancel", "error", "unknown-code"],
+    )
+    async def test_a_stolen_state_cannot_end_the_login(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+        forged: dict[str, str],
+    ) -> None:
+        """Should the state leak anyway (the audit read it off `ps`), an answer that fails —
+        a forged cancel, error or code — is shown as such, but only success ends a login
+        early: the person's own answer afterwards still logs in."""
         login_process = await start_login()
         location = await follow_authorize(login_process.url)
-        assert "state=" in location
+        state = parse_qs(urlsplit(location).query)["state"][0]
+        status, page = await get_page(with_query(location.split("?", 1)[0], **forged, state=state))
+        assert status == 400 and "still waiting" in page, page
         status, page = await get_page(location)
-        code, _, _ = await login_process.finish()
-        assert status == 400 and "Login cancelled" in page and code == 1
+        code, _, err = await login_process.finish()
+        assert status == 200 and code == 0, err
+        assert "still waits" in err and "Traceback" not in err
+        assert (tmp_path / "state" / "default.state.json").exists()
+
+    async def test_a_code_with_a_stolen_state_cannot_switch_the_kakao_user(
+        self,
+        start_login: Callable[..., Awaitable[LoginProcess]],
+        emulator: KakaoEmulator,
+        tmp_path: Path,
+    ) -> None:
+        """The audit's hijack: with a re-login's stolen state, another user sent an
+        authorization code of their own Kakao account, got WITHOUT a code_challenge (the
+        emulator, like many servers, then skips the PKCE check), and the account held their
+        Kakao user. Now that answer is refused, the account keeps its user and tokens, and
+        the person's own answer afterwards completes the login."""
+        first = await start_login()
+        await get_page(await follow_authorize(first.url))
+        assert (await first.finish())[0] == 0
+        state_file = tmp_path / "state" / "default.state.json"
+        before = state_file.read_bytes()
+        login_process = await start_login()
+        query = parse_qs(urlsplit(login_process.url).query)
+        stolen = query["state"][0]
+        emulator.add_user(name="mallory")
+        their_login = {
+            "client_id": query["client_id"][0],
+            "redirect_uri": query["redirect_uri"][0],
+            "response_type": "code",
+            "login_hint": "mallory",
+        }
+        answer = await follow_authorize(f"{emulator.url}/oauth/authorize?{urlencode(their_login)}")
+        theirs = parse_qs(urlsplit(answer).query)["code"][0]
+        callback = answer.split("?", 1)[0]
+        status, page = await get_page(with_query(callback, code=theirs, state=stolen))
+        assert status == 400 and "mallory" not in page
+        assert f"Kakao user {emulator.user('mallory').id}" in page
+        assert state_file.read_bytes() == before
+        status, _ = await get_page(await follow_authorize(login_process.url))
+        code, out, err = await login_process.finish()
+        assert status == 200 and code == 0, err
+        assert "as Kakao user 1234567890" in out
+        assert json.loads(state_file.read_text())["user_id"] == 1234567890
 
     async def test_a_tampered_state_on_the_real_code_is_ignored(
         self, start_login: Callable[..., Awaitable[LoginProcess]], tmp_path: Path

@@ -434,13 +434,19 @@ def _describe_files(state: AccountState, account: AccountConfig) -> list[str]:
     default="5m",
     help="How long to wait for the login to finish.",
 )
-def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
+@click.option(
+    "--switch-user",
+    is_flag=True,
+    help="Accept a Kakao user other than the one whose tokens the account holds (refused"
+    " otherwise).",
+)
+def login(no_browser: bool, scopes: Sequence[str], timeout: float, switch_user: bool) -> None:
     """Log in with Kakao once (PKCE) and store the tokens for the daemon.
 
     Prints the Kakao authorize URL, serves the redirect URI from the config on this machine
     (e.g. http://127.0.0.1:8765/callback), exchanges the code, calls /v2/user/me once (Kakao
     unlinks users who never do) and writes the state and token files. A fresh login replaces
-    the account's previous tokens.
+    the account's previous tokens, when it is for the same Kakao user (--switch-user: any).
 
     \b
     Example:
@@ -455,10 +461,15 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
     config = settings.config()
     in_store = config.store.backend == "postgres"
 
-    async def to_store(tokens: TokenSet, user_id: int | None, now: datetime) -> AccountState:
+    async def to_store(
+        tokens: TokenSet,
+        user_id: int | None,
+        now: datetime,
+        check: Callable[[AccountState | None], None],
+    ) -> AccountState:
         from .fleet.commands import save_login
 
-        return await save_login(config, account, tokens, user_id, now)
+        return await save_login(config, account, tokens, user_id, now, check)
 
     if in_store:
         from .fleet.commands import check_login
@@ -467,7 +478,12 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
         _run_async(check_login(config, account))
     else:
         _refuse_unsafe_paths(account)
-    flow = LoginFlow(account, scopes=scopes, persist=to_store if in_store else None)
+    flow = LoginFlow(
+        account,
+        scopes=scopes,
+        persist=to_store if in_store else None,
+        switch_user=switch_user,
+    )
 
     def notify(line: str) -> None:
         click.echo(line, err=True)

@@ -7,11 +7,15 @@ import contextlib
 import hmac
 import html
 import logging
+import os
+import shutil
 import string
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TextIO
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,10 +24,10 @@ from aiohttp import web
 from .config import AccountConfig
 from .errors import KakaoError, KakaoTokendError, KakaoUnavailable, StateCorrupt
 from .kakao import KakaoClient, create_session, new_pkce_pair, new_state
-from .relogin import login_command
+from .relogin import cli_command, login_command
 from .state import AccountState
 from .store import AccountStore
-from .tokens import Clock, TokenSet, backoff_delay, utcnow
+from .tokens import Clock, TokenSet, backoff_delay, format_local_time, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +38,17 @@ USER_ME_ATTEMPTS = 3
 USER_ME_RETRY_INITIAL = 1.0
 #: When `login` explains KOE006 at the latest (a quarter of --timeout when that is shorter).
 KOE006_HELP_AFTER = 20.0
+#: How many failed answers through the browser one login survives (the next failure ends it).
+#: Only success ends a login early, so an answer forged with a leaked state cannot end it;
+#: this bounds the token requests such answers cost at Kakao. A person retrying needs a few.
+BROWSER_FAILURES_KEPT = 10
 
 Notify = Callable[[str], None]
-#: Stores a fresh login's tokens (tokens, Kakao user id, now) and returns the state written.
-Persist = Callable[[TokenSet, int | None, datetime], Awaitable[AccountState]]
+#: Checks the state a login is about to replace (LoginFlow.check_replacing; raises to refuse).
+CheckReplacing = Callable[[AccountState | None], None]
+#: Stores a fresh login's tokens (tokens, Kakao user id, now) and returns the state written;
+#: it calls the check with the state it replaces, under the same lock as the write.
+Persist = Callable[[TokenSet, int | None, datetime, CheckReplacing], Awaitable[AccountState]]
 
 
 class LoginFailed(KakaoTokendError):
@@ -50,6 +61,10 @@ class LoginCancelled(LoginFailed):
 
 class LoginStateMismatch(LoginFailed):
     """The redirect's ``state`` is not the one we sent: a stale tab or a forged request."""
+
+
+class LoginOtherUser(LoginFailed):
+    """The login is for another Kakao user than the one whose tokens the account holds."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,39 @@ def koe006_help(redirect_uri: str, account: AccountConfig) -> str:
     )
 
 
+def write_browser_page(url: str) -> Path:
+    """Write a private page that sends a browser on to ``url``; return its path.
+
+    Every local user can read every process's command line (`ps`, /proc/PID/cmdline). The
+    authorize URL carries the login's ``state``, and whoever knows it can answer the loopback
+    listener as if they were Kakao; so a browser is never started with the URL itself but with
+    this file's path (Jupyter opens its token URL the same way). The file is 0600 in a fresh
+    0700 directory (whatever the umask); the caller removes the directory when the login ends.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="kakao-tokend-login-"))
+    try:
+        os.chmod(directory, 0o700)
+        path = directory / "login.html"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(fd, 0o600)
+            target = html.escape(url, quote=True)
+            handle.write(
+                "<!doctype html><html><head><meta charset='utf-8'>"
+                "<meta name='referrer' content='no-referrer'>"
+                f"<meta http-equiv='refresh' content='0;url={target}'>"
+                "<title>kakao-tokend: Kakao login</title></head>"
+                "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'>"
+                f"<p>Opening the Kakao login… If nothing happens, <a href='{target}'>continue"
+                " to Kakao</a>.</p></body></html>"
+            )
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return path
+
+
 def _page(title: str, message: str, *, ok: bool) -> web.Response:
     colour = "#1a7f37" if ok else "#b42318"
     body = (
@@ -186,8 +234,11 @@ class LoginFlow:
         clock: Clock = utcnow,
         lock_timeout: float = 10.0,
         persist: Persist | None = None,
+        switch_user: bool = False,
     ) -> None:
         self.account = account
+        #: Whether the account may change hands to another Kakao user (`login --switch-user`).
+        self.switch_user = switch_user
         #: Where the tokens go (fleet mode: the store's row); None: the account's files.
         self.persist = persist
         self.scopes = tuple(scopes) or account.app.scopes
@@ -201,6 +252,10 @@ class LoginFlow:
         self._client: KakaoClient | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self._notify: Notify = log.info
+        #: The failed answers from the browser so far, and when the login gives up waiting.
+        self._failures: list[KakaoTokendError] = []
+        self._deadline: datetime | None = None
+        self._explain: asyncio.TimerHandle | None = None
 
     def authorize_url(self, client: KakaoClient) -> str:
         """Return the Kakao authorize URL for this attempt."""
@@ -215,19 +270,44 @@ class LoginFlow:
         """Check one redirect's parameters, exchange the code and persist the tokens.
 
         The first redirect that settles the attempt wins; later ones get LoginFailed. The
-        outcome (result or error) is also handed to whoever waits in :meth:`run`.
+        outcome (result or error) is also handed to whoever waits in :meth:`run`. A failed
+        answer from the browser does not settle it (see :meth:`_keep_waiting`).
         """
         async with self._busy:
             assert self._done is not None and self._client is not None
             if self._done.done():
                 raise LoginFailed("this login attempt is already finished")
+            if self._explain is not None:
+                self._explain.cancel()  # an answer came: the redirect URI is no KOE006
             try:
                 result = await self._complete(self._client, params, via=via)
             except KakaoTokendError as exc:
-                self._done.set_exception(exc)
+                if not (via == "browser" and self._keep_waiting(exc)):
+                    self._done.set_exception(exc)
                 raise
             self._done.set_result(result)
             return result
+
+    def _keep_waiting(self, failure: KakaoTokendError) -> bool:
+        """Note a failed answer from the browser; return whether the login waits on.
+
+        Anyone who knows the login's state can send the listener a cancel, an error or a
+        code that fails; were that final, a leaked state would let them end the login. So
+        only success ends it early: the person sees the failure (page and terminal) and may
+        open the URL again — after pressing Cancel by mistake, or logging in as the wrong
+        Kakao user. At --timeout the last failure is the login's error.
+        """
+        self._failures.append(failure)
+        if len(self._failures) > BROWSER_FAILURES_KEPT:
+            return False
+        until = format_local_time(self._deadline) if self._deadline else "--timeout"
+        # A cancel's hint (run login again) is for when the login has ended.
+        what = failure.message if isinstance(failure, LoginCancelled) else str(failure)
+        self._notify(
+            f"The browser's answer did not log in: {what}. This login still waits until"
+            f" {until}: open the URL above again, or press Ctrl-C to stop."
+        )
+        return True
 
     def matches_state(self, params: Mapping[str, str]) -> bool:
         """Whether ``params`` carry this attempt's ``state`` (compared in constant time)."""
@@ -266,11 +346,36 @@ class LoginFlow:
             code=code, code_verifier=self.code_verifier, redirect_uri=self.redirect.uri
         )
         user_id, problem = await self._sign_up(client, tokens)
+
+        def check(old: AccountState | None) -> None:
+            self.check_replacing(old, user_id)
+
         if self.persist is not None:
-            state = await self.persist(tokens, user_id, self.clock())
+            state = await self.persist(tokens, user_id, self.clock(), check)
         else:
-            state = await asyncio.to_thread(self._persist, tokens, user_id)
+            state = await asyncio.to_thread(self._persist, tokens, user_id, check)
         return LoginResult(state=state, user_id=user_id, user_me_problem=problem, via=via)
+
+    def check_replacing(self, old: AccountState | None, user_id: int | None) -> None:
+        """Refuse (LoginOtherUser) to replace one Kakao user's tokens with another's.
+
+        The person may have picked the wrong Kakao account in the browser, or the answer may
+        not be theirs at all (someone who learned the login's state answered with a code of
+        their own account): either way the account would silently act as someone else.
+        `login --switch-user` accepts it on purpose. Unknown ids (an import, a failed
+        /v2/user/me) cannot be compared and pass.
+        """
+        if self.switch_user or old is None or old.user_id is None or user_id is None:
+            return
+        if old.user_id == user_id:
+            return
+        raise LoginOtherUser(
+            f"the login is for Kakao user {user_id}, but account '{self.account.name}' holds"
+            f" Kakao user {old.user_id}'s tokens, which are kept",
+            hint=f"log out of Kakao in the browser and log in as Kakao user {old.user_id},"
+            f" or run `{cli_command(self.account, 'login', '--switch-user')}` to make the"
+            f" account Kakao user {user_id}'s",
+        )
 
     async def _sign_up(
         self, client: KakaoClient, tokens: TokenSet
@@ -313,7 +418,9 @@ class LoginFlow:
                     return raw_id, None
                 return None, None
 
-    def _persist(self, tokens: TokenSet, user_id: int | None) -> AccountState:
+    def _persist(
+        self, tokens: TokenSet, user_id: int | None, check: CheckReplacing
+    ) -> AccountState:
         store = AccountStore(self.account)
         now = self.clock()
         with store.lock(timeout=self.lock_timeout):
@@ -321,6 +428,7 @@ class LoginFlow:
                 old = store.load()
             except StateCorrupt:
                 old = None  # moved aside by the store; a fresh login replaces it
+            check(old)
             state = AccountState(
                 account=self.account.name,
                 tokens=tokens,
@@ -346,19 +454,22 @@ class LoginFlow:
             )
         try:
             await self.complete(params, via="browser")
-        except LoginCancelled:
-            return _page(
-                "Login cancelled",
-                "You cancelled the Kakao login, so no tokens were stored. "
-                f"Run `{login_command(self.account)}` again and press Agree to continue.",
-                ok=False,
-            )
         except KakaoTokendError as exc:
-            return _page(
-                "Login failed",
-                f"{exc}. Nothing was stored; see the terminal running kakao-tokend.",
-                ok=False,
-            )
+            assert self._done is not None
+            if self._done.done():
+                then = f"Run `{login_command(self.account)}` again to log in."
+            else:
+                then = (
+                    "kakao-tokend is still waiting: open the login URL it printed again to"
+                    " log in, or press Ctrl-C where it runs to stop."
+                )
+            if isinstance(exc, LoginCancelled):
+                return _page(
+                    "Login cancelled",
+                    f"You cancelled the Kakao login, so no tokens were stored. {then}",
+                    ok=False,
+                )
+            return _page("Login failed", f"{exc}. Nothing was stored. {then}", ok=False)
         return _page(
             "Login succeeded — you can close this window",
             f"kakao-tokend stored the tokens for account '{self.account.name}'.",
@@ -382,10 +493,12 @@ class LoginFlow:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         self._notify = notify
+        self._deadline = self.clock() + timedelta(seconds=timeout)
         runner: web.AppRunner | None = None
+        page: Path | None = None
         # Kakao shows its KOE006 page in the browser and never redirects: say what it means
         # once the answer is overdue for a person who clicked through.
-        explain = loop.call_later(
+        explain = self._explain = loop.call_later(
             min(KOE006_HELP_AFTER, timeout / 4),
             notify,
             koe006_help(self.redirect.uri, self.account),
@@ -408,7 +521,19 @@ class LoginFlow:
                 notify(f"  {url}")
                 notify("")
                 if open_browser is not None:
-                    open_browser(url)
+                    try:
+                        page = write_browser_page(url)
+                    except OSError as exc:
+                        notify(
+                            f"(cannot open a browser: {exc.strerror or exc}; open the URL yourself)"
+                        )
+                    else:
+                        open_browser(page.as_uri())
+                        notify(
+                            "A browser opens on it through a private file (so that `ps` shows"
+                            " no one the URL); if it cannot open that file (a snap-packaged"
+                            " browser cannot), copy the URL into it."
+                        )
                 if runner is not None:
                     notify(f"Waiting for Kakao to redirect the browser to {self.redirect.uri} ...")
                 if stdin is not None:
@@ -431,6 +556,8 @@ class LoginFlow:
                 try:
                     return await asyncio.wait_for(asyncio.shield(self._done), timeout)
                 except TimeoutError:
+                    if self._failures:
+                        raise self._failures[-1] from None
                     raise LoginFailed(
                         f"no login answer arrived within {int(timeout)} s",
                         hint=f"run `{login_command(self.account)} --timeout 10m` again"
@@ -438,6 +565,8 @@ class LoginFlow:
                     ) from None
             finally:
                 explain.cancel()
+                if page is not None:
+                    shutil.rmtree(page.parent, ignore_errors=True)
                 if runner is not None:
                     await runner.cleanup()
                 if not self._done.done():

@@ -9,7 +9,7 @@ themselves; the nodes do, each for its own consumers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -112,16 +112,24 @@ async def check_login(config: Config, account: AccountConfig) -> None:
 
 
 async def save_login(
-    config: Config, account: AccountConfig, tokens: TokenSet, user_id: int | None, now: datetime
+    config: Config,
+    account: AccountConfig,
+    tokens: TokenSet,
+    user_id: int | None,
+    now: datetime,
+    check: Callable[[AccountState | None], None] | None = None,
 ) -> AccountState:
     """Store a fresh login as the account's newest generation (a new row, or CAS over it):
     above the row's and above the one a logout deleted (PgAccountStore.next_generation).
-    Refused for a row this host cannot decrypt (:func:`refuse_unreadable`)."""
+    Refused for a row this host cannot decrypt (:func:`refuse_unreadable`), and by ``check``
+    (login.LoginFlow.check_replacing), which sees the row's state under the row's lock."""
     async with opened(config) as fleet:
         await refuse_unreadable(fleet, account.name)
         store = fleet.account_store(account)
         async with _unreadable_fix(), store.hold(COMMAND_LOCK_WAIT):
             old = store.load()
+            if check is not None:
+                check(old)
             state = AccountState(
                 account=account.name,
                 tokens=tokens,
