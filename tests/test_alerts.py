@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 import time
 from datetime import datetime, timedelta
@@ -22,6 +24,7 @@ from alertkit import Command, Receiver, alerts_toml, inbox_texts
 from daemonproc import login, run_cli, start_daemon, write_config
 from kakao_tokend.alerts import (
     KAKAOTALK_TEXT_LIMIT,
+    MEMO_CONFIG_PATH,
     Alert,
     Condition,
     Severity,
@@ -37,10 +40,10 @@ from kakao_tokend.config import (
 )
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.errors import ConfigError, StoreWriteError
-from kakao_tokend.health import login_fix
+from kakao_tokend.health import REASON_LIMIT, login_fix
 from kakao_tokend.i18n import LANGUAGES, N_, Language
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import login_command
+from kakao_tokend.relogin import ReloginCause, login_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
@@ -304,18 +307,24 @@ async def test_failing_channels_block_neither_the_others_nor_the_refresh(
 
 
 @functools.cache
-def memo_account(name: str, state_dir: str = "/var/lib/kakao-tokend") -> AccountConfig:
+def memo_account(
+    name: str, state_dir: str = "/var/lib/kakao-tokend", config_file: str | None = None
+) -> AccountConfig:
     """Return a real AccountConfig for ``name`` (parsed from TOML like any config).
 
     Unless it is "default", the account comes second, so it is not the default account and
-    its commands need `--account NAME`.
+    its commands need `--account NAME`. With ``config_file`` (a file a plain `kakao-tokend`
+    does not find) every command shown needs `--config FILE` too.
     """
     first = "" if name == "default" else "[accounts.default]\n"
     text = (
         f'[paths]\nstate_dir = "{state_dir}"\nruntime_dir = "/run/kt"\n'
         f'[kakao]\nrest_api_key = "k"\n{first}[accounts.{name}]\n'
     )
-    return config_from_toml_text(text, source=None, environ={}).accounts[name]
+    source = Path(config_file) if config_file is not None else None
+    account = config_from_toml_text(text, source=source, environ={}).accounts[name]
+    assert (config_file is not None) == ("--config" in account.cli_options), account.cli_options
+    return account
 
 
 def memo_manager(
@@ -330,6 +339,11 @@ def memo_manager(
     write_error: str | None = None,
     missed_rotation: bool = False,
     has_state: bool = True,
+    relogin_cause: ReloginCause | None = None,
+    publish_error: str | None = None,
+    state_conflict: str | None = None,
+    conflict_file: str | None = None,
+    store_down_for: float | None = None,
 ) -> AccountManager:
     """Return a real AccountManager whose state and status are set to the given condition.
 
@@ -359,6 +373,14 @@ def memo_manager(
     status.write_pending = write_error is not None
     status.write_error = write_error
     status.missed_rotation = missed_rotation
+    status.relogin_cause = relogin_cause
+    status.publish_pending = publish_error is not None
+    status.publish_error = publish_error
+    status.state_conflict = state_conflict
+    status.conflict_file = conflict_file
+    if store_down_for is not None:
+        status.store_unavailable_since = now - timedelta(seconds=store_down_for)
+        status.store_error = "connection refused"
     return manager
 
 
@@ -401,14 +423,14 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     assert len(english) <= KAKAOTALK_TEXT_LIMIT
     assert english.splitlines()[:3] == [
         "CRITICAL kakao-tokend shop-notifications@build-server-01.internal.example.com",
-        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Kakao refuses the tokens (KOE322).",
         "Fix: run `kakao-tokend --account shop-notifications login`",
     ]
     korean = firing(account, condition, host, "ko", repeat=True).memo()
     assert len(korean) <= KAKAOTALK_TEXT_LIMIT
     assert korean.splitlines()[:3] == [
         "긴급 (반복) kakao-tokend shop-notifications@build-server-01.internal.example.com",
-        "카카오가 토큰을 거부합니다(KOE322). 다시 로그인해야 합니다.",
+        "카카오가 토큰을 거부합니다(KOE322).",
         "조치: `kakao-tokend --account shop-notifications login` 실행",
     ]
     # No room left for the ssh hint: the log has it.
@@ -420,11 +442,11 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     [condition] = manager.health(now, alerts=AlertsConfig(), host="box").conditions
     assert firing(account, condition, "box", "en").memo().splitlines() == [
         "CRITICAL kakao-tokend default@box",
-        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Kakao refuses the tokens (KOE322).",
         "Fix: run `kakao-tokend login`",
         "on a remote server, log in through `ssh -L 8765:127.0.0.1:8765 box`.",
     ]
-    assert firing(account, condition, "box", "ko").memo().splitlines()[-1] == (
+    assert firing(account, condition, "box", "ko").memo().splitlines()[-2] == (
         "원격 서버라면 이렇게 접속해서 로그인하세요: `ssh -L 8765:127.0.0.1:8765 box`."
     )
 
@@ -441,7 +463,30 @@ MEMO_CASES: dict[str, dict[str, Any]] = {
     "refresh_failing": {"health": Health.RETRYING, "failing_for": 7200.0},
     "write_failed": {"health": Health.OK, "write_error": "x"},
     "missed_rotation": {"health": Health.OK, "missed_rotation": True},
+    "publish_failed": {"health": Health.OK, "publish_error": "x"},
+    "state_conflict": {
+        "health": Health.OK,
+        "state_conflict": "refused the state file written by another process: its generation"
+        " 3 is older than ours (5) (an old backup?); kept the newer tokens (generation 5) and"
+        " put them back; the refused file is kept as"
+        " /var/lib/kakao-tokend/shop.state.json.refused-20261201T101500Z",
+        "conflict_file": "/var/lib/kakao-tokend/shop.state.json.refused-20261201T101500Z",
+    },
+    "store_unavailable": {"health": Health.OK, "store_down_for": 7200.0},
+    **{
+        f"relogin_{cause.value}": {"health": Health.RELOGIN, "relogin_cause": cause}
+        for cause in ReloginCause
+    },
 }
+#: --config files a memo's commands must hold whole: none, the reported ones, and one as long
+#: as the memo's budget allows (alerts.MEMO_CONFIG_PATH characters).
+MEMO_CONFIG_FILES = [
+    None,
+    "/home/kim/kakao/config.toml",
+    "/home/pi/kakao/config.toml",
+    "/opt/kakao-tokend/config.toml",
+    "/srv/" + "c" * (MEMO_CONFIG_PATH - len("/srv//config.toml")) + "/config.toml",
+]
 
 host_names = st.text(
     alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-."), min_size=1, max_size=253
@@ -451,19 +496,37 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 # Found by hypothesis (2026-12-03): the longest name with a 20-character error label (an
 # exception's name, e.g. ClientConnectorError) made the expired-token memo 203 characters
 # (206 for a repeat of the expiring one), and the condition line was cut.
 @example(
     case="access_expired", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
-    repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
+    failing_for=3600.0, repeat=True,
 )  # fmt: skip
 @example(
     case="access_expiring", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
-    repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
+    failing_for=3600.0, repeat=True,
+)  # fmt: skip
+# Reported (2026-12-05): a non-default account with any --config cut the state_conflict memo's
+# command mid-word (and its condition to "…"), and the Korean "unknown" re-login cause had no
+# short version: with --config its condition line was cut.
+@example(
+    case="state_conflict", name="shop", host="vm", language="ko", label="KOE322",
+    write_error="", state_dir="/var/lib/kakao-tokend",
+    config_file="/home/kim/kakao/config.toml", left=1.0, failing_for=3600.0, repeat=False,
+)  # fmt: skip
+@example(
+    case="state_conflict", name="bot", host="vm", language="en", label="KOE322",
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
+    failing_for=3600.0, repeat=False,
+)  # fmt: skip
+@example(
+    case="relogin_unknown", name="shop-notifications", host="raspberrypi", language="ko",
+    label="KOE322", write_error="", state_dir="/var/lib/kakao-tokend",
+    config_file="/home/pi/kakao/config.toml", left=1.0, failing_for=3600.0, repeat=False,
 )  # fmt: skip
 @given(
     case=st.sampled_from(sorted(MEMO_CASES)),
@@ -473,6 +536,7 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
     label=error_labels,
     write_error=st.text(max_size=300),
     state_dir=st.sampled_from(["/var/lib/kakao-tokend", "/home/" + "long-user-name/" * 20]),
+    config_file=st.sampled_from(MEMO_CONFIG_FILES),
     left=st.floats(min_value=1, max_value=13 * 86400),
     failing_for=st.floats(min_value=3600, max_value=400 * 86400),
     repeat=st.booleans(),
@@ -485,15 +549,53 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     label: str,
     write_error: str,
     state_dir: str,
+    config_file: str | None,
     left: float,
     failing_for: float,
     repeat: bool,
 ) -> None:
-    """For any account name the config accepts, any host name, error label and duration, in
-    both languages: the memo is at most 200 characters and holds the condition line and the
-    fix line (with its exact command) whole; the resolution's memo holds what cleared.
+    """For every condition the daemon alerts, any account name the config accepts, with or
+    without --config, any host name, error label and duration, in both languages: the memo
+    is at most 200 characters and holds the condition line and the fix line (with its exact
+    command) whole, and names the account; the resolution's memo holds what cleared.
     """
-    account = memo_account(name, state_dir)
+    check_memo(
+        case, name, host, language, label, write_error, state_dir, config_file, left,
+        failing_for, repeat,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("case", sorted(MEMO_CASES))
+def test_every_memo_fits_at_the_edge_of_its_budget(
+    case: str, language: Language, repeat: bool
+) -> None:
+    """The same, with every length at once at the most the budget allows (random draws
+    rarely combine them): a 32-character account that is not the default, the longest
+    --config file, a REASON_LIMIT error label, the longest durations, a long host name."""
+    check_memo(
+        case, "z" * 32, "h" * 64, language, "Z" * REASON_LIMIT, "w" * 300,
+        "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], 13 * 86400 - 1.0,
+        399 * 86400 + 86399.0, repeat,
+    )  # fmt: skip
+
+
+def check_memo(
+    case: str,
+    name: str,
+    host: str,
+    language: Language,
+    label: str,
+    write_error: str,
+    state_dir: str,
+    config_file: str | None,
+    left: float,
+    failing_for: float,
+    repeat: bool,
+) -> None:
+    """Assert what test_every_memo_fits_and_keeps_the_condition_and_the_exact_command says."""
+    account = memo_account(name, state_dir, config_file)
     now = utcnow()
     options = dict(MEMO_CASES[case])
     if "refresh_left" in options and options["refresh_left"] > 0:
@@ -514,10 +616,22 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
         assert brief.rstrip(".") + "." in lines, (brief, memo)
         fix = N_("Fix: {action}", action=condition.fix).render(language)
         assert fix in lines, (fix, memo)
-        assert lines[0].startswith(alert.title(language) + " ")
-        assert name in lines[0]
+        assert lines[0] == alert.title(language) or lines[0].startswith(alert.title(language) + " ")
+        # The account is named: on the first line, or by the fix's command (`--account NAME`)
+        # when the first line had to give way.
+        assert name in lines[0] or f"--account {name}" in fix, memo
         if condition.fix == login_fix(account):
             assert f"`{login_command(account)}`" in memo
+        # Every command in the fix is whole, and every one in fix and hint works as shown.
+        for command in re.findall(r"`([^`]*)`", condition.action.render(language)):
+            if command.startswith("ssh "):
+                continue  # the remote-login hint names this host as the system calls it
+            words = shlex.split(command)
+            assert words[0] in ("kakao-tokend", "systemctl", "journalctl"), command
+            if words[0] == "kakao-tokend":
+                assert cli_parses(words[1:]), command
+            if "--config" in words:
+                assert words[words.index("--config") + 1] == config_file, command
 
         record = {
             "severity": condition.severity.label,
@@ -531,6 +645,33 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
         memo = resolved.memo()
         assert len(memo) <= KAKAOTALK_TEXT_LIMIT, memo
         assert brief.rstrip(".") in memo.splitlines()[1], memo
+
+
+def cli_parses(args: list[str]) -> bool:
+    """True when `kakao-tokend ARGS` names a command and gives every argument it requires
+    (click parses it as the real command line would; nothing runs)."""
+    import warnings
+
+    import click
+
+    try:
+        with main.make_context("kakao-tokend", list(args)) as context:
+            with warnings.catch_warnings():  # click 8.2+ moves them into args, by 9.0
+                warnings.simplefilter("ignore", DeprecationWarning)
+                words = [*context.protected_args, *context.args]
+            name, command, rest = main.resolve_command(context, words)
+            assert command is not None, name
+            command.make_context(name or "", rest, parent=context).close()
+    except click.ClickException:
+        return False
+    return True
+
+
+def test_cli_parses_tells_a_complete_command_from_an_incomplete_one() -> None:
+    """The check above can fail: `restore` without its file is refused, with it accepted."""
+    assert cli_parses(["--account", "shop", "restore", "/backup/shop.state.json"])
+    assert not cli_parses(["--account", "shop", "restore"])
+    assert cli_parses(["--config", "/home/kim/kakao/config.toml", "status"])
 
 
 def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:

@@ -83,6 +83,13 @@ log = logging.getLogger(__name__)
 
 #: Kakao's limit for the text of a "send to me" message.
 KAKAOTALK_TEXT_LIMIT = 200
+#: The memo's budget (Alert.memo), the one rule every brief and fix is written to: in
+#: KAKAOTALK_TEXT_LIMIT characters, the condition's brief and its fix line (with the exact
+#: command) whole, in both languages, repeat or not, for any account name the config accepts
+#: (32 characters), any error label (health.REASON_LIMIT) and a --config file of up to
+#: MEMO_CONFIG_PATH characters (tests/test_alerts.py checks every condition against it).
+#: Longer files still make a memo of at most the limit, with the condition cut first.
+MEMO_CONFIG_PATH = 40
 #: Retries for KakaoTalk and the command (the webhook has its own setting).
 CHANNEL_RETRIES = 2
 #: First step before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX
@@ -175,7 +182,9 @@ class Alert:
 
         Lines, from the last given up to the first: the condition in brief and the fix with
         its exact command; the severity and account; the tool's name and the host (cut first);
-        the hint; a pointer to the log when something did not fit.
+        the hint; a pointer to the log when something did not fit. The account gives way
+        only when the fix's command names it (``--account NAME``), after the host and the
+        tool's name (MEMO_CONFIG_PATH says what must fit).
         """
         language = self.language
         brief = _sentence((self.brief or self.message).render(language))
@@ -185,9 +194,10 @@ class Alert:
         required = [line for line in (brief, fix) if line]
         room = limit - sum(len(line) + 1 for line in required)
         title = self.title(language)
-        head = _memo_head(title, self.account, self.host, room)
-        if len(head) > room:  # only a text from outside the catalog can be this long
-            smallest = f"{title} {self.account}"
+        named = _names_account(fix, self.account)
+        head = _memo_head(title, self.account, self.host, room, named=named)
+        if len(head) > room:  # beyond the budget: a text from outside the catalog, say
+            smallest = title if named else f"{title} {self.account}"
             keep = limit - len(smallest) - len(fix) - 2
             head, brief = smallest, brief[: max(0, keep - 1)] + "…"
             required = [line for line in (brief, fix) if line]
@@ -247,8 +257,11 @@ def _sentence(text: str) -> str:
     return text.rstrip(".") + "."
 
 
-def _memo_head(title: str, account: str, host: str, room: int) -> str:
-    """Return the richest first line that fits ``room``: title, tool, account and host."""
+def _memo_head(title: str, account: str, host: str, room: int, *, named: bool = False) -> str:
+    """Return the richest first line that fits ``room``: title, tool, account and host.
+
+    ``named``: the fix's command names the account, so the line may be the title alone.
+    """
     host = printable(host)
     full = f"{title} kakao-tokend {account}@{host}"
     if len(full) <= room:
@@ -259,7 +272,14 @@ def _memo_head(title: str, account: str, host: str, room: int) -> str:
     for head in (f"{title} kakao-tokend {account}", f"{title} {account}"):
         if len(head) <= room:
             return head
-    return f"{title} {account}"
+    return title if named else f"{title} {account}"
+
+
+def _names_account(fix: str, account: str) -> bool:
+    """True when ``fix`` names ``account`` in a command's ``--account NAME``."""
+    at = fix.find(f"--account {account}")
+    end = at + len("--account ") + len(account)
+    return at >= 0 and (end == len(fix) or fix[end] in " `")
 
 
 # --------------------------------------------------------------------------- channels

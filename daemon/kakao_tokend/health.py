@@ -134,7 +134,8 @@ class Condition:
     """Something that is wrong with an account right now, and what fixes it.
 
     A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
-    both short, with the exact command in ``fix`` (and in ``command``, for `doctor`).
+    both within the memo's budget (alerts.MEMO_CONFIG_PATH says it), with one exact command
+    in ``fix`` (and in ``command``, for `doctor`).
     ``hint`` and the long ``message`` go where there is room; the log, the webhook, the
     command and `status` always get everything.
     """
@@ -288,7 +289,7 @@ def relogin_texts(
         cause,
         account=account.name,
         login=login_command(account),
-        code=label if label not in (None, "relogin") else "KOE322",
+        code=_reason(label, "KOE322") if label not in (None, "relogin") else "KOE322",
         fingerprint=tokens.refresh_fingerprint if tokens else "-",
         expiry=tokens.refresh_expires_at if tokens else None,
     )
@@ -508,25 +509,34 @@ def _conditions(
                     " token",
                     error=status.publish_error or "write error",
                 ),
-                N_("fix the file or directory named above (retried automatically)"),
-                brief=N_("cannot write the token files for consumers"),
+                # The memo's brief does not name the file: the fix says where to read it.
+                N_("fix the file or directory `{command}` shows", command=status_command),
+                brief=N_("cannot write the token files"),
+                hint=N_("kakao-tokend retries by itself"),
+                command=status_command,
             )
         )
     if status.state_conflict:
-        restore = cli_command(account, "restore")
+        # One command in the fix (a memo holds it whole); going back to the refused file on
+        # purpose is the hint, with the file itself: `restore` without one is refused.
+        refused = status.conflict_file
         found.append(
             Condition(
                 "state_conflict",
                 Severity.CRITICAL,
-                N_("an older state file was refused: {detail}", detail=status.state_conflict),
                 N_(
-                    "check which program wrote the state file (`{status}`); to go back"
-                    " to a backup on purpose use `{command}`",
-                    status=status_command,
-                    command=restore,
+                    "another program changed the stored tokens: {detail}",
+                    detail=status.state_conflict,
                 ),
-                brief=N_("an older state file was refused; the newer tokens were kept"),
-                command=restore,
+                N_("see what was kept: `{command}`", command=status_command),
+                brief=N_("another program wrote the state"),
+                hint=None
+                if refused is None
+                else N_(
+                    "to go back to the refused file on purpose, run `{command}`",
+                    command=cli_command(account, "restore", refused),
+                ),
+                command=status_command,
             )
         )
     if status.missed_rotation:
@@ -539,6 +549,9 @@ def _conditions(
                     left=Duration(refresh_left),
                 ),
                 N_("watch `{command}`", command=status_command),
+                brief=N_(
+                    "the refresh token was not renewed ({left} left)", left=Duration(refresh_left)
+                ),
                 hint=N_("if it is not renewed soon, run `{command}`", command=login),
                 command=login,
             )
@@ -556,8 +569,9 @@ def _relogin(
 ) -> Condition:
     """The re-login condition: why (when the cause is known), and the login command."""
     cause = relogin_texts(account, state, status)
+    brief: Message | None = None
     if cause is not None:
-        message, fix = cause.alert, cause.fix
+        message, fix, brief = cause.alert, cause.fix, cause.brief
     elif status is not None and status.last_error_class == "corrupt_state":
         message = N_("the stored state could not be read; a new login is needed")
     else:
@@ -566,7 +580,10 @@ def _relogin(
             "Kakao refuses the tokens ({reason}); a new login is needed",
             reason=_reason(label, "refused"),
         )
-    return Condition("relogin", Severity.CRITICAL, message, fix, hint=hint, command=login)
+        brief = N_("Kakao refuses the tokens ({reason})", reason=_reason(label, "refused"))
+    return Condition(
+        "relogin", Severity.CRITICAL, message, fix, brief=brief, hint=hint, command=login
+    )
 
 
 def _refresh_expiry(
@@ -624,9 +641,9 @@ def _failing(
                 left=left,
                 reason=reason,
             )
-            # Briefs this short: a memo's 200 characters must hold the longest account name
-            # with "(repeat)", a REASON_LIMIT label and the fix whole (the full sentences made
-            # 202-206 characters; tests/test_alerts.py).
+            # Briefs this short: the memo's budget (alerts.MEMO_CONFIG_PATH) holds the longest
+            # account name with "(repeat)", a REASON_LIMIT label and the fix whole (the full
+            # sentences made 202-206 characters; tests/test_alerts.py).
             brief: Message | None = N_(
                 "access token: {left} left, refresh fails ({reason})",
                 left=left,
@@ -721,7 +738,7 @@ def store_unavailable_condition(
             error=error,
         ),
         N_(
-            "check PostgreSQL and the network from this node to it; details: `{command}`",
+            "check PostgreSQL and the network to it; details: `{command}`",
             command=LOG_COMMAND,
         ),
         brief=N_(
