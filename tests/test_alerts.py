@@ -40,7 +40,13 @@ from kakao_tokend.config import (
 )
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.errors import ConfigError, StoreWriteError
-from kakao_tokend.health import REASON_LIMIT, login_fix
+from kakao_tokend.health import (
+    CONDITION_NAMES,
+    FROM_FILES,
+    NODE_LOCAL,
+    REASON_LIMIT,
+    login_fix,
+)
 from kakao_tokend.i18n import LANGUAGES, N_, Language
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import ReloginCause, login_command
@@ -377,7 +383,8 @@ def memo_manager(
     status.publish_pending = publish_error is not None
     status.publish_error = publish_error
     status.state_conflict = state_conflict
-    status.conflict_file = conflict_file
+    if conflict_file is not None:
+        status.conflict_file = conflict_file
     if store_down_for is not None:
         status.store_unavailable_since = now - timedelta(seconds=store_down_for)
         status.store_error = "connection refused"
@@ -478,6 +485,14 @@ MEMO_CASES: dict[str, dict[str, Any]] = {
         for cause in ReloginCause
     },
 }
+#: Every condition the daemon alerts (the MEMO_CASES raise them all).
+MEMO_CONDITIONS = frozenset(
+    {
+        "relogin", "config", "no_tokens", "refresh_expiry", "access_expiring",
+        "refresh_failing", "write_failed", "missed_rotation", "publish_failed",
+        "state_conflict", "store_unavailable",
+    }
+)  # fmt: skip
 #: --config files a memo's commands must hold whole: none, the reported ones, and one as long
 #: as the memo's budget allows (alerts.MEMO_CONFIG_PATH characters).
 MEMO_CONFIG_FILES = [
@@ -607,6 +622,7 @@ def check_memo(
     manager = memo_manager(account, now, error_class=label, **options)
     conditions = manager.health(now, alerts=AlertsConfig(), host=host).conditions
     assert conditions, case
+    assert {c.name for c in conditions} <= MEMO_CONDITIONS
     for condition in conditions:
         alert = firing(account, condition, host, language, repeat=repeat)
         memo = alert.memo()
@@ -674,6 +690,43 @@ def test_cli_parses_tells_a_complete_command_from_an_incomplete_one() -> None:
     assert cli_parses(["--config", "/home/kim/kakao/config.toml", "status"])
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_publish_failure_memo_says_where_to_read_which_file(language: Language) -> None:
+    """The memo's condition line does not hold the (long) path of the token file that cannot
+    be written, so its fix cannot point "above": it gives the command that shows it."""
+    account = memo_account("shop", config_file="/home/kim/kakao/config.toml")
+    now = utcnow()
+    error = "token file: cannot write /srv/tokens/shop.token.json: Permission denied"
+    manager = memo_manager(account, now, health=Health.OK, publish_error=error)
+    [condition] = manager.health(now, alerts=AlertsConfig(), host="vm").conditions
+    memo = firing(account, condition, "vm", language).memo()
+    status = "kakao-tokend --config /home/kim/kakao/config.toml --account shop status"
+    assert f"`{status}`" in memo.splitlines()[2], memo
+    assert "/srv/tokens/shop.token.json" in condition.message.render(language)
+
+
+@pytest.mark.parametrize(
+    ("language", "rejected", "meaning"),
+    [
+        ("en", "Kakao rejects the app configuration (KOE010)", "client secret is missing or wrong"),
+        ("ko", "카카오 앱 설정이 맞지 않습니다(KOE010)", "클라이언트 시크릿이 없거나 틀렸습니다"),
+    ],
+)
+def test_a_rejected_app_configuration_says_what_is_wrong(
+    language: Language, rejected: str, meaning: str
+) -> None:
+    """KOE010 is named with what it means (the client secret is missing or wrong), in the
+    alert's message and in the memo's condition line, in both languages."""
+    account = memo_account("default")
+    now = utcnow()
+    manager = memo_manager(account, now, health=Health.CONFIG, error_class="KOE010")
+    [condition] = manager.health(now, alerts=AlertsConfig(), host="vm").conditions
+    message = condition.message.render(language)
+    assert message.startswith(rejected) and meaning in message, message
+    memo = firing(account, condition, "vm", language).memo()
+    assert meaning in memo.splitlines()[1] and "KOE010" in memo.splitlines()[1], memo
+
+
 def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:
     """A resolution read from bookkeeping without saved texts (an older version's file) uses
     the stored English message verbatim, cut so the memo still fits.
@@ -683,7 +736,29 @@ def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:
     memo = alert.memo()
     assert len(memo) <= KAKAOTALK_TEXT_LIMIT
     assert memo.startswith("해결됨 ")
-    assert memo.splitlines()[1].startswith("해소됨: yyy") and memo.endswith("…")
+    assert memo.splitlines()[1].startswith("다시 로그인 필요 — 이전 알림: yyy")
+    assert memo.endswith("…")
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_resolution_names_the_condition_in_words(language: Language) -> None:
+    """Every condition the grading raises has a name in both languages, and a resolution
+    says it instead of the raw key: "RESOLVED …: re-login needed — earlier alert: …"; a
+    condition without one (a newer version's bookkeeping) shows its key as it is."""
+    assert set(CONDITION_NAMES) >= {*MEMO_CONDITIONS, *FROM_FILES, *NODE_LOCAL}
+    for name, words in CONDITION_NAMES.items():
+        assert words.render(language) != name
+    record = {"severity": "critical", "message": "Kakao revoked the tokens."}
+    alert = resolution_alert("shop", "relogin", record, utcnow(), "vm", language)
+    expected = {
+        "en": "RESOLVED kakao-tokend shop@vm: re-login needed — earlier alert: Kakao revoked"
+        " the tokens.",
+        "ko": "해결됨 kakao-tokend shop@vm: 다시 로그인 필요 — 이전 알림: Kakao revoked the"
+        " tokens.",
+    }
+    assert alert.text() == expected[language]
+    unknown = resolution_alert("shop", "from_the_future", record, utcnow(), "vm", language)
+    assert unknown.text().split(": ", 1)[1].startswith("from_the_future — ")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -888,10 +963,17 @@ async def test_korean_alerts_reach_every_channel_while_the_log_stays_english(
     await harness.manager.refresh(force=True, reason="test")  # rotates: resolved
     await harness.settle()
     assert webhook.conditions("resolved") == ["refresh_expiry"]
+    # A resolution names what cleared in words, once (no raw key, no second "resolved"),
+    # then what the alert said.
     resolved = inbox_texts(emulator)[-1].splitlines()
     assert resolved[0] == "해결됨 kakao-tokend default@box"
-    assert resolved[1].startswith("해소됨: 리프레시 토큰이 ")
-    assert webhook.posts[-1]["text"].startswith("해결됨 kakao-tokend default@box: refresh_expiry")
+    assert resolved[1].startswith("리프레시 토큰 만료 — 이전 알림: 리프레시 토큰이 ")
+    text = webhook.posts[-1]["text"]
+    assert text.startswith(
+        "해결됨 kakao-tokend default@box: 리프레시 토큰 만료 — 이전 알림: 리프레시 토큰이 "
+    )
+    assert "refresh_expiry" not in text and "해소" not in text
+    assert webhook.posts[-1]["message"] == text.split(": ", 1)[1].rstrip(".")
 
 
 async def run_cli_with_locale(config: Path, locale: str, *args: str) -> tuple[int, str]:

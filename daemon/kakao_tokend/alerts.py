@@ -52,6 +52,7 @@ from .health import (
     AccountHealth,
     Condition,
     Severity,
+    condition_name,
     first_moment,
     full_action,
     printable,
@@ -1010,16 +1011,18 @@ def resolution_alert(
         severity = Severity.parse(str(record.get("severity", "info")))
     except KeyError:
         severity = Severity.INFO
+    # The title says RESOLVED: the text names what in words, then what the alert said.
+    name = condition_name(condition)
     return Alert(
         account,
         condition,
         severity,
         "resolved",
-        N_("{condition} cleared (was: {message})", condition=condition, message=was),
+        N_("{condition} — earlier alert: {message}", condition=name, message=was),
         None,
         now,
         host=host,
-        brief=N_("cleared: {what}", what=brief),
+        brief=N_("{condition} — earlier alert: {message}", condition=name, message=brief),
         language=language,
     )
 

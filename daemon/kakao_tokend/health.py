@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from . import exitcodes
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
-from .errors import StoreError
+from .errors import KAKAO_CONFIG_CODES, StoreError
 from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
@@ -46,6 +46,7 @@ from .tokens import (
 )
 
 __all__ = [
+    "CONDITION_NAMES",
     "FROM_FILES",
     "LOG_COMMAND",
     "NODE_LOCAL",
@@ -53,6 +54,7 @@ __all__ = [
     "Condition",
     "Severity",
     "assess",
+    "condition_name",
     "first_moment",
     "fitted_alerts",
     "full_action",
@@ -92,6 +94,31 @@ FROM_FILES = frozenset(
 NODE_LOCAL = frozenset(
     {"store_unavailable", "write_failed", "publish_failed", "config", "state_conflict"}
 )
+
+
+#: Each condition's name in words, for a text that names one (a resolution): the raw key
+#: (``relogin``) stays in the structured fields, the logs and the bookkeeping.
+CONDITION_NAMES: Mapping[str, Message] = {
+    "relogin": N_("re-login needed"),
+    "config": N_("app configuration rejected"),
+    "no_tokens": N_("no tokens"),
+    "state_unreadable": N_("state file unreadable"),
+    "refresh_expiry": N_("refresh token expiry"),
+    "access_expired": N_("access token expired"),
+    "access_expiring": N_("access token expiring"),
+    "refresh_failing": N_("refreshing failing"),
+    "write_failed": N_("tokens not saved"),
+    "publish_failed": N_("token files not written"),
+    "state_conflict": N_("state changed by another program"),
+    "missed_rotation": N_("refresh token not renewed"),
+    "store_unavailable": N_("shared store unreachable"),
+}
+
+
+def condition_name(name: str) -> Message:
+    """Return the condition ``name`` in words (its key itself when it has none: a condition
+    of a newer version read from its bookkeeping)."""
+    return CONDITION_NAMES.get(name) or Message.verbatim(name)
 
 
 class Severity(enum.IntEnum):
@@ -399,19 +426,7 @@ def _conditions(
     if health is Health.RELOGIN or (status is None and state is not None and state.relogin_reason):
         found.append(_relogin(account, state, status, relogin_fix, relogin_hint, login))
     elif health is Health.CONFIG:
-        found.append(
-            Condition(
-                "config",
-                Severity.CRITICAL,
-                N_(
-                    "Kakao rejects the app configuration ({reason})",
-                    reason=_reason(status.last_error_class if status else None, "config"),
-                ),
-                config_action()[0],
-                hint=config_action()[1],
-                command="systemctl restart kakao-tokend",
-            )
-        )
+        found.append(_config(status.last_error_class if status else None))
     if state is None:
         if status is None and load_error is not None:
             found.append(
@@ -583,6 +598,32 @@ def _relogin(
         brief = N_("Kakao refuses the tokens ({reason})", reason=_reason(label, "refused"))
     return Condition(
         "relogin", Severity.CRITICAL, message, fix, brief=brief, hint=hint, command=login
+    )
+
+
+def _config(label: str | None) -> Condition:
+    """Kakao rejects the app's configuration: the code, and what it means when known."""
+    reason = _reason(label, "config")
+    meaning = KAKAO_CONFIG_CODES.get(label or "")
+    if meaning is None:
+        message = N_("Kakao rejects the app configuration ({reason})", reason=reason)
+        brief = None
+    else:
+        message = N_(
+            "Kakao rejects the app configuration ({reason}): {meaning}",
+            reason=reason,
+            meaning=meaning,
+        )
+        brief = N_("{meaning} ({reason})", meaning=meaning, reason=reason)
+    fix, hint = config_action()
+    return Condition(
+        "config",
+        Severity.CRITICAL,
+        message,
+        fix,
+        brief=brief,
+        hint=hint,
+        command="systemctl restart kakao-tokend",
     )
 
 

@@ -203,10 +203,11 @@ def render(
         "fingerprint": fingerprint,
         "expiry": format_time(expiry) if expiry is not None else "an unknown time",
     }
-    # A person reads the alert in the local time zone; logs and files keep UTC.
-    localised = {
+    # A person reads the alert in the local time zone (and language); logs and files keep
+    # UTC and English.
+    localised: dict[str, str | Message] = {
         **values,
-        "expiry": format_local_time(expiry) if expiry is not None else values["expiry"],
+        "expiry": format_local_time(expiry) if expiry is not None else N_("an unknown time"),
     }
     texts = CAUSES[cause]
     return RenderedCause(
