@@ -1008,13 +1008,11 @@ async def test_without_a_configured_language_alerts_follow_the_locale(
     await login(emulator, path)
     code, out = await run_cli_with_locale(path, "ko_KR.UTF-8", "alerts", "test")
     assert code == 0, out
-    assert webhook.posts[0]["text"].startswith("알림 kakao-tokend default@")
-    assert webhook.posts[0]["text"].endswith(
-        ": 테스트 알림: 이 채널은 정상입니다. 조치: 할 일 없음"
-    )
+    assert webhook.posts[0]["text"].startswith("안내 kakao-tokend default@")
+    assert webhook.posts[0]["text"].endswith(": 테스트 알림: 이 채널은 정상입니다. 조치: 필요 없음")
     assert inbox_texts(emulator)[0].splitlines()[1:] == [
         "테스트 알림: 이 채널은 정상입니다.",
-        "조치: 할 일 없음",
+        "조치: 필요 없음",
     ]
     code, out = await run_cli_with_locale(path, "en_US.UTF-8", "alerts", "test")
     assert code == 0, out

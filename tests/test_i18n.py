@@ -188,6 +188,51 @@ def test_a_message_is_rendered_per_language_with_nested_values() -> None:
     assert left.render("ko") == "리프레시 토큰이 2시간 후 만료되는데 아직 새로 발급되지 않았습니다"
 
 
+@pytest.mark.parametrize(
+    ("message", "korean"),
+    [
+        # A Korean newcomer's audit (2026-12-05): these read as translated.
+        (
+            N_(
+                "the refresh token expired at {expiry} before it could be renewed; a new login"
+                " is needed",
+                expiry="2026-12-05 09:00 KST",
+            ),
+            "리프레시 토큰이 갱신되지 못한 채 2026-12-05 09:00 KST에 만료되었습니다."
+            " 다시 로그인해야 합니다",
+        ),
+        (
+            N_(
+                "cannot write the token files for consumers ({error}); they read an older token",
+                error="disk full",
+            ),
+            "다른 프로그램이 읽는 토큰 파일을 쓸 수 없습니다(disk full)."
+            " 그 프로그램들은 예전 토큰을 읽고 있습니다",
+        ),
+        (N_("cannot write the token files"), "다른 프로그램이 읽는 토큰 파일을 쓸 수 없습니다"),
+        (
+            N_("More in the log: `{command}`", command="journalctl -u kakao-tokend"),
+            "자세한 내용은 로그 참고: `journalctl -u kakao-tokend`",
+        ),
+        (N_("Fix: {action}", action=N_("nothing to do")), "조치: 필요 없음"),
+        (
+            N_("watch `{command}`", command="kakao-tokend status"),
+            "`kakao-tokend status`로 상태를 확인하세요",
+        ),
+        # 알림 is the whole feature's name: an INFO alert's title says 안내.
+        (N_("INFO"), "안내"),
+        (
+            N_("Kakao rejects the app configuration ({reason})", reason="KOE101"),
+            "카카오 앱 설정이 맞지 않습니다(KOE101)",
+        ),
+    ],
+)
+def test_korean_texts_read_as_written_in_korean(message: Message, korean: str) -> None:
+    """The Korean of these texts says what a Korean writer would, not a word-for-word
+    translation of the English."""
+    assert message.render("ko") == korean
+
+
 def test_a_verbatim_text_is_never_translated_or_formatted() -> None:
     """Text from outside the catalog (braces and all) is shown exactly as given."""
     text = Message.verbatim("CRITICAL {not a placeholder}")
