@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 
 from alertkit import Command, Receiver, alerts_toml, inbox_texts
 from daemonproc import login, run_cli, start_daemon, write_config
+from kakao_tokend import supervisor
 from kakao_tokend.alerts import (
     KAKAOTALK_TEXT_LIMIT,
-    MEMO_CONFIG_PATH,
+    MEMO_PATH_BUDGET,
     Alert,
     Condition,
     Severity,
@@ -53,6 +54,7 @@ from kakao_tokend.relogin import ReloginCause, login_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
+from kakao_tokend.supervisor import Supervisor
 from kakao_tokend.tokens import TokenSet, utcnow
 
 # --------------------------------------------------------------------------- conditions
@@ -494,21 +496,35 @@ MEMO_CONDITIONS = frozenset(
     }
 )  # fmt: skip
 #: --config files a memo's commands must hold whole: none, the reported ones, and one as long
-#: as the memo's budget allows (alerts.MEMO_CONFIG_PATH characters).
+#: as the memo's budget allows (alerts.MEMO_PATH_BUDGET characters; a log file too).
 MEMO_CONFIG_FILES = [
     None,
     "/home/kim/kakao/config.toml",
     "/home/pi/kakao/config.toml",
     "/opt/kakao-tokend/config.toml",
-    "/srv/" + "c" * (MEMO_CONFIG_PATH - len("/srv//config.toml")) + "/config.toml",
+    "/srv/" + "c" * (MEMO_PATH_BUDGET - len("/srv//config.toml")) + "/config.toml",
 ]
 
 host_names = st.text(
     alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-."), min_size=1, max_size=253
 ) | st.text(min_size=1, max_size=64)
-error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_busy"]) | st.text(
-    max_size=60
-)
+error_labels = st.sampled_from(
+    ["KOE322", "KOE237", "KOE010", "KOE005", "http503", "timeout", "lock_busy", "lock_error"]
+) | st.text(max_size=60)
+#: How the daemon runs (supervisor.py): the shipped system, user and per-account units, by
+#: hand, and by hand with its output in a log file as long as the budget allows.
+RUNNERS = ("system", "user", "template", "by_hand", "log_file")
+
+
+def runner(kind: str, account: str) -> Supervisor:
+    """Return the supervisor of a daemon run as ``kind`` serving ``account``."""
+    return {
+        "system": Supervisor("system"),
+        "user": Supervisor("user"),
+        "template": Supervisor("system", f"kakao-tokend@{account}"),
+        "by_hand": Supervisor(None),
+        "log_file": Supervisor(None, log_file="/var/log/" + "k" * (MEMO_PATH_BUDGET - 13) + ".log"),
+    }[kind]
 
 
 @settings(max_examples=1000, deadline=None)
@@ -517,13 +533,13 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
 # (206 for a repeat of the expiring one), and the condition line was cut.
 @example(
     case="access_expired", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
-    failing_for=3600.0, repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None,
+    run_as="system", left=1.0, failing_for=3600.0, repeat=True,
 )  # fmt: skip
 @example(
     case="access_expiring", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
-    failing_for=3600.0, repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None,
+    run_as="system", left=1.0, failing_for=3600.0, repeat=True,
 )  # fmt: skip
 # Reported (2026-12-05): a non-default account with any --config cut the state_conflict memo's
 # command mid-word (and its condition to "…"), and the Korean "unknown" re-login cause had no
@@ -531,17 +547,19 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
 @example(
     case="state_conflict", name="shop", host="vm", language="ko", label="KOE322",
     write_error="", state_dir="/var/lib/kakao-tokend",
-    config_file="/home/kim/kakao/config.toml", left=1.0, failing_for=3600.0, repeat=False,
+    config_file="/home/kim/kakao/config.toml", run_as="system", left=1.0, failing_for=3600.0,
+    repeat=False,
 )  # fmt: skip
 @example(
     case="state_conflict", name="bot", host="vm", language="en", label="KOE322",
-    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, left=1.0,
-    failing_for=3600.0, repeat=False,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, run_as="system",
+    left=1.0, failing_for=3600.0, repeat=False,
 )  # fmt: skip
 @example(
     case="relogin_unknown", name="shop-notifications", host="raspberrypi", language="ko",
     label="KOE322", write_error="", state_dir="/var/lib/kakao-tokend",
-    config_file="/home/pi/kakao/config.toml", left=1.0, failing_for=3600.0, repeat=False,
+    config_file="/home/pi/kakao/config.toml", run_as="system", left=1.0, failing_for=3600.0,
+    repeat=False,
 )  # fmt: skip
 @given(
     case=st.sampled_from(sorted(MEMO_CASES)),
@@ -552,6 +570,7 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
     write_error=st.text(max_size=300),
     state_dir=st.sampled_from(["/var/lib/kakao-tokend", "/home/" + "long-user-name/" * 20]),
     config_file=st.sampled_from(MEMO_CONFIG_FILES),
+    run_as=st.sampled_from(RUNNERS),
     left=st.floats(min_value=1, max_value=13 * 86400),
     failing_for=st.floats(min_value=3600, max_value=400 * 86400),
     repeat=st.booleans(),
@@ -565,38 +584,67 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     write_error: str,
     state_dir: str,
     config_file: str | None,
+    run_as: str,
     left: float,
     failing_for: float,
     repeat: bool,
 ) -> None:
     """For every condition the daemon alerts, any account name the config accepts, with or
-    without --config, any host name, error label and duration, in both languages: the memo
+    without --config, however the daemon runs, any host name, error label and duration, in
+    both languages: the memo
     is at most 200 characters and holds the condition line and the fix line (with its exact
     command) whole, and names the account; the resolution's memo holds what cleared.
     """
     check_memo(
-        case, name, host, language, label, write_error, state_dir, config_file, left,
+        case, name, host, language, label, write_error, state_dir, config_file, run_as, left,
         failing_for, repeat,
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("repeat", [False, True])
+@pytest.mark.parametrize("run_as", RUNNERS)
 @pytest.mark.parametrize("language", LANGUAGES)
 @pytest.mark.parametrize("case", sorted(MEMO_CASES))
 def test_every_memo_fits_at_the_edge_of_its_budget(
-    case: str, language: Language, repeat: bool
+    case: str, language: Language, run_as: str
 ) -> None:
     """The same, with every length at once at the most the budget allows (random draws
     rarely combine them): a 32-character account that is not the default, the longest
-    --config file, a REASON_LIMIT error label, the longest durations, a long host name."""
-    check_memo(
-        case, "z" * 32, "h" * 64, language, "Z" * REASON_LIMIT, "w" * 300,
-        "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], 13 * 86400 - 1.0,
-        399 * 86400 + 86399.0, repeat,
-    )  # fmt: skip
+    --config file, a REASON_LIMIT error label (or a KOE code with the longest meaning), the
+    longest durations, a long host name, a repeat."""
+    for label in ("Z" * REASON_LIMIT, "KOE005", "lock_error"):
+        check_memo(
+            case, "z" * 32, "h" * 64, language, label, "w" * 300,
+            "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], run_as, 13 * 86400 - 1.0,
+            399 * 86400 + 86399.0, True,
+        )  # fmt: skip
 
 
 def check_memo(
+    case: str,
+    name: str,
+    host: str,
+    language: Language,
+    label: str,
+    write_error: str,
+    state_dir: str,
+    config_file: str | None,
+    run_as: str,
+    left: float,
+    failing_for: float,
+    repeat: bool,
+) -> None:
+    """Assert what test_every_memo_fits_and_keeps_the_condition_and_the_exact_command says."""
+    before = supervisor.use(runner(run_as, name))
+    try:
+        _check_memo(
+            case, name, host, language, label, write_error, state_dir, config_file, left,
+            failing_for, repeat,
+        )  # fmt: skip
+    finally:
+        supervisor.use(before)
+
+
+def _check_memo(
     case: str,
     name: str,
     host: str,
@@ -609,7 +657,6 @@ def check_memo(
     failing_for: float,
     repeat: bool,
 ) -> None:
-    """Assert what test_every_memo_fits_and_keeps_the_condition_and_the_exact_command says."""
     account = memo_account(name, state_dir, config_file)
     now = utcnow()
     options = dict(MEMO_CASES[case])
@@ -633,9 +680,11 @@ def check_memo(
         fix = N_("Fix: {action}", action=condition.fix).render(language)
         assert fix in lines, (fix, memo)
         assert lines[0] == alert.title(language) or lines[0].startswith(alert.title(language) + " ")
-        # The account is named: on the first line, or by the fix's command (`--account NAME`)
-        # when the first line had to give way.
-        assert name in lines[0] or f"--account {name}" in fix, memo
+        # The account is named: on the first line, or by the fix's command (`--account NAME`,
+        # its own unit `kakao-tokend@NAME`) when the first line had to give way.
+        assert name in lines[0] or re.search(
+            rf"(--account |kakao-tokend@){re.escape(name)}[ `]", fix
+        ), memo
         if condition.fix == login_fix(account):
             assert f"`{login_command(account)}`" in memo
         # Every command in the fix is whole, and every one in fix and hint works as shown.

@@ -211,7 +211,7 @@ def test_a_message_is_rendered_per_language_with_nested_values() -> None:
         ),
         (N_("cannot write the token files"), "다른 프로그램이 읽는 토큰 파일을 쓸 수 없습니다"),
         (
-            N_("More in the log: `{command}`", command="journalctl -u kakao-tokend"),
+            N_("More in the log: {log}", log=Message.verbatim("`journalctl -u kakao-tokend`")),
             "자세한 내용은 로그 참고: `journalctl -u kakao-tokend`",
         ),
         (N_("Fix: {action}", action=N_("nothing to do")), "조치: 필요 없음"),

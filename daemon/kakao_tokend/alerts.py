@@ -44,10 +44,10 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import supervisor
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
 from .health import (
-    LOG_COMMAND,
     NODE_LOCAL,
     AccountHealth,
     Condition,
@@ -87,10 +87,12 @@ KAKAOTALK_TEXT_LIMIT = 200
 #: The memo's budget (Alert.memo), the one rule every brief and fix is written to: in
 #: KAKAOTALK_TEXT_LIMIT characters, the condition's brief and its fix line (with the exact
 #: command) whole, in both languages, repeat or not, for any account name the config accepts
-#: (32 characters), any error label (health.REASON_LIMIT) and a --config file of up to
-#: MEMO_CONFIG_PATH characters (tests/test_alerts.py checks every condition against it).
-#: Longer files still make a memo of at most the limit, with the condition cut first.
-MEMO_CONFIG_PATH = 40
+#: (32 characters), any error label (health.REASON_LIMIT), however the daemon runs (the
+#: shipped units, the per-account one included, or by hand: supervisor.py), and a --config
+#: file or a log file of up to MEMO_PATH_BUDGET characters (tests/test_alerts.py checks
+#: every condition against it). Longer paths still make a memo of at most the limit, with
+#: the condition cut first.
+MEMO_PATH_BUDGET = 40
 #: Retries for KakaoTalk and the command (the webhook has its own setting).
 CHANNEL_RETRIES = 2
 #: First step before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX
@@ -185,7 +187,7 @@ class Alert:
         its exact command; the severity and account; the tool's name and the host (cut first);
         the hint; a pointer to the log when something did not fit. The account gives way
         only when the fix's command names it (``--account NAME``), after the host and the
-        tool's name (MEMO_CONFIG_PATH says what must fit).
+        tool's name (MEMO_PATH_BUDGET says what must fit).
         """
         language = self.language
         brief = _sentence((self.brief or self.message).render(language))
@@ -212,8 +214,9 @@ class Alert:
                 used += 1 + len(hint)
             else:
                 left_out = True
-        if left_out and LOG_COMMAND not in "".join(lines):
-            more = N_("More in the log: `{command}`", command=LOG_COMMAND).render(language)
+        log = supervisor.current().log
+        if left_out and log.render(language) not in "".join(lines):
+            more = N_("More in the log: {log}", log=log).render(language)
             if used + 1 + len(more) <= limit:
                 lines.append(more)
         return "\n".join(lines)[:limit]
@@ -277,10 +280,14 @@ def _memo_head(title: str, account: str, host: str, room: int, *, named: bool = 
 
 
 def _names_account(fix: str, account: str) -> bool:
-    """True when ``fix`` names ``account`` in a command's ``--account NAME``."""
-    at = fix.find(f"--account {account}")
-    end = at + len("--account ") + len(account)
-    return at >= 0 and (end == len(fix) or fix[end] in " `")
+    """True when ``fix`` names ``account`` in a command: ``--account NAME``, or the account's
+    own unit ``kakao-tokend@NAME`` (systemd/kakao-tokend@.service)."""
+    for named in (f"--account {account}", f"{supervisor.UNIT}@{account}"):
+        at = fix.find(named)
+        end = at + len(named)
+        if at >= 0 and (end == len(fix) or fix[end] in " `"):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- channels

@@ -48,7 +48,7 @@ KAKAO_CONFIG_CODES: Mapping[str, Message] = {
     "KOE001": N_("malformed authorization request"),
     "KOE002": N_("wrong authorization URL or parameters"),
     "KOE004": N_("Kakao Login is not enabled for this app"),
-    "KOE005": N_("the app is in test mode and this user is not a team member"),
+    "KOE005": N_("the user is not a team member of this test-mode app"),
     "KOE006": N_("the redirect URI is not registered"),
     "KOE007": N_("the logout redirect URI is not registered"),
     "KOE008": N_("the app key is not a REST API key"),

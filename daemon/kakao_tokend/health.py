@@ -37,6 +37,8 @@ from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
+from .supervisor import Supervisor
+from .supervisor import current as current_supervisor
 from .tokens import (
     TokenSet,
     expiring_margin,
@@ -48,7 +50,6 @@ from .tokens import (
 __all__ = [
     "CONDITION_NAMES",
     "FROM_FILES",
-    "LOG_COMMAND",
     "NODE_LOCAL",
     "AccountHealth",
     "Condition",
@@ -68,16 +69,26 @@ __all__ = [
 #: Error labels (``KOE322``, ``http503`` ...) are cut to this many characters in the texts,
 #: so that a KakaoTalk memo always has room for the condition and the command.
 REASON_LIMIT = 20
-#: Where the whole story is.
-LOG_COMMAND = "journalctl -u kakao-tokend"
-#: What to do while refreshing fails for a reason that is not ours to fix.
-NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
-#: The fix when the account's lock file is what fails (health._failing_fix).
-FILES_FIX = N_(
-    "check the account's files and their directory (free space, a read-only file system,"
-    " owner and permissions); details: `{command}`",
-    command=LOG_COMMAND,
-)
+
+
+def network_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint while refreshing fails for a reason that is not ours to fix."""
+    return N_("check that this host reaches Kakao"), details(supervisor)
+
+
+def files_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint when the account's lock file is what fails (health._failing)."""
+    return (
+        N_("check the account's files and directory (free space, read-only, owner, permissions)"),
+        details(supervisor),
+    )
+
+
+def details(supervisor: Supervisor) -> Message:
+    """Return the pointer to the daemon's log: "details: `journalctl -u kakao-tokend`" ..."""
+    return N_("details: {log}", log=supervisor.log)
+
+
 #: The conditions that the stored state alone decides (status without a daemon can judge
 #: them); every other one needs the daemon's live status (writes, publishing, refreshing).
 FROM_FILES = frozenset(
@@ -161,7 +172,7 @@ class Condition:
     """Something that is wrong with an account right now, and what fixes it.
 
     A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
-    both within the memo's budget (alerts.MEMO_CONFIG_PATH says it), with one exact command
+    both within the memo's budget (alerts.MEMO_PATH_BUDGET says it), with one exact command
     in ``fix`` (and in ``command``, for `doctor`).
     ``hint`` and the long ``message`` go where there is room; the log, the webhook, the
     command and `status` always get everything.
@@ -276,15 +287,17 @@ def login_fix(account: AccountConfig) -> Message:
     return N_("run `{command}`", command=login_command(account))
 
 
-def config_action() -> tuple[Message, Message]:
-    """The fix and hint for an app configuration Kakao rejects (alert and log line alike)."""
+def config_action(supervisor: Supervisor | None = None) -> tuple[Message, Message]:
+    """The fix and hint for an app configuration Kakao rejects (alert and log line alike),
+    for the daemon ``supervisor`` runs (default: this process's)."""
     # Secrets given as systemd credentials are read at start: restart, not reload. A fix in
     # Kakao's console needs nothing from us: the refresher keeps trying at its slowest pace.
+    who = supervisor or current_supervisor()
     return (
-        N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
+        N_("fix [kakao] or the secrets, then {restart}", restart=who.restart),
         N_(
-            "a fix in Kakao's console is picked up by itself; details: `{command}`",
-            command=LOG_COMMAND,
+            "a fix in Kakao's console is picked up by itself; details: {log}",
+            log=who.log,
         ),
     )
 
@@ -335,16 +348,19 @@ def assess(
     alerts: AlertsConfig | None = None,
     host: str | None = None,
     load_error: StoreError | None = None,
+    supervisor: Supervisor | None = None,
 ) -> AccountHealth:
     """Grade one account at ``now`` (pure: no I/O).
 
     ``status`` is the daemon's live status, or None when no daemon looks after the account
     (the files alone); ``load_error`` is why the stored state could not be read then.
     ``alerts`` overrides the account's alert settings (`status --warn/--crit`); ``host``
-    names this machine in the ssh hint.
+    names this machine in the ssh hint; ``supervisor`` runs the daemon whose log and
+    restart the fixes name (default: this process's, supervisor.current()).
     """
     settings = alerts or fitted_alerts(account.alerts, state)
-    found = _conditions(account, state, status, policy, now, settings, host, load_error)
+    who = supervisor or current_supervisor()
+    found = _conditions(account, state, status, policy, now, settings, host, load_error, who)
     return AccountHealth(
         account=account.name,
         conditions=tuple(found),
@@ -417,6 +433,7 @@ def _conditions(
     settings: AlertsConfig,
     host: str | None,
     load_error: StoreError | None,
+    supervisor: Supervisor,
 ) -> list[Condition]:
     login = login_command(account)
     status_command = cli_command(account, "status")
@@ -426,7 +443,7 @@ def _conditions(
     if health is Health.RELOGIN or (status is None and state is not None and state.relogin_reason):
         found.append(_relogin(account, state, status, relogin_fix, relogin_hint, login))
     elif health is Health.CONFIG:
-        found.append(_config(status.last_error_class if status else None))
+        found.append(_config(status.last_error_class if status else None, supervisor))
     if state is None:
         if status is None and load_error is not None:
             found.append(
@@ -492,9 +509,10 @@ def _conditions(
             lifetime=lifetime,
             access_left=access_left,
             held=held is not None and now < held,
+            supervisor=supervisor,
         )
     store_down = store_unavailable_condition(
-        status, now, settings, tokens.access_lifetime.total_seconds()
+        status, now, settings, tokens.access_lifetime.total_seconds(), supervisor
     )
     if store_down is not None:
         found.append(store_down)
@@ -528,7 +546,6 @@ def _conditions(
                 N_("fix the file or directory `{command}` shows", command=status_command),
                 brief=N_("cannot write the token files"),
                 hint=N_("kakao-tokend retries by itself"),
-                command=status_command,
             )
         )
     if status.state_conflict:
@@ -551,7 +568,6 @@ def _conditions(
                     "to go back to the refused file on purpose, run `{command}`",
                     command=cli_command(account, "restore", refused),
                 ),
-                command=status_command,
             )
         )
     if status.missed_rotation:
@@ -601,7 +617,7 @@ def _relogin(
     )
 
 
-def _config(label: str | None) -> Condition:
+def _config(label: str | None, supervisor: Supervisor) -> Condition:
     """Kakao rejects the app's configuration: the code, and what it means when known."""
     reason = _reason(label, "config")
     meaning = KAKAO_CONFIG_CODES.get(label or "")
@@ -615,7 +631,7 @@ def _config(label: str | None) -> Condition:
             meaning=meaning,
         )
         brief = N_("{meaning} ({reason})", meaning=meaning, reason=reason)
-    fix, hint = config_action()
+    fix, hint = config_action(supervisor)
     return Condition(
         "config",
         Severity.CRITICAL,
@@ -623,7 +639,7 @@ def _config(label: str | None) -> Condition:
         fix,
         brief=brief,
         hint=hint,
-        command="systemctl restart kakao-tokend",
+        command=supervisor.restart_command,
     )
 
 
@@ -660,6 +676,7 @@ def _failing(
     lifetime: float,
     access_left: float,
     held: bool = False,
+    supervisor: Supervisor,
 ) -> list[Condition]:
     """Refreshing keeps failing: the access token runs out soon, or it has failed for long.
 
@@ -671,7 +688,7 @@ def _failing(
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
     # What fails decides where to look: the account's own files (its lock), or the network.
-    fix = FILES_FIX if status.last_error_class == "lock_error" else NETWORK_FIX
+    fix, hint = (files_fix if status.last_error_class == "lock_error" else network_fix)(supervisor)
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
     if access_left < _margin(policy, lifetime) and not held:
@@ -682,7 +699,7 @@ def _failing(
                 left=left,
                 reason=reason,
             )
-            # Briefs this short: the memo's budget (alerts.MEMO_CONFIG_PATH) holds the longest
+            # Briefs this short: the memo's budget (alerts.MEMO_PATH_BUDGET) holds the longest
             # account name with "(repeat)", a REASON_LIMIT label and the fix whole (the full
             # sentences made 202-206 characters; tests/test_alerts.py).
             brief: Message | None = N_(
@@ -696,7 +713,9 @@ def _failing(
                 reason=reason,
             )
             brief = N_("access token EXPIRED, refresh fails ({reason})", reason=reason)
-        found.append(Condition("access_expiring", Severity.CRITICAL, message, fix, brief=brief))
+        found.append(
+            Condition("access_expiring", Severity.CRITICAL, message, fix, brief=brief, hint=hint)
+        )
     if since is not None and failing_for > settings.failing_after * lifetime:
         found.append(
             Condition(
@@ -715,6 +734,7 @@ def _failing(
                     duration=Duration(failing_for),
                     reason=reason,
                 ),
+                hint=hint,
             )
         )
     return found
@@ -754,7 +774,11 @@ def _held_for_retry(
 
 
 def store_unavailable_condition(
-    status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
+    status: AccountStatus,
+    now: datetime,
+    settings: AlertsConfig,
+    lifetime: float,
+    supervisor: Supervisor | None = None,
 ) -> Condition | None:
     """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access
     lifetime. Nothing is refreshed (no Kakao call without the row lock), so the current access
@@ -778,10 +802,8 @@ def store_unavailable_condition(
             duration=Duration(down_for),
             error=error,
         ),
-        N_(
-            "check PostgreSQL and the network to it; details: `{command}`",
-            command=LOG_COMMAND,
-        ),
+        N_("check PostgreSQL and the network from this node to it"),
+        hint=details(supervisor or current_supervisor()),
         brief=N_(
             "the shared PostgreSQL store is unreachable for {duration}", duration=Duration(down_for)
         ),
