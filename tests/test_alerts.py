@@ -1025,9 +1025,35 @@ async def test_korean_alerts_reach_every_channel_while_the_log_stays_english(
     assert webhook.posts[-1]["message"] == text.split(": ", 1)[1].rstrip(".")
 
 
+async def test_language_follows_gnu_gettexts_language_list_and_reaches_the_command(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    command: Command,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LANG=C.UTF-8 LANGUAGE=ko (GNU gettext's priority list, honoured under any locale but
+    C/POSIX) makes the alerts Korean when no language is configured; the alert command gets
+    the whole message locale: LC_MESSAGES and LANGUAGE as well as LANG."""
+    for name in ("LC_ALL", "LC_CTYPE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("LC_MESSAGES", "C.UTF-8")
+    monkeypatch.setenv("LANGUAGE", "ko:en")
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(None, command, thresholds='["60s"]').replace('language = "en"\n', "")
+    assert "language =" not in extra
+    harness = await make_harness(extra)
+    assert [a.condition for a in await harness.at(45)] == ["refresh_expiry"]
+    [env] = command.calls()
+    assert env["KAKAO_TOKEND_ALERT_LANGUAGE"] == "ko"
+    assert env["KAKAO_TOKEND_ALERT_MESSAGE"].startswith("리프레시 토큰이 ")
+    assert (env["LANG"], env["LC_MESSAGES"], env["LANGUAGE"]) == ("C.UTF-8", "C.UTF-8", "ko:en")
+
+
 async def run_cli_with_locale(config: Path, locale: str, *args: str) -> tuple[int, str]:
-    """Run the real CLI with LANG=``locale`` (LC_ALL and LC_MESSAGES unset)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANG")}
+    """Run the real CLI with LANG=``locale`` (LC_ALL, LC_MESSAGES and LANGUAGE unset)."""
+    dropped = ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

@@ -143,10 +143,24 @@ def test_a_wheel_built_from_a_clean_checkout_carries_the_korean_catalog(tmp_path
         ({"LC_ALL": "C", "LC_MESSAGES": "ko_KR.UTF-8", "LANG": "ko_KR.UTF-8"}, "en"),
         ({"LC_ALL": "ko_KR.eucKR", "LANG": "en_US.UTF-8"}, "ko"),
         ({"LC_ALL": "", "LC_MESSAGES": "", "LANG": "ko_KR.UTF-8"}, "ko"),
+        # GNU gettext's LANGUAGE: a priority list over the locale, ignored under C/POSIX.
+        ({"LANG": "C.UTF-8", "LANGUAGE": "ko"}, "ko"),
+        ({"LC_MESSAGES": "C.utf8", "LANGUAGE": "ko"}, "ko"),
+        ({"LANG": "C", "LANGUAGE": "ko"}, "en"),
+        ({"LC_ALL": "POSIX", "LANG": "ko_KR.UTF-8", "LANGUAGE": "ko"}, "en"),
+        ({"LANGUAGE": "ko"}, "en"),  # no locale at all is the C locale
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "en"}, "en"),
+        ({"LANG": "en_US.UTF-8", "LANGUAGE": "fr:ko_KR"}, "ko"),  # the first one we speak
+        ({"LANG": "en_US.UTF-8", "LANGUAGE": "en:ko"}, "en"),
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "fr"}, "en"),  # none we speak: untranslated
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": ""}, "ko"),
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "::"}, "ko"),
     ],
 )
 def test_the_language_follows_the_message_locale(environ: dict[str, str], expected: str) -> None:
-    """The first non-empty of LC_ALL, LC_MESSAGES and LANG decides; Korean locales → "ko"."""
+    """As GNU gettext chooses: the message locale is the first non-empty of LC_ALL,
+    LC_MESSAGES and LANG; unless it is C or POSIX (or none is set), LANGUAGE's list comes
+    first and its first language we have decides, English when none is. Korean → "ko"."""
     assert language_from_locale(environ) == expected
     assert resolve_language(None, environ) == expected
 

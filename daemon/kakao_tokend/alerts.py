@@ -110,8 +110,20 @@ MOMENT_HORIZON = timedelta(minutes=10)
 #: The shortest sleep before a grading moment (run_periodic), so a moment is never spun on.
 MOMENT_FLOOR = 0.001
 #: Environment passed on to the alert command (nothing else: the daemon's environment may
-#: hold the REST API key or client secret).
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME")
+#: hold the REST API key or client secret): the message locale whole (i18n.py reads LC_ALL,
+#: LC_MESSAGES, LANG and GNU gettext's LANGUAGE), so the command speaks as the daemon does.
+PASSED_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_MESSAGES",
+    "LANGUAGE",
+    "LC_CTYPE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+)
 BOOKKEEPING_VERSION = 1
 
 #: Conditions that only make sense while the account has tokens.
