@@ -601,22 +601,20 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("run_as", RUNNERS)
-@pytest.mark.parametrize("language", LANGUAGES)
 @pytest.mark.parametrize("case", sorted(MEMO_CASES))
-def test_every_memo_fits_at_the_edge_of_its_budget(
-    case: str, language: Language, run_as: str
-) -> None:
+def test_every_memo_fits_at_the_edge_of_its_budget(case: str) -> None:
     """The same, with every length at once at the most the budget allows (random draws
     rarely combine them): a 32-character account that is not the default, the longest
     --config file, a REASON_LIMIT error label (or a KOE code with the longest meaning), the
-    longest durations, a long host name, a repeat."""
-    for label in ("Z" * REASON_LIMIT, "KOE005", "lock_error"):
-        check_memo(
-            case, "z" * 32, "h" * 64, language, label, "w" * 300,
-            "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], run_as, 13 * 86400 - 1.0,
-            399 * 86400 + 86399.0, True,
-        )  # fmt: skip
+    longest durations, a long host name, a repeat; each way of running, both languages."""
+    for run_as in RUNNERS:
+        for language in LANGUAGES:
+            for label in ("Z" * REASON_LIMIT, "KOE005", "lock_error"):
+                check_memo(
+                    case, "z" * 32, "h" * 64, language, label, "w" * 300,
+                    "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], run_as,
+                    13 * 86400 - 1.0, 399 * 86400 + 86399.0, True,
+                )  # fmt: skip
 
 
 def check_memo(
