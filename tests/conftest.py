@@ -399,6 +399,18 @@ def _root_logger_restored() -> Any:
             root.removeHandler(added)
 
 
+@pytest.fixture(autouse=True)
+def _supervisor_restored() -> Any:
+    """Put this process's supervisor (supervisor.current: which unit's log and restart the
+    texts name) back after each test: the CLI run in-process sets it from its config, and
+    a later test's texts would otherwise depend on the order."""
+    from kakao_tokend import supervisor
+
+    before = supervisor.current()
+    yield
+    supervisor.use(before)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     """After a test's fixtures are torn down, kill any daemon it left running (and say so)."""

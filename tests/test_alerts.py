@@ -7,6 +7,8 @@ import functools
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 import time
 from datetime import datetime, timedelta
@@ -20,8 +22,10 @@ from hypothesis import strategies as st
 
 from alertkit import Command, Receiver, alerts_toml, inbox_texts
 from daemonproc import login, run_cli, start_daemon, write_config
+from kakao_tokend import supervisor
 from kakao_tokend.alerts import (
     KAKAOTALK_TEXT_LIMIT,
+    MEMO_PATH_BUDGET,
     Alert,
     Condition,
     Severity,
@@ -37,13 +41,20 @@ from kakao_tokend.config import (
 )
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.errors import ConfigError, StoreWriteError
-from kakao_tokend.health import login_fix
+from kakao_tokend.health import (
+    CONDITION_NAMES,
+    FROM_FILES,
+    NODE_LOCAL,
+    REASON_LIMIT,
+    login_fix,
+)
 from kakao_tokend.i18n import LANGUAGES, N_, Language
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import login_command
+from kakao_tokend.relogin import ReloginCause, login_command
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
 from kakao_tokend.store import AccountStore
+from kakao_tokend.supervisor import Supervisor
 from kakao_tokend.tokens import TokenSet, utcnow
 
 # --------------------------------------------------------------------------- conditions
@@ -304,18 +315,24 @@ async def test_failing_channels_block_neither_the_others_nor_the_refresh(
 
 
 @functools.cache
-def memo_account(name: str, state_dir: str = "/var/lib/kakao-tokend") -> AccountConfig:
+def memo_account(
+    name: str, state_dir: str = "/var/lib/kakao-tokend", config_file: str | None = None
+) -> AccountConfig:
     """Return a real AccountConfig for ``name`` (parsed from TOML like any config).
 
     Unless it is "default", the account comes second, so it is not the default account and
-    its commands need `--account NAME`.
+    its commands need `--account NAME`. With ``config_file`` (a file a plain `kakao-tokend`
+    does not find) every command shown needs `--config FILE` too.
     """
     first = "" if name == "default" else "[accounts.default]\n"
     text = (
         f'[paths]\nstate_dir = "{state_dir}"\nruntime_dir = "/run/kt"\n'
         f'[kakao]\nrest_api_key = "k"\n{first}[accounts.{name}]\n'
     )
-    return config_from_toml_text(text, source=None, environ={}).accounts[name]
+    source = Path(config_file) if config_file is not None else None
+    account = config_from_toml_text(text, source=source, environ={}).accounts[name]
+    assert (config_file is not None) == ("--config" in account.cli_options), account.cli_options
+    return account
 
 
 def memo_manager(
@@ -330,6 +347,11 @@ def memo_manager(
     write_error: str | None = None,
     missed_rotation: bool = False,
     has_state: bool = True,
+    relogin_cause: ReloginCause | None = None,
+    publish_error: str | None = None,
+    state_conflict: str | None = None,
+    conflict_file: str | None = None,
+    store_down_for: float | None = None,
 ) -> AccountManager:
     """Return a real AccountManager whose state and status are set to the given condition.
 
@@ -359,6 +381,15 @@ def memo_manager(
     status.write_pending = write_error is not None
     status.write_error = write_error
     status.missed_rotation = missed_rotation
+    status.relogin_cause = relogin_cause
+    status.publish_pending = publish_error is not None
+    status.publish_error = publish_error
+    status.state_conflict = state_conflict
+    if conflict_file is not None:
+        status.conflict_file = conflict_file
+    if store_down_for is not None:
+        status.store_unavailable_since = now - timedelta(seconds=store_down_for)
+        status.store_error = "connection refused"
     return manager
 
 
@@ -401,14 +432,14 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     assert len(english) <= KAKAOTALK_TEXT_LIMIT
     assert english.splitlines()[:3] == [
         "CRITICAL kakao-tokend shop-notifications@build-server-01.internal.example.com",
-        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Kakao refuses the tokens (KOE322).",
         "Fix: run `kakao-tokend --account shop-notifications login`",
     ]
     korean = firing(account, condition, host, "ko", repeat=True).memo()
     assert len(korean) <= KAKAOTALK_TEXT_LIMIT
     assert korean.splitlines()[:3] == [
         "긴급 (반복) kakao-tokend shop-notifications@build-server-01.internal.example.com",
-        "카카오가 토큰을 거부합니다(KOE322). 다시 로그인해야 합니다.",
+        "카카오가 토큰을 거부합니다(KOE322).",
         "조치: `kakao-tokend --account shop-notifications login` 실행",
     ]
     # No room left for the ssh hint: the log has it.
@@ -420,11 +451,11 @@ def test_memo_keeps_the_whole_login_command_for_long_account_and_host_names() ->
     [condition] = manager.health(now, alerts=AlertsConfig(), host="box").conditions
     assert firing(account, condition, "box", "en").memo().splitlines() == [
         "CRITICAL kakao-tokend default@box",
-        "Kakao refuses the tokens (KOE322); a new login is needed.",
+        "Kakao refuses the tokens (KOE322).",
         "Fix: run `kakao-tokend login`",
         "on a remote server, log in through `ssh -L 8765:127.0.0.1:8765 box`.",
     ]
-    assert firing(account, condition, "box", "ko").memo().splitlines()[-1] == (
+    assert firing(account, condition, "box", "ko").memo().splitlines()[-2] == (
         "원격 서버라면 이렇게 접속해서 로그인하세요: `ssh -L 8765:127.0.0.1:8765 box`."
     )
 
@@ -441,29 +472,94 @@ MEMO_CASES: dict[str, dict[str, Any]] = {
     "refresh_failing": {"health": Health.RETRYING, "failing_for": 7200.0},
     "write_failed": {"health": Health.OK, "write_error": "x"},
     "missed_rotation": {"health": Health.OK, "missed_rotation": True},
+    "publish_failed": {"health": Health.OK, "publish_error": "x"},
+    "state_conflict": {
+        "health": Health.OK,
+        "state_conflict": "refused the state file written by another process: its generation"
+        " 3 is older than ours (5) (an old backup?); kept the newer tokens (generation 5) and"
+        " put them back; the refused file is kept as"
+        " /var/lib/kakao-tokend/shop.state.json.refused-20261201T101500Z",
+        "conflict_file": "/var/lib/kakao-tokend/shop.state.json.refused-20261201T101500Z",
+    },
+    "store_unavailable": {"health": Health.OK, "store_down_for": 7200.0},
+    **{
+        f"relogin_{cause.value}": {"health": Health.RELOGIN, "relogin_cause": cause}
+        for cause in ReloginCause
+    },
 }
+#: Every condition the daemon alerts (the MEMO_CASES raise them all).
+MEMO_CONDITIONS = frozenset(
+    {
+        "relogin", "config", "no_tokens", "refresh_expiry", "access_expiring",
+        "refresh_failing", "write_failed", "missed_rotation", "publish_failed",
+        "state_conflict", "store_unavailable",
+    }
+)  # fmt: skip
+#: --config files a memo's commands must hold whole: none, the reported ones, and one as long
+#: as the memo's budget allows (alerts.MEMO_PATH_BUDGET characters; a log file too).
+MEMO_CONFIG_FILES = [
+    None,
+    "/home/kim/kakao/config.toml",
+    "/home/pi/kakao/config.toml",
+    "/opt/kakao-tokend/config.toml",
+    "/srv/" + "c" * (MEMO_PATH_BUDGET - len("/srv//config.toml")) + "/config.toml",
+]
 
 host_names = st.text(
     alphabet=st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789-."), min_size=1, max_size=253
 ) | st.text(min_size=1, max_size=64)
-error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_busy"]) | st.text(
-    max_size=60
-)
+error_labels = st.sampled_from(
+    ["KOE322", "KOE237", "KOE010", "KOE005", "http503", "timeout", "lock_busy", "lock_error"]
+) | st.text(max_size=60)
+#: How the daemon runs (supervisor.py): the shipped system, user and per-account units, by
+#: hand, and by hand with its output in a log file as long as the budget allows.
+RUNNERS = ("system", "user", "template", "by_hand", "log_file")
 
 
-@settings(max_examples=300, deadline=None)
+def runner(kind: str, account: str) -> Supervisor:
+    """Return the supervisor of a daemon run as ``kind`` serving ``account``."""
+    return {
+        "system": Supervisor("system"),
+        "user": Supervisor("user"),
+        "template": Supervisor("system", f"kakao-tokend@{account}"),
+        "by_hand": Supervisor(None),
+        "log_file": Supervisor(None, log_file="/var/log/" + "k" * (MEMO_PATH_BUDGET - 13) + ".log"),
+    }[kind]
+
+
+@settings(max_examples=1000, deadline=None)
 # Found by hypothesis (2026-12-03): the longest name with a 20-character error label (an
 # exception's name, e.g. ClientConnectorError) made the expired-token memo 203 characters
 # (206 for a repeat of the expiring one), and the condition line was cut.
 @example(
     case="access_expired", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
-    repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None,
+    run_as="system", left=1.0, failing_for=3600.0, repeat=True,
 )  # fmt: skip
 @example(
     case="access_expiring", name="0" * 32, host="0", language="en", label="0" * 20,
-    write_error="", state_dir="/var/lib/kakao-tokend", left=1.0, failing_for=3600.0,
-    repeat=True,
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None,
+    run_as="system", left=1.0, failing_for=3600.0, repeat=True,
+)  # fmt: skip
+# Reported (2026-12-05): a non-default account with any --config cut the state_conflict memo's
+# command mid-word (and its condition to "…"), and the Korean "unknown" re-login cause had no
+# short version: with --config its condition line was cut.
+@example(
+    case="state_conflict", name="shop", host="vm", language="ko", label="KOE322",
+    write_error="", state_dir="/var/lib/kakao-tokend",
+    config_file="/home/kim/kakao/config.toml", run_as="system", left=1.0, failing_for=3600.0,
+    repeat=False,
+)  # fmt: skip
+@example(
+    case="state_conflict", name="bot", host="vm", language="en", label="KOE322",
+    write_error="", state_dir="/var/lib/kakao-tokend", config_file=None, run_as="system",
+    left=1.0, failing_for=3600.0, repeat=False,
+)  # fmt: skip
+@example(
+    case="relogin_unknown", name="shop-notifications", host="raspberrypi", language="ko",
+    label="KOE322", write_error="", state_dir="/var/lib/kakao-tokend",
+    config_file="/home/pi/kakao/config.toml", run_as="system", left=1.0, failing_for=3600.0,
+    repeat=False,
 )  # fmt: skip
 @given(
     case=st.sampled_from(sorted(MEMO_CASES)),
@@ -473,6 +569,8 @@ error_labels = st.sampled_from(["KOE322", "KOE237", "http503", "timeout", "lock_
     label=error_labels,
     write_error=st.text(max_size=300),
     state_dir=st.sampled_from(["/var/lib/kakao-tokend", "/home/" + "long-user-name/" * 20]),
+    config_file=st.sampled_from(MEMO_CONFIG_FILES),
+    run_as=st.sampled_from(RUNNERS),
     left=st.floats(min_value=1, max_value=13 * 86400),
     failing_for=st.floats(min_value=3600, max_value=400 * 86400),
     repeat=st.booleans(),
@@ -485,15 +583,79 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     label: str,
     write_error: str,
     state_dir: str,
+    config_file: str | None,
+    run_as: str,
     left: float,
     failing_for: float,
     repeat: bool,
 ) -> None:
-    """For any account name the config accepts, any host name, error label and duration, in
-    both languages: the memo is at most 200 characters and holds the condition line and the
-    fix line (with its exact command) whole; the resolution's memo holds what cleared.
+    """For every condition the daemon alerts, any account name the config accepts, with or
+    without --config, however the daemon runs, any host name, error label and duration, in
+    both languages: the memo
+    is at most 200 characters and holds the condition line and the fix line (with its exact
+    command) whole, and names the account; the resolution's memo holds what cleared.
     """
-    account = memo_account(name, state_dir)
+    check_memo(
+        case, name, host, language, label, write_error, state_dir, config_file, run_as, left,
+        failing_for, repeat,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(MEMO_CASES))
+def test_every_memo_fits_at_the_edge_of_its_budget(case: str) -> None:
+    """The same, with every length at once at the most the budget allows (random draws
+    rarely combine them): a 32-character account that is not the default, the longest
+    --config file, a REASON_LIMIT error label (or a KOE code with the longest meaning), the
+    longest durations, a long host name, a repeat; each way of running, both languages."""
+    for run_as in RUNNERS:
+        for language in LANGUAGES:
+            for label in ("Z" * REASON_LIMIT, "KOE005", "lock_error"):
+                check_memo(
+                    case, "z" * 32, "h" * 64, language, label, "w" * 300,
+                    "/home/" + "long-user-name/" * 20, MEMO_CONFIG_FILES[-1], run_as,
+                    13 * 86400 - 1.0, 399 * 86400 + 86399.0, True,
+                )  # fmt: skip
+
+
+def check_memo(
+    case: str,
+    name: str,
+    host: str,
+    language: Language,
+    label: str,
+    write_error: str,
+    state_dir: str,
+    config_file: str | None,
+    run_as: str,
+    left: float,
+    failing_for: float,
+    repeat: bool,
+) -> None:
+    """Assert what test_every_memo_fits_and_keeps_the_condition_and_the_exact_command says."""
+    before = supervisor.use(runner(run_as, name))
+    try:
+        _check_memo(
+            case, name, host, language, label, write_error, state_dir, config_file, left,
+            failing_for, repeat,
+        )  # fmt: skip
+    finally:
+        supervisor.use(before)
+
+
+def _check_memo(
+    case: str,
+    name: str,
+    host: str,
+    language: Language,
+    label: str,
+    write_error: str,
+    state_dir: str,
+    config_file: str | None,
+    left: float,
+    failing_for: float,
+    repeat: bool,
+) -> None:
+    account = memo_account(name, state_dir, config_file)
     now = utcnow()
     options = dict(MEMO_CASES[case])
     if "refresh_left" in options and options["refresh_left"] > 0:
@@ -505,6 +667,7 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
     manager = memo_manager(account, now, error_class=label, **options)
     conditions = manager.health(now, alerts=AlertsConfig(), host=host).conditions
     assert conditions, case
+    assert {c.name for c in conditions} <= MEMO_CONDITIONS
     for condition in conditions:
         alert = firing(account, condition, host, language, repeat=repeat)
         memo = alert.memo()
@@ -514,10 +677,24 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
         assert brief.rstrip(".") + "." in lines, (brief, memo)
         fix = N_("Fix: {action}", action=condition.fix).render(language)
         assert fix in lines, (fix, memo)
-        assert lines[0].startswith(alert.title(language) + " ")
-        assert name in lines[0]
+        assert lines[0] == alert.title(language) or lines[0].startswith(alert.title(language) + " ")
+        # The account is named: on the first line, or by the fix's command (`--account NAME`,
+        # its own unit `kakao-tokend@NAME`) when the first line had to give way.
+        assert name in lines[0] or re.search(
+            rf"(--account |kakao-tokend@){re.escape(name)}[ `]", fix
+        ), memo
         if condition.fix == login_fix(account):
             assert f"`{login_command(account)}`" in memo
+        # Every command in the fix is whole, and every one in fix and hint works as shown.
+        for command in re.findall(r"`([^`]*)`", condition.action.render(language)):
+            if command.startswith("ssh "):
+                continue  # the remote-login hint names this host as the system calls it
+            words = shlex.split(command)
+            assert words[0] in ("kakao-tokend", "systemctl", "journalctl"), command
+            if words[0] == "kakao-tokend":
+                assert cli_parses(words[1:]), command
+            if "--config" in words:
+                assert words[words.index("--config") + 1] == config_file, command
 
         record = {
             "severity": condition.severity.label,
@@ -533,6 +710,70 @@ def test_every_memo_fits_and_keeps_the_condition_and_the_exact_command(
         assert brief.rstrip(".") in memo.splitlines()[1], memo
 
 
+def cli_parses(args: list[str]) -> bool:
+    """True when `kakao-tokend ARGS` names a command and gives every argument it requires
+    (click parses it as the real command line would; nothing runs)."""
+    import warnings
+
+    import click
+
+    try:
+        with main.make_context("kakao-tokend", list(args)) as context:
+            with warnings.catch_warnings():  # click 8.2+ moves them into args, by 9.0
+                warnings.simplefilter("ignore", DeprecationWarning)
+                words = [*context.protected_args, *context.args]
+            name, command, rest = main.resolve_command(context, words)
+            assert command is not None, name
+            command.make_context(name or "", rest, parent=context).close()
+    except click.ClickException:
+        return False
+    return True
+
+
+def test_cli_parses_tells_a_complete_command_from_an_incomplete_one() -> None:
+    """The check above can fail: `restore` without its file is refused, with it accepted."""
+    assert cli_parses(["--account", "shop", "restore", "/backup/shop.state.json"])
+    assert not cli_parses(["--account", "shop", "restore"])
+    assert cli_parses(["--config", "/home/kim/kakao/config.toml", "status"])
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_publish_failure_memo_says_where_to_read_which_file(language: Language) -> None:
+    """The memo's condition line does not hold the (long) path of the token file that cannot
+    be written, so its fix cannot point "above": it gives the command that shows it."""
+    account = memo_account("shop", config_file="/home/kim/kakao/config.toml")
+    now = utcnow()
+    error = "token file: cannot write /srv/tokens/shop.token.json: Permission denied"
+    manager = memo_manager(account, now, health=Health.OK, publish_error=error)
+    [condition] = manager.health(now, alerts=AlertsConfig(), host="vm").conditions
+    memo = firing(account, condition, "vm", language).memo()
+    status = "kakao-tokend --config /home/kim/kakao/config.toml --account shop status"
+    assert f"`{status}`" in memo.splitlines()[2], memo
+    assert "/srv/tokens/shop.token.json" in condition.message.render(language)
+
+
+@pytest.mark.parametrize(
+    ("language", "rejected", "meaning"),
+    [
+        ("en", "Kakao rejects the app configuration (KOE010)", "client secret is missing or wrong"),
+        ("ko", "카카오 앱 설정이 맞지 않습니다(KOE010)", "클라이언트 시크릿이 없거나 틀렸습니다"),
+    ],
+)
+def test_a_rejected_app_configuration_says_what_is_wrong(
+    language: Language, rejected: str, meaning: str
+) -> None:
+    """KOE010 is named with what it means (the client secret is missing or wrong), in the
+    alert's message and in the memo's condition line, in both languages."""
+    account = memo_account("default")
+    now = utcnow()
+    manager = memo_manager(account, now, health=Health.CONFIG, error_class="KOE010")
+    [condition] = manager.health(now, alerts=AlertsConfig(), host="vm").conditions
+    message = condition.message.render(language)
+    assert message.startswith(rejected) and meaning in message, message
+    memo = firing(account, condition, "vm", language).memo()
+    assert meaning in memo.splitlines()[1] and "KOE010" in memo.splitlines()[1], memo
+
+
 def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:
     """A resolution read from bookkeeping without saved texts (an older version's file) uses
     the stored English message verbatim, cut so the memo still fits.
@@ -542,7 +783,29 @@ def test_memo_of_old_bookkeeping_is_cut_to_fit() -> None:
     memo = alert.memo()
     assert len(memo) <= KAKAOTALK_TEXT_LIMIT
     assert memo.startswith("해결됨 ")
-    assert memo.splitlines()[1].startswith("해소됨: yyy") and memo.endswith("…")
+    assert memo.splitlines()[1].startswith("다시 로그인 필요 — 이전 알림: yyy")
+    assert memo.endswith("…")
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_resolution_names_the_condition_in_words(language: Language) -> None:
+    """Every condition the grading raises has a name in both languages, and a resolution
+    says it instead of the raw key: "RESOLVED …: re-login needed — earlier alert: …"; a
+    condition without one (a newer version's bookkeeping) shows its key as it is."""
+    assert set(CONDITION_NAMES) >= {*MEMO_CONDITIONS, *FROM_FILES, *NODE_LOCAL}
+    for name, words in CONDITION_NAMES.items():
+        assert words.render(language) != name
+    record = {"severity": "critical", "message": "Kakao revoked the tokens."}
+    alert = resolution_alert("shop", "relogin", record, utcnow(), "vm", language)
+    expected = {
+        "en": "RESOLVED kakao-tokend shop@vm: re-login needed — earlier alert: Kakao revoked"
+        " the tokens.",
+        "ko": "해결됨 kakao-tokend shop@vm: 다시 로그인 필요 — 이전 알림: Kakao revoked the"
+        " tokens.",
+    }
+    assert alert.text() == expected[language]
+    unknown = resolution_alert("shop", "from_the_future", record, utcnow(), "vm", language)
+    assert unknown.text().split(": ", 1)[1].startswith("from_the_future — ")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -747,15 +1010,48 @@ async def test_korean_alerts_reach_every_channel_while_the_log_stays_english(
     await harness.manager.refresh(force=True, reason="test")  # rotates: resolved
     await harness.settle()
     assert webhook.conditions("resolved") == ["refresh_expiry"]
+    # A resolution names what cleared in words, once (no raw key, no second "resolved"),
+    # then what the alert said.
     resolved = inbox_texts(emulator)[-1].splitlines()
     assert resolved[0] == "해결됨 kakao-tokend default@box"
-    assert resolved[1].startswith("해소됨: 리프레시 토큰이 ")
-    assert webhook.posts[-1]["text"].startswith("해결됨 kakao-tokend default@box: refresh_expiry")
+    assert resolved[1].startswith("리프레시 토큰 만료 — 이전 알림: 리프레시 토큰이 ")
+    text = webhook.posts[-1]["text"]
+    assert text.startswith(
+        "해결됨 kakao-tokend default@box: 리프레시 토큰 만료 — 이전 알림: 리프레시 토큰이 "
+    )
+    assert "refresh_expiry" not in text and "해소" not in text
+    assert webhook.posts[-1]["message"] == text.split(": ", 1)[1].rstrip(".")
+
+
+async def test_language_follows_gnu_gettexts_language_list_and_reaches_the_command(
+    make_harness: Any,
+    emulator: KakaoEmulator,
+    command: Command,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LANG=C.UTF-8 LANGUAGE=ko (GNU gettext's priority list, honoured under any locale but
+    C/POSIX) makes the alerts Korean when no language is configured; the alert command gets
+    the whole message locale: LC_MESSAGES and LANGUAGE as well as LANG."""
+    for name in ("LC_ALL", "LC_CTYPE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("LC_MESSAGES", "C.UTF-8")
+    monkeypatch.setenv("LANGUAGE", "ko:en")
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(None, command, thresholds='["60s"]').replace('language = "en"\n', "")
+    assert "language =" not in extra
+    harness = await make_harness(extra)
+    assert [a.condition for a in await harness.at(45)] == ["refresh_expiry"]
+    [env] = command.calls()
+    assert env["KAKAO_TOKEND_ALERT_LANGUAGE"] == "ko"
+    assert env["KAKAO_TOKEND_ALERT_MESSAGE"].startswith("리프레시 토큰이 ")
+    assert (env["LANG"], env["LC_MESSAGES"], env["LANGUAGE"]) == ("C.UTF-8", "C.UTF-8", "ko:en")
 
 
 async def run_cli_with_locale(config: Path, locale: str, *args: str) -> tuple[int, str]:
-    """Run the real CLI with LANG=``locale`` (LC_ALL and LC_MESSAGES unset)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "LC_MESSAGES", "LANG")}
+    """Run the real CLI with LANG=``locale`` (LC_ALL, LC_MESSAGES and LANGUAGE unset)."""
+    dropped = ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -785,13 +1081,11 @@ async def test_without_a_configured_language_alerts_follow_the_locale(
     await login(emulator, path)
     code, out = await run_cli_with_locale(path, "ko_KR.UTF-8", "alerts", "test")
     assert code == 0, out
-    assert webhook.posts[0]["text"].startswith("알림 kakao-tokend default@")
-    assert webhook.posts[0]["text"].endswith(
-        ": 테스트 알림: 이 채널은 정상입니다. 조치: 할 일 없음"
-    )
+    assert webhook.posts[0]["text"].startswith("안내 kakao-tokend default@")
+    assert webhook.posts[0]["text"].endswith(": 테스트 알림: 이 채널은 정상입니다. 조치: 필요 없음")
     assert inbox_texts(emulator)[0].splitlines()[1:] == [
         "테스트 알림: 이 채널은 정상입니다.",
-        "조치: 할 일 없음",
+        "조치: 필요 없음",
     ]
     code, out = await run_cli_with_locale(path, "en_US.UTF-8", "alerts", "test")
     assert code == 0, out

@@ -250,6 +250,17 @@ class TestCheckConfig:
         assert "bogus_key" in result.stderr
         assert "Traceback" not in result.output
 
+    def test_an_unknown_account_to_publish_is_refused_in_one_line(self, tmp_path: Path) -> None:
+        """`[store] publish_accounts = ["shop"]` without an account shop: exit 78, one line
+        naming it and the configured accounts, no traceback."""
+        config = write_config(tmp_path, extra='[store]\npublish_accounts = ["shop"]\n')
+        result = invoke(config, "check-config")
+        assert result.exit_code == 78, result.output
+        problem = [line for line in result.stderr.splitlines() if "publish_accounts" in line]
+        assert len(problem) == 1, result.stderr
+        assert 'no account named "shop" (accounts: default)' in problem[0]
+        assert "Traceback" not in result.output
+
     def test_env_var_selects_config(self, tmp_path: Path) -> None:
         """KAKAO_TOKEND_CONFIG works like --config."""
         config = write_config(tmp_path)

@@ -150,6 +150,38 @@ def test_store_mistakes_get_one_line_each(
     assert expected in found[key]
 
 
+def test_publish_accounts_must_name_configured_accounts(tmp_path: Path) -> None:
+    """A node told to publish an account the config does not have (a typo, an account
+    removed) is refused: the key names the unknown account and the configured ones."""
+    text = BASE.format(tmp=tmp_path) + (
+        '[store]\npublish_accounts = ["shop", "home"]\n[accounts.home]\n[accounts.work]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml_text(text, environ={})
+    assert dict(caught.value.details) == {
+        "store.publish_accounts": 'no account named "shop" (accounts: home, work)'
+    }
+    typo = text.replace('"shop", ', '"hom", ')
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml_text(typo, environ={})
+    assert dict(caught.value.details) == {
+        "store.publish_accounts": 'no account named "hom" (accounts: home, work);'
+        ' did you mean "home"?'
+    }
+    several = text.replace('"shop", "home"', '"shop", "home", "x"')
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml_text(several, environ={})
+    assert dict(caught.value.details) == {
+        "store.publish_accounts": 'no accounts named "shop", "x" (accounts: home, work)'
+    }
+    fine = text.replace('"shop", ', "")
+    assert config_from_toml_text(fine, environ={}).store.publish_accounts == ("home",)
+    assert (
+        config_from_toml_text(text.replace('"shop", "home"', ""), environ={}).store.publish_accounts
+        == ()
+    )
+
+
 def test_a_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     """The key file gets the same permission check as every secret file."""
     key = secret_file(tmp_path / "store.key", new_key_line(), mode=0o644)

@@ -143,10 +143,24 @@ def test_a_wheel_built_from_a_clean_checkout_carries_the_korean_catalog(tmp_path
         ({"LC_ALL": "C", "LC_MESSAGES": "ko_KR.UTF-8", "LANG": "ko_KR.UTF-8"}, "en"),
         ({"LC_ALL": "ko_KR.eucKR", "LANG": "en_US.UTF-8"}, "ko"),
         ({"LC_ALL": "", "LC_MESSAGES": "", "LANG": "ko_KR.UTF-8"}, "ko"),
+        # GNU gettext's LANGUAGE: a priority list over the locale, ignored under C/POSIX.
+        ({"LANG": "C.UTF-8", "LANGUAGE": "ko"}, "ko"),
+        ({"LC_MESSAGES": "C.utf8", "LANGUAGE": "ko"}, "ko"),
+        ({"LANG": "C", "LANGUAGE": "ko"}, "en"),
+        ({"LC_ALL": "POSIX", "LANG": "ko_KR.UTF-8", "LANGUAGE": "ko"}, "en"),
+        ({"LANGUAGE": "ko"}, "en"),  # no locale at all is the C locale
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "en"}, "en"),
+        ({"LANG": "en_US.UTF-8", "LANGUAGE": "fr:ko_KR"}, "ko"),  # the first one we speak
+        ({"LANG": "en_US.UTF-8", "LANGUAGE": "en:ko"}, "en"),
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "fr"}, "en"),  # none we speak: untranslated
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": ""}, "ko"),
+        ({"LANG": "ko_KR.UTF-8", "LANGUAGE": "::"}, "ko"),
     ],
 )
 def test_the_language_follows_the_message_locale(environ: dict[str, str], expected: str) -> None:
-    """The first non-empty of LC_ALL, LC_MESSAGES and LANG decides; Korean locales → "ko"."""
+    """As GNU gettext chooses: the message locale is the first non-empty of LC_ALL,
+    LC_MESSAGES and LANG; unless it is C or POSIX (or none is set), LANGUAGE's list comes
+    first and its first language we have decides, English when none is. Korean → "ko"."""
     assert language_from_locale(environ) == expected
     assert resolve_language(None, environ) == expected
 
@@ -186,6 +200,51 @@ def test_a_message_is_rendered_per_language_with_nested_values() -> None:
     assert message.render("ko") == "조치: `kakao-tokend login` 실행"
     left = N_("the refresh token expires in {left} and was not renewed", left=Duration(7200))
     assert left.render("ko") == "리프레시 토큰이 2시간 후 만료되는데 아직 새로 발급되지 않았습니다"
+
+
+@pytest.mark.parametrize(
+    ("message", "korean"),
+    [
+        # A Korean newcomer's audit (2026-12-05): these read as translated.
+        (
+            N_(
+                "the refresh token expired at {expiry} before it could be renewed; a new login"
+                " is needed",
+                expiry="2026-12-05 09:00 KST",
+            ),
+            "리프레시 토큰이 갱신되지 못한 채 2026-12-05 09:00 KST에 만료되었습니다."
+            " 다시 로그인해야 합니다",
+        ),
+        (
+            N_(
+                "cannot write the token files for consumers ({error}); they read an older token",
+                error="disk full",
+            ),
+            "다른 프로그램이 읽는 토큰 파일을 쓸 수 없습니다(disk full)."
+            " 그 프로그램들은 예전 토큰을 읽고 있습니다",
+        ),
+        (N_("cannot write the token files"), "다른 프로그램이 읽는 토큰 파일을 쓸 수 없습니다"),
+        (
+            N_("More in the log: {log}", log=Message.verbatim("`journalctl -u kakao-tokend`")),
+            "자세한 내용은 로그 참고: `journalctl -u kakao-tokend`",
+        ),
+        (N_("Fix: {action}", action=N_("nothing to do")), "조치: 필요 없음"),
+        (
+            N_("watch `{command}`", command="kakao-tokend status"),
+            "`kakao-tokend status`로 상태를 확인하세요",
+        ),
+        # 알림 is the whole feature's name: an INFO alert's title says 안내.
+        (N_("INFO"), "안내"),
+        (
+            N_("Kakao rejects the app configuration ({reason})", reason="KOE101"),
+            "카카오 앱 설정이 맞지 않습니다(KOE101)",
+        ),
+    ],
+)
+def test_korean_texts_read_as_written_in_korean(message: Message, korean: str) -> None:
+    """The Korean of these texts says what a Korean writer would, not a word-for-word
+    translation of the English."""
+    assert message.render("ko") == korean
 
 
 def test_a_verbatim_text_is_never_translated_or_formatted() -> None:

@@ -160,6 +160,7 @@ PURE = {
         "sidefields",
         "health",
         "storage",
+        "supervisor",
         "templates",
     )
 }

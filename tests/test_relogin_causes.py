@@ -16,7 +16,7 @@ import pytest
 
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.relogin import login_command
+from kakao_tokend.relogin import ReloginCause, login_command, render
 from kakao_tokend.status import Health
 from virtualclock import SIX_HOURS, SIXTY_DAYS, restarted_on_virtual_clock
 
@@ -301,3 +301,16 @@ async def test_a_rotation_lost_to_a_crash_says_rotated_and_lost_after_the_restar
         assert await daemon.stop() == 0
     assert daemon.state()["relogin_cause"] == "rotated_lost"
     assert "unknown reason" not in daemon.log_text()
+
+
+@pytest.mark.parametrize("cause", list(ReloginCause))
+def test_an_unknown_expiry_is_said_in_the_alert_language(cause: ReloginCause) -> None:
+    """Without a known expiry (no tokens to read it from) the texts say so in their own
+    language: no English words inside the Korean alert; the log line stays English."""
+    rendered = render(cause, account="shop", login="kakao-tokend --account shop login")
+    korean = rendered.alert.render("ko") + rendered.fix.render("ko") + rendered.brief.render("ko")
+    assert "unknown time" not in korean
+    if "{expiry}" in rendered.alert.msgid:
+        assert "알 수 없는 시각" in rendered.alert.render("ko")
+        assert "an unknown time" in rendered.alert.render("en")
+    assert "{expiry}" not in rendered.log and "{expiry}" not in rendered.reason

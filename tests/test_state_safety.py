@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -266,9 +268,10 @@ async def test_a_running_daemon_refuses_an_older_state_file(
 ) -> None:
     """An old backup copied over the live state file: the daemon keeps its newer tokens (the
     backup's refresh token was retired by a rotation), puts them back on disk, keeps the backup
-    aside, and alerts."""
+    aside, and alerts. The alert's commands work exactly as shown: its fix (`status`), and
+    its hint's `restore` of the refused file, which takes the backup back."""
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
-    manager, _, events = await running_manager(emulator, tmp_path, session)
+    manager, config_path, events = await running_manager(emulator, tmp_path, session)
     state_path = manager.store.state_path
     backup = tmp_path / "backup.state.json"
     shutil.copy(state_path, backup)
@@ -292,6 +295,23 @@ async def test_a_running_daemon_refuses_an_older_state_file(
     assert aside[0].read_bytes() == backup.read_bytes()
     await manager.refresh(force=True)
     assert manager.status.health is Health.OK
+
+    [conflict] = [c for c in conditions if c.name == "state_conflict"]
+    assert conflict.hint is not None
+    [fix] = re.findall(r"`([^`]*)`", conflict.fix.render("en"))
+    [restore] = re.findall(r"`([^`]*)`", conflict.hint.render("en"))
+    prefix = ["kakao-tokend", "--config", str(config_path)]
+    assert shlex.split(fix) == [*prefix, "status"]
+    assert shlex.split(restore) == [*prefix, "restore", str(aside[0])]
+    code, _, err = await run_cli(config_path, *shlex.split(restore)[3:])
+    assert code == 0, err
+    assert manager.notice_outside_changes() is True
+    assert manager.state is not None
+    assert (
+        manager.state.tokens.refresh_token
+        == json.loads(backup.read_text())["tokens"]["refresh_token"]
+    )
+    assert not manager.status.state_conflict
 
 
 async def test_restore_forces_an_older_state_on_a_running_daemon(

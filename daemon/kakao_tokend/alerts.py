@@ -44,14 +44,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import supervisor
 from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
 from .health import (
-    LOG_COMMAND,
     NODE_LOCAL,
     AccountHealth,
     Condition,
     Severity,
+    condition_name,
     first_moment,
     full_action,
     printable,
@@ -83,6 +84,15 @@ log = logging.getLogger(__name__)
 
 #: Kakao's limit for the text of a "send to me" message.
 KAKAOTALK_TEXT_LIMIT = 200
+#: The memo's budget (Alert.memo), the one rule every brief and fix is written to: in
+#: KAKAOTALK_TEXT_LIMIT characters, the condition's brief and its fix line (with the exact
+#: command) whole, in both languages, repeat or not, for any account name the config accepts
+#: (32 characters), any error label (health.REASON_LIMIT), however the daemon runs (the
+#: shipped units, the per-account one included, or by hand: supervisor.py), and a --config
+#: file or a log file of up to MEMO_PATH_BUDGET characters (tests/test_alerts.py checks
+#: every condition against it). Longer paths still make a memo of at most the limit, with
+#: the condition cut first.
+MEMO_PATH_BUDGET = 40
 #: Retries for KakaoTalk and the command (the webhook has its own setting).
 CHANNEL_RETRIES = 2
 #: First step before retrying a failed delivery; doubles per attempt up to RETRY_DELAY_MAX
@@ -100,8 +110,20 @@ MOMENT_HORIZON = timedelta(minutes=10)
 #: The shortest sleep before a grading moment (run_periodic), so a moment is never spun on.
 MOMENT_FLOOR = 0.001
 #: Environment passed on to the alert command (nothing else: the daemon's environment may
-#: hold the REST API key or client secret).
-PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME")
+#: hold the REST API key or client secret): the message locale whole (i18n.py reads LC_ALL,
+#: LC_MESSAGES, LANG and GNU gettext's LANGUAGE), so the command speaks as the daemon does.
+PASSED_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_MESSAGES",
+    "LANGUAGE",
+    "LC_CTYPE",
+    "TZ",
+    "USER",
+    "LOGNAME",
+)
 BOOKKEEPING_VERSION = 1
 
 #: Conditions that only make sense while the account has tokens.
@@ -175,7 +197,9 @@ class Alert:
 
         Lines, from the last given up to the first: the condition in brief and the fix with
         its exact command; the severity and account; the tool's name and the host (cut first);
-        the hint; a pointer to the log when something did not fit.
+        the hint; a pointer to the log when something did not fit. The account gives way
+        only when the fix's command names it (``--account NAME``), after the host and the
+        tool's name (MEMO_PATH_BUDGET says what must fit).
         """
         language = self.language
         brief = _sentence((self.brief or self.message).render(language))
@@ -185,9 +209,10 @@ class Alert:
         required = [line for line in (brief, fix) if line]
         room = limit - sum(len(line) + 1 for line in required)
         title = self.title(language)
-        head = _memo_head(title, self.account, self.host, room)
-        if len(head) > room:  # only a text from outside the catalog can be this long
-            smallest = f"{title} {self.account}"
+        named = _names_account(fix, self.account)
+        head = _memo_head(title, self.account, self.host, room, named=named)
+        if len(head) > room:  # beyond the budget: a text from outside the catalog, say
+            smallest = title if named else f"{title} {self.account}"
             keep = limit - len(smallest) - len(fix) - 2
             head, brief = smallest, brief[: max(0, keep - 1)] + "…"
             required = [line for line in (brief, fix) if line]
@@ -201,8 +226,9 @@ class Alert:
                 used += 1 + len(hint)
             else:
                 left_out = True
-        if left_out and LOG_COMMAND not in "".join(lines):
-            more = N_("More in the log: `{command}`", command=LOG_COMMAND).render(language)
+        log = supervisor.current().log
+        if left_out and log.render(language) not in "".join(lines):
+            more = N_("More in the log: {log}", log=log).render(language)
             if used + 1 + len(more) <= limit:
                 lines.append(more)
         return "\n".join(lines)[:limit]
@@ -247,8 +273,11 @@ def _sentence(text: str) -> str:
     return text.rstrip(".") + "."
 
 
-def _memo_head(title: str, account: str, host: str, room: int) -> str:
-    """Return the richest first line that fits ``room``: title, tool, account and host."""
+def _memo_head(title: str, account: str, host: str, room: int, *, named: bool = False) -> str:
+    """Return the richest first line that fits ``room``: title, tool, account and host.
+
+    ``named``: the fix's command names the account, so the line may be the title alone.
+    """
     host = printable(host)
     full = f"{title} kakao-tokend {account}@{host}"
     if len(full) <= room:
@@ -259,7 +288,18 @@ def _memo_head(title: str, account: str, host: str, room: int) -> str:
     for head in (f"{title} kakao-tokend {account}", f"{title} {account}"):
         if len(head) <= room:
             return head
-    return f"{title} {account}"
+    return title if named else f"{title} {account}"
+
+
+def _names_account(fix: str, account: str) -> bool:
+    """True when ``fix`` names ``account`` in a command: ``--account NAME``, or the account's
+    own unit ``kakao-tokend@NAME`` (systemd/kakao-tokend@.service)."""
+    for named in (f"--account {account}", f"{supervisor.UNIT}@{account}"):
+        at = fix.find(named)
+        end = at + len(named)
+        if at >= 0 and (end == len(fix) or fix[end] in " `"):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- channels
@@ -990,16 +1030,18 @@ def resolution_alert(
         severity = Severity.parse(str(record.get("severity", "info")))
     except KeyError:
         severity = Severity.INFO
+    # The title says RESOLVED: the text names what in words, then what the alert said.
+    name = condition_name(condition)
     return Alert(
         account,
         condition,
         severity,
         "resolved",
-        N_("{condition} cleared (was: {message})", condition=condition, message=was),
+        N_("{condition} — earlier alert: {message}", condition=name, message=was),
         None,
         now,
         host=host,
-        brief=N_("cleared: {what}", what=brief),
+        brief=N_("{condition} — earlier alert: {message}", condition=name, message=brief),
         language=language,
     )
 

@@ -82,15 +82,19 @@ class Settings:
         ``secrets=False`` is enough for commands that need only paths (status, or talking to
         the daemon's socket): it works for an operator who cannot read the credentials.
         """
+        from . import supervisor
         from .config import load_config
 
         if self._config is None and secrets:
             self._config = load_config(self.config_path)
-        if self._config is not None:
-            return self._config
-        if self._paths_config is None:
+        elif self._config is None and self._paths_config is None:
             self._paths_config = load_config(self.config_path, with_secrets=False)
-        return self._paths_config
+        config = self._config or self._paths_config
+        assert config is not None
+        # A command from a shell names the unit that runs this config's daemon (its log, its
+        # restart), not this process: `run` finds its own (service.run).
+        supervisor.use(supervisor.for_config(config.source))
+        return config
 
     def account_name(self) -> str:
         """Return the selected account: --account, else the config's default account."""

@@ -1727,10 +1727,28 @@ class _Checker:
                 f'no account named "{wanted}" (accounts: {", ".join(names) or "none"})'
                 f"{_suggest(wanted, names)}",
             )
+        self.check_publish_accounts(values.get("store"), names)
         if self.problems or not accounts:
             return None
         values.setdefault("log_level", "info")
         return Config(source=self.source, accounts=MappingProxyType(accounts), **values)
+
+    def check_publish_accounts(self, store: StoreSettings | None, names: list[str]) -> None:
+        """``[store] publish_accounts`` names only configured accounts (a typo, or an account
+        removed from the config, would publish nothing for it without a word)."""
+        if store is None or not store.publish_accounts:
+            return
+        unknown = [name for name in store.publish_accounts if name not in names]
+        if not unknown:
+            return
+        accounts = f"(accounts: {', '.join(names) or 'none'})"
+        if len(unknown) == 1:
+            [wanted] = unknown
+            problem = f'no account named "{wanted}" {accounts}{_suggest(wanted, names)}'
+        else:
+            quoted = ", ".join(f'"{name}"' for name in unknown)
+            problem = f"no accounts named {quoted} {accounts}"
+        self.problem("store.publish_accounts", problem)
 
     # -- accounts -----------------------------------------------------------------------------
 

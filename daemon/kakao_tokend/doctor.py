@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import access, paths
+from . import access, paths, supervisor
 from .config import AccountConfig, Config, load_config
 from .errors import (
     ConfigError,
@@ -581,7 +581,7 @@ def check_unit(
     """When systemd runs this machine: is the unit installed, enabled and running?"""
     if not marker.is_dir():
         return Finding("systemd unit", OK, "no systemd on this machine; not checked", skipped=True)
-    system = paths.is_system_config(config.source) or os.geteuid() == 0
+    system = supervisor.for_config(config.source).manager == "system"
     if unit_dirs is None:
         unit_dirs = SYSTEM_UNIT_DIRS if system else _user_unit_dirs()
     scope: list[str] = [] if system else ["--user"]

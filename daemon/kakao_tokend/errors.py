@@ -32,12 +32,35 @@ Messages never contain a token; use :func:`kakao_tokend.tokens.fingerprint` to n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .i18n import N_, Message
+
 if TYPE_CHECKING:
     from .tokens import TokenSet
+
+#: What each of Kakao's configuration error codes means: the one table. kakao.py says it in
+#: the KakaoConfigError it raises (English), an alert in the account's language (health.py);
+#: "invalid_client" without a code is KOE010's OAuth error.
+KAKAO_CONFIG_CODES: Mapping[str, Message] = {
+    "KOE001": N_("malformed authorization request"),
+    "KOE002": N_("wrong authorization URL or parameters"),
+    "KOE004": N_("Kakao Login is not enabled for this app"),
+    "KOE005": N_("the user is not a team member of this test-mode app"),
+    "KOE006": N_("the redirect URI is not registered"),
+    "KOE007": N_("the logout redirect URI is not registered"),
+    "KOE008": N_("the app key is not a REST API key"),
+    "KOE009": N_("the platform settings do not match this client"),
+    "KOE010": N_("the client secret is missing or wrong"),
+    "KOE101": N_("the REST API key (client_id) is unknown"),
+    "KOE201": N_("unsupported response_type"),
+    "KOE202": N_("implicit grant is not supported"),
+    "KOE303": N_("the redirect URI differs from the one used to authorise"),
+    "KOE319": N_("the refresh request carried no refresh token"),
+    "invalid_client": N_("the client secret is missing or wrong"),
+}
 
 
 class KakaoTokendError(Exception):

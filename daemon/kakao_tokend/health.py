@@ -32,11 +32,13 @@ from urllib.parse import urlsplit
 
 from . import exitcodes
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
-from .errors import StoreError
+from .errors import KAKAO_CONFIG_CODES, StoreError
 from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
 from .status import STOPPED, AccountStatus, Health
+from .supervisor import Supervisor
+from .supervisor import current as current_supervisor
 from .tokens import (
     TokenSet,
     expiring_margin,
@@ -46,13 +48,14 @@ from .tokens import (
 )
 
 __all__ = [
+    "CONDITION_NAMES",
     "FROM_FILES",
-    "LOG_COMMAND",
     "NODE_LOCAL",
     "AccountHealth",
     "Condition",
     "Severity",
     "assess",
+    "condition_name",
     "first_moment",
     "fitted_alerts",
     "full_action",
@@ -66,16 +69,26 @@ __all__ = [
 #: Error labels (``KOE322``, ``http503`` ...) are cut to this many characters in the texts,
 #: so that a KakaoTalk memo always has room for the condition and the command.
 REASON_LIMIT = 20
-#: Where the whole story is.
-LOG_COMMAND = "journalctl -u kakao-tokend"
-#: What to do while refreshing fails for a reason that is not ours to fix.
-NETWORK_FIX = N_("check that this host reaches Kakao; details: `{command}`", command=LOG_COMMAND)
-#: The fix when the account's lock file is what fails (health._failing_fix).
-FILES_FIX = N_(
-    "check the account's files and their directory (free space, a read-only file system,"
-    " owner and permissions); details: `{command}`",
-    command=LOG_COMMAND,
-)
+
+
+def network_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint while refreshing fails for a reason that is not ours to fix."""
+    return N_("check that this host reaches Kakao"), details(supervisor)
+
+
+def files_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint when the account's lock file is what fails (health._failing)."""
+    return (
+        N_("check the account's files and directory (free space, read-only, owner, permissions)"),
+        details(supervisor),
+    )
+
+
+def details(supervisor: Supervisor) -> Message:
+    """Return the pointer to the daemon's log: "details: `journalctl -u kakao-tokend`" ..."""
+    return N_("details: {log}", log=supervisor.log)
+
+
 #: The conditions that the stored state alone decides (status without a daemon can judge
 #: them); every other one needs the daemon's live status (writes, publishing, refreshing).
 FROM_FILES = frozenset(
@@ -92,6 +105,31 @@ FROM_FILES = frozenset(
 NODE_LOCAL = frozenset(
     {"store_unavailable", "write_failed", "publish_failed", "config", "state_conflict"}
 )
+
+
+#: Each condition's name in words, for a text that names one (a resolution): the raw key
+#: (``relogin``) stays in the structured fields, the logs and the bookkeeping.
+CONDITION_NAMES: Mapping[str, Message] = {
+    "relogin": N_("re-login needed"),
+    "config": N_("app configuration rejected"),
+    "no_tokens": N_("no tokens"),
+    "state_unreadable": N_("state file unreadable"),
+    "refresh_expiry": N_("refresh token expiry"),
+    "access_expired": N_("access token expired"),
+    "access_expiring": N_("access token expiring"),
+    "refresh_failing": N_("refreshing failing"),
+    "write_failed": N_("tokens not saved"),
+    "publish_failed": N_("token files not written"),
+    "state_conflict": N_("state changed by another program"),
+    "missed_rotation": N_("refresh token not renewed"),
+    "store_unavailable": N_("shared store unreachable"),
+}
+
+
+def condition_name(name: str) -> Message:
+    """Return the condition ``name`` in words (its key itself when it has none: a condition
+    of a newer version read from its bookkeeping)."""
+    return CONDITION_NAMES.get(name) or Message.verbatim(name)
 
 
 class Severity(enum.IntEnum):
@@ -134,7 +172,8 @@ class Condition:
     """Something that is wrong with an account right now, and what fixes it.
 
     A KakaoTalk memo always carries ``brief`` (default: ``message``) and ``fix`` whole: keep
-    both short, with the exact command in ``fix`` (and in ``command``, for `doctor`).
+    both within the memo's budget (alerts.MEMO_PATH_BUDGET says it), with one exact command
+    in ``fix`` (and in ``command``, for `doctor`).
     ``hint`` and the long ``message`` go where there is room; the log, the webhook, the
     command and `status` always get everything.
     """
@@ -248,15 +287,17 @@ def login_fix(account: AccountConfig) -> Message:
     return N_("run `{command}`", command=login_command(account))
 
 
-def config_action() -> tuple[Message, Message]:
-    """The fix and hint for an app configuration Kakao rejects (alert and log line alike)."""
+def config_action(supervisor: Supervisor | None = None) -> tuple[Message, Message]:
+    """The fix and hint for an app configuration Kakao rejects (alert and log line alike),
+    for the daemon ``supervisor`` runs (default: this process's)."""
     # Secrets given as systemd credentials are read at start: restart, not reload. A fix in
     # Kakao's console needs nothing from us: the refresher keeps trying at its slowest pace.
+    who = supervisor or current_supervisor()
     return (
-        N_("correct [kakao] or the secrets, then `systemctl restart kakao-tokend`"),
+        N_("fix [kakao] or the secrets, then {restart}", restart=who.restart),
         N_(
-            "a fix in Kakao's console is picked up by itself; details: `{command}`",
-            command=LOG_COMMAND,
+            "a fix in Kakao's console is picked up by itself; details: {log}",
+            log=who.log,
         ),
     )
 
@@ -288,7 +329,7 @@ def relogin_texts(
         cause,
         account=account.name,
         login=login_command(account),
-        code=label if label not in (None, "relogin") else "KOE322",
+        code=_reason(label, "KOE322") if label not in (None, "relogin") else "KOE322",
         fingerprint=tokens.refresh_fingerprint if tokens else "-",
         expiry=tokens.refresh_expires_at if tokens else None,
     )
@@ -307,16 +348,19 @@ def assess(
     alerts: AlertsConfig | None = None,
     host: str | None = None,
     load_error: StoreError | None = None,
+    supervisor: Supervisor | None = None,
 ) -> AccountHealth:
     """Grade one account at ``now`` (pure: no I/O).
 
     ``status`` is the daemon's live status, or None when no daemon looks after the account
     (the files alone); ``load_error`` is why the stored state could not be read then.
     ``alerts`` overrides the account's alert settings (`status --warn/--crit`); ``host``
-    names this machine in the ssh hint.
+    names this machine in the ssh hint; ``supervisor`` runs the daemon whose log and
+    restart the fixes name (default: this process's, supervisor.current()).
     """
     settings = alerts or fitted_alerts(account.alerts, state)
-    found = _conditions(account, state, status, policy, now, settings, host, load_error)
+    who = supervisor or current_supervisor()
+    found = _conditions(account, state, status, policy, now, settings, host, load_error, who)
     return AccountHealth(
         account=account.name,
         conditions=tuple(found),
@@ -389,6 +433,7 @@ def _conditions(
     settings: AlertsConfig,
     host: str | None,
     load_error: StoreError | None,
+    supervisor: Supervisor,
 ) -> list[Condition]:
     login = login_command(account)
     status_command = cli_command(account, "status")
@@ -398,19 +443,7 @@ def _conditions(
     if health is Health.RELOGIN or (status is None and state is not None and state.relogin_reason):
         found.append(_relogin(account, state, status, relogin_fix, relogin_hint, login))
     elif health is Health.CONFIG:
-        found.append(
-            Condition(
-                "config",
-                Severity.CRITICAL,
-                N_(
-                    "Kakao rejects the app configuration ({reason})",
-                    reason=_reason(status.last_error_class if status else None, "config"),
-                ),
-                config_action()[0],
-                hint=config_action()[1],
-                command="systemctl restart kakao-tokend",
-            )
-        )
+        found.append(_config(status.last_error_class if status else None, supervisor))
     if state is None:
         if status is None and load_error is not None:
             found.append(
@@ -476,9 +509,10 @@ def _conditions(
             lifetime=lifetime,
             access_left=access_left,
             held=held is not None and now < held,
+            supervisor=supervisor,
         )
     store_down = store_unavailable_condition(
-        status, now, settings, tokens.access_lifetime.total_seconds()
+        status, now, settings, tokens.access_lifetime.total_seconds(), supervisor
     )
     if store_down is not None:
         found.append(store_down)
@@ -508,25 +542,32 @@ def _conditions(
                     " token",
                     error=status.publish_error or "write error",
                 ),
-                N_("fix the file or directory named above (retried automatically)"),
-                brief=N_("cannot write the token files for consumers"),
+                # The memo's brief does not name the file: the fix says where to read it.
+                N_("fix the file or directory `{command}` shows", command=status_command),
+                brief=N_("cannot write the token files"),
+                hint=N_("kakao-tokend retries by itself"),
             )
         )
     if status.state_conflict:
-        restore = cli_command(account, "restore")
+        # One command in the fix (a memo holds it whole); going back to the refused file on
+        # purpose is the hint, with the file itself: `restore` without one is refused.
+        refused = status.conflict_file
         found.append(
             Condition(
                 "state_conflict",
                 Severity.CRITICAL,
-                N_("an older state file was refused: {detail}", detail=status.state_conflict),
                 N_(
-                    "check which program wrote the state file (`{status}`); to go back"
-                    " to a backup on purpose use `{command}`",
-                    status=status_command,
-                    command=restore,
+                    "another program changed the stored tokens: {detail}",
+                    detail=status.state_conflict,
                 ),
-                brief=N_("an older state file was refused; the newer tokens were kept"),
-                command=restore,
+                N_("see what was kept: `{command}`", command=status_command),
+                brief=N_("another program wrote the state"),
+                hint=None
+                if refused is None
+                else N_(
+                    "to go back to the refused file on purpose, run `{command}`",
+                    command=cli_command(account, "restore", refused),
+                ),
             )
         )
     if status.missed_rotation:
@@ -539,6 +580,9 @@ def _conditions(
                     left=Duration(refresh_left),
                 ),
                 N_("watch `{command}`", command=status_command),
+                brief=N_(
+                    "the refresh token was not renewed ({left} left)", left=Duration(refresh_left)
+                ),
                 hint=N_("if it is not renewed soon, run `{command}`", command=login),
                 command=login,
             )
@@ -556,8 +600,9 @@ def _relogin(
 ) -> Condition:
     """The re-login condition: why (when the cause is known), and the login command."""
     cause = relogin_texts(account, state, status)
+    brief: Message | None = None
     if cause is not None:
-        message, fix = cause.alert, cause.fix
+        message, fix, brief = cause.alert, cause.fix, cause.brief
     elif status is not None and status.last_error_class == "corrupt_state":
         message = N_("the stored state could not be read; a new login is needed")
     else:
@@ -566,7 +611,36 @@ def _relogin(
             "Kakao refuses the tokens ({reason}); a new login is needed",
             reason=_reason(label, "refused"),
         )
-    return Condition("relogin", Severity.CRITICAL, message, fix, hint=hint, command=login)
+        brief = N_("Kakao refuses the tokens ({reason})", reason=_reason(label, "refused"))
+    return Condition(
+        "relogin", Severity.CRITICAL, message, fix, brief=brief, hint=hint, command=login
+    )
+
+
+def _config(label: str | None, supervisor: Supervisor) -> Condition:
+    """Kakao rejects the app's configuration: the code, and what it means when known."""
+    reason = _reason(label, "config")
+    meaning = KAKAO_CONFIG_CODES.get(label or "")
+    if meaning is None:
+        message = N_("Kakao rejects the app configuration ({reason})", reason=reason)
+        brief = None
+    else:
+        message = N_(
+            "Kakao rejects the app configuration ({reason}): {meaning}",
+            reason=reason,
+            meaning=meaning,
+        )
+        brief = N_("{meaning} ({reason})", meaning=meaning, reason=reason)
+    fix, hint = config_action(supervisor)
+    return Condition(
+        "config",
+        Severity.CRITICAL,
+        message,
+        fix,
+        brief=brief,
+        hint=hint,
+        command=supervisor.restart_command,
+    )
 
 
 def _refresh_expiry(
@@ -602,6 +676,7 @@ def _failing(
     lifetime: float,
     access_left: float,
     held: bool = False,
+    supervisor: Supervisor,
 ) -> list[Condition]:
     """Refreshing keeps failing: the access token runs out soon, or it has failed for long.
 
@@ -613,7 +688,7 @@ def _failing(
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
     # What fails decides where to look: the account's own files (its lock), or the network.
-    fix = FILES_FIX if status.last_error_class == "lock_error" else NETWORK_FIX
+    fix, hint = (files_fix if status.last_error_class == "lock_error" else network_fix)(supervisor)
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
     if access_left < _margin(policy, lifetime) and not held:
@@ -624,9 +699,9 @@ def _failing(
                 left=left,
                 reason=reason,
             )
-            # Briefs this short: a memo's 200 characters must hold the longest account name
-            # with "(repeat)", a REASON_LIMIT label and the fix whole (the full sentences made
-            # 202-206 characters; tests/test_alerts.py).
+            # Briefs this short: the memo's budget (alerts.MEMO_PATH_BUDGET) holds the longest
+            # account name with "(repeat)", a REASON_LIMIT label and the fix whole (the full
+            # sentences made 202-206 characters; tests/test_alerts.py).
             brief: Message | None = N_(
                 "access token: {left} left, refresh fails ({reason})",
                 left=left,
@@ -638,7 +713,9 @@ def _failing(
                 reason=reason,
             )
             brief = N_("access token EXPIRED, refresh fails ({reason})", reason=reason)
-        found.append(Condition("access_expiring", Severity.CRITICAL, message, fix, brief=brief))
+        found.append(
+            Condition("access_expiring", Severity.CRITICAL, message, fix, brief=brief, hint=hint)
+        )
     if since is not None and failing_for > settings.failing_after * lifetime:
         found.append(
             Condition(
@@ -657,6 +734,7 @@ def _failing(
                     duration=Duration(failing_for),
                     reason=reason,
                 ),
+                hint=hint,
             )
         )
     return found
@@ -696,7 +774,11 @@ def _held_for_retry(
 
 
 def store_unavailable_condition(
-    status: AccountStatus, now: datetime, settings: AlertsConfig, lifetime: float
+    status: AccountStatus,
+    now: datetime,
+    settings: AlertsConfig,
+    lifetime: float,
+    supervisor: Supervisor | None = None,
 ) -> Condition | None:
     """Fleet mode: the shared store has been unreachable for ``failing_after`` of the access
     lifetime. Nothing is refreshed (no Kakao call without the row lock), so the current access
@@ -720,10 +802,8 @@ def store_unavailable_condition(
             duration=Duration(down_for),
             error=error,
         ),
-        N_(
-            "check PostgreSQL and the network from this node to it; details: `{command}`",
-            command=LOG_COMMAND,
-        ),
+        N_("check PostgreSQL and the network from this node to it"),
+        hint=details(supervisor or current_supervisor()),
         brief=N_(
             "the shared PostgreSQL store is unreachable for {duration}", duration=Duration(down_for)
         ),

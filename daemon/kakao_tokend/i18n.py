@@ -33,6 +33,11 @@ DOMAIN: Final = "kakao_tokend"
 LOCALE_DIR: Final = Path(__file__).with_name("locale")
 #: The variables that name the message locale, strongest first (the POSIX order).
 LOCALE_VARIABLES: Final = ("LC_ALL", "LC_MESSAGES", "LANG")
+#: GNU gettext's priority list of languages ("ko:en"), read before the locale unless that
+#: is C or POSIX.
+LANGUAGE_VARIABLE: Final = "LANGUAGE"
+#: The message locales under which GNU gettext ignores LANGUAGE (C.UTF-8 is not one).
+_C_LOCALES: Final = frozenset({"", "C", "POSIX"})
 
 #: Korean unit words for format_duration's compact units ("4h12m" → "4시간 12분").
 _KO_UNITS: Final = {"d": "일", "h": "시간", "m": "분", "s": "초"}
@@ -40,17 +45,28 @@ _DURATION_PART_RE: Final = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 
 
 def language_from_locale(environ: Mapping[str, str] | None = None) -> Language:
-    """Return "ko" when the message locale is Korean (``ko_KR.UTF-8``, ``ko``), else "en".
+    """Return the language the environment asks messages in, "ko" or "en", as GNU gettext
+    chooses a catalog.
 
-    The first non-empty of LC_ALL, LC_MESSAGES and LANG decides, as for any POSIX program;
-    under systemd that is the system locale (``/etc/locale.conf``) unless the unit sets one.
+    The message locale is the first non-empty of LC_ALL, LC_MESSAGES and LANG (under systemd
+    the system locale, ``/etc/locale.conf``, unless the unit sets one). Unless it is C or
+    POSIX (or none is set), LANGUAGE's list (``ko:en``) comes first: its first language we
+    have decides, and English (the untranslated texts) when it names none of them. Otherwise
+    the locale's language does: ``ko_KR.UTF-8`` or ``ko`` is Korean, anything else English.
     """
     env = os.environ if environ is None else environ
-    for name in LOCALE_VARIABLES:
-        value = env.get(name, "")
-        if value:
-            return "ko" if value.lower().startswith("ko") else "en"
-    return "en"
+    locale = next((value for name in LOCALE_VARIABLES if (value := env.get(name, ""))), "")
+    wanted = [part for part in env.get(LANGUAGE_VARIABLE, "").split(":") if part]
+    if wanted and locale not in _C_LOCALES:
+        return next((found for part in wanted if (found := _language(part))), "en")
+    return _language(locale) or "en"
+
+
+def _language(name: str) -> Language | None:
+    """Return the language a locale or LANGUAGE entry names, if we have it (``ko_KR.UTF-8``
+    → "ko", ``en_GB`` → "en"; English is the texts themselves)."""
+    code = name.split("_")[0].split(".")[0].split("@")[0].lower()
+    return code if code in LANGUAGES else None
 
 
 def resolve_language(configured: str | None, environ: Mapping[str, str] | None = None) -> Language:

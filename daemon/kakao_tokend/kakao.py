@@ -75,6 +75,7 @@ from yarl import URL
 from . import __version__
 from .config import KakaoApp, RefreshPolicy
 from .errors import (
+    KAKAO_CONFIG_CODES,
     KakaoConfigError,
     KakaoError,
     KakaoRequestRejected,
@@ -191,43 +192,27 @@ _REDIRECT_HINT = (
     "must be used for authorize and token requests"
 )
 
+#: The hint for each configuration code (what it means: errors.KAKAO_CONFIG_CODES).
+_KOE_HINTS: dict[str, str] = {
+    "KOE004": "turn Kakao Login on in the Kakao developer console",
+    "KOE005": "add the user as a team member or publish the app",
+    "KOE006": _REDIRECT_HINT,
+    "KOE008": "use the app's REST API key as rest_api_key",
+    "KOE009": "check the platform settings of the app in the Kakao developer console",
+    "KOE010": "check client_secret, and whether Client Secret is ON or OFF for the REST API key in"
+    " the Kakao developer console (a regenerated secret must be copied again)",
+    "KOE101": "check rest_api_key: it must be the app's REST API key from the Kakao developer"
+    " console",
+    "KOE201": "this is a bug in kakao-tokend; please report it",
+    "KOE202": "this is a bug in kakao-tokend; please report it",
+    "KOE303": _REDIRECT_HINT,
+    "KOE319": "this is a bug in kakao-tokend; please report it",
+}
+#: The KOE codes that blame the app's configuration: (meaning, hint).
 _KOE_CONFIG: dict[str, tuple[str, str | None]] = {
-    "KOE001": ("malformed authorization request", None),
-    "KOE002": ("wrong authorization URL or parameters", None),
-    "KOE004": (
-        "Kakao Login is not enabled for this app",
-        "turn Kakao Login on in the Kakao developer console",
-    ),
-    "KOE005": (
-        "the app is in test mode and this user is not a team member",
-        "add the user as a team member or publish the app",
-    ),
-    "KOE006": ("the redirect URI is not registered", _REDIRECT_HINT),
-    "KOE007": ("the logout redirect URI is not registered", None),
-    "KOE008": ("the app key is not a REST API key", "use the app's REST API key as rest_api_key"),
-    "KOE009": (
-        "the platform settings do not match this client",
-        "check the platform settings of the app in the Kakao developer console",
-    ),
-    "KOE010": (
-        "the client secret is missing or wrong",
-        "check client_secret, and whether Client Secret is ON or OFF for the REST API key in the "
-        "Kakao developer console (a regenerated secret must be copied again)",
-    ),
-    "KOE101": (
-        "the REST API key (client_id) is unknown",
-        "check rest_api_key: it must be the app's REST API key from the Kakao developer console",
-    ),
-    "KOE201": ("unsupported response_type", "this is a bug in kakao-tokend; please report it"),
-    "KOE202": (
-        "implicit grant is not supported",
-        "this is a bug in kakao-tokend; please report it",
-    ),
-    "KOE303": ("the redirect URI differs from the one used to authorise", _REDIRECT_HINT),
-    "KOE319": (
-        "the refresh request carried no refresh token",
-        "this is a bug in kakao-tokend; please report it",
-    ),
+    code: (meaning.render("en"), _KOE_HINTS.get(code))
+    for code, meaning in KAKAO_CONFIG_CODES.items()
+    if code.startswith("KOE")
 }
 
 # OAuth ``error`` values (as Kakao's SDKs list them) that blame the app's setup: without a

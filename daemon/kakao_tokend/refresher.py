@@ -464,12 +464,12 @@ class AccountManager:
                 )
             if self._persist(self.state):
                 self._publish(self.state)
-            self._conflict(message)
+            self._conflict(message, refused_file=None if store.shared or not aside else str(aside))
         finally:
             store.unlock()
 
-    def _conflict(self, message: str) -> None:
-        self.status.conflicted(message)
+    def _conflict(self, message: str, *, refused_file: str | None = None) -> None:
+        self.status.conflicted(message, refused_file=refused_file)
         self._emit(EventKind.CONFLICT, f"{self.name}: {message}", {})
 
     def planned_refresh_at(self) -> datetime | None:

@@ -114,6 +114,9 @@ class CauseTexts:
     alert: Message
     #: What to do; alerts add the ssh port-forward hint for remote servers.
     fix: Message
+    #: The alert's condition in brief, for a KakaoTalk memo: the fix line already says to
+    #: log in, so this says only why (alerts.Alert.memo's budget).
+    brief: Message
 
 
 CAUSES: dict[ReloginCause, CauseTexts] = {
@@ -127,6 +130,7 @@ CAUSES: dict[ReloginCause, CauseTexts] = {
             " is needed"
         ),
         fix=N_("run `{command}`"),
+        brief=N_("the refresh token expired"),
     ),
     ReloginCause.ROTATED_LOST: CauseTexts(
         log="account {account} needs a new login: the refresh response was lost after Kakao"
@@ -138,6 +142,7 @@ CAUSES: dict[ReloginCause, CauseTexts] = {
             " answer was lost; a new login is needed"
         ),
         fix=N_("run `{command}`"),
+        brief=N_("Kakao's answer with the new token was lost"),
     ),
     ReloginCause.REVOKED: CauseTexts(
         log="account {account} needs a new login: Kakao revoked the tokens ({code} for refresh"
@@ -150,6 +155,7 @@ CAUSES: dict[ReloginCause, CauseTexts] = {
             " Kakao account changed); a new login is needed"
         ),
         fix=N_("run `{command}` and agree to the app again"),
+        brief=N_("Kakao revoked the tokens"),
     ),
     ReloginCause.UNKNOWN: CauseTexts(
         log="account {account} needs a new login: Kakao refused the refresh token {fingerprint}"
@@ -162,6 +168,7 @@ CAUSES: dict[ReloginCause, CauseTexts] = {
             " using the same token, or an old state file restored?); a new login is needed"
         ),
         fix=N_("run `{command}`"),
+        brief=N_("Kakao refused the refresh token ({code})"),
     ),
 }
 
@@ -175,6 +182,7 @@ class RenderedCause:
     reason: str
     alert: Message
     fix: Message
+    brief: Message
 
 
 def render(
@@ -195,10 +203,11 @@ def render(
         "fingerprint": fingerprint,
         "expiry": format_time(expiry) if expiry is not None else "an unknown time",
     }
-    # A person reads the alert in the local time zone; logs and files keep UTC.
-    localised = {
+    # A person reads the alert in the local time zone (and language); logs and files keep
+    # UTC and English.
+    localised: dict[str, str | Message] = {
         **values,
-        "expiry": format_local_time(expiry) if expiry is not None else values["expiry"],
+        "expiry": format_local_time(expiry) if expiry is not None else N_("an unknown time"),
     }
     texts = CAUSES[cause]
     return RenderedCause(
@@ -207,6 +216,7 @@ def render(
         reason=texts.reason.format(**values),
         alert=Message(texts.alert.msgid, tuple(localised.items())),
         fix=Message(texts.fix.msgid, tuple(localised.items())),
+        brief=Message(texts.brief.msgid, tuple(localised.items())),
     )
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import api, hooks, systemd, template_runner
+from . import api, hooks, supervisor, systemd, template_runner
 from .alerts import CLOSE_GRACE, AlertCenter
 from .apisocket import bind_unix_socket
 from .config import Config, load_config
@@ -630,6 +630,8 @@ def run(config_path: Path | None, *, account: str | None = None) -> int:
     """`kakao-tokend run`: load the config, set up logging, serve until stopped."""
     # A file-size limit (LimitFSIZE=, ulimit -f) must fail a write with EFBIG, not kill us.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # Which unit (if any) runs us, so that every text names our log and restart.
+    supervisor.use(systemd.supervisor())
     # The cyclic garbage collector is off until a file-mode start is READY (serve() turns it
     # on then): loading a thousand accounts makes no cyclic garbage worth a collection, and
     # its collections walked every account's new objects again (docs/benchmarks.md). A fleet

@@ -127,6 +127,8 @@ class _Trouble:
     relogin_cause: ReloginCause | None = None
     #: Another process wrote a state file we did not take as it was (refused or superseded).
     state_conflict: str | None = None
+    #: The refused state file, kept aside: what `kakao-tokend restore FILE` takes back.
+    conflict_file: str | None = None
     missed_rotation: bool = False
     #: Fleet mode: since when this node cannot reach the shared PostgreSQL store (None: it can).
     store_unavailable_since: datetime | None = None
@@ -164,6 +166,7 @@ class AccountStatus(_Trouble):
     def adopted(self, state: AccountState | None) -> None:
         """The account now holds ``state`` (read at start, or written by another process)."""
         self.state_conflict = None
+        self.conflict_file = None
         if state is None:
             self.relogin_cause = None
             self._stopped(Health.NO_STATE, "no tokens yet", "no_state")
@@ -202,6 +205,7 @@ class AccountStatus(_Trouble):
         self.last_success_at = now
         self.relogin_cause = None
         self.state_conflict = None
+        self.conflict_file = None
         if rotated:
             self.rotated()
 
@@ -291,9 +295,11 @@ class AccountStatus(_Trouble):
         self.publish_error = None
         return was_pending
 
-    def conflicted(self, message: str) -> None:
-        """Another process wrote a state we did not take as it was (see the message)."""
+    def conflicted(self, message: str, *, refused_file: str | None = None) -> None:
+        """Another process wrote a state we did not take as it was (see the message);
+        ``refused_file``: where the refused state file was kept (a `restore` takes it back)."""
         self.state_conflict = message
+        self.conflict_file = refused_file
 
     # ------------------------------------------------------------------ helpers
 

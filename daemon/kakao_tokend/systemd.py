@@ -1,4 +1,4 @@
-"""systemd integration by hand: sd_notify messages, the watchdog loop (logging lives in logs.py)."""
+"""systemd integration by hand: sd_notify, the watchdog loop, the unit we run as (logs: logs.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from .logs import setup_logging, stderr_is_journal
+from .supervisor import Supervisor, unit_from_cgroup
 
 __all__ = [
     "extend_timeout",
@@ -21,6 +24,7 @@ __all__ = [
     "status",
     "stderr_is_journal",
     "stopping",
+    "supervisor",
     "watchdog_interval",
     "watchdog_loop",
 ]
@@ -79,6 +83,39 @@ def notify(*lines: str) -> bool:
 def _one_line(text: str) -> str:
     """STATUS= is a single line: a newline would start a new (bogus) assignment."""
     return " ".join(text.split())
+
+
+def supervisor(
+    environ: Mapping[str, str] | None = None,
+    *,
+    cgroup: Path = Path("/proc/self/cgroup"),
+    fd: int = 2,
+) -> Supervisor:
+    """Return how this process runs: the unit (systemd sets ``INVOCATION_ID`` for a service
+    only; the cgroup names the unit and its manager), and the file its log goes to when
+    ``fd`` (stderr) is a regular file rather than the journal. Never raises."""
+    env = os.environ if environ is None else environ
+    found = None
+    if env.get("INVOCATION_ID"):
+        try:
+            found = unit_from_cgroup(cgroup.read_text())
+        except (OSError, UnicodeDecodeError):
+            found = None
+    log_file = None if stderr_is_journal(env, fd=fd) else _regular_file(fd)
+    if found is None:
+        return Supervisor(None, log_file=log_file)
+    manager, unit = found
+    return Supervisor(manager, unit, log_file=log_file)
+
+
+def _regular_file(fd: int) -> str | None:
+    """Return the path of the regular file open as ``fd``, or None (a terminal, a pipe)."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def monotonic_usec() -> int:
