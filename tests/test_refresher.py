@@ -102,27 +102,81 @@ async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """10-second tokens, the default timeouts (fitted to 4.75 % of the life: 0.475 s), Kakao
-    taking 0.7 s per token answer: the first request times out and is counted, the next one
-    waits twice as long and gets its answer. A Kakao that slow stays that slow: the requests
-    after it keep the longer wait (no timeout each cycle), until an answer that the usual
-    wait would have heard brings it back. Before, every request gave up after 0.475 s."""
+    taking 0.7 s per token answer: the first request times out and is counted (its answer,
+    when it comes, is still taken), and the next one waits twice as long and gets its
+    answer. A Kakao that slow stays that slow: the requests after it keep the longer wait
+    (no timeout each cycle), until an answer that the usual wait would have heard brings it
+    back. Before, every request gave up after 0.475 s."""
     manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
     emulator.inject("token", "slow", count=1, delay=0.7)
     await manager.refresh(force=True)
     assert manager.status.last_error_class == "timeout"
     assert manager.status.unanswered == 1
+    state = await manager.refresh(force=True)  # waits for that answer, sends nothing more
+    assert state is not None and state.generation == 2
+    assert emulator.stats.refreshes_ok == 1
     emulator.inject("token", "slow", count=1, delay=0.7)
     started = time.monotonic()
     state = await manager.refresh(force=True)
     assert time.monotonic() - started >= 0.7  # it waited for the answer
-    assert state is not None and state.generation == 2
+    assert state is not None and state.generation == 3
     assert manager.status.health is Health.OK and manager.status.unanswered == 1
     emulator.inject("token", "slow", count=1, delay=0.7)
     state = await manager.refresh(force=True)
-    assert state is not None and state.generation == 3  # heard at once: no timeout first
+    assert state is not None and state.generation == 4  # heard at once: no timeout first
     assert manager.status.health is Health.OK and manager.status.unanswered == 1
     await manager.refresh(force=True)  # a quick answer: the usual wait again
     assert manager.status.health is Health.OK and manager.status.unanswered == 0
+
+
+async def test_a_rotation_whose_answer_comes_after_the_wait_is_still_kept(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """10-second tokens inside Kakao's rotation window (every refresh rotates), the default
+    timeouts (0.475 s), and a Kakao that rotates at once but whose answer takes 0.8 s: the
+    request is given up after its wait and the retry with the same refresh token gets
+    KOE322 — yet the first request's answer is still read when it comes, and its rotated
+    refresh token kept: no new login. Before, the rotation was thrown away with the request
+    (network delay does not shrink with the token's life: 0.8 s is ordinary)."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
+    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
+    before = manager.state
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=0.8)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    assert emulator.refresh_token_status(before.tokens.refresh_token) == "retired"
+    state = await manager.refresh(force=True)  # the same refresh token again: KOE322
+    assert manager.status.health is Health.OK, manager.status.last_error
+    assert state is not None and state.generation == before.generation + 1
+    assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+    saved = manager.store.load()
+    assert saved is not None and saved.generation == state.generation
+    assert saved.tokens.refresh_token == state.tokens.refresh_token
+    assert emulator.access_token_valid(state.tokens.access_token)
+
+
+async def test_a_late_answer_is_kept_without_waiting_for_the_next_attempt(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The same late rotation, with no retry asked for: the answer, when it comes, is made
+    durable at once (the account's next planned attempt could be a back-off away, and the
+    process could die before it)."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
+    emulator.settings.rotation_window = 7200
+    before = manager.state
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=0.8)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    for _ in range(100):  # bounded: the answer comes 0.8 s after the request
+        saved = manager.store.load()
+        if saved is not None and saved.generation > before.generation:
+            break
+        await asyncio.sleep(0.05)
+    assert saved is not None and saved.generation == before.generation + 1
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+    assert manager.status.health is Health.OK
 
 
 async def test_tokens_written_by_login_are_adopted_not_overwritten(

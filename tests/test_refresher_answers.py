@@ -632,17 +632,18 @@ async def test_a_kakao_slower_than_the_fitted_timeout_is_waited_for_and_every_ro
 async def test_a_refusal_slower_than_the_fitted_timeout_is_heard_and_asks_for_a_login(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
-    """As above, but Kakao processes the requests its client gave up on (a `hold` of 1 s):
-    the first, abandoned refresh rotated, and the daemon never learned the new refresh
-    token. Every later answer (KOE322) took 1 s too: with the timeout fixed at 0.475 s the
-    daemon never heard it and retried forever with "check that this host reaches Kakao".
-    Now a request waits long enough to hear KOE322, and the account asks for a new login
-    because the rotation's answer was lost (relogin cause rotated_lost)."""
+    """As above, but the first refresh's answer is lost after Kakao rotated (the
+    connection closed: nobody can learn that refresh token), and every later answer (KOE322)
+    takes 1 s: with the timeout fixed at 0.475 s the daemon never heard it and retried
+    forever with "check that this host reaches Kakao". Now the request is heard (the next
+    attempt waits for the open one instead of asking again), and the account asks for a
+    new login because the rotation's answer was lost (relogin cause rotated_lost)."""
     short_tokens(emulator, access=10, refresh=3600)
     emulator.settings.rotation_window = 100_000.0
     config = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
     await login(emulator, config)
-    emulator.inject("token", "hold", rate=1.0, delay=1.0)
+    emulator.inject("token", "lost_response", count=1)
+    emulator.inject("token", "slow", rate=1.0, delay=1.0)
     daemon = await start_daemon(config)
     try:
         await daemon.wait_for(

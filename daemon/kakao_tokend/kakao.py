@@ -63,7 +63,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -288,6 +288,9 @@ def rejects_the_app(msg: str) -> bool:
     return any(marker in lowered for marker in _CONFIG_401_MARKERS)
 
 
+#: The count of unanswered requests at which tokens.request_timeout gives its longest wait
+#: (it clamps the doublings there): how long a refresh given up on stays open for its answer.
+LONGEST_WAIT = 64
 #: A request's deadline found running this much of its wait late did not see Kakao hang: the
 #: process was stopped (SIGSTOP, a frozen VM) or its loop stalled (answer_within).
 LATE_DEADLINE_SHARE = 0.25
@@ -515,11 +518,59 @@ class KakaoClient:
             )
         return tokens
 
-    async def refresh(self, tokens: TokenSet, *, unanswered: int = 0) -> tuple[TokenSet, bool]:
+    async def refresh(
+        self,
+        tokens: TokenSet,
+        *,
+        unanswered: int = 0,
+        late: Callable[[asyncio.Future[tuple[TokenSet, bool]]], None] | None = None,
+    ) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated).
 
         ``unanswered``: the account's token requests in a row that Kakao left unanswered in
-        time; the request waits longer after them (tokens.request_timeout)."""
+        time; the request waits longer after them (tokens.request_timeout).
+
+        ``late``: when Kakao has not answered within the wait, the caller gets its timeout as
+        always, but the request is not abandoned: it stays open for the longest wait the
+        rule allows (:data:`LONGEST_WAIT`), and ``late`` is handed the future of its result.
+        Kakao may have rotated the refresh token already (it kills the old one at once), and
+        network delay does not shrink with a token's life: an answer 0.8 s late for a
+        10-second token is ordinary, and it may hold the only live refresh token."""
+        if late is None:
+            return await self._refresh(tokens, unanswered=unanswered)
+        lifetime, dies = tokens.access_lifetime, tokens.refresh_expires_at
+        wait = self._timeout(lifetime, dies, unanswered).total
+        patience = self._timeout(lifetime, dies, LONGEST_WAIT).total
+        assert wait is not None and patience is not None
+        if patience <= wait:
+            return await self._refresh(tokens, unanswered=unanswered)
+        started = time.monotonic()
+        call = asyncio.ensure_future(
+            self._refresh(tokens, unanswered=unanswered, patience=patience)
+        )
+        try:
+            async with answer_within(wait):
+                return await asyncio.shield(call)
+        except TimeoutError:
+            late(call)
+            elapsed = time.monotonic() - started
+            log.debug(
+                "POST %s unanswered after %.3fs; its answer is still awaited", TOKEN_PATH, elapsed
+            )
+            raise KakaoUnavailable(
+                f"Kakao did not answer {TOKEN_PATH} within {elapsed:.1f}s",
+                endpoint=TOKEN_PATH,
+                code="timeout",
+                ambiguous=True,
+            ) from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+
+    async def _refresh(
+        self, tokens: TokenSet, *, unanswered: int, patience: float | None = None
+    ) -> tuple[TokenSet, bool]:
+        """The refresh itself (see :meth:`refresh`); ``patience`` replaces the wait when set."""
         form = {
             "grant_type": "refresh_token",
             "client_id": self._app.rest_api_key,
@@ -536,6 +587,7 @@ class KakaoClient:
             lifetime=lifetime,
             refresh_expires_at=dies,
             unanswered=unanswered,
+            patience=patience,
         )
         if body.get("refresh_token") in (None, "", tokens.refresh_token):
             # Not after a rotation: the old refresh token is dead, and the new one must be
@@ -729,22 +781,28 @@ class KakaoClient:
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
         unanswered: int = 0,
+        patience: float | None = None,
     ) -> _Response:
         """Send one request and read the whole answer; map transport failures.
 
         ``lifetime`` is that of the token the request is for (None: a login),
         ``refresh_expires_at`` when its refresh token dies, and ``unanswered`` how many of
-        its token requests in a row went unanswered, see _timeout().
+        its token requests in a row went unanswered, see _timeout(). ``patience``, when
+        longer, replaces the wait for the answer (a request kept open for a late answer).
         """
         url = URL(self._base(base) + path)
         started = time.monotonic()
         timeout = self._timeout(lifetime, refresh_expires_at, unanswered)
         assert timeout.total is not None
+        wait = timeout.total
+        if patience is not None and patience > wait:
+            wait = patience
+            timeout = aiohttp.ClientTimeout(total=wait, connect=timeout.connect)
         try:
             # The wait for the answer is answer_within's (a deadline found late gets a share
             # more); aiohttp keeps only the connection's own limit.
             async with (
-                answer_within(timeout.total),
+                answer_within(wait),
                 self._session.request(
                     method,
                     url,
@@ -838,6 +896,7 @@ class KakaoClient:
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
         unanswered: int = 0,
+        patience: float | None = None,
     ) -> dict[str, Any]:
         """POST to the token endpoint; return the JSON object of a 200 answer."""
         answer = await self._send(
@@ -848,6 +907,7 @@ class KakaoClient:
             lifetime=lifetime,
             refresh_expires_at=refresh_expires_at,
             unanswered=unanswered,
+            patience=patience,
         )
         body = answer.json_object()
         if answer.status == 200 and not _kauth_error_body(body):

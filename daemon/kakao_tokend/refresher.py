@@ -22,8 +22,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
 from .errors import (
@@ -99,6 +100,25 @@ _state_changes = 0
 def state_changes() -> int:
     """Return how many times a manager's state was assigned (see RefreshScheduler.interval)."""
     return _state_changes
+
+
+class _Lingering(NamedTuple):
+    """A refresh request given up on after its wait but kept open for Kakao's late answer
+    (KakaoClient.refresh's ``late``): it may carry the only live refresh token."""
+
+    call: asyncio.Future[tuple[TokenSet, bool]]
+    #: The token set the request was sent with: its answer replaces only that one.
+    tokens: TokenSet
+    #: When it was sent (time.monotonic()).
+    started: float
+
+
+#: Runs started by a late answer (AccountManager._late_done), kept until they end.
+_LATE_RUNS: set[asyncio.Task[AccountState | None]] = set()
+
+
+def _same_tokens(a: TokenSet, b: TokenSet) -> bool:
+    return a.refresh_token == b.refresh_token and a.access_token == b.access_token
 
 
 class Packed(Protocol):
@@ -184,6 +204,8 @@ class AccountManager:
         #: successor unsaved: (its fingerprint, when it was first refused), see
         #: _superseded_elsewhere.
         self._superseded: tuple[str, datetime] | None = None
+        #: Refresh requests given up on but kept open for Kakao's late answer (_linger).
+        self._lingering: tuple[_Lingering, ...] = ()
 
     @property
     def name(self) -> str:
@@ -976,6 +998,17 @@ class AccountManager:
             self._record_transient(str(exc), exc.label, ambiguous=exc.ambiguous, exc=exc)
             return state
         except ReloginRequired as exc:
+            late = await self._await_lingering(state.tokens)
+            if late is not None:
+                # An earlier request with the same refresh token was answered late: Kakao had
+                # rotated it there, and refused it here for that very reason.
+                log.info(
+                    "account %s: Kakao refused the refresh token (%s) after an earlier"
+                    " request with it was answered late; keeping that answer",
+                    self.name,
+                    exc.label,
+                )
+                return self._accept(state, *late, expect_rotation=expect_rotation)
             cause = await self._refusal_cause(state, exc)
             if self._superseded_elsewhere(state, exc, cause):
                 return state
@@ -997,11 +1030,16 @@ class AccountManager:
         would have waited long enough for it: a Kakao that stays slow keeps the longer wait
         (it would otherwise cost a timeout at every refresh), and a quick answer ends it.
         Other failures without an answer (a refused connection, a reset) leave it as it is."""
+        late = await self._answer_of_open_request(tokens)
+        if late is not None:
+            return late
         started = time.monotonic()
         status = self.status
         self._mark_in_flight(True)
         try:
-            result = await self.client.refresh(tokens, unanswered=status.unanswered)
+            result = await self.client.refresh(
+                tokens, unanswered=status.unanswered, late=partial(self._linger, tokens, started)
+            )
         except KakaoError as exc:
             self._emit_call_time(started, "failure")
             if exc.status is not None:
@@ -1014,6 +1052,121 @@ class AccountManager:
         self._heard_after(tokens, time.monotonic() - started)
         self._emit_call_time(started, "success")
         return result
+
+    def _linger(
+        self, tokens: TokenSet, started: float, call: asyncio.Future[tuple[TokenSet, bool]]
+    ) -> None:
+        """Keep a request Kakao did not answer in time open for its late answer."""
+        self._lingering = (*self._lingering, _Lingering(call, tokens, started))
+        call.add_done_callback(self._late_done)
+
+    def _late_done(self, call: asyncio.Future[tuple[TokenSet, bool]]) -> None:
+        """A request given up on ended. With tokens that still replace the account's, take
+        them at once (through a refresh run, under the account's locks): the next planned
+        attempt may be a back-off away, and the process could die before it."""
+        entry = next((e for e in self._lingering if e.call is call), None)
+        if entry is None:
+            return
+        if call.cancelled() or call.exception() is not None:
+            failure = None if call.cancelled() else call.exception()
+            if isinstance(failure, KakaoError) and failure.status is not None:
+                # Kakao's late verdict on these tokens (a KOE322): the next attempt takes it
+                # (_answer_of_open_request) instead of asking again.
+                self._heard_after(entry.tokens, time.monotonic() - entry.started)
+                log.debug("account %s: a refresh given up on was refused late", self.name)
+                return
+            self._lingering = tuple(e for e in self._lingering if e.call is not call)
+            return
+        took = time.monotonic() - entry.started
+        self._heard_after(entry.tokens, took)
+        state = self.state
+        if state is None or not _same_tokens(state.tokens, entry.tokens):
+            self._lingering = tuple(e for e in self._lingering if e.call is not call)
+            return  # a later request's answer (or a login) came first: this one is old
+        log.info(
+            "account %s: Kakao answered a refresh given up on %.1fs after it was sent;"
+            " keeping its tokens",
+            self.name,
+            took,
+        )
+        run = asyncio.ensure_future(self._keep_late_answer())
+        _LATE_RUNS.add(run)
+        run.add_done_callback(_LATE_RUNS.discard)
+
+    async def _keep_late_answer(self) -> AccountState | None:
+        """Refresh with the late answer waiting in :attr:`_lingering`, unless a refresh in
+        flight takes it first (its KOE322, or its next attempt, looks there)."""
+        while (running := self._inflight) is not None:
+            if running.done():
+                await asyncio.sleep(0)  # its done callback (_clear_inflight) runs first
+                continue
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+        state = self.state
+        if state is None or not self._has_late_answer(state.tokens):
+            return state
+        return await self.refresh(force=True, reason="Kakao's late answer")
+
+    def _has_late_answer(self, tokens: TokenSet) -> bool:
+        return any(
+            e.call.done()
+            and not e.call.cancelled()
+            and e.call.exception() is None
+            and _same_tokens(e.tokens, tokens)
+            for e in self._lingering
+        )
+
+    def _take_late_answer(self, tokens: TokenSet) -> tuple[TokenSet, bool] | None:
+        """The late answer to a request sent with ``tokens``, if one came (once); requests
+        that ended otherwise are forgotten."""
+        found: tuple[TokenSet, bool] | None = None
+        kept: list[_Lingering] = []
+        for entry in self._lingering:
+            call = entry.call
+            if not call.done():
+                kept.append(entry)
+            elif (
+                found is None
+                and not call.cancelled()
+                and call.exception() is None
+                and _same_tokens(entry.tokens, tokens)
+            ):
+                found = call.result()
+        self._lingering = tuple(kept)
+        return found
+
+    async def _answer_of_open_request(self, tokens: TokenSet) -> tuple[TokenSet, bool] | None:
+        """The answer to a request with ``tokens`` that an earlier attempt gave up on: waited
+        for while it is open (up to the longest wait), instead of sending a second request
+        beside it — if the first rotated the refresh token, the second would present a
+        retired one, which Kakao refuses (KOE322) and an authorization server may take for a
+        replay. Kakao's refusal in that answer is this attempt's; None when it brought no
+        answer (then a new request goes out)."""
+        pending = [
+            e.call for e in self._lingering if not e.call.done() and _same_tokens(e.tokens, tokens)
+        ]
+        if pending:
+            log.debug("account %s: waiting for the answer to the refresh sent before", self.name)
+            await asyncio.wait(pending)
+        for entry in self._lingering:
+            call = entry.call
+            if not call.done() or call.cancelled() or not _same_tokens(entry.tokens, tokens):
+                continue
+            failure = call.exception()
+            if isinstance(failure, KakaoError) and failure.status is not None:
+                self._lingering = tuple(e for e in self._lingering if e.call is not call)
+                raise failure
+        return self._take_late_answer(tokens)
+
+    async def _await_lingering(self, tokens: TokenSet) -> tuple[TokenSet, bool] | None:
+        """Wait for the requests still open with ``tokens`` (each ends within the longest
+        wait, KakaoClient.refresh); return the late answer one of them brought, if any."""
+        pending = [
+            e.call for e in self._lingering if not e.call.done() and _same_tokens(e.tokens, tokens)
+        ]
+        if pending:
+            await asyncio.wait(pending)
+        return self._take_late_answer(tokens)
 
     def _in_flight_path(self) -> Path | None:
         """The marker of a token request whose answer is not yet safe: beside the rescue
@@ -1656,6 +1809,7 @@ _BUSY_DEFAULTS: dict[str, object] = {
     "_held": False,
     "_inflight": None,
     "_last_failure_ambiguous": False,
+    "_lingering": (),
     "_listeners": None,
     "_next_publish_at": None,
     "_next_write_at": None,

@@ -59,6 +59,7 @@ FAULT_KINDS = frozenset(
         "koe237",
         "timeout",
         "slow",
+        "late",
         "hold",
         "reset",
         "truncated",
@@ -67,7 +68,7 @@ FAULT_KINDS = frozenset(
         *KAPI_FAULTS,
     }
 )
-_DEFAULT_DELAY = {"timeout": 60.0, "slow": 2.0, "hold": 60.0}
+_DEFAULT_DELAY = {"timeout": 60.0, "slow": 2.0, "late": 2.0, "hold": 60.0}
 #: The Retry-After (seconds) of the ``http429_retry_after`` fault.
 RETRY_AFTER = 3600
 
@@ -170,6 +171,11 @@ class FaultPlan:
         if kind in ("timeout", "slow"):
             await asyncio.sleep(fault.delay)
             return await handler(request)
+        if kind == "late":
+            # Kakao does the work (a refresh, a rotation) at once; its answer travels slowly.
+            answer = await handler(request)
+            await asyncio.sleep(fault.delay)
+            return answer
         if kind == "hold":
             return await self._hold(fault, request, handler)
         if fault.delay:
