@@ -1197,6 +1197,49 @@ async def test_accept_errors_are_logged_once_in_a_while(tmp_path: Path) -> None:
     assert status in (200, 503)  # answered (no account is logged in: 503)
 
 
+def _netns_works() -> bool:
+    if not IS_ROOT or shutil.which("unshare") is None:
+        return False
+    try:
+        result = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+async def test_plain_http_to_other_machines_is_warned_about(tmp_path: Path) -> None:
+    """api.allow_non_loopback serves the bearer token and the access tokens over plain HTTP:
+    check-config still says OK (it is allowed), but adds one warning line saying so and what
+    to do instead; a loopback listener gets no such line."""
+    config = tcp_api_config(tmp_path, NOWHERE, tcp="0.0.0.0:8766")
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 0 and out.startswith("config OK"), (out, err)
+    warnings = lines_naming(err, "plain HTTP")
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("warning: api.tcp") and "0.0.0.0:8766" in warnings[0]
+    assert BEARER not in out + err
+    loopback = tcp_api_config(tmp_path, NOWHERE, tcp="127.0.0.1:8766")
+    code, out, err = await run_cli(loopback, "check-config")
+    assert code == 0 and "plain HTTP" not in out + err, (out, err)
+
+
+@pytest.mark.skipif(not _netns_works(), reason="needs root and `unshare --net`")
+async def test_run_warns_when_it_serves_plain_http_to_other_machines(tmp_path: Path) -> None:
+    """The daemon logs the same warning when its TCP listener starts (run here in a network
+    namespace of its own: listening on 0.0.0.0 there exposes nothing to the network)."""
+    port = free_port()
+    config = tcp_api_config(tmp_path, NOWHERE, tcp=f"0.0.0.0:{port}")
+    daemon = await spawn_daemon(config, wrapper=("unshare", "--net"))
+    try:
+        log = daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+    warnings = lines_naming(log, "plain HTTP")
+    assert len(warnings) == 1, log
+    assert f"0.0.0.0:{port}" in warnings[0] and "WARNING" in warnings[0]
+    assert BEARER not in log
+
+
 # --------------------------------------------------------------------------- 6. the document
 
 

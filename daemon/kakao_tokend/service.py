@@ -25,7 +25,7 @@ from . import api, hooks, systemd, template_runner
 from .alerts import CLOSE_GRACE, AlertCenter
 from .apilimits import RUNNER_OPTIONS, AcceptErrors, Listener, listener_cap, raise_open_file_limit
 from .apisocket import SOCKET_BACKLOG, bind_unix_socket
-from .config import Config, load_config
+from .config import Config, load_config, plain_http_warning
 from .daemon import DAEMON, STOP_GRACE, Daemon, only_account
 from .errors import (
     ConfigError,
@@ -298,6 +298,9 @@ async def _open_sites(runner: web.AppRunner, config: Config) -> Listening:
                 await loop.create_server(factory, host, port, backlog=SOCKET_BACKLOG)
             )
             log.info("local API listening on http://%s:%d (bearer token required)", host, port)
+            plain_http = plain_http_warning(api)
+            if plain_http is not None:
+                log.warning("%s", plain_http)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
     return listening
