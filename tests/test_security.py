@@ -1107,6 +1107,7 @@ async def test_a_connection_flood_stops_neither_refreshes_nor_the_other_listener
     assert len(flood_log) < 300, text[-3000:]
 
 
+@pytest.mark.slow(seconds=12)  # waits out REQUEST_HEAD_TIMEOUT
 async def test_a_connection_without_a_complete_request_head_is_closed(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
@@ -1195,6 +1196,39 @@ async def test_accept_errors_are_logged_once_in_a_while(tmp_path: Path) -> None:
     assert "Traceback" not in text
     assert len(lines_naming(text, "cannot accept")) == 1, text[-3000:]
     assert status in (200, 503)  # answered (no account is logged in: 503)
+
+
+async def test_requests_that_are_not_http_do_not_flood_the_log(tmp_path: Path) -> None:
+    """aiohttp logs a traceback for each request it cannot parse, and its text quotes the
+    request's bytes: 300 of them from a caller without the bearer token were 300 tracebacks.
+    The daemon says it in one line a minute and never quotes the request (it may hold the
+    caller's Authorization header)."""
+    port = free_port()
+    config = tcp_api_config(tmp_path, NOWHERE, tcp=f"127.0.0.1:{port}")
+    daemon = await spawn_daemon(config)
+    garbage = b"GET /healthz HTTP/1.1\nAuthorization: Bearer " + BEARER.encode() + b"\n\n"
+
+    def send_garbage() -> list[bytes]:
+        answers = []
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(garbage)
+                answers.append(sock.recv(65536)[:13])
+        return answers
+
+    try:
+        before = len(daemon.log_text().splitlines())
+        answers = await asyncio.to_thread(send_garbage)
+        assert set(answers) <= {b"HTTP/1.0 400 ", b"HTTP/1.1 400 "}, set(answers)
+        status, _ = await daemon.api("GET", "/healthz")
+        after = daemon.log_text().splitlines()[before:]
+    finally:
+        assert await daemon.stop() == 0
+    text = "\n".join(after)
+    assert "Traceback" not in text
+    assert len(lines_naming(text, "not valid HTTP")) == 1, text[-3000:]
+    assert BEARER not in text
+    assert status in (200, 503)
 
 
 def _netns_works() -> bool:

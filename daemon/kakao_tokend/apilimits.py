@@ -20,9 +20,11 @@ import asyncio
 import errno
 import logging
 import resource
+import time
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,57 @@ MIN_CONNECTIONS = 8
 #: The number of listeners the API may have (the Unix socket and the TCP listener).
 LISTENERS = 2
 
-#: aiohttp's keepalive_timeout closes a kept-alive connection whose next head has not come
-#: REQUEST_HEAD_TIMEOUT after its previous answer (its default, 3,630 s, kept one for an hour).
-RUNNER_OPTIONS: Final[dict[str, Any]] = {"keepalive_timeout": REQUEST_HEAD_TIMEOUT}
-
-#: Lines about refused connections and failed accepts come at most this often.
+#: Lines about refused connections, failed accepts and requests that are not HTTP come at
+#: most this often.
 LOG_INTERVAL = 60.0
+
+
+class _NotHttp(logging.Filter):
+    """Turn aiohttp's traceback for a request it cannot parse (the caller's doing, not a bug)
+    into one line a minute that does not quote the request; pass every other record.
+
+    aiohttp logs "Error handling request" with the parser's exception, whose text quotes the
+    request's bytes (an Authorization header among them), for every such request: a caller
+    without the bearer token could fill the log as fast as it can connect.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_at: float | None = None
+        self._count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self._count += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
+            return False
+        record.msg = (
+            "local API: a caller sent a request that is not valid HTTP (%s), answered %d (%d"
+            " since this line last came; it comes at most once a minute)"
+        )
+        record.args = (type(exc).__name__, exc.code, self._count)
+        record.exc_info = record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._logged_at = now
+        self._count = 0
+        return True
+
+
+#: The logger aiohttp's request handlers report to (RUNNER_OPTIONS), through _NotHttp.
+REQUEST_LOG = log.getChild("requests")
+REQUEST_LOG.addFilter(_NotHttp())
+
+#: What the API's web.AppRunner gets. aiohttp's keepalive_timeout closes a kept-alive
+#: connection whose next head has not come REQUEST_HEAD_TIMEOUT after its previous answer
+#: (its default, 3,630 s, kept one for an hour); its logger is REQUEST_LOG.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {
+    "keepalive_timeout": REQUEST_HEAD_TIMEOUT,
+    "logger": REQUEST_LOG,
+}
 
 #: The answer to a connection over the cap (it is closed right after).
 TOO_MANY = (
