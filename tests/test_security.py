@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import html
 import http.client
 import json
 import os
 import posixpath
 import re
+import resource
 import shutil
 import socket
 import stat
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -33,11 +35,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemonproc import (
+    NOWHERE,
     DaemonProcess,
     daemon_command,
     free_port,
     login,
     run_cli,
+    short_tokens,
     write_config,
 )
 from kakao_tokend import config as config_module
@@ -1036,6 +1040,331 @@ async def test_fuzzed_api_requests_never_leak_a_token(
     finally:
         assert await daemon.stop() == 0
     assert failures == []
+
+
+# --------------------------------------------------------------------------- 5. API connections
+
+
+def open_connections(
+    address: tuple[str, int] | Path,
+    count: int,
+    *,
+    send: bytes = b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+    within: float = 30.0,
+) -> list[socket.socket]:
+    """Open up to ``count`` connections to ``address`` (TCP, or a Unix socket's path) and
+    send ``send`` on each, a request head that never ends (the audit's hold.py); stop early
+    after ``within`` seconds. Return the sockets, open as far as this side knows."""
+    deadline = time.monotonic() + within
+    opened: list[socket.socket] = []
+    family = socket.AF_UNIX if isinstance(address, Path) else socket.AF_INET
+    target: Any = str(address) if isinstance(address, Path) else address
+    while len(opened) < count and time.monotonic() < deadline:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(2)
+        try:
+            sock.connect(target)
+            if send:
+                sock.sendall(send)
+        except OSError:
+            sock.close()
+            continue
+        opened.append(sock)
+    return opened
+
+
+def close_all(sockets: Iterable[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def peek(sock: socket.socket) -> bytes | None:
+    """What the other end sent on ``sock`` so far, without waiting or consuming it: None
+    while it is open and silent, b"" once it closed (or reset) the connection."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        return sock.recv(65536, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""  # reset
+    finally:
+        sock.settimeout(timeout)
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end has closed ``sock`` without answering."""
+    return peek(sock) == b""
+
+
+def tcp_api_config(directory: Path, emulator: KakaoEmulator | str, *, tcp: str) -> Path:
+    """A config with the TCP listener on ``tcp`` and the fuzz test's bearer token."""
+    bearer = directory / "api_token"
+    bearer.write_text(BEARER)
+    bearer.chmod(0o600)
+    extra = f'[api]\ntcp = "{tcp}"\nbearer_token_file = "{bearer}"\n'
+    if not tcp.startswith("127."):
+        extra += "allow_non_loopback = true\n"
+    return write_config(directory, emulator, extra=extra)
+
+
+def token_over_tcp(port: int) -> bytes:
+    """GET the default account's token from the TCP listener with the bearer token."""
+    request = {
+        "method": "GET",
+        "path": "/v1/accounts/default/token",
+        "headers": [("Authorization", f"Bearer {BEARER}")],
+        "body": b"",
+        "via": "tcp",
+    }
+    return send_raw(request, tcp=("127.0.0.1", port), unix=Path("/nonexistent"))
+
+
+def raise_own_file_limit(needed: int) -> None:
+    """Let this test process open ``needed`` descriptors more, or skip the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed + 200:
+        pytest.skip(f"the test needs an open-file limit of {needed + 200}, the hard one is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < needed + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+needs_prlimit = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit(1)")
+
+
+async def token_from(daemon: DaemonProcess, via: str, port: int) -> int:
+    """The status of a token request to ``daemon`` over ``via`` ("tcp", with the bearer)."""
+    if via == "tcp":
+        answer = await asyncio.to_thread(token_over_tcp, port)
+        return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    status, _ = await asyncio.wait_for(daemon.api("GET", "/v1/accounts/default/token"), 10)
+    return status
+
+
+@needs_prlimit
+@pytest.mark.parametrize("flooded", ["tcp", "socket"])
+async def test_a_connection_flood_stops_neither_refreshes_nor_the_other_listener(
+    emulator: KakaoEmulator, tmp_path: Path, flooded: str
+) -> None:
+    """The audit's attack: 1,100 connections to one listener, each with a request head that
+    never ends (any local user can reach the TCP listener; the socket group the socket),
+    against a daemon whose open-file limit is 1,024 and cannot be raised. Before the defence
+    every refresh failed with "Too many open files" and the log gained a traceback per accept.
+    Now the listener holds MAX_CONNECTIONS and answers the rest 503: refreshes go on, the
+    other listener serves a token, the log gains one line about it, and the flooded listener
+    serves again once the attacker lets go."""
+    from kakao_tokend.apilimits import MAX_CONNECTIONS
+
+    raise_own_file_limit(1100)
+    short_tokens(emulator, access=3, refresh=3600)
+    port = free_port()
+    config = tcp_api_config(tmp_path, emulator, tcp=f"127.0.0.1:{port}")
+    await login(emulator, config)
+    daemon = await spawn_daemon(config, wrapper=("prlimit", "--nofile=1024:1024", "--"))
+    target = ("127.0.0.1", port) if flooded == "tcp" else daemon.runtime_dir / "api.sock"
+    other = "socket" if flooded == "tcp" else "tcp"
+    flood: list[socket.socket] = []
+    try:
+        before = len(daemon.log_text().splitlines())
+        generation = daemon.state()["generation"]
+        flood = await asyncio.to_thread(open_connections, target, 1100)
+        assert len(flood) > 1024
+        await daemon.wait_for(
+            lambda: daemon.state()["generation"] >= generation + 2,
+            timeout=15,
+            what="two refreshes during the flood",
+        )
+        assert await token_from(daemon, other, port) == 200
+        assert emulator.access_token_valid(daemon.published()["access_token"])
+        answers = [peek(sock) for sock in flood]
+        refused = sum(1 for a in answers if a is not None and a.startswith(b"HTTP/1.1 503 "))
+        assert refused >= len(flood) - MAX_CONNECTIONS
+        flood_log = daemon.log_text().splitlines()[before:]
+        await asyncio.to_thread(close_all, flood)
+        flood = []
+        statuses = []
+        for _ in range(50):  # the daemon sees the connections close within moments
+            statuses.append(await token_from(daemon, flooded, port))
+            if statuses[-1] == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert statuses[-1] == 200, statuses
+    finally:
+        await asyncio.to_thread(close_all, flood)
+        assert await daemon.stop() == 0
+    text = "\n".join(flood_log)
+    assert "Too many open files" not in text
+    assert "Traceback" not in text
+    assert len(lines_naming(text, "connections open")) == 1, text[-3000:]
+    assert len(flood_log) < 300, text[-3000:]
+
+
+@pytest.mark.slow(seconds=12)  # waits out REQUEST_HEAD_TIMEOUT
+async def test_a_connection_without_a_complete_request_head_is_closed(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A caller that connects and sends nothing, sends a head that never ends (a byte now
+    and then: slowloris), or after one answer starts a next head it never finishes, is
+    closed REQUEST_HEAD_TIMEOUT later, on the TCP listener and on the Unix socket alike.
+    Before the defence aiohttp waited an hour (its keep-alive timeout) or for ever."""
+    from kakao_tokend.apilimits import REQUEST_HEAD_TIMEOUT
+
+    port = free_port()
+    config = tcp_api_config(tmp_path, emulator, tcp=f"127.0.0.1:{port}")
+    await login(emulator, config)
+    daemon = await spawn_daemon(config)
+    unix = daemon.runtime_dir / "api.sock"
+    tcp = ("127.0.0.1", port)
+    callers: dict[str, socket.socket] = {}
+    try:
+        callers["tcp, nothing"] = open_connections(tcp, 1, send=b"")[0]
+        callers["tcp, partial"] = open_connections(tcp, 1)[0]
+        callers["socket, nothing"] = open_connections(unix, 1, send=b"")[0]
+        callers["socket, partial"] = open_connections(unix, 1)[0]
+        second = open_connections(unix, 1, send=b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")[0]
+        assert second.recv(65536).startswith(b"HTTP/1.1 200 ")
+        second.sendall(b"GET /healthz HTTP/1.1\r\n")
+        callers["socket, second head"] = second
+        opened = time.monotonic()
+        closed: dict[str, float] = {}
+        while len(closed) < len(callers) and time.monotonic() < opened + REQUEST_HEAD_TIMEOUT + 5:
+            for name, sock in callers.items():
+                if name.endswith("partial") and name not in closed:
+                    with contextlib.suppress(OSError):
+                        sock.send(b"X")  # a byte now and then does not reset the clock
+                if name not in closed and closed_by_peer(sock):
+                    closed[name] = time.monotonic() - opened
+            await asyncio.sleep(0.5)
+        status, _ = await daemon.api("GET", "/healthz")
+        log = daemon.log_text()
+    finally:
+        close_all(callers.values())
+        assert await daemon.stop() == 0
+    assert set(closed) == set(callers), closed
+    assert all(
+        REQUEST_HEAD_TIMEOUT - 1 <= t <= REQUEST_HEAD_TIMEOUT + 2 for t in closed.values()
+    ), closed
+    assert status == 200
+    assert "Traceback" not in log
+
+
+@needs_prlimit
+async def test_the_daemon_raises_its_open_file_limit(tmp_path: Path) -> None:
+    """systemd starts services with a soft open-file limit of 1,024 (for programs that still
+    use select()) and a hard one of 524,288, and asks programs that need more to raise the
+    soft limit themselves: the daemon (epoll only) raises it to the hard limit at start."""
+    config = write_config(tmp_path)
+    daemon = await spawn_daemon(config, wrapper=("prlimit", "--nofile=1024:4096", "--"))
+    try:
+        limits = await asyncio.to_thread(Path(f"/proc/{daemon.pid}/limits").read_text)
+    finally:
+        assert await daemon.stop() == 0
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+
+
+async def test_accept_errors_are_logged_once_in_a_while(tmp_path: Path) -> None:
+    """Out of descriptors, asyncio logs a traceback for each connection it cannot accept,
+    about a hundred a second per listener: the audit's 166 MB of log in 90 s, which under
+    journald's rate limit would crowd out the lines that matter. The daemon says it once
+    (a line, no traceback) and accepts again when descriptors are free."""
+    port = free_port()
+    config = tcp_api_config(tmp_path, NOWHERE, tcp=f"127.0.0.1:{port}")
+    daemon = await spawn_daemon(config)
+    waiting: list[socket.socket] = []
+    try:
+        before = len(daemon.log_text().splitlines())
+        in_use = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (in_use, hard))
+        waiting = await asyncio.to_thread(open_connections, ("127.0.0.1", port), 5, send=b"")
+        await asyncio.sleep(3.5)
+        starved = daemon.log_text().splitlines()[before:]
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        status, _ = await asyncio.wait_for(daemon.api("GET", "/healthz"), 10)
+    finally:
+        close_all(waiting)
+        assert await daemon.stop() == 0
+    text = "\n".join(starved)
+    assert "Traceback" not in text
+    assert len(lines_naming(text, "cannot accept")) == 1, text[-3000:]
+    assert status in (200, 503)  # answered (no account is logged in: 503)
+
+
+async def test_requests_that_are_not_http_do_not_flood_the_log(tmp_path: Path) -> None:
+    """aiohttp logs a traceback for each request it cannot parse, and its text quotes the
+    request's bytes: 300 of them from a caller without the bearer token were 300 tracebacks.
+    The daemon says it in one line a minute and never quotes the request (it may hold the
+    caller's Authorization header)."""
+    port = free_port()
+    config = tcp_api_config(tmp_path, NOWHERE, tcp=f"127.0.0.1:{port}")
+    daemon = await spawn_daemon(config)
+    garbage = b"GET /healthz HTTP/1.1\nAuthorization: Bearer " + BEARER.encode() + b"\n\n"
+
+    def send_garbage() -> list[bytes]:
+        answers = []
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(garbage)
+                answers.append(sock.recv(65536)[:13])
+        return answers
+
+    try:
+        before = len(daemon.log_text().splitlines())
+        answers = await asyncio.to_thread(send_garbage)
+        assert set(answers) <= {b"HTTP/1.0 400 ", b"HTTP/1.1 400 "}, set(answers)
+        status, _ = await daemon.api("GET", "/healthz")
+        after = daemon.log_text().splitlines()[before:]
+    finally:
+        assert await daemon.stop() == 0
+    text = "\n".join(after)
+    assert "Traceback" not in text
+    assert len(lines_naming(text, "not valid HTTP")) == 1, text[-3000:]
+    assert BEARER not in text
+    assert status in (200, 503)
+
+
+def _netns_works() -> bool:
+    if not IS_ROOT or shutil.which("unshare") is None:
+        return False
+    try:
+        result = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+async def test_plain_http_to_other_machines_is_warned_about(tmp_path: Path) -> None:
+    """api.allow_non_loopback serves the bearer token and the access tokens over plain HTTP:
+    check-config still says OK (it is allowed), but adds one warning line saying so and what
+    to do instead; a loopback listener gets no such line."""
+    config = tcp_api_config(tmp_path, NOWHERE, tcp="0.0.0.0:8766")
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 0 and out.startswith("config OK"), (out, err)
+    warnings = lines_naming(err, "plain HTTP")
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("warning: api.tcp") and "0.0.0.0:8766" in warnings[0]
+    assert BEARER not in out + err
+    loopback = tcp_api_config(tmp_path, NOWHERE, tcp="127.0.0.1:8766")
+    code, out, err = await run_cli(loopback, "check-config")
+    assert code == 0 and "plain HTTP" not in out + err, (out, err)
+
+
+@pytest.mark.skipif(not _netns_works(), reason="needs root and `unshare --net`")
+async def test_run_warns_when_it_serves_plain_http_to_other_machines(tmp_path: Path) -> None:
+    """The daemon logs the same warning when its TCP listener starts (run here in a network
+    namespace of its own: listening on 0.0.0.0 there exposes nothing to the network)."""
+    port = free_port()
+    config = tcp_api_config(tmp_path, NOWHERE, tcp=f"0.0.0.0:{port}")
+    daemon = await spawn_daemon(config, wrapper=("unshare", "--net"))
+    try:
+        log = daemon.log_text()
+    finally:
+        assert await daemon.stop() == 0
+    warnings = lines_naming(log, "plain HTTP")
+    assert len(warnings) == 1, log
+    assert f"0.0.0.0:{port}" in warnings[0] and "WARNING" in warnings[0]
+    assert BEARER not in log
 
 
 # --------------------------------------------------------------------------- 6. the document

@@ -384,8 +384,11 @@ def check_config() -> None:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
-    from .config import kakaotalk_only_for_critical
+    from .config import kakaotalk_only_for_critical, plain_http_warning
 
+    plain_http = plain_http_warning(config.api)
+    if plain_http is not None:
+        click.echo(f"warning: {plain_http}", err=True)
     for account in config.accounts.values():
         if kakaotalk_only_for_critical(account):
             click.echo(

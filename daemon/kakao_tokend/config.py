@@ -55,6 +55,7 @@ __all__ = [
     "load_locations",
     "parse_duration",
     "parse_share",
+    "plain_http_warning",
 ]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -1242,6 +1243,25 @@ _RULES: Final[Mapping[type[Any], Callable[[Any, _Known, _Report], None]]] = {
     ApiSettings: _api_rules,
     StoreSettings: _store_rules,
 }
+
+
+def plain_http_warning(api: ApiSettings) -> str | None:
+    """Return the warning for a TCP listener that other machines can reach (None otherwise).
+
+    api.allow_non_loopback permits it, but the API speaks plain HTTP: the bearer token and
+    every access token it hands out cross the network unencrypted. `check-config` prints this
+    and `run` logs it when the listener starts.
+    """
+    if api.tcp is None or _is_loopback(api.tcp[0]):
+        return None
+    host, port = api.tcp
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (
+        f"api.tcp = {address} serves the API over plain HTTP to other machines: the bearer"
+        " token and every access token it hands out cross the network unencrypted; keep it on"
+        " 127.0.0.1 and let other machines reach it through an SSH tunnel or a reverse proxy"
+        " that speaks TLS"
+    )
 
 
 def kakaotalk_only_for_critical(account: AccountConfig) -> bool:

@@ -23,8 +23,9 @@ from aiohttp import web
 
 from . import api, hooks, supervisor, systemd, template_runner
 from .alerts import CLOSE_GRACE, AlertCenter
-from .apisocket import bind_unix_socket
-from .config import Config, load_config
+from .apilimits import RUNNER_OPTIONS, AcceptErrors, Listener, listener_cap, raise_open_file_limit
+from .apisocket import SOCKET_BACKLOG, bind_unix_socket
+from .config import Config, load_config, plain_http_warning
 from .daemon import DAEMON, STOP_GRACE, Daemon, only_account
 from .errors import (
     ConfigError,
@@ -208,11 +209,9 @@ async def _wait_for_store(app: web.Application, fleet: FleetStore, first: StoreU
 
     daemon = app[DAEMON]
     wait = StoreWait(daemon, fleet, first)
-    runner = web.AppRunner(
-        wait.app(), handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
-    )
+    runner = _api_runner(wait.app())
     await runner.setup()
-    socket_id = await _open_sites(runner, daemon.config)
+    listening = await _open_sites(runner, daemon.config)
     watchdog = asyncio.create_task(systemd.watchdog_loop(lambda: True))
     # Said before READY: whoever acts on READY finds the reason in the journal already.
     log.warning(
@@ -227,25 +226,60 @@ async def _wait_for_store(app: web.Application, fleet: FleetStore, first: StoreU
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+        listening.close()
         await runner.cleanup()
-        _remove_socket(daemon.config.api_socket, socket_id)
+        _remove_socket(daemon.config.api_socket, listening.socket_id)
         await wait.close()
 
 
-async def _open_sites(runner: web.AppRunner, config: Config) -> tuple[int, int] | None:
-    """Serve ``runner`` on the API socket and the TCP listener (if configured); return the
-    socket file's identity, to remove only our own at the end. Failures are logged."""
+def _api_runner(app: web.Application) -> web.AppRunner:
+    """Return the runner that serves ``app`` as the local API (the daemon's, or the one that
+    answers 503 while a fleet node waits for its store)."""
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=API_SHUTDOWN_TIMEOUT,
+        **RUNNER_OPTIONS,
+    )
+
+
+@dataclass
+class Listening:
+    """The API's listeners as _open_sites started them."""
+
+    servers: list[asyncio.Server]
+    #: The socket file's identity, to remove only our own at the end (None: no socket).
+    socket_id: tuple[int, int] | None
+
+    def close(self) -> None:
+        """Stop accepting connections (runner.cleanup() then drains those that are open)."""
+        for server in self.servers:
+            server.close()
+
+
+async def _open_sites(runner: web.AppRunner, config: Config) -> Listening:
+    """Serve ``runner`` on the API socket and the TCP listener (if configured), each through
+    an apilimits.Listener (a cap on connections, a deadline for request heads). Failures are
+    logged."""
+    loop = asyncio.get_running_loop()
+    server = runner.server
+    assert server is not None  # after runner.setup()
+    cap = listener_cap()
     socket_path = config.api_socket
     api = config.api
-    socket_id: tuple[int, int] | None = None
+    listening = Listening([], None)
     try:
         sock = bind_unix_socket(socket_path, mode=api.socket_mode, group=api.socket_group)
     except StoreError as exc:
         hint = f" ({exc.hint})" if exc.hint else ""
         log.error("%s; the local API socket is off%s", exc.message, hint)
     else:
+        factory = Listener(server, str(socket_path), cap=cap)
         try:
-            await web.SockSite(runner, sock).start()
+            listening.servers.append(
+                await loop.create_server(factory, sock=sock, backlog=SOCKET_BACKLOG)
+            )
         except OSError as exc:
             sock.close()
             with contextlib.suppress(OSError):
@@ -254,16 +288,22 @@ async def _open_sites(runner: web.AppRunner, config: Config) -> tuple[int, int] 
         else:
             with contextlib.suppress(OSError):
                 info = socket_path.lstat()
-                socket_id = (info.st_dev, info.st_ino)
+                listening.socket_id = (info.st_dev, info.st_ino)
             log.info("local API listening on %s (mode %04o)", socket_path, api.socket_mode)
     if api.tcp is not None:
         host, port = api.tcp
+        factory = Listener(server, f"{host}:{port}", cap=cap)
         try:
-            await web.TCPSite(runner, host, port).start()
+            listening.servers.append(
+                await loop.create_server(factory, host, port, backlog=SOCKET_BACKLOG)
+            )
             log.info("local API listening on http://%s:%d (bearer token required)", host, port)
+            plain_http = plain_http_warning(api)
+            if plain_http is not None:
+                log.warning("%s", plain_http)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s; the TCP API is off", host, port, exc)
-    return socket_id
+    return listening
 
 
 def _remove_socket(socket_path: Path, socket_id: tuple[int, int] | None) -> None:
@@ -530,15 +570,35 @@ async def serve(
     listeners: list[EventListener] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or ``stop``); return the exit code."""
+    accept_errors = AcceptErrors(asyncio.get_running_loop())
+    accept_errors.install()
+    try:
+        return await _serve(
+            config,
+            config_path=config_path,
+            stop=stop,
+            only_account_name=only_account_name,
+            listeners=listeners,
+        )
+    finally:
+        accept_errors.uninstall()
+
+
+async def _serve(
+    config: Config,
+    *,
+    config_path: Path | None,
+    stop: asyncio.Event | None,
+    only_account_name: str | None,
+    listeners: list[EventListener] | None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     app = build_app(
         config, config_path=config_path, only_account_name=only_account_name, listeners=listeners
     )
     daemon = app[DAEMON]
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
-    )
+    runner = _api_runner(app)
 
     def on_stop() -> None:
         # At once, not after the API has drained: no refresh may start once a stop began.
@@ -582,7 +642,7 @@ async def serve(
         refused = ConfigError | UnsafePath | StoreMoved | StoreSchemaMismatch
         return EX_CONFIG if isinstance(exc, refused) or _refused_by_server(exc) else FAILURE
     socket_path = daemon.config.api_socket
-    socket_id = await _open_sites(runner, daemon.config)
+    listening = await _open_sites(runner, daemon.config)
 
     systemd.ready(daemon.summary())
     gc.enable()  # run() keeps it off until now in file mode
@@ -604,11 +664,12 @@ async def serve(
             loop.remove_signal_handler(signum)
         daemon.begin_stop()
         daemon.stop_step(f"draining the local API (up to {API_SHUTDOWN_TIMEOUT:g}s)")
+        listening.close()
         try:
             await runner.cleanup()
         finally:
             await daemon.end_stop()
-        _remove_socket(socket_path, socket_id)
+        _remove_socket(socket_path, listening.socket_id)
     log.info("stopped")
     return OK
 
@@ -651,6 +712,7 @@ def _run(config_path: Path | None, *, account: str | None) -> int:
         log.error("%s", exc)
         return EX_CONFIG
     systemd.setup_logging(config.log_level)
+    raise_open_file_limit()
     if config.store.backend == "postgres":
         gc.enable()
         from .fleet import missing_extra
