@@ -356,6 +356,103 @@ async def test_a_token_file_symlinked_into_a_setgid_directory_leaks_nothing(
     assert not leaked(json.dumps(report), emulator)
 
 
+# --------------------------------------------------------------------------- 1. consumers' dirs
+
+
+def outputs_in(directory: Path, tmp_path: Path, output: str) -> str:
+    """TOML for the default account publishing one file (a template or an extra token file)
+    into ``directory``, another user's or a shared one."""
+    if output != "template":
+        return f'[accounts.default]\n{output} = "{directory / "kakao"}"\n'
+    source = tmp_path / "bot.conf.tmpl"
+    source.write_text("token={access_token}\n")
+    return (
+        "[accounts.default]\n[[accounts.default.templates]]\n"
+        f'source = "{source}"\ndestination = "{directory / "bot.conf"}"\n'
+    )
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink to a fifo"])
+async def test_a_fifo_at_a_template_destination_cannot_hang_the_daemon(
+    emulator: KakaoEmulator, tmp_path: Path, planted: str
+) -> None:
+    """The audit's attack: a FIFO (or a symlink to one) where a template is rendered. The
+    daemon never waits for a writer: it starts, replaces the path with the rendered file
+    (never writing through the link), and stops on SIGTERM."""
+    directory = tmp_path / "bot"
+    directory.mkdir(mode=0o755)
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, "template"))
+    await login(emulator, config)
+    destination = directory / "bot.conf"
+    pipe = tmp_path / "pipe"
+    if planted == "fifo":
+        os.mkfifo(destination)
+    else:
+        os.mkfifo(pipe)
+        destination.symlink_to(pipe)
+    daemon = await spawn_daemon(config, wait_ready=False)
+    try:
+        await daemon.wait_log("kakao-tokend running", timeout=20)
+        await daemon.wait_for(lambda: stat.S_ISREG(destination.lstat().st_mode))
+        assert destination.read_text().startswith("token=")
+    finally:
+        code = await daemon.stop(timeout=10)
+    assert code == 0, daemon.log_text()
+    if planted != "fifo":
+        assert stat.S_ISFIFO(pipe.lstat().st_mode)  # what the link named is left alone
+
+
+@pytest.mark.parametrize("output", ["template", "access_token_file", "env_file"])
+async def test_an_output_directory_every_user_may_write_is_refused(
+    emulator: KakaoEmulator, tmp_path: Path, output: str
+) -> None:
+    """A template destination or an extra token file in a directory every local user may
+    write (1777, like /tmp): anyone could plant what the consumers read, or block its
+    update. check-config and run refuse it with exit 78 and one line naming the directory
+    and the chmod that fixes it."""
+    directory = tmp_path / "shared"
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, output))
+    await login(emulator, config)  # (writing an extra token file there now is refused too)
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o1777)
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 78, out + err
+    named = lines_naming(err, str(directory))
+    assert len(named) == 1 and f"chmod o-w {directory}" in named[0], err
+    assert "config OK" not in out
+    daemon = await spawn_daemon(config, wait_ready=False)
+    code = await exit_of(daemon)
+    log = daemon.log_text()
+    assert code == 78, log
+    named = lines_naming(log, str(directory))
+    assert len(named) == 1 and f"chmod o-w {directory}" in named[0], log
+    assert "Traceback" not in log and "kakao-tokend running" not in log
+
+
+async def test_an_output_directory_its_group_may_write_is_a_warning(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A consumer's own directory that the daemon may write through its group (0770): its
+    members could swap the rendered file, which check-config and the daemon's start name in
+    one warning each; the daemon runs (reading there never waits, nor follows a link)."""
+    directory = tmp_path / "bot"
+    directory.mkdir()
+    directory.chmod(0o770)
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, "template"))
+    await login(emulator, config)
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 0, out + err
+    named = lines_naming(err, str(directory))
+    assert len(named) == 1 and named[0].startswith("warning:") and "group" in named[0], err
+    daemon = await spawn_daemon(config)
+    try:
+        await daemon.wait_for(lambda: (directory / "bot.conf").is_file())
+    finally:
+        assert await daemon.stop() == 0
+    warned = [line for line in lines_naming(daemon.log_text(), str(directory)) if "group" in line]
+    assert len(warned) == 1, daemon.log_text()
+
+
 # --------------------------------------------------------------------------- 1. group, modes
 
 

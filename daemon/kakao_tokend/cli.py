@@ -366,16 +366,25 @@ def check_config() -> None:
     Example:
       kakao-tokend --config /etc/kakao-tokend/config.toml check-config
     """
+    from .doctor import check_group_access, check_outputs
+    from .exitcodes import CRITICAL
+
     settings = _settings()
     config = settings.config()
+    outputs = check_outputs(config)
+    refused = [finding for finding in outputs if finding.level == CRITICAL]
+    if refused:  # `run` would refuse them
+        raise ConfigError(
+            "tokens would be published where every local user may write",
+            details=[(f.name, f"{f.detail} ({f.fix})" if f.fix else f.detail) for f in refused],
+        )
     names = ", ".join(config.accounts)
     where = f" from {config.source}" if config.source else " (no config file; defaults)"
     click.echo(
         f"config OK{where}: {len(config.accounts)} account(s): {names}; state in {config.state_dir}"
     )
-    from .doctor import check_group_access
-
-    for finding in check_group_access(config):  # outside systemd nobody prepares the dirs
+    # Outside systemd nobody prepares the directories; a consumer's own one is fine, but said.
+    for finding in [*check_group_access(config), *outputs]:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)

@@ -38,6 +38,7 @@ from .store import (
     directory_text,
     ensure_reserve,
     make_dirs,
+    output_problems,
     remove_stale_temp_files,
 )
 from .tokens import Clock, format_time, utcnow
@@ -118,6 +119,7 @@ class Daemon:
         ):
             make_dirs(directory)
             check_directory(directory, what=what)
+        check_outputs(self.config)
 
     def acquire_instance_lock(self) -> None:
         """Make this the only `run` on this state directory, or raise StoreLocked."""
@@ -502,6 +504,7 @@ class Daemon:
             for field_name in ("state_file", "token_file")
         }:
             make_dirs(Path(text))
+        check_outputs(new)
         if self.fleet is None:
             checked: set[str] = set()  # each shared directory is judged once
             for account in accounts:
@@ -576,6 +579,18 @@ class Daemon:
 
 
 DAEMON = web.AppKey("daemon", Daemon)
+
+
+def check_outputs(config: Config) -> None:
+    """Refuse (UnsafePath) extra token files or templates where every local user may write,
+    and log a warning for each directory that its group or another user may (the consumer's
+    own): store.output_problems."""
+    problems = output_problems(config.accounts.values())
+    for found in problems:
+        if found.refused:
+            raise found.problem
+    for found in problems:
+        log.warning("account %s: %s", found.account, found.problem)
 
 
 def only_account(config: Config, account: str) -> Config:

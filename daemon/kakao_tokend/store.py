@@ -61,6 +61,10 @@ ALERTS_SUFFIX = ".alerts.json"
 LOGGED_OUT_SUFFIX = ".logged-out.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
+#: No file kakao-tokend reads back comes anywhere near this size (a state file with its whole
+#: rotation log is a few KiB): a larger one was not written by it, and is refused instead of
+#: being read into memory (read_file). A rendered template is compared up to its own size.
+MAX_FILE_BYTES = 8 * 1024 * 1024
 #: How often a waiting lock is tried again (seconds).
 LOCK_POLL = 0.05
 #: The state directory's instance lock: held by `run` (one daemon per state directory) and
@@ -300,17 +304,23 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _directory_problem(info: os.stat_result, directory: Path, what: str) -> UnsafePath | None:
-    """Why another local user could change the files in this directory, or None."""
+def _directory_problem(
+    info: os.stat_result, directory: Path, what: str, *, owner: int | None = None
+) -> UnsafePath | None:
+    """Why another local user could change the files in this directory, or None.
+
+    ``owner``: the user the daemon runs as, when that is not this process (`check-config`
+    run by root for the system unit's configuration).
+    """
     if not stat.S_ISDIR(info.st_mode):
         return UnsafePath(f"{what} {directory} is not a directory")
-    me = os.geteuid()
+    me = os.geteuid() if owner is None else owner
     if info.st_uid not in (me, 0):
-        owner = _user_name(info.st_uid)
+        stranger = _user_name(info.st_uid)
         return UnsafePath(
-            f"{what} {directory} is owned by {owner}, who could swap the files in it; only "
+            f"{what} {directory} is owned by {stranger}, who could swap the files in it; only "
             f"this user ({_user_name(me)}) or root may own it",
-            hint=f"run kakao-tokend as {owner}, or: chown {_user_name(me)} {directory}",
+            hint=f"run kakao-tokend as {stranger}, or: chown {_user_name(me)} {directory}",
         )
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o022:
@@ -350,6 +360,95 @@ def check_directory(directory: Path, *, what: str) -> None:
     except OSError as exc:
         raise StoreError(f"cannot open {what} {directory}: {exc.strerror or exc}") from None
     os.close(fd)
+
+
+def judge_output_directory(
+    directory: Path, *, what: str, owner: int | None = None
+) -> tuple[StoreError, bool] | None:
+    """Judge the directory of a file published for consumers beside the token file (an extra
+    token file, a rendered template) by :func:`check_directory`'s rule; None when it passes
+    (or does not exist yet: it is created 0750).
+
+    Returns the problem and whether it is refused. Refused when every local user may write
+    there (a sticky 1777 like /tmp too): anyone could plant what the consumers read, or keep
+    it from ever being updated. Otherwise (its group may write, or another user owns it: a
+    consumer's own directory) the problem is a warning: reading there never waits nor
+    follows a link, so they can only spoil their own copy. ``owner`` as for
+    :func:`_directory_problem`.
+    """
+    try:
+        fd = open_directory(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot open {what} {directory}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISDIR(info.st_mode) and mode & 0o002:
+        return (
+            UnsafePath(
+                f"{what} {directory} is writable by every local user (mode {mode:04o}): anyone"
+                " could replace what the consumers read there, or keep it from being updated",
+                hint=f"run: chmod o-w {directory}, or choose a directory that only kakao-tokend"
+                " and its consumers may write",
+            ),
+            True,
+        )
+    problem = _directory_problem(info, directory, what, owner=owner)
+    return None if problem is None else (problem, False)
+
+
+class PublishesOutputs(Protocol):
+    """An account's files beside its token file (config.AccountConfig satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    def outputs(self) -> list[tuple[str, Path]]:
+        """(key below ``accounts.NAME``, path) of each extra token file and template."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutputProblem:
+    """Another user could change a directory an account publishes into (output_problems)."""
+
+    account: str
+    #: The setting that names the file: ``accounts.NAME.env_file``.
+    key: str
+    problem: StoreError
+    #: Every local user may write there: `run` and `check-config` refuse it (else a warning).
+    refused: bool
+
+
+def output_problems(
+    accounts: Iterable[PublishesOutputs], *, owner: int | None = None
+) -> list[OutputProblem]:
+    """Judge the directory of every extra token file and rendered template of ``accounts``
+    (:func:`judge_output_directory`), each directory once: what `run` refuses or warns of at
+    start and at a reload, and what `check-config` and `doctor` report."""
+    found: list[OutputProblem] = []
+    judged: set[str] = set()
+    for account in accounts:
+        for key, path in account.outputs():
+            directory = directory_text(path)
+            if directory in judged:
+                continue
+            judged.add(directory)
+            what = "template destination" if key.startswith("templates") else "extra token file"
+            what += " directory"
+            try:
+                judged_as = judge_output_directory(Path(directory), what=what, owner=owner)
+            except StoreError as exc:
+                judged_as = (exc, False)
+            if judged_as is not None:
+                problem, refused = judged_as
+                found.append(
+                    OutputProblem(account.name, f"accounts.{account.name}.{key}", problem, refused)
+                )
+    return found
 
 
 def symlink_refused(path: Path | str, what: str) -> UnsafePath:
@@ -465,6 +564,13 @@ def set_group(fd: int, gid: int) -> None:
     """
     if os.fstat(fd).st_gid != gid:
         os.fchown(fd, -1, gid)
+
+
+def published_as_configured(info: os.stat_result, *, mode: int, group: int | None) -> bool:
+    """True when a published file (``fstat``) has the mode and group a write gives it:
+    ``mode``, and ``group`` or, None, this process's (:func:`atomic_write`)."""
+    gid = os.getegid() if group is None else group
+    return stat.S_IMODE(info.st_mode) == mode and info.st_gid == gid
 
 
 def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = None) -> int:
@@ -631,15 +737,30 @@ class FileLock:
         return int(text) if text.isdigit() else None
 
 
-def read_file(path: Path | str, *, what: str) -> bytes:
+def read_file(path: Path | str, *, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
     """Read a whole regular file without following a symlink (UnsafePath) or blocking on a FIFO.
 
-    FileNotFoundError and other OSErrors reach the caller unchanged.
+    The one way kakao-tokend reads a file in a directory someone else may write too (the
+    token file's, a template's destination): a FIFO or a device is refused at once (opened
+    non-blocking, judged by ``fstat``), and a file of more than ``limit`` bytes raises
+    StoreError instead of filling the memory. FileNotFoundError and other OSErrors reach the
+    caller unchanged.
     """
-    return _read_regular(path, what=what)[0]
+    return read_regular(path, what=what, limit=limit)[0]
 
 
-def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result]:
+def _too_large(path: Path | str, what: str, limit: int) -> StoreError:
+    mib = 1024 * 1024
+    size = f"{limit // mib} MiB" if limit and limit % mib == 0 else f"{limit} bytes"
+    return StoreError(
+        f"{what} {path} is larger than {size}: kakao-tokend did not write it",
+        hint="move it away",
+    )
+
+
+def read_regular(
+    path: Path | str, *, what: str, limit: int = MAX_FILE_BYTES
+) -> tuple[bytes, os.stat_result]:
     """:func:`read_file`, plus the ``fstat`` of the file that was read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -651,15 +772,20 @@ def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
+        if info.st_size > limit:
+            raise _too_large(path, what, limit)
         # Plain reads on the descriptor, sized by the fstat: a file object would fstat and
         # seek again (a start of a thousand accounts reads two files each). A read that
         # returns less than it asked for has reached the end of a regular file: no further
-        # read to hear that (our files are replaced by rename, never appended to).
+        # read to hear that (our files are replaced by rename, never appended to). One
+        # growing meanwhile is read up to one byte past the limit, never further.
         data = b""
         while True:
-            wanted = max(info.st_size - len(data), 0) + 4096
+            wanted = min(max(info.st_size - len(data), 0) + 4096, limit + 1 - len(data))
             chunk = os.read(fd, wanted)
             data += chunk
+            if len(data) > limit:
+                raise _too_large(path, what, limit)
             if len(chunk) < wanted:
                 return data, info
     finally:
@@ -1035,6 +1161,15 @@ class AccountStore:
         for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
                 check_directory(path.parent, what=what)
+        for sink in sink_paths(self.account):
+            if directory_text(sink) in directories:
+                continue  # judged by the stricter rule above
+            try:
+                judged = judge_output_directory(sink.parent, what="extra token file directory")
+            except StoreError:
+                continue  # not even to be looked at: writing there fails, says why, is retried
+            if judged is not None and judged[1]:
+                raise judged[0]
         listing = self._listing
         for path, what in (
             (self.state_path, "state file"),
@@ -1064,6 +1199,8 @@ class AccountStore:
         token_directory, _, token_name = self.token_text.rpartition("/")
         if not directory or directory not in checked:
             return False
+        if self.account.access_token_file is not None or self.account.env_file is not None:
+            return False  # rare: their directories are judged the long way
         if lock_directory != directory or token_directory != directory:
             return False
         entries = self._listing.directory(directory)
@@ -1212,7 +1349,7 @@ class AccountStore:
             return None
         for _ in range(3):
             try:
-                raw, info = _read_regular(path, what="state file")
+                raw, info = read_regular(path, what="state file")
             except FileNotFoundError:
                 return None
             except PermissionError:
