@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -277,6 +278,135 @@ async def test_writing_commands_refuse_an_unsafe_state_directory(
     assert err.strip().count("\n") == 0, err
     assert str(state_dir) in err and "chmod go-w" in err
     assert snapshot(state_dir) == before
+
+
+# --------------------------------------------------------------------------- 1. runtime directory
+
+
+@pytest.mark.parametrize("command", sorted(WRITING_COMMANDS))
+async def test_writing_commands_refuse_an_unsafe_runtime_directory(
+    emulator: KakaoEmulator, tmp_path: Path, command: str
+) -> None:
+    """The audit's attack: the runtime directory, where the rescue files and in-flight
+    markers live, writable by everyone. Each writing command exits 78 with one line naming it
+    and changes nothing in the state directory (a planted rescue file would replace the
+    account's tokens)."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    seed.chmod(0o600)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o777)
+    before = snapshot(tmp_path / "state")
+    args = [arg.format(seed=seed) for arg in WRITING_COMMANDS[command]]
+    code, _, err = await run_cli(config, *args)
+    assert code == 78, err
+    assert err.strip().count("\n") == 0, err
+    assert f"runtime directory {runtime_dir}" in err and f"chmod go-w {runtime_dir}" in err
+    assert snapshot(tmp_path / "state") == before
+
+
+async def test_run_refuses_an_unsafe_runtime_directory_that_holds_no_socket(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With [api] socket elsewhere, the runtime directory still holds the rescue files: `run`
+    judges it like the state directory (exit 78, one line), whatever holds the socket."""
+    (tmp_path / "sock").mkdir(mode=0o700)
+    config = write_config(
+        tmp_path, emulator, extra=f'[api]\nsocket = "{tmp_path / "sock" / "api.sock"}"\n'
+    )
+    await login(emulator, config)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o1777)
+    daemon = await spawn_daemon(config, wait_ready=False)
+    code = await exit_of(daemon)
+    log = daemon.log_text()
+    assert code == 78, log
+    named = lines_naming(log, str(runtime_dir))
+    assert len(named) == 1 and f"chmod go-w {runtime_dir}" in named[0], log
+    assert "Traceback" not in log and "kakao-tokend running" not in log
+
+
+def plant_rescue_file(emulator: KakaoEmulator, config: Path) -> tuple[Path, dict[str, Any]]:
+    """The audit's planted rescue file: another Kakao user's tokens (user 666) at generation
+    100000, issued a minute after the victim's (so that it wins over the state file), naming
+    the victim's state file; return its path and the state it holds."""
+    loaded = load_config(config)
+    account = loaded.account()
+    victim = json.loads(account.state_file.read_text())
+    theirs = emulator.issue_tokens(666)
+    issued = datetime.strptime(victim["tokens"]["access_issued_at"], "%Y-%m-%dT%H:%M:%SZ")
+    planted = {**victim, "generation": 100000, "user_id": 666}
+    planted["tokens"] = {
+        **victim["tokens"],
+        "access_token": theirs["access_token"],
+        "refresh_token": theirs["refresh_token"],
+        "access_issued_at": (issued + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    document = {"version": 1, "state_file": str(account.state_file), "state": planted}
+    loaded.runtime_dir.mkdir(parents=True, exist_ok=True)
+    path = loaded.runtime_dir / "default.rescue.json"
+    path.write_text(json.dumps(document))
+    return path, planted
+
+
+@pytest.mark.parametrize(
+    "planted_by",
+    [
+        "group and others may write it",
+        pytest.param("owned by another user", marks=needs_root),
+    ],
+)
+async def test_a_rescue_file_another_user_could_have_written_is_refused(
+    emulator: KakaoEmulator, tmp_path: Path, planted_by: str
+) -> None:
+    """A rescue file kakao-tokend did not write as itself (0600, its own user) is never
+    recovered: the account keeps its own tokens, the file is kept aside as .refused-<time>
+    (never deleted: a person decides), and one log line says why and what to do."""
+    config = write_config(tmp_path, emulator)
+    ours = await login(emulator, config)
+    rescue, _ = plant_rescue_file(emulator, config)
+    if planted_by == "owned by another user":
+        os.chown(rescue, NOBODY, NOBODY)
+        rescue.chmod(0o600)
+    else:
+        rescue.chmod(0o666)
+    daemon = await spawn_daemon(config)
+    try:
+        state = daemon.state()
+        assert state["user_id"] == ours.user_id and state["generation"] < 100000
+        assert state["tokens"]["refresh_token"] == ours.tokens.refresh_token
+    finally:
+        assert await daemon.stop() == 0
+    log = daemon.log_text()
+    named = lines_naming(log, str(rescue))
+    assert len(named) == 1, log
+    assert "refused" in named[0] and ("rm " in named[0] or "chmod" in named[0]), named
+    assert "recovered" not in log
+    assert not rescue.exists()
+    assert len(list(rescue.parent.glob(rescue.name + ".refused-*"))) == 1
+
+
+async def test_the_in_flight_marker_never_follows_a_symlink(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The audit's second step: the in-flight marker made a symlink to the state directory's
+    MOVED. A refresh creates nothing through it, so the account is not taken for migrated and
+    the next refresh works too."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    moved = tmp_path / "state" / "MOVED"
+    (runtime_dir / "default.in-flight").symlink_to(moved)
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
+    assert not moved.exists() and not moved.is_symlink()
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
 
 
 # --------------------------------------------------------------------------- 1. symlinks

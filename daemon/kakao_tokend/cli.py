@@ -157,14 +157,15 @@ def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
 
 
-def _refuse_unsafe_paths(account: AccountConfig) -> None:
-    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files.
+def _refuse_unsafe_paths(account: AccountConfig, config: Config) -> None:
+    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files,
+    the runtime directory's rescue file among them.
 
     Commands that write the account's files check again when they take its lock.
     """
     from .store import AccountStore
 
-    AccountStore(account).check_paths()
+    AccountStore(account, rescue_dir=config.runtime_dir).check_paths()
 
 
 def _setup_logging(debug: bool) -> None:
@@ -474,7 +475,7 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float) -> None:
         # Before anyone logs in at Kakao: a row this host cannot decrypt is refused.
         _run_async(check_login(config, account))
     else:
-        _refuse_unsafe_paths(account)
+        _refuse_unsafe_paths(account, config)
     flow = LoginFlow(account, scopes=scopes, persist=to_store if in_store else None)
 
     def notify(line: str) -> None:
@@ -558,7 +559,7 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     config = settings.config()
     in_store = config.store.backend == "postgres"
     if not in_store:
-        _refuse_unsafe_paths(account)
+        _refuse_unsafe_paths(account, config)
 
     async def go() -> Any:
         async with create_session() as session:
@@ -1257,9 +1258,9 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
         # A token that is still good for --min-valid is read and printed as it is: no
         # secrets, no lock, no Kakao client, no event loop (a script may call this every
         # minute). Anything else (no tokens, a re-login, a refresh due) takes the path below.
-        # The files are judged first, as for a refresh: a token planted in a directory other
-        # users may write to is refused, never printed.
-        store = AccountStore(paths.accounts[name])
+        # The files are judged first, as for a refresh (the runtime directory too): a token
+        # planted in a directory other users may write to is refused, never printed.
+        store = AccountStore(paths.accounts[name], rescue_dir=paths.runtime_dir)
         store.check_paths()
         current = store.load()
         if current is not None and not current.relogin_reason:

@@ -108,15 +108,15 @@ class Daemon:
 
     def check_directories(self) -> None:
         """Refuse to start (UnsafePath) when another local user could change the state
-        directory or the directory of the API socket (normally the runtime directory)."""
-        socket_dir = self.config.api_socket.parent
-        socket_what = (
-            "runtime directory" if socket_dir == self.config.runtime_dir else "socket directory"
-        )
-        for directory, what in (
-            (self.config.state_dir, "state directory"),
-            (socket_dir, socket_what),
-        ):
+        directory, the runtime directory (rescue files, in-flight markers; usually the
+        socket too) or the directory of the API socket, or when the accounts publish where
+        every local user may write (check_outputs)."""
+        places = {
+            self.config.state_dir: "state directory",
+            self.config.runtime_dir: "runtime directory",
+        }
+        places.setdefault(self.config.api_socket.parent, "socket directory")
+        for directory, what in places.items():
             make_dirs(directory)
             check_directory(directory, what=what)
         check_outputs(self.config)

@@ -178,8 +178,8 @@ def check_directories(config: Config) -> list[Finding]:
     directories of the extra token files and templates (check_outputs)."""
     uid, user = expected_owner(config)
     findings: list[Finding] = []
-    socket_dir = config.api_socket.parent
-    places = {config.state_dir: "state directory", socket_dir: "socket directory"}
+    places = {config.state_dir: "state directory", config.runtime_dir: "runtime directory"}
+    places.setdefault(config.api_socket.parent, "socket directory")
     for directory, label in places.items():
         login = login_command(config.account())
         findings.append(_check_directory(directory, label, uid, user, login=login))

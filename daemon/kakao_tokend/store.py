@@ -451,6 +451,27 @@ def output_problems(
     return found
 
 
+def _private_file_problem(info: os.stat_result, path: Path, what: str) -> UnsafePath | None:
+    """Why a file kakao-tokend writes for itself alone (0600, as its own user) may have been
+    written by someone else: another owner, or group or others may write it; else None."""
+    me = os.geteuid()
+    if info.st_uid != me:
+        return UnsafePath(
+            f"{what} {path} is owned by {_user_name(info.st_uid)}, not {_user_name(me)}:"
+            " kakao-tokend did not write it",
+            hint=f"chown {_user_name(me)} {path} && chmod 600 {path}",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+        return UnsafePath(
+            f"{what} {path} is writable by {who} (mode {mode:04o}): another local user could"
+            " have written it",
+            hint=f"chmod 600 {path}",
+        )
+    return None
+
+
 def symlink_refused(path: Path | str, what: str) -> UnsafePath:
     """The error for one of our files found to be a symbolic link."""
     return UnsafePath(
@@ -1141,11 +1162,14 @@ class AccountStore:
     def check_paths(self, checked: set[str] | None = None) -> None:
         """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
 
-        The directories of the state, lock and token files must pass :func:`check_directory`;
-        none of the account's files may be a symlink or anything but a regular file. Every
-        command that writes the account's files calls this first (``try_lock`` does too).
-        Directories in ``checked`` passed already and are not looked at again; the ones that
-        pass here are added (a thousand accounts in one directory: one look at it).
+        The directories of the state, lock and token files and the rescue directory (the
+        runtime directory: a rescue file planted there would replace the account's tokens)
+        must pass :func:`check_directory`; none of the account's files may be a symlink or
+        anything but a regular file; the extra token files must not go where every local
+        user may write (:func:`judge_output_directory`). Every command that writes the
+        account's files calls this first (``try_lock`` does too). Directories in ``checked``
+        passed already and are not looked at again; the ones that pass here are added (a
+        thousand accounts in one directory: one look at it).
         """
         if checked is not None and self._listing is not None and self._check_listed(checked):
             return
@@ -1158,6 +1182,9 @@ class AccountStore:
         ):
             # Usually one directory: "state directory".
             directories.setdefault(directory_text(path), (path, what))
+        rescue = self.rescue_path
+        if rescue is not None:
+            directories.setdefault(directory_text(rescue), (rescue, "runtime directory"))
         for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
                 check_directory(path.parent, what=what)
@@ -1198,6 +1225,8 @@ class AccountStore:
         lock_directory, _, lock_name = self.lock_text.rpartition("/")
         token_directory, _, token_name = self.token_text.rpartition("/")
         if not directory or directory not in checked:
+            return False
+        if self._rescue_dir is not None and str(self._rescue_dir) not in checked:
             return False
         if self.account.access_token_file is not None or self.account.env_file is not None:
             return False  # rare: their directories are judged the long way
@@ -1435,13 +1464,23 @@ class AccountStore:
             raise StoreError(f"cannot stat {path}: {exc.strerror or exc}") from None
         return self._set_aside(path, inode, label)
 
-    def set_aside_state(self, label: str) -> Path | None:
+    def set_aside_state(self, label: str, *, keep: bool = False) -> Path | None:
         """Move the current state file to ``<file>.<label>-<stamp>`` (kept, never deleted).
 
         Used for a state the daemon refuses to adopt (an older backup); returns where it went,
-        or None when there was no file (or it was replaced meanwhile). Hold the lock.
+        or None when there was no file (or it was replaced meanwhile). ``keep`` leaves the
+        file in place too (a second link: the save that replaces it leaves the copy). Hold
+        the lock.
         """
-        return self.set_aside_file(self.state_path, label)
+        if not keep:
+            return self.set_aside_file(self.state_path, label)
+        try:
+            inode = os.stat(self.state_path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
+        return self._set_aside(self.state_path, inode, label, keep=True)
 
     def save_keeping_a_copy(
         self, state: AccountState, label: str, *, copy_required: bool = True
@@ -1548,14 +1587,18 @@ class AccountStore:
         if path is None:
             return None
         try:
-            raw = read_file(path, what="rescue file")
+            raw, info = read_regular(path, what="rescue file")
         except FileNotFoundError:
             return None
-        except UnsafePath as exc:  # a symlink or a FIFO planted in the runtime directory
+        except StoreError as exc:  # a symlink or a FIFO planted in the runtime directory
             log.error("account %s: %s", self.name, exc)
             return None
         except OSError as exc:
             log.error("account %s: cannot read %s: %s", self.name, path, exc.strerror or exc)
+            return None
+        foreign = _private_file_problem(info, path, "rescue file")
+        if foreign is not None:
+            self._refuse_rescue(path, foreign)
             return None
         try:
             document = json.loads(raw.decode("utf-8"))
@@ -1584,6 +1627,31 @@ class AccountStore:
             )
             return None
         return replace(state, account=self.name)
+
+    def _refuse_rescue(self, path: Path, why: UnsafePath) -> None:
+        """A rescue file kakao-tokend did not write as itself (0600, its own user): never
+        recovered (another user may have planted other tokens in it), never deleted either
+        (it may still hold tokens someone wants): kept aside as ``.refused-<stamp>``."""
+        try:
+            kept = self.set_aside_file(path, "refused")
+        except StoreError as exc:
+            kept, failed = None, f"; it could not be moved aside ({exc.message})"
+        else:
+            failed = ""
+        where = kept if kept is not None else path
+        fix = (why.hint or "").replace(str(path), str(where))
+        log.error(
+            "account %s: %s; refused: kept as %s, not used%s (if you trust the tokens in it:"
+            " %s && mv %s %s; else: rm %s)",
+            self.name,
+            why.message,
+            where,
+            failed,
+            fix,
+            where,
+            path,
+            where,
+        )
 
     def discard_rescue(self) -> None:
         """Delete the rescue file once the state file holds what it kept (missing is fine)."""

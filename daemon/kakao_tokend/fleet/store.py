@@ -1525,7 +1525,7 @@ class PgAccountStore:
         self._held.staged = None
         self._held.delete = True
 
-    def set_aside_state(self, label: str) -> Path | None:
+    def set_aside_state(self, label: str, *, keep: bool = False) -> Path | None:
         """The store never goes backwards (compare-and-swap): nothing to keep aside."""
         return None
 
