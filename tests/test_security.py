@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import grp
 import http.client
 import json
 import os
@@ -680,6 +681,33 @@ async def test_no_file_the_daemon_creates_is_open_to_others_under_umask_000(
     assert {str(p) for p, mode in created.items() if mode & 0o007} == set()
     assert {str(p) for p, mode in created.items() if mode & 0o020 and p not in sockets} == set()
     assert {p.name for p in created} >= {"default.alerts.json", "kakao.env", "token", "run"}
+
+
+async def test_a_token_file_with_the_wrong_mode_or_group_is_corrected_at_start(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The token file made 0644 (and, as root, given another group) while the daemon was
+    stopped: the start rewrites it with [publish]'s mode and group at once, and says so in
+    one line, instead of leaving it open until the next refresh (hours with real tokens)."""
+    group = grp.getgrgid(NOBODY).gr_name if IS_ROOT else None
+    extra = '[publish]\nmode = "0640"\n' + (f'group = "{group}"\n' if group else "")
+    config = write_config(tmp_path, emulator, extra=extra)
+    await login(emulator, config)
+    token_file = tmp_path / "state" / "default.token.json"
+    before = json.loads(token_file.read_text())
+    token_file.chmod(0o644)
+    if IS_ROOT:
+        os.chown(token_file, -1, 0)
+    daemon = await spawn_daemon(config)
+    try:
+        info = token_file.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        assert info.st_gid == (NOBODY if IS_ROOT else os.getegid())
+        assert json.loads(token_file.read_text())["generation"] == before["generation"]
+    finally:
+        assert await daemon.stop() == 0
+    named = lines_naming(daemon.log_text(), str(token_file))
+    assert len(named) == 1 and "0644" in named[0], daemon.log_text()
 
 
 # --------------------------------------------------------------------------- 2. the socket

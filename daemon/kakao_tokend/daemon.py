@@ -181,14 +181,10 @@ class Daemon:
             self.alerts.attach(manager)
         if manager.state is not None and manager.status.health is Health.OK:
             # Publish at once when the token file is missing or stale (another tool wrote the
-            # state); an up-to-date one is left alone, which keeps a large start cheap. The
-            # extra token files carry no generation: they are always written.
-            try:
-                published = store.read_published()
-            except StoreError:
-                published = None  # damaged or unreadable: rewrite it
-            stale = published is None or published.get("generation") != manager.state.generation
-            manager.publish(token_file=stale)
+            # state), or lost [publish]'s mode or group (a chmod while the daemon was
+            # stopped); an up-to-date one is left alone, which keeps a large start cheap.
+            # The extra token files carry no generation: they are always written.
+            manager.publish(token_file=not store.published_current(manager.state.generation))
         return manager
 
     def _client(self, account: AccountConfig) -> KakaoClient:

@@ -233,6 +233,12 @@ class Publisher(Protocol):
         """Return the published token document (None: there is none); raises StoreError."""
         ...
 
+    def published_current(self, generation: int) -> bool:
+        """True when the token file holds ``generation`` with [publish]'s mode and group: a
+        start leaves it alone. Missing, damaged, older, or open to others by a chmod: False,
+        and the start writes it at once (never raises)."""
+        ...
+
 
 class AccountStorage(StateStore, Publisher, Protocol):
     """Everything an account manager uses: the state of record and the published files."""

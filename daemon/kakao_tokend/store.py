@@ -304,6 +304,13 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
 def _directory_problem(
     info: os.stat_result, directory: Path, what: str, *, owner: int | None = None
 ) -> UnsafePath | None:
@@ -1819,6 +1826,38 @@ class AccountStore:
         if not isinstance(document, dict):
             raise StoreError(f"token file {self.token_path} is not a JSON object")
         return document
+
+    def published_current(self, generation: int) -> bool:
+        """True when the token file holds ``generation`` with [publish]'s mode and group, so
+        a start need not write it (a thousand current files stay untouched). Missing, damaged
+        or older: False. A mode or group changed by hand (a chmod 644 gives every local user
+        the token) is False too, and logged: the start rewrites the file at once instead of
+        at the next refresh, hours later."""
+        if self._listing is not None and self._listing.absent(self.token_text):
+            return False
+        try:
+            raw, info = read_regular(self.token_text, what="token file")
+            document = parse_json(raw)
+            group = self._group_id()
+        except (OSError, StoreError, ValueError):
+            return False  # the publish that follows says what is wrong, if anything is
+        if not isinstance(document, dict) or document.get("generation") != generation:
+            return False
+        mode = self.account.token_file_mode
+        if published_as_configured(info, mode=mode, group=group):
+            return True
+        wanted = os.getegid() if group is None else group
+        log.warning(
+            "account %s: token file %s has mode %04o and group %s, not %04o and %s as"
+            " configured ([publish] mode, group); writing it again now",
+            self.name,
+            self.token_path,
+            stat.S_IMODE(info.st_mode),
+            _group_name(info.st_gid),
+            mode,
+            _group_name(wanted),
+        )
+        return False
 
     # -- alert bookkeeping ---------------------------------------------------------------------
 

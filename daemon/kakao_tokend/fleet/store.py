@@ -1714,6 +1714,10 @@ class PgAccountStore:
         """Return this node's published token document (None: none)."""
         return self._files.read_published()
 
+    def published_current(self, generation: int) -> bool:
+        """True when this node's token file is current (or it publishes none)."""
+        return not self.publishes or self._files.published_current(generation)
+
 
 _trim: Callable[[int], int] | None = None
 #: Resident memory (KiB) right after the heap was last given back (None: not yet).
