@@ -159,7 +159,8 @@ async def test_a_newer_rescue_file_wins_at_start(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """The state file holds generation 1, the rescue file generation 3 (written when the disk
-    was full, then the process died): the start recovers generation 3 and saves it."""
+    was full, then the process died): the start recovers generation 3 and saves it, keeping
+    the state file it replaces as .replaced-<time>."""
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime
     config_path = write_config(tmp_path, emulator)
     await login(emulator, config_path)
@@ -178,6 +179,9 @@ async def test_a_newer_rescue_file_wins_at_start(
     saved = again.store.load()
     assert saved is not None and saved.generation == 3
     assert not rescue.exists()  # saved for real, so no longer needed
+    # Nothing lost: the state file the rescue replaced is kept as .replaced-<time>.
+    kept = list(manager.store.state_path.parent.glob("default.state.json.replaced-*"))
+    assert [path.read_bytes() for path in kept] == [on_disk]
     await again.refresh(force=True)
     assert again.status.health is Health.OK
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import grp
 import html
 import http.client
 import json
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -291,6 +293,135 @@ async def test_writing_commands_refuse_an_unsafe_state_directory(
     assert snapshot(state_dir) == before
 
 
+# --------------------------------------------------------------------------- 1. runtime directory
+
+
+@pytest.mark.parametrize("command", sorted(WRITING_COMMANDS))
+async def test_writing_commands_refuse_an_unsafe_runtime_directory(
+    emulator: KakaoEmulator, tmp_path: Path, command: str
+) -> None:
+    """The audit's attack: the runtime directory, where the rescue files and in-flight
+    markers live, writable by everyone. Each writing command exits 78 with one line naming it
+    and changes nothing in the state directory (a planted rescue file would replace the
+    account's tokens)."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    seed.chmod(0o600)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o777)
+    before = snapshot(tmp_path / "state")
+    args = [arg.format(seed=seed) for arg in WRITING_COMMANDS[command]]
+    code, _, err = await run_cli(config, *args)
+    assert code == 78, err
+    assert err.strip().count("\n") == 0, err
+    assert f"runtime directory {runtime_dir}" in err and f"chmod go-w {runtime_dir}" in err
+    assert snapshot(tmp_path / "state") == before
+
+
+async def test_run_refuses_an_unsafe_runtime_directory_that_holds_no_socket(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """With [api] socket elsewhere, the runtime directory still holds the rescue files: `run`
+    judges it like the state directory (exit 78, one line), whatever holds the socket."""
+    (tmp_path / "sock").mkdir(mode=0o700)
+    config = write_config(
+        tmp_path, emulator, extra=f'[api]\nsocket = "{tmp_path / "sock" / "api.sock"}"\n'
+    )
+    await login(emulator, config)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o1777)
+    daemon = await spawn_daemon(config, wait_ready=False)
+    code = await exit_of(daemon)
+    log = daemon.log_text()
+    assert code == 78, log
+    named = lines_naming(log, str(runtime_dir))
+    assert len(named) == 1 and f"chmod go-w {runtime_dir}" in named[0], log
+    assert "Traceback" not in log and "kakao-tokend running" not in log
+
+
+def plant_rescue_file(emulator: KakaoEmulator, config: Path) -> tuple[Path, dict[str, Any]]:
+    """The audit's planted rescue file: another Kakao user's tokens (user 666) at generation
+    100000, issued a minute after the victim's (so that it wins over the state file), naming
+    the victim's state file; return its path and the state it holds."""
+    loaded = load_config(config)
+    account = loaded.account()
+    victim = json.loads(account.state_file.read_text())
+    theirs = emulator.issue_tokens(666)
+    issued = datetime.strptime(victim["tokens"]["access_issued_at"], "%Y-%m-%dT%H:%M:%SZ")
+    planted = {**victim, "generation": 100000, "user_id": 666}
+    planted["tokens"] = {
+        **victim["tokens"],
+        "access_token": theirs["access_token"],
+        "refresh_token": theirs["refresh_token"],
+        "access_issued_at": (issued + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    document = {"version": 1, "state_file": str(account.state_file), "state": planted}
+    loaded.runtime_dir.mkdir(parents=True, exist_ok=True)
+    path = loaded.runtime_dir / "default.rescue.json"
+    path.write_text(json.dumps(document))
+    return path, planted
+
+
+@pytest.mark.parametrize(
+    "planted_by",
+    [
+        "group and others may write it",
+        pytest.param("owned by another user", marks=needs_root),
+    ],
+)
+async def test_a_rescue_file_another_user_could_have_written_is_refused(
+    emulator: KakaoEmulator, tmp_path: Path, planted_by: str
+) -> None:
+    """A rescue file kakao-tokend did not write as itself (0600, its own user) is never
+    recovered: the account keeps its own tokens, the file is kept aside as .refused-<time>
+    (never deleted: a person decides), and one log line says why and what to do."""
+    config = write_config(tmp_path, emulator)
+    ours = await login(emulator, config)
+    rescue, _ = plant_rescue_file(emulator, config)
+    if planted_by == "owned by another user":
+        os.chown(rescue, NOBODY, NOBODY)
+        rescue.chmod(0o600)
+    else:
+        rescue.chmod(0o666)
+    daemon = await spawn_daemon(config)
+    try:
+        state = daemon.state()
+        assert state["user_id"] == ours.user_id and state["generation"] < 100000
+        assert state["tokens"]["refresh_token"] == ours.tokens.refresh_token
+    finally:
+        assert await daemon.stop() == 0
+    log = daemon.log_text()
+    named = lines_naming(log, str(rescue))
+    assert len(named) == 1, log
+    assert "refused" in named[0] and ("rm " in named[0] or "chmod" in named[0]), named
+    assert "recovered" not in log
+    assert not rescue.exists()
+    assert len(list(rescue.parent.glob(rescue.name + ".refused-*"))) == 1
+
+
+async def test_the_in_flight_marker_never_follows_a_symlink(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The audit's second step: the in-flight marker made a symlink to the state directory's
+    MOVED. A refresh creates nothing through it, so the account is not taken for migrated and
+    the next refresh works too."""
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    moved = tmp_path / "state" / "MOVED"
+    (runtime_dir / "default.in-flight").symlink_to(moved)
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
+    assert not moved.exists() and not moved.is_symlink()
+    code, _, err = await run_cli(config, "refresh")
+    assert code == 0, err
+
+
 # --------------------------------------------------------------------------- 1. symlinks
 
 
@@ -366,6 +497,103 @@ async def test_a_token_file_symlinked_into_a_setgid_directory_leaks_nothing(
     assert code == 78 and "symbolic link" in err, err
     report = await as_nobody(read=[drop / "loot.json"])
     assert not leaked(json.dumps(report), emulator)
+
+
+# --------------------------------------------------------------------------- 1. consumers' dirs
+
+
+def outputs_in(directory: Path, tmp_path: Path, output: str) -> str:
+    """TOML for the default account publishing one file (a template or an extra token file)
+    into ``directory``, another user's or a shared one."""
+    if output != "template":
+        return f'[accounts.default]\n{output} = "{directory / "kakao"}"\n'
+    source = tmp_path / "bot.conf.tmpl"
+    source.write_text("token={access_token}\n")
+    return (
+        "[accounts.default]\n[[accounts.default.templates]]\n"
+        f'source = "{source}"\ndestination = "{directory / "bot.conf"}"\n'
+    )
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink to a fifo"])
+async def test_a_fifo_at_a_template_destination_cannot_hang_the_daemon(
+    emulator: KakaoEmulator, tmp_path: Path, planted: str
+) -> None:
+    """The audit's attack: a FIFO (or a symlink to one) where a template is rendered. The
+    daemon never waits for a writer: it starts, replaces the path with the rendered file
+    (never writing through the link), and stops on SIGTERM."""
+    directory = tmp_path / "bot"
+    directory.mkdir(mode=0o755)
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, "template"))
+    await login(emulator, config)
+    destination = directory / "bot.conf"
+    pipe = tmp_path / "pipe"
+    if planted == "fifo":
+        os.mkfifo(destination)
+    else:
+        os.mkfifo(pipe)
+        destination.symlink_to(pipe)
+    daemon = await spawn_daemon(config, wait_ready=False)
+    try:
+        await daemon.wait_log("kakao-tokend running", timeout=20)
+        await daemon.wait_for(lambda: stat.S_ISREG(destination.lstat().st_mode))
+        assert destination.read_text().startswith("token=")
+    finally:
+        code = await daemon.stop(timeout=10)
+    assert code == 0, daemon.log_text()
+    if planted != "fifo":
+        assert stat.S_ISFIFO(pipe.lstat().st_mode)  # what the link named is left alone
+
+
+@pytest.mark.parametrize("output", ["template", "access_token_file", "env_file"])
+async def test_an_output_directory_every_user_may_write_is_refused(
+    emulator: KakaoEmulator, tmp_path: Path, output: str
+) -> None:
+    """A template destination or an extra token file in a directory every local user may
+    write (1777, like /tmp): anyone could plant what the consumers read, or block its
+    update. check-config and run refuse it with exit 78 and one line naming the directory
+    and the chmod that fixes it."""
+    directory = tmp_path / "shared"
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, output))
+    await login(emulator, config)  # (writing an extra token file there now is refused too)
+    directory.mkdir(exist_ok=True)
+    directory.chmod(0o1777)
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 78, out + err
+    named = lines_naming(err, str(directory))
+    assert len(named) == 1 and f"chmod o-w {directory}" in named[0], err
+    assert "config OK" not in out
+    daemon = await spawn_daemon(config, wait_ready=False)
+    code = await exit_of(daemon)
+    log = daemon.log_text()
+    assert code == 78, log
+    named = lines_naming(log, str(directory))
+    assert len(named) == 1 and f"chmod o-w {directory}" in named[0], log
+    assert "Traceback" not in log and "kakao-tokend running" not in log
+
+
+async def test_an_output_directory_its_group_may_write_is_a_warning(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A consumer's own directory that the daemon may write through its group (0770): its
+    members could swap the rendered file, which check-config and the daemon's start name in
+    one warning each; the daemon runs (reading there never waits, nor follows a link)."""
+    directory = tmp_path / "bot"
+    directory.mkdir()
+    directory.chmod(0o770)
+    config = write_config(tmp_path, emulator, extra=outputs_in(directory, tmp_path, "template"))
+    await login(emulator, config)
+    code, out, err = await run_cli(config, "check-config")
+    assert code == 0, out + err
+    named = lines_naming(err, str(directory))
+    assert len(named) == 1 and named[0].startswith("warning:") and "group" in named[0], err
+    daemon = await spawn_daemon(config)
+    try:
+        await daemon.wait_for(lambda: (directory / "bot.conf").is_file())
+    finally:
+        assert await daemon.stop() == 0
+    warned = [line for line in lines_naming(daemon.log_text(), str(directory)) if "group" in line]
+    assert len(warned) == 1, daemon.log_text()
 
 
 # --------------------------------------------------------------------------- 1. group, modes
@@ -465,6 +693,33 @@ async def test_no_file_the_daemon_creates_is_open_to_others_under_umask_000(
     assert {str(p) for p, mode in created.items() if mode & 0o007} == set()
     assert {str(p) for p, mode in created.items() if mode & 0o020 and p not in sockets} == set()
     assert {p.name for p in created} >= {"default.alerts.json", "kakao.env", "token", "run"}
+
+
+async def test_a_token_file_with_the_wrong_mode_or_group_is_corrected_at_start(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The token file made 0644 (and, as root, given another group) while the daemon was
+    stopped: the start rewrites it with [publish]'s mode and group at once, and says so in
+    one line, instead of leaving it open until the next refresh (hours with real tokens)."""
+    group = grp.getgrgid(NOBODY).gr_name if IS_ROOT else None
+    extra = '[publish]\nmode = "0640"\n' + (f'group = "{group}"\n' if group else "")
+    config = write_config(tmp_path, emulator, extra=extra)
+    await login(emulator, config)
+    token_file = tmp_path / "state" / "default.token.json"
+    before = json.loads(token_file.read_text())
+    token_file.chmod(0o644)
+    if IS_ROOT:
+        os.chown(token_file, -1, 0)
+    daemon = await spawn_daemon(config)
+    try:
+        info = token_file.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o640
+        assert info.st_gid == (NOBODY if IS_ROOT else os.getegid())
+        assert json.loads(token_file.read_text())["generation"] == before["generation"]
+    finally:
+        assert await daemon.stop() == 0
+    named = lines_naming(daemon.log_text(), str(token_file))
+    assert len(named) == 1 and "0644" in named[0], daemon.log_text()
 
 
 # --------------------------------------------------------------------------- 2. the socket

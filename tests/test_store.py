@@ -400,7 +400,7 @@ def test_accounts_in_a_judged_directory_are_judged_from_the_listing_alone(
     listing = Listing()
     checked: set[str] = set()
     _listed(listing, directory, "a").check_paths(checked)
-    assert checked == {str(directory)}
+    assert checked == {str(directory), str(directory / "run")}  # the rescue directory too
     for name, refusal in (
         ("b", "symbolic link"),
         ("c", "not a regular file"),
@@ -467,6 +467,22 @@ def test_read_file_reads_every_byte_and_refuses_what_is_not_a_regular_file(
     link.symlink_to(tmp_path / "f1")
     with pytest.raises(UnsafePath, match="symbolic link"):
         read_file(link, what="test file")
+
+
+def test_read_file_refuses_a_file_larger_than_any_of_ours(tmp_path: Path) -> None:
+    """A file far larger than kakao-tokend ever writes (planted where a token file or a
+    template destination is read back) is refused with one line, not read into memory; a
+    smaller limit can be asked for (a rendered template's size)."""
+    huge = tmp_path / "huge"
+    with huge.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    with pytest.raises(StoreError, match=r"larger than .* MiB"):
+        read_file(huge, what="test file")
+    small = tmp_path / "small"
+    small.write_bytes(b"x" * 100)
+    assert read_file(small, what="test file", limit=100) == b"x" * 100
+    with pytest.raises(StoreError, match="larger than 99 bytes"):
+        read_file(small, what="test file", limit=99)
 
 
 def test_stale_temp_files_removed(tmp_path: Path) -> None:

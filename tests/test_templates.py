@@ -290,3 +290,17 @@ def test_the_documented_template_example_loads(tmp_path: Path) -> None:
     (template,) = config.accounts["me"].templates
     assert template.destination == tmp_path / "out.conf"
     assert template.command and template.command_timeout > 0
+
+
+async def test_a_fifo_as_template_source_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO where the template source should be is refused at once by the config check
+    (exit 78, "not a regular file"), instead of stopping it, and `run` with it, for good."""
+    source = tmp_path / "bot.json.tmpl"
+    os.mkfifo(source)
+    extra = (
+        "[accounts.default]\n[[accounts.default.templates]]\n"
+        f'source = "{source}"\ndestination = "{tmp_path / "bot" / "kakao.json"}"\n'
+    )
+    code, out, err = await run_cli(write_config(tmp_path, extra=extra), "check-config")
+    assert code == 78, out + err
+    assert "not a regular file" in err and str(source) in err

@@ -162,14 +162,15 @@ def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
 
 
-def _refuse_unsafe_paths(account: AccountConfig) -> None:
-    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files.
+def _refuse_unsafe_paths(account: AccountConfig, config: Config) -> None:
+    """Fail before any work (UnsafePath, exit 78) when another user could redirect the files,
+    the runtime directory's rescue file among them.
 
     Commands that write the account's files check again when they take its lock.
     """
     from .store import AccountStore
 
-    AccountStore(account).check_paths()
+    AccountStore(account, rescue_dir=config.runtime_dir).check_paths()
 
 
 def _setup_logging(debug: bool) -> None:
@@ -371,16 +372,25 @@ def check_config() -> None:
     Example:
       kakao-tokend --config /etc/kakao-tokend/config.toml check-config
     """
+    from .doctor import check_group_access, check_outputs
+    from .exitcodes import CRITICAL
+
     settings = _settings()
     config = settings.config()
+    outputs = check_outputs(config)
+    refused = [finding for finding in outputs if finding.level == CRITICAL]
+    if refused:  # `run` would refuse them
+        raise ConfigError(
+            "tokens would be published where every local user may write",
+            details=[(f.name, f"{f.detail} ({f.fix})" if f.fix else f.detail) for f in refused],
+        )
     names = ", ".join(config.accounts)
     where = f" from {config.source}" if config.source else " (no config file; defaults)"
     click.echo(
         f"config OK{where}: {len(config.accounts)} account(s): {names}; state in {config.state_dir}"
     )
-    from .doctor import check_group_access
-
-    for finding in check_group_access(config):  # outside systemd nobody prepares the dirs
+    # Outside systemd nobody prepares the directories; a consumer's own one is fine, but said.
+    for finding in [*check_group_access(config), *outputs]:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
@@ -484,7 +494,7 @@ def login(no_browser: bool, scopes: Sequence[str], timeout: float, switch_user: 
         # Before anyone logs in at Kakao: a row this host cannot decrypt is refused.
         _run_async(check_login(config, account))
     else:
-        _refuse_unsafe_paths(account)
+        _refuse_unsafe_paths(account, config)
     flow = LoginFlow(
         account,
         scopes=scopes,
@@ -573,7 +583,7 @@ def import_(path: Path, force: bool, no_verify: bool) -> None:
     config = settings.config()
     in_store = config.store.backend == "postgres"
     if not in_store:
-        _refuse_unsafe_paths(account)
+        _refuse_unsafe_paths(account, config)
 
     async def go() -> Any:
         async with create_session() as session:
@@ -1272,9 +1282,9 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
         # A token that is still good for --min-valid is read and printed as it is: no
         # secrets, no lock, no Kakao client, no event loop (a script may call this every
         # minute). Anything else (no tokens, a re-login, a refresh due) takes the path below.
-        # The files are judged first, as for a refresh: a token planted in a directory other
-        # users may write to is refused, never printed.
-        store = AccountStore(paths.accounts[name])
+        # The files are judged first, as for a refresh (the runtime directory too): a token
+        # planted in a directory other users may write to is refused, never printed.
+        store = AccountStore(paths.accounts[name], rescue_dir=paths.runtime_dir)
         store.check_paths()
         current = store.load()
         if current is not None and not current.relogin_reason:

@@ -805,6 +805,25 @@ class AccountConfig:
     #: account (relogin.cli_command puts them before the command).
     cli_options: tuple[str, ...] = field(default=(), metadata={_META: _DERIVED})
 
+    def outputs(self) -> list[tuple[str, Path]]:
+        """What the account publishes besides its token file, each with its setting's key
+        below ``accounts.NAME``: the extra token files and the templates' destinations.
+        Their directories may be the consumers': `run` and `check-config` judge them
+        (store.judge_output_directory)."""
+        found = [
+            (key, path)
+            for key, path in (
+                ("access_token_file", self.access_token_file),
+                ("env_file", self.env_file),
+            )
+            if path is not None
+        ]
+        found += [
+            (f"templates[{index}].destination", template.destination)
+            for index, template in enumerate(self.templates)
+        ]
+        return found
+
     def file_text(self, field_name: str) -> str:
         """The text of the account's ``state_file``, ``lock_file`` or ``token_file``.
 

@@ -38,6 +38,7 @@ from .store import (
     directory_text,
     ensure_reserve,
     make_dirs,
+    output_problems,
     remove_stale_temp_files,
 )
 from .tokens import Clock, format_time, utcnow
@@ -107,17 +108,18 @@ class Daemon:
 
     def check_directories(self) -> None:
         """Refuse to start (UnsafePath) when another local user could change the state
-        directory or the directory of the API socket (normally the runtime directory)."""
-        socket_dir = self.config.api_socket.parent
-        socket_what = (
-            "runtime directory" if socket_dir == self.config.runtime_dir else "socket directory"
-        )
-        for directory, what in (
-            (self.config.state_dir, "state directory"),
-            (socket_dir, socket_what),
-        ):
+        directory, the runtime directory (rescue files, in-flight markers; usually the
+        socket too) or the directory of the API socket, or when the accounts publish where
+        every local user may write (check_outputs)."""
+        places = {
+            self.config.state_dir: "state directory",
+            self.config.runtime_dir: "runtime directory",
+        }
+        places.setdefault(self.config.api_socket.parent, "socket directory")
+        for directory, what in places.items():
             make_dirs(directory)
             check_directory(directory, what=what)
+        check_outputs(self.config)
 
     def acquire_instance_lock(self) -> None:
         """Make this the only `run` on this state directory, or raise StoreLocked."""
@@ -179,14 +181,10 @@ class Daemon:
             self.alerts.attach(manager)
         if manager.state is not None and manager.status.health is Health.OK:
             # Publish at once when the token file is missing or stale (another tool wrote the
-            # state); an up-to-date one is left alone, which keeps a large start cheap. The
-            # extra token files carry no generation: they are always written.
-            try:
-                published = store.read_published()
-            except StoreError:
-                published = None  # damaged or unreadable: rewrite it
-            stale = published is None or published.get("generation") != manager.state.generation
-            manager.publish(token_file=stale)
+            # state), or lost [publish]'s mode or group (a chmod while the daemon was
+            # stopped); an up-to-date one is left alone, which keeps a large start cheap.
+            # The extra token files carry no generation: they are always written.
+            manager.publish(token_file=not store.published_current(manager.state.generation))
         return manager
 
     def _client(self, account: AccountConfig) -> KakaoClient:
@@ -502,6 +500,7 @@ class Daemon:
             for field_name in ("state_file", "token_file")
         }:
             make_dirs(Path(text))
+        check_outputs(new)
         if self.fleet is None:
             checked: set[str] = set()  # each shared directory is judged once
             for account in accounts:
@@ -576,6 +575,18 @@ class Daemon:
 
 
 DAEMON = web.AppKey("daemon", Daemon)
+
+
+def check_outputs(config: Config) -> None:
+    """Refuse (UnsafePath) extra token files or templates where every local user may write,
+    and log a warning for each directory that its group or another user may (the consumer's
+    own): store.output_problems."""
+    problems = output_problems(config.accounts.values())
+    for found in problems:
+        if found.refused:
+            raise found.problem
+    for found in problems:
+        log.warning("account %s: %s", found.account, found.problem)
 
 
 def only_account(config: Config, account: str) -> Config:

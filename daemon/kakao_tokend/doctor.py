@@ -35,7 +35,7 @@ from .exitcodes import CRITICAL, OK, WARNING
 from .health import assess
 from .relogin import cli_command, command_line, config_command, login_command
 from .state import AccountState
-from .store import STATE_FILE_MODE, AccountStore
+from .store import STATE_FILE_MODE, AccountStore, output_problems
 from .tokens import Clock, format_duration, utcnow
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "check_consumer",
     "check_directories",
     "check_group_access",
+    "check_outputs",
     "check_socket",
     "check_unit",
     "run_checks",
@@ -173,17 +174,35 @@ def expected_owner(config: Config) -> tuple[int, str]:
 
 
 def check_directories(config: Config) -> list[Finding]:
-    """The state and runtime directories, and the account files: owners and modes."""
+    """The state and runtime directories, and the account files: owners and modes; the
+    directories of the extra token files and templates (check_outputs)."""
     uid, user = expected_owner(config)
     findings: list[Finding] = []
-    socket_dir = config.api_socket.parent
-    places = {config.state_dir: "state directory", socket_dir: "socket directory"}
+    places = {config.state_dir: "state directory", config.runtime_dir: "runtime directory"}
+    places.setdefault(config.api_socket.parent, "socket directory")
     for directory, label in places.items():
         login = login_command(config.account())
         findings.append(_check_directory(directory, label, uid, user, login=login))
     for account in config.accounts.values():
         findings.extend(_check_account_files(account, uid, user))
+    findings.extend(check_outputs(config))
     return findings
+
+
+def check_outputs(config: Config) -> list[Finding]:
+    """The directories the accounts publish into beside their token files (store.
+    output_problems): critical where every local user may write (`run` refuses it), a
+    warning where their group or another user may."""
+    uid, _ = expected_owner(config)
+    return [
+        Finding(
+            found.key,
+            CRITICAL if found.refused else WARNING,
+            found.problem.message,
+            found.problem.hint.removeprefix("run: ") if found.problem.hint else None,
+        )
+        for found in output_problems(config.accounts.values(), owner=uid)
+    ]
 
 
 def _check_directory(directory: Path, label: str, uid: int, user: str, *, login: str) -> Finding:

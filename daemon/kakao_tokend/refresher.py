@@ -354,6 +354,16 @@ class AccountManager:
                     kept,
                 )
                 return None
+        kept = None
+        if on_disk is not None:
+            # Nothing lost: the state the rescued one replaces is kept as .replaced-<stamp>.
+            try:
+                kept = self.store.set_aside_state("replaced", keep=True)
+            except StoreError as exc:
+                log.warning("account %s: %s; recovering the rescue file without it", self.name, exc)
+        held = "nothing usable"
+        if on_disk is not None:
+            held = f"generation {on_disk.generation}" + (f", kept as {kept}" if kept else "")
         log.warning(
             "account %s: recovered the tokens from the rescue file %s (generation %d, refresh"
             " token %s); the state file held %s",
@@ -361,7 +371,7 @@ class AccountManager:
             self.store.rescue_path,
             rescued.generation,
             rescued.tokens.refresh_fingerprint,
-            f"generation {on_disk.generation}" if on_disk is not None else "nothing usable",
+            held,
         )
         self._adopt(rescued)
         if self._persist(rescued):
@@ -1183,7 +1193,9 @@ class AccountManager:
             return
         with contextlib.suppress(OSError):  # only an explanation depends on it
             if flying:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                # Never through a link, never waiting on a FIFO: refused instead (ELOOP, ENXIO).
+                flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                os.close(os.open(path, flags, 0o600))
             else:
                 os.unlink(path)
 

@@ -176,11 +176,12 @@ class StateStore(Protocol):
         """Write ``state`` as the account's state (while held); raises StoreWriteError."""
         ...
 
-    def set_aside_state(self, label: str) -> Path | None:
+    def set_aside_state(self, label: str, *, keep: bool = False) -> Path | None:
         """Keep the stored state aside under ``label`` (never deleted; while held).
 
         For a state the daemon refuses to adopt (an older backup): returns where it went, or
-        None when there was none.
+        None when there was none. ``keep``: a copy, the state stays where it is (before a
+        rescued state replaces it).
         """
         ...
 
@@ -230,6 +231,12 @@ class Publisher(Protocol):
 
     def read_published(self) -> dict[str, Any] | None:
         """Return the published token document (None: there is none); raises StoreError."""
+        ...
+
+    def published_current(self, generation: int) -> bool:
+        """True when the token file holds ``generation`` with [publish]'s mode and group: a
+        start leaves it alone. Missing, damaged, older, or open to others by a chmod: False,
+        and the start writes it at once (never raises)."""
         ...
 
 

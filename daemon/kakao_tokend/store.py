@@ -61,6 +61,10 @@ ALERTS_SUFFIX = ".alerts.json"
 LOGGED_OUT_SUFFIX = ".logged-out.json"
 RESCUE_VERSION = 1
 DIR_MODE = 0o750
+#: No file kakao-tokend reads back comes anywhere near this size (a state file with its whole
+#: rotation log is a few KiB): a larger one was not written by it, and is refused instead of
+#: being read into memory (read_file). A rendered template is compared up to its own size.
+MAX_FILE_BYTES = 8 * 1024 * 1024
 #: How often a waiting lock is tried again (seconds).
 LOCK_POLL = 0.05
 #: The state directory's instance lock: held by `run` (one daemon per state directory) and
@@ -300,17 +304,30 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _directory_problem(info: os.stat_result, directory: Path, what: str) -> UnsafePath | None:
-    """Why another local user could change the files in this directory, or None."""
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _directory_problem(
+    info: os.stat_result, directory: Path, what: str, *, owner: int | None = None
+) -> UnsafePath | None:
+    """Why another local user could change the files in this directory, or None.
+
+    ``owner``: the user the daemon runs as, when that is not this process (`check-config`
+    run by root for the system unit's configuration).
+    """
     if not stat.S_ISDIR(info.st_mode):
         return UnsafePath(f"{what} {directory} is not a directory")
-    me = os.geteuid()
+    me = os.geteuid() if owner is None else owner
     if info.st_uid not in (me, 0):
-        owner = _user_name(info.st_uid)
+        stranger = _user_name(info.st_uid)
         return UnsafePath(
-            f"{what} {directory} is owned by {owner}, who could swap the files in it; only "
+            f"{what} {directory} is owned by {stranger}, who could swap the files in it; only "
             f"this user ({_user_name(me)}) or root may own it",
-            hint=f"run kakao-tokend as {owner}, or: chown {_user_name(me)} {directory}",
+            hint=f"run kakao-tokend as {stranger}, or: chown {_user_name(me)} {directory}",
         )
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o022:
@@ -350,6 +367,116 @@ def check_directory(directory: Path, *, what: str) -> None:
     except OSError as exc:
         raise StoreError(f"cannot open {what} {directory}: {exc.strerror or exc}") from None
     os.close(fd)
+
+
+def judge_output_directory(
+    directory: Path, *, what: str, owner: int | None = None
+) -> tuple[StoreError, bool] | None:
+    """Judge the directory of a file published for consumers beside the token file (an extra
+    token file, a rendered template) by :func:`check_directory`'s rule; None when it passes
+    (or does not exist yet: it is created 0750).
+
+    Returns the problem and whether it is refused. Refused when every local user may write
+    there (a sticky 1777 like /tmp too): anyone could plant what the consumers read, or keep
+    it from ever being updated. Otherwise (its group may write, or another user owns it: a
+    consumer's own directory) the problem is a warning: reading there never waits nor
+    follows a link, so they can only spoil their own copy. ``owner`` as for
+    :func:`_directory_problem`.
+    """
+    try:
+        fd = open_directory(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot open {what} {directory}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISDIR(info.st_mode) and mode & 0o002:
+        return (
+            UnsafePath(
+                f"{what} {directory} is writable by every local user (mode {mode:04o}): anyone"
+                " could replace what the consumers read there, or keep it from being updated",
+                hint=f"run: chmod o-w {directory}, or choose a directory that only kakao-tokend"
+                " and its consumers may write",
+            ),
+            True,
+        )
+    problem = _directory_problem(info, directory, what, owner=owner)
+    return None if problem is None else (problem, False)
+
+
+class PublishesOutputs(Protocol):
+    """An account's files beside its token file (config.AccountConfig satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    def outputs(self) -> list[tuple[str, Path]]:
+        """(key below ``accounts.NAME``, path) of each extra token file and template."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutputProblem:
+    """Another user could change a directory an account publishes into (output_problems)."""
+
+    account: str
+    #: The setting that names the file: ``accounts.NAME.env_file``.
+    key: str
+    problem: StoreError
+    #: Every local user may write there: `run` and `check-config` refuse it (else a warning).
+    refused: bool
+
+
+def output_problems(
+    accounts: Iterable[PublishesOutputs], *, owner: int | None = None
+) -> list[OutputProblem]:
+    """Judge the directory of every extra token file and rendered template of ``accounts``
+    (:func:`judge_output_directory`), each directory once: what `run` refuses or warns of at
+    start and at a reload, and what `check-config` and `doctor` report."""
+    found: list[OutputProblem] = []
+    judged: set[str] = set()
+    for account in accounts:
+        for key, path in account.outputs():
+            directory = directory_text(path)
+            if directory in judged:
+                continue
+            judged.add(directory)
+            what = "template destination" if key.startswith("templates") else "extra token file"
+            what += " directory"
+            try:
+                judged_as = judge_output_directory(Path(directory), what=what, owner=owner)
+            except StoreError as exc:
+                judged_as = (exc, False)
+            if judged_as is not None:
+                problem, refused = judged_as
+                found.append(
+                    OutputProblem(account.name, f"accounts.{account.name}.{key}", problem, refused)
+                )
+    return found
+
+
+def _private_file_problem(info: os.stat_result, path: Path, what: str) -> UnsafePath | None:
+    """Why a file kakao-tokend writes for itself alone (0600, as its own user) may have been
+    written by someone else: another owner, or group or others may write it; else None."""
+    me = os.geteuid()
+    if info.st_uid != me:
+        return UnsafePath(
+            f"{what} {path} is owned by {_user_name(info.st_uid)}, not {_user_name(me)}:"
+            " kakao-tokend did not write it",
+            hint=f"chown {_user_name(me)} {path} && chmod 600 {path}",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+        return UnsafePath(
+            f"{what} {path} is writable by {who} (mode {mode:04o}): another local user could"
+            " have written it",
+            hint=f"chmod 600 {path}",
+        )
+    return None
 
 
 def symlink_refused(path: Path | str, what: str) -> UnsafePath:
@@ -465,6 +592,13 @@ def set_group(fd: int, gid: int) -> None:
     """
     if os.fstat(fd).st_gid != gid:
         os.fchown(fd, -1, gid)
+
+
+def published_as_configured(info: os.stat_result, *, mode: int, group: int | None) -> bool:
+    """True when a published file (``fstat``) has the mode and group a write gives it:
+    ``mode``, and ``group`` or, None, this process's (:func:`atomic_write`)."""
+    gid = os.getegid() if group is None else group
+    return stat.S_IMODE(info.st_mode) == mode and info.st_gid == gid
 
 
 def _create_exclusive(path: Path, mode: int, gid: int, *, dir_fd: int | None = None) -> int:
@@ -631,15 +765,30 @@ class FileLock:
         return int(text) if text.isdigit() else None
 
 
-def read_file(path: Path | str, *, what: str) -> bytes:
+def read_file(path: Path | str, *, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
     """Read a whole regular file without following a symlink (UnsafePath) or blocking on a FIFO.
 
-    FileNotFoundError and other OSErrors reach the caller unchanged.
+    The one way kakao-tokend reads a file in a directory someone else may write too (the
+    token file's, a template's destination): a FIFO or a device is refused at once (opened
+    non-blocking, judged by ``fstat``), and a file of more than ``limit`` bytes raises
+    StoreError instead of filling the memory. FileNotFoundError and other OSErrors reach the
+    caller unchanged.
     """
-    return _read_regular(path, what=what)[0]
+    return read_regular(path, what=what, limit=limit)[0]
 
 
-def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result]:
+def _too_large(path: Path | str, what: str, limit: int) -> StoreError:
+    mib = 1024 * 1024
+    size = f"{limit // mib} MiB" if limit and limit % mib == 0 else f"{limit} bytes"
+    return StoreError(
+        f"{what} {path} is larger than {size}: kakao-tokend did not write it",
+        hint="move it away",
+    )
+
+
+def read_regular(
+    path: Path | str, *, what: str, limit: int = MAX_FILE_BYTES
+) -> tuple[bytes, os.stat_result]:
     """:func:`read_file`, plus the ``fstat`` of the file that was read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -651,15 +800,20 @@ def _read_regular(path: Path | str, *, what: str) -> tuple[bytes, os.stat_result
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafePath(f"{what} {path} is not a regular file", hint="move it away")
+        if info.st_size > limit:
+            raise _too_large(path, what, limit)
         # Plain reads on the descriptor, sized by the fstat: a file object would fstat and
         # seek again (a start of a thousand accounts reads two files each). A read that
         # returns less than it asked for has reached the end of a regular file: no further
-        # read to hear that (our files are replaced by rename, never appended to).
+        # read to hear that (our files are replaced by rename, never appended to). One
+        # growing meanwhile is read up to one byte past the limit, never further.
         data = b""
         while True:
-            wanted = max(info.st_size - len(data), 0) + 4096
+            wanted = min(max(info.st_size - len(data), 0) + 4096, limit + 1 - len(data))
             chunk = os.read(fd, wanted)
             data += chunk
+            if len(data) > limit:
+                raise _too_large(path, what, limit)
             if len(chunk) < wanted:
                 return data, info
     finally:
@@ -1015,11 +1169,14 @@ class AccountStore:
     def check_paths(self, checked: set[str] | None = None) -> None:
         """Refuse (:class:`UnsafePath`) to work with files another local user could redirect.
 
-        The directories of the state, lock and token files must pass :func:`check_directory`;
-        none of the account's files may be a symlink or anything but a regular file. Every
-        command that writes the account's files calls this first (``try_lock`` does too).
-        Directories in ``checked`` passed already and are not looked at again; the ones that
-        pass here are added (a thousand accounts in one directory: one look at it).
+        The directories of the state, lock and token files and the rescue directory (the
+        runtime directory: a rescue file planted there would replace the account's tokens)
+        must pass :func:`check_directory`; none of the account's files may be a symlink or
+        anything but a regular file; the extra token files must not go where every local
+        user may write (:func:`judge_output_directory`). Every command that writes the
+        account's files calls this first (``try_lock`` does too). Directories in ``checked``
+        passed already and are not looked at again; the ones that pass here are added (a
+        thousand accounts in one directory: one look at it).
         """
         if checked is not None and self._listing is not None and self._check_listed(checked):
             return
@@ -1032,9 +1189,21 @@ class AccountStore:
         ):
             # Usually one directory: "state directory".
             directories.setdefault(directory_text(path), (path, what))
+        rescue = self.rescue_path
+        if rescue is not None:
+            directories.setdefault(directory_text(rescue), (rescue, "runtime directory"))
         for directory, (path, what) in directories.items():
             if checked is None or directory not in checked:
                 check_directory(path.parent, what=what)
+        for sink in sink_paths(self.account):
+            if directory_text(sink) in directories:
+                continue  # judged by the stricter rule above
+            try:
+                judged = judge_output_directory(sink.parent, what="extra token file directory")
+            except StoreError:
+                continue  # not even to be looked at: writing there fails, says why, is retried
+            if judged is not None and judged[1]:
+                raise judged[0]
         listing = self._listing
         for path, what in (
             (self.state_path, "state file"),
@@ -1064,6 +1233,10 @@ class AccountStore:
         token_directory, _, token_name = self.token_text.rpartition("/")
         if not directory or directory not in checked:
             return False
+        if self._rescue_dir is not None and str(self._rescue_dir) not in checked:
+            return False
+        if self.account.access_token_file is not None or self.account.env_file is not None:
+            return False  # rare: their directories are judged the long way
         if lock_directory != directory or token_directory != directory:
             return False
         entries = self._listing.directory(directory)
@@ -1212,7 +1385,7 @@ class AccountStore:
             return None
         for _ in range(3):
             try:
-                raw, info = _read_regular(path, what="state file")
+                raw, info = read_regular(path, what="state file")
             except FileNotFoundError:
                 return None
             except PermissionError:
@@ -1298,13 +1471,23 @@ class AccountStore:
             raise StoreError(f"cannot stat {path}: {exc.strerror or exc}") from None
         return self._set_aside(path, inode, label)
 
-    def set_aside_state(self, label: str) -> Path | None:
+    def set_aside_state(self, label: str, *, keep: bool = False) -> Path | None:
         """Move the current state file to ``<file>.<label>-<stamp>`` (kept, never deleted).
 
         Used for a state the daemon refuses to adopt (an older backup); returns where it went,
-        or None when there was no file (or it was replaced meanwhile). Hold the lock.
+        or None when there was no file (or it was replaced meanwhile). ``keep`` leaves the
+        file in place too (a second link: the save that replaces it leaves the copy). Hold
+        the lock.
         """
-        return self.set_aside_file(self.state_path, label)
+        if not keep:
+            return self.set_aside_file(self.state_path, label)
+        try:
+            inode = os.stat(self.state_path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
+        return self._set_aside(self.state_path, inode, label, keep=True)
 
     def save_keeping_a_copy(
         self, state: AccountState, label: str, *, copy_required: bool = True
@@ -1411,14 +1594,18 @@ class AccountStore:
         if path is None:
             return None
         try:
-            raw = read_file(path, what="rescue file")
+            raw, info = read_regular(path, what="rescue file")
         except FileNotFoundError:
             return None
-        except UnsafePath as exc:  # a symlink or a FIFO planted in the runtime directory
+        except StoreError as exc:  # a symlink or a FIFO planted in the runtime directory
             log.error("account %s: %s", self.name, exc)
             return None
         except OSError as exc:
             log.error("account %s: cannot read %s: %s", self.name, path, exc.strerror or exc)
+            return None
+        foreign = _private_file_problem(info, path, "rescue file")
+        if foreign is not None:
+            self._refuse_rescue(path, foreign)
             return None
         try:
             document = json.loads(raw.decode("utf-8"))
@@ -1447,6 +1634,31 @@ class AccountStore:
             )
             return None
         return replace(state, account=self.name)
+
+    def _refuse_rescue(self, path: Path, why: UnsafePath) -> None:
+        """A rescue file kakao-tokend did not write as itself (0600, its own user): never
+        recovered (another user may have planted other tokens in it), never deleted either
+        (it may still hold tokens someone wants): kept aside as ``.refused-<stamp>``."""
+        try:
+            kept = self.set_aside_file(path, "refused")
+        except StoreError as exc:
+            kept, failed = None, f"; it could not be moved aside ({exc.message})"
+        else:
+            failed = ""
+        where = kept if kept is not None else path
+        fix = (why.hint or "").replace(str(path), str(where))
+        log.error(
+            "account %s: %s; refused: kept as %s, not used%s (if you trust the tokens in it:"
+            " %s && mv %s %s; else: rm %s)",
+            self.name,
+            why.message,
+            where,
+            failed,
+            fix,
+            where,
+            path,
+            where,
+        )
 
     def discard_rescue(self) -> None:
         """Delete the rescue file once the state file holds what it kept (missing is fine)."""
@@ -1614,6 +1826,38 @@ class AccountStore:
         if not isinstance(document, dict):
             raise StoreError(f"token file {self.token_path} is not a JSON object")
         return document
+
+    def published_current(self, generation: int) -> bool:
+        """True when the token file holds ``generation`` with [publish]'s mode and group, so
+        a start need not write it (a thousand current files stay untouched). Missing, damaged
+        or older: False. A mode or group changed by hand (a chmod 644 gives every local user
+        the token) is False too, and logged: the start rewrites the file at once instead of
+        at the next refresh, hours later."""
+        if self._listing is not None and self._listing.absent(self.token_text):
+            return False
+        try:
+            raw, info = read_regular(self.token_text, what="token file")
+            document = parse_json(raw)
+            group = self._group_id()
+        except (OSError, StoreError, ValueError):
+            return False  # the publish that follows says what is wrong, if anything is
+        if not isinstance(document, dict) or document.get("generation") != generation:
+            return False
+        mode = self.account.token_file_mode
+        if published_as_configured(info, mode=mode, group=group):
+            return True
+        wanted = os.getegid() if group is None else group
+        log.warning(
+            "account %s: token file %s has mode %04o and group %s, not %04o and %s as"
+            " configured ([publish] mode, group); writing it again now",
+            self.name,
+            self.token_path,
+            stat.S_IMODE(info.st_mode),
+            _group_name(info.st_gid),
+            mode,
+            _group_name(wanted),
+        )
+        return False
 
     # -- alert bookkeeping ---------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,15 @@ from .errors import StoreError
 from .hooks import CommandWorkers
 from .refresher import AccountManager
 from .status import NEW_TOKENS, WITHOUT_TOKENS, AccountEvent, EventKind
-from .store import AccountStore, atomic_write, remove_outputs, resolve_group, sink_paths
+from .store import (
+    AccountStore,
+    atomic_write,
+    published_as_configured,
+    read_regular,
+    remove_outputs,
+    resolve_group,
+    sink_paths,
+)
 from .templates import render
 
 log = logging.getLogger(__name__)
@@ -48,19 +55,20 @@ def write_if_changed(path: Path, data: bytes, *, mode: int, group: int | None) -
     """Atomically replace ``path`` unless it already holds ``data`` with the right mode/group.
 
     A destination that only lost its mode or group is rewritten too, but that is no change of
-    content (the template's command does not run for it).
+    content (the template's command does not run for it). The destination's directory may
+    be the consumer's, so what is there is read as store.read_file reads: never waiting (a
+    FIFO planted there would stop the whole daemon), never through a symlink, and never more
+    than ``data`` holds. Anything but a regular file of ours is simply replaced, as a
+    changed file is: the replacement never follows a link either.
     """
     try:
-        with path.open("rb") as handle:
-            info = os.fstat(handle.fileno())
-            current: bytes | None = handle.read(len(data) + 1)
-    except OSError:
-        current, info = None, None
+        current, info = read_regular(path, what="template destination", limit=len(data))
+    except (OSError, StoreError):
+        current, info = None, None  # missing, a FIFO, a symlink, larger: rewritten
     if (
         current == data
         and info is not None
-        and stat.S_IMODE(info.st_mode) == mode
-        and (group is None or info.st_gid == group)
+        and published_as_configured(info, mode=mode, group=group)
     ):
         return WriteOutcome(written=False, content_changed=False)
     atomic_write(path, data, mode=mode, group=group)

@@ -117,9 +117,14 @@ def _line_of(text: str, offset: int) -> int:
 
 
 def read_template_source(path: Path) -> str:
-    """Read a template source file as UTF-8 text; raise TemplateProblem with a readable reason."""
+    """Read a template source file as UTF-8 text; raise TemplateProblem with a readable reason.
+
+    Opened without waiting: a FIFO (or a link to one) where the source should be is refused
+    at once instead of stopping the config check, and with it `run` (store.read_file).
+    """
     try:
-        with path.open("rb") as handle:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise TemplateProblem(f"{path} is not a regular file")

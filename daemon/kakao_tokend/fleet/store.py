@@ -1525,7 +1525,7 @@ class PgAccountStore:
         self._held.staged = None
         self._held.delete = True
 
-    def set_aside_state(self, label: str) -> Path | None:
+    def set_aside_state(self, label: str, *, keep: bool = False) -> Path | None:
         """The store never goes backwards (compare-and-swap): nothing to keep aside."""
         return None
 
@@ -1713,6 +1713,10 @@ class PgAccountStore:
     def read_published(self) -> dict[str, Any] | None:
         """Return this node's published token document (None: none)."""
         return self._files.read_published()
+
+    def published_current(self, generation: int) -> bool:
+        """True when this node's token file is current (or it publishes none)."""
+        return not self.publishes or self._files.published_current(generation)
 
 
 _trim: Callable[[int], int] | None = None
