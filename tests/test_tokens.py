@@ -379,6 +379,75 @@ class TestMergeRefresh:
         )
         assert new.extra == {"first": 1, "second": 2}
 
+    def test_an_expiry_passed_by_our_clock_is_rebased_by_a_refresh_kakao_kept(self) -> None:
+        """The refresh token 'died' by our clock (stamped while the clock was behind, then
+        stepped forward), yet Kakao answered without rotating it: by Kakao's rule it has at
+        least the rotation window left. Its expiry becomes the request time plus the window,
+        estimated; the issue time moves as much, so the life (and the fitted window) stays."""
+        old = initial_tokens()
+        window = timedelta(days=30)
+        requested = old.refresh_expires_at + timedelta(days=10)
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=window,
+        )
+        assert rotated is False and new.refresh_token == RT
+        assert new.refresh_expires_at == requested + window
+        assert new.refresh_expiry_estimated is True
+        assert new.refresh_issued_at is not None and old.refresh_issued_at is not None
+        life = old.refresh_expires_at - old.refresh_issued_at
+        assert new.refresh_expires_at - new.refresh_issued_at == life
+        assert new.refresh_remaining(requested) > timedelta(0)
+
+    def test_a_known_expiry_still_ahead_is_kept_when_kakao_does_not_rotate(self) -> None:
+        """Inside the window, with our own expiry still ahead, a refresh without rotation
+        changes nothing: it is a missed rotation (the caller warns), not a wrong clock. The
+        same without a window (a caller that does not know it)."""
+        old = initial_tokens()
+        requested = old.refresh_expires_at - timedelta(days=10)
+        for window in (timedelta(days=30), None):
+            new, _ = old.merge_refresh(
+                {"access_token": AT2, "expires_in": SIX_HOURS},
+                requested_at=requested,
+                rotation_window=window,
+            )
+            assert new.refresh_expires_at == old.refresh_expires_at
+            assert new.refresh_issued_at == old.refresh_issued_at
+            assert new.refresh_expiry_estimated is False
+        dead = old.refresh_expires_at + timedelta(days=1)
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS}, requested_at=dead
+        )
+        assert new.refresh_expires_at == old.refresh_expires_at  # no window: nothing proven
+
+    def test_an_estimate_below_what_kakao_proves_is_raised_and_never_lowered(self) -> None:
+        """An estimated expiry (an import) with less than the window left is raised to it by
+        a refresh Kakao did not rotate; one with more left stays; a window longer than the
+        token's life proves at most that life."""
+        old = replace(initial_tokens(), refresh_expiry_estimated=True)
+        requested = old.refresh_expires_at - timedelta(days=20)
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=timedelta(days=30),
+        )
+        assert new.refresh_expires_at == requested + timedelta(days=30)
+        assert new.refresh_expiry_estimated is True
+        early = old.refresh_expires_at - timedelta(days=40)
+        kept, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=early,
+            rotation_window=timedelta(days=30),
+        )
+        assert kept.refresh_expires_at == old.refresh_expires_at
+        capped, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=timedelta(days=90),
+        )
+        assert capped.refresh_expires_at == requested + timedelta(seconds=SIXTY_DAYS)
+
     def test_merge_does_not_modify_the_original(self) -> None:
         """merge_refresh returns a new set; the old one still holds the old access token."""
         old = initial_tokens()

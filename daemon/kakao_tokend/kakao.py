@@ -507,11 +507,19 @@ class KakaoClient:
             )
         return tokens
 
-    async def refresh(self, tokens: TokenSet, *, unanswered: int = 0) -> tuple[TokenSet, bool]:
+    async def refresh(
+        self,
+        tokens: TokenSet,
+        *,
+        unanswered: int = 0,
+        rotation_window: timedelta | None = None,
+    ) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated).
 
         ``unanswered``: the account's token requests in a row that Kakao left unanswered in
-        time; the request waits longer after them (tokens.request_timeout)."""
+        time; the request waits longer after them (tokens.request_timeout).
+        ``rotation_window``: Kakao's rotation window fitted to the refresh token; an answer
+        without a rotation then corrects an expiry it proves wrong (TokenSet.merge_refresh)."""
         form = {
             "grant_type": "refresh_token",
             "client_id": self._app.rest_api_key,
@@ -534,7 +542,9 @@ class KakaoClient:
             # saved before anything else (merge_refresh salvages it; the next refresh asks).
             body = await self._with_expires_in(body, lifetime, dies)
         try:
-            return tokens.merge_refresh(body, requested_at=requested_at)
+            return tokens.merge_refresh(
+                body, requested_at=requested_at, rotation_window=rotation_window
+            )
         except PartialTokenResponse as exc:
             raise PartialRefresh(
                 f"Kakao's token response carried a new refresh token but no usable access"

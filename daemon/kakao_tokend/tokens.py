@@ -269,7 +269,11 @@ class TokenSet:
         )
 
     def merge_refresh(
-        self, body: Mapping[str, Any], *, requested_at: datetime
+        self,
+        body: Mapping[str, Any],
+        *,
+        requested_at: datetime,
+        rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
         """Apply a ``refresh_token`` grant response by Kakao's rules; return (new set, rotated).
 
@@ -279,6 +283,16 @@ class TokenSet:
         echoed back is not a rotation, and an empty one is none. A new refresh token without a
         usable expiry is still taken (the old one may be dead), its expiry estimated as the
         full life the previous one was issued with (the old expiry when that is unknown).
+
+        ``rotation_window``: the window in which Kakao rotates (fitted to this refresh token).
+        An answer without a rotation then also says something of the old expiry: Kakao kept
+        a refresh token that lives at least that long. An expiry that says less and is only a
+        guess, or that has already passed by our clock (stamped while the clock was behind,
+        then stepped forward: a board without a real-time clock before NTP), is wrong: it is
+        re-based to the request time plus the window (at most the token's life), marked
+        estimated. The issue time moves with it, so the life (and the window fitted to it)
+        stays. An expiry we know and that has not passed stays: a refresh without the
+        rotation it promised is a missed rotation, said by the caller.
 
         The refresh part is read first: when it holds a new refresh token but the access part
         is unusable, :class:`PartialTokenResponse` carries the salvaged set (new refresh token,
@@ -312,6 +326,8 @@ class TokenSet:
             else:
                 changes["refresh_expires_at"] = requested_at + timedelta(seconds=refresh_expires_in)
                 changes["refresh_expiry_estimated"] = False
+        if not rotated and "refresh_expires_at" not in changes and rotation_window is not None:
+            changes.update(self._proven_alive(requested_at, rotation_window))
         try:
             access_token = _token_string(body, "access_token")
             expires_in = _lifetime(body, "expires_in")
@@ -331,6 +347,21 @@ class TokenSet:
         if isinstance(body.get("id_token"), str):
             changes["id_token"] = body["id_token"]
         return replace(self, **changes), rotated
+
+    def _proven_alive(self, requested_at: datetime, window: timedelta) -> dict[str, Any]:
+        """The changes a refresh Kakao answered without rotating makes to the refresh expiry
+        (see :meth:`merge_refresh`): none while our expiry may be right."""
+        life = refresh_lifetime(self)
+        if life is not None:
+            window = min(window, timedelta(seconds=life))
+        proven = requested_at + window
+        expires = self.refresh_expires_at
+        if expires >= proven or not (self.refresh_expiry_estimated or expires <= requested_at):
+            return {}
+        changes: dict[str, Any] = {"refresh_expires_at": proven, "refresh_expiry_estimated": True}
+        if self.refresh_issued_at is not None:
+            changes["refresh_issued_at"] = self.refresh_issued_at + (proven - expires)
+        return changes
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise everything (secrets included) for the private state file."""
