@@ -529,7 +529,7 @@ def _conditions(
                 command=restore,
             )
         )
-    if status.missed_rotation:
+    if status.missed_rotation and refresh_left > 0:  # expired: refresh_expiry says it
         found.append(
             Condition(
                 "missed_rotation",
