@@ -21,6 +21,7 @@ from kakao_tokend.tokens import (
     TokenResponseError,
     TokenSet,
     backoff_delay,
+    daemon_answer_wait,
     expiring_margin,
     fingerprint,
     format_duration,
@@ -1534,6 +1535,32 @@ def test_a_request_after_unanswered_ones_waits_longer_within_the_same_bounds(
         unanswered=unanswered,
     )
     assert wait == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "lifetime", "spare", "expected"),
+    [
+        (120.0, 21600.0, 21500.0, 10.0),  # a 6-hour token in the file: 10 s, not 120 s
+        (120.0, 21600.0, None, 120.0),  # the file cannot stand in: the daemon's own deadline
+        (120.0, 21600.0, -30.0, 120.0),  # nor with less left than min_valid
+        (120.0, None, None, 120.0),  # no token to go by (unreadable files, fleet mode)
+        (120.0, 8.0, 7.9, 2.0),  # an 8-second token: a quarter of its life
+        (120.0, 8.0, None, 2.0),  # ... also when the daemon must refresh it first
+        (120.0, 8.0, 1.0, 0.5),  # half the spare: what is handed out still meets min_valid
+        (120.0, 8.0, 0.02, 0.1),  # never below the floor: a healthy daemon is not frozen
+        (0.05, 8.0, 7.9, 0.05),  # ... nor above the ceiling
+    ],
+)
+def test_a_command_waits_for_the_daemon_a_share_of_the_tokens_life(
+    ceiling: float, lifetime: float | None, spare: float | None, expected: float
+) -> None:
+    """`kakao-tokend token` waited a fixed 120 s for a stopped or frozen daemon, although
+    the state file held a token with hours left. Its wait is a quarter of the access token's
+    life (two of the longest Kakao requests the daemon may make for it), within the daemon's
+    own deadline twice over; and while the file's token can stand in, at most 10 s and half
+    of what it has beyond min_valid."""
+    life = timedelta(seconds=lifetime) if lifetime is not None else None
+    assert daemon_answer_wait(ceiling, life, spare) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("unanswered", [0, 1, 2, 5])

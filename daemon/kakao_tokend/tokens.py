@@ -581,6 +581,42 @@ def within_refresh_life(wait: float, refresh_left: float | None) -> float:
     return min(wait, refresh_left * REFRESH_LEFT_SHARE)
 
 
+#: The share of the access lifetime a command waits for the running daemon's answer: two of
+#: the longest Kakao requests the daemon may make for it (:data:`REQUEST_TIMEOUT_SHARE`).
+DAEMON_ANSWER_SHARE = 2 * REQUEST_TIMEOUT_SHARE
+#: The shortest such wait: a healthy daemon answers within a few milliseconds.
+DAEMON_ANSWER_FLOOR = 0.1
+#: The longest wait for the daemon while the state file holds a token good enough to hand
+#: out instead: a daemon answers that from memory at once; 10 s covers a loaded machine or a
+#: loop stalled by a slow disk, and is 1/2160 of a 6-hour token's life.
+DAEMON_SPARE_WAIT = 10.0
+
+
+def daemon_answer_wait(
+    ceiling: float, lifetime: timedelta | None, spare: float | None = None
+) -> float:
+    """Return how long a command waits for the running daemon's answer (seconds).
+
+    ``ceiling`` is the wait without a token to go by (the daemon's own deadline, ``[api]
+    request_timeout``, and as much again). A token in the state file whose access token lives
+    ``lifetime`` shortens it to :data:`DAEMON_ANSWER_SHARE` of that life: a daemon that must
+    refresh first waits for Kakao at most a share of it too (:func:`request_timeout`), and a
+    6-second token must not wait twenty of its lifetimes for a daemon that was stopped.
+
+    ``spare``: how much longer the state file's access token lives than the caller asks
+    (``min_valid``); positive, it can stand in for the daemon's answer. Then the wait is at
+    most :data:`DAEMON_SPARE_WAIT`, and half the spare, so the token handed out after it
+    still meets ``min_valid``. Never less than :data:`DAEMON_ANSWER_FLOOR` (within the
+    ceiling): a daemon that answers in milliseconds is not taken for a frozen one.
+    """
+    wait = ceiling
+    if lifetime is not None:
+        wait = min(wait, max(lifetime.total_seconds(), 0.0) * DAEMON_ANSWER_SHARE)
+    if spare is not None and spare > 0:
+        wait = min(wait, DAEMON_SPARE_WAIT, spare * REFRESH_LEFT_SHARE)
+    return min(ceiling, max(wait, DAEMON_ANSWER_FLOOR))
+
+
 #: How much longer a token request may wait than the one before it that Kakao left
 #: unanswered (request_timeout): twice as long, within the same bounds.
 UNANSWERED_GROWTH = 2.0
