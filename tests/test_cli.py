@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
-from daemonproc import write_config
+from daemonproc import run_cli, write_config
 from kakao_tokend.cli import main
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
@@ -477,6 +477,40 @@ class TestTokenRefreshLogout:
         expired = await ainvoke(config, "token")
         assert expired.exit_code == 69, expired.output
         assert expired.stdout == ""
+
+    async def test_token_from_a_daemon_that_never_answers_falls_back_to_the_file_in_time(
+        self, tmp_path: Path
+    ) -> None:
+        """The daemon is stopped (SIGSTOP) or frozen: its socket takes the connection and
+        never answers. `token` waits a share of the token's life (a quarter of an 8-second
+        token's, not a fixed 120 s), then prints the state file's token, still good for
+        --min-valid, with a one-line warning saying why. A token the file cannot give (too
+        short for --min-valid) is one error line with the fix, after the same short wait."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=30 * 86400, access_left=8)  # an 8-second token
+        sock = load_config(config).api_socket
+        sock.parent.mkdir(mode=0o700, exist_ok=True)
+        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        frozen.bind(str(sock))
+        frozen.listen(8)  # the kernel accepts into the backlog; nobody ever answers
+        try:
+            started = asyncio.get_running_loop().time()
+            code, out, err = await run_cli(config, "token")
+            took = asyncio.get_running_loop().time() - started
+            short = await run_cli(config, "token", "--min-valid", "7.9s")
+        finally:
+            frozen.close()
+        assert code == 0, err
+        assert out == OFFLINE_BODY["access_token"] + "\n"
+        assert took < 6.0, f"{took:.1f}s"  # 2 s of waiting, and the CLI's own start
+        [line] = err.splitlines()
+        assert line.startswith("warning: ") and "did not answer" in line, line
+        assert "state file" in line and OFFLINE_BODY["access_token"] not in line
+        code, out, err = short
+        assert code == 1 and out == "", err
+        [line] = err.splitlines()
+        assert line.startswith("error: ") and "did not answer" in line, line
+        assert "7.9s" in line and "systemctl" in line and "Traceback" not in err
 
     async def test_lock_busy_is_75(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
         """When another process holds the account lock, refresh gives up with 75."""

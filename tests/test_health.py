@@ -375,6 +375,35 @@ def test_changes_at_names_the_next_rung_of_the_ladder() -> None:
     assert later.changes_at == expires - timedelta(days=20) - tick
 
 
+def test_a_missed_rotation_is_not_said_with_a_negative_time_left() -> None:
+    """A refresh without the rotation it promised was flagged while the refresh token lived;
+    it has expired since (by our clock). The EXPIRED condition says all there is: no
+    "Kakao did not renew the refresh token although only -3h00m is left" beside it. Before
+    that moment the missed rotation is said, with the positive time left."""
+    with tempfile.TemporaryDirectory() as directory:
+        config = make_config(Path(directory), thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    expires = NOW - timedelta(hours=3)
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(hours=5),
+        refresh_expires_at=expires,
+        access_issued_at=NOW - timedelta(hours=1),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    status.rotation_missed()
+    graded = assess(account, state, status, config.refresh, NOW)
+    said = [c.to_json()["message"] for c in graded.conditions]
+    assert graded.names() == ["refresh_expiry"], said
+    assert not any(re.search(r"-\d", text) for text in said), said
+    before = assess(account, state, status, config.refresh, expires - timedelta(hours=1))
+    assert "missed_rotation" in before.names()
+    assert any("only 1h00m is left" in c.to_json()["message"] for c in before.conditions)
+
+
 # --------------------------------------------------------------------------- the login hint
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -21,9 +22,10 @@ from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
 from kakao_tokend.relogin import login_command
 from kakao_tokend.scheduler import RefreshScheduler
+from kakao_tokend.state import AccountState
 from kakao_tokend.status import AccountEvent, AccountStatus, Health
 from kakao_tokend.store import AccountStore
-from kakao_tokend.tokens import format_time, utcnow
+from kakao_tokend.tokens import TokenSet, format_time, utcnow
 
 
 async def make_manager(
@@ -368,6 +370,71 @@ async def test_a_refresh_in_the_rotation_window_that_does_not_rotate_warns(
         await manager.refresh(force=True)
     assert manager.status.missed_rotation
     assert "did not rotate" in caplog.text
+
+
+async def test_a_refresh_token_kakao_accepts_after_a_forward_clock_step_is_not_expired(
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A board without a real-time clock refreshes before NTP has set its clock: it runs 70
+    days behind, and Kakao's rotation is stamped by that clock (60 days from a moment 70 days
+    ago). NTP then steps the clock forward, past the new refresh token's stamped death.
+    Kakao still accepts the token (it has 60 days left) and does not rotate it (more than its
+    month is left). That refresh proves our expiry wrong: it is re-based from the refresh's
+    own time and Kakao's rule (no rotation: at least the rotation window left), marked
+    estimated, and said once. No EXPIRED alert, no missed rotation, no negative duration;
+    the refresh token's stamped life (and so the window fitted to it) stays what it was."""
+    skew = [-70 * 86400.0]  # the daemon's clock minus Kakao's
+
+    def board_clock() -> datetime:
+        return emulator.now_datetime() + timedelta(seconds=skew[0])
+
+    config = load_config(write_config(tmp_path, emulator))
+    account = config.accounts["default"]
+    body = emulator.issue_tokens(refresh_remaining=20 * 86400)  # inside Kakao's month
+    tokens = TokenSet.from_token_response(body, requested_at=board_clock())
+    AccountStore(account).save(AccountState(account="default", tokens=tokens))
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app, clock=board_clock),
+        policy=config.refresh,
+        clock=board_clock,
+    )
+    manager.load()
+    await manager.refresh(force=True)  # Kakao rotates, stamped by the clock 70 days behind
+    assert manager.state is not None and manager.state.rotations
+    stamped = manager.state.tokens
+    life = stamped.refresh_expires_at - stamped.refresh_issued_at  # type: ignore[operator]
+    skew[0] = 0.0  # NTP steps the clock forward 70 days: the new token "died" 10 days ago
+    emulator.advance_clock(3600)
+    assert stamped.refresh_remaining(board_clock()) < timedelta(days=-9)
+    with caplog.at_level(logging.INFO, logger="kakao_tokend"):
+        await manager.refresh(force=True)
+        await manager.refresh(force=True)
+    now = board_clock()
+    tokens = manager.state.tokens
+    assert tokens.refresh_token == stamped.refresh_token  # Kakao kept it: no rotation
+    assert emulator.stats.rotations == 1
+    window = timedelta(seconds=config.refresh.rotation_window)
+    # At least the rotation window is left by Kakao's rule, and it is only an estimate.
+    assert window - timedelta(hours=1) <= tokens.refresh_remaining(now) <= window
+    assert tokens.refresh_expiry_estimated
+    assert tokens.refresh_expires_at - tokens.refresh_issued_at == life  # type: ignore[operator]
+    stored = manager.store.load()
+    assert stored is not None and stored.tokens.refresh_expires_at > now
+    assert not manager.status.missed_rotation
+    graded = manager.health()
+    assert graded.names() == [], [c.message for c in graded.conditions]
+    assert graded.level == 0
+    assert "inside the rotation window did not rotate" not in caplog.text
+    assert "EXPIRED" not in caplog.text
+    assert not re.search(r"-\d+(\.\d+)?[dhms]", caplog.text)  # no negative duration
+    said = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    assert len(said) == 1, said  # once, not at every refresh
+    assert stamped.refresh_fingerprint in said[0] and "estimated" in said[0]
 
 
 async def test_rotation_is_recorded_with_time_and_fingerprint(

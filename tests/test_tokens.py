@@ -21,6 +21,7 @@ from kakao_tokend.tokens import (
     TokenResponseError,
     TokenSet,
     backoff_delay,
+    daemon_answer_wait,
     expiring_margin,
     fingerprint,
     format_duration,
@@ -378,6 +379,75 @@ class TestMergeRefresh:
             {"access_token": AT2, "expires_in": SIX_HOURS, "second": 2}, requested_at=T0
         )
         assert new.extra == {"first": 1, "second": 2}
+
+    def test_an_expiry_passed_by_our_clock_is_rebased_by_a_refresh_kakao_kept(self) -> None:
+        """The refresh token 'died' by our clock (stamped while the clock was behind, then
+        stepped forward), yet Kakao answered without rotating it: by Kakao's rule it has at
+        least the rotation window left. Its expiry becomes the request time plus the window,
+        estimated; the issue time moves as much, so the life (and the fitted window) stays."""
+        old = initial_tokens()
+        window = timedelta(days=30)
+        requested = old.refresh_expires_at + timedelta(days=10)
+        new, rotated = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=window,
+        )
+        assert rotated is False and new.refresh_token == RT
+        assert new.refresh_expires_at == requested + window
+        assert new.refresh_expiry_estimated is True
+        assert new.refresh_issued_at is not None and old.refresh_issued_at is not None
+        life = old.refresh_expires_at - old.refresh_issued_at
+        assert new.refresh_expires_at - new.refresh_issued_at == life
+        assert new.refresh_remaining(requested) > timedelta(0)
+
+    def test_a_known_expiry_still_ahead_is_kept_when_kakao_does_not_rotate(self) -> None:
+        """Inside the window, with our own expiry still ahead, a refresh without rotation
+        changes nothing: it is a missed rotation (the caller warns), not a wrong clock. The
+        same without a window (a caller that does not know it)."""
+        old = initial_tokens()
+        requested = old.refresh_expires_at - timedelta(days=10)
+        for window in (timedelta(days=30), None):
+            new, _ = old.merge_refresh(
+                {"access_token": AT2, "expires_in": SIX_HOURS},
+                requested_at=requested,
+                rotation_window=window,
+            )
+            assert new.refresh_expires_at == old.refresh_expires_at
+            assert new.refresh_issued_at == old.refresh_issued_at
+            assert new.refresh_expiry_estimated is False
+        dead = old.refresh_expires_at + timedelta(days=1)
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS}, requested_at=dead
+        )
+        assert new.refresh_expires_at == old.refresh_expires_at  # no window: nothing proven
+
+    def test_an_estimate_below_what_kakao_proves_is_raised_and_never_lowered(self) -> None:
+        """An estimated expiry (an import) with less than the window left is raised to it by
+        a refresh Kakao did not rotate; one with more left stays; a window longer than the
+        token's life proves at most that life."""
+        old = replace(initial_tokens(), refresh_expiry_estimated=True)
+        requested = old.refresh_expires_at - timedelta(days=20)
+        new, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=timedelta(days=30),
+        )
+        assert new.refresh_expires_at == requested + timedelta(days=30)
+        assert new.refresh_expiry_estimated is True
+        early = old.refresh_expires_at - timedelta(days=40)
+        kept, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=early,
+            rotation_window=timedelta(days=30),
+        )
+        assert kept.refresh_expires_at == old.refresh_expires_at
+        capped, _ = old.merge_refresh(
+            {"access_token": AT2, "expires_in": SIX_HOURS},
+            requested_at=requested,
+            rotation_window=timedelta(days=90),
+        )
+        assert capped.refresh_expires_at == requested + timedelta(seconds=SIXTY_DAYS)
 
     def test_merge_does_not_modify_the_original(self) -> None:
         """merge_refresh returns a new set; the old one still holds the old access token."""
@@ -1465,6 +1535,32 @@ def test_a_request_after_unanswered_ones_waits_longer_within_the_same_bounds(
         unanswered=unanswered,
     )
     assert wait == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "lifetime", "spare", "expected"),
+    [
+        (120.0, 21600.0, 21500.0, 10.0),  # a 6-hour token in the file: 10 s, not 120 s
+        (120.0, 21600.0, None, 120.0),  # the file cannot stand in: the daemon's own deadline
+        (120.0, 21600.0, -30.0, 120.0),  # nor with less left than min_valid
+        (120.0, None, None, 120.0),  # no token to go by (unreadable files, fleet mode)
+        (120.0, 8.0, 7.9, 2.0),  # an 8-second token: a quarter of its life
+        (120.0, 8.0, None, 2.0),  # ... also when the daemon must refresh it first
+        (120.0, 8.0, 1.0, 0.5),  # half the spare: what is handed out still meets min_valid
+        (120.0, 8.0, 0.02, 0.1),  # never below the floor: a healthy daemon is not frozen
+        (0.05, 8.0, 7.9, 0.05),  # ... nor above the ceiling
+    ],
+)
+def test_a_command_waits_for_the_daemon_a_share_of_the_tokens_life(
+    ceiling: float, lifetime: float | None, spare: float | None, expected: float
+) -> None:
+    """`kakao-tokend token` waited a fixed 120 s for a stopped or frozen daemon, although
+    the state file held a token with hours left. Its wait is a quarter of the access token's
+    life (two of the longest Kakao requests the daemon may make for it), within the daemon's
+    own deadline twice over; and while the file's token can stand in, at most 10 s and half
+    of what it has beyond min_valid."""
+    life = timedelta(seconds=lifetime) if lifetime is not None else None
+    assert daemon_answer_wait(ceiling, life, spare) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("unanswered", [0, 1, 2, 5])

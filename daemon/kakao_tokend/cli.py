@@ -1261,17 +1261,29 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
       curl -H "Authorization: Bearer $(kakao-tokend token)" https://kapi.kakao.com/v2/user/me
       kakao-tokend token --min-valid 10m
     """
+    from .apiclient import DaemonApiError
     from .store import AccountStore
 
     settings = _settings()
     name = settings.account_name()
     paths = settings.config(secrets=False)
-    remote = _via_daemon(
-        paths,
-        "GET",
-        f"/v1/accounts/{name}/token",
-        params={"min_valid": "auto" if min_valid is None else f"{min_valid:g}"},
-    )
+    # What the files could hand out if the daemon does not answer (stopped, frozen): it also
+    # sizes the wait for the daemon to the token's life (tokens.daemon_answer_wait).
+    stand_in = _stand_in(paths, name)
+    wait = _daemon_wait(paths, stand_in, min_valid)
+    try:
+        remote = _via_daemon(
+            paths,
+            "GET",
+            f"/v1/accounts/{name}/token",
+            params={"min_valid": "auto" if min_valid is None else f"{min_valid:g}"},
+            timeout=wait,
+        )
+    except DaemonApiError as exc:
+        if exc.status != 0:  # it answered, with something else than JSON
+            raise
+        click.echo(_from_files_instead(paths, name, stand_in, min_valid, wait))
+        return
     if remote is not None:
         code, body = remote
         if code != 200:
@@ -1283,10 +1295,13 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
         # secrets, no lock, no Kakao client, no event loop (a script may call this every
         # minute). Anything else (no tokens, a re-login, a refresh due) takes the path below.
         # The files are judged first, as for a refresh (the runtime directory too): a token
-        # planted in a directory other users may write to is refused, never printed.
-        store = AccountStore(paths.accounts[name], rescue_dir=paths.runtime_dir)
-        store.check_paths()
-        current = store.load()
+        # planted in a directory other users may write to is refused, never printed (read
+        # above when that went well).
+        current = stand_in
+        if current is None:
+            store = AccountStore(paths.accounts[name], rescue_dir=paths.runtime_dir)
+            store.check_paths()
+            current = store.load()
         if current is not None and not current.relogin_reason:
             remaining = current.tokens.access_remaining(utcnow()).total_seconds()
             wanted = min_valid
@@ -1320,17 +1335,109 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
     click.echo(state.tokens.access_token)
 
 
+def _stand_in(config: Config, name: str) -> AccountState | None:
+    """Return the account's state from the files, for `token` to hand out when the daemon
+    does not answer; None when there is none, or it cannot (or must not) be read: files
+    other users could have planted are never used (AccountStore.check_paths)."""
+    from .store import AccountStore
+
+    if config.store.backend != "file":
+        return None
+    store = AccountStore(config.accounts[name], rescue_dir=config.runtime_dir)
+    try:
+        store.check_paths()
+        return store.load(quarantine=False)  # a damaged file is the daemon's to move aside
+    except KakaoTokendError:
+        return None
+
+
+def _spare(state: AccountState | None, min_valid: float | None, now: datetime) -> float | None:
+    """Return how much longer than asked (``min_valid``; None: auto) the access token of
+    ``state`` lives, or None when it cannot be handed out (no state, a new login needed)."""
+    if state is None or state.relogin_reason:
+        return None
+    tokens = state.tokens
+    wanted = default_min_valid(tokens.access_lifetime) if min_valid is None else min_valid
+    return tokens.access_remaining(now).total_seconds() - max(wanted, 0.0)
+
+
+def _daemon_wait(config: Config, state: AccountState | None, min_valid: float | None) -> float:
+    """How long `token` waits for the daemon (tokens.daemon_answer_wait): twice the daemon's
+    own deadline, [api] request_timeout, fitted to the life of the token in the files."""
+    from .tokens import daemon_answer_wait
+
+    lifetime = state.tokens.access_lifetime if state is not None else None
+    spare = _spare(state, min_valid, utcnow())
+    return daemon_answer_wait(2 * config.api.request_timeout, lifetime, spare)
+
+
+#: What to look at when the daemon takes connections but does not answer.
+_FROZEN_HINT = (
+    "is it stopped or frozen? `systemctl status kakao-tokend` shows it,"
+    " `systemctl restart kakao-tokend` restarts it"
+)
+
+
+def _from_files_instead(
+    config: Config, name: str, state: AccountState | None, min_valid: float | None, wait: float
+) -> str:
+    """The daemon did not answer `token` within ``wait``: return the files' access token when
+    it is still valid for ``min_valid`` (said on stderr), else raise one error line."""
+    sock = config.api_socket
+    silent = f"the daemon did not answer on {sock} within {format_duration(wait)}"
+    now = utcnow()
+    spare = _spare(state, min_valid, now)
+    if state is not None and spare is not None and spare > 0:
+        left = format_duration(state.tokens.access_remaining(now).total_seconds())
+        click.echo(
+            f"warning: {silent} ({_FROZEN_HINT}); printed the token from the state file"
+            f" instead ({left} left)",
+            err=True,
+        )
+        return state.tokens.access_token
+    if state is None:
+        why = "no state file could be read to use instead"
+    elif state.relogin_reason:
+        why = "the state file says the account needs a new login"
+    else:
+        tokens = state.tokens
+        wanted = default_min_valid(tokens.access_lifetime) if min_valid is None else min_valid
+        remaining = tokens.access_remaining(now).total_seconds()
+        why = "the state file's access token has expired"
+        if remaining > 0:
+            why = (
+                f"the state file's access token has only {format_duration(remaining)} left,"
+                f" less than the {_seconds(wanted)} asked"
+            )
+    raise KakaoTokendError(f"{silent}, and {why}", hint=_FROZEN_HINT)
+
+
+def _seconds(value: float) -> str:
+    """``7.9s``, ``60s``: a short duration to the hundredth; longer ones as format_duration."""
+    if value >= 60:
+        return format_duration(value)
+    return f"{value:.2f}".rstrip("0").rstrip(".") + "s"
+
+
 def _via_daemon(
-    config: Config, method: str, path: str, *, params: dict[str, str] | None = None
+    config: Config,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, str] | None = None,
+    timeout: float = 120.0,
 ) -> tuple[int, dict[str, Any]] | None:
-    """Ask the running daemon over its socket; None when no daemon runs (use the files)."""
+    """Ask the running daemon over its socket; None when no daemon runs (use the files).
+
+    ``timeout``: how long to wait for its answer (apiclient.call's 120 s: twice the daemon's
+    default [api] request_timeout, after which it answers 504 itself)."""
     from .apiclient import DaemonNotRunning, call, daemon_running
 
     sock = config.api_socket
     if not daemon_running(sock):
         return None
     try:
-        return call(sock, method, path, params=params)
+        return call(sock, method, path, params=params, timeout=timeout)
     except DaemonNotRunning:
         return None
 

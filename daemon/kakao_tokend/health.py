@@ -570,7 +570,7 @@ def _conditions(
                 ),
             )
         )
-    if status.missed_rotation:
+    if status.missed_rotation and refresh_left > 0:  # expired: refresh_expiry says it
         found.append(
             Condition(
                 "missed_rotation",

@@ -524,6 +524,7 @@ class KakaoClient:
         *,
         unanswered: int = 0,
         late: Callable[[asyncio.Future[tuple[TokenSet, bool]]], None] | None = None,
+        rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated).
 
@@ -535,18 +536,27 @@ class KakaoClient:
         rule allows (:data:`LONGEST_WAIT`), and ``late`` is handed the future of its result.
         Kakao may have rotated the refresh token already (it kills the old one at once), and
         network delay does not shrink with a token's life: an answer 0.8 s late for a
-        10-second token is ordinary, and it may hold the only live refresh token."""
+        10-second token is ordinary, and it may hold the only live refresh token.
+
+        ``rotation_window``: Kakao's rotation window fitted to the refresh token; an answer
+        without a rotation then corrects an expiry it proves wrong (TokenSet.merge_refresh)."""
         if late is None:
-            return await self._refresh(tokens, unanswered=unanswered)
+            return await self._refresh(
+                tokens, unanswered=unanswered, rotation_window=rotation_window
+            )
         lifetime, dies = tokens.access_lifetime, tokens.refresh_expires_at
         wait = self._timeout(lifetime, dies, unanswered).total
         patience = self._timeout(lifetime, dies, LONGEST_WAIT).total
         assert wait is not None and patience is not None
         if patience <= wait:
-            return await self._refresh(tokens, unanswered=unanswered)
+            return await self._refresh(
+                tokens, unanswered=unanswered, rotation_window=rotation_window
+            )
         started = time.monotonic()
         call = asyncio.ensure_future(
-            self._refresh(tokens, unanswered=unanswered, patience=patience)
+            self._refresh(
+                tokens, unanswered=unanswered, patience=patience, rotation_window=rotation_window
+            )
         )
         try:
             async with answer_within(wait):
@@ -568,7 +578,12 @@ class KakaoClient:
             raise
 
     async def _refresh(
-        self, tokens: TokenSet, *, unanswered: int, patience: float | None = None
+        self,
+        tokens: TokenSet,
+        *,
+        unanswered: int,
+        patience: float | None = None,
+        rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
         """The refresh itself (see :meth:`refresh`); ``patience`` replaces the wait when set."""
         form = {
@@ -594,7 +609,9 @@ class KakaoClient:
             # saved before anything else (merge_refresh salvages it; the next refresh asks).
             body = await self._with_expires_in(body, lifetime, dies)
         try:
-            return tokens.merge_refresh(body, requested_at=requested_at)
+            return tokens.merge_refresh(
+                body, requested_at=requested_at, rotation_window=rotation_window
+            )
         except PartialTokenResponse as exc:
             raise PartialRefresh(
                 f"Kakao's token response carried a new refresh token but no usable access"

@@ -1048,7 +1048,10 @@ class AccountManager:
         self._mark_in_flight(True)
         try:
             result = await self.client.refresh(
-                tokens, unanswered=status.unanswered, late=partial(self._linger, tokens, started)
+                tokens,
+                unanswered=status.unanswered,
+                late=partial(self._linger, tokens, started),
+                rotation_window=self._rotation_window(tokens),
             )
         except KakaoError as exc:
             self._emit_call_time(started, "failure")
@@ -1390,6 +1393,11 @@ class AccountManager:
                 f"refresh token of {self.name} rotated to {tokens.refresh_fingerprint}",
                 {"fingerprint": tokens.refresh_fingerprint},
             )
+        elif (
+            tokens.refresh_expiry_estimated
+            and tokens.refresh_expires_at > state.tokens.refresh_expires_at
+        ):
+            self._rebased(state.tokens, tokens)
         elif expect_rotation:
             self.status.rotation_missed()
             log.warning(
@@ -1402,6 +1410,44 @@ class AccountManager:
             )
             self._emit(EventKind.NO_ROTATION, f"{self.name}: expected rotation did not happen", {})
         return new_state
+
+    def _rebased(self, old: TokenSet, tokens: TokenSet) -> None:
+        """A refresh without a rotation moved the refresh expiry later (the merge re-based an
+        expiry Kakao's answer proved wrong, TokenSet.merge_refresh): no missed rotation.
+
+        Said once, as a warning, when our clock had the token dead (it was behind when the
+        expiry was stamped); an estimate raised again at later refreshes only at debug level.
+        """
+        self.status.missed_rotation = False  # judged by an expiry that was wrong
+        issued = tokens.access_issued_at  # when the refresh was sent
+        if old.refresh_expires_at > issued:
+            log.debug(
+                "account %s: Kakao kept refresh token %s without rotating it: it has at least"
+                " %s left, estimated expiry %s",
+                self.name,
+                tokens.refresh_fingerprint,
+                format_duration(tokens.refresh_remaining(issued).total_seconds()),
+                format_local_time(tokens.refresh_expires_at),
+            )
+            return
+        why = (
+            "that expiry was only an estimate"
+            if old.refresh_expiry_estimated
+            else "the clock must have been behind when it was stamped and set forward since"
+            " (by NTP, on a machine without a real-time clock or before its time sync)"
+        )
+        log.warning(
+            "account %s: Kakao accepted refresh token %s, which by this machine's clock expired"
+            " %s ago (%s): %s; its expiry is now estimated as %s (in %s: Kakao did not rotate"
+            " it, so at least its rotation window is left)",
+            self.name,
+            tokens.refresh_fingerprint,
+            format_duration((issued - old.refresh_expires_at).total_seconds()),
+            format_local_time(old.refresh_expires_at),
+            why,
+            format_local_time(tokens.refresh_expires_at),
+            format_duration(tokens.refresh_remaining(issued).total_seconds()),
+        )
 
     # ------------------------------------------------------------------ persistence
 

@@ -271,7 +271,11 @@ class TokenSet:
         )
 
     def merge_refresh(
-        self, body: Mapping[str, Any], *, requested_at: datetime
+        self,
+        body: Mapping[str, Any],
+        *,
+        requested_at: datetime,
+        rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
         """Apply a ``refresh_token`` grant response by Kakao's rules; return (new set, rotated).
 
@@ -281,6 +285,16 @@ class TokenSet:
         echoed back is not a rotation, and an empty one is none. A new refresh token without a
         usable expiry is still taken (the old one may be dead), its expiry estimated as the
         full life the previous one was issued with (the old expiry when that is unknown).
+
+        ``rotation_window``: the window in which Kakao rotates (fitted to this refresh token).
+        An answer without a rotation then also says something of the old expiry: Kakao kept
+        a refresh token that lives at least that long. An expiry that says less and is only a
+        guess, or that has already passed by our clock (stamped while the clock was behind,
+        then stepped forward: a board without a real-time clock before NTP), is wrong: it is
+        re-based to the request time plus the window (at most the token's life), marked
+        estimated. The issue time moves with it, so the life (and the window fitted to it)
+        stays. An expiry we know and that has not passed stays: a refresh without the
+        rotation it promised is a missed rotation, said by the caller.
 
         The refresh part is read first: when it holds a new refresh token but the access part
         is unusable, :class:`PartialTokenResponse` carries the salvaged set (new refresh token,
@@ -314,6 +328,8 @@ class TokenSet:
             else:
                 changes["refresh_expires_at"] = requested_at + timedelta(seconds=refresh_expires_in)
                 changes["refresh_expiry_estimated"] = False
+        if not rotated and "refresh_expires_at" not in changes and rotation_window is not None:
+            changes.update(self._proven_alive(requested_at, rotation_window))
         try:
             access_token = _token_string(body, "access_token")
             expires_in = _lifetime(body, "expires_in")
@@ -333,6 +349,21 @@ class TokenSet:
         if isinstance(body.get("id_token"), str):
             changes["id_token"] = body["id_token"]
         return replace(self, **changes), rotated
+
+    def _proven_alive(self, requested_at: datetime, window: timedelta) -> dict[str, Any]:
+        """The changes a refresh Kakao answered without rotating makes to the refresh expiry
+        (see :meth:`merge_refresh`): none while our expiry may be right."""
+        life = refresh_lifetime(self)
+        if life is not None:
+            window = min(window, timedelta(seconds=life))
+        proven = requested_at + window
+        expires = self.refresh_expires_at
+        if expires >= proven or not (self.refresh_expiry_estimated or expires <= requested_at):
+            return {}
+        changes: dict[str, Any] = {"refresh_expires_at": proven, "refresh_expiry_estimated": True}
+        if self.refresh_issued_at is not None:
+            changes["refresh_issued_at"] = self.refresh_issued_at + (proven - expires)
+        return changes
 
     def to_dict(self) -> dict[str, Any]:
         """Serialise everything (secrets included) for the private state file."""
@@ -550,6 +581,42 @@ def within_refresh_life(wait: float, refresh_left: float | None) -> float:
     if refresh_left is None or refresh_left <= 0:
         return wait
     return min(wait, refresh_left * REFRESH_LEFT_SHARE)
+
+
+#: The share of the access lifetime a command waits for the running daemon's answer: two of
+#: the longest Kakao requests the daemon may make for it (:data:`REQUEST_TIMEOUT_SHARE`).
+DAEMON_ANSWER_SHARE = 2 * REQUEST_TIMEOUT_SHARE
+#: The shortest such wait: a healthy daemon answers within a few milliseconds.
+DAEMON_ANSWER_FLOOR = 0.1
+#: The longest wait for the daemon while the state file holds a token good enough to hand
+#: out instead: a daemon answers that from memory at once; 10 s covers a loaded machine or a
+#: loop stalled by a slow disk, and is 1/2160 of a 6-hour token's life.
+DAEMON_SPARE_WAIT = 10.0
+
+
+def daemon_answer_wait(
+    ceiling: float, lifetime: timedelta | None, spare: float | None = None
+) -> float:
+    """Return how long a command waits for the running daemon's answer (seconds).
+
+    ``ceiling`` is the wait without a token to go by (the daemon's own deadline, ``[api]
+    request_timeout``, and as much again). A token in the state file whose access token lives
+    ``lifetime`` shortens it to :data:`DAEMON_ANSWER_SHARE` of that life: a daemon that must
+    refresh first waits for Kakao at most a share of it too (:func:`request_timeout`), and a
+    6-second token must not wait twenty of its lifetimes for a daemon that was stopped.
+
+    ``spare``: how much longer the state file's access token lives than the caller asks
+    (``min_valid``); positive, it can stand in for the daemon's answer. Then the wait is at
+    most :data:`DAEMON_SPARE_WAIT`, and half the spare, so the token handed out after it
+    still meets ``min_valid``. Never less than :data:`DAEMON_ANSWER_FLOOR` (within the
+    ceiling): a daemon that answers in milliseconds is not taken for a frozen one.
+    """
+    wait = ceiling
+    if lifetime is not None:
+        wait = min(wait, max(lifetime.total_seconds(), 0.0) * DAEMON_ANSWER_SHARE)
+    if spare is not None and spare > 0:
+        wait = min(wait, DAEMON_SPARE_WAIT, spare * REFRESH_LEFT_SHARE)
+    return min(ceiling, max(wait, DAEMON_ANSWER_FLOOR))
 
 
 #: How much longer a token request may wait than the one before it that Kakao left
