@@ -364,6 +364,28 @@ class TestTokenRefreshLogout:
         assert code == 0, err
         assert emulator.access_token_valid(out.strip())
 
+    async def test_token_through_the_daemon_asks_for_a_login_as_without_it(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """Kakao revoked the tokens and the daemon knows it: `kakao-tokend token` exits 77
+        (a new login is needed) and names the login command, as it does with no daemon —
+        not 69 ("try later"), which would have a script retry forever."""
+        from daemonproc import login, start_daemon
+
+        config = write_config(tmp_path, emulator)
+        state = await login(emulator, config)
+        assert state.user_id is not None
+        daemon = await start_daemon(config)
+        try:
+            emulator.revoke_user_tokens(state.user_id)
+            code, _, err = await run_cli(config, "refresh")
+            assert code == 77, err
+            code, out, err = await run_cli(config, "token")
+        finally:
+            assert await daemon.stop() == 0
+        assert (code, out) == (77, ""), err
+        assert "login" in err and len(err.strip().splitlines()) == 1, err
+
     async def test_token_prints_only_the_token(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

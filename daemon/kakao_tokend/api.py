@@ -310,6 +310,7 @@ async def token(request: web.Request) -> web.Response:
             503,
             f"no token is available for {manager.name}: Kakao revoked its tokens",
             reason=manager.health().refresh_blocked,
+            health=manager.status.health.value,
         )
     lifetime = state.tokens.access_lifetime.total_seconds()
     limit = lifetime * MIN_VALID_SHARE
@@ -327,6 +328,7 @@ async def token(request: web.Request) -> web.Response:
                 503,
                 f"no token valid for {int(min_valid)}s is available for {manager.name}",
                 reason=blocked,
+                health=manager.status.health.value,
             )
         reason = f"token requested with min_valid={min_valid:g}s"
         await _refresh_now(request, manager, reason, min_valid=min_valid)
@@ -338,6 +340,7 @@ async def token(request: web.Request) -> web.Response:
                 503,
                 f"no token valid for {int(min_valid)}s is available for {manager.name}",
                 reason=manager.status.last_error,
+                health=manager.status.health.value,
             )
     tokens = state.tokens
     return web.json_response(

@@ -1462,6 +1462,9 @@ def _tell_daemon(name: str) -> None:
 def _daemon_failure(name: str, code: int, body: dict[str, Any]) -> KakaoTokendError:
     """Turn a daemon's error answer into the error (and so the exit code) of the CLI."""
     message = str(body.get("error") or body.get("last_error") or f"HTTP {code}")
+    reason = body.get("reason")
+    if isinstance(reason, str) and reason and reason not in message:
+        message = f"{message} ({reason})"
     health = body.get("health")
     if code == 409:
         return StateMissing(message)  # the daemon's message already names the login command
