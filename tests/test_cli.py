@@ -337,6 +337,32 @@ class TestStatus:
         assert "Traceback" not in result.output
 
 
+    async def test_a_daemon_that_never_answers_is_a_warning_after_a_short_wait(
+        self, tmp_path: Path
+    ) -> None:
+        """The daemon is stopped (SIGSTOP) or frozen: its socket takes the connection and
+        never answers. `status`, a monitoring check (which its plugin runner kills after about
+        10 s), waits a few seconds, not 120, then grades from the files with a note, and is
+        at least a warning: a daemon that does not answer refreshes nothing."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=40 * 86400, access_left=3600)  # ok by the files
+        sock = load_config(config).api_socket
+        sock.parent.mkdir(mode=0o700, exist_ok=True)
+        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        frozen.bind(str(sock))
+        frozen.listen(8)
+        try:
+            started = asyncio.get_running_loop().time()
+            code, out, err = await run_cli(config, "status")
+            took = asyncio.get_running_loop().time() - started
+        finally:
+            frozen.close()
+        assert code == 1, (out, err)
+        assert took < 9.0, f"{took:.1f}s"
+        assert "did not answer" in err and "files" in err and "Traceback" not in err
+        assert "WARNING" in out
+
+
 class TestTokenRefreshLogout:
     """Commands that talk to Kakao (the emulator)."""
 

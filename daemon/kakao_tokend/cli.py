@@ -936,15 +936,34 @@ def status(as_json: bool, warn: float | None, crit: float | None) -> None:
     names = [settings.account_name()] if settings.account else list(config.accounts)
     now = utcnow()
     where = _status_locations(config)
-    from .apiclient import DaemonUnreachable
+    from .apiclient import DaemonApiError, DaemonUnreachable
 
     params = {key: f"{value:g}" for key, value in (("warn", warn), ("crit", crit)) if value}
+    silent = False
     try:
-        remote = _via_daemon(config, "GET", "/v1/status", params=params or None)
+        remote = _via_daemon(
+            config, "GET", "/v1/status", params=params or None, timeout=STATUS_DAEMON_WAIT
+        )
     except DaemonUnreachable as exc:  # the socket refused this user: show what the files say
         click.echo(f"note: {exc}; showing the files instead", err=True)
         remote = None
         where["socket_state"] = "permission denied"
+    except DaemonApiError as exc:
+        if exc.status != 0:
+            raise
+        # Stopped (SIGSTOP) or frozen: it refreshes nothing, so this is a warning at least.
+        from .supervisor import current
+
+        log_command = current().log_command
+        look = f"see `{log_command}`" if log_command else "is `kakao-tokend run` stopped?"
+        click.echo(
+            f"warning: the daemon did not answer within {STATUS_DAEMON_WAIT:g}s (stopped or"
+            f" frozen? {look}); showing the files instead",
+            err=True,
+        )
+        remote = None
+        silent = True
+        where["socket_state"] = f"no answer within {STATUS_DAEMON_WAIT:g}s"
     else:
         where["socket_state"] = "the daemon answered" if remote is not None else "no daemon"
     described: dict[str, dict[str, Any]] = {}
@@ -966,6 +985,8 @@ def status(as_json: bool, warn: float | None, crit: float | None) -> None:
         for name in names
     ]
     worst = max(item.level for item in results)
+    if silent:
+        worst = max(worst, WARNING)
     if config.source is None and any(item.without_tokens for item in results):
         # "run `kakao-tokend login`" alone would fail next: there is no config to log in with.
         from .paths import config_search_path
@@ -990,10 +1011,18 @@ def status(as_json: bool, warn: float | None, crit: float | None) -> None:
         click.echo(f"config: {where['config'] or 'none (built-in defaults)'}")
         click.echo(f"state:  {where['state_dir']}")
         click.echo(f"socket: {where['socket']} ({where['socket_state']})")
+        if silent:
+            click.echo("WARNING the daemon does not answer on its socket: nothing is refreshed")
         for item in results:
             for line in _report_lines(item):
                 click.echo(line)
     click.get_current_context().exit(worst)
+
+
+#: How long `status` waits for the daemon's answer (it answers from memory at once): a
+#: monitoring check's runner kills it after about 10 s (nrpe's default), so it must have
+#: graded from the files by then. Not a refresh-path wait: the token's life does not enter.
+STATUS_DAEMON_WAIT = 5.0
 
 
 def _status_locations(config: Config) -> dict[str, Any]:
