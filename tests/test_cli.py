@@ -336,7 +336,6 @@ class TestStatus:
         assert "at most 3660d" in result.stderr
         assert "Traceback" not in result.output
 
-
     async def test_a_daemon_that_never_answers_is_a_warning_after_a_short_wait(
         self, tmp_path: Path
     ) -> None:

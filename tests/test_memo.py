@@ -152,6 +152,36 @@ class TestDirect:
         assert emulator.stats.requests["memo"] == 0
 
 
+class TestThroughAStuckDaemon:
+    async def test_memo_waits_for_the_daemon_as_long_as_its_own_deadline_allows(
+        self, tmp_path: Path
+    ) -> None:
+        """`memo` through the daemon waits twice the daemon's own deadline ([api]
+        request_timeout), not a fixed 60 s: with the default 60 s deadline the command gave
+        up exactly when the daemon's answer (sent, or 504) was due, so nobody could tell
+        whether the message went out. With a 1 s deadline, a daemon that never answers
+        ends the command after about 2 s, in one line."""
+        import socket
+
+        from kakao_tokend.config import load_config
+
+        config = write_config(tmp_path, extra='[api]\nrequest_timeout = "1s"\n')
+        sock = load_config(config).api_socket
+        sock.parent.mkdir(mode=0o700, exist_ok=True)
+        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        frozen.bind(str(sock))
+        frozen.listen(8)  # the kernel accepts into the backlog; nobody ever answers
+        try:
+            started = asyncio.get_running_loop().time()
+            code, out, err = await run_cli(config, "memo", "hello")
+            took = asyncio.get_running_loop().time() - started
+        finally:
+            frozen.close()
+        assert code != 0 and out == "", err
+        assert 1.5 <= took < 10, f"{took:.1f}s"
+        assert "did not answer" in err and "Traceback" not in err
+
+
 class TestRefusedBeforeSending:
     """Mistakes that are caught locally: exit 64, nothing reaches Kakao."""
 

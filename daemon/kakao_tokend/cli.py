@@ -1744,7 +1744,9 @@ def memo(text: str | None, link: str | None, button_title: str | None, lock_time
     sock = config.api_socket
     if daemon_running(sock):
         try:
-            send_via_daemon(sock, template, account=config.accounts[name])
+            # Twice the daemon's own deadline: its answer (sent, or a 504) always comes first.
+            wait = 2 * config.api.request_timeout
+            send_via_daemon(sock, template, account=config.accounts[name], timeout=wait)
         except DaemonNotRunning:
             pass  # it stopped in between; nothing was sent
         else:
