@@ -44,3 +44,81 @@ async def test_an_alert_time_alone_brings_is_sent_at_its_moment_not_at_the_next_
     for post, left in zip(webhook.posts, (4.0, 2.0, 0.0), strict=True):
         late = (datetime.fromisoformat(post["at"]) - expires).total_seconds() + left
         assert -0.1 < late < 1.0, (post["condition"], post["severity"], late)
+
+
+async def wait_posts(webhook: Receiver, count: int, timeout: float) -> list[float]:
+    """Wait until the webhook has ``count`` posts; return when each was seen (loop time)."""
+    loop = asyncio.get_running_loop()
+    deadline, seen = loop.time() + timeout, []
+    while len(seen) < count and loop.time() < deadline:
+        seen += [loop.time()] * (len(webhook.posts) - len(seen))
+        await asyncio.sleep(0.01)
+    return seen
+
+
+async def test_a_moment_planned_while_the_loop_sleeps_wakes_it_at_that_moment(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """The loop fell asleep for a whole beat (30 s, with nothing planned yet); an event's
+    grading then plans the warning 2 s ahead (a 6-second refresh token, 4 s left): the loop
+    wakes for it and sends it at that moment, not at the end of its sleep."""
+    emulator.settings.refresh_lifetime = 6
+    extra = alerts_toml(webhook, None, thresholds='["4s", "2s"]', critical_below='"2s"')
+    harness = await make_harness(extra)
+    center = harness.center
+    assert harness.manager.state is not None
+    expires = harness.manager.state.tokens.refresh_expires_at
+    loop = asyncio.get_running_loop()
+    periodic = asyncio.create_task(center.run_periodic(lambda: 30.0))
+    try:
+        await asyncio.sleep(0.1)  # asleep for the whole beat
+        assert center.evaluate() == []  # an event's grading: the warning is planned
+        due = loop.time() + (expires - harness.now()).total_seconds() - 4
+        seen = await wait_posts(webhook, 1, 5)
+    finally:
+        periodic.cancel()
+    assert [(p["condition"], p["severity"]) for p in webhook.posts] == [
+        ("refresh_expiry", "warning")
+    ], webhook.posts
+    assert 0 <= seen[0] - due < 0.3, seen[0] - due
+
+
+async def test_a_beat_that_got_shorter_while_the_loop_sleeps_is_taken_at_once(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """The loop fell asleep with a long beat (30 s: a daemon's before its scheduler fitted
+    it to the tokens); told the beat is shorter now (0.2 s), it grades the account attached
+    meanwhile (its warning long crossed) at that beat, not after the 30 s. A wake that brings
+    nothing sooner grades nothing, and a center whose loop does not run ignores it."""
+    emulator.settings.refresh_lifetime = 100
+    extra = alerts_toml(webhook, None, thresholds='["200s"]', critical_below='"10s"')
+    harness = await make_harness(extra)
+    center = harness.center
+    center.wake()  # no loop: nothing to do
+    beats = [30.0]
+    graded: list[float] = []
+    beat = center.beat
+
+    def counting() -> Any:
+        graded.append(asyncio.get_running_loop().time())
+        return beat()
+
+    center.beat = counting  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    periodic = asyncio.create_task(center.run_periodic(lambda: beats[-1]))
+    try:
+        await asyncio.sleep(0.1)  # asleep for the whole beat
+        center.wake()  # the same beat: slept again, nothing graded
+        await asyncio.sleep(0.1)
+        assert graded == [] and webhook.posts == []
+        beats.append(0.2)
+        center.wake()
+        woken = loop.time()
+        seen = await wait_posts(webhook, 1, 5)
+    finally:
+        periodic.cancel()
+    assert [(p["condition"], p["severity"]) for p in webhook.posts] == [
+        ("refresh_expiry", "warning")
+    ], webhook.posts
+    assert graded and graded[0] - woken < 0.3, (graded, woken)
+    assert seen[0] - woken < 0.5, seen[0] - woken
