@@ -9,11 +9,15 @@ minute. The moments the grading names (health's ``changes_at``) are waited for t
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from alertkit import Receiver, alerts_toml
+from daemonproc import login, short_tokens, start_daemon, write_config
 from kakao_tokend.emulator import KakaoEmulator
+from kakao_tokend.tokens import utcnow
 
 
 async def test_an_alert_time_alone_brings_is_sent_at_its_moment_not_at_the_next_heartbeat(
@@ -122,3 +126,59 @@ async def test_a_beat_that_got_shorter_while_the_loop_sleeps_is_taken_at_once(
     ], webhook.posts
     assert graded and graded[0] - woken < 0.3, (graded, woken)
     assert seen[0] - woken < 0.5, seen[0] - woken
+
+
+async def test_a_daemon_with_default_timings_alerts_each_stage_at_its_moment_from_its_start(
+    tmp_path: Path, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """A real `kakao-tokend run` with every timing at its default (heartbeat 60 s), 6-second
+    access tokens and a 30-second refresh token that this Kakao never rotates: the warning
+    (20 s left), the critical rung (10 s left) and "expired" each come at their moment, all
+    within the daemon's first minute.
+
+    The alert loop used to start before the accounts (and the scheduler whose beat is fitted
+    to their lifetime) were taken up, sleep the unfitted 60 s in one go, and miss every
+    moment planned meanwhile: until then only a refresh graded, and the stages came seconds
+    late (the warning with 10 s of 14 s left, the critical one with 1 s of 3 s left).
+    """
+    life = 6.0
+    short_tokens(emulator, access=life, refresh=30)
+    emulator.settings.rotation_window = 0  # this Kakao never rotates
+    extra = alerts_toml(webhook, None, thresholds='["20s", "10s"]', critical_below='"10s"')
+    path = write_config(tmp_path, emulator, extra=extra)
+    # Every [refresh] timing at its default, as a user leaves them.
+    path.write_text(
+        re.sub(
+            r"(?m)^(heartbeat|retry_initial|retry_max|rotation_window) = .*\n", "", path.read_text()
+        )
+    )
+    path.chmod(0o600)  # an inline webhook URL is a secret
+    await login(emulator, path)
+    stages = [("warning", 20.0), ("critical", 10.0), ("critical", 0.0)]
+    daemon = await start_daemon(path)
+    # The expiry as the daemon knows it: its state file keeps whole seconds.
+    expires = datetime.fromisoformat(daemon.state()["tokens"]["refresh_expires_at"])
+    try:
+        arrived: list[datetime] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (expires - utcnow()).total_seconds() + 10
+        while loop.time() < deadline:
+            posts = [p for p in webhook.posts if p["condition"] == "refresh_expiry"]
+            arrived += [utcnow()] * (len(posts) - len(arrived))
+            if len(posts) >= len(stages):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await daemon.stop()
+    posts = [p for p in webhook.posts if p["condition"] == "refresh_expiry"]
+    assert [(p["severity"], p["state"]) for p in posts] == [
+        (severity, "firing") for severity, _ in stages
+    ], webhook.posts
+    # Delivered within a small share of the access token's life (a tenth: 0.6 s) of its
+    # moment, at every stage, and not before it. (Seen by the receiver: the alert's own "at"
+    # has whole seconds only.)
+    late = [
+        (severity, left, (seen - (expires - timedelta(seconds=left))).total_seconds())
+        for seen, (severity, left) in zip(arrived, stages, strict=True)
+    ]
+    assert all(0 <= seconds < life / 10 for *_, seconds in late), late
