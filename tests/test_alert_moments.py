@@ -3,7 +3,9 @@
 The heartbeat is at most 1/8 of a short token's life and 60 s (1/360) of a 6-hour one's: an
 alert center that graded only at heartbeats sent a short token's `access_expiring` page up to
 an eighth of its life late — after the expiry — where a 6-hour token's comes within a
-minute. The moments the grading names (health's ``changes_at``) are waited for themselves.
+minute. The moments the grading names (health's ``changes_at``) are waited for themselves,
+also those planned while the center sleeps, and a daemon's center takes the beat fitted to
+the tokens from its first minute on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from alertkit import Receiver, alerts_toml
 from daemonproc import login, short_tokens, start_daemon, write_config
@@ -128,6 +132,7 @@ async def test_a_beat_that_got_shorter_while_the_loop_sleeps_is_taken_at_once(
     assert seen[0] - woken < 0.5, seen[0] - woken
 
 
+@pytest.mark.slow(seconds=32)
 async def test_a_daemon_with_default_timings_alerts_each_stage_at_its_moment_from_its_start(
     tmp_path: Path, emulator: KakaoEmulator, webhook: Receiver
 ) -> None:
