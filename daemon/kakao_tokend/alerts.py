@@ -1049,6 +1049,12 @@ def resolution_alert(
 # --------------------------------------------------------------------------- the center
 
 
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    """Give ``future`` its result unless it has one (or was cancelled)."""
+    if not future.done():
+        future.set_result(value)
+
+
 class AlertCenter:
     """Every account's alerts: attach managers, evaluate on events and when they are due."""
 
@@ -1084,6 +1090,10 @@ class AlertCenter:
         #: The heap holds every planned moment before this one, none from it on (None: it
         #: holds them all, until the first heartbeat); it only moves forward.
         self._horizon: datetime | None = None
+        #: While run_periodic sleeps: the future that ends its sleep (True: for a beat, False:
+        #: to work out its sleep again) and the wall-clock moment its timer ends it at.
+        self._waker: asyncio.Future[bool] | None = None
+        self._wakes_at: datetime | None = None
 
     def _alert_setup(self) -> AlertSetup:
         """Return the setup every account's alerts share, made anew when this center's
@@ -1110,6 +1120,7 @@ class AlertCenter:
         self.accounts[manager.name] = alerts
         manager.listen(self._listener)
         self._dirty.add(manager.name)
+        self.wake()  # graded at the next beat, fitted to the accounts now known
         return alerts
 
     def _on_event(self, event: AccountEvent) -> None:
@@ -1213,6 +1224,8 @@ class AlertCenter:
         if self._horizon is not None and due >= self._horizon:
             return  # beyond the horizon: _advance_horizon puts it on the heap in time
         heapq.heappush(self._moments, (due, alerts.name))
+        if self._wakes_at is not None and due < self._wakes_at:
+            self.wake()  # planned while the loop sleeps past it (an event's grading)
         if len(self._moments) > 2 * len(self.accounts) + 64:
             # Re-planning leaves stale entries behind; drop them before they add up.
             self._moments = [
@@ -1248,10 +1261,32 @@ class AlertCenter:
         graded only at beats, a 6-second token's `access_expiring` page came up to 0.75 s
         late, after the expiry, where a 6-hour token's is at most a minute late. Waiting for
         the moment itself keeps the page's lead the same share of the life at every scale.
+
+        The sleep is worked out again (:meth:`wake`) when what it was worked out from
+        changed while it lasts: a moment planned sooner than it ends (an event's grading), or
+        a beat that may be shorter (the scheduler started, accounts attached, a reload). A
+        daemon's first sleep began before its accounts were taken up, with the unfitted 60 s:
+        for that first minute, alerts were graded only when a refresh happened to come.
         """
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._until_due(interval()))
-            self.beat()
+            delay = self._until_due(interval())
+            waker: asyncio.Future[bool] = loop.create_future()
+            timer = loop.call_later(delay, _settle, waker, True)
+            self._waker, self._wakes_at = waker, self.clock() + timedelta(seconds=delay)
+            try:
+                beat = await waker
+            finally:
+                timer.cancel()
+                self._waker = self._wakes_at = None
+            if beat:
+                self.beat()
+
+    def wake(self) -> None:
+        """Have run_periodic work out its sleep again (no grading by itself): the next
+        grading may be due sooner than its sleep ends. Does nothing while it does not sleep."""
+        if self._waker is not None:
+            _settle(self._waker, False)
 
     def _until_due(self, beat: float) -> float:
         """Return how long to sleep: ``beat``, or until the earliest moment on the heap."""

@@ -563,6 +563,8 @@ class Daemon:
             if manager.state is not None and not manager.status.write_pending:
                 manager.publish()
         self.watch_state_files()
+        if self.alerts is not None:
+            self.alerts.wake()  # the beat it sleeps may be another now (heartbeat, accounts)
         message = (
             f"configuration reloaded: {len(new.accounts)} account(s)"
             f"; added {', '.join(added) or '-'}; removed {', '.join(removed) or '-'}"

@@ -386,7 +386,8 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
             center.attach(manager)
     # First check after one heartbeat: the start-up refresh gets its chance first. The beat is
     # the scheduler's, fitted to short tokens: a fixed minute would grade a 3 s token's
-    # failing_after (0.3 s) twenty lifetimes late.
+    # failing_after (0.3 s) twenty lifetimes late. The loop starts before the scheduler (the
+    # config's beat, unfitted); _start_scheduler wakes it to take the fitted one.
     periodic = asyncio.create_task(center.run_periodic(lambda: _beat(daemon)))
     yield
     periodic.cancel()
@@ -410,8 +411,10 @@ def _beat(daemon: Daemon) -> float:
     return daemon.config.refresh.heartbeat
 
 
-def _start_scheduler(daemon: Daemon) -> RefreshScheduler:
-    """Make and start the refresh scheduler, the daemon's one."""
+def _start_scheduler(daemon: Daemon) -> None:
+    """Make and start the refresh scheduler, the daemon's one, with every account's start-up
+    check queued; then have the alert loop, asleep since before there was a scheduler, take
+    up the beat it fits to the accounts' lifetimes (_beat)."""
     scheduler = RefreshScheduler(heartbeat=daemon.config.refresh.heartbeat)
     if daemon.fleet is not None:
         # The poll names what comes due: only those accounts take a place in the due queue.
@@ -419,16 +422,19 @@ def _start_scheduler(daemon: Daemon) -> RefreshScheduler:
         scheduler.named_in_time = daemon.fleet.names_in_time
     daemon.scheduler = scheduler
     scheduler.start()
-    return scheduler
+    for manager in daemon.managers.values():
+        scheduler.add(manager)
+        scheduler.run_soon(manager, "start")
+    if daemon.alerts is not None:
+        # Its sleep began with the unfitted beat (60 s: ten lifetimes of a 6-second token);
+        # left to end, every grading moment of the daemon's first minute went by ungraded.
+        daemon.alerts.wake()
 
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     daemon = app[DAEMON]
     if daemon.fleet is not None:  # file mode: right after READY (_take_up_accounts)
-        scheduler = _start_scheduler(daemon)
-        for manager in daemon.managers.values():
-            scheduler.add(manager)
-            scheduler.run_soon(manager, "start")
+        _start_scheduler(daemon)
     yield
     if daemon.scheduler is not None:
         daemon.scheduler.shutdown()
@@ -483,10 +489,7 @@ def _take_up_accounts(daemon: Daemon) -> None:
     assert alerts is not None
     for manager in daemon.managers.values():
         alerts.attach(manager)
-    scheduler = _start_scheduler(daemon)
-    for manager in daemon.managers.values():
-        scheduler.add(manager)
-        scheduler.run_soon(manager, "start")
+    _start_scheduler(daemon)
 
 
 def _start_watch(daemon: Daemon) -> None:
