@@ -559,6 +559,26 @@ class TestTokenRefreshLogout:
         assert line.startswith("error: ") and "did not answer" in line, line
         assert "7.9s" in line and "systemctl" in line and "Traceback" not in err
 
+    async def test_refresh_keeps_a_rotation_whose_answer_comes_after_its_wait(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """No daemon, 10-second tokens inside the rotation window, Kakao rotating at once but
+        answering after 1 s (the fitted wait is 0.475 s): `refresh` waits for the open
+        request before it exits, keeps the rotated refresh token and exits 0. Before, it said
+        "try again later" (69), and trying again needed a new login (the token was retired)."""
+        from daemonproc import login, short_tokens
+
+        short_tokens(emulator, access=10, refresh=3600)
+        emulator.settings.rotation_window = 7200
+        config = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+        await login(emulator, config)
+        emulator.inject("token", "late", count=1, delay=1.0)
+        code, out, err = await run_cli(config, "refresh")
+        assert code == 0, out + err
+        saved = store_for(config).load()
+        assert saved is not None and saved.generation == 2
+        assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
     async def test_lock_busy_is_75(self, tmp_path: Path, emulator: KakaoEmulator) -> None:
         """When another process holds the account lock, refresh gives up with 75."""
         config = write_config(tmp_path, emulator.url)

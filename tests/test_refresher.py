@@ -181,6 +181,26 @@ async def test_a_late_answer_is_kept_without_waiting_for_the_next_attempt(
     assert manager.status.health is Health.OK
 
 
+async def test_waiting_for_idle_keeps_the_late_answer_of_a_request_still_open(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A stop, a reload or a command that ends waits for the account to be idle
+    (wait_idle) before it closes the session: a request given up on but still open counts,
+    and its late answer (a rotation) is kept first. Before, the stop closed the session under
+    it, and the next start found the refresh token retired (KOE322, a new login)."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
+    emulator.settings.rotation_window = 7200
+    before = manager.state
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=1.0)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    assert await manager.wait_idle(manager.request_grace)
+    saved = manager.store.load()
+    assert saved is not None and saved.generation == before.generation + 1
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
 async def test_tokens_written_by_login_are_adopted_not_overwritten(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -643,10 +663,11 @@ async def test_the_grace_for_a_request_in_flight_follows_the_tokens_lifetime(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     """How long an on-demand refresh waits for the account's lock, and a stop or a reload
-    for a request in flight, is that request's own wait and as much again: 30 + 1 s for
-    Kakao's 6-hour token, a share of a 6-second one (it was the configured 31 s, five
-    lifetimes), and never past half of the refresh token's remaining life."""
+    for a request in flight, is that request's longest wait (how long a request given up on
+    stays open for its late answer: 1/8 of the life) and as much again, at most 1 s more:
+    30 + 1 s for Kakao's 6-hour token, a share of a 6-second one (it was the configured 31 s,
+    five lifetimes), and never past half of the refresh token's remaining life."""
     manager = await default_timeouts_manager(emulator, tmp_path, session, access=6)
-    assert manager.request_grace == pytest.approx(2 * 6 * 0.0475, rel=0.05)
-    manager.status.went_unanswered()  # the next request waits longer: so does the grace
-    assert manager.request_grace == pytest.approx(2 * 6 * 0.095, rel=0.05)
+    assert manager.request_grace == pytest.approx(2 * 6 / 8, rel=0.05)
+    manager.status.went_unanswered()  # the longest wait does not grow with the count
+    assert manager.request_grace == pytest.approx(2 * 6 / 8, rel=0.05)

@@ -1129,6 +1129,10 @@ async def _managed_refresh(
                     f"account '{account.name}' is being refreshed by a node right now",
                     hint="try again in a moment (`kakao-tokend status` shows its tokens)",
                 )
+            # A request given up on may still bring Kakao's late answer (a rotated refresh
+            # token): it is kept before the session closes under it.
+            await manager.wait_idle(manager.request_grace)
+            after = manager.state if manager.state is not None else after
             for _ in range(3):
                 if await manager.flush():
                     break

@@ -42,7 +42,7 @@ from .errors import (
     StoreWriteError,
 )
 from .health import AccountHealth, assess, config_action, full_action
-from .kakao import KakaoClient
+from .kakao import LONGEST_WAIT, KakaoClient
 from .relogin import (
     AccessCheck,
     ReloginCause,
@@ -283,10 +283,11 @@ class AccountManager:
 
     @property
     def request_grace(self) -> float:
-        """Return how long an in-flight refresh may still take: its request's wait, as the
-        client computes it for these tokens (fitted to their lifetime, grown after requests
-        Kakao left unanswered), and as much again, at most 1 s more (30 + 1 s for Kakao's
-        6-hour token, 0.57 s for a 6-second one).
+        """Return how long an in-flight refresh may still take: the longest wait of its
+        request, as the client computes it for these tokens (fitted to their lifetime, at its
+        most grown: how long a request given up on stays open for its late answer), and as
+        much again, at most 1 s more (30 + 1 s for Kakao's 6-hour token, 1.5 s for a
+        6-second one).
 
         Giving up earlier (at a stop or a reload) would close the session or swap the store
         under a request Kakao may already have answered with a rotated refresh token.
@@ -295,11 +296,13 @@ class AccountManager:
         if state is None:
             return self.account.app.timeout + 1.0
         tokens = state.tokens
+        # The longest wait the rule allows: a request given up on stays open that long for
+        # its late answer, and the next attempt waits for it (KakaoClient.refresh's late).
         wait, _ = self.account.app.request_timeouts(
             self.policy,
             tokens.access_lifetime,
             tokens.refresh_remaining(self.clock()).total_seconds(),
-            unanswered=self.status.unanswered,
+            unanswered=LONGEST_WAIT,
         )
         return wait + min(wait, 1.0)
 
@@ -814,13 +817,28 @@ class AccountManager:
             )
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no refresh is in flight; return False when ``timeout`` ran out first."""
-        task = self._inflight
-        if task is None:
-            return True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        return task.done()
+        """Wait until no refresh is in flight and no request given up on is still open (its
+        late answer, when it brings one, is kept first: a stop, a reload or a command that
+        ended before it would close the session under a rotated refresh token); return False
+        when ``timeout`` ran out first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            running = self._inflight
+            open_calls = [e.call for e in self._lingering if not e.call.done()]
+            state = self.state
+            if running is None and not open_calls:
+                if state is None or not self._has_late_answer(state.tokens):
+                    return True
+                running = asyncio.ensure_future(
+                    self.refresh(force=True, reason="Kakao's late answer")
+                )
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            waited = [asyncio.shield(running)] if running is not None else open_calls
+            with contextlib.suppress(Exception):
+                await asyncio.wait(waited, timeout=left)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:
