@@ -566,3 +566,45 @@ async def test_a_damaged_token_file_is_rewritten_at_start(
         assert daemon.published()["access_token"] == state.tokens.access_token
     finally:
         assert await daemon.stop() == 0
+
+
+async def test_a_stop_keeps_the_late_answer_of_a_refresh_still_open(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`systemctl restart` (SIGTERM) while a refresh given up on is still open: Kakao rotated
+    at once and answers 1 s later, after the 0.475 s wait of a 10-second token. The stop
+    waits for that answer and keeps the rotated refresh token, so the next start refreshes
+    with a live one. Before, the stop closed the session under it, and the next start
+    needed a new login (the saved refresh token was retired)."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 7200  # every refresh rotates
+    # The retry waits 1.5 s, so the stop meets the open request alone (no retry waits on it).
+    config = write_config(
+        tmp_path,
+        emulator,
+        timeout="30s",
+        connect_timeout="10s",
+        retry_initial="1.5s",
+        retry_max="1.5s",
+    )
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    emulator.inject("token", "late", count=1, delay=1.0)
+    try:
+        await daemon.wait_log("unanswered after", timeout=15)
+    finally:
+        assert await daemon.stop() == 0
+    state = daemon.state()
+    assert state["generation"] == 2, daemon.log_text()[-2000:]
+    saved_refresh = load_state_tokens(config)
+    assert emulator.refresh_token_status(saved_refresh) == "live"
+
+
+def load_state_tokens(config: Path) -> str:
+    """The refresh token in the default account's state file."""
+    from kakao_tokend.config import load_config
+    from kakao_tokend.store import AccountStore
+
+    saved = AccountStore(load_config(config).accounts["default"]).load()
+    assert saved is not None
+    return saved.tokens.refresh_token
