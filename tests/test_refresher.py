@@ -201,6 +201,26 @@ async def test_waiting_for_idle_keeps_the_late_answer_of_a_request_still_open(
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
 
 
+async def test_a_late_answer_after_a_new_login_calls_kakao_for_nothing(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A request given up on answers late, but a `login` wrote newer tokens meanwhile: the
+    run that would keep the late answer finds them under the lock and stops there. Before,
+    it went on as a forced refresh of the new tokens (one Kakao call for nothing; in a fleet,
+    after another node's commit, the same)."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
+    emulator.inject("token", "late", count=1, delay=1.0)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    fresh = await login(emulator, tmp_path / "config.toml")
+    asked = len(emulator.stats.refresh_log)
+    assert await manager.wait_idle(manager.request_grace)
+    await asyncio.sleep(0.1)  # the late answer's run, if one was started, has ended too
+    assert len(emulator.stats.refresh_log) == asked
+    state = manager.store.load()
+    assert state is not None and state.tokens.refresh_token == fresh.tokens.refresh_token
+
+
 async def test_tokens_written_by_login_are_adopted_not_overwritten(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -113,6 +113,9 @@ class _Lingering(NamedTuple):
     started: float
 
 
+#: The reason of a refresh run that only takes a late answer: it calls Kakao for nothing else
+#: (a newer state read under the lock, e.g. another fleet node's commit, makes it stale).
+LATE_ANSWER = "Kakao's late answer"
 #: Runs started by a late answer (AccountManager._late_done), kept until they end.
 _LATE_RUNS: set[asyncio.Task[AccountState | None]] = set()
 
@@ -830,9 +833,7 @@ class AccountManager:
             if running is None and not open_calls:
                 if state is None or not self._has_late_answer(state.tokens):
                     return True
-                running = asyncio.ensure_future(
-                    self.refresh(force=True, reason="Kakao's late answer")
-                )
+                running = asyncio.ensure_future(self.refresh(force=True, reason=LATE_ANSWER))
             left = deadline - loop.time()
             if left <= 0:
                 return False
@@ -975,6 +976,8 @@ class AccountManager:
             return None
         if self.status.health is Health.RELOGIN and not force:
             return state
+        if reason == LATE_ANSWER and not self._has_late_answer(state.tokens):
+            return state  # taken already, or newer tokens were read under the lock
         now = self.clock()
         if not force and not self.needs_refresh(now):
             # What the row under the lock said moved the plan (a fleet node's claim that
@@ -1136,7 +1139,7 @@ class AccountManager:
         state = self.state
         if state is None or not self._has_late_answer(state.tokens):
             return state
-        return await self.refresh(force=True, reason="Kakao's late answer")
+        return await self.refresh(force=True, reason=LATE_ANSWER)
 
     def _has_late_answer(self, tokens: TokenSet) -> bool:
         return any(
