@@ -120,6 +120,10 @@ KAPI_FAULTS = (_KAPI_CODES, _TRANSPORT)
 # "timeout" keeps the emulator's default 60 s delay: the delayed work then always meets a
 # refresh token the daemon has already rotated away (or that expired), so it cannot steal one.
 SLOW_DELAY = 1.0
+#: The kinds armed with SLOW_DELAY: "slow" answers late, "late" does the work (a rotation) at
+#: once and answers late. Below the daemon's timeout, both must lose nothing; "late" with its
+#: default 2 s (the daemon's whole timeout) would be a lost answer like lost_response.
+DELAYED_KINDS = ("slow", "late")
 
 
 #: Every disruption the schedule can pick (see next_disruption for the weights and rules).
@@ -811,7 +815,7 @@ class Soak:
         """Arm a fault on the token endpoint and keep its window open until it has fired."""
         kind = kind or self.next_kind(self.token_cycle, TOKEN_FAULTS)
         count = 1 if kind in ("timeout", "lost_response") else self.rng.randint(1, 3)
-        delay = SLOW_DELAY if kind == "slow" else None
+        delay = SLOW_DELAY if kind in DELAYED_KINDS else None
         if kind == "lost_response":
             await self.wait_rotation_due()
         before = self.emu.stats.faults_fired[kind]
@@ -888,7 +892,7 @@ class Soak:
             "access_token_info",
             kapi_kind,
             count=1,
-            delay=SLOW_DELAY if kapi_kind == "slow" else None,
+            delay=SLOW_DELAY if kapi_kind in DELAYED_KINDS else None,
         )
         self.report.faults_injected[f"access_token_info:{kapi_kind}"] += 1
         await self.start_daemon()
@@ -1005,7 +1009,7 @@ class Soak:
         before = self.emu.stats.faults_fired[kind] if kind else 0
         if kind:
             self.emu.inject(
-                "token", kind, count=count, delay=SLOW_DELAY if kind == "slow" else None
+                "token", kind, count=count, delay=SLOW_DELAY if kind in DELAYED_KINDS else None
             )
             self.report.faults_injected[f"token:{kind}"] += count
         await self.start_daemon()
