@@ -443,6 +443,26 @@ async def test_healthz_over_tcp_without_the_bearer_names_no_account(
         assert status == 503 and "login" in body["problems"]["default"]
 
 
+async def test_a_refresh_asked_over_the_api_answers_with_kakaos_late_answer(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """POST /v1/accounts/NAME/refresh while Kakao rotates at once but answers after the
+    request's wait (10-second tokens: 0.475 s; the answer after 1 s): the daemon keeps the
+    late answer, and the caller is told so (200, refreshed and rotated), not the first
+    attempt's timeout (a 502 for a refresh that then succeeded: `kakao-tokend refresh`
+    through the daemon exited 69)."""
+    emulator.settings.access_lifetime = 10
+    emulator.settings.refresh_lifetime = 3600
+    emulator.settings.rotation_window = 100_000.0  # every refresh rotates
+    config = config_with(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "late", count=1, delay=1.0)
+        status, body = await served.request("POST", "/v1/accounts/default/refresh")
+    assert status == 200, body
+    assert body["refreshed"] is True and body["rotated"] is True
+
+
 async def test_reload_answers_after_applying(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """POST /v1/reload returns once the new account set is in effect; a bad config is refused."""
     config = config_with(tmp_path, emulator)

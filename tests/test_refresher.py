@@ -221,6 +221,38 @@ async def test_a_late_answer_after_a_new_login_calls_kakao_for_nothing(
     assert state is not None and state.tokens.refresh_token == fresh.tokens.refresh_token
 
 
+async def test_a_long_lived_tokens_rotation_answered_after_the_configured_wait_is_kept(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A token living an hour waits the configured time for Kakao (here 1 s, set by hand,
+    standing in for Kakao's 6-hour token and its 30 s), and no growth rule lengthens that:
+    a rotation Kakao answers after 1.5 s is still kept, the request staying open for twice
+    the configured wait. Before, a request was kept open only past a wait fitted to a short
+    life, so from about 10 minutes of life up an answer after the wait was lost with its
+    rotation (an outside audit: Kakao's real token, an answer after 31 s, a new login)."""
+    short_tokens(emulator, access=3600, refresh=7200)
+    emulator.settings.rotation_window = 100_000.0  # every refresh rotates
+    config_path = write_config(tmp_path, emulator, timeout="1s", connect_timeout="1s")
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account),
+        client=KakaoClient(session, account.app, policy=config.refresh),
+        policy=config.refresh,
+    )
+    before = manager.load()
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=1.5)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    assert await manager.wait_idle(manager.request_grace)
+    saved = manager.store.load()
+    assert saved is not None and saved.generation == before.generation + 1
+    assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
+
+
 async def test_tokens_written_by_login_are_adopted_not_overwritten(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -20,6 +20,7 @@ from kakao_tokend.tokens import (
     PartialTokenResponse,
     TokenResponseError,
     TokenSet,
+    answer_patience,
     backoff_delay,
     daemon_answer_wait,
     expiring_margin,
@@ -1591,3 +1592,25 @@ def test_an_access_token_never_has_more_left_than_its_whole_lifetime() -> None:
     assert tokens.access_remaining(stepped_back) == timedelta(seconds=6)
     assert tokens.access_remaining(T0 + timedelta(seconds=1)) == timedelta(seconds=5)
     assert tokens.access_remaining(T0 + timedelta(seconds=8)) == timedelta(seconds=-2)
+
+
+@pytest.mark.parametrize(
+    ("configured", "life", "patience"),
+    [
+        (30.0, 6.0, 0.75),  # a short token: the longest grown wait, 1/8 of the life
+        (30.0, 60.0, 7.5),
+        (30.0, 600.0, 60.0),  # the wait is already the configured 30 s: twice that
+        (30.0, 21599.0, 60.0),  # Kakao's 6-hour token: an answer after 31 s is heard
+        (2.0, 3.0, 2.0),  # a wait set by hand for a short token keeps its value
+        (1.0, 3600.0, 2.0),  # ... and is doubled for a long-lived one
+    ],
+)
+def test_a_request_given_up_on_stays_open_for_a_share_of_the_life_or_twice_its_wait(
+    configured: float, life: float, patience: float
+) -> None:
+    """How long a token request given up on stays open for Kakao's late answer: never less
+    than the longest wait the growth rule gives, twice the configured wait for a token that
+    lives long (the wait stays the configured value there, and an answer after it would
+    otherwise be lost with its rotation), at most 1/8 of the life."""
+    got = answer_patience(configured, 30.0, timedelta(seconds=life), 30 * 86400.0)
+    assert got == pytest.approx(patience, rel=0.01)

@@ -120,10 +120,15 @@ async def _refresh_now(
     node holding the account looks again soon (the manager moved its plan earlier without an
     event), and the scheduler must wake for that moment rather than the old one.
     """
+
+    async def refreshed() -> None:
+        await manager.refresh(force=True, reason=reason, min_valid=min_valid)
+        # A request given up on may still bring Kakao's late answer (its tokens are kept):
+        # the caller is answered with it, not with the first attempt's timeout.
+        await manager.wait_idle(manager.request_grace)
+
     try:
-        await _within_timeout(
-            request, manager.refresh(force=True, reason=reason, min_valid=min_valid)
-        )
+        await _within_timeout(request, refreshed())
     finally:
         scheduler = _daemon(request).scheduler
         if scheduler is not None:

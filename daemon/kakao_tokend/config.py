@@ -29,7 +29,13 @@ from urllib.parse import urlsplit
 from . import paths
 from .errors import ConfigError
 from .i18n import LANGUAGES
-from .tokens import MAX_LIFETIME, format_duration, request_timeout, request_timeout_share
+from .tokens import (
+    MAX_LIFETIME,
+    answer_patience,
+    format_duration,
+    request_timeout,
+    request_timeout_share,
+)
 
 if TYPE_CHECKING:  # imported only when a store key is configured
     from .fleet.crypto import Keyring
@@ -699,6 +705,14 @@ class KakaoApp:
             self.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
         )
         return total, min(connect, total)
+
+    def answer_patience(
+        self, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
+    ) -> float:
+        """Return how long a token request given up on stays open for its late answer
+        (tokens.answer_patience, with this app's ``timeout`` and ``policy``)."""
+        share = request_timeout_share(policy.refresh_at, policy.jitter)
+        return answer_patience(self.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
 
 
 @dataclass(frozen=True)

@@ -288,9 +288,6 @@ def rejects_the_app(msg: str) -> bool:
     return any(marker in lowered for marker in _CONFIG_401_MARKERS)
 
 
-#: The count of unanswered requests at which tokens.request_timeout gives its longest wait
-#: (it clamps the doublings there): how long a refresh given up on stays open for its answer.
-LONGEST_WAIT = 64
 #: A request's deadline found running this much of its wait late did not see Kakao hang: the
 #: process was stopped (SIGSTOP, a frozen VM) or its loop stalled (answer_within).
 LATE_DEADLINE_SHARE = 0.25
@@ -533,7 +530,7 @@ class KakaoClient:
 
         ``late``: when Kakao has not answered within the wait, the caller gets its timeout as
         always, but the request is not abandoned: it stays open for the longest wait the
-        rule allows (:data:`LONGEST_WAIT`), and ``late`` is handed the future of its result.
+        rule allows (tokens.answer_patience), and ``late`` is handed the future of its result.
         Kakao may have rotated the refresh token already (it kills the old one at once), and
         network delay does not shrink with a token's life: an answer 0.8 s late for a
         10-second token is ordinary, and it may hold the only live refresh token.
@@ -546,8 +543,10 @@ class KakaoClient:
             )
         lifetime, dies = tokens.access_lifetime, tokens.refresh_expires_at
         wait = self._timeout(lifetime, dies, unanswered).total
-        patience = self._timeout(lifetime, dies, LONGEST_WAIT).total
-        assert wait is not None and patience is not None
+        assert wait is not None
+        patience = self._app.answer_patience(
+            self._policy, lifetime, (dies - self._clock()).total_seconds()
+        )
         if patience <= wait:
             return await self._refresh(
                 tokens, unanswered=unanswered, rotation_window=rotation_window

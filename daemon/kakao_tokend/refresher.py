@@ -42,7 +42,7 @@ from .errors import (
     StoreWriteError,
 )
 from .health import AccountHealth, assess, config_action, full_action
-from .kakao import LONGEST_WAIT, KakaoClient
+from .kakao import KakaoClient
 from .relogin import (
     AccessCheck,
     ReloginCause,
@@ -289,8 +289,8 @@ class AccountManager:
         """Return how long an in-flight refresh may still take: the longest wait of its
         request, as the client computes it for these tokens (fitted to their lifetime, at its
         most grown: how long a request given up on stays open for its late answer), and as
-        much again, at most 1 s more (30 + 1 s for Kakao's 6-hour token, 1.5 s for a
-        6-second one).
+        much again, at most 1 s more (60 + 1 s for Kakao's 6-hour token, 1.5 s for a
+        6-second one; tokens.answer_patience).
 
         Giving up earlier (at a stop or a reload) would close the session or swap the store
         under a request Kakao may already have answered with a rotated refresh token.
@@ -299,13 +299,12 @@ class AccountManager:
         if state is None:
             return self.account.app.timeout + 1.0
         tokens = state.tokens
-        # The longest wait the rule allows: a request given up on stays open that long for
-        # its late answer, and the next attempt waits for it (KakaoClient.refresh's late).
-        wait, _ = self.account.app.request_timeouts(
+        # A request given up on stays open this long for its late answer, and the next
+        # attempt waits for it (KakaoClient.refresh's late, tokens.answer_patience).
+        wait = self.account.app.answer_patience(
             self.policy,
             tokens.access_lifetime,
             tokens.refresh_remaining(self.clock()).total_seconds(),
-            unanswered=LONGEST_WAIT,
         )
         return wait + min(wait, 1.0)
 

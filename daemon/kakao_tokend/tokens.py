@@ -668,6 +668,34 @@ def request_timeout(
     return within_refresh_life(wait, refresh_left)
 
 
+def answer_patience(
+    configured: float,
+    default: float,
+    lifetime: timedelta | None,
+    refresh_left: float | None = None,
+    *,
+    share: float = REQUEST_TIMEOUT_SHARE,
+) -> float:
+    """Return how long a token request given up on stays open for Kakao's late answer (the
+    next attempt waits for it rather than present the same refresh token beside it).
+
+    Kakao may have rotated already and killed the old refresh token, and network delay does
+    not shrink with the token's life. It is the longest wait :func:`request_timeout` grows to
+    (1/8 of a short life), and for a longer-lived token twice the configured wait (60 s for
+    Kakao's 6-hour token, whose wait stays the configured 30 s: an answer after 31 s is still
+    heard), never more than 1/8 of the life, nor past half of the refresh token's remaining
+    life. A wait set by hand keeps its value for short tokens (the soak's 2 s for a 3 s token).
+    """
+    longest = request_timeout(
+        configured, default, lifetime, refresh_left, share=share, unanswered=64
+    )
+    if lifetime is None:
+        return longest
+    life = max(lifetime.total_seconds(), 0.0)
+    longer = min(2 * configured, life * REQUEST_TIMEOUT_SHARE)
+    return within_refresh_life(max(longest, longer), refresh_left)
+
+
 #: The shortest heartbeat: a share of a very short life, or a refresh token's last moments.
 HEARTBEAT_FLOOR = 0.05
 #: The most of the shortest access lifetime the heartbeat left at its default may take. It
