@@ -12,7 +12,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
@@ -479,3 +479,20 @@ class NotifyReceiver:
                 raise AssertionError(f"the daemon exited:\n{process.log_text()[-3000:]}")
             await asyncio.sleep(0.05)
         raise AssertionError(f"no {line} within {timeout:g}s:\n{process.log_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def frozen_daemon_socket(config: Path) -> Iterator[Path]:
+    """A stand-in for a daemon that is stopped (SIGSTOP) or frozen, on the config's API socket:
+    the kernel accepts connections into the backlog, and nobody ever answers."""
+    from kakao_tokend.config import load_config
+
+    path = load_config(config).api_socket
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        frozen.bind(str(path))
+        frozen.listen(8)
+        yield path
+    finally:
+        frozen.close()

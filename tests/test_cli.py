@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from click.testing import CliRunner, Result
 
-from daemonproc import run_cli, write_config
+from daemonproc import frozen_daemon_socket, run_cli, write_config
 from kakao_tokend.cli import main
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
@@ -345,17 +345,10 @@ class TestStatus:
         at least a warning: a daemon that does not answer refreshes nothing."""
         config = write_config(tmp_path)
         save_offline(config, refresh_left=40 * 86400, access_left=3600)  # ok by the files
-        sock = load_config(config).api_socket
-        sock.parent.mkdir(mode=0o700, exist_ok=True)
-        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        frozen.bind(str(sock))
-        frozen.listen(8)
-        try:
+        with frozen_daemon_socket(config):
             started = asyncio.get_running_loop().time()
             code, out, err = await run_cli(config, "status")
             took = asyncio.get_running_loop().time() - started
-        finally:
-            frozen.close()
         assert code == 1, (out, err)
         assert took < 9.0, f"{took:.1f}s"
         assert "did not answer" in err and "files" in err and "Traceback" not in err
@@ -535,18 +528,11 @@ class TestTokenRefreshLogout:
         short for --min-valid) is one error line with the fix, after the same short wait."""
         config = write_config(tmp_path)
         save_offline(config, refresh_left=30 * 86400, access_left=8)  # an 8-second token
-        sock = load_config(config).api_socket
-        sock.parent.mkdir(mode=0o700, exist_ok=True)
-        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        frozen.bind(str(sock))
-        frozen.listen(8)  # the kernel accepts into the backlog; nobody ever answers
-        try:
+        with frozen_daemon_socket(config):
             started = asyncio.get_running_loop().time()
             code, out, err = await run_cli(config, "token")
             took = asyncio.get_running_loop().time() - started
             short = await run_cli(config, "token", "--min-valid", "7.9s")
-        finally:
-            frozen.close()
         assert code == 0, err
         assert out == OFFLINE_BODY["access_token"] + "\n"
         assert took < 6.0, f"{took:.1f}s"  # 2 s of waiting, and the CLI's own start

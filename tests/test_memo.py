@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from daemonproc import DaemonProcess, login, run_cli, start_daemon, write_config
+from daemonproc import (
+    DaemonProcess,
+    frozen_daemon_socket,
+    login,
+    run_cli,
+    start_daemon,
+    write_config,
+)
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
 
 pytestmark = pytest.mark.timeout(90)
@@ -161,22 +168,11 @@ class TestThroughAStuckDaemon:
         up exactly when the daemon's answer (sent, or 504) was due, so nobody could tell
         whether the message went out. With a 1 s deadline, a daemon that never answers
         ends the command after about 2 s, in one line."""
-        import socket
-
-        from kakao_tokend.config import load_config
-
         config = write_config(tmp_path, extra='[api]\nrequest_timeout = "1s"\n')
-        sock = load_config(config).api_socket
-        sock.parent.mkdir(mode=0o700, exist_ok=True)
-        frozen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        frozen.bind(str(sock))
-        frozen.listen(8)  # the kernel accepts into the backlog; nobody ever answers
-        try:
+        with frozen_daemon_socket(config):
             started = asyncio.get_running_loop().time()
             code, out, err = await run_cli(config, "memo", "hello")
             took = asyncio.get_running_loop().time() - started
-        finally:
-            frozen.close()
         assert code != 0 and out == "", err
         assert 1.5 <= took < 10, f"{took:.1f}s"
         assert "did not answer" in err and "Traceback" not in err

@@ -100,6 +100,22 @@ async def default_timeouts_manager(
     return manager
 
 
+async def given_up_on_a_late_rotation(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, *, delay: float
+) -> tuple[AccountManager, AccountState]:
+    """10-second tokens inside Kakao's rotation window (every refresh rotates), the default
+    timeouts (0.475 s): one refresh that Kakao rotates at once and answers ``delay`` s later,
+    given up on after its wait. Return the manager and the state before it."""
+    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
+    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
+    before = manager.state
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=delay)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    return manager, before
+
+
 async def test_a_token_request_after_a_timeout_waits_longer_until_kakao_answers(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -140,13 +156,7 @@ async def test_a_rotation_whose_answer_comes_after_the_wait_is_still_kept(
     KOE322 — yet the first request's answer is still read when it comes, and its rotated
     refresh token kept: no new login. Before, the rotation was thrown away with the request
     (network delay does not shrink with the token's life: 0.8 s is ordinary)."""
-    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
-    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
-    before = manager.state
-    assert before is not None
-    emulator.inject("token", "late", count=1, delay=0.8)
-    await manager.refresh(force=True)
-    assert manager.status.last_error_class == "timeout"
+    manager, before = await given_up_on_a_late_rotation(emulator, tmp_path, session, delay=0.8)
     assert emulator.refresh_token_status(before.tokens.refresh_token) == "retired"
     state = await manager.refresh(force=True)  # the same refresh token again: KOE322
     assert manager.status.health is Health.OK, manager.status.last_error
@@ -164,13 +174,7 @@ async def test_a_late_answer_is_kept_without_waiting_for_the_next_attempt(
     """The same late rotation, with no retry asked for: the answer, when it comes, is made
     durable at once (the account's next planned attempt could be a back-off away, and the
     process could die before it)."""
-    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
-    emulator.settings.rotation_window = 7200
-    before = manager.state
-    assert before is not None
-    emulator.inject("token", "late", count=1, delay=0.8)
-    await manager.refresh(force=True)
-    assert manager.status.last_error_class == "timeout"
+    manager, before = await given_up_on_a_late_rotation(emulator, tmp_path, session, delay=0.8)
     for _ in range(100):  # bounded: the answer comes 0.8 s after the request
         saved = manager.store.load()
         if saved is not None and saved.generation > before.generation:
@@ -188,13 +192,7 @@ async def test_waiting_for_idle_keeps_the_late_answer_of_a_request_still_open(
     (wait_idle) before it closes the session: a request given up on but still open counts,
     and its late answer (a rotation) is kept first. Before, the stop closed the session under
     it, and the next start found the refresh token retired (KOE322, a new login)."""
-    manager = await default_timeouts_manager(emulator, tmp_path, session, access=10)
-    emulator.settings.rotation_window = 7200
-    before = manager.state
-    assert before is not None
-    emulator.inject("token", "late", count=1, delay=1.0)
-    await manager.refresh(force=True)
-    assert manager.status.last_error_class == "timeout"
+    manager, before = await given_up_on_a_late_rotation(emulator, tmp_path, session, delay=1.0)
     assert await manager.wait_idle(manager.request_grace)
     saved = manager.store.load()
     assert saved is not None and saved.generation == before.generation + 1
