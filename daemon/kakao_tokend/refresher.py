@@ -1028,17 +1028,6 @@ class AccountManager:
             self._record_transient(str(exc), exc.label, ambiguous=exc.ambiguous, exc=exc)
             return state
         except ReloginRequired as exc:
-            late = await self._await_lingering(state.tokens)
-            if late is not None:
-                # An earlier request with the same refresh token was answered late: Kakao had
-                # rotated it there, and refused it here for that very reason.
-                log.info(
-                    "account %s: Kakao refused the refresh token (%s) after an earlier"
-                    " request with it was answered late; keeping that answer",
-                    self.name,
-                    exc.label,
-                )
-                return self._accept(state, *late, expect_rotation=expect_rotation)
             cause = await self._refusal_cause(state, exc)
             if self._superseded_elsewhere(state, exc, cause):
                 return state
@@ -1189,16 +1178,6 @@ class AccountManager:
             if isinstance(failure, KakaoError) and failure.status is not None:
                 self._lingering = tuple(e for e in self._lingering if e.call is not call)
                 raise failure
-        return self._take_late_answer(tokens)
-
-    async def _await_lingering(self, tokens: TokenSet) -> tuple[TokenSet, bool] | None:
-        """Wait for the requests still open with ``tokens`` (each ends within the longest
-        wait, KakaoClient.refresh); return the late answer one of them brought, if any."""
-        pending = [
-            e.call for e in self._lingering if not e.call.done() and _same_tokens(e.tokens, tokens)
-        ]
-        if pending:
-            await asyncio.wait(pending)
         return self._take_late_answer(tokens)
 
     def _in_flight_path(self) -> Path | None:
