@@ -330,8 +330,8 @@ def _directory_problem(
             hint=f"run kakao-tokend as {stranger}, or: chown {_user_name(me)} {directory}",
         )
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+    who = _other_writers(mode)
+    if who is not None:
         return UnsafePath(
             f"{what} {directory} is writable by {who} (mode {mode:04o}), so another local user "
             "could replace the files in it",
@@ -458,6 +458,11 @@ def output_problems(
     return found
 
 
+def _other_writers(mode: int) -> str | None:
+    """Who besides the owner may write a file or directory of ``mode`` (None: nobody)."""
+    return {0o022: "group and others", 0o020: "group", 0o002: "others"}.get(mode & 0o022)
+
+
 def _private_file_problem(info: os.stat_result, path: Path, what: str) -> UnsafePath | None:
     """Why a file kakao-tokend writes for itself alone (0600, as its own user) may have been
     written by someone else: another owner, or group or others may write it; else None."""
@@ -469,8 +474,8 @@ def _private_file_problem(info: os.stat_result, path: Path, what: str) -> Unsafe
             hint=f"chown {_user_name(me)} {path} && chmod 600 {path}",
         )
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[mode & 0o022]
+    who = _other_writers(mode)
+    if who is not None:
         return UnsafePath(
             f"{what} {path} is writable by {who} (mode {mode:04o}): another local user could"
             " have written it",
