@@ -1323,35 +1323,43 @@ class PgAccountStore:
                 hint="nothing to do: its tokens are adopted",
             )
 
-    async def _lock_row(self, conn: AsyncConnection[Any]) -> tuple[AccountRow | None, bool]:
-        """Lock the row (SKIP LOCKED); return (row, whether a row of that name exists)."""
+    @asynccontextmanager
+    async def _answered(self, conn: AsyncConnection[Any], action: str) -> AsyncIterator[None]:
+        """Run statements on a connection this store holds within the store's deadline; a
+        database that does not answer, or went away, is recorded (store_unavailable)."""
         fleet = self.fleet
         try:
             async with deadline(conn, fleet.deadline):
-                row = await load_account(
-                    conn,
-                    fleet.keyring,
-                    self.name,
-                    lock=RowLock.SKIP,
-                    rotations=CACHED_ROTATIONS,
-                    names=fleet.names(),
-                )
-                if row is not None:
-                    await self._fit_backstop(conn, row)
-                    fleet.ok()
-                    return row, True
-                with store_errors(f"read account {self.name!r}"):
-                    cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
-                    exists = await cur.fetchone() is not None
+                yield
         except TimeoutError:
-            exc = no_answer(f"lock account {self.name!r}", fleet.deadline)
+            exc = no_answer(action, fleet.deadline)
             fleet.failed(exc)
             raise exc from None
         except StoreUnavailable as exc:
             fleet.failed(exc)
             raise
         fleet.ok()
-        return None, exists
+
+    async def _lock_row(self, conn: AsyncConnection[Any]) -> tuple[AccountRow | None, bool]:
+        """Lock the row (SKIP LOCKED); return (row, whether a row of that name exists)."""
+        fleet = self.fleet
+        async with self._answered(conn, f"lock account {self.name!r}"):
+            row = await load_account(
+                conn,
+                fleet.keyring,
+                self.name,
+                lock=RowLock.SKIP,
+                rotations=CACHED_ROTATIONS,
+                names=fleet.names(),
+            )
+            if row is not None:
+                await self._fit_backstop(conn, row)
+                exists = True
+            else:
+                with store_errors(f"read account {self.name!r}"):
+                    cur = await conn.execute("SELECT 1 FROM accounts WHERE name = %s", (self.name,))
+                    exists = await cur.fetchone() is not None
+        return row, exists
 
     async def _fit_backstop(self, conn: AsyncConnection[Any], row: AccountRow) -> None:
         """Shorten this transaction's idle-in-transaction backstop to the token's share
@@ -1493,17 +1501,8 @@ class PgAccountStore:
         held = self._held
         if held is None:
             raise RuntimeError(f"account {self.name!r}: the next generation is read under the hold")
-        fleet = self.fleet
-        try:
-            async with deadline(held.conn, fleet.deadline):
-                deleted = await deleted_generation(held.conn, self.name)
-        except TimeoutError:
-            exc = no_answer(f"read account {self.name!r}", fleet.deadline)
-            fleet.failed(exc)
-            raise exc from None
-        except StoreUnavailable as exc:
-            fleet.failed(exc)
-            raise
+        async with self._answered(held.conn, f"read account {self.name!r}"):
+            deleted = await deleted_generation(held.conn, self.name)
         return max(old.generation if old is not None else 0, deleted) + 1
 
     # ------------------------------------------------------------------ changing
