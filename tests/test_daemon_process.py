@@ -18,6 +18,7 @@ from daemonproc import (
     issued_tokens,
     login,
     release_into_a_rotation,
+    run_cli,
     short_tokens,
     start_daemon,
     write_config,
@@ -594,6 +595,47 @@ async def test_a_stop_keeps_the_late_answer_of_a_refresh_still_open(
         await daemon.wait_log("unanswered after", timeout=15)
     finally:
         assert await daemon.stop() == 0
+    state = daemon.state()
+    assert state["generation"] == 2, daemon.log_text()[-2000:]
+    saved_refresh = load_state_tokens(config)
+    assert emulator.refresh_token_status(saved_refresh) == "live"
+
+
+@pytest.mark.slow(50)
+async def test_a_stop_waits_for_a_long_lived_tokens_request_as_long_as_it_stays_open(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A token living hours keeps a request given up on open for twice its configured wait
+    (tokens.answer_patience: 60 s for Kakao's 6-hour token and 30 s wait). A stop that comes
+    just after such a request was sent (here one `kakao-tokend refresh` asked for) waits for
+    it that long: Kakao rotated at once and answers after 46 s, past the 25 s wait set here.
+    Before, the stop waited for the API's requests (5 to 10 s) and then the account lock's
+    wait, the configured wait and a second (31 s), closed the session under the open request,
+    and the saved refresh token was the retired one (the next start: a new login)."""
+    short_tokens(emulator, access=3600, refresh=7200)
+    emulator.settings.rotation_window = 14400  # every refresh rotates
+    config = write_config(
+        tmp_path,
+        emulator,
+        timeout="25s",
+        connect_timeout="5s",
+        retry_initial="60s",
+        retry_max="60s",
+    )
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    emulator.inject("token", "late", count=1, delay=46.0)
+    sent = emulator.stats.requests["token"]
+    asked = asyncio.ensure_future(run_cli(config, "refresh"))
+    try:
+        await daemon.wait_for(
+            lambda: emulator.stats.requests["token"] > sent, timeout=10, what="the request"
+        )
+        began = time.monotonic()
+        assert await daemon.stop(timeout=70) == 0
+        assert time.monotonic() - began >= 45, daemon.log_text()[-2000:]
+    finally:
+        asked.cancel()
     state = daemon.state()
     assert state["generation"] == 2, daemon.log_text()[-2000:]
     saved_refresh = load_state_tokens(config)

@@ -431,13 +431,14 @@ class Daemon:
 
     async def _watch_stop(self) -> None:
         """While a stop runs: ask systemd for more stop time (EXTEND_TIMEOUT_USEC) while a
-        refresh is in flight, and every REPORT_STOP_EVERY log what the stop waits for."""
+        refresh is in flight or its request still open, and every REPORT_STOP_EVERY log what
+        the stop waits for."""
         last: float | None = None
         loop = asyncio.get_running_loop()
         began = loop.time()
         report_at = began + REPORT_STOP_EVERY
         while True:
-            if any(m.refreshing for m in self.managers.values()) and (
+            if any(m.awaiting_kakao for m in self.managers.values()) and (
                 last is None or loop.time() - last >= EXTEND_EVERY
             ):
                 systemd.extend_timeout(3 * EXTEND_EVERY)

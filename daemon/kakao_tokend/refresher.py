@@ -280,6 +280,12 @@ class AccountManager:
         return self._inflight is not None
 
     @property
+    def awaiting_kakao(self) -> bool:
+        """Return True while a refresh is in flight or a request given up on is still open
+        for Kakao's late answer (a stop waits for both, and asks systemd for the time)."""
+        return self._inflight is not None or any(not e.call.done() for e in self._lingering)
+
+    @property
     def busy(self) -> bool:
         """Return True while a refresh runs or a new state still waits to be written."""
         return self._inflight is not None or self.status.write_pending

@@ -44,7 +44,7 @@ from .refresher import FILE_LOCK_WAIT
 from .scheduler import RefreshScheduler
 from .status import EventListener
 from .store import check_not_moved, directory_text
-from .tokens import Clock, utcnow
+from .tokens import Clock, longest_open_request, utcnow
 from .watch import StateWatcher
 
 if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
@@ -68,13 +68,21 @@ API_SHUTDOWN_TIMEOUT = 5.0
 def refresh_grace(kakao_timeouts: Iterable[float], *, store_commit: float = 0.0) -> float:
     """Return how long a stop waits for in-flight refreshes: the longest one can take.
 
-    A refresh waits up to FILE_LOCK_WAIT for the account's lock, then up to the app's Kakao
-    timeout for the answer, then (fleet mode) up to ``store_commit`` for its commit before the
-    tokens go to the rescue file. Giving up earlier closes the HTTP session or the store under
-    it, and an answer Kakao already committed (a rotated refresh token) would be lost.
+    A refresh waits up to FILE_LOCK_WAIT for the account's lock, then for Kakao's answer as
+    long as its request stays open (twice the app's Kakao timeout at most: a request given up
+    on is kept open for a late answer, tokens.longest_open_request), then (fleet mode) up to
+    ``store_commit`` for its commit before the tokens go to the rescue file. Giving up earlier
+    closes the HTTP session or the store under it, and an answer Kakao already committed (a
+    rotated refresh token) would be lost.
     """
     return max(
-        [STOP_GRACE, *(FILE_LOCK_WAIT + timeout + store_commit + 1.0 for timeout in kakao_timeouts)]
+        [
+            STOP_GRACE,
+            *(
+                FILE_LOCK_WAIT + longest_open_request(timeout) + store_commit + 1.0
+                for timeout in kakao_timeouts
+            ),
+        ]
     )
 
 

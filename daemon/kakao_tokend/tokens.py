@@ -668,6 +668,18 @@ def request_timeout(
     return within_refresh_life(wait, refresh_left)
 
 
+#: How much longer than its configured wait a token request given up on may stay open for
+#: Kakao's late answer (:func:`answer_patience`): twice that wait.
+ANSWER_PATIENCE_FACTOR = 2.0
+
+
+def longest_open_request(configured: float) -> float:
+    """Return the longest a token request whose wait is ``configured`` stays open, its late
+    answer included (:func:`answer_patience` never exceeds it, at any lifetime): what a stop
+    must wait for an in-flight refresh (service.refresh_grace)."""
+    return ANSWER_PATIENCE_FACTOR * configured
+
+
 def answer_patience(
     configured: float,
     default: float,
@@ -692,7 +704,7 @@ def answer_patience(
     if lifetime is None:
         return longest
     life = max(lifetime.total_seconds(), 0.0)
-    longer = min(2 * configured, life * REQUEST_TIMEOUT_SHARE)
+    longer = min(longest_open_request(configured), life * REQUEST_TIMEOUT_SHARE)
     return within_refresh_life(max(longest, longer), refresh_left)
 
 
