@@ -241,6 +241,51 @@ async def test_unsaved_state_and_missed_rotation(
     assert command.conditions("resolved") == ["write_failed", "missed_rotation"]
 
 
+async def test_a_missed_rotation_that_becomes_an_expired_refresh_token_is_not_resolved(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver, command: Command
+) -> None:
+    """The refresh token was not renewed, then it expires: the warning gives way to the
+    critical "EXPIRED", and nothing announces the warning as resolved — things got worse.
+    Its record goes (the expiry alert says it now), and a later login resolves only that.
+    """
+    harness = await make_harness(alerts_toml(webhook, command), rotation_window=90 * 86400.0)
+    manager = harness.manager
+    harness.freeze()
+    await manager.refresh(force=True, reason="test")
+    assert manager.status.missed_rotation
+    await harness.settle()
+    assert webhook.conditions() == ["missed_rotation"]
+    assert manager.state is not None and harness.frozen_at is not None
+    left = (manager.state.tokens.refresh_expires_at - harness.frozen_at).total_seconds()
+    sent = await harness.at(left + 1)
+    assert [(a.condition, a.state) for a in sent] == [("refresh_expiry", "firing")]
+    assert webhook.conditions("resolved") == []
+    assert command.conditions("resolved") == []
+    assert [a["condition"] for a in harness.center.active("default")] == ["refresh_expiry"]
+
+
+async def test_refreshing_that_fails_until_kakao_refuses_the_token_is_not_resolved(
+    make_harness: Any, emulator: KakaoEmulator, webhook: Receiver
+) -> None:
+    """Refreshing keeps failing, then Kakao refuses the refresh token (KOE322): the re-login
+    alert takes the place of "refreshing failing", which is not announced as resolved.
+    """
+    emulator.settings.access_lifetime = 20
+    harness = await make_harness(alerts_toml(webhook, None, failing_after='"10%"'))
+    harness.freeze()
+    emulator.inject("token", "http500", count=1000)
+    await harness.manager.refresh(force=True, reason="test")
+    await harness.settle()
+    assert [a.condition for a in await harness.at(3)] == ["refresh_failing"]
+    emulator.clear_faults()
+    emulator.unlink_user(DEFAULT_USER_ID)
+    await harness.manager.refresh(force=True, reason="test")
+    assert harness.manager.status.health is Health.RELOGIN
+    await harness.settle()
+    assert webhook.conditions() == ["refresh_failing", "relogin"]
+    assert webhook.conditions("resolved") == []
+
+
 async def test_a_restart_sends_nothing_twice(
     make_harness: Any, emulator: KakaoEmulator, webhook: Receiver, command: Command
 ) -> None:

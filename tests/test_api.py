@@ -291,6 +291,39 @@ async def test_an_access_token_kakao_still_accepts_is_served_after_the_refresh_t
         assert emulator.access_token_valid(body["access_token"])
 
 
+async def test_a_refused_token_request_says_what_was_asked_for_every_min_valid(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """A new login is needed and the access token has expired: the 503 says "no valid token"
+    when nothing more was asked (min_valid=0; it used to say "valid for 0s"), and the
+    duration as asked otherwise (0.5 s used to read "0s")."""
+    emulator.settings.access_lifetime = 3
+    emulator.settings.refresh_lifetime = 3600
+    emulator.settings.rotation_window = 7200  # every refresh rotates the refresh token
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    state = await login(emulator, config)
+    session = create_session()
+    try:  # another program rotates the refresh token away: the daemon's copy is dead
+        await KakaoClient(session, load_config(config).accounts["default"].app).refresh(
+            state.tokens
+        )
+    finally:
+        await session.close()
+    async with serving(config) as served:
+        await served.request("POST", "/v1/accounts/default/refresh")
+        await asyncio.sleep(3.2)  # the access token has expired
+        expected = {
+            "0": "no valid token is available for default",
+            "0.5": "no token valid for at least 0.5s is available for default",
+            "1.25": "no token valid for at least 1.25s is available for default",
+        }
+        for min_valid, error in expected.items():
+            status, body = await served.get(TOKEN, params={"min_valid": min_valid})
+            assert status == 503 and body["health"] == "relogin", body
+            assert body["error"] == error
+
+
 async def test_errors_are_json(emulator: KakaoEmulator, tmp_path: Path) -> None:
     """Unknown account → 404, unknown path → 404, too large body → 413, all JSON with error."""
     config = config_with(tmp_path, emulator, '[api]\nmax_body = "1k"\nproxy_retry_body = "1k"\n')

@@ -471,6 +471,19 @@ class TestEmulatorFaults:
         assert caught.value.status is None
         Secrets([tokens.refresh_token]).assert_absent(caught.value)
 
+    async def test_a_timeout_says_its_wait_as_the_other_messages_do(
+        self, emu: KakaoEmulator, session: aiohttp.ClientSession
+    ) -> None:
+        """The wait is said through format_duration, as "1s" (never "1.0s", where the
+        connect timeout and the API say "1s")."""
+        client = KakaoClient(session, app_for(emu.url, timeout=1.0, connect_timeout=1.0))
+        tokens = tokens_from(emu.issue_tokens())
+        emu.inject("token", "timeout", delay=5.0)
+        with pytest.raises(KakaoUnavailable) as caught:
+            await asyncio.wait_for(client.refresh(tokens), timeout=10)
+        assert caught.value.code == "timeout"
+        assert "did not answer /oauth/token within 1s" in str(caught.value), caught.value
+
     async def test_a_default_timeout_is_fitted_to_a_short_lived_token(
         self, emu: KakaoEmulator, session: aiohttp.ClientSession
     ) -> None:

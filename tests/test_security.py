@@ -1605,6 +1605,28 @@ async def test_plain_http_to_other_machines_is_warned_about(tmp_path: Path) -> N
     assert code == 0 and "plain HTTP" not in out + err, (out, err)
 
 
+async def test_doctor_warns_when_the_api_serves_plain_http_to_other_machines(
+    tmp_path: Path,
+) -> None:
+    """`doctor` reports what `run` and `check-config` warn about: a TCP listener other
+    machines reach speaks plain HTTP — a warning (not critical) with the way out as its fix;
+    a loopback listener passes."""
+    config = tcp_api_config(tmp_path, NOWHERE, tcp="0.0.0.0:8766")
+    _, out, err = await run_cli(config, "doctor", "--json")
+    checks = {check["check"]: check for check in json.loads(out)["checks"]}
+    listener = checks.get("TCP listener")
+    assert listener is not None, out + err
+    assert listener["level"] == "warning" and listener["result"] == "failed", listener
+    assert "plain HTTP" in listener["detail"] and "0.0.0.0:8766" in listener["detail"]
+    assert "SSH tunnel" in listener["fix"] and "TLS" in listener["fix"]
+    assert BEARER not in out + err
+    loopback = tcp_api_config(tmp_path, NOWHERE, tcp="127.0.0.1:8766")
+    _, out, err = await run_cli(loopback, "doctor", "--json")
+    checks = {check["check"]: check for check in json.loads(out)["checks"]}
+    assert checks["TCP listener"]["level"] == "ok", out + err
+    assert "plain HTTP" not in out + err
+
+
 @pytest.mark.skipif(not _netns_works(), reason="needs root and `unshare --net`")
 async def test_run_warns_when_it_serves_plain_http_to_other_machines(tmp_path: Path) -> None:
     """The daemon logs the same warning when its TCP listener starts (run here in a network

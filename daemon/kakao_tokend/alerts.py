@@ -49,6 +49,7 @@ from .config import AccountConfig, AlertsConfig
 from .errors import KakaoError, KakaoRequestRejected, KakaoUnavailable, StoreError
 from .health import (
     NODE_LOCAL,
+    REPLACED_BY,
     AccountHealth,
     Condition,
     Severity,
@@ -931,7 +932,8 @@ class AccountAlerts:
         fleetwide = dict(shared.records(self.name))
         if shared.delivers(self.name):
             theirs = {k: c for k, c in current.items() if k not in NODE_LOCAL}
-            more, changed = self._decide(theirs, fleetwide, now)
+            # A node's own condition (config) can take the place of one of the account's.
+            more, changed = self._decide(theirs, fleetwide, now, taking_over=_fired(alerts))
             if changed:
                 shared.record(self.name, fleetwide)
             alerts += more
@@ -939,10 +941,16 @@ class AccountAlerts:
         return alerts
 
     def _decide(
-        self, current: dict[str, Condition], active: dict[str, dict[str, Any]], now: datetime
+        self,
+        current: dict[str, Condition],
+        active: dict[str, dict[str, Any]],
+        now: datetime,
+        *,
+        taking_over: frozenset[str] = frozenset(),
     ) -> tuple[list[Alert], bool]:
         """Compare ``current`` with the records in ``active`` and update them; return the
-        alerts to send and whether a record changed."""
+        alerts to send and whether a record changed. ``taking_over``: conditions that fired
+        (anew or escalated) in this grading outside ``current`` (:func:`_ended_unfixed`)."""
         alerts: list[Alert] = []
         changed = False
         for name, condition in current.items():
@@ -990,11 +998,13 @@ class AccountAlerts:
             }
             alerts.append(alert)
             changed = True
+        fired = _fired(alerts) | taking_over
+        has_tokens = self.manager.state is not None
         for name in [n for n in active if n not in current]:
             record = active.pop(name)
             changed = True
-            if self.manager.state is None and name in _TOKEN_CONDITIONS:
-                continue  # logged out: these ended with the tokens, nothing got fixed
+            if _ended_unfixed(name, fired, has_tokens=has_tokens):
+                continue
             alerts.append(resolution_alert(self.name, name, record, now, self.host, self.language))
         return alerts, changed
 
@@ -1008,6 +1018,21 @@ class AccountAlerts:
     def describe_active(self) -> list[dict[str, Any]]:
         """Return the active alerts as JSON-ready data."""
         return active_alerts(self.active)
+
+
+def _fired(alerts: Iterable[Alert]) -> frozenset[str]:
+    """Return the conditions that ``alerts`` fire anew or escalated (not repeats)."""
+    return frozenset(a.condition for a in alerts if a.state == "firing" and not a.repeat)
+
+
+def _ended_unfixed(name: str, fired: frozenset[str], *, has_tokens: bool) -> bool:
+    """True when condition ``name`` ended without anything getting fixed, so announcing it
+    resolved would be wrong: the tokens it was about are gone (logged out), or a condition
+    that takes its place when things get worse (health.REPLACED_BY) fired in the same
+    grading (``fired``) — the missed rotation whose refresh token has now expired."""
+    if not has_tokens and name in _TOKEN_CONDITIONS:
+        return True
+    return not REPLACED_BY.get(name, frozenset()).isdisjoint(fired)
 
 
 def resolution_alert(

@@ -297,6 +297,14 @@ def _seconds(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
+def _none_valid(name: str, min_valid: float) -> str:
+    """Why no token is served: none valid at all (``min_valid`` 0), or none valid for at
+    least ``min_valid`` (said as asked: ``0.5s``, ``600s``)."""
+    if min_valid <= 0:
+        return f"no valid token is available for {name}"
+    return f"no token valid for at least {_seconds(min_valid)}s is available for {name}"
+
+
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -331,7 +339,7 @@ async def token(request: web.Request) -> web.Response:
         if blocked is not None:
             return _error(
                 503,
-                f"no token valid for {int(min_valid)}s is available for {manager.name}",
+                _none_valid(manager.name, min_valid),
                 reason=blocked,
                 health=manager.status.health.value,
             )
@@ -343,7 +351,7 @@ async def token(request: web.Request) -> web.Response:
         if remaining < min_valid:
             return _error(
                 503,
-                f"no token valid for {int(min_valid)}s is available for {manager.name}",
+                _none_valid(manager.name, min_valid),
                 reason=manager.status.last_error,
                 health=manager.status.health.value,
             )

@@ -1657,8 +1657,9 @@ def doctor(consumer: str | None, as_json: bool) -> None:
 
     Checks the config and its secrets, the directories' owners and modes, each account's
     state, the access token at Kakao (access_token_info), the clock against Kakao's, the API
-    socket for you, the token file for --consumer, and the systemd unit. Exit 0 when all is
-    well, 1 for a warning, 2 for a critical problem (like `status`). Changes nothing.
+    socket for you, a TCP listener that speaks plain HTTP to other machines, the token file
+    for --consumer, and the systemd unit. Exit 0 when all is well, 1 for a warning, 2 for a
+    critical problem (like `status`). Changes nothing.
 
     \b
     Example:

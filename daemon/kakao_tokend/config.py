@@ -61,7 +61,9 @@ __all__ = [
     "load_locations",
     "parse_duration",
     "parse_share",
+    "plain_http_exposure",
     "plain_http_warning",
+    "tcp_address",
 ]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -1278,23 +1280,35 @@ _RULES: Final[Mapping[type[Any], Callable[[Any, _Known, _Report], None]]] = {
 }
 
 
-def plain_http_warning(api: ApiSettings) -> str | None:
-    """Return the warning for a TCP listener that other machines can reach (None otherwise).
+def plain_http_exposure(api: ApiSettings) -> tuple[str, str] | None:
+    """Return what is wrong and the fix for a TCP listener that other machines can reach
+    (None otherwise).
 
     api.allow_non_loopback permits it, but the API speaks plain HTTP: the bearer token and
-    every access token it hands out cross the network unencrypted. `check-config` prints this
-    and `run` logs it when the listener starts.
+    every access token it hands out cross the network unencrypted. `check-config` prints it
+    and `run` logs it when the listener starts (:func:`plain_http_warning`); `doctor` reports
+    it as a warning with the fix.
     """
     if api.tcp is None or _is_loopback(api.tcp[0]):
         return None
-    host, port = api.tcp
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return (
-        f"api.tcp = {address} serves the API over plain HTTP to other machines: the bearer"
-        " token and every access token it hands out cross the network unencrypted; keep it on"
-        " 127.0.0.1 and let other machines reach it through an SSH tunnel or a reverse proxy"
-        " that speaks TLS"
+        f"api.tcp = {tcp_address(api.tcp)} serves the API over plain HTTP to other machines:"
+        " the bearer token and every access token it hands out cross the network unencrypted",
+        "keep it on 127.0.0.1 and let other machines reach it through an SSH tunnel or a"
+        " reverse proxy that speaks TLS",
     )
+
+
+def plain_http_warning(api: ApiSettings) -> str | None:
+    """Return :func:`plain_http_exposure` as one warning line (None when there is none)."""
+    exposure = plain_http_exposure(api)
+    return None if exposure is None else "; ".join(exposure)
+
+
+def tcp_address(tcp: tuple[str, int]) -> str:
+    """Return the listener's ``host:port`` as written (``[::1]:8766`` for IPv6)."""
+    host, port = tcp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def kakaotalk_only_for_critical(account: AccountConfig) -> bool:

@@ -2,8 +2,9 @@
 
 The checks, in the order a person would go: the config and where its secrets come from; the
 directories' owners and modes; each account's state; a live ``access_token_info`` call; the
-clock against Kakao's ``Date`` header; the API socket for the calling user; the published
-token file (and socket) for a consumer user or group; the systemd unit. Each check returns
+clock against Kakao's ``Date`` header; the API socket for the calling user; a TCP listener
+that speaks plain HTTP to other machines; the published token file (and socket) for a
+consumer user or group; the systemd unit. Each check returns
 :class:`Finding` objects graded like ``status``: 0 ok, 1 warning, 2 critical. The CLI prints
 them and exits with the worst grade. Nothing here changes anything.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import access, paths, supervisor
-from .config import AccountConfig, Config, load_config
+from .config import AccountConfig, Config, load_config, plain_http_exposure, tcp_address
 from .errors import (
     ConfigError,
     KakaoConfigError,
@@ -47,6 +48,7 @@ __all__ = [
     "check_consumer",
     "check_directories",
     "check_group_access",
+    "check_listener",
     "check_outputs",
     "check_socket",
     "check_unit",
@@ -441,6 +443,20 @@ def check_socket(config: Config) -> Finding:
     )
 
 
+def check_listener(config: Config) -> list[Finding]:
+    """Whether the API's TCP listener (when there is one) serves only this machine: over
+    plain HTTP to other machines, the bearer token and the access tokens cross the network
+    unencrypted — allowed (`allow_non_loopback`), so a warning, the same as `run` logs."""
+    if config.api.tcp is None:
+        return []
+    exposure = plain_http_exposure(config.api)
+    if exposure is not None:
+        problem, fix = exposure
+        return [Finding("TCP listener", WARNING, problem, fix)]
+    address = tcp_address(config.api.tcp)
+    return [Finding("TCP listener", OK, f"{address} serves this machine only")]
+
+
 def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
     """Whether ``who`` can read each published token file and connect to the socket."""
     findings: list[Finding] = []
@@ -660,6 +676,7 @@ async def run_checks(
     findings += await check_live(config, states)
     findings.append(await check_clock(config, clock=clock))
     findings.append(check_socket(config))
+    findings += check_listener(config)
     findings += check_group_access(config)
     if consumer is not None:
         findings += check_consumer(config, consumer)

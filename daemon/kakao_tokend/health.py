@@ -107,6 +107,19 @@ NODE_LOCAL = frozenset(
 )
 
 
+#: The conditions that take another's place when things get worse: the refresh token that was
+#: not renewed expires (``refresh_expiry`` reaches its "expired" rung at the moment
+#: ``missed_rotation`` stops holding); Kakao refuses the token (``relogin``) or the app
+#: (``config``) that refreshing kept failing for, and the refresher stops retrying. A condition
+#: that ends in the grading where one that replaces it fires (anew or escalated) was not fixed:
+#: the worse one says it now, so no resolution is announced for it (alerts).
+REPLACED_BY: Mapping[str, frozenset[str]] = {
+    "missed_rotation": frozenset({"refresh_expiry"}),
+    "refresh_failing": frozenset({"relogin", "config"}),
+    "access_expiring": frozenset({"relogin", "config"}),
+}
+
+
 #: Each condition's name in words, for a text that names one (a resolution): the raw key
 #: (``relogin``) stays in the structured fields, the logs and the bookkeeping.
 CONDITION_NAMES: Mapping[str, Message] = {

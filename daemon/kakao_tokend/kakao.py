@@ -567,7 +567,7 @@ class KakaoClient:
                 "POST %s unanswered after %.3fs; its answer is still awaited", TOKEN_PATH, elapsed
             )
             raise KakaoUnavailable(
-                f"Kakao did not answer {TOKEN_PATH} within {elapsed:.1f}s",
+                f"Kakao did not answer {TOKEN_PATH} within {format_duration(elapsed)}",
                 endpoint=TOKEN_PATH,
                 code="timeout",
                 ambiguous=True,
@@ -885,7 +885,7 @@ class KakaoClient:
             )
         if isinstance(exc, TimeoutError):  # total or sock_read timeout: the request was out
             return KakaoUnavailable(
-                f"Kakao did not answer {path} within {elapsed:.1f}s",
+                f"Kakao did not answer {path} within {format_duration(elapsed)}",
                 endpoint=path,
                 code="timeout",
                 ambiguous=True,

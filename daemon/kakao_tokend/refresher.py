@@ -1112,10 +1112,10 @@ class AccountManager:
             self._lingering = tuple(e for e in self._lingering if e.call is not call)
             return  # a later request's answer (or a login) came first: this one is old
         log.info(
-            "account %s: Kakao answered a refresh given up on %.1fs after it was sent;"
+            "account %s: Kakao answered a refresh given up on %s after it was sent;"
             " keeping its tokens",
             self.name,
-            took,
+            format_duration(took),
         )
         run = asyncio.ensure_future(self._keep_late_answer())
         _LATE_RUNS.add(run)
