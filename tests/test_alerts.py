@@ -903,6 +903,30 @@ def test_check_config_warns_when_kakaotalk_alone_carries_critical_alerts(tmp_pat
     assert result.exit_code == 0 and result.stderr == ""
 
 
+async def test_doctor_warns_when_kakaotalk_alone_carries_critical_alerts(tmp_path: Path) -> None:
+    """`doctor` says what `check-config` warns about: KakaoTalk as the only channel for
+    critical alerts cannot deliver once the token is dead — a warning with the fix, per
+    account; with a command as well, one passing line."""
+    base = (
+        '[paths]\nstate_dir = "s"\nruntime_dir = "r"\n[kakao]\nrest_api_key = "k"\n'
+        'auth_url = "http://127.0.0.1:9"\napi_url = "http://127.0.0.1:9"\n'
+    )
+    config = tmp_path / "config.toml"
+    config.write_text(base + "[alerts]\nkakaotalk = true\n")
+    _, out, err = await run_cli(config, "doctor", "--json")
+    checks = {check["check"]: check for check in json.loads(out)["checks"]}
+    channel = checks.get("default: alert channels")
+    assert channel is not None, out + err
+    assert channel["level"] == "warning" and channel["result"] == "failed", channel
+    assert "KakaoTalk is the only channel for critical alerts" in channel["detail"]
+    assert "webhook_url" in channel["fix"] and "command" in channel["fix"]
+    config.write_text(base + '[alerts]\nkakaotalk = true\ncommand = ["/bin/true"]\n')
+    _, out, err = await run_cli(config, "doctor", "--json")
+    checks = {check["check"]: check for check in json.loads(out)["checks"]}
+    assert "default: alert channels" not in checks, out + err
+    assert checks["alert channels"]["level"] == "ok", out + err
+
+
 def test_alerts_config_overrides_and_mistakes(tmp_path: Path) -> None:
     """[accounts.NAME.alerts] overrides [alerts] key by key; bad values are all reported, and
     the webhook URL (a secret) is never echoed.

@@ -394,19 +394,16 @@ def check_config() -> None:
         if finding.level:
             fix = f"; run: {finding.fix}" if finding.fix else ""
             click.echo(f"warning: {finding.name}: {finding.detail}{fix}", err=True)
-    from .config import kakaotalk_only_for_critical, plain_http_warning
+    from .config import kakaotalk_only_warning, plain_http_warning
 
     plain_http = plain_http_warning(config.api)
     if plain_http is not None:
         click.echo(f"warning: {plain_http}", err=True)
     for account in config.accounts.values():
-        if kakaotalk_only_for_critical(account):
-            click.echo(
-                f"warning: account {account.name}: KakaoTalk is the only channel for critical"
-                " alerts, and it cannot deliver once the token is dead; add [alerts] webhook_url"
-                " or command",
-                err=True,
-            )
+        kakaotalk_only = kakaotalk_only_warning(account)
+        if kakaotalk_only is not None:
+            problem, fix = kakaotalk_only
+            click.echo(f"warning: account {account.name}: {problem}; {fix}", err=True)
 
 
 # --------------------------------------------------------------------------- login

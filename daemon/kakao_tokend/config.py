@@ -1311,6 +1311,18 @@ def tcp_address(tcp: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def kakaotalk_only_warning(account: AccountConfig) -> tuple[str, str] | None:
+    """Return (the problem, its fix) when KakaoTalk alone carries ``account``'s critical
+    alerts, else None: one text for `check-config` and `doctor`."""
+    if not kakaotalk_only_for_critical(account):
+        return None
+    return (
+        "KakaoTalk is the only channel for critical alerts, and it cannot deliver once the"
+        " token is dead",
+        "add [alerts] webhook_url or command",
+    )
+
+
 def kakaotalk_only_for_critical(account: AccountConfig) -> bool:
     """True when KakaoTalk would be the only channel carrying critical alerts for ``account``.
 

@@ -3,8 +3,9 @@
 The checks, in the order a person would go: the config and where its secrets come from; the
 directories' owners and modes; each account's state; a live ``access_token_info`` call; the
 clock against Kakao's ``Date`` header; the API socket for the calling user; a TCP listener
-that speaks plain HTTP to other machines; the published token file (and socket) for a
-consumer user or group; the systemd unit. Each check returns
+that speaks plain HTTP to other machines; critical alerts left to KakaoTalk alone; the
+published token file (and socket) for a consumer user or group; the systemd unit. Each check
+returns
 :class:`Finding` objects graded like ``status``: 0 ok, 1 warning, 2 critical. The CLI prints
 them and exits with the worst grade. Nothing here changes anything.
 """
@@ -23,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from . import access, paths, supervisor
-from .config import AccountConfig, Config, load_config, plain_http_exposure, tcp_address
+from .config import (
+    AccountConfig,
+    Config,
+    kakaotalk_only_warning,
+    load_config,
+    plain_http_exposure,
+    tcp_address,
+)
 from .errors import (
     ConfigError,
     KakaoConfigError,
@@ -457,6 +465,24 @@ def check_listener(config: Config) -> list[Finding]:
     return [Finding("TCP listener", OK, f"{address} serves this machine only")]
 
 
+def check_alert_channels(config: Config) -> list[Finding]:
+    """Whether each account's critical alerts have a channel that works once its token is
+    dead (KakaoTalk alone cannot deliver then): a warning, the same as `check-config`."""
+    findings: list[Finding] = []
+    for account in config.accounts.values():
+        warning = kakaotalk_only_warning(account)
+        if warning is not None:
+            problem, fix = warning
+            findings.append(Finding(f"{account.name}: alert channels", WARNING, problem, fix))
+    if not findings:  # one line, not one per account (a fleet node may have thousands)
+        findings.append(
+            Finding(
+                "alert channels", OK, "no account relies on KakaoTalk alone for critical alerts"
+            )
+        )
+    return findings
+
+
 def check_consumer(config: Config, who: access.Identity) -> list[Finding]:
     """Whether ``who`` can read each published token file and connect to the socket."""
     findings: list[Finding] = []
@@ -677,6 +703,7 @@ async def run_checks(
     findings.append(await check_clock(config, clock=clock))
     findings.append(check_socket(config))
     findings += check_listener(config)
+    findings += check_alert_channels(config)
     findings += check_group_access(config)
     if consumer is not None:
         findings += check_consumer(config, consumer)
