@@ -53,6 +53,18 @@ def test_the_idle_backstop_of_a_default_kakao_timeout_is_fitted_to_the_token(
     assert timeouts.idle_for(life) == pytest.approx(idle)
 
 
+@pytest.mark.parametrize(("heard", "idle"), [(None, 1 / 4 + 1 / 6), (0.2, 1.6 + 1 / 6), (40, 90)])
+def test_the_idle_backstop_outlasts_a_kakao_call_waiting_for_a_slow_answer(
+    heard: float | None, idle: float
+) -> None:
+    """After Kakao took ``heard`` seconds to answer a 1-second token's account, its request
+    waits twice that and stays open twice as long again (tokens.heard_floor): the hold's
+    backstop covers two such calls, so the server does not end a healthy refresh after
+    Kakao rotated the token; never past the session's 90 s."""
+    timeouts = db.DbTimeouts.for_kakao_timeout(30, default=30)
+    assert timeouts.idle_for(timedelta(seconds=1), heard) == pytest.approx(idle)
+
+
 @pytest.mark.parametrize("kakao", [10.0, 45.0])
 def test_a_kakao_timeout_set_by_hand_keeps_the_sessions_idle_backstop(kakao: float) -> None:
     """A Kakao wait written by hand is not fitted (tokens.request_timeout): neither is the

@@ -38,17 +38,18 @@ ALERTS = '[alerts]\nthresholds = ["140s", "70s", "30s"]\ncritical_below = "30s"\
 
 
 async def virtual_manager(
-    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession, **kakao: str
 ) -> AccountManager:
     """Log in, then build the daemon's manager on the emulator's virtual clock.
 
     The manager and its client read the emulator's clock, so advancing it ages the tokens on
-    both sides at once (hours of a real account in a second of test).
+    both sides at once (hours of a real account in a second of test). ``kakao``: the
+    ``[kakao]`` timeouts, when not the tests' hand-set ones (write_config).
     """
     settings = emulator.settings
     settings.access_lifetime, settings.refresh_lifetime = ACCESS, REFRESH
     settings.rotation_window = WINDOW
-    config_path = write_config(tmp_path, emulator, extra=ALERTS)
+    config_path = write_config(tmp_path, emulator, extra=ALERTS, **kakao)
     await login(emulator, config_path)
     account = load_config(config_path).accounts["default"]
     clock = emulator.now_datetime
@@ -655,3 +656,42 @@ async def test_a_refusal_slower_than_the_fitted_timeout_is_heard_and_asks_for_a_
         assert await daemon.stop() == 0
     assert daemon.state()["relogin_cause"] == "rotated_lost"
     assert "needs a new login: the refresh response was lost" in daemon.log_text()
+
+
+async def test_one_tiny_expires_in_does_not_shorten_the_wait_below_how_long_kakao_answers(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """60-second tokens inside the rotation window, a Kakao that rotates at once but whose
+    answers take 0.2 s, and one answer saying the new access token lives 1 s: the next
+    refresh waits for Kakao's 0.2 s (twice the time its latest answer took), keeps the
+    rotated refresh token, and asks Kakao once. Before, every wait was fitted to the 1 s
+    life (0.0475 s, growing to 0.125 s) and none heard a 0.2 s answer: each request rotated
+    unheard, the next presented a retired token (KOE322, a new login), and outside the
+    window the daemon asked again and again until Kakao's rate limit (KOE237)."""
+    manager = await virtual_manager(
+        emulator, tmp_path, session, timeout="30s", connect_timeout="10s"
+    )
+    emulator.inject("token", "late", rate=1.0, delay=0.2)
+    emulator.settings.access_lifetime = 1  # once: Kakao's answer says the token lives 1 s
+    tiny = await manager.refresh(force=True)
+    emulator.settings.access_lifetime = ACCESS
+    assert tiny is not None and tiny.tokens.access_lifetime == timedelta(seconds=1)
+
+    emulator.advance_clock(REFRESH - WINDOW + 10)  # 290 s left: the next refresh rotates
+    sent = emulator.stats.requests["token"]
+    for _ in range(4):  # bounded: one attempt is enough now
+        await manager.refresh(force=True)
+        await manager.wait_idle(manager.request_grace)  # a request given up on, if any
+        if manager.status.health is Health.OK:
+            break
+    assert manager.status.health is Health.OK, manager.status.last_error
+    assert emulator.stats.requests["token"] - sent == 1
+    assert emulator.stats.retired_refresh_presented == 0
+    state = manager.state
+    assert state is not None and state.tokens.access_lifetime == timedelta(seconds=ACCESS)
+    assert state.tokens.refresh_token != tiny.tokens.refresh_token
+    assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+    saved = manager.store.load()
+    assert saved is not None and saved.tokens.refresh_token == state.tokens.refresh_token
+    # A 0.2 s answer is well within a 60 s token's own waits: nothing is kept for it.
+    assert manager.status.heard_in is None and manager.status._trouble is None

@@ -1539,6 +1539,41 @@ def test_a_request_after_unanswered_ones_waits_longer_within_the_same_bounds(
 
 
 @pytest.mark.parametrize(
+    ("heard", "configured", "lifetime", "refresh_left", "wait", "patience"),
+    [
+        (None, 30.0, 1.0, None, 0.0475, 0.125),  # nothing heard: the 1 s life's own waits
+        (0.2, 30.0, 1.0, None, 0.4, 0.8),  # Kakao took 0.2 s: twice it, open twice as long
+        (0.01, 30.0, 1.0, None, 0.0475, 0.125),  # quicker than the life's share: as before
+        (0.2, 30.0, 21600.0, None, 30.0, 60.0),  # Kakao's 6-hour token: unchanged
+        (20.0, 30.0, 1.0, None, 30.0, 60.0),  # the configured 30 s stays the ceiling
+        (0.2, 0.1, 1.0, None, 0.1, 0.125),  # set by hand: as written
+        (0.2, 30.0, 1.0, 0.5, 0.25, 0.25),  # 0.5 s of refresh life left: half of it
+    ],
+)
+def test_a_request_waits_at_least_twice_as_long_as_kakaos_latest_answer_took(
+    heard: float | None,
+    configured: float,
+    lifetime: float,
+    refresh_left: float | None,
+    wait: float,
+    patience: float,
+) -> None:
+    """Network delay does not shrink with a token's life: after one answer saying a token
+    lives 1 s, from a Kakao taking 0.2 s, every wait was fitted to 1 s (0.0475 s, grown to
+    0.125 s at most) and none heard Kakao again. A wait left at its default is at least
+    twice the latest answer's time and the request stays open twice as long again, within
+    the configured wait (twice it) and half of the refresh token's remaining life."""
+    share = request_timeout_share(0.75, 0.05)
+    life = timedelta(seconds=lifetime)
+    assert request_timeout(
+        configured, 30.0, life, refresh_left, share=share, heard=heard
+    ) == pytest.approx(wait)
+    assert answer_patience(
+        configured, 30.0, life, refresh_left, share=share, heard=heard
+    ) == pytest.approx(patience)
+
+
+@pytest.mark.parametrize(
     ("ceiling", "lifetime", "spare", "expected"),
     [
         (120.0, 21600.0, 21500.0, 10.0),  # a 6-hour token in the file: 10 s, not 120 s

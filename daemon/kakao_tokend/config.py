@@ -685,13 +685,15 @@ class KakaoApp:
         refresh_left: float | None,
         *,
         unanswered: int = 0,
+        heard: float | None = None,
     ) -> tuple[float, float]:
         """Return (total, connect): how long a Kakao request may wait for an answer and for
         its connection. ``timeout`` and ``connect_timeout``, fitted to a token living
         ``lifetime`` and to ``policy`` when left at their defaults, and never past half of the
         refresh token's remaining life (``refresh_left`` s), set by hand or not
         (tokens.request_timeout). The wait for the answer grows after ``unanswered`` token
-        requests in a row that Kakao did not answer in time; the connection's does not. The
+        requests in a row that Kakao did not answer in time, and is at least twice the
+        ``heard`` seconds Kakao took to answer the latest one; the connection's does not. The
         client waits this long (kakao.py), and health as long for a retry before it pages
         (health._held_for_retry)."""
         share = request_timeout_share(policy.refresh_at, policy.jitter)
@@ -702,6 +704,7 @@ class KakaoApp:
             refresh_left,
             share=share,
             unanswered=unanswered,
+            heard=heard,
         )
         connect = request_timeout(
             self.connect_timeout, KAKAO_CONNECT_TIMEOUT, lifetime, refresh_left, share=share
@@ -709,12 +712,20 @@ class KakaoApp:
         return total, min(connect, total)
 
     def answer_patience(
-        self, policy: RefreshPolicy, lifetime: timedelta | None, refresh_left: float | None
+        self,
+        policy: RefreshPolicy,
+        lifetime: timedelta | None,
+        refresh_left: float | None,
+        *,
+        heard: float | None = None,
     ) -> float:
         """Return how long a token request given up on stays open for its late answer
-        (tokens.answer_patience, with this app's ``timeout`` and ``policy``)."""
+        (tokens.answer_patience, with this app's ``timeout`` and ``policy``; ``heard``: how
+        long Kakao took to answer the account's latest token request)."""
         share = request_timeout_share(policy.refresh_at, policy.jitter)
-        return answer_patience(self.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share)
+        return answer_patience(
+            self.timeout, KAKAO_TIMEOUT, lifetime, refresh_left, share=share, heard=heard
+        )
 
 
 @dataclass(frozen=True)

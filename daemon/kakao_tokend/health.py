@@ -780,7 +780,11 @@ def _held_for_retry(
         return None
     refresh_left = (tokens.refresh_expires_at - retry_at).total_seconds()
     wait, _ = account.app.request_timeouts(
-        policy, tokens.access_lifetime, refresh_left, unanswered=status.unanswered
+        policy,
+        tokens.access_lifetime,
+        refresh_left,
+        unanswered=status.unanswered,
+        heard=status.heard_in,
     )
     ends = retry_at + timedelta(seconds=wait)
     return ends if ends < tokens.access_expires_at else None

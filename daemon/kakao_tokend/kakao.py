@@ -520,13 +520,16 @@ class KakaoClient:
         tokens: TokenSet,
         *,
         unanswered: int = 0,
+        heard: float | None = None,
         late: Callable[[asyncio.Future[tuple[TokenSet, bool]]], None] | None = None,
         rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
         """Refresh the access token; return (merged token set, whether the refresh rotated).
 
         ``unanswered``: the account's token requests in a row that Kakao left unanswered in
-        time; the request waits longer after them (tokens.request_timeout).
+        time; the request waits longer after them (tokens.request_timeout). ``heard``: how long
+        Kakao took to answer the account's latest token request; the request waits at least
+        twice that (tokens.heard_floor).
 
         ``late``: when Kakao has not answered within the wait, the caller gets its timeout as
         always, but the request is not abandoned: it stays open for the longest wait the
@@ -539,22 +542,26 @@ class KakaoClient:
         without a rotation then corrects an expiry it proves wrong (TokenSet.merge_refresh)."""
         if late is None:
             return await self._refresh(
-                tokens, unanswered=unanswered, rotation_window=rotation_window
+                tokens, unanswered=unanswered, heard=heard, rotation_window=rotation_window
             )
         lifetime, dies = tokens.access_lifetime, tokens.refresh_expires_at
-        wait = self._timeout(lifetime, dies, unanswered).total
+        wait = self._timeout(lifetime, dies, unanswered, heard).total
         assert wait is not None
         patience = self._app.answer_patience(
-            self._policy, lifetime, (dies - self._clock()).total_seconds()
+            self._policy, lifetime, (dies - self._clock()).total_seconds(), heard=heard
         )
         if patience <= wait:
             return await self._refresh(
-                tokens, unanswered=unanswered, rotation_window=rotation_window
+                tokens, unanswered=unanswered, heard=heard, rotation_window=rotation_window
             )
         started = time.monotonic()
         call = asyncio.ensure_future(
             self._refresh(
-                tokens, unanswered=unanswered, patience=patience, rotation_window=rotation_window
+                tokens,
+                unanswered=unanswered,
+                heard=heard,
+                patience=patience,
+                rotation_window=rotation_window,
             )
         )
         try:
@@ -581,6 +588,7 @@ class KakaoClient:
         tokens: TokenSet,
         *,
         unanswered: int,
+        heard: float | None = None,
         patience: float | None = None,
         rotation_window: timedelta | None = None,
     ) -> tuple[TokenSet, bool]:
@@ -601,6 +609,7 @@ class KakaoClient:
             lifetime=lifetime,
             refresh_expires_at=dies,
             unanswered=unanswered,
+            heard=heard,
             patience=patience,
         )
         if body.get("refresh_token") in (None, "", tokens.refresh_token):
@@ -766,16 +775,18 @@ class KakaoClient:
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
         unanswered: int = 0,
+        heard: float | None = None,
     ) -> aiohttp.ClientTimeout:
         """Return the request's limits: the configured ones, fitted to a short-lived token's
         ``lifetime`` and the refresh policy when left at their defaults (longer after
-        ``unanswered`` token requests Kakao did not answer in time), and never past half of
+        ``unanswered`` token requests Kakao did not answer in time, and at least twice the
+        ``heard`` seconds its latest answer took), and never past half of
         the refresh token's remaining life, set by hand or not (tokens.request_timeout)."""
         left = None
         if refresh_expires_at is not None:
             left = (refresh_expires_at - self._clock()).total_seconds()
         total, connect = self._app.request_timeouts(
-            self._policy, lifetime, left, unanswered=unanswered
+            self._policy, lifetime, left, unanswered=unanswered, heard=heard
         )
         return aiohttp.ClientTimeout(total=total, connect=connect, sock_read=total)
 
@@ -797,18 +808,20 @@ class KakaoClient:
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
         unanswered: int = 0,
+        heard: float | None = None,
         patience: float | None = None,
     ) -> _Response:
         """Send one request and read the whole answer; map transport failures.
 
         ``lifetime`` is that of the token the request is for (None: a login),
         ``refresh_expires_at`` when its refresh token dies, and ``unanswered`` how many of
-        its token requests in a row went unanswered, see _timeout(). ``patience``, when
+        its token requests in a row went unanswered, ``heard`` how long the latest answer
+        took, see _timeout(). ``patience``, when
         longer, replaces the wait for the answer (a request kept open for a late answer).
         """
         url = URL(self._base(base) + path)
         started = time.monotonic()
-        timeout = self._timeout(lifetime, refresh_expires_at, unanswered)
+        timeout = self._timeout(lifetime, refresh_expires_at, unanswered, heard)
         assert timeout.total is not None
         wait = timeout.total
         if patience is not None and patience > wait:
@@ -912,6 +925,7 @@ class KakaoClient:
         lifetime: timedelta | None = None,
         refresh_expires_at: datetime | None = None,
         unanswered: int = 0,
+        heard: float | None = None,
         patience: float | None = None,
     ) -> dict[str, Any]:
         """POST to the token endpoint; return the JSON object of a 200 answer."""
@@ -923,6 +937,7 @@ class KakaoClient:
             lifetime=lifetime,
             refresh_expires_at=refresh_expires_at,
             unanswered=unanswered,
+            heard=heard,
             patience=patience,
         )
         body = answer.json_object()

@@ -311,6 +311,7 @@ class AccountManager:
             self.policy,
             tokens.access_lifetime,
             tokens.refresh_remaining(self.clock()).total_seconds(),
+            heard=self.status.heard_in,
         )
         return wait + min(wait, 1.0)
 
@@ -1053,8 +1054,9 @@ class AccountManager:
         A request Kakao did not answer in time is counted, and the next waits longer
         (tokens.request_timeout). An answer, an error too, sets the count to the fewest that
         would have waited long enough for it: a Kakao that stays slow keeps the longer wait
-        (it would otherwise cost a timeout at every refresh), and a quick answer ends it.
-        Other failures without an answer (a refused connection, a reset) leave it as it is."""
+        (it would otherwise cost a timeout at every refresh), and a quick answer ends it; and
+        the next waits at least twice as long as it took (_heard_after). Other failures
+        without an answer (a refused connection, a reset) leave both as they are."""
         late = await self._answer_of_open_request(tokens)
         if late is not None:
             return late
@@ -1065,6 +1067,7 @@ class AccountManager:
             result = await self.client.refresh(
                 tokens,
                 unanswered=status.unanswered,
+                heard=status.heard_in,
                 late=partial(self._linger, tokens, started),
                 rotation_window=self._rotation_window(tokens),
             )
@@ -1077,7 +1080,7 @@ class AccountManager:
             elif isinstance(exc, KakaoUnavailable) and exc.code == "timeout":
                 status.went_unanswered()
             raise
-        self._heard_after(tokens, time.monotonic() - started)
+        self._heard_after(tokens, time.monotonic() - started, result[0])
         self._emit_call_time(started, "success")
         return result
 
@@ -1106,7 +1109,7 @@ class AccountManager:
             self._lingering = tuple(e for e in self._lingering if e.call is not call)
             return
         took = time.monotonic() - entry.started
-        self._heard_after(entry.tokens, took)
+        self._heard_after(entry.tokens, took, call.result()[0])
         state = self.state
         if state is None or not _same_tokens(state.tokens, entry.tokens):
             self._lingering = tuple(e for e in self._lingering if e.call is not call)
@@ -1207,20 +1210,32 @@ class AccountManager:
             else:
                 os.unlink(path)
 
-    def _heard_after(self, tokens: TokenSet, took: float) -> None:
-        """Kakao answered a token request after ``took`` seconds: keep the fewest unanswered
-        requests whose wait (tokens.request_timeout) would still have heard it."""
+    def _heard_after(self, tokens: TokenSet, took: float, answer: TokenSet | None = None) -> None:
+        """Kakao answered a token request sent with ``tokens`` after ``took`` seconds (with
+        ``answer``'s tokens, or an error): keep the fewest unanswered requests whose wait
+        (tokens.request_timeout) would still have heard it, and ``took`` itself while the
+        waits for the next request's token (``answer``, else ``tokens``) would otherwise
+        not be twice it (tokens.heard_floor): network delay does not shrink with the life
+        Kakao gives a token, and one answer saying a token lives 1 s, from a Kakao taking
+        0.2 s, left every later wait (0.0475 s, at most 0.125 s) too short to hear it. An
+        account whose Kakao answers within its usual waits keeps nothing (no side object)."""
         status = self.status
+        app, policy = self.account.app, self.policy
         left = tokens.refresh_remaining(self.clock()).total_seconds()
         level = 0
         while level < status.unanswered:
-            wait, _ = self.account.app.request_timeouts(
-                self.policy, tokens.access_lifetime, left, unanswered=level
-            )
+            wait, _ = app.request_timeouts(policy, tokens.access_lifetime, left, unanswered=level)
             if wait >= took:
                 break
             level += 1
-        status.answered(level)
+        life = (answer or tokens).access_lifetime
+        floored = (
+            app.request_timeouts(policy, life, None, heard=took)
+            != app.request_timeouts(policy, life, None)
+        ) or app.answer_patience(policy, life, None, heard=took) != app.answer_patience(
+            policy, life, None
+        )
+        status.answered(level, took if floored else None)
 
     def _emit_call_time(self, started: float, outcome: str) -> None:
         seconds = time.monotonic() - started

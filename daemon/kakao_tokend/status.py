@@ -136,6 +136,10 @@ class _Trouble:
     #: Token requests in a row that Kakao did not answer in time: the next one waits longer
     #: (tokens.request_timeout), and health waits as long for it before it pages.
     unanswered: int = 0
+    #: How long (s) Kakao took to answer the latest token request, kept only while it makes
+    #: the next wait longer than the token's life alone would (a 0.2 s answer, a 1 s token):
+    #: the waits are at least twice it (tokens.heard_floor, refresher._heard_after).
+    heard_in: float | None = None
 
 
 @dataclass(slots=True)  # one per account (10,000 on a fleet node): no instance dictionary
@@ -192,11 +196,12 @@ class AccountStatus(_Trouble):
         """A token request ended without Kakao's answer in time (a timeout)."""
         self.unanswered += 1
 
-    def answered(self, needed: int = 0) -> None:
+    def answered(self, needed: int = 0, heard_in: float | None = None) -> None:
         """Kakao answered a token request (with tokens or an error) in the time that
         ``needed`` unanswered requests give (refresher._heard_after): the next one waits as
-        long, the usual time when 0."""
+        long, the usual time when 0; and at least twice ``heard_in`` (None: the usual)."""
         self.unanswered = needed
+        self.heard_in = heard_in
 
     def succeeded(self, now: datetime, *, rotated: bool) -> None:
         """Kakao answered a refresh with new tokens, and they are the account's now."""

@@ -632,6 +632,7 @@ def request_timeout(
     *,
     share: float = REQUEST_TIMEOUT_SHARE,
     unanswered: int = 0,
+    heard: float | None = None,
 ) -> float:
     """Return how long a Kakao request for a token living ``lifetime`` may wait for an answer.
 
@@ -655,6 +656,12 @@ def request_timeout(
     timeouts (0.95 s, then 1.25 s) rather than never. The configured wait stays the ceiling
     (Kakao's 6-hour tokens, and values set by hand, do not grow), and so does half of the
     refresh token's remaining life.
+
+    ``heard``: how long Kakao took to answer the account's latest answered token request
+    (refresher._heard_after; None: nothing worth keeping). Network delay does not shrink
+    with the token's life, so the fitted wait is at least :func:`heard_floor` of it, even
+    above 1/8 of the life: once Kakao said a token lives 1 s while it takes 0.2 s to answer,
+    the wait fitted to 1 s (0.0475 s, grown at most to 0.125 s) never heard an answer again.
     """
     wait = configured
     if lifetime is not None and configured == default:
@@ -664,8 +671,24 @@ def request_timeout(
             # The exponent is clamped: a float overflows after ~1000 doublings (days of them).
             grown = fitted * UNANSWERED_GROWTH ** min(unanswered, 64)
             fitted = max(fitted, min(grown, life * REQUEST_TIMEOUT_SHARE))
-        wait = min(configured, fitted)
+        wait = min(configured, max(fitted, heard_floor(configured, default, heard)))
     return within_refresh_life(wait, refresh_left)
+
+
+#: How much longer than Kakao's latest answer to the account's token request the next one
+#: waits at least (heard_floor): twice as long, so a Kakao as slow as before is heard.
+HEARD_MARGIN = 2.0
+
+
+def heard_floor(configured: float, default: float, heard: float | None) -> float:
+    """Return the least a token request waits after Kakao answered the account's latest one
+    in ``heard`` seconds: :data:`HEARD_MARGIN` times that, while the wait is left at its
+    default (a value set by hand is used as written); 0 without an answer to go by.
+    :func:`request_timeout` and :func:`answer_patience` keep it within the configured wait
+    (and twice it) and half of the refresh token's remaining life."""
+    if heard is None or configured != default:
+        return 0.0
+    return max(heard, 0.0) * HEARD_MARGIN
 
 
 #: How much longer than its configured wait a token request given up on may stay open for
@@ -687,6 +710,7 @@ def answer_patience(
     refresh_left: float | None = None,
     *,
     share: float = REQUEST_TIMEOUT_SHARE,
+    heard: float | None = None,
 ) -> float:
     """Return how long a token request given up on stays open for Kakao's late answer (the
     next attempt waits for it rather than present the same refresh token beside it).
@@ -697,14 +721,18 @@ def answer_patience(
     Kakao's 6-hour token, whose wait stays the configured 30 s: an answer after 31 s is still
     heard), never more than 1/8 of the life, nor past half of the refresh token's remaining
     life. A wait set by hand keeps its value for short tokens (the soak's 2 s for a 3 s token).
+    After an answer that took ``heard`` seconds it is at least twice :func:`heard_floor`, as
+    twice the configured wait for a long life: a 1-second token whose Kakao answered in 0.2 s
+    waits 0.4 s and keeps the request open 0.8 s (never past :func:`longest_open_request`).
     """
     longest = request_timeout(
-        configured, default, lifetime, refresh_left, share=share, unanswered=64
+        configured, default, lifetime, refresh_left, share=share, unanswered=64, heard=heard
     )
     if lifetime is None:
         return longest
     life = max(lifetime.total_seconds(), 0.0)
-    longer = min(longest_open_request(configured), life * REQUEST_TIMEOUT_SHARE)
+    floor = ANSWER_PATIENCE_FACTOR * heard_floor(configured, default, heard)
+    longer = min(longest_open_request(configured), max(life * REQUEST_TIMEOUT_SHARE, floor))
     return within_refresh_life(max(longest, longer), refresh_left)
 
 

@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KakaoTokendError, StoreError, StoreUnavailable
-from ..tokens import request_timeout
+from ..tokens import answer_patience
 from . import missing_extra
 
 if TYPE_CHECKING:
@@ -123,21 +123,24 @@ class DbTimeouts:
             fitted_kakao_timeout=kakao_timeout if kakao_timeout == default else None,
         )
 
-    def idle_for(self, lifetime: timedelta | None) -> float:
+    def idle_for(self, lifetime: timedelta | None, heard: float | None = None) -> float:
         """Return the idle-in-transaction backstop for a hold of a token living ``lifetime``.
 
         The session's backstop (90 s) is sized for Kakao's hours-long tokens. A node stopped
         (SIGSTOP, a frozen VM) while it holds a row lock keeps the account from every other
         node that long: fifteen lifetimes of a 6-second token. With the default Kakao timeout
-        the call under the lock waits at most its fitted share of the lifetime, so the
-        backstop is twice that wait plus a sixth of the lifetime for the local work (capped as
-        before): 2.5 s for a 6-second token. Hours-long tokens, and a Kakao timeout set by
-        hand, keep the session's backstop.
+        the call under the lock stays open at most its fitted share of the lifetime (1/8,
+        tokens.answer_patience), so the backstop is twice that plus a sixth of the lifetime
+        for the local work (capped as before): 2.5 s for a 6-second token. After Kakao took
+        ``heard`` seconds to answer the account's latest token request, the call waits at
+        least twice that and stays open twice as long again (tokens.heard_floor), and the
+        backstop grows with it: network delay does not shrink with the token's life.
+        Hours-long tokens, and a Kakao timeout set by hand, keep the session's backstop.
         """
         default = self.fitted_kakao_timeout
         if default is None or lifetime is None or lifetime.total_seconds() <= 0:
             return self.idle_in_transaction
-        kakao = request_timeout(default, default, lifetime)
+        kakao = answer_patience(default, default, lifetime, heard=heard)
         local = min(LOCAL_WORK_MARGIN, lifetime.total_seconds() * LOCAL_WORK_SHARE)
         return min(self.idle_in_transaction, 2 * kakao + local)
 

@@ -141,7 +141,8 @@ StorePlan = tuple[datetime | None, RefreshStatus]
 
 
 class Failures(Protocol):
-    """The failure bookkeeping of an account's status (status.AccountStatus)."""
+    """The failure bookkeeping of an account's status (status.AccountStatus), and how long
+    Kakao took to answer its latest token request when that lengthens the waits."""
 
     @property
     def attempt(self) -> int: ...
@@ -151,6 +152,8 @@ class Failures(Protocol):
     def last_error(self) -> str | None: ...
     @property
     def last_error_class(self) -> str | None: ...
+    @property
+    def heard_in(self) -> float | None: ...
 
 
 class PlanSource(Protocol):
@@ -1365,9 +1368,12 @@ class PgAccountStore:
         """Shorten this transaction's idle-in-transaction backstop to the token's share
         (DbTimeouts.idle_for): a node stopped while it holds the row frees it within a share
         of a short token's life, not the session's 90 s. Nothing is sent for a token whose
-        share is the session's own (Kakao's hours-long tokens, a Kakao timeout set by hand)."""
+        share is the session's own (Kakao's hours-long tokens, a Kakao timeout set by hand).
+        A Kakao slower than that share (the manager's status.heard_in) lengthens it."""
         timeouts = self.fleet.timeouts
-        idle = timeouts.idle_for(row.state.tokens.access_lifetime)
+        planner = self.planner
+        heard = None if planner is None or callable(planner) else planner.status.heard_in
+        idle = timeouts.idle_for(row.state.tokens.access_lifetime, heard)
         if idle < timeouts.idle_in_transaction:
             with store_errors(f"lock account {self.name!r}"):
                 await conn.execute(
