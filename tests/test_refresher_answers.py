@@ -695,3 +695,35 @@ async def test_one_tiny_expires_in_does_not_shorten_the_wait_below_how_long_kaka
     assert saved is not None and saved.tokens.refresh_token == state.tokens.refresh_token
     # A 0.2 s answer is well within a 60 s token's own waits: nothing is kept for it.
     assert manager.status.heard_in is None and manager.status._trouble is None
+
+
+async def test_a_quick_answer_that_shortens_the_tokens_life_does_not_shorten_the_next_wait(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """As above, but the answer saying the token lives 1 s comes at once, and only the
+    answers after it take 0.2 s (the audit's repro): nothing slow was heard yet, so the
+    next request waits at least what the one that brought the 1 s token could have
+    (2.85 s of the 60 s life), hears the 0.2 s answer, and keeps its rotation."""
+    manager = await virtual_manager(
+        emulator, tmp_path, session, timeout="30s", connect_timeout="10s"
+    )
+    emulator.settings.access_lifetime = 1
+    tiny = await manager.refresh(force=True)
+    emulator.settings.access_lifetime = ACCESS
+    assert tiny is not None and tiny.tokens.access_lifetime == timedelta(seconds=1)
+    emulator.inject("token", "late", rate=1.0, delay=0.2)
+
+    emulator.advance_clock(REFRESH - WINDOW + 10)  # 290 s left: the next refresh rotates
+    sent = emulator.stats.requests["token"]
+    for _ in range(4):  # bounded: one attempt is enough now
+        await manager.refresh(force=True)
+        await manager.wait_idle(manager.request_grace)
+        if manager.status.health is Health.OK:
+            break
+    assert manager.status.health is Health.OK, manager.status.last_error
+    assert emulator.stats.requests["token"] - sent == 1
+    assert emulator.stats.retired_refresh_presented == 0
+    state = manager.state
+    assert state is not None and state.tokens.refresh_token != tiny.tokens.refresh_token
+    assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+    assert manager.status.heard_in is None

@@ -57,6 +57,7 @@ from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
 from .storage import AccountStorage, in_flight_path
 from .tokens import (
+    HEARD_MARGIN,
     Clock,
     TokenSet,
     backoff_delay,
@@ -1218,7 +1219,10 @@ class AccountManager:
         not be twice it (tokens.heard_floor): network delay does not shrink with the life
         Kakao gives a token, and one answer saying a token lives 1 s, from a Kakao taking
         0.2 s, left every later wait (0.0475 s, at most 0.125 s) too short to hear it. An
-        account whose Kakao answers within its usual waits keeps nothing (no side object)."""
+        answer that shortens the token's life, however quick, counts as taking half the wait
+        its request had: the next waits as long as that one could (nothing says the network
+        got faster with the life). An account whose Kakao answers within its usual waits
+        keeps nothing (no side object)."""
         status = self.status
         app, policy = self.account.app, self.policy
         left = tokens.refresh_remaining(self.clock()).total_seconds()
@@ -1229,6 +1233,11 @@ class AccountManager:
                 break
             level += 1
         life = (answer or tokens).access_lifetime
+        if life < tokens.access_lifetime:
+            had, _ = app.request_timeouts(
+                policy, tokens.access_lifetime, None, heard=status.heard_in
+            )
+            took = max(took, had / HEARD_MARGIN)
         floored = (
             app.request_timeouts(policy, life, None, heard=took)
             != app.request_timeouts(policy, life, None)
