@@ -1384,7 +1384,7 @@ def load_config(
                 details=exc.details,
             ) from None
     try:
-        data = source.read_bytes()
+        data = read_config_bytes(source)
     except FileNotFoundError:
         raise ConfigError(f"config file {source} does not exist; check the path") from None
     except OSError as exc:
@@ -1410,6 +1410,45 @@ def load_config(
             )
         )
     return _build(text, source=source, environ=env, extra=extra, with_secrets=with_secrets)
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def read_config_bytes(source: Path) -> bytes:
+    """Read the config file without waiting on it: ConfigError when it is not a regular file.
+
+    Opened non-blocking (as templates.read_template_source opens a template), so a named pipe
+    (or a link to one) is refused at once instead of stopping every command until something
+    writes to it; judged by the descriptor's ``fstat``, so a link is followed (a config file
+    managed as a symlink is fine) but what is read is what was judged. OSErrors (missing,
+    permission denied) reach the caller unchanged.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(
+                f"config file {source} is a directory; pass the config file itself"
+                f" (e.g. --config {source / 'config.toml'})"
+            )
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ConfigError(
+                f"config file {source} is not a regular file ({kind}); point --config (or"
+                f" KAKAO_TOKEND_CONFIG) at the config file itself"
+            )
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -1443,7 +1482,7 @@ def load_locations(
     raw: dict[str, Any] = {}
     if source is not None:
         try:
-            raw = tomllib.loads(source.read_text(encoding="utf-8-sig"))
+            raw = tomllib.loads(read_config_bytes(source).decode("utf-8-sig"))
         except OSError:
             raw = {}
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
