@@ -121,7 +121,7 @@ def check_config(config_path: Path | None) -> tuple[list[Finding], Config | None
     except ConfigError as exc:
         lines = str(exc).splitlines()
         where = exc.message
-        detail = "; ".join(line.strip() for line in lines[1:]) or where
+        detail = "; ".join(line.strip() for line in lines[1:])  # none: the message says it
         credentials = "CREDENTIALS_DIRECTORY" in str(exc)
         fix = (
             "run the checks the way the service runs, with its credentials: `kt doctor`"
