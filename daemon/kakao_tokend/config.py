@@ -2206,19 +2206,42 @@ class _Checker:
         return _read_secret(file, spec, trusted=True, missing=missing), f"credential {credential}"
 
 
+#: The largest secret file read: a key, a secret, a DSN or a few keyring lines are far less.
+#: A bigger file is a mistake (a log, a dump), not to be read whole nor sent to Kakao.
+MAX_SECRET_BYTES: Final = 64 * 1024
+
+
 def _read_secret(file: Path, spec: SecretSpec, *, trusted: bool, missing: str = "") -> str:
-    """Read a secret file (mode 600 unless ``trusted``); ValueError never shows its content."""
+    """Read a secret file (mode 600 unless ``trusted``); ValueError never shows its content.
+
+    Opened non-blocking and judged by ``fstat``: a named pipe is refused at once, and what is
+    read is the file that was judged.
+    """
     try:
-        info = file.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{file} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if not trusted and mode & 0o077:
-            what = "readable" if mode & 0o044 else "accessible"
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{file} is not a regular file")
+            mode = stat.S_IMODE(info.st_mode)
+            if not trusted and mode & 0o077:
+                what = "readable" if mode & 0o044 else "accessible"
+                raise ValueError(
+                    f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
+                )
+            data = b""
+            while len(data) <= MAX_SECRET_BYTES and (
+                chunk := os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
+            ):
+                data += chunk
+        finally:
+            os.close(fd)
+        if len(data) > MAX_SECRET_BYTES:
             raise ValueError(
-                f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
+                f"{file} is larger than {MAX_SECRET_BYTES // 1024} KiB; it must hold only the"
+                f" {spec.name}"
             )
-        text = file.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ValueError(
             missing
