@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -260,6 +261,43 @@ class TestCheckConfig:
         assert len(problem) == 1, result.stderr
         assert 'no account named "shop" (accounts: default)' in problem[0]
         assert "Traceback" not in result.output
+
+    @pytest.mark.parametrize("command", ["check-config", "doctor", "status", "token", "run"])
+    def test_a_fifo_as_the_config_file_is_refused_at_once(
+        self, tmp_path: Path, command: str
+    ) -> None:
+        """A named pipe where the config file should be: every command said nothing and
+        waited forever for a writer. Now one line names it, exit 78 (EX_CONFIG); doctor
+        reports it as its critical config finding (exit 2, as for any broken config)."""
+        fifo = tmp_path / "config.toml"
+        os.mkfifo(fifo)
+        done = subprocess.run(
+            [sys.executable, "-m", "kakao_tokend", "--config", str(fifo), command],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "NO_COLOR": "1"},
+            check=False,
+        )
+        said = f"config file {fifo} is not a regular file (a named pipe)"
+        if command == "doctor":
+            assert done.returncode == 2, done.stdout + done.stderr
+            assert said in done.stdout
+            return
+        assert done.returncode == 78, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert said in lines[0]
+
+    def test_a_directory_as_the_config_file_is_one_line_exit_78(self, tmp_path: Path) -> None:
+        """`--config DIR` gave click's three-line usage error and exit 64; it is a config
+        that cannot be read like any other: one line, naming the file to pass, exit 78."""
+        result = invoke(tmp_path, "check-config")
+        assert result.exit_code == 78, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert f"config file {tmp_path} is a directory" in lines[0]
+        assert "Usage:" not in result.output
 
     def test_env_var_selects_config(self, tmp_path: Path) -> None:
         """KAKAO_TOKEND_CONFIG works like --config."""

@@ -416,6 +416,18 @@ class TestSecrets:
         assert "several lines" in message
         assert SECRET not in message and "my secret" not in message
 
+    def test_an_oversized_secret_file_is_refused_without_reading_it_whole(
+        self, write_secret: WriteSecret, env: dict[str, str]
+    ) -> None:
+        """A huge one-word file (a log, a dump named by mistake) was read whole into memory
+        and sent to Kakao as the client secret: refused, with its size cap, nothing echoed."""
+        secret = write_secret("client_secret", "A" * (1024 * 1024) + "\n")
+        found = problems_of(MINIMAL + f'client_secret_file = "{secret}"\n', env)
+        assert found == {
+            "kakao.client_secret_file": f"{secret} is larger than 64 KiB; it must hold only"
+            " the client_secret"
+        }
+
     def test_env_unset(self, env: dict[str, str]) -> None:
         """Naming an environment variable that is not set says so."""
         found = problems_of(MINIMAL + 'client_secret_env = "NOT_THERE"\n', env)

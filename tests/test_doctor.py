@@ -130,6 +130,43 @@ class TestProblems:
         fix = fix_after(out, "config")
         assert fix == f"edit {config}, then `kakao-tokend --config {config} check-config`"
 
+    @pytest.mark.parametrize(
+        ("content", "said"),
+        [
+            (b"[kakao\n", "is not valid TOML"),
+            (b'[kakao]\nrest_api_key = "\xff"\n', "is not UTF-8 text"),
+        ],
+    )
+    async def test_a_config_that_cannot_be_parsed_is_said_once(
+        self, shared: Path, emulator: KakaoEmulator, content: bytes, said: str
+    ) -> None:
+        """Not TOML, not UTF-8: the ✗ config line said the loader's message twice over
+        ("... is not UTF-8 text ...; save it as UTF-8 config file ... is not UTF-8 text ...")."""
+        config = write_config(shared, emulator)
+        config.write_bytes(content)
+        code, out, _ = await run_cli(config, "doctor")
+        assert code == 2, out
+        line = lines(out)["config"]
+        assert line.count(said) == 1, line
+        assert line.count(str(config)) == 1, line
+
+    async def test_a_state_directory_no_file_can_be_created_in_is_critical(
+        self, shared: Path, emulator: KakaoEmulator
+    ) -> None:
+        """state_dir = "/proc/1": root's, mode 0555, so the owner and mode checks passed (and
+        check-config, which judges the file, not the machine, says OK), yet every command
+        failed to create its lock file there. doctor, run as the daemon's user, tries."""
+        if os.geteuid() != 0:
+            pytest.skip("needs root: the daemon's user must own /proc/1")
+        config = write_config(shared, emulator)
+        state_line = f'state_dir = "{shared / "state"}"'
+        config.write_text(config.read_text().replace(state_line, 'state_dir = "/proc/1"'))
+        code, out, _ = await run_cli(config, "doctor")
+        assert code == 2, out
+        line = lines(out)["state directory"]
+        assert line.startswith("✗") and "cannot create a file in /proc/1" in line, line
+        assert "paths.state_dir" in fix_after(out, "state directory")
+
     async def test_fixes_for_another_account_put_the_account_first(
         self, shared: Path, emulator: KakaoEmulator
     ) -> None:

@@ -262,6 +262,30 @@ def test_redact_leaves_safe_text_alone(text: str) -> None:
     assert logs.redact(text) == text
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/srv/app/out/default.access_token",
+        "/run/app/access_token",
+        "/srv/app/out/default-refresh_token",
+    ],
+)
+def test_redact_keeps_an_error_about_a_file_named_like_a_token_key(path: str) -> None:
+    """``PATH: strerror`` keeps the error when PATH ends in a key name (access_token_file example).
+
+    The key pattern must not take the file name's tail for a key and the error's first word
+    ("No" of "No space left on device") for its value.
+    """
+    text = f"cannot publish the tokens ({path}: No space left on device)"
+    assert logs.redact(text) == text
+
+
+def test_redact_still_hides_a_value_after_a_key_in_a_dotted_or_path_name() -> None:
+    """``obj.access_token=VALUE`` and ``?access_token=VALUE`` are still values, not file names."""
+    assert logs.redact(f"obj.access_token={ACCESS}") == "obj.access_token=[redacted]"
+    assert logs.redact(f"/cb?access_token={ACCESS}") == "/cb?access_token=[redacted]"
+
+
 @pytest.mark.usefixtures("isolated_logging")
 def test_redacting_filter_covers_arguments_and_tracebacks() -> None:
     """A token passed as a %-argument or inside an exception message never reaches the output."""

@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemonproc import login, short_tokens, start_daemon, write_config
-from diskfull import fill_up, read_only
+from daemonproc import DaemonProcess, login, short_tokens, start_daemon, write_config
+from diskfull import fill_up, read_only, tiny_tmpfs
 from kakao_tokend.config import load_config
 from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.kakao import KakaoClient
@@ -480,3 +480,69 @@ async def test_a_forced_import_whose_check_rotates_is_saved_when_no_copy_can_be_
         saved = json.loads((state_dir / "default.state.json").read_text())
         assert emulator.refresh_token_status(saved["tokens"]["refresh_token"]) == "live"
         assert saved["tokens"]["refresh_token"] != body["refresh_token"]
+
+
+async def _stop_with_a_save_pending(
+    emulator: KakaoEmulator, tmp_path: Path, state_fs: Path
+) -> tuple[DaemonProcess, int]:
+    """Run a daemon whose state disk is full beyond the reserve until a rotation waits in
+    memory, then SIGTERM it; return the daemon and its generation on disk."""
+    short_tokens(emulator, access=2, refresh=3600)
+    emulator.settings.rotation_window = 4000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=4000)
+    await login(emulator, config)
+    daemon = await start_daemon(config)
+    try:
+        await daemon.wait_for(lambda: daemon.state()["generation"] >= 2, what="first refresh")
+        fill_up(state_fs)
+        await daemon.wait_log("gave up the emergency reserve", timeout=10)
+        fill_up(state_fs, name="filler2")
+        await daemon.wait_log("cannot save the new tokens", timeout=10)
+        stuck = daemon.state()["generation"]
+        await daemon.wait_for(
+            lambda: emulator.stats.rotations >= stuck + 1, what="a rotation held in memory only"
+        )
+    finally:
+        await daemon.stop()
+    return daemon, stuck
+
+
+async def test_a_stop_with_a_save_pending_says_the_rescue_file_keeps_the_tokens(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """SIGTERM while the state disk refuses the newest tokens: they are in the rescue file,
+    and the stop says so (and that the next start recovers them) instead of the false
+    CRITICAL 'they are lost with this process'. The next start does recover them."""
+    daemon, stuck = await _stop_with_a_save_pending(emulator, tmp_path, tiny_state_fs)
+    rescue = tmp_path / "run" / "default.rescue.json"
+    log = daemon.log_text()
+    assert "lost with this process" not in log
+    assert f"they are kept in the rescue file {rescue}" in log
+    assert "the next start recovers them" in log
+    kept = json.loads(rescue.read_text())["state"]["tokens"]["refresh_token"]
+    assert emulator.refresh_token_status(kept) == "live"
+    for name in ("filler", "filler2"):
+        (tiny_state_fs / name).unlink()
+    os.sync()
+    daemon = await start_daemon(daemon.config_path)
+    try:
+        await daemon.wait_log("recovered the tokens from the rescue file", timeout=10)
+        await daemon.wait_for(
+            lambda: daemon.state()["generation"] > stuck, what="the rescued tokens saved"
+        )
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_a_stop_with_the_tokens_in_no_file_says_they_are_lost(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """The state disk and the runtime directory (where the rescue file goes) are both full:
+    the stop still says, at CRITICAL, that the newest tokens are lost with the process."""
+    with tiny_tmpfs(tmp_path / "run"):
+        fill_up(tmp_path / "run")
+        daemon, _ = await _stop_with_a_save_pending(emulator, tmp_path, tiny_state_fs)
+        log = daemon.log_text()
+        assert "cannot write the rescue file either" in log
+        assert "CRITICAL" in log and "they are in no file and are lost with this process" in log
+        assert "kept in the rescue file" not in log

@@ -333,7 +333,8 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
+    # A directory is judged by the loader (one line, exit 78), not click (usage, exit 64).
+    type=click.Path(path_type=Path),
     envvar="KAKAO_TOKEND_CONFIG",
     show_envvar=True,
     default=None,

@@ -1395,7 +1395,7 @@ def load_config(
                 details=exc.details,
             ) from None
     try:
-        data = source.read_bytes()
+        data = read_config_bytes(source)
     except FileNotFoundError:
         raise ConfigError(f"config file {source} does not exist; check the path") from None
     except OSError as exc:
@@ -1421,6 +1421,45 @@ def load_config(
             )
         )
     return _build(text, source=source, environ=env, extra=extra, with_secrets=with_secrets)
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def read_config_bytes(source: Path) -> bytes:
+    """Read the config file without waiting on it: ConfigError when it is not a regular file.
+
+    Opened non-blocking (as templates.read_template_source opens a template), so a named pipe
+    (or a link to one) is refused at once instead of stopping every command until something
+    writes to it; judged by the descriptor's ``fstat``, so a link is followed (a config file
+    managed as a symlink is fine) but what is read is what was judged. OSErrors (missing,
+    permission denied) reach the caller unchanged.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(
+                f"config file {source} is a directory; pass the config file itself"
+                f" (e.g. --config {source / 'config.toml'})"
+            )
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+            raise ConfigError(
+                f"config file {source} is not a regular file ({kind}); point --config (or"
+                f" KAKAO_TOKEND_CONFIG) at the config file itself"
+            )
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -1454,7 +1493,7 @@ def load_locations(
     raw: dict[str, Any] = {}
     if source is not None:
         try:
-            raw = tomllib.loads(source.read_text(encoding="utf-8-sig"))
+            raw = tomllib.loads(read_config_bytes(source).decode("utf-8-sig"))
         except OSError:
             raw = {}
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -2178,19 +2217,42 @@ class _Checker:
         return _read_secret(file, spec, trusted=True, missing=missing), f"credential {credential}"
 
 
+#: The largest secret file read: a key, a secret, a DSN or a few keyring lines are far less.
+#: A bigger file is a mistake (a log, a dump), not to be read whole nor sent to Kakao.
+MAX_SECRET_BYTES: Final = 64 * 1024
+
+
 def _read_secret(file: Path, spec: SecretSpec, *, trusted: bool, missing: str = "") -> str:
-    """Read a secret file (mode 600 unless ``trusted``); ValueError never shows its content."""
+    """Read a secret file (mode 600 unless ``trusted``); ValueError never shows its content.
+
+    Opened non-blocking and judged by ``fstat``: a named pipe is refused at once, and what is
+    read is the file that was judged.
+    """
     try:
-        info = file.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{file} is not a regular file")
-        mode = stat.S_IMODE(info.st_mode)
-        if not trusted and mode & 0o077:
-            what = "readable" if mode & 0o044 else "accessible"
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{file} is not a regular file")
+            mode = stat.S_IMODE(info.st_mode)
+            if not trusted and mode & 0o077:
+                what = "readable" if mode & 0o044 else "accessible"
+                raise ValueError(
+                    f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
+                )
+            data = b""
+            while len(data) <= MAX_SECRET_BYTES and (
+                chunk := os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
+            ):
+                data += chunk
+        finally:
+            os.close(fd)
+        if len(data) > MAX_SECRET_BYTES:
             raise ValueError(
-                f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
+                f"{file} is larger than {MAX_SECRET_BYTES // 1024} KiB; it must hold only the"
+                f" {spec.name}"
             )
-        text = file.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ValueError(
             missing

@@ -12,6 +12,7 @@ them and exits with the worst grade. Nothing here changes anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -121,7 +122,7 @@ def check_config(config_path: Path | None) -> tuple[list[Finding], Config | None
     except ConfigError as exc:
         lines = str(exc).splitlines()
         where = exc.message
-        detail = "; ".join(line.strip() for line in lines[1:]) or where
+        detail = "; ".join(line.strip() for line in lines[1:])  # none: the message says it
         credentials = "CREDENTIALS_DIRECTORY" in str(exc)
         fix = (
             "run the checks the way the service runs, with its credentials: `kt doctor`"
@@ -246,7 +247,39 @@ def _check_directory(directory: Path, label: str, uid: int, user: str, *, login:
             f"{directory} is {shown}, but the daemon runs as {user}",
             f"chown {user} {directory}",
         )
+    unusable = _cannot_create_in(directory) if uid == os.geteuid() else None
+    if unusable is not None:
+        key = _DIRECTORY_KEYS.get(label, "paths")
+        return Finding(
+            label,
+            CRITICAL,
+            f"{directory} is {shown}, but {user} cannot create a file in {directory}: {unusable}",
+            f"point {key} at a directory {user} may write to, or fix its permissions or mount",
+        )
     return Finding(label, OK, f"{directory} is {shown}")
+
+
+#: The setting that names each directory _check_directory looks at (for its fix).
+_DIRECTORY_KEYS = {
+    "state directory": "paths.state_dir",
+    "runtime directory": "paths.runtime_dir",
+    "socket directory": "api.socket",
+}
+
+
+def _cannot_create_in(directory: Path) -> str | None:
+    """Create and remove a probe file in ``directory`` (as the daemon creates its lock and
+    state files there); return why that failed, or None. Owner and mode alone do not tell:
+    root's /proc/1 is 0555 and takes no new file; nor does a read-only mount."""
+    probe = directory / f".kakao-tokend.doctor-probe.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        probe.unlink()
+    return None
 
 
 def _check_account_files(account: AccountConfig, uid: int, user: str) -> list[Finding]:

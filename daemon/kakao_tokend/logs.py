@@ -70,12 +70,16 @@ def stderr_is_journal(environ: Mapping[str, str] | None = None, *, fd: int = 2) 
 
 _SECRET_KEYS = r"access_token|refresh_token|id_token|client_secret|code_verifier"
 _FINGERPRINT = r"sha256:[0-9a-f]{8}\b"
+# A key name at the end of a file name (``/out/default.access_token: No space left on device``,
+# the documented access_token_file example) is a path followed by an error, not ``key: value``:
+# after ``.``, ``/`` or ``-`` only the ``key=value`` form counts.
+_NOT_A_FILE_NAME = rf"""(?:(?<![./-])|(?=(?:{_SECRET_KEYS})["']?\s*=))"""
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # access_token=abc / "refresh_token": "abc" / 'id_token': 'abc' / refresh_token: abc
     (
         re.compile(
-            rf"""(?i)\b({_SECRET_KEYS})(["']?\s*[:=]\s*["']?)(?!{_FINGERPRINT}|\[redacted\])"""
-            r"""[^\s"'&,;)}\]]+"""
+            rf"""(?i)\b{_NOT_A_FILE_NAME}({_SECRET_KEYS})(["']?\s*[:=]\s*["']?)"""
+            rf"""(?!{_FINGERPRINT}|\[redacted\])[^\s"'&,;)}}\]]+"""
         ),
         r"\1\2[redacted]",
     ),

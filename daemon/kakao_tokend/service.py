@@ -49,6 +49,7 @@ from .watch import StateWatcher
 
 if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
     from .fleet.store import FleetStore
+    from .refresher import AccountManager
 
 log = logging.getLogger(__name__)
 
@@ -364,13 +365,37 @@ async def _accounts_ctx(app: web.Application) -> AsyncIterator[None]:
     flushed = await asyncio.gather(*(m.flush() for m in managers))
     for manager, clean in zip(managers, flushed, strict=True):
         if not clean:
-            log.critical(
-                "account %s: the newest tokens could NOT be saved (%s); they are lost with this"
-                " process",
-                manager.name,
-                manager.status.write_error,
-            )
+            _report_unsaved(manager)
     await daemon.end_stop()  # nothing is in flight any more: no more EXTEND_TIMEOUT_USEC
+
+
+def _report_unsaved(manager: AccountManager) -> None:
+    """Say where the tokens the store refused at stop are: in the rescue file (read back, so
+    the line tells the truth), which the next start recovers, or in no file at all."""
+    state = manager.state
+    rescue = manager.store.rescue_path
+    kept = manager.store.load_rescue() if rescue is not None and state is not None else None
+    # The token strings, not the whole sets: the file keeps times to the second.
+    if (
+        state is not None
+        and kept is not None
+        and kept.tokens.refresh_token == state.tokens.refresh_token
+        and kept.tokens.access_token == state.tokens.access_token
+    ):
+        log.error(
+            "account %s: the newest tokens could not be saved (%s); they are kept in the rescue"
+            " file %s, and the next start recovers them from it (do not delete it)",
+            manager.name,
+            manager.status.write_error,
+            rescue,
+        )
+        return
+    log.critical(
+        "account %s: the newest tokens could NOT be saved (%s), nor kept in a rescue file;"
+        " they are in no file and are lost with this process",
+        manager.name,
+        manager.status.write_error,
+    )
 
 
 async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
