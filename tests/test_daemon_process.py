@@ -569,6 +569,28 @@ async def test_a_damaged_token_file_is_rewritten_at_start(
         assert await daemon.stop() == 0
 
 
+async def test_deeply_nested_token_and_alert_files_do_not_stop_the_start(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """40 kB of brackets in the published token file and the alert bookkeeping (deeper than
+    Python's parser recurses) are damaged files like any other: the daemon starts, says so in
+    one line each and republishes. It refused to start with "internal error: RecursionError"."""
+    config = write_config(tmp_path, emulator)
+    state = await login(emulator, config)
+    nested = "[" * 20000 + "]" * 20000
+    for name in ("default.token.json", "default.alerts.json"):
+        (tmp_path / "state" / name).write_text(nested)
+        (tmp_path / "state" / name).chmod(0o600)
+    daemon = await start_daemon(config)
+    try:
+        assert daemon.published()["access_token"] == state.tokens.access_token
+        log = daemon.log_text()
+        assert "RecursionError" not in log and "Traceback" not in log
+        assert "default.alerts.json" in log
+    finally:
+        assert await daemon.stop() == 0
+
+
 async def test_a_stop_keeps_the_late_answer_of_a_refresh_still_open(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -284,12 +284,17 @@ def test_the_rescue_file_is_private_and_names_its_state_file(tmp_path: Path) -> 
     assert not path.exists()
 
 
-def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": 1, "state": {"acc', "[" * 20000 + "]" * 20000],
+    ids=["torn", "nested deeper than the parser recurses"],
+)
+def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path, text: str) -> None:
     """A torn rescue file is moved to .corrupt-<stamp> (kept for a person), and ignored."""
     base = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
     store = AccountStore(base.account, rescue_dir=tmp_path / "run")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "default.rescue.json").write_text('{"version": 1, "state": {"acc')
+    (tmp_path / "run" / "default.rescue.json").write_text(text)
     assert store.load_rescue() is None
     kept = list((tmp_path / "run").glob("default.rescue.json.corrupt-*"))
     assert len(kept) == 1

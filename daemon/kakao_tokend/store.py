@@ -35,7 +35,7 @@ from .errors import (
     UnsafePath,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
-from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState
+from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState, parse_json
 from .storage import in_flight_path
 from .tokens import format_time, utcnow
 
@@ -825,27 +825,6 @@ def read_regular(
         os.close(fd)
 
 
-_DECODER = json.JSONDecoder()
-
-
-def parse_json(raw: bytes) -> Any:
-    """``json.loads(raw.decode("utf-8"))``, minus its generic steps for a file we wrote.
-
-    A start reads two small JSON files per account; for a document that starts at its first
-    byte and ends in whitespace, the decoder's own scan is all json.loads adds up to. Anything
-    else (leading whitespace, extra data, a syntax error) goes through json.loads, which
-    answers or raises exactly as before.
-    """
-    text = raw.decode("utf-8")
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except ValueError:
-        return json.loads(text)
-    if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
-        return json.loads(text)  # raises "Extra data"
-    return value
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -983,7 +962,7 @@ def check_not_moved(
     path = Path(marker)
     document: Any = None
     with suppress(OSError, StoreError, ValueError):
-        document = json.loads(read_file(path, what="migration marker"))
+        document = parse_json(read_file(path, what="migration marker"))
     if not isinstance(document, dict):
         raise StoreMoved(
             f"the accounts in {directory} were moved to another store by `kakao-tokend store "
@@ -1019,7 +998,7 @@ def read_state_file(path: Path) -> AccountState:
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return AccountState.from_dict(json.loads(raw.decode("utf-8")))
+        return AccountState.from_dict(parse_json(raw))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
         raise ValueError(f"{path} is not a kakao-tokend state file ({reason})") from None
@@ -1613,7 +1592,7 @@ class AccountStore:
             self._refuse_rescue(path, foreign)
             return None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
             if not isinstance(document, dict) or document.get("version") != RESCUE_VERSION:
                 raise ValueError("not a rescue file of this version")
             owner = document.get("state_file")
@@ -1889,7 +1868,7 @@ class AccountStore:
             log.warning("ignoring %s", exc)
             return None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
         except ValueError as exc:
             log.warning("ignoring damaged %s (%s)", self.alerts_path, _safe_reason(exc))
             return None
