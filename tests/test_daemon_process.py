@@ -485,6 +485,33 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
         assert await daemon.stop() == 0
 
 
+async def test_a_reserve_missing_at_start_is_created_once_the_disk_has_room(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """Started on a full disk (or after a kill -9 while it was full), the daemon finds no
+    emergency reserve and cannot make one; once there is room again, the next save makes it.
+    Before, only a reserve this process had given up itself was ever re-created."""
+    short_tokens(emulator, access=2, refresh=3600)
+    emulator.settings.rotation_window = 3000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=3000)
+    await login(emulator, config)
+    reserve = tiny_state_fs / ".kakao-tokend.reserve"
+    reserve.unlink(missing_ok=True)
+    filler = fill_up(tiny_state_fs)
+    daemon = await start_daemon(config)
+    try:
+        assert not reserve.exists()
+        generation = daemon.state()["generation"]
+        filler.unlink()
+        await daemon.wait_for(
+            lambda: daemon.state()["generation"] > generation + 1, what="saves with room again"
+        )
+        await daemon.wait_for(reserve.exists, timeout=3, what="the reserve made")
+        assert reserve.stat().st_size == 64 * 1024
+    finally:
+        assert await daemon.stop() == 0
+
+
 async def test_sd_notify_messages_reach_the_notify_socket(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

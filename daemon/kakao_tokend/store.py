@@ -1682,10 +1682,17 @@ class AccountStore:
             atomic_write(target, data, mode=STATE_FILE_MODE)
 
     def restore_reserve(self) -> bool:
-        """Re-create an emergency reserve given up earlier, once the disk has room again."""
+        """Re-create the emergency reserve once the disk has room again (after a save).
+
+        Given up by a save of this process, or missing since before it started: the start
+        could not make one on a full disk (nor after a kill -9 while the disk was full),
+        and nothing else would ever make it.
+        """
         directory = self._reserve_released
         if directory is None:
-            return True
+            directory = self.state_path.parent
+            if os.path.lexists(os.path.join(directory, RESERVE_NAME)):
+                return True
         try:
             info = os.statvfs(directory)
         except OSError:
