@@ -485,3 +485,36 @@ async def test_a_forced_import_whose_check_rotates_is_saved_when_no_copy_can_be_
         saved = json.loads((state_dir / "default.state.json").read_text())
         assert emulator.refresh_token_status(saved["tokens"]["refresh_token"]) == "live"
         assert saved["tokens"]["refresh_token"] != body["refresh_token"]
+
+
+def test_a_rescue_file_that_cannot_be_written_is_critical_once_per_episode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the state and the runtime directory both refusing writes, the daemon retries the
+    save (3 times a second with 6-second tokens): "cannot write the rescue file either" is
+    CRITICAL the first time only, again once a rescue file was written or the state saved
+    meanwhile (a new episode). Before, every retry logged it at CRITICAL, forever."""
+    base = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
+    runtime = tmp_path / "run"
+    runtime.write_text("a file where the runtime directory should be")  # ENOTDIR, like EROFS
+    store = AccountStore(base.account, rescue_dir=runtime)
+    state = make_state()
+
+    def critical() -> int:
+        return sum(
+            "cannot write the rescue file" in r.getMessage()
+            for r in caplog.records
+            if r.levelname == "CRITICAL"
+        )
+
+    for _ in range(5):
+        assert store.save_rescue(state) is False
+    assert critical() == 1
+    runtime.unlink()  # room again: the rescue file is written, the episode is over
+    assert store.save_rescue(state) is True
+    runtime.joinpath("default.rescue.json").unlink()
+    runtime.rmdir()
+    runtime.write_text("full again")
+    assert store.save_rescue(state) is False
+    assert store.save_rescue(state) is False
+    assert critical() == 2

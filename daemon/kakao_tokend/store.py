@@ -1054,6 +1054,9 @@ class AccountStore:
         self._gid_resolved = False
         #: The directory whose emergency reserve a save gave up (to be re-created later).
         self._reserve_released: Path | None = None
+        #: Why the rescue file could not be written, while it cannot (logged once, see
+        #: save_rescue).
+        self._rescue_failed: str | None = None
         #: While the daemon opens its accounts: the directories as listed then (see Listing).
         self._listing = listing
         #: The listing found no alert bookkeeping file. Believed by the first load_alerts
@@ -1560,8 +1563,16 @@ class AccountStore:
         try:
             atomic_write(self.rescue_path, data, mode=STATE_FILE_MODE)
         except StoreError as exc:
-            log.critical("account %s: cannot write the rescue file either: %s", self.name, exc)
+            # Once per episode (and again if the reason changes): the save is retried within
+            # seconds for short tokens, and the write_failed report already stands.
+            reason = str(exc)
+            level = logging.DEBUG if reason == self._rescue_failed else logging.CRITICAL
+            self._rescue_failed = reason
+            log.log(level, "account %s: cannot write the rescue file either: %s", self.name, exc)
             return False
+        if self._rescue_failed is not None:
+            self._rescue_failed = None
+            log.warning("account %s: rescue file %s written again", self.name, self.rescue_path)
         return True
 
     def load_rescue(self) -> AccountState | None:
@@ -1646,6 +1657,7 @@ class AccountStore:
 
     def discard_rescue(self) -> None:
         """Delete the rescue file once the state file holds what it kept (missing is fine)."""
+        self._rescue_failed = None  # the state file took the tokens: that episode is over
         if self.rescue_path is None:
             return
         try:
