@@ -512,6 +512,46 @@ async def test_a_reserve_missing_at_start_is_created_once_the_disk_has_room(
         assert await daemon.stop() == 0
 
 
+async def test_the_start_removes_stale_temp_files_wherever_it_writes(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Temporary files a kill -9 left mid-write (a rescue file's holds the refresh token) are
+    removed at the start in every directory the daemon writes: the runtime directory and
+    those of access_token_file and env_file too, not only the state and token-file ones.
+    A fresh one (a writer at work right now) and files not ours are left alone."""
+    sinks = tmp_path / "sinks"
+    extra = (
+        "[accounts.default]\n"
+        f'access_token_file = "{sinks / "access" / "token"}"\n'
+        f'env_file = "{sinks / "env" / "kakao.env"}"\n'
+    )
+    config = write_config(tmp_path, emulator, extra=extra)
+    await login(emulator, config)
+    old = time.time() - 3600
+    stale = []
+    for directory, name in [
+        (tmp_path / "run", "default.rescue.json"),
+        (sinks / "access", "token"),
+        (sinks / "env", "kakao.env"),
+    ]:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f".kakao-tokend.{name}.0badf00d.tmp"
+        path.write_text('{"refresh_token": "left by a kill -9"}')
+        os.utime(path, (old, old))
+        stale.append(path)
+    fresh = tmp_path / "run" / ".kakao-tokend.default.rescue.json.5eed5eed.tmp"
+    fresh.write_text("being written right now")
+    other = tmp_path / "run" / "someone-elses.tmp"
+    other.write_text("not ours")
+    os.utime(other, (old, old))
+    daemon = await start_daemon(config)
+    try:
+        assert [path for path in stale if path.exists()] == []
+        assert fresh.exists() and other.exists()
+    finally:
+        assert await daemon.stop() == 0
+
+
 async def test_sd_notify_messages_reach_the_notify_socket(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
