@@ -518,3 +518,17 @@ def test_a_rescue_file_that_cannot_be_written_is_critical_once_per_episode(
     assert store.save_rescue(state) is False
     assert store.save_rescue(state) is False
     assert critical() == 2
+
+
+def test_keeping_the_same_replaced_state_again_makes_no_second_copy(tmp_path: Path) -> None:
+    """Each start that recovers from the rescue file while the disk is still full keeps the
+    unchanged state file as .replaced-<stamp> before the rescued state replaces it: the same
+    file again and again. One copy of it is kept, not one more hard link per restart."""
+    store = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
+    store.save(make_state())
+    with store.lock():
+        first = store.set_aside_state("replaced", keep=True)
+        again = [store.set_aside_state("replaced", keep=True) for _ in range(3)]
+    assert first is not None and again == [first, first, first]
+    assert list(tmp_path.glob("default.state.json.replaced-*")) == [first]
+    assert store.state_path.stat().st_nlink == 2

@@ -1469,12 +1469,34 @@ class AccountStore:
         if not keep:
             return self.set_aside_file(self.state_path, label)
         try:
-            inode = os.stat(self.state_path, follow_symlinks=False).st_ino
+            info = os.stat(self.state_path, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
-        return self._set_aside(self.state_path, inode, label, keep=True)
+        if info.st_nlink > 1:
+            # Kept already (each start that recovers a rescue file while the disk is still
+            # full keeps the same unchanged file again): that copy is the one, no other link.
+            kept = self._kept_link(self.state_path, info, label)
+            if kept is not None:
+                return kept
+        return self._set_aside(self.state_path, info.st_ino, label, keep=True)
+
+    @staticmethod
+    def _kept_link(path: Path, info: os.stat_result, label: str) -> Path | None:
+        """Return a ``<name>.<label>-*`` beside ``path`` that is the same file, if any."""
+        prefix = f"{path.name}.{label}-"
+        try:
+            entries = list(os.scandir(path.parent))
+        except OSError:
+            return None
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with suppress(OSError):
+                    found = entry.stat(follow_symlinks=False)
+                    if (found.st_ino, found.st_dev) == (info.st_ino, info.st_dev):
+                        return Path(entry.path)
+        return None
 
     def save_keeping_a_copy(
         self, state: AccountState, label: str, *, copy_required: bool = True
