@@ -532,3 +532,18 @@ def test_keeping_the_same_replaced_state_again_makes_no_second_copy(tmp_path: Pa
     assert first is not None and again == [first, first, first]
     assert list(tmp_path.glob("default.state.json.replaced-*")) == [first]
     assert store.state_path.stat().st_nlink == 2
+
+
+def test_a_copy_refused_by_a_read_only_state_dir_says_remount_not_login(tmp_path: Path) -> None:
+    """The state directory went read-only: keeping the old state aside fails, and the advice
+    follows the errno (remount read-write), not "move it away, then run login" — the recovery
+    that asked for the copy goes on, and no new login is needed."""
+    from kakao_tokend.errors import StoreError
+
+    store = AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
+    store.save(make_state())
+    with store.lock(), read_only(tmp_path / "state"), pytest.raises(StoreError) as caught:
+        store.set_aside_state("replaced", keep=True)
+    hint = str(caught.value.hint)
+    assert "remount" in hint
+    assert "login" not in hint

@@ -1406,6 +1406,15 @@ class AccountStore:
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
+    def _set_aside_hint(self, label: str, exc: OSError) -> str:
+        """What to do when a file could not be set aside: what its errno needs (remount,
+        free space, permissions: _WRITE_HINTS, as for every write), and a new login only for
+        a damaged state file (any other copy is made on the way to tokens that work)."""
+        fix = _WRITE_HINTS.get(exc.errno or 0, "move it away by hand")
+        if label == "corrupt":
+            return f"{fix}, then run `{login_command(self.account)}`"
+        return fix
+
     def _set_aside(self, path: Path, inode: int, label: str, *, keep: bool = False) -> Path | None:
         """Move ``path`` to ``<name>.<label>-<stamp>`` without clobbering earlier copies.
 
@@ -1426,7 +1435,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `{login_command(self.account)}`",
+                    hint=self._set_aside_hint(label, exc),
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
