@@ -485,6 +485,73 @@ async def test_disk_full_keeps_tokens_in_memory_and_writes_them_later(
         assert await daemon.stop() == 0
 
 
+async def test_a_reserve_missing_at_start_is_created_once_the_disk_has_room(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """Started on a full disk (or after a kill -9 while it was full), the daemon finds no
+    emergency reserve and cannot make one; once there is room again, the next save makes it.
+    Before, only a reserve this process had given up itself was ever re-created."""
+    short_tokens(emulator, access=2, refresh=3600)
+    emulator.settings.rotation_window = 3000  # every refresh rotates
+    config = write_config(tmp_path, emulator, rotation_window=3000)
+    await login(emulator, config)
+    reserve = tiny_state_fs / ".kakao-tokend.reserve"
+    reserve.unlink(missing_ok=True)
+    filler = fill_up(tiny_state_fs)
+    daemon = await start_daemon(config)
+    try:
+        assert not reserve.exists()
+        generation = daemon.state()["generation"]
+        filler.unlink()
+        await daemon.wait_for(
+            lambda: daemon.state()["generation"] > generation + 1, what="saves with room again"
+        )
+        await daemon.wait_for(reserve.exists, timeout=3, what="the reserve made")
+        assert reserve.stat().st_size == 64 * 1024
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_the_start_removes_stale_temp_files_wherever_it_writes(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """Temporary files a kill -9 left mid-write (a rescue file's holds the refresh token) are
+    removed at the start in every directory the daemon writes: the runtime directory and
+    those of access_token_file and env_file too, not only the state and token-file ones.
+    A fresh one (a writer at work right now) and files not ours are left alone."""
+    sinks = tmp_path / "sinks"
+    extra = (
+        "[accounts.default]\n"
+        f'access_token_file = "{sinks / "access" / "token"}"\n'
+        f'env_file = "{sinks / "env" / "kakao.env"}"\n'
+    )
+    config = write_config(tmp_path, emulator, extra=extra)
+    await login(emulator, config)
+    old = time.time() - 3600
+    stale = []
+    for directory, name in [
+        (tmp_path / "run", "default.rescue.json"),
+        (sinks / "access", "token"),
+        (sinks / "env", "kakao.env"),
+    ]:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f".kakao-tokend.{name}.0badf00d.tmp"
+        path.write_text('{"refresh_token": "left by a kill -9"}')
+        os.utime(path, (old, old))
+        stale.append(path)
+    fresh = tmp_path / "run" / ".kakao-tokend.default.rescue.json.5eed5eed.tmp"
+    fresh.write_text("being written right now")
+    other = tmp_path / "run" / "someone-elses.tmp"
+    other.write_text("not ours")
+    os.utime(other, (old, old))
+    daemon = await start_daemon(config)
+    try:
+        assert [path for path in stale if path.exists()] == []
+        assert fresh.exists() and other.exists()
+    finally:
+        assert await daemon.stop() == 0
+
+
 async def test_sd_notify_messages_reach_the_notify_socket(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:
@@ -565,6 +632,28 @@ async def test_a_damaged_token_file_is_rewritten_at_start(
     daemon = await start_daemon(config)
     try:
         assert daemon.published()["access_token"] == state.tokens.access_token
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_deeply_nested_token_and_alert_files_do_not_stop_the_start(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """40 kB of brackets in the published token file and the alert bookkeeping (deeper than
+    Python's parser recurses) are damaged files like any other: the daemon starts, says so in
+    one line each and republishes. It refused to start with "internal error: RecursionError"."""
+    config = write_config(tmp_path, emulator)
+    state = await login(emulator, config)
+    nested = "[" * 20000 + "]" * 20000
+    for name in ("default.token.json", "default.alerts.json"):
+        (tmp_path / "state" / name).write_text(nested)
+        (tmp_path / "state" / name).chmod(0o600)
+    daemon = await start_daemon(config)
+    try:
+        assert daemon.published()["access_token"] == state.tokens.access_token
+        log = daemon.log_text()
+        assert "RecursionError" not in log and "Traceback" not in log
+        assert "default.alerts.json" in log
     finally:
         assert await daemon.stop() == 0
 

@@ -346,19 +346,26 @@ class TestUnit:
 
 
 @pytest.mark.parametrize("command", [("doctor",), ("status",), ("status", "--json")])
+@pytest.mark.parametrize(
+    "damage",
+    # Nested deeper than Python's parser recurses: was "internal error: RecursionError", 70.
+    [b'{"version": 1, "acc', b"[" * 20000 + b"]" * 20000],
+    ids=["torn", "nested too deep"],
+)
 async def test_doctor_and_status_report_a_damaged_state_file_without_moving_it(
-    tmp_path: Path, command: tuple[str, ...]
+    tmp_path: Path, command: tuple[str, ...], damage: bytes
 ) -> None:
     """`doctor` says it changes nothing, and `status` only reads: a damaged state file is
     reported (critical, with the fix) and left where it is, byte for byte."""
     config = write_config(tmp_path)
     state = tmp_path / "state" / "default.state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_bytes(b'{"version": 1, "acc')
+    state.write_bytes(damage)
     state.chmod(0o600)
     code, out, err = await run_cli(config, *command)
     assert code == 2, out + err
     assert "damaged" in out + err
     assert "Traceback" not in out + err
-    assert state.read_bytes() == b'{"version": 1, "acc'
+    assert "internal error" not in out + err
+    assert state.read_bytes() == damage
     assert list(state.parent.glob("default.state.json.corrupt-*")) == []

@@ -207,6 +207,8 @@ class TestBadFiles:
         ("body", "needle"),
         [
             ("{not json", "not valid JSON"),
+            # deeper than Python's parser recurses: was "internal error: RecursionError", 70
+            ("[" * 20000 + "]" * 20000, "not valid JSON"),
             ("[1, 2]", "JSON object"),
             ({"access_token": 123, "refresh_token": "x"}, "'access_token' must be"),
             (

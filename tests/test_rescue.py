@@ -284,12 +284,17 @@ def test_the_rescue_file_is_private_and_names_its_state_file(tmp_path: Path) -> 
     assert not path.exists()
 
 
-def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": 1, "state": {"acc', "[" * 20000 + "]" * 20000],
+    ids=["torn", "nested deeper than the parser recurses"],
+)
+def test_a_damaged_rescue_file_is_kept_aside_and_never_used(tmp_path: Path, text: str) -> None:
     """A torn rescue file is moved to .corrupt-<stamp> (kept for a person), and ignored."""
     base = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
     store = AccountStore(base.account, rescue_dir=tmp_path / "run")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "default.rescue.json").write_text('{"version": 1, "state": {"acc')
+    (tmp_path / "run" / "default.rescue.json").write_text(text)
     assert store.load_rescue() is None
     kept = list((tmp_path / "run").glob("default.rescue.json.corrupt-*"))
     assert len(kept) == 1
@@ -546,3 +551,65 @@ async def test_a_stop_with_the_tokens_in_no_file_says_they_are_lost(
         assert "cannot write the rescue file either" in log
         assert "CRITICAL" in log and "they are in no file and are lost with this process" in log
         assert "kept in the rescue file" not in log
+
+
+def test_a_rescue_file_that_cannot_be_written_is_critical_once_per_episode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the state and the runtime directory both refusing writes, the daemon retries the
+    save (3 times a second with 6-second tokens): "cannot write the rescue file either" is
+    CRITICAL the first time only, again once a rescue file was written or the state saved
+    meanwhile (a new episode). Before, every retry logged it at CRITICAL, forever."""
+    base = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
+    runtime = tmp_path / "run"
+    runtime.write_text("a file where the runtime directory should be")  # ENOTDIR, like EROFS
+    store = AccountStore(base.account, rescue_dir=runtime)
+    state = make_state()
+
+    def critical() -> int:
+        return sum(
+            "cannot write the rescue file" in r.getMessage()
+            for r in caplog.records
+            if r.levelname == "CRITICAL"
+        )
+
+    for _ in range(5):
+        assert store.save_rescue(state) is False
+    assert critical() == 1
+    runtime.unlink()  # room again: the rescue file is written, the episode is over
+    assert store.save_rescue(state) is True
+    runtime.joinpath("default.rescue.json").unlink()
+    runtime.rmdir()
+    runtime.write_text("full again")
+    assert store.save_rescue(state) is False
+    assert store.save_rescue(state) is False
+    assert critical() == 2
+
+
+def test_keeping_the_same_replaced_state_again_makes_no_second_copy(tmp_path: Path) -> None:
+    """Each start that recovers from the rescue file while the disk is still full keeps the
+    unchanged state file as .replaced-<stamp> before the rescued state replaces it: the same
+    file again and again. One copy of it is kept, not one more hard link per restart."""
+    store = AccountStore.from_paths("default", state_file=tmp_path / "default.state.json")
+    store.save(make_state())
+    with store.lock():
+        first = store.set_aside_state("replaced", keep=True)
+        again = [store.set_aside_state("replaced", keep=True) for _ in range(3)]
+    assert first is not None and again == [first, first, first]
+    assert list(tmp_path.glob("default.state.json.replaced-*")) == [first]
+    assert store.state_path.stat().st_nlink == 2
+
+
+def test_a_copy_refused_by_a_read_only_state_dir_says_remount_not_login(tmp_path: Path) -> None:
+    """The state directory went read-only: keeping the old state aside fails, and the advice
+    follows the errno (remount read-write), not "move it away, then run login" — the recovery
+    that asked for the copy goes on, and no new login is needed."""
+    from kakao_tokend.errors import StoreError
+
+    store = AccountStore.from_paths("default", state_file=tmp_path / "state" / "default.state.json")
+    store.save(make_state())
+    with store.lock(), read_only(tmp_path / "state"), pytest.raises(StoreError) as caught:
+        store.set_aside_state("replaced", keep=True)
+    hint = str(caught.value.hint)
+    assert "remount" in hint
+    assert "login" not in hint

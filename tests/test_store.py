@@ -36,6 +36,7 @@ from kakao_tokend.store import (
     atomic_write,
     parse_json,
     read_file,
+    read_state_file,
     remove_stale_temp_files,
 )
 from samples import ACCESS, NOW, REFRESH, make_state
@@ -134,6 +135,36 @@ def test_a_damaged_token_file_names_the_refresh_command_for_its_account(tmp_path
     with pytest.raises(StoreError) as caught:
         store.read_published()
     assert "`kakao-tokend --account bot refresh`" in str(caught.value.hint)
+
+
+def test_a_deeply_nested_token_file_is_damaged_not_an_internal_error(tmp_path: Path) -> None:
+    """Brackets nested deeper than the parser recurses make the same "damaged" StoreError as
+    any other broken token file (it was an internal RecursionError, exit 70)."""
+    store = AccountStore.from_paths("bot", state_file=tmp_path / "bot.state.json")
+    store.token_path.write_bytes(b"[" * 20000 + b"]" * 20000)
+    with pytest.raises(StoreError, match="is damaged") as caught:
+        store.read_published()
+    assert "`kakao-tokend --account bot refresh`" in str(caught.value.hint)
+    assert store.published_current(1) is False
+
+
+def test_a_deeply_nested_alert_bookkeeping_is_ignored_as_damaged(
+    store: AccountStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The alert bookkeeping nested deeper than the parser recurses is ignored with one
+    warning, like any damaged bookkeeping (it stopped `run` for every account)."""
+    store.save(make_state())
+    store.alerts_path.write_bytes(b"{" + b'"a":{' * 20000 + b"}" * 20001)
+    assert store.load_alerts() is None
+    assert "ignoring damaged" in caplog.text
+
+
+def test_a_deeply_nested_backup_is_not_a_state_file(tmp_path: Path) -> None:
+    """`restore` of a file nested deeper than the parser recurses says what is wrong."""
+    path = tmp_path / "backup.json"
+    path.write_bytes(b"[" * 20000 + b"]" * 20000)
+    with pytest.raises(ValueError, match="is not a kakao-tokend state file"):
+        read_state_file(path)
 
 
 def test_published_expiry_never_negative(store: AccountStore) -> None:
@@ -616,6 +647,8 @@ CORRUPTIONS = {
     "wrong version": b'{"version": 99}',
     "invalid utf-8": b"\xff\xfe\x00garbage",
     "zeros": b"\x00" * 64,
+    # 40 kB of brackets: deeper than Python's parser recurses (RecursionError, not ValueError).
+    "nested too deep": b"[" * 20000 + b"]" * 20000,
     # A time no token was ever issued or expires at (date arithmetic overflowed in `status`).
     "year one": json.dumps(
         {

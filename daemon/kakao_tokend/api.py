@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-import json
 import logging
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +30,7 @@ from .kakao import rejects_the_app
 from .metrics import CONTENT_TYPE, Metrics
 from .refresher import AccountManager
 from .relogin import ReloginCause, login_command
-from .state import rotations_shown
+from .state import parse_json, rotations_shown
 from .status import Health
 from .tokens import default_min_valid, fingerprint, format_time
 
@@ -447,7 +446,7 @@ def _is_token_rejected(status: int, body: bytes, challenge: str) -> bool:
     if status != 401:
         return False
     try:
-        document = json.loads(body)
+        document = parse_json(body)
     except ValueError:
         return "invalid_token" in challenge
     if not isinstance(document, dict) or document.get("code") != -401:

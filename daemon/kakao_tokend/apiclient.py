@@ -9,7 +9,6 @@ answers on the socket: without one, `status` and `token` read the files and neve
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from urllib.parse import urlencode
 
 from .config import load_locations
 from .errors import KakaoTokendError
+from .state import parse_json
 
 
 class DaemonNotRunning(Exception):
@@ -108,7 +108,7 @@ def call(
     """
     status, text = _request(path, method, url_path, params, data, headers, timeout)
     try:
-        body = json.loads(text)
+        body = parse_json(text)
     except ValueError:
         body = None
     if not isinstance(body, dict):

@@ -87,6 +87,8 @@ class Daemon:
     reload_listeners: list[Callable[[], None]] = field(default_factory=list)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _prepared_dirs: set[str] = field(default_factory=set)
+    #: The other directories make_manager swept of stale temporary files (by their text).
+    _swept: set[str] = field(default_factory=set)
     #: The Kakao client of each app object (by id; the client keeps its app alive), see _client.
     _clients: dict[int, KakaoClient] = field(default_factory=dict)
     #: Alert conditions and channels (set up by the service's alerts context).
@@ -163,6 +165,17 @@ class Daemon:
                 remove_stale_temp_files(directory)
                 ensure_reserve(directory)
                 self._prepared_dirs.add(text)
+        # The other places written through temporary files: the runtime directory (a rescue
+        # file's holds the refresh token) and the extra token files' directories. A kill -9
+        # mid-write would leave one there until reboot. Swept once each; no reserve there.
+        sweep = [str(self.config.runtime_dir)] if not self._swept else []
+        for sink in (account.access_token_file, account.env_file):
+            if sink is not None:
+                sweep.append(directory_text(str(sink)))
+        for text in sweep:
+            if text not in self._swept and text not in self._prepared_dirs:
+                remove_stale_temp_files(Path(text))
+            self._swept.add(text)
         manager = AccountManager(
             account,
             store=store,

@@ -30,7 +30,7 @@ from .errors import (
 )
 from .kakao import AccessTokenRejected, KakaoClient
 from .relogin import cli_command, login_command, new_account_command
-from .state import AccountState
+from .state import AccountState, parse_json
 from .store import AccountStore, make_room_before_kakao
 from .tokens import MAX_LIFETIME, Clock, TokenSet, format_time, utcnow
 
@@ -146,9 +146,9 @@ def read_seed_file(path: Path, *, login: str = "kakao-tokend login") -> SeedFile
             " EUC-KR?); save it as UTF-8, or run `json.dump` again"
         ) from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        where = f" (line {exc.lineno})"
+        data = parse_json(text)
+    except ValueError as exc:  # a RecursionError too (parse_json)
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise ImportFileError(
             f"{path}: not valid JSON{where}; expected the kakao_token.json written by "
             "json.dump(response.json())"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -11,6 +12,36 @@ from .tokens import TokenSet, format_time, parse_time
 
 STATE_VERSION = 1
 MAX_ROTATIONS_KEPT = 50
+
+_DECODER = json.JSONDecoder()
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``json.loads`` for every document someone else could have written or damaged.
+
+    The one JSON reader of the state, rescue, token and alert files, of a file given to
+    `import` or `restore` and of the bodies the API reads: a document nested deeper than
+    Python's parser recurses (40 kB of ``[``) raises the ValueError of any other damaged
+    document, not a RecursionError that no caller expects (it ended commands with an
+    internal error and stopped `run` for every account). Bytes are decoded as UTF-8 first
+    (a UnicodeDecodeError is a ValueError too).
+
+    A start reads two small JSON files per account; for a document that starts at its first
+    byte and ends in whitespace, the decoder's own scan is all json.loads adds up to. Anything
+    else (leading whitespace, extra data, a syntax error) goes through json.loads, which
+    answers or raises exactly as before.
+    """
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    try:
+        try:
+            value, end = _DECODER.raw_decode(text)
+        except ValueError:
+            return json.loads(text)
+        if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
+            return json.loads(text)  # raises "Extra data"
+        return value
+    except RecursionError:
+        raise ValueError("nested deeper than any JSON file kakao-tokend reads") from None
 
 
 # slots: a fleet node keeps one state (and its rotations) per account, 10,000 of them; an

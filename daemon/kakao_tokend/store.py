@@ -35,7 +35,7 @@ from .errors import (
     UnsafePath,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
-from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState
+from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState, parse_json
 from .storage import in_flight_path
 from .tokens import format_time, utcnow
 
@@ -825,27 +825,6 @@ def read_regular(
         os.close(fd)
 
 
-_DECODER = json.JSONDecoder()
-
-
-def parse_json(raw: bytes) -> Any:
-    """``json.loads(raw.decode("utf-8"))``, minus its generic steps for a file we wrote.
-
-    A start reads two small JSON files per account; for a document that starts at its first
-    byte and ends in whitespace, the decoder's own scan is all json.loads adds up to. Anything
-    else (leading whitespace, extra data, a syntax error) goes through json.loads, which
-    answers or raises exactly as before.
-    """
-    text = raw.decode("utf-8")
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except ValueError:
-        return json.loads(text)
-    if end != len(text) and text[end:].strip(" \t\n\r"):  # JSON's whitespace only
-        return json.loads(text)  # raises "Extra data"
-    return value
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -983,7 +962,7 @@ def check_not_moved(
     path = Path(marker)
     document: Any = None
     with suppress(OSError, StoreError, ValueError):
-        document = json.loads(read_file(path, what="migration marker"))
+        document = parse_json(read_file(path, what="migration marker"))
     if not isinstance(document, dict):
         raise StoreMoved(
             f"the accounts in {directory} were moved to another store by `kakao-tokend store "
@@ -1019,7 +998,7 @@ def read_state_file(path: Path) -> AccountState:
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return AccountState.from_dict(json.loads(raw.decode("utf-8")))
+        return AccountState.from_dict(parse_json(raw))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         reason = "the file is empty" if not raw.strip() else _safe_reason(exc)
         raise ValueError(f"{path} is not a kakao-tokend state file ({reason})") from None
@@ -1075,6 +1054,9 @@ class AccountStore:
         self._gid_resolved = False
         #: The directory whose emergency reserve a save gave up (to be re-created later).
         self._reserve_released: Path | None = None
+        #: Why the rescue file could not be written, while it cannot (logged once, see
+        #: save_rescue).
+        self._rescue_failed: str | None = None
         #: While the daemon opens its accounts: the directories as listed then (see Listing).
         self._listing = listing
         #: The listing found no alert bookkeeping file. Believed by the first load_alerts
@@ -1424,6 +1406,15 @@ class AccountStore:
             return state
         raise StoreError(f"state file {self.state_path} keeps changing while being read")
 
+    def _set_aside_hint(self, label: str, exc: OSError) -> str:
+        """What to do when a file could not be set aside: what its errno needs (remount,
+        free space, permissions: _WRITE_HINTS, as for every write), and a new login only for
+        a damaged state file (any other copy is made on the way to tokens that work)."""
+        fix = _WRITE_HINTS.get(exc.errno or 0, "move it away by hand")
+        if label == "corrupt":
+            return f"{fix}, then run `{login_command(self.account)}`"
+        return fix
+
     def _set_aside(self, path: Path, inode: int, label: str, *, keep: bool = False) -> Path | None:
         """Move ``path`` to ``<name>.<label>-<stamp>`` without clobbering earlier copies.
 
@@ -1444,7 +1435,7 @@ class AccountStore:
             except OSError as exc:
                 raise StoreError(
                     f"{path} ({label}) could not be moved aside: {exc.strerror or exc}",
-                    hint=f"move it away by hand, then run `{login_command(self.account)}`",
+                    hint=self._set_aside_hint(label, exc),
                 ) from None
             try:
                 if os.stat(target).st_ino != inode:
@@ -1487,12 +1478,34 @@ class AccountStore:
         if not keep:
             return self.set_aside_file(self.state_path, label)
         try:
-            inode = os.stat(self.state_path, follow_symlinks=False).st_ino
+            info = os.stat(self.state_path, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot stat {self.state_path}: {exc.strerror or exc}") from None
-        return self._set_aside(self.state_path, inode, label, keep=True)
+        if info.st_nlink > 1:
+            # Kept already (each start that recovers a rescue file while the disk is still
+            # full keeps the same unchanged file again): that copy is the one, no other link.
+            kept = self._kept_link(self.state_path, info, label)
+            if kept is not None:
+                return kept
+        return self._set_aside(self.state_path, info.st_ino, label, keep=True)
+
+    @staticmethod
+    def _kept_link(path: Path, info: os.stat_result, label: str) -> Path | None:
+        """Return a ``<name>.<label>-*`` beside ``path`` that is the same file, if any."""
+        prefix = f"{path.name}.{label}-"
+        try:
+            entries = list(os.scandir(path.parent))
+        except OSError:
+            return None
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                with suppress(OSError):
+                    found = entry.stat(follow_symlinks=False)
+                    if (found.st_ino, found.st_dev) == (info.st_ino, info.st_dev):
+                        return Path(entry.path)
+        return None
 
     def save_keeping_a_copy(
         self, state: AccountState, label: str, *, copy_required: bool = True
@@ -1581,8 +1594,16 @@ class AccountStore:
         try:
             atomic_write(self.rescue_path, data, mode=STATE_FILE_MODE)
         except StoreError as exc:
-            log.critical("account %s: cannot write the rescue file either: %s", self.name, exc)
+            # Once per episode (and again if the reason changes): the save is retried within
+            # seconds for short tokens, and the write_failed report already stands.
+            reason = str(exc)
+            level = logging.DEBUG if reason == self._rescue_failed else logging.CRITICAL
+            self._rescue_failed = reason
+            log.log(level, "account %s: cannot write the rescue file either: %s", self.name, exc)
             return False
+        if self._rescue_failed is not None:
+            self._rescue_failed = None
+            log.warning("account %s: rescue file %s written again", self.name, self.rescue_path)
         return True
 
     def load_rescue(self) -> AccountState | None:
@@ -1613,7 +1634,7 @@ class AccountStore:
             self._refuse_rescue(path, foreign)
             return None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
             if not isinstance(document, dict) or document.get("version") != RESCUE_VERSION:
                 raise ValueError("not a rescue file of this version")
             owner = document.get("state_file")
@@ -1667,6 +1688,7 @@ class AccountStore:
 
     def discard_rescue(self) -> None:
         """Delete the rescue file once the state file holds what it kept (missing is fine)."""
+        self._rescue_failed = None  # the state file took the tokens: that episode is over
         if self.rescue_path is None:
             return
         try:
@@ -1703,10 +1725,17 @@ class AccountStore:
             atomic_write(target, data, mode=STATE_FILE_MODE)
 
     def restore_reserve(self) -> bool:
-        """Re-create an emergency reserve given up earlier, once the disk has room again."""
+        """Re-create the emergency reserve once the disk has room again (after a save).
+
+        Given up by a save of this process, or missing since before it started: the start
+        could not make one on a full disk (nor after a kill -9 while the disk was full),
+        and nothing else would ever make it.
+        """
         directory = self._reserve_released
         if directory is None:
-            return True
+            directory = self.state_path.parent
+            if os.path.lexists(os.path.join(directory, RESERVE_NAME)):
+                return True
         try:
             info = os.statvfs(directory)
         except OSError:
@@ -1889,7 +1918,7 @@ class AccountStore:
             log.warning("ignoring %s", exc)
             return None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw)
         except ValueError as exc:
             log.warning("ignoring damaged %s (%s)", self.alerts_path, _safe_reason(exc))
             return None

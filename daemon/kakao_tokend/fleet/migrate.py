@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import StateCorrupt, StoreError, StoreLocked, StoreMoved, StoreUnavailable
 from ..relogin import command_line, config_command
-from ..state import AccountState
+from ..state import AccountState, parse_json
 from ..store import (
     MOVED_NAME,
     AccountStore,
@@ -259,7 +259,7 @@ class FileSide:
                 found[directory] = {}
                 continue
             try:
-                document = json.loads(raw)
+                document = parse_json(raw)
             except ValueError:
                 document = None
             found[directory] = document if isinstance(document, dict) else {}

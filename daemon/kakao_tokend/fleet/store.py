@@ -45,7 +45,7 @@ from ..errors import (
     StoreWriteError,
     TokenDecryptError,
 )
-from ..state import AccountState, Rotation
+from ..state import AccountState, Rotation, parse_json
 from ..store import (
     ALERTS_SUFFIX,
     STATE_FILE_MODE,
@@ -1594,7 +1594,7 @@ class PgAccountStore:
             log.error("account %s: cannot read the rescue file %s: %s", self.name, path, exc)
             return None
         try:
-            document = json.loads(raw)
+            document = parse_json(raw)
             if document.get("version") != RESCUE_VERSION or document.get("account") != self.name:
                 raise ValueError("not a rescue file of this version and account")
             generation = int(document["generation"])
@@ -1604,7 +1604,7 @@ class PgAccountStore:
                 row_id=self._rescue_id(),
                 column=f"rescue:{generation}",
             )
-            state = AccountState.from_dict(json.loads(plain))
+            state = AccountState.from_dict(parse_json(plain))
         except TokenDecryptError as exc:
             log.critical(
                 "account %s: the rescue file %s cannot be decrypted: %s (kept; %s)",
