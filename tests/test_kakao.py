@@ -919,6 +919,23 @@ class TestScriptedAnswers:
         assert code in str(exc)
         Secrets(["ACCESS-" + "a" * 40]).assert_absent(exc)
 
+    @pytest.mark.parametrize("status", [200, 400, 500])
+    async def test_a_body_nested_too_deep_is_an_unusable_answer_not_a_crash(
+        self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession, status: int
+    ) -> None:
+        """40 kB of ``[`` from the token endpoint (a broken proxy, a hostile middlebox) is an
+        answer the client cannot use, like any other non-JSON body: KakaoUnavailable, retried
+        by the one back-off rule. Python's parser raised RecursionError through the refresh,
+        which nothing expects (the refresh task died with an internal error)."""
+        script, url = scripted
+        script.answer(status, b"[" * 20000 + b"]" * 20000, content_type="application/json")
+        client = KakaoClient(session, app_for(url))
+        tokens = _dummy_tokens()
+        with pytest.raises(KakaoUnavailable) as caught:
+            await client.refresh(tokens)
+        assert caught.value.status == status
+        Secrets([tokens.refresh_token, "emulator-client-secret"]).assert_absent(caught.value)
+
     async def test_memo_unknown_400_is_request_rejected(
         self, scripted: tuple[Scripted, str], session: aiohttp.ClientSession
     ) -> None:

@@ -83,6 +83,7 @@ from .errors import (
     PartialRefresh,
     ReloginRequired,
 )
+from .state import parse_json
 from .tokens import (
     Clock,
     PartialTokenResponse,
@@ -415,10 +416,11 @@ class _Response:
     headers: Mapping[str, str]
 
     def json_object(self) -> dict[str, Any] | None:
-        """Return the body as a JSON object, or None if it is not one."""
+        """Return the body as a JSON object, or None if it is not one (nested too deep for
+        Python's parser too: state.parse_json)."""
         try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+            value = parse_json(self.body)
+        except ValueError:
             return None
         return value if isinstance(value, dict) else None
 
