@@ -42,6 +42,7 @@ from kakao_tokend.refresher import AccountManager
 from kakao_tokend.service import build_app
 from kakao_tokend.state import AccountState
 from kakao_tokend.status import Health
+from kakao_tokend.storage import in_flight_path
 from kakao_tokend.store import AccountStore
 from tcpproxy import TcpProxy
 
@@ -1062,3 +1063,29 @@ async def test_a_node_stops_even_when_a_task_of_its_listener_lost_its_cancel(
         assert lost.is_set() and stubborn.cancelled()
     finally:
         await fleet.close()
+
+
+async def test_a_fleet_refresh_marks_its_request_in_flight_before_any_rescue_file_exists(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The in-flight marker lives beside the rescue file, in <state_dir>/rescue/, which a
+    fleet node made only when it saved a rescue file: a node that never had one sent every
+    token request unmarked (the marker's open failed with ENOENT, silently), so a restart
+    after a lost answer could not tell a lost rotation from an unknown KOE322. The directory
+    is made when a request is marked (an outside audit: no run ever had it)."""
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        await login_on(node, emulator, store_dsn)
+        marker = in_flight_path(node.store.rescue_path, "default")
+        assert marker is not None and not marker.parent.exists()
+        emulator.inject("token", "hold", delay=30.0)
+        refresh = asyncio.ensure_future(node.manager.refresh(force=True))
+        await kakao_holds_the_refresh(emulator)
+        assert marker.exists()
+        assert stat.S_IMODE(marker.parent.stat().st_mode) == 0o700
+        emulator.release_held()
+        state = await refresh
+        assert state is not None and state.generation == 2
+        assert not marker.exists()  # answered and committed
+    finally:
+        await node.fleet.close()
