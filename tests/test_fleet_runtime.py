@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from daemonproc import write_config
+from daemonproc import short_tokens, write_config
 from fleetkit import migrated, node_store
 from fleetrun import kakao_holds_the_refresh, node_config, store_login
 from kakao_tokend.config import Config, load_config
@@ -57,8 +57,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
     await http.close()
 
 
-def fleet_config(tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str = "web-1") -> Config:
-    """A config for the emulator with a [store] section for ``dsn`` (one shared key file)."""
+def fleet_config(
+    tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str = "web-1", **timeouts: str
+) -> Config:
+    """A config for the emulator with a [store] section for ``dsn`` (one shared key file);
+    ``timeouts``: write_config's ``timeout`` and ``connect_timeout``."""
     key_file = tmp_path / "store.key"
     if not key_file.exists():
         key_file.write_text(new_key_line() + "\n")
@@ -71,6 +74,7 @@ def fleet_config(tmp_path: Path, emulator: KakaoEmulator, dsn: str, node: str = 
     path = write_config(
         directory,
         emulator,
+        **timeouts,
         extra=(
             f'[store]\nbackend = "postgres"\ndsn_file = "{dsn_file}"\n'
             f'key_file = "{key_file}"\nnode_name = "{node}"\n'
@@ -97,9 +101,10 @@ async def open_node(
     node: str,
     *,
     heartbeat: float = 60.0,
+    **timeouts: str,
 ) -> Node:
     """Open a FleetStore as a node does at start and build the default account's manager."""
-    config = fleet_config(tmp_path, emulator, dsn, node)
+    config = fleet_config(tmp_path, emulator, dsn, node, **timeouts)
     fleet = node_store(config, dsn, node, heartbeat=heartbeat)
     await fleet.open()
     account = config.account()
@@ -1089,3 +1094,52 @@ async def test_a_fleet_refresh_marks_its_request_in_flight_before_any_rescue_fil
         assert not marker.exists()  # answered and committed
     finally:
         await node.fleet.close()
+
+
+@asynccontextmanager
+async def two_nodes_with_late_rotations(
+    tmp_path: Path, emulator: KakaoEmulator, dsn: str, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[Node, Node, AccountState]]:
+    """web-1 and web-2 with 10-second tokens, every refresh rotating, the Kakao timeouts at
+    their defaults (fitted: a request waits 0.475 s and stays open 1.25 s for its late
+    answer); yield them and the logged-in state."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
+    fitted = {"timeout": "30s", "connect_timeout": "10s"}
+    one = await open_node(tmp_path, emulator, dsn, session, "web-1", **fitted)
+    two = await open_node(tmp_path, emulator, dsn, session, "web-2", **fitted)
+    try:
+        state = await login_on(one, emulator, dsn)
+        await two.fleet.reload("default")
+        two.manager.load()
+        yield one, two, state
+    finally:
+        await one.fleet.close()
+        await two.fleet.close()
+
+
+async def test_a_refresh_kakao_answers_late_keeps_the_row_so_no_node_presents_its_retired_token(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Kakao rotates at once and answers after 1 s; web-1 gave up waiting after 0.475 s but
+    keeps the request open for the answer, and keeps the row lock with it: web-2, asked to
+    refresh meanwhile, finds the row held and presents nothing. web-1 commits the late
+    answer in the same transaction. Before, the hold ended with the timeout and web-2 sent
+    the refresh token Kakao had just retired (an outside audit: 10 of 88 requests), whose
+    KOE322 could then page a false relogin."""
+    async with two_nodes_with_late_rotations(tmp_path, emulator, store_dsn, session) as (
+        one,
+        two,
+        before,
+    ):
+        emulator.inject("token", "late", count=1, delay=1.0)
+        first = asyncio.ensure_future(one.manager.refresh(force=True))
+        await asyncio.sleep(0.7)  # web-1 gave up waiting; its request is open
+        await two.manager.refresh(force=True)
+        state = await first
+        assert emulator.stats.retired_refresh_presented == 0
+        assert state is not None and state.generation == before.generation + 1
+        assert emulator.refresh_token_status(state.tokens.refresh_token) == "live"
+        await two.fleet.reload("default")
+        assert two.store.load() == state
+        assert two.manager.status.health is Health.OK

@@ -1030,7 +1030,13 @@ class AccountManager:
         self.status.attempted()
         log.debug("account %s: refreshing (%s)", self.name, reason or "requested")
         try:
-            tokens, rotated = await self._timed_refresh(state.tokens)
+            try:
+                tokens, rotated = await self._timed_refresh(state.tokens)
+            except KakaoUnavailable as exc:
+                answer = await self._late_answer_under_the_hold(state.tokens, exc)
+                if answer is None:
+                    raise
+                tokens, rotated = answer
         except PartialRefresh as exc:
             return self._salvage(state, exc)
         except KakaoUnavailable as exc:
@@ -1085,6 +1091,24 @@ class AccountManager:
         self._heard_after(tokens, time.monotonic() - started, result[0])
         self._emit_call_time(started, "success")
         return result
+
+    async def _late_answer_under_the_hold(
+        self, tokens: TokenSet, exc: KakaoUnavailable
+    ) -> tuple[TokenSet, bool] | None:
+        """Fleet mode: the answer to a request sent with ``tokens`` that Kakao did not answer
+        in time, waited for under the hold (the row lock) while the request stays open for it
+        (tokens.answer_patience); None when it brought no answer, or outside fleet mode.
+        Kakao's refusal in that answer is raised, as this attempt's.
+
+        Kakao may have rotated already. Released at the timeout, the row went to the next
+        node that claimed it, which presented the refresh token Kakao had just retired
+        (KOE322, and for the node whose answer then came late a rotation it could not commit
+        at once, a false relogin). The hold lasts as long as the request stays open, which
+        the transaction's backstop outlasts (fleet/db.py DbTimeouts.idle_for), and so does
+        an on-demand refresh's wait for the row (:attr:`request_grace`)."""
+        if exc.code != "timeout" or not self.store.shared:
+            return None
+        return await self._answer_of_open_request(tokens)
 
     def _linger(
         self, tokens: TokenSet, started: float, call: asyncio.Future[tuple[TokenSet, bool]]
