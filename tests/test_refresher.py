@@ -199,6 +199,49 @@ async def test_waiting_for_idle_keeps_the_late_answer_of_a_request_still_open(
     assert emulator.refresh_token_status(saved.tokens.refresh_token) == "live"
 
 
+async def test_a_late_rotation_that_cannot_be_saved_at_once_is_in_the_rescue_file_at_once(
+    emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Kakao rotates at once and answers after the request was given up on, while another
+    process (a `login`, a command) holds the account: the rotated tokens cannot be saved
+    yet, and they are in the rescue file the moment they are heard, as every rotation whose
+    saving failed is, not only in memory: a kill -9 before the lock comes free would lose
+    the only live refresh token. Before, the late answer waited in memory alone (an outside
+    audit: a fleet node killed then, the account needed a new login). Once the lock is free
+    the tokens are saved and the rescue file goes."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
+    config_path = write_config(tmp_path, emulator, timeout="30s", connect_timeout="10s")
+    await login(emulator, config_path)
+    config = load_config(config_path)
+    account = config.accounts["default"]
+    manager = AccountManager(
+        account,
+        store=AccountStore(account, rescue_dir=config.runtime_dir),  # as the daemon's
+        client=KakaoClient(session, account.app, policy=config.refresh),
+        policy=config.refresh,
+    )
+    before = manager.load()
+    assert before is not None
+    emulator.inject("token", "late", count=1, delay=1.0)
+    await manager.refresh(force=True)
+    assert manager.status.last_error_class == "timeout"
+    other = AccountStore(account)
+    async with other.hold(0):  # another process holds the account
+        for _ in range(200):
+            if not manager.awaiting_kakao:
+                break
+            await asyncio.sleep(0.01)
+        assert not manager.awaiting_kakao  # the late answer came
+        rescued = manager.store.load_rescue()
+        assert rescued is not None and rescued.generation == before.generation + 1
+        assert emulator.refresh_token_status(rescued.tokens.refresh_token) == "live"
+    assert await manager.wait_idle(manager.request_grace)
+    saved = manager.store.load()
+    assert saved is not None and saved.tokens.refresh_token == rescued.tokens.refresh_token
+    assert manager.store.load_rescue() is None
+
+
 async def test_a_late_answer_after_a_new_login_calls_kakao_for_nothing(
     emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

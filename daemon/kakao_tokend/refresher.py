@@ -1146,9 +1146,24 @@ class AccountManager:
             self.name,
             format_duration(took),
         )
+        tokens, rotated = call.result()
+        if rotated:
+            self._rescue_late_rotation(state, tokens)
         run = asyncio.ensure_future(self._keep_late_answer())
         _LATE_RUNS.add(run)
         run.add_done_callback(_LATE_RUNS.discard)
+
+    def _rescue_late_rotation(self, state: AccountState, tokens: TokenSet) -> None:
+        """A late answer rotated the refresh token: into the rescue file with it at once.
+
+        It is saved through a refresh run, under the account's locks, which another process
+        may hold for a while (a `login`, a command; a fleet node whose hold was lost): until
+        then Kakao's only live refresh token would be in memory alone, and a kill -9 would
+        lose it. The run that saves it removes the file (:meth:`_persist`)."""
+        rescued = state.with_tokens(
+            tokens, refreshed_at=self.clock(), rotated=True, keep=self.store.rotations_kept
+        )
+        self.store.save_rescue(rescued)  # (a failure is logged there)
 
     async def _keep_late_answer(self) -> AccountState | None:
         """Refresh with the late answer waiting in :attr:`_lingering`, unless a refresh in
