@@ -1143,3 +1143,44 @@ async def test_a_refresh_kakao_answers_late_keeps_the_row_so_no_node_presents_it
         await two.fleet.reload("default")
         assert two.store.load() == state
         assert two.manager.status.health is Health.OK
+
+
+async def test_a_refusal_after_this_nodes_unanswered_request_waits_for_a_peers_unsaved_rotation(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """web-1's request goes unanswered (so a rotation of its own may have been lost); then
+    web-2 rotates and its database goes before the commit. web-1's next attempt presents the
+    row's refresh token, which Kakao retired for web-2: KOE322. Its own lost rotation is one
+    explanation, the peer's unsaved one another, so web-1 waits for the peer as for any
+    refusal in a fleet (the store's peer grace) and adopts web-2's commit when it comes.
+    Before, the refusal after an unanswered request counted as this node's lost rotation
+    and paged a critical `relogin` with every node healthy (an outside audit)."""
+    short_tokens(emulator, access=10, refresh=3600)
+    emulator.settings.rotation_window = 7200  # every refresh of the 3600 s token rotates
+    fitted = {"timeout": "30s", "connect_timeout": "10s"}
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        one = await open_node(tmp_path, emulator, store_dsn, session, "web-1", **fitted)
+        two = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-2", **fitted)
+        try:
+            await login_on(one, emulator, store_dsn)
+            await two.fleet.reload("default")
+            two.manager.load()
+            emulator.inject("token", "timeout", count=1, delay=5.0)  # never in time
+            await one.manager.refresh(force=True)
+            assert one.manager.status.last_error_class == "timeout"
+            rotated = await refresh_while_the_database_goes(two, emulator, proxy)
+            assert rotated is not None and two.manager.status.write_pending
+            await one.manager.refresh(force=True)
+            assert one.manager.status.health is not Health.RELOGIN
+            assert one.manager.status.last_error_class == "superseded"
+            proxy.accept()
+            assert await two.manager.flush()
+            await one.fleet.reload("default")
+            one.manager.notice_outside_changes()
+            assert one.manager.state is not None
+            assert one.manager.state.tokens.refresh_token == rotated.tokens.refresh_token
+            assert one.manager.status.health is Health.OK
+        finally:
+            await one.fleet.close()
+            await two.fleet.close()
