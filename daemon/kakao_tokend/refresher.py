@@ -56,7 +56,6 @@ from .sidefields import add_side_fields
 from .state import AccountState, goes_backwards, rotations_shown
 from .status import AccountEvent, AccountStatus, EventKind, EventListener, Health
 from .storage import AccountStorage, in_flight_path
-from .store import make_dirs
 from .tokens import (
     HEARD_MARGIN,
     Clock,
@@ -1247,7 +1246,7 @@ class AccountManager:
             if flying:
                 # Its directory may not exist yet: a fleet node's <state_dir>/rescue/ is
                 # otherwise made with the first rescue file (the marker went unwritten).
-                make_dirs(path.parent, mode=0o700)
+                self.store.ready_rescue_dir()
                 # Never through a link, never waiting on a FIFO: refused instead (ELOOP, ENXIO).
                 flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
                 os.close(os.open(path, flags, 0o600))

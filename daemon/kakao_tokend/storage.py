@@ -191,6 +191,11 @@ class StateStore(Protocol):
 
     # ------------------------------------------------------------------ the rescue file
 
+    def ready_rescue_dir(self) -> None:
+        """Create the directory :attr:`rescue_path` lives in when it is missing (the in-flight
+        marker goes beside it before any rescue file exists); StoreError if it cannot be."""
+        ...
+
     def save_rescue(self, state: AccountState) -> bool:
         """Keep ``state`` where a restart finds it although the store refused it; True if so."""
         ...

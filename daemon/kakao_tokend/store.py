@@ -1574,6 +1574,11 @@ class AccountStore:
 
     # -- rescue file ---------------------------------------------------------------------------
 
+    def ready_rescue_dir(self) -> None:
+        """Create the rescue file's directory (the runtime directory) when it is missing."""
+        if self.rescue_path is not None:
+            make_dirs(self.rescue_path.parent)
+
     def save_rescue(self, state: AccountState) -> bool:
         """Write ``state`` to the rescue file (0600); return True when it is there.
 

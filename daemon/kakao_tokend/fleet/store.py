@@ -1540,6 +1540,12 @@ class PgAccountStore:
 
     # ------------------------------------------------------------------ the rescue file
 
+    def ready_rescue_dir(self) -> None:
+        """Create ``<state_dir>/rescue/`` (0700) when it is missing."""
+        path = self.rescue_path
+        if path is not None:
+            make_dirs(path.parent, mode=0o700)
+
     def save_rescue(self, state: AccountState) -> bool:
         """Write ``state`` to the encrypted rescue file (0600, atomic, fsynced).
 
