@@ -79,11 +79,19 @@ def test_broken_orderings_are_each_named() -> None:
     problems = bad.problems(kakao_timeout=30)
     assert len(problems) == 3
     assert "lock timeout (5s) must be shorter than the statement timeout (5s)" in problems[0]
-    assert (
-        "idle_in_transaction_session_timeout (40s) must exceed the Kakao timeout (30s)"
-        in (problems[1])
-    )
+    assert "idle_in_transaction_session_timeout (40s) must exceed" in problems[1]
     assert "migration lock timeout" in problems[2]
+
+
+def test_the_idle_backstop_must_outlast_a_request_kept_open_for_its_late_answer() -> None:
+    """The hold keeps the row while a timed-out request stays open for Kakao's late answer,
+    up to twice the Kakao timeout (tokens.longest_open_request): a backstop of 80 s with a
+    30 s timeout would end a refresh Kakao answers after 55 s, with the rotation in it."""
+    problems = db.DbTimeouts(idle_in_transaction=80).problems(kakao_timeout=30)
+    assert len(problems) == 1, problems
+    assert "idle_in_transaction_session_timeout (80s)" in problems[0]
+    assert "60s" in problems[0]
+    assert db.DbTimeouts(idle_in_transaction=90).problems(kakao_timeout=30) == []
 
 
 def test_psycopgs_repeats_about_a_lost_connection_are_debug_and_its_reasons_stay_warnings(

@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KakaoTokendError, StoreError, StoreUnavailable
-from ..tokens import answer_patience
+from ..tokens import answer_patience, longest_open_request
 from . import missing_extra
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class DbTimeouts:
         """Return the defaults, with the idle-in-transaction backstop long enough for
         ``kakao_timeout`` (the total time one Kakao token request may take); ``default``
         is the Kakao timeout's default: when they agree, the backstop is fitted per token."""
-        needed = math.ceil(2 * kakao_timeout + LOCAL_WORK_MARGIN)
+        needed = math.ceil(longest_open_request(kakao_timeout) + LOCAL_WORK_MARGIN)
         return cls(
             idle_in_transaction=max(cls.idle_in_transaction, float(needed)),
             fitted_kakao_timeout=kakao_timeout if kakao_timeout == default else None,
@@ -152,11 +152,13 @@ class DbTimeouts:
                 f"lock timeout ({self.lock:g}s) must be shorter than the statement timeout "
                 f"({self.statement:g}s), or a lock wait is reported as a cancelled statement"
             )
-        if self.idle_in_transaction < kakao_timeout + LOCAL_WORK_MARGIN:
+        open_for = longest_open_request(kakao_timeout)
+        if self.idle_in_transaction < open_for + LOCAL_WORK_MARGIN:
             found.append(
                 f"idle_in_transaction_session_timeout ({self.idle_in_transaction:g}s) must "
-                f"exceed the Kakao timeout ({kakao_timeout:g}s) plus {LOCAL_WORK_MARGIN:g}s, "
-                "or the server ends a healthy refresh after Kakao rotated the token"
+                f"exceed the longest a Kakao request stays open ({open_for:g}s: twice the"
+                f" Kakao timeout, for a late answer) plus {LOCAL_WORK_MARGIN:g}s, or the server"
+                " ends a healthy refresh after Kakao rotated the token"
             )
         if self.migration_lock >= self.migration_statement:
             found.append("the migration lock timeout must be shorter than its statement timeout")
