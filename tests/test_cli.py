@@ -583,6 +583,21 @@ class TestTokenRefreshLogout:
         assert line.startswith("error: ") and "did not answer" in line, line
         assert "7.9s" in line and "systemctl" in line and "Traceback" not in err
 
+    async def test_token_from_a_frozen_daemon_says_what_was_asked_when_the_files_token_expired(
+        self, tmp_path: Path
+    ) -> None:
+        """The state file's token has expired while the daemon does not answer: the error
+        line still says how long a token was asked for (as it does for a token with too
+        little left), so the two cases read alike; under load the 8-second token of the test
+        above could expire between its two commands, and the line lost the 7.9s."""
+        config = write_config(tmp_path)
+        save_offline(config, refresh_left=30 * 86400, access_left=-5)
+        with frozen_daemon_socket(config):
+            code, out, err = await run_cli(config, "token", "--min-valid", "7.9s")
+        assert code == 1 and out == "", err
+        [line] = err.splitlines()
+        assert "has expired" in line and "7.9s" in line and "systemctl" in line, line
+
     async def test_refresh_keeps_a_rotation_whose_answer_comes_after_its_wait(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:

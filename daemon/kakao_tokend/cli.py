@@ -1434,7 +1434,7 @@ def _from_files_instead(
         tokens = state.tokens
         wanted = default_min_valid(tokens.access_lifetime) if min_valid is None else min_valid
         remaining = tokens.access_remaining(now).total_seconds()
-        why = "the state file's access token has expired"
+        why = f"the state file's access token has expired ({_seconds(wanted)} of validity asked)"
         if remaining > 0:
             why = (
                 f"the state file's access token has only {format_duration(remaining)} left,"
