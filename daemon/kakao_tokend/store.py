@@ -33,6 +33,7 @@ from .errors import (
     StoreMoved,
     StoreWriteError,
     UnsafePath,
+    write_hint,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
 from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState, parse_json
@@ -70,16 +71,6 @@ LOCK_POLL = 0.05
 #: The state directory's instance lock: held by `run` (one daemon per state directory) and
 #: by `store migrate` while it moves the accounts.
 INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
-
-# errno -> what to do about it, appended to StoreWriteError messages.
-_WRITE_HINTS = {
-    errno.ENOSPC: "free some disk space",
-    errno.EDQUOT: "the disk quota is exhausted; free some space or raise the quota",
-    errno.EROFS: "the file system is read-only; remount it read-write or choose another path",
-    errno.EACCES: "check that this user may write to the directory",
-    errno.EPERM: "check the directory's owner and permissions",
-    errno.EFBIG: "the file size limit (ulimit -f / LimitFSIZE=) is too small",
-}
 
 
 class AccountFiles(Protocol):
@@ -137,8 +128,9 @@ class StorePaths:
 
 def _write_error(path: Path, exc: OSError, action: str = "write") -> StoreWriteError:
     reason = exc.strerror or str(exc)
+    hint = write_hint(exc.errno)
     error = StoreWriteError(
-        f"cannot {action} {path}: {reason}", hint=_WRITE_HINTS.get(exc.errno or 0)
+        f"cannot {action} {path}: {reason}", hint=None if hint is None else str(hint)
     )
     error.errno = exc.errno
     return error
@@ -1408,9 +1400,10 @@ class AccountStore:
 
     def _set_aside_hint(self, label: str, exc: OSError) -> str:
         """What to do when a file could not be set aside: what its errno needs (remount,
-        free space, permissions: _WRITE_HINTS, as for every write), and a new login only for
+        free space, permissions: errors.WRITE_FIXES, as for every write), and a new login only for
         a damaged state file (any other copy is made on the way to tokens that work)."""
-        fix = _WRITE_HINTS.get(exc.errno or 0, "move it away by hand")
+        hint = write_hint(exc.errno)
+        fix = "move it away by hand" if hint is None else str(hint)
         if label == "corrupt":
             return f"{fix}, then run `{login_command(self.account)}`"
         return fix
