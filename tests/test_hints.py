@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from kakao_tokend.emulator import KakaoEmulator
 from kakao_tokend.i18n import Message
 from kakao_tokend.kakao import KakaoClient, create_session
 from kakao_tokend.refresher import AccountManager
-from kakao_tokend.store import AccountStore, _write_error
+from kakao_tokend.store import AccountStore, _write_error, ensure_reserve
 from kakao_tokend.tokens import utcnow
 
 pytestmark = pytest.mark.timeout(90)
@@ -177,3 +178,39 @@ async def test_the_write_failed_alert_names_the_immutable_flag_when_permission_i
     assert "chattr -i" in english and "permissions" in english, english
     assert "disk space" not in english, english
     assert "chattr -i" in fix.render("ko")
+
+
+async def test_refresh_that_cannot_save_on_a_read_only_state_directory_says_remount(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend refresh` whose rotated tokens the read-only state directory refuses:
+    the error's fix says to remount it read-write (the errno's fix), not "free disk space or
+    fix permissions", then to run the refresh again (the rescue file keeps the tokens)."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    assert ensure_reserve(tmp_path / "state")  # as a daemon run leaves it: Kakao is asked
+    with read_only(tmp_path / "state"):
+        code, _, err = await run_cli(config, "refresh")
+    assert code != 0
+    assert "remount it read-write, then run" in err, err
+    assert "disk space" not in err, err
+
+
+async def test_import_that_cannot_save_on_a_read_only_state_directory_says_remount(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """`kakao-tokend import --force` whose checked tokens the read-only state directory
+    refuses: the error's fix follows the errno (remount read-write), not "free disk space /
+    fix permissions"."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime  # always rotate
+    config = write_config(tmp_path, emulator)
+    await login(emulator, config)
+    seed = tmp_path / "kakao_token.json"
+    seed.write_text(json.dumps(emulator.issue_tokens()))
+    assert ensure_reserve(tmp_path / "state")  # as a daemon run leaves it: Kakao is asked
+    with read_only(tmp_path / "state"):
+        code, _, err = await run_cli(config, "import", "--force", str(seed))
+    assert code != 0
+    assert "remount it read-write, then run" in err, err
+    assert "disk space" not in err, err
