@@ -183,6 +183,28 @@ def make_room_before_kakao(directory: Path) -> None:
         )
 
 
+def rescue_not_written(name: str, exc: StoreError, before: str | None) -> str:
+    """Log that account ``name``'s rescue file cannot be written; return the reason to pass
+    as ``before`` next time (and to :func:`rescue_written`).
+
+    CRITICAL once per episode, and again when the reason changes (``before``: the reason of
+    the last failure, None after a success); the retries (within seconds for short tokens,
+    while the write_failed report already stands) only at DEBUG. The one rule of both
+    stores' rescue files.
+    """
+    reason = str(exc)
+    level = logging.DEBUG if reason == before else logging.CRITICAL
+    log.log(level, "account %s: cannot write the rescue file either: %s", name, exc)
+    return reason
+
+
+def rescue_written(name: str, path: Path | None, before: str | None) -> None:
+    """Account ``name``'s rescue file was written: say so when writes of it failed before
+    (``before``: rescue_not_written's reason), which ends that episode."""
+    if before is not None:
+        log.warning("account %s: rescue file %s written again", name, path)
+
+
 def release_reserve(directory: Path) -> bool:
     """Delete the emergency reserve in ``directory``; return True when there was one."""
     try:
@@ -1592,16 +1614,10 @@ class AccountStore:
         try:
             atomic_write(self.rescue_path, data, mode=STATE_FILE_MODE)
         except StoreError as exc:
-            # Once per episode (and again if the reason changes): the save is retried within
-            # seconds for short tokens, and the write_failed report already stands.
-            reason = str(exc)
-            level = logging.DEBUG if reason == self._rescue_failed else logging.CRITICAL
-            self._rescue_failed = reason
-            log.log(level, "account %s: cannot write the rescue file either: %s", self.name, exc)
+            self._rescue_failed = rescue_not_written(self.name, exc, self._rescue_failed)
             return False
-        if self._rescue_failed is not None:
-            self._rescue_failed = None
-            log.warning("account %s: rescue file %s written again", self.name, self.rescue_path)
+        rescue_written(self.name, self.rescue_path, self._rescue_failed)
+        self._rescue_failed = None
         return True
 
     def load_rescue(self) -> AccountState | None:
