@@ -143,13 +143,18 @@ def ensure_reserve(directory: Path) -> bool:
     that matters most — a rotated refresh token — still lands (the classic reserved-blocks
     trick). The space is really allocated (``posix_fallocate``), not a sparse file.
     """
+    return make_reserve(directory) is None
+
+
+def make_reserve(directory: Path) -> OSError | None:
+    """:func:`ensure_reserve`, returning why the reserve could not be made (None: it exists)."""
     path = directory / RESERVE_NAME
     try:
         fd = _create_exclusive(path, 0o600, os.getegid())
     except FileExistsError:
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as exc:
+        return exc
     try:
         try:
             os.posix_fallocate(fd, 0, RESERVE_SIZE)
@@ -158,13 +163,13 @@ def ensure_reserve(directory: Path) -> bool:
                 raise
             _write_all(fd, bytes(RESERVE_SIZE))  # a file system without fallocate
         os.fsync(fd)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
         with suppress(OSError):
             os.unlink(path)
-        return False
+        return exc
     os.close(fd)
-    return True
+    return None
 
 
 def make_room_before_kakao(directory: Path) -> None:
