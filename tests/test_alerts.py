@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from datetime import datetime, timedelta
+from errno import errorcode
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from kakao_tokend.config import (
     config_from_toml_text,
 )
 from kakao_tokend.emulator import DEFAULT_USER_ID, KakaoEmulator
-from kakao_tokend.errors import ConfigError, StoreWriteError
+from kakao_tokend.errors import WRITE_FIXES, ConfigError, StoreWriteError
 from kakao_tokend.health import (
     CONDITION_NAMES,
     FROM_FILES,
@@ -390,6 +391,7 @@ def memo_manager(
     refresh_left: float = 30 * 86400.0,
     failing_for: float | None = None,
     write_error: str | None = None,
+    write_errno: int | None = None,
     missed_rotation: bool = False,
     has_state: bool = True,
     relogin_cause: ReloginCause | None = None,
@@ -425,6 +427,7 @@ def memo_manager(
     status.failing_since = now - timedelta(seconds=failing_for) if failing_for else None
     status.write_pending = write_error is not None
     status.write_error = write_error
+    status.write_errno = write_errno
     status.missed_rotation = missed_rotation
     status.relogin_cause = relogin_cause
     status.publish_pending = publish_error is not None
@@ -516,6 +519,15 @@ MEMO_CASES: dict[str, dict[str, Any]] = {
     "access_expired": {"health": Health.RETRYING, "access_left": -30.0, "failing_for": 600.0},
     "refresh_failing": {"health": Health.RETRYING, "failing_for": 7200.0},
     "write_failed": {"health": Health.OK, "write_error": "x"},
+    # The fix follows the errno (errors.WRITE_FIXES): each of them fits too.
+    **{
+        f"write_failed_{errorcode[number]}": {
+            "health": Health.OK,
+            "write_error": "x",
+            "write_errno": number,
+        }
+        for number in WRITE_FIXES
+    },
     "missed_rotation": {"health": Health.OK, "missed_rotation": True},
     "publish_failed": {"health": Health.OK, "publish_error": "x"},
     "state_conflict": {

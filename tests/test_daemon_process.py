@@ -512,6 +512,29 @@ async def test_a_reserve_missing_at_start_is_created_once_the_disk_has_room(
         assert await daemon.stop() == 0
 
 
+async def test_a_start_that_cannot_make_the_reserve_warns_once_what_it_means(
+    emulator: KakaoEmulator, tmp_path: Path, tiny_state_fs: Path
+) -> None:
+    """Started on a full state disk, the daemon cannot make its 64 KiB emergency reserve:
+    one warning line (for two accounts in that directory) says so, what it means (a rotated
+    refresh token may not be saved) and what to do (free some space). It said nothing."""
+    config = write_config(tmp_path, emulator, accounts=["default", "bot"])
+    await login(emulator, config)
+    (tiny_state_fs / ".kakao-tokend.reserve").unlink(missing_ok=True)
+    filler = fill_up(tiny_state_fs)
+    daemon = await start_daemon(config)
+    try:
+        lines = [line for line in daemon.log_text().splitlines() if "emergency reserve" in line]
+        assert len(lines) == 1, lines
+        (line,) = lines
+        assert "WARNING" in line and str(tiny_state_fs) in line, line
+        assert "64 KiB" in line and "refresh token" in line, line
+        assert "free some disk space" in line, line
+    finally:
+        filler.unlink()
+        assert await daemon.stop() == 0
+
+
 async def test_the_start_removes_stale_temp_files_wherever_it_writes(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -715,6 +715,50 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
         await again.fleet.close()
 
 
+async def test_a_fleet_rescue_file_that_cannot_be_written_is_critical_once_per_episode(
+    store_dsn: str,
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fleet mode, the encrypted rescue file's directory refuses writes while the commit is
+    retried (3 times a second with 6-second tokens): "cannot write the rescue file either" is
+    CRITICAL the first time only, and again only once a rescue file was written meanwhile (a
+    new episode), as in the file store. It was CRITICAL at every retry, forever."""
+    node = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        state = await login_on(node, emulator, store_dsn)
+        rescue = node.store.rescue_path
+        assert rescue is not None
+        rescue.parent.mkdir(parents=True, exist_ok=True)
+        rescue.parent.rmdir()
+        rescue.parent.write_text("a file where the rescue directory should be")
+
+        def critical() -> int:
+            return sum(
+                "cannot write the rescue file" in r.getMessage()
+                for r in caplog.records
+                if r.levelname == "CRITICAL"
+            )
+
+        for _ in range(5):
+            assert node.store.save_rescue(state) is False
+        assert critical() == 1
+        rescue.parent.unlink()  # room again: the rescue file is written, the episode is over
+        assert node.store.save_rescue(state) is True
+        assert "written again" in caplog.text
+        rescue.unlink()
+        rescue.parent.rmdir()
+        rescue.parent.write_text("refused again")
+        assert node.store.save_rescue(state) is False
+        assert node.store.save_rescue(state) is False
+        assert critical() == 2
+        rescue.parent.unlink()
+    finally:
+        await node.fleet.close()
+
+
 async def test_a_rescue_file_older_than_the_row_is_kept_aside_and_never_used(
     store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

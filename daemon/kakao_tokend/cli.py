@@ -34,6 +34,7 @@ from .errors import (
     StoreLocked,
     StoreWriteError,
     TokenDecryptError,
+    write_fix,
 )
 from .exitcodes import (
     CRITICAL,
@@ -1146,7 +1147,7 @@ async def _managed_refresh(
                         if kept
                         else "they are lost when this command exits"
                     ),
-                    hint="free disk space or fix permissions, then run "
+                    hint=f"{write_fix(status.write_errno)}, then run "
                     + (
                         f"`{_cli_command(account, 'refresh')}` again (or start the daemon):"
                         " it takes them from there"

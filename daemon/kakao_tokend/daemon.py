@@ -22,7 +22,7 @@ from aiohttp import web
 from . import systemd
 from .alerts import AlertCenter
 from .config import AccountConfig, Config, load_config
-from .errors import ConfigError, StoreError, StoreLocked
+from .errors import ConfigError, StoreError, StoreLocked, write_fix
 from .kakao import KakaoClient
 from .refresher import AccountManager
 from .scheduler import RefreshScheduler
@@ -31,13 +31,14 @@ from .status import EventListener, Health
 from .storage import AccountStorage
 from .store import (
     INSTANCE_LOCK_NAME,
+    RESERVE_SIZE,
     AccountStore,
     FileLock,
     Listing,
     check_directory,
     directory_text,
-    ensure_reserve,
     make_dirs,
+    make_reserve,
     output_problems,
     remove_stale_temp_files,
 )
@@ -149,6 +150,21 @@ class Daemon:
 
     # ---------------------------------------------------------------- accounts
 
+    @staticmethod
+    def _warn_no_reserve(directory: Path, refused: OSError) -> None:
+        """Say once per state directory that its emergency reserve could not be made: what
+        that risks, and the fix its errno needs (errors.WRITE_FIXES). A save with room makes
+        it later (AccountStore.restore_reserve)."""
+        log.warning(
+            "cannot make the %d KiB emergency reserve in %s (%s): if the disk fills up, a"
+            " rotated refresh token may not be saved (only the rescue file would keep it); %s"
+            " — the reserve is made at the next save with room",
+            RESERVE_SIZE // 1024,
+            directory,
+            refused.strerror or refused,
+            write_fix(refused.errno),
+        )
+
     def make_manager(
         self, account: AccountConfig, store: AccountStorage | None = None
     ) -> AccountManager:
@@ -163,7 +179,9 @@ class Daemon:
                 directory = Path(text)
                 make_dirs(directory)
                 remove_stale_temp_files(directory)
-                ensure_reserve(directory)
+                refused = make_reserve(directory)
+                if refused is not None and field_name == "state_file" and self.fleet is None:
+                    self._warn_no_reserve(directory, refused)
                 self._prepared_dirs.add(text)
         # The other places written through temporary files: the runtime directory (a rescue
         # file's holds the refresh token) and the extra token files' directories. A kill -9

@@ -32,6 +32,7 @@ Messages never contain a token; use :func:`kakao_tokend.tokens.fingerprint` to n
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,33 @@ KAKAO_CONFIG_CODES: Mapping[str, Message] = {
     "KOE319": N_("the refresh request carried no refresh token"),
     "invalid_client": N_("the client secret is missing or wrong"),
 }
+
+
+#: What to do about a write the OS refused, by its errno: the one table. The store adds it to
+#: the StoreWriteError it raises (English), the write_failed alert says it in the account's
+#: language (health.py: the status keeps the errno), and the commands that could not save
+#: rotated tokens say it too (importer.py, cli.py).
+WRITE_FIXES: Mapping[int, Message] = {
+    errno.ENOSPC: N_("free some disk space"),
+    errno.EDQUOT: N_("the disk quota is exhausted; free some space or raise the quota"),
+    errno.EROFS: N_("the file system is read-only; remount it read-write"),
+    errno.EACCES: N_("check that this user may write to the directory"),
+    # The immutable flag refuses even root, with EPERM (never EACCES).
+    errno.EPERM: N_("fix the permissions, or the immutable flag (chattr -i)"),
+    errno.EFBIG: N_("the file size limit (ulimit -f / LimitFSIZE=) is too small"),
+}
+#: The fix of a refused write whose errno is unknown or not in WRITE_FIXES (EIO ...).
+ANY_WRITE_FIX = N_("free disk space or fix permissions")
+
+
+def write_hint(error_number: int | None) -> Message | None:
+    """Return what fixes a write refused with ``error_number`` (None: the table has nothing)."""
+    return WRITE_FIXES.get(error_number or 0)
+
+
+def write_fix(error_number: int | None) -> Message:
+    """Return what fixes a write refused with ``error_number``, a general fix when unknown."""
+    return WRITE_FIXES.get(error_number or 0, ANY_WRITE_FIX)
 
 
 class KakaoTokendError(Exception):

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from . import exitcodes
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
-from .errors import KAKAO_CONFIG_CODES, StoreError
+from .errors import KAKAO_CONFIG_CODES, StoreError, write_fix
 from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
@@ -539,7 +539,8 @@ def _conditions(
                     error=status.write_error or "write error",
                 ),
                 N_(
-                    "free disk space or fix permissions; do not stop kakao-tokend until it is saved"
+                    "{fix}; do not stop kakao-tokend until it is saved",
+                    fix=write_fix(status.write_errno),
                 ),
                 brief=N_("cannot save the new tokens"),
                 hint=N_("state directory: {directory}", directory=str(account.state_file.parent)),

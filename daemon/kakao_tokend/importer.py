@@ -27,6 +27,7 @@ from .errors import (
     ReloginRequired,
     StateCorrupt,
     StoreWriteError,
+    write_fix,
 )
 from .kakao import AccessTokenRejected, KakaoClient
 from .relogin import cli_command, login_command, new_account_command
@@ -548,18 +549,18 @@ async def _verify_by_refresh(
         else:
             return fresh, rotated, replaced
     assert last is not None
+    fix = write_fix(last.errno)  # what the errno needs (remount, free space ...), said once
     if rotated and store.save_rescue(fresh):
         raise StoreWriteError(
-            f"Kakao rotated the refresh token, but the new tokens could not be saved: {last};"
-            f" they are kept in the rescue file {store.rescue_path}",
-            hint="free disk space / fix permissions, then run"
-            f" `{cli_command(store.account, 'refresh')}` (or start the daemon): it takes them"
-            " from there",
+            "Kakao rotated the refresh token, but the new tokens could not be saved:"
+            f" {last.message}; they are kept in the rescue file {store.rescue_path}",
+            hint=f"{fix}, then run `{cli_command(store.account, 'refresh')}` (or start the"
+            " daemon): it takes them from there",
         )
     raise StoreWriteError(
         f"Kakao accepted the refresh token{' and rotated it' if rotated else ''}, but the new "
-        f"tokens could not be saved: {last}",
-        hint=f"free disk space / fix permissions, then {login_hint}",
+        f"tokens could not be saved: {last.message}",
+        hint=f"{fix}, then {login_hint}",
     )
 
 

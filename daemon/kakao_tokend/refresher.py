@@ -1555,7 +1555,8 @@ class AccountManager:
 
     def _keep_unsaved(self, state: AccountState, exc: StoreWriteError) -> None:
         """The store did not take ``state``: keep it in memory and the rescue file, retry."""
-        first = self.status.write_failed(exc.message)  # what failed; each report adds its fix
+        # What failed, and its errno: each report adds the fix that follows it.
+        first = self.status.write_failed(exc.message, exc.errno)
         rescued = self.store.save_rescue(state)
         self._write_attempt += 1
         self._next_write_at = self.clock() + timedelta(

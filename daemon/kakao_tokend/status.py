@@ -120,6 +120,9 @@ class _Trouble:
     #: The state in memory could not be written to the store yet.
     write_pending: bool = False
     write_error: str | None = None
+    #: The OS error number of the failed write (errno.EROFS ...), when known: the alert's fix
+    #: follows it (errors.write_fix).
+    write_errno: int | None = None
     #: The token file or an extra token file could not be written yet (retried).
     publish_pending: bool = False
     publish_error: str | None = None
@@ -267,11 +270,13 @@ class AccountStatus(_Trouble):
 
     # ------------------------------------------------------------------ writing, publishing
 
-    def write_failed(self, error: str) -> bool:
-        """The state could not be written (it stays in memory); True for the first failure."""
+    def write_failed(self, error: str, error_number: int | None = None) -> bool:
+        """The state could not be written (it stays in memory), with the OS error ``error_number``
+        when known; True for the first failure."""
         first = not self.write_pending
         self.write_pending = True
         self.write_error = error
+        self.write_errno = error_number
         return first
 
     def saved(self) -> bool:
@@ -279,12 +284,14 @@ class AccountStatus(_Trouble):
         was_pending = self.write_pending
         self.write_pending = False
         self.write_error = None
+        self.write_errno = None
         return was_pending
 
     def write_dropped(self) -> None:
         """A pending write is moot: another process's state was taken (or ours set aside)."""
         self.write_pending = False
         self.write_error = None
+        self.write_errno = None
 
     def publish_failed(self, error: str) -> bool:
         """The token files could not be written; True for the first failure."""

@@ -33,6 +33,7 @@ from .errors import (
     StoreMoved,
     StoreWriteError,
     UnsafePath,
+    write_hint,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
 from .state import MAX_ROTATIONS_KEPT, RESTORED_KEY, AccountState, parse_json
@@ -70,16 +71,6 @@ LOCK_POLL = 0.05
 #: The state directory's instance lock: held by `run` (one daemon per state directory) and
 #: by `store migrate` while it moves the accounts.
 INSTANCE_LOCK_NAME = "kakao-tokend.run.lock"
-
-# errno -> what to do about it, appended to StoreWriteError messages.
-_WRITE_HINTS = {
-    errno.ENOSPC: "free some disk space",
-    errno.EDQUOT: "the disk quota is exhausted; free some space or raise the quota",
-    errno.EROFS: "the file system is read-only; remount it read-write or choose another path",
-    errno.EACCES: "check that this user may write to the directory",
-    errno.EPERM: "check the directory's owner and permissions",
-    errno.EFBIG: "the file size limit (ulimit -f / LimitFSIZE=) is too small",
-}
 
 
 class AccountFiles(Protocol):
@@ -137,8 +128,9 @@ class StorePaths:
 
 def _write_error(path: Path, exc: OSError, action: str = "write") -> StoreWriteError:
     reason = exc.strerror or str(exc)
+    hint = write_hint(exc.errno)
     error = StoreWriteError(
-        f"cannot {action} {path}: {reason}", hint=_WRITE_HINTS.get(exc.errno or 0)
+        f"cannot {action} {path}: {reason}", hint=None if hint is None else str(hint)
     )
     error.errno = exc.errno
     return error
@@ -151,13 +143,18 @@ def ensure_reserve(directory: Path) -> bool:
     that matters most — a rotated refresh token — still lands (the classic reserved-blocks
     trick). The space is really allocated (``posix_fallocate``), not a sparse file.
     """
+    return make_reserve(directory) is None
+
+
+def make_reserve(directory: Path) -> OSError | None:
+    """:func:`ensure_reserve`, returning why the reserve could not be made (None: it exists)."""
     path = directory / RESERVE_NAME
     try:
         fd = _create_exclusive(path, 0o600, os.getegid())
     except FileExistsError:
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as exc:
+        return exc
     try:
         try:
             os.posix_fallocate(fd, 0, RESERVE_SIZE)
@@ -166,13 +163,13 @@ def ensure_reserve(directory: Path) -> bool:
                 raise
             _write_all(fd, bytes(RESERVE_SIZE))  # a file system without fallocate
         os.fsync(fd)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
         with suppress(OSError):
             os.unlink(path)
-        return False
+        return exc
     os.close(fd)
-    return True
+    return None
 
 
 def make_room_before_kakao(directory: Path) -> None:
@@ -189,6 +186,28 @@ def make_room_before_kakao(directory: Path) -> None:
             "could not have been saved)",
             hint="check the directory's owner, permissions and free space",
         )
+
+
+def rescue_not_written(name: str, exc: StoreError, before: str | None) -> str:
+    """Log that account ``name``'s rescue file cannot be written; return the reason to pass
+    as ``before`` next time (and to :func:`rescue_written`).
+
+    CRITICAL once per episode, and again when the reason changes (``before``: the reason of
+    the last failure, None after a success); the retries (within seconds for short tokens,
+    while the write_failed report already stands) only at DEBUG. The one rule of both
+    stores' rescue files.
+    """
+    reason = str(exc)
+    level = logging.DEBUG if reason == before else logging.CRITICAL
+    log.log(level, "account %s: cannot write the rescue file either: %s", name, exc)
+    return reason
+
+
+def rescue_written(name: str, path: Path | None, before: str | None) -> None:
+    """Account ``name``'s rescue file was written: say so when writes of it failed before
+    (``before``: rescue_not_written's reason), which ends that episode."""
+    if before is not None:
+        log.warning("account %s: rescue file %s written again", name, path)
 
 
 def release_reserve(directory: Path) -> bool:
@@ -1408,9 +1427,10 @@ class AccountStore:
 
     def _set_aside_hint(self, label: str, exc: OSError) -> str:
         """What to do when a file could not be set aside: what its errno needs (remount,
-        free space, permissions: _WRITE_HINTS, as for every write), and a new login only for
+        free space, permissions: errors.WRITE_FIXES, as for every write), and a new login only for
         a damaged state file (any other copy is made on the way to tokens that work)."""
-        fix = _WRITE_HINTS.get(exc.errno or 0, "move it away by hand")
+        hint = write_hint(exc.errno)
+        fix = "move it away by hand" if hint is None else str(hint)
         if label == "corrupt":
             return f"{fix}, then run `{login_command(self.account)}`"
         return fix
@@ -1599,16 +1619,10 @@ class AccountStore:
         try:
             atomic_write(self.rescue_path, data, mode=STATE_FILE_MODE)
         except StoreError as exc:
-            # Once per episode (and again if the reason changes): the save is retried within
-            # seconds for short tokens, and the write_failed report already stands.
-            reason = str(exc)
-            level = logging.DEBUG if reason == self._rescue_failed else logging.CRITICAL
-            self._rescue_failed = reason
-            log.log(level, "account %s: cannot write the rescue file either: %s", self.name, exc)
+            self._rescue_failed = rescue_not_written(self.name, exc, self._rescue_failed)
             return False
-        if self._rescue_failed is not None:
-            self._rescue_failed = None
-            log.warning("account %s: rescue file %s written again", self.name, self.rescue_path)
+        rescue_written(self.name, self.rescue_path, self._rescue_failed)
+        self._rescue_failed = None
         return True
 
     def load_rescue(self) -> AccountState | None:

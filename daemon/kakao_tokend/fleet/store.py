@@ -55,6 +55,8 @@ from ..store import (
     directory_text,
     make_dirs,
     read_file,
+    rescue_not_written,
+    rescue_written,
     unlink_durably,
 )
 from ..tokens import backoff_delay, format_time, heartbeat_interval, utcnow
@@ -295,6 +297,9 @@ class FleetStore:
         accounts: Callable[[], Mapping[str, Named]] | None = None,
     ) -> None:
         self.dsn = dsn
+        #: Why an account's rescue file could not be written, while it cannot (logged once per
+        #: episode: store.rescue_not_written); kept here, not in each of 10,000 account stores.
+        self.rescue_failing: dict[str, str] = {}
         #: ``[refresh] heartbeat`` as configured (seconds, read each time: a reload may
         #: change it); :meth:`heartbeat` fits it to the tokens.
         self.configured_heartbeat = heartbeat
@@ -1577,8 +1582,10 @@ class PgAccountStore:
                 path, json.dumps(document, indent=2).encode() + b"\n", mode=STATE_FILE_MODE
             )
         except StoreError as exc:
-            log.critical("account %s: cannot write the rescue file either: %s", self.name, exc)
+            failing = self.fleet.rescue_failing
+            failing[self.name] = rescue_not_written(self.name, exc, failing.get(self.name))
             return False
+        rescue_written(self.name, path, self.fleet.rescue_failing.pop(self.name, None))
         return True
 
     def _rescue_id(self) -> uuid.UUID:
@@ -1649,6 +1656,8 @@ class PgAccountStore:
 
     def _discard_rescue_now(self) -> None:
         """Delete the rescue file now (missing is fine)."""
+        # The store took the tokens: an episode of unwritable rescue files is over.
+        self.fleet.rescue_failing.pop(self.name, None)
         path = self.rescue_path
         if path is None:
             return
