@@ -706,14 +706,19 @@ def test_access_expiring_waits_for_a_retry_as_long_as_its_grown_request(tmp_path
 
 @pytest.mark.parametrize(
     ("label", "fix"),
-    [("lock_error", "the account's files"), ("timeout", "reaches Kakao")],
+    [
+        ("lock_error", "the account's files"),
+        ("timeout", "reaches Kakao"),
+        ("superseded", "other nodes"),
+    ],
 )
 def test_the_fix_of_a_failing_refresh_names_where_it_fails(
     tmp_path: Path, label: str, fix: str
 ) -> None:
     """Refreshes that fail to take the account's lock file (a read-only or full disk, a
     directory another user owns) are not "check that this host reaches Kakao": the fix
-    points at the files; a timeout still points at the network."""
+    points at the files; a timeout still points at the network; a fleet node waiting for
+    another node's unsaved rotation (a refusal it waits out) points at the other nodes."""
     config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
     account = config.accounts["default"]
     tokens = TokenSet(
@@ -731,3 +736,29 @@ def test_the_fix_of_a_failing_refresh_names_where_it_fails(
     graded = assess(account, state, status, config.refresh, NOW)
     (condition,) = [c for c in graded.conditions if c.name == "access_expiring"]
     assert condition.action is not None and fix in condition.action.render("en")
+
+
+def test_refreshing_that_failed_past_the_expiry_says_the_token_expired(tmp_path: Path) -> None:
+    """Refreshing has failed long enough to warn, and the access token is already gone: the
+    warning says it has expired, not that it is "valid for -3s more"."""
+    config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW - timedelta(seconds=3),
+        refresh_expires_at=NOW + timedelta(days=50),
+        access_issued_at=NOW - timedelta(seconds=9),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    started = NOW - timedelta(seconds=8)
+    status.failed_transient("it failed", "timeout", now=started, retry_at=NOW)
+    status.failed_transient("it failed", "timeout", now=NOW, retry_at=NOW + timedelta(seconds=1))
+    graded = assess(account, state, status, config.refresh, NOW)
+    (condition,) = [c for c in graded.conditions if c.name == "refresh_failing"]
+    for language in ("en", "ko"):
+        text = condition.message.render(language)
+        assert "-3" not in text, text
+    assert "expired" in condition.message.render("en").lower()

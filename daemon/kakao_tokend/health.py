@@ -76,6 +76,12 @@ def network_fix(supervisor: Supervisor) -> tuple[Message, Message]:
     return N_("check that this host reaches Kakao"), details(supervisor)
 
 
+def peers_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint while a fleet node waits out Kakao's refusal because another node may
+    hold newer tokens it has not saved yet (refresher._superseded_elsewhere)."""
+    return N_("check the other nodes and the database"), details(supervisor)
+
+
 def files_fix(supervisor: Supervisor) -> tuple[Message, Message]:
     """The fix and hint when the account's lock file is what fails (health._failing)."""
     return (
@@ -701,8 +707,10 @@ def _failing(
     """
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
-    # What fails decides where to look: the account's own files (its lock), or the network.
-    fix, hint = (files_fix if status.last_error_class == "lock_error" else network_fix)(supervisor)
+    # What fails decides where to look: the account's own files (its lock), another node
+    # (a refusal waited out for its unsaved rotation), or the network.
+    where = {"lock_error": files_fix, "superseded": peers_fix}
+    fix, hint = where.get(status.last_error_class or "", network_fix)(supervisor)
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0
     if access_left < _margin(policy, lifetime) and not held:
@@ -741,6 +749,13 @@ def _failing(
                     duration=Duration(failing_for),
                     reason=reason,
                     left=Duration(access_left),
+                )
+                if access_left > 0
+                else N_(
+                    "refreshing has failed for {duration} ({reason}); the access token has"
+                    " EXPIRED",
+                    duration=Duration(failing_for),
+                    reason=reason,
                 ),
                 fix,
                 brief=N_(
