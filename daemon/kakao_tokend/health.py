@@ -752,8 +752,7 @@ def _failing(
                 )
                 if access_left > 0
                 else N_(
-                    "refreshing has failed for {duration} ({reason}); the access token has"
-                    " EXPIRED",
+                    "refreshing has failed for {duration} ({reason}); the access token has EXPIRED",
                     duration=Duration(failing_for),
                     reason=reason,
                 ),
