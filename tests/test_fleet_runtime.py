@@ -687,10 +687,16 @@ async def test_a_rescued_rotation_that_meets_a_row_gone_back_is_still_committed(
 
 
 async def test_a_restarted_node_commits_the_rescue_file_it_finds(
-    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+    store_dsn: str,
+    emulator: KakaoEmulator,
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A rescue file left by a node that died before committing is read at the next start
-    (it is newer than the row), committed with CAS, and removed."""
+    (it is newer than the row), committed with CAS, and removed. Until then it waits for the
+    row lock, which is no failure: no CRITICAL "cannot save the new tokens (… not in the
+    store yet …)" as the start tried to write outside the lock, and no write_failed alert."""
     emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
     port = int(str(conninfo_to_dict(store_dsn)["port"]))
     with TcpProxy("127.0.0.1", port) as proxy:
@@ -699,12 +705,17 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
         new = await refresh_while_the_database_goes(node, emulator, proxy)
         assert new is not None and node.manager.status.write_pending
         await node.fleet.close()  # the node "dies" with its rescue file on disk
+    caplog.clear()
     again = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
     try:
         recovered = again.manager.state  # from the rescue file
         assert recovered is not None and recovered.generation == new.generation
         assert recovered.tokens.refresh_token == new.tokens.refresh_token
         assert again.manager.status.write_pending  # not committed yet: needs the row lock
+        critical = [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL]
+        assert critical == [], critical
+        graded = again.manager.health()
+        assert "write_failed" not in graded.names(), graded.names()
         await again.manager.flush()
         row = await again.fleet.reload("default")
         assert row is not None and row.generation == new.generation

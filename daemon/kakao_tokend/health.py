@@ -535,7 +535,7 @@ def _conditions(
     )
     if store_down is not None:
         found.append(store_down)
-    if status.write_pending:
+    if status.write_pending and status.write_error is not None:  # (waiting is no failure)
         found.append(
             Condition(
                 "write_failed",

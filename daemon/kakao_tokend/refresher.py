@@ -387,6 +387,13 @@ class AccountManager:
             held,
         )
         self._adopt(rescued)
+        if self.store.shared:
+            # A fleet row is written only under its row lock, which a start does not hold:
+            # the first tick commits it (_retry_pending_write) and publishes it then; the
+            # rescue file stays until the commit. Waiting for the lock is no failed write.
+            self.status.write_waiting()
+            self._next_write_at = None
+            return rescued
         if self._persist(rescued):
             self._publish(rescued)
         return rescued

@@ -279,6 +279,13 @@ class AccountStatus(_Trouble):
         self.write_errno = error_number
         return first
 
+    def write_waiting(self) -> None:
+        """A state waits to be written that no write has refused yet (a fleet node's tokens
+        recovered from its rescue file wait for the row lock): pending, with no error."""
+        self.write_pending = True
+        self.write_error = None
+        self.write_errno = None
+
     def saved(self) -> bool:
         """The state was written; True when a failed write was pending until now."""
         was_pending = self.write_pending
