@@ -320,7 +320,8 @@ async def test_cli_refresh_on_a_full_disk_does_not_ask_kakao(
 ) -> None:
     """`kakao-tokend refresh` with no room left for the state file (and no emergency reserve
     to give up) refuses before calling Kakao: a rotation it could not save would retire the
-    only refresh token on disk."""
+    only refresh token on disk. The fix it names is the one for a full disk (the same table
+    as every refused write), not a list of every possible cause."""
     from daemonproc import run_cli
 
     short_tokens(emulator, access=600, refresh=3600)
@@ -333,6 +334,7 @@ async def test_cli_refresh_on_a_full_disk_does_not_ask_kakao(
     code, _, err = await run_cli(config, "refresh")
     assert code != 0
     assert "Kakao was not asked" in err
+    assert "free some disk space" in err, err  # the fix follows the errno (ENOSPC)
     assert len(emulator.stats.refresh_log) == asked
     on_disk = json.loads((tiny_state_fs / "default.state.json").read_text())
     assert emulator.refresh_token_status(on_disk["tokens"]["refresh_token"]) == "live"

@@ -33,6 +33,7 @@ from .errors import (
     StoreMoved,
     StoreWriteError,
     UnsafePath,
+    write_fix,
     write_hint,
 )
 from .relogin import Named, cli_command, command_line, config_command, login_command
@@ -180,12 +181,15 @@ def make_room_before_kakao(directory: Path) -> None:
     then fails loses it. The reserve is what such a save gives up on a full disk.
     """
     make_dirs(directory)
-    if not ensure_reserve(directory):
-        raise StoreWriteError(
-            f"cannot write to {directory}; Kakao was not asked (a rotated refresh token "
-            "could not have been saved)",
-            hint="check the directory's owner, permissions and free space",
+    refused = make_reserve(directory)
+    if refused is not None:
+        error = StoreWriteError(
+            f"cannot write to {directory} ({refused.strerror or refused}); Kakao was not"
+            " asked (a rotated refresh token could not have been saved)",
+            hint=str(write_fix(refused.errno)),  # what this errno needs (errors.WRITE_FIXES)
         )
+        error.errno = refused.errno
+        raise error
 
 
 def rescue_not_written(name: str, exc: StoreError, before: str | None) -> str:
