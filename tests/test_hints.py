@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -120,6 +121,8 @@ async def test_a_state_that_cannot_be_saved_names_its_fix_once(
 def immutable(directory: Path) -> Iterator[None]:
     """Set the immutable flag on ``directory`` while the block runs (`chattr +i`: even root
     gets EPERM creating a file in it); skip when the file system has no such flag."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr (e2fsprogs) is not installed")
     made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, check=False)
     if made.returncode != 0:
         pytest.skip(f"cannot set the immutable flag here: {made.stderr.decode().strip()}")
