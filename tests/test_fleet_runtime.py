@@ -726,6 +726,40 @@ async def test_a_restarted_node_commits_the_rescue_file_it_finds(
         await again.fleet.close()
 
 
+async def test_a_restarted_node_publishes_rescued_tokens_only_once_they_are_committed(
+    store_dsn: str, emulator: KakaoEmulator, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """A node's start finds a rescue file newer than the row: those tokens wait for the row
+    lock, and like every fleet state they are published when they are committed, not at
+    start (nothing is published before its commit: storage.StateStore.hold; the store may
+    still refuse them, e.g. after another node's login). Before, the daemon's start
+    published every loaded state whose file was stale, the rescued one included."""
+    emulator.settings.rotation_window = emulator.settings.refresh_lifetime + 1
+    port = int(str(conninfo_to_dict(store_dsn)["port"]))
+    with TcpProxy("127.0.0.1", port) as proxy:
+        node = await open_node(tmp_path, emulator, proxy.dsn(store_dsn), session, "web-1")
+        await login_on(node, emulator, store_dsn)
+        new = await refresh_while_the_database_goes(node, emulator, proxy)
+        assert new is not None and node.manager.status.write_pending
+        await node.fleet.close()  # the node "dies" with its rescue file on disk
+    again = await open_node(tmp_path, emulator, store_dsn, session, "web-1")
+    try:
+        token_file = again.config.account().token_file
+        token_file.unlink(missing_ok=True)
+        daemon = Daemon(config=again.config, session=session)
+        daemon.fleet = again.fleet
+        manager = daemon.managers["default"] = daemon.make_manager(again.config.account())
+        assert manager.state is not None and manager.state.generation == new.generation
+        assert manager.status.write_pending
+        assert not token_file.exists()  # not before the commit
+        await manager.tick()  # the first tick commits under the row lock, then publishes
+        assert not manager.status.write_pending
+        published = json.loads(token_file.read_text())
+        assert published["generation"] == new.generation
+    finally:
+        await again.fleet.close()
+
+
 async def test_a_fleet_rescue_file_that_cannot_be_written_is_critical_once_per_episode(
     store_dsn: str,
     emulator: KakaoEmulator,

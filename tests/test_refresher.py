@@ -13,6 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import time_machine
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
 from daemonproc import config_with, login, short_tokens, write_config
@@ -240,6 +242,71 @@ async def test_a_late_rotation_that_cannot_be_saved_at_once_is_in_the_rescue_fil
     saved = manager.store.load()
     assert saved is not None and saved.tokens.refresh_token == rescued.tokens.refresh_token
     assert manager.store.load_rescue() is None
+
+
+async def test_a_late_rotation_with_an_unusable_access_part_is_rescued_and_saved(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The late answer rotated the refresh token but its access part is unusable (a
+    PartialRefresh: only the new refresh token can be kept). It is a rotation like any
+    other: in the rescue file the moment it is heard while another process holds the
+    account, and saved once the lock is free. Before, it counted as a late refusal: in
+    memory only until the next attempt, and a stop (wait_idle) did not wait to save it."""
+    new_refresh = "N" * 60
+
+    async def token(request: web.Request) -> web.Response:
+        await request.post()
+        await asyncio.sleep(1.0)  # after the 0.475 s wait of a 10-second token
+        return web.json_response(
+            {
+                "token_type": "bearer",
+                "refresh_token": new_refresh,
+                "refresh_token_expires_in": 5183999,
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        config = load_config(write_config(tmp_path, url, timeout="30s", connect_timeout="10s"))
+        account = config.accounts["default"]
+        now = utcnow()
+        tokens = TokenSet(
+            access_token="A" * 60,
+            refresh_token="R" * 60,
+            access_expires_at=now + timedelta(seconds=10),
+            refresh_expires_at=now + timedelta(seconds=3600),
+            access_issued_at=now,
+            refresh_issued_at=now,
+        )
+        store = AccountStore(account, rescue_dir=config.runtime_dir)  # as the daemon's
+        async with store.hold(0):
+            store.save(AccountState("default", tokens, generation=1))
+        manager = AccountManager(
+            account,
+            store=store,
+            client=KakaoClient(session, account.app, policy=config.refresh),
+            policy=config.refresh,
+        )
+        manager.load()
+        await manager.refresh(force=True)
+        assert manager.status.last_error_class == "timeout"
+        async with AccountStore(account).hold(0):  # another process holds the account
+            for _ in range(300):
+                if not manager.awaiting_kakao:
+                    break
+                await asyncio.sleep(0.01)
+            assert not manager.awaiting_kakao  # the late answer came
+            rescued = manager.store.load_rescue()
+            assert rescued is not None and rescued.tokens.refresh_token == new_refresh
+        assert await manager.wait_idle(manager.request_grace)
+        saved = manager.store.load()
+        assert saved is not None and saved.tokens.refresh_token == new_refresh
+    finally:
+        await server.close()
 
 
 async def test_a_late_answer_after_a_new_login_calls_kakao_for_nothing(

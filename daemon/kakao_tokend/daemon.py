@@ -210,11 +210,18 @@ class Daemon:
         manager.load()
         if self.alerts is not None:
             self.alerts.attach(manager)
-        if manager.state is not None and manager.status.health is Health.OK:
+        waits_for_commit = store.shared and manager.status.write_pending
+        if (
+            manager.state is not None
+            and manager.status.health is Health.OK
+            and not waits_for_commit
+        ):
             # Publish at once when the token file is missing or stale (another tool wrote the
             # state), or lost [publish]'s mode or group (a chmod while the daemon was
             # stopped); an up-to-date one is left alone, which keeps a large start cheap.
-            # The extra token files carry no generation: they are always written.
+            # The extra token files carry no generation: they are always written. A fleet
+            # node's tokens recovered from its rescue file are published by their commit,
+            # never before it (storage.StateStore.hold).
             manager.publish(token_file=not store.published_current(manager.state.generation))
         return manager
 

@@ -70,6 +70,7 @@ from .tokens import (
     request_timeout_share,
     rotation_certain,
     rotation_window,
+    same_token_strings,
     utcnow,
     within_refresh_life,
 )
@@ -119,10 +120,6 @@ class _Lingering(NamedTuple):
 LATE_ANSWER = "Kakao's late answer"
 #: Runs started by a late answer (AccountManager._late_done), kept until they end.
 _LATE_RUNS: set[asyncio.Task[AccountState | None]] = set()
-
-
-def _same_tokens(a: TokenSet, b: TokenSet) -> bool:
-    return a.refresh_token == b.refresh_token and a.access_token == b.access_token
 
 
 class Packed(Protocol):
@@ -1132,6 +1129,18 @@ class AccountManager:
             return
         if call.cancelled() or call.exception() is not None:
             failure = None if call.cancelled() else call.exception()
+            if isinstance(failure, PartialRefresh):
+                # A rotation with an unusable access part: its new refresh token is the only
+                # live one, so it is kept like any late rotation (the run's attempt takes it
+                # from _answer_of_open_request and salvages it).
+                self._heard_after(entry.tokens, time.monotonic() - entry.started)
+                state = self.state
+                if state is None or not same_token_strings(state.tokens, entry.tokens):
+                    self._lingering = tuple(e for e in self._lingering if e.call is not call)
+                    return
+                self._rescue_late_rotation(state, failure.salvaged)
+                self._start_keeping_late_answer()
+                return
             if isinstance(failure, KakaoError) and failure.status is not None:
                 # Kakao's late verdict on these tokens (a KOE322): the next attempt takes it
                 # (_answer_of_open_request) instead of asking again.
@@ -1143,7 +1152,7 @@ class AccountManager:
         took = time.monotonic() - entry.started
         self._heard_after(entry.tokens, took, call.result()[0])
         state = self.state
-        if state is None or not _same_tokens(state.tokens, entry.tokens):
+        if state is None or not same_token_strings(state.tokens, entry.tokens):
             self._lingering = tuple(e for e in self._lingering if e.call is not call)
             return  # a later request's answer (or a login) came first: this one is old
         log.info(
@@ -1155,6 +1164,9 @@ class AccountManager:
         tokens, rotated = call.result()
         if rotated:
             self._rescue_late_rotation(state, tokens)
+        self._start_keeping_late_answer()
+
+    def _start_keeping_late_answer(self) -> None:
         run = asyncio.ensure_future(self._keep_late_answer())
         _LATE_RUNS.add(run)
         run.add_done_callback(_LATE_RUNS.discard)
@@ -1186,11 +1198,13 @@ class AccountManager:
         return await self.refresh(force=True, reason=LATE_ANSWER)
 
     def _has_late_answer(self, tokens: TokenSet) -> bool:
+        """Whether a request with ``tokens`` given up on brought tokens to keep: an answer,
+        or a rotation whose access part was unusable (PartialRefresh)."""
         return any(
             e.call.done()
             and not e.call.cancelled()
-            and e.call.exception() is None
-            and _same_tokens(e.tokens, tokens)
+            and (e.call.exception() is None or isinstance(e.call.exception(), PartialRefresh))
+            and same_token_strings(e.tokens, tokens)
             for e in self._lingering
         )
 
@@ -1207,7 +1221,7 @@ class AccountManager:
                 found is None
                 and not call.cancelled()
                 and call.exception() is None
-                and _same_tokens(entry.tokens, tokens)
+                and same_token_strings(entry.tokens, tokens)
             ):
                 found = call.result()
         self._lingering = tuple(kept)
@@ -1221,14 +1235,16 @@ class AccountManager:
         replay. Kakao's refusal in that answer is this attempt's; None when it brought no
         answer (then a new request goes out)."""
         pending = [
-            e.call for e in self._lingering if not e.call.done() and _same_tokens(e.tokens, tokens)
+            e.call
+            for e in self._lingering
+            if not e.call.done() and same_token_strings(e.tokens, tokens)
         ]
         if pending:
             log.debug("account %s: waiting for the answer to the refresh sent before", self.name)
             await asyncio.wait(pending)
         for entry in self._lingering:
             call = entry.call
-            if not call.done() or call.cancelled() or not _same_tokens(entry.tokens, tokens):
+            if not call.done() or call.cancelled() or not same_token_strings(entry.tokens, tokens):
                 continue
             failure = call.exception()
             if isinstance(failure, KakaoError) and failure.status is not None:

@@ -44,7 +44,7 @@ from .refresher import FILE_LOCK_WAIT
 from .scheduler import RefreshScheduler
 from .status import EventListener
 from .store import check_not_moved, directory_text
-from .tokens import Clock, longest_open_request, utcnow
+from .tokens import Clock, longest_open_request, same_token_strings, utcnow
 from .watch import StateWatcher
 
 if TYPE_CHECKING:  # fleet mode only: file mode never imports the fleet package
@@ -375,18 +375,14 @@ def _report_unsaved(manager: AccountManager) -> None:
     state = manager.state
     rescue = manager.store.rescue_path
     kept = manager.store.load_rescue() if rescue is not None and state is not None else None
-    # The token strings, not the whole sets: the file keeps times to the second.
-    if (
-        state is not None
-        and kept is not None
-        and kept.tokens.refresh_token == state.tokens.refresh_token
-        and kept.tokens.access_token == state.tokens.access_token
-    ):
+    # (None: a fleet node's rescued tokens that waited for the row lock, no write refused.)
+    why = manager.status.write_error or "not committed before the stop"
+    if state is not None and kept is not None and same_token_strings(kept.tokens, state.tokens):
         log.error(
             "account %s: the newest tokens could not be saved (%s); they are kept in the rescue"
             " file %s, and the next start recovers them from it (do not delete it)",
             manager.name,
-            manager.status.write_error,
+            why,
             rescue,
         )
         return
@@ -394,7 +390,7 @@ def _report_unsaved(manager: AccountManager) -> None:
         "account %s: the newest tokens could NOT be saved (%s), nor kept in a rescue file;"
         " they are in no file and are lost with this process",
         manager.name,
-        manager.status.write_error,
+        why,
     )
 
 

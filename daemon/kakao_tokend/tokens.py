@@ -547,6 +547,12 @@ def expiring_margin(refresh_at: float, jitter: float, lifetime: float) -> float:
     return (1 - latest_refresh_share(refresh_at, jitter)) * max(lifetime, 0.0) / 2
 
 
+def same_token_strings(a: TokenSet, b: TokenSet) -> bool:
+    """Whether ``a`` and ``b`` hold the same access and refresh tokens (times aside: a copy
+    read back from a file keeps them to the second)."""
+    return a.refresh_token == b.refresh_token and a.access_token == b.access_token
+
+
 def request_timeout_share(refresh_at: float, jitter: float) -> float:
     """Return the share of the access lifetime a Kakao request left at its default timeout
     may take under this refresh policy (request_timeout fits the wait to it).
