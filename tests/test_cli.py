@@ -396,6 +396,30 @@ class TestStatus:
 class TestTokenRefreshLogout:
     """Commands that talk to Kakao (the emulator)."""
 
+    async def test_token_without_a_daemon_holds_to_min_valid_as_the_daemon_does(
+        self, tmp_path: Path, emulator: KakaoEmulator
+    ) -> None:
+        """docs/consumers.md: `--min-valid 10m` guarantees ten minutes. Without a daemon a
+        6-second token was printed with exit 0 (it could never be valid that long); the
+        daemon refuses such a min_valid, and so does the command now, with the same line.
+        And when Kakao fails, the token on disk is printed instead only if it still meets an
+        explicit --min-valid: a token with seconds left is no answer to "ten minutes"."""
+        from daemonproc import short_tokens
+
+        short_tokens(emulator, access=6, refresh=3600)
+        config = write_config(tmp_path, emulator)
+        save_state(config, emulator.issue_tokens())
+        code, out, err = await run_cli(config, "token", "--min-valid", "10m")
+        assert code == 1 and out == "", (code, out, err)
+        assert "min_valid must be below 5.7s" in err and "6s lifetime" in err, err
+        emulator.inject("token", "http500", count=50)
+        await asyncio.sleep(1.0)  # the token on disk has less than 5.5 s left now
+        code, out, err = await run_cli(config, "token", "--min-valid", "5.5s")
+        assert code != 0 and out == "", (code, out, err)
+        assert "5.5s" in err, err
+        code, out, err = await run_cli(config, "token")  # no --min-valid: a working token
+        assert code == 0 and out.strip(), err  # still beats none (with a warning)
+
     async def test_token_without_min_valid_works_for_short_lived_tokens(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
@@ -474,8 +498,14 @@ class TestTokenRefreshLogout:
         """With less than --min-valid left, `token` refreshes first and prints the new token."""
         config = write_config(tmp_path, emulator.url)
         body = emulator.issue_tokens()
-        save_state(config, body)
-        result = await ainvoke(config, "token", "--min-valid", "7h")
+        now = datetime.now(UTC)  # a 6-hour token with 30 minutes left
+        save_state(
+            config,
+            body,
+            access_issued_at=now - timedelta(hours=5, minutes=30),
+            access_expires_at=now + timedelta(minutes=30),
+        )
+        result = await ainvoke(config, "token", "--min-valid", "1h")
         assert result.exit_code == 0, result.output
         new_token = result.stdout.strip()
         assert new_token != body["access_token"]
@@ -541,16 +571,27 @@ class TestTokenRefreshLogout:
     async def test_token_falls_back_while_kakao_is_down(
         self, tmp_path: Path, emulator: KakaoEmulator
     ) -> None:
-        """If the refresh fails but the current token still works, `token` prints it (warning);
-        once the token is expired the failure is EX_UNAVAILABLE (69) and stdout stays empty."""
+        """If the refresh fails but the current token still works, `token` prints it (warning)
+        when no --min-valid was asked (its default, 60 s of a 6-hour token, is what made it
+        refresh); an explicit --min-valid the token does not meet is EX_UNAVAILABLE (69), as
+        from the daemon; once the token is expired the failure is 69 and stdout stays empty."""
         config = write_config(tmp_path, emulator.url)
         body = emulator.issue_tokens()
-        save_state(config, body)
-        emulator.inject("token", "http503", count=2)
-        still_valid = await ainvoke(config, "token", "--min-valid", "7h")
+        now = datetime.now(UTC)  # a 6-hour token with 30 seconds left
+        save_state(
+            config,
+            body,
+            access_issued_at=now - timedelta(hours=6) + timedelta(seconds=30),
+            access_expires_at=now + timedelta(seconds=30),
+        )
+        emulator.inject("token", "http503", count=4)
+        still_valid = await ainvoke(config, "token")
         assert still_valid.exit_code == 0, still_valid.output
         assert still_valid.stdout == body["access_token"] + "\n"
         assert "could not refresh" in still_valid.stderr
+        too_short = await ainvoke(config, "token", "--min-valid", "1m")
+        assert too_short.exit_code == 69, too_short.output
+        assert too_short.stdout == "" and "at least 60s" in too_short.stderr
         save_state(config, body, access_expires_at=datetime.now(UTC) - timedelta(seconds=1))
         expired = await ainvoke(config, "token")
         assert expired.exit_code == 69, expired.output

@@ -32,7 +32,13 @@ from .refresher import AccountManager
 from .relogin import ReloginCause, login_command
 from .state import parse_json, rotations_shown
 from .status import Health
-from .tokens import default_min_valid, fingerprint, format_time
+from .tokens import (
+    default_min_valid,
+    fingerprint,
+    format_time,
+    min_valid_problem,
+    no_token_valid_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -285,25 +291,6 @@ def _revoked(manager: AccountManager) -> bool:
     return status.health is Health.RELOGIN and status.relogin_cause is ReloginCause.REVOKED
 
 
-#: min_valid must stay below this share of the access token's lifetime: a token fresh from
-#: Kakao has already lost a little of its life by the time it is served, and a min_valid it
-#: cannot meet would make every request refresh.
-MIN_VALID_SHARE = 0.95
-
-
-def _seconds(value: float) -> str:
-    """``57`` or ``20519.05``: seconds to the hundredth, without trailing zeros."""
-    return f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def _none_valid(name: str, min_valid: float) -> str:
-    """Why no token is served: none valid at all (``min_valid`` 0), or none valid for at
-    least ``min_valid`` (said as asked: ``0.5s``, ``600s``)."""
-    if min_valid <= 0:
-        return f"no valid token is available for {name}"
-    return f"no token valid for at least {_seconds(min_valid)}s is available for {name}"
-
-
 async def token(request: web.Request) -> web.Response:
     """Return an access token valid for at least ``min_valid`` seconds, refreshing if needed."""
     manager = _manager(request)
@@ -324,21 +311,16 @@ async def token(request: web.Request) -> web.Response:
             reason=manager.health().refresh_blocked,
             health=manager.status.health.value,
         )
-    lifetime = state.tokens.access_lifetime.total_seconds()
-    limit = lifetime * MIN_VALID_SHARE
-    if min_valid >= limit:
-        return _error(
-            400,
-            f"min_valid must be below {_seconds(limit)}s, {MIN_VALID_SHARE * 100:g} % of the"
-            f" token's {_seconds(lifetime)}s lifetime",
-        )
+    unmeetable = min_valid_problem(min_valid, state.tokens.access_lifetime)
+    if unmeetable is not None:
+        return _error(400, unmeetable)
     remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
     if remaining < min_valid:
         blocked = manager.health().refresh_blocked
         if blocked is not None:
             return _error(
                 503,
-                _none_valid(manager.name, min_valid),
+                no_token_valid_for(manager.name, min_valid),
                 reason=blocked,
                 health=manager.status.health.value,
             )
@@ -350,7 +332,7 @@ async def token(request: web.Request) -> web.Response:
         if remaining < min_valid:
             return _error(
                 503,
-                _none_valid(manager.name, min_valid),
+                no_token_valid_for(manager.name, min_valid),
                 reason=manager.status.last_error,
                 health=manager.status.health.value,
             )

@@ -51,6 +51,8 @@ from .tokens import (
     format_duration,
     format_local_time,
     format_time,
+    min_valid_problem,
+    no_token_valid_for,
     parse_time,
     utcnow,
 )
@@ -1107,6 +1109,11 @@ async def _managed_refresh(
             now = utcnow()
             if min_valid == "auto":
                 min_valid = default_min_valid(before.tokens.access_lifetime)
+            elif min_valid is not None:
+                # No token of this life can meet it: the daemon's API refuses it the same way.
+                unmeetable = min_valid_problem(min_valid, before.tokens.access_lifetime)
+                if unmeetable is not None:
+                    raise KakaoTokendError(unmeetable)
             if (
                 min_valid is not None
                 and before.tokens.access_remaining(now).total_seconds() >= min_valid
@@ -1353,17 +1360,26 @@ def token(min_valid: float | None, lock_timeout: float) -> None:
             )
         )
     except (KakaoUnavailable, StoreLocked) as exc:
-        # Kakao is down or the daemon is mid-refresh: a token that still works beats none.
+        # Kakao is down or the daemon is mid-refresh: a token that still works beats none,
+        # unless --min-valid asked for more than it has (then it is no answer either).
         fallback = AccountStore(account).load()
         if fallback is None or fallback.tokens.access_remaining(utcnow()).total_seconds() <= 0:
             raise
-        left = format_duration(fallback.tokens.access_remaining(utcnow()).total_seconds())
+        spare = fallback.tokens.access_remaining(utcnow()).total_seconds()
+        if min_valid is not None and spare < min_valid:
+            raise KakaoUnavailable(
+                f"{no_token_valid_for(account.name, min_valid)}: {exc}"
+            ) from None
+        left = format_duration(spare)
         click.echo(
             f"warning: could not refresh ({exc}); using the current token ({left} left)", err=True
         )
         state = fallback
-    if state.tokens.access_remaining(utcnow()).total_seconds() <= 0:
+    remaining = state.tokens.access_remaining(utcnow()).total_seconds()
+    if remaining <= 0:
         raise KakaoUnavailable(f"account '{account.name}': the access token is expired")
+    if min_valid is not None and remaining < min_valid:
+        raise KakaoUnavailable(no_token_valid_for(account.name, min_valid))
     click.echo(state.tokens.access_token)
 
 

@@ -547,6 +547,38 @@ def expiring_margin(refresh_at: float, jitter: float, lifetime: float) -> float:
     return (1 - latest_refresh_share(refresh_at, jitter)) * max(lifetime, 0.0) / 2
 
 
+#: min_valid must stay below this share of the access token's lifetime: a token fresh from
+#: Kakao has already lost a little of its life by the time it is served, and a min_valid it
+#: cannot meet would make every request refresh.
+MIN_VALID_SHARE = 0.95
+
+
+def plain_seconds(value: float) -> str:
+    """``57`` or ``20519.05``: seconds to the hundredth, without trailing zeros."""
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def min_valid_problem(min_valid: float, lifetime: timedelta) -> str | None:
+    """Why no token can ever meet ``min_valid`` seconds, for a token living ``lifetime``
+    (the API's 400 and `kakao-tokend token`'s error alike); None when one can."""
+    life = lifetime.total_seconds()
+    limit = life * MIN_VALID_SHARE
+    if min_valid < limit:
+        return None
+    return (
+        f"min_valid must be below {plain_seconds(limit)}s, {MIN_VALID_SHARE * 100:g} % of the"
+        f" token's {plain_seconds(life)}s lifetime"
+    )
+
+
+def no_token_valid_for(name: str, min_valid: float) -> str:
+    """Why no token is handed out: none valid at all (``min_valid`` 0), or none valid for at
+    least ``min_valid`` (said as asked: ``0.5s``, ``600s``)."""
+    if min_valid <= 0:
+        return f"no valid token is available for {name}"
+    return f"no token valid for at least {plain_seconds(min_valid)}s is available for {name}"
+
+
 def same_token_strings(a: TokenSet, b: TokenSet) -> bool:
     """Whether ``a`` and ``b`` hold the same access and refresh tokens (times aside: a copy
     read back from a file keeps them to the second)."""
