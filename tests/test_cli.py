@@ -417,8 +417,6 @@ class TestTokenRefreshLogout:
         code, out, err = await run_cli(config, "token", "--min-valid", "5.5s")
         assert code != 0 and out == "", (code, out, err)
         assert "5.5s" in err, err
-        code, out, err = await run_cli(config, "token")  # no --min-valid: a working token
-        assert code == 0 and out.strip(), err  # still beats none (with a warning)
 
     async def test_token_without_min_valid_works_for_short_lived_tokens(
         self, tmp_path: Path, emulator: KakaoEmulator

@@ -99,21 +99,24 @@ def test_token_without_a_daemon_reads_a_good_token_without_the_network_stack(
     from kakao_tokend.tokens import TokenSet
 
     config = write_config(tmp_path)
-    now = datetime.now(UTC)
-    tokens = TokenSet(
-        access_token="still-good-access-token",
-        refresh_token="its-refresh-token",
-        access_expires_at=now + timedelta(hours=1),
-        refresh_expires_at=now + timedelta(days=30),
-        access_issued_at=now,
-    )
-    AccountStore(load_config(config).accounts["default"]).save(
-        AccountState(account="default", tokens=tokens, refreshed_at=now)
-    )
-    for min_valid, expected in (("10m", set()), ("2h", {"aiohttp", "asyncio"})):
-        code = _CLI.format(
-            argv=["--config", str(config), "token", "--min-valid", min_valid], watched=WATCHED
+    store = AccountStore(load_config(config).accounts["default"])
+    # A 6-hour token with an hour left (good for 10m), then one with 30 s left (short of the
+    # 60 s `token` asks by default: a refresh, Kakao out of reach, the token printed anyway).
+    for left, extra, expected in (
+        (3600, ["--min-valid", "10m"], set()),
+        (30, [], {"aiohttp", "asyncio"}),
+    ):
+        now = datetime.now(UTC)
+        tokens = TokenSet(
+            access_token="still-good-access-token",
+            refresh_token="its-refresh-token",
+            access_expires_at=now + timedelta(seconds=left),
+            refresh_expires_at=now + timedelta(days=30),
+            access_issued_at=now + timedelta(seconds=left) - timedelta(hours=6),
         )
+        store.save(AccountState(account="default", tokens=tokens, refreshed_at=now))
+        min_valid = " ".join(extra) or "(default)"
+        code = _CLI.format(argv=["--config", str(config), "token", *extra], watched=WATCHED)
         result = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
         )
