@@ -521,7 +521,7 @@ MEMO_CASES: dict[str, dict[str, Any]] = {
     "write_failed": {"health": Health.OK, "write_error": "x"},
     # The fix follows the errno (errors.WRITE_FIXES): each of them fits too.
     **{
-        f"write_failed_{errorcode[number]}": {
+        f"write_failed_{errorcode.get(number, 'database')}": {
             "health": Health.OK,
             "write_error": "x",
             "write_errno": number,

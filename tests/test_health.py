@@ -710,6 +710,7 @@ def test_access_expiring_waits_for_a_retry_as_long_as_its_grown_request(tmp_path
         ("lock_error", "the account's files"),
         ("timeout", "reaches Kakao"),
         ("superseded", "other nodes"),
+        ("row_lock_error", "the database"),
     ],
 )
 def test_the_fix_of_a_failing_refresh_names_where_it_fails(
@@ -718,7 +719,8 @@ def test_the_fix_of_a_failing_refresh_names_where_it_fails(
     """Refreshes that fail to take the account's lock file (a read-only or full disk, a
     directory another user owns) are not "check that this host reaches Kakao": the fix
     points at the files; a timeout still points at the network; a fleet node waiting for
-    another node's unsaved rotation (a refusal it waits out) points at the other nodes."""
+    another node's unsaved rotation (a refusal it waits out) points at the other nodes, and
+    one that cannot take the account's row lock (the database away) at the database."""
     config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
     account = config.accounts["default"]
     tokens = TokenSet(
@@ -762,3 +764,30 @@ def test_refreshing_that_failed_past_the_expiry_says_the_token_expired(tmp_path:
         text = condition.message.render(language)
         assert "-3" not in text, text
     assert "expired" in condition.message.render("en").lower()
+
+
+def test_a_commit_the_database_did_not_take_is_fixed_at_the_database(tmp_path: Path) -> None:
+    """A fleet node's commit failed because PostgreSQL went away (no OS error): the
+    write_failed alert points at the database, not at "free disk space or fix permissions"
+    (an outside audit saw that fix on every database restart)."""
+    from kakao_tokend.errors import DATABASE_WRITE
+
+    config = make_config(tmp_path, thresholds=["14d"], critical_below="3d")
+    account = config.accounts["default"]
+    tokens = TokenSet(
+        access_token="a" * 40,
+        refresh_token="r" * 40,
+        access_expires_at=NOW + timedelta(hours=5),
+        refresh_expires_at=NOW + timedelta(days=50),
+        access_issued_at=NOW - timedelta(hours=1),
+    )
+    state = AccountState("default", tokens)
+    status = AccountStatus()
+    status.adopted(state)
+    status.write_failed("cannot commit account 'default' to the store", DATABASE_WRITE)
+    graded = assess(account, state, status, config.refresh, NOW)
+    (condition,) = [c for c in graded.conditions if c.name == "write_failed"]
+    assert condition.action is not None
+    english = condition.action.render("en")
+    assert "the database" in english and "disk space" not in english, english
+    assert "데이터베이스" in condition.action.render("ko")

@@ -64,6 +64,13 @@ KAKAO_CONFIG_CODES: Mapping[str, Message] = {
 }
 
 
+#: Not an OS errno: a commit the PostgreSQL store did not take (the database away, its
+#: deadline passed). fleet/store.py sets it on the StoreWriteError, so the fix below points at
+#: the database, not at the disk.
+DATABASE_WRITE = -1
+#: What fixes a fleet node that cannot reach its database (a commit, the account's row lock).
+DATABASE_FIX = N_("check the database and this node's connection to it")
+
 #: What to do about a write the OS refused, by its errno: the one table. The store adds it to
 #: the StoreWriteError it raises (English), the write_failed alert says it in the account's
 #: language (health.py: the status keeps the errno), and the commands that could not save
@@ -76,6 +83,7 @@ WRITE_FIXES: Mapping[int, Message] = {
     # The immutable flag refuses even root, with EPERM (never EACCES).
     errno.EPERM: N_("fix the permissions, or the immutable flag (chattr -i)"),
     errno.EFBIG: N_("the file size limit (ulimit -f / LimitFSIZE=) is too small"),
+    DATABASE_WRITE: DATABASE_FIX,
 }
 #: The fix of a refused write whose errno is unknown or not in WRITE_FIXES (EIO ...).
 ANY_WRITE_FIX = N_("free disk space or fix permissions")

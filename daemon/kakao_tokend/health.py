@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from . import exitcodes
 from .config import AccountConfig, AlertsConfig, RefreshPolicy
-from .errors import KAKAO_CONFIG_CODES, StoreError, write_fix
+from .errors import DATABASE_FIX, KAKAO_CONFIG_CODES, StoreError, write_fix
 from .i18n import N_, Duration, Message
 from .relogin import RenderedCause, cli_command, login_command, parse_cause, render
 from .state import AccountState
@@ -80,6 +80,12 @@ def peers_fix(supervisor: Supervisor) -> tuple[Message, Message]:
     """The fix and hint while a fleet node waits out Kakao's refusal because another node may
     hold newer tokens it has not saved yet (refresher._superseded_elsewhere)."""
     return N_("check the other nodes and the database"), details(supervisor)
+
+
+def database_fix(supervisor: Supervisor) -> tuple[Message, Message]:
+    """The fix and hint when a fleet node cannot take the account's row lock (its database
+    does not answer)."""
+    return DATABASE_FIX, details(supervisor)
 
 
 def files_fix(supervisor: Supervisor) -> tuple[Message, Message]:
@@ -707,9 +713,10 @@ def _failing(
     """
     found: list[Condition] = []
     reason = _reason(status.last_error_class, "error")
-    # What fails decides where to look: the account's own files (its lock), another node
-    # (a refusal waited out for its unsaved rotation), or the network.
-    where = {"lock_error": files_fix, "superseded": peers_fix}
+    # What fails decides where to look: the account's own files (its lock), the database (a
+    # fleet node's row lock), another node (a refusal waited out for its unsaved rotation),
+    # or the network.
+    where = {"lock_error": files_fix, "row_lock_error": database_fix, "superseded": peers_fix}
     fix, hint = where.get(status.last_error_class or "", network_fix)(supervisor)
     since = status.failing_since
     failing_for = (now - since).total_seconds() if since else 0.0

@@ -977,7 +977,9 @@ class AccountManager:
             return self.state
         if busy is not None:
             if self.state is not None:
-                label = "lock_busy" if isinstance(busy, StoreLocked) else "lock_error"
+                # (A fleet node's lock is a database row: what fails there is the database.)
+                failed = "row_lock_error" if self.store.shared else "lock_error"
+                label = "lock_busy" if isinstance(busy, StoreLocked) else failed
                 self._record_transient(str(busy), label, ambiguous=False)
             return self.state
         # Re-read under the lock: `login` or another tool may have written newer tokens.

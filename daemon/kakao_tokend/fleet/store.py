@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, LiteralString, Protocol
 
 from ..config import REFRESH_HEARTBEAT
 from ..errors import (
+    DATABASE_WRITE,
     StoreClaimed,
     StoreError,
     StoreOvertaken,
@@ -140,6 +141,14 @@ LISTING_FRESH = 5.0
 
 #: What a hold writes besides the state: (due_at, the shared failure bookkeeping).
 StorePlan = tuple[datetime | None, RefreshStatus]
+
+
+def database_write_error(message: str) -> StoreWriteError:
+    """A commit the database did not take: its fix is the database's (errors.DATABASE_WRITE
+    in place of an OS errno), not the disk's."""
+    error = StoreWriteError(message)
+    error.errno = DATABASE_WRITE
+    return error
 
 
 class Failures(Protocol):
@@ -1430,13 +1439,13 @@ class PgAccountStore:
         except TimeoutError:
             exc = no_answer(f"commit account {self.name!r} to the store", fleet.deadline)
             fleet.failed(exc)
-            raise StoreWriteError(exc.message) from None
+            raise database_write_error(exc.message) from None
         except StoreWriteError:
             raise
         except StoreError as exc:
             if isinstance(exc, StoreUnavailable):
                 fleet.failed(exc)
-            raise StoreWriteError(
+            raise database_write_error(
                 f"cannot commit account {self.name!r} to the store: {exc.message}"
             ) from None
         fleet.ok()
