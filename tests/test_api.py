@@ -144,6 +144,29 @@ async def test_a_min_valid_refused_as_too_long_is_told_the_real_limit(
         assert status == 200 and body["expires_in"] >= 56
 
 
+async def test_a_503_while_refreshing_fails_says_when_to_ask_again(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The token endpoint cannot meet min_valid because Kakao fails (HTTP 500): its 503 has a
+    Retry-After (whole seconds, at least 1) up to the account's next attempt, so a client
+    waits as long as the daemon does instead of asking again at once."""
+    emulator.settings.access_lifetime = 20
+    config = config_with(tmp_path, emulator, retry_initial="3s", retry_max="3s")
+    no_verify_on_start(config)
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "http500", count=100)
+        await asyncio.sleep(1.2)  # now less than 18.9 s are left
+        async with (
+            served.client() as session,
+            session.get(TOKEN, params={"min_valid": "18.9"}) as resp,
+        ):
+            assert resp.status == 503, await resp.text()
+            retry_after = resp.headers.get("Retry-After")
+        assert retry_after is not None and retry_after.isdigit(), retry_after
+        assert 1 <= int(retry_after) <= 4, retry_after
+
+
 async def test_token_requests_do_not_hammer_kakao_during_a_koe237_backoff(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import io
 import logging
+import math
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -71,8 +72,20 @@ def _daemon(request: web.Request) -> Daemon:
     return request.app[DAEMON]
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def _error(
+    status: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+def _retry_after(manager: AccountManager) -> dict[str, str] | None:
+    """``Retry-After`` (whole seconds, at least 1) up to the account's next refresh attempt
+    while it retries; None when no retry is planned (a login or a fix is needed)."""
+    status = manager.status
+    if status.health is not Health.RETRYING or status.next_attempt_at is None:
+        return None
+    seconds = (status.next_attempt_at - manager.clock()).total_seconds()
+    return {hdrs.RETRY_AFTER: str(max(1, math.ceil(seconds)))}
 
 
 def _lookup(daemon: Daemon, name: str) -> AccountManager:
@@ -333,6 +346,7 @@ async def token(request: web.Request) -> web.Response:
             return _error(
                 503,
                 no_token_valid_for(manager.name, min_valid),
+                headers=_retry_after(manager),
                 reason=manager.status.last_error,
                 health=manager.status.health.value,
             )
