@@ -149,6 +149,30 @@ async def test_retries_once_after_a_401_that_says_invalid_token_only_in_its_head
     assert len(seen) == 2 and seen[0] != seen[1]  # retried once, with the refreshed token
 
 
+async def test_an_expired_token_is_not_sent_to_kakao_while_refreshing_fails(
+    emulator: KakaoEmulator, tmp_path: Path
+) -> None:
+    """The access token has expired and Kakao keeps failing the refresh (HTTP 500): the
+    proxy does not send the dead token to Kakao for its -401 "already expired", which says
+    nothing of why; it answers as the token endpoint does — 503 "no valid token", the reason,
+    the account's health and a Retry-After (an outside consumer audit)."""
+    emulator.settings.access_lifetime = 2
+    config = config_with(tmp_path, emulator)
+    no_verify_on_start(config)
+    await login(emulator, config)
+    async with serving(config) as served:
+        emulator.inject("token", "http500", count=10_000)
+        await asyncio.sleep(2.3)  # expired; every refresh since has failed
+        calls = emulator.stats.requests["user_me"]
+        async with served.client() as session, session.get("/kapi/v2/user/me") as resp:
+            status, body = resp.status, await resp.json(content_type=None)
+            retry_after = resp.headers.get("Retry-After")
+        assert status == 503, body
+        assert "no valid token" in body["error"] and body["health"] == "retrying", body
+        assert retry_after is not None and retry_after.isdigit(), retry_after
+        assert emulator.stats.requests["user_me"] == calls  # nothing dead sent to Kakao
+
+
 async def test_minus_401_is_passed_back_when_the_refresh_cannot_help(
     emulator: KakaoEmulator, tmp_path: Path
 ) -> None:

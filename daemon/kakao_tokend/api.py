@@ -78,6 +78,12 @@ def _error(
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
+def _expired(manager: AccountManager) -> bool:
+    """Whether the account has no access token left that Kakao could accept by our clock."""
+    state = manager.state
+    return state is None or state.tokens.access_remaining(manager.clock()).total_seconds() <= 0
+
+
 def _retry_after(manager: AccountManager) -> dict[str, str] | None:
     """``Retry-After`` (whole seconds, at least 1) up to the account's next refresh attempt
     while it retries; None when no retry is planned (a login or a fix is needed)."""
@@ -508,6 +514,20 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     target = _target(manager, request)
     if manager.state is None:
         raise _no_tokens(manager)
+    if _expired(manager):
+        # Kakao would only answer -401 "already expired", which says nothing of why: refresh
+        # now unless nothing can (a login or a fix is needed), else answer as the token
+        # endpoint does.
+        if manager.health().refresh_blocked is None:
+            await _refresh_now(request, manager, "the proxy needs a valid token")
+        if _expired(manager):
+            return _error(
+                503,
+                no_token_valid_for(manager.name, 0),
+                headers=_retry_after(manager),
+                reason=manager.health().refresh_blocked or manager.status.last_error,
+                health=manager.status.health.value,
+            )
     if request.content_length is not None and request.content_length > settings.max_body:
         raise _json_error(
             413,
