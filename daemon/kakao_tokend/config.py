@@ -1440,24 +1440,39 @@ def read_config_bytes(source: Path) -> bytes:
     managed as a symlink is fine) but what is read is what was judged. OSErrors (missing,
     permission denied) reach the caller unchanged.
     """
-    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    info, data = _read_without_waiting(source)
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError(
+            f"config file {source} is a directory; pass the config file itself"
+            f" (e.g. --config {source / 'config.toml'})"
+        )
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+        raise ConfigError(
+            f"config file {source} is not a regular file ({kind}); point --config (or"
+            f" KAKAO_TOKEND_CONFIG) at the config file itself"
+        )
+    return data
+
+
+def _read_without_waiting(path: Path, limit: int | None = None) -> tuple[os.stat_result, bytes]:
+    """Open ``path`` non-blocking and return the ``fstat`` of what was opened with its bytes
+    (up to one byte past ``limit``; nothing unless it is a regular file, which the caller
+    judges by the stat). A named pipe, or a link to one, cannot stop the caller, and what is
+    read is what was judged. OSErrors (missing, permission denied) reach the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise ConfigError(
-                f"config file {source} is a directory; pass the config file itself"
-                f" (e.g. --config {source / 'config.toml'})"
-            )
-        if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
-            raise ConfigError(
-                f"config file {source} is not a regular file ({kind}); point --config (or"
-                f" KAKAO_TOKEND_CONFIG) at the config file itself"
-            )
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
+        info = os.fstat(fd)
+        chunks: list[bytes] = []
+        size = 0
+        while stat.S_ISREG(info.st_mode) and (limit is None or size <= limit):
+            wanted = 1 << 16 if limit is None else min(1 << 16, limit + 1 - size)
+            if not (chunk := os.read(fd, wanted)):
+                break
             chunks.append(chunk)
-        return b"".join(chunks)
+            size += len(chunk)
+        return info, b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -2229,24 +2244,15 @@ def _read_secret(file: Path, spec: SecretSpec, *, trusted: bool, missing: str = 
     read is the file that was judged.
     """
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{file} is not a regular file")
-            mode = stat.S_IMODE(info.st_mode)
-            if not trusted and mode & 0o077:
-                what = "readable" if mode & 0o044 else "accessible"
-                raise ValueError(
-                    f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
-                )
-            data = b""
-            while len(data) <= MAX_SECRET_BYTES and (
-                chunk := os.read(fd, MAX_SECRET_BYTES + 1 - len(data))
-            ):
-                data += chunk
-        finally:
-            os.close(fd)
+        info, data = _read_without_waiting(file, MAX_SECRET_BYTES)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{file} is not a regular file")
+        mode = stat.S_IMODE(info.st_mode)
+        if not trusted and mode & 0o077:
+            what = "readable" if mode & 0o044 else "accessible"
+            raise ValueError(
+                f"{file} is {what} by group/others (mode {mode:04o}); run: chmod 600 {file}"
+            )
         if len(data) > MAX_SECRET_BYTES:
             raise ValueError(
                 f"{file} is larger than {MAX_SECRET_BYTES // 1024} KiB; it must hold only the"
