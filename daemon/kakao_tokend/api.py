@@ -84,6 +84,18 @@ def _expired(manager: AccountManager) -> bool:
     return state is None or state.tokens.access_remaining(manager.clock()).total_seconds() <= 0
 
 
+def _none_valid(manager: AccountManager, min_valid: float, reason: str | None) -> web.Response:
+    """503: no token valid for ``min_valid`` can be had (the token endpoint and the proxy),
+    with ``reason``, the account's health and, while it retries, Retry-After."""
+    return _error(
+        503,
+        no_token_valid_for(manager.name, min_valid),
+        headers=_retry_after(manager),
+        reason=reason,
+        health=manager.status.health.value,
+    )
+
+
 def _retry_after(manager: AccountManager) -> dict[str, str] | None:
     """``Retry-After`` (whole seconds, at least 1) up to the account's next refresh attempt
     while it retries; None when no retry is planned (a login or a fix is needed)."""
@@ -337,25 +349,14 @@ async def token(request: web.Request) -> web.Response:
     if remaining < min_valid:
         blocked = manager.health().refresh_blocked
         if blocked is not None:
-            return _error(
-                503,
-                no_token_valid_for(manager.name, min_valid),
-                reason=blocked,
-                health=manager.status.health.value,
-            )
+            return _none_valid(manager, min_valid, blocked)
         reason = f"token requested with min_valid={min_valid:g}s"
         await _refresh_now(request, manager, reason, min_valid=min_valid)
         state = manager.state
         assert state is not None
         remaining = state.tokens.access_remaining(manager.clock()).total_seconds()
         if remaining < min_valid:
-            return _error(
-                503,
-                no_token_valid_for(manager.name, min_valid),
-                headers=_retry_after(manager),
-                reason=manager.status.last_error,
-                health=manager.status.health.value,
-            )
+            return _none_valid(manager, min_valid, manager.status.last_error)
     tokens = state.tokens
     return web.json_response(
         {
@@ -521,13 +522,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if manager.health().refresh_blocked is None:
             await _refresh_now(request, manager, "the proxy needs a valid token")
         if _expired(manager):
-            return _error(
-                503,
-                no_token_valid_for(manager.name, 0),
-                headers=_retry_after(manager),
-                reason=manager.health().refresh_blocked or manager.status.last_error,
-                health=manager.status.health.value,
-            )
+            reason = manager.health().refresh_blocked or manager.status.last_error
+            return _none_valid(manager, 0, reason)
     if request.content_length is not None and request.content_length > settings.max_body:
         raise _json_error(
             413,
