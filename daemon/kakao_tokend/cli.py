@@ -54,6 +54,7 @@ from .tokens import (
     min_valid_problem,
     no_token_valid_for,
     parse_time,
+    plain_seconds,
     utcnow,
 )
 
@@ -1464,7 +1465,7 @@ def _seconds(value: float) -> str:
     """``7.9s``, ``60s``: a short duration to the hundredth; longer ones as format_duration."""
     if value >= 60:
         return format_duration(value)
-    return f"{value:.2f}".rstrip("0").rstrip(".") + "s"
+    return plain_seconds(value) + "s"
 
 
 def _via_daemon(
